@@ -1,0 +1,78 @@
+// Every limit peersan enforces lives here, with the relations between them asserted once
+// at load. A length read from the wire or from a peer is checked against one of these (or a
+// negotiated value bounded by one of these) BEFORE anything is allocated for it.
+
+/** Logical blocks per page: the unit of routing and migration (DESIGN.md 2). */
+export const pageBlocks = 8192;
+
+/** Copy-on-write / provisioning grain of the page store, in bytes. */
+export const grainBytes = 64 * 1024;
+
+/** Block sizes a volume may have. */
+export const blockBytesAllowed: readonly number[] = [512, 4096];
+
+// ---- iSCSI -----------------------------------------------------------------------------
+
+/** Basic Header Segment length (RFC 7143 11.2). */
+export const bhsBytes = 48;
+/** TotalAHSLength is one byte of 4-byte words. */
+export const ahsBytesMax = 255 * 4;
+/** The most data segment bytes we ever accept in one PDU, whatever is negotiated (2^24-1 is the RFC's). */
+export const dataSegmentBytesMax = 1024 * 1024;
+/** What we declare as our MaxRecvDataSegmentLength unless configured otherwise. */
+export const maxRecvDataSegmentBytesDefault = 256 * 1024;
+/** The smallest MaxRecvDataSegmentLength the RFC allows. */
+export const maxRecvDataSegmentBytesMin = 512;
+/** Login/Text key=value payload of one request sequence (continued PDUs are concatenated). */
+export const textPayloadBytesMax = 64 * 1024;
+/** SendTargets answers longer than this are split with the C bit / continued over Text PDUs. */
+export const maxBurstBytesMax = 16 * 1024 * 1024 - 1;
+export const maxBurstBytesDefault = 1024 * 1024;
+export const firstBurstBytesDefault = 256 * 1024;
+export const maxOutstandingR2tMax = 16;
+/** CmdSN window we offer: MaxCmdSN = ExpCmdSN + this - 1 (commands queued per session). */
+export const cmdWindowPerSession = 128;
+/** Bytes of data-out buffered per session (unsolicited + solicited) before we stop issuing R2Ts. */
+export const sessionDataOutBytesMax = 64 * 1024 * 1024;
+/** One SCSI command may move at most this many bytes (also reported in the Block Limits VPD). */
+export const transferBytesMax = 8 * 1024 * 1024;
+/** Sessions per peer, connections per session. */
+export const sessionsPerPeerMax = 256;
+export const connectionsPerSessionMax = 1;
+/** Connections that may sit in the login phase at once, and how long a login may take. */
+export const loginConnectionsMax = 64;
+export const loginMsMax = 15_000;
+/** Target-initiated NOP-In ping: sent after this idle time; connection dropped if no answer in the timeout. */
+export const nopIdleMs = 5_000;
+export const nopTimeoutMs = 15_000;
+/** Bytes queued for sending on one connection before we stop reading from it (back-pressure). */
+export const socketQueuedBytesMax = 32 * 1024 * 1024;
+
+// ---- SCSI ------------------------------------------------------------------------------
+
+export const cdbBytesMax = 260; // 16 in the BHS + extended CDB AHS
+/** UNMAP: descriptors per command and blocks per descriptor we advertise. */
+export const unmapDescriptorsMax = 256;
+export const unmapBlocksMax = 1024 * 1024;
+/** WRITE SAME: blocks per command. */
+export const writeSameBlocksMax = 1024 * 1024;
+/** COMPARE AND WRITE: blocks per command. */
+export const compareAndWriteBlocksMax = 256;
+/** Persistent reservation registrations per logical unit. */
+export const prRegistrationsMax = 256;
+
+// ---- Admin / cluster -------------------------------------------------------------------
+
+export const volumeNameBytesMax = 64;
+export const volumeBytesMax = 64 * 1024 ** 4; // 64 TiB
+export const gracefulStopMs = 10_000;
+
+function assert(cond: boolean, what: string): void {
+  if (!cond) throw new Error(`limits: ${what}`);
+}
+assert(grainBytes % 4096 === 0, 'grain is a whole number of the largest block');
+assert((pageBlocks * 512) % grainBytes === 0, 'a page is a whole number of grains');
+assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data segment max');
+assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
+assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
+assert(cmdWindowPerSession >= 1, 'window');
