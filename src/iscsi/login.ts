@@ -48,7 +48,7 @@ export class LoginMachine {
   private readonly params = defaultSessionParams();
   private readonly seen = new Set<string>();
   private first = true;
-  private isid = Buffer.alloc(6);
+  private isid: Buffer = Buffer.alloc(6);
   private itt = 0;
   private expCmdSN = 0;
   private statSN = 0;
@@ -60,7 +60,7 @@ export class LoginMachine {
   private authenticated = false;
   private chapState: ChapState = 'none';
   private chapId = 0;
-  private chapChallenge = Buffer.alloc(0);
+  private chapChallenge: Buffer = Buffer.alloc(0);
   private mrdslDeclared = false;
 
   constructor(ctx: LoginContext) {
