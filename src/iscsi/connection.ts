@@ -1,0 +1,163 @@
+// The I/O edge of one iSCSI connection: socket bytes → PduParser → LoginMachine, then
+// Session; PDUs out → encodePdu → socket. Anything that goes wrong on one connection closes
+// that connection only.
+
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { loginMsMax, maxRecvDataSegmentBytesMin, socketQueuedBytesMax } from '../limits';
+import type { Nexus } from '../scsi/types';
+import { LoginMachine, type LoginContext, type LoginOutcome } from './login';
+import { PduParser, type ParseEvent } from './parser';
+import { encodePdu } from './pdu';
+import { Session } from './session';
+import { Op, type InitiatorPdu, type TargetPdu } from './types';
+
+export interface ConnectionHooks {
+  loginContext: LoginContext;
+  /** Called once login succeeds; returns false to refuse (the connection is then closed). */
+  sessionStarted(conn: Connection, outcome: LoginOutcome): boolean;
+  closed(conn: Connection): void;
+  log: Logger;
+}
+
+const tickMs = 1000;
+
+export class Connection {
+  readonly socket: Socket;
+  readonly remoteAddress: string;
+  session: Session | undefined;
+  outcome: LoginOutcome | undefined;
+  private readonly hooks: ConnectionHooks;
+  private readonly parser: PduParser;
+  private readonly login: LoginMachine;
+  private readonly log: Logger;
+  private digests = { header: false, data: false };
+  private corked = false;
+  private closing = false;
+  private closed = false;
+  private readonly loginTimer: NodeJS.Timeout;
+  private tickTimer: NodeJS.Timeout | undefined;
+
+  constructor(socket: Socket, hooks: ConnectionHooks) {
+    this.socket = socket;
+    this.hooks = hooks;
+    this.remoteAddress = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.log = hooks.log.child({ remote: this.remoteAddress });
+    // During login only small text PDUs are legal: 8192 is the RFC's default until negotiated.
+    this.parser = new PduParser({ maxRecvDataSegmentBytes: Math.max(8192, maxRecvDataSegmentBytesMin), headerDigest: false, dataDigest: false });
+    this.login = new LoginMachine(hooks.loginContext);
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
+    socket.on('close', () => this.onClose());
+    socket.on('drain', () => socket.resume());
+    this.loginTimer = setTimeout(() => this.destroy('login took too long'), loginMsMax);
+    this.loginTimer.unref();
+  }
+
+  get inFullFeaturePhase(): boolean {
+    return this.session !== undefined;
+  }
+
+  private onData(chunk: Buffer): void {
+    try {
+      this.parser.push(chunk);
+      for (let ev = this.parser.next(); ev && !this.closed; ev = this.parser.next()) this.onEvent(ev);
+    } catch (err) {
+      this.log.error({ err }, 'connection failed handling input');
+      this.destroy('internal error');
+    }
+  }
+
+  private onEvent(ev: ParseEvent): void {
+    if (ev.kind === 'fatal') {
+      this.log.warn({ err: ev.error.message }, 'protocol error, dropping connection');
+      return this.destroy(ev.error.message);
+    }
+    if (this.closing) return;
+    if (ev.kind === 'reject') {
+      if (!this.session) return this.destroy('malformed PDU during login');
+      return this.session.rejectBhs(ev.reason, ev.bhs);
+    }
+    const pdu = ev.pdu as InitiatorPdu;
+    if (this.session) return this.session.onPdu(pdu, Date.now());
+    if (pdu.opcode !== Op.loginRequest) return this.destroy(`opcode 0x${pdu.opcode.toString(16)} before login completed`);
+    const step = this.login.step(pdu);
+    this.send(step.response);
+    if (step.close) return this.end(`login refused (status 0x${step.response.status.toString(16).padStart(4, '0')})`);
+    if (step.done) this.startSession(step.done);
+  }
+
+  private startSession(outcome: LoginOutcome): void {
+    clearTimeout(this.loginTimer);
+    this.outcome = outcome;
+    // The final login response went out with the old settings; everything after uses the new ones.
+    this.digests = { header: outcome.params.headerDigest, data: outcome.params.dataDigest };
+    this.parser.setDigests(outcome.params.headerDigest, outcome.params.dataDigest);
+    this.parser.setMaxRecvDataSegmentBytes(outcome.params.maxRecvDataSegmentLength);
+    if (!this.hooks.sessionStarted(this, outcome)) return this.end('session refused');
+    this.tickTimer = setInterval(() => this.session?.tick(Date.now()), tickMs);
+    this.tickTimer.unref();
+  }
+
+  /** Called by the portal from sessionStarted. */
+  attachSession(nexus: Nexus): Session {
+    const outcome = this.outcome!;
+    this.session = new Session({
+      sessionType: outcome.sessionType,
+      initiatorName: outcome.initiatorName,
+      target: outcome.target,
+      directory: this.hooks.loginContext.directory,
+      params: outcome.params,
+      expCmdSN: outcome.expCmdSN,
+      statSN: outcome.statSN,
+      nexus,
+      io: { send: (pdu) => this.send(pdu), close: (reason) => this.end(reason) },
+      log: this.log,
+      nowMs: Date.now(),
+    });
+    return this.session;
+  }
+
+  /** Write a PDU; writes in the same tick go out together (cork until the next tick). */
+  send(pdu: TargetPdu): void {
+    if (this.closed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    for (const chunk of encodePdu(pdu, this.digests)) this.socket.write(chunk);
+    // Back-pressure: stop reading new commands while the initiator is not reading our answers.
+    if (this.socket.writableLength > socketQueuedBytesMax) this.socket.pause();
+  }
+
+  /** Close after what was sent is flushed. */
+  end(reason: string): void {
+    if (this.closing || this.closed) return;
+    this.closing = true;
+    this.log.debug({ reason }, 'closing connection');
+    this.socket.end();
+    // A peer that never reads would keep the socket half-open: bound it.
+    setTimeout(() => this.destroy('close timeout'), 5000).unref();
+  }
+
+  destroy(reason: string): void {
+    if (this.closed) return;
+    this.log.debug({ reason }, 'dropping connection');
+    this.socket.destroy();
+    this.onClose();
+  }
+
+  private onClose(): void {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.loginTimer);
+    if (this.tickTimer) clearInterval(this.tickTimer);
+    this.session?.destroy();
+    this.hooks.closed(this);
+  }
+}

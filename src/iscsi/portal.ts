@@ -1,0 +1,203 @@
+// The iSCSI portal of one peer: accepts TCP connections, runs their logins, keeps the session
+// table (TSIH allocation, session reinstatement, limits) and stops gracefully.
+
+import { randomBytes } from 'node:crypto';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { ClosedError } from '../errors';
+import { gracefulStopMs, loginConnectionsMax, sessionsPerPeerMax } from '../limits';
+import type { Nexus } from '../scsi/types';
+import { Connection } from './connection';
+import type { LoginContext, LoginOutcome } from './login';
+import { defaultTargetPrefs, type TargetPrefs } from './negotiate';
+import type { Session } from './session';
+import type { TargetDirectory } from './target';
+
+export interface PortalOptions {
+  host: string;
+  port: number;
+  directory: TargetDirectory;
+  log: Logger;
+  targetPrefs?: TargetPrefs;
+  sessionsMax?: number;
+  redirectFor?: LoginContext['redirectFor'];
+}
+
+export interface SessionInfo {
+  tsih: number;
+  initiatorName: string;
+  isid: string;
+  targetName: string;
+  sessionType: 'Discovery' | 'Normal';
+  remoteAddress: string;
+  commandsInFlight: number;
+}
+
+interface LiveSession {
+  tsih: number;
+  outcome: LoginOutcome;
+  conn: Connection;
+  session: Session;
+}
+
+export class Portal {
+  private readonly opts: PortalOptions;
+  private readonly log: Logger;
+  private readonly server: Server;
+  private readonly connections = new Set<Connection>();
+  private readonly sessionsByTsih = new Map<number, LiveSession>();
+  private nextTsih = 1;
+  private closing: Promise<void> | undefined;
+  private listening = false;
+
+  constructor(opts: PortalOptions) {
+    this.opts = opts;
+    this.log = opts.log.child({ component: 'portal' });
+    this.server = createServer((socket) => this.onSocket(socket));
+    this.server.on('error', (err) => this.log.error({ err }, 'portal server error'));
+  }
+
+  listen(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(this.opts.port, this.opts.host, () => {
+        this.server.off('error', reject);
+        this.listening = true;
+        resolve();
+      });
+    });
+  }
+
+  get address(): { host: string; port: number } {
+    const a = this.server.address();
+    if (a && typeof a === 'object') return { host: a.address, port: a.port };
+    return { host: this.opts.host, port: this.opts.port };
+  }
+
+  sessions(): SessionInfo[] {
+    return [...this.sessionsByTsih.values()].map((s) => ({
+      tsih: s.tsih,
+      initiatorName: s.outcome.initiatorName,
+      isid: s.outcome.isid.toString('hex'),
+      targetName: s.outcome.target?.name ?? '',
+      sessionType: s.outcome.sessionType,
+      remoteAddress: s.conn.remoteAddress,
+      commandsInFlight: s.session.commandsInFlight,
+    }));
+  }
+
+  /** Ask every session on these targets to log out (AsyncEvent 1), e.g. before a volume goes away. */
+  requestLogout(targetName: string, seconds: number): number {
+    let n = 0;
+    for (const s of this.sessionsByTsih.values()) {
+      if (s.outcome.target?.name === targetName) {
+        s.session.requestLogout(seconds);
+        n++;
+      }
+    }
+    return n;
+  }
+
+  private onSocket(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const loggingIn = [...this.connections].filter((c) => !c.inFullFeaturePhase).length;
+    if (loggingIn >= loginConnectionsMax) {
+      this.log.warn({ remote: socket.remoteAddress }, 'too many connections in login, refusing');
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(socket, {
+      log: this.log,
+      loginContext: this.loginContext(),
+      sessionStarted: (c, outcome) => this.sessionStarted(c, outcome),
+      closed: (c) => this.connectionClosed(c),
+    });
+    this.connections.add(conn);
+  }
+
+  private loginContext(): LoginContext {
+    return {
+      directory: this.opts.directory,
+      targetParams: this.opts.targetPrefs ?? defaultTargetPrefs(),
+      randomBytes: (n) => randomBytes(n),
+      allocateTsih: () => this.allocateTsih(),
+      sessionExists: (tsih) => this.sessionsByTsih.has(tsih),
+      redirectFor: this.opts.redirectFor,
+    };
+  }
+
+  private allocateTsih(): number {
+    for (let i = 0; i < 0xffff; i++) {
+      const tsih = this.nextTsih;
+      this.nextTsih = this.nextTsih >= 0xffff ? 1 : this.nextTsih + 1;
+      if (!this.sessionsByTsih.has(tsih)) return tsih;
+    }
+    throw new Error('no free TSIH');
+  }
+
+  private sessionStarted(conn: Connection, outcome: LoginOutcome): boolean {
+    if (this.closing) return false;
+    const isidHex = outcome.isid.toString('hex');
+    // Session reinstatement (RFC 7143 6.3.5): same initiator port and target, TSIH 0 → the old session ends.
+    for (const s of this.sessionsByTsih.values()) {
+      if (s.outcome.initiatorName === outcome.initiatorName && s.outcome.isid.toString('hex') === isidHex && s.outcome.target?.name === outcome.target?.name) {
+        this.log.info({ initiator: outcome.initiatorName, isid: isidHex }, 'session reinstated');
+        s.conn.destroy('session reinstated');
+      }
+    }
+    if (this.sessionsByTsih.size >= (this.opts.sessionsMax ?? sessionsPerPeerMax)) {
+      this.log.warn('session limit reached');
+      return false;
+    }
+    const targetName = outcome.target?.name ?? '';
+    const nexus: Nexus = {
+      initiatorPort: `${outcome.initiatorName},i,0x${isidHex}`,
+      initiatorName: outcome.initiatorName,
+      targetPort: `${targetName},t,0x${this.opts.directory.portalGroupTag.toString(16).padStart(4, '0')}`,
+      relativeTargetPort: 1,
+    };
+    const session = conn.attachSession(nexus);
+    this.sessionsByTsih.set(outcome.tsih, { tsih: outcome.tsih, outcome, conn, session });
+    this.log.info({ initiator: outcome.initiatorName, target: targetName, type: outcome.sessionType, tsih: outcome.tsih, remote: conn.remoteAddress }, 'session started');
+    return true;
+  }
+
+  private connectionClosed(conn: Connection): void {
+    this.connections.delete(conn);
+    const tsih = conn.outcome?.tsih;
+    if (tsih !== undefined && this.sessionsByTsih.get(tsih)?.conn === conn) {
+      this.sessionsByTsih.delete(tsih);
+      this.log.info({ initiator: conn.outcome!.initiatorName, tsih }, 'session ended');
+    }
+  }
+
+  /** Stop accepting; let sessions finish the commands in flight; then close every connection. */
+  close(): Promise<void> {
+    if (!this.closing) this.closing = this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    const stopped = new Promise<void>((resolve) => (this.listening ? this.server.close(() => resolve()) : resolve()));
+    const drains = [...this.sessionsByTsih.values()].map((s) => s.session.drain());
+    const deadline = new Promise<void>((resolve) => setTimeout(resolve, gracefulStopMs).unref());
+    await Promise.race([Promise.all(drains), deadline]);
+    for (const conn of this.connections) conn.end('portal closing');
+    await new Promise((r) => setTimeout(r, 50));
+    for (const conn of this.connections) conn.destroy('portal closed');
+    await stopped;
+  }
+
+  destroy(): void {
+    if (!this.closing) this.closing = Promise.resolve();
+    this.server.close();
+    for (const conn of this.connections) conn.destroy('portal destroyed');
+  }
+
+  assertOpen(): void {
+    if (this.closing) throw new ClosedError('portal is closing');
+  }
+}

@@ -1,0 +1,650 @@
+// One iSCSI session in full feature phase (RFC 7143), one connection (MaxConnections=1).
+// No sockets or timers here: PDUs come in through onPdu, go out through io.send, time comes
+// in through tick(nowMs). Commands are delivered to the logical unit in CmdSN order; a write
+// command's data (immediate, unsolicited, then solicited by R2T) is gathered into one buffer
+// before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
+
+import type { Logger } from 'pino';
+import { cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionDataOutBytesMax, transferBytesMax } from '../limits';
+import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
+import { sendTargetsAnswer } from './discovery';
+import type { TargetDirectory, TargetInfo } from './target';
+import { encodeTextKeys, parseTextKeys, TextAccumulator, type TextPairs } from './text';
+import {
+  AsyncEvent,
+  LogoutReason,
+  LogoutResponseCode,
+  Op,
+  RejectReason,
+  ScsiResponseCode,
+  TmfFunction,
+  TmfResponse,
+  lunIndex,
+  lunZero,
+  type DataOutPdu,
+  type InitiatorPdu,
+  type LogoutRequestPdu,
+  type NopOutPdu,
+  type ScsiCommandPdu,
+  type SessionParams,
+  type TargetPdu,
+  type TaskMgmtRequestPdu,
+  type TextRequestPdu,
+} from './types';
+
+const reservedTag = 0xffffffff;
+
+// ---- serial number arithmetic (RFC 1982, 32 bits) ----------------------------------------
+export function snLess(a: number, b: number): boolean {
+  return a !== b && ((b - a) >>> 0) < 0x80000000;
+}
+export function snLessEq(a: number, b: number): boolean {
+  return a === b || snLess(a, b);
+}
+
+export interface SessionIo {
+  send(pdu: TargetPdu): void;
+  /** Drop the connection once what was sent is flushed. */
+  close(reason: string): void;
+}
+
+export interface SessionOptions {
+  sessionType: 'Discovery' | 'Normal';
+  initiatorName: string;
+  target?: TargetInfo;
+  directory: TargetDirectory;
+  params: SessionParams;
+  expCmdSN: number;
+  statSN: number;
+  nexus: Nexus;
+  io: SessionIo;
+  log: Logger;
+  nowMs: number;
+}
+
+interface Task {
+  itt: number;
+  cmdSN: number;
+  pdu: ScsiCommandPdu;
+  lun: number;
+  edtl: number;
+  /** Gathered data-out (write) or null. */
+  buffer: Buffer | null;
+  receivedBytes: number;
+  /** Offset up to which R2Ts have been issued. */
+  solicitedTo: number;
+  r2tOutstanding: Map<number, { offset: number; length: number; received: number }>;
+  r2tSN: number;
+  delivered: boolean;
+  executing: boolean;
+  aborted: boolean;
+  /** Resolves when the LU call returns (or at once if it never started). */
+  settled: Promise<void>;
+  settle: () => void;
+  /** A result decided before execution (limits, missing LUN). */
+  early?: ScsiResult;
+}
+
+function fixedSense(key: number, asc: number, ascq: number): Buffer {
+  const s = Buffer.alloc(18);
+  s[0] = 0x70;
+  s[2] = key;
+  s[7] = 10;
+  s[12] = asc;
+  s[13] = ascq;
+  return s;
+}
+const checkCondition = (key: number, asc: number, ascq: number): ScsiResult => ({
+  status: ScsiStatus.checkCondition,
+  sense: fixedSense(key, asc, ascq),
+});
+
+/** Standard INQUIRY data for a LUN that does not exist: peripheral qualifier 3, type 0x1f. */
+function inquiryNoLun(allocation: number): Buffer {
+  const d = Buffer.alloc(36);
+  d[0] = 0x7f;
+  d[2] = 0x06;
+  d[3] = 0x02;
+  d[4] = 31;
+  return d.subarray(0, Math.min(36, allocation));
+}
+
+export class Session {
+  readonly opts: SessionOptions;
+  private readonly params: SessionParams;
+  private readonly io: SessionIo;
+  private readonly log: Logger;
+  private expCmdSN: number;
+  private maxCmdSN: number;
+  private statSN: number;
+  private readonly tasks = new Map<number, Task>();
+  /** Non-immediate commands that arrived ahead of a CmdSN gap, by CmdSN. */
+  private readonly pending = new Map<number, () => void>();
+  private dataOutBytes = 0;
+  private nextTtt = 1;
+  private lastRxMs: number;
+  private ping: { ttt: number; sentMs: number } | undefined;
+  private readonly text = new TextAccumulator();
+  private textContinuation: { ttt: number; rest: Buffer; itt: number } | undefined;
+  private draining = false;
+  private ended = false;
+  private readonly idleWaiters: Array<() => void> = [];
+
+  constructor(opts: SessionOptions) {
+    this.opts = opts;
+    this.params = opts.params;
+    this.io = opts.io;
+    this.log = opts.log;
+    this.expCmdSN = opts.expCmdSN;
+    this.statSN = opts.statSN;
+    this.maxCmdSN = (opts.expCmdSN + cmdWindowPerSession - 1) >>> 0;
+    this.lastRxMs = opts.nowMs;
+  }
+
+  get commandsInFlight(): number {
+    return this.tasks.size;
+  }
+
+  // ---- input ----------------------------------------------------------------------------
+
+  onPdu(pdu: InitiatorPdu, nowMs: number): void {
+    if (this.ended) return;
+    this.lastRxMs = nowMs;
+    switch (pdu.opcode) {
+      case Op.scsiCommand:
+        return this.onScsiCommand(pdu);
+      case Op.dataOut:
+        return this.onDataOut(pdu);
+      case Op.nopOut:
+        return this.sequenced(pdu.immediate, pdu.cmdSN, () => this.onNopOut(pdu), pdu.initiatorTaskTag === reservedTag);
+      case Op.taskMgmtRequest:
+        return this.sequenced(pdu.immediate, pdu.cmdSN, () => void this.onTaskMgmt(pdu));
+      case Op.textRequest:
+        return this.sequenced(pdu.immediate, pdu.cmdSN, () => this.onText(pdu));
+      case Op.logoutRequest:
+        return this.sequenced(pdu.immediate, pdu.cmdSN, () => void this.onLogout(pdu));
+      case Op.snack:
+        return this.reject(RejectReason.snackReject, pdu);
+      default:
+        return this.reject(RejectReason.protocolError, pdu);
+    }
+  }
+
+  /** A PDU the parser skipped (digest error, too long, unknown opcode): answer with a Reject. */
+  rejectBhs(reason: number, bhs: Buffer): void {
+    this.send({
+      opcode: Op.reject, immediate: false, final: true, initiatorTaskTag: reservedTag,
+      data: Buffer.from(bhs.subarray(0, 48)), reason, statSN: this.nextStatSN(),
+      expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(), dataSN: 0,
+    });
+  }
+
+  private reject(reason: number, pdu: InitiatorPdu): void {
+    // The rejected header is rebuilt from the decoded PDU only for the fields an initiator uses to match it.
+    const bhs = Buffer.alloc(48);
+    bhs[0] = pdu.opcode | (pdu.immediate ? 0x40 : 0);
+    bhs.writeUInt32BE(pdu.initiatorTaskTag >>> 0, 16);
+    this.rejectBhs(reason, bhs);
+  }
+
+  /**
+   * Deliver non-immediate commands in CmdSN order. Immediate ones run at once and do not
+   * advance ExpCmdSN. A CmdSN outside the window is dropped silently (RFC 7143 4.2.2.1).
+   */
+  private sequenced(immediate: boolean, cmdSN: number, run: () => void, noCmdSN = false): void {
+    if (immediate || noCmdSN) {
+      run();
+      return;
+    }
+    if (cmdSN === this.expCmdSN) {
+      this.expCmdSN = (this.expCmdSN + 1) >>> 0;
+      run();
+      this.drainPending();
+      return;
+    }
+    if (snLess(this.expCmdSN, cmdSN) && snLessEq(cmdSN, this.maxCmdSN) && !this.pending.has(cmdSN)) {
+      this.pending.set(cmdSN, run);
+      return;
+    }
+    this.log.debug({ cmdSN, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN }, 'command outside the CmdSN window dropped');
+  }
+
+  private drainPending(): void {
+    for (let run = this.pending.get(this.expCmdSN); run; run = this.pending.get(this.expCmdSN)) {
+      this.pending.delete(this.expCmdSN);
+      this.expCmdSN = (this.expCmdSN + 1) >>> 0;
+      run();
+    }
+  }
+
+  // ---- SCSI commands --------------------------------------------------------------------
+
+  private onScsiCommand(pdu: ScsiCommandPdu): void {
+    if (this.opts.sessionType === 'Discovery') return this.reject(RejectReason.protocolError, pdu);
+    if (this.tasks.has(pdu.initiatorTaskTag)) return this.reject(RejectReason.taskInProgress, pdu);
+    if (this.draining) {
+      // No new work while we close: answer BUSY so the initiator retries elsewhere.
+      this.sequenced(pdu.immediate, pdu.cmdSN, () => this.respondEarly(pdu, { status: ScsiStatus.busy }));
+      return;
+    }
+    const task = this.createTask(pdu);
+    this.tasks.set(task.itt, task);
+    if (task.buffer) this.acceptImmediateData(task, pdu.data);
+    this.sequenced(pdu.immediate, pdu.cmdSN, () => {
+      task.delivered = true;
+      this.maybeExecute(task);
+    });
+    if (task.buffer) this.issueR2ts(task);
+  }
+
+  private createTask(pdu: ScsiCommandPdu): Task {
+    let settle!: () => void;
+    const settled = new Promise<void>((r) => (settle = r));
+    const edtl = pdu.expectedDataTransferLength;
+    const task: Task = {
+      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu: { ...pdu, cdb: Buffer.from(pdu.cdb), lun: Buffer.from(pdu.lun), data: Buffer.alloc(0) },
+      lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
+      r2tOutstanding: new Map(), r2tSN: 0, delivered: false, executing: false, aborted: false, settled, settle,
+    };
+    if (pdu.read && pdu.write) {
+      task.early = checkCondition(0x05, 0x24, 0x00); // bidirectional: not supported
+    } else if (edtl > transferBytesMax) {
+      task.early = checkCondition(0x05, 0x24, 0x00);
+    } else if (pdu.write && edtl > 0) {
+      if (this.dataOutBytes + edtl > sessionDataOutBytesMax) {
+        task.early = { status: ScsiStatus.taskSetFull };
+      } else {
+        task.buffer = Buffer.allocUnsafe(edtl);
+        this.dataOutBytes += edtl;
+      }
+    }
+    return task;
+  }
+
+  private acceptImmediateData(task: Task, data: Buffer): void {
+    const n = Math.min(data.length, task.edtl);
+    if (n > 0) data.copy(task.buffer!, 0, 0, n);
+    task.receivedBytes = n;
+    // Unsolicited data (immediate + Data-Out with the reserved TTT) covers the first burst.
+    const unsolicitedEnd = this.params.initialR2T ? n : Math.min(this.params.firstBurstLength, task.edtl);
+    task.solicitedTo = Math.max(unsolicitedEnd, n);
+  }
+
+  /** Send R2Ts for the rest of the data, at most MaxOutstandingR2T at a time, each ≤ MaxBurstLength. */
+  private issueR2ts(task: Task): void {
+    while (task.solicitedTo < task.edtl && task.r2tOutstanding.size < this.params.maxOutstandingR2T && !task.aborted) {
+      const offset = task.solicitedTo;
+      const length = Math.min(this.params.maxBurstLength, task.edtl - offset);
+      const ttt = this.allocTtt();
+      task.r2tOutstanding.set(ttt, { offset, length, received: 0 });
+      task.solicitedTo += length;
+      this.send({
+        opcode: Op.r2t, immediate: false, final: true, initiatorTaskTag: task.itt, data: Buffer.alloc(0),
+        lun: task.pdu.lun, targetTransferTag: ttt, statSN: this.statSN, expCmdSN: this.expCmdSN,
+        maxCmdSN: this.windowEnd(), r2tSN: task.r2tSN++, bufferOffset: offset, desiredDataTransferLength: length,
+      });
+    }
+  }
+
+  private onDataOut(pdu: DataOutPdu): void {
+    const task = this.tasks.get(pdu.initiatorTaskTag);
+    if (!task || !task.buffer || task.executing) {
+      // Data for a task that is gone (aborted, answered early) is dropped; unknown tags are rejected.
+      if (!task) this.reject(RejectReason.invalidPduField, pdu);
+      return;
+    }
+    const end = pdu.bufferOffset + pdu.data.length;
+    if (end > task.edtl) {
+      this.reject(RejectReason.protocolError, pdu);
+      return;
+    }
+    pdu.data.copy(task.buffer, pdu.bufferOffset);
+    task.receivedBytes += pdu.data.length;
+    if (pdu.targetTransferTag !== reservedTag) {
+      const r2t = task.r2tOutstanding.get(pdu.targetTransferTag);
+      if (r2t) {
+        r2t.received += pdu.data.length;
+        if (pdu.final || r2t.received >= r2t.length) {
+          task.r2tOutstanding.delete(pdu.targetTransferTag);
+          this.issueR2ts(task);
+        }
+      }
+    }
+    this.maybeExecute(task);
+  }
+
+  private dataComplete(task: Task): boolean {
+    return task.buffer === null || (task.receivedBytes >= task.edtl && task.r2tOutstanding.size === 0 && task.solicitedTo >= task.edtl);
+  }
+
+  private maybeExecute(task: Task): void {
+    if (!task.delivered || task.executing || task.aborted) return;
+    if (task.early) {
+      task.executing = true;
+      return this.complete(task, task.early);
+    }
+    if (!this.dataComplete(task)) return;
+    task.executing = true;
+    const lu = this.luFor(task.lun);
+    if (!lu) return this.complete(task, this.noSuchLun(task));
+    lu.execute({
+      cdb: task.pdu.cdb, lun: task.lun, nexus: this.opts.nexus, taskAttr: task.pdu.taskAttr,
+      expectedDataLength: task.edtl, dataOut: task.buffer,
+    }).then(
+      (result) => this.complete(task, result),
+      (err: unknown) => {
+        this.log.error({ err, itt: task.itt }, 'logical unit failed a command');
+        this.complete(task, checkCondition(0x04, 0x44, 0x00)); // HARDWARE ERROR, INTERNAL TARGET FAILURE
+      },
+    );
+  }
+
+  private luFor(lun: number): LogicalUnit | undefined {
+    return this.opts.target?.luns.get(lun);
+  }
+
+  /** INQUIRY and REPORT LUNS answer for any LUN (SPC-4); everything else gets LOGICAL UNIT NOT SUPPORTED. */
+  private noSuchLun(task: Task): ScsiResult {
+    const op = task.pdu.cdb[0];
+    if (op === 0x12) return { status: ScsiStatus.good, dataIn: inquiryNoLun(task.pdu.cdb.readUInt16BE(3)) };
+    return checkCondition(0x05, 0x25, 0x00);
+  }
+
+  private respondEarly(pdu: ScsiCommandPdu, result: ScsiResult): void {
+    const task = this.createTask(pdu);
+    if (task.buffer) this.dataOutBytes -= task.edtl;
+    task.buffer = null;
+    this.tasks.set(task.itt, task);
+    task.executing = true;
+    this.complete(task, result);
+  }
+
+  private complete(task: Task, result: ScsiResult): void {
+    this.tasks.delete(task.itt);
+    if (task.buffer) this.dataOutBytes -= task.edtl;
+    task.settle();
+    if (!task.aborted && !this.ended) this.sendResult(task, result);
+    this.notifyIdle();
+  }
+
+  private sendResult(task: Task, result: ScsiResult): void {
+    const edtl = task.edtl;
+    let residualBytes = 0;
+    let overflow = false;
+    let underflow = false;
+    const dataIn = result.dataIn;
+    let dataSN = 0;
+    if (dataIn && task.pdu.read) {
+      const sent = Math.min(dataIn.length, edtl);
+      if (dataIn.length > edtl) {
+        overflow = true;
+        residualBytes = dataIn.length - edtl;
+      } else if (dataIn.length < edtl) {
+        underflow = true;
+        residualBytes = edtl - dataIn.length;
+      }
+      const statusInData = result.status === ScsiStatus.good && !result.sense && sent > 0;
+      dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined);
+      if (statusInData) return;
+    } else {
+      const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.buffer ? edtl : 0)) : 0;
+      if (used < edtl) {
+        underflow = true;
+        residualBytes = edtl - used;
+      } else if (used > edtl) {
+        overflow = true;
+        residualBytes = used - edtl;
+      }
+    }
+    let data: Buffer = Buffer.alloc(0);
+    if (result.sense && result.sense.length > 0) {
+      data = Buffer.allocUnsafe(2 + result.sense.length);
+      data.writeUInt16BE(result.sense.length, 0);
+      result.sense.copy(data, 2);
+    }
+    this.send({
+      opcode: Op.scsiResponse, immediate: false, final: true, initiatorTaskTag: task.itt, data,
+      bidiOverflow: false, bidiUnderflow: false, overflow, underflow,
+      response: ScsiResponseCode.completed, status: result.status, snackTag: 0,
+      statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+      expDataSN: task.pdu.read ? dataSN : task.r2tSN, bidiResidualCount: 0, residualCount: residualBytes,
+    });
+  }
+
+  /** Data-In PDUs of ≤ MaxXmitDataSegmentLength; F at the end of each MaxBurstLength sequence. Returns the PDU count. */
+  private sendDataIn(task: Task, data: Buffer, status?: { status: number; overflow: boolean; underflow: boolean; residualBytes: number }): number {
+    const segment = this.params.maxXmitDataSegmentLength;
+    const burst = this.params.maxBurstLength;
+    let dataSN = 0;
+    let offset = 0;
+    while (offset < data.length) {
+      const burstEnd = Math.min(data.length, (Math.floor(offset / burst) + 1) * burst);
+      const end = Math.min(offset + segment, burstEnd);
+      const last = end === data.length;
+      const withStatus = last && status !== undefined;
+      this.send({
+        opcode: Op.dataIn, immediate: false, final: end === burstEnd, initiatorTaskTag: task.itt,
+        data: data.subarray(offset, end), acknowledge: false,
+        overflow: withStatus ? status.overflow : false, underflow: withStatus ? status.underflow : false,
+        hasStatus: withStatus, status: withStatus ? status.status : 0, lun: task.pdu.lun,
+        targetTransferTag: reservedTag, statSN: withStatus ? this.nextStatSN() : 0, expCmdSN: this.expCmdSN,
+        maxCmdSN: this.windowEnd(), dataSN: dataSN++, bufferOffset: offset,
+        residualCount: withStatus ? status.residualBytes : 0,
+      });
+      offset = end;
+    }
+    return dataSN;
+  }
+
+  // ---- NOP, text, task management, logout --------------------------------------------------
+
+  private onNopOut(pdu: NopOutPdu): void {
+    if (pdu.initiatorTaskTag === reservedTag) {
+      // The answer to our ping (or a ping that wants no answer).
+      if (this.ping && pdu.targetTransferTag === this.ping.ttt) this.ping = undefined;
+      return;
+    }
+    this.send({
+      opcode: Op.nopIn, immediate: false, final: true, initiatorTaskTag: pdu.initiatorTaskTag,
+      data: Buffer.from(pdu.data.subarray(0, this.params.maxXmitDataSegmentLength)), lun: pdu.lun,
+      targetTransferTag: reservedTag, statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+    });
+  }
+
+  private onText(pdu: TextRequestPdu): void {
+    if (pdu.targetTransferTag !== reservedTag && this.textContinuation?.ttt === pdu.targetTransferTag) {
+      return this.sendTextChunk(pdu.initiatorTaskTag, this.textContinuation.rest);
+    }
+    let whole: Buffer | undefined;
+    let pairs: TextPairs;
+    try {
+      whole = this.text.add(pdu.data, pdu.continue);
+      if (whole === undefined) return this.sendTextResponse(pdu.initiatorTaskTag, Buffer.alloc(0), false, this.allocTtt());
+      pairs = parseTextKeys(whole);
+    } catch {
+      return this.reject(RejectReason.protocolError, pdu);
+    }
+    const answers: TextPairs = [];
+    for (const [key, value] of pairs) {
+      if (key === 'SendTargets') {
+        answers.push(...sendTargetsAnswer(this.opts.directory, this.opts.initiatorName, value, this.opts.target));
+      } else if (key === 'MaxRecvDataSegmentLength' && /^[0-9]+$/.test(value) && +value >= 512 && +value < 2 ** 24) {
+        this.params.maxXmitDataSegmentLength = +value;
+      } else {
+        answers.push([key, 'NotUnderstood']);
+      }
+    }
+    this.sendTextChunk(pdu.initiatorTaskTag, encodeTextKeys(answers));
+  }
+
+  /** Long answers go out in pieces: C bit + a TTT the initiator sends back to get the next one. */
+  private sendTextChunk(itt: number, text: Buffer): void {
+    const max = this.params.maxXmitDataSegmentLength;
+    if (text.length <= max) {
+      this.textContinuation = undefined;
+      return this.sendTextResponse(itt, text, true, reservedTag);
+    }
+    const ttt = this.allocTtt();
+    this.textContinuation = { ttt, rest: text.subarray(max), itt };
+    this.sendTextResponse(itt, text.subarray(0, max), false, ttt, true);
+  }
+
+  private sendTextResponse(itt: number, data: Buffer, final: boolean, ttt: number, more = false): void {
+    this.send({
+      opcode: Op.textResponse, immediate: false, final, continue: more, initiatorTaskTag: itt, data, lun: lunZero,
+      targetTransferTag: ttt, statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+    });
+  }
+
+  private async onTaskMgmt(pdu: TaskMgmtRequestPdu): Promise<void> {
+    const response = await this.runTaskMgmt(pdu);
+    if (this.ended) return;
+    this.send({
+      opcode: Op.taskMgmtResponse, immediate: false, final: true, initiatorTaskTag: pdu.initiatorTaskTag,
+      data: Buffer.alloc(0), response, statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+    });
+    if (pdu.function === TmfFunction.targetColdReset) this.io.close('target cold reset');
+  }
+
+  private async runTaskMgmt(pdu: TaskMgmtRequestPdu): Promise<number> {
+    const lun = lunIndex(pdu.lun);
+    const needsLun = pdu.function !== TmfFunction.targetWarmReset && pdu.function !== TmfFunction.targetColdReset;
+    if (needsLun && !this.luFor(lun)) return TmfResponse.lunDoesNotExist;
+    switch (pdu.function) {
+      case TmfFunction.abortTask: {
+        const task = this.tasks.get(pdu.referencedTaskTag);
+        if (!task) {
+          // RFC 7143 11.5.1: a task we never saw but whose CmdSN is in the window counts as received.
+          return snLess(pdu.refCmdSN, this.expCmdSN) || pdu.refCmdSN === pdu.cmdSN ? TmfResponse.complete : TmfResponse.taskDoesNotExist;
+        }
+        await this.abort([task]);
+        return TmfResponse.complete;
+      }
+      case TmfFunction.abortTaskSet:
+      case TmfFunction.clearTaskSet:
+        await this.abort([...this.tasks.values()].filter((t) => t.lun === lun));
+        return TmfResponse.complete;
+      case TmfFunction.logicalUnitReset:
+        await this.abort([...this.tasks.values()].filter((t) => t.lun === lun));
+        this.luFor(lun)!.reset(this.opts.nexus);
+        return TmfResponse.complete;
+      case TmfFunction.targetWarmReset:
+      case TmfFunction.targetColdReset:
+        await this.abort([...this.tasks.values()]);
+        for (const lu of this.opts.target?.luns.values() ?? []) lu.reset(this.opts.nexus);
+        return TmfResponse.complete;
+      default:
+        return TmfResponse.notSupported;
+    }
+  }
+
+  /** Abort tasks: no response will be sent for them; resolves once none is still inside the LU. */
+  private async abort(tasks: Task[]): Promise<void> {
+    for (const task of tasks) {
+      task.aborted = true;
+      if (!task.executing) {
+        // Never reached the LU: release it now.
+        this.tasks.delete(task.itt);
+        if (task.buffer) this.dataOutBytes -= task.edtl;
+        task.settle();
+      }
+    }
+    await Promise.all(tasks.map((t) => t.settled));
+    this.notifyIdle();
+  }
+
+  private async onLogout(pdu: LogoutRequestPdu): Promise<void> {
+    const recovery = pdu.reasonCode === LogoutReason.removeConnectionForRecovery;
+    if (!recovery) {
+      this.draining = true;
+      await this.idle();
+    }
+    if (this.ended) return;
+    this.send({
+      opcode: Op.logoutResponse, immediate: false, final: true, initiatorTaskTag: pdu.initiatorTaskTag, data: Buffer.alloc(0),
+      response: recovery ? LogoutResponseCode.recoveryNotSupported : LogoutResponseCode.success,
+      statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+      time2Wait: this.params.defaultTime2Wait, time2Retain: this.params.defaultTime2Retain,
+    });
+    if (!recovery) this.io.close('logout');
+  }
+
+  /** Ask the initiator to log out within `seconds` (AsyncEvent 1): host balancing and graceful stop. */
+  requestLogout(seconds: number): void {
+    this.send({
+      opcode: Op.asyncMessage, immediate: false, final: true, initiatorTaskTag: reservedTag, data: Buffer.alloc(0),
+      lun: lunZero, statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+      asyncEvent: AsyncEvent.requestLogout, asyncVCode: 0, parameter1: 0, parameter2: 0, parameter3: seconds,
+    });
+  }
+
+  // ---- time, lifecycle --------------------------------------------------------------------
+
+  /** Target-initiated NOP-In after idle time; a ping left unanswered past the timeout drops the connection. */
+  tick(nowMs: number): void {
+    if (this.ended) return;
+    if (this.ping) {
+      if (nowMs - this.ping.sentMs > nopTimeoutMs) this.io.close('no answer to NOP-In ping');
+      return;
+    }
+    if (nowMs - this.lastRxMs < nopIdleMs) return;
+    const ttt = this.allocTtt();
+    this.ping = { ttt, sentMs: nowMs };
+    this.send({
+      opcode: Op.nopIn, immediate: false, final: true, initiatorTaskTag: reservedTag, data: Buffer.alloc(0), lun: lunZero,
+      targetTransferTag: ttt, statSN: this.statSN, expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
+    });
+  }
+
+  /** Stop taking commands and wait for those in flight. */
+  async drain(): Promise<void> {
+    this.draining = true;
+    await this.idle();
+  }
+
+  /** The connection is gone: nothing more is sent; in-flight LU calls finish unseen. */
+  destroy(): void {
+    if (this.ended) return;
+    this.ended = true;
+    for (const task of this.tasks.values()) task.aborted = true;
+    this.pending.clear();
+    for (const lu of this.opts.target?.luns.values() ?? []) lu.nexusLost(this.opts.nexus);
+    this.notifyIdle();
+  }
+
+  private idle(): Promise<void> {
+    if (this.tasks.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private notifyIdle(): void {
+    if (this.tasks.size > 0 && !this.ended) return;
+    for (const resolve of this.idleWaiters.splice(0)) resolve();
+  }
+
+  // ---- helpers ----------------------------------------------------------------------------
+
+  private send(pdu: TargetPdu): void {
+    if (!this.ended) this.io.send(pdu);
+  }
+
+  private nextStatSN(): number {
+    const sn = this.statSN;
+    this.statSN = (this.statSN + 1) >>> 0;
+    return sn;
+  }
+
+  /** MaxCmdSN never moves back; it moves forward as tasks leave, keeping ≤ window tasks queued. */
+  private windowEnd(): number {
+    const room = Math.max(1, cmdWindowPerSession - this.tasks.size);
+    const candidate = (this.expCmdSN + room - 1) >>> 0;
+    if (snLess(this.maxCmdSN, candidate)) this.maxCmdSN = candidate;
+    return this.maxCmdSN;
+  }
+
+  private allocTtt(): number {
+    const ttt = this.nextTtt;
+    this.nextTtt = this.nextTtt >= 0x7fffffff ? 1 : this.nextTtt + 1;
+    return ttt;
+  }
+}
