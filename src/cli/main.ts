@@ -1,0 +1,256 @@
+// The `peersan` command: admin client (status, volume …), `peer` (run one peer) and `demo`
+// (a throwaway group in one process). Human tables by default, --json for scripts; on error
+// one clear line and a non-zero exit (PEERSAN_DEBUG=1 shows the stack).
+
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { Command, Option } from 'commander';
+import { formatBytes } from '../cluster/catalog';
+import { InvalidArgumentError } from '../errors';
+import { createLogger } from '../log';
+import { AdminClient, type VolumeView } from '../server/admin';
+import { loadConfig, renderConfig, type ClusterConfig } from '../server/config';
+import { PeerServer } from '../server/peer';
+
+interface GlobalOptions {
+  peer?: string;
+  config?: string;
+  token?: string;
+  json?: boolean;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
+}
+
+function configPath(g: GlobalOptions): string | undefined {
+  if (g.config) return g.config;
+  if (process.env.PEERSAN_CONFIG) return process.env.PEERSAN_CONFIG;
+  return existsSync('cluster.yaml') ? 'cluster.yaml' : undefined;
+}
+
+function adminClient(g: GlobalOptions): AdminClient {
+  const path = configPath(g);
+  const config = path ? loadConfig(path) : undefined;
+  const peer = g.peer ?? config?.peers[0].rpc ?? '127.0.0.1:7001';
+  const token = g.token ?? process.env.PEERSAN_TOKEN ?? config?.adminToken;
+  if (!token) throw new InvalidArgumentError('no admin token: pass --token, set $PEERSAN_TOKEN, or point --config/$PEERSAN_CONFIG at cluster.yaml');
+  return new AdminClient(peer, token);
+}
+
+async function withClient<T>(g: GlobalOptions, fn: (c: AdminClient) => Promise<T>): Promise<T> {
+  const client = adminClient(g);
+  try {
+    return await fn(client);
+  } finally {
+    client.close();
+  }
+}
+
+function out(g: GlobalOptions, data: unknown, human: () => string): void {
+  process.stdout.write((g.json ? JSON.stringify(data, null, 2) : human()) + '\n');
+}
+
+function volumeRows(vs: VolumeView[]): string {
+  if (vs.length === 0) return 'no volumes';
+  return table([
+    ['NAME', 'SIZE', 'BLOCK', 'USED', 'SESSIONS', 'ACCESS', 'TARGET'],
+    ...vs.map((v) => [
+      v.name, formatBytes(v.sizeBytes), String(v.blockBytes), formatBytes(v.allocatedBytes), String(v.sessions),
+      (v.allow.length ? `${v.allow.length} initiator(s)` : 'any initiator') + (v.chapEnabled ? (v.mutualChap ? ', mutual CHAP' : ', CHAP') : ''),
+      v.targetName,
+    ]),
+  ]);
+}
+
+function volumeDetail(v: VolumeView): string {
+  return table([
+    ['name', v.name],
+    ['target', v.targetName],
+    ['id', v.id],
+    ['size', `${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes, ${v.sizeBytes / v.blockBytes} blocks of ${v.blockBytes})`],
+    ['allocated', formatBytes(v.allocatedBytes)],
+    ['allowed initiators', v.allow.length ? v.allow.join(', ') : 'any'],
+    ['CHAP', v.chapEnabled ? `user ${v.chapUser}${v.mutualChap ? ', mutual' : ''}` : 'off'],
+    ['sessions', String(v.sessions)],
+    ['created', new Date(v.createdAtMs).toISOString()],
+  ]);
+}
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value];
+
+function parseCount(value: string, what: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(`${what} must be a whole number, got "${value}"`);
+  return n;
+}
+
+/** Run a peer until SIGINT/SIGTERM, then stop gracefully. */
+async function runUntilSignal(server: PeerServer): Promise<void> {
+  await new Promise<void>((resolveStop) => {
+    const onSignal = (sig: string): void => {
+      server.log.info({ signal: sig }, 'stopping');
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      server.stop().then(resolveStop, resolveStop);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
+async function demo(opts: { peers: string; data?: string; size: string; iscsiPort: string; rpcPort: string; httpPort: string; token?: string }): Promise<void> {
+  const peers = parseCount(opts.peers, '--peers');
+  if (peers !== 1) {
+    throw new InvalidArgumentError('this build runs a one-peer group (--peers 1); groups of several peers come with the peer-group release');
+  }
+  const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
+  mkdirSync(dir, { recursive: true });
+  const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
+  const rpcPort = parseCount(opts.rpcPort, '--rpc-port');
+  const httpPort = parseCount(opts.httpPort, '--http-port');
+  const config: ClusterConfig = {
+    name: 'demo',
+    adminToken: opts.token ?? randomBytes(12).toString('hex'),
+    secret: randomBytes(16).toString('hex'),
+    catalog: { backend: 'embedded' },
+    peers: Array.from({ length: peers }, (_, i) => ({
+      id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
+    })),
+  };
+  const configFile = join(dir, 'cluster.yaml');
+  writeFileSync(configFile, renderConfig(config));
+  const log = createLogger({ name: 'peersan', file: join(dir, 'peersan.log') });
+  const server = await PeerServer.start({ ...config, path: configFile }, 'p1', log);
+  const existing = (await server.listVolumes()).find((v) => v.name === 'demo');
+  const volume = existing ?? (await server.createVolume({ name: 'demo', size: opts.size }));
+  const say = (s: string): boolean => process.stdout.write(s + '\n');
+  say(`peersan demo: ${peers} peer(s), data in ${dir}`);
+  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}`);
+  for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
+  say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status`);
+  say(`logs:   ${join(dir, 'peersan.log')}`);
+  say('ready');
+  await runUntilSignal(server);
+  say('stopped');
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('peersan')
+    .description('peersan: a SAN of equal peers (iSCSI target, page routing, live migration, consistent snapshots)')
+    .option('--peer <host:port>', "a peer's RPC address (default: the first peer in the config, else 127.0.0.1:7001)")
+    .option('--config <file>', 'cluster.yaml (default: $PEERSAN_CONFIG, else ./cluster.yaml)')
+    .option('--token <token>', 'admin token (default: $PEERSAN_TOKEN, else the config file)')
+    .option('--json', 'machine-readable output')
+    .showHelpAfterError()
+    .configureOutput({ outputError: (str, write) => write(str) });
+
+  const g = (): GlobalOptions => program.opts<GlobalOptions>();
+
+  program.command('status').description('peers, their addresses, capacity and sessions').action(async () => {
+    const s = await withClient(g(), (c) => c.status());
+    out(g(), s, () =>
+      [
+        `cluster ${s.cluster}`,
+        table([
+          ['PEER', 'STATE', 'ISCSI', 'RPC', 'VOLUMES', 'SESSIONS', 'USED', 'FREE', 'UPTIME'],
+          ...s.peers.map((p) => [
+            p.id, p.up ? 'up' : 'down', p.iscsi, p.rpc, String(p.volumes), String(p.sessions.filter((x) => x.sessionType === 'Normal').length),
+            formatBytes(p.allocatedBytes), formatBytes(p.freeBytes), `${Math.round(p.uptimeMs / 1000)}s`,
+          ]),
+        ]),
+        ...s.peers.flatMap((p) => p.sessions.filter((x) => x.sessionType === 'Normal').map((x) => `  ${p.id}: ${x.initiatorName} → ${x.targetName} from ${x.remoteAddress} (${x.commandsInFlight} in flight)`)),
+      ].join('\n'),
+    );
+  });
+
+  const volume = program.command('volume').description('create, list, show, resize and delete volumes');
+  volume
+    .command('create <name>')
+    .description('create a thin volume')
+    .requiredOption('--size <size>', 'e.g. 10G, 512M, 1T')
+    .addOption(new Option('--block-size <bytes>', 'logical block size').choices(['512', '4096']).default('512'))
+    .option('--allow <iqn>', 'initiator allowed to log in (repeat; default: any)', collect, [])
+    .option('--chap-user <user>', 'CHAP user the initiator must present')
+    .option('--chap-secret <secret>', 'CHAP secret (12-16 characters)')
+    .option('--mutual-user <user>', 'mutual CHAP: the user we present to the initiator')
+    .option('--mutual-secret <secret>', 'mutual CHAP secret (12-16 characters)')
+    .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string }) => {
+      if ((o.chapUser === undefined) !== (o.chapSecret === undefined)) throw new InvalidArgumentError('--chap-user and --chap-secret go together');
+      if ((o.mutualUser !== undefined || o.mutualSecret !== undefined) && !o.chapUser) throw new InvalidArgumentError('mutual CHAP needs --chap-user/--chap-secret too');
+      const chap = o.chapUser ? { user: o.chapUser, secret: o.chapSecret!, mutualUser: o.mutualUser, mutualSecret: o.mutualSecret } : undefined;
+      const v = await withClient(g(), (c) => c.createVolume({ name, size: o.size, blockBytes: Number(o.blockSize), allow: o.allow, chap }));
+      out(g(), v, () => `created volume ${v.name} (${formatBytes(v.sizeBytes)}), target ${v.targetName}`);
+    });
+  volume.command('list').description('all volumes').action(async () => {
+    const vs = await withClient(g(), (c) => c.listVolumes());
+    out(g(), vs, () => volumeRows(vs));
+  });
+  volume.command('show <name>').description('one volume in detail').action(async (name: string) => {
+    const v = await withClient(g(), (c) => c.getVolume(name));
+    out(g(), v, () => volumeDetail(v));
+  });
+  volume
+    .command('resize <name>')
+    .description('grow a volume (hosts see CAPACITY DATA HAS CHANGED)')
+    .requiredOption('--size <size>', 'new size')
+    .action(async (name: string, o: { size: string }) => {
+      const v = await withClient(g(), (c) => c.resizeVolume(name, o.size));
+      out(g(), v, () => `volume ${v.name} is now ${formatBytes(v.sizeBytes)}`);
+    });
+  volume
+    .command('delete <name>')
+    .description('delete a volume and free its space')
+    .option('--force', 'even while hosts are logged in')
+    .action(async (name: string, o: { force?: boolean }) => {
+      await withClient(g(), (c) => c.deleteVolume(name, o.force === true));
+      out(g(), { deleted: name }, () => `deleted volume ${name}`);
+    });
+
+  program
+    .command('peer')
+    .description('run one peer of the group described by the config')
+    .requiredOption('--id <id>', 'this peer\'s id in the config')
+    .action(async (o: { id: string }) => {
+      const path = configPath(g());
+      if (!path) throw new InvalidArgumentError('peer needs --config FILE (or $PEERSAN_CONFIG, or ./cluster.yaml)');
+      const config = loadConfig(path);
+      const server = await PeerServer.start(config, o.id, createLogger({ name: 'peersan' }));
+      await runUntilSignal(server);
+    });
+
+  program
+    .command('demo')
+    .description('start a throwaway group on 127.0.0.1 with a volume "demo"; runs until Ctrl-C')
+    .option('--peers <n>', 'number of peers (this build: 1)', '1')
+    .option('--data <dir>', 'data folder (default: a fresh temporary one)')
+    .option('--size <size>', 'size of volume demo', '1G')
+    .option('--iscsi-port <port>', 'iSCSI port of peer 1 (peer i: +i)', '3260')
+    .option('--rpc-port <port>', 'RPC port of peer 1', '7001')
+    .option('--http-port <port>', 'HTTP port of peer 1', '8001')
+    .option('--token <token>', 'admin token (default: random, written to the demo cluster.yaml)')
+    .action(demo);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+  } catch (err) {
+    const e = err as { code?: string; exitCode?: number; message?: string };
+    if (typeof e.code === 'string' && e.code.startsWith('commander.')) {
+      process.exitCode = e.exitCode ?? 1;
+      return;
+    }
+    if (process.env.PEERSAN_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
+    process.stderr.write(`peersan: ${e.message ?? String(err)}\n`);
+    process.exitCode = 1;
+  }
+}

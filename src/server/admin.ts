@@ -1,0 +1,162 @@
+// AdminService over gRPC (proto/peersan.proto): the server side maps calls onto an AdminApi
+// after checking the admin token; the client side is what the CLI uses. Errors travel as
+// gRPC status codes with our one-line message.
+
+import { timingSafeEqual } from 'node:crypto';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import type { Logger } from 'pino';
+import type { CreateVolumeInput } from '../cluster/catalog';
+import { PeersanError, UnauthorizedError } from '../errors';
+import type { SessionInfo } from '../iscsi/portal';
+
+export interface VolumeView {
+  name: string;
+  id: string;
+  sizeBytes: number;
+  blockBytes: number;
+  allow: string[];
+  chapEnabled: boolean;
+  chapUser: string;
+  mutualChap: boolean;
+  allocatedBytes: number;
+  targetName: string;
+  sessions: number;
+  createdAtMs: number;
+  version: number;
+}
+
+export interface PeerStatusView {
+  id: string;
+  iscsi: string;
+  rpc: string;
+  http: string;
+  up: boolean;
+  uptimeMs: number;
+  allocatedBytes: number;
+  freeBytes: number;
+  totalBytes: number;
+  volumes: number;
+  sessions: SessionInfo[];
+  version: string;
+}
+
+export interface AdminApi {
+  status(): Promise<{ cluster: string; peers: PeerStatusView[] }>;
+  createVolume(input: CreateVolumeInput): Promise<VolumeView>;
+  listVolumes(): Promise<VolumeView[]>;
+  getVolume(name: string): Promise<VolumeView>;
+  deleteVolume(name: string, force: boolean): Promise<void>;
+  resizeVolume(name: string, size: string): Promise<VolumeView>;
+}
+
+const protoPath = join(__dirname, '..', '..', 'proto', 'peersan.proto');
+let loaded: grpc.GrpcObject | undefined;
+
+function proto(): grpc.GrpcObject {
+  if (!loaded) {
+    const def = protoLoader.loadSync(protoPath, { keepCase: false, longs: Number, defaults: true, enums: String });
+    loaded = grpc.loadPackageDefinition(def).peersan as grpc.GrpcObject;
+  }
+  return loaded;
+}
+
+const statusForCode: Record<string, grpc.status> = {
+  PEERSAN_ERR_INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
+  PEERSAN_ERR_NOT_FOUND: grpc.status.NOT_FOUND,
+  PEERSAN_ERR_ALREADY_EXISTS: grpc.status.ALREADY_EXISTS,
+  PEERSAN_ERR_CONFLICT: grpc.status.ABORTED,
+  PEERSAN_ERR_UNAUTHORIZED: grpc.status.UNAUTHENTICATED,
+  PEERSAN_ERR_CLOSED: grpc.status.UNAVAILABLE,
+};
+
+function tokenMatches(metadata: grpc.Metadata, token: string): boolean {
+  const header = metadata.get('authorization')[0];
+  const got = Buffer.from(typeof header === 'string' ? header.replace(/^Bearer /, '') : '');
+  const want = Buffer.from(token);
+  return got.length === want.length && timingSafeEqual(got, want);
+}
+
+type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
+
+export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: string, log: Logger): void {
+  const wrap = (name: string, fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
+    if (!tokenMatches(call.metadata, adminToken)) {
+      cb({ code: grpc.status.UNAUTHENTICATED, details: 'admin token missing or wrong (use --token, $PEERSAN_TOKEN or the config file)' });
+      return;
+    }
+    fn(call.request).then(
+      (reply) => cb(null, reply ?? {}),
+      (err: unknown) => {
+        const code = err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL;
+        if (code === grpc.status.INTERNAL) log.error({ err, call: name }, 'admin call failed');
+        cb({ code, details: err instanceof Error ? err.message : String(err) });
+      },
+    );
+  };
+  const service = (proto().AdminService as grpc.ServiceClientConstructor).service;
+  server.addService(service, {
+    status: wrap('status', () => api.status()),
+    createVolume: wrap('createVolume', (r) =>
+      api.createVolume({
+        name: r.name, size: r.size, blockBytes: r.blockBytes || undefined, allow: r.allow,
+        chap: r.chap && r.chap.user ? { user: r.chap.user, secret: r.chap.secret, mutualUser: r.chap.mutualUser || undefined, mutualSecret: r.chap.mutualSecret || undefined } : undefined,
+      })),
+    listVolumes: wrap('listVolumes', async () => ({ volumes: await api.listVolumes() })),
+    getVolume: wrap('getVolume', (r) => api.getVolume(r.name)),
+    deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
+    resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
+  });
+}
+
+/** The CLI's view of a peer's AdminService. */
+export class AdminClient {
+  private readonly client: grpc.Client & Record<string, any>;
+  private readonly token: string;
+  readonly address: string;
+
+  constructor(address: string, token: string) {
+    const Ctor = proto().AdminService as grpc.ServiceClientConstructor;
+    this.client = new Ctor(address, grpc.credentials.createInsecure()) as grpc.Client & Record<string, any>;
+    this.token = token;
+    this.address = address;
+  }
+
+  private call<T>(method: string, request: object, timeoutMs = 30_000): Promise<T> {
+    const metadata = new grpc.Metadata();
+    metadata.set('authorization', `Bearer ${this.token}`);
+    return new Promise((resolve, reject) => {
+      this.client[method](request, metadata, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
+        if (!err) return resolve(reply);
+        if (err.code === grpc.status.UNAUTHENTICATED) return reject(new UnauthorizedError(err.details));
+        if (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.DEADLINE_EXCEEDED) {
+          return reject(new PeersanError(`cannot reach peer at ${this.address} (${err.details || 'unavailable'})`, 'PEERSAN_ERR_UNREACHABLE'));
+        }
+        reject(new PeersanError(err.details || err.message, 'PEERSAN_ERR_REMOTE'));
+      });
+    });
+  }
+
+  status(): Promise<{ cluster: string; peers: PeerStatusView[] }> {
+    return this.call('status', {});
+  }
+  createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
+    return this.call('createVolume', input);
+  }
+  async listVolumes(): Promise<VolumeView[]> {
+    return (await this.call<{ volumes: VolumeView[] }>('listVolumes', {})).volumes;
+  }
+  getVolume(name: string): Promise<VolumeView> {
+    return this.call('getVolume', { name });
+  }
+  async deleteVolume(name: string, force: boolean): Promise<void> {
+    await this.call('deleteVolume', { name, force });
+  }
+  resizeVolume(name: string, size: string): Promise<VolumeView> {
+    return this.call('resizeVolume', { name, size });
+  }
+  close(): void {
+    this.client.close();
+  }
+}

@@ -1,0 +1,104 @@
+// cluster.yaml: the group's name, secrets, catalog backend and its peers. Validated with
+// errors that name the field; relative data paths resolve against the file's folder.
+
+import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { parse, stringify } from 'yaml';
+import { InvalidArgumentError } from '../errors';
+
+export interface PeerConfig {
+  id: string;
+  /** host:port of the iSCSI portal. */
+  iscsi: string;
+  /** host:port of the gRPC services (admin and peer). */
+  rpc: string;
+  /** host:port of the HTTP console and metrics. */
+  http: string;
+  /** Absolute data folder. */
+  data: string;
+}
+
+export interface ClusterConfig {
+  name: string;
+  adminToken: string;
+  secret: string;
+  catalog: { backend: 'embedded' };
+  peers: PeerConfig[];
+  /** Where the config was read from (for messages). */
+  path?: string;
+}
+
+export function splitHostPort(value: string, what: string): { host: string; port: number } {
+  const m = /^(\[[^\]]+\]|[^:]+):(\d{1,5})$/.exec(value);
+  const port = m ? Number(m[2]) : NaN;
+  if (!m || port < 1 || port > 65535) throw new InvalidArgumentError(`${what}: "${value}" is not host:port`);
+  return { host: m[1].replace(/^\[|\]$/g, ''), port };
+}
+
+function str(obj: Record<string, unknown>, key: string, where: string): string {
+  const v = obj[key];
+  if (typeof v !== 'string' || v.length === 0) throw new InvalidArgumentError(`${where}.${key} must be a non-empty string`);
+  return v;
+}
+
+export function parseConfig(text: string, path?: string): ClusterConfig {
+  let doc: unknown;
+  try {
+    doc = parse(text);
+  } catch (err) {
+    throw new InvalidArgumentError(`${path ?? 'config'}: not valid YAML: ${(err as Error).message}`);
+  }
+  const where = path ?? 'config';
+  if (!doc || typeof doc !== 'object') throw new InvalidArgumentError(`${where}: empty`);
+  const root = doc as Record<string, unknown>;
+  const cluster = root.cluster as Record<string, unknown> | undefined;
+  if (!cluster || typeof cluster !== 'object') throw new InvalidArgumentError(`${where}: missing "cluster:" section`);
+  const catalog = (cluster.catalog ?? { backend: 'embedded' }) as Record<string, unknown>;
+  if (catalog.backend !== 'embedded') throw new InvalidArgumentError(`${where}: cluster.catalog.backend "${String(catalog.backend)}" is not supported yet (use embedded)`);
+  const peersRaw = root.peers;
+  if (!Array.isArray(peersRaw) || peersRaw.length === 0) throw new InvalidArgumentError(`${where}: "peers:" must list at least one peer`);
+  const base = path ? dirname(resolve(path)) : process.cwd();
+  const ids = new Set<string>();
+  const peers = peersRaw.map((p: Record<string, unknown>, i: number): PeerConfig => {
+    const w = `peers[${i}]`;
+    const peer = {
+      id: str(p, 'id', w),
+      iscsi: str(p, 'iscsi', w),
+      rpc: str(p, 'rpc', w),
+      http: str(p, 'http', w),
+      data: resolve(base, str(p, 'data', w)),
+    };
+    if (!/^[a-z0-9][a-z0-9-]{0,31}$/.test(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}": use a-z, 0-9, '-'`);
+    if (ids.has(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}" appears twice`);
+    ids.add(peer.id);
+    splitHostPort(peer.iscsi, `${w}.iscsi`);
+    splitHostPort(peer.rpc, `${w}.rpc`);
+    splitHostPort(peer.http, `${w}.http`);
+    return peer;
+  });
+  return {
+    name: str(cluster, 'name', 'cluster'),
+    adminToken: str(cluster, 'adminToken', 'cluster'),
+    secret: str(cluster, 'secret', 'cluster'),
+    catalog: { backend: 'embedded' },
+    peers,
+    path,
+  };
+}
+
+export function loadConfig(path: string): ClusterConfig {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new InvalidArgumentError(`cannot read config ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  return parseConfig(text, path);
+}
+
+export function renderConfig(c: ClusterConfig): string {
+  return stringify({
+    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, catalog: c.catalog },
+    peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
+  });
+}
