@@ -54,10 +54,10 @@ export const cdbBytesMax = 260; // 16 in the BHS + extended CDB AHS
 /** UNMAP: descriptors per command and blocks per descriptor we advertise. */
 export const unmapDescriptorsMax = 256;
 export const unmapBlocksMax = 1024 * 1024;
-/** WRITE SAME: blocks per command. */
-export const writeSameBlocksMax = 1024 * 1024;
-/** COMPARE AND WRITE: blocks per command. */
-export const compareAndWriteBlocksMax = 256;
+/** WRITE SAME: blocks per command (initiators assume they may WRITE as many blocks as they WRITE SAME). */
+export const writeSameBlocksMax = 65535;
+/** COMPARE AND WRITE: blocks per command (the Block Limits VPD field is one byte). */
+export const compareAndWriteBlocksMax = 255;
 /** Persistent reservation registrations per logical unit. */
 export const prRegistrationsMax = 256;
 
@@ -76,3 +76,4 @@ assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data
 assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
 assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
 assert(cmdWindowPerSession >= 1, 'window');
+assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');

@@ -73,7 +73,9 @@ interface Task {
   receivedBytes: number;
   /** Offset up to which R2Ts have been issued. */
   solicitedTo: number;
-  r2tOutstanding: Map<number, { offset: number; length: number; received: number }>;
+  r2tOutstanding: Map<number, { offset: number; length: number; received: number; nextDataSN: number }>;
+  /** DataSN expected next in the unsolicited sequence (Data-Out with the reserved TTT). */
+  unsolicitedDataSN: number;
   r2tSN: number;
   delivered: boolean;
   executing: boolean;
@@ -244,7 +246,7 @@ export class Session {
     const task: Task = {
       itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu: { ...pdu, cdb: Buffer.from(pdu.cdb), lun: Buffer.from(pdu.lun), data: Buffer.alloc(0) },
       lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
-      r2tOutstanding: new Map(), r2tSN: 0, delivered: false, executing: false, aborted: false, settled, settle,
+      r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled, settle,
     };
     if (pdu.read && pdu.write) {
       task.early = checkCondition(0x05, 0x24, 0x00); // bidirectional: not supported
@@ -276,7 +278,7 @@ export class Session {
       const offset = task.solicitedTo;
       const length = Math.min(this.params.maxBurstLength, task.edtl - offset);
       const ttt = this.allocTtt();
-      task.r2tOutstanding.set(ttt, { offset, length, received: 0 });
+      task.r2tOutstanding.set(ttt, { offset, length, received: 0, nextDataSN: 0 });
       task.solicitedTo += length;
       this.send({
         opcode: Op.r2t, immediate: false, final: true, initiatorTaskTag: task.itt, data: Buffer.alloc(0),
@@ -288,9 +290,8 @@ export class Session {
 
   private onDataOut(pdu: DataOutPdu): void {
     const task = this.tasks.get(pdu.initiatorTaskTag);
-    if (!task || !task.buffer || task.executing) {
-      // Data for a task that is gone (aborted, answered early) is dropped; unknown tags are rejected.
-      if (!task) this.reject(RejectReason.invalidPduField, pdu);
+    if (!task || !task.buffer || task.executing || task.early) {
+      // Data for a task that is gone (aborted, failed, answered early) is dropped.
       return;
     }
     const end = pdu.bufferOffset + pdu.data.length;
@@ -298,10 +299,22 @@ export class Session {
       this.reject(RejectReason.protocolError, pdu);
       return;
     }
+    // DataSN counts from 0 within each sequence (unsolicited, or one R2T). At ErrorRecoveryLevel
+    // 0 a sequence error cannot be repaired: the connection goes, and the command with it.
+    const r2t = pdu.targetTransferTag === reservedTag ? undefined : task.r2tOutstanding.get(pdu.targetTransferTag);
+    const expectedDataSN = r2t ? r2t.nextDataSN : task.unsolicitedDataSN;
+    if (pdu.dataSN !== expectedDataSN) {
+      // The command fails (ABORTED COMMAND, DATA PHASE ERROR); the session goes on.
+      this.log.warn({ itt: task.itt, dataSN: pdu.dataSN, expectedDataSN }, 'Data-Out out of sequence, failing the command');
+      task.early = checkCondition(0x0b, 0x4b, 0x00);
+      this.maybeExecute(task);
+      return;
+    }
+    if (r2t) r2t.nextDataSN++;
+    else task.unsolicitedDataSN++;
     pdu.data.copy(task.buffer, pdu.bufferOffset);
     task.receivedBytes += pdu.data.length;
     if (pdu.targetTransferTag !== reservedTag) {
-      const r2t = task.r2tOutstanding.get(pdu.targetTransferTag);
       if (r2t) {
         r2t.received += pdu.data.length;
         if (pdu.final || r2t.received >= r2t.length) {

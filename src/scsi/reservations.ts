@@ -75,7 +75,8 @@ export class Reservations {
   /** May this nexus run a command of this kind now? */
   allows(nexusKey: string, kind: AccessKind, isLegacyReservationCommand: boolean): boolean {
     if (this.legacyHolder !== undefined && this.legacyHolder !== nexusKey) {
-      return kind === 'always' && !isLegacyReservationCommand;
+      // RELEASE from a non-holder is GOOD and changes nothing; RESERVE conflicts in reserve().
+      return kind === 'always' || isLegacyReservationCommand;
     }
     if (this.type === 0 || kind === 'always') return true;
     if (this.isHolder(nexusKey)) return true;
