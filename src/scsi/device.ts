@@ -97,8 +97,12 @@ export class BlockLogicalUnit implements LogicalUnit {
   private readonly targetName: string;
   private readonly log: Logger | undefined;
   private readonly reservations: Reservations;
-  private readonly unitAttentions = new Map<string, number[]>();
-  private readonly knownNexuses = new Set<string>();
+  /**
+   * Pending unit attentions per I_T nexus. Keyed by the session's Nexus object, not its
+   * name: a new login from the same initiator port is a new nexus and starts clean.
+   */
+  private readonly unitAttentions = new Map<Nexus, number[]>();
+  private readonly knownNexuses = new Set<Nexus>();
 
   constructor(opts: BlockLogicalUnitOptions) {
     this.lun = opts.lun;
@@ -106,7 +110,9 @@ export class BlockLogicalUnit implements LogicalUnit {
     this.backend = opts.backend;
     this.targetName = opts.targetName ?? `iqn.2026-11.io.peersan:${opts.identity.volumeName}`;
     this.log = opts.log;
-    this.reservations = new Reservations((nexusKey, asc) => this.postUnitAttention(nexusKey, asc));
+    this.reservations = new Reservations((nexusKey, asc) => {
+      for (const n of this.knownNexuses) if (nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);
+    });
   }
 
   async execute(cmd: ScsiCommand): Promise<ScsiResult> {
@@ -114,14 +120,14 @@ export class BlockLogicalUnit implements LogicalUnit {
     const op = cmd.cdb[0];
     const spec = commandFor(cmd.cdb);
     const nexusKey = c.nexusKey;
-    this.knownNexuses.add(nexusKey);
+    this.knownNexuses.add(cmd.nexus);
     if (!spec) {
       return c.fail({ key: SenseKey.illegalRequest, asc: tableHasOpcode(op) ? Asc.invalidFieldInCdb : Asc.invalidCommandOperationCode, field: tableHasOpcode(op) ? { inCdb: true, byte: 1 } : { inCdb: true, byte: 0 } });
     }
     if (cmd.cdb.length < spec.cdbBytes) return c.invalidCdb(0);
     // Unit attentions go to the first command of the nexus except INQUIRY, REPORT LUNS, REQUEST SENSE.
     if (op !== 0x12 && op !== 0xa0 && op !== 0x03) {
-      const ua = this.popUnitAttention(nexusKey);
+      const ua = this.popUnitAttention(cmd.nexus);
       if (ua !== undefined) return c.fail({ key: SenseKey.unitAttention, asc: ua });
     }
     // The control byte's NACA bit asks for ACA, which we do not support.
@@ -139,30 +145,29 @@ export class BlockLogicalUnit implements LogicalUnit {
   reset(by: Nexus): void {
     this.reservations.resetLegacy();
     this.mode.descriptorSense = false;
-    this.knownNexuses.add(nexusKeyOf(by));
-    for (const k of this.knownNexuses) this.postUnitAttention(k, Asc.busDeviceResetOccurred);
+    this.knownNexuses.add(by);
+    for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.busDeviceResetOccurred);
   }
 
   nexusLost(nexus: Nexus): void {
-    const key = nexusKeyOf(nexus);
-    this.reservations.resetLegacy(key);
-    this.unitAttentions.delete(key);
-    this.knownNexuses.delete(key);
+    this.reservations.resetLegacy(nexusKeyOf(nexus));
+    this.unitAttentions.delete(nexus);
+    this.knownNexuses.delete(nexus);
   }
 
   /** The volume was resized: every nexus hears CAPACITY DATA HAS CHANGED once. */
   capacityChanged(): void {
-    for (const k of this.knownNexuses) this.postUnitAttention(k, Asc.capacityDataChanged);
+    for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.capacityDataChanged);
   }
 
-  postUnitAttention(nexusKey: string, asc: number): void {
-    const list = this.unitAttentions.get(nexusKey) ?? [];
+  postUnitAttention(nexus: Nexus, asc: number): void {
+    const list = this.unitAttentions.get(nexus) ?? [];
     if (!list.includes(asc) && list.length < 16) list.push(asc);
-    this.unitAttentions.set(nexusKey, list);
+    this.unitAttentions.set(nexus, list);
   }
 
-  private popUnitAttention(nexusKey: string): number | undefined {
-    const list = this.unitAttentions.get(nexusKey);
+  private popUnitAttention(nexus: Nexus): number | undefined {
+    const list = this.unitAttentions.get(nexus);
     if (!list || list.length === 0) return undefined;
     return list.shift();
   }
@@ -452,7 +457,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     const { badOffset, changed } = applyModePages(list.subarray(pagesStart), this.mode);
     if (badOffset >= 0) return { ...c.invalidParam(pagesStart + badOffset), dataOutBytesUsed: listBytes };
     if (changed) {
-      for (const k of this.knownNexuses) if (k !== c.nexusKey) this.postUnitAttention(k, Asc.modeParametersChanged);
+      for (const n of this.knownNexuses) if (n !== c.cmd.nexus) this.postUnitAttention(n, Asc.modeParametersChanged);
     }
     return { status: ScsiStatus.good, dataOutBytesUsed: listBytes };
   };
@@ -471,7 +476,7 @@ export class BlockLogicalUnit implements LogicalUnit {
   requestSense = (c: Command): ScsiResult => {
     const desc = (c.cdb[1] & 0x01) !== 0;
     const allocation = c.cdb[4];
-    const ua = this.popUnitAttention(c.nexusKey);
+    const ua = this.popUnitAttention(c.cmd.nexus);
     const sense = buildSense({ key: ua !== undefined ? SenseKey.unitAttention : SenseKey.noSense, asc: ua ?? Asc.noAdditionalSense }, desc);
     return c.good(sense, allocation);
   };
