@@ -68,7 +68,11 @@ function consume(test, line) {
     if (!test.reason) test.reason = line.trim();
   }
   if (/\[FAILED\]/.test(line) && !test.reason) test.reason = line.trim();
-  if (/(^|\s)passed\s*$/.test(line)) test.outcome = test.outcome ?? 'passed';
+  // "passed" ends a test; text after it on the same line is the next suite's setup talking.
+  if (/^\s*passed(\s|$)/.test(line) || /(^|\s)passed\s*$/.test(line)) {
+    test.outcome = test.outcome ?? 'passed';
+    return;
+  }
   if (/(^|\s|\.)FAILED\s*$/.test(line)) test.outcome = 'failed';
   if (/^\s+\d+\. .*CU_/.test(line) && test.outcome === 'failed' && !test.reason) test.reason = line.trim();
 }
@@ -91,8 +95,10 @@ function main() {
   }
   const tests = score(text);
   const count = (o) => tests.filter((t) => t.outcome === o).length;
-  const summary = { total: tests.length, clean: count('clean'), skipped: count('skipped'), failed: count('failed'), unknown: count('unknown'), seconds };
-  console.log(`iscsi-test-cu: ${summary.total} tests: ${summary.clean} clean, ${summary.skipped} skipped, ${summary.failed} failed${summary.unknown ? `, ${summary.unknown} unfinished` : ''}${seconds ? ` (${seconds.toFixed(0)} s)` : ''}`);
+  // CUnit's own verdict, to cross-check the per-test parse.
+  const cunit = /^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)/m.exec(text);
+  const summary = { total: tests.length, clean: count('clean'), skipped: count('skipped'), failed: count('failed'), unknown: count('unknown'), seconds, cunit: cunit ? { ran: Number(cunit[2]), passed: Number(cunit[3]), failed: Number(cunit[4]) } : undefined };
+  console.log(`iscsi-test-cu: ${summary.total} tests: ${summary.clean} clean, ${summary.skipped} skipped, ${summary.failed} failed${summary.unknown ? `, ${summary.unknown} unfinished` : ''}${seconds ? ` (${seconds.toFixed(0)} s)` : ''}${summary.cunit ? `; CUnit: ${summary.cunit.ran} ran, ${summary.cunit.passed} passed, ${summary.cunit.failed} failed` : ''}`);
   for (const o of ['failed', 'unknown', 'skipped']) {
     for (const t of tests.filter((x) => x.outcome === o)) console.log(`  ${o.padEnd(7)} ${t.name}  ${t.reason}`);
   }
