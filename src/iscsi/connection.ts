@@ -119,21 +119,27 @@ export class Connection {
     return this.session;
   }
 
-  /** Write a PDU; writes in the same tick go out together (cork until the next tick). */
+  /**
+   * Write a PDU. Everything sent in one turn of the event loop goes out in one writev: the
+   * socket is uncorked in the check phase, after all the I/O callbacks of this turn (many
+   * commands complete in the same poll phase under load).
+   */
   send(pdu: TargetPdu): void {
     if (this.closed) return;
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
+      setImmediate(this.uncork);
     }
     for (const chunk of encodePdu(pdu, this.digests)) this.socket.write(chunk);
     // Back-pressure: stop reading new commands while the initiator is not reading our answers.
     if (this.socket.writableLength > socketQueuedBytesMax) this.socket.pause();
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   /** Close after what was sent is flushed. */
   end(reason: string): void {

@@ -244,7 +244,8 @@ export class Session {
     const settled = new Promise<void>((r) => (settle = r));
     const edtl = pdu.expectedDataTransferLength;
     const task: Task = {
-      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu: { ...pdu, cdb: Buffer.from(pdu.cdb), lun: Buffer.from(pdu.lun), data: Buffer.alloc(0) },
+      // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
+      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu,
       lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
       r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled, settle,
     };

@@ -22,6 +22,7 @@ import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
 import { ClosedError, InvalidArgumentError } from '../errors';
 import { grainBytes, pageBlocks } from '../limits';
+import { DataFile } from './data-file';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from './types';
 
 type Db = ClassicLevel<string, Buffer>;
@@ -103,7 +104,16 @@ class VolumeLock {
   private exclusive: Promise<void> | undefined;
   private sharedDrained: (() => void) | undefined;
 
-  async acquireShared(): Promise<void> {
+  /** Synchronous when nothing exclusive runs or waits (the common case): no promise, no hop. */
+  acquireShared(): Promise<void> | undefined {
+    if (!this.exclusive) {
+      this.shared++;
+      return undefined;
+    }
+    return this.acquireSharedSlow();
+  }
+
+  private async acquireSharedSlow(): Promise<void> {
     while (this.exclusive) await this.exclusive;
     this.shared++;
   }
@@ -135,7 +145,7 @@ export class StoreVolume implements BlockBackend {
   readonly grainBlocks: number;
   private readonly grainsPerPage: number;
   private readonly db: Db;
-  private readonly file: fsp.FileHandle;
+  private readonly file: DataFile;
   private readonly maps = new Map<number, Int32Array>();
   private readonly freeSlots: number[] = [];
   /** Slots at or past this index have never been written: the file is a hole there. */
@@ -146,7 +156,7 @@ export class StoreVolume implements BlockBackend {
   private readonly lock = new VolumeLock();
   private closed = false;
 
-  private constructor(db: Db, file: fsp.FileHandle, volumeId: string, geometry: { blockBytes: number; blockCount: number }, slotHighWater: number) {
+  private constructor(db: Db, file: DataFile, volumeId: string, geometry: { blockBytes: number; blockCount: number }, slotHighWater: number) {
     this.db = db;
     this.file = file;
     this.volumeId = volumeId;
@@ -159,11 +169,8 @@ export class StoreVolume implements BlockBackend {
 
   static async open(db: Db, path: string, volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {
     if (geometry.blockBytes !== 512 && geometry.blockBytes !== 4096) throw new InvalidArgumentError(`bad block size ${geometry.blockBytes}`);
-    const file = await fsp.open(path, 'a+').then(async (h) => {
-      await h.close();
-      return fsp.open(path, 'r+');
-    });
-    const size = (await file.stat()).size;
+    const file = await DataFile.open(path);
+    const size = await file.size();
     const v = new StoreVolume(db, file, volumeId, geometry, Math.ceil(size / grainBytes));
     await v.loadMaps();
     return v;
@@ -249,8 +256,10 @@ export class StoreVolume implements BlockBackend {
 
   async read(lba: number, blocks: number): Promise<Buffer> {
     this.check(lba, blocks);
-    const out = Buffer.alloc(blocks * this.blockBytes);
-    await this.lock.acquireShared();
+    // Not zero-filled: readInto fills every byte, zeros where a grain is unmapped.
+    const out = Buffer.allocUnsafe(blocks * this.blockBytes);
+    const wait = this.lock.acquireShared();
+    if (wait) await wait;
     try {
       // No await between the last check and looking at the maps: another first write could slip in.
       for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
@@ -273,6 +282,7 @@ export class StoreVolume implements BlockBackend {
       const slot = this.slotOf(p.grain);
       if (slot < 0) {
         flush();
+        out.fill(0, p.inBuf, p.inBuf + p.bytes);
         continue;
       }
       const pos = slot * grainBytes + p.inGrain;
@@ -283,14 +293,16 @@ export class StoreVolume implements BlockBackend {
       }
     }
     flush();
-    await Promise.all(reads);
+    if (reads.length === 1) await reads[0];
+    else await Promise.all(reads);
   }
 
   async write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
     if (data.length % this.blockBytes !== 0) throw new InvalidArgumentError('write of a partial block');
     const blocks = data.length / this.blockBytes;
     this.check(lba, blocks);
-    await this.lock.acquireShared();
+    const wait = this.lock.acquireShared();
+    if (wait) await wait;
     try {
       await this.writeLocked(lba, data, opts);
     } finally {
@@ -385,7 +397,7 @@ export class StoreVolume implements BlockBackend {
     this.check(lba, blocks);
     return this.lock.runExclusive(async () => {
       for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
-      const current = Buffer.alloc(data.length);
+      const current = Buffer.allocUnsafe(data.length);
       await this.readInto(current, lba, blocks);
       if (!current.equals(compare)) {
         let i = 0;

@@ -1,0 +1,51 @@
+// Positional reads and writes on one file through the callback fs API: lighter per call
+// than FileHandle's promises on the hot path. Short reads past the end of the file are zero
+// filled (the file is sparse: a slot past EOF has never been written).
+
+import * as fs from 'node:fs';
+
+export class DataFile {
+  private constructor(private readonly fd: number) {}
+
+  static open(path: string): Promise<DataFile> {
+    return new Promise((resolve, reject) => {
+      fs.open(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (err, fd) => (err ? reject(err) : resolve(new DataFile(fd))));
+    });
+  }
+
+  read(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      fs.read(this.fd, buf, offset, length, position, (err, n) => {
+        if (err) return reject(err);
+        if (n < length) buf.fill(0, offset + n, offset + length);
+        resolve();
+      });
+    });
+  }
+
+  /** Writes all of it (loops on short writes). */
+  write(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (off: number, len: number, pos: number): void => {
+        fs.write(this.fd, buf, off, len, pos, (err, n) => {
+          if (err) return reject(err);
+          if (n < len) return step(off + n, len - n, pos + n);
+          resolve();
+        });
+      };
+      step(offset, length, position);
+    });
+  }
+
+  datasync(): Promise<void> {
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  size(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st.size))));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+}
