@@ -197,28 +197,38 @@ const setLun = (b: Buffer, lun: Buffer): void => {
   lun.copy(b, 8, 0, 8);
 };
 
+/** CmdSN and ExpStatSN at bytes 24-31: every initiator PDU that has them. */
+const setCommandSns = (b: Buffer, cmdSN: number, expStatSN: number): void => {
+  b.writeUInt32BE(cmdSN >>> 0, 24);
+  b.writeUInt32BE(expStatSN >>> 0, 28);
+};
+
+/** StatSN, ExpCmdSN, MaxCmdSN at bytes 24-35: every target PDU carries them there. */
+const setStatus = (b: Buffer, statSN: number, expCmdSN: number, maxCmdSN: number): void => {
+  b.writeUInt32BE(statSN >>> 0, 24);
+  b.writeUInt32BE(expCmdSN >>> 0, 28);
+  b.writeUInt32BE(maxCmdSN >>> 0, 32);
+};
+
 const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } = {
   [Op.nopOut]: (b, p) => {
     b[1] = 0x80;
     setLun(b, p.lun);
     b.writeUInt32BE(p.targetTransferTag >>> 0, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
   },
   [Op.scsiCommand]: (b, p) => {
     b[1] = (p.final ? 0x80 : 0) | (p.read ? 0x40 : 0) | (p.write ? 0x20 : 0) | (p.taskAttr & 7);
     setLun(b, p.lun);
     b.writeUInt32BE(p.expectedDataTransferLength >>> 0, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
     p.cdb.copy(b, 32, 0, Math.min(16, p.cdb.length));
   },
   [Op.taskMgmtRequest]: (b, p) => {
     b[1] = 0x80 | (p.function & 0x7f);
     setLun(b, p.lun);
     b.writeUInt32BE(p.referencedTaskTag >>> 0, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
     b.writeUInt32BE(p.refCmdSN >>> 0, 32);
     b.writeUInt32BE(p.expDataSN >>> 0, 36);
   },
@@ -229,15 +239,13 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
     p.isid.copy(b, 8, 0, 6);
     b.writeUInt16BE(p.tsih, 14);
     b.writeUInt16BE(p.cid, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
   },
   [Op.textRequest]: (b, p) => {
     b[1] = (p.final ? 0x80 : 0) | (p.continue ? 0x40 : 0);
     setLun(b, p.lun);
     b.writeUInt32BE(p.targetTransferTag >>> 0, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
   },
   [Op.dataOut]: (b, p) => {
     b[1] = p.final ? 0x80 : 0;
@@ -250,8 +258,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
   [Op.logoutRequest]: (b, p) => {
     b[1] = 0x80 | (p.reasonCode & 0x7f);
     b.writeUInt16BE(p.cid, 20);
-    b.writeUInt32BE(p.cmdSN >>> 0, 24);
-    b.writeUInt32BE(p.expStatSN >>> 0, 28);
+    setCommandSns(b, p.cmdSN, p.expStatSN);
   },
   [Op.snack]: (b, p) => {
     b[1] = 0x80 | (p.type & 0x0f);
@@ -265,18 +272,14 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
     b[1] = 0x80;
     setLun(b, p.lun);
     b.writeUInt32BE(p.targetTransferTag >>> 0, 20);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
   },
   [Op.scsiResponse]: (b, p) => {
     b[1] = 0x80 | (p.bidiOverflow ? 0x10 : 0) | (p.bidiUnderflow ? 0x08 : 0) | (p.overflow ? 0x04 : 0) | (p.underflow ? 0x02 : 0);
     b[2] = p.response;
     b[3] = p.status;
     b.writeUInt32BE(p.snackTag >>> 0, 20);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b.writeUInt32BE(p.expDataSN >>> 0, 36);
     b.writeUInt32BE(p.bidiResidualCount >>> 0, 40);
     b.writeUInt32BE(p.residualCount >>> 0, 44);
@@ -284,9 +287,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
   [Op.taskMgmtResponse]: (b, p) => {
     b[1] = 0x80;
     b[2] = p.response;
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
   },
   [Op.loginResponse]: (b, p) => {
     b[1] = (p.transit ? 0x80 : 0) | (p.continue ? 0x40 : 0) | ((p.csg & 3) << 2) | (p.nsg & 3);
@@ -294,18 +295,14 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
     b[3] = p.versionActive;
     p.isid.copy(b, 8, 0, 6);
     b.writeUInt16BE(p.tsih, 14);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b.writeUInt16BE(p.status, 36);
   },
   [Op.textResponse]: (b, p) => {
     b[1] = (p.final ? 0x80 : 0) | (p.continue ? 0x40 : 0);
     setLun(b, p.lun);
     b.writeUInt32BE(p.targetTransferTag >>> 0, 20);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
   },
   [Op.dataIn]: (b, p) => {
     b[1] = (p.final ? 0x80 : 0) | (p.acknowledge ? 0x40 : 0) | (p.hasStatus ? (p.overflow ? 0x04 : 0) | (p.underflow ? 0x02 : 0) | 0x01 : 0);
@@ -322,9 +319,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
   [Op.logoutResponse]: (b, p) => {
     b[1] = 0x80;
     b[2] = p.response;
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b.writeUInt16BE(p.time2Wait, 40);
     b.writeUInt16BE(p.time2Retain, 42);
   },
@@ -332,9 +327,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
     b[1] = 0x80;
     setLun(b, p.lun);
     b.writeUInt32BE(p.targetTransferTag >>> 0, 20);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b.writeUInt32BE(p.r2tSN >>> 0, 36);
     b.writeUInt32BE(p.bufferOffset >>> 0, 40);
     b.writeUInt32BE(p.desiredDataTransferLength >>> 0, 44);
@@ -342,9 +335,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
   [Op.asyncMessage]: (b, p) => {
     b[1] = 0x80;
     setLun(b, p.lun);
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b[36] = p.asyncEvent;
     b[37] = p.asyncVCode;
     b.writeUInt16BE(p.parameter1, 38);
@@ -354,9 +345,7 @@ const encoders: { [K in Pdu['opcode']]: Encoder<Extract<Pdu, { opcode: K }>> } =
   [Op.reject]: (b, p) => {
     b[1] = 0x80;
     b[2] = p.reason;
-    b.writeUInt32BE(p.statSN >>> 0, 24);
-    b.writeUInt32BE(p.expCmdSN >>> 0, 28);
-    b.writeUInt32BE(p.maxCmdSN >>> 0, 32);
+    setStatus(b, p.statSN, p.expCmdSN, p.maxCmdSN);
     b.writeUInt32BE(p.dataSN >>> 0, 36);
   },
 };

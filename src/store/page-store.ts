@@ -270,29 +270,37 @@ export class StoreVolume implements BlockBackend {
     }
   }
 
-  /** Coalesces pieces whose slots are adjacent on disk into one pread. */
-  private async readInto(out: Buffer, lba: number, blocks: number): Promise<void> {
-    const reads: Promise<unknown>[] = [];
-    let run: { inBuf: number; pos: number; bytes: number } | undefined;
-    const flush = (): void => {
-      if (run) reads.push(this.file.read(out, run.inBuf, run.bytes, run.pos));
-      run = undefined;
-    };
+  /**
+   * The range as runs of bytes contiguous both in the caller's buffer and on disk (adjacent
+   * slots coalesce into one syscall), and the unmapped pieces between them.
+   */
+  private *runs(lba: number, blocks: number): Generator<{ inBuf: number; pos: number; bytes: number; grain: number; inGrain: number; mapped: boolean }> {
+    let run: { inBuf: number; pos: number; bytes: number; grain: number; inGrain: number; mapped: boolean } | undefined;
     for (const p of this.pieces(lba, blocks)) {
       const slot = this.slotOf(p.grain);
       if (slot < 0) {
-        flush();
-        out.fill(0, p.inBuf, p.inBuf + p.bytes);
+        if (run) yield run;
+        run = undefined;
+        yield { ...p, pos: -1, mapped: false };
         continue;
       }
       const pos = slot * grainBytes + p.inGrain;
-      if (run && run.pos + run.bytes === pos && run.inBuf + run.bytes === p.inBuf) run.bytes += p.bytes;
-      else {
-        flush();
-        run = { inBuf: p.inBuf, pos, bytes: p.bytes };
+      if (run && run.pos + run.bytes === pos && run.inBuf + run.bytes === p.inBuf) {
+        run.bytes += p.bytes;
+        continue;
       }
+      if (run) yield run;
+      run = { ...p, pos, mapped: true };
     }
-    flush();
+    if (run) yield run;
+  }
+
+  private async readInto(out: Buffer, lba: number, blocks: number): Promise<void> {
+    const reads: Promise<unknown>[] = [];
+    for (const r of this.runs(lba, blocks)) {
+      if (r.mapped) reads.push(this.file.read(out, r.inBuf, r.bytes, r.pos));
+      else out.fill(0, r.inBuf, r.inBuf + r.bytes);
+    }
     if (reads.length === 1) await reads[0];
     else await Promise.all(reads);
   }
@@ -315,27 +323,14 @@ export class StoreVolume implements BlockBackend {
     for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
     const writes: Promise<unknown>[] = [];
     const newPages = new Set<number>();
-    let run: { inBuf: number; pos: number; bytes: number } | undefined;
-    const flush = (): void => {
-      if (run) writes.push(this.file.write(data, run.inBuf, run.bytes, run.pos));
-      run = undefined;
-    };
-    for (const p of this.pieces(lba, blocks)) {
-      const slot = this.slotOf(p.grain);
-      if (slot < 0) {
-        flush();
-        writes.push(this.allocateAndWrite(p.grain, data.subarray(p.inBuf, p.inBuf + p.bytes), p.inGrain));
-        newPages.add(Math.floor(p.grain / this.grainsPerPage));
+    for (const r of this.runs(lba, blocks)) {
+      if (r.mapped) {
+        writes.push(this.file.write(data, r.inBuf, r.bytes, r.pos));
         continue;
       }
-      const pos = slot * grainBytes + p.inGrain;
-      if (run && run.pos + run.bytes === pos && run.inBuf + run.bytes === p.inBuf) run.bytes += p.bytes;
-      else {
-        flush();
-        run = { inBuf: p.inBuf, pos, bytes: p.bytes };
-      }
+      writes.push(this.allocateAndWrite(r.grain, data.subarray(r.inBuf, r.inBuf + r.bytes), r.inGrain));
+      newPages.add(Math.floor(r.grain / this.grainsPerPage));
     }
-    flush();
     await Promise.all(writes);
     if (opts.fua) await this.file.datasync();
     // The data is in place (durable first when FUA); now the maps that point at it.
