@@ -1,0 +1,47 @@
+// The admin CLI against a real peer process: tables, --json, and one clear line on error.
+
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { cliPath, startPeer } from './helpers/processes';
+
+t.test('volume lifecycle and errors through the CLI', async (t) => {
+  const peer = await startPeer(t.teardown.bind(t));
+  const created = peer.cli('--json', 'volume', 'create', 'vol1', '--size', '1G', '--block-size', '4096', '--allow', 'iqn.1994-05.com.example:h1');
+  t.equal(created.status, 0, created.stderr);
+  const v = JSON.parse(created.stdout);
+  t.equal(v.sizeBytes, 1024 ** 3);
+  t.equal(v.blockBytes, 4096);
+  t.match(v.id, /^[0-9a-f]{16}$/);
+  t.equal(v.targetName, 'iqn.2026-11.io.peersan:vol1');
+
+  const list = peer.cli('volume', 'list');
+  t.match(list.stdout, /^NAME\s+SIZE/m, 'a table with a header');
+  t.match(list.stdout, /vol1\s+1\.0 GiB\s+4096/);
+
+  t.equal(peer.cli('volume', 'resize', 'vol1', '--size', '2G').status, 0);
+  t.equal(JSON.parse(peer.cli('--json', 'volume', 'show', 'vol1').stdout).sizeBytes, 2 * 1024 ** 3);
+  const shrink = peer.cli('volume', 'resize', 'vol1', '--size', '1G');
+  t.equal(shrink.status, 1);
+  t.match(shrink.stderr, /^peersan: shrinking is not supported/);
+
+  const oneLine = (r: { status: number | null; stderr: string }, pattern: RegExp, what: string): void => {
+    t.equal(r.status, 1, `${what}: exit 1`);
+    t.equal(r.stderr.trim().split('\n').length, 1, `${what}: one line`);
+    t.match(r.stderr, pattern, what);
+  };
+  oneLine(peer.cli('volume', 'show', 'nope'), /no volume named nope/, 'unknown volume');
+  oneLine(peer.cli('volume', 'create', 'vol1', '--size', '1G'), /already exists/, 'duplicate');
+  oneLine(peer.cli('volume', 'create', 'Bad.Name', '--size', '1G'), /bad volume name/, 'bad name');
+  oneLine(peer.cli('volume', 'create', 'x', '--size', '12Q'), /cannot read size/, 'bad size');
+  oneLine(peer.cli('volume', 'create', 'x', '--size', '1G', '--chap-user', 'u', '--chap-secret', 'short'), /12 to 16 characters/, 'short CHAP secret');
+  oneLine(peer.cli('--token', 'wrong', 'status'), /admin token missing or wrong/, 'bad token');
+  const unreachable = spawnSync(process.execPath, [cliPath, '--peer', '127.0.0.1:1', '--token', 'x', 'status'], { encoding: 'utf8', timeout: 60_000 });
+  oneLine({ status: unreachable.status, stderr: unreachable.stderr }, /cannot reach peer at 127\.0\.0\.1:1/, 'no peer there');
+
+  const status = JSON.parse(peer.cli('--json', 'status').stdout);
+  t.equal(status.peers[0].id, 'p1');
+  t.equal(status.peers[0].up, true);
+
+  t.equal(peer.cli('volume', 'delete', 'vol1').status, 0);
+  t.match(peer.cli('volume', 'list').stdout, /no volumes/);
+});

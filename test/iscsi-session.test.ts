@@ -1,0 +1,181 @@
+// The full-feature-phase session as a pure state machine: typed PDUs in, typed PDUs out, a
+// fake logical unit whose completions the test controls.
+
+import t from 'tap';
+import pino from 'pino';
+import { defaultSessionParams } from '../src/iscsi/negotiate';
+import { Session, snLess } from '../src/iscsi/session';
+import type { TargetDirectory, TargetInfo } from '../src/iscsi/target';
+import { Op, TmfFunction, TmfResponse, type InitiatorPdu, type TargetPdu, type DataInPdu, type R2tPdu, type ScsiResponsePdu } from '../src/iscsi/types';
+import { ScsiStatus, type LogicalUnit, type ScsiCommand, type ScsiResult } from '../src/scsi/types';
+
+const lun0 = Buffer.alloc(8);
+
+/** A LU that records commands and answers when the test says so (or at once). */
+class FakeLu implements LogicalUnit {
+  readonly lun = 0;
+  readonly seen: ScsiCommand[] = [];
+  readonly pending: Array<(r: ScsiResult) => void> = [];
+  auto: ((c: ScsiCommand) => ScsiResult) | undefined;
+  resets = 0;
+  execute(cmd: ScsiCommand): Promise<ScsiResult> {
+    this.seen.push({ ...cmd, dataOut: cmd.dataOut ? Buffer.from(cmd.dataOut) : null });
+    if (this.auto) return Promise.resolve(this.auto(cmd));
+    return new Promise((resolve) => this.pending.push(resolve));
+  }
+  reset(): void {
+    this.resets++;
+  }
+  nexusLost(): void {}
+}
+
+function setup(params: Partial<ReturnType<typeof defaultSessionParams>> = {}): { s: Session; lu: FakeLu; out: TargetPdu[]; closed: string[] } {
+  const lu = new FakeLu();
+  const target: TargetInfo = { name: 'iqn.2026-11.io.peersan:v', allow: [], luns: new Map([[0, lu]]) };
+  const directory: TargetDirectory = { portalGroupTag: 1, portalAddresses: ['127.0.0.1:3260'], find: () => target, visibleTo: () => [target] };
+  const out: TargetPdu[] = [];
+  const closed: string[] = [];
+  const s = new Session({
+    sessionType: 'Normal', initiatorName: 'iqn.x:y', target, directory,
+    params: { ...defaultSessionParams(), maxRecvDataSegmentLength: 65536, maxXmitDataSegmentLength: 8192, ...params },
+    expCmdSN: 1, statSN: 100, nexus: { initiatorPort: 'i', initiatorName: 'iqn.x:y', targetPort: 't', relativeTargetPort: 1 },
+    io: { send: (p) => out.push(p), close: (r) => closed.push(r) }, log: pino({ level: 'silent' }), nowMs: 0,
+  });
+  return { s, lu, out, closed };
+}
+
+function cmd(itt: number, cmdSN: number, opts: { read?: boolean; write?: boolean; edtl?: number; data?: Buffer; immediate?: boolean; cdb?: Buffer } = {}): InitiatorPdu {
+  return {
+    opcode: Op.scsiCommand, immediate: opts.immediate ?? false, final: true, initiatorTaskTag: itt, data: opts.data ?? Buffer.alloc(0),
+    read: opts.read ?? false, write: opts.write ?? false, taskAttr: 1, lun: lun0, expectedDataTransferLength: opts.edtl ?? 0,
+    cmdSN, expStatSN: 100, cdb: opts.cdb ?? Buffer.from('2800000000000000010000000000000000'.slice(0, 32), 'hex'),
+  };
+}
+const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+t.test('serial number arithmetic wraps', async (t) => {
+  t.ok(snLess(0xfffffff0, 5));
+  t.notOk(snLess(5, 0xfffffff0));
+  t.notOk(snLess(7, 7));
+});
+
+t.test('commands reach the LU in CmdSN order; a gap holds later ones; outside the window is dropped', async (t) => {
+  const { s, lu } = setup();
+  lu.auto = () => ({ status: ScsiStatus.good });
+  s.onPdu(cmd(3, 3), 0);
+  s.onPdu(cmd(2, 2), 0);
+  t.equal(lu.seen.length, 0, 'waiting for CmdSN 1');
+  s.onPdu(cmd(9, 100000), 0);
+  s.onPdu(cmd(1, 1), 0);
+  t.same(lu.seen.map((c) => c.cdb.length), [16, 16, 16], 'three delivered');
+  await tick();
+  s.onPdu(cmd(4, 4, { immediate: true }), 0);
+  t.equal(lu.seen.length, 4, 'immediate commands bypass ordering');
+});
+
+t.test('write without immediate data: R2Ts by MaxBurstLength, data gathered, then one LU call', async (t) => {
+  const { s, lu, out } = setup({ immediateData: false, initialR2T: true, maxBurstLength: 4096, maxOutstandingR2T: 2 });
+  lu.auto = (c) => ({ status: ScsiStatus.good, dataOutBytesUsed: c.expectedDataLength });
+  s.onPdu(cmd(1, 1, { write: true, edtl: 10000 }), 0);
+  const r2ts = out.filter((p): p is R2tPdu => p.opcode === Op.r2t);
+  t.same(r2ts.map((r) => [r.bufferOffset, r.desiredDataTransferLength, r.r2tSN]), [[0, 4096, 0], [4096, 4096, 1]], 'two outstanding');
+  const send = (r: R2tPdu, fill: number): void => {
+    for (let off = 0, sn = 0; off < r.desiredDataTransferLength; off += 2048, sn++) {
+      const len = Math.min(2048, r.desiredDataTransferLength - off);
+      s.onPdu({ opcode: Op.dataOut, immediate: false, final: off + len === r.desiredDataTransferLength, initiatorTaskTag: 1, data: Buffer.alloc(len, fill), lun: lun0, targetTransferTag: r.targetTransferTag, expStatSN: 0, dataSN: sn, bufferOffset: r.bufferOffset + off }, 0);
+    }
+  };
+  send(r2ts[0], 1);
+  const third = out.filter((p): p is R2tPdu => p.opcode === Op.r2t)[2];
+  t.same([third.bufferOffset, third.desiredDataTransferLength], [8192, 1808], 'third R2T once one completed');
+  send(r2ts[1], 2);
+  t.equal(lu.seen.length, 0, 'not yet: data missing');
+  send(third, 3);
+  t.equal(lu.seen.length, 1);
+  const data = lu.seen[0].dataOut!;
+  t.equal(data.length, 10000);
+  t.same([data[0], data[4096], data[9999]], [1, 2, 3]);
+  await tick();
+  const rsp = out.find((p): p is ScsiResponsePdu => p.opcode === Op.scsiResponse)!;
+  t.equal(rsp.status, ScsiStatus.good);
+});
+
+t.test('a wrong DataSN fails the command, not the session', async (t) => {
+  const { s, lu, out, closed } = setup({ immediateData: false, initialR2T: true });
+  s.onPdu(cmd(1, 1, { write: true, edtl: 512 }), 0);
+  const r2t = out.find((p): p is R2tPdu => p.opcode === Op.r2t)!;
+  s.onPdu({ opcode: Op.dataOut, immediate: false, final: true, initiatorTaskTag: 1, data: Buffer.alloc(512), lun: lun0, targetTransferTag: r2t.targetTransferTag, expStatSN: 0, dataSN: 27, bufferOffset: 0 }, 0);
+  await tick();
+  const rsp = out.find((p): p is ScsiResponsePdu => p.opcode === Op.scsiResponse)!;
+  t.equal(rsp.status, ScsiStatus.checkCondition);
+  t.equal(lu.seen.length, 0, 'never reached the LU');
+  t.same(closed, []);
+});
+
+t.test('read data goes out in MaxXmitDataSegmentLength pieces with the status in the last one', async (t) => {
+  const { s, lu, out } = setup({ maxXmitDataSegmentLength: 8192, maxBurstLength: 16384 });
+  lu.auto = () => ({ status: ScsiStatus.good, dataIn: Buffer.alloc(20000, 7) });
+  s.onPdu(cmd(1, 1, { read: true, edtl: 24576 }), 0);
+  await tick();
+  const dataIns = out.filter((p): p is DataInPdu => p.opcode === Op.dataIn);
+  t.same(dataIns.map((d) => [d.bufferOffset, d.data.length, d.dataSN, d.final, d.hasStatus]), [
+    [0, 8192, 0, false, false], [8192, 8192, 1, true, false], [16384, 3616, 2, true, true],
+  ], 'F at the end of each burst, S on the last');
+  const last = dataIns[2];
+  t.equal(last.underflow, true);
+  t.equal(last.residualCount, 24576 - 20000);
+  t.equal(last.statSN, 100);
+  t.notOk(out.some((p) => p.opcode === Op.scsiResponse), 'no separate response');
+});
+
+t.test('CHECK CONDITION goes in a SCSI Response with the sense length prefix', async (t) => {
+  const { s, lu, out } = setup();
+  const sense = Buffer.alloc(18);
+  sense[0] = 0x70;
+  sense[2] = 5;
+  lu.auto = () => ({ status: ScsiStatus.checkCondition, sense });
+  s.onPdu(cmd(1, 1, { read: true, edtl: 512 }), 0);
+  await tick();
+  const rsp = out.find((p): p is ScsiResponsePdu => p.opcode === Op.scsiResponse)!;
+  t.equal(rsp.data.readUInt16BE(0), 18);
+  t.equal(rsp.data[2 + 2], 5);
+});
+
+t.test('ABORT TASK waits for the LU, then no response for the task', async (t) => {
+  const { s, lu, out } = setup();
+  s.onPdu(cmd(1, 1, { read: true, edtl: 512 }), 0);
+  s.onPdu({ opcode: Op.taskMgmtRequest, immediate: true, final: true, initiatorTaskTag: 2, data: Buffer.alloc(0), function: TmfFunction.abortTask, lun: lun0, referencedTaskTag: 1, cmdSN: 2, expStatSN: 100, refCmdSN: 1, expDataSN: 0 }, 0);
+  await tick();
+  t.notOk(out.some((p) => p.opcode === Op.taskMgmtResponse), 'not answered while the LU still runs it');
+  lu.pending[0]({ status: ScsiStatus.good, dataIn: Buffer.alloc(512) });
+  await tick();
+  const tmf = out.find((p) => p.opcode === Op.taskMgmtResponse);
+  t.equal(tmf && 'response' in tmf && tmf.response, TmfResponse.complete);
+  t.notOk(out.some((p) => p.opcode === Op.dataIn || p.opcode === Op.scsiResponse), 'aborted task sends nothing');
+});
+
+t.test('NOP: answers pings, pings when idle, gives up on a silent initiator', async (t) => {
+  const { s, out, closed } = setup();
+  s.onPdu({ opcode: Op.nopOut, immediate: true, final: true, initiatorTaskTag: 5, data: Buffer.from('hi'), lun: lun0, targetTransferTag: 0xffffffff, cmdSN: 1, expStatSN: 100 }, 0);
+  const echo = out.find((p) => p.opcode === Op.nopIn)!;
+  t.same(echo.data, Buffer.from('hi'));
+  s.tick(6_000);
+  const ping = out.filter((p) => p.opcode === Op.nopIn)[1];
+  t.ok(ping && ping.initiatorTaskTag === 0xffffffff, 'target ping after idle time');
+  s.tick(30_000);
+  t.same(closed, ['no answer to NOP-In ping']);
+});
+
+t.test('logout waits for commands in flight, then answers and closes', async (t) => {
+  const { s, lu, out, closed } = setup();
+  s.onPdu(cmd(1, 1, { read: true, edtl: 512 }), 0);
+  s.onPdu({ opcode: Op.logoutRequest, immediate: true, final: true, initiatorTaskTag: 9, data: Buffer.alloc(0), reasonCode: 0, cid: 0, cmdSN: 2, expStatSN: 100 }, 0);
+  await tick();
+  t.notOk(out.some((p) => p.opcode === Op.logoutResponse));
+  lu.pending[0]({ status: ScsiStatus.good, dataIn: Buffer.alloc(512) });
+  await tick();
+  await tick();
+  const kinds = out.map((p) => p.opcode);
+  t.ok(kinds.indexOf(Op.dataIn) < kinds.indexOf(Op.logoutResponse), 'data first, then the logout response');
+  t.same(closed, ['logout']);
+});
