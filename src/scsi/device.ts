@@ -4,6 +4,7 @@
 // data: a handler returns CHECK CONDITION with sense; it never throws for bad input. Ranges
 // are checked for overflow before capacity (`lba + n < lba`).
 
+import { Mutex } from 'async-mutex';
 import type { Logger } from 'pino';
 import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax } from '../limits';
 import type { BlockBackend } from '../store/types';
@@ -103,6 +104,8 @@ export class BlockLogicalUnit implements LogicalUnit {
    */
   private readonly unitAttentions = new Map<Nexus, number[]>();
   private readonly knownNexuses = new Set<Nexus>();
+  /** ORWRITE is read-modify-write: one at a time per logical unit. */
+  private readonly orWriteMutex = new Mutex();
 
   constructor(opts: BlockLogicalUnitOptions) {
     this.lun = opts.lun;
@@ -252,6 +255,26 @@ export class BlockLogicalUnit implements LogicalUnit {
     // WRITE AND VERIFY: the write is verified by reading back what the store acknowledged.
     const verify = c.cdb[0] === 0x2e || c.cdb[0] === 0xae || c.cdb[0] === 0x8e;
     await this.backend.write(lba, data, { fua: fua || verify });
+    return { status: ScsiStatus.good, dataOutBytesUsed: bytes };
+  };
+
+  orWrite = async (c: Command): Promise<ScsiResult> => {
+    if (c.cdb[1] & 0xe0) return c.invalidCdb(1, 5); // ORPROTECT
+    const { lba, blocks } = lbaAndLength(c.cdb);
+    const bad = this.checkRange(c, lba, blocks);
+    if (bad) return bad;
+    if (blocks === 0) return { status: ScsiStatus.good, dataOutBytesUsed: 0 };
+    if (this.identity.readOnly) return c.fail({ key: SenseKey.dataProtect, asc: Asc.writeProtected });
+    const bytes = blocks * this.backend.blockBytes;
+    if (bytes > transferBytesMax) return c.invalidCdb(10);
+    const mask = this.dataFor(c, blocks);
+    if (!mask) return { ...c.invalidCdb(10), dataOutBytesUsed: bytes };
+    const fua = (c.cdb[1] & 0x08) !== 0;
+    await this.orWriteMutex.runExclusive(async () => {
+      const current = await this.backend.read(lba, blocks);
+      for (let i = 0; i < current.length; i++) current[i] |= mask[i];
+      await this.backend.write(lba, current, { fua });
+    });
     return { status: ScsiStatus.good, dataOutBytesUsed: bytes };
   };
 
@@ -617,6 +640,7 @@ const table: CommandSpec[] = [
   spec('PERSISTENT RESERVE IN', 0x5e, 10, 'always', 'persistentReserveIn'),
   spec('PERSISTENT RESERVE OUT', 0x5f, 10, 'always', 'persistentReserveOut'),
   spec('COMPARE AND WRITE', 0x89, 16, 'write', 'compareAndWrite'),
+  spec('ORWRITE(16)', 0x8b, 16, 'write', 'orWrite'),
   spec('READ(16)', 0x88, 16, 'read', 'read'),
   spec('WRITE(16)', 0x8a, 16, 'write', 'write'),
   spec('WRITE AND VERIFY(16)', 0x8e, 16, 'write', 'write'),
