@@ -110,6 +110,14 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
   });
 }
 
+/** A short reason for an unreachable peer instead of gRPC's paragraph. */
+function unreachableReason(err: grpc.ServiceError): string {
+  if (err.code === grpc.status.DEADLINE_EXCEEDED) return 'timed out';
+  const errno = /\b(ECONNREFUSED|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|ECONNRESET|ETIMEDOUT)\b/.exec(err.details)?.[1];
+  const names: Record<string, string> = { ECONNREFUSED: 'connection refused', ENOTFOUND: 'unknown host', ETIMEDOUT: 'timed out' };
+  return errno ? (names[errno] ?? errno) : 'unavailable';
+}
+
 /** The CLI's view of a peer's AdminService. */
 export class AdminClient {
   private readonly client: grpc.Client & Record<string, any>;
@@ -131,7 +139,7 @@ export class AdminClient {
         if (!err) return resolve(reply);
         if (err.code === grpc.status.UNAUTHENTICATED) return reject(new UnauthorizedError(err.details));
         if (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.DEADLINE_EXCEEDED) {
-          return reject(new PeersanError(`cannot reach peer at ${this.address} (${err.details || 'unavailable'})`, 'PEERSAN_ERR_UNREACHABLE'));
+          return reject(new PeersanError(`cannot reach peer at ${this.address} (${unreachableReason(err)})`, 'PEERSAN_ERR_UNREACHABLE'));
         }
         reject(new PeersanError(err.details || err.message, 'PEERSAN_ERR_REMOTE'));
       });
