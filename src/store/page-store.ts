@@ -271,36 +271,57 @@ export class StoreVolume implements BlockBackend {
   }
 
   /**
-   * The range as runs of bytes contiguous both in the caller's buffer and on disk (adjacent
-   * slots coalesce into one syscall), and the unmapped pieces between them.
+   * Walk the range as runs of bytes contiguous both in the caller's buffer and on disk
+   * (adjacent slots coalesce into one syscall), and the unmapped grains between them. A plain
+   * loop with callbacks: this is the hot path of every read and write.
    */
-  private *runs(lba: number, blocks: number): Generator<{ inBuf: number; pos: number; bytes: number; grain: number; inGrain: number; mapped: boolean }> {
-    let run: { inBuf: number; pos: number; bytes: number; grain: number; inGrain: number; mapped: boolean } | undefined;
-    for (const p of this.pieces(lba, blocks)) {
-      const slot = this.slotOf(p.grain);
+  private forEachRun(
+    lba: number,
+    blocks: number,
+    onMapped: (inBuf: number, pos: number, bytes: number) => void,
+    onUnmapped: (grain: number, inBuf: number, bytes: number, inGrain: number) => void,
+  ): void {
+    let runInBuf = 0;
+    let runPos = -1;
+    let runBytes = 0;
+    let at = lba;
+    const end = lba + blocks;
+    while (at < end) {
+      const grain = Math.floor(at / this.grainBlocks);
+      const first = at - grain * this.grainBlocks;
+      const n = Math.min(this.grainBlocks - first, end - at);
+      const inBuf = (at - lba) * this.blockBytes;
+      const inGrain = first * this.blockBytes;
+      const bytes = n * this.blockBytes;
+      at += n;
+      const slot = this.slotOf(grain);
       if (slot < 0) {
-        if (run) yield run;
-        run = undefined;
-        yield { ...p, pos: -1, mapped: false };
+        if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
+        runBytes = 0;
+        onUnmapped(grain, inBuf, bytes, inGrain);
         continue;
       }
-      const pos = slot * grainBytes + p.inGrain;
-      if (run && run.pos + run.bytes === pos && run.inBuf + run.bytes === p.inBuf) {
-        run.bytes += p.bytes;
+      const pos = slot * grainBytes + inGrain;
+      if (runBytes > 0 && runPos + runBytes === pos && runInBuf + runBytes === inBuf) {
+        runBytes += bytes;
         continue;
       }
-      if (run) yield run;
-      run = { ...p, pos, mapped: true };
+      if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
+      runInBuf = inBuf;
+      runPos = pos;
+      runBytes = bytes;
     }
-    if (run) yield run;
+    if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
   }
 
   private async readInto(out: Buffer, lba: number, blocks: number): Promise<void> {
     const reads: Promise<unknown>[] = [];
-    for (const r of this.runs(lba, blocks)) {
-      if (r.mapped) reads.push(this.file.read(out, r.inBuf, r.bytes, r.pos));
-      else out.fill(0, r.inBuf, r.inBuf + r.bytes);
-    }
+    this.forEachRun(
+      lba,
+      blocks,
+      (inBuf, pos, bytes) => reads.push(this.file.read(out, inBuf, bytes, pos)),
+      (_grain, inBuf, bytes) => out.fill(0, inBuf, inBuf + bytes),
+    );
     if (reads.length === 1) await reads[0];
     else await Promise.all(reads);
   }
@@ -323,15 +344,17 @@ export class StoreVolume implements BlockBackend {
     for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
     const writes: Promise<unknown>[] = [];
     const newPages = new Set<number>();
-    for (const r of this.runs(lba, blocks)) {
-      if (r.mapped) {
-        writes.push(this.file.write(data, r.inBuf, r.bytes, r.pos));
-        continue;
-      }
-      writes.push(this.allocateAndWrite(r.grain, data.subarray(r.inBuf, r.inBuf + r.bytes), r.inGrain));
-      newPages.add(Math.floor(r.grain / this.grainsPerPage));
-    }
-    await Promise.all(writes);
+    this.forEachRun(
+      lba,
+      blocks,
+      (inBuf, pos, bytes) => writes.push(this.file.write(data, inBuf, bytes, pos)),
+      (grain, inBuf, bytes, inGrain) => {
+        writes.push(this.allocateAndWrite(grain, data.subarray(inBuf, inBuf + bytes), inGrain));
+        newPages.add(Math.floor(grain / this.grainsPerPage));
+      },
+    );
+    if (writes.length === 1) await writes[0];
+    else await Promise.all(writes);
     if (opts.fua) await this.file.datasync();
     // The data is in place (durable first when FUA); now the maps that point at it.
     for (const page of newPages) await this.persistPage(page, opts.fua === true);
