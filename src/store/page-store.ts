@@ -229,15 +229,18 @@ export class StoreVolume implements BlockBackend {
     }
   }
 
-  /** Split [lba, lba+blocks) into per-grain pieces: grain, byte offset in grain, byte offset in buffer, length. */
-  private *pieces(lba: number, blocks: number): Generator<{ grain: number; inGrain: number; inBuf: number; bytes: number }> {
+  /**
+   * Split [lba, lba+blocks) into per-grain pieces: grain, byte offset in the grain, byte offset
+   * in the caller's buffer, length. `fn` returns true to stop early.
+   */
+  private forEachPiece(lba: number, blocks: number, fn: (grain: number, inGrain: number, inBuf: number, bytes: number) => boolean | void): void {
     let at = lba;
     const end = lba + blocks;
     while (at < end) {
       const grain = Math.floor(at / this.grainBlocks);
       const first = at - grain * this.grainBlocks;
       const n = Math.min(this.grainBlocks - first, end - at);
-      yield { grain, inGrain: first * this.blockBytes, inBuf: (at - lba) * this.blockBytes, bytes: n * this.blockBytes };
+      if (fn(grain, first * this.blockBytes, (at - lba) * this.blockBytes, n * this.blockBytes) === true) return;
       at += n;
     }
   }
@@ -245,11 +248,9 @@ export class StoreVolume implements BlockBackend {
   /** A first write in progress on one of these grains, if any. */
   private pendingAllocation(lba: number, blocks: number): Promise<void> | undefined {
     if (this.allocating.size === 0) return undefined;
-    for (const p of this.pieces(lba, blocks)) {
-      const pending = this.allocating.get(p.grain);
-      if (pending) return pending;
-    }
-    return undefined;
+    let pending: Promise<void> | undefined;
+    this.forEachPiece(lba, blocks, (grain) => (pending = this.allocating.get(grain)) !== undefined);
+    return pending;
   }
 
   // ---- BlockBackend --------------------------------------------------------------------------
@@ -284,33 +285,24 @@ export class StoreVolume implements BlockBackend {
     let runInBuf = 0;
     let runPos = -1;
     let runBytes = 0;
-    let at = lba;
-    const end = lba + blocks;
-    while (at < end) {
-      const grain = Math.floor(at / this.grainBlocks);
-      const first = at - grain * this.grainBlocks;
-      const n = Math.min(this.grainBlocks - first, end - at);
-      const inBuf = (at - lba) * this.blockBytes;
-      const inGrain = first * this.blockBytes;
-      const bytes = n * this.blockBytes;
-      at += n;
+    this.forEachPiece(lba, blocks, (grain, inGrain, inBuf, bytes) => {
       const slot = this.slotOf(grain);
       if (slot < 0) {
         if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
         runBytes = 0;
         onUnmapped(grain, inBuf, bytes, inGrain);
-        continue;
+        return;
       }
       const pos = slot * grainBytes + inGrain;
       if (runBytes > 0 && runPos + runBytes === pos && runInBuf + runBytes === inBuf) {
         runBytes += bytes;
-        continue;
+        return;
       }
       if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
       runInBuf = inBuf;
       runPos = pos;
       runBytes = bytes;
-    }
+    });
     if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
   }
 
@@ -389,17 +381,17 @@ export class StoreVolume implements BlockBackend {
       const released: number[] = [];
       const pages = new Set<number>();
       const zeroWrites: Promise<unknown>[] = [];
-      for (const p of this.pieces(lba, blocks)) {
-        const slot = this.slotOf(p.grain);
-        if (slot < 0) continue;
-        if (p.bytes === grainBytes) {
-          this.setSlot(p.grain, -1);
+      this.forEachPiece(lba, blocks, (grain, inGrain, _inBuf, bytes) => {
+        const slot = this.slotOf(grain);
+        if (slot < 0) return;
+        if (bytes === grainBytes) {
+          this.setSlot(grain, -1);
           released.push(slot);
-          pages.add(Math.floor(p.grain / this.grainsPerPage));
+          pages.add(Math.floor(grain / this.grainsPerPage));
         } else {
-          zeroWrites.push(this.file.write(Buffer.alloc(p.bytes), 0, p.bytes, slot * grainBytes + p.inGrain));
+          zeroWrites.push(this.file.write(Buffer.alloc(bytes), 0, bytes, slot * grainBytes + inGrain));
         }
-      }
+      });
       await Promise.all(zeroWrites);
       if (opts.fua && zeroWrites.length > 0) await this.file.datasync();
       // Durable before reuse: see the ordering rules at the top.
