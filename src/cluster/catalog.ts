@@ -95,7 +95,8 @@ export class Catalog {
 
   static async open(store: MetaStore): Promise<Catalog> {
     const c = new Catalog(store);
-    c.unwatch = store.watch(volumePrefix, (ev) => {
+    // Watch first, then list: a change between the two is seen twice (harmless), never missed.
+    c.unwatch = await store.watch(volumePrefix, (ev) => {
       const name = (ev.type === 'put' ? ev.record.key : ev.key).slice(volumePrefix.length);
       const record = ev.type === 'put' ? decodeVolume(ev.record.value, ev.record.version) : undefined;
       if (record) c.volumes.set(name, record);

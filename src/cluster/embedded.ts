@@ -68,10 +68,13 @@ export class EmbeddedMetaStore implements MetaStore {
     });
   }
 
-  watch(prefix: string, onEvent: (ev: WatchEvent) => void): () => void {
+  async watch(prefix: string, onEvent: (ev: WatchEvent) => void): Promise<() => void> {
+    this.assertOpen();
     const w = { prefix, onEvent };
     this.watchers.add(w);
-    return () => this.watchers.delete(w);
+    return () => {
+      this.watchers.delete(w);
+    };
   }
 
   async close(): Promise<void> {

@@ -19,7 +19,10 @@ export interface MetaStore {
   put(key: string, value: Buffer, expectedVersion: number): Promise<MetaRecord>;
   /** Delete if the current version equals `expectedVersion`; else ConflictError. */
   delete(key: string, expectedVersion: number): Promise<void>;
-  /** Events for keys under `prefix`, in commit order, after the call. Returns unsubscribe. */
-  watch(prefix: string, onEvent: (ev: WatchEvent) => void): () => void;
+  /**
+   * Events for keys under `prefix`, in commit order, for every change committed after the
+   * returned promise resolves. Resolves to unsubscribe.
+   */
+  watch(prefix: string, onEvent: (ev: WatchEvent) => void): Promise<() => void>;
   close(): Promise<void>;
 }
