@@ -65,6 +65,21 @@ export class ProtocolError extends PeersanError {
   }
 }
 
+/**
+ * A peer that owns the data could not be reached, or did not answer in time. The host sees
+ * ABORTED COMMAND with LOGICAL UNIT COMMUNICATION FAILURE / TIME-OUT, never a hang.
+ */
+export class PeerUnavailableError extends PeersanError {
+  readonly peer: string;
+  readonly timedOut: boolean;
+  constructor(peer: string, message: string, timedOut: boolean, options?: { cause?: unknown }) {
+    super(`peer ${peer}: ${message}`, 'PEERSAN_ERR_PEER_UNAVAILABLE', options);
+    this.name = 'PeerUnavailableError';
+    this.peer = peer;
+    this.timedOut = timedOut;
+  }
+}
+
 export function assert(cond: unknown, message: string): asserts cond {
   if (!cond) throw new Error(`assertion failed: ${message}`);
 }

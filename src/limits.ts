@@ -77,3 +77,19 @@ assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst')
 assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');
+
+// ---- Peer group ------------------------------------------------------------------------
+
+/** One forwarded block frame (header + data): a whole command's data fits. */
+export const peerFrameBytesMax = transferBytesMax + 64 * 1024;
+/** Forwarded requests outstanding per peer link; more wait for a slot (back-pressure). */
+export const peerRequestsInFlightMax = 256;
+/** A forwarded request that gets no answer in this time fails (the host sees a SCSI error, never a hang). */
+export const peerRequestMsMax = 5_000;
+/** MOVED answers followed per request before giving up (routes settle in one or two). */
+export const routeRetriesMax = 8;
+/** Peers that must acknowledge a reservation change wait at most this long each. */
+export const reservationNotifyMsMax = 2_000;
+/** How old a peer RPC authentication stamp may be. */
+export const peerAuthSkewMsMax = 5 * 60_000;
+assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');

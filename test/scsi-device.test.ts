@@ -199,7 +199,7 @@ t.test('RESERVE(6) / RELEASE(6) and LU reset', async (t) => {
   t.equal((await run(u, read10(0, 1), null, nexusB)).status, ScsiStatus.reservationConflict);
   t.equal((await run(u, '17 00 00 00 00 00', null, nexusB)).status, ScsiStatus.good, 'RELEASE from a non-holder is a no-op');
   t.equal((await run(u, read10(0, 1), null, nexusB)).status, ScsiStatus.reservationConflict, 'still reserved');
-  u.reset(nexusA);
+  await u.reset(nexusA);
   t.equal(asc(await run(u, read10(0, 1), null, nexusB)), 0x2903, 'unit attention after reset');
   t.equal((await run(u, read10(0, 1), null, nexusB)).status, ScsiStatus.good, 'reservation gone, UA reported once');
 });

@@ -10,7 +10,9 @@ import { Command, Option } from 'commander';
 import { formatBytes } from '../cluster/catalog';
 import { InvalidArgumentError } from '../errors';
 import { createLogger } from '../log';
-import { AdminClient, type VolumeView } from '../server/admin';
+import { EmbeddedMetaStore } from '../cluster/embedded';
+import { pageBlocks } from '../limits';
+import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { loadConfig, renderConfig, type ClusterConfig } from '../server/config';
 import { PeerServer } from '../server/peer';
 
@@ -72,12 +74,35 @@ function volumeDetail(v: VolumeView): string {
     ['target', v.targetName],
     ['id', v.id],
     ['size', `${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes, ${v.sizeBytes / v.blockBytes} blocks of ${v.blockBytes})`],
-    ['allocated', formatBytes(v.allocatedBytes)],
+    ['allocated', `${formatBytes(v.allocatedBytes)} on the peer asked`],
+    ['placed on', v.peers.join(', ')],
     ['allowed initiators', v.allow.length ? v.allow.join(', ') : 'any'],
     ['CHAP', v.chapEnabled ? `user ${v.chapUser}${v.mutualChap ? ', mutual' : ''}` : 'off'],
     ['sessions', String(v.sessions)],
     ['created', new Date(v.createdAtMs).toISOString()],
   ]);
+}
+
+function pageMapText(m: PageMapView): string {
+  const count = new Map<string, number>();
+  for (const p of m.pages) count.set(p.owner, (count.get(p.owner) ?? 0) + 1);
+  const runs: string[][] = [];
+  for (let i = 0; i < m.pages.length; ) {
+    let j = i;
+    while (j + 1 < m.pages.length && m.pages[j + 1].owner === m.pages[i].owner && m.pages[j + 1].version === m.pages[i].version) j++;
+    runs.push([i === j ? String(i) : `${i}-${j}`, m.pages[i].owner, `v${m.pages[i].version}`]);
+    i = j + 1;
+  }
+  // A striped volume alternates owners every page: show it as one line per owner instead.
+  const striped = runs.length > 24;
+  const body = striped
+    ? table([['OWNER', 'PAGES', 'FIRST PAGES'], ...[...count.keys()].sort().map((o) => [o, String(count.get(o)), m.pages.filter((p) => p.owner === o).slice(0, 8).map((p) => p.page).join(',') + (count.get(o)! > 8 ? ',…' : '')])])
+    : table([['PAGES', 'OWNER', 'VERSION'], ...runs]);
+  return [
+    `volume ${m.volume}: ${m.pages.length} pages of ${m.pageBlocks} blocks, placed on ${m.peers.join(', ')}`,
+    `pages per peer: ${[...count.entries()].sort().map(([o, n]) => `${o} ${n}`).join(', ')}`,
+    body,
+  ].join('\n');
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -102,11 +127,23 @@ async function runUntilSignal(server: PeerServer): Promise<void> {
   });
 }
 
+/** Run several peers in this process until SIGINT/SIGTERM, then stop them all. */
+async function runAllUntilSignal(servers: PeerServer[]): Promise<void> {
+  await new Promise<void>((resolveStop) => {
+    const onSignal = (sig: string): void => {
+      servers[0].log.info({ signal: sig }, 'stopping');
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      Promise.allSettled(servers.map((s) => s.stop())).then(() => resolveStop());
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
 async function demo(opts: { peers: string; data?: string; size: string; iscsiPort: string; rpcPort: string; httpPort: string; token?: string }): Promise<void> {
   const peers = parseCount(opts.peers, '--peers');
-  if (peers !== 1) {
-    throw new InvalidArgumentError('this build runs a one-peer group (--peers 1); groups of several peers come with the peer-group release');
-  }
+  if (peers > 16) throw new InvalidArgumentError('--peers: the demo runs at most 16 peers in one process');
   const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
   mkdirSync(dir, { recursive: true });
   const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
@@ -116,7 +153,8 @@ async function demo(opts: { peers: string; data?: string; size: string; iscsiPor
     name: 'demo',
     adminToken: opts.token ?? randomBytes(12).toString('hex'),
     secret: randomBytes(16).toString('hex'),
-    catalog: { backend: 'embedded' },
+    catalog: { backend: 'embedded', path: join(dir, 'catalog') },
+    pageBlocks,
     peers: Array.from({ length: peers }, (_, i) => ({
       id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
     })),
@@ -124,17 +162,28 @@ async function demo(opts: { peers: string; data?: string; size: string; iscsiPor
   const configFile = join(dir, 'cluster.yaml');
   writeFileSync(configFile, renderConfig(config));
   const log = createLogger({ name: 'peersan', file: join(dir, 'peersan.log') });
-  const server = await PeerServer.start({ ...config, path: configFile }, 'p1', log);
-  const existing = (await server.listVolumes()).find((v) => v.name === 'demo');
-  const volume = existing ?? (await server.createVolume({ name: 'demo', size: opts.size }));
+  // Every peer gets its own store, portal and RPC port; they share the one embedded catalog
+  // and talk to each other over real gRPC on loopback.
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  const servers: PeerServer[] = [];
+  try {
+    for (const p of config.peers) servers.push(await PeerServer.start({ ...config, path: configFile }, p.id, log, { meta }));
+  } catch (err) {
+    await Promise.allSettled(servers.map((s) => s.stop()));
+    await meta.close();
+    throw err;
+  }
+  const existing = (await servers[0].listVolumes()).find((v) => v.name === 'demo');
+  const volume = existing ?? (await servers[0].createVolume({ name: 'demo', size: opts.size }));
   const say = (s: string): boolean => process.stdout.write(s + '\n');
   say(`peersan demo: ${peers} peer(s), data in ${dir}`);
-  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}`);
+  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
-  say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status`);
+  say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
   say(`logs:   ${join(dir, 'peersan.log')}`);
   say('ready');
-  await runUntilSignal(server);
+  await runAllUntilSignal(servers);
+  await meta.close();
   say('stopped');
 }
 
@@ -180,12 +229,14 @@ export function buildProgram(): Command {
     .option('--chap-secret <secret>', 'CHAP secret (12-16 characters)')
     .option('--mutual-user <user>', 'mutual CHAP: the user we present to the initiator')
     .option('--mutual-secret <secret>', 'mutual CHAP secret (12-16 characters)')
-    .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string }) => {
+    .option('--peers <ids>', 'place the pages on these peers only, e.g. p1,p3 (default: all)')
+    .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string; peers?: string }) => {
       if ((o.chapUser === undefined) !== (o.chapSecret === undefined)) throw new InvalidArgumentError('--chap-user and --chap-secret go together');
       if ((o.mutualUser !== undefined || o.mutualSecret !== undefined) && !o.chapUser) throw new InvalidArgumentError('mutual CHAP needs --chap-user/--chap-secret too');
       const chap = o.chapUser ? { user: o.chapUser, secret: o.chapSecret!, mutualUser: o.mutualUser, mutualSecret: o.mutualSecret } : undefined;
-      const v = await withClient(g(), (c) => c.createVolume({ name, size: o.size, blockBytes: Number(o.blockSize), allow: o.allow, chap }));
-      out(g(), v, () => `created volume ${v.name} (${formatBytes(v.sizeBytes)}), target ${v.targetName}`);
+      const peers = o.peers ? o.peers.split(',').map((p) => p.trim()).filter(Boolean) : [];
+      const v = await withClient(g(), (c) => c.createVolume({ name, size: o.size, blockBytes: Number(o.blockSize), allow: o.allow, chap, peers }));
+      out(g(), v, () => `created volume ${v.name} (${formatBytes(v.sizeBytes)}) on ${v.peers.join(', ')}, target ${v.targetName}`);
     });
   volume.command('list').description('all volumes').action(async () => {
     const vs = await withClient(g(), (c) => c.listVolumes());
@@ -212,6 +263,15 @@ export function buildProgram(): Command {
       out(g(), { deleted: name }, () => `deleted volume ${name}`);
     });
 
+  const page = program.command('page').description('where the pages of a volume live');
+  page
+    .command('map <volume>')
+    .description('which peer owns each page (runs of pages with one owner on a line)')
+    .action(async (name: string) => {
+      const m = await withClient(g(), (c) => c.pageMap(name));
+      out(g(), m, () => pageMapText(m));
+    });
+
   program
     .command('peer')
     .description('run one peer of the group described by the config')
@@ -227,7 +287,7 @@ export function buildProgram(): Command {
   program
     .command('demo')
     .description('start a throwaway group on 127.0.0.1 with a volume "demo"; runs until Ctrl-C')
-    .option('--peers <n>', 'number of peers (this build: 1)', '1')
+    .option('--peers <n>', 'number of peers', '3')
     .option('--data <dir>', 'data folder (default: a fresh temporary one)')
     .option('--size <size>', 'size of volume demo', '1G')
     .option('--iscsi-port <port>', 'iSCSI port of peer 1 (peer i: +i)', '3260')

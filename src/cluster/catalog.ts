@@ -4,7 +4,8 @@
 import { randomBytes } from 'node:crypto';
 import { AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
 import { blockBytesAllowed, volumeBytesMax, volumeNameBytesMax } from '../limits';
-import type { MetaStore } from './metastore';
+import { RouteTable, type Route } from '../routing/table';
+import type { MetaStore, WatchEvent } from './metastore';
 
 export interface ChapSettings {
   user: string;
@@ -21,6 +22,9 @@ export interface VolumeRecord {
   blockBytes: number;
   allow: string[];
   chap?: ChapSettings;
+  /** The peers the volume's pages are placed on, in stripe order. */
+  peers: string[];
+  pageBlocks: number;
   createdAtMs: number;
   version: number;
 }
@@ -31,9 +35,23 @@ export interface CreateVolumeInput {
   blockBytes?: number;
   allow?: string[];
   chap?: ChapSettings;
+  /** Place the volume on these peers only (default: every peer of the group). */
+  peers?: string[];
+}
+
+export interface CatalogOptions {
+  /** Peer ids of the group, in config order (placement defaults to all of them). */
+  groupPeers: string[];
+  pageBlocks: number;
 }
 
 const volumePrefix = 'volumes/';
+const routePrefix = 'routes/';
+export const reservationPrefix = 'reservations/';
+
+function routeKey(volumeId: string, page: number): string {
+  return `${routePrefix}${volumeId}/${String(page).padStart(10, '0')}`;
+}
 const volumeNamePattern = /^[a-z0-9][a-z0-9-]*$/;
 const iqnPattern = /^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:.+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$/;
 const units: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
@@ -84,30 +102,97 @@ function validateSize(sizeBytes: number, blockBytes: number): void {
 }
 
 export class Catalog {
-  private readonly store: MetaStore;
+  readonly store: MetaStore;
+  readonly options: CatalogOptions;
   private readonly volumes = new Map<string, VolumeRecord>();
+  /** volume id → moved pages (the exceptions to the placement rule), fed by the watch. */
+  private readonly movedPages = new Map<string, Map<number, Route>>();
+  private readonly tables = new Map<string, RouteTable>();
   private readonly listeners = new Set<(name: string, record: VolumeRecord | undefined) => void>();
-  private unwatch: (() => void) | undefined;
+  private unwatchers: (() => void)[] = [];
 
-  private constructor(store: MetaStore) {
+  private constructor(store: MetaStore, options: CatalogOptions) {
     this.store = store;
+    this.options = options;
   }
 
-  static async open(store: MetaStore): Promise<Catalog> {
-    const c = new Catalog(store);
+  static async open(store: MetaStore, options: CatalogOptions): Promise<Catalog> {
+    const c = new Catalog(store, options);
     // Watch first, then list: a change between the two is seen twice (harmless), never missed.
-    c.unwatch = await store.watch(volumePrefix, (ev) => {
+    c.unwatchers.push(await store.watch(routePrefix, (ev) => c.onRouteEvent(ev)));
+    c.unwatchers.push(await store.watch(volumePrefix, (ev) => {
       const name = (ev.type === 'put' ? ev.record.key : ev.key).slice(volumePrefix.length);
-      const record = ev.type === 'put' ? decodeVolume(ev.record.value, ev.record.version) : undefined;
+      const record = ev.type === 'put' ? decodeVolume(ev.record.value, ev.record.version, options) : undefined;
+      const previous = c.volumes.get(name);
+      if (previous && previous.id !== record?.id) c.tables.delete(previous.id);
       if (record) c.volumes.set(name, record);
       else c.volumes.delete(name);
       for (const l of c.listeners) l(name, record);
-    });
+    }));
+    for (const r of await store.list(routePrefix)) c.onRouteEvent({ type: 'put', record: r });
     for (const r of await store.list(volumePrefix)) {
-      const v = decodeVolume(r.value, r.version);
+      const v = decodeVolume(r.value, r.version, options);
       c.volumes.set(v.name, v);
     }
     return c;
+  }
+
+  private onRouteEvent(ev: WatchEvent): void {
+    const key = ev.type === 'put' ? ev.record.key : ev.key;
+    const [volumeId, pageText] = key.slice(routePrefix.length).split('/');
+    const page = Number(pageText);
+    if (!volumeId || !Number.isSafeInteger(page)) return;
+    const moved = this.movedFor(volumeId);
+    if (ev.type === 'delete') {
+      moved.delete(page);
+      return;
+    }
+    const route = JSON.parse(ev.record.value.toString()) as Route;
+    if ((moved.get(page)?.version ?? 0) < route.version) moved.set(page, route);
+  }
+
+  private movedFor(volumeId: string): Map<number, Route> {
+    let m = this.movedPages.get(volumeId);
+    if (!m) this.movedPages.set(volumeId, (m = new Map()));
+    return m;
+  }
+
+  /** The in-memory routing table of a volume (never waits on the catalog). */
+  routes(volume: VolumeRecord): RouteTable {
+    let t = this.tables.get(volume.id);
+    if (!t) this.tables.set(volume.id, (t = new RouteTable(volume.peers, volume.pageBlocks, this.movedFor(volume.id))));
+    return t;
+  }
+
+  volumeById(id: string): VolumeRecord | undefined {
+    for (const v of this.volumes.values()) if (v.id === id) return v;
+    return undefined;
+  }
+
+  /** Read a page's route from the catalog itself (an owner asked about a newer version than it knows). */
+  async fetchRoute(volume: VolumeRecord, page: number): Promise<Route> {
+    const r = await this.store.get(routeKey(volume.id, page));
+    const table = this.routes(volume);
+    if (r) table.learn(page, JSON.parse(r.value.toString()) as Route);
+    return table.route(page);
+  }
+
+  /**
+   * Give a page a new owner: compare-and-swap from the route `from` (which must still be
+   * current in the catalog) to {owner, from.version + 1}. ConflictError if it changed.
+   */
+  async setRoute(volume: VolumeRecord, page: number, from: Route, owner: string): Promise<Route> {
+    if (!this.options.groupPeers.includes(owner)) throw new InvalidArgumentError(`no peer ${owner} in the group`);
+    const key = routeKey(volume.id, page);
+    const current = await this.store.get(key);
+    const now = current ? (JSON.parse(current.value.toString()) as Route) : this.routes(volume).route(page);
+    if (now.owner !== from.owner || now.version !== from.version) {
+      throw new ConflictError(`page ${page} of ${volume.name} is at ${now.owner} v${now.version}, not ${from.owner} v${from.version}`);
+    }
+    const next: Route = { owner, version: from.version + 1 };
+    await this.store.put(key, Buffer.from(JSON.stringify(next)), current?.version ?? 0);
+    this.routes(volume).learn(page, next);
+    return next;
   }
 
   /** Called after every committed change (record undefined: deleted). */
@@ -135,9 +220,13 @@ export class Catalog {
       if (!iqnPattern.test(iqn)) throw new InvalidArgumentError(`"${iqn}" is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id], eui. or naa.)`);
     }
     if (input.chap) validateChap(input.chap);
+    const peers = input.peers && input.peers.length > 0 ? [...new Set(input.peers)] : this.options.groupPeers;
+    for (const p of peers) {
+      if (!this.options.groupPeers.includes(p)) throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.groupPeers.join(', ')})`);
+    }
     const record: Omit<VolumeRecord, 'version'> = {
       name: input.name, id: randomBytes(8).toString('hex'), sizeBytes, blockBytes, allow,
-      chap: input.chap, createdAtMs: Date.now(),
+      chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: Date.now(),
     };
     try {
       const r = await this.store.put(volumePrefix + input.name, encodeVolume(record), 0);
@@ -159,9 +248,14 @@ export class Catalog {
     return { ...next, version: r.version };
   }
 
+  /** Delete the record, then the volume's route and reservation records (peers free their pages on the watch). */
   async deleteVolume(name: string): Promise<VolumeRecord> {
     const current = this.require(name);
     await this.store.delete(volumePrefix + name, current.version);
+    for (const r of await this.store.list(`${routePrefix}${current.id}/`)) await this.store.delete(r.key, r.version).catch(() => undefined);
+    const pr = await this.store.get(reservationPrefix + current.id);
+    if (pr) await this.store.delete(pr.key, pr.version).catch(() => undefined);
+    this.movedPages.delete(current.id);
     return current;
   }
 
@@ -172,7 +266,8 @@ export class Catalog {
   }
 
   close(): void {
-    this.unwatch?.();
+    for (const u of this.unwatchers) u();
+    this.unwatchers = [];
     this.listeners.clear();
   }
 }
@@ -181,6 +276,8 @@ function encodeVolume(v: Omit<VolumeRecord, 'version'>): Buffer {
   return Buffer.from(JSON.stringify(v));
 }
 
-function decodeVolume(b: Buffer, version: number): VolumeRecord {
-  return { ...(JSON.parse(b.toString()) as Omit<VolumeRecord, 'version'>), version };
+function decodeVolume(b: Buffer, version: number, options: CatalogOptions): VolumeRecord {
+  const v = JSON.parse(b.toString()) as Omit<VolumeRecord, 'version'>;
+  // Records written before placement existed live on the group's first peer.
+  return { ...v, peers: v.peers ?? options.groupPeers.slice(0, 1), pageBlocks: v.pageBlocks ?? options.pageBlocks, version };
 }

@@ -157,7 +157,7 @@ export class Portal {
       initiatorPort: `${outcome.initiatorName},i,0x${isidHex}`,
       initiatorName: outcome.initiatorName,
       targetPort: `${targetName},t,0x${this.opts.directory.portalGroupTag.toString(16).padStart(4, '0')}`,
-      relativeTargetPort: 1,
+      relativeTargetPort: this.opts.directory.portalGroupTag,
     };
     const session = conn.attachSession(nexus);
     this.sessionsByTsih.set(outcome.tsih, { tsih: outcome.tsih, outcome, conn, session });

@@ -540,12 +540,12 @@ export class Session {
         return TmfResponse.complete;
       case TmfFunction.logicalUnitReset:
         await this.abort([...this.tasks.values()].filter((t) => t.lun === lun));
-        this.luFor(lun)!.reset(this.opts.nexus);
+        await this.luFor(lun)!.reset(this.opts.nexus);
         return TmfResponse.complete;
       case TmfFunction.targetWarmReset:
       case TmfFunction.targetColdReset:
         await this.abort([...this.tasks.values()]);
-        for (const lu of this.opts.target?.luns.values() ?? []) lu.reset(this.opts.nexus);
+        for (const lu of this.opts.target?.luns.values() ?? []) await lu.reset(this.opts.nexus);
         return TmfResponse.complete;
       default:
         return TmfResponse.notSupported;

@@ -6,11 +6,12 @@
 
 import { Mutex } from 'async-mutex';
 import type { Logger } from 'pino';
+import { PeerUnavailableError } from '../errors';
 import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax } from '../limits';
 import type { BlockBackend } from '../store/types';
 import { standardInquiry, vpd } from './inquiry';
 import { applyModePages, modePages, PageControl, type ModeState } from './mode';
-import { PrOutAction, Reservations, type AccessKind } from './reservations';
+import { everyNexus, LocalReservationKeeper, PrOutAction, Reservations, type AccessKind, type ReservationKeeper } from './reservations';
 import { Asc, buildSense, SenseKey, type SenseDetail } from './sense';
 import { ScsiStatus, type LogicalUnit, type LuIdentity, type Nexus, type ScsiCommand, type ScsiResult } from './types';
 
@@ -20,6 +21,8 @@ export interface BlockLogicalUnitOptions {
   backend: BlockBackend;
   /** iSCSI target name, reported in VPD 0x83. */
   targetName?: string;
+  /** Where reservations live (default: in this object; a peer group shares them through the catalog). */
+  reservations?: ReservationKeeper;
   log?: Logger;
 }
 
@@ -97,7 +100,7 @@ export class BlockLogicalUnit implements LogicalUnit {
   private readonly backend: BlockBackend;
   private readonly targetName: string;
   private readonly log: Logger | undefined;
-  private readonly reservations: Reservations;
+  private readonly keeper: ReservationKeeper;
   /**
    * Pending unit attentions per I_T nexus. Keyed by the session's Nexus object, not its
    * name: a new login from the same initiator port is a new nexus and starts clean.
@@ -113,9 +116,14 @@ export class BlockLogicalUnit implements LogicalUnit {
     this.backend = opts.backend;
     this.targetName = opts.targetName ?? `iqn.2026-11.io.peersan:${opts.identity.volumeName}`;
     this.log = opts.log;
-    this.reservations = new Reservations((nexusKey, asc) => {
-      for (const n of this.knownNexuses) if (nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);
+    this.keeper = opts.reservations ?? new LocalReservationKeeper();
+    this.keeper.attach((nexusKey, asc) => {
+      for (const n of this.knownNexuses) if (nexusKey === everyNexus || nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);
     });
+  }
+
+  private get reservations(): Reservations {
+    return this.keeper.current;
   }
 
   async execute(cmd: ScsiCommand): Promise<ScsiResult> {
@@ -140,20 +148,26 @@ export class BlockLogicalUnit implements LogicalUnit {
     try {
       return await spec.run(c);
     } catch (err) {
+      if (err instanceof PeerUnavailableError) {
+        this.log?.warn({ peer: err.peer, op, reason: err.message }, 'command failed: page owner unavailable');
+        return c.fail({ key: SenseKey.abortedCommand, asc: err.timedOut ? Asc.logicalUnitCommunicationTimeout : Asc.logicalUnitCommunicationFailure });
+      }
       this.log?.error({ err, op }, 'command failed in the backend');
       return c.fail({ key: SenseKey.hardwareError, asc: Asc.internalTargetFailure });
     }
   }
 
-  reset(by: Nexus): void {
-    this.reservations.resetLegacy();
+  /** LOGICAL UNIT RESET: every nexus, through whichever peer, hears about it before the TMF completes. */
+  async reset(by: Nexus): Promise<void> {
     this.mode.descriptorSense = false;
     this.knownNexuses.add(by);
-    for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.busDeviceResetOccurred);
+    if (this.reservations.hasLegacyReservation()) await this.keeper.change((r) => r.resetLegacy());
+    await this.keeper.announce([[everyNexus, Asc.busDeviceResetOccurred]]);
   }
 
   nexusLost(nexus: Nexus): void {
-    this.reservations.resetLegacy(nexusKeyOf(nexus));
+    const key = nexusKeyOf(nexus);
+    if (this.reservations.hasLegacyReservation()) this.changeInBackground((r) => r.resetLegacy(key));
     this.unitAttentions.delete(nexus);
     this.knownNexuses.delete(nexus);
   }
@@ -161,6 +175,11 @@ export class BlockLogicalUnit implements LogicalUnit {
   /** The volume was resized: every nexus hears CAPACITY DATA HAS CHANGED once. */
   capacityChanged(): void {
     for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.capacityDataChanged);
+  }
+
+  /** Task management cannot wait for the catalog: the change is made behind it. */
+  private changeInBackground(fn: (r: Reservations) => void): void {
+    this.keeper.change(fn).catch((err) => this.log?.error({ err }, 'dropping an SPC-2 reservation failed'));
   }
 
   postUnitAttention(nexus: Nexus, asc: number): void {
@@ -513,13 +532,15 @@ export class BlockLogicalUnit implements LogicalUnit {
     return good;
   };
 
-  reserve = (c: Command): ScsiResult => {
+  reserve = async (c: Command): Promise<ScsiResult> => {
     if (c.cdb[0] === 0x56 && c.cdb[1] & 0x02) return c.invalidCdb(1, 1); // third-party reservation
-    return this.reservations.legacyReserve(c.nexusKey) ? good : { status: ScsiStatus.reservationConflict };
+    const key = c.nexusKey;
+    return (await this.keeper.change((r) => r.legacyReserve(key))) ? good : { status: ScsiStatus.reservationConflict };
   };
 
-  release = (c: Command): ScsiResult => {
-    this.reservations.legacyRelease(c.nexusKey);
+  release = async (c: Command): Promise<ScsiResult> => {
+    const key = c.nexusKey;
+    await this.keeper.change((r) => r.legacyRelease(key));
     return good;
   };
 
@@ -541,7 +562,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     }
   };
 
-  persistentReserveOut = (c: Command): ScsiResult => {
+  persistentReserveOut = async (c: Command): Promise<ScsiResult> => {
     const action = c.cdb[1] & 0x1f;
     const listBytes = c.cdb.readUInt32BE(5);
     if (action > PrOutAction.registerAndMove) return c.invalidCdb(1);
@@ -550,7 +571,8 @@ export class BlockLogicalUnit implements LogicalUnit {
     const data = c.cmd.dataOut;
     if (!data || data.length < 24) return c.fail({ key: SenseKey.illegalRequest, asc: Asc.parameterListLengthError });
     const n = c.cmd.nexus;
-    const verdict = this.reservations.out(c.nexusKey, n.initiatorPort, n.relativeTargetPort, {
+    const key = c.nexusKey;
+    const params = {
       action,
       scope: c.cdb[2] >> 4,
       type: c.cdb[2] & 0x0f,
@@ -559,7 +581,8 @@ export class BlockLogicalUnit implements LogicalUnit {
       specIPt: (data[20] & 0x08) !== 0,
       allTgPt: (data[20] & 0x04) !== 0,
       aptpl: (data[20] & 0x01) !== 0,
-    });
+    };
+    const verdict = await this.keeper.change((r) => r.out(key, n.initiatorPort, n.relativeTargetPort, params));
     if (verdict.ok) return { status: ScsiStatus.good, dataOutBytesUsed: 24 };
     if (verdict.conflict) return { status: ScsiStatus.reservationConflict, dataOutBytesUsed: 24 };
     return { ...c.fail({ key: SenseKey.illegalRequest, asc: verdict.asc, field: verdict.field }), dataOutBytesUsed: 24 };

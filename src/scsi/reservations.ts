@@ -60,6 +60,48 @@ const ok: PrVerdict = { ok: true };
 const conflict: PrVerdict = { ok: false, conflict: true };
 const invalidParam = (byte: number): PrVerdict => ({ ok: false, conflict: false, asc: Asc.invalidFieldInParameterList, field: { inCdb: false, byte } });
 
+/** The whole state, as kept in the cluster catalog (keys as decimal strings). */
+export interface ReservationState {
+  generation: number;
+  registrations: { nexusKey: string; initiatorPort: string; relativeTargetPort: number; key: string }[];
+  holder?: string;
+  type: number;
+  legacyHolder?: string;
+}
+
+/**
+ * Where a logical unit's reservations live. One peer alone keeps them in memory
+ * (LocalReservationKeeper); a peer group keeps them in the catalog so that every path
+ * through every peer sees the same state (src/cluster/shared-reservations.ts).
+ */
+export interface ReservationKeeper {
+  /** The state access checks and PERSISTENT RESERVE IN read; never waits. */
+  readonly current: Reservations;
+  /** Where unit attentions raised by changes made anywhere in the group are delivered. */
+  attach(sink: UnitAttentionSink): void;
+  /** Apply a change; `fn` may run more than once, each time on a fresh copy of the state. */
+  change<T>(fn: (r: Reservations) => T): Promise<T>;
+  /** Deliver unit attentions to nexuses wherever they are logged in ("*": every nexus). */
+  announce(unitAttentions: [nexusKey: string, asc: number][]): Promise<void>;
+}
+
+/** The nexus key that stands for every I_T nexus of the logical unit. */
+export const everyNexus = '*';
+
+export class LocalReservationKeeper implements ReservationKeeper {
+  private sink: UnitAttentionSink = () => undefined;
+  readonly current = new Reservations((k, asc) => this.sink(k, asc));
+  attach(sink: UnitAttentionSink): void {
+    this.sink = sink;
+  }
+  async change<T>(fn: (r: Reservations) => T): Promise<T> {
+    return fn(this.current);
+  }
+  async announce(unitAttentions: [nexusKey: string, asc: number][]): Promise<void> {
+    for (const [k, asc] of unitAttentions) this.sink(k, asc);
+  }
+}
+
 export class Reservations {
   generation = 0;
   private readonly registrations = new Map<string, Registration>();
@@ -69,6 +111,25 @@ export class Reservations {
   private legacyHolder: string | undefined;
 
   constructor(private readonly unitAttention: UnitAttentionSink) {}
+
+  state(): ReservationState {
+    return {
+      generation: this.generation,
+      registrations: [...this.registrations.values()].map((r) => ({ ...r, key: r.key.toString() })),
+      holder: this.holder,
+      type: this.type,
+      legacyHolder: this.legacyHolder,
+    };
+  }
+
+  load(s: ReservationState): void {
+    this.generation = s.generation;
+    this.registrations.clear();
+    for (const r of s.registrations) this.registrations.set(r.nexusKey, { ...r, key: BigInt(r.key) });
+    this.holder = s.holder;
+    this.type = s.type;
+    this.legacyHolder = s.legacyHolder;
+  }
 
   // ---- access checks -------------------------------------------------------------------
 

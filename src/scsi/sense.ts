@@ -39,6 +39,8 @@ export const Asc = {
   internalTargetFailure: 0x4400,
   writeError: 0x0c00,
   unrecoveredReadError: 0x1100,
+  logicalUnitCommunicationFailure: 0x0800,
+  logicalUnitCommunicationTimeout: 0x0801,
 } as const;
 
 export interface SenseDetail {

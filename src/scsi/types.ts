@@ -53,7 +53,7 @@ export interface LogicalUnit {
   readonly lun: number;
   execute(cmd: ScsiCommand): Promise<ScsiResult>;
   /** LOGICAL UNIT RESET / TARGET WARM RESET: clear non-persistent state, raise unit attentions. */
-  reset(by: Nexus): void;
+  reset(by: Nexus): void | Promise<void>;
   /** The nexus is gone (session closed): drop its RESERVE(6) reservation, pending sense, UAs. */
   nexusLost(nexus: Nexus): void;
 }

@@ -3,11 +3,10 @@
 // gRPC status codes with our one-line message.
 
 import { timingSafeEqual } from 'node:crypto';
-import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
 import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../cluster/catalog';
+import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 
@@ -25,6 +24,14 @@ export interface VolumeView {
   sessions: number;
   createdAtMs: number;
   version: number;
+  peers: string[];
+}
+
+export interface PageMapView {
+  volume: string;
+  pageBlocks: number;
+  peers: string[];
+  pages: { page: number; owner: string; version: number }[];
 }
 
 export interface PeerStatusView {
@@ -49,17 +56,7 @@ export interface AdminApi {
   getVolume(name: string): Promise<VolumeView>;
   deleteVolume(name: string, force: boolean): Promise<void>;
   resizeVolume(name: string, size: string): Promise<VolumeView>;
-}
-
-const protoPath = join(__dirname, '..', '..', 'proto', 'peersan.proto');
-let loaded: grpc.GrpcObject | undefined;
-
-function proto(): grpc.GrpcObject {
-  if (!loaded) {
-    const def = protoLoader.loadSync(protoPath, { keepCase: false, longs: Number, defaults: true, enums: String });
-    loaded = grpc.loadPackageDefinition(def).peersan as grpc.GrpcObject;
-  }
-  return loaded;
+  pageMap(name: string): Promise<PageMapView>;
 }
 
 const statusForCode: Record<string, grpc.status> = {
@@ -102,16 +99,18 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
       api.createVolume({
         name: r.name, size: r.size, blockBytes: r.blockBytes || undefined, allow: r.allow,
         chap: r.chap && r.chap.user ? { user: r.chap.user, secret: r.chap.secret, mutualUser: r.chap.mutualUser || undefined, mutualSecret: r.chap.mutualSecret || undefined } : undefined,
+        peers: r.peers,
       })),
     listVolumes: wrap('listVolumes', async () => ({ volumes: await api.listVolumes() })),
     getVolume: wrap('getVolume', (r) => api.getVolume(r.name)),
     deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
+    pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
   });
 }
 
 /** A short reason for an unreachable peer instead of gRPC's paragraph. */
-function unreachableReason(err: grpc.ServiceError): string {
+export function unreachableReason(err: grpc.ServiceError): string {
   if (err.code === grpc.status.DEADLINE_EXCEEDED) return 'timed out';
   const errno = /\b(ECONNREFUSED|EHOSTUNREACH|ENETUNREACH|ENOTFOUND|ECONNRESET|ETIMEDOUT)\b/.exec(err.details)?.[1];
   const names: Record<string, string> = { ECONNREFUSED: 'connection refused', ENOTFOUND: 'unknown host', ETIMEDOUT: 'timed out' };
@@ -149,7 +148,7 @@ export class AdminClient {
   status(): Promise<{ cluster: string; peers: PeerStatusView[] }> {
     return this.call('status', {});
   }
-  createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
+  createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; peers?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
     return this.call('createVolume', input);
   }
   async listVolumes(): Promise<VolumeView[]> {
@@ -163,6 +162,9 @@ export class AdminClient {
   }
   resizeVolume(name: string, size: string): Promise<VolumeView> {
     return this.call('resizeVolume', { name, size });
+  }
+  pageMap(name: string): Promise<PageMapView> {
+    return this.call('pageMap', { name });
   }
   close(): void {
     this.client.close();

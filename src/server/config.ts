@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
 import { InvalidArgumentError } from '../errors';
+import { pageBlocks as pageBlocksDefault } from '../limits';
 
 export interface PeerConfig {
   id: string;
@@ -18,11 +19,21 @@ export interface PeerConfig {
   data: string;
 }
 
+/**
+ * Where the cluster catalog lives. `embedded`: LevelDB in one process (a one-peer group, or
+ * `peersan demo` running every peer in one process). `etcd`: shared by peer processes.
+ */
+export type CatalogConfig =
+  | { backend: 'embedded'; /** Absolute folder; default: the first peer's data dir + /catalog. */ path?: string }
+  | { backend: 'etcd'; endpoints: string[]; /** Key prefix; default "peersan/<cluster name>/". */ namespace?: string };
+
 export interface ClusterConfig {
   name: string;
   adminToken: string;
   secret: string;
-  catalog: { backend: 'embedded' };
+  catalog: CatalogConfig;
+  /** Logical blocks per page (DESIGN.md 2). */
+  pageBlocks: number;
   peers: PeerConfig[];
   /** Where the config was read from (for messages). */
   path?: string;
@@ -53,11 +64,12 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
   const root = doc as Record<string, unknown>;
   const cluster = root.cluster as Record<string, unknown> | undefined;
   if (!cluster || typeof cluster !== 'object') throw new InvalidArgumentError(`${where}: missing "cluster:" section`);
-  const catalog = (cluster.catalog ?? { backend: 'embedded' }) as Record<string, unknown>;
-  if (catalog.backend !== 'embedded') throw new InvalidArgumentError(`${where}: cluster.catalog.backend "${String(catalog.backend)}" is not supported yet (use embedded)`);
+  const base = path ? dirname(resolve(path)) : process.cwd();
+  const catalog = parseCatalog((cluster.catalog ?? { backend: 'embedded' }) as Record<string, unknown>, where, base);
+  const pageBlocks = cluster.pageBlocks ?? pageBlocksDefault;
+  if (pageBlocks !== pageBlocksDefault) throw new InvalidArgumentError(`${where}: cluster.pageBlocks must be ${pageBlocksDefault} (the page size is fixed in this release)`);
   const peersRaw = root.peers;
   if (!Array.isArray(peersRaw) || peersRaw.length === 0) throw new InvalidArgumentError(`${where}: "peers:" must list at least one peer`);
-  const base = path ? dirname(resolve(path)) : process.cwd();
   const ids = new Set<string>();
   const peers = peersRaw.map((p: Record<string, unknown>, i: number): PeerConfig => {
     const w = `peers[${i}]`;
@@ -80,10 +92,26 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     name: str(cluster, 'name', 'cluster'),
     adminToken: str(cluster, 'adminToken', 'cluster'),
     secret: str(cluster, 'secret', 'cluster'),
-    catalog: { backend: 'embedded' },
+    catalog,
+    pageBlocks,
     peers,
     path,
   };
+}
+
+function parseCatalog(c: Record<string, unknown>, where: string, base: string): CatalogConfig {
+  if (c.backend === 'embedded') {
+    return typeof c.path === 'string' && c.path ? { backend: 'embedded', path: resolve(base, c.path) } : { backend: 'embedded' };
+  }
+  if (c.backend === 'etcd') {
+    const endpoints = c.endpoints;
+    if (!Array.isArray(endpoints) || endpoints.length === 0 || !endpoints.every((e) => typeof e === 'string' && e.length > 0)) {
+      throw new InvalidArgumentError(`${where}: cluster.catalog.endpoints must list etcd addresses (e.g. [127.0.0.1:2379])`);
+    }
+    if (c.namespace !== undefined && typeof c.namespace !== 'string') throw new InvalidArgumentError(`${where}: cluster.catalog.namespace must be a string`);
+    return { backend: 'etcd', endpoints: endpoints as string[], namespace: c.namespace as string | undefined };
+  }
+  throw new InvalidArgumentError(`${where}: cluster.catalog.backend must be embedded or etcd, got "${String(c.backend)}"`);
 }
 
 export function loadConfig(path: string): ClusterConfig {
@@ -98,7 +126,7 @@ export function loadConfig(path: string): ClusterConfig {
 
 export function renderConfig(c: ClusterConfig): string {
   return stringify({
-    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, catalog: c.catalog },
+    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
   });
 }

@@ -1,48 +1,71 @@
-// One peer process: the page store, the catalog, the iSCSI portal and the gRPC services,
-// wired from cluster.yaml. start() brings them up in dependency order; stop() takes them
-// down in reverse, draining in-flight commands first.
+// One peer process: the page store, the catalog, the iSCSI portal and the gRPC services
+// (AdminService for the CLI, PeerService + PeerData for the other peers), wired from
+// cluster.yaml. start() brings them up in dependency order; stop() takes them down in
+// reverse, draining in-flight commands first.
 
 import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { Catalog, type VolumeRecord } from '../cluster/catalog';
+import { Catalog, type CreateVolumeInput, type VolumeRecord } from '../cluster/catalog';
 import { EmbeddedMetaStore } from '../cluster/embedded';
+import { EtcdMetaStore } from '../cluster/etcd';
+import type { MetaStore } from '../cluster/metastore';
+import { peerAuthMetadata } from '../cluster/peer-auth';
+import { addPeerServices, PeerRpcClient } from '../cluster/peer-rpc';
+import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
-import { gracefulStopMs } from '../limits';
+import { gracefulStopMs, reservationNotifyMsMax } from '../limits';
+import { peerChannelOptions, PeerLink } from '../routing/link';
+import { PageService } from '../routing/page-service';
+import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
-import { addAdminService, type AdminApi, type PeerStatusView, type VolumeView } from './admin';
+import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { productRevision, VolumeTargets } from './targets';
+
+/** How long `status` waits for each other peer before reporting it down. */
+const statusPeerMsMax = 1_500;
+
+export interface PeerStartOptions {
+  /** A catalog shared by several peers in this process (peersan demo); not closed by stop(). */
+  meta?: MetaStore;
+}
 
 export class PeerServer implements AdminApi {
   readonly config: ClusterConfig;
   readonly peer: PeerConfig;
   readonly log: Logger;
+  /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
+  readonly routing: RoutingCounters = newRoutingCounters();
   private readonly startedAtMs = Date.now();
+  private readonly sharedMeta: MetaStore | undefined;
   private store!: PageStore;
-  private meta!: EmbeddedMetaStore;
+  private meta!: MetaStore;
   private catalog!: Catalog;
   private targets!: VolumeTargets;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
+  private readonly links = new Map<string, PeerLink>();
+  private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
 
-  private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger) {
+  private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
     this.peer = peer;
     this.log = log;
+    this.sharedMeta = opts.meta;
   }
 
-  static async start(config: ClusterConfig, peerId: string, log: Logger): Promise<PeerServer> {
+  static async start(config: ClusterConfig, peerId: string, log: Logger, opts: PeerStartOptions = {}): Promise<PeerServer> {
     const peer = config.peers.find((p) => p.id === peerId);
     if (!peer) throw new InvalidArgumentError(`peer ${peerId} is not in ${config.path ?? 'the config'} (peers: ${config.peers.map((p) => p.id).join(', ')})`);
-    if (config.peers.length > 1) {
-      throw new InvalidArgumentError('this build runs one-peer groups; multi-peer groups (routing, forwarding, etcd catalog) come with the peer group');
+    if (config.peers.length > 1 && config.catalog.backend === 'embedded' && !opts.meta) {
+      throw new InvalidArgumentError('the embedded catalog lives inside one process: run a group of several peer processes with catalog.backend etcd (or try it with `peersan demo`)');
     }
-    const server = new PeerServer(config, peer, log.child({ peer: peer.id }));
+    const server = new PeerServer(config, peer, log.child({ peer: peer.id }), opts);
     try {
       await server.bringUp();
     } catch (err) {
@@ -52,21 +75,68 @@ export class PeerServer implements AdminApi {
     return server;
   }
 
+  private async openMeta(): Promise<MetaStore> {
+    if (this.sharedMeta) return this.sharedMeta;
+    const c = this.config.catalog;
+    if (c.backend === 'etcd') return new EtcdMetaStore({ endpoints: c.endpoints, namespace: c.namespace ?? `peersan/${this.config.name}/` });
+    return EmbeddedMetaStore.open(c.path ?? join(this.peer.data, 'catalog'));
+  }
+
   private async bringUp(): Promise<void> {
+    const self = this.peer.id;
+    const groupPeers = this.config.peers.map((p) => p.id);
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
-    this.meta = await EmbeddedMetaStore.open(join(this.peer.data, 'catalog'));
-    this.catalog = await Catalog.open(this.meta);
-    this.targets = new VolumeTargets({ store: this.store, portalAddress: this.peer.iscsi, log: this.log });
-    await this.targets.follow(this.catalog);
-    const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
-    this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
-    await this.portal.listen();
-    this.grpcServer = new grpc.Server();
+    this.meta = await this.openMeta();
+    this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
+    this.targets = new VolumeTargets({
+      self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
+      link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+    });
+    await this.targets.follow();
+    const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
+    this.grpcServer = new grpc.Server(peerChannelOptions);
     addAdminService(this.grpcServer, this, this.config.adminToken, this.log);
+    addPeerServices(this.grpcServer, {
+      status: () => this.selfStatus(),
+      reservationChanged: async (n) => this.targets.reservationsOf(n.volumeId)?.noticed(n),
+      blocks: (call) => pages.serveStream(call),
+    }, { secret: this.config.secret, members: groupPeers, self }, this.log);
     await new Promise<void>((resolve, reject) => {
       this.grpcServer.bindAsync(this.peer.rpc, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
     });
-    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
+    const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
+    this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
+    await this.portal.listen();
+    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
+  }
+
+  private link(peerId: string): PeerLink {
+    let l = this.links.get(peerId);
+    if (!l) {
+      const peer = this.config.peers.find((p) => p.id === peerId);
+      if (!peer) throw new PeersanError(`route names an unknown peer ${peerId}`);
+      l = new PeerLink({ peerId, address: peer.rpc, metadata: () => peerAuthMetadata(this.config.secret, this.peer.id) });
+      this.links.set(peerId, l);
+    }
+    return l;
+  }
+
+  private rpc(peerId: string): PeerRpcClient {
+    let c = this.rpcClients.get(peerId);
+    if (!c) {
+      const peer = this.config.peers.find((p) => p.id === peerId)!;
+      c = new PeerRpcClient(peerId, peer.rpc, { secret: this.config.secret, self: this.peer.id });
+      this.rpcClients.set(peerId, c);
+    }
+    return c;
+  }
+
+  private async notifyReservations(notice: ReservationNotice): Promise<void> {
+    await Promise.all(
+      this.config.peers
+        .filter((p) => p.id !== this.peer.id)
+        .map((p) => this.rpc(p.id).reservationChanged(notice, reservationNotifyMsMax).catch((err: Error) => this.log.warn({ to: p.id, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))),
+    );
   }
 
   /** Graceful: refuse new logins, finish in-flight commands, flush, close. Idempotent. */
@@ -79,14 +149,18 @@ export class PeerServer implements AdminApi {
     const timer = setTimeout(() => {
       this.log.warn('graceful stop took too long, aborting connections');
       this.portal?.destroy();
+      this.grpcServer?.forceShutdown();
     }, gracefulStopMs);
     timer.unref();
     try {
-      if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
       if (this.portal) await this.portal.close();
+      if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
+      for (const l of this.links.values()) l.close();
+      for (const c of this.rpcClients.values()) c.close();
+      this.targets?.close();
       this.catalog?.close();
       if (this.store) await this.store.close();
-      if (this.meta) await this.meta.close();
+      if (this.meta && this.meta !== this.sharedMeta) await this.meta.close();
       this.log.info('peer stopped');
     } finally {
       clearTimeout(timer);
@@ -95,20 +169,33 @@ export class PeerServer implements AdminApi {
 
   // ---- AdminApi (the one admin layer the CLI and later the console use) --------------------
 
-  async status(): Promise<{ cluster: string; peers: PeerStatusView[] }> {
+  async selfStatus(): Promise<PeerStatusView> {
     const fs = await statfs(this.peer.data).catch(() => undefined);
-    const self: PeerStatusView = {
+    return {
       id: this.peer.id, iscsi: this.peer.iscsi, rpc: this.peer.rpc, http: this.peer.http, up: true,
       uptimeMs: Date.now() - this.startedAtMs, allocatedBytes: this.store.usage().allocatedBytes,
       freeBytes: fs ? fs.bavail * fs.bsize : 0, totalBytes: fs ? fs.blocks * fs.bsize : 0,
       volumes: this.catalog.listVolumes().length, sessions: this.portal.sessions(), version: productRevision,
     };
-    return { cluster: this.config.name, peers: [self] };
   }
 
-  async createVolume(input: Parameters<Catalog['createVolume']>[0]): Promise<VolumeView> {
+  async status(): Promise<{ cluster: string; peers: PeerStatusView[] }> {
+    const peers = await Promise.all(
+      this.config.peers.map(async (p): Promise<PeerStatusView> => {
+        if (p.id === this.peer.id) return this.selfStatus();
+        try {
+          return { ...(await this.rpc(p.id).status(statusPeerMsMax)), up: true };
+        } catch {
+          return { id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, up: false, uptimeMs: 0, allocatedBytes: 0, freeBytes: 0, totalBytes: 0, volumes: 0, sessions: [], version: '' };
+        }
+      }),
+    );
+    return { cluster: this.config.name, peers };
+  }
+
+  async createVolume(input: CreateVolumeInput): Promise<VolumeView> {
     const record = await this.catalog.createVolume(input);
-    // Visible to initiators before the CLI hears "created".
+    // Visible to initiators on this peer before the CLI hears "created".
     await this.targets.apply(record.name, record);
     return this.view(record);
   }
@@ -123,9 +210,11 @@ export class PeerServer implements AdminApi {
 
   async deleteVolume(name: string, force: boolean): Promise<void> {
     const record = this.catalog.require(name);
-    const sessions = this.sessionsOn(name);
-    if (sessions > 0 && !force) {
-      throw new InvalidArgumentError(`volume ${name} has ${sessions} session(s) logged in; log them out first or use --force`);
+    const target = targetNameFor(name);
+    const { peers } = await this.status();
+    const sessions = peers.flatMap((p) => p.sessions.filter((s) => s.targetName === target).map(() => p.id));
+    if (sessions.length > 0 && !force) {
+      throw new InvalidArgumentError(`volume ${name} has ${sessions.length} session(s) logged in (through ${[...new Set(sessions)].join(', ')}); log them out first or use --force`);
     }
     await this.catalog.deleteVolume(name);
     await this.targets.apply(name, undefined);
@@ -136,6 +225,17 @@ export class PeerServer implements AdminApi {
     const record = await this.catalog.resizeVolume(name, size);
     await this.targets.apply(name, record);
     return this.view(record);
+  }
+
+  async pageMap(name: string): Promise<PageMapView> {
+    const v = this.catalog.require(name);
+    const routes = this.catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages: routes.map((r, page) => ({ page, owner: r.owner, version: r.version })) };
+  }
+
+  /** Test and tooling hook: the catalog this peer reads (routes, volumes). */
+  get catalogForTests(): Catalog {
+    return this.catalog;
   }
 
   private sessionsOn(name: string): number {
@@ -149,7 +249,7 @@ export class PeerServer implements AdminApi {
       name: v.name, id: v.id, sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, allow: v.allow,
       chapEnabled: v.chap !== undefined, chapUser: v.chap?.user ?? '', mutualChap: v.chap?.mutualUser !== undefined,
       allocatedBytes: this.targets.allocatedBytes(v.name), targetName: targetNameFor(v.name),
-      sessions: this.sessionsOn(v.name), createdAtMs: v.createdAtMs, version: v.version,
+      sessions: this.sessionsOn(v.name), createdAtMs: v.createdAtMs, version: v.version, peers: v.peers,
     };
   }
 

@@ -1,92 +1,139 @@
 // The TargetDirectory the portal serves: one target per catalog volume, LUN 0 a
-// BlockLogicalUnit over the volume's store. Kept in step with the catalog by its watch; a
-// target is visible only once its store volume is open.
+// BlockLogicalUnit whose backend is the volume's router (local pages from this peer's store,
+// the rest forwarded to their owners) and whose reservations are shared by the whole group
+// through the catalog. Kept in step with the catalog by its watch; a target is visible only
+// once its store volume is open. Every peer serves every volume.
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { reservationPrefix } from '../cluster/catalog';
+import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
+import type { ServedVolume } from '../routing/page-service';
+import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
+import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import type { PageStore, StoreVolume } from '../store/page-store';
 
-export const productRevision = '0.1';
+export const productRevision = '0.2';
 
 interface Entry {
   record: VolumeRecord;
   volume: StoreVolume;
+  served: ServedVolume;
+  keeper: SharedReservationKeeper;
   lu: BlockLogicalUnit;
   target: TargetInfo;
 }
 
+export interface VolumeTargetsOptions {
+  self: string;
+  store: PageStore;
+  catalog: Catalog;
+  portalAddress: string;
+  /** This peer's target portal group (and relative target port): its 1-based place in the group. */
+  portalGroupTag: number;
+  link(peerId: string): BlockSender;
+  notifyReservations(notice: ReservationNotice): Promise<void>;
+  counters: RoutingCounters;
+  log: Logger;
+}
+
 export class VolumeTargets implements TargetDirectory {
-  readonly portalGroupTag = 1;
+  readonly portalGroupTag: number;
   readonly portalAddresses: readonly string[];
   private readonly entries = new Map<string, Entry>();
   private readonly byTargetName = new Map<string, Entry>();
-  private readonly store: PageStore;
-  private readonly log: Logger;
-  /** Serialises changes per volume so create/resize/delete apply in catalog order. */
+  private readonly byId = new Map<string, Entry>();
+  private readonly o: VolumeTargetsOptions;
+  /** Serialises changes so create/resize/delete apply in catalog order. */
   private chain: Promise<void> = Promise.resolve();
+  private unwatch: (() => void) | undefined;
 
-  constructor(opts: { store: PageStore; portalAddress: string; log: Logger }) {
-    this.store = opts.store;
+  constructor(opts: VolumeTargetsOptions) {
+    this.o = opts;
+    this.portalGroupTag = opts.portalGroupTag;
     this.portalAddresses = [opts.portalAddress];
-    this.log = opts.log;
   }
 
   /** Follow the catalog: open new volumes, resize, delete. Resolves when the current ones are open. */
-  async follow(catalog: Catalog): Promise<void> {
+  async follow(): Promise<void> {
+    const { catalog, store } = this.o;
     catalog.onVolumeChange((name, record) => void this.apply(name, record));
+    this.unwatch = await catalog.store.watch(reservationPrefix, (ev) => {
+      const id = (ev.type === 'put' ? ev.record.key : ev.key).slice(reservationPrefix.length);
+      const state = ev.type === 'put' ? (JSON.parse(ev.record.value.toString()) as ReservationState) : undefined;
+      this.byId.get(id)?.keeper.watched(state, ev.type === 'put' ? ev.record.version : 0);
+    });
     for (const v of catalog.listVolumes()) await this.apply(v.name, v);
+    // A volume deleted while this peer was down: free its pages now.
+    const known = new Set(catalog.listVolumes().map((v) => v.id));
+    for (const id of await store.storedVolumeIds()) {
+      if (known.has(id)) continue;
+      await store.deleteVolume(id);
+      this.o.log.info({ volumeId: id }, 'freed the pages of a volume deleted while this peer was away');
+    }
   }
 
   /** Apply one catalog change; the returned promise resolves once the target reflects it. */
   apply(name: string, record: VolumeRecord | undefined): Promise<void> {
-    this.chain = this.chain.then(() => this.applyNow(name, record)).catch((err) => this.log.error({ err, volume: name }, 'applying a volume change failed'));
+    this.chain = this.chain.then(() => this.applyNow(name, record)).catch((err) => this.o.log.error({ err, volume: name }, 'applying a volume change failed'));
     return this.chain;
   }
 
   private async applyNow(name: string, record: VolumeRecord | undefined): Promise<void> {
     const entry = this.entries.get(name);
-    if (!record) {
-      if (!entry) return;
-      this.entries.delete(name);
-      this.byTargetName.delete(entry.target.name);
-      await this.store.deleteVolume(entry.record.id);
-      this.log.info({ volume: name }, 'volume deleted');
-      return;
+    if (entry && entry.record.id !== record?.id) await this.remove(name, entry);
+    if (!record) return;
+    const current = this.entries.get(name);
+    if (current) return this.update(current, record);
+    await this.add(record);
+  }
+
+  private async remove(name: string, entry: Entry): Promise<void> {
+    this.entries.delete(name);
+    this.byTargetName.delete(entry.target.name);
+    this.byId.delete(entry.record.id);
+    await this.o.store.deleteVolume(entry.record.id);
+    this.o.log.info({ volume: name }, 'volume deleted; its pages on this peer are freed');
+  }
+
+  private async update(entry: Entry, record: VolumeRecord): Promise<void> {
+    const blockCount = record.sizeBytes / record.blockBytes;
+    if (blockCount !== entry.volume.blockCount) {
+      await entry.volume.resize(blockCount);
+      entry.lu.capacityChanged();
+      this.o.log.info({ volume: record.name, sizeBytes: record.sizeBytes }, 'volume resized');
     }
-    if (entry && entry.record.id === record.id) {
-      const blockCount = record.sizeBytes / record.blockBytes;
-      if (blockCount !== entry.volume.blockCount) {
-        await entry.volume.resize(blockCount);
-        entry.lu.capacityChanged();
-        this.log.info({ volume: name, sizeBytes: record.sizeBytes }, 'volume resized');
-      }
-      entry.record = record;
-      entry.target = this.targetInfo(record, entry.lu);
-      this.byTargetName.set(entry.target.name, entry);
-      return;
-    }
-    const volume = await this.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
+    entry.record = record;
+    entry.target = this.targetInfo(record, entry.lu);
+    this.byTargetName.set(entry.target.name, entry);
+  }
+
+  private async add(record: VolumeRecord): Promise<void> {
+    const { catalog, self } = this.o;
+    const volume = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
+    const table = catalog.routes(record);
+    const refresh = (page: number): Promise<import('../routing/table').Route> => catalog.fetchRoute(record, page);
+    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
+    const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations, log: this.o.log });
+    await keeper.reload();
     const lu = new BlockLogicalUnit({
       lun: 0,
-      identity: { volumeId: record.id, volumeName: name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
-      backend: volume,
-      targetName: targetNameFor(name),
-      log: this.log,
+      identity: { volumeId: record.id, volumeName: record.name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
+      backend: router,
+      reservations: keeper,
+      targetName: targetNameFor(record.name),
+      log: this.o.log,
     });
-    const created: Entry = { record, volume, lu, target: this.targetInfo(record, lu) };
-    this.entries.set(name, created);
-    this.byTargetName.set(created.target.name, created);
+    const entry: Entry = { record, volume, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    this.entries.set(record.name, entry);
+    this.byTargetName.set(entry.target.name, entry);
+    this.byId.set(record.id, entry);
   }
 
   private targetInfo(record: VolumeRecord, lu: BlockLogicalUnit): TargetInfo {
-    return {
-      name: targetNameFor(record.name),
-      allow: record.allow,
-      chap: record.chap,
-      luns: new Map([[0, lu]]),
-    };
+    return { name: targetNameFor(record.name), allow: record.allow, chap: record.chap, luns: new Map([[0, lu]]) };
   }
 
   find(targetName: string): TargetInfo | undefined {
@@ -100,7 +147,21 @@ export class VolumeTargets implements TargetDirectory {
       .sort((a, b) => a.name.localeCompare(b.name));
   }
 
+  /** For the page service: the volume as the owner serves it (its local pages). */
+  served(volumeId: string): ServedVolume | undefined {
+    return this.byId.get(volumeId)?.served;
+  }
+
+  reservationsOf(volumeId: string): SharedReservationKeeper | undefined {
+    return this.byId.get(volumeId)?.keeper;
+  }
+
+  /** Bytes of the volume's pages held on this peer. */
   allocatedBytes(volumeName: string): number {
     return this.entries.get(volumeName)?.volume.allocatedBytes() ?? 0;
+  }
+
+  close(): void {
+    this.unwatch?.();
   }
 }

@@ -76,6 +76,13 @@ export class PageStore {
     await fsp.rm(join(this.dir, `vol-${volumeId}.dat`), { force: true });
   }
 
+  /** Ids of the volumes this store holds data files for (open or not). */
+  async storedVolumeIds(): Promise<string[]> {
+    this.assertOpen();
+    const names = await fsp.readdir(this.dir);
+    return names.map((n) => /^vol-([0-9a-f]{16})\.dat$/.exec(n)?.[1]).filter((id): id is string => id !== undefined);
+  }
+
   usage(): { volumes: number; allocatedBytes: number } {
     let allocatedBytes = 0;
     for (const v of this.volumes.values()) allocatedBytes += v.allocatedBytes();

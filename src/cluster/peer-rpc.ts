@@ -1,0 +1,85 @@
+// PeerService (proto/peersan.proto) and the PeerData block stream on one gRPC server, both
+// requiring peer authentication (peer-auth.ts); and the client side one peer uses to call
+// another's PeerService. The block stream's client is src/routing/link.ts.
+
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { PeerUnavailableError } from '../errors';
+import { peerDataService, peerChannelOptions } from '../routing/link';
+import type { PeerStatusView } from '../server/admin';
+import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
+import { proto } from './proto';
+import type { ReservationNotice } from './shared-reservations';
+
+export interface PeerHandlers {
+  status(): Promise<PeerStatusView>;
+  reservationChanged(notice: ReservationNotice): Promise<void>;
+  blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
+}
+
+type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
+
+export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { secret: string; members: string[]; self: string }, log: Logger): void {
+  const allowed = (md: grpc.Metadata): boolean => verifyPeerAuth(md, auth.secret, auth.members) !== undefined;
+  const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };
+  const wrap = (fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
+    if (!allowed(call.metadata)) return cb(denied);
+    fn(call.request).then(
+      (reply) => cb(null, reply ?? {}),
+      (err: Error) => cb({ code: grpc.status.INTERNAL, details: err.message }),
+    );
+  };
+  const service = (proto().PeerService as grpc.ServiceClientConstructor).service;
+  server.addService(service, {
+    ping: wrap(async () => ({ id: auth.self, sentAtMs: Date.now() })),
+    status: wrap(() => h.status()),
+    reservationChanged: wrap((r) =>
+      h.reservationChanged({ volumeId: r.volumeId, version: Number(r.version), unitAttentions: (r.unitAttentions as { nexusKey: string; asc: number }[]).map((u) => [u.nexusKey, u.asc]) }),
+    ),
+  });
+  server.addService(peerDataService, {
+    blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
+      if (!allowed(call.metadata)) {
+        log.warn({ peer: call.getPeer() }, 'refused a block stream without valid peer authentication');
+        call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: denied.details });
+        return;
+      }
+      h.blocks(call);
+    },
+  });
+}
+
+/** Calls to one other peer's PeerService. */
+export class PeerRpcClient {
+  private readonly client: grpc.Client & Record<string, any>;
+
+  constructor(
+    readonly peerId: string,
+    address: string,
+    private readonly auth: { secret: string; self: string },
+  ) {
+    const Ctor = proto().PeerService as grpc.ServiceClientConstructor;
+    this.client = new Ctor(address, grpc.credentials.createInsecure(), peerChannelOptions) as grpc.Client & Record<string, any>;
+  }
+
+  private call<T>(method: string, request: object, timeoutMs: number): Promise<T> {
+    return new Promise((resolve, reject) => {
+      this.client[method](request, peerAuthMetadata(this.auth.secret, this.auth.self), { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
+        if (!err) return resolve(reply);
+        reject(new PeerUnavailableError(this.peerId, err.details || err.message, err.code === grpc.status.DEADLINE_EXCEEDED));
+      });
+    });
+  }
+
+  status(timeoutMs: number): Promise<PeerStatusView> {
+    return this.call('status', {}, timeoutMs);
+  }
+
+  async reservationChanged(notice: ReservationNotice, timeoutMs: number): Promise<void> {
+    await this.call('reservationChanged', { volumeId: notice.volumeId, version: notice.version, unitAttentions: notice.unitAttentions.map(([nexusKey, asc]) => ({ nexusKey, asc })) }, timeoutMs);
+  }
+
+  close(): void {
+    this.client.close();
+  }
+}

@@ -1,0 +1,161 @@
+// The wire format of forwarded block requests between peers (DESIGN.md 2). Frames ride a
+// gRPC bidirectional stream per peer pair with raw serializers, so the data bytes are never
+// re-encoded by protobuf. Pure functions: encode returns a Buffer, decode checks every
+// length against the frame before slicing and returns undefined on a malformed frame.
+//
+// request  = kind(1) op(1) flags(1) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
+//            compareBytes(4) dataBytes(4) | data
+// reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
+//            payloadBytes(4) 0(4) | owner | payload
+// A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
+// An lbaStatus reply's payload is extents of lba(8) blocks(4) mapped(1).
+
+import { peerFrameBytesMax } from '../limits';
+import type { LbaExtent } from '../store/types';
+
+export const BlockOp = { read: 1, write: 2, unmap: 3, compareAndWrite: 4, flush: 5, lbaStatus: 6 } as const;
+export type BlockOpCode = (typeof BlockOp)[keyof typeof BlockOp];
+
+export const ReplyStatus = {
+  ok: 0,
+  /** The receiver does not own the page (any more): owner/version say who does. */
+  moved: 1,
+  miscompare: 2,
+  /** The owner's store failed the request; payload is a message. */
+  failed: 3,
+  /** The owner does not know the volume (deleted, or not opened yet). */
+  noVolume: 4,
+} as const;
+
+export interface BlockRequest {
+  id: number;
+  op: BlockOpCode;
+  fua: boolean;
+  volumeId: string;
+  lba: number;
+  blocks: number;
+  routeVersion: number;
+  compareBytes: number;
+  /** Borrowed until the frame is encoded. */
+  data?: Buffer;
+}
+
+export interface BlockReply {
+  id: number;
+  status: number;
+  owner: string;
+  version: number;
+  /** miscompare: the byte offset of the first difference; moved: the page that moved. */
+  detail: number;
+  payload?: Buffer;
+}
+
+const requestKind = 1;
+const replyKind = 2;
+export const requestHeaderBytes = 40;
+export const replyHeaderBytes = 24;
+const extentBytes = 13;
+const validOps = new Set<number>(Object.values(BlockOp));
+
+function writeU64(b: Buffer, value: number, at: number): void {
+  b.writeUInt32BE(Math.floor(value / 0x1_0000_0000), at);
+  b.writeUInt32BE(value >>> 0, at + 4);
+}
+
+function readU64(b: Buffer, at: number): number {
+  return b.readUInt32BE(at) * 0x1_0000_0000 + b.readUInt32BE(at + 4);
+}
+
+export function encodeRequest(r: BlockRequest): Buffer {
+  const dataBytes = r.data?.length ?? 0;
+  const b = Buffer.allocUnsafe(requestHeaderBytes + dataBytes);
+  b[0] = requestKind;
+  b[1] = r.op;
+  b[2] = r.fua ? 1 : 0;
+  b[3] = 0;
+  b.writeUInt32BE(r.id >>> 0, 4);
+  b.write(r.volumeId, 8, 8, 'hex');
+  writeU64(b, r.lba, 16);
+  b.writeUInt32BE(r.blocks, 24);
+  b.writeUInt32BE(r.routeVersion, 28);
+  b.writeUInt32BE(r.compareBytes, 32);
+  b.writeUInt32BE(dataBytes, 36);
+  if (r.data) r.data.copy(b, requestHeaderBytes);
+  return b;
+}
+
+/** The request in `b`; its data is a view into `b`. */
+export function decodeRequest(b: Buffer): BlockRequest | undefined {
+  if (b.length < requestHeaderBytes || b.length > peerFrameBytesMax || b[0] !== requestKind || !validOps.has(b[1])) return undefined;
+  const dataBytes = b.readUInt32BE(36);
+  const compareBytes = b.readUInt32BE(32);
+  if (requestHeaderBytes + dataBytes !== b.length || compareBytes > dataBytes) return undefined;
+  const lba = readU64(b, 16);
+  if (!Number.isSafeInteger(lba)) return undefined;
+  return {
+    id: b.readUInt32BE(4),
+    op: b[1] as BlockOpCode,
+    fua: (b[2] & 1) !== 0,
+    volumeId: b.toString('hex', 8, 16),
+    lba,
+    blocks: b.readUInt32BE(24),
+    routeVersion: b.readUInt32BE(28),
+    compareBytes,
+    data: dataBytes > 0 ? b.subarray(requestHeaderBytes) : undefined,
+  };
+}
+
+export function encodeReply(r: BlockReply): Buffer {
+  const owner = Buffer.from(r.owner, 'utf8');
+  if (owner.length > 255) throw new Error('assertion failed: peer ids are short');
+  const payloadBytes = r.payload?.length ?? 0;
+  const b = Buffer.allocUnsafe(replyHeaderBytes + owner.length + payloadBytes);
+  b[0] = replyKind;
+  b[1] = r.status;
+  b[2] = owner.length;
+  b[3] = 0;
+  b.writeUInt32BE(r.id >>> 0, 4);
+  b.writeUInt32BE(r.version, 8);
+  b.writeUInt32BE(r.detail, 12);
+  b.writeUInt32BE(payloadBytes, 16);
+  b.writeUInt32BE(0, 20);
+  owner.copy(b, replyHeaderBytes);
+  if (r.payload) r.payload.copy(b, replyHeaderBytes + owner.length);
+  return b;
+}
+
+export function decodeReply(b: Buffer): BlockReply | undefined {
+  if (b.length < replyHeaderBytes || b.length > peerFrameBytesMax || b[0] !== replyKind) return undefined;
+  const ownerBytes = b[2];
+  const payloadBytes = b.readUInt32BE(16);
+  if (replyHeaderBytes + ownerBytes + payloadBytes !== b.length) return undefined;
+  const payloadAt = replyHeaderBytes + ownerBytes;
+  return {
+    id: b.readUInt32BE(4),
+    status: b[1],
+    owner: b.toString('utf8', replyHeaderBytes, payloadAt),
+    version: b.readUInt32BE(8),
+    detail: b.readUInt32BE(12),
+    payload: payloadBytes > 0 ? b.subarray(payloadAt) : undefined,
+  };
+}
+
+export function encodeExtents(extents: readonly LbaExtent[]): Buffer {
+  const b = Buffer.alloc(extents.length * extentBytes);
+  extents.forEach((e, i) => {
+    writeU64(b, e.lba, i * extentBytes);
+    b.writeUInt32BE(e.blocks, i * extentBytes + 8);
+    b[i * extentBytes + 12] = e.mapped ? 1 : 0;
+  });
+  return b;
+}
+
+export function decodeExtents(b: Buffer | undefined): LbaExtent[] | undefined {
+  if (!b) return [];
+  if (b.length % extentBytes !== 0) return undefined;
+  const out: LbaExtent[] = [];
+  for (let at = 0; at < b.length; at += extentBytes) {
+    out.push({ lba: readU64(b, at), blocks: b.readUInt32BE(at + 8), mapped: b[at + 12] === 1 });
+  }
+  return out;
+}

@@ -1,0 +1,123 @@
+// The sending side of forwarding: one long-lived gRPC bidirectional stream to each peer
+// (opened on first use, reopened after it breaks), request ids, a bounded window of requests
+// in flight, and a deadline per request. A broken stream fails everything outstanding on it
+// at once with PeerUnavailableError; a request with no answer by its deadline fails alone.
+// No retries here: the router decides (MOVED) and the host decides (SCSI error).
+
+import * as grpc from '@grpc/grpc-js';
+import { PeerUnavailableError } from '../errors';
+import { peerFrameBytesMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
+import { decodeReply, encodeRequest, type BlockReply, type BlockRequest } from './frame';
+
+const raw = (b: Buffer): Buffer => b;
+
+/** PeerData.Blocks: frames of src/routing/frame.ts, not protobuf messages. */
+export const peerDataService: grpc.ServiceDefinition = {
+  blocks: {
+    path: '/peersan.PeerData/Blocks',
+    requestStream: true,
+    responseStream: true,
+    requestSerialize: raw,
+    requestDeserialize: raw,
+    responseSerialize: raw,
+    responseDeserialize: raw,
+    originalName: 'Blocks',
+  },
+};
+
+export const peerChannelOptions: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': peerFrameBytesMax,
+  'grpc.max_send_message_length': peerFrameBytesMax,
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+};
+
+const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
+
+interface Pending {
+  resolve: (r: BlockReply) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+export interface PeerLinkOptions {
+  peerId: string;
+  address: string;
+  /** Fresh authentication metadata for each stream (peer-auth.ts). */
+  metadata: () => grpc.Metadata;
+  requestMsMax?: number;
+}
+
+export class PeerLink {
+  readonly peerId: string;
+  private readonly client: grpc.Client;
+  private readonly opts: PeerLinkOptions;
+  private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
+  private readonly pending = new Map<number, Pending>();
+  private readonly waiting: (() => void)[] = [];
+  private nextId = 1;
+  private closed = false;
+
+  constructor(opts: PeerLinkOptions) {
+    this.opts = opts;
+    this.peerId = opts.peerId;
+    this.client = new PeerDataClient(opts.address, grpc.credentials.createInsecure(), peerChannelOptions);
+  }
+
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  /** Send one request; resolves with the owner's reply (any status), rejects with PeerUnavailableError. */
+  async send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
+    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
+    while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
+    const stream = this.openStream();
+    return new Promise<BlockReply>((resolve, reject) => {
+      const timer = setTimeout(() => this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.opts.requestMsMax ?? peerRequestMsMax} ms`, true)), this.opts.requestMsMax ?? peerRequestMsMax);
+      this.pending.set(id, { resolve, reject, timer });
+      stream.write(encodeRequest({ ...req, id }));
+    });
+  }
+
+  private openStream(): grpc.ClientDuplexStream<Buffer, Buffer> {
+    if (this.stream) return this.stream;
+    const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
+    this.stream = stream;
+    stream.on('data', (frame: Buffer) => {
+      const reply = decodeReply(frame);
+      if (!reply) return this.breakStream(stream, 'malformed reply frame');
+      this.settle(reply.id)?.resolve(reply);
+    });
+    stream.on('error', (err: grpc.ServiceError) => this.breakStream(stream, err.details || err.message));
+    stream.on('end', () => this.breakStream(stream, 'stream ended'));
+    return stream;
+  }
+
+  private settle(id: number): Pending | undefined {
+    const p = this.pending.get(id);
+    if (!p) return undefined;
+    this.pending.delete(id);
+    clearTimeout(p.timer);
+    this.waiting.shift()?.();
+    return p;
+  }
+
+  private breakStream(stream: grpc.ClientDuplexStream<Buffer, Buffer>, why: string): void {
+    if (this.stream !== stream) return;
+    this.stream = undefined;
+    stream.cancel();
+    // Every request written on this stream is lost with it; none can be answered any more.
+    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false));
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.stream) this.breakStream(this.stream, 'link closed');
+    for (const w of this.waiting.splice(0)) w();
+    this.client.close();
+  }
+}

@@ -1,0 +1,117 @@
+// The owner's side of forwarding: answers block frames from other peers out of the local
+// store, after checking that this peer owns every page the request touches. A sender that
+// knows a newer route version than we do makes us re-read the route from the catalog first
+// (our watch may lag); if we still do not own the page we answer MOVED with the route we
+// know, and the sender follows it. The data path never waits on the catalog otherwise.
+
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { peerRequestsInFlightMax } from '../limits';
+import type { BlockBackend } from '../store/types';
+import { BlockOp, decodeRequest, encodeExtents, encodeReply, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
+import type { Route, RouteTable } from './table';
+
+export interface ServedVolume {
+  table: RouteTable;
+  store: BlockBackend;
+  refresh(page: number): Promise<Route>;
+}
+
+export interface PageServiceOptions {
+  self: string;
+  volume(volumeId: string): ServedVolume | undefined;
+  log: Logger;
+}
+
+export class PageService {
+  private readonly o: PageServiceOptions;
+
+  constructor(opts: PageServiceOptions) {
+    this.o = opts;
+  }
+
+  async handle(req: BlockRequest): Promise<BlockReply> {
+    const reply = (status: number, extra: Partial<BlockReply> = {}): BlockReply => ({ id: req.id, status, owner: this.o.self, version: 0, detail: 0, ...extra });
+    const v = this.o.volume(req.volumeId);
+    if (!v) return reply(ReplyStatus.noVolume);
+    if (req.op === BlockOp.flush) {
+      await v.store.flush();
+      return reply(ReplyStatus.ok);
+    }
+    const bs = v.store.blockBytes;
+    if (req.blocks === 0 || req.lba + req.blocks > v.store.blockCount) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
+    const moved = await this.notMine(v, req);
+    if (moved) return reply(ReplyStatus.moved, { owner: moved.route.owner, version: moved.route.version, detail: moved.page });
+    switch (req.op) {
+      case BlockOp.read:
+        return reply(ReplyStatus.ok, { payload: await v.store.read(req.lba, req.blocks) });
+      case BlockOp.write:
+        if (req.data?.length !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('write data length does not match blocks') });
+        await v.store.write(req.lba, req.data, { fua: req.fua });
+        return reply(ReplyStatus.ok);
+      case BlockOp.unmap:
+        await v.store.unmap(req.lba, req.blocks, { fua: req.fua });
+        return reply(ReplyStatus.ok);
+      case BlockOp.compareAndWrite: {
+        if (req.data?.length !== 2 * req.blocks * bs || req.compareBytes !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('compare and write lengths do not match blocks') });
+        const r = await v.store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), { fua: req.fua });
+        return r.ok ? reply(ReplyStatus.ok) : reply(ReplyStatus.miscompare, { detail: r.miscompareOffsetBytes });
+      }
+      case BlockOp.lbaStatus:
+        return reply(ReplyStatus.ok, { payload: encodeExtents(await v.store.lbaStatus(req.lba, req.blocks)) });
+      default:
+        return reply(ReplyStatus.failed, { payload: Buffer.from('unknown op') });
+    }
+  }
+
+  /** The first touched page we do not own (after a catalog re-read if the sender knows newer). */
+  private async notMine(v: ServedVolume, req: BlockRequest): Promise<{ page: number; route: Route } | undefined> {
+    const first = v.table.pageOf(req.lba);
+    const last = v.table.pageOf(req.lba + req.blocks - 1);
+    for (let page = first; page <= last; page++) {
+      let route = v.table.route(page);
+      if (req.routeVersion > route.version) route = await v.refresh(page);
+      if (route.owner !== this.o.self) return { page, route };
+    }
+    return undefined;
+  }
+
+  /** Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish. */
+  serveStream(call: grpc.ServerDuplexStream<Buffer, Buffer>): void {
+    let inFlight = 0;
+    let paused = false;
+    let ended = false;
+    call.on('data', (frame: Buffer) => {
+      const req = decodeRequest(frame);
+      if (!req) {
+        this.o.log.warn('malformed block frame from a peer; closing its stream');
+        call.destroy(new Error('malformed frame'));
+        return;
+      }
+      inFlight++;
+      if (inFlight >= peerRequestsInFlightMax && !paused) {
+        paused = true;
+        call.pause();
+      }
+      this.handle(req)
+        .catch((err: Error): BlockReply => {
+          this.o.log.error({ err, op: req.op, volume: req.volumeId }, 'forwarded request failed in the store');
+          return { id: req.id, status: ReplyStatus.failed, owner: this.o.self, version: 0, detail: 0, payload: Buffer.from(err.message) };
+        })
+        .then((reply) => {
+          inFlight--;
+          if (paused && inFlight < peerRequestsInFlightMax / 2) {
+            paused = false;
+            call.resume();
+          }
+          if (!call.destroyed && call.writable) call.write(encodeReply(reply));
+          if (ended && inFlight === 0) call.end();
+        });
+    });
+    call.on('end', () => {
+      ended = true;
+      if (inFlight === 0) call.end();
+    });
+    call.on('error', () => undefined);
+  }
+}

@@ -1,0 +1,244 @@
+// The router (DESIGN.md 2): a BlockBackend for one volume on one peer. A request is cut into
+// runs of consecutive pages with the same owner; runs this peer owns go straight to the
+// local store (no RPC), the others are forwarded to their owner, all runs in parallel. An
+// owner that no longer owns a page answers MOVED {owner, version}: the router learns the
+// newer route and re-runs just that part (at most routeRetriesMax times); hosts never see it.
+//
+// COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
+// under its lock). One that straddles a page boundary between two owners is carried out as
+// compare-then-write and is not atomic against a concurrent writer of the same blocks.
+
+import { PeersanError } from '../errors';
+import { routeRetriesMax } from '../limits';
+import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
+import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
+import type { Route, RouteTable } from './table';
+
+export interface RoutingCounters {
+  localRuns: number;
+  forwardedRuns: number;
+  movedRetries: number;
+}
+
+export function newRoutingCounters(): RoutingCounters {
+  return { localRuns: 0, forwardedRuns: 0, movedRetries: 0 };
+}
+
+/** What the router needs of the link to another peer. */
+export interface BlockSender {
+  send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply>;
+}
+
+export interface VolumeRouterOptions {
+  self: string;
+  volumeId: string;
+  table: RouteTable;
+  /** This peer's store volume (its pages of the volume). */
+  local: BlockBackend;
+  link(peerId: string): BlockSender;
+  /** Read the page's route from the catalog (used when an answer contradicts our table). */
+  refresh(page: number): Promise<Route>;
+  counters: RoutingCounters;
+}
+
+interface Run {
+  lba: number;
+  blocks: number;
+  offsetBlocks: number;
+  owner: string;
+  /** The highest route version among the run's pages (what the owner checks against). */
+  version: number;
+}
+
+class Moved extends Error {
+  constructor(readonly page: number, readonly route: Route) {
+    super(`page ${page} moved to ${route.owner} v${route.version}`);
+  }
+}
+
+/** Local extents lists are merged across runs; GET LBA STATUS need not cover the whole range. */
+const lbaStatusPagesMax = 64;
+
+export class VolumeRouter implements BlockBackend {
+  private readonly o: VolumeRouterOptions;
+
+  constructor(opts: VolumeRouterOptions) {
+    this.o = opts;
+  }
+
+  get blockBytes(): number {
+    return this.o.local.blockBytes;
+  }
+  get blockCount(): number {
+    return this.o.local.blockCount;
+  }
+  get grainBlocks(): number {
+    return this.o.local.grainBlocks;
+  }
+
+  async read(lba: number, blocks: number): Promise<Buffer> {
+    const runs = this.runsOf(lba, blocks, 0);
+    if (runs.length === 1 && runs[0].owner === this.o.self) {
+      this.o.counters.localRuns++;
+      return this.o.local.read(lba, blocks);
+    }
+    let single: Buffer | undefined;
+    const out = runs.length === 1 ? undefined : Buffer.allocUnsafe(blocks * this.blockBytes);
+    await this.each(runs, async (run) => {
+      const data = run.owner === this.o.self ? await this.o.local.read(run.lba, run.blocks) : this.payload(await this.forward(run, BlockOp.read, false));
+      if (data.length !== run.blocks * this.blockBytes) throw new PeersanError(`peer ${run.owner} returned ${data.length} bytes for ${run.blocks} blocks`);
+      if (out) data.copy(out, run.offsetBlocks * this.blockBytes);
+      else single = data;
+    });
+    return out ?? single!;
+  }
+
+  async write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
+    const bs = this.blockBytes;
+    const runs = this.runsOf(lba, data.length / bs, 0);
+    if (runs.length === 1 && runs[0].owner === this.o.self) {
+      this.o.counters.localRuns++;
+      return this.o.local.write(lba, data, opts);
+    }
+    await this.each(runs, async (run) => {
+      const part = data.subarray((run.lba - lba) * bs, (run.lba - lba + run.blocks) * bs);
+      if (run.owner === this.o.self) return this.o.local.write(run.lba, part, opts);
+      this.expectOk(await this.forward(run, BlockOp.write, opts.fua === true, part));
+    });
+  }
+
+  async unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
+    await this.each(this.runsOf(lba, blocks, 0), async (run) => {
+      if (run.owner === this.o.self) return this.o.local.unmap(run.lba, run.blocks, opts);
+      this.expectOk(await this.forward(run, BlockOp.unmap, opts.fua === true));
+    });
+  }
+
+  async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions = {}): Promise<CompareAndWriteResult> {
+    const blocks = data.length / this.blockBytes;
+    for (let tries = 0; ; tries++) {
+      const runs = this.runsOf(lba, blocks, 0);
+      if (runs.length > 1) return this.compareThenWrite(lba, compare, data, opts);
+      const run = runs[0];
+      if (run.owner === this.o.self) return this.o.local.compareAndWrite(lba, compare, data, opts);
+      const reply = await this.o.link(run.owner).send(this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length));
+      this.o.counters.forwardedRuns++;
+      if (reply.status === ReplyStatus.miscompare) return { ok: false, miscompareOffsetBytes: reply.detail };
+      if (reply.status !== ReplyStatus.moved || tries >= routeRetriesMax) {
+        this.expectOk(reply);
+        return { ok: true };
+      }
+      await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+    }
+  }
+
+  /** The non-atomic fallback for a COMPARE AND WRITE whose blocks have two owners. */
+  private async compareThenWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions): Promise<CompareAndWriteResult> {
+    const current = await this.read(lba, data.length / this.blockBytes);
+    if (!current.equals(compare)) {
+      let i = 0;
+      while (current[i] === compare[i]) i++;
+      return { ok: false, miscompareOffsetBytes: i };
+    }
+    await this.write(lba, data, opts);
+    return { ok: true };
+  }
+
+  /** Make everything acknowledged so far durable on every peer that may hold pages of the volume. */
+  async flush(): Promise<void> {
+    const peers = new Set<string>(this.o.table.peers);
+    for (const r of this.o.table.owners(this.blockCount)) peers.add(r.owner);
+    await Promise.all(
+      [...peers].map(async (peer) => {
+        if (peer === this.o.self) return this.o.local.flush();
+        this.expectOk(await this.o.link(peer).send({ op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
+      }),
+    );
+  }
+
+  async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    const pageBlocks = this.o.table.pageBlocks;
+    const end = Math.min(lba + blocksMax, (this.o.table.pageOf(lba) + lbaStatusPagesMax) * pageBlocks, this.blockCount);
+    const runs = this.runsOf(lba, end - lba, 0);
+    const perRun: LbaExtent[][] = runs.map(() => []);
+    await this.each(runs, async (run) => {
+      const extents = run.owner === this.o.self ? await this.o.local.lbaStatus(run.lba, run.blocks) : decodeExtents(this.payload(await this.forward(run, BlockOp.lbaStatus, false), true));
+      if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
+      perRun[runs.indexOf(run)] = extents;
+    });
+    return mergeExtents(perRun.flat());
+  }
+
+  // ---- runs, forwarding and MOVED ---------------------------------------------------------
+
+  private runsOf(lba: number, blocks: number, offsetBlocks: number): Run[] {
+    const runs: Run[] = [];
+    for (const part of this.o.table.split(lba, blocks)) {
+      const route = this.o.table.route(part.page);
+      const last = runs[runs.length - 1];
+      if (last && last.owner === route.owner) {
+        last.blocks += part.blocks;
+        last.version = Math.max(last.version, route.version);
+      } else {
+        runs.push({ lba: part.lba, blocks: part.blocks, offsetBlocks: offsetBlocks + part.offsetBlocks, owner: route.owner, version: route.version });
+      }
+    }
+    return runs;
+  }
+
+  /** Run `step` for every run in parallel; a run that hits MOVED is re-cut with the new route and re-run. */
+  private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0): Promise<void> {
+    const attempt = async (run: Run): Promise<void> => {
+      if (run.owner === this.o.self) this.o.counters.localRuns++;
+      try {
+        await step(run);
+      } catch (err) {
+        if (!(err instanceof Moved) || tries >= routeRetriesMax) throw err;
+        await this.learn(err.page, err.route);
+        await this.each(this.runsOf(run.lba, run.blocks, run.offsetBlocks), step, tries + 1);
+      }
+    };
+    if (runs.length === 1) return attempt(runs[0]);
+    await Promise.all(runs.map(attempt));
+  }
+
+  private async learn(page: number, route: Route): Promise<void> {
+    this.o.counters.movedRetries++;
+    // An answer no newer than what we know means our own table is behind the catalog.
+    if (!this.o.table.learn(page, route)) await this.o.refresh(page);
+  }
+
+  private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0): Omit<BlockRequest, 'id'> {
+    return { op, fua, volumeId: this.o.volumeId, lba: run.lba, blocks: run.blocks, routeVersion: run.version, compareBytes, data };
+  }
+
+  private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
+    this.o.counters.forwardedRuns++;
+    const reply = await this.o.link(run.owner).send(this.request(run, op, fua, data));
+    if (reply.status === ReplyStatus.moved) throw new Moved(reply.detail, { owner: reply.owner, version: reply.version });
+    return reply;
+  }
+
+  private expectOk(reply: BlockReply): void {
+    if (reply.status === ReplyStatus.ok) return;
+    const why = reply.payload?.toString('utf8') ?? '';
+    if (reply.status === ReplyStatus.noVolume) throw new PeersanError(`peer ${reply.owner || '?'} does not hold volume ${this.o.volumeId}`);
+    throw new PeersanError(`forwarded request failed (status ${reply.status}): ${why}`);
+  }
+
+  private payload(reply: BlockReply, allowEmpty = false): Buffer {
+    this.expectOk(reply);
+    if (!reply.payload && !allowEmpty) throw new PeersanError('forwarded read returned no data');
+    return reply.payload ?? Buffer.alloc(0);
+  }
+}
+
+function mergeExtents(extents: LbaExtent[]): LbaExtent[] {
+  const out: LbaExtent[] = [];
+  for (const e of extents) {
+    const last = out[out.length - 1];
+    if (last && last.mapped === e.mapped && last.lba + last.blocks === e.lba) last.blocks += e.blocks;
+    else out.push({ ...e });
+  }
+  return out;
+}

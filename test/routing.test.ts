@@ -1,0 +1,166 @@
+// Routing without sockets: the route table, the frame codec, and routers of three "peers"
+// wired straight to each other's PageService, including stale routes (MOVED + retry),
+// pages owned by a peer that is down, and requests that cross page boundaries.
+
+import t from 'tap';
+import fc from 'fast-check';
+import pino from 'pino';
+import { PeerUnavailableError } from '../src/errors';
+import { BlockOp, decodeExtents, decodeReply, decodeRequest, encodeExtents, encodeReply, encodeRequest, ReplyStatus, type BlockRequest } from '../src/routing/frame';
+import { PageService } from '../src/routing/page-service';
+import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
+import { RouteTable, type Route } from '../src/routing/table';
+import { MemoryBackend } from './helpers/memory-backend';
+
+const log = pino({ level: 'silent' });
+const pageBlocks = 64; // small pages keep the test fast; the logic does not depend on 8192
+const volumeId = '0123456789abcdef';
+
+t.test('route table: striped placement, page split, only newer routes are learned', async (t) => {
+  const table = new RouteTable(['p1', 'p2', 'p3'], pageBlocks, new Map());
+  t.same([0, 1, 2, 3, 4].map((p) => table.route(p).owner), ['p1', 'p2', 'p3', 'p1', 'p2']);
+  t.same(table.split(60, 10), [
+    { page: 0, lba: 60, blocks: 4, offsetBlocks: 0 },
+    { page: 1, lba: 64, blocks: 6, offsetBlocks: 4 },
+  ]);
+  t.same(table.split(0, 200).map((p) => p.blocks), [64, 64, 64, 8]);
+  t.notOk(table.learn(1, { owner: 'p3', version: 1 }), 'same version: ignored');
+  t.ok(table.learn(1, { owner: 'p3', version: 2 }));
+  t.same(table.route(1), { owner: 'p3', version: 2 });
+  t.notOk(table.learn(1, { owner: 'p1', version: 2 }));
+  t.same(table.owners(3 * pageBlocks).map((r) => r.owner), ['p1', 'p3', 'p3']);
+});
+
+t.test('frames round-trip and malformed frames are refused, never thrown on', async (t) => {
+  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, data: Buffer.alloc(1024, 9) };
+  const back = decodeRequest(encodeRequest(req))!;
+  t.same({ ...back, data: back.data?.toString('hex') }, { ...req, data: req.data!.toString('hex') });
+  const reply = { id: 9, status: ReplyStatus.moved, owner: 'p3', version: 4, detail: 17, payload: Buffer.from('x') };
+  t.same(decodeReply(encodeReply(reply)), reply);
+  const extents = [{ lba: 0, blocks: 10, mapped: true }, { lba: 10, blocks: 5, mapped: false }];
+  t.same(decodeExtents(encodeExtents(extents)), extents);
+  const truncated = encodeRequest(req).subarray(0, 50);
+  t.equal(decodeRequest(truncated), undefined);
+  const lying = encodeRequest(req);
+  lying.writeUInt32BE(2048, 32); // compare longer than the data
+  t.equal(decodeRequest(lying), undefined);
+  fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), (bytes) => {
+    const b = Buffer.from(bytes);
+    decodeRequest(b);
+    decodeReply(b);
+    decodeExtents(b);
+  }));
+});
+
+/** Three peers in memory: each has a store, a route table of its own and a PageService. */
+function group(opts: { down?: Set<string> } = {}) {
+  const catalog = new Map<number, Route>(); // the "catalog": the truth about moved pages
+  const peers = ['p1', 'p2', 'p3'];
+  const blockCount = 6 * pageBlocks;
+  const nodes = new Map<string, { store: MemoryBackend; table: RouteTable; service: PageService }>();
+  const refresh = (table: RouteTable) => async (page: number): Promise<Route> => {
+    const r = catalog.get(page);
+    if (r) table.learn(page, r);
+    return table.route(page);
+  };
+  for (const id of peers) {
+    const store = new MemoryBackend(512, blockCount, 8);
+    const table = new RouteTable(peers, pageBlocks, new Map());
+    const service = new PageService({ self: id, volume: (v) => (v === volumeId ? { table, store, refresh: refresh(table) } : undefined), log });
+    nodes.set(id, { store, table, service });
+  }
+  const counters = newRoutingCounters();
+  const sent: string[] = [];
+  let nextId = 1;
+  const link = (to: string): BlockSender => ({
+    send: async (req) => {
+      sent.push(to);
+      if (opts.down?.has(to)) throw new PeerUnavailableError(to, 'connection refused', false);
+      // Through the codec both ways, as on the wire.
+      const decoded = decodeRequest(encodeRequest({ ...req, id: nextId++ }))!;
+      return decodeReply(encodeReply(await nodes.get(to)!.service.handle(decoded)))!;
+    },
+  });
+  const router = (id: string): VolumeRouter => {
+    const n = nodes.get(id)!;
+    return new VolumeRouter({ self: id, volumeId, table: n.table, local: n.store, link, refresh: refresh(n.table), counters });
+  };
+  /** Move a page in the "catalog" and tell only the peers listed (the others keep a stale route). */
+  const move = (page: number, owner: string, tell: string[]): void => {
+    const r = { owner, version: (catalog.get(page)?.version ?? 1) + 1 };
+    catalog.set(page, r);
+    for (const id of tell) nodes.get(id)!.table.learn(page, r);
+  };
+  return { nodes, router, counters, sent, move, blockCount };
+}
+
+t.test('a write that spans pages lands on each page owner; reads through any peer agree', async (t) => {
+  const g = group();
+  const data = Buffer.alloc(3 * pageBlocks * 512);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+  await g.router('p1').write(32, data); // pages 0..3, owners p1 p2 p3 p1
+  t.equal(g.nodes.get('p2')!.store.data.subarray(pageBlocks * 512, 2 * pageBlocks * 512).equals(data.subarray(32 * 512, (32 + pageBlocks) * 512)), true, 'page 1 is on p2');
+  t.equal(g.nodes.get('p1')!.store.mapped[pageBlocks + 1], 0, 'p1 holds nothing of page 1');
+  for (const via of ['p1', 'p2', 'p3']) t.ok((await g.router(via).read(32, 3 * pageBlocks)).equals(data), `read through ${via}`);
+  t.ok(g.counters.forwardedRuns > 0 && g.counters.localRuns > 0);
+});
+
+t.test('a stale route is corrected by MOVED and the retry is counted', async (t) => {
+  const g = group();
+  g.move(1, 'p3', ['p2', 'p3']); // p1 is not told
+  const before = g.counters.movedRetries;
+  const data = Buffer.alloc(pageBlocks * 512, 0x5a);
+  await g.router('p1').write(pageBlocks, data);
+  t.equal(g.counters.movedRetries, before + 1, 'one MOVED followed');
+  t.same(g.sent.slice(-2), ['p2', 'p3'], 'asked the old owner, then the new one');
+  t.same(g.nodes.get('p1')!.table.route(1), { owner: 'p3', version: 2 }, 'p1 learned the route');
+  t.ok(g.nodes.get('p3')!.store.data.subarray(pageBlocks * 512, 2 * pageBlocks * 512).equals(data), 'data is at the new owner');
+  t.equal(g.nodes.get('p2')!.store.mapped[pageBlocks], 0, 'nothing written at the old owner');
+  // Only the old owner knows (a move's source commits it): the new owner learns it from the
+  // catalog when a sender shows it a newer version than its own table has.
+  g.move(2, 'p1', ['p3']);
+  await g.router('p2').write(2 * pageBlocks, Buffer.alloc(512, 0x77));
+  t.same(g.nodes.get('p2')!.table.route(2), { owner: 'p1', version: 2 });
+  t.same(g.nodes.get('p1')!.table.route(2), { owner: 'p1', version: 2 }, 'the new owner read the catalog');
+  t.ok(g.nodes.get('p1')!.store.data.subarray(2 * pageBlocks * 512, 2 * pageBlocks * 512 + 512).equals(Buffer.alloc(512, 0x77)));
+});
+
+t.test('pages of a peer that is down fail; the rest of the volume keeps working', async (t) => {
+  const g = group({ down: new Set(['p3']) });
+  await t.rejects(g.router('p1').read(2 * pageBlocks, 8), PeerUnavailableError);
+  await t.rejects(g.router('p1').read(0, 3 * pageBlocks), PeerUnavailableError, 'a request touching the page fails whole');
+  t.equal((await g.router('p1').read(0, 2 * pageBlocks)).length, 2 * pageBlocks * 512, 'pages 0 and 1 still served');
+});
+
+t.test('COMPARE AND WRITE runs atomically at the owner and reports the miscompare offset', async (t) => {
+  const g = group();
+  const r = g.router('p1');
+  const lba = pageBlocks + 3; // owned by p2
+  const v1 = Buffer.alloc(512, 1);
+  await r.write(lba, v1);
+  t.same(await r.compareAndWrite(lba, v1, Buffer.alloc(512, 2)), { ok: true });
+  const res = await r.compareAndWrite(lba, v1, Buffer.alloc(512, 3));
+  t.same(res, { ok: false, miscompareOffsetBytes: 0 });
+  t.ok((await g.router('p3').read(lba, 1)).equals(Buffer.alloc(512, 2)));
+  // Across a page boundary between two owners: compare-then-write.
+  const edge = pageBlocks - 1;
+  const both = Buffer.alloc(1024, 4);
+  await r.write(edge, both);
+  t.same(await r.compareAndWrite(edge, both, Buffer.alloc(1024, 5)), { ok: true });
+  t.ok((await g.router('p2').read(edge, 2)).equals(Buffer.alloc(1024, 5)));
+});
+
+t.test('unmap, LBA status and flush are routed too', async (t) => {
+  const g = group();
+  const r = g.router('p2');
+  await r.write(0, Buffer.alloc(3 * pageBlocks * 512, 1));
+  await r.unmap(pageBlocks, 16);
+  const extents = await r.lbaStatus(0, 3 * pageBlocks);
+  t.same(extents.slice(0, 3), [
+    { lba: 0, blocks: pageBlocks, mapped: true },
+    { lba: pageBlocks, blocks: 16, mapped: false },
+    { lba: pageBlocks + 16, blocks: 2 * pageBlocks - 16, mapped: true },
+  ]);
+  await r.flush();
+  t.same(['p1', 'p2', 'p3'].map((p) => g.nodes.get(p)!.store.flushes), [1, 1, 1], 'every peer of the volume flushed');
+});
