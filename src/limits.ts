@@ -86,6 +86,8 @@ export const peerFrameBytesMax = transferBytesMax + 64 * 1024;
 export const peerRequestsInFlightMax = 256;
 /** A forwarded request that gets no answer in this time fails (the host sees a SCSI error, never a hang). */
 export const peerRequestMsMax = 5_000;
+/** How long a request waits for the connection to its owner to come up (reconnect backoff is at most 1 s). */
+export const peerConnectMsMax = 2_000;
 /** MOVED answers followed per request before giving up (routes settle in one or two). */
 export const routeRetriesMax = 8;
 /** Peers that must acknowledge a reservation change wait at most this long each. */
@@ -93,3 +95,4 @@ export const reservationNotifyMsMax = 2_000;
 /** How old a peer RPC authentication stamp may be. */
 export const peerAuthSkewMsMax = 5 * 60_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
+assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');

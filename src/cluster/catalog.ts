@@ -110,6 +110,8 @@ export class Catalog {
   private readonly tables = new Map<string, RouteTable>();
   private readonly listeners = new Set<(name: string, record: VolumeRecord | undefined) => void>();
   private unwatchers: (() => void)[] = [];
+  /** Route events held back by holdRouteEvents() (fault injection: a lagging watch). */
+  private heldRouteEvents: WatchEvent[] | undefined;
 
   private constructor(store: MetaStore, options: CatalogOptions) {
     this.store = store;
@@ -137,7 +139,24 @@ export class Catalog {
     return c;
   }
 
+  /**
+   * Test hook: stop applying route changes from the watch until the returned function is
+   * called, as a slow watch would. Requests still learn routes from MOVED answers.
+   */
+  holdRouteEvents(): () => void {
+    this.heldRouteEvents ??= [];
+    return () => {
+      const held = this.heldRouteEvents ?? [];
+      this.heldRouteEvents = undefined;
+      for (const ev of held) this.onRouteEvent(ev);
+    };
+  }
+
   private onRouteEvent(ev: WatchEvent): void {
+    if (this.heldRouteEvents) {
+      this.heldRouteEvents.push(ev);
+      return;
+    }
     const key = ev.type === 'put' ? ev.record.key : ev.key;
     const [volumeId, pageText] = key.slice(routePrefix.length).split('/');
     const page = Number(pageText);

@@ -6,7 +6,7 @@
 
 import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../errors';
-import { peerFrameBytesMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
+import { peerConnectMsMax, peerFrameBytesMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
 import { decodeReply, encodeRequest, type BlockReply, type BlockRequest } from './frame';
 
 const raw = (b: Buffer): Buffer => b;
@@ -28,6 +28,9 @@ export const peerDataService: grpc.ServiceDefinition = {
 export const peerChannelOptions: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': peerFrameBytesMax,
   'grpc.max_send_message_length': peerFrameBytesMax,
+  // A peer that comes back is reached again within about a second (gRPC's default backoff grows to minutes).
+  'grpc.initial_reconnect_backoff_ms': 250,
+  'grpc.max_reconnect_backoff_ms': 1_000,
   'grpc.keepalive_time_ms': 10_000,
   'grpc.keepalive_timeout_ms': 5_000,
 };
@@ -72,6 +75,7 @@ export class PeerLink {
   async send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
     if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
     while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
+    if (this.client.getChannel().getConnectivityState(true) !== grpc.connectivityState.READY) await this.connect();
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
     const stream = this.openStream();
@@ -79,6 +83,13 @@ export class PeerLink {
       const timer = setTimeout(() => this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.opts.requestMsMax ?? peerRequestMsMax} ms`, true)), this.opts.requestMsMax ?? peerRequestMsMax);
       this.pending.set(id, { resolve, reject, timer });
       stream.write(encodeRequest({ ...req, id }));
+    });
+  }
+
+  /** Wait (bounded) for the channel: a peer that just came back is used, a dead one fails soon. */
+  private connect(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.client.waitForReady(Date.now() + peerConnectMsMax, (err) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable at ${this.opts.address}`, false)) : resolve()));
     });
   }
 

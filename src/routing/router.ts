@@ -156,17 +156,34 @@ export class VolumeRouter implements BlockBackend {
     );
   }
 
+  /**
+   * Extents from `lba` on. The answer may stop short of `blocksMax` (SBC allows it): at most
+   * lbaStatusPagesMax pages, and only up to the first run whose owner cannot answer.
+   */
   async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     const pageBlocks = this.o.table.pageBlocks;
     const end = Math.min(lba + blocksMax, (this.o.table.pageOf(lba) + lbaStatusPagesMax) * pageBlocks, this.blockCount);
     const runs = this.runsOf(lba, end - lba, 0);
-    const perRun: LbaExtent[][] = runs.map(() => []);
+    // Keyed by first LBA: a run re-cut after MOVED still tiles the same range.
+    const byLba = new Map<number, LbaExtent[]>();
+    const failures: unknown[] = [];
     await this.each(runs, async (run) => {
-      const extents = run.owner === this.o.self ? await this.o.local.lbaStatus(run.lba, run.blocks) : decodeExtents(this.payload(await this.forward(run, BlockOp.lbaStatus, false), true));
-      if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
-      perRun[runs.indexOf(run)] = extents;
+      try {
+        const extents = run.owner === this.o.self ? await this.o.local.lbaStatus(run.lba, run.blocks) : decodeExtents(this.payload(await this.forward(run, BlockOp.lbaStatus, false), true));
+        if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
+        byLba.set(run.lba, extents);
+      } catch (err) {
+        if (err instanceof Moved) throw err;
+        failures.push(err);
+      }
     });
-    return mergeExtents(perRun.flat());
+    const answered: LbaExtent[] = [];
+    for (let at = lba, extents = byLba.get(at); extents && at < end; extents = byLba.get(at)) {
+      answered.push(...extents);
+      at += extents.reduce((n, e) => n + e.blocks, 0);
+    }
+    if (answered.length === 0 && failures.length > 0) throw failures[0];
+    return mergeExtents(answered);
   }
 
   // ---- runs, forwarding and MOVED ---------------------------------------------------------

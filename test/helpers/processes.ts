@@ -1,7 +1,7 @@
 // Start and stop real peer processes for tests; every process started here is killed by the
 // test's teardown, and every wait is bounded.
 
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -44,6 +44,7 @@ export function hasTool(name: string): boolean {
 }
 
 export interface TestPeer {
+  id: string;
   dir: string;
   config: string;
   iscsiPort: number;
@@ -55,41 +56,101 @@ export interface TestPeer {
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
-export async function startPeer(teardown: (fn: () => unknown) => void): Promise<TestPeer> {
+/**
+ * Peer processes of one group (`peersan peer --config … --id pN`), each killed by the
+ * teardown. More than one peer needs an etcd endpoint for the shared catalog.
+ */
+export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string } = {}): Promise<TestPeer[]> {
+  const count = opts.count ?? 1;
   const dir = mkdtempSync(join(tmpdir(), 'peersan-test-'));
-  const [iscsiPort, rpcPort, httpPort] = [await freePort(), await freePort(), await freePort()];
   const config = join(dir, 'cluster.yaml');
+  const ports: { iscsi: number; rpc: number; http: number }[] = [];
+  for (let i = 0; i < count; i++) ports.push({ iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
+  const catalog = opts.etcd ? `{ backend: etcd, endpoints: [${opts.etcd}] }` : '{ backend: embedded }';
   writeFileSync(config, [
-    'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', '  catalog: { backend: embedded }',
-    'peers:', `  - { id: p1, iscsi: 127.0.0.1:${iscsiPort}, rpc: 127.0.0.1:${rpcPort}, http: 127.0.0.1:${httpPort}, data: ./p1 }`, '',
+    'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', `  catalog: ${catalog}`,
+    'peers:', ...ports.map((p, i) => `  - { id: p${i + 1}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./p${i + 1} }`), '',
   ].join('\n'));
-  const peer: TestPeer = {
-    dir, config, iscsiPort, rpcPort,
-    process: undefined as unknown as ChildProcess,
-    url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${iscsiPort}/iqn.2026-11.io.peersan:${volume}/0`,
-    cli: (...args) => {
-      const r = spawnSync(process.execPath, [cliPath, '--config', config, ...args], { encoding: 'utf8', timeout: 30_000 });
-      return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-    },
-    start: async () => {
-      peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', 'p1'], { stdio: ['ignore', 'ignore', 'pipe'] });
-      peer.process.stderr!.on('data', () => undefined);
-      await waitForPort(iscsiPort);
-      await waitForPort(rpcPort);
-    },
-    kill: async (signal = 'SIGTERM') => {
-      const p = peer.process;
-      if (!p || p.exitCode !== null || p.signalCode !== null) return;
-      const exited = new Promise((r) => p.once('exit', r));
-      p.kill(signal);
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-      if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-    },
-  };
+  const peers = ports.map((p, i): TestPeer => {
+    const id = `p${i + 1}`;
+    const peer: TestPeer = {
+      id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc,
+      process: undefined as unknown as ChildProcess,
+      url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:${volume}/0`,
+      cli: (...args) => {
+        const r = spawnSync(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], { encoding: 'utf8', timeout: 30_000 });
+        return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+      },
+      start: async () => {
+        peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'] });
+        peer.process.stderr!.on('data', () => undefined);
+        await waitForPort(p.iscsi);
+        await waitForPort(p.rpc);
+      },
+      kill: async (signal = 'SIGTERM') => {
+        const proc = peer.process;
+        if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
+        const exited = new Promise((r) => proc.once('exit', r));
+        proc.kill(signal);
+        await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
+        if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      },
+    };
+    return peer;
+  });
   teardown(async () => {
-    await peer.kill('SIGKILL');
+    await Promise.all(peers.map((p) => p.kill('SIGKILL')));
     rmSync(dir, { recursive: true, force: true });
   });
-  await peer.start();
-  return peer;
+  await Promise.all(peers.map((p) => p.start()));
+  return peers;
+}
+
+export async function startPeer(teardown: (fn: () => unknown) => void): Promise<TestPeer> {
+  return (await startPeers(teardown))[0];
+}
+
+/** A throwaway etcd on loopback, killed by the teardown. */
+export async function startEtcd(teardown: (fn: () => unknown) => void): Promise<{ endpoint: string }> {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-etcd-'));
+  const [client, peer] = [await freePort(), await freePort()];
+  const etcd = spawn('etcd', [
+    '--name', 'test', '--data-dir', join(dir, 'data'),
+    '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
+    '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
+    '--initial-cluster', `test=http://127.0.0.1:${peer}`, '--log-level', 'error',
+  ], { stdio: 'ignore' });
+  teardown(async () => {
+    if (etcd.exitCode === null && etcd.signalCode === null) {
+      etcd.kill('SIGKILL');
+      await new Promise((r) => etcd.once('exit', r));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  });
+  await waitForPort(client);
+  return { endpoint: `http://127.0.0.1:${client}` };
+}
+
+/** Run a tool without blocking the event loop (peers may live in this process), bounded in time. */
+function run(cmd: string, args: string[], timeoutMs: number): Promise<{ status: number | null; out: string; ms: number }> {
+  const started = Date.now();
+  return new Promise((resolve) => {
+    execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+      const status = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null) : 0;
+      resolve({ status, out: `${stdout ?? ''}${stderr ?? ''}`, ms: Date.now() - started });
+    });
+  });
+}
+
+/** qemu-io against an iSCSI URL: one command, its output, bounded in time. */
+export async function qemuIo(url: string, command: string, timeoutMs = 60_000): Promise<{ ok: boolean; out: string; ms: number }> {
+  const r = await run('qemu-io', ['-f', 'raw', '-c', command, url], timeoutMs);
+  return { ok: r.status === 0 && !/failed|error|Pattern verification/i.test(r.out), out: r.out, ms: r.ms };
+}
+
+/** qemu-img with a time bound; throws with its output when it fails. */
+export async function qemuImg(args: string[], timeoutMs = 120_000): Promise<string> {
+  const r = await run('qemu-img', args, timeoutMs);
+  if (r.status !== 0) throw new Error(`qemu-img ${args.join(' ')}: ${r.out}`);
+  return r.out;
 }
