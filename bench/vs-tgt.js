@@ -1,15 +1,21 @@
 #!/usr/bin/env node
-// peersan vs tgt (Debian tgt, file-backed LUN of the same size), same machine, same run.
+// peersan vs tgt (Debian tgt, file-backed LUN of the same size), same machine, same run; and
+// peersan local vs forwarded.
 //
 //   npm run build && node bench/vs-tgt.js [--size-mib 1024] [--seconds 5] [--repeat 3]
 //
-// Both LUNs are filled completely first (a thin volume reads unwritten blocks without I/O,
-// which would flatter peersan). Then, alternating between the two targets, each figure is
-// measured --repeat times and the median printed:
+// peersan runs as a group of two `peersan peer` processes sharing an etcd catalog (as two
+// machines would; each process gets its own core on a 2-core box). The volume is placed on
+// p1 only, so the same volume is measured through two portals:
+//   local      p1's portal: p1 owns every page, no RPC
+//   forwarded  p2's portal: p2 owns none, every command goes to p1 over PeerData
+// Both LUNs (peersan's, tgt's) are filled completely first (a thin volume reads unwritten
+// blocks without I/O, which would flatter peersan). Then, rotating between the targets,
+// each figure is measured --repeat times and the median printed:
 //   4 KiB random read, depth 32     iscsi-perf -r -b 8 -m 32
 //   4 KiB writes, depth 32          qemu-img bench -w -t none -d 32 -s 4096
 //   128 KiB sequential read, d 16   iscsi-perf -b 256 -m 16
-// Needs root (tgtd), iscsi-perf, qemu-img with the iscsi driver. Results also go to
+// Needs root (tgtd), etcd, iscsi-perf, qemu-img with the iscsi driver. Results also go to
 // bench/results/vs-tgt-<time>.json.
 'use strict';
 
@@ -81,20 +87,32 @@ async function startTgt(sizeBytes) {
   return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
 }
 
-async function startPeersan(sizeBytes) {
-  const [iscsi, rpc] = [await freePort(), await freePort()];
-  const child = spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'demo', '--data', path.join(work, 'peersan'),
-    '--iscsi-port', String(iscsi), '--rpc-port', String(rpc), '--http-port', String(await freePort()), '--size', `${sizeBytes}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+async function startEtcd() {
+  const [client, peer] = [await freePort(), await freePort()];
+  const child = spawn('etcd', ['--name', 'bench', '--data-dir', path.join(work, 'etcd'),
+    '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
+    '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
+    '--initial-cluster', `bench=http://127.0.0.1:${peer}`, '--log-level', 'error'], { stdio: 'ignore' });
   children.push(child);
-  await new Promise((resolve, reject) => {
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-      if (out.includes('\nready')) resolve();
-    });
-    child.on('exit', (code) => reject(new Error(`peersan demo exited (${code}): ${out}`)));
-  });
-  return `iscsi://127.0.0.1:${iscsi}/iqn.2026-11.io.peersan:demo/0`;
+  await waitPort(client);
+  return `http://127.0.0.1:${client}`;
+}
+
+/** Two peer processes on etcd, volume `bench` placed on p1 only: returns p1's and p2's URLs. */
+async function startPeersan(sizeBytes) {
+  const etcd = await startEtcd();
+  const peers = [];
+  for (const id of ['p1', 'p2']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
+  const config = path.join(work, 'cluster.yaml');
+  fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`, 'peers:',
+    ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
+  for (const p of peers) {
+    children.push(spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'peer', '--config', config, '--id', p.id], { stdio: 'ignore' }));
+    await waitPort(p.iscsi);
+  }
+  run(process.execPath, [path.join(root, 'bin', 'peersan.js'), '--config', config, 'volume', 'create', 'bench', '--size', String(sizeBytes), '--peers', 'p1']);
+  const url = (p) => `iscsi://127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:bench/0`;
+  return { local: url(peers[0]), forwarded: url(peers[1]) };
 }
 
 function iscsiPerf(url, extra) {
@@ -117,10 +135,11 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 async function main() {
   const sizeBytes = args.sizeMib * 1024 * 1024;
-  const targets = { peersan: await startPeersan(sizeBytes), tgt: await startTgt(sizeBytes) };
+  const peersan = await startPeersan(sizeBytes);
+  const targets = { peersan: peersan.local, forwarded: peersan.forwarded, tgt: await startTgt(sizeBytes) };
   const fill = path.join(work, 'fill.img');
   run('dd', ['if=/dev/urandom', `of=${fill}`, 'bs=1M', `count=${args.sizeMib}`, 'status=none']);
-  for (const url of Object.values(targets)) run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', fill, url]);
+  for (const url of [targets.peersan, targets.tgt]) run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', fill, url]);
   fs.rmSync(fill);
 
   const figures = [
@@ -129,18 +148,26 @@ async function main() {
     { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16']) },
   ];
   const results = [];
+  const names = Object.keys(targets);
+  console.log(`${''.padEnd(40)} ${'local'.padStart(9)} ${'forwarded'.padStart(9)} ${'tgt'.padStart(9)}  local/tgt  fwd/local`);
   for (const f of figures) {
-    const samples = { peersan: [], tgt: [] };
+    const samples = { peersan: [], forwarded: [], tgt: [] };
     for (let i = 0; i < args.repeat; i++) {
-      for (const name of i % 2 === 0 ? ['peersan', 'tgt'] : ['tgt', 'peersan']) samples[name].push(f.measure(targets[name])[f.unit]);
+      // Rotate the order so no target always runs first (page cache, CPU frequency).
+      for (let k = 0; k < names.length; k++) {
+        const name = names[(i + k) % names.length];
+        samples[name].push(f.measure(targets[name])[f.unit]);
+      }
     }
-    const row = { figure: f.name, peersan: median(samples.peersan), tgt: median(samples.tgt), samples };
+    const row = { figure: f.name, peersan: median(samples.peersan), forwarded: median(samples.forwarded), tgt: median(samples.tgt), samples };
     row.ratio = row.peersan / row.tgt;
+    row.forwardedRatio = row.forwarded / row.peersan;
     results.push(row);
-    console.log(`${row.figure.padEnd(40)} peersan ${String(row.peersan).padStart(7)}  tgt ${String(row.tgt).padStart(7)}  ratio ${row.ratio.toFixed(2)}`);
+    console.log(`${row.figure.padEnd(40)} ${String(row.peersan).padStart(9)} ${String(row.forwarded).padStart(9)} ${String(row.tgt).padStart(9)}  ${row.ratio.toFixed(2).padStart(9)}  ${row.forwardedRatio.toFixed(2).padStart(9)}`);
   }
   const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version };
   console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; medians of ${args.repeat}, ${args.seconds} s each, ${args.sizeMib} MiB LUNs filled with random data`);
+  console.log('local = through the portal of the peer that owns every page; forwarded = through a peer that owns none (two peer processes, etcd catalog)');
   const dir = path.join(__dirname, 'results');
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, `vs-tgt-${Date.now()}.json`), JSON.stringify({ args, machine, results }, null, 2));

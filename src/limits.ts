@@ -82,6 +82,8 @@ assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one
 
 /** One forwarded block frame (header + data): a whole command's data fits. */
 export const peerFrameBytesMax = transferBytesMax + 64 * 1024;
+/** One gRPC message of batched frames (a whole frame always fits alone). */
+export const peerBatchBytesMax = peerFrameBytesMax + 4096;
 /** Forwarded requests outstanding per peer link; more wait for a slot (back-pressure). */
 export const peerRequestsInFlightMax = 256;
 /** A forwarded request that gets no answer in this time fails (the host sees a SCSI error, never a hang). */
@@ -96,3 +98,21 @@ export const reservationNotifyMsMax = 2_000;
 export const peerAuthSkewMsMax = 5 * 60_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
 assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');
+
+// ---- EXTENDED COPY (LID1) --------------------------------------------------------------
+
+/** CSCD (target) descriptors and segment descriptors per EXTENDED COPY, and their total bytes. */
+export const xcopyCscdDescriptorsMax = 8;
+export const xcopySegmentDescriptorsMax = 8;
+export const xcopyDescriptorListBytesMax = 512;
+/** Bytes one block→block segment may move (NUMBER OF BLOCKS is 16 bits; 65535 × 4096 < 256 MiB). */
+export const xcopySegmentBytesMax = 256 * 1024 * 1024;
+/** Inline data we accept (and ignore: no segment type that uses it is supported). */
+export const xcopyInlineBytesMax = 0;
+/** A copy moves data in chunks of at most this many bytes. */
+export const xcopyChunkBytes = 1024 * 1024;
+/** Copy results held per I_T nexus for RECEIVE COPY RESULTS. */
+export const xcopyHeldResultsMax = 16;
+assert(16 + xcopyDescriptorListBytesMax <= transferBytesMax, 'an EXTENDED COPY parameter list fits one command');
+assert((xcopyCscdDescriptorsMax + 1) * 32 + 28 <= xcopyDescriptorListBytesMax, 'one too many CSCDs is reported as too many, not as too long');
+assert(32 + (xcopySegmentDescriptorsMax + 1) * 28 <= xcopyDescriptorListBytesMax, 'one too many segments is reported as too many, not as too long');

@@ -10,7 +10,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import { peerAuthMetadata } from '../src/cluster/peer-auth';
 import { peerRequestMsMax } from '../src/limits';
+import { naaIdentifier } from '../src/scsi/inquiry';
+import { BlockOp, ReplyStatus } from '../src/routing/frame';
+import { PeerLink } from '../src/routing/link';
 import { AdminClient } from '../src/server/admin';
 import type { ClusterConfig } from '../src/server/config';
 import { PeerServer } from '../src/server/peer';
@@ -87,6 +91,63 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     t.ok(r.ok, `read back through the new owner: ${r.out.trim()}`);
     const map = await p1.pageMap('vol');
     t.same(map.pages[4], { page: 4, owner: 'p3', version: 2 });
+  });
+
+  await t.test('EXTENDED COPY from one volume to another, page owners on different peers', async (t) => {
+    await g.peer('p1').createVolume({ name: 'copy', size: '32M' });
+    const source = g.peer('p1').catalogForTests.require('vol');
+    const target = g.peer('p1').catalogForTests.require('copy');
+    for (let i = 0; i < 100 && !g.peer('p2').targetsForTests.find('iqn.2026-11.io.peersan:copy'); i++) await new Promise((r) => setTimeout(r, 20));
+    // Page 2 of vol is p3's; page 0 of copy is p1's: issue the copy through p2, which owns neither.
+    const lu = g.peer('p2').targetsForTests.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
+    const cscd = (id: string): Buffer => {
+      const d = Buffer.alloc(32);
+      d[0] = 0xe4;
+      d[4] = 1;
+      d[5] = 3;
+      d[7] = 16;
+      naaIdentifier(id).copy(d, 8);
+      return d;
+    };
+    const seg = Buffer.alloc(28);
+    seg[0] = 0x02;
+    seg.writeUInt16BE(24, 2);
+    seg.writeUInt16BE(0, 4);
+    seg.writeUInt16BE(1, 6);
+    seg.writeUInt16BE(2048, 10);
+    seg.writeBigUInt64BE(BigInt(2 * 8192), 12);
+    seg.writeBigUInt64BE(0n, 20);
+    const header = Buffer.alloc(16);
+    header[1] = 2 << 3;
+    header.writeUInt16BE(64, 2);
+    header.writeUInt32BE(28, 8);
+    const params = Buffer.concat([header, cscd(source.id), cscd(target.id), seg]);
+    const cdb = Buffer.alloc(16);
+    cdb[0] = 0x83;
+    cdb.writeUInt32BE(params.length, 10);
+    const nexus = { initiatorPort: 'iqn.test:x,i,0x1', initiatorName: 'iqn.test:x', targetPort: 'x,t,0x2', relativeTargetPort: 2 };
+    const r = await lu.execute({ cdb, lun: 0, nexus, taskAttr: 1, expectedDataLength: params.length, dataOut: params });
+    t.equal(r.status, 0, `EXTENDED COPY: GOOD ${r.sense?.toString('hex') ?? ''}`);
+    const a = await qemuIo(g.url('p3', 'vol'), `read -v ${2 * pageBytes} 32`);
+    const b = await qemuIo(g.url('p1', 'copy'), `read -v 0 32`);
+    t.ok(a.ok && b.ok);
+    t.equal(b.out.split('\n')[0].slice(10, 58), a.out.split('\n')[0].slice(10, 58), 'the copy holds the source bytes');
+  });
+
+  await t.test('peer RPC needs the cluster secret: an outsider cannot read pages', async (t) => {
+    const record = g.peer('p1').catalogForTests.require('vol');
+    const read = { op: BlockOp.read, fua: false, volumeId: record.id, lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
+    const outsider = new PeerLink({ peerId: 'p1', address: g.config.peers[0].rpc, metadata: () => peerAuthMetadata('not-the-secret', 'p2') });
+    t.teardown(() => outsider.close());
+    await t.rejects(outsider.send(read), /not a member/, 'wrong secret: refused');
+    const stranger = new PeerLink({ peerId: 'p1', address: g.config.peers[0].rpc, metadata: () => peerAuthMetadata('group-secret', 'p9') });
+    t.teardown(() => stranger.close());
+    await t.rejects(stranger.send(read), /not a member/, 'right secret, unknown peer id: refused');
+    const member = new PeerLink({ peerId: 'p1', address: g.config.peers[0].rpc, metadata: () => peerAuthMetadata('group-secret', 'p2') });
+    t.teardown(() => member.close());
+    const reply = await member.send(read);
+    t.equal(reply.status, ReplyStatus.ok, 'a member is served');
+    t.equal(reply.payload?.length, 512);
   });
 
   await t.test('a stopped peer: its pages fail within the bound, others work; back when it returns', async (t) => {

@@ -65,7 +65,7 @@ t.test('a group of three peer processes on etcd', { skip: missing.length ? `miss
     if (!m) return;
     t.equal(Number(m[4]), 0, `no failed tests${Number(m[4]) ? ': ' + out.split('\n').filter((l) => l.includes('failed ')).slice(0, 5).join('; ') : ''}`);
     t.match(out, /CUnit: \d+ ran, \d+ passed, 0 failed/, "CUnit's own summary agrees");
-    t.ok(Number(m[2]) >= 500, `at least 500 clean passes (single peer: 511), got ${m[2]}`);
+    t.ok(Number(m[2]) >= 520, `at least 520 clean passes (measured: 527; tgt 1.0.85: 448), got ${m[2]}`);
   });
 });
 

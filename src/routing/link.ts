@@ -6,12 +6,13 @@
 
 import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../errors';
-import { peerConnectMsMax, peerFrameBytesMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
+import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
+import { FrameBatcher, splitBatch } from './batch';
 import { decodeReply, encodeRequest, type BlockReply, type BlockRequest } from './frame';
 
 const raw = (b: Buffer): Buffer => b;
 
-/** PeerData.Blocks: frames of src/routing/frame.ts, not protobuf messages. */
+/** PeerData.Blocks: batches (batch.ts) of frames (frame.ts), not protobuf messages. */
 export const peerDataService: grpc.ServiceDefinition = {
   blocks: {
     path: '/peersan.PeerData/Blocks',
@@ -26,8 +27,10 @@ export const peerDataService: grpc.ServiceDefinition = {
 };
 
 export const peerChannelOptions: grpc.ChannelOptions = {
-  'grpc.max_receive_message_length': peerFrameBytesMax,
-  'grpc.max_send_message_length': peerFrameBytesMax,
+  'grpc.max_receive_message_length': peerBatchBytesMax,
+  'grpc.max_send_message_length': peerBatchBytesMax,
+  // HTTP/2's default 64 KiB flow-control window throttles 128 KiB reads to a crawl.
+  'grpc-node.flow_control_window': 16 * 1024 * 1024,
   // A peer that comes back is reached again within about a second (gRPC's default backoff grows to minutes).
   'grpc.initial_reconnect_backoff_ms': 250,
   'grpc.max_reconnect_backoff_ms': 1_000,
@@ -56,6 +59,7 @@ export class PeerLink {
   private readonly client: grpc.Client;
   private readonly opts: PeerLinkOptions;
   private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
+  private batcher: FrameBatcher | undefined;
   private readonly pending = new Map<number, Pending>();
   private readonly waiting: (() => void)[] = [];
   private nextId = 1;
@@ -82,7 +86,7 @@ export class PeerLink {
     return new Promise<BlockReply>((resolve, reject) => {
       const timer = setTimeout(() => this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.opts.requestMsMax ?? peerRequestMsMax} ms`, true)), this.opts.requestMsMax ?? peerRequestMsMax);
       this.pending.set(id, { resolve, reject, timer });
-      stream.write(encodeRequest({ ...req, id }));
+      stream.batcher.push(encodeRequest({ ...req, id }));
     });
   }
 
@@ -93,18 +97,26 @@ export class PeerLink {
     });
   }
 
-  private openStream(): grpc.ClientDuplexStream<Buffer, Buffer> {
-    if (this.stream) return this.stream;
+  private openStream(): { batcher: FrameBatcher } {
+    if (this.stream && this.batcher) return { batcher: this.batcher };
     const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
     this.stream = stream;
-    stream.on('data', (frame: Buffer) => {
-      const reply = decodeReply(frame);
-      if (!reply) return this.breakStream(stream, 'malformed reply frame');
-      this.settle(reply.id)?.resolve(reply);
+    const batcher = new FrameBatcher((batch) => {
+      if (this.stream === stream) stream.write(batch);
+    });
+    this.batcher = batcher;
+    stream.on('data', (batch: Buffer) => {
+      const frames = splitBatch(batch);
+      if (!frames) return this.breakStream(stream, 'malformed reply batch');
+      for (const frame of frames) {
+        const reply = decodeReply(frame);
+        if (!reply) return this.breakStream(stream, 'malformed reply frame');
+        this.settle(reply.id)?.resolve(reply);
+      }
     });
     stream.on('error', (err: grpc.ServiceError) => this.breakStream(stream, err.details || err.message));
     stream.on('end', () => this.breakStream(stream, 'stream ended'));
-    return stream;
+    return { batcher };
   }
 
   private settle(id: number): Pending | undefined {
@@ -119,6 +131,8 @@ export class PeerLink {
   private breakStream(stream: grpc.ClientDuplexStream<Buffer, Buffer>, why: string): void {
     if (this.stream !== stream) return;
     this.stream = undefined;
+    this.batcher?.clear();
+    this.batcher = undefined;
     stream.cancel();
     // Every request written on this stream is lost with it; none can be answered any more.
     for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false));

@@ -8,6 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { peerRequestsInFlightMax } from '../limits';
 import type { BlockBackend } from '../store/types';
+import { FrameBatcher, splitBatch } from './batch';
 import { BlockOp, decodeRequest, encodeExtents, encodeReply, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
 import type { Route, RouteTable } from './table';
 
@@ -81,12 +82,15 @@ export class PageService {
     let inFlight = 0;
     let paused = false;
     let ended = false;
-    call.on('data', (frame: Buffer) => {
+    const batcher = new FrameBatcher((batch) => {
+      if (!call.destroyed && call.writable) call.write(batch);
+    });
+    const onFrame = (frame: Buffer): boolean => {
       const req = decodeRequest(frame);
       if (!req) {
         this.o.log.warn('malformed block frame from a peer; closing its stream');
         call.destroy(new Error('malformed frame'));
-        return;
+        return false;
       }
       inFlight++;
       if (inFlight >= peerRequestsInFlightMax && !paused) {
@@ -104,9 +108,22 @@ export class PageService {
             paused = false;
             call.resume();
           }
-          if (!call.destroyed && call.writable) call.write(encodeReply(reply));
-          if (ended && inFlight === 0) call.end();
+          batcher.push(encodeReply(reply));
+          if (ended && inFlight === 0) {
+            batcher.flush();
+            call.end();
+          }
         });
+      return true;
+    };
+    call.on('data', (batch: Buffer) => {
+      const frames = splitBatch(batch);
+      if (!frames) {
+        this.o.log.warn('malformed block batch from a peer; closing its stream');
+        call.destroy(new Error('malformed batch'));
+        return;
+      }
+      for (const frame of frames) if (!onFrame(frame)) return;
     });
     call.on('end', () => {
       ended = true;
@@ -115,3 +132,4 @@ export class PageService {
     call.on('error', () => undefined);
   }
 }
+

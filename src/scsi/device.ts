@@ -7,9 +7,10 @@
 import { Mutex } from 'async-mutex';
 import type { Logger } from 'pino';
 import { PeerUnavailableError } from '../errors';
-import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax } from '../limits';
+import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax, xcopyChunkBytes, xcopyHeldResultsMax } from '../limits';
 import type { BlockBackend } from '../store/types';
-import { standardInquiry, vpd } from './inquiry';
+import { naaIdentifier, standardInquiry, vpd } from './inquiry';
+import { copyAborted, copyStatus, operatingParameters, parse as parseCopyList, XcopyAsc, type CopyOutcome, type Cscd } from './xcopy';
 import { applyModePages, modePages, PageControl, type ModeState } from './mode';
 import { everyNexus, LocalReservationKeeper, PrOutAction, Reservations, type AccessKind, type ReservationKeeper } from './reservations';
 import { Asc, buildSense, SenseKey, type SenseDetail } from './sense';
@@ -23,6 +24,11 @@ export interface BlockLogicalUnitOptions {
   targetName?: string;
   /** Where reservations live (default: in this object; a peer group shares them through the catalog). */
   reservations?: ReservationKeeper;
+  /**
+   * EXTENDED COPY: the block backend of another logical unit of the group, by the designator
+   * its VPD 0x83 page reports (this LU's own is always known).
+   */
+  copyTargets?: (designator: Buffer) => BlockBackend | undefined;
   log?: Logger;
 }
 
@@ -107,6 +113,9 @@ export class BlockLogicalUnit implements LogicalUnit {
    */
   private readonly unitAttentions = new Map<Nexus, number[]>();
   private readonly knownNexuses = new Set<Nexus>();
+  /** EXTENDED COPY results held for RECEIVE COPY RESULTS, per nexus and list identifier. */
+  private readonly copyResults = new Map<Nexus, Map<number, CopyOutcome>>();
+  private readonly copyTargets: ((designator: Buffer) => BlockBackend | undefined) | undefined;
   /** ORWRITE is read-modify-write: one at a time per logical unit. */
   private readonly orWriteMutex = new Mutex();
 
@@ -116,6 +125,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     this.backend = opts.backend;
     this.targetName = opts.targetName ?? `iqn.2026-11.io.peersan:${opts.identity.volumeName}`;
     this.log = opts.log;
+    this.copyTargets = opts.copyTargets;
     this.keeper = opts.reservations ?? new LocalReservationKeeper();
     this.keeper.attach((nexusKey, asc) => {
       for (const n of this.knownNexuses) if (nexusKey === everyNexus || nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);
@@ -169,6 +179,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     const key = nexusKeyOf(nexus);
     if (this.reservations.hasLegacyReservation()) this.changeInBackground((r) => r.resetLegacy(key));
     this.unitAttentions.delete(nexus);
+    this.copyResults.delete(nexus);
     this.knownNexuses.delete(nexus);
   }
 
@@ -610,11 +621,73 @@ export class BlockLogicalUnit implements LogicalUnit {
     return c.good(d, allocation);
   };
 
+  // ---- EXTENDED COPY (LID1) and RECEIVE COPY RESULTS ----------------------------------------
+
+  extendedCopy = async (c: Command): Promise<ScsiResult> => {
+    const listBytes = c.cdb.readUInt32BE(10);
+    const parsed = parseCopyList(c.cmd.dataOut ?? Buffer.alloc(0), listBytes);
+    if (!parsed.ok) return { ...c.fail(parsed.error), dataOutBytesUsed: listBytes };
+    const list = parsed.list;
+    if (!list) return good;
+    const outcome: CopyOutcome = { listId: list.listId, ok: false, segmentsProcessed: 0, bytesCopied: 0 };
+    const finish = (error?: number): ScsiResult => {
+      outcome.ok = error === undefined;
+      if (list.listIdUsage === 0) this.holdCopyResult(c.cmd.nexus, outcome);
+      return error === undefined ? { status: ScsiStatus.good, dataOutBytesUsed: listBytes } : { ...c.fail(copyAborted(error)), dataOutBytesUsed: listBytes };
+    };
+    for (const segment of list.segments) {
+      const source = this.copyTarget(list.cscds[segment.sourceIndex]);
+      const destination = this.copyTarget(list.cscds[segment.destinationIndex]);
+      if (!source || !destination) return finish(XcopyAsc.unreachableCopyTarget);
+      const inRange = (b: BlockBackend, lba: number): boolean => lba + segment.blocks >= lba && lba + segment.blocks <= b.blockCount;
+      if (!inRange(source, segment.sourceLba) || !inRange(destination, segment.destinationLba) || source.blockBytes !== destination.blockBytes) {
+        return finish(Asc.noAdditionalSense);
+      }
+      outcome.bytesCopied += await copyBlocks(source, segment.sourceLba, destination, segment.destinationLba, segment.blocks);
+      outcome.segmentsProcessed++;
+    }
+    return finish();
+  };
+
+  /** The backend a CSCD descriptor names: this LU by its NAA designator, or another through copyTargets. */
+  private copyTarget(cscd: Cscd | undefined): BlockBackend | undefined {
+    if (!cscd || cscd.nul) return undefined;
+    const backend = cscd.designator.equals(naaIdentifier(this.identity.volumeId)) ? this.backend : this.copyTargets?.(cscd.designator);
+    if (backend && cscd.blockBytes !== 0 && cscd.blockBytes !== backend.blockBytes) return undefined;
+    return backend;
+  }
+
+  private holdCopyResult(nexus: Nexus, outcome: CopyOutcome): void {
+    const held = this.copyResults.get(nexus) ?? new Map<number, CopyOutcome>();
+    held.delete(outcome.listId);
+    if (held.size >= xcopyHeldResultsMax) held.delete(held.keys().next().value!);
+    held.set(outcome.listId, outcome);
+    this.copyResults.set(nexus, held);
+  }
+
+  receiveCopyResults = (c: Command): ScsiResult => {
+    const allocation = c.cdb.readUInt32BE(10);
+    if ((c.cdb[1] & 0x1f) === 0x03) return c.good(operatingParameters(), allocation);
+    const outcome = this.copyResults.get(c.cmd.nexus)?.get(c.cdb[2]);
+    if (!outcome) return c.invalidCdb(2);
+    return c.good(copyStatus(outcome), allocation);
+  };
+
   reportSupportedTmf = (c: Command): ScsiResult => {
     const d = Buffer.alloc(4);
     d[0] = 0x80 | 0x40 | 0x10 | 0x08 | 0x02; // ATS, ATSS, LURS, TARS (warm), plus CTSS
     return c.good(d, c.cdb.readUInt32BE(6));
   };
+}
+
+/** Copy blocks between backends (possibly the same one) in bounded chunks; returns bytes moved. */
+async function copyBlocks(source: BlockBackend, sourceLba: number, destination: BlockBackend, destinationLba: number, blocks: number): Promise<number> {
+  const chunkBlocks = Math.max(1, Math.floor(xcopyChunkBytes / source.blockBytes));
+  for (let done = 0; done < blocks; done += chunkBlocks) {
+    const n = Math.min(chunkBlocks, blocks - done);
+    await destination.write(destinationLba + done, await source.read(sourceLba + done, n));
+  }
+  return blocks * source.blockBytes;
 }
 
 function isZero(b: Buffer): boolean {
@@ -664,6 +737,9 @@ const table: CommandSpec[] = [
   spec('PERSISTENT RESERVE OUT', 0x5f, 10, 'always', 'persistentReserveOut'),
   spec('COMPARE AND WRITE', 0x89, 16, 'write', 'compareAndWrite'),
   spec('ORWRITE(16)', 0x8b, 16, 'write', 'orWrite'),
+  spec('EXTENDED COPY(LID1)', 0x83, 16, 'write', 'extendedCopy', 0x00),
+  spec('RECEIVE COPY RESULTS (COPY STATUS)', 0x84, 16, 'read', 'receiveCopyResults', 0x00),
+  spec('RECEIVE COPY RESULTS (OPERATING PARAMETERS)', 0x84, 16, 'read', 'receiveCopyResults', 0x03),
   spec('READ(16)', 0x88, 16, 'read', 'read'),
   spec('WRITE(16)', 0x8a, 16, 'write', 'write'),
   spec('WRITE AND VERIFY(16)', 0x8e, 16, 'write', 'write'),

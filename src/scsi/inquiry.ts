@@ -8,8 +8,9 @@ import {
   writeSameBlocksMax,
 } from '../limits';
 import type { LuIdentity, Nexus } from './types';
+import { thirdPartyCopyVpdBody } from './xcopy';
 
-export const supportedVpdPages = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2] as const;
+export const supportedVpdPages = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2] as const;
 
 function ascii(s: string, length: number): Buffer {
   return Buffer.from(s.padEnd(length, ' ').slice(0, length), 'ascii');
@@ -22,7 +23,7 @@ export function standardInquiry(id: LuIdentity): Buffer {
   d[2] = 0x06; // SPC-4
   d[3] = 0x12; // HiSup, response data format 2
   d[4] = d.length - 5;
-  d[5] = 0x00; // no TPGS, no 3PC yet
+  d[5] = 0x08; // 3PC: EXTENDED COPY; no TPGS
   d[6] = 0x00;
   d[7] = 0x02; // CmdQue
   ascii(id.vendor, 8).copy(d, 8);
@@ -88,7 +89,7 @@ export function vpd(code: number, id: LuIdentity, nexus: Nexus, targetName: stri
       const rtp = Buffer.alloc(4);
       rtp.writeUInt16BE(nexus.relativeTargetPort, 2);
       const tpg = Buffer.alloc(4);
-      tpg.writeUInt16BE(1, 2);
+      tpg.writeUInt16BE(nexus.relativeTargetPort, 2); // each peer is its own target port group
       const t10 = Buffer.concat([ascii(id.vendor, 8), Buffer.from(id.volumeId, 'ascii')]);
       return vpdPage(0x83, Buffer.concat([
         designator(1, false, 0, 3, naaIdentifier(id.volumeId)),
@@ -99,6 +100,8 @@ export function vpd(code: number, id: LuIdentity, nexus: Nexus, targetName: stri
         designator(3, true, 2, 8, nullPadded(targetName), 5),
       ]));
     }
+    case 0x8f:
+      return vpdPage(0x8f, thirdPartyCopyVpdBody());
     case 0xb0: {
       const b = Buffer.alloc(0x3c);
       b[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused

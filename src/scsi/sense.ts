@@ -12,6 +12,7 @@ export const SenseKey = {
   illegalRequest: 0x05,
   unitAttention: 0x06,
   dataProtect: 0x07,
+  copyAborted: 0x0a,
   abortedCommand: 0x0b,
   miscompare: 0x0e,
 } as const;

@@ -233,6 +233,11 @@ export class PeerServer implements AdminApi {
     return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages: routes.map((r, page) => ({ page, owner: r.owner, version: r.version })) };
   }
 
+  /** Test hook: the targets this peer's portal serves. */
+  get targetsForTests(): VolumeTargets {
+    return this.targets;
+  }
+
   /** Test and tooling hook: the catalog this peer reads (routes, volumes). */
   get catalogForTests(): Catalog {
     return this.catalog;

@@ -13,6 +13,7 @@ import type { ServedVolume } from '../routing/page-service';
 import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
 import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
+import { naaIdentifier } from '../scsi/inquiry';
 import type { PageStore, StoreVolume } from '../store/page-store';
 
 export const productRevision = '0.2';
@@ -20,6 +21,7 @@ export const productRevision = '0.2';
 interface Entry {
   record: VolumeRecord;
   volume: StoreVolume;
+  router: VolumeRouter;
   served: ServedVolume;
   keeper: SharedReservationKeeper;
   lu: BlockLogicalUnit;
@@ -123,10 +125,12 @@ export class VolumeTargets implements TargetDirectory {
       identity: { volumeId: record.id, volumeName: record.name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
       backend: router,
       reservations: keeper,
+      // EXTENDED COPY between volumes: the data moves between the peers, never through the host.
+      copyTargets: (designator) => this.byDesignator(designator),
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const entry: Entry = { record, volume, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume, router, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
@@ -150,6 +154,11 @@ export class VolumeTargets implements TargetDirectory {
   /** For the page service: the volume as the owner serves it (its local pages). */
   served(volumeId: string): ServedVolume | undefined {
     return this.byId.get(volumeId)?.served;
+  }
+
+  private byDesignator(designator: Buffer): VolumeRouter | undefined {
+    for (const e of this.byId.values()) if (naaIdentifier(e.record.id).equals(designator)) return e.router;
+    return undefined;
   }
 
   reservationsOf(volumeId: string): SharedReservationKeeper | undefined {
