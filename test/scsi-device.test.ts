@@ -46,7 +46,7 @@ t.test('INQUIRY: standard data, VPD pages, allocation length', async (t) => {
   const short = await run(u, '12 00 00 00 05 00');
   t.equal(short.dataIn!.length, 5, 'cut to the allocation length');
   const pages = await run(u, '12 01 00 00 ff 00');
-  t.same([...pages.dataIn!.subarray(4)], [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+  t.same([...pages.dataIn!.subarray(4)], [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2], "supported pages include Third-party Copy");
   const serial = await run(u, '12 01 80 00 ff 00');
   t.equal(serial.dataIn!.subarray(4).toString(), '0123456789abcdef', 'serial = volume id');
   const ids = await run(u, '12 01 83 00 ff 00');

@@ -7,7 +7,6 @@
 // So once a PERSISTENT RESERVE OUT has completed on one path, every path sees it.
 
 import { Mutex } from 'async-mutex';
-import type { Logger } from 'pino';
 import { ConflictError } from '../errors';
 import { Reservations, type ReservationKeeper, type ReservationState, type UnitAttentionSink } from '../scsi/reservations';
 import { reservationPrefix } from './catalog';
@@ -37,7 +36,6 @@ export class SharedReservationKeeper implements ReservationKeeper {
       meta: MetaStore;
       /** Tell every other peer; resolves when they answered or timed out. */
       notify: (notice: ReservationNotice) => Promise<void>;
-      log: Logger;
     },
   ) {
     this.key = reservationPrefix + opts.volumeId;

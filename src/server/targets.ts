@@ -11,6 +11,7 @@ import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shar
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
 import type { ServedVolume } from '../routing/page-service';
 import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
+import type { Route } from '../routing/table';
 import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
@@ -116,9 +117,9 @@ export class VolumeTargets implements TargetDirectory {
     const { catalog, self } = this.o;
     const volume = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
     const table = catalog.routes(record);
-    const refresh = (page: number): Promise<import('../routing/table').Route> => catalog.fetchRoute(record, page);
+    const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
     const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
-    const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations, log: this.o.log });
+    const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({
       lun: 0,
