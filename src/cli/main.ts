@@ -98,9 +98,11 @@ function pageMapText(m: PageMapView): string {
   const body = striped
     ? table([['OWNER', 'PAGES', 'FIRST PAGES'], ...[...count.keys()].sort().map((o) => [o, String(count.get(o)), m.pages.filter((p) => p.owner === o).slice(0, 8).map((p) => p.page).join(',') + (count.get(o)! > 8 ? ',…' : '')])])
     : table([['PAGES', 'OWNER', 'VERSION'], ...runs]);
+  const moved = m.pages.filter((p) => p.version > 1);
   return [
     `volume ${m.volume}: ${m.pages.length} pages of ${m.pageBlocks} blocks, placed on ${m.peers.join(', ')}`,
     `pages per peer: ${[...count.entries()].sort().map(([o, n]) => `${o} ${n}`).join(', ')}`,
+    ...(striped && moved.length > 0 ? [`moved since placement: ${moved.slice(0, 8).map((p) => `${p.page}→${p.owner} v${p.version}`).join(', ')}${moved.length > 8 ? `, … (${moved.length})` : ''}`] : []),
     body,
   ].join('\n');
 }
