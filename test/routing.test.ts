@@ -164,3 +164,26 @@ t.test('unmap, LBA status and flush are routed too', async (t) => {
   await r.flush();
   t.same(['p1', 'p2', 'p3'].map((p) => g.nodes.get(p)!.store.flushes), [1, 1, 1], 'every peer of the volume flushed');
 });
+
+t.test('an owner that has not opened a new volume yet is asked again, briefly', async (t) => {
+  const store = new MemoryBackend(512, 2 * pageBlocks, 8);
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
+  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, refresh: async (p) => table.route(p) }), log });
+  let refusals = 2;
+  let calls = 0;
+  const link = (): BlockSender => ({
+    send: async (req) => {
+      calls++;
+      if (refusals-- > 0) return { id: 0, status: ReplyStatus.noVolume, owner: 'p2', version: 0, detail: 0 };
+      return owner.handle({ ...req, id: 1 });
+    },
+  });
+  const router = new VolumeRouter({ self: 'p1', volumeId, table, local: new MemoryBackend(512, 2 * pageBlocks, 8), link, refresh: async (p) => table.route(p), counters: newRoutingCounters() });
+  await router.write(pageBlocks, Buffer.alloc(512, 9));
+  t.equal(calls, 3, 'refused twice, then served');
+  t.equal(store.data[pageBlocks * 512], 9);
+  refusals = 1_000;
+  const started = Date.now();
+  await t.rejects(router.read(pageBlocks, 1), /does not hold volume/, 'a peer that never opens it: an error, after about a second');
+  t.ok(Date.now() - started < 3_000);
+});

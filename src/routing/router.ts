@@ -9,7 +9,7 @@
 // compare-then-write and is not atomic against a concurrent writer of the same blocks.
 
 import { PeersanError } from '../errors';
-import { routeRetriesMax } from '../limits';
+import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import type { Route, RouteTable } from './table';
@@ -121,7 +121,7 @@ export class VolumeRouter implements BlockBackend {
       if (runs.length > 1) return this.compareThenWrite(lba, compare, data, opts);
       const run = runs[0];
       if (run.owner === this.o.self) return this.o.local.compareAndWrite(lba, compare, data, opts);
-      const reply = await this.o.link(run.owner).send(this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length));
+      const reply = await this.send(run.owner, this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length));
       this.o.counters.forwardedRuns++;
       if (reply.status === ReplyStatus.miscompare) return { ok: false, miscompareOffsetBytes: reply.detail };
       if (reply.status !== ReplyStatus.moved || tries >= routeRetriesMax) {
@@ -151,7 +151,7 @@ export class VolumeRouter implements BlockBackend {
     await Promise.all(
       [...peers].map(async (peer) => {
         if (peer === this.o.self) return this.o.local.flush();
-        this.expectOk(await this.o.link(peer).send({ op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
+        this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
       }),
     );
   }
@@ -229,9 +229,22 @@ export class VolumeRouter implements BlockBackend {
     return { op, fua, volumeId: this.o.volumeId, lba: run.lba, blocks: run.blocks, routeVersion: run.version, compareBytes, data };
   }
 
+  /**
+   * Send to a peer; a peer that does not know the volume yet (it opens new volumes when its
+   * catalog watch fires, a moment after the creating peer) is asked again for a short while.
+   */
+  private async send(peer: string, req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
+    const deadline = Date.now() + volumeOpenWaitMsMax;
+    for (;;) {
+      const reply = await this.o.link(peer).send(req);
+      if (reply.status !== ReplyStatus.noVolume || Date.now() >= deadline) return reply;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
   private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    const reply = await this.o.link(run.owner).send(this.request(run, op, fua, data));
+    const reply = await this.send(run.owner, this.request(run, op, fua, data));
     if (reply.status === ReplyStatus.moved) throw new Moved(reply.detail, { owner: reply.owner, version: reply.version });
     return reply;
   }
