@@ -79,6 +79,7 @@ export class PeerLink {
   async send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
     if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
     while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
+    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
     if (this.client.getChannel().getConnectivityState(true) !== grpc.connectivityState.READY) await this.connect();
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
