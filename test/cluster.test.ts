@@ -4,50 +4,19 @@
 // pages fail, within the bound, until it returns.
 
 import t from 'tap';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import pino from 'pino';
-import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
 import { peerRequestMsMax } from '../src/limits';
 import { naaIdentifier } from '../src/scsi/inquiry';
 import { BlockOp, ReplyStatus } from '../src/routing/frame';
 import { PeerLink } from '../src/routing/link';
 import { AdminClient } from '../src/server/admin';
-import type { ClusterConfig } from '../src/server/config';
-import { PeerServer } from '../src/server/peer';
-import { freePort, hasTool, qemuImg, qemuIo } from './helpers/processes';
+import { startGroup } from './helpers/group';
+import { hasTool, qemuImg, qemuIo } from './helpers/processes';
 
 const pageBytes = 8192 * 512;
-
-async function startGroup(t: Tap.Test, n: number) {
-  const dir = mkdtempSync(join(tmpdir(), 'peersan-group-'));
-  const config: ClusterConfig = {
-    name: 'group-test', adminToken: 'admin-token', secret: 'group-secret', catalog: { backend: 'embedded' }, pageBlocks: 8192,
-    peers: [],
-  };
-  for (let i = 1; i <= n; i++) {
-    config.peers.push({ id: `p${i}`, iscsi: `127.0.0.1:${await freePort()}`, rpc: `127.0.0.1:${await freePort()}`, http: `127.0.0.1:${await freePort()}`, data: join(dir, `p${i}`) });
-  }
-  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const log = pino({ level: 'silent' });
-  const servers = new Map<string, PeerServer>();
-  const start = async (id: string): Promise<PeerServer> => {
-    const s = await PeerServer.start(config, id, log, { meta });
-    servers.set(id, s);
-    return s;
-  };
-  for (const p of config.peers) await start(p.id);
-  t.teardown(async () => {
-    await Promise.allSettled([...servers.values()].map((s) => s.stop()));
-    await meta.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const url = (id: string, volume: string): string => `iscsi://${config.peers.find((p) => p.id === id)!.iscsi}/iqn.2026-11.io.peersan:${volume}/0`;
-  return { dir, config, servers, start, url, peer: (id: string) => servers.get(id)! };
-}
 
 const tools = hasTool('qemu-img') && hasTool('qemu-io');
 

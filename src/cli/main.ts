@@ -8,12 +8,13 @@ import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Command, Option } from 'commander';
 import { formatBytes } from '../cluster/catalog';
-import { InvalidArgumentError } from '../errors';
+import { InvalidArgumentError, PeersanError } from '../errors';
 import { createLogger } from '../log';
 import { EmbeddedMetaStore } from '../cluster/embedded';
 import { pageBlocks } from '../limits';
+import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
-import { loadConfig, renderConfig, type ClusterConfig } from '../server/config';
+import { migrationDefaults, loadConfig, renderConfig, type ClusterConfig } from '../server/config';
 import { PeerServer } from '../server/peer';
 
 interface GlobalOptions {
@@ -107,6 +108,42 @@ function pageMapText(m: PageMapView): string {
   ].join('\n');
 }
 
+function moveProgress(m: MoveInfo): string {
+  const width = 24;
+  const filled = m.pieces === 0 ? width : Math.round((m.done / m.pieces) * width);
+  const note = m.lastError ? `  (retrying: ${m.lastError})` : m.state === 'copying' ? '' : `  ${m.state}`;
+  return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${m.done}/${m.pieces} pieces, ${formatBytes(m.bytesCopied)} copied${note}`;
+}
+
+function migrationsText(r: { moves: MoveInfo[]; unreachable: string[] }): string {
+  const lines = r.moves.length === 0 ? ['no page moves in flight'] : [
+    table([
+      ['VOLUME', 'PAGE', 'FROM', 'TO', 'STATE', 'ELAPSED', 'PROGRESS'],
+      ...r.moves.map((m) => [m.volume, String(m.page), m.from, m.to, m.state, `${Math.round((Date.now() - m.startedAtMs) / 1000)}s`, moveProgress(m)]),
+    ]),
+  ];
+  if (r.unreachable.length > 0) lines.push(`not answering (their moves are not listed): ${r.unreachable.join(', ')}`);
+  return lines.join('\n');
+}
+
+/** Follow a move until it commits (owner = `to`) or disappears otherwise; a bar on a terminal. */
+async function followMove(c: AdminClient, volume: string, page: number, to: string): Promise<void> {
+  const tty = process.stdout.isTTY === true;
+  let lastShown = -1;
+  for (;;) {
+    const { moves } = await c.migrations();
+    const m = moves.find((x) => x.volume === volume && x.page === page);
+    if (!m) break;
+    if (tty) process.stdout.write(`\r${moveProgress(m)}\x1b[K`);
+    else if (m.done !== lastShown) process.stdout.write(`${moveProgress(m)}\n`);
+    lastShown = m.done;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  if (tty) process.stdout.write('\r\x1b[K');
+  const owner = (await c.pageMap(volume)).pages[page]?.owner;
+  if (owner !== to) throw new PeersanError(`the move of page ${page} of ${volume} did not complete: the page is on ${owner} (cancelled?)`);
+}
+
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
 
 function parseCount(value: string, what: string): number {
@@ -157,6 +194,7 @@ async function demo(opts: { peers: string; data?: string; size: string; iscsiPor
     secret: randomBytes(16).toString('hex'),
     catalog: { backend: 'embedded', path: join(dir, 'catalog') },
     pageBlocks,
+    migration: migrationDefaults,
     peers: Array.from({ length: peers }, (_, i) => ({
       id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
     })),
@@ -273,6 +311,37 @@ export function buildProgram(): Command {
       const m = await withClient(g(), (c) => c.pageMap(name));
       out(g(), m, () => pageMapText(m));
     });
+
+  page
+    .command('move <volume> <page>')
+    .description('move a page to another peer while hosts keep using it (dual writes while in transit)')
+    .option('--to <peer>', 'destination peer id')
+    .option('--wait', 'wait until the move commits, showing progress')
+    .option('--cancel', 'cancel the move of this page (pieces already moved are copied back)')
+    .action(async (name: string, pageText: string, o: { to?: string; wait?: boolean; cancel?: boolean }) => {
+      const n = Number(pageText);
+      if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`page must be a page number (see \`peersan page map ${name}\`), got "${pageText}"`);
+      if (o.cancel) {
+        await withClient(g(), (c) => c.cancelMove(name, n));
+        out(g(), { cancelled: { volume: name, page: n } }, () => `cancelling the move of page ${n} of ${name}; pieces already moved are copied back`);
+        return;
+      }
+      if (!o.to) throw new InvalidArgumentError('page move needs --to PEER (or --cancel)');
+      const to = o.to;
+      await withClient(g(), async (c) => {
+        const m = await c.movePage(name, n, to);
+        if (!o.wait) return out(g(), m, () => `moving page ${n} of ${name} from ${m.from} to ${m.to} (${m.pieces} pieces); follow with \`peersan migrations\``);
+        if (!g().json) process.stdout.write(`moving page ${n} of ${name} from ${m.from} to ${m.to}\n`);
+        const t0 = Date.now();
+        await followMove(c, name, n, to);
+        out(g(), { volume: name, page: n, from: m.from, to, seconds: (Date.now() - t0) / 1000 }, () => `page ${n} of ${name} is now on ${to} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+      });
+    });
+
+  program.command('migrations').description('page moves in flight on every peer, with progress').action(async () => {
+    const r = await withClient(g(), (c) => c.migrations());
+    out(g(), r, () => migrationsText(r));
+  });
 
   program
     .command('peer')

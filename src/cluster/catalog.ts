@@ -48,6 +48,19 @@ export interface CatalogOptions {
 const volumePrefix = 'volumes/';
 const routePrefix = 'routes/';
 export const reservationPrefix = 'reservations/';
+/** Pages being moved: the intent record of a move (DESIGN.md 4, step 1), deleted at commit or cancel. */
+export const movePrefix = 'moves/';
+
+export interface MoveIntent {
+  from: string;
+  to: string;
+  routeVersion: number;
+  startedAtMs: number;
+}
+
+function moveKey(volumeId: string, page: number): string {
+  return `${movePrefix}${volumeId}/${String(page).padStart(10, '0')}`;
+}
 
 function routeKey(volumeId: string, page: number): string {
   return `${routePrefix}${volumeId}/${String(page).padStart(10, '0')}`;
@@ -214,6 +227,26 @@ export class Catalog {
     return next;
   }
 
+  /** Record the intent to move a page; ConflictError if a move of the page is already recorded. */
+  async createMoveIntent(volume: VolumeRecord, page: number, intent: MoveIntent): Promise<void> {
+    try {
+      await this.store.put(moveKey(volume.id, page), Buffer.from(JSON.stringify(intent)), 0);
+    } catch (err) {
+      if (err instanceof ConflictError) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
+      throw err;
+    }
+  }
+
+  async moveIntent(volumeId: string, page: number): Promise<MoveIntent | undefined> {
+    const r = await this.store.get(moveKey(volumeId, page));
+    return r ? (JSON.parse(r.value.toString()) as MoveIntent) : undefined;
+  }
+
+  async deleteMoveIntent(volumeId: string, page: number): Promise<void> {
+    const r = await this.store.get(moveKey(volumeId, page));
+    if (r) await this.store.delete(r.key, r.version).catch(() => undefined);
+  }
+
   /** Called after every committed change (record undefined: deleted). */
   onVolumeChange(listener: (name: string, record: VolumeRecord | undefined) => void): () => void {
     this.listeners.add(listener);
@@ -271,7 +304,9 @@ export class Catalog {
   async deleteVolume(name: string): Promise<VolumeRecord> {
     const current = this.require(name);
     await this.store.delete(volumePrefix + name, current.version);
-    for (const r of await this.store.list(`${routePrefix}${current.id}/`)) await this.store.delete(r.key, r.version).catch(() => undefined);
+    for (const prefix of [routePrefix, movePrefix]) {
+      for (const r of await this.store.list(`${prefix}${current.id}/`)) await this.store.delete(r.key, r.version).catch(() => undefined);
+    }
     const pr = await this.store.get(reservationPrefix + current.id);
     if (pr) await this.store.delete(pr.key, pr.version).catch(() => undefined);
     this.movedPages.delete(current.id);

@@ -4,9 +4,10 @@
 
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { PeerUnavailableError } from '../errors';
+import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
+import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import { peerDataService, peerChannelOptions } from '../routing/link';
-import type { PeerStatusView } from '../server/admin';
+import { statusForCode, type PeerStatusView } from '../server/admin';
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { proto } from './proto';
 import type { ReservationNotice } from './shared-reservations';
@@ -14,6 +15,11 @@ import type { ReservationNotice } from './shared-reservations';
 export interface PeerHandlers {
   status(): Promise<PeerStatusView>;
   reservationChanged(notice: ReservationNotice): Promise<void>;
+  startMove(volume: string, page: number, to: string): Promise<MoveInfo>;
+  cancelMove(volume: string, page: number): Promise<void>;
+  moves(): MoveInfo[];
+  movePrepare(req: PrepareRequest): Promise<void>;
+  moveFinish(req: FinishRequest): Promise<void>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
 }
 
@@ -26,7 +32,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     if (!allowed(call.metadata)) return cb(denied);
     fn(call.request).then(
       (reply) => cb(null, reply ?? {}),
-      (err: Error) => cb({ code: grpc.status.INTERNAL, details: err.message }),
+      (err: Error) => cb({ code: err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL, details: err.message }),
     );
   };
   const service = (proto().PeerService as grpc.ServiceClientConstructor).service;
@@ -36,6 +42,11 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     reservationChanged: wrap((r) =>
       h.reservationChanged({ volumeId: r.volumeId, version: Number(r.version), unitAttentions: (r.unitAttentions as { nexusKey: string; asc: number }[]).map((u) => [u.nexusKey, u.asc]) }),
     ),
+    startMove: wrap((r) => h.startMove(r.volume, r.page, r.to)),
+    cancelMove: wrap((r) => h.cancelMove(r.volume, r.page)),
+    moves: wrap(async () => ({ moves: h.moves() })),
+    movePrepare: wrap((r) => h.movePrepare({ volumeId: r.volumeId, page: r.page, from: r.from, fresh: r.fresh })),
+    moveFinish: wrap((r) => h.moveFinish({ volumeId: r.volumeId, page: r.page, committed: r.committed, version: r.version })),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -66,7 +77,8 @@ export class PeerRpcClient {
     return new Promise((resolve, reject) => {
       this.client[method](request, peerAuthMetadata(this.auth.secret, this.auth.self), { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
         if (!err) return resolve(reply);
-        reject(new PeerUnavailableError(this.peerId, err.details || err.message, err.code === grpc.status.DEADLINE_EXCEEDED));
+        const Known = errorForStatus.get(err.code);
+        reject(Known ? new Known(err.details) : new PeerUnavailableError(this.peerId, err.details || err.message, err.code === grpc.status.DEADLINE_EXCEEDED));
       });
     });
   }
@@ -79,7 +91,35 @@ export class PeerRpcClient {
     await this.call('reservationChanged', { volumeId: notice.volumeId, version: notice.version, unitAttentions: notice.unitAttentions.map(([nexusKey, asc]) => ({ nexusKey, asc })) }, timeoutMs);
   }
 
+  startMove(volume: string, page: number, to: string, timeoutMs: number): Promise<MoveInfo> {
+    return this.call('startMove', { volume, page, to }, timeoutMs);
+  }
+
+  async cancelMove(volume: string, page: number, timeoutMs: number): Promise<void> {
+    await this.call('cancelMove', { volume, page }, timeoutMs);
+  }
+
+  async moves(timeoutMs: number): Promise<MoveInfo[]> {
+    return (await this.call<{ moves?: MoveInfo[] }>('moves', {}, timeoutMs)).moves ?? [];
+  }
+
+  async movePrepare(req: PrepareRequest, timeoutMs: number): Promise<void> {
+    await this.call('movePrepare', req, timeoutMs);
+  }
+
+  async moveFinish(req: FinishRequest, timeoutMs: number): Promise<void> {
+    await this.call('moveFinish', req, timeoutMs);
+  }
+
   close(): void {
     this.client.close();
   }
 }
+
+/** Errors a peer answered on purpose (not "unreachable"), rebuilt on the caller's side. */
+const errorForStatus = new Map<grpc.status, new (message: string) => PeersanError>([
+  [grpc.status.INVALID_ARGUMENT, InvalidArgumentError],
+  [grpc.status.NOT_FOUND, NotFoundError],
+  [grpc.status.ABORTED, ConflictError],
+  [grpc.status.INTERNAL, PeersanError],
+]);

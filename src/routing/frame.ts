@@ -3,7 +3,7 @@
 // re-encoded by protobuf. Pure functions: encode returns a Buffer, decode checks every
 // length against the frame before slicing and returns undefined on a malformed frame.
 //
-// request  = kind(1) op(1) flags(1) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
+// request  = kind(1) op(1) flags(1: fua 1, staging 2) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
 //            compareBytes(4) dataBytes(4) | data
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
@@ -36,6 +36,11 @@ export interface BlockRequest {
   blocks: number;
   routeVersion: number;
   compareBytes: number;
+  /**
+   * Page migration traffic (src/migration): a move's source copying, dual-writing or
+   * forwarding to the destination, which accepts it for a page it is receiving.
+   */
+  staging?: boolean;
   /** Borrowed until the frame is encoded. */
   data?: Buffer;
 }
@@ -71,7 +76,7 @@ export function encodeRequest(r: BlockRequest): Buffer {
   const b = Buffer.allocUnsafe(requestHeaderBytes + dataBytes);
   b[0] = requestKind;
   b[1] = r.op;
-  b[2] = r.fua ? 1 : 0;
+  b[2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
   b[3] = 0;
   b.writeUInt32BE(r.id >>> 0, 4);
   b.write(r.volumeId, 8, 8, 'hex');
@@ -96,6 +101,7 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
     id: b.readUInt32BE(4),
     op: b[1] as BlockOpCode,
     fua: (b[2] & 1) !== 0,
+    staging: (b[2] & 2) !== 0,
     volumeId: b.toString('hex', 8, 16),
     lba,
     blocks: b.readUInt32BE(24),

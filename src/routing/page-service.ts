@@ -9,12 +9,18 @@ import type { Logger } from 'pino';
 import { peerRequestsInFlightMax } from '../limits';
 import type { BlockBackend } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
+import { PageMovedError } from './moved';
 import { BlockOp, decodeRequest, encodeExtents, encodeReply, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
 import type { Route, RouteTable } from './table';
 
 export interface ServedVolume {
   table: RouteTable;
+  /** This peer's pages of the volume, moves included (src/migration/movable.ts). */
   store: BlockBackend;
+  /** The local store itself: what a move's staging traffic reads and writes. */
+  raw: BlockBackend;
+  /** True while this peer is the destination of a move of the page (or owns it). */
+  receiving(page: number): boolean;
   refresh(page: number): Promise<Route>;
 }
 
@@ -36,30 +42,48 @@ export class PageService {
     const v = this.o.volume(req.volumeId);
     if (!v) return reply(ReplyStatus.noVolume);
     if (req.op === BlockOp.flush) {
-      await v.store.flush();
+      await (req.staging ? v.raw : v.store).flush();
       return reply(ReplyStatus.ok);
     }
-    const bs = v.store.blockBytes;
     if (req.blocks === 0 || req.lba + req.blocks > v.store.blockCount) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
-    const moved = await this.notMine(v, req);
-    if (moved) return reply(ReplyStatus.moved, { owner: moved.route.owner, version: moved.route.version, detail: moved.page });
+    let store = v.store;
+    if (req.staging) {
+      // A move's source copying, dual-writing or forwarding: only for a page we are receiving.
+      for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
+        if (!v.receiving(page)) return reply(ReplyStatus.failed, { payload: Buffer.from(`peer ${this.o.self} is not receiving page ${page}`) });
+      }
+      store = v.raw;
+    } else {
+      const moved = await this.notMine(v, req);
+      if (moved) return reply(ReplyStatus.moved, { owner: moved.route.owner, version: moved.route.version, detail: moved.page });
+    }
+    try {
+      return await this.run(req, store, reply);
+    } catch (err) {
+      if (!(err instanceof PageMovedError)) throw err;
+      return reply(ReplyStatus.moved, { owner: err.route.owner, version: err.route.version, detail: err.page });
+    }
+  }
+
+  private async run(req: BlockRequest, store: BlockBackend, reply: (status: number, extra?: Partial<BlockReply>) => BlockReply): Promise<BlockReply> {
+    const bs = store.blockBytes;
     switch (req.op) {
       case BlockOp.read:
-        return reply(ReplyStatus.ok, { payload: await v.store.read(req.lba, req.blocks) });
+        return reply(ReplyStatus.ok, { payload: await store.read(req.lba, req.blocks) });
       case BlockOp.write:
         if (req.data?.length !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('write data length does not match blocks') });
-        await v.store.write(req.lba, req.data, { fua: req.fua });
+        await store.write(req.lba, req.data, { fua: req.fua });
         return reply(ReplyStatus.ok);
       case BlockOp.unmap:
-        await v.store.unmap(req.lba, req.blocks, { fua: req.fua });
+        await store.unmap(req.lba, req.blocks, { fua: req.fua });
         return reply(ReplyStatus.ok);
       case BlockOp.compareAndWrite: {
         if (req.data?.length !== 2 * req.blocks * bs || req.compareBytes !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('compare and write lengths do not match blocks') });
-        const r = await v.store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), { fua: req.fua });
+        const r = await store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), { fua: req.fua });
         return r.ok ? reply(ReplyStatus.ok) : reply(ReplyStatus.miscompare, { detail: r.miscompareOffsetBytes });
       }
       case BlockOp.lbaStatus:
-        return reply(ReplyStatus.ok, { payload: encodeExtents(await v.store.lbaStatus(req.lba, req.blocks)) });
+        return reply(ReplyStatus.ok, { payload: encodeExtents(await store.lbaStatus(req.lba, req.blocks)) });
       default:
         return reply(ReplyStatus.failed, { payload: Buffer.from('unknown op') });
     }

@@ -12,6 +12,7 @@ import { PeersanError } from '../errors';
 import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
+import { PageMovedError } from './moved';
 import type { Route, RouteTable } from './table';
 
 export interface RoutingCounters {
@@ -50,12 +51,6 @@ interface Run {
   version: number;
 }
 
-class Moved extends Error {
-  constructor(readonly page: number, readonly route: Route) {
-    super(`page ${page} moved to ${route.owner} v${route.version}`);
-  }
-}
-
 /** Local extents lists are merged across runs; GET LBA STATUS need not cover the whole range. */
 const lbaStatusPagesMax = 64;
 
@@ -80,7 +75,13 @@ export class VolumeRouter implements BlockBackend {
     const runs = this.runsOf(lba, blocks, 0);
     if (runs.length === 1 && runs[0].owner === this.o.self) {
       this.o.counters.localRuns++;
-      return this.o.local.read(lba, blocks);
+      try {
+        return await this.o.local.read(lba, blocks);
+      } catch (err) {
+        if (!(err instanceof PageMovedError)) throw err;
+        await this.learn(err.page, err.route);
+        return this.read(lba, blocks);
+      }
     }
     let single: Buffer | undefined;
     const out = runs.length === 1 ? undefined : Buffer.allocUnsafe(blocks * this.blockBytes);
@@ -98,7 +99,13 @@ export class VolumeRouter implements BlockBackend {
     const runs = this.runsOf(lba, data.length / bs, 0);
     if (runs.length === 1 && runs[0].owner === this.o.self) {
       this.o.counters.localRuns++;
-      return this.o.local.write(lba, data, opts);
+      try {
+        return await this.o.local.write(lba, data, opts);
+      } catch (err) {
+        if (!(err instanceof PageMovedError)) throw err;
+        await this.learn(err.page, err.route);
+        return this.write(lba, data, opts);
+      }
     }
     await this.each(runs, async (run) => {
       const part = data.subarray((run.lba - lba) * bs, (run.lba - lba + run.blocks) * bs);
@@ -120,7 +127,15 @@ export class VolumeRouter implements BlockBackend {
       const runs = this.runsOf(lba, blocks, 0);
       if (runs.length > 1) return this.compareThenWrite(lba, compare, data, opts);
       const run = runs[0];
-      if (run.owner === this.o.self) return this.o.local.compareAndWrite(lba, compare, data, opts);
+      if (run.owner === this.o.self) {
+        try {
+          return await this.o.local.compareAndWrite(lba, compare, data, opts);
+        } catch (err) {
+          if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
+          await this.learn(err.page, err.route);
+          continue;
+        }
+      }
       const reply = await this.send(run.owner, this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length));
       this.o.counters.forwardedRuns++;
       if (reply.status === ReplyStatus.miscompare) return { ok: false, miscompareOffsetBytes: reply.detail };
@@ -173,7 +188,7 @@ export class VolumeRouter implements BlockBackend {
         if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
         byLba.set(run.lba, extents);
       } catch (err) {
-        if (err instanceof Moved) throw err;
+        if (err instanceof PageMovedError) throw err;
         failures.push(err);
       }
     });
@@ -210,7 +225,7 @@ export class VolumeRouter implements BlockBackend {
       try {
         await step(run);
       } catch (err) {
-        if (!(err instanceof Moved) || tries >= routeRetriesMax) throw err;
+        if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
         await this.learn(err.page, err.route);
         await this.each(this.runsOf(run.lba, run.blocks, run.offsetBlocks), step, tries + 1);
       }
@@ -245,7 +260,7 @@ export class VolumeRouter implements BlockBackend {
   private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
     const reply = await this.send(run.owner, this.request(run, op, fua, data));
-    if (reply.status === ReplyStatus.moved) throw new Moved(reply.detail, { owner: reply.owner, version: reply.version });
+    if (reply.status === ReplyStatus.moved) throw new PageMovedError(reply.detail, { owner: reply.owner, version: reply.version });
     return reply;
   }
 

@@ -9,6 +9,7 @@ import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
+import type { MoveInfo } from '../migration/migrator';
 
 export interface VolumeView {
   name: string;
@@ -57,9 +58,12 @@ export interface AdminApi {
   deleteVolume(name: string, force: boolean): Promise<void>;
   resizeVolume(name: string, size: string): Promise<VolumeView>;
   pageMap(name: string): Promise<PageMapView>;
+  movePage(name: string, page: number, to: string): Promise<MoveInfo>;
+  cancelMove(name: string, page: number): Promise<void>;
+  migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
 }
 
-const statusForCode: Record<string, grpc.status> = {
+export const statusForCode: Record<string, grpc.status> = {
   PEERSAN_ERR_INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
   PEERSAN_ERR_NOT_FOUND: grpc.status.NOT_FOUND,
   PEERSAN_ERR_ALREADY_EXISTS: grpc.status.ALREADY_EXISTS,
@@ -106,6 +110,9 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
     pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
+    movePage: wrap('movePage', (r) => api.movePage(r.volume, r.page, r.to)),
+    cancelMove: wrap('cancelMove', (r) => api.cancelMove(r.volume, r.page)),
+    migrations: wrap('migrations', () => api.migrations()),
   });
 }
 
@@ -165,6 +172,16 @@ export class AdminClient {
   }
   pageMap(name: string): Promise<PageMapView> {
     return this.call('pageMap', { name });
+  }
+  movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
+    return this.call('movePage', { volume, page, to });
+  }
+  async cancelMove(volume: string, page: number): Promise<void> {
+    await this.call('cancelMove', { volume, page });
+  }
+  async migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }> {
+    const r = await this.call<{ moves?: MoveInfo[]; unreachable?: string[] }>('migrations', {});
+    return { moves: r.moves ?? [], unreachable: r.unreachable ?? [] };
   }
   close(): void {
     this.client.close();

@@ -35,8 +35,30 @@ export interface ClusterConfig {
   /** Logical blocks per page (DESIGN.md 2). */
   pageBlocks: number;
   peers: PeerConfig[];
+  /** Page migration (DESIGN.md 4). */
+  migration: MigrationConfig;
   /** Where the config was read from (for messages). */
   path?: string;
+}
+
+export interface MigrationConfig {
+  /** Copy rate per peer in MB/s (10^6 bytes); 0 = unlimited. */
+  rateMBps: number;
+  /** Piece size in KiB: the unit that is dual-written while in transit and checkpointed when done. */
+  pieceKiB: number;
+}
+
+export const migrationDefaults: MigrationConfig = { rateMBps: 64, pieceKiB: 256 };
+
+function parseMigration(m: Record<string, unknown>, where: string): MigrationConfig {
+  const out = { ...migrationDefaults };
+  for (const [k, v] of Object.entries(m)) {
+    if (!(k in out)) throw new InvalidArgumentError(`${where}: cluster.migration.${k} is not a setting (rateMBps, pieceKiB)`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new InvalidArgumentError(`${where}: cluster.migration.${k} must be a number ≥ 0`);
+    out[k as keyof MigrationConfig] = v;
+  }
+  if (out.pieceKiB < 4 || out.pieceKiB > 4096 || !Number.isInteger(out.pieceKiB)) throw new InvalidArgumentError(`${where}: cluster.migration.pieceKiB must be a whole number from 4 to 4096`);
+  return out;
 }
 
 export function splitHostPort(value: string, what: string): { host: string; port: number } {
@@ -95,6 +117,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     catalog,
     pageBlocks,
     peers,
+    migration: parseMigration((cluster.migration ?? {}) as Record<string, unknown>, where),
     path,
   };
 }
@@ -126,7 +149,7 @@ export function loadConfig(path: string): ClusterConfig {
 
 export function renderConfig(c: ClusterConfig): string {
   return stringify({
-    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog },
+    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
   });
 }

@@ -19,6 +19,7 @@ import { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import { gracefulStopMs, reservationNotifyMsMax } from '../limits';
 import { peerChannelOptions, PeerLink } from '../routing/link';
+import { Migrator, type MoveInfo } from '../migration/migrator';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
@@ -28,6 +29,20 @@ import { productRevision, VolumeTargets } from './targets';
 
 /** How long `status` waits for each other peer before reporting it down. */
 const statusPeerMsMax = 1_500;
+/** Page-move control calls between peers (prepare clears a page on the destination). */
+const moveRpcMsMax = 10_000;
+
+/**
+ * Fault injection for the migration crash tests: PEERSAN_TEST_CRASH="p2:source-mid-piece"
+ * makes peer p2 kill itself (as kill -9 would) when its move reaches that point.
+ */
+function testCrashPoint(self: string): ((point: string) => void) | undefined {
+  const spec = process.env.PEERSAN_TEST_CRASH;
+  if (!spec) return undefined;
+  return (point) => {
+    if (spec === `${self}:${point}`) process.kill(process.pid, 'SIGKILL');
+  };
+}
 
 export interface PeerStartOptions {
   /** A catalog shared by several peers in this process (peersan demo); not closed by stop(). */
@@ -46,6 +61,7 @@ export class PeerServer implements AdminApi {
   private meta!: MetaStore;
   private catalog!: Catalog;
   private targets!: VolumeTargets;
+  private migrator!: Migrator;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private readonly links = new Map<string, PeerLink>();
@@ -91,14 +107,31 @@ export class PeerServer implements AdminApi {
     this.targets = new VolumeTargets({
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
       link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+      receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
+    });
+    this.migrator = new Migrator({
+      self, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
+      settings: { rateBytesPerSec: this.config.migration.rateMBps * 1e6, pieceBytes: this.config.migration.pieceKiB * 1024 },
+      rpc: {
+        prepare: (to, req) => this.rpc(to).movePrepare(req, moveRpcMsMax),
+        finish: (to, req) => this.rpc(to).moveFinish(req, moveRpcMsMax),
+      },
+      crashPoint: testCrashPoint(self),
     });
     await this.targets.follow();
+    // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
+    await this.migrator.recover();
     const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
     this.grpcServer = new grpc.Server(peerChannelOptions);
     addAdminService(this.grpcServer, this, this.config.adminToken, this.log);
     addPeerServices(this.grpcServer, {
       status: () => this.selfStatus(),
       reservationChanged: async (n) => this.targets.reservationsOf(n.volumeId)?.noticed(n),
+      startMove: (volume, page, to) => this.migrator.start(volume, page, to),
+      cancelMove: async (volume, page) => this.migrator.cancel(this.catalog.require(volume).id, page),
+      moves: () => this.migrator.list(),
+      movePrepare: (req) => this.migrator.prepare(req),
+      moveFinish: (req) => this.migrator.finish(req),
       blocks: (call) => pages.serveStream(call),
     }, { secret: this.config.secret, members: groupPeers, self }, this.log);
     await new Promise<void>((resolve, reject) => {
@@ -155,6 +188,7 @@ export class PeerServer implements AdminApi {
     try {
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
+      this.migrator?.close();
       for (const l of this.links.values()) l.close();
       for (const c of this.rpcClients.values()) c.close();
       this.targets?.close();
@@ -231,6 +265,41 @@ export class PeerServer implements AdminApi {
     const v = this.catalog.require(name);
     const routes = this.catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
     return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages: routes.map((r, page) => ({ page, owner: r.owner, version: r.version })) };
+  }
+
+  /** Move a page: the page's owner runs the move (this peer, or asked over PeerService). */
+  async movePage(name: string, page: number, to: string): Promise<MoveInfo> {
+    const v = this.catalog.require(name);
+    const owner = this.catalog.routes(v).route(page).owner;
+    if (owner === this.peer.id) return this.migrator.start(name, page, to);
+    return this.rpc(owner).startMove(name, page, to, moveRpcMsMax);
+  }
+
+  async cancelMove(name: string, page: number): Promise<void> {
+    const v = this.catalog.require(name);
+    const owner = this.catalog.routes(v).route(page).owner;
+    if (owner === this.peer.id) return this.migrator.cancel(v.id, page);
+    await this.rpc(owner).cancelMove(name, page, moveRpcMsMax);
+  }
+
+  /** Moves in flight on every peer (each reports the moves it is the source of). */
+  async migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }> {
+    const unreachable: string[] = [];
+    const lists = await Promise.all(
+      this.config.peers.map(async (p) => {
+        if (p.id === this.peer.id) return this.migrator.list();
+        return this.rpc(p.id).moves(statusPeerMsMax).catch(() => {
+          unreachable.push(p.id);
+          return [];
+        });
+      }),
+    );
+    return { moves: lists.flat(), unreachable };
+  }
+
+  /** The migrator (balancer, tests). */
+  get migration(): Migrator {
+    return this.migrator;
   }
 
   /** Test hook: the targets this peer's portal serves. */

@@ -9,6 +9,7 @@ import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
+import { MovableVolume } from '../migration/movable';
 import type { ServedVolume } from '../routing/page-service';
 import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
 import type { Route } from '../routing/table';
@@ -22,6 +23,8 @@ export const productRevision = '0.2';
 interface Entry {
   record: VolumeRecord;
   volume: StoreVolume;
+  /** The store volume plus the pages moving away from this peer. */
+  movable: MovableVolume;
   router: VolumeRouter;
   served: ServedVolume;
   keeper: SharedReservationKeeper;
@@ -38,6 +41,8 @@ export interface VolumeTargetsOptions {
   portalGroupTag: number;
   link(peerId: string): BlockSender;
   notifyReservations(notice: ReservationNotice): Promise<void>;
+  /** True while this peer receives the page by a move (src/migration). */
+  receiving(volumeId: string, page: number): boolean;
   counters: RoutingCounters;
   log: Logger;
 }
@@ -118,7 +123,9 @@ export class VolumeTargets implements TargetDirectory {
     const volume = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
     const table = catalog.routes(record);
     const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
-    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
+    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: volume, link: this.o.link });
+    const router = new VolumeRouter({ self, volumeId: record.id, table, local: movable, link: this.o.link, refresh, counters: this.o.counters });
+    const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({
@@ -131,7 +138,7 @@ export class VolumeTargets implements TargetDirectory {
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const entry: Entry = { record, volume, router, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume, movable, router, served: { table, store: movable, raw: volume, receiving, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
@@ -160,6 +167,16 @@ export class VolumeTargets implements TargetDirectory {
   private byDesignator(designator: Buffer): VolumeRouter | undefined {
     for (const e of this.byId.values()) if (naaIdentifier(e.record.id).equals(designator)) return e.router;
     return undefined;
+  }
+
+  /** The volume's block path as this peer's hosts use it (tests, tooling). */
+  routerFor(volumeName: string): VolumeRouter | undefined {
+    return this.entries.get(volumeName)?.router;
+  }
+
+  /** The volume's pages on this peer, moves included (the migrator's handle). */
+  movable(volumeId: string): MovableVolume | undefined {
+    return this.byId.get(volumeId)?.movable;
   }
 
   reservationsOf(volumeId: string): SharedReservationKeeper | undefined {

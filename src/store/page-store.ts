@@ -23,6 +23,7 @@ import type { Logger } from 'pino';
 import { ClosedError, InvalidArgumentError } from '../errors';
 import { grainBytes, pageBlocks } from '../limits';
 import { DataFile } from './data-file';
+import { SharedLock } from './shared-lock';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from './types';
 
 type Db = ClassicLevel<string, Buffer>;
@@ -83,6 +84,25 @@ export class PageStore {
     return names.map((n) => /^vol-([0-9a-f]{16})\.dat$/.exec(n)?.[1]).filter((id): id is string => id !== undefined);
   }
 
+  // ---- small local records (migration checkpoints), durable when `sync` -----------------
+
+  async putRecord(key: string, value: Buffer, sync: boolean): Promise<void> {
+    this.assertOpen();
+    await this.db.put(`rec/${key}`, value, { sync });
+  }
+
+  async deleteRecord(key: string): Promise<void> {
+    this.assertOpen();
+    await this.db.del(`rec/${key}`, { sync: true });
+  }
+
+  async listRecords(prefix: string): Promise<{ key: string; value: Buffer }[]> {
+    this.assertOpen();
+    const out: { key: string; value: Buffer }[] = [];
+    for await (const [key, value] of this.db.iterator({ gte: `rec/${prefix}`, lt: `rec/${prefix}\xff` })) out.push({ key: key.slice(4), value });
+    return out;
+  }
+
   usage(): { volumes: number; allocatedBytes: number } {
     let allocatedBytes = 0;
     for (const v of this.volumes.values()) allocatedBytes += v.allocatedBytes();
@@ -105,46 +125,6 @@ export class PageStore {
 
 const pageKey = (volumeId: string, page: number): string => `map/${volumeId}/${page.toString(16).padStart(12, '0')}`;
 
-/** Shared (read/write) vs exclusive (unmap, compare-and-write) access to one volume. */
-class VolumeLock {
-  private shared = 0;
-  private exclusive: Promise<void> | undefined;
-  private sharedDrained: (() => void) | undefined;
-
-  /** Synchronous when nothing exclusive runs or waits (the common case): no promise, no hop. */
-  acquireShared(): Promise<void> | undefined {
-    if (!this.exclusive) {
-      this.shared++;
-      return undefined;
-    }
-    return this.acquireSharedSlow();
-  }
-
-  private async acquireSharedSlow(): Promise<void> {
-    while (this.exclusive) await this.exclusive;
-    this.shared++;
-  }
-
-  releaseShared(): void {
-    this.shared--;
-    if (this.shared === 0) this.sharedDrained?.();
-  }
-
-  async runExclusive<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.exclusive) await this.exclusive;
-    let done!: () => void;
-    this.exclusive = new Promise((r) => (done = r));
-    try {
-      if (this.shared > 0) await new Promise<void>((r) => (this.sharedDrained = r));
-      this.sharedDrained = undefined;
-      return await fn();
-    } finally {
-      this.exclusive = undefined;
-      done();
-    }
-  }
-}
-
 export class StoreVolume implements BlockBackend {
   readonly volumeId: string;
   readonly blockBytes: number;
@@ -160,7 +140,7 @@ export class StoreVolume implements BlockBackend {
   private usedSlots = 0;
   /** Grains whose first write is in progress (global grain index → done). */
   private readonly allocating = new Map<number, Promise<void>>();
-  private readonly lock = new VolumeLock();
+  private readonly lock = new SharedLock();
   private closed = false;
 
   private constructor(db: Db, file: DataFile, volumeId: string, geometry: { blockBytes: number; blockCount: number }, slotHighWater: number) {
