@@ -110,6 +110,8 @@ export class Migrator {
   /** Pages this peer is receiving: `volumeId/page` → source. */
   private readonly incoming = new Map<string, string>();
   private closed = false;
+  /** Staging requests received (fault injection only). */
+  private stagingSeen = 0;
 
   constructor(opts: MigratorOptions) {
     this.o = opts;
@@ -118,8 +120,11 @@ export class Migrator {
 
   // ---- destination side -----------------------------------------------------------------------
 
+  /** Asked by the page service for every staging request (a move's copy or dual write) it gets. */
   receiving(volumeId: string, page: number): boolean {
-    return this.incoming.has(key(volumeId, page));
+    if (!this.incoming.has(key(volumeId, page))) return false;
+    if (this.o.crashPoint && ++this.stagingSeen === 24) this.o.crashPoint('dest-mid-copy');
+    return true;
   }
 
   async prepare(req: PrepareRequest): Promise<void> {

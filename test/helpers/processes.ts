@@ -52,7 +52,10 @@ export interface TestPeer {
   process: ChildProcess;
   url(volume: string, auth?: string): string;
   cli(...args: string[]): { status: number | null; stdout: string; stderr: string };
-  start(): Promise<void>;
+  /** The CLI without blocking the event loop (while other clients run from this process). */
+  cliAsync(...args: string[]): Promise<{ status: number | null; out: string }>;
+  /** Start the process; `env` adds variables (fault injection). */
+  start(env?: Record<string, string>): Promise<void>;
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
@@ -60,7 +63,7 @@ export interface TestPeer {
  * Peer processes of one group (`peersan peer --config … --id pN`), each killed by the
  * teardown. More than one peer needs an etcd endpoint for the shared catalog.
  */
-export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string } = {}): Promise<TestPeer[]> {
+export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string; clusterYaml?: string[] } = {}): Promise<TestPeer[]> {
   const count = opts.count ?? 1;
   const dir = mkdtempSync(join(tmpdir(), 'peersan-test-'));
   const config = join(dir, 'cluster.yaml');
@@ -68,7 +71,7 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
   for (let i = 0; i < count; i++) ports.push({ iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
   const catalog = opts.etcd ? `{ backend: etcd, endpoints: [${opts.etcd}] }` : '{ backend: embedded }';
   writeFileSync(config, [
-    'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', `  catalog: ${catalog}`,
+    'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', `  catalog: ${catalog}`, ...(opts.clusterYaml ?? []).map((l) => `  ${l}`),
     'peers:', ...ports.map((p, i) => `  - { id: p${i + 1}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./p${i + 1} }`), '',
   ].join('\n'));
   const peers = ports.map((p, i): TestPeer => {
@@ -81,8 +84,12 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
         const r = spawnSync(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], { encoding: 'utf8', timeout: 30_000 });
         return { status: r.status, stdout: r.stdout, stderr: r.stderr };
       },
-      start: async () => {
-        peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'] });
+      cliAsync: async (...args) => {
+        const r = await run(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], 120_000);
+        return { status: r.status, out: r.out };
+      },
+      start: async (env) => {
+        peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
         peer.process.stderr!.on('data', () => undefined);
         await waitForPort(p.iscsi);
         await waitForPort(p.rpc);
@@ -146,6 +153,12 @@ function run(cmd: string, args: string[], timeoutMs: number): Promise<{ status: 
 export async function qemuIo(url: string, command: string, timeoutMs = 60_000): Promise<{ ok: boolean; out: string; ms: number }> {
   const r = await run('qemu-io', ['-f', 'raw', '-c', command, url], timeoutMs);
   return { ok: r.status === 0 && !/failed|error|Pattern verification/i.test(r.out), out: r.out, ms: r.ms };
+}
+
+/** qemu-io running several commands in one session; its output (one line or two per command). */
+export async function qemuIoMany(url: string, commands: string[], timeoutMs = 120_000): Promise<{ status: number | null; out: string }> {
+  const r = await run('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), url], timeoutMs);
+  return { status: r.status, out: r.out };
 }
 
 /** qemu-img with a time bound; throws with its output when it fails. */
