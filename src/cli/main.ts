@@ -182,6 +182,8 @@ async function demo(opts: { peers: string; data?: string; size: string; iscsiPor
   say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
   say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
+  say(`console: http://${config.peers[0].http}/  (any peer's http address; admin token: cluster.adminToken in ${configFile})`);
+  say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
   say(`logs:   ${join(dir, 'peersan.log')}`);
   say('ready');
   await runAllUntilSignal(servers);

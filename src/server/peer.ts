@@ -25,6 +25,11 @@ import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { productRevision, VolumeTargets } from './targets';
+import { formatBytes } from '../cluster/catalog';
+import { consoleEventsMax } from '../limits';
+import { EventLog, volumeEvents, type EventKind, type PeerEvent } from './events';
+import { HttpConsole } from './http';
+import { PeerMetrics } from './metrics';
 
 /** How long `status` waits for each other peer before reporting it down. */
 const statusPeerMsMax = 1_500;
@@ -51,12 +56,33 @@ export class PeerServer implements AdminApi {
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
+  // ---- console and metrics (src/server/http*.ts, events.ts, metrics.ts) ----
+  /** Recent events the console shows; anyone in the peer may add to it (addEvent). */
+  readonly events = new EventLog(consoleEventsMax);
+  /** This peer's Prometheus registry; features register their metrics through it. */
+  readonly metrics: PeerMetrics;
+  private http: HttpConsole | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
     this.peer = peer;
     this.log = log;
     this.sharedMeta = opts.meta;
+    this.metrics = new PeerMetrics({
+      peer: peer.id, routing: this.routing,
+      sessions: () => this.portal?.sessions() ?? [],
+      volumeAllocatedBytes: () => new Map((this.catalog?.listVolumes() ?? []).map((v) => [v.name, this.targets.allocatedBytes(v.name)])),
+    });
+  }
+
+  /** Record an event for the console (page moves, redirects, snapshots, …). */
+  addEvent(kind: EventKind, message: string, fields: { volume?: string; peer?: string } = {}): PeerEvent {
+    return this.events.add(kind, message, fields);
+  }
+
+  /** Where the console and /metrics listen (after start). */
+  get httpAddress(): { host: string; port: number } | undefined {
+    return this.http?.address;
   }
 
   static async start(config: ClusterConfig, peerId: string, log: Logger, opts: PeerStartOptions = {}): Promise<PeerServer> {
@@ -91,6 +117,12 @@ export class PeerServer implements AdminApi {
     this.targets = new VolumeTargets({
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
       link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+      meter: (name, backend) => this.metrics.meter(name, backend),
+    });
+    const onVolume = volumeEvents(this.events, this.catalog.listVolumes(), formatBytes);
+    this.catalog.onVolumeChange((name, record) => {
+      onVolume(name, record);
+      if (!record) this.metrics.forgetVolume(name);
     });
     await this.targets.follow();
     const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
@@ -107,6 +139,7 @@ export class PeerServer implements AdminApi {
     const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
     this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
     await this.portal.listen();
+    this.http = await HttpConsole.start({ address: this.peer.http, self, adminToken: this.config.adminToken, api: this, events: this.events, metrics: this.metrics, log: this.log });
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -153,6 +186,7 @@ export class PeerServer implements AdminApi {
     }, gracefulStopMs);
     timer.unref();
     try {
+      if (this.http) await this.http.close();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
       for (const l of this.links.values()) l.close();
