@@ -298,7 +298,8 @@ export function buildProgram(): Command {
     .option('--rpc-port <port>', 'RPC port of peer 1', '7001')
     .option('--http-port <port>', 'HTTP port of peer 1', '8001')
     .option('--token <token>', 'admin token (default: random, written to the demo cluster.yaml)')
-    .action(demo);
+    // The global --token takes the option when it is written after `demo`, so read both.
+    .action((o: Parameters<typeof demo>[0]) => demo({ ...o, token: o.token ?? g().token }));
   return program;
 }
 
