@@ -187,6 +187,17 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.equal(huge.status, 413);
     const resized = await api('POST', '/api/volumes/vol/resize', { size: '64M' });
     t.equal(resized.json().sizeBytes, 64 * 1024 * 1024);
+    const host = 'iqn.1994-05.com.example:db1';
+    const access = await api('PUT', '/api/volumes/vol/access', { allow: [host], chap: { user: 'other', secret: 'An0ther-Secret' } });
+    t.equal(access.status, 200, access.text);
+    t.match(access.json(), { allow: [host], chapEnabled: true, chapUser: 'other' });
+    t.notMatch(access.text, 'An0ther-Secret');
+    t.same(g.peer('p2').targetsForTests.visibleTo(host).map((x) => x.name), ['iqn.2026-11.io.peersan:vol'], 'another peer\'s portal follows the new allow list');
+    t.same(g.peer('p2').targetsForTests.visibleTo('iqn.1994-05.com.example:stranger'), []);
+    t.match((await api('PUT', '/api/volumes/vol/access', { allow: ['not-an-iqn'] })).json(), { error: /is not an iSCSI name/ });
+    t.match((await api('PUT', '/api/volumes/vol/access', { allow: [], chap: { user: 'u', secret: 'short' } })).json(), { error: /CHAP secret must be 12 to 16/ });
+    t.match((await api('PUT', '/api/volumes/vol/access', { allow: [] })).json(), { allow: [], chapEnabled: true, chapUser: 'other' }, 'CHAP kept when not given');
+    t.match((await api('PUT', '/api/volumes/vol/access', { allow: [], chap: null })).json(), { chapEnabled: false }, 'chap null turns it off');
     const map = (await http(g.http('p3'), 'GET', '/api/volumes/vol/pagemap', { token })).json();
     t.equal(map.pages.length, 16, 'every peer answers for the group');
   });
@@ -197,6 +208,7 @@ t.test('a 3-peer group over HTTP', async (t) => {
     for (const a of answers) {
       t.equal(a.status, 200);
       t.notMatch(a.text, chapSecret);
+      t.notMatch(a.text, 'An0ther-Secret');
       t.notMatch(a.text, 'group-secret');
       t.notMatch(a.text, token);
     }
@@ -211,6 +223,7 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.ok(state, 'a state frame');
     t.same(state!.data.peers.map((p: { id: string; up: boolean }) => `${p.id}:${p.up}`), ['p1:true', 'p2:true', 'p3:true']);
     t.equal(state!.data.features.movePage, false);
+    t.equal(state!.data.features.setVolumeAccess, true);
     t.ok(got.some((f) => f.event === 'event' && f.data.kind === 'volume-created' && f.data.volume === 'vol'), 'the earlier events replayed');
     // p2 learns of the volume through its catalog watch: give it a moment (bounded).
     let recent: { message: string }[] = [];

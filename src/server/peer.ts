@@ -25,7 +25,7 @@ import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { productRevision, VolumeTargets } from './targets';
-import { formatBytes } from '../cluster/catalog';
+import { formatBytes, type ChapSettings } from '../cluster/catalog';
 import { consoleEventsMax } from '../limits';
 import { EventLog, volumeEvents, type EventKind, type PeerEvent } from './events';
 import { HttpConsole } from './http';
@@ -258,6 +258,14 @@ export class PeerServer implements AdminApi {
   async resizeVolume(name: string, size: string): Promise<VolumeView> {
     const record = await this.catalog.resizeVolume(name, size);
     await this.targets.apply(name, record);
+    return this.view(record);
+  }
+
+  /** Console: change who may log in (allow list, CHAP). Sessions already in stay. */
+  async setVolumeAccess(name: string, access: { allow: string[]; chap?: ChapSettings | null }): Promise<VolumeView> {
+    const record = await this.catalog.setAccess(name, access);
+    await this.targets.apply(record.name, record);
+    this.log.info({ volume: name, allow: record.allow.length, chap: record.chap !== undefined }, 'volume access changed by admin');
     return this.view(record);
   }
 
