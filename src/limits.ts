@@ -118,3 +118,17 @@ export const xcopyHeldResultsMax = 16;
 assert(16 + xcopyDescriptorListBytesMax <= transferBytesMax, 'an EXTENDED COPY parameter list fits one command');
 assert((xcopyCscdDescriptorsMax + 1) * 32 + 28 <= xcopyDescriptorListBytesMax, 'one too many CSCDs is reported as too many, not as too long');
 assert(32 + (xcopySegmentDescriptorsMax + 1) * 28 <= xcopyDescriptorListBytesMax, 'one too many segments is reported as too many, not as too long');
+
+// ---- HTTP console and metrics ----------------------------------------------------------
+
+/** Largest JSON body an /api request may carry (a volume with a long allow list fits). */
+export const httpBodyBytesMax = 64 * 1024;
+/** A whole request (headers and body) must arrive within this time. */
+export const httpRequestMsMax = 30_000;
+/** Event-stream (/api/events) clients one peer keeps open at once; more get 503. */
+export const consoleStreamClientsMax = 16;
+/** How often the event stream pushes a fresh state (status, volumes) to its clients. */
+export const consoleRefreshMs = 2_000;
+/** Recent events each peer keeps for the console (a ring: the oldest go first). */
+export const consoleEventsMax = 256;
+assert(consoleRefreshMs < httpRequestMsMax, 'a state push is not mistaken for a stuck request');

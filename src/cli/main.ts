@@ -220,6 +220,8 @@ async function demo(opts: { peers: string; data?: string; size: string; iscsiPor
   say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
   say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
+  say(`console: http://${config.peers[0].http}/  (any peer's http address; admin token: cluster.adminToken in ${configFile})`);
+  say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
   say(`logs:   ${join(dir, 'peersan.log')}`);
   say('ready');
   await runAllUntilSignal(servers);
@@ -365,7 +367,8 @@ export function buildProgram(): Command {
     .option('--rpc-port <port>', 'RPC port of peer 1', '7001')
     .option('--http-port <port>', 'HTTP port of peer 1', '8001')
     .option('--token <token>', 'admin token (default: random, written to the demo cluster.yaml)')
-    .action(demo);
+    // The global --token takes the option when it is written after `demo`, so read both.
+    .action((o: Parameters<typeof demo>[0]) => demo({ ...o, token: o.token ?? g().token }));
   return program;
 }
 

@@ -94,6 +94,14 @@ export function validateVolumeName(name: string): void {
   }
 }
 
+function validAllowList(list: string[]): string[] {
+  const allow = [...new Set(list)];
+  for (const iqn of allow) {
+    if (!iqnPattern.test(iqn)) throw new InvalidArgumentError(`"${iqn}" is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id], eui. or naa.)`);
+  }
+  return allow;
+}
+
 function validateChap(chap: ChapSettings): void {
   // RFC 7143 12.1.3: CHAP secrets of at least 12 bytes; initiators like open-iscsi cap them at 16.
   const check = (what: string, secret: string): void => {
@@ -267,10 +275,7 @@ export class Catalog {
     if (!blockBytesAllowed.includes(blockBytes)) throw new InvalidArgumentError(`block size must be 512 or 4096, got ${blockBytes}`);
     const sizeBytes = parseSize(input.size);
     validateSize(sizeBytes, blockBytes);
-    const allow = [...new Set(input.allow ?? [])];
-    for (const iqn of allow) {
-      if (!iqnPattern.test(iqn)) throw new InvalidArgumentError(`"${iqn}" is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id], eui. or naa.)`);
-    }
+    const allow = validAllowList(input.allow ?? []);
     if (input.chap) validateChap(input.chap);
     const peers = input.peers && input.peers.length > 0 ? [...new Set(input.peers)] : this.options.groupPeers;
     for (const p of peers) {
@@ -296,6 +301,21 @@ export class Catalog {
     if (sizeBytes < current.sizeBytes) throw new InvalidArgumentError(`shrinking is not supported (${formatBytes(current.sizeBytes)} → ${formatBytes(sizeBytes)}): it would destroy data`);
     const { version: _v, ...rest } = current;
     const next = { ...rest, sizeBytes };
+    const r = await this.store.put(volumePrefix + name, encodeVolume(next), current.version);
+    return { ...next, version: r.version };
+  }
+
+  /**
+   * Replace a volume's allow list and CHAP settings (chap null: CHAP off; undefined: keep).
+   * Hosts already logged in stay; the next login is checked against the new settings.
+   */
+  async setAccess(name: string, access: { allow: string[]; chap?: ChapSettings | null }): Promise<VolumeRecord> {
+    const current = this.require(name);
+    const allow = validAllowList(access.allow);
+    const chap = access.chap === undefined ? current.chap : (access.chap ?? undefined);
+    if (chap) validateChap(chap);
+    const { version: _v, ...rest } = current;
+    const next = { ...rest, allow, chap };
     const r = await this.store.put(volumePrefix + name, encodeVolume(next), current.version);
     return { ...next, version: r.version };
   }

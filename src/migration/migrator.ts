@@ -81,6 +81,8 @@ export interface MigratorOptions {
   rpc: MoveRpc;
   settings: MigrationSettings;
   log: Logger;
+  /** Something a person watching the group wants to know (the console's events). */
+  event?(kind: 'migration' | 'page-moved', message: string, volume: string): void;
   /** Fault injection for tests: called at named points of a move. */
   crashPoint?(point: string): void;
 }
@@ -191,6 +193,7 @@ export class Migrator {
     }
     const r = await this.launch(cp, movable, true);
     this.o.log.info({ volume: volume.name, page, to, pieces }, 'page move started');
+    this.o.event?.('migration', `moving page ${page} of ${volume.name} from ${this.o.self} to ${to}`, volume.name);
     return this.info(r);
   }
 
@@ -339,6 +342,7 @@ export class Migrator {
     await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
     this.running.delete(key(cp.volumeId, cp.page));
     this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, version: route.version, bytesCopied: r.bytesCopied }, 'page move committed');
+    this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((Date.now() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
     r.settle();
   }
 
@@ -366,7 +370,9 @@ export class Migrator {
     await drain(move);
     await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
     this.running.delete(key(cp.volumeId, cp.page));
-    this.o.log.info({ volumeId: cp.volumeId, page: cp.page, to: cp.to }, 'page move cancelled and rolled back');
+    const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
+    this.o.log.info({ volume: name, page: cp.page, to: cp.to }, 'page move cancelled and rolled back');
+    this.o.event?.('migration', `the move of page ${cp.page} of ${name} to ${cp.to} was cancelled; the page stays on ${cp.from}`, name);
     r.settle(new PeersanError(`the move of page ${cp.page} to ${cp.to} was cancelled`));
   }
 

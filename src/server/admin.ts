@@ -72,11 +72,16 @@ export const statusForCode: Record<string, grpc.status> = {
   PEERSAN_ERR_CLOSED: grpc.status.UNAVAILABLE,
 };
 
-function tokenMatches(metadata: grpc.Metadata, token: string): boolean {
-  const header = metadata.get('authorization')[0];
-  const got = Buffer.from(typeof header === 'string' ? header.replace(/^Bearer /, '') : '');
+/** Constant-time comparison of a presented admin token (also used by the HTTP console). */
+export function tokenEquals(presented: string, token: string): boolean {
+  const got = Buffer.from(presented);
   const want = Buffer.from(token);
   return got.length === want.length && timingSafeEqual(got, want);
+}
+
+function tokenMatches(metadata: grpc.Metadata, token: string): boolean {
+  const header = metadata.get('authorization')[0];
+  return tokenEquals(typeof header === 'string' ? header.replace(/^Bearer /, '') : '', token);
 }
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;

@@ -26,6 +26,11 @@ import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { productRevision, VolumeTargets } from './targets';
+import { formatBytes, type ChapSettings } from '../cluster/catalog';
+import { consoleEventsMax } from '../limits';
+import { EventLog, volumeEvents, type EventKind, type PeerEvent } from './events';
+import { HttpConsole } from './http';
+import { PeerMetrics } from './metrics';
 
 /** How long `status` waits for each other peer before reporting it down. */
 const statusPeerMsMax = 1_500;
@@ -67,12 +72,33 @@ export class PeerServer implements AdminApi {
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
+  // ---- console and metrics (src/server/http*.ts, events.ts, metrics.ts) ----
+  /** Recent events the console shows; anyone in the peer may add to it (addEvent). */
+  readonly events = new EventLog(consoleEventsMax);
+  /** This peer's Prometheus registry; features register their metrics through it. */
+  readonly metrics: PeerMetrics;
+  private http: HttpConsole | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
     this.peer = peer;
     this.log = log;
     this.sharedMeta = opts.meta;
+    this.metrics = new PeerMetrics({
+      peer: peer.id, routing: this.routing,
+      sessions: () => this.portal?.sessions() ?? [],
+      volumeAllocatedBytes: () => new Map((this.catalog?.listVolumes() ?? []).map((v) => [v.name, this.targets.allocatedBytes(v.name)])),
+    });
+  }
+
+  /** Record an event for the console (page moves, redirects, snapshots, …). */
+  addEvent(kind: EventKind, message: string, fields: { volume?: string; peer?: string } = {}): PeerEvent {
+    return this.events.add(kind, message, fields);
+  }
+
+  /** Where the console and /metrics listen (after start). */
+  get httpAddress(): { host: string; port: number } | undefined {
+    return this.http?.address;
   }
 
   static async start(config: ClusterConfig, peerId: string, log: Logger, opts: PeerStartOptions = {}): Promise<PeerServer> {
@@ -108,6 +134,7 @@ export class PeerServer implements AdminApi {
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
       link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
       receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
+      meter: (name, backend) => this.metrics.meter(name, backend),
     });
     this.migrator = new Migrator({
       self, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
@@ -117,6 +144,12 @@ export class PeerServer implements AdminApi {
         finish: (to, req) => this.rpc(to).moveFinish(req, moveRpcMsMax),
       },
       crashPoint: testCrashPoint(self),
+      event: (kind, message, volume) => this.addEvent(kind, message, { volume, peer: self }),
+    });
+    const onVolume = volumeEvents(this.events, this.catalog.listVolumes(), formatBytes);
+    this.catalog.onVolumeChange((name, record) => {
+      onVolume(name, record);
+      if (!record) this.metrics.forgetVolume(name);
     });
     await this.targets.follow();
     // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
@@ -140,6 +173,7 @@ export class PeerServer implements AdminApi {
     const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
     this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
     await this.portal.listen();
+    this.http = await HttpConsole.start({ address: this.peer.http, self, adminToken: this.config.adminToken, api: this, events: this.events, metrics: this.metrics, log: this.log });
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -186,6 +220,7 @@ export class PeerServer implements AdminApi {
     }, gracefulStopMs);
     timer.unref();
     try {
+      if (this.http) await this.http.close();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
       this.migrator?.close();
@@ -261,6 +296,14 @@ export class PeerServer implements AdminApi {
     return this.view(record);
   }
 
+  /** Console: change who may log in (allow list, CHAP). Sessions already in stay. */
+  async setVolumeAccess(name: string, access: { allow: string[]; chap?: ChapSettings | null }): Promise<VolumeView> {
+    const record = await this.catalog.setAccess(name, access);
+    await this.targets.apply(record.name, record);
+    this.log.info({ volume: name, allow: record.allow.length, chap: record.chap !== undefined }, 'volume access changed by admin');
+    return this.view(record);
+  }
+
   async pageMap(name: string): Promise<PageMapView> {
     const v = this.catalog.require(name);
     const routes = this.catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
@@ -295,6 +338,11 @@ export class PeerServer implements AdminApi {
       }),
     );
     return { moves: lists.flat(), unreachable };
+  }
+
+  /** The console's migrations panel: moves in flight on every peer that answers. */
+  async listMigrations(): Promise<MoveInfo[]> {
+    return (await this.migrations()).moves;
   }
 
   /** The migrator (balancer, tests). */

@@ -17,6 +17,7 @@ import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
 import type { PageStore, StoreVolume } from '../store/page-store';
+import type { BlockBackend } from '../store/types';
 
 export const productRevision = '0.2';
 
@@ -45,6 +46,8 @@ export interface VolumeTargetsOptions {
   receiving(volumeId: string, page: number): boolean;
   counters: RoutingCounters;
   log: Logger;
+  /** Wraps each volume's router for the SCSI layer (host I/O metrics); default: none. */
+  meter?(volumeName: string, backend: BlockBackend): BlockBackend;
 }
 
 export class VolumeTargets implements TargetDirectory {
@@ -131,7 +134,7 @@ export class VolumeTargets implements TargetDirectory {
     const lu = new BlockLogicalUnit({
       lun: 0,
       identity: { volumeId: record.id, volumeName: record.name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
-      backend: router,
+      backend: this.o.meter ? this.o.meter(record.name, router) : router,
       reservations: keeper,
       // EXTENDED COPY between volumes: the data moves between the peers, never through the host.
       copyTargets: (designator) => this.byDesignator(designator),

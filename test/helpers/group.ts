@@ -10,10 +10,10 @@ import { migrationDefaults, type ClusterConfig, type MigrationConfig } from '../
 import { PeerServer } from '../../src/server/peer';
 import { freePort } from './processes';
 
-export async function startGroup(t: { teardown(fn: () => unknown): void }, n: number, opts: { migration?: Partial<MigrationConfig> } = {}) {
+export async function startGroup(t: { teardown(fn: () => unknown): void }, n: number, opts: { migration?: Partial<MigrationConfig>; adminToken?: string } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-group-'));
   const config: ClusterConfig = {
-    name: 'group-test', adminToken: 'admin-token', secret: 'group-secret', catalog: { backend: 'embedded' }, pageBlocks: 8192, migration: { ...migrationDefaults, ...opts.migration },
+    name: 'group-test', adminToken: opts.adminToken ?? 'admin-token', secret: 'group-secret', catalog: { backend: 'embedded' }, pageBlocks: 8192, migration: { ...migrationDefaults, ...opts.migration },
     peers: [],
   };
   for (let i = 1; i <= n; i++) {
@@ -34,5 +34,6 @@ export async function startGroup(t: { teardown(fn: () => unknown): void }, n: nu
     rmSync(dir, { recursive: true, force: true });
   });
   const url = (id: string, volume: string): string => `iscsi://${config.peers.find((p) => p.id === id)!.iscsi}/iqn.2026-11.io.peersan:${volume}/0`;
-  return { dir, config, servers, start, url, peer: (id: string) => servers.get(id)! };
+  const http = (id: string): string => `http://${config.peers.find((p) => p.id === id)!.http}`;
+  return { dir, config, servers, start, url, http, peer: (id: string) => servers.get(id)! };
 }
