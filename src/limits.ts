@@ -118,3 +118,29 @@ export const xcopyHeldResultsMax = 16;
 assert(16 + xcopyDescriptorListBytesMax <= transferBytesMax, 'an EXTENDED COPY parameter list fits one command');
 assert((xcopyCscdDescriptorsMax + 1) * 32 + 28 <= xcopyDescriptorListBytesMax, 'one too many CSCDs is reported as too many, not as too long');
 assert(32 + (xcopySegmentDescriptorsMax + 1) * 28 <= xcopyDescriptorListBytesMax, 'one too many segments is reported as too many, not as too long');
+
+// ---- Load monitoring and balancing (src/loadmon) ---------------------------------------
+
+/** Meters fold into their averages, and every peer gossips its summary, this often. */
+export const loadTickMs = 1_000;
+/** A gossip call that takes longer is abandoned (the next tick sends a fresh summary). */
+export const loadGossipMsMax = 800;
+/** A peer not heard from for this long is shown stale and left out of balancing. */
+export const loadStaleMs = 3_000;
+/** Pages metered per peer (all volumes); beyond it new pages count only in the volume and peer totals. */
+export const loadPagesTrackedMax = 16_384;
+/** Host sessions metered per peer (live and recently ended). */
+export const loadHostsTrackedMax = 1_024;
+/** A page or ended session with no I/O for this long is forgotten. */
+export const loadEntryIdleMs = 180_000;
+/** A summary carries at most this many of a volume's hottest pages … */
+export const loadHottestPagesPerVolume = 64;
+/** … for at most this many volumes, at most this many host sessions, and recent moves. */
+export const loadVolumesPerSummaryMax = 1_024;
+export const loadHostsPerSummaryMax = sessionsPerPeerMax;
+export const loadRecentMovesMax = 1_024;
+/** The most page moves one balancing round may start on one peer. */
+export const balancerMovesPerRoundMax = 64;
+assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
+assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
+assert(loadHostsTrackedMax >= sessionsPerPeerMax, 'every live session can be metered');

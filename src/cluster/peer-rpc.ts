@@ -6,6 +6,9 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { PeerUnavailableError } from '../errors';
 import { peerDataService, peerChannelOptions } from '../routing/link';
+import type { PlannedMove } from '../loadmon/balancer';
+import type { MoveOutcome } from '../loadmon/balancer-driver';
+import type { LoadSummary } from '../loadmon/monitor';
 import type { PeerStatusView } from '../server/admin';
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { proto } from './proto';
@@ -15,6 +18,10 @@ export interface PeerHandlers {
   status(): Promise<PeerStatusView>;
   reservationChanged(notice: ReservationNotice): Promise<void>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
+  /** A load summary from peer `from` (authenticated). */
+  gossip?(from: string, summary: LoadSummary): void;
+  /** `peersan rebalance` on another peer: start these moves of pages this peer owns. */
+  startMoves?(moves: PlannedMove[]): Promise<MoveOutcome[]>;
 }
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
@@ -36,6 +43,14 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     reservationChanged: wrap((r) =>
       h.reservationChanged({ volumeId: r.volumeId, version: Number(r.version), unitAttentions: (r.unitAttentions as { nexusKey: string; asc: number }[]).map((u) => [u.nexusKey, u.asc]) }),
     ),
+    // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
+    gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
+      const from = verifyPeerAuth(call.metadata, auth.secret, auth.members);
+      if (!from) return cb(denied);
+      h.gossip?.(from, call.request);
+      cb(null, {});
+    },
+    startMoves: wrap(async (r: { moves: PlannedMove[] }) => ({ moves: h.startMoves ? await h.startMoves(r.moves) : [] })),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -77,6 +92,14 @@ export class PeerRpcClient {
 
   async reservationChanged(notice: ReservationNotice, timeoutMs: number): Promise<void> {
     await this.call('reservationChanged', { volumeId: notice.volumeId, version: notice.version, unitAttentions: notice.unitAttentions.map(([nexusKey, asc]) => ({ nexusKey, asc })) }, timeoutMs);
+  }
+
+  async gossip(summary: LoadSummary, timeoutMs: number): Promise<void> {
+    await this.call('gossip', summary, timeoutMs);
+  }
+
+  async startMoves(moves: PlannedMove[], timeoutMs: number): Promise<MoveOutcome[]> {
+    return (await this.call<{ moves: MoveOutcome[] }>('startMoves', { moves }, timeoutMs)).moves;
   }
 
   close(): void {

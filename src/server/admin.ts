@@ -9,6 +9,7 @@ import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
+import type { RebalanceReply, TopReply } from '../loadmon/service';
 
 export interface VolumeView {
   name: string;
@@ -57,6 +58,11 @@ export interface AdminApi {
   deleteVolume(name: string, force: boolean): Promise<void>;
   resizeVolume(name: string, size: string): Promise<VolumeView>;
   pageMap(name: string): Promise<PageMapView>;
+  // Load monitoring and balancing (src/loadmon).
+  top(pages: number): Promise<TopReply>;
+  rebalance(dryRun: boolean): Promise<RebalanceReply>;
+  /** volume '' = the group switch. */
+  setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }>;
 }
 
 const statusForCode: Record<string, grpc.status> = {
@@ -106,6 +112,9 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
     pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
+    top: wrap('top', (r) => api.top(r.pages || 16)),
+    rebalance: wrap('rebalance', (r) => api.rebalance(r.dryRun === true)),
+    setAutoBalance: wrap('setAutoBalance', (r) => api.setAutoBalance(r.volume, r.on === true)),
   });
 }
 
@@ -165,6 +174,15 @@ export class AdminClient {
   }
   pageMap(name: string): Promise<PageMapView> {
     return this.call('pageMap', { name });
+  }
+  top(pages = 16): Promise<TopReply> {
+    return this.call('top', { pages }, 10_000);
+  }
+  rebalance(dryRun: boolean): Promise<RebalanceReply> {
+    return this.call('rebalance', { dryRun });
+  }
+  setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
+    return this.call('setAutoBalance', { volume, on });
   }
   close(): void {
     this.client.close();

@@ -6,6 +6,8 @@ import { dirname, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
 import { InvalidArgumentError } from '../errors';
 import { pageBlocks as pageBlocksDefault } from '../limits';
+import type { BalancerConfig } from '../loadmon/balancer';
+import { parseBalancerConfig } from '../loadmon/config';
 
 export interface PeerConfig {
   id: string;
@@ -35,6 +37,8 @@ export interface ClusterConfig {
   /** Logical blocks per page (DESIGN.md 2). */
   pageBlocks: number;
   peers: PeerConfig[];
+  /** `balancer:` section (src/loadmon/config.ts); absent: the defaults. */
+  balancer?: BalancerConfig;
   /** Where the config was read from (for messages). */
   path?: string;
 }
@@ -95,6 +99,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     catalog,
     pageBlocks,
     peers,
+    balancer: parseBalancerConfig(root.balancer, where),
     path,
   };
 }
@@ -128,5 +133,6 @@ export function renderConfig(c: ClusterConfig): string {
   return stringify({
     cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
+    ...(c.balancer ? { balancer: c.balancer } : {}),
   });
 }

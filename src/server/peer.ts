@@ -17,7 +17,11 @@ import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
-import { gracefulStopMs, reservationNotifyMsMax } from '../limits';
+import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, reservationNotifyMsMax } from '../limits';
+import { balancerDefaults } from '../loadmon/balancer';
+import type { PageMover } from '../loadmon/balancer-driver';
+import { LoadService, type RebalanceReply, type TopReply } from '../loadmon/service';
+import { BalancerSwitch } from '../loadmon/switches';
 import { peerChannelOptions, PeerLink } from '../routing/link';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
@@ -51,6 +55,9 @@ export class PeerServer implements AdminApi {
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
+  /** Load monitor, gossip and balancer (src/loadmon). */
+  private load: LoadService | undefined;
+  private balancerSwitch: BalancerSwitch | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
@@ -88,9 +95,11 @@ export class PeerServer implements AdminApi {
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     this.meta = await this.openMeta();
     this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
+    const load = (this.load = await this.startLoadService(groupPeers));
     this.targets = new VolumeTargets({
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
       link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+      monitor: load.monitor,
     });
     await this.targets.follow();
     const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
@@ -100,6 +109,8 @@ export class PeerServer implements AdminApi {
       status: () => this.selfStatus(),
       reservationChanged: async (n) => this.targets.reservationsOf(n.volumeId)?.noticed(n),
       blocks: (call) => pages.serveStream(call),
+      gossip: (from, summary) => this.load?.received(from, summary),
+      startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
     }, { secret: this.config.secret, members: groupPeers, self }, this.log);
     await new Promise<void>((resolve, reject) => {
       this.grpcServer.bindAsync(this.peer.rpc, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
@@ -107,6 +118,7 @@ export class PeerServer implements AdminApi {
     const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
     this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
     await this.portal.listen();
+    load.start();
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -153,6 +165,8 @@ export class PeerServer implements AdminApi {
     }, gracefulStopMs);
     timer.unref();
     try {
+      this.load?.stop();
+      this.balancerSwitch?.close();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
       for (const l of this.links.values()) l.close();
@@ -241,6 +255,62 @@ export class PeerServer implements AdminApi {
   /** Test and tooling hook: the catalog this peer reads (routes, volumes). */
   get catalogForTests(): Catalog {
     return this.catalog;
+  }
+
+  // ---- Load monitoring and balancing (src/loadmon) -----------------------------------------
+
+  private async startLoadService(groupPeers: string[]): Promise<LoadService> {
+    this.balancerSwitch = await BalancerSwitch.open(this.meta);
+    const catalog = this.catalog;
+    return new LoadService({
+      self: this.peer.id, peers: groupPeers, config: this.config.balancer ?? { ...balancerDefaults }, log: this.log,
+      facts: async () => {
+        const fs = await statfs(this.peer.data);
+        const sessions = this.portal ? this.portal.sessions().filter((s) => s.sessionType === 'Normal').length : 0;
+        return { sessions, freeBytes: fs.bavail * fs.bsize, totalBytes: fs.blocks * fs.bsize, allocatedBytes: this.store.usage().allocatedBytes };
+      },
+      sendGossip: (peerId, summary) => this.rpc(peerId).gossip(summary, loadGossipMsMax),
+      startMovesOn: (peerId, moves) => this.rpc(peerId).startMoves(moves, statusPeerMsMax),
+      ownerOf: (volumeId, page) => {
+        const v = catalog.volumeById(volumeId);
+        return v ? catalog.routes(v).route(page).owner : undefined;
+      },
+      volume: (volumeId) => {
+        const v = catalog.volumeById(volumeId);
+        return v ? { name: v.name, pageBytes: v.pageBlocks * v.blockBytes, autoBalance: v.autoBalance !== false } : undefined;
+      },
+      volumeIds: () => new Set(catalog.listVolumes().map((v) => v.id)),
+      groupAuto: () => this.balancerSwitch?.auto ?? true,
+    });
+  }
+
+  /** The integrator wires page migration here (until then moves fail with "not available yet"). */
+  setPageMover(mover: PageMover): void {
+    this.load?.setMover(mover);
+  }
+
+  /** Test and tooling hook: this peer's load monitor, view and balancer. */
+  get loadForTests(): LoadService | undefined {
+    return this.load;
+  }
+
+  async top(pages: number): Promise<TopReply> {
+    return this.load!.top(Math.min(Math.max(pages, 1), loadHottestPagesPerVolume));
+  }
+
+  async rebalance(dryRun: boolean): Promise<RebalanceReply> {
+    return this.load!.rebalance(dryRun);
+  }
+
+  async setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
+    if (!volume) {
+      await this.balancerSwitch!.setAuto(on);
+      this.log.info({ on }, 'automatic balancing switched for the group');
+      return { volume: '', on };
+    }
+    const record = await this.catalog.setAutoBalance(volume, on);
+    this.log.info({ volume, on }, 'automatic balancing switched for a volume');
+    return { volume: record.name, on: record.autoBalance !== false };
   }
 
   private sessionsOn(name: string): number {

@@ -16,6 +16,8 @@ import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
 import type { PageStore, StoreVolume } from '../store/page-store';
+import { MeteredBackend, MeteredLogicalUnit } from '../loadmon/metered';
+import type { LoadMonitor } from '../loadmon/monitor';
 
 export const productRevision = '0.2';
 
@@ -40,6 +42,8 @@ export interface VolumeTargetsOptions {
   notifyReservations(notice: ReservationNotice): Promise<void>;
   counters: RoutingCounters;
   log: Logger;
+  /** Load monitor: meters the store volume (owner side) and the logical unit (host sessions). */
+  monitor?: LoadMonitor;
 }
 
 export class VolumeTargets implements TargetDirectory {
@@ -115,7 +119,8 @@ export class VolumeTargets implements TargetDirectory {
 
   private async add(record: VolumeRecord): Promise<void> {
     const { catalog, self } = this.o;
-    const volume = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
+    const stored = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
+    const volume = this.o.monitor ? new MeteredBackend(stored, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : stored;
     const table = catalog.routes(record);
     const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
     const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
@@ -131,14 +136,15 @@ export class VolumeTargets implements TargetDirectory {
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const entry: Entry = { record, volume, router, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume: stored, router, served: { table, store: volume, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
   }
 
   private targetInfo(record: VolumeRecord, lu: BlockLogicalUnit): TargetInfo {
-    return { name: targetNameFor(record.name), allow: record.allow, chap: record.chap, luns: new Map([[0, lu]]) };
+    const served = this.o.monitor ? new MeteredLogicalUnit(lu, this.o.monitor) : lu;
+    return { name: targetNameFor(record.name), allow: record.allow, chap: record.chap, luns: new Map([[0, served]]) };
   }
 
   find(targetName: string): TargetInfo | undefined {
