@@ -15,6 +15,7 @@ import { pageBlocks } from '../limits';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { loadConfig, renderConfig, type ClusterConfig } from '../server/config';
 import { PeerServer } from '../server/peer';
+import { addLoadCommands } from './load';
 
 interface GlobalOptions {
   peer?: string;
@@ -273,6 +274,8 @@ export function buildProgram(): Command {
       const m = await withClient(g(), (c) => c.pageMap(name));
       out(g(), m, () => pageMapText(m));
     });
+
+  addLoadCommands(program, volume, { g, withClient, out, table });
 
   program
     .command('peer')
