@@ -97,6 +97,7 @@ export class LoadService {
   }
 
   start(): void {
+    this.refreshFacts(); // so the first summary already carries capacity and sessions
     this.timers.push(setInterval(() => this.tick(), loadTickMs));
     this.timers.push(setInterval(() => this.round(), this.o.config.intervalMs));
     for (const t of this.timers) t.unref();
