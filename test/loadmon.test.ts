@@ -15,8 +15,9 @@ import { LoadMonitor, type LoadSummary } from '../src/loadmon/monitor';
 import { BalancerSwitch } from '../src/loadmon/switches';
 import { cleanSummary, GroupView } from '../src/loadmon/view';
 import type { LogicalUnit, Nexus, ScsiCommand } from '../src/scsi/types';
+import { planText, topText } from '../src/cli/load';
 import { AdminClient } from '../src/server/admin';
-import type { ClusterConfig } from '../src/server/config';
+import { parseConfig, type ClusterConfig } from '../src/server/config';
 import { PeerServer } from '../src/server/peer';
 import { MemoryBackend } from './helpers/memory-backend';
 import { freePort, hasTool, qemuImg, qemuIo } from './helpers/processes';
@@ -277,4 +278,35 @@ t.test('three peers: I/O through p1 shows up in top on p2 through gossip', { ski
   const off = await until('p3 to see the group switch off', async () => ((await g.servers[2].top(1)).balancer.auto === false ? true : undefined), 5_000);
   t.ok(off);
   await t.rejects(admin.setAutoBalance('nope', true), /no volume named nope/);
+});
+
+t.test('CLI rendering of top and of a plan', async (t) => {
+  const table = (rows: string[][]): string => rows.map((r) => r.join(' | ')).join('\n');
+  const v = new GroupView('p1', ['p1', 'p2'], 3000);
+  v.put(summaryOf('p1', 1, 120, [4]), 0);
+  const snap = v.snapshot(500);
+  const text = topText({
+    ...snap, recentMoves: [{ volumeId: 'v1', volumeName: 'vol', page: 7, from: 'p1', to: 'p2', agoMs: 4000, state: 'failed' }],
+    balancer: { enabled: true, auto: true, lastRound: 'balanced', movesInFlight: 0 },
+  }, table);
+  t.match(text, /group load as seen from p1 · balancer automatic · last round: balanced/);
+  t.match(text, /^p1 \| up \| 120 \| 120\/120\/120 \|/m);
+  t.match(text, /^p2 \| unheard \|/m);
+  t.match(text, /^vol \| 4 \| p1 \| 120 \|/m, 'hottest page row');
+  t.match(text, /^vol \| 7 \| p1 \| p2 \| failed \| 4s$/m, 'recent move by volume name');
+  const plan = planText({
+    dryRun: false, triggered: true, reason: 'busiest p1 is 200% above the mean (threshold 25%): 1 move(s)', meanLoad: 100,
+    varianceBefore: 20000, varianceAfter: 5000, costBefore: 2, costAfter: 0.51, loads: [{ id: 'p1', before: 300, after: 200 }, { id: 'p2', before: 0, after: 100 }],
+    moves: [{ volumeId: 'v1', volumeName: 'vol', page: 3, from: 'p1', to: 'p2', load: 100, started: false, error: 'page migration is not available yet' }],
+  }, table);
+  t.match(plan, /predicted variance of peer load 20000 → 5000 \(relative to mean² 2\.000 → 0\.500; cost 2\.000 → 0\.510\)/);
+  t.match(plan, /^p1 \| 300 \| 100% \| 200 \| 67%$/m);
+  t.match(plan, /^vol \| 3 \| p1 \| p2 \| 100 \| no: page migration is not available yet$/m);
+});
+
+t.test('cluster.yaml balancer section', async (t) => {
+  const base = 'cluster: { name: c, adminToken: a, secret: s }\npeers: [{ id: p1, iscsi: "127.0.0.1:1", rpc: "127.0.0.1:2", http: "127.0.0.1:3", data: d }]\n';
+  t.match(parseConfig(base).balancer, { enabled: true, threshold: 0.25 }, 'defaults');
+  t.match(parseConfig(base + 'balancer: { enabled: false, cooldownMs: 60000 }\n').balancer, { enabled: false, cooldownMs: 60000 });
+  t.throws(() => parseConfig(base + 'balancer: { threshold: -1 }\n', 'x.yaml'), /x\.yaml: balancer\.threshold must be a number from 0\.01/);
 });

@@ -54,7 +54,7 @@ export function topText(v: TopReply, table: (rows: string[][]) => string): strin
     lines.push('', table([['HOST (INITIATOR PORT)', 'TARGET', 'VIA', 'LOAD', ...statHeads], ...v.hosts.map((h) => [h.initiatorPort + (h.ended ? ' (ended)' : ''), h.targetName, h.peer, num(h.load), ...statCells(h.stats)])]));
   }
   if (v.recentMoves.length > 0) {
-    lines.push('', table([['RECENT MOVES', 'PAGE', 'FROM', 'TO', 'STATE', 'AGO'], ...v.recentMoves.slice(0, 10).map((m) => [m.volumeId, String(m.page), m.from, m.to, m.state, `${Math.round(m.agoMs / 1000)}s`])]));
+    lines.push('', table([['RECENT MOVES', 'PAGE', 'FROM', 'TO', 'STATE', 'AGO'], ...v.recentMoves.slice(0, 10).map((m) => [m.volumeName, String(m.page), m.from, m.to, m.state, `${Math.round(m.agoMs / 1000)}s`])]));
   }
   return lines.join('\n');
 }
@@ -135,6 +135,8 @@ export function addLoadCommands<G extends Json>(program: Command, volume: Comman
       }
       const r = await d.withClient(g, (c) => c.rebalance(o.dryRun === true));
       d.out(g, r, () => planText(r, d.table));
+      // Moves were planned and none could start (e.g. no migration engine): a failure for scripts.
+      if (!r.dryRun && r.moves.length > 0 && !r.moves.some((m) => m.started)) process.exitCode = 1;
     });
 
   volume

@@ -33,6 +33,7 @@ export interface LoadServiceOptions {
 
 export interface MoveView {
   volumeId: string;
+  volumeName: string;
   page: number;
   from: string;
   to: string;
@@ -151,7 +152,7 @@ export class LoadService {
     const view = this.view.snapshot(now, pages);
     return {
       ...view,
-      recentMoves: view.recentMoves.map((m) => ({ volumeId: m.volumeId, page: m.page, from: m.from, to: m.to, agoMs: Math.round(now - m.atMs), state: m.state })),
+      recentMoves: view.recentMoves.map((m) => ({ volumeId: m.volumeId, volumeName: this.o.volume(m.volumeId)?.name ?? m.volumeId, page: m.page, from: m.from, to: m.to, agoMs: Math.round(now - m.atMs), state: m.state })),
       balancer: { enabled: this.o.config.enabled, auto: this.o.groupAuto(), lastRound: this.driver.lastRound, movesInFlight: this.mover.movesInFlight() },
     };
   }
