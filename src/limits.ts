@@ -139,8 +139,14 @@ export const loadHottestPagesPerVolume = 64;
 export const loadVolumesPerSummaryMax = 1_024;
 export const loadHostsPerSummaryMax = sessionsPerPeerMax;
 export const loadRecentMovesMax = 1_024;
+/** Pages in one summary over all its volumes (the hottest volumes first), and in one `top` answer. */
+export const loadSummaryPagesMax = 8_192;
+export const loadTopPagesMax = 4_096;
 /** The most page moves one balancing round may start on one peer. */
 export const balancerMovesPerRoundMax = 64;
 assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
 assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
 assert(loadHostsTrackedMax >= sessionsPerPeerMax, 'every live session can be metered');
+// A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
+assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
+assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');

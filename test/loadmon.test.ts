@@ -169,6 +169,7 @@ t.test('group view: merge, order, staleness, late and foreign summaries, bounds'
   t.equal(s.volumes[0].owner.iops[0], 150, 'volume totals summed over peers');
   t.same(s.volumes[0].pages.map((p) => [p.page, p.peer]), [[0, 'p1'], [3, 'p1'], [1, 'p2']], 'hottest pages of every peer, hottest first');
   t.same(s.hosts.map((h) => h.peer), ['p1', 'p2']);
+  t.same(v.snapshot(1000, 64, 2).volumes[0].pages.map((p) => p.page), [0, 3], 'at most pagesMax pages in all');
   t.match(s.recentMoves[0], { volumeId: 'v1', page: 7, to: 'p3', state: 'moving' });
   const later = v.snapshot(3500);
   t.same(later.peers.map((p) => p.stale), [true, true, true], 'not heard for 3 s: stale');

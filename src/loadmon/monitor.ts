@@ -8,7 +8,7 @@
 // volume's loadHottestPagesPerVolume hottest pages.
 
 import {
-  loadEntryIdleMs, loadHostsPerSummaryMax, loadHostsTrackedMax, loadHottestPagesPerVolume, loadPagesTrackedMax, loadVolumesPerSummaryMax,
+  loadEntryIdleMs, loadHostsPerSummaryMax, loadHostsTrackedMax, loadHottestPagesPerVolume, loadPagesTrackedMax, loadRecentMovesMax, loadSummaryPagesMax, loadVolumesPerSummaryMax,
 } from '../limits';
 import type { Nexus } from '../scsi/types';
 import { LoadMeter, type LoadStats } from './ewma';
@@ -279,6 +279,7 @@ export class LoadMonitor {
 
   /** This peer's summary: totals, per volume the hottest pages, per host session. */
   summary(facts: PeerFacts, recentMoves: RecentMove[] = []): LoadSummary {
+    let pagesLeft = loadSummaryPagesMax;
     const volumes = [...this.volumes.values()]
       .sort((a, b) => b.meter.load() - a.meter.load() || a.volumeId.localeCompare(b.volumeId))
       .slice(0, loadVolumesPerSummaryMax)
@@ -287,7 +288,10 @@ export class LoadMonitor {
         volumeName: v.volumeName,
         owner: v.meter.stats(),
         pagesTracked: v.pages.size,
-        pages: hottest(v.pages, this.hottestPagesPerVolume).map(([page, m]) => ({ page, stats: m.stats() })),
+        pages: hottest(v.pages, Math.min(this.hottestPagesPerVolume, pagesLeft)).map(([page, m]) => {
+          pagesLeft--;
+          return { page, stats: m.stats() };
+        }),
       }));
     const hosts = [...this.hosts]
       .sort((a, b) => Number(a.ended) - Number(b.ended) || b.meter.load() - a.meter.load())
@@ -296,7 +300,7 @@ export class LoadMonitor {
     return {
       peerId: this.self, seq: ++this.seq, owner: this.owner.stats(), received: this.received.stats(),
       sessions: facts.sessions, freeBytes: facts.freeBytes, totalBytes: facts.totalBytes, allocatedBytes: facts.allocatedBytes,
-      volumes, hosts, recentMoves,
+      volumes, hosts, recentMoves: recentMoves.slice(0, loadRecentMovesMax),
     };
   }
 }

@@ -6,7 +6,7 @@
 
 import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
-import { loadHottestPagesPerVolume, loadTickMs } from '../limits';
+import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limits';
 import type { BalancerConfig, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, moverUnavailable, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
 import { LoadMonitor, type LoadSummary, type PeerFacts } from './monitor';
@@ -149,7 +149,7 @@ export class LoadService {
 
   top(pages = 16): TopReply {
     const now = this.now();
-    const view = this.view.snapshot(now, pages);
+    const view = this.view.snapshot(now, pages, loadTopPagesMax);
     return {
       ...view,
       recentMoves: view.recentMoves.map((m) => ({ volumeId: m.volumeId, volumeName: this.o.volume(m.volumeId)?.name ?? m.volumeId, page: m.page, from: m.from, to: m.to, agoMs: Math.round(now - m.atMs), state: m.state })),

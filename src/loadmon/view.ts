@@ -102,7 +102,8 @@ export class GroupView {
     return !h || nowMs - h.atMs >= this.staleMs;
   }
 
-  snapshot(nowMs: number, hottestPages = loadHottestPagesPerVolume): GroupLoadView {
+  /** The view now: each volume's `hottestPages`, and at most `pagesMax` pages in all (hottest volumes first). */
+  snapshot(nowMs: number, hottestPages = loadHottestPagesPerVolume, pagesMax = Number.MAX_SAFE_INTEGER): GroupLoadView {
     const peers = this.peers.map((id): PeerLoadView => {
       const h = this.heard.get(id);
       const s = h?.summary;
@@ -113,7 +114,7 @@ export class GroupView {
       };
     });
     const fresh = [...this.heard.entries()].filter(([id]) => !this.isStale(id, nowMs));
-    return { self: this.self, peers, volumes: mergeVolumes(fresh, hottestPages), hosts: mergeHosts(fresh), recentMoves: this.moves(nowMs) };
+    return { self: this.self, peers, volumes: mergeVolumes(fresh, hottestPages, pagesMax), hosts: mergeHosts(fresh), recentMoves: this.moves(nowMs) };
   }
 
   /** Moves any peer (fresh or not) reported, newest report wins per page. */
@@ -131,7 +132,7 @@ export class GroupView {
   }
 }
 
-function mergeVolumes(fresh: [string, Heard][], hottestPages: number): VolumeLoadView[] {
+function mergeVolumes(fresh: [string, Heard][], hottestPages: number, pagesMax: number): VolumeLoadView[] {
   const byId = new Map<string, { name: string; owners: LoadStats[]; pages: PageLoadView[] }>();
   for (const [peer, h] of fresh) {
     for (const v of h.summary.volumes) {
@@ -141,13 +142,19 @@ function mergeVolumes(fresh: [string, Heard][], hottestPages: number): VolumeLoa
       for (const p of v.pages) e.pages.push({ page: p.page, peer, stats: p.stats, load: loadOf(p.stats) });
     }
   }
-  return [...byId.entries()]
+  const volumes = [...byId.entries()]
     .map(([volumeId, e]): VolumeLoadView => {
       const owner = sumStats(e.owners);
       const pages = e.pages.sort((a, b) => b.load - a.load || a.page - b.page).slice(0, hottestPages);
       return { volumeId, volumeName: e.name, owner, load: loadOf(owner), pages };
     })
     .sort((a, b) => b.load - a.load || a.volumeName.localeCompare(b.volumeName));
+  let left = pagesMax;
+  for (const v of volumes) {
+    v.pages = v.pages.slice(0, Math.max(0, left));
+    left -= v.pages.length;
+  }
+  return volumes;
 }
 
 function mergeHosts(fresh: [string, Heard][]): HostLoadView[] {
