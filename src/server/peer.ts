@@ -289,8 +289,8 @@ export class PeerServer implements AdminApi {
     this.load?.setMover(mover);
   }
 
-  /** Test and tooling hook: this peer's load monitor, view and balancer. */
-  get loadForTests(): LoadService | undefined {
+  /** This peer's load monitor, group view and balancer (for the console, /metrics, host balancing and tests). */
+  get loadService(): LoadService | undefined {
     return this.load;
   }
 
