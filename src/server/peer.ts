@@ -262,6 +262,7 @@ export class PeerServer implements AdminApi {
   private async startLoadService(groupPeers: string[]): Promise<LoadService> {
     this.balancerSwitch = await BalancerSwitch.open(this.meta);
     const catalog = this.catalog;
+    let lastVolume: VolumeRecord | undefined;
     return new LoadService({
       self: this.peer.id, peers: groupPeers, config: this.config.balancer ?? { ...balancerDefaults }, log: this.log,
       facts: async () => {
@@ -272,8 +273,9 @@ export class PeerServer implements AdminApi {
       sendGossip: (peerId, summary) => this.rpc(peerId).gossip(summary, loadGossipMsMax),
       startMovesOn: (peerId, moves) => this.rpc(peerId).startMoves(moves, statusPeerMsMax),
       ownerOf: (volumeId, page) => {
-        const v = catalog.volumeById(volumeId);
-        return v ? catalog.routes(v).route(page).owner : undefined;
+        // Asked for many pages of one volume in a row: look the record up once per run.
+        if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
+        return lastVolume ? catalog.routes(lastVolume).route(page).owner : undefined;
       },
       volume: (volumeId) => {
         const v = catalog.volumeById(volumeId);
