@@ -99,7 +99,13 @@ export class LoadService {
 
   start(): void {
     this.refreshFacts(); // so the first summary already carries capacity and sessions
-    this.timers.push(setInterval(() => this.tick(), loadTickMs));
+    this.timers.push(setInterval(() => {
+      try {
+        this.tick();
+      } catch (err) {
+        this.o.log.error({ err }, 'load monitor tick failed');
+      }
+    }, loadTickMs));
     this.timers.push(setInterval(() => this.round(), this.o.config.intervalMs));
     for (const t of this.timers) t.unref();
   }
