@@ -132,3 +132,34 @@ export const consoleRefreshMs = 2_000;
 /** Recent events each peer keeps for the console (a ring: the oldest go first). */
 export const consoleEventsMax = 256;
 assert(consoleRefreshMs < httpRequestMsMax, 'a state push is not mistaken for a stuck request');
+// ---- Load monitoring and balancing (src/loadmon) ---------------------------------------
+
+/** Meters fold into their averages, and every peer gossips its summary, this often. */
+export const loadTickMs = 1_000;
+/** A gossip call that takes longer is abandoned (the next tick sends a fresh summary). */
+export const loadGossipMsMax = 800;
+/** A peer not heard from for this long is shown stale and left out of balancing. */
+export const loadStaleMs = 3_000;
+/** Pages metered per peer (all volumes); beyond it new pages count only in the volume and peer totals. */
+export const loadPagesTrackedMax = 16_384;
+/** Host sessions metered per peer (live and recently ended). */
+export const loadHostsTrackedMax = 1_024;
+/** A page or ended session with no I/O for this long is forgotten. */
+export const loadEntryIdleMs = 180_000;
+/** A summary carries at most this many of a volume's hottest pages … */
+export const loadHottestPagesPerVolume = 64;
+/** … for at most this many volumes, at most this many host sessions, and recent moves. */
+export const loadVolumesPerSummaryMax = 1_024;
+export const loadHostsPerSummaryMax = sessionsPerPeerMax;
+export const loadRecentMovesMax = 1_024;
+/** Pages in one summary over all its volumes (the hottest volumes first), and in one `top` answer. */
+export const loadSummaryPagesMax = 8_192;
+export const loadTopPagesMax = 4_096;
+/** The most page moves one balancing round may start on one peer. */
+export const balancerMovesPerRoundMax = 64;
+assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
+assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
+assert(loadHostsTrackedMax >= sessionsPerPeerMax, 'every live session can be metered');
+// A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
+assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
+assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');

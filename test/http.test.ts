@@ -53,6 +53,7 @@ t.test('volume events: created, resized, access changed, deleted; never a secret
   t.notMatch(JSON.stringify(log.since()), chapSecret);
 });
 
+/** An admin layer with only the volume operations (an older peer); `extra` adds optional ones. */
 function fakeApi(extra: Partial<ConsoleAdminApi> = {}): ConsoleAdminApi {
   const missing = async (): Promise<never> => {
     throw new NotFoundError('no volume named x');
@@ -60,7 +61,7 @@ function fakeApi(extra: Partial<ConsoleAdminApi> = {}): ConsoleAdminApi {
   return {
     status: async () => ({ cluster: 'c', peers: [] }), createVolume: missing, listVolumes: async () => [], getVolume: missing,
     deleteVolume: missing, resizeVolume: missing, pageMap: missing, ...extra,
-  };
+  } as ConsoleAdminApi;
 }
 
 t.test('API router: optional operations answer 501 until the peer has them, then reach them', async (t) => {
@@ -73,7 +74,7 @@ t.test('API router: optional operations answer 501 until the peer has them, then
   const calls: unknown[] = [];
   const withMove = ctx(fakeApi({ movePage: async (volume, page, to) => {
     calls.push([volume, page, to]);
-    return { volume, page, from: 'p1', to, state: 'copying', piecesDone: 0, piecesTotal: 16, startedAtMs: 1 };
+    return { volume, volumeId: '00', page, from: 'p1', to, state: 'copying', done: 0, pieces: 16, startedAtMs: 1, bytesCopied: 0, lastError: '' };
   } }));
   t.equal(features(withMove.api).movePage, true);
   const moved = await handleApi(withMove, { method: 'POST', parts: ['volumes', 'x', 'pages', '3', 'move'], query: new URLSearchParams(), body: { to: 'p2' } });

@@ -82,7 +82,7 @@ t.test('page migration between peer processes, judged by qemu-io', { skip: missi
   const { endpoint } = await startEtcd(t.teardown.bind(t));
   const peers = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['migration: { rateMBps: 16 }'] });
   const byId = new Map(peers.map((p) => [p.id, p]));
-  const [p1, p2, p3] = peers;
+  const [p1, , p3] = peers;
   t.equal((await p1.cliAsync('volume', 'create', 'mv', '--size', '64M')).status, 0);
   const ledger: Ledger = new Map();
   // Every slot starts with a known pattern.

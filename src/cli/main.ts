@@ -16,6 +16,7 @@ import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { migrationDefaults, loadConfig, renderConfig, type ClusterConfig } from '../server/config';
 import { PeerServer } from '../server/peer';
+import { addLoadCommands } from './load';
 
 interface GlobalOptions {
   peer?: string;
@@ -344,6 +345,7 @@ export function buildProgram(): Command {
     const r = await withClient(g(), (c) => c.migrations());
     out(g(), r, () => migrationsText(r));
   });
+  addLoadCommands(program, volume, { g, withClient, out, table });
 
   program
     .command('peer')

@@ -27,6 +27,8 @@ export interface VolumeRecord {
   pageBlocks: number;
   createdAtMs: number;
   version: number;
+  /** Automatic page balancing for this volume (absent: on). `peersan volume set NAME --auto-balance on|off`. */
+  autoBalance?: boolean;
 }
 
 export interface CreateVolumeInput {
@@ -316,6 +318,15 @@ export class Catalog {
     if (chap) validateChap(chap);
     const { version: _v, ...rest } = current;
     const next = { ...rest, allow, chap };
+    const r = await this.store.put(volumePrefix + name, encodeVolume(next), current.version);
+    return { ...next, version: r.version };
+  }
+
+  /** Switch automatic page balancing for one volume (compare-and-swap on the record). */
+  async setAutoBalance(name: string, on: boolean): Promise<VolumeRecord> {
+    const current = this.require(name);
+    const { version: _v, ...rest } = current;
+    const next = { ...rest, autoBalance: on };
     const r = await this.store.put(volumePrefix + name, encodeVolume(next), current.version);
     return { ...next, version: r.version };
   }

@@ -8,6 +8,9 @@ import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerU
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import { peerDataService, peerChannelOptions } from '../routing/link';
 import { statusForCode, type PeerStatusView } from '../server/admin';
+import type { PlannedMove } from '../loadmon/balancer';
+import type { MoveOutcome } from '../loadmon/balancer-driver';
+import type { LoadSummary } from '../loadmon/monitor';
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { proto } from './proto';
 import type { ReservationNotice } from './shared-reservations';
@@ -21,6 +24,10 @@ export interface PeerHandlers {
   movePrepare(req: PrepareRequest): Promise<void>;
   moveFinish(req: FinishRequest): Promise<void>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
+  /** A load summary from peer `from` (authenticated). */
+  gossip?(from: string, summary: LoadSummary): void;
+  /** `peersan rebalance` on another peer: start these moves of pages this peer owns. */
+  startMoves?(moves: PlannedMove[]): Promise<MoveOutcome[]>;
 }
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
@@ -47,6 +54,14 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     moves: wrap(async () => ({ moves: h.moves() })),
     movePrepare: wrap((r) => h.movePrepare({ volumeId: r.volumeId, page: r.page, from: r.from, fresh: r.fresh })),
     moveFinish: wrap((r) => h.moveFinish({ volumeId: r.volumeId, page: r.page, committed: r.committed, version: r.version })),
+    // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
+    gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
+      const from = verifyPeerAuth(call.metadata, auth.secret, auth.members);
+      if (!from) return cb(denied);
+      h.gossip?.(from, call.request);
+      cb(null, {});
+    },
+    startMoves: wrap(async (r: { moves: PlannedMove[] }) => ({ moves: h.startMoves ? await h.startMoves(r.moves) : [] })),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -109,6 +124,14 @@ export class PeerRpcClient {
 
   async moveFinish(req: FinishRequest, timeoutMs: number): Promise<void> {
     await this.call('moveFinish', req, timeoutMs);
+  }
+
+  async gossip(summary: LoadSummary, timeoutMs: number): Promise<void> {
+    await this.call('gossip', summary, timeoutMs);
+  }
+
+  async startMoves(moves: PlannedMove[], timeoutMs: number): Promise<MoveOutcome[]> {
+    return (await this.call<{ moves: MoveOutcome[] }>('startMoves', { moves }, timeoutMs)).moves;
   }
 
   close(): void {

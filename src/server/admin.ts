@@ -10,6 +10,7 @@ import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import type { MoveInfo } from '../migration/migrator';
+import type { RebalanceReply, TopReply } from '../loadmon/service';
 
 export interface VolumeView {
   name: string;
@@ -61,6 +62,11 @@ export interface AdminApi {
   movePage(name: string, page: number, to: string): Promise<MoveInfo>;
   cancelMove(name: string, page: number): Promise<void>;
   migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
+  // Load monitoring and balancing (src/loadmon).
+  top(pages: number): Promise<TopReply>;
+  rebalance(dryRun: boolean): Promise<RebalanceReply>;
+  /** volume '' = the group switch. */
+  setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }>;
 }
 
 export const statusForCode: Record<string, grpc.status> = {
@@ -118,6 +124,9 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     movePage: wrap('movePage', (r) => api.movePage(r.volume, r.page, r.to)),
     cancelMove: wrap('cancelMove', (r) => api.cancelMove(r.volume, r.page)),
     migrations: wrap('migrations', () => api.migrations()),
+    top: wrap('top', (r) => api.top(r.pages || 16)),
+    rebalance: wrap('rebalance', (r) => api.rebalance(r.dryRun === true)),
+    setAutoBalance: wrap('setAutoBalance', (r) => api.setAutoBalance(r.volume, r.on === true)),
   });
 }
 
@@ -187,6 +196,15 @@ export class AdminClient {
   async migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }> {
     const r = await this.call<{ moves?: MoveInfo[]; unreachable?: string[] }>('migrations', {});
     return { moves: r.moves ?? [], unreachable: r.unreachable ?? [] };
+  }
+  top(pages = 16): Promise<TopReply> {
+    return this.call('top', { pages }, 10_000);
+  }
+  rebalance(dryRun: boolean): Promise<RebalanceReply> {
+    return this.call('rebalance', { dryRun });
+  }
+  setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
+    return this.call('setAutoBalance', { volume, on });
   }
   close(): void {
     this.client.close();

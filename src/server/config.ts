@@ -6,6 +6,8 @@ import { dirname, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
 import { InvalidArgumentError } from '../errors';
 import { pageBlocks as pageBlocksDefault } from '../limits';
+import type { BalancerConfig } from '../loadmon/balancer';
+import { parseBalancerConfig } from '../loadmon/config';
 
 export interface PeerConfig {
   id: string;
@@ -37,6 +39,8 @@ export interface ClusterConfig {
   peers: PeerConfig[];
   /** Page migration (DESIGN.md 4). */
   migration: MigrationConfig;
+  /** `balancer:` section (src/loadmon/config.ts); absent: the defaults. */
+  balancer?: BalancerConfig;
   /** Where the config was read from (for messages). */
   path?: string;
 }
@@ -118,6 +122,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     pageBlocks,
     peers,
     migration: parseMigration((cluster.migration ?? {}) as Record<string, unknown>, where),
+    balancer: parseBalancerConfig(root.balancer, where),
     path,
   };
 }
@@ -151,5 +156,6 @@ export function renderConfig(c: ClusterConfig): string {
   return stringify({
     cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
+    ...(c.balancer ? { balancer: c.balancer } : {}),
   });
 }

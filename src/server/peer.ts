@@ -17,7 +17,10 @@ import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
-import { gracefulStopMs, reservationNotifyMsMax } from '../limits';
+import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, reservationNotifyMsMax } from '../limits';
+import { balancerDefaults } from '../loadmon/balancer';
+import { LoadService, type RebalanceReply, type TopReply } from '../loadmon/service';
+import { BalancerSwitch } from '../loadmon/switches';
 import { peerChannelOptions, PeerLink } from '../routing/link';
 import { Migrator, type MoveInfo } from '../migration/migrator';
 import { PageService } from '../routing/page-service';
@@ -78,6 +81,9 @@ export class PeerServer implements AdminApi {
   /** This peer's Prometheus registry; features register their metrics through it. */
   readonly metrics: PeerMetrics;
   private http: HttpConsole | undefined;
+  /** Load monitor, gossip and balancer (src/loadmon). */
+  private load: LoadService | undefined;
+  private balancerSwitch: BalancerSwitch | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
@@ -130,11 +136,13 @@ export class PeerServer implements AdminApi {
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     this.meta = await this.openMeta();
     this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
+    const load = (this.load = await this.startLoadService(groupPeers));
     this.targets = new VolumeTargets({
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
       link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
       receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
       meter: (name, backend) => this.metrics.meter(name, backend),
+      monitor: load.monitor,
     });
     this.migrator = new Migrator({
       self, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
@@ -166,6 +174,8 @@ export class PeerServer implements AdminApi {
       movePrepare: (req) => this.migrator.prepare(req),
       moveFinish: (req) => this.migrator.finish(req),
       blocks: (call) => pages.serveStream(call),
+      gossip: (from, summary) => this.load?.received(from, summary),
+      startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
     }, { secret: this.config.secret, members: groupPeers, self }, this.log);
     await new Promise<void>((resolve, reject) => {
       this.grpcServer.bindAsync(this.peer.rpc, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
@@ -174,6 +184,7 @@ export class PeerServer implements AdminApi {
     this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
     await this.portal.listen();
     this.http = await HttpConsole.start({ address: this.peer.http, self, adminToken: this.config.adminToken, api: this, events: this.events, metrics: this.metrics, log: this.log });
+    load.start();
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -220,6 +231,8 @@ export class PeerServer implements AdminApi {
     }, gracefulStopMs);
     timer.unref();
     try {
+      this.load?.stop();
+      this.balancerSwitch?.close();
       if (this.http) await this.http.close();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
@@ -358,6 +371,66 @@ export class PeerServer implements AdminApi {
   /** Test and tooling hook: the catalog this peer reads (routes, volumes). */
   get catalogForTests(): Catalog {
     return this.catalog;
+  }
+
+  // ---- Load monitoring and balancing (src/loadmon) -----------------------------------------
+
+  private async startLoadService(groupPeers: string[]): Promise<LoadService> {
+    this.balancerSwitch = await BalancerSwitch.open(this.meta);
+    const catalog = this.catalog;
+    let lastVolume: VolumeRecord | undefined;
+    return new LoadService({
+      self: this.peer.id, peers: groupPeers, config: this.config.balancer ?? { ...balancerDefaults }, log: this.log,
+      facts: async () => {
+        const fs = await statfs(this.peer.data);
+        const sessions = this.portal ? this.portal.sessions().filter((s) => s.sessionType === 'Normal').length : 0;
+        return { sessions, freeBytes: fs.bavail * fs.bsize, totalBytes: fs.blocks * fs.bsize, allocatedBytes: this.store.usage().allocatedBytes };
+      },
+      sendGossip: (peerId, summary) => this.rpc(peerId).gossip(summary, loadGossipMsMax),
+      startMovesOn: (peerId, moves) => this.rpc(peerId).startMoves(moves, statusPeerMsMax),
+      mover: {
+        movePage: async (volume, page, to) => {
+          const info = await this.migrator.start(volume, page, to);
+          await this.migrator.wait(info.volumeId, page);
+        },
+        movesInFlight: () => this.migrator?.inFlight ?? 0,
+      },
+      ownerOf: (volumeId, page) => {
+        // Asked for many pages of one volume in a row: look the record up once per run.
+        if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
+        return lastVolume ? catalog.routes(lastVolume).route(page).owner : undefined;
+      },
+      volume: (volumeId) => {
+        const v = catalog.volumeById(volumeId);
+        return v ? { name: v.name, pageBytes: v.pageBlocks * v.blockBytes, autoBalance: v.autoBalance !== false } : undefined;
+      },
+      volumeIds: () => new Set(catalog.listVolumes().map((v) => v.id)),
+      groupAuto: () => this.balancerSwitch?.auto ?? true,
+    });
+  }
+
+  /** This peer's load monitor, group view and balancer (for the console, /metrics, host balancing and tests). */
+  get loadService(): LoadService | undefined {
+    return this.load;
+  }
+
+  async top(pages: number): Promise<TopReply> {
+    return this.load!.top(Math.min(Math.max(pages, 1), loadHottestPagesPerVolume));
+  }
+
+  async rebalance(dryRun: boolean): Promise<RebalanceReply> {
+    return this.load!.rebalance(dryRun);
+  }
+
+  async setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
+    if (!volume) {
+      await this.balancerSwitch!.setAuto(on);
+      this.log.info({ on }, 'automatic balancing switched for the group');
+      return { volume: '', on };
+    }
+    const record = await this.catalog.setAutoBalance(volume, on);
+    this.log.info({ volume, on }, 'automatic balancing switched for a volume');
+    return { volume: record.name, on: record.autoBalance !== false };
   }
 
   private sessionsOn(name: string): number {

@@ -18,6 +18,8 @@ import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
 import type { PageStore, StoreVolume } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
+import { MeteredBackend, MeteredLogicalUnit } from '../loadmon/metered';
+import type { LoadMonitor } from '../loadmon/monitor';
 
 export const productRevision = '0.2';
 
@@ -48,6 +50,8 @@ export interface VolumeTargetsOptions {
   log: Logger;
   /** Wraps each volume's router for the SCSI layer (host I/O metrics); default: none. */
   meter?(volumeName: string, backend: BlockBackend): BlockBackend;
+  /** Load monitor: meters the store volume (owner side) and the logical unit (host sessions). */
+  monitor?: LoadMonitor;
 }
 
 export class VolumeTargets implements TargetDirectory {
@@ -123,11 +127,13 @@ export class VolumeTargets implements TargetDirectory {
 
   private async add(record: VolumeRecord): Promise<void> {
     const { catalog, self } = this.o;
-    const volume = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
+    const stored = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
     const table = catalog.routes(record);
     const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
-    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: volume, link: this.o.link });
-    const router = new VolumeRouter({ self, volumeId: record.id, table, local: movable, link: this.o.link, refresh, counters: this.o.counters });
+    // Moves copy through the store itself (`stored`): migration traffic is not host load.
+    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: stored, link: this.o.link });
+    const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
+    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
     const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
@@ -141,14 +147,15 @@ export class VolumeTargets implements TargetDirectory {
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const entry: Entry = { record, volume, movable, router, served: { table, store: movable, raw: volume, receiving, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume: stored, movable, router, served: { table, store: volume, raw: stored, receiving, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
   }
 
   private targetInfo(record: VolumeRecord, lu: BlockLogicalUnit): TargetInfo {
-    return { name: targetNameFor(record.name), allow: record.allow, chap: record.chap, luns: new Map([[0, lu]]) };
+    const served = this.o.monitor ? new MeteredLogicalUnit(lu, this.o.monitor) : lu;
+    return { name: targetNameFor(record.name), allow: record.allow, chap: record.chap, luns: new Map([[0, served]]) };
   }
 
   find(targetName: string): TargetInfo | undefined {

@@ -1,0 +1,186 @@
+// The balancer's policy (DESIGN.md 5), pure: peer loads and page loads in, page moves out.
+//
+// Cost of a placement = wVar · variance(peer load) / mean² + wChange · moves.
+// The variance is taken relative to the squared mean (the squared coefficient of variation),
+// so one pair of weights means the same at 50 IOPS and at 50 000: wChange = 0.01 reads "a
+// move must lower the relative variance by at least 0.01 to be worth it".
+//
+// Greedy: repeatedly apply the single move that lowers the cost most; stop when none does or
+// at maxMovesPerRound. Guards against ping-pong:
+// - hysteresis: plan only when some peer stands out (busiest above mean·(1+threshold) or
+//   idlest below mean·(1−threshold)), and only when the mean load is worth balancing;
+// - a page moved (or attempted) within cooldownMs is never moved;
+// - a move may not make its destination stand out (destination after ≤ mean·(1+threshold)),
+//   so the result never triggers a balancing round from the other side;
+// - a move must strictly lower the cost, so shifting a hot spot from one peer to another
+//   (same variance) is never chosen.
+// Capacity: a destination must keep reserveFreeBytes free after receiving the page (counted
+// at the page's full size: thin pages may need less).
+
+import { balancerMovesPerRoundMax } from '../limits';
+
+export interface BalancerConfig {
+  /** Automatic balancing on this peer (cluster.yaml); the group switch and per-volume flags live in the catalog. */
+  enabled: boolean;
+  /** Fraction of the mean load a peer must stand out by before anything moves. */
+  threshold: number;
+  wVar: number;
+  wChange: number;
+  maxMovesPerRound: number;
+  /** A page moved within this time is not moved again. */
+  cooldownMs: number;
+  /** How often each peer runs a balancing round. */
+  intervalMs: number;
+  /** Below this mean load (iops + bytes/s ÷ 64 KiB) there is nothing worth balancing. */
+  minMeanLoad: number;
+  /** Free bytes a destination keeps after receiving a page. */
+  reserveFreeBytes: number;
+}
+
+export const balancerDefaults: Readonly<BalancerConfig> = {
+  enabled: true,
+  threshold: 0.25,
+  wVar: 1,
+  wChange: 0.01,
+  maxMovesPerRound: 4,
+  cooldownMs: 120_000,
+  intervalMs: 5_000,
+  minMeanLoad: 20,
+  reserveFreeBytes: 512 * 1024 * 1024,
+};
+
+export interface PlanPeer {
+  id: string;
+  load: number;
+  freeBytes: number;
+}
+
+export interface PlanPage {
+  volumeId: string;
+  volumeName: string;
+  page: number;
+  owner: string;
+  load: number;
+  /** Bytes the destination may need for it (a full page). */
+  bytesMax: number;
+  /** When it last moved (or a move was attempted), on the planner's clock. */
+  lastMovedAtMs?: number;
+  /** Automatic balancing is off for its volume: it counts, it does not move. */
+  pinned?: boolean;
+}
+
+export interface PlanInput {
+  nowMs: number;
+  /** The peers that can take part (fresh in the view). Every page's owner should be one of them. */
+  peers: PlanPeer[];
+  /** Page loads; each is part of its owner's load. */
+  pages: PlanPage[];
+}
+
+export interface PlannedMove {
+  volumeId: string;
+  volumeName: string;
+  page: number;
+  from: string;
+  to: string;
+  load: number;
+}
+
+export interface PeerLoadFigure {
+  id: string;
+  before: number;
+  after: number;
+}
+
+export interface Plan {
+  /** Some peer stands out beyond the threshold. */
+  triggered: boolean;
+  /** One line for humans: why these moves, or why none. */
+  reason: string;
+  moves: PlannedMove[];
+  meanLoad: number;
+  varianceBefore: number;
+  varianceAfter: number;
+  costBefore: number;
+  costAfter: number;
+  loads: PeerLoadFigure[];
+}
+
+export function variance(loads: readonly number[]): number {
+  if (loads.length === 0) return 0;
+  const mean = loads.reduce((a, b) => a + b, 0) / loads.length;
+  return loads.reduce((a, b) => a + (b - mean) * (b - mean), 0) / loads.length;
+}
+
+/** wVar · variance / mean² + wChange · moves (0 variance term when there is no load). */
+export function cost(loads: readonly number[], moves: number, c: Pick<BalancerConfig, 'wVar' | 'wChange'>): number {
+  const mean = loads.length ? loads.reduce((a, b) => a + b, 0) / loads.length : 0;
+  const relative = mean > 0 ? variance(loads) / (mean * mean) : 0;
+  return c.wVar * relative + c.wChange * moves;
+}
+
+export function inCooldown(page: PlanPage, nowMs: number, cooldownMs: number): boolean {
+  return page.lastMovedAtMs !== undefined && nowMs - page.lastMovedAtMs < cooldownMs;
+}
+
+const pct = (x: number): string => `${Math.round(x * 100)}%`;
+
+export function plan(input: PlanInput, config: BalancerConfig): Plan {
+  const ids = input.peers.map((p) => p.id);
+  const loads = new Map(input.peers.map((p) => [p.id, p.load]));
+  const free = new Map(input.peers.map((p) => [p.id, p.freeBytes]));
+  const n = ids.length;
+  const before = ids.map((id) => loads.get(id)!);
+  const mean = n ? before.reduce((a, b) => a + b, 0) / n : 0;
+  const result = (triggered: boolean, reason: string, moves: PlannedMove[]): Plan => {
+    const after = ids.map((id) => loads.get(id)!);
+    return {
+      triggered, reason, moves, meanLoad: mean, varianceBefore: variance(before), varianceAfter: variance(after),
+      costBefore: cost(before, 0, config), costAfter: cost(after, moves.length, config),
+      loads: ids.map((id, i) => ({ id, before: before[i], after: after[i] })),
+    };
+  };
+  if (n < 2) return result(false, 'fewer than two peers to balance between', []);
+  if (mean < config.minMeanLoad) return result(false, `mean load ${mean.toFixed(1)} is below ${config.minMeanLoad}: nothing worth balancing`, []);
+  const busiest = ids.reduce((a, b) => (loads.get(b)! > loads.get(a)! ? b : a));
+  const idlest = ids.reduce((a, b) => (loads.get(b)! < loads.get(a)! ? b : a));
+  const high = loads.get(busiest)! / mean - 1;
+  const low = 1 - loads.get(idlest)! / mean;
+  if (high <= config.threshold && low <= config.threshold) {
+    return result(false, `balanced: busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)})`, []);
+  }
+  const ceiling = mean * (1 + config.threshold);
+  const candidates = input.pages
+    .filter((p) => !p.pinned && p.load > 0 && loads.has(p.owner) && !inCooldown(p, input.nowMs, config.cooldownMs))
+    .sort((a, b) => b.load - a.load || a.volumeId.localeCompare(b.volumeId) || a.page - b.page);
+  const moved = new Set<PlanPage>();
+  const moves: PlannedMove[] = [];
+  const movesMax = Math.min(config.maxMovesPerRound, balancerMovesPerRoundMax);
+  while (moves.length < movesMax) {
+    let best: { page: PlanPage; to: string; delta: number } | undefined;
+    for (const page of candidates) {
+      if (moved.has(page)) continue;
+      const x = page.load;
+      const la = loads.get(page.owner)!;
+      for (const to of ids) {
+        if (to === page.owner) continue;
+        const lb = loads.get(to)!;
+        if (lb + x > ceiling) continue;
+        if (free.get(to)! - page.bytesMax < config.reserveFreeBytes) continue;
+        // Moving x from a to b changes Σ(L − mean)² by 2x(x + Lb − La); the mean stays.
+        const delta = (config.wVar * 2 * x * (x + lb - la)) / (n * mean * mean) + config.wChange;
+        if (delta < 0 && (!best || delta < best.delta)) best = { page, to, delta };
+      }
+    }
+    if (!best) break;
+    const { page, to } = best;
+    loads.set(page.owner, loads.get(page.owner)! - page.load);
+    loads.set(to, loads.get(to)! + page.load);
+    free.set(to, free.get(to)! - page.bytesMax);
+    moved.add(page);
+    moves.push({ volumeId: page.volumeId, volumeName: page.volumeName, page: page.page, from: page.owner, to, load: page.load });
+  }
+  const standsOut = high > config.threshold ? `busiest ${busiest} is ${pct(high)} above the mean` : `idlest ${idlest} is ${pct(low)} below the mean`;
+  if (moves.length === 0) return result(true, `${standsOut}, but no allowed move lowers the cost (pages cooling down, too hot to move, or no room)`, []);
+  return result(true, `${standsOut} (threshold ${pct(config.threshold)}): ${moves.length} move(s)`, moves);
+}
