@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import { PeerUnavailableError } from '../errors';
 import { peerDataService, peerChannelOptions } from '../routing/link';
 import type { PeerStatusView } from '../server/admin';
+import type { MovedSession } from '../server/host-balance-service';
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { proto } from './proto';
 import type { ReservationNotice } from './shared-reservations';
@@ -15,6 +16,16 @@ export interface PeerHandlers {
   status(): Promise<PeerStatusView>;
   reservationChanged(notice: ReservationNotice): Promise<void>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
+  /** Host balancing (absent: the peer answers UNIMPLEMENTED-like errors). */
+  moveSession?(session: string, to: string): Promise<MovedSession[]>;
+  planHostMove?(plan: HostMovePlanMessage): Promise<void>;
+}
+
+export interface HostMovePlanMessage {
+  initiatorName: string;
+  targetName: string;
+  to: string;
+  ttlMs: number;
 }
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
@@ -36,6 +47,8 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     reservationChanged: wrap((r) =>
       h.reservationChanged({ volumeId: r.volumeId, version: Number(r.version), unitAttentions: (r.unitAttentions as { nexusKey: string; asc: number }[]).map((u) => [u.nexusKey, u.asc]) }),
     ),
+    moveSession: wrap(async (r) => ({ moved: h.moveSession ? await h.moveSession(r.session, r.to) : [] })),
+    planHostMove: wrap(async (r) => h.planHostMove?.({ initiatorName: r.initiatorName, targetName: r.targetName, to: r.to, ttlMs: r.ttlMs })),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -77,6 +90,14 @@ export class PeerRpcClient {
 
   async reservationChanged(notice: ReservationNotice, timeoutMs: number): Promise<void> {
     await this.call('reservationChanged', { volumeId: notice.volumeId, version: notice.version, unitAttentions: notice.unitAttentions.map(([nexusKey, asc]) => ({ nexusKey, asc })) }, timeoutMs);
+  }
+
+  async moveSession(session: string, to: string, timeoutMs: number): Promise<MovedSession[]> {
+    return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to }, timeoutMs)).moved ?? [];
+  }
+
+  async planHostMove(plan: HostMovePlanMessage, timeoutMs: number): Promise<void> {
+    await this.call('planHostMove', plan, timeoutMs);
   }
 
   close(): void {

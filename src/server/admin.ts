@@ -9,6 +9,7 @@ import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
+import type { MovedSession } from './host-balance-service';
 
 export interface VolumeView {
   name: string;
@@ -57,6 +58,8 @@ export interface AdminApi {
   deleteVolume(name: string, force: boolean): Promise<void>;
   resizeVolume(name: string, size: string): Promise<VolumeView>;
   pageMap(name: string): Promise<PageMapView>;
+  /** Host balancing: ask sessions to log out and log in again on another peer. */
+  moveSession?(session: string, to: string, on: string): Promise<MovedSession[]>;
 }
 
 const statusForCode: Record<string, grpc.status> = {
@@ -106,6 +109,10 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
     pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
+    moveSession: wrap('moveSession', async (r) => {
+      if (!api.moveSession) throw new PeersanError('host balancing is not available on this peer', 'PEERSAN_ERR_INVALID_ARGUMENT');
+      return { moved: await api.moveSession(r.session, r.to, r.on) };
+    }),
   });
 }
 
@@ -165,6 +172,9 @@ export class AdminClient {
   }
   pageMap(name: string): Promise<PageMapView> {
     return this.call('pageMap', { name });
+  }
+  async moveSession(session: string, to: string, on = ''): Promise<MovedSession[]> {
+    return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to, on })).moved ?? [];
   }
   close(): void {
     this.client.close();
