@@ -89,9 +89,15 @@ export class HostBalanceService {
 
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
-    const decision = this.balancer.onLogin(this.view(), { initiatorName, isid, targetName, sessionType: 'Normal' }, this.now(), this.o.shares?.(targetName));
+    const view = this.view();
+    const decision = this.balancer.onLogin(view, { initiatorName, isid, targetName, sessionType: 'Normal' }, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
-      if (decision.reason !== 'best') this.log.info({ initiator: initiatorName, isid, reason: decision.reason }, 'login accepted');
+      const level = decision.reason === 'best' ? 'debug' : 'info';
+      this.log[level]({ initiator: initiatorName, isid, reason: decision.reason, view: view.map((p) => `${p.peerId}:${p.up ? p.sessions : 'down'}`).join(' ') }, 'login accepted');
+      if (decision.reason === 'planned-here') {
+        // The moved host arrived: the plan is done everywhere (a zero-life plan cancels it).
+        void this.o.broadcastPlan({ initiatorName, targetName, to: this.o.selfId, untilMs: this.now() });
+      }
       return undefined;
     }
     if (decision.reason === 'planned') this.counters.plannedRedirects++;
@@ -113,7 +119,8 @@ export class HostBalanceService {
 
   /** A plan from another peer (or this one): send that host to `to` at its next login here. */
   plan(p: MovePlan): void {
-    this.balancer.plan(p);
+    if (p.untilMs <= this.now()) this.balancer.cancelPlan(p.initiatorName, p.targetName);
+    else this.balancer.plan(p);
   }
 
   /**

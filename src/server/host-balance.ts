@@ -63,13 +63,15 @@ export interface HostBalanceSettings {
 }
 
 export const defaultHostBalanceSettings: Readonly<HostBalanceSettings> = {
-  marginSessions: 1,
-  moveMarginSessions: 2,
+  // Below whole sessions so that a small locality difference (an odd page count striped
+  // over the peers) does not hide a whole session's difference.
+  marginSessions: 0.75,
+  moveMarginSessions: 1.75,
   iopsPerSession: 2_000,
   bytesPerSecPerSession: 64 * 1024 * 1024,
   localityBonusSessions: 1,
   redirectMemoryMs: 10_000,
-  planMs: 30_000,
+  planMs: 15_000,
   logoutSeconds: 5,
   moveIntervalMs: 10_000,
   sessionCooldownMs: 60_000,
@@ -96,9 +98,16 @@ export interface Placement {
   gap: number;
 }
 
+/**
+ * Lower is better. Locality counts only above a fair share: a volume striped evenly over n
+ * peers gives nobody a bonus; a peer holding all of it gets the whole bonus.
+ */
 export function peerScore(p: PeerLoad, s: HostBalanceSettings, shares?: PageShares): number {
   const load = p.sessions + p.iops / s.iopsPerSession + p.bytesPerSec / s.bytesPerSecPerSession;
-  return load - s.localityBonusSessions * (shares?.get(p.peerId) ?? 0);
+  if (!shares || shares.size < 2) return load;
+  const fair = 1 / shares.size;
+  const excess = Math.min(1, Math.max(0, ((shares.get(p.peerId) ?? 0) - fair) / (1 - fair)));
+  return load - s.localityBonusSessions * excess;
 }
 
 /**
@@ -212,6 +221,10 @@ export class HostBalancer {
   /** Another peer (or this one) planned a move of this host: apply it at its next login here. */
   plan(p: MovePlan): void {
     this.plans.set(key(p.initiatorName, p.targetName), p);
+  }
+
+  cancelPlan(initiatorName: string, targetName: string): void {
+    this.plans.delete(key(initiatorName, targetName));
   }
 
   /** Remember that this session was asked to log out (no second request within the cool-down). */
