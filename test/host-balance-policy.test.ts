@@ -95,6 +95,7 @@ t.test('an initiator port that comes back after a redirect is accepted', async (
   t.same(b.onLogin(busy, login('a'), 100), { kind: 'accept', reason: 'came-back' });
   t.equal(b.onLogin(busy, login('b'), 200).kind, 'redirect', 'another initiator port is still placed by the rule');
   t.equal(b.onLogin(busy, login('b'), 200 + s.redirectMemoryMs + 1).kind, 'redirect', 'the memory lasts redirectMemoryMs');
+  t.same(b.onLogin(busy, { ...login('c'), pinned: true }, 300), { kind: 'accept', reason: 'pinned' }, 'a host registered through this peer stays');
 });
 
 t.test('planned moves: any portal sends the host on, the destination accepts, once', async (t) => {

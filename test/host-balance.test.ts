@@ -161,3 +161,20 @@ t.test('host balancing in a group of three', { skip: missing.length ? `missing $
     t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, g.url('p3', 'vol')]), /Images are identical/, 'every byte arrived');
   });
 });
+
+t.test('an overloaded peer moves sessions away by itself, one at a time, until the group is even', { skip: missing.length ? `missing ${missing.join(', ')}` : false }, async (t) => {
+  // Logins are never redirected here (margin 100), so all three land on p1; the periodic
+  // check must then even them out with AsyncEvent 1, each move planned on every peer.
+  const g = await startGroup(t, { marginSessions: 100, autoMove: true, sessionMinAgeMs: 0, moveIntervalMs: 1000 });
+  await g.peer('p1').createVolume({ name: 'vol', size: '64M' });
+  await new Promise((r) => setTimeout(r, 1500));
+  const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['-f', 'raw', '-c', `write -P 0x3${i} ${i * 1048576} 65536`, '-c', 'sleep 14000', '-c', `read -P 0x3${i} ${i * 1048576} 65536`, g.url('p1', 'vol')]));
+  const first = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => total(v) === 3, 20_000);
+  t.equal(first.p1, 3, `all three logged in to p1 first (${JSON.stringify(first)})`);
+  const even = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => v.p1 === 1 && v.p2 === 1 && v.p3 === 1, 12_000);
+  t.same(even, { p1: 1, p2: 1, p3: 1 }, 'then one per peer');
+  const c = g.counters();
+  t.equal(c.p1.logoutRequests, 2, 'p1 asked exactly two sessions to leave');
+  t.equal(c.p2.logoutRequests + c.p3.logoutRequests, 0, 'nobody else moved anything');
+  for (const r of await Promise.all(held.map((h) => h.done))) t.ok(r.code === 0 && !/failed|error|Pattern verification/i.test(r.out), `client read its pattern back: ${r.out.trim().split('\n').pop()}`);
+});

@@ -90,7 +90,7 @@ export class HostBalanceService {
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
     const view = this.view();
-    const decision = this.balancer.onLogin(view, { initiatorName, isid, targetName, sessionType: 'Normal' }, this.now(), this.o.shares?.(targetName));
+    const decision = this.balancer.onLogin(view, { initiatorName, isid, targetName, sessionType: 'Normal', pinned: this.o.pinned(initiatorName, isid, targetName) }, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
       const level = decision.reason === 'best' ? 'debug' : 'info';
       this.log[level]({ initiator: initiatorName, isid, reason: decision.reason, view: view.map((p) => `${p.peerId}:${p.up ? p.sessions : 'down'}`).join(' ') }, 'login accepted');

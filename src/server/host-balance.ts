@@ -86,6 +86,8 @@ export interface LoginAttempt {
   isid: string;
   targetName: string;
   sessionType: 'Discovery' | 'Normal';
+  /** The initiator port holds a reservation registration through this peer: keep it here unless a move was planned. */
+  pinned?: boolean;
 }
 
 /** Share (0..1) of the volume's pages each peer owns, when known. */
@@ -152,7 +154,7 @@ export interface MovableSession {
 }
 
 export type LoginDecision =
-  | { kind: 'accept'; reason: 'discovery' | 'best' | 'came-back' | 'planned-here' | 'no-view' }
+  | { kind: 'accept'; reason: 'discovery' | 'best' | 'came-back' | 'planned-here' | 'pinned' | 'no-view' }
   | { kind: 'redirect'; to: PeerLoad; reason: 'balance' | 'planned' };
 
 const key = (...parts: string[]): string => parts.join('\u0000');
@@ -208,6 +210,7 @@ export class HostBalancer {
       this.redirected.delete(port);
       return this.accept(port, nowMs, 'came-back');
     }
+    if (login.pinned) return this.accept(port, nowMs, 'pinned');
     if (!view.some((p) => p.peerId === this.selfId)) return this.accept(port, nowMs, 'no-view');
     const to = loginTarget(view, this.selfId, login, this.settings, shares);
     return to ? this.redirect(port, to, nowMs, 'balance') : this.accept(port, nowMs, 'best');
