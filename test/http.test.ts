@@ -169,8 +169,8 @@ t.test('a 3-peer group over HTTP', async (t) => {
       ['GET', '/api/volumes/nope/pagemap', undefined, 404, /no volume named nope/],
       ['DELETE', '/api/volumes/nope', undefined, 404, /no volume named nope/],
       ['PATCH', '/api/volumes/vol', undefined, 405, /not allowed/],
-      ['GET', '/api/volumes/vol/heat', undefined, 501, /not available on this peer yet/],
-      ['PUT', '/api/rebalancing', { enabled: true }, 501, /not available on this peer yet/],
+      ['GET', '/api/volumes/nope/heat', undefined, 404, /no volume named nope/],
+      ['PUT', '/api/rebalancing', { enabled: 'yes' }, 400, /./],
       ['POST', '/api/volumes/vol/snapshots', {}, 501, /not available on this peer yet/],
       ['GET', '/api/whatever', undefined, 404, /no API route/],
     ];

@@ -347,6 +347,26 @@ export function buildProgram(): Command {
   });
   addLoadCommands(program, volume, { g, withClient, out, table });
 
+  // ---- host balancing: sessions and moving them (src/server/host-balance*.ts) --------------
+  const session = program.command('session').description('iSCSI sessions: list them, move them to another peer');
+  session.command('list').description('every Normal session, per peer, with its TSIH').action(async () => {
+    const s = await withClient(g(), (c) => c.status());
+    const rows = s.peers.flatMap((p) => p.sessions.filter((x) => x.sessionType === 'Normal').map((x) => ({ peer: p.id, ...x })));
+    out(g(), rows, () => (rows.length === 0 ? 'no sessions' : table([
+      ['PEER', 'TSIH', 'INITIATOR', 'ISID', 'TARGET', 'FROM', 'IN FLIGHT'],
+      ...rows.map((r) => [r.peer, String(r.tsih), r.initiatorName, r.isid, r.targetName, r.remoteAddress, String(r.commandsInFlight)]),
+    ])));
+  });
+  session
+    .command('move <session>')
+    .description('ask a session (TSIH, or an initiator name: all its sessions) to log out and log in again on another peer (iSCSI AsyncEvent 1 + login redirect)')
+    .option('--to <peer>', 'destination peer id (default: the least loaded other peer)')
+    .option('--on <peer>', 'the peer the session is logged in to (needed when a TSIH is on several)')
+    .action(async (sel: string, o: { to?: string; on?: string }) => {
+      const moved = await withClient(g(), (c) => c.moveSession(sel, o.to ?? '', o.on ?? ''));
+      out(g(), moved, () => moved.map((m) => `asked session ${m.tsih} (${m.initiatorName} → ${m.targetName}) on ${m.from} to move to ${m.to}`).join('\n'));
+    });
+
   program
     .command('peer')
     .description('run one peer of the group described by the config')

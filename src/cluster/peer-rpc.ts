@@ -11,6 +11,7 @@ import { statusForCode, type PeerStatusView } from '../server/admin';
 import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
+import type { MovedSession } from '../server/host-balance-service';
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { proto } from './proto';
 import type { ReservationNotice } from './shared-reservations';
@@ -28,6 +29,16 @@ export interface PeerHandlers {
   gossip?(from: string, summary: LoadSummary): void;
   /** `peersan rebalance` on another peer: start these moves of pages this peer owns. */
   startMoves?(moves: PlannedMove[]): Promise<MoveOutcome[]>;
+  /** Host balancing (absent: the peer answers UNIMPLEMENTED-like errors). */
+  moveSession?(session: string, to: string): Promise<MovedSession[]>;
+  planHostMove?(plan: HostMovePlanMessage): Promise<void>;
+}
+
+export interface HostMovePlanMessage {
+  initiatorName: string;
+  targetName: string;
+  to: string;
+  ttlMs: number;
 }
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
@@ -62,6 +73,8 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
       cb(null, {});
     },
     startMoves: wrap(async (r: { moves: PlannedMove[] }) => ({ moves: h.startMoves ? await h.startMoves(r.moves) : [] })),
+    moveSession: wrap(async (r) => ({ moved: h.moveSession ? await h.moveSession(r.session, r.to) : [] })),
+    planHostMove: wrap(async (r) => h.planHostMove?.({ initiatorName: r.initiatorName, targetName: r.targetName, to: r.to, ttlMs: r.ttlMs })),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -132,6 +145,14 @@ export class PeerRpcClient {
 
   async startMoves(moves: PlannedMove[], timeoutMs: number): Promise<MoveOutcome[]> {
     return (await this.call<{ moves: MoveOutcome[] }>('startMoves', { moves }, timeoutMs)).moves;
+  }
+
+  async moveSession(session: string, to: string, timeoutMs: number): Promise<MovedSession[]> {
+    return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to }, timeoutMs)).moved ?? [];
+  }
+
+  async planHostMove(plan: HostMovePlanMessage, timeoutMs: number): Promise<void> {
+    await this.call('planHostMove', plan, timeoutMs);
   }
 
   close(): void {

@@ -17,8 +17,11 @@ export interface LoginContext {
   /** Nonzero, unique among live sessions. */
   allocateTsih(): number;
   sessionExists(tsih: number): boolean;
-  /** Host balancing hook: "host:port" to answer Target Moved Temporarily (0x0101). */
-  redirectFor?(initiatorName: string, targetName: string): string | undefined;
+  /**
+   * Host balancing hook, asked at the first PDU of a Normal session: "host:port" or
+   * "host:port,tpgt" (the destination's portal group) to answer Target Moved Temporarily (0x0101).
+   */
+  redirectFor?(initiatorName: string, targetName: string, isidHex: string): string | undefined;
 }
 
 export interface LoginOutcome {
@@ -123,9 +126,10 @@ export class LoginMachine {
     if (!targetName) return this.fail(LoginStatus.missingParameter);
     this.target = this.ctx.directory.find(targetName);
     if (!this.target) return this.fail(LoginStatus.targetNotFound);
-    const redirect = this.ctx.redirectFor?.(name, targetName);
+    const redirect = this.ctx.redirectFor?.(name, targetName, this.isid.toString('hex'));
     if (redirect) {
-      return { response: this.respond(0, 0, false, [['TargetAddress', `${redirect},${this.ctx.directory.portalGroupTag}`]], LoginStatus.targetMovedTemporarily), close: true };
+      const address = redirect.includes(',') ? redirect : `${redirect},${this.ctx.directory.portalGroupTag}`;
+      return { response: this.respond(0, 0, false, [['TargetAddress', address]], LoginStatus.targetMovedTemporarily), close: true };
     }
     return undefined;
   }

@@ -21,6 +21,8 @@ export interface PortalOptions {
   targetPrefs?: TargetPrefs;
   sessionsMax?: number;
   redirectFor?: LoginContext['redirectFor'];
+  /** Told of every session that reached full feature phase (host balancing counts it from then on). */
+  sessionStarted?(info: SessionInfo): void;
 }
 
 export interface SessionInfo {
@@ -75,7 +77,11 @@ export class Portal {
   }
 
   sessions(): SessionInfo[] {
-    return [...this.sessionsByTsih.values()].map((s) => ({
+    return [...this.sessionsByTsih.values()].map((s) => this.info(s));
+  }
+
+  private info(s: LiveSession): SessionInfo {
+    return {
       tsih: s.tsih,
       initiatorName: s.outcome.initiatorName,
       isid: s.outcome.isid.toString('hex'),
@@ -83,7 +89,15 @@ export class Portal {
       sessionType: s.outcome.sessionType,
       remoteAddress: s.conn.remoteAddress,
       commandsInFlight: s.session.commandsInFlight,
-    }));
+    };
+  }
+
+  /** Ask one session to log out within `seconds` (AsyncEvent 1); false if there is no such session. */
+  requestLogoutOf(tsih: number, seconds: number): boolean {
+    const s = this.sessionsByTsih.get(tsih);
+    if (!s) return false;
+    s.session.requestLogout(seconds);
+    return true;
   }
 
   /** Ask every session on these targets to log out (AsyncEvent 1), e.g. before a volume goes away. */
@@ -160,7 +174,9 @@ export class Portal {
       relativeTargetPort: this.opts.directory.portalGroupTag,
     };
     const session = conn.attachSession(nexus);
-    this.sessionsByTsih.set(outcome.tsih, { tsih: outcome.tsih, outcome, conn, session });
+    const live: LiveSession = { tsih: outcome.tsih, outcome, conn, session };
+    this.sessionsByTsih.set(outcome.tsih, live);
+    this.opts.sessionStarted?.(this.info(live));
     this.log.info({ initiator: outcome.initiatorName, target: targetName, type: outcome.sessionType, tsih: outcome.tsih, remote: conn.remoteAddress }, 'session started');
     return true;
   }

@@ -571,6 +571,13 @@ export class Session {
     const recovery = pdu.reasonCode === LogoutReason.removeConnectionForRecovery;
     if (!recovery) {
       this.draining = true;
+      // After a Logout the initiator sends nothing more on this connection (libiscsi corks
+      // its socket), so a command still waiting for Data-Out or for an earlier CmdSN would
+      // wait forever. Those end unanswered — the initiator re-issues them on its next session
+      // (RFC 7143 11.14; libiscsi re-queues them) — while commands already inside the LU
+      // finish and are answered BEFORE the Logout Response.
+      await this.abort([...this.tasks.values()].filter((t) => !t.executing));
+      this.pending.clear();
       await this.idle();
     }
     if (this.ended) return;

@@ -10,7 +10,7 @@ import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limit
 import type { BalancerConfig, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
 import { LoadMonitor, type LoadSummary, type PeerFacts } from './monitor';
-import { GroupView, type GroupLoadView } from './view';
+import { GroupView, type GroupLoadView, type PeerLoadView } from './view';
 
 export interface LoadServiceOptions {
   self: string;
@@ -147,6 +147,11 @@ export class LoadService {
       this.o.log.error({ err }, 'balancing round failed');
       return undefined;
     });
+  }
+
+  /** Every peer's load as gossiped (stale peers marked), without the per-page detail. */
+  peerLoads(): PeerLoadView[] {
+    return this.view.snapshot(this.now(), 0, 0).peers;
   }
 
   top(pages = 16): TopReply {

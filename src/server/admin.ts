@@ -11,6 +11,7 @@ import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import type { MoveInfo } from '../migration/migrator';
 import type { RebalanceReply, TopReply } from '../loadmon/service';
+import type { MovedSession } from './host-balance-service';
 
 export interface VolumeView {
   name: string;
@@ -67,6 +68,8 @@ export interface AdminApi {
   rebalance(dryRun: boolean): Promise<RebalanceReply>;
   /** volume '' = the group switch. */
   setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }>;
+  /** Host balancing: ask sessions to log out and log in again on another peer. */
+  moveSession?(session: string, to: string, on: string): Promise<MovedSession[]>;
 }
 
 export const statusForCode: Record<string, grpc.status> = {
@@ -127,6 +130,10 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     top: wrap('top', (r) => api.top(r.pages || 16)),
     rebalance: wrap('rebalance', (r) => api.rebalance(r.dryRun === true)),
     setAutoBalance: wrap('setAutoBalance', (r) => api.setAutoBalance(r.volume, r.on === true)),
+    moveSession: wrap('moveSession', async (r) => {
+      if (!api.moveSession) throw new PeersanError('host balancing is not available on this peer', 'PEERSAN_ERR_INVALID_ARGUMENT');
+      return { moved: await api.moveSession(r.session, r.to, r.on) };
+    }),
   });
 }
 
@@ -205,6 +212,9 @@ export class AdminClient {
   }
   setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
     return this.call('setAutoBalance', { volume, on });
+  }
+  async moveSession(session: string, to: string, on = ''): Promise<MovedSession[]> {
+    return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to, on })).moved ?? [];
   }
   close(): void {
     this.client.close();

@@ -29,6 +29,22 @@ export type CatalogConfig =
   | { backend: 'embedded'; /** Absolute folder; default: the first peer's data dir + /catalog. */ path?: string }
   | { backend: 'etcd'; endpoints: string[]; /** Key prefix; default "peersan/<cluster name>/". */ namespace?: string };
 
+/**
+ * Host balancing (login redirect + async logout, src/server/host-balance.ts). `enabled`
+ * defaults to on for a group of several peers; the numbers override its defaults.
+ */
+export interface HostBalanceConfig {
+  enabled?: boolean;
+  autoMove?: boolean;
+  marginSessions?: number;
+  moveMarginSessions?: number;
+  logoutSeconds?: number;
+  moveIntervalMs?: number;
+  sessionMinAgeMs?: number;
+}
+
+const hostBalanceNumbers = ['marginSessions', 'moveMarginSessions', 'logoutSeconds', 'moveIntervalMs', 'sessionMinAgeMs'] as const;
+
 export interface ClusterConfig {
   name: string;
   adminToken: string;
@@ -41,6 +57,8 @@ export interface ClusterConfig {
   migration: MigrationConfig;
   /** `balancer:` section (src/loadmon/config.ts); absent: the defaults. */
   balancer?: BalancerConfig;
+  /** `cluster.hostBalance` (or a top-level `hostBalance:`); absent: defaults. */
+  hostBalance?: HostBalanceConfig;
   /** Where the config was read from (for messages). */
   path?: string;
 }
@@ -123,8 +141,30 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     peers,
     migration: parseMigration((cluster.migration ?? {}) as Record<string, unknown>, where),
     balancer: parseBalancerConfig(root.balancer, where),
+    ...parseHostBalance(cluster.hostBalance ?? root.hostBalance, where),
     path,
   };
+}
+
+function parseHostBalance(v: unknown, where: string): { hostBalance?: HostBalanceConfig } {
+  if (v === undefined || v === null) return {};
+  if (typeof v !== 'object') throw new InvalidArgumentError(`${where}: hostBalance must be a mapping, e.g. { enabled: false }`);
+  const o = v as Record<string, unknown>;
+  const out: HostBalanceConfig = {};
+  for (const flag of ['enabled', 'autoMove'] as const) {
+    if (o[flag] === undefined) continue;
+    if (typeof o[flag] !== 'boolean') throw new InvalidArgumentError(`${where}: hostBalance.${flag} must be true or false`);
+    out[flag] = o[flag] as boolean;
+  }
+  for (const n of hostBalanceNumbers) {
+    if (o[n] === undefined) continue;
+    if (typeof o[n] !== 'number' || !Number.isFinite(o[n]) || (o[n] as number) < 0) throw new InvalidArgumentError(`${where}: hostBalance.${n} must be a number ≥ 0`);
+    out[n] = o[n] as number;
+  }
+  if (out.logoutSeconds !== undefined && (out.logoutSeconds < 1 || out.logoutSeconds > 65535 || !Number.isInteger(out.logoutSeconds))) {
+    throw new InvalidArgumentError(`${where}: hostBalance.logoutSeconds must be a whole number of seconds, 1..65535 (AsyncEvent Parameter3)`);
+  }
+  return { hostBalance: out };
 }
 
 function parseCatalog(c: Record<string, unknown>, where: string, base: string): CatalogConfig {
@@ -154,7 +194,7 @@ export function loadConfig(path: string): ClusterConfig {
 
 export function renderConfig(c: ClusterConfig): string {
   return stringify({
-    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration },
+    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration, ...(c.hostBalance ? { hostBalance: c.hostBalance } : {}) },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
     ...(c.balancer ? { balancer: c.balancer } : {}),
   });

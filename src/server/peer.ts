@@ -15,7 +15,7 @@ import { peerAuthMetadata } from '../cluster/peer-auth';
 import { addPeerServices, PeerRpcClient } from '../cluster/peer-rpc';
 import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
-import { Portal } from '../iscsi/portal';
+import { Portal, type SessionInfo } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, reservationNotifyMsMax } from '../limits';
 import { balancerDefaults } from '../loadmon/balancer';
@@ -27,12 +27,15 @@ import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
+import { HostBalanceService, type MovedSession } from './host-balance-service';
+import { GossipLoadView } from './host-view';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { productRevision, VolumeTargets } from './targets';
 import { formatBytes, type ChapSettings } from '../cluster/catalog';
 import { consoleEventsMax } from '../limits';
 import { EventLog, volumeEvents, type EventKind, type PeerEvent } from './events';
 import { HttpConsole } from './http';
+import type { PageHeatView, PeerLoadView as ConsolePeerLoad } from './http-api';
 import { PeerMetrics } from './metrics';
 
 /** How long `status` waits for each other peer before reporting it down. */
@@ -84,6 +87,8 @@ export class PeerServer implements AdminApi {
   /** Load monitor, gossip and balancer (src/loadmon). */
   private load: LoadService | undefined;
   private balancerSwitch: BalancerSwitch | undefined;
+  /** Host balancing (login redirect, async logout); undefined when off. */
+  private hostBalance: HostBalanceService | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
@@ -176,15 +181,23 @@ export class PeerServer implements AdminApi {
       blocks: (call) => pages.serveStream(call),
       gossip: (from, summary) => this.load?.received(from, summary),
       startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
+      moveSession: (session, to) => this.moveLocalSessions(session, to),
+      planHostMove: async (p) => this.hostBalance?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: Date.now() + p.ttlMs }),
     }, { secret: this.config.secret, members: groupPeers, self }, this.log);
     await new Promise<void>((resolve, reject) => {
       this.grpcServer.bindAsync(this.peer.rpc, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
     });
     const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
-    this.portal = new Portal({ host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log });
+    this.hostBalance = this.createHostBalance();
+    const hb = this.hostBalance;
+    this.portal = new Portal({
+      host: iscsi.host, port: iscsi.port, directory: this.targets, log: this.log,
+      ...(hb ? { redirectFor: (i: string, t: string, isid: string) => hb.redirectFor(i, t, isid), sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
+    });
     await this.portal.listen();
     this.http = await HttpConsole.start({ address: this.peer.http, self, adminToken: this.config.adminToken, api: this, events: this.events, metrics: this.metrics, log: this.log });
     load.start();
+    this.hostBalance?.start();
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -234,6 +247,7 @@ export class PeerServer implements AdminApi {
       this.load?.stop();
       this.balancerSwitch?.close();
       if (this.http) await this.http.close();
+      this.hostBalance?.stop();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
       this.migrator?.close();
@@ -247,6 +261,87 @@ export class PeerServer implements AdminApi {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  // ---- Host balancing (src/server/host-balance*.ts) ----------------------------------------
+
+  private createHostBalance(): HostBalanceService | undefined {
+    const hb = this.config.hostBalance ?? {};
+    if (!(hb.enabled ?? this.config.peers.length > 1)) return undefined;
+    const self = this.peer.id;
+    const tag = (id: string): number => this.config.peers.findIndex((p) => p.id === id) + 1;
+    const view = new GossipLoadView({
+      selfId: self,
+      peers: this.config.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, portalGroupTag: tag(p.id) })),
+      ownSessions: () => this.portal.sessions().filter((s) => s.sessionType === 'Normal').length,
+      loads: () => this.load?.peerLoads() ?? [],
+    });
+    const { enabled: _enabled, ...settings } = hb;
+    return new HostBalanceService({
+      selfId: self, settings, view, portal: () => this.portal, log: this.log,
+      pinned: (initiator, isid, target) => this.pinnedByReservation(initiator, isid, target),
+      shares: (target) => this.pageShares(target),
+      broadcastPlan: async (plan) => {
+        const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - Date.now()) };
+        await Promise.all(this.config.peers.filter((p) => p.id !== self).map((p) =>
+          this.rpc(p.id).planHostMove(message, statusPeerMsMax).catch((err: Error) => this.log.warn({ to: p.id, reason: err.message }, 'peer did not take a host move plan (a login there is placed by the usual rule)'))));
+      },
+    });
+  }
+
+  /**
+   * A host holding a persistent reservation registration (or a RESERVE) through this peer's
+   * target port stays: registrations are per I_T nexus and the target port differs per peer.
+   */
+  private pinnedByReservation(initiatorName: string, isid: string, targetName: string): boolean {
+    const v = this.catalog.listVolumes().find((x) => targetNameFor(x.name) === targetName);
+    const state = v && this.targets.reservationsOf(v.id)?.current.state();
+    if (!state) return false;
+    const port = `${initiatorName},i,0x${isid}`;
+    const tag = this.config.peers.findIndex((p) => p.id === this.peer.id) + 1;
+    return state.registrations.some((r) => r.initiatorPort === port && r.relativeTargetPort === tag) || (state.legacyHolder?.startsWith(`${port}|`) ?? false);
+  }
+
+  private readonly sharesCache = new Map<string, { atMs: number; shares: Map<string, number> }>();
+
+  /** Share of a volume's pages per owner (refreshed every few seconds; routes change slowly). */
+  private pageShares(targetName: string): Map<string, number> | undefined {
+    const cached = this.sharesCache.get(targetName);
+    if (cached && Date.now() - cached.atMs < 5_000) return cached.shares;
+    const v = this.catalog.listVolumes().find((x) => targetNameFor(x.name) === targetName);
+    if (!v) return undefined;
+    const owners = this.catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    const shares = new Map<string, number>();
+    for (const r of owners) shares.set(r.owner, (shares.get(r.owner) ?? 0) + 1 / owners.length);
+    this.sharesCache.set(targetName, { atMs: Date.now(), shares });
+    return shares;
+  }
+
+  private async moveLocalSessions(session: string, to: string): Promise<MovedSession[]> {
+    if (!this.hostBalance) return [];
+    return this.hostBalance.move(session, to);
+  }
+
+  /** AdminApi: move sessions wherever they are logged in (or only on peer `on`). */
+  async moveSession(session: string, to: string, on: string): Promise<MovedSession[]> {
+    if (!this.hostBalance) throw new InvalidArgumentError('host balancing is off on this peer (cluster.hostBalance.enabled)');
+    if (!session) throw new InvalidArgumentError('name a session: its TSIH or its initiator name');
+    if (/^(0x[0-9a-f]+|[0-9]+)$/i.test(session) && !on) {
+      // TSIHs are per peer: find which peer has it, and refuse to guess between several.
+      const holders = (await this.status()).peers.filter((p) => p.sessions.some((x) => x.tsih === Number(session) && x.sessionType === 'Normal')).map((p) => p.id);
+      if (holders.length > 1) throw new InvalidArgumentError(`TSIH ${session} is logged in on ${holders.join(', ')}: say which with --on PEER`);
+      on = holders[0] ?? '';
+    }
+    const peers = this.config.peers.filter((p) => !on || p.id === on);
+    if (peers.length === 0) throw new InvalidArgumentError(`no peer ${on} in this group`);
+    const moved = (await Promise.all(peers.map((p) => (p.id === this.peer.id ? this.moveLocalSessions(session, to) : this.rpc(p.id).moveSession(session, to, 10_000))))).flat();
+    if (moved.length === 0) throw new NotFoundError(`no session ${session} logged in${on ? ` on ${on}` : ''}`);
+    return moved;
+  }
+
+  /** Test hook: host balancing counters (undefined when off). */
+  get hostBalanceForTests(): HostBalanceService | undefined {
+    return this.hostBalance;
   }
 
   // ---- AdminApi (the one admin layer the CLI and later the console use) --------------------
@@ -420,6 +515,29 @@ export class PeerServer implements AdminApi {
 
   async rebalance(dryRun: boolean): Promise<RebalanceReply> {
     return this.load!.rebalance(dryRun);
+  }
+
+  // ---- the console's view of load and balancing (http-api.ts OptionalAdminOps) ----
+
+  /** The volume's hottest pages (at most 64, each reported by its owner), 10 s averages. */
+  async pageHeat(volume: string): Promise<PageHeatView> {
+    const v = this.catalog.require(volume);
+    const loads = this.load!.top(loadHottestPagesPerVolume).volumes.find((x) => x.volumeId === v.id);
+    return { volume: v.name, windowMs: 10_000, pages: (loads?.pages ?? []).map((p) => ({ page: p.page, iops: p.stats.iops[1], bytesPerSec: p.stats.bytesPerSec[1] })) };
+  }
+
+  /** Each peer's load as page owner, 10 s averages (stale peers left out). */
+  async peerLoads(): Promise<ConsolePeerLoad[]> {
+    return this.load!.peerLoads().filter((p) => !p.stale).map((p) => ({ peer: p.id, iops: p.owner.iops[1], bytesPerSec: p.owner.bytesPerSec[1], latencyMs: p.owner.latencyMs[1] }));
+  }
+
+  async rebalancing(): Promise<{ enabled: boolean }> {
+    return { enabled: this.balancerSwitch!.auto };
+  }
+
+  async setRebalancing(enabled: boolean): Promise<{ enabled: boolean }> {
+    await this.setAutoBalance('', enabled);
+    return { enabled };
   }
 
   async setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {

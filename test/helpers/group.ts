@@ -6,21 +6,21 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { EmbeddedMetaStore } from '../../src/cluster/embedded';
-import { migrationDefaults, type ClusterConfig, type MigrationConfig } from '../../src/server/config';
+import { migrationDefaults, type ClusterConfig, type HostBalanceConfig, type MigrationConfig } from '../../src/server/config';
 import { PeerServer } from '../../src/server/peer';
 import { freePort } from './processes';
 
-export async function startGroup(t: { teardown(fn: () => unknown): void }, n: number, opts: { migration?: Partial<MigrationConfig>; adminToken?: string } = {}) {
+export async function startGroup(t: { teardown(fn: () => unknown): void }, n: number, opts: { migration?: Partial<MigrationConfig>; adminToken?: string; hostBalance?: HostBalanceConfig } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-group-'));
   const config: ClusterConfig = {
     name: 'group-test', adminToken: opts.adminToken ?? 'admin-token', secret: 'group-secret', catalog: { backend: 'embedded' }, pageBlocks: 8192, migration: { ...migrationDefaults, ...opts.migration },
-    peers: [],
+    peers: [], hostBalance: opts.hostBalance,
   };
   for (let i = 1; i <= n; i++) {
     config.peers.push({ id: `p${i}`, iscsi: `127.0.0.1:${await freePort()}`, rpc: `127.0.0.1:${await freePort()}`, http: `127.0.0.1:${await freePort()}`, data: join(dir, `p${i}`) });
   }
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const log = pino({ level: 'silent' });
+  const log = pino({ level: process.env.PEERSAN_TEST_LOG ? 'info' : 'silent' });
   const servers = new Map<string, PeerServer>();
   const start = async (id: string): Promise<PeerServer> => {
     const s = await PeerServer.start(config, id, log, { meta });
