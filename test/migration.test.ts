@@ -142,6 +142,9 @@ t.test('a page moves back and forth 20 times under verifying writers on every pe
   t.ok(ops > 200, `the writers were busy during the moves (${ops} operations)`);
   await verify(t, routers, writers.expected());
   t.same((await g.peer('p2').migrations()).moves, [], 'no moves left in flight');
+  const metrics = await g.peer('p2').metrics.text();
+  t.match(metrics, /peersan_page_moves_total\{result="committed",peer="p2"\} 10\b/, '/metrics: p2 ran 10 of the moves');
+  t.match(metrics, /peersan_migration_bytes_total\{peer="p2"\} [1-9]/, '/metrics: bytes copied');
   const p3alloc = g.peer('p3').targetsForTests.allocatedBytes('vol');
   t.ok(p3alloc < 200 * 1024, `p3 (never the page's owner) holds only the boundary slots of page 2 (${p3alloc} bytes)`);
 });

@@ -112,6 +112,8 @@ export class Migrator {
   /** Pages this peer is receiving: `volumeId/page` → source. */
   private readonly incoming = new Map<string, string>();
   private closed = false;
+  /** Running totals for /metrics. */
+  readonly counters = { committed: 0, cancelled: 0, bytesCopied: 0 };
   /** Staging requests received (fault injection only). */
   private stagingSeen = 0;
 
@@ -291,6 +293,7 @@ export class Migrator {
       await this.rate.take(blocks * bs);
       await this.retrying(r, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last))));
       r.bytesCopied += blocks * bs;
+      this.counters.bytesCopied += blocks * bs;
       if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
     }
   }
@@ -341,6 +344,7 @@ export class Migrator {
     await this.freeLocal(movable, volume, cp.page);
     await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
     this.running.delete(key(cp.volumeId, cp.page));
+    this.counters.committed++;
     this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, version: route.version, bytesCopied: r.bytesCopied }, 'page move committed');
     this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((Date.now() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
     r.settle();
@@ -370,6 +374,7 @@ export class Migrator {
     await drain(move);
     await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
     this.running.delete(key(cp.volumeId, cp.page));
+    this.counters.cancelled++;
     const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
     this.o.log.info({ volume: name, page: cp.page, to: cp.to }, 'page move cancelled and rolled back');
     this.o.event?.('migration', `the move of page ${cp.page} of ${name} to ${cp.to} was cancelled; the page stays on ${cp.from}`, name);

@@ -43,6 +43,8 @@ export interface HostBalanceServiceOptions {
   shares?(targetName: string): PageShares | undefined;
   /** Deliver a plan to every other peer; resolves when they answered or timed out. */
   broadcastPlan(plan: MovePlan): Promise<void>;
+  /** Something the console's events show (a redirect, a host asked to move). */
+  event?(message: string, target: string): void;
   log: Logger;
   /** How often the overload check runs. */
   checkMs?: number;
@@ -103,6 +105,7 @@ export class HostBalanceService {
     if (decision.reason === 'planned') this.counters.plannedRedirects++;
     else this.counters.redirects++;
     this.log.info({ initiator: initiatorName, isid, target: targetName, to: decision.to.peerId, reason: decision.reason }, 'login redirected');
+    this.o.event?.(`login of ${initiatorName} to ${targetName} redirected to ${decision.to.peerId} (${decision.reason})`, targetName);
     return `${decision.to.iscsiAddress},${decision.to.portalGroupTag}`;
   }
 
@@ -168,6 +171,7 @@ export class HostBalanceService {
     }
     this.counters.logoutRequests++;
     this.log.info({ tsih: s.tsih, initiator: s.initiatorName, target: s.targetName, to, seconds: this.settings.logoutSeconds }, 'asked a session to log out (AsyncEvent 1) to move it');
+    this.o.event?.(`asked ${s.initiatorName} (session ${s.tsih}) to log out and move to ${to}`, s.targetName);
   }
 
   /** The periodic overload check: at most one automatic move in flight. */

@@ -92,7 +92,7 @@ export class PeerMetrics {
   }
 
   /** A counter whose values live elsewhere as plain running totals, read at scrape time. */
-  private followCounter(name: string, help: string, labelNames: string[], read: () => Labelled): void {
+  followCounter(name: string, help: string, labelNames: string[], read: () => Labelled): void {
     this.counter({
       name, help, labelNames,
       collect() {

@@ -159,6 +159,7 @@ export class PeerServer implements AdminApi {
       crashPoint: testCrashPoint(self),
       event: (kind, message, volume) => this.addEvent(kind, message, { volume, peer: self }),
     });
+    this.registerFeatureMetrics();
     const onVolume = volumeEvents(this.events, this.catalog.listVolumes(), formatBytes);
     this.catalog.onVolumeChange((name, record) => {
       onVolume(name, record);
@@ -263,6 +264,19 @@ export class PeerServer implements AdminApi {
     }
   }
 
+  /** /metrics for page migration and host balancing (their figures are running totals read at scrape time). */
+  private registerFeatureMetrics(): void {
+    const m = this.migrator;
+    this.metrics.followCounter('peersan_page_moves_total', 'Page moves this peer ran as the source, by outcome', ['result'], () => [[{ result: 'committed' }, m.counters.committed], [{ result: 'cancelled' }, m.counters.cancelled]]);
+    this.metrics.followCounter('peersan_migration_bytes_total', 'Bytes this peer copied for page moves (both directions)', [], () => [[{}, m.counters.bytesCopied]]);
+    this.metrics.gauge({ name: 'peersan_page_moves_in_flight', help: 'Page moves this peer is running as the source', collect() { this.set(m.inFlight); } });
+    this.metrics.followCounter('peersan_login_redirects_total', 'Logins answered Target Moved Temporarily (host balancing), by reason', ['reason'], () => {
+      const c = this.hostBalance?.counters;
+      return c ? [[{ reason: 'load' }, c.redirects], [{ reason: 'planned' }, c.plannedRedirects]] : [];
+    });
+    this.metrics.followCounter('peersan_logout_requests_total', 'Sessions asked to log out (AsyncEvent 1) to move them to another peer', [], () => [[{}, this.hostBalance?.counters.logoutRequests ?? 0]]);
+  }
+
   // ---- Host balancing (src/server/host-balance*.ts) ----------------------------------------
 
   private createHostBalance(): HostBalanceService | undefined {
@@ -281,6 +295,7 @@ export class PeerServer implements AdminApi {
       selfId: self, settings, view, portal: () => this.portal, log: this.log,
       pinned: (initiator, isid, target) => this.pinnedByReservation(initiator, isid, target),
       shares: (target) => this.pageShares(target),
+      event: (message, target) => this.addEvent('redirect', message, { volume: this.catalog.listVolumes().find((v) => targetNameFor(v.name) === target)?.name, peer: self }),
       broadcastPlan: async (plan) => {
         const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - Date.now()) };
         await Promise.all(this.config.peers.filter((p) => p.id !== self).map((p) =>
