@@ -7,26 +7,16 @@
 // Both pass results and errors through untouched; a failed request still counts (it took time).
 
 import type { LogicalUnit, Nexus, ScsiCommand, ScsiResult } from '../scsi/types';
+import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { LoadMonitor, VolumeMeter } from './monitor';
 
-export class MeteredBackend implements BlockBackend {
-  private readonly inner: BlockBackend;
+export class MeteredBackend extends BackendDecorator {
   private readonly meter: VolumeMeter;
 
   constructor(inner: BlockBackend, meter: VolumeMeter) {
-    this.inner = inner;
+    super(inner);
     this.meter = meter;
-  }
-
-  get blockBytes(): number {
-    return this.inner.blockBytes;
-  }
-  get blockCount(): number {
-    return this.inner.blockCount;
-  }
-  get grainBlocks(): number {
-    return this.inner.grainBlocks;
   }
 
   async read(lba: number, blocks: number): Promise<Buffer> {

@@ -14,6 +14,7 @@ import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply 
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
 import type { RouteTable } from '../routing/table';
+import { BackendDecorator } from '../store/decorator';
 import { SharedLock } from '../store/shared-lock';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { homeOf, segmentsOf, transitReadsFromDest, type MoveCursor, type Segment } from './pieces';
@@ -40,7 +41,7 @@ export interface MovableVolumeOptions {
 
 type Part = { page: number; lba: number; blocks: number; offsetBlocks: number };
 
-export class MovableVolume implements BlockBackend {
+export class MovableVolume extends BackendDecorator {
   readonly raw: BlockBackend;
   /** Pages this peer is moving away, by page. */
   readonly moves = new Map<number, OutgoingMove>();
@@ -50,18 +51,9 @@ export class MovableVolume implements BlockBackend {
   private readonly drainWaiters = new Map<number, (() => void)[]>();
 
   constructor(opts: MovableVolumeOptions) {
+    super(opts.raw);
     this.o = opts;
     this.raw = opts.raw;
-  }
-
-  get blockBytes(): number {
-    return this.raw.blockBytes;
-  }
-  get blockCount(): number {
-    return this.raw.blockCount;
-  }
-  get grainBlocks(): number {
-    return this.raw.grainBlocks;
   }
 
   // ---- the move machinery's side ------------------------------------------------------------

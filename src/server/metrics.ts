@@ -9,6 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { Counter, Gauge, Histogram, Registry, type CounterConfiguration, type GaugeConfiguration, type HistogramConfiguration } from 'prom-client';
 import type { SessionInfo } from '../iscsi/portal';
 import type { RoutingCounters } from '../routing/router';
+import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 
 export type HostOp = 'read' | 'write' | 'unmap' | 'compare_and_write' | 'flush';
@@ -179,17 +180,9 @@ export class PeerMetrics {
   }
 }
 
-class MeteredBackend implements BlockBackend {
-  constructor(private readonly inner: BlockBackend, private readonly metrics: PeerMetrics, private readonly meters: Map<HostOp, OpStats>) {}
-
-  get blockBytes(): number {
-    return this.inner.blockBytes;
-  }
-  get blockCount(): number {
-    return this.inner.blockCount;
-  }
-  get grainBlocks(): number {
-    return this.inner.grainBlocks;
+class MeteredBackend extends BackendDecorator {
+  constructor(inner: BlockBackend, private readonly metrics: PeerMetrics, private readonly meters: Map<HostOp, OpStats>) {
+    super(inner);
   }
 
   private track<T>(op: HostOp, bytes: number, run: () => Promise<T>): Promise<T> {
