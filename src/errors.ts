@@ -54,6 +54,14 @@ export class ClosedError extends PeersanError {
   }
 }
 
+/** A write to something read-only (a snapshot's view); the SCSI layer answers DATA PROTECT / WRITE PROTECTED. */
+export class ReadOnlyError extends PeersanError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, 'PEERSAN_ERR_READ_ONLY', options);
+    this.name = 'ReadOnlyError';
+  }
+}
+
 /** Protocol violation on the wire: the connection gets a Reject or is dropped. */
 export class ProtocolError extends PeersanError {
   /** RFC 7143 Reject reason code to send, when a Reject is the answer. */

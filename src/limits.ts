@@ -61,6 +61,13 @@ export const compareAndWriteBlocksMax = 255;
 /** Persistent reservation registrations per logical unit. */
 export const prRegistrationsMax = 256;
 
+// ---- Snapshot layers (page store) -----------------------------------------------------------
+
+/** Snapshots one volume may have on a peer: every read of an old snapshot walks the newer ones. */
+export const snapshotsPerVolumeMax = 256;
+/** A snapshot id as the store records it. */
+export const snapshotIdBytesMax = 128;
+
 // ---- Admin / cluster -------------------------------------------------------------------
 
 export const volumeNameBytesMax = 64;

@@ -20,9 +20,10 @@ import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
-import { ClosedError, InvalidArgumentError } from '../errors';
+import { ClosedError, InvalidArgumentError, ReadOnlyError } from '../errors';
 import { grainBytes, pageBlocks } from '../limits';
 import { DataFile } from './data-file';
+import { noException, VolumeLayers, layerPrefix, type LayerOp } from './layers';
 import { SharedLock } from './shared-lock';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from './types';
 
@@ -74,6 +75,7 @@ export class PageStore {
       this.volumes.delete(volumeId);
     }
     await this.db.clear({ gte: `map/${volumeId}/`, lt: `map/${volumeId}0` });
+    await this.db.clear({ gte: layerPrefix(volumeId), lt: `${layerPrefix(volumeId)}\xff` });
     await fsp.rm(join(this.dir, `vol-${volumeId}.dat`), { force: true });
   }
 
@@ -125,6 +127,55 @@ export class PageStore {
 
 const pageKey = (volumeId: string, page: number): string => `map/${volumeId}/${page.toString(16).padStart(12, '0')}`;
 
+/** A grain whose new slot is being filled: waiters wait for `done`; persisting masks it with its previous state. */
+interface Allocation {
+  done: Promise<void>;
+  prevSlot: number;
+  prevBorn: number;
+}
+
+/** A group commit of live maps (and every dirty exception page) to LevelDB. */
+interface Commit {
+  pages: Set<number>;
+  sync: boolean;
+  done: Promise<void>;
+}
+
+export interface SnapshotInfo {
+  id: string;
+  epoch: number;
+  createdMs: number;
+  /** Grains where this snapshot's view differs from the layer above it. */
+  exceptionGrains: number;
+  /** Bytes deleting this snapshot would free now. */
+  uniqueBytes: number;
+}
+
+export interface LayerUsage {
+  /** Bytes of grains mapped in the live view. */
+  liveBytes: number;
+  /** Bytes of every slot in use (live and snapshots, shared slots once). */
+  allocatedBytes: number;
+  snapshots: SnapshotInfo[];
+}
+
+/** One grain of a page layer, for carrying a page's layers to another peer. */
+export interface PageLayerGrain {
+  /** Grain index within the page. */
+  grain: number;
+  /** The grain's bytes (grainBytes), or null: unmapped, reads as zeros. */
+  data: Buffer | null;
+}
+
+/**
+ * All layers of one page, oldest snapshot first, by snapshot id (epochs are local to a peer).
+ * `live[i].shared`: the newest snapshot sees that grain through live (the next write copies).
+ */
+export interface PageLayers {
+  snapshots: { id: string; grains: PageLayerGrain[] }[];
+  live: (PageLayerGrain & { shared: boolean })[];
+}
+
 export class StoreVolume implements BlockBackend {
   readonly volumeId: string;
   readonly blockBytes: number;
@@ -133,13 +184,18 @@ export class StoreVolume implements BlockBackend {
   private readonly grainsPerPage: number;
   private readonly db: Db;
   private readonly file: DataFile;
+  /** Per page: [0, grainsPerPage) grain → slot (-1 unmapped); [grainsPerPage, 2·grainsPerPage) the epoch each was born in. */
   private readonly maps = new Map<number, Int32Array>();
+  private readonly layers: VolumeLayers;
   private readonly freeSlots: number[] = [];
   /** Slots at or past this index have never been written: the file is a hole there. */
   private slotHighWater: number;
+  /** Distinct slots referenced by live or by a snapshot. */
   private usedSlots = 0;
-  /** Grains whose first write is in progress (global grain index → done). */
-  private readonly allocating = new Map<number, Promise<void>>();
+  /** Grains whose new slot is being filled (global grain index). */
+  private readonly allocating = new Map<number, Allocation>();
+  private commitPending: Commit | undefined;
+  private committing: Promise<void> = Promise.resolve();
   private readonly lock = new SharedLock();
   private closed = false;
 
@@ -152,6 +208,7 @@ export class StoreVolume implements BlockBackend {
     this.grainBlocks = grainBytes / geometry.blockBytes;
     this.grainsPerPage = (pageBlocks * geometry.blockBytes) / grainBytes;
     this.slotHighWater = slotHighWater;
+    this.layers = new VolumeLayers(volumeId, this.grainsPerPage);
   }
 
   static async open(db: Db, path: string, volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {
@@ -164,21 +221,30 @@ export class StoreVolume implements BlockBackend {
   }
 
   private async loadMaps(): Promise<void> {
-    const used = new Uint8Array(this.slotHighWater);
+    const G = this.grainsPerPage;
+    let seen = new Uint8Array(Math.max(1024, this.slotHighWater));
+    // Every reference to a slot (live or exception): the first makes it used, later ones are shared.
+    const reference = (slot: number): void => {
+      if (slot >= seen.length) {
+        const grown = new Uint8Array(Math.max(slot + 1, seen.length * 2));
+        grown.set(seen);
+        seen = grown;
+      }
+      if (seen[slot]) return this.layers.addLoadedRef(slot);
+      seen[slot] = 1;
+      this.usedSlots++;
+      this.slotHighWater = Math.max(this.slotHighWater, slot + 1);
+    };
     for await (const [key, value] of this.db.iterator({ gte: pageKey(this.volumeId, 0), lt: `map/${this.volumeId}0` })) {
       const page = parseInt(key.slice(key.lastIndexOf('/') + 1), 16);
-      const map = new Int32Array(this.grainsPerPage).fill(-1);
-      const stored = new Int32Array(value.buffer.slice(value.byteOffset, value.byteOffset + value.length));
-      map.set(stored.subarray(0, this.grainsPerPage));
+      const map = new Int32Array(2 * G).fill(-1, 0, G).fill(0, G);
+      // Maps written before snapshot layers hold slots only: born 0 (copied on the first write after a snapshot).
+      map.set(new Int32Array(value.buffer.slice(value.byteOffset, value.byteOffset + value.length)).subarray(0, 2 * G));
       this.maps.set(page, map);
-      for (const slot of map) {
-        if (slot < 0) continue;
-        if (slot >= used.length) this.slotHighWater = Math.max(this.slotHighWater, slot + 1);
-        else used[slot] = 1;
-        this.usedSlots++;
-      }
+      for (let i = 0; i < G; i++) if (map[i] >= 0) reference(map[i]);
     }
-    for (let s = used.length - 1; s >= 0; s--) if (!used[s]) this.freeSlots.push(s);
+    await this.layers.load(this.db, reference);
+    for (let s = this.slotHighWater - 1; s >= 0; s--) if (s >= seen.length || !seen[s]) this.freeSlots.push(s);
   }
 
   allocatedBytes(): number {
@@ -192,21 +258,78 @@ export class StoreVolume implements BlockBackend {
     return map ? map[grain % this.grainsPerPage] : -1;
   }
 
-  private setSlot(grain: number, slot: number): void {
+  /** Epoch the live grain was born in; 0 (before every snapshot) when unknown. */
+  private bornOf(grain: number): number {
+    const map = this.maps.get(Math.floor(grain / this.grainsPerPage));
+    return map ? map[this.grainsPerPage + (grain % this.grainsPerPage)] : 0;
+  }
+
+  private setLive(grain: number, slot: number, born: number): void {
     const page = Math.floor(grain / this.grainsPerPage);
     let map = this.maps.get(page);
     if (!map) {
-      map = new Int32Array(this.grainsPerPage).fill(-1);
+      map = new Int32Array(2 * this.grainsPerPage).fill(-1, 0, this.grainsPerPage).fill(0, this.grainsPerPage);
       this.maps.set(page, map);
     }
     map[grain % this.grainsPerPage] = slot;
+    map[this.grainsPerPage + (grain % this.grainsPerPage)] = born;
   }
 
-  private persistPage(page: number, sync: boolean): Promise<void> {
-    const map = this.maps.get(page);
+  private takeSlot(): { slot: number; reused: boolean } {
+    this.usedSlots++;
+    if (this.freeSlots.length > 0) return { slot: this.freeSlots.pop()!, reused: true };
+    return { slot: this.slotHighWater++, reused: false };
+  }
+
+  /** Slots whose last reference is gone: call only once the maps without them are durable. */
+  private freeReleased(released: number[]): void {
+    for (const slot of released) this.freeSlots.push(slot);
+    this.usedSlots -= released.length;
+  }
+
+  /**
+   * Hand live maps of `pages` and every dirty exception page to LevelDB in one batch (group
+   * commit: requests made while a batch runs share the next one). Each map is encoded when the
+   * batch is built, with grains whose new slot is still being filled shown as they were
+   * before, so a crash never finds a map pointing at a slot that is not written yet.
+   */
+  private persistPages(pages: Iterable<number>, sync: boolean): Promise<void> {
+    let commit = this.commitPending;
+    if (!commit) {
+      const c: Commit = { pages: new Set(), sync: false, done: Promise.resolve() };
+      c.done = this.committing.then(() => this.runCommit(c));
+      this.committing = c.done.catch(() => undefined);
+      this.commitPending = commit = c;
+    }
+    for (const page of pages) commit.pages.add(page);
+    if (sync) commit.sync = true;
+    return commit.done;
+  }
+
+  private async runCommit(c: Commit): Promise<void> {
+    if (this.commitPending === c) this.commitPending = undefined;
+    const ops: LayerOp[] = this.layers.takeDirtyOps();
+    for (const page of c.pages) ops.push(this.pageOp(page));
+    if (ops.length > 0) await this.db.batch(ops, { sync: c.sync });
+    else if (c.sync) await this.db.put(`sync/${this.volumeId}`, Buffer.alloc(0), { sync: true });
+  }
+
+  private pageOp(page: number): LayerOp {
     const key = pageKey(this.volumeId, page);
-    if (!map || map.every((s) => s < 0)) return this.db.del(key, { sync });
-    return this.db.put(key, Buffer.from(map.buffer, map.byteOffset, map.byteLength), { sync });
+    const live = this.maps.get(page);
+    if (!live) return { type: 'del', key };
+    const map = live.slice();
+    if (this.allocating.size > 0) {
+      const first = page * this.grainsPerPage;
+      for (const [grain, a] of this.allocating) {
+        if (grain < first || grain >= first + this.grainsPerPage) continue;
+        map[grain - first] = a.prevSlot;
+        map[this.grainsPerPage + grain - first] = a.prevBorn;
+      }
+    }
+    // A page with nothing mapped needs no record: born is then read as 0, which is always safe (see layers.ts).
+    for (let i = 0; i < this.grainsPerPage; i++) if (map[i] >= 0) return { type: 'put', key, value: Buffer.from(map.buffer) };
+    return { type: 'del', key };
   }
 
   private check(lba: number, blocks: number): void {
@@ -236,7 +359,7 @@ export class StoreVolume implements BlockBackend {
   private pendingAllocation(lba: number, blocks: number): Promise<void> | undefined {
     if (this.allocating.size === 0) return undefined;
     let pending: Promise<void> | undefined;
-    this.forEachPiece(lba, blocks, (grain) => (pending = this.allocating.get(grain)) !== undefined);
+    this.forEachPiece(lba, blocks, (grain) => (pending = this.allocating.get(grain)?.done) !== undefined);
     return pending;
   }
 
@@ -251,7 +374,7 @@ export class StoreVolume implements BlockBackend {
     try {
       // No await between the last check and looking at the maps: another first write could slip in.
       for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
-      await this.readInto(out, lba, blocks);
+      await this.readInto(out, lba, blocks, -1);
       return out;
     } finally {
       this.lock.releaseShared();
@@ -259,25 +382,41 @@ export class StoreVolume implements BlockBackend {
   }
 
   /**
+   * The slot a run walk uses for a grain, or -1 to hand the grain to `onOther`. Live view
+   * (`view` -1): the live slot, unless the grain is born at or before `cowEpoch` (the newest
+   * snapshot sees it: a write must copy). Snapshot view k: the slot resolved through the layers.
+   */
+  private runSlot(grain: number, cowEpoch: number, view: number): number {
+    if (view >= 0) return this.layers.resolve(view, grain, this.slotOf(grain));
+    const map = this.maps.get(Math.floor(grain / this.grainsPerPage));
+    if (!map) return -1;
+    const i = grain % this.grainsPerPage;
+    return map[this.grainsPerPage + i] <= cowEpoch ? -1 : map[i];
+  }
+
+  /**
    * Walk the range as runs of bytes contiguous both in the caller's buffer and on disk
-   * (adjacent slots coalesce into one syscall), and the unmapped grains between them. A plain
-   * loop with callbacks: this is the hot path of every read and write.
+   * (adjacent slots coalesce into one syscall), and the other grains between them (unmapped,
+   * or shared with a snapshot when `cowEpoch` says so). A plain loop with callbacks: this is
+   * the hot path of every read and write.
    */
   private forEachRun(
     lba: number,
     blocks: number,
+    cowEpoch: number,
+    view: number,
     onMapped: (inBuf: number, pos: number, bytes: number) => void,
-    onUnmapped: (grain: number, inBuf: number, bytes: number, inGrain: number) => void,
+    onOther: (grain: number, inBuf: number, bytes: number, inGrain: number) => void,
   ): void {
     let runInBuf = 0;
     let runPos = -1;
     let runBytes = 0;
     this.forEachPiece(lba, blocks, (grain, inGrain, inBuf, bytes) => {
-      const slot = this.slotOf(grain);
+      const slot = this.runSlot(grain, cowEpoch, view);
       if (slot < 0) {
         if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
         runBytes = 0;
-        onUnmapped(grain, inBuf, bytes, inGrain);
+        onOther(grain, inBuf, bytes, inGrain);
         return;
       }
       const pos = slot * grainBytes + inGrain;
@@ -293,11 +432,14 @@ export class StoreVolume implements BlockBackend {
     if (runBytes > 0) onMapped(runInBuf, runPos, runBytes);
   }
 
-  private async readInto(out: Buffer, lba: number, blocks: number): Promise<void> {
+  /** Read the live view (`view` -1) or snapshot k's view. */
+  private async readInto(out: Buffer, lba: number, blocks: number, view: number): Promise<void> {
     const reads: Promise<unknown>[] = [];
     this.forEachRun(
       lba,
       blocks,
+      -1,
+      view,
       (inBuf, pos, bytes) => reads.push(this.file.read(out, inBuf, bytes, pos)),
       (_grain, inBuf, bytes) => out.fill(0, inBuf, inBuf + bytes),
     );
@@ -323,43 +465,69 @@ export class StoreVolume implements BlockBackend {
     for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
     const writes: Promise<unknown>[] = [];
     const newPages = new Set<number>();
+    const released: number[] = [];
     this.forEachRun(
       lba,
       blocks,
+      this.layers.newestEpoch,
+      -1,
       (inBuf, pos, bytes) => writes.push(this.file.write(data, inBuf, bytes, pos)),
       (grain, inBuf, bytes, inGrain) => {
-        writes.push(this.allocateAndWrite(grain, data.subarray(inBuf, inBuf + bytes), inGrain));
+        writes.push(this.writeNewSlot(grain, data.subarray(inBuf, inBuf + bytes), inGrain, released));
         newPages.add(Math.floor(grain / this.grainsPerPage));
       },
     );
     if (writes.length === 1) await writes[0];
     else await Promise.all(writes);
     if (opts.fua) await this.file.datasync();
-    // The data is in place (durable first when FUA); now the maps that point at it.
-    for (const page of newPages) await this.persistPage(page, opts.fua === true);
+    // The data is in place (durable first when FUA); now the maps that point at it. A released
+    // slot may be reused only once the map without it is durable.
+    if (newPages.size > 0) await this.persistPages(newPages, opts.fua === true || released.length > 0);
+    this.freeReleased(released);
   }
 
-  /** First write to a grain: take a slot now (so concurrent writers see it), fill it, then let waiters in. */
-  private allocateAndWrite(grain: number, part: Buffer, inGrain: number): Promise<void> {
-    const reused = this.freeSlots.length > 0;
-    const slot = reused ? this.freeSlots.pop()! : this.slotHighWater++;
-    this.setSlot(grain, slot);
-    this.usedSlots++;
-    let body: Promise<unknown>;
-    if (reused && part.length < grainBytes) {
+  /**
+   * A write to a grain that needs a new slot: unmapped, or shared with the newest snapshot
+   * (copy-on-write). Takes the slot and changes the maps now (so concurrent writers and readers
+   * see it and wait), fills the slot, then lets waiters in. The old slot stays intact: it is the
+   * snapshot's exception now, or released into `released` (freed by the caller when durable).
+   */
+  private writeNewSlot(grain: number, part: Buffer, inGrain: number, released: number[]): Promise<void> {
+    const prevSlot = this.slotOf(grain);
+    const prevBorn = this.bornOf(grain);
+    if (prevBorn <= this.layers.newestEpoch) {
+      const gone = this.layers.retire(grain, prevSlot);
+      if (gone >= 0) released.push(gone);
+    } else if (prevSlot >= 0) {
+      throw new Error('store: a grain owned by live alone reached the new-slot path');
+    }
+    const { slot, reused } = this.takeSlot();
+    this.setLive(grain, slot, this.layers.epoch);
+    const done = this.fillSlot(slot, reused, prevSlot, part, inGrain).then(() => {
+      this.allocating.delete(grain);
+    });
+    this.allocating.set(grain, { done, prevSlot, prevBorn });
+    return done;
+  }
+
+  private async fillSlot(slot: number, reused: boolean, prevSlot: number, part: Buffer, inGrain: number): Promise<void> {
+    const pos = slot * grainBytes;
+    if (part.length === grainBytes) return this.file.write(part, 0, grainBytes, pos);
+    if (prevSlot >= 0) {
+      // Copy-on-write of a partial grain: the old grain's bytes around the new ones.
+      const full = Buffer.allocUnsafe(grainBytes);
+      await this.file.read(full, 0, grainBytes, prevSlot * grainBytes);
+      part.copy(full, inGrain);
+      return this.file.write(full, 0, grainBytes, pos);
+    }
+    if (reused) {
       // A reused slot holds an old grain's bytes: write the whole grain, zeros around the data.
       const full = Buffer.alloc(grainBytes);
       part.copy(full, inGrain);
-      body = this.file.write(full, 0, grainBytes, slot * grainBytes);
-    } else {
-      // A fresh slot lies in the file's hole (zeros) or is written whole.
-      body = this.file.write(part, 0, part.length, slot * grainBytes + inGrain);
+      return this.file.write(full, 0, grainBytes, pos);
     }
-    const done = body.then(() => {
-      this.allocating.delete(grain);
-    });
-    this.allocating.set(grain, done);
-    return done;
+    // A fresh slot lies in the file's hole (zeros).
+    return this.file.write(part, 0, part.length, pos + inGrain);
   }
 
   async unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
@@ -367,24 +535,29 @@ export class StoreVolume implements BlockBackend {
     await this.lock.runExclusive(async () => {
       const released: number[] = [];
       const pages = new Set<number>();
-      const zeroWrites: Promise<unknown>[] = [];
+      const partial: number[] = [];
+      const newest = this.layers.newestEpoch;
       this.forEachPiece(lba, blocks, (grain, inGrain, _inBuf, bytes) => {
         const slot = this.slotOf(grain);
         if (slot < 0) return;
-        if (bytes === grainBytes) {
-          this.setSlot(grain, -1);
-          released.push(slot);
-          pages.add(Math.floor(grain / this.grainsPerPage));
-        } else {
-          zeroWrites.push(this.file.write(Buffer.alloc(bytes), 0, bytes, slot * grainBytes + inGrain));
+        if (bytes < grainBytes) {
+          partial.push(grain * this.grainBlocks + inGrain / this.blockBytes, bytes / this.blockBytes);
+          return;
         }
+        if (this.bornOf(grain) <= newest) {
+          const gone = this.layers.retire(grain, slot);
+          if (gone >= 0) released.push(gone);
+        } else {
+          released.push(slot);
+        }
+        this.setLive(grain, -1, this.layers.epoch);
+        pages.add(Math.floor(grain / this.grainsPerPage));
       });
-      await Promise.all(zeroWrites);
-      if (opts.fua && zeroWrites.length > 0) await this.file.datasync();
+      // Partial grains are written with zeros: in place, or copied when a snapshot shares them.
+      for (let i = 0; i < partial.length; i += 2) await this.writeLocked(partial[i], Buffer.alloc(partial[i + 1] * this.blockBytes), opts);
       // Durable before reuse: see the ordering rules at the top.
-      for (const page of pages) await this.persistPage(page, true);
-      for (const slot of released) this.freeSlots.push(slot);
-      this.usedSlots -= released.length;
+      if (pages.size > 0) await this.persistPages(pages, true);
+      this.freeReleased(released);
     });
   }
 
@@ -395,7 +568,7 @@ export class StoreVolume implements BlockBackend {
     return this.lock.runExclusive(async () => {
       for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
       const current = Buffer.allocUnsafe(data.length);
-      await this.readInto(current, lba, blocks);
+      await this.readInto(current, lba, blocks, -1);
       if (!current.equals(compare)) {
         let i = 0;
         while (current[i] === compare[i]) i++;
@@ -415,12 +588,16 @@ export class StoreVolume implements BlockBackend {
 
   async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     this.check(lba, 0);
+    return this.extents(lba, blocksMax, -1);
+  }
+
+  private extents(lba: number, blocksMax: number, view: number): LbaExtent[] {
     const end = Math.min(this.blockCount, lba + blocksMax);
     const extents: LbaExtent[] = [];
     for (let at = lba; at < end; ) {
       const grain = Math.floor(at / this.grainBlocks);
       const next = Math.min(end, (grain + 1) * this.grainBlocks);
-      const mapped = this.slotOf(grain) >= 0;
+      const mapped = this.runSlot(grain, -1, view) >= 0;
       const last = extents[extents.length - 1];
       if (last && last.mapped === mapped) last.blocks += next - at;
       else extents.push({ lba: at, blocks: next - at, mapped });
@@ -436,6 +613,191 @@ export class StoreVolume implements BlockBackend {
     this.blockCount = blockCount;
   }
 
+  // ---- snapshot layers (see layers.ts) -------------------------------------------------------
+
+  /**
+   * Freeze the current data as snapshot `id`: O(1) (an fdatasync of the data file and one
+   * synced LevelDB batch; no map is copied or walked). Waits for in-flight writes, holds new
+   * ones meanwhile. Durable when it resolves: it contains every write acknowledged before.
+   */
+  async snapshot(id: string): Promise<SnapshotInfo> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    return this.lock.runExclusive(async () => {
+      const { record, ops } = this.layers.snapshotOps(id, Date.now());
+      await this.file.datasync();
+      await this.db.batch(ops, { sync: true });
+      this.layers.addSnapshot(record);
+      return { ...record, exceptionGrains: 0, uniqueBytes: 0 };
+    });
+  }
+
+  /** Snapshots oldest first, with their space. */
+  listSnapshots(): SnapshotInfo[] {
+    return this.layers.snapshots.map((s, k) => ({ ...s, exceptionGrains: this.layers.exceptionGrains(k), uniqueBytes: this.layers.uniqueGrains(k) * grainBytes }));
+  }
+
+  /** Delete snapshot `id`: its exceptions move to the next older snapshot or are freed. */
+  async deleteSnapshot(id: string): Promise<void> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    await this.lock.runExclusive(async () => {
+      const { ops, released } = this.layers.deleteSnapshot(this.layers.indexOf(id));
+      await this.db.batch(ops, { sync: true });
+      this.freeReleased(released);
+    });
+  }
+
+  /**
+   * Roll the live view back to snapshot `id` (the snapshot and newer ones stay). Live grains
+   * that differ are retired into the newest snapshot as a write would retire them, then point
+   * at the snapshot's slots (shared, copied on the next write). The host must be told its data
+   * changed (unit attention): the SCSI layer's job, once this resolves.
+   */
+  async restore(id: string): Promise<void> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    await this.lock.runExclusive(async () => {
+      const k = this.layers.indexOf(id);
+      const released: number[] = [];
+      const changed = new Set<number>();
+      const pages = this.layers.pagesFrom(k);
+      for (const page of this.maps.keys()) pages.add(page);
+      for (const page of pages) {
+        for (let grain = page * this.grainsPerPage; grain < (page + 1) * this.grainsPerPage; grain++) {
+          const live = this.slotOf(grain);
+          const target = this.layers.resolve(k, grain, live);
+          if (target === live) continue;
+          // The newest snapshot may read this grain through live: retire it there first.
+          const gone = this.layers.retire(grain, live);
+          if (gone >= 0) released.push(gone);
+          this.layers.incref(target);
+          this.setLive(grain, target, 0);
+          changed.add(page);
+        }
+      }
+      await this.persistPages(changed, true);
+      this.freeReleased(released);
+    });
+  }
+
+  /** A read-only BlockBackend on snapshot `id`'s view. */
+  snapshotView(id: string): SnapshotView {
+    this.layers.indexOf(id);
+    return new SnapshotView(this, id);
+  }
+
+  /** @internal SnapshotView's read. */
+  async readSnapshot(id: string, lba: number, blocks: number): Promise<Buffer> {
+    this.check(lba, blocks);
+    const out = Buffer.allocUnsafe(blocks * this.blockBytes);
+    const wait = this.lock.acquireShared();
+    if (wait) await wait;
+    try {
+      // No wait for pending allocations: a grain being copied keeps its old slot in the snapshot.
+      await this.readInto(out, lba, blocks, this.layers.indexOf(id));
+      return out;
+    } finally {
+      this.lock.releaseShared();
+    }
+  }
+
+  /** @internal SnapshotView's lbaStatus. */
+  snapshotExtents(id: string, lba: number, blocksMax: number): LbaExtent[] {
+    this.check(lba, 0);
+    return this.extents(lba, blocksMax, this.layers.indexOf(id));
+  }
+
+  /** Space of live and of each snapshot. */
+  layerUsage(): LayerUsage {
+    let liveGrains = 0;
+    for (const map of this.maps.values()) for (let i = 0; i < this.grainsPerPage; i++) if (map[i] >= 0) liveGrains++;
+    return { liveBytes: liveGrains * grainBytes, allocatedBytes: this.allocatedBytes(), snapshots: this.listSnapshots() };
+  }
+
+  // ---- a page's layers, for carrying them to another peer --------------------------------------
+
+  /** Every layer of one page (a consistent cut: writes are held while it is read). */
+  async exportPageLayers(page: number): Promise<PageLayers> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    return this.lock.runExclusive(async () => {
+      const first = page * this.grainsPerPage;
+      const readSlot = async (slot: number): Promise<Buffer | null> => {
+        if (slot < 0) return null;
+        const buf = Buffer.allocUnsafe(grainBytes);
+        await this.file.read(buf, 0, grainBytes, slot * grainBytes);
+        return buf;
+      };
+      const snapshots: PageLayers['snapshots'] = [];
+      for (let k = 0; k < this.layers.snapshots.length; k++) {
+        const exc = this.layers.exceptionsOf(k, page);
+        const grains: PageLayerGrain[] = [];
+        for (let i = 0; exc && i < this.grainsPerPage; i++) if (exc[i] !== noException) grains.push({ grain: i, data: await readSlot(exc[i]) });
+        snapshots.push({ id: this.layers.snapshots[k].id, grains });
+      }
+      const live: PageLayers['live'] = [];
+      const newest = this.layers.newestEpoch;
+      for (let i = 0; i < this.grainsPerPage; i++) {
+        const slot = this.slotOf(first + i);
+        const shared = this.bornOf(first + i) <= newest;
+        if (slot >= 0 || shared) live.push({ grain: i, data: await readSlot(slot), shared });
+      }
+      return { snapshots, live };
+    });
+  }
+
+  /**
+   * Replace one page's layers with `layers` from another peer (whose snapshot list, by id and
+   * order, must be this volume's). Durable when it resolves.
+   */
+  async importPageLayers(page: number, layers: PageLayers): Promise<void> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    const ids = this.layers.snapshots.map((s) => s.id);
+    if (layers.snapshots.length !== ids.length || layers.snapshots.some((s, k) => s.id !== ids[k])) {
+      throw new InvalidArgumentError(`page layers carry snapshots [${layers.snapshots.map((s) => s.id).join(', ')}], volume ${this.volumeId} has [${ids.join(', ')}]`);
+    }
+    const all = [...layers.snapshots.flatMap((s) => s.grains), ...layers.live];
+    if (all.some((g) => !Number.isInteger(g.grain) || g.grain < 0 || g.grain >= this.grainsPerPage || (g.data !== null && g.data.length !== grainBytes))) {
+      throw new InvalidArgumentError('page layers with a bad grain');
+    }
+    await this.lock.runExclusive(async () => {
+      const released = this.dropPageLocked(page);
+      await this.persistPages([page], true);
+      this.freeReleased(released);
+      const first = page * this.grainsPerPage;
+      const writes: Promise<void>[] = [];
+      const place = (data: Buffer | null): number => {
+        if (data === null) return -1;
+        const { slot } = this.takeSlot();
+        writes.push(this.file.write(data, 0, grainBytes, slot * grainBytes));
+        return slot;
+      };
+      layers.snapshots.forEach((s, k) => s.grains.forEach((g) => this.layers.setException(k, first + g.grain, place(g.data))));
+      for (const g of layers.live) this.setLive(first + g.grain, place(g.data), g.shared ? 0 : this.layers.epoch);
+      await Promise.all(writes);
+      await this.file.datasync();
+      await this.persistPages([page], true);
+    });
+  }
+
+  /**
+   * Forget one page in every layer (after it moved away): live and snapshot slots are freed.
+   * Unlike unmap, which keeps what the snapshots see.
+   */
+  async dropPage(page: number): Promise<void> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    await this.lock.runExclusive(async () => {
+      const released = this.dropPageLocked(page);
+      await this.persistPages([page], true);
+      this.freeReleased(released);
+    });
+  }
+
+  private dropPageLocked(page: number): number[] {
+    const released = this.layers.dropPage(page);
+    const map = this.maps.get(page);
+    for (let i = 0; map && i < this.grainsPerPage; i++) if (this.layers.decref(map[i])) released.push(map[i]);
+    this.maps.delete(page);
+    return released;
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     await this.lock.runExclusive(async () => {
@@ -443,5 +805,52 @@ export class StoreVolume implements BlockBackend {
       this.closed = true;
       await this.file.close();
     });
+  }
+}
+
+/**
+ * Snapshot `id` of a volume as a read-only BlockBackend (the SCSI layer will answer writes
+ * with DATA PROTECT / WRITE PROTECTED). Reads fail with NotFoundError once the snapshot is deleted.
+ */
+export class SnapshotView implements BlockBackend {
+  readonly blockBytes: number;
+  readonly grainBlocks: number;
+
+  constructor(
+    private readonly volume: StoreVolume,
+    readonly snapshotId: string,
+  ) {
+    this.blockBytes = volume.blockBytes;
+    this.grainBlocks = volume.grainBlocks;
+  }
+
+  get blockCount(): number {
+    return this.volume.blockCount;
+  }
+
+  read(lba: number, blocks: number): Promise<Buffer> {
+    return this.volume.readSnapshot(this.snapshotId, lba, blocks);
+  }
+
+  async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    return this.volume.snapshotExtents(this.snapshotId, lba, blocksMax);
+  }
+
+  async flush(): Promise<void> {}
+
+  write(): Promise<void> {
+    return Promise.reject(this.readOnly());
+  }
+
+  unmap(): Promise<void> {
+    return Promise.reject(this.readOnly());
+  }
+
+  compareAndWrite(): Promise<CompareAndWriteResult> {
+    return Promise.reject(this.readOnly());
+  }
+
+  private readOnly(): ReadOnlyError {
+    return new ReadOnlyError(`snapshot ${this.snapshotId} of volume ${this.volume.volumeId} is read-only`);
   }
 }
