@@ -171,7 +171,7 @@ t.test('a 3-peer group over HTTP', async (t) => {
       ['PATCH', '/api/volumes/vol', undefined, 405, /not allowed/],
       ['GET', '/api/volumes/nope/heat', undefined, 404, /no volume named nope/],
       ['PUT', '/api/rebalancing', { enabled: 'yes' }, 400, /./],
-      ['POST', '/api/volumes/vol/snapshots', {}, 501, /not available on this peer yet/],
+      ['POST', '/api/volumes/nope/snapshots', {}, 404, /no volume named nope/],
       ['GET', '/api/whatever', undefined, 404, /no API route/],
     ];
     for (const [method, path, body, status, message] of cases) {

@@ -32,7 +32,7 @@ t.test('route table: striped placement, page split, only newer routes are learne
 });
 
 t.test('frames round-trip and malformed frames are refused, never thrown on', async (t) => {
-  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, data: Buffer.alloc(1024, 9) };
+  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, data: Buffer.alloc(1024, 9) };
   const back = decodeRequest(encodeRequest(req))!;
   t.same({ ...back, data: back.data?.toString('hex') }, { ...req, data: req.data!.toString('hex') });
   const reply = { id: 9, status: ReplyStatus.moved, owner: 'p3', version: 4, detail: 17, payload: Buffer.from('x') };
@@ -66,7 +66,7 @@ function group(opts: { down?: Set<string> } = {}) {
   for (const id of peers) {
     const store = new MemoryBackend(512, blockCount, 8);
     const table = new RouteTable(peers, pageBlocks, new Map());
-    const service = new PageService({ self: id, volume: (v) => (v === volumeId ? { table, store, raw: store, receiving: (p: number) => table.route(p).owner === id, refresh: refresh(table) } : undefined), log });
+    const service = new PageService({ self: id, volume: (v) => (v === volumeId ? { table, store, raw: store, receiving: (p: number) => table.route(p).owner === id, snapshot: () => undefined, refresh: refresh(table) } : undefined), log });
     nodes.set(id, { store, table, service });
   }
   const counters = newRoutingCounters();
@@ -168,7 +168,7 @@ t.test('unmap, LBA status and flush are routed too', async (t) => {
 t.test('an owner that has not opened a new volume yet is asked again, briefly', async (t) => {
   const store = new MemoryBackend(512, 2 * pageBlocks, 8);
   const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
-  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, receiving: (p) => table.route(p).owner === 'p2', refresh: async (p) => table.route(p) }), log });
+  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, receiving: (p) => table.route(p).owner === 'p2', snapshot: () => undefined, refresh: async (p) => table.route(p) }), log });
   let refusals = 2;
   let calls = 0;
   const link = (): BlockSender => ({

@@ -341,6 +341,29 @@ export function buildProgram(): Command {
       });
     });
 
+  const snapshot = program.command('snapshot').description('point-in-time copies of volumes (consistent cuts across peers)');
+  snapshot
+    .command('create <volumes...>')
+    .description('take a snapshot of a volume, or of several as one consistent cut (--group)')
+    .option('--name <name>', 'snapshot name (default: snap-<UTC time>)')
+    .addOption(new Option('--mode <mode>', 'how the cut is made').choices(['barrier', 'timestamp']).default('barrier'))
+    .option('--group <name>', 'consistency group name (needed with several volumes)')
+    .action(async (volumes: string[], o: { name?: string; mode: string; group?: string }) => {
+      const made = await withClient(g(), (c) => c.createSnapshots(volumes, { name: o.name, mode: o.mode, group: o.group }));
+      out(g(), made, () => made.map((s) => `snapshot ${s.name} of ${s.volume} taken (${s.mode}${s.group ? `, group ${s.group}` : ''}; hosts held ${s.heldMs} ms, ${s.tookMs} ms in all); read-only target ${s.targetName}`).join('\n'));
+    });
+  snapshot.command('list <volume>').description('snapshots of a volume').action(async (volume: string) => {
+    const list = await withClient(g(), (c) => c.listSnapshots(volume));
+    out(g(), list, () => (list.length === 0 ? `volume ${volume} has no snapshots` : table([
+      ['NAME', 'TAKEN', 'MODE', 'GROUP', 'HELD', 'STATE', 'TARGET'],
+      ...list.map((s) => [s.name, new Date(s.createdAtMs).toISOString(), s.mode, s.group || '-', `${s.heldMs} ms`, s.state, s.targetName]),
+    ])));
+  });
+  snapshot.command('delete <volume> <name>').description('delete a snapshot (every peer frees its layer)').action(async (volume: string, name: string) => {
+    await withClient(g(), (c) => c.deleteSnapshot(volume, name));
+    out(g(), { deleted: { volume, name } }, () => `deleted snapshot ${name} of ${volume}`);
+  });
+
   program.command('migrations').description('page moves in flight on every peer, with progress').action(async () => {
     const r = await withClient(g(), (c) => c.migrations());
     out(g(), r, () => migrationsText(r));

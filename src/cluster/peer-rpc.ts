@@ -6,6 +6,8 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
+import type { MovingAtCut } from '../snapshot/records';
+import type { PrepareSnapshot, TakeSnapshot } from '../snapshot/service';
 import { peerDataService, peerChannelOptions } from '../routing/link';
 import { statusForCode, type PeerStatusView } from '../server/admin';
 import type { PlannedMove } from '../loadmon/balancer';
@@ -24,6 +26,9 @@ export interface PeerHandlers {
   moves(): MoveInfo[];
   movePrepare(req: PrepareRequest): Promise<void>;
   moveFinish(req: FinishRequest): Promise<void>;
+  snapshotPrepare(req: PrepareSnapshot): Promise<void>;
+  snapshotTake(req: TakeSnapshot): Promise<MovingAtCut[]>;
+  snapshotRelease(snapshotId: string): number;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
   /** A load summary from peer `from` (authenticated). */
   gossip?(from: string, summary: LoadSummary): void;
@@ -65,6 +70,9 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     moves: wrap(async () => ({ moves: h.moves() })),
     movePrepare: wrap((r) => h.movePrepare({ volumeId: r.volumeId, page: r.page, from: r.from, fresh: r.fresh })),
     moveFinish: wrap((r) => h.moveFinish({ volumeId: r.volumeId, page: r.page, committed: r.committed, version: r.version })),
+    snapshotPrepare: wrap((r) => h.snapshotPrepare({ snapshotId: r.snapshotId, volumeIds: r.volumeIds ?? [] })),
+    snapshotTake: wrap(async (r) => ({ moving: await h.snapshotTake({ snapshotId: r.snapshotId, layers: r.layers ?? [] }) })),
+    snapshotRelease: wrap(async (r) => ({ heldMs: h.snapshotRelease(r.snapshotId) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
     gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
       const from = verifyPeerAuth(call.metadata, auth.secret, auth.members);
@@ -137,6 +145,18 @@ export class PeerRpcClient {
 
   async moveFinish(req: FinishRequest, timeoutMs: number): Promise<void> {
     await this.call('moveFinish', req, timeoutMs);
+  }
+
+  async snapshotPrepare(req: PrepareSnapshot, timeoutMs: number): Promise<void> {
+    await this.call('snapshotPrepare', req, timeoutMs);
+  }
+
+  async snapshotTake(req: TakeSnapshot, timeoutMs: number): Promise<MovingAtCut[]> {
+    return (await this.call<{ moving?: MovingAtCut[] }>('snapshotTake', req, timeoutMs)).moving ?? [];
+  }
+
+  async snapshotRelease(snapshotId: string, timeoutMs: number): Promise<number> {
+    return (await this.call<{ heldMs?: number }>('snapshotRelease', { snapshotId }, timeoutMs)).heldMs ?? 0;
   }
 
   async gossip(summary: LoadSummary, timeoutMs: number): Promise<void> {

@@ -83,6 +83,8 @@ export interface MigratorOptions {
   log: Logger;
   /** Something a person watching the group wants to know (the console's events). */
   event?(kind: 'migration' | 'page-moved', message: string, volume: string): void;
+  /** True while a snapshot holds the volume here: moves neither copy nor commit meanwhile. */
+  holding?(volumeId: string): boolean;
   /** Fault injection for tests: called at named points of a move. */
   crashPoint?(point: string): void;
 }
@@ -114,6 +116,8 @@ export class Migrator {
   private closed = false;
   /** Running totals for /metrics. */
   readonly counters = { committed: 0, cancelled: 0, bytesCopied: 0 };
+  /** Move steps running per volume (see step()). */
+  private readonly stepping = new Map<string, number>();
   /** Staging requests received (fault injection only). */
   private stagingSeen = 0;
 
@@ -216,6 +220,35 @@ export class Migrator {
     return [...this.running.values()].map((r) => this.info(r));
   }
 
+  /** This peer's moves of a volume with their cursors: pieces [0, done) are on the destination. */
+  cursors(volumeId: string): { volumeId: string; page: number; from: string; to: string; done: number; pieceBlocks: number }[] {
+    return [...this.running.values()]
+      .filter((r) => r.cp.volumeId === volumeId)
+      .map((r) => ({ volumeId, page: r.cp.page, from: r.cp.from, to: r.cp.to, done: r.move.cursor.done, pieceBlocks: r.cp.pieceBlocks }));
+  }
+
+  /**
+   * Run one step of a move (a chunk copy, a piece state change, the commit) unless a snapshot
+   * holds the volume: then wait until it lets go. A snapshot's cut needs pieces and routes to
+   * stand still; `idle` tells it when the steps already started have finished.
+   */
+  private async step<T>(volumeId: string, fn: () => Promise<T>): Promise<T> {
+    while (this.o.holding?.(volumeId) && !this.closed) await new Promise((r) => setTimeout(r, 5));
+    this.stepping.set(volumeId, (this.stepping.get(volumeId) ?? 0) + 1);
+    try {
+      return await fn();
+    } finally {
+      const n = (this.stepping.get(volumeId) ?? 1) - 1;
+      if (n > 0) this.stepping.set(volumeId, n);
+      else this.stepping.delete(volumeId);
+    }
+  }
+
+  /** Resolves when no step of a move of the volume is running (new ones wait while `holding`). */
+  async idle(volumeId: string): Promise<void> {
+    while (this.stepping.has(volumeId)) await new Promise((r) => setTimeout(r, 2));
+  }
+
   /** Moves running on this peer (the balancer's rate limit). */
   get inFlight(): number {
     return this.running.size;
@@ -258,12 +291,12 @@ export class Migrator {
     this.o.crashPoint?.('source-before-copy');
     while (!r.cancelRequested && move.cursor.done < cp.pieces) {
       const piece = move.cursor.done;
-      await move.locks[piece].runExclusive(async () => {
+      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
         move.cursor.transit = piece;
         move.transitDirty = false;
-      });
+      }));
       await this.copyPiece(r, piece, false);
-      await move.locks[piece].runExclusive(async () => {
+      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
         if (r.cancelRequested || move.transitDirty) {
           move.cursor.transit = -1;
           return;
@@ -272,11 +305,11 @@ export class Migrator {
         move.cursor.transit = -1;
         cp.done = piece + 1;
         await this.checkpoint(cp);
-      });
+      }));
     }
     if (r.cancelRequested) return this.rollBack(r);
     this.o.crashPoint?.('source-after-copy');
-    await this.commit(r);
+    await this.step(cp.volumeId, () => this.commit(r));
   }
 
   /** Copy one piece in chunks, forward (S → D) or back (D → S), retrying while D is unreachable. */
@@ -291,7 +324,7 @@ export class Migrator {
       const blocks = Math.min(chunkBlocks, end - lba);
       const last = lba + blocks >= end;
       await this.rate.take(blocks * bs);
-      await this.retrying(r, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last))));
+      await this.retrying(r, () => this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last)))));
       r.bytesCopied += blocks * bs;
       this.counters.bytesCopied += blocks * bs;
       if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
@@ -357,16 +390,16 @@ export class Migrator {
     await this.checkpoint(cp);
     while (move.cursor.done > 0) {
       const piece = move.cursor.done - 1;
-      await move.locks[piece].runExclusive(async () => {
+      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
         move.cursor.transit = piece;
-      });
+      }));
       await this.copyPiece(r, piece, true);
-      await move.locks[piece].runExclusive(async () => {
+      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
         move.cursor.done = piece;
         move.cursor.transit = -1;
         cp.done = piece;
         await this.checkpoint(cp);
-      });
+      }));
     }
     await this.retrying(r, () => this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }));
     await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page);

@@ -4,7 +4,8 @@
 // length against the frame before slicing and returns undefined on a malformed frame.
 //
 // request  = kind(1) op(1) flags(1: fua 1, staging 2) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
-//            compareBytes(4) dataBytes(4) | data
+//            compareBytes(4) dataBytes(4) layer(4) | data
+// layer 0 is the live volume; n > 0 reads snapshot n of the volume (read and lbaStatus only).
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
@@ -41,6 +42,8 @@ export interface BlockRequest {
    * forwarding to the destination, which accepts it for a page it is receiving.
    */
   staging?: boolean;
+  /** 0: the live volume; n: the volume's snapshot n (src/snapshot), read-only. */
+  layer?: number;
   /** Borrowed until the frame is encoded. */
   data?: Buffer;
 }
@@ -57,7 +60,7 @@ export interface BlockReply {
 
 const requestKind = 1;
 const replyKind = 2;
-export const requestHeaderBytes = 40;
+export const requestHeaderBytes = 44;
 export const replyHeaderBytes = 24;
 const extentBytes = 13;
 const validOps = new Set<number>(Object.values(BlockOp));
@@ -85,6 +88,7 @@ export function encodeRequest(r: BlockRequest): Buffer {
   b.writeUInt32BE(r.routeVersion, 28);
   b.writeUInt32BE(r.compareBytes, 32);
   b.writeUInt32BE(dataBytes, 36);
+  b.writeUInt32BE(r.layer ?? 0, 40);
   if (r.data) r.data.copy(b, requestHeaderBytes);
   return b;
 }
@@ -102,6 +106,7 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
     op: b[1] as BlockOpCode,
     fua: (b[2] & 1) !== 0,
     staging: (b[2] & 2) !== 0,
+    layer: b.readUInt32BE(40),
     volumeId: b.toString('hex', 8, 16),
     lba,
     blocks: b.readUInt32BE(24),

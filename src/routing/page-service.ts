@@ -21,6 +21,8 @@ export interface ServedVolume {
   raw: BlockBackend;
   /** True while this peer is the destination of a move of the page (or owns it). */
   receiving(page: number): boolean;
+  /** This peer's layer of the volume's snapshot `seq` (read-only), if it holds one. */
+  snapshot(seq: number): BlockBackend | undefined;
   refresh(page: number): Promise<Route>;
 }
 
@@ -47,6 +49,13 @@ export class PageService {
     }
     if (req.blocks === 0 || req.lba + req.blocks > v.store.blockCount) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
     let store = v.store;
+    if (req.layer) {
+      // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
+      const layer = v.snapshot(req.layer);
+      if (!layer) return reply(ReplyStatus.failed, { payload: Buffer.from(`peer ${this.o.self} holds no snapshot ${req.layer} of the volume`) });
+      if (req.op !== BlockOp.read && req.op !== BlockOp.lbaStatus) return reply(ReplyStatus.failed, { payload: Buffer.from('a snapshot is read-only') });
+      return this.run(req, layer, reply);
+    }
     if (req.staging) {
       // A move's source copying, dual-writing or forwarding: only for a page we are receiving.
       for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {

@@ -10,6 +10,8 @@ import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import type { MoveInfo } from '../migration/migrator';
+import type { SnapshotMode } from '../snapshot/records';
+import type { SnapshotView } from '../snapshot/service';
 import type { RebalanceReply, TopReply } from '../loadmon/service';
 import type { MovedSession } from './host-balance-service';
 
@@ -62,6 +64,9 @@ export interface AdminApi {
   pageMap(name: string): Promise<PageMapView>;
   movePage(name: string, page: number, to: string): Promise<MoveInfo>;
   cancelMove(name: string, page: number): Promise<void>;
+  createSnapshots(volumes: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]>;
+  listSnapshots(volume: string): Promise<SnapshotView[]>;
+  deleteSnapshot(volume: string, name: string): Promise<void>;
   migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
   // Load monitoring and balancing (src/loadmon).
   top(pages: number): Promise<TopReply>;
@@ -125,6 +130,9 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
     pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
     movePage: wrap('movePage', (r) => api.movePage(r.volume, r.page, r.to)),
+    createSnapshot: wrap('createSnapshot', async (r) => ({ snapshots: await api.createSnapshots(r.volumes ?? [], { name: r.name || undefined, mode: (r.mode || undefined) as SnapshotMode | undefined, group: r.group || undefined }) })),
+    listSnapshots: wrap('listSnapshots', async (r) => ({ snapshots: await api.listSnapshots(r.name) })),
+    deleteSnapshot: wrap('deleteSnapshot', (r) => api.deleteSnapshot(r.volume, r.name)),
     cancelMove: wrap('cancelMove', (r) => api.cancelMove(r.volume, r.page)),
     migrations: wrap('migrations', () => api.migrations()),
     top: wrap('top', (r) => api.top(r.pages || 16)),
@@ -196,6 +204,15 @@ export class AdminClient {
   }
   movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
     return this.call('movePage', { volume, page, to });
+  }
+  async createSnapshots(volumes: string[], opts: { name?: string; mode?: string; group?: string }): Promise<SnapshotView[]> {
+    return (await this.call<{ snapshots?: SnapshotView[] }>('createSnapshot', { volumes, ...opts }, 60_000)).snapshots ?? [];
+  }
+  async listSnapshots(volume: string): Promise<SnapshotView[]> {
+    return (await this.call<{ snapshots?: SnapshotView[] }>('listSnapshots', { name: volume })).snapshots ?? [];
+  }
+  async deleteSnapshot(volume: string, name: string): Promise<void> {
+    await this.call('deleteSnapshot', { volume, name });
   }
   async cancelMove(volume: string, page: number): Promise<void> {
     await this.call('cancelMove', { volume, page });

@@ -23,8 +23,11 @@ import { LoadService, type RebalanceReply, type TopReply } from '../loadmon/serv
 import { BalancerSwitch } from '../loadmon/switches';
 import { peerChannelOptions, PeerLink } from '../routing/link';
 import { Migrator, type MoveInfo } from '../migration/migrator';
+import { listSnapshotRecords, type SnapshotMode } from '../snapshot/records';
+import { prepareMsMax, SnapshotService, viewOf, type SnapshotView } from '../snapshot/service';
+import { SnapshotTargets } from '../snapshot/targets';
 import { PageService } from '../routing/page-service';
-import { newRoutingCounters, type RoutingCounters } from '../routing/router';
+import { newRoutingCounters, type BlockSender, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
@@ -73,6 +76,8 @@ export class PeerServer implements AdminApi {
   private catalog!: Catalog;
   private targets!: VolumeTargets;
   private migrator!: Migrator;
+  private snapshots!: SnapshotService;
+  private snapshotTargets!: SnapshotTargets;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private readonly links = new Map<string, PeerLink>();
@@ -142,9 +147,13 @@ export class PeerServer implements AdminApi {
     this.meta = await this.openMeta();
     this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
     const load = (this.load = await this.startLoadService(groupPeers));
+    this.snapshotTargets = new SnapshotTargets({
+      self, catalog: this.catalog, stored: (id) => this.targets.stored(id), link: (id) => this.sender(id), revision: productRevision, log: this.log,
+    });
     this.targets = new VolumeTargets({
+      snapshots: this.snapshotTargets,
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
-      link: (id) => this.link(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+      link: (id) => this.sender(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
       receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
       meter: (name, backend) => this.metrics.meter(name, backend),
       monitor: load.monitor,
@@ -158,6 +167,20 @@ export class PeerServer implements AdminApi {
       },
       crashPoint: testCrashPoint(self),
       event: (kind, message, volume) => this.addEvent(kind, message, { volume, peer: self }),
+      holding: (volumeId) => this.snapshots.holding(volumeId),
+    });
+    this.snapshots = new SnapshotService({
+      self, groupPeers, catalog: this.catalog, log: this.log,
+      gate: (id) => this.targets.gate(id),
+      store: (id) => this.targets.stored(id),
+      moving: (id) => this.migrator.cursors(id),
+      idle: (id) => this.migrator.idle(id),
+      rpc: {
+        prepare: (peer, req) => (peer === self ? this.snapshots.prepare(req) : this.rpc(peer).snapshotPrepare(req, prepareMsMax + 1_000)),
+        take: (peer, req) => (peer === self ? this.snapshots.take(req) : this.rpc(peer).snapshotTake(req, prepareMsMax)),
+        release: async (peer, id) => (peer === self ? this.snapshots.release(id) : this.rpc(peer).snapshotRelease(id, statusPeerMsMax)),
+      },
+      event: (message, volume) => this.addEvent('snapshot', message, { volume, peer: self }),
     });
     this.registerFeatureMetrics();
     const onVolume = volumeEvents(this.events, this.catalog.listVolumes(), formatBytes);
@@ -166,6 +189,7 @@ export class PeerServer implements AdminApi {
       if (!record) this.metrics.forgetVolume(name);
     });
     await this.targets.follow();
+    await this.snapshotTargets.follow();
     // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
     await this.migrator.recover();
     const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
@@ -179,6 +203,9 @@ export class PeerServer implements AdminApi {
       moves: () => this.migrator.list(),
       movePrepare: (req) => this.migrator.prepare(req),
       moveFinish: (req) => this.migrator.finish(req),
+      snapshotPrepare: (req) => this.snapshots.prepare(req),
+      snapshotTake: (req) => this.snapshots.take(req),
+      snapshotRelease: (id) => this.snapshots.release(id),
       blocks: (call) => pages.serveStream(call),
       gossip: (from, summary) => this.load?.received(from, summary),
       startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
@@ -211,6 +238,23 @@ export class PeerServer implements AdminApi {
       this.links.set(peerId, l);
     }
     return l;
+  }
+
+  /**
+   * Test hook: delay every forwarded block request by a random 0..ms (a slow network), as the
+   * snapshot consistency checker needs.
+   */
+  forwardDelayMsForTests = 0;
+
+  /** What routers, page moves and snapshot readers send block requests through. */
+  private sender(peerId: string): BlockSender {
+    const link = this.link(peerId);
+    if (this.forwardDelayMsForTests <= 0) return link;
+    const ms = this.forwardDelayMsForTests;
+    return { send: async (req) => {
+      await new Promise((r) => setTimeout(r, Math.random() * ms));
+      return link.send(req);
+    } };
   }
 
   private rpc(peerId: string): PeerRpcClient {
@@ -255,6 +299,7 @@ export class PeerServer implements AdminApi {
       for (const l of this.links.values()) l.close();
       for (const c of this.rpcClients.values()) c.close();
       this.targets?.close();
+      this.snapshotTargets?.close();
       this.catalog?.close();
       if (this.store) await this.store.close();
       if (this.meta && this.meta !== this.sharedMeta) await this.meta.close();
@@ -461,6 +506,37 @@ export class PeerServer implements AdminApi {
       }),
     );
     return { moves: lists.flat(), unreachable };
+  }
+
+  // ---- snapshots (src/snapshot) ----
+
+  /** One snapshot of each volume, all at one consistent cut (a consistency group when several). */
+  createSnapshots(volumes: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]> {
+    return this.snapshots.create(volumes, opts);
+  }
+
+  /** The console's form: one volume. */
+  async createSnapshot(volume: string, opts: { name?: string; mode?: SnapshotMode }): Promise<SnapshotView> {
+    return (await this.snapshots.create([volume], opts))[0];
+  }
+
+  async listSnapshots(volume: string): Promise<SnapshotView[]> {
+    const v = this.catalog.require(volume);
+    return (await listSnapshotRecords(this.catalog.store, v.id)).map(viewOf).sort((a, b) => a.seq - b.seq);
+  }
+
+  deleteSnapshot(volume: string, name: string): Promise<void> {
+    return this.snapshots.delete(volume, name);
+  }
+
+  /** Test hook: snapshot targets and their readers. */
+  get snapshotTargetsForTests(): SnapshotTargets {
+    return this.snapshotTargets;
+  }
+
+  /** Test hook: the snapshot service (uncoordinated mode for the checker's negative control). */
+  get snapshotsForTests(): SnapshotService {
+    return this.snapshots;
   }
 
   /** The console's migrations panel: moves in flight on every peer that answers. */

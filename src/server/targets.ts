@@ -10,6 +10,8 @@ import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
 import { MovableVolume } from '../migration/movable';
+import { VolumeGate } from '../snapshot/gate';
+import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
 import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
 import type { Route } from '../routing/table';
@@ -28,6 +30,8 @@ interface Entry {
   volume: StoreVolume;
   /** The store volume plus the pages moving away from this peer. */
   movable: MovableVolume;
+  /** Host I/O entering this peer for the volume: a barrier snapshot holds it here. */
+  gate: VolumeGate;
   router: VolumeRouter;
   served: ServedVolume;
   keeper: SharedReservationKeeper;
@@ -44,6 +48,8 @@ export interface VolumeTargetsOptions {
   portalGroupTag: number;
   link(peerId: string): BlockSender;
   notifyReservations(notice: ReservationNotice): Promise<void>;
+  /** Snapshot targets and layers (src/snapshot); set once the peer has built them. */
+  snapshots?: SnapshotTargets;
   /** True while this peer receives the page by a move (src/migration). */
   receiving(volumeId: string, page: number): boolean;
   counters: RoutingCounters;
@@ -135,19 +141,21 @@ export class VolumeTargets implements TargetDirectory {
     const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
     const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
     const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
+    const gate = new VolumeGate(router);
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({
       lun: 0,
       identity: { volumeId: record.id, volumeName: record.name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
-      backend: this.o.meter ? this.o.meter(record.name, router) : router,
+      backend: this.o.meter ? this.o.meter(record.name, gate) : gate,
       reservations: keeper,
       // EXTENDED COPY between volumes: the data moves between the peers, never through the host.
       copyTargets: (designator) => this.byDesignator(designator),
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const entry: Entry = { record, volume: stored, movable, router, served: { table, store: volume, raw: stored, receiving, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const snapshot = (seq: number): BlockBackend | undefined => this.o.snapshots?.layer(record.id, seq);
+    const entry: Entry = { record, volume: stored, movable, gate, router, served: { table, store: volume, raw: stored, receiving, snapshot, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
@@ -159,12 +167,11 @@ export class VolumeTargets implements TargetDirectory {
   }
 
   find(targetName: string): TargetInfo | undefined {
-    return this.byTargetName.get(targetName)?.target;
+    return this.byTargetName.get(targetName)?.target ?? this.o.snapshots?.find(targetName);
   }
 
   visibleTo(initiatorName: string): TargetInfo[] {
-    return [...this.byTargetName.values()]
-      .map((e) => e.target)
+    return [...[...this.byTargetName.values()].map((e) => e.target), ...(this.o.snapshots?.all() ?? [])]
       .filter((t) => t.allow.length === 0 || t.allow.includes(initiatorName))
       .sort((a, b) => a.name.localeCompare(b.name));
   }
@@ -182,6 +189,16 @@ export class VolumeTargets implements TargetDirectory {
   /** The volume's block path as this peer's hosts use it (tests, tooling). */
   routerFor(volumeName: string): VolumeRouter | undefined {
     return this.entries.get(volumeName)?.router;
+  }
+
+  /** The gate host I/O for the volume passes on this peer (barrier snapshots). */
+  gate(volumeId: string): VolumeGate | undefined {
+    return this.byId.get(volumeId)?.gate;
+  }
+
+  /** The volume's store on this peer (snapshot layers). */
+  stored(volumeId: string): StoreVolume | undefined {
+    return this.byId.get(volumeId)?.volume;
   }
 
   /** The volume's pages on this peer, moves included (the migrator's handle). */

@@ -1,0 +1,122 @@
+// The barrier of a barrier-mode snapshot (DESIGN.md 6) at one peer, for one volume: the
+// host I/O that enters this peer for the volume passes a gate. PREPARE closes it: new
+// requests wait, and close() resolves once the requests already inside (local or forwarded
+// to their owners) have finished. TAKE freezes the layers and opens it again. The gate
+// opens by itself after `holdMsMax`, so a coordinator that vanishes never stalls hosts.
+
+import { PeersanError } from '../errors';
+import { BackendDecorator } from '../store/decorator';
+import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
+
+export class GateClosedTooLongError extends PeersanError {
+  constructor(ms: number) {
+    super(`requests did not drain within ${ms} ms`, 'PEERSAN_ERR_SNAPSHOT_DRAIN');
+  }
+}
+
+export class VolumeGate extends BackendDecorator {
+  private inFlight = 0;
+  private closedBy: string | undefined;
+  private reopened: Promise<void> | undefined;
+  private open!: () => void;
+  private drained: (() => void) | undefined;
+  private autoOpen: NodeJS.Timeout | undefined;
+  private closedAtMs = 0;
+  /** Milliseconds hosts were held, summed over every close (metrics). */
+  heldMsTotal = 0;
+
+  constructor(inner: BlockBackend) {
+    super(inner);
+  }
+
+  get isClosed(): boolean {
+    return this.closedBy !== undefined;
+  }
+
+  /**
+   * Hold new requests; resolves when the requests inside have finished (rejects with
+   * GateClosedTooLongError, gate open again, if they do not within `drainMsMax`). The gate
+   * reopens by itself `holdMsMax` after closing.
+   */
+  async close(owner: string, drainMsMax: number, holdMsMax: number): Promise<void> {
+    if (this.closedBy !== undefined) throw new PeersanError(`the volume is already held for snapshot ${this.closedBy}`, 'PEERSAN_ERR_CONFLICT');
+    this.closedBy = owner;
+    this.closedAtMs = performance.now();
+    this.reopened = new Promise((r) => (this.open = r));
+    this.autoOpen = setTimeout(() => this.release(owner), holdMsMax);
+    this.autoOpen.unref();
+    if (this.inFlight === 0) return;
+    const drained = new Promise<void>((r) => (this.drained = r));
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<'late'>((r) => (timer = setTimeout(() => r('late'), drainMsMax)));
+    const outcome = await Promise.race([drained, late]);
+    clearTimeout(timer);
+    this.drained = undefined;
+    if (outcome === 'late') {
+      this.release(owner);
+      throw new GateClosedTooLongError(drainMsMax);
+    }
+  }
+
+  /** Let held requests go (TAKE done, or abort). Returns how long hosts were held, in ms. */
+  release(owner: string): number {
+    if (this.closedBy !== owner) return 0;
+    clearTimeout(this.autoOpen);
+    const held = performance.now() - this.closedAtMs;
+    this.heldMsTotal += held;
+    this.closedBy = undefined;
+    this.open();
+    return held;
+  }
+
+  /** No promise of its own while the gate is open (the common case): one count up, one down. */
+  private pass<T>(run: () => Promise<T>): Promise<T> {
+    if (this.closedBy !== undefined) return this.passLater(run);
+    this.inFlight++;
+    let p: Promise<T>;
+    try {
+      p = run();
+    } catch (err) {
+      p = Promise.reject(err);
+    }
+    return p.then(
+      (v) => {
+        this.left();
+        return v;
+      },
+      (err: unknown) => {
+        this.left();
+        throw err;
+      },
+    );
+  }
+
+  private async passLater<T>(run: () => Promise<T>): Promise<T> {
+    while (this.closedBy !== undefined) await this.reopened;
+    return this.pass(run);
+  }
+
+  private left(): void {
+    this.inFlight--;
+    if (this.inFlight === 0) this.drained?.();
+  }
+
+  read(lba: number, blocks: number): Promise<Buffer> {
+    return this.pass(() => this.inner.read(lba, blocks));
+  }
+  write(lba: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    return this.pass(() => this.inner.write(lba, data, opts));
+  }
+  unmap(lba: number, blocks: number, opts?: WriteOptions): Promise<void> {
+    return this.pass(() => this.inner.unmap(lba, blocks, opts));
+  }
+  compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts?: WriteOptions): Promise<CompareAndWriteResult> {
+    return this.pass(() => this.inner.compareAndWrite(lba, compare, data, opts));
+  }
+  flush(): Promise<void> {
+    return this.pass(() => this.inner.flush());
+  }
+  lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    return this.pass(() => this.inner.lbaStatus(lba, blocksMax));
+  }
+}

@@ -1,0 +1,96 @@
+// A snapshot as a read-only block device (the snapshot target's backend): each range is read
+// from the peer that holds that page's layer of the snapshot (the owner at the cut, or, for
+// a page that was moving, the source or the destination by piece; records.ts), locally from
+// this peer's store or forwarded with the snapshot's layer number in the frame.
+
+import { PeersanError } from '../errors';
+import { BlockOp, decodeExtents, ReplyStatus } from '../routing/frame';
+import type { BlockSender } from '../routing/router';
+import type { Route } from '../routing/table';
+import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../store/types';
+import { snapshotOwner, type MovingAtCut, type SnapshotRecord } from './records';
+
+export interface SnapshotReaderOptions {
+  self: string;
+  record: SnapshotRecord;
+  grainBlocks: number;
+  /** This peer's layer of the snapshot (undefined: this peer holds none of it). */
+  local(): BlockBackend | undefined;
+  link(peerId: string): BlockSender;
+}
+
+export class SnapshotReader implements BlockBackend {
+  readonly blockBytes: number;
+  readonly blockCount: number;
+  readonly grainBlocks: number;
+  private readonly o: SnapshotReaderOptions;
+  private readonly moved: Map<number, Route>;
+  private readonly moving: Map<number, MovingAtCut>;
+
+  constructor(opts: SnapshotReaderOptions) {
+    this.o = opts;
+    this.blockBytes = opts.record.blockBytes;
+    this.blockCount = opts.record.sizeBytes / opts.record.blockBytes;
+    this.grainBlocks = opts.grainBlocks;
+    this.moved = new Map(opts.record.moved);
+    this.moving = new Map(opts.record.moving.map((m) => [m.page, m]));
+  }
+
+  /** [lba, blocks, owner] runs of the range, each within one page and one holder. */
+  private runs(lba: number, blocks: number): { lba: number; blocks: number; owner: string; offset: number }[] {
+    const out = [];
+    for (let at = lba; at < lba + blocks; ) {
+      const page = Math.floor(at / this.o.record.pageBlocks);
+      const { owner, blocks: n } = snapshotOwner(this.o.record, page, at, this.moved, this.moving);
+      const take = Math.min(n, lba + blocks - at);
+      out.push({ lba: at, blocks: take, owner, offset: at - lba });
+      at += take;
+    }
+    return out;
+  }
+
+  private async fetch(owner: string, op: typeof BlockOp.read | typeof BlockOp.lbaStatus, lba: number, blocks: number): Promise<Buffer | LbaExtent[]> {
+    if (owner === this.o.self) {
+      const local = this.o.local();
+      if (!local) throw new PeersanError(`this peer holds no layer of snapshot ${this.o.record.name}`);
+      return op === BlockOp.read ? local.read(lba, blocks) : local.lbaStatus(lba, blocks);
+    }
+    const reply = await this.o.link(owner).send({ op, fua: false, volumeId: this.o.record.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, layer: this.o.record.seq });
+    if (reply.status !== ReplyStatus.ok) throw new PeersanError(`peer ${owner} could not read snapshot ${this.o.record.name}: ${reply.payload?.toString('utf8') ?? reply.status}`);
+    if (op === BlockOp.lbaStatus) return decodeExtents(reply.payload) ?? [];
+    return reply.payload ?? Buffer.alloc(0);
+  }
+
+  async read(lba: number, blocks: number): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(blocks * this.blockBytes);
+    await Promise.all(
+      this.runs(lba, blocks).map(async (r) => {
+        const data = (await this.fetch(r.owner, BlockOp.read, r.lba, r.blocks)) as Buffer;
+        if (data.length !== r.blocks * this.blockBytes) throw new PeersanError(`peer ${r.owner} returned a short snapshot read`);
+        data.copy(out, r.offset * this.blockBytes);
+      }),
+    );
+    return out;
+  }
+
+  /** The first run's extents (SBC lets GET LBA STATUS answer a prefix). */
+  async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    const [first] = this.runs(lba, Math.max(1, Math.min(blocksMax, this.blockCount - lba)));
+    return (await this.fetch(first.owner, BlockOp.lbaStatus, first.lba, first.blocks)) as LbaExtent[];
+  }
+
+  async flush(): Promise<void> {}
+
+  private readOnly(): Error {
+    return new PeersanError(`snapshot ${this.o.record.volume}.${this.o.record.name} is read-only`);
+  }
+  write(): Promise<void> {
+    return Promise.reject(this.readOnly());
+  }
+  unmap(): Promise<void> {
+    return Promise.reject(this.readOnly());
+  }
+  compareAndWrite(): Promise<CompareAndWriteResult> {
+    return Promise.reject(this.readOnly());
+  }
+}

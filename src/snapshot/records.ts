@@ -1,0 +1,114 @@
+// Snapshot records in the catalog (DESIGN.md 3, 6): one per volume and snapshot name, under
+// snapshots/<volumeId>/<name>, plus a per-volume sequence counter. The sequence number is the
+// snapshot's layer id in every peer's store and in forwarded read frames. A record in state
+// `taking` belongs to a snapshot being created; `ready` ones are served as read-only targets.
+// Deleting the record is how a snapshot is deleted: every peer drops its layer on the watch
+// (or at its next start).
+
+import { AlreadyExistsError, ConflictError, InvalidArgumentError } from '../errors';
+import type { MetaStore } from '../cluster/metastore';
+import type { Route } from '../routing/table';
+
+export const snapshotPrefix = 'snapshots/';
+const seqPrefix = 'snapseq/';
+
+export type SnapshotMode = 'barrier' | 'timestamp';
+
+/** A page being moved at the cut: its pieces [0, done) were on `to`, the rest on `from`. */
+export interface MovingAtCut {
+  volumeId: string;
+  page: number;
+  from: string;
+  to: string;
+  done: number;
+  pieceBlocks: number;
+}
+
+export interface SnapshotRecord {
+  volumeId: string;
+  volume: string;
+  name: string;
+  seq: number;
+  mode: SnapshotMode;
+  /** Consistency group: snapshots of several volumes taken as one cut. */
+  group: string;
+  state: 'taking' | 'ready';
+  createdAtMs: number;
+  /** Longest time any peer held host I/O for this snapshot (barrier mode). */
+  heldMs: number;
+  /** Milliseconds from the command to the snapshot being ready. */
+  tookMs: number;
+  /** The volume's size and block size at the cut (the snapshot target's capacity). */
+  sizeBytes: number;
+  blockBytes: number;
+  /** Placement set and the pages that had moved at the cut: where each page's layer lives. */
+  peers: string[];
+  pageBlocks: number;
+  moved: [number, Route][];
+  moving: MovingAtCut[];
+}
+
+const namePattern = /^[a-z0-9][a-z0-9-]{0,63}$/;
+
+export function validateSnapshotName(name: string): void {
+  if (!namePattern.test(name)) throw new InvalidArgumentError(`bad snapshot name "${name}": use 1-64 of a-z, 0-9 and '-', starting with a letter or digit`);
+}
+
+export function snapshotKey(volumeId: string, name: string): string {
+  return `${snapshotPrefix}${volumeId}/${name}`;
+}
+
+export function decodeSnapshot(b: Buffer): SnapshotRecord {
+  return JSON.parse(b.toString('utf8')) as SnapshotRecord;
+}
+
+/** The next sequence number of a volume's snapshots (compare-and-swap on a counter). */
+export async function nextSnapshotSeq(meta: MetaStore, volumeId: string): Promise<number> {
+  for (let tries = 0; tries < 16; tries++) {
+    const current = await meta.get(seqPrefix + volumeId);
+    const seq = (current ? Number(current.value.toString()) : 0) + 1;
+    try {
+      await meta.put(seqPrefix + volumeId, Buffer.from(String(seq)), current?.version ?? 0);
+      return seq;
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+    }
+  }
+  throw new ConflictError(`could not allocate a snapshot number for volume ${volumeId} (too much contention)`);
+}
+
+export async function createSnapshotRecord(meta: MetaStore, r: SnapshotRecord): Promise<number> {
+  try {
+    return (await meta.put(snapshotKey(r.volumeId, r.name), Buffer.from(JSON.stringify(r)), 0)).version;
+  } catch (err) {
+    if (err instanceof ConflictError) throw new AlreadyExistsError(`volume ${r.volume} already has a snapshot named ${r.name}`);
+    throw err;
+  }
+}
+
+export async function updateSnapshotRecord(meta: MetaStore, r: SnapshotRecord, version: number): Promise<void> {
+  await meta.put(snapshotKey(r.volumeId, r.name), Buffer.from(JSON.stringify(r)), version);
+}
+
+export async function deleteSnapshotRecord(meta: MetaStore, volumeId: string, name: string): Promise<boolean> {
+  const r = await meta.get(snapshotKey(volumeId, name));
+  if (!r) return false;
+  await meta.delete(r.key, r.version).catch(() => undefined);
+  return true;
+}
+
+export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): Promise<SnapshotRecord[]> {
+  return (await meta.list(volumeId ? `${snapshotPrefix}${volumeId}/` : snapshotPrefix)).map((r) => decodeSnapshot(r.value));
+}
+
+/** The peer holding page `page`'s layer of the snapshot, for the blocks from `lba` on (and how many). */
+export function snapshotOwner(r: SnapshotRecord, page: number, lba: number, moved: Map<number, Route>, moving: Map<number, MovingAtCut>): { owner: string; blocks: number } {
+  const pageEnd = (page + 1) * r.pageBlocks;
+  const m = moving.get(page);
+  if (m) {
+    const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
+    const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
+    return piece < m.done ? { owner: m.to, blocks: Math.min(boundary, pageEnd) - lba } : { owner: m.from, blocks: pageEnd - lba };
+  }
+  return { owner: moved.get(page)?.owner ?? r.peers[page % r.peers.length], blocks: pageEnd - lba };
+}
