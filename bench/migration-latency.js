@@ -151,7 +151,7 @@ async function startEtcd() {
 async function startPeersan(sizeBytes) {
   const etcd = await startEtcd();
   const peers = [];
-  for (const id of ['p1', 'p2', 'p3']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`) });
+  for (const id of ['p1', 'p2', 'p3']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`), probe: path.join(work, `${id}.probe`) });
   const config = path.join(work, 'cluster.yaml');
   fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
     '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
@@ -159,7 +159,8 @@ async function startPeersan(sizeBytes) {
   for (const p of peers) {
     // The peers log JSON to stderr: kept, for the moves' start and commit times.
     const fd = fs.openSync(p.log, 'a');
-    daemon(process.execPath, [peersanBin, 'peer', '--config', config, '--id', p.id], { stdio: ['ignore', 'ignore', fd] });
+    const env = { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${path.join(__dirname, 'peer-probe.js')}`, PEERSAN_PROBE_FILE: p.probe };
+    p.pid = daemon(process.execPath, [peersanBin, 'peer', '--config', config, '--id', p.id], { stdio: ['ignore', 'ignore', fd], env }).pid;
     fs.closeSync(fd);
     await waitPort(p.iscsi);
   }
@@ -178,6 +179,10 @@ function hostWrites(url, sizeBytes, seconds) {
     children.add(q);
     const slots = sizeBytes / writeBytes;
     const latenciesUs = [];
+    /** Per measured request: its offset and completion time (epoch ms), to tell writes to moving pages apart. */
+    const offsets = [];
+    const doneAtMs = [];
+    let offset = -1;
     const errors = [];
     let stderr = '';
     let pending = '';
@@ -210,13 +215,19 @@ function hostWrites(url, sizeBytes, seconds) {
       const lines = pending.split('\n');
       pending = lines.pop();
       for (const line of lines) {
+        const at = /wrote \d+\/\d+ bytes at offset (\d+)/.exec(line);
+        if (at) offset = Number(at[1]);
         const ok = /([\d.]+) ops\/sec\)/.exec(line);
         const failed = /aio_write failed: .*/.exec(line);
         if (!ok && !failed) continue;
         done++;
         const now = performance.now();
         if (failed) errors.push(failed[0]);
-        else if (now >= tMeasure && now < tEnd) latenciesUs.push(1e6 / Number(ok[1]));
+        else if (now >= tMeasure && now < tEnd) {
+          latenciesUs.push(1e6 / Number(ok[1]));
+          offsets.push(offset);
+          doneAtMs.push(performance.timeOrigin + now);
+        }
         if (now < tEnd) send(1);
       }
       if (done === sent && performance.now() >= tEnd && !finished) {
@@ -229,7 +240,7 @@ function hostWrites(url, sizeBytes, seconds) {
       clearTimeout(guard);
       children.delete(q);
       if (!finished) return reject(new Error(`qemu-io ${url} ended early (${code}): ${stderr.trim().slice(-300)}`));
-      resolve({ latenciesUs, errors, windowMs: tEnd - tMeasure, measureStart: performance.timeOrigin + tMeasure, measureEnd: performance.timeOrigin + tEnd });
+      resolve({ latenciesUs, offsets, doneAtMs, errors, windowMs: tEnd - tMeasure, measureStart: performance.timeOrigin + tMeasure, measureEnd: performance.timeOrigin + tEnd });
     });
   });
 }
@@ -241,6 +252,7 @@ function percentile(sorted, p) {
 function summarize(r) {
   const s = Float64Array.from(r.latenciesUs).sort();
   const round = (x) => Math.round(x);
+  if (s.length === 0) throw new Error('no request completed in the measured window');
   return { iops: Math.round(s.length / (r.windowMs / 1000)), p50Us: round(percentile(s, 0.5)), p90Us: round(percentile(s, 0.9)), p99Us: round(percentile(s, 0.99)), maxUs: round(s[s.length - 1]), requests: s.length, errors: r.errors.length };
 }
 
@@ -324,6 +336,46 @@ function movesFromLogs(peers) {
   return moves;
 }
 
+/**
+ * The measured writes of a migrating phase in two groups: those whose page was being moved when
+ * they completed (dual write, forward to the destination, or waiting for the copier's chunk
+ * lock) and the rest (slowed, if at all, only by the CPU and disks the copy shares).
+ */
+function splitByMovingPage(r, moves, pageBytes) {
+  const onMoving = [];
+  const others = [];
+  for (let i = 0; i < r.latenciesUs.length; i++) {
+    const page = Math.floor(r.offsets[i] / pageBytes);
+    const t = r.doneAtMs[i];
+    const moving = moves.some((m) => m.page === page && m.startMs <= t && t <= m.endMs);
+    (moving ? onMoving : others).push(r.latenciesUs[i]);
+  }
+  const brief = (xs) => {
+    if (xs.length === 0) return { requests: 0 };
+    const { requests, p50Us, p99Us, maxUs } = summarize({ latenciesUs: xs, errors: [], windowMs: 1 });
+    return { requests, p50Us, p99Us, maxUs };
+  };
+  return { onMovingPages: brief(onMoving), onOtherPages: brief(others) };
+}
+
+/** Per peer, over a window: GC pause ms per second (all, major), the longest pause, the worst event-loop delay. */
+function pausesInWindow(peers, fromMs, toMs) {
+  return peers.map((p) => {
+    const lines = fs.readFileSync(p.probe, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((l) => l.t > fromMs && l.t <= toMs + 1000);
+    const seconds = Math.max(1, lines.length);
+    const sum = (k) => lines.reduce((a, l) => a + l[k], 0);
+    const max = (k) => lines.reduce((a, l) => Math.max(a, l[k]), 0);
+    return { peer: p.id, gcMsPerSec: Math.round(sum('gcMs') / seconds), majorGcsPerSec: round2(sum('majorGcs') / seconds), majorGcMsPerSec: Math.round(sum('majorGcMs') / seconds), gcMaxMs: Math.round(max('gcMaxMs')), loopDelayMaxMs: Math.round(max('loopMaxMs')) };
+  });
+}
+
+/** CPU time (ms) of a process and of its children it has waited for, from /proc. */
+function cpuMs(pid = process.pid) {
+  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  const tick = 10; // USER_HZ = 100 on Linux
+  return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
+}
+
 /** Within a measured window: share of the time some page was in transit, pages committed, MB/s copied. */
 function migrationInWindow(moves, fromMs, toMs) {
   const clipped = moves.map((m) => [Math.max(m.startMs, fromMs), Math.min(m.endMs, toMs), m]).filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
@@ -343,6 +395,7 @@ function migrationInWindow(moves, fromMs, toMs) {
 
 // ---- the run ------------------------------------------------------------------------------------
 
+const round2 = (x) => Math.round(x * 100) / 100;
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 function loadNow() {
@@ -375,32 +428,58 @@ async function main() {
   const names = Object.keys(phases);
   const samples = { idle: [], migrating: [], tgt: [] };
   const failures = [];
+  const migratingRuns = [];
   for (let i = 0; i < args.repeat; i++) {
     // Rotate the order so no phase always runs first (page cache, CPU frequency, others' load).
     for (let k = 0; k < names.length; k++) {
       const name = names[(i + k) % names.length];
       const load = loadNow();
+      // CPU over the whole phase: the peers, and the bench's children that exited in it
+      // (qemu-io; in the migrating phase also every `peersan page move` CLI).
+      const cpu0 = { peers: pc.peers.map((p) => cpuMs(p.pid).self), clients: cpuMs().children, at: performance.now() };
       const { run: r, movers } = await phases[name]();
-      const s = { ...summarize(r), load, measureStart: r.measureStart, measureEnd: r.measureEnd };
-      if (movers) failures.push(...movers.failures);
+      const wallMs = performance.now() - cpu0.at;
+      const peersCores = pc.peers.map((p, j) => (cpuMs(p.pid).self - cpu0.peers[j]) / wallMs);
+      const cores = { peers: round2(peersCores.reduce((a, b) => a + b, 0)), perPeer: peersCores.map(round2), clients: round2((cpuMs().children - cpu0.clients) / wallMs) };
+      const s = { ...summarize(r), load, cores, pauses: pausesInWindow(pc.peers, r.measureStart, r.measureEnd), measureStart: r.measureStart, measureEnd: r.measureEnd };
+      if (movers) {
+        failures.push(...movers.failures);
+        migratingRuns.push({ s, r });
+      }
       samples[name].push(s);
-      console.log(`  run ${i + 1} ${name.padEnd(9)} p50 ${s.p50Us} µs  p99 ${s.p99Us} µs  max ${s.maxUs} µs  ${s.iops} IOPS${s.errors ? `  ${s.errors} ERRORS` : ''}  (load ${load})`);
+      console.log(`  run ${i + 1} ${name.padEnd(9)} p50 ${s.p50Us} µs  p99 ${s.p99Us} µs  max ${s.maxUs} µs  ${s.iops} IOPS${s.errors ? `  ${s.errors} ERRORS` : ''}  (load ${load}; cores busy: peers ${cores.peers}, clients ${cores.clients})`);
     }
   }
   // The peers' logs are complete once every mover has stopped.
   const moves = movesFromLogs(pc.peers);
-  for (const s of samples.migrating) Object.assign(s, migrationInWindow(moves, s.measureStart, s.measureEnd));
+  const pageBytes = pc.map.pageBlocks * args.blockSize;
+  for (const { s, r } of migratingRuns) Object.assign(s, migrationInWindow(moves, s.measureStart, s.measureEnd), splitByMovingPage(r, moves, pageBytes));
   for (const s of samples.idle) s.pagesMoved = migrationInWindow(moves, s.measureStart, s.measureEnd).pagesMoved;
 
   const keys = ['p50Us', 'p90Us', 'p99Us', 'maxUs', 'iops'];
   const rows = names.map((name) => ({ phase: name, ...Object.fromEntries(keys.map((k) => [k, median(samples[name].map((s) => s[k]))])) }));
   const mig = rows[1];
   const migration = Object.fromEntries(['inTransitPct', 'pagesMoved', 'copiedMBps'].map((k) => [k, median(samples.migrating.map((s) => s[k]))]));
+  const split = (group) => Object.fromEntries(['requests', 'p50Us', 'p99Us', 'maxUs'].map((k) => [k, median(samples.migrating.map((s) => s[group][k] ?? 0))]));
+  migration.onMovingPages = split('onMovingPages');
+  migration.onOtherPages = split('onOtherPages');
+  const coresOf = (name) => ({ peers: median(samples[name].map((s) => s.cores.peers)), clients: median(samples[name].map((s) => s.cores.clients)) });
+  const cores = { idle: coresOf('idle'), migrating: coresOf('migrating'), tgt: coresOf('tgt') };
   const ratio = mig.p99Us / rows[0].p99Us;
   console.log('');
   console.log(`${'4 KiB random write, QD' + args.depth}`.padEnd(24) + ['p50 µs', 'p90 µs', 'p99 µs', 'max µs', 'IOPS'].map((h) => h.padStart(9)).join(''));
   for (const r of rows) console.log(`${r.phase === 'tgt' ? 'tgt (idle)' : `peersan ${r.phase}`}`.padEnd(24) + keys.map((k) => String(r[k]).padStart(9)).join(''));
   console.log(`migrating: a page in transit ${migration.inTransitPct}% of the time, ${migration.pagesMoved} pages (${pageMib} MiB each) moved per ${args.seconds} s phase, ${migration.copiedMBps} MB/s copied (default rate 64 MB/s per source peer); idle phases saw ${samples.idle.map((s) => s.pagesMoved).join('/')} moves`);
+  const { onMovingPages: mv, onOtherPages: ot } = migration;
+  console.log(`migrating, by the page written: to a page in transit ${mv.requests} writes, p50 ${mv.p50Us} µs, p99 ${mv.p99Us} µs, max ${mv.maxUs} µs; to other pages ${ot.requests} writes, p50 ${ot.p50Us} µs, p99 ${ot.p99Us} µs`);
+  console.log(`cores busy (of ${os.cpus().length}): idle peers ${cores.idle.peers} + clients ${cores.idle.clients}; migrating peers ${cores.migrating.peers} + clients ${cores.migrating.clients} (incl. the page move CLIs); tgt run: peers ${cores.tgt.peers} + clients ${cores.tgt.clients}`);
+  for (const name of ['idle', 'migrating']) {
+    const per = pc.peers.map((p, j) => {
+      const m = (k) => median(samples[name].map((s) => s.pauses[j][k]));
+      return `${p.id} ${m('gcMsPerSec')} ms/s (major ${m('majorGcsPerSec')}/s, ${m('majorGcMsPerSec')} ms/s), longest ${m('gcMaxMs')} ms, loop delay max ${m('loopDelayMaxMs')} ms`;
+    });
+    console.log(`GC pauses ${name.padEnd(9)}: ${per.join('; ')}`);
+  }
   console.log(`p99 migrating / idle = ${ratio.toFixed(2)} (aim ≤ 2): ${ratio <= 2 ? 'met' : 'NOT met'};  peersan idle p99 / tgt p99 = ${(rows[0].p99Us / rows[2].p99Us).toFixed(2)}`);
   if (failures.length > 0) console.log(`page moves that failed: ${failures.length}; first: ${failures[0]}`);
   const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version };
@@ -408,7 +487,7 @@ async function main() {
   const dir = path.join(__dirname, 'results');
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `migration-latency-${Date.now()}.json`);
-  fs.writeFileSync(file, JSON.stringify({ args, machine, rows, ratio, migration, samples, moves, failures }, null, 2));
+  fs.writeFileSync(file, JSON.stringify({ args, machine, rows, ratio, migration, cores, samples, moves, failures }, null, 2));
   console.log(`results: ${path.relative(process.cwd(), file)}`);
 }
 
@@ -425,9 +504,13 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
     process.exit(130);
   });
 }
-main()
-  .catch((err) => {
-    console.error(`bench failed: ${err.message}`);
-    process.exitCode = 1;
-  })
-  .finally(cleanup);
+if (require.main === module) {
+  main()
+    .catch((err) => {
+      console.error(`bench failed: ${err.message}`);
+      process.exitCode = 1;
+    })
+    .finally(cleanup);
+}
+// For one-off experiments (profiling a move): the group, the host and the log readers.
+module.exports = { args, work, run, startPeersan, startTgt, hostWrites, summarize, movesFromLogs, cleanup, peersanBin };
