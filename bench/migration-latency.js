@@ -36,6 +36,11 @@
 // Rejected: iscsi-perf (IOPS only), qemu-img bench (total time only), fio (Debian's build has
 // no libiscsi engine; no kernel initiator in a container).
 //
+// Also printed, to explain what the percentiles show: the writes of the migrating phase split
+// by whether their page was in transit when they completed; the CPU the peers and the clients
+// used per phase (/proc); and per peer, V8 GC pauses and event-loop delay, from a probe the
+// bench loads into each peer process (bench/peer-probe.js, via NODE_OPTIONS=--require).
+//
 // Needs root (tgtd), etcd, qemu-io/qemu-img with the iscsi driver, stdbuf. Results also go to
 // bench/results/migration-latency-<time>.json (bench/results is git-ignored).
 'use strict';
