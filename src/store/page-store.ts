@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
 import { ClosedError, InvalidArgumentError, ReadOnlyError } from '../errors';
-import { grainBytes, pageBlocks } from '../limits';
+import { grainBytes, pageBlocks, storeReserveAheadSlots } from '../limits';
 import { DataFile } from './data-file';
 import { noException, VolumeLayers, layerPrefix, type LayerOp } from './layers';
 import { SharedLock } from './shared-lock';
@@ -190,6 +190,8 @@ export class StoreVolume implements BlockBackend {
   private readonly freeSlots: number[] = [];
   /** Slots at or past this index have never been written: the file is a hole there. */
   private slotHighWater: number;
+  /** The file is at least this many slots long (see reserveAhead). */
+  private reservedSlots: number;
   /** Distinct slots referenced by live or by a snapshot. */
   private usedSlots = 0;
   /** Grains whose new slot is being filled (global grain index). */
@@ -208,6 +210,7 @@ export class StoreVolume implements BlockBackend {
     this.grainBlocks = grainBytes / geometry.blockBytes;
     this.grainsPerPage = (pageBlocks * geometry.blockBytes) / grainBytes;
     this.slotHighWater = slotHighWater;
+    this.reservedSlots = slotHighWater;
     this.layers = new VolumeLayers(volumeId, this.grainsPerPage);
   }
 
@@ -278,7 +281,21 @@ export class StoreVolume implements BlockBackend {
   private takeSlot(): { slot: number; reused: boolean } {
     this.usedSlots++;
     if (this.freeSlots.length > 0) return { slot: this.freeSlots.pop()!, reused: true };
+    if (this.slotHighWater + storeReserveAheadSlots / 2 >= this.reservedSlots) this.reserveAhead();
     return { slot: this.slotHighWater++, reused: false };
+  }
+
+  /**
+   * Grow the file (sparse) well past the slots in use, so new slots are written inside the
+   * file: a write that extends a file while reads of it run is an order of magnitude slower
+   * (measured on ext4: 64 KiB read+copy into new slots, 3.9k/s extending vs 21k/s inside).
+   * One zero byte at the new end: a write never shrinks the file, so no ordering with writes
+   * in flight is needed, and the slots in between stay holes (zeros). Only a hint: errors are
+   * ignored (the slot writes themselves report a full disk).
+   */
+  private reserveAhead(): void {
+    this.reservedSlots = this.slotHighWater + storeReserveAheadSlots;
+    this.file.write(Buffer.alloc(1), 0, 1, this.reservedSlots * grainBytes - 1).catch(() => undefined);
   }
 
   /** Slots whose last reference is gone: call only once the maps without them are durable. */
