@@ -1,20 +1,25 @@
 // The peer's local store of volume data.
 //
 // Layout: one data file per volume (`vol-<id>.dat`) cut into slots of limits.grainBytes; per
-// page, a grain map (grain within the page → slot, or -1 = never written / unmapped, reads as
-// zeros). Maps live in memory and in LevelDB (`map/<volumeId>/<page>`). Slots not referenced
-// by any map are free and get reused.
+// page, a live grain map (grain within the page → slot, or -1 = never written / unmapped,
+// reads as zeros; and the epoch each grain was born in, for copy-on-write). Maps live in
+// memory and in LevelDB (`map/<volumeId>/<page>`). Snapshot layers (records, epochs, per
+// snapshot exception maps) are described in layers.ts; slots are referenced by live and by
+// exceptions, and a slot no layer references is free and gets reused.
 //
 // Ordering rules:
 // - A write is acknowledged once its data and the map that points to it were handed to the
 //   OS (they survive kill -9). FUA and flush() fdatasync the data file BEFORE syncing the
 //   LevelDB log, so a durable map never points at data that is not durable.
-// - An unmapped grain's slot is reused only after the map without it is durable, so a crash
-//   never makes an unmapped grain show another grain's data.
-// - Unmap and compare-and-write take the volume exclusively; reads and writes share it.
-//
-// Later: snapshot layers put a stack of maps per page (copy-on-write at grain size), and
-// page migration copies a page's mapped grains; both fit this map-of-slots shape.
+// - A map is never handed to LevelDB pointing at a slot still being filled (grains being
+//   allocated or copied are persisted as they were before; see persistPages).
+// - Copy-on-write never writes into a slot a snapshot references: the new data goes to a new
+//   slot, the old slot becomes the snapshot's exception, persisted in the same batch as the
+//   live map that stops pointing at it (or earlier).
+// - An unmapped or released slot is reused only after the maps without it are durable, so a
+//   crash never makes a grain show another grain's data.
+// - Unmap, compare-and-write, snapshot, delete, restore and page import/export take the volume
+//   exclusively; reads and writes share it.
 
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
