@@ -349,9 +349,19 @@ export class StoreVolume implements BlockBackend {
         map[this.grainsPerPage + grain - first] = a.prevBorn;
       }
     }
-    // A page with nothing mapped needs no record: born is then read as 0, which is always safe (see layers.ts).
-    for (let i = 0; i < this.grainsPerPage; i++) if (map[i] >= 0) return { type: 'put', key, value: Buffer.from(map.buffer) };
-    return { type: 'del', key };
+    // Only born > the newest snapshot's epoch tells anything (older ones all mean "shared"); a
+    // born of 0 is always safe (see layers.ts). So without snapshots, or when no grain was
+    // born since the newest, the record is slots only, as small as before layers.
+    const newest = this.layers.newestEpoch;
+    let mapped = false;
+    let bornNeeded = false;
+    for (let i = 0; i < this.grainsPerPage; i++) {
+      if (map[i] >= 0) mapped = true;
+      if (newest >= 0 && map[this.grainsPerPage + i] > newest) bornNeeded = true;
+    }
+    // A page with nothing mapped needs no record.
+    if (!mapped) return { type: 'del', key };
+    return { type: 'put', key, value: Buffer.from(map.buffer, 0, (bornNeeded ? 2 : 1) * this.grainsPerPage * 4) };
   }
 
   private check(lba: number, blocks: number): void {
