@@ -65,6 +65,8 @@ export const prRegistrationsMax = 256;
 
 /** Snapshots one volume may have on a peer: every read of an old snapshot walks the newer ones. */
 export const snapshotsPerVolumeMax = 256;
+/** New slots the store keeps inside its data file ahead of use (sparse; see StoreVolume.reserveAhead). */
+export const storeReserveAheadSlots = 4096;
 /** A snapshot id as the store records it. */
 export const snapshotIdBytesMax = 128;
 

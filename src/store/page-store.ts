@@ -1,27 +1,32 @@
 // The peer's local store of volume data.
 //
 // Layout: one data file per volume (`vol-<id>.dat`) cut into slots of limits.grainBytes; per
-// page, a grain map (grain within the page → slot, or -1 = never written / unmapped, reads as
-// zeros). Maps live in memory and in LevelDB (`map/<volumeId>/<page>`). Slots not referenced
-// by any map are free and get reused.
+// page, a live grain map (grain within the page → slot, or -1 = never written / unmapped,
+// reads as zeros; and the epoch each grain was born in, for copy-on-write). Maps live in
+// memory and in LevelDB (`map/<volumeId>/<page>`). Snapshot layers (records, epochs, per
+// snapshot exception maps) are described in layers.ts; slots are referenced by live and by
+// exceptions, and a slot no layer references is free and gets reused.
 //
 // Ordering rules:
 // - A write is acknowledged once its data and the map that points to it were handed to the
 //   OS (they survive kill -9). FUA and flush() fdatasync the data file BEFORE syncing the
 //   LevelDB log, so a durable map never points at data that is not durable.
-// - An unmapped grain's slot is reused only after the map without it is durable, so a crash
-//   never makes an unmapped grain show another grain's data.
-// - Unmap and compare-and-write take the volume exclusively; reads and writes share it.
-//
-// Later: snapshot layers put a stack of maps per page (copy-on-write at grain size), and
-// page migration copies a page's mapped grains; both fit this map-of-slots shape.
+// - A map is never handed to LevelDB pointing at a slot still being filled (grains being
+//   allocated or copied are persisted as they were before; see persistPages).
+// - Copy-on-write never writes into a slot a snapshot references: the new data goes to a new
+//   slot, the old slot becomes the snapshot's exception, persisted in the same batch as the
+//   live map that stops pointing at it (or earlier).
+// - An unmapped or released slot is reused only after the maps without it are durable, so a
+//   crash never makes a grain show another grain's data.
+// - Unmap, compare-and-write, snapshot, delete, restore and page import/export take the volume
+//   exclusively; reads and writes share it.
 
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
 import { ClosedError, InvalidArgumentError, ReadOnlyError } from '../errors';
-import { grainBytes, pageBlocks } from '../limits';
+import { grainBytes, pageBlocks, storeReserveAheadSlots } from '../limits';
 import { DataFile } from './data-file';
 import { noException, VolumeLayers, layerPrefix, type LayerOp } from './layers';
 import { SharedLock } from './shared-lock';
@@ -190,6 +195,8 @@ export class StoreVolume implements BlockBackend {
   private readonly freeSlots: number[] = [];
   /** Slots at or past this index have never been written: the file is a hole there. */
   private slotHighWater: number;
+  /** The file is at least this many slots long (see reserveAhead). */
+  private reservedSlots: number;
   /** Distinct slots referenced by live or by a snapshot. */
   private usedSlots = 0;
   /** Grains whose new slot is being filled (global grain index). */
@@ -208,6 +215,7 @@ export class StoreVolume implements BlockBackend {
     this.grainBlocks = grainBytes / geometry.blockBytes;
     this.grainsPerPage = (pageBlocks * geometry.blockBytes) / grainBytes;
     this.slotHighWater = slotHighWater;
+    this.reservedSlots = slotHighWater;
     this.layers = new VolumeLayers(volumeId, this.grainsPerPage);
   }
 
@@ -278,7 +286,21 @@ export class StoreVolume implements BlockBackend {
   private takeSlot(): { slot: number; reused: boolean } {
     this.usedSlots++;
     if (this.freeSlots.length > 0) return { slot: this.freeSlots.pop()!, reused: true };
+    if (this.slotHighWater + storeReserveAheadSlots / 2 >= this.reservedSlots) this.reserveAhead();
     return { slot: this.slotHighWater++, reused: false };
+  }
+
+  /**
+   * Grow the file (sparse) well past the slots in use, so new slots are written inside the
+   * file: a write that extends a file while reads of it run is an order of magnitude slower
+   * (measured on ext4: 64 KiB read+copy into new slots, 3.9k/s extending vs 21k/s inside).
+   * One zero byte at the new end: a write never shrinks the file, so no ordering with writes
+   * in flight is needed, and the slots in between stay holes (zeros). Only a hint: errors are
+   * ignored (the slot writes themselves report a full disk).
+   */
+  private reserveAhead(): void {
+    this.reservedSlots = this.slotHighWater + storeReserveAheadSlots;
+    this.file.write(Buffer.alloc(1), 0, 1, this.reservedSlots * grainBytes - 1).catch(() => undefined);
   }
 
   /** Slots whose last reference is gone: call only once the maps without them are durable. */
@@ -327,9 +349,19 @@ export class StoreVolume implements BlockBackend {
         map[this.grainsPerPage + grain - first] = a.prevBorn;
       }
     }
-    // A page with nothing mapped needs no record: born is then read as 0, which is always safe (see layers.ts).
-    for (let i = 0; i < this.grainsPerPage; i++) if (map[i] >= 0) return { type: 'put', key, value: Buffer.from(map.buffer) };
-    return { type: 'del', key };
+    // Only born > the newest snapshot's epoch tells anything (older ones all mean "shared"); a
+    // born of 0 is always safe (see layers.ts). So without snapshots, or when no grain was
+    // born since the newest, the record is slots only, as small as before layers.
+    const newest = this.layers.newestEpoch;
+    let mapped = false;
+    let bornNeeded = false;
+    for (let i = 0; i < this.grainsPerPage; i++) {
+      if (map[i] >= 0) mapped = true;
+      if (newest >= 0 && map[this.grainsPerPage + i] > newest) bornNeeded = true;
+    }
+    // A page with nothing mapped needs no record.
+    if (!mapped) return { type: 'del', key };
+    return { type: 'put', key, value: Buffer.from(map.buffer, 0, (bornNeeded ? 2 : 1) * this.grainsPerPage * 4) };
   }
 
   private check(lba: number, blocks: number): void {
