@@ -188,6 +188,12 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     await page.waitForSelector('#events li[data-kind="page-moved"]');
     t.match(await page.locator('#events li[data-kind="page-moved"]').first().innerText(), /page 0 of web moved from p1 to p2/, 'the event says what moved');
     t.match(await page.locator('#migrations').innerText(), /No page is moving/, 'nothing left in flight');
+    await page.fill('#snapshot-form input[name=name]', 'nightly');
+    await page.click('#snapshot-form button[type=submit]');
+    await page.waitForSelector('#snapshot-result:has-text("snapshot nightly taken")');
+    await page.waitForSelector('#snapshots li:has-text("nightly")');
+    t.match(await page.locator('#snapshots').innerText(), /nightly · .* · barrier · hosts held [\d.]+ ms · iqn\.2026-11\.io\.peersan:web\.nightly/, 'the snapshot is listed with its hold time and target');
+    await page.waitForSelector('#events li[data-kind="snapshot"]');
     await shot(page, '05-volume');
   });
 

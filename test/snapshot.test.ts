@@ -39,27 +39,35 @@ function stamp(chain: number, seq: number): Buffer {
   return b;
 }
 
+/** Where a chain writes: one page of one volume, through one peer's router. */
+interface Lane {
+  volume: string;
+  page: number;
+  router: VolumeRouter;
+}
+
 interface Write {
   seq: number;
-  page: number;
+  lane: number;
   slot: number;
 }
 
-/** One chain: writes numbered 1, 2, …, each after the previous one's acknowledgement. */
+/** One chain: writes numbered 1, 2, …, each after the previous one's acknowledgement, lane after lane. */
 class Chain {
   readonly writes: Write[] = [];
   acked = 0;
   private stopping = false;
   private loop: Promise<void> | undefined;
 
-  constructor(readonly id: number, private readonly pages: number[], private readonly routers: VolumeRouter[]) {}
+  constructor(readonly id: number, readonly lanes: Lane[]) {}
 
   start(): void {
     this.loop = (async () => {
       for (let seq = 1; !this.stopping && seq < 1_000_000; seq++) {
-        const w = { seq, page: this.pages[seq % this.pages.length], slot: Math.floor(Math.random() * slotsPerPage) };
+        const w = { seq, lane: seq % this.lanes.length, slot: Math.floor(Math.random() * slotsPerPage) };
         this.writes.push(w);
-        await this.routers[seq % this.routers.length].write(slotLba(w.page, w.slot), stamp(this.id, seq));
+        const lane = this.lanes[w.lane];
+        await lane.router.write(slotLba(lane.page, w.slot), stamp(this.id, seq));
         this.acked = seq;
       }
     })();
@@ -70,31 +78,32 @@ class Chain {
     await this.loop;
   }
 
-  /** What a consistent cut holding writes 1..n of this chain has in each slot ("page/slot" → seq). */
+  /** What a consistent cut holding writes 1..n of this chain has in each slot ("lane/slot" → seq). */
   expectedUpTo(n: number): Map<string, number> {
     const m = new Map<string, number>();
-    for (const w of this.writes) if (w.seq <= n) m.set(`${w.page}/${w.slot}`, w.seq);
+    for (const w of this.writes) if (w.seq <= n) m.set(`${w.lane}/${w.slot}`, w.seq);
     return m;
   }
 }
 
-/** Read the chain's slots from a snapshot and judge the cut: undefined if consistent, else why. */
-async function judge(read: (lba: number, blocks: number) => Promise<Buffer>, chain: Chain, ackedBefore: number, pages: number[]): Promise<string | undefined> {
+type Reader = (volume: string, lba: number, blocks: number) => Promise<Buffer>;
+
+/** Read the chain's slots from a snapshot (of each of its volumes) and judge the cut: undefined if consistent, else why. */
+async function judge(read: Reader, chain: Chain, ackedBefore: number): Promise<string | undefined> {
   const found = new Map<string, number>();
-  for (const page of pages) {
-    const data = await read(slotLba(page, 0), slotsPerPage * slotBlocks);
+  for (const [k, lane] of chain.lanes.entries()) {
+    const data = await read(lane.volume, slotLba(lane.page, 0), slotsPerPage * slotBlocks);
     for (let slot = 0; slot < slotsPerPage; slot++) {
       const at = slot * slotBlocks * bs;
       const c = data.readUInt32BE(at);
       const seq = data.readUInt32BE(at + 4);
-      if (seq !== 0 && c !== chain.id) return `slot ${page}/${slot} holds chain ${c}'s data`;
-      if (seq !== 0) found.set(`${page}/${slot}`, seq);
+      if (seq !== 0 && c !== chain.id) return `slot ${lane.volume}:${lane.page}/${slot} holds chain ${c}'s data`;
+      if (seq !== 0) found.set(`${k}/${slot}`, seq);
     }
   }
   const newest = Math.max(0, ...found.values());
   if (newest < ackedBefore) return `write ${ackedBefore} was acknowledged before the snapshot began, but the newest write in it is ${newest}`;
-  const expected = chain.expectedUpTo(newest);
-  for (const [slot, seq] of expected) {
+  for (const [slot, seq] of chain.expectedUpTo(newest)) {
     if ((found.get(slot) ?? 0) !== seq) return `holds write ${newest} of chain ${chain.id} but slot ${slot} has write ${found.get(slot) ?? 0}, not ${seq}`;
   }
   return undefined;
@@ -109,11 +118,15 @@ async function routersOf(g: Group, volume: string): Promise<VolumeRouter[]> {
   throw new Error('volume not open everywhere');
 }
 
-/** Take `rounds` snapshots while the chains write; count the inconsistent ones. */
-async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volume: string, rounds: number): Promise<{ violations: string[]; held: number[] }> {
-  const routers = await routersOf(g, volume);
-  // Chain c writes pages 3c, 3c+1, 3c+2 (owned by p1, p2, p3), through p1's, p2's and p3's routers in turn.
-  const chains = [0, 1, 2].map((c) => new Chain(c + 1, [3 * c, 3 * c + 1, 3 * c + 2], [routers[c % 3], routers[(c + 1) % 3], routers[(c + 2) % 3]]));
+/**
+ * Take `rounds` snapshots (of one volume, or of several as a consistency group) while three
+ * chains write; return the inconsistent cuts found. Chain c writes pages 3c, 3c+1, 3c+2
+ * (owned by p1, p2, p3) of each volume in turn, each lane through a different peer's router.
+ */
+async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volumes: string[], rounds: number): Promise<{ violations: string[]; held: number[] }> {
+  const routers = new Map<string, VolumeRouter[]>();
+  for (const v of volumes) routers.set(v, await routersOf(g, v));
+  const chains = [0, 1, 2].map((c) => new Chain(c + 1, volumes.flatMap((v, vi) => [0, 1, 2].map((k) => ({ volume: v, page: 3 * c + k, router: routers.get(v)![(c + k + vi) % 3] })))));
   for (const c of chains) c.start();
   const violations: string[] = [];
   const held: number[] = [];
@@ -122,14 +135,15 @@ async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volu
       await new Promise((r) => setTimeout(r, 5 + Math.random() * 20));
       const ackedBefore = chains.map((c) => c.acked);
       const coordinator = g.peer(['p1', 'p2', 'p3'][i % 3]);
-      const [snap] = await coordinator.createSnapshots([volume], { name: `s${i}` });
-      held.push(snap.heldMs);
-      const reader = await readerOf(g, 'p2', volume, `s${i}`);
+      const made = await coordinator.createSnapshots(volumes, { name: `s${i}`, group: volumes.length > 1 ? 'g' : undefined });
+      held.push(made[0].heldMs);
+      const readers = new Map<string, { read(lba: number, blocks: number): Promise<Buffer> }>();
+      for (const v of volumes) readers.set(v, await readerOf(g, 'p2', v, `s${i}`));
       for (const [k, c] of chains.entries()) {
-        const why = await judge((lba, blocks) => reader.read(lba, blocks), c, ackedBefore[k], [3 * k, 3 * k + 1, 3 * k + 2]);
+        const why = await judge((v, lba, blocks) => readers.get(v)!.read(lba, blocks), c, ackedBefore[k]);
         if (why) violations.push(`snapshot s${i}: ${why}`);
       }
-      await coordinator.deleteSnapshot(volume, `s${i}`);
+      for (const v of volumes) await coordinator.deleteSnapshot(v, `s${i}`);
     }
   } finally {
     for (const c of chains) await c.stop();
@@ -147,19 +161,21 @@ async function readerOf(g: Group, peer: string, volume: string, name: string) {
   throw new Error(`snapshot ${name} not visible on ${peer}`);
 }
 
-t.test('barrier snapshots are consistent cuts; an uncoordinated freeze is caught by the same checker', async (t) => {
+t.test('barrier snapshots are consistent cuts (one volume, and a group of two); an uncoordinated freeze is caught by the same checker', async (t) => {
   const g = await startGroup(t, 3);
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  // A fresh volume for each run: the checker assumes slots start empty.
+  for (const name of ['vol', 'vol2', 'vol3', 'vol4']) await g.peer('p1').createVolume({ name, size: '48M' });
   for (const id of ['p1', 'p2', 'p3']) g.peer(id).forwardDelayMsForTests = 4;
 
-  const barrier = await checkerRun(t, g, 'vol', 50);
-  t.same(barrier.violations, [], 'no inconsistent cut in 50 barrier snapshots');
-  const sorted = [...barrier.held].sort((a, b) => a - b);
+  const one = await checkerRun(t, g, ['vol'], 50);
+  t.same(one.violations, [], 'no inconsistent cut in 50 barrier snapshots of one volume');
+  const sorted = [...one.held].sort((a, b) => a - b);
   t.comment(`hosts held per snapshot: median ${sorted[25]} ms, max ${sorted[49]} ms`);
+  const group = await checkerRun(t, g, ['vol2', 'vol3'], 50);
+  t.same(group.violations, [], 'no inconsistent cut in 50 barrier snapshots of a group of two volumes (chains cross both)');
 
   for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.uncoordinated = true;
-  await g.peer('p1').createVolume({ name: 'vol2', size: '48M' });
-  const loose = await checkerRun(t, g, 'vol2', 50);
+  const loose = await checkerRun(t, g, ['vol4'], 50);
   const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
   t.ok(bad > 0, `the checker finds inconsistent cuts without the barrier (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
 });
@@ -199,4 +215,35 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
   await g.peer('p1').deleteSnapshot('vol', 'before');
   for (let i = 0; i < 100 && g.peer('p2').targetsForTests.find(snap.targetName); i++) await new Promise((r) => setTimeout(r, 20));
   t.equal(g.peer('p2').targetsForTests.find(snap.targetName), undefined, 'deleted: the target is gone');
+});
+
+t.test('restore, clone and schedules', { skip: tools ? false : 'qemu-img/qemu-io not installed' }, async (t) => {
+  const g = await startGroup(t, 3);
+  await g.peer('p1').createVolume({ name: 'db', size: '24M' });
+  const first = join(g.dir, 'first.img');
+  writeFileSync(first, randomBytes(24 * 1024 * 1024));
+  await qemuImg(['convert', '-n', '-f', 'raw', '-O', 'raw', first, g.url('p1', 'db')]);
+  await g.peer('p2').createSnapshots(['db'], { name: 'first' });
+  t.ok((await qemuIo(g.url('p2', 'db'), 'write -P 0x77 4M 12M')).ok, 'the volume changes after the snapshot');
+
+  const clone = await g.peer('p3').cloneSnapshot('db', 'first', 'db-copy');
+  t.equal(clone.sizeBytes, 24 * 1024 * 1024);
+  t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p1', 'db-copy')]), /Images are identical/, 'the clone holds the snapshot\'s data');
+  t.ok((await qemuIo(g.url('p1', 'db-copy'), 'write -P 0x11 0 1M')).ok, 'the clone is writable');
+  t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p2', 'db').replace(':db/0', ':db.first/0')]), /Images are identical/, 'writing the clone leaves the snapshot as it was');
+  t.ok((await qemuIo(g.url('p3', 'db'), 'read -P 0x77 4M 12M')).ok, 'and the origin volume as it was');
+
+  await t.rejects(g.peer('p1').restoreSnapshot('db', 'nope', false), /no snapshot named nope/);
+  const restored = await g.peer('p1').restoreSnapshot('db', 'first', false);
+  t.ok(restored.copiedBytes >= 24 * 1024 * 1024 - 64 * 1024, `restored (${restored.copiedBytes} bytes copied)`);
+  t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p3', 'db')]), /Images are identical/, 'the volume is back at the snapshot');
+
+  await g.peer('p2').scheduleSnapshots('db', '1s', 2);
+  await new Promise((r) => setTimeout(r, 4_500));
+  const autos = (await g.peer('p3').listSnapshots('db')).filter((s) => s.name.startsWith('auto-'));
+  t.equal(autos.length, 2, `the schedule keeps the newest 2 (${autos.map((s) => s.name).join(', ')})`);
+  await g.peer('p2').scheduleSnapshots('db', 'off', 0);
+  const after = (await g.peer('p3').listSnapshots('db')).length;
+  await new Promise((r) => setTimeout(r, 2_000));
+  t.equal((await g.peer('p3').listSnapshots('db')).length, after, 'no more after the schedule is removed');
 });

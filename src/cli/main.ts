@@ -364,6 +364,31 @@ export function buildProgram(): Command {
     out(g(), { deleted: { volume, name } }, () => `deleted snapshot ${name} of ${volume}`);
   });
 
+  snapshot
+    .command('restore <volume> <name>')
+    .description('roll a volume back to a snapshot (hosts get a unit attention)')
+    .option('--force', 'even while hosts are logged in (they see the data change under them)')
+    .action(async (volume: string, name: string, o: { force?: boolean }) => {
+      const r = await withClient(g(), (c) => c.restoreSnapshot(volume, name, o.force === true));
+      out(g(), r, () => `volume ${volume} restored from snapshot ${name} (${formatBytes(r.copiedBytes)} copied, ${formatBytes(r.unmappedBytes)} deallocated)`);
+    });
+  snapshot
+    .command('schedule <volume>')
+    .description('take snapshots on a schedule, keeping the newest N (auto-<time>)')
+    .requiredOption('--every <period>', 'e.g. 15m, 1h, 1d, or "off" to stop')
+    .option('--keep <n>', 'scheduled snapshots to keep', '24')
+    .action(async (volume: string, o: { every: string; keep: string }) => {
+      const r = await withClient(g(), (c) => c.scheduleSnapshots(volume, o.every, parseCount(o.keep, '--keep')));
+      out(g(), r, () => (r.everyMs === 0 ? `snapshot schedule of ${volume} removed` : `volume ${volume}: a snapshot every ${o.every}, keeping the newest ${r.keep}`));
+    });
+  program
+    .command('clone <volume> <snapshot> <newVolume>')
+    .description('a new writable volume with the snapshot\'s data')
+    .action(async (volume: string, name: string, newVolume: string) => {
+      const v = await withClient(g(), (c) => c.cloneSnapshot(volume, name, newVolume));
+      out(g(), v, () => `cloned snapshot ${name} of ${volume} into volume ${v.name} (${formatBytes(v.sizeBytes)}), target ${v.targetName}`);
+    });
+
   program.command('migrations').description('page moves in flight on every peer, with progress').action(async () => {
     const r = await withClient(g(), (c) => c.migrations());
     out(g(), r, () => migrationsText(r));

@@ -67,6 +67,9 @@ export interface AdminApi {
   createSnapshots(volumes: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]>;
   listSnapshots(volume: string): Promise<SnapshotView[]>;
   deleteSnapshot(volume: string, name: string): Promise<void>;
+  restoreSnapshot(volume: string, name: string, force: boolean): Promise<{ copiedBytes: number; unmappedBytes: number }>;
+  cloneSnapshot(volume: string, name: string, newName: string): Promise<VolumeView>;
+  scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }>;
   migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
   // Load monitoring and balancing (src/loadmon).
   top(pages: number): Promise<TopReply>;
@@ -133,6 +136,9 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     createSnapshot: wrap('createSnapshot', async (r) => ({ snapshots: await api.createSnapshots(r.volumes ?? [], { name: r.name || undefined, mode: (r.mode || undefined) as SnapshotMode | undefined, group: r.group || undefined }) })),
     listSnapshots: wrap('listSnapshots', async (r) => ({ snapshots: await api.listSnapshots(r.name) })),
     deleteSnapshot: wrap('deleteSnapshot', (r) => api.deleteSnapshot(r.volume, r.name)),
+    restoreSnapshot: wrap('restoreSnapshot', (r) => api.restoreSnapshot(r.volume, r.name, r.force === true)),
+    cloneSnapshot: wrap('cloneSnapshot', (r) => api.cloneSnapshot(r.volume, r.name, r.newVolume)),
+    scheduleSnapshots: wrap('scheduleSnapshots', (r) => api.scheduleSnapshots(r.volume, r.every, r.keep)),
     cancelMove: wrap('cancelMove', (r) => api.cancelMove(r.volume, r.page)),
     migrations: wrap('migrations', () => api.migrations()),
     top: wrap('top', (r) => api.top(r.pages || 16)),
@@ -213,6 +219,15 @@ export class AdminClient {
   }
   async deleteSnapshot(volume: string, name: string): Promise<void> {
     await this.call('deleteSnapshot', { volume, name });
+  }
+  restoreSnapshot(volume: string, name: string, force: boolean): Promise<{ copiedBytes: number; unmappedBytes: number }> {
+    return this.call('restoreSnapshot', { volume, name, force }, 3_600_000);
+  }
+  cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeView> {
+    return this.call('cloneSnapshot', { volume, name, newVolume }, 3_600_000);
+  }
+  scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
+    return this.call('scheduleSnapshots', { volume, every, keep });
   }
   async cancelMove(volume: string, page: number): Promise<void> {
     await this.call('cancelMove', { volume, page });

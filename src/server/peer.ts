@@ -26,6 +26,11 @@ import { Migrator, type MoveInfo } from '../migration/migrator';
 import { listSnapshotRecords, type SnapshotMode } from '../snapshot/records';
 import { prepareMsMax, SnapshotService, viewOf, type SnapshotView } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
+import { copyInto } from '../snapshot/copy';
+import { parseEvery, removeSchedule, setSchedule, SnapshotScheduler } from '../snapshot/schedule';
+import { everyNexus } from '../scsi/reservations';
+import { Asc } from '../scsi/sense';
+import type { BlockBackend } from '../store/types';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type BlockSender, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
@@ -78,6 +83,7 @@ export class PeerServer implements AdminApi {
   private migrator!: Migrator;
   private snapshots!: SnapshotService;
   private snapshotTargets!: SnapshotTargets;
+  private scheduler: SnapshotScheduler | undefined;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private readonly links = new Map<string, PeerLink>();
@@ -190,6 +196,17 @@ export class PeerServer implements AdminApi {
     });
     await this.targets.follow();
     await this.snapshotTargets.follow();
+    this.scheduler = new SnapshotScheduler({
+      self, catalog: this.catalog, log: this.log,
+      // The first peer of the group that is up runs the schedules (gossip says who is up).
+      isRunner: () => {
+        const stale = new Set((this.load?.peerLoads() ?? []).filter((p) => p.stale).map((p) => p.id));
+        return groupPeers.find((p) => p === self || !stale.has(p)) === self;
+      },
+      take: async (volume, name) => void (await this.snapshots.create([volume], { name })),
+      list: async (volume) => (await this.listSnapshots(volume)).map((x) => x.name),
+      remove: (volume, name) => this.snapshots.delete(volume, name),
+    });
     // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
     await this.migrator.recover();
     const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
@@ -225,6 +242,7 @@ export class PeerServer implements AdminApi {
     await this.portal.listen();
     this.http = await HttpConsole.start({ address: this.peer.http, self, adminToken: this.config.adminToken, api: this, events: this.events, metrics: this.metrics, log: this.log });
     load.start();
+    this.scheduler.start();
     this.hostBalance?.start();
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: groupPeers.length, catalog: this.config.catalog.backend, volumes: this.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
@@ -300,6 +318,7 @@ export class PeerServer implements AdminApi {
       for (const c of this.rpcClients.values()) c.close();
       this.targets?.close();
       this.snapshotTargets?.close();
+      this.scheduler?.stop();
       this.catalog?.close();
       if (this.store) await this.store.close();
       if (this.meta && this.meta !== this.sharedMeta) await this.meta.close();
@@ -527,6 +546,58 @@ export class PeerServer implements AdminApi {
 
   deleteSnapshot(volume: string, name: string): Promise<void> {
     return this.snapshots.delete(volume, name);
+  }
+
+  private snapshotReader(volume: string, name: string): BlockBackend {
+    const v = this.catalog.require(volume);
+    const reader = this.snapshotTargets.reader(v.name, name);
+    if (!reader) throw new NotFoundError(`volume ${volume} has no snapshot named ${name}`);
+    return reader;
+  }
+
+  /**
+   * Roll the volume back to the snapshot: its data is copied over the live volume through the
+   * routers (wherever pages live now), then every host path gets a unit attention (29/00).
+   * Refused while hosts are logged in, unless forced (they see the data change under them).
+   */
+  async restoreSnapshot(volume: string, name: string, force: boolean): Promise<{ copiedBytes: number; unmappedBytes: number }> {
+    const reader = this.snapshotReader(volume, name);
+    const v = this.catalog.require(volume);
+    const { peers } = await this.status();
+    const sessions = peers.flatMap((p) => p.sessions.filter((s) => s.targetName === targetNameFor(v.name)));
+    if (sessions.length > 0 && !force) throw new InvalidArgumentError(`volume ${volume} has ${sessions.length} session(s) logged in; log them out first or use --force`);
+    const router = this.targets.routerFor(v.name);
+    if (!router) throw new PeersanError(`volume ${volume} is not open on ${this.peer.id} yet`);
+    const t0 = performance.now();
+    const done = await copyInto(reader, router);
+    await router.flush();
+    await this.targets.reservationsOf(v.id)?.announce([[everyNexus, Asc.powerOnReset]]);
+    this.addEvent('snapshot', `volume ${volume} restored from snapshot ${name} (${formatBytes(done.copiedBytes)} copied in ${Math.round(performance.now() - t0)} ms)`, { volume, peer: this.peer.id });
+    this.log.info({ volume, name, ...done }, 'volume restored from a snapshot');
+    return done;
+  }
+
+  /** A new writable volume holding the snapshot's data (copied; thin: unwritten blocks stay unallocated). */
+  async cloneSnapshot(volume: string, name: string, newName: string): Promise<VolumeView> {
+    const reader = this.snapshotReader(volume, name);
+    const v = this.catalog.require(volume);
+    const record = await this.createVolume({ name: newName, size: String(reader.blockCount * reader.blockBytes), blockBytes: reader.blockBytes, peers: v.peers, allow: v.allow, chap: v.chap });
+    const router = this.targets.routerFor(newName);
+    if (!router) throw new PeersanError(`volume ${newName} is not open on ${this.peer.id} yet`);
+    const done = await copyInto(reader, router);
+    await router.flush();
+    this.addEvent('snapshot', `volume ${newName} cloned from snapshot ${name} of ${volume} (${formatBytes(done.copiedBytes)} copied)`, { volume: newName, peer: this.peer.id });
+    return this.getVolume(record.name);
+  }
+
+  async scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
+    const v = this.catalog.require(volume);
+    if (every === 'off') {
+      if (!(await removeSchedule(this.catalog.store, v.id))) throw new NotFoundError(`volume ${volume} has no snapshot schedule`);
+      return { volume, everyMs: 0, keep: 0 };
+    }
+    const r = await setSchedule(this.catalog.store, { volumeId: v.id, volume: v.name, everyMs: parseEvery(every), keep });
+    return { volume, everyMs: r.everyMs, keep: r.keep };
   }
 
   /** Test hook: snapshot targets and their readers. */
