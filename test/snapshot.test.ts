@@ -16,7 +16,7 @@ import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { VolumeRouter } from '../src/routing/router';
+import type { BlockBackend } from '../src/store/types';
 import { startGroup } from './helpers/group';
 import { hasTool, qemuImg, qemuIo } from './helpers/processes';
 
@@ -43,7 +43,7 @@ function stamp(chain: number, seq: number): Buffer {
 interface Lane {
   volume: string;
   page: number;
-  router: VolumeRouter;
+  router: BlockBackend;
 }
 
 interface Write {
@@ -109,10 +109,11 @@ async function judge(read: Reader, chain: Chain, ackedBefore: number): Promise<s
   return undefined;
 }
 
-async function routersOf(g: Group, volume: string): Promise<VolumeRouter[]> {
+/** The path host commands take on each peer (the snapshot gate over the router), as an initiator's would. */
+async function routersOf(g: Group, volume: string): Promise<BlockBackend[]> {
   for (let i = 0; i < 100; i++) {
-    const rs = ['p1', 'p2', 'p3'].map((id) => g.peer(id).targetsForTests.routerFor(volume));
-    if (rs.every((r) => r)) return rs as VolumeRouter[];
+    const rs = ['p1', 'p2', 'p3'].map((id) => g.peer(id).targetsForTests.hostPathFor(volume));
+    if (rs.every((r) => r)) return rs as BlockBackend[];
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error('volume not open everywhere');
@@ -124,7 +125,7 @@ async function routersOf(g: Group, volume: string): Promise<VolumeRouter[]> {
  * (owned by p1, p2, p3) of each volume in turn, each lane through a different peer's router.
  */
 async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volumes: string[], rounds: number): Promise<{ violations: string[]; held: number[] }> {
-  const routers = new Map<string, VolumeRouter[]>();
+  const routers = new Map<string, BlockBackend[]>();
   for (const v of volumes) routers.set(v, await routersOf(g, v));
   const chains = [0, 1, 2].map((c) => new Chain(c + 1, volumes.flatMap((v, vi) => [0, 1, 2].map((k) => ({ volume: v, page: 3 * c + k, router: routers.get(v)![(c + k + vi) % 3] })))));
   for (const c of chains) c.start();
@@ -169,6 +170,7 @@ t.test('barrier snapshots are consistent cuts (one volume, and a group of two); 
 
   const one = await checkerRun(t, g, ['vol'], 50);
   t.same(one.violations, [], 'no inconsistent cut in 50 barrier snapshots of one volume');
+  t.match(await g.peer('p2').metrics.text(), /peersan_snapshot_held_seconds_total\{volume="vol",peer="p2"\} [0-9.]*[1-9]/, '/metrics: time held');
   const sorted = [...one.held].sort((a, b) => a - b);
   t.comment(`hosts held per snapshot: median ${sorted[25]} ms, max ${sorted[49]} ms`);
   const group = await checkerRun(t, g, ['vol2', 'vol3'], 50);

@@ -338,6 +338,7 @@ export class PeerServer implements AdminApi {
       const c = this.hostBalance?.counters;
       return c ? [[{ reason: 'load' }, c.redirects], [{ reason: 'planned' }, c.plannedRedirects]] : [];
     });
+    this.metrics.followCounter('peersan_snapshot_held_seconds_total', 'Time host I/O for the volume was held at this peer by barrier snapshots', ['volume'], () => this.targets.gates().map(([volume, g]) => [{ volume }, g.heldMsTotal / 1000]));
     this.metrics.followCounter('peersan_logout_requests_total', 'Sessions asked to log out (AsyncEvent 1) to move them to another peer', [], () => [[{}, this.hostBalance?.counters.logoutRequests ?? 0]]);
   }
 

@@ -191,6 +191,16 @@ export class VolumeTargets implements TargetDirectory {
     return this.entries.get(volumeName)?.router;
   }
 
+  /** The block path a host command for the volume takes on this peer: the snapshot gate over the router (tests, tooling). */
+  hostPathFor(volumeName: string): BlockBackend | undefined {
+    return this.entries.get(volumeName)?.gate;
+  }
+
+  /** Every volume's gate, by volume name (metrics). */
+  gates(): [string, VolumeGate][] {
+    return [...this.entries.entries()].map(([name, e]) => [name, e.gate]);
+  }
+
   /** The gate host I/O for the volume passes on this peer (barrier snapshots). */
   gate(volumeId: string): VolumeGate | undefined {
     return this.byId.get(volumeId)?.gate;
