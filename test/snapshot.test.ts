@@ -208,6 +208,12 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
   for (const via of ['p2', 'p3']) {
     t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl(via)]), /Images are identical/, `the snapshot through ${via} equals the data at the cut`);
   }
+  // Every peer's part of the snapshot survives its restart.
+  for (const id of ['p1', 'p3']) {
+    await g.peer(id).stop();
+    await g.start(id);
+  }
+  t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl('p3')]), /Images are identical/, 'after p1 and p3 restart, still identical through p3');
   const write = await qemuIo(snapUrl('p1'), 'write -P 1 0 4k');
   t.notOk(write.ok, `the snapshot target refuses writes: ${write.out.trim().split('\n')[0]}`);
   t.notOk(/Images are identical/.test(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, g.url('p1', 'vol')]).catch((e: Error) => e.message)), 'while the volume itself has changed');
