@@ -60,6 +60,8 @@ export interface SnapshotServiceOptions {
   rpc: SnapshotRpc;
   log: Logger;
   event?(message: string, volume: string): void;
+  /** Fault injection (tests): called at named points; may kill the process. */
+  crashPoint?(point: string): void;
 }
 
 /** How long a peer may take to drain its requests and answer PREPARE. */
@@ -112,6 +114,9 @@ export class SnapshotService {
       this.prepared.delete(req.snapshotId);
       throw err;
     }
+    // Test only: die once READY is on its way to the coordinator and before TAKE comes (the
+    // reply is written when this promise resolves; setImmediate runs after that).
+    if (this.o.crashPoint) setImmediate(() => this.o.crashPoint?.('snapshot-after-ready'));
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
