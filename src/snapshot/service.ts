@@ -114,12 +114,12 @@ export class SnapshotService {
       this.prepared.delete(req.snapshotId);
       throw err;
     }
-    // Test only: die once READY is on its way to the coordinator and before TAKE comes (the
-    // reply is written when this promise resolves; setImmediate runs after that).
-    if (this.o.crashPoint) setImmediate(() => this.o.crashPoint?.('snapshot-after-ready'));
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
+    // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing.
+    // (Dying in prepare() once it resolved comes too early: the reply may not have left yet.)
+    this.o.crashPoint?.('snapshot-after-ready');
     const p = this.prepared.get(req.snapshotId);
     if (!p) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
     for (const id of p.volumeIds) {
@@ -206,9 +206,9 @@ export class SnapshotService {
       return 0;
     }
     try {
-      await Promise.all(peers.map((p) => within(this.o.rpc.prepare(p, { snapshotId, volumeIds }), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
+      await Promise.all(peers.map((p) => within(named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
       this.captureRoutes(volumes, records, []);
-      const moving = await Promise.all(peers.map((p) => within(this.o.rpc.take(p, { snapshotId, layers }), prepareMsMax, `peer ${p} did not answer TAKE`)));
+      const moving = await Promise.all(peers.map((p) => within(named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
       this.captureRoutes(volumes, records, moving.flat());
     } catch (err) {
       await releaseAll();
@@ -258,6 +258,15 @@ function defaultName(): string {
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
+}
+
+/** A barrier RPC whose failure says which step it was (an abort then tells where it stopped). */
+async function named<T>(step: 'PREPARE' | 'TAKE', p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (err) {
+    throw new PeersanError(`${step} failed: ${(err as Error).message}`);
+  }
 }
 
 async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
