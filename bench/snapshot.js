@@ -36,6 +36,7 @@
 // bench/results/snapshot-<time>.json (bench/results is git-ignored).
 'use strict';
 
+const fs = require('node:fs');
 const {
   peersanBin, sleep, parseArgs, run, startPeersan, fillRandom, hostWrites, summarize, pausesInWindow, cpuMs, round2, median,
   percentile, loadNow, machine: machineInfo, saveResults, runBench,
@@ -156,6 +157,15 @@ async function iopsRepeat(pc, sizeBytes, rep) {
   };
 }
 
+/** Per peer, from its log: how long each PREPARE drained requests and each TAKE froze the layers. */
+function holdPartsFromLogs(peers) {
+  return peers.map((p) => {
+    const parts = fs.readFileSync(p.log, 'utf8').split('\n').filter((l) => l.includes('"snapshot layers frozen"')).map((l) => JSON.parse(l));
+    const fig = (xs) => (xs.length ? { p50: median(xs), max: Math.max(...xs) } : { p50: 0, max: 0 });
+    return { peer: p.id, count: parts.length, drainMs: fig(parts.map((x) => x.drainMs)), freezeMs: fig(parts.map((x) => x.freezeMs)) };
+  });
+}
+
 const p50max = (xs) => `p50 ${median(xs)}, max ${Math.max(...xs)}`;
 
 async function main() {
@@ -207,6 +217,8 @@ async function main() {
   row('barrier: command to ready (tookMs)', creation.tookMs);
   row('barrier: CLI wall time (node start, connect, call)', creation.cliMs);
   console.log(`${'timestamp mode'.padEnd(58)}not built (${timestamp})`);
+  const parts = holdPartsFromLogs(pc.peers);
+  console.log(`where the hold goes, per peer (p50/max ms over ${parts[0].count} snapshots): ${parts.map((x) => `${x.peer} drain ${x.drainMs.p50}/${x.drainMs.max}, freeze ${x.freezeMs.p50}/${x.freezeMs.max}`).join('; ')} (the rest of heldMs: the PREPARE/TAKE/RELEASE round trips)`);
   console.log('');
   console.log(`4 KiB random write, QD${args.depth}, host on p1`.padEnd(58) + ['p50 µs', 'p99 µs', 'max µs'].map((h) => h.padStart(9)).join(''));
   const lrow = (label, f) => console.log(label.padEnd(58) + [f.p50Us, f.p99Us, f.maxUs].map((v) => String(v).padStart(9)).join(''));
@@ -221,7 +233,7 @@ async function main() {
   if (errors.length > 0) console.log(`host write errors: ${errors.length}; first: ${errors[0].message}`);
   const machine = machineInfo();
   console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; load at the start of each phase: ${[...holds.flatMap((h) => [h.baseline.load, h.holding.load]), ...iops.map((x) => x.load)].map((l) => l.split(' ')[0]).join(', ')} (1-min loadavg)`);
-  console.log(`results: ${saveResults('snapshot', { args, machine, creation, timestamp, latency, ratio, ratios, holds, iops })}`);
+  console.log(`results: ${saveResults('snapshot', { args, machine, creation, holdParts: parts, timestamp, latency, ratio, ratios, holds, iops })}`);
 }
 
 runBench(main);
