@@ -162,7 +162,7 @@ function holdPartsFromLogs(peers) {
   return peers.map((p) => {
     const parts = fs.readFileSync(p.log, 'utf8').split('\n').filter((l) => l.includes('"snapshot layers frozen"')).map((l) => JSON.parse(l));
     const fig = (xs) => (xs.length ? { p50: median(xs), max: Math.max(...xs) } : { p50: 0, max: 0 });
-    return { peer: p.id, count: parts.length, drainMs: fig(parts.map((x) => x.drainMs)), freezeMs: fig(parts.map((x) => x.freezeMs)) };
+    return { peer: p.id, count: parts.length, flushMs: fig(parts.map((x) => x.flushMs ?? 0)), drainMs: fig(parts.map((x) => x.drainMs)), freezeMs: fig(parts.map((x) => x.freezeMs)) };
   });
 }
 
@@ -218,7 +218,7 @@ async function main() {
   row('barrier: CLI wall time (node start, connect, call)', creation.cliMs);
   console.log(`${'timestamp mode'.padEnd(58)}not built (${timestamp})`);
   const parts = holdPartsFromLogs(pc.peers);
-  console.log(`where the hold goes, per peer (p50/max ms over ${parts[0].count} snapshots): ${parts.map((x) => `${x.peer} drain ${x.drainMs.p50}/${x.drainMs.max}, freeze ${x.freezeMs.p50}/${x.freezeMs.max}`).join('; ')} (the rest of heldMs: the PREPARE/TAKE/RELEASE round trips)`);
+  console.log(`where the hold goes, per peer (p50/max ms over ${parts[0].count} snapshots): ${parts.map((x) => `${x.peer} pre-flush ${x.flushMs.p50}/${x.flushMs.max} (hosts not held), drain ${x.drainMs.p50}/${x.drainMs.max}, freeze ${x.freezeMs.p50}/${x.freezeMs.max}`).join('; ')} (the rest of heldMs: the PREPARE/TAKE/RELEASE round trips)`);
   console.log('');
   console.log(`4 KiB random write, QD${args.depth}, host on p1`.padEnd(58) + ['p50 µs', 'p99 µs', 'max µs'].map((h) => h.padStart(9)).join(''));
   const lrow = (label, f) => console.log(label.padEnd(58) + [f.p50Us, f.p99Us, f.maxUs].map((v) => String(v).padStart(9)).join(''));
