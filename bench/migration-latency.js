@@ -45,87 +45,20 @@
 // bench/results/migration-latency-<time>.json (bench/results is git-ignored).
 'use strict';
 
-const { spawn } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const net = require('node:net');
+const {
+  peersanBin, work, sleep, parseArgs, freePort, waitPort, daemon, run, startPeersan: startGroup, fillRandom,
+  hostWrites: hostWritesAt, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine: machineInfo, saveResults, cleanup, runBench,
+} = require('./lib/group');
 
-const args = { seconds: 10, repeat: 3, sizeMib: 1024, blockSize: 4096, movers: 2, depth: 8 };
-const flags = { '--seconds': 'seconds', '--repeat': 'repeat', '--size-mib': 'sizeMib', '--block-size': 'blockSize', '--movers': 'movers', '--depth': 'depth' };
-for (let i = 2; i < process.argv.length; i += 2) {
-  const k = flags[process.argv[i]];
-  const v = Number(process.argv[i + 1]);
-  if (!k) throw new Error(`unknown argument ${process.argv[i]} (known: ${Object.keys(flags).join(', ')})`);
-  if (!Number.isInteger(v) || v < 1) throw new Error(`${process.argv[i]} needs a whole number, got ${process.argv[i + 1]}`);
-  args[k] = v;
-}
+const args = parseArgs({ seconds: 10, repeat: 3, sizeMib: 1024, blockSize: 4096, movers: 2, depth: 8 },
+  { '--seconds': 'seconds', '--repeat': 'repeat', '--size-mib': 'sizeMib', '--block-size': 'blockSize', '--movers': 'movers', '--depth': 'depth' });
 if (args.blockSize !== 512 && args.blockSize !== 4096) throw new Error('--block-size is 512 or 4096');
 
-const root = path.join(__dirname, '..');
-const peersanBin = path.join(root, 'bin', 'peersan.js');
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'peersan-bench-'));
-const children = new Set();
-const writeBytes = 4096;
-const warmupMs = 1000;
-/** Bounds: no client step may hang the bench. */
-const commandMsMax = 600_000;
 const moveMsMax = 120_000;
-
-function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = s.address().port;
-      s.close(() => resolve(p));
-    });
-  });
-}
-
-async function waitPort(port) {
-  for (let i = 0; i < 300; i++) {
-    const ok = await new Promise((r) => {
-      const s = net.connect(port, '127.0.0.1', () => {
-        s.destroy();
-        r(true);
-      });
-      s.on('error', () => r(false));
-    });
-    if (ok) return;
-    await sleep(100);
-  }
-  throw new Error(`port ${port} never opened`);
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-/** Start a long-lived child that cleanup() kills. */
-function daemon(cmd, argv, opts = {}) {
-  const child = spawn(cmd, argv, { stdio: 'ignore', ...opts });
-  children.add(child);
-  child.on('exit', () => children.delete(child));
-  return child;
-}
-
-/** Run a command to completion without blocking the event loop (the movers run meanwhile). */
-function run(cmd, argv, timeoutMs = commandMsMax) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
-    children.add(child);
-    let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (out += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      children.delete(child);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${path.basename(cmd)} ${argv.join(' ')} failed (${signal ?? code}): ${out.trim().slice(-500)}`));
-    });
-  });
-}
 
 async function startTgt(sizeBytes) {
   const port = await freePort();
@@ -142,124 +75,11 @@ async function startTgt(sizeBytes) {
   return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
 }
 
-async function startEtcd() {
-  const [client, peer] = [await freePort(), await freePort()];
-  daemon('etcd', ['--name', 'bench', '--data-dir', path.join(work, 'etcd'),
-    '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
-    '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
-    '--initial-cluster', `bench=http://127.0.0.1:${peer}`, '--log-level', 'error']);
-  await waitPort(client);
-  return `http://127.0.0.1:${client}`;
-}
+/** The group of three peers (bench/lib/group.js) with this bench's block size. */
+const startPeersan = (sizeBytes) => startGroup(sizeBytes, args.blockSize);
 
-/** Three peer processes on etcd, default migration settings, no automatic page or host moves. */
-async function startPeersan(sizeBytes) {
-  const etcd = await startEtcd();
-  const peers = [];
-  for (const id of ['p1', 'p2', 'p3']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`), probe: path.join(work, `${id}.probe`) });
-  const config = path.join(work, 'cluster.yaml');
-  fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
-    '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
-    ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
-  for (const p of peers) {
-    // The peers log JSON to stderr: kept, for the moves' start and commit times.
-    const fd = fs.openSync(p.log, 'a');
-    const env = { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${path.join(__dirname, 'peer-probe.js')}`, PEERSAN_PROBE_FILE: p.probe };
-    p.pid = daemon(process.execPath, [peersanBin, 'peer', '--config', config, '--id', p.id], { stdio: ['ignore', 'ignore', fd], env }).pid;
-    fs.closeSync(fd);
-    await waitPort(p.iscsi);
-  }
-  const cli = (...a) => run(process.execPath, [peersanBin, '--config', config, ...a]);
-  await cli('volume', 'create', 'bench', '--size', String(sizeBytes), '--block-size', String(args.blockSize));
-  const map = JSON.parse(await cli('--json', 'page', 'map', 'bench'));
-  return { peers, cli, map, url: `iscsi://127.0.0.1:${peers[0].iscsi}/iqn.2026-11.io.peersan:bench/0` };
-}
-
-// ---- the host: qemu-io, 4 KiB random writes at a fixed depth ------------------------------------
-
-/** One phase of host writes: returns each measured request's latency (µs) and the window. */
-function hostWrites(url, sizeBytes, seconds) {
-  return new Promise((resolve, reject) => {
-    const q = spawn('stdbuf', ['-i0', '-oL', 'qemu-io', '-f', 'raw', '-t', 'none', url], { stdio: ['pipe', 'pipe', 'pipe'] });
-    children.add(q);
-    const slots = sizeBytes / writeBytes;
-    const latenciesUs = [];
-    /** Per measured request: its offset and completion time (epoch ms), to tell writes to moving pages apart. */
-    const offsets = [];
-    const doneAtMs = [];
-    let offset = -1;
-    const errors = [];
-    let stderr = '';
-    let pending = '';
-    let started = false;
-    let sent = 0;
-    let done = 0;
-    let t0 = 0;
-    let tMeasure = 0;
-    let tEnd = 0;
-    let finished = false;
-    const guard = setTimeout(() => q.kill('SIGKILL'), (seconds + 60) * 1000);
-    const send = (n) => {
-      let s = '';
-      for (let i = 0; i < n; i++, sent++) s += `aio_write -P ${1 + (sent % 255)} ${crypto.randomInt(slots) * writeBytes} ${writeBytes}\n`;
-      q.stdin.write(s);
-    };
-    q.stderr.on('data', (d) => (stderr += d));
-    q.stdout.on('data', (d) => {
-      pending += d;
-      if (!started) {
-        // The first prompt: the image is open (logged in); start the clock.
-        if (!pending.includes('qemu-io> ')) return;
-        started = true;
-        t0 = performance.now();
-        tMeasure = t0 + warmupMs;
-        tEnd = tMeasure + seconds * 1000;
-        send(args.depth);
-      }
-      // Whole lines only; the prompt "qemu-io> " precedes each report without a newline.
-      const lines = pending.split('\n');
-      pending = lines.pop();
-      for (const line of lines) {
-        const at = /wrote \d+\/\d+ bytes at offset (\d+)/.exec(line);
-        if (at) offset = Number(at[1]);
-        const ok = /([\d.]+) ops\/sec\)/.exec(line);
-        const failed = /aio_write failed: .*/.exec(line);
-        if (!ok && !failed) continue;
-        done++;
-        const now = performance.now();
-        if (failed) errors.push(failed[0]);
-        else if (now >= tMeasure && now < tEnd) {
-          latenciesUs.push(1e6 / Number(ok[1]));
-          offsets.push(offset);
-          doneAtMs.push(performance.timeOrigin + now);
-        }
-        if (now < tEnd) send(1);
-      }
-      if (done === sent && performance.now() >= tEnd && !finished) {
-        finished = true;
-        q.stdin.end('quit\n');
-      }
-    });
-    q.on('error', reject);
-    q.on('close', (code) => {
-      clearTimeout(guard);
-      children.delete(q);
-      if (!finished) return reject(new Error(`qemu-io ${url} ended early (${code}): ${stderr.trim().slice(-300)}`));
-      resolve({ latenciesUs, offsets, doneAtMs, errors, windowMs: tEnd - tMeasure, measureStart: performance.timeOrigin + tMeasure, measureEnd: performance.timeOrigin + tEnd });
-    });
-  });
-}
-
-function percentile(sorted, p) {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
-}
-
-function summarize(r) {
-  const s = Float64Array.from(r.latenciesUs).sort();
-  const round = (x) => Math.round(x);
-  if (s.length === 0) throw new Error('no request completed in the measured window');
-  return { iops: Math.round(s.length / (r.windowMs / 1000)), p50Us: round(percentile(s, 0.5)), p90Us: round(percentile(s, 0.9)), p99Us: round(percentile(s, 0.99)), maxUs: round(s[s.length - 1]), requests: s.length, errors: r.errors.length };
-}
+/** One phase of host writes at this bench's depth. */
+const hostWrites = (url, sizeBytes, seconds) => hostWritesAt(url, sizeBytes, seconds, { depth: args.depth });
 
 // ---- the movers: `peersan page move … --wait`, back to back ------------------------------------
 
@@ -363,24 +183,6 @@ function splitByMovingPage(r, moves, pageBytes) {
   return { onMovingPages: brief(onMoving), onOtherPages: brief(others) };
 }
 
-/** Per peer, over a window: GC pause ms per second (all, major), the longest pause, the worst event-loop delay. */
-function pausesInWindow(peers, fromMs, toMs) {
-  return peers.map((p) => {
-    const lines = fs.readFileSync(p.probe, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((l) => l.t > fromMs && l.t <= toMs + 1000);
-    const seconds = Math.max(1, lines.length);
-    const sum = (k) => lines.reduce((a, l) => a + l[k], 0);
-    const max = (k) => lines.reduce((a, l) => Math.max(a, l[k]), 0);
-    return { peer: p.id, gcMsPerSec: Math.round(sum('gcMs') / seconds), majorGcsPerSec: round2(sum('majorGcs') / seconds), majorGcMsPerSec: Math.round(sum('majorGcMs') / seconds), gcMaxMs: Math.round(max('gcMaxMs')), loopDelayMaxMs: Math.round(max('loopMaxMs')) };
-  });
-}
-
-/** CPU time (ms) of a process and of its children it has waited for, from /proc. */
-function cpuMs(pid = process.pid) {
-  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  const tick = 10; // USER_HZ = 100 on Linux
-  return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
-}
-
 /** Within a measured window: share of the time some page was in transit, pages committed, MB/s copied. */
 function migrationInWindow(moves, fromMs, toMs) {
   const clipped = moves.map((m) => [Math.max(m.startMs, fromMs), Math.min(m.endMs, toMs), m]).filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
@@ -400,13 +202,6 @@ function migrationInWindow(moves, fromMs, toMs) {
 
 // ---- the run ------------------------------------------------------------------------------------
 
-const round2 = (x) => Math.round(x * 100) / 100;
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-
-function loadNow() {
-  return os.loadavg().map((x) => x.toFixed(2)).join(' ');
-}
-
 async function main() {
   const sizeBytes = args.sizeMib * 1024 * 1024;
   const pc = await startPeersan(sizeBytes);
@@ -414,10 +209,7 @@ async function main() {
   const owners = pc.map.pages.map((p) => p.owner);
   const pageMib = (pc.map.pageBlocks * args.blockSize) / 2 ** 20;
   console.log(`volume: ${args.sizeMib} MiB, ${args.blockSize}-byte blocks, ${owners.length} pages of ${pageMib} MiB on ${[...new Set(owners)].sort().join(', ')}; filling both LUNs with random data…`);
-  const fill = path.join(work, 'fill.img');
-  await run('dd', ['if=/dev/urandom', `of=${fill}`, 'bs=1M', `count=${args.sizeMib}`, 'status=none']);
-  for (const url of [pc.url, tgt]) await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', fill, url]);
-  fs.rmSync(fill);
+  await fillRandom([pc.url, tgt], args.sizeMib);
 
   const phases = {
     idle: async () => ({ run: await hostWrites(pc.url, sizeBytes, args.seconds) }),
@@ -487,35 +279,11 @@ async function main() {
   }
   console.log(`p99 migrating / idle = ${ratio.toFixed(2)} (aim ≤ 2): ${ratio <= 2 ? 'met' : 'NOT met'};  peersan idle p99 / tgt p99 = ${(rows[0].p99Us / rows[2].p99Us).toFixed(2)}`);
   if (failures.length > 0) console.log(`page moves that failed: ${failures.length}; first: ${failures[0]}`);
-  const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version };
+  const machine = machineInfo();
   console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; medians of ${args.repeat}, ${args.seconds} s measured each (after 1 s warm-up), host on p1's portal, ${args.movers} move loop(s)`);
-  const dir = path.join(__dirname, 'results');
-  fs.mkdirSync(dir, { recursive: true });
-  const file = path.join(dir, `migration-latency-${Date.now()}.json`);
-  fs.writeFileSync(file, JSON.stringify({ args, machine, rows, ratio, migration, cores, samples, moves, failures }, null, 2));
-  console.log(`results: ${path.relative(process.cwd(), file)}`);
+  console.log(`results: ${saveResults('migration-latency', { args, machine, rows, ratio, migration, cores, samples, moves, failures })}`);
 }
 
-let cleaned = false;
-function cleanup() {
-  if (cleaned) return;
-  cleaned = true;
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  fs.rmSync(work, { recursive: true, force: true });
-}
-for (const sig of ['SIGINT', 'SIGTERM']) {
-  process.on(sig, () => {
-    cleanup();
-    process.exit(130);
-  });
-}
-if (require.main === module) {
-  main()
-    .catch((err) => {
-      console.error(`bench failed: ${err.message}`);
-      process.exitCode = 1;
-    })
-    .finally(cleanup);
-}
+if (require.main === module) runBench(main);
 // For one-off experiments (profiling a move): the group, the host and the log readers.
 module.exports = { args, work, run, startPeersan, startTgt, hostWrites, summarize, movesFromLogs, cleanup, peersanBin };

@@ -52,7 +52,7 @@ const statusPeerMsMax = 1_500;
 const moveRpcMsMax = 10_000;
 
 /**
- * Fault injection for the migration crash tests: PEERSAN_TEST_CRASH="p2:source-mid-piece"
+ * Fault injection for the migration and snapshot crash tests: PEERSAN_TEST_CRASH="p2:source-mid-piece"
  * makes peer p2 kill itself (as kill -9 would) when its move reaches that point.
  */
 function testCrashPoint(self: string): ((point: string) => void) | undefined {
@@ -187,6 +187,7 @@ export class PeerServer implements AdminApi {
         release: async (peer, id) => (peer === self ? this.snapshots.release(id) : this.rpc(peer).snapshotRelease(id, statusPeerMsMax)),
       },
       event: (message, volume) => this.addEvent('snapshot', message, { volume, peer: self }),
+      crashPoint: testCrashPoint(self),
     });
     this.registerFeatureMetrics();
     const onVolume = volumeEvents(this.events, this.catalog.listVolumes(), formatBytes);

@@ -60,10 +60,18 @@ export interface SnapshotServiceOptions {
   rpc: SnapshotRpc;
   log: Logger;
   event?(message: string, volume: string): void;
+  /** Fault injection (tests): called at named points; may kill the process. */
+  crashPoint?(point: string): void;
 }
 
 /** How long a peer may take to drain its requests and answer PREPARE. */
 export const prepareMsMax = 3_000;
+/**
+ * How long PREPARE may spend flushing dirty data before it closes the gates. It adds to the
+ * drain's prepareMsMax: a peer that needs both in full misses the coordinator's PREPARE
+ * deadline (prepareMsMax + 1 s), and the snapshot aborts, as it would on the drain alone.
+ */
+export const preflushMsMax = 1_000;
 /** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
 export const holdMsMax = 10_000;
 
@@ -83,7 +91,7 @@ export interface SnapshotView {
 export class SnapshotService {
   private readonly o: SnapshotServiceOptions;
   /** Snapshots this peer has prepared and not released: their volumes. */
-  private readonly prepared = new Map<string, { volumeIds: string[]; heldMs: number }>();
+  private readonly prepared = new Map<string, { volumeIds: string[]; heldMs: number; flushMs: number; drainMs: number }>();
   /** Test only: freeze without the barrier (to show the causal checker finds what it must). */
   uncoordinated = false;
 
@@ -95,7 +103,14 @@ export class SnapshotService {
 
   async prepare(req: PrepareSnapshot): Promise<void> {
     const closed: VolumeGate[] = [];
-    this.prepared.set(req.snapshotId, { volumeIds: req.volumeIds, heldMs: 0 });
+    const entry = { volumeIds: req.volumeIds, heldMs: 0, flushMs: 0, drainMs: 0 };
+    this.prepared.set(req.snapshotId, entry);
+    const flushStarted = performance.now();
+    await this.preflush(req.volumeIds);
+    entry.flushMs = performance.now() - flushStarted;
+    // Aborted meanwhile (another peer failed PREPARE; RELEASE came): closing now would hold hosts for nothing.
+    if (this.prepared.get(req.snapshotId) !== entry) throw new PeersanError(`snapshot ${req.snapshotId} was released while ${this.o.self} prepared it`);
+    const started = performance.now();
     try {
       await Promise.all(
         req.volumeIds.map(async (id) => {
@@ -112,21 +127,43 @@ export class SnapshotService {
       this.prepared.delete(req.snapshotId);
       throw err;
     }
+    entry.drainMs = performance.now() - started;
+  }
+
+  /**
+   * Write the volumes' dirty data back while hosts still run, so that the fdatasync of TAKE,
+   * inside the hold, has only the last moments' writes left (measured by bench/snapshot.js:
+   * that fdatasync was most of the hold). Only a head start: bounded, failures ignored.
+   */
+  private async preflush(volumeIds: string[]): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<void>((r) => (timer = setTimeout(r, preflushMsMax)));
+    const flushed = Promise.all(volumeIds.map((id) => this.o.store(id)?.flush().catch(() => undefined)));
+    await Promise.race([flushed, late]);
+    clearTimeout(timer);
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
+    // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing.
+    // (Dying in prepare() once it resolved comes too early: the reply may not have left yet.)
+    this.o.crashPoint?.('snapshot-after-ready');
     const p = this.prepared.get(req.snapshotId);
     if (!p) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
     for (const id of p.volumeIds) {
       if (!this.o.gate(id)?.isClosed) throw new PeersanError(`peer ${this.o.self} stopped holding I/O for snapshot ${req.snapshotId} (held longer than ${holdMsMax} ms)`);
     }
     const moving: MovingAtCut[] = [];
+    const started = performance.now();
     for (const { volumeId, seq } of req.layers) {
       const store = this.o.store(volumeId);
       if (!store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
       moving.push(...this.o.moving(volumeId));
       await store.snapshot(String(seq));
     }
+    // Where the hold goes on this peer: draining requests (PREPARE) and freezing the layers
+    // (TAKE: the store's fdatasync and synced batch); the rest is round trips. The pre-flush
+    // comes before the hold.
+    this.o.log.info({ snapshotId: req.snapshotId, flushMs: round(p.flushMs), drainMs: round(p.drainMs), freezeMs: round(performance.now() - started) }, 'snapshot layers frozen');
     return moving;
   }
 
@@ -201,9 +238,9 @@ export class SnapshotService {
       return 0;
     }
     try {
-      await Promise.all(peers.map((p) => within(this.o.rpc.prepare(p, { snapshotId, volumeIds }), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
+      await Promise.all(peers.map((p) => within(named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
       this.captureRoutes(volumes, records, []);
-      const moving = await Promise.all(peers.map((p) => within(this.o.rpc.take(p, { snapshotId, layers }), prepareMsMax, `peer ${p} did not answer TAKE`)));
+      const moving = await Promise.all(peers.map((p) => within(named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
       this.captureRoutes(volumes, records, moving.flat());
     } catch (err) {
       await releaseAll();
@@ -253,6 +290,15 @@ function defaultName(): string {
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
+}
+
+/** A barrier RPC whose failure says which step it was (an abort then tells where it stopped). */
+async function named<T>(step: 'PREPARE' | 'TAKE', p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (err) {
+    throw new PeersanError(`${step} failed: ${(err as Error).message}`);
+  }
 }
 
 async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {

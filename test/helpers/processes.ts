@@ -63,7 +63,7 @@ export interface TestPeer {
  * Peer processes of one group (`peersan peer --config … --id pN`), each killed by the
  * teardown. More than one peer needs an etcd endpoint for the shared catalog.
  */
-export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string; clusterYaml?: string[] } = {}): Promise<TestPeer[]> {
+export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string; clusterYaml?: string[]; rootYaml?: string[] } = {}): Promise<TestPeer[]> {
   const count = opts.count ?? 1;
   const dir = mkdtempSync(join(tmpdir(), 'peersan-test-'));
   const config = join(dir, 'cluster.yaml');
@@ -72,6 +72,8 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
   const catalog = opts.etcd ? `{ backend: etcd, endpoints: [${opts.etcd}] }` : '{ backend: embedded }';
   writeFileSync(config, [
     'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', `  catalog: ${catalog}`, ...(opts.clusterYaml ?? []).map((l) => `  ${l}`),
+    // Top-level sections (e.g. `balancer: { enabled: false }`), unindented.
+    ...(opts.rootYaml ?? []),
     'peers:', ...ports.map((p, i) => `  - { id: p${i + 1}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./p${i + 1} }`), '',
   ].join('\n'));
   const peers = ports.map((p, i): TestPeer => {
