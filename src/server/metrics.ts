@@ -9,7 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { Counter, Gauge, Histogram, Registry, type CounterConfiguration, type GaugeConfiguration, type HistogramConfiguration } from 'prom-client';
 import type { SessionInfo } from '../iscsi/portal';
 import type { RoutingCounters } from '../routing/router';
-import { BackendDecorator } from '../store/decorator';
+import { BackendDecorator, whenSettled } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 
 export type HostOp = 'read' | 'write' | 'unmap' | 'compare_and_write' | 'flush';
@@ -188,22 +188,7 @@ class MeteredBackend extends BackendDecorator {
   private track<T>(op: HostOp, bytes: number, run: () => Promise<T>): Promise<T> {
     const m = this.meters.get(op)!;
     const startedMs = performance.now();
-    let p: Promise<T>;
-    try {
-      p = run();
-    } catch (err) {
-      p = Promise.reject(err);
-    }
-    return p.then(
-      (v) => {
-        this.metrics.record(m, op, bytes, startedMs, true);
-        return v;
-      },
-      (err: unknown) => {
-        this.metrics.record(m, op, bytes, startedMs, false);
-        throw err;
-      },
-    );
+    return whenSettled(run, (ok) => this.metrics.record(m, op, bytes, startedMs, ok));
   }
 
   read(lba: number, blocks: number): Promise<Buffer> {

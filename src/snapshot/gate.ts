@@ -5,7 +5,7 @@
 // opens by itself after `holdMsMax`, so a coordinator that vanishes never stalls hosts.
 
 import { PeersanError } from '../errors';
-import { BackendDecorator } from '../store/decorator';
+import { BackendDecorator, whenSettled } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 
 export class GateClosedTooLongError extends PeersanError {
@@ -73,22 +73,7 @@ export class VolumeGate extends BackendDecorator {
   private pass<T>(run: () => Promise<T>): Promise<T> {
     if (this.closedBy !== undefined) return this.passLater(run);
     this.inFlight++;
-    let p: Promise<T>;
-    try {
-      p = run();
-    } catch (err) {
-      p = Promise.reject(err);
-    }
-    return p.then(
-      (v) => {
-        this.left();
-        return v;
-      },
-      (err: unknown) => {
-        this.left();
-        throw err;
-      },
-    );
+    return whenSettled(run, () => this.left());
   }
 
   private async passLater<T>(run: () => Promise<T>): Promise<T> {

@@ -7,7 +7,8 @@ import { PeersanError } from '../errors';
 import { BlockOp, decodeExtents, ReplyStatus } from '../routing/frame';
 import type { BlockSender } from '../routing/router';
 import type { Route } from '../routing/table';
-import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../store/types';
+import { ReadOnlyBackend } from '../store/decorator';
+import type { BlockBackend, LbaExtent } from '../store/types';
 import { snapshotOwner, type MovingAtCut, type SnapshotRecord } from './records';
 
 export interface SnapshotReaderOptions {
@@ -19,16 +20,19 @@ export interface SnapshotReaderOptions {
   link(peerId: string): BlockSender;
 }
 
-export class SnapshotReader implements BlockBackend {
+export class SnapshotReader extends ReadOnlyBackend {
   readonly blockBytes: number;
   readonly blockCount: number;
   readonly grainBlocks: number;
   private readonly o: SnapshotReaderOptions;
   private readonly moved: Map<number, Route>;
   private readonly moving: Map<number, MovingAtCut>;
+  protected readonly what: string;
 
   constructor(opts: SnapshotReaderOptions) {
+    super();
     this.o = opts;
+    this.what = `snapshot ${opts.record.volume}.${opts.record.name}`;
     this.blockBytes = opts.record.blockBytes;
     this.blockCount = opts.record.sizeBytes / opts.record.blockBytes;
     this.grainBlocks = opts.grainBlocks;
@@ -77,20 +81,5 @@ export class SnapshotReader implements BlockBackend {
   async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     const [first] = this.runs(lba, Math.max(1, Math.min(blocksMax, this.blockCount - lba)));
     return (await this.fetch(first.owner, BlockOp.lbaStatus, first.lba, first.blocks)) as LbaExtent[];
-  }
-
-  async flush(): Promise<void> {}
-
-  private readOnly(): Error {
-    return new PeersanError(`snapshot ${this.o.record.volume}.${this.o.record.name} is read-only`);
-  }
-  write(): Promise<void> {
-    return Promise.reject(this.readOnly());
-  }
-  unmap(): Promise<void> {
-    return Promise.reject(this.readOnly());
-  }
-  compareAndWrite(): Promise<CompareAndWriteResult> {
-    return Promise.reject(this.readOnly());
   }
 }

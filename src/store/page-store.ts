@@ -25,10 +25,11 @@ import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
-import { ClosedError, InvalidArgumentError, ReadOnlyError } from '../errors';
+import { ClosedError, InvalidArgumentError } from '../errors';
 import { grainBytes, pageBlocks, storeReserveAheadSlots } from '../limits';
 import { DataFile } from './data-file';
 import { noException, VolumeLayers, layerPrefix, type LayerOp } from './layers';
+import { ReadOnlyBackend } from './decorator';
 import { SharedLock } from './shared-lock';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from './types';
 
@@ -844,16 +845,19 @@ export class StoreVolume implements BlockBackend {
  * Snapshot `id` of a volume as a read-only BlockBackend (the SCSI layer will answer writes
  * with DATA PROTECT / WRITE PROTECTED). Reads fail with NotFoundError once the snapshot is deleted.
  */
-export class SnapshotView implements BlockBackend {
+export class SnapshotView extends ReadOnlyBackend {
   readonly blockBytes: number;
   readonly grainBlocks: number;
+  protected readonly what: string;
 
   constructor(
     private readonly volume: StoreVolume,
     readonly snapshotId: string,
   ) {
+    super();
     this.blockBytes = volume.blockBytes;
     this.grainBlocks = volume.grainBlocks;
+    this.what = `snapshot ${snapshotId} of volume ${volume.volumeId}`;
   }
 
   get blockCount(): number {
@@ -866,23 +870,5 @@ export class SnapshotView implements BlockBackend {
 
   async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     return this.volume.snapshotExtents(this.snapshotId, lba, blocksMax);
-  }
-
-  async flush(): Promise<void> {}
-
-  write(): Promise<void> {
-    return Promise.reject(this.readOnly());
-  }
-
-  unmap(): Promise<void> {
-    return Promise.reject(this.readOnly());
-  }
-
-  compareAndWrite(): Promise<CompareAndWriteResult> {
-    return Promise.reject(this.readOnly());
-  }
-
-  private readOnly(): ReadOnlyError {
-    return new ReadOnlyError(`snapshot ${this.snapshotId} of volume ${this.volume.volumeId} is read-only`);
   }
 }
