@@ -74,6 +74,20 @@ function readU64(b: Buffer, at: number): number {
   return b.readUInt32BE(at) * 0x1_0000_0000 + b.readUInt32BE(at + 4);
 }
 
+/** Volume ids as bytes, so that encoding a request does not parse hex each time (a peer serves few volumes). */
+const volumeIds = new Map<string, Buffer>();
+const volumeIdsMax = 4096;
+
+function volumeIdBytes(volumeId: string): Buffer {
+  let b = volumeIds.get(volumeId);
+  if (b) return b;
+  b = Buffer.alloc(8);
+  b.write(volumeId, 'hex');
+  if (volumeIds.size >= volumeIdsMax) volumeIds.clear();
+  volumeIds.set(volumeId, b);
+  return b;
+}
+
 /** The bytes encodeRequestInto writes for `r`. */
 export function requestFrameBytes(r: BlockRequest): number {
   return requestHeaderBytes + (r.data?.length ?? 0);
@@ -90,7 +104,7 @@ export function encodeRequestInto(r: BlockRequest, b: Buffer, at: number): void 
   b[at + 2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
   b[at + 3] = 0;
   b.writeUInt32BE(r.id >>> 0, at + 4);
-  b.write(r.volumeId, at + 8, 8, 'hex');
+  volumeIdBytes(r.volumeId).copy(b, at + 8);
   writeU64(b, r.lba, at + 16);
   b.writeUInt32BE(r.blocks, at + 24);
   b.writeUInt32BE(r.routeVersion, at + 28);
