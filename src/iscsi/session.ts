@@ -269,7 +269,9 @@ export class Session {
       if (this.dataOutBytes + edtl > sessionDataOutBytesMax) {
         task.early = { status: ScsiStatus.taskSetFull };
       } else {
-        task.buffer = Buffer.allocUnsafe(edtl);
+        // All the data came as immediate data (a small write): use it where it lies, a view into
+        // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
+        task.buffer = pdu.data.length === edtl ? pdu.data : Buffer.allocUnsafe(edtl);
         this.dataOutBytes += edtl;
       }
     }
@@ -278,7 +280,7 @@ export class Session {
 
   private acceptImmediateData(task: Task, data: Buffer): void {
     const n = Math.min(data.length, task.edtl);
-    if (n > 0) data.copy(task.buffer!, 0, 0, n);
+    if (n > 0 && task.buffer !== data) data.copy(task.buffer!, 0, 0, n);
     task.receivedBytes = n;
     // Unsolicited data (immediate + Data-Out with the reserved TTT) covers the first burst.
     const unsolicitedEnd = this.params.initialR2T ? n : Math.min(this.params.firstBurstLength, task.edtl);
