@@ -93,12 +93,6 @@ assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one
 export const peerFrameBytesMax = transferBytesMax + 64 * 1024;
 /** One gRPC message of batched frames (a whole frame always fits alone). */
 export const peerBatchBytesMax = peerFrameBytesMax + 4096;
-/**
- * A batch goes out once it holds this much (more frames wait for the next message): a few
- * large reads per message keep gRPC's message buffers small and short-lived, so the receiver
- * can hand the first reads to the host while later ones are still on the wire.
- */
-export const peerBatchFlushBytes = 256 * 1024;
 /** Forwarded requests outstanding per peer link; more wait for a slot (back-pressure). */
 export const peerRequestsInFlightMax = 256;
 /** A forwarded request that gets no answer in this time fails (the host sees a SCSI error, never a hang). */
@@ -114,7 +108,6 @@ export const reservationNotifyMsMax = 2_000;
 /** How old a peer RPC authentication stamp may be. */
 export const peerAuthSkewMsMax = 5 * 60_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
-assert(peerBatchFlushBytes < peerBatchBytesMax, 'a batch is flushed before it is full');
 assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------

@@ -7,7 +7,7 @@
 // batch buffer when it flushes: a block's data is copied once on its way out (gRPC copies
 // the batch once more into its own framing), and no per-frame buffers become garbage.
 
-import { peerBatchFlushBytes, peerFrameBytesMax } from '../limits';
+import { peerBatchBytesMax, peerFrameBytesMax } from '../limits';
 
 const lengthBytes = 4;
 
@@ -52,8 +52,7 @@ export class FrameBatcher<T> {
   push(item: T): void {
     const n = this.codec.frameBytes(item);
     if (n === 0 || n > peerFrameBytesMax) throw new Error(`assertion failed: a frame of ${n} bytes`);
-    // Past peerBatchFlushBytes only a frame alone (≤ peerFrameBytesMax < peerBatchBytesMax).
-    if (this.bytes > 0 && this.bytes + lengthBytes + n > peerBatchFlushBytes) this.flush();
+    if (this.bytes + lengthBytes + n > peerBatchBytesMax) this.flush();
     this.items.push(item);
     this.sizes.push(n);
     this.bytes += lengthBytes + n;
