@@ -34,6 +34,16 @@ export interface PageServiceOptions {
 
 const replyCodec = { frameBytes: replyFrameBytes, encodeInto: encodeReplyInto };
 
+/**
+ * End a stream with an error status the sender sees (its link then fails what it has
+ * outstanding and opens a new stream). grpc-js sends the status from the stream's 'error'
+ * handler; call.destroy() would drop the stream without telling the sender, whose requests
+ * would then each wait for their deadline.
+ */
+function refuse(call: grpc.ServerDuplexStream<Buffer, Buffer>, details: string): void {
+  call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details });
+}
+
 export class PageService {
   private readonly o: PageServiceOptions;
 
@@ -169,7 +179,7 @@ export class PageService {
       const req = decodeRequest(frame);
       if (!req) {
         this.o.log.warn('malformed block frame from a peer; closing its stream');
-        call.destroy(new Error('malformed frame'));
+        refuse(call, 'malformed frame');
         return false;
       }
       inFlight++;
@@ -187,7 +197,7 @@ export class PageService {
       const frames = splitBatch(batch);
       if (!frames) {
         this.o.log.warn('malformed block batch from a peer; closing its stream');
-        call.destroy(new Error('malformed batch'));
+        refuse(call, 'malformed batch');
         return;
       }
       for (const frame of frames) if (!onFrame(frame)) return;
