@@ -104,7 +104,9 @@ async function startPeersan(sizeBytes) {
   const peers = [];
   for (const id of ['p1', 'p2']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
   const config = path.join(work, 'cluster.yaml');
-  fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`, 'peers:',
+  fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
+    // No page moves, no host redirects: "forwarded" must stay forwarded for the whole run.
+    '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
     ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
   for (const p of peers) {
     children.push(spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'peer', '--config', config, '--id', p.id], { stdio: 'ignore' }));
