@@ -8,7 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
-import { peerRequestMsMax } from '../src/limits';
+import { gracefulStopMs, peerRequestMsMax } from '../src/limits';
 import { naaIdentifier } from '../src/scsi/inquiry';
 import { BlockOp, ReplyStatus } from '../src/routing/frame';
 import { PeerLink } from '../src/routing/link';
@@ -123,7 +123,11 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     const p2Page = 1 * pageBytes; // page 1 is p2's
     const before = await qemuIo(g.url('p1', 'vol'), `read -v ${p2Page} 512`);
     t.ok(before.ok);
+    // p1 holds a block stream open to p2 since that read: stopping must end it, not wait it out.
+    const stopping = Date.now();
     await g.peer('p2').stop();
+    const stopMs = Date.now() - stopping;
+    t.ok(stopMs < gracefulStopMs / 2, `p2 stopped gracefully in ${stopMs} ms, not at the ${gracefulStopMs} ms forced stop`);
     const failed = await qemuIo(g.url('p1', 'vol'), `read ${p2Page} 4096`, 60_000);
     t.notOk(failed.ok, `read of p2's page fails: ${failed.out.trim().split('\n')[0]}`);
     t.ok(failed.ms < 6 * peerRequestMsMax, `and within the bound (${failed.ms} ms)`);

@@ -18,7 +18,9 @@ const pageBytes = 8192 * 512;
 
 t.test('a group of three peer processes on etcd', { skip: missing.length ? `missing ${missing.join(', ')} (.ci/run installs etcd-server, qemu-utils, libiscsi-bin)` : false }, async (t) => {
   const { endpoint } = await startEtcd(t.teardown.bind(t));
-  const [p1, p2, p3] = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint });
+  // Pages stay where placement put them (the checks below name their owners) and hosts stay on
+  // the portal they asked for: no balancer, no host balancing.
+  const [p1, p2, p3] = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
   const created = p2.cli('volume', 'create', 'data', '--size', '256M');
   t.equal(created.status, 0, created.stdout.trim() || created.stderr.trim());
   t.match(p3.cli('volume', 'show', 'data').stdout, /placed on\s+p1, p2, p3/, 'every peer sees the volume');

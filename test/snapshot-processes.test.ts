@@ -108,7 +108,7 @@ t.test('a participant killed between PREPARE and TAKE: the snapshot aborts, host
 
   await p3.kill('SIGTERM');
   await p3.start({ PEERSAN_TEST_CRASH: 'p3:snapshot-after-ready' });
-  const died = new Promise<string | null>((r) => p3.process.once('exit', (_code, signal) => r(signal)));
+  const died = p3.exited;
 
   const host = startHost(p1.url('sv'), surviving);
   t.teardown(() => host.stop());

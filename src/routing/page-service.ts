@@ -34,6 +34,8 @@ export interface PageServiceOptions {
 
 export class PageService {
   private readonly o: PageServiceOptions;
+  /** Open streams: each ends once its requests in flight are answered (at shutdown). */
+  private readonly streams = new Set<() => void>();
 
   constructor(opts: PageServiceOptions) {
     this.o = opts;
@@ -115,6 +117,17 @@ export class PageService {
     let inFlight = 0;
     let paused = false;
     let ended = false;
+    const endCall = (): void => {
+      if (call.writableEnded) return;
+      batcher.flush();
+      call.end();
+    };
+    const finish = (): void => {
+      ended = true;
+      if (inFlight === 0) endCall();
+    };
+    this.streams.add(finish);
+    call.on('close', () => this.streams.delete(finish));
     const batcher = new FrameBatcher((batch) => {
       if (!call.destroyed && call.writable) call.write(batch);
     });
@@ -142,10 +155,7 @@ export class PageService {
             call.resume();
           }
           batcher.push(encodeReply(reply));
-          if (ended && inFlight === 0) {
-            batcher.flush();
-            call.end();
-          }
+          if (ended && inFlight === 0) endCall();
         });
       return true;
     };
@@ -158,11 +168,17 @@ export class PageService {
       }
       for (const frame of frames) if (!onFrame(frame)) return;
     });
-    call.on('end', () => {
-      ended = true;
-      if (inFlight === 0) call.end();
-    });
-    call.on('error', () => undefined);
+    call.on('end', finish);
+    call.on('error', () => this.streams.delete(finish));
+  }
+
+  /**
+   * Shutdown: end every open stream once the requests it carries are answered. Senders keep
+   * their streams open for good, so without this a graceful gRPC shutdown would wait for ever.
+   */
+  endStreams(): void {
+    for (const finish of this.streams) finish();
+    this.streams.clear();
   }
 }
 

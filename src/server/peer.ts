@@ -86,6 +86,7 @@ export class PeerServer implements AdminApi {
   private scheduler: SnapshotScheduler | undefined;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
+  private pageService?: PageService;
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
@@ -210,7 +211,7 @@ export class PeerServer implements AdminApi {
     });
     // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
     await this.migrator.recover();
-    const pages = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log });
+    const pages = (this.pageService = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log }));
     this.grpcServer = new grpc.Server(peerChannelOptions);
     addAdminService(this.grpcServer, this, this.config.adminToken, this.log);
     addPeerServices(this.grpcServer, {
@@ -313,7 +314,12 @@ export class PeerServer implements AdminApi {
       if (this.http) await this.http.close();
       this.hostBalance?.stop();
       if (this.portal) await this.portal.close();
-      if (this.grpcServer) await new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
+      if (this.grpcServer) {
+        // No new calls from here; the other peers' block streams end once answered.
+        const shut = new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
+        this.pageService?.endStreams();
+        await shut;
+      }
       this.migrator?.close();
       for (const l of this.links.values()) l.close();
       for (const c of this.rpcClients.values()) c.close();

@@ -50,6 +50,8 @@ export interface TestPeer {
   iscsiPort: number;
   rpcPort: number;
   process: ChildProcess;
+  /** Settles with the signal that ended the current process (null for a plain exit). */
+  exited: Promise<NodeJS.Signals | null>;
   url(volume: string, auth?: string): string;
   cli(...args: string[]): { status: number | null; stdout: string; stderr: string };
   /** The CLI without blocking the event loop (while other clients run from this process). */
@@ -81,6 +83,7 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
     const peer: TestPeer = {
       id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc,
       process: undefined as unknown as ChildProcess,
+      exited: Promise.resolve(null),
       url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:${volume}/0`,
       cli: (...args) => {
         const r = spawnSync(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], { encoding: 'utf8', timeout: 30_000 });
@@ -93,16 +96,22 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
       start: async (env) => {
         peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
         peer.process.stderr!.on('data', () => undefined);
+        const proc = peer.process;
+        peer.exited = new Promise((r) => proc.once('exit', (_code, signal) => r(signal)));
         await waitForPort(p.iscsi);
         await waitForPort(p.rpc);
       },
       kill: async (signal = 'SIGTERM') => {
         const proc = peer.process;
         if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
-        const exited = new Promise((r) => proc.once('exit', r));
+        const exited = peer.exited;
         proc.kill(signal);
         await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-        if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+        if (proc.exitCode === null && proc.signalCode === null) {
+          // Wait for the end too: a restart must not find the old process still on its ports.
+          proc.kill('SIGKILL');
+          await exited;
+        }
       },
     };
     return peer;
