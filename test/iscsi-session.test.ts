@@ -100,6 +100,25 @@ t.test('write without immediate data: R2Ts by MaxBurstLength, data gathered, the
   t.equal(rsp.status, ScsiStatus.good);
 });
 
+t.test('immediate data: all of it goes to the LU as is; part of it is gathered with the Data-Out that follows', async (t) => {
+  const { s, lu, out } = setup({ immediateData: true, initialR2T: false, firstBurstLength: 65536 });
+  lu.auto = (c) => ({ status: ScsiStatus.good, dataOutBytesUsed: c.expectedDataLength });
+  const whole = Buffer.alloc(4096, 7);
+  s.onPdu(cmd(1, 1, { write: true, edtl: 4096, data: whole }), 0);
+  t.equal(lu.seen.length, 1, 'no R2T, no wait: the data is all there');
+  t.same(lu.seen[0].dataOut, whole);
+  const part = Buffer.alloc(1024, 8);
+  s.onPdu(cmd(2, 2, { write: true, edtl: 3072, data: part }), 0);
+  t.equal(lu.seen.length, 1, 'waits for the unsolicited rest');
+  s.onPdu({ opcode: Op.dataOut, immediate: false, final: true, initiatorTaskTag: 2, data: Buffer.alloc(2048, 9), lun: lun0, targetTransferTag: 0xffffffff, expStatSN: 0, dataSN: 0, bufferOffset: 1024 }, 0);
+  t.equal(lu.seen.length, 2);
+  t.same([lu.seen[1].dataOut!.length, lu.seen[1].dataOut![0], lu.seen[1].dataOut![1023], lu.seen[1].dataOut![1024], lu.seen[1].dataOut![3071]], [3072, 8, 8, 9, 9]);
+  t.equal(part.length, 1024, 'the immediate data of a partial write is copied, not grown into');
+  await tick();
+  t.equal(out.filter((p) => p.opcode === Op.scsiResponse).length, 2);
+  t.equal(out.filter((p) => p.opcode === Op.r2t).length, 0);
+});
+
 t.test('a wrong DataSN fails the command, not the session', async (t) => {
   const { s, lu, out, closed } = setup({ immediateData: false, initialR2T: true });
   s.onPdu(cmd(1, 1, { write: true, edtl: 512 }), 0);

@@ -6,7 +6,9 @@ import t from 'tap';
 import fc from 'fast-check';
 import pino from 'pino';
 import { PeerUnavailableError } from '../src/errors';
-import { BlockOp, decodeExtents, decodeReply, decodeRequest, encodeExtents, encodeReply, encodeRequest, ReplyStatus, type BlockRequest } from '../src/routing/frame';
+import { FrameBatcher, splitBatch } from '../src/routing/batch';
+import { BlockOp, decodeExtents, decodeReply, decodeRequest, encodeExtents, encodeReply, encodeReplyInto, encodeRequest, encodeRequestInto, replyFrameBytes, requestFrameBytes, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
+import { peerBatchBytesMax } from '../src/limits';
 import { PageService } from '../src/routing/page-service';
 import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
 import { RouteTable, type Route } from '../src/routing/table';
@@ -50,6 +52,40 @@ t.test('frames round-trip and malformed frames are refused, never thrown on', as
     decodeReply(b);
     decodeExtents(b);
   }));
+});
+
+t.test('the batcher encodes the frames of a turn into one batch that splits back into the same frames', async (t) => {
+  const batches: Buffer[] = [];
+  const batcher = new FrameBatcher<BlockRequest>({ frameBytes: requestFrameBytes, encodeInto: encodeRequestInto }, (b) => batches.push(b));
+  const reqs: BlockRequest[] = [0, 1, 2].map((i) => ({ id: i + 1, op: i === 1 ? BlockOp.read : BlockOp.write, fua: i === 2, volumeId, lba: i * 8, blocks: 1, routeVersion: i, compareBytes: 0, data: i === 1 ? undefined : Buffer.alloc(512, i + 1) }));
+  for (const r of reqs) batcher.push(r);
+  t.equal(batches.length, 0, 'nothing is written before the turn ends');
+  await new Promise((r) => setImmediate(r));
+  t.equal(batches.length, 1, 'one batch per turn');
+  const frames = splitBatch(batches[0])!;
+  t.same(frames.map((f) => f.toString('hex')), reqs.map((r) => encodeRequest(r).toString('hex')), 'the same bytes as encoding each frame alone');
+  t.equal(splitBatch(batches[0].subarray(0, batches[0].length - 1)), undefined, 'a cut batch is malformed');
+
+  // A frame that would overflow the batch flushes what is queued first.
+  const big: BlockRequest = { ...reqs[0], data: Buffer.alloc(peerBatchBytesMax / 2, 7) };
+  batcher.push(big);
+  batcher.push({ ...big, id: 99 });
+  t.equal(batches.length, 2, 'the full batch went out at once');
+  await new Promise((r) => setImmediate(r));
+  t.equal(batches.length, 3);
+  t.same(splitBatch(batches[2])!.map((f) => decodeRequest(f)!.id), [99]);
+  batcher.push(reqs[0]);
+  batcher.clear();
+  await new Promise((r) => setImmediate(r));
+  t.equal(batches.length, 3, 'cleared frames are never written');
+
+  // Replies encode at any offset of a shared buffer.
+  const reply: BlockReply = { id: 5, status: ReplyStatus.ok, owner: 'p2', version: 3, detail: 0, payload: Buffer.from('data') };
+  const shared = Buffer.alloc(replyFrameBytes(reply) + 10, 0xee);
+  encodeReplyInto(reply, shared, 7);
+  t.same(shared.subarray(7, 7 + replyFrameBytes(reply)), encodeReply(reply));
+  t.equal(shared[6], 0xee, 'nothing written before the offset');
+  t.equal(shared[7 + replyFrameBytes(reply)], 0xee, 'nothing written after the frame');
 });
 
 /** Three peers in memory: each has a store, a route table of its own and a PageService. */

@@ -9,6 +9,9 @@ import { crc32c, digestBytes } from './digest';
 import { bhsAhsLength, bhsDataSegmentLength, decodePdu, padBytes } from './pdu';
 import { RejectReason, type Pdu } from './types';
 
+/** The data segment of every PDU that has none (zero bytes: nothing can be written into it). */
+const noData = Buffer.alloc(0);
+
 export type ParseEvent =
   | { kind: 'pdu'; pdu: Pdu; bhs: Buffer }
   /** The PDU was skipped; the connection can go on after a Reject with this reason. */
@@ -79,7 +82,7 @@ export class PduParser {
         return this.fail(new ProtocolError('header digest error'));
       }
     }
-    const dataAll = dataTotal === 0 ? Buffer.alloc(0) : this.take(dataTotal);
+    const dataAll = dataTotal === 0 ? noData : this.take(dataTotal);
     const data = dataAll.subarray(0, dataLength);
     if (this.dataDigest && dataLength > 0) {
       const expected = dataAll.readUInt32LE(dataTotal - digestBytes);

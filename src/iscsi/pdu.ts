@@ -370,7 +370,9 @@ function ahsFor(p: Pdu): Buffer {
 export function encodePdu(pdu: Pdu, digests: { header: boolean; data: boolean }): Buffer[] {
   const ahs = ahsFor(pdu);
   const headerBytes = bhsBytes + ahs.length;
-  const header = Buffer.alloc(headerBytes + (digests.header ? 4 : 0));
+  // From Node's shared pool (a slice of an 8 KiB slab, zeroed for the reserved fields): a
+  // Buffer.alloc of its own per PDU would be one more ArrayBuffer for the GC to track.
+  const header = Buffer.allocUnsafe(headerBytes + (digests.header ? 4 : 0)).fill(0);
   header[0] = pdu.opcode | (pdu.immediate ? 0x40 : 0);
   header[4] = ahs.length / 4;
   const dataLength = pdu.data.length;

@@ -33,6 +33,8 @@ import {
 } from './types';
 
 const reservedTag = 0xffffffff;
+/** The data segment of the PDUs we send without one (zero bytes: nothing can be written into it). */
+const noData = Buffer.alloc(0);
 
 // ---- serial number arithmetic (RFC 1982, 32 bits) ----------------------------------------
 export function snLess(a: number, b: number): boolean {
@@ -80,11 +82,23 @@ interface Task {
   delivered: boolean;
   executing: boolean;
   aborted: boolean;
-  /** Resolves when the LU call returns (or at once if it never started). */
-  settled: Promise<void>;
-  settle: () => void;
+  /** The LU call has returned (or the task never reached it). */
+  settled: boolean;
+  /** Who waits for `settled` (an abort); created only then: most tasks are never waited for. */
+  settledWaiters: (() => void)[] | null;
   /** A result decided before execution (limits, missing LUN). */
   early?: ScsiResult;
+}
+
+function settle(task: Task): void {
+  task.settled = true;
+  for (const resolve of task.settledWaiters?.splice(0) ?? []) resolve();
+}
+
+/** Resolves when the task's LU call has returned (at once if it already has or never started). */
+function settled(task: Task): Promise<void> {
+  if (task.settled) return Promise.resolve();
+  return new Promise((resolve) => (task.settledWaiters ??= []).push(resolve));
 }
 
 function fixedSense(key: number, asc: number, ascq: number): Buffer {
@@ -240,14 +254,12 @@ export class Session {
   }
 
   private createTask(pdu: ScsiCommandPdu): Task {
-    let settle!: () => void;
-    const settled = new Promise<void>((r) => (settle = r));
     const edtl = pdu.expectedDataTransferLength;
     const task: Task = {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
       itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu,
       lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
-      r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled, settle,
+      r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null,
     };
     if (pdu.read && pdu.write) {
       task.early = checkCondition(0x05, 0x24, 0x00); // bidirectional: not supported
@@ -257,7 +269,9 @@ export class Session {
       if (this.dataOutBytes + edtl > sessionDataOutBytesMax) {
         task.early = { status: ScsiStatus.taskSetFull };
       } else {
-        task.buffer = Buffer.allocUnsafe(edtl);
+        // All the data came as immediate data (a small write): use it where it lies, a view into
+        // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
+        task.buffer = pdu.data.length === edtl ? pdu.data : Buffer.allocUnsafe(edtl);
         this.dataOutBytes += edtl;
       }
     }
@@ -266,7 +280,7 @@ export class Session {
 
   private acceptImmediateData(task: Task, data: Buffer): void {
     const n = Math.min(data.length, task.edtl);
-    if (n > 0) data.copy(task.buffer!, 0, 0, n);
+    if (n > 0 && task.buffer !== data) data.copy(task.buffer!, 0, 0, n);
     task.receivedBytes = n;
     // Unsolicited data (immediate + Data-Out with the reserved TTT) covers the first burst.
     const unsolicitedEnd = this.params.initialR2T ? n : Math.min(this.params.firstBurstLength, task.edtl);
@@ -282,7 +296,7 @@ export class Session {
       task.r2tOutstanding.set(ttt, { offset, length, received: 0, nextDataSN: 0 });
       task.solicitedTo += length;
       this.send({
-        opcode: Op.r2t, immediate: false, final: true, initiatorTaskTag: task.itt, data: Buffer.alloc(0),
+        opcode: Op.r2t, immediate: false, final: true, initiatorTaskTag: task.itt, data: noData,
         lun: task.pdu.lun, targetTransferTag: ttt, statSN: this.statSN, expCmdSN: this.expCmdSN,
         maxCmdSN: this.windowEnd(), r2tSN: task.r2tSN++, bufferOffset: offset, desiredDataTransferLength: length,
       });
@@ -376,7 +390,7 @@ export class Session {
   private complete(task: Task, result: ScsiResult): void {
     this.tasks.delete(task.itt);
     if (task.buffer) this.dataOutBytes -= task.edtl;
-    task.settle();
+    settle(task);
     if (!task.aborted && !this.ended) this.sendResult(task, result);
     this.notifyIdle();
   }
@@ -410,7 +424,7 @@ export class Session {
         residualBytes = used - edtl;
       }
     }
-    let data: Buffer = Buffer.alloc(0);
+    let data: Buffer = noData;
     if (result.sense && result.sense.length > 0) {
       data = Buffer.allocUnsafe(2 + result.sense.length);
       data.writeUInt16BE(result.sense.length, 0);
@@ -560,10 +574,10 @@ export class Session {
         // Never reached the LU: release it now.
         this.tasks.delete(task.itt);
         if (task.buffer) this.dataOutBytes -= task.edtl;
-        task.settle();
+        settle(task);
       }
     }
-    await Promise.all(tasks.map((t) => t.settled));
+    await Promise.all(tasks.map(settled));
     this.notifyIdle();
   }
 

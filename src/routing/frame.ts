@@ -74,22 +74,49 @@ function readU64(b: Buffer, at: number): number {
   return b.readUInt32BE(at) * 0x1_0000_0000 + b.readUInt32BE(at + 4);
 }
 
-export function encodeRequest(r: BlockRequest): Buffer {
+/** Volume ids as bytes, so that encoding a request does not parse hex each time (a peer serves few volumes). */
+const volumeIds = new Map<string, Buffer>();
+const volumeIdsMax = 4096;
+
+function volumeIdBytes(volumeId: string): Buffer {
+  let b = volumeIds.get(volumeId);
+  if (b) return b;
+  b = Buffer.alloc(8);
+  b.write(volumeId, 'hex');
+  if (volumeIds.size >= volumeIdsMax) volumeIds.clear();
+  volumeIds.set(volumeId, b);
+  return b;
+}
+
+/** The bytes encodeRequestInto writes for `r`. */
+export function requestFrameBytes(r: BlockRequest): number {
+  return requestHeaderBytes + (r.data?.length ?? 0);
+}
+
+/**
+ * Write `r` at `b[at..at + requestFrameBytes(r))`. The batcher (batch.ts) encodes every frame
+ * of a batch straight into the batch buffer: the data is copied once, no frame buffer exists.
+ */
+export function encodeRequestInto(r: BlockRequest, b: Buffer, at: number): void {
   const dataBytes = r.data?.length ?? 0;
-  const b = Buffer.allocUnsafe(requestHeaderBytes + dataBytes);
-  b[0] = requestKind;
-  b[1] = r.op;
-  b[2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
-  b[3] = 0;
-  b.writeUInt32BE(r.id >>> 0, 4);
-  b.write(r.volumeId, 8, 8, 'hex');
-  writeU64(b, r.lba, 16);
-  b.writeUInt32BE(r.blocks, 24);
-  b.writeUInt32BE(r.routeVersion, 28);
-  b.writeUInt32BE(r.compareBytes, 32);
-  b.writeUInt32BE(dataBytes, 36);
-  b.writeUInt32BE(r.layer ?? 0, 40);
-  if (r.data) r.data.copy(b, requestHeaderBytes);
+  b[at] = requestKind;
+  b[at + 1] = r.op;
+  b[at + 2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
+  b[at + 3] = 0;
+  b.writeUInt32BE(r.id >>> 0, at + 4);
+  volumeIdBytes(r.volumeId).copy(b, at + 8);
+  writeU64(b, r.lba, at + 16);
+  b.writeUInt32BE(r.blocks, at + 24);
+  b.writeUInt32BE(r.routeVersion, at + 28);
+  b.writeUInt32BE(r.compareBytes, at + 32);
+  b.writeUInt32BE(dataBytes, at + 36);
+  b.writeUInt32BE(r.layer ?? 0, at + 40);
+  if (r.data) r.data.copy(b, at + requestHeaderBytes);
+}
+
+export function encodeRequest(r: BlockRequest): Buffer {
+  const b = Buffer.allocUnsafe(requestFrameBytes(r));
+  encodeRequestInto(r, b, 0);
   return b;
 }
 
@@ -116,22 +143,31 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
   };
 }
 
-export function encodeReply(r: BlockReply): Buffer {
-  const owner = Buffer.from(r.owner, 'utf8');
-  if (owner.length > 255) throw new Error('assertion failed: peer ids are short');
+/** The bytes encodeReplyInto writes for `r`. */
+export function replyFrameBytes(r: BlockReply): number {
+  return replyHeaderBytes + Buffer.byteLength(r.owner, 'utf8') + (r.payload?.length ?? 0);
+}
+
+/** Write `r` at `b[at..at + replyFrameBytes(r))` (see encodeRequestInto). */
+export function encodeReplyInto(r: BlockReply, b: Buffer, at: number): void {
+  const ownerBytes = r.owner.length === 0 ? 0 : b.write(r.owner, at + replyHeaderBytes, 'utf8');
+  if (ownerBytes > 255) throw new Error('assertion failed: peer ids are short');
   const payloadBytes = r.payload?.length ?? 0;
-  const b = Buffer.allocUnsafe(replyHeaderBytes + owner.length + payloadBytes);
-  b[0] = replyKind;
-  b[1] = r.status;
-  b[2] = owner.length;
-  b[3] = 0;
-  b.writeUInt32BE(r.id >>> 0, 4);
-  b.writeUInt32BE(r.version, 8);
-  b.writeUInt32BE(r.detail, 12);
-  b.writeUInt32BE(payloadBytes, 16);
-  b.writeUInt32BE(0, 20);
-  owner.copy(b, replyHeaderBytes);
-  if (r.payload) r.payload.copy(b, replyHeaderBytes + owner.length);
+  b[at] = replyKind;
+  b[at + 1] = r.status;
+  b[at + 2] = ownerBytes;
+  b[at + 3] = 0;
+  b.writeUInt32BE(r.id >>> 0, at + 4);
+  b.writeUInt32BE(r.version, at + 8);
+  b.writeUInt32BE(r.detail, at + 12);
+  b.writeUInt32BE(payloadBytes, at + 16);
+  b.writeUInt32BE(0, at + 20);
+  if (r.payload) r.payload.copy(b, at + replyHeaderBytes + ownerBytes);
+}
+
+export function encodeReply(r: BlockReply): Buffer {
+  const b = Buffer.allocUnsafe(replyFrameBytes(r));
+  encodeReplyInto(r, b, 0);
   return b;
 }
 

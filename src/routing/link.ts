@@ -8,7 +8,7 @@ import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../errors';
 import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
 import { FrameBatcher, splitBatch } from './batch';
-import { decodeReply, encodeRequest, type BlockReply, type BlockRequest } from './frame';
+import { decodeReply, encodeRequestInto, requestFrameBytes, type BlockReply, type BlockRequest } from './frame';
 
 const raw = (b: Buffer): Buffer => b;
 
@@ -43,8 +43,10 @@ const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerD
 interface Pending {
   resolve: (r: BlockReply) => void;
   reject: (e: Error) => void;
-  timer: NodeJS.Timeout;
+  deadlineMs: number;
 }
+
+const requestCodec = { frameBytes: requestFrameBytes, encodeInto: encodeRequestInto };
 
 export interface PeerLinkOptions {
   peerId: string;
@@ -59,7 +61,9 @@ export class PeerLink {
   private readonly client: grpc.Client;
   private readonly opts: PeerLinkOptions;
   private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
-  private batcher: FrameBatcher | undefined;
+  private batcher: FrameBatcher<BlockRequest> | undefined;
+  /** Fails requests past their deadline; runs while a stream is open (one timer, not one per request). */
+  private sweepTimer: NodeJS.Timeout | undefined;
   private readonly pending = new Map<number, Pending>();
   private readonly waiting: (() => void)[] = [];
   private nextId = 1;
@@ -75,21 +79,45 @@ export class PeerLink {
     return this.pending.size;
   }
 
-  /** Send one request; resolves with the owner's reply (any status), rejects with PeerUnavailableError. */
-  async send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
+  private get requestMsMax(): number {
+    return this.opts.requestMsMax ?? peerRequestMsMax;
+  }
+
+  /**
+   * Send one request; resolves with the owner's reply (any status), rejects with
+   * PeerUnavailableError. `req.data` is borrowed until the reply (or failure) arrives. With a
+   * stream open and room in the window (the steady state) this is one promise and no awaits.
+   */
+  send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
+    if (!this.closed && this.batcher && this.pending.size < peerRequestsInFlightMax && this.waiting.length === 0) return this.enqueue(req, this.batcher);
+    return this.sendSlowly(req);
+  }
+
+  /** Wait for room in the window and for the channel, then open a stream if none is open. */
+  private async sendSlowly(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
     if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
     while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
     if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
     if (this.client.getChannel().getConnectivityState(true) !== grpc.connectivityState.READY) await this.connect();
+    return this.enqueue(req, this.openStream().batcher);
+  }
+
+  private enqueue(req: Omit<BlockRequest, 'id'>, batcher: FrameBatcher<BlockRequest>): Promise<BlockReply> {
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
-    const stream = this.openStream();
     return new Promise<BlockReply>((resolve, reject) => {
-      const timer = setTimeout(() => this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.opts.requestMsMax ?? peerRequestMsMax} ms`, true)), this.opts.requestMsMax ?? peerRequestMsMax);
-      this.pending.set(id, { resolve, reject, timer });
-      stream.batcher.push(encodeRequest({ ...req, id }));
+      this.pending.set(id, { resolve, reject, deadlineMs: performance.now() + this.requestMsMax });
+      batcher.push({ ...req, id });
     });
   }
+
+  /** Fail the requests whose deadline has passed (each alone; the stream stays). */
+  private readonly sweep = (): void => {
+    const nowMs = performance.now();
+    for (const [id, p] of this.pending) {
+      if (p.deadlineMs <= nowMs) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.requestMsMax} ms`, true));
+    }
+  };
 
   /** Wait (bounded) for the channel: a peer that just came back is used, a dead one fails soon. */
   private connect(): Promise<void> {
@@ -98,14 +126,17 @@ export class PeerLink {
     });
   }
 
-  private openStream(): { batcher: FrameBatcher } {
+  private openStream(): { batcher: FrameBatcher<BlockRequest> } {
     if (this.stream && this.batcher) return { batcher: this.batcher };
     const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
     this.stream = stream;
-    const batcher = new FrameBatcher((batch) => {
+    const batcher = new FrameBatcher<BlockRequest>(requestCodec, (batch) => {
       if (this.stream === stream) stream.write(batch);
     });
     this.batcher = batcher;
+    // A deadline is noticed within a tenth of it (or a second) after it passes.
+    this.sweepTimer ??= setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));
+    this.sweepTimer.unref();
     stream.on('data', (batch: Buffer) => {
       const frames = splitBatch(batch);
       if (!frames) return this.breakStream(stream, 'malformed reply batch');
@@ -124,7 +155,6 @@ export class PeerLink {
     const p = this.pending.get(id);
     if (!p) return undefined;
     this.pending.delete(id);
-    clearTimeout(p.timer);
     this.waiting.shift()?.();
     return p;
   }
@@ -134,6 +164,8 @@ export class PeerLink {
     this.stream = undefined;
     this.batcher?.clear();
     this.batcher = undefined;
+    clearInterval(this.sweepTimer);
+    this.sweepTimer = undefined;
     stream.cancel();
     // Every request written on this stream is lost with it; none can be answered any more.
     for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false));

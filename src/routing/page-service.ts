@@ -10,7 +10,7 @@ import { peerRequestsInFlightMax } from '../limits';
 import type { BlockBackend } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
 import { PageMovedError } from './moved';
-import { BlockOp, decodeRequest, encodeExtents, encodeReply, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
+import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, replyFrameBytes, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
 import type { Route, RouteTable } from './table';
 
 export interface ServedVolume {
@@ -32,6 +32,18 @@ export interface PageServiceOptions {
   log: Logger;
 }
 
+const replyCodec = { frameBytes: replyFrameBytes, encodeInto: encodeReplyInto };
+
+/**
+ * End a stream with an error status the sender sees (its link then fails what it has
+ * outstanding and opens a new stream). grpc-js sends the status from the stream's 'error'
+ * handler; call.destroy() would drop the stream without telling the sender, whose requests
+ * would then each wait for their deadline.
+ */
+function refuse(call: grpc.ServerDuplexStream<Buffer, Buffer>, details: string): void {
+  call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details });
+}
+
 export class PageService {
   private readonly o: PageServiceOptions;
   /** Open streams: each ends once its requests in flight are answered (at shutdown). */
@@ -41,22 +53,59 @@ export class PageService {
     this.o = opts;
   }
 
-  async handle(req: BlockRequest): Promise<BlockReply> {
-    const reply = (status: number, extra: Partial<BlockReply> = {}): BlockReply => ({ id: req.id, status, owner: this.o.self, version: 0, detail: 0, ...extra });
-    const v = this.o.volume(req.volumeId);
+  handle(req: BlockRequest): Promise<BlockReply> {
+    // The common case, a host request for pages we own by a route the sender also knows,
+    // goes straight to the store: no catalog look-up, no extra promise.
+    try {
+      const v = this.o.volume(req.volumeId);
+      if (v && !req.layer && !req.staging && req.op !== BlockOp.flush && this.inRange(v, req) && this.ownsAll(v, req)) return this.serve(req, v.store);
+      return this.handleSlowly(req, v);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  private inRange(v: ServedVolume, req: BlockRequest): boolean {
+    return req.blocks > 0 && req.lba + req.blocks <= v.store.blockCount;
+  }
+
+  /** True when our table says we own every page the request touches, at least at the sender's version. */
+  private ownsAll(v: ServedVolume, req: BlockRequest): boolean {
+    for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
+      const route = v.table.route(page);
+      if (route.owner !== this.o.self || req.routeVersion > route.version) return false;
+    }
+    return true;
+  }
+
+  /** Run on the store; a page that moved under us (src/migration) is answered MOVED. */
+  private serve(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
+    return this.run(req, store).catch((err: unknown) => {
+      if (!(err instanceof PageMovedError)) throw err;
+      return this.reply(req, ReplyStatus.moved, { owner: err.route.owner, version: err.route.version, detail: err.page });
+    });
+  }
+
+  private reply(req: BlockRequest, status: number, extra?: Partial<BlockReply>): BlockReply {
+    const r: BlockReply = { id: req.id, status, owner: this.o.self, version: 0, detail: 0 };
+    return extra ? Object.assign(r, extra) : r;
+  }
+
+  private async handleSlowly(req: BlockRequest, v: ServedVolume | undefined): Promise<BlockReply> {
+    const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
     if (!v) return reply(ReplyStatus.noVolume);
     if (req.op === BlockOp.flush) {
       await (req.staging ? v.raw : v.store).flush();
       return reply(ReplyStatus.ok);
     }
-    if (req.blocks === 0 || req.lba + req.blocks > v.store.blockCount) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
+    if (!this.inRange(v, req)) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
     let store = v.store;
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
       if (!layer) return reply(ReplyStatus.failed, { payload: Buffer.from(`peer ${this.o.self} holds no snapshot ${req.layer} of the volume`) });
       if (req.op !== BlockOp.read && req.op !== BlockOp.lbaStatus) return reply(ReplyStatus.failed, { payload: Buffer.from('a snapshot is read-only') });
-      return this.run(req, layer, reply);
+      return this.run(req, layer);
     }
     if (req.staging) {
       // A move's source copying, dual-writing or forwarding: only for a page we are receiving.
@@ -68,15 +117,11 @@ export class PageService {
       const moved = await this.notMine(v, req);
       if (moved) return reply(ReplyStatus.moved, { owner: moved.route.owner, version: moved.route.version, detail: moved.page });
     }
-    try {
-      return await this.run(req, store, reply);
-    } catch (err) {
-      if (!(err instanceof PageMovedError)) throw err;
-      return reply(ReplyStatus.moved, { owner: err.route.owner, version: err.route.version, detail: err.page });
-    }
+    return this.serve(req, store);
   }
 
-  private async run(req: BlockRequest, store: BlockBackend, reply: (status: number, extra?: Partial<BlockReply>) => BlockReply): Promise<BlockReply> {
+  private async run(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
+    const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
     const bs = store.blockBytes;
     switch (req.op) {
       case BlockOp.read:
@@ -128,14 +173,23 @@ export class PageService {
     };
     this.streams.add(finish);
     call.on('close', () => this.streams.delete(finish));
-    const batcher = new FrameBatcher((batch) => {
+    const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
       if (!call.destroyed && call.writable) call.write(batch);
     });
+    const done = (reply: BlockReply): void => {
+      inFlight--;
+      if (paused && inFlight < peerRequestsInFlightMax / 2) {
+        paused = false;
+        call.resume();
+      }
+      batcher.push(reply);
+      if (ended && inFlight === 0) endCall();
+    };
     const onFrame = (frame: Buffer): boolean => {
       const req = decodeRequest(frame);
       if (!req) {
         this.o.log.warn('malformed block frame from a peer; closing its stream');
-        call.destroy(new Error('malformed frame'));
+        refuse(call, 'malformed frame');
         return false;
       }
       inFlight++;
@@ -143,27 +197,17 @@ export class PageService {
         paused = true;
         call.pause();
       }
-      this.handle(req)
-        .catch((err: Error): BlockReply => {
-          this.o.log.error({ err, op: req.op, volume: req.volumeId }, 'forwarded request failed in the store');
-          return { id: req.id, status: ReplyStatus.failed, owner: this.o.self, version: 0, detail: 0, payload: Buffer.from(err.message) };
-        })
-        .then((reply) => {
-          inFlight--;
-          if (paused && inFlight < peerRequestsInFlightMax / 2) {
-            paused = false;
-            call.resume();
-          }
-          batcher.push(encodeReply(reply));
-          if (ended && inFlight === 0) endCall();
-        });
+      this.handle(req).then(done, (err: Error) => {
+        this.o.log.error({ err, op: req.op, volume: req.volumeId }, 'forwarded request failed in the store');
+        done({ id: req.id, status: ReplyStatus.failed, owner: this.o.self, version: 0, detail: 0, payload: Buffer.from(err.message) });
+      });
       return true;
     };
     call.on('data', (batch: Buffer) => {
       const frames = splitBatch(batch);
       if (!frames) {
         this.o.log.warn('malformed block batch from a peer; closing its stream');
-        call.destroy(new Error('malformed batch'));
+        refuse(call, 'malformed batch');
         return;
       }
       for (const frame of frames) if (!onFrame(frame)) return;

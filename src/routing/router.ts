@@ -83,15 +83,37 @@ export class VolumeRouter implements BlockBackend {
         return this.read(lba, blocks);
       }
     }
+    if (runs.length === 1) {
+      // One owner, not us (the forwarded common case): one request, no per-run closures.
+      const reply = await this.forwardOnce(runs[0], BlockOp.read, false);
+      if (reply.status === ReplyStatus.ok) return this.readData(runs[0], this.payload(reply));
+      if (reply.status === ReplyStatus.moved) {
+        await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+        return this.readRuns(lba, blocks, this.runsOf(lba, blocks, 0), 1);
+      }
+      if (reply.status !== ReplyStatus.noVolume) this.expectOk(reply);
+    }
+    return this.readRuns(lba, blocks, runs, 0);
+  }
+
+  private async readRuns(lba: number, blocks: number, runs: Run[], tries: number): Promise<Buffer> {
     let single: Buffer | undefined;
     const out = runs.length === 1 ? undefined : Buffer.allocUnsafe(blocks * this.blockBytes);
-    await this.each(runs, async (run) => {
-      const data = run.owner === this.o.self ? await this.o.local.read(run.lba, run.blocks) : this.payload(await this.forward(run, BlockOp.read, false));
-      if (data.length !== run.blocks * this.blockBytes) throw new PeersanError(`peer ${run.owner} returned ${data.length} bytes for ${run.blocks} blocks`);
-      if (out) data.copy(out, run.offsetBlocks * this.blockBytes);
-      else single = data;
-    });
+    await this.each(
+      runs,
+      async (run) => {
+        const data = this.readData(run, run.owner === this.o.self ? await this.o.local.read(run.lba, run.blocks) : this.payload(await this.forward(run, BlockOp.read, false)));
+        if (out) data.copy(out, run.offsetBlocks * this.blockBytes);
+        else single = data;
+      },
+      tries,
+    );
     return out ?? single!;
+  }
+
+  private readData(run: Run, data: Buffer): Buffer {
+    if (data.length !== run.blocks * this.blockBytes) throw new PeersanError(`peer ${run.owner} returned ${data.length} bytes for ${run.blocks} blocks`);
+    return data;
   }
 
   async write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
@@ -107,11 +129,26 @@ export class VolumeRouter implements BlockBackend {
         return this.write(lba, data, opts);
       }
     }
-    await this.each(runs, async (run) => {
-      const part = data.subarray((run.lba - lba) * bs, (run.lba - lba + run.blocks) * bs);
-      if (run.owner === this.o.self) return this.o.local.write(run.lba, part, opts);
-      this.expectOk(await this.forward(run, BlockOp.write, opts.fua === true, part));
-    });
+    let tries = 0;
+    if (runs.length === 1) {
+      const reply = await this.forwardOnce(runs[0], BlockOp.write, opts.fua === true, data);
+      if (reply.status === ReplyStatus.ok) return;
+      if (reply.status !== ReplyStatus.moved && reply.status !== ReplyStatus.noVolume) return this.expectOk(reply);
+      if (reply.status === ReplyStatus.moved) {
+        await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+        runs.splice(0, 1, ...this.runsOf(lba, data.length / bs, 0));
+        tries = 1;
+      }
+    }
+    await this.each(
+      runs,
+      async (run) => {
+        const part = data.subarray((run.lba - lba) * bs, (run.lba - lba + run.blocks) * bs);
+        if (run.owner === this.o.self) return this.o.local.write(run.lba, part, opts);
+        this.expectOk(await this.forward(run, BlockOp.write, opts.fua === true, part));
+      },
+      tries,
+    );
   }
 
   async unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
@@ -255,6 +292,12 @@ export class VolumeRouter implements BlockBackend {
       if (reply.status !== ReplyStatus.noVolume || Date.now() >= deadline) return reply;
       await new Promise((r) => setTimeout(r, 50));
     }
+  }
+
+  /** One send to the run's owner, whatever it answers (MOVED, no volume: the caller decides). */
+  private forwardOnce(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
+    this.o.counters.forwardedRuns++;
+    return this.o.link(run.owner).send(this.request(run, op, fua, data));
   }
 
   private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
