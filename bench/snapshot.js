@@ -28,8 +28,8 @@
 //              most writes are the first to their 64 KiB grain since the snapshot and copy it.
 //              The snapshot is deleted before the next repeat, so every "before" window runs
 //              with no snapshot at all (no copy-on-write).
-// Timestamp-mode snapshots are not built (the CLI refuses --mode timestamp): the bench asks,
-// and prints the answer in that row instead of a figure.
+//   stamping   the same as holding, with `--mode timestamp` snapshots (no host I/O held:
+//              creation time, and the host's latency while they are taken)
 //
 // Needs etcd, qemu-io/qemu-img with the iscsi driver, stdbuf. The machine load (loadavg) is
 // printed with each phase: other engineers' runs share the cores. Results also go to
@@ -50,13 +50,13 @@ const grainBytes = 64 * 1024;
 const snapshotMsMax = 60_000;
 
 /** `peersan snapshot create` through the CLI: the record's figures and the CLI's wall time. */
-async function takeSnapshot(pc, name) {
+async function takeSnapshot(pc, name, mode = 'barrier') {
   const startMs = Date.now();
   const t = performance.now();
-  const out = await run(process.execPath, [peersanBin, '--config', pc.config, '--json', 'snapshot', 'create', 'bench', '--name', name], snapshotMsMax);
+  const out = await run(process.execPath, [peersanBin, '--config', pc.config, '--json', 'snapshot', 'create', 'bench', '--name', name, '--mode', mode], snapshotMsMax);
   const cliMs = performance.now() - t;
   const [s] = JSON.parse(out);
-  return { name, heldMs: s.heldMs, tookMs: s.tookMs, cliMs: Math.round(cliMs), startMs, endMs: Date.now(), createdAtMs: s.createdAtMs };
+  return { name, mode, heldMs: s.heldMs, tookMs: s.tookMs, cliMs: Math.round(cliMs), startMs, endMs: Date.now(), createdAtMs: s.createdAtMs };
 }
 
 async function deleteSnapshot(pc, name) {
@@ -99,28 +99,33 @@ function writesIn(r, fromMs, toMs) {
 async function holdRepeat(pc, sizeBytes, rep) {
   const seconds = args.snapshots + 1;
   const baseline = await phase(pc, sizeBytes, seconds, async () => undefined);
-  const holding = await phase(pc, sizeBytes, seconds, async (startMs) => {
-    const snaps = [];
-    for (let k = 0; k < args.snapshots; k++) {
-      // One command starting each second from the window's start (later if the last one ran long).
-      const at = startMs + (k + 0.5) * 1000;
-      if (Date.now() < at) await sleep(at - Date.now());
-      snaps.push(await takeSnapshot(pc, `hold-${rep}-${k}`));
-    }
-    return snaps;
-  });
-  const snaps = holding.extra;
-  const r = holding.r;
-  const during = new Set(snaps.flatMap((s) => writesIn(r, s.startMs, s.endMs)));
-  const inside = [];
-  const between = [];
-  r.latenciesUs.forEach((us, i) => (during.has(i) ? inside : between).push(us));
-  for (const s of snaps) await deleteSnapshot(pc, s.name);
+  const taking = async (mode) => {
+    const p = await phase(pc, sizeBytes, seconds, async (startMs) => {
+      const snaps = [];
+      for (let k = 0; k < args.snapshots; k++) {
+        // One command starting each second from the window's start (later if the last one ran long).
+        const at = startMs + (k + 0.5) * 1000;
+        if (Date.now() < at) await sleep(at - Date.now());
+        snaps.push(await takeSnapshot(pc, `${mode}-${rep}-${k}`, mode));
+      }
+      return snaps;
+    });
+    const during = new Set(p.extra.flatMap((s) => writesIn(p.r, s.startMs, s.endMs)));
+    const inside = [];
+    const between = [];
+    p.r.latenciesUs.forEach((us, i) => (during.has(i) ? inside : between).push(us));
+    for (const s of p.extra) await deleteSnapshot(pc, s.name);
+    return { figures: { ...summarize(p.r), load: p.load, cores: p.cores, pauses: p.pauses, whileCommandRan: brief(inside), betweenCommands: brief(between) }, snaps: p.extra, errors: p.r.errors };
+  };
+  const holding = await taking('barrier');
+  const stamping = await taking('timestamp');
   return {
     baseline: { ...summarize(baseline.r), load: baseline.load, cores: baseline.cores, pauses: baseline.pauses },
-    holding: { ...summarize(holding.r), load: holding.load, cores: holding.cores, pauses: holding.pauses, whileCommandRan: brief(inside), betweenCommands: brief(between) },
-    snapshots: snaps,
-    errors: [...baseline.r.errors, ...holding.r.errors],
+    holding: holding.figures,
+    stamping: stamping.figures,
+    snapshots: holding.snaps,
+    stamped: stamping.snaps,
+    errors: [...baseline.r.errors, ...holding.errors, ...stamping.errors],
   };
 }
 
@@ -174,14 +179,6 @@ async function main() {
   const owners = pc.map.pages.map((p) => p.owner);
   console.log(`volume: ${args.sizeMib} MiB, ${blockSize}-byte blocks, ${owners.length} pages on ${[...new Set(owners)].sort().join(', ')}; filling it with random data… (load ${loadNow()})`);
   await fillRandom([pc.url], args.sizeMib);
-  let timestamp;
-  try {
-    await pc.cli('snapshot', 'create', 'bench', '--name', 'ts', '--mode', 'timestamp');
-    throw new Error('the CLI took a timestamp-mode snapshot: this bench must measure it now');
-  } catch (err) {
-    if (/must measure/.test(err.message)) throw err;
-    timestamp = err.message.split('\n').filter(Boolean).pop().trim().replace(/^.*failed \(\d+\): /, '');
-  }
 
   const holds = [];
   const iops = [];
@@ -189,7 +186,7 @@ async function main() {
     const h = await holdRepeat(pc, sizeBytes, rep);
     holds.push(h);
     const held = h.snapshots.map((s) => s.heldMs);
-    console.log(`  run ${rep} hold   baseline p50 ${h.baseline.p50Us} µs p99 ${h.baseline.p99Us} µs (load ${h.baseline.load}); with ${h.snapshots.length} snapshots p50 ${h.holding.p50Us} µs p99 ${h.holding.p99Us} µs max ${h.holding.maxUs} µs (load ${h.holding.load}); held ms ${p50max(held)}${h.errors.length ? `; ${h.errors.length} WRITE ERRORS` : ''}`);
+    console.log(`  run ${rep} hold   baseline p50 ${h.baseline.p50Us} µs p99 ${h.baseline.p99Us} µs (load ${h.baseline.load}); with ${h.snapshots.length} barrier snapshots p50 ${h.holding.p50Us} µs p99 ${h.holding.p99Us} µs max ${h.holding.maxUs} µs (load ${h.holding.load}); held ms ${p50max(held)}; with ${h.stamped.length} timestamp snapshots p50 ${h.stamping.p50Us} µs p99 ${h.stamping.p99Us} µs max ${h.stamping.maxUs} µs (load ${h.stamping.load}), took ms ${p50max(h.stamped.map((s) => s.tookMs))}${h.errors.length ? `; ${h.errors.length} WRITE ERRORS` : ''}`);
     const x = await iopsRepeat(pc, sizeBytes, rep);
     iops.push(x);
     console.log(`  run ${rep} iops   before ${x.before.iops} IOPS, after ${x.after.iops} IOPS: ${x.ratio}× (${x.firstToGrainPct}% of the after writes copied a grain; snapshot held ${x.snapshot.heldMs} ms, took ${x.snapshot.tookMs} ms; load ${x.load}; cores busy: peers ${x.cores.peers}, clients ${x.cores.clients})${x.errors.length ? `; ${x.errors.length} WRITE ERRORS` : ''}`);
@@ -199,10 +196,14 @@ async function main() {
   const col = (k) => snaps.map((s) => s[k]);
   const fig = (xs) => ({ p50: median(xs), max: Math.max(...xs) });
   const creation = { snapshots: snaps.length, heldMs: fig(col('heldMs')), tookMs: fig(col('tookMs')), cliMs: fig(col('cliMs')) };
+  const stamped = holds.flatMap((h) => h.stamped);
+  const timestamp = { snapshots: stamped.length, heldMs: fig(stamped.map((s) => s.heldMs)), tookMs: fig(stamped.map((s) => s.tookMs)), cliMs: fig(stamped.map((s) => s.cliMs)) };
   const lat = (pick) => Object.fromEntries(['p50Us', 'p99Us', 'maxUs'].map((k) => [k, median(holds.map((h) => pick(h)[k] ?? 0))]));
   const latency = {
     withoutSnapshots: lat((h) => h.baseline),
     snapshotRun: lat((h) => h.holding),
+    timestampRun: lat((h) => h.stamping),
+    timestampWhileCommandRan: lat((h) => h.stamping.whileCommandRan),
     whileCommandRan: lat((h) => h.holding.whileCommandRan),
     betweenCommands: lat((h) => h.holding.betweenCommands),
   };
@@ -216,23 +217,27 @@ async function main() {
   row('barrier: hosts held (heldMs, longest of any peer)', creation.heldMs);
   row('barrier: command to ready (tookMs)', creation.tookMs);
   row('barrier: CLI wall time (node start, connect, call)', creation.cliMs);
-  console.log(`${'timestamp mode'.padEnd(58)}not built (${timestamp})`);
+  row(`timestamp: hosts held (${timestamp.snapshots} snapshots)`, timestamp.heldMs);
+  row('timestamp: command to ready (tookMs)', timestamp.tookMs);
+  row('timestamp: CLI wall time', timestamp.cliMs);
   const parts = holdPartsFromLogs(pc.peers);
   console.log(`where the hold goes, per peer (p50/max ms over ${parts[0].count} snapshots): ${parts.map((x) => `${x.peer} pre-flush ${x.flushMs.p50}/${x.flushMs.max} (hosts not held), drain ${x.drainMs.p50}/${x.drainMs.max}, freeze ${x.freezeMs.p50}/${x.freezeMs.max}`).join('; ')} (the rest of heldMs: the PREPARE/TAKE/RELEASE round trips)`);
   console.log('');
   console.log(`4 KiB random write, QD${args.depth}, host on p1`.padEnd(58) + ['p50 µs', 'p99 µs', 'max µs'].map((h) => h.padStart(9)).join(''));
   const lrow = (label, f) => console.log(label.padEnd(58) + [f.p50Us, f.p99Us, f.maxUs].map((v) => String(v).padStart(9)).join(''));
   lrow('no snapshots', latency.withoutSnapshots);
-  lrow(`taking ${args.snapshots} snapshots, 1/s: all writes`, latency.snapshotRun);
+  lrow(`taking ${args.snapshots} barrier snapshots, 1/s: all writes`, latency.snapshotRun);
   lrow('  writes completed while a snapshot command ran', latency.whileCommandRan);
   lrow('  writes completed between commands (copy-on-write)', latency.betweenCommands);
+  lrow(`taking ${args.snapshots} timestamp snapshots, 1/s: all writes`, latency.timestampRun);
+  lrow('  writes completed while a snapshot command ran', latency.timestampWhileCommandRan);
   console.log('');
   console.log(`IOPS ${args.seconds} s before / ${args.seconds} s right after a snapshot: ${iops.map((x) => `${x.before.iops} / ${x.after.iops}`).join(', ')}; after/before ${ratios.join(', ')}, median ${ratio} (aim ≥ 0.5: ${ratio >= 0.5 ? 'met' : 'NOT met'})`);
   console.log(`  write latency before → after (median over repeats): p50 ${median(iops.map((x) => x.before.p50Us))} → ${median(iops.map((x) => x.after.p50Us))} µs, p99 ${median(iops.map((x) => x.before.p99Us))} → ${median(iops.map((x) => x.after.p99Us))} µs; ${median(iops.map((x) => x.firstToGrainPct))}% of the after writes were the first to their 64 KiB grain`);
   console.log('  snapshots deleted between repeats: every "before" window runs with no snapshot');
   if (errors.length > 0) console.log(`host write errors: ${errors.length}; first: ${errors[0].message}`);
   const machine = machineInfo();
-  console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; load at the start of each phase: ${[...holds.flatMap((h) => [h.baseline.load, h.holding.load]), ...iops.map((x) => x.load)].map((l) => l.split(' ')[0]).join(', ')} (1-min loadavg)`);
+  console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; load at the start of each phase: ${[...holds.flatMap((h) => [h.baseline.load, h.holding.load, h.stamping.load]), ...iops.map((x) => x.load)].map((l) => l.split(' ')[0]).join(', ')} (1-min loadavg)`);
   console.log(`results: ${saveResults('snapshot', { args, machine, creation, holdParts: parts, timestamp, latency, ratio, ratios, holds, iops })}`);
 }
 

@@ -34,7 +34,7 @@ t.test('route table: striped placement, page split, only newer routes are learne
 });
 
 t.test('frames round-trip and malformed frames are refused, never thrown on', async (t) => {
-  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, data: Buffer.alloc(1024, 9) };
+  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, stamp: 1_795_441_445_432_123, data: Buffer.alloc(1024, 9) };
   const back = decodeRequest(encodeRequest(req))!;
   t.same({ ...back, data: back.data?.toString('hex') }, { ...req, data: req.data!.toString('hex') });
   const reply = { id: 9, status: ReplyStatus.moved, owner: 'p3', version: 4, detail: 17, payload: Buffer.from('x') };
@@ -46,6 +46,9 @@ t.test('frames round-trip and malformed frames are refused, never thrown on', as
   const lying = encodeRequest(req);
   lying.writeUInt32BE(2048, 32); // compare longer than the data
   t.equal(decodeRequest(lying), undefined);
+  const badStamp = encodeRequest(req);
+  badStamp.writeDoubleBE(-1, 44); // a stamp is a whole, non-negative number
+  t.equal(decodeRequest(badStamp), undefined);
   fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), (bytes) => {
     const b = Buffer.from(bytes);
     decodeRequest(b);

@@ -124,20 +124,22 @@ async function routersOf(g: Group, volume: string): Promise<BlockBackend[]> {
  * chains write; return the inconsistent cuts found. Chain c writes pages 3c, 3c+1, 3c+2
  * (owned by p1, p2, p3) of each volume in turn, each lane through a different peer's router.
  */
-async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volumes: string[], rounds: number): Promise<{ violations: string[]; held: number[] }> {
+async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volumes: string[], rounds: number, mode: 'barrier' | 'timestamp' = 'barrier'): Promise<{ violations: string[]; held: number[]; tookMs: number[] }> {
   const routers = new Map<string, BlockBackend[]>();
   for (const v of volumes) routers.set(v, await routersOf(g, v));
   const chains = [0, 1, 2].map((c) => new Chain(c + 1, volumes.flatMap((v, vi) => [0, 1, 2].map((k) => ({ volume: v, page: 3 * c + k, router: routers.get(v)![(c + k + vi) % 3] })))));
   for (const c of chains) c.start();
   const violations: string[] = [];
   const held: number[] = [];
+  const tookMs: number[] = [];
   try {
     for (let i = 0; i < rounds; i++) {
       await new Promise((r) => setTimeout(r, 5 + Math.random() * 20));
       const ackedBefore = chains.map((c) => c.acked);
       const coordinator = g.peer(['p1', 'p2', 'p3'][i % 3]);
-      const made = await coordinator.createSnapshots(volumes, { name: `s${i}`, group: volumes.length > 1 ? 'g' : undefined });
+      const made = await coordinator.createSnapshots(volumes, { name: `s${i}`, mode, group: volumes.length > 1 ? 'g' : undefined });
       held.push(made[0].heldMs);
+      tookMs.push(made[0].tookMs);
       const readers = new Map<string, { read(lba: number, blocks: number): Promise<Buffer> }>();
       for (const v of volumes) readers.set(v, await readerOf(g, 'p2', v, `s${i}`));
       for (const [k, c] of chains.entries()) {
@@ -150,7 +152,7 @@ async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volu
     for (const c of chains) await c.stop();
   }
   t.ok(chains.every((c) => c.acked > rounds), `chains kept writing (${chains.map((c) => c.acked).join('/')} writes)`);
-  return { violations, held };
+  return { violations, held, tookMs };
 }
 
 async function readerOf(g: Group, peer: string, volume: string, name: string) {
@@ -182,6 +184,41 @@ t.test('barrier snapshots are consistent cuts (one volume, and a group of two); 
   t.ok(bad > 0, `the checker finds inconsistent cuts without the barrier (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
 });
 
+t.test('timestamp snapshots are consistent cuts (one volume, and a group of two) and hold no host I/O', async (t) => {
+  const g = await startGroup(t, 3);
+  for (const name of ['vol', 'vol2', 'vol3', 'vol4']) await g.peer('p1').createVolume({ name, size: '48M' });
+  // Forwarded writes arrive late at their owners: after the freeze, with stamps before the cut.
+  for (const id of ['p1', 'p2', 'p3']) g.peer(id).forwardDelayMsForTests = 4;
+  const heldBefore = await heldSeconds(g);
+
+  const one = await checkerRun(t, g, ['vol'], 50, 'timestamp');
+  t.same(one.violations, [], 'no inconsistent cut in 50 timestamp snapshots of one volume');
+  t.same([...new Set(one.held)], [0], 'no snapshot held host I/O');
+  const sorted = [...one.tookMs].sort((a, b) => a - b);
+  t.comment(`timestamp snapshot creation: median ${sorted[25]} ms, max ${sorted[49]} ms`);
+  // Peers now freeze up to 20 ms apart: the cut must not depend on when each froze.
+  for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.freezeJitterMsForTests = 20;
+  const group = await checkerRun(t, g, ['vol2', 'vol3'], 50, 'timestamp');
+  t.same(group.violations, [], 'no inconsistent cut in 50 timestamp snapshots of a group of two volumes (chains cross both), peers freezing up to 20 ms apart');
+  t.equal(await heldSeconds(g), heldBefore, 'the gates never closed (held seconds unchanged in /metrics)');
+  const late = ['p1', 'p2', 'p3'].reduce((n, id) => n + g.peer(id).snapshotsForTests.lateChangesApplied, 0);
+  t.ok(late > 0, `writes stamped before the cut that reached their owner after it froze went into the snapshots (${late})`);
+
+  // Without FINISH each snapshot is each peer's own freeze, up to 20 ms apart: the checker must see it.
+  for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.skipFinishForTests = true;
+  const loose = await checkerRun(t, g, ['vol4'], 50, 'timestamp');
+  const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
+  t.ok(bad > 0, `the checker finds inconsistent cuts when the late writes are left out (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
+});
+
+async function heldSeconds(g: Group): Promise<number> {
+  let total = 0;
+  for (const id of ['p1', 'p2', 'p3']) {
+    for (const m of (await g.peer(id).metrics.text()).matchAll(/^peersan_snapshot_held_seconds_total\{[^}]*\} ([0-9.e+-]+)$/gm)) total += Number(m[1]);
+  }
+  return total;
+}
+
 const tools = hasTool('qemu-img') && hasTool('qemu-io');
 
 t.test('a snapshot is a read-only target on every portal; it survives a page move', { skip: tools ? false : 'qemu-img/qemu-io not installed' }, async (t) => {
@@ -197,16 +234,20 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
   for (let i = 0; i < 200 && (g.peer('p1').migration.list()[0]?.done ?? 0) < 3; i++) await new Promise((r) => setTimeout(r, 25));
   const [snap] = await g.peer('p2').createSnapshots(['vol'], { name: 'before' });
   t.equal(snap.targetName, 'iqn.2026-11.io.peersan:vol.before');
-  t.ok(g.peer('p1').migration.list().length === 1, 'the move was still running at the cut');
+  // And one in timestamp mode, the move still running.
+  const [ts] = await g.peer('p3').createSnapshots(['vol'], { name: 'ts', mode: 'timestamp' });
+  t.equal(ts.heldMs, 0, 'the timestamp snapshot held no host I/O');
+  t.ok(g.peer('p1').migration.list().length === 1, 'the move was still running at both cuts');
 
   // Hosts change the volume afterwards, the move commits.
   t.ok((await qemuIo(g.url('p3', 'vol'), 'write -P 0x55 0 8M')).ok, 'overwrite the first 8 MiB after the snapshot');
   await g.peer('p1').migration.wait(info.volumeId, 0);
   t.equal((await g.peer('p1').pageMap('vol')).pages[0].owner, 'p3', 'the move committed');
 
-  const snapUrl = (via: string): string => g.url(via, 'vol').replace(':vol/0', ':vol.before/0');
+  const snapUrl = (via: string, name = 'before'): string => g.url(via, 'vol').replace(':vol/0', `:vol.${name}/0`);
   for (const via of ['p2', 'p3']) {
     t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl(via)]), /Images are identical/, `the snapshot through ${via} equals the data at the cut`);
+    t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl(via, 'ts')]), /Images are identical/, `the timestamp snapshot through ${via} too`);
   }
   // Every peer's part of the snapshot survives its restart.
   for (const id of ['p1', 'p3']) {
@@ -214,12 +255,14 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
     await g.start(id);
   }
   t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl('p3')]), /Images are identical/, 'after p1 and p3 restart, still identical through p3');
+  t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, snapUrl('p3', 'ts')]), /Images are identical/, 'the timestamp snapshot too');
   const write = await qemuIo(snapUrl('p1'), 'write -P 1 0 4k');
   t.notOk(write.ok, `the snapshot target refuses writes: ${write.out.trim().split('\n')[0]}`);
   t.notOk(/Images are identical/.test(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, g.url('p1', 'vol')]).catch((e: Error) => e.message)), 'while the volume itself has changed');
 
   const listed = await g.peer('p3').listSnapshots('vol');
-  t.match(listed, [{ name: 'before', state: 'ready', mode: 'barrier' }]);
+  t.match(listed, [{ name: 'before', state: 'ready', mode: 'barrier' }, { name: 'ts', state: 'ready', mode: 'timestamp' }]);
+  await g.peer('p1').deleteSnapshot('vol', 'ts');
   await g.peer('p1').deleteSnapshot('vol', 'before');
   for (let i = 0; i < 100 && g.peer('p2').targetsForTests.find(snap.targetName); i++) await new Promise((r) => setTimeout(r, 20));
   t.equal(g.peer('p2').targetsForTests.find(snap.targetName), undefined, 'deleted: the target is gone');

@@ -96,6 +96,46 @@ t.test('delete frees what only the snapshot held; restore rolls live back', asyn
   t.same(v.layerUsage().snapshots, []);
 });
 
+t.test('changes written into a snapshot (timestamp mode) change its view only, durably, and free cleanly', async (t) => {
+  const dir = tempDir(t);
+  let store = await PageStore.open(dir);
+  t.teardown(() => store.close());
+  const geometry = { blockBytes: 512, blockCount: 8192 };
+  let v = await store.openVolume(volumeId, geometry);
+  await v.write(0, pattern(512, 1)); // grains 0-3
+  await v.snapshot('a');
+  await v.snapshot('b'); // a reads every grain through b, which reads through live
+  await v.write(0, pattern(128, 2)); // live grain 0 changes: b (newest) gets the old one
+  const live = await v.read(0, 512);
+  // Into b: part of grain 1 (through live), zeros over part of grain 2, grain 0 twice (b's exception), in order.
+  await v.writeIntoSnapshot('b', [
+    { lba: 130, blocks: 4, data: pattern(4, 3) },
+    { lba: 260, blocks: 8, data: null },
+    { lba: 0, blocks: 2, data: pattern(2, 4) },
+    { lba: 1, blocks: 1, data: pattern(1, 5) },
+  ]);
+  const bExpected = Buffer.from(pattern(512, 1));
+  pattern(4, 3).copy(bExpected, 130 * 512);
+  bExpected.fill(0, 260 * 512, 268 * 512);
+  pattern(2, 4).copy(bExpected, 0);
+  pattern(1, 5).copy(bExpected, 512);
+  t.same(await v.snapshotView('b').read(0, 512), bExpected, 'b holds the changes, in order');
+  t.same(await v.snapshotView('a').read(0, 512), pattern(512, 1), 'a, which read through b, keeps its view');
+  t.same(await v.read(0, 512), live, 'live is untouched');
+  await store.close();
+  store = await PageStore.open(dir);
+  v = await store.openVolume(volumeId, geometry);
+  t.same(await v.snapshotView('b').read(0, 512), bExpected, 'b after a reopen');
+  t.same(await v.snapshotView('a').read(0, 512), pattern(512, 1), 'a after a reopen');
+  await v.write(128, pattern(384, 6)); // live overwrites grains 1-3 after all that
+  t.same(await v.snapshotView('b').read(0, 512), bExpected, 'b unchanged by later live writes');
+  t.same(await v.snapshotView('a').read(0, 512), pattern(512, 1), 'a unchanged by later live writes');
+  await v.deleteSnapshot('b');
+  t.same(await v.snapshotView('a').read(0, 512), pattern(512, 1), 'a unchanged when b goes');
+  await v.deleteSnapshot('a');
+  t.equal(v.allocatedBytes(), 4 * grainBytes, 'with the snapshots gone, only live grains stay allocated');
+});
+
 t.test('a page carries its layers to another store', async (t) => {
   const from = await PageStore.open(tempDir(t));
   t.teardown(() => from.close());

@@ -350,13 +350,13 @@ export function buildProgram(): Command {
     .option('--group <name>', 'consistency group name (needed with several volumes)')
     .action(async (volumes: string[], o: { name?: string; mode: string; group?: string }) => {
       const made = await withClient(g(), (c) => c.createSnapshots(volumes, { name: o.name, mode: o.mode, group: o.group }));
-      out(g(), made, () => made.map((s) => `snapshot ${s.name} of ${s.volume} taken (${s.mode}${s.group ? `, group ${s.group}` : ''}; hosts held ${s.heldMs} ms, ${s.tookMs} ms in all); read-only target ${s.targetName}`).join('\n'));
+      out(g(), made, () => made.map((s) => `snapshot ${s.name} of ${s.volume} taken (${s.mode}${s.group ? `, group ${s.group}` : ''}; ${s.mode === 'timestamp' ? 'host I/O not held' : `hosts held ${s.heldMs} ms`}, ${s.tookMs} ms in all); read-only target ${s.targetName}`).join('\n'));
     });
   snapshot.command('list <volume>').description('snapshots of a volume').action(async (volume: string) => {
     const list = await withClient(g(), (c) => c.listSnapshots(volume));
     out(g(), list, () => (list.length === 0 ? `volume ${volume} has no snapshots` : table([
       ['NAME', 'TAKEN', 'MODE', 'GROUP', 'HELD', 'STATE', 'TARGET'],
-      ...list.map((s) => [s.name, new Date(s.createdAtMs).toISOString(), s.mode, s.group || '-', `${s.heldMs} ms`, s.state, s.targetName]),
+      ...list.map((s) => [s.name, new Date(s.createdAtMs).toISOString(), s.mode, s.group || '-', s.mode === 'timestamp' ? '-' : `${s.heldMs} ms`, s.state, s.targetName]),
     ])));
   });
   snapshot.command('delete <volume> <name>').description('delete a snapshot (every peer frees its layer)').action(async (volume: string, name: string) => {

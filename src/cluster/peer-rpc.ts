@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import type { MovingAtCut } from '../snapshot/records';
-import type { PrepareSnapshot, TakeSnapshot } from '../snapshot/service';
+import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from '../snapshot/service';
 import { peerDataService, peerChannelOptions } from '../routing/link';
 import { statusForCode, type PeerStatusView } from '../server/admin';
 import type { PlannedMove } from '../loadmon/balancer';
@@ -26,9 +26,9 @@ export interface PeerHandlers {
   moves(): MoveInfo[];
   movePrepare(req: PrepareRequest): Promise<void>;
   moveFinish(req: FinishRequest): Promise<void>;
-  snapshotPrepare(req: PrepareSnapshot): Promise<void>;
+  snapshotPrepare(req: PrepareSnapshot): Promise<PrepareReply>;
   snapshotTake(req: TakeSnapshot): Promise<MovingAtCut[]>;
-  snapshotRelease(snapshotId: string): number;
+  snapshotRelease(snapshotId: string, abort: boolean): Promise<number>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
   /** A load summary from peer `from` (authenticated). */
   gossip?(from: string, summary: LoadSummary): void;
@@ -70,9 +70,9 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     moves: wrap(async () => ({ moves: h.moves() })),
     movePrepare: wrap((r) => h.movePrepare({ volumeId: r.volumeId, page: r.page, from: r.from, fresh: r.fresh })),
     moveFinish: wrap((r) => h.moveFinish({ volumeId: r.volumeId, page: r.page, committed: r.committed, version: r.version })),
-    snapshotPrepare: wrap((r) => h.snapshotPrepare({ snapshotId: r.snapshotId, volumeIds: r.volumeIds ?? [] })),
-    snapshotTake: wrap(async (r) => ({ moving: await h.snapshotTake({ snapshotId: r.snapshotId, layers: r.layers ?? [] }) })),
-    snapshotRelease: wrap(async (r) => ({ heldMs: h.snapshotRelease(r.snapshotId) })),
+    snapshotPrepare: wrap((r) => h.snapshotPrepare({ snapshotId: r.snapshotId, volumeIds: r.volumeIds ?? [], mode: r.mode === 'timestamp' ? 'timestamp' : undefined, layers: r.layers ?? [] })),
+    snapshotTake: wrap(async (r) => ({ moving: await h.snapshotTake({ snapshotId: r.snapshotId, layers: r.layers ?? [], cut: r.cut > 0 ? r.cut : undefined }) })),
+    snapshotRelease: wrap(async (r) => ({ heldMs: await h.snapshotRelease(r.snapshotId, r.abort === true) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
     gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
       const from = verifyPeerAuth(call.metadata, auth.secret, auth.members);
@@ -147,16 +147,17 @@ export class PeerRpcClient {
     await this.call('moveFinish', req, timeoutMs);
   }
 
-  async snapshotPrepare(req: PrepareSnapshot, timeoutMs: number): Promise<void> {
-    await this.call('snapshotPrepare', req, timeoutMs);
+  async snapshotPrepare(req: PrepareSnapshot, timeoutMs: number): Promise<PrepareReply> {
+    const r = await this.call<{ clock?: number; moving?: MovingAtCut[] }>('snapshotPrepare', req, timeoutMs);
+    return { clock: r.clock ?? 0, moving: r.moving ?? [] };
   }
 
   async snapshotTake(req: TakeSnapshot, timeoutMs: number): Promise<MovingAtCut[]> {
     return (await this.call<{ moving?: MovingAtCut[] }>('snapshotTake', req, timeoutMs)).moving ?? [];
   }
 
-  async snapshotRelease(snapshotId: string, timeoutMs: number): Promise<number> {
-    return (await this.call<{ heldMs?: number }>('snapshotRelease', { snapshotId }, timeoutMs)).heldMs ?? 0;
+  async snapshotRelease(snapshotId: string, abort: boolean, timeoutMs: number): Promise<number> {
+    return (await this.call<{ heldMs?: number }>('snapshotRelease', { snapshotId, abort }, timeoutMs)).heldMs ?? 0;
   }
 
   async gossip(summary: LoadSummary, timeoutMs: number): Promise<void> {

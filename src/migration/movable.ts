@@ -71,8 +71,8 @@ export class MovableVolume extends BackendDecorator {
   }
 
   /** Send a staging request to the destination of a move; non-ok answers throw. */
-  async toDest(to: string, op: BlockOpCode, lba: number, blocks: number, fua: boolean, data?: Buffer): Promise<BlockReply> {
-    const reply = await this.o.link(to).send({ op, fua, staging: true, volumeId: this.o.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, data });
+  async toDest(to: string, op: BlockOpCode, lba: number, blocks: number, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
+    const reply = await this.o.link(to).send({ op, fua, staging: true, volumeId: this.o.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, stamp, data });
     if (reply.status !== ReplyStatus.ok) throw new PeersanError(`peer ${to} refused migration traffic for volume ${this.o.volumeId} (status ${reply.status}): ${reply.payload?.toString('utf8') ?? ''}`);
     return reply;
   }
@@ -245,7 +245,7 @@ export class MovableVolume extends BackendDecorator {
       segmentsOf(move.pageLba, move.pieceBlocks, p.lba, p.blocks).map((s) =>
         this.onPiece(move, s, locked, (_fromDest, home) => {
           const part = data.subarray(s.offsetBlocks * bs, (s.offsetBlocks + s.blocks) * bs);
-          return this.toHomes(move, home, () => this.raw.write(s.lba, part, opts), () => this.toDest(move.to, BlockOp.write, s.lba, s.blocks, opts.fua === true, part));
+          return this.toHomes(move, home, () => this.raw.write(s.lba, part, opts), () => this.toDest(move.to, BlockOp.write, s.lba, s.blocks, opts.fua === true, part, opts.stamp));
         }),
       ),
     );
@@ -257,7 +257,7 @@ export class MovableVolume extends BackendDecorator {
     await Promise.all(
       segmentsOf(move.pageLba, move.pieceBlocks, p.lba, p.blocks).map((s) =>
         this.onPiece(move, s, locked, (_fromDest, home) =>
-          this.toHomes(move, home, () => this.raw.unmap(s.lba, s.blocks, opts), () => this.toDest(move.to, BlockOp.unmap, s.lba, s.blocks, opts.fua === true)),
+          this.toHomes(move, home, () => this.raw.unmap(s.lba, s.blocks, opts), () => this.toDest(move.to, BlockOp.unmap, s.lba, s.blocks, opts.fua === true, undefined, opts.stamp)),
         ),
       ),
     );

@@ -4,8 +4,9 @@
 // length against the frame before slicing and returns undefined on a malformed frame.
 //
 // request  = kind(1) op(1) flags(1: fua 1, staging 2) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
-//            compareBytes(4) dataBytes(4) layer(4) | data
+//            compareBytes(4) dataBytes(4) layer(4) stamp(8, f64) | data
 // layer 0 is the live volume; n > 0 reads snapshot n of the volume (read and lbaStatus only).
+// stamp: the write's hybrid-clock stamp (src/snapshot/hlc.ts), 0 for none.
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
@@ -44,6 +45,8 @@ export interface BlockRequest {
   staging?: boolean;
   /** 0: the live volume; n: the volume's snapshot n (src/snapshot), read-only. */
   layer?: number;
+  /** A write's hybrid-clock stamp from the peer the host sent it to (0 or absent: none). */
+  stamp?: number;
   /** Borrowed until the frame is encoded. */
   data?: Buffer;
 }
@@ -60,7 +63,7 @@ export interface BlockReply {
 
 const requestKind = 1;
 const replyKind = 2;
-export const requestHeaderBytes = 44;
+export const requestHeaderBytes = 52;
 export const replyHeaderBytes = 24;
 const extentBytes = 13;
 const validOps = new Set<number>(Object.values(BlockOp));
@@ -111,6 +114,7 @@ export function encodeRequestInto(r: BlockRequest, b: Buffer, at: number): void 
   b.writeUInt32BE(r.compareBytes, at + 32);
   b.writeUInt32BE(dataBytes, at + 36);
   b.writeUInt32BE(r.layer ?? 0, at + 40);
+  b.writeDoubleBE(r.stamp ?? 0, at + 44);
   if (r.data) r.data.copy(b, at + requestHeaderBytes);
 }
 
@@ -128,6 +132,8 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
   if (requestHeaderBytes + dataBytes !== b.length || compareBytes > dataBytes) return undefined;
   const lba = readU64(b, 16);
   if (!Number.isSafeInteger(lba)) return undefined;
+  const stamp = b.readDoubleBE(44);
+  if (!(stamp >= 0 && Number.isSafeInteger(stamp))) return undefined;
   return {
     id: b.readUInt32BE(4),
     op: b[1] as BlockOpCode,
@@ -139,6 +145,7 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
     blocks: b.readUInt32BE(24),
     routeVersion: b.readUInt32BE(28),
     compareBytes,
+    stamp,
     data: dataBytes > 0 ? b.subarray(requestHeaderBytes) : undefined,
   };
 }

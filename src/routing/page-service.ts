@@ -7,7 +7,8 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { peerRequestsInFlightMax } from '../limits';
-import type { BlockBackend } from '../store/types';
+import type { HybridClock } from '../snapshot/hlc';
+import type { BlockBackend, WriteOptions } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
 import { PageMovedError } from './moved';
 import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, replyFrameBytes, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
@@ -29,6 +30,8 @@ export interface ServedVolume {
 export interface PageServiceOptions {
   self: string;
   volume(volumeId: string): ServedVolume | undefined;
+  /** This peer's hybrid clock: forwarded writes' stamps push it forward. */
+  clock?: HybridClock;
   log: Logger;
 }
 
@@ -120,6 +123,13 @@ export class PageService {
     return this.serve(req, store);
   }
 
+  /** A forwarded write's options; its stamp moves this peer's clock forward (src/snapshot/hlc.ts). */
+  private writeOptions(req: BlockRequest): WriteOptions {
+    if (!req.stamp) return { fua: req.fua };
+    this.o.clock?.observe(req.stamp);
+    return { fua: req.fua, stamp: req.stamp };
+  }
+
   private async run(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
     const bs = store.blockBytes;
@@ -128,14 +138,14 @@ export class PageService {
         return reply(ReplyStatus.ok, { payload: await store.read(req.lba, req.blocks) });
       case BlockOp.write:
         if (req.data?.length !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('write data length does not match blocks') });
-        await store.write(req.lba, req.data, { fua: req.fua });
+        await store.write(req.lba, req.data, this.writeOptions(req));
         return reply(ReplyStatus.ok);
       case BlockOp.unmap:
-        await store.unmap(req.lba, req.blocks, { fua: req.fua });
+        await store.unmap(req.lba, req.blocks, this.writeOptions(req));
         return reply(ReplyStatus.ok);
       case BlockOp.compareAndWrite: {
         if (req.data?.length !== 2 * req.blocks * bs || req.compareBytes !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('compare and write lengths do not match blocks') });
-        const r = await store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), { fua: req.fua });
+        const r = await store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), this.writeOptions(req));
         return r.ok ? reply(ReplyStatus.ok) : reply(ReplyStatus.miscompare, { detail: r.miscompareOffsetBytes });
       }
       case BlockOp.lbaStatus:

@@ -131,7 +131,7 @@ export class VolumeRouter implements BlockBackend {
     }
     let tries = 0;
     if (runs.length === 1) {
-      const reply = await this.forwardOnce(runs[0], BlockOp.write, opts.fua === true, data);
+      const reply = await this.forwardOnce(runs[0], BlockOp.write, opts.fua === true, data, opts.stamp);
       if (reply.status === ReplyStatus.ok) return;
       if (reply.status !== ReplyStatus.moved && reply.status !== ReplyStatus.noVolume) return this.expectOk(reply);
       if (reply.status === ReplyStatus.moved) {
@@ -145,7 +145,7 @@ export class VolumeRouter implements BlockBackend {
       async (run) => {
         const part = data.subarray((run.lba - lba) * bs, (run.lba - lba + run.blocks) * bs);
         if (run.owner === this.o.self) return this.o.local.write(run.lba, part, opts);
-        this.expectOk(await this.forward(run, BlockOp.write, opts.fua === true, part));
+        this.expectOk(await this.forward(run, BlockOp.write, opts.fua === true, part, opts.stamp));
       },
       tries,
     );
@@ -154,7 +154,7 @@ export class VolumeRouter implements BlockBackend {
   async unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
     await this.each(this.runsOf(lba, blocks, 0), async (run) => {
       if (run.owner === this.o.self) return this.o.local.unmap(run.lba, run.blocks, opts);
-      this.expectOk(await this.forward(run, BlockOp.unmap, opts.fua === true));
+      this.expectOk(await this.forward(run, BlockOp.unmap, opts.fua === true, undefined, opts.stamp));
     });
   }
 
@@ -173,7 +173,7 @@ export class VolumeRouter implements BlockBackend {
           continue;
         }
       }
-      const reply = await this.send(run.owner, this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length));
+      const reply = await this.send(run.owner, this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length, opts.stamp));
       this.o.counters.forwardedRuns++;
       if (reply.status === ReplyStatus.miscompare) return { ok: false, miscompareOffsetBytes: reply.detail };
       if (reply.status !== ReplyStatus.moved || tries >= routeRetriesMax) {
@@ -277,8 +277,8 @@ export class VolumeRouter implements BlockBackend {
     if (!this.o.table.learn(page, route)) await this.o.refresh(page);
   }
 
-  private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0): Omit<BlockRequest, 'id'> {
-    return { op, fua, volumeId: this.o.volumeId, lba: run.lba, blocks: run.blocks, routeVersion: run.version, compareBytes, data };
+  private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0, stamp = 0): Omit<BlockRequest, 'id'> {
+    return { op, fua, volumeId: this.o.volumeId, lba: run.lba, blocks: run.blocks, routeVersion: run.version, compareBytes, stamp, data };
   }
 
   /**
@@ -295,14 +295,14 @@ export class VolumeRouter implements BlockBackend {
   }
 
   /** One send to the run's owner, whatever it answers (MOVED, no volume: the caller decides). */
-  private forwardOnce(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
+  private forwardOnce(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    return this.o.link(run.owner).send(this.request(run, op, fua, data));
+    return this.o.link(run.owner).send(this.request(run, op, fua, data, 0, stamp));
   }
 
-  private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer): Promise<BlockReply> {
+  private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    const reply = await this.send(run.owner, this.request(run, op, fua, data));
+    const reply = await this.send(run.owner, this.request(run, op, fua, data, 0, stamp));
     if (reply.status === ReplyStatus.moved) throw new PageMovedError(reply.detail, { owner: reply.owner, version: reply.version });
     return reply;
   }

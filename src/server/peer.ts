@@ -24,7 +24,8 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { peerChannelOptions, PeerLink } from '../routing/link';
 import { Migrator, type MoveInfo } from '../migration/migrator';
 import { listSnapshotRecords, type SnapshotMode } from '../snapshot/records';
-import { prepareMsMax, SnapshotService, viewOf, type SnapshotView } from '../snapshot/service';
+import { prepareMsMax, sealMsMax, SnapshotService, viewOf, type SnapshotView } from '../snapshot/service';
+import { HybridClock } from '../snapshot/hlc';
 import { SnapshotTargets } from '../snapshot/targets';
 import { copyInto } from '../snapshot/copy';
 import { parseEvery, removeSchedule, setSchedule, SnapshotScheduler } from '../snapshot/schedule';
@@ -87,6 +88,8 @@ export class PeerServer implements AdminApi {
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private pageService?: PageService;
+  /** Stamps host writes for timestamp-mode snapshots (src/snapshot/hlc.ts). */
+  private readonly clock = new HybridClock();
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
@@ -160,7 +163,7 @@ export class PeerServer implements AdminApi {
     this.targets = new VolumeTargets({
       snapshots: this.snapshotTargets,
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
-      link: (id) => this.sender(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log,
+      link: (id) => this.sender(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log, clock: this.clock,
       receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
       meter: (name, backend) => this.metrics.meter(name, backend),
       monitor: load.monitor,
@@ -180,12 +183,14 @@ export class PeerServer implements AdminApi {
       self, groupPeers, catalog: this.catalog, log: this.log,
       gate: (id) => this.targets.gate(id),
       store: (id) => this.targets.stored(id),
+      stampLog: (id) => this.targets.stampLog(id),
+      clock: this.clock,
       moving: (id) => this.migrator.cursors(id),
       idle: (id) => this.migrator.idle(id),
       rpc: {
         prepare: (peer, req) => (peer === self ? this.snapshots.prepare(req) : this.rpc(peer).snapshotPrepare(req, prepareMsMax + 1_000)),
-        take: (peer, req) => (peer === self ? this.snapshots.take(req) : this.rpc(peer).snapshotTake(req, prepareMsMax)),
-        release: async (peer, id) => (peer === self ? this.snapshots.release(id) : this.rpc(peer).snapshotRelease(id, statusPeerMsMax)),
+        take: (peer, req) => (peer === self ? this.snapshots.take(req) : this.rpc(peer).snapshotTake(req, req.cut === undefined ? prepareMsMax : sealMsMax + 1_000)),
+        release: (peer, id, abort) => (peer === self ? this.snapshots.release(id, abort) : this.rpc(peer).snapshotRelease(id, abort, abort ? statusPeerMsMax : prepareMsMax)),
       },
       event: (message, volume) => this.addEvent('snapshot', message, { volume, peer: self }),
       crashPoint: testCrashPoint(self),
@@ -211,7 +216,7 @@ export class PeerServer implements AdminApi {
     });
     // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
     await this.migrator.recover();
-    const pages = (this.pageService = new PageService({ self, volume: (id) => this.targets.served(id), log: this.log }));
+    const pages = (this.pageService = new PageService({ self, volume: (id) => this.targets.served(id), clock: this.clock, log: this.log }));
     this.grpcServer = new grpc.Server(peerChannelOptions);
     addAdminService(this.grpcServer, this, this.config.adminToken, this.log);
     addPeerServices(this.grpcServer, {
@@ -224,7 +229,7 @@ export class PeerServer implements AdminApi {
       moveFinish: (req) => this.migrator.finish(req),
       snapshotPrepare: (req) => this.snapshots.prepare(req),
       snapshotTake: (req) => this.snapshots.take(req),
-      snapshotRelease: (id) => this.snapshots.release(id),
+      snapshotRelease: (id, abort) => this.snapshots.release(id, abort),
       blocks: (call) => pages.serveStream(call),
       gossip: (from, summary) => this.load?.received(from, summary),
       startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),

@@ -4,6 +4,9 @@
 // through the catalog. Kept in step with the catalog by its watch; a target is visible only
 // once its store volume is open. Every peer serves every volume.
 
+import { StampLog } from '../snapshot/stamp-log';
+import type { HybridClock } from '../snapshot/hlc';
+import { stampLogBytesMax } from '../snapshot/service';
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { reservationPrefix } from '../cluster/catalog';
@@ -34,6 +37,8 @@ interface Entry {
   gate: VolumeGate;
   router: VolumeRouter;
   served: ServedVolume;
+  /** Records changes for timestamp snapshots, right above the store. */
+  stampLog: StampLog;
   keeper: SharedReservationKeeper;
   lu: BlockLogicalUnit;
   target: TargetInfo;
@@ -54,6 +59,8 @@ export interface VolumeTargetsOptions {
   receiving(volumeId: string, page: number): boolean;
   counters: RoutingCounters;
   log: Logger;
+  /** This peer's hybrid clock: host writes are stamped at the gate. */
+  clock: HybridClock;
   /** Wraps each volume's router for the SCSI layer (host I/O metrics); default: none. */
   meter?(volumeName: string, backend: BlockBackend): BlockBackend;
   /** Load monitor: meters the store volume (owner side) and the logical unit (host sessions). */
@@ -137,11 +144,12 @@ export class VolumeTargets implements TargetDirectory {
     const table = catalog.routes(record);
     const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
     // Moves copy through the store itself (`stored`): migration traffic is not host load.
-    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: stored, link: this.o.link });
+    const stampLog = new StampLog(stored, this.o.clock, stampLogBytesMax);
+    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: stampLog, link: this.o.link });
     const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
     const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
     const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
-    const gate = new VolumeGate(router);
+    const gate = new VolumeGate(router, this.o.clock);
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({
@@ -155,7 +163,7 @@ export class VolumeTargets implements TargetDirectory {
       log: this.o.log,
     });
     const snapshot = (seq: number): BlockBackend | undefined => this.o.snapshots?.layer(record.id, seq);
-    const entry: Entry = { record, volume: stored, movable, gate, router, served: { table, store: volume, raw: stored, receiving, snapshot, refresh }, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume: stored, movable, gate, router, served: { table, store: volume, raw: stampLog, receiving, snapshot, refresh }, stampLog, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
@@ -209,6 +217,11 @@ export class VolumeTargets implements TargetDirectory {
   /** The volume's store on this peer (snapshot layers). */
   stored(volumeId: string): StoreVolume | undefined {
     return this.byId.get(volumeId)?.volume;
+  }
+
+  /** The recorder above the volume's store (timestamp snapshots). */
+  stampLog(volumeId: string): StampLog | undefined {
+    return this.byId.get(volumeId)?.stampLog;
   }
 
   /** The volume's pages on this peer, moves included (the migrator's handle). */

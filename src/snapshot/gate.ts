@@ -3,10 +3,16 @@
 // requests wait, and close() resolves once the requests already inside (local or forwarded
 // to their owners) have finished. TAKE freezes the layers and opens it again. The gate
 // opens by itself after `holdMsMax`, so a coordinator that vanishes never stalls hosts.
+//
+// The gate is also where a host write gets its hybrid-clock stamp (timestamp-mode snapshots,
+// hlc.ts): the stamp travels with the write to its owner, and the gate knows which stamps are
+// still in flight, so a timestamp snapshot at T can wait for the writes stamped before T
+// without holding anything.
 
 import { PeersanError } from '../errors';
 import { BackendDecorator, whenSettled } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
+import type { HybridClock } from './hlc';
 
 export class GateClosedTooLongError extends PeersanError {
   constructor(ms: number) {
@@ -25,8 +31,36 @@ export class VolumeGate extends BackendDecorator {
   /** Milliseconds hosts were held, summed over every close (metrics). */
   heldMsTotal = 0;
 
-  constructor(inner: BlockBackend) {
+  /** Stamps of this peer's host writes of the volume not yet answered. */
+  private readonly stamps = new Set<number>();
+  private stampWaiters: { below: number; resolve: () => void }[] = [];
+
+  constructor(inner: BlockBackend, private readonly clock?: HybridClock) {
     super(inner);
+  }
+
+  /** Resolves once no host write stamped before `t` is in flight here (new ones are stamped later). */
+  writesBefore(t: number): Promise<void> {
+    if (!this.anyBelow(t)) return Promise.resolve();
+    return new Promise((resolve) => this.stampWaiters.push({ below: t, resolve }));
+  }
+
+  private anyBelow(t: number): boolean {
+    for (const s of this.stamps) if (s < t) return true;
+    return false;
+  }
+
+  /** A host write: stamped, and counted until it is answered. */
+  private stamped<T>(opts: WriteOptions | undefined, run: (opts: WriteOptions | undefined) => Promise<T>): Promise<T> {
+    if (!this.clock) return this.pass(() => run(opts));
+    return this.pass(() => {
+      const stamp = this.clock!.now();
+      this.stamps.add(stamp);
+      return whenSettled(() => run({ ...opts, stamp }), () => {
+        this.stamps.delete(stamp);
+        if (this.stampWaiters.length > 0) this.stampWaiters = this.stampWaiters.filter((w) => (this.anyBelow(w.below) ? true : (w.resolve(), false)));
+      });
+    });
   }
 
   get isClosed(): boolean {
@@ -90,13 +124,13 @@ export class VolumeGate extends BackendDecorator {
     return this.pass(() => this.inner.read(lba, blocks));
   }
   write(lba: number, data: Buffer, opts?: WriteOptions): Promise<void> {
-    return this.pass(() => this.inner.write(lba, data, opts));
+    return this.stamped(opts, (o) => this.inner.write(lba, data, o));
   }
   unmap(lba: number, blocks: number, opts?: WriteOptions): Promise<void> {
-    return this.pass(() => this.inner.unmap(lba, blocks, opts));
+    return this.stamped(opts, (o) => this.inner.unmap(lba, blocks, o));
   }
   compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts?: WriteOptions): Promise<CompareAndWriteResult> {
-    return this.pass(() => this.inner.compareAndWrite(lba, compare, data, opts));
+    return this.stamped(opts, (o) => this.inner.compareAndWrite(lba, compare, data, o));
   }
   flush(): Promise<void> {
     return this.pass(() => this.inner.flush());

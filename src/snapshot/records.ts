@@ -46,6 +46,8 @@ export interface SnapshotRecord {
   pageBlocks: number;
   moved: [number, Route][];
   moving: MovingAtCut[];
+  /** Timestamp mode: the cut, a hybrid-clock stamp (src/snapshot/hlc.ts); writes stamped before it are in. */
+  cut?: number;
 }
 
 const namePattern = /^[a-z0-9][a-z0-9-]{0,63}$/;

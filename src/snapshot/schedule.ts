@@ -31,17 +31,35 @@ export function parseEvery(text: string): number {
 
 export async function setSchedule(meta: MetaStore, r: Omit<ScheduleRecord, 'lastRunMs'>): Promise<ScheduleRecord> {
   if (!Number.isInteger(r.keep) || r.keep < 1 || r.keep > 256) throw new InvalidArgumentError('--keep must be a whole number from 1 to 256');
-  const current = await meta.get(schedulePrefix + r.volumeId);
-  const record: ScheduleRecord = { ...r, lastRunMs: current ? (JSON.parse(current.value.toString()) as ScheduleRecord).lastRunMs : Date.now() };
-  await meta.put(schedulePrefix + r.volumeId, Buffer.from(JSON.stringify(record)), current?.version ?? 0);
-  return record;
+  return againOnConflict(async () => {
+    const current = await meta.get(schedulePrefix + r.volumeId);
+    const record: ScheduleRecord = { ...r, lastRunMs: current ? (JSON.parse(current.value.toString()) as ScheduleRecord).lastRunMs : Date.now() };
+    await meta.put(schedulePrefix + r.volumeId, Buffer.from(JSON.stringify(record)), current?.version ?? 0);
+    return record;
+  });
 }
 
 export async function removeSchedule(meta: MetaStore, volumeId: string): Promise<boolean> {
-  const current = await meta.get(schedulePrefix + volumeId);
-  if (!current) return false;
-  await meta.delete(current.key, current.version);
-  return true;
+  return againOnConflict(async () => {
+    const current = await meta.get(schedulePrefix + volumeId);
+    if (!current) return false;
+    await meta.delete(current.key, current.version);
+    return true;
+  });
+}
+
+/**
+ * The runner claims a due run by compare-and-swap on the same record: an administrator's
+ * change that lost that race reads the record again and retries (a few times at most).
+ */
+async function againOnConflict<T>(change: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await change();
+    } catch (err) {
+      if (!(err instanceof ConflictError) || attempt >= 5) throw err;
+    }
+  }
 }
 
 export async function getSchedule(meta: MetaStore, volumeId: string): Promise<ScheduleRecord | undefined> {

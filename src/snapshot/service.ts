@@ -18,6 +18,22 @@
 // copy or commit (the migrator asks `holding`), so the routes and piece cursors cannot change
 // between PREPARE and RELEASE. A participant's gates reopen by themselves after holdMsMax
 // (a coordinator that died): such a peer refuses a late TAKE, so the snapshot aborts.
+//
+// Timestamp mode (`--mode timestamp`; hlc.ts, stamp-log.ts): host writes carry the hybrid-
+// clock stamp they got at the peer that received them. Nothing is held:
+//   1. PREPARE: each peer starts recording the changes that reach its store for the volumes
+//      (stamp and data), freezes the layers (as TAKE does in barrier mode) and answers with
+//      its clock. Every write that reached a store before its freeze was stamped below that
+//      peer's clock then;
+//   2. the cut T = past every clock in the answers (and the coordinator's): so every write
+//      stamped at or after T reaches its owner after the freeze, and is recorded;
+//   3. TAKE(T): each peer moves its clock past T (new host writes are stamped after T) and
+//      waits until none of its host writes stamped before T is still in flight;
+//   4. FINISH: each peer writes its recorded changes stamped before T into the frozen layers,
+//      in stamp order. A write stamped before T that was still on its way at the freeze is
+//      now in the snapshot; one stamped after T that arrived before FINISH is not.
+// Moves of the volumes pause from PREPARE to FINISH, as in barrier mode. Any failure aborts:
+// recordings are dropped and the records deleted (the layers go with them).
 
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
@@ -25,6 +41,8 @@ import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { NotFoundError, PeersanError } from '../errors';
 import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
+import type { HybridClock } from './hlc';
+import type { StampLog } from './stamp-log';
 import {
   createSnapshotRecord, deleteSnapshotRecord, nextSnapshotSeq, updateSnapshotRecord, validateSnapshotName,
   type MovingAtCut, type SnapshotMode, type SnapshotRecord,
@@ -33,18 +51,34 @@ import {
 export interface PrepareSnapshot {
   snapshotId: string;
   volumeIds: string[];
+  /** Absent: barrier. */
+  mode?: SnapshotMode;
+  /** Timestamp mode freezes at PREPARE: the layers to freeze. */
+  layers?: { volumeId: string; seq: number }[];
+}
+
+export interface PrepareReply {
+  /** Timestamp mode: this peer's clock once its layers froze. */
+  clock: number;
+  /** Timestamp mode: the pages this peer is moving away, with their piece cursors. */
+  moving: MovingAtCut[];
 }
 
 export interface TakeSnapshot {
   snapshotId: string;
   layers: { volumeId: string; seq: number }[];
+  /** Timestamp mode: the cut T. */
+  cut?: number;
 }
 
 export interface SnapshotRpc {
-  prepare(peer: string, req: PrepareSnapshot): Promise<void>;
+  prepare(peer: string, req: PrepareSnapshot): Promise<PrepareReply>;
   take(peer: string, req: TakeSnapshot): Promise<MovingAtCut[]>;
-  /** Open the gates; the time this peer held host I/O, in ms. */
-  release(peer: string, snapshotId: string): Promise<number>;
+  /**
+   * Barrier: open the gates; the time this peer held host I/O, in ms. Timestamp: write the
+   * recorded changes before the cut into the layers (or, with `abort`, drop them).
+   */
+  release(peer: string, snapshotId: string, abort: boolean): Promise<number>;
 }
 
 export interface SnapshotServiceOptions {
@@ -53,6 +87,9 @@ export interface SnapshotServiceOptions {
   catalog: Catalog;
   gate(volumeId: string): VolumeGate | undefined;
   store(volumeId: string): StoreVolume | undefined;
+  /** The recorder above the volume's store (timestamp mode). */
+  stampLog(volumeId: string): StampLog | undefined;
+  clock: HybridClock;
   /** Pages of the volume this peer is moving away, with their piece cursors. */
   moving(volumeId: string): MovingAtCut[];
   /** Resolves when no page-move step of the volume is running on this peer. */
@@ -74,6 +111,10 @@ export const prepareMsMax = 3_000;
 export const preflushMsMax = 1_000;
 /** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
 export const holdMsMax = 10_000;
+/** How long TAKE(T) of a timestamp snapshot may wait for host writes stamped before T. */
+export const sealMsMax = 5_000;
+/** Timestamp mode: data recorded per volume and peer between PREPARE and FINISH, at most. */
+export const stampLogBytesMax = 256 * 1024 * 1024;
 
 export interface SnapshotView {
   volume: string;
@@ -92,8 +133,18 @@ export class SnapshotService {
   private readonly o: SnapshotServiceOptions;
   /** Snapshots this peer has prepared and not released: their volumes. */
   private readonly prepared = new Map<string, { volumeIds: string[]; heldMs: number; flushMs: number; drainMs: number }>();
+  /** Timestamp snapshots this peer has prepared and not finished. */
+  private readonly stamping = new Map<string, { layers: { volumeId: string; seq: number }[]; cut?: number; expire: NodeJS.Timeout }>();
+  /** Volumes whose page moves wait for a timestamp snapshot. */
+  private readonly paused = new Map<string, number>();
   /** Test only: freeze without the barrier (to show the causal checker finds what it must). */
   uncoordinated = false;
+  /** Timestamp mode: changes that reached this peer's store after its freeze, stamped before the cut, written into layers at FINISH (tests). */
+  lateChangesApplied = 0;
+  /** Test only: FINISH writes nothing into the layers (to show the checker finds what it must). */
+  skipFinishForTests = false;
+  /** Test only: timestamp PREPARE waits up to this long before freezing (peers freeze at different times). */
+  freezeJitterMsForTests = 0;
 
   constructor(opts: SnapshotServiceOptions) {
     this.o = opts;
@@ -101,7 +152,8 @@ export class SnapshotService {
 
   // ---- participant ----------------------------------------------------------------------------
 
-  async prepare(req: PrepareSnapshot): Promise<void> {
+  async prepare(req: PrepareSnapshot): Promise<PrepareReply> {
+    if (req.mode === 'timestamp') return this.prepareStamped(req);
     const closed: VolumeGate[] = [];
     const entry = { volumeIds: req.volumeIds, heldMs: 0, flushMs: 0, drainMs: 0 };
     this.prepared.set(req.snapshotId, entry);
@@ -128,6 +180,86 @@ export class SnapshotService {
       throw err;
     }
     entry.drainMs = performance.now() - started;
+    return { clock: 0, moving: [] };
+  }
+
+  /** Timestamp mode, step 1: record, freeze, answer with the clock. */
+  private async prepareStamped(req: PrepareSnapshot): Promise<PrepareReply> {
+    const layers = req.layers ?? [];
+    if (this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} is already prepared on ${this.o.self}`);
+    // The coordinator gone: recordings do not outlive holdMsMax.
+    const expire = setTimeout(() => this.dropStamped(req.snapshotId), holdMsMax);
+    expire.unref();
+    this.stamping.set(req.snapshotId, { layers, expire });
+    for (const { volumeId } of layers) this.paused.set(volumeId, (this.paused.get(volumeId) ?? 0) + 1);
+    try {
+      await this.preflush(layers.map((l) => l.volumeId));
+      const moving: MovingAtCut[] = [];
+      for (const { volumeId, seq } of layers) {
+        const store = this.o.store(volumeId);
+        const log = this.o.stampLog(volumeId);
+        if (!store || !log) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
+        // Page moves stop at their next step; wait for the current one.
+        await this.o.idle(volumeId);
+        log.begin(req.snapshotId);
+        if (this.freezeJitterMsForTests > 0) await new Promise((r) => setTimeout(r, Math.random() * this.freezeJitterMsForTests));
+        moving.push(...this.o.moving(volumeId));
+        await store.snapshot(String(seq));
+        log.frozen(req.snapshotId);
+      }
+      if (!this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} was dropped while ${this.o.self} prepared it`);
+      return { clock: this.o.clock.now(), moving };
+    } catch (err) {
+      this.dropStamped(req.snapshotId);
+      throw err;
+    }
+  }
+
+  /** Timestamp mode, step 3: clock past the cut; wait for host writes stamped before it. */
+  private async seal(req: TakeSnapshot): Promise<MovingAtCut[]> {
+    const s = this.stamping.get(req.snapshotId);
+    if (!s || req.cut === undefined) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
+    this.o.clock.observe(req.cut);
+    s.cut = req.cut;
+    const volumeIds = new Set([...s.layers.map((l) => l.volumeId), ...req.layers.map((l) => l.volumeId)]);
+    await within(Promise.all([...volumeIds].map((id) => this.o.gate(id)?.writesBefore(req.cut!))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
+    return [];
+  }
+
+  /** Timestamp mode, step 4: the recorded changes before the cut go into the frozen layers. */
+  private async finishStamped(snapshotId: string): Promise<number> {
+    const s = this.stamping.get(snapshotId);
+    if (!s || s.cut === undefined) throw new PeersanError(`snapshot ${snapshotId} was not taken on ${this.o.self}`);
+    const started = performance.now();
+    let changes = 0;
+    try {
+      for (const { volumeId, seq } of s.layers) {
+        const log = this.o.stampLog(volumeId);
+        const store = this.o.store(volumeId);
+        if (!log || !store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
+        const before = this.skipFinishForTests ? (log.end(snapshotId, s.cut), []) : log.end(snapshotId, s.cut);
+        changes += before.length;
+        this.lateChangesApplied += before.filter((c) => c.afterFreeze).length;
+        if (before.length > 0) await store.writeIntoSnapshot(String(seq), before);
+      }
+    } finally {
+      this.dropStamped(snapshotId);
+    }
+    this.o.log.info({ snapshotId, changes, finishMs: round(performance.now() - started) }, 'timestamp snapshot layers completed');
+    return 0;
+  }
+
+  private dropStamped(snapshotId: string): void {
+    const s = this.stamping.get(snapshotId);
+    if (!s) return;
+    this.stamping.delete(snapshotId);
+    clearTimeout(s.expire);
+    for (const { volumeId } of s.layers) {
+      this.o.stampLog(volumeId)?.drop(snapshotId);
+      const n = (this.paused.get(volumeId) ?? 1) - 1;
+      if (n > 0) this.paused.set(volumeId, n);
+      else this.paused.delete(volumeId);
+    }
   }
 
   /**
@@ -144,6 +276,7 @@ export class SnapshotService {
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
+    if (req.cut !== undefined) return this.seal(req);
     // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing.
     // (Dying in prepare() once it resolved comes too early: the reply may not have left yet.)
     this.o.crashPoint?.('snapshot-after-ready');
@@ -167,7 +300,11 @@ export class SnapshotService {
     return moving;
   }
 
-  release(snapshotId: string): number {
+  async release(snapshotId: string, abort = false): Promise<number> {
+    if (this.stamping.has(snapshotId)) {
+      if (abort) return void this.dropStamped(snapshotId), 0;
+      return this.finishStamped(snapshotId);
+    }
     const p = this.prepared.get(snapshotId);
     if (!p) return 0;
     this.prepared.delete(snapshotId);
@@ -178,14 +315,14 @@ export class SnapshotService {
 
   /** True while a snapshot holds the volume on this peer (page moves wait). */
   holding(volumeId: string): boolean {
-    return this.o.gate(volumeId)?.isClosed === true;
+    return this.o.gate(volumeId)?.isClosed === true || this.paused.has(volumeId);
   }
 
   // ---- coordinator ----------------------------------------------------------------------------
 
   async create(volumeNames: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]> {
     const mode = opts.mode ?? 'barrier';
-    if (mode !== 'barrier') throw new PeersanError('timestamp-mode snapshots are not built yet; use --mode barrier', 'PEERSAN_ERR_INVALID_ARGUMENT');
+    if (mode !== 'barrier' && mode !== 'timestamp') throw new PeersanError(`unknown snapshot mode "${mode}": barrier or timestamp`, 'PEERSAN_ERR_INVALID_ARGUMENT');
     if (volumeNames.length === 0) throw new PeersanError('name at least one volume', 'PEERSAN_ERR_INVALID_ARGUMENT');
     const volumes = [...new Set(volumeNames)].map((n) => this.o.catalog.require(n));
     const name = opts.name ?? defaultName();
@@ -199,7 +336,7 @@ export class SnapshotService {
         const r = this.recordFor(v, name, await nextSnapshotSeq(this.o.catalog.store, v.id), mode, opts.group ?? '');
         records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
       }
-      const held = await this.barrier(snapshotId, volumes, records.map((x) => x.r));
+      const held = mode === 'timestamp' ? await this.stamped(snapshotId, volumes, records.map((x) => x.r)) : await this.barrier(snapshotId, volumes, records.map((x) => x.r));
       const tookMs = performance.now() - started;
       for (const x of records) {
         x.r.state = 'ready';
@@ -223,7 +360,7 @@ export class SnapshotService {
     const volumeIds = volumes.map((v) => v.id);
     const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
     const releaseAll = async (): Promise<number> => {
-      const held = await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId).catch(() => 0)));
+      const held = await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, false).catch(() => 0)));
       return Math.max(0, ...held);
     };
     if (this.uncoordinated) {
@@ -231,7 +368,7 @@ export class SnapshotService {
       for (const p of peers) {
         await this.o.rpc.prepare(p, { snapshotId, volumeIds: [] });
         await this.o.rpc.take(p, { snapshotId, layers });
-        await this.o.rpc.release(p, snapshotId);
+        await this.o.rpc.release(p, snapshotId, false);
         await new Promise((r) => setTimeout(r, Math.random() * 10));
       }
       this.captureRoutes(volumes, records, []);
@@ -247,6 +384,25 @@ export class SnapshotService {
       throw err;
     }
     return releaseAll();
+  }
+
+  /** Timestamp mode on every peer (see the header): PREPARE, TAKE(T), FINISH. Holds nothing: 0 ms. */
+  private async stamped(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
+    const peers = this.o.groupPeers;
+    const volumeIds = volumes.map((v) => v.id);
+    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
+    try {
+      const ready = await Promise.all(peers.map((p) => within(named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds, mode: 'timestamp', layers })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
+      const cut = Math.max(this.o.clock.now(), ...ready.map((r) => r.clock)) + 1;
+      this.captureRoutes(volumes, records, ready.flatMap((r) => r.moving));
+      for (const r of records) r.cut = cut;
+      await Promise.all(peers.map((p) => within(named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
+      await Promise.all(peers.map((p) => within(named('FINISH', this.o.rpc.release(p, snapshotId, false)), prepareMsMax, `peer ${p} did not finish`)));
+    } catch (err) {
+      await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, true).catch(() => 0)));
+      throw err;
+    }
+    return 0;
   }
 
   /** Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are closed). */
@@ -293,7 +449,7 @@ function round(ms: number): number {
 }
 
 /** A barrier RPC whose failure says which step it was (an abort then tells where it stopped). */
-async function named<T>(step: 'PREPARE' | 'TAKE', p: Promise<T>): Promise<T> {
+async function named<T>(step: 'PREPARE' | 'TAKE' | 'FINISH', p: Promise<T>): Promise<T> {
   try {
     return await p;
   } catch (err) {

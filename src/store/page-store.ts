@@ -711,6 +711,60 @@ export class StoreVolume implements BlockBackend {
     });
   }
 
+  /**
+   * Change snapshot `id`'s view (a timestamp-mode snapshot taking in the writes stamped before
+   * its cut that reached this peer after it froze): `changes` apply in order, data or zeros
+   * (null). Each touched grain gets a new slot as the snapshot's exception; live is not
+   * touched. An older snapshot that read the grain through this one keeps its old view (it
+   * gets the old slot as its own exception). Durable when it resolves.
+   */
+  async writeIntoSnapshot(id: string, changes: readonly { lba: number; blocks: number; data: Buffer | null }[]): Promise<void> {
+    if (this.closed) throw new ClosedError('volume is closed');
+    for (const c of changes) {
+      this.check(c.lba, c.blocks);
+      if (c.data && c.data.length !== c.blocks * this.blockBytes) throw new InvalidArgumentError('snapshot change data does not match its blocks');
+    }
+    await this.lock.runExclusive(async () => {
+      const k = this.layers.indexOf(id);
+      const images = new Map<number, Buffer>();
+      for (const c of changes) this.forEachPiece(c.lba, c.blocks, (grain) => void images.set(grain, Buffer.alloc(grainBytes)));
+      await Promise.all(
+        [...images].map(([grain, img]) => {
+          const lba = grain * this.grainBlocks;
+          return this.readInto(img, lba, Math.min(this.grainBlocks, this.blockCount - lba), k);
+        }),
+      );
+      for (const c of changes) {
+        this.forEachPiece(c.lba, c.blocks, (grain, inGrain, inBuf, bytes) => {
+          const img = images.get(grain)!;
+          if (c.data) c.data.copy(img, inGrain, inBuf, inBuf + bytes);
+          else img.fill(0, inGrain, inGrain + bytes);
+        });
+      }
+      const released: number[] = [];
+      const writes: Promise<void>[] = [];
+      for (const [grain, img] of images) {
+        const page = Math.floor(grain / this.grainsPerPage);
+        const i = grain % this.grainsPerPage;
+        const before = this.layers.resolve(k, grain, this.slotOf(grain));
+        if (k > 0 && (this.layers.exceptionsOf(k - 1, page)?.[i] ?? noException) === noException) {
+          // The next older snapshot read this grain through us: it keeps the old view.
+          this.layers.incref(before);
+          this.layers.setException(k - 1, grain, before);
+        }
+        const own = this.layers.exceptionsOf(k, page)?.[i] ?? noException;
+        if (own !== noException && this.layers.decref(own)) released.push(own);
+        const { slot } = this.takeSlot();
+        writes.push(this.file.write(img, 0, grainBytes, slot * grainBytes));
+        this.layers.setException(k, grain, slot);
+      }
+      await Promise.all(writes);
+      await this.file.datasync();
+      await this.db.batch(this.layers.takeDirtyOps(), { sync: true });
+      this.freeReleased(released);
+    });
+  }
+
   /** A read-only BlockBackend on snapshot `id`'s view. */
   snapshotView(id: string): SnapshotView {
     this.layers.indexOf(id);

@@ -9,6 +9,11 @@
 export interface WriteOptions {
   /** Force Unit Access: durable (fdatasync) before the promise resolves. */
   fua?: boolean;
+  /**
+   * The hybrid-clock stamp the host's command got at the peer that received it (timestamp-mode
+   * snapshots, src/snapshot/hlc.ts); carried when forwarded. Absent: not a host write.
+   */
+  stamp?: number;
 }
 
 export interface LbaExtent {

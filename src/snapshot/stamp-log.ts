@@ -1,0 +1,109 @@
+// The owner's side of a timestamp-mode snapshot (DESIGN.md 6): between PREPARE and the end
+// of the snapshot, every change that reaches this peer's store for the volume is recorded
+// with its hybrid-clock stamp and its data. PREPARE froze the store's layer right after
+// recording began, so the frozen layer holds every write that arrived before; the cut T is
+// chosen after that; at the end, the recorded changes stamped before T go into the frozen
+// layer in stamp order (StoreVolume.writeIntoSnapshot). Host I/O is never held: a recorded
+// write costs one copy of its data.
+//
+// Sits right above the store, below page moves, so host writes served here, forwarded writes
+// and a move's dual writes are all seen. A change without a stamp (not a host write) is
+// stamped on arrival.
+
+import { PeersanError } from '../errors';
+import { BackendDecorator } from '../store/decorator';
+import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
+import type { HybridClock } from './hlc';
+
+export interface StampedChange {
+  stamp: number;
+  lba: number;
+  blocks: number;
+  /** null: the blocks were unmapped (read as zeros). */
+  data: Buffer | null;
+  /** Recorded after the layer froze (the store had not seen it at the freeze). */
+  afterFreeze: boolean;
+}
+
+/** A recording for one snapshot; `bytes` bounds the copies it keeps. */
+interface Recording {
+  snapshotId: string;
+  changes: StampedChange[];
+  bytes: number;
+  overflowed: boolean;
+  frozen: boolean;
+}
+
+export class StampLog extends BackendDecorator {
+  private recording: Recording | undefined;
+
+  constructor(inner: BlockBackend, private readonly clock: HybridClock, private readonly bytesMax: number) {
+    super(inner);
+  }
+
+  /** Start recording for a snapshot (one at a time per volume). */
+  begin(snapshotId: string): void {
+    if (this.recording && this.recording.snapshotId !== snapshotId) {
+      throw new PeersanError(`the volume is already recording for timestamp snapshot ${this.recording.snapshotId}`, 'PEERSAN_ERR_CONFLICT');
+    }
+    this.recording ??= { snapshotId, changes: [], bytes: 0, overflowed: false, frozen: false };
+  }
+
+  /** The layer froze: changes recorded from now on were not in it. */
+  frozen(snapshotId: string): void {
+    if (this.recording?.snapshotId === snapshotId) this.recording.frozen = true;
+  }
+
+  /** Stop recording; the changes stamped before `cut`, oldest stamp first. */
+  end(snapshotId: string, cut: number): StampedChange[] {
+    const r = this.recording;
+    if (!r || r.snapshotId !== snapshotId) throw new PeersanError(`no recording for snapshot ${snapshotId} on this peer`);
+    this.recording = undefined;
+    if (r.overflowed) throw new PeersanError(`more than ${this.bytesMax} bytes written during the snapshot`, 'PEERSAN_ERR_SNAPSHOT_ABORTED');
+    return r.changes.filter((c) => c.stamp < cut).sort((a, b) => a.stamp - b.stamp);
+  }
+
+  /** Stop recording without using it (the snapshot aborted). */
+  drop(snapshotId: string): void {
+    if (this.recording?.snapshotId === snapshotId) this.recording = undefined;
+  }
+
+  get isRecording(): boolean {
+    return this.recording !== undefined;
+  }
+
+  private record(opts: WriteOptions | undefined, lba: number, blocks: number, data: Buffer | null): void {
+    const r = this.recording;
+    if (!r || r.overflowed) return;
+    r.bytes += data?.length ?? 0;
+    if (r.bytes > this.bytesMax) {
+      r.overflowed = true;
+      r.changes = [];
+      return;
+    }
+    r.changes.push({ stamp: opts?.stamp ?? this.clock.now(), lba, blocks, data: data && Buffer.from(data), afterFreeze: r.frozen });
+  }
+
+  read(lba: number, blocks: number): Promise<Buffer> {
+    return this.inner.read(lba, blocks);
+  }
+  async write(lba: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    await this.inner.write(lba, data, opts);
+    this.record(opts, lba, data.length / this.blockBytes, data);
+  }
+  async unmap(lba: number, blocks: number, opts?: WriteOptions): Promise<void> {
+    await this.inner.unmap(lba, blocks, opts);
+    this.record(opts, lba, blocks, null);
+  }
+  async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts?: WriteOptions): Promise<CompareAndWriteResult> {
+    const r = await this.inner.compareAndWrite(lba, compare, data, opts);
+    if (r.ok) this.record(opts, lba, data.length / this.blockBytes, data);
+    return r;
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    return this.inner.lbaStatus(lba, blocksMax);
+  }
+}
