@@ -1,5 +1,5 @@
-// Barrier-mode snapshots between real peer processes (etcd catalog), with a participant killed
-// between PREPARE and TAKE (issue 5, acceptance 2): PEERSAN_TEST_CRASH=p3:snapshot-after-ready
+// Snapshots between real peer processes (etcd catalog), barrier and timestamp mode, with a
+// participant killed between PREPARE and TAKE (issue 5, acceptance 2): PEERSAN_TEST_CRASH=p3:snapshot-after-ready
 // makes p3 SIGKILL itself right after it has answered READY. The coordinator (p1) must abort
 // within its bound and release the hosts it held; the snapshot is not listed; a qemu-io host
 // writing through p1 to pages of p1 and p2 keeps going; once p3 is back, a new snapshot
@@ -8,7 +8,7 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import t from 'tap';
-import { prepareMsMax, holdMsMax } from '../src/snapshot/service';
+import { prepareMsMax, holdMsMax, sealMsMax } from '../src/snapshot/service';
 import { PageStore } from '../src/store/page-store';
 import { hasTool, startEtcd, startPeers, type TestPeer } from './helpers/processes';
 
@@ -106,42 +106,49 @@ t.test('a participant killed between PREPARE and TAKE: the snapshot aborts, host
   t.ok(surviving.length > 0 && surviving.length < map.pages.length, `pages on p1 and p2: ${surviving.join(', ')} (of ${map.pages.length})`);
   const volumeId = (JSON.parse((await p1.cliAsync('--json', 'volume', 'show', 'sv')).out) as { id: string }).id;
 
-  await p3.kill('SIGTERM');
-  await p3.start({ PEERSAN_TEST_CRASH: 'p3:snapshot-after-ready' });
-  const died = p3.exited;
-
   const host = startHost(p1.url('sv'), surviving);
   t.teardown(() => host.stop());
-  // The host is writing before the snapshot starts.
+  // The host is writing before the snapshots start.
   for (let i = 0; i < 300 && host.done.length < 50; i++) await new Promise((r) => setTimeout(r, 50));
   t.ok(host.done.length >= 50, `the host writes (${host.done.length} writes before the snapshot)`);
 
-  const t0 = Date.now();
-  const aborted = await p1.cliAsync('snapshot', 'create', 'sv', '--name', 'doomed');
-  const t1 = Date.now();
-  t.not(aborted.status, 0, 'the snapshot command fails');
-  t.match(aborted.out, /aborted/, `with an "aborted" message: ${aborted.out.trim()}`);
-  // READY got through: the step that failed is TAKE, not PREPARE.
-  t.match(aborted.out, /TAKE/, 'it stopped at TAKE (p3 had answered READY)');
-  t.equal(await Promise.race([died, new Promise((r) => setTimeout(() => r('still running'), 10_000))]), 'SIGKILL', 'p3 died after READY');
-  // The coordinator waits at most prepareMsMax for TAKE (less when the connection drops at once);
-  // the rest is the CLI process (node start-up) on a busy machine.
-  t.ok(t1 - t0 < prepareMsMax + 10_000, `aborted within the bound: the command took ${t1 - t0} ms (TAKE waits at most ${prepareMsMax} ms)`);
+  const seqs: number[] = [];
+  for (const mode of ['barrier', 'timestamp'] as const) {
+    await t.test(`${mode} mode`, async (t) => {
+      await p3.kill('SIGTERM');
+      await p3.start({ PEERSAN_TEST_CRASH: 'p3:snapshot-after-ready' });
+      const died = p3.exited;
 
-  // The host goes on right after the abort: writes complete within 2 s of the command's end.
-  for (let i = 0; i < 100 && !host.done.some((c) => c.atMs > t1 + 500); i++) await new Promise((r) => setTimeout(r, 50));
-  const after = host.done.filter((c) => c.atMs > t1);
-  t.ok(after.some((c) => c.ok && c.atMs < t1 + 2_000), `writes succeed right after the abort (first ${after.length ? after[0].atMs - t1 : '-'} ms after the command returned)`);
-  // Held only while the snapshot ran, and released by the abort, not by the gates' own timeout.
-  const gapMs = longestGapMs(host.done, t0, t1 + 1_000);
-  t.ok(gapMs < holdMsMax, `the longest pause of the host around the snapshot: ${gapMs} ms (gates reopen by themselves after ${holdMsMax} ms)`);
-  t.same(await snapshotNames(p1, 'sv'), [], 'the aborted snapshot is not listed');
+      const t0 = Date.now();
+      const aborted = await p1.cliAsync('snapshot', 'create', 'sv', '--name', `doomed-${mode}`, '--mode', mode);
+      const t1 = Date.now();
+      t.not(aborted.status, 0, 'the snapshot command fails');
+      t.match(aborted.out, /aborted/, `with an "aborted" message: ${aborted.out.trim()}`);
+      // READY got through: the step that failed is TAKE, not PREPARE.
+      t.match(aborted.out, /TAKE/, 'it stopped at TAKE (p3 had answered READY)');
+      t.equal(await Promise.race([died, new Promise((r) => setTimeout(() => r('still running'), 10_000))]), 'SIGKILL', 'p3 died after READY');
+      // The coordinator waits at most prepareMsMax (barrier) or sealMsMax + 1 s (timestamp) for
+      // TAKE, less when the connection drops at once; the rest is the CLI process on a busy machine.
+      const takeMsMax = mode === 'barrier' ? prepareMsMax : sealMsMax + 1_000;
+      t.ok(t1 - t0 < takeMsMax + 10_000, `aborted within the bound: the command took ${t1 - t0} ms (TAKE waits at most ${takeMsMax} ms)`);
 
-  await p3.start();
-  const made = await p1.cliAsync('--json', 'snapshot', 'create', 'sv', '--name', 'after');
-  t.equal(made.status, 0, `with p3 back, a new snapshot succeeds: ${made.out.trim()}`);
-  const seq = made.status === 0 ? (JSON.parse(made.out) as { seq: number }[])[0].seq : -1;
-  t.same(await snapshotNames(p1, 'sv'), ['after:ready'], 'it is listed, ready');
+      // The host goes on right after the abort: writes complete within 2 s of the command's end.
+      for (let i = 0; i < 100 && !host.done.some((c) => c.atMs > t1 + 500); i++) await new Promise((r) => setTimeout(r, 50));
+      const after = host.done.filter((c) => c.atMs > t1);
+      t.ok(after.some((c) => c.ok && c.atMs < t1 + 2_000), `writes succeed right after the abort (first ${after.length ? after[0].atMs - t1 : '-'} ms after the command returned)`);
+      // Barrier: held only while the snapshot ran, released by the abort, not by the gates' own
+      // timeout. Timestamp: nothing is held at all.
+      const gapMs = longestGapMs(host.done, t0, t1 + 1_000);
+      t.ok(gapMs < (mode === 'barrier' ? holdMsMax : 2_000), `the longest pause of the host around the snapshot: ${gapMs} ms`);
+      t.same((await snapshotNames(p1, 'sv')).filter((n) => n.startsWith('doomed')), [], 'the aborted snapshot is not listed');
+
+      await p3.start();
+      const made = await p1.cliAsync('--json', 'snapshot', 'create', 'sv', '--name', `after-${mode}`, '--mode', mode);
+      t.equal(made.status, 0, `with p3 back, a new snapshot succeeds: ${made.out.trim()}`);
+      seqs.push(made.status === 0 ? (JSON.parse(made.out) as { seq: number }[])[0].seq : -1);
+    });
+  }
+  t.same(await snapshotNames(p1, 'sv'), ['after-barrier:ready', 'after-timestamp:ready'], 'the snapshots taken with p3 back are listed, ready');
 
   const stderr = await host.stop();
   const failed = host.done.filter((c) => !c.ok);
@@ -154,7 +161,7 @@ t.test('a participant killed between PREPARE and TAKE: the snapshot aborts, host
     const store = await PageStore.open(join(p.dir, p.id, 'store'));
     try {
       const v = await store.openVolume(volumeId, { blockBytes, blockCount: sizeBytes / blockBytes });
-      t.same(v.listSnapshots().map((s) => s.id), [String(seq)], `${p.id} keeps only the layer of snapshot ${seq} (the aborted one was ${seq - 1})`);
+      t.same(v.listSnapshots().map((s) => s.id), seqs.map(String), `${p.id} keeps only the layers of snapshots ${seqs.join(', ')}, none of the aborted ones`);
     } finally {
       await store.close();
     }

@@ -276,10 +276,11 @@ export class SnapshotService {
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
-    if (req.cut !== undefined) return this.seal(req);
-    // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing.
-    // (Dying in prepare() once it resolved comes too early: the reply may not have left yet.)
+    // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing
+    // (barrier) or sealing (timestamp). (Dying in prepare() once it resolved comes too early:
+    // the reply may not have left yet.)
     this.o.crashPoint?.('snapshot-after-ready');
+    if (req.cut !== undefined) return this.seal(req);
     const p = this.prepared.get(req.snapshotId);
     if (!p) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
     for (const id of p.volumeIds) {
