@@ -351,7 +351,7 @@ async function loadSnapshots(name) {
   try {
     const { snapshots } = await api('GET', `volumes/${encodeURIComponent(name)}/snapshots`);
     list.replaceChildren(...(snapshots.length ? snapshots.map((s) => el('li', {},
-      `${s.name} · ${new Date(s.createdAtMs).toLocaleString()}${s.mode ? ` · ${s.mode}` : ''}${s.heldMs !== undefined ? ` · hosts held ${s.heldMs} ms` : ''}${s.targetName ? ` · ${s.targetName}` : ''} `,
+      `${s.name} · ${new Date(s.createdAtMs).toLocaleString()}${s.mode ? ` · ${s.mode}` : ''}${s.mode === 'timestamp' ? ' · host I/O not held' : s.heldMs !== undefined ? ` · hosts held ${s.heldMs} ms` : ''}${s.targetName ? ` · ${s.targetName}` : ''} `,
       el('button', { type: 'button', class: 'link', onclick: () => deleteSnapshot(name, s.name), disabled: ui.state.features.deleteSnapshot ? null : '' }, 'delete'))) : [el('li', { class: 'note' }, 'No snapshots.')]));
   } catch (err) {
     list.replaceChildren(el('li', { class: 'error' }, err.message));

@@ -344,7 +344,7 @@ export class SnapshotService {
         x.r.heldMs = round(held);
         x.r.tookMs = round(tookMs);
         await updateSnapshotRecord(this.o.catalog.store, x.r, x.version);
-        this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${mode}; hosts held ${round(held)} ms, ${round(tookMs)} ms in all)`, x.r.volume);
+        this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${mode}; ${mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(held)} ms`}, ${round(tookMs)} ms in all)`, x.r.volume);
       }
       this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: round(tookMs) }, 'snapshot taken');
       return records.map((x) => viewOf(x.r));
