@@ -87,18 +87,22 @@ export class StampLog extends BackendDecorator {
   read(lba: number, blocks: number): Promise<Buffer> {
     return this.inner.read(lba, blocks);
   }
-  async write(lba: number, data: Buffer, opts?: WriteOptions): Promise<void> {
-    await this.inner.write(lba, data, opts);
-    this.record(opts, lba, data.length / this.blockBytes, data);
+  // Not recording (nearly always): the store's own promise, nothing added. A change already on
+  // its way when recording begins is not recorded: it lands before the freeze, which waits for it.
+  write(lba: number, data: Buffer, opts?: WriteOptions): Promise<void> {
+    if (!this.recording) return this.inner.write(lba, data, opts);
+    return this.inner.write(lba, data, opts).then(() => this.record(opts, lba, data.length / this.blockBytes, data));
   }
-  async unmap(lba: number, blocks: number, opts?: WriteOptions): Promise<void> {
-    await this.inner.unmap(lba, blocks, opts);
-    this.record(opts, lba, blocks, null);
+  unmap(lba: number, blocks: number, opts?: WriteOptions): Promise<void> {
+    if (!this.recording) return this.inner.unmap(lba, blocks, opts);
+    return this.inner.unmap(lba, blocks, opts).then(() => this.record(opts, lba, blocks, null));
   }
-  async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts?: WriteOptions): Promise<CompareAndWriteResult> {
-    const r = await this.inner.compareAndWrite(lba, compare, data, opts);
-    if (r.ok) this.record(opts, lba, data.length / this.blockBytes, data);
-    return r;
+  compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts?: WriteOptions): Promise<CompareAndWriteResult> {
+    if (!this.recording) return this.inner.compareAndWrite(lba, compare, data, opts);
+    return this.inner.compareAndWrite(lba, compare, data, opts).then((r) => {
+      if (r.ok) this.record(opts, lba, data.length / this.blockBytes, data);
+      return r;
+    });
   }
   flush(): Promise<void> {
     return this.inner.flush();
