@@ -1,6 +1,8 @@
 import t from 'tap';
 import { VolumeGate } from '../src/snapshot/gate';
 import { HybridClock } from '../src/snapshot/hlc';
+import { StampLog } from '../src/snapshot/stamp-log';
+import { MemoryBackend } from './helpers/memory-backend';
 import type { BlockBackend, WriteOptions } from '../src/store/types';
 
 t.test('the hybrid clock: strictly increasing, pushed forward by what it observes', async (t) => {
@@ -49,4 +51,32 @@ t.test('the gate stamps host writes and knows which stamps are in flight', async
   await seal;
   t.ok(sealed, 'none stamped before the cut left: sealed, with a later write still in flight');
   finish[2]();
+});
+
+t.test('the stamp log records changes only while asked, returns those before the cut in stamp order, and refuses when it overflowed', async (t) => {
+  const clock = new HybridClock();
+  const store = new MemoryBackend(512, 1024);
+  const log = new StampLog(store, clock, 4 * 512);
+  await log.write(0, Buffer.alloc(512, 1), { stamp: 10 });
+  log.begin('s1');
+  t.throws(() => log.begin('s2'), /already recording/, 'one recording at a time');
+  await log.write(8, Buffer.alloc(512, 3), { stamp: 30 });
+  const data = Buffer.alloc(512, 2);
+  await log.write(4, data, { stamp: 20 });
+  data.fill(9); // the caller's buffer changes afterwards: the log kept a copy
+  await log.unmap(0, 1, { stamp: 25 });
+  t.notOk((await log.compareAndWrite(12, Buffer.alloc(512, 7), Buffer.alloc(512, 8), { stamp: 27 })).ok, 'a miscompare changes nothing');
+  log.frozen('s1');
+  await log.write(16, Buffer.alloc(512, 4), { stamp: 15 }); // late: stamped early, arrived after the freeze
+  const changes = log.end('s1', 28);
+  t.same(changes.map((c) => [c.stamp, c.lba, c.data ? c.data[0] : null, c.afterFreeze]), [[15, 16, 4, true], [20, 4, 2, false], [25, 0, null, false]], 'before the cut, oldest stamp first; the miscompare and the stamp-30 write are not there');
+  t.same(await store.read(4, 1), Buffer.alloc(512, 2), 'the store got every change as usual');
+  t.throws(() => log.end('s1', 28), /no recording/, 'ended');
+
+  log.begin('s3');
+  for (let i = 0; i < 5; i++) await log.write(i, Buffer.alloc(512, i), { stamp: 100 + i });
+  t.throws(() => log.end('s3', 1_000), /more than 2048 bytes/, 'past its bound the recording is refused: the snapshot aborts');
+  log.begin('s4');
+  log.drop('s4');
+  t.notOk(log.isRecording, 'dropped');
 });
