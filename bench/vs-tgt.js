@@ -23,7 +23,6 @@ const { spawn, spawnSync } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const net = require('node:net');
 
 const args = { sizeMib: 1024, seconds: 5, repeat: 3 };
 for (let i = 2; i < process.argv.length; i += 2) {
@@ -36,34 +35,11 @@ for (let i = 2; i < process.argv.length; i += 2) {
 }
 
 const root = path.join(__dirname, '..');
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'peersan-bench-'));
+// The scratch directory, free ports and port waits are bench/lib/group.js's (its directory is
+// removed by this script's cleanup).
+const { work, freePort, waitPort } = require('./lib/group');
 const children = [];
 const cleanups = [];
-
-function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = s.address().port;
-      s.close(() => resolve(p));
-    });
-  });
-}
-
-async function waitPort(port) {
-  for (let i = 0; i < 150; i++) {
-    const ok = await new Promise((r) => {
-      const s = net.connect(port, '127.0.0.1', () => {
-        s.destroy();
-        r(true);
-      });
-      s.on('error', () => r(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`port ${port} never opened`);
-}
 
 function run(cmd, argv, timeoutMs = 600_000) {
   const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
