@@ -8,7 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
-import { gracefulStopMs, peerRequestMsMax } from '../src/limits';
+import { gracefulStopMs, peerConnectMsMax, peerRequestMsMax } from '../src/limits';
 import { naaIdentifier } from '../src/scsi/inquiry';
 import { BlockOp, ReplyStatus } from '../src/routing/frame';
 import { PeerLink } from '../src/routing/link';
@@ -134,7 +134,13 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     const fine = await qemuIo(g.url('p3', 'vol'), `read 0 65536`);
     t.ok(fine.ok, `p1 page still served through p3: ${fine.out.trim()}`);
     t.ok((await qemuIo(g.url('p1', 'vol'), `read ${2 * pageBytes} 65536`)).ok, 'p3 page still served through p1');
+    const snapshotting = Date.now();
+    await t.rejects(g.peer('p1').createSnapshots(['vol'], { name: 'while-down' }), /aborted.*p2/, 'a snapshot while p2 is down aborts, naming p2');
+    t.ok(Date.now() - snapshotting < 2 * peerConnectMsMax + 1_000, `within the connect bound (${Date.now() - snapshotting} ms)`);
     await g.start('p2');
+    // Right away: p1's channel to p2 may still be in its reconnect backoff from the failed snapshot.
+    const [snap] = await g.peer('p1').createSnapshots(['vol'], { name: 'back' });
+    t.equal(snap.state, 'ready', 'a snapshot right after p2 is back succeeds');
     const after = await qemuIo(g.url('p1', 'vol'), `read -v ${p2Page} 512`);
     t.ok(after.ok, `p2 page served again: ${after.out.trim().split('\n').pop()}`);
     t.equal(after.out.split('\n').slice(0, 4).join('\n'), before.out.split('\n').slice(0, 4).join('\n'), 'same bytes as before the stop');

@@ -109,6 +109,17 @@ export class PeerRpcClient {
     this.client = new Ctor(address, grpc.credentials.createInsecure(), peerChannelOptions) as grpc.Client & Record<string, any>;
   }
 
+  /**
+   * Resolves once the channel is connected, waiting at most `timeoutMs`. A channel in its
+   * reconnect backoff fails calls at once, even when the peer has just come back: a step that
+   * must not start half-done (a snapshot's PREPARE) waits for every peer here first.
+   */
+  ready(timeoutMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.client.waitForReady(Date.now() + timeoutMs, (err?: Error) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable within ${timeoutMs} ms`, true)) : resolve()));
+    });
+  }
+
   private call<T>(method: string, request: object, timeoutMs: number): Promise<T> {
     return new Promise((resolve, reject) => {
       this.client[method](request, peerAuthMetadata(this.auth.secret, this.auth.self), { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {

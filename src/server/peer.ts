@@ -17,7 +17,7 @@ import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { Portal, type SessionInfo } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
-import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, reservationNotifyMsMax } from '../limits';
+import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, peerConnectMsMax, reservationNotifyMsMax } from '../limits';
 import { balancerDefaults } from '../loadmon/balancer';
 import { LoadService, type RebalanceReply, type TopReply } from '../loadmon/service';
 import { BalancerSwitch } from '../loadmon/switches';
@@ -188,6 +188,7 @@ export class PeerServer implements AdminApi {
       moving: (id) => this.migrator.cursors(id),
       idle: (id) => this.migrator.idle(id),
       rpc: {
+        reach: async (peer) => (peer === self ? undefined : this.rpc(peer).ready(peerConnectMsMax)),
         prepare: (peer, req) => (peer === self ? this.snapshots.prepare(req) : this.rpc(peer).snapshotPrepare(req, prepareMsMax + 1_000)),
         take: (peer, req) => (peer === self ? this.snapshots.take(req) : this.rpc(peer).snapshotTake(req, req.cut === undefined ? prepareMsMax : sealMsMax + 1_000)),
         release: (peer, id, abort) => (peer === self ? this.snapshots.release(id, abort) : this.rpc(peer).snapshotRelease(id, abort, abort ? statusPeerMsMax : prepareMsMax)),

@@ -72,6 +72,8 @@ export interface TakeSnapshot {
 }
 
 export interface SnapshotRpc {
+  /** Resolves once the peer is connected (bounded): checked before anything is held or frozen. */
+  reach(peer: string): Promise<void>;
   prepare(peer: string, req: PrepareSnapshot): Promise<PrepareReply>;
   take(peer: string, req: TakeSnapshot): Promise<MovingAtCut[]>;
   /**
@@ -337,6 +339,9 @@ export class SnapshotService {
         const r = this.recordFor(v, name, await nextSnapshotSeq(this.o.catalog.store, v.id), mode, opts.group ?? '');
         records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
       }
+      // Every peer reachable first (one that just came back may still be in its reconnect
+      // backoff): a peer that is down aborts the snapshot here, before any host I/O is held.
+      await Promise.all(this.o.groupPeers.map((p) => this.o.rpc.reach(p)));
       const held = mode === 'timestamp' ? await this.stamped(snapshotId, volumes, records.map((x) => x.r)) : await this.barrier(snapshotId, volumes, records.map((x) => x.r));
       const tookMs = performance.now() - started;
       for (const x of records) {
