@@ -50,7 +50,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const {
-  peersanBin, work, sleep, parseArgs, freePort, waitPort, daemon, run, startPeersan: startGroup, fillRandom,
+  peersanBin, work, sleep, parseArgs, run, startTgt: startTgtAt, startPeersan: startGroup, fillRandom,
   hostWrites: hostWritesAt, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine: machineInfo, saveResults, cleanup, runBench,
 } = require('./lib/group');
 
@@ -60,20 +60,7 @@ if (args.blockSize !== 512 && args.blockSize !== 4096) throw new Error('--block-
 
 const moveMsMax = 120_000;
 
-async function startTgt(sizeBytes) {
-  const port = await freePort();
-  const control = 1000 + Math.floor(Math.random() * 5000);
-  const img = path.join(work, 'tgt.img');
-  fs.writeFileSync(img, '');
-  fs.truncateSync(img, sizeBytes);
-  daemon('tgtd', ['-f', '-C', String(control), '--iscsi', `portal=127.0.0.1:${port}`]);
-  await waitPort(port);
-  const adm = (...a) => run('tgtadm', ['-C', String(control), '--lld', 'iscsi', ...a]);
-  await adm('--op', 'new', '--mode', 'target', '--tid', '1', '-T', 'iqn.2001-04.com.example:bench');
-  await adm('--op', 'new', '--mode', 'logicalunit', '--tid', '1', '--lun', '1', '-b', img, '--blocksize', String(args.blockSize));
-  await adm('--op', 'bind', '--mode', 'target', '--tid', '1', '-I', 'ALL');
-  return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
-}
+const startTgt = (sizeBytes) => startTgtAt(sizeBytes, args.blockSize);
 
 /** The group of three peers (bench/lib/group.js) with this bench's block size. */
 const startPeersan = (sizeBytes) => startGroup(sizeBytes, args.blockSize);

@@ -35,43 +35,14 @@ for (let i = 2; i < process.argv.length; i += 2) {
 }
 
 const root = path.join(__dirname, '..');
-// The scratch directory, free ports and port waits are bench/lib/group.js's (its directory is
-// removed by this script's cleanup).
-const { work, freePort, waitPort } = require('./lib/group');
-const children = [];
-const cleanups = [];
+// The scratch directory, free ports, port waits and clean-up (children killed, scratch
+// directory removed, on exit and on Ctrl-C) are bench/lib/group.js's.
+const { work, children, freePort, waitPort, runBench, startEtcd, startTgt } = require('./lib/group');
 
 function run(cmd, argv, timeoutMs = 600_000) {
   const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
   if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr || r.stdout}`);
   return `${r.stdout}${r.stderr}`;
-}
-
-async function startTgt(sizeBytes) {
-  const port = await freePort();
-  const control = 1000 + Math.floor(Math.random() * 5000);
-  const img = path.join(work, 'tgt.img');
-  fs.writeFileSync(img, '');
-  fs.truncateSync(img, sizeBytes);
-  const child = spawn('tgtd', ['-f', '-C', String(control), '--iscsi', `portal=127.0.0.1:${port}`], { stdio: 'ignore' });
-  children.push(child);
-  await waitPort(port);
-  const adm = (...a) => run('tgtadm', ['-C', String(control), '--lld', 'iscsi', ...a]);
-  adm('--op', 'new', '--mode', 'target', '--tid', '1', '-T', 'iqn.2001-04.com.example:bench');
-  adm('--op', 'new', '--mode', 'logicalunit', '--tid', '1', '--lun', '1', '-b', img);
-  adm('--op', 'bind', '--mode', 'target', '--tid', '1', '-I', 'ALL');
-  return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
-}
-
-async function startEtcd() {
-  const [client, peer] = [await freePort(), await freePort()];
-  const child = spawn('etcd', ['--name', 'bench', '--data-dir', path.join(work, 'etcd'),
-    '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
-    '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
-    '--initial-cluster', `bench=http://127.0.0.1:${peer}`, '--log-level', 'error'], { stdio: 'ignore' });
-  children.push(child);
-  await waitPort(client);
-  return `http://127.0.0.1:${client}`;
 }
 
 /** Two peer processes on etcd, volume `bench` placed on p1 only: returns p1's and p2's URLs. */
@@ -85,7 +56,7 @@ async function startPeersan(sizeBytes) {
     '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
     ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
   for (const p of peers) {
-    children.push(spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'peer', '--config', config, '--id', p.id], { stdio: 'ignore' }));
+    children.add(spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'peer', '--config', config, '--id', p.id], { stdio: 'ignore' }));
     await waitPort(p.iscsi);
   }
   run(process.execPath, [path.join(root, 'bin', 'peersan.js'), '--config', config, 'volume', 'create', 'bench', '--size', String(sizeBytes), '--peers', 'p1']);
@@ -151,18 +122,4 @@ async function main() {
   fs.writeFileSync(path.join(dir, `vs-tgt-${Date.now()}.json`), JSON.stringify({ args, machine, results }, null, 2));
 }
 
-function cleanup() {
-  for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
-  for (const f of cleanups) f();
-  fs.rmSync(work, { recursive: true, force: true });
-}
-process.on('SIGINT', () => {
-  cleanup();
-  process.exit(130);
-});
-main()
-  .catch((err) => {
-    console.error(`bench failed: ${err.message}`);
-    process.exitCode = 1;
-  })
-  .finally(cleanup);
+runBench(main);

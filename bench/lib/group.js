@@ -95,6 +95,22 @@ async function startEtcd() {
   return `http://127.0.0.1:${client}`;
 }
 
+/** tgtd with one file-backed LUN of `sizeBytes` (the reference target, same machine); its iSCSI URL. */
+async function startTgt(sizeBytes, blockSize = 512) {
+  const port = await freePort();
+  const control = 1000 + Math.floor(Math.random() * 5000);
+  const img = path.join(work, 'tgt.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, sizeBytes);
+  daemon('tgtd', ['-f', '-C', String(control), '--iscsi', `portal=127.0.0.1:${port}`]);
+  await waitPort(port);
+  const adm = (...a) => run('tgtadm', ['-C', String(control), '--lld', 'iscsi', ...a]);
+  await adm('--op', 'new', '--mode', 'target', '--tid', '1', '-T', 'iqn.2001-04.com.example:bench');
+  await adm('--op', 'new', '--mode', 'logicalunit', '--tid', '1', '--lun', '1', '-b', img, '--blocksize', String(blockSize));
+  await adm('--op', 'bind', '--mode', 'target', '--tid', '1', '-I', 'ALL');
+  return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
+}
+
 /**
  * Three peer processes on etcd, default migration settings, no automatic page or host moves,
  * each with the GC / event-loop probe (bench/peer-probe.js); volume `bench` spread over them.
@@ -285,6 +301,6 @@ function runBench(main) {
 }
 
 module.exports = {
-  peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startPeersan, fillRandom,
+  peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startTgt, startPeersan, fillRandom,
   hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
 };
