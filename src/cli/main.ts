@@ -9,13 +9,12 @@ import { randomBytes } from 'node:crypto';
 import { Command, Option } from 'commander';
 import { formatBytes } from '../cluster/catalog';
 import { InvalidArgumentError, PeersanError } from '../errors';
-import { createLogger } from '../log';
-import { EmbeddedMetaStore } from '../cluster/embedded';
 import { pageBlocks } from '../limits';
 import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
-import { migrationDefaults, loadConfig, renderConfig, type ClusterConfig } from '../server/config';
-import { PeerServer } from '../server/peer';
+import { loadConfig } from '../server/config';
+import type { DemoOptions } from './serve';
+import { parseCount } from './args';
 import { addLoadCommands } from './load';
 
 interface GlobalOptions {
@@ -146,89 +145,6 @@ async function followMove(c: AdminClient, volume: string, page: number, to: stri
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
-
-function parseCount(value: string, what: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(`${what} must be a whole number, got "${value}"`);
-  return n;
-}
-
-/** Run a peer until SIGINT/SIGTERM, then stop gracefully. */
-async function runUntilSignal(server: PeerServer): Promise<void> {
-  await new Promise<void>((resolveStop) => {
-    const onSignal = (sig: string): void => {
-      server.log.info({ signal: sig }, 'stopping');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      server.stop().then(resolveStop, resolveStop);
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-}
-
-/** Run several peers in this process until SIGINT/SIGTERM, then stop them all. */
-async function runAllUntilSignal(servers: PeerServer[]): Promise<void> {
-  await new Promise<void>((resolveStop) => {
-    const onSignal = (sig: string): void => {
-      servers[0].log.info({ signal: sig }, 'stopping');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      Promise.allSettled(servers.map((s) => s.stop())).then(() => resolveStop());
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-}
-
-async function demo(opts: { peers: string; data?: string; size: string; iscsiPort: string; rpcPort: string; httpPort: string; token?: string }): Promise<void> {
-  const peers = parseCount(opts.peers, '--peers');
-  if (peers > 16) throw new InvalidArgumentError('--peers: the demo runs at most 16 peers in one process');
-  const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
-  mkdirSync(dir, { recursive: true });
-  const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
-  const rpcPort = parseCount(opts.rpcPort, '--rpc-port');
-  const httpPort = parseCount(opts.httpPort, '--http-port');
-  const config: ClusterConfig = {
-    name: 'demo',
-    adminToken: opts.token ?? randomBytes(12).toString('hex'),
-    secret: randomBytes(16).toString('hex'),
-    catalog: { backend: 'embedded', path: join(dir, 'catalog') },
-    pageBlocks,
-    migration: migrationDefaults,
-    peers: Array.from({ length: peers }, (_, i) => ({
-      id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
-    })),
-  };
-  const configFile = join(dir, 'cluster.yaml');
-  writeFileSync(configFile, renderConfig(config));
-  const log = createLogger({ name: 'peersan', file: join(dir, 'peersan.log') });
-  // Every peer gets its own store, portal and RPC port; they share the one embedded catalog
-  // and talk to each other over real gRPC on loopback.
-  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const servers: PeerServer[] = [];
-  try {
-    for (const p of config.peers) servers.push(await PeerServer.start({ ...config, path: configFile }, p.id, log, { meta }));
-  } catch (err) {
-    await Promise.allSettled(servers.map((s) => s.stop()));
-    await meta.close();
-    throw err;
-  }
-  const existing = (await servers[0].listVolumes()).find((v) => v.name === 'demo');
-  const volume = existing ?? (await servers[0].createVolume({ name: 'demo', size: opts.size }));
-  const say = (s: string): boolean => process.stdout.write(s + '\n');
-  say(`peersan demo: ${peers} peer(s), data in ${dir}`);
-  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
-  for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
-  say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
-  say(`console: http://${config.peers[0].http}/  (any peer's http address; admin token: cluster.adminToken in ${configFile})`);
-  say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
-  say(`logs:   ${join(dir, 'peersan.log')}`);
-  say('ready');
-  await runAllUntilSignal(servers);
-  await meta.close();
-  say('stopped');
-}
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -422,9 +338,10 @@ export function buildProgram(): Command {
     .action(async (o: { id: string }) => {
       const path = configPath(g());
       if (!path) throw new InvalidArgumentError('peer needs --config FILE (or $PEERSAN_CONFIG, or ./cluster.yaml)');
-      const config = loadConfig(path);
-      const server = await PeerServer.start(config, o.id, createLogger({ name: 'peersan' }));
-      await runUntilSignal(server);
+      // The serving code (and what it loads: the store, the portal, etcd, metrics) is only
+      // needed here and by demo: admin commands start in half the time without it.
+      const { runPeer } = await import('./serve');
+      await runPeer(loadConfig(path), o.id);
     });
 
   program
@@ -438,7 +355,7 @@ export function buildProgram(): Command {
     .option('--http-port <port>', 'HTTP port of peer 1', '8001')
     .option('--token <token>', 'admin token (default: random, written to the demo cluster.yaml)')
     // The global --token takes the option when it is written after `demo`, so read both.
-    .action((o: Parameters<typeof demo>[0]) => demo({ ...o, token: o.token ?? g().token }));
+    .action(async (o: DemoOptions) => (await import('./serve')).demo({ ...o, token: o.token ?? g().token }));
   return program;
 }
 

@@ -27,12 +27,14 @@ import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
 import { checkpointKey, decodeCheckpoint, encodeCheckpoint, incomingKey, pieceGeometry, type MoveCheckpoint, type MoveCursor } from './pieces';
-import { ByteRate } from './rate';
+import { ByteRate, ChunkPacer } from './rate';
 
 export interface MigrationSettings {
   /** Copy rate per peer, bytes per second (0: unlimited). */
   rateBytesPerSec: number;
   pieceBytes: number;
+  /** Share of the time a move may spend copying, (0, 1] (see MigrationConfig.dutyPercent); absent: 1. */
+  duty?: number;
 }
 
 /** The calls a source makes to a destination's PeerService. */
@@ -101,6 +103,8 @@ interface Running {
   bytesCopied: number;
   lastError: string;
   cancelRequested: boolean;
+  /** Gives way to host I/O between chunks. */
+  pacer: ChunkPacer;
   /** Settles when the move commits (resolve) or is cancelled / fails for good (reject). */
   finished: Promise<void>;
   settle(err?: Error): void;
@@ -123,7 +127,9 @@ export class Migrator {
 
   constructor(opts: MigratorOptions) {
     this.o = opts;
-    this.rate = new ByteRate(opts.settings.rateBytesPerSec, Math.max(chunkBytes, opts.settings.rateBytesPerSec / 10));
+    // The burst is one piece: after a pause the copier may take one piece at once, no more, so
+    // copying is paced evenly instead of in bursts that stall host I/O for a moment.
+    this.rate = new ByteRate(opts.settings.rateBytesPerSec, Math.max(chunkBytes, opts.settings.pieceBytes));
   }
 
   // ---- destination side -----------------------------------------------------------------------
@@ -272,7 +278,7 @@ export class Migrator {
     let settle!: (err?: Error) => void;
     const finished = new Promise<void>((resolve, reject) => (settle = (err) => (err ? reject(err) : resolve())));
     finished.catch(() => undefined);
-    const r: Running = { cp, move, movable, bytesCopied: 0, lastError: '', cancelRequested: cp.state === 'cancelling', finished, settle };
+    const r: Running = { cp, move, movable, bytesCopied: 0, lastError: '', cancelRequested: cp.state === 'cancelling', pacer: new ChunkPacer(this.o.settings.duty ?? 1), finished, settle };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     void this.run(r, fresh).catch((err: Error) => {
@@ -324,11 +330,20 @@ export class Migrator {
       const blocks = Math.min(chunkBlocks, end - lba);
       const last = lba + blocks >= end;
       await this.rate.take(blocks * bs);
+      const t0 = performance.now();
       await this.retrying(r, () => this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last)))));
+      // The last chunk of a piece waits for a sync on D: slow by design, not a sign of load.
+      if (!last) await this.yieldToHosts(r, performance.now() - t0);
       r.bytesCopied += blocks * bs;
       this.counters.bytesCopied += blocks * bs;
       if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
     }
+  }
+
+  /** Pause after a chunk that took `ms` if it waited behind host I/O (rate.ts: ChunkPacer). */
+  private async yieldToHosts(r: Running, ms: number): Promise<void> {
+    const pauseMs = r.pacer.pauseAfter(ms);
+    if (pauseMs >= 1 && !this.closed) await new Promise((res) => setTimeout(res, pauseMs));
   }
 
   private async copyForward(r: Running, lba: number, blocks: number, last: boolean): Promise<void> {

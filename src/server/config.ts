@@ -68,18 +68,26 @@ export interface MigrationConfig {
   rateMBps: number;
   /** Piece size in KiB: the unit that is dual-written while in transit and checkpointed when done. */
   pieceKiB: number;
+  /**
+   * How hard a move pushes against host I/O (1-100 %). A copied chunk that takes longer than
+   * the move's fastest recent chunks waited behind other work, mostly host I/O; the copier then
+   * pauses so that such waiting is at most this share of the time. On idle peers it copies at
+   * rateMBps; under host load it slows down by itself. 100: never pauses.
+   */
+  dutyPercent: number;
 }
 
-export const migrationDefaults: MigrationConfig = { rateMBps: 64, pieceKiB: 256 };
+export const migrationDefaults: MigrationConfig = { rateMBps: 64, pieceKiB: 256, dutyPercent: 15 };
 
 function parseMigration(m: Record<string, unknown>, where: string): MigrationConfig {
   const out = { ...migrationDefaults };
   for (const [k, v] of Object.entries(m)) {
-    if (!(k in out)) throw new InvalidArgumentError(`${where}: cluster.migration.${k} is not a setting (rateMBps, pieceKiB)`);
+    if (!(k in out)) throw new InvalidArgumentError(`${where}: cluster.migration.${k} is not a setting (rateMBps, pieceKiB, dutyPercent)`);
     if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new InvalidArgumentError(`${where}: cluster.migration.${k} must be a number ≥ 0`);
     out[k as keyof MigrationConfig] = v;
   }
   if (out.pieceKiB < 4 || out.pieceKiB > 4096 || !Number.isInteger(out.pieceKiB)) throw new InvalidArgumentError(`${where}: cluster.migration.pieceKiB must be a whole number from 4 to 4096`);
+  if (out.dutyPercent < 1 || out.dutyPercent > 100) throw new InvalidArgumentError(`${where}: cluster.migration.dutyPercent must be from 1 to 100`);
   return out;
 }
 

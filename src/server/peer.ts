@@ -170,7 +170,7 @@ export class PeerServer implements AdminApi {
     });
     this.migrator = new Migrator({
       self, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
-      settings: { rateBytesPerSec: this.config.migration.rateMBps * 1e6, pieceBytes: this.config.migration.pieceKiB * 1024 },
+      settings: { rateBytesPerSec: this.config.migration.rateMBps * 1e6, pieceBytes: this.config.migration.pieceKiB * 1024, duty: this.config.migration.dutyPercent / 100 },
       rpc: {
         prepare: (to, req) => this.rpc(to).movePrepare(req, moveRpcMsMax),
         finish: (to, req) => this.rpc(to).moveFinish(req, moveRpcMsMax),

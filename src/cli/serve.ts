@@ -1,0 +1,112 @@
+// What `peersan peer` and `peersan demo` run: one peer, or a throwaway group in one process,
+// until SIGINT/SIGTERM. Kept apart from the admin commands (main.ts loads this module only
+// for those two), so that `peersan status` and friends do not load the whole server.
+
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { formatBytes } from '../cluster/catalog';
+import { EmbeddedMetaStore } from '../cluster/embedded';
+import { InvalidArgumentError } from '../errors';
+import { pageBlocks } from '../limits';
+import { createLogger } from '../log';
+import { migrationDefaults, renderConfig, type ClusterConfig } from '../server/config';
+import { PeerServer } from '../server/peer';
+import { tuneHeapForServing } from '../server/runtime';
+import { parseCount } from './args';
+
+export interface DemoOptions {
+  peers: string;
+  data?: string;
+  size: string;
+  iscsiPort: string;
+  rpcPort: string;
+  httpPort: string;
+  token?: string;
+}
+
+/** `peersan peer`: run peer `id` of the group until a signal. */
+export async function runPeer(config: ClusterConfig, id: string): Promise<void> {
+  tuneHeapForServing();
+  const server = await PeerServer.start(config, id, createLogger({ name: 'peersan' }));
+  await runUntilSignal(server);
+}
+
+/** Run a peer until SIGINT/SIGTERM, then stop gracefully. */
+async function runUntilSignal(server: PeerServer): Promise<void> {
+  await new Promise<void>((resolveStop) => {
+    const onSignal = (sig: string): void => {
+      server.log.info({ signal: sig }, 'stopping');
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      server.stop().then(resolveStop, resolveStop);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
+/** Run several peers in this process until SIGINT/SIGTERM, then stop them all. */
+async function runAllUntilSignal(servers: PeerServer[]): Promise<void> {
+  await new Promise<void>((resolveStop) => {
+    const onSignal = (sig: string): void => {
+      servers[0].log.info({ signal: sig }, 'stopping');
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      Promise.allSettled(servers.map((s) => s.stop())).then(() => resolveStop());
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
+export async function demo(opts: DemoOptions): Promise<void> {
+  const peers = parseCount(opts.peers, '--peers');
+  if (peers > 16) throw new InvalidArgumentError('--peers: the demo runs at most 16 peers in one process');
+  const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
+  mkdirSync(dir, { recursive: true });
+  tuneHeapForServing();
+  const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
+  const rpcPort = parseCount(opts.rpcPort, '--rpc-port');
+  const httpPort = parseCount(opts.httpPort, '--http-port');
+  const config: ClusterConfig = {
+    name: 'demo',
+    adminToken: opts.token ?? randomBytes(12).toString('hex'),
+    secret: randomBytes(16).toString('hex'),
+    catalog: { backend: 'embedded', path: join(dir, 'catalog') },
+    pageBlocks,
+    migration: migrationDefaults,
+    peers: Array.from({ length: peers }, (_, i) => ({
+      id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
+    })),
+  };
+  const configFile = join(dir, 'cluster.yaml');
+  writeFileSync(configFile, renderConfig(config));
+  const log = createLogger({ name: 'peersan', file: join(dir, 'peersan.log') });
+  // Every peer gets its own store, portal and RPC port; they share the one embedded catalog
+  // and talk to each other over real gRPC on loopback.
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  const servers: PeerServer[] = [];
+  try {
+    for (const p of config.peers) servers.push(await PeerServer.start({ ...config, path: configFile }, p.id, log, { meta }));
+  } catch (err) {
+    await Promise.allSettled(servers.map((s) => s.stop()));
+    await meta.close();
+    throw err;
+  }
+  const existing = (await servers[0].listVolumes()).find((v) => v.name === 'demo');
+  const volume = existing ?? (await servers[0].createVolume({ name: 'demo', size: opts.size }));
+  const say = (s: string): boolean => process.stdout.write(s + '\n');
+  say(`peersan demo: ${peers} peer(s), data in ${dir}`);
+  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
+  for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
+  say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
+  say(`console: http://${config.peers[0].http}/  (any peer's http address; admin token: cluster.adminToken in ${configFile})`);
+  say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
+  say(`logs:   ${join(dir, 'peersan.log')}`);
+  say('ready');
+  await runAllUntilSignal(servers);
+  await meta.close();
+  say('stopped');
+}
