@@ -77,7 +77,7 @@ export interface MigrationConfig {
   dutyPercent: number;
 }
 
-export const migrationDefaults: MigrationConfig = { rateMBps: 64, pieceKiB: 256, dutyPercent: 15 };
+export const migrationDefaults: MigrationConfig = { rateMBps: 64, pieceKiB: 256, dutyPercent: 10 };
 
 function parseMigration(m: Record<string, unknown>, where: string): MigrationConfig {
   const out = { ...migrationDefaults };
