@@ -5,11 +5,11 @@
 //        [--size-mib 1024] [--block-size 4096] [--movers 2] [--depth 8]
 //
 // A group of three `peersan peer` processes on an etcd catalog (as three machines would), with
-// the default migration settings (no `migration:` section: rateMBps 64, pieceKiB 256). The
-// balancer and host balancing are switched off so that the only page moves are the ones this
-// bench makes and the host stays on the portal it chose. One volume, its pages spread over all
-// three peers, filled completely with random data first, so a move copies real data (a thin
-// page would be copied as UNMAP). Then, --repeat times, in alternating order:
+// the default migration settings (no `migration:` section: rateMBps 64, pieceKiB 256,
+// dutyPercent 10). The balancer and host balancing are switched off so that the only page
+// moves are the ones this bench makes and the host stays on the portal it chose. One volume,
+// its pages spread over all three peers, filled completely with random data first, so a move
+// copies real data (a thin page would be copied as UNMAP). Then, --repeat times, in alternating order:
 //   idle       a host writes 4 KiB at random offsets over the whole volume, depth 8, through
 //              p1's portal (so 2/3 of its writes are forwarded to the owner)
 //   migrating  the same host, while --movers background loops each keep running
@@ -253,7 +253,7 @@ async function main() {
   console.log('');
   console.log(`${'4 KiB random write, QD' + args.depth}`.padEnd(24) + ['p50 µs', 'p90 µs', 'p99 µs', 'max µs', 'IOPS'].map((h) => h.padStart(9)).join(''));
   for (const r of rows) console.log(`${r.phase === 'tgt' ? 'tgt (idle)' : `peersan ${r.phase}`}`.padEnd(24) + keys.map((k) => String(r[k]).padStart(9)).join(''));
-  console.log(`migrating: a page in transit ${migration.inTransitPct}% of the time, ${migration.pagesMoved} pages (${pageMib} MiB each) moved per ${args.seconds} s phase, ${migration.copiedMBps} MB/s copied (default rate 64 MB/s per source peer); idle phases saw ${samples.idle.map((s) => s.pagesMoved).join('/')} moves`);
+  console.log(`migrating: a page in transit ${migration.inTransitPct}% of the time, ${migration.pagesMoved} pages (${pageMib} MiB each) moved per ${args.seconds} s phase, ${migration.copiedMBps} MB/s copied (default: at most 64 MB/s per source peer, pausing for host I/O at dutyPercent 10); idle phases saw ${samples.idle.map((s) => s.pagesMoved).join('/')} moves`);
   const { onMovingPages: mv, onOtherPages: ot } = migration;
   console.log(`migrating, by the page written: to a page in transit ${mv.requests} writes, p50 ${mv.p50Us} µs, p99 ${mv.p99Us} µs, max ${mv.maxUs} µs; to other pages ${ot.requests} writes, p50 ${ot.p50Us} µs, p99 ${ot.p99Us} µs`);
   console.log(`cores busy (of ${os.cpus().length}): idle peers ${cores.idle.peers} + clients ${cores.idle.clients}; migrating peers ${cores.migrating.peers} + clients ${cores.migrating.clients} (incl. the page move CLIs); tgt run: peers ${cores.tgt.peers} + clients ${cores.tgt.clients}`);
