@@ -120,9 +120,17 @@ export class PeerRpcClient {
     });
   }
 
-  private call<T>(method: string, request: object, timeoutMs: number): Promise<T> {
+  /**
+   * One unary call. `waitForReady`: a channel in its reconnect backoff (the peer restarted a
+   * moment ago) makes the call wait for the connection, within the deadline, instead of failing
+   * at once; for the steps of a page move, which must reach the one peer that can act.
+   */
+  private call<T>(method: string, request: object, timeoutMs: number, waitForReady = false): Promise<T> {
     return new Promise((resolve, reject) => {
-      this.client[method](request, peerAuthMetadata(this.auth.secret, this.auth.self), { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
+      const md = peerAuthMetadata(this.auth.secret, this.auth.self);
+      // grpc-js reads waitForReady from the metadata's options, not from the call options.
+      if (waitForReady) md.setOptions({ waitForReady: true });
+      this.client[method](request, md, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
         if (!err) return resolve(reply);
         const Known = errorForStatus.get(err.code);
         reject(Known ? new Known(err.details) : new PeerUnavailableError(this.peerId, err.details || err.message, err.code === grpc.status.DEADLINE_EXCEEDED));
@@ -139,11 +147,11 @@ export class PeerRpcClient {
   }
 
   startMove(volume: string, page: number, to: string, timeoutMs: number): Promise<MoveInfo> {
-    return this.call('startMove', { volume, page, to }, timeoutMs);
+    return this.call('startMove', { volume, page, to }, timeoutMs, true);
   }
 
   async cancelMove(volume: string, page: number, timeoutMs: number): Promise<void> {
-    await this.call('cancelMove', { volume, page }, timeoutMs);
+    await this.call('cancelMove', { volume, page }, timeoutMs, true);
   }
 
   async moves(timeoutMs: number): Promise<MoveInfo[]> {
@@ -151,11 +159,11 @@ export class PeerRpcClient {
   }
 
   async movePrepare(req: PrepareRequest, timeoutMs: number): Promise<void> {
-    await this.call('movePrepare', req, timeoutMs);
+    await this.call('movePrepare', req, timeoutMs, true);
   }
 
   async moveFinish(req: FinishRequest, timeoutMs: number): Promise<void> {
-    await this.call('moveFinish', req, timeoutMs);
+    await this.call('moveFinish', req, timeoutMs, true);
   }
 
   async snapshotPrepare(req: PrepareSnapshot, timeoutMs: number): Promise<PrepareReply> {

@@ -2,7 +2,7 @@
 // test's teardown, and every wait is bounded.
 
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -95,7 +95,9 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
       },
       start: async (env) => {
         peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
-        peer.process.stderr!.on('data', () => undefined);
+        // PEERSAN_TEST_LOG_DIR=dir keeps each peer's log (JSON lines) as dir/<id>.log, for a failure's post-mortem.
+        const logDir = process.env.PEERSAN_TEST_LOG_DIR;
+        peer.process.stderr!.on('data', logDir ? (d: Buffer) => appendFileSync(join(logDir, `${id}.log`), d) : () => undefined);
         const proc = peer.process;
         peer.exited = new Promise((r) => proc.once('exit', (_code, signal) => r(signal)));
         await waitForPort(p.iscsi);
