@@ -173,6 +173,24 @@ t.test('ABORT TASK waits for the LU, then no response for the task', async (t) =
   t.notOk(out.some((p) => p.opcode === Op.dataIn || p.opcode === Op.scsiResponse), 'aborted task sends nothing');
 });
 
+t.test('ABORT TASK of a command already answered: TASK DOES NOT EXIST (libiscsi AbortTaskSimpleAsync)', async (t) => {
+  const { s, lu, out } = setup();
+  s.onPdu(cmd(1, 1, { read: true, edtl: 512 }), 0);
+  await tick();
+  lu.pending[0]({ status: ScsiStatus.good, dataIn: Buffer.alloc(512) });
+  await tick();
+  t.ok(out.some((p) => p.opcode === Op.scsiResponse || p.opcode === Op.dataIn), 'the command was answered');
+  s.onPdu({ opcode: Op.taskMgmtRequest, immediate: true, final: true, initiatorTaskTag: 2, data: Buffer.alloc(0), function: TmfFunction.abortTask, lun: lun0, referencedTaskTag: 1, cmdSN: 2, expStatSN: 100, refCmdSN: 1, expDataSN: 0 }, 0);
+  await tick();
+  const tmf = out.find((p) => p.opcode === Op.taskMgmtResponse);
+  t.equal(tmf && 'response' in tmf && tmf.response, TmfResponse.taskDoesNotExist, 'not "complete": the command ran and was answered');
+  // A command not received yet (its CmdSN is still ahead, inside the window) counts as received and aborted.
+  s.onPdu({ opcode: Op.taskMgmtRequest, immediate: true, final: true, initiatorTaskTag: 3, data: Buffer.alloc(0), function: TmfFunction.abortTask, lun: lun0, referencedTaskTag: 7, cmdSN: 3, expStatSN: 100, refCmdSN: 2, expDataSN: 0 }, 0);
+  await tick();
+  const tmf2 = out.filter((p) => p.opcode === Op.taskMgmtResponse)[1];
+  t.equal(tmf2 && 'response' in tmf2 && tmf2.response, TmfResponse.complete);
+});
+
 t.test('NOP: answers pings, pings when idle, gives up on a silent initiator', async (t) => {
   const { s, out, closed } = setup();
   s.onPdu({ opcode: Op.nopOut, immediate: true, final: true, initiatorTaskTag: 5, data: Buffer.from('hi'), lun: lun0, targetTransferTag: 0xffffffff, cmdSN: 1, expStatSN: 100 }, 0);

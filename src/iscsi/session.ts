@@ -542,8 +542,12 @@ export class Session {
       case TmfFunction.abortTask: {
         const task = this.tasks.get(pdu.referencedTaskTag);
         if (!task) {
-          // RFC 7143 11.5.1: a task we never saw but whose CmdSN is in the window counts as received.
-          return snLess(pdu.refCmdSN, this.expCmdSN) || pdu.refCmdSN === pdu.cmdSN ? TmfResponse.complete : TmfResponse.taskDoesNotExist;
+          // RFC 7143 11.5.1: a task we have not received yet (RefCmdSN inside the CmdSN window,
+          // before the TMF's own CmdSN) counts as received and aborted. One outside the window
+          // was received and has ended: its response may already be on its way, so it "does
+          // not exist" (answering "complete" would claim an abort of a command that ran).
+          const notReceivedYet = !snLess(pdu.refCmdSN, this.expCmdSN) && !snLess(this.windowEnd(), pdu.refCmdSN);
+          return notReceivedYet && (snLess(pdu.refCmdSN, pdu.cmdSN) || pdu.refCmdSN === pdu.cmdSN) ? TmfResponse.complete : TmfResponse.taskDoesNotExist;
         }
         await this.abort([task]);
         return TmfResponse.complete;
