@@ -33,7 +33,7 @@ export interface MigrationSettings {
   /** Copy rate per peer, bytes per second (0: unlimited). */
   rateBytesPerSec: number;
   pieceBytes: number;
-  /** Share of the time a move may spend copying, (0, 1] (see MigrationConfig.dutyPercent); absent: 1. */
+  /** How much of the time a move may make other work wait, (0, 1] (MigrationConfig.dutyPercent / 100); absent: 1, never pause. */
   duty?: number;
 }
 
