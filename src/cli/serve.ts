@@ -30,25 +30,11 @@ export interface DemoOptions {
 export async function runPeer(config: ClusterConfig, id: string): Promise<void> {
   tuneHeapForServing();
   const server = await PeerServer.start(config, id, createLogger({ name: 'peersan' }));
-  await runUntilSignal(server);
+  await runUntilSignal([server]);
 }
 
-/** Run a peer until SIGINT/SIGTERM, then stop gracefully. */
-async function runUntilSignal(server: PeerServer): Promise<void> {
-  await new Promise<void>((resolveStop) => {
-    const onSignal = (sig: string): void => {
-      server.log.info({ signal: sig }, 'stopping');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      server.stop().then(resolveStop, resolveStop);
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-}
-
-/** Run several peers in this process until SIGINT/SIGTERM, then stop them all. */
-async function runAllUntilSignal(servers: PeerServer[]): Promise<void> {
+/** Run the peers of this process until SIGINT/SIGTERM, then stop them all gracefully. */
+async function runUntilSignal(servers: PeerServer[]): Promise<void> {
   await new Promise<void>((resolveStop) => {
     const onSignal = (sig: string): void => {
       servers[0].log.info({ signal: sig }, 'stopping');
@@ -106,7 +92,7 @@ export async function demo(opts: DemoOptions): Promise<void> {
   say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
   say(`logs:   ${join(dir, 'peersan.log')}`);
   say('ready');
-  await runAllUntilSignal(servers);
+  await runUntilSignal(servers);
   await meta.close();
   say('stopped');
 }
