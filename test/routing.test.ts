@@ -82,6 +82,26 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
   await new Promise((r) => setImmediate(r));
   t.equal(batches.length, 3, 'cleared frames are never written');
 
+  // 'task': the frames pushed by one task are one batch, written when the task's microtasks
+  // are done (not a turn later); flushAfterTask() does the same for a 'turn' batcher.
+  const taskBatches: Buffer[] = [];
+  const perTask = new FrameBatcher<BlockRequest>({ frameBytes: requestFrameBytes, encodeInto: encodeRequestInto }, (b) => taskBatches.push(b), 'task');
+  for (const r of reqs) perTask.push(r);
+  t.equal(taskBatches.length, 0, 'nothing is written while the task runs');
+  await new Promise<void>((r) => queueMicrotask(r));
+  t.equal(taskBatches.length, 1, 'one batch when the task ends');
+  t.same(splitBatch(taskBatches[0])!.map((f) => decodeRequest(f)!.id), [1, 2, 3]);
+  let turnEnded = false;
+  setImmediate(() => (turnEnded = true));
+  batcher.push(reqs[1]);
+  batcher.flushAfterTask();
+  await new Promise<void>((r) => queueMicrotask(r));
+  t.equal(batches.length, 4, 'flushAfterTask writes before the turn ends');
+  t.notOk(turnEnded);
+  t.same(splitBatch(batches[3])!.map((f) => decodeRequest(f)!.id), [2]);
+  await new Promise((r) => setImmediate(r));
+  t.equal(batches.length, 4, 'the flush the turn had scheduled finds nothing left');
+
   // Replies encode at any offset of a shared buffer.
   const reply: BlockReply = { id: 5, status: ReplyStatus.ok, owner: 'p2', version: 3, detail: 0, payload: Buffer.from('data') };
   const shared = Buffer.alloc(replyFrameBytes(reply) + 10, 0xee);

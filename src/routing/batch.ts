@@ -1,7 +1,19 @@
-// Frames produced in one turn of the event loop travel as one gRPC message: a batch is
-// [u32 length][frame] repeated. At queue depth 32 a peer forwards bursts of requests, and
-// gRPC's cost is per message, not per byte, so batching is what makes forwarding cheap.
+// Frames produced together travel as one gRPC message: a batch is [u32 length][frame]
+// repeated. At queue depth 32 a peer forwards bursts of requests, and gRPC's cost is per
+// message, not per byte, so batching is what makes forwarding cheap.
 // Pure split function (bounded, undefined on a malformed batch) plus a tiny batcher.
+//
+// When a batch goes out matters as much as its size. Node's HTTP/2 session writes what its
+// streams were given in the check phase (a native setImmediate, which runs before the
+// JavaScript ones). A batch written from setImmediate therefore waits a whole further turn of
+// the event loop before it leaves; one written at the end of the current task leaves in this
+// turn. Two policies:
+//   'task'  flush when the task that pushed ends (a microtask). The sender's side: the
+//           commands of one iSCSI read event still go as one batch, and leave at once.
+//   'turn'  flush at the end of the turn (setImmediate). The owner's side: replies come one
+//           per store completion, each its own task, and a batch per task would be a message
+//           per reply. The owner calls flushAfterTask() once it has nothing left in flight,
+//           since no more replies are coming to wait for.
 //
 // The batcher queues the requests/replies themselves and encodes them straight into the one
 // batch buffer when it flushes: a block's data is copied once on its way out (gRPC copies
@@ -32,21 +44,33 @@ export interface FrameCodec<T> {
   encodeInto(item: T, b: Buffer, at: number): void;
 }
 
+export type FlushPolicy = 'task' | 'turn';
+
 /**
- * Collects frames and hands them to `write` as one batch per event-loop turn (or when full).
- * An item's buffers are borrowed until the batch is flushed (callers keep them until the
- * answer anyway).
+ * Collects frames and hands them to `write` as one batch per task or per event-loop turn (see
+ * above), or at once when the batch is full. An item's buffers are borrowed until the batch is
+ * flushed (callers keep them until the answer anyway).
  */
 export class FrameBatcher<T> {
   private items: T[] = [];
   private sizes: number[] = [];
   private bytes = 0;
-  private scheduled = false;
-  private readonly flushSoon = (): void => this.flush();
+  /** A flush is scheduled at the end of the turn / of the task. */
+  private turnScheduled = false;
+  private taskScheduled = false;
+  private readonly flushAtTurnEnd = (): void => {
+    this.turnScheduled = false;
+    this.flush();
+  };
+  private readonly flushAtTaskEnd = (): void => {
+    this.taskScheduled = false;
+    this.flush();
+  };
 
   constructor(
     private readonly codec: FrameCodec<T>,
     private readonly write: (batch: Buffer) => void,
+    private readonly policy: FlushPolicy = 'turn',
   ) {}
 
   push(item: T): void {
@@ -56,14 +80,21 @@ export class FrameBatcher<T> {
     this.items.push(item);
     this.sizes.push(n);
     this.bytes += lengthBytes + n;
-    if (!this.scheduled) {
-      this.scheduled = true;
-      setImmediate(this.flushSoon);
+    if (this.policy === 'task') this.flushAfterTask();
+    else if (!this.turnScheduled) {
+      this.turnScheduled = true;
+      setImmediate(this.flushAtTurnEnd);
     }
   }
 
+  /** Flush what is queued when the current task ends (its microtasks included), not later. */
+  flushAfterTask(): void {
+    if (this.taskScheduled || this.items.length === 0) return;
+    this.taskScheduled = true;
+    queueMicrotask(this.flushAtTaskEnd);
+  }
+
   flush(): void {
-    this.scheduled = false;
     if (this.items.length === 0) return;
     const { items, sizes } = this;
     const batch = Buffer.allocUnsafe(this.bytes);

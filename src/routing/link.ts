@@ -130,9 +130,15 @@ export class PeerLink {
     if (this.stream && this.batcher) return { batcher: this.batcher };
     const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
     this.stream = stream;
-    const batcher = new FrameBatcher<BlockRequest>(requestCodec, (batch) => {
-      if (this.stream === stream) stream.write(batch);
-    });
+    // Requests leave when the task that made them ends (batch.ts): a burst of commands from
+    // one iSCSI read is one batch, sent in this turn of the event loop rather than the next.
+    const batcher = new FrameBatcher<BlockRequest>(
+      requestCodec,
+      (batch) => {
+        if (this.stream === stream) stream.write(batch);
+      },
+      'task',
+    );
     this.batcher = batcher;
     // A deadline is noticed within a tenth of it (or a second) after it passes.
     this.sweepTimer ??= setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));

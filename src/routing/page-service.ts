@@ -193,6 +193,8 @@ export class PageService {
         call.resume();
       }
       batcher.push(reply);
+      // Replies wait for the end of the turn to share a batch, unless none are left to wait for.
+      if (inFlight === 0) batcher.flushAfterTask();
       if (ended && inFlight === 0) endCall();
     };
     const onFrame = (frame: Buffer): boolean => {
