@@ -2,14 +2,10 @@
 // (a throwaway group in one process). Human tables by default, --json for scripts; on error
 // one clear line and a non-zero exit (PEERSAN_DEBUG=1 shows the stack).
 
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { formatBytes } from '../cluster/catalog';
 import { InvalidArgumentError, PeersanError } from '../errors';
-import { pageBlocks } from '../limits';
 import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { loadConfig } from '../server/config';
