@@ -97,11 +97,21 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: { 
         peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
         // PEERSAN_TEST_LOG_DIR=dir keeps each peer's log (JSON lines) as dir/<id>.log, for a failure's post-mortem.
         const logDir = process.env.PEERSAN_TEST_LOG_DIR;
-        peer.process.stderr!.on('data', logDir ? (d: Buffer) => appendFileSync(join(logDir, `${id}.log`), d) : () => undefined);
+        // The end of the log is kept in any case: a peer that does not come up says why in the failure.
+        let tail = '';
+        peer.process.stderr!.on('data', (d: Buffer) => {
+          tail = (tail + d.toString('utf8')).slice(-4096);
+          if (logDir) appendFileSync(join(logDir, `${id}.log`), d);
+        });
         const proc = peer.process;
         peer.exited = new Promise((r) => proc.once('exit', (_code, signal) => r(signal)));
-        await waitForPort(p.iscsi);
-        await waitForPort(p.rpc);
+        try {
+          await waitForPort(p.iscsi);
+          await waitForPort(p.rpc);
+        } catch (err) {
+          const state = proc.exitCode !== null || proc.signalCode !== null ? `exited (${proc.exitCode ?? proc.signalCode})` : 'still running';
+          throw new Error(`peer ${id} did not come up: ${(err as Error).message}; process ${state}; end of its log:\n${tail.split('\n').slice(-15).join('\n')}`);
+        }
       },
       kill: async (signal = 'SIGTERM') => {
         const proc = peer.process;
