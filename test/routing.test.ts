@@ -57,9 +57,11 @@ t.test('frames round-trip and malformed frames are refused, never thrown on', as
   }));
 });
 
+const requestCodec = { frameBytes: requestFrameBytes, encodeInto: (r: BlockRequest, b: Buffer, at: number) => encodeRequestInto(r, r.id, b, at) };
+
 t.test('the batcher encodes the frames of a turn into one batch that splits back into the same frames', async (t) => {
   const batches: Buffer[] = [];
-  const batcher = new FrameBatcher<BlockRequest>({ frameBytes: requestFrameBytes, encodeInto: encodeRequestInto }, (b) => batches.push(b));
+  const batcher = new FrameBatcher<BlockRequest>(requestCodec, (b) => batches.push(b));
   const reqs: BlockRequest[] = [0, 1, 2].map((i) => ({ id: i + 1, op: i === 1 ? BlockOp.read : BlockOp.write, fua: i === 2, volumeId, lba: i * 8, blocks: 1, routeVersion: i, compareBytes: 0, data: i === 1 ? undefined : Buffer.alloc(512, i + 1) }));
   for (const r of reqs) batcher.push(r);
   t.equal(batches.length, 0, 'nothing is written before the turn ends');
@@ -85,7 +87,7 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
   // 'task': the frames pushed by one task are one batch, written when the task's microtasks
   // are done (not a turn later); flushAfterTask() does the same for a 'turn' batcher.
   const taskBatches: Buffer[] = [];
-  const perTask = new FrameBatcher<BlockRequest>({ frameBytes: requestFrameBytes, encodeInto: encodeRequestInto }, (b) => taskBatches.push(b), 'task');
+  const perTask = new FrameBatcher<BlockRequest>(requestCodec, (b) => taskBatches.push(b), 'task');
   for (const r of reqs) perTask.push(r);
   t.equal(taskBatches.length, 0, 'nothing is written while the task runs');
   await new Promise<void>((r) => queueMicrotask(r));

@@ -92,21 +92,23 @@ function volumeIdBytes(volumeId: string): Buffer {
 }
 
 /** The bytes encodeRequestInto writes for `r`. */
-export function requestFrameBytes(r: BlockRequest): number {
+export function requestFrameBytes(r: Omit<BlockRequest, 'id'>): number {
   return requestHeaderBytes + (r.data?.length ?? 0);
 }
 
 /**
- * Write `r` at `b[at..at + requestFrameBytes(r))`. The batcher (batch.ts) encodes every frame
- * of a batch straight into the batch buffer: the data is copied once, no frame buffer exists.
+ * Write `r` with request id `id` at `b[at..at + requestFrameBytes(r))`. The batcher (batch.ts)
+ * encodes every frame of a batch straight into the batch buffer: the data is copied once, no
+ * frame buffer exists. The id is separate so that the link need not copy the caller's request
+ * to give it one (link.ts).
  */
-export function encodeRequestInto(r: BlockRequest, b: Buffer, at: number): void {
+export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Buffer, at: number): void {
   const dataBytes = r.data?.length ?? 0;
   b[at] = requestKind;
   b[at + 1] = r.op;
   b[at + 2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
   b[at + 3] = 0;
-  b.writeUInt32BE(r.id >>> 0, at + 4);
+  b.writeUInt32BE(id >>> 0, at + 4);
   volumeIdBytes(r.volumeId).copy(b, at + 8);
   writeU64(b, r.lba, at + 16);
   b.writeUInt32BE(r.blocks, at + 24);
@@ -120,7 +122,7 @@ export function encodeRequestInto(r: BlockRequest, b: Buffer, at: number): void 
 
 export function encodeRequest(r: BlockRequest): Buffer {
   const b = Buffer.allocUnsafe(requestFrameBytes(r));
-  encodeRequestInto(r, b, 0);
+  encodeRequestInto(r, r.id, b, 0);
   return b;
 }
 

