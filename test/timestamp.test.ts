@@ -1,5 +1,6 @@
 import t from 'tap';
-import { VolumeGate } from '../src/snapshot/gate';
+import fc from 'fast-check';
+import { insertSorted, removeSorted, VolumeGate } from '../src/snapshot/gate';
 import { HybridClock } from '../src/snapshot/hlc';
 import { StampLog } from '../src/snapshot/stamp-log';
 import { MemoryBackend } from './helpers/memory-backend';
@@ -51,6 +52,28 @@ t.test('the gate stamps host writes and knows which stamps are in flight', async
   await seal;
   t.ok(sealed, 'none stamped before the cut left: sealed, with a later write still in flight');
   finish[2]();
+});
+
+t.test('the in-flight stamps stay sorted whatever order writes are stamped and answered in (fast-check)', async (t) => {
+  const op = fc.oneof(fc.record({ add: fc.integer({ min: 0, max: 50 }) }), fc.record({ remove: fc.integer({ min: 0, max: 50 }) }));
+  fc.assert(
+    fc.property(fc.array(op, { maxLength: 200 }), (ops) => {
+      const xs: number[] = [];
+      const reference: number[] = [];
+      for (const o of ops) {
+        if ('add' in o) {
+          insertSorted(xs, o.add);
+          reference.push(o.add);
+        } else {
+          removeSorted(xs, o.remove);
+          const i = reference.indexOf(o.remove);
+          if (i >= 0) reference.splice(i, 1);
+        }
+      }
+      return JSON.stringify(xs) === JSON.stringify(reference.sort((a, b) => a - b));
+    }),
+  );
+  t.pass('inserts and removals in any order, duplicates included, match a sorted multiset');
 });
 
 t.test('the stamp log records changes only while asked, returns those before the cut in stamp order, and refuses when it overflowed', async (t) => {

@@ -31,8 +31,14 @@ export class VolumeGate extends BackendDecorator {
   /** Milliseconds hosts were held, summed over every close (metrics). */
   heldMsTotal = 0;
 
-  /** Stamps of this peer's host writes of the volume not yet answered. */
-  private readonly stamps = new Set<number>();
+  /**
+   * Stamps of this peer's host writes of the volume not yet answered, in ascending order (the
+   * clock only goes forward, so a new one is appended). A sorted array rather than a Set: a
+   * Set that every write adds to and deletes from keeps replacing its hash table, and V8 then
+   * carried each write's objects into the old generation (forwarded 4 KiB writes: the portal
+   * peer promoted 21 MB and ran 5 mark-compacts in a 60,000-write run; 6 MB and 3 with this).
+   */
+  private readonly stamps: number[] = [];
   private stampWaiters: { below: number; resolve: () => void }[] = [];
 
   constructor(inner: BlockBackend, private readonly clock?: HybridClock) {
@@ -46,8 +52,7 @@ export class VolumeGate extends BackendDecorator {
   }
 
   private anyBelow(t: number): boolean {
-    for (const s of this.stamps) if (s < t) return true;
-    return false;
+    return this.stamps.length > 0 && this.stamps[0] < t;
   }
 
   /** A host write: stamped, and counted until it is answered. */
@@ -55,12 +60,12 @@ export class VolumeGate extends BackendDecorator {
     if (!this.clock) return this.pass(() => run(opts));
     return this.pass(() => {
       const stamp = this.clock!.now();
-      this.stamps.add(stamp);
+      insertSorted(this.stamps, stamp);
       // Every WriteOptions field, written out: a spread copy plus a field ({ ...opts, stamp })
       // made V8 promote each copy to the old generation (a write loop through the gate ran
       // 3.6 times slower, with a mark-compact every 120 ms; see PeerLink's codec in link.ts).
       return whenSettled(() => run({ fua: opts?.fua, stamp }), () => {
-        this.stamps.delete(stamp);
+        removeSorted(this.stamps, stamp);
         if (this.stampWaiters.length > 0) this.stampWaiters = this.stampWaiters.filter((w) => (this.anyBelow(w.below) ? true : (w.resolve(), false)));
       });
     });
@@ -141,4 +146,27 @@ export class VolumeGate extends BackendDecorator {
   lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     return this.pass(() => this.inner.lbaStatus(lba, blocksMax));
   }
+}
+
+/** The first index of `xs` (ascending) whose value is not below `x`. */
+function lowerBound(xs: readonly number[], x: number): number {
+  let lo = 0;
+  let hi = xs.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (xs[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+export function insertSorted(xs: number[], x: number): void {
+  if (xs.length === 0 || xs[xs.length - 1] <= x) xs.push(x);
+  else xs.splice(lowerBound(xs, x), 0, x);
+}
+
+/** Remove one `x` from `xs` (ascending), if it is there. */
+export function removeSorted(xs: number[], x: number): void {
+  const i = lowerBound(xs, x);
+  if (i < xs.length && xs[i] === x) xs.splice(i, 1);
 }
