@@ -105,10 +105,23 @@ export const volumeOpenWaitMsMax = 1_000;
 export const routeRetriesMax = 8;
 /** Peers that must acknowledge a reservation change wait at most this long each. */
 export const reservationNotifyMsMax = 2_000;
-/** How old a peer RPC authentication stamp may be. */
-export const peerAuthSkewMsMax = 5 * 60_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
 assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');
+// -- peer authentication (issue 15 item 5, src/cluster/peer-auth.ts) --
+/** How far a peer RPC authentication stamp may be from the receiver's clock (either way). */
+export const peerAuthSkewMsMax = 30_000;
+/**
+ * Nonces of accepted peer calls remembered to refuse replays (each for 2 × the skew): about
+ * 1,000 calls a second from the whole group, far above its control traffic (the block data
+ * stream is one call per peer pair). Full: new calls are refused, never a replay accepted.
+ */
+export const peerAuthNoncesMax = 65_536;
+/** Lifetimes of the certificates `peersan init` / `peersan demo` make (src/cluster/pki.ts). */
+export const tlsCaDays = 3650;
+export const tlsPeerCertDays = 825;
+assert(peerAuthSkewMsMax <= 60_000, 'a captured header is dead within a minute');
+assert(tlsPeerCertDays <= tlsCaDays, 'a peer certificate does not outlive its CA by design');
+assert(peerAuthNoncesMax * 100 <= 16 * 1024 * 1024, 'the nonce ledger stays within ~16 MB');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
 

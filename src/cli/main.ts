@@ -12,11 +12,13 @@ import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
 import { parseCount } from './args';
 import { addLoadCommands } from './load';
+import { addInitCommand, adminChannel } from './tls-commands';
 
 interface GlobalOptions {
   peer?: string;
   config?: string;
   token?: string;
+  ca?: string;
   json?: boolean;
 }
 
@@ -37,7 +39,7 @@ function adminClient(g: GlobalOptions): AdminClient {
   const peer = g.peer ?? config?.peers[0].rpc ?? '127.0.0.1:7001';
   const token = g.token ?? process.env.PEERSAN_TOKEN ?? config?.adminToken;
   if (!token) throw new InvalidArgumentError('no admin token: pass --token, set $PEERSAN_TOKEN, or point --config/$PEERSAN_CONFIG at cluster.yaml');
-  return new AdminClient(peer, token);
+  return new AdminClient(peer, token, adminChannel(g, config));
 }
 
 async function withClient<T>(g: GlobalOptions, fn: (c: AdminClient) => Promise<T>): Promise<T> {
@@ -150,6 +152,7 @@ export function buildProgram(): Command {
     .option('--peer <host:port>', "a peer's RPC address (default: the first peer in the config, else 127.0.0.1:7001)")
     .option('--config <file>', 'cluster.yaml (default: $PEERSAN_CONFIG, else ./cluster.yaml)')
     .option('--token <token>', 'admin token (default: $PEERSAN_TOKEN, else the config file)')
+    .option('--ca <file>', "the cluster CA, for a group with TLS (default: $PEERSAN_CA, else the config's cluster.tls.ca)")
     .option('--json', 'machine-readable output')
     .showHelpAfterError()
     .configureOutput({ outputError: (str, write) => write(str) });
@@ -339,6 +342,8 @@ export function buildProgram(): Command {
       const { runPeer } = await import('./serve');
       await runPeer(loadConfig(path), o.id);
     });
+
+  addInitCommand(program);
 
   program
     .command('demo')

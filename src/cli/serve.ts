@@ -2,7 +2,7 @@
 // until SIGINT/SIGTERM. Kept apart from the admin commands (main.ts loads this module only
 // for those two), so that `peersan status` and friends do not load the whole server.
 
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -14,6 +14,8 @@ import { createLogger } from '../log';
 import { migrationDefaults, renderConfig, type ClusterConfig } from '../server/config';
 import { PeerServer } from '../server/peer';
 import { tuneHeapForServing } from '../server/runtime';
+import { makePrivateDir, writePrivateFile } from '../server/security';
+import { ensureGroupTls } from './init';
 import { parseCount } from './args';
 
 export interface DemoOptions {
@@ -28,9 +30,18 @@ export interface DemoOptions {
 
 /** `peersan peer`: run peer `id` of the group until a signal. */
 export async function runPeer(config: ClusterConfig, id: string): Promise<void> {
+  keepOutputPrivate();
   tuneHeapForServing();
   const server = await PeerServer.start(config, id, createLogger({ name: 'peersan' }));
   await runUntilSignal([server]);
+}
+
+/**
+ * Everything a serving process creates is its user's alone (files 0600, folders 0700): the
+ * catalog's LevelDB holds CHAP secrets, the store holds the hosts' data, the log names hosts.
+ */
+function keepOutputPrivate(): void {
+  process.umask(0o077);
 }
 
 /** Run the peers of this process until SIGINT/SIGTERM, then stop them all gracefully. */
@@ -50,12 +61,18 @@ async function runUntilSignal(servers: PeerServer[]): Promise<void> {
 export async function demo(opts: DemoOptions): Promise<void> {
   const peers = parseCount(opts.peers, '--peers');
   if (peers > 16) throw new InvalidArgumentError('--peers: the demo runs at most 16 peers in one process');
+  keepOutputPrivate();
   const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
-  mkdirSync(dir, { recursive: true });
+  makePrivateDir(dir);
   tuneHeapForServing();
   const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
   const rpcPort = parseCount(opts.rpcPort, '--rpc-port');
   const httpPort = parseCount(opts.httpPort, '--http-port');
+  const peerList = Array.from({ length: peers }, (_, i) => ({
+    id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
+  }));
+  // The demo's peers talk mutual TLS, with a CA of its own in dir/tls (kept across runs on one --data).
+  const tls = await ensureGroupTls(dir, { name: 'demo', peers: peerList });
   const config: ClusterConfig = {
     name: 'demo',
     adminToken: opts.token ?? randomBytes(12).toString('hex'),
@@ -63,12 +80,11 @@ export async function demo(opts: DemoOptions): Promise<void> {
     catalog: { backend: 'embedded', path: join(dir, 'catalog') },
     pageBlocks,
     migration: migrationDefaults,
-    peers: Array.from({ length: peers }, (_, i) => ({
-      id: `p${i + 1}`, iscsi: `127.0.0.1:${iscsiPort + i}`, rpc: `127.0.0.1:${rpcPort + i}`, http: `127.0.0.1:${httpPort + i}`, data: join(dir, `p${i + 1}`),
-    })),
+    peers: peerList,
+    tls,
   };
   const configFile = join(dir, 'cluster.yaml');
-  writeFileSync(configFile, renderConfig(config));
+  writePrivateFile(configFile, renderConfig(config));
   const log = createLogger({ name: 'peersan', file: join(dir, 'peersan.log') });
   // Every peer gets its own store, portal and RPC port; they share the one embedded catalog
   // and talk to each other over real gRPC on loopback.
@@ -88,6 +104,7 @@ export async function demo(opts: DemoOptions): Promise<void> {
   say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
   say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
+  say(`tls:    peers and admin RPC use TLS with the CA ${tls.ca} (the config names it; or --ca / $PEERSAN_CA)`);
   say(`console: http://${config.peers[0].http}/  (any peer's http address; admin token: cluster.adminToken in ${configFile})`);
   say(`metrics: http://${config.peers[0].http}/metrics  (no token; one per peer)`);
   say(`logs:   ${join(dir, 'peersan.log')}`);

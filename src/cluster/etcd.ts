@@ -3,8 +3,10 @@
 // etcd's per-key version (1 at creation, +1 per put, gone with the key), so compare-and-swap
 // is a transaction on `Version ==`.
 
+import { readFileSync } from 'node:fs';
 import { Etcd3, type Namespace } from 'etcd3';
-import { ClosedError, ConflictError } from '../errors';
+import { ClosedError, ConflictError, InvalidArgumentError } from '../errors';
+import type { CatalogConfig } from '../server/config';
 import type { MetaRecord, MetaStore, WatchEvent } from './metastore';
 
 export interface EtcdOptions {
@@ -12,6 +14,10 @@ export interface EtcdOptions {
   /** Every key lives under this prefix (one etcd may serve several groups). */
   namespace: string;
   dialTimeoutMs?: number;
+  /** TLS to etcd (PEM): its CA, and this client's certificate when etcd asks for one. */
+  tls?: { ca: Buffer; cert?: Buffer; key?: Buffer };
+  /** etcd RBAC user. */
+  auth?: { user: string; password: string };
 }
 
 export class EtcdMetaStore implements MetaStore {
@@ -21,8 +27,30 @@ export class EtcdMetaStore implements MetaStore {
   private closed = false;
 
   constructor(opts: EtcdOptions) {
-    this.client = new Etcd3({ hosts: opts.endpoints, dialTimeout: opts.dialTimeoutMs ?? 5000 });
+    this.client = new Etcd3({
+      hosts: opts.endpoints,
+      dialTimeout: opts.dialTimeoutMs ?? 5000,
+      ...(opts.tls ? { credentials: { rootCertificate: opts.tls.ca, privateKey: opts.tls.key, certChain: opts.tls.cert } } : {}),
+      ...(opts.auth ? { auth: { username: opts.auth.user, password: opts.auth.password } } : {}),
+    });
     this.ns = this.client.namespace(opts.namespace);
+  }
+
+  /** From `cluster.catalog` (backend etcd): reads the TLS files it names. */
+  static fromConfig(c: Extract<CatalogConfig, { backend: 'etcd' }>, defaultNamespace: string): EtcdMetaStore {
+    const read = (path: string, what: string): Buffer => {
+      try {
+        return readFileSync(path);
+      } catch (err) {
+        throw new InvalidArgumentError(`cluster.catalog.tls.${what}: cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+      }
+    };
+    return new EtcdMetaStore({
+      endpoints: c.endpoints,
+      namespace: c.namespace ?? defaultNamespace,
+      ...(c.tls ? { tls: { ca: read(c.tls.ca, 'ca'), cert: c.tls.cert ? read(c.tls.cert, 'cert') : undefined, key: c.tls.key ? read(c.tls.key, 'key') : undefined } } : {}),
+      ...(c.user !== undefined && c.password !== undefined ? { auth: { user: c.user, password: c.password } } : {}),
+    });
   }
 
   async get(key: string): Promise<MetaRecord | undefined> {

@@ -1,35 +1,86 @@
-// Peer-to-peer RPC authentication (DESIGN.md 8): every PeerService call carries the caller's
-// peer id, a millisecond stamp and HMAC-SHA256(cluster secret, "id|stamp"). The secret never
-// crosses the wire; a stamp older than peerAuthSkewMsMax is refused, and so is any id that is
-// not a member of the group. A process without the secret cannot read or write pages.
+// Peer-to-peer RPC authentication (DESIGN.md 8). Every PeerService call and every PeerData
+// block stream carries the caller's peer id, a millisecond stamp, a random nonce and
+// HMAC-SHA256(cluster secret, "peersan-peer-v2|method|id|stamp|nonce"). The secret never
+// crosses the wire. The receiver checks, in this order:
+//   1. the id is a member of the group and the fields are well formed;
+//   2. the stamp is within peerAuthSkewMsMax of its clock;
+//   3. the MAC is right for the gRPC method being called (a header captured from one method
+//      authorises no other: the method is inside the MAC);
+//   4. the nonce was not seen before (NonceLedger). Only a header that passed 1-3 may take a
+//      place in the ledger, so a sender without the secret cannot fill it.
+// A captured header is therefore good for nothing: replayed, its nonce is known; altered, its
+// MAC fails; kept, it expires. This holds with and without TLS (peer-tls.ts); with TLS the
+// caller's certificate must also name the id it claims (peer-rpc.ts).
 
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import { peerAuthSkewMsMax } from '../limits';
+import { peerAuthNoncesMax, peerAuthSkewMsMax } from '../limits';
 
 const idKey = 'x-peersan-peer';
 const stampKey = 'x-peersan-stamp';
+const nonceKey = 'x-peersan-nonce';
 const macKey = 'x-peersan-mac';
 
-function mac(secret: string, peerId: string, stamp: string): Buffer {
-  return createHmac('sha256', secret).update(`${peerId}|${stamp}`).digest();
+function mac(secret: string, method: string, peerId: string, stamp: string, nonce: string): Buffer {
+  return createHmac('sha256', secret).update(`peersan-peer-v2|${method}|${peerId}|${stamp}|${nonce}`).digest();
 }
 
-export function peerAuthMetadata(secret: string, peerId: string, nowMs = Date.now()): grpc.Metadata {
+/** The header for one call of `method` (its gRPC path, e.g. "/peersan.PeerService/Status"). */
+export function peerAuthMetadata(secret: string, peerId: string, method: string, nowMs = Date.now(), nonce = randomBytes(16).toString('hex')): grpc.Metadata {
   const md = new grpc.Metadata();
   const stamp = String(nowMs);
   md.set(idKey, peerId);
   md.set(stampKey, stamp);
-  md.set(macKey, mac(secret, peerId, stamp).toString('hex'));
+  md.set(nonceKey, nonce);
+  md.set(macKey, mac(secret, method, peerId, stamp, nonce).toString('hex'));
   return md;
 }
 
-/** The calling peer's id, or undefined when the call is not from a member holding the secret. */
-export function verifyPeerAuth(md: grpc.Metadata, secret: string, members: readonly string[], nowMs = Date.now()): string | undefined {
-  const [peerId, stamp, given] = [idKey, stampKey, macKey].map((k) => String(md.get(k)[0] ?? ''));
-  if (!peerId || !members.includes(peerId) || !/^\d{1,15}$/.test(stamp)) return undefined;
-  if (Math.abs(nowMs - Number(stamp)) > peerAuthSkewMsMax) return undefined;
-  const want = mac(secret, peerId, stamp);
-  const got = Buffer.from(given, 'hex');
-  return got.length === want.length && timingSafeEqual(got, want) ? peerId : undefined;
+/**
+ * Nonces of accepted headers, each kept until no header carrying it could pass the stamp check
+ * again (arrival + 2 × skew covers any stamp the check accepts). Arrival order is expiry order,
+ * so pruning takes from the front. Full: the caller is refused rather than the ledger grown
+ * (refusing calls for a while is better than accepting a replay).
+ */
+export class NonceLedger {
+  private readonly expiresAtMs = new Map<string, number>();
+
+  constructor(private readonly max = peerAuthNoncesMax) {}
+
+  get size(): number {
+    return this.expiresAtMs.size;
+  }
+
+  /** True (and the nonce remembered) when it was not seen before and there is room. */
+  admit(nonce: string, nowMs: number): boolean {
+    this.prune(nowMs);
+    if (this.expiresAtMs.has(nonce) || this.expiresAtMs.size >= this.max) return false;
+    this.expiresAtMs.set(nonce, nowMs + 2 * peerAuthSkewMsMax);
+    return true;
+  }
+
+  private prune(nowMs: number): void {
+    for (const [nonce, at] of this.expiresAtMs) {
+      if (at > nowMs) return;
+      this.expiresAtMs.delete(nonce);
+    }
+  }
+}
+
+export type PeerAuthVerdict = { ok: true; peerId: string } | { ok: false; why: string };
+
+/** Checks one call's header (see the order at the top of this file). */
+export function verifyPeerAuth(
+  md: grpc.Metadata,
+  method: string,
+  auth: { secret: string; members: readonly string[]; nonces: NonceLedger },
+  nowMs = Date.now(),
+): PeerAuthVerdict {
+  const [peerId, stamp, nonce, given] = [idKey, stampKey, nonceKey, macKey].map((k) => String(md.get(k)[0] ?? ''));
+  if (!peerId || !auth.members.includes(peerId)) return { ok: false, why: 'not a member of this group' };
+  if (!/^\d{1,15}$/.test(stamp) || !/^[0-9a-f]{32}$/.test(nonce) || !/^[0-9a-f]{64}$/.test(given)) return { ok: false, why: 'malformed peer authentication header' };
+  if (Math.abs(nowMs - Number(stamp)) > peerAuthSkewMsMax) return { ok: false, why: `stamp more than ${peerAuthSkewMsMax / 1000} s from this peer's clock` };
+  if (!timingSafeEqual(Buffer.from(given, 'hex'), mac(auth.secret, method, peerId, stamp, nonce))) return { ok: false, why: 'wrong MAC (another secret, or a header made for another method)' };
+  if (!auth.nonces.admit(nonce, nowMs)) return { ok: false, why: 'nonce already used (a replayed header) or too many calls in the window' };
+  return { ok: true, peerId };
 }

@@ -2,6 +2,7 @@
 // requiring peer authentication (peer-auth.ts); and the client side one peer uses to call
 // another's PeerService. The block stream's client is src/routing/link.ts.
 
+import type { PeerCertificate } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
@@ -14,7 +15,9 @@ import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
-import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
+import { LogLimiter } from '../log';
+import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from './peer-auth';
+import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import { proto } from './proto';
 import type { ReservationNotice } from './shared-reservations';
 
@@ -48,11 +51,37 @@ export interface HostMovePlanMessage {
 
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
 
-export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { secret: string; members: string[]; self: string }, log: Logger): void {
-  const allowed = (md: grpc.Metadata): boolean => verifyPeerAuth(md, auth.secret, auth.members) !== undefined;
+export interface PeerServiceAuth {
+  secret: string;
+  members: string[];
+  self: string;
+  /** Mutual TLS (peer-tls.ts): the caller's certificate must name the peer its header claims. */
+  tls: boolean;
+}
+
+/** A call on PeerService or PeerData, as far as authenticating it goes. */
+interface AuthenticatedCall {
+  metadata: grpc.Metadata;
+  getPath(): string;
+  getPeer(): string;
+  getAuthContext(): { sslPeerCertificate?: PeerCertificate } | null;
+}
+
+export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: PeerServiceAuth, log: Logger): void {
+  const nonces = new NonceLedger();
+  const limiter = new LogLimiter();
+  /** The calling peer's id, or undefined (and a rate-limited warning) when the call is refused. */
+  const authenticate = (call: AuthenticatedCall): string | undefined => {
+    const verdict = verifyPeerAuth(call.metadata, call.getPath(), { secret: auth.secret, members: auth.members, nonces });
+    const certified = auth.tls ? certifiedPeerId(call) : undefined;
+    const why = !verdict.ok ? verdict.why : auth.tls && certified !== verdict.peerId ? `TLS client certificate names "${certified ?? 'nobody'}", not ${verdict.peerId}` : undefined;
+    if (why === undefined && verdict.ok) return verdict.peerId;
+    limiter.warn(log, `peer-auth:${call.getPath()}`, { from: call.getPeer(), method: call.getPath(), reason: why }, 'refused a peer call without valid peer authentication');
+    return undefined;
+  };
   const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };
   const wrap = (fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
-    if (!allowed(call.metadata)) return cb(denied);
+    if (authenticate(call) === undefined) return cb(denied);
     fn(call.request).then(
       (reply) => cb(null, reply ?? {}),
       (err: Error) => cb({ code: err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL, details: err.message }),
@@ -75,7 +104,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
     snapshotRelease: wrap(async (r) => ({ heldMs: await h.snapshotRelease(r.snapshotId, r.abort === true) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
     gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
-      const from = verifyPeerAuth(call.metadata, auth.secret, auth.members);
+      const from = authenticate(call);
       if (!from) return cb(denied);
       h.gossip?.(from, call.request);
       cb(null, {});
@@ -86,8 +115,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
-      if (!allowed(call.metadata)) {
-        log.warn({ peer: call.getPeer() }, 'refused a block stream without valid peer authentication');
+      if (authenticate(call) === undefined) {
         call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: denied.details });
         return;
       }
@@ -100,13 +128,19 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
 export class PeerRpcClient {
   private readonly client: grpc.Client & Record<string, any>;
 
+  /** gRPC path of each method by its client-side name ("status" → "/peersan.PeerService/Status"): the MAC covers it. */
+  private readonly paths: Map<string, string>;
+
+  /** `tls`: mutual TLS to this peer (peer-tls.ts); absent for a group without `cluster.tls`. */
   constructor(
     readonly peerId: string,
     address: string,
     private readonly auth: { secret: string; self: string },
+    tls?: TlsChannel,
   ) {
     const Ctor = proto().PeerService as grpc.ServiceClientConstructor;
-    this.client = new Ctor(address, grpc.credentials.createInsecure(), peerChannelOptions) as grpc.Client & Record<string, any>;
+    this.paths = new Map(Object.values(Ctor.service).map((d) => [String(d.originalName), d.path]));
+    this.client = new Ctor(address, tls?.credentials ?? grpc.credentials.createInsecure(), { ...peerChannelOptions, ...tls?.options }) as grpc.Client & Record<string, any>;
   }
 
   /**
@@ -127,7 +161,7 @@ export class PeerRpcClient {
    */
   private call<T>(method: string, request: object, timeoutMs: number, waitForReady = false): Promise<T> {
     return new Promise((resolve, reject) => {
-      const md = peerAuthMetadata(this.auth.secret, this.auth.self);
+      const md = peerAuthMetadata(this.auth.secret, this.auth.self, this.paths.get(method)!);
       // grpc-js reads waitForReady from the metadata's options, not from the call options.
       if (waitForReady) md.setOptions({ waitForReady: true });
       this.client[method](request, md, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {

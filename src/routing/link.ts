@@ -5,6 +5,7 @@
 // No retries here: the router decides (MOVED) and the host decides (SCSI error).
 
 import * as grpc from '@grpc/grpc-js';
+import type { TlsChannel } from '../cluster/peer-tls';
 import { PeerUnavailableError } from '../errors';
 import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
 import { FrameBatcher, splitBatch, type FrameCodec } from './batch';
@@ -65,8 +66,10 @@ const pendingCodec: FrameCodec<Pending> = {
 export interface PeerLinkOptions {
   peerId: string;
   address: string;
-  /** Fresh authentication metadata for each stream (peer-auth.ts). */
-  metadata: () => grpc.Metadata;
+  /** Fresh authentication metadata for each stream (peer-auth.ts), made for the stream's gRPC path. */
+  metadata: (method: string) => grpc.Metadata;
+  /** Mutual TLS to the peer (src/cluster/peer-tls.ts); absent: plain (a group without `cluster.tls`). */
+  tls?: TlsChannel;
   requestMsMax?: number;
 }
 
@@ -86,7 +89,7 @@ export class PeerLink {
   constructor(opts: PeerLinkOptions) {
     this.opts = opts;
     this.peerId = opts.peerId;
-    this.client = new PeerDataClient(opts.address, grpc.credentials.createInsecure(), peerChannelOptions);
+    this.client = new PeerDataClient(opts.address, opts.tls?.credentials ?? grpc.credentials.createInsecure(), { ...peerChannelOptions, ...opts.tls?.options });
   }
 
   get inFlight(): number {
@@ -144,7 +147,7 @@ export class PeerLink {
 
   private openStream(): { batcher: FrameBatcher<Pending> } {
     if (this.stream && this.batcher) return { batcher: this.batcher };
-    const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata());
+    const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata(peerDataService.blocks.path));
     this.stream = stream;
     // Requests leave when the task that made them ends (batch.ts): a burst of commands from
     // one iSCSI read is one batch, sent in this turn of the event loop rather than the next.

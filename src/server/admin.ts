@@ -4,6 +4,7 @@
 
 import { timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
+import type { TlsChannel } from '../cluster/peer-tls';
 import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
@@ -165,9 +166,10 @@ export class AdminClient {
   private readonly token: string;
   readonly address: string;
 
-  constructor(address: string, token: string) {
+  /** `tls`: TLS against the cluster CA (src/cluster/peer-tls.ts) for a group with `cluster.tls`; absent: plain. */
+  constructor(address: string, token: string, tls?: TlsChannel) {
     const Ctor = proto().AdminService as grpc.ServiceClientConstructor;
-    this.client = new Ctor(address, grpc.credentials.createInsecure()) as grpc.Client & Record<string, any>;
+    this.client = new Ctor(address, tls?.credentials ?? grpc.credentials.createInsecure(), tls?.options) as grpc.Client & Record<string, any>;
     this.token = token;
     this.address = address;
   }

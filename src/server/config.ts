@@ -1,9 +1,10 @@
 // cluster.yaml: the group's name, secrets, catalog backend and its peers. Validated with
 // errors that name the field; relative data paths resolve against the file's folder.
 
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
+import type { TlsFiles } from '../cluster/peer-tls';
 import { InvalidArgumentError } from '../errors';
 import { pageBlocks as pageBlocksDefault } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
@@ -27,7 +28,23 @@ export interface PeerConfig {
  */
 export type CatalogConfig =
   | { backend: 'embedded'; /** Absolute folder; default: the first peer's data dir + /catalog. */ path?: string }
-  | { backend: 'etcd'; endpoints: string[]; /** Key prefix; default "peersan/<cluster name>/". */ namespace?: string };
+  | {
+      backend: 'etcd';
+      endpoints: string[];
+      /** Key prefix; default "peersan/<cluster name>/". */
+      namespace?: string;
+      /** TLS to etcd: its CA, and a client certificate when etcd asks for one (absolute paths). */
+      tls?: EtcdTlsFiles;
+      /** etcd user and password (etcd's RBAC), when etcd has authentication on. */
+      user?: string;
+      password?: string;
+    };
+
+export interface EtcdTlsFiles {
+  ca: string;
+  cert?: string;
+  key?: string;
+}
 
 /**
  * Host balancing (login redirect + async logout, src/server/host-balance.ts). `enabled`
@@ -59,6 +76,8 @@ export interface ClusterConfig {
   balancer?: BalancerConfig;
   /** `cluster.hostBalance` (or a top-level `hostBalance:`); absent: defaults. */
   hostBalance?: HostBalanceConfig;
+  /** `cluster.tls`: mutual TLS between peers and TLS for admin RPC (src/cluster/peer-tls.ts); absent: plain. */
+  tls?: TlsFiles;
   /** Where the config was read from (for messages). */
   path?: string;
 }
@@ -150,6 +169,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     migration: parseMigration((cluster.migration ?? {}) as Record<string, unknown>, where),
     balancer: parseBalancerConfig(root.balancer, where),
     ...parseHostBalance(cluster.hostBalance ?? root.hostBalance, where),
+    ...(cluster.tls === undefined || cluster.tls === null ? {} : { tls: parseTls(cluster.tls, `${where}: cluster.tls`, base) }),
     path,
   };
 }
@@ -185,9 +205,41 @@ function parseCatalog(c: Record<string, unknown>, where: string, base: string): 
       throw new InvalidArgumentError(`${where}: cluster.catalog.endpoints must list etcd addresses (e.g. [127.0.0.1:2379])`);
     }
     if (c.namespace !== undefined && typeof c.namespace !== 'string') throw new InvalidArgumentError(`${where}: cluster.catalog.namespace must be a string`);
-    return { backend: 'etcd', endpoints: endpoints as string[], namespace: c.namespace as string | undefined };
+    for (const k of ['user', 'password'] as const) {
+      if (c[k] !== undefined && (typeof c[k] !== 'string' || c[k] === '')) throw new InvalidArgumentError(`${where}: cluster.catalog.${k} must be a non-empty string`);
+    }
+    if ((c.user === undefined) !== (c.password === undefined)) throw new InvalidArgumentError(`${where}: cluster.catalog.user and password go together`);
+    return {
+      backend: 'etcd',
+      endpoints: endpoints as string[],
+      namespace: c.namespace as string | undefined,
+      ...(c.tls === undefined || c.tls === null ? {} : { tls: parseEtcdTls(c.tls, `${where}: cluster.catalog.tls`, base) }),
+      ...(c.user === undefined ? {} : { user: c.user as string, password: c.password as string }),
+    };
   }
   throw new InvalidArgumentError(`${where}: cluster.catalog.backend must be embedded or etcd, got "${String(c.backend)}"`);
+}
+
+function tlsPath(o: Record<string, unknown>, key: string, where: string, base: string): string {
+  const v = o[key];
+  if (typeof v !== 'string' || v.length === 0) throw new InvalidArgumentError(`${where}.${key} must be a file path`);
+  return resolve(base, v);
+}
+
+/** `{ ca, cert, key }`; `{peer}` in cert and key stands for each peer's id (one line for the whole group). */
+function parseTls(v: unknown, where: string, base: string): TlsFiles {
+  if (typeof v !== 'object' || v === null) throw new InvalidArgumentError(`${where} must be a mapping { ca, cert, key } (see \`peersan init\`)`);
+  const o = v as Record<string, unknown>;
+  for (const k of Object.keys(o)) if (!['ca', 'cert', 'key'].includes(k)) throw new InvalidArgumentError(`${where}.${k} is not a setting (ca, cert, key)`);
+  return { ca: tlsPath(o, 'ca', where, base), cert: tlsPath(o, 'cert', where, base), key: tlsPath(o, 'key', where, base) };
+}
+
+function parseEtcdTls(v: unknown, where: string, base: string): EtcdTlsFiles {
+  if (typeof v !== 'object' || v === null) throw new InvalidArgumentError(`${where} must be a mapping { ca, cert, key } (cert and key only when etcd asks clients for certificates)`);
+  const o = v as Record<string, unknown>;
+  for (const k of Object.keys(o)) if (!['ca', 'cert', 'key'].includes(k)) throw new InvalidArgumentError(`${where}.${k} is not a setting (ca, cert, key)`);
+  if ((o.cert === undefined) !== (o.key === undefined)) throw new InvalidArgumentError(`${where}: cert and key go together`);
+  return { ca: tlsPath(o, 'ca', where, base), ...(o.cert === undefined ? {} : { cert: tlsPath(o, 'cert', where, base), key: tlsPath(o, 'key', where, base) }) };
 }
 
 export function loadConfig(path: string): ClusterConfig {
@@ -202,8 +254,27 @@ export function loadConfig(path: string): ClusterConfig {
 
 export function renderConfig(c: ClusterConfig): string {
   return stringify({
-    cluster: { name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration, ...(c.hostBalance ? { hostBalance: c.hostBalance } : {}) },
+    cluster: {
+      name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration,
+      ...(c.hostBalance ? { hostBalance: c.hostBalance } : {}),
+      ...(c.tls ? { tls: c.tls } : {}),
+    },
     peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
     ...(c.balancer ? { balancer: c.balancer } : {}),
   });
+}
+
+/**
+ * Why the config file should not be as it is, or undefined: cluster.yaml holds the admin token
+ * and the cluster secret (and may hold the etcd password), so only its owner may read it.
+ */
+export function configModeProblem(path: string): string | undefined {
+  let mode: number;
+  try {
+    mode = statSync(path).mode & 0o777;
+  } catch {
+    return undefined;
+  }
+  if ((mode & 0o077) === 0) return undefined;
+  return `${path} holds the admin token and the cluster secret but is readable by ${mode & 0o007 ? 'everyone' : 'its group'} (mode ${mode.toString(8).padStart(4, '0')}): chmod 600 ${path}`;
 }

@@ -13,6 +13,7 @@ import { EtcdMetaStore } from '../cluster/etcd';
 import type { MetaStore } from '../cluster/metastore';
 import { peerAuthMetadata } from '../cluster/peer-auth';
 import { addPeerServices, PeerRpcClient } from '../cluster/peer-rpc';
+import { loadPeerTls, peerServerCredentials, peerTlsChannel, type PeerTls } from '../cluster/peer-tls';
 import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { Portal, type SessionInfo } from '../iscsi/portal';
@@ -46,6 +47,7 @@ import { EventLog, volumeEvents, type EventKind, type PeerEvent } from './events
 import { HttpConsole } from './http';
 import type { PageHeatView, PeerLoadView as ConsolePeerLoad } from './http-api';
 import { PeerMetrics } from './metrics';
+import { makePrivateDir, securityWarnings, warnOnce } from './security';
 
 /** How long `status` waits for each other peer before reporting it down. */
 const statusPeerMsMax = 1_500;
@@ -104,6 +106,8 @@ export class PeerServer implements AdminApi {
   private balancerSwitch: BalancerSwitch | undefined;
   /** Host balancing (login redirect, async logout); undefined when off. */
   private hostBalance: HostBalanceService | undefined;
+  /** This peer's certificate and the cluster CA (`cluster.tls`); undefined: plain gRPC. */
+  private tls: PeerTls | undefined;
 
   private constructor(config: ClusterConfig, peer: PeerConfig, log: Logger, opts: PeerStartOptions) {
     this.config = config;
@@ -143,16 +147,28 @@ export class PeerServer implements AdminApi {
     return server;
   }
 
+  private get embeddedCatalogDir(): string | undefined {
+    const c = this.config.catalog;
+    return c.backend === 'embedded' ? (c.path ?? join(this.peer.data, 'catalog')) : undefined;
+  }
+
   private async openMeta(): Promise<MetaStore> {
     if (this.sharedMeta) return this.sharedMeta;
     const c = this.config.catalog;
-    if (c.backend === 'etcd') return new EtcdMetaStore({ endpoints: c.endpoints, namespace: c.namespace ?? `peersan/${this.config.name}/` });
-    return EmbeddedMetaStore.open(c.path ?? join(this.peer.data, 'catalog'));
+    if (c.backend === 'etcd') return EtcdMetaStore.fromConfig(c, `peersan/${this.config.name}/`);
+    // The catalog holds CHAP secrets: its folder is private before LevelDB creates a file in it.
+    const dir = this.embeddedCatalogDir!;
+    makePrivateDir(dir);
+    return EmbeddedMetaStore.open(dir);
   }
 
   private async bringUp(): Promise<void> {
     const self = this.peer.id;
     const groupPeers = this.config.peers.map((p) => p.id);
+    // TLS material is checked before anything starts: a wrong certificate fails the start.
+    this.tls = this.config.tls ? loadPeerTls(this.config.tls, self) : undefined;
+    makePrivateDir(this.peer.data);
+    warnOnce(this.log, securityWarnings(this.config, this.peer, this.embeddedCatalogDir));
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     this.meta = await this.openMeta();
     this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
@@ -236,9 +252,10 @@ export class PeerServer implements AdminApi {
       startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
       moveSession: (session, to) => this.moveLocalSessions(session, to),
       planHostMove: async (p) => this.hostBalance?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: Date.now() + p.ttlMs }),
-    }, { secret: this.config.secret, members: groupPeers, self }, this.log);
+    }, { secret: this.config.secret, members: groupPeers, self, tls: this.tls !== undefined }, this.log);
+    const credentials = this.tls ? peerServerCredentials(this.tls) : grpc.ServerCredentials.createInsecure();
     await new Promise<void>((resolve, reject) => {
-      this.grpcServer.bindAsync(this.peer.rpc, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
+      this.grpcServer.bindAsync(this.peer.rpc, credentials, (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
     });
     const iscsi = splitHostPort(this.peer.iscsi, 'iscsi');
     this.hostBalance = this.createHostBalance();
@@ -260,7 +277,11 @@ export class PeerServer implements AdminApi {
     if (!l) {
       const peer = this.config.peers.find((p) => p.id === peerId);
       if (!peer) throw new PeersanError(`route names an unknown peer ${peerId}`);
-      l = new PeerLink({ peerId, address: peer.rpc, metadata: () => peerAuthMetadata(this.config.secret, this.peer.id) });
+      l = new PeerLink({
+        peerId, address: peer.rpc,
+        metadata: (method) => peerAuthMetadata(this.config.secret, this.peer.id, method),
+        ...(this.tls ? { tls: peerTlsChannel(this.tls, peerId) } : {}),
+      });
       this.links.set(peerId, l);
     }
     return l;
@@ -287,7 +308,7 @@ export class PeerServer implements AdminApi {
     let c = this.rpcClients.get(peerId);
     if (!c) {
       const peer = this.config.peers.find((p) => p.id === peerId)!;
-      c = new PeerRpcClient(peerId, peer.rpc, { secret: this.config.secret, self: this.peer.id });
+      c = new PeerRpcClient(peerId, peer.rpc, { secret: this.config.secret, self: this.peer.id }, this.tls ? peerTlsChannel(this.tls, peerId) : undefined);
       this.rpcClients.set(peerId, c);
     }
     return c;
