@@ -4,7 +4,7 @@
 //                                               each peer's key and certificate);
 //                                               DIR/cluster.yaml exists: TLS for its peers, and
 //                                               `cluster.tls` written into it (comments kept)
-//   peersan init --dir DIR --peer ID            one more peer's key and certificate from DIR/tls/ca.key
+//   peersan init --dir DIR --add-peer ID        one more peer's key and certificate from DIR/tls/ca.key
 // Nothing that exists is overwritten (a key is never replaced behind a running group): what is
 // missing is made, the rest is kept, and every file is listed with what happened to it.
 // Files are 0600 and folders 0700. `peersan demo` uses the same steps for its data folder.
@@ -115,13 +115,13 @@ export async function init(o: InitOptions): Promise<InitReport> {
   const report: InitReport = [];
   makePrivateDir(dir);
   if (o.peer) {
-    if (!existsSync(join(dir, tlsLayout.caKey))) throw new InvalidArgumentError(`--peer: no cluster CA in ${join(dir, tlsLayout.dir)} (run \`peersan init --dir ${dir}\` first)`);
+    if (!existsSync(join(dir, tlsLayout.caKey))) throw new InvalidArgumentError(`--add-peer: no cluster CA in ${join(dir, tlsLayout.dir)} (run \`peersan init --dir ${dir}\` first)`);
     const ca = await ensureCa(dir, o.name ?? 'peersan', report);
     await ensurePeerCert(dir, ca, o.peer, o.host ? [o.host] : [], report);
     return report;
   }
   if (existsSync(configPath)) {
-    if (o.peers) throw new InvalidArgumentError(`${configPath} exists: its peers get certificates (add a peer with --peer ID)`);
+    if (o.peers) throw new InvalidArgumentError(`${configPath} exists: its peers get certificates (add a peer with --add-peer ID)`);
     const config = parseConfig(readFileSync(configPath, 'utf8'), configPath);
     await ensureGroupTls(dir, config, report);
     addTlsToConfigFile(configPath, report);

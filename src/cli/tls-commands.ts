@@ -21,11 +21,11 @@ export function addInitCommand(program: Command): void {
     .description("make a group's secrets and TLS certificates (a CA and one key + certificate per peer), private to you (0600)")
     .option('--dir <dir>', 'where cluster.yaml and tls/ are (default: the current folder)')
     .option('--peers <ids>', 'a new group: its peer ids, e.g. p1,p2,p3 (default p1); with an existing cluster.yaml its peers are used')
-    .option('--peer <id>', "one more peer's key and certificate, signed by the CA in DIR/tls")
-    .option('--host <host>', "with --peer: the name or address the peer's RPC is reached at (put in its certificate); for a new group: the peers' address (default 127.0.0.1)")
+    .option('--add-peer <id>', "one more peer's key and certificate, signed by the CA in DIR/tls")
+    .option('--host <host>', "with --add-peer: the name or address the peer's RPC is reached at (put in its certificate); for a new group: the peers' address (default 127.0.0.1)")
     .option('--name <name>', 'a new group: its name (default peersan)')
-    .action(async (o: { dir?: string; peers?: string; peer?: string; host?: string; name?: string }) => {
-      const report = await (await import('./init')).init(o);
+    .action(async (o: { dir?: string; peers?: string; addPeer?: string; host?: string; name?: string }) => {
+      const report = await (await import('./init')).init({ ...o, peer: o.addPeer });
       process.stdout.write(report.join('\n') + '\n');
     });
 }
