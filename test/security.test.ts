@@ -9,8 +9,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import * as grpc from '@grpc/grpc-js';
+import { Etcd3 } from 'etcd3';
 import pino from 'pino';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import { EtcdMetaStore } from '../src/cluster/etcd';
 import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from '../src/cluster/peer-auth';
 import { PeerRpcClient } from '../src/cluster/peer-rpc';
 import { loadPeerTls, peerTlsChannel, type PeerTls } from '../src/cluster/peer-tls';
@@ -308,4 +310,53 @@ t.test('cluster.catalog takes etcd TLS and a user', async (t) => {
   ].join('\n'), '/etc/peersan/cluster.yaml');
   t.same(c.catalog, { backend: 'etcd', endpoints: ['10.0.0.1:2379'], namespace: undefined, tls: { ca: '/etc/peersan/etcd/ca.crt', cert: '/etc/peersan/etcd/c.crt', key: '/etc/peersan/etcd/c.key' }, user: 'peersan', password: 'pw' });
   t.throws(() => parseConfig('cluster: { name: x, adminToken: t, secret: s, catalog: { backend: etcd, endpoints: [a:1], user: u } }\npeers: [{ id: p1, iscsi: "a:1", rpc: "a:2", http: "a:3", data: d }]'), /user and password go together/);
+});
+
+t.test('the etcd catalog over TLS with a client certificate, and with a user and password', { skip: hasTool('etcd') ? false : 'etcd not installed' }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-etcd-tls-'));
+  const ca = await createClusterCa('etcd-test');
+  const files: Record<string, string> = { 'ca.crt': ca.certPem };
+  for (const [name, hosts] of [['etcd', ['127.0.0.1']], ['p1', []]] as const) {
+    const made = await issuePeerCertificate(ca, name, hosts);
+    files[`${name}.crt`] = made.certPem;
+    files[`${name}.key`] = made.keyPem;
+  }
+  for (const [name, pem] of Object.entries(files)) writeFileSync(join(dir, name), pem, { mode: 0o600 });
+  const [client, peer] = [await freePort(), await freePort()];
+  const etcd = spawn('etcd', [
+    '--name', 'tls', '--data-dir', join(dir, 'data'), '--log-level', 'error',
+    '--listen-client-urls', `https://127.0.0.1:${client}`, '--advertise-client-urls', `https://127.0.0.1:${client}`,
+    '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`, '--initial-cluster', `tls=http://127.0.0.1:${peer}`,
+    '--cert-file', join(dir, 'etcd.crt'), '--key-file', join(dir, 'etcd.key'), '--trusted-ca-file', join(dir, 'ca.crt'), '--client-cert-auth',
+  ], { stdio: 'ignore' });
+  t.teardown(async () => {
+    if (etcd.exitCode === null && etcd.signalCode === null) {
+      etcd.kill('SIGKILL');
+      await new Promise((r) => etcd.once('exit', r));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  });
+  await waitForPort(client);
+  const endpoints = [`https://127.0.0.1:${client}`];
+  const withTls = EtcdMetaStore.fromConfig({ backend: 'etcd', endpoints, tls: { ca: join(dir, 'ca.crt'), cert: join(dir, 'p1.crt'), key: join(dir, 'p1.key') } }, 'peersan/tls-test/');
+  t.teardown(() => withTls.close());
+  await withTls.put('k', Buffer.from('v'), 0);
+  t.equal((await withTls.get('k'))?.value.toString(), 'v', 'the catalog works over TLS with a client certificate');
+  const caOnly = new EtcdMetaStore({ endpoints, namespace: 'peersan/tls-test/', dialTimeoutMs: 2_000, tls: { ca: Buffer.from(ca.certPem) } });
+  t.teardown(() => caOnly.close());
+  await t.rejects(caOnly.get('k'), /.+/, 'without the client certificate etcd refuses');
+
+  // etcd's own users: root with a password, then authentication on; the catalog logs in.
+  const admin = new Etcd3({ hosts: endpoints, credentials: { rootCertificate: Buffer.from(ca.certPem), certChain: Buffer.from(files['p1.crt']), privateKey: Buffer.from(files['p1.key']) } });
+  t.teardown(() => admin.close());
+  await admin.user('root').create('root-pw');
+  await admin.role('root').create().catch(() => undefined);
+  await admin.user('root').addRole('root');
+  await admin.auth.authEnable();
+  const withUser = EtcdMetaStore.fromConfig({ backend: 'etcd', endpoints, tls: { ca: join(dir, 'ca.crt'), cert: join(dir, 'p1.crt'), key: join(dir, 'p1.key') }, user: 'root', password: 'root-pw' }, 'peersan/tls-test/');
+  t.teardown(() => withUser.close());
+  t.equal((await withUser.get('k'))?.value.toString(), 'v', 'with etcd authentication on, the catalog logs in with cluster.catalog.user/password');
+  const wrongPw = EtcdMetaStore.fromConfig({ backend: 'etcd', endpoints, tls: { ca: join(dir, 'ca.crt'), cert: join(dir, 'p1.crt'), key: join(dir, 'p1.key') }, user: 'root', password: 'nope' }, 'peersan/tls-test/');
+  t.teardown(() => wrongPw.close());
+  await t.rejects(wrongPw.get('k'), /.+/, 'a wrong password is refused');
 });
