@@ -293,7 +293,7 @@ t.test('a config that others can read: one warning at start-up; a private one: n
     return lines.map((l) => JSON.parse(l).msg as string);
   };
   const open = await start('open', 0o644);
-  t.equal(open.filter((m) => /open\.yaml holds the admin token.*chmod 600/.test(m)).length, 1, 'a 0644 config: warned once');
+  t.equal(open.filter((m) => /open\.yaml holds the admin token.*mode 0644.*chmod 600/.test(m)).length, 1, 'a 0644 config: warned once');
   const closed = await start('closed', 0o600);
   t.equal(closed.filter((m) => /holds the admin token/.test(m)).length, 0, 'a 0600 config: no warning');
   t.equal(mode(join(dir, 'closed')), 0o700, 'the data folder is private even without a umask (in-process peers)');

@@ -70,13 +70,18 @@ interface AuthenticatedCall {
 export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: PeerServiceAuth, log: Logger): void {
   const nonces = new NonceLedger();
   const limiter = new LogLimiter();
+  /** The calling peer's id, or why the call is refused: the header first, then (TLS) the certificate. */
+  const check = (call: AuthenticatedCall): { peerId: string } | { why: string } => {
+    const verdict = verifyPeerAuth(call.metadata, call.getPath(), { secret: auth.secret, members: auth.members, nonces });
+    if (!verdict.ok || !auth.tls) return verdict.ok ? { peerId: verdict.peerId } : { why: verdict.why };
+    const certified = certifiedPeerId(call);
+    return certified === verdict.peerId ? { peerId: verdict.peerId } : { why: `the TLS client certificate names ${certified ?? 'nobody'}, not ${verdict.peerId}` };
+  };
   /** The calling peer's id, or undefined (and a rate-limited warning) when the call is refused. */
   const authenticate = (call: AuthenticatedCall): string | undefined => {
-    const verdict = verifyPeerAuth(call.metadata, call.getPath(), { secret: auth.secret, members: auth.members, nonces });
-    const certified = auth.tls ? certifiedPeerId(call) : undefined;
-    const why = !verdict.ok ? verdict.why : auth.tls && certified !== verdict.peerId ? `TLS client certificate names "${certified ?? 'nobody'}", not ${verdict.peerId}` : undefined;
-    if (why === undefined && verdict.ok) return verdict.peerId;
-    limiter.warn(log, `peer-auth:${call.getPath()}`, { from: call.getPeer(), method: call.getPath(), reason: why }, 'refused a peer call without valid peer authentication');
+    const r = check(call);
+    if ('peerId' in r) return r.peerId;
+    limiter.warn(log, `peer-auth:${call.getPath()}`, { from: call.getPeer(), method: call.getPath(), reason: r.why }, 'refused a peer call without valid peer authentication');
     return undefined;
   };
   const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };

@@ -1,7 +1,7 @@
 // cluster.yaml: the group's name, secrets, catalog backend and its peers. Validated with
 // errors that name the field; relative data paths resolve against the file's folder.
 
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parse, stringify } from 'yaml';
 import type { TlsFiles } from '../cluster/peer-tls';
@@ -264,17 +264,3 @@ export function renderConfig(c: ClusterConfig): string {
   });
 }
 
-/**
- * Why the config file should not be as it is, or undefined: cluster.yaml holds the admin token
- * and the cluster secret (and may hold the etcd password), so only its owner may read it.
- */
-export function configModeProblem(path: string): string | undefined {
-  let mode: number;
-  try {
-    mode = statSync(path).mode & 0o777;
-  } catch {
-    return undefined;
-  }
-  if ((mode & 0o077) === 0) return undefined;
-  return `${path} holds the admin token and the cluster secret but is readable by ${mode & 0o007 ? 'everyone' : 'its group'} (mode ${mode.toString(8).padStart(4, '0')}): chmod 600 ${path}`;
-}

@@ -6,7 +6,7 @@
 
 import { chmodSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import type { Logger } from 'pino';
-import { configModeProblem, splitHostPort, type ClusterConfig, type PeerConfig } from './config';
+import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 
 /** Write a file only its owner can read (an existing file is narrowed too). */
 export function writePrivateFile(path: string, data: string | Buffer): void {
@@ -19,14 +19,29 @@ export function makePrivateDir(path: string): void {
   mkdirSync(path, { recursive: true, mode: 0o700 });
 }
 
-function dirModeProblem(path: string, what: string): string | undefined {
+/** The mode of `path` (as 4 octal digits) when its group or others have any access to it. */
+function openMode(path: string): string | undefined {
   let mode: number;
   try {
     mode = statSync(path).mode & 0o777;
   } catch {
     return undefined;
   }
-  return (mode & 0o077) === 0 ? undefined : `${what} ${path} is open to other users (mode ${mode.toString(8).padStart(4, '0')}): chmod 700 ${path}`;
+  return (mode & 0o077) === 0 ? undefined : mode.toString(8).padStart(4, '0');
+}
+
+/**
+ * cluster.yaml holds the admin token and the cluster secret (and may hold the etcd password),
+ * so only its owner may read it.
+ */
+function configModeProblem(path: string): string | undefined {
+  const mode = openMode(path);
+  return mode && `${path} holds the admin token and the cluster secret but other users may read it (mode ${mode}): chmod 600 ${path}`;
+}
+
+function dirModeProblem(path: string, what: string): string | undefined {
+  const mode = openMode(path);
+  return mode && `${what} ${path} is open to other users (mode ${mode}): chmod 700 ${path}`;
 }
 
 function isLoopback(host: string): boolean {
