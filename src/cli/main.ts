@@ -12,7 +12,8 @@ import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
 import { parseCount } from './args';
 import { addLoadCommands } from './load';
-import { addInitCommand, adminChannel } from './tls-commands';
+import { adminTlsChannel, loadCa } from '../cluster/peer-tls';
+import { addInitCommand, clusterCaPath, withTlsHint } from './tls-commands';
 
 interface GlobalOptions {
   peer?: string;
@@ -33,19 +34,22 @@ function configPath(g: GlobalOptions): string | undefined {
   return existsSync('cluster.yaml') ? 'cluster.yaml' : undefined;
 }
 
-function adminClient(g: GlobalOptions): AdminClient {
+function adminClient(g: GlobalOptions): { client: AdminClient; ca: string | undefined } {
   const path = configPath(g);
   const config = path ? loadConfig(path) : undefined;
   const peer = g.peer ?? config?.peers[0].rpc ?? '127.0.0.1:7001';
   const token = g.token ?? process.env.PEERSAN_TOKEN ?? config?.adminToken;
   if (!token) throw new InvalidArgumentError('no admin token: pass --token, set $PEERSAN_TOKEN, or point --config/$PEERSAN_CONFIG at cluster.yaml');
-  return new AdminClient(peer, token, adminChannel(g, config));
+  const ca = clusterCaPath(g, config);
+  return { client: new AdminClient(peer, token, ca ? adminTlsChannel(loadCa(ca)) : undefined), ca };
 }
 
 async function withClient<T>(g: GlobalOptions, fn: (c: AdminClient) => Promise<T>): Promise<T> {
-  const client = adminClient(g);
+  const { client, ca } = adminClient(g);
   try {
     return await fn(client);
+  } catch (err) {
+    throw withTlsHint(err, ca);
   } finally {
     client.close();
   }

@@ -3,16 +3,27 @@
 // is not needed by the other admin commands).
 
 import type { Command } from 'commander';
-import { adminTlsChannel, loadCa, type TlsChannel } from '../cluster/peer-tls';
+import { PeersanError } from '../errors';
 import type { ClusterConfig } from '../server/config';
 
 /**
- * TLS against the cluster CA when one is known: --ca, else $PEERSAN_CA, else the config's
- * `cluster.tls.ca`; plain otherwise (a group without TLS).
+ * The cluster CA the CLI checks peers against: --ca, else $PEERSAN_CA, else the config's
+ * `cluster.tls.ca`; none: plain gRPC (a group without TLS).
  */
-export function adminChannel(g: { ca?: string }, config: ClusterConfig | undefined): TlsChannel | undefined {
-  const ca = g.ca ?? process.env.PEERSAN_CA ?? config?.tls?.ca;
-  return ca ? adminTlsChannel(loadCa(ca)) : undefined;
+export function clusterCaPath(g: { ca?: string }, config: ClusterConfig | undefined): string | undefined {
+  return g.ca ?? process.env.PEERSAN_CA ?? config?.tls?.ca;
+}
+
+/**
+ * A peer that is there but will not talk (TLS on one side only, or another group's CA) looks
+ * "unavailable" to gRPC: say what to check. Other errors pass unchanged.
+ */
+export function withTlsHint(err: unknown, ca: string | undefined): unknown {
+  if (!(err instanceof PeersanError) || err.code !== 'PEERSAN_ERR_UNREACHABLE' || !/\(unavailable\)$/.test(err.message)) return err;
+  const hint = ca
+    ? `TLS with the CA ${ca}: is the peer running with cluster.tls, and is this its group's CA?`
+    : 'if the group runs TLS, give its CA: --ca FILE, $PEERSAN_CA, or --config with cluster.tls';
+  return new PeersanError(`${err.message}; ${hint}`, err.code);
 }
 
 export function addInitCommand(program: Command): void {
