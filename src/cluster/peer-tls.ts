@@ -76,6 +76,8 @@ class FixedCertificates implements grpc.experimental.CertificateProvider {
 }
 
 export function peerServerCredentials(tls: PeerTls): grpc.ServerCredentials {
+  // One provider in both roles (CA and identity): grpc-js 1.14 names the two parameters of this
+  // function in the opposite order to the constructor it calls, so passing one object is safe.
   const certs = new FixedCertificates(tls);
   return grpc.experimental.createCertificateProviderServerCredentials(certs, certs, false);
 }
