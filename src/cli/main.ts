@@ -10,6 +10,7 @@ import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
+import { pageNumber } from '../server/admin-input';
 import { parseCount } from './args';
 import { addLoadCommands } from './load';
 
@@ -234,8 +235,7 @@ export function buildProgram(): Command {
     .option('--wait', 'wait until the move commits, showing progress')
     .option('--cancel', 'cancel the move of this page (pieces already moved are copied back)')
     .action(async (name: string, pageText: string, o: { to?: string; wait?: boolean; cancel?: boolean }) => {
-      const n = Number(pageText);
-      if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`page must be a page number (see \`peersan page map ${name}\`), got "${pageText}"`);
+      const n = pageNumber(pageText);
       if (o.cancel) {
         await withClient(g(), (c) => c.cancelMove(name, n));
         out(g(), { cancelled: { volume: name, page: n } }, () => `cancelling the move of page ${n} of ${name}; pieces already moved are copied back`);

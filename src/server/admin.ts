@@ -9,6 +9,7 @@ import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
+import { wireUint32 } from './admin-input';
 import type { MoveInfo } from '../migration/migrator';
 import type { SnapshotMode } from '../snapshot/records';
 import type { SnapshotView } from '../snapshot/service';
@@ -191,6 +192,7 @@ export class AdminClient {
     return this.call('status', {});
   }
   createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; peers?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
+    if (input.blockBytes !== undefined) wireUint32(input.blockBytes, 'block size');
     return this.call('createVolume', input);
   }
   async listVolumes(): Promise<VolumeView[]> {
@@ -208,8 +210,8 @@ export class AdminClient {
   pageMap(name: string): Promise<PageMapView> {
     return this.call('pageMap', { name });
   }
-  movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
-    return this.call('movePage', { volume, page, to });
+  async movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
+    return this.call('movePage', { volume, page: wireUint32(page, 'page'), to });
   }
   async createSnapshots(volumes: string[], opts: { name?: string; mode?: string; group?: string }): Promise<SnapshotView[]> {
     return (await this.call<{ snapshots?: SnapshotView[] }>('createSnapshot', { volumes, ...opts }, 60_000)).snapshots ?? [];
@@ -226,18 +228,18 @@ export class AdminClient {
   cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeView> {
     return this.call('cloneSnapshot', { volume, name, newVolume }, 3_600_000);
   }
-  scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
-    return this.call('scheduleSnapshots', { volume, every, keep });
+  async scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
+    return this.call('scheduleSnapshots', { volume, every, keep: wireUint32(keep, 'keep') });
   }
   async cancelMove(volume: string, page: number): Promise<void> {
-    await this.call('cancelMove', { volume, page });
+    await this.call('cancelMove', { volume, page: wireUint32(page, 'page') });
   }
   async migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }> {
     const r = await this.call<{ moves?: MoveInfo[]; unreachable?: string[] }>('migrations', {});
     return { moves: r.moves ?? [], unreachable: r.unreachable ?? [] };
   }
-  top(pages = 16): Promise<TopReply> {
-    return this.call('top', { pages }, 10_000);
+  async top(pages = 16): Promise<TopReply> {
+    return this.call('top', { pages: wireUint32(pages, 'pages') }, 10_000);
   }
   rebalance(dryRun: boolean): Promise<RebalanceReply> {
     return this.call('rebalance', { dryRun });

@@ -10,6 +10,8 @@
 import type { ChapSettings, CreateVolumeInput } from '../cluster/catalog';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import type { AdminApi, PeerStatusView, VolumeView } from './admin';
+import { pageNumber, wholeNumber, wireUint32 } from './admin-input';
+import { wireUint32Max } from '../limits';
 import type { EventLog } from './events';
 import type { MoveInfo } from '../migration/migrator';
 import type { HostIoTotals } from './metrics';
@@ -213,15 +215,11 @@ function createInput(body: unknown): CreateVolumeInput {
   const o = asObject(body);
   const size = o.size;
   if (typeof size !== 'string' && typeof size !== 'number') throw new InvalidArgumentError('size is required (e.g. "10G")');
-  const blockBytes = o.blockBytes === undefined || o.blockBytes === null || o.blockBytes === '' ? undefined : Number(o.blockBytes);
-  if (blockBytes !== undefined && !Number.isInteger(blockBytes)) throw new InvalidArgumentError('blockBytes must be 512 or 4096');
+  const raw = o.blockBytes;
+  if (raw !== undefined && raw !== null && raw !== '' && typeof raw !== 'string' && typeof raw !== 'number') throw new InvalidArgumentError('blockBytes must be 512 or 4096');
+  // A string is read as decimal digits only ("0x200" is not 512); the catalog checks the value.
+  const blockBytes = raw === undefined || raw === null || raw === '' ? undefined : typeof raw === 'string' ? wholeNumber(raw, 'blockBytes', wireUint32Max) : wireUint32(raw, 'blockBytes');
   return { name: str(o, 'name', true)!, size, blockBytes, allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
-}
-
-function pageNumber(s: string): number {
-  const n = Number(s);
-  if (!/^\d{1,10}$/.test(s) || !Number.isSafeInteger(n)) throw new InvalidArgumentError(`page must be a page number, got "${s}"`);
-  return n;
 }
 
 // ---- routes -----------------------------------------------------------------------------
