@@ -6,13 +6,19 @@
 
 import t from 'tap';
 import { execFile } from 'node:child_process';
+import { Agent, request, type ClientRequest } from 'node:http';
+import { Writable } from 'node:stream';
+import pino from 'pino';
 import { InvalidArgumentError } from '../src/errors';
 import { AdminClient } from '../src/server/admin';
 import { pageNumber, wholeNumber } from '../src/server/admin-input';
 import { EventLog } from '../src/server/events';
 import { handleApi, type ConsoleAdminApi } from '../src/server/http-api';
+import { HttpConsole } from '../src/server/http';
+import { consoleStreamClientsMax } from '../src/limits';
+import type { PeerMetrics } from '../src/server/metrics';
 import { startGroup } from './helpers/group';
-import { cliPath } from './helpers/processes';
+import { cliPath, freePort } from './helpers/processes';
 
 const badPages = ['4294967297', '4294967296', '1e3', '-1', '1.5', '0x10', '', ' 1', '1 ', '+1', '99999999999999999999'];
 
@@ -86,4 +92,63 @@ t.test('the CLI and the AdminClient refuse page numbers the wire cannot carry; n
   await t.rejects(client.movePage('demo', 1000, 'p3'), /has pages 0 to 11, not 1000/, 'a page beyond the volume is refused by its owner');
   t.equal(g.peer('p2').migration.list().length, 0, 'no move was started');
   t.same(await owners(), before, 'the page map did not change');
+});
+
+// ---- log floods (issue 15 item 10) ----------------------------------------------------------
+
+/** A pino logger whose lines land in `lines` (raw JSON text). */
+function captureLog(): { log: pino.Logger; lines: string[] } {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      lines.push(...chunk.toString().split('\n').filter(Boolean));
+      cb();
+    },
+  });
+  return { log: pino({ level: 'info' }, sink), lines };
+}
+
+t.test('thousands of refused console requests log a bounded number of lines, without stacks', async (t) => {
+  const { log, lines } = captureLog();
+  const api = { status: async () => ({ cluster: 'c', peers: [] }), listVolumes: async () => [] } as unknown as ConsoleAdminApi;
+  const metrics = { totals: { ops: 0, bytes: 0, readOps: 0, writeOps: 0 }, text: async () => '', contentType: 'text/plain' } as unknown as PeerMetrics;
+  const port = await freePort();
+  const console_ = await HttpConsole.start({ address: `127.0.0.1:${port}`, self: 'p1', adminToken: 'tok', api, events: new EventLog(4), metrics, log });
+  t.teardown(() => console_.close());
+  const agent = new Agent({ keepAlive: true, maxSockets: 8 });
+  t.teardown(() => agent.destroy());
+  const get = (path: string, token: string): Promise<number> => new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path, agent, headers: { Authorization: `Bearer ${token}` }, timeout: 10_000 }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+    req.on('timeout', () => req.destroy(new Error('timed out')));
+    req.on('error', reject);
+    req.end();
+  });
+  // Fill the stream slots (their own sockets, kept open), then knock on the full door.
+  const open: ClientRequest[] = [];
+  t.teardown(() => open.forEach((r) => r.destroy()));
+  for (let i = 0; i < consoleStreamClientsMax; i++) {
+    await new Promise<void>((resolve) => {
+      const req = request({ host: '127.0.0.1', port, path: '/api/events', headers: { Authorization: 'Bearer tok' } }, (res) => {
+        t.equal(res.statusCode, 200);
+        res.resume();
+        resolve();
+      });
+      req.end();
+      open.push(req);
+    });
+  }
+  const refused = 2_000;
+  const statuses = new Map<number, number>();
+  for (let i = 0; i < refused; i += 8) {
+    const batch = await Promise.all(Array.from({ length: 8 }, (_, k) => get('/api/events', (i + k) % 4 === 0 ? 'wrong' : 'tok')));
+    for (const s of batch) statuses.set(s, (statuses.get(s) ?? 0) + 1);
+  }
+  t.equal(statuses.get(503), refused * 3 / 4, 'streams over the limit answered 503');
+  t.equal(statuses.get(401), refused / 4, 'wrong tokens answered 401');
+  t.ok(lines.length <= 5, `${lines.length} log lines for ${refused} refusals`);
+  t.notOk(lines.some((l) => /"stack"|\n\s+at /.test(l)), 'no stack traces');
+  t.ok(lines.some((l) => /too many console streams/.test(l)), 'the refusal is logged once, by its message');
 });

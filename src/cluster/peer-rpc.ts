@@ -4,6 +4,7 @@
 
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { LogLimiter } from '../log';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import type { MovingAtCut } from '../snapshot/records';
@@ -51,6 +52,7 @@ type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>)
 export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { secret: string; members: string[]; self: string }, log: Logger): void {
   const allowed = (md: grpc.Metadata): boolean => verifyPeerAuth(md, auth.secret, auth.members) !== undefined;
   const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };
+  const refusals = new LogLimiter(); // anyone who reaches the port can be refused at will
   const wrap = (fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
     if (!allowed(call.metadata)) return cb(denied);
     fn(call.request).then(
@@ -87,7 +89,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
       if (!allowed(call.metadata)) {
-        log.warn({ peer: call.getPeer() }, 'refused a block stream without valid peer authentication');
+        refusals.warn(log, 'block-stream-auth', { peer: call.getPeer() }, 'refused a block stream without valid peer authentication');
         call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: denied.details });
         return;
       }

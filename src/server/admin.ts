@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
+import { LogLimiter } from '../log';
 import type { SessionInfo } from '../iscsi/portal';
 import { wireUint32 } from './admin-input';
 import type { MoveInfo } from '../migration/migrator';
@@ -105,6 +106,8 @@ function tokenMatches(metadata: grpc.Metadata, token: string): boolean {
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
 
 export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: string, log: Logger): void {
+  // A caller with the token can repeat a failing call at will: one line per call per window.
+  const limiter = new LogLimiter();
   const wrap = (name: string, fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
     if (!tokenMatches(call.metadata, adminToken)) {
       cb({ code: grpc.status.UNAUTHENTICATED, details: 'admin token missing or wrong (use --token, $PEERSAN_TOKEN or the config file)' });
@@ -114,7 +117,7 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
       (reply) => cb(null, reply ?? {}),
       (err: unknown) => {
         const code = err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL;
-        if (code === grpc.status.INTERNAL) log.error({ err, call: name }, 'admin call failed');
+        if (code === grpc.status.INTERNAL) limiter.log(log, 'error', name, { err, call: name }, 'admin call failed');
         cb({ code, details: err instanceof Error ? err.message : String(err) });
       },
     );

@@ -107,6 +107,14 @@ export function httpStatusOf(err: unknown): number {
   return err instanceof PeersanError ? (httpStatusForCode[err.code] ?? 500) : 500;
 }
 
+/**
+ * An answer we give on purpose (busy, not available, bad input), not a fault of ours: the log
+ * gets its message, never a stack, since a client can ask for it as often as it likes.
+ */
+export function isExpectedRefusal(err: unknown): err is PeersanError {
+  return err instanceof PeersanError && httpStatusForCode[err.code] !== undefined;
+}
+
 export interface ApiRequest {
   method: string;
   /** Path below /api/, split on '/', each part URI-decoded. */
