@@ -9,6 +9,9 @@ import { execFile } from 'node:child_process';
 import { Agent, request, type ClientRequest } from 'node:http';
 import { Writable } from 'node:stream';
 import pino from 'pino';
+import * as grpc from '@grpc/grpc-js';
+import { addPeerServices, type PeerHandlers } from '../src/cluster/peer-rpc';
+import { peerDataService } from '../src/routing/link';
 import { InvalidArgumentError } from '../src/errors';
 import { AdminClient } from '../src/server/admin';
 import { pageNumber, wholeNumber } from '../src/server/admin-input';
@@ -151,4 +154,29 @@ t.test('thousands of refused console requests log a bounded number of lines, wit
   t.ok(lines.length <= 5, `${lines.length} log lines for ${refused} refusals`);
   t.notOk(lines.some((l) => /"stack"|\n\s+at /.test(l)), 'no stack traces');
   t.ok(lines.some((l) => /too many console streams/.test(l)), 'the refusal is logged once, by its message');
+});
+
+t.test('block streams refused for want of peer authentication log a bounded number of lines', async (t) => {
+  const { log, lines } = captureLog();
+  const server = new grpc.Server();
+  addPeerServices(server, {} as PeerHandlers, { secret: 'group-secret', members: ['p1', 'p2'], self: 'p1' }, log);
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  t.teardown(() => server.forceShutdown());
+  const Client = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
+  const client = new Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure()) as grpc.Client & { blocks(): grpc.ClientDuplexStream<Buffer, Buffer> };
+  t.teardown(() => client.close());
+  const refused = 100;
+  let unauthenticated = 0;
+  for (let i = 0; i < refused; i++) {
+    const code = await new Promise<number>((resolve) => {
+      const call = client.blocks();
+      call.on('error', (err: grpc.ServiceError) => resolve(err.code));
+      call.on('data', () => undefined);
+      call.on('end', () => resolve(-1));
+    });
+    if (code === grpc.status.UNAUTHENTICATED) unauthenticated++;
+  }
+  t.equal(unauthenticated, refused, 'every stream refused');
+  const refusals = lines.filter((l) => /refused a block stream/.test(l));
+  t.ok(refusals.length >= 1 && refusals.length <= 2, `${refusals.length} log lines for ${refused} refusals`);
 });
