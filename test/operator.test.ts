@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { PageStore } from '../src/store/page-store';
+import { startGroup } from './helpers/group';
 
 /** A pino logger whose lines land in `lines` (parsed). */
 function capture(): { log: pino.Logger; lines: { level: number; msg: string }[] } {
@@ -50,4 +51,28 @@ t.test('a brand-new store does not warn that it was not shut down cleanly; a cra
   t.teardown(() => crashed.close());
   t.equal(uncleanWarnings(third.lines), 1, 'after a crash: one warning');
   t.equal(crashed.wasClean, false);
+});
+
+t.test('a move resumed after a restart of its source starts the balancer cool-down when it commits', async (t) => {
+  const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
+  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  const page = 0; // on p1
+  const info = await g.peer('p1').movePage('vol', page, 'p3');
+  for (let i = 0; i < 200 && (g.peer('p1').migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+  await g.peer('p1').stop();
+  const p1 = await g.start('p1');
+  t.equal(p1.migration.list().length, 1, 'the move resumed after the restart');
+  await p1.migration.wait(info.volumeId, page);
+  t.equal((await g.peer('p2').pageMap('vol')).pages[page].owner, 'p3', 'the move committed');
+  const cooling = p1.loadService!.driver.recentMoves().filter((m) => m.volumeId === info.volumeId && m.page === page);
+  t.equal(cooling.length, 1, 'the source remembers the move for its cool-down');
+  t.match(cooling[0], { to: 'p3', state: 'done' });
+  t.ok((cooling[0]?.agoMs ?? Infinity) < 5_000, 'the cool-down runs from the commit');
+  // The new owner's balancer hears of it through the source's gossip (once a second).
+  let seen = false;
+  for (let i = 0; i < 100 && !seen; i++) {
+    seen = (await g.peer('p3').top(16)).recentMoves.some((m) => m.volumeId === info.volumeId && m.page === page && m.to === 'p3');
+    if (!seen) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.ok(seen, 'the new owner p3 sees the page cooling down');
 });
