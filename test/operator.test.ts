@@ -10,6 +10,10 @@ import { Writable } from 'node:stream';
 import pino from 'pino';
 import { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
+import { followMove, type MoveWatch } from '../src/cli/main';
+import { PeersanError } from '../src/errors';
+import type { MoveInfo } from '../src/migration/migrator';
+import type { PageMapView } from '../src/server/admin';
 
 /** A pino logger whose lines land in `lines` (parsed). */
 function capture(): { log: pino.Logger; lines: { level: number; msg: string }[] } {
@@ -75,4 +79,57 @@ t.test('a move resumed after a restart of its source starts the balancer cool-do
     if (!seen) await new Promise((r) => setTimeout(r, 100));
   }
   t.ok(seen, 'the new owner p3 sees the page cooling down');
+});
+
+// ---- `page move --wait` follows a move to its real end --------------------------------------
+
+/** A fake admin peer: one scripted state per look (the last one repeats); a listed move has done = the look's number. */
+function scripted(states: ('moving' | 'down' | 'gone' | 'committed' | 'asked-down')[]): MoveWatch {
+  let look = -1;
+  const state = (): string => states[Math.min(look, states.length - 1)];
+  const move = (): MoveInfo => ({ volume: 'vol', volumeId: 'v1', page: 1, from: 'p2', to: 'p1', pieces: 16, done: look, state: 'copying', startedAtMs: 0, bytesCopied: 0, lastError: '' });
+  return {
+    migrations: async () => {
+      look++;
+      if (state() === 'asked-down') throw new PeersanError('cannot reach peer at 127.0.0.1:1 (connection refused)', 'PEERSAN_ERR_UNREACHABLE');
+      return { moves: state() === 'moving' ? [move()] : [], unreachable: state() === 'down' ? ['p2'] : [] };
+    },
+    pageMap: async (): Promise<PageMapView> => ({
+      volume: 'vol', pageBlocks: 8192, peers: ['p1', 'p2', 'p3'],
+      pages: [{ page: 0, owner: 'p1', version: 1 }, { page: 1, owner: state() === 'committed' ? 'p1' : 'p2', version: 1 }],
+    }),
+  };
+}
+
+const follow = (w: MoveWatch, timeoutMs = 5_000) => {
+  const said: string[] = [];
+  const progress: number[] = [];
+  const done = followMove(w, 'vol', 1, 'p2', 'p1', { timeoutMs, pollMs: 2, say: (l) => said.push(l), progress: (m) => progress.push(m.done) });
+  return { done, said, progress };
+};
+
+t.test('--wait: a move whose source dies is paused, then followed to its commit', async (t) => {
+  const f = follow(scripted(['moving', 'moving', 'down', 'down', 'down', 'moving', 'committed']));
+  await f.done;
+  t.same(f.said, ['paused: source p2 is down; the move resumes when it returns', 'resumed']);
+  t.same(f.progress, [0, 1, 5]);
+});
+
+t.test('--wait: while the source stays down, the deadline says the move is paused, not failed', async (t) => {
+  const f = follow(scripted(['moving', 'down']), 60);
+  await t.rejects(f.done, { code: 'PEERSAN_ERR_PAUSED', message: /move of page 1 of vol is paused, not failed \(source p2 is down; the move resumes when it returns\); stopped waiting/ });
+  t.same(f.said, ['paused: source p2 is down; the move resumes when it returns'], 'said once');
+});
+
+t.test('--wait: the peer asked being down is a pause too', async (t) => {
+  const f = follow(scripted(['moving', 'asked-down', 'asked-down', 'moving', 'committed']));
+  await f.done;
+  t.match(f.said, [/^paused: cannot reach peer at 127\.0\.0\.1:1/, 'resumed']);
+});
+
+t.test('--wait: a move gone while its source answers ended (after several looks, not one)', async (t) => {
+  const w = scripted(['moving', 'gone', 'committed']);
+  await follow(w).done; // one look that finds neither (the page map lagging the commit) is no verdict
+  const f = follow(scripted(['moving', 'gone']));
+  await t.rejects(f.done, /the move of page 1 of vol ended without completing: the page stays on p2 \(cancelled/);
 });
