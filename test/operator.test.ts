@@ -10,6 +10,7 @@ import { Writable } from 'node:stream';
 import pino from 'pino';
 import { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
+import { hasTool, startEtcd, startPeers } from './helpers/processes';
 import { followMove, type MoveWatch } from '../src/cli/main';
 import { PeersanError } from '../src/errors';
 import type { MoveInfo } from '../src/migration/migrator';
@@ -132,4 +133,54 @@ t.test('--wait: a move gone while its source answers ended (after several looks,
   await follow(w).done; // one look that finds neither (the page map lagging the commit) is no verdict
   const f = follow(scripted(['moving', 'gone']));
   await t.rejects(f.done, /the move of page 1 of vol ended without completing: the page stays on p2 \(cancelled/);
+});
+
+const sleep = (ms: number): Promise<string> => new Promise((r) => setTimeout(() => r('still running'), ms));
+
+t.test('--wait across a kill -9 of the source (peer processes): paused, then followed to the commit', { skip: hasTool('etcd') ? false : 'etcd not installed' }, async (t) => {
+  const { endpoint } = await startEtcd(t.teardown.bind(t));
+  // Only this test moves pages: no balancer, no host redirects.
+  const peers = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['migration: { rateMBps: 4 }', 'hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
+  const [p1, p2, p3] = peers;
+  t.equal((await p3.cliAsync('volume', 'create', 'mv', '--size', '48M')).status, 0);
+  const ownerOf1 = async (): Promise<string> => JSON.parse((await p3.cliAsync('--json', 'page', 'map', 'mv')).out).pages[1].owner;
+  t.equal(await ownerOf1(), 'p2', 'page 1 starts on p2');
+
+  await t.test('the source returns: --wait says the move is paused, then reports the commit', async (t) => {
+    await p2.kill('SIGTERM');
+    await p2.start({ PEERSAN_TEST_CRASH: 'p2:source-mid-piece' });
+    const died = p2.exited;
+    const waiting = p3.cliAsync('page', 'move', 'mv', '1', '--to', 'p1', '--wait');
+    t.equal(await Promise.race([died, sleep(30_000)]), 'SIGKILL', 'the source died mid-move');
+    // Long enough for the old --wait, which gave up at the first look that missed the move.
+    await sleep(3_000);
+    await p2.kill('SIGKILL');
+    await p2.start();
+    const r = await waiting;
+    t.equal(r.status, 0, r.out);
+    t.match(r.out, /paused: source p2 is down; the move resumes when it returns/);
+    t.match(r.out, /page 1 of mv is now on p1/);
+    t.notMatch(r.out, /did not complete|cancelled/);
+    t.equal(await ownerOf1(), 'p1');
+  });
+
+  await t.test('the source stays down: at --timeout the move is reported paused, not failed', async (t) => {
+    await p1.kill('SIGTERM');
+    await p1.start({ PEERSAN_TEST_CRASH: 'p1:source-mid-piece' });
+    const died = p1.exited;
+    const waiting = p3.cliAsync('page', 'move', 'mv', '1', '--to', 'p2', '--wait', '--timeout', '4');
+    t.equal(await Promise.race([died, sleep(30_000)]), 'SIGKILL', 'the source died mid-move');
+    const r = await waiting;
+    t.equal(r.status, 1, 'exit 1');
+    t.match(r.out, /peersan: the move of page 1 of mv is paused, not failed \(source p1 is down; the move resumes when it returns\)/);
+    // Back: the move resumes and commits.
+    await p1.kill('SIGKILL');
+    await p1.start();
+    let owner = '';
+    for (let i = 0; i < 120 && owner !== 'p2'; i++) {
+      owner = await ownerOf1();
+      if (owner !== 'p2') await sleep(250);
+    }
+    t.equal(owner, 'p2', 'the paused move completed once its source returned');
+  });
 });
