@@ -219,15 +219,19 @@ function chapOf(o: Record<string, unknown>): ChapSettings | undefined {
   return { user: user!, secret: secret!, mutualUser, mutualSecret };
 }
 
+/** blockBytes as the page sends it: a number, or decimal digits ("0x200" is not 512); the catalog checks the value. */
+function blockBytesOf(raw: unknown): number | undefined {
+  if (raw === undefined || raw === null || raw === '') return undefined;
+  if (typeof raw === 'string') return wholeNumber(raw, 'blockBytes', wireUint32Max);
+  if (typeof raw === 'number') return wireUint32(raw, 'blockBytes');
+  throw new InvalidArgumentError('blockBytes must be 512 or 4096');
+}
+
 function createInput(body: unknown): CreateVolumeInput {
   const o = asObject(body);
   const size = o.size;
   if (typeof size !== 'string' && typeof size !== 'number') throw new InvalidArgumentError('size is required (e.g. "10G")');
-  const raw = o.blockBytes;
-  if (raw !== undefined && raw !== null && raw !== '' && typeof raw !== 'string' && typeof raw !== 'number') throw new InvalidArgumentError('blockBytes must be 512 or 4096');
-  // A string is read as decimal digits only ("0x200" is not 512); the catalog checks the value.
-  const blockBytes = raw === undefined || raw === null || raw === '' ? undefined : typeof raw === 'string' ? wholeNumber(raw, 'blockBytes', wireUint32Max) : wireUint32(raw, 'blockBytes');
-  return { name: str(o, 'name', true)!, size, blockBytes, allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
+  return { name: str(o, 'name', true)!, size, blockBytes: blockBytesOf(o.blockBytes), allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
 }
 
 // ---- routes -----------------------------------------------------------------------------
