@@ -75,6 +75,10 @@ export const snapshotIdBytesMax = 128;
 export const volumeNameBytesMax = 64;
 export const volumeBytesMax = 64 * 1024 ** 4; // 64 TiB
 export const gracefulStopMs = 10_000;
+// Admin input (issue 15 item 9, slice E): numbers are checked where they enter the admin path
+// (CLI, AdminClient, the console's JSON API), before a wire field can truncate them.
+/** The largest value a uint32 field of proto/peersan.proto carries; larger ones are refused, never truncated. */
+export const wireUint32Max = 0xffff_ffff;
 
 function assert(cond: boolean, what: string): void {
   if (!cond) throw new Error(`limits: ${what}`);
@@ -86,6 +90,7 @@ assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst')
 assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');
+assert(volumeBytesMax / (pageBlocks * 512) <= wireUint32Max, 'every page number of the largest volume fits a uint32 field');
 
 // ---- Peer group ------------------------------------------------------------------------
 

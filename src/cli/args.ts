@@ -1,9 +1,7 @@
 // Argument checks shared by the admin commands (main.ts) and the serving ones (serve.ts).
 
-import { InvalidArgumentError } from '../errors';
+import { wholeNumber } from '../server/admin-input';
 
 export function parseCount(value: string, what: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(`${what} must be a whole number, got "${value}"`);
-  return n;
+  return wholeNumber(value, what, 65535, 1);
 }

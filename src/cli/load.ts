@@ -9,6 +9,7 @@ import { loadHottestPagesPerVolume } from '../limits';
 import type { LoadStats } from '../loadmon/ewma';
 import type { RebalanceReply, TopReply } from '../loadmon/service';
 import type { AdminClient } from '../server/admin';
+import { wholeNumber } from '../server/admin-input';
 
 interface Json {
   json?: boolean;
@@ -92,8 +93,7 @@ export function addLoadCommands<G extends Json>(program: Command, volume: Comman
     .option('--once', 'print once and exit')
     .option('--pages <n>', `hottest pages per volume (1-${loadHottestPagesPerVolume})`, '16')
     .action(async (o: { once?: boolean; pages: string }) => {
-      const pages = Number(o.pages);
-      if (!Number.isInteger(pages) || pages < 1 || pages > loadHottestPagesPerVolume) throw new InvalidArgumentError(`--pages must be 1 to ${loadHottestPagesPerVolume}`);
+      const pages = wholeNumber(o.pages, '--pages', loadHottestPagesPerVolume, 1);
       const g = d.g();
       await d.withClient(g, async (c) => {
         const show = async (clear: boolean): Promise<void> => {

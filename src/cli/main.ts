@@ -10,6 +10,7 @@ import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
 import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
+import { pageNumber, wholeNumber } from '../server/admin-input';
 import { parseCount } from './args';
 import { addLoadCommands } from './load';
 import { adminTlsChannel, loadCa } from '../cluster/peer-tls';
@@ -128,22 +129,107 @@ function migrationsText(r: { moves: MoveInfo[]; unreachable: string[] }): string
   return lines.join('\n');
 }
 
-/** Follow a move until it commits (owner = `to`) or disappears otherwise; a bar on a terminal. */
-async function followMove(c: AdminClient, volume: string, page: number, to: string): Promise<void> {
+/** What following a move needs of the AdminClient. */
+export interface MoveWatch {
+  migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
+  pageMap(name: string): Promise<PageMapView>;
+}
+
+export interface FollowOptions {
+  /** Give up waiting (not the move) after this long. */
+  timeoutMs: number;
+  pollMs?: number;
+  /** A change of state for the person watching (paused, resumed). */
+  say(line: string): void;
+  /** Progress of the move while it copies. */
+  progress(m: MoveInfo): void;
+}
+
+type Seen =
+  | { kind: 'moving'; move: MoveInfo }
+  | { kind: 'committed' }
+  | { kind: 'paused'; why: string }
+  | { kind: 'gone'; owner: string };
+
+/** One look at the move: listed by its source, committed, paused (its source or the peer asked is down) or gone. */
+async function lookAtMove(c: MoveWatch, volume: string, page: number, from: string, to: string): Promise<Seen> {
+  try {
+    const { moves, unreachable } = await c.migrations();
+    const move = moves.find((x) => x.volume === volume && x.page === page);
+    if (move) return { kind: 'moving', move };
+    const owner = (await c.pageMap(volume)).pages[page]?.owner ?? '';
+    if (owner === to) return { kind: 'committed' };
+    if (unreachable.includes(from)) return { kind: 'paused', why: `source ${from} is down; the move resumes when it returns` };
+    return { kind: 'gone', owner };
+  } catch (err) {
+    if (err instanceof PeersanError && err.code === 'PEERSAN_ERR_UNREACHABLE') return { kind: 'paused', why: `${err.message}; waiting for it` };
+    throw err;
+  }
+}
+
+/** Polls in a row that must find a move neither listed nor committed, its source up, before it counts as ended. */
+const goneConfirmPolls = 4;
+
+/**
+ * Follow a move to its real end. A source that dies mid-move resumes it from its checkpoint
+ * when it returns and commits it, so while the source is down the move is paused, not
+ * failed: say so and keep waiting. A move that is gone while its source answers was
+ * cancelled or stopped; it counts as such only after several looks, because the page map can
+ * lag a commit and a restarted source can be between recovering its moves and answering.
+ * Resolves on commit; rejects when the move ended otherwise, or at the deadline (saying
+ * whether the move is paused or still copying: it goes on either way).
+ */
+export async function followMove(c: MoveWatch, volume: string, page: number, from: string, to: string, o: FollowOptions): Promise<void> {
+  const deadlineMs = Date.now() + o.timeoutMs;
+  let last: Seen | undefined;
+  let gone = 0;
+  for (;;) {
+    const seen = await lookAtMove(c, volume, page, from, to);
+    if (seen.kind === 'committed') return;
+    if (seen.kind === 'gone') {
+      if (++gone >= goneConfirmPolls) throw new PeersanError(`the move of page ${page} of ${volume} ended without completing: the page stays on ${seen.owner} (cancelled, or stopped: see \`peersan migrations\` and ${from}'s log)`);
+    } else {
+      gone = 0;
+      tell(o, last, seen);
+      last = seen;
+    }
+    if (Date.now() >= deadlineMs) throw stillGoing(volume, page, last, o.timeoutMs);
+    await new Promise((r) => setTimeout(r, o.pollMs ?? 250));
+  }
+}
+
+/** What changed since the last look, for the person watching: a pause (once per reason), its end, progress. */
+function tell(o: FollowOptions, last: Seen | undefined, seen: Seen): void {
+  const wasPaused = last?.kind === 'paused' ? last.why : '';
+  if (seen.kind === 'paused' && seen.why !== wasPaused) o.say(`paused: ${seen.why}`);
+  if (seen.kind === 'moving') {
+    if (wasPaused) o.say('resumed');
+    o.progress(seen.move);
+  }
+}
+
+function stillGoing(volume: string, page: number, last: Seen | undefined, timeoutMs: number): PeersanError {
+  const waited = `stopped waiting after ${Math.round(timeoutMs / 1000)} s: follow it with \`peersan migrations\``;
+  if (last?.kind === 'paused') return new PeersanError(`the move of page ${page} of ${volume} is paused, not failed (${last.why}); ${waited}`, 'PEERSAN_ERR_PAUSED');
+  const at = last?.kind === 'moving' ? ` (${last.move.done}/${last.move.pieces} pieces)` : '';
+  return new PeersanError(`the move of page ${page} of ${volume} is still in progress${at}; ${waited}`, 'PEERSAN_ERR_IN_PROGRESS');
+}
+
+/** The --wait output: a bar rewritten in place on a terminal, a line per piece otherwise. */
+function moveDisplay(): Pick<FollowOptions, 'say' | 'progress'> & { done(): void } {
   const tty = process.stdout.isTTY === true;
   let lastShown = -1;
-  for (;;) {
-    const { moves } = await c.migrations();
-    const m = moves.find((x) => x.volume === volume && x.page === page);
-    if (!m) break;
-    if (tty) process.stdout.write(`\r${moveProgress(m)}\x1b[K`);
-    else if (m.done !== lastShown) process.stdout.write(`${moveProgress(m)}\n`);
-    lastShown = m.done;
-    await new Promise((r) => setTimeout(r, 250));
-  }
-  if (tty) process.stdout.write('\r\x1b[K');
-  const owner = (await c.pageMap(volume)).pages[page]?.owner;
-  if (owner !== to) throw new PeersanError(`the move of page ${page} of ${volume} did not complete: the page is on ${owner} (cancelled?)`);
+  return {
+    say: (line) => process.stdout.write(`${tty ? '\r\x1b[K' : ''}${line}\n`),
+    progress: (m) => {
+      if (tty) process.stdout.write(`\r${moveProgress(m)}\x1b[K`);
+      else if (m.done !== lastShown) process.stdout.write(`${moveProgress(m)}\n`);
+      lastShown = m.done;
+    },
+    done: () => {
+      if (tty) process.stdout.write('\r\x1b[K');
+    },
+  };
 }
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value];
@@ -238,11 +324,12 @@ export function buildProgram(): Command {
     .command('move <volume> <page>')
     .description('move a page to another peer while hosts keep using it (dual writes while in transit)')
     .option('--to <peer>', 'destination peer id')
-    .option('--wait', 'wait until the move commits, showing progress')
+    .option('--wait', 'wait until the move commits, showing progress (a move whose source is down is paused, and waited for)')
+    .option('--timeout <seconds>', 'with --wait: stop waiting after this long (the move goes on)', '3600')
     .option('--cancel', 'cancel the move of this page (pieces already moved are copied back)')
-    .action(async (name: string, pageText: string, o: { to?: string; wait?: boolean; cancel?: boolean }) => {
-      const n = Number(pageText);
-      if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`page must be a page number (see \`peersan page map ${name}\`), got "${pageText}"`);
+    .action(async (name: string, pageText: string, o: { to?: string; wait?: boolean; cancel?: boolean; timeout: string }) => {
+      const n = pageNumber(pageText);
+      const timeoutMs = wholeNumber(o.timeout, '--timeout', 7 * 24 * 3600, 1) * 1000;
       if (o.cancel) {
         await withClient(g(), (c) => c.cancelMove(name, n));
         out(g(), { cancelled: { volume: name, page: n } }, () => `cancelling the move of page ${n} of ${name}; pieces already moved are copied back`);
@@ -255,7 +342,12 @@ export function buildProgram(): Command {
         if (!o.wait) return out(g(), m, () => `moving page ${n} of ${name} from ${m.from} to ${m.to} (${m.pieces} pieces); follow with \`peersan migrations\``);
         if (!g().json) process.stdout.write(`moving page ${n} of ${name} from ${m.from} to ${m.to}\n`);
         const t0 = Date.now();
-        await followMove(c, name, n, to);
+        const display = moveDisplay();
+        try {
+          await followMove(c, name, n, m.from, to, { timeoutMs, ...display });
+        } finally {
+          display.done();
+        }
         out(g(), { volume: name, page: n, from: m.from, to, seconds: (Date.now() - t0) / 1000 }, () => `page ${n} of ${name} is now on ${to} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
       });
     });

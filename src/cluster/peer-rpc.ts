@@ -5,6 +5,7 @@
 import type { PeerCertificate } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { LogLimiter } from '../log';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import type { MovingAtCut } from '../snapshot/records';
@@ -15,7 +16,6 @@ import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
-import { LogLimiter } from '../log';
 import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import { proto } from './proto';

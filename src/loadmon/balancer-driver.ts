@@ -207,6 +207,34 @@ export class BalancerDriver {
     return { outcome: { ...m, started: true, error: '' }, record };
   }
 
+  /**
+   * A move of a page this peer owned committed (the migrator says so for every move: one this
+   * driver started, one an operator started, one resumed after a restart that this driver has
+   * never seen). The cool-down runs from the commit: a long move's start may be older than the
+   * cool-down, and after a restart there is no record at all. It reaches the new owner's
+   * balancer through this peer's gossip (recentMoves).
+   */
+  noteCommitted(m: { volumeId: string; page: number; to: string }): void {
+    const nowMs = this.o.now();
+    const key = `${m.volumeId}/${m.page}`;
+    const held = this.own.get(key);
+    if (held) {
+      held.atMs = nowMs;
+      held.state = 'done';
+      held.to = m.to;
+      return;
+    }
+    this.forgetOld(nowMs, this.o.config().cooldownMs);
+    // Full (a burst of manual moves): the oldest finished record gives way, the newest commit counts more.
+    if (this.own.size >= loadRecentMovesMax) {
+      const oldest = [...this.own].find(([, o]) => o.state !== 'moving');
+      if (!oldest) return;
+      this.own.delete(oldest[0]);
+    }
+    const volumeName = this.o.volume(m.volumeId)?.name ?? m.volumeId;
+    this.own.set(key, { volumeId: m.volumeId, volumeName, page: m.page, from: this.o.self, to: m.to, atMs: nowMs, state: 'done' });
+  }
+
   /** This peer's moves still in cool-down, for its gossip summary. */
   recentMoves(): RecentMove[] {
     const nowMs = this.o.now();

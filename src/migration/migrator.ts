@@ -85,6 +85,12 @@ export interface MigratorOptions {
   log: Logger;
   /** Something a person watching the group wants to know (the console's events). */
   event?(kind: 'migration' | 'page-moved', message: string, volume: string): void;
+  /**
+   * A move of this peer committed: a fresh one, one resumed after a restart, or one whose
+   * commit a restart interrupted. The balancer starts the page's cool-down from here, so it
+   * does not move the page straight back, whoever started the move.
+   */
+  committed?(move: { volumeId: string; page: number; from: string; to: string }): void;
   /** True while a snapshot holds the volume here: moves neither copy nor commit meanwhile. */
   holding?(volumeId: string): boolean;
   /** Fault injection for tests: called at named points of a move. */
@@ -395,6 +401,7 @@ export class Migrator {
     this.counters.committed++;
     this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, version: route.version, bytesCopied: r.bytesCopied }, 'page move committed');
     this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((Date.now() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
+    this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
     r.settle();
   }
 
@@ -476,6 +483,7 @@ export class Migrator {
         await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page);
         await this.freeLocal(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
+        this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
       } else if (route.owner === this.o.self && route.version === cp.routeVersion) {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, done: cp.done, pieces: cp.pieces, state: cp.state }, 'resuming a page move after a restart');
         await this.launch(cp, movable, false);

@@ -9,7 +9,9 @@ import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../cluster/catalog';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
+import { LogLimiter } from '../log';
 import type { SessionInfo } from '../iscsi/portal';
+import { wireUint32 } from './admin-input';
 import type { MoveInfo } from '../migration/migrator';
 import type { SnapshotMode } from '../snapshot/records';
 import type { SnapshotView } from '../snapshot/service';
@@ -105,6 +107,8 @@ function tokenMatches(metadata: grpc.Metadata, token: string): boolean {
 type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
 
 export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: string, log: Logger): void {
+  // A caller with the token can repeat a failing call at will: one line per call per window.
+  const limiter = new LogLimiter();
   const wrap = (name: string, fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
     if (!tokenMatches(call.metadata, adminToken)) {
       cb({ code: grpc.status.UNAUTHENTICATED, details: 'admin token missing or wrong (use --token, $PEERSAN_TOKEN or the config file)' });
@@ -114,7 +118,7 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
       (reply) => cb(null, reply ?? {}),
       (err: unknown) => {
         const code = err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL;
-        if (code === grpc.status.INTERNAL) log.error({ err, call: name }, 'admin call failed');
+        if (code === grpc.status.INTERNAL) limiter.log(log, 'error', name, { err, call: name }, 'admin call failed');
         cb({ code, details: err instanceof Error ? err.message : String(err) });
       },
     );
@@ -193,6 +197,7 @@ export class AdminClient {
     return this.call('status', {});
   }
   createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; peers?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
+    if (input.blockBytes !== undefined) wireUint32(input.blockBytes, 'block size');
     return this.call('createVolume', input);
   }
   async listVolumes(): Promise<VolumeView[]> {
@@ -210,8 +215,8 @@ export class AdminClient {
   pageMap(name: string): Promise<PageMapView> {
     return this.call('pageMap', { name });
   }
-  movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
-    return this.call('movePage', { volume, page, to });
+  async movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
+    return this.call('movePage', { volume, page: wireUint32(page, 'page'), to });
   }
   async createSnapshots(volumes: string[], opts: { name?: string; mode?: string; group?: string }): Promise<SnapshotView[]> {
     return (await this.call<{ snapshots?: SnapshotView[] }>('createSnapshot', { volumes, ...opts }, 60_000)).snapshots ?? [];
@@ -228,18 +233,18 @@ export class AdminClient {
   cloneSnapshot(volume: string, name: string, newVolume: string): Promise<VolumeView> {
     return this.call('cloneSnapshot', { volume, name, newVolume }, 3_600_000);
   }
-  scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
-    return this.call('scheduleSnapshots', { volume, every, keep });
+  async scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }> {
+    return this.call('scheduleSnapshots', { volume, every, keep: wireUint32(keep, 'keep') });
   }
   async cancelMove(volume: string, page: number): Promise<void> {
-    await this.call('cancelMove', { volume, page });
+    await this.call('cancelMove', { volume, page: wireUint32(page, 'page') });
   }
   async migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }> {
     const r = await this.call<{ moves?: MoveInfo[]; unreachable?: string[] }>('migrations', {});
     return { moves: r.moves ?? [], unreachable: r.unreachable ?? [] };
   }
-  top(pages = 16): Promise<TopReply> {
-    return this.call('top', { pages }, 10_000);
+  async top(pages = 16): Promise<TopReply> {
+    return this.call('top', { pages: wireUint32(pages, 'pages') }, 10_000);
   }
   rebalance(dryRun: boolean): Promise<RebalanceReply> {
     return this.call('rebalance', { dryRun });

@@ -10,6 +10,8 @@
 import type { ChapSettings, CreateVolumeInput } from '../cluster/catalog';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import type { AdminApi, PeerStatusView, VolumeView } from './admin';
+import { pageNumber, wholeNumber, wireUint32 } from './admin-input';
+import { wireUint32Max } from '../limits';
 import type { EventLog } from './events';
 import type { MoveInfo } from '../migration/migrator';
 import type { HostIoTotals } from './metrics';
@@ -103,6 +105,14 @@ const httpStatusForCode: Record<string, number> = {
 
 export function httpStatusOf(err: unknown): number {
   return err instanceof PeersanError ? (httpStatusForCode[err.code] ?? 500) : 500;
+}
+
+/**
+ * An answer we give on purpose (busy, not available, bad input), not a fault of ours: the log
+ * gets its message, never a stack, since a client can ask for it as often as it likes.
+ */
+export function isExpectedRefusal(err: unknown): err is PeersanError {
+  return err instanceof PeersanError && httpStatusForCode[err.code] !== undefined;
 }
 
 export interface ApiRequest {
@@ -209,19 +219,19 @@ function chapOf(o: Record<string, unknown>): ChapSettings | undefined {
   return { user: user!, secret: secret!, mutualUser, mutualSecret };
 }
 
+/** blockBytes as the page sends it: a number, or decimal digits ("0x200" is not 512); the catalog checks the value. */
+function blockBytesOf(raw: unknown): number | undefined {
+  if (raw === undefined || raw === null || raw === '') return undefined;
+  if (typeof raw === 'string') return wholeNumber(raw, 'blockBytes', wireUint32Max);
+  if (typeof raw === 'number') return wireUint32(raw, 'blockBytes');
+  throw new InvalidArgumentError('blockBytes must be 512 or 4096');
+}
+
 function createInput(body: unknown): CreateVolumeInput {
   const o = asObject(body);
   const size = o.size;
   if (typeof size !== 'string' && typeof size !== 'number') throw new InvalidArgumentError('size is required (e.g. "10G")');
-  const blockBytes = o.blockBytes === undefined || o.blockBytes === null || o.blockBytes === '' ? undefined : Number(o.blockBytes);
-  if (blockBytes !== undefined && !Number.isInteger(blockBytes)) throw new InvalidArgumentError('blockBytes must be 512 or 4096');
-  return { name: str(o, 'name', true)!, size, blockBytes, allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
-}
-
-function pageNumber(s: string): number {
-  const n = Number(s);
-  if (!/^\d{1,10}$/.test(s) || !Number.isSafeInteger(n)) throw new InvalidArgumentError(`page must be a page number, got "${s}"`);
-  return n;
+  return { name: str(o, 'name', true)!, size, blockBytes: blockBytesOf(o.blockBytes), allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
 }
 
 // ---- routes -----------------------------------------------------------------------------

@@ -14,12 +14,13 @@ import { readFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { extname, join } from 'node:path';
 import type { Logger } from 'pino';
+import { LogLimiter } from '../log';
 import { PeersanError, UnauthorizedError } from '../errors';
 import { consoleRefreshMs, consoleStreamClientsMax, httpBodyBytesMax, httpRequestMsMax } from '../limits';
 import { tokenEquals } from './admin';
 import { splitHostPort } from './config';
 import { groupChanges, snapshotOf, type EventLog, type GroupSnapshot, type PeerEvent } from './events';
-import { consoleState, handleApi, httpStatusOf, type ApiContext, type ConsoleAdminApi } from './http-api';
+import { consoleState, handleApi, httpStatusOf, isExpectedRefusal, type ApiContext, type ConsoleAdminApi } from './http-api';
 import type { PeerMetrics } from './metrics';
 
 /** console/ at the repository root: ../../console from dist/server/ (and from src/server/ under tests). */
@@ -71,6 +72,8 @@ export class HttpConsole {
   private readonly assets: Map<string, string>;
   private readonly consoleDir: string;
   private readonly streams = new Set<ServerResponse>();
+  /** Every warning a client can cause at will goes through here (issue 15 item 10). */
+  private readonly limiter = new LogLimiter();
   private ticker: NodeJS.Timeout | undefined;
   private ticking = false;
   private lastGroup: GroupSnapshot | undefined;
@@ -128,9 +131,19 @@ export class HttpConsole {
       return await this.serveAsset(req, res, path);
     } catch (err) {
       const status = httpStatusOf(err);
-      if (status >= 500) this.log.error({ err, url: req.url }, 'http request failed');
+      if (status >= 500) this.logFailure(err, 'http request failed', { url: req.url });
       this.json(res, status, { error: err instanceof Error ? err.message : String(err) });
     }
+  }
+
+  /**
+   * A request that ended in a 5xx, in the log at most once per kind per window (with the
+   * count suppressed): a refusal we meant (too many streams, not available) as its message
+   * only; anything else with its stack, as it may be a bug of ours.
+   */
+  private logFailure(err: unknown, msg: string, obj: Record<string, unknown>): void {
+    if (isExpectedRefusal(err)) this.limiter.warn(this.log, `${msg}/${err.code}`, { ...obj, code: err.code, reason: err.message }, msg);
+    else this.limiter.log(this.log, 'error', msg, { ...obj, err }, msg);
   }
 
   private async serveApi(req: IncomingMessage, res: ServerResponse, url: URL): Promise<void> {
@@ -143,7 +156,7 @@ export class HttpConsole {
     if (method === 'GET' && parts.length === 1 && parts[0] === 'events') return this.openStream(req, res, url);
     const body = method === 'GET' || method === 'HEAD' ? undefined : await readJson(req);
     const reply = await handleApi(this.ctx, { method, parts, query: url.searchParams, body });
-    if (reply.err) this.log.error({ err: reply.err, method, url: req.url }, 'admin request failed');
+    if (reply.err) this.logFailure(reply.err, 'admin request failed', { method, url: req.url });
     this.json(res, reply.status, reply.body);
   }
 
@@ -193,7 +206,7 @@ export class HttpConsole {
   private push(res: ServerResponse, frame: string): void {
     if (res.writableEnded || res.destroyed) return;
     if (res.writableLength > streamQueuedBytesMax) {
-      this.log.warn('dropping a console stream that does not keep up');
+      this.limiter.warn(this.log, 'slow-stream', {}, 'dropping a console stream that does not keep up');
       res.destroy();
       return;
     }
@@ -226,7 +239,7 @@ export class HttpConsole {
       const frame = `event: state\ndata: ${JSON.stringify(state)}\n\n`;
       for (const s of only ? [only] : this.streams) this.push(s, frame);
     } catch (err) {
-      this.log.warn({ err }, 'console state failed');
+      this.limiter.warn(this.log, 'console-state', { reason: err instanceof Error ? err.message : String(err) }, 'console state failed');
     } finally {
       if (!only) this.ticking = false;
     }

@@ -193,6 +193,7 @@ export class PeerServer implements AdminApi {
       },
       crashPoint: testCrashPoint(self),
       event: (kind, message, volume) => this.addEvent(kind, message, { volume, peer: self }),
+      committed: (move) => this.load?.driver.noteCommitted(move),
       holding: (volumeId) => this.snapshots.holding(volumeId),
     });
     this.snapshots = new SnapshotService({

@@ -57,7 +57,10 @@ export class PageStore {
     await fsp.mkdir(dir, { recursive: true });
     const db: Db = new ClassicLevel<string, Buffer>(join(dir, 'meta'), { valueEncoding: 'buffer' });
     await db.open();
-    const wasClean = (await db.get(cleanKey)) !== undefined;
+    // A store that holds no key at all never ran before (or never wrote anything): nothing can
+    // have been lost, so its first start is a clean one. Looked at BEFORE the clean mark is cleared.
+    const firstStart = (await db.keys({ limit: 1 }).all()).length === 0;
+    const wasClean = firstStart || (await db.get(cleanKey)) !== undefined;
     await db.del(cleanKey, { sync: true });
     if (!wasClean) opts.log?.warn({ dir }, 'store was not shut down cleanly; synced writes are intact, unsynced ones may be lost');
     return new PageStore(dir, db, wasClean, opts.log);
