@@ -41,12 +41,28 @@ export const sessionsPerPeerMax = 256;
 export const connectionsPerSessionMax = 1;
 /** Connections that may sit in the login phase at once, and how long a login may take. */
 export const loginConnectionsMax = 64;
-export const loginMsMax = 15_000;
+export const loginMsMax = 10_000;
 /** Target-initiated NOP-In ping: sent after this idle time; connection dropped if no answer in the timeout. */
 export const nopIdleMs = 5_000;
 export const nopTimeoutMs = 15_000;
 /** Bytes queued for sending on one connection before we stop reading from it (back-pressure). */
 export const socketQueuedBytesMax = 32 * 1024 * 1024;
+// Login admission (issue 15 item 4): a hostile host must not keep good ones from logging in.
+// Hosts behind one address (NAT, or every loopback test) share the per-source bounds, so the
+// main defence is time: a login connection silent for loginPduGapMsMax is dropped, and one with
+// no complete PDU for loginStallEvictMs gives its place to a new connection when the table is full.
+/** Login-phase connections from one source address. */
+export const loginConnectionsPerSourceMax = 16;
+/** Connections in any phase from one source address (far above what one host or a test opens). */
+export const connectionsPerSourceMax = 128;
+/** The longest a login connection may go without a complete PDU (the first counted from accept). */
+export const loginPduGapMsMax = 5_000;
+/** A login connection with no complete PDU for this long may be evicted for a new connection. */
+export const loginStallEvictMs = 1_000;
+/** Discovery sessions per portal: their own budget, apart from the Normal sessions' sessionsPerPeerMax. */
+export const discoverySessionsMax = 32;
+/** A Discovery session with no request (NOP-Outs do not count) for this long is dropped. */
+export const discoveryIdleMsMax = 30_000;
 
 // ---- SCSI ------------------------------------------------------------------------------
 
@@ -91,6 +107,9 @@ assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');
 assert(volumeBytesMax / (pageBlocks * 512) <= wireUint32Max, 'every page number of the largest volume fits a uint32 field');
+assert(loginConnectionsPerSourceMax <= loginConnectionsMax, 'one source cannot take the whole login table');
+assert(connectionsPerSourceMax >= loginConnectionsPerSourceMax, 'a source may log in as many as it may hold');
+assert(loginStallEvictMs < loginPduGapMsMax && loginPduGapMsMax < loginMsMax, 'a stalled login is evictable before it is dropped, and dropped before the whole login times out');
 
 // ---- Peer group ------------------------------------------------------------------------
 
@@ -186,7 +205,7 @@ export const loadTopPagesMax = 4_096;
 export const balancerMovesPerRoundMax = 64;
 assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
 assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
-assert(loadHostsTrackedMax >= sessionsPerPeerMax, 'every live session can be metered');
+assert(loadHostsTrackedMax >= sessionsPerPeerMax + discoverySessionsMax, 'every live session can be metered');
 // A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
 assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
 assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');

@@ -154,3 +154,112 @@ t.test('random login requests always get one response and never throw', async (t
   );
   t.pass('1000 random dialogues');
 });
+
+// Issue 15 item 8: what we answer is what we enforce, and the stages only go forward.
+
+const normalStart = { InitiatorName: 'iqn.1994-05.com.example:h', TargetName: open.name, AuthMethod: 'None' };
+
+t.test('FirstBurstLength never exceeds MaxBurstLength, in the answer as in the session', async (t) => {
+  const orders: Array<[string, Array<[string, string]>]> = [
+    ['MaxBurst first', [['MaxBurstLength', '4096'], ['FirstBurstLength', '262144']]],
+    ['FirstBurst first', [['FirstBurstLength', '262144'], ['MaxBurstLength', '4096']]],
+  ];
+  for (const [what, keys] of orders) {
+    const m = new LoginMachine(context());
+    m.step(req(normalStart, { csg: 0, nsg: 1, transit: true }));
+    const s = m.step(req(Object.fromEntries(keys), { csg: 1, nsg: 3, transit: true }));
+    const k = keysOf(s.response.data);
+    t.equal(k.get('MaxBurstLength'), '4096', `${what}: MaxBurstLength`);
+    t.equal(k.get('FirstBurstLength'), '4096', `${what}: the FirstBurstLength answered is the one used`);
+    t.equal(s.done?.params.firstBurstLength, 4096, `${what}: session FirstBurstLength`);
+    t.equal(s.done?.params.maxBurstLength, 4096, `${what}: session MaxBurstLength`);
+  }
+  // Across PDUs: MaxBurstLength agreed in an earlier request bounds a later FirstBurstLength.
+  const m = new LoginMachine(context());
+  m.step(req({ ...normalStart, MaxBurstLength: '8192' }, { csg: 0, nsg: 1, transit: true }));
+  const s = m.step(req({ FirstBurstLength: '65536' }, { csg: 1, nsg: 3, transit: true }));
+  t.equal(keysOf(s.response.data).get('FirstBurstLength'), '8192', 'bounded by the MaxBurstLength of an earlier PDU');
+  t.equal(s.done?.params.firstBurstLength, 8192);
+  // MaxBurstLength alone: the default FirstBurstLength (65536) follows it down.
+  const d = new LoginMachine(context());
+  d.step(req(normalStart, { csg: 0, nsg: 1, transit: true }));
+  const alone = d.step(req({ MaxBurstLength: '4096' }, { csg: 1, nsg: 3, transit: true }));
+  t.equal(alone.done?.params.firstBurstLength, 4096, 'the default FirstBurstLength is lowered with MaxBurstLength');
+  // The other way round an answer already given cannot be taken back: the login fails.
+  const r = new LoginMachine(context());
+  r.step(req({ ...normalStart, FirstBurstLength: '65536' }, { csg: 0, nsg: 1, transit: true }));
+  const bad = r.step(req({ MaxBurstLength: '4096' }, { csg: 1, nsg: 3, transit: true }));
+  t.equal(bad.response.status, LoginStatus.initiatorError, 'a MaxBurstLength below the FirstBurstLength already agreed');
+  t.equal(bad.close, true);
+});
+
+t.test('keys we support only one way are answered that way', async (t) => {
+  const m = new LoginMachine(context());
+  m.step(req(normalStart, { csg: 0, nsg: 1, transit: true }));
+  const s = m.step(req({ DataPDUInOrder: 'No', DataSequenceInOrder: 'No', ErrorRecoveryLevel: '2', MaxConnections: '4', ImmediateData: 'Yes', InitialR2T: 'No' }, { csg: 1, nsg: 3, transit: true }));
+  const k = keysOf(s.response.data);
+  t.equal(k.get('DataPDUInOrder'), 'Yes');
+  t.equal(k.get('DataSequenceInOrder'), 'Yes');
+  t.equal(k.get('ErrorRecoveryLevel'), '0');
+  t.equal(k.get('MaxConnections'), '1');
+  const p = s.done!.params;
+  t.same([p.dataPDUInOrder, p.dataSequenceInOrder, p.errorRecoveryLevel, p.maxConnections, p.immediateData, p.initialR2T], [true, true, 0, 1, true, false], 'the session enforces what was answered');
+  const off = new LoginMachine({ ...context(), targetParams: { ...defaultTargetPrefs(), immediateData: false, initialR2T: true } });
+  off.step(req(normalStart, { csg: 0, nsg: 1, transit: true }));
+  const s2 = off.step(req({ ImmediateData: 'Yes', InitialR2T: 'No' }, { csg: 1, nsg: 3, transit: true }));
+  t.equal(keysOf(s2.response.data).get('ImmediateData'), 'No');
+  t.equal(keysOf(s2.response.data).get('InitialR2T'), 'Yes');
+  t.same([s2.done!.params.immediateData, s2.done!.params.initialR2T], [false, true]);
+});
+
+t.test('stages only go forward, and only where the target agreed', async (t) => {
+  const toOperational = (): LoginMachine => {
+    const m = new LoginMachine(context());
+    const s = m.step(req(normalStart, { csg: 0, nsg: 1, transit: true }));
+    t.equal(s.response.transit, true, 'target moved to the operational stage');
+    return m;
+  };
+  const illegal: Array<[string, LoginRequestPdu]> = [
+    ['back to CSG=0 after the target moved on', req({}, { csg: 0, nsg: 1, transit: true })],
+    ['back to CSG=0 without T', req({}, { csg: 0, nsg: 0, transit: false })],
+    ['CSG=3', req({}, { csg: 3, nsg: 3, transit: true })],
+    ['CSG=2', req({}, { csg: 2, nsg: 3, transit: true })],
+    ['NSG backwards', req({}, { csg: 1, nsg: 0, transit: true })],
+    ['NSG=2', req({}, { csg: 1, nsg: 2, transit: true })],
+    ['T and C together', req({}, { csg: 1, nsg: 3, transit: true }, { continue: true })],
+    ['another ITT', req({}, { csg: 1, nsg: 3, transit: true }, { initiatorTaskTag: 2 })],
+    ['another ISID', req({}, { csg: 1, nsg: 3, transit: true }, { isid: Buffer.from('400001370001', 'hex') })],
+  ];
+  for (const [what, pdu] of illegal) {
+    const step = toOperational().step(pdu);
+    t.equal(step.response.status, LoginStatus.initiatorError, what);
+    t.equal(step.close, true, `${what}: closes`);
+    t.notOk(step.done, `${what}: no session`);
+  }
+  // Jumping ahead without the target's T=1 (it answered T=0 while CHAP is pending) is refused too.
+  const m = new LoginMachine(context());
+  const s1 = m.step(req({ InitiatorName: 'iqn.1994-05.com.example:good', TargetName: guarded.name, AuthMethod: 'CHAP' }, { csg: 0, nsg: 1, transit: false }));
+  t.equal(s1.response.transit, false);
+  const jump = m.step(req({}, { csg: 1, nsg: 3, transit: true }));
+  t.not(jump.response.status, LoginStatus.success, 'operational stage before the target agreed');
+  t.equal(jump.close, true);
+});
+
+t.test('admission is decided before the final response: a refusal is out of resources, never success', async (t) => {
+  const asked: string[] = [];
+  const ctx: LoginContext = { ...context(), admit: (who) => (asked.push(`${who.sessionType} ${who.initiatorName}`), false) };
+  const m = new LoginMachine(ctx);
+  const s1 = m.step(req({ InitiatorName: 'iqn.x:y', SessionType: 'Discovery', AuthMethod: 'None' }, { csg: 0, nsg: 1, transit: true }));
+  t.equal(s1.response.status, LoginStatus.success, 'not asked before the last step');
+  t.same(asked, []);
+  const s2 = m.step(req({}, { csg: 1, nsg: 3, transit: true }));
+  t.same(asked, ['Discovery iqn.x:y']);
+  t.equal(s2.response.status, LoginStatus.outOfResources);
+  t.equal(s2.response.tsih, 0, 'no TSIH given out');
+  t.equal(s2.close, true);
+  t.notOk(s2.done);
+  const yes = new LoginMachine({ ...context(), admit: () => true });
+  const one = yes.step(req({ ...normalStart }, { csg: 0, nsg: 3, transit: true }));
+  t.equal(one.response.status, LoginStatus.success);
+  t.ok(one.done, 'admitted');
+});

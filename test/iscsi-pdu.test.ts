@@ -188,3 +188,25 @@ t.test('encodePdu does not copy a large data segment', async (t) => {
   const chunks = encodePdu(scsiWrite(data), { header: false, data: false });
   t.equal(chunks[1], data, 'same buffer object');
 });
+
+t.test('an oversize data segment is rejected at its header and never buffered (issue 15)', async (t) => {
+  // 1 MiB claimed (the hard maximum) where 8 KiB is negotiated: rejected before its data arrives.
+  const over = encodePduToBuffer(scsiWrite(Buffer.alloc(1024 * 1024, 7)));
+  const next = encodePduToBuffer(scsiWrite(Buffer.alloc(512, 1)));
+  const p = new PduParser({ maxRecvDataSegmentBytes: 8192, headerDigest: false, dataDigest: false });
+  p.push(over.subarray(0, 48 + 4096));
+  t.equal(p.next()?.kind, 'reject', 'rejected once the header is in');
+  let most = p.bufferedBytes;
+  for (let off = 48 + 4096; off < over.length; off += 64 * 1024) {
+    p.push(over.subarray(off, Math.min(off + 64 * 1024, over.length)));
+    t.equal(p.next(), undefined, 'nothing more from the discarded segment');
+    most = Math.max(most, p.bufferedBytes);
+  }
+  t.ok(most <= 8192, `at most the negotiated segment buffered meanwhile (${most} bytes)`);
+  t.equal(p.hasPartial, false, 'nothing pending once it is all discarded');
+  p.push(next.subarray(0, 30));
+  t.equal(p.hasPartial, true, 'half a header pending');
+  p.push(next.subarray(30));
+  const ev = p.next();
+  t.equal(ev?.kind, 'pdu', 'the stream goes on with the next PDU');
+});

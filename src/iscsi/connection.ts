@@ -1,10 +1,16 @@
 // The I/O edge of one iSCSI connection: socket bytes → PduParser → LoginMachine, then
 // Session; PDUs out → encodePdu → socket. Anything that goes wrong on one connection closes
 // that connection only.
+//
+// Time bounds a connection that sends little (issue 15 item 4): in login, a complete PDU
+// within loginPduGapMsMax of accept or of the previous one (a half-sent header stalls here)
+// and the whole login within loginMsMax; a Discovery session, a request within
+// discoveryIdleMsMax. A Normal session's silence is the Session's business (NOP-In pings).
 
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { loginMsMax, maxRecvDataSegmentBytesMin, socketQueuedBytesMax } from '../limits';
+import { discoveryIdleMsMax, loginMsMax, loginPduGapMsMax, maxRecvDataSegmentBytesMin, socketQueuedBytesMax } from '../limits';
+import type { LogLimiter } from '../log';
 import type { Nexus } from '../scsi/types';
 import { LoginMachine, type LoginContext, type LoginOutcome } from './login';
 import { PduParser, type ParseEvent } from './parser';
@@ -18,6 +24,8 @@ export interface ConnectionHooks {
   sessionStarted(conn: Connection, outcome: LoginOutcome): boolean;
   closed(conn: Connection): void;
   log: Logger;
+  /** For warnings a hostile host can trigger on every connection. */
+  limiter: LogLimiter;
 }
 
 const tickMs = 1000;
@@ -25,6 +33,8 @@ const tickMs = 1000;
 export class Connection {
   readonly socket: Socket;
   readonly remoteAddress: string;
+  /** The peer's IP address alone: what per-source bounds count. */
+  readonly sourceAddress: string;
   session: Session | undefined;
   outcome: LoginOutcome | undefined;
   private readonly hooks: ConnectionHooks;
@@ -36,12 +46,16 @@ export class Connection {
   private closing = false;
   private closed = false;
   private readonly loginTimer: NodeJS.Timeout;
+  /** Login: time since the last complete PDU; Discovery session: since the last request. */
+  private quietTimer: NodeJS.Timeout;
+  private lastPduMs: number;
   private tickTimer: NodeJS.Timeout | undefined;
 
   constructor(socket: Socket, hooks: ConnectionHooks) {
     this.socket = socket;
     this.hooks = hooks;
-    this.remoteAddress = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.sourceAddress = socket.remoteAddress ?? '';
+    this.remoteAddress = `${this.sourceAddress}:${socket.remotePort}`;
     this.log = hooks.log.child({ remote: this.remoteAddress });
     // During login only small text PDUs are legal: 8192 is the RFC's default until negotiated.
     this.parser = new PduParser({ maxRecvDataSegmentBytes: Math.max(8192, maxRecvDataSegmentBytesMin), headerDigest: false, dataDigest: false });
@@ -51,12 +65,37 @@ export class Connection {
     socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
     socket.on('close', () => this.onClose());
     socket.on('drain', () => socket.resume());
+    this.lastPduMs = Date.now();
     this.loginTimer = setTimeout(() => this.destroy('login took too long'), loginMsMax);
     this.loginTimer.unref();
+    this.quietTimer = this.quietAfter(loginPduGapMsMax);
   }
 
   get inFullFeaturePhase(): boolean {
     return this.session !== undefined;
+  }
+
+  /** How long this connection has gone without a complete PDU (the portal evicts stalled logins). */
+  quietMs(nowMs: number): number {
+    return nowMs - this.lastPduMs;
+  }
+
+  private quietAfter(ms: number): NodeJS.Timeout {
+    const timer = setTimeout(() => this.onQuiet(), ms);
+    timer.unref();
+    return timer;
+  }
+
+  private onQuiet(): void {
+    if (this.session) return this.destroy('discovery session idle');
+    this.destroy(this.parser.hasPartial ? 'login PDU stalled half-sent' : 'no login PDU in time');
+  }
+
+  /** A PDU that shows the host is doing something: restarts the quiet timer (when one runs). */
+  private noteActivity(pdu: InitiatorPdu): void {
+    this.lastPduMs = Date.now();
+    if (this.session && (this.outcome?.sessionType !== 'Discovery' || pdu.opcode === Op.nopOut)) return;
+    this.quietTimer.refresh();
   }
 
   private onData(chunk: Buffer): void {
@@ -71,7 +110,7 @@ export class Connection {
 
   private onEvent(ev: ParseEvent): void {
     if (ev.kind === 'fatal') {
-      this.log.warn({ err: ev.error.message }, 'protocol error, dropping connection');
+      this.hooks.limiter.warn(this.log, 'iscsi-protocol-error', { err: ev.error.message }, 'protocol error, dropping connection');
       return this.destroy(ev.error.message);
     }
     if (this.closing) return;
@@ -80,6 +119,7 @@ export class Connection {
       return this.session.rejectBhs(ev.reason, ev.bhs);
     }
     const pdu = ev.pdu as InitiatorPdu;
+    this.noteActivity(pdu);
     if (this.session) return this.session.onPdu(pdu, Date.now());
     if (pdu.opcode !== Op.loginRequest) return this.destroy(`opcode 0x${pdu.opcode.toString(16)} before login completed`);
     const step = this.login.step(pdu);
@@ -90,6 +130,7 @@ export class Connection {
 
   private startSession(outcome: LoginOutcome): void {
     clearTimeout(this.loginTimer);
+    clearTimeout(this.quietTimer);
     this.outcome = outcome;
     // The final login response went out with the old settings; everything after uses the new ones.
     this.digests = { header: outcome.params.headerDigest, data: outcome.params.dataDigest };
@@ -98,6 +139,7 @@ export class Connection {
     if (!this.hooks.sessionStarted(this, outcome)) return this.end('session refused');
     this.tickTimer = setInterval(() => this.session?.tick(Date.now()), tickMs);
     this.tickTimer.unref();
+    if (outcome.sessionType === 'Discovery') this.quietTimer = this.quietAfter(discoveryIdleMsMax);
   }
 
   /** Called by the portal from sessionStarted. */
@@ -162,6 +204,7 @@ export class Connection {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.loginTimer);
+    clearTimeout(this.quietTimer);
     if (this.tickTimer) clearInterval(this.tickTimer);
     this.session?.destroy();
     this.hooks.closed(this);

@@ -22,6 +22,19 @@ export interface LoginContext {
    * "host:port,tpgt" (the destination's portal group) to answer Target Moved Temporarily (0x0101).
    */
   redirectFor?(initiatorName: string, targetName: string, isidHex: string): string | undefined;
+  /**
+   * Asked once, just before the final Login Response: may this session start (room in the
+   * session table, the Discovery budget)? false answers Out Of Resources (0x0302) instead of
+   * success, so a host never sees a successful login followed by a close.
+   */
+  admit?(who: AdmissionRequest): boolean;
+}
+
+export interface AdmissionRequest {
+  sessionType: 'Discovery' | 'Normal';
+  initiatorName: string;
+  isid: Buffer;
+  targetName?: string;
 }
 
 export interface LoginOutcome {
@@ -59,6 +72,7 @@ export class LoginMachine {
   private initiatorAlias: string | undefined;
   private sessionType: 'Discovery' | 'Normal' = 'Normal';
   private target: TargetInfo | undefined;
+  /** The stage both sides are in: where the first request starts, then only where the target answered T=1. */
   private stage: number = Stage.security;
   private authenticated = false;
   private chapState: ChapState = 'none';
@@ -71,16 +85,17 @@ export class LoginMachine {
   }
 
   step(req: LoginRequestPdu): LoginStep {
-    if (this.first) {
+    // The first request fixes who logs in; StatSN starts at random. Every later one must match.
+    const opening = this.responsesSent === 0;
+    if (opening) {
       this.isid = Buffer.from(req.isid);
       this.itt = req.initiatorTaskTag;
       this.expCmdSN = req.cmdSN;
       this.statSN = this.ctx.randomBytes(4).readUInt32BE(0) & 0x7fffffff;
     }
     if (req.versionMin > 0x00 || req.versionMax < 0x00) return this.fail(LoginStatus.unsupportedVersion);
-    if (!this.first && req.initiatorTaskTag !== this.itt) return this.fail(LoginStatus.initiatorError);
-    if (req.csg === 2 || req.csg === Stage.fullFeature || req.csg < this.stage) return this.fail(LoginStatus.initiatorError);
-    if (req.transit && (req.nsg === 2 || req.nsg <= req.csg)) return this.fail(LoginStatus.initiatorError);
+    if (!opening && (req.initiatorTaskTag !== this.itt || !this.isid.equals(req.isid))) return this.fail(LoginStatus.initiatorError);
+    if (!this.legalStages(req, opening)) return this.fail(LoginStatus.initiatorError);
 
     let whole: Buffer | undefined;
     try {
@@ -106,6 +121,18 @@ export class LoginMachine {
     this.first = false;
     this.stage = req.csg;
     return req.csg === Stage.security ? this.securityStage(req, pairs, keys) : this.operationalStage(req, pairs);
+  }
+
+  /**
+   * RFC 7143 6.3 and 11.12: the first request starts in the security or the operational stage;
+   * later ones stay in the stage the target last answered (it moves only on its T=1). T asks
+   * for a later stage (never 2), and T with C is illegal.
+   */
+  private legalStages(req: LoginRequestPdu, opening: boolean): boolean {
+    if (req.csg !== Stage.security && req.csg !== Stage.operational) return false;
+    if (!opening && req.csg !== this.stage) return false;
+    if (req.transit && req.continue) return false;
+    return !req.transit || (req.nsg !== 2 && req.nsg > req.csg);
   }
 
   /** Keys only the first request carries: who is logging in, to what, into which session. */
@@ -230,8 +257,11 @@ export class LoginMachine {
       this.mrdslDeclared = true;
     }
     const finishing = transit && nsg === Stage.fullFeature;
+    if (finishing && !this.admitted()) return this.fail(LoginStatus.outOfResources);
+    // TSIH only after admission: a refused login takes nothing from the session table.
     const tsih = finishing ? this.ctx.allocateTsih() : 0;
     const response = this.respond(req.csg, nsg, transit, answers, LoginStatus.success, tsih);
+    this.stage = nsg;
     if (!finishing) return { response };
     return {
       response,
@@ -247,6 +277,11 @@ export class LoginMachine {
         statSN: this.statSN,
       },
     };
+  }
+
+  private admitted(): boolean {
+    if (!this.ctx.admit) return true;
+    return this.ctx.admit({ sessionType: this.sessionType, initiatorName: this.initiatorName, isid: this.isid, targetName: this.target?.name });
   }
 
   private responsesSent = 0;

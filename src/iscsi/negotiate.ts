@@ -9,6 +9,7 @@ import {
   maxRecvDataSegmentBytesDefault,
   maxRecvDataSegmentBytesMin,
 } from '../limits';
+import { assert } from '../errors';
 import type { SessionParams } from './types';
 import type { TextPairs } from './text';
 
@@ -68,8 +69,8 @@ interface KeySpec {
   max?: number;
   /** Applies the negotiated value to the session parameters. */
   apply: (p: SessionParams, v: string) => void;
-  /** Our side of the negotiation. */
-  ours: (prefs: TargetPrefs) => string;
+  /** Our side of the negotiation, given what is agreed so far. */
+  ours: (prefs: TargetPrefs, params: SessionParams) => string;
 }
 
 const yes = (v: string): boolean => v === 'Yes';
@@ -87,7 +88,12 @@ const operationalKeys: Record<string, KeySpec> = {
     apply: (p, v) => (p.maxXmitDataSegmentLength = +v), ours: (s) => String(s.maxRecvDataSegmentLength),
   },
   MaxBurstLength: { kind: 'min', min: 512, max: n24, apply: (p, v) => (p.maxBurstLength = +v), ours: (s) => String(Math.min(s.maxBurstLength, maxBurstBytesMax)) },
-  FirstBurstLength: { kind: 'min', min: 512, max: n24, apply: (p, v) => (p.firstBurstLength = +v), ours: (s) => String(s.firstBurstLength) },
+  // RFC 7143 13.14: FirstBurstLength ≤ MaxBurstLength, so the MaxBurstLength in force (agreed or
+  // the default) bounds our side: the answer is the value the session enforces.
+  FirstBurstLength: {
+    kind: 'min', min: 512, max: n24,
+    apply: (p, v) => (p.firstBurstLength = +v), ours: (s, p) => String(Math.min(s.firstBurstLength, p.maxBurstLength)),
+  },
   DefaultTime2Wait: { kind: 'max', min: 0, max: 3600, apply: (p, v) => (p.defaultTime2Wait = +v), ours: (s) => String(s.defaultTime2Wait) },
   DefaultTime2Retain: { kind: 'min', min: 0, max: 3600, apply: (p, v) => (p.defaultTime2Retain = +v), ours: (s) => String(s.defaultTime2Retain) },
   MaxOutstandingR2T: { kind: 'min', min: 1, max: 65535, apply: (p, v) => (p.maxOutstandingR2T = +v), ours: (s) => String(s.maxOutstandingR2T) },
@@ -112,7 +118,7 @@ function numeric(v: string): number | undefined {
 }
 
 /** Negotiate one operational key; returns the answer value to send (or undefined: no answer). */
-function negotiateKey(spec: KeySpec, offered: string, prefs: TargetPrefs, params: SessionParams, key: string): string | undefined {
+function negotiateKey(spec: KeySpec, offered: string, prefs: TargetPrefs, params: SessionParams): string | undefined {
   switch (spec.kind) {
     case 'digest': {
       const offers = offered.split(',');
@@ -124,7 +130,7 @@ function negotiateKey(spec: KeySpec, offered: string, prefs: TargetPrefs, params
     case 'and':
     case 'or': {
       if (offered !== 'Yes' && offered !== 'No') return 'Reject';
-      const ours = spec.ours(prefs) === 'Yes';
+      const ours = spec.ours(prefs, params) === 'Yes';
       const result = spec.kind === 'and' ? ours && yes(offered) : ours || yes(offered);
       spec.apply(params, yn(result));
       return yn(result);
@@ -133,10 +139,9 @@ function negotiateKey(spec: KeySpec, offered: string, prefs: TargetPrefs, params
     case 'max': {
       const n = numeric(offered);
       if (n === undefined || n < spec.min! || n > spec.max!) return 'Reject';
-      const ours = Number(spec.ours(prefs));
+      const ours = Number(spec.ours(prefs, params));
       const result = spec.kind === 'min' ? Math.min(n, ours) : Math.max(n, ours);
       spec.apply(params, String(result));
-      if (key === 'MaxConnections' || key === 'ErrorRecoveryLevel') return String(result);
       return String(result);
     }
     case 'declareMrdsl': {
@@ -165,7 +170,7 @@ export function negotiateOperational(
   seen: Set<string>,
 ): NegotiationRound {
   const answers: TextPairs = [];
-  for (const [key, value] of pairs) {
+  for (const [key, value] of burstLimitFirst(pairs)) {
     if (declarativeKeys.has(key) || key.startsWith('CHAP_')) continue;
     if (seen.has(key)) return { answers, error: `key ${key} negotiated twice` };
     seen.add(key);
@@ -178,15 +183,28 @@ export function negotiateOperational(
       answers.push([key, 'NotUnderstood']);
       continue;
     }
-    const answer = negotiateKey(spec, value, prefs, params, key);
+    const answer = negotiateKey(spec, value, prefs, params);
     if (answer !== undefined) answers.push([key, answer]);
+    if (key === 'MaxBurstLength' && params.firstBurstLength > params.maxBurstLength) {
+      // A FirstBurstLength answered in an earlier round cannot be taken back: the login fails.
+      // One nobody negotiated is a default, and the RFC's relation lowers it.
+      if (seen.has('FirstBurstLength')) return { answers, error: 'MaxBurstLength below the FirstBurstLength already agreed' };
+      params.firstBurstLength = params.maxBurstLength;
+    }
   }
   return { answers };
 }
 
-/** After the last operational round: relations between keys (FirstBurst ≤ MaxBurst). */
+/** MaxBurstLength before FirstBurstLength, whatever order they came in (the one bounds the other). */
+function burstLimitFirst(pairs: TextPairs): TextPairs {
+  const rank = ([key]: [string, string]): number => (key === 'MaxBurstLength' ? 0 : 1);
+  return [...pairs].sort((a, b) => rank(a) - rank(b));
+}
+
+/** After the last operational round: our declared MaxRecvDataSegmentLength applies. */
 export function finishParams(params: SessionParams, prefs: TargetPrefs): SessionParams {
   params.maxRecvDataSegmentLength = prefs.maxRecvDataSegmentLength;
-  if (params.firstBurstLength > params.maxBurstLength) params.firstBurstLength = params.maxBurstLength;
+  // Negotiation keeps FirstBurst ≤ MaxBurst (the answers said so): a session past it would enforce something else.
+  assert(params.firstBurstLength <= params.maxBurstLength, 'FirstBurstLength <= MaxBurstLength');
   return params;
 }

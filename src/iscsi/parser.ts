@@ -1,7 +1,9 @@
 // Frames an iSCSI byte stream into PDUs. Push socket chunks in, pull events out. Pure: no
 // socket, no timers. Every length is checked before anything is allocated for it: a data
 // segment over the hard maximum is fatal (we cannot trust the stream any more); one over the
-// negotiated maximum but under the hard one is read, discarded and answered with a Reject.
+// negotiated maximum but under the hard one is answered with a Reject as soon as its header is
+// in, and its bytes are then discarded as they arrive (never buffered: what one connection
+// holds is bounded by the negotiated maximum, not by what the sender claims).
 
 import { ProtocolError } from '../errors';
 import { ahsBytesMax, bhsBytes, dataSegmentBytesMax } from '../limits';
@@ -34,6 +36,8 @@ export class PduParser {
   private maxRecvDataSegmentBytes: number;
   private readonly maxDataSegmentBytesHard: number;
   private failed = false;
+  /** Bytes of a rejected data segment still to be discarded. */
+  private skipBytes = 0;
 
   constructor(opts: ParserOptions) {
     this.headerDigest = opts.headerDigest;
@@ -56,10 +60,19 @@ export class PduParser {
     return this.buffered;
   }
 
+  /** Part of a PDU has arrived and not the rest (the connection times out stalls on this). */
+  get hasPartial(): boolean {
+    return this.buffered > 0 || this.skipBytes > 0;
+  }
+
   push(chunk: Buffer): void {
     if (this.failed || chunk.length === 0) return;
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
+    const skipped = Math.min(this.skipBytes, chunk.length);
+    this.skipBytes -= skipped;
+    if (skipped === chunk.length) return;
+    const rest = skipped === 0 ? chunk : chunk.subarray(skipped);
+    this.chunks.push(rest);
+    this.buffered += rest.length;
   }
 
   next(): ParseEvent | undefined {
@@ -72,7 +85,9 @@ export class PduParser {
     }
     const headerLength = bhsBytes + ahsLength + (this.headerDigest ? digestBytes : 0);
     const dataTotal = dataLength === 0 ? 0 : dataLength + padBytes(dataLength) + (this.dataDigest ? digestBytes : 0);
-    if (this.buffered < headerLength + dataTotal) return undefined;
+    const oversize = dataLength > this.maxRecvDataSegmentBytes;
+    // An oversize segment is not waited for: its header (digest checked) is enough to reject it.
+    if (this.buffered < headerLength + (oversize ? 0 : dataTotal)) return undefined;
 
     const header = this.take(headerLength);
     const bhsCopy = header.subarray(0, bhsBytes);
@@ -82,6 +97,10 @@ export class PduParser {
         return this.fail(new ProtocolError('header digest error'));
       }
     }
+    if (oversize) {
+      this.skip(dataTotal);
+      return { kind: 'reject', reason: RejectReason.protocolError, bhs: bhsCopy };
+    }
     const dataAll = dataTotal === 0 ? noData : this.take(dataTotal);
     const data = dataAll.subarray(0, dataLength);
     if (this.dataDigest && dataLength > 0) {
@@ -89,9 +108,6 @@ export class PduParser {
       if (crc32c(dataAll.subarray(0, dataTotal - digestBytes)) !== expected) {
         return { kind: 'reject', reason: RejectReason.dataDigestError, bhs: bhsCopy };
       }
-    }
-    if (dataLength > this.maxRecvDataSegmentBytes) {
-      return { kind: 'reject', reason: RejectReason.protocolError, bhs: bhsCopy };
     }
     try {
       const ahs = ahsLength > 0 ? header.subarray(bhsBytes, bhsBytes + ahsLength) : undefined;
@@ -109,6 +125,20 @@ export class PduParser {
     this.chunks.length = 0;
     this.buffered = 0;
     return { kind: 'fatal', error };
+  }
+
+  /** Discard `n` bytes: those buffered now, the rest as push() brings them. */
+  private skip(n: number): void {
+    let now = Math.min(n, this.buffered);
+    this.skipBytes = n - now;
+    this.buffered -= now;
+    while (now > 0) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length, now);
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+      now -= k;
+    }
   }
 
   /** The first `n` buffered bytes without consuming them (copies only across a chunk seam). */

@@ -1,14 +1,29 @@
 // The iSCSI portal of one peer: accepts TCP connections, runs their logins, keeps the session
 // table (TSIH allocation, session reinstatement, limits) and stops gracefully.
+//
+// Admission, in order (issue 15 item 4): at accept, the connections of the source address and
+// the login-phase table (per source and in total; when full, the longest-stalled login
+// connection gives its place, else the new one is dropped); at the end of login, BEFORE the
+// final Login Response, room in the session table (Normal and Discovery sessions have separate
+// budgets): a refusal answers Out Of Resources, never a success followed by a close.
 
 import { randomBytes } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { ClosedError } from '../errors';
-import { gracefulStopMs, loginConnectionsMax, sessionsPerPeerMax } from '../limits';
+import { assert, ClosedError } from '../errors';
+import {
+  connectionsPerSourceMax,
+  discoverySessionsMax,
+  gracefulStopMs,
+  loginConnectionsMax,
+  loginConnectionsPerSourceMax,
+  loginStallEvictMs,
+  sessionsPerPeerMax,
+} from '../limits';
+import { LogLimiter } from '../log';
 import type { Nexus } from '../scsi/types';
 import { Connection } from './connection';
-import type { LoginContext, LoginOutcome } from './login';
+import type { AdmissionRequest, LoginContext, LoginOutcome } from './login';
 import { defaultTargetPrefs, type TargetPrefs } from './negotiate';
 import type { Session } from './session';
 import type { TargetDirectory } from './target';
@@ -19,6 +34,7 @@ export interface PortalOptions {
   directory: TargetDirectory;
   log: Logger;
   targetPrefs?: TargetPrefs;
+  /** Normal sessions (Discovery sessions have their own discoverySessionsMax). */
   sessionsMax?: number;
   redirectFor?: LoginContext['redirectFor'];
   /** Told of every session that reached full feature phase (host balancing counts it from then on). */
@@ -45,6 +61,7 @@ interface LiveSession {
 export class Portal {
   private readonly opts: PortalOptions;
   private readonly log: Logger;
+  private readonly limiter = new LogLimiter();
   private readonly server: Server;
   private readonly connections = new Set<Connection>();
   private readonly sessionsByTsih = new Map<number, LiveSession>();
@@ -117,19 +134,46 @@ export class Portal {
       socket.destroy();
       return;
     }
-    const loggingIn = [...this.connections].filter((c) => !c.inFullFeaturePhase).length;
-    if (loggingIn >= loginConnectionsMax) {
-      this.log.warn({ remote: socket.remoteAddress }, 'too many connections in login, refusing');
+    const source = socket.remoteAddress ?? '';
+    const refusal = this.admitConnection(source, Date.now());
+    if (refusal) {
+      this.limiter.warn(this.log, refusal, { remote: source }, `${refusal}, refusing a connection`);
       socket.destroy();
       return;
     }
     const conn = new Connection(socket, {
       log: this.log,
+      limiter: this.limiter,
       loginContext: this.loginContext(),
       sessionStarted: (c, outcome) => this.sessionStarted(c, outcome),
       closed: (c) => this.connectionClosed(c),
     });
     this.connections.add(conn);
+  }
+
+  /** Why a new connection from `source` is refused, or undefined (possibly after evicting a stalled login). */
+  private admitConnection(source: string, nowMs: number): string | undefined {
+    const fromSource = [...this.connections].filter((c) => c.sourceAddress === source);
+    if (fromSource.length >= connectionsPerSourceMax) return 'too many connections from one address';
+    const loggingIn = [...this.connections].filter((c) => !c.inFullFeaturePhase);
+    const loggingInFromSource = fromSource.filter((c) => !c.inFullFeaturePhase);
+    let full: Connection[] | undefined;
+    if (loggingInFromSource.length >= loginConnectionsPerSourceMax) full = loggingInFromSource;
+    else if (loggingIn.length >= loginConnectionsMax) full = loggingIn;
+    if (!full) return undefined;
+    const stalled = this.mostStalled(full, nowMs);
+    if (!stalled) return 'too many connections in login';
+    stalled.destroy('login stalled, place given to a new connection');
+    return undefined;
+  }
+
+  /** The login connection quiet longest, if it has been quiet for loginStallEvictMs. */
+  private mostStalled(conns: Connection[], nowMs: number): Connection | undefined {
+    let most: Connection | undefined;
+    for (const c of conns) {
+      if (c.quietMs(nowMs) >= loginStallEvictMs && (!most || c.quietMs(nowMs) > most.quietMs(nowMs))) most = c;
+    }
+    return most;
   }
 
   private loginContext(): LoginContext {
@@ -140,7 +184,26 @@ export class Portal {
       allocateTsih: () => this.allocateTsih(),
       sessionExists: (tsih) => this.sessionsByTsih.has(tsih),
       redirectFor: this.opts.redirectFor,
+      admit: (who) => this.admitSession(who),
     };
+  }
+
+  /** Room for this session in its budget, counting the session it would reinstate as gone. */
+  private admitSession(who: AdmissionRequest): boolean {
+    if (this.closing) return false;
+    const max = this.sessionsMaxOf(who.sessionType);
+    const taken = this.sessionsOf(who.sessionType).filter((s) => !reinstates(who, s.outcome)).length;
+    if (taken < max) return true;
+    this.limiter.warn(this.log, `session-limit-${who.sessionType}`, { type: who.sessionType, max }, 'session limit reached, login refused (out of resources)');
+    return false;
+  }
+
+  private sessionsMaxOf(type: 'Discovery' | 'Normal'): number {
+    return type === 'Discovery' ? discoverySessionsMax : (this.opts.sessionsMax ?? sessionsPerPeerMax);
+  }
+
+  private sessionsOf(type: 'Discovery' | 'Normal'): LiveSession[] {
+    return [...this.sessionsByTsih.values()].filter((s) => s.outcome.sessionType === type);
   }
 
   private allocateTsih(): number {
@@ -152,20 +215,19 @@ export class Portal {
     throw new Error('no free TSIH');
   }
 
+  /** Called right after the final Login Response, in the same turn as admitSession said yes. */
   private sessionStarted(conn: Connection, outcome: LoginOutcome): boolean {
     if (this.closing) return false;
     const isidHex = outcome.isid.toString('hex');
     // Session reinstatement (RFC 7143 6.3.5): same initiator port and target, TSIH 0 → the old session ends.
+    const who = { initiatorName: outcome.initiatorName, isid: outcome.isid, targetName: outcome.target?.name };
     for (const s of this.sessionsByTsih.values()) {
-      if (s.outcome.initiatorName === outcome.initiatorName && s.outcome.isid.toString('hex') === isidHex && s.outcome.target?.name === outcome.target?.name) {
+      if (reinstates(who, s.outcome)) {
         this.log.info({ initiator: outcome.initiatorName, isid: isidHex }, 'session reinstated');
         s.conn.destroy('session reinstated');
       }
     }
-    if (this.sessionsByTsih.size >= (this.opts.sessionsMax ?? sessionsPerPeerMax)) {
-      this.log.warn('session limit reached');
-      return false;
-    }
+    assert(this.sessionsOf(outcome.sessionType).length < this.sessionsMaxOf(outcome.sessionType), 'a session admitted at login has room');
     const targetName = outcome.target?.name ?? '';
     const nexus: Nexus = {
       initiatorPort: `${outcome.initiatorName},i,0x${isidHex}`,
@@ -216,4 +278,9 @@ export class Portal {
   assertOpen(): void {
     if (this.closing) throw new ClosedError('portal is closing');
   }
+}
+
+/** Session reinstatement (RFC 7143 6.3.5): the same initiator port (name, ISID) to the same target. */
+function reinstates(who: Omit<AdmissionRequest, 'sessionType'>, old: LoginOutcome): boolean {
+  return old.initiatorName === who.initiatorName && old.isid.equals(who.isid) && old.target?.name === who.targetName;
 }
