@@ -6,6 +6,8 @@
 
 import type { Logger } from 'pino';
 import { cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionDataOutBytesMax, transferBytesMax } from '../limits';
+import { LogLimiter } from '../log';
+import { dataDirection } from '../scsi/direction';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
 import { sendTargetsAnswer } from './discovery';
 import type { TargetDirectory, TargetInfo } from './target';
@@ -64,20 +66,35 @@ export interface SessionOptions {
   nowMs: number;
 }
 
+/**
+ * One sequence of data-out (RFC 7143 4.2.5): the unsolicited one (immediate data, then
+ * Data-Out PDUs with the reserved TTT) or the answer to one R2T. We negotiate
+ * DataPDUInOrder=Yes and DataSequenceInOrder=Yes, so its PDUs must come in order, each
+ * starting where the previous one ended: no overlap, no gap, nothing past its end.
+ */
+interface Sequence {
+  offset: number;
+  length: number;
+  /** Bytes received so far: the next PDU must start at offset + received. */
+  received: number;
+  nextDataSN: number;
+}
+
 interface Task {
   itt: number;
   cmdSN: number;
   pdu: ScsiCommandPdu;
   lun: number;
   edtl: number;
-  /** Gathered data-out (write) or null. */
+  /** Gathered data-out (a write that has not failed) or null. */
   buffer: Buffer | null;
-  receivedBytes: number;
-  /** Offset up to which R2Ts have been issued. */
+  /** Bytes counted against the session's data-out bound for this task. */
+  chargedBytes: number;
+  /** The unsolicited sequence while Data-Outs with the reserved TTT are still owed, else null. */
+  unsolicited: Sequence | null;
+  /** Offset up to which the data is covered by a sequence (unsolicited, then R2Ts issued). */
   solicitedTo: number;
-  r2tOutstanding: Map<number, { offset: number; length: number; received: number; nextDataSN: number }>;
-  /** DataSN expected next in the unsolicited sequence (Data-Out with the reserved TTT). */
-  unsolicitedDataSN: number;
+  r2tOutstanding: Map<number, Sequence>;
   r2tSN: number;
   delivered: boolean;
   executing: boolean;
@@ -86,8 +103,11 @@ interface Task {
   settled: boolean;
   /** Who waits for `settled` (an abort); created only then: most tasks are never waited for. */
   settledWaiters: (() => void)[] | null;
-  /** A result decided before execution (limits, missing LUN). */
-  early?: ScsiResult;
+  /**
+   * The command's answer when it cannot run (limits, flags, a broken data phase): sent once
+   * the initiator owes no more data for it, and the LU never sees the command.
+   */
+  failure?: ScsiResult;
 }
 
 function settle(task: Task): void {
@@ -114,6 +134,17 @@ const checkCondition = (key: number, asc: number, ascq: number): ScsiResult => (
   status: ScsiStatus.checkCondition,
   sense: fixedSense(key, asc, ascq),
 });
+/** ILLEGAL REQUEST, INVALID FIELD IN CDB: the command cannot be carried as sent. */
+const invalidCdb = (): ScsiResult => checkCondition(0x05, 0x24, 0x00);
+// The data-phase failures RFC 7143 11.4.7.2 lists (ABORTED COMMAND + ...), and SPC's for offsets and tags.
+const dataPhaseError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x00); // wrong DataSN
+const invalidTtt = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x01); // INVALID TARGET PORT TRANSFER TAG RECEIVED
+const dataOffsetError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x05); // overlap or gap
+const unexpectedUnsolicitedData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0c);
+const incorrectAmountOfData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0d);
+
+/** A broken data phase is a hostile or buggy initiator's to repeat at will: warn once in a while. */
+const dataPhaseWarnings = new LogLimiter();
 
 /** Standard INQUIRY data for a LUN that does not exist: peripheral qualifier 3, type 0x1f. */
 function inquiryNoLun(allocation: number): Buffer {
@@ -218,10 +249,19 @@ export class Session {
       this.drainPending();
       return;
     }
-    if (snLess(this.expCmdSN, cmdSN) && snLessEq(cmdSN, this.maxCmdSN) && !this.pending.has(cmdSN)) {
+    if (this.inWindow(cmdSN)) {
       this.pending.set(cmdSN, run);
       return;
     }
+    this.dropOutOfWindow(cmdSN);
+  }
+
+  /** A CmdSN we take: the next one, or one ahead inside the window not already held. */
+  private inWindow(cmdSN: number): boolean {
+    return cmdSN === this.expCmdSN || (snLess(this.expCmdSN, cmdSN) && snLessEq(cmdSN, this.maxCmdSN) && !this.pending.has(cmdSN));
+  }
+
+  private dropOutOfWindow(cmdSN: number): void {
     this.log.debug({ cmdSN, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN }, 'command outside the CmdSN window dropped');
   }
 
@@ -237,59 +277,84 @@ export class Session {
 
   private onScsiCommand(pdu: ScsiCommandPdu): void {
     if (this.opts.sessionType === 'Discovery') return this.reject(RejectReason.protocolError, pdu);
+    // The window first: a command outside it is dropped before anything is kept for it.
+    if (!pdu.immediate && !this.inWindow(pdu.cmdSN)) return this.dropOutOfWindow(pdu.cmdSN);
+    // Immediate commands skip CmdSN ordering, not the bound on commands held (RFC 7143 4.2.2.1).
+    if (pdu.immediate && this.tasks.size >= cmdWindowPerSession) return this.reject(RejectReason.immediateCommandReject, pdu);
     if (this.tasks.has(pdu.initiatorTaskTag)) return this.reject(RejectReason.taskInProgress, pdu);
-    if (this.draining) {
-      // No new work while we close: answer BUSY so the initiator retries elsewhere.
-      this.sequenced(pdu.immediate, pdu.cmdSN, () => this.respondEarly(pdu, { status: ScsiStatus.busy }));
-      return;
-    }
-    const task = this.createTask(pdu);
+    // No new work while we close: answer BUSY so the initiator retries elsewhere.
+    const task = this.createTask(pdu, this.draining ? { status: ScsiStatus.busy } : this.refusal(pdu));
     this.tasks.set(task.itt, task);
-    if (task.buffer) this.acceptImmediateData(task, pdu.data);
     this.sequenced(pdu.immediate, pdu.cmdSN, () => {
       task.delivered = true;
       this.maybeExecute(task);
     });
-    if (task.buffer) this.issueR2ts(task);
+    this.issueR2ts(task);
   }
 
-  private createTask(pdu: ScsiCommandPdu): Task {
-    const edtl = pdu.expectedDataTransferLength;
+  private createTask(pdu: ScsiCommandPdu, failure: ScsiResult | undefined): Task {
     const task: Task = {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
-      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu,
-      lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
-      r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null,
+      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu, lun: lunIndex(pdu.lun), edtl: pdu.expectedDataTransferLength,
+      buffer: null, chargedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
+      delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null, failure,
     };
-    if (pdu.read && pdu.write) {
-      task.early = checkCondition(0x05, 0x24, 0x00); // bidirectional: not supported
-    } else if (edtl > transferBytesMax) {
-      task.early = checkCondition(0x05, 0x24, 0x00);
-    } else if (pdu.write && edtl > 0) {
-      if (this.dataOutBytes + edtl > sessionDataOutBytesMax) {
-        task.early = { status: ScsiStatus.taskSetFull };
-      } else {
-        // All the data came as immediate data (a small write): use it where it lies, a view into
-        // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
-        task.buffer = pdu.data.length === edtl ? pdu.data : Buffer.allocUnsafe(edtl);
-        this.dataOutBytes += edtl;
-      }
-    }
+    if (pdu.write && task.edtl > 0) this.startDataOut(task);
     return task;
   }
 
-  private acceptImmediateData(task: Task, data: Buffer): void {
-    const n = Math.min(data.length, task.edtl);
-    if (n > 0 && task.buffer !== data) data.copy(task.buffer!, 0, 0, n);
-    task.receivedBytes = n;
-    // Unsolicited data (immediate + Data-Out with the reserved TTT) covers the first burst.
-    const unsolicitedEnd = this.params.initialR2T ? n : Math.min(this.params.firstBurstLength, task.edtl);
-    task.solicitedTo = Math.max(unsolicitedEnd, n);
+  /** Why a command must not run, judged from its header and immediate data alone (undefined: it may run). */
+  private refusal(pdu: ScsiCommandPdu): ScsiResult | undefined {
+    const edtl = pdu.expectedDataTransferLength;
+    const immediateBytes = pdu.data.length;
+    if (pdu.read && pdu.write) return invalidCdb(); // bidirectional: not supported
+    if (edtl > transferBytesMax) return invalidCdb();
+    // Data expected with no direction, or flags against the CDB's direction (a WRITE with only R
+    // would reach the LU with no data and "succeed"; a READ with only W would send nothing back).
+    if (edtl > 0 && !pdu.read && !pdu.write) return invalidCdb();
+    const direction = dataDirection(pdu.cdb);
+    if (edtl > 0 && ((direction === 'out' && !pdu.write) || (direction === 'in' && !pdu.read))) return invalidCdb();
+    if (immediateBytes > 0 && (!pdu.write || !this.params.immediateData)) return unexpectedUnsolicitedData();
+    if (immediateBytes > edtl || immediateBytes > this.params.firstBurstLength) return incorrectAmountOfData();
+    return undefined;
+  }
+
+  /**
+   * Lay out a write's data: the immediate data, then unsolicited Data-Outs up to
+   * FirstBurstLength (only with InitialR2T=No and the command's F bit clear: F says none
+   * follow), then R2Ts for the rest. The parts do not overlap and each is a Sequence taken
+   * strictly in order, so when every sequence is full every byte of the buffer was written
+   * exactly once: that is why the buffer may come from allocUnsafe (gathering 8 MiB into a
+   * zeroed buffer would cost a memset per write), and why the LU runs only then.
+   */
+  private startDataOut(task: Task): void {
+    const immediate = task.pdu.data;
+    const unsolicitedEnd = !this.params.initialR2T && !task.pdu.final ? Math.min(this.params.firstBurstLength, task.edtl) : immediate.length;
+    if (unsolicitedEnd > immediate.length) task.unsolicited = { offset: 0, length: unsolicitedEnd, received: immediate.length, nextDataSN: 0 };
+    task.solicitedTo = Math.max(unsolicitedEnd, immediate.length);
+    if (task.failure) return;
+    if (this.dataOutBytes + task.edtl > sessionDataOutBytesMax) {
+      task.failure = { status: ScsiStatus.taskSetFull };
+      return;
+    }
+    task.chargedBytes = task.edtl;
+    this.dataOutBytes += task.edtl;
+    // All the data came as immediate data (a small write): use it where it lies, a view into
+    // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
+    task.buffer = immediate.length === task.edtl ? immediate : Buffer.allocUnsafe(task.edtl);
+    if (task.buffer !== immediate) immediate.copy(task.buffer, 0);
+  }
+
+  /** The task's data-out buffer and its charge are given up (it failed, ended or was aborted). */
+  private releaseData(task: Task): void {
+    this.dataOutBytes -= task.chargedBytes;
+    task.chargedBytes = 0;
+    task.buffer = null;
   }
 
   /** Send R2Ts for the rest of the data, at most MaxOutstandingR2T at a time, each ≤ MaxBurstLength. */
   private issueR2ts(task: Task): void {
-    while (task.solicitedTo < task.edtl && task.r2tOutstanding.size < this.params.maxOutstandingR2T && !task.aborted) {
+    while (task.buffer && task.solicitedTo < task.edtl && task.r2tOutstanding.size < this.params.maxOutstandingR2T && !task.aborted && !task.failure) {
       const offset = task.solicitedTo;
       const length = Math.min(this.params.maxBurstLength, task.edtl - offset);
       const ttt = this.allocTtt();
@@ -305,54 +370,69 @@ export class Session {
 
   private onDataOut(pdu: DataOutPdu): void {
     const task = this.tasks.get(pdu.initiatorTaskTag);
-    if (!task || !task.buffer || task.executing || task.early) {
-      // Data for a task that is gone (aborted, failed, answered early) is dropped.
-      return;
-    }
-    const end = pdu.bufferOffset + pdu.data.length;
-    if (end > task.edtl) {
+    // Data for a task that is gone (aborted, or answered) or already inside the LU is dropped.
+    if (!task || task.executing) return;
+    const sequence = pdu.targetTransferTag === reservedTag ? task.unsolicited : task.r2tOutstanding.get(pdu.targetTransferTag);
+    if (!sequence) return this.onStrayDataOut(task, pdu);
+    const failure = task.failure ? undefined : this.checkDataOut(sequence, pdu);
+    if (failure) this.fail(task, failure, pdu);
+    // Only a PDU that starts where the sequence stands and fits in it is ever written.
+    else if (task.buffer) pdu.data.copy(task.buffer, pdu.bufferOffset);
+    sequence.received += pdu.data.length;
+    sequence.nextDataSN++;
+    if (pdu.final || sequence.received >= sequence.length) this.endSequence(task, pdu.targetTransferTag);
+    this.maybeExecute(task);
+  }
+
+  /** Why a Data-Out does not continue its sequence exactly (undefined: it does). */
+  private checkDataOut(sequence: Sequence, pdu: DataOutPdu): ScsiResult | undefined {
+    // DataSN counts from 0 within each sequence. At ErrorRecoveryLevel 0 nothing is repaired:
+    // the command fails, the session goes on.
+    if (pdu.dataSN !== sequence.nextDataSN) return dataPhaseError();
+    if (pdu.bufferOffset !== sequence.offset + sequence.received) return dataOffsetError();
+    const received = sequence.received + pdu.data.length;
+    if (received > sequence.length) return incorrectAmountOfData();
+    if (pdu.final && received < sequence.length) return incorrectAmountOfData();
+    return undefined;
+  }
+
+  /** A Data-Out that belongs to no sequence of its task: unsolicited data not allowed, or a TTT we never gave. */
+  private onStrayDataOut(task: Task, pdu: DataOutPdu): void {
+    if (task.failure) return; // whatever else a failed task's initiator sends is dropped
+    if (pdu.targetTransferTag === reservedTag) {
+      this.fail(task, unexpectedUnsolicitedData(), pdu);
+    } else {
       this.reject(RejectReason.protocolError, pdu);
-      return;
-    }
-    // DataSN counts from 0 within each sequence (unsolicited, or one R2T). At ErrorRecoveryLevel
-    // 0 a sequence error cannot be repaired: the connection goes, and the command with it.
-    const r2t = pdu.targetTransferTag === reservedTag ? undefined : task.r2tOutstanding.get(pdu.targetTransferTag);
-    const expectedDataSN = r2t ? r2t.nextDataSN : task.unsolicitedDataSN;
-    if (pdu.dataSN !== expectedDataSN) {
-      // The command fails (ABORTED COMMAND, DATA PHASE ERROR); the session goes on.
-      this.log.warn({ itt: task.itt, dataSN: pdu.dataSN, expectedDataSN }, 'Data-Out out of sequence, failing the command');
-      task.early = checkCondition(0x0b, 0x4b, 0x00);
-      this.maybeExecute(task);
-      return;
-    }
-    if (r2t) r2t.nextDataSN++;
-    else task.unsolicitedDataSN++;
-    pdu.data.copy(task.buffer, pdu.bufferOffset);
-    task.receivedBytes += pdu.data.length;
-    if (pdu.targetTransferTag !== reservedTag) {
-      if (r2t) {
-        r2t.received += pdu.data.length;
-        if (pdu.final || r2t.received >= r2t.length) {
-          task.r2tOutstanding.delete(pdu.targetTransferTag);
-          this.issueR2ts(task);
-        }
-      }
+      this.fail(task, invalidTtt(), pdu);
     }
     this.maybeExecute(task);
   }
 
-  private dataComplete(task: Task): boolean {
-    return task.buffer === null || (task.receivedBytes >= task.edtl && task.r2tOutstanding.size === 0 && task.solicitedTo >= task.edtl);
+  private endSequence(task: Task, ttt: number): void {
+    if (ttt === reservedTag) task.unsolicited = null;
+    else task.r2tOutstanding.delete(ttt);
+    this.issueR2ts(task);
+  }
+
+  /** The command will not run: its data is dropped now, its answer waits for the data still owed. */
+  private fail(task: Task, failure: ScsiResult, pdu: DataOutPdu): void {
+    dataPhaseWarnings.warn(this.log, 'data-out', { itt: task.itt, ttt: pdu.targetTransferTag, dataSN: pdu.dataSN, bufferOffset: pdu.bufferOffset, bytes: pdu.data.length }, 'Data-Out outside its sequence, failing the command');
+    task.failure = failure;
+    this.releaseData(task);
+  }
+
+  /** Data the initiator may still send for the task: a sequence open, or (for a live write) R2Ts not yet issued. */
+  private dataOwed(task: Task): boolean {
+    return task.unsolicited !== null || task.r2tOutstanding.size > 0 || (task.buffer !== null && task.solicitedTo < task.edtl);
   }
 
   private maybeExecute(task: Task): void {
     if (!task.delivered || task.executing || task.aborted) return;
-    if (task.early) {
-      task.executing = true;
-      return this.complete(task, task.early);
-    }
-    if (!this.dataComplete(task)) return;
+    // Nothing runs, and nothing is answered, while data is owed: a failed command answered
+    // early lets the initiator reuse its ITT while its last Data-Outs are still on the way.
+    if (this.dataOwed(task)) return;
     task.executing = true;
+    if (task.failure) return this.complete(task, task.failure);
     const lu = this.luFor(task.lun);
     if (!lu) return this.complete(task, this.noSuchLun(task));
     lu.execute({
@@ -378,18 +458,9 @@ export class Session {
     return checkCondition(0x05, 0x25, 0x00);
   }
 
-  private respondEarly(pdu: ScsiCommandPdu, result: ScsiResult): void {
-    const task = this.createTask(pdu);
-    if (task.buffer) this.dataOutBytes -= task.edtl;
-    task.buffer = null;
-    this.tasks.set(task.itt, task);
-    task.executing = true;
-    this.complete(task, result);
-  }
-
   private complete(task: Task, result: ScsiResult): void {
     this.tasks.delete(task.itt);
-    if (task.buffer) this.dataOutBytes -= task.edtl;
+    this.releaseData(task);
     settle(task);
     if (!task.aborted && !this.ended) this.sendResult(task, result);
     this.notifyIdle();
@@ -415,7 +486,7 @@ export class Session {
       dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined);
       if (statusInData) return;
     } else {
-      const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.buffer ? edtl : 0)) : 0;
+      const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.failure ? 0 : edtl)) : 0;
       if (used < edtl) {
         underflow = true;
         residualBytes = edtl - used;
@@ -577,7 +648,7 @@ export class Session {
       if (!task.executing) {
         // Never reached the LU: release it now.
         this.tasks.delete(task.itt);
-        if (task.buffer) this.dataOutBytes -= task.edtl;
+        this.releaseData(task);
         settle(task);
       }
     }
