@@ -32,8 +32,6 @@ export const firstBurstBytesDefault = 256 * 1024;
 export const maxOutstandingR2tMax = 16;
 /** CmdSN window we offer: MaxCmdSN = ExpCmdSN + this - 1 (commands queued per session). */
 export const cmdWindowPerSession = 128;
-/** Bytes of data-out buffered per session (unsolicited + solicited) before we stop issuing R2Ts. */
-export const sessionDataOutBytesMax = 64 * 1024 * 1024;
 /** One SCSI command may move at most this many bytes (also reported in the Block Limits VPD). */
 export const transferBytesMax = 8 * 1024 * 1024;
 /** Sessions per peer, connections per session. */
@@ -47,6 +45,20 @@ export const nopIdleMs = 5_000;
 export const nopTimeoutMs = 15_000;
 /** Bytes queued for sending on one connection before we stop reading from it (back-pressure). */
 export const socketQueuedBytesMax = 32 * 1024 * 1024;
+
+// -- What sessions hold for hosts (issue 15 item 2; slice A) --
+/**
+ * Bytes one session's admitted commands may hold: a write's data-out buffer until the command
+ * ends, a read's data until its Data-In has left for the socket. A command that does not fit
+ * waits (it holds nothing meanwhile): a host that does not read its answers stops its own commands.
+ */
+export const sessionTaskBytesMax = 32 * 1024 * 1024;
+/** The same for all sessions of a peer together (one ByteBudget per portal). */
+export const peerTaskBytesMax = 256 * 1024 * 1024;
+/** Data (immediate, unsolicited) a session may hold for commands not admitted yet; a command beyond it is answered BUSY. */
+export const sessionParkedBytesMax = 1024 * 1024;
+/** A session whose answers have not moved to its socket for this long is closed: it holds bytes other hosts need. */
+export const answerStallMsMax = 30_000;
 
 // ---- SCSI ------------------------------------------------------------------------------
 
@@ -83,7 +95,12 @@ assert(grainBytes % 4096 === 0, 'grain is a whole number of the largest block');
 assert((pageBlocks * 512) % grainBytes === 0, 'a page is a whole number of grains');
 assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data segment max');
 assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
-assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
+assert(transferBytesMax <= sessionTaskBytesMax, 'one command of any size runs once its session holds nothing');
+assert(sessionTaskBytesMax <= peerTaskBytesMax, 'one session alone can use its whole bound');
+assert(sessionParkedBytesMax >= dataSegmentBytesMax && sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
+// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may park.
+assert(peerTaskBytesMax + sessionsPerPeerMax * sessionParkedBytesMax <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
+assert(answerStallMsMax > nopTimeoutMs, 'a slow reader is not taken for a stalled one before a NOP would be');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');
 

@@ -3,6 +3,8 @@
 // with data the negotiated values forbid (8). Driven with typed PDUs, no sockets.
 
 import t from 'tap';
+import { ByteBudget } from '../src/iscsi/budget';
+import { answerStallMsMax, peerTaskBytesMax, sessionParkedBytesMax, sessionTaskBytesMax } from '../src/limits';
 import { Op, RejectReason, type R2tPdu, type RejectPdu, type ScsiResponsePdu, type TargetPdu } from '../src/iscsi/types';
 import { ScsiStatus } from '../src/scsi/types';
 import { cmd, dataOut, setup, tick, write10, type Fixture } from './helpers/session-fixture';
@@ -204,4 +206,81 @@ t.test('finding 8: the session enforces what was negotiated and the direction fl
     f.s.onPdu(cmd(1, 1, { edtl: 4 * KiB }), 0);
     await failedWith(t, f, [0x05, 0x24, 0x00], 'no R, no W');
   });
+});
+
+// ---- finding 2: what a session, and all sessions together, may hold ------------------------
+
+const MiB = 1024 * 1024;
+/** One 8 MiB answer shared by every read: the test measures what the session admits, not its own allocations. */
+const bigAnswer = Buffer.alloc(8 * MiB, 0x5a);
+
+function hog(budget: ByteBudget): Fixture {
+  const f = setup({ maxXmitDataSegmentLength: 256 * KiB, maxBurstLength: 16 * MiB - 1 }, { budget, holdFlushes: true });
+  f.lu.auto = (c) => ({ status: ScsiStatus.good, dataIn: bigAnswer.subarray(0, c.expectedDataLength) });
+  // 128 READs of 8 MiB (the whole window), none of whose answers is ever read.
+  for (let i = 0; i < 128; i++) f.s.onPdu(cmd(i + 1, i + 1, { read: true, edtl: 8 * MiB }), 0);
+  return f;
+}
+
+t.test('finding 2: a host that queues 128 READs of 8 MiB and never reads holds at most its session bound', async (t) => {
+  const budget = new ByteBudget(peerTaskBytesMax);
+  const f = hog(budget);
+  for (let i = 0; i < 5; i++) await tick();
+  t.ok(f.s.bytesHeld <= sessionTaskBytesMax, `session holds ${f.s.bytesHeld / MiB} MiB (≤ ${sessionTaskBytesMax / MiB})`);
+  t.equal(f.lu.seen.length, sessionTaskBytesMax / (8 * MiB), 'only what fits ran; the rest wait, holding nothing');
+  t.equal(f.s.commandsInFlight, 128 - f.lu.seen.length, 'the others are queued, not dropped');
+  // The host starts reading: every command runs in turn and is answered.
+  for (let round = 0; round < 200 && f.flushes.length > 0; round++) {
+    for (const flushed of f.flushes.splice(0)) flushed();
+    await tick();
+  }
+  t.equal(f.lu.seen.length, 128, 'all ran once their turn came');
+  t.equal(f.s.commandsInFlight, 0);
+  t.equal(budget.usedBytes, 0, 'every byte given back');
+});
+
+t.test('finding 2: many hogs together hold at most the peer budget; a well-behaved host is served once the hogs are dropped', async (t) => {
+  const budget = new ByteBudget(peerTaskBytesMax);
+  const hogs: Fixture[] = [];
+  for (let i = 0; i < 12; i++) hogs.push(hog(budget));
+  for (let i = 0; i < 5; i++) await tick();
+  const ran = hogs.reduce((n, h) => n + h.lu.seen.length, 0);
+  t.ok(budget.usedBytes <= peerTaskBytesMax, `peer budget ${budget.usedBytes / MiB} MiB used (≤ ${peerTaskBytesMax / MiB})`);
+  t.equal(ran * 8 * MiB, budget.usedBytes, 'what ran is what is held');
+  t.ok(hogs.every((h) => h.s.bytesHeld <= sessionTaskBytesMax), 'each within its session bound');
+
+  const good = setup({}, { budget });
+  good.lu.auto = () => ({ status: ScsiStatus.good, dataIn: Buffer.alloc(4096, 1) });
+  good.s.onPdu(cmd(1, 1, { read: true, edtl: 4096 }), 0);
+  await tick();
+  t.equal(good.lu.seen.length, 0, 'waits while the hogs hold the budget');
+  // The hogs' answers do not move: after answerStallMsMax each is closed (the connection then
+  // destroys its session), and the bytes come back.
+  const holding = hogs.filter((h) => h.s.bytesHeld > 0);
+  t.equal(holding.length, peerTaskBytesMax / sessionTaskBytesMax, 'the budget went to the first hogs; the others wait holding nothing');
+  for (const h of hogs) h.s.tick(1);
+  for (const h of hogs) {
+    h.s.tick(answerStallMsMax + 2);
+    if (h.closed.includes('answers not read')) h.s.destroy();
+  }
+  t.ok(holding.every((h) => h.closed.includes('answers not read')), 'every hog holding bytes closed');
+  await tick();
+  t.equal(good.lu.seen.length, 1, 'the well-behaved host ran (in line after the hogs that waited before it)');
+  t.ok(good.out.some((p) => p.opcode === Op.dataIn), 'and was answered');
+  t.ok(budget.usedBytes <= peerTaskBytesMax);
+});
+
+t.test('finding 2: writes take their bytes before their data is solicited; waiting ones hold only what they parked', async (t) => {
+  const budget = new ByteBudget(peerTaskBytesMax);
+  const f = setup({ immediateData: true, initialR2T: false, firstBurstLength: 64 * KiB, maxBurstLength: 1 * MiB, maxOutstandingR2T: 1 }, { budget });
+  f.lu.auto = (c) => ({ status: ScsiStatus.good, dataOutBytesUsed: c.expectedDataLength });
+  // 8 writes of 8 MiB, each with 64 KiB of immediate data, none of whose R2Ts is answered.
+  for (let i = 0; i < 8; i++) f.s.onPdu(cmd(i + 1, i + 1, { write: true, edtl: 8 * MiB, cdb: write10, data: Buffer.alloc(64 * KiB, i) }), 0);
+  t.equal(r2ts(f.out).length, sessionTaskBytesMax / (8 * MiB), 'R2Ts only for the writes whose buffers fit');
+  t.ok(f.s.bytesHeld <= sessionTaskBytesMax + sessionParkedBytesMax, `holds ${f.s.bytesHeld / MiB} MiB`);
+  // More immediate data than a session may park: BUSY for those, once their data is in.
+  for (let i = 8; i < 40; i++) f.s.onPdu(cmd(i + 1, i + 1, { write: true, edtl: 8 * MiB, cdb: write10, data: Buffer.alloc(64 * KiB, i) }), 0);
+  t.ok(f.s.bytesHeld <= sessionTaskBytesMax + sessionParkedBytesMax, `still holds ${f.s.bytesHeld / MiB} MiB`);
+  await tick();
+  t.ok(responses(f.out).some((r) => r.status === ScsiStatus.busy), 'the excess is answered BUSY');
 });

@@ -5,8 +5,9 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { ClosedError } from '../errors';
-import { gracefulStopMs, loginConnectionsMax, sessionsPerPeerMax } from '../limits';
+import { gracefulStopMs, loginConnectionsMax, peerTaskBytesMax, sessionsPerPeerMax } from '../limits';
 import type { Nexus } from '../scsi/types';
+import { ByteBudget } from './budget';
 import { Connection } from './connection';
 import type { LoginContext, LoginOutcome } from './login';
 import { defaultTargetPrefs, type TargetPrefs } from './negotiate';
@@ -47,6 +48,8 @@ export class Portal {
   private readonly log: Logger;
   private readonly server: Server;
   private readonly connections = new Set<Connection>();
+  /** Bytes of command data all sessions of this portal hold together. */
+  private readonly budget = new ByteBudget(peerTaskBytesMax);
   private readonly sessionsByTsih = new Map<number, LiveSession>();
   private nextTsih = 1;
   private closing: Promise<void> | undefined;
@@ -173,7 +176,7 @@ export class Portal {
       targetPort: `${targetName},t,0x${this.opts.directory.portalGroupTag.toString(16).padStart(4, '0')}`,
       relativeTargetPort: this.opts.directory.portalGroupTag,
     };
-    const session = conn.attachSession(nexus);
+    const session = conn.attachSession(nexus, this.budget);
     const live: LiveSession = { tsih: outcome.tsih, outcome, conn, session };
     this.sessionsByTsih.set(outcome.tsih, live);
     this.opts.sessionStarted?.(this.info(live));

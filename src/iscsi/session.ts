@@ -5,10 +5,11 @@
 // before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
 
 import type { Logger } from 'pino';
-import { cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionDataOutBytesMax, transferBytesMax } from '../limits';
+import { answerStallMsMax, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
 import { LogLimiter } from '../log';
 import { dataDirection } from '../scsi/direction';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
+import type { ByteBudget, BudgetWaiter } from './budget';
 import { sendTargetsAnswer } from './discovery';
 import type { TargetDirectory, TargetInfo } from './target';
 import { encodeTextKeys, parseTextKeys, TextAccumulator, type TextPairs } from './text';
@@ -47,7 +48,8 @@ export function snLessEq(a: number, b: number): boolean {
 }
 
 export interface SessionIo {
-  send(pdu: TargetPdu): void;
+  /** `flushed` (when given) is called once the PDU has left for the socket, or the connection is gone. */
+  send(pdu: TargetPdu, flushed?: () => void): void;
   /** Drop the connection once what was sent is flushed. */
   close(reason: string): void;
 }
@@ -64,6 +66,8 @@ export interface SessionOptions {
   io: SessionIo;
   log: Logger;
   nowMs: number;
+  /** The peer's bytes for command data, shared by all its sessions. */
+  budget: ByteBudget;
 }
 
 /**
@@ -86,10 +90,16 @@ interface Task {
   pdu: ScsiCommandPdu;
   lun: number;
   edtl: number;
-  /** Gathered data-out (a write that has not failed) or null. */
+  /** Gathered data-out (an admitted write that has not failed) or null. */
   buffer: Buffer | null;
-  /** Bytes counted against the session's data-out bound for this task. */
+  /** Admitted: its bytes are taken from the session's and the peer's budget (a waiting task holds none). */
+  admitted: boolean;
+  /** Bytes taken for this task, given back when its buffer is dropped or its read data flushed. */
   chargedBytes: number;
+  /** Unsolicited data that came before admission (views, in order after the immediate data). */
+  parked: Buffer[] | null;
+  /** Immediate and parked bytes held before admission, counted against sessionParkedBytesMax. */
+  parkedBytes: number;
   /** The unsolicited sequence while Data-Outs with the reserved TTT are still owed, else null. */
   unsolicited: Sequence | null;
   /** Offset up to which the data is covered by a sequence (unsolicited, then R2Ts issued). */
@@ -167,7 +177,18 @@ export class Session {
   private readonly tasks = new Map<number, Task>();
   /** Non-immediate commands that arrived ahead of a CmdSN gap, by CmdSN. */
   private readonly pending = new Map<number, () => void>();
-  private dataOutBytes = 0;
+  /** Delivered commands waiting for bytes, in CmdSN order. */
+  private readonly admitQueue: Task[] = [];
+  /** Bytes taken by this session's tasks (sessionTaskBytesMax), and held for tasks not admitted. */
+  private heldBytes = 0;
+  private parkedBytes = 0;
+  /** Answered reads whose data has not left for the socket yet; their bytes stay taken. */
+  private readonly awaitingFlush = new Set<Task>();
+  private flushes = 0;
+  private stall = { flushes: 0, sinceMs: 0 };
+  private pumping = false;
+  private readonly budget: ByteBudget;
+  private readonly waiter: BudgetWaiter = { wake: () => this.pump() };
   private nextTtt = 1;
   private lastRxMs: number;
   private ping: { ttt: number; sentMs: number } | undefined;
@@ -186,6 +207,13 @@ export class Session {
     this.statSN = opts.statSN;
     this.maxCmdSN = (opts.expCmdSN + cmdWindowPerSession - 1) >>> 0;
     this.lastRxMs = opts.nowMs;
+    this.budget = opts.budget;
+    this.stall.sinceMs = opts.nowMs;
+  }
+
+  /** Bytes this session holds for its commands (taken, and parked before admission). */
+  get bytesHeld(): number {
+    return this.heldBytes + this.parkedBytes;
   }
 
   get commandsInFlight(): number {
@@ -287,16 +315,15 @@ export class Session {
     this.tasks.set(task.itt, task);
     this.sequenced(pdu.immediate, pdu.cmdSN, () => {
       task.delivered = true;
-      this.maybeExecute(task);
+      this.admit(task);
     });
-    this.issueR2ts(task);
   }
 
   private createTask(pdu: ScsiCommandPdu, failure: ScsiResult | undefined): Task {
     const task: Task = {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
       itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu, lun: lunIndex(pdu.lun), edtl: pdu.expectedDataTransferLength,
-      buffer: null, chargedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
+      buffer: null, admitted: false, chargedBytes: 0, parked: null, parkedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
       delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null, failure,
     };
     if (pdu.write && task.edtl > 0) this.startDataOut(task);
@@ -332,24 +359,106 @@ export class Session {
     const unsolicitedEnd = !this.params.initialR2T && !task.pdu.final ? Math.min(this.params.firstBurstLength, task.edtl) : immediate.length;
     if (unsolicitedEnd > immediate.length) task.unsolicited = { offset: 0, length: unsolicitedEnd, received: immediate.length, nextDataSN: 0 };
     task.solicitedTo = Math.max(unsolicitedEnd, immediate.length);
-    if (task.failure) return;
-    if (this.dataOutBytes + task.edtl > sessionDataOutBytesMax) {
-      task.failure = { status: ScsiStatus.taskSetFull };
-      return;
-    }
-    task.chargedBytes = task.edtl;
-    this.dataOutBytes += task.edtl;
-    // All the data came as immediate data (a small write): use it where it lies, a view into
-    // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
-    task.buffer = immediate.length === task.edtl ? immediate : Buffer.allocUnsafe(task.edtl);
-    if (task.buffer !== immediate) immediate.copy(task.buffer, 0);
+    if (!task.failure) this.park(task, immediate.length);
   }
 
-  /** The task's data-out buffer and its charge are given up (it failed, ended or was aborted). */
-  private releaseData(task: Task): void {
-    this.dataOutBytes -= task.chargedBytes;
-    task.chargedBytes = 0;
+  /** Count data held for a task not admitted yet; past the session's bound the command is answered BUSY instead. */
+  private park(task: Task, bytes: number): boolean {
+    if (this.parkedBytes + bytes > sessionParkedBytesMax) {
+      task.failure = { status: ScsiStatus.busy };
+      this.releaseParked(task);
+      return false;
+    }
+    task.parkedBytes += bytes;
+    this.parkedBytes += bytes;
+    return true;
+  }
+
+  private releaseParked(task: Task): void {
+    this.parkedBytes -= task.parkedBytes;
+    task.parkedBytes = 0;
+    task.parked = null;
+  }
+
+  // ---- admission: bytes before a command runs --------------------------------------------
+
+  /** A delivered command asks for its bytes; failed commands need none. */
+  private admit(task: Task): void {
+    if (task.failure) {
+      task.admitted = true;
+      return this.maybeExecute(task);
+    }
+    this.admitQueue.push(task);
+    this.pump();
+  }
+
+  /**
+   * Admit waiting commands in order while their bytes fit the session's bound and the peer's
+   * budget. Called when a command is delivered and whenever bytes come back (this session's or,
+   * through the budget's line, another's). A single command always fits an empty session
+   * (transferBytesMax ≤ sessionTaskBytesMax ≤ peerTaskBytesMax), so waiting always ends.
+   */
+  private pump(): void {
+    if (this.pumping || this.ended) return;
+    this.pumping = true;
+    try {
+      while (this.admitQueue.length > 0) {
+        const task = this.admitQueue[0];
+        const bytes = task.failure || task.aborted ? 0 : task.edtl;
+        if (bytes > 0 && (this.heldBytes + bytes > sessionTaskBytesMax || !this.budget.tryTake(bytes, this.waiter))) return;
+        this.admitQueue.shift();
+        task.chargedBytes = bytes;
+        this.heldBytes += bytes;
+        this.admitted(task);
+      }
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private admitted(task: Task): void {
+    task.admitted = true;
+    if (task.pdu.write && task.edtl > 0 && !task.failure && !task.aborted) this.gather(task);
+    this.issueR2ts(task);
+    this.maybeExecute(task);
+  }
+
+  /** The write's buffer: the immediate data where it lies when it is all the data (a small write), else a copy of what came so far. */
+  private gather(task: Task): void {
+    const immediate = task.pdu.data;
+    if (immediate.length === task.edtl) {
+      task.buffer = immediate;
+    } else {
+      task.buffer = Buffer.allocUnsafe(task.edtl);
+      immediate.copy(task.buffer, 0);
+      let at = immediate.length;
+      for (const part of task.parked ?? []) at += part.copy(task.buffer, at);
+    }
+    this.releaseParked(task);
+  }
+
+  private removeFromAdmitQueue(task: Task): void {
+    const position = this.admitQueue.indexOf(task);
+    if (position >= 0) this.admitQueue.splice(position, 1);
+  }
+
+  /** Give back the task's bytes (idempotent): its buffer is dropped, or its read data has left. */
+  private uncharge(task: Task): void {
+    const bytes = task.chargedBytes;
     task.buffer = null;
+    this.releaseParked(task);
+    if (bytes === 0) return;
+    task.chargedBytes = 0;
+    this.heldBytes -= bytes;
+    this.budget.release(bytes);
+    this.pump();
+  }
+
+  /** A read's answer has left for the socket (or the connection is gone). */
+  private flushed(task: Task): void {
+    if (!this.awaitingFlush.delete(task)) return;
+    this.flushes++;
+    this.uncharge(task);
   }
 
   /** Send R2Ts for the rest of the data, at most MaxOutstandingR2T at a time, each ≤ MaxBurstLength. */
@@ -378,6 +487,7 @@ export class Session {
     if (failure) this.fail(task, failure, pdu);
     // Only a PDU that starts where the sequence stands and fits in it is ever written.
     else if (task.buffer) pdu.data.copy(task.buffer, pdu.bufferOffset);
+    else if (!task.failure && this.park(task, pdu.data.length)) (task.parked ??= []).push(pdu.data);
     sequence.received += pdu.data.length;
     sequence.nextDataSN++;
     if (pdu.final || sequence.received >= sequence.length) this.endSequence(task, pdu.targetTransferTag);
@@ -418,7 +528,7 @@ export class Session {
   private fail(task: Task, failure: ScsiResult, pdu: DataOutPdu): void {
     dataPhaseWarnings.warn(this.log, 'data-out', { itt: task.itt, ttt: pdu.targetTransferTag, dataSN: pdu.dataSN, bufferOffset: pdu.bufferOffset, bytes: pdu.data.length }, 'Data-Out outside its sequence, failing the command');
     task.failure = failure;
-    this.releaseData(task);
+    this.uncharge(task);
   }
 
   /** Data the initiator may still send for the task: a sequence open, or (for a live write) R2Ts not yet issued. */
@@ -427,7 +537,7 @@ export class Session {
   }
 
   private maybeExecute(task: Task): void {
-    if (!task.delivered || task.executing || task.aborted) return;
+    if (!task.admitted || task.executing || task.aborted) return;
     // Nothing runs, and nothing is answered, while data is owed: a failed command answered
     // early lets the initiator reuse its ITT while its last Data-Outs are still on the way.
     if (this.dataOwed(task)) return;
@@ -460,13 +570,23 @@ export class Session {
 
   private complete(task: Task, result: ScsiResult): void {
     this.tasks.delete(task.itt);
-    this.releaseData(task);
     settle(task);
-    if (!task.aborted && !this.ended) this.sendResult(task, result);
+    const answered = !task.aborted && !this.ended;
+    // A read's bytes stay taken until its data has left for the socket: a host that does not
+    // read its answers holds its own bound, and its next commands wait.
+    if (answered && task.chargedBytes > 0 && task.pdu.read && result.dataIn && result.dataIn.length > 0) {
+      this.awaitingFlush.add(task);
+      task.buffer = null;
+      this.sendResult(task, result, () => this.flushed(task));
+    } else {
+      this.uncharge(task);
+      if (answered) this.sendResult(task, result);
+    }
     this.notifyIdle();
   }
 
-  private sendResult(task: Task, result: ScsiResult): void {
+  /** `flushed` goes with the last PDU of the answer. */
+  private sendResult(task: Task, result: ScsiResult, flushed?: () => void): void {
     const edtl = task.edtl;
     let residualBytes = 0;
     let overflow = false;
@@ -483,7 +603,7 @@ export class Session {
         residualBytes = edtl - dataIn.length;
       }
       const statusInData = result.status === ScsiStatus.good && !result.sense && sent > 0;
-      dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined);
+      dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined, statusInData ? flushed : undefined);
       if (statusInData) return;
     } else {
       const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.failure ? 0 : edtl)) : 0;
@@ -507,11 +627,11 @@ export class Session {
       response: ScsiResponseCode.completed, status: result.status, snackTag: 0,
       statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
       expDataSN: task.pdu.read ? dataSN : task.r2tSN, bidiResidualCount: 0, residualCount: residualBytes,
-    });
+    }, flushed);
   }
 
   /** Data-In PDUs of ≤ MaxXmitDataSegmentLength; F at the end of each MaxBurstLength sequence. Returns the PDU count. */
-  private sendDataIn(task: Task, data: Buffer, status?: { status: number; overflow: boolean; underflow: boolean; residualBytes: number }): number {
+  private sendDataIn(task: Task, data: Buffer, status: { status: number; overflow: boolean; underflow: boolean; residualBytes: number } | undefined, flushed: (() => void) | undefined): number {
     const segment = this.params.maxXmitDataSegmentLength;
     const burst = this.params.maxBurstLength;
     let dataSN = 0;
@@ -529,7 +649,7 @@ export class Session {
         targetTransferTag: reservedTag, statSN: withStatus ? this.nextStatSN() : 0, expCmdSN: this.expCmdSN,
         maxCmdSN: this.windowEnd(), dataSN: dataSN++, bufferOffset: offset,
         residualCount: withStatus ? status.residualBytes : 0,
-      });
+      }, last ? flushed : undefined);
       offset = end;
     }
     return dataSN;
@@ -648,7 +768,8 @@ export class Session {
       if (!task.executing) {
         // Never reached the LU: release it now.
         this.tasks.delete(task.itt);
-        this.releaseData(task);
+        this.removeFromAdmitQueue(task);
+        this.uncharge(task);
         settle(task);
       }
     }
@@ -693,6 +814,7 @@ export class Session {
   /** Target-initiated NOP-In after idle time; a ping left unanswered past the timeout drops the connection. */
   tick(nowMs: number): void {
     if (this.ended) return;
+    if (this.answersStalled(nowMs)) return this.io.close('answers not read');
     if (this.ping) {
       if (nowMs - this.ping.sentMs > nopTimeoutMs) this.io.close('no answer to NOP-In ping');
       return;
@@ -704,6 +826,15 @@ export class Session {
       opcode: Op.nopIn, immediate: false, final: true, initiatorTaskTag: reservedTag, data: Buffer.alloc(0), lun: lunZero,
       targetTransferTag: ttt, statSN: this.statSN, expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
     });
+  }
+
+  /** Answers wait for the socket and none has left it for answerStallMsMax: the host is not reading. */
+  private answersStalled(nowMs: number): boolean {
+    if (this.awaitingFlush.size === 0 || this.flushes !== this.stall.flushes) {
+      this.stall = { flushes: this.flushes, sinceMs: nowMs };
+      return false;
+    }
+    return nowMs - this.stall.sinceMs > answerStallMsMax;
   }
 
   /** Stop taking commands and wait for those in flight. */
@@ -718,6 +849,11 @@ export class Session {
     this.ended = true;
     for (const task of this.tasks.values()) task.aborted = true;
     this.pending.clear();
+    // Every byte goes back: tasks still in the LU keep only their own buffers until they return.
+    this.admitQueue.length = 0;
+    this.budget.leave(this.waiter);
+    for (const task of [...this.tasks.values(), ...this.awaitingFlush]) this.uncharge(task);
+    this.awaitingFlush.clear();
     for (const lu of this.opts.target?.luns.values() ?? []) lu.nexusLost(this.opts.nexus);
     this.notifyIdle();
   }
@@ -734,8 +870,8 @@ export class Session {
 
   // ---- helpers ----------------------------------------------------------------------------
 
-  private send(pdu: TargetPdu): void {
-    if (!this.ended) this.io.send(pdu);
+  private send(pdu: TargetPdu, flushed?: () => void): void {
+    if (!this.ended) this.io.send(pdu, flushed);
   }
 
   private nextStatSN(): number {

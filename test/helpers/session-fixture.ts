@@ -3,7 +3,9 @@
 
 import pino from 'pino';
 import { defaultSessionParams } from '../../src/iscsi/negotiate';
+import { ByteBudget } from '../../src/iscsi/budget';
 import { Session, type SessionIo } from '../../src/iscsi/session';
+import { peerTaskBytesMax } from '../../src/limits';
 import type { TargetDirectory, TargetInfo } from '../../src/iscsi/target';
 import { Op, type DataOutPdu, type InitiatorPdu, type SessionParams, type TargetPdu } from '../../src/iscsi/types';
 import type { LogicalUnit, ScsiCommand, ScsiResult } from '../../src/scsi/types';
@@ -34,21 +36,31 @@ export interface Fixture {
   lu: FakeLu;
   out: TargetPdu[];
   closed: string[];
+  /** Flush callbacks held back (with holdFlushes): the socket has not taken those answers yet. */
+  flushes: Array<() => void>;
+  budget: ByteBudget;
 }
 
-export function setup(params: Partial<SessionParams> = {}, extra: { io?: Partial<SessionIo> } = {}): Fixture {
+export function setup(params: Partial<SessionParams> = {}, extra: { io?: Partial<SessionIo>; budget?: ByteBudget; holdFlushes?: boolean } = {}): Fixture {
   const lu = new FakeLu();
   const target: TargetInfo = { name: 'iqn.2026-11.io.peersan:v', allow: [], luns: new Map([[0, lu]]) };
   const directory: TargetDirectory = { portalGroupTag: 1, portalAddresses: ['127.0.0.1:3260'], find: () => target, visibleTo: () => [target] };
   const out: TargetPdu[] = [];
   const closed: string[] = [];
+  const flushes: Array<() => void> = [];
+  const budget = extra.budget ?? new ByteBudget(peerTaskBytesMax);
+  // By default the socket takes every answer at once; holdFlushes plays a host that never reads.
+  const send = (p: TargetPdu, flushed?: () => void): void => {
+    out.push(p);
+    if (flushed) extra.holdFlushes ? flushes.push(flushed) : flushed();
+  };
   const s = new Session({
     sessionType: 'Normal', initiatorName: 'iqn.x:y', target, directory,
     params: { ...defaultSessionParams(), maxRecvDataSegmentLength: 65536, maxXmitDataSegmentLength: 8192, ...params },
     expCmdSN: 1, statSN: 100, nexus: { initiatorPort: 'i', initiatorName: 'iqn.x:y', targetPort: 't', relativeTargetPort: 1 },
-    io: { send: (p) => out.push(p), close: (r) => closed.push(r), ...extra.io }, log: pino({ level: 'silent' }), nowMs: 0,
+    io: { send, close: (r) => closed.push(r), ...extra.io }, log: pino({ level: 'silent' }), nowMs: 0, budget,
   });
-  return { s, lu, out, closed };
+  return { s, lu, out, closed, flushes, budget };
 }
 
 export function cmd(itt: number, cmdSN: number, opts: { read?: boolean; write?: boolean; edtl?: number; data?: Buffer; immediate?: boolean; final?: boolean; cdb?: Buffer } = {}): InitiatorPdu {
