@@ -193,12 +193,15 @@ t.test('finding 8: the session enforces what was negotiated and the direction fl
     f.s.onPdu(cmd(1, 1, { read: true, edtl: 4 * KiB, cdb: write10 }), 0);
     await failedWith(t, f, [0x05, 0x24, 0x00], 'WRITE with R');
   });
-  await t.test('a READ with only the W flag', async (t) => {
+  await t.test('a READ with only the W flag: GOOD, nothing sent back (what libiscsi iSCSIResiduals.Read10Invalid requires)', async (t) => {
     const f = setup({ immediateData: false, initialR2T: true });
-    f.lu.auto = () => ({ status: ScsiStatus.good, dataIn: Buffer.alloc(4 * KiB) });
+    f.lu.auto = () => ({ status: ScsiStatus.good, dataIn: Buffer.alloc(4 * KiB, 9) });
     f.s.onPdu(cmd(1, 1, { write: true, edtl: 4 * KiB }), 0);
-    t.equal(r2ts(f.out).length, 0, 'no data solicited');
-    await failedWith(t, f, [0x05, 0x24, 0x00], 'READ with W');
+    const [r] = r2ts(f.out);
+    f.s.onPdu(dataOut(1, { ttt: r.targetTransferTag, dataSN: 0, offset: 0, data: Buffer.alloc(4 * KiB), final: true }), 0);
+    await tick();
+    t.equal(responses(f.out)[0]?.status, ScsiStatus.good);
+    t.notOk(f.out.some((p) => p.opcode === Op.dataIn), 'no Data-In for a command without R');
   });
   await t.test('data expected with neither flag', async (t) => {
     const f = setup();

@@ -106,7 +106,6 @@ interface Task {
   solicitedTo: number;
   r2tOutstanding: Map<number, Sequence>;
   r2tSN: number;
-  delivered: boolean;
   executing: boolean;
   aborted: boolean;
   /** The LU call has returned (or the task never reached it). */
@@ -313,10 +312,7 @@ export class Session {
     // No new work while we close: answer BUSY so the initiator retries elsewhere.
     const task = this.createTask(pdu, this.draining ? { status: ScsiStatus.busy } : this.refusal(pdu));
     this.tasks.set(task.itt, task);
-    this.sequenced(pdu.immediate, pdu.cmdSN, () => {
-      task.delivered = true;
-      this.admit(task);
-    });
+    this.sequenced(pdu.immediate, pdu.cmdSN, () => this.admit(task));
   }
 
   private createTask(pdu: ScsiCommandPdu, failure: ScsiResult | undefined): Task {
@@ -324,7 +320,7 @@ export class Session {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
       itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu, lun: lunIndex(pdu.lun), edtl: pdu.expectedDataTransferLength,
       buffer: null, admitted: false, chargedBytes: 0, parked: null, parkedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
-      delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null, failure,
+      executing: false, aborted: false, settled: false, settledWaiters: null, failure,
     };
     if (pdu.write && task.edtl > 0) this.startDataOut(task);
     return task;
@@ -336,11 +332,12 @@ export class Session {
     const immediateBytes = pdu.data.length;
     if (pdu.read && pdu.write) return invalidCdb(); // bidirectional: not supported
     if (edtl > transferBytesMax) return invalidCdb();
-    // Data expected with no direction, or flags against the CDB's direction (a WRITE with only R
-    // would reach the LU with no data and "succeed"; a READ with only W would send nothing back).
+    // Data expected with no direction, or a command that takes data sent without W (a WRITE with
+    // only R would reach the LU with no data and "succeed" having written nothing). The other way
+    // round, a READ with only W, stays GOOD with no data: its data-out is gathered and unused, and
+    // libiscsi's conformance suite requires GOOD for it (iSCSIResiduals.Read10Invalid).
     if (edtl > 0 && !pdu.read && !pdu.write) return invalidCdb();
-    const direction = dataDirection(pdu.cdb);
-    if (edtl > 0 && ((direction === 'out' && !pdu.write) || (direction === 'in' && !pdu.read))) return invalidCdb();
+    if (edtl > 0 && !pdu.write && dataDirection(pdu.cdb) === 'out') return invalidCdb();
     if (immediateBytes > 0 && (!pdu.write || !this.params.immediateData)) return unexpectedUnsolicitedData();
     if (immediateBytes > edtl || immediateBytes > this.params.firstBurstLength) return incorrectAmountOfData();
     return undefined;
