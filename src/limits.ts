@@ -54,9 +54,15 @@ export const socketQueuedBytesMax = 32 * 1024 * 1024;
  */
 export const sessionTaskBytesMax = 32 * 1024 * 1024;
 /** The same for all sessions of a peer together (one ByteBudget per portal). */
-export const peerTaskBytesMax = 256 * 1024 * 1024;
-/** Data (immediate, unsolicited) a session may hold for commands not admitted yet; a command beyond it is answered BUSY. */
-export const sessionParkedBytesMax = 1024 * 1024;
+export const peerTaskBytesMax = 128 * 1024 * 1024;
+/** Data (immediate, unsolicited) a session may hold for commands waiting for bytes; a command beyond it is answered BUSY. */
+export const sessionParkedBytesMax = 256 * 1024;
+/**
+ * Answers other than read data (NOP-In echoes, responses, R2Ts, text) a session may have
+ * waiting for its socket: one largest NOP-In echo and a window of small ones. Beyond it the
+ * host is not reading and the connection is closed.
+ */
+export const sessionAnswerBytesMax = dataSegmentBytesMax + 64 * 1024;
 /** A session whose answers have not moved to its socket for this long is closed: it holds bytes other hosts need. */
 export const answerStallMsMax = 30_000;
 
@@ -97,9 +103,10 @@ assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data
 assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
 assert(transferBytesMax <= sessionTaskBytesMax, 'one command of any size runs once its session holds nothing');
 assert(sessionTaskBytesMax <= peerTaskBytesMax, 'one session alone can use its whole bound');
-assert(sessionParkedBytesMax >= dataSegmentBytesMax && sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
-// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may park.
-assert(peerTaskBytesMax + sessionsPerPeerMax * sessionParkedBytesMax <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
+assert(sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
+assert(sessionAnswerBytesMax >= dataSegmentBytesMax + cmdWindowPerSession * 2 * bhsBytes, 'a NOP-In echo and a window of responses can wait');
+// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may park and queue.
+assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
 assert(answerStallMsMax > nopTimeoutMs, 'a slow reader is not taken for a stalled one before a NOP would be');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');

@@ -4,10 +4,10 @@
 
 import t from 'tap';
 import { ByteBudget } from '../src/iscsi/budget';
-import { answerStallMsMax, peerTaskBytesMax, sessionParkedBytesMax, sessionTaskBytesMax } from '../src/limits';
-import { Op, RejectReason, type R2tPdu, type RejectPdu, type ScsiResponsePdu, type TargetPdu } from '../src/iscsi/types';
+import { answerStallMsMax, peerTaskBytesMax, sessionAnswerBytesMax, sessionParkedBytesMax, sessionTaskBytesMax } from '../src/limits';
+import { Op, RejectReason, type InitiatorPdu, type R2tPdu, type RejectPdu, type ScsiResponsePdu, type TargetPdu } from '../src/iscsi/types';
 import { ScsiStatus } from '../src/scsi/types';
-import { cmd, dataOut, setup, tick, write10, type Fixture } from './helpers/session-fixture';
+import { cmd, dataOut, lun0, setup, tick, write10, type Fixture } from './helpers/session-fixture';
 
 const KiB = 1024;
 
@@ -286,4 +286,33 @@ t.test('finding 2: writes take their bytes before their data is solicited; waiti
   t.ok(f.s.bytesHeld <= sessionTaskBytesMax + sessionParkedBytesMax, `still holds ${f.s.bytesHeld / MiB} MiB`);
   await tick();
   t.ok(responses(f.out).some((r) => r.status === ScsiStatus.busy), 'the excess is answered BUSY');
+});
+
+t.test('finding 2: a host that sends NOP-Outs and never reads the echoes is closed past sessionAnswerBytesMax', async (t) => {
+  const nop = (itt: number): InitiatorPdu => ({ opcode: Op.nopOut, immediate: true, final: true, initiatorTaskTag: itt, data: Buffer.alloc(64 * KiB), lun: lun0, targetTransferTag: 0xffffffff, cmdSN: 1, expStatSN: 100 });
+  const reader = setup({ maxXmitDataSegmentLength: 64 * KiB });
+  for (let i = 0; i < 200; i++) reader.s.onPdu(nop(i), 0);
+  t.same(reader.closed, [], 'a host that reads its echoes is never closed');
+  const f = setup({ maxXmitDataSegmentLength: 64 * KiB }, { holdFlushes: true });
+  const fits = Math.floor(sessionAnswerBytesMax / (48 + 64 * KiB));
+  for (let i = 0; i < fits; i++) f.s.onPdu(nop(i), 0);
+  t.same(f.closed, [], `${fits} echoes waiting: within the bound`);
+  for (let i = 0; i < 1000 && f.closed.length === 0; i++) f.s.onPdu(nop(fits + i), 0);
+  t.same(f.closed.slice(0, 1), ['answers not read'], 'closed once past it');
+});
+
+t.test('ByteBudget: waiters are served in the order they came; a big one is not passed by small ones', async (t) => {
+  const b = new ByteBudget(10);
+  const woken: string[] = [];
+  const wants: Record<string, number> = { big: 8, small: 1 };
+  const waiter = (name: string) => ({ wake: () => (b.tryTake(wants[name], w[name]) ? woken.push(name) : undefined) });
+  const w: Record<string, { wake(): void }> = { big: waiter('big'), small: waiter('small') };
+  const hog = { wake: () => undefined };
+  t.ok(b.tryTake(6, hog));
+  t.notOk(b.tryTake(8, w.big), 'big waits');
+  t.notOk(b.tryTake(1, w.small), 'small waits behind big although 1 byte would fit');
+  b.release(6);
+  t.same(woken, ['big', 'small'], 'woken in order');
+  t.equal(b.usedBytes, 9);
+  t.throws(() => b.release(10), 'releasing more than taken is a broken invariant');
 });

@@ -28,7 +28,8 @@ export class ByteBudget {
    */
   tryTake(bytes: number, waiter: BudgetWaiter): boolean {
     const position = this.waiters.indexOf(waiter);
-    if (position > 0 || this.used + bytes > this.bytesMax) {
+    const first = position === 0 || (position < 0 && this.waiters.length === 0);
+    if (!first || this.used + bytes > this.bytesMax) {
       if (position < 0) this.waiters.push(waiter);
       return false;
     }

@@ -5,7 +5,7 @@
 // before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
 
 import type { Logger } from 'pino';
-import { answerStallMsMax, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
+import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
 import { LogLimiter } from '../log';
 import { dataDirection } from '../scsi/direction';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
@@ -184,6 +184,8 @@ export class Session {
   /** Answered reads whose data has not left for the socket yet; their bytes stay taken. */
   private readonly awaitingFlush = new Set<Task>();
   private flushes = 0;
+  /** Answers other than read data not yet flushed (sessionAnswerBytesMax). */
+  private answerBytes = 0;
   private stall = { flushes: 0, sinceMs: 0 };
   private pumping = false;
   private readonly budget: ByteBudget;
@@ -313,6 +315,8 @@ export class Session {
     const task = this.createTask(pdu, this.draining ? { status: ScsiStatus.busy } : this.refusal(pdu));
     this.tasks.set(task.itt, task);
     this.sequenced(pdu.immediate, pdu.cmdSN, () => this.admit(task));
+    // Waiting (for its CmdSN or for bytes): its immediate data is held meanwhile.
+    if (!task.admitted && !task.failure && pdu.data.length > 0) this.park(task, pdu.data.length);
   }
 
   private createTask(pdu: ScsiCommandPdu, failure: ScsiResult | undefined): Task {
@@ -356,14 +360,15 @@ export class Session {
     const unsolicitedEnd = !this.params.initialR2T && !task.pdu.final ? Math.min(this.params.firstBurstLength, task.edtl) : immediate.length;
     if (unsolicitedEnd > immediate.length) task.unsolicited = { offset: 0, length: unsolicitedEnd, received: immediate.length, nextDataSN: 0 };
     task.solicitedTo = Math.max(unsolicitedEnd, immediate.length);
-    if (!task.failure) this.park(task, immediate.length);
   }
 
-  /** Count data held for a task not admitted yet; past the session's bound the command is answered BUSY instead. */
+  /** Count data held for a task waiting for admission; past the session's bound the command is answered BUSY instead. */
   private park(task: Task, bytes: number): boolean {
     if (this.parkedBytes + bytes > sessionParkedBytesMax) {
       task.failure = { status: ScsiStatus.busy };
       this.releaseParked(task);
+      // Out of the line for bytes (it needs none now): answered once no data is owed for it.
+      if (this.removeFromAdmitQueue(task)) this.admit(task);
       return false;
     }
     task.parkedBytes += bytes;
@@ -402,15 +407,25 @@ export class Session {
       while (this.admitQueue.length > 0) {
         const task = this.admitQueue[0];
         const bytes = task.failure || task.aborted ? 0 : task.edtl;
-        if (bytes > 0 && (this.heldBytes + bytes > sessionTaskBytesMax || !this.budget.tryTake(bytes, this.waiter))) return;
+        if (bytes > 0 && !this.take(bytes)) return;
         this.admitQueue.shift();
         task.chargedBytes = bytes;
         this.heldBytes += bytes;
         this.admitted(task);
       }
+      this.budget.leave(this.waiter);
     } finally {
       this.pumping = false;
     }
+  }
+
+  private take(bytes: number): boolean {
+    if (this.heldBytes + bytes > sessionTaskBytesMax) {
+      // Our own bound: our own bytes coming back wake us; meanwhile keep no place in the peer's line.
+      this.budget.leave(this.waiter);
+      return false;
+    }
+    return this.budget.tryTake(bytes, this.waiter);
   }
 
   private admitted(task: Task): void {
@@ -434,9 +449,10 @@ export class Session {
     this.releaseParked(task);
   }
 
-  private removeFromAdmitQueue(task: Task): void {
+  private removeFromAdmitQueue(task: Task): boolean {
     const position = this.admitQueue.indexOf(task);
     if (position >= 0) this.admitQueue.splice(position, 1);
+    return position >= 0;
   }
 
   /** Give back the task's bytes (idempotent): its buffer is dropped, or its read data has left. */
@@ -867,8 +883,18 @@ export class Session {
 
   // ---- helpers ----------------------------------------------------------------------------
 
+  /**
+   * Read data is counted in the budget until it has left for the socket (the caller's
+   * `flushed`); every other answer is counted here until then: a host that sends NOP-Outs or
+   * commands and never reads the answers is closed once they pass sessionAnswerBytesMax.
+   */
   private send(pdu: TargetPdu, flushed?: () => void): void {
-    if (!this.ended) this.io.send(pdu, flushed);
+    if (this.ended) return;
+    if (pdu.opcode === Op.dataIn || flushed) return this.io.send(pdu, flushed);
+    const bytes = bhsBytes + pdu.data.length;
+    this.answerBytes += bytes;
+    this.io.send(pdu, () => (this.answerBytes -= bytes));
+    if (this.answerBytes > sessionAnswerBytesMax) this.io.close('answers not read');
   }
 
   private nextStatSN(): number {
