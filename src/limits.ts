@@ -53,8 +53,10 @@ export const socketQueuedBytesMax = 32 * 1024 * 1024;
  * waits (it holds nothing meanwhile): a host that does not read its answers stops its own commands.
  */
 export const sessionTaskBytesMax = 32 * 1024 * 1024;
-/** The same for all sessions of a peer together (one ByteBudget per portal). */
-export const peerTaskBytesMax = 128 * 1024 * 1024;
+/** Bytes every session may hold without asking the peer's shared budget: small commands never wait for other hosts. */
+export const sessionGuaranteedBytes = 1024 * 1024;
+/** What sessions hold beyond their guaranteed bytes, all together (one ByteBudget per portal). */
+export const peerTaskBytesMax = 64 * 1024 * 1024;
 /** Data (immediate, unsolicited) a session may hold for commands waiting for bytes; a command beyond it is answered BUSY. */
 export const sessionParkedBytesMax = 256 * 1024;
 /**
@@ -62,7 +64,7 @@ export const sessionParkedBytesMax = 256 * 1024;
  * waiting for its socket: one largest NOP-In echo and a window of small ones. Beyond it the
  * host is not reading and the connection is closed.
  */
-export const sessionAnswerBytesMax = dataSegmentBytesMax + 64 * 1024;
+export const sessionAnswerBytesMax = maxRecvDataSegmentBytesDefault + 256 * 1024;
 /** A session whose answers have not moved to its socket for this long is closed: it holds bytes other hosts need. */
 export const answerStallMsMax = 30_000;
 
@@ -102,11 +104,12 @@ assert((pageBlocks * 512) % grainBytes === 0, 'a page is a whole number of grain
 assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data segment max');
 assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
 assert(transferBytesMax <= sessionTaskBytesMax, 'one command of any size runs once its session holds nothing');
-assert(sessionTaskBytesMax <= peerTaskBytesMax, 'one session alone can use its whole bound');
+assert(transferBytesMax <= peerTaskBytesMax, 'one command of any size runs once the shared budget is free');
+assert(sessionGuaranteedBytes <= sessionTaskBytesMax, 'guaranteed bytes are within the session bound');
 assert(sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
-assert(sessionAnswerBytesMax >= dataSegmentBytesMax + cmdWindowPerSession * 2 * bhsBytes, 'a NOP-In echo and a window of responses can wait');
-// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may park and queue.
-assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
+assert(sessionAnswerBytesMax >= maxRecvDataSegmentBytesDefault + cmdWindowPerSession * 2 * bhsBytes, 'a NOP-In echo (default MaxRecvDataSegmentLength) and a window of responses can wait');
+// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may hold on its own.
+assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionGuaranteedBytes + sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
 assert(answerStallMsMax > nopTimeoutMs, 'a slow reader is not taken for a stalled one before a NOP would be');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');

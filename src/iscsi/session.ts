@@ -5,7 +5,7 @@
 // before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
 
 import type { Logger } from 'pino';
-import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
+import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionGuaranteedBytes, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
 import { LogLimiter } from '../log';
 import { dataDirection } from '../scsi/direction';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
@@ -96,6 +96,8 @@ interface Task {
   admitted: boolean;
   /** Bytes taken for this task, given back when its buffer is dropped or its read data flushed. */
   chargedBytes: number;
+  /** Whether they came from the peer's shared budget (else from the session's guaranteed bytes). */
+  fromBudget: boolean;
   /** Unsolicited data that came before admission (views, in order after the immediate data). */
   parked: Buffer[] | null;
   /** Immediate and parked bytes held before admission, counted against sessionParkedBytesMax. */
@@ -180,6 +182,8 @@ export class Session {
   private readonly admitQueue: Task[] = [];
   /** Bytes taken by this session's tasks (sessionTaskBytesMax), and held for tasks not admitted. */
   private heldBytes = 0;
+  /** The part of heldBytes taken from the peer's shared budget. */
+  private budgetBytes = 0;
   private parkedBytes = 0;
   /** Answered reads whose data has not left for the socket yet; their bytes stay taken. */
   private readonly awaitingFlush = new Set<Task>();
@@ -323,7 +327,7 @@ export class Session {
     const task: Task = {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
       itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu, lun: lunIndex(pdu.lun), edtl: pdu.expectedDataTransferLength,
-      buffer: null, admitted: false, chargedBytes: 0, parked: null, parkedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
+      buffer: null, admitted: false, chargedBytes: 0, fromBudget: false, parked: null, parkedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
       executing: false, aborted: false, settled: false, settledWaiters: null, failure,
     };
     if (pdu.write && task.edtl > 0) this.startDataOut(task);
@@ -398,7 +402,9 @@ export class Session {
    * Admit waiting commands in order while their bytes fit the session's bound and the peer's
    * budget. Called when a command is delivered and whenever bytes come back (this session's or,
    * through the budget's line, another's). A single command always fits an empty session
-   * (transferBytesMax ≤ sessionTaskBytesMax ≤ peerTaskBytesMax), so waiting always ends.
+   * (transferBytesMax ≤ sessionTaskBytesMax, transferBytesMax ≤ peerTaskBytesMax), so waiting
+   * ends once the bytes taken come back; a session whose commands fit its guaranteed bytes
+   * never waits for other sessions at all.
    */
   private pump(): void {
     if (this.pumping || this.ended) return;
@@ -407,10 +413,8 @@ export class Session {
       while (this.admitQueue.length > 0) {
         const task = this.admitQueue[0];
         const bytes = task.failure || task.aborted ? 0 : task.edtl;
-        if (bytes > 0 && !this.take(bytes)) return;
+        if (bytes > 0 && !this.take(task, bytes)) return;
         this.admitQueue.shift();
-        task.chargedBytes = bytes;
-        this.heldBytes += bytes;
         this.admitted(task);
       }
       this.budget.leave(this.waiter);
@@ -419,13 +423,21 @@ export class Session {
     }
   }
 
-  private take(bytes: number): boolean {
+  private take(task: Task, bytes: number): boolean {
     if (this.heldBytes + bytes > sessionTaskBytesMax) {
       // Our own bound: our own bytes coming back wake us; meanwhile keep no place in the peer's line.
       this.budget.leave(this.waiter);
       return false;
     }
-    return this.budget.tryTake(bytes, this.waiter);
+    // The first sessionGuaranteedBytes of every session do not come from the shared budget: a
+    // host with small commands goes on however much the hosts that do not read hold.
+    const fromBudget = this.heldBytes - this.budgetBytes + bytes > sessionGuaranteedBytes;
+    if (fromBudget && !this.budget.tryTake(bytes, this.waiter)) return false;
+    task.chargedBytes = bytes;
+    task.fromBudget = fromBudget;
+    this.heldBytes += bytes;
+    if (fromBudget) this.budgetBytes += bytes;
+    return true;
   }
 
   private admitted(task: Task): void {
@@ -463,7 +475,10 @@ export class Session {
     if (bytes === 0) return;
     task.chargedBytes = 0;
     this.heldBytes -= bytes;
-    this.budget.release(bytes);
+    if (task.fromBudget) {
+      this.budgetBytes -= bytes;
+      this.budget.release(bytes);
+    }
     this.pump();
   }
 
