@@ -136,7 +136,7 @@ export class Connection {
     const chunks = encodePdu(pdu, this.digests);
     // Write callbacks run in order: the last chunk's says the whole PDU has left (or failed to).
     for (let i = 0; i < chunks.length - 1; i++) this.socket.write(chunks[i]);
-    this.socket.write(chunks[chunks.length - 1], flushed && (() => flushed()));
+    this.socket.write(chunks[chunks.length - 1], flushed);
     // Back-pressure: stop reading new commands while the initiator is not reading our answers.
     if (this.socket.writableLength > socketQueuedBytesMax) this.socket.pause();
   }

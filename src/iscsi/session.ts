@@ -1,8 +1,12 @@
 // One iSCSI session in full feature phase (RFC 7143), one connection (MaxConnections=1).
 // No sockets or timers here: PDUs come in through onPdu, go out through io.send, time comes
-// in through tick(nowMs). Commands are delivered to the logical unit in CmdSN order; a write
-// command's data (immediate, unsolicited, then solicited by R2T) is gathered into one buffer
-// before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
+// in through tick(nowMs). In this order, for each command: the CmdSN window is checked before
+// anything is kept; the command is delivered in CmdSN order; it is admitted once its bytes
+// (EDTL) fit the session's bound and the peer's shared ByteBudget (a waiting command holds
+// nothing but the unsolicited data it parked); only then is a write's buffer allocated and its
+// data solicited by R2T; its data (immediate, unsolicited, solicited) must arrive exactly once,
+// in order, before the LU sees it; read data goes back as Data-In PDUs with the status in the
+// last one, and its bytes stay taken until they have left for the socket.
 
 import type { Logger } from 'pino';
 import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionGuaranteedBytes, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
