@@ -32,8 +32,6 @@ export const firstBurstBytesDefault = 256 * 1024;
 export const maxOutstandingR2tMax = 16;
 /** CmdSN window we offer: MaxCmdSN = ExpCmdSN + this - 1 (commands queued per session). */
 export const cmdWindowPerSession = 128;
-/** Bytes of data-out buffered per session (unsolicited + solicited) before we stop issuing R2Ts. */
-export const sessionDataOutBytesMax = 64 * 1024 * 1024;
 /** One SCSI command may move at most this many bytes (also reported in the Block Limits VPD). */
 export const transferBytesMax = 8 * 1024 * 1024;
 /** Sessions per peer, connections per session. */
@@ -63,6 +61,28 @@ export const loginStallEvictMs = 1_000;
 export const discoverySessionsMax = 32;
 /** A Discovery session with no request (NOP-Outs do not count) for this long is dropped. */
 export const discoveryIdleMsMax = 30_000;
+
+// -- What sessions hold for hosts (issue 15 item 2; slice A) --
+/**
+ * Bytes one session's admitted commands may hold: a write's data-out buffer until the command
+ * ends, a read's data until its Data-In has left for the socket. A command that does not fit
+ * waits (it holds nothing meanwhile): a host that does not read its answers stops its own commands.
+ */
+export const sessionTaskBytesMax = 32 * 1024 * 1024;
+/** Bytes every session may hold without asking the peer's shared budget: small commands never wait for other hosts. */
+export const sessionGuaranteedBytes = 1024 * 1024;
+/** What sessions hold beyond their guaranteed bytes, all together (one ByteBudget per portal). */
+export const peerTaskBytesMax = 64 * 1024 * 1024;
+/** Data (immediate, unsolicited) a session may hold for commands waiting for bytes; a command beyond it is answered BUSY. */
+export const sessionParkedBytesMax = 256 * 1024;
+/**
+ * Answers other than read data (NOP-In echoes, responses, R2Ts, text) a session may have
+ * waiting for its socket: one largest NOP-In echo and a window of small ones. Beyond it the
+ * host is not reading and the connection is closed.
+ */
+export const sessionAnswerBytesMax = maxRecvDataSegmentBytesDefault + 256 * 1024;
+/** A session whose answers have not moved to its socket for this long is closed: it holds bytes other hosts need. */
+export const answerStallMsMax = 30_000;
 
 // ---- SCSI ------------------------------------------------------------------------------
 
@@ -103,7 +123,14 @@ assert(grainBytes % 4096 === 0, 'grain is a whole number of the largest block');
 assert((pageBlocks * 512) % grainBytes === 0, 'a page is a whole number of grains');
 assert(maxRecvDataSegmentBytesDefault <= dataSegmentBytesMax, 'MRDSL within data segment max');
 assert(firstBurstBytesDefault <= maxBurstBytesDefault, 'FirstBurst <= MaxBurst');
-assert(transferBytesMax <= sessionDataOutBytesMax, 'one command fits the session data-out budget');
+assert(transferBytesMax <= sessionTaskBytesMax, 'one command of any size runs once its session holds nothing');
+assert(transferBytesMax <= peerTaskBytesMax, 'one command of any size runs once the shared budget is free');
+assert(sessionGuaranteedBytes <= sessionTaskBytesMax, 'guaranteed bytes are within the session bound');
+assert(sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
+assert(sessionAnswerBytesMax >= maxRecvDataSegmentBytesDefault + cmdWindowPerSession * 2 * bhsBytes, 'a NOP-In echo (default MaxRecvDataSegmentLength) and a window of responses can wait');
+// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may hold on its own.
+assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionGuaranteedBytes + sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
+assert(answerStallMsMax > nopTimeoutMs, 'a slow reader is not taken for a stalled one before a NOP would be');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');
 assert(volumeBytesMax / (pageBlocks * 512) <= wireUint32Max, 'every page number of the largest volume fits a uint32 field');

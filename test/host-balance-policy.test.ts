@@ -7,6 +7,8 @@ import fc from 'fast-check';
 import pino from 'pino';
 import { LoginMachine, type LoginContext } from '../src/iscsi/login';
 import { defaultSessionParams, defaultTargetPrefs } from '../src/iscsi/negotiate';
+import { ByteBudget } from '../src/iscsi/budget';
+import { peerTaskBytesMax } from '../src/limits';
 import { Session } from '../src/iscsi/session';
 import type { TargetDirectory, TargetInfo } from '../src/iscsi/target';
 import { encodeTextKeys, parseTextKeys } from '../src/iscsi/text';
@@ -175,6 +177,7 @@ t.test('Logout with a write still waiting for Data-Out: answered at once; a comm
     params: { ...defaultSessionParams(), immediateData: false, initialR2T: true, maxRecvDataSegmentLength: 65536, maxXmitDataSegmentLength: 8192 },
     expCmdSN: 1, statSN: 100, nexus: { initiatorPort: 'i', initiatorName: 'iqn.h:1', targetPort: 't', relativeTargetPort: 1 },
     io: { send: (p) => out.push(p), close: (r) => closed.push(r) }, log: pino({ level: 'silent' }), nowMs: 0,
+    budget: new ByteBudget(peerTaskBytesMax),
   });
   const cmd = (itt: number, cmdSN: number, write: boolean): InitiatorPdu => ({
     opcode: Op.scsiCommand, immediate: false, final: true, initiatorTaskTag: itt, data: Buffer.alloc(0), read: !write, write, taskAttr: 1,

@@ -2,56 +2,10 @@
 // fake logical unit whose completions the test controls.
 
 import t from 'tap';
-import pino from 'pino';
-import { defaultSessionParams } from '../src/iscsi/negotiate';
-import { Session, snLess } from '../src/iscsi/session';
-import type { TargetDirectory, TargetInfo } from '../src/iscsi/target';
-import { Op, TmfFunction, TmfResponse, type InitiatorPdu, type TargetPdu, type DataInPdu, type R2tPdu, type ScsiResponsePdu } from '../src/iscsi/types';
-import { ScsiStatus, type LogicalUnit, type ScsiCommand, type ScsiResult } from '../src/scsi/types';
-
-const lun0 = Buffer.alloc(8);
-
-/** A LU that records commands and answers when the test says so (or at once). */
-class FakeLu implements LogicalUnit {
-  readonly lun = 0;
-  readonly seen: ScsiCommand[] = [];
-  readonly pending: Array<(r: ScsiResult) => void> = [];
-  auto: ((c: ScsiCommand) => ScsiResult) | undefined;
-  resets = 0;
-  execute(cmd: ScsiCommand): Promise<ScsiResult> {
-    this.seen.push({ ...cmd, dataOut: cmd.dataOut ? Buffer.from(cmd.dataOut) : null });
-    if (this.auto) return Promise.resolve(this.auto(cmd));
-    return new Promise((resolve) => this.pending.push(resolve));
-  }
-  reset(): void {
-    this.resets++;
-  }
-  nexusLost(): void {}
-}
-
-function setup(params: Partial<ReturnType<typeof defaultSessionParams>> = {}): { s: Session; lu: FakeLu; out: TargetPdu[]; closed: string[] } {
-  const lu = new FakeLu();
-  const target: TargetInfo = { name: 'iqn.2026-11.io.peersan:v', allow: [], luns: new Map([[0, lu]]) };
-  const directory: TargetDirectory = { portalGroupTag: 1, portalAddresses: ['127.0.0.1:3260'], find: () => target, visibleTo: () => [target] };
-  const out: TargetPdu[] = [];
-  const closed: string[] = [];
-  const s = new Session({
-    sessionType: 'Normal', initiatorName: 'iqn.x:y', target, directory,
-    params: { ...defaultSessionParams(), maxRecvDataSegmentLength: 65536, maxXmitDataSegmentLength: 8192, ...params },
-    expCmdSN: 1, statSN: 100, nexus: { initiatorPort: 'i', initiatorName: 'iqn.x:y', targetPort: 't', relativeTargetPort: 1 },
-    io: { send: (p) => out.push(p), close: (r) => closed.push(r) }, log: pino({ level: 'silent' }), nowMs: 0,
-  });
-  return { s, lu, out, closed };
-}
-
-function cmd(itt: number, cmdSN: number, opts: { read?: boolean; write?: boolean; edtl?: number; data?: Buffer; immediate?: boolean; cdb?: Buffer } = {}): InitiatorPdu {
-  return {
-    opcode: Op.scsiCommand, immediate: opts.immediate ?? false, final: true, initiatorTaskTag: itt, data: opts.data ?? Buffer.alloc(0),
-    read: opts.read ?? false, write: opts.write ?? false, taskAttr: 1, lun: lun0, expectedDataTransferLength: opts.edtl ?? 0,
-    cmdSN, expStatSN: 100, cdb: opts.cdb ?? Buffer.from('2800000000000000010000000000000000'.slice(0, 32), 'hex'),
-  };
-}
-const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+import { snLess } from '../src/iscsi/session';
+import { Op, TmfFunction, TmfResponse, type DataInPdu, type R2tPdu, type ScsiResponsePdu } from '../src/iscsi/types';
+import { ScsiStatus } from '../src/scsi/types';
+import { cmd, lun0, setup, tick, write10 } from './helpers/session-fixture';
 
 t.test('serial number arithmetic wraps', async (t) => {
   t.ok(snLess(0xfffffff0, 5));
@@ -76,7 +30,7 @@ t.test('commands reach the LU in CmdSN order; a gap holds later ones; outside th
 t.test('write without immediate data: R2Ts by MaxBurstLength, data gathered, then one LU call', async (t) => {
   const { s, lu, out } = setup({ immediateData: false, initialR2T: true, maxBurstLength: 4096, maxOutstandingR2T: 2 });
   lu.auto = (c) => ({ status: ScsiStatus.good, dataOutBytesUsed: c.expectedDataLength });
-  s.onPdu(cmd(1, 1, { write: true, edtl: 10000 }), 0);
+  s.onPdu(cmd(1, 1, { write: true, cdb: write10, edtl: 10000 }), 0);
   const r2ts = out.filter((p): p is R2tPdu => p.opcode === Op.r2t);
   t.same(r2ts.map((r) => [r.bufferOffset, r.desiredDataTransferLength, r.r2tSN]), [[0, 4096, 0], [4096, 4096, 1]], 'two outstanding');
   const send = (r: R2tPdu, fill: number): void => {
@@ -104,11 +58,12 @@ t.test('immediate data: all of it goes to the LU as is; part of it is gathered w
   const { s, lu, out } = setup({ immediateData: true, initialR2T: false, firstBurstLength: 65536 });
   lu.auto = (c) => ({ status: ScsiStatus.good, dataOutBytesUsed: c.expectedDataLength });
   const whole = Buffer.alloc(4096, 7);
-  s.onPdu(cmd(1, 1, { write: true, edtl: 4096, data: whole }), 0);
+  s.onPdu(cmd(1, 1, { write: true, cdb: write10, edtl: 4096, data: whole }), 0);
   t.equal(lu.seen.length, 1, 'no R2T, no wait: the data is all there');
   t.same(lu.seen[0].dataOut, whole);
   const part = Buffer.alloc(1024, 8);
-  s.onPdu(cmd(2, 2, { write: true, edtl: 3072, data: part }), 0);
+  // F clear on the command: unsolicited Data-Out PDUs follow (InitialR2T=No).
+  s.onPdu(cmd(2, 2, { write: true, cdb: write10, edtl: 3072, data: part, final: false }), 0);
   t.equal(lu.seen.length, 1, 'waits for the unsolicited rest');
   s.onPdu({ opcode: Op.dataOut, immediate: false, final: true, initiatorTaskTag: 2, data: Buffer.alloc(2048, 9), lun: lun0, targetTransferTag: 0xffffffff, expStatSN: 0, dataSN: 0, bufferOffset: 1024 }, 0);
   t.equal(lu.seen.length, 2);
@@ -121,7 +76,7 @@ t.test('immediate data: all of it goes to the LU as is; part of it is gathered w
 
 t.test('a wrong DataSN fails the command, not the session', async (t) => {
   const { s, lu, out, closed } = setup({ immediateData: false, initialR2T: true });
-  s.onPdu(cmd(1, 1, { write: true, edtl: 512 }), 0);
+  s.onPdu(cmd(1, 1, { write: true, cdb: write10, edtl: 512 }), 0);
   const r2t = out.find((p): p is R2tPdu => p.opcode === Op.r2t)!;
   s.onPdu({ opcode: Op.dataOut, immediate: false, final: true, initiatorTaskTag: 1, data: Buffer.alloc(512), lun: lun0, targetTransferTag: r2t.targetTransferTag, expStatSN: 0, dataSN: 27, bufferOffset: 0 }, 0);
   await tick();

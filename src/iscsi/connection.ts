@@ -15,6 +15,7 @@ import type { Nexus } from '../scsi/types';
 import { LoginMachine, type LoginContext, type LoginOutcome } from './login';
 import { PduParser, type ParseEvent } from './parser';
 import { encodePdu } from './pdu';
+import type { ByteBudget } from './budget';
 import { Session } from './session';
 import { Op, type InitiatorPdu, type TargetPdu } from './types';
 
@@ -143,7 +144,7 @@ export class Connection {
   }
 
   /** Called by the portal from sessionStarted. */
-  attachSession(nexus: Nexus): Session {
+  attachSession(nexus: Nexus, budget: ByteBudget): Session {
     const outcome = this.outcome!;
     this.session = new Session({
       sessionType: outcome.sessionType,
@@ -154,9 +155,10 @@ export class Connection {
       expCmdSN: outcome.expCmdSN,
       statSN: outcome.statSN,
       nexus,
-      io: { send: (pdu) => this.send(pdu), close: (reason) => this.end(reason) },
+      io: { send: (pdu, flushed) => this.send(pdu, flushed), close: (reason) => this.end(reason) },
       log: this.log,
       nowMs: Date.now(),
+      budget,
     });
     return this.session;
   }
@@ -166,14 +168,17 @@ export class Connection {
    * socket is uncorked in the check phase, after all the I/O callbacks of this turn (many
    * commands complete in the same poll phase under load).
    */
-  send(pdu: TargetPdu): void {
-    if (this.closed) return;
+  send(pdu: TargetPdu, flushed?: () => void): void {
+    if (this.closed) return flushed?.();
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    for (const chunk of encodePdu(pdu, this.digests)) this.socket.write(chunk);
+    const chunks = encodePdu(pdu, this.digests);
+    // Write callbacks run in order: the last chunk's says the whole PDU has left (or failed to).
+    for (let i = 0; i < chunks.length - 1; i++) this.socket.write(chunks[i]);
+    this.socket.write(chunks[chunks.length - 1], flushed);
     // Back-pressure: stop reading new commands while the initiator is not reading our answers.
     if (this.socket.writableLength > socketQueuedBytesMax) this.socket.pause();
   }

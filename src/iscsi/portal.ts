@@ -18,10 +18,12 @@ import {
   loginConnectionsMax,
   loginConnectionsPerSourceMax,
   loginStallEvictMs,
+  peerTaskBytesMax,
   sessionsPerPeerMax,
 } from '../limits';
 import { LogLimiter } from '../log';
 import type { Nexus } from '../scsi/types';
+import { ByteBudget } from './budget';
 import { Connection } from './connection';
 import type { AdmissionRequest, LoginContext, LoginOutcome } from './login';
 import { defaultTargetPrefs, type TargetPrefs } from './negotiate';
@@ -64,6 +66,8 @@ export class Portal {
   private readonly limiter = new LogLimiter();
   private readonly server: Server;
   private readonly connections = new Set<Connection>();
+  /** Bytes of command data all sessions of this portal hold together. */
+  private readonly budget = new ByteBudget(peerTaskBytesMax);
   private readonly sessionsByTsih = new Map<number, LiveSession>();
   private nextTsih = 1;
   private closing: Promise<void> | undefined;
@@ -235,7 +239,7 @@ export class Portal {
       targetPort: `${targetName},t,0x${this.opts.directory.portalGroupTag.toString(16).padStart(4, '0')}`,
       relativeTargetPort: this.opts.directory.portalGroupTag,
     };
-    const session = conn.attachSession(nexus);
+    const session = conn.attachSession(nexus, this.budget);
     const live: LiveSession = { tsih: outcome.tsih, outcome, conn, session };
     this.sessionsByTsih.set(outcome.tsih, live);
     this.opts.sessionStarted?.(this.info(live));

@@ -1,12 +1,19 @@
 // One iSCSI session in full feature phase (RFC 7143), one connection (MaxConnections=1).
 // No sockets or timers here: PDUs come in through onPdu, go out through io.send, time comes
-// in through tick(nowMs). Commands are delivered to the logical unit in CmdSN order; a write
-// command's data (immediate, unsolicited, then solicited by R2T) is gathered into one buffer
-// before the LU sees it; read data goes back as Data-In PDUs with the status in the last one.
+// in through tick(nowMs). In this order, for each command: the CmdSN window is checked before
+// anything is kept; the command is delivered in CmdSN order; it is admitted once its bytes
+// (EDTL) fit the session's bound and the peer's shared ByteBudget (a waiting command holds
+// nothing but the unsolicited data it parked); only then is a write's buffer allocated and its
+// data solicited by R2T; its data (immediate, unsolicited, solicited) must arrive exactly once,
+// in order, before the LU sees it; read data goes back as Data-In PDUs with the status in the
+// last one, and its bytes stay taken until they have left for the socket.
 
 import type { Logger } from 'pino';
-import { cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionDataOutBytesMax, transferBytesMax } from '../limits';
+import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionGuaranteedBytes, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
+import { LogLimiter } from '../log';
+import { dataDirection } from '../scsi/direction';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
+import type { ByteBudget, BudgetWaiter } from './budget';
 import { sendTargetsAnswer } from './discovery';
 import type { TargetDirectory, TargetInfo } from './target';
 import { encodeTextKeys, parseTextKeys, TextAccumulator, type TextPairs } from './text';
@@ -45,7 +52,8 @@ export function snLessEq(a: number, b: number): boolean {
 }
 
 export interface SessionIo {
-  send(pdu: TargetPdu): void;
+  /** `flushed` (when given) is called once the PDU has left for the socket, or the connection is gone. */
+  send(pdu: TargetPdu, flushed?: () => void): void;
   /** Drop the connection once what was sent is flushed. */
   close(reason: string): void;
 }
@@ -62,6 +70,22 @@ export interface SessionOptions {
   io: SessionIo;
   log: Logger;
   nowMs: number;
+  /** The peer's bytes for command data, shared by all its sessions. */
+  budget: ByteBudget;
+}
+
+/**
+ * One sequence of data-out (RFC 7143 4.2.5): the unsolicited one (immediate data, then
+ * Data-Out PDUs with the reserved TTT) or the answer to one R2T. We negotiate
+ * DataPDUInOrder=Yes and DataSequenceInOrder=Yes, so its PDUs must come in order, each
+ * starting where the previous one ended: no overlap, no gap, nothing past its end.
+ */
+interface Sequence {
+  offset: number;
+  length: number;
+  /** Bytes received so far: the next PDU must start at offset + received. */
+  received: number;
+  nextDataSN: number;
 }
 
 interface Task {
@@ -70,24 +94,35 @@ interface Task {
   pdu: ScsiCommandPdu;
   lun: number;
   edtl: number;
-  /** Gathered data-out (write) or null. */
+  /** Gathered data-out (an admitted write that has not failed) or null. */
   buffer: Buffer | null;
-  receivedBytes: number;
-  /** Offset up to which R2Ts have been issued. */
+  /** Admitted: its bytes are taken from the session's and the peer's budget (a waiting task holds none). */
+  admitted: boolean;
+  /** Bytes taken for this task, given back when its buffer is dropped or its read data flushed. */
+  chargedBytes: number;
+  /** Whether they came from the peer's shared budget (else from the session's guaranteed bytes). */
+  fromBudget: boolean;
+  /** Unsolicited data that came before admission (views, in order after the immediate data). */
+  parked: Buffer[] | null;
+  /** Immediate and parked bytes held before admission, counted against sessionParkedBytesMax. */
+  parkedBytes: number;
+  /** The unsolicited sequence while Data-Outs with the reserved TTT are still owed, else null. */
+  unsolicited: Sequence | null;
+  /** Offset up to which the data is covered by a sequence (unsolicited, then R2Ts issued). */
   solicitedTo: number;
-  r2tOutstanding: Map<number, { offset: number; length: number; received: number; nextDataSN: number }>;
-  /** DataSN expected next in the unsolicited sequence (Data-Out with the reserved TTT). */
-  unsolicitedDataSN: number;
+  r2tOutstanding: Map<number, Sequence>;
   r2tSN: number;
-  delivered: boolean;
   executing: boolean;
   aborted: boolean;
   /** The LU call has returned (or the task never reached it). */
   settled: boolean;
   /** Who waits for `settled` (an abort); created only then: most tasks are never waited for. */
   settledWaiters: (() => void)[] | null;
-  /** A result decided before execution (limits, missing LUN). */
-  early?: ScsiResult;
+  /**
+   * The command's answer when it cannot run (limits, flags, a broken data phase): sent once
+   * the initiator owes no more data for it, and the LU never sees the command.
+   */
+  failure?: ScsiResult;
 }
 
 function settle(task: Task): void {
@@ -114,6 +149,17 @@ const checkCondition = (key: number, asc: number, ascq: number): ScsiResult => (
   status: ScsiStatus.checkCondition,
   sense: fixedSense(key, asc, ascq),
 });
+/** ILLEGAL REQUEST, INVALID FIELD IN CDB: the command cannot be carried as sent. */
+const invalidCdb = (): ScsiResult => checkCondition(0x05, 0x24, 0x00);
+// The data-phase failures RFC 7143 11.4.7.2 lists (ABORTED COMMAND + ...), and SPC's for offsets and tags.
+const dataPhaseError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x00); // wrong DataSN
+const invalidTtt = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x01); // INVALID TARGET PORT TRANSFER TAG RECEIVED
+const dataOffsetError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x05); // overlap or gap
+const unexpectedUnsolicitedData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0c);
+const incorrectAmountOfData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0d);
+
+/** A broken data phase is a hostile or buggy initiator's to repeat at will: warn once in a while. */
+const dataPhaseWarnings = new LogLimiter();
 
 /** Standard INQUIRY data for a LUN that does not exist: peripheral qualifier 3, type 0x1f. */
 function inquiryNoLun(allocation: number): Buffer {
@@ -136,7 +182,22 @@ export class Session {
   private readonly tasks = new Map<number, Task>();
   /** Non-immediate commands that arrived ahead of a CmdSN gap, by CmdSN. */
   private readonly pending = new Map<number, () => void>();
-  private dataOutBytes = 0;
+  /** Delivered commands waiting for bytes, in CmdSN order. */
+  private readonly admitQueue: Task[] = [];
+  /** Bytes taken by this session's tasks (sessionTaskBytesMax), and held for tasks not admitted. */
+  private heldBytes = 0;
+  /** The part of heldBytes taken from the peer's shared budget. */
+  private budgetBytes = 0;
+  private parkedBytes = 0;
+  /** Answered reads whose data has not left for the socket yet; their bytes stay taken. */
+  private readonly awaitingFlush = new Set<Task>();
+  private flushes = 0;
+  /** Answers other than read data not yet flushed (sessionAnswerBytesMax). */
+  private answerBytes = 0;
+  private stall = { flushes: 0, sinceMs: 0 };
+  private pumping = false;
+  private readonly budget: ByteBudget;
+  private readonly waiter: BudgetWaiter = { wake: () => this.pump() };
   private nextTtt = 1;
   private lastRxMs: number;
   private ping: { ttt: number; sentMs: number } | undefined;
@@ -155,6 +216,13 @@ export class Session {
     this.statSN = opts.statSN;
     this.maxCmdSN = (opts.expCmdSN + cmdWindowPerSession - 1) >>> 0;
     this.lastRxMs = opts.nowMs;
+    this.budget = opts.budget;
+    this.stall.sinceMs = opts.nowMs;
+  }
+
+  /** Bytes this session holds for its commands (taken, and parked before admission). */
+  get bytesHeld(): number {
+    return this.heldBytes + this.parkedBytes;
   }
 
   get commandsInFlight(): number {
@@ -218,10 +286,19 @@ export class Session {
       this.drainPending();
       return;
     }
-    if (snLess(this.expCmdSN, cmdSN) && snLessEq(cmdSN, this.maxCmdSN) && !this.pending.has(cmdSN)) {
+    if (this.inWindow(cmdSN)) {
       this.pending.set(cmdSN, run);
       return;
     }
+    this.dropOutOfWindow(cmdSN);
+  }
+
+  /** A CmdSN we take: the next one, or one ahead inside the window not already held. */
+  private inWindow(cmdSN: number): boolean {
+    return cmdSN === this.expCmdSN || (snLess(this.expCmdSN, cmdSN) && snLessEq(cmdSN, this.maxCmdSN) && !this.pending.has(cmdSN));
+  }
+
+  private dropOutOfWindow(cmdSN: number): void {
     this.log.debug({ cmdSN, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN }, 'command outside the CmdSN window dropped');
   }
 
@@ -237,59 +314,188 @@ export class Session {
 
   private onScsiCommand(pdu: ScsiCommandPdu): void {
     if (this.opts.sessionType === 'Discovery') return this.reject(RejectReason.protocolError, pdu);
+    // The window first: a command outside it is dropped before anything is kept for it.
+    if (!pdu.immediate && !this.inWindow(pdu.cmdSN)) return this.dropOutOfWindow(pdu.cmdSN);
+    // Immediate commands skip CmdSN ordering, not the bound on commands held (RFC 7143 4.2.2.1).
+    if (pdu.immediate && this.tasks.size >= cmdWindowPerSession) return this.reject(RejectReason.immediateCommandReject, pdu);
     if (this.tasks.has(pdu.initiatorTaskTag)) return this.reject(RejectReason.taskInProgress, pdu);
-    if (this.draining) {
-      // No new work while we close: answer BUSY so the initiator retries elsewhere.
-      this.sequenced(pdu.immediate, pdu.cmdSN, () => this.respondEarly(pdu, { status: ScsiStatus.busy }));
-      return;
-    }
-    const task = this.createTask(pdu);
+    // No new work while we close: answer BUSY so the initiator retries elsewhere.
+    const task = this.createTask(pdu, this.draining ? { status: ScsiStatus.busy } : this.refusal(pdu));
     this.tasks.set(task.itt, task);
-    if (task.buffer) this.acceptImmediateData(task, pdu.data);
-    this.sequenced(pdu.immediate, pdu.cmdSN, () => {
-      task.delivered = true;
-      this.maybeExecute(task);
-    });
-    if (task.buffer) this.issueR2ts(task);
+    this.sequenced(pdu.immediate, pdu.cmdSN, () => this.admit(task));
+    // Waiting (for its CmdSN or for bytes): its immediate data is held meanwhile.
+    if (!task.admitted && !task.failure && pdu.data.length > 0) this.park(task, pdu.data.length);
   }
 
-  private createTask(pdu: ScsiCommandPdu): Task {
-    const edtl = pdu.expectedDataTransferLength;
+  private createTask(pdu: ScsiCommandPdu, failure: ScsiResult | undefined): Task {
     const task: Task = {
       // cdb and lun stay views into the socket chunk they came in (Node never reuses those).
-      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu,
-      lun: lunIndex(pdu.lun), edtl, buffer: null, receivedBytes: 0, solicitedTo: 0,
-      r2tOutstanding: new Map(), unsolicitedDataSN: 0, r2tSN: 0, delivered: false, executing: false, aborted: false, settled: false, settledWaiters: null,
+      itt: pdu.initiatorTaskTag, cmdSN: pdu.cmdSN, pdu, lun: lunIndex(pdu.lun), edtl: pdu.expectedDataTransferLength,
+      buffer: null, admitted: false, chargedBytes: 0, fromBudget: false, parked: null, parkedBytes: 0, unsolicited: null, solicitedTo: 0, r2tOutstanding: new Map(), r2tSN: 0,
+      executing: false, aborted: false, settled: false, settledWaiters: null, failure,
     };
-    if (pdu.read && pdu.write) {
-      task.early = checkCondition(0x05, 0x24, 0x00); // bidirectional: not supported
-    } else if (edtl > transferBytesMax) {
-      task.early = checkCondition(0x05, 0x24, 0x00);
-    } else if (pdu.write && edtl > 0) {
-      if (this.dataOutBytes + edtl > sessionDataOutBytesMax) {
-        task.early = { status: ScsiStatus.taskSetFull };
-      } else {
-        // All the data came as immediate data (a small write): use it where it lies, a view into
-        // the socket chunk that nothing else writes to. Otherwise gather it in a buffer of its own.
-        task.buffer = pdu.data.length === edtl ? pdu.data : Buffer.allocUnsafe(edtl);
-        this.dataOutBytes += edtl;
-      }
-    }
+    if (pdu.write && task.edtl > 0) this.startDataOut(task);
     return task;
   }
 
-  private acceptImmediateData(task: Task, data: Buffer): void {
-    const n = Math.min(data.length, task.edtl);
-    if (n > 0 && task.buffer !== data) data.copy(task.buffer!, 0, 0, n);
-    task.receivedBytes = n;
-    // Unsolicited data (immediate + Data-Out with the reserved TTT) covers the first burst.
-    const unsolicitedEnd = this.params.initialR2T ? n : Math.min(this.params.firstBurstLength, task.edtl);
-    task.solicitedTo = Math.max(unsolicitedEnd, n);
+  /** Why a command must not run, judged from its header and immediate data alone (undefined: it may run). */
+  private refusal(pdu: ScsiCommandPdu): ScsiResult | undefined {
+    const edtl = pdu.expectedDataTransferLength;
+    const immediateBytes = pdu.data.length;
+    if (pdu.read && pdu.write) return invalidCdb(); // bidirectional: not supported
+    if (edtl > transferBytesMax) return invalidCdb();
+    // Data expected with no direction, or a command that takes data sent without W (a WRITE with
+    // only R would reach the LU with no data and "succeed" having written nothing). The other way
+    // round, a READ with only W, stays GOOD with no data: its data-out is gathered and unused, and
+    // libiscsi's conformance suite requires GOOD for it (iSCSIResiduals.Read10Invalid).
+    if (edtl > 0 && !pdu.read && !pdu.write) return invalidCdb();
+    if (edtl > 0 && !pdu.write && dataDirection(pdu.cdb) === 'out') return invalidCdb();
+    if (immediateBytes > 0 && (!pdu.write || !this.params.immediateData)) return unexpectedUnsolicitedData();
+    if (immediateBytes > edtl || immediateBytes > this.params.firstBurstLength) return incorrectAmountOfData();
+    return undefined;
+  }
+
+  /**
+   * Lay out a write's data: the immediate data, then unsolicited Data-Outs up to
+   * FirstBurstLength (only with InitialR2T=No and the command's F bit clear: F says none
+   * follow), then R2Ts for the rest. The parts do not overlap and each is a Sequence taken
+   * strictly in order, so when every sequence is full every byte of the buffer was written
+   * exactly once: that is why the buffer may come from allocUnsafe (gathering 8 MiB into a
+   * zeroed buffer would cost a memset per write), and why the LU runs only then.
+   */
+  private startDataOut(task: Task): void {
+    const immediate = task.pdu.data;
+    const unsolicitedEnd = !this.params.initialR2T && !task.pdu.final ? Math.min(this.params.firstBurstLength, task.edtl) : immediate.length;
+    if (unsolicitedEnd > immediate.length) task.unsolicited = { offset: 0, length: unsolicitedEnd, received: immediate.length, nextDataSN: 0 };
+    task.solicitedTo = Math.max(unsolicitedEnd, immediate.length);
+  }
+
+  /** Count data held for a task waiting for admission; past the session's bound the command is answered BUSY instead. */
+  private park(task: Task, bytes: number): boolean {
+    if (this.parkedBytes + bytes > sessionParkedBytesMax) {
+      task.failure = { status: ScsiStatus.busy };
+      this.releaseParked(task);
+      // Out of the line for bytes (it needs none now): answered once no data is owed for it.
+      if (this.removeFromAdmitQueue(task)) this.admit(task);
+      return false;
+    }
+    task.parkedBytes += bytes;
+    this.parkedBytes += bytes;
+    return true;
+  }
+
+  private releaseParked(task: Task): void {
+    this.parkedBytes -= task.parkedBytes;
+    task.parkedBytes = 0;
+    task.parked = null;
+  }
+
+  // ---- admission: bytes before a command runs --------------------------------------------
+
+  /** A delivered command asks for its bytes; failed commands need none. */
+  private admit(task: Task): void {
+    if (task.failure) {
+      task.admitted = true;
+      return this.maybeExecute(task);
+    }
+    this.admitQueue.push(task);
+    this.pump();
+  }
+
+  /**
+   * Admit waiting commands in order while their bytes fit the session's bound and the peer's
+   * budget. Called when a command is delivered and whenever bytes come back (this session's or,
+   * through the budget's line, another's). A single command always fits an empty session
+   * (transferBytesMax ≤ sessionTaskBytesMax, transferBytesMax ≤ peerTaskBytesMax), so waiting
+   * ends once the bytes taken come back; a session whose commands fit its guaranteed bytes
+   * never waits for other sessions at all.
+   */
+  private pump(): void {
+    if (this.pumping || this.ended) return;
+    this.pumping = true;
+    try {
+      while (this.admitQueue.length > 0) {
+        const task = this.admitQueue[0];
+        const bytes = task.failure || task.aborted ? 0 : task.edtl;
+        if (bytes > 0 && !this.take(task, bytes)) return;
+        this.admitQueue.shift();
+        this.admitted(task);
+      }
+      this.budget.leave(this.waiter);
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private take(task: Task, bytes: number): boolean {
+    if (this.heldBytes + bytes > sessionTaskBytesMax) {
+      // Our own bound: our own bytes coming back wake us; meanwhile keep no place in the peer's line.
+      this.budget.leave(this.waiter);
+      return false;
+    }
+    // The first sessionGuaranteedBytes of every session do not come from the shared budget: a
+    // host with small commands goes on however much the hosts that do not read hold.
+    const fromBudget = this.heldBytes - this.budgetBytes + bytes > sessionGuaranteedBytes;
+    if (fromBudget && !this.budget.tryTake(bytes, this.waiter)) return false;
+    task.chargedBytes = bytes;
+    task.fromBudget = fromBudget;
+    this.heldBytes += bytes;
+    if (fromBudget) this.budgetBytes += bytes;
+    return true;
+  }
+
+  private admitted(task: Task): void {
+    task.admitted = true;
+    if (task.pdu.write && task.edtl > 0 && !task.failure && !task.aborted) this.gather(task);
+    this.issueR2ts(task);
+    this.maybeExecute(task);
+  }
+
+  /** The write's buffer: the immediate data where it lies when it is all the data (a small write), else a copy of what came so far. */
+  private gather(task: Task): void {
+    const immediate = task.pdu.data;
+    if (immediate.length === task.edtl) {
+      task.buffer = immediate;
+    } else {
+      task.buffer = Buffer.allocUnsafe(task.edtl);
+      immediate.copy(task.buffer, 0);
+      let at = immediate.length;
+      for (const part of task.parked ?? []) at += part.copy(task.buffer, at);
+    }
+    this.releaseParked(task);
+  }
+
+  private removeFromAdmitQueue(task: Task): boolean {
+    const position = this.admitQueue.indexOf(task);
+    if (position >= 0) this.admitQueue.splice(position, 1);
+    return position >= 0;
+  }
+
+  /** Give back the task's bytes (idempotent): its buffer is dropped, or its read data has left. */
+  private uncharge(task: Task): void {
+    const bytes = task.chargedBytes;
+    task.buffer = null;
+    this.releaseParked(task);
+    if (bytes === 0) return;
+    task.chargedBytes = 0;
+    this.heldBytes -= bytes;
+    if (task.fromBudget) {
+      this.budgetBytes -= bytes;
+      this.budget.release(bytes);
+    }
+    this.pump();
+  }
+
+  /** A read's answer has left for the socket (or the connection is gone). */
+  private flushed(task: Task): void {
+    if (!this.awaitingFlush.delete(task)) return;
+    this.flushes++;
+    this.uncharge(task);
   }
 
   /** Send R2Ts for the rest of the data, at most MaxOutstandingR2T at a time, each ≤ MaxBurstLength. */
   private issueR2ts(task: Task): void {
-    while (task.solicitedTo < task.edtl && task.r2tOutstanding.size < this.params.maxOutstandingR2T && !task.aborted) {
+    while (task.buffer && task.solicitedTo < task.edtl && task.r2tOutstanding.size < this.params.maxOutstandingR2T && !task.aborted && !task.failure) {
       const offset = task.solicitedTo;
       const length = Math.min(this.params.maxBurstLength, task.edtl - offset);
       const ttt = this.allocTtt();
@@ -305,54 +511,70 @@ export class Session {
 
   private onDataOut(pdu: DataOutPdu): void {
     const task = this.tasks.get(pdu.initiatorTaskTag);
-    if (!task || !task.buffer || task.executing || task.early) {
-      // Data for a task that is gone (aborted, failed, answered early) is dropped.
-      return;
-    }
-    const end = pdu.bufferOffset + pdu.data.length;
-    if (end > task.edtl) {
+    // Data for a task that is gone (aborted, or answered) or already inside the LU is dropped.
+    if (!task || task.executing) return;
+    const sequence = pdu.targetTransferTag === reservedTag ? task.unsolicited : task.r2tOutstanding.get(pdu.targetTransferTag);
+    if (!sequence) return this.onStrayDataOut(task, pdu);
+    const failure = task.failure ? undefined : this.checkDataOut(sequence, pdu);
+    if (failure) this.fail(task, failure, pdu);
+    // Only a PDU that starts where the sequence stands and fits in it is ever written.
+    else if (task.buffer) pdu.data.copy(task.buffer, pdu.bufferOffset);
+    else if (!task.failure && this.park(task, pdu.data.length)) (task.parked ??= []).push(pdu.data);
+    sequence.received += pdu.data.length;
+    sequence.nextDataSN++;
+    if (pdu.final || sequence.received >= sequence.length) this.endSequence(task, pdu.targetTransferTag);
+    this.maybeExecute(task);
+  }
+
+  /** Why a Data-Out does not continue its sequence exactly (undefined: it does). */
+  private checkDataOut(sequence: Sequence, pdu: DataOutPdu): ScsiResult | undefined {
+    // DataSN counts from 0 within each sequence. At ErrorRecoveryLevel 0 nothing is repaired:
+    // the command fails, the session goes on.
+    if (pdu.dataSN !== sequence.nextDataSN) return dataPhaseError();
+    if (pdu.bufferOffset !== sequence.offset + sequence.received) return dataOffsetError();
+    const received = sequence.received + pdu.data.length;
+    if (received > sequence.length) return incorrectAmountOfData();
+    if (pdu.final && received < sequence.length) return incorrectAmountOfData();
+    return undefined;
+  }
+
+  /** A Data-Out that belongs to no sequence of its task: unsolicited data not allowed, or a TTT we never gave. */
+  private onStrayDataOut(task: Task, pdu: DataOutPdu): void {
+    if (task.failure) return; // whatever else a failed task's initiator sends is dropped
+    if (pdu.targetTransferTag === reservedTag) {
+      this.fail(task, unexpectedUnsolicitedData(), pdu);
+    } else {
       this.reject(RejectReason.protocolError, pdu);
-      return;
-    }
-    // DataSN counts from 0 within each sequence (unsolicited, or one R2T). At ErrorRecoveryLevel
-    // 0 a sequence error cannot be repaired: the connection goes, and the command with it.
-    const r2t = pdu.targetTransferTag === reservedTag ? undefined : task.r2tOutstanding.get(pdu.targetTransferTag);
-    const expectedDataSN = r2t ? r2t.nextDataSN : task.unsolicitedDataSN;
-    if (pdu.dataSN !== expectedDataSN) {
-      // The command fails (ABORTED COMMAND, DATA PHASE ERROR); the session goes on.
-      this.log.warn({ itt: task.itt, dataSN: pdu.dataSN, expectedDataSN }, 'Data-Out out of sequence, failing the command');
-      task.early = checkCondition(0x0b, 0x4b, 0x00);
-      this.maybeExecute(task);
-      return;
-    }
-    if (r2t) r2t.nextDataSN++;
-    else task.unsolicitedDataSN++;
-    pdu.data.copy(task.buffer, pdu.bufferOffset);
-    task.receivedBytes += pdu.data.length;
-    if (pdu.targetTransferTag !== reservedTag) {
-      if (r2t) {
-        r2t.received += pdu.data.length;
-        if (pdu.final || r2t.received >= r2t.length) {
-          task.r2tOutstanding.delete(pdu.targetTransferTag);
-          this.issueR2ts(task);
-        }
-      }
+      this.fail(task, invalidTtt(), pdu);
     }
     this.maybeExecute(task);
   }
 
-  private dataComplete(task: Task): boolean {
-    return task.buffer === null || (task.receivedBytes >= task.edtl && task.r2tOutstanding.size === 0 && task.solicitedTo >= task.edtl);
+  private endSequence(task: Task, ttt: number): void {
+    if (ttt === reservedTag) task.unsolicited = null;
+    else task.r2tOutstanding.delete(ttt);
+    this.issueR2ts(task);
+  }
+
+  /** The command will not run: its data is dropped now, its answer waits for the data still owed. */
+  private fail(task: Task, failure: ScsiResult, pdu: DataOutPdu): void {
+    dataPhaseWarnings.warn(this.log, 'data-out', { itt: task.itt, ttt: pdu.targetTransferTag, dataSN: pdu.dataSN, bufferOffset: pdu.bufferOffset, bytes: pdu.data.length }, 'Data-Out outside its sequence, failing the command');
+    task.failure = failure;
+    this.uncharge(task);
+  }
+
+  /** Data the initiator may still send for the task: a sequence open, or (for a live write) R2Ts not yet issued. */
+  private dataOwed(task: Task): boolean {
+    return task.unsolicited !== null || task.r2tOutstanding.size > 0 || (task.buffer !== null && task.solicitedTo < task.edtl);
   }
 
   private maybeExecute(task: Task): void {
-    if (!task.delivered || task.executing || task.aborted) return;
-    if (task.early) {
-      task.executing = true;
-      return this.complete(task, task.early);
-    }
-    if (!this.dataComplete(task)) return;
+    if (!task.admitted || task.executing || task.aborted) return;
+    // Nothing runs, and nothing is answered, while data is owed: a failed command answered
+    // early lets the initiator reuse its ITT while its last Data-Outs are still on the way.
+    if (this.dataOwed(task)) return;
     task.executing = true;
+    if (task.failure) return this.complete(task, task.failure);
     const lu = this.luFor(task.lun);
     if (!lu) return this.complete(task, this.noSuchLun(task));
     lu.execute({
@@ -378,24 +600,25 @@ export class Session {
     return checkCondition(0x05, 0x25, 0x00);
   }
 
-  private respondEarly(pdu: ScsiCommandPdu, result: ScsiResult): void {
-    const task = this.createTask(pdu);
-    if (task.buffer) this.dataOutBytes -= task.edtl;
-    task.buffer = null;
-    this.tasks.set(task.itt, task);
-    task.executing = true;
-    this.complete(task, result);
-  }
-
   private complete(task: Task, result: ScsiResult): void {
     this.tasks.delete(task.itt);
-    if (task.buffer) this.dataOutBytes -= task.edtl;
     settle(task);
-    if (!task.aborted && !this.ended) this.sendResult(task, result);
+    const answered = !task.aborted && !this.ended;
+    // A read's bytes stay taken until its data has left for the socket: a host that does not
+    // read its answers holds its own bound, and its next commands wait.
+    if (answered && task.chargedBytes > 0 && task.pdu.read && result.dataIn && result.dataIn.length > 0) {
+      this.awaitingFlush.add(task);
+      task.buffer = null;
+      this.sendResult(task, result, () => this.flushed(task));
+    } else {
+      this.uncharge(task);
+      if (answered) this.sendResult(task, result);
+    }
     this.notifyIdle();
   }
 
-  private sendResult(task: Task, result: ScsiResult): void {
+  /** `flushed` goes with the last PDU of the answer. */
+  private sendResult(task: Task, result: ScsiResult, flushed?: () => void): void {
     const edtl = task.edtl;
     let residualBytes = 0;
     let overflow = false;
@@ -412,10 +635,10 @@ export class Session {
         residualBytes = edtl - dataIn.length;
       }
       const statusInData = result.status === ScsiStatus.good && !result.sense && sent > 0;
-      dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined);
+      dataSN = this.sendDataIn(task, dataIn.subarray(0, sent), statusInData ? { status: result.status, overflow, underflow, residualBytes } : undefined, statusInData ? flushed : undefined);
       if (statusInData) return;
     } else {
-      const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.buffer ? edtl : 0)) : 0;
+      const used = task.pdu.write ? (result.dataOutBytesUsed ?? (task.failure ? 0 : edtl)) : 0;
       if (used < edtl) {
         underflow = true;
         residualBytes = edtl - used;
@@ -436,11 +659,11 @@ export class Session {
       response: ScsiResponseCode.completed, status: result.status, snackTag: 0,
       statSN: this.nextStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
       expDataSN: task.pdu.read ? dataSN : task.r2tSN, bidiResidualCount: 0, residualCount: residualBytes,
-    });
+    }, flushed);
   }
 
   /** Data-In PDUs of ≤ MaxXmitDataSegmentLength; F at the end of each MaxBurstLength sequence. Returns the PDU count. */
-  private sendDataIn(task: Task, data: Buffer, status?: { status: number; overflow: boolean; underflow: boolean; residualBytes: number }): number {
+  private sendDataIn(task: Task, data: Buffer, status: { status: number; overflow: boolean; underflow: boolean; residualBytes: number } | undefined, flushed: (() => void) | undefined): number {
     const segment = this.params.maxXmitDataSegmentLength;
     const burst = this.params.maxBurstLength;
     let dataSN = 0;
@@ -458,7 +681,7 @@ export class Session {
         targetTransferTag: reservedTag, statSN: withStatus ? this.nextStatSN() : 0, expCmdSN: this.expCmdSN,
         maxCmdSN: this.windowEnd(), dataSN: dataSN++, bufferOffset: offset,
         residualCount: withStatus ? status.residualBytes : 0,
-      });
+      }, last ? flushed : undefined);
       offset = end;
     }
     return dataSN;
@@ -577,7 +800,8 @@ export class Session {
       if (!task.executing) {
         // Never reached the LU: release it now.
         this.tasks.delete(task.itt);
-        if (task.buffer) this.dataOutBytes -= task.edtl;
+        this.removeFromAdmitQueue(task);
+        this.uncharge(task);
         settle(task);
       }
     }
@@ -622,6 +846,7 @@ export class Session {
   /** Target-initiated NOP-In after idle time; a ping left unanswered past the timeout drops the connection. */
   tick(nowMs: number): void {
     if (this.ended) return;
+    if (this.answersStalled(nowMs)) return this.io.close('answers not read');
     if (this.ping) {
       if (nowMs - this.ping.sentMs > nopTimeoutMs) this.io.close('no answer to NOP-In ping');
       return;
@@ -633,6 +858,15 @@ export class Session {
       opcode: Op.nopIn, immediate: false, final: true, initiatorTaskTag: reservedTag, data: Buffer.alloc(0), lun: lunZero,
       targetTransferTag: ttt, statSN: this.statSN, expCmdSN: this.expCmdSN, maxCmdSN: this.windowEnd(),
     });
+  }
+
+  /** Answers wait for the socket and none has left it for answerStallMsMax: the host is not reading. */
+  private answersStalled(nowMs: number): boolean {
+    if (this.awaitingFlush.size === 0 || this.flushes !== this.stall.flushes) {
+      this.stall = { flushes: this.flushes, sinceMs: nowMs };
+      return false;
+    }
+    return nowMs - this.stall.sinceMs > answerStallMsMax;
   }
 
   /** Stop taking commands and wait for those in flight. */
@@ -647,6 +881,11 @@ export class Session {
     this.ended = true;
     for (const task of this.tasks.values()) task.aborted = true;
     this.pending.clear();
+    // Every byte goes back: tasks still in the LU keep only their own buffers until they return.
+    this.admitQueue.length = 0;
+    this.budget.leave(this.waiter);
+    for (const task of [...this.tasks.values(), ...this.awaitingFlush]) this.uncharge(task);
+    this.awaitingFlush.clear();
     for (const lu of this.opts.target?.luns.values() ?? []) lu.nexusLost(this.opts.nexus);
     this.notifyIdle();
   }
@@ -663,8 +902,18 @@ export class Session {
 
   // ---- helpers ----------------------------------------------------------------------------
 
-  private send(pdu: TargetPdu): void {
-    if (!this.ended) this.io.send(pdu);
+  /**
+   * Read data is counted in the budget until it has left for the socket (the caller's
+   * `flushed`); every other answer is counted here until then: a host that sends NOP-Outs or
+   * commands and never reads the answers is closed once they pass sessionAnswerBytesMax.
+   */
+  private send(pdu: TargetPdu, flushed?: () => void): void {
+    if (this.ended) return;
+    if (pdu.opcode === Op.dataIn || flushed) return this.io.send(pdu, flushed);
+    const bytes = bhsBytes + pdu.data.length;
+    this.answerBytes += bytes;
+    this.io.send(pdu, () => (this.answerBytes -= bytes));
+    if (this.answerBytes > sessionAnswerBytesMax) this.io.close('answers not read');
   }
 
   private nextStatSN(): number {

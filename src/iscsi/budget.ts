@@ -1,0 +1,61 @@
+// The bytes of command data one peer holds for its hosts, shared by every session of the
+// portal: write buffers being gathered, and read data until it has left for the socket. A
+// session takes bytes for a command before it runs it and gives them back when they are gone;
+// one that cannot take them waits in line, and is woken in the order it started waiting when
+// bytes come back (a command needing many bytes is not passed over forever by small ones).
+
+export interface BudgetWaiter {
+  /** Bytes were released: try again (synchronously; may take, or wait in line again). */
+  wake(): void;
+}
+
+export class ByteBudget {
+  readonly bytesMax: number;
+  private used = 0;
+  private readonly waiters: BudgetWaiter[] = [];
+
+  constructor(bytesMax: number) {
+    this.bytesMax = bytesMax;
+  }
+
+  get usedBytes(): number {
+    return this.used;
+  }
+
+  /**
+   * Take `bytes` if they fit and no one waits ahead of `waiter`; otherwise `waiter` waits in
+   * line (once) and is woken when bytes are released.
+   */
+  tryTake(bytes: number, waiter: BudgetWaiter): boolean {
+    const position = this.waiters.indexOf(waiter);
+    const first = position === 0 || (position < 0 && this.waiters.length === 0);
+    if (!first || this.used + bytes > this.bytesMax) {
+      if (position < 0) this.waiters.push(waiter);
+      return false;
+    }
+    if (position === 0) this.waiters.shift();
+    this.used += bytes;
+    return true;
+  }
+
+  release(bytes: number): void {
+    this.used -= bytes;
+    if (this.used < 0) throw new Error(`ByteBudget: released more than taken (${this.used})`);
+    this.wakeWaiters();
+  }
+
+  /** A waiter that no longer wants anything (its session ended). */
+  leave(waiter: BudgetWaiter): void {
+    const position = this.waiters.indexOf(waiter);
+    if (position >= 0) this.waiters.splice(position, 1);
+    if (position === 0) this.wakeWaiters();
+  }
+
+  /** Wake waiters in order while the first one is served (it leaves the line by taking). */
+  private wakeWaiters(): void {
+    for (let head = this.waiters[0]; head; head = this.waiters[0]) {
+      head.wake();
+      if (this.waiters[0] === head) return;
+    }
+  }
+}
