@@ -47,6 +47,17 @@ function senseOf(data: Buffer): ScsiResult['sense'] {
   return { key: s[2] & 0x0f, asc: s[12], ascq: s[13] };
 }
 
+let isids = 0;
+
+/** A random-type ISID (0x80) unique in this process: the pid and a counter. */
+function nextIsid(): Buffer {
+  const b = Buffer.alloc(6);
+  b[0] = 0x80;
+  b.writeUInt16BE(process.pid & 0xffff, 1);
+  b.writeUIntBE(++isids & 0xffffff, 3, 3);
+  return b;
+}
+
 export class RawIscsi {
   readonly socket: Socket;
   private readonly parser = new PduParser({ maxRecvDataSegmentBytes: 16 * 1024 * 1024, headerDigest: false, dataDigest: false });
@@ -58,6 +69,11 @@ export class RawIscsi {
   cmdSN = 1;
   expStatSN = 0;
   private nextItt = 1;
+  /**
+   * Each connection its own session id: a login with the ISID and initiator name of a live
+   * session reinstates it (RFC 7143 6.3.5), which would close another client's session.
+   */
+  private readonly isid = nextIsid();
   /** The target's MaxRecvDataSegmentLength: the most one Data-Out may carry. */
   targetRecvBytes = 8192;
   firstBurstBytes = 65536;
@@ -160,7 +176,7 @@ export class RawIscsi {
     return {
       opcode: Op.loginRequest, immediate: true, final: stage.transit, initiatorTaskTag: itt, data: encodeTextKeys(keys),
       transit: stage.transit, continue: false, csg: stage.csg, nsg: stage.nsg, versionMax: 0, versionMin: 0,
-      isid: Buffer.from([0x80, 0, 0, 0x12, 0x34, 0x56]), tsih: 0, cid: 0, cmdSN: this.cmdSN, expStatSN: this.expStatSN,
+      isid: this.isid, tsih: 0, cid: 0, cmdSN: this.cmdSN, expStatSN: this.expStatSN,
     };
   }
 
