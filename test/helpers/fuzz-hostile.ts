@@ -2,7 +2,8 @@
 // and a normal host doing I/O meanwhile: used by test/hostile-load.test.ts (small numbers)
 // and bench/hostile-rss.js (the issue's numbers). Each load runs for a bounded time, then
 // closes every connection it opened; a load that takes the peer past `abortAboveBytes`
-// over idle is ended early (the bound is already broken; the machine is shared).
+// over idle is ended early and the peer process with it (the bound is already broken, and
+// the machine is shared): the caller starts it again.
 //
 //   reads          K sessions each queue 128 READs of 8 MiB (and immediate READs beyond the
 //                  CmdSN window) and never read the answers (item 2)
@@ -142,10 +143,11 @@ export function loginSlots(halfHeaders: number, unfinished: number, discovery: n
  * The normal host during a load: a session opened before it writes 4 KiB at a random place and
  * reads it back, again and again; every `loginEveryMs` a new host also logs in (and does one round).
  */
-function normalHost(target: LoadTarget, session: RawIscsi, rng: Rng, loginEveryMs: number): { stop(): Promise<HostReport> } {
+function normalHost(target: LoadTarget, session: RawIscsi, rng: Rng, loginEveryMs: number): { freeze(): void; stop(): Promise<HostReport> } {
   const latencies: number[] = [];
   const report: HostReport = { ops: 0, failures: 0, p50Ms: 0, maxMs: 0, logins: 0, loginsOk: 0 };
   let stopping = false;
+  let counting = true;
   const round = async (c: RawIscsi): Promise<boolean> => {
     const lba = rng.int(target.volumeBytes / blockBytes - 8);
     const data = rng.bytes(8 * blockBytes);
@@ -153,13 +155,16 @@ function normalHost(target: LoadTarget, session: RawIscsi, rng: Rng, loginEveryM
     const w = await c.writeBlocks(lba, data, blockBytes, 10_000);
     const r = w?.status === 0 ? await c.readBlocks(lba, 8, blockBytes, 10_000) : undefined;
     const ok = r?.status === 0 && r.data.equals(data);
+    if (!counting) return ok;
     if (ok) latencies.push(performance.now() - started);
     else report.firstFailure ??= describe(c, w, r, performance.now() - started);
     return ok;
   };
   const io = (async () => {
     while (!stopping) {
-      if (await round(session)) {
+      const ok = await round(session);
+      if (!counting) break;
+      if (ok) {
         report.ops++;
         continue;
       }
@@ -170,17 +175,24 @@ function normalHost(target: LoadTarget, session: RawIscsi, rng: Rng, loginEveryM
   })();
   const logins = (async () => {
     while (!stopping) {
-      report.logins++;
       const c = await openSession(target.peer.iscsiPort, target.volume).catch((err: Error) => {
-        report.firstFailure ??= `new login: ${err.message}`;
+        if (counting) report.firstFailure ??= `new login: ${err.message}`;
         return undefined;
       });
-      if (c && (await round(c))) report.loginsOk++;
+      const ok = c !== undefined && (await round(c));
       c?.close();
+      if (!counting) break;
+      report.logins++;
+      if (ok) report.loginsOk++;
       for (let waited = 0; waited < loginEveryMs && !stopping; waited += 100) await sleep(100);
     }
   })();
   return {
+    // Count nothing from now on: what happens to the host after this (the peer is being
+    // stopped) is not the load's doing.
+    freeze: () => {
+      counting = false;
+    },
     stop: async () => {
       stopping = true;
       await Promise.all([io, logins]);
@@ -223,6 +235,7 @@ export async function runLoad(target: LoadTarget, name: string, start: LoadStart
   resetPeak(pid);
   let peakBytes = startBytes;
   let aborted = false;
+  let peerAlive = true;
   const host = normalHost(target, session, new Rng(o.seed ?? 1, 2), o.loginEveryMs ?? 1_000);
   let load: Load | undefined;
   let endBytes = 0;
@@ -242,22 +255,28 @@ export async function runLoad(target: LoadTarget, name: string, start: LoadStart
     }
     endBytes = rssOf(pid)?.rssBytes ?? 0;
   } finally {
+    // Past the abort bound the process is ended at once: the answers still in flight would
+    // take it gigabytes further while the host's round times out (the caller restarts it).
+    peerAlive = alive(target.peer);
+    if (aborted) {
+      host.freeze();
+      await target.peer.kill('SIGKILL');
+    }
     // Whatever happened, nothing this load opened outlives it.
     load?.close();
     hostReport = await host.stop();
     session.close();
   }
-  // A load past its abort bound is not waited for: the caller ends the process (it may still be growing).
   if (!aborted) await sleep(o.settleMs ?? 2_000);
-  const after = rssOf(pid);
+  const after = aborted ? undefined : rssOf(pid);
   peakBytes = Math.max(peakBytes, after?.peakBytes ?? 0);
-  return { name, idleBytes, startBytes, peakBytes, endBytes, afterBytes: after?.rssBytes ?? 0, aborted, alive: alive(target.peer), host: hostReport };
+  return { name, idleBytes, startBytes, peakBytes, endBytes, afterBytes: after?.rssBytes ?? 0, aborted, alive: peerAlive && (aborted || alive(target.peer)), host: hostReport };
 }
 
 /** One line per load: RSS next to idle, and how the normal host fared. */
 export function formatReport(r: LoadReport): string {
   const m = (b: number): string => `${Math.round(b / 2 ** 20)} MiB`;
   const h = r.host;
-  return `${r.name}: idle ${m(r.idleBytes)}, at start ${m(r.startBytes)}, peak ${m(r.peakBytes)} (+${m(r.peakBytes - r.idleBytes)}${r.aborted ? ', load ended early at the abort bound' : ''}), end ${m(r.endBytes)}, after close ${m(r.afterBytes)}${r.alive ? '' : ', PEER EXITED'}; `
+  return `${r.name}: idle ${m(r.idleBytes)}, at start ${m(r.startBytes)}, peak ${m(r.peakBytes)} (+${m(r.peakBytes - r.idleBytes)}${r.aborted ? ', stopped at the abort bound' : ''}), end ${m(r.endBytes)}, after close ${r.aborted ? '- (process stopped)' : m(r.afterBytes)}${r.alive ? '' : ', PEER EXITED'}; `
     + `normal host: ${h.ops} rounds ok, ${h.failures} failed, p50 ${h.p50Ms} ms, max ${h.maxMs} ms, new logins ${h.loginsOk}/${h.logins}${h.firstFailure ? ` (first failure: ${h.firstFailure})` : ''}`;
 }
