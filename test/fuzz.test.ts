@@ -1,9 +1,9 @@
 // Socket-level fuzzing of two peer processes (issue 15, acceptance 2): random and mutated
 // iSCSI PDUs in every phase, Data-Out sequences with faults, mutated peer frames against the
-// page service, raw HTTP requests (test/helpers/fuzz-cases.ts). After every few cases: both
-// peers are alive, each within `rssAboveIdleBytesMax` of its idle RSS, and a well-behaved host
-// on sessions of its own writes random blocks (on pages of both peers) and reads them back
-// exactly. Seeded: prints "fuzz: N cases, seed S"; a failure prints the seed and case index
+// page service, raw HTTP requests (test/helpers/fuzz-cases.ts). After every case both peers
+// are alive, each within `rssAboveIdleBytesMax` of its idle RSS; after every few, a
+// well-behaved host on sessions of its own writes random blocks (on pages of both peers) and
+// reads them back exactly. Seeded: prints "fuzz: N cases, seed S"; a failure prints the seed and case index
 // that replay it. A peer that dies is restarted (at most `restartsMax` times) so that one
 // crash does not hide what the rest of the run would find.
 //
@@ -11,6 +11,7 @@
 //   PEERSAN_FUZZ_CASE=i      replay case i of seed S alone
 //   PEERSAN_FUZZ_CASES=N     run N cases (default: as many as fit in PEERSAN_FUZZ_MS)
 //   PEERSAN_FUZZ_MS=ms       time for the cases (default 45000; with PEERSAN_FUZZ_CASES, none)
+//   PEERSAN_TEST_LOG_DIR=dir keep each peer's log as dir/<id>.log (why a peer died)
 
 import t from 'tap';
 import { pickCase, type CaseContext, type Violation } from './helpers/fuzz-cases';
@@ -63,15 +64,15 @@ t.test('fuzz: peers survive hostile iSCSI, peer frames and HTTP, and keep servin
   t.teardown(() => [...host, checker].forEach((c) => c?.close()));
 
   const hostRng = new Rng(seed, 1);
-  /** The peers' health: a message per problem (none: healthy). */
-  const health = async (): Promise<string[]> => {
+  /** Cheap, after every case: each peer alive and within its memory bound. */
+  const vitals = (): string[] => g.peers.flatMap((p, i) => {
+    const rss = rssOf(p.process.pid!)?.rssBytes;
+    if (!alive(p) || rss === undefined) return [`peer ${p.id} exited (${p.process.exitCode ?? p.process.signalCode ?? 'not reaped yet'})`];
+    return rss - idle[i] > rssAboveIdleBytesMax ? [`peer ${p.id} RSS ${mib(rss)} MiB, ${mib(rss - idle[i])} MiB above idle (bound ${mib(rssAboveIdleBytesMax)})`] : [];
+  });
+  /** Every few cases: the normal host writes random blocks through each portal and reads them back. */
+  const served = async (): Promise<string[]> => {
     const problems: string[] = [];
-    g.peers.forEach((p, i) => {
-      if (!alive(p)) return problems.push(`peer ${p.id} exited (${p.process.exitCode ?? p.process.signalCode})`);
-      const rss = rssOf(p.process.pid!)!.rssBytes;
-      if (rss - idle[i] > rssAboveIdleBytesMax) problems.push(`peer ${p.id} RSS ${mib(rss)} MiB, ${mib(rss - idle[i])} MiB above idle (bound ${mib(rssAboveIdleBytesMax)})`);
-    });
-    if (problems.length > 0) return problems;
     for (const [i, c] of host.entries()) {
       const blocks = hostRng.pick([1, 8, 128]);
       const lba = hostRng.int(volumeBytes / blockBytes - blocks);
@@ -104,7 +105,8 @@ t.test('fuzz: peers survive hostile iSCSI, peer frames and HTTP, and keep servin
   const started = Date.now();
   let run = 0;
   let checked = true;
-  for (let index = onlyCase ?? 0; run < casesMax && Date.now() - started < timeMs; index++) {
+  let index = onlyCase ?? 0;
+  for (; run < casesMax && Date.now() - started < timeMs; index++) {
     const rng = new Rng(caseSeed(seed, index));
     const [kind, fn] = pickCase(rng);
     counts.set(kind, (counts.get(kind) ?? 0) + 1);
@@ -117,12 +119,17 @@ t.test('fuzz: peers survive hostile iSCSI, peer frames and HTTP, and keep servin
     }
     for (const v of violations) failures.push({ index, kind, ...v });
     run++;
+    const problems = vitals();
+    for (const message of problems) failures.push({ index, kind, finding: 0, message: `after this case: ${message}` });
+    if (problems.length > 0) {
+      if (!(await revive())) break;
+      continue;
+    }
     checked = run % casesPerCheck === 0;
     if (!checked) continue;
-    for (const message of await health()) failures.push({ index, kind, finding: 0, message: `after cases ${index + 1 - casesPerCheck}-${index}: ${message}` });
-    if (!(await revive())) break;
+    for (const message of await served()) failures.push({ index, kind, finding: 0, message: `after cases ${index + 1 - casesPerCheck}-${index}: ${message}` });
   }
-  if (!checked) for (const message of await health()) failures.push({ index: -1, kind: 'end', finding: 0, message: `after the last cases: ${message}` });
+  if (!checked) for (const message of await served()) failures.push({ index: index - 1, kind: 'end', finding: 0, message: `after the last cases: ${message}` });
 
   const rss = g.peers.map((p, i) => `${p.id} idle ${mib(idle[i])} MiB, now ${alive(p) ? mib(rssOf(p.process.pid!)!.rssBytes) : '-'} MiB`);
   t.comment(`fuzz: ${run} cases, seed ${seed} (${Math.round((Date.now() - started) / 1000)} s; ${[...counts].map(([k, n]) => `${k} ${n}`).join(', ')}; ${rss.join('; ')}; ${restarts} restarts)`);

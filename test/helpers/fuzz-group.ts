@@ -37,15 +37,24 @@ export async function startFuzzGroup(teardown: (fn: () => unknown) => void, coun
   return { peers, volumeIds, httpPorts };
 }
 
-/** Resident and peak resident memory of a process (bytes), from /proc; undefined once it is gone. */
+/**
+ * Resident and peak resident memory of a process (bytes), from /proc; undefined once it is
+ * gone, or exited and not yet reaped (a zombie has no memory lines, and its 'exit' event may
+ * not have reached us yet).
+ */
 export function rssOf(pid: number): { rssBytes: number; peakBytes: number } | undefined {
+  let status: string;
   try {
-    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-    const kb = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? 0) * 1024;
-    return { rssBytes: kb('VmRSS'), peakBytes: kb('VmHWM') };
+    status = readFileSync(`/proc/${pid}/status`, 'utf8');
   } catch {
     return undefined;
   }
+  const kb = (key: string): number | undefined => {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status);
+    return m ? Number(m[1]) * 1024 : undefined;
+  };
+  const [rssBytes, peakBytes] = [kb('VmRSS'), kb('VmHWM')];
+  return rssBytes === undefined || peakBytes === undefined ? undefined : { rssBytes, peakBytes };
 }
 
 /** Restart the kernel's peak-RSS count of `pid` (VmHWM), so each load's peak is its own. */
@@ -57,8 +66,9 @@ export function resetPeak(pid: number): void {
   }
 }
 
+/** The peer's process is running (not exited, not a zombie waiting to be reaped). */
 export function alive(peer: TestPeer): boolean {
-  return peer.process.exitCode === null && peer.process.signalCode === null;
+  return peer.process.exitCode === null && peer.process.signalCode === null && rssOf(peer.process.pid!) !== undefined;
 }
 
 export const mib = (bytes: number): number => Math.round(bytes / 2 ** 20);

@@ -5,6 +5,7 @@
 
 import * as grpc from '@grpc/grpc-js';
 import { peerAuthMetadata } from '../../src/cluster/peer-auth';
+import { splitBatch } from '../../src/routing/batch';
 import { peerChannelOptions, peerDataService } from '../../src/routing/link';
 import { BlockOp, encodeRequest, requestHeaderBytes, type BlockRequest } from '../../src/routing/frame';
 import type { Rng } from './fuzz-rng';
@@ -14,11 +15,11 @@ const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerD
 export interface BlockStream {
   /** Send one batch (bytes as given: a case may send a malformed one). */
   write(batch: Buffer): void;
-  /** Batches received so far. */
-  replies: Buffer[];
+  /** Reply frames received so far. */
+  replyFrames: number;
   /** Why the stream ended, once it has (a refused frame ends it; that is allowed). */
   ended: string | undefined;
-  /** Wait until `n` batches arrived or the stream ended, at most `timeoutMs`. */
+  /** Wait until `n` reply frames arrived or the stream ended, at most `timeoutMs`. */
   settle(n: number, timeoutMs: number): Promise<void>;
   close(): void;
 }
@@ -29,14 +30,14 @@ export function openBlockStream(address: string, secret: string, asPeer: string)
   const call = (client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(peerAuthMetadata(secret, asPeer));
   let wake: (() => void) | undefined;
   const s: BlockStream = {
-    replies: [],
+    replyFrames: 0,
     ended: undefined,
     write: (batch) => {
       if (!s.ended) call.write(batch);
     },
     settle: async (n, timeoutMs) => {
       const deadline = Date.now() + timeoutMs;
-      while (s.replies.length < n && !s.ended && Date.now() < deadline) {
+      while (s.replyFrames < n && !s.ended && Date.now() < deadline) {
         await new Promise<void>((r) => {
           const timer = setTimeout(r, deadline - Date.now());
           wake = () => {
@@ -57,7 +58,7 @@ export function openBlockStream(address: string, secret: string, asPeer: string)
     wake?.();
   };
   call.on('data', (b: Buffer) => {
-    s.replies.push(b);
+    s.replyFrames += splitBatch(b)?.length ?? 1;
     wake?.();
   });
   call.on('error', (err: grpc.ServiceError) => end(err.details || err.message));
