@@ -9,7 +9,7 @@
 // Raw garbage goes to the `junk` volume, whose content nobody checks.
 
 import { Op, TmfFunction, type Pdu } from '../../src/iscsi/types';
-import { RawIscsi, rw16, lun0 } from './fuzz-iscsi';
+import { hostileAddress, RawIscsi, rw16, lun0 } from './fuzz-iscsi';
 import { batchOf, openBlockStream, randomRequestFrame } from './fuzz-peer';
 import { randomHttpRequest, sendHttp } from './fuzz-http';
 import type { Rng } from './fuzz-rng';
@@ -47,7 +47,7 @@ export type FuzzCase = (ctx: CaseContext, rng: Rng) => Promise<Violation[]>;
 
 /** Connect and log in to `volume` with random (but legal) burst keys; undefined if the login failed. */
 async function loginRandom(ctx: CaseContext, rng: Rng, volume: string): Promise<RawIscsi | undefined> {
-  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts));
+  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
   const maxBurst = rng.pick([4096, 8192, 65536, 262144, 1048576]);
   const keys: Record<string, string> = {
     ImmediateData: rng.pick(['Yes', 'No']), InitialR2T: rng.pick(['Yes', 'No']), MaxBurstLength: String(maxBurst),
@@ -74,7 +74,7 @@ function randomKeys(rng: Rng, ctx: CaseContext): Array<[string, string]> {
 
 /** 1-4 login requests: random keys, random stage transitions, CHAP with broken answers, mutated headers. */
 export const loginCase: FuzzCase = async (ctx, rng) => {
-  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts));
+  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
   try {
     const steps = rng.range(1, 4);
     for (let i = 0; i < steps && !c.closed; i++) {
@@ -96,7 +96,7 @@ export const loginCase: FuzzCase = async (ctx, rng) => {
 
 /** A Discovery session: SendTargets and random text, then maybe a command (not allowed there). */
 export const discoveryCase: FuzzCase = async (ctx, rng) => {
-  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts));
+  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
   try {
     const r = await c.login({ keys: {} });
     if (!r.ok) return [];
@@ -320,7 +320,7 @@ function randomMiscPdu(c: RawIscsi, rng: Rng, pendingItt: number): Pdu {
 /** Raw bytes: random, a header cut short, a header announcing a huge segment, a valid PDU mutated; before or after login. */
 export const garbageCase: FuzzCase = async (ctx, rng) => {
   const loggedIn = rng.chance(0.5);
-  const c = loggedIn ? await loginRandom(ctx, rng, ctx.junk.name) : await RawIscsi.connect(rng.pick(ctx.iscsiPorts));
+  const c = loggedIn ? await loginRandom(ctx, rng, ctx.junk.name) : await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
   if (!c) return [];
   try {
     const kind = rng.int(5);
@@ -375,7 +375,7 @@ export const peerFrameCase: FuzzCase = async (ctx, rng) => {
 /** 1-3 raw HTTP requests to a console/API port, with and without the token. */
 export const httpCase: FuzzCase = async (ctx, rng) => {
   const n = rng.range(1, 3);
-  for (let i = 0; i < n; i++) await sendHttp(rng.pick(ctx.httpPorts), randomHttpRequest(rng, ctx.token), 300);
+  for (let i = 0; i < n; i++) await sendHttp(rng.pick(ctx.httpPorts), randomHttpRequest(rng, ctx.token), 300, hostileAddress);
   return [];
 };
 

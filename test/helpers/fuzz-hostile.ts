@@ -1,5 +1,5 @@
 // The hostile loads of issue 15 items 2-4, against one peer process, with its RSS sampled
-// and a normal host doing I/O meanwhile: used by test/hostile-load.test.ts (small numbers)
+// and a normal host doing I/O meanwhile (the loads from 127.0.0.2, the host from 127.0.0.1): used by test/hostile-load.test.ts (small numbers)
 // and bench/hostile-rss.js (the issue's numbers). Each load runs for a bounded time, then
 // closes every connection it opened; a load that takes the peer past `abortAboveBytes`
 // over idle is ended early and the peer process with it (the bound is already broken, and
@@ -13,7 +13,7 @@
 
 import { Socket } from 'node:net';
 import { alive, blockBytes, resetPeak, rssOf } from './fuzz-group';
-import { openSession, RawIscsi, rw16, type ScsiResult } from './fuzz-iscsi';
+import { hostileAddress, openSession, RawIscsi, rw16, type ScsiResult } from './fuzz-iscsi';
 import { Rng } from './fuzz-rng';
 import type { TestPeer } from './processes';
 
@@ -72,7 +72,7 @@ export function readFlood(sessions: number, reads = 128, readBytes = 8 * 2 ** 20
     const blocks = readBytes / blockBytes;
     try {
       // Every session logs in before any floods: the flood may rightly slow logins down.
-      for (let s = 0; s < sessions; s++) conns.push(await openSession(t.peer.iscsiPort, t.volume));
+      for (let s = 0; s < sessions; s++) conns.push(await openSession(t.peer.iscsiPort, t.volume, undefined, hostileAddress));
     } catch (err) {
       closeAll(conns).close();
       throw err;
@@ -94,7 +94,7 @@ export function readFlood(sessions: number, reads = 128, readBytes = 8 * 2 ** 20
 /** `commands` READs with CmdSNs far outside the window (to be dropped, and nothing kept for them). */
 export function outOfWindow(commands: number): LoadStarter {
   return async (t) => {
-    const c = await openSession(t.peer.iscsiPort, t.volume);
+    const c = await openSession(t.peer.iscsiPort, t.volume, undefined, hostileAddress);
     const chunk: Buffer[] = [];
     const far = (c.cmdSN + 0x4000_0000) >>> 0;
     for (let i = 0; i < commands; i++) {
@@ -118,19 +118,19 @@ export function loginSlots(halfHeaders: number, unfinished: number, discovery: n
       for (let i = 0; i < n; i += 32) await Promise.all(Array.from({ length: Math.min(32, n - i) }, () => one().catch(() => undefined)));
     };
     await open(halfHeaders, async () => {
-      const c = await RawIscsi.connect(port);
+      const c = await RawIscsi.connect(port, hostileAddress);
       conns.push(c);
       c.writeRaw(RawIscsi.encode(c.loginPdu([['InitiatorName', 'iqn.x:half']], { csg: 0, nsg: 1, transit: true })).subarray(0, 20));
       return c;
     });
     await open(unfinished, async () => {
-      const c = await RawIscsi.connect(port);
+      const c = await RawIscsi.connect(port, hostileAddress);
       conns.push(c);
       await c.login({ volume: t.volume, initiator: 'iqn.2026-11.io.peersan.test:unfinished', securityOnly: true }, 2_000);
       return c;
     });
     await open(discovery, async () => {
-      const c = await RawIscsi.connect(port);
+      const c = await RawIscsi.connect(port, hostileAddress);
       conns.push(c);
       await c.login({ initiator: 'iqn.2026-11.io.peersan.test:discovery' }, 2_000);
       return c;

@@ -38,8 +38,8 @@ export function randomHttpRequest(rng: Rng, token: string): Buffer {
   return rng.chance(0.1) ? bytes.subarray(0, rng.int(bytes.length)) : bytes;
 }
 
-/** Send `bytes` to the port, read for at most `timeoutMs`; the status code of the answer (0: none). */
-export function sendHttp(port: number, bytes: Buffer, timeoutMs: number): Promise<number> {
+/** Send `bytes` to 127.0.0.1:`port` from `localAddress`, read for at most `timeoutMs`; the status code of the answer (0: none). */
+export function sendHttp(port: number, bytes: Buffer, timeoutMs: number, localAddress: string): Promise<number> {
   return new Promise((resolve) => {
     const socket = new Socket();
     let got = '';
@@ -54,6 +54,6 @@ export function sendHttp(port: number, bytes: Buffer, timeoutMs: number): Promis
     });
     socket.on('close', done);
     socket.on('error', done);
-    socket.connect(port, '127.0.0.1', () => socket.write(bytes));
+    socket.connect({ port, host: '127.0.0.1', localAddress }, () => socket.write(bytes));
   });
 }

@@ -11,6 +11,12 @@ import { encodeTextKeys, parseTextKeys } from '../../src/iscsi/text';
 import { Op, type Pdu, type ScsiCommandPdu } from '../../src/iscsi/types';
 
 export const iqnPrefix = 'iqn.2026-11.io.peersan:';
+/**
+ * Where hostile clients connect from: a loopback address of their own, so that a target
+ * that bounds connections per source address (issue 15 item 4) tells them from the normal
+ * host on 127.0.0.1, as it would tell two machines apart.
+ */
+export const hostileAddress = '127.0.0.2';
 export const lun0 = Buffer.alloc(8);
 const noData = Buffer.alloc(0);
 const reservedTag = 0xffffffff;
@@ -90,7 +96,8 @@ export class RawIscsi {
     socket.on('error', () => undefined);
   }
 
-  static connect(port: number, timeoutMs = 5_000): Promise<RawIscsi> {
+  /** Connect to 127.0.0.1:`port`, from `localAddress` (another loopback address is another source to the target). */
+  static connect(port: number, localAddress = '127.0.0.1', timeoutMs = 5_000): Promise<RawIscsi> {
     return new Promise((resolve, reject) => {
       const socket = new Socket();
       const timer = setTimeout(() => {
@@ -101,7 +108,7 @@ export class RawIscsi {
         clearTimeout(timer);
         reject(err);
       });
-      socket.connect(port, '127.0.0.1', () => {
+      socket.connect({ port, host: '127.0.0.1', localAddress }, () => {
         clearTimeout(timer);
         socket.setNoDelay(true);
         resolve(new RawIscsi(socket));
@@ -337,8 +344,8 @@ export function rw16(op: number, lba: number, blocks: number): Buffer {
  * Log in to `volume` and get past the power-on UNIT ATTENTION (a first command answers it
  * once per nexus), so that the next commands answer plainly.
  */
-export async function openSession(port: number, volume: string, keys?: Record<string, string>): Promise<RawIscsi> {
-  const c = await RawIscsi.connect(port);
+export async function openSession(port: number, volume: string, keys?: Record<string, string>, localAddress?: string): Promise<RawIscsi> {
+  const c = await RawIscsi.connect(port, localAddress);
   const r = await c.login({ volume, keys });
   if (!r.ok) {
     c.close();
