@@ -133,6 +133,11 @@ t.test('fuzz: peers survive hostile iSCSI, peer frames and HTTP, and keep servin
 
   const rss = g.peers.map((p, i) => `${p.id} idle ${mib(idle[i])} MiB, now ${alive(p) ? mib(rssOf(p.process.pid!)!.rssBytes) : '-'} MiB`);
   t.comment(`fuzz: ${run} cases, seed ${seed} (${Math.round((Date.now() - started) / 1000)} s; ${[...counts].map(([k, n]) => `${k} ${n}`).join(', ')}; ${rss.join('; ')}; ${restarts} restarts)`);
+  if (failures.length > 0) {
+    const byItem = new Map<string, number>();
+    for (const f of failures) byItem.set(f.finding ? `issue 15 item ${f.finding}` : 'other', (byItem.get(f.finding ? `issue 15 item ${f.finding}` : 'other') ?? 0) + 1);
+    t.comment(`fuzz: ${failures.length} violations (${[...byItem].map(([k, n]) => `${k}: ${n}`).join(', ')}); the first ${Math.min(30, failures.length)}:`);
+  }
   for (const f of failures.slice(0, 30)) {
     t.comment(`fuzz failure: case ${f.index} (${f.kind})${f.finding ? ` [issue 15 item ${f.finding}]` : ''}: ${f.message}; replay: PEERSAN_FUZZ_SEED=${seed} PEERSAN_FUZZ_CASE=${f.index} npx tap test/fuzz.test.ts`);
   }
