@@ -278,6 +278,53 @@ export const flagMismatchCase: FuzzCase = async (ctx, rng) => {
   }
 };
 
+/**
+ * Negotiated values the target must hold to (issue 15 item 8): no immediate data when
+ * ImmediateData=No, none beyond FirstBurstLength, FirstBurstLength ≤ MaxBurstLength in its
+ * answer, and no return to the security stage once it moved on. Each variant has one oracle.
+ */
+export const negotiationCase: FuzzCase = async (ctx, rng) => {
+  const variant = rng.int(4);
+  if (variant === 3) return stageBack(ctx, rng);
+  const variants: Array<Record<string, string>> = [
+    { ImmediateData: 'No', InitialR2T: 'Yes' },
+    { ImmediateData: 'Yes', InitialR2T: 'Yes', FirstBurstLength: '512' },
+    { MaxBurstLength: '4096', FirstBurstLength: '262144' },
+  ];
+  const keys = variants[variant];
+  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
+  try {
+    const login = await c.login({ volume: ctx.fuzz.name, keys });
+    if (!login.ok) return [];
+    if (variant === 2) {
+      const [first, max] = [Number(login.keys.get('FirstBurstLength') ?? 65536), Number(login.keys.get('MaxBurstLength') ?? 262144)];
+      return first > max ? [{ finding: 8, message: `asked MaxBurstLength=4096 FirstBurstLength=262144, the target answered FirstBurstLength=${first} > MaxBurstLength=${max}` }] : [];
+    }
+    // 4 KiB of immediate data that was not negotiated (or beyond the 512-byte first burst); no R2T is answered.
+    const data = rng.bytesFrom(8 * ctx.blockBytes, alphabet);
+    const pdu = c.command(rw16(0x8a, rng.int(ctx.fuzz.blocks - 8), 8), { write: true, edtl: data.length, data });
+    c.send(pdu);
+    const r = await c.result(pdu.initiatorTaskTag, 0, 1_000);
+    return r?.status === 0 ? [{ finding: 8, message: `a WRITE with 4096 bytes of immediate data answered GOOD with ${variant === 0 ? 'ImmediateData=No' : 'FirstBurstLength=512'}` }] : [];
+  } finally {
+    c.close();
+  }
+};
+
+/** Security stage done (CSG 0 → 1), then a login request back in CSG 0: must not succeed. */
+async function stageBack(ctx: CaseContext, rng: Rng): Promise<Violation[]> {
+  const c = await RawIscsi.connect(rng.pick(ctx.iscsiPorts), hostileAddress);
+  try {
+    const keys: Array<[string, string]> = [['InitiatorName', 'iqn.2026-11.io.peersan.test:stage'], ['TargetName', `iqn.2026-11.io.peersan:${ctx.fuzz.name}`], ['SessionType', 'Normal'], ['AuthMethod', 'None']];
+    const r1 = await c.loginStep(keys, { csg: 0, nsg: 1, transit: true }, 2_000);
+    if (!r1.ok) return [];
+    const r2 = await c.loginStep([['AuthMethod', 'None']], { csg: 0, nsg: rng.pick([1, 3]), transit: true }, 2_000);
+    return r2.ok ? [{ finding: 8, message: 'a login request back in CSG=0 after the operational stage was reached was answered with success' }] : [];
+  } finally {
+    c.close();
+  }
+}
+
 /** NOP-Out, SNACK, task management, Text, Logout and unknown opcodes with random fields, around a command in progress. */
 export const miscCase: FuzzCase = async (ctx, rng) => {
   const c = await loginRandom(ctx, rng, ctx.fuzz.name);
@@ -386,6 +433,7 @@ export const cases: ReadonlyArray<[string, FuzzCase, number]> = [
   ['command', commandCase, 3],
   ['data-out', dataOutCase, 4],
   ['flags', flagMismatchCase, 1],
+  ['negotiation', negotiationCase, 1],
   ['misc', miscCase, 2],
   ['garbage', garbageCase, 2],
   ['peer-frame', peerFrameCase, 3],

@@ -208,7 +208,8 @@ export class RawIscsi {
     return r2;
   }
 
-  private async loginStep(keys: Array<[string, string]>, stage: { csg: number; nsg: number; transit: boolean }, timeoutMs: number): Promise<LoginResult> {
+  /** One login request and its response (a case drives the stages itself). */
+  async loginStep(keys: Array<[string, string]>, stage: { csg: number; nsg: number; transit: boolean }, timeoutMs: number): Promise<LoginResult> {
     this.send(this.loginPdu(keys, stage));
     const reply = await this.next(timeoutMs, (p) => p.opcode === Op.loginResponse);
     if (!reply || reply.opcode !== Op.loginResponse) return { ok: false, status: -1, keys: new Map() };
