@@ -126,13 +126,13 @@ export function loginSlots(halfHeaders: number, unfinished: number, discovery: n
     await open(unfinished, async () => {
       const c = await RawIscsi.connect(port, hostileAddress);
       conns.push(c);
-      await c.login({ volume: t.volume, initiator: 'iqn.2026-11.io.peersan.test:unfinished', securityOnly: true }, 2_000);
+      await c.login({ volume: t.volume, initiator: 'iqn.2026-11.io.peersan.test:unfinished', securityOnly: true }, 1_000);
       return c;
     });
     await open(discovery, async () => {
       const c = await RawIscsi.connect(port, hostileAddress);
       conns.push(c);
-      await c.login({ initiator: 'iqn.2026-11.io.peersan.test:discovery' }, 2_000);
+      await c.login({ initiator: 'iqn.2026-11.io.peersan.test:discovery' }, 1_000);
       return c;
     });
     return closeAll(conns);
