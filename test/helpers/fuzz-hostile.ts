@@ -46,6 +46,8 @@ export interface LoadReport {
   endBytes: number;
   afterBytes: number;
   aborted: boolean;
+  /** How long the load ran (until its hold time, or until it passed the abort bound). */
+  ranMs: number;
   alive: boolean;
   host: HostReport;
 }
@@ -236,12 +238,15 @@ export async function runLoad(target: LoadTarget, name: string, start: LoadStart
   let peakBytes = startBytes;
   let aborted = false;
   let peerAlive = true;
+  let loadStarted = Date.now();
+  let ranMs = 0;
   const host = normalHost(target, session, new Rng(o.seed ?? 1, 2), o.loginEveryMs ?? 1_000);
   let load: Load | undefined;
   let endBytes = 0;
   let hostReport: HostReport;
   try {
     load = await start(target);
+    loadStarted = Date.now();
     const until = Date.now() + o.holdMs;
     while (Date.now() < until && alive(target.peer)) {
       const rss = rssOf(pid);
@@ -254,6 +259,7 @@ export async function runLoad(target: LoadTarget, name: string, start: LoadStart
       await sleep(100);
     }
     endBytes = rssOf(pid)?.rssBytes ?? 0;
+    ranMs = Date.now() - loadStarted;
   } finally {
     // Past the abort bound the process is ended at once: the answers still in flight would
     // take it gigabytes further while the host's round times out (the caller restarts it).
@@ -270,13 +276,13 @@ export async function runLoad(target: LoadTarget, name: string, start: LoadStart
   if (!aborted) await sleep(o.settleMs ?? 2_000);
   const after = aborted ? undefined : rssOf(pid);
   peakBytes = Math.max(peakBytes, after?.peakBytes ?? 0);
-  return { name, idleBytes, startBytes, peakBytes, endBytes, afterBytes: after?.rssBytes ?? 0, aborted, alive: peerAlive && (aborted || alive(target.peer)), host: hostReport };
+  return { name, idleBytes, startBytes, peakBytes, endBytes, afterBytes: after?.rssBytes ?? 0, aborted, ranMs, alive: peerAlive && (aborted || alive(target.peer)), host: hostReport };
 }
 
 /** One line per load: RSS next to idle, and how the normal host fared. */
 export function formatReport(r: LoadReport): string {
   const m = (b: number): string => `${Math.round(b / 2 ** 20)} MiB`;
   const h = r.host;
-  return `${r.name}: idle ${m(r.idleBytes)}, at start ${m(r.startBytes)}, peak ${m(r.peakBytes)} (+${m(r.peakBytes - r.idleBytes)}${r.aborted ? ', stopped at the abort bound' : ''}), end ${m(r.endBytes)}, after close ${r.aborted ? '- (process stopped)' : m(r.afterBytes)}${r.alive ? '' : ', PEER EXITED'}; `
+  return `${r.name}: idle ${m(r.idleBytes)}, at start ${m(r.startBytes)}, peak ${m(r.peakBytes)} (+${m(r.peakBytes - r.idleBytes)}${r.aborted ? `, stopped at the abort bound after ${(r.ranMs / 1000).toFixed(1)} s` : ''}), end ${m(r.endBytes)}, after close ${r.aborted ? '- (process stopped)' : m(r.afterBytes)}${r.alive ? '' : ', PEER EXITED'}; `
     + `normal host: ${h.ops} rounds ok, ${h.failures} failed, p50 ${h.p50Ms} ms, max ${h.maxMs} ms, new logins ${h.loginsOk}/${h.logins}${h.firstFailure ? ` (first failure: ${h.firstFailure})` : ''}`;
 }
