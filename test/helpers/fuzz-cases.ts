@@ -9,13 +9,12 @@
 // Raw garbage goes to the `junk` volume, whose content nobody checks.
 
 import { Op, TmfFunction, type Pdu } from '../../src/iscsi/types';
-import { hostileAddress, RawIscsi, rw16, lun0 } from './fuzz-iscsi';
+import { hostileAddress, lun0, RawIscsi, reservedTag, rw16 } from './fuzz-iscsi';
 import { batchOf, openBlockStream, randomRequestFrame } from './fuzz-peer';
 import { randomHttpRequest, sendHttp } from './fuzz-http';
 import type { Rng } from './fuzz-rng';
 
 export const alphabet: readonly number[] = [0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee];
-const reservedTag = 0xffffffff;
 /** How long a case waits for answers it does not need (the peer may rightly never answer). */
 const answerMs = 150;
 
@@ -43,7 +42,6 @@ export interface CaseContext {
 }
 
 export type FuzzCase = (ctx: CaseContext, rng: Rng) => Promise<Violation[]>;
-
 
 /** Connect and log in to `volume` with random (but legal) burst keys; undefined if the login failed. */
 async function loginRandom(ctx: CaseContext, rng: Rng, volume: string): Promise<RawIscsi | undefined> {

@@ -19,7 +19,8 @@ export const iqnPrefix = 'iqn.2026-11.io.peersan:';
 export const hostileAddress = '127.0.0.2';
 export const lun0 = Buffer.alloc(8);
 const noData = Buffer.alloc(0);
-const reservedTag = 0xffffffff;
+/** The reserved tag (RFC 7143 11.2.1.8): no task, no transfer, unsolicited data. */
+export const reservedTag = 0xffffffff;
 const digestsOff = { header: false, data: false };
 
 export interface LoginOptions {
