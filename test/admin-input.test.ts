@@ -180,3 +180,26 @@ t.test('block streams refused for want of peer authentication log a bounded numb
   const refusals = lines.filter((l) => /refused a peer call/.test(l));
   t.ok(refusals.length >= 1 && refusals.length <= 2, `${refusals.length} log lines for ${refused} refusals`);
 });
+
+t.test('clients that go away mid-request are not logged as failures', async (t) => {
+  const { log, lines } = captureLog();
+  const api = { status: async () => ({ cluster: 'c', peers: [] }), listVolumes: async () => [] } as unknown as ConsoleAdminApi;
+  const metrics = { totals: { ops: 0, bytes: 0, readOps: 0, writeOps: 0 }, text: async () => '', contentType: 'text/plain' } as unknown as PeerMetrics;
+  const port = await freePort();
+  const console_ = await HttpConsole.start({ address: `127.0.0.1:${port}`, self: 'p1', adminToken: 'tok', api, events: new EventLog(4), metrics, log });
+  t.teardown(() => console_.close());
+  const { connect } = await import('node:net');
+  for (let i = 0; i < 50; i++) {
+    // A body announced as 100 bytes, 10 sent, then the socket closed.
+    await new Promise<void>((resolve) => {
+      const s = connect(port, '127.0.0.1', () => {
+        s.write(`POST /api/rebalancing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"dryRun":`);
+        setTimeout(() => s.destroy(), 20);
+      });
+      s.on('close', () => resolve());
+      s.on('error', () => undefined);
+    });
+  }
+  await new Promise((r) => setTimeout(r, 200));
+  t.same(lines.filter((l) => /"level":(40|50)/.test(l)), [], 'no warning or error for 50 clients that went away');
+});

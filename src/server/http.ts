@@ -130,6 +130,12 @@ export class HttpConsole {
       if (path === '/api' || path.startsWith('/api/')) return await this.serveApi(req, res, url);
       return await this.serveAsset(req, res, path);
     } catch (err) {
+      // A client that went away mid-request (closed before its announced body) is no failure
+      // of ours and can be repeated at will: no log line beyond debug, nothing to answer.
+      if (req.destroyed || (err as NodeJS.ErrnoException).code === 'ECONNRESET') {
+        this.log.debug({ url: req.url, reason: err instanceof Error ? err.message : String(err) }, 'http client went away');
+        return;
+      }
       const status = httpStatusOf(err);
       if (status >= 500) this.logFailure(err, 'http request failed', { url: req.url });
       this.json(res, status, { error: err instanceof Error ? err.message : String(err) });

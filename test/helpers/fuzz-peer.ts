@@ -27,7 +27,7 @@ export interface BlockStream {
 /** A PeerData.Blocks stream to `address`, authenticated as member `asPeer` of the group. */
 export function openBlockStream(address: string, secret: string, asPeer: string): BlockStream {
   const client = new PeerDataClient(address, grpc.credentials.createInsecure(), peerChannelOptions);
-  const call = (client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(peerAuthMetadata(secret, asPeer));
+  const call = (client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(peerAuthMetadata(secret, asPeer, peerDataService.blocks.path));
   let wake: (() => void) | undefined;
   const s: BlockStream = {
     replyFrames: 0,
