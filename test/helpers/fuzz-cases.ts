@@ -237,7 +237,11 @@ export const dataOutCase: FuzzCase = async (ctx, rng) => {
         status = p.opcode === Op.scsiResponse ? p.status : -1;
       }
     }
-    if (status === 0 && breaksTask.has(applied)) violations.push({ finding: 1, message: `WRITE ${blocks} blocks at ${lba} answered GOOD after a Data-Out sequence with fault '${applied}'` });
+    // A faulty PDU the target refused outright (a Reject: e.g. a data segment over its
+    // MaxRecvDataSegmentLength) never joined the sequence: the command may then rightly end in
+    // GOOD once the data comes whole (what it wrote is still checked below).
+    const refusedOutright = status === 0 && (await c.next(0, (q) => q.opcode === Op.reject && q.data.length >= 48 && (q.data[0] & 0x3f) === Op.dataOut && q.data.readUInt32BE(16) === itt)) !== undefined;
+    if (status === 0 && breaksTask.has(applied) && !refusedOutright) violations.push({ finding: 1, message: `WRITE ${blocks} blocks at ${lba} answered GOOD after a Data-Out sequence with fault '${applied}'` });
     if (status === 0) violations.push(...(await readBack(ctx, lba, data, applied)));
     if (!breaksTask.has(applied) && status !== 0 && status !== undefined) violations.push({ finding: 0, message: `well-formed WRITE ${blocks} blocks at ${lba} answered status ${status}` });
   } finally {

@@ -221,8 +221,10 @@ export class RawIscsi {
   command(cdb: Buffer, o: { read?: boolean; write?: boolean; edtl: number; data?: Buffer; immediate?: boolean; itt?: number; cmdSN?: number }): ScsiCommandPdu {
     const cmdSN = o.cmdSN ?? this.cmdSN;
     if (o.cmdSN === undefined && !o.immediate) this.cmdSN = (this.cmdSN + 1) >>> 0;
+    // F=0 announces unsolicited Data-Outs (InitialR2T=No, first burst not all immediate): RFC 7143 11.3.4.
+    const unsolicitedFollows = (o.write ?? false) && !this.initialR2T && (o.data?.length ?? 0) < Math.min(o.edtl, this.firstBurstBytes);
     return {
-      opcode: Op.scsiCommand, immediate: o.immediate ?? false, final: true, initiatorTaskTag: o.itt ?? this.itt(), data: o.data ?? noData,
+      opcode: Op.scsiCommand, immediate: o.immediate ?? false, final: !unsolicitedFollows, initiatorTaskTag: o.itt ?? this.itt(), data: o.data ?? noData,
       read: o.read ?? false, write: o.write ?? false, taskAttr: 1, lun: lun0, expectedDataTransferLength: o.edtl,
       cmdSN, expStatSN: this.expStatSN, cdb,
     };
