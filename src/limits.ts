@@ -109,6 +109,18 @@ export const reservationNotifyMsMax = 2_000;
 export const peerAuthSkewMsMax = 5 * 60_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
 assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');
+// -- slice D (issue 15, item 7): what a forwarded request from another peer may ask for. A reply
+// frame is 24 header bytes, the owner's id (at most 255 bytes), then the payload.
+/** Bytes one forwarded READ may return: a host command's worth, so its reply always fits one frame. */
+export const peerReadBytesMax = transferBytesMax;
+/** Pages one GET LBA STATUS covers, and so one forwarded lbaStatus request (the router asks for fewer). */
+export const lbaStatusPagesMax = 64;
+/** Blocks one forwarded unmap may cover: one UNMAP descriptor's, or one WRITE SAME's. */
+export const peerUnmapBlocksMax = Math.max(unmapBlocksMax, writeSameBlocksMax);
+/** Bytes of a failure's message carried in a reply frame (the kind decides, the text is for the log). */
+export const peerFailureTextBytesMax = 512;
+assert(24 + 255 + peerReadBytesMax <= peerFrameBytesMax, 'the largest read reply fits one frame');
+assert(24 + 255 + lbaStatusPagesMax * pageBlocks * 13 <= peerFrameBytesMax, 'an lbaStatus reply (one extent per block at worst) fits one frame');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
 
