@@ -119,6 +119,12 @@ export const lbaStatusPagesMax = 64;
 export const peerUnmapBlocksMax = Math.max(unmapBlocksMax, writeSameBlocksMax);
 /** Bytes of a failure's message carried in a reply frame (the kind decides, the text is for the log). */
 export const peerFailureTextBytesMax = 512;
+/** Volumes (or snapshot layers) named in one peer request (a snapshot of a consistency group). */
+export const peerRequestVolumesMax = 1_024;
+/** Unit attentions in one reservation notice (one per registration at most, and one for every nexus). */
+export const peerUnitAttentionsMax = prRegistrationsMax + 1;
+/** How long a host move plan may ask to be kept. */
+export const hostMovePlanMsMax = 10 * 60_000;
 assert(24 + 255 + peerReadBytesMax <= peerFrameBytesMax, 'the largest read reply fits one frame');
 assert(24 + 255 + lbaStatusPagesMax * pageBlocks * 13 <= peerFrameBytesMax, 'an lbaStatus reply (one extent per block at worst) fits one frame');
 
@@ -184,3 +190,7 @@ assert(loadHostsTrackedMax >= sessionsPerPeerMax, 'every live session can be met
 // A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
 assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
 assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');
+// -- slice D (issue 15, item 7): moves in one StartMoves request from another peer (a manual
+// rebalance sends an owner all of its moves of the plan at once).
+export const peerPlannedMovesMax = 4_096;
+assert(peerPlannedMovesMax >= balancerMovesPerRoundMax, 'a balancing round fits one request');

@@ -11,8 +11,9 @@
 import t from 'tap';
 import * as grpc from '@grpc/grpc-js';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
-import { ErrorKind, PeerUnavailableError } from '../src/errors';
-import { peerBatchBytesMax, peerReadBytesMax, peerUnmapBlocksMax } from '../src/limits';
+import { PeerRpcClient } from '../src/cluster/peer-rpc';
+import { ErrorKind, InvalidArgumentError, PeerUnavailableError } from '../src/errors';
+import { peerBatchBytesMax, peerPlannedMovesMax, peerReadBytesMax, peerUnmapBlocksMax } from '../src/limits';
 import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeReply, decodeRequest, encodeReply, encodeRequest, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
 import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
@@ -190,6 +191,24 @@ t.test('hostile block frames against an owner', async (t) => {
     await closesStream(t, 'a batch whose length prefix runs past it', Buffer.concat([head, good]));
     await closesStream(t, 'a batch over the message bound', batchOf([encodeRequest(req({ id: 6, op: BlockOp.write, blocks: 8, data: pattern })), Buffer.alloc(peerBatchBytesMax)]));
     t.ok(decodeRequest(good), 'the unmutated frame was well-formed');
+  });
+
+  await t.test('PeerService requests are checked field by field before use', async (t) => {
+    const rpc = new PeerRpcClient('p1', address, { secret: g.config.secret, self: 'p1' });
+    t.teardown(() => rpc.close());
+    const refusedWith = async (what: string, call: Promise<unknown>, field: RegExp): Promise<void> => {
+      const err = await call.then(() => undefined, (e: unknown) => e);
+      t.ok(err instanceof InvalidArgumentError && field.test(err.message), `${what}: refused as invalid (${String(err)})`);
+    };
+    await refusedWith('a volume id that is not 16 hex digits', rpc.movePrepare({ volumeId: 'x'.repeat(100_000), page: 1, from: 'p1', fresh: true }, 5_000), /volumeId/);
+    await refusedWith('a peer id that cannot be one', rpc.movePrepare({ volumeId, page: 1, from: '../../etc', fresh: true }, 5_000), /from/);
+    await refusedWith('a timestamp cut that is not a clock stamp', rpc.snapshotTake({ snapshotId: 's1', layers: [], cut: 1.5 }, 5_000), /cut/);
+    const move = { volumeId, volumeName: 'vol', page: 0, from: 'p1', to: 'p2', load: 1 };
+    await refusedWith('more moves than a request may carry', rpc.startMoves(Array.from({ length: peerPlannedMovesMax + 1 }, () => move), 5_000), /moves/);
+    await refusedWith('a load that is not a number', rpc.startMoves([{ ...move, load: Number.NaN }], 5_000), /load/);
+    await refusedWith('a host move plan kept for ever', rpc.planHostMove({ initiatorName: 'iqn.x', targetName: 'iqn.y', to: 'p1', ttlMs: 0xffff_ffff }, 5_000), /ttlMs/);
+    await refusedWith('a snapshot id longer than the store allows', rpc.snapshotRelease('s'.repeat(10_000), true, 5_000), /snapshotId/);
+    t.ok((await rpc.status(5_000)).id === 'p1', 'the peer still answers');
   });
 
   t.same(unhandled.map(String), [], 'no request made the owner reject a promise nobody handles (the process would exit)');
