@@ -18,7 +18,7 @@ import { hostMovePlanMsMax, peerPlannedMovesMax, peerRequestVolumesMax, peerUnit
 import { peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import {
   checkIscsiName, checkLayers, checkList, checkPage, checkPeerId, checkPeerIdOrEmpty, checkPlannedMove, checkSnapshotId, checkString, checkUint, checkVolumeId, checkVolumeName, proto,
-  type HostMovePlanWire, type MoveFinishRequestMessage, type MovePageRequestMessage, type MovePrepareRequestMessage, type MoveSessionRequestMessage, type PlannedMoveListMessage,
+  type MoveFinishRequestMessage, type MovePageRequestMessage, type MovePrepareRequestMessage, type MoveSessionRequestMessage, type PlannedMoveListMessage,
   type ReservationNoticeMessage, type SnapshotPrepareRequestMessage, type SnapshotReleaseRequestMessage, type SnapshotTakeRequestMessage,
 } from './proto';
 import type { ReservationNotice } from './shared-reservations';
@@ -112,7 +112,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: { se
       return { moves: h.startMoves ? await h.startMoves(moves) : [] };
     }),
     moveSession: wrap(async (r: MoveSessionRequestMessage) => ({ moved: h.moveSession ? await h.moveSession(checkIscsiName(r.session, 'session'), checkPeerIdOrEmpty(r.to, 'to')) : [] })),
-    planHostMove: wrap(async (r: HostMovePlanWire) =>
+    planHostMove: wrap(async (r: HostMovePlanMessage) =>
       h.planHostMove?.({ initiatorName: checkIscsiName(r.initiatorName, 'initiatorName'), targetName: checkIscsiName(r.targetName, 'targetName'), to: checkPeerId(r.to, 'to'), ttlMs: checkUint(r.ttlMs, 'ttlMs', hostMovePlanMsMax) }),
     ),
   });

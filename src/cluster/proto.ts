@@ -5,6 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { InvalidArgumentError } from '../errors';
 import { peerRequestVolumesMax, snapshotIdBytesMax, volumeNameBytesMax } from '../limits';
+import type { PlannedMove } from '../loadmon/balancer';
 
 const protoPath = join(__dirname, '..', '..', 'proto', 'peersan.proto');
 let loaded: grpc.GrpcObject | undefined;
@@ -73,27 +74,13 @@ export interface SnapshotReleaseRequestMessage {
   snapshotId: string;
   abort: boolean;
 }
-export interface PlannedMoveMessage {
-  volumeId: string;
-  volumeName: string;
-  page: number;
-  from: string;
-  to: string;
-  load: number;
-}
 export interface PlannedMoveListMessage {
-  moves: PlannedMoveMessage[];
+  moves: PlannedMove[];
 }
 export interface MoveSessionRequestMessage {
   session: string;
   to: string;
   on: string;
-}
-export interface HostMovePlanWire {
-  initiatorName: string;
-  targetName: string;
-  to: string;
-  ttlMs: number;
 }
 
 function refuse(what: string, why: string): never {
@@ -146,8 +133,8 @@ export function checkLayers(list: unknown): { volumeId: string; seq: number }[] 
   return checkList(list, 'layers', peerRequestVolumesMax, checkLayer);
 }
 
-export function checkPlannedMove(p: unknown, what: string): PlannedMoveMessage {
-  const m = p as PlannedMoveMessage;
+export function checkPlannedMove(p: unknown, what: string): PlannedMove {
+  const m = p as PlannedMove;
   const load = m?.load;
   if (typeof load !== 'number' || !Number.isFinite(load)) refuse(`${what}.load`, 'is not a finite number');
   return { volumeId: checkVolumeId(m.volumeId, `${what}.volumeId`), volumeName: checkVolumeName(m.volumeName, `${what}.volumeName`), page: checkPage(m.page, `${what}.page`), from: checkPeerId(m.from, `${what}.from`), to: checkPeerId(m.to, `${what}.to`), load };
