@@ -115,7 +115,9 @@ export function checkCondition(d: SenseDetail, descriptor: boolean): ScsiResult 
  * So a transient state is BUSY (both retry); a copy nobody can reach is ABORTED COMMAND /
  * LOGICAL UNIT COMMUNICATION FAILURE (or TIME-OUT), which Linux still retries; the store's own
  * failures are MEDIUM ERROR as a disk reports them; HARDWARE ERROR is left for what we cannot
- * classify (a bug), never for a peer that is down.
+ * classify (a bug), never for a peer that is down. A request the owner refused as invalid
+ * (peers of different versions, a resize racing the request) is ABORTED COMMAND as well: the
+ * data cannot be reached by this request, and a retry sees the settled state.
  */
 export const senseForKind: Readonly<Record<ErrorKind, SenseDetail | 'busy'>> = {
   [ErrorKind.other]: { key: SenseKey.hardwareError, asc: Asc.internalTargetFailure },
