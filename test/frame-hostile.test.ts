@@ -12,11 +12,14 @@ import t from 'tap';
 import * as grpc from '@grpc/grpc-js';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
 import { PeerRpcClient } from '../src/cluster/peer-rpc';
-import { ErrorKind, InvalidArgumentError, PeerUnavailableError } from '../src/errors';
-import { peerBatchBytesMax, peerPlannedMovesMax, peerReadBytesMax, peerUnmapBlocksMax } from '../src/limits';
+import { ErrorKind, InvalidArgumentError, PeerUnavailableError, RemoteFailureError } from '../src/errors';
+import { pageBlocks, peerBatchBytesMax, peerPlannedMovesMax, peerReadBytesMax, peerUnmapBlocksMax } from '../src/limits';
 import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeReply, decodeRequest, encodeReply, encodeRequest, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
 import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
+import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
+import { RouteTable } from '../src/routing/table';
+import { MemoryBackend } from './helpers/memory-backend';
 import { startGroup } from './helpers/group';
 
 type Tap = Pick<typeof t, 'ok' | 'equal' | 'not'>;
@@ -249,4 +252,23 @@ t.test('malformed replies fail the sender\'s requests, never the sender', async 
     link.close();
     o.stop();
   }
+});
+
+t.test('a MOVED answer naming a page outside the request is refused, not learned', async (t) => {
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
+  let sent = 0;
+  // A broken or hostile owner p2: every answer is MOVED for a page far from the one asked for.
+  const liar: BlockSender = {
+    send: async () => {
+      sent++;
+      return { id: 0, status: ReplyStatus.moved, owner: 'p1', version: 99, detail: 123_456 };
+    },
+  };
+  const router = new VolumeRouter({ self: 'p1', volumeId: '0123456789abcdef', table, local: new MemoryBackend(512, 4 * pageBlocks, 8), link: () => liar, refresh: async (p) => table.route(p), counters: newRoutingCounters() });
+  for (const [what, op] of [['read', () => router.read(pageBlocks, 8)], ['write', () => router.write(pageBlocks, Buffer.alloc(4096))], ['unmap', () => router.unmap(pageBlocks, 8)]] as const) {
+    const err = await op().then(() => undefined, (e: unknown) => e);
+    t.ok(err instanceof RemoteFailureError && /MOVED names page 123456/.test(err.message), `${what}: fails (${String(err)})`);
+  }
+  t.same(table.route(123_456), { owner: 'p1', version: 1 }, 'the route table did not learn the page');
+  t.equal(sent, 3, 'one request each, no retries on a lie');
 });
