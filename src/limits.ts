@@ -117,6 +117,13 @@ export const peerReadBytesMax = transferBytesMax;
 export const lbaStatusPagesMax = 64;
 /** Blocks one forwarded unmap may cover: one UNMAP descriptor's, or one WRITE SAME's. */
 export const peerUnmapBlocksMax = Math.max(unmapBlocksMax, writeSameBlocksMax);
+/** Request frames in one batch: a sender's whole window at most (a link never has more outstanding). */
+export const peerBatchFramesMax = peerRequestsInFlightMax;
+/**
+ * Bytes one block stream's requests may hold on the owner (write data, data read); a request
+ * beyond it is answered BUSY. A window of 256 requests of 8 MiB would otherwise be 2 GiB.
+ */
+export const peerStreamBytesInFlightMax = 256 * 1024 * 1024;
 /** Bytes of a failure's message carried in a reply frame (the kind decides, the text is for the log). */
 export const peerFailureTextBytesMax = 512;
 /** Volumes (or snapshot layers) named in one peer request (a snapshot of a consistency group). */
@@ -125,6 +132,7 @@ export const peerRequestVolumesMax = 1_024;
 export const peerUnitAttentionsMax = prRegistrationsMax + 1;
 /** How long a host move plan may ask to be kept. */
 export const hostMovePlanMsMax = 10 * 60_000;
+assert(peerStreamBytesInFlightMax >= 8 * peerFrameBytesMax, 'a stream runs several of the largest requests at once');
 assert(24 + 255 + peerReadBytesMax <= peerFrameBytesMax, 'the largest read reply fits one frame');
 assert(24 + 255 + lbaStatusPagesMax * pageBlocks * 13 <= peerFrameBytesMax, 'an lbaStatus reply (one extent per block at worst) fits one frame');
 

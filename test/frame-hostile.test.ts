@@ -13,7 +13,7 @@ import * as grpc from '@grpc/grpc-js';
 import { peerAuthMetadata } from '../src/cluster/peer-auth';
 import { PeerRpcClient } from '../src/cluster/peer-rpc';
 import { ErrorKind, InvalidArgumentError, PeerUnavailableError, RemoteFailureError } from '../src/errors';
-import { pageBlocks, peerBatchBytesMax, peerPlannedMovesMax, peerReadBytesMax, peerUnmapBlocksMax } from '../src/limits';
+import { pageBlocks, peerBatchBytesMax, peerBatchFramesMax, peerPlannedMovesMax, peerReadBytesMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../src/limits';
 import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeReply, decodeRequest, encodeReply, encodeRequest, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
 import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
@@ -194,6 +194,24 @@ t.test('hostile block frames against an owner', async (t) => {
     await closesStream(t, 'a batch whose length prefix runs past it', Buffer.concat([head, good]));
     await closesStream(t, 'a batch over the message bound', batchOf([encodeRequest(req({ id: 6, op: BlockOp.write, blocks: 8, data: pattern })), Buffer.alloc(peerBatchBytesMax)]));
     t.ok(decodeRequest(good), 'the unmutated frame was well-formed');
+  });
+
+  await t.test('what one stream can make the owner hold is bounded', async (t) => {
+    const window = Array.from({ length: peerBatchFramesMax + 1 }, (_, i) => encodeRequest(req({ id: 1000 + i, lba: 64 })));
+    await closesStream(t, 'a batch of more frames than a window', batchOf(window));
+    // Reads of 8 MiB, all in one batch: they start before any ends, so the byte budget decides.
+    const readBytes = peerReadBytesMax;
+    const reads = Array.from({ length: 40 }, (_, i) => encodeRequest(req({ id: 2000 + i, lba: 0, blocks: readBytes / 512 })));
+    const s = open();
+    const replies = await s.ask(batchOf(reads), reads.length);
+    const served = replies.filter((r) => r.status === ReplyStatus.ok).length;
+    const busy = replies.filter((r) => r.status === ReplyStatus.failed && r.detail === ErrorKind.busy).length;
+    t.equal(served + busy, reads.length, `every read answered, served or BUSY (${served} served, ${busy} BUSY)`);
+    t.ok(busy > 0, 'the reads past the budget are answered BUSY');
+    t.ok(served >= 1 && served * readBytes <= peerStreamBytesInFlightMax, `at most the budget was read at once (${served} x 8 MiB)`);
+    const [after] = await s.ask(batchOf([encodeRequest(req({ id: 3000, lba: 64 }))]));
+    t.ok(after.status === ReplyStatus.ok && after.payload?.equals(pattern), 'the stream serves again once they are answered');
+    s.close();
   });
 
   await t.test('PeerService requests are checked field by field before use', async (t) => {

@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { errorKindOf, ErrorKind } from '../errors';
 import { LogLimiter } from '../log';
-import { lbaStatusPagesMax, peerReadBytesMax, peerRequestsInFlightMax, peerUnmapBlocksMax } from '../limits';
+import { lbaStatusPagesMax, peerBatchFramesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../limits';
 import type { HybridClock } from '../snapshot/hlc';
 import type { BlockBackend, WriteOptions } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
@@ -211,9 +211,27 @@ export class PageService {
     return undefined;
   }
 
-  /** Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish. */
+  /**
+   * Bytes a request holds on this peer while it runs: its frame (a view that keeps its whole
+   * batch alive) and, for a read, the data read (bounded as refusal() bounds it).
+   */
+  private heldBytes(req: BlockRequest, frame: Buffer): number {
+    if (req.op !== BlockOp.read) return frame.length;
+    const blockBytes = this.o.volume(req.volumeId)?.store.blockBytes ?? 0;
+    return frame.length + Math.min(req.blocks * blockBytes, peerReadBytesMax);
+  }
+
+  /**
+   * Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish.
+   * Two bounds hold what one stream can make this peer keep: reading pauses at
+   * peerRequestsInFlightMax requests (and a batch carries at most peerBatchFramesMax, so at
+   * most one batch more is taken), and a request that would take the stream's requests past
+   * peerStreamBytesInFlightMax bytes is answered BUSY at once, without running (the host
+   * retries; one request always runs, so the largest one gets through).
+   */
   serveStream(call: grpc.ServerDuplexStream<Buffer, Buffer>): void {
     let inFlight = 0;
+    let bytesInFlight = 0;
     let paused = false;
     let ended = false;
     const endCall = (): void => {
@@ -230,8 +248,9 @@ export class PageService {
     const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
       if (!call.destroyed && call.writable) call.write(batch);
     });
-    const done = (reply: BlockReply): void => {
+    const done = (reply: BlockReply, bytes: number): void => {
       inFlight--;
+      bytesInFlight -= bytes;
       if (paused && inFlight < peerRequestsInFlightMax / 2) {
         paused = false;
         call.resume();
@@ -248,16 +267,26 @@ export class PageService {
         refuse(call, 'malformed frame');
         return false;
       }
+      const bytes = this.heldBytes(req, frame);
+      if (inFlight > 0 && bytesInFlight + bytes > peerStreamBytesInFlightMax) {
+        // Requests are in flight, so a done() will flush this reply (or the turn's end will).
+        batcher.push(this.reply(req, ReplyStatus.failed, failure(ErrorKind.busy, `peer ${this.o.self} holds ${bytesInFlight} bytes of this stream's requests`)));
+        return true;
+      }
       inFlight++;
+      bytesInFlight += bytes;
       if (inFlight >= peerRequestsInFlightMax && !paused) {
         paused = true;
         call.pause();
       }
-      this.handle(req).then(done, (err: unknown) => done(this.failed(req, err)));
+      this.handle(req).then(
+        (reply) => done(reply, bytes),
+        (err: unknown) => done(this.failed(req, err), bytes),
+      );
       return true;
     };
     call.on('data', (batch: Buffer) => {
-      const frames = splitBatch(batch);
+      const frames = splitBatch(batch, peerBatchFramesMax);
       if (!frames) {
         this.logLimiter.warn(this.o.log, 'malformed batch', { peer: call.getPeer() }, 'malformed block batch from a peer; closing its stream');
         refuse(call, 'malformed batch');
