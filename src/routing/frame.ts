@@ -30,7 +30,7 @@ export const ReplyStatus = {
   /** The receiver does not own the page (any more): owner/version say who does. */
   moved: 1,
   miscompare: 2,
-  /** The owner's store failed the request; payload is a message. */
+  /** The request failed (refused, or failed in the owner's store or beyond): detail is its ErrorKind, payload a message. */
   failed: 3,
   /** The owner does not know the volume (deleted, or not opened yet). */
   noVolume: 4,
@@ -63,7 +63,7 @@ export interface BlockReply {
   status: number;
   owner: string;
   version: number;
-  /** miscompare: the byte offset of the first difference; moved: the page that moved. */
+  /** miscompare: the byte offset of the first difference; moved: the page that moved; failed: the ErrorKind. */
   detail: number;
   payload?: Buffer;
 }
