@@ -173,6 +173,32 @@ export const tlsPeerCertDays = 825;
 assert(peerAuthSkewMsMax <= 60_000, 'a captured header is dead within a minute');
 assert(tlsPeerCertDays <= tlsCaDays, 'a peer certificate does not outlive its CA by design');
 assert(peerAuthNoncesMax * 100 <= 16 * 1024 * 1024, 'the nonce ledger stays within ~16 MB');
+// -- slice D (issue 15, item 7): what a forwarded request from another peer may ask for. A reply
+// frame is 24 header bytes, the owner's id (at most 255 bytes), then the payload.
+/** Bytes one forwarded READ may return: a host command's worth, so its reply always fits one frame. */
+export const peerReadBytesMax = transferBytesMax;
+/** Pages one GET LBA STATUS covers, and so one forwarded lbaStatus request (the router asks for fewer). */
+export const lbaStatusPagesMax = 64;
+/** Blocks one forwarded unmap may cover: one UNMAP descriptor's, or one WRITE SAME's. */
+export const peerUnmapBlocksMax = Math.max(unmapBlocksMax, writeSameBlocksMax);
+/** Request frames in one batch: a sender's whole window at most (a link never has more outstanding). */
+export const peerBatchFramesMax = peerRequestsInFlightMax;
+/**
+ * Bytes one block stream's requests may hold on the owner (write data, data read); a request
+ * beyond it is answered BUSY. A window of 256 requests of 8 MiB would otherwise be 2 GiB.
+ */
+export const peerStreamBytesInFlightMax = 256 * 1024 * 1024;
+/** Bytes of a failure's message carried in a reply frame (the kind decides, the text is for the log). */
+export const peerFailureTextBytesMax = 512;
+/** Volumes (or snapshot layers) named in one peer request (a snapshot of a consistency group). */
+export const peerRequestVolumesMax = 1_024;
+/** Unit attentions in one reservation notice (one per registration at most, and one for every nexus). */
+export const peerUnitAttentionsMax = prRegistrationsMax + 1;
+/** How long a host move plan may ask to be kept. */
+export const hostMovePlanMsMax = 10 * 60_000;
+assert(peerStreamBytesInFlightMax >= 8 * peerFrameBytesMax, 'a stream runs several of the largest requests at once');
+assert(24 + 255 + peerReadBytesMax <= peerFrameBytesMax, 'the largest read reply fits one frame');
+assert(24 + 255 + lbaStatusPagesMax * pageBlocks * 13 <= peerFrameBytesMax, 'an lbaStatus reply (one extent per block at worst) fits one frame');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
 
@@ -236,3 +262,7 @@ assert(loadHostsTrackedMax >= sessionsPerPeerMax + discoverySessionsMax, 'every 
 // A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
 assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
 assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');
+// -- slice D (issue 15, item 7): moves in one StartMoves request from another peer (a manual
+// rebalance sends an owner all of its moves of the plan at once).
+export const peerPlannedMovesMax = 4_096;
+assert(peerPlannedMovesMax >= balancerMovesPerRoundMax, 'a balancing round fits one request');

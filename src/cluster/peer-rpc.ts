@@ -16,9 +16,14 @@ import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
+import { hostMovePlanMsMax, peerPlannedMovesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
 import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
-import { proto } from './proto';
+import {
+  checkIscsiName, checkLayers, checkList, checkPage, checkPeerId, checkPeerIdOrEmpty, checkPlannedMove, checkSnapshotId, checkString, checkUint, checkVolumeId, checkVolumeName, proto,
+  type MoveFinishRequestMessage, type MovePageRequestMessage, type MovePrepareRequestMessage, type MoveSessionRequestMessage, type PlannedMoveListMessage,
+  type ReservationNoticeMessage, type SnapshotPrepareRequestMessage, type SnapshotReleaseRequestMessage, type SnapshotTakeRequestMessage,
+} from './proto';
 import type { ReservationNotice } from './shared-reservations';
 
 export interface PeerHandlers {
@@ -49,7 +54,10 @@ export interface HostMovePlanMessage {
   ttlMs: number;
 }
 
-type Unary = (call: grpc.ServerUnaryCall<any, any>, cb: grpc.sendUnaryData<any>) => void;
+type Unary<Req> = (call: grpc.ServerUnaryCall<Req, unknown>, cb: grpc.sendUnaryData<unknown>) => void;
+
+/** A unary PeerService method of the generated client (proto.ts loads the service at run time). */
+type UnaryMethod = (request: object, md: grpc.Metadata, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, reply: unknown) => void) => void;
 
 export interface PeerServiceAuth {
   secret: string;
@@ -85,9 +93,10 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
     return undefined;
   };
   const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };
-  const wrap = (fn: (req: any) => Promise<unknown>): Unary => (call, cb) => {
+  // Each handler checks its request's fields (proto.ts check*) before use: a throw there is INVALID_ARGUMENT.
+  const wrap = <Req = unknown>(fn: (req: Req) => Promise<unknown>): Unary<Req> => (call, cb) => {
     if (authenticate(call) === undefined) return cb(denied);
-    fn(call.request).then(
+    Promise.resolve().then(() => fn(call.request)).then(
       (reply) => cb(null, reply ?? {}),
       (err: Error) => cb({ code: err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL, details: err.message }),
     );
@@ -96,17 +105,35 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
   server.addService(service, {
     ping: wrap(async () => ({ id: auth.self, sentAtMs: Date.now() })),
     status: wrap(() => h.status()),
-    reservationChanged: wrap((r) =>
-      h.reservationChanged({ volumeId: r.volumeId, version: Number(r.version), unitAttentions: (r.unitAttentions as { nexusKey: string; asc: number }[]).map((u) => [u.nexusKey, u.asc]) }),
+    reservationChanged: wrap((r: ReservationNoticeMessage) =>
+      h.reservationChanged({
+        volumeId: checkVolumeId(r.volumeId),
+        version: checkUint(r.version, 'version', Number.MAX_SAFE_INTEGER),
+        unitAttentions: checkList(r.unitAttentions, 'unitAttentions', peerUnitAttentionsMax, (u, what) => {
+          const ua = u as { nexusKey?: unknown; asc?: unknown };
+          return [checkString(ua.nexusKey, `${what}.nexusKey`, 2 * 255 + 16), checkUint(ua.asc, `${what}.asc`, 0xffff)] as [string, number];
+        }),
+      }),
     ),
-    startMove: wrap((r) => h.startMove(r.volume, r.page, r.to)),
-    cancelMove: wrap((r) => h.cancelMove(r.volume, r.page)),
+    startMove: wrap((r: MovePageRequestMessage) => h.startMove(checkVolumeName(r.volume), checkPage(r.page), checkPeerId(r.to, 'to'))),
+    cancelMove: wrap((r: MovePageRequestMessage) => h.cancelMove(checkVolumeName(r.volume), checkPage(r.page))),
     moves: wrap(async () => ({ moves: h.moves() })),
-    movePrepare: wrap((r) => h.movePrepare({ volumeId: r.volumeId, page: r.page, from: r.from, fresh: r.fresh })),
-    moveFinish: wrap((r) => h.moveFinish({ volumeId: r.volumeId, page: r.page, committed: r.committed, version: r.version })),
-    snapshotPrepare: wrap((r) => h.snapshotPrepare({ snapshotId: r.snapshotId, volumeIds: r.volumeIds ?? [], mode: r.mode === 'timestamp' ? 'timestamp' : undefined, layers: r.layers ?? [] })),
-    snapshotTake: wrap(async (r) => ({ moving: await h.snapshotTake({ snapshotId: r.snapshotId, layers: r.layers ?? [], cut: r.cut > 0 ? r.cut : undefined }) })),
-    snapshotRelease: wrap(async (r) => ({ heldMs: await h.snapshotRelease(r.snapshotId, r.abort === true) })),
+    movePrepare: wrap((r: MovePrepareRequestMessage) => h.movePrepare({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), from: checkPeerId(r.from, 'from'), fresh: r.fresh === true })),
+    moveFinish: wrap((r: MoveFinishRequestMessage) => h.moveFinish({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), committed: r.committed === true, version: checkUint(r.version, 'version', 0xffff_ffff) })),
+    snapshotPrepare: wrap((r: SnapshotPrepareRequestMessage) =>
+      h.snapshotPrepare({
+        snapshotId: checkSnapshotId(r.snapshotId),
+        volumeIds: checkList(r.volumeIds, 'volumeIds', peerRequestVolumesMax, (v, what) => checkVolumeId(v, what)),
+        mode: r.mode === 'timestamp' ? 'timestamp' : undefined,
+        layers: checkLayers(r.layers),
+      }),
+    ),
+    snapshotTake: wrap(async (r: SnapshotTakeRequestMessage) => {
+      // A cut is a hybrid-clock stamp (src/snapshot/hlc.ts): a whole, safe number; 0 or absent for barrier snapshots.
+      const cut = r.cut === 0 || r.cut === undefined ? undefined : checkUint(r.cut, 'cut', Number.MAX_SAFE_INTEGER);
+      return { moving: await h.snapshotTake({ snapshotId: checkSnapshotId(r.snapshotId), layers: checkLayers(r.layers), cut }) };
+    }),
+    snapshotRelease: wrap(async (r: SnapshotReleaseRequestMessage) => ({ heldMs: await h.snapshotRelease(checkSnapshotId(r.snapshotId), r.abort === true) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
     gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
       const from = authenticate(call);
@@ -114,9 +141,14 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
       h.gossip?.(from, call.request);
       cb(null, {});
     },
-    startMoves: wrap(async (r: { moves: PlannedMove[] }) => ({ moves: h.startMoves ? await h.startMoves(r.moves) : [] })),
-    moveSession: wrap(async (r) => ({ moved: h.moveSession ? await h.moveSession(r.session, r.to) : [] })),
-    planHostMove: wrap(async (r) => h.planHostMove?.({ initiatorName: r.initiatorName, targetName: r.targetName, to: r.to, ttlMs: r.ttlMs })),
+    startMoves: wrap(async (r: PlannedMoveListMessage) => {
+      const moves: PlannedMove[] = checkList(r.moves, 'moves', peerPlannedMovesMax, checkPlannedMove);
+      return { moves: h.startMoves ? await h.startMoves(moves) : [] };
+    }),
+    moveSession: wrap(async (r: MoveSessionRequestMessage) => ({ moved: h.moveSession ? await h.moveSession(checkIscsiName(r.session, 'session'), checkPeerIdOrEmpty(r.to, 'to')) : [] })),
+    planHostMove: wrap(async (r: HostMovePlanMessage) =>
+      h.planHostMove?.({ initiatorName: checkIscsiName(r.initiatorName, 'initiatorName'), targetName: checkIscsiName(r.targetName, 'targetName'), to: checkPeerId(r.to, 'to'), ttlMs: checkUint(r.ttlMs, 'ttlMs', hostMovePlanMsMax) }),
+    ),
   });
   server.addService(peerDataService, {
     blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
@@ -131,7 +163,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
 
 /** Calls to one other peer's PeerService. */
 export class PeerRpcClient {
-  private readonly client: grpc.Client & Record<string, any>;
+  private readonly client: grpc.Client & Record<string, UnaryMethod>;
 
   /** gRPC path of each method by its client-side name ("status" → "/peersan.PeerService/Status"): the MAC covers it. */
   private readonly paths: Map<string, string>;
@@ -145,7 +177,7 @@ export class PeerRpcClient {
   ) {
     const Ctor = proto().PeerService as grpc.ServiceClientConstructor;
     this.paths = new Map(Object.values(Ctor.service).map((d) => [String(d.originalName), d.path]));
-    this.client = new Ctor(address, tls?.credentials ?? grpc.credentials.createInsecure(), { ...peerChannelOptions, ...tls?.options }) as grpc.Client & Record<string, any>;
+    this.client = new Ctor(address, tls?.credentials ?? grpc.credentials.createInsecure(), { ...peerChannelOptions, ...tls?.options }) as grpc.Client & Record<string, UnaryMethod>;
   }
 
   /**
@@ -169,8 +201,8 @@ export class PeerRpcClient {
       const md = peerAuthMetadata(this.auth.secret, this.auth.self, this.paths.get(method)!);
       // grpc-js reads waitForReady from the metadata's options, not from the call options.
       if (waitForReady) md.setOptions({ waitForReady: true });
-      this.client[method](request, md, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, reply: T) => {
-        if (!err) return resolve(reply);
+      this.client[method](request, md, { deadline: Date.now() + timeoutMs }, (err, reply) => {
+        if (!err) return resolve(reply as T);
         const Known = errorForStatus.get(err.code);
         reject(Known ? new Known(err.details) : new PeerUnavailableError(this.peerId, err.details || err.message, err.code === grpc.status.DEADLINE_EXCEEDED));
       });

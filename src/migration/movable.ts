@@ -10,7 +10,7 @@
 // it, instead of writing into a page this peer has given away.
 
 import { PeersanError } from '../errors';
-import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply } from '../routing/frame';
+import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
 import type { RouteTable } from '../routing/table';
@@ -70,10 +70,14 @@ export class MovableVolume extends BackendDecorator {
     this.moves.delete(page);
   }
 
-  /** Send a staging request to the destination of a move; non-ok answers throw. */
+  /**
+   * Send a staging request to the destination of a move; non-ok answers throw with the
+   * destination's kind (a destination that is down is unavailable, not a bug: the host hears
+   * ABORTED COMMAND or BUSY through every hop, src/scsi/sense.ts).
+   */
   async toDest(to: string, op: BlockOpCode, lba: number, blocks: number, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     const reply = await this.o.link(to).send({ op, fua, staging: true, volumeId: this.o.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, stamp, data });
-    if (reply.status !== ReplyStatus.ok) throw new PeersanError(`peer ${to} refused migration traffic for volume ${this.o.volumeId} (status ${reply.status}): ${reply.payload?.toString('utf8') ?? ''}`);
+    if (reply.status !== ReplyStatus.ok) throw replyError(to, reply);
     return reply;
   }
 

@@ -23,12 +23,12 @@ import { peerBatchBytesMax, peerFrameBytesMax } from '../limits';
 
 const lengthBytes = 4;
 
-/** The frames of a batch, as views into it; undefined if the batch is malformed. */
-export function splitBatch(batch: Buffer): Buffer[] | undefined {
+/** The frames of a batch, as views into it; undefined if the batch is malformed or has more than `framesMax`. */
+export function splitBatch(batch: Buffer, framesMax = Number.MAX_SAFE_INTEGER): Buffer[] | undefined {
   const frames: Buffer[] = [];
   let at = 0;
   while (at < batch.length) {
-    if (at + lengthBytes > batch.length) return undefined;
+    if (at + lengthBytes > batch.length || frames.length >= framesMax) return undefined;
     const n = batch.readUInt32BE(at);
     at += lengthBytes;
     if (n === 0 || n > peerFrameBytesMax || at + n > batch.length) return undefined;

@@ -11,8 +11,15 @@
 //            payloadBytes(4) 0(4) | owner | payload
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
 // An lbaStatus reply's payload is extents of lba(8) blocks(4) mapped(1).
+// A failed reply's detail is the failure's ErrorKind (src/errors.ts) and its payload the
+// message (at most peerFailureTextBytesMax bytes), for the log only: the kind decides.
+//
+// Frames come from other peers, which may be buggy or hostile: decoding checks every field
+// that has a fixed meaning here (kind, op, flags, lengths per op, lba, stamp, status); what
+// depends on the volume (range, blocks × block size) is checked by the page service.
 
-import { peerFrameBytesMax } from '../limits';
+import { ErrorKind, isErrorKind, RemoteFailureError } from '../errors';
+import { peerFailureTextBytesMax, peerFrameBytesMax } from '../limits';
 import type { LbaExtent } from '../store/types';
 
 export const BlockOp = { read: 1, write: 2, unmap: 3, compareAndWrite: 4, flush: 5, lbaStatus: 6 } as const;
@@ -23,7 +30,7 @@ export const ReplyStatus = {
   /** The receiver does not own the page (any more): owner/version say who does. */
   moved: 1,
   miscompare: 2,
-  /** The owner's store failed the request; payload is a message. */
+  /** The request failed (refused, or failed in the owner's store or beyond): detail is its ErrorKind, payload a message. */
   failed: 3,
   /** The owner does not know the volume (deleted, or not opened yet). */
   noVolume: 4,
@@ -56,7 +63,7 @@ export interface BlockReply {
   status: number;
   owner: string;
   version: number;
-  /** miscompare: the byte offset of the first difference; moved: the page that moved. */
+  /** miscompare: the byte offset of the first difference; moved: the page that moved; failed: the ErrorKind. */
   detail: number;
   payload?: Buffer;
 }
@@ -67,6 +74,8 @@ export const requestHeaderBytes = 52;
 export const replyHeaderBytes = 24;
 const extentBytes = 13;
 const validOps = new Set<number>(Object.values(BlockOp));
+const validStatuses = new Set<number>(Object.values(ReplyStatus));
+const knownFlags = 1 | 2;
 
 function writeU64(b: Buffer, value: number, at: number): void {
   b.writeUInt32BE(Math.floor(value / 0x1_0000_0000), at);
@@ -126,12 +135,20 @@ export function encodeRequest(r: BlockRequest): Buffer {
   return b;
 }
 
+/** Whether an op may carry these data and compare lengths: writes carry data, CAW compare ‖ write halves, the rest nothing. */
+function lengthsFit(op: number, dataBytes: number, compareBytes: number): boolean {
+  if (op === BlockOp.write) return dataBytes > 0 && compareBytes === 0;
+  if (op === BlockOp.compareAndWrite) return compareBytes > 0 && dataBytes === 2 * compareBytes;
+  return dataBytes === 0 && compareBytes === 0;
+}
+
 /** The request in `b`; its data is a view into `b`. */
 export function decodeRequest(b: Buffer): BlockRequest | undefined {
   if (b.length < requestHeaderBytes || b.length > peerFrameBytesMax || b[0] !== requestKind || !validOps.has(b[1])) return undefined;
+  if ((b[2] & ~knownFlags) !== 0 || b[3] !== 0) return undefined;
   const dataBytes = b.readUInt32BE(36);
   const compareBytes = b.readUInt32BE(32);
-  if (requestHeaderBytes + dataBytes !== b.length || compareBytes > dataBytes) return undefined;
+  if (requestHeaderBytes + dataBytes !== b.length || !lengthsFit(b[1], dataBytes, compareBytes)) return undefined;
   const lba = readU64(b, 16);
   if (!Number.isSafeInteger(lba)) return undefined;
   const stamp = b.readDoubleBE(44);
@@ -181,7 +198,7 @@ export function encodeReply(r: BlockReply): Buffer {
 }
 
 export function decodeReply(b: Buffer): BlockReply | undefined {
-  if (b.length < replyHeaderBytes || b.length > peerFrameBytesMax || b[0] !== replyKind) return undefined;
+  if (b.length < replyHeaderBytes || b.length > peerFrameBytesMax || b[0] !== replyKind || !validStatuses.has(b[1])) return undefined;
   const ownerBytes = b[2];
   const payloadBytes = b.readUInt32BE(16);
   if (replyHeaderBytes + ownerBytes + payloadBytes !== b.length) return undefined;
@@ -194,6 +211,25 @@ export function decodeReply(b: Buffer): BlockReply | undefined {
     detail: b.readUInt32BE(12),
     payload: payloadBytes > 0 ? b.subarray(payloadAt) : undefined,
   };
+}
+
+/** The reply fields of a failure of `kind` (status failed; the message cut to its bound). */
+export function failure(kind: ErrorKind, message: string): Pick<BlockReply, 'status' | 'detail' | 'payload'> {
+  const text = Buffer.from(message, 'utf8');
+  return { status: ReplyStatus.failed, detail: kind, payload: text.length > peerFailureTextBytesMax ? text.subarray(0, peerFailureTextBytesMax) : text };
+}
+
+/**
+ * A non-ok reply as the error to raise on this side, keeping the owner's kind (an unknown
+ * kind from a newer or broken peer is `other`). `peer`: who answered.
+ */
+export function replyError(peer: string, reply: BlockReply): RemoteFailureError {
+  const text = reply.payload ? reply.payload.toString('utf8', 0, Math.min(reply.payload.length, peerFailureTextBytesMax)) : '';
+  if (reply.status === ReplyStatus.failed) return new RemoteFailureError(peer, isErrorKind(reply.detail) ? reply.detail : ErrorKind.other, text);
+  // The owner does not hold the volume (yet): it opens volumes when its catalog watch fires.
+  if (reply.status === ReplyStatus.noVolume) return new RemoteFailureError(peer, ErrorKind.busy, 'does not hold volume (not opened yet, or deleted)');
+  // ok, moved and miscompare are answers the caller handles; reaching here is the caller's bug.
+  return new RemoteFailureError(peer, ErrorKind.other, `unexpected reply status ${reply.status}`);
 }
 
 export function encodeExtents(extents: readonly LbaExtent[]): Buffer {

@@ -2,7 +2,11 @@
 // (opened on first use, reopened after it breaks), request ids, a bounded window of requests
 // in flight, and a deadline per request. A broken stream fails everything outstanding on it
 // at once with PeerUnavailableError; a request with no answer by its deadline fails alone.
-// No retries here: the router decides (MOVED) and the host decides (SCSI error).
+// No retries here: the router decides (MOVED) and the host decides (SCSI error): a broken
+// stream's requests fail as transient (the host hears BUSY and retries; the retry reconnects
+// or finds the peer down), a peer that cannot be reached as unavailable, a deadline as timed
+// out (src/scsi/sense.ts senseForKind). Replies are decoded as untrusted (frame.ts): a
+// malformed one breaks the stream, never the process.
 
 import * as grpc from '@grpc/grpc-js';
 import type { TlsChannel } from '../cluster/peer-tls';
@@ -171,7 +175,8 @@ export class PeerLink {
         this.settle(reply.id)?.resolve(reply);
       }
     });
-    stream.on('error', (err: grpc.ServiceError) => this.breakStream(stream, err.details || err.message));
+    // A refused authentication will be refused again: not worth a retry.
+    stream.on('error', (err: grpc.ServiceError) => this.breakStream(stream, err.details || err.message, err.code !== grpc.status.UNAUTHENTICATED));
     stream.on('end', () => this.breakStream(stream, 'stream ended'));
     return { batcher };
   }
@@ -184,7 +189,7 @@ export class PeerLink {
     return p;
   }
 
-  private breakStream(stream: grpc.ClientDuplexStream<Buffer, Buffer>, why: string): void {
+  private breakStream(stream: grpc.ClientDuplexStream<Buffer, Buffer>, why: string, transient = true): void {
     if (this.stream !== stream) return;
     this.stream = undefined;
     this.batcher?.clear();
@@ -193,7 +198,7 @@ export class PeerLink {
     this.sweepTimer = undefined;
     stream.cancel();
     // Every request written on this stream is lost with it; none can be answered any more.
-    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false));
+    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false, { transient }));
   }
 
   close(): void {

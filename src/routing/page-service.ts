@@ -3,15 +3,23 @@
 // knows a newer route version than we do makes us re-read the route from the catalog first
 // (our watch may lag); if we still do not own the page we answer MOVED with the route we
 // know, and the sender follows it. The data path never waits on the catalog otherwise.
+//
+// The sender may be buggy or hostile. frame.ts checks what a frame means alone; here every
+// request is checked against the volume (range, blocks × block size within the bounds of
+// src/limits.ts) BEFORE the store is asked, so that no request can make a reply too big for
+// a frame. A request that fails, in the checks or in the store, is answered with a failed
+// reply carrying the error's kind (src/errors.ts); it never takes the stream or the process.
 
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { peerRequestsInFlightMax } from '../limits';
+import { errorKindOf, ErrorKind } from '../errors';
+import { LogLimiter } from '../log';
+import { lbaStatusPagesMax, peerBatchFramesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../limits';
 import type { HybridClock } from '../snapshot/hlc';
 import type { BlockBackend, WriteOptions } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
 import { PageMovedError } from './moved';
-import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, replyFrameBytes, ReplyStatus, type BlockReply, type BlockRequest } from './frame';
+import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, failure, replyFrameBytes, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import type { Route, RouteTable } from './table';
 
 export interface ServedVolume {
@@ -37,6 +45,11 @@ export interface PageServiceOptions {
 
 const replyCodec = { frameBytes: replyFrameBytes, encodeInto: encodeReplyInto };
 
+/** Ops that change blocks: a system error in them is a write failure (errors.ts errorKindOf). */
+function changes(op: BlockOpCode): boolean {
+  return op === BlockOp.write || op === BlockOp.unmap || op === BlockOp.compareAndWrite || op === BlockOp.flush;
+}
+
 /**
  * End a stream with an error status the sender sees (its link then fails what it has
  * outstanding and opens a new stream). grpc-js sends the status from the stream's 'error'
@@ -51,6 +64,8 @@ export class PageService {
   private readonly o: PageServiceOptions;
   /** Open streams: each ends once its requests in flight are answered (at shutdown). */
   private readonly streams = new Set<() => void>();
+  /** Peers can repeat bad frames and failing requests at will: one line per kind per window. */
+  private readonly logLimiter = new LogLimiter();
 
   constructor(opts: PageServiceOptions) {
     this.o = opts;
@@ -61,15 +76,35 @@ export class PageService {
     // goes straight to the store: no catalog look-up, no extra promise.
     try {
       const v = this.o.volume(req.volumeId);
-      if (v && !req.layer && !req.staging && req.op !== BlockOp.flush && this.inRange(v, req) && this.ownsAll(v, req)) return this.serve(req, v.store);
+      if (v && !req.layer && !req.staging && req.op !== BlockOp.flush && this.refusal(v, req) === undefined && this.ownsAll(v, req)) return this.serve(req, v.store);
       return this.handleSlowly(req, v);
     } catch (err) {
       return Promise.reject(err);
     }
   }
 
-  private inRange(v: ServedVolume, req: BlockRequest): boolean {
-    return req.blocks > 0 && req.lba + req.blocks <= v.store.blockCount;
+  /**
+   * Why a request (not a flush) cannot be served on this volume, or undefined. Checked before
+   * anything else looks at its range: a peer's blocks count is any u32.
+   */
+  private refusal(v: ServedVolume, req: BlockRequest): string | undefined {
+    const { blockCount, blockBytes } = v.store;
+    // lba is a safe integer (frame.ts) and blocks < 2^32, so the sum is exact.
+    if (req.blocks === 0 || req.lba + req.blocks > blockCount) return `range ${req.lba}+${req.blocks} outside the volume of ${blockCount} blocks`;
+    switch (req.op) {
+      case BlockOp.read:
+        return req.blocks * blockBytes > peerReadBytesMax ? `a read of ${req.blocks} blocks is more than ${peerReadBytesMax} bytes` : undefined;
+      case BlockOp.write:
+        return req.data?.length !== req.blocks * blockBytes ? 'write data length does not match blocks' : undefined;
+      case BlockOp.compareAndWrite:
+        return req.compareBytes !== req.blocks * blockBytes ? 'compare and write lengths do not match blocks' : undefined;
+      case BlockOp.unmap:
+        return req.blocks > peerUnmapBlocksMax ? `an unmap of ${req.blocks} blocks is more than ${peerUnmapBlocksMax}` : undefined;
+      case BlockOp.lbaStatus:
+        return req.blocks > lbaStatusPagesMax * v.table.pageBlocks ? `an LBA status of ${req.blocks} blocks is more than ${lbaStatusPagesMax} pages` : undefined;
+      default:
+        return `op ${req.op} has no range`;
+    }
   }
 
   /** True when our table says we own every page the request touches, at least at the sender's version. */
@@ -101,19 +136,21 @@ export class PageService {
       await (req.staging ? v.raw : v.store).flush();
       return reply(ReplyStatus.ok);
     }
-    if (!this.inRange(v, req)) return reply(ReplyStatus.failed, { payload: Buffer.from('range outside the volume') });
+    const refused = this.refusal(v, req);
+    if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
     let store = v.store;
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
-      if (!layer) return reply(ReplyStatus.failed, { payload: Buffer.from(`peer ${this.o.self} holds no snapshot ${req.layer} of the volume`) });
-      if (req.op !== BlockOp.read && req.op !== BlockOp.lbaStatus) return reply(ReplyStatus.failed, { payload: Buffer.from('a snapshot is read-only') });
+      if (!layer) return reply(ReplyStatus.failed, failure(ErrorKind.unavailable, `peer ${this.o.self} holds no snapshot ${req.layer} of the volume`));
+      if (req.op !== BlockOp.read && req.op !== BlockOp.lbaStatus) return reply(ReplyStatus.failed, failure(ErrorKind.readOnly, 'a snapshot is read-only'));
       return this.run(req, layer);
     }
     if (req.staging) {
       // A move's source copying, dual-writing or forwarding: only for a page we are receiving.
+      // Not receiving it (any more) is a move ending or cancelled under the request: transient.
       for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
-        if (!v.receiving(page)) return reply(ReplyStatus.failed, { payload: Buffer.from(`peer ${this.o.self} is not receiving page ${page}`) });
+        if (!v.receiving(page)) return reply(ReplyStatus.failed, failure(ErrorKind.busy, `peer ${this.o.self} is not receiving page ${page}`));
       }
       store = v.raw;
     } else {
@@ -130,29 +167,36 @@ export class PageService {
     return { fua: req.fua, stamp: req.stamp };
   }
 
+  /** Run a request that passed refusal() (its lengths match its blocks) on `store`. */
   private async run(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
-    const bs = store.blockBytes;
     switch (req.op) {
       case BlockOp.read:
         return reply(ReplyStatus.ok, { payload: await store.read(req.lba, req.blocks) });
       case BlockOp.write:
-        if (req.data?.length !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('write data length does not match blocks') });
-        await store.write(req.lba, req.data, this.writeOptions(req));
+        await store.write(req.lba, req.data!, this.writeOptions(req));
         return reply(ReplyStatus.ok);
       case BlockOp.unmap:
         await store.unmap(req.lba, req.blocks, this.writeOptions(req));
         return reply(ReplyStatus.ok);
       case BlockOp.compareAndWrite: {
-        if (req.data?.length !== 2 * req.blocks * bs || req.compareBytes !== req.blocks * bs) return reply(ReplyStatus.failed, { payload: Buffer.from('compare and write lengths do not match blocks') });
-        const r = await store.compareAndWrite(req.lba, req.data.subarray(0, req.compareBytes), req.data.subarray(req.compareBytes), this.writeOptions(req));
+        const r = await store.compareAndWrite(req.lba, req.data!.subarray(0, req.compareBytes), req.data!.subarray(req.compareBytes), this.writeOptions(req));
         return r.ok ? reply(ReplyStatus.ok) : reply(ReplyStatus.miscompare, { detail: r.miscompareOffsetBytes });
       }
       case BlockOp.lbaStatus:
         return reply(ReplyStatus.ok, { payload: encodeExtents(await store.lbaStatus(req.lba, req.blocks)) });
       default:
-        return reply(ReplyStatus.failed, { payload: Buffer.from('unknown op') });
+        return reply(ReplyStatus.failed, failure(ErrorKind.invalid, `op ${req.op} is not served here`));
     }
+  }
+
+  /** A request that failed in the store (or below it, on another peer): its kind goes back. */
+  private failed(req: BlockRequest, err: unknown): BlockReply {
+    const kind = errorKindOf(err, changes(req.op));
+    const obj = { err, op: req.op, volume: req.volumeId, kind };
+    if (kind === ErrorKind.other) this.logLimiter.log(this.o.log, 'error', `failed:${kind}`, obj, 'forwarded request failed');
+    else this.logLimiter.warn(this.o.log, `failed:${kind}`, obj, 'forwarded request failed');
+    return this.reply(req, ReplyStatus.failed, failure(kind, err instanceof Error ? err.message : String(err)));
   }
 
   /** The first touched page we do not own (after a catalog re-read if the sender knows newer). */
@@ -167,9 +211,27 @@ export class PageService {
     return undefined;
   }
 
-  /** Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish. */
+  /**
+   * Bytes a request holds on this peer while it runs: its frame (a view that keeps its whole
+   * batch alive) and, for a read, the data read (bounded as refusal() bounds it).
+   */
+  private heldBytes(req: BlockRequest, frame: Buffer): number {
+    if (req.op !== BlockOp.read) return frame.length;
+    const blockBytes = this.o.volume(req.volumeId)?.store.blockBytes ?? 0;
+    return frame.length + Math.min(req.blocks * blockBytes, peerReadBytesMax);
+  }
+
+  /**
+   * Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish.
+   * Two bounds hold what one stream can make this peer keep: reading pauses at
+   * peerRequestsInFlightMax requests (and a batch carries at most peerBatchFramesMax, so at
+   * most one batch more is taken), and a request that would take the stream's requests past
+   * peerStreamBytesInFlightMax bytes is answered BUSY at once, without running (the host
+   * retries; one request always runs, so the largest one gets through).
+   */
   serveStream(call: grpc.ServerDuplexStream<Buffer, Buffer>): void {
     let inFlight = 0;
+    let bytesInFlight = 0;
     let paused = false;
     let ended = false;
     const endCall = (): void => {
@@ -186,8 +248,9 @@ export class PageService {
     const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
       if (!call.destroyed && call.writable) call.write(batch);
     });
-    const done = (reply: BlockReply): void => {
+    const done = (reply: BlockReply, bytes: number): void => {
       inFlight--;
+      bytesInFlight -= bytes;
       if (paused && inFlight < peerRequestsInFlightMax / 2) {
         paused = false;
         call.resume();
@@ -200,25 +263,32 @@ export class PageService {
     const onFrame = (frame: Buffer): boolean => {
       const req = decodeRequest(frame);
       if (!req) {
-        this.o.log.warn('malformed block frame from a peer; closing its stream');
+        this.logLimiter.warn(this.o.log, 'malformed frame', { peer: call.getPeer() }, 'malformed block frame from a peer; closing its stream');
         refuse(call, 'malformed frame');
         return false;
       }
+      const bytes = this.heldBytes(req, frame);
+      if (inFlight > 0 && bytesInFlight + bytes > peerStreamBytesInFlightMax) {
+        // Requests are in flight, so a done() will flush this reply (or the turn's end will).
+        batcher.push(this.reply(req, ReplyStatus.failed, failure(ErrorKind.busy, `peer ${this.o.self} holds ${bytesInFlight} bytes of this stream's requests`)));
+        return true;
+      }
       inFlight++;
+      bytesInFlight += bytes;
       if (inFlight >= peerRequestsInFlightMax && !paused) {
         paused = true;
         call.pause();
       }
-      this.handle(req).then(done, (err: Error) => {
-        this.o.log.error({ err, op: req.op, volume: req.volumeId }, 'forwarded request failed in the store');
-        done({ id: req.id, status: ReplyStatus.failed, owner: this.o.self, version: 0, detail: 0, payload: Buffer.from(err.message) });
-      });
+      this.handle(req).then(
+        (reply) => done(reply, bytes),
+        (err: unknown) => done(this.failed(req, err), bytes),
+      );
       return true;
     };
     call.on('data', (batch: Buffer) => {
-      const frames = splitBatch(batch);
+      const frames = splitBatch(batch, peerBatchFramesMax);
       if (!frames) {
-        this.o.log.warn('malformed block batch from a peer; closing its stream');
+        this.logLimiter.warn(this.o.log, 'malformed batch', { peer: call.getPeer() }, 'malformed block batch from a peer; closing its stream');
         refuse(call, 'malformed batch');
         return;
       }

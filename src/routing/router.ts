@@ -8,10 +8,10 @@
 // under its lock). One that straddles a page boundary between two owners is carried out as
 // compare-then-write and is not atomic against a concurrent writer of the same blocks.
 
-import { PeersanError } from '../errors';
+import { ErrorKind, PeersanError, RemoteFailureError } from '../errors';
 import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
-import { BlockOp, decodeExtents, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
+import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
 import type { Route, RouteTable } from './table';
 
@@ -88,7 +88,7 @@ export class VolumeRouter implements BlockBackend {
       const reply = await this.forwardOnce(runs[0], BlockOp.read, false);
       if (reply.status === ReplyStatus.ok) return this.readData(runs[0], this.payload(reply));
       if (reply.status === ReplyStatus.moved) {
-        await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+        await this.learnMoved(runs[0], reply);
         return this.readRuns(lba, blocks, this.runsOf(lba, blocks, 0), 1);
       }
       if (reply.status !== ReplyStatus.noVolume) this.expectOk(reply);
@@ -135,7 +135,7 @@ export class VolumeRouter implements BlockBackend {
       if (reply.status === ReplyStatus.ok) return;
       if (reply.status !== ReplyStatus.moved && reply.status !== ReplyStatus.noVolume) return this.expectOk(reply);
       if (reply.status === ReplyStatus.moved) {
-        await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+        await this.learnMoved(runs[0], reply);
         runs.splice(0, 1, ...this.runsOf(lba, data.length / bs, 0));
         tries = 1;
       }
@@ -180,7 +180,7 @@ export class VolumeRouter implements BlockBackend {
         this.expectOk(reply);
         return { ok: true };
       }
-      await this.learn(reply.detail, { owner: reply.owner, version: reply.version });
+      await this.learnMoved(run, reply);
     }
   }
 
@@ -303,15 +303,31 @@ export class VolumeRouter implements BlockBackend {
   private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
     const reply = await this.send(run.owner, this.request(run, op, fua, data, 0, stamp));
-    if (reply.status === ReplyStatus.moved) throw new PageMovedError(reply.detail, { owner: reply.owner, version: reply.version });
+    if (reply.status === ReplyStatus.moved) throw this.movedOf(run, reply);
     return reply;
   }
 
+  /**
+   * A MOVED answer as the error the retry loops take. The page must be one the run touches:
+   * anything else is a broken (or hostile) owner's answer, and learning it would grow the table.
+   */
+  private movedOf(run: Run, reply: BlockReply): PageMovedError {
+    const page = reply.detail;
+    const first = this.o.table.pageOf(run.lba);
+    if (page < first || page > this.o.table.pageOf(run.lba + run.blocks - 1) || reply.owner === '') {
+      throw new RemoteFailureError(run.owner, ErrorKind.other, `MOVED names page ${page}, outside the request's pages from ${first}`);
+    }
+    return new PageMovedError(page, { owner: reply.owner, version: reply.version });
+  }
+
+  private learnMoved(run: Run, reply: BlockReply): Promise<void> {
+    const moved = this.movedOf(run, reply);
+    return this.learn(moved.page, moved.route);
+  }
+
+  /** A non-ok answer as an error of the owner's kind (frame.ts replyError), so the host hears the owner's meaning. */
   private expectOk(reply: BlockReply): void {
-    if (reply.status === ReplyStatus.ok) return;
-    const why = reply.payload?.toString('utf8') ?? '';
-    if (reply.status === ReplyStatus.noVolume) throw new PeersanError(`peer ${reply.owner || '?'} does not hold volume ${this.o.volumeId}`);
-    throw new PeersanError(`forwarded request failed (status ${reply.status}): ${why}`);
+    if (reply.status !== ReplyStatus.ok) throw replyError(reply.owner || '?', reply);
   }
 
   private payload(reply: BlockReply, allowEmpty = false): Buffer {

@@ -6,14 +6,15 @@
 
 import { Mutex } from 'async-mutex';
 import type { Logger } from 'pino';
-import { PeerUnavailableError } from '../errors';
+import { errorKindOf, ErrorKind } from '../errors';
+import { LogLimiter } from '../log';
 import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax, xcopyChunkBytes, xcopyHeldResultsMax } from '../limits';
 import type { BlockBackend } from '../store/types';
 import { naaIdentifier, standardInquiry, vpd } from './inquiry';
 import { copyAborted, copyStatus, operatingParameters, parse as parseCopyList, XcopyAsc, type CopyOutcome, type Cscd } from './xcopy';
 import { applyModePages, modePages, PageControl, type ModeState } from './mode';
 import { everyNexus, LocalReservationKeeper, PrOutAction, Reservations, type AccessKind, type ReservationKeeper } from './reservations';
-import { Asc, buildSense, SenseKey, type SenseDetail } from './sense';
+import { Asc, buildSense, failedCommand, SenseKey, type SenseDetail } from './sense';
 import { ScsiStatus, type LogicalUnit, type LuIdentity, type Nexus, type ScsiCommand, type ScsiResult } from './types';
 
 export interface BlockLogicalUnitOptions {
@@ -116,6 +117,8 @@ export class BlockLogicalUnit implements LogicalUnit {
   /** EXTENDED COPY results held for RECEIVE COPY RESULTS, per nexus and list identifier. */
   private readonly copyResults = new Map<Nexus, Map<number, CopyOutcome>>();
   private readonly copyTargets: ((designator: Buffer) => BlockBackend | undefined) | undefined;
+  /** Failures a host (or a peer down) can cause at will: logged once per kind per window. */
+  private readonly failureLog = new LogLimiter();
   /** ORWRITE is read-modify-write: one at a time per logical unit. */
   private readonly orWriteMutex = new Mutex();
 
@@ -158,13 +161,19 @@ export class BlockLogicalUnit implements LogicalUnit {
     try {
       return await spec.run(c);
     } catch (err) {
-      if (err instanceof PeerUnavailableError) {
-        this.log?.warn({ peer: err.peer, op, reason: err.message }, 'command failed: page owner unavailable');
-        return c.fail({ key: SenseKey.abortedCommand, asc: err.timedOut ? Asc.logicalUnitCommunicationTimeout : Asc.logicalUnitCommunicationFailure });
-      }
-      this.log?.error({ err, op }, 'command failed in the backend');
-      return c.fail({ key: SenseKey.hardwareError, asc: Asc.internalTargetFailure });
+      return this.failed(err, op, spec.access === 'write');
     }
+  }
+
+  /**
+   * A store or routing error as sense data (sense.ts senseForKind): the session's own
+   * fallback (HARDWARE ERROR for a rejected promise) is then reached only by real bugs.
+   */
+  private failed(err: unknown, op: number, writing: boolean): ScsiResult {
+    const kind = errorKindOf(err, writing);
+    if (kind === ErrorKind.other) this.log?.error({ err, op }, 'command failed in the backend');
+    else if (this.log) this.failureLog.warn(this.log, `${op}:${kind}`, { op, kind, reason: err instanceof Error ? err.message : String(err) }, 'command failed');
+    return failedCommand(kind, this.mode.descriptorSense);
   }
 
   /** LOGICAL UNIT RESET: every nexus, through whichever peer, hears about it before the TMF completes. */

@@ -1,6 +1,7 @@
 // SCSI sense data (SPC-4 4.5): fixed (0x70) or descriptor (0x72) format, as the control
 // mode page's D_SENSE bit says. Errors are data: a handler returns a ScsiResult built here.
 
+import { ErrorKind } from '../errors';
 import { ScsiStatus, type ScsiResult } from './types';
 
 export const SenseKey = {
@@ -28,6 +29,8 @@ export const Asc = {
   parameterListLengthError: 0x1a00,
   invalidReleaseOfPersistentReservation: 0x2604,
   writeProtected: 0x2700,
+  /** SBC-3 thin provisioning: a write needed space the pool does not have. */
+  spaceAllocationFailedWriteProtect: 0x2707,
   powerOnReset: 0x2900,
   busDeviceResetOccurred: 0x2903,
   modeParametersChanged: 0x2a01,
@@ -103,4 +106,33 @@ function sksBytes(f: { inCdb: boolean; byte: number; bit?: number }): Buffer {
 /** A CHECK CONDITION result; `descriptor` from the LU's current D_SENSE. */
 export function checkCondition(d: SenseDetail, descriptor: boolean): ScsiResult {
   return { status: ScsiStatus.checkCondition, sense: buildSense(d, descriptor) };
+}
+
+/**
+ * How a failed command is answered, by the kind of its error (src/errors.ts), chosen by what
+ * initiators do with the answer. Linux retries ABORTED COMMAND and BUSY; QEMU's libiscsi
+ * retries only BUSY, TASK SET FULL and UNIT ATTENTION and fails the I/O on ABORTED COMMAND.
+ * So a transient state is BUSY (both retry); a copy nobody can reach is ABORTED COMMAND /
+ * LOGICAL UNIT COMMUNICATION FAILURE (or TIME-OUT), which Linux still retries; the store's own
+ * failures are MEDIUM ERROR as a disk reports them; HARDWARE ERROR is left for what we cannot
+ * classify (a bug), never for a peer that is down. A request the owner refused as invalid
+ * (peers of different versions, a resize racing the request) is ABORTED COMMAND as well: the
+ * data cannot be reached by this request, and a retry sees the settled state.
+ */
+export const senseForKind: Readonly<Record<ErrorKind, SenseDetail | 'busy'>> = {
+  [ErrorKind.other]: { key: SenseKey.hardwareError, asc: Asc.internalTargetFailure },
+  [ErrorKind.storeRead]: { key: SenseKey.mediumError, asc: Asc.unrecoveredReadError },
+  [ErrorKind.storeWrite]: { key: SenseKey.mediumError, asc: Asc.writeError },
+  [ErrorKind.noSpace]: { key: SenseKey.dataProtect, asc: Asc.spaceAllocationFailedWriteProtect },
+  [ErrorKind.busy]: 'busy',
+  [ErrorKind.unavailable]: { key: SenseKey.abortedCommand, asc: Asc.logicalUnitCommunicationFailure },
+  [ErrorKind.timedOut]: { key: SenseKey.abortedCommand, asc: Asc.logicalUnitCommunicationTimeout },
+  [ErrorKind.readOnly]: { key: SenseKey.dataProtect, asc: Asc.writeProtected },
+  [ErrorKind.invalid]: { key: SenseKey.abortedCommand, asc: Asc.logicalUnitCommunicationFailure },
+};
+
+/** The answer to a command that failed with an error of `kind` (`descriptor`: the LU's D_SENSE). */
+export function failedCommand(kind: ErrorKind, descriptor: boolean): ScsiResult {
+  const d = senseForKind[kind];
+  return d === 'busy' ? { status: ScsiStatus.busy } : checkCondition(d, descriptor);
 }

@@ -4,7 +4,7 @@
 // this peer's store or forwarded with the snapshot's layer number in the frame.
 
 import { PeersanError } from '../errors';
-import { BlockOp, decodeExtents, ReplyStatus } from '../routing/frame';
+import { BlockOp, decodeExtents, replyError, ReplyStatus } from '../routing/frame';
 import type { BlockSender } from '../routing/router';
 import type { Route } from '../routing/table';
 import { ReadOnlyBackend } from '../store/decorator';
@@ -60,7 +60,7 @@ export class SnapshotReader extends ReadOnlyBackend {
       return op === BlockOp.read ? local.read(lba, blocks) : local.lbaStatus(lba, blocks);
     }
     const reply = await this.o.link(owner).send({ op, fua: false, volumeId: this.o.record.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, layer: this.o.record.seq });
-    if (reply.status !== ReplyStatus.ok) throw new PeersanError(`peer ${owner} could not read snapshot ${this.o.record.name}: ${reply.payload?.toString('utf8') ?? reply.status}`);
+    if (reply.status !== ReplyStatus.ok) throw replyError(owner, reply);
     if (op === BlockOp.lbaStatus) return decodeExtents(reply.payload) ?? [];
     return reply.payload ?? Buffer.alloc(0);
   }

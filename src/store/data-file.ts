@@ -1,8 +1,11 @@
 // Positional reads and writes on one file through the callback fs API: lighter per call
 // than FileHandle's promises on the hot path. Short reads past the end of the file are zero
-// filled (the file is sparse: a slot past EOF has never been written).
+// filled (the file is sparse: a slot past EOF has never been written). I/O errors leave as
+// the store's typed errors (StoreReadError, StoreWriteError, NoSpaceError), so the SCSI
+// layer and other peers learn what failed, not just a message (src/errors.ts ErrorKind).
 
 import * as fs from 'node:fs';
+import { storeError } from '../errors';
 
 export class DataFile {
   private constructor(private readonly fd: number) {}
@@ -16,7 +19,7 @@ export class DataFile {
   read(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
     return new Promise((resolve, reject) => {
       fs.read(this.fd, buf, offset, length, position, (err, n) => {
-        if (err) return reject(err);
+        if (err) return reject(storeError(err, false, `reading ${length} bytes at ${position}`));
         if (n < length) buf.fill(0, offset + n, offset + length);
         resolve();
       });
@@ -28,7 +31,7 @@ export class DataFile {
     return new Promise((resolve, reject) => {
       const step = (off: number, len: number, pos: number): void => {
         fs.write(this.fd, buf, off, len, pos, (err, n) => {
-          if (err) return reject(err);
+          if (err) return reject(storeError(err, true, `writing ${len} bytes at ${pos}`));
           if (n < len) return step(off + n, len - n, pos + n);
           resolve();
         });
@@ -38,7 +41,7 @@ export class DataFile {
   }
 
   datasync(): Promise<void> {
-    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(storeError(err, true, 'fdatasync')) : resolve())));
   }
 
   size(): Promise<number> {
