@@ -132,7 +132,7 @@ export class HttpConsole {
     } catch (err) {
       // A client that went away mid-request (closed before its announced body) is no failure
       // of ours and can be repeated at will: no log line beyond debug, nothing to answer.
-      if (req.destroyed || (err as NodeJS.ErrnoException).code === 'ECONNRESET') {
+      if ((err as NodeJS.ErrnoException).code === 'ECONNRESET') {
         this.log.debug({ url: req.url, reason: err instanceof Error ? err.message : String(err) }, 'http client went away');
         return;
       }
