@@ -111,13 +111,19 @@ function captureLog(): { log: pino.Logger; lines: string[] } {
   return { log: pino({ level: 'info' }, sink), lines };
 }
 
-t.test('thousands of refused console requests log a bounded number of lines, without stacks', async (t) => {
+/** A console with no volumes behind it (admin token 'tok'), logging into `lines`; closed at the test's end. */
+async function quietConsole(t: { teardown(fn: () => unknown): void }): Promise<{ port: number; lines: string[] }> {
   const { log, lines } = captureLog();
   const api = { status: async () => ({ cluster: 'c', peers: [] }), listVolumes: async () => [] } as unknown as ConsoleAdminApi;
   const metrics = { totals: { ops: 0, bytes: 0, readOps: 0, writeOps: 0 }, text: async () => '', contentType: 'text/plain' } as unknown as PeerMetrics;
   const port = await freePort();
   const console_ = await HttpConsole.start({ address: `127.0.0.1:${port}`, self: 'p1', adminToken: 'tok', api, events: new EventLog(4), metrics, log });
   t.teardown(() => console_.close());
+  return { port, lines };
+}
+
+t.test('thousands of refused console requests log a bounded number of lines, without stacks', async (t) => {
+  const { port, lines } = await quietConsole(t);
   const agent = new Agent({ keepAlive: true, maxSockets: 8 });
   t.teardown(() => agent.destroy());
   const get = (path: string, token: string): Promise<number> => new Promise((resolve, reject) => {
@@ -182,12 +188,7 @@ t.test('block streams refused for want of peer authentication log a bounded numb
 });
 
 t.test('clients that go away mid-request are not logged as failures', async (t) => {
-  const { log, lines } = captureLog();
-  const api = { status: async () => ({ cluster: 'c', peers: [] }), listVolumes: async () => [] } as unknown as ConsoleAdminApi;
-  const metrics = { totals: { ops: 0, bytes: 0, readOps: 0, writeOps: 0 }, text: async () => '', contentType: 'text/plain' } as unknown as PeerMetrics;
-  const port = await freePort();
-  const console_ = await HttpConsole.start({ address: `127.0.0.1:${port}`, self: 'p1', adminToken: 'tok', api, events: new EventLog(4), metrics, log });
-  t.teardown(() => console_.close());
+  const { port, lines } = await quietConsole(t);
   const { connect } = await import('node:net');
   for (let i = 0; i < 50; i++) {
     // A body announced as 100 bytes, 10 sent, then the socket closed.
