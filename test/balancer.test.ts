@@ -10,6 +10,7 @@ import { balancerDefaults, cost, plan, type BalancerConfig, type PlanInput, type
 import { BalancerDriver, planInputFromView, type PageMover } from '../src/loadmon/balancer-driver';
 import { parseBalancerConfig } from '../src/loadmon/config';
 import { LoadMonitor, type VolumeMeter } from '../src/loadmon/monitor';
+import { ManualClock } from '../src/env/manual';
 import { GroupView, type GroupLoadView } from '../src/loadmon/view';
 
 const config: BalancerConfig = { ...balancerDefaults, maxMovesPerRound: 16, reserveFreeBytes: 0 };
@@ -175,12 +176,18 @@ function viewOf(hot: number, each: number): GroupLoadView {
   };
 }
 
-function driverFor(self: string, view: () => GroupLoadView, opts: { mover: PageMover; config?: Partial<BalancerConfig>; auto?: () => boolean; clock?: { now: number }; owner?: Map<number, string>; autoBalance?: boolean }) {
-  const clock = opts.clock ?? { now: 1_000_000 };
+function atMs(ms: number): ManualClock {
+  const clock = new ManualClock();
+  clock.set(ms);
+  return clock;
+}
+
+function driverFor(self: string, view: () => GroupLoadView, opts: { mover: PageMover; config?: Partial<BalancerConfig>; auto?: () => boolean; clock?: ManualClock; owner?: Map<number, string>; autoBalance?: boolean }) {
+  const clock = opts.clock ?? atMs(1_000_000);
   const warnings: string[] = [];
   const log = pino({ level: 'warn' }, { write: (s: string) => warnings.push(s) });
   const driver = new BalancerDriver({
-    self, config: () => ({ ...config, maxMovesPerRound: 3, ...opts.config }), mover: () => opts.mover, now: () => clock.now, view,
+    self, config: () => ({ ...config, maxMovesPerRound: 3, ...opts.config }), mover: () => opts.mover, clock, view,
     ownerOf: (_v, page) => opts.owner?.get(page) ?? (page % 3 === 1 ? 'p2' : 'p1'),
     volume: () => ({ name: 'vol', pageBytes: 4 << 20, autoBalance: opts.autoBalance ?? true }),
     groupAuto: opts.auto ?? (() => true), log,
@@ -198,7 +205,7 @@ t.test('driver: starts only its own pages, at most maxMovesPerRound, never twice
   t.ok(r!.outcomes.every((o) => o.started));
   const first = mover.calls.map((c) => c.page);
 
-  clock.now += 5_000;
+  clock.set(clock.monotonicMs() + 5_000);
   await driver.round();
   const second = mover.calls.slice(3).map((c) => c.page);
   t.ok(second.length > 0, 'the next round moves more pages');
@@ -246,7 +253,7 @@ t.test('driver: switches, moves in flight, and a missing migration engine logged
   for (let i = 0; i < 4; i++) {
     const r = await stub.driver.round();
     if (i === 0) t.match(r!.outcomes[0], { started: false, error: 'page migration is not available yet' });
-    stub.clock.now += 5_000;
+    stub.clock.set(stub.clock.monotonicMs() + 5_000);
   }
   t.equal(stub.warnings.filter((w) => w.includes('page migration is not available yet')).length, 1, 'logged once, not per round');
   t.ok(stub.driver.recentMoves().every((m) => m.state === 'failed'), 'failed attempts cool down too');
@@ -278,12 +285,12 @@ t.test('plan input: a moved page counts at its new owner while the meters catch 
 
 t.test('simulated group: skewed load evened out within 60 s, then no moves for 2 minutes', async (t) => {
   const peers = ['p1', 'p2', 'p3'];
-  const clock = { now: 0 };
+  const clock = new ManualClock();
   const owner = new Map<number, string>();
   const pageCount = 48;
   for (let page = 0; page < pageCount; page++) owner.set(page, peers[page % 3]);
   const hot = [0, 3, 6, 9, 12, 15, 18, 21]; // all owned by p1
-  const monitors = new Map(peers.map((id) => [id, new LoadMonitor({ self: id, now: () => clock.now })]));
+  const monitors = new Map(peers.map((id) => [id, new LoadMonitor({ self: id, clock })]));
   const meters = new Map<string, VolumeMeter>(peers.map((id) => [id, monitors.get(id)!.volume('v1', 'vol', 8192)]));
   const views = new Map(peers.map((id) => [id, new GroupView(id, peers)]));
   const pendingCommits: { atMs: number; page: number; to: string }[] = [];
@@ -291,14 +298,14 @@ t.test('simulated group: skewed load evened out within 60 s, then no moves for 2
   const drivers = new Map(peers.map((id) => {
     const mover: PageMover = {
       movePage: async (_v, page, to) => {
-        moves.push({ atMs: clock.now, page, from: id, to });
-        pendingCommits.push({ atMs: clock.now + 2_000, page, to }); // a move takes 2 s
+        moves.push({ atMs: clock.monotonicMs(), page, from: id, to });
+        pendingCommits.push({ atMs: clock.monotonicMs() + 2_000, page, to }); // a move takes 2 s
       },
       movesInFlight: () => pendingCommits.filter((c) => owner.get(c.page) === id).length,
     };
     const d = new BalancerDriver({
-      self: id, config: () => balancerDefaults, mover: () => mover, now: () => clock.now,
-      view: () => views.get(id)!.snapshot(clock.now, 1000), ownerOf: (_v, page) => owner.get(page),
+      self: id, config: () => balancerDefaults, mover: () => mover, clock,
+      view: () => views.get(id)!.snapshot(clock.monotonicMs(), 1000), ownerOf: (_v, page) => owner.get(page),
       volume: () => ({ name: 'vol', pageBytes: 4 << 20, autoBalance: true }), groupAuto: () => true, log: pino({ level: 'silent' }),
     });
     return [id, d];
@@ -314,31 +321,31 @@ t.test('simulated group: skewed load evened out within 60 s, then no moves for 2
   let p1ShareAt60 = 1;
   let movesAt60 = 0;
   // 180 s of steady load in 50 ms steps: hot pages 400 ops/s each, the rest 5 ops/s, 4 KiB.
-  for (let step = 0; clock.now < 180_000; step++) {
-    clock.now = step * 50;
+  for (let step = 0; clock.monotonicMs() < 180_000; step++) {
+    clock.set(step * 50);
     for (let page = 0; page < pageCount; page++) {
       const ops = hot.includes(page) ? 20 : step % 4 === 0 ? 1 : 0;
       const m = meters.get(owner.get(page)!)!;
       for (let i = 0; i < ops; i++) m.end(page * 8192, 8, m.begin(page * 8192, 8), 4096);
     }
-    for (const c of pendingCommits.filter((c) => c.atMs <= clock.now)) {
+    for (const c of pendingCommits.filter((c) => c.atMs <= clock.monotonicMs())) {
       owner.set(c.page, c.to);
       pendingCommits.splice(pendingCommits.indexOf(c), 1);
     }
-    if (clock.now % 1000 === 0) {
+    if (clock.monotonicMs() % 1000 === 0) {
       for (const id of peers) {
         const summary = monitors.get(id)!.summary({ sessions: 1, freeBytes: 100 * GiB, totalBytes: 200 * GiB, allocatedBytes: 0 }, drivers.get(id)!.recentMoves());
         monitors.get(id)!.tick();
-        for (const v of views.values()) v.put(summary, clock.now);
+        for (const v of views.values()) v.put(summary, clock.monotonicMs());
       }
     }
-    if (clock.now % 5000 === 0 && clock.now > 0) {
+    if (clock.monotonicMs() % 5000 === 0 && clock.monotonicMs() > 0) {
       for (const id of peers) {
         const r = await drivers.get(id)!.round();
-        if (r && r.outcomes.some((o) => o.started)) plannedVariance.push(`${id}@${clock.now / 1000}s variance ${r.plan.varianceBefore.toFixed(0)} → ${r.plan.varianceAfter.toFixed(0)}`);
+        if (r && r.outcomes.some((o) => o.started)) plannedVariance.push(`${id}@${clock.monotonicMs() / 1000}s variance ${r.plan.varianceBefore.toFixed(0)} → ${r.plan.varianceAfter.toFixed(0)}`);
       }
     }
-    if (clock.now === 60_000) {
+    if (clock.monotonicMs() === 60_000) {
       p1ShareAt60 = trueShare()[0];
       movesAt60 = moves.length;
     }

@@ -16,6 +16,7 @@ import { ErrorKind, InvalidArgumentError, PeerUnavailableError, RemoteFailureErr
 import { pageBlocks, peerBatchBytesMax, peerBatchFramesMax, peerPlannedMovesMax, peerReadBytesMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../src/limits';
 import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeReply, decodeRequest, encodeReply, encodeRequest, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
+import { realEnv } from '../src/env/real';
 import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
 import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
 import { RouteTable } from '../src/routing/table';
@@ -262,7 +263,7 @@ t.test('malformed replies fail the sender\'s requests, never the sender', async 
   for (const [what, mutate] of mutations) {
     let answered = 0;
     const o = await fakeOwner((r) => (answered++ === 0 ? batchOf([mutate(r)]) : batchOf([ok(r)])));
-    const link = new PeerLink({ peerId: 'p1', address: o.address, metadata: () => new grpc.Metadata(), requestMsMax: 2_000 });
+    const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: o.address, metadata: () => new grpc.Metadata(), requestMsMax: 2_000 });
     const err = await link.send({ op: BlockOp.read, fua: false, volumeId: '0123456789abcdef', lba: 0, blocks: 1, routeVersion: 0, compareBytes: 0 }).then(() => undefined, (e: unknown) => e);
     t.ok(err instanceof PeerUnavailableError && err.kind === ErrorKind.busy, `${what}: the request fails as transient (${String(err)})`);
     const next = await link.send({ op: BlockOp.read, fua: false, volumeId: '0123456789abcdef', lba: 0, blocks: 1, routeVersion: 0, compareBytes: 0 });
@@ -282,7 +283,7 @@ t.test('a MOVED answer naming a page outside the request is refused, not learned
       return { id: 0, status: ReplyStatus.moved, owner: 'p1', version: 99, detail: 123_456 };
     },
   };
-  const router = new VolumeRouter({ self: 'p1', volumeId: '0123456789abcdef', table, local: new MemoryBackend(512, 4 * pageBlocks, 8), link: () => liar, refresh: async (p) => table.route(p), counters: newRoutingCounters() });
+  const router = new VolumeRouter({ self: 'p1', volumeId: '0123456789abcdef', table, local: new MemoryBackend(512, 4 * pageBlocks, 8), link: () => liar, refresh: async (p) => table.route(p), counters: newRoutingCounters(), env: realEnv() });
   for (const [what, op] of [['read', () => router.read(pageBlocks, 8)], ['write', () => router.write(pageBlocks, Buffer.alloc(4096))], ['unmap', () => router.unmap(pageBlocks, 8)]] as const) {
     const err = await op().then(() => undefined, (e: unknown) => e);
     t.ok(err instanceof RemoteFailureError && /MOVED names page 123456/.test(err.message), `${what}: fails (${String(err)})`);

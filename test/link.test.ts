@@ -10,6 +10,7 @@ import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../src/errors';
 import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeRequest, encodeReply, ReplyStatus } from '../src/routing/frame';
+import { realEnv } from '../src/env/real';
 import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
 
 const volumeId = '0123456789abcdef';
@@ -53,7 +54,7 @@ async function owner(): Promise<{ address: string; batches: number[]; cut(): voi
 t.test('replies by id, one batch per turn, a deadline per request, a broken stream fails what is outstanding', async (t) => {
   const o = await owner();
   t.teardown(() => o.stop());
-  const link = new PeerLink({ peerId: 'p1', address: o.address, metadata: () => new grpc.Metadata(), requestMsMax: 300 });
+  const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: o.address, metadata: () => new grpc.Metadata(), requestMsMax: 300 });
   t.teardown(() => link.close());
 
   const first = await link.send(request(0));

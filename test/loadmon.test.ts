@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import { ManualClock } from '../src/env/manual';
 import { LoadMeter, loadOf, sumStats, zeroStats } from '../src/loadmon/ewma';
 import { MeteredBackend, MeteredLogicalUnit } from '../src/loadmon/metered';
 import { LoadMonitor, type LoadSummary } from '../src/loadmon/monitor';
@@ -72,13 +73,13 @@ t.test('stats: sums add rates and weigh latency by operations', async (t) => {
 });
 
 t.test('monitor: pages by blocks, bounded tables, idle entries dropped, hottest first', async (t) => {
-  let now = 0;
-  const mon = new LoadMonitor({ self: 'p1', now: () => now, pagesTrackedMax: 4, hottestPagesPerVolume: 2, entryIdleMs: 10_000 });
+  const clock = new ManualClock();
+  const mon = new LoadMonitor({ self: 'p1', clock, pagesTrackedMax: 4, hottestPagesPerVolume: 2, entryIdleMs: 10_000 });
   const v = mon.volume('v1', 'vol', 8192);
   t.equal(mon.volume('v1', 'vol', 8192), v, 'one VolumeMeter per volume');
   // A 16-block request starting 4 blocks before the end of page 0: 4 blocks in page 0, 12 in page 1.
   v.end(8188, 16, v.begin(8188, 16), 8192);
-  now = 1000;
+  clock.set(1000);
   mon.tick();
   t.ok(close(v.pages.get(0)!.iops[0], 0.25 * (1 - Math.exp(-1)), 1e-9), 'page 0 gets a quarter of the operation');
   t.ok(close(v.pages.get(1)!.bytesPerSec[0], 6144 * (1 - Math.exp(-1)), 1e-6), 'page 1 gets three quarters of the bytes');
@@ -87,7 +88,7 @@ t.test('monitor: pages by blocks, bounded tables, idle entries dropped, hottest 
   for (let page = 2; page < 10; page++) for (let i = 0; i < page; i++) v.end(page * 8192, 8, v.begin(page * 8192, 8), 4096);
   t.equal(mon.pagesTrackedCount, 4, 'no more than pagesTrackedMax pages metered');
   t.ok(mon.pagesRefused > 0, 'refusals counted');
-  now = 2000;
+  clock.set(2000);
   mon.tick();
   const s = mon.summary({ sessions: 0, freeBytes: 1, totalBytes: 2, allocatedBytes: 0 });
   t.same(s.volumes[0].pages.map((p) => p.page), [3, 2], 'hottest two pages, hottest first');
@@ -95,7 +96,7 @@ t.test('monitor: pages by blocks, bounded tables, idle entries dropped, hottest 
   t.ok(close(s.volumes[0].owner.iops[0], s.owner.iops[0], 1e-9), 'untracked pages still count in the volume and peer totals');
   t.ok(s.seq < mon.summary({ sessions: 0, freeBytes: 1, totalBytes: 2, allocatedBytes: 0 }).seq, 'seq increases');
 
-  now = 12_000;
+  clock.set(12_000);
   mon.tick();
   t.equal(mon.pagesTrackedCount, 0, 'pages idle for entryIdleMs are dropped');
   v.end(0, 1, v.begin(0, 1), 512);
@@ -105,8 +106,8 @@ t.test('monitor: pages by blocks, bounded tables, idle entries dropped, hottest 
 });
 
 t.test('metering decorators: backend per page, logical unit per session', async (t) => {
-  let now = 0;
-  const mon = new LoadMonitor({ self: 'p1', now: () => now, entryIdleMs: 5_000 });
+  const clock = new ManualClock();
+  const mon = new LoadMonitor({ self: 'p1', clock, entryIdleMs: 5_000 });
   const inner = new MemoryBackend(512, 4 * 8192);
   const b = new MeteredBackend(inner, mon.volume('v1', 'vol', 8192));
   t.equal(b.blockCount, inner.blockCount);
@@ -117,7 +118,7 @@ t.test('metering decorators: backend per page, logical unit per session', async 
   t.same(caw, { ok: true });
   await b.flush();
   await t.rejects(b.read(4 * 8192, 1), /range/, 'errors pass through');
-  now = 1000;
+  clock.set(1000);
   mon.tick();
   const pages = mon.volume('v1', 'vol', 8192).pages;
   t.same([...pages.keys()].sort(), [1, 2, 4], 'pages 1 (write, read, caw), 2 (unmap), 4 (failed read)');
@@ -131,17 +132,17 @@ t.test('metering decorators: backend per page, logical unit per session', async 
   const cmd = (dataOut: Buffer | null): ScsiCommand => ({ cdb: Buffer.alloc(10), lun: 0, nexus, taskAttr: 1, expectedDataLength: 4096, dataOut });
   await metered.execute(cmd(null));
   await metered.execute(cmd(Buffer.alloc(8192)));
-  now = 2000;
+  clock.set(2000);
   mon.tick();
   const h = mon.summary({ sessions: 1, freeBytes: 0, totalBytes: 0, allocatedBytes: 0 }).hosts;
   t.equal(h.length, 1);
   t.match(h[0], { initiatorPort: nexus.initiatorPort, targetName: 'iqn.2026-11.io.peersan:vol', ended: false });
   t.ok(close(h[0].stats.bytesPerSec[0], 12_288 * (1 - Math.exp(-1)), 1e-6), 'read and write bytes of the session');
   metered.nexusLost(nexus);
-  now = 3000;
+  clock.set(3000);
   mon.tick();
   t.equal(mon.summary({ sessions: 0, freeBytes: 0, totalBytes: 0, allocatedBytes: 0 }).hosts[0].ended, true, 'an ended session stays listed for a while');
-  now = 8000;
+  clock.set(8000);
   mon.tick();
   t.equal(mon.hostsTrackedCount, 0, 'then goes once idle');
 });

@@ -2,6 +2,7 @@
 // gives way to host I/O.
 
 import t from 'tap';
+import { ManualEnv } from '../src/env/manual';
 import { ByteRate, ChunkPacer } from '../src/migration/rate';
 
 t.test('the pacer does not pause chunks that cost what quiet chunks cost, or up to twice that', async (t) => {
@@ -32,14 +33,14 @@ t.test('duty 1 never pauses', async (t) => {
 });
 
 t.test('the byte bucket lets a burst through, then paces at the rate', async (t) => {
-  let now = 0;
-  const slept: number[] = [];
-  const r = new ByteRate(1e6, 256 * 1024, () => now, async (ms) => {
-    slept.push(ms);
-    now += ms;
-  });
+  const env = new ManualEnv();
+  const r = new ByteRate(1e6, 256 * 1024, env);
   await r.take(256 * 1024);
-  t.same(slept, [], 'the burst is free');
-  await r.take(100_000);
-  t.equal(Math.round(slept[0]), 100, '100 kB at 1 MB/s waits 100 ms');
+  t.equal(env.timers.pending(), 0, 'the burst is free');
+  let taken = false;
+  void r.take(100_000).then(() => (taken = true));
+  await env.run(99);
+  t.notOk(taken, 'not after 99 ms');
+  await env.run(1);
+  t.ok(taken, '100 kB at 1 MB/s waits 100 ms');
 });

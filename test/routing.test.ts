@@ -11,6 +11,7 @@ import { BlockOp, decodeExtents, decodeReply, decodeRequest, encodeExtents, enco
 import { peerBatchBytesMax } from '../src/limits';
 import { PageService } from '../src/routing/page-service';
 import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
+import { realEnv } from '../src/env/real';
 import { RouteTable, type Route } from '../src/routing/table';
 import { MemoryBackend } from './helpers/memory-backend';
 
@@ -144,7 +145,7 @@ function group(opts: { down?: Set<string> } = {}) {
   });
   const router = (id: string): VolumeRouter => {
     const n = nodes.get(id)!;
-    return new VolumeRouter({ self: id, volumeId, table: n.table, local: n.store, link, refresh: refresh(n.table), counters });
+    return new VolumeRouter({ self: id, volumeId, table: n.table, local: n.store, link, refresh: refresh(n.table), counters, env: realEnv() });
   };
   /** Move a page in the "catalog" and tell only the peers listed (the others keep a stale route). */
   const move = (page: number, owner: string, tell: string[]): void => {
@@ -239,7 +240,7 @@ t.test('an owner that has not opened a new volume yet is asked again, briefly', 
       return owner.handle({ ...req, id: 1 });
     },
   });
-  const router = new VolumeRouter({ self: 'p1', volumeId, table, local: new MemoryBackend(512, 2 * pageBlocks, 8), link, refresh: async (p) => table.route(p), counters: newRoutingCounters() });
+  const router = new VolumeRouter({ self: 'p1', volumeId, table, local: new MemoryBackend(512, 2 * pageBlocks, 8), link, refresh: async (p) => table.route(p), counters: newRoutingCounters(), env: realEnv() });
   await router.write(pageBlocks, Buffer.alloc(512, 9));
   t.equal(calls, 3, 'refused twice, then served');
   t.equal(store.data[pageBlocks * 512], 9);

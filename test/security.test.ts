@@ -21,6 +21,7 @@ import { proto } from '../src/cluster/proto';
 import { ensureGroupTls } from '../src/cli/init';
 import { peerAuthNoncesMax, peerAuthSkewMsMax } from '../src/limits';
 import { BlockOp, ReplyStatus } from '../src/routing/frame';
+import { realEnv } from '../src/env/real';
 import { PeerLink } from '../src/routing/link';
 import { migrationDefaults, parseConfig, type ClusterConfig } from '../src/server/config';
 import { PeerServer } from '../src/server/peer';
@@ -104,10 +105,10 @@ t.test('a captured peer header cannot be replayed, used for another method, or u
   // The block data stream: one header at its start, checked the same way.
   const read = { op: BlockOp.read, fua: false, volumeId: 'none', lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
   const fixed = peerAuthMetadata('group-secret', 'p2', '/peersan.PeerData/Blocks');
-  const first = new PeerLink({ peerId: 'p1', address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
+  const first = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
   t.teardown(() => first.close());
   t.equal((await first.send(read)).status !== undefined, true, 'a block stream opens with a fresh header');
-  const replayed = new PeerLink({ peerId: 'p1', address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
+  const replayed = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
   t.teardown(() => replayed.close());
   await t.rejects(replayed.send(read), /not a member|authentication/, 'a second stream with the same header: refused');
 });
@@ -173,7 +174,7 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
   const header = (id: string) => (m: string) => peerAuthMetadata('group-secret', id, m);
 
   await t.test('a member with its own certificate is served over the block stream', async (t) => {
-    const link = new PeerLink({ peerId: 'p1', address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p1'), requestMsMax: 3_000 });
+    const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p1'), requestMsMax: 3_000 });
     t.teardown(() => link.close());
     const reply = await link.send(read);
     t.equal(reply.status, ReplyStatus.ok);
@@ -183,28 +184,28 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
     const other = await createClusterCa('elsewhere');
     const foreign = await issuePeerCertificate(other, 'p2', ['127.0.0.1']);
     const withForeignCert: PeerTls = { peerId: 'p2', ca: g.tlsOf('p2').ca, cert: Buffer.from(foreign.certPem), key: Buffer.from(foreign.keyPem) };
-    const a = new PeerLink({ peerId: 'p1', address: p1, metadata: header('p2'), tls: peerTlsChannel(withForeignCert, 'p1'), requestMsMax: 3_000 });
+    const a = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(withForeignCert, 'p1'), requestMsMax: 3_000 });
     t.teardown(() => a.close());
     await t.rejects(a.send(read), /not a member|authentication|unavailable|UNAVAILABLE/i, 'a certificate from another CA (right secret): refused');
 
     const p3 = g.tlsOf('p3');
-    const b = new PeerLink({ peerId: 'p1', address: p1, metadata: header('p2'), tls: peerTlsChannel(p3, 'p1'), requestMsMax: 3_000 });
+    const b = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(p3, 'p1'), requestMsMax: 3_000 });
     t.teardown(() => b.close());
     await t.rejects(b.send(read), /not a member|authentication/, 'p3\'s certificate claiming to be p2: refused');
 
     const noCert = { credentials: grpc.credentials.createSsl(g.tlsOf('p2').ca, null, null, { checkServerIdentity: () => undefined }), options: { 'grpc.ssl_target_name_override': 'p1' } };
-    const c = new PeerLink({ peerId: 'p1', address: p1, metadata: header('p2'), tls: noCert, requestMsMax: 3_000 });
+    const c = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: noCert, requestMsMax: 3_000 });
     t.teardown(() => c.close());
     await t.rejects(c.send(read), /not a member|authentication/, 'TLS without a client certificate (right secret): refused');
 
-    const plain = new PeerLink({ peerId: 'p1', address: p1, metadata: header('p2'), requestMsMax: 3_000 });
+    const plain = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), requestMsMax: 3_000 });
     t.teardown(() => plain.close());
     await t.rejects(plain.send(read), /.+/, 'plain gRPC to a TLS peer: no connection');
   });
 
   await t.test('a peer that answers with another peer\'s certificate is not trusted', async (t) => {
     // p2 dials p1's address expecting p3 there: the certificate names p1, so the call fails.
-    const link = new PeerLink({ peerId: 'p3', address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p3'), requestMsMax: 3_000 });
+    const link = new PeerLink({ peerId: 'p3', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p3'), requestMsMax: 3_000 });
     t.teardown(() => link.close());
     await t.rejects(link.send(read), /.+/);
   });

@@ -28,7 +28,7 @@ t.test('a snapshot keeps the old data; the first write after it copies one grain
   const before = pattern(1024, 1); // 8 grains
   await v.write(0, before);
   t.equal(v.allocatedBytes(), 8 * grainBytes);
-  await v.snapshot('s1');
+  await v.snapshot('s1', 0);
   t.equal(v.allocatedBytes(), 8 * grainBytes, 'taking a snapshot allocates nothing');
   const one = pattern(1, 2);
   await v.write(300, one); // inside grain 2, a partial-grain write
@@ -55,14 +55,14 @@ t.test('a snapshot view is read-only and follows deletion', async (t) => {
   t.teardown(() => store.close());
   const v = await store.openVolume(volumeId, { blockBytes: 4096, blockCount: 8192 });
   await v.write(0, Buffer.alloc(4096, 7));
-  await v.snapshot('s1');
+  await v.snapshot('s1', 0);
   const view = v.snapshotView('s1');
   t.equal(view.blockCount, 8192);
   await t.rejects(view.write(0, Buffer.alloc(4096)), { code: 'PEERSAN_ERR_READ_ONLY' });
   await t.rejects(view.unmap(0, 1), { code: 'PEERSAN_ERR_READ_ONLY' });
   await t.rejects(view.compareAndWrite(0, Buffer.alloc(4096), Buffer.alloc(4096)), { code: 'PEERSAN_ERR_READ_ONLY' });
-  await t.rejects(v.snapshot('s1'), { code: 'PEERSAN_ERR_ALREADY_EXISTS' });
-  await t.rejects(v.snapshot('bad id'), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' });
+  await t.rejects(v.snapshot('s1', 0), { code: 'PEERSAN_ERR_ALREADY_EXISTS' });
+  await t.rejects(v.snapshot('bad id', 0), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' });
   await v.deleteSnapshot('s1');
   await t.rejects(view.read(0, 1), { code: 'PEERSAN_ERR_NOT_FOUND' });
   t.throws(() => v.snapshotView('s1'), { code: 'PEERSAN_ERR_NOT_FOUND' });
@@ -73,9 +73,9 @@ t.test('delete frees what only the snapshot held; restore rolls live back', asyn
   t.teardown(() => store.close());
   const v = await store.openVolume(volumeId, { blockBytes: 512, blockCount: 8192 });
   await v.write(0, pattern(256, 1)); // grains 0, 1
-  await v.snapshot('a');
+  await v.snapshot('a', 0);
   await v.write(0, pattern(128, 2)); // grain 0 whole: copied (a keeps the old one)
-  await v.snapshot('b');
+  await v.snapshot('b', 0);
   await v.write(0, pattern(1, 3)); // grain 0 partial: copied again (b keeps generation 2)
   await v.unmap(128, 128); // grain 1: a and b keep it
   t.equal(v.allocatedBytes(), 4 * grainBytes, 'gen 1, 2, 3 of grain 0 and grain 1');
@@ -103,8 +103,8 @@ t.test('changes written into a snapshot (timestamp mode) change its view only, d
   const geometry = { blockBytes: 512, blockCount: 8192 };
   let v = await store.openVolume(volumeId, geometry);
   await v.write(0, pattern(512, 1)); // grains 0-3
-  await v.snapshot('a');
-  await v.snapshot('b'); // a reads every grain through b, which reads through live
+  await v.snapshot('a', 0);
+  await v.snapshot('b', 0); // a reads every grain through b, which reads through live
   await v.write(0, pattern(128, 2)); // live grain 0 changes: b (newest) gets the old one
   const live = await v.read(0, 512);
   // Into b: part of grain 1 (through live), zeros over part of grain 2, grain 0 twice (b's exception), in order.
@@ -145,12 +145,12 @@ t.test('a page carries its layers to another store', async (t) => {
   const a = await from.openVolume(volumeId, geometry);
   const b = await to.openVolume(volumeId, geometry);
   await a.write(8192, pattern(512, 1));
-  await a.snapshot('s1');
-  await b.snapshot('s1');
+  await a.snapshot('s1', 0);
+  await b.snapshot('s1', 0);
   await a.write(8192 + 100, pattern(50, 2));
   await a.unmap(8192 + 256, 128);
-  await a.snapshot('s2');
-  await b.snapshot('s2');
+  await a.snapshot('s2', 0);
+  await b.snapshot('s2', 0);
   await a.write(8192 + 3000, pattern(1, 3));
   await b.write(8192, pattern(10, 9)); // stale content on the destination is replaced
   const layers = await a.exportPageLayers(1);
@@ -303,7 +303,7 @@ t.test('random histories of writes, unmaps, snapshots, deletes, restores and reo
           model.unmap(o.lba, blocks);
         } else if (o.kind === 'snapshot') {
           const sid = `s${++snaps}`;
-          await v.snapshot(sid);
+          await v.snapshot(sid, 0);
           model.snapshot(sid);
         } else if (o.kind === 'delete' || o.kind === 'restore') {
           if (model.snapshots.length === 0) continue;
@@ -346,7 +346,7 @@ t.test('kill -9 in the middle of writes and snapshots: acknowledged writes and s
       const s = await PageStore.open(${JSON.stringify(dir)});
       const v = await s.openVolume('${volumeId}', { blockBytes: 512, blockCount: ${blockCount} });
       for (let i = 0; ; i++) {
-        if (i % 25 === 24) { await v.snapshot('s' + i); process.stdout.write('S ' + i + '\\n'); continue; }
+        if (i % 25 === 24) { await v.snapshot('s' + i, 0); process.stdout.write('S ' + i + '\\n'); continue; }
         if (i % 100 === 60) { await v.deleteSnapshot('s' + (i - 36)); process.stdout.write('D ' + i + '\\n'); continue; }
         const lba = (i * 7919) % ${blockCount - 40};
         await v.write(lba, pattern(1 + (i % 40), i));

@@ -2,28 +2,33 @@ import t from 'tap';
 import fc from 'fast-check';
 import { insertSorted, removeSorted, VolumeGate } from '../src/snapshot/gate';
 import { HybridClock } from '../src/snapshot/hlc';
+import { ManualEnv } from '../src/env/manual';
+import { realEnv } from '../src/env/real';
 import { StampLog } from '../src/snapshot/stamp-log';
 import { MemoryBackend } from './helpers/memory-backend';
 import type { BlockBackend, WriteOptions } from '../src/store/types';
 
 t.test('the hybrid clock: strictly increasing, pushed forward by what it observes', async (t) => {
-  let physical = 1_000;
-  const clock = new HybridClock(() => physical);
+  // The wall clock at 1 ms, then set back and forth (skew) while monotonic time stands still.
+  const env = new ManualEnv({ wallOriginMs: 0 });
+  const setPhysicalUs = (us: number): void => void (env.clock.skewMs = us / 1000);
+  setPhysicalUs(1_000);
+  const clock = new HybridClock(env.clock);
   const a = clock.now();
   const b = clock.now();
   t.equal(a, 1_000);
   t.ok(b > a, 'same microsecond: still later');
   clock.observe(5_000);
   t.ok(clock.now() > 5_000, 'after observing a stamp, the next one is larger');
-  physical = 4_000;
+  setPhysicalUs(4_000);
   t.ok(clock.now() > 5_000, 'a physical clock behind what was seen does not move it back');
   clock.observe(10);
-  physical = 9_000;
+  setPhysicalUs(9_000);
   t.equal(clock.now(), 9_000, 'the physical clock takes over once it is ahead');
 });
 
 t.test('the gate stamps host writes and knows which stamps are in flight', async (t) => {
-  const clock = new HybridClock();
+  const clock = new HybridClock(realEnv().clock);
   const seen: WriteOptions[] = [];
   const finish: (() => void)[] = [];
   const inner = {
@@ -31,7 +36,7 @@ t.test('the gate stamps host writes and knows which stamps are in flight', async
     write: (_lba: number, _data: Buffer, opts?: WriteOptions) => new Promise<void>((r) => { seen.push(opts ?? {}); finish.push(r); }),
     unmap: () => Promise.resolve(), compareAndWrite: () => Promise.resolve({ ok: true }), flush: () => Promise.resolve(), read: () => Promise.resolve(Buffer.alloc(512)), lbaStatus: () => Promise.resolve([]),
   } as unknown as BlockBackend;
-  const gate = new VolumeGate(inner, clock);
+  const gate = new VolumeGate(inner, realEnv(), clock);
   const w1 = gate.write(0, Buffer.alloc(512), { fua: true });
   const w2 = gate.write(1, Buffer.alloc(512));
   t.equal(seen.length, 2);
@@ -77,7 +82,7 @@ t.test('the in-flight stamps stay sorted whatever order writes are stamped and a
 });
 
 t.test('the stamp log records changes only while asked, returns those before the cut in stamp order, and refuses when it overflowed', async (t) => {
-  const clock = new HybridClock();
+  const clock = new HybridClock(realEnv().clock);
   const store = new MemoryBackend(512, 1024);
   const log = new StampLog(store, clock, 4 * 512);
   await log.write(0, Buffer.alloc(512, 1), { stamp: 10 });

@@ -1,7 +1,7 @@
 // Typed cluster catalog over a MetaStore: volume records with their validation. Keeps an
 // in-memory copy fed by the watch, so lookups on the data path never wait on storage.
 
-import { randomBytes } from 'node:crypto';
+import type { Env } from '../env/env';
 import { AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
 import { blockBytesAllowed, volumeBytesMax, volumeNameBytesMax } from '../limits';
 import { RouteTable, type Route } from '../routing/table';
@@ -45,6 +45,8 @@ export interface CatalogOptions {
   /** Peer ids of the group, in config order (placement defaults to all of them). */
   groupPeers: string[];
   pageBlocks: number;
+  /** Volume ids (random) and creation stamps (wall clock). */
+  env: Env;
 }
 
 const volumePrefix = 'volumes/';
@@ -284,8 +286,8 @@ export class Catalog {
       if (!this.options.groupPeers.includes(p)) throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.groupPeers.join(', ')})`);
     }
     const record: Omit<VolumeRecord, 'version'> = {
-      name: input.name, id: randomBytes(8).toString('hex'), sizeBytes, blockBytes, allow,
-      chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: Date.now(),
+      name: input.name, id: this.options.env.random.bytes(8).toString('hex'), sizeBytes, blockBytes, allow,
+      chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: this.options.env.clock.nowMs(),
     };
     try {
       const r = await this.store.put(volumePrefix + input.name, encodeVolume(record), 0);

@@ -26,7 +26,7 @@ export class ManualClock implements Clock {
     return this.t;
   }
 
-  /** Only ManualTimers moves time, and never backwards. */
+  /** Set the time, never backwards. With timers armed, move time by ManualEnv.advance or run, which fire them on the way. */
   set(ms: number): void {
     if (ms < this.t) throw new Error(`time goes back: ${ms} < ${this.t}`);
     this.t = ms;

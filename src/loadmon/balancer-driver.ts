@@ -13,6 +13,7 @@
 // The migration engine (src/migration) is reached only through PageMover.
 
 import type { Logger } from 'pino';
+import type { Clock } from '../env/env';
 import { loadRecentMovesMax } from '../limits';
 import { plan, type BalancerConfig, type Plan, type PlanInput, type PlanPage, type PlannedMove } from './balancer';
 import type { RecentMove } from './monitor';
@@ -106,8 +107,8 @@ export interface BalancerDriverOptions {
   self: string;
   config: () => BalancerConfig;
   mover: () => PageMover;
-  /** Monotonic ms, the same clock as the view's. */
-  now: () => number;
+  /** Its monotonic ms are the view's time too. */
+  clock: Clock;
   /** The group view with every reported page (not cut to the top N). */
   view: () => GroupLoadView;
   ownerOf(volumeId: string, page: number): string | undefined;
@@ -131,7 +132,7 @@ export class BalancerDriver {
   /** The group's plan as this peer sees it now. */
   plan(manual: boolean): Plan {
     const config = this.o.config();
-    const nowMs = this.o.now();
+    const nowMs = this.o.clock.monotonicMs();
     this.forgetOld(nowMs, config.cooldownMs);
     const view = this.o.view();
     const moves = [...view.recentMoves, ...[...this.own.values()]];
@@ -167,7 +168,7 @@ export class BalancerDriver {
    */
   async start(moves: PlannedMove[]): Promise<MoveOutcome[]> {
     const config = this.o.config();
-    const nowMs = this.o.now();
+    const nowMs = this.o.clock.monotonicMs();
     const begun = moves.slice(0, config.maxMovesPerRound).map((m) => this.startOne(m, nowMs, config.cooldownMs));
     // Let a mover that refuses at once (no migration engine, page busy) say so in the reply.
     await new Promise<void>((resolve) => setImmediate(resolve));
@@ -215,7 +216,7 @@ export class BalancerDriver {
    * balancer through this peer's gossip (recentMoves).
    */
   noteCommitted(m: { volumeId: string; page: number; to: string }): void {
-    const nowMs = this.o.now();
+    const nowMs = this.o.clock.monotonicMs();
     const key = `${m.volumeId}/${m.page}`;
     const held = this.own.get(key);
     if (held) {
@@ -237,7 +238,7 @@ export class BalancerDriver {
 
   /** This peer's moves still in cool-down, for its gossip summary. */
   recentMoves(): RecentMove[] {
-    const nowMs = this.o.now();
+    const nowMs = this.o.clock.monotonicMs();
     this.forgetOld(nowMs, this.o.config().cooldownMs);
     return [...this.own.values()].map((m) => ({ volumeId: m.volumeId, page: m.page, to: m.to, agoMs: Math.max(0, nowMs - m.atMs), state: m.state }));
   }

@@ -10,6 +10,7 @@
 import {
   loadEntryIdleMs, loadHostsPerSummaryMax, loadHostsTrackedMax, loadHottestPagesPerVolume, loadPagesTrackedMax, loadRecentMovesMax, loadSummaryPagesMax, loadVolumesPerSummaryMax,
 } from '../limits';
+import type { Clock } from '../env/env';
 import type { Nexus } from '../scsi/types';
 import { LoadMeter, type LoadStats } from './ewma';
 
@@ -93,7 +94,7 @@ export class VolumeMeter {
 
   /** A request for `blocks` blocks at `lba` starts; returns its start time for end(). */
   begin(lba: number, blocks: number): number {
-    const now = this.monitor.now();
+    const now = this.monitor.clock.monotonicMs();
     this.monitor.owner.begin(now);
     this.meter.begin(now);
     this.eachPage(lba, blocks, (m, weight) => m.begin(now, weight), now);
@@ -102,7 +103,7 @@ export class VolumeMeter {
 
   /** The request begun at `startMs` completed; `bytes` of data moved (0 for unmap). */
   end(lba: number, blocks: number, startMs: number, bytes: number): void {
-    const now = this.monitor.now();
+    const now = this.monitor.clock.monotonicMs();
     this.monitor.owner.end(startMs, now, bytes);
     this.meter.end(startMs, now, bytes);
     // A request that spans pages counts for each page by its share of the blocks.
@@ -146,8 +147,8 @@ interface HostEntry {
 
 export interface LoadMonitorOptions {
   self: string;
-  /** Milliseconds from a monotonic clock (performance.now in a peer, a hand-driven counter in tests). */
-  now: () => number;
+  /** The environment's clock; meters run on its monotonic milliseconds. */
+  clock: Clock;
   pagesTrackedMax?: number;
   hostsTrackedMax?: number;
   hottestPagesPerVolume?: number;
@@ -156,7 +157,7 @@ export interface LoadMonitorOptions {
 
 export class LoadMonitor {
   readonly self: string;
-  readonly now: () => number;
+  readonly clock: Clock;
   /** Served as page owner, all volumes. */
   readonly owner: LoadMeter;
   /** Received from hosts on this peer's portal, all sessions. */
@@ -176,8 +177,8 @@ export class LoadMonitor {
 
   constructor(opts: LoadMonitorOptions) {
     this.self = opts.self;
-    this.now = opts.now;
-    const now = opts.now();
+    this.clock = opts.clock;
+    const now = opts.clock.monotonicMs();
     this.owner = new LoadMeter(now);
     this.received = new LoadMeter(now);
     this.pagesTrackedMax = opts.pagesTrackedMax ?? loadPagesTrackedMax;
@@ -189,7 +190,7 @@ export class LoadMonitor {
   /** The meters of a volume (created on first use; the same object for the volume's life). */
   volume(volumeId: string, volumeName: string, pageBlocks: number): VolumeMeter {
     let v = this.volumes.get(volumeId);
-    if (!v) this.volumes.set(volumeId, (v = new VolumeMeter(this, volumeId, volumeName, pageBlocks, this.now())));
+    if (!v) this.volumes.set(volumeId, (v = new VolumeMeter(this, volumeId, volumeName, pageBlocks, this.clock.monotonicMs())));
     return v;
   }
 
@@ -224,14 +225,14 @@ export class LoadMonitor {
 
   /** A command from this session starts; returns its start time for hostEnd(). */
   hostBegin(nexus: Nexus): number {
-    const now = this.now();
+    const now = this.clock.monotonicMs();
     this.received.begin(now);
     this.host(nexus, now)?.meter.begin(now);
     return now;
   }
 
   hostEnd(nexus: Nexus, startMs: number, bytes: number): void {
-    const now = this.now();
+    const now = this.clock.monotonicMs();
     this.received.end(startMs, now, bytes);
     this.hostsByNexus.get(nexus)?.meter.end(startMs, now, bytes);
   }
@@ -257,7 +258,7 @@ export class LoadMonitor {
 
   /** Fold every meter and drop idle entries. Call once per loadTickMs. */
   tick(): void {
-    const now = this.now();
+    const now = this.clock.monotonicMs();
     this.owner.fold(now);
     this.received.fold(now);
     for (const v of this.volumes.values()) {

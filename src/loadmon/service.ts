@@ -4,8 +4,8 @@
 // Every balancer.intervalMs: one balancing round. Transport and catalog are injected, so a
 // test drives tick() and round() by hand.
 
-import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
+import type { Env, TimerHandle } from '../env/env';
 import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limits';
 import type { BalancerConfig, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
@@ -30,7 +30,8 @@ export interface LoadServiceOptions {
   startMovesOn(peerId: string, moves: PlannedMove[]): Promise<MoveOutcome[]>;
   /** Page migration (src/migration/migrator.ts). */
   mover: PageMover;
-  now?: () => number;
+  /** Monotonic clock of the meters and the view; timers of the ticks and rounds. */
+  env: Env;
 }
 
 export interface MoveView {
@@ -67,22 +68,24 @@ export class LoadService {
   readonly view: GroupView;
   readonly driver: BalancerDriver;
   private readonly o: LoadServiceOptions;
-  private readonly now: () => number;
   private facts: PeerFacts = { sessions: 0, freeBytes: 0, totalBytes: 0, allocatedBytes: 0 };
   private factsPending = false;
   private readonly sending = new Set<string>();
-  private timers: NodeJS.Timeout[] = [];
+  private intervals: TimerHandle[] = [];
 
   constructor(opts: LoadServiceOptions) {
     this.o = opts;
-    this.now = opts.now ?? (() => performance.now());
-    this.monitor = new LoadMonitor({ self: opts.self, now: this.now });
+    this.monitor = new LoadMonitor({ self: opts.self, clock: opts.env.clock });
     this.view = new GroupView(opts.self, opts.peers);
     this.driver = new BalancerDriver({
-      self: opts.self, config: () => this.o.config, mover: () => this.o.mover, now: this.now,
-      view: () => this.view.snapshot(this.now(), loadHottestPagesPerVolume * this.o.peers.length),
+      self: opts.self, config: () => this.o.config, mover: () => this.o.mover, clock: opts.env.clock,
+      view: () => this.view.snapshot(this.nowMs(), loadHottestPagesPerVolume * this.o.peers.length),
       ownerOf: opts.ownerOf, volume: opts.volume, groupAuto: opts.groupAuto, log: opts.log.child({ component: 'balancer' }),
     });
+  }
+
+  private nowMs(): number {
+    return this.o.env.clock.monotonicMs();
   }
 
   get config(): BalancerConfig {
@@ -95,20 +98,21 @@ export class LoadService {
 
   start(): void {
     this.refreshFacts(); // so the first summary already carries capacity and sessions
-    this.timers.push(setInterval(() => {
+    const { timers } = this.o.env;
+    this.intervals.push(timers.setInterval(() => {
       try {
         this.tick();
       } catch (err) {
         this.o.log.error({ err }, 'load monitor tick failed');
       }
     }, loadTickMs));
-    this.timers.push(setInterval(() => this.round(), this.o.config.intervalMs));
-    for (const t of this.timers) t.unref();
+    this.intervals.push(timers.setInterval(() => this.round(), this.o.config.intervalMs));
+    for (const t of this.intervals) t.unref();
   }
 
   stop(): void {
-    for (const t of this.timers) clearInterval(t);
-    this.timers = [];
+    for (const t of this.intervals) this.o.env.timers.clearInterval(t);
+    this.intervals = [];
   }
 
   /** Fold, summarise, keep and gossip. Returns this peer's summary. */
@@ -117,7 +121,7 @@ export class LoadService {
     this.monitor.retainVolumes(this.o.volumeIds());
     this.monitor.tick();
     const summary = this.monitor.summary(this.facts, this.driver.recentMoves());
-    this.view.put(summary, this.now());
+    this.view.put(summary, this.nowMs());
     for (const peer of this.o.peers) {
       if (peer === this.o.self || this.sending.has(peer)) continue;
       this.sending.add(peer);
@@ -139,7 +143,7 @@ export class LoadService {
   /** A summary from another peer (authenticated by the RPC layer as `from`). */
   received(from: string, summary: LoadSummary): boolean {
     if (summary.peerId !== from || from === this.o.self) return false;
-    return this.view.put(summary, this.now());
+    return this.view.put(summary, this.nowMs());
   }
 
   round(): Promise<{ plan: Plan; outcomes: MoveOutcome[] } | undefined> {
@@ -151,11 +155,11 @@ export class LoadService {
 
   /** Every peer's load as gossiped (stale peers marked), without the per-page detail. */
   peerLoads(): PeerLoadView[] {
-    return this.view.snapshot(this.now(), 0, 0).peers;
+    return this.view.snapshot(this.nowMs(), 0, 0).peers;
   }
 
   top(pages = 16): TopReply {
-    const now = this.now();
+    const now = this.nowMs();
     const view = this.view.snapshot(now, pages, loadTopPagesMax);
     return {
       ...view,

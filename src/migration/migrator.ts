@@ -20,6 +20,7 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { BlockOp, decodeExtents } from '../routing/frame';
 import type { Route } from '../routing/table';
@@ -75,6 +76,8 @@ export interface MoveInfo {
 
 export interface MigratorOptions {
   self: string;
+  /** Clock, timers (pacing, retries, waits) and randomness. */
+  env: Env;
   groupPeers: readonly string[];
   store: PageStore;
   catalog: Catalog;
@@ -135,7 +138,7 @@ export class Migrator {
     this.o = opts;
     // The burst is one piece: after a pause the copier may take one piece at once, no more, so
     // copying is paced evenly instead of in bursts that stall host I/O for a moment.
-    this.rate = new ByteRate(opts.settings.rateBytesPerSec, Math.max(chunkBytes, opts.settings.pieceBytes));
+    this.rate = new ByteRate(opts.settings.rateBytesPerSec, Math.max(chunkBytes, opts.settings.pieceBytes), opts.env);
   }
 
   // ---- destination side -----------------------------------------------------------------------
@@ -199,7 +202,7 @@ export class Migrator {
     if (!movable) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     if (this.closed) throw new PeersanError(`peer ${this.o.self} is stopping`);
     const { pieceBlocks, pieces } = pieceGeometry(volume.pageBlocks, volume.blockBytes, this.o.settings.pieceBytes);
-    const cp: MoveCheckpoint = { volumeId: volume.id, page, from: this.o.self, to, routeVersion: route.version, pieces, pieceBlocks, done: 0, state: 'copying', startedAtMs: Date.now() };
+    const cp: MoveCheckpoint = { volumeId: volume.id, page, from: this.o.self, to, routeVersion: route.version, pieces, pieceBlocks, done: 0, state: 'copying', startedAtMs: this.o.env.clock.nowMs() };
     await this.o.catalog.createMoveIntent(volume, page, { from: cp.from, to, routeVersion: cp.routeVersion, startedAtMs: cp.startedAtMs });
     try {
       await this.o.store.putRecord(checkpointKey(volume.id, page), encodeCheckpoint(cp), true);
@@ -245,7 +248,7 @@ export class Migrator {
    * stand still; `idle` tells it when the steps already started have finished.
    */
   private async step<T>(volumeId: string, fn: () => Promise<T>): Promise<T> {
-    while (this.o.holding?.(volumeId) && !this.closed) await new Promise((r) => setTimeout(r, 5));
+    while (this.o.holding?.(volumeId) && !this.closed) await sleep(this.o.env.timers, 5);
     this.stepping.set(volumeId, (this.stepping.get(volumeId) ?? 0) + 1);
     try {
       return await fn();
@@ -258,7 +261,7 @@ export class Migrator {
 
   /** Resolves when no step of a move of the volume is running (new ones wait while `holding`). */
   async idle(volumeId: string): Promise<void> {
-    while (this.stepping.has(volumeId)) await new Promise((r) => setTimeout(r, 2));
+    while (this.stepping.has(volumeId)) await sleep(this.o.env.timers, 2);
   }
 
   /** Moves running on this peer (the balancer's rate limit). */
@@ -336,10 +339,10 @@ export class Migrator {
       const blocks = Math.min(chunkBlocks, end - lba);
       const last = lba + blocks >= end;
       await this.rate.take(blocks * bs);
-      const t0 = performance.now();
+      const t0 = this.o.env.clock.monotonicMs();
       await this.retrying(r, () => this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last)))));
       // The last chunk of a piece waits for a sync on D: slow by design, not a sign of load.
-      if (!last) await this.yieldToHosts(r, performance.now() - t0);
+      if (!last) await this.yieldToHosts(r, this.o.env.clock.monotonicMs() - t0);
       r.bytesCopied += blocks * bs;
       this.counters.bytesCopied += blocks * bs;
       if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
@@ -349,7 +352,7 @@ export class Migrator {
   /** Pause after a chunk that took `ms` if it waited behind host I/O (rate.ts: ChunkPacer). */
   private async yieldToHosts(r: Running, ms: number): Promise<void> {
     const pauseMs = r.pacer.pauseAfter(ms);
-    if (pauseMs >= 1 && !this.closed) await new Promise((res) => setTimeout(res, pauseMs));
+    if (pauseMs >= 1 && !this.closed) await sleep(this.o.env.timers, pauseMs);
   }
 
   private async copyForward(r: Running, lba: number, blocks: number, last: boolean): Promise<void> {
@@ -400,7 +403,7 @@ export class Migrator {
     this.running.delete(key(cp.volumeId, cp.page));
     this.counters.committed++;
     this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, version: route.version, bytesCopied: r.bytesCopied }, 'page move committed');
-    this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((Date.now() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
+    this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((this.o.env.clock.nowMs() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
     this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
     r.settle();
   }
@@ -458,7 +461,7 @@ export class Migrator {
         if (err instanceof ConflictError || err instanceof NotFoundError) throw err;
         if (r.lastError !== (err as Error).message) this.o.log.warn({ page: r.cp.page, to: r.cp.to, reason: (err as Error).message }, 'page move step failed; retrying');
         r.lastError = (err as Error).message;
-        await new Promise((res) => setTimeout(res, retryMs));
+        await sleep(this.o.env.timers, retryMs);
       }
     }
   }

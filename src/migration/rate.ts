@@ -1,6 +1,7 @@
 // How fast a move copies: a token bucket of bytes shared by every move on a peer (the rate
 // limit), and a pacer per move that gives way to host I/O (ChunkPacer). Pure but for the
-// clock and sleep the bucket is given.
+// environment's clock and timers the bucket is given.
+import { sleep, type Env } from '../env/env';
 
 export class ByteRate {
   private tokens: number;
@@ -10,21 +11,20 @@ export class ByteRate {
     private readonly bytesPerSec: number,
     /** Burst allowance: what may be taken at once after an idle spell. */
     private readonly burstBytes: number,
-    private readonly now: () => number = () => performance.now(),
-    private readonly sleep: (ms: number) => Promise<void> = (ms) => new Promise((r) => setTimeout(r, ms)),
+    private readonly env: Env,
   ) {
     this.tokens = burstBytes;
-    this.last = now();
+    this.last = env.clock.monotonicMs();
   }
 
   /** Resolves once `bytes` may be moved; requests larger than the burst wait for their whole time. */
   async take(bytes: number): Promise<void> {
     if (this.bytesPerSec <= 0) return;
-    const t = this.now();
+    const t = this.env.clock.monotonicMs();
     this.tokens = Math.min(this.burstBytes, this.tokens + ((t - this.last) * this.bytesPerSec) / 1000);
     this.last = t;
     this.tokens -= bytes;
-    if (this.tokens < 0) await this.sleep((-this.tokens * 1000) / this.bytesPerSec);
+    if (this.tokens < 0) await sleep(this.env.timers, (-this.tokens * 1000) / this.bytesPerSec);
   }
 }
 

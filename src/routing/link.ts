@@ -10,6 +10,7 @@
 
 import * as grpc from '@grpc/grpc-js';
 import type { TlsChannel } from '../cluster/peer-tls';
+import type { Env, TimerHandle } from '../env/env';
 import { PeerUnavailableError } from '../errors';
 import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
 import { FrameBatcher, splitBatch, type FrameCodec } from './batch';
@@ -72,6 +73,8 @@ export interface PeerLinkOptions {
   address: string;
   /** Fresh authentication metadata for each stream (peer-auth.ts), made for the stream's gRPC path. */
   metadata: (method: string) => grpc.Metadata;
+  /** Clock and timer of the request deadlines. */
+  env: Env;
   /** Mutual TLS to the peer (src/cluster/peer-tls.ts); absent: plain (a group without `cluster.tls`). */
   tls?: TlsChannel;
   requestMsMax?: number;
@@ -84,7 +87,7 @@ export class PeerLink {
   private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
   private batcher: FrameBatcher<Pending> | undefined;
   /** Fails requests past their deadline; runs while a stream is open (one timer, not one per request). */
-  private sweepTimer: NodeJS.Timeout | undefined;
+  private sweepTimer: TimerHandle | undefined;
   private readonly pending = new Map<number, Pending>();
   private readonly waiting: (() => void)[] = [];
   private nextId = 1;
@@ -128,7 +131,7 @@ export class PeerLink {
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffff_ffff ? 1 : this.nextId + 1;
     return new Promise<BlockReply>((resolve, reject) => {
-      const p: Pending = { id, req, resolve, reject, deadlineMs: performance.now() + this.requestMsMax };
+      const p: Pending = { id, req, resolve, reject, deadlineMs: this.opts.env.clock.monotonicMs() + this.requestMsMax };
       this.pending.set(id, p);
       batcher.push(p);
     });
@@ -136,7 +139,7 @@ export class PeerLink {
 
   /** Fail the requests whose deadline has passed (each alone; the stream stays). */
   private readonly sweep = (): void => {
-    const nowMs = performance.now();
+    const nowMs = this.opts.env.clock.monotonicMs();
     for (const [id, p] of this.pending) {
       if (p.deadlineMs <= nowMs) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, `no answer in ${this.requestMsMax} ms`, true));
     }
@@ -145,6 +148,7 @@ export class PeerLink {
   /** Wait (bounded) for the channel: a peer that just came back is used, a dead one fails soon. */
   private connect(): Promise<void> {
     return new Promise((resolve, reject) => {
+      // A gRPC deadline is a Date on the real clock: the channel is real whatever the Env.
       this.client.waitForReady(Date.now() + peerConnectMsMax, (err) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable at ${this.opts.address}`, false)) : resolve()));
     });
   }
@@ -164,7 +168,7 @@ export class PeerLink {
     );
     this.batcher = batcher;
     // A deadline is noticed within a tenth of it (or a second) after it passes.
-    this.sweepTimer ??= setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));
+    this.sweepTimer ??= this.opts.env.timers.setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));
     this.sweepTimer.unref();
     stream.on('data', (batch: Buffer) => {
       const frames = splitBatch(batch);
@@ -194,7 +198,7 @@ export class PeerLink {
     this.stream = undefined;
     this.batcher?.clear();
     this.batcher = undefined;
-    clearInterval(this.sweepTimer);
+    this.opts.env.timers.clearInterval(this.sweepTimer);
     this.sweepTimer = undefined;
     stream.cancel();
     // Every request written on this stream is lost with it; none can be answered any more.

@@ -9,6 +9,7 @@
 // compare-then-write and is not atomic against a concurrent writer of the same blocks.
 
 import { ErrorKind, PeersanError, RemoteFailureError } from '../errors';
+import { sleep, type Env } from '../env/env';
 import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
@@ -40,6 +41,8 @@ export interface VolumeRouterOptions {
   /** Read the page's route from the catalog (used when an answer contradicts our table). */
   refresh(page: number): Promise<Route>;
   counters: RoutingCounters;
+  /** Clock and timers of the wait for a peer that does not know the volume yet. */
+  env: Env;
 }
 
 interface Run {
@@ -286,11 +289,12 @@ export class VolumeRouter implements BlockBackend {
    * catalog watch fires, a moment after the creating peer) is asked again for a short while.
    */
   private async send(peer: string, req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
-    const deadline = Date.now() + volumeOpenWaitMsMax;
+    const { clock, timers } = this.o.env;
+    const deadlineMs = clock.monotonicMs() + volumeOpenWaitMsMax;
     for (;;) {
       const reply = await this.o.link(peer).send(req);
-      if (reply.status !== ReplyStatus.noVolume || Date.now() >= deadline) return reply;
-      await new Promise((r) => setTimeout(r, 50));
+      if (reply.status !== ReplyStatus.noVolume || clock.monotonicMs() >= deadlineMs) return reply;
+      await sleep(timers, 50);
     }
   }
 

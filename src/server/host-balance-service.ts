@@ -10,6 +10,7 @@
 // destination, which accepts it.
 
 import type { Logger } from 'pino';
+import type { Env, TimerHandle } from '../env/env';
 import { InvalidArgumentError, NotFoundError } from '../errors';
 import type { Portal, SessionInfo } from '../iscsi/portal';
 import {
@@ -48,7 +49,12 @@ export interface HostBalanceServiceOptions {
   log: Logger;
   /** How often the overload check runs. */
   checkMs?: number;
-  now?(): number;
+  /**
+   * Clock and the check timer. Plans, session ages and move spacing run on the wall clock
+   * (`nowMs`): HostBalancer's "last move" starts at 0, which only the wall clock puts far enough
+   * in the past for the first move to be allowed at once.
+   */
+  env: Env;
 }
 
 export class HostBalanceService {
@@ -57,7 +63,7 @@ export class HostBalanceService {
   private readonly o: HostBalanceServiceOptions;
   private readonly log: Logger;
   private readonly startedAtMs = new Map<number, number>();
-  private timer: NodeJS.Timeout | undefined;
+  private timer: TimerHandle | undefined;
   private moving = false;
   /** Counters for status and tests. */
   readonly counters = { redirects: 0, plannedRedirects: 0, logoutRequests: 0 };
@@ -70,17 +76,17 @@ export class HostBalanceService {
   }
 
   private now(): number {
-    return this.o.now ? this.o.now() : Date.now();
+    return this.o.env.clock.nowMs();
   }
 
   start(): void {
     if (this.timer) return;
-    this.timer = setInterval(() => void this.check().catch((err: Error) => this.log.warn({ reason: err.message }, 'overload check failed')), this.o.checkMs ?? 2_000);
-    this.timer.unref();
+    const check = (): void => void this.check().catch((err: Error) => this.log.warn({ reason: err.message }, 'overload check failed'));
+    this.timer = this.o.env.timers.setInterval(check, this.o.checkMs ?? 2_000).unref();
   }
 
   stop(): void {
-    if (this.timer) clearInterval(this.timer);
+    this.o.env.timers.clearInterval(this.timer);
     this.timer = undefined;
   }
 

@@ -16,6 +16,8 @@ import { addPeerServices, PeerRpcClient } from '../cluster/peer-rpc';
 import { loadPeerTls, peerServerCredentials, peerTlsChannel, type PeerTls } from '../cluster/peer-tls';
 import type { ReservationNotice } from '../cluster/shared-reservations';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
+import { sleep, type Env } from '../env/env';
+import { realEnv } from '../env/real';
 import { Portal, type SessionInfo } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import { gracefulStopMs, loadGossipMsMax, loadHottestPagesPerVolume, peerConnectMsMax, reservationNotifyMsMax } from '../limits';
@@ -69,15 +71,19 @@ function testCrashPoint(self: string): ((point: string) => void) | undefined {
 export interface PeerStartOptions {
   /** A catalog shared by several peers in this process (peersan demo); not closed by stop(). */
   meta?: MetaStore;
+  /** Clock, timers and randomness for every protocol module of the peer; default: the real ones. */
+  env?: Env;
 }
 
 export class PeerServer implements AdminApi {
   readonly config: ClusterConfig;
   readonly peer: PeerConfig;
   readonly log: Logger;
+  /** Handed to every protocol module; built (or received) here once. */
+  private readonly env: Env;
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   readonly routing: RoutingCounters = newRoutingCounters();
-  private readonly startedAtMs = Date.now();
+  private readonly startedAtMs: number;
   private readonly sharedMeta: MetaStore | undefined;
   private store!: PageStore;
   private meta!: MetaStore;
@@ -91,7 +97,7 @@ export class PeerServer implements AdminApi {
   private grpcServer!: grpc.Server;
   private pageService?: PageService;
   /** Stamps host writes for timestamp-mode snapshots (src/snapshot/hlc.ts). */
-  private readonly clock = new HybridClock();
+  private readonly clock: HybridClock;
   private readonly links = new Map<string, PeerLink>();
   private readonly rpcClients = new Map<string, PeerRpcClient>();
   private stopping: Promise<void> | undefined;
@@ -113,6 +119,9 @@ export class PeerServer implements AdminApi {
     this.config = config;
     this.peer = peer;
     this.log = log;
+    this.env = opts.env ?? realEnv();
+    this.startedAtMs = this.env.clock.nowMs();
+    this.clock = new HybridClock(this.env.clock);
     this.sharedMeta = opts.meta;
     this.metrics = new PeerMetrics({
       peer: peer.id, routing: this.routing,
@@ -171,7 +180,7 @@ export class PeerServer implements AdminApi {
     warnOnce(this.log, securityWarnings(this.config, this.peer, this.embeddedCatalogDir));
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     this.meta = await this.openMeta();
-    this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks });
+    this.catalog = await Catalog.open(this.meta, { groupPeers, pageBlocks: this.config.pageBlocks, env: this.env });
     const load = (this.load = await this.startLoadService(groupPeers));
     this.snapshotTargets = new SnapshotTargets({
       self, catalog: this.catalog, stored: (id) => this.targets.stored(id), link: (id) => this.sender(id), revision: productRevision, log: this.log,
@@ -179,13 +188,13 @@ export class PeerServer implements AdminApi {
     this.targets = new VolumeTargets({
       snapshots: this.snapshotTargets,
       self, store: this.store, catalog: this.catalog, portalAddress: this.peer.iscsi, portalGroupTag: groupPeers.indexOf(self) + 1,
-      link: (id) => this.sender(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log, clock: this.clock,
+      link: (id) => this.sender(id), notifyReservations: (n) => this.notifyReservations(n), counters: this.routing, log: this.log, clock: this.clock, env: this.env,
       receiving: (volumeId, page) => this.migrator.receiving(volumeId, page),
       meter: (name, backend) => this.metrics.meter(name, backend),
       monitor: load.monitor,
     });
     this.migrator = new Migrator({
-      self, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
+      self, env: this.env, groupPeers, store: this.store, catalog: this.catalog, movable: (id) => this.targets.movable(id), log: this.log,
       settings: { rateBytesPerSec: this.config.migration.rateMBps * 1e6, pieceBytes: this.config.migration.pieceKiB * 1024, duty: this.config.migration.dutyPercent / 100 },
       rpc: {
         prepare: (to, req) => this.rpc(to).movePrepare(req, moveRpcMsMax),
@@ -197,7 +206,7 @@ export class PeerServer implements AdminApi {
       holding: (volumeId) => this.snapshots.holding(volumeId),
     });
     this.snapshots = new SnapshotService({
-      self, groupPeers, catalog: this.catalog, log: this.log,
+      self, env: this.env, groupPeers, catalog: this.catalog, log: this.log,
       gate: (id) => this.targets.gate(id),
       store: (id) => this.targets.stored(id),
       stampLog: (id) => this.targets.stampLog(id),
@@ -222,7 +231,7 @@ export class PeerServer implements AdminApi {
     await this.targets.follow();
     await this.snapshotTargets.follow();
     this.scheduler = new SnapshotScheduler({
-      self, catalog: this.catalog, log: this.log,
+      self, env: this.env, catalog: this.catalog, log: this.log,
       // The first peer of the group that is up runs the schedules (gossip says who is up).
       isRunner: () => {
         const stale = new Set((this.load?.peerLoads() ?? []).filter((p) => p.stale).map((p) => p.id));
@@ -252,7 +261,7 @@ export class PeerServer implements AdminApi {
       gossip: (from, summary) => this.load?.received(from, summary),
       startMoves: async (moves) => (this.load ? this.load.driver.start(moves) : []),
       moveSession: (session, to) => this.moveLocalSessions(session, to),
-      planHostMove: async (p) => this.hostBalance?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: Date.now() + p.ttlMs }),
+      planHostMove: async (p) => this.hostBalance?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: this.env.clock.nowMs() + p.ttlMs }),
     }, { secret: this.config.secret, members: groupPeers, self, tls: this.tls !== undefined }, this.log);
     const credentials = this.tls ? peerServerCredentials(this.tls) : grpc.ServerCredentials.createInsecure();
     await new Promise<void>((resolve, reject) => {
@@ -279,7 +288,7 @@ export class PeerServer implements AdminApi {
       const peer = this.config.peers.find((p) => p.id === peerId);
       if (!peer) throw new PeersanError(`route names an unknown peer ${peerId}`);
       l = new PeerLink({
-        peerId, address: peer.rpc,
+        peerId, address: peer.rpc, env: this.env,
         metadata: (method) => peerAuthMetadata(this.config.secret, this.peer.id, method),
         ...(this.tls ? { tls: peerTlsChannel(this.tls, peerId) } : {}),
       });
@@ -300,7 +309,7 @@ export class PeerServer implements AdminApi {
     if (this.forwardDelayMsForTests <= 0) return link;
     const ms = this.forwardDelayMsForTests;
     return { send: async (req) => {
-      await new Promise((r) => setTimeout(r, Math.random() * ms));
+      await sleep(this.env.timers, this.env.random.float() * ms);
       return link.send(req);
     } };
   }
@@ -330,12 +339,11 @@ export class PeerServer implements AdminApi {
   }
 
   private async shutDown(): Promise<void> {
-    const timer = setTimeout(() => {
+    const timer = this.env.timers.setTimeout(() => {
       this.log.warn('graceful stop took too long, aborting connections');
       this.portal?.destroy();
       this.grpcServer?.forceShutdown();
-    }, gracefulStopMs);
-    timer.unref();
+    }, gracefulStopMs).unref();
     try {
       this.load?.stop();
       this.balancerSwitch?.close();
@@ -359,7 +367,7 @@ export class PeerServer implements AdminApi {
       if (this.meta && this.meta !== this.sharedMeta) await this.meta.close();
       this.log.info('peer stopped');
     } finally {
-      clearTimeout(timer);
+      this.env.timers.clearTimeout(timer);
     }
   }
 
@@ -392,12 +400,12 @@ export class PeerServer implements AdminApi {
     });
     const { enabled: _enabled, ...settings } = hb;
     return new HostBalanceService({
-      selfId: self, settings, view, portal: () => this.portal, log: this.log,
+      selfId: self, env: this.env, settings, view, portal: () => this.portal, log: this.log,
       pinned: (initiator, isid, target) => this.pinnedByReservation(initiator, isid, target),
       shares: (target) => this.pageShares(target),
       event: (message, target) => this.addEvent('redirect', message, { volume: this.catalog.listVolumes().find((v) => targetNameFor(v.name) === target)?.name, peer: self }),
       broadcastPlan: async (plan) => {
-        const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - Date.now()) };
+        const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - this.env.clock.nowMs()) };
         await Promise.all(this.config.peers.filter((p) => p.id !== self).map((p) =>
           this.rpc(p.id).planHostMove(message, statusPeerMsMax).catch((err: Error) => this.log.warn({ to: p.id, reason: err.message }, 'peer did not take a host move plan (a login there is placed by the usual rule)'))));
       },
@@ -422,13 +430,13 @@ export class PeerServer implements AdminApi {
   /** Share of a volume's pages per owner (refreshed every few seconds; routes change slowly). */
   private pageShares(targetName: string): Map<string, number> | undefined {
     const cached = this.sharesCache.get(targetName);
-    if (cached && Date.now() - cached.atMs < 5_000) return cached.shares;
+    if (cached && this.env.clock.monotonicMs() - cached.atMs < 5_000) return cached.shares;
     const v = this.catalog.listVolumes().find((x) => targetNameFor(x.name) === targetName);
     if (!v) return undefined;
     const owners = this.catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
     const shares = new Map<string, number>();
     for (const r of owners) shares.set(r.owner, (shares.get(r.owner) ?? 0) + 1 / owners.length);
-    this.sharesCache.set(targetName, { atMs: Date.now(), shares });
+    this.sharesCache.set(targetName, { atMs: this.env.clock.monotonicMs(), shares });
     return shares;
   }
 
@@ -465,7 +473,7 @@ export class PeerServer implements AdminApi {
     const fs = await statfs(this.peer.data).catch(() => undefined);
     return {
       id: this.peer.id, iscsi: this.peer.iscsi, rpc: this.peer.rpc, http: this.peer.http, up: true,
-      uptimeMs: Date.now() - this.startedAtMs, allocatedBytes: this.store.usage().allocatedBytes,
+      uptimeMs: this.env.clock.nowMs() - this.startedAtMs, allocatedBytes: this.store.usage().allocatedBytes,
       freeBytes: fs ? fs.bavail * fs.bsize : 0, totalBytes: fs ? fs.blocks * fs.bsize : 0,
       volumes: this.catalog.listVolumes().length, sessions: this.portal.sessions(), version: productRevision,
     };
@@ -604,11 +612,11 @@ export class PeerServer implements AdminApi {
     if (sessions.length > 0 && !force) throw new InvalidArgumentError(`volume ${volume} has ${sessions.length} session(s) logged in; log them out first or use --force`);
     const router = this.targets.routerFor(v.name);
     if (!router) throw new PeersanError(`volume ${volume} is not open on ${this.peer.id} yet`);
-    const t0 = performance.now();
+    const t0 = this.env.clock.monotonicMs();
     const done = await copyInto(reader, router);
     await router.flush();
     await this.targets.reservationsOf(v.id)?.announce([[everyNexus, Asc.powerOnReset]]);
-    this.addEvent('snapshot', `volume ${volume} restored from snapshot ${name} (${formatBytes(done.copiedBytes)} copied in ${Math.round(performance.now() - t0)} ms)`, { volume, peer: this.peer.id });
+    this.addEvent('snapshot', `volume ${volume} restored from snapshot ${name} (${formatBytes(done.copiedBytes)} copied in ${Math.round(this.env.clock.monotonicMs() - t0)} ms)`, { volume, peer: this.peer.id });
     this.log.info({ volume, name, ...done }, 'volume restored from a snapshot');
     return done;
   }
@@ -632,7 +640,7 @@ export class PeerServer implements AdminApi {
       if (!(await removeSchedule(this.catalog.store, v.id))) throw new NotFoundError(`volume ${volume} has no snapshot schedule`);
       return { volume, everyMs: 0, keep: 0 };
     }
-    const r = await setSchedule(this.catalog.store, { volumeId: v.id, volume: v.name, everyMs: parseEvery(every), keep });
+    const r = await setSchedule(this.catalog.store, { volumeId: v.id, volume: v.name, everyMs: parseEvery(every), keep }, this.env.clock.nowMs());
     return { volume, everyMs: r.everyMs, keep: r.keep };
   }
 
@@ -673,7 +681,7 @@ export class PeerServer implements AdminApi {
     const catalog = this.catalog;
     let lastVolume: VolumeRecord | undefined;
     return new LoadService({
-      self: this.peer.id, peers: groupPeers, config: this.config.balancer ?? { ...balancerDefaults }, log: this.log,
+      self: this.peer.id, env: this.env, peers: groupPeers, config: this.config.balancer ?? { ...balancerDefaults }, log: this.log,
       facts: async () => {
         const fs = await statfs(this.peer.data);
         const sessions = this.portal ? this.portal.sessions().filter((s) => s.sessionType === 'Normal').length : 0;

@@ -6,6 +6,7 @@
 
 import { StampLog } from '../snapshot/stamp-log';
 import type { HybridClock } from '../snapshot/hlc';
+import type { Env } from '../env/env';
 import { stampLogBytesMax } from '../snapshot/service';
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
@@ -61,6 +62,8 @@ export interface VolumeTargetsOptions {
   log: Logger;
   /** This peer's hybrid clock: host writes are stamped at the gate. */
   clock: HybridClock;
+  /** Clock and timers of the routers and snapshot gates. */
+  env: Env;
   /** Wraps each volume's router for the SCSI layer (host I/O metrics); default: none. */
   meter?(volumeName: string, backend: BlockBackend): BlockBackend;
   /** Load monitor: meters the store volume (owner side) and the logical unit (host sessions). */
@@ -147,9 +150,9 @@ export class VolumeTargets implements TargetDirectory {
     const stampLog = new StampLog(stored, this.o.clock, stampLogBytesMax);
     const movable = new MovableVolume({ self, volumeId: record.id, table, raw: stampLog, link: this.o.link });
     const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
-    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters });
+    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters, env: this.o.env });
     const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
-    const gate = new VolumeGate(router, this.o.clock);
+    const gate = new VolumeGate(router, this.o.env, this.o.clock);
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({

@@ -10,6 +10,7 @@
 // without holding anything.
 
 import { PeersanError } from '../errors';
+import type { Env, TimerHandle } from '../env/env';
 import { BackendDecorator, whenSettled } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { HybridClock } from './hlc';
@@ -26,7 +27,7 @@ export class VolumeGate extends BackendDecorator {
   private reopened: Promise<void> | undefined;
   private open!: () => void;
   private drained: (() => void) | undefined;
-  private autoOpen: NodeJS.Timeout | undefined;
+  private autoOpen: TimerHandle | undefined;
   private closedAtMs = 0;
   /** Milliseconds hosts were held, summed over every close (metrics). */
   heldMsTotal = 0;
@@ -41,7 +42,7 @@ export class VolumeGate extends BackendDecorator {
   private readonly stamps: number[] = [];
   private stampWaiters: { below: number; resolve: () => void }[] = [];
 
-  constructor(inner: BlockBackend, private readonly clock?: HybridClock) {
+  constructor(inner: BlockBackend, private readonly env: Env, private readonly clock?: HybridClock) {
     super(inner);
   }
 
@@ -83,16 +84,16 @@ export class VolumeGate extends BackendDecorator {
   async close(owner: string, drainMsMax: number, holdMsMax: number): Promise<void> {
     if (this.closedBy !== undefined) throw new PeersanError(`the volume is already held for snapshot ${this.closedBy}`, 'PEERSAN_ERR_CONFLICT');
     this.closedBy = owner;
-    this.closedAtMs = performance.now();
+    this.closedAtMs = this.env.clock.monotonicMs();
     this.reopened = new Promise((r) => (this.open = r));
-    this.autoOpen = setTimeout(() => this.release(owner), holdMsMax);
-    this.autoOpen.unref();
+    const { timers } = this.env;
+    this.autoOpen = timers.setTimeout(() => this.release(owner), holdMsMax).unref();
     if (this.inFlight === 0) return;
     const drained = new Promise<void>((r) => (this.drained = r));
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<'late'>((r) => (timer = setTimeout(() => r('late'), drainMsMax)));
+    let timer: TimerHandle | undefined;
+    const late = new Promise<'late'>((r) => (timer = timers.setTimeout(() => r('late'), drainMsMax)));
     const outcome = await Promise.race([drained, late]);
-    clearTimeout(timer);
+    timers.clearTimeout(timer);
     this.drained = undefined;
     if (outcome === 'late') {
       this.release(owner);
@@ -103,8 +104,8 @@ export class VolumeGate extends BackendDecorator {
   /** Let held requests go (TAKE done, or abort). Returns how long hosts were held, in ms. */
   release(owner: string): number {
     if (this.closedBy !== owner) return 0;
-    clearTimeout(this.autoOpen);
-    const held = performance.now() - this.closedAtMs;
+    this.env.timers.clearTimeout(this.autoOpen);
+    const held = this.env.clock.monotonicMs() - this.closedAtMs;
     this.heldMsTotal += held;
     this.closedBy = undefined;
     this.open();

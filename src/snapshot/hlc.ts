@@ -14,14 +14,17 @@
 // microseconds on a LAN. A write acknowledged before the snapshot command started is in the
 // snapshot when the coordinator's clock is within the same bound.
 
+import type { Clock } from '../env/env';
+
 export class HybridClock {
   private last = 0;
 
-  constructor(private readonly physicalUs: () => number = wallClockUs) {}
+  /** The physical part is the environment's wall clock in microseconds (`Clock.nowUs`). */
+  constructor(private readonly clock: Clock) {}
 
   /** A fresh stamp, larger than every stamp this clock issued or received. */
   now(): number {
-    const pt = this.physicalUs();
+    const pt = this.clock.nowUs();
     this.last = pt > this.last ? pt : this.last + 1;
     return this.last;
   }
@@ -33,11 +36,6 @@ export class HybridClock {
 
   /** The latest stamp issued or received, without issuing one. */
   peek(): number {
-    return Math.max(this.last, this.physicalUs());
+    return Math.max(this.last, this.clock.nowUs());
   }
-}
-
-/** Wall-clock microseconds, with sub-millisecond resolution. */
-export function wallClockUs(): number {
-  return Math.floor((performance.timeOrigin + performance.now()) * 1000);
 }

@@ -8,6 +8,7 @@
 import type { Logger } from 'pino';
 import type { Catalog } from '../cluster/catalog';
 import type { MetaStore } from '../cluster/metastore';
+import type { Env, TimerHandle } from '../env/env';
 import { ConflictError, InvalidArgumentError } from '../errors';
 
 const schedulePrefix = 'schedules/';
@@ -29,11 +30,12 @@ export function parseEvery(text: string): number {
   return Number(m[1]) * units[m[2]];
 }
 
-export async function setSchedule(meta: MetaStore, r: Omit<ScheduleRecord, 'lastRunMs'>): Promise<ScheduleRecord> {
+/** A new schedule's first run is one period after `nowMs` (wall clock); a changed one keeps its last run. */
+export async function setSchedule(meta: MetaStore, r: Omit<ScheduleRecord, 'lastRunMs'>, nowMs: number): Promise<ScheduleRecord> {
   if (!Number.isInteger(r.keep) || r.keep < 1 || r.keep > 256) throw new InvalidArgumentError('--keep must be a whole number from 1 to 256');
   return againOnConflict(async () => {
     const current = await meta.get(schedulePrefix + r.volumeId);
-    const record: ScheduleRecord = { ...r, lastRunMs: current ? (JSON.parse(current.value.toString()) as ScheduleRecord).lastRunMs : Date.now() };
+    const record: ScheduleRecord = { ...r, lastRunMs: current ? (JSON.parse(current.value.toString()) as ScheduleRecord).lastRunMs : nowMs };
     await meta.put(schedulePrefix + r.volumeId, Buffer.from(JSON.stringify(record)), current?.version ?? 0);
     return record;
   });
@@ -69,6 +71,8 @@ export async function getSchedule(meta: MetaStore, volumeId: string): Promise<Sc
 
 export interface SchedulerOptions {
   self: string;
+  /** Wall clock (runs are due by it: they are named after it and shared in the catalog) and the check timer. */
+  env: Env;
   catalog: Catalog;
   /** Whether this peer is the one that runs schedules now (the first up peer of the group). */
   isRunner(): boolean;
@@ -81,23 +85,23 @@ export interface SchedulerOptions {
 }
 
 export class SnapshotScheduler {
-  private timer: NodeJS.Timeout | undefined;
+  private timer: TimerHandle | undefined;
   private running = false;
 
   constructor(private readonly o: SchedulerOptions) {}
 
   start(): void {
-    this.timer = setInterval(() => void this.tick(), this.o.checkMs ?? 1_000);
-    this.timer.unref();
+    this.timer = this.o.env.timers.setInterval(() => void this.tick(), this.o.checkMs ?? 1_000).unref();
   }
 
   stop(): void {
-    clearInterval(this.timer);
+    this.o.env.timers.clearInterval(this.timer);
   }
 
   /** One check: take every due scheduled snapshot this peer claims. */
-  async tick(now = Date.now()): Promise<void> {
+  async tick(): Promise<void> {
     if (this.running || !this.o.isRunner()) return;
+    const now = this.o.env.clock.nowMs();
     this.running = true;
     try {
       for (const rec of await this.o.catalog.store.list(schedulePrefix)) {

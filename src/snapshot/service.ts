@@ -35,9 +35,9 @@
 // Moves of the volumes pause from PREPARE to FINISH, as in barrier mode. Any failure aborts:
 // recordings are dropped and the records deleted (the layers go with them).
 
-import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { sleep, type Env, type TimerHandle, type Timers } from '../env/env';
 import { NotFoundError, PeersanError } from '../errors';
 import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
@@ -85,6 +85,8 @@ export interface SnapshotRpc {
 
 export interface SnapshotServiceOptions {
   self: string;
+  /** Clock (durations, record stamps), timers (holds, deadlines) and randomness (snapshot ids). */
+  env: Env;
   groupPeers: readonly string[];
   catalog: Catalog;
   gate(volumeId: string): VolumeGate | undefined;
@@ -136,7 +138,7 @@ export class SnapshotService {
   /** Snapshots this peer has prepared and not released: their volumes. */
   private readonly prepared = new Map<string, { volumeIds: string[]; heldMs: number; flushMs: number; drainMs: number }>();
   /** Timestamp snapshots this peer has prepared and not finished. */
-  private readonly stamping = new Map<string, { layers: { volumeId: string; seq: number }[]; cut?: number; expire: NodeJS.Timeout }>();
+  private readonly stamping = new Map<string, { layers: { volumeId: string; seq: number }[]; cut?: number; expire: TimerHandle }>();
   /** Volumes whose page moves wait for a timestamp snapshot. */
   private readonly paused = new Map<string, number>();
   /** Test only: freeze without the barrier (to show the causal checker finds what it must). */
@@ -159,12 +161,12 @@ export class SnapshotService {
     const closed: VolumeGate[] = [];
     const entry = { volumeIds: req.volumeIds, heldMs: 0, flushMs: 0, drainMs: 0 };
     this.prepared.set(req.snapshotId, entry);
-    const flushStarted = performance.now();
+    const flushStarted = this.o.env.clock.monotonicMs();
     await this.preflush(req.volumeIds);
-    entry.flushMs = performance.now() - flushStarted;
+    entry.flushMs = this.o.env.clock.monotonicMs() - flushStarted;
     // Aborted meanwhile (another peer failed PREPARE; RELEASE came): closing now would hold hosts for nothing.
     if (this.prepared.get(req.snapshotId) !== entry) throw new PeersanError(`snapshot ${req.snapshotId} was released while ${this.o.self} prepared it`);
-    const started = performance.now();
+    const started = this.o.env.clock.monotonicMs();
     try {
       await Promise.all(
         req.volumeIds.map(async (id) => {
@@ -181,7 +183,7 @@ export class SnapshotService {
       this.prepared.delete(req.snapshotId);
       throw err;
     }
-    entry.drainMs = performance.now() - started;
+    entry.drainMs = this.o.env.clock.monotonicMs() - started;
     return { clock: 0, moving: [] };
   }
 
@@ -190,8 +192,7 @@ export class SnapshotService {
     const layers = req.layers ?? [];
     if (this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} is already prepared on ${this.o.self}`);
     // The coordinator gone: recordings do not outlive holdMsMax.
-    const expire = setTimeout(() => this.dropStamped(req.snapshotId), holdMsMax);
-    expire.unref();
+    const expire = this.o.env.timers.setTimeout(() => this.dropStamped(req.snapshotId), holdMsMax).unref();
     this.stamping.set(req.snapshotId, { layers, expire });
     for (const { volumeId } of layers) this.paused.set(volumeId, (this.paused.get(volumeId) ?? 0) + 1);
     try {
@@ -204,9 +205,9 @@ export class SnapshotService {
         // Page moves stop at their next step; wait for the current one.
         await this.o.idle(volumeId);
         log.begin(req.snapshotId);
-        if (this.freezeJitterMsForTests > 0) await new Promise((r) => setTimeout(r, Math.random() * this.freezeJitterMsForTests));
+        if (this.freezeJitterMsForTests > 0) await sleep(this.o.env.timers, this.o.env.random.float() * this.freezeJitterMsForTests);
         moving.push(...this.o.moving(volumeId));
-        await store.snapshot(String(seq));
+        await store.snapshot(String(seq), this.o.env.clock.nowMs());
         log.frozen(req.snapshotId);
       }
       if (!this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} was dropped while ${this.o.self} prepared it`);
@@ -224,7 +225,7 @@ export class SnapshotService {
     this.o.clock.observe(req.cut);
     s.cut = req.cut;
     const volumeIds = new Set([...s.layers.map((l) => l.volumeId), ...req.layers.map((l) => l.volumeId)]);
-    await within(Promise.all([...volumeIds].map((id) => this.o.gate(id)?.writesBefore(req.cut!))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
+    await within(this.o.env.timers, Promise.all([...volumeIds].map((id) => this.o.gate(id)?.writesBefore(req.cut!))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
     return [];
   }
 
@@ -232,7 +233,7 @@ export class SnapshotService {
   private async finishStamped(snapshotId: string): Promise<number> {
     const s = this.stamping.get(snapshotId);
     if (!s || s.cut === undefined) throw new PeersanError(`snapshot ${snapshotId} was not taken on ${this.o.self}`);
-    const started = performance.now();
+    const started = this.o.env.clock.monotonicMs();
     let changes = 0;
     try {
       for (const { volumeId, seq } of s.layers) {
@@ -247,7 +248,7 @@ export class SnapshotService {
     } finally {
       this.dropStamped(snapshotId);
     }
-    this.o.log.info({ snapshotId, changes, finishMs: round(performance.now() - started) }, 'timestamp snapshot layers completed');
+    this.o.log.info({ snapshotId, changes, finishMs: round(this.o.env.clock.monotonicMs() - started) }, 'timestamp snapshot layers completed');
     return 0;
   }
 
@@ -255,7 +256,7 @@ export class SnapshotService {
     const s = this.stamping.get(snapshotId);
     if (!s) return;
     this.stamping.delete(snapshotId);
-    clearTimeout(s.expire);
+    this.o.env.timers.clearTimeout(s.expire);
     for (const { volumeId } of s.layers) {
       this.o.stampLog(volumeId)?.drop(snapshotId);
       const n = (this.paused.get(volumeId) ?? 1) - 1;
@@ -270,11 +271,12 @@ export class SnapshotService {
    * that fdatasync was most of the hold). Only a head start: bounded, failures ignored.
    */
   private async preflush(volumeIds: string[]): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<void>((r) => (timer = setTimeout(r, preflushMsMax)));
+    const { timers } = this.o.env;
+    let timer: TimerHandle | undefined;
+    const late = new Promise<void>((r) => (timer = timers.setTimeout(r, preflushMsMax)));
     const flushed = Promise.all(volumeIds.map((id) => this.o.store(id)?.flush().catch(() => undefined)));
     await Promise.race([flushed, late]);
-    clearTimeout(timer);
+    timers.clearTimeout(timer);
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
@@ -289,17 +291,17 @@ export class SnapshotService {
       if (!this.o.gate(id)?.isClosed) throw new PeersanError(`peer ${this.o.self} stopped holding I/O for snapshot ${req.snapshotId} (held longer than ${holdMsMax} ms)`);
     }
     const moving: MovingAtCut[] = [];
-    const started = performance.now();
+    const started = this.o.env.clock.monotonicMs();
     for (const { volumeId, seq } of req.layers) {
       const store = this.o.store(volumeId);
       if (!store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
       moving.push(...this.o.moving(volumeId));
-      await store.snapshot(String(seq));
+      await store.snapshot(String(seq), this.o.env.clock.nowMs());
     }
     // Where the hold goes on this peer: draining requests (PREPARE) and freezing the layers
     // (TAKE: the store's fdatasync and synced batch); the rest is round trips. The pre-flush
     // comes before the hold.
-    this.o.log.info({ snapshotId: req.snapshotId, flushMs: round(p.flushMs), drainMs: round(p.drainMs), freezeMs: round(performance.now() - started) }, 'snapshot layers frozen');
+    this.o.log.info({ snapshotId: req.snapshotId, flushMs: round(p.flushMs), drainMs: round(p.drainMs), freezeMs: round(this.o.env.clock.monotonicMs() - started) }, 'snapshot layers frozen');
     return moving;
   }
 
@@ -328,11 +330,11 @@ export class SnapshotService {
     if (mode !== 'barrier' && mode !== 'timestamp') throw new PeersanError(`unknown snapshot mode "${mode}": barrier or timestamp`, 'PEERSAN_ERR_INVALID_ARGUMENT');
     if (volumeNames.length === 0) throw new PeersanError('name at least one volume', 'PEERSAN_ERR_INVALID_ARGUMENT');
     const volumes = [...new Set(volumeNames)].map((n) => this.o.catalog.require(n));
-    const name = opts.name ?? defaultName();
+    const name = opts.name ?? defaultName(this.o.env.clock.nowMs());
     validateSnapshotName(name);
     if (volumes.length > 1 && !opts.group) throw new PeersanError('a snapshot of several volumes is a consistency group: give it --group NAME', 'PEERSAN_ERR_INVALID_ARGUMENT');
-    const started = performance.now();
-    const snapshotId = randomBytes(8).toString('hex');
+    const started = this.o.env.clock.monotonicMs();
+    const snapshotId = this.o.env.random.bytes(8).toString('hex');
     const records: { r: SnapshotRecord; version: number }[] = [];
     try {
       for (const v of volumes) {
@@ -343,7 +345,7 @@ export class SnapshotService {
       // backoff): a peer that is down aborts the snapshot here, before any host I/O is held.
       await Promise.all(this.o.groupPeers.map((p) => this.o.rpc.reach(p)));
       const held = mode === 'timestamp' ? await this.stamped(snapshotId, volumes, records.map((x) => x.r)) : await this.barrier(snapshotId, volumes, records.map((x) => x.r));
-      const tookMs = performance.now() - started;
+      const tookMs = this.o.env.clock.monotonicMs() - started;
       for (const x of records) {
         x.r.state = 'ready';
         x.r.heldMs = round(held);
@@ -375,15 +377,15 @@ export class SnapshotService {
         await this.o.rpc.prepare(p, { snapshotId, volumeIds: [] });
         await this.o.rpc.take(p, { snapshotId, layers });
         await this.o.rpc.release(p, snapshotId, false);
-        await new Promise((r) => setTimeout(r, Math.random() * 10));
+        await sleep(this.o.env.timers, this.o.env.random.float() * 10);
       }
       this.captureRoutes(volumes, records, []);
       return 0;
     }
     try {
-      await Promise.all(peers.map((p) => within(named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
+      await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
       this.captureRoutes(volumes, records, []);
-      const moving = await Promise.all(peers.map((p) => within(named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
+      const moving = await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
       this.captureRoutes(volumes, records, moving.flat());
     } catch (err) {
       await releaseAll();
@@ -398,12 +400,12 @@ export class SnapshotService {
     const volumeIds = volumes.map((v) => v.id);
     const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
     try {
-      const ready = await Promise.all(peers.map((p) => within(named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds, mode: 'timestamp', layers })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
+      const ready = await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds, mode: 'timestamp', layers })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
       const cut = Math.max(this.o.clock.now(), ...ready.map((r) => r.clock)) + 1;
       this.captureRoutes(volumes, records, ready.flatMap((r) => r.moving));
       for (const r of records) r.cut = cut;
-      await Promise.all(peers.map((p) => within(named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
-      await Promise.all(peers.map((p) => within(named('FINISH', this.o.rpc.release(p, snapshotId, false)), prepareMsMax, `peer ${p} did not finish`)));
+      await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
+      await Promise.all(peers.map((p) => within(this.o.env.timers, named('FINISH', this.o.rpc.release(p, snapshotId, false)), prepareMsMax, `peer ${p} did not finish`)));
     } catch (err) {
       await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, true).catch(() => 0)));
       throw err;
@@ -427,7 +429,7 @@ export class SnapshotService {
 
   private recordFor(v: VolumeRecord, name: string, seq: number, mode: SnapshotMode, group: string): SnapshotRecord {
     return {
-      volumeId: v.id, volume: v.name, name, seq, mode, group, state: 'taking', createdAtMs: Date.now(), heldMs: 0, tookMs: 0,
+      volumeId: v.id, volume: v.name, name, seq, mode, group, state: 'taking', createdAtMs: this.o.env.clock.nowMs(), heldMs: 0, tookMs: 0,
       sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, peers: v.peers, pageBlocks: v.pageBlocks, moved: [], moving: [],
     };
   }
@@ -446,8 +448,8 @@ export function viewOf(r: SnapshotRecord): SnapshotView {
   };
 }
 
-function defaultName(): string {
-  return `snap-${new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-').toLowerCase()}`;
+function defaultName(nowMs: number): string {
+  return `snap-${new Date(nowMs).toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-').toLowerCase()}`;
 }
 
 function round(ms: number): number {
@@ -463,12 +465,12 @@ async function named<T>(step: 'PREPARE' | 'TAKE' | 'FINISH', p: Promise<T>): Pro
   }
 }
 
-async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new PeersanError(`${what} within ${ms} ms`)), ms)));
+async function within<T>(timers: Timers, p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: TimerHandle | undefined;
+  const late = new Promise<never>((_, reject) => (timer = timers.setTimeout(() => reject(new PeersanError(`${what} within ${ms} ms`)), ms)));
   try {
     return await Promise.race([p, late]);
   } finally {
-    clearTimeout(timer);
+    timers.clearTimeout(timer);
   }
 }

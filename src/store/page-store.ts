@@ -655,11 +655,12 @@ export class StoreVolume implements BlockBackend {
    * Freeze the current data as snapshot `id`: O(1) (an fdatasync of the data file and one
    * synced LevelDB batch; no map is copied or walked). Waits for in-flight writes, holds new
    * ones meanwhile. Durable when it resolves: it contains every write acknowledged before.
+   * `createdMs` (wall clock) is recorded with it; the store reads no clock of its own.
    */
-  async snapshot(id: string): Promise<SnapshotInfo> {
+  async snapshot(id: string, createdMs: number): Promise<SnapshotInfo> {
     if (this.closed) throw new ClosedError('volume is closed');
     return this.lock.runExclusive(async () => {
-      const { record, ops } = this.layers.snapshotOps(id, Date.now());
+      const { record, ops } = this.layers.snapshotOps(id, createdMs);
       await this.file.datasync();
       await this.db.batch(ops, { sync: true });
       this.layers.addSnapshot(record);
