@@ -263,3 +263,14 @@ t.test('admission is decided before the final response: a refusal is out of reso
   t.equal(one.response.status, LoginStatus.success);
   t.ok(one.done, 'admitted');
 });
+
+t.test('a first request in the operational stage may continue its text (C=1) in that stage', async (t) => {
+  const m = new LoginMachine(context());
+  const text = encodeTextKeys(Object.entries({ InitiatorName: 'iqn.1994-05.com.example:h', TargetName: open.name, MaxBurstLength: '262144' }));
+  const half = Math.floor(text.length / 2);
+  const first = m.step(req({}, { csg: 1, nsg: 1, transit: false }, { continue: true, data: text.subarray(0, half) }));
+  t.equal(first.response.status, LoginStatus.success, 'the first part is acknowledged');
+  const rest = m.step(req({}, { csg: 1, nsg: 3, transit: true }, { data: text.subarray(half) }));
+  t.equal(rest.response.status, LoginStatus.success, 'the continuation stays in the operational stage');
+  t.ok(rest.done, 'the session starts');
+});

@@ -92,6 +92,8 @@ export class LoginMachine {
       this.itt = req.initiatorTaskTag;
       this.expCmdSN = req.cmdSN;
       this.statSN = this.ctx.randomBytes(4).readUInt32BE(0) & 0x7fffffff;
+      // The first request picks where the login starts (a continued one stays there).
+      this.stage = req.csg;
     }
     if (req.versionMin > 0x00 || req.versionMax < 0x00) return this.fail(LoginStatus.unsupportedVersion);
     if (!opening && (req.initiatorTaskTag !== this.itt || !this.isid.equals(req.isid))) return this.fail(LoginStatus.initiatorError);
@@ -119,7 +121,6 @@ export class LoginMachine {
       if (failure !== undefined) return failure;
     }
     this.first = false;
-    this.stage = req.csg;
     return req.csg === Stage.security ? this.securityStage(req, pairs, keys) : this.operationalStage(req, pairs);
   }
 
