@@ -118,13 +118,11 @@ export class ProtocolError extends PeersanError {
  */
 export class PeerUnavailableError extends PeersanError {
   readonly peer: string;
-  readonly timedOut: boolean;
   constructor(peer: string, message: string, timedOut: boolean, options?: { cause?: unknown; transient?: boolean }) {
     const kind = options?.transient ? ErrorKind.busy : timedOut ? ErrorKind.timedOut : ErrorKind.unavailable;
     super(`peer ${peer}: ${message}`, 'PEERSAN_ERR_PEER_UNAVAILABLE', { cause: options?.cause, kind });
     this.name = 'PeerUnavailableError';
     this.peer = peer;
-    this.timedOut = timedOut;
   }
 }
 
@@ -149,14 +147,6 @@ export class NoSpaceError extends PeersanError {
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, 'PEERSAN_ERR_NO_SPACE', { ...options, kind: ErrorKind.noSpace });
     this.name = 'NoSpaceError';
-  }
-}
-
-/** A transient state the host should simply retry (a route still in flux after every MOVED retry). */
-export class BusyError extends PeersanError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super(message, 'PEERSAN_ERR_BUSY', { ...options, kind: ErrorKind.busy });
-    this.name = 'BusyError';
   }
 }
 
@@ -189,17 +179,23 @@ function errnoCode(err: unknown): string | undefined {
 export function errorKindOf(err: unknown, writing: boolean): ErrorKind {
   if (err instanceof PeersanError) return err.kind;
   const code = errnoCode(err);
-  if (code === undefined) return ErrorKind.other;
+  return code === undefined ? ErrorKind.other : errnoKind(code, writing);
+}
+
+/** A system error code as a store failure: no space, else a read or write error by what was being done. */
+function errnoKind(code: string, writing: boolean): ErrorKind {
   if (noSpaceCodes.has(code)) return ErrorKind.noSpace;
   return writing ? ErrorKind.storeWrite : ErrorKind.storeRead;
 }
+
+const storeErrorOfKind = { [ErrorKind.noSpace]: NoSpaceError, [ErrorKind.storeWrite]: StoreWriteError, [ErrorKind.storeRead]: StoreReadError } as const;
 
 /** A system error from the store's file as one of ours (the original attached as `cause`). */
 export function storeError(err: unknown, writing: boolean, what: string): PeersanError {
   if (err instanceof PeersanError) return err;
   const message = `${what}: ${err instanceof Error ? err.message : String(err)}`;
-  if (noSpaceCodes.has(errnoCode(err) ?? '')) return new NoSpaceError(message, { cause: err });
-  return writing ? new StoreWriteError(message, { cause: err }) : new StoreReadError(message, { cause: err });
+  const kind = errnoKind(errnoCode(err) ?? '', writing) as keyof typeof storeErrorOfKind;
+  return new storeErrorOfKind[kind](message, { cause: err });
 }
 
 export function assert(cond: unknown, message: string): asserts cond {

@@ -25,10 +25,6 @@ export function proto(): grpc.GrpcObject {
 // bounded and of the expected form, numbers whole and in range, lists bounded. A bad request
 // is refused with InvalidArgumentError (gRPC INVALID_ARGUMENT), never half-used.
 
-export interface PingRequestMessage {
-  from: string;
-  sentAtMs: number;
-}
 export interface UnitAttentionMessage {
   nexusKey: string;
   asc: number;

@@ -75,11 +75,6 @@ export class ManualTimers implements Timers {
     return this.queue.length;
   }
 
-  /** When the next timer is due (monotonic ms), or undefined when none is armed. */
-  nextDueMs(): number | undefined {
-    return this.queue[0]?.dueMs;
-  }
-
   /**
    * Fire the earliest timer due at or before `untilMs`, with the clock set to its due time.
    * Returns false (clock untouched) when none is due.

@@ -12,7 +12,8 @@ export interface BudgetWaiter {
 export class ByteBudget {
   readonly bytesMax: number;
   private used = 0;
-  private readonly waiters: BudgetWaiter[] = [];
+  /** The line, in the order its waiters came (a Set keeps insertion order; leaving is O(1) on the hot path). */
+  private readonly waiters = new Set<BudgetWaiter>();
 
   constructor(bytesMax: number) {
     this.bytesMax = bytesMax;
@@ -27,13 +28,12 @@ export class ByteBudget {
    * line (once) and is woken when bytes are released.
    */
   tryTake(bytes: number, waiter: BudgetWaiter): boolean {
-    const position = this.waiters.indexOf(waiter);
-    const first = position === 0 || (position < 0 && this.waiters.length === 0);
-    if (!first || this.used + bytes > this.bytesMax) {
-      if (position < 0) this.waiters.push(waiter);
+    const head = this.head();
+    if ((head !== undefined && head !== waiter) || this.used + bytes > this.bytesMax) {
+      this.waiters.add(waiter);
       return false;
     }
-    if (position === 0) this.waiters.shift();
+    this.waiters.delete(waiter);
     this.used += bytes;
     return true;
   }
@@ -44,18 +44,22 @@ export class ByteBudget {
     this.wakeWaiters();
   }
 
-  /** A waiter that no longer wants anything (its session ended). */
+  /** A waiter that no longer wants anything (its session ended, or it has nothing left to ask). */
   leave(waiter: BudgetWaiter): void {
-    const position = this.waiters.indexOf(waiter);
-    if (position >= 0) this.waiters.splice(position, 1);
-    if (position === 0) this.wakeWaiters();
+    const wasHead = this.head() === waiter;
+    this.waiters.delete(waiter);
+    if (wasHead) this.wakeWaiters();
+  }
+
+  private head(): BudgetWaiter | undefined {
+    return this.waiters.size === 0 ? undefined : this.waiters.values().next().value;
   }
 
   /** Wake waiters in order while the first one is served (it leaves the line by taking). */
   private wakeWaiters(): void {
-    for (let head = this.waiters[0]; head; head = this.waiters[0]) {
+    for (let head = this.head(); head; head = this.head()) {
       head.wake();
-      if (this.waiters[0] === head) return;
+      if (this.head() === head) return;
     }
   }
 }

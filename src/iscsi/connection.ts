@@ -93,8 +93,8 @@ export class Connection {
   }
 
   /** A PDU that shows the host is doing something: restarts the quiet timer (when one runs). */
-  private noteActivity(pdu: InitiatorPdu): void {
-    this.lastPduMs = Date.now();
+  private noteActivity(pdu: InitiatorPdu, nowMs: number): void {
+    this.lastPduMs = nowMs;
     if (this.session && (this.outcome?.sessionType !== 'Discovery' || pdu.opcode === Op.nopOut)) return;
     this.quietTimer.refresh();
   }
@@ -120,8 +120,9 @@ export class Connection {
       return this.session.rejectBhs(ev.reason, ev.bhs);
     }
     const pdu = ev.pdu as InitiatorPdu;
-    this.noteActivity(pdu);
-    if (this.session) return this.session.onPdu(pdu, Date.now());
+    const nowMs = Date.now();
+    this.noteActivity(pdu, nowMs);
+    if (this.session) return this.session.onPdu(pdu, nowMs);
     if (pdu.opcode !== Op.loginRequest) return this.destroy(`opcode 0x${pdu.opcode.toString(16)} before login completed`);
     const step = this.login.step(pdu);
     this.send(step.response);

@@ -71,13 +71,14 @@ export class PageService {
     this.o = opts;
   }
 
-  handle(req: BlockRequest): Promise<BlockReply> {
+  handle(req: BlockRequest, v = this.o.volume(req.volumeId)): Promise<BlockReply> {
     // The common case, a host request for pages we own by a route the sender also knows,
     // goes straight to the store: no catalog look-up, no extra promise.
     try {
-      const v = this.o.volume(req.volumeId);
-      if (v && !req.layer && !req.staging && req.op !== BlockOp.flush && this.refusal(v, req) === undefined && this.ownsAll(v, req)) return this.serve(req, v.store);
-      return this.handleSlowly(req, v);
+      if (!v || req.op === BlockOp.flush) return this.handleSlowly(req, v, undefined);
+      const refused = this.refusal(v, req);
+      if (!req.layer && !req.staging && refused === undefined && this.ownsAll(v, req)) return this.serve(req, v.store);
+      return this.handleSlowly(req, v, refused);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -129,14 +130,14 @@ export class PageService {
     return extra ? Object.assign(r, extra) : r;
   }
 
-  private async handleSlowly(req: BlockRequest, v: ServedVolume | undefined): Promise<BlockReply> {
+  /** `refused`: refusal(v, req), already asked by handle() (not for a flush, which has no range). */
+  private async handleSlowly(req: BlockRequest, v: ServedVolume | undefined, refused: string | undefined): Promise<BlockReply> {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
     if (!v) return reply(ReplyStatus.noVolume);
     if (req.op === BlockOp.flush) {
       await (req.staging ? v.raw : v.store).flush();
       return reply(ReplyStatus.ok);
     }
-    const refused = this.refusal(v, req);
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
     let store = v.store;
     if (req.layer) {
@@ -215,9 +216,9 @@ export class PageService {
    * Bytes a request holds on this peer while it runs: its frame (a view that keeps its whole
    * batch alive) and, for a read, the data read (bounded as refusal() bounds it).
    */
-  private heldBytes(req: BlockRequest, frame: Buffer): number {
+  private heldBytes(req: BlockRequest, v: ServedVolume | undefined, frame: Buffer): number {
     if (req.op !== BlockOp.read) return frame.length;
-    const blockBytes = this.o.volume(req.volumeId)?.store.blockBytes ?? 0;
+    const blockBytes = v?.store.blockBytes ?? 0;
     return frame.length + Math.min(req.blocks * blockBytes, peerReadBytesMax);
   }
 
@@ -267,7 +268,8 @@ export class PageService {
         refuse(call, 'malformed frame');
         return false;
       }
-      const bytes = this.heldBytes(req, frame);
+      const v = this.o.volume(req.volumeId);
+      const bytes = this.heldBytes(req, v, frame);
       if (inFlight > 0 && bytesInFlight + bytes > peerStreamBytesInFlightMax) {
         // Requests are in flight, so a done() will flush this reply (or the turn's end will).
         batcher.push(this.reply(req, ReplyStatus.failed, failure(ErrorKind.busy, `peer ${this.o.self} holds ${bytesInFlight} bytes of this stream's requests`)));
@@ -279,7 +281,7 @@ export class PageService {
         paused = true;
         call.pause();
       }
-      this.handle(req).then(
+      this.handle(req, v).then(
         (reply) => done(reply, bytes),
         (err: unknown) => done(this.failed(req, err), bytes),
       );
