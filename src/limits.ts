@@ -128,8 +128,10 @@ assert(transferBytesMax <= peerTaskBytesMax, 'one command of any size runs once 
 assert(sessionGuaranteedBytes <= sessionTaskBytesMax, 'guaranteed bytes are within the session bound');
 assert(sessionParkedBytesMax >= firstBurstBytesDefault, 'one command\'s unsolicited data can wait');
 assert(sessionAnswerBytesMax >= maxRecvDataSegmentBytesDefault + cmdWindowPerSession * 2 * bhsBytes, 'a NOP-In echo (default MaxRecvDataSegmentLength) and a window of responses can wait');
-// What hosts make a peer hold at most, however many sessions: the shared budget plus what each may hold on its own.
-assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionGuaranteedBytes + sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'hostile sessions cost at most 512 MiB');
+// What hosts make a peer hold at most, however many sessions: the shared budget plus what each
+// Normal session may hold on its own (512 MiB), plus the answers queued for Discovery sessions.
+assert(peerTaskBytesMax + sessionsPerPeerMax * (sessionGuaranteedBytes + sessionParkedBytesMax + sessionAnswerBytesMax) <= 512 * 1024 * 1024, 'Normal sessions cost at most 512 MiB');
+assert(discoverySessionsMax * sessionAnswerBytesMax <= 16 * 1024 * 1024, 'Discovery sessions cost at most 16 MiB more');
 assert(answerStallMsMax > nopTimeoutMs, 'a slow reader is not taken for a stalled one before a NOP would be');
 assert(cmdWindowPerSession >= 1, 'window');
 assert(compareAndWriteBlocksMax <= 255, 'MAXIMUM COMPARE AND WRITE LENGTH is one byte');

@@ -3,11 +3,11 @@
 // etcd's per-key version (1 at creation, +1 per put, gone with the key), so compare-and-swap
 // is a transaction on `Version ==`.
 
-import { readFileSync } from 'node:fs';
 import { Etcd3, type Namespace } from 'etcd3';
-import { ClosedError, ConflictError, InvalidArgumentError } from '../errors';
+import { ClosedError, ConflictError } from '../errors';
 import type { CatalogConfig } from '../server/config';
 import type { MetaRecord, MetaStore, WatchEvent } from './metastore';
+import { readPem } from './peer-tls';
 
 export interface EtcdOptions {
   endpoints: string[];
@@ -38,13 +38,7 @@ export class EtcdMetaStore implements MetaStore {
 
   /** From `cluster.catalog` (backend etcd): reads the TLS files it names. */
   static fromConfig(c: Extract<CatalogConfig, { backend: 'etcd' }>, defaultNamespace: string): EtcdMetaStore {
-    const read = (path: string, what: string): Buffer => {
-      try {
-        return readFileSync(path);
-      } catch (err) {
-        throw new InvalidArgumentError(`cluster.catalog.tls.${what}: cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
-      }
-    };
+    const read = (path: string, what: string): Buffer => readPem(path, `cluster.catalog.tls.${what}`);
     return new EtcdMetaStore({
       endpoints: c.endpoints,
       namespace: c.namespace ?? defaultNamespace,

@@ -17,7 +17,7 @@ import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
 import { hostMovePlanMsMax, peerPlannedMovesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
-import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from './peer-auth';
+import { NonceLedger, peerAuthMetadata, verifyPeerAuth, type PeerAuthVerdict } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import {
   checkIscsiName, checkLayers, checkList, checkPage, checkPeerId, checkPeerIdOrEmpty, checkPlannedMove, checkSnapshotId, checkString, checkUint, checkVolumeId, checkVolumeName, proto,
@@ -76,19 +76,19 @@ interface AuthenticatedCall {
 }
 
 export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: PeerServiceAuth, log: Logger): void {
-  const nonces = new NonceLedger();
+  const headerAuth = { secret: auth.secret, members: auth.members, nonces: new NonceLedger() };
   const limiter = new LogLimiter();
   /** The calling peer's id, or why the call is refused: the header first, then (TLS) the certificate. */
-  const check = (call: AuthenticatedCall): { peerId: string } | { why: string } => {
-    const verdict = verifyPeerAuth(call.metadata, call.getPath(), { secret: auth.secret, members: auth.members, nonces });
-    if (!verdict.ok || !auth.tls) return verdict.ok ? { peerId: verdict.peerId } : { why: verdict.why };
+  const check = (call: AuthenticatedCall): PeerAuthVerdict => {
+    const verdict = verifyPeerAuth(call.metadata, call.getPath(), headerAuth);
+    if (!verdict.ok || !auth.tls) return verdict;
     const certified = certifiedPeerId(call);
-    return certified === verdict.peerId ? { peerId: verdict.peerId } : { why: `the TLS client certificate names ${certified ?? 'nobody'}, not ${verdict.peerId}` };
+    return certified === verdict.peerId ? verdict : { ok: false, why: `the TLS client certificate names ${certified ?? 'nobody'}, not ${verdict.peerId}` };
   };
   /** The calling peer's id, or undefined (and a rate-limited warning) when the call is refused. */
   const authenticate = (call: AuthenticatedCall): string | undefined => {
     const r = check(call);
-    if ('peerId' in r) return r.peerId;
+    if (r.ok) return r.peerId;
     limiter.warn(log, `peer-auth:${call.getPath()}`, { from: call.getPeer(), method: call.getPath(), reason: r.why }, 'refused a peer call without valid peer authentication');
     return undefined;
   };

@@ -32,11 +32,12 @@ export interface PeerTls {
 
 export const peerPlaceholder = '{peer}';
 
-function readPem(path: string, what: string): Buffer {
+/** A PEM file named by the config at `setting` (e.g. cluster.tls.ca): a missing one is a config error. */
+export function readPem(path: string, setting: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {
-    throw new InvalidArgumentError(`cluster.tls.${what}: cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    throw new InvalidArgumentError(`${setting}: cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
   }
 }
 
@@ -44,9 +45,9 @@ function readPem(path: string, what: string): Buffer {
 export function loadPeerTls(files: TlsFiles, peerId: string, nowMs = Date.now()): PeerTls {
   const tls = {
     peerId,
-    ca: readPem(files.ca, 'ca'),
-    cert: readPem(files.cert.replaceAll(peerPlaceholder, peerId), 'cert'),
-    key: readPem(files.key.replaceAll(peerPlaceholder, peerId), 'key'),
+    ca: readPem(files.ca, 'cluster.tls.ca'),
+    cert: readPem(files.cert.replaceAll(peerPlaceholder, peerId), 'cluster.tls.cert'),
+    key: readPem(files.key.replaceAll(peerPlaceholder, peerId), 'cluster.tls.key'),
   };
   checkPeerCertificate(tls.ca.toString(), tls.cert.toString(), peerId, nowMs);
   return tls;
@@ -54,7 +55,7 @@ export function loadPeerTls(files: TlsFiles, peerId: string, nowMs = Date.now())
 
 /** The CA alone, for an admin client. */
 export function loadCa(path: string): Buffer {
-  return readPem(path, 'ca');
+  return readPem(path, 'cluster.tls.ca');
 }
 
 /**

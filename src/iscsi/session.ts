@@ -12,6 +12,7 @@ import type { Logger } from 'pino';
 import { answerStallMsMax, bhsBytes, cmdWindowPerSession, nopIdleMs, nopTimeoutMs, sessionAnswerBytesMax, sessionGuaranteedBytes, sessionParkedBytesMax, sessionTaskBytesMax, transferBytesMax } from '../limits';
 import { LogLimiter } from '../log';
 import { dataDirection } from '../scsi/direction';
+import { Asc, checkCondition, SenseKey } from '../scsi/sense';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../scsi/types';
 import type { ByteBudget, BudgetWaiter } from './budget';
 import { sendTargetsAnswer } from './discovery';
@@ -136,27 +137,15 @@ function settled(task: Task): Promise<void> {
   return new Promise((resolve) => (task.settledWaiters ??= []).push(resolve));
 }
 
-function fixedSense(key: number, asc: number, ascq: number): Buffer {
-  const s = Buffer.alloc(18);
-  s[0] = 0x70;
-  s[2] = key;
-  s[7] = 10;
-  s[12] = asc;
-  s[13] = ascq;
-  return s;
-}
-const checkCondition = (key: number, asc: number, ascq: number): ScsiResult => ({
-  status: ScsiStatus.checkCondition,
-  sense: fixedSense(key, asc, ascq),
-});
+/** Sessions answer in fixed-format sense (what every initiator reads). */
+const check = (key: number, asc: number): ScsiResult => checkCondition({ key, asc }, false);
 /** ILLEGAL REQUEST, INVALID FIELD IN CDB: the command cannot be carried as sent. */
-const invalidCdb = (): ScsiResult => checkCondition(0x05, 0x24, 0x00);
-// The data-phase failures RFC 7143 11.4.7.2 lists (ABORTED COMMAND + ...), and SPC's for offsets and tags.
-const dataPhaseError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x00); // wrong DataSN
-const invalidTtt = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x01); // INVALID TARGET PORT TRANSFER TAG RECEIVED
-const dataOffsetError = (): ScsiResult => checkCondition(0x0b, 0x4b, 0x05); // overlap or gap
-const unexpectedUnsolicitedData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0c);
-const incorrectAmountOfData = (): ScsiResult => checkCondition(0x0b, 0x0c, 0x0d);
+const invalidCdb = (): ScsiResult => check(SenseKey.illegalRequest, Asc.invalidFieldInCdb);
+const dataPhaseError = (): ScsiResult => check(SenseKey.abortedCommand, Asc.dataPhaseError); // wrong DataSN
+const invalidTtt = (): ScsiResult => check(SenseKey.abortedCommand, Asc.invalidTargetPortTransferTag);
+const dataOffsetError = (): ScsiResult => check(SenseKey.abortedCommand, Asc.dataOffsetError); // overlap or gap
+const unexpectedUnsolicitedData = (): ScsiResult => check(SenseKey.abortedCommand, Asc.unexpectedUnsolicitedData);
+const incorrectAmountOfData = (): ScsiResult => check(SenseKey.abortedCommand, Asc.incorrectAmountOfData);
 
 /** A broken data phase is a hostile or buggy initiator's to repeat at will: warn once in a while. */
 const dataPhaseWarnings = new LogLimiter();
@@ -584,7 +573,7 @@ export class Session {
       (result) => this.complete(task, result),
       (err: unknown) => {
         this.log.error({ err, itt: task.itt }, 'logical unit failed a command');
-        this.complete(task, checkCondition(0x04, 0x44, 0x00)); // HARDWARE ERROR, INTERNAL TARGET FAILURE
+        this.complete(task, check(SenseKey.hardwareError, Asc.internalTargetFailure));
       },
     );
   }
@@ -597,7 +586,7 @@ export class Session {
   private noSuchLun(task: Task): ScsiResult {
     const op = task.pdu.cdb[0];
     if (op === 0x12) return { status: ScsiStatus.good, dataIn: inquiryNoLun(task.pdu.cdb.readUInt16BE(3)) };
-    return checkCondition(0x05, 0x25, 0x00);
+    return check(SenseKey.illegalRequest, Asc.logicalUnitNotSupported);
   }
 
   private complete(task: Task, result: ScsiResult): void {

@@ -45,6 +45,12 @@ export const Asc = {
   unrecoveredReadError: 0x1100,
   logicalUnitCommunicationFailure: 0x0800,
   logicalUnitCommunicationTimeout: 0x0801,
+  // The data-phase failures RFC 7143 11.4.7.2 lists (with ABORTED COMMAND), and SPC's for tags.
+  dataPhaseError: 0x4b00,
+  invalidTargetPortTransferTag: 0x4b01,
+  dataOffsetError: 0x4b05,
+  unexpectedUnsolicitedData: 0x0c0c,
+  incorrectAmountOfData: 0x0c0d,
 } as const;
 
 export interface SenseDetail {
