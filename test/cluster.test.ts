@@ -46,17 +46,17 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
   await t.test('a stale route is corrected by MOVED and the retry is counted', async (t) => {
     const p1 = g.peer('p1');
     const p3 = g.peer('p3');
-    const record = p3.catalogForTests.require('vol');
-    const release = p1.catalogForTests.holdRouteEvents(); // p1's watch lags
+    const record = p3.core.catalog.require('vol');
+    const release = p1.core.catalog.holdRouteEvents(); // p1's watch lags
     t.teardown(release);
     // Page 4 belongs to p2 (4 % 3 = 1); hand it to p3 behind p1's back.
-    await p3.catalogForTests.setRoute(record, 4, { owner: 'p2', version: 1 }, 'p3');
-    t.same(p1.catalogForTests.routes(p1.catalogForTests.require('vol')).route(4), { owner: 'p2', version: 1 }, 'p1 still has the old route');
+    await p3.core.catalog.setRoute(record, 4, { owner: 'p2', version: 1 }, 'p3');
+    t.same(p1.core.catalog.routes(p1.core.catalog.require('vol')).route(4), { owner: 'p2', version: 1 }, 'p1 still has the old route');
     const before = p1.routing.movedRetries;
     const w = await qemuIo(g.url('p1', 'vol'), `write -P 0x5c ${4 * pageBytes + 8192} 65536`);
     t.ok(w.ok, `write through p1 succeeded: ${w.out.trim()}`);
     t.ok(p1.routing.movedRetries > before, `MOVED retries counted (${p1.routing.movedRetries - before})`);
-    t.same(p1.catalogForTests.routes(p1.catalogForTests.require('vol')).route(4), { owner: 'p3', version: 2 }, 'p1 learned the new route');
+    t.same(p1.core.catalog.routes(p1.core.catalog.require('vol')).route(4), { owner: 'p3', version: 2 }, 'p1 learned the new route');
     const r = await qemuIo(g.url('p3', 'vol'), `read -P 0x5c ${4 * pageBytes + 8192} 65536`);
     t.ok(r.ok, `read back through the new owner: ${r.out.trim()}`);
     const map = await p1.pageMap('vol');
@@ -65,11 +65,11 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
 
   await t.test('EXTENDED COPY from one volume to another, page owners on different peers', async (t) => {
     await g.peer('p1').createVolume({ name: 'copy', size: '32M' });
-    const source = g.peer('p1').catalogForTests.require('vol');
-    const target = g.peer('p1').catalogForTests.require('copy');
-    for (let i = 0; i < 100 && !g.peer('p2').targetsForTests.find('iqn.2026-11.io.peersan:copy'); i++) await new Promise((r) => setTimeout(r, 20));
+    const source = g.peer('p1').core.catalog.require('vol');
+    const target = g.peer('p1').core.catalog.require('copy');
+    for (let i = 0; i < 100 && !g.peer('p2').core.targets.find('iqn.2026-11.io.peersan:copy'); i++) await new Promise((r) => setTimeout(r, 20));
     // Page 2 of vol is p3's; page 0 of copy is p1's: issue the copy through p2, which owns neither.
-    const lu = g.peer('p2').targetsForTests.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
+    const lu = g.peer('p2').core.targets.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
     const cscd = (id: string): Buffer => {
       const d = Buffer.alloc(32);
       d[0] = 0xe4;
@@ -105,7 +105,7 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
   });
 
   await t.test('peer RPC needs the cluster secret: an outsider cannot read pages', async (t) => {
-    const record = g.peer('p1').catalogForTests.require('vol');
+    const record = g.peer('p1').core.catalog.require('vol');
     const read = { op: BlockOp.read, fua: false, volumeId: record.id, lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
     const outsider = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: (m) => peerAuthMetadata('not-the-secret', 'p2', m) });
     t.teardown(() => outsider.close());

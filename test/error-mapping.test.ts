@@ -162,14 +162,14 @@ t.test('the logical unit answers store and routing errors with sense, never by t
 t.test('through a forwarding peer, the host hears the owner\'s meaning', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // a 4 MiB page moves in about 2 s
   await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
-  const record = g.peer('p1').catalogForTests.require('vol');
+  const record = g.peer('p1').core.catalog.require('vol');
   // Pages: 0 → p1, 1 → p2, 2 → p3. The host talks to p1; page 1 is forwarded to p2.
-  const lu = g.peer('p1').targetsForTests.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
+  const lu = g.peer('p1').core.targets.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
   const page1 = pageBlocks;
   const data = Buffer.alloc(8 * 512, 0x3c);
   t.equal(answer(await run(lu, write10(page1, 8), data)), 'GOOD', 'a forwarded write');
 
-  const served = g.peer('p2').targetsForTests.served(record.id)!;
+  const served = g.peer('p2').core.targets.served(record.id)!;
   const healthy = served.store;
   const inject = (fail: { read?: Error; write?: Error }): void => {
     served.store = new FailingBackend(healthy, fail);
@@ -187,7 +187,7 @@ t.test('through a forwarding peer, the host hears the owner\'s meaning', async (
 
   await t.test('two hops: the owner forwards to a move destination that is down', async (t) => {
     // Page 0 (p1's) moves to p3; the host writes it through p2, so: host → p2 → p1 → p3.
-    const viaP2 = g.peer('p2').targetsForTests.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
+    const viaP2 = g.peer('p2').core.targets.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
     await g.peer('p1').movePage('vol', 0, 'p3');
     const src = g.peer('p1');
     for (let i = 0; i < 200 && (src.migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));

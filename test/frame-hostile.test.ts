@@ -100,7 +100,7 @@ t.test('hostile block frames against an owner', async (t) => {
   t.teardown(() => void process.off('unhandledRejection', onUnhandled));
   const g = await startGroup(t, 1);
   await g.peer('p1').createVolume({ name: 'vol', size: '1G' });
-  const record = g.peer('p1').catalogForTests.require('vol');
+  const record = g.peer('p1').core.catalog.require('vol');
   const volumeId = record.id;
   const blockCount = record.sizeBytes / record.blockBytes;
   const address = g.config.peers[0].rpc;

@@ -32,7 +32,7 @@ async function startHostGroup(t: { teardown(fn: () => unknown): void }, hostBala
     return Object.fromEntries(s.peers.map((p) => [p.id, p.sessions.filter((x) => x.sessionType === 'Normal' && (!initiator || x.initiatorName === initiator)).length]));
   };
   const counters = (): Record<string, { redirects: number; plannedRedirects: number; logoutRequests: number }> =>
-    Object.fromEntries([...servers].map(([id, s]) => [id, { ...s.hostBalanceForTests!.counters }]));
+    Object.fromEntries([...servers].map(([id, s]) => [id, { ...s.hostBalancer!.counters }]));
   return { dir, config, peer, url, sessionsPerPeer, counters };
 }
 

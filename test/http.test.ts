@@ -192,8 +192,8 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.equal(access.status, 200, access.text);
     t.match(access.json(), { allow: [host], chapEnabled: true, chapUser: 'other' });
     t.notMatch(access.text, 'An0ther-Secret');
-    t.same(g.peer('p2').targetsForTests.visibleTo(host).map((x) => x.name), ['iqn.2026-11.io.peersan:vol'], 'another peer\'s portal follows the new allow list');
-    t.same(g.peer('p2').targetsForTests.visibleTo('iqn.1994-05.com.example:stranger'), []);
+    t.same(g.peer('p2').core.targets.visibleTo(host).map((x) => x.name), ['iqn.2026-11.io.peersan:vol'], 'another peer\'s portal follows the new allow list');
+    t.same(g.peer('p2').core.targets.visibleTo('iqn.1994-05.com.example:stranger'), []);
     t.match((await api('PUT', '/api/volumes/vol/access', { allow: ['not-an-iqn'] })).json(), { error: /is not an iSCSI name/ });
     t.match((await api('PUT', '/api/volumes/vol/access', { allow: [], chap: { user: 'u', secret: 'short' } })).json(), { error: /CHAP secret must be 12 to 16/ });
     t.match((await api('PUT', '/api/volumes/vol/access', { allow: [] })).json(), { allow: [], chapEnabled: true, chapUser: 'other' }, 'CHAP kept when not given');

@@ -273,7 +273,7 @@ t.test('three peers: I/O through p1 shows up in top on p2 through gossip; rebala
   t.match(remembered, { from: 'p1' }, 'the moves are remembered (cool-down) on p1');
 
   await admin.setAutoBalance('vol', false);
-  t.equal(g.peer('p3').catalogForTests.require('vol').autoBalance, false, 'volume flag in the catalog, seen by p3');
+  t.equal(g.peer('p3').core.catalog.require('vol').autoBalance, false, 'volume flag in the catalog, seen by p3');
   await t.rejects(admin.setAutoBalance('nope', true), /no volume named nope/);
 });
 

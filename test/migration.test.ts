@@ -101,7 +101,7 @@ async function verify(t: { equal(a: unknown, b: unknown, msg: string): void }, r
 /** The volume's router on each peer, once every peer has opened the volume (they learn of it by watch). */
 async function routersOf(g: Awaited<ReturnType<typeof startGroup>>, volume: string): Promise<Map<string, VolumeRouter>> {
   for (let i = 0; i < 100; i++) {
-    const routers = ['p1', 'p2', 'p3'].map((id) => [id, g.peer(id).targetsForTests.routerFor(volume)] as const);
+    const routers = ['p1', 'p2', 'p3'].map((id) => [id, g.peer(id).core.targets.routerFor(volume)] as const);
     if (routers.every(([, r]) => r)) return new Map(routers as [string, VolumeRouter][]);
     await new Promise((r) => setTimeout(r, 20));
   }
@@ -145,7 +145,7 @@ t.test('a page moves back and forth 20 times under verifying writers on every pe
   const metrics = await g.peer('p2').metrics.text();
   t.match(metrics, /peersan_page_moves_total\{result="committed",peer="p2"\} 10\b/, '/metrics: p2 ran 10 of the moves');
   t.match(metrics, /peersan_migration_bytes_total\{peer="p2"\} [1-9]/, '/metrics: bytes copied');
-  const p3alloc = g.peer('p3').targetsForTests.allocatedBytes('vol');
+  const p3alloc = g.peer('p3').core.targets.allocatedBytes('vol');
   t.ok(p3alloc < 200 * 1024, `p3 (never the page's owner) holds only the boundary slots of page 2 (${p3alloc} bytes)`);
 });
 
@@ -166,8 +166,8 @@ t.test('a cancelled move copies the moved pieces back and the destination frees 
   t.same(errors.slice(0, 10), [], `no I/O errors in ${ops} operations`);
   t.equal(await ownerOf(g.peer('p3'), 'vol', page), 'p1', 'the page stays on p1');
   await verify(t, routers, writers.expected());
-  t.equal(g.peer('p3').targetsForTests.allocatedBytes('vol'), 0, "p3 freed its partial copy");
-  t.equal(await g.peer('p1').catalogForTests.moveIntent(info.volumeId, page), undefined, 'the intent is gone from the catalog');
+  t.equal(g.peer('p3').core.targets.allocatedBytes('vol'), 0, "p3 freed its partial copy");
+  t.equal(await g.peer('p1').core.catalog.moveIntent(info.volumeId, page), undefined, 'the intent is gone from the catalog');
 });
 
 for (const who of ['source', 'destination'] as const) {
@@ -187,7 +187,7 @@ for (const who of ['source', 'destination'] as const) {
     await g.start(stopped);
     await g.peer('p1').migration.wait(info.volumeId, page);
     t.equal(await ownerOf(g.peer('p2'), 'vol', page), 'p3', 'the move completed after the restart');
-    for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).targetsForTests.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
-    t.equal(g.peer('p1').targetsForTests.allocatedBytes('vol'), 0, 'the source freed the page');
+    for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
+    t.equal(g.peer('p1').core.targets.allocatedBytes('vol'), 0, 'the source freed the page');
   });
 }

@@ -159,7 +159,7 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
   const g = await startTlsGroup(t, 3);
   const vol = await g.servers[0].createVolume({ name: 'vol', size: '64M' });
   t.same(vol.peers, ['p1', 'p2', 'p3']);
-  const record = g.servers[0].catalogForTests.require('vol');
+  const record = g.servers[0].core.catalog.require('vol');
   const pageBytes = 8192 * 512;
 
   await t.test('a host write through p1 to p2\'s page reads back through p3', { skip: tools ? false : 'qemu-io not installed' }, async (t) => {

@@ -112,7 +112,7 @@ async function judge(read: Reader, chain: Chain, ackedBefore: number): Promise<s
 /** The path host commands take on each peer (the snapshot gate over the router), as an initiator's would. */
 async function routersOf(g: Group, volume: string): Promise<BlockBackend[]> {
   for (let i = 0; i < 100; i++) {
-    const rs = ['p1', 'p2', 'p3'].map((id) => g.peer(id).targetsForTests.hostPathFor(volume));
+    const rs = ['p1', 'p2', 'p3'].map((id) => g.peer(id).core.targets.hostPathFor(volume));
     if (rs.every((r) => r)) return rs as BlockBackend[];
     await new Promise((r) => setTimeout(r, 20));
   }
@@ -157,7 +157,7 @@ async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volu
 
 async function readerOf(g: Group, peer: string, volume: string, name: string) {
   for (let i = 0; i < 200; i++) {
-    const r = g.peer(peer).snapshotTargetsForTests.reader(volume, name);
+    const r = g.peer(peer).core.snapshotTargets.reader(volume, name);
     if (r) return r;
     await new Promise((res) => setTimeout(res, 10));
   }
@@ -264,8 +264,8 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
   t.match(listed, [{ name: 'before', state: 'ready', mode: 'barrier' }, { name: 'ts', state: 'ready', mode: 'timestamp' }]);
   await g.peer('p1').deleteSnapshot('vol', 'ts');
   await g.peer('p1').deleteSnapshot('vol', 'before');
-  for (let i = 0; i < 100 && g.peer('p2').targetsForTests.find(snap.targetName); i++) await new Promise((r) => setTimeout(r, 20));
-  t.equal(g.peer('p2').targetsForTests.find(snap.targetName), undefined, 'deleted: the target is gone');
+  for (let i = 0; i < 100 && g.peer('p2').core.targets.find(snap.targetName); i++) await new Promise((r) => setTimeout(r, 20));
+  t.equal(g.peer('p2').core.targets.find(snap.targetName), undefined, 'deleted: the target is gone');
 });
 
 t.test('restore, clone and schedules', { skip: tools ? false : 'qemu-img/qemu-io not installed' }, async (t) => {

@@ -68,6 +68,8 @@ export interface VolumeTargetsOptions {
   meter?(volumeName: string, backend: BlockBackend): BlockBackend;
   /** Load monitor: meters the store volume (owner side) and the logical unit (host sessions). */
   monitor?: LoadMonitor;
+  /** The class of a volume's pages that move (src/migration/movable.ts); the simulator's negative controls pass a variant. */
+  movable?: typeof MovableVolume;
 }
 
 export class VolumeTargets implements TargetDirectory {
@@ -148,7 +150,7 @@ export class VolumeTargets implements TargetDirectory {
     const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
     // Moves copy through the store itself (`stored`): migration traffic is not host load.
     const stampLog = new StampLog(stored, this.o.clock, stampLogBytesMax);
-    const movable = new MovableVolume({ self, volumeId: record.id, table, raw: stampLog, link: this.o.link });
+    const movable = new (this.o.movable ?? MovableVolume)({ self, volumeId: record.id, table, raw: stampLog, link: this.o.link });
     const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
     const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters, env: this.o.env });
     const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;

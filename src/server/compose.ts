@@ -1,0 +1,199 @@
+// The composition root of a peer's protocols (DESIGN.md 1, 12): one function builds the page
+// store's volumes, the catalog, routing, page moves, snapshots and the load monitor from an Env,
+// a catalog store, a page store and a peer transport. PeerServer calls it with the real ones
+// (disk, etcd or LevelDB, gRPC); the simulator (test/sim) calls it with simulated ones, so both
+// run the same wiring. What only a real process has (the iSCSI portal, gRPC servers, the console,
+// /metrics, host balancing, snapshot schedules) is wired around it in peer.ts.
+//
+// Order: the catalog first (everything reads routes and volumes from it), then the volumes'
+// targets and snapshot layers, then moves in flight at the last stop resume (before any request
+// is served, so a move's page is never served as if it were not moving), then the page service.
+
+import type { Logger } from 'pino';
+import { Catalog } from '../cluster/catalog';
+import type { MetaStore } from '../cluster/metastore';
+import type { PeerHandlers } from '../cluster/peer-rpc';
+import type { PeerTransport } from '../cluster/transport';
+import type { Env } from '../env/env';
+import { loadGossipMsMax, peerConnectMsMax } from '../limits';
+import type { BalancerConfig } from '../loadmon/balancer';
+import type { PeerFacts } from '../loadmon/monitor';
+import { LoadService } from '../loadmon/service';
+import { BalancerSwitch } from '../loadmon/switches';
+import { Migrator, type MigrationSettings } from '../migration/migrator';
+import { MovableVolume } from '../migration/movable';
+import { PageService } from '../routing/page-service';
+import { newRoutingCounters, type RoutingCounters } from '../routing/router';
+import { HybridClock } from '../snapshot/hlc';
+import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
+import { SnapshotTargets } from '../snapshot/targets';
+import type { PageStore } from '../store/page-store';
+import type { BlockBackend } from '../store/types';
+import type { EventKind } from './events';
+import { productRevision, VolumeTargets } from './targets';
+
+/** How long a peer waits for another's answer to a status-like call. */
+export const statusPeerMsMax = 1_500;
+/** Page-move control calls between peers (prepare clears a page on the destination). */
+export const moveRpcMsMax = 10_000;
+
+/**
+ * Protocol classes a peer is built from. Production uses the defaults; the simulator's negative
+ * controls (test/sim/controls) pass variants with a known bug, to prove its checker finds it.
+ */
+export interface PeerProtocols {
+  snapshots: typeof SnapshotService;
+  migrator: typeof Migrator;
+  movable: typeof MovableVolume;
+}
+
+export interface PeerWiring {
+  self: string;
+  /** Every peer of the group, this one included. */
+  groupPeers: readonly string[];
+  pageBlocks: number;
+  env: Env;
+  log: Logger;
+  store: PageStore;
+  meta: MetaStore;
+  transport: PeerTransport;
+  /** This peer's iSCSI portal (what targets advertise) and portal group tag. */
+  portal: { address: string; groupTag: number };
+  migration: MigrationSettings;
+  balancer: BalancerConfig;
+  /** Sessions and capacity of this peer, for the load monitor. */
+  facts(): Promise<PeerFacts>;
+  /** Something a person watching the group wants to know (the console's events). */
+  event(kind: EventKind, message: string, fields: { volume?: string; peer?: string }): void;
+  /** Wraps each volume's host path (the console's per-volume I/O metrics); default: none. */
+  meter?(volumeName: string, backend: BlockBackend): BlockBackend;
+  protocols?: Partial<PeerProtocols>;
+  /** Where the routers count their runs (the peer's /metrics reads it); default: a new one. */
+  routing?: RoutingCounters;
+}
+
+/** A peer's protocols, wired. */
+export interface PeerCore {
+  catalog: Catalog;
+  targets: VolumeTargets;
+  snapshotTargets: SnapshotTargets;
+  migrator: Migrator;
+  snapshots: SnapshotService;
+  load: LoadService;
+  balancerSwitch: BalancerSwitch;
+  pages: PageService;
+  /** Stamps host writes for timestamp-mode snapshots (src/snapshot/hlc.ts). */
+  clock: HybridClock;
+  /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
+  routing: RoutingCounters;
+  /** What another peer's PeerService calls reach (the block stream and the process-only calls aside). */
+  handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove'>;
+  /** Stop the protocols' timers and watches (the store and the catalog store stay open: their owner closes them). */
+  close(): void;
+}
+
+export async function composePeer(w: PeerWiring): Promise<PeerCore> {
+  const { self, env, log, transport } = w;
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, ...w.protocols };
+  const clock = new HybridClock(env.clock);
+  const routing = w.routing ?? newRoutingCounters();
+  const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
+  const blocks = (peerId: string) => transport.blocks(peerId);
+  // Late-bound: the targets, the migrator and the snapshot service refer to each other.
+  const core = { catalog, clock, routing } as PeerCore;
+  const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
+  core.load = loadService(w, core);
+  core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
+  core.targets = new VolumeTargets({
+    self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, snapshots: core.snapshotTargets,
+    link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable,
+    notifyReservations: async (notice) => {
+      await Promise.all(w.groupPeers.filter((p) => p !== self).map((p) =>
+        transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
+    },
+    receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
+    ...(w.meter ? { meter: w.meter } : {}),
+  });
+  core.migrator = new P.migrator({
+    self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
+    rpc: {
+      prepare: (to, req) => transport.calls(to).movePrepare(req, moveRpcMsMax),
+      finish: (to, req) => transport.calls(to).moveFinish(req, moveRpcMsMax),
+    },
+    event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
+    committed: (move) => core.load.driver.noteCommitted(move),
+    holding: (volumeId) => core.snapshots.holding(volumeId),
+  });
+  const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
+    self, env, groupPeers: w.groupPeers, catalog, log, clock,
+    gate: (id) => core.targets.gate(id),
+    store: (id) => core.targets.stored(id),
+    stampLog: (id) => core.targets.stampLog(id),
+    moving: (id) => core.migrator.cursors(id),
+    idle: (id) => core.migrator.idle(id),
+    rpc: {
+      reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),
+      prepare: (peer, req) => (peer === self ? snapshots.prepare(req) : transport.calls(peer).snapshotPrepare(req, prepareMsMax + 1_000)),
+      take: (peer, req) => (peer === self ? snapshots.take(req) : transport.calls(peer).snapshotTake(req, req.cut === undefined ? prepareMsMax : sealMsMax + 1_000)),
+      release: (peer, id, abort) => (peer === self ? snapshots.release(id, abort) : transport.calls(peer).snapshotRelease(id, abort, abort ? statusPeerMsMax : prepareMsMax)),
+    },
+    event: (message, volume) => w.event('snapshot', message, { volume, peer: self }),
+  }));
+  await core.targets.follow();
+  await core.snapshotTargets.follow();
+  // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
+  await core.migrator.recover();
+  core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
+  const migrator = core.migrator;
+  core.handlers = {
+    reservationChanged: async (n) => core.targets.reservationsOf(n.volumeId)?.noticed(n),
+    startMove: (volume, page, to) => migrator.start(volume, page, to),
+    cancelMove: async (volume, page) => migrator.cancel(catalog.require(volume).id, page),
+    moves: () => migrator.list(),
+    movePrepare: (req) => migrator.prepare(req),
+    moveFinish: (req) => migrator.finish(req),
+    snapshotPrepare: (req) => snapshots.prepare(req),
+    snapshotTake: (req) => snapshots.take(req),
+    snapshotRelease: (id, abort) => snapshots.release(id, abort),
+    gossip: (from, summary) => core.load.received(from, summary),
+    startMoves: async (moves) => core.load.driver.start(moves),
+  };
+  core.close = () => {
+    core.load.stop();
+    balancerSwitch.close();
+    migrator.close();
+    core.targets.close();
+    core.snapshotTargets.close();
+    catalog.close();
+  };
+  return core;
+}
+
+/** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */
+function loadService(w: PeerWiring, core: PeerCore): LoadService {
+  const { catalog } = core;
+  let lastVolume: ReturnType<Catalog['volumeById']>;
+  return new LoadService({
+    self: w.self, env: w.env, peers: [...w.groupPeers], config: w.balancer, log: w.log, facts: w.facts,
+    sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
+    startMovesOn: (peerId, moves) => w.transport.calls(peerId).startMoves(moves, statusPeerMsMax),
+    mover: {
+      movePage: async (volume, page, to) => {
+        const info = await core.migrator.start(volume, page, to);
+        await core.migrator.wait(info.volumeId, page);
+      },
+      movesInFlight: () => core.migrator?.inFlight ?? 0,
+    },
+    ownerOf: (volumeId, page) => {
+      // Asked for many pages of one volume in a row: look the record up once per run.
+      if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
+      return lastVolume ? catalog.routes(lastVolume).route(page).owner : undefined;
+    },
+    volume: (volumeId) => {
+      const v = catalog.volumeById(volumeId);
+      return v ? { name: v.name, pageBytes: v.pageBlocks * v.blockBytes, autoBalance: v.autoBalance !== false } : undefined;
+    },
+    volumeIds: () => new Set(catalog.listVolumes().map((v) => v.id)),
+    groupAuto: () => core.balancerSwitch?.auto ?? true,
+  });
+}
