@@ -34,7 +34,7 @@ import type { BlockBackend } from '../store/types';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { PageStore } from '../store/page-store';
 import { addAdminService, type AdminApi, type PageMapView, type PeerStatusView, type VolumeView } from './admin';
-import { composePeer, moveRpcMsMax, statusPeerMsMax, type PeerCore } from './compose';
+import { composePeer, moveRpcMsMax, statusPeerMsMax, type PeerCore, type PeerProtocols } from './compose';
 import { GrpcTransport } from './grpc-transport';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
 import { GossipLoadView } from './host-view';
@@ -56,6 +56,8 @@ export interface PeerStartOptions {
    * it. The faults come from the environment, never from switches in the protocols.
    */
   transport?(grpc: PeerTransport): PeerTransport;
+  /** Protocol variants (compose.ts PeerProtocols): negative controls in tests; default: the real ones. */
+  protocols?: Partial<PeerProtocols>;
 }
 
 export class PeerServer implements AdminApi {
@@ -175,6 +177,7 @@ export class PeerServer implements AdminApi {
       event: (kind, message, fields) => this.addEvent(kind, message, fields),
       meter: (name, backend) => this.metrics.meter(name, backend),
       routing: this.routing,
+      ...(this.opts.protocols ? { protocols: this.opts.protocols } : {}),
     }));
     this.registerFeatureMetrics();
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
