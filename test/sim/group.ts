@@ -1,0 +1,221 @@
+// A simulated peer group: N peers built by the production composition root (composePeer) on
+// simulated disks, catalog and network, hosts writing and reading through any peer, an
+// administrator moving pages and taking snapshots, and the faults of the seed.
+//
+// A run has three phases:
+// 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers,
+//    partitions peers from each other and from the catalog, loses, delays and duplicates
+//    messages, stalls disks and skews clocks;
+// 2. calm: faults stop (partitions healed, every peer restarted, disks fast), hosts go on for a
+//    while, then stop; the group must converge: every move ends, every peer's routes agree with
+//    the catalog, every host command ends;
+// 3. check: every block hosts touched is read back through every peer, every snapshot that was
+//    taken is read, and the history goes through the checker (checker.ts).
+
+import pino from 'pino';
+import type { Logger } from 'pino';
+import type { CreateVolumeInput } from '../../src/cluster/catalog';
+import { balancerDefaults } from '../../src/loadmon/balancer';
+import type { SeededRandom } from '../../src/env/manual';
+import { composePeer, type PeerCore, type PeerProtocols } from '../../src/server/compose';
+import { PageStore } from '../../src/store/page-store';
+import type { BlockBackend } from '../../src/store/types';
+import { SimCatalog, type SimCatalogClient } from './catalog';
+import { SimMedia } from './disk';
+import { SimNetwork, calmNetwork, type Endpoint } from './network';
+import { PeerClock, PeerEnv, SimWorld, driftMax, skewUsMax, type PeerTimers } from './world';
+
+const silent: Logger = pino({ level: 'silent' });
+
+export interface FaultCounts {
+  crashes: number;
+  partitions: number;
+  drops: number;
+  reorders: number;
+  duplicates: number;
+  diskStalls: number;
+  skews: number;
+}
+
+/** One peer: its disk and clock outlive crashes; everything else is one incarnation. */
+export class SimPeer implements Endpoint {
+  readonly media: SimMedia;
+  readonly clock: PeerClock;
+  env!: PeerEnv;
+  private live: PeerCore | undefined;
+  private inc = 0;
+  meta: SimCatalogClient | undefined;
+  store: PageStore | undefined;
+  /** Set while the peer is down (crashed, not restarted yet). */
+  down = false;
+  starting = false;
+
+  constructor(readonly id: string, private readonly group: SimGroup, random: SeededRandom) {
+    this.clock = new PeerClock(group.world);
+    this.media = new SimMedia({ timers: group.world.timers, random, now: () => group.world.now() });
+  }
+
+  core(): PeerCore | undefined {
+    return this.live;
+  }
+
+  incarnation(): number {
+    return this.inc;
+  }
+
+  timers(): PeerTimers {
+    return this.env.timers;
+  }
+
+  /** Start a new incarnation from what the disk and the catalog hold. Resolves when it serves (or never, if it crashes meanwhile). */
+  async start(): Promise<void> {
+    const g = this.group;
+    const inc = ++this.inc;
+    this.down = false;
+    this.starting = true;
+    this.env = new PeerEnv(g.world, this.clock, g.world.fork());
+    const meta = (this.meta = g.catalog.client(this.id, this.env.timers));
+    try {
+      const store = (this.store = await PageStore.openOn(this.media, { log: silent }));
+      const core = await composePeer({
+        self: this.id, groupPeers: g.peerIds, pageBlocks: 8192, env: this.env, log: silent, store, meta, transport: g.network.transport(this.id),
+        portal: { address: `sim:${this.id}`, groupTag: g.peerIds.indexOf(this.id) + 1 },
+        migration: { rateBytesPerSec: 0, pieceBytes: 256 * 1024, duty: 1 },
+        balancer: { ...balancerDefaults, intervalMs: 1_000, cooldownMs: 5_000, minMeanLoad: 1 },
+        facts: async () => ({ sessions: 0, freeBytes: 1 << 30, totalBytes: 1 << 30, allocatedBytes: store.usage().allocatedBytes }),
+        event: () => undefined,
+        ...(g.protocols ? { protocols: g.protocols } : {}),
+      });
+      if (inc !== this.inc) return;
+      core.load.start();
+      this.live = core;
+      g.trace(`${this.id} up (incarnation ${inc})`);
+    } catch (err) {
+      if (inc !== this.inc) return;
+      // The catalog was out of reach, most likely: a supervisor starts the process again.
+      g.trace(`${this.id} failed to start: ${(err as Error).message}; retrying`);
+      this.kill();
+      this.down = true;
+      g.world.after(200, () => void this.start());
+    } finally {
+      if (inc === this.inc) this.starting = false;
+    }
+  }
+
+  /** kill -9 and a power loss: the incarnation stops at this instant; the disk keeps what was durable. */
+  crash(): void {
+    this.kill();
+    this.media.crash();
+    this.down = true;
+  }
+
+  private kill(): void {
+    this.inc++;
+    this.env?.timers.kill();
+    this.meta?.kill();
+    this.live = undefined;
+    this.starting = false;
+  }
+}
+
+export interface SimGroupOptions {
+  world: SimWorld;
+  peers: number;
+  protocols?: Partial<PeerProtocols>;
+  trace(line: string): void;
+}
+
+export class SimGroup {
+  readonly world: SimWorld;
+  readonly catalog: SimCatalog;
+  readonly network: SimNetwork;
+  readonly peers = new Map<string, SimPeer>();
+  readonly peerIds: string[];
+  readonly protocols: Partial<PeerProtocols> | undefined;
+  readonly counts: FaultCounts = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  readonly trace: (line: string) => void;
+
+  constructor(o: SimGroupOptions) {
+    this.world = o.world;
+    this.protocols = o.protocols;
+    this.trace = (line) => o.trace(`[${o.world.now().toFixed(3)}] ${line}`);
+    this.catalog = new SimCatalog(o.world, o.world.fork());
+    this.peerIds = Array.from({ length: o.peers }, (_, i) => `p${i + 1}`);
+    this.network = new SimNetwork(o.world, o.world.fork(), this.peers as Map<string, Endpoint>, this.trace);
+    for (const id of this.peerIds) this.peers.set(id, new SimPeer(id, this, o.world.fork()));
+  }
+
+  up(): SimPeer[] {
+    return [...this.peers.values()].filter((p) => p.core() !== undefined);
+  }
+
+  core(id: string): PeerCore | undefined {
+    return this.peers.get(id)?.core();
+  }
+
+  /** Start every peer and create the volume; resolves once every peer has it open. */
+  async boot(volume: CreateVolumeInput): Promise<void> {
+    const started = Promise.all([...this.peers.values()].map((p) => p.start()));
+    await this.world.run(this.world.now() + 5_000, Number.MAX_SAFE_INTEGER, () => this.up().length === this.peers.size);
+    await started;
+    const p1 = this.core(this.peerIds[0])!;
+    let created = false;
+    void p1.catalog.createVolume(volume).then(() => (created = true));
+    await this.world.run(this.world.now() + 5_000, Number.MAX_SAFE_INTEGER, () => created && this.up().every((p) => p.core()!.targets.hostPathFor(volume.name) !== undefined));
+    if (!this.up().every((p) => p.core()!.targets.hostPathFor(volume.name))) throw new Error('the volume did not open on every peer at boot');
+  }
+
+  hostPath(peer: string, volume: string): BlockBackend | undefined {
+    return this.core(peer)?.targets.hostPathFor(volume);
+  }
+
+  // ---- faults --------------------------------------------------------------------------------
+
+  crash(id: string, downMs: number): void {
+    const p = this.peers.get(id)!;
+    if (p.down) return;
+    this.counts.crashes++;
+    this.trace(`${id} CRASH (down ${downMs.toFixed(0)} ms)`);
+    p.crash();
+    this.world.after(downMs, () => {
+      if (p.down) {
+        this.trace(`${id} restarts`);
+        void p.start();
+      }
+    });
+  }
+
+  skew(id: string, random: SeededRandom): void {
+    const c = this.peers.get(id)!.clock;
+    c.skewUs = (random.float() * 2 - 1) * skewUsMax;
+    c.setDrift((random.float() * 2 - 1) * driftMax);
+    this.counts.skews++;
+    this.trace(`${id} clock skew ${c.skewUs.toFixed(0)} µs, drift ${(c.drift * 1e6).toFixed(0)} ppm`);
+  }
+
+  stallDisk(id: string, ms: number): void {
+    this.counts.diskStalls++;
+    this.trace(`${id} disk stalls ${ms.toFixed(0)} ms`);
+    this.peers.get(id)!.media.stallUntil(this.world.now() + ms);
+  }
+
+  /** Faults stop: partitions heal, messages flow, every down peer restarts. */
+  calm(): void {
+    this.network.faults = calmNetwork();
+    this.network.healAll();
+    this.catalog.dropRate = 0;
+    this.catalog.healAll();
+    for (const p of this.peers.values()) if (p.down) void p.start();
+    this.trace('faults stop');
+  }
+
+  faultCounts(): FaultCounts {
+    return {
+      ...this.counts,
+      partitions: this.network.counts.partitions + this.catalog.counts.partitions,
+      drops: this.network.counts.drops + this.catalog.counts.drops,
+      reorders: this.network.counts.reorders,
+      duplicates: this.network.counts.duplicates,
+    };
+  }
+}

@@ -1,0 +1,310 @@
+// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them,
+// hosts, an administrator and the seed's faults; then calm, convergence and the checks.
+// Everything the run does is drawn from the seed, so `simulate({ seed })` twice gives the same
+// trace, line for line.
+
+import type { PeerProtocols } from '../../src/server/compose';
+import type { BlockBackend } from '../../src/store/types';
+import { check, type Violation } from './checker';
+import { SimGroup, type FaultCounts } from './group';
+import { History, decodeBlocks, type Op } from './history';
+import { Workload, type HostOp } from './workload';
+import { SimWorld } from './world';
+
+export interface SimOptions {
+  seed: number;
+  /** Events (timer firings) at most; the run stops where it is and is checked as it stands. */
+  stepsMax?: number;
+  /** A protocol variant with a known bug (test/sim/controls). */
+  protocols?: Partial<PeerProtocols>;
+  /** Keep the trace (always kept when a violation is found). */
+  keepTrace?: boolean;
+}
+
+export interface SimResult {
+  seed: number;
+  violations: Violation[];
+  /** The events up to the first violation (or all, with keepTrace). */
+  trace: string[];
+  faults: FaultCounts;
+  steps: number;
+  ops: number;
+  moves: { committed: number; cancelled: number };
+  snapshots: number;
+}
+
+const volume = 'vol';
+const blockBytes = 512;
+const pageBlocks = 8192;
+const pages = 4;
+/** How long faults go on, then how long hosts keep going once they stop (true ms). */
+const faultMs = 3_000;
+const calmHostsMs = 500;
+/** Once calm: every host command, move and catalog change must have settled within this. */
+const convergeMsMax = 60_000;
+/** A host gives a command up after this (an initiator's command timeout) and retries elsewhere. */
+const hostCommandMsMax = 8_000;
+
+export async function simulate(o: SimOptions): Promise<SimResult> {
+  const world = new SimWorld(o.seed);
+  const lines: string[] = [];
+  const trace = (line: string): void => void lines.push(line);
+  const rnd = world.fork();
+  const peers = 3 + rnd.int(3);
+  const group = new SimGroup({ world, peers, trace, ...(o.protocols ? { protocols: o.protocols } : {}) });
+  const stepsMax = o.stepsMax ?? Number.MAX_SAFE_INTEGER;
+  const history = new History(() => world.now());
+  const violations: Violation[] = [];
+  const fail = (invariant: string, message: string): void => {
+    violations.push({ invariant: invariant as Violation['invariant'], opId: 0, message });
+    trace(`VIOLATION ${invariant}: ${message}`);
+  };
+
+  await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes });
+  const volumeId = group.core('p1')!.catalog.require(volume).id;
+  trace(`booted ${peers} peers; volume ${volume} (${pages} pages)`);
+
+  // ---- hosts --------------------------------------------------------------------------------
+  const workload = new Workload(world.fork(), { blockCount: pages * pageBlocks, pageBlocks, blockBytes });
+  const hosts = 2 + rnd.int(3);
+  let hostsOn = true;
+  let inFlight = 0;
+  const hostRnd = world.fork();
+  const via = new Map<number, string>();
+  const runHost = (host: number): void => {
+    if (!hostsOn) return;
+    const up = group.up().map((p) => p.id);
+    if (up.length === 0) return void world.after(5, () => runHost(host));
+    // Hosts stick to a peer, and move (as a multipath initiator would) when it fails them.
+    let peer = via.get(host);
+    if (!peer || !up.includes(peer) || hostRnd.float() < 0.05) via.set(host, (peer = up[hostRnd.int(up.length)]));
+    const backend = group.hostPath(peer, volume);
+    if (!backend) return void world.after(5, () => runHost(host));
+    const op = workload.next(host);
+    inFlight++;
+    const rec = workload.perform(op, bounded(backend, world, hostCommandMsMax), history, peer);
+    void rec.then((r) => {
+      inFlight--;
+      trace(`host${host} ${describeOp(op)} via ${peer}: ${r.outcome}${r.kind === 'read' && r.seen ? ` ${summarise(r.seen)}` : ''} (#${r.id})`);
+      if (r.outcome === 'error') via.delete(host);
+      // At least 1 ms between an answer and the next command (the hybrid clock's assumption, world.ts).
+      world.after(1 + hostRnd.float() * 3, () => runHost(host));
+    });
+  };
+  for (let h = 0; h < hosts; h++) world.after(1 + h, () => runHost(h));
+
+  // ---- the administrator ----------------------------------------------------------------------
+  const snapshotOps: { rec: Op; name: string; peer: string }[] = [];
+  let adminOn = true;
+  let snapshotSeq = 0;
+  const adminRnd = world.fork();
+  const admin = (): void => {
+    if (!adminOn) return;
+    world.after(50 + adminRnd.float() * 250, admin);
+    const up = group.up();
+    if (up.length === 0) return;
+    const actor = up[adminRnd.int(up.length)];
+    const core = actor.core()!;
+    const x = adminRnd.float();
+    if (x < 0.4) {
+      const page = adminRnd.int(pages);
+      const owner = group.core(core.catalog.routes(core.catalog.require(volume)).route(page).owner);
+      const others = group.peerIds.filter((id) => id !== actor.id);
+      const to = others[adminRnd.int(others.length)];
+      if (!owner) return;
+      trace(`admin: move page ${page} to ${to}`);
+      owner.migrator.start(volume, page, to).then(() => trace(`admin: move of page ${page} to ${to} started`), (err: Error) => trace(`admin: move of page ${page} refused: ${err.message}`));
+    } else if (x < 0.5) {
+      const m = core.migrator.list()[0];
+      if (!m) return;
+      trace(`admin: cancel the move of page ${m.page}`);
+      try {
+        core.migrator.cancel(m.volumeId, m.page);
+      } catch (err) {
+        trace(`admin: cancel refused: ${(err as Error).message}`);
+      }
+    } else if (x < 0.9) {
+      const mode = x < 0.7 ? 'barrier' : 'timestamp';
+      const name = `s${++snapshotSeq}`;
+      const rec = history.begin({ host: -1, peer: actor.id, kind: 'snapshot', lba: 0, blocks: pages * pageBlocks, snapshot: name });
+      trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id})`);
+      core.snapshots.create([volume], { name, mode }).then(
+        () => {
+          history.end(rec, 'ok');
+          snapshotOps.push({ rec, name, peer: actor.id });
+          trace(`admin: snapshot ${name} taken`);
+        },
+        (err: Error) => {
+          history.end(rec, 'error');
+          trace(`admin: snapshot ${name} failed: ${err.message}`);
+        },
+      );
+    } else {
+      trace(`admin: rebalance through ${actor.id}`);
+      core.load.rebalance(false).then((r) => trace(`admin: rebalance planned ${r.moves.length} moves`), (err: Error) => trace(`admin: rebalance failed: ${err.message}`));
+    }
+  };
+  world.after(20, admin);
+
+  // ---- faults ---------------------------------------------------------------------------------
+  let faultsOn = true;
+  const faultRnd = world.fork();
+  group.network.faults = { dropRate: 0.01, duplicateRate: 0.05, spikeRate: 0.02, spikeMsMax: 40 };
+  group.catalog.dropRate = 0.01;
+  const fault = (): void => {
+    if (!faultsOn) return;
+    world.after(20 + faultRnd.float() * 200, fault);
+    const ids = group.peerIds;
+    const id = ids[faultRnd.int(ids.length)];
+    const x = faultRnd.float();
+    if (x < 0.2) {
+      // At most one peer down at a time: with one copy per page, two down is just more errors.
+      if (group.up().length === ids.length) group.crash(id, 50 + faultRnd.float() * 1_500);
+    } else if (x < 0.4) {
+      const other = ids.filter((p) => p !== id)[faultRnd.int(ids.length - 1)];
+      const ms = 20 + faultRnd.float() * 800;
+      trace(`partition ${id} | ${other} for ${ms.toFixed(0)} ms`);
+      group.network.partition(id, other, true);
+      world.after(ms, () => group.network.partition(id, other, false));
+    } else if (x < 0.5) {
+      const ms = 20 + faultRnd.float() * 800;
+      trace(`partition ${id} | catalog for ${ms.toFixed(0)} ms`);
+      group.catalog.partition(id, true);
+      world.after(ms, () => group.catalog.partition(id, false));
+    } else if (x < 0.75) {
+      group.stallDisk(id, 5 + faultRnd.float() * 300);
+    } else {
+      group.skew(id, faultRnd);
+    }
+  };
+  world.after(10, fault);
+  // A crash is in the history too: writes not yet durable on that peer may be gone.
+  const crash = group.crash.bind(group);
+  group.crash = (id: string, ms: number) => {
+    history.crash(id);
+    crash(id, ms);
+  };
+
+  // ---- run ------------------------------------------------------------------------------------
+  await world.run(world.now() + faultMs, stepsMax);
+  faultsOn = false;
+  group.calm();
+  await world.run(world.now() + calmHostsMs, stepsMax);
+  hostsOn = false;
+  adminOn = false;
+  const calmAt = world.now();
+  const settled = (): boolean =>
+    inFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0) && routesAgree(group, volume) === undefined;
+  await world.run(calmAt + convergeMsMax, stepsMax, settled);
+  if (world.steps < stepsMax) {
+    if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
+    for (const p of group.up()) for (const m of p.core()!.migrator.list()) fail('move-not-ended', `${p.id}'s move of page ${m.page} to ${m.to} is still ${m.state} (${m.done}/${m.pieces}; ${m.lastError}) ${convergeMsMax} ms after the faults stopped`);
+    if (group.up().length < group.peerIds.length) fail('peer-not-up', `peers ${group.peerIds.filter((id) => !group.core(id)).join(', ')} not up ${convergeMsMax} ms after the faults stopped`);
+    const disagree = routesAgree(group, volume);
+    if (disagree) fail('routes-disagree', disagree);
+  }
+
+  // ---- check ----------------------------------------------------------------------------------
+  const ranges = touched(history.ops);
+  if (violations.length === 0 && world.steps < stepsMax) {
+    for (const p of group.up()) {
+      for (const r of ranges) await readBack(world, history, p.id, group.hostPath(p.id, volume)!, r, stepsMax);
+    }
+    for (const s of snapshotOps) {
+      const reader = group.core(s.peer)?.snapshotTargets.reader(volume, s.name);
+      if (!reader) {
+        fail('snapshot-missing', `snapshot ${s.name} (#${s.rec.id}) was taken but ${s.peer} cannot read it`);
+        continue;
+      }
+      const seen = new Array<number | 'garbage'>(pages * pageBlocks).fill(0);
+      for (const r of ranges) {
+        const data = await drive(world, reader.read(r.lba, r.blocks), stepsMax);
+        if (!data) fail('snapshot-unreadable', `snapshot ${s.name}: blocks ${r.lba}+${r.blocks} did not read`);
+        else decodeBlocks(data, r.lba, blockBytes).forEach((v, i) => (seen[r.lba + i] = v));
+      }
+      s.rec.seen = seen;
+    }
+  }
+  for (const v of check(history)) {
+    violations.push(v);
+    trace(`VIOLATION ${v.invariant}: ${v.message}`);
+  }
+  const committed = group.up().reduce((n, p) => n + p.core()!.migrator.counters.committed, 0);
+  const cancelled = group.up().reduce((n, p) => n + p.core()!.migrator.counters.cancelled, 0);
+  void volumeId;
+  return {
+    seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
+    ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length,
+  };
+}
+
+/** A backend whose every call fails after `ms` of true time if it has not answered (the host's command timeout). */
+function bounded(b: BlockBackend, world: SimWorld, ms: number): BlockBackend {
+  const race = <T>(p: Promise<T>): Promise<T> => new Promise<T>((resolve, reject) => {
+    const t = world.after(ms, () => reject(new Error(`no answer within ${ms} ms`)));
+    p.then((v) => (world.timers.clearTimeout(t), resolve(v)), (e) => (world.timers.clearTimeout(t), reject(e)));
+  });
+  return {
+    blockBytes: b.blockBytes, blockCount: b.blockCount, grainBlocks: b.grainBlocks,
+    read: (lba, n) => race(b.read(lba, n)),
+    write: (lba, data, opts) => race(b.write(lba, data, opts)),
+    unmap: (lba, n, opts) => race(b.unmap(lba, n, opts)),
+    compareAndWrite: (lba, c, d, opts) => race(b.compareAndWrite(lba, c, d, opts)),
+    flush: () => race(b.flush()),
+    lbaStatus: (lba, n) => race(b.lbaStatus(lba, n)),
+  };
+}
+
+/** Run the world until `p` settles; undefined if it failed or the world ran out of steps/time. */
+async function drive<T>(world: SimWorld, p: Promise<T>, stepsMax: number): Promise<T | undefined> {
+  let out: { v?: T; done: boolean } = { done: false };
+  p.then((v) => (out = { v, done: true }), () => (out = { done: true }));
+  await world.run(world.now() + hostCommandMsMax, stepsMax, () => out.done);
+  return out.v;
+}
+
+/** The final read of one range through one peer, as a host command in the history. */
+async function readBack(world: SimWorld, history: History, peer: string, backend: BlockBackend, r: { lba: number; blocks: number }, stepsMax: number): Promise<void> {
+  const rec = history.begin({ host: 1_000, peer, kind: 'read', lba: r.lba, blocks: r.blocks });
+  const data = await drive(world, backend.read(r.lba, r.blocks), stepsMax);
+  if (data) history.end(rec, 'ok', decodeBlocks(data, r.lba, blockBytes));
+  else history.end(rec, 'error');
+}
+
+/** Every extent a write or caw touched, merged, in pieces of at most 256 blocks. */
+function touched(ops: readonly Op[]): { lba: number; blocks: number }[] {
+  const marks = new Set<number>();
+  for (const op of ops) if (op.kind === 'write' || op.kind === 'caw') for (let i = 0; i < op.blocks; i++) marks.add(op.lba + i);
+  const lbas = [...marks].sort((a, b) => a - b);
+  const out: { lba: number; blocks: number }[] = [];
+  for (const lba of lbas) {
+    const last = out[out.length - 1];
+    if (last && last.lba + last.blocks === lba && last.blocks < 256) last.blocks++;
+    else out.push({ lba, blocks: 1 });
+  }
+  return out;
+}
+
+/** Undefined when every up peer's route table agrees with the catalog; else what differs. */
+function routesAgree(group: SimGroup, volume: string): string | undefined {
+  const records = group.catalog.snapshot();
+  const cores = group.up().map((p) => [p.id, p.core()!] as const);
+  if (cores.length === 0) return undefined;
+  const v = cores[0][1].catalog.require(volume);
+  for (let page = 0; page < pages; page++) {
+    const views = cores.map(([id, c]) => `${id}:${c.catalog.routes(c.catalog.require(volume)).route(page).owner}@${c.catalog.routes(c.catalog.require(volume)).route(page).version}`);
+    if (new Set(views.map((x) => x.split(':')[1])).size > 1) return `page ${page}: the peers disagree on its route (${views.join(', ')})`;
+  }
+  void records;
+  void v;
+  return undefined;
+}
+
+function describeOp(op: HostOp): string {
+  return op.kind === 'flush' ? 'flush' : `${op.kind}${op.fua ? '+fua' : ''} ${op.lba}+${op.blocks}`;
+}
+
+function summarise(seen: readonly (number | 'garbage')[]): string {
+  const ids = [...new Set(seen)];
+  return `[${ids.slice(0, 4).join(',')}${ids.length > 4 ? ',…' : ''}]`;
+}
