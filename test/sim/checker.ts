@@ -1,0 +1,241 @@
+// The simulator's judge (issue 16): given the History of a run, what went wrong. Pure: plain
+// data in, violations out.
+//
+// Every block is a register. A write (or an ok COMPARE AND WRITE) takes effect at some
+// instant between its start and its answer; one that failed or never ended may take effect at
+// any later time ("in flight forever"). A crash of any peer may lose what was not durable: a
+// write is durable from its answer when FUA, else from the answer of the first ok flush that
+// started after the write was answered. A read may return any write that started before the
+// read ended and that no write "supersedes" at the read (see `effectiveAt`); the initial
+// zeros are a write answered and durable at -infinity.
+//
+// Times: the checker orders events by (ms, the History's event counter) and works on the
+// ranks of that order, so events in the same simulated millisecond keep their real order.
+
+import type { Crash, Op, Seen } from './history';
+
+export type Invariant = 'acknowledged-write-lost' | 'stale-read' | 'phantom-read' | 'garbage' | 'snapshot-cut';
+
+export interface Violation {
+  invariant: Invariant;
+  /** The read, caw or snapshot whose answer is wrong. */
+  opId: number;
+  lba?: number;
+  /** What was expected and what was seen, with op ids and times. */
+  message: string;
+}
+
+/** A write as the checker sees it; ranks in the run's event order. */
+interface Write {
+  op: Op | undefined; // undefined: the initial zeros
+  id: number;
+  startRank: number;
+  /** Rank of its ok answer; Infinity if it failed or never ended (it may land any time). */
+  endRank: number;
+  /** Rank from which it cannot be lost; Infinity if never. */
+  durableRank: number;
+  /** Rank of the crash that may have lost it; Infinity if none did (or it was durable first). */
+  lostRank: number;
+}
+
+const zeros: Write = { op: undefined, id: 0, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
+
+/** One volume's writes, indexed for the checks. */
+interface Volume {
+  writesById: Map<number, Write>;
+  /** lba → the writes that cover it. */
+  writesByLba: Map<number, Write[]>;
+}
+
+export function check(history: { ops: readonly Op[]; crashes: readonly Crash[] }): Violation[] {
+  const rank = ranker(history.ops, history.crashes);
+  const crashRanks = history.crashes.map((c) => rank(c.atMs, c.seq)).sort((a, b) => a - b);
+  const out: Violation[] = [];
+  for (const ops of groupBy(history.ops, (op) => op.volume ?? '').values()) {
+    const volume = indexWrites(ops, rank, crashRanks);
+    for (const op of ops) {
+      if (!answered(op)) continue;
+      checkReads(op, rank, volume, out);
+      if (op.kind === 'snapshot') checkCut(op, rank, volume, out);
+    }
+  }
+  return out;
+}
+
+/** Ops whose `seen` states what the blocks held at some instant of the op: ok reads, snapshots and caws (the compared blocks). */
+function answered(op: Op): op is Op & { seen: Seen[]; endMs: number; endSeq: number } {
+  return op.outcome === 'ok' && op.seen !== undefined && (op.kind === 'read' || op.kind === 'snapshot' || op.kind === 'caw');
+}
+
+/** Maps (ms, seq) of any recorded event to its place in the run's order. */
+function ranker(ops: readonly Op[], crashes: readonly Crash[]): (ms: number, seq: number) => number {
+  const events: [number, number][] = crashes.map((c) => [c.atMs, c.seq]);
+  for (const op of ops) {
+    events.push([op.startMs, op.startSeq]);
+    if (op.endMs !== undefined && op.endSeq !== undefined) events.push([op.endMs, op.endSeq]);
+  }
+  events.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const bySeq = new Map<number, number>();
+  events.forEach(([, seq], i) => bySeq.set(seq, i));
+  return (ms, seq) => {
+    const r = bySeq.get(seq);
+    if (r === undefined || events[r][0] !== ms) throw new Error(`no event ${seq} at ${ms} ms in the history`);
+    return r;
+  };
+}
+
+function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Volume {
+  const durableAfter = flushes(ops, rank);
+  const volume: Volume = { writesById: new Map(), writesByLba: new Map() };
+  for (const op of ops) {
+    if (!writes(op)) continue;
+    const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
+    const endRank = ok ? rank(op.endMs!, op.endSeq!) : Infinity;
+    const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(endRank);
+    const crashRank = firstAfter(crashRanks, endRank);
+    const w: Write = { op, id: op.id, startRank: rank(op.startMs, op.startSeq), endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
+    volume.writesById.set(op.id, w);
+    for (let lba = op.lba; lba < op.lba + op.blocks; lba++) {
+      const list = volume.writesByLba.get(lba);
+      if (list) list.push(w);
+      else volume.writesByLba.set(lba, [w]);
+    }
+  }
+  return volume;
+}
+
+/** Whether the op may have put its blocks down: writes and caws that did not miscompare. */
+function writes(op: Op): boolean {
+  return (op.kind === 'write' || op.kind === 'caw') && op.outcome !== 'miscompare';
+}
+
+/** For a write answered at rank r: the rank from which it is durable by a flush (the earliest answer of an ok flush started after r), or Infinity. */
+function flushes(ops: readonly Op[], rank: (ms: number, seq: number) => number): (r: number) => number {
+  const ok = ops
+    .filter((op) => op.kind === 'flush' && op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined)
+    .map((op) => ({ start: rank(op.startMs, op.startSeq), end: rank(op.endMs!, op.endSeq!) }))
+    .sort((a, b) => a.start - b.start);
+  const starts = ok.map((f) => f.start);
+  const endMin = ok.map((f) => f.end);
+  for (let i = endMin.length - 2; i >= 0; i--) endMin[i] = Math.min(endMin[i], endMin[i + 1]);
+  return (r) => {
+    const i = indexAfter(starts, r);
+    return i < endMin.length ? endMin[i] : Infinity;
+  };
+}
+
+/** The first element of sorted `a` greater than `r`, or Infinity. */
+function firstAfter(a: number[], r: number): number {
+  const i = indexAfter(a, r);
+  return i < a.length ? a[i] : Infinity;
+}
+
+/** Index of the first element of sorted `a` greater than `r` (a.length if none). */
+function indexAfter(a: number[], r: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (a[mid] <= r) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * Whether `w2` hides `w` from a read that starts at rank `readRank`: w2 began after w was
+ * answered, was answered itself before the read began, and cannot have been lost by then (no
+ * crash in between, or it was durable before the first one).
+ */
+function supersedes(w2: Write, w: Write, readRank: number): boolean {
+  return w2.startRank > w.endRank && w2.endRank < readRank && readRank < w2.lostRank;
+}
+
+function checkReads(op: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
+  const readStart = rank(op.startMs, op.startSeq);
+  const readEnd = rank(op.endMs, op.endSeq);
+  op.seen.forEach((seen, i) => {
+    const lba = op.lba + i;
+    if (seen === 'garbage') {
+      out.push({ invariant: 'garbage', opId: op.id, lba, message: `${describe(op)} saw at lba ${lba} a block that is neither zeros nor one write's pattern for this lba (torn, misplaced or corrupt)` });
+      return;
+    }
+    const writer = seen === 0 ? zeros : volume.writesById.get(seen);
+    const phantom = whyPhantom(writer, seen, lba, readEnd);
+    if (phantom) {
+      out.push({ invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` });
+      return;
+    }
+    const hiding = (volume.writesByLba.get(lba) ?? []).filter((w2) => supersedes(w2, writer!, readStart));
+    if (hiding.length === 0) return;
+    const durable = hiding.find((w2) => w2.durableRank < readStart);
+    const by = durable ?? hiding[hiding.length - 1];
+    out.push({
+      invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
+      opId: op.id,
+      lba,
+      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not yet durable, no crash since)'}`,
+    });
+  });
+}
+
+/** Why a read ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
+function whyPhantom(writer: Write | undefined, seen: number, lba: number, readEnd: number): string | undefined {
+  if (writer === undefined) return `no write or ok caw #${seen} exists`;
+  if (writer.op === undefined) return undefined;
+  if (lba < writer.op.lba || lba >= writer.op.lba + writer.op.blocks) return `${describe(writer.op)} did not write that lba`;
+  if (writer.startRank > readEnd) return `${describe(writer.op)} began after the read was answered`;
+  return undefined;
+}
+
+/**
+ * A snapshot must be a consistent cut: if it holds write B, and write A was answered before B
+ * began, then on every block A wrote it holds A or a write not answered before A began. A write
+ * a crash may have lost before the snapshot ended is not required.
+ */
+function checkCut(snap: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
+  const snapEnd = rank(snap.endMs, snap.endSeq);
+  const held = (lba: number): Write | undefined => {
+    const seen = snap.seen[lba - snap.lba];
+    if (seen === undefined || seen === 'garbage') return undefined;
+    const w = seen === 0 ? zeros : volume.writesById.get(seen);
+    return w && whyPhantom(w, seen, lba, snapEnd) === undefined ? w : undefined;
+  };
+  let latest: { w: Write; lba: number } | undefined;
+  snap.seen.forEach((_, i) => {
+    const w = held(snap.lba + i);
+    if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, lba: snap.lba + i };
+  });
+  if (!latest) return;
+  for (const a of volume.writesById.values()) {
+    if (!(a.endRank < latest.w.startRank && snapEnd < a.lostRank)) continue;
+    for (let lba = Math.max(a.op!.lba, snap.lba); lba < Math.min(a.op!.lba + a.op!.blocks, snap.lba + snap.blocks); lba++) {
+      const h = held(lba);
+      if (h === undefined || h === a || h.endRank >= a.startRank) continue;
+      out.push({
+        invariant: 'snapshot-cut',
+        opId: snap.id,
+        lba,
+        message: `${describe(snap)} holds ${describe(latest.w.op!)} at lba ${latest.lba}, which began after ${describe(a.op!)} was answered, but at lba ${lba} it holds ${h.op ? describe(h.op) : 'zeros'}, answered before ${describe(a.op!)} began`,
+      });
+      break;
+    }
+  }
+}
+
+function describe(op: Op): string {
+  const name = op.kind === 'snapshot' ? `snapshot ${op.snapshot ?? ''} #${op.id}` : `${op.kind} #${op.id}`;
+  const who = op.host >= 0 ? `host ${op.host} via ${op.peer}` : `via ${op.peer}`;
+  const flags = [op.fua ? 'fua' : '', op.outcome && op.outcome !== 'ok' ? op.outcome : ''].filter((s) => s).join(', ');
+  return `${name} (${who}, ${op.startMs}–${op.endMs ?? 'never'} ms${flags ? `, ${flags}` : ''})`;
+}
+
+function groupBy<T, K>(items: readonly T[], key: (item: T) => K): Map<K, T[]> {
+  const m = new Map<K, T[]>();
+  for (const item of items) {
+    const list = m.get(key(item));
+    if (list) list.push(item);
+    else m.set(key(item), [item]);
+  }
+  return m;
+}
