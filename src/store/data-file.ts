@@ -6,8 +6,9 @@
 
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
+import type { MediaFile } from './media';
 
-export class DataFile {
+export class DataFile implements MediaFile {
   private constructor(private readonly fd: number) {}
 
   static open(path: string): Promise<DataFile> {

@@ -39,6 +39,7 @@
 
 import { AlreadyExistsError, InvalidArgumentError, NotFoundError } from '../errors';
 import { snapshotIdBytesMax, snapshotsPerVolumeMax } from '../limits';
+import type { KvOp, MediaKv } from './media';
 
 /** In an exception map: no exception for this grain (read through the layer above). */
 export const noException = -2;
@@ -50,7 +51,7 @@ export interface SnapshotRecord {
   createdMs: number;
 }
 
-export type LayerOp = { type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string };
+export type LayerOp = KvOp;
 
 const hex = (n: number, width: number): string => n.toString(16).padStart(width, '0');
 
@@ -67,10 +68,8 @@ export function checkSnapshotId(id: string): void {
   }
 }
 
-export interface LayerIterator {
-  iterator(opts: { gte: string; lt: string }): AsyncIterable<[string, Buffer]>;
-  get(key: string): Promise<Buffer | undefined>;
-}
+/** What loading reads of the store's KV. */
+export type LayerIterator = Pick<MediaKv, 'iterator' | 'get'>;
 
 export class VolumeLayers {
   private readonly volumeId: string;

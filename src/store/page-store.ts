@@ -21,49 +21,47 @@
 // - Unmap, compare-and-write, snapshot, delete, restore and page import/export take the volume
 //   exclusively; reads and writes share it.
 
-import { promises as fsp } from 'node:fs';
-import { join } from 'node:path';
-import { ClassicLevel } from 'classic-level';
 import type { Logger } from 'pino';
 import { ClosedError, InvalidArgumentError } from '../errors';
 import { grainBytes, pageBlocks, storeReserveAheadSlots } from '../limits';
-import { DataFile } from './data-file';
 import { noException, VolumeLayers, layerPrefix, type LayerOp } from './layers';
+import { diskMedia, type MediaFile, type MediaKv, type StoreMedia } from './media';
 import { ReadOnlyBackend } from './decorator';
 import { SharedLock } from './shared-lock';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from './types';
 
-type Db = ClassicLevel<string, Buffer>;
-
 const cleanKey = 'clean';
 
 export class PageStore {
-  private readonly dir: string;
-  private readonly db: Db;
+  private readonly media: StoreMedia;
+  private readonly db: MediaKv;
   private readonly log: Logger | undefined;
   private readonly volumes = new Map<string, StoreVolume>();
   private closed = false;
   /** False when the last run did not shut down cleanly. */
   readonly wasClean: boolean;
 
-  private constructor(dir: string, db: Db, wasClean: boolean, log?: Logger) {
-    this.dir = dir;
+  private constructor(media: StoreMedia, db: MediaKv, wasClean: boolean, log?: Logger) {
+    this.media = media;
     this.db = db;
     this.wasClean = wasClean;
     this.log = log;
   }
 
-  static async open(dir: string, opts: { log?: Logger } = {}): Promise<PageStore> {
-    await fsp.mkdir(dir, { recursive: true });
-    const db: Db = new ClassicLevel<string, Buffer>(join(dir, 'meta'), { valueEncoding: 'buffer' });
-    await db.open();
+  /** The store in directory `dir` (made when absent). */
+  static open(dir: string, opts: { log?: Logger } = {}): Promise<PageStore> {
+    return PageStore.openOn(diskMedia(dir), { log: opts.log?.child({ dir }) });
+  }
+
+  static async openOn(media: StoreMedia, opts: { log?: Logger } = {}): Promise<PageStore> {
+    const db = await media.openKv();
     // A store that holds no key at all never ran before (or never wrote anything): nothing can
     // have been lost, so its first start is a clean one. Looked at BEFORE the clean mark is cleared.
-    const firstStart = (await db.keys({ limit: 1 }).all()).length === 0;
+    const firstStart = await db.isEmpty();
     const wasClean = firstStart || (await db.get(cleanKey)) !== undefined;
     await db.del(cleanKey, { sync: true });
-    if (!wasClean) opts.log?.warn({ dir }, 'store was not shut down cleanly; synced writes are intact, unsynced ones may be lost');
-    return new PageStore(dir, db, wasClean, opts.log);
+    if (!wasClean) opts.log?.warn('store was not shut down cleanly; synced writes are intact, unsynced ones may be lost');
+    return new PageStore(media, db, wasClean, opts.log);
   }
 
   async openVolume(volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {
@@ -71,7 +69,7 @@ export class PageStore {
     if (!/^[0-9a-f]{16}$/.test(volumeId)) throw new InvalidArgumentError(`bad volume id ${volumeId}`);
     const open = this.volumes.get(volumeId);
     if (open) return open;
-    const volume = await StoreVolume.open(this.db, join(this.dir, `vol-${volumeId}.dat`), volumeId, geometry);
+    const volume = await StoreVolume.open(this.db, this.media, volumeId, geometry);
     this.volumes.set(volumeId, volume);
     return volume;
   }
@@ -85,13 +83,13 @@ export class PageStore {
     }
     await this.db.clear({ gte: `map/${volumeId}/`, lt: `map/${volumeId}0` });
     await this.db.clear({ gte: layerPrefix(volumeId), lt: `${layerPrefix(volumeId)}\xff` });
-    await fsp.rm(join(this.dir, `vol-${volumeId}.dat`), { force: true });
+    await this.media.removeFile(dataFileName(volumeId));
   }
 
   /** Ids of the volumes this store holds data files for (open or not). */
   async storedVolumeIds(): Promise<string[]> {
     this.assertOpen();
-    const names = await fsp.readdir(this.dir);
+    const names = await this.media.listFiles();
     return names.map((n) => /^vol-([0-9a-f]{16})\.dat$/.exec(n)?.[1]).filter((id): id is string => id !== undefined);
   }
 
@@ -134,6 +132,7 @@ export class PageStore {
   }
 }
 
+const dataFileName = (volumeId: string): string => `vol-${volumeId}.dat`;
 const pageKey = (volumeId: string, page: number): string => `map/${volumeId}/${page.toString(16).padStart(12, '0')}`;
 
 /** A grain whose new slot is being filled: waiters wait for `done`; persisting masks it with its previous state. */
@@ -191,8 +190,8 @@ export class StoreVolume implements BlockBackend {
   blockCount: number;
   readonly grainBlocks: number;
   private readonly grainsPerPage: number;
-  private readonly db: Db;
-  private readonly file: DataFile;
+  private readonly db: MediaKv;
+  private readonly file: MediaFile;
   /** Per page: [0, grainsPerPage) grain → slot (-1 unmapped); [grainsPerPage, 2·grainsPerPage) the epoch each was born in. */
   private readonly maps = new Map<number, Int32Array>();
   private readonly layers: VolumeLayers;
@@ -210,7 +209,7 @@ export class StoreVolume implements BlockBackend {
   private readonly lock = new SharedLock();
   private closed = false;
 
-  private constructor(db: Db, file: DataFile, volumeId: string, geometry: { blockBytes: number; blockCount: number }, slotHighWater: number) {
+  private constructor(db: MediaKv, file: MediaFile, volumeId: string, geometry: { blockBytes: number; blockCount: number }, slotHighWater: number) {
     this.db = db;
     this.file = file;
     this.volumeId = volumeId;
@@ -223,9 +222,9 @@ export class StoreVolume implements BlockBackend {
     this.layers = new VolumeLayers(volumeId, this.grainsPerPage);
   }
 
-  static async open(db: Db, path: string, volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {
+  static async open(db: MediaKv, media: StoreMedia, volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {
     if (geometry.blockBytes !== 512 && geometry.blockBytes !== 4096) throw new InvalidArgumentError(`bad block size ${geometry.blockBytes}`);
-    const file = await DataFile.open(path);
+    const file = await media.openFile(dataFileName(volumeId));
     const size = await file.size();
     const v = new StoreVolume(db, file, volumeId, geometry, Math.ceil(size / grainBytes));
     await v.loadMaps();
