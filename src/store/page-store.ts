@@ -590,8 +590,12 @@ export class StoreVolume implements BlockBackend {
       });
       // Partial grains are written with zeros: in place, or copied when a snapshot shares them.
       for (let i = 0; i < partial.length; i += 2) await this.writeLocked(partial[i], Buffer.alloc(partial[i + 1] * this.blockBytes), opts);
+      // FUA: everything written to the volume before is durable when the unmap answers, as for
+      // a FUA write (a page move marks a piece done on this; the simulator found a move that
+      // lost a piece whose last chunk was an unmap of nothing). Data file first, then the maps.
+      if (opts.fua) await this.file.datasync();
       // Durable before reuse: see the ordering rules at the top.
-      if (pages.size > 0) await this.persistPages(pages, true);
+      if (pages.size > 0 || opts.fua) await this.persistPages(pages, true);
       this.freeReleased(released);
     });
   }

@@ -67,6 +67,16 @@ export class SimPeer implements Endpoint {
     return this.env.timers;
   }
 
+  private readonly crashListeners = new Set<() => void>();
+
+  onCrash(fn: () => void): void {
+    this.crashListeners.add(fn);
+  }
+
+  offCrash(fn: () => void): void {
+    this.crashListeners.delete(fn);
+  }
+
   /** Start a new incarnation from what the disk and the catalog hold. Resolves when it serves (or never, if it crashes meanwhile). */
   async start(): Promise<void> {
     const g = this.group;
@@ -76,14 +86,16 @@ export class SimPeer implements Endpoint {
     this.env = new PeerEnv(g.world, this.clock, g.world.fork());
     const meta = (this.meta = g.catalog.client(this.id, this.env.timers));
     try {
-      const store = (this.store = await PageStore.openOn(this.media, { log: silent }));
+      const log = process.env.SIM_LOG ? pino({ timestamp: false, level: 'info', base: { peer: this.id } }, { write: (line: string) => g.trace(`${this.id} log ${line.trim()}`) }) : silent;
+      const store = (this.store = await PageStore.openOn(this.media, { log }));
+      g.trace(`${this.id} store open`);
       const core = await composePeer({
-        self: this.id, groupPeers: g.peerIds, pageBlocks: 8192, env: this.env, log: silent, store, meta, transport: g.network.transport(this.id),
+        self: this.id, groupPeers: g.peerIds, pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
         portal: { address: `sim:${this.id}`, groupTag: g.peerIds.indexOf(this.id) + 1 },
         migration: { rateBytesPerSec: 0, pieceBytes: 256 * 1024, duty: 1 },
         balancer: { ...balancerDefaults, intervalMs: 1_000, cooldownMs: 5_000, minMeanLoad: 1 },
         facts: async () => ({ sessions: 0, freeBytes: 1 << 30, totalBytes: 1 << 30, allocatedBytes: store.usage().allocatedBytes }),
-        event: () => undefined,
+        event: (kind, message) => g.trace(`${this.id} ${kind}: ${message}`),
         ...(g.protocols ? { protocols: g.protocols } : {}),
       });
       if (inc !== this.inc) return;
@@ -94,8 +106,9 @@ export class SimPeer implements Endpoint {
       if (inc !== this.inc) return;
       // The catalog was out of reach, most likely: a supervisor starts the process again.
       g.trace(`${this.id} failed to start: ${(err as Error).message}; retrying`);
-      this.kill();
-      this.down = true;
+      // The process exits; the simulator treats it as a crash (what was not durable may be lost).
+      g.noteCrash(this.id);
+      this.crash();
       g.world.after(200, () => void this.start());
     } finally {
       if (inc === this.inc) this.starting = false;
@@ -110,6 +123,9 @@ export class SimPeer implements Endpoint {
   }
 
   private kill(): void {
+    const listeners = [...this.crashListeners];
+    this.crashListeners.clear();
+    for (const fn of listeners) fn();
     this.inc++;
     this.env?.timers.kill();
     this.meta?.kill();
@@ -171,10 +187,14 @@ export class SimGroup {
 
   // ---- faults --------------------------------------------------------------------------------
 
+  /** Told of every crash of a peer (the history: writes not durable there may be gone). */
+  noteCrash: (id: string) => void = () => undefined;
+
   crash(id: string, downMs: number): void {
     const p = this.peers.get(id)!;
     if (p.down) return;
     this.counts.crashes++;
+    this.noteCrash(id);
     this.trace(`${id} CRASH (down ${downMs.toFixed(0)} ms)`);
     p.crash();
     this.world.after(downMs, () => {

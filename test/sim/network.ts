@@ -1,12 +1,13 @@
 // The simulated network between peers (and the transport each peer's protocols use over it).
 //
 // A call is a request message and a reply message. Each message takes a random delay (so
-// concurrent messages overtake each other: reordering), may be lost (the caller then hears
-// nothing and fails at its own deadline, exactly as a real RPC deadline; a lost REPLY means the
-// request did happen: the ambiguous case protocols must handle), and may be duplicated when the
-// real transport could deliver it twice. A partition between two peers loses everything between
-// them, both ways, while it lasts. A peer that is down refuses connections (the caller fails
-// after one network delay). A crashed peer's pending calls are never answered.
+// concurrent messages overtake each other: reordering). Peers talk over TCP, so a message is not
+// lost silently: a loss is a broken connection, which the caller learns one delay later (and, if
+// the REPLY was lost, the request did happen: the ambiguous case protocols must handle). A
+// partition between two peers is a black hole, both ways, while it lasts: calls fail only at
+// the caller's deadline. A peer that is down refuses connections (the caller fails after one
+// delay). A crashed peer's pending calls are never answered by it; their callers learn it from
+// the broken connection.
 //
 // What is duplicated: gRPC unary calls are at-most-once on the wire (no retries are configured)
 // and block requests ride one ordered stream, so the simulator duplicates only the calls the
@@ -39,6 +40,9 @@ export interface Endpoint {
   core(): PeerCore | undefined;
   incarnation(): number;
   timers(): PeerTimers;
+  /** Run `fn` if this incarnation crashes (until offCrash). */
+  onCrash(fn: () => void): void;
+  offCrash(fn: () => void): void;
 }
 
 export class SimNetwork {
@@ -77,8 +81,11 @@ export class SimNetwork {
     return 0.05 + this.random.float() * 0.6;
   }
 
-  /** Send one message; `deliver` runs at its arrival unless it is lost. Returns false if lost at once. */
-  private send(from: string, to: string, deliver: () => void): void {
+  /**
+   * Send one message; `deliver` runs at its arrival. A message into a partition vanishes; a
+   * dropped one breaks the connection: `broken` runs (at the sender's end) one delay later.
+   */
+  private send(from: string, to: string, deliver: () => void, broken: () => void): void {
     this.counts.messages++;
     const dir = `${from}>${to}`;
     const seq = (this.sent.get(dir) ?? 0) + 1;
@@ -86,6 +93,7 @@ export class SimNetwork {
     if (this.partitioned(from, to)) return;
     if (this.faults.dropRate > 0 && this.random.float() < this.faults.dropRate) {
       this.counts.drops++;
+      this.world.after(this.delay(), broken);
       return;
     }
     this.world.after(this.delay(), () => {
@@ -104,6 +112,7 @@ export class SimNetwork {
   call<T>(from: string, to: string, what: string, timeoutMs: number, handle: (core: PeerCore) => Promise<T>, idempotent = false): Promise<T> {
     const caller = this.endpoints.get(from)!;
     const callerInc = caller.incarnation();
+    if (process.env.SIM_NET) this.trace(`net ${from}->${to} ${what}`);
     return new Promise<T>((resolve, reject) => {
       let done = false;
       const finish = (fn: () => void): void => {
@@ -113,14 +122,18 @@ export class SimNetwork {
         fn();
       };
       const deadline = caller.timers().setTimeout(() => finish(() => reject(new PeerUnavailableError(to, `${what}: no answer within ${timeoutMs} ms`, true))), timeoutMs);
+      const broken = (): void => finish(() => reject(new PeerUnavailableError(to, `${what}: connection reset`, false, { transient: true })));
       const arrive = (answer: boolean): void => {
         const target = this.endpoints.get(to);
         const core = target?.core();
         if (!target || !core) {
           // Nobody listens: the connection is refused, the caller hears it one delay later.
-          if (answer) this.send(to, from, () => finish(() => reject(new PeerUnavailableError(to, `${what}: connection refused`, false))));
+          if (answer) this.world.after(this.delay(), () => finish(() => reject(new PeerUnavailableError(to, `${what}: connection refused`, false))));
           return;
         }
+        // The target dies before it answers: the caller sees the connection break.
+        const onCrash = (): void => void (answer && this.world.after(this.delay(), broken));
+        target.onCrash(onCrash);
         const inc = target.incarnation();
         let result: Promise<T>;
         try {
@@ -128,15 +141,16 @@ export class SimNetwork {
         } catch (err) {
           result = Promise.reject(err);
         }
-        result.then(
-          (value) => answer && target.incarnation() === inc && this.send(to, from, () => finish(() => resolve(value))),
-          (err: Error) => answer && target.incarnation() === inc && this.send(to, from, () => finish(() => reject(err))),
-        );
+        const reply = (outcome: () => void): void => {
+          target.offCrash(onCrash);
+          if (answer && target.incarnation() === inc) this.send(to, from, () => finish(outcome), broken);
+        };
+        result.then((value) => reply(() => resolve(value)), (err: Error) => reply(() => reject(err)));
       };
-      this.send(from, to, () => arrive(true));
+      this.send(from, to, () => arrive(true), broken);
       if (idempotent && this.faults.duplicateRate > 0 && this.random.float() < this.faults.duplicateRate) {
         this.counts.duplicates++;
-        this.send(from, to, () => arrive(false));
+        this.send(from, to, () => arrive(false), () => undefined);
       }
     });
   }
@@ -144,7 +158,11 @@ export class SimNetwork {
   /** The transport one peer's protocols use. */
   transport(self: string): PeerTransport {
     const blocks = (to: string): BlockSender => ({
-      send: (req) => this.call(self, to, 'blocks', peerRequestMsMax, async (core) => copyReply(await core.pages.handle(copyRequest(req)))),
+      send: (req) => this.call(self, to, process.env.SIM_NET ? `blocks op${req.op} ${req.lba}+${req.blocks}${req.staging ? ' staging' : ''}${req.fua ? ' fua' : ''}` : 'blocks', peerRequestMsMax, async (core) => {
+        const reply = copyReply(await core.pages.handle(copyRequest(req)));
+        if (process.env.SIM_NET) this.trace(`net ${self}->${to} blocks op${req.op} ${req.lba}+${req.blocks} answered ${reply.status}`);
+        return reply;
+      }),
     });
     const calls = (to: string): PeerCalls => {
       const c = <T>(what: string, ms: number, fn: (core: PeerCore) => Promise<T>, idempotent = false): Promise<T> => this.call(self, to, what, ms, fn, idempotent);

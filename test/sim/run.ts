@@ -7,6 +7,7 @@ import type { PeerProtocols } from '../../src/server/compose';
 import type { BlockBackend } from '../../src/store/types';
 import { check, type Violation } from './checker';
 import { SimGroup, type FaultCounts } from './group';
+import type { Endpoint } from './network';
 import { History, decodeBlocks, type Op } from './history';
 import { Workload, type HostOp } from './workload';
 import { SimWorld } from './world';
@@ -82,7 +83,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     if (!backend) return void world.after(5, () => runHost(host));
     const op = workload.next(host);
     inFlight++;
-    const rec = workload.perform(op, bounded(backend, world, hostCommandMsMax), history, peer);
+    trace(`host${host} ${describeOp(op)} via ${peer} …`);
+    const rec = workload.perform(op, bounded(backend, world, hostCommandMsMax, group.peers.get(peer)!), history, peer);
     void rec.then((r) => {
       inFlight--;
       trace(`host${host} ${describeOp(op)} via ${peer}: ${r.outcome}${r.kind === 'read' && r.seen ? ` ${summarise(r.seen)}` : ''} (#${r.id})`);
@@ -112,7 +114,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       const others = group.peerIds.filter((id) => id !== actor.id);
       const to = others[adminRnd.int(others.length)];
       if (!owner) return;
-      trace(`admin: move page ${page} to ${to}`);
+      trace(`admin: move page ${page} (on ${core.catalog.routes(core.catalog.require(volume)).route(page).owner}) to ${to}`);
       owner.migrator.start(volume, page, to).then(() => trace(`admin: move of page ${page} to ${to} started`), (err: Error) => trace(`admin: move of page ${page} refused: ${err.message}`));
     } else if (x < 0.5) {
       const m = core.migrator.list()[0];
@@ -179,11 +181,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   };
   world.after(10, fault);
   // A crash is in the history too: writes not yet durable on that peer may be gone.
-  const crash = group.crash.bind(group);
-  group.crash = (id: string, ms: number) => {
-    history.crash(id);
-    crash(id, ms);
-  };
+  group.noteCrash = (id) => history.crash(id);
 
   // ---- run ------------------------------------------------------------------------------------
   await world.run(world.now() + faultMs, stepsMax);
@@ -238,11 +236,17 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   };
 }
 
-/** A backend whose every call fails after `ms` of true time if it has not answered (the host's command timeout). */
-function bounded(b: BlockBackend, world: SimWorld, ms: number): BlockBackend {
+/**
+ * A host's path to a peer: a command fails when the peer's connection breaks (it crashed) or
+ * after `ms` of true time without an answer (the initiator's command timeout).
+ */
+function bounded(b: BlockBackend, world: SimWorld, ms: number, peer: Endpoint): BlockBackend {
   const race = <T>(p: Promise<T>): Promise<T> => new Promise<T>((resolve, reject) => {
-    const t = world.after(ms, () => reject(new Error(`no answer within ${ms} ms`)));
-    p.then((v) => (world.timers.clearTimeout(t), resolve(v)), (e) => (world.timers.clearTimeout(t), reject(e)));
+    const reset = (): void => reject(new Error('connection reset'));
+    const t = world.after(ms, () => (peer.offCrash(reset), reject(new Error(`no answer within ${ms} ms`))));
+    peer.onCrash(reset);
+    const done = (): void => (world.timers.clearTimeout(t), peer.offCrash(reset));
+    p.then((v) => (done(), resolve(v)), (e) => (done(), reject(e)));
   });
   return {
     blockBytes: b.blockBytes, blockCount: b.blockCount, grainBlocks: b.grainBlocks,
