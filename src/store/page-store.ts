@@ -10,7 +10,12 @@
 // Ordering rules:
 // - A write is acknowledged once its data and the map that points to it were handed to the
 //   OS (they survive kill -9). FUA and flush() fdatasync the data file BEFORE syncing the
-//   LevelDB log, so a durable map never points at data that is not durable.
+//   LevelDB log, so a durable map never points at data that is not durable. A FUA write in
+//   place syncs the log too when maps were put without sync since the last synced commit (its
+//   grain's map may be one of them).
+// - A power loss may keep an unsynced map and lose the unsynced data it points at, so a new
+//   slot whose loss would not read as the grain's previous contents (a reused slot, or one
+//   replacing a grain shared with a snapshot) is fdatasynced BEFORE its map is handed over.
 // - A map is never handed to LevelDB pointing at a slot still being filled (grains being
 //   allocated or copied are persisted as they were before; see persistPages).
 // - Copy-on-write never writes into a slot a snapshot references: the new data goes to a new
@@ -206,6 +211,9 @@ export class StoreVolume implements BlockBackend {
   private readonly allocating = new Map<number, Allocation>();
   private commitPending: Commit | undefined;
   private committing: Promise<void> = Promise.resolve();
+  /** Commits requested without sync so far, and how many of those the last synced commit covered. */
+  private unsyncedRequests = 0;
+  private unsyncedRequestsSynced = 0;
   private readonly lock = new SharedLock();
   private closed = false;
 
@@ -328,15 +336,28 @@ export class StoreVolume implements BlockBackend {
     }
     for (const page of pages) commit.pages.add(page);
     if (sync) commit.sync = true;
+    else this.unsyncedRequests++;
     return commit.done;
+  }
+
+  /**
+   * Whether a map handed (or about to be handed) to LevelDB without sync may not survive a
+   * power loss yet. Counted when requested: a write whose new slot was just filled requests its
+   * commit before any later write to that grain can finish its own I/O.
+   */
+  private mapsUnsynced(): boolean {
+    return this.unsyncedRequests > this.unsyncedRequestsSynced;
   }
 
   private async runCommit(c: Commit): Promise<void> {
     if (this.commitPending === c) this.commitPending = undefined;
+    // Requests made from here on join the next commit; a synced one covers every op before it.
+    const covers = this.unsyncedRequests;
     const ops: LayerOp[] = this.layers.takeDirtyOps();
     for (const page of c.pages) ops.push(this.pageOp(page));
     if (ops.length > 0) await this.db.batch(ops, { sync: c.sync });
     else if (c.sync) await this.db.put(`sync/${this.volumeId}`, Buffer.alloc(0), { sync: true });
+    if (c.sync) this.unsyncedRequestsSynced = Math.max(this.unsyncedRequestsSynced, covers);
   }
 
   private pageOp(page: number): LayerOp {
@@ -516,8 +537,10 @@ export class StoreVolume implements BlockBackend {
     else await Promise.all(writes);
     if (opts.fua) await this.file.datasync();
     // The data is in place (durable first when FUA); now the maps that point at it. A released
-    // slot may be reused only once the map without it is durable.
+    // slot may be reused only once the map without it is durable. A FUA write in place relies on
+    // maps that earlier writes may have put without sync: a synced commit makes them durable.
     if (newPages.size > 0) await this.persistPages(newPages, opts.fua === true || released.length > 0);
+    else if (opts.fua && this.mapsUnsynced()) await this.persistPages([], true);
     this.freeReleased(released);
   }
 
@@ -538,9 +561,18 @@ export class StoreVolume implements BlockBackend {
     }
     const { slot, reused } = this.takeSlot();
     this.setLive(grain, slot, this.layers.epoch);
-    const done = this.fillSlot(slot, reused, prevSlot, part, inGrain).then(() => {
-      this.allocating.delete(grain);
-    });
+    // The allocation masks the new slot in the maps handed to LevelDB (see persistPages) until it
+    // ends. A power loss may keep such an unsynced map and lose the unsynced fill: then the grain
+    // would show the slot's old bytes (another grain's data, or data unmapped for good) or, in a
+    // fresh slot, zeros instead of the grain it replaces (shared with a snapshot). So those fills
+    // are durable before the allocation ends. A fresh slot replacing zeros needs no sync: if its
+    // bytes are lost it reads as the zeros it replaced.
+    const durableFirst = reused || prevSlot >= 0;
+    const done = this.fillSlot(slot, reused, prevSlot, part, inGrain)
+      .then(() => (durableFirst ? this.file.datasync() : undefined))
+      .then(() => {
+        this.allocating.delete(grain);
+      });
     this.allocating.set(grain, { done, prevSlot, prevBorn });
     return done;
   }
