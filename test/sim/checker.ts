@@ -3,7 +3,8 @@
 //
 // Every block is a register. A write (or an ok COMPARE AND WRITE) takes effect at some
 // instant between its start and its answer; one that failed or never ended may take effect at
-// any later time ("in flight forever"). A crash of any peer may lose what was not durable: a
+// any later time ("in flight forever"). A crash of any peer after a write started may lose it
+// unless it was durable before the crash: a
 // write is durable from its answer when FUA, else from the answer of the first ok flush that
 // started after the write was answered. A read may return any write that started before the
 // read ended and that no write "supersedes" at the read (see `effectiveAt`); the initial
@@ -92,8 +93,11 @@ function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => numb
     const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
     const endRank = ok ? rank(op.endMs!, op.endSeq!) : Infinity;
     const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(endRank);
-    const crashRank = firstAfter(crashRanks, endRank);
-    const w: Write = { op, id: op.id, startRank: rank(op.startMs, op.startSeq), endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
+    // A crash while the write was in flight may lose it too: it may have landed on a peer that
+    // died before the answer reached the host (the simulator found this case, seed 72).
+    const startRank = rank(op.startMs, op.startSeq);
+    const crashRank = firstAfter(crashRanks, startRank);
+    const w: Write = { op, id: op.id, startRank, endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
     volume.writesById.set(op.id, w);
     for (let lba = op.lba; lba < op.lba + op.blocks; lba++) {
       const list = volume.writesByLba.get(lba);

@@ -118,6 +118,7 @@ export class SimNetwork {
       const finish = (fn: () => void): void => {
         if (done || caller.incarnation() !== callerInc) return;
         done = true;
+        if (process.env.SIM_NET) this.trace(`net ${from}->${to} ${what} settled`);
         caller.timers().clearTimeout(deadline);
         fn();
       };

@@ -20,6 +20,8 @@ export interface SimOptions {
   protocols?: Partial<PeerProtocols>;
   /** Keep the trace (always kept when a violation is found). */
   keepTrace?: boolean;
+  /** Debugging: look at the group once it has converged, before the checks. */
+  inspect?(group: SimGroup, drive: <T>(p: Promise<T>) => Promise<T | undefined>): Promise<void>;
 }
 
 export interface SimResult {
@@ -129,16 +131,16 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       const mode = x < 0.7 ? 'barrier' : 'timestamp';
       const name = `s${++snapshotSeq}`;
       const rec = history.begin({ host: -1, peer: actor.id, kind: 'snapshot', lba: 0, blocks: pages * pageBlocks, snapshot: name });
-      trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id})`);
+      trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id} begins)`);
       core.snapshots.create([volume], { name, mode }).then(
         () => {
           history.end(rec, 'ok');
           snapshotOps.push({ rec, name, peer: actor.id });
-          trace(`admin: snapshot ${name} taken`);
+          trace(`admin: snapshot ${name} taken (#${rec.id})`);
         },
         (err: Error) => {
           history.end(rec, 'error');
-          trace(`admin: snapshot ${name} failed: ${err.message}`);
+          trace(`admin: snapshot ${name} failed: ${err.message} (#${rec.id})`);
         },
       );
     } else {
@@ -203,10 +205,13 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   }
 
   // ---- check ----------------------------------------------------------------------------------
+  await o.inspect?.(group, (p) => drive(world, p, stepsMax));
   const ranges = touched(history.ops);
   if (violations.length === 0 && world.steps < stepsMax) {
     for (const p of group.up()) {
-      for (const r of ranges) await readBack(world, history, p.id, group.hostPath(p.id, volume)!, r, stepsMax);
+      const path = group.hostPath(p.id, volume);
+      if (!path) fail('volume-not-open', `${p.id} is up but has not opened volume ${volume}`);
+      else for (const r of ranges) await readBack(world, history, p.id, path, r, stepsMax);
     }
     for (const s of snapshotOps) {
       const reader = group.core(s.peer)?.snapshotTargets.reader(volume, s.name);
