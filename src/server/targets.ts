@@ -72,7 +72,11 @@ export interface VolumeTargetsOptions {
   movable?: typeof MovableVolume;
 }
 
+/** After a volume change could not be applied (catalog out of reach), try again after this long. */
+const applyRetryMs = 500;
+
 export class VolumeTargets implements TargetDirectory {
+  private closed = false;
   readonly portalGroupTag: number;
   readonly portalAddresses: readonly string[];
   private readonly entries = new Map<string, Entry>();
@@ -110,7 +114,14 @@ export class VolumeTargets implements TargetDirectory {
 
   /** Apply one catalog change; the returned promise resolves once the target reflects it. */
   apply(name: string, record: VolumeRecord | undefined): Promise<void> {
-    this.chain = this.chain.then(() => this.applyNow(name, record)).catch((err) => this.o.log.error({ err, volume: name }, 'applying a volume change failed'));
+    this.chain = this.chain.then(() => this.applyNow(name, record)).catch((err: Error) => {
+      // Opening a volume reads the catalog (reservations): a catalog out of reach for a moment
+      // must not leave the volume unserved on this peer until its next change (the simulator
+      // found a peer up for good without its volume). Try again with the record as it is then.
+      if (this.closed) return;
+      this.o.log.warn({ volume: name, reason: err.message }, 'applying a volume change failed; retrying');
+      this.o.env.timers.setTimeout(() => void this.apply(name, this.o.catalog.volume(name)), applyRetryMs).unref();
+    });
     return this.chain;
   }
 
@@ -244,6 +255,7 @@ export class VolumeTargets implements TargetDirectory {
   }
 
   close(): void {
+    this.closed = true;
     this.unwatch?.();
   }
 }
