@@ -327,26 +327,49 @@ export class Migrator {
     await this.step(cp.volumeId, () => this.commit(r));
   }
 
-  /** Copy one piece in chunks, forward (S → D) or back (D → S), retrying while D is unreachable. */
+  /**
+   * Copy one piece in chunks, forward (S → D) or back (D → S), until all of it went through
+   * without a failure. A chunk that fails starts the piece again from its first chunk: the
+   * other side may have restarted meanwhile and lost the chunks before it, which were not yet
+   * durable there (only the piece's last chunk is sent FUA). The simulator found a move that
+   * retried just the failed chunk and committed a page missing an earlier one (seed 104).
+   */
   private async copyPiece(r: Running, piece: number, back: boolean): Promise<void> {
+    while (!(await this.copyPieceOnce(r, piece, back))) {
+      if (this.closed) throw new PeersanError('peer stopping; the move resumes at its next start');
+      await sleep(this.o.env.timers, retryMs);
+    }
+  }
+
+  /** One pass over the piece's chunks; false when a chunk failed (the piece must be copied again). */
+  private async copyPieceOnce(r: Running, piece: number, back: boolean): Promise<boolean> {
     const { move, movable } = r;
     const bs = movable.blockBytes;
     const first = move.pageLba + piece * move.pieceBlocks;
     const end = Math.min(first + move.pieceBlocks, movable.blockCount);
     const chunkBlocks = Math.max(1, Math.floor(chunkBytes / bs));
     for (let lba = first; lba < end; lba += chunkBlocks) {
-      if (r.cancelRequested && !back) return;
+      if (r.cancelRequested && !back) return true;
       const blocks = Math.min(chunkBlocks, end - lba);
       const last = lba + blocks >= end;
       await this.rate.take(blocks * bs);
       const t0 = this.o.env.clock.monotonicMs();
-      await this.retrying(r, () => this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last)))));
+      try {
+        await this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last))));
+        r.lastError = '';
+      } catch (err) {
+        if (err instanceof ConflictError || err instanceof NotFoundError) throw err;
+        if (r.lastError !== (err as Error).message) this.o.log.warn({ page: r.cp.page, to: r.cp.to, piece, reason: (err as Error).message }, 'page move step failed; copying the piece again');
+        r.lastError = (err as Error).message;
+        return false;
+      }
       // The last chunk of a piece waits for a sync on D: slow by design, not a sign of load.
       if (!last) await this.yieldToHosts(r, this.o.env.clock.monotonicMs() - t0);
       r.bytesCopied += blocks * bs;
       this.counters.bytesCopied += blocks * bs;
       if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
     }
+    return true;
   }
 
   /** Pause after a chunk that took `ms` if it waited behind host I/O (rate.ts: ChunkPacer). */
