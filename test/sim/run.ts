@@ -194,7 +194,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   adminOn = false;
   const calmAt = world.now();
   const settled = (): boolean =>
-    inFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0) && routesAgree(group, volume) === undefined;
+    inFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
+    routesAgree(group, volume) === undefined;
   await world.run(calmAt + convergeMsMax, stepsMax, settled);
   if (world.steps < stepsMax) {
     if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
