@@ -191,3 +191,27 @@ for (const who of ['source', 'destination'] as const) {
     t.equal(g.peer('p1').core.targets.allocatedBytes('vol'), 0, 'the source freed the page');
   });
 }
+
+t.test('while a snapshot holds the volume no move step runs; the move goes on when it lets go', async (t) => {
+  const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
+  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  const src = g.peer('p1');
+  const info = await src.movePage('vol', 0, 'p3');
+  for (let i = 0; i < 200 && (src.migration.list()[0]?.done ?? 0) < 2; i++) await new Promise((r) => setTimeout(r, 50));
+  // A barrier PREPARE on the source: its gate closes, the volume is held, and it answers once
+  // the move's running step has ended (the migrator's idle()).
+  await src.core.snapshots.prepare({ snapshotId: 'held', volumeIds: [info.volumeId] });
+  t.ok(src.core.snapshots.hold(info.volumeId), 'the volume is held');
+  const at = src.migration.list()[0];
+  await new Promise((r) => setTimeout(r, 600));
+  const later = src.migration.list()[0];
+  t.same([later.done, later.bytesCopied], [at.done, at.bytesCopied], `no piece or chunk copied in 600 ms of hold (${at.done} pieces, ${at.bytesCopied} bytes)`);
+  await src.migration.idle(info.volumeId);
+  t.pass('idle() resolves while held: no step is running');
+  await src.core.snapshots.release('held');
+  t.equal(src.core.snapshots.hold(info.volumeId), undefined, 'let go');
+  // Woken by the release, not by a poll: the move commits within its remaining copy time.
+  const committed = await Promise.race([src.migration.wait(info.volumeId, 0).then(() => 'committed'), new Promise((r) => setTimeout(() => r('still held'), 10_000))]);
+  t.equal(committed, 'committed', 'the move went on and committed');
+  t.equal(await ownerOf(g.peer('p2'), 'vol', 0), 'p3');
+});

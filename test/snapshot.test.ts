@@ -8,9 +8,11 @@
 // onto pages owned by different peers, with random delays in forwarding. A consistent cut
 // holds, for each chain, a prefix: if it contains write n, it contains every earlier write of
 // the chain (each slot holds its newest write numbered <= the largest found). And every write
-// acknowledged before the snapshot command began must be in it. The same checker run against
-// a test-only uncoordinated mode (peers freeze one after another, nothing held) must find
-// violations, which shows it can.
+// acknowledged before the snapshot command began must be in it. The slow network comes from
+// the group's NetworkFaults. The same checker run against the negative controls of
+// test/sim/controls/snapshots.ts (NoBarrierSnapshots: peers freeze one after another, nothing
+// held; NoFinishSnapshots: timestamp layers without FINISH) must find violations, which shows
+// it can.
 
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
@@ -19,6 +21,7 @@ import { join } from 'node:path';
 import type { BlockBackend } from '../src/store/types';
 import { startGroup } from './helpers/group';
 import { hasTool, qemuImg, qemuIo } from './helpers/processes';
+import { NoBarrierSnapshots, NoFinishSnapshots } from './sim/controls/snapshots';
 
 const pageBlocks = 8192;
 const slotBlocks = 8; // 4 KiB
@@ -164,11 +167,10 @@ async function readerOf(g: Group, peer: string, volume: string, name: string) {
   throw new Error(`snapshot ${name} not visible on ${peer}`);
 }
 
-t.test('barrier snapshots are consistent cuts (one volume, and a group of two); an uncoordinated freeze is caught by the same checker', async (t) => {
-  const g = await startGroup(t, 3);
+t.test('barrier snapshots are consistent cuts (one volume, and a group of two); a freeze without the barrier is caught by the same checker', async (t) => {
+  const g = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 0 } });
   // A fresh volume for each run: the checker assumes slots start empty.
-  for (const name of ['vol', 'vol2', 'vol3', 'vol4']) await g.peer('p1').createVolume({ name, size: '48M' });
-  for (const id of ['p1', 'p2', 'p3']) g.peer(id).forwardDelayMsForTests = 4;
+  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').createVolume({ name, size: '48M' });
 
   const one = await checkerRun(t, g, ['vol'], 50);
   t.same(one.violations, [], 'no inconsistent cut in 50 barrier snapshots of one volume');
@@ -178,17 +180,19 @@ t.test('barrier snapshots are consistent cuts (one volume, and a group of two); 
   const group = await checkerRun(t, g, ['vol2', 'vol3'], 50);
   t.same(group.violations, [], 'no inconsistent cut in 50 barrier snapshots of a group of two volumes (chains cross both)');
 
-  for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.uncoordinated = true;
-  const loose = await checkerRun(t, g, ['vol4'], 50);
+  // The same network, peers whose coordinator skips the barrier.
+  const nb = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 0 }, protocols: { snapshots: NoBarrierSnapshots } });
+  await nb.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  const loose = await checkerRun(t, nb, ['vol'], 50);
   const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
   t.ok(bad > 0, `the checker finds inconsistent cuts without the barrier (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
 });
 
 t.test('timestamp snapshots are consistent cuts (one volume, and a group of two) and hold no host I/O', async (t) => {
-  const g = await startGroup(t, 3);
-  for (const name of ['vol', 'vol2', 'vol3', 'vol4']) await g.peer('p1').createVolume({ name, size: '48M' });
   // Forwarded writes arrive late at their owners: after the freeze, with stamps before the cut.
-  for (const id of ['p1', 'p2', 'p3']) g.peer(id).forwardDelayMsForTests = 4;
+  const network = { forwardDelayMs: 4, prepareJitterMs: 0 };
+  const g = await startGroup(t, 3, { network });
+  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').createVolume({ name, size: '48M' });
   const heldBefore = await heldSeconds(g);
 
   const one = await checkerRun(t, g, ['vol'], 50, 'timestamp');
@@ -196,17 +200,18 @@ t.test('timestamp snapshots are consistent cuts (one volume, and a group of two)
   t.same([...new Set(one.held)], [0], 'no snapshot held host I/O');
   const sorted = [...one.tookMs].sort((a, b) => a - b);
   t.comment(`timestamp snapshot creation: median ${sorted[25]} ms, max ${sorted[49]} ms`);
-  // Peers now freeze up to 20 ms apart: the cut must not depend on when each froze.
-  for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.freezeJitterMsForTests = 20;
+  // PREPARE now reaches the peers up to 20 ms apart, so they freeze at different times: the cut must not depend on when each froze.
+  network.prepareJitterMs = 20;
   const group = await checkerRun(t, g, ['vol2', 'vol3'], 50, 'timestamp');
   t.same(group.violations, [], 'no inconsistent cut in 50 timestamp snapshots of a group of two volumes (chains cross both), peers freezing up to 20 ms apart');
   t.equal(await heldSeconds(g), heldBefore, 'the gates never closed (held seconds unchanged in /metrics)');
-  const late = ['p1', 'p2', 'p3'].reduce((n, id) => n + g.peer(id).snapshotsForTests.lateChangesApplied, 0);
+  const late = ['p1', 'p2', 'p3'].reduce((n, id) => n + g.peer(id).core.snapshots.lateChangesApplied, 0);
   t.ok(late > 0, `writes stamped before the cut that reached their owner after it froze went into the snapshots (${late})`);
 
   // Without FINISH each snapshot is each peer's own freeze, up to 20 ms apart: the checker must see it.
-  for (const id of ['p1', 'p2', 'p3']) g.peer(id).snapshotsForTests.skipFinishForTests = true;
-  const loose = await checkerRun(t, g, ['vol4'], 50, 'timestamp');
+  const nf = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 20 }, protocols: { snapshots: NoFinishSnapshots } });
+  await nf.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  const loose = await checkerRun(t, nf, ['vol'], 50, 'timestamp');
   const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
   t.ok(bad > 0, `the checker finds inconsistent cuts when the late writes are left out (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
 });

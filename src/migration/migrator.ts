@@ -94,10 +94,11 @@ export interface MigratorOptions {
    * does not move the page straight back, whoever started the move.
    */
   committed?(move: { volumeId: string; page: number; from: string; to: string }): void;
-  /** True while a snapshot holds the volume here: moves neither copy nor commit meanwhile. */
-  holding?(volumeId: string): boolean;
-  /** Fault injection for tests: called at named points of a move. */
-  crashPoint?(point: string): void;
+  /**
+   * While a snapshot holds the volume here: a promise that resolves when it lets go (moves
+   * neither copy nor commit meanwhile); undefined when nothing holds it.
+   */
+  hold?(volumeId: string): Promise<void> | undefined;
 }
 
 /** Bytes copied per exclusive hold of a piece: small, so host writes to the piece wait little. */
@@ -127,27 +128,27 @@ export class Migrator {
   /** Pages this peer is receiving: `volumeId/page` → source. */
   private readonly incoming = new Map<string, string>();
   private closed = false;
+  /** Resolves at close(): steps waiting for a snapshot's hold stop waiting. */
+  private readonly closing: Promise<void>;
+  private closeNow!: () => void;
   /** Running totals for /metrics. */
   readonly counters = { committed: 0, cancelled: 0, bytesCopied: 0 };
-  /** Move steps running per volume (see step()). */
-  private readonly stepping = new Map<string, number>();
-  /** Staging requests received (fault injection only). */
-  private stagingSeen = 0;
+  /** Move steps running per volume, and who waits for them to end (see step() and idle()). */
+  private readonly stepping = new Map<string, { steps: number; idle: (() => void)[] }>();
 
   constructor(opts: MigratorOptions) {
     this.o = opts;
     // The burst is one piece: after a pause the copier may take one piece at once, no more, so
     // copying is paced evenly instead of in bursts that stall host I/O for a moment.
     this.rate = new ByteRate(opts.settings.rateBytesPerSec, Math.max(chunkBytes, opts.settings.pieceBytes), opts.env);
+    this.closing = new Promise((r) => (this.closeNow = r));
   }
 
   // ---- destination side -----------------------------------------------------------------------
 
   /** Asked by the page service for every staging request (a move's copy or dual write) it gets. */
   receiving(volumeId: string, page: number): boolean {
-    if (!this.incoming.has(key(volumeId, page))) return false;
-    if (this.o.crashPoint && ++this.stagingSeen === 24) this.o.crashPoint('dest-mid-copy');
-    return true;
+    return this.incoming.has(key(volumeId, page));
   }
 
   async prepare(req: PrepareRequest): Promise<void> {
@@ -163,14 +164,12 @@ export class Migrator {
     }
     await this.o.store.putRecord(incomingKey(req.volumeId, req.page), Buffer.from(JSON.stringify({ from: req.from })), true);
     this.incoming.set(k, req.from);
-    this.o.crashPoint?.('dest-after-prepare');
   }
 
   async finish(req: FinishRequest): Promise<void> {
     const k = key(req.volumeId, req.page);
     const volume = this.o.catalog.volumeById(req.volumeId);
     if (req.committed) {
-      this.o.crashPoint?.('dest-on-commit');
       if (volume) this.o.catalog.routes(volume).learn(req.page, { owner: this.o.self, version: req.version });
     } else {
       const movable = this.o.movable(req.volumeId);
@@ -248,20 +247,27 @@ export class Migrator {
    * stand still; `idle` tells it when the steps already started have finished.
    */
   private async step<T>(volumeId: string, fn: () => Promise<T>): Promise<T> {
-    while (this.o.holding?.(volumeId) && !this.closed) await sleep(this.o.env.timers, 5);
-    this.stepping.set(volumeId, (this.stepping.get(volumeId) ?? 0) + 1);
+    // Another snapshot may hold the volume by the time the last one lets go: look again.
+    for (let held = this.o.hold?.(volumeId); held && !this.closed; held = this.o.hold?.(volumeId)) await Promise.race([held, this.closing]);
+    // No await between the look above and the count below: a snapshot that takes hold now
+    // finds this step counted, and its idle() waits for it.
+    const s = this.stepping.get(volumeId) ?? { steps: 0, idle: [] };
+    s.steps++;
+    this.stepping.set(volumeId, s);
     try {
       return await fn();
     } finally {
-      const n = (this.stepping.get(volumeId) ?? 1) - 1;
-      if (n > 0) this.stepping.set(volumeId, n);
-      else this.stepping.delete(volumeId);
+      if (--s.steps === 0) {
+        this.stepping.delete(volumeId);
+        for (const wake of s.idle) wake();
+      }
     }
   }
 
-  /** Resolves when no step of a move of the volume is running (new ones wait while `holding`). */
-  async idle(volumeId: string): Promise<void> {
-    while (this.stepping.has(volumeId)) await sleep(this.o.env.timers, 2);
+  /** Resolves when no step of a move of the volume is running (new ones wait while a snapshot holds it). */
+  idle(volumeId: string): Promise<void> {
+    const s = this.stepping.get(volumeId);
+    return s ? new Promise((r) => s.idle.push(r)) : Promise.resolve();
   }
 
   /** Moves running on this peer (the balancer's rate limit). */
@@ -303,7 +309,6 @@ export class Migrator {
   private async run(r: Running, fresh: boolean): Promise<void> {
     const { cp, move } = r;
     if (!fresh) await this.retrying(r, () => this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false }));
-    this.o.crashPoint?.('source-before-copy');
     while (!r.cancelRequested && move.cursor.done < cp.pieces) {
       const piece = move.cursor.done;
       await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
@@ -323,7 +328,6 @@ export class Migrator {
       }));
     }
     if (r.cancelRequested) return this.rollBack(r);
-    this.o.crashPoint?.('source-after-copy');
     await this.step(cp.volumeId, () => this.commit(r));
   }
 
@@ -367,7 +371,6 @@ export class Migrator {
       if (!last) await this.yieldToHosts(r, this.o.env.clock.monotonicMs() - t0);
       r.bytesCopied += blocks * bs;
       this.counters.bytesCopied += blocks * bs;
-      if (lba === first && piece === 1) this.o.crashPoint?.('source-mid-piece');
     }
     return true;
   }
@@ -412,7 +415,6 @@ export class Migrator {
         throw err;
       }
     });
-    this.o.crashPoint?.('source-after-commit');
     await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch((err: Error) => {
       this.o.log.warn({ to: cp.to, page: cp.page, reason: err.message }, 'destination did not confirm the commit (it reads the catalog when it returns)');
     });
@@ -545,6 +547,7 @@ export class Migrator {
   /** Stop copying; moves resume from their checkpoints at the next start. */
   close(): void {
     this.closed = true;
+    this.closeNow();
   }
 
   private requireVolume(volumeId: string): VolumeRecord {

@@ -122,7 +122,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     },
     event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
     committed: (move) => core.load.driver.noteCommitted(move),
-    holding: (volumeId) => core.snapshots.holding(volumeId),
+    hold: (volumeId) => core.snapshots.hold(volumeId),
   });
   const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
     self, env, groupPeers: w.groupPeers, catalog, log, clock,

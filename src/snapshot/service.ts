@@ -14,10 +14,11 @@
 // Any failure before 5 releases everything and deletes the records; peers drop any layer
 // they froze when the record goes (the catalog watch), or at their next start.
 //
-// While a volume's gate is closed on a peer, that peer's page moves of the volume do not
-// copy or commit (the migrator asks `holding`), so the routes and piece cursors cannot change
-// between PREPARE and RELEASE. A participant's gates reopen by themselves after holdMsMax
-// (a coordinator that died): such a peer refuses a late TAKE, so the snapshot aborts.
+// While a snapshot holds a volume on a peer (from PREPARE to RELEASE), that peer's page moves
+// of the volume do not copy or commit (the migrator waits on `hold`, which resolves when the
+// snapshot lets go), so the routes and piece cursors cannot change in between. A participant's
+// gates reopen by themselves after holdMsMax (a coordinator that died), and it lets go of the
+// volumes then too: such a peer refuses a late TAKE, so the snapshot aborts.
 //
 // Timestamp mode (`--mode timestamp`; hlc.ts, stamp-log.ts): host writes carry the hybrid-
 // clock stamp they got at the peer that received them. Nothing is held:
@@ -37,12 +38,12 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
-import { sleep, type Env, type TimerHandle, type Timers } from '../env/env';
+import type { Env, TimerHandle, Timers } from '../env/env';
 import { NotFoundError, PeersanError } from '../errors';
 import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
 import type { HybridClock } from './hlc';
-import type { StampLog } from './stamp-log';
+import type { StampedChange, StampLog } from './stamp-log';
 import {
   createSnapshotRecord, deleteSnapshotRecord, nextSnapshotSeq, updateSnapshotRecord, validateSnapshotName,
   type MovingAtCut, type SnapshotMode, type SnapshotRecord,
@@ -101,8 +102,6 @@ export interface SnapshotServiceOptions {
   rpc: SnapshotRpc;
   log: Logger;
   event?(message: string, volume: string): void;
-  /** Fault injection (tests): called at named points; may kill the process. */
-  crashPoint?(point: string): void;
 }
 
 /** How long a peer may take to drain its requests and answer PREPARE. */
@@ -133,22 +132,32 @@ export interface SnapshotView {
   targetName: string;
 }
 
+/** A barrier snapshot prepared on this peer: its volumes, and where its PREPARE spent its time. */
+interface Prepared {
+  volumeIds: string[];
+  flushMs: number;
+  drainMs: number;
+  /** Set once the volumes are held (after the pre-flush): the hold's own end, holdMsMax later. */
+  holdEnds?: TimerHandle;
+}
+
+/** A volume held by snapshots on this peer: how many, and the promise its page moves wait on. */
+interface Hold {
+  count: number;
+  released: Promise<void>;
+  letGo(): void;
+}
+
 export class SnapshotService {
-  private readonly o: SnapshotServiceOptions;
-  /** Snapshots this peer has prepared and not released: their volumes. */
-  private readonly prepared = new Map<string, { volumeIds: string[]; heldMs: number; flushMs: number; drainMs: number }>();
+  protected readonly o: SnapshotServiceOptions;
+  /** Snapshots this peer has prepared and not released. */
+  private readonly prepared = new Map<string, Prepared>();
   /** Timestamp snapshots this peer has prepared and not finished. */
   private readonly stamping = new Map<string, { layers: { volumeId: string; seq: number }[]; cut?: number; expire: TimerHandle }>();
-  /** Volumes whose page moves wait for a timestamp snapshot. */
-  private readonly paused = new Map<string, number>();
-  /** Test only: freeze without the barrier (to show the causal checker finds what it must). */
-  uncoordinated = false;
-  /** Timestamp mode: changes that reached this peer's store after its freeze, stamped before the cut, written into layers at FINISH (tests). */
+  /** Volumes held by snapshots (barrier: gates closed; timestamp: recording): their page moves wait. */
+  private readonly holds = new Map<string, Hold>();
+  /** Timestamp mode: changes that reached this peer's store after its freeze, stamped before the cut, written into layers at FINISH. */
   lateChangesApplied = 0;
-  /** Test only: FINISH writes nothing into the layers (to show the checker finds what it must). */
-  skipFinishForTests = false;
-  /** Test only: timestamp PREPARE waits up to this long before freezing (peers freeze at different times). */
-  freezeJitterMsForTests = 0;
 
   constructor(opts: SnapshotServiceOptions) {
     this.o = opts;
@@ -159,7 +168,7 @@ export class SnapshotService {
   async prepare(req: PrepareSnapshot): Promise<PrepareReply> {
     if (req.mode === 'timestamp') return this.prepareStamped(req);
     const closed: VolumeGate[] = [];
-    const entry = { volumeIds: req.volumeIds, heldMs: 0, flushMs: 0, drainMs: 0 };
+    const entry: Prepared = { volumeIds: req.volumeIds, flushMs: 0, drainMs: 0 };
     this.prepared.set(req.snapshotId, entry);
     const flushStarted = this.o.env.clock.monotonicMs();
     await this.preflush(req.volumeIds);
@@ -167,6 +176,10 @@ export class SnapshotService {
     // Aborted meanwhile (another peer failed PREPARE; RELEASE came): closing now would hold hosts for nothing.
     if (this.prepared.get(req.snapshotId) !== entry) throw new PeersanError(`snapshot ${req.snapshotId} was released while ${this.o.self} prepared it`);
     const started = this.o.env.clock.monotonicMs();
+    // Held from here: page moves of the volumes take no new step. The gates reopen by
+    // themselves after holdMsMax (the coordinator is gone); the hold ends then too.
+    for (const id of req.volumeIds) this.holdVolume(id);
+    entry.holdEnds = this.o.env.timers.setTimeout(() => void this.release(req.snapshotId), holdMsMax).unref();
     try {
       await Promise.all(
         req.volumeIds.map(async (id) => {
@@ -180,7 +193,7 @@ export class SnapshotService {
       );
     } catch (err) {
       for (const g of closed) g.release(req.snapshotId);
-      this.prepared.delete(req.snapshotId);
+      if (this.prepared.get(req.snapshotId) === entry) this.dropPrepared(req.snapshotId);
       throw err;
     }
     entry.drainMs = this.o.env.clock.monotonicMs() - started;
@@ -194,7 +207,7 @@ export class SnapshotService {
     // The coordinator gone: recordings do not outlive holdMsMax.
     const expire = this.o.env.timers.setTimeout(() => this.dropStamped(req.snapshotId), holdMsMax).unref();
     this.stamping.set(req.snapshotId, { layers, expire });
-    for (const { volumeId } of layers) this.paused.set(volumeId, (this.paused.get(volumeId) ?? 0) + 1);
+    for (const { volumeId } of layers) this.holdVolume(volumeId);
     try {
       await this.preflush(layers.map((l) => l.volumeId));
       const moving: MovingAtCut[] = [];
@@ -205,7 +218,6 @@ export class SnapshotService {
         // Page moves stop at their next step; wait for the current one.
         await this.o.idle(volumeId);
         log.begin(req.snapshotId);
-        if (this.freezeJitterMsForTests > 0) await sleep(this.o.env.timers, this.o.env.random.float() * this.freezeJitterMsForTests);
         moving.push(...this.o.moving(volumeId));
         await store.snapshot(String(seq), this.o.env.clock.nowMs());
         log.frozen(req.snapshotId);
@@ -240,10 +252,10 @@ export class SnapshotService {
         const log = this.o.stampLog(volumeId);
         const store = this.o.store(volumeId);
         if (!log || !store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
-        const before = this.skipFinishForTests ? (log.end(snapshotId, s.cut), []) : log.end(snapshotId, s.cut);
+        const before = log.end(snapshotId, s.cut);
         changes += before.length;
         this.lateChangesApplied += before.filter((c) => c.afterFreeze).length;
-        if (before.length > 0) await store.writeIntoSnapshot(String(seq), before);
+        await this.completeLayer(store, seq, before);
       }
     } finally {
       this.dropStamped(snapshotId);
@@ -259,10 +271,44 @@ export class SnapshotService {
     this.o.env.timers.clearTimeout(s.expire);
     for (const { volumeId } of s.layers) {
       this.o.stampLog(volumeId)?.drop(snapshotId);
-      const n = (this.paused.get(volumeId) ?? 1) - 1;
-      if (n > 0) this.paused.set(volumeId, n);
-      else this.paused.delete(volumeId);
+      this.letGo(volumeId);
     }
+  }
+
+  /**
+   * Timestamp mode, FINISH on one volume: the changes recorded since the freeze and stamped
+   * before the cut (in stamp order) go into the frozen layer `seq`. Without them the layer is
+   * this peer's own freeze, and peers froze at different times.
+   */
+  protected async completeLayer(store: StoreVolume, seq: number, changes: StampedChange[]): Promise<void> {
+    if (changes.length > 0) await store.writeIntoSnapshot(String(seq), changes);
+  }
+
+  /** A snapshot holds the volume (counted: several may, one per consistency group and mode). */
+  private holdVolume(volumeId: string): void {
+    const h = this.holds.get(volumeId);
+    if (h) return void h.count++;
+    let letGo!: () => void;
+    const released = new Promise<void>((r) => (letGo = r));
+    this.holds.set(volumeId, { count: 1, released, letGo });
+  }
+
+  /** One snapshot lets go of the volume; the last one wakes the page moves waiting on it. */
+  private letGo(volumeId: string): void {
+    const h = this.holds.get(volumeId);
+    if (!h || --h.count > 0) return;
+    this.holds.delete(volumeId);
+    h.letGo();
+  }
+
+  /** Barrier: forget a prepared snapshot; the volumes it held are let go (their gates are the caller's). */
+  private dropPrepared(snapshotId: string): { volumeIds: string[] } | undefined {
+    const p = this.prepared.get(snapshotId);
+    if (!p) return undefined;
+    this.prepared.delete(snapshotId);
+    this.o.env.timers.clearTimeout(p.holdEnds);
+    if (p.holdEnds !== undefined) for (const id of p.volumeIds) this.letGo(id);
+    return p;
   }
 
   /**
@@ -280,10 +326,6 @@ export class SnapshotService {
   }
 
   async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
-    // Test only: die after READY reached the coordinator (it sent TAKE) and before freezing
-    // (barrier) or sealing (timestamp). (Dying in prepare() once it resolved comes too early:
-    // the reply may not have left yet.)
-    this.o.crashPoint?.('snapshot-after-ready');
     if (req.cut !== undefined) return this.seal(req);
     const p = this.prepared.get(req.snapshotId);
     if (!p) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
@@ -310,17 +352,19 @@ export class SnapshotService {
       if (abort) return void this.dropStamped(snapshotId), 0;
       return this.finishStamped(snapshotId);
     }
-    const p = this.prepared.get(snapshotId);
+    const p = this.dropPrepared(snapshotId);
     if (!p) return 0;
-    this.prepared.delete(snapshotId);
     let held = 0;
     for (const id of p.volumeIds) held = Math.max(held, this.o.gate(id)?.release(snapshotId) ?? 0);
     return held;
   }
 
-  /** True while a snapshot holds the volume on this peer (page moves wait). */
-  holding(volumeId: string): boolean {
-    return this.o.gate(volumeId)?.isClosed === true || this.paused.has(volumeId);
+  /**
+   * While a snapshot holds the volume on this peer: a promise that resolves when the last one
+   * lets go (page moves take no step until then). Undefined when nothing holds it.
+   */
+  hold(volumeId: string): Promise<void> | undefined {
+    return this.holds.get(volumeId)?.released;
   }
 
   // ---- coordinator ----------------------------------------------------------------------------
@@ -363,7 +407,7 @@ export class SnapshotService {
   }
 
   /** PREPARE, TAKE and RELEASE on every peer; the longest hold, in ms. */
-  private async barrier(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
+  protected async barrier(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
     const peers = this.o.groupPeers;
     const volumeIds = volumes.map((v) => v.id);
     const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
@@ -371,17 +415,6 @@ export class SnapshotService {
       const held = await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, false).catch(() => 0)));
       return Math.max(0, ...held);
     };
-    if (this.uncoordinated) {
-      // Test only: each peer freezes on its own, one after another, with nothing held.
-      for (const p of peers) {
-        await this.o.rpc.prepare(p, { snapshotId, volumeIds: [] });
-        await this.o.rpc.take(p, { snapshotId, layers });
-        await this.o.rpc.release(p, snapshotId, false);
-        await sleep(this.o.env.timers, this.o.env.random.float() * 10);
-      }
-      this.captureRoutes(volumes, records, []);
-      return 0;
-    }
     try {
       await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
       this.captureRoutes(volumes, records, []);
@@ -414,7 +447,7 @@ export class SnapshotService {
   }
 
   /** Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are closed). */
-  private captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
+  protected captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
     volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
