@@ -158,6 +158,10 @@ export class Migrator {
     const intent = await this.o.catalog.moveIntent(req.volumeId, req.page);
     if (!intent || intent.to !== this.o.self || intent.from !== req.from) throw new ConflictError(`no recorded move of page ${req.page} of ${volume.name} from ${req.from} to ${this.o.self}`);
     const k = key(req.volumeId, req.page);
+    // This peer gave the page away and is still cleaning up after that move (its last step
+    // frees the local copy): taking the page back now would let that free erase what the new
+    // move copies here. The simulator found it (seed 273). Transient: the source tries again.
+    if (this.running.has(k)) throw new PeersanError(`page ${req.page} of ${volume.name} is still being released by its previous move from ${this.o.self}`);
     if (req.fresh || this.incoming.get(k) !== req.from) {
       this.incoming.delete(k);
       await this.clearPage(movable, volume, req.page);
