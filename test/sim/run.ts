@@ -222,8 +222,9 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       }
       const seen = new Array<number | 'garbage'>(pages * pageBlocks).fill(0);
       for (const r of ranges) {
-        const data = await drive(world, reader.read(r.lba, r.blocks), stepsMax);
-        if (!data) fail('snapshot-unreadable', `snapshot ${s.name}: blocks ${r.lba}+${r.blocks} did not read`);
+        let reason = '';
+        const data = await drive(world, reader.read(r.lba, r.blocks), stepsMax, (why) => (reason = why));
+        if (!data) fail('snapshot-unreadable', `snapshot ${s.name}: blocks ${r.lba}+${r.blocks} did not read through ${s.peer}: ${reason}`);
         else decodeBlocks(data, r.lba, blockBytes).forEach((v, i) => (seen[r.lba + i] = v));
       }
       s.rec.seen = seen;
@@ -265,11 +266,13 @@ function bounded(b: BlockBackend, world: SimWorld, ms: number, peer: Endpoint): 
   };
 }
 
-/** Run the world until `p` settles; undefined if it failed or the world ran out of steps/time. */
-async function drive<T>(world: SimWorld, p: Promise<T>, stepsMax: number): Promise<T | undefined> {
-  let out: { v?: T; done: boolean } = { done: false };
-  p.then((v) => (out = { v, done: true }), () => (out = { done: true }));
+/** Run the world until `p` settles; undefined if it failed (`why` says how) or the world ran out of steps/time. */
+async function drive<T>(world: SimWorld, p: Promise<T>, stepsMax: number, why?: (reason: string) => void): Promise<T | undefined> {
+  let out: { v?: T; done: boolean; err?: string } = { done: false };
+  p.then((v) => (out = { v, done: true }), (e: Error) => (out = { done: true, err: e.message }));
   await world.run(world.now() + hostCommandMsMax, stepsMax, () => out.done);
+  if (!out.done) why?.(`no answer within ${hostCommandMsMax} ms`);
+  else if (out.err !== undefined) why?.(out.err);
   return out.v;
 }
 
