@@ -167,6 +167,13 @@ t.test('crashes excuse writes that were not durable, and only those', async (t) 
   r = s.read({ lba: 5, at: [5, 6], seen: [w1] });
   s.crash(7);
   t.same(invariants(s.check()), [`stale-read@${r}/5`], 'a crash after the read excuses nothing');
+
+  s = new Script();
+  w1 = s.write({ lba: 5, at: [0, 1], fua: true });
+  s.write({ lba: 5, at: [2, 3] });
+  s.read({ lba: 5, at: [5, 6], seen: [w1] });
+  s.crash(5.5);
+  t.same(s.check(), [], 'a crash during the read does: the read may have been served after it');
 });
 
 t.test('failed and unanswered writes may land any time later; what no write put there is a phantom', async (t) => {
@@ -208,6 +215,27 @@ t.test('a caw that succeeded read what it compared; volumes are apart; same-ms e
   t.same(s.check(), [], 'against the answered write: fine');
 
   s = new Script();
+  const known = s.write({ lba: 5, blocks: 2, at: [0, 1] });
+  const bad = s.op('caw', { lba: 5, blocks: 2, at: [2, 3], outcome: 'miscompare', seen: [known, known] }).id;
+  s.op('caw', { lba: 5, blocks: 2, at: [2, 3], outcome: 'miscompare', seen: [known, 0] });
+  let vs = s.check();
+  t.same(invariants(vs), [`false-miscompare@${bad}/5`], 'a caw miscompared against the only value its blocks could hold');
+  t.match(vs[0].message, `compared against #${known}, #${known}, the only values`);
+  s.write({ lba: 6, at: [1.5, 2.5], outcome: 'error' });
+  t.same(s.check(), [], 'a failed write to one of its blocks may have landed: a miscompare is fine');
+  s = new Script();
+  let only = s.write({ lba: 5, at: [0, 1] });
+  s.write({ lba: 5, at: [2.5] });
+  s.op('caw', { lba: 5, at: [2, 3], outcome: 'miscompare', seen: [only] });
+  s.op('caw', { lba: 5, at: [2, 3], outcome: 'miscompare', seen: [0] });
+  t.same(s.check(), [], 'nor with a write begun during the caw, nor against an older value');
+  s = new Script();
+  only = s.write({ lba: 5, at: [0, 1] });
+  s.crash(2);
+  s.op('caw', { lba: 5, at: [3, 4], outcome: 'miscompare', seen: [only] });
+  t.same(s.check(), [], 'nor after a crash that may have lost the write');
+
+  s = new Script();
   s.write({ lba: 5, at: [0, 1], volume: 'a' });
   s.read({ lba: 5, at: [2, 3], seen: [0], volume: 'b' });
   t.same(s.check(), [], 'a write to volume a does not hide zeros of volume b');
@@ -226,6 +254,15 @@ t.test('a caw that succeeded read what it compared; volumes are apart; same-ms e
   h2.end(early, 'ok', [0], 5);
   t.same(check(h2), [], 'the read began before the write was answered, both in ms 0..5: zeros are fine');
   t.throws(() => h2.end(early, 'ok', [0], 7), /ended twice/);
+  const h3 = new History();
+  const durable = h3.begin({ host: 0, peer: 'p1', kind: 'write', lba: 5, blocks: 1, fua: true }, 0);
+  h3.end(durable, 'ok', undefined, 1);
+  const lost = h3.begin({ host: 0, peer: 'p1', kind: 'write', lba: 5, blocks: 1 }, 2);
+  h3.end(lost, 'ok', undefined, 5);
+  h3.crash('p2', 5);
+  const after = h3.begin({ host: 1, peer: 'p1', kind: 'read', lba: 5, blocks: 1 }, 6);
+  h3.end(after, 'ok', [durable.id], 7);
+  t.same(check(h3), [], 'a crash recorded after the answer in the same ms may have lost the write');
 });
 
 t.test('snapshots: each block a read over the command, and the whole a consistent cut', async (t) => {
@@ -265,7 +302,7 @@ t.test('snapshots: each block a read over the command, and the whole a consisten
 // the commands in flight (their answers are lost with the peer). Each command takes effect at
 // random instants of the ManualEnv (a write in two parts, as the router splits one at a page
 // boundary), so commands of different hosts interleave from the seed.
-type Bug = 'drops-writes' | 'reads-previous' | 'ignores-fua-and-flush' | 'misplaces-writes' | 'snapshot-not-atomic';
+type Bug = 'drops-writes' | 'reads-previous' | 'ignores-fua-and-flush' | 'misplaces-writes' | 'snapshot-not-atomic' | 'caw-miscompares';
 
 class SimDisk implements BlockBackend {
   readonly blockBytes = bs;
@@ -300,7 +337,7 @@ class SimDisk implements BlockBackend {
   async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts: { fua?: boolean } = {}): Promise<CompareAndWriteResult> {
     const r = await this.step((): CompareAndWriteResult => {
       const current = this.get(lba, compare.length / bs, true);
-      if (!current.equals(compare)) return { ok: false, miscompareOffsetBytes: 0 };
+      if (!current.equals(compare) || (this.bug === 'caw-miscompares' && this.env.random.int(5) === 0)) return { ok: false, miscompareOffsetBytes: 0 };
       this.put(lba, data, opts.fua === true);
       return { ok: true };
     });
@@ -391,10 +428,19 @@ async function simulate(seed: number, bug?: Bug): Promise<{ history: History; vi
       await recordSnapshot(history, { peer: 'm', name: `s${n}`, blocks: geometry.blockCount, blockBytes: bs }, async () => void (image = await disk.snapshot()), async () => image!);
     }
   })();
-  while (running > 0) await env.run(100);
-  await env.run(1000); // the admin's last step
+  while (running > 0 || env.timers.pending() > 0) await fireMillisecond(env);
   await Promise.all([...hosts, admin]);
   return { history, violations: check(history) };
+}
+
+/**
+ * Fire every timer due at the next due time, then let continuations run (one turn of the real
+ * event loop): as ManualEnv.run, but one turn per simulated millisecond rather than per timer.
+ */
+async function fireMillisecond(env: ManualEnv): Promise<void> {
+  if (!env.timers.fireNext(Infinity)) throw new Error('the simulation is stuck: no timer armed');
+  while (env.timers.fireNext(env.clock.monotonicMs()));
+  await new Promise((resolve) => setImmediate(resolve));
 }
 
 t.test('a correct disk under the workload: no violation over 300 seeds, with crashes, caws both ways and snapshots', async (t) => {
@@ -430,6 +476,7 @@ t.test('disks with a known bug are caught, each by the invariant it breaks', asy
     ['ignores-fua-and-flush', ['acknowledged-write-lost'], 10],
     ['misplaces-writes', ['garbage'], 10],
     ['snapshot-not-atomic', ['snapshot-cut'], 8],
+    ['caw-miscompares', ['false-miscompare'], 10],
   ];
   for (const [bug, names, seedsMin] of expect) {
     let caught = 0;

@@ -6,15 +6,17 @@
 // any later time ("in flight forever"). A crash of any peer may lose what was not durable: a
 // write is durable from its answer when FUA, else from the answer of the first ok flush that
 // started after the write was answered. A read may return any write that started before the
-// read ended and that no write "supersedes" at the read (see `effectiveAt`); the initial
-// zeros are a write answered and durable at -infinity.
+// read ended and that no write "supersedes" at the read (see `supersedes`); the initial
+// zeros are a write answered and durable at -infinity. A COMPARE AND WRITE reads what it
+// compared: when it succeeded, that must be a value a read could return; when it
+// miscompared, some block must have had another value it could return.
 //
 // Times: the checker orders events by (ms, the History's event counter) and works on the
 // ranks of that order, so events in the same simulated millisecond keep their real order.
 
 import type { Crash, Op, Seen } from './history';
 
-export type Invariant = 'acknowledged-write-lost' | 'stale-read' | 'phantom-read' | 'garbage' | 'snapshot-cut';
+export type Invariant = 'acknowledged-write-lost' | 'stale-read' | 'phantom-read' | 'garbage' | 'snapshot-cut' | 'false-miscompare';
 
 export interface Violation {
   invariant: Invariant;
@@ -54,17 +56,33 @@ export function check(history: { ops: readonly Op[]; crashes: readonly Crash[] }
   for (const ops of groupBy(history.ops, (op) => op.volume ?? '').values()) {
     const volume = indexWrites(ops, rank, crashRanks);
     for (const op of ops) {
-      if (!answered(op)) continue;
-      checkReads(op, rank, volume, out);
-      if (op.kind === 'snapshot') checkCut(op, rank, volume, out);
+      if (answered(op)) checkReads(op, spanOf(op, rank), volume, out);
+      if (answered(op) && op.kind === 'snapshot') checkCut(op, rank, volume, out);
+      if (miscompared(op)) checkMiscompare(op, spanOf(op, rank), volume, out);
     }
   }
   return out;
 }
 
+type Judged = Op & { seen: Seen[]; endMs: number; endSeq: number };
+
 /** Ops whose `seen` states what the blocks held at some instant of the op: ok reads, snapshots and caws (the compared blocks). */
-function answered(op: Op): op is Op & { seen: Seen[]; endMs: number; endSeq: number } {
-  return op.outcome === 'ok' && op.seen !== undefined && (op.kind === 'read' || op.kind === 'snapshot' || op.kind === 'caw');
+function answered(op: Op): op is Judged {
+  return op.outcome === 'ok' && op.seen !== undefined && op.endSeq !== undefined && (op.kind === 'read' || op.kind === 'snapshot' || op.kind === 'caw');
+}
+
+function miscompared(op: Op): op is Judged {
+  return op.kind === 'caw' && op.outcome === 'miscompare' && op.seen !== undefined && op.endSeq !== undefined;
+}
+
+/** The ranks between which a read took its value. */
+interface Span {
+  start: number;
+  end: number;
+}
+
+function spanOf(op: Judged, rank: (ms: number, seq: number) => number): Span {
+  return { start: rank(op.startMs, op.startSeq), end: rank(op.endMs, op.endSeq) };
 }
 
 /** Maps (ms, seq) of any recorded event to its place in the run's order. */
@@ -143,17 +161,16 @@ function indexAfter(a: number[], r: number): number {
 }
 
 /**
- * Whether `w2` hides `w` from a read that starts at rank `readRank`: w2 began after w was
- * answered, was answered itself before the read began, and cannot have been lost by then (no
- * crash in between, or it was durable before the first one).
+ * Whether `w2` stands for a read: answered before the read began, and it cannot have been
+ * lost before the read was served (no crash before the read's answer, or w2 was durable
+ * before the first one). A crash during the read excuses: the read may have been served
+ * (retried) after it. A write w2 that stands hides every write answered before w2 began.
  */
-function supersedes(w2: Write, w: Write, readRank: number): boolean {
-  return w2.startRank > w.endRank && w2.endRank < readRank && readRank < w2.lostRank;
+function stands(w2: Write, read: Span): boolean {
+  return w2.endRank < read.start && read.end < w2.lostRank;
 }
 
-function checkReads(op: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
-  const readStart = rank(op.startMs, op.startSeq);
-  const readEnd = rank(op.endMs, op.endSeq);
+function checkReads(op: Judged, read: Span, volume: Volume, out: Violation[]): void {
   op.seen.forEach((seen, i) => {
     const lba = op.lba + i;
     if (seen === 'garbage') {
@@ -161,22 +178,42 @@ function checkReads(op: Op & { seen: Seen[]; endMs: number; endSeq: number }, ra
       return;
     }
     const writer = seen === 0 ? zeros : volume.writesById.get(seen);
-    const phantom = whyPhantom(writer, seen, lba, readEnd);
+    const phantom = whyPhantom(writer, seen, lba, read.end);
     if (phantom) {
       out.push({ invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` });
       return;
     }
-    const hiding = (volume.writesByLba.get(lba) ?? []).filter((w2) => supersedes(w2, writer!, readStart));
-    if (hiding.length === 0) return;
-    const durable = hiding.find((w2) => w2.durableRank < readStart);
-    const by = durable ?? hiding[hiding.length - 1];
+    const newer = (volume.writesByLba.get(lba) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
+    if (newer.length === 0) return;
+    const durable = newer.find((w2) => w2.durableRank < read.start);
+    const by = durable ?? newer[newer.length - 1];
     out.push({
       invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
       opId: op.id,
       lba,
-      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not yet durable, no crash since)'}`,
+      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not yet durable, no crash before the read was answered)'}`,
     });
   });
+}
+
+/**
+ * A caw that miscompared must have found, on some block, a value other than the one it
+ * compared against: wrong if on every block the compared value was the only one a read could
+ * have returned (it is not hidden, and every other write to the block is hidden or began
+ * after the caw was answered).
+ */
+function checkMiscompare(op: Judged, read: Span, volume: Volume, out: Violation[]): void {
+  const only = op.seen.every((seen, i) => {
+    const lba = op.lba + i;
+    const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : volume.writesById.get(seen);
+    if (writer === undefined || whyPhantom(writer, seen as number, lba, read.end) !== undefined) return false;
+    const writes = volume.writesByLba.get(lba) ?? [];
+    const newest = Math.max(-Infinity, ...writes.filter((w2) => stands(w2, read)).map((w2) => w2.startRank));
+    const hidden = (w: Write) => w.endRank < newest;
+    return !hidden(writer) && [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
+  });
+  if (!only) return;
+  out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
 }
 
 /** Why a read ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
