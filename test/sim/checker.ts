@@ -199,8 +199,8 @@ function checkReads(op: Judged, read: Span, volume: Volume, out: Violation[]): v
 /**
  * A caw that miscompared must have found, on some block, a value other than the one it
  * compared against: wrong if on every block the compared value was the only one a read could
- * have returned (it is not hidden, and every other write to the block is hidden or began
- * after the caw was answered).
+ * have returned (every other write to the block, and the zeros, is hidden or began after
+ * the caw was answered).
  */
 function checkMiscompare(op: Judged, read: Span, volume: Volume, out: Violation[]): void {
   const only = op.seen.every((seen, i) => {
@@ -210,7 +210,8 @@ function checkMiscompare(op: Judged, read: Span, volume: Volume, out: Violation[
     const writes = volume.writesByLba.get(lba) ?? [];
     const newest = Math.max(-Infinity, ...writes.filter((w2) => stands(w2, read)).map((w2) => w2.startRank));
     const hidden = (w: Write) => w.endRank < newest;
-    return !hidden(writer) && [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
+    // (If the compared value is hidden, the newest write that stands is not: no need to ask.)
+    return [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
   });
   if (!only) return;
   out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
