@@ -180,8 +180,10 @@ t.test('failed and unanswered writes may land any time later; what no write put 
   const r3 = s.read({ lba: 5, at: [30, 31], seen: [miscompared] });
   const r4 = s.read({ lba: 5, at: [30, 31], seen: [999] });
   const r5 = s.read({ lba: 5, at: [30, 31], seen: [r1] });
+  const r6 = s.read({ lba: 5, at: [30, 31], seen: [w1], volume: 'other' });
   const vs = s.check();
-  t.same(invariants(vs), [`phantom-read@${r1}/5`, `phantom-read@${r2}/6`, `phantom-read@${r3}/5`, `phantom-read@${r4}/5`, `phantom-read@${r5}/5`], 'a write from the future, another lba, a miscompared caw, no op, a read');
+  t.same(invariants(vs), [r1, r2, r3, r4, r5, r6].map((r) => `phantom-read@${r}/${r === r2 ? 6 : 5}`), 'a write from the future, another lba, a miscompared caw, no op, a read, another volume');
+  t.match(vs[5].message, `wrote volume (none)`);
   t.match(vs[0].message, `began after the read was answered`);
   t.match(vs[1].message, `did not write that lba`);
 
@@ -271,7 +273,7 @@ t.test('snapshots: each block a read over the command, and the whole a consisten
   t.same(cut(false, false).vs, [], 'neither');
   const bad = cut(false, true);
   t.same(invariants(bad.vs), [`snapshot-cut@${bad.snap}/10`], 'B without A, though A was answered before B began');
-  t.match(bad.vs[0].message, /holds write #2 .* at lba 20, which began after write #1 .* was answered, but at lba 10 it holds zeros/);
+  t.match(bad.vs[0].message, /holds write #2 .* at lba 20, which began after write #1 .* was answered, but snapshot #3 .* holds at lba 10 zeros/);
   t.same(cut(false, true, 2.5).vs, [], 'unless a crash may have lost A (not durable) before the snapshot ended');
 
   const s = new Script();
@@ -284,6 +286,27 @@ t.test('snapshots: each block a read over the command, and the whole a consisten
   t.same(s.check(), [], 'a write that overlapped A may stand in for it');
   const late = s.op('snapshot', { at: [6, 7], seen: Array(32).fill(0) }).id;
   t.same(invariants(s.check()), [10, 11, 20].map((lba) => `stale-read@${late}/${lba}`), 'a snapshot begun after all were answered must hold them');
+
+  // A consistency group: A on volume a, then B on volume b; one snapshot op per volume.
+  const group = (heldA: boolean, group: string | undefined) => {
+    const s = new Script();
+    const a = s.write({ lba: 10, at: [1, 2], volume: 'a' });
+    const b = s.write({ lba: 20, at: [3, 4], volume: 'b' });
+    const seenA: Seen[] = Array(32).fill(0);
+    const seenB: Seen[] = Array(32).fill(0);
+    if (heldA) seenA[10] = a;
+    seenB[20] = b;
+    const sa = s.h.begin({ host: -1, peer: 'p1', kind: 'snapshot', lba: 0, blocks: 32, volume: 'a', group }, 0.5);
+    const sb = s.h.begin({ host: -1, peer: 'p1', kind: 'snapshot', lba: 0, blocks: 32, volume: 'b', group }, 0.5);
+    s.h.end(sa, 'ok', seenA, 5);
+    s.h.end(sb, 'ok', seenB, 5);
+    return { vs: s.check(), sa: sa.id };
+  };
+  t.same(group(true, 'g').vs, [], 'a group cut holding A on volume a and B on volume b');
+  const torn = group(false, 'g');
+  t.same(invariants(torn.vs), [`snapshot-cut@${torn.sa}/10`], 'a group cut holding B on b but not A on a');
+  t.match(torn.vs[0].message, /snapshot #\d+ of b .* holds write #2 \(b\) .* but snapshot #\d+ of a .* holds at lba 10 zeros/);
+  t.same(group(false, undefined).vs, [], 'two snapshots of their own are two cuts');
 });
 
 // The property. A disk with a volatile cache over a durable copy: writes land in the cache
@@ -414,7 +437,8 @@ async function simulate(seed: number, bug?: Bug): Promise<{ history: History; vi
         continue;
       }
       let image: Buffer | undefined;
-      await recordSnapshot(history, { peer: 'm', name: `s${n}`, blocks: geometry.blockCount, blockBytes: bs }, async () => void (image = await disk.snapshot()), async () => image!);
+      const volumes = [{ blocks: geometry.blockCount }];
+      await recordSnapshot(history, { peer: 'm', name: `s${n}`, blockBytes: bs, volumes }, async () => void (image = await disk.snapshot()), async () => image!);
     }
   })();
   while (running > 0 || env.timers.pending() > 0) await fireMillisecond(env);

@@ -42,25 +42,28 @@ interface Write {
 
 const zeros: Write = { op: undefined, id: 0, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
 
-/** One volume's writes, indexed for the checks. */
-interface Volume {
+/** The run's writes, indexed for the checks (ids are unique across volumes). */
+interface Index {
   writesById: Map<number, Write>;
-  /** lba → the writes that cover it. */
-  writesByLba: Map<number, Write[]>;
+  /** blockKey(volume, lba) → the writes that cover that block. */
+  writesByBlock: Map<string, Write[]>;
+}
+
+function blockKey(volume: string | undefined, lba: number): string {
+  return `${volume ?? ''}\0${lba}`;
 }
 
 export function check(history: { ops: readonly Op[]; crashes: readonly Crash[] }): Violation[] {
   const rank = ranker(history.ops, history.crashes);
   const crashRanks = history.crashes.map((c) => rank(c.atMs, c.seq)).sort((a, b) => a - b);
+  const index = indexWrites(history.ops, rank, crashRanks);
   const out: Violation[] = [];
-  for (const ops of groupBy(history.ops, (op) => op.volume ?? '').values()) {
-    const volume = indexWrites(ops, rank, crashRanks);
-    for (const op of ops) {
-      if (answered(op)) checkReads(op, spanOf(op, rank), volume, out);
-      if (answered(op) && op.kind === 'snapshot') checkCut(op, rank, volume, out);
-      if (miscompared(op)) checkMiscompare(op, spanOf(op, rank), volume, out);
-    }
+  for (const op of history.ops) {
+    if (answered(op)) checkReads(op, spanOf(op, rank), index, out);
+    if (miscompared(op)) checkMiscompare(op, spanOf(op, rank), index, out);
   }
+  const snapshots = history.ops.filter((op): op is Judged => answered(op) && op.kind === 'snapshot');
+  for (const cut of groupBy(snapshots, (op) => op.group ?? `#${op.id}`).values()) checkCut(cut, rank, index, out);
   return out;
 }
 
@@ -102,24 +105,24 @@ function ranker(ops: readonly Op[], crashes: readonly Crash[]): (ms: number, seq
   };
 }
 
-function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Volume {
+function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Index {
   const durableAfter = flushes(ops, rank);
-  const volume: Volume = { writesById: new Map(), writesByLba: new Map() };
+  const index: Index = { writesById: new Map(), writesByBlock: new Map() };
   for (const op of ops) {
     if (!writes(op)) continue;
     const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
     const endRank = ok ? rank(op.endMs!, op.endSeq!) : Infinity;
-    const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(endRank);
+    const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(op.volume, endRank);
     const crashRank = firstAfter(crashRanks, endRank);
     const w: Write = { op, id: op.id, startRank: rank(op.startMs, op.startSeq), endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
-    volume.writesById.set(op.id, w);
+    index.writesById.set(op.id, w);
     for (let lba = op.lba; lba < op.lba + op.blocks; lba++) {
-      const list = volume.writesByLba.get(lba);
+      const list = index.writesByBlock.get(blockKey(op.volume, lba));
       if (list) list.push(w);
-      else volume.writesByLba.set(lba, [w]);
+      else index.writesByBlock.set(blockKey(op.volume, lba), [w]);
     }
   }
-  return volume;
+  return index;
 }
 
 /** Whether the op may have put its blocks down: writes and caws that did not miscompare. */
@@ -127,18 +130,23 @@ function writes(op: Op): boolean {
   return (op.kind === 'write' || op.kind === 'caw') && op.outcome !== 'miscompare';
 }
 
-/** For a write answered at rank r: the rank from which it is durable by a flush (the earliest answer of an ok flush started after r), or Infinity. */
-function flushes(ops: readonly Op[], rank: (ms: number, seq: number) => number): (r: number) => number {
-  const ok = ops
-    .filter((op) => op.kind === 'flush' && op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined)
-    .map((op) => ({ start: rank(op.startMs, op.startSeq), end: rank(op.endMs!, op.endSeq!) }))
-    .sort((a, b) => a.start - b.start);
-  const starts = ok.map((f) => f.start);
-  const endMin = ok.map((f) => f.end);
-  for (let i = endMin.length - 2; i >= 0; i--) endMin[i] = Math.min(endMin[i], endMin[i + 1]);
-  return (r) => {
-    const i = indexAfter(starts, r);
-    return i < endMin.length ? endMin[i] : Infinity;
+/**
+ * For a write to `volume` answered at rank r: the rank from which it is durable by a flush
+ * (the earliest answer of an ok flush of that volume started after r), or Infinity.
+ */
+function flushes(ops: readonly Op[], rank: (ms: number, seq: number) => number): (volume: string | undefined, r: number) => number {
+  const ok = ops.filter((op) => op.kind === 'flush' && op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined);
+  const byVolume = new Map<string, { starts: number[]; endMin: number[] }>();
+  for (const [volume, list] of groupBy(ok, (op) => op.volume ?? '')) {
+    const sorted = list.map((op) => ({ start: rank(op.startMs, op.startSeq), end: rank(op.endMs!, op.endSeq!) })).sort((a, b) => a.start - b.start);
+    const endMin = sorted.map((f) => f.end);
+    for (let i = endMin.length - 2; i >= 0; i--) endMin[i] = Math.min(endMin[i], endMin[i + 1]);
+    byVolume.set(volume, { starts: sorted.map((f) => f.start), endMin });
+  }
+  return (volume, r) => {
+    const f = byVolume.get(volume ?? '');
+    const i = f ? indexAfter(f.starts, r) : 0;
+    return f && i < f.endMin.length ? f.endMin[i] : Infinity;
   };
 }
 
@@ -170,20 +178,20 @@ function stands(w2: Write, read: Span): boolean {
   return w2.endRank < read.start && read.end < w2.lostRank;
 }
 
-function checkReads(op: Judged, read: Span, volume: Volume, out: Violation[]): void {
+function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): void {
   op.seen.forEach((seen, i) => {
     const lba = op.lba + i;
     if (seen === 'garbage') {
       out.push({ invariant: 'garbage', opId: op.id, lba, message: `${describe(op)} saw at lba ${lba} a block that is neither zeros nor one write's pattern for this lba (torn, misplaced or corrupt)` });
       return;
     }
-    const writer = seen === 0 ? zeros : volume.writesById.get(seen);
-    const phantom = whyPhantom(writer, seen, lba, read.end);
+    const writer = seen === 0 ? zeros : index.writesById.get(seen);
+    const phantom = whyPhantom(writer, seen, op.volume, lba, read.end);
     if (phantom) {
       out.push({ invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` });
       return;
     }
-    const newer = (volume.writesByLba.get(lba) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
+    const newer = (index.writesByBlock.get(blockKey(op.volume, lba)) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
     if (newer.length === 0) return;
     const durable = newer.find((w2) => w2.durableRank < read.start);
     const by = durable ?? newer[newer.length - 1];
@@ -202,12 +210,12 @@ function checkReads(op: Judged, read: Span, volume: Volume, out: Violation[]): v
  * have returned (every other write to the block, and the zeros, is hidden or began after
  * the caw was answered).
  */
-function checkMiscompare(op: Judged, read: Span, volume: Volume, out: Violation[]): void {
+function checkMiscompare(op: Judged, read: Span, index: Index, out: Violation[]): void {
   const only = op.seen.every((seen, i) => {
     const lba = op.lba + i;
-    const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : volume.writesById.get(seen);
-    if (writer === undefined || whyPhantom(writer, seen as number, lba, read.end) !== undefined) return false;
-    const writes = volume.writesByLba.get(lba) ?? [];
+    const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : index.writesById.get(seen);
+    if (writer === undefined || whyPhantom(writer, seen as number, op.volume, lba, read.end) !== undefined) return false;
+    const writes = index.writesByBlock.get(blockKey(op.volume, lba)) ?? [];
     const newest = Math.max(-Infinity, ...writes.filter((w2) => stands(w2, read)).map((w2) => w2.startRank));
     const hidden = (w: Write) => w.endRank < newest;
     // (If the compared value is hidden, the newest write that stands is not: no need to ask.)
@@ -217,10 +225,11 @@ function checkMiscompare(op: Judged, read: Span, volume: Volume, out: Violation[
   out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
 }
 
-/** Why a read ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
-function whyPhantom(writer: Write | undefined, seen: number, lba: number, readEnd: number): string | undefined {
+/** Why a read of `volume` ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
+function whyPhantom(writer: Write | undefined, seen: number, volume: string | undefined, lba: number, readEnd: number): string | undefined {
   if (writer === undefined) return `no write or ok caw #${seen} exists`;
   if (writer.op === undefined) return undefined;
+  if ((writer.op.volume ?? '') !== (volume ?? '')) return `${describe(writer.op)} wrote volume ${writer.op.volume ?? '(none)'}`;
   if (lba < writer.op.lba || lba >= writer.op.lba + writer.op.blocks) return `${describe(writer.op)} did not write that lba`;
   if (writer.startRank > readEnd) return `${describe(writer.op)} began after the read was answered`;
   return undefined;
@@ -229,32 +238,37 @@ function whyPhantom(writer: Write | undefined, seen: number, lba: number, readEn
 /**
  * A snapshot must be a consistent cut: if it holds write B, and write A was answered before B
  * began, then on every block A wrote it holds A or a write not answered before A began. A write
- * a crash may have lost before the snapshot ended is not required.
+ * a crash may have lost before the snapshot ended is not required. The snapshots of a
+ * consistency group (one op per volume, the same `group`) are one cut.
  */
-function checkCut(snap: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
-  const snapEnd = rank(snap.endMs, snap.endSeq);
-  const held = (lba: number): Write | undefined => {
+function checkCut(snaps: Judged[], rank: (ms: number, seq: number) => number, index: Index, out: Violation[]): void {
+  const snapEnd = Math.max(...snaps.map((s) => rank(s.endMs, s.endSeq)));
+  const byVolume = new Map(snaps.map((s) => [s.volume ?? '', s]));
+  const held = (snap: Judged, lba: number): Write | undefined => {
     const seen = snap.seen[lba - snap.lba];
     if (seen === undefined || seen === 'garbage') return undefined;
-    const w = seen === 0 ? zeros : volume.writesById.get(seen);
-    return w && whyPhantom(w, seen, lba, snapEnd) === undefined ? w : undefined;
+    const w = seen === 0 ? zeros : index.writesById.get(seen);
+    return w && whyPhantom(w, seen, snap.volume, lba, snapEnd) === undefined ? w : undefined;
   };
-  let latest: { w: Write; lba: number } | undefined;
-  snap.seen.forEach((_, i) => {
-    const w = held(snap.lba + i);
-    if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, lba: snap.lba + i };
-  });
+  let latest: { w: Write; snap: Judged; lba: number } | undefined;
+  for (const snap of snaps) {
+    snap.seen.forEach((_, i) => {
+      const w = held(snap, snap.lba + i);
+      if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, snap, lba: snap.lba + i };
+    });
+  }
   if (!latest) return;
-  for (const a of volume.writesById.values()) {
-    if (!(a.endRank < latest.w.startRank && snapEnd < a.lostRank)) continue;
+  for (const a of index.writesById.values()) {
+    const snap = byVolume.get(a.op!.volume ?? '');
+    if (!snap || !(a.endRank < latest.w.startRank && snapEnd < a.lostRank)) continue;
     for (let lba = Math.max(a.op!.lba, snap.lba); lba < Math.min(a.op!.lba + a.op!.blocks, snap.lba + snap.blocks); lba++) {
-      const h = held(lba);
+      const h = held(snap, lba);
       if (h === undefined || h === a || h.endRank >= a.startRank) continue;
       out.push({
         invariant: 'snapshot-cut',
         opId: snap.id,
         lba,
-        message: `${describe(snap)} holds ${describe(latest.w.op!)} at lba ${latest.lba}, which began after ${describe(a.op!)} was answered, but at lba ${lba} it holds ${h.op ? describe(h.op) : 'zeros'}, answered before ${describe(a.op!)} began`,
+        message: `${describe(latest.snap)} holds ${describe(latest.w.op!)} at lba ${latest.lba}, which began after ${describe(a.op!)} was answered, but ${describe(snap)} holds at lba ${lba} ${h.op ? describe(h.op) : 'zeros'}, answered before ${describe(a.op!)} began`,
       });
       break;
     }
@@ -262,7 +276,7 @@ function checkCut(snap: Op & { seen: Seen[]; endMs: number; endSeq: number }, ra
 }
 
 function describe(op: Op): string {
-  const name = op.kind === 'snapshot' ? `snapshot ${op.snapshot ?? ''} #${op.id}` : `${op.kind} #${op.id}`;
+  const name = op.kind === 'snapshot' ? `snapshot${op.snapshot ? ` ${op.snapshot}` : ''} #${op.id}${op.volume === undefined ? '' : ` of ${op.volume}`}` : `${op.kind} #${op.id}${op.volume === undefined ? '' : ` (${op.volume})`}`;
   const who = op.host >= 0 ? `host ${op.host} via ${op.peer}` : `via ${op.peer}`;
   const flags = [op.fua ? 'fua' : '', op.outcome && op.outcome !== 'ok' ? op.outcome : ''].filter((s) => s).join(', ');
   return `${name} (${who}, ${op.startMs}–${op.endMs ?? 'never'} ms${flags ? `, ${flags}` : ''})`;

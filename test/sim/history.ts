@@ -37,6 +37,8 @@ export interface Op {
   seen?: Seen[];
   /** Snapshot ops: its name (its blocks, lba 0..blocks, are in `seen`). */
   snapshot?: string;
+  /** Snapshot ops of one consistency group (one per volume) share this: the checker judges them as one cut. */
+  group?: string;
 }
 
 export interface Crash {
@@ -45,7 +47,7 @@ export interface Crash {
   seq: number;
 }
 
-export type OpStart = Pick<Op, 'host' | 'peer' | 'kind' | 'lba' | 'blocks'> & Partial<Pick<Op, 'volume' | 'fua' | 'snapshot'>>;
+export type OpStart = Pick<Op, 'host' | 'peer' | 'kind' | 'lba' | 'blocks'> & Partial<Pick<Op, 'volume' | 'fua' | 'snapshot' | 'group'>>;
 
 export class History {
   readonly ops: Op[] = [];
