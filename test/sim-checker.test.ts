@@ -230,6 +230,11 @@ t.test('a caw that succeeded read what it compared; volumes are apart; same-ms e
   s.write({ lba: 5, at: [0, 1], volume: 'a' });
   s.read({ lba: 5, at: [2, 3], seen: [0], volume: 'b' });
   t.same(s.check(), [], 'a write to volume a does not hide zeros of volume b');
+  const onA = s.read({ lba: 5, at: [2, 3], seen: [0], volume: 'a' });
+  s.op('flush', { at: [1.5, 1.8], blocks: 0, volume: 'b' });
+  t.same(invariants(s.check()), [`stale-read@${onA}/5`], 'a flush of volume b makes nothing of volume a durable');
+  s.op('flush', { at: [1.5, 1.8], blocks: 0, volume: 'a' });
+  t.same(invariants(s.check()), [`acknowledged-write-lost@${onA}/5`], 'a flush of volume a does');
 
   // One millisecond, two orders: the write's answer recorded before the read began, or after.
   const h = new History();
