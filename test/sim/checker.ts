@@ -4,12 +4,14 @@
 // Every block is a register. A write (or an ok COMPARE AND WRITE) takes effect at some
 // instant between its start and its answer; one that failed or never ended may take effect at
 // any later time ("in flight forever"). A crash of any peer may lose what was not durable: a
-// write is durable from its answer when FUA, else from the answer of the first ok flush that
-// started after the write was answered. A read may return any write that started before the
-// read ended and that no write "supersedes" at the read (see `supersedes`); the initial
-// zeros are a write answered and durable at -infinity. A COMPARE AND WRITE reads what it
-// compared: when it succeeded, that must be a value a read could return; when it
-// miscompared, some block must have had another value it could return.
+// write is durable from its answer when FUA, else from the answer of the first ok flush of its
+// volume that started after the write was answered. A read may return any write that started
+// before the read ended and that is not hidden at the read: hidden by a write that began after
+// it was answered and that stands (see `stands`: answered before the read began and not
+// possibly lost before the read was answered). The initial zeros are a write answered and
+// durable at -infinity. A COMPARE AND WRITE reads what it compared: when it succeeded, that
+// must be a value a read could return; when it miscompared, some block must have had another
+// value it could return. A snapshot is a read over its command, and a consistent cut.
 //
 // Times: the checker orders events by (ms, the History's event counter) and works on the
 // ranks of that order, so events in the same simulated millisecond keep their real order.
@@ -30,7 +32,6 @@ export interface Violation {
 /** A write as the checker sees it; ranks in the run's event order. */
 interface Write {
   op: Op | undefined; // undefined: the initial zeros
-  id: number;
   startRank: number;
   /** Rank of its ok answer; Infinity if it failed or never ended (it may land any time). */
   endRank: number;
@@ -40,7 +41,7 @@ interface Write {
   lostRank: number;
 }
 
-const zeros: Write = { op: undefined, id: 0, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
+const zeros: Write = { op: undefined, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
 
 /** The run's writes, indexed for the checks (ids are unique across volumes). */
 interface Index {
@@ -114,13 +115,9 @@ function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => numb
     const endRank = ok ? rank(op.endMs!, op.endSeq!) : Infinity;
     const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(op.volume, endRank);
     const crashRank = firstAfter(crashRanks, endRank);
-    const w: Write = { op, id: op.id, startRank: rank(op.startMs, op.startSeq), endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
+    const w: Write = { op, startRank: rank(op.startMs, op.startSeq), endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
     index.writesById.set(op.id, w);
-    for (let lba = op.lba; lba < op.lba + op.blocks; lba++) {
-      const list = index.writesByBlock.get(blockKey(op.volume, lba));
-      if (list) list.push(w);
-      else index.writesByBlock.set(blockKey(op.volume, lba), [w]);
-    }
+    for (let lba = op.lba; lba < op.lba + op.blocks; lba++) pushTo(index.writesByBlock, blockKey(op.volume, lba), w);
   }
   return index;
 }
@@ -199,7 +196,7 @@ function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): voi
       invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
       opId: op.id,
       lba,
-      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not yet durable, no crash before the read was answered)'}`,
+      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not durable when the read began)'}`,
     });
   });
 }
@@ -216,7 +213,7 @@ function checkMiscompare(op: Judged, read: Span, index: Index, out: Violation[])
     const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : index.writesById.get(seen);
     if (writer === undefined || whyPhantom(writer, seen as number, op.volume, lba, read.end) !== undefined) return false;
     const writes = index.writesByBlock.get(blockKey(op.volume, lba)) ?? [];
-    const newest = Math.max(-Infinity, ...writes.filter((w2) => stands(w2, read)).map((w2) => w2.startRank));
+    const newest = writes.reduce((r, w2) => (stands(w2, read) ? Math.max(r, w2.startRank) : r), -Infinity);
     const hidden = (w: Write) => w.endRank < newest;
     // (If the compared value is hidden, the newest write that stands is not: no need to ask.)
     return [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
@@ -284,10 +281,12 @@ function describe(op: Op): string {
 
 function groupBy<T, K>(items: readonly T[], key: (item: T) => K): Map<K, T[]> {
   const m = new Map<K, T[]>();
-  for (const item of items) {
-    const list = m.get(key(item));
-    if (list) list.push(item);
-    else m.set(key(item), [item]);
-  }
+  for (const item of items) pushTo(m, key(item), item);
   return m;
+}
+
+function pushTo<K, T>(m: Map<K, T[]>, key: K, item: T): void {
+  const list = m.get(key);
+  if (list) list.push(item);
+  else m.set(key, [item]);
 }
