@@ -28,8 +28,9 @@ t.test('a block names its write and its lba: zeros, torn, misplaced and corrupt 
   const nearlyZero = Buffer.alloc(bs);
   nearlyZero[300] = 1;
   t.equal(decodeBlock(nearlyZero, 0), 'garbage', 'zeros but one byte');
-  t.same(decodeBlocks(encodeBlocks(9, 10, 3, bs), 10, bs), [9, 9, 9]);
-  t.same(decodeBlocks(encodeBlocks(9, 10, 3, bs), 11, bs), ['garbage', 'garbage', 'garbage'], 'the same blocks one lba off');
+  t.same(decodeBlocks(encodeBlocks(9, 10, 3, bs), 10, bs, 3), [9, 9, 9]);
+  t.same(decodeBlocks(encodeBlocks(9, 10, 3, bs), 11, bs, 3), ['garbage', 'garbage', 'garbage'], 'the same blocks one lba off');
+  t.same(decodeBlocks(encodeBlocks(9, 10, 2, bs), 10, bs, 3), [9, 9, 'garbage'], 'a short read: the missing block is garbage');
   t.throws(() => encodeBlock(0, 1, bs), RangeError, 'writeId 0 is the zeros');
 });
 
@@ -530,7 +531,7 @@ t.test('the workload: hot regions straddle page boundaries, commands in the stat
   const one = new Workload(new SeededRandom(1), { blockCount: 64, pageBlocks: 32, blockBytes: bs });
   const w = await one.perform({ host: 0, kind: 'write', lba: 30, blocks: 4, fua: true }, mem, history, 'p1');
   t.same([w.kind, w.outcome, w.fua, w.peer], ['write', 'ok', true, 'p1']);
-  t.same(decodeBlocks(await mem.read(30, 4), 30, bs), [w.id, w.id, w.id, w.id], 'the write put its id down');
+  t.same(decodeBlocks(await mem.read(30, 4), 30, bs, 4), [w.id, w.id, w.id, w.id], 'the write put its id down');
   const r = await one.perform({ host: 1, kind: 'read', lba: 29, blocks: 3, fua: false }, mem, history, 'p2');
   t.same(r.seen, [0, w.id, w.id]);
   const c1 = await one.perform({ host: 1, kind: 'caw', lba: 30, blocks: 2, fua: false }, mem, history, 'p2');
@@ -542,10 +543,10 @@ t.test('the workload: hot regions straddle page boundaries, commands in the stat
   await one.perform({ host: 0, kind: 'read', lba: 30, blocks: 2, fua: false }, mem, history, 'p1');
   const c4 = await one.perform({ host: 0, kind: 'caw', lba: 30, blocks: 2, fua: false }, mem, history, 'p1');
   t.same([c4.outcome, c4.seen], ['ok', [c1.id, c1.id]], 'having read them, it compares right');
-  t.same(decodeBlocks(await mem.read(30, 2), 30, bs), [c4.id, c4.id]);
+  t.same(decodeBlocks(await mem.read(30, 2), 30, bs, 2), [c4.id, c4.id]);
   t.same(check(history), [], 'the history checks');
 
   const broken = Object.assign(Object.create(mem) as BlockBackend, { write: async () => Promise.reject(new Error('link down')) });
   const e = await one.perform({ host: 0, kind: 'write', lba: 0, blocks: 1, fua: false }, broken, history, 'p1');
-  t.same([e.outcome, typeof e.endMs], ['error', 'number'], 'an exception is outcome error');
+  t.same([e.outcome, typeof e.endMs, e.error], ['error', 'number', 'Error: link down'], 'an exception is outcome error, what was thrown kept for the trace');
 });

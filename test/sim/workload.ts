@@ -97,8 +97,8 @@ export class Workload {
     const compared = kind === 'caw' ? this.expected(host, lba, blocks) : [];
     try {
       await this.run(rec, compared, backend, history);
-    } catch {
-      history.end(rec, 'error');
+    } catch (err) {
+      history.fail(rec, err);
       this.forget(host, lba, blocks); // a failed write may or may not have landed
     }
     return rec;
@@ -113,7 +113,7 @@ export class Workload {
         history.end(rec, 'ok');
         return this.learn(host, lba, Array(blocks).fill(rec.id));
       case 'read': {
-        const seen = decodeBlocks(await backend.read(lba, blocks), lba, bs);
+        const seen = decodeBlocks(await backend.read(lba, blocks), lba, bs, blocks);
         history.end(rec, 'ok', seen);
         return this.learn(host, lba, seen);
       }
@@ -195,11 +195,13 @@ export async function recordSnapshot(
   const { peer, name } = at;
   const group = at.volumes.length > 1 ? { group: name } : {};
   const recs = at.volumes.map(({ volume, blocks }) => history.begin({ host: -1, peer, kind: 'snapshot', lba: 0, blocks, snapshot: name, ...group, ...(volume === undefined ? {} : { volume }) }));
-  const outcome = await take().then(
-    () => 'ok' as const,
-    () => 'error' as const,
-  );
-  for (const rec of recs) history.end(rec, outcome);
-  if (outcome === 'ok') for (const rec of recs) rec.seen = decodeBlocks(await read(rec.volume), 0, at.blockBytes);
+  try {
+    await take();
+  } catch (err) {
+    for (const rec of recs) history.fail(rec, err);
+    return recs;
+  }
+  for (const rec of recs) history.end(rec, 'ok');
+  for (const rec of recs) rec.seen = decodeBlocks(await read(rec.volume), 0, at.blockBytes, rec.blocks);
   return recs;
 }
