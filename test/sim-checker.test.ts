@@ -9,7 +9,7 @@ import { sleep } from '../src/env/env';
 import { ManualEnv, SeededRandom } from '../src/env/manual';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../src/store/types';
 import { MemoryBackend } from './helpers/memory-backend';
-import { check, type Violation } from './sim/checker';
+import { check, traceOf, type Violation } from './sim/checker';
 import { decodeBlock, decodeBlocks, encodeBlock, encodeBlocks, History, type Op, type OpStart, type Outcome, type Seen } from './sim/history';
 import { recordSnapshot, Workload, type Geometry } from './sim/workload';
 
@@ -145,6 +145,16 @@ t.test('crashes excuse writes that were not durable, and only those', async (t) 
   s.read({ lba: 5, at: [5, 6], seen: [w2] });
   const r = s.read({ lba: 5, at: [5, 6], seen: [0] });
   t.same(invariants(s.check()), [`acknowledged-write-lost@${r}/5`], 'after a crash: the durable write or the later one, never what the durable one replaced');
+  s.write({ lba: 6, at: [0, 1] });
+  s.read({ lba: 5, at: [7, 8], seen: [w2] });
+  t.same(traceOf(s.h, s.check()[0]), [
+    `write #${w1} (host 0 via p1, 0–1 ms, fua)`,
+    `write #${w2} (host 0 via p1, 2–3 ms)`,
+    'crash of p2 at 4 ms',
+    `read #${r - 2} (host 0 via p1, 5–6 ms) saw ${w1}`,
+    `read #${r - 1} (host 0 via p1, 5–6 ms) saw ${w2}`,
+    `read #${r} (host 0 via p1, 5–6 ms) saw 0  <- acknowledged-write-lost`,
+  ], 'the trace of a violation: what touched its block before it was answered, in order');
 
   // A FUA write, a plain one answered at 3, maybe a flush, a crash; a read at 5..6 sees the FUA one.
   const oldAfterCrash = (flushAt: [number, number] | undefined, crashAt: number): string[] => {
@@ -468,7 +478,7 @@ t.test('a correct disk under the workload: no violation over 200 seeds, with cra
   for (let seed = 1; seed <= 200; seed++) {
     const { history, violations } = await simulate(seed);
     if (violations.length > 0) {
-      t.fail(`seed ${seed}: ${violations.length} violations, e.g. ${violations[0].invariant}: ${violations[0].message}`);
+      t.fail(`seed ${seed}: ${violations.length} violations, e.g. ${violations[0].invariant}: ${violations[0].message}\n${traceOf(history, violations[0]).join('\n')}`);
       return;
     }
     totals.ops += history.ops.length;

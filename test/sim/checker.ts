@@ -290,3 +290,24 @@ function pushTo<K, T>(m: Map<K, T[]>, key: K, item: T): void {
   if (list) list.push(item);
   else m.set(key, [item]);
 }
+
+/**
+ * What a person reads for one violation: the ops that touched its block (and flushes of its
+ * volume, and crashes) that began before the violating op ended, in the order they began, the
+ * last `linesMax` of them, each with what it saw there.
+ */
+export function traceOf(history: { ops: readonly Op[]; crashes: readonly Crash[] }, v: Violation, linesMax = 40): string[] {
+  const at = history.ops.find((op) => op.id === v.opId);
+  if (!at) return [];
+  const lba = v.lba ?? at.lba;
+  const endSeq = at.endSeq ?? Infinity;
+  const touches = (op: Op) => (op.volume ?? '') === (at.volume ?? '') && (op.kind === 'flush' || (lba >= op.lba && lba < op.lba + op.blocks));
+  const lines: [number, string][] = history.ops
+    .filter((op) => op.startSeq < endSeq && touches(op))
+    .map((op) => [op.startSeq, `${describe(op)}${op.seen ? ` saw ${op.seen[lba - op.lba] ?? '-'}` : ''}${op.id === at.id ? '  <- ' + v.invariant : ''}`]);
+  for (const c of history.crashes) if (c.seq < endSeq) lines.push([c.seq, `crash of ${c.peer} at ${c.atMs} ms`]);
+  return lines
+    .sort((a, b) => a[0] - b[0])
+    .slice(-linesMax)
+    .map(([, line]) => line);
+}
