@@ -4,18 +4,22 @@
 // Every block is a register. A write (or an ok COMPARE AND WRITE) takes effect at some
 // instant between its start and its answer; one that failed or never ended may take effect at
 // any later time ("in flight forever"). A crash of any peer after a write started may lose it
-// unless it was durable before the crash: a
-// write is durable from its answer when FUA, else from the answer of the first ok flush that
-// started after the write was answered. A read may return any write that started before the
-// read ended and that no write "supersedes" at the read (see `effectiveAt`); the initial
-// zeros are a write answered and durable at -infinity.
+// unless it was durable before that crash: a
+// write is durable from its answer when FUA, else from the answer of the first ok flush of its
+// volume that started after the write was answered. A read may return any write that started
+// before the read ended and that is not hidden at the read: hidden by a write that began after
+// it was answered and that stands (see `stands`: answered before the read began and not
+// possibly lost before the read was answered). The initial zeros are a write answered and
+// durable at -infinity. A COMPARE AND WRITE reads what it compared: when it succeeded, that
+// must be a value a read could return; when it miscompared, some block must have had another
+// value it could return. A snapshot is a read over its command, and a consistent cut.
 //
 // Times: the checker orders events by (ms, the History's event counter) and works on the
 // ranks of that order, so events in the same simulated millisecond keep their real order.
 
 import type { Crash, Op, Seen } from './history';
 
-export type Invariant = 'acknowledged-write-lost' | 'stale-read' | 'phantom-read' | 'garbage' | 'snapshot-cut';
+export type Invariant = 'acknowledged-write-lost' | 'stale-read' | 'phantom-read' | 'garbage' | 'snapshot-cut' | 'false-miscompare';
 
 export interface Violation {
   invariant: Invariant;
@@ -29,7 +33,6 @@ export interface Violation {
 /** A write as the checker sees it; ranks in the run's event order. */
 interface Write {
   op: Op | undefined; // undefined: the initial zeros
-  id: number;
   startRank: number;
   /** Rank of its ok answer; Infinity if it failed or never ended (it may land any time). */
   endRank: number;
@@ -39,33 +42,52 @@ interface Write {
   lostRank: number;
 }
 
-const zeros: Write = { op: undefined, id: 0, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
+const zeros: Write = { op: undefined, startRank: -Infinity, endRank: -Infinity, durableRank: -Infinity, lostRank: Infinity };
 
-/** One volume's writes, indexed for the checks. */
-interface Volume {
+/** The run's writes, indexed for the checks (ids are unique across volumes). */
+interface Index {
   writesById: Map<number, Write>;
-  /** lba → the writes that cover it. */
-  writesByLba: Map<number, Write[]>;
+  /** blockKey(volume, lba) → the writes that cover that block. */
+  writesByBlock: Map<string, Write[]>;
+}
+
+function blockKey(volume: string | undefined, lba: number): string {
+  return `${volume ?? ''}\0${lba}`;
 }
 
 export function check(history: { ops: readonly Op[]; crashes: readonly Crash[] }): Violation[] {
   const rank = ranker(history.ops, history.crashes);
   const crashRanks = history.crashes.map((c) => rank(c.atMs, c.seq)).sort((a, b) => a - b);
+  const index = indexWrites(history.ops, rank, crashRanks);
   const out: Violation[] = [];
-  for (const ops of groupBy(history.ops, (op) => op.volume ?? '').values()) {
-    const volume = indexWrites(ops, rank, crashRanks);
-    for (const op of ops) {
-      if (!answered(op)) continue;
-      checkReads(op, rank, volume, out);
-      if (op.kind === 'snapshot') checkCut(op, rank, volume, out);
-    }
+  for (const op of history.ops) {
+    if (answered(op)) checkReads(op, spanOf(op, rank), index, out);
+    if (miscompared(op)) checkMiscompare(op, spanOf(op, rank), index, out);
   }
+  const snapshots = history.ops.filter((op): op is Judged => answered(op) && op.kind === 'snapshot');
+  for (const cut of groupBy(snapshots, (op) => op.group ?? `#${op.id}`).values()) checkCut(cut, rank, index, out);
   return out;
 }
 
+type Judged = Op & { seen: Seen[]; endMs: number; endSeq: number };
+
 /** Ops whose `seen` states what the blocks held at some instant of the op: ok reads, snapshots and caws (the compared blocks). */
-function answered(op: Op): op is Op & { seen: Seen[]; endMs: number; endSeq: number } {
-  return op.outcome === 'ok' && op.seen !== undefined && (op.kind === 'read' || op.kind === 'snapshot' || op.kind === 'caw');
+function answered(op: Op): op is Judged {
+  return op.outcome === 'ok' && op.seen !== undefined && op.endSeq !== undefined && (op.kind === 'read' || op.kind === 'snapshot' || op.kind === 'caw');
+}
+
+function miscompared(op: Op): op is Judged {
+  return op.kind === 'caw' && op.outcome === 'miscompare' && op.seen !== undefined && op.endSeq !== undefined;
+}
+
+/** The ranks between which a read took its value. */
+interface Span {
+  start: number;
+  end: number;
+}
+
+function spanOf(op: Judged, rank: (ms: number, seq: number) => number): Span {
+  return { start: rank(op.startMs, op.startSeq), end: rank(op.endMs, op.endSeq) };
 }
 
 /** Maps (ms, seq) of any recorded event to its place in the run's order. */
@@ -85,27 +107,23 @@ function ranker(ops: readonly Op[], crashes: readonly Crash[]): (ms: number, seq
   };
 }
 
-function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Volume {
+function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Index {
   const durableAfter = flushes(ops, rank);
-  const volume: Volume = { writesById: new Map(), writesByLba: new Map() };
+  const index: Index = { writesById: new Map(), writesByBlock: new Map() };
   for (const op of ops) {
     if (!writes(op)) continue;
     const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
     const endRank = ok ? rank(op.endMs!, op.endSeq!) : Infinity;
-    const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(endRank);
+    const durableRank = !ok ? Infinity : op.fua ? endRank : durableAfter(op.volume, endRank);
     // A crash while the write was in flight may lose it too: it may have landed on a peer that
     // died before the answer reached the host (the simulator found this case, seed 72).
     const startRank = rank(op.startMs, op.startSeq);
     const crashRank = firstAfter(crashRanks, startRank);
-    const w: Write = { op, id: op.id, startRank, endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
-    volume.writesById.set(op.id, w);
-    for (let lba = op.lba; lba < op.lba + op.blocks; lba++) {
-      const list = volume.writesByLba.get(lba);
-      if (list) list.push(w);
-      else volume.writesByLba.set(lba, [w]);
-    }
+    const w: Write = { op, startRank, endRank, durableRank, lostRank: durableRank < crashRank ? Infinity : crashRank };
+    index.writesById.set(op.id, w);
+    for (let lba = op.lba; lba < op.lba + op.blocks; lba++) pushTo(index.writesByBlock, blockKey(op.volume, lba), w);
   }
-  return volume;
+  return index;
 }
 
 /** Whether the op may have put its blocks down: writes and caws that did not miscompare. */
@@ -113,18 +131,23 @@ function writes(op: Op): boolean {
   return (op.kind === 'write' || op.kind === 'caw') && op.outcome !== 'miscompare';
 }
 
-/** For a write answered at rank r: the rank from which it is durable by a flush (the earliest answer of an ok flush started after r), or Infinity. */
-function flushes(ops: readonly Op[], rank: (ms: number, seq: number) => number): (r: number) => number {
-  const ok = ops
-    .filter((op) => op.kind === 'flush' && op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined)
-    .map((op) => ({ start: rank(op.startMs, op.startSeq), end: rank(op.endMs!, op.endSeq!) }))
-    .sort((a, b) => a.start - b.start);
-  const starts = ok.map((f) => f.start);
-  const endMin = ok.map((f) => f.end);
-  for (let i = endMin.length - 2; i >= 0; i--) endMin[i] = Math.min(endMin[i], endMin[i + 1]);
-  return (r) => {
-    const i = indexAfter(starts, r);
-    return i < endMin.length ? endMin[i] : Infinity;
+/**
+ * For a write to `volume` answered at rank r: the rank from which it is durable by a flush
+ * (the earliest answer of an ok flush of that volume started after r), or Infinity.
+ */
+function flushes(ops: readonly Op[], rank: (ms: number, seq: number) => number): (volume: string | undefined, r: number) => number {
+  const ok = ops.filter((op) => op.kind === 'flush' && op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined);
+  const byVolume = new Map<string, { starts: number[]; endMin: number[] }>();
+  for (const [volume, list] of groupBy(ok, (op) => op.volume ?? '')) {
+    const sorted = list.map((op) => ({ start: rank(op.startMs, op.startSeq), end: rank(op.endMs!, op.endSeq!) })).sort((a, b) => a.start - b.start);
+    const endMin = sorted.map((f) => f.end);
+    for (let i = endMin.length - 2; i >= 0; i--) endMin[i] = Math.min(endMin[i], endMin[i + 1]);
+    byVolume.set(volume, { starts: sorted.map((f) => f.start), endMin });
+  }
+  return (volume, r) => {
+    const f = byVolume.get(volume ?? '');
+    const i = f ? indexAfter(f.starts, r) : 0;
+    return f && i < f.endMin.length ? f.endMin[i] : Infinity;
   };
 }
 
@@ -147,46 +170,67 @@ function indexAfter(a: number[], r: number): number {
 }
 
 /**
- * Whether `w2` hides `w` from a read that starts at rank `readRank`: w2 began after w was
- * answered, was answered itself before the read began, and cannot have been lost by then (no
- * crash in between, or it was durable before the first one).
+ * Whether `w2` stands for a read: answered before the read began, and it cannot have been
+ * lost before the read was served (no crash before the read's answer, or w2 was durable
+ * before the first one). A crash during the read excuses: the read may have been served
+ * (retried) after it. A write w2 that stands hides every write answered before w2 began.
  */
-function supersedes(w2: Write, w: Write, readRank: number): boolean {
-  return w2.startRank > w.endRank && w2.endRank < readRank && readRank < w2.lostRank;
+function stands(w2: Write, read: Span): boolean {
+  return w2.endRank < read.start && read.end < w2.lostRank;
 }
 
-function checkReads(op: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
-  const readStart = rank(op.startMs, op.startSeq);
-  const readEnd = rank(op.endMs, op.endSeq);
+function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): void {
   op.seen.forEach((seen, i) => {
     const lba = op.lba + i;
     if (seen === 'garbage') {
       out.push({ invariant: 'garbage', opId: op.id, lba, message: `${describe(op)} saw at lba ${lba} a block that is neither zeros nor one write's pattern for this lba (torn, misplaced or corrupt)` });
       return;
     }
-    const writer = seen === 0 ? zeros : volume.writesById.get(seen);
-    const phantom = whyPhantom(writer, seen, lba, readEnd);
+    const writer = seen === 0 ? zeros : index.writesById.get(seen);
+    const phantom = whyPhantom(writer, seen, op.volume, lba, read.end);
     if (phantom) {
       out.push({ invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` });
       return;
     }
-    const hiding = (volume.writesByLba.get(lba) ?? []).filter((w2) => supersedes(w2, writer!, readStart));
-    if (hiding.length === 0) return;
-    const durable = hiding.find((w2) => w2.durableRank < readStart);
-    const by = durable ?? hiding[hiding.length - 1];
+    const newer = (index.writesByBlock.get(blockKey(op.volume, lba)) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
+    if (newer.length === 0) return;
+    const durable = newer.find((w2) => w2.durableRank < read.start);
+    const by = durable ?? newer[newer.length - 1];
     out.push({
       invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
       opId: op.id,
       lba,
-      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not yet durable, no crash since)'}`,
+      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not durable when the read began)'}`,
     });
   });
 }
 
-/** Why a read ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
-function whyPhantom(writer: Write | undefined, seen: number, lba: number, readEnd: number): string | undefined {
+/**
+ * A caw that miscompared must have found, on some block, a value other than the one it
+ * compared against: wrong if on every block the compared value was the only one a read could
+ * have returned (every other write to the block, and the zeros, is hidden or began after
+ * the caw was answered).
+ */
+function checkMiscompare(op: Judged, read: Span, index: Index, out: Violation[]): void {
+  const only = op.seen.every((seen, i) => {
+    const lba = op.lba + i;
+    const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : index.writesById.get(seen);
+    if (writer === undefined || whyPhantom(writer, seen as number, op.volume, lba, read.end) !== undefined) return false;
+    const writes = index.writesByBlock.get(blockKey(op.volume, lba)) ?? [];
+    const newest = writes.reduce((r, w2) => (stands(w2, read) ? Math.max(r, w2.startRank) : r), -Infinity);
+    const hidden = (w: Write) => w.endRank < newest;
+    // (If the compared value is hidden, the newest write that stands is not: no need to ask.)
+    return [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
+  });
+  if (!only) return;
+  out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
+}
+
+/** Why a read of `volume` ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
+function whyPhantom(writer: Write | undefined, seen: number, volume: string | undefined, lba: number, readEnd: number): string | undefined {
   if (writer === undefined) return `no write or ok caw #${seen} exists`;
   if (writer.op === undefined) return undefined;
+  if ((writer.op.volume ?? '') !== (volume ?? '')) return `${describe(writer.op)} wrote volume ${writer.op.volume ?? '(none)'}`;
   if (lba < writer.op.lba || lba >= writer.op.lba + writer.op.blocks) return `${describe(writer.op)} did not write that lba`;
   if (writer.startRank > readEnd) return `${describe(writer.op)} began after the read was answered`;
   return undefined;
@@ -195,32 +239,37 @@ function whyPhantom(writer: Write | undefined, seen: number, lba: number, readEn
 /**
  * A snapshot must be a consistent cut: if it holds write B, and write A was answered before B
  * began, then on every block A wrote it holds A or a write not answered before A began. A write
- * a crash may have lost before the snapshot ended is not required.
+ * a crash may have lost before the snapshot ended is not required. The snapshots of a
+ * consistency group (one op per volume, the same `group`) are one cut.
  */
-function checkCut(snap: Op & { seen: Seen[]; endMs: number; endSeq: number }, rank: (ms: number, seq: number) => number, volume: Volume, out: Violation[]): void {
-  const snapEnd = rank(snap.endMs, snap.endSeq);
-  const held = (lba: number): Write | undefined => {
+function checkCut(snaps: Judged[], rank: (ms: number, seq: number) => number, index: Index, out: Violation[]): void {
+  const snapEnd = Math.max(...snaps.map((s) => rank(s.endMs, s.endSeq)));
+  const byVolume = new Map(snaps.map((s) => [s.volume ?? '', s]));
+  const held = (snap: Judged, lba: number): Write | undefined => {
     const seen = snap.seen[lba - snap.lba];
     if (seen === undefined || seen === 'garbage') return undefined;
-    const w = seen === 0 ? zeros : volume.writesById.get(seen);
-    return w && whyPhantom(w, seen, lba, snapEnd) === undefined ? w : undefined;
+    const w = seen === 0 ? zeros : index.writesById.get(seen);
+    return w && whyPhantom(w, seen, snap.volume, lba, snapEnd) === undefined ? w : undefined;
   };
-  let latest: { w: Write; lba: number } | undefined;
-  snap.seen.forEach((_, i) => {
-    const w = held(snap.lba + i);
-    if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, lba: snap.lba + i };
-  });
+  let latest: { w: Write; snap: Judged; lba: number } | undefined;
+  for (const snap of snaps) {
+    snap.seen.forEach((_, i) => {
+      const w = held(snap, snap.lba + i);
+      if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, snap, lba: snap.lba + i };
+    });
+  }
   if (!latest) return;
-  for (const a of volume.writesById.values()) {
-    if (!(a.endRank < latest.w.startRank && snapEnd < a.lostRank)) continue;
+  for (const a of index.writesById.values()) {
+    const snap = byVolume.get(a.op!.volume ?? '');
+    if (!snap || !(a.endRank < latest.w.startRank && snapEnd < a.lostRank)) continue;
     for (let lba = Math.max(a.op!.lba, snap.lba); lba < Math.min(a.op!.lba + a.op!.blocks, snap.lba + snap.blocks); lba++) {
-      const h = held(lba);
+      const h = held(snap, lba);
       if (h === undefined || h === a || h.endRank >= a.startRank) continue;
       out.push({
         invariant: 'snapshot-cut',
         opId: snap.id,
         lba,
-        message: `${describe(snap)} holds ${describe(latest.w.op!)} at lba ${latest.lba}, which began after ${describe(a.op!)} was answered, but at lba ${lba} it holds ${h.op ? describe(h.op) : 'zeros'}, answered before ${describe(a.op!)} began`,
+        message: `${describe(latest.snap)} holds ${describe(latest.w.op!)} at lba ${latest.lba}, which began after ${describe(a.op!)} was answered, but ${describe(snap)} holds at lba ${lba} ${h.op ? describe(h.op) : 'zeros'}, answered before ${describe(a.op!)} began`,
       });
       break;
     }
@@ -228,7 +277,7 @@ function checkCut(snap: Op & { seen: Seen[]; endMs: number; endSeq: number }, ra
 }
 
 function describe(op: Op): string {
-  const name = op.kind === 'snapshot' ? `snapshot ${op.snapshot ?? ''} #${op.id}` : `${op.kind} #${op.id}`;
+  const name = op.kind === 'snapshot' ? `snapshot${op.snapshot ? ` ${op.snapshot}` : ''} #${op.id}${op.volume === undefined ? '' : ` of ${op.volume}`}` : `${op.kind} #${op.id}${op.volume === undefined ? '' : ` (${op.volume})`}`;
   const who = op.host >= 0 ? `host ${op.host} via ${op.peer}` : `via ${op.peer}`;
   const flags = [op.fua ? 'fua' : '', op.outcome && op.outcome !== 'ok' ? op.outcome : ''].filter((s) => s).join(', ');
   return `${name} (${who}, ${op.startMs}–${op.endMs ?? 'never'} ms${flags ? `, ${flags}` : ''})`;
@@ -236,10 +285,33 @@ function describe(op: Op): string {
 
 function groupBy<T, K>(items: readonly T[], key: (item: T) => K): Map<K, T[]> {
   const m = new Map<K, T[]>();
-  for (const item of items) {
-    const list = m.get(key(item));
-    if (list) list.push(item);
-    else m.set(key(item), [item]);
-  }
+  for (const item of items) pushTo(m, key(item), item);
   return m;
+}
+
+function pushTo<K, T>(m: Map<K, T[]>, key: K, item: T): void {
+  const list = m.get(key);
+  if (list) list.push(item);
+  else m.set(key, [item]);
+}
+
+/**
+ * What a person reads for one violation: the ops that touched its block (and flushes of its
+ * volume, and crashes) that began before the violating op ended, in the order they began, the
+ * last `linesMax` of them, each with what it saw there.
+ */
+export function traceOf(history: { ops: readonly Op[]; crashes: readonly Crash[] }, v: Violation, linesMax = 40): string[] {
+  const at = history.ops.find((op) => op.id === v.opId);
+  if (!at) return [];
+  const lba = v.lba ?? at.lba;
+  const endSeq = at.endSeq ?? Infinity;
+  const touches = (op: Op) => (op.volume ?? '') === (at.volume ?? '') && (op.kind === 'flush' || (lba >= op.lba && lba < op.lba + op.blocks));
+  const lines: [number, string][] = history.ops
+    .filter((op) => op.startSeq < endSeq && touches(op))
+    .map((op) => [op.startSeq, `${describe(op)}${op.seen ? ` saw ${op.seen[lba - op.lba] ?? '-'}` : ''}${op.id === at.id ? '  <- ' + v.invariant : ''}`]);
+  for (const c of history.crashes) if (c.seq < endSeq) lines.push([c.seq, `crash of ${c.peer} at ${c.atMs} ms`]);
+  return lines
+    .sort((a, b) => a[0] - b[0])
+    .slice(-linesMax)
+    .map(([, line]) => line);
 }

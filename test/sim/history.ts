@@ -33,10 +33,14 @@ export interface Op {
   endMs?: number;
   endSeq?: number;
   outcome?: Outcome;
+  /** outcome 'error': what was thrown (name: message), for the trace; a TypeError here is the simulator's bug, not the group's. */
+  error?: string;
   /** read / snapshot: per block what it returned; caw: what it compared against. */
   seen?: Seen[];
   /** Snapshot ops: its name (its blocks, lba 0..blocks, are in `seen`). */
   snapshot?: string;
+  /** Snapshot ops of one consistency group (one per volume) share this: the checker judges them as one cut. */
+  group?: string;
 }
 
 export interface Crash {
@@ -45,7 +49,7 @@ export interface Crash {
   seq: number;
 }
 
-export type OpStart = Pick<Op, 'host' | 'peer' | 'kind' | 'lba' | 'blocks'> & Partial<Pick<Op, 'volume' | 'fua' | 'snapshot'>>;
+export type OpStart = Pick<Op, 'host' | 'peer' | 'kind' | 'lba' | 'blocks'> & Partial<Pick<Op, 'volume' | 'fua' | 'snapshot' | 'group'>>;
 
 export class History {
   readonly ops: Op[] = [];
@@ -69,6 +73,12 @@ export class History {
     op.endSeq = this.seq++;
     op.outcome = outcome;
     if (seen !== undefined) op.seen = seen;
+  }
+
+  /** End `op` with outcome 'error', keeping what was thrown. */
+  fail(op: Op, error: unknown, atMs = this.nowMs()): void {
+    this.end(op, 'error', undefined, atMs);
+    op.error = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
   }
 
   /** A peer crashed (or restarted): what it held but had not made durable may be gone. */
@@ -114,10 +124,10 @@ export function encodeBlocks(writeId: number, lba: number, blocks: number, block
   return out;
 }
 
-/** What each block of `buf`, read from `lba`, holds. */
-export function decodeBlocks(buf: Buffer, lba: number, blockBytes: number): Seen[] {
+/** What each of `blocks` blocks of `buf`, read from `lba`, holds ('garbage' for any the buffer is short of). */
+export function decodeBlocks(buf: Buffer, lba: number, blockBytes: number, blocks: number): Seen[] {
   const seen: Seen[] = [];
-  for (let i = 0; i * blockBytes < buf.length; i++) seen.push(decodeBlock(buf.subarray(i * blockBytes, (i + 1) * blockBytes), lba + i));
+  for (let i = 0; i < blocks; i++) seen.push((i + 1) * blockBytes <= buf.length ? decodeBlock(buf.subarray(i * blockBytes, (i + 1) * blockBytes), lba + i) : 'garbage');
   return seen;
 }
 

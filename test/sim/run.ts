@@ -225,7 +225,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
         let reason = '';
         const data = await drive(world, reader.read(r.lba, r.blocks), stepsMax, (why) => (reason = why));
         if (!data) fail('snapshot-unreadable', `snapshot ${s.name}: blocks ${r.lba}+${r.blocks} did not read through ${s.peer}: ${reason}`);
-        else decodeBlocks(data, r.lba, blockBytes).forEach((v, i) => (seen[r.lba + i] = v));
+        else decodeBlocks(data, r.lba, blockBytes, r.blocks).forEach((v, i) => (seen[r.lba + i] = v));
       }
       s.rec.seen = seen;
     }
@@ -280,7 +280,7 @@ async function drive<T>(world: SimWorld, p: Promise<T>, stepsMax: number, why?: 
 async function readBack(world: SimWorld, history: History, peer: string, backend: BlockBackend, r: { lba: number; blocks: number }, stepsMax: number): Promise<void> {
   const rec = history.begin({ host: 1_000, peer, kind: 'read', lba: r.lba, blocks: r.blocks });
   const data = await drive(world, backend.read(r.lba, r.blocks), stepsMax);
-  if (data) history.end(rec, 'ok', decodeBlocks(data, r.lba, blockBytes));
+  if (data) history.end(rec, 'ok', decodeBlocks(data, r.lba, blockBytes, r.blocks));
   else history.end(rec, 'error');
 }
 

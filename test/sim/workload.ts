@@ -97,8 +97,8 @@ export class Workload {
     const compared = kind === 'caw' ? this.expected(host, lba, blocks) : [];
     try {
       await this.run(rec, compared, backend, history);
-    } catch {
-      history.end(rec, 'error');
+    } catch (err) {
+      history.fail(rec, err);
       this.forget(host, lba, blocks); // a failed write may or may not have landed
     }
     return rec;
@@ -113,7 +113,7 @@ export class Workload {
         history.end(rec, 'ok');
         return this.learn(host, lba, Array(blocks).fill(rec.id));
       case 'read': {
-        const seen = decodeBlocks(await backend.read(lba, blocks), lba, bs);
+        const seen = decodeBlocks(await backend.read(lba, blocks), lba, bs, blocks);
         history.end(rec, 'ok', seen);
         return this.learn(host, lba, seen);
       }
@@ -181,23 +181,27 @@ function expectedBlocks(seen: number[], lba: number, blockBytes: number): Buffer
 }
 
 /**
- * Record an admin snapshot: begin, `take` it (the command), end when it answers, then `read`
- * its blocks 0..blocks (after the end: reading is not part of the command) into `seen`.
+ * Record an admin snapshot of one volume, or of several as one consistency group (their ops
+ * share `group` = the name): begin, `take` it (the command), end when it answers, then `read`
+ * each volume's snapshot, blocks 0..blocks, into `seen` (after the end: reading is not part
+ * of the command).
  */
 export async function recordSnapshot(
   history: History,
-  at: { peer: string; name: string; blocks: number; blockBytes: number; volume?: string },
+  at: { peer: string; name: string; blockBytes: number; volumes: { volume?: string; blocks: number }[] },
   take: () => Promise<void>,
-  read: () => Promise<Buffer>,
-): Promise<Op> {
-  const rec = history.begin({ host: -1, peer: at.peer, kind: 'snapshot', lba: 0, blocks: at.blocks, snapshot: at.name, ...(at.volume === undefined ? {} : { volume: at.volume }) });
+  read: (volume: string | undefined) => Promise<Buffer>,
+): Promise<Op[]> {
+  const { peer, name } = at;
+  const group = at.volumes.length > 1 ? { group: name } : {};
+  const recs = at.volumes.map(({ volume, blocks }) => history.begin({ host: -1, peer, kind: 'snapshot', lba: 0, blocks, snapshot: name, ...group, ...(volume === undefined ? {} : { volume }) }));
   try {
     await take();
-  } catch {
-    history.end(rec, 'error');
-    return rec;
+  } catch (err) {
+    for (const rec of recs) history.fail(rec, err);
+    return recs;
   }
-  history.end(rec, 'ok');
-  rec.seen = decodeBlocks(await read(), 0, at.blockBytes);
-  return rec;
+  for (const rec of recs) history.end(rec, 'ok');
+  for (const rec of recs) rec.seen = decodeBlocks(await read(rec.volume), 0, at.blockBytes, rec.blocks);
+  return recs;
 }
