@@ -79,6 +79,8 @@ export class SimPeer implements Endpoint {
 
   /** Start a new incarnation from what the disk and the catalog hold. Resolves when it serves (or never, if it crashes meanwhile). */
   async start(): Promise<void> {
+    // One process per disk: a restart asked for twice (the crash's timer, calm()) starts once.
+    if (this.starting || this.live) return;
     const g = this.group;
     const inc = ++this.inc;
     this.down = false;
@@ -109,7 +111,7 @@ export class SimPeer implements Endpoint {
       // The process exits; the simulator treats it as a crash (what was not durable may be lost).
       g.noteCrash(this.id);
       this.crash();
-      g.world.after(200, () => void this.start());
+      g.world.after(200, () => void (this.down && this.start()));
     } finally {
       if (inc === this.inc) this.starting = false;
     }
