@@ -503,10 +503,13 @@ export class Migrator {
       const cp = decodeCheckpoint(rec.value);
       const volume = cp && this.o.catalog.volumeById(cp.volumeId);
       const movable = cp && this.o.movable(cp.volumeId);
-      if (!cp || !volume || !movable) {
+      if (!cp || !volume) {
         await this.o.store.deleteRecord(rec.key);
         continue;
       }
+      // The volume is in the catalog but not open here: keep the checkpoint for the next start
+      // (dropping it would leave the move's intent in the catalog for good).
+      if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, cp.page);
       if (route.owner === cp.to && route.version === cp.routeVersion + 1) {
         // Committed before the crash: finish the clean-up.
@@ -530,10 +533,11 @@ export class Migrator {
       const from = (JSON.parse(rec.value.toString()) as { from: string }).from;
       const volume = this.o.catalog.volumeById(volumeId);
       const movable = this.o.movable(volumeId);
-      if (!volume || !movable) {
+      if (!volume) {
         await this.o.store.deleteRecord(rec.key);
         continue;
       }
+      if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, page);
       const intent = await this.o.catalog.moveIntent(volumeId, page);
       if (route.owner === this.o.self) {

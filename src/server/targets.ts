@@ -4,6 +4,7 @@
 // through the catalog. Kept in step with the catalog by its watch; a target is visible only
 // once its store volume is open. Every peer serves every volume.
 
+import { PeersanError } from '../errors';
 import { StampLog } from '../snapshot/stamp-log';
 import type { HybridClock } from '../snapshot/hlc';
 import type { Env } from '../env/env';
@@ -103,6 +104,10 @@ export class VolumeTargets implements TargetDirectory {
       this.byId.get(id)?.keeper.watched(state, ev.type === 'put' ? ev.record.version : 0);
     });
     for (const v of catalog.listVolumes()) await this.apply(v.name, v);
+    // A peer serves only once it has every volume open: moves in flight resume next
+    // (migrator.recover), and they need their volumes. A catalog out of reach fails the start.
+    const unopened = catalog.listVolumes().filter((v) => !this.byId.has(v.id)).map((v) => v.name);
+    if (unopened.length > 0) throw new PeersanError(`could not open volume ${unopened.join(', ')} (the catalog did not answer); not serving until it can`);
     // A volume deleted while this peer was down: free its pages now.
     const known = new Set(catalog.listVolumes().map((v) => v.id));
     for (const id of await store.storedVolumeIds()) {
