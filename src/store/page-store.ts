@@ -11,8 +11,8 @@
 // - A write is acknowledged once its data and the map that points to it were handed to the
 //   OS (they survive kill -9). FUA and flush() fdatasync the data file BEFORE syncing the
 //   LevelDB log, so a durable map never points at data that is not durable. A FUA write in
-//   place syncs the log too when maps were put without sync since the last synced commit (its
-//   grain's map may be one of them).
+//   place syncs the log too when a map commit requested before it is not durable yet (its
+//   grain's map may be in it).
 // - A power loss may keep an unsynced map and lose the unsynced data it points at, so a new
 //   slot whose loss would not read as the grain's previous contents (a reused slot, or one
 //   replacing a grain shared with a snapshot) is fdatasynced BEFORE its map is handed over.
@@ -211,9 +211,9 @@ export class StoreVolume implements BlockBackend {
   private readonly allocating = new Map<number, Allocation>();
   private commitPending: Commit | undefined;
   private committing: Promise<void> = Promise.resolve();
-  /** Commits requested without sync so far, and how many of those the last synced commit covered. */
-  private unsyncedRequests = 0;
-  private unsyncedRequestsSynced = 0;
+  /** Map commits requested so far, and how many of those a completed synced commit covered. */
+  private commitRequests = 0;
+  private commitRequestsDurable = 0;
   private readonly lock = new SharedLock();
   private closed = false;
 
@@ -336,28 +336,28 @@ export class StoreVolume implements BlockBackend {
     }
     for (const page of pages) commit.pages.add(page);
     if (sync) commit.sync = true;
-    else this.unsyncedRequests++;
+    this.commitRequests++;
     return commit.done;
   }
 
   /**
-   * Whether a map handed (or about to be handed) to LevelDB without sync may not survive a
-   * power loss yet. Counted when requested: a write whose new slot was just filled requests its
-   * commit before any later write to that grain can finish its own I/O.
+   * Whether a map requested for commit may not survive a power loss yet: put without sync, or
+   * its synced commit still running. Counted when requested: a write whose new slot was just
+   * filled requests its commit before any later write to that grain can finish its own I/O.
    */
-  private mapsUnsynced(): boolean {
-    return this.unsyncedRequests > this.unsyncedRequestsSynced;
+  private mapsNotDurable(): boolean {
+    return this.commitRequests > this.commitRequestsDurable;
   }
 
   private async runCommit(c: Commit): Promise<void> {
     if (this.commitPending === c) this.commitPending = undefined;
     // Requests made from here on join the next commit; a synced one covers every op before it.
-    const covers = this.unsyncedRequests;
+    const covers = this.commitRequests;
     const ops: LayerOp[] = this.layers.takeDirtyOps();
     for (const page of c.pages) ops.push(this.pageOp(page));
     if (ops.length > 0) await this.db.batch(ops, { sync: c.sync });
     else if (c.sync) await this.db.put(`sync/${this.volumeId}`, Buffer.alloc(0), { sync: true });
-    if (c.sync) this.unsyncedRequestsSynced = Math.max(this.unsyncedRequestsSynced, covers);
+    if (c.sync) this.commitRequestsDurable = Math.max(this.commitRequestsDurable, covers);
   }
 
   private pageOp(page: number): LayerOp {
@@ -538,9 +538,10 @@ export class StoreVolume implements BlockBackend {
     if (opts.fua) await this.file.datasync();
     // The data is in place (durable first when FUA); now the maps that point at it. A released
     // slot may be reused only once the map without it is durable. A FUA write in place relies on
-    // maps that earlier writes may have put without sync: a synced commit makes them durable.
+    // maps that earlier writes requested and that may not be durable yet (put without sync, or
+    // their synced commit still running): a synced commit after theirs makes them durable.
     if (newPages.size > 0) await this.persistPages(newPages, opts.fua === true || released.length > 0);
-    else if (opts.fua && this.mapsUnsynced()) await this.persistPages([], true);
+    else if (opts.fua && this.mapsNotDurable()) await this.persistPages([], true);
     this.freeReleased(released);
   }
 
