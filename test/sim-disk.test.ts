@@ -372,17 +372,19 @@ t.test('the history checker fails on lost durable writes and on foreign data (ne
 // Crash-ordering bugs this simulation found in the page store; each seed fails without its fix.
 const regressions: [seed: number, what: string][] = [
   // A first write to a grain put its map without sync; a FUA write into that grain was acknowledged
-  // after an fdatasync of the data alone; the power loss dropped the map: "block 37 lost durable op 59 (reads zeros)".
-  [40, 'a FUA write in place syncs the maps earlier writes put without sync'],
-  // Same, but the earlier write's synced commit was still running when the FUA write checked
-  // (only unsynced requests were counted): "block 75 lost durable op 25 (reads zeros)".
-  [230, 'a FUA write in place waits for a synced map commit still running'],
+  // after an fdatasync of the data alone; the power loss dropped the map: "block 6 lost durable op 12 (reads zeros)".
+  [26, 'a FUA write in place syncs the maps earlier writes put without sync'],
+  // A write in place into a slot another write had just filled was acknowledged before that write
+  // handed the slot's map over (it was still in its FUA fdatasync); a flush acknowledged after it
+  // synced the log without that map: "block 98 lost durable op 59 (reads zeros)". (A kill -9 there
+  // loses it too.)
+  [2182, 'a write in place into a new slot waits until the slot\'s map was handed over'],
   // A write into a slot freed by an unmap put its map without sync; the power loss kept the map
-  // and lost the slot's new bytes: "block 42 shows block 90's data (write 1)".
-  [133, 'a reused slot is durable before its map is handed to LevelDB'],
+  // and lost the slot's new bytes: "block 28 shows block 44's data (write 9)".
+  [54, 'a reused slot is durable before its map is handed to LevelDB'],
   // Copy-on-write into a fresh slot, same race: the grain read zeros instead of its data, which a
-  // snapshot still shares: "block 48 lost durable op 23 (reads zeros)".
-  [9, 'a fresh slot replacing a snapshot-shared grain is durable before its map is handed to LevelDB'],
+  // snapshot still shares: "block 115 lost durable op 9 (reads zeros)".
+  [8, 'a fresh slot replacing a snapshot-shared grain is durable before its map is handed to LevelDB'],
 ];
 for (const [seed, what] of regressions) {
   t.test(`seed ${seed}: ${what}`, async (t) => {
