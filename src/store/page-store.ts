@@ -10,9 +10,9 @@
 // Ordering rules:
 // - A write is acknowledged once its data and the map that points to it were handed to the
 //   OS (they survive kill -9). FUA and flush() fdatasync the data file BEFORE syncing the
-//   LevelDB log, so a durable map never points at data that is not durable. A FUA write in
-//   place syncs the log too when maps were put without sync since the last synced commit (its
-//   grain's map may be one of them).
+//   LevelDB log, so a durable map never points at data that is not durable. A write in place
+//   into a new slot waits until the slot's map was handed over; a FUA write then syncs the log
+//   too when a map commit requested before it is not durable yet (its grain's may be in it).
 // - A power loss may keep an unsynced map and lose the unsynced data it points at, so a new
 //   slot whose loss would not read as the grain's previous contents (a reused slot, or one
 //   replacing a grain shared with a snapshot) is fdatasynced BEFORE its map is handed over.
@@ -145,6 +145,8 @@ interface Allocation {
   done: Promise<void>;
   prevSlot: number;
   prevBorn: number;
+  /** The slot is filled (and durable when it must be): maps handed over from now on show it. */
+  filled: boolean;
 }
 
 /** A group commit of live maps (and every dirty exception page) to LevelDB. */
@@ -211,9 +213,9 @@ export class StoreVolume implements BlockBackend {
   private readonly allocating = new Map<number, Allocation>();
   private commitPending: Commit | undefined;
   private committing: Promise<void> = Promise.resolve();
-  /** Commits requested without sync so far, and how many of those the last synced commit covered. */
-  private unsyncedRequests = 0;
-  private unsyncedRequestsSynced = 0;
+  /** Map commits requested so far, and how many of those a completed synced commit covered. */
+  private commitRequests = 0;
+  private commitRequestsDurable = 0;
   private readonly lock = new SharedLock();
   private closed = false;
 
@@ -336,28 +338,28 @@ export class StoreVolume implements BlockBackend {
     }
     for (const page of pages) commit.pages.add(page);
     if (sync) commit.sync = true;
-    else this.unsyncedRequests++;
+    this.commitRequests++;
     return commit.done;
   }
 
   /**
-   * Whether a map handed (or about to be handed) to LevelDB without sync may not survive a
-   * power loss yet. Counted when requested: a write whose new slot was just filled requests its
-   * commit before any later write to that grain can finish its own I/O.
+   * Whether a map requested for commit may not survive a power loss yet: put without sync, or
+   * its synced commit still running. Counted when requested: a write whose new slot was just
+   * filled requests its commit before any later write to that grain can finish its own I/O.
    */
-  private mapsUnsynced(): boolean {
-    return this.unsyncedRequests > this.unsyncedRequestsSynced;
+  private mapsNotDurable(): boolean {
+    return this.commitRequests > this.commitRequestsDurable;
   }
 
   private async runCommit(c: Commit): Promise<void> {
     if (this.commitPending === c) this.commitPending = undefined;
     // Requests made from here on join the next commit; a synced one covers every op before it.
-    const covers = this.unsyncedRequests;
+    const covers = this.commitRequests;
     const ops: LayerOp[] = this.layers.takeDirtyOps();
     for (const page of c.pages) ops.push(this.pageOp(page));
     if (ops.length > 0) await this.db.batch(ops, { sync: c.sync });
     else if (c.sync) await this.db.put(`sync/${this.volumeId}`, Buffer.alloc(0), { sync: true });
-    if (c.sync) this.unsyncedRequestsSynced = Math.max(this.unsyncedRequestsSynced, covers);
+    if (c.sync) this.commitRequestsDurable = Math.max(this.commitRequestsDurable, covers);
   }
 
   private pageOp(page: number): LayerOp {
@@ -368,7 +370,7 @@ export class StoreVolume implements BlockBackend {
     if (this.allocating.size > 0) {
       const first = page * this.grainsPerPage;
       for (const [grain, a] of this.allocating) {
-        if (grain < first || grain >= first + this.grainsPerPage) continue;
+        if (a.filled || grain < first || grain >= first + this.grainsPerPage) continue;
         map[grain - first] = a.prevSlot;
         map[this.grainsPerPage + grain - first] = a.prevBorn;
       }
@@ -520,7 +522,6 @@ export class StoreVolume implements BlockBackend {
     const blocks = data.length / this.blockBytes;
     for (let p = this.pendingAllocation(lba, blocks); p; p = this.pendingAllocation(lba, blocks)) await p;
     const writes: Promise<unknown>[] = [];
-    const newPages = new Set<number>();
     const released: number[] = [];
     this.forEachRun(
       lba,
@@ -528,27 +529,26 @@ export class StoreVolume implements BlockBackend {
       this.layers.newestEpoch,
       -1,
       (inBuf, pos, bytes) => writes.push(this.file.write(data, inBuf, bytes, pos)),
-      (grain, inBuf, bytes, inGrain) => {
-        writes.push(this.writeNewSlot(grain, data.subarray(inBuf, inBuf + bytes), inGrain, released));
-        newPages.add(Math.floor(grain / this.grainsPerPage));
-      },
+      (grain, inBuf, bytes, inGrain) => void writes.push(this.writeNewSlot(grain, data.subarray(inBuf, inBuf + bytes), inGrain, released)),
     );
     if (writes.length === 1) await writes[0];
     else await Promise.all(writes);
+    // The data and the maps of new slots were handed over. FUA: the data durable first, then the
+    // maps it relies on (its own new slots', or those of the writes whose new slots it wrote into
+    // in place: put without sync, or their synced commit still running) by a synced commit after
+    // theirs. A released slot may be reused only once the map without it is durable.
     if (opts.fua) await this.file.datasync();
-    // The data is in place (durable first when FUA); now the maps that point at it. A released
-    // slot may be reused only once the map without it is durable. A FUA write in place relies on
-    // maps that earlier writes may have put without sync: a synced commit makes them durable.
-    if (newPages.size > 0) await this.persistPages(newPages, opts.fua === true || released.length > 0);
-    else if (opts.fua && this.mapsUnsynced()) await this.persistPages([], true);
+    if (released.length > 0 || (opts.fua && this.mapsNotDurable())) await this.persistPages([], true);
     this.freeReleased(released);
   }
 
   /**
    * A write to a grain that needs a new slot: unmapped, or shared with the newest snapshot
    * (copy-on-write). Takes the slot and changes the maps now (so concurrent writers and readers
-   * see it and wait), fills the slot, then lets waiters in. The old slot stays intact: it is the
-   * snapshot's exception now, or released into `released` (freed by the caller when durable).
+   * see it and wait), fills the slot, hands its map to LevelDB (without sync), then lets
+   * waiters in: a write in place into the slot is acknowledged only after the map that makes
+   * it visible was handed over. The old slot stays intact: it is the snapshot's exception now,
+   * or released into `released` (freed by the caller when durable).
    */
   private writeNewSlot(grain: number, part: Buffer, inGrain: number, released: number[]): Promise<void> {
     const prevSlot = this.slotOf(grain);
@@ -562,19 +562,24 @@ export class StoreVolume implements BlockBackend {
     const { slot, reused } = this.takeSlot();
     this.setLive(grain, slot, this.layers.epoch);
     // The allocation masks the new slot in the maps handed to LevelDB (see persistPages) until it
-    // ends. A power loss may keep such an unsynced map and lose the unsynced fill: then the grain
-    // would show the slot's old bytes (another grain's data, or data unmapped for good) or, in a
-    // fresh slot, zeros instead of the grain it replaces (shared with a snapshot). So those fills
-    // are durable before the allocation ends. A fresh slot replacing zeros needs no sync: if its
-    // bytes are lost it reads as the zeros it replaced.
+    // is filled. A power loss may keep such an unsynced map and lose the unsynced fill: then the
+    // grain would show the slot's old bytes (another grain's data, or data unmapped for good) or,
+    // in a fresh slot, zeros instead of the grain it replaces (shared with a snapshot). So those
+    // fills are durable before the map is handed over. A fresh slot replacing zeros needs no
+    // sync: if its bytes are lost it reads as the zeros it replaced.
     const durableFirst = reused || prevSlot >= 0;
-    const done = this.fillSlot(slot, reused, prevSlot, part, inGrain)
+    const allocation: Allocation = { done: Promise.resolve(), prevSlot, prevBorn, filled: false };
+    allocation.done = this.fillSlot(slot, reused, prevSlot, part, inGrain)
       .then(() => (durableFirst ? this.file.datasync() : undefined))
+      .then(() => {
+        allocation.filled = true;
+        return this.persistPages([Math.floor(grain / this.grainsPerPage)], false);
+      })
       .then(() => {
         this.allocating.delete(grain);
       });
-    this.allocating.set(grain, { done, prevSlot, prevBorn });
-    return done;
+    this.allocating.set(grain, allocation);
+    return allocation.done;
   }
 
   private async fillSlot(slot: number, reused: boolean, prevSlot: number, part: Buffer, inGrain: number): Promise<void> {

@@ -8,9 +8,10 @@
 //   armed before the crash find a newer generation and do nothing).
 // - Files: a completed write is volatile until a datasync of that file, called after the write
 //   completed, completes (the MediaFile contract, no more: a write still in flight when the
-//   datasync is called, or completing while it runs, stays volatile). At a crash each volatile write survives or not (a coin flip per
-//   write, whole writes, applied in the order they completed). Creating and removing a file
-//   are durable at once. Reads see the latest state; past the end they read zeros.
+//   datasync is called, or completing while it runs, stays volatile). At a crash each volatile
+//   write survives or not (a coin flip per write, whole writes, applied in the order they
+//   completed). Creating and removing a file are durable at once. Reads see the latest state;
+//   past the end they read zeros.
 // - KV: the ops form a log in the order they complete. An op with {sync: true} makes itself and
 //   every op before it durable. At a crash a random PREFIX of the volatile ops survives (a
 //   batch is one op: all or nothing). Reads see the latest state.
@@ -189,7 +190,7 @@ export class SimMedia implements StoreMedia {
     this.kv.crash(this.random);
   }
 
-  /** A slow disk: no operation completes before `monotonicMs` (the `now` clock). */
+  /** A slow disk: no operation completes before `monotonicMs` (the `now` clock), those in flight included. */
   stallUntil(monotonicMs: number): void {
     if (!this.now) throw new Error('SimMedia.stallUntil needs the `now` option');
     this.stalledUntilMs = Math.max(this.stalledUntilMs, monotonicMs);
@@ -207,17 +208,20 @@ export class SimMedia implements StoreMedia {
    * `effect` runs then, and its value or error settles the promise. After a crash it never runs.
    */
   op<T>(generation: number, effect: () => T): Promise<T> {
-    const delayMs = Math.max(this.latencyMs(), this.now ? this.stalledUntilMs - this.now() : 0);
     return new Promise<T>((resolve, reject) => {
-      this.timers.setTimeout(() => {
+      const complete = (): void => {
         if (generation !== this.generation) return;
+        // A stall that began while this operation was in flight holds it too.
+        const stalledMs = this.now ? this.stalledUntilMs - this.now() : 0;
+        if (stalledMs > 0) return void this.timers.setTimeout(complete, stalledMs);
         this.completed++;
         try {
           resolve(effect());
         } catch (err) {
           reject(err);
         }
-      }, delayMs);
+      };
+      this.timers.setTimeout(complete, this.latencyMs());
     });
   }
 
