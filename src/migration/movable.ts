@@ -5,9 +5,11 @@
 // written to both. Host I/O holds a piece shared; the copier and every state change hold it
 // exclusively, so a piece's state never changes under a request.
 //
-// Every request first checks that this peer still owns the pages it touches: a request that
-// was routed here just before a move committed gets PageMovedError and the router re-routes
-// it, instead of writing into a page this peer has given away.
+// Every request first checks that this peer still owns the pages it touches (or is moving
+// them away): the one ownership check of the data path (src/server/data-path.ts says why one
+// suffices). A request routed here by a stale route, or just before a move committed, gets
+// PageMovedError (the page service answers MOVED, our own router re-routes) instead of
+// reaching a page this peer has given away.
 
 import { PeersanError } from '../errors';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply } from '../routing/frame';
@@ -161,6 +163,7 @@ export class MovableVolume extends BackendDecorator {
     return false;
   }
 
+  /** The ownership check; synchronous, so the caller counts the request in before a commit can run. */
   private checkOwned(page: number): void {
     const route = this.o.table.route(page);
     if (route.owner !== this.o.self && !this.moves.has(page)) throw new PageMovedError(page, route);
