@@ -62,14 +62,6 @@ class AlwaysMoved implements BlockBackend {
   }
 }
 
-function cdb10(op: number, lba: number, blocks: number): Buffer {
-  const c = Buffer.alloc(10);
-  c[0] = op;
-  c.writeUInt32BE(lba, 2);
-  c.writeUInt16BE(blocks, 7);
-  return c;
-}
-
 function execute(lu: BlockLogicalUnit, cdb: Buffer, dataOut: Buffer | null = null): Promise<ScsiResult> {
   return lu.execute({ cdb, lun: 0, nexus, taskAttr: 1, expectedDataLength: dataOut?.length ?? cdb.readUInt16BE(7) * bs, dataOut });
 }
@@ -100,7 +92,8 @@ t.test('a local page that keeps answering PageMovedError: routeRetriesMax retrie
     t.equal(refreshes, routeRetriesMax, `${what}: a route no newer than ours makes the router re-read the catalog`);
   }
   const lu = new BlockLogicalUnit({ lun: 0, backend: router, identity: { volumeId, volumeName: 'v', vendor: 'PEERSAN', product: 'p', revision: '0', readOnly: false } });
-  for (const [what, cdb, data] of [['write', cdb10(0x2a, 0, 8), Buffer.alloc(8 * bs)], ['read', cdb10(0x28, 0, 8), null]] as const) {
+  // WRITE (10) and READ (10) of 8 blocks at LBA 0.
+  for (const [what, cdb, data] of [['write', Buffer.from('2a000000000000000800', 'hex'), Buffer.alloc(8 * bs)], ['read', Buffer.from('28000000000000000800', 'hex'), null]] as const) {
     local.calls = 0;
     const r = await execute(lu, cdb, data);
     t.equal(r.status, ScsiStatus.busy, `${what}: the host hears BUSY`);

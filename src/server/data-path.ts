@@ -21,7 +21,8 @@
 //   MovableVolume       THE ownership check, and pages moving away piece by piece (migration).
 //   StampLog            records changes for a timestamp snapshot, right above the store, so it
 //                       sees every change in the store's order: host writes, forwarded writes and
-//                       a move's staging writes alike (`raw`, which the migrator and staging use).
+//                       a move's copies and staging writes alike. It is the `raw` those use, below
+//                       the owner meter: migration traffic is not host load.
 //   StoreVolume         the page store.
 //
 // Ownership is checked once, in MovableVolume, at a request's entry: it reads the route table
