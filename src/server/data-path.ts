@@ -28,11 +28,13 @@
 // Ownership is checked once, in MovableVolume, at a request's entry: it reads the route table
 // (the catalog's in-memory copy, shared by the router, the page service and the catalog watch)
 // and its own map of pages moving away, and in the same synchronous step counts the request as
-// active on its pages, before anything awaits. JavaScript runs one step at a time, so a commit
-// (route learned, then MovableVolume.end) falls wholly before the check (PageMovedError: the
-// router re-routes) or wholly after it (the move's begin() waited for the request, or the
-// request holds its piece lock and is forwarded to the destination). Nothing above needs to
-// check again: the router's choice of "local" and the sender's route are only guesses this
+// active on its pages (or queues it on its pieces' locks), before anything awaits. JavaScript
+// runs one step at a time, and a commit's two steps (the route learned, Catalog.setRoute; later
+// MovableVolume.end) each fall wholly before or after that check. Before the route is learned
+// the page is ours; between the two the page is still in the moving map, so the request takes
+// its piece lock and is forwarded to the destination; after end() it gets PageMovedError and
+// is re-routed. A move's begin() waits for the requests counted active. So nothing above needs
+// to check again: the router's choice of "local" and the sender's route are only guesses this
 // check corrects. The one thing the page service adds is the sender's knowledge: a sender that
 // routed by a newer route version than our table holds makes it re-read those routes from the
 // catalog first (our watch may lag), so the check decides by them.
