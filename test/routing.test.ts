@@ -13,6 +13,8 @@ import { PageService } from '../src/routing/page-service';
 import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
 import { realEnv } from '../src/env/real';
 import { RouteTable, type Route } from '../src/routing/table';
+import { buildDataPath, type DataPath } from '../src/server/data-path';
+import { HybridClock } from '../src/snapshot/hlc';
 import { MemoryBackend } from './helpers/memory-backend';
 
 const log = pino({ level: 'silent' });
@@ -114,26 +116,34 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
   t.equal(shared[7 + replyFrameBytes(reply)], 0xee, 'nothing written after the frame');
 });
 
-/** Three peers in memory: each has a store, a route table of its own and a PageService. */
+/**
+ * Three peers in memory: each has a store, a route table of its own, the volume's data path
+ * over them as a peer builds it (src/server/data-path.ts) and a PageService.
+ */
 function group(opts: { down?: Set<string> } = {}) {
   const catalog = new Map<number, Route>(); // the "catalog": the truth about moved pages
   const peers = ['p1', 'p2', 'p3'];
   const blockCount = 6 * pageBlocks;
-  const nodes = new Map<string, { store: MemoryBackend; table: RouteTable; service: PageService }>();
+  const nodes = new Map<string, { store: MemoryBackend; table: RouteTable; service: PageService; path: DataPath }>();
   const refresh = (table: RouteTable) => async (page: number): Promise<Route> => {
     const r = catalog.get(page);
     if (r) table.learn(page, r);
     return table.route(page);
   };
-  for (const id of peers) {
-    const store = new MemoryBackend(512, blockCount, 8);
-    const table = new RouteTable(peers, pageBlocks, new Map());
-    const service = new PageService({ self: id, volume: (v) => (v === volumeId ? { table, store, raw: store, receiving: (p: number) => table.route(p).owner === id, snapshot: () => undefined, refresh: refresh(table) } : undefined), log });
-    nodes.set(id, { store, table, service });
-  }
   const counters = newRoutingCounters();
   const sent: string[] = [];
   let nextId = 1;
+  const env = realEnv();
+  for (const id of peers) {
+    const store = new MemoryBackend(512, blockCount, 8);
+    const table = new RouteTable(peers, pageBlocks, new Map());
+    const path = buildDataPath({
+      self: id, volumeId, table, stored: store, refresh: refresh(table), receiving: () => false, snapshot: () => undefined,
+      link: (to) => link(to), counters, env, clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20,
+    });
+    const service = new PageService({ self: id, volume: (v) => (v === volumeId ? path.served : undefined), log });
+    nodes.set(id, { store, table, service, path });
+  }
   const link = (to: string): BlockSender => ({
     send: async (req) => {
       sent.push(to);
@@ -143,10 +153,7 @@ function group(opts: { down?: Set<string> } = {}) {
       return decodeReply(encodeReply(await nodes.get(to)!.service.handle(decoded)))!;
     },
   });
-  const router = (id: string): VolumeRouter => {
-    const n = nodes.get(id)!;
-    return new VolumeRouter({ self: id, volumeId, table: n.table, local: n.store, link, refresh: refresh(n.table), counters, env: realEnv() });
-  };
+  const router = (id: string): VolumeRouter => nodes.get(id)!.path.router;
   /** Move a page in the "catalog" and tell only the peers listed (the others keep a stale route). */
   const move = (page: number, owner: string, tell: string[]): void => {
     const r = { owner, version: (catalog.get(page)?.version ?? 1) + 1 };

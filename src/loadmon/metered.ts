@@ -4,7 +4,10 @@
 //   peer serves as page owner is counted per page, per volume and for the peer.
 // - MeteredLogicalUnit wraps a target's logical unit, so every command a host session sends
 //   to this peer's portal is counted per session (the command's Nexus names the session).
-// Both pass results and errors through untouched; a failed request still counts (it took time).
+// Both pass results and errors through untouched; a failed request still counts (it took time),
+// and so does one the store refuses MOVED (the ownership check sits below the meter,
+// src/server/data-path.ts): once per stale route, and the balancer weighs a page's load
+// by its current owner anyway.
 
 import type { LogicalUnit, Nexus, ScsiCommand, ScsiResult } from '../scsi/types';
 import { BackendDecorator } from '../store/decorator';

@@ -5,9 +5,11 @@
 // written to both. Host I/O holds a piece shared; the copier and every state change hold it
 // exclusively, so a piece's state never changes under a request.
 //
-// Every request first checks that this peer still owns the pages it touches: a request that
-// was routed here just before a move committed gets PageMovedError and the router re-routes
-// it, instead of writing into a page this peer has given away.
+// Every request first checks that this peer still owns the pages it touches (or is moving
+// them away): the one ownership check of the data path (src/server/data-path.ts says why one
+// suffices). A request routed here by a stale route, or just before a move committed, gets
+// PageMovedError (the page service answers MOVED, our own router re-routes) instead of
+// reaching a page this peer has given away.
 
 import { PeersanError } from '../errors';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply } from '../routing/frame';
@@ -135,7 +137,7 @@ export class MovableVolume extends BackendDecorator {
     await this.eachPart(lba, blocks, async (p) => {
       const move = this.moves.get(p.page);
       if (!move) {
-        out[p.offsetBlocks] = await this.pass(p.lba, p.blocks, () => this.raw.lbaStatus(p.lba, p.blocks));
+        out[p.offsetBlocks] = await this.counted(p.lba, p.blocks, () => this.raw.lbaStatus(p.lba, p.blocks));
         return;
       }
       await Promise.all(
@@ -161,16 +163,28 @@ export class MovableVolume extends BackendDecorator {
     return false;
   }
 
-  private checkOwned(page: number): void {
+  /**
+   * The ownership check: why the page may not be served here, or undefined. Synchronous, so
+   * the caller counts the request in (or takes its piece lock's turn) before a commit can run.
+   */
+  private notOwned(page: number): PageMovedError | undefined {
     const route = this.o.table.route(page);
-    if (route.owner !== this.o.self && !this.moves.has(page)) throw new PageMovedError(page, route);
+    return route.owner !== this.o.self && !this.moves.has(page) ? new PageMovedError(page, route) : undefined;
   }
 
-  /** A request on pages not moving: straight to the store, counted so a move starting now waits for it. */
-  private async pass<T>(lba: number, blocks: number, op: () => Promise<T>): Promise<T> {
+  /** A request on pages not moving: checked, then straight to the store (counted). */
+  private pass<T>(lba: number, blocks: number, op: () => Promise<T>): Promise<T> {
+    for (let page = this.pageOf(lba), last = this.pageOf(lba + blocks - 1); page <= last; page++) {
+      const moved = this.notOwned(page);
+      if (moved) return Promise.reject(moved);
+    }
+    return this.counted(lba, blocks, op);
+  }
+
+  /** A part of a request eachPart() checked, on a page not moving: counted so a move starting now waits for it. */
+  private async counted<T>(lba: number, blocks: number, op: () => Promise<T>): Promise<T> {
     const first = this.pageOf(lba);
     const last = this.pageOf(lba + blocks - 1);
-    for (let page = first; page <= last; page++) this.checkOwned(page);
     for (let page = first; page <= last; page++) this.active.set(page, (this.active.get(page) ?? 0) + 1);
     try {
       return await op();
@@ -197,9 +211,13 @@ export class MovableVolume extends BackendDecorator {
     return this.o.table.split(lba, blocks);
   }
 
+  /** Every page checked first (a request is refused whole, before any part runs), then `fn` on each part. */
   private async eachPart(lba: number, blocks: number, fn: (p: Part) => Promise<void>): Promise<void> {
     const parts = this.partsOf(lba, blocks);
-    for (const p of parts) this.checkOwned(p.page);
+    for (const p of parts) {
+      const moved = this.notOwned(p.page);
+      if (moved) throw moved;
+    }
     await Promise.all(parts.map(fn));
   }
 
@@ -225,7 +243,7 @@ export class MovableVolume extends BackendDecorator {
     await this.eachPart(lba, blocks, async (p) => {
       const move = this.moves.get(p.page);
       if (!move) {
-        (await this.pass(p.lba, p.blocks, () => this.raw.read(p.lba, p.blocks))).copy(out, p.offsetBlocks * bs);
+        (await this.counted(p.lba, p.blocks, () => this.raw.read(p.lba, p.blocks))).copy(out, p.offsetBlocks * bs);
         return;
       }
       await Promise.all(
@@ -243,7 +261,7 @@ export class MovableVolume extends BackendDecorator {
 
   private async writePart(p: Part, data: Buffer, opts: WriteOptions, locked: boolean): Promise<void> {
     const move = this.moves.get(p.page);
-    if (!move) return this.pass(p.lba, p.blocks, () => this.raw.write(p.lba, data, opts));
+    if (!move) return this.counted(p.lba, p.blocks, () => this.raw.write(p.lba, data, opts));
     const bs = this.blockBytes;
     await Promise.all(
       segmentsOf(move.pageLba, move.pieceBlocks, p.lba, p.blocks).map((s) =>
@@ -257,7 +275,7 @@ export class MovableVolume extends BackendDecorator {
 
   private async unmapPart(p: Part, opts: WriteOptions, locked: boolean): Promise<void> {
     const move = this.moves.get(p.page);
-    if (!move) return this.pass(p.lba, p.blocks, () => this.raw.unmap(p.lba, p.blocks, opts));
+    if (!move) return this.counted(p.lba, p.blocks, () => this.raw.unmap(p.lba, p.blocks, opts));
     await Promise.all(
       segmentsOf(move.pageLba, move.pieceBlocks, p.lba, p.blocks).map((s) =>
         this.onPiece(move, s, locked, (_fromDest, home) =>

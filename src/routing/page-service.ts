@@ -1,8 +1,10 @@
-// The owner's side of forwarding: answers block frames from other peers out of the local
-// store, after checking that this peer owns every page the request touches. A sender that
-// knows a newer route version than we do makes us re-read the route from the catalog first
-// (our watch may lag); if we still do not own the page we answer MOVED with the route we
-// know, and the sender follows it. The data path never waits on the catalog otherwise.
+// The owner's side of forwarding: answers block frames from other peers out of the volume's
+// served path (src/server/data-path.ts). It decodes and bounds requests; it does not check
+// ownership: the served store does, once (src/migration/movable.ts), and a page this peer does
+// not own comes back as PageMovedError, answered MOVED with the route we know, which the sender
+// follows. A sender that knows a newer route version than we do makes us re-read the route
+// from the catalog first (our watch may lag), so that check decides by it. The data path
+// never waits on the catalog otherwise.
 //
 // The sender may be buggy or hostile. frame.ts checks what a frame means alone; here every
 // request is checked against the volume (range, blocks × block size within the bounds of
@@ -20,11 +22,11 @@ import type { BlockBackend, WriteOptions } from '../store/types';
 import { FrameBatcher, splitBatch } from './batch';
 import { PageMovedError } from './moved';
 import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, failure, replyFrameBytes, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
-import type { Route, RouteTable } from './table';
+import { initialRouteVersion, type Route, type RouteTable } from './table';
 
 export interface ServedVolume {
   table: RouteTable;
-  /** This peer's pages of the volume, moves included (src/migration/movable.ts). */
+  /** This peer's pages of the volume, moves included (src/migration/movable.ts); PageMovedError for a page it does not own. */
   store: BlockBackend;
   /** The local store itself: what a move's staging traffic reads and writes. */
   raw: BlockBackend;
@@ -32,6 +34,7 @@ export interface ServedVolume {
   receiving(page: number): boolean;
   /** This peer's layer of the volume's snapshot `seq` (read-only), if it holds one. */
   snapshot(seq: number): BlockBackend | undefined;
+  /** Re-read the page's route from the catalog into `table` (what `store` checks ownership by). */
   refresh(page: number): Promise<Route>;
 }
 
@@ -72,12 +75,12 @@ export class PageService {
   }
 
   handle(req: BlockRequest, v = this.o.volume(req.volumeId)): Promise<BlockReply> {
-    // The common case, a host request for pages we own by a route the sender also knows,
-    // goes straight to the store: no catalog look-up, no extra promise.
+    // The common case, a host request by routes no newer than ours, goes straight to the
+    // store (which checks ownership): no catalog look-up, no extra promise.
     try {
       if (!v || req.op === BlockOp.flush) return this.handleSlowly(req, v, undefined);
       const refused = this.refusal(v, req);
-      if (!req.layer && !req.staging && refused === undefined && this.ownsAll(v, req)) return this.serve(req, v.store);
+      if (!req.layer && !req.staging && refused === undefined && !this.senderAhead(v, req)) return this.serve(req, v.store);
       return this.handleSlowly(req, v, refused);
     } catch (err) {
       return Promise.reject(err);
@@ -108,16 +111,17 @@ export class PageService {
     }
   }
 
-  /** True when our table says we own every page the request touches, at least at the sender's version. */
-  private ownsAll(v: ServedVolume, req: BlockRequest): boolean {
+  /** True when the sender routed by a newer version of a touched page than our table holds. */
+  private senderAhead(v: ServedVolume, req: BlockRequest): boolean {
+    // Every route is at least at the initial version: pages that never moved need no look.
+    if (req.routeVersion <= initialRouteVersion) return false;
     for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
-      const route = v.table.route(page);
-      if (route.owner !== this.o.self || req.routeVersion > route.version) return false;
+      if (req.routeVersion > v.table.route(page).version) return true;
     }
-    return true;
+    return false;
   }
 
-  /** Run on the store; a page that moved under us (src/migration) is answered MOVED. */
+  /** Run on the store; a page this peer does not own (the store's check, src/migration/movable.ts) is answered MOVED. */
   private serve(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
     return this.run(req, store).catch((err: unknown) => {
       if (!(err instanceof PageMovedError)) throw err;
@@ -155,8 +159,7 @@ export class PageService {
       }
       store = v.raw;
     } else {
-      const moved = await this.notMine(v, req);
-      if (moved) return reply(ReplyStatus.moved, { owner: moved.route.owner, version: moved.route.version, detail: moved.page });
+      await this.catchUp(v, req);
     }
     return this.serve(req, store);
   }
@@ -200,16 +203,11 @@ export class PageService {
     return this.reply(req, ReplyStatus.failed, failure(kind, err instanceof Error ? err.message : String(err)));
   }
 
-  /** The first touched page we do not own (after a catalog re-read if the sender knows newer). */
-  private async notMine(v: ServedVolume, req: BlockRequest): Promise<{ page: number; route: Route } | undefined> {
-    const first = v.table.pageOf(req.lba);
-    const last = v.table.pageOf(req.lba + req.blocks - 1);
-    for (let page = first; page <= last; page++) {
-      let route = v.table.route(page);
-      if (req.routeVersion > route.version) route = await v.refresh(page);
-      if (route.owner !== this.o.self) return { page, route };
+  /** Re-read from the catalog the touched pages' routes the sender knows newer than our table. */
+  private async catchUp(v: ServedVolume, req: BlockRequest): Promise<void> {
+    for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
+      if (req.routeVersion > v.table.route(page).version) await v.refresh(page);
     }
-    return undefined;
   }
 
   /**

@@ -2,7 +2,9 @@
 // runs of consecutive pages with the same owner; runs this peer owns go straight to the
 // local store (no RPC), the others are forwarded to their owner, all runs in parallel. An
 // owner that no longer owns a page answers MOVED {owner, version}: the router learns the
-// newer route and re-runs just that part (at most routeRetriesMax times); hosts never see it.
+// newer route and re-runs just that part, in one loop bounded by routeRetriesMax (each());
+// hosts never see it, unless the route stays in flux past the bound (BUSY). The router only
+// picks owners from its table: ownership is checked by the owner's store (src/server/data-path.ts).
 //
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
@@ -75,43 +77,34 @@ export class VolumeRouter implements BlockBackend {
   }
 
   async read(lba: number, blocks: number): Promise<Buffer> {
-    const runs = this.runsOf(lba, blocks, 0);
-    if (runs.length === 1 && runs[0].owner === this.o.self) {
-      this.o.counters.localRuns++;
-      try {
-        return await this.o.local.read(lba, blocks);
-      } catch (err) {
-        if (!(err instanceof PageMovedError)) throw err;
-        await this.learn(err.page, err.route);
-        return this.read(lba, blocks);
-      }
-    }
+    let runs = this.runsOf(lba, blocks, 0);
+    let tries = 0;
     if (runs.length === 1) {
-      // One owner, not us (the forwarded common case): one request, no per-run closures.
-      const reply = await this.forwardOnce(runs[0], BlockOp.read, false);
-      if (reply.status === ReplyStatus.ok) return this.readData(runs[0], this.payload(reply));
-      if (reply.status === ReplyStatus.moved) {
-        await this.learnMoved(runs[0], reply);
-        return this.readRuns(lba, blocks, this.runsOf(lba, blocks, 0), 1);
+      // One owner (the common case): its first try without the loop's closures.
+      const run = runs[0];
+      try {
+        if (run.owner === this.o.self) {
+          this.o.counters.localRuns++;
+          return await this.o.local.read(lba, blocks);
+        }
+        const reply = await this.forwardOnce(run, BlockOp.read, false);
+        if (this.answered(run, reply)) return this.readData(run, this.payload(reply));
+      } catch (err) {
+        tries = await this.followMoved(err, tries);
+        runs = this.runsOf(lba, blocks, 0);
       }
-      if (reply.status !== ReplyStatus.noVolume) this.expectOk(reply);
     }
-    return this.readRuns(lba, blocks, runs, 0);
-  }
-
-  private async readRuns(lba: number, blocks: number, runs: Run[], tries: number): Promise<Buffer> {
-    let single: Buffer | undefined;
-    const out = runs.length === 1 ? undefined : Buffer.allocUnsafe(blocks * this.blockBytes);
+    let whole: Buffer | undefined;
     await this.each(
       runs,
       async (run) => {
         const data = this.readData(run, run.owner === this.o.self ? await this.o.local.read(run.lba, run.blocks) : this.payload(await this.forward(run, BlockOp.read, false)));
-        if (out) data.copy(out, run.offsetBlocks * this.blockBytes);
-        else single = data;
+        if (run.blocks === blocks) whole = data;
+        else data.copy((whole ??= Buffer.allocUnsafe(blocks * this.blockBytes)), run.offsetBlocks * this.blockBytes);
       },
       tries,
     );
-    return out ?? single!;
+    return whole!;
   }
 
   private readData(run: Run, data: Buffer): Buffer {
@@ -121,26 +114,20 @@ export class VolumeRouter implements BlockBackend {
 
   async write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
     const bs = this.blockBytes;
-    const runs = this.runsOf(lba, data.length / bs, 0);
-    if (runs.length === 1 && runs[0].owner === this.o.self) {
-      this.o.counters.localRuns++;
-      try {
-        return await this.o.local.write(lba, data, opts);
-      } catch (err) {
-        if (!(err instanceof PageMovedError)) throw err;
-        await this.learn(err.page, err.route);
-        return this.write(lba, data, opts);
-      }
-    }
+    let runs = this.runsOf(lba, data.length / bs, 0);
     let tries = 0;
     if (runs.length === 1) {
-      const reply = await this.forwardOnce(runs[0], BlockOp.write, opts.fua === true, data, opts.stamp);
-      if (reply.status === ReplyStatus.ok) return;
-      if (reply.status !== ReplyStatus.moved && reply.status !== ReplyStatus.noVolume) return this.expectOk(reply);
-      if (reply.status === ReplyStatus.moved) {
-        await this.learnMoved(runs[0], reply);
-        runs.splice(0, 1, ...this.runsOf(lba, data.length / bs, 0));
-        tries = 1;
+      // One owner (the common case): its first try without the loop's closures.
+      const run = runs[0];
+      try {
+        if (run.owner === this.o.self) {
+          this.o.counters.localRuns++;
+          return await this.o.local.write(lba, data, opts);
+        }
+        if (this.answered(run, await this.forwardOnce(run, BlockOp.write, opts.fua === true, data, opts.stamp))) return;
+      } catch (err) {
+        tries = await this.followMoved(err, tries);
+        runs = this.runsOf(lba, data.length / bs, 0);
       }
     }
     await this.each(
@@ -163,28 +150,26 @@ export class VolumeRouter implements BlockBackend {
 
   async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions = {}): Promise<CompareAndWriteResult> {
     const blocks = data.length / this.blockBytes;
-    for (let tries = 0; ; tries++) {
-      const runs = this.runsOf(lba, blocks, 0);
-      if (runs.length > 1) return this.compareThenWrite(lba, compare, data, opts);
-      const run = runs[0];
-      if (run.owner === this.o.self) {
-        try {
-          return await this.o.local.compareAndWrite(lba, compare, data, opts);
-        } catch (err) {
-          if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
-          await this.learn(err.page, err.route);
-          continue;
+    const runs = this.runsOf(lba, blocks, 0);
+    let result: CompareAndWriteResult | undefined;
+    if (runs.length === 1) {
+      await this.each(runs, async (run) => {
+        // A route learned from MOVED cut the blocks in two: every part ends here, the fallback below runs.
+        if (run.blocks !== blocks) return;
+        if (run.owner === this.o.self) {
+          result = await this.o.local.compareAndWrite(lba, compare, data, opts);
+          return;
         }
-      }
-      const reply = await this.send(run.owner, this.request(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), compare.length, opts.stamp));
-      this.o.counters.forwardedRuns++;
-      if (reply.status === ReplyStatus.miscompare) return { ok: false, miscompareOffsetBytes: reply.detail };
-      if (reply.status !== ReplyStatus.moved || tries >= routeRetriesMax) {
+        const reply = await this.forward(run, BlockOp.compareAndWrite, opts.fua === true, Buffer.concat([compare, data]), opts.stamp, compare.length);
+        if (reply.status === ReplyStatus.miscompare) {
+          result = { ok: false, miscompareOffsetBytes: reply.detail };
+          return;
+        }
         this.expectOk(reply);
-        return { ok: true };
-      }
-      await this.learnMoved(run, reply);
+        result = { ok: true };
+      });
     }
+    return result ?? this.compareThenWrite(lba, compare, data, opts);
   }
 
   /** The non-atomic fallback for a COMPARE AND WRITE whose blocks have two owners. */
@@ -258,26 +243,43 @@ export class VolumeRouter implements BlockBackend {
     return runs;
   }
 
-  /** Run `step` for every run in parallel; a run that hits MOVED is re-cut with the new route and re-run. */
+  /**
+   * The MOVED loop, the one every operation's retries go through. Round by round, `step` runs
+   * on every run in parallel; a run that meets MOVED (PageMovedError from our own store, or an
+   * owner's answer, forward()) has the route learned, and is re-cut by it and run again in the
+   * next round. Runs that succeeded are done: a write part is never written twice. Rounds after
+   * the first are bounded by routeRetriesMax (counted from `tries`, the rounds a caller's first
+   * try used); past it the PageMovedError goes up, and the host hears BUSY (moved.ts).
+   */
   private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0): Promise<void> {
-    const attempt = async (run: Run): Promise<void> => {
-      if (run.owner === this.o.self) this.o.counters.localRuns++;
-      try {
-        await step(run);
-      } catch (err) {
-        if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
-        await this.learn(err.page, err.route);
-        await this.each(this.runsOf(run.lba, run.blocks, run.offsetBlocks), step, tries + 1);
-      }
-    };
-    if (runs.length === 1) return attempt(runs[0]);
-    await Promise.all(runs.map(attempt));
+    for (let round = runs, n = tries; round.length > 0; n++) {
+      const moved: Run[] = [];
+      const attempt = async (run: Run): Promise<void> => {
+        if (run.owner === this.o.self) this.o.counters.localRuns++;
+        try {
+          await step(run);
+        } catch (err) {
+          await this.followMoved(err, n);
+          moved.push(run);
+        }
+      };
+      if (round.length === 1) await attempt(round[0]);
+      else await Promise.all(round.map(attempt));
+      round = moved.flatMap((run) => this.runsOf(run.lba, run.blocks, run.offsetBlocks));
+    }
   }
 
-  private async learn(page: number, route: Route): Promise<void> {
+  /**
+   * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
+   * unless it is a PageMovedError with retries left; then its route is learned and the next
+   * try's count returned.
+   */
+  private async followMoved(err: unknown, tries: number): Promise<number> {
+    if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
     this.o.counters.movedRetries++;
     // An answer no newer than what we know means our own table is behind the catalog.
-    if (!this.o.table.learn(page, route)) await this.o.refresh(page);
+    if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+    return tries + 1;
   }
 
   private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0, stamp = 0): Omit<BlockRequest, 'id'> {
@@ -304,9 +306,10 @@ export class VolumeRouter implements BlockBackend {
     return this.o.link(run.owner).send(this.request(run, op, fua, data, 0, stamp));
   }
 
-  private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
+  /** Send to the run's owner (waiting for one that has not opened the volume yet); MOVED throws PageMovedError. */
+  private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number, compareBytes = 0): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    const reply = await this.send(run.owner, this.request(run, op, fua, data, 0, stamp));
+    const reply = await this.send(run.owner, this.request(run, op, fua, data, compareBytes, stamp));
     if (reply.status === ReplyStatus.moved) throw this.movedOf(run, reply);
     return reply;
   }
@@ -324,9 +327,15 @@ export class VolumeRouter implements BlockBackend {
     return new PageMovedError(page, { owner: reply.owner, version: reply.version });
   }
 
-  private learnMoved(run: Run, reply: BlockReply): Promise<void> {
-    const moved = this.movedOf(run, reply);
-    return this.learn(moved.page, moved.route);
+  /**
+   * A first try's answer: true when ok, false when the owner has not opened the volume yet
+   * (the loop's forward() waits for it); MOVED throws PageMovedError, anything else its error.
+   */
+  private answered(run: Run, reply: BlockReply): boolean {
+    if (reply.status === ReplyStatus.ok) return true;
+    if (reply.status === ReplyStatus.noVolume) return false;
+    if (reply.status === ReplyStatus.moved) throw this.movedOf(run, reply);
+    throw replyError(reply.owner || '?', reply);
   }
 
   /** A non-ok answer as an error of the owner's kind (frame.ts replyError), so the host hears the owner's meaning. */

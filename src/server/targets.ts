@@ -1,11 +1,12 @@
 // The TargetDirectory the portal serves: one target per catalog volume, LUN 0 a
-// BlockLogicalUnit whose backend is the volume's router (local pages from this peer's store,
-// the rest forwarded to their owners) and whose reservations are shared by the whole group
+// BlockLogicalUnit whose backend is the volume's host path (data-path.ts: the snapshot gate
+// over the router; local pages from this peer's store, the rest forwarded to their owners),
+// under the host sessions' meter, and whose reservations are shared by the whole group
 // through the catalog. Kept in step with the catalog by its watch; a target is visible only
 // once its store volume is open. Every peer serves every volume.
 
 import { PeersanError } from '../errors';
-import { StampLog } from '../snapshot/stamp-log';
+import type { StampLog } from '../snapshot/stamp-log';
 import type { HybridClock } from '../snapshot/hlc';
 import type { Env } from '../env/env';
 import { stampLogBytesMax } from '../snapshot/service';
@@ -14,33 +15,27 @@ import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
-import { MovableVolume } from '../migration/movable';
-import { VolumeGate } from '../snapshot/gate';
+import type { MovableVolume } from '../migration/movable';
+import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
-import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
-import type { Route } from '../routing/table';
+import type { BlockSender, RoutingCounters, VolumeRouter } from '../routing/router';
 import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
 import type { PageStore, StoreVolume } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
-import { MeteredBackend, MeteredLogicalUnit } from '../loadmon/metered';
+import { MeteredLogicalUnit } from '../loadmon/metered';
 import type { LoadMonitor } from '../loadmon/monitor';
+import { buildDataPath, type DataPath } from './data-path';
 
 export const productRevision = '0.2';
 
 interface Entry {
   record: VolumeRecord;
   volume: StoreVolume;
-  /** The store volume plus the pages moving away from this peer. */
-  movable: MovableVolume;
-  /** Host I/O entering this peer for the volume: a barrier snapshot holds it here. */
-  gate: VolumeGate;
-  router: VolumeRouter;
-  served: ServedVolume;
-  /** Records changes for timestamp snapshots, right above the store. */
-  stampLog: StampLog;
+  /** The volume's layers on this peer, host path and served path (data-path.ts). */
+  path: DataPath;
   keeper: SharedReservationKeeper;
   lu: BlockLogicalUnit;
   target: TargetInfo;
@@ -162,29 +157,29 @@ export class VolumeTargets implements TargetDirectory {
   private async add(record: VolumeRecord): Promise<void> {
     const { catalog, self } = this.o;
     const stored = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
-    const table = catalog.routes(record);
-    const refresh = (page: number): Promise<Route> => catalog.fetchRoute(record, page);
-    // Moves copy through the store itself (`stored`): migration traffic is not host load.
-    const stampLog = new StampLog(stored, this.o.clock, stampLogBytesMax);
-    const movable = new (this.o.movable ?? MovableVolume)({ self, volumeId: record.id, table, raw: stampLog, link: this.o.link });
-    const volume = this.o.monitor ? new MeteredBackend(movable, this.o.monitor.volume(record.id, record.name, record.pageBlocks)) : movable;
-    const router = new VolumeRouter({ self, volumeId: record.id, table, local: volume, link: this.o.link, refresh, counters: this.o.counters, env: this.o.env });
-    const receiving = (page: number): boolean => this.o.receiving(record.id, page) || table.route(page).owner === self;
-    const gate = new VolumeGate(router, this.o.env, this.o.clock);
+    const { meter, monitor } = this.o;
+    const path = buildDataPath({
+      self, volumeId: record.id, table: catalog.routes(record), stored, link: this.o.link, counters: this.o.counters, env: this.o.env, clock: this.o.clock, stampLogBytesMax,
+      refresh: (page) => catalog.fetchRoute(record, page),
+      receiving: (page) => this.o.receiving(record.id, page),
+      snapshot: (seq) => this.o.snapshots?.layer(record.id, seq),
+      movable: this.o.movable,
+      ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
+      hostMeter: meter && ((backend) => meter(record.name, backend)),
+    });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
     const lu = new BlockLogicalUnit({
       lun: 0,
       identity: { volumeId: record.id, volumeName: record.name, vendor: 'PEERSAN', product: 'peersan volume', revision: productRevision, readOnly: false },
-      backend: this.o.meter ? this.o.meter(record.name, gate) : gate,
+      backend: path.host,
       reservations: keeper,
       // EXTENDED COPY between volumes: the data moves between the peers, never through the host.
       copyTargets: (designator) => this.byDesignator(designator),
       targetName: targetNameFor(record.name),
       log: this.o.log,
     });
-    const snapshot = (seq: number): BlockBackend | undefined => this.o.snapshots?.layer(record.id, seq);
-    const entry: Entry = { record, volume: stored, movable, gate, router, served: { table, store: volume, raw: stampLog, receiving, snapshot, refresh }, stampLog, keeper, lu, target: this.targetInfo(record, lu) };
+    const entry: Entry = { record, volume: stored, path, keeper, lu, target: this.targetInfo(record, lu) };
     this.entries.set(record.name, entry);
     this.byTargetName.set(entry.target.name, entry);
     this.byId.set(record.id, entry);
@@ -207,32 +202,32 @@ export class VolumeTargets implements TargetDirectory {
 
   /** For the page service: the volume as the owner serves it (its local pages). */
   served(volumeId: string): ServedVolume | undefined {
-    return this.byId.get(volumeId)?.served;
+    return this.byId.get(volumeId)?.path.served;
   }
 
   private byDesignator(designator: Buffer): VolumeRouter | undefined {
-    for (const e of this.byId.values()) if (naaIdentifier(e.record.id).equals(designator)) return e.router;
+    for (const e of this.byId.values()) if (naaIdentifier(e.record.id).equals(designator)) return e.path.router;
     return undefined;
   }
 
   /** The volume's block path as this peer's hosts use it (tests, tooling). */
   routerFor(volumeName: string): VolumeRouter | undefined {
-    return this.entries.get(volumeName)?.router;
+    return this.entries.get(volumeName)?.path.router;
   }
 
   /** The block path a host command for the volume takes on this peer: the snapshot gate over the router (tests, tooling). */
   hostPathFor(volumeName: string): BlockBackend | undefined {
-    return this.entries.get(volumeName)?.gate;
+    return this.entries.get(volumeName)?.path.gate;
   }
 
   /** Every volume's gate, by volume name (metrics). */
   gates(): [string, VolumeGate][] {
-    return [...this.entries.entries()].map(([name, e]) => [name, e.gate]);
+    return [...this.entries.entries()].map(([name, e]) => [name, e.path.gate]);
   }
 
   /** The gate host I/O for the volume passes on this peer (barrier snapshots). */
   gate(volumeId: string): VolumeGate | undefined {
-    return this.byId.get(volumeId)?.gate;
+    return this.byId.get(volumeId)?.path.gate;
   }
 
   /** The volume's store on this peer (snapshot layers). */
@@ -242,12 +237,12 @@ export class VolumeTargets implements TargetDirectory {
 
   /** The recorder above the volume's store (timestamp snapshots). */
   stampLog(volumeId: string): StampLog | undefined {
-    return this.byId.get(volumeId)?.stampLog;
+    return this.byId.get(volumeId)?.path.stampLog;
   }
 
   /** The volume's pages on this peer, moves included (the migrator's handle). */
   movable(volumeId: string): MovableVolume | undefined {
-    return this.byId.get(volumeId)?.movable;
+    return this.byId.get(volumeId)?.path.movable;
   }
 
   reservationsOf(volumeId: string): SharedReservationKeeper | undefined {
