@@ -254,9 +254,33 @@ export class Catalog {
     return r ? (JSON.parse(r.value.toString()) as MoveIntent) : undefined;
   }
 
-  async deleteMoveIntent(volumeId: string, page: number): Promise<void> {
-    const r = await this.store.get(moveKey(volumeId, page));
-    if (r) await this.store.delete(r.key, r.version).catch(() => undefined);
+  /**
+   * Remove the intent of THIS move (same source, destination and route version), if it is still
+   * recorded. A move's clean-up can come late (a restart, a slow catalog): by then the page may
+   * have moved on and a new move of it recorded its own intent, which must stay (the simulator
+   * found a late clean-up deleting the next move's intent, seed 98).
+   */
+  async deleteMoveIntent(volumeId: string, page: number, move: Pick<MoveIntent, 'from' | 'to' | 'routeVersion'>): Promise<void> {
+    for (;;) {
+      const r = await this.store.get(moveKey(volumeId, page));
+      if (!r) return;
+      const recorded = JSON.parse(r.value.toString()) as MoveIntent;
+      if (recorded.from !== move.from || recorded.to !== move.to || recorded.routeVersion !== move.routeVersion) return;
+      try {
+        return await this.store.delete(r.key, r.version);
+      } catch (err) {
+        // Changed under us: look again. Anything else (the catalog out of reach) is the caller's to retry.
+        if (!(err instanceof ConflictError)) throw err;
+      }
+    }
+  }
+
+  /** Every recorded move intent (restart recovery looks for this peer's stale ones). */
+  async moveIntents(): Promise<{ volumeId: string; page: number; intent: MoveIntent }[]> {
+    return (await this.store.list(movePrefix)).map((r) => {
+      const [volumeId, page] = r.key.slice(movePrefix.length).split('/');
+      return { volumeId, page: Number(page), intent: JSON.parse(r.value.toString()) as MoveIntent };
+    });
   }
 
   /** Called after every committed change (record undefined: deleted). */

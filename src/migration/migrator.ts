@@ -206,13 +206,19 @@ export class Migrator {
     if (this.closed) throw new PeersanError(`peer ${this.o.self} is stopping`);
     const { pieceBlocks, pieces } = pieceGeometry(volume.pageBlocks, volume.blockBytes, this.o.settings.pieceBytes);
     const cp: MoveCheckpoint = { volumeId: volume.id, page, from: this.o.self, to, routeVersion: route.version, pieces, pieceBlocks, done: 0, state: 'copying', startedAtMs: this.o.env.clock.nowMs() };
-    await this.o.catalog.createMoveIntent(volume, page, { from: cp.from, to, routeVersion: cp.routeVersion, startedAtMs: cp.startedAtMs });
+    try {
+      await this.o.catalog.createMoveIntent(volume, page, { from: cp.from, to, routeVersion: cp.routeVersion, startedAtMs: cp.startedAtMs });
+    } catch (err) {
+      // No answer is no proof it was not recorded: make sure it is not left behind.
+      if (!(err instanceof ConflictError)) void this.forgetIntent(cp);
+      throw err;
+    }
     try {
       await this.o.store.putRecord(checkpointKey(volume.id, page), encodeCheckpoint(cp), true);
       await this.o.rpc.prepare(to, { volumeId: volume.id, page, from: this.o.self, fresh: true });
     } catch (err) {
       await this.o.store.deleteRecord(checkpointKey(volume.id, page)).catch(() => undefined);
-      await this.o.catalog.deleteMoveIntent(volume.id, page);
+      void this.forgetIntent(cp);
       throw err instanceof PeersanError ? err : new PeersanError(`cannot start the move: ${(err as Error).message}`);
     }
     const r = await this.launch(cp, movable, true);
@@ -422,7 +428,7 @@ export class Migrator {
     await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch((err: Error) => {
       this.o.log.warn({ to: cp.to, page: cp.page, reason: err.message }, 'destination did not confirm the commit (it reads the catalog when it returns)');
     });
-    await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page);
+    await this.retrying(r, () => this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp));
     // Every piece is done: whatever still holds a piece lock is being forwarded to D. New
     // requests find the page gone and are re-routed (PageMovedError).
     movable.end(cp.page);
@@ -456,7 +462,7 @@ export class Migrator {
       }));
     }
     await this.retrying(r, () => this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }));
-    await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page);
+    await this.retrying(r, () => this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp));
     movable.end(cp.page);
     await drain(move);
     await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
@@ -476,6 +482,21 @@ export class Migrator {
 
   private checkpoint(cp: MoveCheckpoint): Promise<void> {
     return this.o.store.putRecord(checkpointKey(cp.volumeId, cp.page), encodeCheckpoint(cp), true);
+  }
+
+  /**
+   * Remove the intent of a move that did not start, in the background until it is gone (or this
+   * peer stops; its restart removes intents it left, see recover): a stale intent would block
+   * every later move of the page. The simulator found intents left after a catalog hiccup.
+   */
+  private async forgetIntent(cp: MoveCheckpoint): Promise<void> {
+    while (!this.closed) {
+      try {
+        return await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
+      } catch {
+        await sleep(this.o.env.timers, retryMs);
+      }
+    }
   }
 
   /** Run a step until it succeeds: a destination that is down is waited for, not given up on. */
@@ -499,8 +520,10 @@ export class Migrator {
 
   /** Before this peer serves anything: resume its outgoing moves and check its incoming ones. */
   async recover(): Promise<void> {
+    const checkpointed = new Set<string>();
     for (const rec of await this.o.store.listRecords('move-out/')) {
       const cp = decodeCheckpoint(rec.value);
+      if (cp) checkpointed.add(key(cp.volumeId, cp.page));
       const volume = cp && this.o.catalog.volumeById(cp.volumeId);
       const movable = cp && this.o.movable(cp.volumeId);
       if (!cp || !volume) {
@@ -515,7 +538,7 @@ export class Migrator {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
-        await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page);
+        await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
         await this.freeLocal(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
         this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
@@ -525,6 +548,14 @@ export class Migrator {
       } else {
         this.o.log.error({ volume: volume.name, page: cp.page, route }, 'dropping a move checkpoint that contradicts the catalog');
         await this.o.store.deleteRecord(rec.key);
+      }
+    }
+    // Intents this peer recorded for moves it has no checkpoint of (a start that failed, and
+    // whose clean-up a crash or the catalog cut short): nobody else would ever remove them.
+    for (const { volumeId, page, intent } of await this.o.catalog.moveIntents()) {
+      if (intent.from === this.o.self && !checkpointed.has(key(volumeId, page))) {
+        this.o.log.info({ volumeId, page, to: intent.to }, 'removing the intent of a page move that never started');
+        await this.o.catalog.deleteMoveIntent(volumeId, page, intent);
       }
     }
     for (const rec of await this.o.store.listRecords('move-in/')) {

@@ -101,6 +101,17 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const snapshotOps: { rec: Op; name: string; peer: string }[] = [];
   let adminOn = true;
   let snapshotSeq = 0;
+  /** Admin commands not answered yet: the group has not settled while one runs. */
+  let adminInFlight = 0;
+  // The administrator's connection breaks when the peer it talks to dies (its command then fails).
+  const tracked = <T>(p: Promise<T>, via: Endpoint): Promise<T> => {
+    adminInFlight++;
+    return new Promise<T>((resolve, reject) => {
+      const reset = (): void => reject(new Error(`connection to the peer reset`));
+      via.onCrash(reset);
+      p.then(resolve, reject).finally(() => via.offCrash(reset));
+    }).finally(() => adminInFlight--);
+  };
   const adminRnd = world.fork();
   const admin = (): void => {
     if (!adminOn) return;
@@ -112,12 +123,13 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     const x = adminRnd.float();
     if (x < 0.4) {
       const page = adminRnd.int(pages);
-      const owner = group.core(core.catalog.routes(core.catalog.require(volume)).route(page).owner);
+      const ownerId = core.catalog.routes(core.catalog.require(volume)).route(page).owner;
+      const owner = group.core(ownerId);
       const others = group.peerIds.filter((id) => id !== actor.id);
       const to = others[adminRnd.int(others.length)];
       if (!owner) return;
       trace(`admin: move page ${page} (on ${core.catalog.routes(core.catalog.require(volume)).route(page).owner}) to ${to}`);
-      owner.migrator.start(volume, page, to).then(() => trace(`admin: move of page ${page} to ${to} started`), (err: Error) => trace(`admin: move of page ${page} refused: ${err.message}`));
+      tracked(owner.migrator.start(volume, page, to), group.peers.get(ownerId)!).then(() => trace(`admin: move of page ${page} to ${to} started`), (err: Error) => trace(`admin: move of page ${page} refused: ${err.message}`));
     } else if (x < 0.5) {
       const m = core.migrator.list()[0];
       if (!m) return;
@@ -132,7 +144,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       const name = `s${++snapshotSeq}`;
       const rec = history.begin({ host: -1, peer: actor.id, kind: 'snapshot', lba: 0, blocks: pages * pageBlocks, snapshot: name });
       trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id} begins)`);
-      core.snapshots.create([volume], { name, mode }).then(
+      tracked(core.snapshots.create([volume], { name, mode }), actor).then(
         () => {
           history.end(rec, 'ok');
           snapshotOps.push({ rec, name, peer: actor.id });
@@ -145,7 +157,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       );
     } else {
       trace(`admin: rebalance through ${actor.id}`);
-      core.load.rebalance(false).then((r) => trace(`admin: rebalance planned ${r.moves.length} moves`), (err: Error) => trace(`admin: rebalance failed: ${err.message}`));
+      tracked(core.load.rebalance(false), actor).then((r) => trace(`admin: rebalance planned ${r.moves.length} moves`), (err: Error) => trace(`admin: rebalance failed: ${err.message}`));
     }
   };
   world.after(20, admin);
@@ -194,15 +206,18 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   adminOn = false;
   const calmAt = world.now();
   const settled = (): boolean =>
-    inFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
-    routesAgree(group, volume) === undefined;
+    inFlight === 0 && adminInFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
+    routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0;
   await world.run(calmAt + convergeMsMax, stepsMax, settled);
   if (world.steps < stepsMax) {
     if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
+    if (adminInFlight > 0) fail('admin-command-stuck', `${adminInFlight} admin command(s) (move, snapshot, rebalance) still unanswered ${convergeMsMax} ms after the faults stopped`);
     for (const p of group.up()) for (const m of p.core()!.migrator.list()) fail('move-not-ended', `${p.id}'s move of page ${m.page} to ${m.to} is still ${m.state} (${m.done}/${m.pieces}; ${m.lastError}) ${convergeMsMax} ms after the faults stopped`);
     if (group.up().length < group.peerIds.length) fail('peer-not-up', `peers ${group.peerIds.filter((id) => !group.core(id)).join(', ')} not up ${convergeMsMax} ms after the faults stopped`);
     const disagree = routesAgree(group, volume);
     if (disagree) fail('routes-disagree', disagree);
+    // Every move ended: none left recorded in the catalog (a stale intent blocks the page's moves for good).
+    for (const r of group.catalog.list('moves/')) fail('move-intent-left', `${r.key} is still recorded (${r.value.toString()}) with no move running`);
   }
 
   // ---- check ----------------------------------------------------------------------------------
