@@ -60,6 +60,8 @@ export interface MoveIntent {
   to: string;
   routeVersion: number;
   startedAtMs: number;
+  /** The move's id (migration/pieces.ts MoveCheckpoint.id); absent in intents recorded before it existed. */
+  id?: string;
 }
 
 function moveKey(volumeId: string, page: number): string {
@@ -258,14 +260,15 @@ export class Catalog {
    * Remove the intent of THIS move (same source, destination and route version), if it is still
    * recorded. A move's clean-up can come late (a restart, a slow catalog): by then the page may
    * have moved on and a new move of it recorded its own intent, which must stay (the simulator
-   * found a late clean-up deleting the next move's intent, seed 98).
+   * found a late clean-up deleting the next move's intent, seed 98, and a failed start's clean-up
+   * deleting the intent of the next attempt from the same route to the same peer, seed 935).
    */
-  async deleteMoveIntent(volumeId: string, page: number, move: Pick<MoveIntent, 'from' | 'to' | 'routeVersion'>): Promise<void> {
+  async deleteMoveIntent(volumeId: string, page: number, move: Pick<MoveIntent, 'from' | 'to' | 'routeVersion' | 'id'>): Promise<void> {
     for (;;) {
       const r = await this.store.get(moveKey(volumeId, page));
       if (!r) return;
       const recorded = JSON.parse(r.value.toString()) as MoveIntent;
-      if (recorded.from !== move.from || recorded.to !== move.to || recorded.routeVersion !== move.routeVersion) return;
+      if (recorded.from !== move.from || recorded.to !== move.to || recorded.routeVersion !== move.routeVersion || recorded.id !== move.id) return;
       try {
         return await this.store.delete(r.key, r.version);
       } catch (err) {

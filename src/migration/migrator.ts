@@ -205,9 +205,9 @@ export class Migrator {
     if (!movable) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     if (this.closed) throw new PeersanError(`peer ${this.o.self} is stopping`);
     const { pieceBlocks, pieces } = pieceGeometry(volume.pageBlocks, volume.blockBytes, this.o.settings.pieceBytes);
-    const cp: MoveCheckpoint = { volumeId: volume.id, page, from: this.o.self, to, routeVersion: route.version, pieces, pieceBlocks, done: 0, state: 'copying', startedAtMs: this.o.env.clock.nowMs() };
+    const cp: MoveCheckpoint = { volumeId: volume.id, page, from: this.o.self, to, routeVersion: route.version, pieces, pieceBlocks, done: 0, state: 'copying', startedAtMs: this.o.env.clock.nowMs(), id: this.o.env.random.bytes(8).toString('hex') };
     try {
-      await this.o.catalog.createMoveIntent(volume, page, { from: cp.from, to, routeVersion: cp.routeVersion, startedAtMs: cp.startedAtMs });
+      await this.o.catalog.createMoveIntent(volume, page, { from: cp.from, to, routeVersion: cp.routeVersion, startedAtMs: cp.startedAtMs, id: cp.id });
     } catch (err) {
       // No answer is no proof it was not recorded: make sure it is not left behind.
       if (!(err instanceof ConflictError)) void this.forgetIntent(cp);

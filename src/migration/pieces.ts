@@ -68,6 +68,12 @@ export interface MoveCheckpoint {
   done: number;
   state: MoveState;
   startedAtMs: number;
+  /**
+   * This move's own id, also in its catalog intent: two attempts to move a page from the same
+   * route version to the same peer are told apart (a failed start's clean-up must not remove
+   * the next attempt's intent). Absent in checkpoints written before it existed.
+   */
+  id?: string;
 }
 
 export function encodeCheckpoint(c: MoveCheckpoint): Buffer {
