@@ -36,7 +36,7 @@ export interface PeerHandlers {
   moveFinish(req: FinishRequest): Promise<void>;
   snapshotPrepare(req: PrepareSnapshot): Promise<PrepareReply>;
   snapshotTake(req: TakeSnapshot): Promise<MovingAtCut[]>;
-  snapshotRelease(snapshotId: string, abort: boolean): Promise<number>;
+  snapshotRelease(snapshotId: string, abort: boolean, finish?: boolean): Promise<number>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
   /** A load summary from peer `from` (authenticated). */
   gossip?(from: string, summary: LoadSummary): void;
@@ -133,7 +133,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
       const cut = r.cut === 0 || r.cut === undefined ? undefined : checkUint(r.cut, 'cut', Number.MAX_SAFE_INTEGER);
       return { moving: await h.snapshotTake({ snapshotId: checkSnapshotId(r.snapshotId), layers: checkLayers(r.layers), cut }) };
     }),
-    snapshotRelease: wrap(async (r: SnapshotReleaseRequestMessage) => ({ heldMs: await h.snapshotRelease(checkSnapshotId(r.snapshotId), r.abort === true) })),
+    snapshotRelease: wrap(async (r: SnapshotReleaseRequestMessage) => ({ heldMs: await h.snapshotRelease(checkSnapshotId(r.snapshotId), r.abort === true, r.finish === true) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
     gossip: (call: grpc.ServerUnaryCall<LoadSummary, object>, cb: grpc.sendUnaryData<object>) => {
       const from = authenticate(call);
@@ -246,8 +246,8 @@ export class PeerRpcClient {
     return (await this.call<{ moving?: MovingAtCut[] }>('snapshotTake', req, timeoutMs)).moving ?? [];
   }
 
-  async snapshotRelease(snapshotId: string, abort: boolean, timeoutMs: number): Promise<number> {
-    return (await this.call<{ heldMs?: number }>('snapshotRelease', { snapshotId, abort }, timeoutMs)).heldMs ?? 0;
+  async snapshotRelease(snapshotId: string, abort: boolean, timeoutMs: number, finish = false): Promise<number> {
+    return (await this.call<{ heldMs?: number }>('snapshotRelease', { snapshotId, abort, finish }, timeoutMs)).heldMs ?? 0;
   }
 
   async gossip(summary: LoadSummary, timeoutMs: number): Promise<void> {

@@ -69,6 +69,7 @@ export interface SnapshotTakeRequestMessage {
 export interface SnapshotReleaseRequestMessage {
   snapshotId: string;
   abort: boolean;
+  finish: boolean;
 }
 export interface PlannedMoveListMessage {
   moves: PlannedMove[];

@@ -135,7 +135,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),
       prepare: (peer, req) => (peer === self ? snapshots.prepare(req) : transport.calls(peer).snapshotPrepare(req, prepareMsMax + 1_000)),
       take: (peer, req) => (peer === self ? snapshots.take(req) : transport.calls(peer).snapshotTake(req, req.cut === undefined ? prepareMsMax : sealMsMax + 1_000)),
-      release: (peer, id, abort) => (peer === self ? snapshots.release(id, abort) : transport.calls(peer).snapshotRelease(id, abort, abort ? statusPeerMsMax : prepareMsMax)),
+      release: (peer, id, abort, finish) => (peer === self ? snapshots.release(id, abort, finish) : transport.calls(peer).snapshotRelease(id, abort, abort ? statusPeerMsMax : prepareMsMax, finish)),
     },
     event: (message, volume) => w.event('snapshot', message, { volume, peer: self }),
   }));
@@ -154,7 +154,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     moveFinish: (req) => migrator.finish(req),
     snapshotPrepare: (req) => snapshots.prepare(req),
     snapshotTake: (req) => snapshots.take(req),
-    snapshotRelease: (id, abort) => snapshots.release(id, abort),
+    snapshotRelease: (id, abort, finish) => snapshots.release(id, abort, finish),
     gossip: (from, summary) => core.load.received(from, summary),
     startMoves: async (moves) => core.load.driver.start(moves),
   };

@@ -79,9 +79,10 @@ export interface SnapshotRpc {
   take(peer: string, req: TakeSnapshot): Promise<MovingAtCut[]>;
   /**
    * Barrier: open the gates; the time this peer held host I/O, in ms. Timestamp: write the
-   * recorded changes before the cut into the layers (or, with `abort`, drop them).
+   * recorded changes before the cut into the layers (or, with `abort`, drop them); with
+   * `finish`, a peer that does not know the snapshot refuses (it restarted since PREPARE).
    */
-  release(peer: string, snapshotId: string, abort: boolean): Promise<number>;
+  release(peer: string, snapshotId: string, abort: boolean, finish?: boolean): Promise<number>;
 }
 
 export interface SnapshotServiceOptions {
@@ -347,11 +348,15 @@ export class SnapshotService {
     return moving;
   }
 
-  async release(snapshotId: string, abort = false): Promise<number> {
+  async release(snapshotId: string, abort = false, finish = false): Promise<number> {
     if (this.stamping.has(snapshotId)) {
       if (abort) return void this.dropStamped(snapshotId), 0;
       return this.finishStamped(snapshotId);
     }
+    // FINISH of a timestamp snapshot this peer does not know: it restarted after PREPARE and
+    // the writes it recorded since its freeze are gone with it, so its layer is not the cut.
+    // The simulator found a snapshot reported taken without them (seed 1539).
+    if (finish && !abort) throw new PeersanError(`snapshot ${snapshotId} is not recorded on ${this.o.self} (it restarted since PREPARE): the layer would miss writes before the cut`);
     const p = this.dropPrepared(snapshotId);
     if (!p) return 0;
     let held = 0;
@@ -438,7 +443,7 @@ export class SnapshotService {
       this.captureRoutes(volumes, records, ready.flatMap((r) => r.moving));
       for (const r of records) r.cut = cut;
       await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('FINISH', this.o.rpc.release(p, snapshotId, false)), prepareMsMax, `peer ${p} did not finish`)));
+      await Promise.all(peers.map((p) => within(this.o.env.timers, named('FINISH', this.o.rpc.release(p, snapshotId, false, true)), prepareMsMax, `peer ${p} did not finish`)));
     } catch (err) {
       await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, true).catch(() => 0)));
       throw err;

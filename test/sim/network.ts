@@ -180,7 +180,7 @@ export class SimNetwork {
         moveFinish: (req, ms) => c('moveFinish', ms, (core) => core.handlers.moveFinish({ ...req }), true),
         snapshotPrepare: (req, ms) => c('snapshotPrepare', ms, (core) => core.handlers.snapshotPrepare(structuredClone(req))),
         snapshotTake: (req, ms) => c('snapshotTake', ms, (core) => core.handlers.snapshotTake(structuredClone(req))),
-        snapshotRelease: (id, abort, ms) => c('snapshotRelease', ms, (core) => core.handlers.snapshotRelease(id, abort), true),
+        snapshotRelease: (id, abort, ms, finish) => c('snapshotRelease', ms, (core) => core.handlers.snapshotRelease(id, abort, finish), true),
         gossip: (summary, ms) => c('gossip', ms, async (core) => core.handlers.gossip?.(self, structuredClone(summary)), true),
         startMoves: (moves, ms) => c('startMoves', ms, (core) => core.handlers.startMoves!(structuredClone(moves))),
         status: unsupported('status'),
