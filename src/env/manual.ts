@@ -90,9 +90,18 @@ export class ManualTimers implements Timers {
     return true;
   }
 
+  /**
+   * A timer at exactly `ms` from now, fractions included (Node's 1 ms floor does not apply): for
+   * a simulated environment's own events (network and disk latencies of tens of microseconds),
+   * never for the protocol code's timers, which keep Node's rule.
+   */
+  setTimeoutExact(fn: () => void, ms: number): TimerHandle {
+    return this.arm(new ManualTimer(fn, 0, undefined), ms, 0);
+  }
+
   // Node's rule: a delay below 1 ms (or not a number) is 1 ms, so nothing fires without time passing.
-  private arm(timer: ManualTimer, ms: number): TimerHandle {
-    timer.dueMs = this.clock.monotonicMs() + (ms >= 1 ? ms : 1);
+  private arm(timer: ManualTimer, ms: number, floorMs = 1): TimerHandle {
+    timer.dueMs = this.clock.monotonicMs() + (ms >= floorMs ? ms : floorMs);
     timer.armed = true;
     let i = this.queue.length;
     while (i > 0 && this.queue[i - 1].dueMs > timer.dueMs) i--;

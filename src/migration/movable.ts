@@ -167,7 +167,7 @@ export class MovableVolume extends BackendDecorator {
    * The ownership check: why the page may not be served here, or undefined. Synchronous, so
    * the caller counts the request in (or takes its piece lock's turn) before a commit can run.
    */
-  private notOwned(page: number): PageMovedError | undefined {
+  protected notOwned(page: number): PageMovedError | undefined {
     const route = this.o.table.route(page);
     return route.owner !== this.o.self && !this.moves.has(page) ? new PageMovedError(page, route) : undefined;
   }
@@ -290,7 +290,7 @@ export class MovableVolume extends BackendDecorator {
    * forward S holds the truth for the piece in transit, so a dual write D misses is still
    * acknowledged and the piece is marked for another copy; when copying back, D holds it.
    */
-  private async toHomes(move: OutgoingMove, home: ReturnType<typeof homeOf>, local: () => Promise<void>, remote: () => Promise<unknown>): Promise<void> {
+  protected async toHomes(move: OutgoingMove, home: ReturnType<typeof homeOf>, local: () => Promise<void>, remote: () => Promise<unknown>): Promise<void> {
     if (home === 'source') return local();
     if (home === 'dest') {
       await remote();

@@ -16,6 +16,7 @@ import pino from 'pino';
 import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../../src/cluster/catalog';
 import { balancerDefaults } from '../../src/loadmon/balancer';
+import type { Timers } from '../../src/env/env';
 import type { SeededRandom } from '../../src/env/manual';
 import { composePeer, type PeerCore, type PeerProtocols } from '../../src/server/compose';
 import { PageStore } from '../../src/store/page-store';
@@ -52,7 +53,15 @@ export class SimPeer implements Endpoint {
 
   constructor(readonly id: string, private readonly group: SimGroup, random: SeededRandom) {
     this.clock = new PeerClock(group.world);
-    this.media = new SimMedia({ timers: group.world.timers, random, now: () => group.world.now() });
+    // A disk operation takes 20–320 µs (an SSD), more while the disk stalls (group.stallDisk).
+    const w = group.world;
+    const exact: Timers = {
+      setTimeout: (fn, ms) => w.after(ms, fn),
+      clearTimeout: (h) => w.timers.clearTimeout(h),
+      setInterval: (fn, ms) => w.timers.setInterval(fn, ms),
+      clearInterval: (h) => w.timers.clearInterval(h),
+    };
+    this.media = new SimMedia({ timers: exact, random, now: () => w.now(), latencyMs: () => 0.02 + random.float() * 0.3 });
   }
 
   core(): PeerCore | undefined {

@@ -197,6 +197,30 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   // A crash is in the history too: writes not yet durable on that peer may be gone.
   group.noteCrash = (id) => history.crash(id);
 
+  // ---- one owner per route version ----------------------------------------------------------
+  // Sampled through the run: every (page, version) any peer's table shows has one owner, the
+  // same at every peer and at every moment (the catalog's compare-and-swap is the only writer).
+  const owners = new Map<string, string>();
+  let sampling = true;
+  const sample = (): void => {
+    if (!sampling) return;
+    world.after(5, sample);
+    for (const p of group.up()) {
+      const c = p.core()!;
+      const v = c.catalog.volume(volume);
+      if (!v) continue;
+      const table = c.catalog.routes(v);
+      for (let page = 0; page < pages; page++) {
+        const r = table.route(page);
+        const k = `${page}@${r.version}`;
+        const first = owners.get(k);
+        if (first === undefined) owners.set(k, r.owner);
+        else if (first !== r.owner) fail('two-owners', `page ${page} version ${r.version}: ${p.id} says ${r.owner} owns it, another peer said ${first}`);
+      }
+    }
+  };
+  world.after(1, sample);
+
   // ---- run ------------------------------------------------------------------------------------
   await world.run(world.now() + faultMs, stepsMax);
   faultsOn = false;
@@ -219,6 +243,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     // Every move ended: none left recorded in the catalog (a stale intent blocks the page's moves for good).
     for (const r of group.catalog.list('moves/')) fail('move-intent-left', `${r.key} is still recorded (${r.value.toString()}) with no move running`);
   }
+
+  sampling = false;
 
   // ---- check ----------------------------------------------------------------------------------
   await o.inspect?.(group, (p) => drive(world, p, stepsMax));

@@ -57,9 +57,9 @@ export class SimWorld {
     if (this.now() < untilMs && this.steps < stepsMax && !stop?.()) this.clock.set(untilMs);
   }
 
-  /** Arm a timer on true time (the world's own events: hosts, faults, admin). */
+  /** Arm a timer on true time, fractions of a millisecond included (the world's own events: messages, disks, hosts, faults). */
   after(ms: number, fn: () => void): TimerHandle {
-    return this.timers.setTimeout(fn, ms);
+    return this.timers.setTimeoutExact(fn, ms);
   }
 }
 

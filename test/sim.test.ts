@@ -1,0 +1,56 @@
+// The seeded whole-group simulator (test/sim, DESIGN.md 12) in `npm test`: a bounded slice of
+// seeds must find no violation, every negative control must be caught within its bound, and a
+// run must replay exactly from its seed. Longer runs: `npm run sim -- --seeds 1000` (opt-in).
+// PEERSAN_SIM_SEEDS=N runs a longer slice here.
+
+import t from 'tap';
+import { controls } from './sim/controls';
+import { simulate, type SimResult } from './sim/run';
+
+const seeds = Number(process.env.PEERSAN_SIM_SEEDS ?? 200);
+/** Seeds a control may take before it is caught (measured: 5, 37, 20 and 155 — see the README). */
+const controlSeedsMax: Record<string, number> = { 'single-copy-dual-write': 100, 'no-ownership-check': 200, 'no-barrier': 100, 'no-finish': 600 };
+
+function summary(r: SimResult): string {
+  const v = r.violations[0];
+  return `seed ${r.seed}: ${v.invariant}: ${v.message.slice(0, 300)}\n${r.trace.slice(-60).join('\n')}\nreplay: npm run sim -- --seed ${r.seed}`;
+}
+
+t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t) => {
+  const faults = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  let bad = 0;
+  for (let seed = 1; seed <= seeds; seed++) {
+    const r = await simulate({ seed });
+    for (const k of Object.keys(faults) as (keyof typeof faults)[]) faults[k] += r.faults[k];
+    if (r.violations.length > 0) {
+      bad++;
+      t.fail(summary(r));
+    }
+  }
+  t.equal(bad, 0, `no violation in ${seeds} seeds`);
+  t.comment(`faults: ${JSON.stringify(faults)}`);
+  for (const [k, n] of Object.entries(faults)) t.ok(n > 0, `the seeds drew ${k} (${n})`);
+});
+
+t.test('a run replays exactly from its seed', async (t) => {
+  const a = await simulate({ seed: 7, keepTrace: true });
+  const b = await simulate({ seed: 7, keepTrace: true });
+  t.ok(a.trace.length > 100, `a trace of ${a.trace.length} events`);
+  t.same(b.trace, a.trace, 'the same trace, event for event');
+  t.same(b.faults, a.faults);
+});
+
+for (const [name, control] of controls) {
+  t.test(`negative control ${name} is caught (${control.bug})`, async (t) => {
+    let caught: SimResult | undefined;
+    for (let seed = 1; seed <= controlSeedsMax[name] && !caught; seed++) {
+      const r = await simulate({ seed, protocols: control.protocols });
+      if (r.violations.length > 0) caught = r;
+    }
+    t.ok(caught, `caught within ${controlSeedsMax[name]} seeds`);
+    if (!caught) return;
+    t.comment(`caught by seed ${caught.seed}: ${caught.violations[0].invariant}`);
+    const again = await simulate({ seed: caught.seed, protocols: control.protocols, keepTrace: true });
+    t.same(again.trace, caught.trace, 'the caught failure replays with the same trace');
+  });
+}
