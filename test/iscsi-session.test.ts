@@ -158,6 +158,28 @@ t.test('NOP: answers pings, pings when idle, gives up on a silent initiator', as
   t.same(closed, ['no answer to NOP-In ping']);
 });
 
+t.test('logout answers only once the nexus has ended in every LU (its RESERVE(6) reservation dropped), and tells the LU once', async (t) => {
+  const { s, lu, out, closed } = setup();
+  let release!: () => void;
+  let ended = 0;
+  lu.nexusLost = () => {
+    ended++;
+    return new Promise<void>((r) => (release = r));
+  };
+  s.onPdu({ opcode: Op.logoutRequest, immediate: true, final: true, initiatorTaskTag: 9, data: Buffer.alloc(0), reasonCode: 0, cid: 0, cmdSN: 1, expStatSN: 100 }, 0);
+  await tick();
+  await tick();
+  t.equal(ended, 1, 'the LU hears the nexus end at the logout');
+  t.notOk(out.some((p) => p.opcode === Op.logoutResponse), 'no Logout Response while the reservation is being dropped');
+  release();
+  await tick();
+  await tick();
+  t.ok(out.some((p) => p.opcode === Op.logoutResponse), 'the Logout Response once it is dropped');
+  t.same(closed, ['logout']);
+  s.destroy();
+  t.equal(ended, 1, 'the connection closing does not tell the LU a second time');
+});
+
 t.test('logout waits for commands in flight, then answers and closes', async (t) => {
   const { s, lu, out, closed } = setup();
   s.onPdu(cmd(1, 1, { read: true, edtl: 512 }), 0);

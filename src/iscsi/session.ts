@@ -194,6 +194,8 @@ export class Session {
   private textContinuation: { ttt: number; rest: Buffer; itt: number } | undefined;
   private draining = false;
   private ended = false;
+  /** Set once every LU was told the nexus ended (endNexus). */
+  private nexusEnded: Promise<unknown> | undefined;
   private readonly idleWaiters: Array<() => void> = [];
 
   constructor(opts: SessionOptions) {
@@ -810,6 +812,10 @@ export class Session {
       await this.abort([...this.tasks.values()].filter((t) => !t.executing));
       this.pending.clear();
       await this.idle();
+      // The nexus ends with this Logout: its RESERVE(6) reservation is released BEFORE the
+      // response, so a host that logs in again (on any peer) right after finds it gone
+      // (libiscsi's SCSI.Reserve6.Logout failed once through a second peer without this).
+      await this.endNexus();
     }
     if (this.ended) return;
     this.send({
@@ -875,8 +881,14 @@ export class Session {
     this.budget.leave(this.waiter);
     for (const task of [...this.tasks.values(), ...this.awaitingFlush]) this.uncharge(task);
     this.awaitingFlush.clear();
-    for (const lu of this.opts.target?.luns.values() ?? []) lu.nexusLost(this.opts.nexus);
+    void this.endNexus();
     this.notifyIdle();
+  }
+
+  /** Tell every LU the nexus is gone, once (at logout, or when the connection goes). */
+  private endNexus(): Promise<unknown> {
+    this.nexusEnded ??= Promise.all([...(this.opts.target?.luns.values() ?? [])].map((lu) => lu.nexusLost(this.opts.nexus)));
+    return this.nexusEnded;
   }
 
   private idle(): Promise<void> {

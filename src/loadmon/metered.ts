@@ -103,8 +103,8 @@ export class MeteredLogicalUnit implements LogicalUnit {
     return this.inner.reset(by);
   }
 
-  nexusLost(nexus: Nexus): void {
+  nexusLost(nexus: Nexus): void | Promise<void> {
     this.monitor.hostEnded(nexus);
-    this.inner.nexusLost(nexus);
+    return this.inner.nexusLost(nexus);
   }
 }

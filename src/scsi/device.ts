@@ -184,12 +184,12 @@ export class BlockLogicalUnit implements LogicalUnit {
     await this.keeper.announce([[everyNexus, Asc.busDeviceResetOccurred]]);
   }
 
-  nexusLost(nexus: Nexus): void {
+  nexusLost(nexus: Nexus): Promise<void> {
     const key = nexusKeyOf(nexus);
-    if (this.reservations.hasLegacyReservation()) this.changeInBackground((r) => r.resetLegacy(key));
     this.unitAttentions.delete(nexus);
     this.copyResults.delete(nexus);
     this.knownNexuses.delete(nexus);
+    return this.reservations.hasLegacyReservation() ? this.changeInBackground((r) => r.resetLegacy(key)) : Promise.resolve();
   }
 
   /** The volume was resized: every nexus hears CAPACITY DATA HAS CHANGED once. */
@@ -197,9 +197,9 @@ export class BlockLogicalUnit implements LogicalUnit {
     for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.capacityDataChanged);
   }
 
-  /** Task management cannot wait for the catalog: the change is made behind it. */
-  private changeInBackground(fn: (r: Reservations) => void): void {
-    this.keeper.change(fn).catch((err) => this.log?.error({ err }, 'dropping an SPC-2 reservation failed'));
+  /** Task management cannot wait for the catalog: the change is made behind it (the promise says when it is done; it never rejects). */
+  private changeInBackground(fn: (r: Reservations) => void): Promise<void> {
+    return this.keeper.change(fn).then(() => undefined, (err) => this.log?.error({ err }, 'dropping an SPC-2 reservation failed'));
   }
 
   postUnitAttention(nexus: Nexus, asc: number): void {

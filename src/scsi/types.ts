@@ -54,8 +54,12 @@ export interface LogicalUnit {
   execute(cmd: ScsiCommand): Promise<ScsiResult>;
   /** LOGICAL UNIT RESET / TARGET WARM RESET: clear non-persistent state, raise unit attentions. */
   reset(by: Nexus): void | Promise<void>;
-  /** The nexus is gone (session closed): drop its RESERVE(6) reservation, pending sense, UAs. */
-  nexusLost(nexus: Nexus): void;
+  /**
+   * The nexus is gone (session closed or logging out): drop its RESERVE(6) reservation, pending
+   * sense, UAs. Resolves once the reservation's drop is recorded where every peer sees it (never
+   * rejects), so a Logout Response can wait for it.
+   */
+  nexusLost(nexus: Nexus): void | Promise<void>;
 }
 
 /** Per-volume identity and settings the logical unit reports. */

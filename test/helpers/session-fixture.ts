@@ -28,7 +28,7 @@ export class FakeLu implements LogicalUnit {
   reset(): void {
     this.resets++;
   }
-  nexusLost(): void {}
+  nexusLost(): void | Promise<void> {}
 }
 
 export interface Fixture {
