@@ -67,7 +67,7 @@ async function simulateOrFail(o: Parameters<typeof simulate>[0]): Promise<SimRes
     return await simulate(o);
   } catch (err) {
     const none = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
-    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0 };
+    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0 };
   }
 }
 
@@ -76,6 +76,10 @@ function describe(r: SimResult, full: boolean): string {
   const out = [`seed ${r.seed}: ${r.violations.length} violation(s); ${r.ops} host commands, ${r.moves.committed} moves committed, ${r.moves.cancelled} cancelled, ${r.snapshots} snapshots, ${r.steps} steps`];
   for (const v of r.violations.slice(0, 10)) out.push(`  ${v.invariant}: ${v.message}`);
   if (r.violations.length > 10) out.push(`  … and ${r.violations.length - 10} more`);
+  if (r.story.length > 0) {
+    out.push(`  the first wrong answer, with every command that touched its block:`);
+    for (const l of r.story) out.push(`    ${l}`);
+  }
   if (r.trace.length > 0) {
     // The events up to the answer of the first command found wrong (or to the first violation found at the end).
     const v = r.violations[0];

@@ -5,7 +5,7 @@
 
 import type { PeerProtocols } from '../../src/server/compose';
 import type { BlockBackend } from '../../src/store/types';
-import { check, type Violation } from './checker';
+import { check, traceOf, type Violation } from './checker';
 import { SimGroup, type FaultCounts } from './group';
 import type { Endpoint } from './network';
 import { History, decodeBlocks, type Op } from './history';
@@ -29,6 +29,8 @@ export interface SimResult {
   violations: Violation[];
   /** The events up to the first violation (or all, with keepTrace). */
   trace: string[];
+  /** The shortest story of the first wrong answer: the commands, flushes and crashes that touched its block, in order. */
+  story: string[];
   faults: FaultCounts;
   steps: number;
   ops: number;
@@ -280,6 +282,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   void volumeId;
   return {
     seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
+    story: violations[0]?.lba !== undefined ? traceOf(history, violations[0]) : [],
     ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length,
   };
 }
