@@ -3,6 +3,7 @@
 // a volume's pages are spread), and the admin operation "move this session", which may name a
 // session logged in on any peer.
 
+import type { Logger } from 'pino';
 import type { Catalog } from '../cluster/catalog';
 import type { GroupStatus } from '../cluster/group-status';
 import type { PeerCalls } from '../cluster/transport';
@@ -11,7 +12,6 @@ import { InvalidArgumentError, NotFoundError } from '../errors';
 import type { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import type { PeerLoadView } from '../loadmon/view';
-import type { Logger } from 'pino';
 import type { ClusterConfig } from './config';
 import { statusPeerMsMax } from './compose';
 import type { PageShares } from './host-balance';

@@ -2,6 +2,7 @@
 // only says which parts of the peer (its core, the group view, its host balancing) each gets.
 // PeerServer hands the result to AdminService (the CLI) and to the console.
 
+import type { Logger } from 'pino';
 import { groupStatus, type PeerStatusView } from '../cluster/group-status';
 import type { PeerCalls } from '../cluster/transport';
 import { volumeAdmin } from '../cluster/volume-admin';
@@ -10,7 +11,6 @@ import type { SessionInfo } from '../iscsi/portal';
 import { loadAdmin } from '../loadmon/admin';
 import { moveAdmin } from '../migration/admin';
 import { snapshotAdmin } from '../snapshot/admin';
-import type { Logger } from 'pino';
 import type { AdminApi } from './admin';
 import type { PeerCore } from './compose';
 import type { ClusterConfig } from './config';

@@ -33,7 +33,7 @@ import { PageStore } from '../store/page-store';
 import { addAdminService } from './admin';
 import { composePeer, type PeerCore, type PeerProtocols } from './compose';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
-import { EventLog, volumeEvents } from './events';
+import { EventLog, volumeEvents, type EventKind } from './events';
 import { registerFeatureMetrics } from './feature-metrics';
 import { GrpcTransport } from './grpc-transport';
 import type { HostBalanceService } from './host-balance-service';
@@ -78,6 +78,8 @@ export class PeerServer {
   // ---- console and metrics (src/server/http*.ts, events.ts, metrics.ts) ----
   /** Recent events the console shows; every feature adds to it through its `event` hook. */
   readonly events = new EventLog(consoleEventsMax);
+  /** How every feature adds to `events`. */
+  private readonly event = (kind: EventKind, message: string, fields: { volume?: string; peer?: string }) => void this.events.add(kind, message, fields);
   /** This peer's Prometheus registry; features register their metrics through it. */
   readonly metrics: PeerMetrics;
   private http: HttpConsole | undefined;
@@ -161,7 +163,7 @@ export class PeerServer {
         const sessions = this.portal ? this.portal.sessions().filter((s) => s.sessionType === 'Normal').length : 0;
         return { sessions, freeBytes: fs.bavail * fs.bsize, totalBytes: fs.blocks * fs.bsize, allocatedBytes: this.store.usage().allocatedBytes };
       },
-      event: (kind, message, fields) => this.events.add(kind, message, fields),
+      event: this.event,
       meter: (name, backend) => this.metrics.meter(name, backend),
       routing: this.routing,
       ...(this.opts.protocols ? { protocols: this.opts.protocols } : {}),
@@ -175,12 +177,12 @@ export class PeerServer {
     const calls = (peerId: string) => this.transport!.calls(peerId);
     const hostBalance = (this.hostBalancer = createHostBalance({
       config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), catalog: core.catalog, targets: core.targets,
-      calls, event: (message, volume) => this.events.add('redirect', message, { volume, peer: self }), log: this.log,
+      calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance });
     this.admin = peerAdmin({
       self, config: this.config, env: this.env, log: this.log, core, calls, hostBalance,
-      selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: (kind, message, fields) => this.events.add(kind, message, fields),
+      selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,
     });
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
     core.catalog.onVolumeChange((name, record) => {

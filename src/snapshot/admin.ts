@@ -4,8 +4,8 @@
 // routers (so into the pages wherever they live now) and are refused or announced to the hosts:
 // a restore changes the data under them.
 
-import type { Catalog } from '../cluster/catalog';
-import { formatBytes } from '../cluster/catalog';
+import type { Logger } from 'pino';
+import { formatBytes, type Catalog } from '../cluster/catalog';
 import type { GroupStatus } from '../cluster/group-status';
 import type { VolumeAdmin, VolumeView } from '../cluster/volume-admin';
 import type { Env } from '../env/env';
@@ -15,7 +15,6 @@ import { everyNexus } from '../scsi/reservations';
 import { Asc } from '../scsi/sense';
 import type { VolumeTargets } from '../server/targets';
 import type { BlockBackend } from '../store/types';
-import type { Logger } from 'pino';
 import { copyInto } from './copy';
 import { listSnapshotRecords, type SnapshotMode } from './records';
 import { parseEvery, removeSchedule, setSchedule } from './schedule';
