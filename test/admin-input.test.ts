@@ -71,9 +71,9 @@ function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: st
 
 t.test('the CLI and the AdminClient refuse page numbers the wire cannot carry; nothing moves', async (t) => {
   const g = await startGroup(t, 3);
-  await g.peer('p1').createVolume({ name: 'demo', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'demo', size: '48M' });
   const rpc = g.config.peers[0].rpc;
-  const owners = async (): Promise<string[]> => (await g.peer('p1').pageMap('demo')).pages.map((p) => `${p.owner} v${p.version}`);
+  const owners = async (): Promise<string[]> => (await g.peer('p1').admin.pageMap('demo')).pages.map((p) => `${p.owner} v${p.version}`);
   const before = await owners();
   t.equal(before[1], 'p2 v1', 'page 1 starts on p2');
 
@@ -93,7 +93,7 @@ t.test('the CLI and the AdminClient refuse page numbers the wire cannot carry; n
     await t.rejects(client.cancelMove('demo', page), InvalidArgumentError, `AdminClient cancelMove(${page}) refused`);
   }
   await t.rejects(client.movePage('demo', 1000, 'p3'), /has pages 0 to 11, not 1000/, 'a page beyond the volume is refused by its owner');
-  t.equal(g.peer('p2').migration.list().length, 0, 'no move was started');
+  t.equal(g.peer('p2').core.migrator.list().length, 0, 'no move was started');
   t.same(await owners(), before, 'the page map did not change');
 });
 

@@ -22,7 +22,7 @@ t.test('skewed load: the balancer evens it out within 60 s, then leaves it alone
   const admin = new AdminClient(g.config.peers[1].rpc, 'admin-token');
   t.teardown(() => admin.close());
   await admin.setAutoBalance('', false);
-  await g.peer('p1').createVolume({ name: 'skew', size: '96M' });
+  await g.peer('p1').admin.createVolume({ name: 'skew', size: '96M' });
   // Pages 0, 3, 6, …, 21 are p1's (striped over p1, p2, p3); give each some data to move.
   for (let page = 0; page < 24; page += 3) t.ok((await qemuIo(g.url('p1', 'skew'), `write -P 7 ${page * 4 * mib} 1M`)).ok, `1 MiB written to page ${page}`);
 
@@ -43,7 +43,7 @@ t.test('skewed load: the balancer evens it out within 60 s, then leaves it alone
     const top = await admin.top(1);
     return ['p1', 'p2', 'p3'].map((id) => top.peers.find((p) => p.id === id)!.load);
   };
-  const movedPages = async (): Promise<string> => (await g.peer('p3').pageMap('skew')).pages.filter((p) => p.version > 1).map((p) => `${p.page}:${p.owner}v${p.version}`).join(' ');
+  const movedPages = async (): Promise<string> => (await g.peer('p3').admin.pageMap('skew')).pages.filter((p) => p.version > 1).map((p) => `${p.page}:${p.owner}v${p.version}`).join(' ');
 
   // 15 s of skewed load with balancing off: the 10 s averages settle.
   await new Promise((r) => setTimeout(r, 15_000));
@@ -57,7 +57,7 @@ t.test('skewed load: the balancer evens it out within 60 s, then leaves it alone
   while (Date.now() - t0 < 60_000) {
     await new Promise((r) => setTimeout(r, 2_000));
     after = shares(await peerLoads());
-    if (after.shares[0] < 0.5 && (await g.peer('p1').migrations()).moves.length === 0) break;
+    if (after.shares[0] < 0.5 && (await g.peer('p1').admin.migrations()).moves.length === 0) break;
   }
   const balancedAfterS = (Date.now() - t0) / 1000;
   t.ok(after.shares[0] < 0.5, `after ${balancedAfterS.toFixed(0)} s: p1 carries ${(100 * after.shares[0]).toFixed(0)}% (shares ${after.shares.map((s) => s.toFixed(2)).join('/')}, variance ${before.variance.toFixed(0)} → ${after.variance.toFixed(0)})`);

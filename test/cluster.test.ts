@@ -23,7 +23,7 @@ const tools = hasTool('qemu-img') && hasTool('qemu-io');
 
 t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io not installed (.ci/run installs qemu-utils, qemu-block-extra)' }, async (t) => {
   const g = await startGroup(t, 3);
-  const vol = await g.peer('p1').createVolume({ name: 'vol', size: '96M' });
+  const vol = await g.peer('p1').admin.createVolume({ name: 'vol', size: '96M' });
   t.same(vol.peers, ['p1', 'p2', 'p3'], 'placed on every peer');
 
   await t.test('data written through p1 reads back identical through p2 and p3', async (t) => {
@@ -59,12 +59,12 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     t.same(p1.core.catalog.routes(p1.core.catalog.require('vol')).route(4), { owner: 'p3', version: 2 }, 'p1 learned the new route');
     const r = await qemuIo(g.url('p3', 'vol'), `read -P 0x5c ${4 * pageBytes + 8192} 65536`);
     t.ok(r.ok, `read back through the new owner: ${r.out.trim()}`);
-    const map = await p1.pageMap('vol');
+    const map = await p1.admin.pageMap('vol');
     t.same(map.pages[4], { page: 4, owner: 'p3', version: 2 });
   });
 
   await t.test('EXTENDED COPY from one volume to another, page owners on different peers', async (t) => {
-    await g.peer('p1').createVolume({ name: 'copy', size: '32M' });
+    await g.peer('p1').admin.createVolume({ name: 'copy', size: '32M' });
     const source = g.peer('p1').core.catalog.require('vol');
     const target = g.peer('p1').core.catalog.require('copy');
     for (let i = 0; i < 100 && !g.peer('p2').core.targets.find('iqn.2026-11.io.peersan:copy'); i++) await new Promise((r) => setTimeout(r, 20));
@@ -136,11 +136,11 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     t.ok(fine.ok, `p1 page still served through p3: ${fine.out.trim()}`);
     t.ok((await qemuIo(g.url('p1', 'vol'), `read ${2 * pageBytes} 65536`)).ok, 'p3 page still served through p1');
     const snapshotting = Date.now();
-    await t.rejects(g.peer('p1').createSnapshots(['vol'], { name: 'while-down' }), /aborted.*p2/, 'a snapshot while p2 is down aborts, naming p2');
+    await t.rejects(g.peer('p1').admin.createSnapshots(['vol'], { name: 'while-down' }), /aborted.*p2/, 'a snapshot while p2 is down aborts, naming p2');
     t.ok(Date.now() - snapshotting < 2 * peerConnectMsMax + 1_000, `within the connect bound (${Date.now() - snapshotting} ms)`);
     await g.start('p2');
     // Right away: p1's channel to p2 may still be in its reconnect backoff from the failed snapshot.
-    const [snap] = await g.peer('p1').createSnapshots(['vol'], { name: 'back' });
+    const [snap] = await g.peer('p1').admin.createSnapshots(['vol'], { name: 'back' });
     t.equal(snap.state, 'ready', 'a snapshot right after p2 is back succeeds');
     const after = await qemuIo(g.url('p1', 'vol'), `read -v ${p2Page} 512`);
     t.ok(after.ok, `p2 page served again: ${after.out.trim().split('\n').pop()}`);

@@ -161,7 +161,7 @@ t.test('the logical unit answers store and routing errors with sense, never by t
 
 t.test('through a forwarding peer, the host hears the owner\'s meaning', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // a 4 MiB page moves in about 2 s
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const record = g.peer('p1').core.catalog.require('vol');
   // Pages: 0 → p1, 1 → p2, 2 → p3. The host talks to p1; page 1 is forwarded to p2.
   const lu = g.peer('p1').core.targets.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
@@ -188,10 +188,10 @@ t.test('through a forwarding peer, the host hears the owner\'s meaning', async (
   await t.test('two hops: the owner forwards to a move destination that is down', async (t) => {
     // Page 0 (p1's) moves to p3; the host writes it through p2, so: host → p2 → p1 → p3.
     const viaP2 = g.peer('p2').core.targets.find('iqn.2026-11.io.peersan:vol')!.luns.get(0)!;
-    await g.peer('p1').movePage('vol', 0, 'p3');
+    await g.peer('p1').admin.movePage('vol', 0, 'p3');
     const src = g.peer('p1');
-    for (let i = 0; i < 200 && (src.migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
-    t.ok((src.migration.list()[0]?.done ?? 0) >= 4, 'some pieces are on the destination');
+    for (let i = 0; i < 200 && (src.core.migrator.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+    t.ok((src.core.migrator.list()[0]?.done ?? 0) >= 4, 'some pieces are on the destination');
     await g.peer('p3').stop();
     // The first pieces are at home on p3 now: their reads and writes need p3.
     const answers = new Set<string>();

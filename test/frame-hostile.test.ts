@@ -99,7 +99,7 @@ t.test('hostile block frames against an owner', async (t) => {
   process.on('unhandledRejection', onUnhandled);
   t.teardown(() => void process.off('unhandledRejection', onUnhandled));
   const g = await startGroup(t, 1);
-  await g.peer('p1').createVolume({ name: 'vol', size: '1G' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '1G' });
   const record = g.peer('p1').core.catalog.require('vol');
   const volumeId = record.id;
   const blockCount = record.sizeBytes / record.blockBytes;

@@ -28,7 +28,7 @@ async function startHostGroup(t: { teardown(fn: () => unknown): void }, hostBala
   const url = (id: string, volume: string): string => `iscsi://${portal(id)}/iqn.2026-11.io.peersan:${volume}/0`;
   /** Normal sessions per peer, as `status` reports them (optionally of one initiator). */
   const sessionsPerPeer = async (initiator?: string): Promise<Record<string, number>> => {
-    const s = await peer('p1').status();
+    const s = await peer('p1').admin.status();
     return Object.fromEntries(s.peers.map((p) => [p.id, p.sessions.filter((x) => x.sessionType === 'Normal' && (!initiator || x.initiatorName === initiator)).length]));
   };
   const counters = (): Record<string, { redirects: number; plannedRedirects: number; logoutRequests: number }> =>
@@ -65,7 +65,7 @@ function runAsync(t: Tap.Test, cmd: string, args: string[]): { done: Promise<{ c
 t.test('host balancing in a group of three', { skip: missing.length ? `missing ${missing.join(', ')} (.ci/run installs libiscsi-bin, qemu-utils, qemu-block-extra)` : false }, async (t) => {
   // No automatic moves here: the test decides when a host moves.
   const g = await startHostGroup(t, { autoMove: false });
-  await g.peer('p1').createVolume({ name: 'vol', size: '256M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '256M' });
   const admin = new AdminClient(g.config.peers[1].rpc, 'admin-token');
   t.teardown(() => admin.close());
   // Every peer's poll of the others has run at least once.
@@ -161,7 +161,7 @@ t.test('an overloaded peer moves sessions away by itself, one at a time, until t
   // Logins are never redirected here (margin 100), so all three land on p1; the periodic
   // check must then even them out with AsyncEvent 1, each move planned on every peer.
   const g = await startHostGroup(t, { marginSessions: 100, autoMove: true, sessionMinAgeMs: 0, moveIntervalMs: 1000 });
-  await g.peer('p1').createVolume({ name: 'vol', size: '64M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '64M' });
   await new Promise((r) => setTimeout(r, 1500));
   const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['-f', 'raw', '-c', `write -P 0x3${i} ${i * 1048576} 65536`, '-c', 'sleep 14000', '-c', `read -P 0x3${i} ${i * 1048576} 65536`, g.url('p1', 'vol')]));
   const first = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => total(v) === 3, 20_000);

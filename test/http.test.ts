@@ -145,7 +145,7 @@ t.test('a 3-peer group over HTTP', async (t) => {
         t.equal(r.headers['www-authenticate'], 'Bearer');
       }
     }
-    t.same((await g.peer('p1').listVolumes()).map((v) => v.name), [], 'nothing was created');
+    t.same((await g.peer('p1').admin.listVolumes()).map((v) => v.name), [], 'nothing was created');
     const page = await http(base, 'GET', '/');
     t.equal(page.status, 200, 'the page itself (no data) loads without the token');
     t.match(page.text, /<title>peersan console<\/title>/);

@@ -226,9 +226,9 @@ t.test('three peers: I/O through p1 shows up in top on p2 through gossip; rebala
   // Automatic balancing off for the group first, so no automatic round puts pages in cool-down
   // before the manual rebalance below; every peer sees the switch through the catalog.
   await admin.setAutoBalance('', false);
-  await until('p3 to see the group switch off', async () => ((await g.peer('p3').top(1)).balancer.auto === false ? true : undefined), 5_000);
+  await until('p3 to see the group switch off', async () => ((await g.peer('p3').admin.top(1)).balancer.auto === false ? true : undefined), 5_000);
 
-  await g.peer('p1').createVolume({ name: 'vol', size: '96M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '96M' });
   // Pages 0-5 (24 MiB): owners p1, p2, p3, p1, p2, p3. Everything enters through p1's portal.
   const w = await qemuIo(g.url('p1', 'vol'), 'write -P 0x3c 0 24M');
   t.ok(w.ok, `write: ${w.out.trim().split('\n')[0]}`);
@@ -265,11 +265,11 @@ t.test('three peers: I/O through p1 shows up in top on p2 through gossip; rebala
   t.ok(run.moves.length > 0);
   t.ok(run.moves.every((m) => m.started), `every owner started its moves (${run.moves.map((m) => m.error).filter(Boolean).join('; ')})`);
   const map = await until('the planned pages to reach their new owners', async () => {
-    const m = await g.peer('p3').pageMap('vol');
+    const m = await g.peer('p3').admin.pageMap('vol');
     return run.moves.every((mv) => m.pages[mv.page].owner === mv.to) ? m : undefined;
   }, 60_000);
   t.ok(map, `pages moved: ${run.moves.map((m) => `${m.page}→${m.to}`).join(' ')}`);
-  const remembered = await until('p1 to list the moves', async () => (await g.peer('p1').top(1)).recentMoves[0], 5_000);
+  const remembered = await until('p1 to list the moves', async () => (await g.peer('p1').admin.top(1)).recentMoves[0], 5_000);
   t.match(remembered, { from: 'p1' }, 'the moves are remembered (cool-down) on p1');
 
   await admin.setAutoBalance('vol', false);

@@ -109,18 +109,18 @@ async function routersOf(g: Awaited<ReturnType<typeof startGroup>>, volume: stri
 }
 
 async function ownerOf(s: PeerServer, volume: string, page: number): Promise<string> {
-  return (await s.pageMap(volume)).pages[page].owner;
+  return (await s.admin.pageMap(volume)).pages[page].owner;
 }
 
 /** Move the page to `to` (asking any peer) and wait for the commit. */
 async function moveAndWait(g: Awaited<ReturnType<typeof startGroup>>, volume: string, page: number, to: string): Promise<void> {
-  const info = await g.peer('p1').movePage(volume, page, to);
-  await g.peer(info.from).migration.wait(info.volumeId, page);
+  const info = await g.peer('p1').admin.movePage(volume, page, to);
+  await g.peer(info.from).core.migrator.wait(info.volumeId, page);
 }
 
 t.test('a page moves back and forth 20 times under verifying writers on every peer', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 100 } });
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const page = 1; // striped: page 1 starts on p2
   t.equal(await ownerOf(g.peer('p1'), 'vol', page), 'p2');
   const routers = await routersOf(g, 'vol');
@@ -141,7 +141,7 @@ t.test('a page moves back and forth 20 times under verifying writers on every pe
   t.same(errors.slice(0, 10), [], `no I/O errors in ${ops} operations during 20 moves (${seconds.toFixed(1)} s)`);
   t.ok(ops > 200, `the writers were busy during the moves (${ops} operations)`);
   await verify(t, routers, writers.expected());
-  t.same((await g.peer('p2').migrations()).moves, [], 'no moves left in flight');
+  t.same((await g.peer('p2').admin.migrations()).moves, [], 'no moves left in flight');
   const metrics = await g.peer('p2').metrics.text();
   t.match(metrics, /peersan_page_moves_total\{result="committed",peer="p2"\} 10\b/, '/metrics: p2 ran 10 of the moves');
   t.match(metrics, /peersan_migration_bytes_total\{peer="p2"\} [1-9]/, '/metrics: bytes copied');
@@ -151,17 +151,17 @@ t.test('a page moves back and forth 20 times under verifying writers on every pe
 
 t.test('a cancelled move copies the moved pieces back and the destination frees its copy', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const page = 0; // on p1
   const routers = await routersOf(g, 'vol');
   const writers = startWriters([...routers.values()], 0, Math.floor(pageBlocks / slotBlocks), 60_000);
-  const info = await g.peer('p2').movePage('vol', page, 'p3');
+  const info = await g.peer('p2').admin.movePage('vol', page, 'p3');
   t.equal(info.from, 'p1');
   const src = g.peer('p1');
-  for (let i = 0; i < 200 && (src.migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
-  t.ok(src.migration.list()[0].done >= 4, 'some pieces were moved before the cancel');
-  await g.peer('p3').cancelMove('vol', page);
-  await t.rejects(src.migration.wait(info.volumeId, page), /cancelled/, 'the move ends as cancelled');
+  for (let i = 0; i < 200 && (src.core.migrator.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+  t.ok(src.core.migrator.list()[0].done >= 4, 'some pieces were moved before the cancel');
+  await g.peer('p3').admin.cancelMove('vol', page);
+  await t.rejects(src.core.migrator.wait(info.volumeId, page), /cancelled/, 'the move ends as cancelled');
   const { errors, ops } = await writers.stop();
   t.same(errors.slice(0, 10), [], `no I/O errors in ${ops} operations`);
   t.equal(await ownerOf(g.peer('p3'), 'vol', page), 'p1', 'the page stays on p1');
@@ -173,19 +173,19 @@ t.test('a cancelled move copies the moved pieces back and the destination frees 
 for (const who of ['source', 'destination'] as const) {
   t.test(`a stop of the ${who} in mid-move resumes from the checkpoint`, async (t) => {
     const g = await startGroup(t, 3, { migration: { rateMBps: 2 } });
-    await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+    await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
     const page = 0;
     const router = (await routersOf(g, 'vol')).get('p2')!;
     const data = Buffer.alloc(pageBlocks * bs);
     for (let i = 0; i < data.length; i += 4) data.writeUInt32BE(i ^ 0x5a5a5a5a, i);
     await router.write(0, data);
-    const info = await g.peer('p1').movePage('vol', page, 'p3');
-    for (let i = 0; i < 200 && (g.peer('p1').migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+    const info = await g.peer('p1').admin.movePage('vol', page, 'p3');
+    for (let i = 0; i < 200 && (g.peer('p1').core.migrator.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
     const stopped = who === 'source' ? 'p1' : 'p3';
     await g.peer(stopped).stop();
     // While the destination is down, the moved pieces cannot be read; the rest can.
     await g.start(stopped);
-    await g.peer('p1').migration.wait(info.volumeId, page);
+    await g.peer('p1').core.migrator.wait(info.volumeId, page);
     t.equal(await ownerOf(g.peer('p2'), 'vol', page), 'p3', 'the move completed after the restart');
     for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
     t.equal(g.peer('p1').core.targets.allocatedBytes('vol'), 0, 'the source freed the page');
@@ -194,24 +194,24 @@ for (const who of ['source', 'destination'] as const) {
 
 t.test('while a snapshot holds the volume no move step runs; the move goes on when it lets go', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const src = g.peer('p1');
-  const info = await src.movePage('vol', 0, 'p3');
-  for (let i = 0; i < 200 && (src.migration.list()[0]?.done ?? 0) < 2; i++) await new Promise((r) => setTimeout(r, 50));
+  const info = await src.admin.movePage('vol', 0, 'p3');
+  for (let i = 0; i < 200 && (src.core.migrator.list()[0]?.done ?? 0) < 2; i++) await new Promise((r) => setTimeout(r, 50));
   // A barrier PREPARE on the source: its gate closes, the volume is held, and it answers once
   // the move's running step has ended (the migrator's idle()).
   await src.core.snapshots.prepare({ snapshotId: 'held', volumeIds: [info.volumeId] });
   t.ok(src.core.snapshots.hold(info.volumeId), 'the volume is held');
-  const at = src.migration.list()[0];
+  const at = src.core.migrator.list()[0];
   await new Promise((r) => setTimeout(r, 600));
-  const later = src.migration.list()[0];
+  const later = src.core.migrator.list()[0];
   t.same([later.done, later.bytesCopied], [at.done, at.bytesCopied], `no piece or chunk copied in 600 ms of hold (${at.done} pieces, ${at.bytesCopied} bytes)`);
-  await src.migration.idle(info.volumeId);
+  await src.core.migrator.idle(info.volumeId);
   t.pass('idle() resolves while held: no step is running');
   await src.core.snapshots.release('held');
   t.equal(src.core.snapshots.hold(info.volumeId), undefined, 'let go');
   // Woken by the release, not by a poll: the move commits within its remaining copy time.
-  const committed = await Promise.race([src.migration.wait(info.volumeId, 0).then(() => 'committed'), new Promise((r) => setTimeout(() => r('still held'), 10_000))]);
+  const committed = await Promise.race([src.core.migrator.wait(info.volumeId, 0).then(() => 'committed'), new Promise((r) => setTimeout(() => r('still held'), 10_000))]);
   t.equal(committed, 'committed', 'the move went on and committed');
   t.equal(await ownerOf(g.peer('p2'), 'vol', 0), 'p3');
 });

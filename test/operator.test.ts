@@ -62,23 +62,23 @@ t.test('a brand-new store does not warn that it was not shut down cleanly; a cra
 
 t.test('a move resumed after a restart of its source starts the balancer cool-down when it commits', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
-  await g.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const page = 0; // on p1
-  const info = await g.peer('p1').movePage('vol', page, 'p3');
-  for (let i = 0; i < 200 && (g.peer('p1').migration.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+  const info = await g.peer('p1').admin.movePage('vol', page, 'p3');
+  for (let i = 0; i < 200 && (g.peer('p1').core.migrator.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
   await g.peer('p1').stop();
   const p1 = await g.start('p1');
-  t.equal(p1.migration.list().length, 1, 'the move resumed after the restart');
-  await p1.migration.wait(info.volumeId, page);
-  t.equal((await g.peer('p2').pageMap('vol')).pages[page].owner, 'p3', 'the move committed');
-  const cooling = p1.loadService!.driver.recentMoves().filter((m) => m.volumeId === info.volumeId && m.page === page);
+  t.equal(p1.core.migrator.list().length, 1, 'the move resumed after the restart');
+  await p1.core.migrator.wait(info.volumeId, page);
+  t.equal((await g.peer('p2').admin.pageMap('vol')).pages[page].owner, 'p3', 'the move committed');
+  const cooling = p1.core.load.driver.recentMoves().filter((m) => m.volumeId === info.volumeId && m.page === page);
   t.equal(cooling.length, 1, 'the source remembers the move for its cool-down');
   t.match(cooling[0], { to: 'p3', state: 'done' });
   t.ok((cooling[0]?.agoMs ?? Infinity) < 5_000, 'the cool-down runs from the commit');
   // The new owner's balancer hears of it through the source's gossip (once a second).
   let seen = false;
   for (let i = 0; i < 100 && !seen; i++) {
-    seen = (await g.peer('p3').top(16)).recentMoves.some((m) => m.volumeId === info.volumeId && m.page === page && m.to === 'p3');
+    seen = (await g.peer('p3').admin.top(16)).recentMoves.some((m) => m.volumeId === info.volumeId && m.page === page && m.to === 'p3');
     if (!seen) await new Promise((r) => setTimeout(r, 100));
   }
   t.ok(seen, 'the new owner p3 sees the page cooling down');

@@ -157,7 +157,7 @@ const tools = hasTool('qemu-io');
 
 t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused', async (t) => {
   const g = await startTlsGroup(t, 3);
-  const vol = await g.servers[0].createVolume({ name: 'vol', size: '64M' });
+  const vol = await g.servers[0].admin.createVolume({ name: 'vol', size: '64M' });
   t.same(vol.peers, ['p1', 'p2', 'p3']);
   const record = g.servers[0].core.catalog.require('vol');
   const pageBytes = 8192 * 512;

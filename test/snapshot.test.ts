@@ -140,7 +140,7 @@ async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volu
       await new Promise((r) => setTimeout(r, 5 + Math.random() * 20));
       const ackedBefore = chains.map((c) => c.acked);
       const coordinator = g.peer(['p1', 'p2', 'p3'][i % 3]);
-      const made = await coordinator.createSnapshots(volumes, { name: `s${i}`, mode, group: volumes.length > 1 ? 'g' : undefined });
+      const made = await coordinator.admin.createSnapshots(volumes, { name: `s${i}`, mode, group: volumes.length > 1 ? 'g' : undefined });
       held.push(made[0].heldMs);
       tookMs.push(made[0].tookMs);
       const readers = new Map<string, { read(lba: number, blocks: number): Promise<Buffer> }>();
@@ -149,7 +149,7 @@ async function checkerRun(t: { ok(v: unknown, m: string): void }, g: Group, volu
         const why = await judge((v, lba, blocks) => readers.get(v)!.read(lba, blocks), c, ackedBefore[k]);
         if (why) violations.push(`snapshot s${i}: ${why}`);
       }
-      for (const v of volumes) await coordinator.deleteSnapshot(v, `s${i}`);
+      for (const v of volumes) await coordinator.admin.deleteSnapshot(v, `s${i}`);
     }
   } finally {
     for (const c of chains) await c.stop();
@@ -170,7 +170,7 @@ async function readerOf(g: Group, peer: string, volume: string, name: string) {
 t.test('barrier snapshots are consistent cuts (one volume, and a group of two); a freeze without the barrier is caught by the same checker', async (t) => {
   const g = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 0 } });
   // A fresh volume for each run: the checker assumes slots start empty.
-  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').createVolume({ name, size: '48M' });
+  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').admin.createVolume({ name, size: '48M' });
 
   const one = await checkerRun(t, g, ['vol'], 50);
   t.same(one.violations, [], 'no inconsistent cut in 50 barrier snapshots of one volume');
@@ -182,7 +182,7 @@ t.test('barrier snapshots are consistent cuts (one volume, and a group of two); 
 
   // The same network, peers whose coordinator skips the barrier.
   const nb = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 0 }, protocols: { snapshots: NoBarrierSnapshots } });
-  await nb.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await nb.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const loose = await checkerRun(t, nb, ['vol'], 50);
   const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
   t.ok(bad > 0, `the checker finds inconsistent cuts without the barrier (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
@@ -192,7 +192,7 @@ t.test('timestamp snapshots are consistent cuts (one volume, and a group of two)
   // Forwarded writes arrive late at their owners: after the freeze, with stamps before the cut.
   const network = { forwardDelayMs: 4, prepareJitterMs: 0 };
   const g = await startGroup(t, 3, { network });
-  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').createVolume({ name, size: '48M' });
+  for (const name of ['vol', 'vol2', 'vol3']) await g.peer('p1').admin.createVolume({ name, size: '48M' });
   const heldBefore = await heldSeconds(g);
 
   const one = await checkerRun(t, g, ['vol'], 50, 'timestamp');
@@ -210,7 +210,7 @@ t.test('timestamp snapshots are consistent cuts (one volume, and a group of two)
 
   // Without FINISH each snapshot is each peer's own freeze, up to 20 ms apart: the checker must see it.
   const nf = await startGroup(t, 3, { network: { forwardDelayMs: 4, prepareJitterMs: 20 }, protocols: { snapshots: NoFinishSnapshots } });
-  await nf.peer('p1').createVolume({ name: 'vol', size: '48M' });
+  await nf.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
   const loose = await checkerRun(t, nf, ['vol'], 50, 'timestamp');
   const bad = new Set(loose.violations.map((v) => v.split(':')[0])).size;
   t.ok(bad > 0, `the checker finds inconsistent cuts when the late writes are left out (${bad} of 50 snapshots; e.g. ${loose.violations[0]})`);
@@ -228,26 +228,26 @@ const tools = hasTool('qemu-img') && hasTool('qemu-io');
 
 t.test('a snapshot is a read-only target on every portal; it survives a page move', { skip: tools ? false : 'qemu-img/qemu-io not installed' }, async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 4 } });
-  await g.peer('p1').createVolume({ name: 'vol', size: '24M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '24M' });
   const file = join(g.dir, 'before.img');
   const before = randomBytes(24 * 1024 * 1024);
   writeFileSync(file, before);
   await qemuImg(['convert', '-n', '-f', 'raw', '-O', 'raw', file, g.url('p1', 'vol')]);
 
   // Page 0 (p1's) starts moving to p3 slowly; the snapshot is taken while it is in transit.
-  const info = await g.peer('p2').movePage('vol', 0, 'p3');
-  for (let i = 0; i < 200 && (g.peer('p1').migration.list()[0]?.done ?? 0) < 3; i++) await new Promise((r) => setTimeout(r, 25));
-  const [snap] = await g.peer('p2').createSnapshots(['vol'], { name: 'before' });
+  const info = await g.peer('p2').admin.movePage('vol', 0, 'p3');
+  for (let i = 0; i < 200 && (g.peer('p1').core.migrator.list()[0]?.done ?? 0) < 3; i++) await new Promise((r) => setTimeout(r, 25));
+  const [snap] = await g.peer('p2').admin.createSnapshots(['vol'], { name: 'before' });
   t.equal(snap.targetName, 'iqn.2026-11.io.peersan:vol.before');
   // And one in timestamp mode, the move still running.
-  const [ts] = await g.peer('p3').createSnapshots(['vol'], { name: 'ts', mode: 'timestamp' });
+  const [ts] = await g.peer('p3').admin.createSnapshots(['vol'], { name: 'ts', mode: 'timestamp' });
   t.equal(ts.heldMs, 0, 'the timestamp snapshot held no host I/O');
-  t.ok(g.peer('p1').migration.list().length === 1, 'the move was still running at both cuts');
+  t.ok(g.peer('p1').core.migrator.list().length === 1, 'the move was still running at both cuts');
 
   // Hosts change the volume afterwards, the move commits.
   t.ok((await qemuIo(g.url('p3', 'vol'), 'write -P 0x55 0 8M')).ok, 'overwrite the first 8 MiB after the snapshot');
-  await g.peer('p1').migration.wait(info.volumeId, 0);
-  t.equal((await g.peer('p1').pageMap('vol')).pages[0].owner, 'p3', 'the move committed');
+  await g.peer('p1').core.migrator.wait(info.volumeId, 0);
+  t.equal((await g.peer('p1').admin.pageMap('vol')).pages[0].owner, 'p3', 'the move committed');
 
   const snapUrl = (via: string, name = 'before'): string => g.url(via, 'vol').replace(':vol/0', `:vol.${name}/0`);
   for (const via of ['p2', 'p3']) {
@@ -265,41 +265,41 @@ t.test('a snapshot is a read-only target on every portal; it survives a page mov
   t.notOk(write.ok, `the snapshot target refuses writes: ${write.out.trim().split('\n')[0]}`);
   t.notOk(/Images are identical/.test(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, g.url('p1', 'vol')]).catch((e: Error) => e.message)), 'while the volume itself has changed');
 
-  const listed = await g.peer('p3').listSnapshots('vol');
+  const listed = await g.peer('p3').admin.listSnapshots('vol');
   t.match(listed, [{ name: 'before', state: 'ready', mode: 'barrier' }, { name: 'ts', state: 'ready', mode: 'timestamp' }]);
-  await g.peer('p1').deleteSnapshot('vol', 'ts');
-  await g.peer('p1').deleteSnapshot('vol', 'before');
+  await g.peer('p1').admin.deleteSnapshot('vol', 'ts');
+  await g.peer('p1').admin.deleteSnapshot('vol', 'before');
   for (let i = 0; i < 100 && g.peer('p2').core.targets.find(snap.targetName); i++) await new Promise((r) => setTimeout(r, 20));
   t.equal(g.peer('p2').core.targets.find(snap.targetName), undefined, 'deleted: the target is gone');
 });
 
 t.test('restore, clone and schedules', { skip: tools ? false : 'qemu-img/qemu-io not installed' }, async (t) => {
   const g = await startGroup(t, 3);
-  await g.peer('p1').createVolume({ name: 'db', size: '24M' });
+  await g.peer('p1').admin.createVolume({ name: 'db', size: '24M' });
   const first = join(g.dir, 'first.img');
   writeFileSync(first, randomBytes(24 * 1024 * 1024));
   await qemuImg(['convert', '-n', '-f', 'raw', '-O', 'raw', first, g.url('p1', 'db')]);
-  await g.peer('p2').createSnapshots(['db'], { name: 'first' });
+  await g.peer('p2').admin.createSnapshots(['db'], { name: 'first' });
   t.ok((await qemuIo(g.url('p2', 'db'), 'write -P 0x77 4M 12M')).ok, 'the volume changes after the snapshot');
 
-  const clone = await g.peer('p3').cloneSnapshot('db', 'first', 'db-copy');
+  const clone = await g.peer('p3').admin.cloneSnapshot('db', 'first', 'db-copy');
   t.equal(clone.sizeBytes, 24 * 1024 * 1024);
   t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p1', 'db-copy')]), /Images are identical/, 'the clone holds the snapshot\'s data');
   t.ok((await qemuIo(g.url('p1', 'db-copy'), 'write -P 0x11 0 1M')).ok, 'the clone is writable');
   t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p2', 'db').replace(':db/0', ':db.first/0')]), /Images are identical/, 'writing the clone leaves the snapshot as it was');
   t.ok((await qemuIo(g.url('p3', 'db'), 'read -P 0x77 4M 12M')).ok, 'and the origin volume as it was');
 
-  await t.rejects(g.peer('p1').restoreSnapshot('db', 'nope', false), /no snapshot named nope/);
-  const restored = await g.peer('p1').restoreSnapshot('db', 'first', false);
+  await t.rejects(g.peer('p1').admin.restoreSnapshot('db', 'nope', false), /no snapshot named nope/);
+  const restored = await g.peer('p1').admin.restoreSnapshot('db', 'first', false);
   t.ok(restored.copiedBytes >= 24 * 1024 * 1024 - 64 * 1024, `restored (${restored.copiedBytes} bytes copied)`);
   t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', first, g.url('p3', 'db')]), /Images are identical/, 'the volume is back at the snapshot');
 
-  await g.peer('p2').scheduleSnapshots('db', '1s', 2);
+  await g.peer('p2').admin.scheduleSnapshots('db', '1s', 2);
   await new Promise((r) => setTimeout(r, 4_500));
-  const autos = (await g.peer('p3').listSnapshots('db')).filter((s) => s.name.startsWith('auto-'));
+  const autos = (await g.peer('p3').admin.listSnapshots('db')).filter((s) => s.name.startsWith('auto-'));
   t.equal(autos.length, 2, `the schedule keeps the newest 2 (${autos.map((s) => s.name).join(', ')})`);
-  await g.peer('p2').scheduleSnapshots('db', 'off', 0);
-  const after = (await g.peer('p3').listSnapshots('db')).length;
+  await g.peer('p2').admin.scheduleSnapshots('db', 'off', 0);
+  const after = (await g.peer('p3').admin.listSnapshots('db')).length;
   await new Promise((r) => setTimeout(r, 2_000));
-  t.equal((await g.peer('p3').listSnapshots('db')).length, after, 'no more after the schedule is removed');
+  t.equal((await g.peer('p3').admin.listSnapshots('db')).length, after, 'no more after the schedule is removed');
 });

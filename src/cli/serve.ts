@@ -97,8 +97,8 @@ export async function demo(opts: DemoOptions): Promise<void> {
     await meta.close();
     throw err;
   }
-  const existing = (await servers[0].listVolumes()).find((v) => v.name === 'demo');
-  const volume = existing ?? (await servers[0].createVolume({ name: 'demo', size: opts.size }));
+  const existing = (await servers[0].admin.listVolumes()).find((v) => v.name === 'demo');
+  const volume = existing ?? (await servers[0].admin.createVolume({ name: 'demo', size: opts.size }));
   const say = (s: string): boolean => process.stdout.write(s + '\n');
   say(`peersan demo: ${peers} peer(s), data in ${dir}`);
   say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);

@@ -6,82 +6,36 @@ import { timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import type { TlsChannel } from '../cluster/peer-tls';
 import type { Logger } from 'pino';
-import type { CreateVolumeInput } from '../cluster/catalog';
+import type { GroupStatus, PeerStatusView } from '../cluster/group-status';
+import type { PageMapView, VolumeAdmin, VolumeView } from '../cluster/volume-admin';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import { LogLimiter } from '../log';
-import type { SessionInfo } from '../iscsi/portal';
 import { wireUint32 } from './admin-input';
+import type { MoveAdmin } from '../migration/admin';
 import type { MoveInfo } from '../migration/migrator';
 import type { SnapshotMode } from '../snapshot/records';
 import type { SnapshotView } from '../snapshot/service';
+import type { LoadAdmin } from '../loadmon/admin';
 import type { RebalanceReply, TopReply } from '../loadmon/service';
+import type { SnapshotAdmin } from '../snapshot/admin';
 import type { MovedSession } from './host-balance-service';
+import type { SessionAdmin } from './host-balance-wiring';
 
-export interface VolumeView {
-  name: string;
-  id: string;
-  sizeBytes: number;
-  blockBytes: number;
-  allow: string[];
-  chapEnabled: boolean;
-  chapUser: string;
-  mutualChap: boolean;
-  allocatedBytes: number;
-  targetName: string;
-  sessions: number;
-  createdAtMs: number;
-  version: number;
-  peers: string[];
-}
+export type { PeerStatusView } from '../cluster/group-status';
+export type { PageMapView, VolumeView } from '../cluster/volume-admin';
 
-export interface PageMapView {
-  volume: string;
-  pageBlocks: number;
-  peers: string[];
-  pages: { page: number; owner: string; version: number }[];
-}
-
-export interface PeerStatusView {
-  id: string;
-  iscsi: string;
-  rpc: string;
-  http: string;
-  up: boolean;
-  uptimeMs: number;
-  allocatedBytes: number;
-  freeBytes: number;
-  totalBytes: number;
-  volumes: number;
-  sessions: SessionInfo[];
-  version: string;
-}
-
-export interface AdminApi {
-  status(): Promise<{ cluster: string; peers: PeerStatusView[] }>;
-  createVolume(input: CreateVolumeInput): Promise<VolumeView>;
-  listVolumes(): Promise<VolumeView[]>;
-  getVolume(name: string): Promise<VolumeView>;
-  deleteVolume(name: string, force: boolean): Promise<void>;
-  resizeVolume(name: string, size: string): Promise<VolumeView>;
-  pageMap(name: string): Promise<PageMapView>;
-  movePage(name: string, page: number, to: string): Promise<MoveInfo>;
-  cancelMove(name: string, page: number): Promise<void>;
-  createSnapshots(volumes: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]>;
-  listSnapshots(volume: string): Promise<SnapshotView[]>;
-  deleteSnapshot(volume: string, name: string): Promise<void>;
-  restoreSnapshot(volume: string, name: string, force: boolean): Promise<{ copiedBytes: number; unmappedBytes: number }>;
-  cloneSnapshot(volume: string, name: string, newName: string): Promise<VolumeView>;
-  scheduleSnapshots(volume: string, every: string, keep: number): Promise<{ volume: string; everyMs: number; keep: number }>;
-  migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
-  // Load monitoring and balancing (src/loadmon).
-  top(pages: number): Promise<TopReply>;
-  rebalance(dryRun: boolean): Promise<RebalanceReply>;
-  /** volume '' = the group switch. */
-  setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }>;
-  /** Host balancing: ask sessions to log out and log in again on another peer. */
-  moveSession?(session: string, to: string, on: string): Promise<MovedSession[]>;
-}
+/**
+ * What AdminService serves: each operation is its concept's (the modules named in the imports);
+ * a peer's full set (PeerServer.admin) has the console's extras too (http-api.ts OptionalAdminOps).
+ */
+export interface AdminApi
+  extends Pick<GroupStatus, 'status'>,
+    Omit<VolumeAdmin, 'setVolumeAccess'>,
+    Pick<MoveAdmin, 'movePage' | 'cancelMove' | 'migrations'>,
+    Omit<SnapshotAdmin, 'createSnapshot'>,
+    Pick<LoadAdmin, 'top' | 'rebalance' | 'setAutoBalance'>,
+    Partial<SessionAdmin> {}
 
 export const statusForCode: Record<string, grpc.status> = {
   PEERSAN_ERR_INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,

@@ -1,0 +1,63 @@
+// The group as an operator sees it: every peer's status, this peer's from itself and the others'
+// over PeerService. A peer that does not answer within statusPeerMsMax is shown down (an
+// operator asks "what is up?" most when something is not), never turned into an error. The
+// sessions in that view are what the admin operations that must not pull a volume from under a
+// host (delete, restore, moving a session by TSIH) look at.
+
+import type { SessionInfo } from '../iscsi/portal';
+import { statusPeerMsMax } from '../server/compose';
+import type { PeerCalls } from './transport';
+
+export interface PeerStatusView {
+  id: string;
+  iscsi: string;
+  rpc: string;
+  http: string;
+  up: boolean;
+  uptimeMs: number;
+  allocatedBytes: number;
+  freeBytes: number;
+  totalBytes: number;
+  volumes: number;
+  sessions: SessionInfo[];
+  version: string;
+}
+
+/** A peer's addresses from cluster.yaml: what a peer that does not answer is shown with. */
+export interface PeerAddresses {
+  id: string;
+  iscsi: string;
+  rpc: string;
+  http: string;
+}
+
+export interface GroupStatus {
+  status(): Promise<{ cluster: string; peers: PeerStatusView[] }>;
+  /** Every session logged in on a peer that answers, with the peer it is on. */
+  sessions(): Promise<{ peer: string; session: SessionInfo }[]>;
+}
+
+export interface GroupStatusOptions {
+  cluster: string;
+  self: string;
+  peers: readonly PeerAddresses[];
+  /** This peer's own status (the process knows its ports, disk and portal). */
+  selfStatus(): Promise<PeerStatusView>;
+  calls(peerId: string): Pick<PeerCalls, 'status'>;
+}
+
+export function groupStatus(o: GroupStatusOptions): GroupStatus {
+  const peerStatus = async (p: PeerAddresses): Promise<PeerStatusView> => {
+    if (p.id === o.self) return o.selfStatus();
+    try {
+      return { ...(await o.calls(p.id).status(statusPeerMsMax)), up: true };
+    } catch {
+      return { id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, up: false, uptimeMs: 0, allocatedBytes: 0, freeBytes: 0, totalBytes: 0, volumes: 0, sessions: [], version: '' };
+    }
+  };
+  const status = async () => ({ cluster: o.cluster, peers: await Promise.all(o.peers.map(peerStatus)) });
+  return {
+    status,
+    sessions: async () => (await status()).peers.flatMap((p) => p.sessions.map((session) => ({ peer: p.id, session }))),
+  };
+}

@@ -1,0 +1,100 @@
+// The admin operations on volumes (create, list, show, delete, resize, access, page map): the
+// catalog records the change, then this peer's iSCSI target is made to reflect it before the
+// caller hears back, so a host that logs in to this peer right after "created" finds the
+// target. The other peers follow the catalog's watch on their own.
+
+import type { Logger } from 'pino';
+import { InvalidArgumentError } from '../errors';
+import type { SessionInfo } from '../iscsi/portal';
+import { targetNameFor } from '../iscsi/target';
+import type { Catalog, ChapSettings, CreateVolumeInput, VolumeRecord } from './catalog';
+import type { GroupStatus } from './group-status';
+
+export interface VolumeView {
+  name: string;
+  id: string;
+  sizeBytes: number;
+  blockBytes: number;
+  allow: string[];
+  chapEnabled: boolean;
+  chapUser: string;
+  mutualChap: boolean;
+  allocatedBytes: number;
+  targetName: string;
+  sessions: number;
+  createdAtMs: number;
+  version: number;
+  peers: string[];
+}
+
+export interface PageMapView {
+  volume: string;
+  pageBlocks: number;
+  peers: string[];
+  pages: { page: number; owner: string; version: number }[];
+}
+
+export interface VolumeAdmin {
+  createVolume(input: CreateVolumeInput): Promise<VolumeView>;
+  listVolumes(): Promise<VolumeView[]>;
+  getVolume(name: string): Promise<VolumeView>;
+  /** Refused while hosts are logged in anywhere in the group, unless forced. */
+  deleteVolume(name: string, force: boolean): Promise<void>;
+  resizeVolume(name: string, size: string): Promise<VolumeView>;
+  /** Change who may log in (allow list, CHAP). Sessions already in stay. */
+  setVolumeAccess(name: string, access: { allow: string[]; chap?: ChapSettings | null }): Promise<VolumeView>;
+  pageMap(name: string): Promise<PageMapView>;
+}
+
+export interface VolumeAdminOptions {
+  catalog: Catalog;
+  /** This peer's iSCSI targets (server/targets.ts): `apply` resolves once the target reflects the record. */
+  targets: { apply(name: string, record: VolumeRecord | undefined): Promise<void>; allocatedBytes(volumeName: string): number };
+  /** Sessions logged in through this peer (a volume's view counts them). */
+  localSessions(): SessionInfo[];
+  group: Pick<GroupStatus, 'sessions'>;
+  log: Logger;
+}
+
+export function volumeAdmin(o: VolumeAdminOptions): VolumeAdmin {
+  const { catalog, targets, log } = o;
+  const view = (v: VolumeRecord): VolumeView => ({
+    name: v.name, id: v.id, sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, allow: v.allow,
+    chapEnabled: v.chap !== undefined, chapUser: v.chap?.user ?? '', mutualChap: v.chap?.mutualUser !== undefined,
+    allocatedBytes: targets.allocatedBytes(v.name), targetName: targetNameFor(v.name),
+    sessions: o.localSessions().filter((s) => s.targetName === targetNameFor(v.name)).length,
+    createdAtMs: v.createdAtMs, version: v.version, peers: v.peers,
+  });
+  const applied = async (record: VolumeRecord): Promise<VolumeView> => {
+    await targets.apply(record.name, record);
+    return view(record);
+  };
+  return {
+    createVolume: async (input) => applied(await catalog.createVolume(input)),
+    listVolumes: async () => catalog.listVolumes().map(view),
+    getVolume: async (name) => view(catalog.require(name)),
+    resizeVolume: async (name, size) => applied(await catalog.resizeVolume(name, size)),
+    async deleteVolume(name, force) {
+      const record = catalog.require(name);
+      const target = targetNameFor(name);
+      const holders = (await o.group.sessions()).filter((x) => x.session.targetName === target).map((x) => x.peer);
+      if (holders.length > 0 && !force) {
+        throw new InvalidArgumentError(`volume ${name} has ${holders.length} session(s) logged in (through ${[...new Set(holders)].join(', ')}); log them out first or use --force`);
+      }
+      await catalog.deleteVolume(name);
+      await targets.apply(name, undefined);
+      log.info({ volume: name, id: record.id, force }, 'volume deleted by admin');
+    },
+    async setVolumeAccess(name, access) {
+      const record = await catalog.setAccess(name, access);
+      const v = await applied(record);
+      log.info({ volume: name, allow: record.allow.length, chap: record.chap !== undefined }, 'volume access changed by admin');
+      return v;
+    },
+    async pageMap(name) {
+      const v = catalog.require(name);
+      const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+      return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages: routes.map((r, page) => ({ page, owner: r.owner, version: r.version })) };
+    },
+  };
+}

@@ -1,0 +1,117 @@
+// Host balancing built for one peer from cluster.yaml (host-balance-service.ts does the work):
+// what it asks of the rest of the peer (the gossiped loads, which hosts a reservation pins, how
+// a volume's pages are spread), and the admin operation "move this session", which may name a
+// session logged in on any peer.
+
+import type { Logger } from 'pino';
+import type { Catalog } from '../cluster/catalog';
+import type { GroupStatus } from '../cluster/group-status';
+import type { PeerCalls } from '../cluster/transport';
+import type { Env } from '../env/env';
+import { InvalidArgumentError, NotFoundError } from '../errors';
+import type { Portal } from '../iscsi/portal';
+import { targetNameFor } from '../iscsi/target';
+import type { PeerLoadView } from '../loadmon/view';
+import type { ClusterConfig } from './config';
+import { statusPeerMsMax } from './compose';
+import type { PageShares } from './host-balance';
+import { HostBalanceService, type MovedSession } from './host-balance-service';
+import { GossipLoadView } from './host-view';
+import type { VolumeTargets } from './targets';
+
+/** How long a volume's page shares are reused: routes change slowly. */
+const sharesRefreshMs = 5_000;
+
+export interface HostBalanceWiring {
+  config: Pick<ClusterConfig, 'peers' | 'hostBalance'>;
+  self: string;
+  env: Env;
+  portal(): Portal;
+  /** The gossiped loads (LoadService.peerLoads). */
+  loads(): PeerLoadView[];
+  catalog: Catalog;
+  targets: Pick<VolumeTargets, 'reservationsOf'>;
+  calls(peerId: string): Pick<PeerCalls, 'planHostMove'>;
+  /** A redirect or a host asked to move, for the console's events. */
+  event(message: string, volume: string | undefined): void;
+  log: Logger;
+}
+
+/** The peer's host balancing, or undefined when cluster.hostBalance turns it off (default: on with several peers). */
+export function createHostBalance(w: HostBalanceWiring): HostBalanceService | undefined {
+  const { config, self, env, catalog } = w;
+  const hb = config.hostBalance ?? {};
+  if (!(hb.enabled ?? config.peers.length > 1)) return undefined;
+  const tag = (id: string): number => config.peers.findIndex((p) => p.id === id) + 1;
+  const volumeOf = (targetName: string) => catalog.listVolumes().find((v) => targetNameFor(v.name) === targetName);
+  const view = new GossipLoadView({
+    selfId: self,
+    peers: config.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, portalGroupTag: tag(p.id) })),
+    ownSessions: () => w.portal().sessions().filter((s) => s.sessionType === 'Normal').length,
+    loads: w.loads,
+  });
+  // A host holding a persistent reservation registration (or a RESERVE) through this peer's
+  // target port stays: registrations are per I_T nexus and the target port differs per peer.
+  const pinned = (initiatorName: string, isid: string, targetName: string): boolean => {
+    const v = volumeOf(targetName);
+    const state = v && w.targets.reservationsOf(v.id)?.current.state();
+    if (!state) return false;
+    const port = `${initiatorName},i,0x${isid}`;
+    return state.registrations.some((r) => r.initiatorPort === port && r.relativeTargetPort === tag(self)) || (state.legacyHolder?.startsWith(`${port}|`) ?? false);
+  };
+  const sharesCache = new Map<string, { atMs: number; shares: PageShares }>();
+  // Share of a volume's pages per owner.
+  const shares = (targetName: string): PageShares | undefined => {
+    const cached = sharesCache.get(targetName);
+    if (cached && env.clock.monotonicMs() - cached.atMs < sharesRefreshMs) return cached.shares;
+    const v = volumeOf(targetName);
+    if (!v) return undefined;
+    const owners = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    const out = new Map<string, number>();
+    for (const r of owners) out.set(r.owner, (out.get(r.owner) ?? 0) + 1 / owners.length);
+    sharesCache.set(targetName, { atMs: env.clock.monotonicMs(), shares: out });
+    return out;
+  };
+  const { enabled: _enabled, ...settings } = hb;
+  return new HostBalanceService({
+    selfId: self, env, settings, view, portal: w.portal, log: w.log, pinned, shares,
+    event: (message, target) => w.event(message, volumeOf(target)?.name),
+    broadcastPlan: async (plan) => {
+      const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - env.clock.nowMs()) };
+      await Promise.all(config.peers.filter((p) => p.id !== self).map((p) =>
+        w.calls(p.id).planHostMove(message, statusPeerMsMax).catch((err: Error) => w.log.warn({ to: p.id, reason: err.message }, 'peer did not take a host move plan (a login there is placed by the usual rule)'))));
+    },
+  });
+}
+
+export interface SessionAdmin {
+  /** Ask sessions to log out and log in again on peer `to`, wherever they are logged in (or only on peer `on`). */
+  moveSession(session: string, to: string, on: string): Promise<MovedSession[]>;
+}
+
+export function sessionAdmin(o: {
+  self: string;
+  groupPeers: readonly string[];
+  hostBalance: HostBalanceService | undefined;
+  group: Pick<GroupStatus, 'sessions'>;
+  calls(peerId: string): Pick<PeerCalls, 'moveSession'>;
+}): SessionAdmin {
+  return {
+    async moveSession(session, to, on) {
+      const hb = o.hostBalance;
+      if (!hb) throw new InvalidArgumentError('host balancing is off on this peer (cluster.hostBalance.enabled)');
+      if (!session) throw new InvalidArgumentError('name a session: its TSIH or its initiator name');
+      if (/^(0x[0-9a-f]+|[0-9]+)$/i.test(session) && !on) {
+        // TSIHs are per peer: find which peer has it, and refuse to guess between several.
+        const holders = [...new Set((await o.group.sessions()).filter((x) => x.session.tsih === Number(session) && x.session.sessionType === 'Normal').map((x) => x.peer))];
+        if (holders.length > 1) throw new InvalidArgumentError(`TSIH ${session} is logged in on ${holders.join(', ')}: say which with --on PEER`);
+        on = holders[0] ?? '';
+      }
+      const peers = o.groupPeers.filter((p) => !on || p === on);
+      if (peers.length === 0) throw new InvalidArgumentError(`no peer ${on} in this group`);
+      const moved = (await Promise.all(peers.map((p) => (p === o.self ? hb.move(session, to) : o.calls(p).moveSession(session, to, 10_000))))).flat();
+      if (moved.length === 0) throw new NotFoundError(`no session ${session} logged in${on ? ` on ${on}` : ''}`);
+      return moved;
+    },
+  };
+}

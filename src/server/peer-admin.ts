@@ -1,0 +1,56 @@
+// A peer's admin operations put together. Each group is its concept's own module; this file
+// only says which parts of the peer (its core, the group view, its host balancing) each gets.
+// PeerServer hands the result to AdminService (the CLI) and to the console.
+
+import type { Logger } from 'pino';
+import { groupStatus, type PeerStatusView } from '../cluster/group-status';
+import type { PeerCalls } from '../cluster/transport';
+import { volumeAdmin } from '../cluster/volume-admin';
+import type { Env } from '../env/env';
+import type { SessionInfo } from '../iscsi/portal';
+import { loadAdmin } from '../loadmon/admin';
+import { moveAdmin } from '../migration/admin';
+import { snapshotAdmin } from '../snapshot/admin';
+import type { AdminApi } from './admin';
+import type { PeerCore } from './compose';
+import type { ClusterConfig } from './config';
+import type { EventKind } from './events';
+import type { HostBalanceService } from './host-balance-service';
+import { sessionAdmin } from './host-balance-wiring';
+import type { OptionalAdminOps } from './http-api';
+
+/** Every admin operation of a peer: AdminService's and the console's. */
+export type PeerAdmin = Required<AdminApi> & OptionalAdminOps;
+
+export interface PeerAdminWiring {
+  self: string;
+  config: Pick<ClusterConfig, 'name' | 'peers'>;
+  env: Env;
+  log: Logger;
+  core: PeerCore;
+  calls(peerId: string): PeerCalls;
+  /** This peer's own status and sessions (the process knows its ports, disk and portal). */
+  selfStatus(): Promise<PeerStatusView>;
+  localSessions(): SessionInfo[];
+  hostBalance: HostBalanceService | undefined;
+  event(kind: EventKind, message: string, fields: { volume?: string; peer?: string }): void;
+}
+
+export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
+  const { self, env, log, core, calls } = w;
+  const { catalog } = core;
+  const groupPeers = w.config.peers.map((p) => p.id);
+  const group = groupStatus({ cluster: w.config.name, self, peers: w.config.peers, selfStatus: w.selfStatus, calls });
+  const volumes = volumeAdmin({ catalog, targets: core.targets, localSessions: w.localSessions, group, log });
+  return {
+    status: group.status,
+    ...volumes,
+    ...moveAdmin({ self, groupPeers, catalog, migrator: core.migrator, calls }),
+    ...snapshotAdmin({
+      self, env, catalog, snapshots: core.snapshots, reader: (volume, name) => core.snapshotTargets.reader(volume, name), targets: core.targets,
+      volumes, group, event: (message, volume) => w.event('snapshot', message, { volume, peer: self }), log,
+    }),
+    ...loadAdmin({ catalog, load: core.load, balancerSwitch: core.balancerSwitch, log }),
+    ...sessionAdmin({ self, groupPeers, hostBalance: w.hostBalance, group, calls }),
+  };
+}
