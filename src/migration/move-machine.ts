@@ -232,7 +232,9 @@ export class MoveMachine {
     this.chunkBlocks = Math.max(1, Math.floor(chunkBytes / geometry.blockBytes));
     this.resumed = opts.resumed;
     this.cancelAsked = cp.state === 'cancelling';
-    this.phaseNow = opts.resumed ? 'preparing' : cp.state === 'cancelling' ? 'cancelling' : 'copying';
+    // A `cancelling` checkpoint turns back again at the first piece boundary (persisting it
+    // again, harmless); a `committing` one has every piece done and commits.
+    this.phaseNow = opts.resumed ? 'preparing' : 'copying';
   }
 
   // ---- inspection -----------------------------------------------------------------------------
