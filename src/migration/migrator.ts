@@ -173,6 +173,7 @@ export class Migrator {
     await this.o.store.deleteRecord(incomingKey(req.volumeId, req.page));
   }
 
+  /** Free this peer's copy of the page (a destination's stale or abandoned copy, a source's after its commit). */
   private async clearPage(movable: MovableVolume, volume: VolumeRecord, page: number): Promise<void> {
     const first = page * volume.pageBlocks;
     const blocks = Math.min(volume.pageBlocks, movable.blockCount - first);
@@ -368,7 +369,7 @@ export class Migrator {
         // New requests find the page gone and are re-routed (PageMovedError).
         movable.end(cp.page);
         await drain(move);
-        if (a.free) await this.freeLocal(movable, this.requireVolume(cp.volumeId), cp.page);
+        if (a.free) await this.clearPage(movable, this.requireVolume(cp.volumeId), cp.page);
         await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
         return { kind: 'released' };
       case 'armTimer':
@@ -455,12 +456,6 @@ export class Migrator {
     r.settle();
   }
 
-  private async freeLocal(movable: MovableVolume, volume: VolumeRecord, page: number): Promise<void> {
-    const first = page * volume.pageBlocks;
-    const blocks = Math.min(volume.pageBlocks, movable.blockCount - first);
-    if (blocks > 0) await movable.raw.unmap(first, blocks);
-  }
-
   private checkpoint(cp: MoveCheckpoint): Promise<void> {
     return this.o.store.putRecord(checkpointKey(cp.volumeId, cp.page), encodeCheckpoint(cp), true);
   }
@@ -503,7 +498,7 @@ export class Migrator {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
         await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
-        await this.freeLocal(movable, volume, cp.page);
+        await this.clearPage(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
         this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
       } else if (route.owner === this.o.self && route.version === cp.routeVersion) {

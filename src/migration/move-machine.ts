@@ -54,7 +54,7 @@
 //
 // Restart (Migrator.recover): a checkpointed move whose route is {D, v + 1} committed before the
 // crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route is still
-// {S, v} resumes here (`resume`): PREPARE again (not fresh: D keeps the pieces it holds), then
+// {S, v} resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
 // from the checkpoint's cursor: pieces [0, done) are on D and the piece that was in transit is
 // copied again from its first chunk; a `cancelling` checkpoint goes on copying back, a
 // `committing` one commits (and cannot be cancelled). Any other route contradicts the
@@ -328,7 +328,7 @@ export class MoveMachine {
         return this.settleCas(ev.owner, ev.version);
       case 'finished':
         this.error = '';
-        return this.afterFinish();
+        return [{ kind: 'deleteIntent' }];
       case 'intentDeleted':
         this.error = '';
         return [{ kind: 'release', free: this.phaseNow === 'committing' }];
@@ -339,7 +339,7 @@ export class MoveMachine {
         return [{ kind: 'readRoute' }];
       case 'finishFailed':
         // The commit stands without D's answer: D reads the catalog when it returns.
-        if (this.phaseNow === 'committing') return this.noteAnd(ev.error, [{ kind: 'deleteIntent' }]);
+        if (this.phaseNow === 'committing') return this.unconfirmed(ev.error);
         return this.retry(ev.error, 'finish');
       case 'prepareFailed':
         return this.retry(ev.error, 'prepare');
@@ -496,10 +496,6 @@ export class MoveMachine {
     return [{ kind: 'finish', committed: true, version }];
   }
 
-  private afterFinish(): MoveAction[] {
-    return [{ kind: 'deleteIntent' }];
-  }
-
   private end(outcome: 'committed' | 'cancelled'): MoveAction[] {
     this.phaseNow = outcome;
     const out: MoveAction[] = this.inStep ? [this.leave()] : [];
@@ -517,9 +513,10 @@ export class MoveMachine {
     return [{ kind: 'armTimer', ms: retryMs }];
   }
 
-  private noteAnd(error: Error, then: MoveAction[]): MoveAction[] {
+  /** FINISH after the commit had no answer: shown, and the clean-up goes on. */
+  private unconfirmed(error: Error): MoveAction[] {
     this.error = `destination did not confirm the commit (it reads the catalog when it returns): ${error.message}`;
-    return then;
+    return [{ kind: 'deleteIntent' }];
   }
 
   private stop(error: Error): MoveAction[] {
