@@ -1,34 +1,30 @@
-// Page migration on one peer (DESIGN.md 4), both roles:
+// Page migration on one peer (DESIGN.md 4), both roles. The protocol, its ordering rules and
+// what a restart resumes from are stated once, at the top of move-machine.ts.
 //
-// Source S (the owner) — start(): record the intent in the catalog (CAS-create, one move per
-// page), write a checkpoint, ask D to prepare, then route the page's I/O through its pieces
-// (movable.ts) and copy them one by one, rate-limited: mark the piece in transit (writes go to
-// both copies), copy it in chunks (each chunk under the piece's exclusive lock, so no write
-// lands between reading it from S and writing it to D), make it durable on D, then mark it
-// done in the checkpoint (S forwards its I/O to D from then on). Commit: CAS the route to
-// {D, version + 1}, tell D, stop serving the page and free it. Cancel before commit copies
-// the done pieces back from D, last first, the same way, and tells D to free its copy.
+// Source S — start(): check the request, record the intent in the catalog (CAS-create, one move
+// per page), write the checkpoint, ask D to prepare, register the page's pieces with its I/O
+// path (movable.ts), then hand the move to its MoveMachine. This class is the machine's driver:
+// it performs each action with the real I/O (piece locks, the store, the catalog, D's page
+// service, the copy rate, the environment's timers) and feeds the outcome back as the next
+// event; a cancel goes in as an event too. Snapshots: `enterStep` waits on `hold`, `idle` tells
+// a snapshot when the steps already running have ended.
 //
-// Destination D — prepare(): checks the intent, clears any stale copy of the page and keeps
-// a durable "receiving" record; its page service then accepts S's staging traffic for the
-// page. finish(): learn the new route (commit) or free the copy (cancel).
+// Destination D — prepare(), finish(), receiving(): a few steps each, kept procedural here.
 //
-// Restart: S resumes every checkpointed move from its piece in transit (or completes a
-// commit it had already made in the catalog); D keeps a receiving record while the intent
-// stands, drops it once it owns the page, and frees a copy whose move was abandoned. The
-// catalog's route CAS is the single commit point: never two owners for one page version.
+// Restart — recover(): completes moves committed before the crash, resumes the others from
+// their checkpoints (a machine with `resumed`), checks D's receiving records.
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { BlockOp, decodeExtents } from '../routing/frame';
-import type { Route } from '../routing/table';
 import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
+import { chunkBytes, MoveMachine, retryMs, type MoveAction, type MoveEvent } from './move-machine';
 import { checkpointKey, decodeCheckpoint, encodeCheckpoint, incomingKey, pieceGeometry, type MoveCheckpoint, type MoveCursor } from './pieces';
-import { ByteRate, ChunkPacer } from './rate';
+import { ByteRate } from './rate';
 
 export interface MigrationSettings {
   /** Copy rate per peer, bytes per second (0: unlimited). */
@@ -101,24 +97,18 @@ export interface MigratorOptions {
   hold?(volumeId: string): Promise<void> | undefined;
 }
 
-/** Bytes copied per exclusive hold of a piece: small, so host writes to the piece wait little. */
-const chunkBytes = 64 * 1024;
-/** After a failed copy step (D unreachable), try again after this long. */
-const retryMs = 500;
-
 interface Running {
-  cp: MoveCheckpoint;
+  /** The move's sequencing (move-machine.ts); this driver performs its actions. */
+  machine: MoveMachine;
   move: OutgoingMove;
   movable: MovableVolume;
-  bytesCopied: number;
-  lastError: string;
-  cancelRequested: boolean;
-  /** Gives way to host I/O between chunks. */
-  pacer: ChunkPacer;
-  /** Settles when the move commits (resolve) or is cancelled / fails for good (reject). */
+  /** Settles when the move commits (resolve) or is cancelled / stops (reject). */
   finished: Promise<void>;
   settle(err?: Error): void;
 }
+
+/** The actions the driver performs at once, with no outcome to feed back. */
+type Effect = Extract<MoveAction, { kind: 'leaveStep' | 'turnBack' | 'ended' }>;
 
 export class Migrator {
   private readonly o: MigratorOptions;
@@ -133,7 +123,7 @@ export class Migrator {
   private closeNow!: () => void;
   /** Running totals for /metrics. */
   readonly counters = { committed: 0, cancelled: 0, bytesCopied: 0 };
-  /** Move steps running per volume, and who waits for them to end (see step() and idle()). */
+  /** Move steps running per volume, and who waits for them to end (see enterStep() and idle()). */
   private readonly stepping = new Map<string, { steps: number; idle: (() => void)[] }>();
 
   constructor(opts: MigratorOptions) {
@@ -183,6 +173,7 @@ export class Migrator {
     await this.o.store.deleteRecord(incomingKey(req.volumeId, req.page));
   }
 
+  /** Free this peer's copy of the page (a destination's stale or abandoned copy, a source's after its commit). */
   private async clearPage(movable: MovableVolume, volume: VolumeRecord, page: number): Promise<void> {
     const first = page * volume.pageBlocks;
     const blocks = Math.min(volume.pageBlocks, movable.blockCount - first);
@@ -221,7 +212,7 @@ export class Migrator {
       void this.forgetIntent(cp);
       throw err instanceof PeersanError ? err : new PeersanError(`cannot start the move: ${(err as Error).message}`);
     }
-    const r = await this.launch(cp, movable, true);
+    const r = await this.launch(cp, movable, false);
     this.o.log.info({ volume: volume.name, page, to, pieces }, 'page move started');
     this.o.event?.('migration', `moving page ${page} of ${volume.name} from ${this.o.self} to ${to}`, volume.name);
     return this.info(r);
@@ -236,8 +227,8 @@ export class Migrator {
   cancel(volumeId: string, page: number): void {
     const r = this.running.get(key(volumeId, page));
     if (!r) throw new NotFoundError(`page ${page} is not moving away from ${this.o.self}`);
-    if (r.cp.state === 'committing') throw new ConflictError(`the move of page ${page} is committing; it cannot be cancelled any more`);
-    r.cancelRequested = true;
+    if (!r.machine.cancellable) throw new ConflictError(`the move of page ${page} is committing; it cannot be cancelled any more`);
+    this.drive(r, { kind: 'cancel' });
   }
 
   list(): MoveInfo[] {
@@ -247,31 +238,8 @@ export class Migrator {
   /** This peer's moves of a volume with their cursors: pieces [0, done) are on the destination. */
   cursors(volumeId: string): { volumeId: string; page: number; from: string; to: string; done: number; pieceBlocks: number }[] {
     return [...this.running.values()]
-      .filter((r) => r.cp.volumeId === volumeId)
-      .map((r) => ({ volumeId, page: r.cp.page, from: r.cp.from, to: r.cp.to, done: r.move.cursor.done, pieceBlocks: r.cp.pieceBlocks }));
-  }
-
-  /**
-   * Run one step of a move (a chunk copy, a piece state change, the commit) unless a snapshot
-   * holds the volume: then wait until it lets go. A snapshot's cut needs pieces and routes to
-   * stand still; `idle` tells it when the steps already started have finished.
-   */
-  private async step<T>(volumeId: string, fn: () => Promise<T>): Promise<T> {
-    // Another snapshot may hold the volume by the time the last one lets go: look again.
-    for (let held = this.o.hold?.(volumeId); held && !this.closed; held = this.o.hold?.(volumeId)) await Promise.race([held, this.closing]);
-    // No await between the look above and the count below: a snapshot that takes hold now
-    // finds this step counted, and its idle() waits for it.
-    const s = this.stepping.get(volumeId) ?? { steps: 0, idle: [] };
-    s.steps++;
-    this.stepping.set(volumeId, s);
-    try {
-      return await fn();
-    } finally {
-      if (--s.steps === 0) {
-        this.stepping.delete(volumeId);
-        for (const wake of s.idle) wake();
-      }
-    }
+      .filter((r) => r.machine.cp.volumeId === volumeId)
+      .map((r) => ({ volumeId, page: r.machine.cp.page, from: r.machine.cp.from, to: r.machine.cp.to, done: r.move.cursor.done, pieceBlocks: r.machine.cp.pieceBlocks }));
   }
 
   /** Resolves when no step of a move of the volume is running (new ones wait while a snapshot holds it). */
@@ -286,109 +254,163 @@ export class Migrator {
   }
 
   private info(r: Running): MoveInfo {
-    const c = r.cp;
+    const m = r.machine;
+    const c = m.cp;
     return {
       volume: this.o.catalog.volumeById(c.volumeId)?.name ?? c.volumeId, volumeId: c.volumeId, page: c.page, from: c.from, to: c.to,
-      pieces: c.pieces, done: c.done, state: c.state, startedAtMs: c.startedAtMs, bytesCopied: r.bytesCopied, lastError: r.lastError,
+      pieces: c.pieces, done: c.done, state: c.state, startedAtMs: c.startedAtMs, bytesCopied: m.bytesCopied, lastError: m.lastError,
     };
   }
 
-  /** Register the move with the page's I/O path and run it in the background. */
-  private async launch(cp: MoveCheckpoint, movable: MovableVolume, fresh: boolean): Promise<Running> {
+  /** Register the move with the page's I/O path and run its machine in the background. */
+  private async launch(cp: MoveCheckpoint, movable: MovableVolume, resumed: boolean): Promise<Running> {
+    const pageLba = cp.page * (this.o.catalog.volumeById(cp.volumeId)?.pageBlocks ?? 0);
     const cursor: MoveCursor = { pieces: cp.pieces, done: cp.done, transit: -1, state: cp.state === 'cancelling' ? 'cancelling' : 'copying' };
-    const move: OutgoingMove = {
-      page: cp.page, to: cp.to, pageLba: cp.page * (this.o.catalog.volumeById(cp.volumeId)?.pageBlocks ?? 0), pieceBlocks: cp.pieceBlocks,
-      cursor, locks: Array.from({ length: cp.pieces }, () => new SharedLock()), transitDirty: false,
-    };
+    const move: OutgoingMove = { page: cp.page, to: cp.to, pageLba, pieceBlocks: cp.pieceBlocks, cursor, locks: Array.from({ length: cp.pieces }, () => new SharedLock()), transitDirty: false };
+    const machine = new MoveMachine(cp, { pageLba, blockCount: movable.blockCount, blockBytes: movable.blockBytes }, { resumed, duty: this.o.settings.duty ?? 1 });
     let settle!: (err?: Error) => void;
     const finished = new Promise<void>((resolve, reject) => (settle = (err) => (err ? reject(err) : resolve())));
     finished.catch(() => undefined);
-    const r: Running = { cp, move, movable, bytesCopied: 0, lastError: '', cancelRequested: cp.state === 'cancelling', pacer: new ChunkPacer(this.o.settings.duty ?? 1), finished, settle };
+    const r: Running = { machine, move, movable, finished, settle };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
-    void this.run(r, fresh).catch((err: Error) => {
-      // Only a stop of this peer ends a move early; the checkpoint resumes it at the next start.
-      r.lastError = err.message;
-      this.running.delete(key(cp.volumeId, cp.page));
-      r.settle(err);
-      if (!this.closed) this.o.log.error({ err, page: cp.page, volumeId: cp.volumeId }, 'page move stopped');
-    });
+    this.drive(r, { kind: 'begin' });
     return r;
   }
 
-  private async run(r: Running, fresh: boolean): Promise<void> {
-    const { cp, move } = r;
-    if (!fresh) await this.retrying(r, () => this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false }));
-    while (!r.cancelRequested && move.cursor.done < cp.pieces) {
-      const piece = move.cursor.done;
-      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
-        move.cursor.transit = piece;
-        move.transitDirty = false;
-      }));
-      await this.copyPiece(r, piece, false);
-      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
-        if (r.cancelRequested || move.transitDirty) {
-          move.cursor.transit = -1;
-          return;
-        }
-        move.cursor.done = piece + 1;
-        move.cursor.transit = -1;
-        cp.done = piece + 1;
-        await this.checkpoint(cp);
-      }));
+  // ---- the driver: the machine's actions with real I/O ------------------------------------------
+
+  /** Step the move's machine with `ev` and perform what it returns; each outcome steps it again. */
+  private drive(r: Running, ev: MoveEvent): void {
+    const m = r.machine;
+    const before = m.lastError;
+    const actions = m.step(ev);
+    if (m.lastError !== '' && m.lastError !== before && !m.over) this.o.log.warn({ page: m.cp.page, to: m.cp.to, piece: m.transit, reason: m.lastError }, 'page move step failed; retrying');
+    for (const a of actions) {
+      if (a.kind === 'leaveStep' || a.kind === 'turnBack' || a.kind === 'ended') {
+        this.effect(r, a);
+        continue;
+      }
+      // Only a stop of this peer ends a move early; the checkpoint resumes it at the next start.
+      const outcome = this.closed ? Promise.resolve<MoveEvent>({ kind: 'stop', error: new PeersanError('peer stopping; the move resumes at its next start') }) : this.perform(r, a);
+      void outcome.then(
+        (next) => this.drive(r, next),
+        (error: Error) => this.drive(r, { kind: 'stop', error }),
+      );
     }
-    if (r.cancelRequested) return this.rollBack(r);
-    await this.step(cp.volumeId, () => this.commit(r));
+  }
+
+  private effect(r: Running, a: Effect): void {
+    if (a.kind === 'leaveStep') return this.leaveStep(r.machine.cp.volumeId);
+    if (a.kind === 'turnBack') {
+      r.move.cursor.state = 'cancelling';
+      return;
+    }
+    this.ended(r, a);
+  }
+
+  /** One action with an outcome; a rejection (an action with no failure event failed) stops the move. */
+  private async perform(r: Running, a: Exclude<MoveAction, Effect>): Promise<MoveEvent> {
+    const { machine, move, movable } = r;
+    const cp = machine.cp;
+    switch (a.kind) {
+      case 'prepare':
+        return outcome(this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false }), { kind: 'prepared' }, (error) => ({ kind: 'prepareFailed', error }));
+      case 'enterStep':
+        return this.enterStep(cp.volumeId);
+      case 'throttle':
+        await this.rate.take(a.bytes);
+        return { kind: 'throttled' };
+      case 'setTransit':
+        await move.locks[a.piece].runExclusive(async () => {
+          move.cursor.transit = a.piece;
+          move.transitDirty = false;
+        });
+        return { kind: 'transitSet' };
+      case 'copyChunk':
+        return this.copyChunk(r, a);
+      case 'markPiece':
+        return move.locks[a.piece].runExclusive(async (): Promise<MoveEvent> => {
+          if (a.ifClean && move.transitDirty) {
+            move.cursor.transit = -1;
+            return { kind: 'pieceDirty' };
+          }
+          move.cursor.done = a.done;
+          move.cursor.transit = -1;
+          await this.checkpoint(a.checkpoint);
+          return { kind: 'pieceMarked' };
+        });
+      case 'clearTransit':
+        await move.locks[a.piece].runExclusive(async () => {
+          move.cursor.transit = -1;
+        });
+        return { kind: 'transitCleared' };
+      case 'persist':
+        await this.checkpoint(a.checkpoint);
+        return { kind: 'persisted' };
+      case 'setRoute':
+        return outcome(
+          (async () => this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to))(),
+          (route) => ({ kind: 'routeSet', version: route.version }),
+          (error) => ({ kind: 'routeSetFailed', error }),
+        );
+      case 'readRoute':
+        return outcome(
+          (async () => this.o.catalog.fetchRoute(this.requireVolume(cp.volumeId), cp.page))(),
+          (route) => ({ kind: 'routeRead', owner: route.owner, version: route.version }),
+          (error) => ({ kind: 'routeReadFailed', error }),
+        );
+      case 'finish':
+        return outcome(this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: a.committed, version: a.version }), { kind: 'finished' }, (error) => ({ kind: 'finishFailed', error }));
+      case 'deleteIntent':
+        return outcome(this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp), { kind: 'intentDeleted' }, (error) => ({ kind: 'intentDeleteFailed', error }));
+      case 'release':
+        // Every piece is done (or back): whatever still holds a piece lock is being forwarded.
+        // New requests find the page gone and are re-routed (PageMovedError).
+        movable.end(cp.page);
+        await drain(move);
+        if (a.free) await this.clearPage(movable, this.requireVolume(cp.volumeId), cp.page);
+        await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
+        return { kind: 'released' };
+      case 'armTimer':
+        await sleep(this.o.env.timers, a.ms);
+        return { kind: 'timer' };
+    }
   }
 
   /**
-   * Copy one piece in chunks, forward (S → D) or back (D → S), until all of it went through
-   * without a failure. A chunk that fails starts the piece again from its first chunk: the
-   * other side may have restarted meanwhile and lost the chunks before it, which were not yet
-   * durable there (only the piece's last chunk is sent FUA). The simulator found a move that
-   * retried just the failed chunk and committed a page missing an earlier one (seed 104).
+   * Wait until no snapshot holds the volume, then count a step running. A snapshot's cut needs
+   * pieces and routes to stand still; `idle` tells it when the steps already counted have ended.
    */
-  private async copyPiece(r: Running, piece: number, back: boolean): Promise<void> {
-    while (!(await this.copyPieceOnce(r, piece, back))) {
-      if (this.closed) throw new PeersanError('peer stopping; the move resumes at its next start');
-      await sleep(this.o.env.timers, retryMs);
-    }
+  private async enterStep(volumeId: string): Promise<MoveEvent> {
+    // Another snapshot may hold the volume by the time the last one lets go: look again.
+    for (let held = this.o.hold?.(volumeId); held && !this.closed; held = this.o.hold?.(volumeId)) await Promise.race([held, this.closing]);
+    if (this.closed) return { kind: 'stop', error: new PeersanError('peer stopping; the move resumes at its next start') };
+    // No await between the look above and the count below: a snapshot that takes hold now
+    // finds this step counted, and its idle() waits for it.
+    const s = this.stepping.get(volumeId) ?? { steps: 0, idle: [] };
+    s.steps++;
+    this.stepping.set(volumeId, s);
+    return { kind: 'stepEntered' };
   }
 
-  /** One pass over the piece's chunks; false when a chunk failed (the piece must be copied again). */
-  private async copyPieceOnce(r: Running, piece: number, back: boolean): Promise<boolean> {
-    const { move, movable } = r;
-    const bs = movable.blockBytes;
-    const first = move.pageLba + piece * move.pieceBlocks;
-    const end = Math.min(first + move.pieceBlocks, movable.blockCount);
-    const chunkBlocks = Math.max(1, Math.floor(chunkBytes / bs));
-    for (let lba = first; lba < end; lba += chunkBlocks) {
-      if (r.cancelRequested && !back) return true;
-      const blocks = Math.min(chunkBlocks, end - lba);
-      const last = lba + blocks >= end;
-      await this.rate.take(blocks * bs);
-      const t0 = this.o.env.clock.monotonicMs();
-      try {
-        await this.step(r.cp.volumeId, () => move.locks[piece].runExclusive(() => (back ? this.copyBack(r, lba, blocks, last) : this.copyForward(r, lba, blocks, last))));
-        r.lastError = '';
-      } catch (err) {
-        if (err instanceof ConflictError || err instanceof NotFoundError) throw err;
-        if (r.lastError !== (err as Error).message) this.o.log.warn({ page: r.cp.page, to: r.cp.to, piece, reason: (err as Error).message }, 'page move step failed; copying the piece again');
-        r.lastError = (err as Error).message;
-        return false;
-      }
-      // The last chunk of a piece waits for a sync on D: slow by design, not a sign of load.
-      if (!last) await this.yieldToHosts(r, this.o.env.clock.monotonicMs() - t0);
-      r.bytesCopied += blocks * bs;
-      this.counters.bytesCopied += blocks * bs;
-    }
-    return true;
+  private leaveStep(volumeId: string): void {
+    const s = this.stepping.get(volumeId);
+    if (!s || --s.steps > 0) return;
+    this.stepping.delete(volumeId);
+    for (const wake of s.idle) wake();
   }
 
-  /** Pause after a chunk that took `ms` if it waited behind host I/O (rate.ts: ChunkPacer). */
-  private async yieldToHosts(r: Running, ms: number): Promise<void> {
-    const pauseMs = r.pacer.pauseAfter(ms);
-    if (pauseMs >= 1 && !this.closed) await sleep(this.o.env.timers, pauseMs);
+  /** One chunk under the piece's exclusive lock, so no write lands between reading it on one side and writing it on the other. */
+  private async copyChunk(r: Running, a: Extract<MoveAction, { kind: 'copyChunk' }>): Promise<MoveEvent> {
+    const t0 = this.o.env.clock.monotonicMs();
+    try {
+      await r.move.locks[a.piece].runExclusive(() => (a.back ? this.copyBack(r, a.lba, a.blocks, a.last) : this.copyForward(r, a.lba, a.blocks, a.last)));
+    } catch (error) {
+      return { kind: 'chunkFailed', error: error as Error };
+    }
+    this.counters.bytesCopied += a.blocks * r.movable.blockBytes;
+    return { kind: 'chunkCopied', ms: this.o.env.clock.monotonicMs() - t0 };
   }
 
   private async copyForward(r: Running, lba: number, blocks: number, last: boolean): Promise<void> {
@@ -410,74 +432,28 @@ export class Migrator {
     }
   }
 
-  private async commit(r: Running): Promise<void> {
-    const { cp, move, movable } = r;
-    cp.state = 'committing';
-    await this.checkpoint(cp);
-    const volume = this.requireVolume(cp.volumeId);
-    const route = await this.retrying(r, async (): Promise<Route> => {
-      try {
-        return await this.o.catalog.setRoute(volume, cp.page, { owner: cp.from, version: cp.routeVersion }, cp.to);
-      } catch (err) {
-        // A commit made before a crash of this peer, found on restart.
-        const now = await this.o.catalog.fetchRoute(volume, cp.page);
-        if (now.owner === cp.to && now.version === cp.routeVersion + 1) return now;
-        throw err;
-      }
-    });
-    await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch((err: Error) => {
-      this.o.log.warn({ to: cp.to, page: cp.page, reason: err.message }, 'destination did not confirm the commit (it reads the catalog when it returns)');
-    });
-    await this.retrying(r, () => this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp));
-    // Every piece is done: whatever still holds a piece lock is being forwarded to D. New
-    // requests find the page gone and are re-routed (PageMovedError).
-    movable.end(cp.page);
-    await drain(move);
-    await this.freeLocal(movable, volume, cp.page);
-    await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
+  /** The move is over: report it and let its waiters go. */
+  private ended(r: Running, a: Extract<MoveAction, { kind: 'ended' }>): void {
+    const cp = r.machine.cp;
+    const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
     this.running.delete(key(cp.volumeId, cp.page));
+    if (a.outcome === 'stopped') {
+      r.settle(a.error);
+      if (!this.closed) this.o.log.error({ err: a.error, page: cp.page, volumeId: cp.volumeId }, 'page move stopped');
+      return;
+    }
+    if (a.outcome === 'cancelled') {
+      this.counters.cancelled++;
+      this.o.log.info({ volume: name, page: cp.page, to: cp.to }, 'page move cancelled and rolled back');
+      this.o.event?.('migration', `the move of page ${cp.page} of ${name} to ${cp.to} was cancelled; the page stays on ${cp.from}`, name);
+      r.settle(new PeersanError(`the move of page ${cp.page} to ${cp.to} was cancelled`));
+      return;
+    }
     this.counters.committed++;
-    this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, version: route.version, bytesCopied: r.bytesCopied }, 'page move committed');
-    this.o.event?.('page-moved', `page ${cp.page} of ${volume.name} moved from ${cp.from} to ${cp.to} (${Math.round((this.o.env.clock.nowMs() - cp.startedAtMs) / 100) / 10} s)`, volume.name);
+    this.o.log.info({ volume: name, page: cp.page, to: cp.to, version: a.version, bytesCopied: r.machine.bytesCopied }, 'page move committed');
+    this.o.event?.('page-moved', `page ${cp.page} of ${name} moved from ${cp.from} to ${cp.to} (${Math.round((this.o.env.clock.nowMs() - cp.startedAtMs) / 100) / 10} s)`, name);
     this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
     r.settle();
-  }
-
-  private async rollBack(r: Running): Promise<void> {
-    const { cp, move, movable } = r;
-    cp.state = 'cancelling';
-    move.cursor.state = 'cancelling';
-    await this.checkpoint(cp);
-    while (move.cursor.done > 0) {
-      const piece = move.cursor.done - 1;
-      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
-        move.cursor.transit = piece;
-      }));
-      await this.copyPiece(r, piece, true);
-      await this.step(cp.volumeId, () => move.locks[piece].runExclusive(async () => {
-        move.cursor.done = piece;
-        move.cursor.transit = -1;
-        cp.done = piece;
-        await this.checkpoint(cp);
-      }));
-    }
-    await this.retrying(r, () => this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }));
-    await this.retrying(r, () => this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp));
-    movable.end(cp.page);
-    await drain(move);
-    await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
-    this.running.delete(key(cp.volumeId, cp.page));
-    this.counters.cancelled++;
-    const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
-    this.o.log.info({ volume: name, page: cp.page, to: cp.to }, 'page move cancelled and rolled back');
-    this.o.event?.('migration', `the move of page ${cp.page} of ${name} to ${cp.to} was cancelled; the page stays on ${cp.from}`, name);
-    r.settle(new PeersanError(`the move of page ${cp.page} to ${cp.to} was cancelled`));
-  }
-
-  private async freeLocal(movable: MovableVolume, volume: VolumeRecord, page: number): Promise<void> {
-    const first = page * volume.pageBlocks;
-    const blocks = Math.min(volume.pageBlocks, movable.blockCount - first);
-    if (blocks > 0) await movable.raw.unmap(first, blocks);
   }
 
   private checkpoint(cp: MoveCheckpoint): Promise<void> {
@@ -494,23 +470,6 @@ export class Migrator {
       try {
         return await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
       } catch {
-        await sleep(this.o.env.timers, retryMs);
-      }
-    }
-  }
-
-  /** Run a step until it succeeds: a destination that is down is waited for, not given up on. */
-  private async retrying<T>(r: Running, step: () => Promise<T>): Promise<T> {
-    for (;;) {
-      if (this.closed) throw new PeersanError('peer stopping; the move resumes at its next start');
-      try {
-        const v = await step();
-        r.lastError = '';
-        return v;
-      } catch (err) {
-        if (err instanceof ConflictError || err instanceof NotFoundError) throw err;
-        if (r.lastError !== (err as Error).message) this.o.log.warn({ page: r.cp.page, to: r.cp.to, reason: (err as Error).message }, 'page move step failed; retrying');
-        r.lastError = (err as Error).message;
         await sleep(this.o.env.timers, retryMs);
       }
     }
@@ -539,12 +498,12 @@ export class Migrator {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
         await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
-        await this.freeLocal(movable, volume, cp.page);
+        await this.clearPage(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
         this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
       } else if (route.owner === this.o.self && route.version === cp.routeVersion) {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, done: cp.done, pieces: cp.pieces, state: cp.state }, 'resuming a page move after a restart');
-        await this.launch(cp, movable, false);
+        await this.launch(cp, movable, true);
       } else {
         this.o.log.error({ volume: volume.name, page: cp.page, route }, 'dropping a move checkpoint that contradicts the catalog');
         await this.o.store.deleteRecord(rec.key);
@@ -603,4 +562,9 @@ function key(volumeId: string, page: number): string {
 /** Wait until no request holds any piece of the move. */
 async function drain(move: OutgoingMove): Promise<void> {
   for (const lock of move.locks) await lock.runExclusive(async () => undefined);
+}
+
+/** The event for a promise's outcome: `ok` (or made from its value) when it resolves, `failed(error)` when it rejects. */
+function outcome<T>(p: Promise<T>, ok: MoveEvent | ((v: T) => MoveEvent), failed: (error: Error) => MoveEvent): Promise<MoveEvent> {
+  return p.then((v) => (typeof ok === 'function' ? ok(v) : ok), (err: unknown) => failed(err as Error));
 }
