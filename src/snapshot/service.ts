@@ -1,6 +1,10 @@
-// Barrier-mode snapshots (DESIGN.md 6) on one peer, both roles.
+// Snapshots (DESIGN.md 6) on one peer, both roles. The participant's steps are here; the
+// coordinator's sequencing (which step goes to which peer when, deadlines, aborts) is the state
+// machine in coordinator.ts, whose head states the ordering rules; `create` drives it (performs
+// its actions: RPCs, timers, catalog records).
 //
-// Coordinator (the peer that got the command), for one volume or a consistency group:
+// Barrier mode, for one volume or a consistency group (the coordinator is the peer that got
+// the command):
 //   1. a catalog record per volume in state `taking`, with a fresh layer number (seq);
 //   2. PREPARE to every peer of the group: each closes the volumes' gates (new host requests
 //      wait) and answers READY once the requests already inside have finished, forwarded
@@ -44,6 +48,9 @@ import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
 import type { HybridClock } from './hlc';
 import type { StampedChange, StampLog } from './stamp-log';
+import {
+  prepareMsMax, sealMsMax, SnapshotCoordinator, type Answer, type CoordinatorAction, type CoordinatorEvent, type CoordinatorPlan, type Send,
+} from './coordinator';
 import {
   createSnapshotRecord, deleteSnapshotRecord, nextSnapshotSeq, updateSnapshotRecord, validateSnapshotName,
   type MovingAtCut, type SnapshotMode, type SnapshotRecord,
@@ -105,8 +112,6 @@ export interface SnapshotServiceOptions {
   event?(message: string, volume: string): void;
 }
 
-/** How long a peer may take to drain its requests and answer PREPARE. */
-export const prepareMsMax = 3_000;
 /**
  * How long PREPARE may spend flushing dirty data before it closes the gates. It adds to the
  * drain's prepareMsMax: a peer that needs both in full misses the coordinator's PREPARE
@@ -115,10 +120,10 @@ export const prepareMsMax = 3_000;
 export const preflushMsMax = 1_000;
 /** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
 export const holdMsMax = 10_000;
-/** How long TAKE(T) of a timestamp snapshot may wait for host writes stamped before T. */
-export const sealMsMax = 5_000;
 /** Timestamp mode: data recorded per volume and peer between PREPARE and FINISH, at most. */
 export const stampLogBytesMax = 256 * 1024 * 1024;
+
+export { prepareMsMax, sealMsMax };
 
 export interface SnapshotView {
   volume: string;
@@ -131,6 +136,18 @@ export interface SnapshotView {
   heldMs: number;
   tookMs: number;
   targetName: string;
+}
+
+/** A snapshot this peer coordinates: what its records need, and the records written so far (with their catalog versions). */
+interface Taking {
+  volumes: VolumeRecord[];
+  name: string;
+  mode: SnapshotMode;
+  group: string;
+  /** Monotonic ms when the command started; tookMs is measured from here when the first record is published. */
+  started: number;
+  tookMs?: number;
+  records: { r: SnapshotRecord; version: number }[];
 }
 
 /** A barrier snapshot prepared on this peer: its volumes, and where its PREPARE spent its time. */
@@ -382,77 +399,113 @@ export class SnapshotService {
     const name = opts.name ?? defaultName(this.o.env.clock.nowMs());
     validateSnapshotName(name);
     if (volumes.length > 1 && !opts.group) throw new PeersanError('a snapshot of several volumes is a consistency group: give it --group NAME', 'PEERSAN_ERR_INVALID_ARGUMENT');
-    const started = this.o.env.clock.monotonicMs();
+    const taking: Taking = { volumes, name, mode, group: opts.group ?? '', started: this.o.env.clock.monotonicMs(), records: [] };
     const snapshotId = this.o.env.random.bytes(8).toString('hex');
-    const records: { r: SnapshotRecord; version: number }[] = [];
+    const coordinator = this.coordinator({ snapshotId, mode, volumeIds: volumes.map((v) => v.id), peers: this.o.groupPeers, clock: () => this.o.clock.now() });
     try {
-      for (const v of volumes) {
-        const r = this.recordFor(v, name, await nextSnapshotSeq(this.o.catalog.store, v.id), mode, opts.group ?? '');
-        records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
-      }
-      // Every peer reachable first (one that just came back may still be in its reconnect
-      // backoff): a peer that is down aborts the snapshot here, before any host I/O is held.
-      await Promise.all(this.o.groupPeers.map((p) => this.o.rpc.reach(p)));
-      const held = mode === 'timestamp' ? await this.stamped(snapshotId, volumes, records.map((x) => x.r)) : await this.barrier(snapshotId, volumes, records.map((x) => x.r));
-      const tookMs = this.o.env.clock.monotonicMs() - started;
-      for (const x of records) {
-        x.r.state = 'ready';
-        x.r.heldMs = round(held);
-        x.r.tookMs = round(tookMs);
-        await updateSnapshotRecord(this.o.catalog.store, x.r, x.version);
-        this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${mode}; ${mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(held)} ms`}, ${round(tookMs)} ms in all)`, x.r.volume);
-      }
-      this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: round(tookMs) }, 'snapshot taken');
-      return records.map((x) => viewOf(x.r));
+      const held = await this.drive(coordinator, taking);
+      this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: taking.tookMs }, 'snapshot taken');
+      return taking.records.map((x) => viewOf(x.r));
     } catch (err) {
-      for (const x of records) await deleteSnapshotRecord(this.o.catalog.store, x.r.volumeId, x.r.name).catch(() => undefined);
       this.o.log.warn({ volumes: volumeNames, name, reason: (err as Error).message }, 'snapshot aborted');
       throw err instanceof PeersanError && err.code === 'PEERSAN_ERR_ALREADY_EXISTS' ? err : new PeersanError(`snapshot aborted, hosts released: ${(err as Error).message}`, 'PEERSAN_ERR_SNAPSHOT_ABORTED');
     }
   }
 
-  /** PREPARE, TAKE and RELEASE on every peer; the longest hold, in ms. */
-  protected async barrier(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
-    const peers = this.o.groupPeers;
-    const volumeIds = volumes.map((v) => v.id);
-    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
-    const releaseAll = async (): Promise<number> => {
-      const held = await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, false).catch(() => 0)));
-      return Math.max(0, ...held);
-    };
-    try {
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
-      this.captureRoutes(volumes, records, []);
-      const moving = await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
-      this.captureRoutes(volumes, records, moving.flat());
-    } catch (err) {
-      await releaseAll();
-      throw err;
-    }
-    return releaseAll();
+  /** The coordinator of one snapshot (coordinator.ts); a negative control may vary one of its steps. */
+  protected coordinator(plan: CoordinatorPlan): SnapshotCoordinator {
+    return new SnapshotCoordinator(plan);
   }
 
-  /** Timestamp mode on every peer (see the header): PREPARE, TAKE(T), FINISH. Holds nothing: 0 ms. */
-  private async stamped(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
-    const peers = this.o.groupPeers;
-    const volumeIds = volumes.map((v) => v.id);
-    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
-    try {
-      const ready = await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds, mode: 'timestamp', layers })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
-      const cut = Math.max(this.o.clock.now(), ...ready.map((r) => r.clock)) + 1;
-      this.captureRoutes(volumes, records, ready.flatMap((r) => r.moving));
-      for (const r of records) r.cut = cut;
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('FINISH', this.o.rpc.release(p, snapshotId, false, true)), prepareMsMax, `peer ${p} did not finish`)));
-    } catch (err) {
-      await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, true).catch(() => 0)));
-      throw err;
+  /**
+   * Run a coordinator to its end: perform its actions in the order given, and feed it what
+   * each one led to (an RPC's answer or failure, a timer, a record written). Resolves with the
+   * longest hold once it reports `taken`; rejects with its reason once it reports `aborted`.
+   */
+  private drive(m: SnapshotCoordinator, taking: Taking): Promise<number> {
+    const { timers } = this.o.env;
+    const armed = new Map<string, TimerHandle>();
+    return new Promise((resolve, reject) => {
+      const feed = (ev: CoordinatorEvent): void => {
+        for (const a of m.step(ev)) perform(a);
+      };
+      const report = <T>(p: Promise<T>, ok: (v: T) => CoordinatorEvent, failed: (error: Error) => CoordinatorEvent): void => {
+        p.then((v) => feed(ok(v)), (err: Error) => feed(failed(err)));
+      };
+      const perform = (a: CoordinatorAction): void => {
+        switch (a.kind) {
+          case 'send':
+            return report(this.send(m.o.snapshotId, a), (answer) => ({ kind: 'answer', peer: a.peer, ...answer }), (error) => ({ kind: 'failed', peer: a.peer, step: a.step, error }));
+          case 'arm':
+            armed.set(`${a.step} ${a.peer}`, timers.setTimeout(() => feed({ kind: 'timer', peer: a.peer, step: a.step }), a.ms));
+            return;
+          case 'disarm':
+            timers.clearTimeout(armed.get(`${a.step} ${a.peer}`));
+            armed.delete(`${a.step} ${a.peer}`);
+            return;
+          case 'createRecord':
+            return report(this.createRecord(taking, a.volume), (seq) => ({ kind: 'recordCreated', volume: a.volume, seq }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
+          case 'cut':
+            this.captureRoutes(taking.volumes, taking.records.map((x) => x.r), a.moving);
+            if (a.cut !== undefined) for (const x of taking.records) x.r.cut = a.cut;
+            return;
+          case 'updateRecord':
+            return report(this.publishRecord(taking, a.volume, a.heldMs), () => ({ kind: 'recordUpdated', volume: a.volume }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
+          case 'deleteRecord': {
+            const { r } = taking.records[a.volume];
+            return report(deleteSnapshotRecord(this.o.catalog.store, r.volumeId, r.name).catch(() => false), () => ({ kind: 'recordDeleted', volume: a.volume }), () => ({ kind: 'recordDeleted', volume: a.volume }));
+          }
+          case 'taken':
+            return resolve(a.heldMs);
+          case 'aborted':
+            return reject(a.reason);
+        }
+      };
+      feed({ kind: 'start' });
+    });
+  }
+
+  /** One step to one peer, through the RPCs; its answer as the coordinator takes it. */
+  private async send(snapshotId: string, s: Send): Promise<Answer> {
+    const { rpc } = this.o;
+    switch (s.step) {
+      case 'REACH':
+        await rpc.reach(s.peer);
+        return { step: s.step };
+      case 'PREPARE':
+        return { step: s.step, reply: await rpc.prepare(s.peer, s.req) };
+      case 'TAKE':
+        return { step: s.step, moving: await rpc.take(s.peer, s.req) };
+      case 'RELEASE':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, false) };
+      case 'FINISH':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, false, true) };
+      case 'ABORT':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, true) };
     }
-    return 0;
+  }
+
+  /** Volume `i`'s record, in state `taking`, with a fresh layer number: that number. */
+  private async createRecord(taking: Taking, i: number): Promise<number> {
+    const v = taking.volumes[i];
+    const r = this.recordFor(v, taking.name, await nextSnapshotSeq(this.o.catalog.store, v.id), taking.mode, taking.group);
+    taking.records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
+    return r.seq;
+  }
+
+  /** Volume `i`'s record becomes `ready`. */
+  private async publishRecord(taking: Taking, i: number, heldMs: number): Promise<void> {
+    const x = taking.records[i];
+    taking.tookMs ??= round(this.o.env.clock.monotonicMs() - taking.started);
+    x.r.state = 'ready';
+    x.r.heldMs = round(heldMs);
+    x.r.tookMs = taking.tookMs;
+    await updateSnapshotRecord(this.o.catalog.store, x.r, x.version);
+    this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${taking.mode}; ${taking.mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(heldMs)} ms`}, ${taking.tookMs} ms in all)`, x.r.volume);
   }
 
   /** Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are closed). */
-  protected captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
+  private captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
     volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
@@ -492,15 +545,6 @@ function defaultName(nowMs: number): string {
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
-}
-
-/** A barrier RPC whose failure says which step it was (an abort then tells where it stopped). */
-async function named<T>(step: 'PREPARE' | 'TAKE' | 'FINISH', p: Promise<T>): Promise<T> {
-  try {
-    return await p;
-  } catch (err) {
-    throw new PeersanError(`${step} failed: ${(err as Error).message}`);
-  }
 }
 
 async function within<T>(timers: Timers, p: Promise<T>, ms: number, what: string): Promise<T> {
