@@ -216,6 +216,12 @@ export class SnapshotCoordinator {
     return peers.flatMap((peer): CoordinatorAction[] => [this.message(peer, step), ...(ms === undefined ? [] : [{ kind: 'arm' as const, peer, step, ms }])]);
   }
 
+  /** The timers of these peers' answers to `step` (steps without a deadline have none). */
+  private disarm(peers: readonly string[], step: Step): CoordinatorAction[] {
+    if (deadlineMs(this.o.mode, step) === undefined) return [];
+    return peers.map((peer) => ({ kind: 'disarm', peer, step }));
+  }
+
   private message(peer: string, step: Step): Send {
     const { snapshotId, volumeIds } = this.o;
     if (step === 'PREPARE') {
@@ -228,9 +234,8 @@ export class SnapshotCoordinator {
 
   private answer(peer: string, a: Answer): CoordinatorAction[] {
     if (!this.awaits(peer, a.step)) return [];
+    const disarm = this.disarm([peer], a.step);
     this.answers.set(peer, a);
-    const ms = deadlineMs(this.o.mode, a.step);
-    const disarm: CoordinatorAction[] = ms === undefined ? [] : [{ kind: 'disarm', peer, step: a.step }];
     if (this.waiting.length > 0) return disarm;
     return [...disarm, ...(this.phaseNow === 'releasing' ? this.deleteRecords(0) : this.roundDone())];
   }
@@ -245,9 +250,9 @@ export class SnapshotCoordinator {
 
   /** Every peer of the round answered: what the step's answers decide, then the next round (or publish). */
   private roundDone(): CoordinatorAction[] {
-    const { step } = this.plan[this.round];
+    const { step, peers } = this.plan[this.round];
     const done: CoordinatorAction[] = [];
-    const answers = [...this.answers.values()];
+    const answers = peers.map((p) => this.answers.get(p)!);
     for (const a of answers) {
       if (a.step === 'TAKE') this.moving.push(...a.moving);
       if (a.step === 'PREPARE') this.moving.push(...a.reply.moving);
@@ -273,11 +278,7 @@ export class SnapshotCoordinator {
   /** The first failure: let go on every peer if anything may be held there, then delete the records. */
   private abort(reason: Error): CoordinatorAction[] {
     this.reason = reason;
-    const disarm: CoordinatorAction[] = [];
-    if (this.phaseNow === 'rounds') {
-      const ms = deadlineMs(this.o.mode, this.plan[this.round].step);
-      if (ms !== undefined) for (const peer of this.waiting) disarm.push({ kind: 'disarm', peer, step: this.plan[this.round].step });
-    }
+    const disarm = this.phaseNow === 'rounds' ? this.disarm(this.waiting, this.plan[this.round].step) : [];
     const held = this.phaseNow === 'rounds' && this.plan[this.round].step !== 'REACH';
     this.answers.clear();
     if (!held) return [...disarm, ...this.deleteRecords(0)];
