@@ -1,10 +1,12 @@
-// The snapshot coordinator as a state machine (src/snapshot/coordinator.ts), without I/O: events
-// in, actions out. Both modes' happy paths, a failure at each phase, a deadline, late and
-// duplicated answers. Actions are shown as short strings ("send PREPARE p1", "arm TAKE p2 3000")
+// The snapshot coordinator and participant as state machines (src/snapshot/coordinator.ts,
+// participant.ts), without I/O: events in, actions out. Coordinator: both modes' happy paths, a
+// failure at each phase, a deadline, late and duplicated answers. Participant: PREPARE, TAKE,
+// RELEASE / FINISH / ABORT in both modes, the expiry, refusals, holds counted across snapshots. Actions are shown as short strings ("send PREPARE p1", "arm TAKE p2 3000")
 // so that each test reads as the exchange it checks.
 
 import t, { type Test } from 'tap';
 import { SnapshotCoordinator, type Answer, type CoordinatorAction, type Step } from '../src/snapshot/coordinator';
+import { SnapshotParticipant, type ParticipantAction, type ParticipantEvent } from '../src/snapshot/participant';
 import type { SnapshotMode } from '../src/snapshot/records';
 
 const peers = ['p1', 'p2', 'p3'];
@@ -194,4 +196,97 @@ t.test('duplicated and late answers are ignored', async (t) => {
   allAnswer(m);
   t.equal(m.phase, 'publish');
   t.same(answer(m, 'p2', plain('RELEASE')), [], 'a duplicated RELEASE answer while publishing');
+});
+
+// ---- participant ----------------------------------------------------------------------------
+
+function participant(clock = 77): { p: SnapshotParticipant; on(ev: ParticipantEvent): string[] } {
+  const p = new SnapshotParticipant({ self: 'p1', clock: () => clock });
+  return { p, on: (ev) => showP(p.step(ev)) };
+}
+
+function showP(actions: ParticipantAction[]): string[] {
+  return actions.map((a) => {
+    switch (a.kind) {
+      case 'answer': return `answer ${a.req} ${JSON.stringify(a.value)}`;
+      case 'refuse': return `refuse ${a.req}: ${a.error.message}`;
+      case 'arm': return `arm ${a.snapshotId} #${a.expiry} ${a.ms}`;
+      case 'disarm': return `disarm #${a.expiry}`;
+      case 'hold': case 'letGo': return `${a.kind} ${a.volumeId}`;
+      case 'preflush': return `preflush ${a.req} ${a.volumeIds.join(',')}`;
+      case 'close': case 'record': case 'freeze': case 'finish': return `${a.kind} ${a.req} ${a.snapshotId}`;
+      case 'seal': return `seal ${a.req} T ${a.cut} ${a.volumeIds.join(',')}`;
+      case 'open': return `open ${a.snapshotId} ${a.volumeIds.join(',')}${a.req === undefined ? '' : ` answers ${a.req}`}`;
+      case 'dropRecording': return `dropRecording ${a.snapshotId} ${a.volumeId}`;
+    }
+  });
+}
+
+const layers = [{ volumeId: 'v1', seq: 3 }, { volumeId: 'v2', seq: 5 }];
+
+t.test('participant, barrier: pre-flush, then hold and close; TAKE freezes; RELEASE opens', async (t) => {
+  const { p, on } = participant();
+  t.same(on({ kind: 'prepare', req: 1, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'] } }), ['preflush 1 v1,v2'], 'the pre-flush first: nothing held while hosts still run');
+  t.equal(p.holding('v1'), 0);
+  t.same(on({ kind: 'flushed', req: 1, ms: 4 }), ['hold v1', 'hold v2', 'arm s #1 10000', 'close 1 s'], 'then held, the expiry armed, the gates closed');
+  t.same(on({ kind: 'closed', req: 1, ms: 2 }), ['answer 1 {"clock":0,"moving":[]}'], 'READY once closed and drained');
+  const take = p.step({ kind: 'take', req: 2, take: { snapshotId: 's', layers } });
+  t.match(take, [{ kind: 'freeze', req: 2, volumeIds: ['v1', 'v2'], layers, flushMs: 4, drainMs: 2 }]);
+  t.same(on({ kind: 'frozen', req: 2, moving: [moving(1)] }), [`answer 2 ${JSON.stringify([moving(1)])}`]);
+  t.same(on({ kind: 'release', req: 3, snapshotId: 's', abort: false, finish: false }), ['disarm #1', 'letGo v1', 'letGo v2', 'open s v1,v2 answers 3']);
+  t.same(p.snapshots, { barrier: [], timestamp: [] });
+  t.same(on({ kind: 'release', req: 4, snapshotId: 's', abort: false, finish: false }), ['answer 4 0'], 'a duplicated RELEASE: nothing left to open');
+  t.same(on({ kind: 'take', req: 5, take: { snapshotId: 's', layers } }), ['refuse 5: snapshot s was not prepared on p1']);
+});
+
+t.test('participant, barrier: released during the pre-flush; a gate that fails; the expiry', async (t) => {
+  const { p, on } = participant();
+  on({ kind: 'prepare', req: 1, prepare: { snapshotId: 's', volumeIds: ['v1'] } });
+  t.same(on({ kind: 'release', req: 2, snapshotId: 's', abort: false, finish: false }), ['open s v1 answers 2'], 'nothing held yet: only the gates (none closed)');
+  t.same(on({ kind: 'flushed', req: 1, ms: 1 }), ['refuse 1: snapshot s was released while p1 prepared it'], 'closing now would hold hosts for nothing');
+  t.equal(p.holding('v1'), 0);
+
+  on({ kind: 'prepare', req: 3, prepare: { snapshotId: 'g', volumeIds: ['v1'] } });
+  on({ kind: 'flushed', req: 3, ms: 1 });
+  t.same(on({ kind: 'failed', req: 3, error: new Error('drain took too long') }), ['disarm #1', 'letGo v1', 'refuse 3: drain took too long'], 'a gate that fails lets go of everything');
+
+  on({ kind: 'prepare', req: 4, prepare: { snapshotId: 'x', volumeIds: ['v1'] } });
+  on({ kind: 'flushed', req: 4, ms: 1 });
+  on({ kind: 'closed', req: 4, ms: 1 });
+  t.same(on({ kind: 'expired', snapshotId: 'x', expiry: 1 }), [], 'an expiry of an earlier hold');
+  t.same(on({ kind: 'expired', snapshotId: 'x', expiry: 2 }), ['disarm #2', 'letGo v1', 'open x v1'], 'the coordinator gone: after holdMsMax the gates open and the moves go on');
+  t.same(on({ kind: 'take', req: 5, take: { snapshotId: 'x', layers } }), ['refuse 5: snapshot x was not prepared on p1'], 'a late TAKE is refused: the snapshot aborts');
+});
+
+t.test('participant, timestamp: hold and record at PREPARE, T at TAKE, FINISH writes and lets go', async (t) => {
+  const { p, on } = participant(500);
+  t.same(on({ kind: 'prepare', req: 1, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'], mode: 'timestamp', layers } }), ['arm s #1 10000', 'hold v1', 'hold v2', 'preflush 1 v1,v2']);
+  t.same(on({ kind: 'prepare', req: 2, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'], mode: 'timestamp', layers } }), ['refuse 2: snapshot s is already prepared on p1']);
+  t.same(on({ kind: 'flushed', req: 1, ms: 1 }), ['record 1 s']);
+  t.same(on({ kind: 'frozen', req: 1, moving: [] }), ['answer 1 {"clock":500,"moving":[]}'], 'the clock once everything froze');
+  t.same(on({ kind: 'release', req: 3, snapshotId: 's', abort: false, finish: true }), ['refuse 3: snapshot s was not taken on p1'], 'FINISH before TAKE(T)');
+  t.same(on({ kind: 'take', req: 4, take: { snapshotId: 's', layers, cut: 900 } }), ['seal 4 T 900 v1,v2']);
+  t.same(on({ kind: 'sealed', req: 4 }), ['answer 4 []']);
+  t.match(p.step({ kind: 'release', req: 5, snapshotId: 's', abort: false, finish: true }), [{ kind: 'finish', req: 5, layers, cut: 900 }]);
+  t.same(on({ kind: 'finished', req: 5 }), ['disarm #1', 'dropRecording s v1', 'letGo v1', 'dropRecording s v2', 'letGo v2', 'answer 5 0']);
+  t.same(on({ kind: 'release', req: 6, snapshotId: 's', abort: false, finish: true }), ['refuse 6: snapshot s is not recorded on p1 (it restarted since PREPARE): the layer would miss writes before the cut'], 'FINISH of a snapshot this peer does not know (restarted since PREPARE) is refused');
+  t.same(on({ kind: 'release', req: 7, snapshotId: 's', abort: true, finish: false }), ['answer 7 0'], 'ABORT of one it does not know');
+});
+
+t.test('participant, timestamp: ABORT, expiry, a failed FINISH; holds counted across snapshots', async (t) => {
+  const { p, on } = participant();
+  on({ kind: 'prepare', req: 1, prepare: { snapshotId: 'a', volumeIds: ['v1'], mode: 'timestamp', layers: [layers[0]] } });
+  t.same(on({ kind: 'prepare', req: 2, prepare: { snapshotId: 'b', volumeIds: ['v1'], mode: 'timestamp', layers: [layers[0]] } }), ['arm b #2 10000', 'preflush 2 v1'], 'v1 already held: counted');
+  t.equal(p.holding('v1'), 2);
+  t.same(on({ kind: 'release', req: 3, snapshotId: 'a', abort: true, finish: false }), ['disarm #1', 'dropRecording a v1', 'answer 3 0'], 'ABORT: b still holds v1');
+  t.same(on({ kind: 'flushed', req: 1, ms: 1 }), ['record 1 a'], 'the PREPARE goes on');
+  t.same(on({ kind: 'frozen', req: 1, moving: [] }), ['refuse 1: snapshot a was dropped while p1 prepared it']);
+  t.same(on({ kind: 'expired', snapshotId: 'b', expiry: 2 }), ['disarm #2', 'dropRecording b v1', 'letGo v1'], 'the coordinator gone: the recording does not outlive holdMsMax');
+
+  on({ kind: 'prepare', req: 4, prepare: { snapshotId: 'c', volumeIds: ['v1'], mode: 'timestamp', layers: [layers[0]] } });
+  on({ kind: 'take', req: 5, take: { snapshotId: 'c', layers: [layers[0]], cut: 10 } });
+  on({ kind: 'failed', req: 5, error: new Error('writes before T did not finish') });
+  t.equal(p.holding('v1'), 1, 'a TAKE that fails drops nothing (the coordinator aborts)');
+  on({ kind: 'release', req: 6, snapshotId: 'c', abort: false, finish: true });
+  t.same(on({ kind: 'failed', req: 6, error: new Error('disk') }), ['disarm #3', 'dropRecording c v1', 'letGo v1', 'refuse 6: disk'], 'a FINISH that fails drops the recording too');
 });
