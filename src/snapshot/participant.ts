@@ -75,7 +75,7 @@ export type ParticipantAction =
   | { kind: 'open'; req?: number; snapshotId: string; volumeIds: string[] }
   | { kind: 'dropRecording'; snapshotId: string; volumeId: string };
 
-/** A barrier snapshot prepared here. `held` once the pre-flush ended: the volumes are held and the expiry armed. */
+/** A barrier snapshot prepared here; `expiry` once the pre-flush ended (the volumes held from then). */
 interface Barrier {
   volumeIds: string[];
   flushMs: number;

@@ -1,7 +1,9 @@
-// Snapshots (DESIGN.md 6) on one peer, both roles. The participant's steps are here; the
-// coordinator's sequencing (which step goes to which peer when, deadlines, aborts) is the state
-// machine in coordinator.ts, whose head states the ordering rules; `create` drives it (performs
-// its actions: RPCs, timers, catalog records).
+// Snapshots (DESIGN.md 6) on one peer, both roles, as the driver of two state machines whose
+// heads state the ordering rules: the coordinator's sequencing (coordinator.ts: which step goes
+// to which peer when, deadlines, aborts), driven by `create` (RPCs, timers, catalog records),
+// and the participant's (participant.ts: what each request may do in each snapshot's state,
+// holds, expiry), driven by prepare/take/release (the effects: pre-flush, gates, freezes,
+// recordings). What each peer does at each step, in order:
 //
 // Barrier mode, for one volume or a consistency group (the coordinator is the peer that got
 // the command):
