@@ -1,6 +1,12 @@
-// Barrier-mode snapshots (DESIGN.md 6) on one peer, both roles.
+// Snapshots (DESIGN.md 6) on one peer, both roles, as the driver of two state machines whose
+// heads state the ordering rules: the coordinator's sequencing (coordinator.ts: which step goes
+// to which peer when, deadlines, aborts), driven by `create` (RPCs, timers, catalog records),
+// and the participant's (participant.ts: what each request may do in each snapshot's state,
+// holds, expiry), driven by prepare/take/release (the effects: pre-flush, gates, freezes,
+// recordings). What each peer does at each step, in order:
 //
-// Coordinator (the peer that got the command), for one volume or a consistency group:
+// Barrier mode, for one volume or a consistency group (the coordinator is the peer that got
+// the command):
 //   1. a catalog record per volume in state `taking`, with a fresh layer number (seq);
 //   2. PREPARE to every peer of the group: each closes the volumes' gates (new host requests
 //      wait) and answers READY once the requests already inside have finished, forwarded
@@ -44,6 +50,10 @@ import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
 import type { HybridClock } from './hlc';
 import type { StampedChange, StampLog } from './stamp-log';
+import {
+  prepareMsMax, sealMsMax, SnapshotCoordinator, type Answer, type CoordinatorAction, type CoordinatorEvent, type CoordinatorPlan, type Send,
+} from './coordinator';
+import { holdMsMax, SnapshotParticipant, type ParticipantAction, type ParticipantEvent } from './participant';
 import {
   createSnapshotRecord, deleteSnapshotRecord, nextSnapshotSeq, updateSnapshotRecord, validateSnapshotName,
   type MovingAtCut, type SnapshotMode, type SnapshotRecord,
@@ -105,20 +115,16 @@ export interface SnapshotServiceOptions {
   event?(message: string, volume: string): void;
 }
 
-/** How long a peer may take to drain its requests and answer PREPARE. */
-export const prepareMsMax = 3_000;
 /**
  * How long PREPARE may spend flushing dirty data before it closes the gates. It adds to the
  * drain's prepareMsMax: a peer that needs both in full misses the coordinator's PREPARE
  * deadline (prepareMsMax + 1 s), and the snapshot aborts, as it would on the drain alone.
  */
 export const preflushMsMax = 1_000;
-/** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
-export const holdMsMax = 10_000;
-/** How long TAKE(T) of a timestamp snapshot may wait for host writes stamped before T. */
-export const sealMsMax = 5_000;
 /** Timestamp mode: data recorded per volume and peer between PREPARE and FINISH, at most. */
 export const stampLogBytesMax = 256 * 1024 * 1024;
+
+export { holdMsMax, prepareMsMax, sealMsMax };
 
 export interface SnapshotView {
   volume: string;
@@ -133,28 +139,33 @@ export interface SnapshotView {
   targetName: string;
 }
 
-/** A barrier snapshot prepared on this peer: its volumes, and where its PREPARE spent its time. */
-interface Prepared {
-  volumeIds: string[];
-  flushMs: number;
-  drainMs: number;
-  /** Set once the volumes are held (after the pre-flush): the hold's own end, holdMsMax later. */
-  holdEnds?: TimerHandle;
+/** A snapshot this peer coordinates: what its records need, and the records written so far (with their catalog versions). */
+interface Taking {
+  volumes: VolumeRecord[];
+  name: string;
+  mode: SnapshotMode;
+  group: string;
+  /** Monotonic ms when the command started; tookMs is measured from here when the first record is published. */
+  started: number;
+  tookMs?: number;
+  records: { r: SnapshotRecord; version: number }[];
 }
 
-/** A volume held by snapshots on this peer: how many, and the promise its page moves wait on. */
+/** A volume held by snapshots on this peer: the promise its page moves wait on. */
 interface Hold {
-  count: number;
   released: Promise<void>;
   letGo(): void;
 }
 
 export class SnapshotService {
   protected readonly o: SnapshotServiceOptions;
-  /** Snapshots this peer has prepared and not released. */
-  private readonly prepared = new Map<string, Prepared>();
-  /** Timestamp snapshots this peer has prepared and not finished. */
-  private readonly stamping = new Map<string, { layers: { volumeId: string; seq: number }[]; cut?: number; expire: TimerHandle }>();
+  /** Which snapshots this peer has prepared, in which state (participant.ts); this class performs its actions. */
+  private readonly participant: SnapshotParticipant;
+  /** Requests (PREPARE, TAKE, RELEASE) the participant has not answered yet. */
+  private readonly requests = new Map<number, { resolve(value: unknown): void; reject(err: Error): void }>();
+  private lastRequest = 0;
+  /** The participant's expiry timers. */
+  private readonly expiries = new Map<number, TimerHandle>();
   /** Volumes held by snapshots (barrier: gates closed; timestamp: recording): their page moves wait. */
   private readonly holds = new Map<string, Hold>();
   /** Timestamp mode: changes that reached this peer's store after its freeze, stamped before the cut, written into layers at FINISH. */
@@ -162,118 +173,182 @@ export class SnapshotService {
 
   constructor(opts: SnapshotServiceOptions) {
     this.o = opts;
+    this.participant = new SnapshotParticipant({ self: opts.self, clock: () => opts.clock.now() });
   }
 
   // ---- participant ----------------------------------------------------------------------------
 
-  async prepare(req: PrepareSnapshot): Promise<PrepareReply> {
-    if (req.mode === 'timestamp') return this.prepareStamped(req);
-    const closed: VolumeGate[] = [];
-    const entry: Prepared = { volumeIds: req.volumeIds, flushMs: 0, drainMs: 0 };
-    this.prepared.set(req.snapshotId, entry);
-    const flushStarted = this.o.env.clock.monotonicMs();
-    await this.preflush(req.volumeIds);
-    entry.flushMs = this.o.env.clock.monotonicMs() - flushStarted;
-    // Aborted meanwhile (another peer failed PREPARE; RELEASE came): closing now would hold hosts for nothing.
-    if (this.prepared.get(req.snapshotId) !== entry) throw new PeersanError(`snapshot ${req.snapshotId} was released while ${this.o.self} prepared it`);
+  prepare(req: PrepareSnapshot): Promise<PrepareReply> {
+    return this.request((r) => ({ kind: 'prepare', req: r, prepare: req }));
+  }
+
+  take(req: TakeSnapshot): Promise<MovingAtCut[]> {
+    return this.request((r) => ({ kind: 'take', req: r, take: req }));
+  }
+
+  release(snapshotId: string, abort = false, finish = false): Promise<number> {
+    return this.request((r) => ({ kind: 'release', req: r, snapshotId, abort, finish }));
+  }
+
+  /**
+   * While a snapshot holds the volume on this peer: a promise that resolves when the last one
+   * lets go (page moves take no step until then). Undefined when nothing holds it.
+   */
+  hold(volumeId: string): Promise<void> | undefined {
+    return this.holds.get(volumeId)?.released;
+  }
+
+  /** A request to the participant: resolves with its answer, rejects with its refusal. */
+  private request<T>(event: (req: number) => ParticipantEvent): Promise<T> {
+    const req = ++this.lastRequest;
+    const answered = new Promise<T>((resolve, reject) => this.requests.set(req, { resolve: resolve as (v: unknown) => void, reject }));
+    this.participate(event(req));
+    return answered;
+  }
+
+  private participate(ev: ParticipantEvent): void {
+    for (const a of this.participant.step(ev)) this.act(a);
+  }
+
+  /** Run an effect of request `req`; the participant hears how it ended. */
+  private effect(req: number, run: () => Promise<ParticipantEvent>): void {
+    run().then((ev) => this.participate(ev), (error: Error) => this.participate({ kind: 'failed', req, error }));
+  }
+
+  private act(a: ParticipantAction): void {
+    const { timers, clock } = this.o.env;
+    switch (a.kind) {
+      case 'answer':
+      case 'refuse': {
+        const r = this.requests.get(a.req);
+        this.requests.delete(a.req);
+        return a.kind === 'answer' ? r?.resolve(a.value) : r?.reject(a.error);
+      }
+      case 'arm':
+        this.expiries.set(a.expiry, timers.setTimeout(() => this.participate({ kind: 'expired', snapshotId: a.snapshotId, expiry: a.expiry }), a.ms).unref());
+        return;
+      case 'disarm':
+        timers.clearTimeout(this.expiries.get(a.expiry));
+        this.expiries.delete(a.expiry);
+        return;
+      case 'hold': {
+        let letGo!: () => void;
+        const released = new Promise<void>((r) => (letGo = r));
+        this.holds.set(a.volumeId, { released, letGo });
+        return;
+      }
+      case 'letGo':
+        this.holds.get(a.volumeId)?.letGo();
+        this.holds.delete(a.volumeId);
+        return;
+      case 'preflush':
+        return this.effect(a.req, async () => {
+          const started = clock.monotonicMs();
+          await this.preflush(a.volumeIds);
+          return { kind: 'flushed', req: a.req, ms: clock.monotonicMs() - started };
+        });
+      case 'close':
+        return this.effect(a.req, async () => ({ kind: 'closed', req: a.req, ms: await this.closeGates(a.snapshotId, a.volumeIds) }));
+      case 'freeze':
+        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, moving: await this.freeze(a) }));
+      case 'record':
+        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, moving: await this.recordAndFreeze(a.snapshotId, a.layers) }));
+      case 'seal':
+        return this.effect(a.req, async () => {
+          this.o.clock.observe(a.cut);
+          await within(timers, Promise.all(a.volumeIds.map((id) => this.o.gate(id)?.writesBefore(a.cut))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
+          return { kind: 'sealed', req: a.req };
+        });
+      case 'finish':
+        return this.effect(a.req, async () => {
+          await this.finish(a.snapshotId, a.layers, a.cut);
+          return { kind: 'finished', req: a.req };
+        });
+      case 'open': {
+        let held = 0;
+        for (const id of a.volumeIds) held = Math.max(held, this.o.gate(id)?.release(a.snapshotId) ?? 0);
+        if (a.req !== undefined) this.act({ kind: 'answer', req: a.req, value: held });
+        return;
+      }
+      case 'dropRecording':
+        this.o.stampLog(a.volumeId)?.drop(a.snapshotId);
+        return;
+    }
+  }
+
+  /** Barrier PREPARE: close the volumes' gates and drain them, and wait for the page-move step in progress; ms it took. */
+  private async closeGates(snapshotId: string, volumeIds: string[]): Promise<number> {
     const started = this.o.env.clock.monotonicMs();
-    // Held from here: page moves of the volumes take no new step. The gates reopen by
-    // themselves after holdMsMax (the coordinator is gone); the hold ends then too.
-    for (const id of req.volumeIds) this.holdVolume(id);
-    entry.holdEnds = this.o.env.timers.setTimeout(() => void this.release(req.snapshotId), holdMsMax).unref();
+    const closed: VolumeGate[] = [];
     try {
       await Promise.all(
-        req.volumeIds.map(async (id) => {
+        volumeIds.map(async (id) => {
           const gate = this.o.gate(id);
           if (!gate) throw new PeersanError(`volume ${id} is not open on ${this.o.self}`);
-          await gate.close(req.snapshotId, prepareMsMax, holdMsMax);
+          await gate.close(snapshotId, prepareMsMax, holdMsMax);
           closed.push(gate);
           // Page moves stop at their next step while the gate is closed; wait for the current one.
           await this.o.idle(id);
         }),
       );
     } catch (err) {
-      for (const g of closed) g.release(req.snapshotId);
-      if (this.prepared.get(req.snapshotId) === entry) this.dropPrepared(req.snapshotId);
+      for (const g of closed) g.release(snapshotId);
       throw err;
     }
-    entry.drainMs = this.o.env.clock.monotonicMs() - started;
-    return { clock: 0, moving: [] };
+    return this.o.env.clock.monotonicMs() - started;
   }
 
-  /** Timestamp mode, step 1: record, freeze, answer with the clock. */
-  private async prepareStamped(req: PrepareSnapshot): Promise<PrepareReply> {
-    const layers = req.layers ?? [];
-    if (this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} is already prepared on ${this.o.self}`);
-    // The coordinator gone: recordings do not outlive holdMsMax.
-    const expire = this.o.env.timers.setTimeout(() => this.dropStamped(req.snapshotId), holdMsMax).unref();
-    this.stamping.set(req.snapshotId, { layers, expire });
-    for (const { volumeId } of layers) this.holdVolume(volumeId);
-    try {
-      await this.preflush(layers.map((l) => l.volumeId));
-      const moving: MovingAtCut[] = [];
-      for (const { volumeId, seq } of layers) {
-        const store = this.o.store(volumeId);
-        const log = this.o.stampLog(volumeId);
-        if (!store || !log) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
-        // Page moves stop at their next step; wait for the current one.
-        await this.o.idle(volumeId);
-        log.begin(req.snapshotId);
-        moving.push(...this.o.moving(volumeId));
-        await store.snapshot(String(seq), this.o.env.clock.nowMs());
-        log.frozen(req.snapshotId);
-      }
-      if (!this.stamping.has(req.snapshotId)) throw new PeersanError(`snapshot ${req.snapshotId} was dropped while ${this.o.self} prepared it`);
-      return { clock: this.o.clock.now(), moving };
-    } catch (err) {
-      this.dropStamped(req.snapshotId);
-      throw err;
+  /** Barrier TAKE: freeze the layers while every gate is still closed; the pages this peer is moving away. */
+  private async freeze(a: Extract<ParticipantAction, { kind: 'freeze' }>): Promise<MovingAtCut[]> {
+    for (const id of a.volumeIds) {
+      if (!this.o.gate(id)?.isClosed) throw new PeersanError(`peer ${this.o.self} stopped holding I/O for snapshot ${a.snapshotId} (held longer than ${holdMsMax} ms)`);
     }
+    const moving: MovingAtCut[] = [];
+    const started = this.o.env.clock.monotonicMs();
+    for (const { volumeId, seq } of a.layers) {
+      const store = this.o.store(volumeId);
+      if (!store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
+      moving.push(...this.o.moving(volumeId));
+      await store.snapshot(String(seq), this.o.env.clock.nowMs());
+    }
+    // Where the hold goes on this peer: draining requests (PREPARE) and freezing the layers
+    // (TAKE: the store's fdatasync and synced batch); the rest is round trips. The pre-flush
+    // comes before the hold.
+    this.o.log.info({ snapshotId: a.snapshotId, flushMs: round(a.flushMs), drainMs: round(a.drainMs), freezeMs: round(this.o.env.clock.monotonicMs() - started) }, 'snapshot layers frozen');
+    return moving;
   }
 
-  /** Timestamp mode, step 3: clock past the cut; wait for host writes stamped before it. */
-  private async seal(req: TakeSnapshot): Promise<MovingAtCut[]> {
-    const s = this.stamping.get(req.snapshotId);
-    if (!s || req.cut === undefined) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
-    this.o.clock.observe(req.cut);
-    s.cut = req.cut;
-    const volumeIds = new Set([...s.layers.map((l) => l.volumeId), ...req.layers.map((l) => l.volumeId)]);
-    await within(this.o.env.timers, Promise.all([...volumeIds].map((id) => this.o.gate(id)?.writesBefore(req.cut!))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
-    return [];
+  /** Timestamp PREPARE, volume by volume: record the changes that reach the store from now, then freeze; the pages moving away. */
+  private async recordAndFreeze(snapshotId: string, layers: { volumeId: string; seq: number }[]): Promise<MovingAtCut[]> {
+    const moving: MovingAtCut[] = [];
+    for (const { volumeId, seq } of layers) {
+      const store = this.o.store(volumeId);
+      const log = this.o.stampLog(volumeId);
+      if (!store || !log) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
+      // Page moves stop at their next step; wait for the current one.
+      await this.o.idle(volumeId);
+      log.begin(snapshotId);
+      moving.push(...this.o.moving(volumeId));
+      await store.snapshot(String(seq), this.o.env.clock.nowMs());
+      log.frozen(snapshotId);
+    }
+    return moving;
   }
 
-  /** Timestamp mode, step 4: the recorded changes before the cut go into the frozen layers. */
-  private async finishStamped(snapshotId: string): Promise<number> {
-    const s = this.stamping.get(snapshotId);
-    if (!s || s.cut === undefined) throw new PeersanError(`snapshot ${snapshotId} was not taken on ${this.o.self}`);
+  /** Timestamp FINISH: the recorded changes before the cut go into the frozen layers. */
+  private async finish(snapshotId: string, layers: { volumeId: string; seq: number }[], cut: number): Promise<void> {
     const started = this.o.env.clock.monotonicMs();
     let changes = 0;
-    try {
-      for (const { volumeId, seq } of s.layers) {
-        const log = this.o.stampLog(volumeId);
-        const store = this.o.store(volumeId);
-        if (!log || !store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
-        const before = log.end(snapshotId, s.cut);
-        changes += before.length;
-        this.lateChangesApplied += before.filter((c) => c.afterFreeze).length;
-        await this.completeLayer(store, seq, before);
-      }
-    } finally {
-      this.dropStamped(snapshotId);
+    for (const { volumeId, seq } of layers) {
+      const log = this.o.stampLog(volumeId);
+      const store = this.o.store(volumeId);
+      if (!log || !store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
+      const before = log.end(snapshotId, cut);
+      changes += before.length;
+      this.lateChangesApplied += before.filter((c) => c.afterFreeze).length;
+      await this.completeLayer(store, seq, before);
     }
     this.o.log.info({ snapshotId, changes, finishMs: round(this.o.env.clock.monotonicMs() - started) }, 'timestamp snapshot layers completed');
-    return 0;
-  }
-
-  private dropStamped(snapshotId: string): void {
-    const s = this.stamping.get(snapshotId);
-    if (!s) return;
-    this.stamping.delete(snapshotId);
-    this.o.env.timers.clearTimeout(s.expire);
-    for (const { volumeId } of s.layers) {
-      this.o.stampLog(volumeId)?.drop(snapshotId);
-      this.letGo(volumeId);
-    }
   }
 
   /**
@@ -283,33 +358,6 @@ export class SnapshotService {
    */
   protected async completeLayer(store: StoreVolume, seq: number, changes: StampedChange[]): Promise<void> {
     if (changes.length > 0) await store.writeIntoSnapshot(String(seq), changes);
-  }
-
-  /** A snapshot holds the volume (counted: several may, one per consistency group and mode). */
-  private holdVolume(volumeId: string): void {
-    const h = this.holds.get(volumeId);
-    if (h) return void h.count++;
-    let letGo!: () => void;
-    const released = new Promise<void>((r) => (letGo = r));
-    this.holds.set(volumeId, { count: 1, released, letGo });
-  }
-
-  /** One snapshot lets go of the volume; the last one wakes the page moves waiting on it. */
-  private letGo(volumeId: string): void {
-    const h = this.holds.get(volumeId);
-    if (!h || --h.count > 0) return;
-    this.holds.delete(volumeId);
-    h.letGo();
-  }
-
-  /** Barrier: forget a prepared snapshot; the volumes it held are let go (their gates are the caller's). */
-  private dropPrepared(snapshotId: string): { volumeIds: string[] } | undefined {
-    const p = this.prepared.get(snapshotId);
-    if (!p) return undefined;
-    this.prepared.delete(snapshotId);
-    this.o.env.timers.clearTimeout(p.holdEnds);
-    if (p.holdEnds !== undefined) for (const id of p.volumeIds) this.letGo(id);
-    return p;
   }
 
   /**
@@ -326,52 +374,6 @@ export class SnapshotService {
     timers.clearTimeout(timer);
   }
 
-  async take(req: TakeSnapshot): Promise<MovingAtCut[]> {
-    if (req.cut !== undefined) return this.seal(req);
-    const p = this.prepared.get(req.snapshotId);
-    if (!p) throw new PeersanError(`snapshot ${req.snapshotId} was not prepared on ${this.o.self}`);
-    for (const id of p.volumeIds) {
-      if (!this.o.gate(id)?.isClosed) throw new PeersanError(`peer ${this.o.self} stopped holding I/O for snapshot ${req.snapshotId} (held longer than ${holdMsMax} ms)`);
-    }
-    const moving: MovingAtCut[] = [];
-    const started = this.o.env.clock.monotonicMs();
-    for (const { volumeId, seq } of req.layers) {
-      const store = this.o.store(volumeId);
-      if (!store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
-      moving.push(...this.o.moving(volumeId));
-      await store.snapshot(String(seq), this.o.env.clock.nowMs());
-    }
-    // Where the hold goes on this peer: draining requests (PREPARE) and freezing the layers
-    // (TAKE: the store's fdatasync and synced batch); the rest is round trips. The pre-flush
-    // comes before the hold.
-    this.o.log.info({ snapshotId: req.snapshotId, flushMs: round(p.flushMs), drainMs: round(p.drainMs), freezeMs: round(this.o.env.clock.monotonicMs() - started) }, 'snapshot layers frozen');
-    return moving;
-  }
-
-  async release(snapshotId: string, abort = false, finish = false): Promise<number> {
-    if (this.stamping.has(snapshotId)) {
-      if (abort) return void this.dropStamped(snapshotId), 0;
-      return this.finishStamped(snapshotId);
-    }
-    // FINISH of a timestamp snapshot this peer does not know: it restarted after PREPARE and
-    // the writes it recorded since its freeze are gone with it, so its layer is not the cut.
-    // The simulator found a snapshot reported taken without them (seed 1539).
-    if (finish && !abort) throw new PeersanError(`snapshot ${snapshotId} is not recorded on ${this.o.self} (it restarted since PREPARE): the layer would miss writes before the cut`);
-    const p = this.dropPrepared(snapshotId);
-    if (!p) return 0;
-    let held = 0;
-    for (const id of p.volumeIds) held = Math.max(held, this.o.gate(id)?.release(snapshotId) ?? 0);
-    return held;
-  }
-
-  /**
-   * While a snapshot holds the volume on this peer: a promise that resolves when the last one
-   * lets go (page moves take no step until then). Undefined when nothing holds it.
-   */
-  hold(volumeId: string): Promise<void> | undefined {
-    return this.holds.get(volumeId)?.released;
-  }
-
   // ---- coordinator ----------------------------------------------------------------------------
 
   async create(volumeNames: string[], opts: { name?: string; mode?: SnapshotMode; group?: string }): Promise<SnapshotView[]> {
@@ -382,77 +384,113 @@ export class SnapshotService {
     const name = opts.name ?? defaultName(this.o.env.clock.nowMs());
     validateSnapshotName(name);
     if (volumes.length > 1 && !opts.group) throw new PeersanError('a snapshot of several volumes is a consistency group: give it --group NAME', 'PEERSAN_ERR_INVALID_ARGUMENT');
-    const started = this.o.env.clock.monotonicMs();
+    const taking: Taking = { volumes, name, mode, group: opts.group ?? '', started: this.o.env.clock.monotonicMs(), records: [] };
     const snapshotId = this.o.env.random.bytes(8).toString('hex');
-    const records: { r: SnapshotRecord; version: number }[] = [];
+    const coordinator = this.coordinator({ snapshotId, mode, volumeIds: volumes.map((v) => v.id), peers: this.o.groupPeers, clock: () => this.o.clock.now() });
     try {
-      for (const v of volumes) {
-        const r = this.recordFor(v, name, await nextSnapshotSeq(this.o.catalog.store, v.id), mode, opts.group ?? '');
-        records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
-      }
-      // Every peer reachable first (one that just came back may still be in its reconnect
-      // backoff): a peer that is down aborts the snapshot here, before any host I/O is held.
-      await Promise.all(this.o.groupPeers.map((p) => this.o.rpc.reach(p)));
-      const held = mode === 'timestamp' ? await this.stamped(snapshotId, volumes, records.map((x) => x.r)) : await this.barrier(snapshotId, volumes, records.map((x) => x.r));
-      const tookMs = this.o.env.clock.monotonicMs() - started;
-      for (const x of records) {
-        x.r.state = 'ready';
-        x.r.heldMs = round(held);
-        x.r.tookMs = round(tookMs);
-        await updateSnapshotRecord(this.o.catalog.store, x.r, x.version);
-        this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${mode}; ${mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(held)} ms`}, ${round(tookMs)} ms in all)`, x.r.volume);
-      }
-      this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: round(tookMs) }, 'snapshot taken');
-      return records.map((x) => viewOf(x.r));
+      const held = await this.drive(coordinator, taking);
+      this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: taking.tookMs }, 'snapshot taken');
+      return taking.records.map((x) => viewOf(x.r));
     } catch (err) {
-      for (const x of records) await deleteSnapshotRecord(this.o.catalog.store, x.r.volumeId, x.r.name).catch(() => undefined);
       this.o.log.warn({ volumes: volumeNames, name, reason: (err as Error).message }, 'snapshot aborted');
       throw err instanceof PeersanError && err.code === 'PEERSAN_ERR_ALREADY_EXISTS' ? err : new PeersanError(`snapshot aborted, hosts released: ${(err as Error).message}`, 'PEERSAN_ERR_SNAPSHOT_ABORTED');
     }
   }
 
-  /** PREPARE, TAKE and RELEASE on every peer; the longest hold, in ms. */
-  protected async barrier(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
-    const peers = this.o.groupPeers;
-    const volumeIds = volumes.map((v) => v.id);
-    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
-    const releaseAll = async (): Promise<number> => {
-      const held = await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, false).catch(() => 0)));
-      return Math.max(0, ...held);
-    };
-    try {
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
-      this.captureRoutes(volumes, records, []);
-      const moving = await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers })), prepareMsMax, `peer ${p} did not answer TAKE`)));
-      this.captureRoutes(volumes, records, moving.flat());
-    } catch (err) {
-      await releaseAll();
-      throw err;
-    }
-    return releaseAll();
+  /** The coordinator of one snapshot (coordinator.ts); a negative control may vary one of its steps. */
+  protected coordinator(plan: CoordinatorPlan): SnapshotCoordinator {
+    return new SnapshotCoordinator(plan);
   }
 
-  /** Timestamp mode on every peer (see the header): PREPARE, TAKE(T), FINISH. Holds nothing: 0 ms. */
-  private async stamped(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
-    const peers = this.o.groupPeers;
-    const volumeIds = volumes.map((v) => v.id);
-    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
-    try {
-      const ready = await Promise.all(peers.map((p) => within(this.o.env.timers, named('PREPARE', this.o.rpc.prepare(p, { snapshotId, volumeIds, mode: 'timestamp', layers })), prepareMsMax + 1_000, `peer ${p} did not answer PREPARE`)));
-      const cut = Math.max(this.o.clock.now(), ...ready.map((r) => r.clock)) + 1;
-      this.captureRoutes(volumes, records, ready.flatMap((r) => r.moving));
-      for (const r of records) r.cut = cut;
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('TAKE', this.o.rpc.take(p, { snapshotId, layers, cut })), sealMsMax + 1_000, `peer ${p} did not answer TAKE`)));
-      await Promise.all(peers.map((p) => within(this.o.env.timers, named('FINISH', this.o.rpc.release(p, snapshotId, false, true)), prepareMsMax, `peer ${p} did not finish`)));
-    } catch (err) {
-      await Promise.all(peers.map((p) => this.o.rpc.release(p, snapshotId, true).catch(() => 0)));
-      throw err;
+  /**
+   * Run a coordinator to its end: perform its actions in the order given, and feed it what
+   * each one led to (an RPC's answer or failure, a timer, a record written). Resolves with the
+   * longest hold once it reports `taken`; rejects with its reason once it reports `aborted`.
+   */
+  private drive(m: SnapshotCoordinator, taking: Taking): Promise<number> {
+    const { timers } = this.o.env;
+    const armed = new Map<string, TimerHandle>();
+    return new Promise((resolve, reject) => {
+      const feed = (ev: CoordinatorEvent): void => {
+        for (const a of m.step(ev)) perform(a);
+      };
+      const report = <T>(p: Promise<T>, ok: (v: T) => CoordinatorEvent, failed: (error: Error) => CoordinatorEvent): void => {
+        p.then((v) => feed(ok(v)), (err: Error) => feed(failed(err)));
+      };
+      const perform = (a: CoordinatorAction): void => {
+        switch (a.kind) {
+          case 'send':
+            return report(this.send(m.o.snapshotId, a), (answer) => ({ kind: 'answer', peer: a.peer, ...answer }), (error) => ({ kind: 'failed', peer: a.peer, step: a.step, error }));
+          case 'arm':
+            armed.set(`${a.step} ${a.peer}`, timers.setTimeout(() => feed({ kind: 'timer', peer: a.peer, step: a.step }), a.ms));
+            return;
+          case 'disarm':
+            timers.clearTimeout(armed.get(`${a.step} ${a.peer}`));
+            armed.delete(`${a.step} ${a.peer}`);
+            return;
+          case 'createRecord':
+            return report(this.createRecord(taking, a.volume), (seq) => ({ kind: 'recordCreated', volume: a.volume, seq }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
+          case 'cut':
+            this.captureRoutes(taking.volumes, taking.records.map((x) => x.r), a.moving);
+            if (a.cut !== undefined) for (const x of taking.records) x.r.cut = a.cut;
+            return;
+          case 'updateRecord':
+            return report(this.publishRecord(taking, a.volume, a.heldMs), () => ({ kind: 'recordUpdated', volume: a.volume }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
+          case 'deleteRecord': {
+            const { r } = taking.records[a.volume];
+            return report(deleteSnapshotRecord(this.o.catalog.store, r.volumeId, r.name).catch(() => false), () => ({ kind: 'recordDeleted', volume: a.volume }), () => ({ kind: 'recordDeleted', volume: a.volume }));
+          }
+          case 'taken':
+            return resolve(a.heldMs);
+          case 'aborted':
+            return reject(a.reason);
+        }
+      };
+      feed({ kind: 'start' });
+    });
+  }
+
+  /** One step to one peer, through the RPCs; its answer as the coordinator takes it. */
+  private async send(snapshotId: string, s: Send): Promise<Answer> {
+    const { rpc } = this.o;
+    switch (s.step) {
+      case 'REACH':
+        await rpc.reach(s.peer);
+        return { step: s.step };
+      case 'PREPARE':
+        return { step: s.step, reply: await rpc.prepare(s.peer, s.req) };
+      case 'TAKE':
+        return { step: s.step, moving: await rpc.take(s.peer, s.req) };
+      case 'RELEASE':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, false) };
+      case 'FINISH':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, false, true) };
+      case 'ABORT':
+        return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, true) };
     }
-    return 0;
+  }
+
+  /** Volume `i`'s record, in state `taking`, with a fresh layer number: that number. */
+  private async createRecord(taking: Taking, i: number): Promise<number> {
+    const v = taking.volumes[i];
+    const r = this.recordFor(v, taking.name, await nextSnapshotSeq(this.o.catalog.store, v.id), taking.mode, taking.group);
+    taking.records.push({ r, version: await createSnapshotRecord(this.o.catalog.store, r) });
+    return r.seq;
+  }
+
+  /** Volume `i`'s record becomes `ready`. */
+  private async publishRecord(taking: Taking, i: number, heldMs: number): Promise<void> {
+    const x = taking.records[i];
+    taking.tookMs ??= round(this.o.env.clock.monotonicMs() - taking.started);
+    x.r.state = 'ready';
+    x.r.heldMs = round(heldMs);
+    x.r.tookMs = taking.tookMs;
+    await updateSnapshotRecord(this.o.catalog.store, x.r, x.version);
+    this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${taking.mode}; ${taking.mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(heldMs)} ms`}, ${taking.tookMs} ms in all)`, x.r.volume);
   }
 
   /** Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are closed). */
-  protected captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
+  private captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
     volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
@@ -492,15 +530,6 @@ function defaultName(nowMs: number): string {
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
-}
-
-/** A barrier RPC whose failure says which step it was (an abort then tells where it stopped). */
-async function named<T>(step: 'PREPARE' | 'TAKE' | 'FINISH', p: Promise<T>): Promise<T> {
-  try {
-    return await p;
-  } catch (err) {
-    throw new PeersanError(`${step} failed: ${(err as Error).message}`);
-  }
 }
 
 async function within<T>(timers: Timers, p: Promise<T>, ms: number, what: string): Promise<T> {

@@ -4,31 +4,31 @@
 // test/sim). Each overrides one step of the real protocol and nothing else, so what differs
 // from production is exactly the bug named here.
 
-import type { VolumeRecord } from '../../../src/cluster/catalog';
-import type { SnapshotRecord } from '../../../src/snapshot/records';
+import { SnapshotCoordinator, type CoordinatorPlan, type Round } from '../../../src/snapshot/coordinator';
 import { SnapshotService } from '../../../src/snapshot/service';
 import type { StampedChange } from '../../../src/snapshot/stamp-log';
 import type { StoreVolume } from '../../../src/store/page-store';
 
 /**
- * Barrier mode without the barrier: the coordinator has each peer freeze its layers on its
- * own, one peer after another, and holds no host I/O (PREPARE names no volume, so no gate
- * closes and no move pauses). A chain of writes that crosses peers (write n acknowledged
- * before write n+1 is issued) can then land write n+1 in the snapshot on a peer that froze
- * late and miss write n on a peer that froze early: not a consistent cut. Must catch it: the
- * causal checker (test/snapshot.test.ts, test/sim) with host writes forwarded between peers
- * while snapshots are taken; the freezes are apart by the round trips to each peer.
+ * Barrier mode without the barrier: the coordinator's rounds go to one peer at a time, which
+ * prepares, freezes its layers and releases its gates before the next peer prepares (the
+ * barrier rule is that every round goes to every peer, so nobody freezes before everybody
+ * holds). A chain of writes that crosses peers (write n acknowledged before write n+1 is
+ * issued) can then land write n+1 in the snapshot on a peer that froze late and miss write n
+ * on a peer that froze early: not a consistent cut. Must catch it: the causal checker
+ * (test/snapshot.test.ts, test/sim) with host writes forwarded between peers while snapshots
+ * are taken; the freezes are apart by the round trips to each peer.
  */
+class PeerByPeerCoordinator extends SnapshotCoordinator {
+  protected override rounds(): Round[] {
+    const [reach, ...rest] = super.rounds();
+    return [reach, ...this.o.peers.flatMap((p) => rest.map((r) => ({ step: r.step, peers: [p] })))];
+  }
+}
+
 export class NoBarrierSnapshots extends SnapshotService {
-  protected override async barrier(snapshotId: string, volumes: VolumeRecord[], records: SnapshotRecord[]): Promise<number> {
-    const layers = records.map((r) => ({ volumeId: r.volumeId, seq: r.seq }));
-    for (const p of this.o.groupPeers) {
-      await this.o.rpc.prepare(p, { snapshotId, volumeIds: [] });
-      await this.o.rpc.take(p, { snapshotId, layers });
-      await this.o.rpc.release(p, snapshotId, false);
-    }
-    this.captureRoutes(volumes, records, []);
-    return 0;
+  protected override coordinator(plan: CoordinatorPlan): SnapshotCoordinator {
+    return new PeerByPeerCoordinator(plan);
   }
 }
 
