@@ -15,6 +15,6 @@ export interface Control {
 export const controls = new Map<string, Control>([
   ['single-copy-dual-write', { bug: 'a page move acknowledges a host write to the piece in transit after the source\'s copy only (SingleCopyDualWrite); caught by the read check', protocols: { movable: SingleCopyDualWrite } }],
   ['no-ownership-check', { bug: 'an owner serves requests for a page it has given away (NoOwnershipCheck); caught by the read check', protocols: { movable: NoOwnershipCheck } }],
-  ['no-barrier', { bug: 'barrier snapshots freeze peer after peer without holding host I/O (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots } }],
+  ['no-barrier', { bug: 'barrier snapshots taken peer by peer: each peer prepares, freezes and releases before the next one prepares (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots } }],
   ['no-finish', { bug: 'timestamp snapshots skip FINISH: late writes stamped before the cut are left out (NoFinishSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoFinishSnapshots } }],
 ]);
