@@ -152,6 +152,10 @@ export const peerRequestsInFlightMax = 256;
 export const peerRequestMsMax = 5_000;
 /** How long a request waits for the connection to its owner to come up (reconnect backoff is at most 1 s). */
 export const peerConnectMsMax = 2_000;
+/** How long a peer waits for another's answer to a status-like call (status, moves list, plans). */
+export const statusPeerMsMax = 1_500;
+/** Page-move control calls between peers (prepare clears a page on the destination). */
+export const moveRpcMsMax = 10_000;
 /** How long a forwarded request waits for an owner that has not opened a just-created volume yet. */
 export const volumeOpenWaitMsMax = 1_000;
 /** MOVED answers followed per request before giving up (routes settle in one or two). */

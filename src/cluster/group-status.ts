@@ -5,7 +5,7 @@
 // host (delete, restore, moving a session by TSIH) look at.
 
 import type { SessionInfo } from '../iscsi/portal';
-import { statusPeerMsMax } from '../server/compose';
+import { statusPeerMsMax } from '../limits';
 import type { PeerCalls } from './transport';
 
 export interface PeerStatusView {

@@ -6,7 +6,7 @@
 
 import type { Catalog } from '../cluster/catalog';
 import type { PeerCalls } from '../cluster/transport';
-import { moveRpcMsMax, statusPeerMsMax } from '../server/compose';
+import { moveRpcMsMax, statusPeerMsMax } from '../limits';
 import type { Migrator, MoveInfo } from './migrator';
 
 export interface MoveAdmin {

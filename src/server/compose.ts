@@ -15,7 +15,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { loadGossipMsMax, peerConnectMsMax } from '../limits';
+import { loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -32,10 +32,6 @@ import type { BlockBackend } from '../store/types';
 import type { EventKind } from './events';
 import { productRevision, VolumeTargets } from './targets';
 
-/** How long a peer waits for another's answer to a status-like call. */
-export const statusPeerMsMax = 1_500;
-/** Page-move control calls between peers (prepare clears a page on the destination). */
-export const moveRpcMsMax = 10_000;
 
 /**
  * Protocol classes a peer is built from. Production uses the defaults; the simulator's negative

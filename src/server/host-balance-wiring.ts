@@ -13,7 +13,7 @@ import type { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import type { PeerLoadView } from '../loadmon/view';
 import type { ClusterConfig } from './config';
-import { statusPeerMsMax } from './compose';
+import { statusPeerMsMax } from '../limits';
 import type { PageShares } from './host-balance';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
 import { GossipLoadView } from './host-view';
