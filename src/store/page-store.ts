@@ -40,17 +40,15 @@ const cleanKey = 'clean';
 export class PageStore {
   private readonly media: StoreMedia;
   private readonly db: MediaKv;
-  private readonly log: Logger | undefined;
   private readonly volumes = new Map<string, StoreVolume>();
   private closed = false;
   /** False when the last run did not shut down cleanly. */
   readonly wasClean: boolean;
 
-  private constructor(media: StoreMedia, db: MediaKv, wasClean: boolean, log?: Logger) {
+  private constructor(media: StoreMedia, db: MediaKv, wasClean: boolean) {
     this.media = media;
     this.db = db;
     this.wasClean = wasClean;
-    this.log = log;
   }
 
   /** The store in directory `dir` (made when absent). */
@@ -66,7 +64,7 @@ export class PageStore {
     const wasClean = firstStart || (await db.get(cleanKey)) !== undefined;
     await db.del(cleanKey, { sync: true });
     if (!wasClean) opts.log?.warn('store was not shut down cleanly; synced writes are intact, unsynced ones may be lost');
-    return new PageStore(media, db, wasClean, opts.log);
+    return new PageStore(media, db, wasClean);
   }
 
   async openVolume(volumeId: string, geometry: { blockBytes: number; blockCount: number }): Promise<StoreVolume> {

@@ -99,10 +99,6 @@ export class SimCatalog {
     this.clients.delete(client);
   }
 
-  /** Every record (the checker compares the peers' views with it). */
-  snapshot(): Map<string, MetaRecord> {
-    return new Map([...this.records].map(([k, r]) => [k, copy(r)]));
-  }
 }
 
 function copy(r: MetaRecord): MetaRecord {

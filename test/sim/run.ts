@@ -66,7 +66,6 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   };
 
   await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes });
-  const volumeId = group.core('p1')!.catalog.require(volume).id;
   trace(`booted ${peers} peers; volume ${volume} (${pages} pages)`);
 
   // ---- hosts --------------------------------------------------------------------------------
@@ -281,7 +280,6 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   }
   const committed = group.up().reduce((n, p) => n + p.core()!.migrator.counters.committed, 0);
   const cancelled = group.up().reduce((n, p) => n + p.core()!.migrator.counters.cancelled, 0);
-  void volumeId;
   return {
     seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
     story: violations[0]?.lba !== undefined ? traceOf(history, violations[0]) : [],
@@ -344,18 +342,21 @@ function touched(ops: readonly Op[]): { lba: number; blocks: number }[] {
   return out;
 }
 
-/** Undefined when every up peer's route table agrees with the catalog; else what differs. */
+/** Undefined when every up peer's route table agrees with the others' and with the catalog's record; else what differs. */
 function routesAgree(group: SimGroup, volume: string): string | undefined {
-  const records = group.catalog.snapshot();
-  const cores = group.up().map((p) => [p.id, p.core()!] as const);
-  if (cores.length === 0) return undefined;
-  const v = cores[0][1].catalog.require(volume);
+  const tables = group.up().map((p) => {
+    const c = p.core()!;
+    return { id: p.id, volumeId: c.catalog.require(volume).id, table: c.catalog.routes(c.catalog.require(volume)) };
+  });
+  if (tables.length === 0) return undefined;
   for (let page = 0; page < pages; page++) {
-    const views = cores.map(([id, c]) => `${id}:${c.catalog.routes(c.catalog.require(volume)).route(page).owner}@${c.catalog.routes(c.catalog.require(volume)).route(page).version}`);
-    if (new Set(views.map((x) => x.split(':')[1])).size > 1) return `page ${page}: the peers disagree on its route (${views.join(', ')})`;
+    const views = tables.map(({ id, table }) => `${id}:${table.route(page).owner}@${table.route(page).version}`);
+    const record = group.catalog.get(`routes/${tables[0].volumeId}/${String(page).padStart(10, '0')}`);
+    const route = record && (JSON.parse(record.value.toString()) as { owner: string; version: number });
+    const catalog = route && `${route.owner}@${route.version}`;
+    const seen = new Set(views.map((x) => x.split(':')[1]));
+    if (seen.size > 1 || (catalog !== undefined && !seen.has(catalog))) return `page ${page}: the peers disagree on its route (${views.join(', ')}; catalog ${catalog ?? 'no record'})`;
   }
-  void records;
-  void v;
   return undefined;
 }
 
