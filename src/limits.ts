@@ -200,6 +200,8 @@ export const peerFailureTextBytesMax = 512;
 export const peerRequestVolumesMax = 1_024;
 /** Unit attentions in one reservation notice (one per registration at most, and one for every nexus). */
 export const peerUnitAttentionsMax = prRegistrationsMax + 1;
+/** Bytes of one replication message's JSON body (src/replication/messages.ts). */
+export const peerReplicationBodyBytesMax = 1024 * 1024;
 /** How long a host move plan may ask to be kept. */
 export const hostMovePlanMsMax = 10 * 60_000;
 assert(peerStreamBytesInFlightMax >= 8 * peerFrameBytesMax, 'a stream runs several of the largest requests at once');

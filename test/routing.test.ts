@@ -37,7 +37,7 @@ t.test('route table: striped placement, page split, only newer routes are learne
 });
 
 t.test('frames round-trip and malformed frames are refused, never thrown on', async (t) => {
-  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, stamp: 1_795_441_445_432_123, data: Buffer.alloc(1024, 9) };
+  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, replica: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, stamp: 1_795_441_445_432_123, data: Buffer.alloc(1024, 9) };
   const back = decodeRequest(encodeRequest(req))!;
   t.same({ ...back, data: back.data?.toString('hex') }, { ...req, data: req.data!.toString('hex') });
   const reply = { id: 9, status: ReplyStatus.moved, owner: 'p3', version: 4, detail: 17, payload: Buffer.from('x') };

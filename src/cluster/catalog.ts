@@ -4,7 +4,7 @@
 import type { Env } from '../env/env';
 import { AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
 import { blockBytesAllowed, volumeBytesMax, volumeNameBytesMax } from '../limits';
-import { RouteTable, type Route } from '../routing/table';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../routing/table';
 import type { MetaStore, WatchEvent } from './metastore';
 
 export interface ChapSettings {
@@ -29,6 +29,13 @@ export interface VolumeRecord {
   version: number;
   /** Automatic page balancing for this volume (absent: on). `peersan volume set NAME --auto-balance on|off`. */
   autoBalance?: boolean;
+  /** Copies of each page asked for, 1-3 (absent: 1). Kept as asked even while fewer peers are up. */
+  replicas?: number;
+  /**
+   * Copies per page of the placement rule (routing/table.ts), fixed at creation: min(replicas,
+   * peers). Pages gain or lose copies after that only by route records (absent: 1).
+   */
+  placedCopies?: number;
 }
 
 export interface CreateVolumeInput {
@@ -39,7 +46,22 @@ export interface CreateVolumeInput {
   chap?: ChapSettings;
   /** Place the volume on these peers only (default: every peer of the group). */
   peers?: string[];
+  /** Copies of each page, 1-3 (default: 2 when the volume spans at least 2 peers, else 1). */
+  replicas?: number;
 }
+
+export const replicasMax = 3;
+
+/** Copies per page when the creator does not say: two once the volume spans two peers. */
+export function defaultReplicas(spanPeers: number): number {
+  return spanPeers >= 2 ? defaultReplicasWhenSpread : 1;
+}
+
+/**
+ * The default for a volume spanning two peers or more. 1 until the replicated data path is
+ * complete (issue 17); then 2, as DESIGN.md 10 says.
+ */
+const defaultReplicasWhenSpread = 1;
 
 export interface CatalogOptions {
   /** Peer ids of the group, in config order (placement defaults to all of them). */
@@ -194,7 +216,10 @@ export class Catalog {
       return;
     }
     const route = JSON.parse(ev.record.value.toString()) as Route;
-    if ((moved.get(page)?.version ?? 0) < route.version) moved.set(page, route);
+    // Through the table when it exists, so that its listeners hear the change (failover waits on it).
+    const table = this.tables.get(volumeId);
+    if (table) table.learn(page, route);
+    else if ((moved.get(page)?.version ?? 0) < route.version) moved.set(page, route);
   }
 
   private movedFor(volumeId: string): Map<number, Route> {
@@ -206,7 +231,7 @@ export class Catalog {
   /** The in-memory routing table of a volume (never waits on the catalog). */
   routes(volume: VolumeRecord): RouteTable {
     let t = this.tables.get(volume.id);
-    if (!t) this.tables.set(volume.id, (t = new RouteTable(volume.peers, volume.pageBlocks, this.movedFor(volume.id))));
+    if (!t) this.tables.set(volume.id, (t = new RouteTable(volume.peers, volume.pageBlocks, this.movedFor(volume.id), volume.placedCopies ?? 1)));
     return t;
   }
 
@@ -224,18 +249,34 @@ export class Catalog {
   }
 
   /**
-   * Give a page a new owner: compare-and-swap from the route `from` (which must still be
-   * current in the catalog) to {owner, from.version + 1}. ConflictError if it changed.
+   * Give a page a new owner by a move: compare-and-swap from the route `from` (which must
+   * still be current in the catalog) to `owner` in the place of from.owner, in the copies and
+   * the in-sync set alike (the move copied the primary's data), at from.version + 1.
+   * ConflictError if it changed.
    */
   async setRoute(volume: VolumeRecord, page: number, from: Route, owner: string): Promise<Route> {
     if (!this.options.groupPeers.includes(owner)) throw new InvalidArgumentError(`no peer ${owner} in the group`);
+    return this.casRoute(volume, page, from, (now) => {
+      const swap = (peers: readonly string[]): string[] => peers.map((p) => (p === now.owner ? owner : p));
+      return now.copies ? { owner, copies: swap(copiesOf(now)), inSync: swap(inSyncOf(now)) } : { owner };
+    });
+  }
+
+  /**
+   * The one way a route changes (DESIGN.md 10): compare-and-swap from `from` (owner and version
+   * must still be current in the catalog) to `change(current)` at from.version + 1. Copies and
+   * in-sync set are checked: distinct peers of the group, the primary first and in sync.
+   * ConflictError if the route changed meanwhile; the table learns the new route.
+   */
+  async casRoute(volume: VolumeRecord, page: number, from: Route, change: (now: Route) => Omit<Route, 'version'>): Promise<Route> {
     const key = routeKey(volume.id, page);
     const current = await this.store.get(key);
-    const now = current ? (JSON.parse(current.value.toString()) as Route) : this.routes(volume).route(page);
+    const now = current ? (JSON.parse(current.value.toString()) as Route) : this.routes(volume).placed(page);
     if (now.owner !== from.owner || now.version !== from.version) {
       throw new ConflictError(`page ${page} of ${volume.name} is at ${now.owner} v${now.version}, not ${from.owner} v${from.version}`);
     }
-    const next: Route = { owner, version: from.version + 1 };
+    const next: Route = { ...change(now), version: from.version + 1 };
+    checkRoute(next, this.options.groupPeers);
     await this.store.put(key, Buffer.from(JSON.stringify(next)), current?.version ?? 0);
     this.routes(volume).learn(page, next);
     return next;
@@ -312,9 +353,12 @@ export class Catalog {
     for (const p of peers) {
       if (!this.options.groupPeers.includes(p)) throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.groupPeers.join(', ')})`);
     }
+    const replicas = input.replicas ?? defaultReplicas(peers.length);
+    if (!Number.isInteger(replicas) || replicas < 1 || replicas > replicasMax) throw new InvalidArgumentError(`replicas must be 1 to ${replicasMax}, got ${input.replicas}`);
     const record: Omit<VolumeRecord, 'version'> = {
       name: input.name, id: this.options.env.random.bytes(8).toString('hex'), sizeBytes, blockBytes, allow,
       chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: this.options.env.clock.nowMs(),
+      replicas, placedCopies: Math.min(replicas, peers.length),
     };
     try {
       const r = await this.store.put(volumePrefix + input.name, encodeVolume(record), 0);
@@ -384,6 +428,16 @@ export class Catalog {
     this.unwatchers = [];
     this.listeners.clear();
   }
+}
+
+/** A route a CAS would write: broken ones are bugs of the caller (assertion). */
+function checkRoute(r: Route, groupPeers: readonly string[]): void {
+  const copies = copiesOf(r);
+  const inSync = inSyncOf(r);
+  const ok =
+    copies[0] === r.owner && inSync[0] === r.owner && new Set(copies).size === copies.length && new Set(inSync).size === inSync.length &&
+    inSync.every((p) => copies.includes(p)) && copies.every((p) => groupPeers.includes(p));
+  if (!ok) throw new Error(`assertion failed: bad route ${JSON.stringify(r)}`);
 }
 
 function encodeVolume(v: Omit<VolumeRecord, 'version'>): Buffer {

@@ -16,7 +16,7 @@ import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
-import { hostMovePlanMsMax, peerPlannedMovesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
+import { hostMovePlanMsMax, peerPlannedMovesMax, peerReplicationBodyBytesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
 import { NonceLedger, peerAuthMetadata, verifyPeerAuth, type PeerAuthVerdict } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import {
@@ -45,6 +45,8 @@ export interface PeerHandlers {
   /** Host balancing (absent: the peer answers UNIMPLEMENTED-like errors). */
   moveSession?(session: string, to: string): Promise<MovedSession[]>;
   planHostMove?(plan: HostMovePlanMessage): Promise<void>;
+  /** Replicas (src/replication): a message of `kind` from peer `from` (authenticated); the answer's JSON. */
+  replication?(from: string, kind: string, body: string): Promise<string>;
 }
 
 export interface HostMovePlanMessage {
@@ -146,6 +148,17 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
       return { moves: h.startMoves ? await h.startMoves(moves) : [] };
     }),
     moveSession: wrap(async (r: MoveSessionRequestMessage) => ({ moved: h.moveSession ? await h.moveSession(checkIscsiName(r.session, 'session'), checkPeerIdOrEmpty(r.to, 'to')) : [] })),
+    replication: (call: grpc.ServerUnaryCall<{ kind?: unknown; body?: unknown }, object>, cb: grpc.sendUnaryData<object>) => {
+      const from = authenticate(call);
+      if (!from) return cb(denied);
+      const kind = checkString(call.request.kind, 'kind', 64);
+      const body = checkString(call.request.body ?? '', 'body', peerReplicationBodyBytesMax);
+      if (!h.replication) return cb({ code: grpc.status.UNIMPLEMENTED, details: 'this peer does not replicate' });
+      h.replication(from, kind, body).then(
+        (reply) => cb(null, { body: reply }),
+        (err: Error) => cb({ code: err instanceof PeersanError ? (statusForCode[err.code] ?? grpc.status.INTERNAL) : grpc.status.INTERNAL, details: err.message }),
+      );
+    },
     planHostMove: wrap(async (r: HostMovePlanMessage) =>
       h.planHostMove?.({ initiatorName: checkIscsiName(r.initiatorName, 'initiatorName'), targetName: checkIscsiName(r.targetName, 'targetName'), to: checkPeerId(r.to, 'to'), ttlMs: checkUint(r.ttlMs, 'ttlMs', hostMovePlanMsMax) }),
     ),
@@ -264,6 +277,11 @@ export class PeerRpcClient {
 
   async planHostMove(plan: HostMovePlanMessage, timeoutMs: number): Promise<void> {
     await this.call('planHostMove', plan, timeoutMs);
+  }
+
+  /** A replication message (src/replication/messages.ts): its answer's JSON. */
+  async replication(kind: string, body: string, timeoutMs: number): Promise<string> {
+    return (await this.call<{ body?: string }>('replication', { kind, body }, timeoutMs)).body ?? '';
   }
 
   close(): void {

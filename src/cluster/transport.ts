@@ -11,7 +11,7 @@ import type { BlockSender } from '../routing/router';
 export type PeerCalls = Pick<
   PeerRpcClient,
   | 'ready' | 'status' | 'reservationChanged' | 'startMove' | 'cancelMove' | 'moves' | 'movePrepare' | 'moveFinish'
-  | 'snapshotPrepare' | 'snapshotTake' | 'snapshotRelease' | 'gossip' | 'startMoves' | 'moveSession' | 'planHostMove'
+  | 'snapshotPrepare' | 'snapshotTake' | 'snapshotRelease' | 'gossip' | 'startMoves' | 'moveSession' | 'planHostMove' | 'replication'
 >;
 
 export interface PeerTransport {

@@ -3,7 +3,7 @@
 // re-encoded by protobuf. Pure functions: encode returns a Buffer, decode checks every
 // length against the frame before slicing and returns undefined on a malformed frame.
 //
-// request  = kind(1) op(1) flags(1: fua 1, staging 2) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
+// request  = kind(1) op(1) flags(1: fua 1, staging 2, replica 4) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
 //            compareBytes(4) dataBytes(4) layer(4) stamp(8, f64) | data
 // layer 0 is the live volume; n > 0 reads snapshot n of the volume (read and lbaStatus only).
 // stamp: the write's hybrid-clock stamp (src/snapshot/hlc.ts), 0 for none.
@@ -50,6 +50,12 @@ export interface BlockRequest {
    * forwarding to the destination, which accepts it for a page it is receiving.
    */
   staging?: boolean;
+  /**
+   * A page's primary sending a change to another copy of the page (src/replication), tagged
+   * with the page's epoch in routeVersion: the copy refuses an older epoch (MOVED with the
+   * route it knows) and applies the change to its own store, whoever the host asked.
+   */
+  replica?: boolean;
   /** 0: the live volume; n: the volume's snapshot n (src/snapshot), read-only. */
   layer?: number;
   /** A write's hybrid-clock stamp from the peer the host sent it to (0 or absent: none). */
@@ -75,7 +81,7 @@ export const replyHeaderBytes = 24;
 const extentBytes = 13;
 const validOps = new Set<number>(Object.values(BlockOp));
 const validStatuses = new Set<number>(Object.values(ReplyStatus));
-const knownFlags = 1 | 2;
+const knownFlags = 1 | 2 | 4;
 
 function writeU64(b: Buffer, value: number, at: number): void {
   b.writeUInt32BE(Math.floor(value / 0x1_0000_0000), at);
@@ -115,7 +121,7 @@ export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Bu
   const dataBytes = r.data?.length ?? 0;
   b[at] = requestKind;
   b[at + 1] = r.op;
-  b[at + 2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0);
+  b[at + 2] = (r.fua ? 1 : 0) | (r.staging ? 2 : 0) | (r.replica ? 4 : 0);
   b[at + 3] = 0;
   b.writeUInt32BE(id >>> 0, at + 4);
   volumeIdBytes(r.volumeId).copy(b, at + 8);
@@ -158,6 +164,7 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
     op: b[1] as BlockOpCode,
     fua: (b[2] & 1) !== 0,
     staging: (b[2] & 2) !== 0,
+    replica: (b[2] & 4) !== 0,
     layer: b.readUInt32BE(40),
     volumeId: b.toString('hex', 8, 16),
     lba,

@@ -1,12 +1,40 @@
-// A volume's page routing table (DESIGN.md 2, 3): page → {owner, version}. Placement is a
-// rule plus exceptions: page i of a volume placed on peers [a, b, c] starts on
-// peers[i % 3] at version 1, and the catalog stores a route record only for pages whose
-// owner changed since (a move commits {owner, version + 1} by compare-and-swap). So a
-// 64 TiB volume needs no per-page records until its pages move. Pure: no I/O.
+// A volume's page routing table (DESIGN.md 2, 3, 10): page → {owner, version, copies, inSync}.
+// Placement is a rule plus exceptions: page i of a volume placed on peers [a, b, c] with R
+// copies starts on peers[i % 3], peers[(i + 1) % 3], … (R of them, the first is the primary,
+// every copy in sync) at version 1, and the catalog stores a route record only for pages whose
+// route changed since (a move, a failover, a copy dropped or added: each a compare-and-swap to
+// version + 1). So a 64 TiB volume needs no per-page records until its pages change. The version
+// is the page's epoch: copies refuse replica writes from an older one (src/replication). Pure: no I/O.
 
 export interface Route {
+  /** The primary: the one copy that serves the page's I/O (copies[0]). */
   owner: string;
+  /** The page's epoch: every change of owner, copies or inSync makes it one higher. */
   version: number;
+  /**
+   * Every peer holding a copy, primary first; distinct peers. Absent: unknown (a route heard in
+   * a MOVED answer carries owner and version only): copiesOf() says [owner], and the primary
+   * reads the whole record from the catalog before it replicates (src/replication).
+   */
+  copies?: string[];
+  /** The copies that have every acknowledged write (primary included); absent: all of copies. */
+  inSync?: string[];
+}
+
+/** Every copy of the page, primary first. */
+export function copiesOf(route: Route): readonly string[] {
+  return route.copies ?? [route.owner];
+}
+
+/** The copies that hold every acknowledged write, primary first. */
+export function inSyncOf(route: Route): readonly string[] {
+  return route.inSync ?? copiesOf(route);
+}
+
+/** The copies that are not in sync (they catch up by resync, src/replication). */
+export function staleCopiesOf(route: Route): string[] {
+  const inSync = inSyncOf(route);
+  return copiesOf(route).filter((p) => !inSync.includes(p));
 }
 
 /** One per-page part of a block request. */
@@ -21,24 +49,52 @@ export interface PagePart {
 export const initialRouteVersion = 1;
 
 export class RouteTable {
+  /** Copies per page by the placement rule: the volume's replicas, at most one per peer. */
+  readonly copyCount: number;
+  private readonly listeners = new Set<(page: number, route: Route) => void>();
+
   constructor(
     readonly peers: readonly string[],
     readonly pageBlocks: number,
-    /** page → route for pages that moved; shared with the catalog's in-memory copy. */
+    /** page → route for pages whose route changed; shared with the catalog's in-memory copy. */
     private readonly moved: Map<number, Route>,
+    replicas = 1,
   ) {
     if (peers.length === 0) throw new Error('assertion failed: a volume is placed on at least one peer');
+    this.copyCount = Math.max(1, Math.min(replicas, peers.length));
   }
 
   route(page: number): Route {
-    return this.moved.get(page) ?? { owner: this.peers[page % this.peers.length], version: initialRouteVersion };
+    return this.moved.get(page) ?? this.placed(page);
   }
 
-  /** Take a route heard from the catalog or from an owner's MOVED answer if it is newer. */
+  /** The route the placement rule gives a page that never changed. */
+  placed(page: number): Route {
+    const n = this.peers.length;
+    const owner = this.peers[page % n];
+    if (this.copyCount === 1) return { owner, version: initialRouteVersion };
+    const copies = Array.from({ length: this.copyCount }, (_, k) => this.peers[(page + k) % n]);
+    return { owner, version: initialRouteVersion, copies, inSync: copies };
+  }
+
+  /**
+   * Take a route heard from the catalog or from an owner's MOVED answer if it is newer. A
+   * route without copies (a MOVED answer) at a newer version leaves copies unknown.
+   */
   learn(page: number, route: Route): boolean {
     if (route.version <= this.route(page).version) return false;
-    this.moved.set(page, { owner: route.owner, version: route.version });
+    const next: Route = { owner: route.owner, version: route.version };
+    if (route.copies) next.copies = [...route.copies];
+    if (route.inSync) next.inSync = [...route.inSync];
+    this.moved.set(page, next);
+    for (const l of this.listeners) l(page, next);
     return true;
+  }
+
+  /** Called with every newer route the table takes (failover waits on it, src/replication). */
+  onLearn(listener: (page: number, route: Route) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
   }
 
   pageOf(lba: number): number {

@@ -22,6 +22,7 @@ import { LoadService } from '../loadmon/service';
 import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
+import { parseBody, type ReplicationHandler } from '../replication/messages';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
@@ -29,6 +30,7 @@ import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
+import { InvalidArgumentError } from '../errors';
 import type { EventKind } from './events';
 import { productRevision, VolumeTargets } from './targets';
 
@@ -83,7 +85,7 @@ export interface PeerCore {
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   routing: RoutingCounters;
   /** What another peer's PeerService calls reach (the block stream and the process-only calls aside). */
-  handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove'>;
+  handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove' | 'replication'> & Required<Pick<PeerHandlers, 'replication'>>;
   /** Stop the protocols' timers and watches (the store and the catalog store stay open: their owner closes them). */
   close(): void;
 }
@@ -141,6 +143,13 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   await core.migrator.recover();
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
+  // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
+  const replicationHandlers = new Map<string, ReplicationHandler>();
+  const replicationHandler = (kind: string): ReplicationHandler => {
+    const h = replicationHandlers.get(kind);
+    if (!h) throw new InvalidArgumentError(`unknown replication message kind "${kind}"`);
+    return h;
+  };
   core.handlers = {
     reservationChanged: async (n) => core.targets.reservationsOf(n.volumeId)?.noticed(n),
     startMove: (volume, page, to) => migrator.start(volume, page, to),
@@ -153,6 +162,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     snapshotRelease: (id, abort, finish) => snapshots.release(id, abort, finish),
     gossip: (from, summary) => core.load.received(from, summary),
     startMoves: async (moves) => core.load.driver.start(moves),
+    replication: async (from, kind, body) => JSON.stringify((await replicationHandler(kind)(from, parseBody(body))) ?? {}),
   };
   core.close = () => {
     core.load.stop();

@@ -22,6 +22,7 @@ import type { BlockSender } from '../../src/routing/router';
 import type { BlockReply, BlockRequest } from '../../src/routing/frame';
 import type { PeerCore } from '../../src/server/compose';
 import type { SeededRandom } from '../../src/env/manual';
+import { replicationIdempotent } from '../../src/replication/messages';
 import type { PeerTimers, SimWorld } from './world';
 
 /** Knobs the fault schedule turns while faults are on; all zero once they stop. */
@@ -183,6 +184,8 @@ export class SimNetwork {
         snapshotRelease: (id, abort, ms, finish) => c('snapshotRelease', ms, (core) => core.handlers.snapshotRelease(id, abort, finish), true),
         gossip: (summary, ms) => c('gossip', ms, async (core) => core.handlers.gossip?.(self, structuredClone(summary)), true),
         startMoves: (moves, ms) => c('startMoves', ms, (core) => core.handlers.startMoves!(structuredClone(moves))),
+        // Replication messages are JSON text, copied by nature; the replication module says which kinds may repeat.
+        replication: (kind, body, ms) => c(`replication ${kind}`, ms, (core) => core.handlers.replication(self, kind, body), replicationIdempotent(kind)),
         status: unsupported('status'),
         moveSession: unsupported('moveSession'),
         planHostMove: unsupported('planHostMove'),
