@@ -5,7 +5,7 @@
 import t from 'tap';
 import { ByteBudget } from '../src/iscsi/budget';
 import { answerStallMsMax, peerTaskBytesMax, sessionAnswerBytesMax, sessionParkedBytesMax, sessionTaskBytesMax } from '../src/limits';
-import { Op, RejectReason, type InitiatorPdu, type R2tPdu, type RejectPdu, type ScsiResponsePdu, type TargetPdu } from '../src/iscsi/types';
+import { Op, RejectReason, TmfFunction, type InitiatorPdu, type R2tPdu, type RejectPdu, type ScsiResponsePdu, type TargetPdu } from '../src/iscsi/types';
 import { ScsiStatus } from '../src/scsi/types';
 import { cmd, dataOut, lun0, setup, tick, write10, type Fixture } from './helpers/session-fixture';
 
@@ -323,4 +323,24 @@ t.test('ByteBudget: waiters are served in the order they came; a big one is not 
   t.same(woken, ['big', 'small'], 'woken in order');
   t.equal(b.usedBytes, 9);
   t.throws(() => b.release(10), 'releasing more than taken is a broken invariant');
+});
+
+t.test('a command waiting behind an aborted one is admitted at once when its bytes fit', async (t) => {
+  const f = setup({ maxXmitDataSegmentLength: 256 * KiB, maxBurstLength: 16 * MiB - 1 }, { budget: new ByteBudget(peerTaskBytesMax), holdFlushes: true });
+  f.lu.auto = (c) => ({ status: ScsiStatus.good, dataIn: bigAnswer.subarray(0, c.expectedDataLength) });
+  // Fill the session's bound but 4 MiB, answers never read: those bytes stay held.
+  const fill = sessionTaskBytesMax / (8 * MiB) - 1;
+  let sn = 1;
+  for (; sn <= fill; sn++) f.s.onPdu(cmd(sn, sn, { read: true, edtl: 8 * MiB }), 0);
+  f.s.onPdu(cmd(sn, sn, { read: true, edtl: 4 * MiB }), 0);
+  const head = ++sn;
+  f.s.onPdu(cmd(head, head, { read: true, edtl: 8 * MiB }), 0); // waits: 4 MiB left
+  const small = ++sn;
+  f.s.onPdu(cmd(small, small, { read: true, edtl: 64 * KiB }), 0); // waits behind it, in order
+  await tick();
+  t.equal(f.lu.seen.length, fill + 1, 'the 8 MiB read and the small one behind it wait');
+  f.s.onPdu({ opcode: Op.taskMgmtRequest, immediate: true, final: true, initiatorTaskTag: 1000, data: Buffer.alloc(0), function: TmfFunction.abortTask, lun: lun0, referencedTaskTag: head, cmdSN: small + 1, expStatSN: 100, refCmdSN: head, expDataSN: 0 }, 0);
+  for (let i = 0; i < 3; i++) await tick();
+  t.equal(f.lu.seen.length, fill + 2, 'the small read ran once the one ahead of it was aborted');
+  t.equal(f.lu.seen.at(-1)?.expectedDataLength, 64 * KiB);
 });

@@ -796,6 +796,8 @@ export class Session {
         settle(task);
       }
     }
+    // A command that waited behind an aborted one for bytes may fit now.
+    this.pump();
     await Promise.all(tasks.map(settled));
     this.notifyIdle();
   }
