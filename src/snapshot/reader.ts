@@ -3,13 +3,13 @@
 // a page that was moving, the source or the destination by piece; records.ts), locally from
 // this peer's store or forwarded with the snapshot's layer number in the frame.
 
-import { PeersanError } from '../errors';
+import { ErrorKind, errorKindOf, PeersanError } from '../errors';
 import { BlockOp, decodeExtents, replyError, ReplyStatus } from '../routing/frame';
 import type { BlockSender } from '../routing/router';
-import type { Route } from '../routing/table';
+import type { RouteTable } from '../routing/table';
 import { ReadOnlyBackend } from '../store/decorator';
 import type { BlockBackend, LbaExtent } from '../store/types';
-import { snapshotOwner, type MovingAtCut, type SnapshotRecord } from './records';
+import { routesAtCut, snapshotHolders, type MovingAtCut, type SnapshotRecord } from './records';
 
 export interface SnapshotReaderOptions {
   self: string;
@@ -25,7 +25,7 @@ export class SnapshotReader extends ReadOnlyBackend {
   readonly blockCount: number;
   readonly grainBlocks: number;
   private readonly o: SnapshotReaderOptions;
-  private readonly moved: Map<number, Route>;
+  private readonly routes: RouteTable;
   private readonly moving: Map<number, MovingAtCut>;
   protected readonly what: string;
 
@@ -36,21 +36,33 @@ export class SnapshotReader extends ReadOnlyBackend {
     this.blockBytes = opts.record.blockBytes;
     this.blockCount = opts.record.sizeBytes / opts.record.blockBytes;
     this.grainBlocks = opts.grainBlocks;
-    this.moved = new Map(opts.record.moved);
+    this.routes = routesAtCut(opts.record);
     this.moving = new Map(opts.record.moving.map((m) => [m.page, m]));
   }
 
-  /** [lba, blocks, owner] runs of the range, each within one page and one holder. */
-  private runs(lba: number, blocks: number): { lba: number; blocks: number; owner: string; offset: number }[] {
+  /** [lba, blocks, holders] runs of the range, each within one page and one set of holders. */
+  private runs(lba: number, blocks: number): { lba: number; blocks: number; holders: string[]; offset: number }[] {
     const out = [];
     for (let at = lba; at < lba + blocks; ) {
       const page = Math.floor(at / this.o.record.pageBlocks);
-      const { owner, blocks: n } = snapshotOwner(this.o.record, page, at, this.moved, this.moving);
+      const { holders, blocks: n } = snapshotHolders(this.o.record, page, at, this.routes, this.moving);
       const take = Math.min(n, lba + blocks - at);
-      out.push({ lba: at, blocks: take, owner, offset: at - lba });
+      out.push({ lba: at, blocks: take, holders, offset: at - lba });
       at += take;
     }
     return out;
+  }
+
+  /** From the first holder that answers: one that is unreachable (or lost its layer) gives way to the next copy. */
+  private async fetchAny(holders: string[], op: typeof BlockOp.read | typeof BlockOp.lbaStatus, lba: number, blocks: number): Promise<Buffer | LbaExtent[]> {
+    for (let i = 0; ; i++) {
+      try {
+        return await this.fetch(holders[i], op, lba, blocks);
+      } catch (err) {
+        const kind = errorKindOf(err, false);
+        if (i + 1 >= holders.length || (kind !== ErrorKind.unavailable && kind !== ErrorKind.timedOut)) throw err;
+      }
+    }
   }
 
   private async fetch(owner: string, op: typeof BlockOp.read | typeof BlockOp.lbaStatus, lba: number, blocks: number): Promise<Buffer | LbaExtent[]> {
@@ -69,8 +81,8 @@ export class SnapshotReader extends ReadOnlyBackend {
     const out = Buffer.allocUnsafe(blocks * this.blockBytes);
     await Promise.all(
       this.runs(lba, blocks).map(async (r) => {
-        const data = (await this.fetch(r.owner, BlockOp.read, r.lba, r.blocks)) as Buffer;
-        if (data.length !== r.blocks * this.blockBytes) throw new PeersanError(`peer ${r.owner} returned a short snapshot read`);
+        const data = (await this.fetchAny(r.holders, BlockOp.read, r.lba, r.blocks)) as Buffer;
+        if (data.length !== r.blocks * this.blockBytes) throw new PeersanError(`a peer returned a short read of snapshot ${this.o.record.name}`);
         data.copy(out, r.offset * this.blockBytes);
       }),
     );
@@ -80,6 +92,6 @@ export class SnapshotReader extends ReadOnlyBackend {
   /** The first run's extents (SBC lets GET LBA STATUS answer a prefix). */
   async lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
     const [first] = this.runs(lba, Math.max(1, Math.min(blocksMax, this.blockCount - lba)));
-    return (await this.fetch(first.owner, BlockOp.lbaStatus, first.lba, first.blocks)) as LbaExtent[];
+    return (await this.fetchAny(first.holders, BlockOp.lbaStatus, first.lba, first.blocks)) as LbaExtent[];
   }
 }

@@ -7,7 +7,7 @@
 
 import { AlreadyExistsError, ConflictError, InvalidArgumentError } from '../errors';
 import type { MetaStore } from '../cluster/metastore';
-import type { Route } from '../routing/table';
+import { inSyncOf, RouteTable, type Route } from '../routing/table';
 
 export const snapshotPrefix = 'snapshots/';
 const seqPrefix = 'snapseq/';
@@ -46,6 +46,8 @@ export interface SnapshotRecord {
   pageBlocks: number;
   moved: [number, Route][];
   moving: MovingAtCut[];
+  /** Copies per page of the volume's placement rule at the cut (catalog.ts VolumeRecord.placedCopies; absent: 1). */
+  placedCopies?: number;
   /** Timestamp mode: the cut, a hybrid-clock stamp (src/snapshot/hlc.ts); writes stamped before it are in. */
   cut?: number;
 }
@@ -103,14 +105,29 @@ export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): P
   return (await meta.list(volumeId ? `${snapshotPrefix}${volumeId}/` : snapshotPrefix)).map((r) => decodeSnapshot(r.value));
 }
 
-/** The peer holding page `page`'s layer of the snapshot, for the blocks from `lba` on (and how many). */
-export function snapshotOwner(r: SnapshotRecord, page: number, lba: number, moved: Map<number, Route>, moving: Map<number, MovingAtCut>): { owner: string; blocks: number } {
+/**
+ * The peers holding page `page`'s layer of the snapshot, for the blocks from `lba` on (and how
+ * many): the primary at the cut first (for a page that was moving, the source or the destination
+ * by piece), then the page's other in-sync copies at the cut. Every peer froze its own copy at
+ * the cut, and in-sync copies held the same blocks then (barrier: host writes drained; timestamp:
+ * copies record replicated writes with the host write's stamp), so any of them serves the page
+ * when the first is gone (DESIGN.md 10: a snapshot fails over like its volume).
+ */
+export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
   const pageEnd = (page + 1) * r.pageBlocks;
+  const inSync = inSyncOf(routes.route(page));
   const m = moving.get(page);
   if (m) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
-    return piece < m.done ? { owner: m.to, blocks: Math.min(boundary, pageEnd) - lba } : { owner: m.from, blocks: pageEnd - lba };
+    const first = piece < m.done ? m.to : m.from;
+    const others = inSync.filter((p) => p !== m.from && p !== m.to);
+    return { holders: [first, ...others], blocks: (piece < m.done ? Math.min(boundary, pageEnd) : pageEnd) - lba };
   }
-  return { owner: moved.get(page)?.owner ?? r.peers[page % r.peers.length], blocks: pageEnd - lba };
+  return { holders: [...inSync], blocks: pageEnd - lba };
+}
+
+/** The routes of the volume's pages at the cut, as a table (placement rule plus the pages that had changed). */
+export function routesAtCut(r: SnapshotRecord): RouteTable {
+  return new RouteTable(r.peers, r.pageBlocks, new Map(r.moved), r.placedCopies ?? 1);
 }

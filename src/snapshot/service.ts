@@ -506,7 +506,7 @@ export class SnapshotService {
   private recordFor(v: VolumeRecord, name: string, seq: number, mode: SnapshotMode, group: string): SnapshotRecord {
     return {
       volumeId: v.id, volume: v.name, name, seq, mode, group, state: 'taking', createdAtMs: this.o.env.clock.nowMs(), heldMs: 0, tookMs: 0,
-      sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, peers: v.peers, pageBlocks: v.pageBlocks, moved: [], moving: [],
+      sizeBytes: v.sizeBytes, blockBytes: v.blockBytes, peers: v.peers, pageBlocks: v.pageBlocks, moved: [], moving: [], placedCopies: v.placedCopies,
     };
   }
 
