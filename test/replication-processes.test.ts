@@ -23,7 +23,7 @@ import { createServer, Socket, type Server } from 'node:net';
 import { join } from 'node:path';
 import { openSession, type RawIscsi } from './helpers/fuzz-iscsi';
 import { hasTool, peerPorts, qemuImg, startEtcd, startPeers, type TestPeer } from './helpers/processes';
-import { Ledger, metricOf, pageCopies, protectionOf, replicasMissing, verifiedWrite, verifyLedger, waitProtection, writeIn, type SlotGeometry } from './helpers/replicas';
+import { blockContent, Ledger, metricOf, pageCopies, protectionOf, replicasMissing, sumMetric, verifiedWrite, verifyLedger, waitProtection, writeIn, type SlotGeometry } from './helpers/replicas';
 import { catalogLink, ProxyMesh, TcpProxy } from './helpers/tcp-proxy';
 
 const mib = 1024 * 1024;
@@ -58,6 +58,25 @@ t.test('the test proxy: a cut link carries nothing either way, a heal lets it th
   const d = await dial(proxy.port);
   t.equal(await d.roundTrip('four'), 'four', 'healed');
   for (const x of [a, b, c, d]) x.socket.destroy();
+});
+
+t.test("the verifying writer's ledger: acknowledged, unknown and lost writes told apart", async (t) => {
+  const l = new Ledger(7);
+  const g = 4096;
+  t.equal(l.check(1, Buffer.alloc(g)), undefined, 'a slot never written may read zeros');
+  l.acked(1, 3);
+  t.equal(l.check(1, blockContent(7, 1, 3, g)), undefined, 'the acknowledged write');
+  t.match(l.check(1, blockContent(7, 1, 2, g)), /holds write 2, acknowledged 3/, 'an older write: lost');
+  t.match(l.check(1, Buffer.alloc(g)), /holds zeros/, 'zeros after an acknowledged write: lost');
+  t.match(l.check(1, blockContent(8, 1, 3, g)), /foreign bytes/, "another writer's block");
+  const torn = blockContent(7, 1, 3, g);
+  torn[g - 1] ^= 1;
+  t.match(l.check(1, torn), /foreign bytes/, 'a torn block');
+  l.unknown(1, 4);
+  t.notOk(l.usable(1), 'a slot with an unknown outcome is retired');
+  t.equal(l.check(1, blockContent(7, 1, 4, g)), undefined, 'it may hold the unknown write');
+  t.equal(l.check(1, blockContent(7, 1, 3, g)), undefined, 'or the acknowledged one');
+  t.equal(sumMetric('# HELP x\nx_total{a="1"} 2\nx_total{a="2"} 3.5\nx_totally 9\n', 'x_total'), 5.5, 'a counter summed over its series');
 });
 
 t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { skip }, async (t) => {
