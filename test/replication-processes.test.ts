@@ -6,6 +6,9 @@
 //    (p2's resynced copies serve).
 //  - acceptance 2: a copy that was down while 32 MiB were written catches up with at most
 //    64 MiB of resync (peersan_resync_bytes_total over the peers' /metrics).
+//  - acceptance 4: a peer killed whose data directory is deleted, never back: with downOutMs 30 s,
+//    every page has two in-sync copies on the other two within a bound (the time is printed), and
+//    the data is identical, read from the rebuilt copies too.
 //  - acceptance 5: a primary cut off from the catalog and the other peers (a TCP proxy per link,
 //    test/helpers/tcp-proxy.ts) while a host reads and writes through it and another host writes
 //    through the majority side: once the new primary acknowledged a newer write, the old primary
@@ -18,17 +21,19 @@
 
 import t from 'tap';
 import { createHash, randomBytes, randomInt } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, Socket, type Server } from 'node:net';
 import { join } from 'node:path';
 import { openSession, type RawIscsi } from './helpers/fuzz-iscsi';
 import { hasTool, peerPorts, qemuImg, startEtcd, startPeers, type TestPeer } from './helpers/processes';
-import { blockContent, Ledger, metricOf, pageCopies, protectionOf, replicasMissing, sumMetric, verifiedWrite, verifyLedger, waitProtection, writeIn, type SlotGeometry } from './helpers/replicas';
+import { blockContent, Ledger, metricOf, pageCopies, protectionOf, replicasMissing, sumMetric, verifiedWrite, verifyLedger, waitProtection, writeIn, type PageCopies, type SlotGeometry } from './helpers/replicas';
 import { catalogLink, ProxyMesh, TcpProxy } from './helpers/tcp-proxy';
 
 const mib = 1024 * 1024;
 const pageBytes = 8192 * 512;
 const dataMib = Number(process.env.PEERSAN_REPLICATION_MIB ?? 448);
+/** The volume of the lost-peer test (acceptance 4 names no size). */
+const lostMib = 128;
 const tools = ['etcd', 'qemu-img'].filter((x) => !hasTool(x));
 const noReplicas = tools.length ? `missing ${tools.join(', ')} (.ci/run installs etcd-server, qemu-utils)` : replicasMissing();
 const skip = noReplicas ? `${noReplicas}: the replicated data path of issue 17 is not here` : false;
@@ -90,7 +95,6 @@ t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { s
   const file = join(p1.dir, 'random.img');
   writeFileSync(file, randomBytes(dataMib * mib));
   const live = () => peers.filter((p) => p.process.exitCode === null && p.process.signalCode === null);
-  const identical = async (t: Tap.Test, via: TestPeer) => t.match(await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, via.url('data')], 600_000), /Images are identical/, `identical through ${via.id}`);
 
   await t.test(`convert ${dataMib} MiB through p1, p2 killed 1 s in; p2 back: healthy; p1 killed: served by the copies`, async (t) => {
     let converting = true;
@@ -99,15 +103,15 @@ t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { s
     t.ok(converting, 'the convert was still running when p2 was killed');
     p2.process.kill('SIGKILL');
     await convert.then(() => t.pass('the convert exits 0'), (err: Error) => t.fail(err.message.slice(0, 500)));
-    await identical(t, p1);
-    await identical(t, p3);
+    await identical(t, file, p1);
+    await identical(t, file, p3);
     t.equal(await waitFor(() => protectionOf(p1, 'data')), 'degraded', 'degraded while p2 is down');
     await p2.start();
     const healthyMs = await waitProtection(live, 'data', 'healthy', 60_000).catch((err: Error) => t.fail(err.message));
     t.comment(`healthy ${healthyMs} ms after p2's restart`);
     await p1.kill('SIGKILL');
-    await identical(t, p2);
-    await identical(t, p3);
+    await identical(t, file, p2);
+    await identical(t, file, p3);
     await p1.start();
     await waitProtection(live, 'data', 'healthy', 120_000);
   });
@@ -127,11 +131,44 @@ t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { s
     // p2 now holds the only other copy of its pages: kill each other peer in turn and read.
     for (const other of [p1, p3]) {
       await other.kill('SIGKILL');
-      await identical(t, p2);
+      await identical(t, file, p2);
       await other.start();
       await waitProtection(live, 'data', 'healthy', 60_000);
     }
   });
+});
+
+t.test('a peer lost for good: its copies rebuilt on the others after downOutMs (acceptance 4)', { skip }, async (t) => {
+  const { endpoint } = await startEtcd(t.teardown.bind(t));
+  const downOutMs = 30_000;
+  const peers = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: [...quiet.clusterYaml, `downOutMs: ${downOutMs}`], rootYaml: quiet.rootYaml });
+  const [p1, p2, p3] = peers;
+  const created = await p1.cliAsync('volume', 'create', 'lost', '--size', `${lostMib}M`, '--replicas', '2');
+  t.equal(created.status, 0, created.out.trim());
+  const file = join(p1.dir, 'lost.img');
+  writeFileSync(file, randomBytes(lostMib * mib));
+  await qemuImg(['convert', '-n', '-f', 'raw', '-O', 'raw', file, p1.url('lost')], 600_000);
+  const onP3 = (await pageCopies(p1, 'lost')).filter((p) => p.copies.includes('p3')).length;
+  t.ok(onP3 > 0, `p3 holds copies of ${onP3} pages`);
+  await p3.kill('SIGKILL');
+  rmSync(join(p3.dir, 'p3'), { recursive: true, force: true });
+  const lostAt = Date.now();
+  // Every page back to two in-sync copies, on p1 and p2: polled, bounded by downOutMs and a rebuild's time.
+  const boundMs = downOutMs + 150_000;
+  let pages = await pageCopies(p1, 'lost');
+  const rebuilt = (ps: PageCopies[]) => ps.every((p) => p.inSync.length === 2 && p.copies.length === 2 && !p.copies.includes('p3'));
+  while (!rebuilt(pages) && Date.now() - lostAt < boundMs) {
+    await sleep(1_000);
+    pages = await pageCopies(p1, 'lost');
+  }
+  const tookMs = Date.now() - lostAt;
+  t.ok(rebuilt(pages), `every page has two in-sync copies on p1 and p2 again (${pages.filter((p) => p.copies.includes('p3')).length} pages still name p3)`);
+  t.comment(`${rebuilt(pages) ? 'rebuilt' : 'not rebuilt:'} ${onP3} pages (${((onP3 * pageBytes) / mib).toFixed(0)} MiB) ${tookMs} ms after p3 was lost (downOutMs ${downOutMs}; bound ${boundMs} ms)`);
+  t.equal(await protectionOf(p1, 'lost'), 'healthy', 'the volume is healthy');
+  await identical(t, file, p2, 'lost');
+  // Only p2 left: every page read from p2's copy, the rebuilt ones included.
+  await p1.kill('SIGKILL');
+  await identical(t, file, p2, 'lost');
 });
 
 t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip }, async (t) => {
@@ -203,7 +240,13 @@ async function roleSwitch(t: Tap.Test, via: TestPeer, page: number, copy: string
   t.equal(moved.status, 0, `${copy} is the primary: ${moved.out.trim().split('\n').pop()}`);
 }
 
-// ---- acceptance 1 and 2 --------------------------------------------------------------------------
+// ---- acceptance 1, 2 and 4 ----------------------------------------------------------------------
+
+/** qemu-img compare of `file` with the volume through `via` (a difference or a failure is a failed check, not a throw). */
+async function identical(t: Tap.Test, file: string, via: TestPeer, volume = 'data'): Promise<void> {
+  const out = await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, via.url(volume)], 600_000).catch((err: Error) => err.message.slice(0, 500));
+  t.match(out, /Images are identical/, `${volume} identical through ${via.id}`);
+}
 
 /** The first defined answer of `f` within 10 s (asked every 250 ms). */
 async function waitFor<T>(f: () => Promise<T | undefined>): Promise<T | undefined> {

@@ -53,14 +53,20 @@ export async function waitProtection(peers: () => TestPeer[], volume: string, wa
 
 export interface PageCopies {
   owner: string;
+  /** Every peer holding a copy, primary first. */
   copies: string[];
+  /** The copies that hold every acknowledged write. */
+  inSync: string[];
 }
 
-/** `page map --json`'s pages: the primary and every copy (primary first). */
+/** `page map --json`'s pages: the primary, every copy (primary first), the in-sync ones. */
 export async function pageCopies(via: TestPeer, volume: string): Promise<PageCopies[]> {
   const r = await via.cliAsync('--json', 'page', 'map', volume);
   if (r.status !== 0) throw new Error(`page map ${volume} through ${via.id}: ${r.out.trim()}`);
-  return (JSON.parse(r.out) as { pages: PageCopies[] }).pages.map((p) => ({ owner: p.owner, copies: p.copies ?? [p.owner] }));
+  return (JSON.parse(r.out) as { pages: Partial<PageCopies>[] }).pages.map((p) => {
+    const copies = p.copies ?? [p.owner!];
+    return { owner: p.owner!, copies, inSync: p.inSync ?? copies };
+  });
 }
 
 /** The sum of a counter over its series in one peer's /metrics; undefined when the peer does not answer. */
