@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { openSession, type RawIscsi } from './fuzz-iscsi';
-import { cliPath, repoRoot, type TestPeer } from './processes';
+import { cliPath, hasTool, qemuImg, repoRoot, type TestPeer } from './processes';
 
 export type Protection = 'healthy' | 'degraded' | 'rebuilding' | 'unavailable';
 
@@ -20,6 +20,23 @@ export function replicasMissing(): string | false {
   if (!existsSync(join(repoRoot, 'dist', 'cli', 'main.js'))) return 'dist/ is not built';
   const r = spawnSync(process.execPath, [cliPath, 'volume', 'create', '--help'], { encoding: 'utf8', timeout: 30_000 });
   return /--replicas\b/.test(`${r.stdout}${r.stderr}`) ? false : 'the CLI has no `volume create --replicas` yet';
+}
+
+/** Why a replicated process test cannot run here (a tool missing, or no `--replicas`); false when it can. */
+export function replicatedTestSkip(tools: string[]): string | false {
+  const missing = tools.filter((x) => !hasTool(x));
+  if (missing.length) return `missing ${missing.join(', ')} (.ci/run installs etcd-server, qemu-utils)`;
+  const why = replicasMissing();
+  return why ? `${why}: the replicated data path of issue 17 is not here` : false;
+}
+
+/** The group of these tests: pages stay where placement put them, hosts on the portal they chose. */
+export const quietGroup = { clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] };
+
+/** qemu-img compare of `file` with the volume through `via` (a difference or a failure is a failed check, not a throw). */
+export async function identical(t: { match(found: unknown, wanted: RegExp, message: string): unknown }, file: string, via: TestPeer, volume = 'data'): Promise<void> {
+  const out = await qemuImg(['compare', '-f', 'raw', '-F', 'raw', file, via.url(volume)], 600_000).catch((err: Error) => err.message.slice(0, 500));
+  t.match(out, /Images are identical/, `${volume} identical through ${via.id}`);
 }
 
 /** `volume show --json`'s protection as `via` sees it; undefined when `via` does not answer. */
