@@ -8,7 +8,8 @@
 //    test/helpers/tcp-proxy.ts) while a host reads and writes through it and another host writes
 //    through the majority side: once the new primary acknowledged a newer write, the old primary
 //    never returns the older value; after healing no acknowledged write is lost and the copies
-//    agree (each copy serves the page in turn, by a role switch).
+//    agree (each copy serves the page in turn, by a role switch). The links are blackholed
+//    (PEERSAN_PARTITION=reset: connections ended and refused instead).
 //
 // The proxy's own behaviour is checked first (it runs everywhere). The replicated tests skip
 // while the CLI has no `volume create --replicas` (the data path of issue 17 not merged yet).
@@ -29,6 +30,8 @@ const pageBytes = 8192 * 512;
 const lostMib = 128;
 const skip = replicatedTestSkip(['etcd', 'qemu-img']);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** How the partition cuts the links: blackhole (default: connections stay open and carry nothing) or reset. */
+const partition = process.env.PEERSAN_PARTITION === 'reset' ? 'reset' : 'blackhole';
 
 t.test('the test proxy: a cut link carries nothing either way, a heal lets it through, reset ends connections', async (t) => {
   const echo = await listen((s) => s.pipe(s));
@@ -118,7 +121,7 @@ t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip
   t.ok(await verifiedWrite(b, hostB, probe, 1, g, 10_000), 'the older value written through the majority side before the cut');
   for (let i = 1; i <= 16; i++) t.ok(await verifiedWrite(a, hostA, firstSlot + i, 1, g, 10_000), `slot ${i} written through ${old.id}`);
 
-  mesh.isolate(old.id);
+  mesh.isolate(old.id, partition);
   const cutAt = Date.now();
   // Host A keeps reading the probe slot and writing its own slots through the old primary.
   const oldSide = hostThroughOld(old, hostA, probe, firstSlot + 17, firstSlot + slotsPerPage, g);

@@ -61,7 +61,7 @@ t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { s
     const convert = qemuImg(['convert', '-n', '-f', 'raw', '-O', 'raw', file, p1.url('data')], 900_000).finally(() => (converting = false));
     await sleep(1_000);
     t.ok(converting, 'the convert was still running when p2 was killed');
-    p2.process.kill('SIGKILL');
+    await p2.kill('SIGKILL');
     await convert.then(() => t.pass('the convert exits 0'), (err: Error) => t.fail(err.message.slice(0, 500)));
     await identical(t, file, p1);
     await identical(t, file, p3);
