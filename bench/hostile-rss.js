@@ -18,21 +18,7 @@
 // project's TypeScript compiler (transpile only): one client for the test and the bench.
 'use strict';
 
-const fs = require('node:fs');
-const path = require('node:path');
-const ts = require('typescript');
-
-const root = path.join(__dirname, '..');
-if (!fs.existsSync(path.join(root, 'dist', 'cli', 'main.js'))) {
-  console.error('bench: dist/ is missing; run `npm run build` first');
-  process.exit(1);
-}
-
-require.extensions['.ts'] = (module, filename) => {
-  const source = fs.readFileSync(filename, 'utf8');
-  const out = ts.transpileModule(source, { fileName: filename, compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, esModuleInterop: true } });
-  module._compile(out.outputText, filename);
-};
+require('./lib/ts-require');
 
 const { startFuzzGroup, rssOf } = require('../test/helpers/fuzz-group.ts');
 const { formatReport, loginSlots, outOfWindow, readFlood, runLoad, waitServing } = require('../test/helpers/fuzz-hostile.ts');

@@ -37,7 +37,7 @@ for (let i = 2; i < process.argv.length; i += 2) {
 const root = path.join(__dirname, '..');
 // The scratch directory, free ports, port waits and clean-up (children killed, scratch
 // directory removed, on exit and on Ctrl-C) are bench/lib/group.js's.
-const { work, children, freePort, waitPort, runBench, startEtcd, startTgt } = require('./lib/group');
+const { work, children, freePort, waitPort, runBench, startEtcd, startTgt, iscsiPerf, qemuImgWrites } = require('./lib/group');
 
 function run(cmd, argv, timeoutMs = 600_000) {
   const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
@@ -64,21 +64,6 @@ async function startPeersan(sizeBytes) {
   return { local: url(peers[0]), forwarded: url(peers[1]) };
 }
 
-function iscsiPerf(url, extra) {
-  const out = run('iscsi-perf', [...extra, '-t', String(args.seconds), url], (args.seconds + 30) * 1000);
-  const m = /iops average (\d+) \((\d+) MB\/s\)\s*$/m.exec(out.replace(/\r/g, '\n').trim()) || [...out.matchAll(/iops average (\d+) \((\d+) MB\/s\)/g)].pop();
-  if (!m) throw new Error(`cannot read iscsi-perf output: ${out.slice(-300)}`);
-  return { iops: Number(m[1]), mbps: Number(m[2]) };
-}
-
-function qemuWrite(url) {
-  const count = 200_000;
-  const out = run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', '32', '-s', '4096', '-c', String(count), url]);
-  const m = /Run completed in ([\d.]+) seconds/.exec(out);
-  if (!m) throw new Error(`cannot read qemu-img bench output: ${out}`);
-  const iops = count / Number(m[1]);
-  return { iops: Math.round(iops), mbps: Math.round((iops * 4096) / 1e6) };
-}
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -92,9 +77,9 @@ async function main() {
   fs.rmSync(fill);
 
   const figures = [
-    { name: '4 KiB random read, QD32 (IOPS)', unit: 'iops', measure: (u) => iscsiPerf(u, ['-r', '-b', '8', '-m', '32']) },
-    { name: '4 KiB write, QD32 (IOPS)', unit: 'iops', measure: qemuWrite },
-    { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16']) },
+    { name: '4 KiB random read, QD32 (IOPS)', unit: 'iops', measure: (u) => iscsiPerf(u, ['-r', '-b', '8', '-m', '32'], args.seconds) },
+    { name: '4 KiB write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 200_000 }) },
+    { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16'], args.seconds) },
   ];
   const results = [];
   const names = Object.keys(targets);
@@ -105,7 +90,7 @@ async function main() {
       // Rotate the order so no target always runs first (page cache, CPU frequency).
       for (let k = 0; k < names.length; k++) {
         const name = names[(i + k) % names.length];
-        samples[name].push(f.measure(targets[name])[f.unit]);
+        samples[name].push((await f.measure(targets[name]))[f.unit]);
       }
     }
     const row = { figure: f.name, peersan: median(samples.peersan), forwarded: median(samples.forwarded), tgt: median(samples.tgt), samples };

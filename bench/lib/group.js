@@ -145,6 +145,25 @@ async function fillRandom(urls, sizeMib) {
   fs.rmSync(fill);
 }
 
+// ---- the host: iscsi-perf and qemu-img bench -------------------------------------------------------
+
+/** iscsi-perf (reads only) for `seconds` against `url`, with its flags `extra`: its average IOPS and MB/s. */
+async function iscsiPerf(url, extra, seconds) {
+  const out = await run('iscsi-perf', [...extra, '-t', String(seconds), url], (seconds + 30) * 1000);
+  const m = /iops average (\d+) \((\d+) MB\/s\)\s*$/m.exec(out.replace(/\r/g, '\n').trim()) || [...out.matchAll(/iops average (\d+) \((\d+) MB\/s\)/g)].pop();
+  if (!m) throw new Error(`cannot read iscsi-perf output: ${out.slice(-300)}`);
+  return { iops: Number(m[1]), mbps: Number(m[2]) };
+}
+
+/** `qemu-img bench -w` (sequential writes of `bytes`, `depth` outstanding, `count` of them, wrapping at the end): IOPS and MB/s. */
+async function qemuImgWrites(url, { bytes, depth, count }) {
+  const out = await run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', String(depth), '-s', String(bytes), '-c', String(count), url]);
+  const m = /Run completed in ([\d.]+) seconds/.exec(out);
+  if (!m) throw new Error(`cannot read qemu-img bench output: ${out}`);
+  const iops = count / Number(m[1]);
+  return { iops: Math.round(iops), mbps: Math.round((iops * bytes) / 1e6) };
+}
+
 // ---- the host: qemu-io, random writes at a fixed depth -----------------------------------------
 
 /**
@@ -302,5 +321,5 @@ function runBench(main) {
 
 module.exports = {
   peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startTgt, startPeersan, fillRandom,
-  hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
+  iscsiPerf, qemuImgWrites, hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
 };

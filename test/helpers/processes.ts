@@ -49,6 +49,8 @@ export interface TestPeer {
   config: string;
   iscsiPort: number;
   rpcPort: number;
+  /** The console, /metrics and /healthz. */
+  httpPort: number;
   process: ChildProcess;
   /** Settles with the signal that ended the current process (null for a plain exit). */
   exited: Promise<NodeJS.Signals | null>;
@@ -61,27 +63,63 @@ export interface TestPeer {
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
-/**
- * Peer processes of one group (`peersan peer --config … --id pN`), each killed by the
- * teardown. More than one peer needs an etcd endpoint for the shared catalog.
- */
-export async function startPeers(teardown: (fn: () => unknown) => void, opts: { count?: number; etcd?: string; clusterYaml?: string[]; rootYaml?: string[] } = {}): Promise<TestPeer[]> {
-  const count = opts.count ?? 1;
-  const dir = mkdtempSync(join(tmpdir(), 'peersan-test-'));
-  const config = join(dir, 'cluster.yaml');
-  const ports: { iscsi: number; rpc: number; http: number }[] = [];
+export interface PeerPorts {
+  iscsi: number;
+  rpc: number;
+  http: number;
+}
+
+/** Free ports for `count` peers (p1, p2, …), for a test that must know them before the peers start. */
+export async function peerPorts(count: number): Promise<PeerPorts[]> {
+  const ports: PeerPorts[] = [];
   for (let i = 0; i < count; i++) ports.push({ iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
-  const catalog = opts.etcd ? `{ backend: etcd, endpoints: [${opts.etcd}] }` : '{ backend: embedded }';
-  writeFileSync(config, [
+  return ports;
+}
+
+/**
+ * How one peer reaches the others and etcd (a TCP proxy per link, test/helpers/tcp-proxy.ts):
+ * the RPC address `from` dials for peer `to`, and the etcd endpoint `from` uses.
+ */
+export interface PeerLinks {
+  rpc(from: string, to: string): string;
+  etcd(from: string): string;
+}
+
+interface GroupYaml {
+  etcd?: string;
+  clusterYaml?: string[];
+  rootYaml?: string[];
+}
+
+/** cluster.yaml as peer `self` sees the group (`links` absent: every peer sees the real addresses). */
+function groupYaml(opts: GroupYaml, ports: readonly PeerPorts[], self?: string, links?: PeerLinks): string {
+  const etcd = links && self ? links.etcd(self) : opts.etcd;
+  const catalog = etcd ? `{ backend: etcd, endpoints: [${etcd}] }` : '{ backend: embedded }';
+  const rpcOf = (id: string, port: number) => (links && self && id !== self ? links.rpc(self, id) : `127.0.0.1:${port}`);
+  return [
     'cluster:', '  name: test', '  adminToken: test-admin-token', '  secret: test-cluster-secret', `  catalog: ${catalog}`, ...(opts.clusterYaml ?? []).map((l) => `  ${l}`),
     // Top-level sections (e.g. `balancer: { enabled: false }`), unindented.
     ...(opts.rootYaml ?? []),
-    'peers:', ...ports.map((p, i) => `  - { id: p${i + 1}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./p${i + 1} }`), '',
-  ].join('\n'));
+    'peers:', ...ports.map((p, i) => `  - { id: p${i + 1}, iscsi: 127.0.0.1:${p.iscsi}, rpc: ${rpcOf(`p${i + 1}`, p.rpc)}, http: 127.0.0.1:${p.http}, data: ./p${i + 1} }`), '',
+  ].join('\n');
+}
+
+/**
+ * Peer processes of one group (`peersan peer --config … --id pN`), each killed by the
+ * teardown. More than one peer needs an etcd endpoint for the shared catalog. With `links`,
+ * each peer gets a cluster.yaml of its own (cluster-pN.yaml) naming the addresses it dials.
+ */
+export async function startPeers(teardown: (fn: () => unknown) => void, opts: GroupYaml & { count?: number; ports?: PeerPorts[]; links?: PeerLinks } = {}): Promise<TestPeer[]> {
+  const ports = opts.ports ?? (await peerPorts(opts.count ?? 1));
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-test-'));
+  const shared = join(dir, 'cluster.yaml');
+  writeFileSync(shared, groupYaml(opts, ports));
   const peers = ports.map((p, i): TestPeer => {
     const id = `p${i + 1}`;
+    const config = opts.links ? join(dir, `cluster-${id}.yaml`) : shared;
+    if (opts.links) writeFileSync(config, groupYaml(opts, ports, id, opts.links));
     const peer: TestPeer = {
-      id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc,
+      id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc, httpPort: p.http,
       process: undefined as unknown as ChildProcess,
       exited: Promise.resolve(null),
       url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:${volume}/0`,

@@ -1,0 +1,230 @@
+#!/usr/bin/env node
+// Failover soak (issue 17, acceptance 3): kill -9 of a random peer, again and again, under a
+// verifying host load; opt-in, not part of `npm test`.
+//
+//   npm run build && node bench/failover-soak.js [--cycles 20] [--size-mib 256] [--sessions 2]
+//        [--down-s 5] [--healthy-s 120] [--minutes 60] [--replicas 2] [--timeout-s 30]
+//
+// Three `peersan peer` processes on etcd (balancer and host balancing off), one volume with
+// --replicas copies of each page. The host is the test suite's raw initiator
+// (test/helpers/fuzz-iscsi.ts): --sessions sessions through every peer's portal, each writing
+// 4 KiB blocks one at a time at random slots of its own, every block saying which write it is
+// (test/helpers/replicas.ts). Each cycle waits until `volume show` says the volume is healthy,
+// SIGKILLs a random peer, lets the load run --down-s seconds, restarts the peer, and waits for
+// healthy again. The sessions through the killed peer wait for its restart and log in again;
+// their failures do not count. Counted:
+//   host errors   a write through a live peer that did not end GOOD within --timeout-s (the
+//                 Linux SCSI default command timeout is 30 s); failed logins to a live peer
+//                 (a restarted one included) are counted apart
+//   lost writes   at the end, every slot is read back: one holding anything but its last
+//                 acknowledged write (or the write whose outcome its host never learned, after
+//                 which the slot is not written again) is a lost acknowledged write
+//   pause         per cycle, from the last completion before the kill until the volume is healthy
+//                 again: the longest time with no completed write at all on the sessions through
+//                 live peers (the acceptance's figure), and the longest time one of those
+//                 sessions went without one (the worst stall a host saw; printed, not judged)
+// Prints each cycle, then max and median pause; exits 1 when a write was lost, a host saw an
+// error, or the pauses miss the aims (max ≤ 3 s, median ≤ 1.5 s). Bounded: every wait has a
+// bound and the whole soak stops cycling after --minutes (reporting what it did). Results also
+// go to bench/results/failover-soak-<time>.json.
+'use strict';
+
+require('./lib/ts-require');
+const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
+const { openSession } = require('../test/helpers/fuzz-iscsi.ts');
+const { Ledger, replicasMissing, verifiedWrite, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
+const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
+
+const args = parseArgs({ cycles: 20, sizeMib: 256, sessions: 2, downS: 5, healthyS: 120, minutes: 60, replicas: 2, timeoutS: 30 }, {
+  '--cycles': 'cycles', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--down-s': 'downS', '--healthy-s': 'healthyS',
+  '--minutes': 'minutes', '--replicas': 'replicas', '--timeout-s': 'timeoutS',
+});
+const geometry = { slotBytes: 4096, blockBytes: 512 };
+const volume = 'soak';
+const pauseMsAim = 3_000;
+const medianPauseMsAim = 1_500;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Teardowns of the group (peers, etcd), run once at the end or on Ctrl-C. */
+const teardowns = [];
+let tornDown;
+function teardown() {
+  tornDown ??= (async () => {
+    for (const fn of teardowns.reverse()) await Promise.resolve().then(fn).catch(() => undefined);
+    groupCleanup();
+  })();
+  return tornDown;
+}
+
+/**
+ * Whether each peer's process is up, and a generation per peer bumped at each kill: a write
+ * that failed while its peer's generation stayed the same failed on a live peer.
+ */
+class Liveness {
+  constructor(peers) {
+    this.up = new Map(peers.map((p) => [p.id, true]));
+    this.generation = new Map(peers.map((p) => [p.id, 0]));
+    this.waiters = [];
+  }
+
+  down(id) {
+    this.up.set(id, false);
+    this.generation.set(id, this.generation.get(id) + 1);
+  }
+
+  back(id) {
+    this.up.set(id, true);
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /** Resolves when `id` is up (at once if it is), or when `stopped()` says to give up. */
+  async whenUp(id, stopped) {
+    while (!this.up.get(id) && !stopped()) await new Promise((r) => this.waiters.push(r));
+  }
+
+  wake() {
+    for (const w of this.waiters.splice(0)) w();
+  }
+}
+
+/**
+ * One session of the host through `peer`, writing its own slots (slot ≡ index mod writers)
+ * until stopped. Its completions (ms, monotonic) give the pauses; its ledger the lost writes.
+ */
+function startWriter(peer, index, writers, slots, live, errors, loginFailures) {
+  const ledger = new Ledger(index + 1);
+  const completions = [];
+  let stopping = false;
+  let seq = 0;
+  const stopped = () => stopping;
+  const pickSlot = () => {
+    for (;;) {
+      const slot = Math.floor(Math.random() * (slots / writers)) * writers + index;
+      if (ledger.usable(slot)) return slot;
+    }
+  };
+  const loop = (async () => {
+    let c;
+    while (!stopping) {
+      await live.whenUp(peer.id, stopped);
+      if (stopping) break;
+      const generation = live.generation.get(peer.id);
+      if (!c) {
+        c = await openSession(peer.iscsiPort, volume).catch((err) => {
+          if (live.generation.get(peer.id) === generation && live.up.get(peer.id)) loginFailures.push({ at: Date.now(), peer: peer.id, writer: index, what: `login: ${err.message}` });
+          return undefined;
+        });
+        if (!c) {
+          await sleep(500);
+          continue;
+        }
+      }
+      const ok = await verifiedWrite(c, ledger, pickSlot(), ++seq, geometry, args.timeoutS * 1000);
+      if (ok) {
+        completions.push(performance.now());
+        continue;
+      }
+      if (live.generation.get(peer.id) === generation) errors.push({ at: Date.now(), peer: peer.id, writer: index, what: `write ${seq} failed or timed out` });
+      c.close();
+      c = undefined;
+    }
+    c?.close();
+  })();
+  return {
+    peer, ledger, completions,
+    async stop() {
+      stopping = true;
+      live.wake();
+      await loop;
+    },
+  };
+}
+
+/** The longest gap between completions of one writer, from its last completion before `fromMs` to `toMs`. */
+function longestGap(completions, fromMs, toMs) {
+  let last = completions.filter((t) => t <= fromMs).pop() ?? fromMs;
+  let gap = 0;
+  for (const t of completions) {
+    if (t <= last) continue;
+    if (t > toMs) break;
+    gap = Math.max(gap, t - last);
+    last = t;
+  }
+  return Math.max(gap, toMs - last);
+}
+
+async function main() {
+  const missing = ['etcd'].filter((x) => !hasTool(x));
+  if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
+  const noReplicas = replicasMissing();
+  if (noReplicas) throw new Error(`${noReplicas}: this soak needs replicated volumes (issue 17)`);
+  const deadline = Date.now() + args.minutes * 60_000;
+  const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
+  const peers = await startPeers((fn) => teardowns.push(fn), { count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
+  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${args.sizeMib}M`, '--replicas', String(args.replicas));
+  if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
+  const live = new Liveness(peers);
+  const livePeers = () => peers.filter((p) => live.up.get(p.id));
+  const errors = [];
+  const loginFailures = [];
+  const slots = (args.sizeMib * 1024 * 1024) / geometry.slotBytes;
+  const writersCount = peers.length * args.sessions;
+  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) => startWriter(p, i * args.sessions + k, writersCount, slots, live, errors, loginFailures)));
+  console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writersCount} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s; load ${loadNow()}`);
+
+  const cycles = [];
+  await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
+  for (let n = 1; n <= args.cycles && Date.now() < deadline; n++) {
+    const victim = peers[Math.floor(Math.random() * peers.length)];
+    const killAt = performance.now();
+    const errorsBefore = errors.length;
+    live.down(victim.id);
+    await victim.kill('SIGKILL');
+    await sleep(args.downS * 1000);
+    await victim.start();
+    live.back(victim.id);
+    const restartedMs = Math.round(performance.now() - killAt);
+    let healthyMs;
+    try {
+      healthyMs = await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
+    } catch (err) {
+      console.log(`cycle ${n}: ${err.message}; stopping`);
+      cycles.push({ n, victim: victim.id, pauseMs: NaN, healthy: false });
+      break;
+    }
+    const healthyAt = performance.now();
+    const through = writers.filter((w) => w.peer !== victim);
+    const pauseMs = Math.round(longestGap(through.flatMap((w) => w.completions).sort((x, y) => x - y), killAt, healthyAt));
+    const stallMs = Math.round(Math.max(...through.map((w) => longestGap(w.completions, killAt, healthyAt))));
+    const writes = writers.reduce((a, w) => a + w.completions.filter((t) => t > killAt && t <= healthyAt).length, 0);
+    const cycle = { n, victim: victim.id, pauseMs, stallMs, restartedMs, healthyMs, writes, hostErrors: errors.length - errorsBefore };
+    cycles.push(cycle);
+    console.log(`cycle ${String(n).padStart(2)}: kill -9 ${victim.id}, pause ${pauseMs} ms (worst session ${stallMs} ms), restarted at +${restartedMs} ms, healthy ${healthyMs} ms after, ${writes} writes, ${cycle.hostErrors} host errors; load ${loadNow()}`);
+  }
+  if (Date.now() >= deadline) console.log(`stopped cycling at the --minutes bound (${args.minutes} min) after ${cycles.length} cycles`);
+
+  for (const w of writers) await w.stop();
+  const acknowledged = writers.reduce((a, w) => a + w.completions.length, 0);
+  const lost = [];
+  for (const w of writers) lost.push(...(await verifyLedger(livePeers()[0].iscsiPort, volume, w.ledger, geometry)));
+  const pauses = cycles.map((c) => c.pauseMs).filter(Number.isFinite);
+  const summary = {
+    cycles: cycles.length, acknowledged, lost: lost.length, hostErrors: errors.length, loginFailures: loginFailures.length,
+    pauseMsMax: pauses.length ? Math.max(...pauses) : NaN, pauseMsMedian: pauses.length ? median(pauses) : NaN,
+    stallMsMax: pauses.length ? Math.max(...cycles.map((c) => c.stallMs).filter(Number.isFinite)) : NaN,
+  };
+  console.log(`${summary.cycles} cycles, ${acknowledged} acknowledged writes: ${summary.lost} lost, ${summary.hostErrors} host errors on sessions through live peers, ${summary.loginFailures} failed logins to live peers; failover pause max ${summary.pauseMsMax} ms (aim ≤ ${pauseMsAim}), median ${summary.pauseMsMedian} ms (aim ≤ ${medianPauseMsAim}); worst session stall ${summary.stallMsMax} ms`);
+  for (const l of lost.slice(0, 10)) console.log(`  lost: ${l}`);
+  for (const e of [...errors, ...loginFailures].slice(0, 10)) console.log(`  ${e.peer} session ${e.writer} at ${new Date(e.at).toISOString()}: ${e.what}`);
+  console.log(`results: ${saveResults('failover-soak', { args, machine: machine(), cycles, summary, lost: lost.slice(0, 100), errors: errors.slice(0, 100), loginFailures: loginFailures.slice(0, 100) })}`);
+  const met = summary.lost === 0 && summary.hostErrors === 0 && cycles.every((c) => c.healthy !== false) && summary.pauseMsMax <= pauseMsAim && summary.pauseMsMedian <= medianPauseMsAim;
+  if (!met) process.exitCode = 1;
+}
+
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => void teardown().finally(() => process.exit(130)));
+main()
+  .catch((err) => {
+    console.error(`soak failed: ${err.message}`);
+    process.exitCode = 1;
+  })
+  .finally(teardown);
