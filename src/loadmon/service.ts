@@ -10,7 +10,7 @@ import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limit
 import type { BalancerConfig, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
 import { LoadMonitor, type LoadSummary, type PeerFacts } from './monitor';
-import { GroupView, type GroupLoadView, type PeerLoadView } from './view';
+import { GroupView, type GroupLoadView, type HostLoadView, type PeerLoadView } from './view';
 
 export interface LoadServiceOptions {
   self: string;
@@ -166,6 +166,11 @@ export class LoadService {
   /** Every peer's load as gossiped (stale peers marked), without the per-page detail. */
   peerLoads(): PeerLoadView[] {
     return this.view.snapshot(this.nowMs(), 0, 0).peers;
+  }
+
+  /** The host sessions the fresh peers gossip (this one's included). */
+  hostLoads(): HostLoadView[] {
+    return this.view.snapshot(this.nowMs(), 0, 0).hosts;
   }
 
   top(pages = 16): TopReply {

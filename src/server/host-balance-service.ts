@@ -40,6 +40,8 @@ export interface HostBalanceServiceOptions {
   portal(): Portal;
   /** The initiator port holds a PR registration or a reservation on that target through this peer. */
   pinned(initiatorName: string, isid: string, targetName: string): boolean;
+  /** The other peers through which this initiator has sessions to the target (a multipath host when any); default: none known. */
+  pathsElsewhere?(initiatorName: string, targetName: string): readonly string[];
   /** Share of the target's volume pages per peer (locality), when known. */
   shares?(targetName: string): PageShares | undefined;
   /** Deliver a plan to every other peer; resolves when they answered or timed out. */
@@ -98,7 +100,8 @@ export class HostBalanceService {
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
     const view = this.view();
-    const decision = this.balancer.onLogin(view, { initiatorName, isid, targetName, sessionType: 'Normal', pinned: this.o.pinned(initiatorName, isid, targetName) }, this.now(), this.o.shares?.(targetName));
+    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath: this.isMultipath(initiatorName, targetName) };
+    const decision = this.balancer.onLogin(view, login, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
       const level = decision.reason === 'best' ? 'debug' : 'info';
       this.log[level]({ initiator: initiatorName, isid, reason: decision.reason, view: view.map((p) => `${p.peerId}:${p.up ? p.sessions : 'down'}`).join(' ') }, 'login accepted');
@@ -113,6 +116,14 @@ export class HostBalanceService {
     this.log.info({ initiator: initiatorName, isid, target: targetName, to: decision.to.peerId, reason: decision.reason }, 'login redirected');
     this.o.event?.(`login of ${initiatorName} to ${targetName} redirected to ${decision.to.peerId} (${decision.reason})`, targetName);
     return `${decision.to.iscsiAddress},${decision.to.portalGroupTag}`;
+  }
+
+  private pathsOf(initiatorName: string, targetName: string): readonly string[] {
+    return this.o.pathsElsewhere?.(initiatorName, targetName) ?? [];
+  }
+
+  private isMultipath(initiatorName: string, targetName: string): boolean {
+    return this.pathsOf(initiatorName, targetName).length > 0;
   }
 
   /** The portal's sessionStarted hook. */
@@ -144,6 +155,10 @@ export class HostBalanceService {
     if (!dest) throw new InvalidArgumentError(to ? `no peer ${to} in this group` : 'no other peer is up to move to');
     if (dest.peerId === this.o.selfId) throw new InvalidArgumentError(`the session is already on ${to}`);
     if (!dest.up) throw new InvalidArgumentError(`peer ${dest.peerId} is not up (as seen from ${this.o.selfId})`);
+    for (const s of sessions) {
+      const paths = this.pathsOf(s.initiatorName, s.targetName);
+      if (paths.length > 0) throw new InvalidArgumentError(`${s.initiatorName} is a multipath host of ${s.targetName} (sessions through ${paths.join(', ')} too): ALUA steers it, its sessions are not moved`);
+    }
     const moved: MovedSession[] = [];
     for (const s of sessions) {
       await this.ask(s, dest.peerId);
@@ -190,6 +205,7 @@ export class HostBalanceService {
       // A session that started before this service saw it counts as old.
       startedAtMs: this.startedAtMs.get(s.tsih) ?? 0,
       pinned: this.o.pinned(s.initiatorName, s.isid, s.targetName),
+      multipath: this.isMultipath(s.initiatorName, s.targetName),
     }));
     const pick = this.balancer.pickMove(this.view(), movable, now);
     if (!pick) return undefined;

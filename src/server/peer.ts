@@ -178,7 +178,7 @@ export class PeerServer {
     const groupPeers = this.config.peers.map((p) => p.id);
     const calls = (peerId: string) => this.transport!.calls(peerId);
     const hostBalance = (this.hostBalancer = createHostBalance({
-      config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), catalog: core.catalog, targets: core.targets,
+      config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), hosts: () => core.load.hostLoads(), catalog: core.catalog, targets: core.targets,
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance });
