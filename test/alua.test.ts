@@ -14,7 +14,11 @@ import { AluaState, reportTargetPortGroupsData, type TargetPortGroup } from '../
 import { BlockLogicalUnit } from '../src/scsi/device';
 import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../src/scsi/types';
 import { defaultHostBalanceSettings, HostBalancer, otherPaths, type LoginAttempt, type MovableSession, type PeerLoad, type ReportedSession } from '../src/server/host-balance';
+import { HostBalanceService } from '../src/server/host-balance-service';
 import { PortGroups } from '../src/server/port-groups';
+import { ManualEnv } from '../src/env/manual';
+import type { Portal, SessionInfo } from '../src/iscsi/portal';
+import pino from 'pino';
 import { startGroup } from './helpers/group';
 import { MemoryBackend } from './helpers/memory-backend';
 
@@ -167,6 +171,28 @@ t.test('host balancing leaves a multipath host alone', async (t) => {
   const session = (tsih: number, multipath: boolean): MovableSession => ({ tsih, initiatorName: `iqn.h:${tsih}`, isid: 'aa', targetName: target, startedAtMs: 0, pinned: false, multipath });
   t.equal(auto.pickMove(busy, [session(1, true), session(2, true)], 100_000), undefined, 'an overloaded peer moves no path of a multipath host');
   t.equal(auto.pickMove(busy, [session(1, true), session(2, false)], 100_000)?.session.tsih, 2, 'it moves a single-path host instead');
+});
+
+t.test('the host balancing service asks who else the host reaches the target through', async (t) => {
+  const target = 'iqn.2026-11.io.peersan:vol';
+  const env = new ManualEnv({ wallOriginMs: 1e12 });
+  const session = (tsih: number, initiatorName: string): SessionInfo => ({ tsih, initiatorName, isid: `40000000000${tsih}`, targetName: target, sessionType: 'Normal', remoteAddress: '10.0.1.1', commandsInFlight: 0 });
+  const live = [session(1, 'iqn.multi:1'), session(2, 'iqn.single:2')];
+  const asked: number[] = [];
+  const portal = { sessions: () => live, requestLogoutOf: (tsih: number) => (asked.push(tsih), true) } as unknown as Portal;
+  const loads: PeerLoad[] = ['p1', 'p2', 'p3'].map((id) => ({ peerId: id, iscsiAddress: `10.0.0.${id.slice(1)}:3260`, portalGroupTag: Number(id.slice(1)), up: true, sessions: id === 'p1' ? 6 : 0, iops: 0, bytesPerSec: 0 }));
+  const hb = new HostBalanceService({
+    selfId: 'p1', env, log: pino({ level: 'silent' }), portal: () => portal, view: { peers: () => loads },
+    settings: { sessionMinAgeMs: 0 }, pinned: () => false, broadcastPlan: async () => undefined,
+    pathsElsewhere: (initiatorName) => (initiatorName === 'iqn.multi:1' ? ['p2'] : []),
+  });
+  t.equal(hb.redirectFor('iqn.multi:1', target, '400000000009'), undefined, 'a login of the multipath host stays');
+  t.equal(hb.redirectFor('iqn.single:3', target, '40000000000a'), '10.0.0.2:3260,2', 'a single-path host is sent on');
+  await t.rejects(hb.move('iqn.multi:1', 'p3'), /multipath host of .*through p2/, 'the admin move refuses a path of a multipath host');
+  t.same(asked, [], 'and asks nothing of it');
+  const moved = await hb.check();
+  t.equal(moved?.tsih, 2, 'the overload check moves the single-path host');
+  t.same(asked, [2], 'only that one was asked to log out');
 });
 
 t.test('in a group: the states follow the peers, a change raises the unit attention, SendTargets follows', async (t) => {
