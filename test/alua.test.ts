@@ -184,7 +184,7 @@ t.test('the host balancing service asks who else the host reaches the target thr
   const hb = new HostBalanceService({
     selfId: 'p1', env, log: pino({ level: 'silent' }), portal: () => portal, view: { peers: () => loads },
     settings: { sessionMinAgeMs: 0 }, pinned: () => false, broadcastPlan: async () => undefined,
-    pathsElsewhere: (initiatorName) => (initiatorName === 'iqn.multi:1' ? ['p2'] : []),
+    reportedSessions: () => [{ peer: 'p2', initiatorPort: 'iqn.multi:1,i,0x400000000007', targetName: target, ended: false }],
   });
   t.equal(hb.redirectFor('iqn.multi:1', target, '400000000009'), undefined, 'a login of the multipath host stays');
   t.equal(hb.redirectFor('iqn.single:3', target, '40000000000a'), '10.0.0.2:3260,2', 'a single-path host is sent on');

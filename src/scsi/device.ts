@@ -136,8 +136,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     this.targetName = opts.targetName ?? `iqn.2026-11.io.peersan:${opts.identity.volumeName}`;
     this.log = opts.log;
     this.copyTargets = opts.copyTargets;
-    const groups = opts.portGroups;
-    this.portGroups = groups ? () => groups() : (nexus) => loneGroup(nexus.relativeTargetPort);
+    this.portGroups = opts.portGroups ?? ((nexus) => loneGroup(nexus.relativeTargetPort));
     this.keeper = opts.reservations ?? new LocalReservationKeeper();
     this.keeper.attach((nexusKey, asc) => {
       for (const n of this.knownNexuses) if (nexusKey === everyNexus || nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);

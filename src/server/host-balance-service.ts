@@ -16,6 +16,7 @@ import type { Portal, SessionInfo } from '../iscsi/portal';
 import {
   defaultHostBalanceSettings,
   HostBalancer,
+  otherPaths,
   place,
   sessionPortKey,
   type HostBalanceSettings,
@@ -23,6 +24,7 @@ import {
   type MovePlan,
   type PageShares,
   type PeerLoad,
+  type ReportedSession,
 } from './host-balance';
 
 export interface MovedSession {
@@ -40,8 +42,8 @@ export interface HostBalanceServiceOptions {
   portal(): Portal;
   /** The initiator port holds a PR registration or a reservation on that target through this peer. */
   pinned(initiatorName: string, isid: string, targetName: string): boolean;
-  /** The other peers through which this initiator has sessions to the target (a multipath host when any); default: none known. */
-  pathsElsewhere?(initiatorName: string, targetName: string): readonly string[];
+  /** The host sessions the peers report (the load monitor's gossip): a multipath host's other paths; default: none known. */
+  reportedSessions?(): readonly ReportedSession[];
   /** Share of the target's volume pages per peer (locality), when known. */
   shares?(targetName: string): PageShares | undefined;
   /** Deliver a plan to every other peer; resolves when they answered or timed out. */
@@ -100,7 +102,8 @@ export class HostBalanceService {
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
     const view = this.view();
-    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath: this.isMultipath(initiatorName, targetName) };
+    const multipath = this.otherPathsNow()(initiatorName, targetName).length > 0;
+    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath };
     const decision = this.balancer.onLogin(view, login, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
       const level = decision.reason === 'best' ? 'debug' : 'info';
@@ -118,12 +121,10 @@ export class HostBalanceService {
     return `${decision.to.iscsiAddress},${decision.to.portalGroupTag}`;
   }
 
-  private pathsOf(initiatorName: string, targetName: string): readonly string[] {
-    return this.o.pathsElsewhere?.(initiatorName, targetName) ?? [];
-  }
-
-  private isMultipath(initiatorName: string, targetName: string): boolean {
-    return this.pathsOf(initiatorName, targetName).length > 0;
+  /** Who else a host reaches a target through, by the sessions the peers report now (read once per decision). */
+  private otherPathsNow(): (initiatorName: string, targetName: string) => string[] {
+    const reported = this.o.reportedSessions?.() ?? [];
+    return (initiatorName, targetName) => otherPaths(reported, this.o.selfId, initiatorName, targetName);
   }
 
   /** The portal's sessionStarted hook. */
@@ -155,8 +156,9 @@ export class HostBalanceService {
     if (!dest) throw new InvalidArgumentError(to ? `no peer ${to} in this group` : 'no other peer is up to move to');
     if (dest.peerId === this.o.selfId) throw new InvalidArgumentError(`the session is already on ${to}`);
     if (!dest.up) throw new InvalidArgumentError(`peer ${dest.peerId} is not up (as seen from ${this.o.selfId})`);
+    const pathsOf = this.otherPathsNow();
     for (const s of sessions) {
-      const paths = this.pathsOf(s.initiatorName, s.targetName);
+      const paths = pathsOf(s.initiatorName, s.targetName);
       if (paths.length > 0) throw new InvalidArgumentError(`${s.initiatorName} is a multipath host of ${s.targetName} (sessions through ${paths.join(', ')} too): ALUA steers it, its sessions are not moved`);
     }
     const moved: MovedSession[] = [];
@@ -200,12 +202,13 @@ export class HostBalanceService {
     if (this.moving) return undefined;
     const now = this.now();
     const sessions = this.o.portal().sessions().filter((s) => s.sessionType === 'Normal');
+    const pathsOf = this.otherPathsNow();
     const movable = sessions.map((s) => ({
       tsih: s.tsih, initiatorName: s.initiatorName, isid: s.isid, targetName: s.targetName,
       // A session that started before this service saw it counts as old.
       startedAtMs: this.startedAtMs.get(s.tsih) ?? 0,
       pinned: this.o.pinned(s.initiatorName, s.isid, s.targetName),
-      multipath: this.isMultipath(s.initiatorName, s.targetName),
+      multipath: pathsOf(s.initiatorName, s.targetName).length > 0,
     }));
     const pick = this.balancer.pickMove(this.view(), movable, now);
     if (!pick) return undefined;

@@ -14,7 +14,7 @@ import { targetNameFor } from '../iscsi/target';
 import type { HostLoadView, PeerLoadView } from '../loadmon/view';
 import type { ClusterConfig } from './config';
 import { statusPeerMsMax } from '../limits';
-import { otherPaths, type PageShares } from './host-balance';
+import type { PageShares } from './host-balance';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
 import { GossipLoadView } from './host-view';
 import { portalGroupTagOf } from './port-groups';
@@ -62,7 +62,6 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
     const port = `${initiatorName},i,0x${isid}`;
     return state.registrations.some((r) => r.initiatorPort === port && r.relativeTargetPort === tag(self)) || (state.legacyHolder?.startsWith(`${port}|`) ?? false);
   };
-  const pathsElsewhere = (initiatorName: string, targetName: string): string[] => otherPaths(w.hosts(), self, initiatorName, targetName);
   const sharesCache = new Map<string, { atMs: number; shares: PageShares }>();
   // Share of a volume's pages per owner.
   const shares = (targetName: string): PageShares | undefined => {
@@ -78,7 +77,7 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
   };
   const { enabled: _enabled, ...settings } = hb;
   return new HostBalanceService({
-    selfId: self, env, settings, view, portal: w.portal, log: w.log, pinned, pathsElsewhere, shares,
+    selfId: self, env, settings, view, portal: w.portal, log: w.log, pinned, reportedSessions: w.hosts, shares,
     event: (message, target) => w.event(message, volumeOf(target)?.name),
     broadcastPlan: async (plan) => {
       const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - env.clock.nowMs()) };

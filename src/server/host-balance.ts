@@ -18,7 +18,10 @@
 // A multipath host (one that has sessions to the target through other peers too, each path a
 // target port group of its own: src/scsi/alua.ts) is never redirected nor moved: its paths
 // are its own choice and ALUA states steer its I/O; moving a path onto a peer it already uses
-// would leave it without one when that peer dies.
+// would leave it without one when that peer dies. Who else a host reaches the target through is
+// read from the sessions the peers gossip (src/loadmon): a session is listed once it has sent a
+// command, up to a tick late, so the very first logins of a host that logs in through every
+// portal at once are placed by the usual rule (which, on an even group, accepts them).
 //
 // libiscsi re-logs in to the portal it was first given (not the one it was redirected to),
 // with a NEW random ISID after an async logout; so planned moves are keyed by (initiator
