@@ -100,6 +100,23 @@ t.test('host balancing in a group of three', { skip: missing.length ? `missing $
     t.same(g.counters(), before, 'no redirect anywhere');
   });
 
+  await t.test('a multipath host: discovery lists every peer, it logs in through two, and nobody moves it', async (t) => {
+    await until(() => g.sessionsPerPeer(), (v) => total(v) === 0, 10_000);
+    const ls = await runAsync(t, 'iscsi-ls', [`iscsi://${g.config.peers[0].iscsi}`]).done;
+    const listed = [...ls.out.matchAll(/peersan:vol Portal:(\S+)/g)].map((m) => m[1]).sort();
+    t.same(listed, g.config.peers.map((p, i) => `${p.iscsi},${i + 1}`).sort(), 'SendTargets through p1: one TargetAddress per peer, each its own portal group tag');
+    const before = g.counters();
+    const multipath = 'iqn.2026-11.io.peersan.test:multipath';
+    const hold = ['p2', 'p1'].map((id) => runAsync(t, 'qemu-io', ['--image-opts', '-c', `read 0 4096`, '-c', 'sleep 5000', '-c', `read 0 4096`, g.imageOpts(id, 'vol', multipath)]));
+    const both = await until(() => g.sessionsPerPeer(multipath), (v) => v.p1 === 1 && v.p2 === 1, 20_000);
+    t.same(both, { p1: 1, p2: 1, p3: 0 }, 'one session through p1, one through p2');
+    await new Promise((r) => setTimeout(r, 2500)); // every peer's gossip lists both sessions
+    await t.rejects(admin.moveSession(multipath, 'p3'), /multipath host/, 'the admin move refuses: ALUA steers a multipath host');
+    for (const r of await Promise.all(hold.map((h) => h.done))) t.equal(r.code, 0, `its I/O went on: ${r.out.trim().split('\n').pop()}`);
+    const after = g.counters();
+    t.same(after, before, 'no redirect, no logout request');
+  });
+
   await t.test('an async logout moves a running iscsi-perf to another peer; its I/O goes on without error', async (t) => {
     await until(() => g.sessionsPerPeer(), (v) => total(v) === 0, 10_000);
     const perf = runAsync(t, 'iscsi-perf', ['-i', perfInitiator, '-m', '8', '-b', '8', '-r', g.url('p1', 'vol')]);
