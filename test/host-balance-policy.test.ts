@@ -123,7 +123,7 @@ t.test('planned moves: any portal sends the host on, the destination accepts, on
 
 t.test('automatic moves: margin, minimum age, cool-down, rate limit, reservations', async (t) => {
   const b = new HostBalancer('p1', { ...s, sessionMinAgeMs: 1_000, moveIntervalMs: 5_000, sessionCooldownMs: 20_000 });
-  const sess = (tsih: number, startedAtMs: number, pinned = false): MovableSession => ({ tsih, initiatorName: `iqn.h:${tsih}`, isid: 'aa', targetName: target, startedAtMs, pinned });
+  const sess = (tsih: number, startedAtMs: number, pinned = false): MovableSession => ({ tsih, initiatorName: `iqn.h:${tsih}`, isid: 'aa', targetName: target, startedAtMs, pinned, multipath: false });
   const loaded = [peer('p1', 3), peer('p2', 1), peer('p3', 2)];
   t.equal(b.pickMove([peer('p1', 2), peer('p2', 1)], [sess(1, 0), sess(2, 0)], 10_000), undefined, 'one session apart: moving would only swap the imbalance');
   t.equal(b.pickMove(loaded, [sess(1, 9_500), sess(2, 9_600), sess(3, 9_700)], 10_000), undefined, 'all too young');

@@ -18,6 +18,9 @@ import { hasTool, qemuImg } from './helpers/processes';
 const tools = ['qemu-img', 'qemu-io', 'iscsi-perf', 'iscsi-ls', 'iscsi-inq'];
 const missing = tools.filter((x) => !hasTool(x));
 const qemuInitiator = 'iqn.2008-11.org.linux-kvm'; // what qemu's iscsi driver calls itself
+// Clients that stand for different hosts log in under names of their own: one initiator with
+// sessions to a target through several peers is a multipath host, which is never moved.
+const hostPrefix = 'iqn.2026-11.io.peersan.test:host';
 const perfInitiator = 'iqn.2026-11.io.peersan.test:perf';
 
 async function startHostGroup(t: { teardown(fn: () => unknown): void }, hostBalance?: HostBalanceConfig) {
@@ -26,14 +29,16 @@ async function startHostGroup(t: { teardown(fn: () => unknown): void }, hostBala
   const peer = (id: string): PeerServer => servers.get(id)!;
   const portal = (id: string): string => config.peers.find((p) => p.id === id)!.iscsi;
   const url = (id: string, volume: string): string => `iscsi://${portal(id)}/iqn.2026-11.io.peersan:${volume}/0`;
-  /** Normal sessions per peer, as `status` reports them (optionally of one initiator). */
+  /** qemu's options for the volume through a peer, logged in as `initiator` (a host of its own). */
+  const imageOpts = (id: string, volume: string, initiator: string): string => `driver=iscsi,transport=tcp,portal=${portal(id)},target=iqn.2026-11.io.peersan:${volume},lun=0,initiator-name=${initiator}`;
+  /** Normal sessions per peer, as `status` reports them (optionally of the initiators whose names begin so). */
   const sessionsPerPeer = async (initiator?: string): Promise<Record<string, number>> => {
     const s = await peer('p1').admin.status();
-    return Object.fromEntries(s.peers.map((p) => [p.id, p.sessions.filter((x) => x.sessionType === 'Normal' && (!initiator || x.initiatorName === initiator)).length]));
+    return Object.fromEntries(s.peers.map((p) => [p.id, p.sessions.filter((x) => x.sessionType === 'Normal' && (!initiator || x.initiatorName.startsWith(initiator))).length]));
   };
   const counters = (): Record<string, { redirects: number; plannedRedirects: number; logoutRequests: number }> =>
     Object.fromEntries([...servers].map(([id, s]) => [id, { ...s.hostBalancer!.counters }]));
-  return { dir, config, peer, url, sessionsPerPeer, counters };
+  return { dir, config, peer, url, imageOpts, sessionsPerPeer, counters };
 }
 
 /** Poll until `ok` holds (bounded); returns the last value seen. */
@@ -74,8 +79,8 @@ t.test('host balancing in a group of three', { skip: missing.length ? `missing $
   await t.test('three libiscsi sessions aimed at p1 end up on three peers, each redirected at most once', async (t) => {
     const before = g.counters();
     // Each client writes its pattern, holds its session open, then reads the pattern back.
-    const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['-f', 'raw', '-c', `write -P 0x1${i} ${i * 1048576} 65536`, '-c', 'sleep 8000', '-c', `read -P 0x1${i} ${i * 1048576} 65536`, g.url('p1', 'vol')]));
-    const spread = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => total(v) === 3, 30_000);
+    const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['--image-opts', '-c', `write -P 0x1${i} ${i * 1048576} 65536`, '-c', 'sleep 8000', '-c', `read -P 0x1${i} ${i * 1048576} 65536`, g.imageOpts('p1', 'vol', `${hostPrefix}${i}`)]));
+    const spread = await until(() => g.sessionsPerPeer(hostPrefix), (v) => total(v) === 3, 30_000);
     t.same(spread, { p1: 1, p2: 1, p3: 1 }, `one session per peer (${JSON.stringify(spread)})`);
     const results = await Promise.all(held.map((h) => h.done));
     for (const r of results) t.ok(r.code === 0 && !/failed|error|Pattern verification/i.test(r.out), `client read its pattern back: ${r.out.trim().split('\n').pop()}`);
@@ -93,6 +98,23 @@ t.test('host balancing in a group of three', { skip: missing.length ? `missing $
     t.equal(inq.code, 0, 'iscsi-inq through p2 (an idle group: p2 is as good as any)');
     t.match(inq.out, /Vendor:PEERSAN/);
     t.same(g.counters(), before, 'no redirect anywhere');
+  });
+
+  await t.test('a multipath host: discovery lists every peer, it logs in through two, and nobody moves it', async (t) => {
+    await until(() => g.sessionsPerPeer(), (v) => total(v) === 0, 10_000);
+    const ls = await runAsync(t, 'iscsi-ls', [`iscsi://${g.config.peers[0].iscsi}`]).done;
+    const listed = [...ls.out.matchAll(/peersan:vol Portal:(\S+)/g)].map((m) => m[1]).sort();
+    t.same(listed, g.config.peers.map((p, i) => `${p.iscsi},${i + 1}`).sort(), 'SendTargets through p1: one TargetAddress per peer, each its own portal group tag');
+    const before = g.counters();
+    const multipath = 'iqn.2026-11.io.peersan.test:multipath';
+    const hold = ['p2', 'p1'].map((id) => runAsync(t, 'qemu-io', ['--image-opts', '-c', `read 0 4096`, '-c', 'sleep 5000', '-c', `read 0 4096`, g.imageOpts(id, 'vol', multipath)]));
+    const both = await until(() => g.sessionsPerPeer(multipath), (v) => v.p1 === 1 && v.p2 === 1, 20_000);
+    t.same(both, { p1: 1, p2: 1, p3: 0 }, 'one session through p1, one through p2');
+    await new Promise((r) => setTimeout(r, 2500)); // every peer's gossip lists both sessions
+    await t.rejects(admin.moveSession(multipath, 'p3'), /multipath host/, 'the admin move refuses: ALUA steers a multipath host');
+    for (const r of await Promise.all(hold.map((h) => h.done))) t.equal(r.code, 0, `its I/O went on: ${r.out.trim().split('\n').pop()}`);
+    const after = g.counters();
+    t.same(after, before, 'no redirect, no logout request');
   });
 
   await t.test('an async logout moves a running iscsi-perf to another peer; its I/O goes on without error', async (t) => {
@@ -144,11 +166,14 @@ t.test('host balancing in a group of three', { skip: missing.length ? `missing $
 
     const file = join(g.dir, 'random.img');
     writeFileSync(file, randomBytes(192 * 1024 * 1024));
-    const copy = runAsync(t, 'qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', file, g.url('p1', 'vol')]);
-    const where = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => total(v) === 1, 20_000);
+    // Another host than the qemu-io that just ended (a name of its own): as the same initiator it
+    // could look like a multipath host for as long as the gossip still shows that session.
+    const copier = `${hostPrefix}copy`;
+    const copy = runAsync(t, 'qemu-img', ['convert', '-n', '-f', 'raw', '--target-image-opts', file, g.imageOpts('p1', 'vol', copier)]);
+    const where = await until(() => g.sessionsPerPeer(copier), (v) => total(v) === 1, 20_000);
     const from = Object.keys(where).find((k) => where[k] === 1)!;
     const mid = g.counters();
-    await admin.moveSession(qemuInitiator, '', from);
+    await admin.moveSession(copier, '', from);
     const done = await copy.done;
     t.equal(done.code, 0, `qemu-img convert succeeded across the move: ${done.out.trim()}`);
     const end = g.counters();
@@ -163,10 +188,10 @@ t.test('an overloaded peer moves sessions away by itself, one at a time, until t
   const g = await startHostGroup(t, { marginSessions: 100, autoMove: true, sessionMinAgeMs: 0, moveIntervalMs: 1000 });
   await g.peer('p1').admin.createVolume({ name: 'vol', size: '64M' });
   await new Promise((r) => setTimeout(r, 1500));
-  const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['-f', 'raw', '-c', `write -P 0x3${i} ${i * 1048576} 65536`, '-c', 'sleep 14000', '-c', `read -P 0x3${i} ${i * 1048576} 65536`, g.url('p1', 'vol')]));
-  const first = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => total(v) === 3, 20_000);
+  const held = [1, 2, 3].map((i) => runAsync(t, 'qemu-io', ['--image-opts', '-c', `write -P 0x3${i} ${i * 1048576} 65536`, '-c', 'sleep 14000', '-c', `read -P 0x3${i} ${i * 1048576} 65536`, g.imageOpts('p1', 'vol', `${hostPrefix}${i}`)]));
+  const first = await until(() => g.sessionsPerPeer(hostPrefix), (v) => total(v) === 3, 20_000);
   t.equal(first.p1, 3, `all three logged in to p1 first (${JSON.stringify(first)})`);
-  const even = await until(() => g.sessionsPerPeer(qemuInitiator), (v) => v.p1 === 1 && v.p2 === 1 && v.p3 === 1, 12_000);
+  const even = await until(() => g.sessionsPerPeer(hostPrefix), (v) => v.p1 === 1 && v.p2 === 1 && v.p3 === 1, 12_000);
   t.same(even, { p1: 1, p2: 1, p3: 1 }, 'then one per peer');
   const c = g.counters();
   t.equal(c.p1.logoutRequests, 2, 'p1 asked exactly two sessions to leave');

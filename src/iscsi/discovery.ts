@@ -3,12 +3,15 @@
 import type { TargetDirectory, TargetInfo } from './target';
 import type { TextPairs } from './text';
 
-function describe(directory: TargetDirectory, target: TargetInfo): TextPairs {
-  const pairs: TextPairs = [['TargetName', target.name]];
-  for (const address of directory.portalAddresses) {
-    pairs.push(['TargetAddress', `${address},${directory.portalGroupTag}`]);
-  }
-  return pairs;
+/** Every portal a target is reached through: this portal's addresses first, then the other peers' (one TargetAddress each). */
+function addresses(directory: TargetDirectory): string[] {
+  const own = directory.portalAddresses.map((address) => `${address},${directory.portalGroupTag}`);
+  const others = (directory.otherPortals?.() ?? []).map((p) => `${p.address},${p.groupTag}`);
+  return [...own, ...others];
+}
+
+function describe(target: TargetInfo, addresses: readonly string[]): TextPairs {
+  return [['TargetName', target.name], ...addresses.map((a): [string, string] => ['TargetAddress', a])];
 }
 
 /**
@@ -23,11 +26,12 @@ export function sendTargetsAnswer(
   sessionTarget: TargetInfo | undefined,
 ): TextPairs {
   if (sessionTarget) {
-    if (value === '' || value === sessionTarget.name) return describe(directory, sessionTarget);
+    if (value === '' || value === sessionTarget.name) return describe(sessionTarget, addresses(directory));
     if (value === 'All') return [['SendTargets', 'Reject']];
     return [];
   }
   const visible = directory.visibleTo(initiatorName);
   const chosen = value === 'All' ? visible : visible.filter((t) => t.name === value);
-  return chosen.flatMap((t) => describe(directory, t));
+  const listed = addresses(directory);
+  return chosen.flatMap((t) => describe(t, listed));
 }

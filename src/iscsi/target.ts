@@ -22,11 +22,23 @@ export interface TargetInfo {
   luns: ReadonlyMap<number, LogicalUnit>;
 }
 
+/** A portal of another peer of the group: SendTargets lists it as TargetAddress=address,groupTag. */
+export interface TargetPortal {
+  address: string;
+  groupTag: number;
+}
+
 export interface TargetDirectory {
-  /** Our portal group tag (1 for now). */
+  /** Our portal group tag (each peer its own). */
   readonly portalGroupTag: number;
   /** "host:port" addresses of this portal, as SendTargets reports them (TargetAddress=addr,tpgt). */
   readonly portalAddresses: readonly string[];
+  /**
+   * The portals of the group's other peers that serve the same targets and are up now, each its
+   * own portal group: SendTargets lists them after ours, so a multipath host logs in through
+   * every peer. Absent: this portal alone.
+   */
+  otherPortals?(): readonly TargetPortal[];
   /** Optional group-wide CHAP for discovery sessions; undefined = AuthMethod None allowed. */
   readonly discoveryChap?: ChapCredentials;
   find(targetName: string): TargetInfo | undefined;

@@ -10,7 +10,7 @@ import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limit
 import type { BalancerConfig, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
 import { LoadMonitor, type LoadSummary, type PeerFacts } from './monitor';
-import { GroupView, type GroupLoadView, type PeerLoadView } from './view';
+import { GroupView, type GroupLoadView, type HostLoadView, type PeerLoadView } from './view';
 
 export interface LoadServiceOptions {
   self: string;
@@ -72,6 +72,7 @@ export class LoadService {
   private factsPending = false;
   private readonly sending = new Set<string>();
   private intervals: TimerHandle[] = [];
+  private readonly tickListeners: (() => void)[] = [];
 
   constructor(opts: LoadServiceOptions) {
     this.o = opts;
@@ -128,6 +129,7 @@ export class LoadService {
       // A peer that is down costs one failed call per tick; the view marks it stale on its side.
       this.o.sendGossip(peer, summary).catch(() => undefined).finally(() => this.sending.delete(peer));
     }
+    for (const listener of this.tickListeners) listener();
     return summary;
   }
 
@@ -138,6 +140,14 @@ export class LoadService {
       (f) => (this.facts = f),
       (err: Error) => this.o.log.debug({ reason: err.message }, 'could not read peer facts for the load summary'),
     ).finally(() => (this.factsPending = false));
+  }
+
+  /**
+   * Called after every tick: which peers are stale moves on with the clock, not only with the
+   * summaries that arrive, so what depends on it reads the view again here.
+   */
+  onTick(listener: () => void): void {
+    this.tickListeners.push(listener);
   }
 
   /** A summary from another peer (authenticated by the RPC layer as `from`). */
@@ -156,6 +166,11 @@ export class LoadService {
   /** Every peer's load as gossiped (stale peers marked), without the per-page detail. */
   peerLoads(): PeerLoadView[] {
     return this.view.snapshot(this.nowMs(), 0, 0).peers;
+  }
+
+  /** The host sessions the fresh peers gossip (this one's included). */
+  hostLoads(): HostLoadView[] {
+    return this.view.snapshot(this.nowMs(), 0, 0).hosts;
   }
 
   top(pages = 16): TopReply {

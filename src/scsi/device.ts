@@ -10,6 +10,7 @@ import { errorKindOf, ErrorKind } from '../errors';
 import { LogLimiter } from '../log';
 import { compareAndWriteBlocksMax, transferBytesMax, unmapBlocksMax, unmapDescriptorsMax, writeSameBlocksMax, xcopyChunkBytes, xcopyHeldResultsMax } from '../limits';
 import type { BlockBackend } from '../store/types';
+import { loneGroup, reportTargetPortGroupsData, RtpgFormat, type TargetPortGroup } from './alua';
 import { naaIdentifier, standardInquiry, vpd } from './inquiry';
 import { copyAborted, copyStatus, operatingParameters, parse as parseCopyList, XcopyAsc, type CopyOutcome, type Cscd } from './xcopy';
 import { applyModePages, modePages, PageControl, type ModeState } from './mode';
@@ -30,6 +31,11 @@ export interface BlockLogicalUnitOptions {
    * its VPD 0x83 page reports (this LU's own is always known).
    */
   copyTargets?: (designator: Buffer) => BlockBackend | undefined;
+  /**
+   * The target port groups and their states as this peer knows them now (REPORT TARGET PORT
+   * GROUPS, alua.ts); default: the command's own port alone, active/optimized.
+   */
+  portGroups?: () => readonly TargetPortGroup[];
   log?: Logger;
 }
 
@@ -117,6 +123,7 @@ export class BlockLogicalUnit implements LogicalUnit {
   /** EXTENDED COPY results held for RECEIVE COPY RESULTS, per nexus and list identifier. */
   private readonly copyResults = new Map<Nexus, Map<number, CopyOutcome>>();
   private readonly copyTargets: ((designator: Buffer) => BlockBackend | undefined) | undefined;
+  private readonly portGroups: (nexus: Nexus) => readonly TargetPortGroup[];
   /** Failures a host (or a peer down) can cause at will: logged once per kind per window. */
   private readonly failureLog = new LogLimiter();
   /** ORWRITE is read-modify-write: one at a time per logical unit. */
@@ -129,6 +136,7 @@ export class BlockLogicalUnit implements LogicalUnit {
     this.targetName = opts.targetName ?? `iqn.2026-11.io.peersan:${opts.identity.volumeName}`;
     this.log = opts.log;
     this.copyTargets = opts.copyTargets;
+    this.portGroups = opts.portGroups ?? ((nexus) => loneGroup(nexus.relativeTargetPort));
     this.keeper = opts.reservations ?? new LocalReservationKeeper();
     this.keeper.attach((nexusKey, asc) => {
       for (const n of this.knownNexuses) if (nexusKey === everyNexus || nexusKeyOf(n) === nexusKey) this.postUnitAttention(n, asc);
@@ -195,6 +203,15 @@ export class BlockLogicalUnit implements LogicalUnit {
   /** The volume was resized: every nexus hears CAPACITY DATA HAS CHANGED once. */
   capacityChanged(): void {
     for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.capacityDataChanged);
+  }
+
+  /**
+   * A target port group changed state (implicit ALUA): every nexus of this logical unit on this
+   * peer hears ASYMMETRIC ACCESS STATE CHANGED once and reads the new states with REPORT TARGET
+   * PORT GROUPS.
+   */
+  accessStatesChanged(): void {
+    for (const n of this.knownNexuses) this.postUnitAttention(n, Asc.asymmetricAccessStateChanged);
   }
 
   /** Task management cannot wait for the catalog: the change is made behind it (the promise says when it is done; it never rejects). */
@@ -682,6 +699,12 @@ export class BlockLogicalUnit implements LogicalUnit {
     return c.good(copyStatus(outcome), allocation);
   };
 
+  reportTargetPortGroups = (c: Command): ScsiResult => {
+    const format = c.cdb[1] >> 5;
+    if (format !== RtpgFormat.lengthOnly && format !== RtpgFormat.extended) return c.invalidCdb(1, 5);
+    return c.good(reportTargetPortGroupsData(this.portGroups(c.cmd.nexus), format), c.cdb.readUInt32BE(6));
+  };
+
   reportSupportedTmf = (c: Command): ScsiResult => {
     const d = Buffer.alloc(4);
     d[0] = 0x80 | 0x40 | 0x10 | 0x08 | 0x02; // ATS, ATSS, LURS, TARS (warm), plus CTSS
@@ -759,6 +782,7 @@ const table: CommandSpec[] = [
   spec('READ CAPACITY(16)', 0x9e, 16, 'always', 'readCapacity16', 0x10),
   spec('GET LBA STATUS', 0x9e, 16, 'read', 'getLbaStatus', 0x12),
   spec('REPORT LUNS', 0xa0, 12, 'always', 'reportLuns'),
+  spec('REPORT TARGET PORT GROUPS', 0xa3, 12, 'always', 'reportTargetPortGroups', 0x0a),
   spec('REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS', 0xa3, 12, 'always', 'reportSupportedTmf', 0x0d),
   spec('REPORT SUPPORTED OPERATION CODES', 0xa3, 12, 'always', 'reportSupportedOpcodes', 0x0c),
   spec('READ(12)', 0xa8, 12, 'read', 'read'),

@@ -23,7 +23,7 @@ export function standardInquiry(id: LuIdentity): Buffer {
   d[2] = 0x06; // SPC-4
   d[3] = 0x12; // HiSup, response data format 2
   d[4] = d.length - 5;
-  d[5] = 0x08; // 3PC: EXTENDED COPY; no TPGS
+  d[5] = 0x10 | 0x08; // TPGS 01b: implicit ALUA (alua.ts); 3PC: EXTENDED COPY
   d[6] = 0x00;
   d[7] = 0x02; // CmdQue
   ascii(id.vendor, 8).copy(d, 8);

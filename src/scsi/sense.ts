@@ -37,6 +37,7 @@ export const Asc = {
   reservationsPreempted: 0x2a03,
   reservationsReleased: 0x2a04,
   registrationsPreempted: 0x2a05,
+  asymmetricAccessStateChanged: 0x2a06,
   capacityDataChanged: 0x2a09,
   savingParametersNotSupported: 0x3900,
   miscompareDuringVerify: 0x1d00,

@@ -32,6 +32,7 @@ import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
 import { InvalidArgumentError } from '../errors';
 import type { EventKind } from './events';
+import { PortGroups } from './port-groups';
 import { productRevision, VolumeTargets } from './targets';
 
 
@@ -57,6 +58,8 @@ export interface PeerWiring {
   transport: PeerTransport;
   /** This peer's iSCSI portal (what targets advertise) and portal group tag. */
   portal: { address: string; groupTag: number };
+  /** Every peer's iSCSI portal address by peer id (SendTargets lists the up ones); default: none but this peer's. */
+  peerPortals?: ReadonlyMap<string, string>;
   migration: MigrationSettings;
   balancer: BalancerConfig;
   /** Sessions and capacity of this peer, for the load monitor. */
@@ -101,9 +104,12 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const core = { catalog, clock, routing } as PeerCore;
   const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
   core.load = loadService(w, core);
+  // Which peers are up (ALUA states, SendTargets), read again after every load tick.
+  const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), log });
+  core.load.onTick(() => portGroups.refresh());
   core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
   core.targets = new VolumeTargets({
-    self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, snapshots: core.snapshotTargets,
+    self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, portGroups, snapshots: core.snapshotTargets,
     link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable,
     notifyReservations: async (notice) => {
       await Promise.all(w.groupPeers.filter((p) => p !== self).map((p) =>

@@ -16,6 +16,7 @@ import type { Portal, SessionInfo } from '../iscsi/portal';
 import {
   defaultHostBalanceSettings,
   HostBalancer,
+  otherPaths,
   place,
   sessionPortKey,
   type HostBalanceSettings,
@@ -23,6 +24,7 @@ import {
   type MovePlan,
   type PageShares,
   type PeerLoad,
+  type ReportedSession,
 } from './host-balance';
 
 export interface MovedSession {
@@ -40,6 +42,8 @@ export interface HostBalanceServiceOptions {
   portal(): Portal;
   /** The initiator port holds a PR registration or a reservation on that target through this peer. */
   pinned(initiatorName: string, isid: string, targetName: string): boolean;
+  /** The host sessions the peers report (the load monitor's gossip): a multipath host's other paths; default: none known. */
+  reportedSessions?(): readonly ReportedSession[];
   /** Share of the target's volume pages per peer (locality), when known. */
   shares?(targetName: string): PageShares | undefined;
   /** Deliver a plan to every other peer; resolves when they answered or timed out. */
@@ -98,7 +102,9 @@ export class HostBalanceService {
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
     const view = this.view();
-    const decision = this.balancer.onLogin(view, { initiatorName, isid, targetName, sessionType: 'Normal', pinned: this.o.pinned(initiatorName, isid, targetName) }, this.now(), this.o.shares?.(targetName));
+    const multipath = this.otherPathsNow()(initiatorName, targetName).length > 0;
+    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath };
+    const decision = this.balancer.onLogin(view, login, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
       const level = decision.reason === 'best' ? 'debug' : 'info';
       this.log[level]({ initiator: initiatorName, isid, reason: decision.reason, view: view.map((p) => `${p.peerId}:${p.up ? p.sessions : 'down'}`).join(' ') }, 'login accepted');
@@ -113,6 +119,12 @@ export class HostBalanceService {
     this.log.info({ initiator: initiatorName, isid, target: targetName, to: decision.to.peerId, reason: decision.reason }, 'login redirected');
     this.o.event?.(`login of ${initiatorName} to ${targetName} redirected to ${decision.to.peerId} (${decision.reason})`, targetName);
     return `${decision.to.iscsiAddress},${decision.to.portalGroupTag}`;
+  }
+
+  /** Who else a host reaches a target through, by the sessions the peers report now (read once per decision). */
+  private otherPathsNow(): (initiatorName: string, targetName: string) => string[] {
+    const reported = this.o.reportedSessions?.() ?? [];
+    return (initiatorName, targetName) => otherPaths(reported, this.o.selfId, initiatorName, targetName);
   }
 
   /** The portal's sessionStarted hook. */
@@ -144,6 +156,11 @@ export class HostBalanceService {
     if (!dest) throw new InvalidArgumentError(to ? `no peer ${to} in this group` : 'no other peer is up to move to');
     if (dest.peerId === this.o.selfId) throw new InvalidArgumentError(`the session is already on ${to}`);
     if (!dest.up) throw new InvalidArgumentError(`peer ${dest.peerId} is not up (as seen from ${this.o.selfId})`);
+    const pathsOf = this.otherPathsNow();
+    for (const s of sessions) {
+      const paths = pathsOf(s.initiatorName, s.targetName);
+      if (paths.length > 0) throw new InvalidArgumentError(`${s.initiatorName} is a multipath host of ${s.targetName} (sessions through ${paths.join(', ')} too): ALUA steers it, its sessions are not moved`);
+    }
     const moved: MovedSession[] = [];
     for (const s of sessions) {
       await this.ask(s, dest.peerId);
@@ -185,11 +202,13 @@ export class HostBalanceService {
     if (this.moving) return undefined;
     const now = this.now();
     const sessions = this.o.portal().sessions().filter((s) => s.sessionType === 'Normal');
+    const pathsOf = this.otherPathsNow();
     const movable = sessions.map((s) => ({
       tsih: s.tsih, initiatorName: s.initiatorName, isid: s.isid, targetName: s.targetName,
       // A session that started before this service saw it counts as old.
       startedAtMs: this.startedAtMs.get(s.tsih) ?? 0,
       pinned: this.o.pinned(s.initiatorName, s.isid, s.targetName),
+      multipath: pathsOf(s.initiatorName, s.targetName).length > 0,
     }));
     const pick = this.balancer.pickMove(this.view(), movable, now);
     if (!pick) return undefined;

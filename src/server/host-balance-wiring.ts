@@ -11,12 +11,13 @@ import type { Env } from '../env/env';
 import { InvalidArgumentError, NotFoundError } from '../errors';
 import type { Portal } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
-import type { PeerLoadView } from '../loadmon/view';
+import type { HostLoadView, PeerLoadView } from '../loadmon/view';
 import type { ClusterConfig } from './config';
 import { statusPeerMsMax } from '../limits';
 import type { PageShares } from './host-balance';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
 import { GossipLoadView } from './host-view';
+import { portalGroupTagOf } from './port-groups';
 import type { VolumeTargets } from './targets';
 
 /** How long a volume's page shares are reused: routes change slowly. */
@@ -29,6 +30,8 @@ export interface HostBalanceWiring {
   portal(): Portal;
   /** The gossiped loads (LoadService.peerLoads). */
   loads(): PeerLoadView[];
+  /** The host sessions the fresh peers gossip (LoadService.hostLoads). */
+  hosts(): HostLoadView[];
   catalog: Catalog;
   targets: Pick<VolumeTargets, 'reservationsOf'>;
   calls(peerId: string): Pick<PeerCalls, 'planHostMove'>;
@@ -42,7 +45,7 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
   const { config, self, env, catalog } = w;
   const hb = config.hostBalance ?? {};
   if (!(hb.enabled ?? config.peers.length > 1)) return undefined;
-  const tag = (id: string): number => config.peers.findIndex((p) => p.id === id) + 1;
+  const tag = (id: string): number => portalGroupTagOf(config.peers.map((p) => p.id), id);
   const volumeOf = (targetName: string) => catalog.listVolumes().find((v) => targetNameFor(v.name) === targetName);
   const view = new GossipLoadView({
     selfId: self,
@@ -74,7 +77,7 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
   };
   const { enabled: _enabled, ...settings } = hb;
   return new HostBalanceService({
-    selfId: self, env, settings, view, portal: w.portal, log: w.log, pinned, shares,
+    selfId: self, env, settings, view, portal: w.portal, log: w.log, pinned, reportedSessions: w.hosts, shares,
     event: (message, target) => w.event(message, volumeOf(target)?.name),
     broadcastPlan: async (plan) => {
       const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - env.clock.nowMs()) };

@@ -15,6 +15,14 @@
 // was unreachable), and a planned move (admin or overload) is announced to every peer first,
 // so the destination accepts and every other portal sends the host there.
 //
+// A multipath host (one that has sessions to the target through other peers too, each path a
+// target port group of its own: src/scsi/alua.ts) is never redirected nor moved: its paths
+// are its own choice and ALUA states steer its I/O; moving a path onto a peer it already uses
+// would leave it without one when that peer dies. Who else a host reaches the target through is
+// read from the sessions the peers gossip (src/loadmon): a session is listed once it has sent a
+// command, up to a tick late, so the very first logins of a host that logs in through every
+// portal at once are placed by the usual rule (which, on an even group, accepts them).
+//
 // libiscsi re-logs in to the portal it was first given (not the one it was redirected to),
 // with a NEW random ISID after an async logout; so planned moves are keyed by (initiator
 // name, target name), not by ISID.
@@ -88,6 +96,23 @@ export interface LoginAttempt {
   sessionType: 'Discovery' | 'Normal';
   /** The initiator port holds a reservation registration through this peer: keep it here unless a move was planned. */
   pinned?: boolean;
+  /** The initiator has sessions to this target through other peers: a multipath host, never redirected. */
+  multipath?: boolean;
+}
+
+/** A host session another peer reports (the load monitor's gossip, src/loadmon/view.ts HostLoadView). */
+export interface ReportedSession {
+  peer: string;
+  /** "<InitiatorName>,i,0x<ISID>". */
+  initiatorPort: string;
+  targetName: string;
+  ended: boolean;
+}
+
+/** The other peers through which the initiator (any of its ports) has live sessions to the target: a multipath host when any. */
+export function otherPaths(sessions: readonly ReportedSession[], selfId: string, initiatorName: string, targetName: string): string[] {
+  const mine = sessions.filter((x) => x.peer !== selfId && !x.ended && x.targetName === targetName && x.initiatorPort.startsWith(`${initiatorName},i,`));
+  return [...new Set(mine.map((x) => x.peer))].sort();
 }
 
 /** Share (0..1) of the volume's pages each peer owns, when known. */
@@ -151,10 +176,12 @@ export interface MovableSession {
   startedAtMs: number;
   /** Holds a persistent reservation registration or a RESERVE through this peer: left alone. */
   pinned: boolean;
+  /** Its initiator has sessions to the target through other peers (multipath): left alone. */
+  multipath: boolean;
 }
 
 export type LoginDecision =
-  | { kind: 'accept'; reason: 'discovery' | 'best' | 'came-back' | 'planned-here' | 'pinned' | 'no-view' }
+  | { kind: 'accept'; reason: 'discovery' | 'best' | 'came-back' | 'planned-here' | 'pinned' | 'multipath' | 'no-view' }
   | { kind: 'redirect'; to: PeerLoad; reason: 'balance' | 'planned' };
 
 const key = (...parts: string[]): string => parts.join('\u0000');
@@ -203,7 +230,7 @@ export class HostBalancer {
       this.plans.delete(key(login.initiatorName, login.targetName));
       const to = view.find((p) => p.peerId === plan.to);
       if (plan.to === this.selfId) return this.accept(port, nowMs, 'planned-here');
-      if (to && to.up) return this.redirect(port, to, nowMs, 'planned');
+      if (to && to.up && !login.multipath) return this.redirect(port, to, nowMs, 'planned');
     }
     if (this.redirected.has(port)) {
       // It came back: the other peer sent it here again or could not be reached. Stay.
@@ -211,6 +238,7 @@ export class HostBalancer {
       return this.accept(port, nowMs, 'came-back');
     }
     if (login.pinned) return this.accept(port, nowMs, 'pinned');
+    if (login.multipath) return this.accept(port, nowMs, 'multipath');
     if (!view.some((p) => p.peerId === this.selfId)) return this.accept(port, nowMs, 'no-view');
     const to = loginTarget(view, this.selfId, login, this.settings, shares);
     return to ? this.redirect(port, to, nowMs, 'balance') : this.accept(port, nowMs, 'best');
@@ -239,7 +267,8 @@ export class HostBalancer {
   /**
    * The automatic move, if one is due: this peer stands out from the best peer by at least
    * moveMarginSessions, no automatic move happened within moveIntervalMs, and some session is
-   * old enough, not asked within the cool-down, and not pinned by a reservation. The newest
+   * old enough, not asked within the cool-down, not pinned by a reservation and not one path of
+   * a multipath host. The newest
    * such session goes (it has the least cached state at the host… and is the cheapest to redo).
    */
   pickMove(view: PeerLoad[], sessions: MovableSession[], nowMs: number): { session: MovableSession; to: PeerLoad } | undefined {
@@ -249,7 +278,7 @@ export class HostBalancer {
     const p = place(view, this.selfId, this.settings);
     if (!p || p.best.peerId === this.selfId || p.gap < this.settings.moveMarginSessions) return undefined;
     const candidates = sessions
-      .filter((x) => !x.pinned && nowMs - x.startedAtMs >= this.settings.sessionMinAgeMs)
+      .filter((x) => !x.pinned && !x.multipath && nowMs - x.startedAtMs >= this.settings.sessionMinAgeMs)
       .filter((x) => nowMs - (this.asked.get(x.tsih) ?? -Infinity) >= this.settings.sessionCooldownMs)
       .sort((a, b) => b.startedAtMs - a.startedAtMs || a.tsih - b.tsih);
     return candidates.length ? { session: candidates[0], to: p.best } : undefined;

@@ -38,6 +38,7 @@ import { registerFeatureMetrics } from './feature-metrics';
 import { GrpcTransport } from './grpc-transport';
 import type { HostBalanceService } from './host-balance-service';
 import { createHostBalance } from './host-balance-wiring';
+import { portalGroupTagOf } from './port-groups';
 import { HttpConsole } from './http';
 import { PeerMetrics } from './metrics';
 import { peerAdmin, type PeerAdmin } from './peer-admin';
@@ -155,7 +156,8 @@ export class PeerServer {
     const { migration } = this.config;
     return composePeer({
       self, groupPeers, pageBlocks: this.config.pageBlocks, env: this.env, log: this.log, store: this.store, meta: this.meta, transport,
-      portal: { address: this.peer.iscsi, groupTag: groupPeers.indexOf(self) + 1 },
+      portal: { address: this.peer.iscsi, groupTag: portalGroupTagOf(groupPeers, self) },
+      peerPortals: new Map(this.config.peers.map((p) => [p.id, p.iscsi])),
       migration: { rateBytesPerSec: migration.rateMBps * 1e6, pieceBytes: migration.pieceKiB * 1024, duty: migration.dutyPercent / 100 },
       balancer: this.config.balancer ?? { ...balancerDefaults },
       facts: async () => {
@@ -176,7 +178,7 @@ export class PeerServer {
     const groupPeers = this.config.peers.map((p) => p.id);
     const calls = (peerId: string) => this.transport!.calls(peerId);
     const hostBalance = (this.hostBalancer = createHostBalance({
-      config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), catalog: core.catalog, targets: core.targets,
+      config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), hosts: () => core.load.hostLoads(), catalog: core.catalog, targets: core.targets,
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance });

@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
-import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
+import { targetNameFor, type TargetDirectory, type TargetInfo, type TargetPortal } from '../iscsi/target';
 import type { MovableVolume } from '../migration/movable';
 import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
@@ -28,6 +28,7 @@ import type { BlockBackend } from '../store/types';
 import { MeteredLogicalUnit } from '../loadmon/metered';
 import type { LoadMonitor } from '../loadmon/monitor';
 import { buildDataPath, type DataPath } from './data-path';
+import type { PortGroups } from './port-groups';
 
 export const productRevision = '0.2';
 
@@ -48,6 +49,8 @@ export interface VolumeTargetsOptions {
   portalAddress: string;
   /** This peer's target portal group (and relative target port): its 1-based place in the group. */
   portalGroupTag: number;
+  /** The group's target port groups (ALUA) and the other peers' portals; default: this portal alone. */
+  portGroups?: PortGroups;
   link(peerId: string): BlockSender;
   notifyReservations(notice: ReservationNotice): Promise<void>;
   /** Snapshot targets and layers (src/snapshot); set once the peer has built them. */
@@ -87,6 +90,10 @@ export class VolumeTargets implements TargetDirectory {
     this.o = opts;
     this.portalGroupTag = opts.portalGroupTag;
     this.portalAddresses = [opts.portalAddress];
+    // A group changed state: every nexus of every volume on this peer hears it (06/2A/06).
+    opts.portGroups?.onChange(() => {
+      for (const e of this.entries.values()) e.lu.accessStatesChanged();
+    });
   }
 
   /** Follow the catalog: open new volumes, resize, delete. Resolves when the current ones are open. */
@@ -157,7 +164,7 @@ export class VolumeTargets implements TargetDirectory {
   private async add(record: VolumeRecord): Promise<void> {
     const { catalog, self } = this.o;
     const stored = await this.o.store.openVolume(record.id, { blockBytes: record.blockBytes, blockCount: record.sizeBytes / record.blockBytes });
-    const { meter, monitor } = this.o;
+    const { meter, monitor, portGroups } = this.o;
     const path = buildDataPath({
       self, volumeId: record.id, table: catalog.routes(record), stored, link: this.o.link, counters: this.o.counters, env: this.o.env, clock: this.o.clock, stampLogBytesMax,
       refresh: (page) => catalog.fetchRoute(record, page),
@@ -177,6 +184,7 @@ export class VolumeTargets implements TargetDirectory {
       // EXTENDED COPY between volumes: the data moves between the peers, never through the host.
       copyTargets: (designator) => this.byDesignator(designator),
       targetName: targetNameFor(record.name),
+      ...(portGroups ? { portGroups: () => portGroups.groups() } : {}),
       log: this.o.log,
     });
     const entry: Entry = { record, volume: stored, path, keeper, lu, target: this.targetInfo(record, lu) };
@@ -192,6 +200,10 @@ export class VolumeTargets implements TargetDirectory {
 
   find(targetName: string): TargetInfo | undefined {
     return this.byTargetName.get(targetName)?.target ?? this.o.snapshots?.find(targetName);
+  }
+
+  otherPortals(): readonly TargetPortal[] {
+    return this.o.portGroups?.otherPortals() ?? [];
   }
 
   visibleTo(initiatorName: string): TargetInfo[] {

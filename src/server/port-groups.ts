@@ -1,0 +1,89 @@
+// The group's target port groups (implicit ALUA, src/scsi/alua.ts) and the other peers' portals
+// SendTargets lists, as THIS peer knows them. Every peer is a portal group of its own; its
+// portal group tag is also its target port group id and its relative target port id (VPD 0x83).
+//
+// "Up" is the load monitor's notion (src/loadmon/view.ts), the one host balancing and the
+// snapshot scheduler already use: a peer whose gossip arrived within loadStaleMs. This peer is
+// up in its own eyes (it is answering). Up → active/optimized; otherwise unavailable. Draining
+// and leaving (standby, transitioning) come with membership.
+//
+// Order: the states are read again after every load tick (refresh), because a peer becomes stale
+// by the passing of time, not by a message. A change is kept first, then the listeners hear of
+// it (the targets raise ASYMMETRIC ACCESS STATE CHANGED), so a host that reads REPORT TARGET
+// PORT GROUPS after the unit attention sees the new states.
+
+import type { Logger } from 'pino';
+import type { TargetPortal } from '../iscsi/target';
+import type { PeerLoadView } from '../loadmon/view';
+import { AluaState, type TargetPortGroup } from '../scsi/alua';
+
+/** A peer's portal group tag (and target port group, relative target port): its 1-based place in the group. */
+export function portalGroupTagOf(groupPeers: readonly string[], peerId: string): number {
+  return groupPeers.indexOf(peerId) + 1;
+}
+
+export interface PortGroupsOptions {
+  self: string;
+  /** Every peer of the group, this one included, in the order that gives the tags. */
+  groupPeers: readonly string[];
+  /** A peer's iSCSI portal ("host:port"); a peer without one is not listed by SendTargets. */
+  portalOf(peerId: string): string | undefined;
+  /** The gossiped loads (LoadService.peerLoads): `stale` means not heard from lately. */
+  loads(): readonly Pick<PeerLoadView, 'id' | 'stale'>[];
+  log?: Logger;
+}
+
+interface PeerPort {
+  peerId: string;
+  group: TargetPortGroup;
+}
+
+export class PortGroups {
+  private ports: PeerPort[];
+  private readonly listeners: (() => void)[] = [];
+
+  constructor(private readonly o: PortGroupsOptions) {
+    this.ports = this.read();
+  }
+
+  /** The groups and their states as of the last refresh (REPORT TARGET PORT GROUPS). */
+  groups(): TargetPortGroup[] {
+    return this.ports.map((p) => p.group);
+  }
+
+  /** The other peers' portals whose group is active now (SendTargets), in tag order. */
+  otherPortals(): TargetPortal[] {
+    return this.ports.flatMap((p): TargetPortal[] => {
+      const address = p.peerId === this.o.self || p.group.state !== AluaState.activeOptimized ? undefined : this.o.portalOf(p.peerId);
+      return address ? [{ address, groupTag: p.group.id }] : [];
+    });
+  }
+
+  /** Called after each change of a group's state. */
+  onChange(listener: () => void): void {
+    this.listeners.push(listener);
+  }
+
+  /** Read the states again (after each load tick); a change is kept, logged, then told. */
+  refresh(): void {
+    const next = this.read();
+    const changed = next.filter((p, i) => p.group.state !== this.ports[i].group.state);
+    if (changed.length === 0) return;
+    this.ports = next;
+    this.o.log?.info({ groups: changed.map((p) => `${p.peerId}:${stateName(p.group.state)}`).join(' ') }, 'target port group states changed');
+    for (const listener of this.listeners) listener();
+  }
+
+  private read(): PeerPort[] {
+    const fresh = new Set(this.o.loads().filter((l) => !l.stale).map((l) => l.id));
+    return this.o.groupPeers.map((peerId): PeerPort => {
+      const id = portalGroupTagOf(this.o.groupPeers, peerId);
+      const up = peerId === this.o.self || fresh.has(peerId);
+      return { peerId, group: { id, state: up ? AluaState.activeOptimized : AluaState.unavailable, relativePorts: [id] } };
+    });
+  }
+}
+
+function stateName(state: AluaState): string {
+  return state === AluaState.activeOptimized ? 'active/optimized' : 'unavailable';
+}
