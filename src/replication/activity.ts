@@ -93,7 +93,8 @@ export class ActivityLog {
     }
     const fresh: Entry = { durable: undefined, lastChangeMs: this.o.env.clock.monotonicMs(), changes: 1 };
     this.entries.set(key, fresh);
-    const put = (this.deleting.get(key) ?? Promise.resolve()).then(() => this.o.kv.putRecord(key, Buffer.alloc(0), true));
+    const deleting = this.deleting.get(key);
+    const put = deleting ? deleting.then(() => this.o.kv.putRecord(key, Buffer.alloc(0), true)) : this.o.kv.putRecord(key, Buffer.alloc(0), true);
     fresh.durable = put.then(
       () => {
         fresh.durable = undefined;
