@@ -148,6 +148,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
   const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync() });
   t.same([...again.suspect(volumeId)].sort(), [1, 2, 4], 'suspect: the pages logged at the crash');
   t.equal(again.beforeChange(volumeId, 1), undefined, 'a suspect page is logged already');
+  await env.run(activityQuietMs);
   await again.sweep();
   t.same(again.logged(volumeId), [1, 2, 4], 'a suspect page stays logged, however quiet');
   again.trusted(volumeId, 1);
@@ -459,6 +460,32 @@ t.test('resync: a change during the resync reaches the copy, or marks its grain 
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
   const copied = p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks);
   t.same(copied, [1, 2, 3, 6], 'grain 5 never copied: its change went to p2 directly');
+});
+
+t.test('resync: a change the copy misses while the resync waits to admit it is copied before the copy is admitted', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 1), fill(grainBlocks, 0xa1));
+  const copy1 = deferred();
+  const dual5 = deferred();
+  const isDual5 = (s: Sent): boolean => s.lba === grainLba(0, 5) + 3 && s.blocks === 1;
+  p1.gate = (s) => (isDual5(s) ? dual5.promise : s.lba === grainLba(0, 1) ? copy1.promise : undefined);
+  p1.fail = isDual5;
+  p2.resyncer.start();
+  await g.env.run(10);
+  for (let i = 0; i < 20 && p1.sent.length === 0; i++) await tick();
+  // A change of grain 5 is sent to p2 (resyncing) and hangs there; grain 1's copy ends meanwhile.
+  const w = g.write(p1, grainLba(0, 5) + 3, fill(1, 0xb5));
+  for (let i = 0; i < 20 && !p1.sent.some(isDual5); i++) await tick();
+  copy1.resolve();
+  for (let i = 0; i < 20; i++) await tick();
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'not admitted while a change is in flight');
+  dual5.resolve(); // … and p2 missed it
+  await w;
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted after');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the missed change');
+  t.same(p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks), [1, 5], 'grain 5 copied after it was missed');
 });
 
 t.test('resync: a failed ask is asked again after a backoff; a repeated ask joins the running resync', async (t) => {
