@@ -193,14 +193,14 @@ export class ResyncTracker implements ChangeTracker {
 
   changed(volumeId: string, page: number, route: Route, lba: number, blocks: number, missed: readonly string[]): void {
     this.o.activity.noteChanged(volumeId, page);
-    const volume = this.o.volume(volumeId);
     // Only an in-sync copy sees every change; a stale one keeps nothing for others.
-    if (!volume || !inSyncOf(route).includes(this.o.self)) return;
+    if (!inSyncOf(route).includes(this.o.self)) return;
     const stale = staleCopiesOf(route);
     const resyncing = this.registered.get(pageKey(volumeId, page));
     const targets = new Set([...stale.filter((c) => !resyncing?.has(c)), ...missed]);
     targets.delete(this.o.self);
-    if (targets.size === 0) return;
+    const volume = targets.size > 0 ? this.o.volume(volumeId) : undefined;
+    if (!volume) return;
     const geo = geometryOf(volume);
     const grains = grainsTouched(geo, page, lba, blocks);
     for (const copy of targets) {
@@ -309,6 +309,11 @@ export class ResyncTracker implements ChangeTracker {
     if (!sets?.delete(copy)) return;
     if (sets.size === 0) this.dirty.delete(pk);
     this.schedule(pk);
+  }
+
+  /** The volume is deleted: its sets go, records included. */
+  dropVolume(volumeId: string): void {
+    for (const pk of [...this.dirty.keys()]) if (pk.startsWith(`${volumeId}/`)) this.forgetPage(pk);
   }
 
   // -- persistence --
@@ -434,7 +439,8 @@ export class Resyncer {
   private readonly attempts = new Map<string, number>();
   private readonly retryTimers = new Set<TimerHandle>();
   private running = 0;
-  private readonly unwatch = new Map<string, () => void>();
+  /** Volumes followed, by id: their name and how to stop. */
+  private readonly followed = new Map<string, { name: string; stop: () => void }>();
   private unfollow: (() => void) | undefined;
   private closed = false;
 
@@ -447,8 +453,9 @@ export class Resyncer {
 
   /** Follow every volume's routes (this peer's open volumes are asked for), and ask for the pages stale here now. */
   start(): void {
-    this.unfollow = this.o.catalog.onVolumeChange((_name, record) => {
+    this.unfollow = this.o.catalog.onVolumeChange((name, record) => {
       if (record) this.follow(record);
+      else this.deleted(name);
     });
     for (const v of this.o.catalog.listVolumes()) this.follow(v);
   }
@@ -456,22 +463,32 @@ export class Resyncer {
   close(): void {
     this.closed = true;
     this.unfollow?.();
-    for (const u of this.unwatch.values()) u();
-    this.unwatch.clear();
+    for (const f of this.followed.values()) f.stop();
+    this.followed.clear();
     for (const t of this.retryTimers) this.o.env.timers.clearTimeout(t);
     this.retryTimers.clear();
   }
 
   private follow(volume: VolumeRecord): void {
-    if (this.unwatch.has(volume.id) || this.closed) return;
+    if (this.followed.has(volume.id) || this.closed) return;
     const table = this.o.catalog.routes(volume);
     const untrack = this.o.tracker.watch(volume.id, table);
     const unlisten = table.onLearn((page, route) => this.consider(volume.id, page, route));
-    this.unwatch.set(volume.id, () => {
+    const stop = (): void => {
       untrack();
       unlisten();
-    });
+    };
+    this.followed.set(volume.id, { name: volume.name, stop });
     for (const [page, route] of table.recorded()) this.consider(volume.id, page, route);
+  }
+
+  private deleted(name: string): void {
+    for (const [id, f] of this.followed) {
+      if (f.name !== name) continue;
+      f.stop();
+      this.followed.delete(id);
+      this.o.tracker.dropVolume(id);
+    }
   }
 
   private consider(volumeId: string, page: number, route: Route): void {
