@@ -17,7 +17,7 @@ import { ActivityLog, type RecordKv } from '../src/replication/activity';
 import type { ReplicaPort } from '../src/replication/hooks';
 import { checkResyncAsk, type ResyncAsk } from '../src/replication/messages';
 import { GrainSet, Resyncer, ResyncTracker } from '../src/replication/resync';
-import { copiesOf, inSyncOf, type Route } from '../src/routing/table';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import { MemoryBackend } from './helpers/memory-backend';
 
 const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
@@ -516,6 +516,30 @@ t.test('resync: a failed ask is asked again after a backoff; a repeated ask join
   t.same(p1.sent.slice(-2).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks), [4, 7], 'with the grains of both asks');
 });
 
+t.test('resync: a copy that falls out of sync while its peer runs asks at once; a deleted volume\'s sets go', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const p2 = await g.make('p2');
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 2), fill(1, 0x22));
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'back in sync with no restart');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+  // p2 leaves page 2 (p1 primary) and p1 keeps its set; then the volume is deleted.
+  p2.resyncer.close();
+  await g.drop(2, 'p2');
+  await g.write(p1, grainLba(2, 1), fill(1, 0x21));
+  await g.run(dirtyPersistMs);
+  t.same(p1.kv.keys('dirty/'), [`dirty/${g.volume.id}/0000000002`], 'a set recorded');
+  await g.catalog.deleteVolume('vol');
+  for (let i = 0; i < 50 && g.catalog.volume('vol'); i++) await tick();
+  await g.run(dirtyPersistMs);
+  t.equal(p1.tracker.dirtyOf(g.volume.id, 2, 'p2'), undefined, 'the volume\'s sets are gone');
+  t.same(p1.kv.keys('dirty/'), [], 'and their record');
+});
+
 t.test('resync: refused by a peer that is not the primary, or for a peer that holds no copy', async (t) => {
   const g = await staleP2(t);
   const route = g.table.route(0);
@@ -523,6 +547,18 @@ t.test('resync: refused by a peer that is not the primary, or for a peer that ho
   await t.rejects(g.p2.resyncer.handle('p1', ask), { code: 'PEERSAN_ERR_CONFLICT' }, 'p2 is not the primary');
   await t.rejects(g.p1.resyncer.handle('p3', ask), { code: 'PEERSAN_ERR_CONFLICT' }, 'p3 holds no copy');
   t.same(g.p1.sent, [], 'nothing sent');
+});
+
+t.test('route table: a route heard without copies is completed by the same epoch from the catalog; recorded() lists changed pages', async (t) => {
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  const heard: Route[] = [];
+  table.onLearn((_page, r) => heard.push(r));
+  t.ok(table.learn(0, { owner: 'p2', version: 3 }), 'a MOVED answer: owner and epoch only');
+  t.ok(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }), 'the same epoch with its copies is taken');
+  t.notOk(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2', 'p1'] }), 'but only once');
+  t.notOk(table.learn(0, { owner: 'p2', version: 3 }), 'and never loses them again');
+  t.same(heard.map((r) => r.copies ?? null), [null, ['p2', 'p1']]);
+  t.same(table.recorded(), [[0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }]]);
 });
 
 t.test('the resync message: shapes and bounds checked', async (t) => {
