@@ -16,8 +16,8 @@
 //    next change on, the write path sends C every change too, and a change C misses marks its
 //    grains again. No change is in flight while C is registered, so none slips between.
 // 2. every dirty grain (∪ the grains C asked for; all of them when C asks `full`) is copied
-//    from this peer's store, each under the range lock of that grain, its bit cleared first;
-//    an unmapped range is sent as an unmap. Paced like migration.
+//    from this peer's store, each under the range lock of that grain, its bit cleared once C has
+//    it; an unmapped range is sent as an unmap. Paced like migration.
 // 3. under the whole page's lock, when no bit is set any more: CAS C into the in-sync set
 //    (epoch + 1), forget C's set, unregister. Else back to 2 (a bounded number of rounds).
 //
@@ -158,8 +158,6 @@ export class ResyncTracker implements ChangeTracker {
   private readonly dirty = new Map<string, Sets>();
   /** `volumeId/page` → copies a resync from this peer is running for (they get every change too). */
   private readonly registered = new Map<string, Set<string>>();
-  /** volume id → page → the in-sync set of the last route seen: a copy leaving it is seen here. */
-  private readonly seen = new Map<string, Map<number, readonly string[]>>();
   /** Pages whose sets changed since they were last written; one timer writes them. */
   private readonly unwritten = new Set<string>();
   /** The last write of each page's record: the next one follows it. */
@@ -219,14 +217,10 @@ export class ResyncTracker implements ChangeTracker {
 
   /** Follow a volume's routes: a copy leaving the in-sync set starts its set here, a copy back in sync ends it. */
   watch(volumeId: string, table: RouteTable): () => void {
+    // page → the in-sync set of the last route seen: a copy leaving it is seen here.
     const seen = new Map<number, readonly string[]>();
     for (const [page, route] of table.recorded()) if (route.copies) seen.set(page, inSyncOf(route));
-    this.seen.set(volumeId, seen);
-    const unsubscribe = table.onLearn((page, route) => this.learned(volumeId, page, route, seen.get(page) ?? inSyncOf(table.placed(page)), seen));
-    return () => {
-      unsubscribe();
-      if (this.seen.get(volumeId) === seen) this.seen.delete(volumeId);
-    };
+    return table.onLearn((page, route) => this.learned(volumeId, page, route, seen.get(page) ?? inSyncOf(table.placed(page)), seen));
   }
 
   private learned(volumeId: string, page: number, route: Route, before: readonly string[], seen: Map<number, readonly string[]>): void {
@@ -286,13 +280,6 @@ export class ResyncTracker implements ChangeTracker {
   /** The copy's dirty grains here (undefined: no set, the whole page). */
   dirtyOf(volumeId: string, page: number, copy: string): GrainSet | undefined {
     return this.dirty.get(pageKey(volumeId, page))?.get(copy);
-  }
-
-  mark(volumeId: string, page: number, copy: string, grain: number): void {
-    const set = this.dirtyOf(volumeId, page, copy);
-    if (!set) return;
-    set.add(grain);
-    this.schedule(pageKey(volumeId, page));
   }
 
   clear(volumeId: string, page: number, copy: string, grain: number): void {
@@ -631,28 +618,27 @@ export class Resyncer {
     }
   }
 
-  /** Send one grain as this peer holds it: written ranges as writes, unmapped ones as unmaps. Its bit is cleared first, set again on failure. */
+  /**
+   * Send one grain as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
+   * clear its bit. Under the grain's range lock no change of it runs meanwhile, so the bit is
+   * cleared only once the copy has what this peer has (a crash never keeps a bit cleared early).
+   */
   private async copyGrain(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, grain: number, ext: { lba: number; blocks: number }): Promise<number> {
-    this.o.tracker.clear(volume.id, page, copy, grain);
-    try {
-      const route = this.o.catalog.routes(volume).route(page);
-      if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
-      let bytes = 0;
-      for (let at = ext.lba; at < ext.lba + ext.blocks; ) {
-        const extents = await port.local.lbaStatus(at, ext.lba + ext.blocks - at);
-        if (extents.length === 0) throw new Error(`assertion failed: no extent at ${at}`);
-        for (const e of extents) {
-          const data = e.mapped ? await port.local.read(e.lba, e.blocks) : undefined;
-          await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, false);
-          bytes += data?.length ?? 0;
-          at = e.lba + e.blocks;
-        }
+    const route = this.o.catalog.routes(volume).route(page);
+    if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
+    let bytes = 0;
+    for (let at = ext.lba; at < ext.lba + ext.blocks; ) {
+      const extents = await port.local.lbaStatus(at, ext.lba + ext.blocks - at);
+      if (extents.length === 0) throw new Error(`assertion failed: no extent at ${at}`);
+      for (const e of extents) {
+        const data = e.mapped ? await port.local.read(e.lba, e.blocks) : undefined;
+        await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, false);
+        bytes += data?.length ?? 0;
+        at = e.lba + e.blocks;
       }
-      return bytes;
-    } catch (err) {
-      this.o.tracker.mark(volume.id, page, copy, grain);
-      throw err;
     }
+    this.o.tracker.clear(volume.id, page, copy, grain);
+    return bytes;
   }
 
   /**
