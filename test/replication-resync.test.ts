@@ -94,7 +94,7 @@ const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
 t.test('activity log: a page is logged durably before beforeChange resolves; concurrent callers share the put', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync() });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   const slow = deferred();
   kv.gate = slow.promise;
   const first = activity.beforeChange(volumeId, 3);
@@ -122,6 +122,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
       await flushGate;
       kv.sync();
     },
+    exists: () => true,
   });
   activity.start();
   t.teardown(() => activity.close());
@@ -145,7 +146,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 
   // A crash now: the synced records survive; every page still logged is suspect at the next start.
   kv = kv.crashed();
-  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync() });
+  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   t.same([...again.suspect(volumeId)].sort(), [1, 2, 4], 'suspect: the pages logged at the crash');
   t.equal(again.beforeChange(volumeId, 1), undefined, 'a suspect page is logged already');
   await env.run(activityQuietMs);
@@ -161,7 +162,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 t.test('activity log: a change after a removal logs the page again, after the delete', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync() });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   await activity.beforeChange(volumeId, 7);
   await env.run(activityQuietMs);
   const sweep = activity.sweep();
@@ -171,6 +172,20 @@ t.test('activity log: a change after a removal logs the page again, after the de
   await p;
   t.same(kv.keys('activity/'), [`activity/${volumeId}/0000000007`], 'logged again');
   t.same(kv.ops.map((o) => o.op), ['put', 'sync', 'del', 'put'], 'the new put after the delete');
+});
+
+t.test('activity log: pages of a volume deleted meanwhile leave it, suspect or not', async (t) => {
+  const env = new ManualEnv();
+  const kv = new FakeKv();
+  const gone = 'fedcba9876543210';
+  kv.data.set(`activity/${gone}/0000000001`, Buffer.alloc(0));
+  kv.data.set(`activity/${volumeId}/0000000001`, Buffer.alloc(0));
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone });
+  t.same([...activity.suspect(gone)], [1]);
+  await env.run(activityQuietMs);
+  await activity.sweep();
+  t.same(activity.logged(gone), [], 'the deleted volume\'s page left');
+  t.same(activity.logged(volumeId), [1], 'a suspect page of a live volume stays');
 });
 
 // ---- dirty grains and resync ------------------------------------------------------------------
@@ -266,7 +281,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       },
       local: mem,
     };
-    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync() });
+    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true });
     peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => catalog.volumeById(vid), port: () => peer.port });
     peer.resyncer = new Resyncer({
       self: id, env, catalog, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,

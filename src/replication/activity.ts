@@ -35,6 +35,8 @@ export interface ActivityLogOptions {
   recentGrains(volumeId: string, page: number): number;
   /** Make durable everything this peer wrote of the volume: dirty-grain records, then its store (flush). */
   settle(volumeId: string): Promise<void>;
+  /** False once the volume is deleted (maybe while this peer was down): its pages leave the log, suspect or not. */
+  exists(volumeId: string): boolean;
   log?: Logger;
 }
 
@@ -161,6 +163,7 @@ export class ActivityLog {
   }
 
   private removable(volumeId: string, page: number): boolean {
+    if (!this.o.exists(volumeId)) return true;
     return !this.isSuspect(volumeId, page) && this.o.recentGrains(volumeId, page) === 0;
   }
 
