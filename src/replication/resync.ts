@@ -332,10 +332,11 @@ export class ResyncTracker implements ChangeTracker {
 
   private schedule(pk: string): void {
     this.unwritten.add(pk);
-    if (this.unwritten.size >= dirtyPersistPagesMax) {
-      void this.writeOut();
-      return;
-    }
+    if (this.unwritten.size >= dirtyPersistPagesMax) void this.writeOut();
+    else this.armTimer();
+  }
+
+  private armTimer(): void {
     this.timer ??= this.o.env.timers.setTimeout(() => {
       this.timer = undefined;
       void this.writeOut();
@@ -353,7 +354,8 @@ export class ResyncTracker implements ChangeTracker {
       // A record not written is like one lost in a crash of an unsuspect page: rare, and the
       // copy's set reads whole at the next start only if the page is suspect. Try again later.
       this.o.log?.warn({ page: pk, reason: err.message }, 'dirty grains: record not written; retrying');
-      this.schedule(pk);
+      this.unwritten.add(pk);
+      this.armTimer();
     });
     this.writes.set(pk, next);
     void next.then(() => {
