@@ -94,7 +94,7 @@ const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
 t.test('activity log: a page is logged durably before beforeChange resolves; concurrent callers share the put', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
   const slow = deferred();
   kv.gate = slow.promise;
   const first = activity.beforeChange(volumeId, 3);
@@ -122,7 +122,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
       await flushGate;
       kv.sync();
     },
-    exists: () => true,
+    exists: () => true, wasClean: false,
   });
   activity.start();
   t.teardown(() => activity.close());
@@ -146,8 +146,11 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 
   // A crash now: the synced records survive; every page still logged is suspect at the next start.
   kv = kv.crashed();
-  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
   t.same([...again.suspect(volumeId)].sort(), [1, 2, 4], 'suspect: the pages logged at the crash');
+  const clean = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: true });
+  t.same([...clean.suspect(volumeId)], [], 'after a clean shutdown nothing is suspect');
+  t.ok(clean.loggedAtOpen(volumeId, 2) && !clean.loggedAtOpen(volumeId, 0), 'but the pages changed last are known');
   t.equal(again.beforeChange(volumeId, 1), undefined, 'a suspect page is logged already');
   await env.run(activityQuietMs);
   await again.sweep();
@@ -162,7 +165,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 t.test('activity log: a change after a removal logs the page again, after the delete', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
   await activity.beforeChange(volumeId, 7);
   await env.run(activityQuietMs);
   const sweep = activity.sweep();
@@ -180,7 +183,7 @@ t.test('activity log: pages of a volume deleted meanwhile leave it, suspect or n
   const gone = 'fedcba9876543210';
   kv.data.set(`activity/${gone}/0000000001`, Buffer.alloc(0));
   kv.data.set(`activity/${volumeId}/0000000001`, Buffer.alloc(0));
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone, wasClean: false });
   t.same([...activity.suspect(gone)], [1]);
   await env.run(activityQuietMs);
   await activity.sweep();
@@ -275,13 +278,17 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
         peer.sent.push(s);
         await peer.gate?.(s);
         if (peer.fail?.(s)) throw new Error(`send to ${to} failed`);
-        const dst = peers.get(to)!.mem;
-        if (op === 'write') await dst.write(lba, data!);
-        else await dst.unmap(lba, blocks);
+        // The copy's side (A1's ReplicaReceiver): log, apply, track.
+        const dst = peers.get(to)!;
+        const page = Math.floor(lba / pageBlocks);
+        await dst.tracker.beforeChange(volume.id, page);
+        if (op === 'write') await dst.mem.write(lba, data!);
+        else await dst.mem.unmap(lba, blocks);
+        dst.tracker.changed(volume.id, page, route, lba, blocks, []);
       },
       local: mem,
     };
-    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true });
+    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true, wasClean: false });
     peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => catalog.volumeById(vid), port: () => peer.port });
     peer.resyncer = new Resyncer({
       self: id, env, catalog, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
@@ -501,6 +508,37 @@ t.test('resync: a change the copy misses while the resync waits to admit it is c
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted after');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the missed change');
   t.same(p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks), [1, 5], 'grain 5 copied after it was missed');
+});
+
+t.test('resync: the dirty grains survive a change of primary and a restart of the primary', async (t) => {
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const [p1, p2, p3] = [await g.make('p1'), await g.make('p2'), await g.make('p3')];
+  for (const p of [p1, p2, p3]) for (let k = 0; k < grainsPerPage; k++) await p.mem.write(grainLba(0, k), fill(grainBlocks, 0x10 + k));
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.drop(0, 'p3');
+  await g.write(p1, grainLba(0, 2), fill(1, 0x22)); // p2 applies it too, and marks it for p3
+  // p1 dies; p2 takes over (B: owner p2, p1 last and out of sync, epoch + 1).
+  p1.resyncer.close();
+  const r = g.table.route(0);
+  await g.catalog.casRoute(g.volume, 0, r, () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2'] }));
+  await g.write(p2, grainLba(0, 5), fill(1, 0x55));
+  t.same(dirtyList(p2.tracker.dirtyOf(g.volume.id, 0, 'p3')), [2, 5], 'p2 kept p3\'s set through its promotion');
+  t.same(dirtyList(p2.tracker.dirtyOf(g.volume.id, 0, 'p1')), [5], 'and began one for p1 when it left');
+  // Writes stop; the page leaves p2's activity log (records written and flushed), then p2 crashes.
+  await g.env.run(activityQuietMs);
+  await p2.activity.sweep();
+  t.same(p2.activity.logged(g.volume.id), [], 'page 0 left the log');
+  p2.resyncer.close();
+  const again = await g.make('p2', p2.kv.crashed());
+  again.mem.data.set(p2.mem.data);
+  again.mem.mapped.set(p2.mem.mapped);
+  again.resyncer.start();
+  p3.resyncer.start();
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p2', 'p3'], 'p3 resynced from the new primary after its restart');
+  t.same(again.sent.map((s) => `${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}`), ['write 2', 'write 5'], 'exactly the grains p3 missed');
+  t.ok(pageOf(p3.mem).equals(pageOf(again.mem)), 'the copies agree');
 });
 
 t.test('resync: a failed ask is asked again after a backoff; a repeated ask joins the running resync', async (t) => {
