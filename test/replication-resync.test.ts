@@ -94,7 +94,7 @@ const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
 t.test('activity log: a page is logged durably before beforeChange resolves; concurrent callers share the put', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   const slow = deferred();
   kv.gate = slow.promise;
   const first = activity.beforeChange(volumeId, 3);
@@ -122,7 +122,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
       await flushGate;
       kv.sync();
     },
-    exists: () => true, wasClean: false,
+    exists: () => true,
   });
   activity.start();
   t.teardown(() => activity.close());
@@ -146,11 +146,8 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 
   // A crash now: the synced records survive; every page still logged is suspect at the next start.
   kv = kv.crashed();
-  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
+  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   t.same([...again.suspect(volumeId)].sort(), [1, 2, 4], 'suspect: the pages logged at the crash');
-  const clean = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: true });
-  t.same([...clean.suspect(volumeId)], [], 'after a clean shutdown nothing is suspect');
-  t.ok(clean.loggedAtOpen(volumeId, 2) && !clean.loggedAtOpen(volumeId, 0), 'but the pages changed last are known');
   t.equal(again.beforeChange(volumeId, 1), undefined, 'a suspect page is logged already');
   await env.run(activityQuietMs);
   await again.sweep();
@@ -165,7 +162,7 @@ t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; 
 t.test('activity log: a change after a removal logs the page again, after the delete', async (t) => {
   const env = new ManualEnv();
   const kv = new FakeKv();
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true, wasClean: false });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
   await activity.beforeChange(volumeId, 7);
   await env.run(activityQuietMs);
   const sweep = activity.sweep();
@@ -183,7 +180,7 @@ t.test('activity log: pages of a volume deleted meanwhile leave it, suspect or n
   const gone = 'fedcba9876543210';
   kv.data.set(`activity/${gone}/0000000001`, Buffer.alloc(0));
   kv.data.set(`activity/${volumeId}/0000000001`, Buffer.alloc(0));
-  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone, wasClean: false });
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone });
   t.same([...activity.suspect(gone)], [1]);
   await env.run(activityQuietMs);
   await activity.sweep();
@@ -288,7 +285,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       },
       local: mem,
     };
-    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true, wasClean: false });
+    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true });
     peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => catalog.volumeById(vid), port: () => peer.port });
     peer.resyncer = new Resyncer({
       self: id, env, catalog, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,

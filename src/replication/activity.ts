@@ -35,11 +35,6 @@ export interface ActivityLogOptions {
   recentGrains(volumeId: string, page: number): number;
   /** Make durable everything this peer wrote of the volume: dirty-grain records, then its store (flush). */
   settle(volumeId: string): Promise<void>;
-  /**
-   * The store's last run shut down cleanly (PageStore.wasClean): nothing it acknowledged was lost,
-   * so no page is suspect; the pages in the log are still the ones changed last (see loggedAtOpen).
-   */
-  wasClean: boolean;
   /** False once the volume is deleted (maybe while this peer was down): its pages leave the log, suspect or not. */
   exists(volumeId: string): boolean;
   log?: Logger;
@@ -59,27 +54,27 @@ export class ActivityLog {
   private readonly entries = new Map<string, Entry>();
   /** Deletes of records in flight, by key: a new put of the key waits for its delete. */
   private readonly deleting = new Map<string, Promise<void>>();
-  /** volume id → pages logged at open and not trusted again since (none after a clean shutdown). */
+  /** volume id → pages logged at open and not trusted again since. */
   private readonly suspects = new Map<string, Set<number>>();
-  /** `volumeId/page` of the pages in the log at open. */
-  private readonly atOpen = new Set<string>();
   private timer: TimerHandle | undefined;
   private sweeping = false;
 
   private constructor(private readonly o: ActivityLogOptions) {}
 
-  /** The log as the last run left it: every page in it is suspect, unless that run shut down cleanly. */
+  /**
+   * The log as the last run left it: every page in it is suspect, even after a clean shutdown (a
+   * primary stopped with a change in flight may hold it while its copies do not; the grains it
+   * kept in memory are gone).
+   */
   static async open(o: ActivityLogOptions): Promise<ActivityLog> {
     const log = new ActivityLog(o);
     for (const r of await o.kv.listRecords(activityPrefix)) {
       const at = parseKey(r.key);
       if (!at) continue;
-      log.atOpen.add(`${at.volumeId}/${at.page}`);
-      log.entries.set(r.key, { durable: undefined, lastChangeMs: o.env.clock.monotonicMs(), changes: 0 });
-      if (o.wasClean) continue;
       let set = log.suspects.get(at.volumeId);
       if (!set) log.suspects.set(at.volumeId, (set = new Set()));
       set.add(at.page);
+      log.entries.set(r.key, { durable: undefined, lastChangeMs: o.env.clock.monotonicMs(), changes: 0 });
     }
     return log;
   }
@@ -132,11 +127,6 @@ export class ActivityLog {
 
   isSuspect(volumeId: string, page: number): boolean {
     return this.suspects.get(volumeId)?.has(page) ?? false;
-  }
-
-  /** The page was in the log at open: the last run changed it last (what it recorded of it may be short). */
-  loggedAtOpen(volumeId: string, page: number): boolean {
-    return this.atOpen.has(`${volumeId}/${page}`);
   }
 
   /** This peer's copy of the page is whole again (resynced in full): no longer suspect, and the sweep may drop it. */

@@ -10,7 +10,7 @@
 // sync itself, and a set for C when C is back in sync or no copy any more. A stale copy K has no
 // set for counts as the whole page. Sets live in memory and in the page store's records
 // (unsynced, written a moment after they change: the activity log covers what is not written
-// yet, so at the next start the sets of pages still in the log count whole).
+// yet, so at the next start the sets of pages still in the log, the suspect ones, count whole).
 //
 // The resync itself, on the primary (Resyncer.handle), in this order:
 // 1. under the page's range lock (exclusive, whole page) C is registered as resyncing: from the
@@ -167,10 +167,7 @@ export class ResyncTracker implements ChangeTracker {
 
   private constructor(private readonly o: ResyncTrackerOptions) {}
 
-  /**
-   * The sets the last run left. Those of pages it changed last (in the activity log at open)
-   * count whole: their last marks may not have been written, crash or not.
-   */
+  /** The sets the last run left; those of pages suspect here count whole (their last marks may be lost). */
   static async open(o: ResyncTrackerOptions): Promise<ResyncTracker> {
     const t = new ResyncTracker(o);
     for (const r of await o.kv.listRecords(dirtyPrefix)) {
@@ -178,11 +175,11 @@ export class ResyncTracker implements ChangeTracker {
       const at = parsePageKey(pk);
       const rec = decodeRecord(r.value);
       if (!at || !rec) continue;
-      const short = o.activity.loggedAtOpen(at.volumeId, at.page);
+      const suspect = o.activity.isSuspect(at.volumeId, at.page);
       const sets: Sets = new Map();
-      for (const [copy, bits] of Object.entries(rec.copies)) sets.set(copy, short ? new GrainSet(rec.grains, true) : GrainSet.decode(rec.grains, bits));
+      for (const [copy, bits] of Object.entries(rec.copies)) sets.set(copy, suspect ? new GrainSet(rec.grains, true) : GrainSet.decode(rec.grains, bits));
       t.dirty.set(pk, sets);
-      if (short) t.schedule(pk);
+      if (suspect) t.schedule(pk);
     }
     return t;
   }

@@ -206,7 +206,6 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
       await core.targets.stored(id)?.flush();
     },
     exists: (id) => catalog.volumeById(id) !== undefined,
-    wasClean: w.store.wasClean,
   });
   const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
   const resyncer = new Resyncer({
