@@ -516,6 +516,8 @@ export class Resyncer {
       await this.askOnce(volume, at.page, route);
       this.done(key);
     } catch (err) {
+      // Maybe asked the wrong peer (this peer's routes lag): read the route before the next ask.
+      void this.o.catalog.fetchRoute(volume, at.page).catch(() => undefined);
       this.retryLater(key, err as Error);
     }
   }
