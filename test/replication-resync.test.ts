@@ -264,7 +264,8 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
     await meta.close();
     rmSync(dir, { recursive: true, force: true });
   });
-  const make = async (id: string, kv = new FakeKv()): Promise<Peer> => {
+  /** A peer; `view`: its own catalog (its routes learned only from the watch and MOVED answers). */
+  const make = async (id: string, kv = new FakeKv(), view = catalog): Promise<Peer> => {
     const mem = new MemoryBackend(512, 4 * pageBlocks, grainBlocks);
     const peer = { id, kv, mem, recent: [] as number[], sent: [] as Sent[], lock: new RangeLock() } as Peer;
     peer.port = {
@@ -286,9 +287,9 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       local: mem,
     };
     peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true });
-    peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => catalog.volumeById(vid), port: () => peer.port });
+    peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => view.volumeById(vid), port: () => peer.port });
     peer.resyncer = new Resyncer({
-      self: id, env, catalog, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
+      self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
       settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
       ask: (primary, ask) => {
         const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>));
@@ -318,7 +319,13 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       primary.tracker.changed(volume.id, page, route, lba, blocks, missed);
     });
   };
-  return { env, run, catalog, volume, table, peers, make, drop, write };
+  /** Another peer's view of the catalog (closed with the group). */
+  const view = async (): Promise<Catalog> => {
+    const c = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks, env });
+    t.teardown(() => c.close());
+    return c;
+  };
+  return { env, run, view, catalog, volume, table, peers, make, drop, write };
 }
 
 const fill = (blocks: number, byte: number): Buffer => Buffer.alloc(blocks * 512, byte);
@@ -588,6 +595,24 @@ t.test('resync: a copy that falls out of sync while its peer runs asks at once; 
   await g.run(dirtyPersistMs);
   t.equal(p1.tracker.dirtyOf(g.volume.id, 2, 'p2'), undefined, 'the volume\'s sets are gone');
   t.same(p1.kv.keys('dirty/'), [], 'and their record');
+});
+
+t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const own = await g.view();
+  const p2 = await g.make('p2', new FakeKv(), own);
+  own.holdRouteEvents(); // p2's watch lags
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  const route = await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 4), fill(1, 0x44));
+  t.ok(own.routes(own.volume('vol')!).learn(0, { owner: route.owner, version: route.version }), 'p2 hears the epoch in a MOVED answer');
+  await g.run(10);
+  for (let i = 0; i < 50 && inSyncOf(g.table.route(0)).length < 2; i++) await g.run(1);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked and is back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
 });
 
 t.test('resync: refused by a peer that is not the primary, or for a peer that holds no copy', async (t) => {

@@ -463,7 +463,7 @@ export class Resyncer {
     if (this.followed.has(volume.id) || this.closed) return;
     const table = this.o.catalog.routes(volume);
     const untrack = this.o.tracker.watch(volume.id, table);
-    const unlisten = table.onLearn((page, route) => this.consider(volume.id, page, route));
+    const unlisten = table.onLearn((page, route) => (route.copies ? this.consider(volume.id, page, route) : void this.completed(volume, page)));
     const stop = (): void => {
       untrack();
       unlisten();
@@ -479,6 +479,12 @@ export class Resyncer {
       this.followed.delete(id);
       this.o.tracker.dropVolume(id);
     }
+  }
+
+  /** A route heard in a MOVED answer does not say who holds copies: read the catalog's record of it. */
+  private async completed(volume: VolumeRecord, page: number): Promise<void> {
+    const route = await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
+    if (route) this.consider(volume.id, page, route);
   }
 
   private consider(volumeId: string, page: number, route: Route): void {
