@@ -30,6 +30,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env, type TimerHandle } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError } from '../errors';
+import { LogLimiter } from '../log';
 import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
 import type { MigrationSettings } from '../migration/migrator';
 import { ByteRate, ChunkPacer } from '../migration/rate';
@@ -421,6 +422,8 @@ export class Resyncer {
   readonly counters = { resyncBytes: 0 };
   private readonly rate: ByteRate;
   private readonly pacer: ChunkPacer;
+  /** Failed asks are many while a primary is down: one warning per volume and window. */
+  private readonly limiter: LogLimiter;
   /** Resyncs this peer serves, by `volumeId/page/copy`: a repeated ask joins its run. */
   private readonly runs = new Map<string, Promise<ResyncAnswer>>();
   /** The asking side: pages waiting for a turn, and every page queued, running or backing off. */
@@ -437,6 +440,7 @@ export class Resyncer {
   constructor(private readonly o: ResyncerOptions) {
     this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(grainBytes, o.settings.pieceBytes), o.env);
     this.pacer = new ChunkPacer(o.settings.duty ?? 1);
+    this.limiter = new LogLimiter({ nowMs: () => o.env.clock.monotonicMs() });
   }
 
   // ---- the stale copy's side --------------------------------------------------------------------
@@ -547,7 +551,7 @@ export class Resyncer {
     const n = (this.attempts.get(key) ?? 0) + 1;
     this.attempts.set(key, n);
     const delayMs = Math.min(resyncRetryMsMax, resyncRetryMsMin * 2 ** (n - 1));
-    this.o.log.warn({ page: key, attempt: n, retryInMs: delayMs, reason: err.message }, 'resync ask failed; asking again');
+    this.limiter.warn(this.o.log, parsePageKey(key)!.volumeId, { page: key, attempt: n, retryInMs: delayMs, reason: err.message }, 'resync ask failed; asking again');
     const timer = this.o.env.timers.setTimeout(() => {
       this.retryTimers.delete(timer);
       if (this.closed) return;
