@@ -274,3 +274,28 @@ assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s d
 // rebalance sends an owner all of its moves of the plan at once).
 export const peerPlannedMovesMax = 4_096;
 assert(peerPlannedMovesMax >= balancerMovesPerRoundMax, 'a balancing round fits one request');
+
+// ---- Replication: activity log and resync (src/replication/activity.ts, resync.ts) ----------
+
+/**
+ * A page leaves a peer's activity log once it had no change for this long, no recent grains and
+ * a flush after its last change: a page changed more recently is suspect after a crash. It also
+ * bounds how long a change may take from beforeChange to its apply (see ActivityLog.sweep).
+ */
+export const activityQuietMs = 2_000;
+/** Grains of one page at most (the largest block size): bounds a resync ask's grain list. */
+export const pageGrainsMax = (pageBlocks * Math.max(...blockBytesAllowed)) / grainBytes;
+/** Dirty-grain records are written (unsynced) this long after a page's first new mark … */
+export const dirtyPersistMs = 200;
+/** … or at once when this many pages wait to be written. */
+export const dirtyPersistPagesMax = 256;
+/** A stale copy's resync ask waits this long for the primary's answer (a whole page copied, paced). */
+export const resyncAskMsMax = 60_000;
+/** Pages a stale copy resyncs at once, and the backoff between its asks for one page. */
+export const resyncPagesInFlightMax = 4;
+export const resyncRetryMsMin = 250;
+export const resyncRetryMsMax = 8_000;
+/** Rounds of "copy what is dirty, then admit under the page lock" before a resync gives up and is asked again. */
+export const resyncAdmitRoundsMax = 8;
+assert(dirtyPersistMs < activityQuietMs / 2, 'dirty records are written before a sweep could drop their page');
+assert(resyncRetryMsMin <= resyncRetryMsMax, 'resync backoff');

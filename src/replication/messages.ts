@@ -11,6 +11,7 @@
 //   resync    — resync.ts: a stale copy asks the page's primary to bring it back in sync.
 
 import { InvalidArgumentError } from '../errors';
+import { pageGrainsMax, wireUint32Max } from '../limits';
 
 /** Kinds a receiver handles the same way however often they arrive. */
 const idempotentKinds = new Set(['lease', 'promote', 'recent', 'resync']);
@@ -33,3 +34,38 @@ export function parseBody(body: string): Record<string, unknown> {
 
 /** A handler of one kind on the receiving peer: the sender's id (authenticated) and the parsed body; the answer is sent as JSON. */
 export type ReplicationHandler = (from: string, body: Record<string, unknown>) => Promise<unknown>;
+
+/** A stale copy asks the page's primary to bring it back in sync (resync.ts). */
+export interface ResyncAsk {
+  volumeId: string;
+  page: number;
+  /** The page's epoch as the asker knows it. */
+  version: number;
+  /** The asker holds nothing valid of the page (suspect after a crash): copy it whole. */
+  full: boolean;
+  /** The asker's own recent grains (changes it applied that may not be everywhere): copied too. */
+  grains: number[];
+}
+
+export function checkResyncAsk(b: Record<string, unknown>): ResyncAsk {
+  const grains = b.grains ?? [];
+  if (!Array.isArray(grains) || grains.length > pageGrainsMax) throw new InvalidArgumentError(`resync: grains must be a list of at most ${pageGrainsMax}`);
+  if (typeof b.full !== 'boolean') throw new InvalidArgumentError('resync: full must be true or false');
+  return {
+    volumeId: checkVolumeId(b.volumeId),
+    page: checkCount(b.page, 'page', 0, wireUint32Max),
+    version: checkCount(b.version, 'version', 1, Number.MAX_SAFE_INTEGER),
+    full: b.full,
+    grains: [...new Set(grains.map((g) => checkCount(g, 'grain', 0, pageGrainsMax - 1)))],
+  };
+}
+
+function checkVolumeId(v: unknown): string {
+  if (typeof v !== 'string' || !/^[0-9a-f]{16}$/.test(v)) throw new InvalidArgumentError('replication message: bad volume id');
+  return v;
+}
+
+function checkCount(v: unknown, what: string, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) throw new InvalidArgumentError(`replication message: ${what} must be an integer from ${min} to ${max}`);
+  return v;
+}

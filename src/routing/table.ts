@@ -82,13 +82,20 @@ export class RouteTable {
    * route without copies (a MOVED answer) at a newer version leaves copies unknown.
    */
   learn(page: number, route: Route): boolean {
-    if (route.version <= this.route(page).version) return false;
+    const known = this.route(page);
+    // The same epoch is taken again only to fill in copies a MOVED answer did not carry.
+    if (route.version < known.version || (route.version === known.version && (known.copies || !route.copies))) return false;
     const next: Route = { owner: route.owner, version: route.version };
     if (route.copies) next.copies = [...route.copies];
     if (route.inSync) next.inSync = [...route.inSync];
     this.moved.set(page, next);
     for (const l of this.listeners) l(page, next);
     return true;
+  }
+
+  /** The pages whose route changed since placement, with their routes (a scan at start, src/replication). */
+  recorded(): [number, Route][] {
+    return [...this.moved.entries()];
   }
 
   /** Called with every newer route the table takes (failover waits on it, src/replication). */

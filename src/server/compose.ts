@@ -15,14 +15,17 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
+import { loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
 import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
-import { parseBody, type ReplicationHandler } from '../replication/messages';
+import { ActivityLog } from '../replication/activity';
+import type { ReplicaPort } from '../replication/hooks';
+import { checkResyncAsk, parseBody, type ReplicationHandler } from '../replication/messages';
+import { Resyncer, ResyncTracker } from '../replication/resync';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
@@ -87,6 +90,8 @@ export interface PeerCore {
   clock: HybridClock;
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   routing: RoutingCounters;
+  /** The activity log, the dirty grains (the write path's ChangeTracker) and resync (src/replication). */
+  resync: { activity: ActivityLog; tracker: ResyncTracker; resyncer: Resyncer };
   /** What another peer's PeerService calls reach (the block stream and the process-only calls aside). */
   handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove' | 'replication'> & Required<Pick<PeerHandlers, 'replication'>>;
   /** Stop the protocols' timers and watches (the store and the catalog store stay open: their owner closes them). */
@@ -103,6 +108,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   // Late-bound: the targets, the migrator and the snapshot service refer to each other.
   const core = { catalog, clock, routing } as PeerCore;
   const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
+  core.resync = await openResync(w, core);
   core.load = loadService(w, core);
   // Which peers are up (ALUA states, SendTargets), read again after every load tick.
   const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), log });
@@ -147,6 +153,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   await core.snapshotTargets.follow();
   // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
   await core.migrator.recover();
+  core.resync.activity.start();
+  core.resync.resyncer.start();
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
@@ -156,6 +164,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     if (!h) throw new InvalidArgumentError(`unknown replication message kind "${kind}"`);
     return h;
   };
+  replicationHandlers.set('resync', (from, body) => core.resync.resyncer.handle(from, checkResyncAsk(body)));
   core.handlers = {
     reservationChanged: async (n) => core.targets.reservationsOf(n.volumeId)?.noticed(n),
     startMove: (volume, page, to) => migrator.start(volume, page, to),
@@ -171,6 +180,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     replication: async (from, kind, body) => JSON.stringify((await replicationHandler(kind)(from, parseBody(body))) ?? {}),
   };
   core.close = () => {
+    core.resync.resyncer.close();
+    core.resync.tracker.close();
+    core.resync.activity.close();
     core.load.stop();
     balancerSwitch.close();
     migrator.close();
@@ -179,6 +191,34 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     catalog.close();
   };
   return core;
+}
+
+/**
+ * The activity log and dirty grains as the last run left them, read BEFORE any volume opens (a
+ * change of a page must find its page logged or log it first), and the resyncer (started once
+ * the volumes are open).
+ */
+async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resync']> {
+  const { self, env, log } = w;
+  const { catalog } = core;
+  // The replicated layer of a volume (ReplicatedVolume, src/replication/replicated.ts): wired by
+  // the write path's part; until then no volume has one and nothing is resynced here.
+  const port = (_volumeId: string): ReplicaPort | undefined => undefined;
+  const activity = await ActivityLog.open({
+    kv: w.store, env, log,
+    recentGrains: (id, page) => port(id)?.recentGrains(page).length ?? 0,
+    settle: async (id) => {
+      await tracker.writeOut(id);
+      await core.targets.stored(id)?.flush();
+    },
+    exists: (id) => catalog.volumeById(id) !== undefined,
+  });
+  const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
+  const resyncer = new Resyncer({
+    self, env, catalog, tracker, activity, port, settings: w.migration, log,
+    ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
+  });
+  return { activity, tracker, resyncer };
 }
 
 /** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */

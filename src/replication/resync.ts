@@ -1,0 +1,681 @@
+// Quick resync (DESIGN.md 10, design.md "Resync"; DRBD's quick-resync bitmap): a stale copy of
+// a page catches up only the grains that changed since it left, then is CASed back into the
+// page's in-sync set.
+//
+// Who knows what a stale copy C lacks: every in-sync copy K of the page keeps a dirty-grain set
+// for C (ResyncTracker), valid only if K watched C leave the in-sync set while K itself was in
+// it (a route change K learned, or a write the primary could not get to C) and K stayed in sync
+// since. Then the set is K's recent grains at that moment (changes in flight, which C may have
+// missed) plus every change K applied after. K drops its sets of a page when it falls out of
+// sync itself, and a set for C when C is back in sync or no copy any more. A stale copy K has no
+// set for counts as the whole page. Sets live in memory and in the page store's records
+// (unsynced, written a moment after they change: the activity log covers what is not written
+// yet, so at the next start the sets of pages still in the log, the suspect ones, count whole).
+//
+// The resync itself, on the primary (Resyncer.handle), in this order:
+// 1. under the page's range lock (exclusive, whole page) C is registered as resyncing: from the
+//    next change on, the write path sends C every change too, and a change C misses marks its
+//    grains again. No change is in flight while C is registered, so none slips between.
+// 2. every dirty grain (∪ the grains C asked for; all of them when C asks `full`) is copied
+//    from this peer's store, each under the range lock of that grain, its bit cleared once C has
+//    it; an unmapped range is sent as an unmap. Paced like migration.
+// 3. under the whole page's lock, when no bit is set any more: CAS C into the in-sync set
+//    (epoch + 1), forget C's set, unregister. Else back to 2 (a bounded number of rounds).
+//
+// The stale copy's side (Resyncer.start): every page of an open volume where this peer is a
+// stale copy (a scan at start, then every route the tables learn) is asked for, a few at a time,
+// with backoff while it stays stale.
+
+import type { Logger } from 'pino';
+import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { sleep, type Env, type TimerHandle } from '../env/env';
+import { ConflictError, NotFoundError, PeersanError } from '../errors';
+import { LogLimiter } from '../log';
+import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
+import type { MigrationSettings } from '../migration/migrator';
+import { ByteRate, ChunkPacer } from '../migration/rate';
+import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
+import type { ActivityLog, RecordKv } from './activity';
+import type { ChangeTracker, ReplicaPort } from './hooks';
+import type { ResyncAsk } from './messages';
+
+// ---- grains of a page ------------------------------------------------------------------------
+
+export interface PageGeometry {
+  blockBytes: number;
+  pageBlocks: number;
+  /** The volume's size in blocks: its last page may be short. */
+  blockCount: number;
+}
+
+export function geometryOf(volume: VolumeRecord): PageGeometry {
+  return { blockBytes: volume.blockBytes, pageBlocks: volume.pageBlocks, blockCount: volume.sizeBytes / volume.blockBytes };
+}
+
+/** Blocks per grain: the store's grain, or the whole page when pages are smaller. */
+export function grainBlocksOf(g: PageGeometry): number {
+  return Math.min(g.pageBlocks, Math.max(1, grainBytes / g.blockBytes));
+}
+
+export function grainsPerPage(g: PageGeometry): number {
+  return Math.ceil(g.pageBlocks / grainBlocksOf(g));
+}
+
+/** Grain indexes (within `page`) that [lba, lba + blocks) touches. */
+export function grainsTouched(g: PageGeometry, page: number, lba: number, blocks: number): number[] {
+  const per = grainBlocksOf(g);
+  const start = lba - page * g.pageBlocks;
+  if (blocks <= 0 || start < 0 || start + blocks > g.pageBlocks) throw new Error(`assertion failed: [${lba}, +${blocks}) is not inside page ${page}`);
+  const first = Math.floor(start / per);
+  const last = Math.floor((start + blocks - 1) / per);
+  return Array.from({ length: last - first + 1 }, (_, i) => first + i);
+}
+
+/** The blocks of grain `i` of the page, within the volume (empty past its end). */
+export function grainExtent(g: PageGeometry, page: number, i: number): { lba: number; blocks: number } {
+  const lba = page * g.pageBlocks + i * grainBlocksOf(g);
+  const end = Math.min(lba + grainBlocksOf(g), (page + 1) * g.pageBlocks, g.blockCount);
+  return { lba, blocks: Math.max(0, end - lba) };
+}
+
+/** The whole page, within the volume. */
+export function pageExtent(g: PageGeometry, page: number): { lba: number; blocks: number } {
+  const lba = page * g.pageBlocks;
+  return { lba, blocks: Math.max(0, Math.min(g.pageBlocks, g.blockCount - lba)) };
+}
+
+/** A set of grains of one page, as a bitmap. */
+export class GrainSet {
+  private readonly bits: Uint8Array;
+  private n = 0;
+
+  constructor(readonly grains: number, full = false) {
+    this.bits = new Uint8Array(Math.ceil(grains / 8));
+    if (full) for (let i = 0; i < grains; i++) this.add(i);
+  }
+
+  static decode(grains: number, base64: string): GrainSet {
+    const s = new GrainSet(grains);
+    const bytes = Buffer.from(base64, 'base64');
+    for (let i = 0; i < grains; i++) if (((bytes[i >> 3] ?? 0) >> (i & 7)) & 1) s.add(i);
+    return s;
+  }
+
+  get size(): number {
+    return this.n;
+  }
+
+  has(i: number): boolean {
+    return ((this.bits[i >> 3] >> (i & 7)) & 1) === 1;
+  }
+
+  add(i: number): void {
+    if (i < 0 || i >= this.grains || this.has(i)) return;
+    this.bits[i >> 3] |= 1 << (i & 7);
+    this.n++;
+  }
+
+  delete(i: number): void {
+    if (!this.has(i)) return;
+    this.bits[i >> 3] &= ~(1 << (i & 7));
+    this.n--;
+  }
+
+  first(): number | undefined {
+    for (let i = 0; i < this.grains; i++) if (this.has(i)) return i;
+    return undefined;
+  }
+
+  encode(): string {
+    return Buffer.from(this.bits).toString('base64');
+  }
+}
+
+// ---- ResyncTracker: dirty grains per (page, stale copy), the ChangeTracker of the write path ---
+
+export interface ResyncTrackerOptions {
+  self: string;
+  kv: RecordKv;
+  activity: ActivityLog;
+  env: Env;
+  /** The volume's record, when the catalog has it. */
+  volume(volumeId: string): VolumeRecord | undefined;
+  /** The replicated layer of an open volume (its recent grains when a copy leaves the in-sync set). */
+  port(volumeId: string): ReplicaPort | undefined;
+  log?: Logger;
+}
+
+const dirtyPrefix = 'dirty/';
+
+/** The stored form of one page's sets. */
+interface DirtyRecord {
+  grains: number;
+  copies: Record<string, string>;
+}
+
+type Sets = Map<string, GrainSet>;
+
+export class ResyncTracker implements ChangeTracker {
+  /** `volumeId/page` → stale copy → its dirty grains. */
+  private readonly dirty = new Map<string, Sets>();
+  /** `volumeId/page` → copies a resync from this peer is running for (they get every change too). */
+  private readonly registered = new Map<string, Set<string>>();
+  /** Pages whose sets changed since they were last written; one timer writes them. */
+  private readonly unwritten = new Set<string>();
+  /** The last write of each page's record: the next one follows it. */
+  private readonly writes = new Map<string, Promise<void>>();
+  private timer: TimerHandle | undefined;
+
+  private constructor(private readonly o: ResyncTrackerOptions) {}
+
+  /** The sets the last run left; those of pages suspect here count whole (their last marks may be lost). */
+  static async open(o: ResyncTrackerOptions): Promise<ResyncTracker> {
+    const t = new ResyncTracker(o);
+    for (const r of await o.kv.listRecords(dirtyPrefix)) {
+      const pk = r.key.slice(dirtyPrefix.length);
+      const at = parsePageKey(pk);
+      const rec = decodeRecord(r.value);
+      if (!at || !rec) continue;
+      const suspect = o.activity.isSuspect(at.volumeId, at.page);
+      const sets: Sets = new Map();
+      for (const [copy, bits] of Object.entries(rec.copies)) sets.set(copy, suspect ? new GrainSet(rec.grains, true) : GrainSet.decode(rec.grains, bits));
+      t.dirty.set(pk, sets);
+      if (suspect) t.schedule(pk);
+    }
+    return t;
+  }
+
+  // -- ChangeTracker (the write path, on every peer and role) --
+
+  beforeChange(volumeId: string, page: number): Promise<void> | undefined {
+    return this.o.activity.beforeChange(volumeId, page);
+  }
+
+  changed(volumeId: string, page: number, route: Route, lba: number, blocks: number, missed: readonly string[]): void {
+    this.o.activity.noteChanged(volumeId, page);
+    // Only an in-sync copy sees every change; a stale one keeps nothing for others.
+    if (!inSyncOf(route).includes(this.o.self)) return;
+    const stale = staleCopiesOf(route);
+    const resyncing = this.registered.get(pageKey(volumeId, page));
+    const targets = new Set([...stale.filter((c) => !resyncing?.has(c)), ...missed]);
+    targets.delete(this.o.self);
+    const volume = targets.size > 0 ? this.o.volume(volumeId) : undefined;
+    if (!volume) return;
+    const geo = geometryOf(volume);
+    const grains = grainsTouched(geo, page, lba, blocks);
+    for (const copy of targets) {
+      // A set begun now for a copy already stale would miss what came before: it is whole.
+      const set = this.setFor(volumeId, page, copy, grainsPerPage(geo), stale.includes(copy));
+      for (const g of grains) set.add(g);
+    }
+    this.schedule(pageKey(volumeId, page));
+  }
+
+  resyncing(volumeId: string, page: number): readonly string[] {
+    return [...(this.registered.get(pageKey(volumeId, page)) ?? [])];
+  }
+
+  // -- route changes --
+
+  /** Follow a volume's routes: a copy leaving the in-sync set starts its set here, a copy back in sync ends it. */
+  watch(volumeId: string, table: RouteTable): () => void {
+    // page → the in-sync set of the last route seen: a copy leaving it is seen here.
+    const seen = new Map<number, readonly string[]>();
+    for (const [page, route] of table.recorded()) if (route.copies) seen.set(page, inSyncOf(route));
+    return table.onLearn((page, route) => this.learned(volumeId, page, route, seen.get(page) ?? inSyncOf(table.placed(page)), seen));
+  }
+
+  private learned(volumeId: string, page: number, route: Route, before: readonly string[], seen: Map<number, readonly string[]>): void {
+    // A route from a MOVED answer does not say who holds copies: nothing to learn from it.
+    if (!route.copies) return;
+    seen.set(page, inSyncOf(route));
+    const pk = pageKey(volumeId, page);
+    const inSync = inSyncOf(route);
+    const sets = this.dirty.get(pk);
+    if (!inSync.includes(this.o.self)) {
+      // Out of sync ourselves: we miss changes from now on, so our sets are worthless.
+      if (sets) this.forgetPage(pk);
+      return;
+    }
+    for (const copy of [...(sets?.keys() ?? [])]) if (inSync.includes(copy) || !copiesOf(route).includes(copy)) this.forget(volumeId, page, copy);
+    if (!before.includes(this.o.self)) return;
+    const left = staleCopiesOf(route).filter((c) => before.includes(c));
+    const volume = this.o.volume(volumeId);
+    if (left.length === 0 || !volume) return;
+    // Changes in flight when the copy left may not have reached it: they are its first dirty grains.
+    const recent = this.o.port(volumeId)?.recentGrains(page) ?? [];
+    for (const copy of left) {
+      const set = this.setFor(volumeId, page, copy, grainsPerPage(geometryOf(volume)), false);
+      for (const g of recent) set.add(g);
+    }
+    this.schedule(pk);
+  }
+
+  // -- the resync handler's use --
+
+  /**
+   * Register `copy` as resyncing from this peer (call under the page's exclusive range lock) and
+   * mark the grains it asks for: all of them for `full`. A copy with no set here is whole.
+   */
+  register(volumeId: string, page: number, copy: string, grains: number, asked: readonly number[] | 'all'): void {
+    const pk = pageKey(volumeId, page);
+    let set = this.registered.get(pk);
+    if (!set) this.registered.set(pk, (set = new Set()));
+    set.add(copy);
+    this.markAsked(volumeId, page, copy, grains, asked);
+  }
+
+  /** More grains a running resync is asked for (a repeated ask). */
+  markAsked(volumeId: string, page: number, copy: string, grains: number, asked: readonly number[] | 'all'): void {
+    const dirty = this.setFor(volumeId, page, copy, grains, true);
+    for (const g of asked === 'all' ? Array.from({ length: grains }, (_, i) => i) : asked) dirty.add(g);
+    this.schedule(pageKey(volumeId, page));
+  }
+
+  unregister(volumeId: string, page: number, copy: string): void {
+    const pk = pageKey(volumeId, page);
+    const set = this.registered.get(pk);
+    set?.delete(copy);
+    if (set?.size === 0) this.registered.delete(pk);
+  }
+
+  /** The copy's dirty grains here (undefined: no set, the whole page). */
+  dirtyOf(volumeId: string, page: number, copy: string): GrainSet | undefined {
+    return this.dirty.get(pageKey(volumeId, page))?.get(copy);
+  }
+
+  clear(volumeId: string, page: number, copy: string, grain: number): void {
+    const set = this.dirtyOf(volumeId, page, copy);
+    if (!set) return;
+    set.delete(grain);
+    this.schedule(pageKey(volumeId, page));
+  }
+
+  /** The copy is back in sync (or gone): its set ends. */
+  forget(volumeId: string, page: number, copy: string): void {
+    const pk = pageKey(volumeId, page);
+    const sets = this.dirty.get(pk);
+    if (!sets?.delete(copy)) return;
+    if (sets.size === 0) this.dirty.delete(pk);
+    this.schedule(pk);
+  }
+
+  /** The volume is deleted: its sets go, records included. */
+  dropVolume(volumeId: string): void {
+    for (const pk of [...this.dirty.keys()]) if (pk.startsWith(`${volumeId}/`)) this.forgetPage(pk);
+  }
+
+  // -- persistence --
+
+  /** Write every page of the volume whose sets changed (unsynced; the volume's flush makes them durable). */
+  async writeOut(volumeId?: string): Promise<void> {
+    const pages = [...this.unwritten].filter((pk) => volumeId === undefined || pk.startsWith(`${volumeId}/`));
+    await Promise.all(pages.map((pk) => this.write(pk)));
+  }
+
+  close(): void {
+    this.o.env.timers.clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  private setFor(volumeId: string, page: number, copy: string, grains: number, wholeIfNew: boolean): GrainSet {
+    const pk = pageKey(volumeId, page);
+    let sets = this.dirty.get(pk);
+    if (!sets) this.dirty.set(pk, (sets = new Map()));
+    let set = sets.get(copy);
+    if (!set) sets.set(copy, (set = new GrainSet(grains, wholeIfNew)));
+    return set;
+  }
+
+  private forgetPage(pk: string): void {
+    this.dirty.delete(pk);
+    this.schedule(pk);
+  }
+
+  private schedule(pk: string): void {
+    this.unwritten.add(pk);
+    if (this.unwritten.size >= dirtyPersistPagesMax) void this.writeOut();
+    else this.armTimer();
+  }
+
+  private armTimer(): void {
+    this.timer ??= this.o.env.timers.setTimeout(() => {
+      this.timer = undefined;
+      void this.writeOut();
+    }, dirtyPersistMs).unref();
+  }
+
+  /** Write one page's record as it is now, after the page's previous write. */
+  private write(pk: string): Promise<void> {
+    this.unwritten.delete(pk);
+    const next = (this.writes.get(pk) ?? Promise.resolve()).then(() => {
+      const sets = this.dirty.get(pk);
+      if (!sets || sets.size === 0) return this.o.kv.deleteRecord(dirtyPrefix + pk);
+      return this.o.kv.putRecord(dirtyPrefix + pk, encodeRecord(sets), false);
+    }).catch((err: Error) => {
+      // A record not written is like one lost in a crash of an unsuspect page: rare, and the
+      // copy's set reads whole at the next start only if the page is suspect. Try again later.
+      this.o.log?.warn({ page: pk, reason: err.message }, 'dirty grains: record not written; retrying');
+      this.unwritten.add(pk);
+      this.armTimer();
+    });
+    this.writes.set(pk, next);
+    void next.then(() => {
+      if (this.writes.get(pk) === next) this.writes.delete(pk);
+    });
+    return next;
+  }
+}
+
+function pageKey(volumeId: string, page: number): string {
+  return `${volumeId}/${String(page).padStart(10, '0')}`;
+}
+
+function parsePageKey(pk: string): { volumeId: string; page: number } | undefined {
+  const m = /^([0-9a-f]{16})\/(\d{10})$/.exec(pk);
+  return m ? { volumeId: m[1], page: Number(m[2]) } : undefined;
+}
+
+function encodeRecord(sets: Sets): Buffer {
+  const copies: Record<string, string> = {};
+  let grains = 0;
+  for (const [copy, set] of sets) {
+    copies[copy] = set.encode();
+    grains = set.grains;
+  }
+  return Buffer.from(JSON.stringify({ grains, copies } satisfies DirtyRecord));
+}
+
+function decodeRecord(b: Buffer): DirtyRecord | undefined {
+  try {
+    const r = JSON.parse(b.toString()) as DirtyRecord;
+    return Number.isSafeInteger(r.grains) && r.grains > 0 && typeof r.copies === 'object' && r.copies !== null ? r : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// ---- Resyncer: both sides of the resync protocol ----------------------------------------------
+
+export interface ResyncerOptions {
+  self: string;
+  env: Env;
+  catalog: Catalog;
+  tracker: ResyncTracker;
+  activity: ActivityLog;
+  /** The replicated layer of a volume open on this peer. */
+  port(volumeId: string): ReplicaPort | undefined;
+  /** Send a resync ask to a page's primary; resolves when it answered (the copy is back in sync). */
+  ask(primary: string, ask: ResyncAsk): Promise<unknown>;
+  /** Copy rate and give-way of page moves: resync is paced the same way. */
+  settings: MigrationSettings;
+  log: Logger;
+}
+
+export interface ResyncAnswer {
+  /** The page's epoch with the asker in sync. */
+  version: number;
+}
+
+export class Resyncer {
+  /** Bytes of data sent by resyncs from this peer (peersan_resync_bytes_total). */
+  readonly counters = { resyncBytes: 0 };
+  private readonly rate: ByteRate;
+  private readonly pacer: ChunkPacer;
+  /** Failed asks are many while a primary is down: one warning per volume and window. */
+  private readonly limiter: LogLimiter;
+  /** Resyncs this peer serves, by `volumeId/page/copy`: a repeated ask joins its run. */
+  private readonly runs = new Map<string, Promise<ResyncAnswer>>();
+  /** The asking side: pages waiting for a turn, and every page queued, running or backing off. */
+  private readonly waiting: string[] = [];
+  private readonly pending = new Set<string>();
+  private readonly attempts = new Map<string, number>();
+  private readonly retryTimers = new Set<TimerHandle>();
+  private running = 0;
+  /** Volumes followed, by id: their name and how to stop. */
+  private readonly followed = new Map<string, { name: string; stop: () => void }>();
+  private unfollow: (() => void) | undefined;
+  private closed = false;
+
+  constructor(private readonly o: ResyncerOptions) {
+    this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(grainBytes, o.settings.pieceBytes), o.env);
+    this.pacer = new ChunkPacer(o.settings.duty ?? 1);
+    this.limiter = new LogLimiter({ nowMs: () => o.env.clock.monotonicMs() });
+  }
+
+  // ---- the stale copy's side --------------------------------------------------------------------
+
+  /** Follow every volume's routes (this peer's open volumes are asked for), and ask for the pages stale here now. */
+  start(): void {
+    this.unfollow = this.o.catalog.onVolumeChange((name, record) => {
+      if (record) this.follow(record);
+      else this.deleted(name);
+    });
+    for (const v of this.o.catalog.listVolumes()) this.follow(v);
+  }
+
+  close(): void {
+    this.closed = true;
+    this.unfollow?.();
+    for (const f of this.followed.values()) f.stop();
+    this.followed.clear();
+    for (const t of this.retryTimers) this.o.env.timers.clearTimeout(t);
+    this.retryTimers.clear();
+  }
+
+  private follow(volume: VolumeRecord): void {
+    if (this.followed.has(volume.id) || this.closed) return;
+    const table = this.o.catalog.routes(volume);
+    const untrack = this.o.tracker.watch(volume.id, table);
+    const unlisten = table.onLearn((page, route) => (route.copies ? this.consider(volume.id, page, route) : void this.completed(volume, page)));
+    const stop = (): void => {
+      untrack();
+      unlisten();
+    };
+    this.followed.set(volume.id, { name: volume.name, stop });
+    for (const [page, route] of table.recorded()) this.consider(volume.id, page, route);
+  }
+
+  private deleted(name: string): void {
+    for (const [id, f] of this.followed) {
+      if (f.name !== name) continue;
+      f.stop();
+      this.followed.delete(id);
+      this.o.tracker.dropVolume(id);
+    }
+  }
+
+  /** A route heard in a MOVED answer does not say who holds copies: read the catalog's record of it. */
+  private async completed(volume: VolumeRecord, page: number): Promise<void> {
+    const route = await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
+    if (route) this.consider(volume.id, page, route);
+  }
+
+  private consider(volumeId: string, page: number, route: Route): void {
+    if (route.copies && staleCopiesOf(route).includes(this.o.self)) this.enqueue(pageKey(volumeId, page));
+  }
+
+  private enqueue(key: string): void {
+    if (this.pending.has(key) || this.closed) return;
+    this.pending.add(key);
+    this.waiting.push(key);
+    this.pump();
+  }
+
+  private pump(): void {
+    while (this.running < resyncPagesInFlightMax && this.waiting.length > 0) {
+      const key = this.waiting.shift()!;
+      this.running++;
+      void this.askFor(key).finally(() => {
+        this.running--;
+        this.pump();
+      });
+    }
+  }
+
+  /** One ask for a page; on failure the page is asked for again after a backoff, while it stays stale. */
+  private async askFor(key: string): Promise<void> {
+    const at = parsePageKey(key)!;
+    const volume = this.o.catalog.volumeById(at.volumeId);
+    const route = volume && this.o.catalog.routes(volume).route(at.page);
+    if (!volume || !route?.copies || !staleCopiesOf(route).includes(this.o.self) || this.closed) {
+      this.done(key);
+      return;
+    }
+    try {
+      await this.askOnce(volume, at.page, route);
+      this.done(key);
+    } catch (err) {
+      // Maybe asked the wrong peer (this peer's routes lag): read the route before the next ask.
+      void this.o.catalog.fetchRoute(volume, at.page).catch(() => undefined);
+      this.retryLater(key, err as Error);
+    }
+  }
+
+  private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<void> {
+    const port = this.o.port(volume.id);
+    if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
+    const full = this.o.activity.isSuspect(volume.id, page);
+    await this.o.ask(route.owner, { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) });
+    if (full) this.o.activity.trusted(volume.id, page);
+    // The watch brings the new route too; reading it now saves asking again meanwhile.
+    await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
+  }
+
+  private done(key: string): void {
+    this.pending.delete(key);
+    this.attempts.delete(key);
+  }
+
+  private retryLater(key: string, err: Error): void {
+    const n = (this.attempts.get(key) ?? 0) + 1;
+    this.attempts.set(key, n);
+    const delayMs = Math.min(resyncRetryMsMax, resyncRetryMsMin * 2 ** (n - 1));
+    this.limiter.warn(this.o.log, parsePageKey(key)!.volumeId, { page: key, attempt: n, retryInMs: delayMs, reason: err.message }, 'resync ask failed; asking again');
+    const timer = this.o.env.timers.setTimeout(() => {
+      this.retryTimers.delete(timer);
+      if (this.closed) return;
+      this.waiting.push(key);
+      this.pump();
+    }, delayMs).unref();
+    this.retryTimers.add(timer);
+  }
+
+  // ---- the primary's side -----------------------------------------------------------------------
+
+  /** A stale copy `from` asks to be brought back in sync. A repeated ask joins the running resync. */
+  handle(from: string, ask: ResyncAsk): Promise<ResyncAnswer> {
+    const key = `${pageKey(ask.volumeId, ask.page)}/${from}`;
+    const running = this.runs.get(key);
+    const volume = this.o.catalog.volumeById(ask.volumeId);
+    if (running && volume) {
+      this.o.tracker.markAsked(ask.volumeId, ask.page, from, grainsPerPage(geometryOf(volume)), ask.full ? 'all' : ask.grains);
+      return running;
+    }
+    const run = this.serve(from, ask).finally(() => this.runs.delete(key));
+    this.runs.set(key, run);
+    return run;
+  }
+
+  private async serve(from: string, ask: ResyncAsk): Promise<ResyncAnswer> {
+    const volume = this.o.catalog.volumeById(ask.volumeId);
+    if (!volume) throw new NotFoundError(`no volume ${ask.volumeId}`);
+    const port = this.o.port(volume.id);
+    if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
+    const route = await this.routeFor(volume, ask, from);
+    if (inSyncOf(route).includes(from)) return { version: route.version };
+    const geo = geometryOf(volume);
+    const whole = pageExtent(geo, ask.page);
+    const grains = grainsPerPage(geo);
+    await port.exclusive(ask.page, whole.lba, whole.blocks, async () => this.o.tracker.register(volume.id, ask.page, from, grains, ask.full ? 'all' : ask.grains));
+    try {
+      for (let round = 0; round < resyncAdmitRoundsMax; round++) {
+        await this.copyDirty(volume, port, ask.page, from);
+        const admitted = await port.exclusive(ask.page, whole.lba, whole.blocks, () => this.admit(volume, ask.page, from));
+        if (admitted) {
+          this.o.log.info({ volume: volume.name, page: ask.page, copy: from, version: admitted.version }, 'copy resynced and back in sync');
+          return { version: admitted.version };
+        }
+      }
+      throw new PeersanError(`page ${ask.page} of ${volume.name} kept changing for ${from}; ask again`);
+    } finally {
+      this.o.tracker.unregister(volume.id, ask.page, from);
+    }
+  }
+
+  /** The page's route as this primary knows it, newer when the asker knows a newer epoch; refused unless ours and `from` a copy. */
+  private async routeFor(volume: VolumeRecord, ask: ResyncAsk, from: string): Promise<Route> {
+    let route = this.o.catalog.routes(volume).route(ask.page);
+    if (ask.version > route.version || !route.copies) route = await this.o.catalog.fetchRoute(volume, ask.page);
+    if (route.owner !== this.o.self) throw new ConflictError(`page ${ask.page} of ${volume.name} is served by ${route.owner} at epoch ${route.version}, not by ${this.o.self}`);
+    if (!copiesOf(route).includes(from)) throw new ConflictError(`${from} holds no copy of page ${ask.page} of ${volume.name} at epoch ${route.version}`);
+    return route;
+  }
+
+  /** Copy every dirty grain of the copy, one at a time under its range lock, paced. */
+  private async copyDirty(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string): Promise<void> {
+    const geo = geometryOf(volume);
+    // A grain marked again by a change the copy missed is copied again; a round copies at most
+    // the page's worth, then the admit step decides.
+    const grains = grainsPerPage(geo);
+    // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole.
+    if (!this.o.tracker.dirtyOf(volume.id, page, copy)) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
+    for (let n = 0; n < grains; n++) {
+      const grain = this.o.tracker.dirtyOf(volume.id, page, copy)?.first();
+      if (grain === undefined) return;
+      const ext = grainExtent(geo, page, grain);
+      await this.rate.take(ext.blocks * geo.blockBytes);
+      const startMs = this.o.env.clock.monotonicMs();
+      const bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.copyGrain(volume, port, page, copy, grain, ext));
+      this.counters.resyncBytes += bytes;
+      const pauseMs = this.pacer.pauseAfter(this.o.env.clock.monotonicMs() - startMs);
+      if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
+    }
+  }
+
+  /**
+   * Send one grain as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
+   * clear its bit. Under the grain's range lock no change of it runs meanwhile, so the bit is
+   * cleared only once the copy has what this peer has (a crash never keeps a bit cleared early).
+   */
+  private async copyGrain(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, grain: number, ext: { lba: number; blocks: number }): Promise<number> {
+    const route = this.o.catalog.routes(volume).route(page);
+    if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
+    let bytes = 0;
+    for (let at = ext.lba; at < ext.lba + ext.blocks; ) {
+      const extents = await port.local.lbaStatus(at, ext.lba + ext.blocks - at);
+      if (extents.length === 0) throw new Error(`assertion failed: no extent at ${at}`);
+      for (const e of extents) {
+        const data = e.mapped ? await port.local.read(e.lba, e.blocks) : undefined;
+        await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, false);
+        bytes += data?.length ?? 0;
+        at = e.lba + e.blocks;
+      }
+    }
+    this.o.tracker.clear(volume.id, page, copy, grain);
+    return bytes;
+  }
+
+  /**
+   * Under the whole page's lock: when nothing is dirty for the copy any more, CAS it into the
+   * in-sync set. Undefined: something is dirty again, or the route changed (read again); copy more.
+   */
+  private async admit(volume: VolumeRecord, page: number, copy: string): Promise<Route | undefined> {
+    const now = this.o.catalog.routes(volume).route(page);
+    if (now.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${now.owner} during its resync`);
+    if (!copiesOf(now).includes(copy)) throw new ConflictError(`${copy} is no copy of page ${page} of ${volume.name} any more`);
+    if (!inSyncOf(now).includes(copy)) {
+      if ((this.o.tracker.dirtyOf(volume.id, page, copy)?.size ?? 1) > 0) return undefined;
+      try {
+        await this.o.catalog.casRoute(volume, page, now, (cur) => ({ owner: cur.owner, copies: [...copiesOf(cur)], inSync: [...inSyncOf(cur), copy] }));
+      } catch (err) {
+        if (!(err instanceof ConflictError)) throw err;
+        await this.o.catalog.fetchRoute(volume, page);
+        return undefined;
+      }
+    }
+    this.o.tracker.unregister(volume.id, page, copy);
+    this.o.tracker.forget(volume.id, page, copy);
+    return this.o.catalog.routes(volume).route(page);
+  }
+}

@@ -1,0 +1,652 @@
+// The activity log, dirty grains and resync (src/replication/activity.ts, resync.ts) with no
+// sockets: a real catalog (embedded), the page store's records as a fake that knows what a crash
+// keeps, and each peer's replicated layer as a fake ReplicaPort over a memory backend whose sends
+// land in the other peer's memory. The write path is a small model of A1's (range lock, change
+// tracker, dual writes to resyncing copies) so that changes during a resync can be interleaved.
+
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import t from 'tap';
+import { Catalog, type VolumeRecord } from '../src/cluster/catalog';
+import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import { ManualEnv } from '../src/env/manual';
+import { activityQuietMs, dirtyPersistMs, resyncRetryMsMin } from '../src/limits';
+import { ActivityLog, type RecordKv } from '../src/replication/activity';
+import type { ReplicaPort } from '../src/replication/hooks';
+import { checkResyncAsk, type ResyncAsk } from '../src/replication/messages';
+import { GrainSet, Resyncer, ResyncTracker } from '../src/replication/resync';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
+import { MemoryBackend } from './helpers/memory-backend';
+
+const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
+const volumeId = '0123456789abcdef';
+const pageBlocks = 1024; // 8 grains of 128 blocks (64 KiB) at 512-byte blocks
+const grainBlocks = 128;
+const grainsPerPage = 8;
+
+interface Op {
+  op: 'put' | 'del' | 'sync';
+  key: string;
+  value?: Buffer;
+  sync: boolean;
+}
+
+/** The page store's records: every op logged; a crash keeps the ops up to the last synced one (LevelDB's log). */
+class FakeKv implements RecordKv {
+  readonly ops: Op[] = [];
+  readonly data = new Map<string, Buffer>();
+  /** When set, puts wait for it (a slow disk). */
+  gate: Promise<void> | undefined;
+
+  async putRecord(key: string, value: Buffer, sync: boolean): Promise<void> {
+    this.ops.push({ op: 'put', key, value, sync });
+    await this.gate;
+    this.data.set(key, value);
+  }
+
+  async deleteRecord(key: string): Promise<void> {
+    this.ops.push({ op: 'del', key, sync: true });
+    this.data.delete(key);
+  }
+
+  async listRecords(prefix: string): Promise<{ key: string; value: Buffer }[]> {
+    return [...this.data].filter(([k]) => k.startsWith(prefix)).sort(([a], [b]) => a.localeCompare(b)).map(([key, value]) => ({ key, value }));
+  }
+
+  /** A flush of the store: one synced write. */
+  sync(): void {
+    this.ops.push({ op: 'sync', key: '', sync: true });
+  }
+
+  /** What a crash now leaves. */
+  crashed(): FakeKv {
+    const kept = new FakeKv();
+    const last = this.ops.map((o) => o.sync).lastIndexOf(true);
+    for (const o of this.ops.slice(0, last + 1)) {
+      if (o.op === 'put') kept.data.set(o.key, o.value!);
+      if (o.op === 'del') kept.data.delete(o.key);
+    }
+    return kept;
+  }
+
+  keys(prefix: string): string[] {
+    return [...this.data.keys()].filter((k) => k.startsWith(prefix)).sort();
+  }
+}
+
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+function settled(p: Promise<unknown>): { done: boolean } {
+  const s = { done: false };
+  void p.then(() => (s.done = true), () => (s.done = true));
+  return s;
+}
+
+/** One turn of the event loop: promise continuations run. */
+const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+t.test('activity log: a page is logged durably before beforeChange resolves; concurrent callers share the put', async (t) => {
+  const env = new ManualEnv();
+  const kv = new FakeKv();
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  const slow = deferred();
+  kv.gate = slow.promise;
+  const first = activity.beforeChange(volumeId, 3);
+  const second = activity.beforeChange(volumeId, 3);
+  t.ok(first, 'not logged yet: a promise');
+  t.equal(second, first, 'a second change of the page waits for the same put');
+  t.same(kv.ops.map((o) => `${o.op} ${o.key} ${o.sync}`), [`put activity/${volumeId}/0000000003 true`], 'one synced put');
+  const s = settled(first!);
+  await tick();
+  t.notOk(s.done, 'not resolved while the put is not done');
+  slow.resolve();
+  await first;
+  t.equal(activity.beforeChange(volumeId, 3), undefined, 'logged: nothing to wait for');
+  t.equal(kv.ops.length, 1, 'no second put');
+});
+
+t.test('activity log: the sweep removes only quiet, flushed, recent-free pages; the rest is suspect after a crash', async (t) => {
+  const env = new ManualEnv();
+  let kv = new FakeKv();
+  const recent = new Map<number, number>([[1, 2]]);
+  let flushGate: Promise<void> | undefined;
+  const activity = await ActivityLog.open({
+    kv, env, recentGrains: (_v, page) => recent.get(page) ?? 0,
+    settle: async () => {
+      await flushGate;
+      kv.sync();
+    },
+    exists: () => true,
+  });
+  activity.start();
+  t.teardown(() => activity.close());
+  for (const page of [0, 1, 2, 4]) await activity.beforeChange(volumeId, page);
+  await env.run(activityQuietMs - 500);
+  activity.noteChanged(volumeId, 2); // page 2 changed again: not quiet yet
+  // Page 4: a change comes while the sweep's flush runs: it must stay.
+  const flushing = deferred();
+  flushGate = flushing.promise;
+  await env.run(500);
+  t.same(activity.logged(volumeId), [0, 1, 2, 4], 'nothing removed before the flush ended');
+  await activity.beforeChange(volumeId, 4);
+  flushGate = undefined;
+  flushing.resolve();
+  await tick();
+  await tick();
+  t.same(activity.logged(volumeId), [1, 2, 4], 'page 0 removed; 1 has recent grains, 2 is not quiet, 4 changed during the flush');
+  const del = kv.ops.findIndex((o) => o.op === 'del');
+  t.ok(del > 0 && kv.ops.slice(0, del).some((o) => o.op === 'sync'), 'the flush comes before the delete');
+  t.equal(kv.ops[del].key, `activity/${volumeId}/0000000000`);
+
+  // A crash now: the synced records survive; every page still logged is suspect at the next start.
+  kv = kv.crashed();
+  const again = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  t.same([...again.suspect(volumeId)].sort(), [1, 2, 4], 'suspect: the pages logged at the crash');
+  t.equal(again.beforeChange(volumeId, 1), undefined, 'a suspect page is logged already');
+  await env.run(activityQuietMs);
+  await again.sweep();
+  t.same(again.logged(volumeId), [1, 2, 4], 'a suspect page stays logged, however quiet');
+  again.trusted(volumeId, 1);
+  await env.run(activityQuietMs);
+  await again.sweep();
+  t.same(again.logged(volumeId), [2, 4], 'once trusted (resynced whole) and quiet, it goes');
+  t.same([...again.suspect(volumeId)].sort(), [2, 4]);
+});
+
+t.test('activity log: a change after a removal logs the page again, after the delete', async (t) => {
+  const env = new ManualEnv();
+  const kv = new FakeKv();
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: () => true });
+  await activity.beforeChange(volumeId, 7);
+  await env.run(activityQuietMs);
+  const sweep = activity.sweep();
+  await tick();
+  const p = activity.beforeChange(volumeId, 7);
+  await sweep;
+  await p;
+  t.same(kv.keys('activity/'), [`activity/${volumeId}/0000000007`], 'logged again');
+  t.same(kv.ops.map((o) => o.op), ['put', 'sync', 'del', 'put'], 'the new put after the delete');
+});
+
+t.test('activity log: pages of a volume deleted meanwhile leave it, suspect or not', async (t) => {
+  const env = new ManualEnv();
+  const kv = new FakeKv();
+  const gone = 'fedcba9876543210';
+  kv.data.set(`activity/${gone}/0000000001`, Buffer.alloc(0));
+  kv.data.set(`activity/${volumeId}/0000000001`, Buffer.alloc(0));
+  const activity = await ActivityLog.open({ kv, env, recentGrains: () => 0, settle: async () => kv.sync(), exists: (id) => id !== gone });
+  t.same([...activity.suspect(gone)], [1]);
+  await env.run(activityQuietMs);
+  await activity.sweep();
+  t.same(activity.logged(gone), [], 'the deleted volume\'s page left');
+  t.same(activity.logged(volumeId), [1], 'a suspect page of a live volume stays');
+});
+
+// ---- dirty grains and resync ------------------------------------------------------------------
+
+/** A range lock (the write path's, A1 range-lock.ts): waits while an overlapping range is held. */
+class RangeLock {
+  private held: { lba: number; end: number }[] = [];
+  private waiters: (() => void)[] = [];
+
+  async run<T>(lba: number, blocks: number, fn: () => Promise<T>): Promise<T> {
+    const r = { lba, end: lba + blocks };
+    while (this.held.some((h) => h.lba < r.end && r.lba < h.end)) await new Promise<void>((w) => this.waiters.push(w));
+    this.held.push(r);
+    try {
+      return await fn();
+    } finally {
+      this.held.splice(this.held.indexOf(r), 1);
+      for (const w of this.waiters.splice(0)) w();
+    }
+  }
+}
+
+interface Sent {
+  to: string;
+  op: 'write' | 'unmap';
+  lba: number;
+  blocks: number;
+  epoch: number;
+}
+
+interface Peer {
+  id: string;
+  kv: FakeKv;
+  mem: MemoryBackend;
+  activity: ActivityLog;
+  tracker: ResyncTracker;
+  resyncer: Resyncer;
+  port: ReplicaPort;
+  recent: number[];
+  /** Sends this peer made. */
+  sent: Sent[];
+  /** A send to a copy fails when this says so. */
+  fail?: (s: Sent) => boolean;
+  /** A send waits for this first (a slow link). */
+  gate?: (s: Sent) => Promise<void> | undefined;
+  lock: RangeLock;
+}
+
+async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-resync-'));
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  const env = new ManualEnv();
+  const catalog = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks, env });
+  const created = await catalog.createVolume({ name: 'vol', size: 4 * pageBlocks * 512, peers: opts.peers, replicas: opts.replicas });
+  // The record as the watch delivers it (the test's volume id is random).
+  for (let i = 0; i < 20 && !catalog.volume('vol'); i++) await tick();
+  const volume: VolumeRecord = catalog.volume('vol') ?? created;
+  const peers = new Map<string, Peer>();
+  /** Resync asks in flight (the catalog's store works in real time: tests wait for them). */
+  const asking = new Set<Promise<unknown>>();
+  /** Let `ms` of simulated time pass, and every resync ask started meanwhile end. */
+  const run = async (ms: number): Promise<void> => {
+    await env.run(ms);
+    while (asking.size > 0) {
+      await Promise.all([...asking]);
+      for (let i = 0; i < 10; i++) await tick();
+    }
+  };
+  t.teardown(async () => {
+    for (const p of peers.values()) {
+      p.resyncer.close();
+      p.tracker.close();
+      p.activity.close();
+    }
+    catalog.close();
+    await meta.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  /** A peer; `view`: its own catalog (its routes learned only from the watch and MOVED answers). */
+  const make = async (id: string, kv = new FakeKv(), view = catalog): Promise<Peer> => {
+    const mem = new MemoryBackend(512, 4 * pageBlocks, grainBlocks);
+    const peer = { id, kv, mem, recent: [] as number[], sent: [] as Sent[], lock: new RangeLock() } as Peer;
+    peer.port = {
+      recentGrains: () => [...peer.recent],
+      exclusive: (_page, lba, blocks, fn) => peer.lock.run(lba, blocks, fn),
+      send: async (to, route, op, lba, blocks, data) => {
+        const s: Sent = { to, op, lba, blocks, epoch: route.version };
+        peer.sent.push(s);
+        await peer.gate?.(s);
+        if (peer.fail?.(s)) throw new Error(`send to ${to} failed`);
+        // The copy's side (A1's ReplicaReceiver): log, apply, track.
+        const dst = peers.get(to)!;
+        const page = Math.floor(lba / pageBlocks);
+        await dst.tracker.beforeChange(volume.id, page);
+        if (op === 'write') await dst.mem.write(lba, data!);
+        else await dst.mem.unmap(lba, blocks);
+        dst.tracker.changed(volume.id, page, route, lba, blocks, []);
+      },
+      local: mem,
+    };
+    peer.activity = await ActivityLog.open({ kv, env, recentGrains: () => peer.recent.length, settle: async () => kv.sync(), exists: () => true });
+    peer.tracker = await ResyncTracker.open({ self: id, kv, activity: peer.activity, env, log, volume: (vid) => view.volumeById(vid), port: () => peer.port });
+    peer.resyncer = new Resyncer({
+      self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
+      settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
+      ask: (primary, ask) => {
+        const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>));
+        const seen = answer.catch(() => undefined).finally(() => asking.delete(seen));
+        asking.add(seen);
+        return answer;
+      },
+    });
+    peers.set(id, peer);
+    return peer;
+  };
+  const table = catalog.routes(volume);
+  /** Drop `copy` from the page's in-sync set (what the write path does when a copy does not answer). */
+  const drop = async (page: number, copy: string): Promise<Route> =>
+    catalog.casRoute(volume, page, table.route(page), (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: inSyncOf(now).filter((p) => p !== copy) }));
+  /** A host write through the primary, as the write path does it: lock, log, apply, send to in-sync and resyncing copies, track. */
+  const write = async (primary: Peer, lba: number, data: Buffer | undefined, blocks = data ? data.length / 512 : 0): Promise<void> => {
+    const page = Math.floor(lba / pageBlocks);
+    await primary.lock.run(lba, blocks, async () => {
+      const route = table.route(page);
+      await primary.tracker.beforeChange(volumeId, page);
+      if (data) await primary.mem.write(lba, data);
+      else await primary.mem.unmap(lba, blocks);
+      const to = [...inSyncOf(route).filter((p) => p !== primary.id), ...primary.tracker.resyncing(volume.id, page)];
+      const missed: string[] = [];
+      await Promise.all(to.map((c) => primary.port.send(c, route, data ? 'write' : 'unmap', lba, blocks, data, false).catch(() => void missed.push(c))));
+      primary.tracker.changed(volume.id, page, route, lba, blocks, missed);
+    });
+  };
+  /** Another peer's view of the catalog (closed with the group). */
+  const view = async (): Promise<Catalog> => {
+    const c = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks, env });
+    t.teardown(() => c.close());
+    return c;
+  };
+  return { env, run, view, catalog, volume, table, peers, make, drop, write };
+}
+
+const fill = (blocks: number, byte: number): Buffer => Buffer.alloc(blocks * 512, byte);
+const grainLba = (page: number, g: number): number => page * pageBlocks + g * grainBlocks;
+const dirtyList = (s: GrainSet | undefined): number[] | undefined => (s ? Array.from({ length: s.grains }, (_, i) => i).filter((i) => s.has(i)) : undefined);
+
+t.test('dirty grains: kept for stale copies only, from the moment they leave the in-sync set', async (t) => {
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  const p2 = await g.make('p2');
+  p1.tracker.watch(vid, g.table);
+  p2.tracker.watch(vid, g.table);
+  // Page 0: p1 primary, p2 and p3 in sync. p3 leaves while p1 has a change in flight at grain 5.
+  p1.recent = [5];
+  const route = await g.drop(0, 'p3');
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [5], 'the grains in flight when p3 left');
+  t.same(dirtyList(p2.tracker.dirtyOf(vid, 0, 'p3')), [], 'p2 (in sync) keeps a set for p3 too');
+  p1.tracker.changed(vid, 0, route, grainLba(0, 3), 10, []);
+  p2.tracker.changed(vid, 0, route, grainLba(0, 3), 10, []);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [3, 5], 'a change marks its grains for the stale copy');
+  t.same(dirtyList(p2.tracker.dirtyOf(vid, 0, 'p3')), [3]);
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p2'), undefined, 'nothing for an in-sync copy');
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p1'), undefined, 'nothing for itself');
+  // A change spanning two grains, missed by in-sync p2 (the write path then drops it).
+  p1.tracker.changed(vid, 0, route, grainLba(0, 6) + 100, 60, ['p2']);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [6, 7], 'a copy that missed the change gets its grains');
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [3, 5, 6, 7]);
+  // p2 falls out of sync: its sets are worthless now (it misses changes).
+  const route2 = await g.drop(0, 'p2');
+  t.equal(p2.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'a stale peer keeps no sets');
+  p2.tracker.changed(vid, 0, route2, grainLba(0, 1), 1, []);
+  t.equal(p2.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'and marks nothing');
+  // A stale copy nobody here saw leave: p3 starts watching after p1 left page 1 (p2 primary, p3 in sync).
+  const route1 = await g.drop(1, 'p1');
+  const p3 = await g.make('p3');
+  p3.tracker.watch(vid, g.table);
+  p3.tracker.changed(vid, 1, route1, grainLba(1, 0), 1, []);
+  t.same(dirtyList(p3.tracker.dirtyOf(vid, 1, 'p1')), [0, 1, 2, 3, 4, 5, 6, 7], 'unseen stale copy: whole page');
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 1, 'p3')), undefined, 'p1 stale on page 1: nothing');
+  // The copy back in sync ends its set.
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: [...inSyncOf(now), 'p3'] }));
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'p3 back in sync: its set is gone');
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [5, 6, 7], 'p2 still stale (grain 5 was in flight when it left)');
+});
+
+t.test('dirty grains: written unsynced, read back at open; whole for a page suspect after a crash', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  p1.tracker.watch(vid, g.table);
+  await g.drop(0, 'p2');
+  await g.drop(2, 'p2');
+  await p1.tracker.beforeChange(vid, 0);
+  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 2), 1, []);
+  await p1.tracker.beforeChange(vid, 2);
+  p1.tracker.changed(vid, 2, g.table.route(2), grainLba(2, 4), 1, []);
+  await g.env.run(dirtyPersistMs);
+  const puts = p1.kv.ops.filter((o) => o.key.startsWith('dirty/'));
+  t.same(puts.map((o) => `${o.op} ${o.sync}`), ['put false', 'put false'], 'one unsynced put per page, debounced');
+  // The volume's flush (the activity sweep's) makes them durable; page 0 leaves the log, page 2 stays (recent).
+  p1.recent = [];
+  await g.env.run(activityQuietMs);
+  await p1.activity.beforeChange(vid, 2);
+  await p1.activity.sweep();
+  t.same(p1.activity.logged(vid), [2], 'page 0 left the log after a flush; page 2 changed again');
+  // Crash: page 0's record and its removal from the log were synced; page 2 is still logged.
+  const kept = p1.kv.crashed();
+  const again = await g.make('p1', kept);
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p2')), [2], 'page 0 read back as it was');
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 2, 'p2')), [0, 1, 2, 3, 4, 5, 6, 7], 'page 2 is suspect: its set counts whole');
+});
+
+/** Page 0 of a 2-copy volume on p1 (primary) and p2, with 8 grains of distinct data on both. */
+async function staleP2(t: Tap.Test) {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const p2 = await g.make('p2');
+  for (let k = 0; k < grainsPerPage; k++) {
+    await p1.mem.write(grainLba(0, k), fill(grainBlocks, 0x10 + k));
+    await p2.mem.write(grainLba(0, k), fill(grainBlocks, 0x10 + k));
+  }
+  p1.resyncer.start();
+  await g.drop(0, 'p2');
+  return { ...g, p1, p2, vid: g.volume.id };
+}
+
+const pageOf = (m: MemoryBackend, page = 0): Buffer => m.data.subarray(page * pageBlocks * 512, (page + 1) * pageBlocks * 512);
+
+t.test('resync: copies exactly the dirty and the asked grains, unmaps unmapped ones, and CASes the copy back in', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2, vid } = g;
+  await g.write(p1, grainLba(0, 2) + 5, fill(3, 0xaa)); // p2 misses it: it is out of sync
+  await g.write(p1, grainLba(0, 4), undefined, grainBlocks); // an unmap
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [2, 4]);
+  // p2 applied a change as primary that never got anywhere (grain 6): it asks for it back.
+  await p2.mem.write(grainLba(0, 6), fill(1, 0xee));
+  p2.recent = [6];
+  const before = g.table.route(0);
+  p2.resyncer.start();
+  await g.run(10);
+  const after = g.table.route(0);
+  t.same(inSyncOf(after), ['p1', 'p2'], 'p2 is in sync again');
+  t.equal(after.version, before.version + 1, 'one epoch later');
+  t.same(p1.sent.map((s) => `${s.to} ${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}+${s.blocks} e${s.epoch}`), [
+    `p2 write 2+${grainBlocks} e${before.version}`,
+    `p2 unmap 4+${grainBlocks} e${before.version}`,
+    `p2 write 6+${grainBlocks} e${before.version}`,
+  ], 'grains 2 (dirty), 4 (unmapped: an unmap) and 6 (asked), nothing else');
+  t.equal(p1.resyncer.counters.resyncBytes, 2 * grainBlocks * 512, 'bytes of data sent');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p2'), undefined, 'no set for an in-sync copy');
+  t.same(p1.tracker.resyncing(vid, 0), [], 'no longer resyncing');
+});
+
+t.test('resync: a suspect copy asks for the whole page, and is trusted after', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2, vid } = g;
+  // p2 restarted after a crash with page 0 in its activity log.
+  const kv = new FakeKv();
+  kv.data.set(`activity/${vid}/0000000000`, Buffer.alloc(0));
+  const again = await g.make('p2', kv);
+  again.mem.data.set(p2.mem.data);
+  t.same([...again.activity.suspect(vid)], [0]);
+  again.resyncer.start();
+  await g.run(10);
+  t.equal(p1.sent.length, grainsPerPage, 'every grain copied');
+  t.equal(p1.resyncer.counters.resyncBytes, pageBlocks * 512);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2']);
+  t.same([...again.activity.suspect(vid)], [], 'trusted again');
+});
+
+t.test('resync: a change during the resync reaches the copy, or marks its grain again', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2, vid } = g;
+  for (const k of [1, 2, 3]) await g.write(p1, grainLba(0, k), fill(grainBlocks, 0xa0 + k));
+  // The copy of grain 1 is slow: changes run meanwhile.
+  const slow = deferred();
+  p1.gate = (s) => (s.op === 'write' && s.lba === grainLba(0, 1) && s.blocks === grainBlocks ? slow.promise : undefined);
+  p2.resyncer.start();
+  await g.env.run(10);
+  for (let i = 0; i < 20 && p1.sent.length === 0; i++) await tick();
+  t.same(p1.tracker.resyncing(vid, 0), ['p2'], 'p2 registered');
+  // Grain 5 (clean for p2): the change is sent to p2 as well, and stays clean.
+  await g.write(p1, grainLba(0, 5) + 7, fill(2, 0xb5));
+  t.notOk(p1.tracker.dirtyOf(vid, 0, 'p2')!.has(5), 'delivered: not dirty');
+  // Grain 6: p2 misses it: marked again, copied by the resync.
+  p1.fail = (s) => s.lba === grainLba(0, 6) + 1;
+  await g.write(p1, grainLba(0, 6) + 1, fill(1, 0xb6));
+  p1.fail = undefined;
+  t.ok(p1.tracker.dirtyOf(vid, 0, 'p2')!.has(6), 'missed: dirty again');
+  // Grain 1 again, while it is being copied: it waits for the grain's copy, then goes to p2 too.
+  const late = g.write(p1, grainLba(0, 1) + 9, fill(1, 0xc1));
+  slow.resolve();
+  await late;
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
+  const copied = p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks);
+  t.same(copied, [1, 2, 3, 6], 'grain 5 never copied: its change went to p2 directly');
+});
+
+t.test('resync: a change the copy misses while the resync waits to admit it is copied before the copy is admitted', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 1), fill(grainBlocks, 0xa1));
+  const copy1 = deferred();
+  const dual5 = deferred();
+  const isDual5 = (s: Sent): boolean => s.lba === grainLba(0, 5) + 3 && s.blocks === 1;
+  p1.gate = (s) => (isDual5(s) ? dual5.promise : s.lba === grainLba(0, 1) ? copy1.promise : undefined);
+  p1.fail = isDual5;
+  p2.resyncer.start();
+  await g.env.run(10);
+  for (let i = 0; i < 20 && p1.sent.length === 0; i++) await tick();
+  // A change of grain 5 is sent to p2 (resyncing) and hangs there; grain 1's copy ends meanwhile.
+  const w = g.write(p1, grainLba(0, 5) + 3, fill(1, 0xb5));
+  for (let i = 0; i < 20 && !p1.sent.some(isDual5); i++) await tick();
+  copy1.resolve();
+  for (let i = 0; i < 20; i++) await tick();
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'not admitted while a change is in flight');
+  dual5.resolve(); // … and p2 missed it
+  await w;
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted after');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the missed change');
+  t.same(p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks), [1, 5], 'grain 5 copied after it was missed');
+});
+
+t.test('resync: the dirty grains survive a change of primary and a restart of the primary', async (t) => {
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const [p1, p2, p3] = [await g.make('p1'), await g.make('p2'), await g.make('p3')];
+  for (const p of [p1, p2, p3]) for (let k = 0; k < grainsPerPage; k++) await p.mem.write(grainLba(0, k), fill(grainBlocks, 0x10 + k));
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.drop(0, 'p3');
+  await g.write(p1, grainLba(0, 2), fill(1, 0x22)); // p2 applies it too, and marks it for p3
+  // p1 dies; p2 takes over (B: owner p2, p1 last and out of sync, epoch + 1).
+  p1.resyncer.close();
+  const r = g.table.route(0);
+  await g.catalog.casRoute(g.volume, 0, r, () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2'] }));
+  await g.write(p2, grainLba(0, 5), fill(1, 0x55));
+  t.same(dirtyList(p2.tracker.dirtyOf(g.volume.id, 0, 'p3')), [2, 5], 'p2 kept p3\'s set through its promotion');
+  t.same(dirtyList(p2.tracker.dirtyOf(g.volume.id, 0, 'p1')), [5], 'and began one for p1 when it left');
+  // Writes stop; the page leaves p2's activity log (records written and flushed), then p2 crashes.
+  await g.env.run(activityQuietMs);
+  await p2.activity.sweep();
+  t.same(p2.activity.logged(g.volume.id), [], 'page 0 left the log');
+  p2.resyncer.close();
+  const again = await g.make('p2', p2.kv.crashed());
+  again.mem.data.set(p2.mem.data);
+  again.mem.mapped.set(p2.mem.mapped);
+  again.resyncer.start();
+  p3.resyncer.start();
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p2', 'p3'], 'p3 resynced from the new primary after its restart');
+  t.same(again.sent.map((s) => `${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}`), ['write 2', 'write 5'], 'exactly the grains p3 missed');
+  t.ok(pageOf(p3.mem).equals(pageOf(again.mem)), 'the copies agree');
+});
+
+t.test('resync: a failed ask is asked again after a backoff; a repeated ask joins the running resync', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  let failures = 1;
+  p1.fail = () => failures-- > 0;
+  p2.resyncer.start();
+  await g.run(1);
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'the first ask failed');
+  await g.run(resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'the second one, a backoff later, succeeded');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+
+  p2.resyncer.close(); // asked by hand from here on
+  await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 4), fill(1, 0x44));
+  const slow = deferred();
+  p1.gate = () => slow.promise;
+  const route = g.table.route(0);
+  const ask: ResyncAsk = { volumeId: g.vid, page: 0, version: route.version, full: false, grains: [] };
+  const a = p1.resyncer.handle('p2', ask);
+  const b = p1.resyncer.handle('p2', { ...ask, grains: [7] });
+  t.equal(b, a, 'the same run');
+  slow.resolve();
+  await a;
+  t.same(p1.sent.slice(-2).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks), [4, 7], 'with the grains of both asks');
+});
+
+t.test('resync: a copy that falls out of sync while its peer runs asks at once; a deleted volume\'s sets go', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const p2 = await g.make('p2');
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 2), fill(1, 0x22));
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'back in sync with no restart');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+  // p2 leaves page 2 (p1 primary) and p1 keeps its set; then the volume is deleted.
+  p2.resyncer.close();
+  await g.drop(2, 'p2');
+  await g.write(p1, grainLba(2, 1), fill(1, 0x21));
+  await g.run(dirtyPersistMs);
+  t.same(p1.kv.keys('dirty/'), [`dirty/${g.volume.id}/0000000002`], 'a set recorded');
+  await g.catalog.deleteVolume('vol');
+  for (let i = 0; i < 50 && g.catalog.volume('vol'); i++) await tick();
+  await g.run(dirtyPersistMs);
+  t.equal(p1.tracker.dirtyOf(g.volume.id, 2, 'p2'), undefined, 'the volume\'s sets are gone');
+  t.same(p1.kv.keys('dirty/'), [], 'and their record');
+});
+
+t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const own = await g.view();
+  const p2 = await g.make('p2', new FakeKv(), own);
+  own.holdRouteEvents(); // p2's watch lags
+  p1.resyncer.start();
+  p2.resyncer.start();
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  const route = await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 4), fill(1, 0x44));
+  t.ok(own.routes(own.volume('vol')!).learn(0, { owner: route.owner, version: route.version }), 'p2 hears the epoch in a MOVED answer');
+  await g.run(10);
+  for (let i = 0; i < 50 && inSyncOf(g.table.route(0)).length < 2; i++) await g.run(1);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked and is back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+});
+
+t.test('resync: refused by a peer that is not the primary, or for a peer that holds no copy', async (t) => {
+  const g = await staleP2(t);
+  const route = g.table.route(0);
+  const ask: ResyncAsk = { volumeId: g.vid, page: 0, version: route.version, full: false, grains: [] };
+  await t.rejects(g.p2.resyncer.handle('p1', ask), { code: 'PEERSAN_ERR_CONFLICT' }, 'p2 is not the primary');
+  await t.rejects(g.p1.resyncer.handle('p3', ask), { code: 'PEERSAN_ERR_CONFLICT' }, 'p3 holds no copy');
+  t.same(g.p1.sent, [], 'nothing sent');
+});
+
+t.test('route table: a route heard without copies is completed by the same epoch from the catalog; recorded() lists changed pages', async (t) => {
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  const heard: Route[] = [];
+  table.onLearn((_page, r) => heard.push(r));
+  t.ok(table.learn(0, { owner: 'p2', version: 3 }), 'a MOVED answer: owner and epoch only');
+  t.ok(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }), 'the same epoch with its copies is taken');
+  t.notOk(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2', 'p1'] }), 'but only once');
+  t.notOk(table.learn(0, { owner: 'p2', version: 3 }), 'and never loses them again');
+  t.same(heard.map((r) => r.copies ?? null), [null, ['p2', 'p1']]);
+  t.same(table.recorded(), [[0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }]]);
+});
+
+t.test('the resync message: shapes and bounds checked', async (t) => {
+  const good = { volumeId, page: 3, version: 2, full: false, grains: [1, 1, 5] };
+  t.same(checkResyncAsk(good), { ...good, grains: [1, 5] });
+  for (const bad of [
+    { ...good, volumeId: 'nope' },
+    { ...good, page: -1 },
+    { ...good, page: 1.5 },
+    { ...good, version: 0 },
+    { ...good, full: 'yes' },
+    { ...good, grains: [512] },
+    { ...good, grains: 'all' },
+    { ...good, grains: Array.from({ length: 513 }, () => 0) },
+  ]) t.throws(() => checkResyncAsk(bad as Record<string, unknown>), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' }, JSON.stringify(bad).slice(0, 80));
+});
