@@ -6,17 +6,23 @@
 // hosts never see it, unless the route stays in flux past the bound (BUSY). The router only
 // picks owners from its table: ownership is checked by the owner's store (src/server/data-path.ts).
 //
+// A replicated page whose primary cannot be reached (DESIGN.md 10): the router asks the first
+// other in-sync copy to take over (message `promote`, src/replication/failover.ts) and waits
+// for a newer route of the page (the answer, or the catalog watch through table.onLearn) at
+// most failoverWaitMsMax, then runs the part again in the same loop, under the same bound: the
+// host's command waits through a failover instead of failing.
+//
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
 // compare-then-write and is not atomic against a concurrent writer of the same blocks.
 
-import { ErrorKind, PeersanError, RemoteFailureError } from '../errors';
+import { ErrorKind, PeersanError, PeerUnavailableError, RemoteFailureError } from '../errors';
 import { sleep, type Env } from '../env/env';
-import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
+import { failoverWaitMsMax, routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
-import type { Route, RouteTable } from './table';
+import { inSyncOf, type Route, type RouteTable } from './table';
 
 export interface RoutingCounters {
   localRuns: number;
@@ -43,8 +49,13 @@ export interface VolumeRouterOptions {
   /** Read the page's route from the catalog (used when an answer contradicts our table). */
   refresh(page: number): Promise<Route>;
   counters: RoutingCounters;
-  /** Clock and timers of the wait for a peer that does not know the volume yet. */
+  /** Clock and timers of the wait for a peer that does not know the volume yet, and for a new primary. */
   env: Env;
+  /**
+   * Ask `peer` (an in-sync copy) to take the page over from its unreachable primary
+   * (src/replication/failover.ts); resolves to the route it answers. Absent: no failover.
+   */
+  promote?(peer: string, page: number, route: Route): Promise<Route>;
 }
 
 interface Run {
@@ -90,7 +101,7 @@ export class VolumeRouter implements BlockBackend {
         const reply = await this.forwardOnce(run, BlockOp.read, false);
         if (this.answered(run, reply)) return this.readData(run, this.payload(reply));
       } catch (err) {
-        tries = await this.followMoved(err, tries);
+        tries = await this.followMoved(err, tries, run);
         runs = this.runsOf(lba, blocks, 0);
       }
     }
@@ -126,7 +137,7 @@ export class VolumeRouter implements BlockBackend {
         }
         if (this.answered(run, await this.forwardOnce(run, BlockOp.write, opts.fua === true, data, opts.stamp))) return;
       } catch (err) {
-        tries = await this.followMoved(err, tries);
+        tries = await this.followMoved(err, tries, run);
         runs = this.runsOf(lba, data.length / bs, 0);
       }
     }
@@ -259,7 +270,7 @@ export class VolumeRouter implements BlockBackend {
         try {
           await step(run);
         } catch (err) {
-          await this.followMoved(err, n);
+          await this.followMoved(err, n, run);
           moved.push(run);
         }
       };
@@ -271,15 +282,61 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
-   * unless it is a PageMovedError with retries left; then its route is learned and the next
-   * try's count returned.
+   * unless, with retries left, it is a PageMovedError (its route is learned) or the run's owner
+   * is unreachable and a new primary could be found (newPrimary); then the next try's count is
+   * returned.
    */
-  private async followMoved(err: unknown, tries: number): Promise<number> {
-    if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
-    this.o.counters.movedRetries++;
-    // An answer no newer than what we know means our own table is behind the catalog.
-    if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+  private async followMoved(err: unknown, tries: number, run: Run): Promise<number> {
+    if (tries >= routeRetriesMax) throw err;
+    if (err instanceof PageMovedError) {
+      this.o.counters.movedRetries++;
+      // An answer no newer than what we know means our own table is behind the catalog.
+      if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+    } else if (!(await this.newPrimary(run, err))) {
+      throw err;
+    }
     return tries + 1;
+  }
+
+  /**
+   * `err` says the run's owner cannot be reached: for each of the run's pages that has another
+   * in-sync copy, ask the first one to take over and wait for a newer route. False (nothing
+   * waited for) when no page has one: unreplicated pages fail as before.
+   */
+  private async newPrimary(run: Run, err: unknown): Promise<boolean> {
+    if (!this.o.promote || !(err instanceof PeerUnavailableError) || err.peer !== run.owner || run.owner === this.o.self) return false;
+    const { table } = this.o;
+    const waits: Promise<void>[] = [];
+    for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
+      const route = table.route(page);
+      const next = inSyncOf(route).find((p) => p !== route.owner);
+      if (route.owner === run.owner && next !== undefined) waits.push(this.newerRoute(page, route, next));
+    }
+    await Promise.all(waits);
+    return waits.length > 0;
+  }
+
+  /**
+   * Ask `peer` to take the page over and wait (no polling) until the table holds a route newer
+   * than `route` (its answer, or the catalog watch), or `peer` answered that the primary is
+   * alive, or failoverWaitMsMax passed. A `peer` that does not answer leaves the wait to the
+   * watch and the bound.
+   */
+  private newerRoute(page: number, route: Route, peer: string): Promise<void> {
+    const { table, env } = this.o;
+    return new Promise((resolve) => {
+      const done = (): void => {
+        off();
+        env.timers.clearTimeout(timer);
+        resolve();
+      };
+      const off = table.onLearn((p) => p === page && done());
+      const timer = env.timers.setTimeout(done, failoverWaitMsMax);
+      this.o.promote!(peer, page, route).then((answered) => {
+        table.learn(page, answered);
+        done();
+      }, () => undefined);
+    });
   }
 
   private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0, stamp = 0): Omit<BlockRequest, 'id'> {
