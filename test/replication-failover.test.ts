@@ -113,18 +113,20 @@ class Group {
     return this.peers.get(id)!;
   }
 
-  static async start(ids: string[], replicas: number, held: Record<string, number[]> = {}): Promise<Group> {
+  /** `held`: pages each peer's store holds data of; `suspect`: pages in each peer's activity log at its start. */
+  static async start(ids: string[], replicas: number, held: Record<string, number[]> = {}, suspect: Record<string, number[]> = {}, cut: string[] = []): Promise<Group> {
     const g = new Group();
+    for (const id of cut) g.cut.add(id);
     const catalogs = new Map<string, Catalog>();
     for (const id of ids) catalogs.set(id, await Catalog.open(g.meta, { groupPeers: ids, pageBlocks, env: g.env }));
     g.volume = await catalogs.get(ids[0])!.createVolume({ name: 'vol', size: volumeBlocks * bs, replicas });
-    for (const id of ids) g.peers.set(id, g.build(id, ids, catalogs.get(id)!, held[id] ?? []));
+    for (const id of ids) g.peers.set(id, g.build(id, ids, catalogs.get(id)!, held[id] ?? [], suspect[id] ?? []));
     for (const p of g.peers.values()) await p.failover.start();
     for (const p of g.peers.values()) p.leases.start();
     return g;
   }
 
-  private build(id: string, ids: string[], catalog: Catalog, held: number[]): TestPeer {
+  private build(id: string, ids: string[], catalog: Catalog, held: number[], suspect: number[]): TestPeer {
     const call = async (to: string, kind: string, body: Record<string, unknown>): Promise<Record<string, unknown>> => {
       await Promise.resolve();
       if (!this.reaches(id, to)) throw new PeerUnavailableError(to, 'cut off', false);
@@ -136,7 +138,7 @@ class Group {
     const port = new FakePort(id, this);
     const peer: TestPeer = { id, catalog, leases, port, held, drops: [], handlers: new Map(), failover: undefined as unknown as Failover };
     peer.failover = new Failover({
-      self: id, env, log, catalog, leases, call, port: () => port, heldPages: () => peer.held, suspect: () => [],
+      self: id, env, log, catalog, leases, call, port: () => port, heldPages: () => peer.held, suspect: async () => suspect,
       drop: (volume, page, route, peers) => {
         peer.drops.push([...peers]);
         return catalog.casRoute(volume, page, route, (now) => ({ owner: now.owner, copies: [...(now.copies ?? [])], inSync: inSyncOf(now).filter((p) => !peers.includes(p)) }));
@@ -407,4 +409,39 @@ t.test('Leases: a renewal counts only once the takeovers it carries are learned'
   learned();
   await env.run(10);
   t.ok(leases.valid('g'), 'learned: the lease counts');
+});
+
+t.test('restart: a suspect page\'s copy leaves the in-sync set (a secondary by CAS, the primary by handover), unless it is the only one', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 2, {}, { p1: [0], p2: [1], p3: [2] }, ['p2']);
+  t.teardown(() => g.close());
+  const p1 = g.peer('p1');
+  // Page 0: p1 primary, p2 secondary, cut off at first. p1 holds the page meanwhile: a request waits, then learns the page moved.
+  let outcome = 'waiting';
+  const request = p1.failover.run(g.volume.id, 0, g.route('p1', 0), false, async () => 'served by a suspect primary');
+  request.then((v) => (outcome = v), (err: Error) => (outcome = err.name));
+  await g.env.run(3_000);
+  t.equal(outcome, 'waiting', 'held while the handover cannot be made');
+  t.equal(g.route('p1', 0).version, 1);
+  g.cut.delete('p2');
+  await g.env.run(failoverWaitMsMax - 3_000 - 10);
+  t.equal(outcome, 'PageMovedError', 'the request waited for the handover, then went to the new primary');
+  t.same(g.route('p1', 0), { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] }, 'handed over to the next in-sync copy');
+  // Page 1: p2 primary, p3 secondary; p2 is suspect as the primary too. Page 2: p3 primary, p1 secondary; p3 suspect as primary.
+  t.same(g.route('p1', 1), { owner: 'p3', version: 2, copies: ['p3', 'p2'], inSync: ['p3'] });
+  t.same(g.route('p1', 2), { owner: 'p1', version: 2, copies: ['p1', 'p3'], inSync: ['p1'] });
+
+  const h = await Group.start(['p1', 'p2', 'p3'], 2, {}, { p2: [0] });
+  t.teardown(() => h.close());
+  await h.env.run(100);
+  t.same(h.peer('p2').drops, [['p2']], 'a suspect secondary drops itself');
+  t.same(h.route('p1', 0), { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1'] });
+
+  const single = await Group.start(['p1', 'p2', 'p3'], 1, {}, { p1: [0] });
+  t.teardown(() => single.close());
+  await single.env.run(100);
+  t.same(single.route('p1', 0), { owner: 'p1', version: 1 }, 'the only in-sync copy stays (nobody has more than it)');
+  let served = 'waiting';
+  void single.peer('p1').failover.run(single.volume.id, 0, single.route('p1', 0), false, async () => (served = 'served'));
+  await single.env.run(10);
+  t.equal(served, 'served', 'and serves the page at once');
 });
