@@ -230,6 +230,8 @@ export const recentCallMsMax = 1_500;
 export const leaseTakeoversPerAnswerMax = 2_048;
 /** A peer that stays silent is looked at again (pages to take over) after leasePingMs, twice as long each time, up to this. */
 export const silenceRefireMsMax = 8_000;
+/** Times a read runs again because a lease ran out during it (and rounds of waiting for leases) before the host hears BUSY. */
+export const leaseReadRunsMax = 3;
 /** Pages one peer takes over at once when a primary falls silent (the rest queue). */
 export const promotionsInFlightMax = 16;
 /** Rounds of a new primary's reconcile (a round ends early when the route changed under it) before it gives up. */

@@ -228,6 +228,15 @@ t.test('promotion only after leaseMs + margin of silence, never while the primar
   await t.rejects(g.peer('p1').failover.run(g.volume.id, 0, { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, true, async () => 'stale'), PageMovedError);
 });
 
+t.test('a copy cut off from the other peers (not from the catalog) takes nothing over', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 2, { p2: [0] });
+  t.teardown(() => g.close());
+  await g.env.run(1_000);
+  g.cut.add('p2');
+  await g.env.run(10_000);
+  t.same(g.route('p2'), { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, 'p2 hears from no majority: p1 stays primary');
+});
+
 t.test('a promote message waits out the primary\'s lease, and is refused when the primary renews', async (t) => {
   const g = await Group.start(['p1', 'p2', 'p3'], 2);
   t.teardown(() => g.close());

@@ -8,7 +8,8 @@
 //   leases are checked again (a read that outlived one is run again).
 // - Promotion: eagerly, when a primary has renewed nothing with this peer for leaseMs + margin
 //   and does not answer, for every page this peer holds data of where it is the first live
-//   in-sync copy after that primary; on demand (message `promote`), after the same silence, or
+//   in-sync copy after that primary, if this peer reaches a majority of the group (an isolated
+//   peer would take pages from primaries that are fine); on demand (message `promote`), after the same silence, or
 //   at once when the primary itself hands the page over. In order: hold the page here; fence
 //   the old primary's leases (leases.ts); CAS owner := this peer, the old primary to the end
 //   of the copies and out of the in-sync set, epoch + 1; then reconcile: ask every other
@@ -25,7 +26,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
-import { failoverWaitMsMax, leaseMs, leasePingMs, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
+import { failoverWaitMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
 import { PageMovedError } from '../routing/moved';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 import type { PrimaryGuard, ReplicaPort } from './hooks';
@@ -49,9 +50,6 @@ export interface FailoverOptions {
   /** Send a replication message, bounded by timeoutMs; its answer's body. */
   call(peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>>;
 }
-
-/** Times a read is run again because a lease ran out during it, before the host hears BUSY. */
-const readRunsMax = 3;
 
 /** The route after `self` took the page over from its primary: first, the old primary last and out of sync. */
 export function promoted(now: Route, self: string): Omit<Route, 'version'> {
@@ -155,7 +153,7 @@ export class Failover implements PrimaryGuard {
       const result = await op();
       // The lease must have held until the read's data was taken: else a new primary may have written meanwhile.
       if (this.leasedNow(this.ours(volume, page, current))) return result;
-      if (runs >= readRunsMax) throw new PeerUnavailableError(this.o.self, `page ${page}: leases keep running out during reads`, false, { transient: true });
+      if (runs >= leaseReadRunsMax) throw new PeerUnavailableError(this.o.self, `page ${page}: leases keep running out during reads`, false, { transient: true });
     }
   }
 
@@ -185,7 +183,7 @@ export class Failover implements PrimaryGuard {
    * did not come back within leaseMs is dropped from the in-sync set (CAS) first.
    */
   private async leased(volume: VolumeRecord, page: number, route: Route): Promise<Route> {
-    for (let round = 0; round < reconcileRoundsMax; round++) {
+    for (let round = 0; round < leaseReadRunsMax; round++) {
       const expired = secondaries(route).filter((p) => !this.o.leases.valid(p));
       if (expired.length === 0) return route;
       const renewed = await Promise.all(expired.map((p) => this.o.leases.awaitLease(p, leaseMs)));
@@ -328,9 +326,20 @@ export class Failover implements PrimaryGuard {
     return secondaries(route).find((p) => p === this.o.self || this.o.leases.alive(p));
   }
 
+  /**
+   * We reach a strict majority of the group (ourselves included), or the group has two peers:
+   * a peer cut off from the others (but not from the catalog) must not take every page over from
+   * primaries that are fine, leaving their hosts without the pages.
+   */
+  private quorate(): boolean {
+    const others = this.o.leases.book.peers;
+    const alive = 1 + others.filter((p) => this.o.leases.alive(p)).length;
+    return others.length < 2 || 2 * alive > others.length + 1;
+  }
+
   /** `peer` renewed nothing with us for leaseMs + margin: take over its pages we hold and are next in line for. */
   private silentPeer(peer: string): void {
-    if (this.closed || this.o.leases.alive(peer)) return;
+    if (this.closed || this.o.leases.alive(peer) || !this.quorate()) return;
     const work: [VolumeRecord, number, Route][] = [];
     for (const volume of this.o.catalog.listVolumes()) {
       const table = this.o.catalog.routes(volume);
