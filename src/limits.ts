@@ -237,6 +237,8 @@ export const promotionsInFlightMax = 16;
 /** Rounds of a new primary's reconcile (a round ends early when the route changed under it) before it gives up. */
 export const reconcileRoundsMax = 4;
 assert(leaseMs > 2 * leasePingMs, 'one lost renewal does not lose a lease');
+// Each peer receives (1000 / leasePingMs) renewals a second from every other peer, each an authenticated call whose nonce it keeps for 2 × the skew.
+assert((1000 / leasePingMs) * 63 * (2 * peerAuthSkewMsMax / 1000) <= peerAuthNoncesMax / 4, 'renewals in a group of 64 peers take at most a quarter of the nonce ledger');
 assert(leaseCallMsMax < leaseMs - leasePingMs, 'an answered renewal still leaves a lease');
 assert(leaseDriftMarginMs >= 0.02 * (leaseMs + leaseDriftMarginMs) + 250, 'the margin covers 1 % drift each way and a 250 ms stall');
 assert(leaseMs + leaseDriftMarginMs + recentCallMsMax <= 3_000, 'a takeover (silence, then reconcile) fits the 3 s failover pause aimed at');

@@ -374,6 +374,21 @@ t.test('router: an unreachable primary with another in-sync copy: promote, wait 
   t.equal(table.route(0).owner, 'p2');
 });
 
+t.test('router: an in-sync copy that cannot be reached either: the next one is asked', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2', 'p4'], pageBlocks, new Map(), 3);
+  const asked: string[] = [];
+  const router = routerOf(env, table, { p1: down, p4: p2Link }, async (peer) => {
+    asked.push(peer);
+    if (peer === 'p2') throw new PeerUnavailableError('p2', 'connection refused', false);
+    return { owner: 'p4', version: 2, copies: ['p4', 'p2', 'p1'], inSync: ['p4', 'p2'] };
+  });
+  const read = router.read(0, 8);
+  await env.run(10);
+  t.same(await read, data);
+  t.same(asked, ['p2', 'p4'], 'in the route\'s order');
+});
+
 t.test('router: the new route may come from the catalog watch instead of the answer', async (t) => {
   const env = new ManualEnv();
   const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);

@@ -299,9 +299,9 @@ export class VolumeRouter implements BlockBackend {
   }
 
   /**
-   * `err` says the run's owner cannot be reached: for each of the run's pages that has another
-   * in-sync copy, ask the first one to take over and wait for a newer route. False (nothing
-   * waited for) when no page has one: unreplicated pages fail as before.
+   * `err` says the run's owner cannot be reached: for each of the run's pages that has other
+   * in-sync copies, ask them to take over and wait for a newer route. False (nothing waited
+   * for) when no page has one: unreplicated pages fail as before.
    */
   private async newPrimary(run: Run, err: unknown): Promise<boolean> {
     if (!this.o.promote || !(err instanceof PeerUnavailableError) || err.peer !== run.owner || run.owner === this.o.self) return false;
@@ -309,20 +309,20 @@ export class VolumeRouter implements BlockBackend {
     const waits: Promise<void>[] = [];
     for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
       const route = table.route(page);
-      const next = inSyncOf(route).find((p) => p !== route.owner);
-      if (route.owner === run.owner && next !== undefined) waits.push(this.newerRoute(page, route, next));
+      const secondaries = inSyncOf(route).filter((p) => p !== route.owner);
+      if (route.owner === run.owner && secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
     }
     await Promise.all(waits);
     return waits.length > 0;
   }
 
   /**
-   * Ask `peer` to take the page over and wait (no polling) until the table holds a route newer
-   * than `route` (its answer, or the catalog watch), or `peer` answered that the primary is
-   * alive, or failoverWaitMsMax passed. A `peer` that does not answer leaves the wait to the
-   * watch and the bound.
+   * Ask the first of `peers` to take the page over (the next one if it cannot be reached), and
+   * wait (no polling) until the table holds a route newer than `route` (an answer, or the
+   * catalog watch), or one answered that the primary is alive, or failoverWaitMsMax passed.
+   * When none can be reached, the watch and the bound end the wait.
    */
-  private newerRoute(page: number, route: Route, peer: string): Promise<void> {
+  private newerRoute(page: number, route: Route, peers: readonly string[]): Promise<void> {
     const { table, env } = this.o;
     return new Promise((resolve) => {
       const done = (): void => {
@@ -332,10 +332,14 @@ export class VolumeRouter implements BlockBackend {
       };
       const off = table.onLearn((p) => p === page && done());
       const timer = env.timers.setTimeout(done, failoverWaitMsMax);
-      this.o.promote!(peer, page, route).then((answered) => {
-        table.learn(page, answered);
-        done();
-      }, () => undefined);
+      const ask = (i: number): void => {
+        if (i >= peers.length) return;
+        this.o.promote!(peers[i], page, route).then((answered) => {
+          table.learn(page, answered);
+          done();
+        }, () => ask(i + 1));
+      };
+      ask(0);
     });
   }
 
