@@ -134,7 +134,7 @@ class Group {
       return JSON.parse(JSON.stringify(answer ?? {})) as Record<string, unknown>;
     };
     const env = this.env;
-    const leases = new Leases({ self: id, groupPeers: ids, env, log, call, learn: (t) => learnTakeover(catalog, t) });
+    const leases = new Leases({ self: id, groupPeers: ids, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() });
     const port = new FakePort(id, this);
     const peer: TestPeer = { id, catalog, leases, port, held, drops: [], handlers: new Map(), failover: undefined as unknown as Failover };
     peer.failover = new Failover({
@@ -226,6 +226,23 @@ t.test('promotion only after leaseMs + margin of silence, never while the primar
   t.ok(g.peer('p1').leases.valid('p2'), 'p1 holds a lease from p2 again');
   t.equal(g.route('p1').owner, 'p2', 'and learned the route from it before it counted');
   await t.rejects(g.peer('p1').failover.run(g.volume.id, 0, { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, true, async () => 'stale'), PageMovedError);
+});
+
+t.test('a grantor that forgot its takeovers (restarted): the old primary re-reads the routes after its lease lapsed', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 2, { p2: [0] });
+  t.teardown(() => g.close());
+  await g.env.run(1_000);
+  g.cut.add('p1');
+  const resumeWatch = g.peer('p1').catalog.holdRouteEvents();
+  t.teardown(resumeWatch);
+  await g.env.run(leaseMs + leaseDriftMarginMs + 2 * leasePingMs);
+  t.equal(g.route('p2').owner, 'p2');
+  // As if p2 had restarted: it holds no takeover to tell p1 of.
+  g.peer('p2').leases.book.grant('p1', Number.MAX_SAFE_INTEGER, g.env.clock.monotonicMs());
+  g.cut.delete('p1');
+  await g.env.run(2 * leasePingMs);
+  t.ok(g.peer('p1').leases.valid('p2'), 'p1 holds a lease from p2 again');
+  t.equal(g.route('p1').owner, 'p2', 'learned from the catalog, read after the lapse');
 });
 
 t.test('a copy cut off from the other peers (not from the catalog) takes nothing over', async (t) => {
@@ -425,6 +442,7 @@ t.test('Leases: a renewal counts only once the takeovers it carries are learned'
     self: 'p', groupPeers: ['p', 'g'], env, log,
     call: async () => ({ granted: true, takeovers: [{ seq: 1, volumeId: '0123456789abcdef', page: 0, route }] }),
     learn: () => learning,
+    refreshRoutes: async () => undefined,
   });
   t.teardown(() => leases.close());
   leases.start();
@@ -487,6 +505,6 @@ t.test('messages from other peers: each checker takes only what it validates', a
   bad('a route with four copies', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, copies: ['a', 'b', 'c', 'd'] } }] }));
   bad('a route owner that is not a peer id', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, owner: 7 } }] }));
   bad('a grain outside the page', () => checkRecentAnswer({ grains: [1, 4096] }));
-  const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined });
+  const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined, refreshRoutes: async () => undefined });
   bad('a lease from a peer outside the group', () => leases.handle('p9', {}));
 });

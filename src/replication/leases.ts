@@ -7,13 +7,16 @@
 // the new one ran out before the new one serves.
 //
 // A lease is per pair of peers, not per page: after a copy took a page over, the old primary
-// must not read that page on the strength of a renewal granted later. So a grantor that took
-// pages over from a peer (a takeover) tells it in every answer, with the new route, until the
-// peer acknowledges; the peer learns those routes BEFORE it counts the renewal (it is no longer
-// the page's primary then). Order at the grantor: fence() before the takeover's CAS, and no
-// grant to that peer while a CAS is in flight (its outcome is not known yet); fenced() after.
-// Known gap: takeovers are kept in memory, so a grantor that restarts forgets the ones its old
-// peer has not learned yet (the old peer then learns them from the catalog watch only).
+// must not read that page on the strength of a renewal granted later. Two rules see to it:
+// - A copy takes over only from a peer it has granted nothing for leaseMs + margin, so that
+//   peer's lease from it LAPSED first; and a renewal answered after a lapse counts only once
+//   the asker re-read every route record from the catalog (after the answer came, so after any
+//   takeover's CAS: the grantor grants nothing while one is in flight). This holds whatever the
+//   grantor remembers (it may have restarted since).
+// - Faster, and without the catalog: a grantor that took pages over from a peer (takeovers)
+//   tells it in every answer, with the new routes, until the peer acknowledges; the peer learns
+//   them BEFORE it counts the renewal. Order at the grantor: fence() before the takeover's CAS,
+//   no grant to that peer while a CAS is in flight (its outcome is unknown), fenced() after.
 //
 // LeaseBook is the pure state (fed events and the monotonic time); Leases drives it: the pings
 // on the Env's timers, the message handler, and the timers that tell failover of a silence.
@@ -168,6 +171,8 @@ export interface LeasesOptions {
   call(peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>>;
   /** Learn a page's route taken over by another peer (no route: read it from the catalog); rejects if it could not. */
   learn(takeover: Takeover): Promise<void>;
+  /** Re-read every route record from the catalog (Catalog.fetchRoutes); rejects if it could not. */
+  refreshRoutes(): Promise<void>;
 }
 
 /** The driver: renewals on the Env's timers, the `lease` handler, silence timers. */
@@ -180,6 +185,9 @@ export class Leases {
   private readonly silentFires = new Map<string, number>();
   private readonly silenceListeners = new Set<(peer: string) => void>();
   private readonly renewalWaiters = new Map<string, Set<() => void>>();
+  /** The route refresh in flight, and the one queued to start after it (see refreshedAfterNow). */
+  private refreshing: Promise<void> | undefined;
+  private refreshNext: Promise<void> | undefined;
   private closed = false;
 
   constructor(private readonly o: LeasesOptions) {
@@ -261,13 +269,34 @@ export class Leases {
     try {
       const answer = checkLeaseAnswer(await this.o.call(peer, 'lease', { ack }, leaseCallMsMax));
       // The routes first: once the lease counts, this peer must know the pages it lost.
+      const lapsed = !this.book.valid(peer, this.now());
       await Promise.all(answer.takeovers.map((t) => this.o.learn(t)));
+      if (lapsed && answer.granted) await this.refreshedAfterNow();
       this.book.answered(peer, sentAtMs, answer, this.now());
     } catch {
       this.book.failed(peer, sentAtMs);
       return;
     }
     for (const w of [...(this.renewalWaiters.get(peer) ?? [])]) w();
+  }
+
+  /**
+   * A route refresh that starts now or later (one already in flight may have read the catalog
+   * before the answer that asks for it): renewals that lapse together share one.
+   */
+  private refreshedAfterNow(): Promise<void> {
+    if (!this.refreshing) {
+      const p = this.o.refreshRoutes().finally(() => {
+        if (this.refreshing === p) this.refreshing = undefined;
+      });
+      this.refreshing = p;
+      return p;
+    }
+    this.refreshNext ??= this.refreshing.catch(() => undefined).then(() => {
+      this.refreshNext = undefined;
+      return this.refreshedAfterNow();
+    });
+    return this.refreshNext;
   }
 
   /** (Re)arm the timer that fires when `peer` falls silent. */

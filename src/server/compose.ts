@@ -155,7 +155,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
   await core.migrator.recover();
   // Replicas: suspect pages (activity log) are held before anything is served; then leases run.
-  const leases = (core.leases = new Leases({ self, groupPeers: w.groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t) }));
+  const leases = (core.leases = new Leases({ self, groupPeers: w.groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() }));
   core.failover = new Failover({
     self, env, log, catalog, leases, call,
     heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
