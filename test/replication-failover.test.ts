@@ -31,7 +31,11 @@ const volumeBlocks = 4 * pageBlocks;
 class MemoryMeta implements MetaStore {
   private readonly records = new Map<string, MetaRecord>();
   private readonly watchers = new Set<{ prefix: string; onEvent: (ev: WatchEvent) => void }>();
+  /** The next put takes effect but its caller hears a failure, and so does the get after it (an ambiguous outcome, as etcd's). */
+  loseNextPutReply = false;
+  private failGets = 0;
   async get(key: string): Promise<MetaRecord | undefined> {
+    if (this.failGets > 0 && this.failGets--) throw new Error('catalog: no answer');
     return this.records.get(key);
   }
   async list(prefix: string): Promise<MetaRecord[]> {
@@ -43,6 +47,11 @@ class MemoryMeta implements MetaStore {
     const record = { key, value, version: expectedVersion + 1 };
     this.records.set(key, record);
     for (const w of this.watchers) if (key.startsWith(w.prefix)) w.onEvent({ type: 'put', record });
+    if (this.loseNextPutReply) {
+      this.loseNextPutReply = false;
+      this.failGets = 1;
+      throw new Error('catalog: no answer');
+    }
     return record;
   }
   async delete(key: string, expectedVersion: number): Promise<void> {
@@ -304,6 +313,24 @@ t.test('the new primary reconciles: the union of recent grains, its content, on 
   t.same(seen, [fill(0xa1), fill(0xa3), Buffer.alloc(grainBlocks * bs)], 'p3 holds p2\'s content of every grain either changed, before the first request runs');
   t.same(p2.port.sent, ['p3 write 8@2', 'p3 write 24@2', 'p3 unmap 40@2'], 'at the new epoch, to p3 only (p1 is out of the in-sync set)');
   t.notOk(p3.port.local.mapped[grainLba(0, 5)], 'a hole here is a hole there');
+});
+
+t.test('a takeover whose CAS outcome is unknown keeps the page held until the catalog tells, then reconciles', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 3);
+  t.teardown(() => g.close());
+  const [p2, p3] = [g.peer('p2'), g.peer('p3')];
+  await p2.port.local.write(grainLba(0, 2), fill(0xa2));
+  await p3.port.local.write(grainLba(0, 2), fill(0xb2));
+  p3.port.recent.add(2);
+  await g.env.run(1_000);
+  g.cut.add('p1');
+  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
+  g.meta.loseNextPutReply = true;
+  await t.rejects(p2.failover.promote(g.volume, 0, g.route('p2'), false), { message: 'catalog: no answer' });
+  t.equal(g.route('p2').owner, 'p2', 'the CAS did take effect');
+  const seen = p2.failover.run(g.volume.id, 0, g.route('p2'), false, async () => p3.port.local.read(grainLba(0, 2), grainBlocks));
+  await g.env.run(2 * leasePingMs);
+  t.same(await seen, fill(0xa2), 'served only after the reconcile');
 });
 
 t.test('a copy that does not answer the reconcile is dropped from the in-sync set', async (t) => {

@@ -236,11 +236,15 @@ export class Failover implements PrimaryGuard {
     try {
       route = await catalog.casRoute(volume, page, from, (now) => promoted(now, self));
     } catch (err) {
-      // Lost (ConflictError) or unknown: the old primary learns whatever the catalog says now.
+      // The old primary learns whatever the catalog says now (nothing known: it reads the catalog itself).
       const current = await catalog.fetchRoute(volume, page).catch(() => undefined);
       leases.book.fenced(old, volume.id, page, current);
-      release();
-      if (err instanceof ConflictError && current) return current;
+      if (err instanceof ConflictError && current) {
+        release();
+        return current;
+      }
+      // Unknown outcome: the CAS may have taken effect. The page stays held until the catalog tells.
+      void this.settle(volume, page, current, port).finally(release);
       throw err;
     }
     leases.book.fenced(old, volume.id, page, route);
@@ -249,10 +253,14 @@ export class Failover implements PrimaryGuard {
     return route;
   }
 
-  /** Reconcile until done, or until the page is not ours; the page stays held meanwhile. */
-  private async settle(volume: VolumeRecord, page: number, route: Route, port: ReplicaPort): Promise<void> {
+  /**
+   * Reconcile until done, or until the page is not ours (route undefined: not known yet, read
+   * from the catalog); the page stays held meanwhile.
+   */
+  private async settle(volume: VolumeRecord, page: number, route: Route | undefined, port: ReplicaPort): Promise<void> {
     for (let delayMs = leasePingMs; !this.closed; delayMs = Math.min(2 * delayMs, silenceRefireMsMax)) {
       try {
+        route ??= await this.o.catalog.fetchRoute(volume, page);
         await this.reconcile(volume, page, route, port);
         return;
       } catch (err) {
