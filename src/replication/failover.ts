@@ -368,24 +368,26 @@ export class Failover implements PrimaryGuard {
   // ---- restart: stepping out of suspect pages --------------------------------------------------
 
   private async stepOut(volume: VolumeRecord, page: number): Promise<void> {
-    for (let delayMs = leasePingMs; !this.closed; delayMs = Math.min(2 * delayMs, silenceRefireMsMax)) {
+    // The first try by the table (as the catalog was when it opened, moments ago): most suspect pages have one copy, and cost no catalog read.
+    for (let delayMs = leasePingMs, route = this.o.catalog.routes(volume).route(page); !this.closed; delayMs = Math.min(2 * delayMs, silenceRefireMsMax)) {
       try {
-        if (await this.stepOutOnce(volume, page)) return;
+        if (await this.stepOutOnce(volume, page, route)) return;
       } catch (err) {
         this.o.log.warn({ volume: volume.name, page, reason: (err as Error).message }, 'could not leave the in-sync set of a suspect page yet');
       }
       await sleep(this.o.env.timers, delayMs);
+      route = await this.o.catalog.fetchRoute(volume, page).catch(() => route);
     }
   }
 
   /** True once this peer is out of the page's in-sync set, or its only member. */
-  private async stepOutOnce(volume: VolumeRecord, page: number): Promise<boolean> {
+  private async stepOutOnce(volume: VolumeRecord, page: number, route: Route): Promise<boolean> {
     const { self } = this.o;
-    const route = await this.o.catalog.fetchRoute(volume, page);
     const inSync = inSyncOf(route);
     if (!inSync.includes(self) || inSync.length === 1) return true;
     if (route.owner !== self) {
-      await this.o.drop(volume, page, route, [self]);
+      const next = await this.o.drop(volume, page, route, [self]);
+      this.o.log.info({ volume: volume.name, page, epoch: next.version }, 'left the in-sync set of a suspect page (it resyncs)');
       return true;
     }
     // The primary hands the page over: the new one reconciles with the others, without us.
@@ -394,7 +396,9 @@ export class Failover implements PrimaryGuard {
       const answer = await this.o.call(peer, 'promote', body, failoverWaitMsMax).then(checkRouteAnswer, () => undefined);
       if (answer && answer.version > route.version) {
         this.o.catalog.routes(volume).learn(page, answer);
-        return answer.owner !== self;
+        this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version }, 'handed a suspect page over');
+        // Someone else's change may have come first: then the next try decides again.
+        return !inSyncOf(answer).includes(self);
       }
     }
     return false;
