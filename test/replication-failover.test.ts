@@ -433,6 +433,18 @@ t.test('router: an in-sync copy that cannot be reached either: the next one is a
   t.same(asked, ['p2', 'p4'], 'in the route\'s order');
 });
 
+t.test('router: no in-sync copy reachable either (this peer is the one cut off): the error at once', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2', 'p4'], pageBlocks, new Map(), 3);
+  const router = routerOf(env, table, { p1: down }, async (peer) => {
+    throw new PeerUnavailableError(peer, 'connection refused', false);
+  });
+  let outcome = 'waiting';
+  router.read(0, 8).then(() => (outcome = 'served'), (err: PeerUnavailableError) => (outcome = err.peer));
+  await env.run(10);
+  t.equal(outcome, 'p1', 'the primary\'s error at once, as without replicas: no wait for a failover nobody can make');
+});
+
 t.test('router: the new route may come from the catalog watch instead of the answer', async (t) => {
   const env = new ManualEnv();
   const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);

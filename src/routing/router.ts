@@ -300,43 +300,43 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * `err` says the run's owner cannot be reached: for each of the run's pages that has other
-   * in-sync copies, ask them to take over and wait for a newer route. False (nothing waited
-   * for) when no page has one: unreplicated pages fail as before.
+   * in-sync copies, ask them to take over and wait for a newer route. False when no page has
+   * one (unreplicated pages fail as before), or when no copy of any could be reached either
+   * (this peer is the one cut off: its host hears the error now, and can try another path).
    */
   private async newPrimary(run: Run, err: unknown): Promise<boolean> {
     if (!this.o.promote || !(err instanceof PeerUnavailableError) || err.peer !== run.owner || run.owner === this.o.self) return false;
     const { table } = this.o;
-    const waits: Promise<void>[] = [];
+    const waits: Promise<boolean>[] = [];
     for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
       const route = table.route(page);
       const secondaries = inSyncOf(route).filter((p) => p !== route.owner);
       if (route.owner === run.owner && secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
     }
-    await Promise.all(waits);
-    return waits.length > 0;
+    return (await Promise.all(waits)).includes(true);
   }
 
   /**
    * Ask the first of `peers` to take the page over (the next one if it cannot be reached), and
    * wait (no polling) until the table holds a route newer than `route` (an answer, or the
-   * catalog watch), or one answered that the primary is alive, or failoverWaitMsMax passed.
-   * When none can be reached, the watch and the bound end the wait.
+   * catalog watch), or one answered that the primary is alive, or failoverWaitMsMax passed:
+   * true. False at once when none of `peers` could be reached.
    */
-  private newerRoute(page: number, route: Route, peers: readonly string[]): Promise<void> {
+  private newerRoute(page: number, route: Route, peers: readonly string[]): Promise<boolean> {
     const { table, env } = this.o;
     return new Promise((resolve) => {
-      const done = (): void => {
+      const done = (waited: boolean): void => {
         off();
         env.timers.clearTimeout(timer);
-        resolve();
+        resolve(waited);
       };
-      const off = table.onLearn((p) => p === page && done());
-      const timer = env.timers.setTimeout(done, failoverWaitMsMax);
+      const off = table.onLearn((p) => p === page && done(true));
+      const timer = env.timers.setTimeout(() => done(true), failoverWaitMsMax);
       const ask = (i: number): void => {
-        if (i >= peers.length) return;
+        if (i >= peers.length) return done(false);
         this.o.promote!(peers[i], page, route).then((answered) => {
           table.learn(page, answered);
-          done();
+          done(true);
         }, () => ask(i + 1));
       };
       ask(0);
