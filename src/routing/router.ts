@@ -6,11 +6,12 @@
 // hosts never see it, unless the route stays in flux past the bound (BUSY). The router only
 // picks owners from its table: ownership is checked by the owner's store (src/server/data-path.ts).
 //
-// A replicated page whose primary cannot be reached (DESIGN.md 10): the router asks the first
-// other in-sync copy to take over (message `promote`, src/replication/failover.ts) and waits
-// for a newer route of the page (the answer, or the catalog watch through table.onLearn) at
-// most failoverWaitMsMax, then runs the part again in the same loop, under the same bound: the
-// host's command waits through a failover instead of failing.
+// A replicated page whose primary cannot be reached (DESIGN.md 10): the router asks its other
+// in-sync copies in order to take over (message `promote`, src/replication/failover.ts) and
+// waits for a newer route of the page (an answer, or the catalog watch through table.onLearn)
+// at most failoverWaitMsMax, then runs the part again in the same loop, under the same bound:
+// the host's command waits through a failover instead of failing. If no copy can be reached
+// either, this peer is the one cut off, and the error goes up at once.
 //
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
