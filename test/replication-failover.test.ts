@@ -547,3 +547,28 @@ t.test('messages from other peers: each checker takes only what it validates', a
   const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined, refreshRoutes: async () => undefined });
   bad('a lease from a peer outside the group', () => leases.handle('p9', {}));
 });
+
+t.test('Leases: renewals that lapse together share one route refresh, one that starts after their answers', async (t) => {
+  const env = new ManualEnv();
+  const refreshes: (() => void)[] = [];
+  const leases = new Leases({
+    self: 'p', groupPeers: ['p', 'a', 'b', 'c'], env, log,
+    call: async () => ({ granted: true, takeovers: [] }),
+    learn: async () => undefined,
+    refreshRoutes: () => new Promise<void>((resolve) => refreshes.push(resolve)),
+  });
+  t.teardown(() => leases.close());
+  leases.start();
+  await env.run(1);
+  t.equal(refreshes.length, 1, 'the first lapsed answer starts a refresh');
+  t.notOk(leases.valid('a'), 'no lease before it ends');
+  refreshes[0]();
+  await env.run(1);
+  t.ok(leases.valid('a'));
+  t.notOk(leases.valid('b'), 'answers that came while it ran wait for the next one: it may have read the catalog before them');
+  t.equal(refreshes.length, 2, 'one next refresh for both');
+  refreshes[1]();
+  await env.run(1);
+  t.ok(leases.valid('b') && leases.valid('c'));
+  t.equal(refreshes.length, 2);
+});
