@@ -98,11 +98,14 @@ export class Failover implements PrimaryGuard {
   private readonly suspects = new Set<string>();
   /** Takeovers whose CAS is in flight, by volumeId/page (one at a time per page). */
   private readonly promoting = new Map<string, Promise<Route>>();
-  private unlisten: (() => void) | undefined;
+  /** Volume records by id, for the data path's calls (Catalog.volumeById walks every volume); emptied on any volume change. */
+  private readonly volumes = new Map<string, VolumeRecord>();
+  private readonly unlisten: (() => void)[] = [];
   private closed = false;
 
   constructor(o: FailoverOptions) {
     this.o = o;
+    this.unlisten.push(o.catalog.onVolumeChange(() => this.volumes.clear()));
   }
 
   /**
@@ -123,12 +126,12 @@ export class Failover implements PrimaryGuard {
         });
       }
     }
-    this.unlisten = this.o.leases.onSilent((peer) => this.silentPeer(peer));
+    this.unlisten.push(this.o.leases.onSilent((peer) => this.silentPeer(peer)));
   }
 
   close(): void {
     this.closed = true;
-    this.unlisten?.();
+    for (const off of this.unlisten) off();
   }
 
   /** The message handlers of this part, by kind (composePeer registers them). */
@@ -455,8 +458,9 @@ export class Failover implements PrimaryGuard {
   }
 
   private volumeOf(volumeId: string): VolumeRecord {
-    const volume = this.o.catalog.volumeById(volumeId);
+    const volume = this.volumes.get(volumeId) ?? this.o.catalog.volumeById(volumeId);
     if (!volume) throw new NotFoundError(`no volume ${volumeId} on ${this.o.self}`);
+    this.volumes.set(volumeId, volume);
     return volume;
   }
 
