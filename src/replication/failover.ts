@@ -9,14 +9,15 @@
 // - Promotion: eagerly, when a primary has renewed nothing with this peer for leaseMs + margin
 //   and does not answer, for every page this peer holds data of where it is the first live
 //   in-sync copy after that primary, if this peer reaches a majority of the group (an isolated
-//   peer would take pages from primaries that are fine); on demand (message `promote`), after the same silence, or
-//   at once when the primary itself hands the page over. In order: hold the page here; fence
-//   the old primary's leases (leases.ts); CAS owner := this peer, the old primary to the end
-//   of the copies and out of the in-sync set, epoch + 1; then reconcile: ask every other
-//   in-sync copy for its recent grains (message `recent`: it learns the new epoch first, so it
-//   refuses the old primary from then on), and write this peer's content of the union (its own
-//   recent grains included) to each of them at the new epoch; a copy that does not answer is
-//   dropped from the in-sync set. Only then the page is released to requests.
+//   peer would take pages from primaries that are fine); on demand (message `promote`), after
+//   the same silence, or at once when the primary itself hands the page over. In order: hold
+//   the page here; fence the old primary's leases (leases.ts); CAS owner := this peer, the old
+//   primary to the end of the copies and out of the in-sync set, epoch + 1; then reconcile:
+//   ask every other in-sync copy for its recent grains (message `recent`: it learns the new
+//   epoch first, so it refuses the old primary from then on), and write this peer's content of
+//   the union (its own recent grains included) to each of them at the new epoch; a copy that
+//   does not answer is dropped from the in-sync set. Only then the page is released to
+//   requests. A CAS whose outcome is unknown keeps the page held until the catalog tells.
 // - Restart (invariant 6): pages in the activity log are suspect (this peer may have lost
 //   writes it had acknowledged as a copy). Each is held; the peer leaves its in-sync set (a CAS
 //   by itself as a secondary, a handover to another in-sync copy as the primary) unless it is
