@@ -19,6 +19,11 @@ import { BlockOp, ReplyStatus, type BlockReply } from '../src/routing/frame';
 import { PageMovedError } from '../src/routing/moved';
 import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routing/router';
 import { inSyncOf, RouteTable, type Route } from '../src/routing/table';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pageBlocks as storePageBlocks } from '../src/limits';
+import { PageStore } from '../src/store/page-store';
 import { MemoryBackend } from './helpers/memory-backend';
 
 const log = pino({ level: 'silent' });
@@ -571,4 +576,18 @@ t.test('Leases: renewals that lapse together share one route refresh, one that s
   await env.run(1);
   t.ok(leases.valid('b') && leases.valid('c'));
   t.equal(refreshes.length, 2);
+});
+
+t.test('the store tells which pages it holds data of (what a peer takes over eagerly)', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-held-'));
+  const store = await PageStore.open(dir);
+  t.teardown(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const volume = await store.openVolume('0123456789abcdef', { blockBytes: bs, blockCount: 4 * storePageBlocks });
+  t.same([...volume.heldPages()], [], 'nothing written: nothing held');
+  await volume.write(2 * storePageBlocks + 5, Buffer.alloc(bs, 1));
+  await volume.write(0, Buffer.alloc(bs, 1));
+  t.same([...volume.heldPages()].sort(), [0, 2]);
 });
