@@ -208,6 +208,43 @@ assert(peerStreamBytesInFlightMax >= 8 * peerFrameBytesMax, 'a stream runs sever
 assert(24 + 255 + peerReadBytesMax <= peerFrameBytesMax, 'the largest read reply fits one frame');
 assert(24 + 255 + lbaStatusPagesMax * pageBlocks * 13 <= peerFrameBytesMax, 'an lbaStatus reply (one extent per block at worst) fits one frame');
 
+// ---- Replicas: leases and failover (src/replication, DESIGN.md 10) ---------------------
+// Assumption the safety of reads rests on: monotonic clocks of two peers drift apart by less
+// than 1 % and no event loop stalls for longer than the margin. A primary holds a lease from
+// each in-sync copy until (its time of sending the renewal) + leaseMs; a copy promotes itself
+// only once it has granted nothing for leaseMs + leaseDriftMarginMs (its own time). Its last
+// grant came after the primary sent the renewal, so the primary's lease ran out first.
+/** Every peer renews its leases with every other peer this often. */
+export const leasePingMs = 250;
+/** A renewal is good for this long, counted from when the primary sent it. */
+export const leaseMs = 1_000;
+/** What a copy waits beyond leaseMs before it takes over (clock drift and event-loop stalls). */
+export const leaseDriftMarginMs = 300;
+/** A renewal not answered in this time is given up (its lease would be worth little by then). */
+export const leaseCallMsMax = 500;
+/** A host request for a page whose primary is unreachable waits this long for a new primary. */
+export const failoverWaitMsMax = 8_000;
+/** The new primary's `recent` question to each in-sync copy (an unanswered copy is dropped from the in-sync set). */
+export const recentCallMsMax = 1_500;
+/** Route changes (takeovers) one lease answer carries; more come with the next renewals, the lease waits for them. */
+export const leaseTakeoversPerAnswerMax = 2_048;
+/** A peer that stays silent is looked at again (pages to take over) after leasePingMs, twice as long each time, up to this. */
+export const silenceRefireMsMax = 8_000;
+/** Times a read runs again because a lease ran out during it (and rounds of waiting for leases) before the host hears BUSY. */
+export const leaseReadRunsMax = 3;
+/** Pages one peer takes over at once when a primary falls silent (the rest queue). */
+export const promotionsInFlightMax = 16;
+/** Rounds of a new primary's reconcile (a round ends early when the route changed under it) before it gives up. */
+export const reconcileRoundsMax = 4;
+assert(leaseMs > 2 * leasePingMs, 'one lost renewal does not lose a lease');
+// Each peer receives (1000 / leasePingMs) renewals a second from every other peer, each an authenticated call whose nonce it keeps for 2 × the skew.
+assert((1000 / leasePingMs) * 63 * (2 * peerAuthSkewMsMax / 1000) <= peerAuthNoncesMax / 4, 'renewals in a group of 64 peers take at most a quarter of the nonce ledger');
+assert(leaseCallMsMax < leaseMs - leasePingMs, 'an answered renewal still leaves a lease');
+assert(leaseDriftMarginMs >= 0.02 * (leaseMs + leaseDriftMarginMs) + 250, 'the margin covers 1 % drift each way and a 250 ms stall');
+assert(leaseMs + leaseDriftMarginMs + recentCallMsMax <= 3_000, 'a takeover (silence, then reconcile) fits the 3 s failover pause aimed at');
+assert(failoverWaitMsMax >= leaseMs + leaseDriftMarginMs + 2 * recentCallMsMax + peerConnectMsMax, 'a host request outwaits a takeover');
+assert(failoverWaitMsMax + peerRequestMsMax < 30_000, 'a failover stays inside an initiator\'s 30 s command timeout');
+
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
 
 /** CSCD (target) descriptors and segment descriptors per EXTENDED COPY, and their total bytes. */

@@ -206,6 +206,10 @@ export class Catalog {
       this.heldRouteEvents.push(ev);
       return;
     }
+    this.applyRouteEvent(ev);
+  }
+
+  private applyRouteEvent(ev: WatchEvent): void {
     const key = ev.type === 'put' ? ev.record.key : ev.key;
     const [volumeId, pageText] = key.slice(routePrefix.length).split('/');
     const page = Number(pageText);
@@ -238,6 +242,14 @@ export class Catalog {
   volumeById(id: string): VolumeRecord | undefined {
     for (const v of this.volumes.values()) if (v.id === id) return v;
     return undefined;
+  }
+
+  /**
+   * Read every route record from the catalog itself, whatever the watch has delivered: a
+   * primary whose lease lapsed learns every page taken over meanwhile (src/replication/leases.ts).
+   */
+  async fetchRoutes(): Promise<void> {
+    for (const r of await this.store.list(routePrefix)) this.applyRouteEvent({ type: 'put', record: r });
   }
 
   /** Read a page's route from the catalog itself (an owner asked about a newer version than it knows). */

@@ -6,17 +6,24 @@
 // hosts never see it, unless the route stays in flux past the bound (BUSY). The router only
 // picks owners from its table: ownership is checked by the owner's store (src/server/data-path.ts).
 //
+// A replicated page whose primary cannot be reached (DESIGN.md 10): the router asks its other
+// in-sync copies in order to take over (message `promote`, src/replication/failover.ts) and
+// waits for a newer route of the page (an answer, or the catalog watch through table.onLearn)
+// at most failoverWaitMsMax, then runs the part again in the same loop, under the same bound:
+// the host's command waits through a failover instead of failing. If no copy can be reached
+// either, this peer is the one cut off, and the error goes up at once.
+//
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
 // compare-then-write and is not atomic against a concurrent writer of the same blocks.
 
-import { ErrorKind, PeersanError, RemoteFailureError } from '../errors';
+import { ErrorKind, PeersanError, PeerUnavailableError, RemoteFailureError } from '../errors';
 import { sleep, type Env } from '../env/env';
-import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
+import { failoverWaitMsMax, routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
-import type { Route, RouteTable } from './table';
+import { inSyncOf, type Route, type RouteTable } from './table';
 
 export interface RoutingCounters {
   localRuns: number;
@@ -43,8 +50,13 @@ export interface VolumeRouterOptions {
   /** Read the page's route from the catalog (used when an answer contradicts our table). */
   refresh(page: number): Promise<Route>;
   counters: RoutingCounters;
-  /** Clock and timers of the wait for a peer that does not know the volume yet. */
+  /** Clock and timers of the wait for a peer that does not know the volume yet, and for a new primary. */
   env: Env;
+  /**
+   * Ask `peer` (an in-sync copy) to take the page over from its unreachable primary
+   * (src/replication/failover.ts); resolves to the route it answers. Absent: no failover.
+   */
+  promote?(peer: string, page: number, route: Route): Promise<Route>;
 }
 
 interface Run {
@@ -90,7 +102,7 @@ export class VolumeRouter implements BlockBackend {
         const reply = await this.forwardOnce(run, BlockOp.read, false);
         if (this.answered(run, reply)) return this.readData(run, this.payload(reply));
       } catch (err) {
-        tries = await this.followMoved(err, tries);
+        tries = await this.followMoved(err, tries, run);
         runs = this.runsOf(lba, blocks, 0);
       }
     }
@@ -126,7 +138,7 @@ export class VolumeRouter implements BlockBackend {
         }
         if (this.answered(run, await this.forwardOnce(run, BlockOp.write, opts.fua === true, data, opts.stamp))) return;
       } catch (err) {
-        tries = await this.followMoved(err, tries);
+        tries = await this.followMoved(err, tries, run);
         runs = this.runsOf(lba, data.length / bs, 0);
       }
     }
@@ -259,7 +271,7 @@ export class VolumeRouter implements BlockBackend {
         try {
           await step(run);
         } catch (err) {
-          await this.followMoved(err, n);
+          await this.followMoved(err, n, run);
           moved.push(run);
         }
       };
@@ -271,15 +283,65 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
-   * unless it is a PageMovedError with retries left; then its route is learned and the next
-   * try's count returned.
+   * unless, with retries left, it is a PageMovedError (its route is learned) or the run's owner
+   * is unreachable and a new primary could be found (newPrimary); then the next try's count is
+   * returned.
    */
-  private async followMoved(err: unknown, tries: number): Promise<number> {
-    if (!(err instanceof PageMovedError) || tries >= routeRetriesMax) throw err;
-    this.o.counters.movedRetries++;
-    // An answer no newer than what we know means our own table is behind the catalog.
-    if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+  private async followMoved(err: unknown, tries: number, run: Run): Promise<number> {
+    if (tries >= routeRetriesMax) throw err;
+    if (err instanceof PageMovedError) {
+      this.o.counters.movedRetries++;
+      // An answer no newer than what we know means our own table is behind the catalog.
+      if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+    } else if (!(await this.newPrimary(run, err))) {
+      throw err;
+    }
     return tries + 1;
+  }
+
+  /**
+   * `err` says the run's owner cannot be reached: for each of the run's pages that has other
+   * in-sync copies, ask them to take over and wait for a newer route. False when no page has
+   * one (unreplicated pages fail as before), or when no copy of any could be reached either
+   * (this peer is the one cut off: its host hears the error now, and can try another path).
+   */
+  private async newPrimary(run: Run, err: unknown): Promise<boolean> {
+    if (!this.o.promote || !(err instanceof PeerUnavailableError) || err.peer !== run.owner || run.owner === this.o.self) return false;
+    const { table } = this.o;
+    const waits: Promise<boolean>[] = [];
+    for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
+      const route = table.route(page);
+      const secondaries = inSyncOf(route).filter((p) => p !== route.owner);
+      if (route.owner === run.owner && secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
+    }
+    return (await Promise.all(waits)).includes(true);
+  }
+
+  /**
+   * Ask the first of `peers` to take the page over (the next one if it cannot be reached), and
+   * wait (no polling) until the table holds a route newer than `route` (an answer, or the
+   * catalog watch), or one answered that the primary is alive, or failoverWaitMsMax passed:
+   * true. False at once when none of `peers` could be reached.
+   */
+  private newerRoute(page: number, route: Route, peers: readonly string[]): Promise<boolean> {
+    const { table, env } = this.o;
+    return new Promise((resolve) => {
+      const done = (waited: boolean): void => {
+        off();
+        env.timers.clearTimeout(timer);
+        resolve(waited);
+      };
+      const off = table.onLearn((p) => p === page && done(true));
+      const timer = env.timers.setTimeout(() => done(true), failoverWaitMsMax);
+      const ask = (i: number): void => {
+        if (i >= peers.length) return done(false);
+        this.o.promote!(peers[i], page, route).then((answered) => {
+          table.learn(page, answered);
+          done(true);
+        }, () => ask(i + 1));
+      };
+      ask(0);
+    });
   }
 
   private request(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, compareBytes = 0, stamp = 0): Omit<BlockRequest, 'id'> {

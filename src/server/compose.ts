@@ -15,7 +15,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
+import { failoverWaitMsMax, loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -23,10 +23,13 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
 import { ActivityLog } from '../replication/activity';
+import { Failover, learnTakeover } from '../replication/failover';
 import type { ReplicaPort } from '../replication/hooks';
-import { checkResyncAsk, parseBody, type ReplicationHandler } from '../replication/messages';
+import { Leases } from '../replication/leases';
+import { checkResyncAsk, checkRouteAnswer, parseBody, type ReplicationHandler } from '../replication/messages';
 import { Resyncer, ResyncTracker } from '../replication/resync';
 import { PageService } from '../routing/page-service';
+import { copiesOf, inSyncOf } from '../routing/table';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
@@ -88,6 +91,9 @@ export interface PeerCore {
   pages: PageService;
   /** Stamps host writes for timestamp-mode snapshots (src/snapshot/hlc.ts). */
   clock: HybridClock;
+  /** Leases with every other peer, and failover: the primary guard of replicated pages (src/replication). */
+  leases: Leases;
+  failover: Failover;
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   routing: RoutingCounters;
   /** The activity log, the dirty grains (the write path's ChangeTracker) and resync (src/replication). */
@@ -105,6 +111,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const routing = w.routing ?? newRoutingCounters();
   const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
   const blocks = (peerId: string) => transport.blocks(peerId);
+  const call = async (peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>> =>
+    parseBody(await transport.calls(peer).replication(kind, JSON.stringify(body), timeoutMs));
   // Late-bound: the targets, the migrator and the snapshot service refer to each other.
   const core = { catalog, clock, routing } as PeerCore;
   const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
@@ -123,6 +131,11 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
     ...(w.meter ? { meter: w.meter } : {}),
+    // A router that cannot reach a page's primary asks an in-sync copy (maybe this peer) to take over.
+    promote: async (volumeId, peer, page, route) => {
+      const body = { volumeId, page, version: route.version, handover: false };
+      return checkRouteAnswer(peer === self ? ((await replicationHandler('promote')(self, body)) as Record<string, unknown>) : await call(peer, 'promote', body, failoverWaitMsMax));
+    },
   });
   core.migrator = new P.migrator({
     self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
@@ -153,12 +166,28 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   await core.snapshotTargets.follow();
   // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
   await core.migrator.recover();
+  // Replicas: suspect pages (activity log) are held before anything is served; then leases run.
+  const leases = (core.leases = new Leases({ self, groupPeers: w.groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() }));
+  core.failover = new Failover({
+    self, env, log, catalog, leases, call,
+    heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
+    // Until the write path (replicated.ts) and the activity log (activity.ts) are merged: no volume
+    // has a replicated layer, no page is suspect, and dropping a copy is the catalog CAS itself.
+    port: () => undefined,
+    suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
+    drop: (volume, page, route, peers) => catalog.casRoute(volume, page, route, (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: inSyncOf(now).filter((p) => !peers.includes(p)) })),
+  });
+  await core.failover.start();
+  leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
-  const replicationHandlers = new Map<string, ReplicationHandler>();
+  const replicationHandlers = new Map<string, ReplicationHandler>([
+    ['lease', async (from, body) => leases.handle(from, body)],
+    ...core.failover.handlers(),
+  ]);
   const replicationHandler = (kind: string): ReplicationHandler => {
     const h = replicationHandlers.get(kind);
     if (!h) throw new InvalidArgumentError(`unknown replication message kind "${kind}"`);
@@ -183,6 +212,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     core.resync.resyncer.close();
     core.resync.tracker.close();
     core.resync.activity.close();
+    leases.close();
+    core.failover.close();
     core.load.stop();
     balancerSwitch.close();
     migrator.close();

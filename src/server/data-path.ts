@@ -78,6 +78,8 @@ export interface DataPathOptions {
   ownerMeter?: VolumeMeter | undefined;
   /** Wraps the host path above the gate (the console's per-volume I/O metrics); default: none. */
   hostMeter?: ((backend: BlockBackend) => BlockBackend) | undefined;
+  /** Ask an in-sync copy to take over a page whose primary is unreachable (the router's failover wait); default: none. */
+  promote?: ((peer: string, page: number, route: Route) => Promise<Route>) | undefined;
 }
 
 export interface DataPath {
@@ -98,7 +100,7 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const stampLog = new StampLog(o.stored, o.clock, o.stampLogBytesMax);
   const movable = new (o.movable ?? MovableVolume)({ self, volumeId, table, raw: stampLog, link: o.link });
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(movable, o.ownerMeter) : movable;
-  const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env });
+  const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}) });
   const gate = new VolumeGate(router, o.env, o.clock);
   const served: ServedVolume = {
     table,

@@ -20,6 +20,7 @@ import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
 import type { BlockSender, RoutingCounters, VolumeRouter } from '../routing/router';
+import type { Route } from '../routing/table';
 import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
 import { naaIdentifier } from '../scsi/inquiry';
@@ -69,6 +70,8 @@ export interface VolumeTargetsOptions {
   monitor?: LoadMonitor;
   /** The class of a volume's pages that move (src/migration/movable.ts); the simulator's negative controls pass a variant. */
   movable?: typeof MovableVolume;
+  /** Ask `peer` to take over a page whose primary is unreachable (src/replication/failover.ts); the route it answers. */
+  promote?(volumeId: string, peer: string, page: number, route: Route): Promise<Route>;
 }
 
 /** After a volume change could not be applied (catalog out of reach), try again after this long. */
@@ -173,6 +176,7 @@ export class VolumeTargets implements TargetDirectory {
       movable: this.o.movable,
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
+      promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();

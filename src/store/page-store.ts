@@ -270,6 +270,11 @@ export class StoreVolume implements BlockBackend {
     return this.usedSlots * grainBytes;
   }
 
+  /** Pages with a live map here (data written, perhaps unmapped since): the pages this peer holds a copy of. */
+  heldPages(): IterableIterator<number> {
+    return this.maps.keys();
+  }
+
   // ---- grain helpers -------------------------------------------------------------------------
 
   private slotOf(grain: number): number {
