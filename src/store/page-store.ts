@@ -906,6 +906,15 @@ export class StoreVolume implements BlockBackend {
     });
   }
 
+  /** Pages of which this volume holds anything, live or in a snapshot layer (the replication reaper). */
+  heldPages(): number[] {
+    return [...new Set([...this.maps.keys(), ...this.layers.pagesFrom(0)])];
+  }
+
+  holdsPage(page: number): boolean {
+    return this.maps.has(page) || this.layers.snapshots.some((_, k) => this.layers.exceptionsOf(k, page) !== undefined);
+  }
+
   /**
    * Forget one page in every layer (after it moved away): live and snapshot slots are freed.
    * Unlike unmap, which keeps what the snapshots see.
