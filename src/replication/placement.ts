@@ -94,11 +94,15 @@ export function changedCopies(now: Route, added: readonly string[], removed: rea
   return { owner: now.owner, copies, inSync };
 }
 
-/** The route with `to` (an in-sync copy) as primary: first in copies and in the in-sync set, the others in their order. */
-export function switchedPrimary(now: Route, to: string): Omit<Route, 'version'> {
-  if (!inSyncOf(now).includes(to)) throw new Error(`assertion failed: ${to} is not an in-sync copy of the page`);
+/**
+ * The route with `to` (an in-sync copy) as primary: first in copies and in the in-sync set, the
+ * others in their order; the old primary stays in sync only if `keepOld` (no change in flight).
+ */
+export function switchedPrimary(now: Route, to: string, keepOld: boolean): Omit<Route, 'version'> {
+  if (!inSyncOf(now).includes(to) || to === now.owner) throw new Error(`assertion failed: ${to} is not an in-sync secondary of the page`);
   const first = (peers: readonly string[]): string[] => [to, ...peers.filter((p) => p !== to)];
-  return { owner: to, copies: first(copiesOf(now)), inSync: first(inSyncOf(now)) };
+  const inSync = first(inSyncOf(now)).filter((p) => keepOld || p !== now.owner);
+  return { owner: to, copies: first(copiesOf(now)), inSync };
 }
 
 /** What `to` holds of the page at `route`: the primary role, an in-sync copy, a stale copy or nothing. */

@@ -9,6 +9,7 @@
 // counts of every state are given alongside. Progress and ETA of a rebuild come from how fast
 // the rebuilding count falls, as this peer watched it (RebuildProgress).
 
+import { formatBytes } from '../cluster/catalog';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 
 /** Running totals for /metrics: bytes sent to fill copies, by the resync (quick resync of returning copies) and for new copies. */
@@ -34,6 +35,8 @@ export interface Protection {
   /** While rebuilding: share of the pages rebuilt since it began (0-100) and the time left (-1: not known yet). */
   progressPercent: number;
   etaSeconds: number;
+  /** Bytes of copies that found no peer with room, as the copy keeper of the peer asked counted them (its pages only). */
+  missingBytes: number;
 }
 
 export interface ProtectionInput {
@@ -51,7 +54,7 @@ export function pageState(route: Route, wanted: number, alive: (peer: string) =>
   return copiesOf(route).filter(alive).length >= wanted ? 'rebuilding' : 'degraded';
 }
 
-/** The volume's protection from its routes (progress and ETA left unknown: see RebuildProgress). */
+/** The volume's protection from its routes (progress, ETA and missing bytes left unknown: see RebuildProgress, CopyKeeper). */
 export function protectionOf(input: ProtectionInput): Protection {
   const wanted = Math.max(1, Math.min(input.replicas, input.groupPeers));
   const count: Record<ProtectionState, number> = { healthy: 0, degraded: 0, rebuilding: 0, unavailable: 0 };
@@ -59,7 +62,7 @@ export function protectionOf(input: ProtectionInput): Protection {
   const state: ProtectionState = count.unavailable > 0 ? 'unavailable' : count.degraded > 0 ? 'degraded' : count.rebuilding > 0 ? 'rebuilding' : 'healthy';
   return {
     state, pages: input.routes.length, wanted, degradedPages: count.degraded, rebuildingPages: count.rebuilding, unavailablePages: count.unavailable,
-    progressPercent: state === 'healthy' ? 100 : 0, etaSeconds: -1,
+    progressPercent: state === 'healthy' ? 100 : 0, etaSeconds: -1, missingBytes: 0,
   };
 }
 
@@ -68,7 +71,8 @@ export function protectionText(p: Protection): string {
   const rebuilding = p.rebuildingPages > 0 ? `${p.rebuildingPages} pages rebuilding, ${p.progressPercent}% done${p.etaSeconds >= 0 ? `, ETA ${p.etaSeconds} s` : ''}` : '';
   const also = rebuilding ? `; ${rebuilding}` : '';
   if (p.state === 'unavailable') return `unavailable (${p.unavailablePages} pages with no live in-sync copy${also})`;
-  if (p.state === 'degraded') return `degraded (${p.degradedPages} pages with fewer copies than asked${also})`;
+  const room = p.missingBytes > 0 ? `; ${formatBytes(p.missingBytes)} missing for lack of room` : '';
+  if (p.state === 'degraded') return `degraded (${p.degradedPages} pages with fewer copies than asked${room}${also})`;
   if (p.state === 'rebuilding') return `rebuilding (${rebuilding})`;
   return 'healthy';
 }
@@ -109,4 +113,10 @@ export function summarize(states: readonly ProtectionState[]): ProtectionSummary
   const s: ProtectionSummary = { healthy: 0, degraded: 0, rebuilding: 0, unavailable: 0 };
   for (const x of states) s[x]++;
   return s;
+}
+
+/** "3 healthy, 1 degraded": volumes per state, the empty states left out. */
+export function summaryText(s: ProtectionSummary): string {
+  const parts = (['healthy', 'rebuilding', 'degraded', 'unavailable'] as const).filter((k) => s[k] > 0).map((k) => `${s[k]} ${k}`);
+  return parts.length > 0 ? parts.join(', ') : 'none';
 }

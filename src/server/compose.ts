@@ -15,7 +15,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
+import { downOutMsDefault, loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -23,8 +23,13 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
 import { parseBody, type ReplicationHandler } from '../replication/messages';
+import { VolumeProtection } from '../replication/admin';
+import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
+import { Reaper } from '../replication/reaper';
+import { CopyKeeper } from '../replication/rebuild';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
+import { inSyncOf, staleCopiesOf, type Route } from '../routing/table';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
@@ -68,6 +73,23 @@ export interface PeerWiring {
   protocols?: Partial<PeerProtocols>;
   /** Where the routers count their runs (the peer's /metrics reads it); default: a new one. */
   routing?: RoutingCounters;
+  /** Copies: lost-peer interval and zones (cluster.yaml); default: downOutMsDefault, no zones. */
+  replication?: ReplicationSettings;
+}
+
+export interface ReplicationSettings {
+  downOutMs: number;
+  /** Peer id → its `zone:` in cluster.yaml (peers without one are absent). */
+  zones: Readonly<Record<string, string>>;
+}
+
+/** Copies kept at the asked count, freed when no longer ours, and reported (src/replication). */
+export interface ReplicationCore {
+  counters: ReplicationCounters;
+  keeper: CopyKeeper;
+  reaper: Reaper;
+  protection: VolumeProtection;
+  zoneOf(peer: string): string | undefined;
 }
 
 /** A peer's protocols, wired. */
@@ -84,6 +106,7 @@ export interface PeerCore {
   clock: HybridClock;
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   routing: RoutingCounters;
+  replication: ReplicationCore;
   /** What another peer's PeerService calls reach (the block stream and the process-only calls aside). */
   handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove' | 'replication'> & Required<Pick<PeerHandlers, 'replication'>>;
   /** Stop the protocols' timers and watches (the store and the catalog store stay open: their owner closes them). */
@@ -141,6 +164,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   await core.snapshotTargets.follow();
   // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
   await core.migrator.recover();
+  core.replication = replicationCore(w, core);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
@@ -165,6 +189,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     replication: async (from, kind, body) => JSON.stringify((await replicationHandler(kind)(from, parseBody(body))) ?? {}),
   };
   core.close = () => {
+    core.replication.keeper.stop();
+    core.replication.reaper.stop();
     core.load.stop();
     balancerSwitch.close();
     migrator.close();
@@ -175,10 +201,41 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   return core;
 }
 
+/**
+ * The copy keeper and the reaper, started once moves in flight are recovered (both leave a page
+ * being moved to the move), and each volume's protection. Liveness is the load view's.
+ */
+function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
+  const { self, env, log } = w;
+  const { catalog } = core;
+  const zones = w.replication?.zones ?? {};
+  const zoneOf = (peer: string): string | undefined => zones[peer];
+  const movingAway = (volumeId: string, page: number): boolean => core.targets.movable(volumeId)?.moves.has(page) ?? false;
+  const keeper = new CopyKeeper({
+    self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
+    reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
+    event: (message, volume) => w.event('replication', message, { volume, peer: self }),
+  });
+  const reaper = new Reaper({
+    self, catalog, log, movingAway, store: (id) => core.targets.stored(id), receiving: (id, page) => core.migrator.receiving(id, page),
+  });
+  const protection = new VolumeProtection({
+    self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), alive: (peer) => !core.load.view.isStale(peer, env.clock.monotonicMs()),
+  });
+  reaper.start();
+  keeper.start();
+  return { counters: newReplicationCounters(), keeper, reaper, protection, zoneOf };
+}
+
 /** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */
 function loadService(w: PeerWiring, core: PeerCore): LoadService {
   const { catalog } = core;
   let lastVolume: ReturnType<Catalog['volumeById']>;
+  const routeOf = (volumeId: string, page: number): Route | undefined => {
+    // Asked for many pages of one volume in a row: look the record up once per run.
+    if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
+    return lastVolume ? catalog.routes(lastVolume).route(page) : undefined;
+  };
   return new LoadService({
     self: w.self, env: w.env, peers: [...w.groupPeers], config: w.balancer, log: w.log, facts: w.facts,
     sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
@@ -190,10 +247,10 @@ function loadService(w: PeerWiring, core: PeerCore): LoadService {
       },
       movesInFlight: () => core.migrator?.inFlight ?? 0,
     },
-    ownerOf: (volumeId, page) => {
-      // Asked for many pages of one volume in a row: look the record up once per run.
-      if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
-      return lastVolume ? catalog.routes(lastVolume).route(page).owner : undefined;
+    ownerOf: (volumeId, page) => routeOf(volumeId, page)?.owner,
+    holdersOf: (volumeId, page) => {
+      const r = routeOf(volumeId, page);
+      return r?.copies ? { inSync: inSyncOf(r).filter((p) => p !== r.owner), stale: staleCopiesOf(r) } : undefined;
     },
     volume: (volumeId) => {
       const v = catalog.volumeById(volumeId);
