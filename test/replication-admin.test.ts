@@ -249,6 +249,11 @@ t.test('the balancer never targets a stale copy and prefers a role switch to a d
   t.same(plan({ nowMs: 0, peers, pages: [staleOnly] }, config).moves, [], 'a stale holder is never a destination');
   const both = [{ id: 'p1', load: 100, freeBytes: 100 * GiB }, { id: 'p2', load: 0, freeBytes: 100 * GiB }, { id: 'p3', load: 0, freeBytes: 100 * GiB }];
   t.same(plan({ nowMs: 0, peers: both, pages: [switchable] }, config).moves.map((m) => m.to), ['p2'], 'with room everywhere, the role switch still wins');
+  // p3 would even the load a little better, but a data move costs more than a role switch.
+  const uneven = [{ id: 'p1', load: 100, freeBytes: 100 * GiB }, { id: 'p2', load: 9, freeBytes: 100 * GiB }, { id: 'p3', load: 0, freeBytes: 100 * GiB }];
+  const pricey = { ...config, wChange: 0.2 };
+  t.same(plan({ nowMs: 0, peers: uneven, pages: [page] }, pricey).moves.map((m) => m.to), ['p3'], 'unreplicated: to the idlest');
+  t.same(plan({ nowMs: 0, peers: uneven, pages: [switchable] }, pricey).moves.map((m) => m.to), ['p2'], 'replicated: the cheaper role switch');
 });
 
 t.test('volume protection on a peer: routes, liveness and the keeper\'s shortage', async (t) => {
