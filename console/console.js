@@ -451,8 +451,9 @@ function describePage(page) {
   const p = ui.map.pages[page];
   const heat = ui.heat && ui.heat.pages.find((h) => h.page === page);
   const first = page * ui.map.pageBlocks;
-  const copies = (p.copies || [p.owner]).map((c) => ((p.inSync || p.copies || []).includes(c) ? c : `${c} (stale)`)).join(', ');
-  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.pages.length) - 1}` : ''} · owner ${p.owner} · copies ${copies} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
+  // Replicated pages: every copy, primary first, the ones still resyncing marked.
+  const copies = (p.copies || []).length > 1 ? ` · copies ${p.copies.map((c) => ((p.inSync || p.copies).includes(c) ? c : `${c} (stale)`)).join(', ')}` : '';
+  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.pages.length) - 1}` : ''} · owner ${p.owner}${copies} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
     (heat ? ` · ${Math.round(heat.iops)} IOPS` : '');
 }
 
