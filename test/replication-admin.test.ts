@@ -21,6 +21,7 @@ import { Reaper, shouldReap } from '../src/replication/reaper';
 import { CopyKeeper, decideCopies, lostPeers, type ViewedPeer } from '../src/replication/rebuild';
 import type { Route } from '../src/routing/table';
 import type { PageStore } from '../src/store/page-store';
+import { startGroup } from './helpers/group';
 
 const log = pino({ level: 'silent' });
 const groupPeers = ['p1', 'p2', 'p3', 'p4'];
@@ -267,4 +268,28 @@ t.test('volume protection on a peer: routes, liveness and the keeper\'s shortage
   t.match(protection.of(v), { state: 'degraded', degradedPages: 2, missingBytes: 3 * 1024 ** 2 }, 'pages 0 (p1,p2) and 1 (p2,p3): one live in-sync copy each');
   t.match(protectionText(protection.of(v)), /^degraded \(2 pages with fewer copies than asked; 3\.0 MiB missing for lack of room\)$/);
   t.same(protection.summary(), { healthy: 0, degraded: 1, rebuilding: 0, unavailable: 0 });
+});
+
+t.test('in a running group: more replicas become stale copies on other peers, seen by volume show and /metrics', async (t) => {
+  const g = await startGroup(t, 3);
+  const admin = g.peer('p1').admin;
+  await admin.createVolume({ name: 'vol', size: '48M', replicas: 1 });
+  const v = await admin.setReplicas('vol', 2);
+  t.equal(v.replicas, 2);
+  // Each primary adds a copy once gossip says the other peers are up (a second or two).
+  const deadline = Date.now() + 20_000;
+  let map = await admin.pageMap('vol');
+  while (map.pages.some((p) => p.copies.length < 2) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 200));
+    map = await admin.pageMap('vol');
+  }
+  t.ok(map.pages.every((p) => p.copies.length === 2 && p.copies[0] === p.owner && p.copies[1] !== p.owner), 'every page has a second copy on another peer');
+  t.ok(map.pages.every((p) => p.inSync.length === 1 && p.version === 2), '… stale (the resync fills it), one CAS each');
+  const shown = await g.peer('p2').admin.getVolume('vol');
+  t.match(shown, { protection: 'rebuilding', protectionDetail: { rebuildingPages: 12, degradedPages: 0 } }, 'any peer reports it');
+  const metrics = await g.peer('p3').metrics.registry.metrics();
+  t.match(metrics, /peersan_volume_protection_pages\{volume="vol",state="rebuilding",peer="p3"\} 12\b/);
+  t.match(metrics, /peersan_resync_bytes_total\{peer="p3"\} 0\b/);
+  t.match(metrics, /peersan_rebuild_bytes_total\{peer="p3"\} 0\b/);
+  t.match((await admin.status()).protection, { rebuilding: 1 });
 });
