@@ -191,6 +191,26 @@ t.test('a lost peer\'s copies are rebuilt elsewhere; a conflict leaves the page 
   t.equal(routes()[1].version, 2, 'p2\'s page is p2\'s to rebuild');
 });
 
+t.test('the keeper decides on the catalog\'s record, not on a route heard without its copies', async (t) => {
+  const env = new ManualEnv();
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-replication-admin-'));
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  const [mine, other] = [await Catalog.open(meta, { groupPeers, pageBlocks: 8192, env }), await Catalog.open(meta, { groupPeers, pageBlocks: 8192, env })];
+  t.teardown(async () => {
+    mine.close();
+    other.close();
+    await meta.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const v = await mine.createVolume({ name: 'vol', size: 4 * pageBytes, replicas: 2 });
+  const release = mine.holdRouteEvents();
+  await other.casRoute(v, 0, other.routes(v).route(0), () => ({ owner: 'p1', copies: ['p1', 'p3'], inSync: ['p1', 'p3'] }));
+  mine.routes(v).learn(0, { owner: 'p1', version: 2 });
+  await keeperOn(mine, env, 'p1', () => viewed(groupPeers)).run();
+  release();
+  t.same(await other.fetchRoute(v, 0), { owner: 'p1', version: 2, copies: ['p1', 'p3'], inSync: ['p1', 'p3'] }, 'two copies already: no third one');
+});
+
 t.test('a page move to an in-sync copy switches the role; to a stale copy it is refused', async (t) => {
   const env = new ManualEnv();
   const catalog = await openCatalog(t, env, ['p1', 'p2', 'p3']);
