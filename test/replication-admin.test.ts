@@ -20,6 +20,7 @@ import { protectionOf, protectionText, RebuildProgress } from '../src/replicatio
 import { Reaper, shouldReap } from '../src/replication/reaper';
 import { CopyKeeper, decideCopies, lostPeers, type ViewedPeer } from '../src/replication/rebuild';
 import type { Route } from '../src/routing/table';
+import { parseConfig, renderConfig } from '../src/server/config';
 import type { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
 
@@ -312,4 +313,19 @@ t.test('in a running group: more replicas become stale copies on other peers, se
   t.match(metrics, /peersan_resync_bytes_total\{peer="p3"\} 0\b/);
   t.match(metrics, /peersan_rebuild_bytes_total\{peer="p3"\} 0\b/);
   t.match((await admin.status()).protection, { rebuilding: 1 });
+});
+
+t.test('cluster.yaml: zone per peer and downOutMs', async (t) => {
+  const yaml = (cluster: string, zone: string): string => [
+    'cluster:', '  name: c', '  adminToken: a', '  secret: s', ...(cluster ? [`  ${cluster}`] : []),
+    'peers:', `  - { id: p1, iscsi: "127.0.0.1:3260", rpc: "127.0.0.1:7001", http: "127.0.0.1:8001", data: ./p1${zone} }`,
+    '  - { id: p2, iscsi: "127.0.0.1:3261", rpc: "127.0.0.1:7002", http: "127.0.0.1:8002", data: ./p2 }', '',
+  ].join('\n');
+  const c = parseConfig(yaml('downOutMs: 30000', ', zone: rack-a'));
+  t.equal(c.downOutMs, 30_000);
+  t.same(c.peers.map((p) => p.zone), ['rack-a', undefined]);
+  t.equal(parseConfig(yaml('', '')).downOutMs, undefined, 'absent: the default applies');
+  t.throws(() => parseConfig(yaml('downOutMs: 10', '')), /cluster.downOutMs must be a whole number of milliseconds, at least 1000/);
+  t.throws(() => parseConfig(yaml('', ', zone: 7')), /zone/);
+  t.match(renderConfig(c), /zone: rack-a/, 'written back by init');
 });

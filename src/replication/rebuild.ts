@@ -18,7 +18,7 @@
 //   3. below, new STALE copies are added on peers placement.ts chooses; resync (resync.ts)
 //      fills them and CASes them into the in-sync set. A copy that finds no room is reported as
 //      missing bytes and the page stays degraded: nothing is half-added.
-// All three in one CAS per page. Paced: the keeper adds copies to at most
+// All three in one CAS per page, decided on the catalog's record of the page. Paced: the keeper adds copies to at most
 // copyBuildPagesInFlightMax pages whose new copies are not in sync yet, and makes at most
 // copyChangesPerRunMax changes per run; the filling itself runs at the migration rate (resync).
 //
@@ -31,7 +31,7 @@ import type { Env, TimerHandle } from '../env/env';
 import { ConflictError } from '../errors';
 import { copyBuildPagesInFlightMax, copyChangesPerRunMax, copyKeeperKickDelayMs, copyKeeperScanPagesMax, copyKeeperTickMs } from '../limits';
 import { copiesOf, staleCopiesOf, type Route } from '../routing/table';
-import { changedCopies, chooseCopyPeers, copiesToRemove, type Choice, type PeerCandidate } from './placement';
+import { changedCopies, chooseCopyPeers, copiesToRemove, type Choice, type PeerCandidate, type Promised } from './placement';
 import { followRoutes } from './route-watch';
 
 /** What one page needs: copies to add and to remove (one CAS), and copies that found no peer. */
@@ -206,28 +206,41 @@ export class CopyKeeper {
       if (page === 0) this.endPass(volume);
       const route = table.route(page);
       if (route.owner !== self || this.o.movingAway(volume.id, page)) continue;
-      const d = decideCopies(route, wanted, lost, this.building.size < copyBuildPagesInFlightMax, (count, excluded) =>
-        chooseCopyPeers({ route, count, candidates, excluded, pageBytes, reserveFreeBytes: this.o.reserveFreeBytes, promised }));
+      // Decided on the table's route to skip pages with nothing to do, then again on the
+      // catalog's record inside the CAS (the table may lack the copies: a route heard in MOVED).
+      const decide = (r: Route, promising: Promised): CopyDecision => decideCopies(r, wanted, lost, this.building.size < copyBuildPagesInFlightMax, (count, excluded) =>
+        chooseCopyPeers({ route: r, count, candidates, excluded, pageBytes, reserveFreeBytes: this.o.reserveFreeBytes, promised: promising }));
+      const d = decide(route, new Map(promised));
       this.countShortage(volume.id, d);
       if (d.add.length === 0 && d.remove.length === 0) continue;
-      if (await this.apply(volume, page, route, d)) changes++;
+      changes++;
+      await this.apply(volume, page, route, (now) => decide(now, promised));
     }
     this.cursor.set(volume.id, (first + k) % pages);
     return changes;
   }
 
-  /** One CAS; false when the route changed meanwhile (the next run looks at the new one). */
-  private async apply(volume: VolumeRecord, page: number, route: Route, d: CopyDecision): Promise<boolean> {
+  /** One CAS deciding on the catalog's record; nothing when the route changed meanwhile or needs nothing after all (the next run looks again). */
+  private async apply(volume: VolumeRecord, page: number, route: Route, decide: (now: Route) => CopyDecision): Promise<void> {
+    let made: CopyDecision | undefined;
     try {
-      await this.o.catalog.casRoute(volume, page, route, (now) => changedCopies(now, d.add, d.remove));
+      await this.o.catalog.casRoute(volume, page, route, (now) => {
+        const d = decide(now);
+        if (d.add.length === 0 && d.remove.length === 0) throw new ConflictError(`page ${page} of ${volume.name} needs no copy change after all`);
+        made = d;
+        return changedCopies(now, d.add, d.remove);
+      });
     } catch (err) {
-      if (err instanceof ConflictError) return false;
+      if (err instanceof ConflictError) return;
       throw err;
     }
+    if (made) this.changed(volume, page, made);
+  }
+
+  private changed(volume: VolumeRecord, page: number, d: CopyDecision): void {
     if (d.add.length > 0) this.building.set(`${volume.id}/${page}`, { volumeId: volume.id, page, peers: d.add });
     this.o.log.info({ volume: volume.name, page, why: d.why, add: d.add, remove: d.remove }, 'page copies changed');
     if (d.why === 'rebuild') this.o.event(`rebuilding page ${page} of ${volume.name}: copy on ${d.remove.join(', ')} replaced${d.add.length ? ` by ${d.add.join(', ')}` : ' (no peer with room yet)'}`, volume.name);
-    return true;
   }
 
   private countShortage(volumeId: string, d: CopyDecision): void {
