@@ -490,11 +490,11 @@ function wire() {
     const f = create.elements;
     const chap = f.chapUser.value || f.chapSecret.value || f.mutualUser.value || f.mutualSecret.value
       ? { user: f.chapUser.value, secret: f.chapSecret.value, mutualUser: f.mutualUser.value, mutualSecret: f.mutualSecret.value } : undefined;
-    const body = { name: f.name.value.trim(), size: f.size.value.trim(), blockBytes: Number(f.blockBytes.value), allow: lines(f.allow.value), peers: lines(f.peers.value), chap };
+    const body = { name: f.name.value.trim(), size: f.size.value.trim(), blockBytes: Number(f.blockBytes.value), allow: lines(f.allow.value), peers: lines(f.peers.value), chap, replicas: f.replicas.value ? Number(f.replicas.value) : undefined };
     act(create, $('create-result'), () => api('POST', 'volumes', body), (v) => {
       // Secrets leave the page once sent.
       create.reset();
-      return `created ${v.name} (${bytes(v.sizeBytes)}) on ${v.peers.join(', ')}: ${v.targetName}`;
+      return `created ${v.name} (${bytes(v.sizeBytes)}, ${v.replicas} ${v.replicas === 1 ? 'copy' : 'copies'} of each page) on ${v.peers.join(', ')}: ${v.targetName}`;
     });
   });
 

@@ -283,7 +283,7 @@ t.test('volume protection on a peer: routes, liveness and the keeper\'s shortage
   const catalog = await openCatalog(t, env, ['p1', 'p2', 'p3']);
   const v = await catalog.createVolume({ name: 'vol', size: 3 * pageBytes, replicas: 2 });
   let p2Up = true;
-  const protection = new VolumeProtection({ self: 'p1', catalog, clock: env.clock, alive: (p) => p !== 'p2' || p2Up, shortage: () => ({ pages: 1, bytes: 3 * 1024 ** 2 }) });
+  const protection = new VolumeProtection({ self: 'p1', catalog, clock: env.clock, livePeers: () => new Set(['p3', ...(p2Up ? ['p2'] : [])]), shortage: () => ({ pages: 1, bytes: 3 * 1024 ** 2 }) });
   t.equal(protection.of(v).state, 'healthy');
   p2Up = false;
   t.match(protection.of(v), { state: 'degraded', degradedPages: 2, missingBytes: 3 * 1024 ** 2 }, 'pages 0 (p1,p2) and 1 (p2,p3): one live in-sync copy each');

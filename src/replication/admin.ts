@@ -55,8 +55,8 @@ export function replicationAdmin(o: ReplicationAdminOptions): ReplicationAdmin {
 export interface VolumeProtectionOptions {
   self: string;
   catalog: Catalog;
-  /** Is the peer reachable now (the load view's gossip is fresh). */
-  alive(peer: string): boolean;
+  /** The peers reachable now (the load view's gossip is fresh), read once per volume looked at. */
+  livePeers(): ReadonlySet<string>;
   clock: Clock;
   /** This peer's copy keeper: copies its pages lack for want of room. */
   shortage(volumeId: string): Shortage | undefined;
@@ -74,7 +74,8 @@ export class VolumeProtection {
   of(v: VolumeRecord): Protection {
     const { catalog, self } = this.o;
     const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
-    const p = protectionOf({ routes, replicas: v.replicas ?? 1, groupPeers: v.peers.length, alive: (peer) => peer === self || this.o.alive(peer) });
+    const live = this.o.livePeers();
+    const p = protectionOf({ routes, replicas: v.replicas ?? 1, groupPeers: v.peers.length, alive: (peer) => peer === self || live.has(peer) });
     const watched = this.progress.observe(v.id, p, this.o.clock.monotonicMs());
     return { ...watched, missingBytes: this.o.shortage(v.id)?.bytes ?? 0 };
   }

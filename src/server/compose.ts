@@ -15,7 +15,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { downOutMsDefault, loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
+import { downOutMsDefault, loadGossipMsMax, loadStaleMs, moveRpcMsMax, peerConnectMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -219,9 +219,14 @@ function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
   const reaper = new Reaper({
     self, catalog, log, movingAway, store: (id) => core.targets.stored(id), receiving: (id, page) => core.migrator.receiving(id, page),
   });
-  const protection = new VolumeProtection({
-    self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), alive: (peer) => !core.load.view.isStale(peer, env.clock.monotonicMs()),
-  });
+  // A peer not heard from yet counts as up for the first loadStaleMs of this peer's life: right
+  // after a start, gossip has not had the time to say anything.
+  const startedMs = env.clock.monotonicMs();
+  const livePeers = (): Set<string> => {
+    const starting = env.clock.monotonicMs() - startedMs < loadStaleMs;
+    return new Set(core.load.peerLoads().filter((p) => !p.stale || (starting && p.ageMs < 0)).map((p) => p.id));
+  };
+  const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
   reaper.start();
   keeper.start();
   return { counters: newReplicationCounters(), keeper, reaper, protection, zoneOf };
