@@ -16,10 +16,10 @@ import { balancerDefaults, plan } from '../src/loadmon/balancer';
 import { Migrator } from '../src/migration/migrator';
 import { VolumeProtection } from '../src/replication/admin';
 import { chooseCopyPeers, copiesToRemove, switchedPrimary, zoneSpread, type PeerCandidate } from '../src/replication/placement';
-import { protectionOf, protectionText, RebuildProgress } from '../src/replication/protection';
+import { protectionOf, protectionText, RebuildProgress, weightedRoutes } from '../src/replication/protection';
 import { Reaper, shouldReap } from '../src/replication/reaper';
 import { CopyKeeper, decideCopies, lostPeers, type ViewedPeer } from '../src/replication/rebuild';
-import type { Route } from '../src/routing/table';
+import { RouteTable, type Route } from '../src/routing/table';
 import { parseConfig, renderConfig } from '../src/server/config';
 import type { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
@@ -33,7 +33,7 @@ const up = new Set(['p1', 'p2', 'p3', 'p4']);
 const alive = (p: string): boolean => up.has(p);
 
 t.test('protection from routes: the worst page decides, every count is given', async (t) => {
-  const at = (routes: Route[], replicas = 2, live = alive) => protectionOf({ routes, replicas, groupPeers: 4, alive: live });
+  const at = (routes: Route[], replicas = 2, live = alive) => protectionOf({ routes: routes.map((x) => [x, 1] as const), replicas, groupPeers: 4, alive: live });
   t.equal(at([r(['p1', 'p2']), r(['p2', 'p3'])]).state, 'healthy');
   t.equal(at([{ owner: 'p1', version: 1 }], 1).state, 'healthy', 'an unreplicated page asked once is healthy');
   t.equal(at([{ owner: 'p1', version: 1 }], 2).state, 'degraded', 'one copy where two are asked');
@@ -47,7 +47,18 @@ t.test('protection from routes: the worst page decides, every count is given', a
   t.match(mixed, { state: 'unavailable', unavailablePages: 2, rebuildingPages: 0, degradedPages: 1 }, 'no live in-sync copy beats everything');
   t.match(protectionText(mixed), /^unavailable \(2 pages with no live in-sync copy/);
   t.equal(at([r(['p1', 'p2'])], 3, alive).wanted, 3);
-  t.equal(protectionOf({ routes: [r(['p1', 'p2'])], replicas: 3, groupPeers: 2, alive }).state, 'healthy', 'never more copies wanted than the volume has peers');
+  t.equal(protectionOf({ routes: [[r(['p1', 'p2']), 1]], replicas: 3, groupPeers: 2, alive }).state, 'healthy', 'never more copies wanted than the volume has peers');
+});
+
+t.test('protection counts placed pages by class, not one by one, with the same result', async (t) => {
+  const moved = new Map<number, Route>([[4, r(['p2', 'p3'], ['p2'], 2)], [5, r(['p3'], ['p3'], 3)], [12, r(['p1', 'p2'], ['p1'], 2)]]);
+  const table = new RouteTable(['p1', 'p2', 'p3'], 8192, moved, 2);
+  const weighted = weightedRoutes(table, 10);
+  t.equal(weighted.reduce((a, [, n]) => a + n, 0), 10, 'every page counted once (a record past the end is not)');
+  const live = (p: string): boolean => p !== 'p1';
+  const one = protectionOf({ routes: table.owners(10 * 8192).map((x) => [x, 1] as const), replicas: 2, groupPeers: 3, alive: live });
+  t.same(protectionOf({ routes: weighted, replicas: 2, groupPeers: 3, alive: live }), one);
+  t.match(one, { unavailablePages: 0, degradedPages: 7, rebuildingPages: 1, pages: 10 }, 'p1 down: pages 0, 2, 3, 6, 8, 9 (a copy on p1) and 5 (one copy) degraded, 4 rebuilding, 1 and 7 (p2, p3) healthy');
 });
 
 t.test('rebuild progress and ETA from how fast the rebuilding pages fall', async (t) => {

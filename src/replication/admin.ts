@@ -12,7 +12,7 @@ import type { Catalog, CreateVolumeInput, VolumeRecord } from '../cluster/catalo
 import type { VolumeAdmin, VolumeView } from '../cluster/volume-admin';
 import type { Clock } from '../env/env';
 import { zoneSpread } from './placement';
-import { protectionOf, RebuildProgress, summarize, type Protection, type ProtectionSummary } from './protection';
+import { protectionOf, RebuildProgress, summarize, weightedRoutes, type Protection, type ProtectionSummary } from './protection';
 import type { Shortage } from './rebuild';
 
 export interface ReplicationAdmin {
@@ -73,7 +73,7 @@ export class VolumeProtection {
 
   of(v: VolumeRecord): Protection {
     const { catalog, self } = this.o;
-    const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    const routes = weightedRoutes(catalog.routes(v), Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
     const live = this.o.livePeers();
     const p = protectionOf({ routes, replicas: v.replicas ?? 1, groupPeers: v.peers.length, alive: (peer) => peer === self || live.has(peer) });
     const watched = this.progress.observe(v.id, p, this.o.clock.monotonicMs());

@@ -10,7 +10,7 @@
 // the rebuilding count falls, as this peer watched it (RebuildProgress).
 
 import { formatBytes } from '../cluster/catalog';
-import { copiesOf, inSyncOf, type Route } from '../routing/table';
+import { copiesOf, inSyncOf, type Route, type RouteTable } from '../routing/table';
 
 /** Running totals for /metrics: bytes sent to fill copies, by the resync (quick resync of returning copies) and for new copies. */
 export interface ReplicationCounters {
@@ -40,7 +40,8 @@ export interface Protection {
 }
 
 export interface ProtectionInput {
-  routes: readonly Route[];
+  /** Each distinct route with the number of pages that have it. */
+  routes: Iterable<readonly [Route, number]>;
   replicas: number;
   groupPeers: number;
   alive(peer: string): boolean;
@@ -58,12 +59,34 @@ export function pageState(route: Route, wanted: number, alive: (peer: string) =>
 export function protectionOf(input: ProtectionInput): Protection {
   const wanted = Math.max(1, Math.min(input.replicas, input.groupPeers));
   const count: Record<ProtectionState, number> = { healthy: 0, degraded: 0, rebuilding: 0, unavailable: 0 };
-  for (const r of input.routes) count[pageState(r, wanted, input.alive)]++;
+  let pages = 0;
+  for (const [r, n] of input.routes) {
+    count[pageState(r, wanted, input.alive)] += n;
+    pages += n;
+  }
   const state: ProtectionState = count.unavailable > 0 ? 'unavailable' : count.degraded > 0 ? 'degraded' : count.rebuilding > 0 ? 'rebuilding' : 'healthy';
   return {
-    state, pages: input.routes.length, wanted, degradedPages: count.degraded, rebuildingPages: count.rebuilding, unavailablePages: count.unavailable,
+    state, pages, wanted, degradedPages: count.degraded, rebuildingPages: count.rebuilding, unavailablePages: count.unavailable,
     progressPercent: state === 'healthy' ? 100 : 0, etaSeconds: -1, missingBytes: 0,
   };
+}
+
+/**
+ * The routes of a volume's `pages` pages, each with how many pages have it: the pages that never
+ * changed share their placement by page mod the peer count, so this costs the number of peers
+ * plus the changed pages, not the number of pages (a 64 TiB volume has 16 M).
+ */
+export function weightedRoutes(table: RouteTable, pages: number): [Route, number][] {
+  const n = table.peers.length;
+  const placed = Array.from({ length: Math.min(n, pages) }, (_, k) => Math.floor((pages - 1 - k) / n) + 1);
+  const out: [Route, number][] = [];
+  for (const [page, route] of table.changed()) {
+    if (page >= pages) continue;
+    placed[page % n]--;
+    out.push([route, 1]);
+  }
+  placed.forEach((count, k) => count > 0 && out.push([table.placed(k), count]));
+  return out;
 }
 
 /** One line for people: `healthy`, `degraded (N pages with fewer copies than asked)`, … */
