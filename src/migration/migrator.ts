@@ -204,6 +204,7 @@ export class Migrator {
     if (this.running.has(key(volume.id, page))) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
     // A peer holding a copy takes the primary role without data copied, once its copy is in sync.
     const known = route.copies ? route : await this.o.catalog.fetchRoute(volume, page);
+    if (known.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${known.owner}, not ${this.o.self}`);
     const role = roleOf(known, to);
     if (role === 'stale') throw new ConflictError(`${to}'s copy of page ${page} of ${volume.name} is resyncing; it can take the primary role once it is in sync`);
     if (role === 'in-sync') return this.switchRole(volume, page, known, to);
