@@ -14,7 +14,8 @@ import { ManualEnv } from '../src/env/manual';
 import { copyBuildPagesInFlightMax } from '../src/limits';
 import { balancerDefaults, plan } from '../src/loadmon/balancer';
 import { Migrator } from '../src/migration/migrator';
-import { VolumeProtection } from '../src/replication/admin';
+import type { VolumeView } from '../src/cluster/volume-admin';
+import { replicationAdmin, VolumeProtection } from '../src/replication/admin';
 import { chooseCopyPeers, copiesToRemove, switchedPrimary, zoneSpread, type PeerCandidate } from '../src/replication/placement';
 import { protectionOf, protectionText, RebuildProgress, weightedRoutes } from '../src/replication/protection';
 import { Reaper, shouldReap } from '../src/replication/reaper';
@@ -269,6 +270,28 @@ t.test('the reaper frees a page only when the newest route says it holds no copy
   await catalog.casRoute(v, 0, catalog.routes(v).route(0), () => ({ owner: 'p1', copies: ['p1', 'p3'], inSync: ['p1'] }));
   await catalog.casRoute(v, 2, catalog.routes(v).route(2), (now) => ({ owner: 'p3', copies: now.copies, inSync: now.inSync }));
   t.same(dropped, [0], 'p2 replaced on page 0: freed; page 2 still received: kept');
+
+  // A peer back after its copies were rebuilt elsewhere frees them at start.
+  const back = new Reaper({
+    self: 'p2', catalog, log, movingAway: () => false, receiving: () => false,
+    store: () => ({ heldPages: () => [1, 2], holdsPage: () => true, dropPage: async (p) => void dropped.push(p) }),
+  });
+  back.start();
+  back.stop();
+  t.same(dropped, [0, 2], 'at start: page 2 (p3, p1) is not p2\'s, page 1 (p2, p3) is');
+});
+
+t.test('a new volume\'s peers are ordered so that each page\'s copies span zones', async (t) => {
+  const env = new ManualEnv();
+  const catalog = await openCatalog(t, env);
+  const zones: Record<string, string> = { p1: 'a', p2: 'a', p3: 'b', p4: 'b' };
+  const volumes = { createVolume: async (input: Parameters<Catalog['createVolume']>[0]) => ({ peers: (await catalog.createVolume(input)).peers }) as VolumeView, getVolume: async () => ({}) as VolumeView };
+  const zoned = replicationAdmin({ catalog, zoneOf: (p) => zones[p], volumes, log });
+  const v = await zoned.createVolume({ name: 'vol', size: 4 * pageBytes, replicas: 2 });
+  const routes = catalog.routes(catalog.require('vol')).owners(4 * 8192);
+  t.ok(routes.every((x) => zones[x.copies![0]] !== zones[x.copies![1]]), `peers ${v.peers.join(',')}: every page on both zones`);
+  const flat = replicationAdmin({ catalog, zoneOf: () => undefined, volumes, log });
+  t.same((await flat.createVolume({ name: 'vol2', size: pageBytes, replicas: 2 })).peers, groupPeers, 'no zones: the group\'s order');
 });
 
 t.test('the balancer never targets a stale copy and prefers a role switch to a data move', async (t) => {
