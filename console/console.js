@@ -238,7 +238,7 @@ function renderVolumes(state) {
   $('used-head').textContent = `Used on ${state.self}`;
   const tbody = $('volumes').tBodies[0];
   if (state.volumes.length === 0) {
-    tbody.replaceChildren(el('tr', {}, el('td', { colspan: 8, class: 'note' }, 'No volumes yet: create one below.')));
+    tbody.replaceChildren(el('tr', {}, el('td', { colspan: 9, class: 'note' }, 'No volumes yet: create one below.')));
     return;
   }
   tbody.replaceChildren(...state.volumes.map((v) => el('tr', { 'data-volume': v.name, class: v.name === ui.selected ? 'selected' : '' },
@@ -247,9 +247,18 @@ function renderVolumes(state) {
     el('td', { class: 'num' }, v.blockBytes),
     el('td', { class: 'num' }, bytes(v.allocatedBytes)),
     el('td', {}, v.peers.join(', ')),
+    el('td', { 'data-field': 'protection', title: protectionTitle(v) }, `${v.replicas || 1} · ${v.protection || '-'}`),
     el('td', { class: 'num' }, sessionsOf(state, v.targetName).length),
     el('td', {}, accessText(v)),
     el('td', {}, el('button', { type: 'button', class: 'quiet link', onclick: () => selectVolume(v.name) }, 'details')))));
+}
+
+/** The counts behind a volume's protection state (pages degraded, rebuilding, unavailable). */
+function protectionTitle(v) {
+  const d = v.protectionDetail;
+  if (!d) return '';
+  const eta = d.etaSeconds >= 0 ? `, ETA ${d.etaSeconds} s` : '';
+  return `${d.pages} pages, ${d.wanted} copies each asked: ${d.degradedPages} degraded, ${d.rebuildingPages} rebuilding (${d.progressPercent}%${eta}), ${d.unavailablePages} unavailable`;
 }
 
 function renderBalancer(state) {
@@ -442,7 +451,9 @@ function describePage(page) {
   const p = ui.map.pages[page];
   const heat = ui.heat && ui.heat.pages.find((h) => h.page === page);
   const first = page * ui.map.pageBlocks;
-  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.pages.length) - 1}` : ''} · owner ${p.owner} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
+  // Replicated pages: every copy, primary first, the ones still resyncing marked.
+  const copies = (p.copies || []).length > 1 ? ` · copies ${p.copies.map((c) => ((p.inSync || p.copies).includes(c) ? c : `${c} (stale)`)).join(', ')}` : '';
+  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.pages.length) - 1}` : ''} · owner ${p.owner}${copies} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
     (heat ? ` · ${Math.round(heat.iops)} IOPS` : '');
 }
 
@@ -479,11 +490,11 @@ function wire() {
     const f = create.elements;
     const chap = f.chapUser.value || f.chapSecret.value || f.mutualUser.value || f.mutualSecret.value
       ? { user: f.chapUser.value, secret: f.chapSecret.value, mutualUser: f.mutualUser.value, mutualSecret: f.mutualSecret.value } : undefined;
-    const body = { name: f.name.value.trim(), size: f.size.value.trim(), blockBytes: Number(f.blockBytes.value), allow: lines(f.allow.value), peers: lines(f.peers.value), chap };
+    const body = { name: f.name.value.trim(), size: f.size.value.trim(), blockBytes: Number(f.blockBytes.value), allow: lines(f.allow.value), peers: lines(f.peers.value), chap, replicas: f.replicas.value ? Number(f.replicas.value) : undefined };
     act(create, $('create-result'), () => api('POST', 'volumes', body), (v) => {
       // Secrets leave the page once sent.
       create.reset();
-      return `created ${v.name} (${bytes(v.sizeBytes)}) on ${v.peers.join(', ')}: ${v.targetName}`;
+      return `created ${v.name} (${bytes(v.sizeBytes)}, ${v.replicas} ${v.replicas === 1 ? 'copy' : 'copies'} of each page) on ${v.peers.join(', ')}: ${v.targetName}`;
     });
   });
 

@@ -336,3 +336,19 @@ export const resyncRetryMsMax = 8_000;
 export const resyncAdmitRoundsMax = 8;
 assert(dirtyPersistMs < activityQuietMs / 2, 'dirty records are written before a sweep could drop their page');
 assert(resyncRetryMsMin <= resyncRetryMsMax, 'resync backoff');
+
+// -- issue 17, part C: copies kept at the asked count (src/replication/rebuild.ts).
+/** A peer unreachable this long is lost: its copies are rebuilt elsewhere (cluster.downOutMs overrides; Ceph's down-out interval). */
+export const downOutMsDefault = 600_000;
+/** The copy keeper looks at the pages this peer is primary of at least this often (and at every route or volume change). */
+export const copyKeeperTickMs = 5_000;
+/** Pages of which this peer is primary with a copy being filled (stale, on a live peer): no new copy is added beyond it. */
+export const copyBuildPagesInFlightMax = 16;
+/** Route changes (compare-and-swap) one keeper run makes; the next run goes on. */
+export const copyChangesPerRunMax = 64;
+/** Pages one keeper run looks at (a 64 TiB volume has 16 M): the next run resumes where it stopped. */
+export const copyKeeperScanPagesMax = 65_536;
+assert(downOutMsDefault > 10 * loadStaleMs, 'a peer is lost only long after it is first shown stale');
+assert(copyKeeperTickMs >= loadTickMs, 'the keeper looks no more often than gossip refreshes liveness');
+/** Route and volume changes within this long start one keeper run, not one each. */
+export const copyKeeperKickDelayMs = 200;

@@ -45,3 +45,31 @@ t.test('volume lifecycle and errors through the CLI', async (t) => {
   t.equal(peer.cli('volume', 'delete', 'vol1').status, 0);
   t.match(peer.cli('volume', 'list').stdout, /no volumes/);
 });
+
+t.test('copies per page through the CLI: create, set, show, page map, status', async (t) => {
+  const peer = await startPeer(t.teardown.bind(t));
+  const created = peer.cli('--json', 'volume', 'create', 'rep', '--size', '64M', '--replicas', '2');
+  t.equal(created.status, 0, created.stderr);
+  t.equal(JSON.parse(created.stdout).replicas, 2, 'the number asked is kept');
+  const shown = JSON.parse(peer.cli('--json', 'volume', 'show', 'rep').stdout);
+  t.equal(shown.protection, 'healthy', 'a one-peer group holds every copy it can: healthy');
+  t.match(shown.protectionDetail, { state: 'healthy', pages: 16, wanted: 1, degradedPages: 0, rebuildingPages: 0, unavailablePages: 0 });
+  t.match(peer.cli('volume', 'show', 'rep').stdout, /^copies\s+2 per page$/m);
+  t.match(peer.cli('volume', 'show', 'rep').stdout, /^protection\s+healthy$/m);
+  t.match(peer.cli('volume', 'list').stdout, /rep\s+64\.0 MiB\s+512\s+\S+ \S+\s+2\s+healthy/);
+
+  const set = peer.cli('--json', 'volume', 'set', 'rep', '--replicas', '3');
+  t.equal(set.status, 0, set.stderr);
+  t.equal(JSON.parse(set.stdout).replicas, 3);
+  const tooMany = peer.cli('volume', 'set', 'rep', '--replicas', '4');
+  t.equal(tooMany.status, 1);
+  t.match(tooMany.stderr, /^peersan: --replicas must be a whole number from 1 to 3, got "4"$/m);
+  t.match(peer.cli('volume', 'set', 'rep').stderr, /volume set needs --auto-balance on\|off or --replicas N/);
+  t.match(peer.cli('volume', 'create', 'zero', '--size', '1M', '--replicas', '0').stderr, /--replicas must be a whole number from 1 to 3/);
+
+  const map = JSON.parse(peer.cli('--json', 'page', 'map', 'rep').stdout);
+  t.same(map.pages[0], { page: 0, owner: 'p1', version: 1, copies: ['p1'], inSync: ['p1'] }, 'page map: the primary and its copies');
+  t.match(peer.cli('page', 'map', 'rep').stdout, /^PAGES\s+OWNER\s+COPIES\s+VERSION$/m);
+  t.match(peer.cli('status').stdout, /^volumes: 1 healthy$/m);
+  t.match(JSON.parse(peer.cli('--json', 'status').stdout).protection, { healthy: 1, degraded: 0 });
+});

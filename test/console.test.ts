@@ -142,6 +142,7 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
   });
 
   await t.test('the page map of the new volume, coloured by owner', async (t) => {
+    t.equal(await page.locator('#volumes tr[data-volume="web"] td[data-field="protection"]').innerText(), '1 · healthy', 'copies asked and protection');
     await page.click('#volumes tr[data-volume="web"] button:has-text("web")');
     await page.waitForSelector('#page-map[data-pages="32"]');
     t.equal(await page.locator('#page-map').getAttribute('data-owners'), 'p1:11,p2:11,p3:10', '32 pages striped over three peers');

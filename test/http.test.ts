@@ -173,6 +173,9 @@ t.test('a 3-peer group over HTTP', async (t) => {
       ['PUT', '/api/rebalancing', { enabled: 'yes' }, 400, /./],
       ['POST', '/api/volumes/nope/snapshots', {}, 404, /no volume named nope/],
       ['GET', '/api/whatever', undefined, 404, /no API route/],
+      ['PUT', '/api/volumes/vol/replicas', { replicas: 4 }, 400, /replicas must be 1 to 3, got 4/],
+      ['PUT', '/api/volumes/vol/replicas', {}, 400, /replicas is required/],
+      ['POST', '/api/volumes', { name: 'x6', size: '8M', replicas: 'two' }, 400, /replicas must be a whole number/],
     ];
     for (const [method, path, body, status, message] of cases) {
       const r = await api(method, path, body);
@@ -185,6 +188,8 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.match(badJson.json(), { error: /not valid JSON/ });
     const huge = await http(base, 'POST', '/api/volumes', { token, raw: JSON.stringify({ name: 'big', size: '8M', allow: ['x'.repeat(httpBodyBytesMax)] }) });
     t.equal(huge.status, 413);
+    const replicated = await api('PUT', '/api/volumes/vol/replicas', { replicas: 2 });
+    t.match(replicated.json(), { name: 'vol', replicas: 2, protection: /^(healthy|rebuilding|degraded)$/ }, 'copies asked through the console API');
     const resized = await api('POST', '/api/volumes/vol/resize', { size: '64M' });
     t.equal(resized.json().sizeBytes, 64 * 1024 * 1024);
     const host = 'iqn.1994-05.com.example:db1';

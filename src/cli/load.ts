@@ -3,7 +3,8 @@
 // without a peer.
 
 import type { Command } from 'commander';
-import { formatBytes } from '../cluster/catalog';
+import { formatBytes, replicasMax } from '../cluster/catalog';
+import { summaryText, type ProtectionSummary } from '../replication/protection';
 import { InvalidArgumentError } from '../errors';
 import { loadHottestPagesPerVolume } from '../limits';
 import type { LoadStats } from '../loadmon/ewma';
@@ -33,10 +34,10 @@ function statCells(s: LoadStats): string[] {
 
 const statHeads = ['IOPS 1s/10s/60s', 'BYTES/S 10s', 'LATENCY 10s', 'QUEUE 10s'];
 
-export function topText(v: TopReply, table: (rows: string[][]) => string): string {
+export function topText(v: TopReply & { protection?: ProtectionSummary }, table: (rows: string[][]) => string): string {
   const b = v.balancer;
   const lines: string[] = [
-    `group load as seen from ${v.self} · balancer ${b.enabled && b.auto ? 'automatic' : b.enabled ? 'off for the group' : 'off in cluster.yaml'} · last round: ${b.lastRound}${b.movesInFlight ? ` · ${b.movesInFlight} move(s) in flight` : ''}`,
+    `group load as seen from ${v.self} · balancer ${b.enabled && b.auto ? 'automatic' : b.enabled ? 'off for the group' : 'off in cluster.yaml'} · last round: ${b.lastRound}${b.movesInFlight ? ` · ${b.movesInFlight} move(s) in flight` : ''}${v.protection ? ` · volumes: ${summaryText(v.protection)}` : ''}`,
     '',
     table([
       ['PEER', 'STATE', 'LOAD', ...statHeads.map((h) => `OWNER ${h}`), 'HOSTS IOPS 10s', 'SESSIONS', 'FREE'],
@@ -142,11 +143,22 @@ export function addLoadCommands<G extends Json>(program: Command, volume: Comman
   volume
     .command('set <name>')
     .description('change a volume\'s settings')
-    .requiredOption('--auto-balance <on|off>', 'let the balancer move this volume\'s pages')
-    .action(async (name: string, o: { autoBalance: string }) => {
+    .option('--auto-balance <on|off>', 'let the balancer move this volume\'s pages')
+    .option('--replicas <n>', `copies of each page, 1-${replicasMax}: new copies are built (or extra ones removed) live, paced`)
+    .action(async (name: string, o: { autoBalance?: string; replicas?: string }) => {
       const g = d.g();
-      const on = onOff(o.autoBalance, '--auto-balance');
-      const r = await d.withClient(g, (c) => c.setAutoBalance(name, on));
-      d.out(g, r, () => `automatic balancing ${r.on ? 'on' : 'off'} for volume ${r.volume}`);
+      if (o.autoBalance === undefined && o.replicas === undefined) throw new InvalidArgumentError('volume set needs --auto-balance on|off or --replicas N');
+      const on = o.autoBalance === undefined ? undefined : onOff(o.autoBalance, '--auto-balance');
+      const replicas = o.replicas === undefined ? undefined : wholeNumber(o.replicas, '--replicas', replicasMax, 1);
+      await d.withClient(g, async (c) => {
+        if (on !== undefined) {
+          const r = await c.setAutoBalance(name, on);
+          d.out(g, r, () => `automatic balancing ${r.on ? 'on' : 'off'} for volume ${r.volume}`);
+        }
+        if (replicas !== undefined) {
+          const v = await c.setReplicas(name, replicas);
+          d.out(g, v, () => `volume ${v.name}: ${v.replicas} ${v.replicas === 1 ? 'copy' : 'copies'} of each page asked; pages follow, paced (see \`peersan volume show ${v.name}\`)`);
+        }
+      });
     });
 }

@@ -4,7 +4,8 @@
 
 import { existsSync } from 'node:fs';
 import { Command, Option } from 'commander';
-import { formatBytes } from '../cluster/catalog';
+import { formatBytes, replicasMax } from '../cluster/catalog';
+import { protectionText, summaryText } from '../replication/protection';
 import { InvalidArgumentError, PeersanError } from '../errors';
 import type { MoveInfo } from '../migration/migrator';
 import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
@@ -63,9 +64,9 @@ function out(g: GlobalOptions, data: unknown, human: () => string): void {
 function volumeRows(vs: VolumeView[]): string {
   if (vs.length === 0) return 'no volumes';
   return table([
-    ['NAME', 'SIZE', 'BLOCK', 'USED', 'SESSIONS', 'ACCESS', 'TARGET'],
+    ['NAME', 'SIZE', 'BLOCK', 'USED', 'COPIES', 'PROTECTION', 'SESSIONS', 'ACCESS', 'TARGET'],
     ...vs.map((v) => [
-      v.name, formatBytes(v.sizeBytes), String(v.blockBytes), formatBytes(v.allocatedBytes), String(v.sessions),
+      v.name, formatBytes(v.sizeBytes), String(v.blockBytes), formatBytes(v.allocatedBytes), String(v.replicas), v.protection ?? '-', String(v.sessions),
       (v.allow.length ? `${v.allow.length} initiator(s)` : 'any initiator') + (v.chapEnabled ? (v.mutualChap ? ', mutual CHAP' : ', CHAP') : ''),
       v.targetName,
     ]),
@@ -80,6 +81,8 @@ function volumeDetail(v: VolumeView): string {
     ['size', `${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes, ${v.sizeBytes / v.blockBytes} blocks of ${v.blockBytes})`],
     ['allocated', `${formatBytes(v.allocatedBytes)} on the peer asked`],
     ['placed on', v.peers.join(', ')],
+    ['copies', `${v.replicas} per page`],
+    ...(v.protectionDetail ? [['protection', protectionText(v.protectionDetail)]] : []),
     ['allowed initiators', v.allow.length ? v.allow.join(', ') : 'any'],
     ['CHAP', v.chapEnabled ? `user ${v.chapUser}${v.mutualChap ? ', mutual' : ''}` : 'off'],
     ['sessions', String(v.sessions)],
@@ -87,26 +90,33 @@ function volumeDetail(v: VolumeView): string {
   ]);
 }
 
-function pageMapText(m: PageMapView): string {
+/** A page's copies as one cell: primary first, stale copies marked (resyncing). */
+function copiesCell(p: PageMapView['pages'][number]): string {
+  const copies = p.copies && p.copies.length > 0 ? p.copies : [p.owner];
+  const inSync = p.inSync && p.inSync.length > 0 ? p.inSync : copies;
+  return copies.map((c) => (inSync.includes(c) ? c : `${c}(stale)`)).join(',');
+}
+
+export function pageMapText(m: PageMapView): string {
   const count = new Map<string, number>();
   for (const p of m.pages) count.set(p.owner, (count.get(p.owner) ?? 0) + 1);
   const runs: string[][] = [];
   for (let i = 0; i < m.pages.length; ) {
     let j = i;
-    while (j + 1 < m.pages.length && m.pages[j + 1].owner === m.pages[i].owner && m.pages[j + 1].version === m.pages[i].version) j++;
-    runs.push([i === j ? String(i) : `${i}-${j}`, m.pages[i].owner, `v${m.pages[i].version}`]);
+    while (j + 1 < m.pages.length && copiesCell(m.pages[j + 1]) === copiesCell(m.pages[i]) && m.pages[j + 1].version === m.pages[i].version) j++;
+    runs.push([i === j ? String(i) : `${i}-${j}`, m.pages[i].owner, copiesCell(m.pages[i]), `v${m.pages[i].version}`]);
     i = j + 1;
   }
   // A striped volume alternates owners every page: show it as one line per owner instead.
   const striped = runs.length > 24;
   const body = striped
     ? table([['OWNER', 'PAGES', 'FIRST PAGES'], ...[...count.keys()].sort().map((o) => [o, String(count.get(o)), m.pages.filter((p) => p.owner === o).slice(0, 8).map((p) => p.page).join(',') + (count.get(o)! > 8 ? ',…' : '')])])
-    : table([['PAGES', 'OWNER', 'VERSION'], ...runs]);
+    : table([['PAGES', 'OWNER', 'COPIES', 'VERSION'], ...runs]);
   const moved = m.pages.filter((p) => p.version > 1);
   return [
     `volume ${m.volume}: ${m.pages.length} pages of ${m.pageBlocks} blocks, placed on ${m.peers.join(', ')}`,
     `pages per peer: ${[...count.entries()].sort().map(([o, n]) => `${o} ${n}`).join(', ')}`,
-    ...(striped && moved.length > 0 ? [`moved since placement: ${moved.slice(0, 8).map((p) => `${p.page}→${p.owner} v${p.version}`).join(', ')}${moved.length > 8 ? `, … (${moved.length})` : ''}`] : []),
+    ...(striped && moved.length > 0 ? [`changed since placement: ${moved.slice(0, 8).map((p) => `${p.page}→${copiesCell(p)} v${p.version}`).join(', ')}${moved.length > 8 ? `, … (${moved.length})` : ''}`] : []),
     body,
   ].join('\n');
 }
@@ -262,6 +272,7 @@ export function buildProgram(): Command {
           ]),
         ]),
         ...s.peers.flatMap((p) => p.sessions.filter((x) => x.sessionType === 'Normal').map((x) => `  ${p.id}: ${x.initiatorName} → ${x.targetName} from ${x.remoteAddress} (${x.commandsInFlight} in flight)`)),
+        ...(s.protection ? [`volumes: ${summaryText(s.protection)}`] : []),
       ].join('\n'),
     );
   });
@@ -278,13 +289,15 @@ export function buildProgram(): Command {
     .option('--mutual-user <user>', 'mutual CHAP: the user we present to the initiator')
     .option('--mutual-secret <secret>', 'mutual CHAP secret (12-16 characters)')
     .option('--peers <ids>', 'place the pages on these peers only, e.g. p1,p3 (default: all)')
-    .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string; peers?: string }) => {
+    .option('--replicas <n>', `copies of each page on distinct peers, 1-${replicasMax} (default: 2 when the volume spans 2 peers or more)`)
+    .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string; peers?: string; replicas?: string }) => {
       if ((o.chapUser === undefined) !== (o.chapSecret === undefined)) throw new InvalidArgumentError('--chap-user and --chap-secret go together');
       if ((o.mutualUser !== undefined || o.mutualSecret !== undefined) && !o.chapUser) throw new InvalidArgumentError('mutual CHAP needs --chap-user/--chap-secret too');
       const chap = o.chapUser ? { user: o.chapUser, secret: o.chapSecret!, mutualUser: o.mutualUser, mutualSecret: o.mutualSecret } : undefined;
       const peers = o.peers ? o.peers.split(',').map((p) => p.trim()).filter(Boolean) : [];
-      const v = await withClient(g(), (c) => c.createVolume({ name, size: o.size, blockBytes: Number(o.blockSize), allow: o.allow, chap, peers }));
-      out(g(), v, () => `created volume ${v.name} (${formatBytes(v.sizeBytes)}) on ${v.peers.join(', ')}, target ${v.targetName}`);
+      const replicas = o.replicas === undefined ? undefined : wholeNumber(o.replicas, '--replicas', replicasMax, 1);
+      const v = await withClient(g(), (c) => c.createVolume({ name, size: o.size, blockBytes: Number(o.blockSize), allow: o.allow, chap, peers, replicas }));
+      out(g(), v, () => `created volume ${v.name} (${formatBytes(v.sizeBytes)}, ${v.replicas} ${v.replicas === 1 ? 'copy' : 'copies'} of each page) on ${v.peers.join(', ')}, target ${v.targetName}`);
     });
   volume.command('list').description('all volumes').action(async () => {
     const vs = await withClient(g(), (c) => c.listVolumes());
@@ -314,7 +327,7 @@ export function buildProgram(): Command {
   const page = program.command('page').description('where the pages of a volume live');
   page
     .command('map <volume>')
-    .description('which peer owns each page (runs of pages with one owner on a line)')
+    .description('which peers hold each page, primary first (runs of pages with the same copies on a line)')
     .action(async (name: string) => {
       const m = await withClient(g(), (c) => c.pageMap(name));
       out(g(), m, () => pageMapText(m));
@@ -322,7 +335,7 @@ export function buildProgram(): Command {
 
   page
     .command('move <volume> <page>')
-    .description('move a page to another peer while hosts keep using it (dual writes while in transit)')
+    .description('make a peer the primary of a page while hosts keep using it: a role switch when it holds an in-sync copy, else the primary\'s copy moves there (dual writes while in transit)')
     .option('--to <peer>', 'destination peer id')
     .option('--wait', 'wait until the move commits, showing progress (a move whose source is down is paused, and waited for)')
     .option('--timeout <seconds>', 'with --wait: stop waiting after this long (the move goes on)', '3600')
@@ -339,6 +352,7 @@ export function buildProgram(): Command {
       const to = o.to;
       await withClient(g(), async (c) => {
         const m = await c.movePage(name, n, to);
+        if (m.state === 'switched') return out(g(), m, () => `page ${n} of ${name}: primary role switched from ${m.from} to ${m.to} (it held an in-sync copy; no data copied)`);
         if (!o.wait) return out(g(), m, () => `moving page ${n} of ${name} from ${m.from} to ${m.to} (${m.pieces} pieces); follow with \`peersan migrations\``);
         if (!g().json) process.stdout.write(`moving page ${n} of ${name} from ${m.from} to ${m.to}\n`);
         const t0 = Date.now();

@@ -366,7 +366,7 @@ export class Catalog {
       if (!this.options.groupPeers.includes(p)) throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.groupPeers.join(', ')})`);
     }
     const replicas = input.replicas ?? defaultReplicas(peers.length);
-    if (!Number.isInteger(replicas) || replicas < 1 || replicas > replicasMax) throw new InvalidArgumentError(`replicas must be 1 to ${replicasMax}, got ${input.replicas}`);
+    checkReplicas(replicas);
     const record: Omit<VolumeRecord, 'version'> = {
       name: input.name, id: this.options.env.random.bytes(8).toString('hex'), sizeBytes, blockBytes, allow,
       chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: this.options.env.clock.nowMs(),
@@ -416,6 +416,19 @@ export class Catalog {
     return { ...next, version: r.version };
   }
 
+  /**
+   * Record the copies asked per page, 1-3 (compare-and-swap on the record). Pages gain or lose
+   * copies afterwards, each by its primary (src/replication/rebuild.ts), paced.
+   */
+  async setReplicas(name: string, replicas: number): Promise<VolumeRecord> {
+    const current = this.require(name);
+    checkReplicas(replicas);
+    const { version: _v, ...rest } = current;
+    const next = { ...rest, replicas };
+    const r = await this.store.put(volumePrefix + name, encodeVolume(next), current.version);
+    return { ...next, version: r.version };
+  }
+
   /** Delete the record, then the volume's route and reservation records (peers free their pages on the watch). */
   async deleteVolume(name: string): Promise<VolumeRecord> {
     const current = this.require(name);
@@ -440,6 +453,10 @@ export class Catalog {
     this.unwatchers = [];
     this.listeners.clear();
   }
+}
+
+function checkReplicas(replicas: number): void {
+  if (!Number.isInteger(replicas) || replicas < 1 || replicas > replicasMax) throw new InvalidArgumentError(`replicas must be 1 to ${replicasMax}, got ${replicas}`);
 }
 
 /** A route a CAS would write: broken ones are bugs of the caller (assertion). */

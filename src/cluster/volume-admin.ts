@@ -7,6 +7,8 @@ import type { Logger } from 'pino';
 import { InvalidArgumentError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
+import type { Protection, ProtectionState } from '../replication/protection';
+import { copiesOf, inSyncOf } from '../routing/table';
 import type { Catalog, ChapSettings, CreateVolumeInput, VolumeRecord } from './catalog';
 import type { GroupStatus } from './group-status';
 
@@ -25,13 +27,19 @@ export interface VolumeView {
   createdAtMs: number;
   version: number;
   peers: string[];
+  /** Copies asked per page (src/replication). */
+  replicas: number;
+  /** healthy, degraded, rebuilding or unavailable, with its counts (src/replication/protection.ts); absent when not computed. */
+  protection?: ProtectionState;
+  protectionDetail?: Protection;
 }
 
 export interface PageMapView {
   volume: string;
   pageBlocks: number;
   peers: string[];
-  pages: { page: number; owner: string; version: number }[];
+  /** owner: the primary; copies: every peer holding a copy, primary first; inSync: the copies with every acknowledged write. */
+  pages: { page: number; owner: string; version: number; copies: string[]; inSync: string[] }[];
 }
 
 export interface VolumeAdmin {
@@ -54,6 +62,8 @@ export interface VolumeAdminOptions {
   localSessions(): SessionInfo[];
   group: Pick<GroupStatus, 'sessions'>;
   log: Logger;
+  /** The volume's protection as this peer sees it (src/replication/admin.ts); absent: not shown. */
+  protection?(record: VolumeRecord): Protection;
 }
 
 export function volumeAdmin(o: VolumeAdminOptions): VolumeAdmin {
@@ -63,7 +73,8 @@ export function volumeAdmin(o: VolumeAdminOptions): VolumeAdmin {
     chapEnabled: v.chap !== undefined, chapUser: v.chap?.user ?? '', mutualChap: v.chap?.mutualUser !== undefined,
     allocatedBytes: targets.allocatedBytes(v.name), targetName: targetNameFor(v.name),
     sessions: o.localSessions().filter((s) => s.targetName === targetNameFor(v.name)).length,
-    createdAtMs: v.createdAtMs, version: v.version, peers: v.peers,
+    createdAtMs: v.createdAtMs, version: v.version, peers: v.peers, replicas: v.replicas ?? 1,
+    ...(o.protection ? protectionFields(o.protection(v)) : {}),
   });
   const applied = async (record: VolumeRecord): Promise<VolumeView> => {
     await targets.apply(record.name, record);
@@ -94,7 +105,12 @@ export function volumeAdmin(o: VolumeAdminOptions): VolumeAdmin {
     async pageMap(name) {
       const v = catalog.require(name);
       const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
-      return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages: routes.map((r, page) => ({ page, owner: r.owner, version: r.version })) };
+      const pages = routes.map((r, page) => ({ page, owner: r.owner, version: r.version, copies: [...copiesOf(r)], inSync: [...inSyncOf(r)] }));
+      return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages };
     },
   };
+}
+
+function protectionFields(p: Protection): Pick<VolumeView, 'protection' | 'protectionDetail'> {
+  return { protection: p.state, protectionDetail: p };
 }

@@ -15,7 +15,7 @@
 import type { Logger } from 'pino';
 import type { Clock } from '../env/env';
 import { loadRecentMovesMax } from '../limits';
-import { plan, type BalancerConfig, type Plan, type PlanInput, type PlanPage, type PlannedMove } from './balancer';
+import { plan, type BalancerConfig, type PageHolders, type Plan, type PlanInput, type PlanPage, type PlannedMove } from './balancer';
 import type { RecentMove } from './monitor';
 import type { GroupLoadView, KnownMove } from './view';
 
@@ -41,6 +41,8 @@ export interface PlanContext {
   cooldownMs: number;
   /** The page's owner in this peer's route table. */
   ownerOf(volumeId: string, page: number): string | undefined;
+  /** The page's other copies in this peer's route table (replicated volumes). */
+  holdersOf?(volumeId: string, page: number): PageHolders | undefined;
   volume(volumeId: string): VolumeFacts | undefined;
   /** Manual rebalance: volumes with automatic balancing off take part too. */
   manual: boolean;
@@ -74,9 +76,10 @@ export function planInputFromView(view: GroupLoadView, ctx: PlanContext): PlanIn
       const move = latest.get(key);
       const inFlight = move && move.state !== 'failed' && ctx.nowMs - move.atMs < ctx.cooldownMs;
       const owner = inFlight ? move.to : (ctx.ownerOf(v.volumeId, p.page) ?? p.peer);
+      const holders = inFlight ? undefined : ctx.holdersOf?.(v.volumeId, p.page);
       pages.set(key, {
         volumeId: v.volumeId, volumeName: facts.name, page: p.page, owner, load: p.load, bytesMax: facts.pageBytes,
-        lastMovedAtMs: move?.atMs, pinned: !ctx.manual && !facts.autoBalance,
+        lastMovedAtMs: move?.atMs, pinned: !ctx.manual && !facts.autoBalance, ...(holders ? { holders } : {}),
       });
     }
   }
@@ -112,6 +115,7 @@ export interface BalancerDriverOptions {
   /** The group view with every reported page (not cut to the top N). */
   view: () => GroupLoadView;
   ownerOf(volumeId: string, page: number): string | undefined;
+  holdersOf?(volumeId: string, page: number): PageHolders | undefined;
   volume(volumeId: string): VolumeFacts | undefined;
   /** The group switch (catalog). */
   groupAuto: () => boolean;
@@ -138,7 +142,7 @@ export class BalancerDriver {
     const moves = [...view.recentMoves, ...[...this.own.values()]];
     const input = planInputFromView(view, {
       nowMs, cooldownMs: config.cooldownMs, manual, moves,
-      ownerOf: (v, p) => this.o.ownerOf(v, p), volume: (v) => this.o.volume(v),
+      ownerOf: (v, p) => this.o.ownerOf(v, p), holdersOf: (v, p) => this.o.holdersOf?.(v, p), volume: (v) => this.o.volume(v),
     });
     return plan(input, config);
   }

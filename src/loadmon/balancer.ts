@@ -16,6 +16,9 @@
 //   (same variance) is never chosen.
 // Capacity: a destination must keep reserveFreeBytes free after receiving the page (counted
 // at the page's full size: thin pages may need less).
+// Copies (replicated volumes): a peer holding an in-sync copy of the page takes the primary role
+// with no data copied (a role switch, cheaper: roleSwitchCostShare of wChange, and no room
+// needed); a peer holding a stale copy is never a destination, so no peer ever holds two copies.
 
 import { balancerMovesPerRoundMax } from '../limits';
 
@@ -67,7 +70,17 @@ export interface PlanPage {
   lastMovedAtMs?: number;
   /** Automatic balancing is off for its volume: it counts, it does not move. */
   pinned?: boolean;
+  /** Peers holding a copy of the page (src/replication), the owner aside: in sync (the primary role can switch to them, no data copied) or stale (never a destination). */
+  holders?: PageHolders;
 }
+
+export interface PageHolders {
+  inSync: readonly string[];
+  stale: readonly string[];
+}
+
+/** A role switch copies no data: it costs this share of a move's wChange, so the balancer prefers it. */
+export const roleSwitchCostShare = 0.25;
 
 export interface PlanInput {
   nowMs: number;
@@ -163,12 +176,13 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
       const x = page.load;
       const la = loads.get(page.owner)!;
       for (const to of ids) {
-        if (to === page.owner) continue;
+        if (to === page.owner || page.holders?.stale.includes(to)) continue;
         const lb = loads.get(to)!;
         if (lb + x > ceiling) continue;
-        if (free.get(to)! - page.bytesMax < config.reserveFreeBytes) continue;
+        const switchRole = page.holders?.inSync.includes(to) === true;
+        if (!switchRole && free.get(to)! - page.bytesMax < config.reserveFreeBytes) continue;
         // Moving x from a to b changes Σ(L − mean)² by 2x(x + Lb − La); the mean stays.
-        const delta = (config.wVar * 2 * x * (x + lb - la)) / (n * mean * mean) + config.wChange;
+        const delta = (config.wVar * 2 * x * (x + lb - la)) / (n * mean * mean) + config.wChange * (switchRole ? roleSwitchCostShare : 1);
         if (delta < 0 && (!best || delta < best.delta)) best = { page, to, delta };
       }
     }
@@ -176,7 +190,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
     const { page, to } = best;
     loads.set(page.owner, loads.get(page.owner)! - page.load);
     loads.set(to, loads.get(to)! + page.load);
-    free.set(to, free.get(to)! - page.bytesMax);
+    if (!page.holders?.inSync.includes(to)) free.set(to, free.get(to)! - page.bytesMax);
     moved.add(page);
     moves.push({ volumeId: page.volumeId, volumeName: page.volumeName, page: page.page, from: page.owner, to, load: page.load });
   }

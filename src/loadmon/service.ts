@@ -7,7 +7,7 @@
 import type { Logger } from 'pino';
 import type { Env, TimerHandle } from '../env/env';
 import { loadHottestPagesPerVolume, loadTickMs, loadTopPagesMax } from '../limits';
-import type { BalancerConfig, Plan, PlannedMove } from './balancer';
+import type { BalancerConfig, PageHolders, Plan, PlannedMove } from './balancer';
 import { BalancerDriver, type MoveOutcome, type PageMover, type VolumeFacts } from './balancer-driver';
 import { LoadMonitor, type LoadSummary, type PeerFacts } from './monitor';
 import { GroupView, type GroupLoadView, type HostLoadView, type PeerLoadView } from './view';
@@ -22,6 +22,8 @@ export interface LoadServiceOptions {
   facts(): Promise<PeerFacts>;
   sendGossip(peerId: string, summary: LoadSummary): Promise<void>;
   ownerOf(volumeId: string, page: number): string | undefined;
+  /** The page's other copies (replicated volumes; see balancer.ts PlanPage.holders). */
+  holdersOf?(volumeId: string, page: number): PageHolders | undefined;
   volume(volumeId: string): VolumeFacts | undefined;
   /** Ids of the volumes in the catalog (meters of others are dropped). */
   volumeIds(): ReadonlySet<string>;
@@ -81,7 +83,7 @@ export class LoadService {
     this.driver = new BalancerDriver({
       self: opts.self, config: () => this.o.config, mover: () => this.o.mover, clock: opts.env.clock,
       view: () => this.view.snapshot(this.nowMs(), loadHottestPagesPerVolume * this.o.peers.length),
-      ownerOf: opts.ownerOf, volume: opts.volume, groupAuto: opts.groupAuto, log: opts.log.child({ component: 'balancer' }),
+      ownerOf: opts.ownerOf, holdersOf: opts.holdersOf, volume: opts.volume, groupAuto: opts.groupAuto, log: opts.log.child({ component: 'balancer' }),
     });
   }
 

@@ -18,7 +18,9 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
+import { roleOf, switchedPrimary } from '../replication/placement';
 import { BlockOp, decodeExtents } from '../routing/frame';
+import type { Route } from '../routing/table';
 import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
@@ -95,6 +97,14 @@ export interface MigratorOptions {
    * neither copy nor commit meanwhile); undefined when nothing holds it.
    */
   hold?(volumeId: string): Promise<void> | undefined;
+  /**
+   * Run `fn` while no change of the page is in flight on this peer (the replicated layer's range
+   * lock over the whole page, src/replication). A role switch made under it keeps this peer in
+   * the in-sync set: every copy then has every change. Absent: a role switch moves this peer out
+   * of the in-sync set (a change in flight may have reached it and not the new primary), and the
+   * resync brings it back.
+   */
+  quiet?<T>(volumeId: string, page: number, fn: () => Promise<T>): Promise<T>;
 }
 
 interface Running {
@@ -192,6 +202,12 @@ export class Migrator {
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${route.owner}, not ${this.o.self}`);
     if (to === this.o.self) throw new InvalidArgumentError(`page ${page} of ${volume.name} is already on ${to}`);
     if (this.running.has(key(volume.id, page))) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
+    // A peer holding a copy takes the primary role without data copied, once its copy is in sync.
+    const known = route.copies ? route : await this.o.catalog.fetchRoute(volume, page);
+    if (known.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${known.owner}, not ${this.o.self}`);
+    const role = roleOf(known, to);
+    if (role === 'stale') throw new ConflictError(`${to}'s copy of page ${page} of ${volume.name} is resyncing; it can take the primary role once it is in sync`);
+    if (role === 'in-sync') return this.switchRole(volume, page, known, to);
     const movable = this.o.movable(volume.id);
     if (!movable) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     if (this.closed) throw new PeersanError(`peer ${this.o.self} is stopping`);
@@ -216,6 +232,24 @@ export class Migrator {
     this.o.log.info({ volume: volume.name, page, to, pieces }, 'page move started');
     this.o.event?.('migration', `moving page ${page} of ${volume.name} from ${this.o.self} to ${to}`, volume.name);
     return this.info(r);
+  }
+
+  /**
+   * Hand the primary role of the page to `to`, an in-sync copy: one CAS (owner := to, first in
+   * copies and in-sync set), checked against the catalog's record. See MigratorOptions.quiet.
+   */
+  private async switchRole(volume: VolumeRecord, page: number, route: Route, to: string): Promise<MoveInfo> {
+    const quiet = this.o.quiet;
+    const cas = () => this.o.catalog.casRoute(volume, page, route, (now) => {
+      if (roleOf(now, to) !== 'in-sync') throw new ConflictError(`${to} holds no in-sync copy of page ${page} of ${volume.name} any more`);
+      return switchedPrimary(now, to, quiet !== undefined);
+    });
+    const startedAtMs = this.o.env.clock.nowMs();
+    const next = quiet ? await quiet(volume.id, page, cas) : await cas();
+    this.o.log.info({ volume: volume.name, page, to, version: next.version }, 'primary role of a page switched to an in-sync copy');
+    this.o.event?.('page-moved', `page ${page} of ${volume.name}: primary role switched from ${this.o.self} to ${to} (no data copied)`, volume.name);
+    this.o.committed?.({ volumeId: volume.id, page, from: this.o.self, to });
+    return { volume: volume.name, volumeId: volume.id, page, from: this.o.self, to, pieces: 0, done: 0, state: 'switched', startedAtMs, bytesCopied: 0, lastError: '' };
   }
 
   /** Resolves when the move of the page commits; rejects if it is cancelled. */

@@ -104,6 +104,11 @@ export class RouteTable {
     return () => this.listeners.delete(listener);
   }
 
+  /** Pages whose route changed since placement (every other page's route is placed(page)). */
+  changed(): IterableIterator<[number, Route]> {
+    return this.moved.entries();
+  }
+
   pageOf(lba: number): number {
     return Math.floor(lba / this.pageBlocks);
   }

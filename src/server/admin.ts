@@ -21,6 +21,8 @@ import type { RebalanceReply, TopReply } from '../loadmon/service';
 import type { SnapshotAdmin } from '../snapshot/admin';
 import type { MovedSession } from './host-balance-service';
 import type { SessionAdmin } from './host-balance-wiring';
+import type { ReplicationAdmin } from '../replication/admin';
+import type { ProtectionSummary } from '../replication/protection';
 
 export type { PeerStatusView } from '../cluster/group-status';
 export type { PageMapView, VolumeView } from '../cluster/volume-admin';
@@ -35,7 +37,18 @@ export interface AdminApi
     Pick<MoveAdmin, 'movePage' | 'cancelMove' | 'migrations'>,
     Omit<SnapshotAdmin, 'createSnapshot'>,
     Pick<LoadAdmin, 'top' | 'rebalance' | 'setAutoBalance'>,
-    Partial<SessionAdmin> {}
+    Pick<ReplicationAdmin, 'setReplicas'>,
+    Partial<SessionAdmin> {
+  status(): Promise<StatusReply>;
+  top(pages: number): Promise<TopReply & { protection?: ProtectionSummary }>;
+}
+
+/** The group's peers and how many volumes are in each protection state. */
+export interface StatusReply {
+  cluster: string;
+  peers: PeerStatusView[];
+  protection?: ProtectionSummary;
+}
 
 export const statusForCode: Record<string, grpc.status> = {
   PEERSAN_ERR_INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
@@ -84,7 +97,7 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
       api.createVolume({
         name: r.name, size: r.size, blockBytes: r.blockBytes || undefined, allow: r.allow,
         chap: r.chap && r.chap.user ? { user: r.chap.user, secret: r.chap.secret, mutualUser: r.chap.mutualUser || undefined, mutualSecret: r.chap.mutualSecret || undefined } : undefined,
-        peers: r.peers,
+        peers: r.peers, replicas: r.replicas || undefined,
       })),
     listVolumes: wrap('listVolumes', async () => ({ volumes: await api.listVolumes() })),
     getVolume: wrap('getVolume', (r) => api.getVolume(r.name)),
@@ -103,6 +116,7 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     top: wrap('top', (r) => api.top(r.pages || 16)),
     rebalance: wrap('rebalance', (r) => api.rebalance(r.dryRun === true)),
     setAutoBalance: wrap('setAutoBalance', (r) => api.setAutoBalance(r.volume, r.on === true)),
+    setReplicas: wrap('setReplicas', (r) => api.setReplicas(r.volume, r.replicas)),
     moveSession: wrap('moveSession', async (r) => {
       if (!api.moveSession) throw new PeersanError('host balancing is not available on this peer', 'PEERSAN_ERR_INVALID_ARGUMENT');
       return { moved: await api.moveSession(r.session, r.to, r.on) };
@@ -147,11 +161,12 @@ export class AdminClient {
     });
   }
 
-  status(): Promise<{ cluster: string; peers: PeerStatusView[] }> {
+  status(): Promise<StatusReply> {
     return this.call('status', {});
   }
-  createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; peers?: string[]; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
+  createVolume(input: { name: string; size: string; blockBytes?: number; allow?: string[]; peers?: string[]; replicas?: number; chap?: { user: string; secret: string; mutualUser?: string; mutualSecret?: string } }): Promise<VolumeView> {
     if (input.blockBytes !== undefined) wireUint32(input.blockBytes, 'block size');
+    if (input.replicas !== undefined) wireUint32(input.replicas, 'replicas');
     return this.call('createVolume', input);
   }
   async listVolumes(): Promise<VolumeView[]> {
@@ -197,7 +212,7 @@ export class AdminClient {
     const r = await this.call<{ moves?: MoveInfo[]; unreachable?: string[] }>('migrations', {});
     return { moves: r.moves ?? [], unreachable: r.unreachable ?? [] };
   }
-  async top(pages = 16): Promise<TopReply> {
+  async top(pages = 16): Promise<TopReply & { protection?: ProtectionSummary }> {
     return this.call('top', { pages: wireUint32(pages, 'pages') }, 10_000);
   }
   rebalance(dryRun: boolean): Promise<RebalanceReply> {
@@ -205,6 +220,9 @@ export class AdminClient {
   }
   setAutoBalance(volume: string, on: boolean): Promise<{ volume: string; on: boolean }> {
     return this.call('setAutoBalance', { volume, on });
+  }
+  setReplicas(volume: string, replicas: number): Promise<VolumeView> {
+    return this.call('setReplicas', { volume, replicas: wireUint32(replicas, 'replicas') });
   }
   async moveSession(session: string, to: string, on = ''): Promise<MovedSession[]> {
     return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to, on })).moved ?? [];

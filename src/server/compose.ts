@@ -15,7 +15,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { failoverWaitMsMax, loadGossipMsMax, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
+import { downOutMsDefault, failoverWaitMsMax, loadGossipMsMax, loadStaleMs, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -28,9 +28,13 @@ import type { ReplicaPort } from '../replication/hooks';
 import { Leases } from '../replication/leases';
 import { checkResyncAsk, checkRouteAnswer, parseBody, type ReplicationHandler } from '../replication/messages';
 import { Resyncer, ResyncTracker } from '../replication/resync';
+import { VolumeProtection } from '../replication/admin';
+import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
+import { Reaper } from '../replication/reaper';
+import { CopyKeeper } from '../replication/rebuild';
 import { PageService } from '../routing/page-service';
-import { copiesOf, inSyncOf } from '../routing/table';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
+import { copiesOf, inSyncOf, staleCopiesOf, type Route } from '../routing/table';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
@@ -77,6 +81,23 @@ export interface PeerWiring {
   protocols?: Partial<PeerProtocols>;
   /** Where the routers count their runs (the peer's /metrics reads it); default: a new one. */
   routing?: RoutingCounters;
+  /** Copies: lost-peer interval and zones (cluster.yaml); default: downOutMsDefault, no zones. */
+  replication?: ReplicationSettings;
+}
+
+export interface ReplicationSettings {
+  downOutMs: number;
+  /** Peer id → its `zone:` in cluster.yaml (peers without one are absent). */
+  zones: Readonly<Record<string, string>>;
+}
+
+/** Copies kept at the asked count, freed when no longer ours, and reported (src/replication). */
+export interface ReplicationCore {
+  counters: ReplicationCounters;
+  keeper: CopyKeeper;
+  reaper: Reaper;
+  protection: VolumeProtection;
+  zoneOf(peer: string): string | undefined;
 }
 
 /** A peer's protocols, wired. */
@@ -98,6 +119,7 @@ export interface PeerCore {
   routing: RoutingCounters;
   /** The activity log, the dirty grains (the write path's ChangeTracker) and resync (src/replication). */
   resync: { activity: ActivityLog; tracker: ResyncTracker; resyncer: Resyncer };
+  replication: ReplicationCore;
   /** What another peer's PeerService calls reach (the block stream and the process-only calls aside). */
   handlers: Omit<PeerHandlers, 'blocks' | 'status' | 'moveSession' | 'planHostMove' | 'replication'> & Required<Pick<PeerHandlers, 'replication'>>;
   /** Stop the protocols' timers and watches (the store and the catalog store stay open: their owner closes them). */
@@ -181,6 +203,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
+  core.replication = replicationCore(w, core);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
@@ -214,6 +237,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     core.resync.activity.close();
     leases.close();
     core.failover.close();
+    core.replication.keeper.stop();
+    core.replication.reaper.stop();
     core.load.stop();
     balancerSwitch.close();
     migrator.close();
@@ -252,10 +277,46 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
   return { activity, tracker, resyncer };
 }
 
+/**
+ * The copy keeper and the reaper, started once moves in flight are recovered (both leave a page
+ * being moved to the move), and each volume's protection. Liveness is the load view's.
+ */
+function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
+  const { self, env, log } = w;
+  const { catalog } = core;
+  const zones = w.replication?.zones ?? {};
+  const zoneOf = (peer: string): string | undefined => zones[peer];
+  const movingAway = (volumeId: string, page: number): boolean => core.targets.movable(volumeId)?.moves.has(page) ?? false;
+  const keeper = new CopyKeeper({
+    self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
+    reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
+    event: (message, volume) => w.event('replication', message, { volume, peer: self }),
+  });
+  const reaper = new Reaper({
+    self, catalog, log, movingAway, store: (id) => core.targets.stored(id), receiving: (id, page) => core.migrator.receiving(id, page),
+  });
+  // A peer not heard from yet counts as up for the first loadStaleMs of this peer's life: right
+  // after a start, gossip has not had the time to say anything.
+  const startedMs = env.clock.monotonicMs();
+  const livePeers = (): Set<string> => {
+    const starting = env.clock.monotonicMs() - startedMs < loadStaleMs;
+    return new Set(core.load.peerLoads().filter((p) => !p.stale || (starting && p.ageMs < 0)).map((p) => p.id));
+  };
+  const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
+  reaper.start();
+  keeper.start();
+  return { counters: newReplicationCounters(), keeper, reaper, protection, zoneOf };
+}
+
 /** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */
 function loadService(w: PeerWiring, core: PeerCore): LoadService {
   const { catalog } = core;
   let lastVolume: ReturnType<Catalog['volumeById']>;
+  const routeOf = (volumeId: string, page: number): Route | undefined => {
+    // Asked for many pages of one volume in a row: look the record up once per run.
+    if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
+    return lastVolume ? catalog.routes(lastVolume).route(page) : undefined;
+  };
   return new LoadService({
     self: w.self, env: w.env, peers: [...w.groupPeers], config: w.balancer, log: w.log, facts: w.facts,
     sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
@@ -267,10 +328,10 @@ function loadService(w: PeerWiring, core: PeerCore): LoadService {
       },
       movesInFlight: () => core.migrator?.inFlight ?? 0,
     },
-    ownerOf: (volumeId, page) => {
-      // Asked for many pages of one volume in a row: look the record up once per run.
-      if (lastVolume?.id !== volumeId) lastVolume = catalog.volumeById(volumeId);
-      return lastVolume ? catalog.routes(lastVolume).route(page).owner : undefined;
+    ownerOf: (volumeId, page) => routeOf(volumeId, page)?.owner,
+    holdersOf: (volumeId, page) => {
+      const r = routeOf(volumeId, page);
+      return r?.copies ? { inSync: inSyncOf(r).filter((p) => p !== r.owner), stale: staleCopiesOf(r) } : undefined;
     },
     volume: (volumeId) => {
       const v = catalog.volumeById(volumeId);

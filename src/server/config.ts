@@ -20,6 +20,8 @@ export interface PeerConfig {
   http: string;
   /** Absolute data folder. */
   data: string;
+  /** Failure zone (rack, room, site): a page's copies go to distinct zones when peers declare one. */
+  zone?: string;
 }
 
 /**
@@ -78,6 +80,8 @@ export interface ClusterConfig {
   hostBalance?: HostBalanceConfig;
   /** `cluster.tls`: mutual TLS between peers and TLS for admin RPC (src/cluster/peer-tls.ts); absent: plain. */
   tls?: TlsFiles;
+  /** `cluster.downOutMs`: a peer unreachable this long is lost and its copies are rebuilt elsewhere; absent: downOutMsDefault. */
+  downOutMs?: number;
   /** Where the config was read from (for messages). */
   path?: string;
 }
@@ -150,6 +154,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
       rpc: str(p, 'rpc', w),
       http: str(p, 'http', w),
       data: resolve(base, str(p, 'data', w)),
+      ...(p.zone === undefined || p.zone === null ? {} : { zone: str(p, 'zone', w) }),
     };
     if (!/^[a-z0-9][a-z0-9-]{0,31}$/.test(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}": use a-z, 0-9, '-'`);
     if (ids.has(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}" appears twice`);
@@ -170,8 +175,14 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
     balancer: parseBalancerConfig(root.balancer, where),
     ...parseHostBalance(cluster.hostBalance ?? root.hostBalance, where),
     ...(cluster.tls === undefined || cluster.tls === null ? {} : { tls: parseTls(cluster.tls, `${where}: cluster.tls`, base) }),
+    ...(cluster.downOutMs === undefined || cluster.downOutMs === null ? {} : { downOutMs: parseDownOut(cluster.downOutMs, where) }),
     path,
   };
+}
+
+function parseDownOut(v: unknown, where: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1_000) throw new InvalidArgumentError(`${where}: cluster.downOutMs must be a whole number of milliseconds, at least 1000`);
+  return v;
 }
 
 function parseHostBalance(v: unknown, where: string): { hostBalance?: HostBalanceConfig } {
@@ -258,8 +269,9 @@ export function renderConfig(c: ClusterConfig): string {
       name: c.name, adminToken: c.adminToken, secret: c.secret, pageBlocks: c.pageBlocks, catalog: c.catalog, migration: c.migration,
       ...(c.hostBalance ? { hostBalance: c.hostBalance } : {}),
       ...(c.tls ? { tls: c.tls } : {}),
+      ...(c.downOutMs !== undefined ? { downOutMs: c.downOutMs } : {}),
     },
-    peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data })),
+    peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data, ...(p.zone ? { zone: p.zone } : {}) })),
     ...(c.balancer ? { balancer: c.balancer } : {}),
   });
 }

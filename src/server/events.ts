@@ -8,7 +8,7 @@ import { assert } from '../errors';
 export type EventKind =
   | 'volume-created' | 'volume-deleted' | 'volume-resized' | 'volume-access'
   | 'peer-up' | 'peer-down' | 'session-login' | 'session-logout'
-  | 'page-moved' | 'migration' | 'redirect' | 'snapshot' | 'rebalance';
+  | 'page-moved' | 'migration' | 'redirect' | 'snapshot' | 'rebalance' | 'replication';
 
 export interface PeerEvent {
   /** Increasing per peer from 1: a client that saw seq n asks for what came after n. */

@@ -7,7 +7,7 @@
 // route whose method the peer lacks answers 501 "… is not available on this peer yet", and
 // /api/status lists which ones exist so the page can say so before anyone clicks.
 
-import type { ChapSettings, CreateVolumeInput } from '../cluster/catalog';
+import { replicasMax, type ChapSettings, type CreateVolumeInput } from '../cluster/catalog';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import type { AdminApi, PeerStatusView, VolumeView } from './admin';
 import { pageNumber, wholeNumber, wireUint32 } from './admin-input';
@@ -220,18 +220,22 @@ function chapOf(o: Record<string, unknown>): ChapSettings | undefined {
 }
 
 /** blockBytes as the page sends it: a number, or decimal digits ("0x200" is not 512); the catalog checks the value. */
-function blockBytesOf(raw: unknown): number | undefined {
+/** A whole number of the body, as a JSON number or decimal digits; undefined when absent. */
+function wholeOf(raw: unknown, what: string, wrongType: string): number | undefined {
   if (raw === undefined || raw === null || raw === '') return undefined;
-  if (typeof raw === 'string') return wholeNumber(raw, 'blockBytes', wireUint32Max);
-  if (typeof raw === 'number') return wireUint32(raw, 'blockBytes');
-  throw new InvalidArgumentError('blockBytes must be 512 or 4096');
+  if (typeof raw === 'string') return wholeNumber(raw, what, wireUint32Max);
+  if (typeof raw === 'number') return wireUint32(raw, what);
+  throw new InvalidArgumentError(wrongType);
 }
+
+const blockBytesOf = (raw: unknown): number | undefined => wholeOf(raw, 'blockBytes', 'blockBytes must be 512 or 4096');
+const replicasOf = (raw: unknown): number | undefined => wholeOf(raw, 'replicas', `replicas must be 1 to ${replicasMax}`);
 
 function createInput(body: unknown): CreateVolumeInput {
   const o = asObject(body);
   const size = o.size;
   if (typeof size !== 'string' && typeof size !== 'number') throw new InvalidArgumentError('size is required (e.g. "10G")');
-  return { name: str(o, 'name', true)!, size, blockBytes: blockBytesOf(o.blockBytes), allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers') };
+  return { name: str(o, 'name', true)!, size, blockBytes: blockBytesOf(o.blockBytes), allow: strList(o, 'allow'), chap: chapOf(o), peers: strList(o, 'peers'), replicas: replicasOf(o.replicas) };
 }
 
 // ---- routes -----------------------------------------------------------------------------
@@ -258,6 +262,11 @@ const routes: [string, string[], Handler][] = [
     return ok(await optional(ctx.api, 'setVolumeAccess')(name, { allow: strList(o, 'allow'), chap }));
   }],
   ['GET', ['volumes', ':', 'pagemap'], async (ctx, _r, [name]) => ok(await ctx.api.pageMap(name))],
+  ['PUT', ['volumes', ':', 'replicas'], async (ctx, req, [name]) => {
+    const replicas = replicasOf(asObject(req.body).replicas);
+    if (replicas === undefined) throw new InvalidArgumentError(`replicas is required (1 to ${replicasMax})`);
+    return ok(await ctx.api.setReplicas(name, replicas));
+  }],
   ['GET', ['volumes', ':', 'heat'], async (ctx, _r, [name]) => ok(await optional(ctx.api, 'pageHeat')(name))],
   ['POST', ['volumes', ':', 'pages', ':', 'move'], async (ctx, req, [name, page]) => {
     const to = str(asObject(req.body), 'to', true)!;

@@ -10,6 +10,7 @@ import type { Env } from '../env/env';
 import type { SessionInfo } from '../iscsi/portal';
 import { loadAdmin } from '../loadmon/admin';
 import { moveAdmin } from '../migration/admin';
+import { replicationAdmin } from '../replication/admin';
 import { snapshotAdmin } from '../snapshot/admin';
 import type { AdminApi } from './admin';
 import type { PeerCore } from './compose';
@@ -41,16 +42,20 @@ export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
   const { catalog } = core;
   const groupPeers = w.config.peers.map((p) => p.id);
   const group = groupStatus({ cluster: w.config.name, self, peers: w.config.peers, selfStatus: w.selfStatus, calls });
-  const volumes = volumeAdmin({ catalog, targets: core.targets, localSessions: w.localSessions, group, log });
+  const { protection, keeper, zoneOf } = core.replication;
+  const volumes = volumeAdmin({ catalog, targets: core.targets, localSessions: w.localSessions, group, log, protection: (v) => protection.of(v) });
+  const load = loadAdmin({ catalog, load: core.load, balancerSwitch: core.balancerSwitch, log });
   return {
-    status: group.status,
     ...volumes,
+    ...replicationAdmin({ catalog, zoneOf, volumes, keeper, log }),
+    status: async () => ({ ...(await group.status()), protection: protection.summary() }),
     ...moveAdmin({ self, groupPeers, catalog, migrator: core.migrator, calls }),
     ...snapshotAdmin({
       self, env, catalog, snapshots: core.snapshots, reader: (volume, name) => core.snapshotTargets.reader(volume, name), targets: core.targets,
       volumes, group, event: (message, volume) => w.event('snapshot', message, { volume, peer: self }), log,
     }),
-    ...loadAdmin({ catalog, load: core.load, balancerSwitch: core.balancerSwitch, log }),
+    ...load,
+    top: async (pages) => ({ ...(await load.top(pages)), protection: protection.summary() }),
     ...sessionAdmin({ self, groupPeers, hostBalance: w.hostBalance, group, calls }),
   };
 }

@@ -24,7 +24,7 @@ import { InvalidArgumentError, PeersanError } from '../errors';
 import type { Env } from '../env/env';
 import { realEnv } from '../env/real';
 import { Portal, type SessionInfo } from '../iscsi/portal';
-import { consoleEventsMax, gracefulStopMs } from '../limits';
+import { consoleEventsMax, downOutMsDefault, gracefulStopMs } from '../limits';
 import { balancerDefaults } from '../loadmon/balancer';
 import { peerChannelOptions } from '../routing/link';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
@@ -168,6 +168,10 @@ export class PeerServer {
       event: this.event,
       meter: (name, backend) => this.metrics.meter(name, backend),
       routing: this.routing,
+      replication: {
+        downOutMs: this.config.downOutMs ?? downOutMsDefault,
+        zones: Object.fromEntries(this.config.peers.flatMap((p) => (p.zone ? [[p.id, p.zone]] : []))),
+      },
       ...(this.opts.protocols ? { protocols: this.opts.protocols } : {}),
     });
   }
@@ -181,7 +185,7 @@ export class PeerServer {
       config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), hosts: () => core.load.hostLoads(), catalog: core.catalog, targets: core.targets,
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
-    registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance });
+    registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance, replication: core.replication, catalog: core.catalog });
     this.admin = peerAdmin({
       self, config: this.config, env: this.env, log: this.log, core, calls, hostBalance,
       selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,

@@ -270,11 +270,6 @@ export class StoreVolume implements BlockBackend {
     return this.usedSlots * grainBytes;
   }
 
-  /** Pages with a live map here (data written, perhaps unmapped since): the pages this peer holds a copy of. */
-  heldPages(): IterableIterator<number> {
-    return this.maps.keys();
-  }
-
   // ---- grain helpers -------------------------------------------------------------------------
 
   private slotOf(grain: number): number {
@@ -909,6 +904,15 @@ export class StoreVolume implements BlockBackend {
       await this.file.datasync();
       await this.persistPages([page], true);
     });
+  }
+
+  /** Pages of which this volume holds anything, live or in a snapshot layer (the replication reaper). */
+  heldPages(): number[] {
+    return [...new Set([...this.maps.keys(), ...this.layers.pagesFrom(0)])];
+  }
+
+  holdsPage(page: number): boolean {
+    return this.maps.has(page) || this.layers.snapshots.some((_, k) => this.layers.exceptionsOf(k, page) !== undefined);
   }
 
   /**
