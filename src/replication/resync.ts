@@ -410,6 +410,8 @@ export interface ResyncerOptions {
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
+  /** Where the bytes sent are counted (the peer's /metrics reads them); default: a new pair. */
+  counters?: { resyncBytes: number; rebuildBytes: number };
 }
 
 export interface ResyncAnswer {
@@ -418,8 +420,12 @@ export interface ResyncAnswer {
 }
 
 export class Resyncer {
-  /** Bytes of data sent by resyncs from this peer (peersan_resync_bytes_total). */
-  readonly counters = { resyncBytes: 0 };
+  /**
+   * Bytes of data sent from this peer: to copies catching up what they missed (resyncBytes,
+   * peersan_resync_bytes_total), and to copies this peer never saw in sync, filled whole (a new
+   * copy: more replicas, or a lost peer's copy rebuilt; rebuildBytes).
+   */
+  readonly counters: { resyncBytes: number; rebuildBytes: number };
   private readonly rate: ByteRate;
   private readonly pacer: ChunkPacer;
   /** Failed asks are many while a primary is down: one warning per volume and window. */
@@ -438,6 +444,7 @@ export class Resyncer {
   private closed = false;
 
   constructor(private readonly o: ResyncerOptions) {
+    this.counters = o.counters ?? { resyncBytes: 0, rebuildBytes: 0 };
     this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(grainBytes, o.settings.pieceBytes), o.env);
     this.pacer = new ChunkPacer(o.settings.duty ?? 1);
     this.limiter = new LogLimiter({ nowMs: () => o.env.clock.monotonicMs() });
@@ -619,7 +626,9 @@ export class Resyncer {
     // the page's worth, then the admit step decides.
     const grains = grainsPerPage(geo);
     // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole.
-    if (!this.o.tracker.dirtyOf(volume.id, page, copy)) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
+    // So does a new copy, which this peer never saw in sync: its bytes are a rebuild's.
+    const fill = !this.o.tracker.dirtyOf(volume.id, page, copy);
+    if (fill) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
     for (let n = 0; n < grains; n++) {
       const grain = this.o.tracker.dirtyOf(volume.id, page, copy)?.first();
       if (grain === undefined) return;
@@ -627,7 +636,8 @@ export class Resyncer {
       await this.rate.take(ext.blocks * geo.blockBytes);
       const startMs = this.o.env.clock.monotonicMs();
       const bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.copyGrain(volume, port, page, copy, grain, ext));
-      this.counters.resyncBytes += bytes;
+      if (fill) this.counters.rebuildBytes += bytes;
+      else this.counters.resyncBytes += bytes;
       const pauseMs = this.pacer.pauseAfter(this.o.env.clock.monotonicMs() - startMs);
       if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
     }

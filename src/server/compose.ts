@@ -271,7 +271,7 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
   });
   const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
   const resyncer = new Resyncer({
-    self, env, catalog, tracker, activity, port, settings: w.migration, log,
+    self, env, catalog, tracker, activity, port, settings: w.migration, log, counters: newReplicationCounters(),
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
   return { activity, tracker, resyncer };
@@ -305,7 +305,8 @@ function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
   const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
   reaper.start();
   keeper.start();
-  return { counters: newReplicationCounters(), keeper, reaper, protection, zoneOf };
+  // Resync counts what it sends where /metrics reads it.
+  return { counters: core.resync.resyncer.counters, keeper, reaper, protection, zoneOf };
 }
 
 /** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */
