@@ -319,31 +319,29 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
         if ((await this.deliver(p, this.frame(c, sent.route.version, seq, ackedThrough), deadlineMs)).kind !== 'ok') sent.missed.push(p);
       }),
     );
-    const applied = new Set([self]);
+    try {
+      await this.toInSync(page, c, seq, ackedThrough, sent, deadlineMs);
+    } finally {
+      await bestEffort;
+    }
+  }
+
+  /** Step 6 for the in-sync copies: each applied the change, or is out of the in-sync set, when this resolves. */
+  private async toInSync(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent, deadlineMs: number): Promise<void> {
+    const applied = new Set([this.o.self]);
     for (let tries = 0; ; tries++) {
       const epoch = sent.route.version;
       const targets = inSyncOf(sent.route).filter((p) => !applied.has(p));
       const answers = await Promise.all(targets.map((p) => this.deliver(p, this.frame(c, epoch, seq, ackedThrough), deadlineMs)));
-      const failed: string[] = [];
-      const reasons: string[] = [];
-      let newer = false;
-      answers.forEach((a, i) => {
-        if (a.kind === 'ok') applied.add(targets[i]);
-        else if (a.kind === 'moved' && a.version > epoch) newer = true;
-        else {
-          failed.push(targets[i]);
-          reasons.push(a.kind === 'failed' ? a.reason : `MOVED at epoch ${a.version}, not above ${epoch}`);
-        }
-      });
+      const { failed, reasons, newer } = sortAnswers(targets, answers, epoch, applied);
       if (failed.length > 0) {
-        sent.route = await this.dropCopies(page, sent.route, failed, reasons.join('; '));
         sent.missed.push(...failed);
+        sent.route = await this.dropCopies(page, sent.route, failed, reasons.join('; '));
       }
-      if (!newer) break;
+      if (!newer) return;
       if (tries >= routeRetriesMax) throw new PageMovedError(page, sent.route);
       sent.route = await this.currentOwn(page);
     }
-    await bestEffort;
   }
 
   /** One copy's answer, by `deadlineMs` (monotonic); a copy that has not opened the volume yet is asked again meanwhile. */
@@ -470,6 +468,26 @@ export class ReplicaReceiver {
     else await this.o.copy.unmap(req.lba, req.blocks, opts);
     this.o.tracker.changed(this.o.volumeId, page, route, req.lba, req.blocks, []);
   }
+}
+
+/**
+ * One round's answers: copies that applied the change join `applied`; `newer` when one knows a
+ * newer epoch (we re-read the route and send again); the rest failed (an answer of an epoch not
+ * above ours is as good as none), with why.
+ */
+function sortAnswers(targets: readonly string[], answers: readonly Delivery[], epoch: number, applied: Set<string>): { failed: string[]; reasons: string[]; newer: boolean } {
+  const failed: string[] = [];
+  const reasons: string[] = [];
+  let newer = false;
+  answers.forEach((a, i) => {
+    if (a.kind === 'ok') applied.add(targets[i]);
+    else if (a.kind === 'moved' && a.version > epoch) newer = true;
+    else {
+      failed.push(targets[i]);
+      reasons.push(a.kind === 'failed' ? `${targets[i]}: ${a.reason}` : `${targets[i]}: MOVED at epoch ${a.version}, not above ${epoch}`);
+    }
+  });
+  return { failed, reasons, newer };
 }
 
 /** The first and last grain (indexes within the page) that [lba, lba + blocks) of `page` touches. */
