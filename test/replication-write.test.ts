@@ -3,13 +3,17 @@
 // any peer is on every copy's store; overlapping writes end the same on every copy; a copy at a
 // newer epoch refuses a change from an older one; a copy that is down is dropped from the
 // in-sync set before the write is acknowledged; a COMPARE AND WRITE that miscompares writes
-// nothing anywhere. Each copy's store is read directly, below every layer.
+// nothing anywhere; a primary whose route is behind its copies' sends again at the new epoch, or
+// gives way to the new primary. Each copy's store is read directly, below every layer. Then the
+// pure cores: range locks (range-lock.ts) and the recent changes' numbering (recent.ts).
 
 import t from 'tap';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { VolumeRecord } from '../src/cluster/catalog';
 import { ErrorKind } from '../src/errors';
 import { BlockOp, ReplyStatus, type BlockRequest } from '../src/routing/frame';
+import { RangeLock } from '../src/replication/range-lock';
+import { RecentChanges } from '../src/replication/recent';
 import { PageMovedError } from '../src/routing/moved';
 import { inSyncOf, type Route } from '../src/routing/table';
 import type { BlockBackend } from '../src/store/types';
@@ -141,4 +145,77 @@ t.test('a COMPARE AND WRITE that miscompares writes nothing anywhere; one that m
   const hit = await host(g, 'p2').compareAndWrite(lba, a, c);
   t.equal(hit.ok, true, 'match');
   for (const p of peers) t.ok((await stored(g, p, record, lba, 2)).equals(c), `${p} written`);
+});
+
+t.test('a copy that knows a newer epoch: the primary re-reads the route and sends again, or follows a new primary', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  // p1 (primary of page 0) stops hearing route changes; a CAS elsewhere makes the epoch 2, the same copies.
+  const release = g.peer('p1').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const p2catalog = g.peer('p2').core.catalog;
+  await p2catalog.casRoute(record, 0, p2catalog.routes(record).route(0), (now) => ({ owner: now.owner, copies: now.copies, inSync: now.inSync }));
+  t.equal(g.peer('p1').core.catalog.routes(record).route(0).version, 1, 'p1 still routes by epoch 1');
+  const data = pattern(8, 21);
+  await host(g, 'p1').write(16, data);
+  for (const p of peers) t.ok((await stored(g, p, record, 16, 8)).equals(data), `on ${p}'s store`);
+  const route = g.peer('p1').core.catalog.routes(record).route(0);
+  t.same({ version: route.version, inSync: inSyncOf(route) }, { version: 2, inSync: peers }, 'sent again at epoch 2: no copy dropped');
+  // Now p2 becomes the primary (as a failover's CAS would); p1 still does not hear it.
+  await p2catalog.casRoute(record, 0, p2catalog.routes(record).route(0), () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2', 'p3', 'p1'] }));
+  const next = pattern(8, 22);
+  await host(g, 'p1').write(16, next);
+  for (const p of peers) t.ok((await stored(g, p, record, 16, 8)).equals(next), `through the new primary: on ${p}'s store`);
+  t.equal(g.peer('p1').core.catalog.routes(record).route(0).owner, 'p2', 'p1 learned the new primary');
+});
+
+t.test('range locks: overlapping ranges of a page in arrival order, disjoint ones at once', async (t) => {
+  const locks = new RangeLock();
+  const order: string[] = [];
+  const gates = new Map<string, () => void>();
+  const hold = (name: string) => () => new Promise<void>((r) => gates.set(name, () => (order.push(name), r())));
+  const a = locks.run(0, 0, 16, hold('a'));
+  const b = locks.run(0, 8, 16, hold('b')); // overlaps a
+  const c = locks.run(0, 32, 8, hold('c')); // disjoint: runs at once
+  const d = locks.run(1, 0, 16, hold('d')); // another page: at once
+  const e = locks.run(0, 20, 1, hold('e')); // overlaps b only, behind it
+  await new Promise((r) => setImmediate(r));
+  t.same([...gates.keys()].sort(), ['a', 'c', 'd'], 'a, c and d hold their ranges; b waits for a, e for b');
+  gates.get('c')!();
+  gates.get('a')!();
+  await new Promise((r) => setImmediate(r));
+  t.ok(gates.has('b') && !gates.has('e'), 'b runs once a released; e still waits for b');
+  gates.get('b')!();
+  await new Promise((r) => setImmediate(r));
+  gates.get('e')!();
+  gates.get('d')!();
+  await Promise.all([a, b, c, d, e]);
+  t.same(order, ['c', 'a', 'b', 'e', 'd']);
+  t.equal(locks.queued(0) + locks.queued(1), 0, 'nothing left queued');
+});
+
+t.test('recent changes: numbered per page, kept above the acknowledged mark', async (t) => {
+  const primary = new RecentChanges();
+  const first = primary.begin(0, 1, 2);
+  const second = primary.begin(0, 5, 5);
+  t.same([first, second], [{ seq: 1, ackedThrough: 0 }, { seq: 2, ackedThrough: 0 }], 'the mark stays below the changes in flight');
+  primary.end(0, 2, true);
+  t.same(primary.grains(0), [1, 2, 5], 'change 1 still in flight: nothing is past the mark');
+  primary.end(0, 1, true);
+  t.same(primary.grains(0), [], 'both acknowledged: no recent grain left');
+  const failed = primary.begin(0, 7, 7);
+  primary.end(0, failed.seq, false);
+  const after = primary.begin(0, 9, 9);
+  primary.end(0, after.seq, true);
+  t.same({ ackedThrough: after.ackedThrough, grains: primary.grains(0) }, { ackedThrough: 2, grains: [7, 9] }, 'a failed change pins the mark below it');
+  primary.release(0);
+  t.equal(primary.begin(0, 0, 0).ackedThrough, 4, 'released (not the primary any more): the mark moves on');
+  const copy = new RecentChanges();
+  copy.received(3, 0, 0, 10, 9);
+  copy.received(3, 4, 4, 11, 9);
+  t.same(copy.grains(3), [0, 4]);
+  copy.received(3, 6, 6, 12, 10);
+  t.same(copy.grains(3), [4, 6], 'entries up to the mark are forgotten');
+  // A new primary that saw fewer changes numbers from below this copy's mark: its changes are kept.
+  copy.received(3, 8, 8, 7, 6);
+  t.same(copy.grains(3), [4, 6, 8], 'a change numbered below the old mark is still recent');
 });
