@@ -219,3 +219,24 @@ t.test('recent changes: numbered per page, kept above the acknowledged mark', as
   copy.received(3, 8, 8, 7, 6);
   t.same(copy.grains(3), [4, 6, 8], 'a change numbered below the old mark is still recent');
 });
+
+t.test('a copy asked for its recent grains at a new epoch refuses the old primary from then on', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  // p3 stops hearing route changes: only what it is told (or reads itself) moves its epoch.
+  const release = g.peer('p3').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const change = (epoch: number, lba: number, seq: number): BlockRequest => ({
+    id: 1, op: BlockOp.write, fua: false, replica: true, volumeId: record.id, lba, blocks: 1, routeVersion: epoch, compareBytes: 0, seq, ackedThrough: seq - 1, data: Buffer.alloc(bs, seq),
+  });
+  const grainBlocks = g.peer('p3').core.targets.replicated(record.id)!.grainBlocks;
+  t.equal((await g.peer('p3').core.pages.handle(change(1, 2 * grainBlocks, 7))).status, ReplyStatus.ok, "the old primary's change at epoch 1 is applied");
+  // p2 takes over page 0 (what a failover's CAS does) and reconciles: it asks p3 first.
+  const c2 = g.peer('p2').core.catalog;
+  await c2.casRoute(record, 0, c2.routes(record).route(0), () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2', 'p3'] }));
+  const answer = JSON.parse(await g.peer('p3').core.handlers.replication('p2', 'recent', JSON.stringify({ volumeId: record.id, page: 0, version: 2 }))) as unknown;
+  t.same(answer, { grains: [2], version: 2 }, 'its recent grain, at the epoch it caught up to');
+  const late = await g.peer('p3').core.pages.handle(change(1, 5 * grainBlocks, 8));
+  t.same({ status: late.status, owner: late.owner, version: late.version }, { status: ReplyStatus.moved, owner: 'p2', version: 2 }, "the old primary's next change is refused");
+  t.ok((await stored(g, 'p3', record, 5 * grainBlocks, 1)).equals(Buffer.alloc(bs)), 'and not applied');
+  await t.rejects(g.peer('p3').core.handlers.replication('p2', 'recent', JSON.stringify({ volumeId: record.id, page: -1, version: 2 })), { kind: ErrorKind.invalid }, 'a body out of shape is refused');
+});

@@ -1,5 +1,5 @@
-// The replicated layer of a volume on one peer (DESIGN.md 10; the protocol in
-// /src/replication/hooks.ts and its invariants). It sits on the owner's side of the data path,
+// The replicated layer of a volume on one peer (DESIGN.md 10; the contracts between the parts
+// of src/replication in hooks.ts). It sits on the owner's side of the data path,
 // above the pages this peer holds (MovableVolume, src/server/data-path.ts says why there), and
 // splits each request by page:
 //
@@ -35,9 +35,10 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { checkPage, checkUint, checkVolumeId } from '../cluster/proto';
 import { sleep, type Env, type Timers } from '../env/env';
-import { ClosedError, ConflictError, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { replicaAckMsMax, routeRetriesMax } from '../limits';
+import { ClosedError, ConflictError, ErrorKind, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
+import { replicaAckMsMax, routeRetriesMax, wireUint32Max } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -45,6 +46,7 @@ import { copiesOf, initialRouteVersion, inSyncOf, type PagePart, type Route, typ
 import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { ChangeTracker, PrimaryGuard, ReplicaPort } from './hooks';
+import type { ReplicationHandler } from './messages';
 import { RangeLock } from './range-lock';
 import { RecentChanges } from './recent';
 
@@ -83,6 +85,21 @@ export interface ReplicatedVolumeOptions extends ReplicationWiring {
   /** Re-read the page's route from the catalog into `table`. */
   refresh(page: number): Promise<Route>;
   env: Env;
+}
+
+/**
+ * The handler of `recent` (messages.ts): body {volumeId, page, version}, the asker's epoch of the
+ * page; answer {grains, version} (ReplicatedVolume.recentAt).
+ */
+export function recentHandler(volume: (volumeId: string) => ReplicatedVolume | undefined): ReplicationHandler {
+  return async (_from, body) => {
+    const volumeId = checkVolumeId(body.volumeId);
+    const page = checkPage(body.page);
+    const epoch = checkUint(body.version, 'version', wireUint32Max);
+    const v = volume(volumeId);
+    if (!v) throw new NotFoundError(`no volume ${volumeId} open here`);
+    return v.recentAt(page, epoch);
+  };
 }
 
 /**
@@ -137,6 +154,18 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   recentGrains(page: number): number[] {
     return this.recent.grains(page);
+  }
+
+  /**
+   * This copy's answer to a new primary reconciling the page at `epoch` (message `recent`): it
+   * first catches up to that epoch, so that from then on it refuses the old primary's changes (one
+   * it checked before is recorded recent already, or is refused when it checks again before it
+   * applies), then gives its recent grains, and the epoch it knows.
+   */
+  async recentAt(page: number, epoch: number): Promise<{ grains: number[]; version: number }> {
+    const route = this.o.table.route(page);
+    const known = epoch > route.version ? await this.o.refresh(page) : route;
+    return { grains: this.recent.grains(page), version: known.version };
   }
 
   exclusive<T>(page: number, lba: number, blocks: number, fn: () => Promise<T>): Promise<T> {
@@ -320,17 +349,22 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
       }),
     );
     try {
-      await this.toInSync(page, c, seq, ackedThrough, sent, deadlineMs);
+      await this.toInSync(page, c, seq, ackedThrough, sent);
     } finally {
       await bestEffort;
     }
   }
 
-  /** Step 6 for the in-sync copies: each applied the change, or is out of the in-sync set, when this resolves. */
-  private async toInSync(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent, deadlineMs: number): Promise<void> {
+  /**
+   * Step 6 for the in-sync copies: each applied the change, or is out of the in-sync set, when
+   * this resolves. Each round (a first send, or a send again at a newer epoch) gives the copies
+   * replicaAckMsMax: a catalog read between rounds does not eat a copy's time.
+   */
+  private async toInSync(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
     const applied = new Set([this.o.self]);
     for (let tries = 0; ; tries++) {
       const epoch = sent.route.version;
+      const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;
       const targets = inSyncOf(sent.route).filter((p) => !applied.has(p));
       const answers = await Promise.all(targets.map((p) => this.deliver(p, this.frame(c, epoch, seq, ackedThrough), deadlineMs)));
       const { failed, reasons, newer } = sortAnswers(targets, answers, epoch, applied);
