@@ -37,7 +37,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { checkPage, checkUint, checkVolumeId } from '../cluster/proto';
 import { sleep, type Env, type Timers } from '../env/env';
-import { ClosedError, ConflictError, ErrorKind, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
+import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import { replicaAckMsMax, routeRetriesMax, wireUint32Max } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
@@ -130,8 +130,8 @@ interface Sent {
   missed: string[];
 }
 
-/** How long a copy that has not opened the volume yet is left before it is asked again. */
-const noVolumeRetryMs = 50;
+/** How long a copy that refused a change for a transient reason is left before it is asked again. */
+const transientRetryMs = 50;
 
 export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   /** The copy's side: replica frames from the page service. */
@@ -378,24 +378,35 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     }
   }
 
-  /** One copy's answer, by `deadlineMs` (monotonic); a copy that has not opened the volume yet is asked again meanwhile. */
+  /**
+   * One copy's answer, by `deadlineMs` (monotonic). A transient refusal (a copy that has not
+   * opened the volume yet, a full stream, a catalog behind ours, a stream being reconnected) is
+   * asked again meanwhile: back-pressure must not cost a copy its place in the in-sync set.
+   */
   private async deliver(peer: string, req: Omit<BlockRequest, 'id'>, deadlineMs: number): Promise<Delivery> {
     const { clock, timers } = this.o.env;
     for (;;) {
       const leftMs = deadlineMs - clock.monotonicMs();
       if (leftMs <= 0) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
-      let reply: BlockReply | undefined;
-      try {
-        reply = await within(timers, this.o.link(peer).send(req), leftMs);
-      } catch (err) {
-        return { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
-      }
-      if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
-      if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
-      if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
-      if (reply.status !== ReplyStatus.noVolume) return { kind: 'failed', reason: replyError(peer, reply).message };
-      await sleep(timers, Math.min(noVolumeRetryMs, leftMs));
+      const answer = await this.ask(peer, req, leftMs);
+      if (answer !== 'again') return answer;
+      await sleep(timers, Math.min(transientRetryMs, leftMs));
     }
+  }
+
+  /** One try of deliver(): the answer, or 'again' for a transient refusal. */
+  private async ask(peer: string, req: Omit<BlockRequest, 'id'>, leftMs: number): Promise<Delivery | 'again'> {
+    let reply: BlockReply | undefined;
+    try {
+      reply = await within(this.o.env.timers, this.o.link(peer).send(req), leftMs);
+    } catch (err) {
+      return errorKindOf(err, true) === ErrorKind.busy ? 'again' : { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
+    }
+    if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+    if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
+    if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
+    if (reply.status === ReplyStatus.noVolume || (reply.status === ReplyStatus.failed && reply.detail === ErrorKind.busy)) return 'again';
+    return { kind: 'failed', reason: replyError(peer, reply).message };
   }
 
   /**
