@@ -5,7 +5,8 @@
 // in-sync set before the write is acknowledged; a COMPARE AND WRITE that miscompares writes
 // nothing anywhere; a primary whose route is behind its copies' sends again at the new epoch, or
 // gives way to the new primary. Each copy's store is read directly, below every layer. Then the
-// pure cores: range locks (range-lock.ts) and the recent changes' numbering (recent.ts).
+// pure cores: range locks (range-lock.ts) and the recent changes' numbering (recent.ts); and a
+// lone primary with a scripted copy: busy refusals are asked again, silence is dropped on time.
 
 import t from 'tap';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -15,9 +16,15 @@ import { BlockOp, ReplyStatus, type BlockRequest } from '../src/routing/frame';
 import { RangeLock } from '../src/replication/range-lock';
 import { RecentChanges } from '../src/replication/recent';
 import { PageMovedError } from '../src/routing/moved';
-import { inSyncOf, type Route } from '../src/routing/table';
+import { inSyncOf, RouteTable, type Route } from '../src/routing/table';
+import type { BlockSender } from '../src/routing/router';
+import { passThroughGuard, passThroughTracker, ReplicatedVolume } from '../src/replication/replicated';
+import { replicaAckMsMax } from '../src/limits';
+import { realEnv } from '../src/env/real';
+import pino from 'pino';
 import type { BlockBackend } from '../src/store/types';
 import { startGroup, type NetworkFaults } from './helpers/group';
+import { MemoryBackend } from './helpers/memory-backend';
 
 const bs = 512;
 const pageBlocks = 8192;
@@ -239,4 +246,50 @@ t.test('a copy asked for its recent grains at a new epoch refuses the old primar
   t.same({ status: late.status, owner: late.owner, version: late.version }, { status: ReplyStatus.moved, owner: 'p2', version: 2 }, "the old primary's next change is refused");
   t.ok((await stored(g, 'p3', record, 5 * grainBlocks, 1)).equals(Buffer.alloc(bs)), 'and not applied');
   await t.rejects(g.peer('p3').core.handlers.replication('p2', 'recent', JSON.stringify({ volumeId: record.id, page: -1, version: 2 })), { kind: ErrorKind.invalid }, 'a body out of shape is refused');
+});
+
+/** A primary p1 of a 2-copy volume alone (pages of 64 blocks), its link to p2 given by the test; the "catalog" its own table. */
+function lonePrimary(link: BlockSender) {
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(bs, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const cas: Route[] = [];
+  const changed: string[][] = [];
+  const catalog = {
+    casRoute: async (_v: VolumeRecord, page: number, from: Route, change: (now: Route) => Omit<Route, 'version'>): Promise<Route> => {
+      const next = { ...change(table.route(page)), version: from.version + 1 };
+      table.learn(page, next);
+      cas.push(next);
+      return next;
+    },
+  };
+  const tracker = { ...passThroughTracker, changed: (_v: string, _p: number, _r: Route, _l: number, _b: number, missed: readonly string[]) => void changed.push([...missed]) };
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
+    volume: () => record, catalog, tracker, guard: passThroughGuard, log: pino({ level: 'silent' }),
+  });
+  return { volume, local, cas, changed };
+}
+
+t.test('a copy that refuses for a while as busy is asked again, not dropped', async (t) => {
+  let asked = 0;
+  const busyTwice: BlockSender = {
+    send: async (req) => (++asked <= 2 ? { id: 0, status: ReplyStatus.failed, owner: 'p2', version: 0, detail: ErrorKind.busy } : { id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 }),
+  };
+  const { volume, local, cas } = lonePrimary(busyTwice);
+  await volume.write(0, Buffer.alloc(bs, 3));
+  t.equal(asked, 3, 'asked three times');
+  t.same(cas, [], 'no drop');
+  t.equal(local.data[0], 3, 'written here');
+});
+
+t.test('a copy that does not answer within replicaAckMsMax is dropped, then the write is acknowledged', async (t) => {
+  const silent: BlockSender = { send: () => new Promise(() => undefined) };
+  const { volume, cas, changed } = lonePrimary(silent);
+  const t0 = Date.now();
+  await volume.write(0, Buffer.alloc(bs, 4));
+  const waitedMs = Date.now() - t0;
+  t.ok(waitedMs >= replicaAckMsMax - 50 && waitedMs < replicaAckMsMax + 1_000, `waited about replicaAckMsMax (${waitedMs} ms)`);
+  t.same(cas.map((r) => ({ version: r.version, inSync: r.inSync })), [{ version: 2, inSync: ['p1'] }], 'p2 CASed out of the in-sync set');
+  t.same(changed, [['p2']], 'its miss is told to the tracker (its grains become dirty for it)');
 });
