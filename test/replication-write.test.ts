@@ -293,3 +293,18 @@ t.test('a copy that does not answer within replicaAckMsMax is dropped, then the 
   t.same(cas.map((r) => ({ version: r.version, inSync: r.inSync })), [{ version: 2, inSync: ['p1'] }], 'p2 CASed out of the in-sync set');
   t.same(changed, [['p2']], 'its miss is told to the tracker (its grains become dirty for it)');
 });
+
+t.test('a primary whose route of a page lacks its copies (heard in a MOVED answer) reads them before it replicates', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  const release = g.peer('p1').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const c2 = g.peer('p2').core.catalog;
+  await c2.casRoute(record, 0, c2.routes(record).route(0), (now) => ({ owner: now.owner, copies: now.copies, inSync: now.inSync }));
+  const table = g.peer('p1').core.catalog.routes(record);
+  table.learn(0, { owner: 'p1', version: 2 });
+  t.equal(table.route(0).copies, undefined, 'p1 knows epoch 2 without its copies');
+  const data = pattern(4, 33);
+  await host(g, 'p1').write(24, data);
+  for (const p of peers) t.ok((await stored(g, p, record, 24, 4)).equals(data), `on ${p}'s store`);
+  t.same(table.route(0).copies, peers, "the catalog's record filled them in");
+});
