@@ -37,6 +37,13 @@ export function staleCopiesOf(route: Route): string[] {
   return copiesOf(route).filter((p) => !inSync.includes(p));
 }
 
+function copyRoute(route: Route): Route {
+  const next: Route = { owner: route.owner, version: route.version };
+  if (route.copies) next.copies = [...route.copies];
+  if (route.inSync) next.inSync = [...route.inSync];
+  return next;
+}
+
 /** One per-page part of a block request. */
 export interface PagePart {
   page: number;
@@ -79,18 +86,19 @@ export class RouteTable {
 
   /**
    * Take a route heard from the catalog or from an owner's MOVED answer if it is newer. A
-   * route without copies (a MOVED answer) at a newer version leaves copies unknown.
+   * route without copies (a MOVED answer) at a newer version leaves copies unknown, until the
+   * catalog's record of that version fills them in (true only for a newer route).
    */
   learn(page: number, route: Route): boolean {
     const known = this.route(page);
-    // The same epoch is taken again only to fill in copies a MOVED answer did not carry.
-    if (route.version < known.version || (route.version === known.version && (known.copies || !route.copies))) return false;
-    const next: Route = { owner: route.owner, version: route.version };
-    if (route.copies) next.copies = [...route.copies];
-    if (route.inSync) next.inSync = [...route.inSync];
+    // The same epoch is taken again only to fill in the copies a MOVED answer did not carry
+    // (the catalog's record of that very route): listeners hear it, the caller learns nothing newer.
+    const fill = route.version === known.version && !known.copies && route.copies !== undefined && route.owner === known.owner;
+    if (route.version < known.version || (route.version === known.version && !fill)) return false;
+    const next = copyRoute(route);
     this.moved.set(page, next);
     for (const l of this.listeners) l(page, next);
-    return true;
+    return !fill;
   }
 
   /** The pages whose route changed since placement, with their routes (a scan at start, src/replication). */

@@ -32,9 +32,10 @@ import { VolumeProtection } from '../replication/admin';
 import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
+import { dropFromInSync } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
-import { copiesOf, inSyncOf, staleCopiesOf, type Route } from '../routing/table';
+import { inSyncOf, staleCopiesOf, type Route } from '../routing/table';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
@@ -152,6 +153,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
+    // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
+    // before the page service, so no request reaches a volume before it exists).
+    replication: { tracker: core.resync.tracker, guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) } },
     ...(w.meter ? { meter: w.meter } : {}),
     // A router that cannot reach a page's primary asks an in-sync copy (maybe this peer) to take over.
     promote: async (volumeId, peer, page, route) => {
@@ -168,6 +172,13 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
+    // A role switch runs while no change of the page runs on the old primary (its range lock).
+    quiet: (volumeId, page, fn) => {
+      const port = core.targets.replicated(volumeId);
+      if (!port) return fn();
+      const pageBlocks = catalog.volumeById(volumeId)?.pageBlocks ?? w.pageBlocks;
+      return port.exclusive(page, page * pageBlocks, Math.min(pageBlocks, port.local.blockCount - page * pageBlocks), fn);
+    },
   });
   const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
     self, env, groupPeers: w.groupPeers, catalog, log, clock,
@@ -193,11 +204,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.failover = new Failover({
     self, env, log, catalog, leases, call,
     heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
-    // Until the write path (replicated.ts) and the activity log (activity.ts) are merged: no volume
-    // has a replicated layer, no page is suspect, and dropping a copy is the catalog CAS itself.
-    port: () => undefined,
+    port: (volumeId) => core.targets.replicated(volumeId),
     suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
-    drop: (volume, page, route, peers) => catalog.casRoute(volume, page, route, (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: inSyncOf(now).filter((p) => !peers.includes(p)) })),
+    drop: (volume, page, route, peers) => dropFromInSync(catalog, volume, page, route, peers),
   });
   await core.failover.start();
   leases.start();
@@ -257,9 +266,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
 async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resync']> {
   const { self, env, log } = w;
   const { catalog } = core;
-  // The replicated layer of a volume (ReplicatedVolume, src/replication/replicated.ts): wired by
-  // the write path's part; until then no volume has one and nothing is resynced here.
-  const port = (_volumeId: string): ReplicaPort | undefined => undefined;
+  // The replicated layer of a volume (ReplicatedVolume, src/replication/replicated.ts), once open.
+  const port = (volumeId: string): ReplicaPort | undefined => core.targets?.replicated(volumeId);
   const activity = await ActivityLog.open({
     kv: w.store, env, log,
     recentGrains: (id, page) => port(id)?.recentGrains(page).length ?? 0,

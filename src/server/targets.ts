@@ -16,6 +16,8 @@ import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo, type TargetPortal } from '../iscsi/target';
 import type { MovableVolume } from '../migration/movable';
+import type { ChangeTracker, PrimaryGuard } from '../replication/hooks';
+import type { ReplicatedVolume } from '../replication/replicated';
 import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
@@ -72,6 +74,13 @@ export interface VolumeTargetsOptions {
   movable?: typeof MovableVolume;
   /** Ask `peer` to take over a page whose primary is unreachable (src/replication/failover.ts); the route it answers. */
   promote?(volumeId: string, peer: string, page: number, route: Route): Promise<Route>;
+  /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
+  replication: { tracker: ChangeTracker; guard: PrimaryGuard };
+}
+
+/** The record, if it is still of the volume `id` (a name is reused after a delete). */
+function sameVolume(record: VolumeRecord | undefined, id: string): VolumeRecord | undefined {
+  return record?.id === id ? record : undefined;
 }
 
 /** After a volume change could not be applied (catalog out of reach), try again after this long. */
@@ -177,6 +186,7 @@ export class VolumeTargets implements TargetDirectory {
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
       promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),
+      replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => sameVolume(catalog.volume(record.name), record.id) },
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
@@ -259,6 +269,11 @@ export class VolumeTargets implements TargetDirectory {
   /** The volume's pages on this peer, moves included (the migrator's handle). */
   movable(volumeId: string): MovableVolume | undefined {
     return this.byId.get(volumeId)?.path.movable;
+  }
+
+  /** The volume's replicated layer on this peer (resync and failover use it as ReplicaPort). */
+  replicated(volumeId: string): ReplicatedVolume | undefined {
+    return this.byId.get(volumeId)?.path.replicated;
   }
 
   reservationsOf(volumeId: string): SharedReservationKeeper | undefined {
