@@ -17,7 +17,7 @@ function summary(r: SimResult): string {
 }
 
 t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t) => {
-  const faults = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  const faults = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
   let bad = 0;
   for (let seed = 1; seed <= seeds; seed++) {
     const r = await simulate({ seed });

@@ -27,7 +27,8 @@ interface Watcher {
 export class SimCatalog {
   private readonly records = new Map<string, MetaRecord>();
   private readonly clients = new Set<SimCatalogClient>();
-  private readonly cut = new Set<string>();
+  /** Peer → partitions from the catalog in force (a peer's own, its isolation; each heals its own). */
+  private readonly cut = new Map<string, number>();
   dropRate = 0;
   readonly counts = { partitions: 0, drops: 0 };
   /** Every route record committed, in commit order: the history copies.ts checks (a route changes only by a put). */
@@ -43,14 +44,18 @@ export class SimCatalog {
 
   /** Cut (or reconnect) a peer from the catalog. */
   partition(peer: string, on: boolean): void {
-    if (on && !this.cut.has(peer)) this.counts.partitions++;
-    if (on) this.cut.add(peer);
-    else this.cut.delete(peer);
-    if (!on) for (const c of this.clients) if (c.peer === peer) c.resume();
+    const n = (this.cut.get(peer) ?? 0) + (on ? 1 : -1);
+    if (on && n === 1) this.counts.partitions++;
+    if (n > 0) return void this.cut.set(peer, n);
+    this.cut.delete(peer);
+    for (const c of this.clients) if (c.peer === peer) c.resume();
   }
 
   healAll(): void {
-    for (const p of [...this.cut]) this.partition(p, false);
+    for (const p of [...this.cut.keys()]) {
+      this.cut.set(p, 1);
+      this.partition(p, false);
+    }
   }
 
   reachable(peer: string): boolean {

@@ -189,23 +189,31 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     const ids = group.peerIds;
     const id = ids[faultRnd.int(ids.length)];
     const x = faultRnd.float();
-    if (x < 0.2) {
+    if (x < 0.17) {
       // Usually one peer down at a time (with one copy per page, more is mostly more errors);
       // one crash in four may take a second peer down meanwhile (a move's source and
       // destination both restarting).
       if (group.up().length === ids.length || (group.up().length === ids.length - 1 && faultRnd.float() < 0.25)) group.crash(id, 50 + faultRnd.float() * 1_500);
-    } else if (x < 0.4) {
+    } else if (x < 0.21) {
+      // Killed and kept down past the leases (its in-sync copies take over and go on without
+      // it), into the calm: it comes back to resync what changed meanwhile.
+      if (group.up().length === ids.length) group.crash(id, 1_500 + faultRnd.float() * 3_500, true);
+    } else if (x < 0.38) {
       const other = ids.filter((p) => p !== id)[faultRnd.int(ids.length - 1)];
       const ms = 20 + faultRnd.float() * 800;
       trace(`partition ${id} | ${other} for ${ms.toFixed(0)} ms`);
       group.network.partition(id, other, true);
       world.after(ms, () => group.network.partition(id, other, false));
-    } else if (x < 0.5) {
+    } else if (x < 0.45) {
       const ms = 20 + faultRnd.float() * 800;
       trace(`partition ${id} | catalog for ${ms.toFixed(0)} ms`);
       group.catalog.partition(id, true);
       world.after(ms, () => group.catalog.partition(id, false));
-    } else if (x < 0.75) {
+    } else if (x < 0.49) {
+      // Cut off from everything but its hosts, often past its leases: a primary that must stop
+      // serving before another copy takes over, and keeps its hosts' writes from being acknowledged.
+      group.isolate(id, 300 + faultRnd.float() * 2_200);
+    } else if (x < 0.74) {
       group.stallDisk(id, 5 + faultRnd.float() * 300);
     } else {
       group.skew(id, faultRnd);
