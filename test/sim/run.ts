@@ -426,10 +426,10 @@ async function readBack(world: SimWorld, history: History, peer: string, backend
   else history.end(rec, 'error');
 }
 
-/** Every extent a write or caw touched, merged, in pieces of at most 256 blocks. */
+/** Every extent a write, caw or unmap touched, merged, in pieces of at most 256 blocks. */
 function touched(ops: readonly Op[]): { lba: number; blocks: number }[] {
   const marks = new Set<number>();
-  for (const op of ops) if (op.kind === 'write' || op.kind === 'caw') for (let i = 0; i < op.blocks; i++) marks.add(op.lba + i);
+  for (const op of ops) if (op.kind === 'write' || op.kind === 'caw' || op.kind === 'unmap') for (let i = 0; i < op.blocks; i++) marks.add(op.lba + i);
   const lbas = [...marks].sort((a, b) => a - b);
   const out: { lba: number; blocks: number }[] = [];
   for (const lba of lbas) {
