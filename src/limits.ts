@@ -164,6 +164,13 @@ export const routeRetriesMax = 8;
 export const reservationNotifyMsMax = 2_000;
 assert(peerFrameBytesMax > transferBytesMax, 'a whole command fits one frame');
 assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound even when it first waits to connect');
+// -- replicated writes (issue 17, src/replication/replicated.ts) --
+/**
+ * How long a page's primary waits for an in-sync copy to acknowledge a change; a copy that has
+ * not by then is dropped from the in-sync set (catalog CAS) and the change acknowledged without it.
+ */
+export const replicaAckMsMax = 1_500;
+assert(2 * replicaAckMsMax < peerRequestMsMax, 'a slow copy is dropped (the wait, then a catalog CAS) before the forwarding peer gives up on the primary');
 // -- peer authentication (issue 15 item 5, src/cluster/peer-auth.ts) --
 /** How far a peer RPC authentication stamp may be from the receiver's clock (either way). */
 export const peerAuthSkewMsMax = 30_000;

@@ -18,11 +18,14 @@ import { RouteTable, type Route } from '../src/routing/table';
 import { BlockLogicalUnit } from '../src/scsi/device';
 import { ScsiStatus, type Nexus, type ScsiResult } from '../src/scsi/types';
 import { buildDataPath, type DataPath } from '../src/server/data-path';
+import { passThroughGuard, passThroughTracker, type ReplicationWiring } from '../src/replication/replicated';
 import { HybridClock } from '../src/snapshot/hlc';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../src/store/types';
 import { MemoryBackend } from './helpers/memory-backend';
 
 const log = pino({ level: 'silent' });
+/** The replicated layer of a volume of one copy: no catalog record, nothing to drop. */
+const oneCopy: ReplicationWiring = { volume: () => undefined, catalog: { casRoute: () => Promise.reject(new Error('no catalog here')) }, tracker: passThroughTracker, guard: passThroughGuard, log };
 const pageBlocks = 64;
 const bs = 512;
 const volumeId = '0123456789abcdef';
@@ -165,7 +168,7 @@ function pair() {
     const meter = new LoadMonitor({ self, clock: env.clock }).volume(volumeId, 'v', pageBlocks);
     const path = buildDataPath({
       self, volumeId, table, stored: store, refresh, receiving: () => false, snapshot: () => undefined, link, counters, env,
-      clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20, ownerMeter: meter,
+      clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20, ownerMeter: meter, replication: oneCopy,
     });
     const service = new PageService({ self, volume: (id) => (id === volumeId ? path.served : undefined), log });
     peers.set(self, { store, table, path, service, meter, refreshes: 0 });

@@ -14,10 +14,13 @@ import { newRoutingCounters, VolumeRouter, type BlockSender } from '../src/routi
 import { realEnv } from '../src/env/real';
 import { RouteTable, type Route } from '../src/routing/table';
 import { buildDataPath, type DataPath } from '../src/server/data-path';
+import { passThroughGuard, passThroughTracker, type ReplicationWiring } from '../src/replication/replicated';
 import { HybridClock } from '../src/snapshot/hlc';
 import { MemoryBackend } from './helpers/memory-backend';
 
 const log = pino({ level: 'silent' });
+/** The replicated layer of a volume of one copy: no catalog record, nothing to drop. */
+const oneCopy: ReplicationWiring = { volume: () => undefined, catalog: { casRoute: () => Promise.reject(new Error('no catalog here')) }, tracker: passThroughTracker, guard: passThroughGuard, log };
 const pageBlocks = 64; // small pages keep the test fast; the logic does not depend on 8192
 const volumeId = '0123456789abcdef';
 
@@ -37,9 +40,25 @@ t.test('route table: striped placement, page split, only newer routes are learne
 });
 
 t.test('frames round-trip and malformed frames are refused, never thrown on', async (t) => {
-  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, replica: true, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, stamp: 1_795_441_445_432_123, data: Buffer.alloc(1024, 9) };
+  const req: BlockRequest = { id: 7, op: BlockOp.compareAndWrite, fua: true, staging: true, replica: false, layer: 0, volumeId, lba: 2 ** 40 + 5, blocks: 1, routeVersion: 3, compareBytes: 512, stamp: 1_795_441_445_432_123, seq: 0, ackedThrough: 0, data: Buffer.alloc(1024, 9) };
   const back = decodeRequest(encodeRequest(req))!;
   t.same({ ...back, data: back.data?.toString('hex') }, { ...req, data: req.data!.toString('hex') });
+  // A replica change: numbered, with the primary's mark (u64 fields).
+  const change: BlockRequest = { ...req, op: BlockOp.write, staging: false, replica: true, compareBytes: 0, seq: 2 ** 40 + 3, ackedThrough: 2 ** 40 + 1, data: Buffer.alloc(512, 4) };
+  const changeBack = decodeRequest(encodeRequest(change))!;
+  t.same({ ...changeBack, data: changeBack.data?.toString('hex') }, { ...change, data: change.data!.toString('hex') });
+  const refusedReplica: [string, BlockRequest][] = [
+    ['a mark not below its number', { ...change, ackedThrough: change.seq! }],
+    ['a mark without a number', { ...change, seq: 0 }],
+    ['a number on a frame that is not a replica change', { ...change, replica: false }],
+    ['a replica read', { ...change, op: BlockOp.read, data: undefined }],
+    ['a replica compare-and-write', { ...req, staging: false, replica: true }],
+    ['a replica frame that is staging too', { ...change, staging: true }],
+  ];
+  for (const [what, r] of refusedReplica) t.equal(decodeRequest(encodeRequest(r)), undefined, what);
+  const hugeSeq = encodeRequest(change);
+  hugeSeq.fill(0xff, 52, 60); // 2^64 - 1 is not a safe integer
+  t.equal(decodeRequest(hugeSeq), undefined, 'a number past 2^53');
   const reply = { id: 9, status: ReplyStatus.moved, owner: 'p3', version: 4, detail: 17, payload: Buffer.from('x') };
   t.same(decodeReply(encodeReply(reply)), reply);
   const extents = [{ lba: 0, blocks: 10, mapped: true }, { lba: 10, blocks: 5, mapped: false }];
@@ -139,7 +158,7 @@ function group(opts: { down?: Set<string> } = {}) {
     const table = new RouteTable(peers, pageBlocks, new Map());
     const path = buildDataPath({
       self: id, volumeId, table, stored: store, refresh: refresh(table), receiving: () => false, snapshot: () => undefined,
-      link: (to) => link(to), counters, env, clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20,
+      link: (to) => link(to), counters, env, clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20, replication: oneCopy,
     });
     const service = new PageService({ self: id, volume: (v) => (v === volumeId ? path.served : undefined), log });
     nodes.set(id, { store, table, service, path });

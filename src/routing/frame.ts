@@ -4,9 +4,12 @@
 // length against the frame before slicing and returns undefined on a malformed frame.
 //
 // request  = kind(1) op(1) flags(1: fua 1, staging 2, replica 4) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
-//            compareBytes(4) dataBytes(4) layer(4) stamp(8, f64) | data
+//            compareBytes(4) dataBytes(4) layer(4) stamp(8, f64) seq(8) ackedThrough(8) | data
 // layer 0 is the live volume; n > 0 reads snapshot n of the volume (read and lbaStatus only).
 // stamp: the write's hybrid-clock stamp (src/snapshot/hlc.ts), 0 for none.
+// seq, ackedThrough: a replica change's number on its page and the primary's acknowledged mark
+// (src/replication/recent.ts); 0 and 0 for a change that is not numbered (resync, reconcile)
+// and for every other frame. Replica frames are writes, unmaps and flushes, never staging.
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
@@ -60,6 +63,10 @@ export interface BlockRequest {
   layer?: number;
   /** A write's hybrid-clock stamp from the peer the host sent it to (0 or absent: none). */
   stamp?: number;
+  /** Replica change: its number on the page, given by the primary (0 or absent: not numbered). */
+  seq?: number;
+  /** Replica change: every change of the page numbered up to this is acknowledged on all in-sync copies (below seq). */
+  ackedThrough?: number;
   /** Borrowed until the frame is encoded. */
   data?: Buffer;
 }
@@ -76,7 +83,7 @@ export interface BlockReply {
 
 const requestKind = 1;
 const replyKind = 2;
-export const requestHeaderBytes = 52;
+export const requestHeaderBytes = 68;
 export const replyHeaderBytes = 24;
 const extentBytes = 13;
 const validOps = new Set<number>(Object.values(BlockOp));
@@ -132,6 +139,8 @@ export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Bu
   b.writeUInt32BE(dataBytes, at + 36);
   b.writeUInt32BE(r.layer ?? 0, at + 40);
   b.writeDoubleBE(r.stamp ?? 0, at + 44);
+  writeU64(b, r.seq ?? 0, at + 52);
+  writeU64(b, r.ackedThrough ?? 0, at + 60);
   if (r.data) r.data.copy(b, at + requestHeaderBytes);
 }
 
@@ -148,6 +157,20 @@ function lengthsFit(op: number, dataBytes: number, compareBytes: number): boolea
   return dataBytes === 0 && compareBytes === 0;
 }
 
+/** Ops a page's primary sends another copy (src/replication). */
+const replicaOps = new Set<number>([BlockOp.write, BlockOp.unmap, BlockOp.flush]);
+
+/**
+ * Whether the replica fields fit the op and flags: numbers only on replica frames, safe
+ * integers, the mark below the number; replica frames only for changes and flushes, never staging.
+ */
+function replicaFits(op: number, flags: number, seq: number, ackedThrough: number): boolean {
+  if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(ackedThrough)) return false;
+  if ((flags & 4) === 0) return seq === 0 && ackedThrough === 0;
+  if ((flags & 2) !== 0 || !replicaOps.has(op)) return false;
+  return seq === 0 ? ackedThrough === 0 : ackedThrough < seq;
+}
+
 /** The request in `b`; its data is a view into `b`. */
 export function decodeRequest(b: Buffer): BlockRequest | undefined {
   if (b.length < requestHeaderBytes || b.length > peerFrameBytesMax || b[0] !== requestKind || !validOps.has(b[1])) return undefined;
@@ -159,6 +182,9 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
   if (!Number.isSafeInteger(lba)) return undefined;
   const stamp = b.readDoubleBE(44);
   if (!(stamp >= 0 && Number.isSafeInteger(stamp))) return undefined;
+  const seq = readU64(b, 52);
+  const ackedThrough = readU64(b, 60);
+  if (!replicaFits(b[1], b[2], seq, ackedThrough)) return undefined;
   return {
     id: b.readUInt32BE(4),
     op: b[1] as BlockOpCode,
@@ -172,6 +198,8 @@ export function decodeRequest(b: Buffer): BlockRequest | undefined {
     routeVersion: b.readUInt32BE(28),
     compareBytes,
     stamp,
+    seq,
+    ackedThrough,
     data: dataBytes > 0 ? b.subarray(requestHeaderBytes) : undefined,
   };
 }

@@ -4,7 +4,9 @@
 // not own comes back as PageMovedError, answered MOVED with the route we know, which the sender
 // follows. A sender that knows a newer route version than we do makes us re-read the route
 // from the catalog first (our watch may lag), so that check decides by it. The data path
-// never waits on the catalog otherwise.
+// never waits on the catalog otherwise. A replica frame (a page's primary's change to this
+// peer's copy) goes to the volume's replicated layer instead, which checks the epoch in its
+// place (src/replication/replicated.ts); an older epoch is answered MOVED the same way.
 //
 // The sender may be buggy or hostile. frame.ts checks what a frame means alone; here every
 // request is checked against the volume (range, blocks × block size within the bounds of
@@ -30,6 +32,8 @@ export interface ServedVolume {
   store: BlockBackend;
   /** The local store itself: what a move's staging traffic reads and writes. */
   raw: BlockBackend;
+  /** A page's primary's changes to this peer's copy (src/replication/replicated.ts): PageMovedError for an older epoch. */
+  replica: { receive(req: BlockRequest, opts: WriteOptions): Promise<void> };
   /** True while this peer is the destination of a move of the page (or owns it). */
   receiving(page: number): boolean;
   /** This peer's layer of the volume's snapshot `seq` (read-only), if it holds one. */
@@ -80,7 +84,7 @@ export class PageService {
     try {
       if (!v || req.op === BlockOp.flush) return this.handleSlowly(req, v, undefined);
       const refused = this.refusal(v, req);
-      if (!req.layer && !req.staging && refused === undefined && !this.senderAhead(v, req)) return this.serve(req, v.store);
+      if (!req.layer && !req.staging && !req.replica && refused === undefined && !this.senderAhead(v, req)) return this.serve(req, v.store);
       return this.handleSlowly(req, v, refused);
     } catch (err) {
       return Promise.reject(err);
@@ -123,7 +127,12 @@ export class PageService {
 
   /** Run on the store; a page this peer does not own (the store's check, src/migration/movable.ts) is answered MOVED. */
   private serve(req: BlockRequest, store: BlockBackend): Promise<BlockReply> {
-    return this.run(req, store).catch((err: unknown) => {
+    return this.movedAnswered(req, this.run(req, store));
+  }
+
+  /** `answer`, or MOVED with the route PageMovedError carries. */
+  private movedAnswered(req: BlockRequest, answer: Promise<BlockReply>): Promise<BlockReply> {
+    return answer.catch((err: unknown) => {
       if (!(err instanceof PageMovedError)) throw err;
       return this.reply(req, ReplyStatus.moved, { owner: err.route.owner, version: err.route.version, detail: err.page });
     });
@@ -139,10 +148,12 @@ export class PageService {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
     if (!v) return reply(ReplyStatus.noVolume);
     if (req.op === BlockOp.flush) {
-      await (req.staging ? v.raw : v.store).flush();
+      await (req.staging || req.replica ? v.raw : v.store).flush();
       return reply(ReplyStatus.ok);
     }
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
+    // A page's primary's change to our copy: the replicated layer checks the epoch (fencing).
+    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok)));
     let store = v.store;
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.

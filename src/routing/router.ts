@@ -16,7 +16,7 @@ import { routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
-import type { Route, RouteTable } from './table';
+import { copiesOf, type Route, type RouteTable } from './table';
 
 export interface RoutingCounters {
   localRuns: number;
@@ -184,10 +184,10 @@ export class VolumeRouter implements BlockBackend {
     return { ok: true };
   }
 
-  /** Make everything acknowledged so far durable on every peer that may hold pages of the volume. */
+  /** Make everything acknowledged so far durable on every peer that may hold pages of the volume: every copy of every page. */
   async flush(): Promise<void> {
     const peers = new Set<string>(this.o.table.peers);
-    for (const r of this.o.table.owners(this.blockCount)) peers.add(r.owner);
+    for (const r of this.o.table.owners(this.blockCount)) for (const p of copiesOf(r)) peers.add(p);
     await Promise.all(
       [...peers].map(async (peer) => {
         if (peer === this.o.self) return this.o.local.flush();

@@ -37,6 +37,13 @@ export function staleCopiesOf(route: Route): string[] {
   return copiesOf(route).filter((p) => !inSync.includes(p));
 }
 
+function copyRoute(route: Route): Route {
+  const next: Route = { owner: route.owner, version: route.version };
+  if (route.copies) next.copies = [...route.copies];
+  if (route.inSync) next.inSync = [...route.inSync];
+  return next;
+}
+
 /** One per-page part of a block request. */
 export interface PagePart {
   page: number;
@@ -79,13 +86,15 @@ export class RouteTable {
 
   /**
    * Take a route heard from the catalog or from an owner's MOVED answer if it is newer. A
-   * route without copies (a MOVED answer) at a newer version leaves copies unknown.
+   * route without copies (a MOVED answer) at a newer version leaves copies unknown, until the
+   * catalog's record of that version fills them in (true only for a newer route).
    */
   learn(page: number, route: Route): boolean {
-    if (route.version <= this.route(page).version) return false;
-    const next: Route = { owner: route.owner, version: route.version };
-    if (route.copies) next.copies = [...route.copies];
-    if (route.inSync) next.inSync = [...route.inSync];
+    const known = this.route(page);
+    // The catalog's record of the very route a MOVED answer told us: only its copies are new.
+    if (route.version === known.version && !known.copies && route.copies && route.owner === known.owner) this.moved.set(page, copyRoute(route));
+    if (route.version <= known.version) return false;
+    const next = copyRoute(route);
     this.moved.set(page, next);
     for (const l of this.listeners) l(page, next);
     return true;

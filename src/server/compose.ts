@@ -23,6 +23,7 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
 import { parseBody, type ReplicationHandler } from '../replication/messages';
+import { passThroughGuard, passThroughTracker } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
@@ -110,6 +111,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
+    // Until the activity log (A2) and leases (B) are wired: what volumes of one copy need.
+    replication: { tracker: passThroughTracker, guard: passThroughGuard },
     ...(w.meter ? { meter: w.meter } : {}),
   });
   core.migrator = new P.migrator({

@@ -18,6 +18,15 @@
 //   ─── served path: the page service enters here, after decoding and bounds (page-service.ts)
 //   MeteredBackend      owner load per page (loadmon): below the router, so it counts what this
 //                       peer serves as owner, whoever's host asked; the balancer moves pages by it.
+//   ReplicatedVolume    a page with several copies (src/replication/replicated.ts): its primary
+//                       orders each change under a range lock and sends it to the other copies,
+//                       acknowledging once every in-sync copy has it. Above MovableVolume, so that
+//                       every change of a moving page reaches the other copies whichever of the
+//                       move's two homes holds the piece, and so that a move's copier and cleanup
+//                       (movable.raw) work on this peer's copy alone. Pages of one copy pass
+//                       straight through. Replica changes from another peer's primary enter below
+//                       it (served.replica), on the stamp log: a copy that is not the primary has
+//                       nothing to check in MovableVolume.
 //   MovableVolume       THE ownership check, and pages moving away piece by piece (migration).
 //   StampLog            records changes for a timestamp snapshot, right above the store, so it
 //                       sees every change in the store's order: host writes, forwarded writes and
@@ -37,12 +46,16 @@
 // to check again: the router's choice of "local" and the sender's route are only guesses this
 // check corrects. The one thing the page service adds is the sender's knowledge: a sender that
 // routed by a newer route version than our table holds makes it re-read those routes from the
-// catalog first (our watch may lag), so the check decides by them.
+// catalog first (our watch may lag), so the check decides by them. A change of a replicated
+// page reaches the check only after the replicated layer's waits (guard, range lock); that
+// layer refuses a replicated page this peer is not the primary of itself, in a move's commit
+// window too, so that every change of such a page is sent to its copies by its primary.
 
 import type { Env } from '../env/env';
 import { MeteredBackend } from '../loadmon/metered';
 import type { VolumeMeter } from '../loadmon/monitor';
 import { MovableVolume } from '../migration/movable';
+import { ReplicatedVolume, type ReplicationWiring } from '../replication/replicated';
 import type { ServedVolume } from '../routing/page-service';
 import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
 import type { Route, RouteTable } from '../routing/table';
@@ -78,6 +91,8 @@ export interface DataPathOptions {
   ownerMeter?: VolumeMeter | undefined;
   /** Wraps the host path above the gate (the console's per-volume I/O metrics); default: none. */
   hostMeter?: ((backend: BlockBackend) => BlockBackend) | undefined;
+  /** The catalog and the activity log, leases and failover, for the replicated layer. */
+  replication: ReplicationWiring;
 }
 
 export interface DataPath {
@@ -87,6 +102,8 @@ export interface DataPath {
   router: VolumeRouter;
   /** The store plus the pages moving away (the migrator's handle). */
   movable: MovableVolume;
+  /** The replicated layer (resync and failover use it as ReplicaPort). */
+  replicated: ReplicatedVolume;
   stampLog: StampLog;
   /** What the page service serves forwarded requests from. */
   served: ServedVolume;
@@ -97,17 +114,19 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const { self, volumeId, table } = o;
   const stampLog = new StampLog(o.stored, o.clock, o.stampLogBytesMax);
   const movable = new (o.movable ?? MovableVolume)({ self, volumeId, table, raw: stampLog, link: o.link });
-  const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(movable, o.ownerMeter) : movable;
+  const replicated = new ReplicatedVolume({ ...o.replication, self, volumeId, table, local: movable, copy: stampLog, link: o.link, refresh: o.refresh, env: o.env });
+  const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
   const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env });
   const gate = new VolumeGate(router, o.env, o.clock);
   const served: ServedVolume = {
     table,
     store: owned,
     raw: stampLog,
+    replica: replicated.receiver,
     // Staging admission (not ownership): a move's source sends only pages this peer receives, or now owns.
     receiving: (page) => o.receiving(page) || table.route(page).owner === self,
     snapshot: o.snapshot,
     refresh: o.refresh,
   };
-  return { host: o.hostMeter ? o.hostMeter(gate) : gate, gate, router, movable, stampLog, served };
+  return { host: o.hostMeter ? o.hostMeter(gate) : gate, gate, router, movable, replicated, stampLog, served };
 }

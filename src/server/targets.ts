@@ -16,6 +16,8 @@ import { reservationPrefix } from '../cluster/catalog';
 import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shared-reservations';
 import { targetNameFor, type TargetDirectory, type TargetInfo } from '../iscsi/target';
 import type { MovableVolume } from '../migration/movable';
+import type { ChangeTracker, PrimaryGuard } from '../replication/hooks';
+import type { ReplicatedVolume } from '../replication/replicated';
 import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
@@ -66,6 +68,8 @@ export interface VolumeTargetsOptions {
   monitor?: LoadMonitor;
   /** The class of a volume's pages that move (src/migration/movable.ts); the simulator's negative controls pass a variant. */
   movable?: typeof MovableVolume;
+  /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
+  replication: { tracker: ChangeTracker; guard: PrimaryGuard };
 }
 
 /** After a volume change could not be applied (catalog out of reach), try again after this long. */
@@ -166,6 +170,7 @@ export class VolumeTargets implements TargetDirectory {
       movable: this.o.movable,
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
+      replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => catalog.volumeById(record.id) },
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
@@ -243,6 +248,11 @@ export class VolumeTargets implements TargetDirectory {
   /** The volume's pages on this peer, moves included (the migrator's handle). */
   movable(volumeId: string): MovableVolume | undefined {
     return this.byId.get(volumeId)?.path.movable;
+  }
+
+  /** The volume's replicated layer on this peer (resync and failover use it as ReplicaPort). */
+  replicated(volumeId: string): ReplicatedVolume | undefined {
+    return this.byId.get(volumeId)?.path.replicated;
   }
 
   reservationsOf(volumeId: string): SharedReservationKeeper | undefined {

@@ -1,0 +1,498 @@
+// The replicated layer of a volume on one peer (DESIGN.md 10; the protocol in
+// /src/replication/hooks.ts and its invariants). It sits on the owner's side of the data path,
+// above the pages this peer holds (MovableVolume, src/server/data-path.ts says why there), and
+// splits each request by page:
+//
+// - a page with one copy, or one this peer does not own with one copy: straight down, in the
+//   caller's own step (an unreplicated volume pays nothing);
+// - a replicated page this peer does not own: PageMovedError (the router follows it to the
+//   primary, which replicates), also in a move's commit window;
+// - a read of a page this peer is primary of: the guard (leases, reconcile: failover.ts) runs it;
+// - a change (write, unmap, compare-and-write) of such a page, in this order:
+//   1. the guard lets it run (not while the page is being reconciled);
+//   2. the range lock (range-lock.ts) on its blocks, held until every copy has answered, so
+//      overlapping changes reach every copy in this primary's order;
+//   3. the activity log has the page, durably (tracker.beforeChange), before anything changes;
+//   4. it gets the page's next number (recent.ts) and is recorded recent here;
+//   5. applied here AND sent, numbered and tagged with the epoch, to every other in-sync copy
+//      and every copy resyncing from us, in parallel (a compare-and-write compares here first,
+//      under the lock, and replicates only the write);
+//   6. waits for the in-sync copies, each at most replicaAckMsMax from the send: one that fails
+//      or does not answer is CASed out of the in-sync set (epoch + 1) BEFORE the change is
+//      acknowledged; one that answers MOVED with a newer epoch makes us re-read the route and
+//      send again at the new epoch to the in-sync copies that do not have it yet, or give up
+//      with PageMovedError when this peer is not the primary any more;
+//   7. tracker.changed marks its grains dirty for stale copies and for copies that missed it;
+//   8. the lock is released, and the number counts as acknowledged (the mark sent with later
+//      changes moves past it, and copies forget its grains).
+//
+// On a copy, a replica frame (ReplicaReceiver) is applied only at the copy's own epoch of the
+// page: a newer one makes it re-read the route first, an older one is refused at once with
+// MOVED and the route it knows (fencing: an old primary gets no acknowledgement from a copy
+// that knows the new epoch). It takes the same range lock, checks again after every wait, and
+// records the grains recent in the step it checks, so a newer epoch's reconcile sees them and
+// its writes land after it.
+
+import type { Logger } from 'pino';
+import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { sleep, type Env, type Timers } from '../env/env';
+import { ClosedError, ConflictError, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
+import { replicaAckMsMax, routeRetriesMax } from '../limits';
+import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
+import { PageMovedError } from '../routing/moved';
+import type { BlockSender } from '../routing/router';
+import { copiesOf, initialRouteVersion, inSyncOf, type PagePart, type Route, type RouteTable } from '../routing/table';
+import { BackendDecorator } from '../store/decorator';
+import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
+import type { ChangeTracker, PrimaryGuard, ReplicaPort } from './hooks';
+import { RangeLock } from './range-lock';
+import { RecentChanges } from './recent';
+
+/** A peer without activity log: what a volume of one copy needs (composePeer wires the real one, activity.ts). */
+export const passThroughTracker: ChangeTracker = {
+  beforeChange: () => undefined,
+  changed: () => {},
+  resyncing: () => [],
+};
+
+/** A peer without leases or reconcile: what a volume of one copy needs (composePeer wires the real one, failover.ts). */
+export const passThroughGuard: PrimaryGuard = {
+  run: (_volumeId, _page, _route, _read, op) => op(),
+};
+
+/** What the layer needs of the peer beyond the data path: the catalog and the other parts of src/replication. */
+export interface ReplicationWiring {
+  /** The volume's catalog record as it is now (a drop's CAS names it; its replicas say whether copies can be unknown). */
+  volume(): VolumeRecord | undefined;
+  catalog: Pick<Catalog, 'casRoute'>;
+  tracker: ChangeTracker;
+  guard: PrimaryGuard;
+  log: Logger;
+}
+
+export interface ReplicatedVolumeOptions extends ReplicationWiring {
+  self: string;
+  volumeId: string;
+  /** The volume's routes (the catalog's in-memory copy); refresh() updates this very table. */
+  table: RouteTable;
+  /** This peer's pages below the layer, moves included (MovableVolume): what the primary applies changes to and reads. */
+  local: BlockBackend;
+  /** What a secondary applies replica changes to: the stamp log over the store (no ownership check: it is not the owner). */
+  copy: BlockBackend;
+  link(peerId: string): BlockSender;
+  /** Re-read the page's route from the catalog into `table`. */
+  refresh(page: number): Promise<Route>;
+  env: Env;
+}
+
+/**
+ * CAS `peers` out of the page's in-sync set (they stay copies, and catch up by resync), epoch + 1,
+ * from `route`, which must still be current: ConflictError otherwise (the caller re-reads the
+ * route and decides again).
+ */
+export function dropFromInSync(catalog: Pick<Catalog, 'casRoute'>, volume: VolumeRecord, page: number, route: Route, peers: readonly string[]): Promise<Route> {
+  if (peers.includes(route.owner)) throw new Error('assertion failed: a primary drops other copies, never itself');
+  return catalog.casRoute(volume, page, route, (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: inSyncOf(now).filter((p) => !peers.includes(p)) }));
+}
+
+/** One change of one page, as the primary applies it here and sends it to the other copies. */
+interface Change {
+  op: 'write' | 'unmap';
+  lba: number;
+  blocks: number;
+  data: Buffer | undefined;
+  opts: WriteOptions;
+}
+
+/** A copy's answer to a change. */
+type Delivery = { kind: 'ok' } | { kind: 'moved'; version: number } | { kind: 'failed'; reason: string };
+
+/** Where a change's replication stands: the route it is at now, and the copies that did not apply it. */
+interface Sent {
+  route: Route;
+  missed: string[];
+}
+
+/** How long a copy that has not opened the volume yet is left before it is asked again. */
+const noVolumeRetryMs = 50;
+
+export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
+  /** The copy's side: replica frames from the page service. */
+  readonly receiver: ReplicaReceiver;
+  readonly local: BlockBackend;
+  private readonly o: ReplicatedVolumeOptions;
+  private readonly locks = new RangeLock();
+  private readonly recent = new RecentChanges();
+  /** page → the version at which the catalog said the page has one copy although the volume asks for more (not re-read). */
+  private readonly confirmed = new Map<number, number>();
+
+  constructor(opts: ReplicatedVolumeOptions) {
+    super(opts.local);
+    this.o = opts;
+    this.local = opts.local;
+    this.receiver = new ReplicaReceiver({ ...opts, locks: this.locks, recent: this.recent });
+  }
+
+  // ---- ReplicaPort ----------------------------------------------------------------------------
+
+  recentGrains(page: number): number[] {
+    return this.recent.grains(page);
+  }
+
+  exclusive<T>(page: number, lba: number, blocks: number, fn: () => Promise<T>): Promise<T> {
+    return this.locks.run(page, lba, blocks, fn);
+  }
+
+  async send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined, fua: boolean): Promise<void> {
+    const reply = await this.o.link(peer).send(this.frame({ op, lba, blocks, data, opts: { fua } }, route.version, 0, 0));
+    if (reply.status === ReplyStatus.moved) throw new PageMovedError(this.o.table.pageOf(lba), { owner: reply.owner, version: reply.version });
+    if (reply.status !== ReplyStatus.ok) throw replyError(peer, reply);
+  }
+
+  // ---- BlockBackend ---------------------------------------------------------------------------
+
+  read(lba: number, blocks: number): Promise<Buffer> {
+    if (this.straight(lba, blocks)) return this.inner.read(lba, blocks);
+    return this.readPages(lba, blocks);
+  }
+
+  write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
+    const blocks = data.length / this.blockBytes;
+    if (this.straight(lba, blocks)) return this.inner.write(lba, data, opts);
+    const bs = this.blockBytes;
+    return this.eachPage(lba, blocks, (p) => this.change(p.page, { op: 'write', lba: p.lba, blocks: p.blocks, data: data.subarray(p.offsetBlocks * bs, (p.offsetBlocks + p.blocks) * bs), opts }));
+  }
+
+  unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
+    if (this.straight(lba, blocks)) return this.inner.unmap(lba, blocks, opts);
+    return this.eachPage(lba, blocks, (p) => this.change(p.page, { op: 'unmap', lba: p.lba, blocks: p.blocks, data: undefined, opts }));
+  }
+
+  compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions = {}): Promise<CompareAndWriteResult> {
+    const blocks = data.length / this.blockBytes;
+    if (this.straight(lba, blocks)) return this.inner.compareAndWrite(lba, compare, data, opts);
+    const page = this.o.table.pageOf(lba);
+    if (this.o.table.pageOf(lba + blocks - 1) !== page) return this.compareThenWrite(lba, compare, data, opts);
+    const change: Change = { op: 'write', lba, blocks, data, opts };
+    return this.onPage(
+      page,
+      false,
+      () => this.inner.compareAndWrite(lba, compare, data, opts),
+      () => this.locks.run(page, lba, blocks, () => this.compareLocked(page, compare, change)),
+    );
+  }
+
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+
+  lbaStatus(lba: number, blocksMax: number): Promise<LbaExtent[]> {
+    const blocks = Math.min(blocksMax, this.blockCount - lba);
+    if (blocks <= 0 || this.straight(lba, blocks)) return this.inner.lbaStatus(lba, blocksMax);
+    // A replicated page answers for itself alone (the answer may stop short: SBC allows it).
+    const page = this.o.table.pageOf(lba);
+    const inPage = Math.min(blocks, (page + 1) * this.o.table.pageBlocks - lba);
+    const status = (): Promise<LbaExtent[]> => this.inner.lbaStatus(lba, inPage);
+    return this.onPage(page, true, status, status);
+  }
+
+  // ---- per page -------------------------------------------------------------------------------
+
+  /** True when every touched page goes straight down: one copy known (or not ours with one copy: MovableVolume decides). */
+  private straight(lba: number, blocks: number): boolean {
+    const { table } = this.o;
+    for (let page = table.pageOf(lba), last = table.pageOf(lba + blocks - 1); page <= last; page++) {
+      const route = table.route(page);
+      if (route.copies ? route.copies.length > 1 : this.copiesUnknown(page, route)) return false;
+    }
+    return true;
+  }
+
+  /** A route without copies past the placement rule, of a volume that asks for more than one: a MOVED answer's, to be read whole. */
+  private copiesUnknown(page: number, route: Route): boolean {
+    return route.version > initialRouteVersion && this.confirmed.get(page) !== route.version && (this.o.volume()?.replicas ?? 1) > 1;
+  }
+
+  private eachPage(lba: number, blocks: number, fn: (p: PagePart) => Promise<void>): Promise<void> {
+    return Promise.all(this.o.table.split(lba, blocks).map(fn)).then(() => undefined);
+  }
+
+  private async readPages(lba: number, blocks: number): Promise<Buffer> {
+    const bs = this.blockBytes;
+    const out = Buffer.allocUnsafe(blocks * bs);
+    await this.eachPage(lba, blocks, async (p) => {
+      const read = (): Promise<Buffer> => this.inner.read(p.lba, p.blocks);
+      (await this.onPage(p.page, true, read, read)).copy(out, p.offsetBlocks * bs);
+    });
+    return out;
+  }
+
+  /**
+   * Run `replicated` under the guard when this peer is the primary of a page with more than one
+   * copy, `single` when the page has one; PageMovedError when another peer is its primary.
+   */
+  private onPage<T>(page: number, read: boolean, single: () => Promise<T>, replicated: () => Promise<T>): Promise<T> {
+    const route = this.o.table.route(page);
+    if (route.copies ? route.copies.length === 1 : !this.copiesUnknown(page, route)) return single();
+    return this.ownRoute(page).then((own) => (copiesOf(own).length === 1 ? single() : this.o.guard.run(this.o.volumeId, page, own, read, replicated)));
+  }
+
+  /** The page's whole route (read from the catalog when its copies are unknown); PageMovedError unless this peer is its primary. */
+  private async ownRoute(page: number): Promise<Route> {
+    let route = this.o.table.route(page);
+    if (!route.copies && this.copiesUnknown(page, route)) {
+      route = await this.o.refresh(page);
+      if (!route.copies) this.confirmed.set(page, route.version);
+    }
+    if (route.owner !== this.o.self) throw new PageMovedError(page, route);
+    return route;
+  }
+
+  /** The page's route as the catalog has it now; PageMovedError unless this peer is its primary. */
+  private async currentOwn(page: number): Promise<Route> {
+    const route = await this.o.refresh(page);
+    if (route.owner !== this.o.self) throw new PageMovedError(page, route);
+    return route;
+  }
+
+  private change(page: number, c: Change): Promise<void> {
+    const apply = (): Promise<void> => this.apply(c);
+    return this.onPage(page, false, apply, () => this.locks.run(page, c.lba, c.blocks, () => this.changeLocked(page, c)));
+  }
+
+  private apply(c: Change): Promise<void> {
+    return c.op === 'write' ? this.inner.write(c.lba, c.data!, c.opts) : this.inner.unmap(c.lba, c.blocks, c.opts);
+  }
+
+  /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */
+  private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
+    const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
+    if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
+    await this.changeLocked(page, c);
+    return { ok: true };
+  }
+
+  /** The non-atomic fallback for a COMPARE AND WRITE across a page boundary (as the router's across owners). */
+  private async compareThenWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions): Promise<CompareAndWriteResult> {
+    const at = firstDifference(await this.read(lba, data.length / this.blockBytes), compare);
+    if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
+    await this.write(lba, data, opts);
+    return { ok: true };
+  }
+
+  /** Steps 3 to 8 of the head comment; the caller holds the change's range. */
+  private async changeLocked(page: number, c: Change): Promise<void> {
+    const before = this.o.tracker.beforeChange(this.o.volumeId, page);
+    if (before) await before;
+    const route = await this.ownRoute(page);
+    if (copiesOf(route).length === 1) return this.apply(c);
+    const [firstGrain, lastGrain] = grainsOf(this.o.table, this.grainBlocks, page, c.lba, c.blocks);
+    const { seq, ackedThrough } = this.recent.begin(page, firstGrain, lastGrain);
+    const sent: Sent = { route, missed: [] };
+    let ok = false;
+    try {
+      // Every copy has answered (or been dropped) before the lock is released, even when the local apply failed.
+      const [local, copies] = await Promise.allSettled([this.apply(c), this.toCopies(page, c, seq, ackedThrough, sent)]);
+      if (local.status === 'rejected') throw local.reason;
+      this.o.tracker.changed(this.o.volumeId, page, sent.route, c.lba, c.blocks, sent.missed);
+      if (copies.status === 'rejected') throw copies.reason;
+      ok = true;
+    } catch (err) {
+      if (err instanceof PageMovedError) this.recent.release(page);
+      throw err;
+    } finally {
+      this.recent.end(page, seq, ok);
+    }
+  }
+
+  /**
+   * Send a numbered change to every other in-sync copy (waiting for each, step 6) and to the
+   * copies resyncing from us (best effort). `sent` follows the route as copies are dropped or a
+   * newer epoch is learned; its `missed` gathers the copies that did not apply the change.
+   */
+  private async toCopies(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
+    const { self, volumeId } = this.o;
+    const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;
+    const resyncing = this.o.tracker.resyncing(volumeId, page).filter((p) => p !== self && !inSyncOf(sent.route).includes(p));
+    const bestEffort = Promise.all(
+      resyncing.map(async (p) => {
+        if ((await this.deliver(p, this.frame(c, sent.route.version, seq, ackedThrough), deadlineMs)).kind !== 'ok') sent.missed.push(p);
+      }),
+    );
+    const applied = new Set([self]);
+    for (let tries = 0; ; tries++) {
+      const epoch = sent.route.version;
+      const targets = inSyncOf(sent.route).filter((p) => !applied.has(p));
+      const answers = await Promise.all(targets.map((p) => this.deliver(p, this.frame(c, epoch, seq, ackedThrough), deadlineMs)));
+      const failed: string[] = [];
+      const reasons: string[] = [];
+      let newer = false;
+      answers.forEach((a, i) => {
+        if (a.kind === 'ok') applied.add(targets[i]);
+        else if (a.kind === 'moved' && a.version > epoch) newer = true;
+        else {
+          failed.push(targets[i]);
+          reasons.push(a.kind === 'failed' ? a.reason : `MOVED at epoch ${a.version}, not above ${epoch}`);
+        }
+      });
+      if (failed.length > 0) {
+        sent.route = await this.dropCopies(page, sent.route, failed, reasons.join('; '));
+        sent.missed.push(...failed);
+      }
+      if (!newer) break;
+      if (tries >= routeRetriesMax) throw new PageMovedError(page, sent.route);
+      sent.route = await this.currentOwn(page);
+    }
+    await bestEffort;
+  }
+
+  /** One copy's answer, by `deadlineMs` (monotonic); a copy that has not opened the volume yet is asked again meanwhile. */
+  private async deliver(peer: string, req: Omit<BlockRequest, 'id'>, deadlineMs: number): Promise<Delivery> {
+    const { clock, timers } = this.o.env;
+    for (;;) {
+      const leftMs = deadlineMs - clock.monotonicMs();
+      if (leftMs <= 0) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+      let reply: BlockReply | undefined;
+      try {
+        reply = await within(timers, this.o.link(peer).send(req), leftMs);
+      } catch (err) {
+        return { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
+      }
+      if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+      if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
+      if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
+      if (reply.status !== ReplyStatus.noVolume) return { kind: 'failed', reason: replyError(peer, reply).message };
+      await sleep(timers, Math.min(noVolumeRetryMs, leftMs));
+    }
+  }
+
+  /**
+   * CAS the copies that did not acknowledge out of the in-sync set, from `route`; a route changed
+   * meanwhile is re-read and the drop decided again (they may be out already). The change must
+   * not be acknowledged without them otherwise: a drop that cannot be made fails it.
+   */
+  private async dropCopies(page: number, route: Route, peers: string[], reason: string): Promise<Route> {
+    const volume = this.o.volume();
+    if (!volume) throw new ClosedError(`volume ${this.o.volumeId} is gone`);
+    for (let tries = 0; ; tries++) {
+      const still = peers.filter((p) => inSyncOf(route).includes(p));
+      if (still.length === 0) return route;
+      try {
+        const next = await dropFromInSync(this.o.catalog, volume, page, route, still);
+        this.o.log.warn({ volume: volume.name, page, dropped: still, epoch: next.version, reason }, 'copies did not acknowledge a change: dropped from the in-sync set');
+        return next;
+      } catch (err) {
+        if (!(err instanceof ConflictError) || tries >= routeRetriesMax) {
+          throw new PeerUnavailableError(still.join(','), `did not acknowledge a change of page ${page} (${reason}) and could not be dropped from its in-sync set`, true, { cause: err });
+        }
+      }
+      route = await this.currentOwn(page);
+    }
+  }
+
+  private frame(c: Change, epoch: number, seq: number, ackedThrough: number): Omit<BlockRequest, 'id'> {
+    return {
+      op: c.op === 'write' ? BlockOp.write : BlockOp.unmap,
+      fua: c.opts.fua === true,
+      replica: true,
+      volumeId: this.o.volumeId,
+      lba: c.lba,
+      blocks: c.blocks,
+      routeVersion: epoch,
+      compareBytes: 0,
+      stamp: c.opts.stamp ?? 0,
+      seq,
+      ackedThrough,
+      data: c.data,
+    };
+  }
+}
+
+export interface ReplicaReceiverOptions {
+  self: string;
+  volumeId: string;
+  table: RouteTable;
+  refresh(page: number): Promise<Route>;
+  /** The stamp log over this peer's store. */
+  copy: BlockBackend;
+  tracker: ChangeTracker;
+  locks: RangeLock;
+  recent: RecentChanges;
+}
+
+/** A secondary's side of replication: applies its primary's changes (see the head comment). */
+export class ReplicaReceiver {
+  constructor(private readonly o: ReplicaReceiverOptions) {}
+
+  /**
+   * Apply a replica change: a write or an unmap within one page (the page service checked its
+   * range and lengths against the volume). PageMovedError when the sender's epoch is older than
+   * ours; errors of the busy kind while our catalog lags the sender's epoch.
+   */
+  async receive(req: BlockRequest, opts: WriteOptions): Promise<void> {
+    const { table } = this.o;
+    const page = table.pageOf(req.lba);
+    if (table.pageOf(req.lba + req.blocks - 1) !== page || (req.op !== BlockOp.write && req.op !== BlockOp.unmap)) {
+      throw new InvalidArgumentError('a replica change is a write or an unmap within one page');
+    }
+    // An older epoch is refused at once, not behind a lock that a newer primary's change may hold.
+    await this.catchUp(page, req.routeVersion);
+    this.check(page, req.routeVersion);
+    await this.o.locks.run(page, req.lba, req.blocks, () => this.applyLocked(page, req, opts));
+  }
+
+  /** Our route of the page, re-read when the sender knows a newer epoch or our route lacks its copies. */
+  private async catchUp(page: number, epoch: number): Promise<void> {
+    const route = this.o.table.route(page);
+    if (epoch > route.version || (!route.copies && route.version > initialRouteVersion)) await this.o.refresh(page);
+  }
+
+  /** Invariant 2: the change's epoch is our epoch of the page, and this peer a copy other than the primary in it. */
+  private check(page: number, epoch: number): Route {
+    const { self, table } = this.o;
+    const route = table.route(page);
+    if (route.version > epoch) throw new PageMovedError(page, route);
+    if (route.version < epoch) throw new PeersanError(`peer ${self} knows page ${page} at epoch ${route.version}, below the sender's ${epoch}`, 'PEERSAN_ERR_EPOCH_BEHIND', { kind: ErrorKind.busy });
+    if (route.owner === self || !copiesOf(route).includes(self)) throw new InvalidArgumentError(`peer ${self} holds no secondary copy of page ${page} at epoch ${epoch}`);
+    return route;
+  }
+
+  private async applyLocked(page: number, req: BlockRequest, opts: WriteOptions): Promise<void> {
+    const before = this.o.tracker.beforeChange(this.o.volumeId, page);
+    if (before) await before;
+    // Checked again after the waits, and recorded recent in the same step, before it is applied.
+    const route = this.check(page, req.routeVersion);
+    if (req.seq) {
+      const [firstGrain, lastGrain] = grainsOf(this.o.table, this.o.copy.grainBlocks, page, req.lba, req.blocks);
+      this.o.recent.received(page, firstGrain, lastGrain, req.seq, req.ackedThrough ?? 0);
+    }
+    if (req.op === BlockOp.write) await this.o.copy.write(req.lba, req.data!, opts);
+    else await this.o.copy.unmap(req.lba, req.blocks, opts);
+    this.o.tracker.changed(this.o.volumeId, page, route, req.lba, req.blocks, []);
+  }
+}
+
+/** The first and last grain (indexes within the page) that [lba, lba + blocks) of `page` touches. */
+function grainsOf(table: RouteTable, grainBlocks: number, page: number, lba: number, blocks: number): [number, number] {
+  const first = page * table.pageBlocks;
+  return [Math.floor((lba - first) / grainBlocks), Math.floor((lba + blocks - 1 - first) / grainBlocks)];
+}
+
+/** The byte offset of the first difference, or undefined when equal. */
+function firstDifference(current: Buffer, compare: Buffer): number | undefined {
+  if (current.equals(compare)) return undefined;
+  let i = 0;
+  while (current[i] === compare[i]) i++;
+  return i;
+}
+
+/** `p`'s value, or undefined when `ms` passes first (its later outcome is ignored). */
+function within<T>(timers: Timers, p: Promise<T>, ms: number): Promise<T | undefined> {
+  return new Promise((resolve, reject) => {
+    const timer = timers.setTimeout(() => resolve(undefined), ms);
+    p.then(
+      (v) => (timers.clearTimeout(timer), resolve(v)),
+      (err: unknown) => (timers.clearTimeout(timer), reject(err)),
+    );
+  });
+}
