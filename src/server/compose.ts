@@ -23,7 +23,7 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
 import { parseBody, type ReplicationHandler } from '../replication/messages';
-import { passThroughGuard, passThroughTracker } from '../replication/replicated';
+import { passThroughGuard, passThroughTracker, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
@@ -44,6 +44,7 @@ export interface PeerProtocols {
   snapshots: typeof SnapshotService;
   migrator: typeof Migrator;
   movable: typeof MovableVolume;
+  replicated: typeof ReplicatedVolume;
 }
 
 export interface PeerWiring {
@@ -93,7 +94,7 @@ export interface PeerCore {
 
 export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const { self, env, log, transport } = w;
-  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, ...w.protocols };
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
   const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
@@ -105,7 +106,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
   core.targets = new VolumeTargets({
     self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, snapshots: core.snapshotTargets,
-    link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable,
+    link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable, replicated: P.replicated,
     notifyReservations: async (notice) => {
       await Promise.all(w.groupPeers.filter((p) => p !== self).map((p) =>
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));

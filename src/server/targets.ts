@@ -68,6 +68,8 @@ export interface VolumeTargetsOptions {
   monitor?: LoadMonitor;
   /** The class of a volume's pages that move (src/migration/movable.ts); the simulator's negative controls pass a variant. */
   movable?: typeof MovableVolume;
+  /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
+  replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
   replication: { tracker: ChangeTracker; guard: PrimaryGuard };
 }
@@ -168,6 +170,7 @@ export class VolumeTargets implements TargetDirectory {
       receiving: (page) => this.o.receiving(record.id, page),
       snapshot: (seq) => this.o.snapshots?.layer(record.id, seq),
       movable: this.o.movable,
+      replicated: this.o.replicated,
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
       replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => catalog.volumeById(record.id) },

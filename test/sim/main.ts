@@ -59,7 +59,13 @@ interface SeedReport {
 
 async function runSeed(a: Args, seed: number, withTrace: boolean): Promise<SeedReport> {
   const control = a.control === undefined ? undefined : controls.get(a.control)!;
-  const r = await simulateOrFail({ seed, ...(a.steps === undefined ? {} : { stepsMax: a.steps }), ...(a.replicas === undefined ? {} : { replicas: a.replicas }), ...(control ? { protocols: control.protocols } : {}), keepTrace: withTrace });
+  const replicas = a.replicas ?? control?.replicas;
+  const r = await simulateOrFail({
+    seed, keepTrace: withTrace,
+    ...(a.steps === undefined ? {} : { stepsMax: a.steps }),
+    ...(replicas === undefined ? {} : { replicas }),
+    ...(control ? { protocols: control.protocols } : {}),
+  });
   const report: SeedReport = { seed, faults: r.faults, violations: r.violations.length };
   const flags = `${a.replicas === undefined ? '' : ` --replicas ${a.replicas}`}${a.control === undefined ? '' : ` --control ${a.control}`}`;
   if (r.violations.length > 0 || withTrace) report.text = describe(r, withTrace, flags);

@@ -279,8 +279,9 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   await o.inspect?.(group, (p) => drive(world, p, stepsMax));
   const ranges = touched(history.ops);
   // The in-sync copies of every page hold the same blocks (read below the data path, before the
-  // read-back: a read may drop a copy whose lease ran out).
-  if (violations.length === 0 && world.steps < stepsMax) {
+  // read-back: a read may drop a copy whose lease ran out), whatever else went wrong, as long as
+  // every peer is up and no host command runs.
+  if (inFlight === 0 && group.up().length === group.peerIds.length && world.steps < stepsMax) {
     for (const held of await readCopies(world, group, volume, ranges, stepsMax)) for (const f of checkConvergence(held, blockBytes)) fail(f.invariant, f.message);
   }
   if (violations.length === 0 && world.steps < stepsMax) {
