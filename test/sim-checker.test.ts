@@ -199,6 +199,7 @@ t.test('failed and unanswered writes may land any time later; what no write put 
   t.match(vs[5].message, `wrote volume (none)`);
   t.match(vs[0].message, `began after the read was answered`);
   t.match(vs[1].message, `did not write that lba`);
+  t.match(vs[2].message, `caw #${miscompared} (host 0 via p1, 22–23 ms, miscompare) answered MISCOMPARE, so it must have written nothing`);
 
   const g = new Script();
   const r = g.read({ lba: 8, blocks: 2, at: [0, 1], seen: [0, 'garbage'] });

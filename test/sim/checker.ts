@@ -49,6 +49,8 @@ const zeros: Write = { op: undefined, startRank: -Infinity, endRank: -Infinity, 
 /** The run's writes, indexed for the checks (ids are unique across volumes). */
 interface Index {
   writesById: Map<number, Write>;
+  /** Every op by id (what a block naming no write names). */
+  opsById: Map<number, Op>;
   /** blockKey(volume, lba) → the writes that cover that block. */
   writesByBlock: Map<string, Write[]>;
 }
@@ -111,7 +113,7 @@ function ranker(ops: readonly Op[], crashes: readonly Crash[]): (ms: number, seq
 
 function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Index {
   const durableAfter = flushes(ops, rank);
-  const index: Index = { writesById: new Map(), writesByBlock: new Map() };
+  const index: Index = { writesById: new Map(), opsById: new Map(ops.map((op) => [op.id, op])), writesByBlock: new Map() };
   for (const op of ops) {
     if (!writes(op)) continue;
     const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
@@ -204,7 +206,7 @@ function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): voi
 /** Why the read `op` cannot have seen `writer`'s value `seen` at `lba` (undefined: it can). */
 function readVerdict(op: Judged, read: Span, index: Index, lba: number, seen: number, writer: Write | undefined): Violation | undefined {
   const phantom = whyPhantom(writer, seen, op.volume, lba, read.end);
-  if (phantom) return { invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` };
+  if (phantom) return { invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${miscompareOf(index.opsById.get(seen)) ?? phantom}` };
   const newer = (index.writesByBlock.get(blockKey(op.volume, lba)) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
   if (newer.length === 0) return undefined;
   const durable = newer.find((w2) => w2.durableRank < read.start);
@@ -238,6 +240,12 @@ function checkMiscompare(op: Judged, read: Span, index: Index, out: Violation[])
   });
   if (!only) return;
   out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
+}
+
+/** What to say of a block written by a caw that answered MISCOMPARE (undefined: `op` is no such caw). */
+function miscompareOf(op: Op | undefined): string | undefined {
+  if (op?.kind !== 'caw' || op.outcome !== 'miscompare') return undefined;
+  return `${describe(op)} answered MISCOMPARE, so it must have written nothing (a COMPARE AND WRITE sent again after its first attempt was applied?)`;
 }
 
 /** Why a read of `volume` ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */

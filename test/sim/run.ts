@@ -268,23 +268,24 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     if (disagree) fail('routes-disagree', disagree);
     // Every move ended: none left recorded in the catalog (a stale intent blocks the page's moves for good).
     for (const r of group.catalog.list('moves/')) fail('move-intent-left', `${r.key} is still recorded (${r.value.toString()}) with no move running`);
-    // Every page has the copies asked for, all in sync (resync finished).
-    for (const f of protection(group, volume)) fail(f.invariant, `${f.message}, ${convergeMsMax} ms after the faults stopped`);
   }
-  for (const f of checkRouteHistory(group.catalog.routePuts, group.peerIds)) fail(f.invariant, f.message);
 
   sampling = false;
 
   // ---- check ----------------------------------------------------------------------------------
   await o.inspect?.(group, (p) => drive(world, p, stepsMax));
   const ranges = touched(history.ops);
-  // The in-sync copies of every page hold the same blocks (read below the data path, before the
-  // read-back: a read may drop a copy whose lease ran out), whatever else went wrong, as long as
-  // every peer is up and no host command runs.
+  // The group settled: what hosts wrote is read back below, whatever the copy checks find.
+  const settledOk = violations.length === 0 && world.steps < stepsMax;
+  for (const f of checkRouteHistory(group.catalog.routePuts, group.peerIds)) fail(f.invariant, f.message);
+  // With every peer up and no host command running: every page has the copies asked for, all in
+  // sync (resync finished), and its in-sync copies hold the same blocks (read below the data
+  // path, before the read-back: a read may drop a copy whose lease ran out).
   if (inFlight === 0 && group.up().length === group.peerIds.length && world.steps < stepsMax) {
+    for (const f of protection(group, volume)) fail(f.invariant, `${f.message}, ${convergeMsMax} ms after the faults stopped`);
     for (const held of await readCopies(world, group, volume, ranges, stepsMax)) for (const f of checkConvergence(held, blockBytes)) fail(f.invariant, f.message);
   }
-  if (violations.length === 0 && world.steps < stepsMax) {
+  if (settledOk) {
     for (const p of group.up()) {
       const path = group.hostPath(p.id, volume);
       if (!path) fail('volume-not-open', `${p.id} is up but has not opened volume ${volume}`);
