@@ -275,22 +275,23 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   // ---- check ----------------------------------------------------------------------------------
   await o.inspect?.(group, (p) => drive(world, p, stepsMax));
   const ranges = touched(history.ops);
-  // The group settled: what hosts wrote is read back below, whatever the copy checks find.
+  // The group settled: its snapshots are read below (else they may not be readable yet).
   const settledOk = violations.length === 0 && world.steps < stepsMax;
   for (const f of checkRouteHistory(group.catalog.routePuts, group.peerIds)) fail(f.invariant, f.message);
-  // With every peer up and no host command running: every page has the copies asked for, all in
-  // sync (resync finished), and its in-sync copies hold the same blocks (read below the data
-  // path, before the read-back: a read may drop a copy whose lease ran out).
+  // With every peer up and no host command running, whatever else went wrong: every page has the
+  // copies asked for, all in sync (resync finished); its in-sync copies hold the same blocks (read
+  // below the data path, before the read-back: a read may drop a copy whose lease ran out); and
+  // what hosts wrote is read back through every peer (a read that fails is judged as no answer).
   if (inFlight === 0 && group.up().length === group.peerIds.length && world.steps < stepsMax) {
     for (const f of protection(group, volume)) fail(f.invariant, `${f.message}, ${convergeMsMax} ms after the faults stopped`);
     for (const held of await readCopies(world, group, volume, ranges, stepsMax)) for (const f of checkConvergence(held, blockBytes)) fail(f.invariant, f.message);
-  }
-  if (settledOk) {
     for (const p of group.up()) {
       const path = group.hostPath(p.id, volume);
       if (!path) fail('volume-not-open', `${p.id} is up but has not opened volume ${volume}`);
       else for (const r of ranges) await readBack(world, history, p.id, path, r, stepsMax);
     }
+  }
+  if (settledOk) {
     for (const s of snapshotOps) {
       const reader = group.core(s.peer)?.snapshotTargets.reader(volume, s.name);
       if (!reader) {
