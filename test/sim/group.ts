@@ -3,14 +3,16 @@
 // administrator moving pages and taking snapshots, and the faults of the seed.
 //
 // A run has three phases:
-// 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers,
-//    partitions peers from each other and from the catalog, loses, delays and duplicates
-//    messages, stalls disks and skews clocks;
+// 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers
+//    (some kept down past the faults), partitions peers from each other and from the catalog
+//    (or one peer from both at once), loses, delays and duplicates messages, stalls disks and
+//    skews clocks;
 // 2. calm: faults stop (partitions healed, every peer restarted, disks fast), hosts go on for a
 //    while, then stop; the group must converge: every move ends, every peer's routes agree with
-//    the catalog, every host command ends;
-// 3. check: every block hosts touched is read back through every peer, every snapshot that was
-//    taken is read, and the history goes through the checker (checker.ts).
+//    the catalog, every page has its copies in sync, every host command ends;
+// 3. check: the route history and the copies of every page are checked (copies.ts), every block
+//    hosts touched is read back through every peer, every snapshot that was taken is read, and
+//    the history goes through the checker (checker.ts).
 
 import pino from 'pino';
 import type { Logger } from 'pino';

@@ -1,5 +1,5 @@
-// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them,
-// hosts, an administrator and the seed's faults; then calm, convergence and the checks.
+// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them
+// with 1–3 copies of each page, hosts, an administrator and the seed's faults; then calm, convergence and the checks.
 // Everything the run does is drawn from the seed, so `simulate({ seed })` twice gives the same
 // trace, line for line.
 
@@ -210,8 +210,9 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       group.catalog.partition(id, true);
       world.after(ms, () => group.catalog.partition(id, false));
     } else if (x < 0.49) {
-      // Cut off from everything but its hosts, often past its leases: a primary that must stop
-      // serving before another copy takes over, and keeps its hosts' writes from being acknowledged.
+      // Cut off from everything but its hosts, often past its leases: as a primary it must stop
+      // serving reads before another copy takes over, and its hosts' writes must fail (it can
+      // neither reach its copies nor drop them from the in-sync set).
       group.isolate(id, 300 + faultRnd.float() * 2_200);
     } else if (x < 0.74) {
       group.stallDisk(id, 5 + faultRnd.float() * 300);
@@ -316,7 +317,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const cancelled = group.up().reduce((n, p) => n + p.core()!.migrator.counters.cancelled, 0);
   return {
     seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
-    story: violations[0]?.lba !== undefined ? traceOf(history, violations[0]) : [],
+    story: storyOf(history, violations),
     ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length, replicas,
   };
 }
@@ -330,6 +331,12 @@ function drawReplicas(rnd: SeededRandom, peers: number): number {
   if (defaultReplicas(peers) === 1) return 1;
   const x = rnd.float();
   return x < 0.15 ? 1 : x < 0.75 || peers < 3 ? 2 : 3;
+}
+
+/** The shortest story of the first wrong answer to a command (a copy check's finding names no block). */
+function storyOf(history: History, violations: readonly Violation[]): string[] {
+  const first = violations.find((v) => v.lba !== undefined);
+  return first ? traceOf(history, first) : [];
 }
 
 /** Run until `settled` holds and has held for steadyMs (or the deadline, or the steps, run out). */
