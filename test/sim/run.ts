@@ -1,7 +1,7 @@
 // One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them
-// with 1–3 copies of each page, hosts, an administrator and the seed's faults; then calm, convergence and the checks.
-// Everything the run does is drawn from the seed, so `simulate({ seed })` twice gives the same
-// trace, line for line.
+// with 1–3 copies of each page, hosts, an administrator and the seed's faults; then calm,
+// convergence and the checks. Everything the run does is drawn from the seed, so
+// `simulate({ seed })` twice gives the same trace, line for line.
 
 import { defaultReplicas } from '../../src/cluster/catalog';
 import type { SeededRandom } from '../../src/env/manual';
