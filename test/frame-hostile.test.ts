@@ -169,6 +169,9 @@ t.test('hostile block frames against an owner', async (t) => {
     await refused(t, 'unmap over the bound', req({ id: 4, op: BlockOp.unmap, blocks: peerUnmapBlocksMax + 1 }), ErrorKind.invalid);
     await refused(t, 'LBA status of the whole volume', req({ id: 4, op: BlockOp.lbaStatus, blocks: blockCount }), ErrorKind.invalid);
     await refused(t, 'compare and write with halves not its blocks', req({ id: 4, op: BlockOp.compareAndWrite, blocks: 8, compareBytes: 512, data: Buffer.alloc(1024) }), ErrorKind.invalid);
+    // A replica change (src/replication) for a page this peer is the only copy and the primary of.
+    await refused(t, 'a replica change of our own page', req({ id: 4, op: BlockOp.write, replica: true, routeVersion: 1, seq: 2, ackedThrough: 1, data: pattern }), ErrorKind.invalid);
+    await refused(t, 'a replica change across a page boundary', req({ id: 4, op: BlockOp.unmap, replica: true, lba: record.pageBlocks - 4, blocks: 8, routeVersion: 1 }), ErrorKind.invalid);
   });
 
   await t.test('malformed frames and batches close the stream', async (t) => {
@@ -190,6 +193,11 @@ t.test('hostile block frames against an owner', async (t) => {
     flags[2] = 0x80;
     await closesStream(t, 'unknown flags', batchOf([flags]));
     await closesStream(t, 'a read that carries data', batchOf([encodeRequest(req({ id: 6, data: pattern }))]));
+    await closesStream(t, 'a replica read', batchOf([encodeRequest(req({ id: 6, replica: true }))]));
+    await closesStream(t, 'a change number on a frame that is not a replica change', batchOf([encodeRequest(req({ id: 6, op: BlockOp.write, data: pattern, seq: 3, ackedThrough: 1 }))]));
+    const hugeMark = Buffer.from(encodeRequest(req({ id: 6, op: BlockOp.write, data: pattern, replica: true, seq: 3, ackedThrough: 1 })));
+    hugeMark.fill(0xff, 60, 68);
+    await closesStream(t, 'a replica mark of 2^64-1', batchOf([hugeMark]));
     const head = Buffer.alloc(4);
     head.writeUInt32BE(0xffff_fff0, 0);
     await closesStream(t, 'a batch whose length prefix runs past it', Buffer.concat([head, good]));

@@ -3,17 +3,28 @@
 // any peer is on every copy's store; overlapping writes end the same on every copy; a copy at a
 // newer epoch refuses a change from an older one; a copy that is down is dropped from the
 // in-sync set before the write is acknowledged; a COMPARE AND WRITE that miscompares writes
-// nothing anywhere. Each copy's store is read directly, below every layer.
+// nothing anywhere; a primary whose route is behind its copies' sends again at the new epoch, or
+// gives way to the new primary. Each copy's store is read directly, below every layer. Then the
+// pure cores: range locks (range-lock.ts) and the recent changes' numbering (recent.ts); and a
+// lone primary with a scripted copy: busy refusals are asked again, silence is dropped on time.
 
 import t from 'tap';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { VolumeRecord } from '../src/cluster/catalog';
 import { ErrorKind } from '../src/errors';
 import { BlockOp, ReplyStatus, type BlockRequest } from '../src/routing/frame';
+import { RangeLock } from '../src/replication/range-lock';
+import { RecentChanges } from '../src/replication/recent';
 import { PageMovedError } from '../src/routing/moved';
-import { inSyncOf, type Route } from '../src/routing/table';
+import { inSyncOf, RouteTable, type Route } from '../src/routing/table';
+import type { BlockSender } from '../src/routing/router';
+import { passThroughGuard, passThroughTracker, ReplicatedVolume } from '../src/replication/replicated';
+import { replicaAckMsMax } from '../src/limits';
+import { realEnv } from '../src/env/real';
+import pino from 'pino';
 import type { BlockBackend } from '../src/store/types';
 import { startGroup, type NetworkFaults } from './helpers/group';
+import { MemoryBackend } from './helpers/memory-backend';
 
 const bs = 512;
 const pageBlocks = 8192;
@@ -141,4 +152,159 @@ t.test('a COMPARE AND WRITE that miscompares writes nothing anywhere; one that m
   const hit = await host(g, 'p2').compareAndWrite(lba, a, c);
   t.equal(hit.ok, true, 'match');
   for (const p of peers) t.ok((await stored(g, p, record, lba, 2)).equals(c), `${p} written`);
+});
+
+t.test('a copy that knows a newer epoch: the primary re-reads the route and sends again, or follows a new primary', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  // p1 (primary of page 0) stops hearing route changes; a CAS elsewhere makes the epoch 2, the same copies.
+  const release = g.peer('p1').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const p2catalog = g.peer('p2').core.catalog;
+  await p2catalog.casRoute(record, 0, p2catalog.routes(record).route(0), (now) => ({ owner: now.owner, copies: now.copies, inSync: now.inSync }));
+  t.equal(g.peer('p1').core.catalog.routes(record).route(0).version, 1, 'p1 still routes by epoch 1');
+  const data = pattern(8, 21);
+  await host(g, 'p1').write(16, data);
+  for (const p of peers) t.ok((await stored(g, p, record, 16, 8)).equals(data), `on ${p}'s store`);
+  const route = g.peer('p1').core.catalog.routes(record).route(0);
+  t.same({ version: route.version, inSync: inSyncOf(route) }, { version: 2, inSync: peers }, 'sent again at epoch 2: no copy dropped');
+  // Now p2 becomes the primary (as a failover's CAS would); p1 still does not hear it.
+  await p2catalog.casRoute(record, 0, p2catalog.routes(record).route(0), () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2', 'p3', 'p1'] }));
+  const next = pattern(8, 22);
+  await host(g, 'p1').write(16, next);
+  for (const p of peers) t.ok((await stored(g, p, record, 16, 8)).equals(next), `through the new primary: on ${p}'s store`);
+  t.equal(g.peer('p1').core.catalog.routes(record).route(0).owner, 'p2', 'p1 learned the new primary');
+});
+
+t.test('range locks: overlapping ranges of a page in arrival order, disjoint ones at once', async (t) => {
+  const locks = new RangeLock();
+  const order: string[] = [];
+  const gates = new Map<string, () => void>();
+  const hold = (name: string) => () => new Promise<void>((r) => gates.set(name, () => (order.push(name), r())));
+  const a = locks.run(0, 0, 16, hold('a'));
+  const b = locks.run(0, 8, 16, hold('b')); // overlaps a
+  const c = locks.run(0, 32, 8, hold('c')); // disjoint: runs at once
+  const d = locks.run(1, 0, 16, hold('d')); // another page: at once
+  const e = locks.run(0, 20, 1, hold('e')); // overlaps b only, behind it
+  await new Promise((r) => setImmediate(r));
+  t.same([...gates.keys()].sort(), ['a', 'c', 'd'], 'a, c and d hold their ranges; b waits for a, e for b');
+  gates.get('c')!();
+  gates.get('a')!();
+  await new Promise((r) => setImmediate(r));
+  t.ok(gates.has('b') && !gates.has('e'), 'b runs once a released; e still waits for b');
+  gates.get('b')!();
+  await new Promise((r) => setImmediate(r));
+  gates.get('e')!();
+  gates.get('d')!();
+  await Promise.all([a, b, c, d, e]);
+  t.same(order, ['c', 'a', 'b', 'e', 'd']);
+  t.equal(locks.queued(0) + locks.queued(1), 0, 'nothing left queued');
+});
+
+t.test('recent changes: numbered per page, kept above the acknowledged mark', async (t) => {
+  const primary = new RecentChanges();
+  const first = primary.begin(0, 1, 2);
+  const second = primary.begin(0, 5, 5);
+  t.same([first, second], [{ seq: 1, ackedThrough: 0 }, { seq: 2, ackedThrough: 0 }], 'the mark stays below the changes in flight');
+  primary.end(0, 2, true);
+  t.same(primary.grains(0), [1, 2, 5], 'change 1 still in flight: nothing is past the mark');
+  primary.end(0, 1, true);
+  t.same(primary.grains(0), [], 'both acknowledged: no recent grain left');
+  const failed = primary.begin(0, 7, 7);
+  primary.end(0, failed.seq, false);
+  const after = primary.begin(0, 9, 9);
+  primary.end(0, after.seq, true);
+  t.same({ ackedThrough: after.ackedThrough, grains: primary.grains(0) }, { ackedThrough: 2, grains: [7, 9] }, 'a failed change pins the mark below it');
+  primary.release(0);
+  t.equal(primary.begin(0, 0, 0).ackedThrough, 4, 'released (not the primary any more): the mark moves on');
+  const copy = new RecentChanges();
+  copy.received(3, 0, 0, 10, 9);
+  copy.received(3, 4, 4, 11, 9);
+  t.same(copy.grains(3), [0, 4]);
+  copy.received(3, 6, 6, 12, 10);
+  t.same(copy.grains(3), [4, 6], 'entries up to the mark are forgotten');
+  // A new primary that saw fewer changes numbers from below this copy's mark: its changes are kept.
+  copy.received(3, 8, 8, 7, 6);
+  t.same(copy.grains(3), [4, 6, 8], 'a change numbered below the old mark is still recent');
+});
+
+t.test('a copy asked for its recent grains at a new epoch refuses the old primary from then on', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  // p3 stops hearing route changes: only what it is told (or reads itself) moves its epoch.
+  const release = g.peer('p3').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const change = (epoch: number, lba: number, seq: number): BlockRequest => ({
+    id: 1, op: BlockOp.write, fua: false, replica: true, volumeId: record.id, lba, blocks: 1, routeVersion: epoch, compareBytes: 0, seq, ackedThrough: seq - 1, data: Buffer.alloc(bs, seq),
+  });
+  const grainBlocks = g.peer('p3').core.targets.replicated(record.id)!.grainBlocks;
+  t.equal((await g.peer('p3').core.pages.handle(change(1, 2 * grainBlocks, 7))).status, ReplyStatus.ok, "the old primary's change at epoch 1 is applied");
+  // p2 takes over page 0 (what a failover's CAS does) and reconciles: it asks p3 first.
+  const c2 = g.peer('p2').core.catalog;
+  await c2.casRoute(record, 0, c2.routes(record).route(0), () => ({ owner: 'p2', copies: ['p2', 'p3', 'p1'], inSync: ['p2', 'p3'] }));
+  const answer = JSON.parse(await g.peer('p3').core.handlers.replication('p2', 'recent', JSON.stringify({ volumeId: record.id, page: 0, version: 2 }))) as unknown;
+  t.same(answer, { grains: [2], version: 2 }, 'its recent grain, at the epoch it caught up to');
+  const late = await g.peer('p3').core.pages.handle(change(1, 5 * grainBlocks, 8));
+  t.same({ status: late.status, owner: late.owner, version: late.version }, { status: ReplyStatus.moved, owner: 'p2', version: 2 }, "the old primary's next change is refused");
+  t.ok((await stored(g, 'p3', record, 5 * grainBlocks, 1)).equals(Buffer.alloc(bs)), 'and not applied');
+  await t.rejects(g.peer('p3').core.handlers.replication('p2', 'recent', JSON.stringify({ volumeId: record.id, page: -1, version: 2 })), { kind: ErrorKind.invalid }, 'a body out of shape is refused');
+});
+
+/** A primary p1 of a 2-copy volume alone (pages of 64 blocks), its link to p2 given by the test; the "catalog" its own table. */
+function lonePrimary(link: BlockSender) {
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(bs, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const cas: Route[] = [];
+  const changed: string[][] = [];
+  const catalog = {
+    casRoute: async (_v: VolumeRecord, page: number, from: Route, change: (now: Route) => Omit<Route, 'version'>): Promise<Route> => {
+      const next = { ...change(table.route(page)), version: from.version + 1 };
+      table.learn(page, next);
+      cas.push(next);
+      return next;
+    },
+  };
+  const tracker = { ...passThroughTracker, changed: (_v: string, _p: number, _r: Route, _l: number, _b: number, missed: readonly string[]) => void changed.push([...missed]) };
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
+    volume: () => record, catalog, tracker, guard: passThroughGuard, log: pino({ level: 'silent' }),
+  });
+  return { volume, local, cas, changed };
+}
+
+t.test('a copy that refuses for a while as busy is asked again, not dropped', async (t) => {
+  let asked = 0;
+  const busyTwice: BlockSender = {
+    send: async (req) => (++asked <= 2 ? { id: 0, status: ReplyStatus.failed, owner: 'p2', version: 0, detail: ErrorKind.busy } : { id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 }),
+  };
+  const { volume, local, cas } = lonePrimary(busyTwice);
+  await volume.write(0, Buffer.alloc(bs, 3));
+  t.equal(asked, 3, 'asked three times');
+  t.same(cas, [], 'no drop');
+  t.equal(local.data[0], 3, 'written here');
+});
+
+t.test('a copy that does not answer within replicaAckMsMax is dropped, then the write is acknowledged', async (t) => {
+  const silent: BlockSender = { send: () => new Promise(() => undefined) };
+  const { volume, cas, changed } = lonePrimary(silent);
+  const t0 = Date.now();
+  await volume.write(0, Buffer.alloc(bs, 4));
+  const waitedMs = Date.now() - t0;
+  t.ok(waitedMs >= replicaAckMsMax - 50 && waitedMs < replicaAckMsMax + 1_000, `waited about replicaAckMsMax (${waitedMs} ms)`);
+  t.same(cas.map((r) => ({ version: r.version, inSync: r.inSync })), [{ version: 2, inSync: ['p1'] }], 'p2 CASed out of the in-sync set');
+  t.same(changed, [['p2']], 'its miss is told to the tracker (its grains become dirty for it)');
+});
+
+t.test('a primary whose route of a page lacks its copies (heard in a MOVED answer) reads them before it replicates', async (t) => {
+  const { g, record } = await groupWithVolume(t, 3);
+  const release = g.peer('p1').core.catalog.holdRouteEvents();
+  t.teardown(release);
+  const c2 = g.peer('p2').core.catalog;
+  await c2.casRoute(record, 0, c2.routes(record).route(0), (now) => ({ owner: now.owner, copies: now.copies, inSync: now.inSync }));
+  const table = g.peer('p1').core.catalog.routes(record);
+  table.learn(0, { owner: 'p1', version: 2 });
+  t.equal(table.route(0).copies, undefined, 'p1 knows epoch 2 without its copies');
+  const data = pattern(4, 33);
+  await host(g, 'p1').write(24, data);
+  for (const p of peers) t.ok((await stored(g, p, record, 24, 4)).equals(data), `on ${p}'s store`);
+  t.same(table.route(0).copies, peers, "the catalog's record filled them in");
 });

@@ -1,5 +1,5 @@
-// The replicated layer of a volume on one peer (DESIGN.md 10; the protocol in
-// /src/replication/hooks.ts and its invariants). It sits on the owner's side of the data path,
+// The replicated layer of a volume on one peer (DESIGN.md 10; the contracts between the parts
+// of src/replication in hooks.ts). It sits on the owner's side of the data path,
 // above the pages this peer holds (MovableVolume, src/server/data-path.ts says why there), and
 // splits each request by page:
 //
@@ -35,9 +35,10 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
+import { checkPage, checkUint, checkVolumeId } from '../cluster/proto';
 import { sleep, type Env, type Timers } from '../env/env';
-import { ClosedError, ConflictError, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { replicaAckMsMax, routeRetriesMax } from '../limits';
+import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
+import { replicaAckMsMax, routeRetriesMax, wireUint32Max } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -45,6 +46,7 @@ import { copiesOf, initialRouteVersion, inSyncOf, type PagePart, type Route, typ
 import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { ChangeTracker, PrimaryGuard, ReplicaPort } from './hooks';
+import type { ReplicationHandler } from './messages';
 import { RangeLock } from './range-lock';
 import { RecentChanges } from './recent';
 
@@ -86,6 +88,21 @@ export interface ReplicatedVolumeOptions extends ReplicationWiring {
 }
 
 /**
+ * The handler of `recent` (messages.ts): body {volumeId, page, version}, the asker's epoch of the
+ * page; answer {grains, version} (ReplicatedVolume.recentAt).
+ */
+export function recentHandler(volume: (volumeId: string) => ReplicatedVolume | undefined): ReplicationHandler {
+  return async (_from, body) => {
+    const volumeId = checkVolumeId(body.volumeId);
+    const page = checkPage(body.page);
+    const epoch = checkUint(body.version, 'version', wireUint32Max);
+    const v = volume(volumeId);
+    if (!v) throw new NotFoundError(`no volume ${volumeId} open here`);
+    return v.recentAt(page, epoch);
+  };
+}
+
+/**
  * CAS `peers` out of the page's in-sync set (they stay copies, and catch up by resync), epoch + 1,
  * from `route`, which must still be current: ConflictError otherwise (the caller re-reads the
  * route and decides again).
@@ -113,8 +130,8 @@ interface Sent {
   missed: string[];
 }
 
-/** How long a copy that has not opened the volume yet is left before it is asked again. */
-const noVolumeRetryMs = 50;
+/** How long a copy that refused a change for a transient reason is left before it is asked again. */
+const transientRetryMs = 50;
 
 export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   /** The copy's side: replica frames from the page service. */
@@ -137,6 +154,18 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   recentGrains(page: number): number[] {
     return this.recent.grains(page);
+  }
+
+  /**
+   * This copy's answer to a new primary reconciling the page at `epoch` (message `recent`): it
+   * first catches up to that epoch, so that from then on it refuses the old primary's changes (one
+   * it checked before is recorded recent already, or is refused when it checks again before it
+   * applies), then gives its recent grains, and the epoch it knows.
+   */
+  async recentAt(page: number, epoch: number): Promise<{ grains: number[]; version: number }> {
+    const route = this.o.table.route(page);
+    const known = epoch > route.version ? await this.o.refresh(page) : route;
+    return { grains: this.recent.grains(page), version: known.version };
   }
 
   exclusive<T>(page: number, lba: number, blocks: number, fn: () => Promise<T>): Promise<T> {
@@ -319,51 +348,65 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
         if ((await this.deliver(p, this.frame(c, sent.route.version, seq, ackedThrough), deadlineMs)).kind !== 'ok') sent.missed.push(p);
       }),
     );
-    const applied = new Set([self]);
+    try {
+      await this.toInSync(page, c, seq, ackedThrough, sent);
+    } finally {
+      await bestEffort;
+    }
+  }
+
+  /**
+   * Step 6 for the in-sync copies: each applied the change, or is out of the in-sync set, when
+   * this resolves. Each round (a first send, or a send again at a newer epoch) gives the copies
+   * replicaAckMsMax: a catalog read between rounds does not eat a copy's time.
+   */
+  private async toInSync(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
+    const applied = new Set([this.o.self]);
     for (let tries = 0; ; tries++) {
       const epoch = sent.route.version;
+      const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;
       const targets = inSyncOf(sent.route).filter((p) => !applied.has(p));
       const answers = await Promise.all(targets.map((p) => this.deliver(p, this.frame(c, epoch, seq, ackedThrough), deadlineMs)));
-      const failed: string[] = [];
-      const reasons: string[] = [];
-      let newer = false;
-      answers.forEach((a, i) => {
-        if (a.kind === 'ok') applied.add(targets[i]);
-        else if (a.kind === 'moved' && a.version > epoch) newer = true;
-        else {
-          failed.push(targets[i]);
-          reasons.push(a.kind === 'failed' ? a.reason : `MOVED at epoch ${a.version}, not above ${epoch}`);
-        }
-      });
+      const { failed, reasons, newer } = sortAnswers(targets, answers, epoch, applied);
       if (failed.length > 0) {
-        sent.route = await this.dropCopies(page, sent.route, failed, reasons.join('; '));
         sent.missed.push(...failed);
+        sent.route = await this.dropCopies(page, sent.route, failed, reasons.join('; '));
       }
-      if (!newer) break;
+      if (!newer) return;
       if (tries >= routeRetriesMax) throw new PageMovedError(page, sent.route);
       sent.route = await this.currentOwn(page);
     }
-    await bestEffort;
   }
 
-  /** One copy's answer, by `deadlineMs` (monotonic); a copy that has not opened the volume yet is asked again meanwhile. */
+  /**
+   * One copy's answer, by `deadlineMs` (monotonic). A transient refusal (a copy that has not
+   * opened the volume yet, a full stream, a catalog behind ours, a stream being reconnected) is
+   * asked again meanwhile: back-pressure must not cost a copy its place in the in-sync set.
+   */
   private async deliver(peer: string, req: Omit<BlockRequest, 'id'>, deadlineMs: number): Promise<Delivery> {
     const { clock, timers } = this.o.env;
     for (;;) {
       const leftMs = deadlineMs - clock.monotonicMs();
       if (leftMs <= 0) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
-      let reply: BlockReply | undefined;
-      try {
-        reply = await within(timers, this.o.link(peer).send(req), leftMs);
-      } catch (err) {
-        return { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
-      }
-      if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
-      if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
-      if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
-      if (reply.status !== ReplyStatus.noVolume) return { kind: 'failed', reason: replyError(peer, reply).message };
-      await sleep(timers, Math.min(noVolumeRetryMs, leftMs));
+      const answer = await this.ask(peer, req, leftMs);
+      if (answer !== 'again') return answer;
+      await sleep(timers, Math.min(transientRetryMs, leftMs));
     }
+  }
+
+  /** One try of deliver(): the answer, or 'again' for a transient refusal. */
+  private async ask(peer: string, req: Omit<BlockRequest, 'id'>, leftMs: number): Promise<Delivery | 'again'> {
+    let reply: BlockReply | undefined;
+    try {
+      reply = await within(this.o.env.timers, this.o.link(peer).send(req), leftMs);
+    } catch (err) {
+      return errorKindOf(err, true) === ErrorKind.busy ? 'again' : { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
+    }
+    if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+    if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
+    if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
+    if (reply.status === ReplyStatus.noVolume || (reply.status === ReplyStatus.failed && reply.detail === ErrorKind.busy)) return 'again';
+    return { kind: 'failed', reason: replyError(peer, reply).message };
   }
 
   /**
@@ -470,6 +513,26 @@ export class ReplicaReceiver {
     else await this.o.copy.unmap(req.lba, req.blocks, opts);
     this.o.tracker.changed(this.o.volumeId, page, route, req.lba, req.blocks, []);
   }
+}
+
+/**
+ * One round's answers: copies that applied the change join `applied`; `newer` when one knows a
+ * newer epoch (we re-read the route and send again); the rest failed (an answer of an epoch not
+ * above ours is as good as none), with why.
+ */
+function sortAnswers(targets: readonly string[], answers: readonly Delivery[], epoch: number, applied: Set<string>): { failed: string[]; reasons: string[]; newer: boolean } {
+  const failed: string[] = [];
+  const reasons: string[] = [];
+  let newer = false;
+  answers.forEach((a, i) => {
+    if (a.kind === 'ok') applied.add(targets[i]);
+    else if (a.kind === 'moved' && a.version > epoch) newer = true;
+    else {
+      failed.push(targets[i]);
+      reasons.push(a.kind === 'failed' ? `${targets[i]}: ${a.reason}` : `${targets[i]}: MOVED at epoch ${a.version}, not above ${epoch}`);
+    }
+  });
+  return { failed, reasons, newer };
 }
 
 /** The first and last grain (indexes within the page) that [lba, lba + blocks) of `page` touches. */

@@ -23,7 +23,7 @@ import { BalancerSwitch } from '../loadmon/switches';
 import { Migrator, type MigrationSettings } from '../migration/migrator';
 import { MovableVolume } from '../migration/movable';
 import { parseBody, type ReplicationHandler } from '../replication/messages';
-import { passThroughGuard, passThroughTracker, ReplicatedVolume } from '../replication/replicated';
+import { passThroughGuard, passThroughTracker, recentHandler, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { HybridClock } from '../snapshot/hlc';
@@ -154,6 +154,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     if (!h) throw new InvalidArgumentError(`unknown replication message kind "${kind}"`);
     return h;
   };
+  replicationHandlers.set('recent', recentHandler((id) => core.targets.replicated(id)));
   core.handlers = {
     reservationChanged: async (n) => core.targets.reservationsOf(n.volumeId)?.noticed(n),
     startMove: (volume, page, to) => migrator.start(volume, page, to),

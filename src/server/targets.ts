@@ -74,6 +74,11 @@ export interface VolumeTargetsOptions {
   replication: { tracker: ChangeTracker; guard: PrimaryGuard };
 }
 
+/** The record, if it is still of the volume `id` (a name is reused after a delete). */
+function sameVolume(record: VolumeRecord | undefined, id: string): VolumeRecord | undefined {
+  return record?.id === id ? record : undefined;
+}
+
 /** After a volume change could not be applied (catalog out of reach), try again after this long. */
 const applyRetryMs = 500;
 
@@ -173,7 +178,7 @@ export class VolumeTargets implements TargetDirectory {
       replicated: this.o.replicated,
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
-      replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => catalog.volumeById(record.id) },
+      replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => sameVolume(catalog.volume(record.name), record.id) },
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });
     await keeper.reload();
