@@ -330,7 +330,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
 function drawReplicas(rnd: SeededRandom, peers: number): number {
   if (defaultReplicas(peers) === 1) return 1;
   const x = rnd.float();
-  return x < 0.15 ? 1 : x < 0.75 || peers < 3 ? 2 : 3;
+  return x < 0.15 ? 1 : x < 0.75 ? 2 : Math.min(3, peers);
 }
 
 /** The shortest story of the first wrong answer to a command (a copy check's finding names no block). */
