@@ -9,7 +9,9 @@ import { sleep } from '../src/env/env';
 import { ManualEnv, SeededRandom } from '../src/env/manual';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../src/store/types';
 import { MemoryBackend } from './helpers/memory-backend';
+import type { Route } from '../src/routing/table';
 import { check, traceOf, type Violation } from './sim/checker';
+import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld, type RoutePut } from './sim/copies';
 import { decodeBlock, decodeBlocks, encodeBlock, encodeBlocks, History, type Op, type OpStart, type Outcome, type Seen } from './sim/history';
 import { recordSnapshot, Workload, type Geometry } from './sim/workload';
 
@@ -197,6 +199,7 @@ t.test('failed and unanswered writes may land any time later; what no write put 
   t.match(vs[5].message, `wrote volume (none)`);
   t.match(vs[0].message, `began after the read was answered`);
   t.match(vs[1].message, `did not write that lba`);
+  t.match(vs[2].message, `caw #${miscompared} (host 0 via p1, 22–23 ms, miscompare) answered MISCOMPARE, so it must have written nothing`);
 
   const g = new Script();
   const r = g.read({ lba: 8, blocks: 2, at: [0, 1], seen: [0, 'garbage'] });
@@ -323,6 +326,101 @@ t.test('snapshots: each block a read over the command, and the whole a consisten
   t.same(invariants(torn.vs), [`snapshot-cut@${torn.sa}/10`], 'a group cut holding B on b but not A on a');
   t.match(torn.vs[0].message, /snapshot #\d+ of b .* holds write #2 \(b\) .* but snapshot #\d+ of a .* holds at lba 10 zeros/);
   t.same(group(false, undefined).vs, [], 'two snapshots of their own are two cuts');
+});
+
+t.test('unmaps put zeros down: zeros are read right after one, stale after a write that followed it', async (t) => {
+  let s = new Script();
+  const w1 = s.write({ lba: 5, blocks: 2, at: [0, 1] });
+  const u = s.op('unmap', { lba: 5, at: [2, 3] }).id;
+  s.read({ lba: 5, blocks: 2, at: [4, 5], seen: [0, w1] });
+  t.same(s.check(), [], 'zeros where the unmap was, the write next to it');
+  let r = s.read({ lba: 5, blocks: 2, at: [4, 5], seen: [w1, w1] });
+  let vs = s.check();
+  t.same(invariants(vs), [`stale-read@${r}/5`], 'the write the unmap replaced: stale');
+  t.match(vs[0].message, `but unmap #${u} (host 0 via p1, 2–3 ms) was answered`);
+  const phantom = s.read({ lba: 5, at: [4, 5], seen: [u] });
+  t.same(invariants(s.check()).slice(-1), [`phantom-read@${phantom}/5`], 'a block naming an unmap: it puts zeros, not its id');
+
+  s = new Script();
+  s.op('unmap', { lba: 5, at: [0, 1] });
+  const w2 = s.write({ lba: 5, at: [2, 3], fua: true });
+  r = s.read({ lba: 5, at: [4, 5], seen: [0] });
+  vs = s.check();
+  t.same(invariants(vs), [`acknowledged-write-lost@${r}/5`], 'zeros after a durable write that followed the unmap: lost');
+  t.match(vs[0].message, /saw zeros \(unmap #1 .*\) at lba 5, but write #2/);
+  s = new Script();
+  s.write({ lba: 5, at: [0, 1], fua: true });
+  s.op('unmap', { lba: 5, at: [2, 3], fua: true });
+  s.crash(3.5);
+  s.read({ lba: 5, at: [4, 5], seen: [0] });
+  t.same(s.check(), [], 'zeros of the later durable unmap, though the initial zeros are hidden');
+  s = new Script();
+  s.op('unmap', { lba: 5, at: [2, 3], outcome: 'error' });
+  const w3 = s.write({ lba: 5, at: [0, 1] });
+  s.read({ lba: 5, at: [4, 5], seen: [0] });
+  t.same(s.check(), [], 'a failed unmap may have landed');
+  t.ok(w3 > 0);
+
+  s = new Script();
+  const w4 = s.write({ lba: 5, at: [0, 1] });
+  s.op('unmap', { lba: 5, at: [2, 3] });
+  const bad = s.op('caw', { lba: 5, at: [4, 5], outcome: 'miscompare', seen: [0] }).id;
+  s.op('caw', { lba: 5, at: [4, 5], outcome: 'miscompare', seen: [w4] });
+  t.same(invariants(s.check()), [`false-miscompare@${bad}/5`], 'a caw against the zeros an unmap put down, the only value then, must not miscompare');
+
+  const cut = (unmapped: boolean) => {
+    const s = new Script();
+    const a = s.write({ lba: 10, at: [1, 2] });
+    if (unmapped) s.op('unmap', { lba: 10, at: [2.2, 2.5] });
+    const b = s.write({ lba: 20, at: [3, 4] });
+    const seen: Seen[] = Array(32).fill(0);
+    seen[20] = b;
+    t.ok(a > 0);
+    return s.op('snapshot', { lba: 0, at: [0.5, 5], seen }) && invariants(s.check()).map((v) => v.split('@')[0]);
+  };
+  t.same(cut(true), [], 'a snapshot holding B and zeros where A was unmapped before B began: a cut');
+  t.same(cut(false), ['snapshot-cut'], 'the same snapshot with no unmap: not a cut');
+});
+
+t.test('copies: the route history, protection and convergence checks (copies.ts)', async (t) => {
+  const peers = ['p1', 'p2', 'p3'];
+  const put = (page: number, route: Route, atMs = 1): RoutePut => ({ volumeId: 'v', page, route, atMs });
+  const good = [
+    put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1'] }),
+    put(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }),
+    put(1, { owner: 'p3', version: 2 }),
+    put(0, { owner: 'p2', version: 4, copies: ['p2', 'p1'] }),
+  ];
+  t.same(checkRouteHistory(good, peers), [], 'epochs rising per page; owners first and in sync');
+  const kinds = (puts: RoutePut[]) => checkRouteHistory(puts, peers).map((f) => f.message.replace(/^.*\}: /, ''));
+  t.same(kinds([...good, put(0, { owner: 'p1', version: 4, copies: ['p1', 'p2'] })]), ['version 4 after version 4 (epochs must strictly increase)'], 'two records of one epoch');
+  t.same(kinds([put(2, { owner: 'p1', version: 1 })]), ['version 1 after version 1 (epochs must strictly increase)'], 'a record of the placed epoch');
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p2', 'p1'] })]), ['the owner p1 is not the first copy']);
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p2'] })]), ['the owner p1 is not in sync']);
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p1'] })]), ['a peer holds two of the copies']);
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1', 'p3'] })]), ['p3 is in sync but not a copy']);
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p9'] })]), ['p9 is not a peer of the group']);
+  t.equal(checkRouteHistory([put(0, { owner: 'p1', version: 3 }), put(0, { owner: 'p2', version: 2 })], peers)[0].invariant, 'route-history', 'an epoch going back');
+
+  const healthy: Route[] = [{ owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, { owner: 'p2', version: 5, copies: ['p2', 'p3'] }];
+  t.same(checkProtection('vol', healthy, 2), [], 'every page with its 2 copies in sync');
+  t.same(checkProtection('vol', [{ owner: 'p1', version: 1 }], 1), [], 'one copy asked, one held');
+  const degraded = checkProtection('vol', [...healthy, { owner: 'p3', version: 4, copies: ['p3', 'p1'], inSync: ['p3'] }, { owner: 'p1', version: 3 }], 2);
+  t.same(degraded.map((f) => f.invariant), ['under-replicated', 'under-replicated']);
+  t.match(degraded[0].message, 'page 2 of vol: only p3 of its copies p3, p1 in sync (v4)');
+  t.match(degraded[1].message, 'page 3 of vol has 1 copies (p1; v3), 2 asked');
+
+  const blocks = (...ids: number[]) => Buffer.concat(ids.map((id, i) => (id === 0 ? Buffer.alloc(bs) : encodeBlock(id, 100 + i, bs))));
+  const held = (m: Record<string, Buffer | string>): CopiesHeld => ({ page: 0, lba: 100, blocks: 3, held: new Map(Object.entries(m)) });
+  t.same(checkConvergence(held({ p1: blocks(7, 0, 9), p2: blocks(7, 0, 9), p3: blocks(7, 0, 9) }), bs), [], 'three equal copies');
+  const diverged = checkConvergence(held({ p1: blocks(7, 0, 9), p2: blocks(7, 8, 9), p3: blocks(7, 0, 0) }), bs);
+  t.same(diverged.map((f) => f.invariant), ['copies-diverge', 'copies-diverge'], 'each copy unlike the first');
+  t.match(diverged[0].message, 'in-sync copies p1 and p2 differ on 1 of blocks 100+3; first at lba 101: p1 holds zeros, p2 holds write #8');
+  t.match(diverged[1].message, 'first at lba 102: p1 holds write #9, p3 holds zeros');
+  const torn = blocks(7, 0, 9);
+  torn[bs * 2 + 3] ^= 1;
+  t.match(checkConvergence(held({ p1: blocks(7, 0, 9), p2: torn }), bs)[0]?.message ?? '', 'p2 holds garbage', 'one bit off');
+  t.match(checkConvergence(held({ p1: blocks(7, 0, 9), p2: 'no answer within 8000 ms' }), bs)[0]?.message ?? '', "p2's copy could not be read (no answer within 8000 ms)");
 });
 
 // The property. A disk with a volatile cache over a durable copy: writes land in the cache

@@ -9,7 +9,7 @@ import { simulate, type SimResult } from './sim/run';
 
 const seeds = Number(process.env.PEERSAN_SIM_SEEDS ?? 200);
 /** Seeds a control may take before it is caught (measured: 11, 26, 3 and 155 — see the README). */
-const controlSeedsMax: Record<string, number> = { 'single-copy-dual-write': 100, 'no-ownership-check': 200, 'no-barrier': 100, 'no-finish': 600 };
+const controlSeedsMax: Record<string, number> = { 'single-copy-dual-write': 100, 'no-ownership-check': 200, 'no-barrier': 100, 'no-finish': 600, 'early-ack': 100 };
 
 function summary(r: SimResult): string {
   const v = r.violations[0];
@@ -17,7 +17,7 @@ function summary(r: SimResult): string {
 }
 
 t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t) => {
-  const faults = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  const faults = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
   let bad = 0;
   for (let seed = 1; seed <= seeds; seed++) {
     const r = await simulate({ seed });
@@ -44,13 +44,13 @@ for (const [name, control] of controls) {
   t.test(`negative control ${name} is caught (${control.bug})`, async (t) => {
     let caught: SimResult | undefined;
     for (let seed = 1; seed <= controlSeedsMax[name] && !caught; seed++) {
-      const r = await simulate({ seed, protocols: control.protocols });
+      const r = await simulate({ seed, protocols: control.protocols, ...(control.replicas ? { replicas: control.replicas } : {}) });
       if (r.violations.length > 0) caught = r;
     }
     t.ok(caught, `caught within ${controlSeedsMax[name]} seeds`);
     if (!caught) return;
     t.comment(`caught by seed ${caught.seed}: ${caught.violations[0].invariant}`);
-    const again = await simulate({ seed: caught.seed, protocols: control.protocols, keepTrace: true });
+    const again = await simulate({ seed: caught.seed, protocols: control.protocols, ...(control.replicas ? { replicas: control.replicas } : {}), keepTrace: true });
     t.same(again.trace, caught.trace, 'the caught failure replays with the same trace');
   });
 }

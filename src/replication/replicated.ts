@@ -298,7 +298,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    * copies resyncing from us (best effort). `sent` follows the route as copies are dropped or a
    * newer epoch is learned; its `missed` gathers the copies that did not apply the change.
    */
-  private async toCopies(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
+  protected async toCopies(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
     const { self, volumeId } = this.o;
     const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;
     const resyncing = this.o.tracker.resyncing(volumeId, page).filter((p) => p !== self && !inSyncOf(sent.route).includes(p));

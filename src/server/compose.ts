@@ -32,7 +32,7 @@ import { VolumeProtection } from '../replication/admin';
 import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
-import { dropFromInSync } from '../replication/replicated';
+import { dropFromInSync, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { inSyncOf, staleCopiesOf, type Route } from '../routing/table';
@@ -55,6 +55,7 @@ export interface PeerProtocols {
   snapshots: typeof SnapshotService;
   migrator: typeof Migrator;
   movable: typeof MovableVolume;
+  replicated: typeof ReplicatedVolume;
 }
 
 export interface PeerWiring {
@@ -129,7 +130,7 @@ export interface PeerCore {
 
 export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const { self, env, log, transport } = w;
-  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, ...w.protocols };
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
   const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
@@ -147,7 +148,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
   core.targets = new VolumeTargets({
     self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, portGroups, snapshots: core.snapshotTargets,
-    link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable,
+    link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable, replicated: P.replicated,
     notifyReservations: async (notice) => {
       await Promise.all(w.groupPeers.filter((p) => p !== self).map((p) =>
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));

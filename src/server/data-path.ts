@@ -87,6 +87,8 @@ export interface DataPathOptions {
   stampLogBytesMax: number;
   /** The class of the moving-pages layer; the simulator's negative controls pass a variant. */
   movable?: typeof MovableVolume | undefined;
+  /** The class of the replicated layer; the simulator's negative controls pass a variant. */
+  replicated?: typeof ReplicatedVolume | undefined;
   /** Owner load per page (the load monitor's meter of the volume); default: not metered. */
   ownerMeter?: VolumeMeter | undefined;
   /** Wraps the host path above the gate (the console's per-volume I/O metrics); default: none. */
@@ -116,7 +118,7 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const { self, volumeId, table } = o;
   const stampLog = new StampLog(o.stored, o.clock, o.stampLogBytesMax);
   const movable = new (o.movable ?? MovableVolume)({ self, volumeId, table, raw: stampLog, link: o.link });
-  const replicated = new ReplicatedVolume({ ...o.replication, self, volumeId, table, local: movable, copy: stampLog, link: o.link, refresh: o.refresh, env: o.env });
+  const replicated = new (o.replicated ?? ReplicatedVolume)({ ...o.replication, self, volumeId, table, local: movable, copy: stampLog, link: o.link, refresh: o.refresh, env: o.env });
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
   const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}) });
   const gate = new VolumeGate(router, o.env, o.clock);

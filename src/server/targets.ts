@@ -74,6 +74,8 @@ export interface VolumeTargetsOptions {
   movable?: typeof MovableVolume;
   /** Ask `peer` to take over a page whose primary is unreachable (src/replication/failover.ts); the route it answers. */
   promote?(volumeId: string, peer: string, page: number, route: Route): Promise<Route>;
+  /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
+  replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
   replication: { tracker: ChangeTracker; guard: PrimaryGuard };
 }
@@ -183,6 +185,7 @@ export class VolumeTargets implements TargetDirectory {
       receiving: (page) => this.o.receiving(record.id, page),
       snapshot: (seq) => this.o.snapshots?.layer(record.id, seq),
       movable: this.o.movable,
+      replicated: this.o.replicated,
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
       promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),

@@ -12,6 +12,8 @@
 import { ConflictError, PeersanError } from '../../src/errors';
 import type { MetaRecord, MetaStore, WatchEvent } from '../../src/cluster/metastore';
 import type { SeededRandom } from '../../src/env/manual';
+import type { Route } from '../../src/routing/table';
+import type { RoutePut } from './copies';
 import type { PeerTimers, SimWorld } from './world';
 
 /** How long a catalog operation may take before the client gives up (etcd3's call deadline). */
@@ -25,9 +27,12 @@ interface Watcher {
 export class SimCatalog {
   private readonly records = new Map<string, MetaRecord>();
   private readonly clients = new Set<SimCatalogClient>();
-  private readonly cut = new Set<string>();
+  /** Peer → partitions from the catalog in force (a peer's own, its isolation; each heals its own). */
+  private readonly cut = new Map<string, number>();
   dropRate = 0;
   readonly counts = { partitions: 0, drops: 0 };
+  /** Every route record committed, in commit order: the history copies.ts checks (a route changes only by a put). */
+  readonly routePuts: RoutePut[] = [];
 
   constructor(readonly world: SimWorld, readonly random: SeededRandom) {}
 
@@ -39,14 +44,18 @@ export class SimCatalog {
 
   /** Cut (or reconnect) a peer from the catalog. */
   partition(peer: string, on: boolean): void {
-    if (on && !this.cut.has(peer)) this.counts.partitions++;
-    if (on) this.cut.add(peer);
-    else this.cut.delete(peer);
-    if (!on) for (const c of this.clients) if (c.peer === peer) c.resume();
+    const n = (this.cut.get(peer) ?? 0) + (on ? 1 : -1);
+    if (on && n === 1) this.counts.partitions++;
+    if (n > 0) return void this.cut.set(peer, n);
+    this.cut.delete(peer);
+    for (const c of this.clients) if (c.peer === peer) c.resume();
   }
 
   healAll(): void {
-    for (const p of [...this.cut]) this.partition(p, false);
+    for (const p of [...this.cut.keys()]) {
+      this.cut.set(p, 1);
+      this.partition(p, false);
+    }
   }
 
   reachable(peer: string): boolean {
@@ -71,6 +80,12 @@ export class SimCatalog {
     return r && copy(r);
   }
 
+  /** A page's route record, if its route ever changed (else the placement rule gives it). */
+  route(volumeId: string, page: number): Route | undefined {
+    const r = this.records.get(`${routePrefix}${volumeId}/${String(page).padStart(10, '0')}`);
+    return r && (JSON.parse(r.value.toString()) as Route);
+  }
+
   list(prefix: string): MetaRecord[] {
     return [...this.records.keys()].filter((k) => k.startsWith(prefix)).sort().map((k) => copy(this.records.get(k)!));
   }
@@ -80,6 +95,7 @@ export class SimCatalog {
     if ((current?.version ?? 0) !== expectedVersion) throw new ConflictError(`${key} changed (version ${current?.version ?? 0}, expected ${expectedVersion})`);
     const record = { key, value: Buffer.from(value), version: expectedVersion + 1 };
     this.records.set(key, record);
+    if (key.startsWith(routePrefix)) this.routePuts.push(routePut(key, value, this.world.now()));
     this.publish({ type: 'put', record: copy(record) }, key);
     return copy(record);
   }
@@ -99,6 +115,14 @@ export class SimCatalog {
     this.clients.delete(client);
   }
 
+}
+
+/** Where the catalog keeps page routes (src/cluster/catalog.ts): routes/<volume id>/<page, 10 digits>. */
+const routePrefix = 'routes/';
+
+function routePut(key: string, value: Buffer, atMs: number): RoutePut {
+  const [volumeId, page] = key.slice(routePrefix.length).split('/');
+  return { volumeId, page: Number(page), route: JSON.parse(value.toString()) as Route, atMs };
 }
 
 function copy(r: MetaRecord): MetaRecord {

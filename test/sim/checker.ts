@@ -10,7 +10,9 @@
 // before the read ended and that is not hidden at the read: hidden by a write that began after
 // it was answered and that stands (see `stands`: answered before the read began and not
 // possibly lost before the read was answered). The initial zeros are a write answered and
-// durable at -infinity. A COMPARE AND WRITE reads what it compared: when it succeeded, that
+// durable at -infinity, and an unmap writes zeros: so a block read as zeros may hold the initial
+// zeros or any unmap of it, and the read is right if one of them may be what it saw (the same for
+// what a COMPARE AND WRITE compared and a snapshot holds). A COMPARE AND WRITE reads what it compared: when it succeeded, that
 // must be a value a read could return; when it miscompared, some block must have had another
 // value it could return. A snapshot is a read over its command, and a consistent cut.
 //
@@ -47,6 +49,8 @@ const zeros: Write = { op: undefined, startRank: -Infinity, endRank: -Infinity, 
 /** The run's writes, indexed for the checks (ids are unique across volumes). */
 interface Index {
   writesById: Map<number, Write>;
+  /** Every op by id (what a block naming no write names). */
+  opsById: Map<number, Op>;
   /** blockKey(volume, lba) → the writes that cover that block. */
   writesByBlock: Map<string, Write[]>;
 }
@@ -109,7 +113,7 @@ function ranker(ops: readonly Op[], crashes: readonly Crash[]): (ms: number, seq
 
 function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => number, crashRanks: number[]): Index {
   const durableAfter = flushes(ops, rank);
-  const index: Index = { writesById: new Map(), writesByBlock: new Map() };
+  const index: Index = { writesById: new Map(), opsById: new Map(ops.map((op) => [op.id, op])), writesByBlock: new Map() };
   for (const op of ops) {
     if (!writes(op)) continue;
     const ok = op.outcome === 'ok' && op.endMs !== undefined && op.endSeq !== undefined;
@@ -126,9 +130,15 @@ function indexWrites(ops: readonly Op[], rank: (ms: number, seq: number) => numb
   return index;
 }
 
-/** Whether the op may have put its blocks down: writes and caws that did not miscompare. */
+/** Whether the op may have put its blocks down: writes, unmaps and caws that did not miscompare. */
 function writes(op: Op): boolean {
-  return (op.kind === 'write' || op.kind === 'caw') && op.outcome !== 'miscompare';
+  return (op.kind === 'write' || op.kind === 'caw' || op.kind === 'unmap') && op.outcome !== 'miscompare';
+}
+
+/** The writes that may have put value `seen` at `lba`: the write it names, or for zeros the initial zeros and every unmap of the block. */
+function writersOf(seen: number, volume: string | undefined, lba: number, index: Index): (Write | undefined)[] {
+  if (seen !== 0) return [index.writesById.get(seen)];
+  return [zeros, ...(index.writesByBlock.get(blockKey(volume, lba)) ?? []).filter((w) => w.op!.kind === 'unmap')];
 }
 
 /**
@@ -186,23 +196,28 @@ function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): voi
       out.push({ invariant: 'garbage', opId: op.id, lba, message: `${describe(op)} saw at lba ${lba} a block that is neither zeros nor one write's pattern for this lba (torn, misplaced or corrupt)` });
       return;
     }
-    const writer = seen === 0 ? zeros : index.writesById.get(seen);
-    const phantom = whyPhantom(writer, seen, op.volume, lba, read.end);
-    if (phantom) {
-      out.push({ invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${phantom}` });
-      return;
-    }
-    const newer = (index.writesByBlock.get(blockKey(op.volume, lba)) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
-    if (newer.length === 0) return;
-    const durable = newer.find((w2) => w2.durableRank < read.start);
-    const by = durable ?? newer[newer.length - 1];
-    out.push({
-      invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
-      opId: op.id,
-      lba,
-      message: `${describe(op)} saw ${seen === 0 ? 'zeros' : describe(writer!.op!)} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not durable when the read began)'}`,
-    });
+    // Right if any write that may have put the value there may be what the read saw; else say why not for the latest of them.
+    const verdicts = writersOf(seen, op.volume, lba, index).map((writer) => readVerdict(op, read, index, lba, seen, writer));
+    if (verdicts.some((v) => v === undefined)) return;
+    out.push(verdicts.filter((v) => v!.invariant !== 'phantom-read').pop() ?? verdicts[0]!);
   });
+}
+
+/** Why the read `op` cannot have seen `writer`'s value `seen` at `lba` (undefined: it can). */
+function readVerdict(op: Judged, read: Span, index: Index, lba: number, seen: number, writer: Write | undefined): Violation | undefined {
+  const phantom = whyPhantom(writer, seen, op.volume, lba, read.end);
+  if (phantom) return { invariant: 'phantom-read', opId: op.id, lba, message: `${describe(op)} saw write #${seen} at lba ${lba}, but ${miscompareOf(index.opsById.get(seen)) ?? phantom}` };
+  const newer = (index.writesByBlock.get(blockKey(op.volume, lba)) ?? []).filter((w2) => w2.startRank > writer!.endRank && stands(w2, read));
+  if (newer.length === 0) return undefined;
+  const durable = newer.find((w2) => w2.durableRank < read.start);
+  const by = durable ?? newer[newer.length - 1];
+  const what = writer!.op === undefined ? 'zeros' : writer!.op.kind === 'unmap' ? `zeros (${describe(writer!.op)})` : describe(writer!.op);
+  return {
+    invariant: durable ? 'acknowledged-write-lost' : 'stale-read',
+    opId: op.id,
+    lba,
+    message: `${describe(op)} saw ${what} at lba ${lba}, but ${describe(by.op!)} was answered after that and before the read began${durable ? ' and was durable by then' : ' (not durable when the read began)'}`,
+  };
 }
 
 /**
@@ -214,22 +229,30 @@ function checkReads(op: Judged, read: Span, index: Index, out: Violation[]): voi
 function checkMiscompare(op: Judged, read: Span, index: Index, out: Violation[]): void {
   const only = op.seen.every((seen, i) => {
     const lba = op.lba + i;
-    const writer = seen === 'garbage' ? undefined : seen === 0 ? zeros : index.writesById.get(seen);
-    if (writer === undefined || whyPhantom(writer, seen as number, op.volume, lba, read.end) !== undefined) return false;
+    if (seen === 'garbage') return false;
+    const same = writersOf(seen, op.volume, lba, index).filter((w) => w !== undefined && whyPhantom(w, seen, op.volume, lba, read.end) === undefined);
+    if (same.length === 0) return false;
     const writes = index.writesByBlock.get(blockKey(op.volume, lba)) ?? [];
     const newest = writes.reduce((r, w2) => (stands(w2, read) ? Math.max(r, w2.startRank) : r), -Infinity);
     const hidden = (w: Write) => w.endRank < newest;
     // (If the compared value is hidden, the newest write that stands is not: no need to ask.)
-    return [zeros, ...writes].every((w) => w === writer || w.startRank > read.end || hidden(w));
+    return [zeros, ...writes].every((w) => same.includes(w) || w.startRank > read.end || hidden(w));
   });
   if (!only) return;
   out.push({ invariant: 'false-miscompare', opId: op.id, lba: op.lba, message: `${describe(op)} compared against ${op.seen.map((s) => `#${s}`).join(', ')}, the only values its blocks could hold then` });
+}
+
+/** What to say of a block written by a caw that answered MISCOMPARE (undefined: `op` is no such caw). */
+function miscompareOf(op: Op | undefined): string | undefined {
+  if (op?.kind !== 'caw' || op.outcome !== 'miscompare') return undefined;
+  return `${describe(op)} answered MISCOMPARE, so it must have written nothing (a COMPARE AND WRITE sent again after its first attempt was applied?)`;
 }
 
 /** Why a read of `volume` ending at `readEnd` cannot have seen `writer` at `lba` (undefined: it can). */
 function whyPhantom(writer: Write | undefined, seen: number, volume: string | undefined, lba: number, readEnd: number): string | undefined {
   if (writer === undefined) return `no write or ok caw #${seen} exists`;
   if (writer.op === undefined) return undefined;
+  if (writer.op.kind === 'unmap' && seen !== 0) return `${describe(writer.op)} puts zeros down, not its id`;
   if ((writer.op.volume ?? '') !== (volume ?? '')) return `${describe(writer.op)} wrote volume ${writer.op.volume ?? '(none)'}`;
   if (lba < writer.op.lba || lba >= writer.op.lba + writer.op.blocks) return `${describe(writer.op)} did not write that lba`;
   if (writer.startRank > readEnd) return `${describe(writer.op)} began after the read was answered`;
@@ -245,16 +268,18 @@ function whyPhantom(writer: Write | undefined, seen: number, volume: string | un
 function checkCut(snaps: Judged[], rank: (ms: number, seq: number) => number, index: Index, out: Violation[]): void {
   const snapEnd = Math.max(...snaps.map((s) => rank(s.endMs, s.endSeq)));
   const byVolume = new Map(snaps.map((s) => [s.volume ?? '', s]));
+  // Zeros may be the initial ones or any unmap of the block: the one answered last is held (the
+  // most lenient choice), and a zero block never counts as the latest write held.
   const held = (snap: Judged, lba: number): Write | undefined => {
     const seen = snap.seen[lba - snap.lba];
     if (seen === undefined || seen === 'garbage') return undefined;
-    const w = seen === 0 ? zeros : index.writesById.get(seen);
-    return w && whyPhantom(w, seen, snap.volume, lba, snapEnd) === undefined ? w : undefined;
+    const possible = writersOf(seen, snap.volume, lba, index).filter((w): w is Write => w !== undefined && whyPhantom(w, seen, snap.volume, lba, snapEnd) === undefined);
+    return possible.reduce<Write | undefined>((best, w) => (!best || w.endRank > best.endRank ? w : best), undefined);
   };
   let latest: { w: Write; snap: Judged; lba: number } | undefined;
   for (const snap of snaps) {
-    snap.seen.forEach((_, i) => {
-      const w = held(snap, snap.lba + i);
+    snap.seen.forEach((seen, i) => {
+      const w = seen === 0 ? undefined : held(snap, snap.lba + i);
       if (w && w.op && (!latest || w.startRank > latest.w.startRank)) latest = { w, snap, lba: snap.lba + i };
     });
   }

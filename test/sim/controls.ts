@@ -4,12 +4,15 @@
 
 import type { PeerProtocols } from '../../src/server/compose';
 import { NoOwnershipCheck, SingleCopyDualWrite } from './controls/migration';
+import { EarlyAckReplication } from './controls/replication';
 import { NoBarrierSnapshots, NoFinishSnapshots } from './controls/snapshots';
 
 export interface Control {
   /** The bug, in a sentence, and which invariant must catch it. */
   bug: string;
   protocols: Partial<PeerProtocols>;
+  /** Copies per page of its runs' volume (default: drawn from the seed): a replication bug needs several. */
+  replicas?: number;
 }
 
 export const controls = new Map<string, Control>([
@@ -17,4 +20,5 @@ export const controls = new Map<string, Control>([
   ['no-ownership-check', { bug: 'an owner serves requests for a page it has given away (NoOwnershipCheck); caught by the read check', protocols: { movable: NoOwnershipCheck } }],
   ['no-barrier', { bug: 'barrier snapshots taken peer by peer: each peer prepares, freezes and releases before the next one prepares (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots } }],
   ['no-finish', { bug: 'timestamp snapshots skip FINISH: late writes stamped before the cut are left out (NoFinishSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoFinishSnapshots } }],
+  ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check or the convergence of in-sync copies', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
 ]);

@@ -3,14 +3,16 @@
 // administrator moving pages and taking snapshots, and the faults of the seed.
 //
 // A run has three phases:
-// 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers,
-//    partitions peers from each other and from the catalog, loses, delays and duplicates
-//    messages, stalls disks and skews clocks;
+// 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers
+//    (some kept down past the faults), partitions peers from each other and from the catalog
+//    (or one peer from both at once), loses, delays and duplicates messages, stalls disks and
+//    skews clocks;
 // 2. calm: faults stop (partitions healed, every peer restarted, disks fast), hosts go on for a
 //    while, then stop; the group must converge: every move ends, every peer's routes agree with
-//    the catalog, every host command ends;
-// 3. check: every block hosts touched is read back through every peer, every snapshot that was
-//    taken is read, and the history goes through the checker (checker.ts).
+//    the catalog, every page has its copies in sync, every host command ends;
+// 3. check: the route history and the copies of every page are checked (copies.ts), every block
+//    hosts touched is read back through every peer, every snapshot that was taken is read, and
+//    the history goes through the checker (checker.ts).
 
 import pino from 'pino';
 import type { Logger } from 'pino';
@@ -30,6 +32,10 @@ const silent: Logger = pino({ level: 'silent' });
 
 export interface FaultCounts {
   crashes: number;
+  /** Crashes that keep the peer down past the faults (calm does not restart it early). */
+  longKills: number;
+  /** A peer cut from the catalog and from every other peer at once. */
+  isolations: number;
   partitions: number;
   drops: number;
   reorders: number;
@@ -49,6 +55,8 @@ export class SimPeer implements Endpoint {
   store: PageStore | undefined;
   /** Set while the peer is down (crashed, not restarted yet). */
   down = false;
+  /** True time before which calm() leaves it down (a long kill restarts at its own time). */
+  heldUntilMs = 0;
   starting = false;
 
   constructor(readonly id: string, private readonly group: SimGroup, random: SeededRandom) {
@@ -159,7 +167,7 @@ export class SimGroup {
   readonly peers = new Map<string, SimPeer>();
   readonly peerIds: string[];
   readonly protocols: Partial<PeerProtocols> | undefined;
-  readonly counts: FaultCounts = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
   readonly trace: (line: string) => void;
 
   constructor(o: SimGroupOptions) {
@@ -201,12 +209,15 @@ export class SimGroup {
   /** Told of every crash of a peer (the history: writes not durable there may be gone). */
   noteCrash: (id: string) => void = () => undefined;
 
-  crash(id: string, downMs: number): void {
+  /** kill -9 and power loss of a peer, restarted `downMs` later; `held`: calm() does not restart it sooner. */
+  crash(id: string, downMs: number, held = false): void {
     const p = this.peers.get(id)!;
     if (p.down) return;
     this.counts.crashes++;
+    if (held) this.counts.longKills++;
+    p.heldUntilMs = held ? this.world.now() + downMs : 0;
     this.noteCrash(id);
-    this.trace(`${id} CRASH (down ${downMs.toFixed(0)} ms)`);
+    this.trace(`${id} CRASH (down ${downMs.toFixed(0)} ms${held ? ', kept down' : ''})`);
     p.crash();
     this.world.after(downMs, () => {
       if (p.down) {
@@ -214,6 +225,19 @@ export class SimGroup {
         void p.start();
       }
     });
+  }
+
+  /** Cut a peer from the catalog and from every other peer for `ms` (its hosts still reach it). */
+  isolate(id: string, ms: number): void {
+    const others = this.peerIds.filter((p) => p !== id);
+    this.counts.isolations++;
+    this.trace(`${id} ISOLATED from the catalog and the other peers for ${ms.toFixed(0)} ms`);
+    const cut = (on: boolean): void => {
+      for (const p of others) this.network.partition(id, p, on);
+      this.catalog.partition(id, on);
+    };
+    cut(true);
+    this.world.after(ms, () => cut(false));
   }
 
   skew(id: string, random: SeededRandom): void {
@@ -230,13 +254,13 @@ export class SimGroup {
     this.peers.get(id)!.media.stallUntil(this.world.now() + ms);
   }
 
-  /** Faults stop: partitions heal, messages flow, every down peer restarts. */
+  /** Faults stop: partitions heal, messages flow, every down peer restarts (a long kill at its own time). */
   calm(): void {
     this.network.faults = calmNetwork();
     this.network.healAll();
     this.catalog.dropRate = 0;
     this.catalog.healAll();
-    for (const p of this.peers.values()) if (p.down) void p.start();
+    for (const p of this.peers.values()) if (p.down && p.heldUntilMs <= this.world.now()) void p.start();
     this.trace('faults stop');
   }
 

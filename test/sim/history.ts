@@ -8,7 +8,8 @@
 // process (a write whose end was recorded before a read began was acknowledged before the
 // read was issued). So record an event when it happens, never afterwards.
 
-export type OpKind = 'write' | 'read' | 'caw' | 'flush' | 'snapshot';
+/** An unmap puts zeros down: a block a read finds zeros was never written, or unmapped. */
+export type OpKind = 'write' | 'read' | 'caw' | 'unmap' | 'flush' | 'snapshot';
 export type Outcome = 'ok' | 'error' | 'miscompare';
 /** What one block held: the id of the write that put it there, 0 for zeros, or 'garbage'. */
 export type Seen = number | 'garbage';

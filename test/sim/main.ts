@@ -1,11 +1,12 @@
-// `npm run sim -- --seeds N [--first S] [--seed S] [--steps K] [--control NAME] [--trace]`
+// `npm run sim -- --seeds N [--first S] [--seed S] [--steps K] [--replicas R] [--control NAME] [--trace]`
 //
 // Runs simulated groups (run.ts), one per seed, on every core (a worker process per core, each
 // taking every k-th seed), and prints what went wrong with the seed that replays it. The last
 // lines are the fault counts and `seeds N, violations V`. `--seed S` runs one seed and prints
 // its trace when it finds a violation (or always, with --trace): the same seed prints the
 // same trace. `--control NAME` runs a negative control (controls.ts): a protocol variant with a
-// known bug that the simulator must catch; its violations are the expected outcome.
+// known bug that the simulator must catch; its violations are the expected outcome. `--replicas R`
+// gives every run's volume R copies per page (default: drawn from the seed, run.ts drawReplicas).
 
 import { fork } from 'node:child_process';
 import { cpus } from 'node:os';
@@ -17,6 +18,7 @@ interface Args {
   first: number;
   seed?: number;
   steps?: number;
+  replicas?: number;
   control?: string;
   trace: boolean;
   worker?: { index: number; of: number };
@@ -35,12 +37,14 @@ function parse(argv: string[]): Args {
       case '--first': a.first = v(); break;
       case '--seed': a.seed = v(); break;
       case '--steps': a.steps = v(); break;
+      case '--replicas': a.replicas = v(); break;
       case '--control': a.control = argv[++i]; break;
       case '--trace': a.trace = true; break;
       case '--worker': a.worker = { index: v(), of: v() }; break;
-      default: throw new Error(`unknown option ${argv[i]} (--seeds N, --first S, --seed S, --steps K, --control NAME, --trace)`);
+      default: throw new Error(`unknown option ${argv[i]} (--seeds N, --first S, --seed S, --steps K, --replicas R, --control NAME, --trace)`);
     }
   }
+  if (a.replicas !== undefined && (a.replicas < 1 || a.replicas > 3)) throw new Error(`--replicas takes 1 to 3, not ${a.replicas}`);
   if (a.control !== undefined && !controls.has(a.control)) throw new Error(`no control "${a.control}"; controls: ${[...controls.keys()].join(', ')}`);
   return a;
 }
@@ -55,9 +59,16 @@ interface SeedReport {
 
 async function runSeed(a: Args, seed: number, withTrace: boolean): Promise<SeedReport> {
   const control = a.control === undefined ? undefined : controls.get(a.control)!;
-  const r = await simulateOrFail({ seed, ...(a.steps === undefined ? {} : { stepsMax: a.steps }), ...(control ? { protocols: control.protocols } : {}), keepTrace: withTrace });
+  const replicas = a.replicas ?? control?.replicas;
+  const r = await simulateOrFail({
+    seed, keepTrace: withTrace,
+    ...(a.steps === undefined ? {} : { stepsMax: a.steps }),
+    ...(replicas === undefined ? {} : { replicas }),
+    ...(control ? { protocols: control.protocols } : {}),
+  });
   const report: SeedReport = { seed, faults: r.faults, violations: r.violations.length };
-  if (r.violations.length > 0 || withTrace) report.text = describe(r, withTrace);
+  const flags = `${a.replicas === undefined ? '' : ` --replicas ${a.replicas}`}${a.control === undefined ? '' : ` --control ${a.control}`}`;
+  if (r.violations.length > 0 || withTrace) report.text = describe(r, withTrace, flags);
   return report;
 }
 
@@ -66,14 +77,14 @@ async function simulateOrFail(o: Parameters<typeof simulate>[0]): Promise<SimRes
   try {
     return await simulate(o);
   } catch (err) {
-    const none = { crashes: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
-    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0 };
+    const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0, replicas: o.replicas ?? 0 };
   }
 }
 
 /** The seed's report: its violations, then the trace up to the first of them. */
-function describe(r: SimResult, full: boolean): string {
-  const out = [`seed ${r.seed}: ${r.violations.length} violation(s); ${r.ops} host commands, ${r.moves.committed} moves committed, ${r.moves.cancelled} cancelled, ${r.snapshots} snapshots, ${r.steps} steps`];
+function describe(r: SimResult, full: boolean, flags: string): string {
+  const out = [`seed ${r.seed}: ${r.violations.length} violation(s); ${r.replicas} ${r.replicas === 1 ? 'copy' : 'copies'} per page, ${r.ops} host commands, ${r.moves.committed} moves committed, ${r.moves.cancelled} cancelled, ${r.snapshots} snapshots, ${r.steps} steps`];
   for (const v of r.violations.slice(0, 10)) out.push(`  ${v.invariant}: ${v.message}`);
   if (r.violations.length > 10) out.push(`  … and ${r.violations.length - 10} more`);
   if (r.story.length > 0) {
@@ -90,12 +101,12 @@ function describe(r: SimResult, full: boolean): string {
     out.push(`  trace${from > 0 ? ` (the last ${upTo - from} events before the violation)` : ''}:`);
     for (const l of r.trace.slice(from, upTo)) out.push(`    ${l}`);
   }
-  out.push(`  replay: npm run sim -- --seed ${r.seed}${r.violations.length > 0 ? '' : ' --trace'}`);
+  out.push(`  replay: npm run sim -- --seed ${r.seed}${flags}${r.violations.length > 0 ? '' : ' --trace'}`);
   return out.join('\n');
 }
 
 const faultLines: [keyof SimResult['faults'], string][] = [
-  ['crashes', 'crashes'], ['partitions', 'partitions'], ['drops', 'drops'], ['reorders', 'reorders'],
+  ['crashes', 'crashes'], ['longKills', 'long kills'], ['isolations', 'isolations'], ['partitions', 'partitions'], ['drops', 'drops'], ['reorders', 'reorders'],
   ['duplicates', 'duplicates'], ['diskStalls', 'disk stalls'], ['skews', 'skews'],
 ];
 
@@ -115,7 +126,7 @@ async function main(): Promise<void> {
   const workers = Math.max(1, Math.min(cpus().length, a.seeds));
   const reports: SeedReport[] = [];
   await Promise.all(Array.from({ length: workers }, (_, index) => new Promise<void>((resolve, reject) => {
-    const args = ['--worker', String(index), String(workers), '--seeds', String(a.seeds), '--first', String(a.first), ...(a.steps === undefined ? [] : ['--steps', String(a.steps)]), ...(a.control === undefined ? [] : ['--control', a.control])];
+    const args = ['--worker', String(index), String(workers), '--seeds', String(a.seeds), '--first', String(a.first), ...(a.steps === undefined ? [] : ['--steps', String(a.steps)]), ...(a.replicas === undefined ? [] : ['--replicas', String(a.replicas)]), ...(a.control === undefined ? [] : ['--control', a.control])];
     const child = fork(__filename, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     child.on('message', (r: SeedReport) => {
       reports.push(r);

@@ -49,7 +49,8 @@ export interface Endpoint {
 export class SimNetwork {
   readonly counts = { drops: 0, duplicates: 0, reorders: 0, partitions: 0, messages: 0 };
   faults: NetworkFaults = calmNetwork();
-  private readonly cut = new Set<string>();
+  /** Pair → partitions of it in force (they overlap: a pair's and a peer's isolation; each heals its own). */
+  private readonly cut = new Map<string, number>();
   /** Per direction: the sequence number of the next message sent, and the highest delivered. */
   private readonly sent = new Map<string, number>();
   private readonly delivered = new Map<string, number>();
@@ -63,8 +64,9 @@ export class SimNetwork {
 
   partition(a: string, b: string, on: boolean): void {
     const k = [a, b].sort().join('|');
-    if (on && !this.cut.has(k)) this.counts.partitions++;
-    if (on) this.cut.add(k);
+    const n = (this.cut.get(k) ?? 0) + (on ? 1 : -1);
+    if (on && n === 1) this.counts.partitions++;
+    if (n > 0) this.cut.set(k, n);
     else this.cut.delete(k);
   }
 

@@ -1,11 +1,15 @@
-// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them,
-// hosts, an administrator and the seed's faults; then calm, convergence and the checks.
-// Everything the run does is drawn from the seed, so `simulate({ seed })` twice gives the same
-// trace, line for line.
+// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them
+// with 1–3 copies of each page, hosts, an administrator and the seed's faults; then calm,
+// convergence and the checks. Everything the run does is drawn from the seed, so
+// `simulate({ seed })` twice gives the same trace, line for line.
 
+import { defaultReplicas } from '../../src/cluster/catalog';
+import type { SeededRandom } from '../../src/env/manual';
+import { copiesOf, inSyncOf, type Route } from '../../src/routing/table';
 import type { PeerProtocols } from '../../src/server/compose';
 import type { BlockBackend } from '../../src/store/types';
 import { check, traceOf, type Violation } from './checker';
+import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld } from './copies';
 import { SimGroup, type FaultCounts } from './group';
 import type { Endpoint } from './network';
 import { History, decodeBlocks, type Op } from './history';
@@ -18,6 +22,8 @@ export interface SimOptions {
   stepsMax?: number;
   /** A protocol variant with a known bug (test/sim/controls). */
   protocols?: Partial<PeerProtocols>;
+  /** Copies per page of the volume (1-3); default: drawn from the seed (drawReplicas). */
+  replicas?: number;
   /** Keep the trace (always kept when a violation is found). */
   keepTrace?: boolean;
   /** Debugging: look at the group once it has converged, before the checks. */
@@ -36,6 +42,8 @@ export interface SimResult {
   ops: number;
   moves: { committed: number; cancelled: number };
   snapshots: number;
+  /** Copies per page the run's volume asked for. */
+  replicas: number;
 }
 
 const volume = 'vol';
@@ -47,6 +55,12 @@ const faultMs = 3_000;
 const calmHostsMs = 500;
 /** Once calm: every host command, move and catalog change must have settled within this. */
 const convergeMsMax = 60_000;
+/**
+ * And then stayed settled this long before the copies are compared: a new primary reconciles
+ * just after its compare-and-swap, a restarted peer steps out of the in-sync set of its suspect
+ * pages just after it starts (DESIGN.md 10); either unsettles the group again.
+ */
+const steadyMs = 1_000;
 /** A host gives a command up after this (an initiator's command timeout) and retries elsewhere. */
 const hostCommandMsMax = 8_000;
 
@@ -56,6 +70,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const trace = (line: string): void => void lines.push(line);
   const rnd = world.fork();
   const peers = 3 + rnd.int(3);
+  const replicas = o.replicas ?? drawReplicas(rnd, peers);
   const group = new SimGroup({ world, peers, trace, ...(o.protocols ? { protocols: o.protocols } : {}) });
   const stepsMax = o.stepsMax ?? Number.MAX_SAFE_INTEGER;
   const history = new History(() => world.now());
@@ -65,8 +80,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     trace(`VIOLATION ${invariant}: ${message}`);
   };
 
-  await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes });
-  trace(`booted ${peers} peers; volume ${volume} (${pages} pages)`);
+  await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes, replicas });
+  trace(`booted ${peers} peers; volume ${volume} (${pages} pages, ${replicas} ${replicas === 1 ? 'copy' : 'copies'} of each)`);
 
   // ---- hosts --------------------------------------------------------------------------------
   const workload = new Workload(world.fork(), { blockCount: pages * pageBlocks, pageBlocks, blockBytes });
@@ -174,23 +189,32 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     const ids = group.peerIds;
     const id = ids[faultRnd.int(ids.length)];
     const x = faultRnd.float();
-    if (x < 0.2) {
+    if (x < 0.17) {
       // Usually one peer down at a time (with one copy per page, more is mostly more errors);
       // one crash in four may take a second peer down meanwhile (a move's source and
       // destination both restarting).
       if (group.up().length === ids.length || (group.up().length === ids.length - 1 && faultRnd.float() < 0.25)) group.crash(id, 50 + faultRnd.float() * 1_500);
-    } else if (x < 0.4) {
+    } else if (x < 0.21) {
+      // Killed and kept down past the leases (its in-sync copies take over and go on without
+      // it), into the calm: it comes back to resync what changed meanwhile.
+      if (group.up().length === ids.length) group.crash(id, 1_500 + faultRnd.float() * 3_500, true);
+    } else if (x < 0.38) {
       const other = ids.filter((p) => p !== id)[faultRnd.int(ids.length - 1)];
       const ms = 20 + faultRnd.float() * 800;
       trace(`partition ${id} | ${other} for ${ms.toFixed(0)} ms`);
       group.network.partition(id, other, true);
       world.after(ms, () => group.network.partition(id, other, false));
-    } else if (x < 0.5) {
+    } else if (x < 0.45) {
       const ms = 20 + faultRnd.float() * 800;
       trace(`partition ${id} | catalog for ${ms.toFixed(0)} ms`);
       group.catalog.partition(id, true);
       world.after(ms, () => group.catalog.partition(id, false));
-    } else if (x < 0.75) {
+    } else if (x < 0.49) {
+      // Cut off from everything but its hosts, often past its leases: as a primary it must stop
+      // serving reads before another copy takes over, and its hosts' writes must fail (it can
+      // neither reach its copies nor drop them from the in-sync set).
+      group.isolate(id, 300 + faultRnd.float() * 2_200);
+    } else if (x < 0.74) {
       group.stallDisk(id, 5 + faultRnd.float() * 300);
     } else {
       group.skew(id, faultRnd);
@@ -234,8 +258,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const calmAt = world.now();
   const settled = (): boolean =>
     inFlight === 0 && adminInFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
-    routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0;
-  await world.run(calmAt + convergeMsMax, stepsMax, settled);
+    routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0 && protection(group, volume).length === 0;
+  await settle(world, calmAt + convergeMsMax, stepsMax, settled);
   if (world.steps < stepsMax) {
     if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
     if (adminInFlight > 0) fail('admin-command-stuck', `${adminInFlight} admin command(s) (move, snapshot, rebalance) still unanswered ${convergeMsMax} ms after the faults stopped`);
@@ -252,12 +276,23 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   // ---- check ----------------------------------------------------------------------------------
   await o.inspect?.(group, (p) => drive(world, p, stepsMax));
   const ranges = touched(history.ops);
-  if (violations.length === 0 && world.steps < stepsMax) {
+  // The group settled: its snapshots are read below (else they may not be readable yet).
+  const settledOk = violations.length === 0 && world.steps < stepsMax;
+  for (const f of checkRouteHistory(group.catalog.routePuts, group.peerIds)) fail(f.invariant, f.message);
+  // With every peer up and no host command running, whatever else went wrong: every page has the
+  // copies asked for, all in sync (resync finished); its in-sync copies hold the same blocks (read
+  // below the data path, before the read-back: a read may drop a copy whose lease ran out); and
+  // what hosts wrote is read back through every peer (a read that fails is judged as no answer).
+  if (inFlight === 0 && group.up().length === group.peerIds.length && world.steps < stepsMax) {
+    for (const f of protection(group, volume)) fail(f.invariant, `${f.message}, ${convergeMsMax} ms after the faults stopped`);
+    for (const held of await readCopies(world, group, volume, ranges, stepsMax)) for (const f of checkConvergence(held, blockBytes)) fail(f.invariant, f.message);
     for (const p of group.up()) {
       const path = group.hostPath(p.id, volume);
       if (!path) fail('volume-not-open', `${p.id} is up but has not opened volume ${volume}`);
       else for (const r of ranges) await readBack(world, history, p.id, path, r, stepsMax);
     }
+  }
+  if (settledOk) {
     for (const s of snapshotOps) {
       const reader = group.core(s.peer)?.snapshotTargets.reader(volume, s.name);
       if (!reader) {
@@ -282,9 +317,82 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const cancelled = group.up().reduce((n, p) => n + p.core()!.migrator.counters.cancelled, 0);
   return {
     seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
-    story: violations[0]?.lba !== undefined ? traceOf(history, violations[0]) : [],
-    ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length,
+    story: storyOf(history, violations),
+    ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length, replicas,
   };
+}
+
+/**
+ * Copies per page of the run's volume: 1-3, mostly 2 — once the replicated data path is complete,
+ * which the catalog's default says (2 for a volume spread over peers; 1 until then, DESIGN.md 10):
+ * before, a volume of 2 copies is not replicated, and `--replicas 2` shows the checks catching it.
+ */
+function drawReplicas(rnd: SeededRandom, peers: number): number {
+  if (defaultReplicas(peers) === 1) return 1;
+  const x = rnd.float();
+  return x < 0.15 ? 1 : x < 0.75 ? 2 : Math.min(3, peers);
+}
+
+/** The shortest story of the first wrong answer to a command (a copy check's finding names no block). */
+function storyOf(history: History, violations: readonly Violation[]): string[] {
+  const first = violations.find((v) => v.lba !== undefined);
+  return first ? traceOf(history, first) : [];
+}
+
+/** Run until `settled` holds and has held for steadyMs (or the deadline, or the steps, run out). */
+async function settle(world: SimWorld, deadline: number, stepsMax: number, settled: () => boolean): Promise<void> {
+  for (;;) {
+    await world.run(deadline, stepsMax, settled);
+    if (!settled() || world.steps >= stepsMax) return;
+    await world.run(Math.min(deadline, world.now() + steadyMs), stepsMax, () => !settled());
+    if (settled() || world.now() >= deadline) return;
+  }
+}
+
+/** Every page's route as the catalog has it (its record, or the placement rule), and the copies it should have. */
+function catalogRoutes(group: SimGroup, volume: string): { routes: Route[]; want: number } | undefined {
+  const core = group.up()[0]?.core();
+  const v = core?.catalog.volume(volume);
+  if (!core || !v) return undefined;
+  const table = core.catalog.routes(v);
+  return { routes: Array.from({ length: pages }, (_, page) => group.catalog.route(v.id, page) ?? table.placed(page)), want: table.copyCount };
+}
+
+function protection(group: SimGroup, volume: string): ReturnType<typeof checkProtection> {
+  const c = catalogRoutes(group, volume);
+  return c ? checkProtection(volume, c.routes, c.want) : [];
+}
+
+/** Each touched range, cut at page boundaries, as every in-sync copy of its page holds it in its store (below the data path). */
+async function readCopies(world: SimWorld, group: SimGroup, volume: string, ranges: readonly { lba: number; blocks: number }[], stepsMax: number): Promise<CopiesHeld[]> {
+  const c = catalogRoutes(group, volume);
+  const volumeId = group.up()[0]?.core()?.catalog.volume(volume)?.id;
+  if (!c || !volumeId) return [];
+  const out: CopiesHeld[] = [];
+  for (const part of ranges.flatMap((r) => splitAtPages(r.lba, r.blocks))) {
+    const inSync = inSyncOf(c.routes[part.page]);
+    if (inSync.length < 2) continue;
+    const held = new Map<string, Buffer | string>();
+    for (const peer of inSync) {
+      const store = group.core(peer)?.targets.stored(volumeId);
+      let reason = 'its store of the volume is not open';
+      const data = store && (await drive(world, store.read(part.lba, part.blocks), stepsMax, (why) => (reason = why)));
+      held.set(peer, data ?? reason);
+    }
+    out.push({ ...part, held });
+  }
+  return out;
+}
+
+function splitAtPages(lba: number, blocks: number): { page: number; lba: number; blocks: number }[] {
+  const out: { page: number; lba: number; blocks: number }[] = [];
+  for (let at = lba; at < lba + blocks; ) {
+    const page = Math.floor(at / pageBlocks);
+    const n = Math.min(lba + blocks - at, (page + 1) * pageBlocks - at);
+    out.push({ page, lba: at, blocks: n });
+    at += n;
+  }
+  return out;
 }
 
 /**
@@ -328,10 +436,10 @@ async function readBack(world: SimWorld, history: History, peer: string, backend
   else history.end(rec, 'error');
 }
 
-/** Every extent a write or caw touched, merged, in pieces of at most 256 blocks. */
+/** Every extent a write, caw or unmap touched, merged, in pieces of at most 256 blocks. */
 function touched(ops: readonly Op[]): { lba: number; blocks: number }[] {
   const marks = new Set<number>();
-  for (const op of ops) if (op.kind === 'write' || op.kind === 'caw') for (let i = 0; i < op.blocks; i++) marks.add(op.lba + i);
+  for (const op of ops) if (op.kind === 'write' || op.kind === 'caw' || op.kind === 'unmap') for (let i = 0; i < op.blocks; i++) marks.add(op.lba + i);
   const lbas = [...marks].sort((a, b) => a - b);
   const out: { lba: number; blocks: number }[] = [];
   for (const lba of lbas) {
@@ -350,14 +458,20 @@ function routesAgree(group: SimGroup, volume: string): string | undefined {
   });
   if (tables.length === 0) return undefined;
   for (let page = 0; page < pages; page++) {
-    const views = tables.map(({ id, table }) => `${id}:${table.route(page).owner}@${table.route(page).version}`);
-    const record = group.catalog.get(`routes/${tables[0].volumeId}/${String(page).padStart(10, '0')}`);
-    const route = record && (JSON.parse(record.value.toString()) as { owner: string; version: number });
-    const catalog = route && `${route.owner}@${route.version}`;
+    const views = tables.map(({ id, table }) => `${id}:${routeText(table.route(page))}`);
+    const route = group.catalog.route(tables[0].volumeId, page);
+    const catalog = route && routeText(route);
     const seen = new Set(views.map((x) => x.split(':')[1]));
     if (seen.size > 1 || (catalog !== undefined && !seen.has(catalog))) return `page ${page}: the peers disagree on its route (${views.join(', ')}; catalog ${catalog ?? 'no record'})`;
   }
   return undefined;
+}
+
+/** owner@version, and the copies when there are several: [primary, …] with the stale ones marked. */
+function routeText(r: Route): string {
+  const copies = copiesOf(r);
+  const inSync = inSyncOf(r);
+  return copies.length === 1 ? `${r.owner}@${r.version}` : `${r.owner}@${r.version}[${copies.map((p) => (inSync.includes(p) ? p : `${p}(stale)`)).join(',')}]`;
 }
 
 function describeOp(op: HostOp): string {

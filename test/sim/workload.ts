@@ -1,6 +1,7 @@
 // What the simulator's hosts do (issue 16): each host runs one command at a time (closed
 // loop), drawn here from a seeded Random: mostly small writes, some FUA, reads, COMPARE AND
-// WRITEs against what the host last knew of those blocks (so some miscompare), and
+// WRITEs against what the host last knew of those blocks (so some miscompare), UNMAPs (and WRITE
+// SAME with UNMAP, the same request below the SCSI layer: the blocks read as zeros after) and
 // SYNCHRONIZE CACHE. Most land on a few hot regions around page boundaries, so requests
 // cross pages and hosts collide on the same blocks; the rest anywhere on the volume.
 //
@@ -23,8 +24,9 @@ export interface Mix {
   write: number;
   read: number;
   caw: number;
+  unmap: number;
   flush: number;
-  /** Share of writes and caws sent with FUA. */
+  /** Share of writes, caws and unmaps sent with FUA. */
   fuaShare: number;
   /** Share of commands outside the hot regions. */
   coldShare: number;
@@ -36,9 +38,10 @@ export interface Mix {
 }
 
 export const defaultMix: Mix = {
-  write: 45,
+  write: 41,
   read: 35,
   caw: 10,
+  unmap: 4,
   flush: 10,
   fuaShare: 0.2,
   coldShare: 0.1,
@@ -48,7 +51,7 @@ export const defaultMix: Mix = {
   cawBlocksMax: 4,
 };
 
-export type HostOpKind = 'write' | 'read' | 'caw' | 'flush';
+export type HostOpKind = 'write' | 'read' | 'caw' | 'unmap' | 'flush';
 
 /** A command drawn for a host, not yet run. */
 export interface HostOp {
@@ -122,6 +125,10 @@ export class Workload {
         history.end(rec, r.ok ? 'ok' : 'miscompare', compared);
         return r.ok ? this.learn(host, lba, Array(blocks).fill(rec.id)) : this.forget(host, lba, blocks);
       }
+      case 'unmap':
+        await backend.unmap(lba, blocks, { fua });
+        history.end(rec, 'ok');
+        return this.learn(host, lba, Array(blocks).fill(0));
       default:
         await backend.flush();
         history.end(rec, 'ok');
@@ -129,9 +136,9 @@ export class Workload {
   }
 
   private drawKind(): HostOpKind {
-    const { write, read, caw, flush } = this.mix;
-    let x = this.random.float() * (write + read + caw + flush);
-    for (const [kind, weight] of [['write', write], ['read', read], ['caw', caw]] as const) {
+    const { write, read, caw, unmap, flush } = this.mix;
+    let x = this.random.float() * (write + read + caw + unmap + flush);
+    for (const [kind, weight] of [['write', write], ['read', read], ['caw', caw], ['unmap', unmap]] as const) {
       if (x < weight) return kind;
       x -= weight;
     }

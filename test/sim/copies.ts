@@ -1,0 +1,106 @@
+// The simulator's checks of the copies of each page (issue 17, DESIGN.md 10), beside the host
+// history's checks (checker.ts). Pure: plain data in, findings out; run.ts gathers the data once
+// the group has settled.
+//
+// - The route history: every route record the catalog took (SimCatalog.routePuts, in commit
+//   order). Per page the versions (epochs) strictly increase from the placed route's 1; in each
+//   record the owner is the first copy and in the in-sync set, the in-sync set is a subset of the
+//   copies, and the copies are distinct peers of the group. Catalog.casRoute asserts as much
+//   before it writes; this catches any other writer, and a catalog that lets two writers win.
+// - Protection: once every peer is up and calm has lasted, every page has the copies its volume
+//   asks for (min(replicas, peers)) and every copy is in sync (resync finished).
+// - Convergence: then every in-sync copy's store (below the data path) holds the same blocks.
+//   The blocks hosts never touched are zeros everywhere; run.ts reads the touched ones.
+
+import { copiesOf, initialRouteVersion, inSyncOf, type Route } from '../../src/routing/table';
+import { decodeBlock } from './history';
+
+export type CopyInvariant = 'route-history' | 'under-replicated' | 'copies-diverge';
+
+export interface CopyFinding {
+  invariant: CopyInvariant;
+  message: string;
+}
+
+/** One route record as the catalog committed it. */
+export interface RoutePut {
+  volumeId: string;
+  page: number;
+  route: Route;
+  atMs: number;
+}
+
+export function checkRouteHistory(puts: readonly RoutePut[], groupPeers: readonly string[]): CopyFinding[] {
+  const out: CopyFinding[] = [];
+  const last = new Map<string, number>();
+  for (const p of puts) {
+    const key = `${p.volumeId}/${p.page}`;
+    const before = last.get(key) ?? initialRouteVersion;
+    const at = `page ${p.page} of volume ${p.volumeId} at ${p.atMs.toFixed(3)} ms: ${JSON.stringify(p.route)}`;
+    if (!(p.route.version > before)) out.push({ invariant: 'route-history', message: `${at}: version ${p.route.version} after version ${before} (epochs must strictly increase)` });
+    last.set(key, Math.max(before, p.route.version));
+    const bad = routeFault(p.route, groupPeers);
+    if (bad) out.push({ invariant: 'route-history', message: `${at}: ${bad}` });
+  }
+  return out;
+}
+
+/** What is wrong with one route record, if anything. */
+export function routeFault(r: Route, groupPeers: readonly string[]): string | undefined {
+  const copies = copiesOf(r);
+  const inSync = inSyncOf(r);
+  if (copies[0] !== r.owner) return `the owner ${r.owner} is not the first copy`;
+  if (!inSync.includes(r.owner)) return `the owner ${r.owner} is not in sync`;
+  if (new Set(copies).size !== copies.length) return `a peer holds two of the copies`;
+  if (new Set(inSync).size !== inSync.length) return `a peer is twice in the in-sync set`;
+  const outside = inSync.find((p) => !copies.includes(p));
+  if (outside) return `${outside} is in sync but not a copy`;
+  const stranger = copies.find((p) => !groupPeers.includes(p));
+  if (stranger) return `${stranger} is not a peer of the group`;
+  return undefined;
+}
+
+/** Pages (route per page, in page order) with fewer copies than `want`, or with copies not in sync. */
+export function checkProtection(volume: string, routes: readonly Route[], want: number): CopyFinding[] {
+  const out: CopyFinding[] = [];
+  routes.forEach((r, page) => {
+    const copies = copiesOf(r);
+    const inSync = inSyncOf(r);
+    if (copies.length < want) out.push({ invariant: 'under-replicated', message: `page ${page} of ${volume} has ${copies.length} copies (${copies.join(', ')}; v${r.version}), ${want} asked` });
+    else if (inSync.length < copies.length) out.push({ invariant: 'under-replicated', message: `page ${page} of ${volume}: only ${inSync.join(', ')} of its copies ${copies.join(', ')} in sync (v${r.version})` });
+  });
+  return out;
+}
+
+/** Blocks [lba, lba + blocks) of one page as each of its in-sync copies' stores holds them. */
+export interface CopiesHeld {
+  page: number;
+  lba: number;
+  blocks: number;
+  /** Peer → its store's bytes of the range; undefined: that copy could not be read (what went wrong). */
+  held: ReadonlyMap<string, Buffer | string>;
+}
+
+/** Every copy equal to the first one: at most one finding per range (its first differing block, and how many differ). */
+export function checkConvergence(c: CopiesHeld, blockBytes: number): CopyFinding[] {
+  const entries = [...c.held];
+  const unread = entries.filter(([, b]) => typeof b === 'string');
+  if (unread.length > 0) return [{ invariant: 'copies-diverge', message: `page ${c.page}, blocks ${c.lba}+${c.blocks}: ${unread.map(([p, why]) => `${p}'s copy could not be read (${why as string})`).join('; ')}` }];
+  const [[first, a], ...rest] = entries as [string, Buffer][];
+  const out: CopyFinding[] = [];
+  for (const [peer, b] of rest) {
+    const differ: number[] = [];
+    for (let i = 0; i < c.blocks; i++) if (!a.subarray(i * blockBytes, (i + 1) * blockBytes).equals(b.subarray(i * blockBytes, (i + 1) * blockBytes))) differ.push(i);
+    if (differ.length === 0) continue;
+    const i = differ[0];
+    const lba = c.lba + i;
+    const what = (buf: Buffer): string => describeBlock(buf.subarray(i * blockBytes, (i + 1) * blockBytes), lba);
+    out.push({ invariant: 'copies-diverge', message: `page ${c.page}: in-sync copies ${first} and ${peer} differ on ${differ.length} of blocks ${c.lba}+${c.blocks}; first at lba ${lba}: ${first} holds ${what(a)}, ${peer} holds ${what(b)}` });
+  }
+  return out;
+}
+
+function describeBlock(block: Buffer, lba: number): string {
+  const seen = decodeBlock(block, lba);
+  return seen === 0 ? 'zeros' : seen === 'garbage' ? 'garbage' : `write #${seen}`;
+}
