@@ -127,7 +127,7 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     await page.fill('#create-form input[name=chapSecret]', chapSecret);
     await page.click('#create-form button[type=submit]');
     await page.waitForSelector('#volumes tr[data-volume="web"]');
-    t.match(await page.locator('#create-result').innerText(), /created web \(128 MiB\) on p1, p2, p3/);
+    t.match(await page.locator('#create-result').innerText(), /created web \(128 MiB, \d cop(y|ies) of each page\) on p1, p2, p3/);
     t.match(await page.locator('#volumes tr[data-volume="web"]').innerText(), /128 MiB[\s\S]*p1, p2, p3[\s\S]*any initiator, CHAP/);
     t.equal(await page.locator('#create-form input[name=chapSecret]').inputValue(), '', 'the secret field is cleared');
     t.notMatch(await page.content(), chapSecret, 'the secret is nowhere in the page');
