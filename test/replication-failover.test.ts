@@ -462,6 +462,24 @@ t.test('router: the new route may come from the catalog watch instead of the ans
   t.ok(env.clock.monotonicMs() < failoverWaitMsMax, 'retried as soon as the route was learned, not at the bound');
 });
 
+t.test('router: a takeover learned while the send to the old primary waited (acceptance 5): retried on the new primary, nobody asked', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  // p1 cut off: its answer never comes; the link gives up at its deadline. Meanwhile p2 took the page over.
+  const silent: BlockSender = { send: () => new Promise((_, reject) => env.timers.setTimeout(() => reject(new PeerUnavailableError('p1', 'no answer in 5000 ms', true)), 5_000)) };
+  const asked: string[] = [];
+  const router = routerOf(env, table, { p1: silent, p2: p2Link }, async (peer) => {
+    asked.push(peer);
+    throw new PeerUnavailableError(peer, 'not asked in this test', false);
+  });
+  const write = router.write(0, data);
+  await env.run(1_500);
+  table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
+  await env.run(4_000);
+  await write;
+  t.same(asked, [], 'the table already names the new primary: no promote asked');
+});
+
 t.test('router: single-copy pages fail at once as before; a failover that never comes fails after the bounded retries', async (t) => {
   const env = new ManualEnv();
   let asked = 0;

@@ -21,7 +21,7 @@ import { createServer, Socket, type Server } from 'node:net';
 import { join } from 'node:path';
 import { openSession, type RawIscsi } from './helpers/fuzz-iscsi';
 import { peerPorts, qemuImg, startEtcd, startPeers, type TestPeer } from './helpers/processes';
-import { identical, Ledger, pageCopies, protectionOf, quietGroup, replicatedTestSkip, verifiedWrite, verifyLedger, waitProtection, writeIn, type PageCopies, type SlotGeometry } from './helpers/replicas';
+import { identical, Ledger, pageCopies, protectionOf, quietGroup, replicatedTestSkip, retryingUnitAttention, verifiedWrite, verifyLedger, waitProtection, writeIn, type PageCopies, type SlotGeometry } from './helpers/replicas';
 import { catalogLink, ProxyMesh, TcpProxy } from './helpers/tcp-proxy';
 
 const mib = 1024 * 1024;
@@ -188,7 +188,7 @@ function hostThroughOld(old: TestPeer, ledger: Ledger, probe: number, from: numb
         continue;
       }
       const startedAt = Date.now();
-      const r = await c.readBlocks(probe * blocks, blocks, g.blockBytes, 5_000);
+      const r = await retryingUnitAttention(() => c!.readBlocks(probe * blocks, blocks, g.blockBytes, 5_000));
       reads.push({ startedAt, seq: r?.status === 0 ? writeIn(r.data, 2, probe) : undefined });
       const ok = r?.status === 0 && (await verifiedWrite(c, ledger, slot++, seq, g, 5_000));
       // Paced (the page has 1024 slots), so the host is still reading when the check needs it.
@@ -224,7 +224,7 @@ function summary(reads: ProbeRead[]): string {
 async function pageDigest(port: number, volume: string, page: number): Promise<string> {
   const c = await openSession(port, volume);
   try {
-    const r = await c.readBlocks(page * 8192, 8192, 512, 30_000);
+    const r = await retryingUnitAttention(() => c.readBlocks(page * 8192, 8192, 512, 30_000));
     if (r?.status !== 0) return `read failed (${r ? r.status : 'timed out'})`;
     return createHash('sha256').update(r.data).digest('hex').slice(0, 16);
   } finally {

@@ -18,7 +18,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openSession } from './helpers/fuzz-iscsi';
 import { qemuImg, startEtcd, startPeers, type TestPeer } from './helpers/processes';
-import { blockContent, identical, Ledger, metricOf, pageCopies, protectionOf, quietGroup, replicatedTestSkip, sumMetric, waitProtection } from './helpers/replicas';
+import { blockContent, identical, Ledger, metricOf, pageCopies, protectionOf, quietGroup, replicatedTestSkip, retryingUnitAttention, sumMetric, waitProtection } from './helpers/replicas';
 
 const mib = 1024 * 1024;
 const dataMib = Number(process.env.PEERSAN_REPLICATION_MIB ?? 448);
@@ -129,7 +129,7 @@ async function writeRandomChunks(via: TestPeer, volume: string, file: string, co
   try {
     for (const chunk of chunks) {
       const data = randomBytes(mib);
-      const r = await c.writeBlocks((chunk * mib) / 512, data, 512, 30_000);
+      const r = await retryingUnitAttention(() => c.writeBlocks((chunk * mib) / 512, data, 512, 30_000));
       if (r?.status !== 0) throw new Error(`write of MiB ${chunk} through ${via.id}: ${r ? `status ${r.status}` : 'timed out'}`);
       data.copy(reference, chunk * mib);
       acked += mib;

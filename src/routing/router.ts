@@ -311,8 +311,13 @@ export class VolumeRouter implements BlockBackend {
     const waits: Promise<boolean>[] = [];
     for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
       const route = table.route(page);
+      // Taken over already while the send waited for its answer (an eager takeover, the watch): retry there.
+      if (route.owner !== run.owner) {
+        waits.push(Promise.resolve(true));
+        continue;
+      }
       const secondaries = inSyncOf(route).filter((p) => p !== route.owner);
-      if (route.owner === run.owner && secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
+      if (secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
     }
     return (await Promise.all(waits)).includes(true);
   }

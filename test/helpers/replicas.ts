@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { openSession, type RawIscsi } from './fuzz-iscsi';
+import { openSession, type RawIscsi, type ScsiResult } from './fuzz-iscsi';
 import { cliPath, hasTool, qemuImg, repoRoot, type TestPeer } from './processes';
 
 export type Protection = 'healthy' | 'degraded' | 'rebuilding' | 'unavailable';
@@ -189,7 +189,7 @@ export async function verifyLedger(port: number, volume: string, ledger: Ledger,
   try {
     const blocks = g.slotBytes / g.blockBytes;
     for (const slot of ledger.written()) {
-      const r = await c.readBlocks(slot * blocks, blocks, g.blockBytes, timeoutMs);
+      const r = await retryingUnitAttention(() => c.readBlocks(slot * blocks, blocks, g.blockBytes, timeoutMs));
       if (!r || r.status !== 0) wrong.push(`slot ${slot}: read failed (${r ? `status ${r.status}` : 'timed out'})`);
       else {
         const why = ledger.check(slot, r.data);
@@ -202,9 +202,24 @@ export async function verifyLedger(port: number, volume: string, ledger: Ledger,
   return wrong;
 }
 
+const unitAttention = 0x6;
+/** UNIT ATTENTIONs answered in a row before a command counts as failed (a real initiator's retries). */
+const unitAttentionRetriesMax = 4;
+
+/**
+ * A command as an initiator runs it: a CHECK CONDITION with UNIT ATTENTION (an ALUA state
+ * change, a reset) means the command did not run; it is sent again, as Linux and libiscsi do.
+ */
+export async function retryingUnitAttention(run: () => Promise<ScsiResult | undefined>): Promise<ScsiResult | undefined> {
+  for (let i = 0; ; i++) {
+    const r = await run();
+    if (r?.status !== 0x02 || r.sense?.key !== unitAttention || i >= unitAttentionRetriesMax) return r;
+  }
+}
+
 /** One write of the verifying writer: acknowledged (GOOD), else failed or timed out; its ledger updated. */
 export async function verifiedWrite(c: RawIscsi, ledger: Ledger, slot: number, seq: number, g: SlotGeometry, timeoutMs: number): Promise<boolean> {
-  const r = await c.writeBlocks(slot * (g.slotBytes / g.blockBytes), blockContent(ledger.writer, slot, seq, g.slotBytes), g.blockBytes, timeoutMs);
+  const r = await retryingUnitAttention(() => c.writeBlocks(slot * (g.slotBytes / g.blockBytes), blockContent(ledger.writer, slot, seq, g.slotBytes), g.blockBytes, timeoutMs));
   const ok = r !== undefined && r.status === 0;
   if (ok) ledger.acked(slot, seq);
   else ledger.unknown(slot, seq);
