@@ -115,9 +115,12 @@ export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): P
  */
 export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
   const pageEnd = (page + 1) * r.pageBlocks;
-  const inSync = inSyncOf(routes.route(page));
+  const route = routes.route(page);
+  const inSync = inSyncOf(route);
+  // Only the primary's move counts: a peer that lost the page to another copy (a takeover while
+  // it was down) may still report a move it is winding up, whose destination holds old data.
   const m = moving.get(page);
-  if (m) {
+  if (m && m.from === route.owner) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
     const first = piece < m.done ? m.to : m.from;
