@@ -7,7 +7,7 @@
 
 import { AlreadyExistsError, ConflictError, InvalidArgumentError } from '../errors';
 import type { MetaStore } from '../cluster/metastore';
-import { inSyncOf, RouteTable, type Route } from '../routing/table';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../routing/table';
 
 export const snapshotPrefix = 'snapshots/';
 const seqPrefix = 'snapseq/';
@@ -117,10 +117,11 @@ export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, ro
   const pageEnd = (page + 1) * r.pageBlocks;
   const route = routes.route(page);
   const inSync = inSyncOf(route);
-  // Only the primary's move counts: a peer that lost the page to another copy (a takeover while
-  // it was down) may still report a move it is winding up, whose destination holds old data.
+  // Of a replicated page, only the primary's move counts: a peer that lost the page to another
+  // copy (a takeover while it was down) may still report a move it is winding up, whose
+  // destination holds old data.
   const m = moving.get(page);
-  if (m && m.from === route.owner) {
+  if (m && (copiesOf(route).length === 1 || m.from === route.owner)) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
     const first = piece < m.done ? m.to : m.from;
