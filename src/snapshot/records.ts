@@ -131,6 +131,19 @@ export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, ro
   return { holders: [...inSync], blocks: pageEnd - lba };
 }
 
+/**
+ * `route` (a page's route at the cut) with its in-sync copies narrowed to those in sync in
+ * `other` too (the page's route at another moment of the snapshot: before the first freeze,
+ * or after the last FINISH): a copy out of sync at either moment may lack writes its layer
+ * needs (a resync that put it back in sync after it froze; a drop for a write stamped before
+ * the cut that it never got). Unchanged when none would be left.
+ */
+export function narrowInSync(route: Route, other: Route): Route {
+  const inSync = inSyncOf(route);
+  const keep = inSync.filter((p) => inSyncOf(other).includes(p));
+  return keep.length === 0 || keep.length === inSync.length ? route : { ...route, inSync: keep };
+}
+
 /** The routes of the volume's pages at the cut, as a table (placement rule plus the pages that had changed). */
 export function routesAtCut(r: SnapshotRecord): RouteTable {
   return new RouteTable(r.peers, r.pageBlocks, new Map(r.moved), r.placedCopies ?? 1);
