@@ -163,9 +163,14 @@ t.test('a page carries its layers to another store', async (t) => {
   const s2 = await b.snapshotView('s2').read(8192, 1);
   await b.write(8192, pattern(1, 5));
   t.same(await b.snapshotView('s2').read(8192, 1), s2);
+  const views = [await a.snapshotView('s1').read(8192, 8192), await a.snapshotView('s2').read(8192, 8192)];
   await a.dropPage(1);
-  t.equal(a.allocatedBytes(), 0, 'dropping the page frees live and snapshot slots');
-  t.same(await a.snapshotView('s1').read(8192, 8), Buffer.alloc(8 * 512));
+  t.notOk(a.holdsPage(1), 'no live data of the page left');
+  t.same(await a.read(8192, 8), Buffer.alloc(8 * 512), 'live reads zeros');
+  t.same([await a.snapshotView('s1').read(8192, 8192), await a.snapshotView('s2').read(8192, 8192)], views, 'the snapshots still see the page');
+  await a.deleteSnapshot('s2');
+  await a.deleteSnapshot('s1');
+  t.equal(a.allocatedBytes(), 0, 'the page frees its last slots with the snapshots');
   await t.rejects(b.importPageLayers(1, { ...layers, snapshots: layers.snapshots.slice(1) }), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' });
 });
 

@@ -1,7 +1,9 @@
 // The reaper: a peer frees its data of a page once the page's route no longer lists it among
 // the copies (DESIGN.md 10): a copy removed by fewer replicas, the copy of a peer that was
-// declared lost and came back, a stale copy replaced. The store's dropPage frees the page in
-// every layer (live and snapshots: the copies that stay hold their own).
+// declared lost and came back, a stale copy replaced. The store's dropPage frees the page's
+// live data only: a snapshot reads the page from any copy in sync at its cut, wherever the page
+// went since (src/snapshot/records.ts snapshotHolders), so this peer's layers of it stay until
+// the snapshots go.
 //
 // When the decision is safe: the route must say which peers hold copies (a route heard in a
 // MOVED answer does not, and an unreplicated page's record neither: a move frees its source
@@ -38,8 +40,9 @@ export function shouldReap(f: ReapFacts): boolean {
 export interface ReapedStore {
   /** Pages of which this peer holds any data (live or snapshot layers). */
   heldPages(): number[];
+  /** True when this peer holds live data of the page. */
   holdsPage(page: number): boolean;
-  /** Free the page in every layer; takes its place in the store's queue synchronously. */
+  /** Free the page's live data (snapshot layers stay); takes its place in the store's queue synchronously. */
   dropPage(page: number): Promise<void>;
 }
 

@@ -7,7 +7,7 @@
 
 import { AlreadyExistsError, ConflictError, InvalidArgumentError } from '../errors';
 import type { MetaStore } from '../cluster/metastore';
-import { inSyncOf, RouteTable, type Route } from '../routing/table';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../routing/table';
 
 export const snapshotPrefix = 'snapshots/';
 const seqPrefix = 'snapseq/';
@@ -115,9 +115,13 @@ export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): P
  */
 export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
   const pageEnd = (page + 1) * r.pageBlocks;
-  const inSync = inSyncOf(routes.route(page));
+  const route = routes.route(page);
+  const inSync = inSyncOf(route);
+  // Of a replicated page, only the primary's move counts: a peer that lost the page to another
+  // copy (a takeover while it was down) may still report a move it is winding up, whose
+  // destination holds old data.
   const m = moving.get(page);
-  if (m) {
+  if (m && (copiesOf(route).length === 1 || m.from === route.owner)) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
     const first = piece < m.done ? m.to : m.from;
@@ -125,6 +129,19 @@ export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, ro
     return { holders: [first, ...others], blocks: (piece < m.done ? Math.min(boundary, pageEnd) : pageEnd) - lba };
   }
   return { holders: [...inSync], blocks: pageEnd - lba };
+}
+
+/**
+ * `route` (a page's route at the cut) with its in-sync copies narrowed to those in sync in
+ * `other` too (the page's route at another moment of the snapshot: before the first freeze,
+ * or after the last FINISH): a copy out of sync at either moment may lack writes its layer
+ * needs (a resync that put it back in sync after it froze; a drop for a write stamped before
+ * the cut that it never got). Unchanged when none would be left.
+ */
+export function narrowInSync(route: Route, other: Route): Route {
+  const inSync = inSyncOf(route);
+  const keep = inSync.filter((p) => inSyncOf(other).includes(p));
+  return keep.length === 0 || keep.length === inSync.length ? route : { ...route, inSync: keep };
 }
 
 /** The routes of the volume's pages at the cut, as a table (placement rule plus the pages that had changed). */

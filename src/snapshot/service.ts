@@ -46,6 +46,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import type { Env, TimerHandle, Timers } from '../env/env';
 import { NotFoundError, PeersanError } from '../errors';
+import { RouteTable, type Route } from '../routing/table';
 import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
 import type { HybridClock } from './hlc';
@@ -55,7 +56,7 @@ import {
 } from './coordinator';
 import { holdMsMax, SnapshotParticipant, type ParticipantAction, type ParticipantEvent } from './participant';
 import {
-  createSnapshotRecord, deleteSnapshotRecord, nextSnapshotSeq, updateSnapshotRecord, validateSnapshotName,
+  createSnapshotRecord, deleteSnapshotRecord, narrowInSync, nextSnapshotSeq, routesAtCut, updateSnapshotRecord, validateSnapshotName,
   type MovingAtCut, type SnapshotMode, type SnapshotRecord,
 } from './records';
 
@@ -149,6 +150,8 @@ interface Taking {
   started: number;
   tookMs?: number;
   records: { r: SnapshotRecord; version: number }[];
+  /** Per volume, the routes that had changed before anything froze (narrowInSync). */
+  before: Map<number, Route>[];
 }
 
 /** A volume held by snapshots on this peer: the promise its page moves wait on. */
@@ -384,7 +387,8 @@ export class SnapshotService {
     const name = opts.name ?? defaultName(this.o.env.clock.nowMs());
     validateSnapshotName(name);
     if (volumes.length > 1 && !opts.group) throw new PeersanError('a snapshot of several volumes is a consistency group: give it --group NAME', 'PEERSAN_ERR_INVALID_ARGUMENT');
-    const taking: Taking = { volumes, name, mode, group: opts.group ?? '', started: this.o.env.clock.monotonicMs(), records: [] };
+    const before = volumes.map((v) => new Map(this.o.catalog.routes(v).changed()));
+    const taking: Taking = { volumes, name, mode, group: opts.group ?? '', started: this.o.env.clock.monotonicMs(), records: [], before };
     const snapshotId = this.o.env.random.bytes(8).toString('hex');
     const coordinator = this.coordinator({ snapshotId, mode, volumeIds: volumes.map((v) => v.id), peers: this.o.groupPeers, clock: () => this.o.clock.now() });
     try {
@@ -431,7 +435,7 @@ export class SnapshotService {
           case 'createRecord':
             return report(this.createRecord(taking, a.volume), (seq) => ({ kind: 'recordCreated', volume: a.volume, seq }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
           case 'cut':
-            this.captureRoutes(taking.volumes, taking.records.map((x) => x.r), a.moving);
+            this.captureRoutes(taking, a.moving);
             if (a.cut !== undefined) for (const x of taking.records) x.r.cut = a.cut;
             return;
           case 'updateRecord':
@@ -481,6 +485,9 @@ export class SnapshotService {
   /** Volume `i`'s record becomes `ready`. */
   private async publishRecord(taking: Taking, i: number, heldMs: number): Promise<void> {
     const x = taking.records[i];
+    // Timestamp mode: the layers were completed only now (FINISH); a copy dropped from a page's
+    // in-sync set since the cut may have missed a write stamped before it.
+    if (taking.mode === 'timestamp') narrowRoutes(x.r, this.o.catalog.routes(taking.volumes[i]));
     taking.tookMs ??= round(this.o.env.clock.monotonicMs() - taking.started);
     x.r.state = 'ready';
     x.r.heldMs = round(heldMs);
@@ -489,9 +496,13 @@ export class SnapshotService {
     this.o.event?.(`snapshot ${x.r.name} of ${x.r.volume} taken (${taking.mode}; ${taking.mode === 'timestamp' ? 'host I/O not held' : `hosts held ${round(heldMs)} ms`}, ${taking.tookMs} ms in all)`, x.r.volume);
   }
 
-  /** Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are closed). */
-  private captureRoutes(volumes: VolumeRecord[], records: SnapshotRecord[], moving: MovingAtCut[]): void {
-    volumes.forEach((v, i) => {
+  /**
+   * Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are
+   * closed), each page's in-sync copies narrowed to those in sync before anything froze too.
+   */
+  private captureRoutes(taking: Taking, moving: MovingAtCut[]): void {
+    const records = taking.records.map((x) => x.r);
+    taking.volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
       records[i].moved = [];
@@ -500,6 +511,7 @@ export class SnapshotService {
         if (route.version > 1) records[i].moved.push([page, route]);
       }
       records[i].moving = moving.filter((m) => m.volumeId === v.id);
+      narrowRoutes(records[i], new RouteTable(v.peers, v.pageBlocks, taking.before[i], v.placedCopies ?? 1));
     });
   }
 
@@ -526,6 +538,17 @@ export function viewOf(r: SnapshotRecord): SnapshotView {
 
 function defaultName(nowMs: number): string {
   return `snap-${new Date(nowMs).toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-').toLowerCase()}`;
+}
+
+/** The record's routes at the cut, each page's in-sync copies narrowed to those in sync in `other` too (records.ts narrowInSync). */
+function narrowRoutes(r: SnapshotRecord, other: RouteTable): void {
+  const cut = routesAtCut(r);
+  const pages = [...new Set([...r.moved.map(([page]) => page), ...[...other.changed()].map(([page]) => page)])].sort((a, b) => a - b);
+  r.moved = pages.flatMap((page): [number, Route][] => {
+    const route = cut.route(page);
+    const narrowed = narrowInSync(route, other.route(page));
+    return route.version > 1 || narrowed !== route ? [[page, narrowed]] : [];
+  });
 }
 
 function round(ms: number): number {

@@ -906,28 +906,50 @@ export class StoreVolume implements BlockBackend {
     });
   }
 
-  /** Pages of which this volume holds anything, live or in a snapshot layer (the replication reaper). */
+  /** Pages of which this volume holds anything, live or in a snapshot layer. */
   heldPages(): number[] {
     return [...new Set([...this.maps.keys(), ...this.layers.pagesFrom(0)])];
   }
 
+  /** True when the page has live data here (what the replication reaper frees). */
   holdsPage(page: number): boolean {
-    return this.maps.has(page) || this.layers.snapshots.some((_, k) => this.layers.exceptionsOf(k, page) !== undefined);
+    return this.maps.has(page);
   }
 
   /**
-   * Forget one page in every layer (after it moved away): live and snapshot slots are freed.
-   * Unlike unmap, which keeps what the snapshots see.
+   * Forget one page's live data (the replication reaper: the page is nobody's copy here any
+   * more). What the snapshots see stays, as after an unmap: this peer froze its copy of the
+   * page at each snapshot's cut, and a snapshot reads the page from any copy in sync at its cut
+   * (src/snapshot/records.ts snapshotHolders), wherever the page went since. Those slots are
+   * freed with the snapshots.
    */
   async dropPage(page: number): Promise<void> {
     if (this.closed) throw new ClosedError('volume is closed');
     await this.lock.runExclusive(async () => {
-      const released = this.dropPageLocked(page);
+      const released = this.dropLiveLocked(page);
       await this.persistPages([page], true);
       this.freeReleased(released);
     });
   }
 
+  /** The page's live map goes; a slot a snapshot sees moves into the newest one's layer (as by unmap), the others are released. */
+  private dropLiveLocked(page: number): number[] {
+    const map = this.maps.get(page);
+    if (!map) return [];
+    const released: number[] = [];
+    const newest = this.layers.newestEpoch;
+    for (let i = 0; i < this.grainsPerPage; i++) {
+      const slot = map[i];
+      if (slot < 0) continue;
+      const gone = map[this.grainsPerPage + i] <= newest ? this.layers.retire(page * this.grainsPerPage + i, slot) : this.layers.decref(slot) ? slot : -1;
+      if (gone >= 0) released.push(gone);
+    }
+    // A deleted map reads as unmapped, born 0: safe for every snapshot (layers.ts, the invariant).
+    this.maps.delete(page);
+    return released;
+  }
+
+  /** Forget one page in every layer, snapshots included (before another peer's layers of it replace them). */
   private dropPageLocked(page: number): number[] {
     const released = this.layers.dropPage(page);
     const map = this.maps.get(page);
