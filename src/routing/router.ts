@@ -165,6 +165,9 @@ export class VolumeRouter implements BlockBackend {
     const runs = this.runsOf(lba, blocks, 0);
     let result: CompareAndWriteResult | undefined;
     if (runs.length === 1) {
+      // No failover retry: a COMPARE AND WRITE the unreachable owner may have applied (and
+      // replicated) must not run again at a new primary, which would answer MISCOMPARE for the
+      // first attempt's own data. The host hears the error (the outcome is unknown) instead.
       await this.each(runs, async (run) => {
         // A route learned from MOVED cut the blocks in two: every part ends here, the fallback below runs.
         if (run.blocks !== blocks) return;
@@ -179,7 +182,7 @@ export class VolumeRouter implements BlockBackend {
         }
         this.expectOk(reply);
         result = { ok: true };
-      });
+      }, 0, true);
     }
     return result ?? this.compareThenWrite(lba, compare, data, opts);
   }
@@ -263,7 +266,7 @@ export class VolumeRouter implements BlockBackend {
    * the first are bounded by routeRetriesMax (counted from `tries`, the rounds a caller's first
    * try used); past it the PageMovedError goes up, and the host hears BUSY (moved.ts).
    */
-  private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0): Promise<void> {
+  private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0, noFailover = false): Promise<void> {
     for (let round = runs, n = tries; round.length > 0; n++) {
       const moved: Run[] = [];
       const attempt = async (run: Run): Promise<void> => {
@@ -271,7 +274,7 @@ export class VolumeRouter implements BlockBackend {
         try {
           await step(run);
         } catch (err) {
-          await this.followMoved(err, n, run);
+          await this.followMoved(err, n, run, noFailover);
           moved.push(run);
         }
       };
@@ -285,14 +288,19 @@ export class VolumeRouter implements BlockBackend {
    * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
    * unless, with retries left, it is a PageMovedError (its route is learned) or the run's owner
    * is unreachable and a new primary could be found (newPrimary); then the next try's count is
-   * returned.
+   * returned. `noFailover`: an unreachable owner's error goes up as it is (the request may
+   * have been applied, and must not run twice).
    */
-  private async followMoved(err: unknown, tries: number, run: Run): Promise<number> {
+  private async followMoved(err: unknown, tries: number, run: Run, noFailover = false): Promise<number> {
     if (tries >= routeRetriesMax) throw err;
     if (err instanceof PageMovedError) {
       this.o.counters.movedRetries++;
       // An answer no newer than what we know means our own table is behind the catalog.
       if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+    } else if (noFailover) {
+      // The takeover is still asked for (in the background): the host's next command finds the new primary.
+      void this.newPrimary(run, err);
+      throw err;
     } else if (!(await this.newPrimary(run, err))) {
       throw err;
     }
