@@ -477,6 +477,23 @@ t.test('router: single-copy pages fail at once as before; a failover that never 
   t.equal(asked, routeRetriesMax, 'each try waited for a new primary, within the MOVED loop\'s bound');
 });
 
+t.test('router: a COMPARE AND WRITE to an unreachable primary is not sent again at a new primary (it may have applied): the error, the takeover asked for anyway', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  const asked: string[] = [];
+  let atP2 = 0;
+  const counting: BlockSender = { send: async (req) => (atP2++, p2Link.send(req)) };
+  const router = routerOf(env, table, { p1: down, p2: counting }, async (peer) => {
+    asked.push(peer);
+    return { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] };
+  });
+  await t.rejects(router.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 1)), PeerUnavailableError);
+  await env.run(10);
+  t.equal(atP2, 0, 'never sent to the new primary');
+  t.same(asked, ['p2'], 'the takeover is still asked for');
+  t.equal(table.route(0).owner, 'p2', 'the next command goes to the new primary');
+});
+
 t.test('Leases: a renewal counts only once the takeovers it carries are learned', async (t) => {
   const env = new ManualEnv();
   const route: Route = { owner: 'g', version: 2, copies: ['g', 'p'], inSync: ['g'] };
