@@ -492,6 +492,12 @@ t.test('router: a COMPARE AND WRITE to an unreachable primary is not sent again 
   t.equal(atP2, 0, 'never sent to the new primary');
   t.same(asked, ['p2'], 'the takeover is still asked for');
   t.equal(table.route(0).owner, 'p2', 'the next command goes to the new primary');
+  // One that never reached the primary (refused) waits for the new primary as any command.
+  const refused: BlockSender = { send: () => Promise.reject(new PeerUnavailableError('p1', 'connection refused', false, { unsent: true })) };
+  const table2 = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  const router2 = routerOf(env, table2, { p1: refused, p2: counting }, async () => ({ owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] }));
+  t.same(await router2.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 1)), { ok: true }, 'served by the new primary');
+  t.equal(atP2, 1, 'sent there once');
 });
 
 t.test('Leases: a renewal counts only once the takeovers it carries are learned', async (t) => {

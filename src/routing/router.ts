@@ -165,9 +165,10 @@ export class VolumeRouter implements BlockBackend {
     const runs = this.runsOf(lba, blocks, 0);
     let result: CompareAndWriteResult | undefined;
     if (runs.length === 1) {
-      // No failover retry: a COMPARE AND WRITE the unreachable owner may have applied (and
-      // replicated) must not run again at a new primary, which would answer MISCOMPARE for the
-      // first attempt's own data. The host hears the error (the outcome is unknown) instead.
+      // No failover retry once sent: a COMPARE AND WRITE the unreachable owner may have applied
+      // (and replicated) must not run again at a new primary, which would answer MISCOMPARE for
+      // the first attempt's own data. The host hears the error (the outcome is unknown) instead.
+      // One that never reached the owner (refused) waits for the new primary as any command.
       await this.each(runs, async (run) => {
         // A route learned from MOVED cut the blocks in two: every part ends here, the fallback below runs.
         if (run.blocks !== blocks) return;
@@ -288,8 +289,8 @@ export class VolumeRouter implements BlockBackend {
    * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
    * unless, with retries left, it is a PageMovedError (its route is learned) or the run's owner
    * is unreachable and a new primary could be found (newPrimary); then the next try's count is
-   * returned. `noFailover`: an unreachable owner's error goes up as it is (the request may
-   * have been applied, and must not run twice).
+   * returned. `noFailover`: an unreachable owner's error goes up as it is unless the request
+   * never reached it (else it may have been applied, and must not run twice).
    */
   private async followMoved(err: unknown, tries: number, run: Run, noFailover = false): Promise<number> {
     if (tries >= routeRetriesMax) throw err;
@@ -297,7 +298,7 @@ export class VolumeRouter implements BlockBackend {
       this.o.counters.movedRetries++;
       // An answer no newer than what we know means our own table is behind the catalog.
       if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
-    } else if (noFailover) {
+    } else if (noFailover && !(err instanceof PeerUnavailableError && err.unsent)) {
       // The takeover is still asked for (in the background): the host's next command finds the new primary.
       void this.newPrimary(run, err);
       throw err;
