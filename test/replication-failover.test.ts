@@ -462,6 +462,22 @@ t.test('router: the new route may come from the catalog watch instead of the ans
   t.ok(env.clock.monotonicMs() < failoverWaitMsMax, 'retried as soon as the route was learned, not at the bound');
 });
 
+t.test('router: a new primary learned while the request to the old one waited: run again there at once, nobody asked', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  // The catalog watch brings p2's takeover while the forward to p1 waits for its answer, which never comes.
+  const late: BlockSender = {
+    send: async () => {
+      table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
+      throw new PeerUnavailableError('p1', 'no answer in 5000 ms', true);
+    },
+  };
+  let asked = 0;
+  const router = routerOf(env, table, { p1: late, p2: p2Link }, () => (asked++, new Promise(() => undefined)));
+  await router.write(0, data);
+  t.equal(asked, 0, 'no takeover asked for: the table knows the new primary');
+});
+
 t.test('router: single-copy pages fail at once as before; a failover that never comes fails after the bounded retries', async (t) => {
   const env = new ManualEnv();
   let asked = 0;

@@ -310,8 +310,9 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * `err` says the run's owner cannot be reached: for each of the run's pages that has other
-   * in-sync copies, ask them to take over and wait for a newer route. False when no page has
-   * one (unreplicated pages fail as before), or when no copy of any could be reached either
+   * in-sync copies, ask them to take over and wait for a newer route; true at once for a page
+   * whose route names another primary already. False when no page has one (unreplicated pages
+   * fail as before), or when no copy of any could be reached either
    * (this peer is the one cut off: its host hears the error now, and can try another path).
    */
   private async newPrimary(run: Run, err: unknown): Promise<boolean> {
@@ -320,8 +321,14 @@ export class VolumeRouter implements BlockBackend {
     const waits: Promise<boolean>[] = [];
     for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
       const route = table.route(page);
+      // The table learned another primary while the request waited (a takeover seen through the
+      // catalog watch): the part runs again there, nothing to ask for.
+      if (route.owner !== run.owner) {
+        waits.push(Promise.resolve(true));
+        continue;
+      }
       const secondaries = inSyncOf(route).filter((p) => p !== route.owner);
-      if (route.owner === run.owner && secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
+      if (secondaries.length > 0) waits.push(this.newerRoute(page, route, secondaries));
     }
     return (await Promise.all(waits)).includes(true);
   }
