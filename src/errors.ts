@@ -118,11 +118,14 @@ export class ProtocolError extends PeersanError {
  */
 export class PeerUnavailableError extends PeersanError {
   readonly peer: string;
-  constructor(peer: string, message: string, timedOut: boolean, options?: { cause?: unknown; transient?: boolean }) {
+  /** The request never reached the peer (refused, or no channel): nothing of it can have been applied there. */
+  readonly unsent: boolean;
+  constructor(peer: string, message: string, timedOut: boolean, options?: { cause?: unknown; transient?: boolean; unsent?: boolean }) {
     const kind = options?.transient ? ErrorKind.busy : timedOut ? ErrorKind.timedOut : ErrorKind.unavailable;
     super(`peer ${peer}: ${message}`, 'PEERSAN_ERR_PEER_UNAVAILABLE', { cause: options?.cause, kind });
     this.name = 'PeerUnavailableError';
     this.peer = peer;
+    this.unsent = options?.unsent === true;
   }
 }
 

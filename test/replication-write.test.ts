@@ -269,7 +269,7 @@ function lonePrimary(link: BlockSender) {
     self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
     volume: () => record, catalog, tracker, guard: passThroughGuard, log: pino({ level: 'silent' }),
   });
-  return { volume, local, cas, changed };
+  return { volume, local, cas, changed, table };
 }
 
 t.test('a copy that refuses for a while as busy is asked again, not dropped', async (t) => {
@@ -282,6 +282,26 @@ t.test('a copy that refuses for a while as busy is asked again, not dropped', as
   t.equal(asked, 3, 'asked three times');
   t.same(cas, [], 'no drop');
   t.equal(local.data[0], 3, 'written here');
+});
+
+t.test('a COMPARE AND WRITE whose page is taken over while its write replicates answers an error, not MOVED (it may have applied: never run again)', async (t) => {
+  // The copy took the page over (epoch 2, as a failover's CAS): it answers MOVED, and the route says p2.
+  let table!: RouteTable;
+  const takenOver: BlockSender = {
+    send: async () => {
+      table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
+      return { id: 0, status: ReplyStatus.moved, owner: 'p2', version: 2, detail: 0 };
+    },
+  };
+  const lone = lonePrimary(takenOver);
+  table = lone.table;
+  const caw = lone.volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5));
+  await t.rejects(caw, { code: 'PEERSAN_ERR_IN_DOUBT', kind: ErrorKind.unavailable }, 'an error the router does not follow');
+  t.equal(lone.local.data[0], 5, 'its write was applied here before the page was lost');
+  // A plain write is idempotent: MOVED, and the router sends it to the new primary.
+  const other = lonePrimary(takenOver);
+  table = other.table;
+  await t.rejects(other.volume.write(0, Buffer.alloc(bs, 6)), PageMovedError);
 });
 
 t.test('a copy that does not answer within replicaAckMsMax is dropped, then the write is acknowledged', async (t) => {

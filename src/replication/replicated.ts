@@ -256,7 +256,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
     const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
-    await this.changeLocked(page, c);
+    await this.changeLocked(page, c, true);
     return { ok: true };
   }
 
@@ -268,8 +268,13 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     return { ok: true };
   }
 
-  /** Steps 3 to 8 of the head comment; the caller holds the change's range. */
-  private async changeLocked(page: number, c: Change): Promise<void> {
+  /**
+   * Steps 3 to 8 of the head comment; the caller holds the change's range. `compared`: the
+   * write of a compare-and-write, which must never run twice: once it may have been applied
+   * (here or on a copy), losing the page answers an error, not MOVED (the router would send
+   * the command again to the new primary, which holds the write and answers MISCOMPARE).
+   */
+  private async changeLocked(page: number, c: Change, compared = false): Promise<void> {
     const before = this.o.tracker.beforeChange(this.o.volumeId, page);
     if (before) await before;
     const route = await this.ownRoute(page);
@@ -286,8 +291,10 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
       if (copies.status === 'rejected') throw copies.reason;
       ok = true;
     } catch (err) {
-      if (err instanceof PageMovedError) this.recent.release(page);
-      throw err;
+      if (!(err instanceof PageMovedError)) throw err;
+      this.recent.release(page);
+      if (!compared) throw err;
+      throw new PeersanError(`a compare-and-write of page ${page} may have been applied before its primary changed (${err.message}): not run again`, 'PEERSAN_ERR_IN_DOUBT', { cause: err, kind: ErrorKind.unavailable });
     } finally {
       this.recent.end(page, seq, ok);
     }

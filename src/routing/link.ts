@@ -120,9 +120,9 @@ export class PeerLink {
 
   /** Wait for room in the window and for the channel, then open a stream if none is open. */
   private async sendSlowly(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
-    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
+    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false, { unsent: true });
     while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
-    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false);
+    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false, { unsent: true });
     if (this.client.getChannel().getConnectivityState(true) !== grpc.connectivityState.READY) await this.connect();
     return this.enqueue(req, this.openStream().batcher);
   }
@@ -149,7 +149,7 @@ export class PeerLink {
   private connect(): Promise<void> {
     return new Promise((resolve, reject) => {
       // A gRPC deadline is a Date on the real clock: the channel is real whatever the Env.
-      this.client.waitForReady(Date.now() + peerConnectMsMax, (err) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable at ${this.opts.address}`, false)) : resolve()));
+      this.client.waitForReady(Date.now() + peerConnectMsMax, (err) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable at ${this.opts.address}`, false, { unsent: true })) : resolve()));
     });
   }
 

@@ -165,6 +165,10 @@ export class VolumeRouter implements BlockBackend {
     const runs = this.runsOf(lba, blocks, 0);
     let result: CompareAndWriteResult | undefined;
     if (runs.length === 1) {
+      // No failover retry once sent: a COMPARE AND WRITE the unreachable owner may have applied
+      // (and replicated) must not run again at a new primary, which would answer MISCOMPARE for
+      // the first attempt's own data. The host hears the error (the outcome is unknown) instead.
+      // One that never reached the owner (refused) waits for the new primary as any command.
       await this.each(runs, async (run) => {
         // A route learned from MOVED cut the blocks in two: every part ends here, the fallback below runs.
         if (run.blocks !== blocks) return;
@@ -179,7 +183,7 @@ export class VolumeRouter implements BlockBackend {
         }
         this.expectOk(reply);
         result = { ok: true };
-      });
+      }, 0, true);
     }
     return result ?? this.compareThenWrite(lba, compare, data, opts);
   }
@@ -263,7 +267,7 @@ export class VolumeRouter implements BlockBackend {
    * the first are bounded by routeRetriesMax (counted from `tries`, the rounds a caller's first
    * try used); past it the PageMovedError goes up, and the host hears BUSY (moved.ts).
    */
-  private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0): Promise<void> {
+  private async each(runs: Run[], step: (run: Run) => Promise<void>, tries = 0, noFailover = false): Promise<void> {
     for (let round = runs, n = tries; round.length > 0; n++) {
       const moved: Run[] = [];
       const attempt = async (run: Run): Promise<void> => {
@@ -271,7 +275,7 @@ export class VolumeRouter implements BlockBackend {
         try {
           await step(run);
         } catch (err) {
-          await this.followMoved(err, n, run);
+          await this.followMoved(err, n, run, noFailover);
           moved.push(run);
         }
       };
@@ -285,14 +289,19 @@ export class VolumeRouter implements BlockBackend {
    * The loop's bound and its learning, in one place: `err` after `tries` retries is rethrown
    * unless, with retries left, it is a PageMovedError (its route is learned) or the run's owner
    * is unreachable and a new primary could be found (newPrimary); then the next try's count is
-   * returned.
+   * returned. `noFailover`: an unreachable owner's error goes up as it is unless the request
+   * never reached it (else it may have been applied, and must not run twice).
    */
-  private async followMoved(err: unknown, tries: number, run: Run): Promise<number> {
+  private async followMoved(err: unknown, tries: number, run: Run, noFailover = false): Promise<number> {
     if (tries >= routeRetriesMax) throw err;
     if (err instanceof PageMovedError) {
       this.o.counters.movedRetries++;
       // An answer no newer than what we know means our own table is behind the catalog.
       if (!this.o.table.learn(err.page, err.route)) await this.o.refresh(err.page);
+    } else if (noFailover && !(err instanceof PeerUnavailableError && err.unsent)) {
+      // The takeover is still asked for (in the background): the host's next command finds the new primary.
+      void this.newPrimary(run, err);
+      throw err;
     } else if (!(await this.newPrimary(run, err))) {
       throw err;
     }
@@ -301,8 +310,9 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * `err` says the run's owner cannot be reached: for each of the run's pages that has other
-   * in-sync copies, ask them to take over and wait for a newer route. False when no page has
-   * one (unreplicated pages fail as before), or when no copy of any could be reached either
+   * in-sync copies, ask them to take over and wait for a newer route; true at once for a page
+   * whose route names another primary already. False when no page has one (unreplicated pages
+   * fail as before), or when no copy of any could be reached either
    * (this peer is the one cut off: its host hears the error now, and can try another path).
    */
   private async newPrimary(run: Run, err: unknown): Promise<boolean> {
@@ -311,7 +321,8 @@ export class VolumeRouter implements BlockBackend {
     const waits: Promise<boolean>[] = [];
     for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
       const route = table.route(page);
-      // Taken over already while the send waited for its answer (an eager takeover, the watch): retry there.
+      // The table learned another primary while the request waited (a takeover seen through the
+      // catalog watch): the part runs again there, nothing to ask for.
       if (route.owner !== run.owner) {
         waits.push(Promise.resolve(true));
         continue;

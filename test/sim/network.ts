@@ -132,7 +132,7 @@ export class SimNetwork {
         const core = target?.core();
         if (!target || !core) {
           // Nobody listens: the connection is refused, the caller hears it one delay later.
-          if (answer) this.world.after(this.delay(), () => finish(() => reject(new PeerUnavailableError(to, `${what}: connection refused`, false))));
+          if (answer) this.world.after(this.delay(), () => finish(() => reject(new PeerUnavailableError(to, `${what}: connection refused`, false, { unsent: true }))));
           return;
         }
         // The target dies before it answers: the caller sees the connection break.
