@@ -105,6 +105,11 @@ export interface MigratorOptions {
    * resync brings it back.
    */
   quiet?<T>(volumeId: string, page: number, fn: () => Promise<T>): Promise<T>;
+  /**
+   * This peer's copy of the page may miss acknowledged writes (a move from here lost the primary
+   * role: what it forwarded to D is not here): resync it whole (the activity log's suspect pages).
+   */
+  distrust?(volumeId: string, page: number): void;
 }
 
 interface Running {
@@ -115,10 +120,12 @@ interface Running {
   /** Settles when the move commits (resolve) or is cancelled / stops (reject). */
   finished: Promise<void>;
   settle(err?: Error): void;
+  /** Stops following the page's routes (see launch). */
+  unfollow(): void;
 }
 
 /** The actions the driver performs at once, with no outcome to feed back. */
-type Effect = Extract<MoveAction, { kind: 'leaveStep' | 'turnBack' | 'ended' }>;
+type Effect = Extract<MoveAction, { kind: 'leaveStep' | 'turnBack' | 'lostPage' | 'ended' }>;
 
 export class Migrator {
   private readonly o: MigratorOptions;
@@ -245,6 +252,9 @@ export class Migrator {
       return switchedPrimary(now, to, quiet !== undefined);
     });
     const startedAtMs = this.o.env.clock.nowMs();
+    // A move of the page left by an earlier start (or resumed by nobody yet) must end first: its
+    // intent names this peer as the source, and a new primary would never remove it.
+    if (await this.o.catalog.moveIntent(volume.id, page)) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
     const next = quiet ? await quiet(volume.id, page, cas) : await cas();
     this.o.log.info({ volume: volume.name, page, to, version: next.version }, 'primary role of a page switched to an in-sync copy');
     this.o.event?.('page-moved', `page ${page} of ${volume.name}: primary role switched from ${this.o.self} to ${to} (no data copied)`, volume.name);
@@ -305,7 +315,15 @@ export class Migrator {
     let settle!: (err?: Error) => void;
     const finished = new Promise<void>((resolve, reject) => (settle = (err) => (err ? reject(err) : resolve())));
     finished.catch(() => undefined);
-    const r: Running = { machine, move, movable, finished, settle };
+    // A takeover or handover gives the page to another copy while it moves: the machine hears of
+    // it at once (the commit could not see a loss followed by a return of the role).
+    const unfollow = this.o.catalog.routes(this.requireVolume(cp.volumeId)).onLearn((page, route) => {
+      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from || route.owner === cp.to) return;
+      // Before this peer asks the new primary for a resync (the same route starts it): a whole one.
+      this.o.distrust?.(cp.volumeId, cp.page);
+      this.drive(r, { kind: 'lost' });
+    });
+    const r: Running = { machine, move, movable, finished, settle, unfollow };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     this.drive(r, { kind: 'begin' });
@@ -321,7 +339,7 @@ export class Migrator {
     const actions = m.step(ev);
     if (m.lastError !== '' && m.lastError !== before && !m.over) this.o.log.warn({ page: m.cp.page, to: m.cp.to, piece: m.transit, reason: m.lastError }, 'page move step failed; retrying');
     for (const a of actions) {
-      if (a.kind === 'leaveStep' || a.kind === 'turnBack' || a.kind === 'ended') {
+      if (a.kind === 'leaveStep' || a.kind === 'turnBack' || a.kind === 'lostPage' || a.kind === 'ended') {
         this.effect(r, a);
         continue;
       }
@@ -338,6 +356,12 @@ export class Migrator {
     if (a.kind === 'leaveStep') return this.leaveStep(r.machine.cp.volumeId);
     if (a.kind === 'turnBack') {
       r.move.cursor.state = 'cancelling';
+      return;
+    }
+    if (a.kind === 'lostPage') {
+      const cp = r.machine.cp;
+      this.o.log.warn({ page: cp.page, volumeId: cp.volumeId, to: cp.to }, 'the page has another primary: move abandoned, this copy resyncs whole');
+      this.o.distrust?.(cp.volumeId, cp.page);
       return;
     }
     this.ended(r, a);
@@ -471,6 +495,7 @@ export class Migrator {
     const cp = r.machine.cp;
     const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
     this.running.delete(key(cp.volumeId, cp.page));
+    r.unfollow();
     if (a.outcome === 'stopped') {
       r.settle(a.error);
       if (!this.closed) this.o.log.error({ err: a.error, page: cp.page, volumeId: cp.volumeId }, 'page move stopped');
@@ -527,7 +552,9 @@ export class Migrator {
       // (dropping it would leave the move's intent in the catalog for good).
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, cp.page);
-      if (route.owner === cp.to && route.version === cp.routeVersion + 1) {
+      // D is primary only by this move's commit (it holds no copy while the page moves there);
+      // the route's version may have moved on since (changes of the copies, a takeover).
+      if (route.owner === cp.to && route.version > cp.routeVersion) {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
@@ -535,11 +562,16 @@ export class Migrator {
         await this.clearPage(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
         this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
-      } else if (route.owner === this.o.self && route.version === cp.routeVersion) {
+      } else if (route.owner === this.o.self && route.version >= cp.routeVersion) {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, done: cp.done, pieces: cp.pieces, state: cp.state }, 'resuming a page move after a restart');
         await this.launch(cp, movable, true);
       } else {
-        this.o.log.error({ volume: volume.name, page: cp.page, route }, 'dropping a move checkpoint that contradicts the catalog');
+        // Another primary took the page over while this peer was down: the move is abandoned (as
+        // MoveMachine.abandon does), and this copy, missing what was forwarded to D, resyncs whole.
+        this.o.log.warn({ volume: volume.name, page: cp.page, route }, 'abandoning a page move whose page has another primary');
+        this.o.distrust?.(cp.volumeId, cp.page);
+        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }).catch(() => undefined);
+        await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
         await this.o.store.deleteRecord(rec.key);
       }
     }

@@ -173,6 +173,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
+    distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
     // A role switch runs while no change of the page runs on the old primary (its range lock).
     quiet: (volumeId, page, fn) => {
       const port = core.targets.replicated(volumeId);
