@@ -20,7 +20,7 @@ import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { roleOf, switchedPrimary } from '../replication/placement';
 import { BlockOp, decodeExtents } from '../routing/frame';
-import type { Route } from '../routing/table';
+import { copiesOf, type Route } from '../routing/table';
 import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
@@ -184,10 +184,19 @@ export class Migrator {
       if (volume) this.o.catalog.routes(volume).learn(req.page, { owner: this.o.self, version: req.version });
     } else {
       const movable = this.o.movable(req.volumeId);
-      if (volume && movable) await this.clearPage(movable, volume, req.page);
+      if (volume && movable && !(await this.holdsCopy(volume, req.page))) await this.clearPage(movable, volume, req.page);
     }
     this.incoming.delete(k);
     await this.o.store.deleteRecord(incomingKey(req.volumeId, req.page));
+  }
+
+  /**
+   * The page's route names this peer as a copy: a move abandoned by its source (the page got
+   * another primary) may reach D after that primary made D a copy of its own (a rebuild), whose
+   * blocks an abandoned move's clean-up must not free.
+   */
+  private async holdsCopy(volume: VolumeRecord, page: number): Promise<boolean> {
+    return copiesOf(await this.o.catalog.fetchRoute(volume, page)).includes(this.o.self);
   }
 
   /** Free this peer's copy of the page (a destination's stale or abandoned copy, a source's after its commit). */
@@ -596,7 +605,7 @@ export class Migrator {
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, page);
       const intent = await this.o.catalog.moveIntent(volumeId, page);
-      if (route.owner === this.o.self) {
+      if (route.owner === this.o.self || copiesOf(route).includes(this.o.self)) {
         await this.o.store.deleteRecord(rec.key);
       } else if (intent && intent.to === this.o.self && intent.from === from) {
         this.incoming.set(key(volumeId, page), from);

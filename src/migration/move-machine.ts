@@ -12,8 +12,10 @@
 //      removed too, in the background.
 //   2. Pieces in order: set piece p in transit (host writes go to both copies), copy it in
 //      chunks, then mark it done (S forwards its I/O to D from then on), and the next piece.
-//   3. Commit: persist `committing`, CAS the route {S, v} → {D, v + 1}, FINISH on D, delete the
-//      intent, then release the page on S: end its movable, drain, free it, delete the checkpoint.
+//   3. Commit: persist `committing`, read the route, CAS it {S, v'} → {D, v' + 1} (v' ≥ the
+//      version the move began at: with replicas every change of the copies moves the epoch on),
+//      FINISH on D, delete the intent, then release the page on S: end its movable, drain, free
+//      it, delete the checkpoint.
 //   4. Cancel (before the commit): persist `cancelling`, copy the done pieces back from D, last
 //      first, the same way (set in transit, chunks, mark), then FINISH (cancel) on D, delete the
 //      intent and release the page (not freed: it is S's again).
@@ -34,9 +36,15 @@
 //     chunk is FUA). The simulator found a move that retried just the failed chunk and committed
 //     a page missing an earlier one (seed 104).
 //   - The commit CAS is the single commit point: never two owners for one page version. An
-//     answer lost (or a conflict) is settled by reading the route: {D, v + 1} is our own commit
-//     (this run's, or one before a restart of S); anything else is a conflict (the move stops,
-//     its checkpoint kept) or, with no answer, the CAS is tried again.
+//     answer lost (or a conflict) is settled by reading the route: D as primary is our own commit
+//     (this run's, or one before a restart of S: D holds no copy while the page moves there);
+//     S still primary, the CAS is tried again from the version read (at once after a conflict,
+//     after retryMs with no answer).
+//   - Lost: a takeover or handover gave the page another primary while it moved (the driver
+//     hears it from the route table: `lost`). S's copy misses what it forwarded to D, so the move
+//     never commits, even if S gets the role back: it is abandoned at the next piece boundary or
+//     at the commit's route read (nothing copied back: FINISH (cancel) on D, the intent, release
+//     without freeing) and S's copy is resynced whole (`lostPage`: the driver distrusts it).
 //   - Once `committing` is decided the move cannot be cancelled: a CAS may be on its way. A
 //     cancel asked before the commit step begins is honoured there.
 //   - Clean-up removes only this move's intent (same source, destination, route version and id:
@@ -52,13 +60,13 @@
 //     (`armTimer`). A failure of an action with no failure event (persist, set/mark/clear a
 //     piece, release) stops the move the same way.
 //
-// Restart (Migrator.recover): a checkpointed move whose route is {D, v + 1} committed before the
-// crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route is still
-// {S, v} resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
+// Restart (Migrator.recover): a checkpointed move whose route has D as primary committed before
+// the crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route still
+// has S as primary resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
 // from the checkpoint's cursor: pieces [0, done) are on D and the piece that was in transit is
 // copied again from its first chunk; a `cancelling` checkpoint goes on copying back, a
-// `committing` one commits (and cannot be cancelled). Any other route contradicts the
-// checkpoint: it is dropped. Intents S recorded without a checkpoint (starts cut short) are
+// `committing` one commits (and cannot be cancelled). A route with another primary abandons the
+// move (as `lost` does). Intents S recorded without a checkpoint (starts cut short) are
 // removed.
 //
 // Destination D (procedural in the Migrator: each is a few steps): PREPARE checks the intent
@@ -66,7 +74,8 @@
 // away (the late free would erase the new copy; the simulator's seed 273), clears a stale copy
 // when the move is fresh (or from another source), then persists its receiving record before
 // answering, so a restart of D knows its staging traffic. FINISH learns the committed route, or
-// frees the copy on cancel, then drops the record. On restart D keeps a record while the intent
+// frees the copy on cancel (unless the route names D a copy: a new primary's rebuild may have
+// chosen it after the source lost the page), then drops the record. On restart D keeps a record while the intent
 // stands, drops it once D owns the page, and frees a copy whose move was abandoned.
 
 import { assert, ConflictError, NotFoundError, PeersanError } from '../errors';
@@ -539,7 +548,6 @@ export class MoveMachine {
   private abandon(): MoveAction[] {
     this.phaseNow = 'cancelling';
     this.cp.state = 'cancelling';
-    this.error = 'the source lost the primary role of the page; move abandoned';
     return [{ kind: 'lostPage' }, { kind: 'finish', committed: false, version: 0 }];
   }
 
