@@ -110,6 +110,16 @@ export interface MigratorOptions {
    * role: what it forwarded to D is not here): resync it whole (the activity log's suspect pages).
    */
   distrust?(volumeId: string, page: number): void;
+  /**
+   * This peer became the page's primary by a move's commit: its copies must agree with it on what
+   * the old primary changed without an acknowledgement (the replicated layer's reconcile).
+   */
+  adopted?(volumeId: string, page: number): void;
+  /**
+   * Before the commit CAS, on the source: the page's other copies agree with this peer (whose
+   * reads of a moving page come from D) on what it changed without an acknowledgement.
+   */
+  beforeHandoff?(volumeId: string, page: number): Promise<void>;
 }
 
 interface Running {
@@ -182,6 +192,8 @@ export class Migrator {
     const volume = this.o.catalog.volumeById(req.volumeId);
     if (req.committed) {
       if (volume) this.o.catalog.routes(volume).learn(req.page, { owner: this.o.self, version: req.version });
+      // Once per commit: a FINISH sent again finds the receiving record gone.
+      if (volume && this.incoming.has(k)) this.o.adopted?.(req.volumeId, req.page);
     } else {
       const movable = this.o.movable(req.volumeId);
       if (volume && movable && !(await this.holdsCopy(volume, req.page))) await this.clearPage(movable, volume, req.page);
@@ -417,7 +429,10 @@ export class Migrator {
         return { kind: 'persisted' };
       case 'setRoute':
         return outcome(
-          (async () => this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to))(),
+          (async () => {
+            await this.o.beforeHandoff?.(cp.volumeId, cp.page);
+            return this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+          })(),
           (route) => ({ kind: 'routeSet', version: route.version }),
           (error) => ({ kind: 'routeSetFailed', error }),
         );
