@@ -120,6 +120,8 @@ export interface MigratorOptions {
    * reads of a moving page come from D) on what it changed without an acknowledgement.
    */
   beforeHandoff?(volumeId: string, page: number): Promise<void>;
+  /** The same after a move of the page was cancelled here (in the background). */
+  cancelled?(volumeId: string, page: number): void;
 }
 
 interface Running {
@@ -452,6 +454,7 @@ export class Migrator {
         movable.end(cp.page);
         await drain(move);
         if (a.free) await this.clearPage(movable, this.requireVolume(cp.volumeId), cp.page);
+        else this.o.cancelled?.(cp.volumeId, cp.page);
         await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
         return { kind: 'released' };
       case 'armTimer':

@@ -287,6 +287,20 @@ export class Failover implements PrimaryGuard {
   }
 
   /**
+   * A move of the page away from this primary was cancelled (its pieces copied back from the
+   * destination): as before a handoff, the other in-sync copies get this peer's content of its
+   * recent grains (a change whose forward failed may be on them only), in the background until
+   * done or the page is not ours.
+   */
+  settleOwn(volumeId: string, page: number): void {
+    const volume = this.o.catalog.volumeById(volumeId);
+    const port = this.o.port(volumeId);
+    if (!volume || !port || this.closed) return;
+    const route = this.o.catalog.routes(volume).route(page);
+    if (route.copies && copiesOf(route).length > 1) void this.settle(volume, page, route, port);
+  }
+
+  /**
    * Reconcile until done, or until the page is not ours (route undefined: not known yet, read
    * from the catalog); the page stays held meanwhile.
    */

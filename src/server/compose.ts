@@ -175,6 +175,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     hold: (volumeId) => core.snapshots.hold(volumeId),
     distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
     beforeHandoff: (volumeId, page) => core.failover?.reconcileBeforeHandoff(volumeId, page) ?? Promise.resolve(),
+    cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
