@@ -333,8 +333,14 @@ export const pageGrainsMax = (pageBlocks * Math.max(...blockBytesAllowed)) / gra
 export const dirtyPersistMs = 200;
 /** … or at once when this many pages wait to be written. */
 export const dirtyPersistPagesMax = 256;
-/** A stale copy's resync ask waits this long for the primary's answer (a whole page copied, paced). */
-export const resyncAskMsMax = 60_000;
+/**
+ * A stale copy's resync ask waits this long for the primary's answer, then asks again (backoff
+ * below). An ask repeated while the primary still copies joins the running resync, so a page
+ * that takes longer costs a few asks, never a second copy; the bound decides how soon an ask the
+ * network lost is noticed. At 60 s a lost ask left the copy stale past the simulator's
+ * convergence bound (seeds 21, 30, 40, 100 --replicas 2).
+ */
+export const resyncAskMsMax = 10_000;
 /** Pages a stale copy resyncs at once, and the backoff between its asks for one page. */
 export const resyncPagesInFlightMax = 4;
 export const resyncRetryMsMin = 250;

@@ -125,7 +125,7 @@ function backPiece(piece: number): string[] {
   ];
 }
 
-const commitLines = ['enterStep', 'persist committing done=2', 'setRoute from v4', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5'];
+const commitLines = ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5'];
 const rollbackEnd = ['finish cancelled', 'deleteIntent', 'release', 'ended cancelled'];
 
 t.test('a fresh move: each piece set in transit, copied in chunks (the last FUA), marked; then the commit as one step', async (t) => {
@@ -277,51 +277,78 @@ t.test('restart of a cancelling move goes on copying back; of a committing one, 
 
 t.test('the commit CAS: a lost answer or a conflict is settled by reading the route', async (t) => {
   t.test('ok', async (t) => {
-    t.same(run(machine({ done: 2 })).slice(0, 4), ['enterStep', 'persist committing done=2', 'setRoute from v4', 'finish committed v5']);
+    t.same(run(machine({ done: 2 })).slice(0, 5), ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'finish committed v5']);
+  });
+  t.test('the copies changed since the move began (resync, a copy dropped: the epoch moved on): the CAS starts from the version read', async (t) => {
+    const lines = run(machine({ done: 2 }), (a) => (a.kind === 'readRoute' ? { kind: 'routeRead', owner: 'p1', version: 7 } : undefined));
+    t.same(lines.slice(2, 5), ['readRoute', 'setRoute from v7', 'finish committed v8']);
+  });
+  t.test('conflict while this peer is still primary (a change of the copies meanwhile): read again and CAS again at once', async (t) => {
+    let reads = 0;
+    const lines = run(machine({ done: 2 }), (a) => {
+      if (a.kind === 'setRoute' && a.version === 4) return { kind: 'routeSetFailed', error: new ConflictError('page 1 is at p1 v5, not p1 v4') };
+      if (a.kind === 'readRoute') return { kind: 'routeRead', owner: 'p1', version: reads++ === 0 ? 4 : 5 };
+      return undefined;
+    });
+    t.same(lines.slice(2, 7), ['readRoute', 'setRoute from v4', 'readRoute', 'setRoute from v5', 'finish committed v6']);
   });
   t.test('conflict, and the route is already ours-committed ({D, v + 1}: a CAS before a restart, or whose answer was lost)', async (t) => {
     const m = machine({ done: 2 });
+    let reads = 0;
     const lines = run(m, (a) => {
       if (a.kind === 'setRoute') return { kind: 'routeSetFailed', error: new ConflictError('page 1 is at p2 v5, not p1 v4') };
-      if (a.kind === 'readRoute') return { kind: 'routeRead', owner: 'p2', version: 5 };
+      if (a.kind === 'readRoute' && reads++ > 0) return { kind: 'routeRead', owner: 'p2', version: 5 };
       return undefined;
     });
-    t.same(lines, ['enterStep', 'persist committing done=2', 'setRoute from v4', 'readRoute', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
+    t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'readRoute', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
     t.equal(m.lastError, '');
   });
-  t.test('conflict with another owner: the move stops, leaving its step', async (t) => {
+  t.test('another primary (a takeover): the move is abandoned, nothing copied back, D frees its copy', async (t) => {
     const m = machine({ done: 2 });
-    const lines = run(m, (a) => {
-      if (a.kind === 'setRoute') return { kind: 'routeSetFailed', error: new ConflictError('page 1 is at p3 v5, not p1 v4') };
-      if (a.kind === 'readRoute') return { kind: 'routeRead', owner: 'p3', version: 5 };
-      return undefined;
-    });
-    t.same(lines, ['enterStep', 'persist committing done=2', 'setRoute from v4', 'readRoute', 'leaveStep', 'ended stopped: page 1 is at p3 v5, not p1 v4']);
+    const lines = run(m, (a) => (a.kind === 'readRoute' ? { kind: 'routeRead', owner: 'p3', version: 5 } : undefined));
+    t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'lostPage', 'finish cancelled', 'deleteIntent', 'release', 'leaveStep', 'ended cancelled']);
   });
   t.test('ambiguous (no answer): the route read shows it did not happen, or cannot be read; the CAS is tried again', async (t) => {
     const m = machine({ done: 2 });
-    let n = 0;
+    let cas = 0;
+    let reads = 0;
     const lines = run(m, (a) => {
-      if (a.kind === 'setRoute' && n++ < 2) return { kind: 'routeSetFailed', error: new PeersanError('catalog unreachable') };
-      if (a.kind === 'readRoute' && n === 2) return { kind: 'routeReadFailed', error: new PeersanError('catalog still unreachable') };
+      if (a.kind === 'setRoute' && cas++ < 2) return { kind: 'routeSetFailed', error: new PeersanError('catalog unreachable') };
+      if (a.kind === 'readRoute' && reads++ === 2) return { kind: 'routeReadFailed', error: new PeersanError('catalog still unreachable') };
       return undefined;
     });
     t.same(lines, [
-      'enterStep', 'persist committing done=2',
+      'enterStep', 'persist committing done=2', 'readRoute',
       'setRoute from v4', 'readRoute', `armTimer ${retryMs}`,
-      'setRoute from v4', 'readRoute', `armTimer ${retryMs}`,
+      'setRoute from v4', 'readRoute', `armTimer ${retryMs}`, 'readRoute', `armTimer ${retryMs}`,
       'setRoute from v4', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5',
     ], 'all inside the one commit step');
   });
   t.test('ambiguous, and the CAS did go through', async (t) => {
     const m = machine({ done: 2 });
+    let reads = 0;
     const lines = run(m, (a) => {
       if (a.kind === 'setRoute') return { kind: 'routeSetFailed', error: new PeersanError('timed out') };
-      if (a.kind === 'readRoute') return { kind: 'routeRead', owner: 'p2', version: 5 };
+      if (a.kind === 'readRoute' && reads++ > 0) return { kind: 'routeRead', owner: 'p2', version: 5 };
       return undefined;
     });
-    t.same(lines.slice(2, 5), ['setRoute from v4', 'readRoute', 'finish committed v5']);
+    t.same(lines.slice(2, 6), ['readRoute', 'setRoute from v4', 'readRoute', 'finish committed v5']);
   });
+});
+
+t.test('the page has another primary while it moves (lost): abandoned at the next piece boundary; a role got back does not commit', async (t) => {
+  const m = machine();
+  const lines = run(m, (a) => {
+    if (a.kind === 'copyChunk' && a.piece === 0) t.same(m.step({ kind: 'lost' }), [], 'recorded; the pending action goes on');
+    return undefined;
+  });
+  t.same(lines, [...forwardPiece(0), 'lostPage', ...rollbackEnd]);
+  const back = machine({ done: 2 });
+  const commit = run(back, (a) => {
+    if (a.kind === 'persist') back.step({ kind: 'lost' });
+    return undefined;
+  });
+  t.same(commit, ['enterStep', 'persist committing done=2', 'readRoute', 'lostPage', 'finish cancelled', 'deleteIntent', 'release', 'leaveStep', 'ended cancelled'], 'this peer primary again: its copy misses what went to D');
 });
 
 t.test('clean-up: FINISH after a commit is tried once (D reads the catalog); after a cancel, until D answers; the intent until it is gone', async (t) => {
@@ -332,10 +359,10 @@ t.test('clean-up: FINISH after a commit is tried once (D reads the catalog); aft
     if (a.kind === 'deleteIntent' && intentFails-- > 0) return { kind: 'intentDeleteFailed', error: new PeersanError('catalog down') };
     return undefined;
   }, (mm, l) => {
-    if (l.at(-1) === 'deleteIntent' && l.length === 5) t.match(mm.lastError, /did not confirm the commit.*p2 down/);
+    if (l.at(-1) === 'deleteIntent' && l.length === 6) t.match(mm.lastError, /did not confirm the commit.*p2 down/);
     return false;
   });
-  t.same(lines, ['enterStep', 'persist committing done=2', 'setRoute from v4', 'finish committed v5', 'deleteIntent', `armTimer ${retryMs}`, 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
+  t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'finish committed v5', 'deleteIntent', `armTimer ${retryMs}`, 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
   const c = machine({ done: 0, state: 'cancelling' });
   let finishFails = 2;
   const back = run(c, (a) => (a.kind === 'finish' && finishFails-- > 0 ? { kind: 'finishFailed', error: new PeersanError('p2 down') } : undefined));

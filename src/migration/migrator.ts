@@ -20,7 +20,7 @@ import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import { roleOf, switchedPrimary } from '../replication/placement';
 import { BlockOp, decodeExtents } from '../routing/frame';
-import type { Route } from '../routing/table';
+import { copiesOf, type Route } from '../routing/table';
 import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
@@ -105,6 +105,23 @@ export interface MigratorOptions {
    * resync brings it back.
    */
   quiet?<T>(volumeId: string, page: number, fn: () => Promise<T>): Promise<T>;
+  /**
+   * This peer's copy of the page may miss acknowledged writes (a move from here lost the primary
+   * role: what it forwarded to D is not here): resync it whole (the activity log's suspect pages).
+   */
+  distrust?(volumeId: string, page: number): void;
+  /**
+   * This peer became the page's primary by a move's commit: its copies must agree with it on what
+   * the old primary changed without an acknowledgement (the replicated layer's reconcile).
+   */
+  adopted?(volumeId: string, page: number): void;
+  /**
+   * Before the commit CAS, on the source: the page's other copies agree with this peer (whose
+   * reads of a moving page come from D) on what it changed without an acknowledgement.
+   */
+  beforeHandoff?(volumeId: string, page: number): Promise<void>;
+  /** The same after a move of the page was cancelled here (in the background). */
+  cancelled?(volumeId: string, page: number): void;
 }
 
 interface Running {
@@ -115,10 +132,12 @@ interface Running {
   /** Settles when the move commits (resolve) or is cancelled / stops (reject). */
   finished: Promise<void>;
   settle(err?: Error): void;
+  /** Stops following the page's routes (see launch). */
+  unfollow(): void;
 }
 
 /** The actions the driver performs at once, with no outcome to feed back. */
-type Effect = Extract<MoveAction, { kind: 'leaveStep' | 'turnBack' | 'ended' }>;
+type Effect = Extract<MoveAction, { kind: 'leaveStep' | 'turnBack' | 'lostPage' | 'ended' }>;
 
 export class Migrator {
   private readonly o: MigratorOptions;
@@ -175,12 +194,23 @@ export class Migrator {
     const volume = this.o.catalog.volumeById(req.volumeId);
     if (req.committed) {
       if (volume) this.o.catalog.routes(volume).learn(req.page, { owner: this.o.self, version: req.version });
+      // Once per commit: a FINISH sent again finds the receiving record gone.
+      if (volume && this.incoming.has(k)) this.o.adopted?.(req.volumeId, req.page);
     } else {
       const movable = this.o.movable(req.volumeId);
-      if (volume && movable) await this.clearPage(movable, volume, req.page);
+      if (volume && movable && !(await this.holdsCopy(volume, req.page))) await this.clearPage(movable, volume, req.page);
     }
     this.incoming.delete(k);
     await this.o.store.deleteRecord(incomingKey(req.volumeId, req.page));
+  }
+
+  /**
+   * The page's route names this peer as a copy: a move abandoned by its source (the page got
+   * another primary) may reach D after that primary made D a copy of its own (a rebuild), whose
+   * blocks an abandoned move's clean-up must not free.
+   */
+  private async holdsCopy(volume: VolumeRecord, page: number): Promise<boolean> {
+    return copiesOf(await this.o.catalog.fetchRoute(volume, page)).includes(this.o.self);
   }
 
   /** Free this peer's copy of the page (a destination's stale or abandoned copy, a source's after its commit). */
@@ -245,6 +275,9 @@ export class Migrator {
       return switchedPrimary(now, to, quiet !== undefined);
     });
     const startedAtMs = this.o.env.clock.nowMs();
+    // A move of the page left by an earlier start (or resumed by nobody yet) must end first: its
+    // intent names this peer as the source, and a new primary would never remove it.
+    if (await this.o.catalog.moveIntent(volume.id, page)) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
     const next = quiet ? await quiet(volume.id, page, cas) : await cas();
     this.o.log.info({ volume: volume.name, page, to, version: next.version }, 'primary role of a page switched to an in-sync copy');
     this.o.event?.('page-moved', `page ${page} of ${volume.name}: primary role switched from ${this.o.self} to ${to} (no data copied)`, volume.name);
@@ -305,7 +338,15 @@ export class Migrator {
     let settle!: (err?: Error) => void;
     const finished = new Promise<void>((resolve, reject) => (settle = (err) => (err ? reject(err) : resolve())));
     finished.catch(() => undefined);
-    const r: Running = { machine, move, movable, finished, settle };
+    // A takeover or handover gives the page to another copy while it moves: the machine hears of
+    // it at once (the commit could not see a loss followed by a return of the role).
+    const unfollow = this.o.catalog.routes(this.requireVolume(cp.volumeId)).onLearn((page, route) => {
+      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from || route.owner === cp.to) return;
+      // Before this peer asks the new primary for a resync (the same route starts it): a whole one.
+      this.o.distrust?.(cp.volumeId, cp.page);
+      this.drive(r, { kind: 'lost' });
+    });
+    const r: Running = { machine, move, movable, finished, settle, unfollow };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     this.drive(r, { kind: 'begin' });
@@ -321,7 +362,7 @@ export class Migrator {
     const actions = m.step(ev);
     if (m.lastError !== '' && m.lastError !== before && !m.over) this.o.log.warn({ page: m.cp.page, to: m.cp.to, piece: m.transit, reason: m.lastError }, 'page move step failed; retrying');
     for (const a of actions) {
-      if (a.kind === 'leaveStep' || a.kind === 'turnBack' || a.kind === 'ended') {
+      if (a.kind === 'leaveStep' || a.kind === 'turnBack' || a.kind === 'lostPage' || a.kind === 'ended') {
         this.effect(r, a);
         continue;
       }
@@ -338,6 +379,12 @@ export class Migrator {
     if (a.kind === 'leaveStep') return this.leaveStep(r.machine.cp.volumeId);
     if (a.kind === 'turnBack') {
       r.move.cursor.state = 'cancelling';
+      return;
+    }
+    if (a.kind === 'lostPage') {
+      const cp = r.machine.cp;
+      this.o.log.warn({ page: cp.page, volumeId: cp.volumeId, to: cp.to }, 'the page has another primary: move abandoned, this copy resyncs whole');
+      this.o.distrust?.(cp.volumeId, cp.page);
       return;
     }
     this.ended(r, a);
@@ -384,7 +431,10 @@ export class Migrator {
         return { kind: 'persisted' };
       case 'setRoute':
         return outcome(
-          (async () => this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to))(),
+          (async () => {
+            await this.o.beforeHandoff?.(cp.volumeId, cp.page);
+            return this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+          })(),
           (route) => ({ kind: 'routeSet', version: route.version }),
           (error) => ({ kind: 'routeSetFailed', error }),
         );
@@ -404,6 +454,7 @@ export class Migrator {
         movable.end(cp.page);
         await drain(move);
         if (a.free) await this.clearPage(movable, this.requireVolume(cp.volumeId), cp.page);
+        else this.o.cancelled?.(cp.volumeId, cp.page);
         await this.o.store.deleteRecord(checkpointKey(cp.volumeId, cp.page));
         return { kind: 'released' };
       case 'armTimer':
@@ -471,6 +522,7 @@ export class Migrator {
     const cp = r.machine.cp;
     const name = this.o.catalog.volumeById(cp.volumeId)?.name ?? cp.volumeId;
     this.running.delete(key(cp.volumeId, cp.page));
+    r.unfollow();
     if (a.outcome === 'stopped') {
       r.settle(a.error);
       if (!this.closed) this.o.log.error({ err: a.error, page: cp.page, volumeId: cp.volumeId }, 'page move stopped');
@@ -527,7 +579,9 @@ export class Migrator {
       // (dropping it would leave the move's intent in the catalog for good).
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, cp.page);
-      if (route.owner === cp.to && route.version === cp.routeVersion + 1) {
+      // D is primary only by this move's commit (it holds no copy while the page moves there);
+      // the route's version may have moved on since (changes of the copies, a takeover).
+      if (route.owner === cp.to && route.version > cp.routeVersion) {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
@@ -535,11 +589,16 @@ export class Migrator {
         await this.clearPage(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
         this.o.committed?.({ volumeId: cp.volumeId, page: cp.page, from: cp.from, to: cp.to });
-      } else if (route.owner === this.o.self && route.version === cp.routeVersion) {
+      } else if (route.owner === this.o.self && route.version >= cp.routeVersion) {
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to, done: cp.done, pieces: cp.pieces, state: cp.state }, 'resuming a page move after a restart');
         await this.launch(cp, movable, true);
       } else {
-        this.o.log.error({ volume: volume.name, page: cp.page, route }, 'dropping a move checkpoint that contradicts the catalog');
+        // Another primary took the page over while this peer was down: the move is abandoned (as
+        // MoveMachine.abandon does), and this copy, missing what was forwarded to D, resyncs whole.
+        this.o.log.warn({ volume: volume.name, page: cp.page, route }, 'abandoning a page move whose page has another primary');
+        this.o.distrust?.(cp.volumeId, cp.page);
+        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }).catch(() => undefined);
+        await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
         await this.o.store.deleteRecord(rec.key);
       }
     }
@@ -564,7 +623,7 @@ export class Migrator {
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, page);
       const intent = await this.o.catalog.moveIntent(volumeId, page);
-      if (route.owner === this.o.self) {
+      if (route.owner === this.o.self || copiesOf(route).includes(this.o.self)) {
         await this.o.store.deleteRecord(rec.key);
       } else if (intent && intent.to === this.o.self && intent.from === from) {
         this.incoming.set(key(volumeId, page), from);

@@ -12,8 +12,10 @@
 //      removed too, in the background.
 //   2. Pieces in order: set piece p in transit (host writes go to both copies), copy it in
 //      chunks, then mark it done (S forwards its I/O to D from then on), and the next piece.
-//   3. Commit: persist `committing`, CAS the route {S, v} → {D, v + 1}, FINISH on D, delete the
-//      intent, then release the page on S: end its movable, drain, free it, delete the checkpoint.
+//   3. Commit: persist `committing`, read the route, CAS it {S, v'} → {D, v' + 1} (v' ≥ the
+//      version the move began at: with replicas every change of the copies moves the epoch on),
+//      FINISH on D, delete the intent, then release the page on S: end its movable, drain, free
+//      it, delete the checkpoint.
 //   4. Cancel (before the commit): persist `cancelling`, copy the done pieces back from D, last
 //      first, the same way (set in transit, chunks, mark), then FINISH (cancel) on D, delete the
 //      intent and release the page (not freed: it is S's again).
@@ -34,9 +36,15 @@
 //     chunk is FUA). The simulator found a move that retried just the failed chunk and committed
 //     a page missing an earlier one (seed 104).
 //   - The commit CAS is the single commit point: never two owners for one page version. An
-//     answer lost (or a conflict) is settled by reading the route: {D, v + 1} is our own commit
-//     (this run's, or one before a restart of S); anything else is a conflict (the move stops,
-//     its checkpoint kept) or, with no answer, the CAS is tried again.
+//     answer lost (or a conflict) is settled by reading the route: D as primary is our own commit
+//     (this run's, or one before a restart of S: D holds no copy while the page moves there);
+//     S still primary, the CAS is tried again from the version read (at once after a conflict,
+//     after retryMs with no answer).
+//   - Lost: a takeover or handover gave the page another primary while it moved (the driver
+//     hears it from the route table: `lost`). S's copy misses what it forwarded to D, so the move
+//     never commits, even if S gets the role back: it is abandoned at the next piece boundary or
+//     at the commit's route read (nothing copied back: FINISH (cancel) on D, the intent, release
+//     without freeing) and S's copy is resynced whole (`lostPage`: the driver distrusts it).
 //   - Once `committing` is decided the move cannot be cancelled: a CAS may be on its way. A
 //     cancel asked before the commit step begins is honoured there.
 //   - Clean-up removes only this move's intent (same source, destination, route version and id:
@@ -52,13 +60,13 @@
 //     (`armTimer`). A failure of an action with no failure event (persist, set/mark/clear a
 //     piece, release) stops the move the same way.
 //
-// Restart (Migrator.recover): a checkpointed move whose route is {D, v + 1} committed before the
-// crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route is still
-// {S, v} resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
+// Restart (Migrator.recover): a checkpointed move whose route has D as primary committed before
+// the crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route still
+// has S as primary resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
 // from the checkpoint's cursor: pieces [0, done) are on D and the piece that was in transit is
 // copied again from its first chunk; a `cancelling` checkpoint goes on copying back, a
-// `committing` one commits (and cannot be cancelled). Any other route contradicts the
-// checkpoint: it is dropped. Intents S recorded without a checkpoint (starts cut short) are
+// `committing` one commits (and cannot be cancelled). A route with another primary abandons the
+// move (as `lost` does). Intents S recorded without a checkpoint (starts cut short) are
 // removed.
 //
 // Destination D (procedural in the Migrator: each is a few steps): PREPARE checks the intent
@@ -66,7 +74,8 @@
 // away (the late free would erase the new copy; the simulator's seed 273), clears a stale copy
 // when the move is fresh (or from another source), then persists its receiving record before
 // answering, so a restart of D knows its staging traffic. FINISH learns the committed route, or
-// frees the copy on cancel, then drops the record. On restart D keeps a record while the intent
+// frees the copy on cancel (unless the route names D a copy: a new primary's rebuild may have
+// chosen it after the source lost the page), then drops the record. On restart D keeps a record while the intent
 // stands, drops it once D owns the page, and frees a copy whose move was abandoned.
 
 import { assert, ConflictError, NotFoundError, PeersanError } from '../errors';
@@ -139,6 +148,11 @@ export type MoveAction =
   | { kind: 'release'; free: boolean }
   /** → timer, after `ms`. */
   | { kind: 'armTimer'; ms: number }
+  /**
+   * The source lost the page's primary role while the move ran (no outcome): its copy misses what
+   * it forwarded to D, so it must be resynced whole.
+   */
+  | { kind: 'lostPage' }
   /** The move is over (no outcome). */
   | { kind: 'ended'; outcome: 'committed'; version: number }
   | { kind: 'ended'; outcome: 'cancelled' }
@@ -171,10 +185,12 @@ export type MoveEvent =
   | { kind: 'timer' }
   /** Asked from outside at any time (refused by the driver once `cancellable` is false). */
   | { kind: 'cancel' }
+  /** From outside at any time: a newer route of the page names another primary (a takeover, a handover). */
+  | { kind: 'lost' }
   /** The pending action failed with no failure event of its own, or the peer is stopping. */
   | { kind: 'stop'; error: Error };
 
-type Outcome = Exclude<MoveEvent['kind'], 'cancel'>;
+type Outcome = Exclude<MoveEvent['kind'], 'cancel' | 'lost'>;
 
 /** Which outcome each action awaits (one of them), or none. */
 const outcomesOf: Partial<Record<MoveAction['kind'], Outcome[]>> = {
@@ -195,7 +211,7 @@ const outcomesOf: Partial<Record<MoveAction['kind'], Outcome[]>> = {
 };
 
 /** What comes after a step is entered or a timer fires. */
-type Next = 'prepare' | 'transit' | 'chunk' | 'pass' | 'mark' | 'clear' | 'commit' | 'setRoute' | 'finish' | 'deleteIntent';
+type Next = 'prepare' | 'transit' | 'chunk' | 'pass' | 'mark' | 'clear' | 'commit' | 'readRoute' | 'setRoute' | 'finish' | 'deleteIntent';
 
 export class MoveMachine {
   /** The machine's record of the move: what the next persisted checkpoint says. */
@@ -209,6 +225,12 @@ export class MoveMachine {
   /** The next chunk's first block, in the piece in transit. */
   private chunkLba = 0;
   private cancelAsked: boolean;
+  /** The source stopped being the page's primary at some point since the move began (see `lost`). */
+  private lostAsked = false;
+  /** The route version the commit CAS starts from: the latest read while this peer is primary. */
+  private casVersion: number;
+  /** The commit CAS was tried (its answer may have been lost): a route read settles it. */
+  private casTried = false;
   private error = '';
   private copiedBytes = 0;
   /** The outcomes of the pending action (`stop` is always one too); at first, begin. */
@@ -231,6 +253,7 @@ export class MoveMachine {
     this.pacer = new ChunkPacer(opts.duty);
     this.chunkBlocks = Math.max(1, Math.floor(chunkBytes / geometry.blockBytes));
     this.resumed = opts.resumed;
+    this.casVersion = cp.routeVersion;
     this.cancelAsked = cp.state === 'cancelling';
     // A `cancelling` checkpoint turns back again at the first piece boundary (persisting it
     // again, harmless); a `committing` one has every piece done and commits.
@@ -281,6 +304,11 @@ export class MoveMachine {
       if (this.cancellable) this.cancelAsked = true;
       return [];
     }
+    if (ev.kind === 'lost') {
+      // Recorded; acted on at the next piece boundary, or by the commit (which never commits then).
+      this.lostAsked = true;
+      return [];
+    }
     if (this.over) return [];
     assert(ev.kind === 'stop' || this.awaiting.includes(ev.kind), `move machine: ${ev.kind} while awaiting ${this.awaiting.join(' or ')}`);
     const out = this.on(ev);
@@ -293,7 +321,7 @@ export class MoveMachine {
     return out;
   }
 
-  private on(ev: Exclude<MoveEvent, { kind: 'cancel' }>): MoveAction[] {
+  private on(ev: Exclude<MoveEvent, { kind: 'cancel' | 'lost' }>): MoveAction[] {
     switch (ev.kind) {
       case 'begin':
         return this.resumed ? [{ kind: 'prepare' }] : this.nextPiece();
@@ -346,7 +374,7 @@ export class MoveMachine {
       case 'chunkFailed':
         return [this.leave(), ...this.retry(ev.error, 'pass')];
       case 'routeReadFailed':
-        return this.retry(ev.error, 'setRoute');
+        return this.retry(ev.error, 'readRoute');
       case 'intentDeleteFailed':
         return this.retry(ev.error, 'deleteIntent');
       case 'stop':
@@ -361,6 +389,7 @@ export class MoveMachine {
   /** The loop's head: the next piece forward or back, the commit, or the roll-back's end. */
   private nextPiece(): MoveAction[] {
     if (this.phaseNow === 'preparing') this.phaseNow = 'copying';
+    if (this.lostAsked && this.phaseNow === 'copying') return this.abandon();
     if (this.cancelAsked && this.phaseNow === 'copying') return this.turnBack();
     if (this.back) {
       if (this.cp.done === 0) return [{ kind: 'finish', committed: false, version: 0 }];
@@ -421,8 +450,10 @@ export class MoveMachine {
         return this.startPass();
       case 'chunk':
         return this.nextChunk();
+      case 'readRoute':
+        return [{ kind: 'readRoute' }];
       case 'setRoute':
-        return [{ kind: 'setRoute', version: this.cp.routeVersion }];
+        return this.casNow();
       case 'finish':
         return [{ kind: 'finish', committed: false, version: 0 }];
       case 'deleteIntent':
@@ -433,7 +464,9 @@ export class MoveMachine {
   }
 
   private afterPersist(): MoveAction[] {
-    if (this.phaseNow === 'committing') return [{ kind: 'setRoute', version: this.cp.routeVersion }];
+    // The route is read first: its version moves with every change of the copies (resync, a copy
+    // dropped), not only with owners; the CAS starts from the version read.
+    if (this.phaseNow === 'committing') return [{ kind: 'readRoute' }];
     return this.nextPiece();
   }
 
@@ -483,10 +516,39 @@ export class MoveMachine {
 
   // ---- commit and clean-up --------------------------------------------------------------------
 
-  /** A failed CAS settled by the route read: our own commit, a conflict, or try again. */
+  /**
+   * The route read before the commit CAS, or after one failed: D as primary is our own commit (D
+   * holds no copy of the page while it moves there, so nothing else makes it primary); this peer
+   * as primary, and primary all along, CASes from the version read (a conflict there was a change
+   * of the copies: tried again at once, a CAS with no answer after retryMs); another primary took
+   * the page over (or this peer lost the role and got it back, its copy missing what it forwarded
+   * meanwhile): the move is abandoned.
+   */
   private settleCas(owner: string, version: number): MoveAction[] {
-    if (owner === this.cp.to && version === this.cp.routeVersion + 1) return this.committedAt(version);
-    return this.retry(this.casError ?? new PeersanError('the route CAS failed'), 'setRoute');
+    if (owner === this.cp.to && version > this.cp.routeVersion) return this.committedAt(version);
+    if (owner !== this.cp.from || this.lostAsked) return this.abandon();
+    const unanswered = this.casTried && !(this.casError instanceof ConflictError) && version === this.casVersion;
+    this.casVersion = version;
+    if (!unanswered) return this.casNow();
+    this.error = this.casError?.message ?? 'the route CAS had no answer';
+    this.next = 'setRoute';
+    return [{ kind: 'armTimer', ms: retryMs }];
+  }
+
+  private casNow(): MoveAction[] {
+    this.casTried = true;
+    return [{ kind: 'setRoute', version: this.casVersion }];
+  }
+
+  /**
+   * The source is not the page's primary any more: nothing is copied back (the new primary holds
+   * every acknowledged write; this peer's copy, missing what it forwarded to D, is resynced whole).
+   * D frees its copy, the intent goes, the page is released here without being freed.
+   */
+  private abandon(): MoveAction[] {
+    this.phaseNow = 'cancelling';
+    this.cp.state = 'cancelling';
+    return [{ kind: 'lostPage' }, { kind: 'finish', committed: false, version: 0 }];
   }
 
   private committedAt(version: number): MoveAction[] {

@@ -134,6 +134,18 @@ export class ActivityLog {
     this.suspects.get(volumeId)?.delete(page);
   }
 
+  /**
+   * This peer's copy of the page may miss acknowledged writes it once held (a page move from here
+   * lost the primary role: what it forwarded to the destination is not here): suspect, so its
+   * next resync is whole. Logged, so a crash before that resync leaves it suspect.
+   */
+  distrust(volumeId: string, page: number): void {
+    let set = this.suspects.get(volumeId);
+    if (!set) this.suspects.set(volumeId, (set = new Set()));
+    set.add(page);
+    void this.beforeChange(volumeId, page)?.catch(() => undefined);
+  }
+
   /** Pages in the log (tests, status). */
   logged(volumeId: string): number[] {
     return [...this.entries.keys()].map(parseKey).filter((at) => at?.volumeId === volumeId).map((at) => at!.page).sort((a, b) => a - b);

@@ -258,6 +258,49 @@ export class Failover implements PrimaryGuard {
   }
 
   /**
+   * This peer became the page's primary by a page move's commit (the old primary's copy moved
+   * here, no takeover): reconcile as after a takeover, the page held meanwhile. A change that
+   * failed on the old primary (its forward to this peer failed) may have reached the other
+   * in-sync copies: they keep its grains recent, and nobody else would ever make them agree.
+   */
+  adopt(volumeId: string, page: number): void {
+    const volume = this.o.catalog.volumeById(volumeId);
+    const port = this.o.port(volumeId);
+    if (!volume || !port || this.closed) return;
+    const release = this.hold(keyOf(volumeId, page));
+    void this.settle(volume, page, undefined, port).finally(release);
+  }
+
+  /**
+   * The primary is about to hand the page to a move's destination (the commit CAS): every other
+   * in-sync copy gets this peer's content of the grains a change touched without being
+   * acknowledged everywhere (a change whose forward to the destination failed may have reached
+   * a copy; one a copy missed while it could not be dropped may be on the destination only).
+   * The new primary would not know those grains: they are recent here, and this peer leaves.
+   */
+  async reconcileBeforeHandoff(volumeId: string, page: number): Promise<void> {
+    const volume = this.o.catalog.volumeById(volumeId);
+    const port = this.o.port(volumeId);
+    if (!volume || !port) return;
+    const route = this.o.catalog.routes(volume).route(page);
+    if (route.copies && copiesOf(route).length > 1) await this.reconcile(volume, page, route, port);
+  }
+
+  /**
+   * A move of the page away from this primary was cancelled (its pieces copied back from the
+   * destination): as before a handoff, the other in-sync copies get this peer's content of its
+   * recent grains (a change whose forward failed may be on them only), in the background until
+   * done or the page is not ours.
+   */
+  settleOwn(volumeId: string, page: number): void {
+    const volume = this.o.catalog.volumeById(volumeId);
+    const port = this.o.port(volumeId);
+    if (!volume || !port || this.closed) return;
+    const route = this.o.catalog.routes(volume).route(page);
+    if (route.copies && copiesOf(route).length > 1) void this.settle(volume, page, route, port);
+  }
+
+  /**
    * Reconcile until done, or until the page is not ours (route undefined: not known yet, read
    * from the catalog); the page stays held meanwhile.
    */

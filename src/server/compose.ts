@@ -173,6 +173,14 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
+    distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
+    beforeHandoff: (volumeId, page) => core.failover?.reconcileBeforeHandoff(volumeId, page) ?? Promise.resolve(),
+    cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
+    // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
+    adopted: (volumeId, page) => {
+      const volume = catalog.volumeById(volumeId);
+      if (volume && ((volume.replicas ?? 1) > 1 || catalog.routes(volume).route(page).copies)) core.failover?.adopt(volumeId, page);
+    },
     // A role switch runs while no change of the page runs on the old primary (its range lock).
     quiet: (volumeId, page, fn) => {
       const port = core.targets.replicated(volumeId);
