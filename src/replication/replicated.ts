@@ -281,7 +281,10 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     try {
       // Every copy has answered (or been dropped) before the lock is released, even when the local apply failed.
       const [local, copies] = await Promise.allSettled([this.apply(c), this.toCopies(page, c, seq, ackedThrough, sent)]);
-      if (local.status === 'rejected') throw local.reason;
+      if (local.status === 'rejected') {
+        if (!(local.reason instanceof PageMovedError)) ok = await this.unapplied(page, c, sent);
+        throw local.reason;
+      }
       this.o.tracker.changed(this.o.volumeId, page, sent.route, c.lba, c.blocks, sent.missed);
       if (copies.status === 'rejected') throw copies.reason;
       ok = true;
@@ -291,6 +294,28 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     } finally {
       this.recent.end(page, seq, ok);
     }
+  }
+
+  /**
+   * The change failed here after it went to the copies (a store error, a move's destination out
+   * of reach): copies that applied it hold what this peer, the page's truth, does not. Left so,
+   * they would stay different for as long as this peer stays primary (only a new primary
+   * reconciles). So every copy it went to leaves the in-sync set (those that missed it are out
+   * already) with the change's grains dirty, and resyncs this peer's content. True when done:
+   * no other in-sync copy is left holding the change, so its number may count as settled.
+   * Still under the change's range lock: no later change overtakes the drop.
+   */
+  private async unapplied(page: number, c: Change, sent: Sent): Promise<boolean> {
+    const others = inSyncOf(sent.route).filter((p) => p !== this.o.self);
+    const reached = [...others, ...this.o.tracker.resyncing(this.o.volumeId, page)].filter((p) => p !== this.o.self && !sent.missed.includes(p));
+    try {
+      if (others.length > 0) sent.route = await this.dropCopies(page, sent.route, others, 'the change failed on the primary after the copies applied it');
+    } catch {
+      // Not dropped: the change stays pending, so the copies keep its grains for the next primary's reconcile.
+      return false;
+    }
+    this.o.tracker.changed(this.o.volumeId, page, sent.route, c.lba, c.blocks, [...sent.missed, ...reached]);
+    return true;
   }
 
   /**
