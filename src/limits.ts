@@ -333,8 +333,14 @@ export const pageGrainsMax = (pageBlocks * Math.max(...blockBytesAllowed)) / gra
 export const dirtyPersistMs = 200;
 /** … or at once when this many pages wait to be written. */
 export const dirtyPersistPagesMax = 256;
-/** A stale copy's resync ask waits this long for the primary's answer (a whole page copied, paced). */
-export const resyncAskMsMax = 60_000;
+/**
+ * A primary answers a resync ask after this long at most, "running" when the copy is not back in
+ * sync yet (the copy asks again and joins the run): so an ask lost in a partition is found out in
+ * seconds, not after the time a whole page's paced copy may take.
+ */
+export const resyncAnswerMsMax = 5_000;
+/** A stale copy's resync ask waits this long for the primary's answer. */
+export const resyncAskMsMax = 2 * resyncAnswerMsMax;
 /** Pages a stale copy resyncs at once, and the backoff between its asks for one page. */
 export const resyncPagesInFlightMax = 4;
 export const resyncRetryMsMin = 250;
@@ -343,6 +349,7 @@ export const resyncRetryMsMax = 8_000;
 export const resyncAdmitRoundsMax = 8;
 assert(dirtyPersistMs < activityQuietMs / 2, 'dirty records are written before a sweep could drop their page');
 assert(resyncRetryMsMin <= resyncRetryMsMax, 'resync backoff');
+assert(resyncAnswerMsMax < resyncAskMsMax, 'a resync ask is answered before its caller gives up');
 
 // -- issue 17, part C: copies kept at the asked count (src/replication/rebuild.ts).
 /** A peer unreachable this long is lost: its copies are rebuilt elsewhere (cluster.downOutMs overrides; Ceph's down-out interval). */
