@@ -233,6 +233,12 @@ export const leaseCallMsMax = 500;
 export const failoverWaitMsMax = 8_000;
 /** The new primary's `recent` question to each in-sync copy (an unanswered copy is dropped from the in-sync set). */
 export const recentCallMsMax = 1_500;
+/**
+ * A restarted primary handing a suspect page over waits this long for the secondary's answer (its
+ * CAS): unanswered, it reads the route (the CAS may have happened) and asks again. Short, so that
+ * an ask lost in a partition does not keep the suspect copy in the in-sync set for long.
+ */
+export const handoverCallMsMax = 2 * recentCallMsMax;
 /** Route changes (takeovers) one lease answer carries; more come with the next renewals, the lease waits for them. */
 export const leaseTakeoversPerAnswerMax = 2_048;
 /** A peer that stays silent is looked at again (pages to take over) after leasePingMs, twice as long each time, up to this. */
@@ -250,6 +256,7 @@ assert(leaseCallMsMax < leaseMs - leasePingMs, 'an answered renewal still leaves
 assert(leaseDriftMarginMs >= 0.02 * (leaseMs + leaseDriftMarginMs) + 250, 'the margin covers 1 % drift each way and a 250 ms stall');
 assert(leaseMs + leaseDriftMarginMs + recentCallMsMax <= 3_000, 'a takeover (silence, then reconcile) fits the 3 s failover pause aimed at');
 assert(failoverWaitMsMax >= leaseMs + leaseDriftMarginMs + 2 * recentCallMsMax + peerConnectMsMax, 'a host request outwaits a takeover');
+assert(handoverCallMsMax < failoverWaitMsMax, 'a handover is asked again sooner than a host request waits');
 assert(failoverWaitMsMax + peerRequestMsMax < 30_000, 'a failover stays inside an initiator\'s 30 s command timeout');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
