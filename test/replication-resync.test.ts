@@ -628,7 +628,7 @@ t.test('route table: a route heard without copies is completed by the same epoch
   const heard: Route[] = [];
   table.onLearn((_page, r) => heard.push(r));
   t.ok(table.learn(0, { owner: 'p2', version: 3 }), 'a MOVED answer: owner and epoch only');
-  t.ok(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }), 'the same epoch with its copies is taken');
+  t.notOk(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2'] }), 'the same epoch with its copies fills them in (listeners hear it; nothing newer for the caller)');
   t.notOk(table.learn(0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2', 'p1'] }), 'but only once');
   t.notOk(table.learn(0, { owner: 'p2', version: 3 }), 'and never loses them again');
   t.same(heard.map((r) => r.copies ?? null), [null, ['p2', 'p1']]);
