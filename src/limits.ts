@@ -233,6 +233,9 @@ export const leaseCallMsMax = 500;
 export const failoverWaitMsMax = 8_000;
 /** The new primary's `recent` question to each in-sync copy (an unanswered copy is dropped from the in-sync set). */
 export const recentCallMsMax = 1_500;
+/** A primary tries again to drop copies that may lack a failed change (the catalog was out of reach) after this, twice as long each time, up to the max. */
+export const dropRetryMsMin = 250;
+export const dropRetryMsMax = 8_000;
 /**
  * A restarted primary handing a suspect page over waits this long for the secondary's answer (its
  * CAS): unanswered, it reads the route (the CAS may have happened) and asks again. Short, so that
@@ -256,6 +259,7 @@ assert(leaseCallMsMax < leaseMs - leasePingMs, 'an answered renewal still leaves
 assert(leaseDriftMarginMs >= 0.02 * (leaseMs + leaseDriftMarginMs) + 250, 'the margin covers 1 % drift each way and a 250 ms stall');
 assert(leaseMs + leaseDriftMarginMs + recentCallMsMax <= 3_000, 'a takeover (silence, then reconcile) fits the 3 s failover pause aimed at');
 assert(failoverWaitMsMax >= leaseMs + leaseDriftMarginMs + 2 * recentCallMsMax + peerConnectMsMax, 'a host request outwaits a takeover');
+assert(dropRetryMsMin <= dropRetryMsMax, 'drop backoff');
 assert(handoverCallMsMax < failoverWaitMsMax, 'a handover is asked again sooner than a host request waits');
 assert(failoverWaitMsMax + peerRequestMsMax < 30_000, 'a failover stays inside an initiator\'s 30 s command timeout');
 
