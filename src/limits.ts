@@ -233,6 +233,15 @@ export const leaseCallMsMax = 500;
 export const failoverWaitMsMax = 8_000;
 /** The new primary's `recent` question to each in-sync copy (an unanswered copy is dropped from the in-sync set). */
 export const recentCallMsMax = 1_500;
+/** A primary tries again to drop copies that may lack a failed change (the catalog was out of reach) after this, twice as long each time, up to the max. */
+export const dropRetryMsMin = 250;
+export const dropRetryMsMax = 8_000;
+/**
+ * A restarted primary handing a suspect page over waits this long for the secondary's answer (its
+ * CAS): unanswered, it reads the route (the CAS may have happened) and asks again. Short, so that
+ * an ask lost in a partition does not keep the suspect copy in the in-sync set for long.
+ */
+export const handoverCallMsMax = 2 * recentCallMsMax;
 /** Route changes (takeovers) one lease answer carries; more come with the next renewals, the lease waits for them. */
 export const leaseTakeoversPerAnswerMax = 2_048;
 /** A peer that stays silent is looked at again (pages to take over) after leasePingMs, twice as long each time, up to this. */
@@ -250,6 +259,8 @@ assert(leaseCallMsMax < leaseMs - leasePingMs, 'an answered renewal still leaves
 assert(leaseDriftMarginMs >= 0.02 * (leaseMs + leaseDriftMarginMs) + 250, 'the margin covers 1 % drift each way and a 250 ms stall');
 assert(leaseMs + leaseDriftMarginMs + recentCallMsMax <= 3_000, 'a takeover (silence, then reconcile) fits the 3 s failover pause aimed at');
 assert(failoverWaitMsMax >= leaseMs + leaseDriftMarginMs + 2 * recentCallMsMax + peerConnectMsMax, 'a host request outwaits a takeover');
+assert(dropRetryMsMin <= dropRetryMsMax, 'drop backoff');
+assert(handoverCallMsMax < failoverWaitMsMax, 'a handover is asked again sooner than a host request waits');
 assert(failoverWaitMsMax + peerRequestMsMax < 30_000, 'a failover stays inside an initiator\'s 30 s command timeout');
 
 // ---- EXTENDED COPY (LID1) --------------------------------------------------------------
@@ -334,13 +345,13 @@ export const dirtyPersistMs = 200;
 /** … or at once when this many pages wait to be written. */
 export const dirtyPersistPagesMax = 256;
 /**
- * A stale copy's resync ask waits this long for the primary's answer, then asks again (backoff
- * below). An ask repeated while the primary still copies joins the running resync, so a page
- * that takes longer costs a few asks, never a second copy; the bound decides how soon an ask the
- * network lost is noticed. At 60 s a lost ask left the copy stale past the simulator's
- * convergence bound (seeds 21, 30, 40, 100 --replicas 2).
+ * A primary answers a resync ask after this long at most, "running" when the copy is not back in
+ * sync yet (the copy asks again and joins the run): so an ask lost in a partition is found out in
+ * seconds, not after the time a whole page's paced copy may take.
  */
-export const resyncAskMsMax = 10_000;
+export const resyncAnswerMsMax = 5_000;
+/** A stale copy's resync ask waits this long for the primary's answer. */
+export const resyncAskMsMax = 2 * resyncAnswerMsMax;
 /** Pages a stale copy resyncs at once, and the backoff between its asks for one page. */
 export const resyncPagesInFlightMax = 4;
 export const resyncRetryMsMin = 250;
@@ -349,6 +360,7 @@ export const resyncRetryMsMax = 8_000;
 export const resyncAdmitRoundsMax = 8;
 assert(dirtyPersistMs < activityQuietMs / 2, 'dirty records are written before a sweep could drop their page');
 assert(resyncRetryMsMin <= resyncRetryMsMax, 'resync backoff');
+assert(resyncAnswerMsMax < resyncAskMsMax, 'a resync ask is answered before its caller gives up');
 
 // -- issue 17, part C: copies kept at the asked count (src/replication/rebuild.ts).
 /** A peer unreachable this long is lost: its copies are rebuilt elsewhere (cluster.downOutMs overrides; Ceph's down-out interval). */

@@ -27,7 +27,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
-import { failoverWaitMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
+import { failoverWaitMsMax, handoverCallMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
 import { PageMovedError } from '../routing/moved';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 import type { PrimaryGuard, ReplicaPort } from './hooks';
@@ -440,7 +440,7 @@ export class Failover implements PrimaryGuard {
     // The primary hands the page over: the new one reconciles with the others, without us.
     for (const peer of secondaries(route)) {
       const body = { volumeId: volume.id, page, version: route.version, handover: true };
-      const answer = await this.o.call(peer, 'promote', body, failoverWaitMsMax).then(checkRouteAnswer, () => undefined);
+      const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
       if (answer && answer.version > route.version) {
         this.o.catalog.routes(volume).learn(page, answer);
         this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version }, 'handed a suspect page over');

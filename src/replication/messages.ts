@@ -140,7 +140,7 @@ export function checkRecentAnswer(b: Record<string, unknown>): { grains: number[
   return { grains: b.grains.map((g) => wholeNumber(g, 'grain', pageGrainsMax - 1)) };
 }
 
-// resync: {volumeId, page, version, full, grains} → {version}
+// resync: {volumeId, page, version, full, grains, again} → {version} | {running: true}
 
 /** A stale copy asks the page's primary to bring it back in sync (resync.ts). */
 export interface ResyncAsk {
@@ -152,6 +152,8 @@ export interface ResyncAsk {
   full: boolean;
   /** The asker's own recent grains (changes it applied that may not be everywhere): copied too. */
   grains: number[];
+  /** The same ask again after a `running` answer: it joins the running resync, marking nothing more (none running: a fresh ask). */
+  again?: boolean;
 }
 
 export function checkResyncAsk(b: Record<string, unknown>): ResyncAsk {
@@ -160,5 +162,6 @@ export function checkResyncAsk(b: Record<string, unknown>): ResyncAsk {
   if (typeof b.full !== 'boolean') throw new InvalidArgumentError('resync: full must be true or false');
   const at = pageAtEpoch(b);
   if (at.version < 1) throw new InvalidArgumentError('replication message: bad version');
-  return { ...at, full: b.full, grains: [...new Set(grains.map((g) => wholeNumber(g, 'grain', pageGrainsMax - 1)))] };
+  if (b.again !== undefined && typeof b.again !== 'boolean') throw new InvalidArgumentError('resync: again must be true or false');
+  return { ...at, full: b.full, grains: [...new Set(grains.map((g) => wholeNumber(g, 'grain', pageGrainsMax - 1)))], ...(b.again === true ? { again: true } : {}) };
 }

@@ -37,7 +37,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env, type Timers } from '../env/env';
 import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { replicaAckMsMax, routeRetriesMax } from '../limits';
+import { dropRetryMsMax, dropRetryMsMin, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -99,6 +99,8 @@ type Delivery = { kind: 'ok' } | { kind: 'moved'; version: number } | { kind: 'f
 interface Sent {
   route: Route;
   missed: string[];
+  /** The in-sync copies that applied the change (this peer first). */
+  applied: Set<string>;
 }
 
 /** How long a copy that refused a change for a transient reason is left before it is asked again. */
@@ -281,14 +283,21 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     if (copiesOf(route).length === 1) return this.apply(c);
     const [firstGrain, lastGrain] = grainsOf(this.o.table, this.grainBlocks, page, c.lba, c.blocks);
     const { seq, ackedThrough } = this.recent.begin(page, firstGrain, lastGrain);
-    const sent: Sent = { route, missed: [] };
+    const sent: Sent = { route, missed: [], applied: new Set([this.o.self]) };
     let ok = false;
     try {
       // Every copy has answered (or been dropped) before the lock is released, even when the local apply failed.
       const [local, copies] = await Promise.allSettled([this.apply(c), this.toCopies(page, c, seq, ackedThrough, sent)]);
-      if (local.status === 'rejected') throw local.reason;
+      if (local.status === 'rejected') {
+        if (!(local.reason instanceof PageMovedError)) ok = await this.unapplied(page, c, seq, sent);
+        throw local.reason;
+      }
       this.o.tracker.changed(this.o.volumeId, page, sent.route, c.lba, c.blocks, sent.missed);
-      if (copies.status === 'rejected') throw copies.reason;
+      if (copies.status === 'rejected') {
+        // Applied here, and an in-sync copy may not have it (a drop that could not be made): it must still leave.
+        if (!(copies.reason instanceof PageMovedError)) this.dropLater(page, seq, inSyncOf(sent.route).filter((p) => !sent.applied.has(p)));
+        throw copies.reason;
+      }
       ok = true;
     } catch (err) {
       if (!(err instanceof PageMovedError)) throw err;
@@ -298,6 +307,53 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     } finally {
       this.recent.end(page, seq, ok);
     }
+  }
+
+  /**
+   * Copies that may lack change `seq` stay in the in-sync set when their drop could not be made
+   * (the catalog out of reach): left so, they would differ from this peer for good once they are
+   * reachable again (later changes reach them, this one never; only a new primary reconciles).
+   * So the drop is tried again, with backoff, until it is made (they resync what they lack: this
+   * peer keeps the change's grains recent meanwhile, the drop marks them dirty) or the page is
+   * not ours any more (its new primary reconciles the change, pending here).
+   */
+  private dropLater(page: number, seq: number, peers: string[]): void {
+    const { timers } = this.o.env;
+    const retry = async (delayMs: number): Promise<void> => {
+      await sleep(timers, delayMs);
+      try {
+        await this.dropCopies(page, await this.currentOwn(page), peers, 'a change they may lack failed');
+      } catch (err) {
+        if (err instanceof PageMovedError) this.recent.release(page);
+        else if (!(err instanceof ClosedError)) void retry(Math.min(2 * delayMs, dropRetryMsMax));
+        return;
+      }
+      this.recent.end(page, seq, true);
+    };
+    if (peers.length > 0) void retry(dropRetryMsMin);
+  }
+
+  /**
+   * The change failed here after it went to the copies (a store error, a move's destination out
+   * of reach): copies that applied it hold what this peer, the page's truth, does not. Left so,
+   * they would stay different for as long as this peer stays primary (only a new primary
+   * reconciles). So every copy it went to leaves the in-sync set (those that missed it are out
+   * already) with the change's grains dirty, and resyncs this peer's content. True when done:
+   * no other in-sync copy is left holding the change, so its number may count as settled.
+   * Still under the change's range lock: no later change overtakes the drop.
+   */
+  private async unapplied(page: number, c: Change, seq: number, sent: Sent): Promise<boolean> {
+    const others = inSyncOf(sent.route).filter((p) => p !== this.o.self);
+    const reached = [...others, ...this.o.tracker.resyncing(this.o.volumeId, page)].filter((p) => p !== this.o.self && !sent.missed.includes(p));
+    this.o.tracker.changed(this.o.volumeId, page, sent.route, c.lba, c.blocks, [...sent.missed, ...reached]);
+    try {
+      if (others.length > 0) sent.route = await this.dropCopies(page, sent.route, others, 'the change failed on the primary after the copies applied it');
+    } catch (err) {
+      // Not dropped now: later (the change stays pending meanwhile, its grains recent on every copy).
+      if (!(err instanceof PageMovedError)) this.dropLater(page, seq, others);
+      return false;
+    }
+    return true;
   }
 
   /**
@@ -327,7 +383,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    * replicaAckMsMax: a catalog read between rounds does not eat a copy's time.
    */
   private async toInSync(page: number, c: Change, seq: number, ackedThrough: number, sent: Sent): Promise<void> {
-    const applied = new Set([this.o.self]);
+    const { applied } = sent;
     for (let tries = 0; ; tries++) {
       const epoch = sent.route.version;
       const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;

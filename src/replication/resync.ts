@@ -31,7 +31,7 @@ import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env, type TimerHandle } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError } from '../errors';
 import { LogLimiter } from '../log';
-import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
+import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncAnswerMsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
 import type { MigrationSettings } from '../migration/migrator';
 import { ByteRate, ChunkPacer } from '../migration/rate';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
@@ -419,6 +419,15 @@ export interface ResyncAnswer {
   version: number;
 }
 
+/** The resync is still running after resyncAnswerMsMax: ask again (`again`) to wait on. */
+export interface ResyncRunning {
+  running: true;
+}
+
+function isRunning(answer: unknown): answer is ResyncRunning {
+  return typeof answer === 'object' && answer !== null && (answer as Partial<ResyncRunning>).running === true;
+}
+
 export class Resyncer {
   /**
    * Bytes of data sent from this peer: to copies catching up what they missed (resyncBytes,
@@ -543,7 +552,10 @@ export class Resyncer {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     const full = this.o.activity.isSuspect(volume.id, page);
-    await this.o.ask(route.owner, { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) });
+    const ask: ResyncAsk = { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) };
+    // Each answer comes within resyncAnswerMsMax: "running" while the copy goes on, so that an
+    // ask lost on the way (a partition answers nothing) fails at a short deadline.
+    for (let again = false; isRunning(await this.o.ask(route.owner, { ...ask, again })); again = true);
     if (full) this.o.activity.trusted(volume.id, page);
     // The watch brings the new route too; reading it now saves asking again meanwhile.
     await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
@@ -570,18 +582,36 @@ export class Resyncer {
 
   // ---- the primary's side -----------------------------------------------------------------------
 
-  /** A stale copy `from` asks to be brought back in sync. A repeated ask joins the running resync. */
-  handle(from: string, ask: ResyncAsk): Promise<ResyncAnswer> {
+  /**
+   * A stale copy `from` asks to be brought back in sync. A repeated ask joins the running resync
+   * (marking what it asks for, unless it is the same ask `again`). Answered when the run ends, or
+   * "running" after resyncAnswerMsMax.
+   */
+  handle(from: string, ask: ResyncAsk): Promise<ResyncAnswer | ResyncRunning> {
     const key = `${pageKey(ask.volumeId, ask.page)}/${from}`;
-    const running = this.runs.get(key);
+    let run = this.runs.get(key);
     const volume = this.o.catalog.volumeById(ask.volumeId);
-    if (running && volume) {
-      this.o.tracker.markAsked(ask.volumeId, ask.page, from, grainsPerPage(geometryOf(volume)), ask.full ? 'all' : ask.grains);
-      return running;
+    if (run && volume) {
+      if (!ask.again) this.o.tracker.markAsked(ask.volumeId, ask.page, from, grainsPerPage(geometryOf(volume)), ask.full ? 'all' : ask.grains);
+    } else {
+      run = this.serve(from, ask).finally(() => this.runs.delete(key));
+      // The run goes on when nobody waits on it any more (its asker asks again, or gave up).
+      run.catch(() => undefined);
+      this.runs.set(key, run);
     }
-    const run = this.serve(from, ask).finally(() => this.runs.delete(key));
-    this.runs.set(key, run);
-    return run;
+    return this.within(run);
+  }
+
+  /** The run's outcome, or "running" once resyncAnswerMsMax passed. */
+  private within(run: Promise<ResyncAnswer>): Promise<ResyncAnswer | ResyncRunning> {
+    const { timers } = this.o.env;
+    return new Promise((resolve, reject) => {
+      const timer = timers.setTimeout(() => resolve({ running: true }), resyncAnswerMsMax).unref();
+      run.then(
+        (answer) => (timers.clearTimeout(timer), resolve(answer)),
+        (err: unknown) => (timers.clearTimeout(timer), reject(err)),
+      );
+    });
   }
 
   private async serve(from: string, ask: ResyncAsk): Promise<ResyncAnswer> {
