@@ -208,6 +208,11 @@ export const peerRequestVolumesMax = 1_024;
 /** Unit attentions in one reservation notice (one per registration at most, and one for every nexus). */
 export const peerUnitAttentionsMax = prRegistrationsMax + 1;
 /** Bytes of one replication message's JSON body (src/replication/messages.ts). */
+/**
+ * Silence after which a peer's target port group is reported unavailable (ALUA, src/server/
+ * port-groups.ts): well past gossip's staleness, so a late gossip raises no unit attention.
+ */
+export const aluaUnavailableMs = 10_000;
 export const peerReplicationBodyBytesMax = 1024 * 1024;
 /** How long a host move plan may ask to be kept. */
 export const hostMovePlanMsMax = 10 * 60_000;
@@ -302,6 +307,7 @@ export const loadTickMs = 1_000;
 export const loadGossipMsMax = 800;
 /** A peer not heard from for this long is shown stale and left out of balancing. */
 export const loadStaleMs = 3_000;
+assert(aluaUnavailableMs >= 3 * loadStaleMs, 'a port group goes unavailable only well after its gossip is stale');
 /** Pages metered per peer (all volumes); beyond it new pages count only in the volume and peer totals. */
 export const loadPagesTrackedMax = 16_384;
 /** Host sessions metered per peer (live and recently ended). */

@@ -18,6 +18,7 @@ import { ScsiStatus, type LogicalUnit, type Nexus, type ScsiResult } from '../sr
 import { defaultHostBalanceSettings, HostBalancer, otherPaths, type LoginAttempt, type MovableSession, type PeerLoad, type ReportedSession } from '../src/server/host-balance';
 import { HostBalanceService } from '../src/server/host-balance-service';
 import { PortGroups } from '../src/server/port-groups';
+import { aluaUnavailableMs } from '../src/limits';
 import { startGroup } from './helpers/group';
 import { MemoryBackend } from './helpers/memory-backend';
 
@@ -107,11 +108,13 @@ t.test('a state change raises ASYMMETRIC ACCESS STATE CHANGED once on every nexu
 
 t.test('PortGroups: up from the gossip view, a change told once, SendTargets lists the up peers', async (t) => {
   const stale = new Map([['p1', false], ['p2', false], ['p3', true]]);
+  // How long since each peer was last heard (-1: never).
+  const ages = new Map([['p1', 0], ['p2', 0], ['p3', -1]]);
   let changes = 0;
   const groups = new PortGroups({
     self: 'p1', groupPeers: ['p1', 'p2', 'p3'],
     portalOf: (id) => `10.0.0.${id.slice(1)}:3260`,
-    loads: () => [...stale].map(([id, s]) => ({ id, stale: s })),
+    loads: () => [...stale].map(([id, s]) => ({ id, stale: s, ageMs: ages.get(id)! })),
   });
   groups.onChange(() => changes++);
   t.same(groups.groups(), threePeers, 'p3 not heard from: unavailable');
@@ -127,6 +130,10 @@ t.test('PortGroups: up from the gossip view, a change told once, SendTargets lis
   groups.refresh();
   t.equal(changes, 1, 'no second word for the same states');
   stale.set('p2', true);
+  ages.set('p2', aluaUnavailableMs - 1);
+  groups.refresh();
+  t.equal(changes, 1, 'p2 late (stale gossip) but not yet silent for aluaUnavailableMs: still active, no unit attention');
+  ages.set('p2', aluaUnavailableMs + 1);
   groups.refresh();
   t.equal(changes, 2, 'p2 went quiet: told');
   t.equal(groups.groups()[1].state, AluaState.unavailable);

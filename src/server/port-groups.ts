@@ -2,10 +2,13 @@
 // SendTargets lists, as THIS peer knows them. Every peer is a portal group of its own; its
 // portal group tag is also its target port group id and its relative target port id (VPD 0x83).
 //
-// "Up" is the load monitor's notion (src/loadmon/view.ts), the one host balancing and the
-// snapshot scheduler already use: a peer whose gossip arrived within loadStaleMs. This peer is
-// up in its own eyes (it is answering). Up → active/optimized; otherwise unavailable. Draining
-// and leaving (standby, transitioning) come with membership.
+// "Up" is the load monitor's notion (src/loadmon/view.ts): a peer whose gossip arrived lately.
+// This peer is up in its own eyes (it is answering). Up → active/optimized; otherwise
+// unavailable. Draining and leaving (standby, transitioning) come with membership. A peer once
+// heard is counted down only after aluaUnavailableMs of silence, longer than gossip's own
+// staleness: every change raises a unit attention on every nexus, and a peer whose gossip is
+// late for a moment (a loaded machine) must not make hosts see one (libiscsi's conformance tests
+// fail on an unexpected unit attention). A peer that is really gone fails its own paths anyway.
 //
 // Order: the states are read again after every load tick (refresh), because a peer becomes stale
 // by the passing of time, not by a message. A change is kept first, then the listeners hear of
@@ -15,6 +18,7 @@
 import type { Logger } from 'pino';
 import type { TargetPortal } from '../iscsi/target';
 import type { PeerLoadView } from '../loadmon/view';
+import { aluaUnavailableMs } from '../limits';
 import { AluaState, type TargetPortGroup } from '../scsi/alua';
 
 /** A peer's portal group tag (and target port group, relative target port): its 1-based place in the group. */
@@ -29,7 +33,7 @@ export interface PortGroupsOptions {
   /** A peer's iSCSI portal ("host:port"); a peer without one is not listed by SendTargets. */
   portalOf(peerId: string): string | undefined;
   /** The gossiped loads (LoadService.peerLoads): `stale` means not heard from lately. */
-  loads(): readonly Pick<PeerLoadView, 'id' | 'stale'>[];
+  loads(): readonly Pick<PeerLoadView, 'id' | 'stale' | 'ageMs'>[];
   log?: Logger;
 }
 
@@ -75,7 +79,7 @@ export class PortGroups {
   }
 
   private read(): PeerPort[] {
-    const fresh = new Set(this.o.loads().filter((l) => !l.stale).map((l) => l.id));
+    const fresh = new Set(this.o.loads().filter((l) => !l.stale || (l.ageMs >= 0 && l.ageMs < aluaUnavailableMs)).map((l) => l.id));
     return this.o.groupPeers.map((peerId): PeerPort => {
       const id = portalGroupTagOf(this.o.groupPeers, peerId);
       const up = peerId === this.o.self || fresh.has(peerId);
