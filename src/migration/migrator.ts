@@ -102,7 +102,7 @@ export interface MigratorOptions {
    * lock over the whole page, src/replication). A role switch made under it keeps this peer in
    * the in-sync set: every copy then has every change. Absent: a role switch moves this peer out
    * of the in-sync set (a change in flight may have reached it and not the new primary), and the
-   * resync brings it back.
+   * resync brings it back. A move's commit CAS runs under it too.
    */
   quiet?<T>(volumeId: string, page: number, fn: () => Promise<T>): Promise<T>;
   /**
@@ -433,7 +433,12 @@ export class Migrator {
         return outcome(
           (async () => {
             await this.o.beforeHandoff?.(cp.volumeId, cp.page);
-            return this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+            // The CAS runs while no replicated change of the page is under way here (quiet): one
+            // in flight at the commit would have reached the other copies but maybe not D, and a
+            // COMPARE AND WRITE caught so cannot be answered MOVED (it may have applied). After
+            // it, changes find the page gone before applying anything.
+            const commit = () => this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+            return this.o.quiet ? this.o.quiet(cp.volumeId, cp.page, commit) : commit();
           })(),
           (route) => ({ kind: 'routeSet', version: route.version }),
           (error) => ({ kind: 'routeSetFailed', error }),
