@@ -41,7 +41,7 @@ import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
-import { InvalidArgumentError } from '../errors';
+import { ConflictError, InvalidArgumentError } from '../errors';
 import type { EventKind } from './events';
 import { PortGroups } from './port-groups';
 import { productRevision, VolumeTargets } from './targets';
@@ -186,7 +186,12 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       const port = core.targets.replicated(volumeId);
       if (!port) return fn();
       const pageBlocks = catalog.volumeById(volumeId)?.pageBlocks ?? w.pageBlocks;
-      return port.exclusive(page, page * pageBlocks, Math.min(pageBlocks, port.local.blockCount - page * pageBlocks), fn);
+      return port.exclusive(page, page * pageBlocks, Math.min(pageBlocks, port.local.blockCount - page * pageBlocks), () => {
+        // A change that failed here after it may have reached some copies is not on every in-sync
+        // copy: the new primary would not reconcile it (a switch keeps no change in doubt).
+        if (port.unsettled(page)) throw new ConflictError(`a change of page ${page} failed on ${self} and its copies are not settled yet; try the move again shortly`);
+        return fn();
+      });
     },
   });
   const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
