@@ -143,6 +143,20 @@ export class Failover implements PrimaryGuard {
     ];
   }
 
+  /**
+   * The page is held here: stepped out of as suspect at start (this peer's copy may miss writes
+   * it acknowledged), or taken over and reconciling. Its copy here is then no source for a page
+   * move or a role switch (they bypass the guard).
+   */
+  isHeld(volumeId: string, page: number): boolean {
+    return this.held.has(keyOf(volumeId, page));
+  }
+
+  /** This peer steps out of the page as suspect (its copy may miss writes it acknowledged): no source for a resync. */
+  isSteppingOut(volumeId: string, page: number): boolean {
+    return this.suspects.has(keyOf(volumeId, page));
+  }
+
   // ---- the guard -----------------------------------------------------------------------------
 
   async run<T>(volumeId: string, page: number, route: Route, read: boolean, op: () => Promise<T>): Promise<T> {

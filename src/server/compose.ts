@@ -176,6 +176,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
     beforeHandoff: (volumeId, page) => core.failover?.reconcileBeforeHandoff(volumeId, page) ?? Promise.resolve(),
     cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
+    unsettled: (volumeId, page) => core.failover?.isHeld(volumeId, page) ?? false,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
@@ -294,6 +295,7 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
   const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
   const resyncer = new Resyncer({
     self, env, catalog, tracker, activity, port, settings: w.migration, log, counters: newReplicationCounters(),
+    untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
   return { activity, tracker, resyncer };
