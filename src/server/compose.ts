@@ -174,7 +174,13 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
     distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
-    beforeHandoff: (volumeId, page) => core.failover?.reconcileBeforeHandoff(volumeId, page) ?? Promise.resolve(),
+    // A source stepping out of the page as suspect (a move resumed after its restart) may lack a
+    // change it applied before the crash that reached D or a copy: no commit; it hands the page
+    // over instead (the move is then abandoned), and the new primary reconciles.
+    beforeHandoff: async (volumeId, page) => {
+      if (core.failover?.isHeld(volumeId, page)) throw new ConflictError(`page ${page} is suspect or failing over on ${self}: the move does not commit meanwhile`);
+      await core.failover?.reconcileBeforeHandoff(volumeId, page);
+    },
     cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
     unsettled: (volumeId, page) => core.failover?.isHeld(volumeId, page) ?? false,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
