@@ -557,6 +557,10 @@ export class Resyncer {
   private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<void> {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
+    // The route that made this page stale may also make it suspect here (a move away from this
+    // peer lost the page: the migrator distrusts it in its own listener of the same route, which
+    // may run after ours): let every listener of it run before deciding whether the ask is whole.
+    await Promise.resolve();
     const full = this.o.activity.isSuspect(volume.id, page);
     const ask: ResyncAsk = { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) };
     // Each answer comes within resyncAnswerMsMax: "running" while the copy goes on, so that an
