@@ -432,6 +432,8 @@ export class Failover implements PrimaryGuard {
     // The first try by the table (as the catalog was when it opened, moments ago): most suspect pages have one copy, and cost no catalog read.
     for (let delayMs = leasePingMs, route = this.o.catalog.routes(volume).route(page); !this.closed; delayMs = Math.min(2 * delayMs, silenceRefireMsMax)) {
       try {
+        // Resynced whole meanwhile (activity.ts trusted): the copy here is whole again, nothing to leave.
+        if (![...(await this.o.suspect(volume.id))].includes(page)) return;
         if (await this.stepOutOnce(volume, page, route)) return;
       } catch (err) {
         this.o.log.warn({ volume: volume.name, page, reason: (err as Error).message }, 'could not leave the in-sync set of a suspect page yet');
