@@ -291,6 +291,11 @@ export class Migrator {
     return { volume: volume.name, volumeId: volume.id, page, from: this.o.self, to, pieces: 0, done: 0, state: 'switched', startedAtMs, bytesCopied: 0, lastError: '' };
   }
 
+  /** A move of the page away from this peer runs here (maybe lost, and not abandoned yet): its I/O goes through the move. */
+  movingOut(volumeId: string, page: number): boolean {
+    return this.running.has(key(volumeId, page));
+  }
+
   /** Resolves when the move of the page commits; rejects if it is cancelled. */
   wait(volumeId: string, page: number): Promise<void> {
     const r = this.running.get(key(volumeId, page));

@@ -48,6 +48,11 @@ export interface FailoverOptions {
   heldPages(volumeId: string): Iterable<number>;
   /** Pages of the volume in the activity log at start (activity.ts): suspect. */
   suspect(volumeId: string): Iterable<number> | Promise<Iterable<number>>;
+  /**
+   * A move of the page away from this peer still runs here (one the page was lost to, before its
+   * abandon): this peer's I/O of the page goes through it to the destination's staging copy.
+   */
+  movingOut?(volumeId: string, page: number): boolean;
   /** Send a replication message, bounded by timeoutMs; its answer's body. */
   call(peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>>;
 }
@@ -246,6 +251,9 @@ export class Failover implements PrimaryGuard {
     const port = this.o.port(volume.id);
     const old = from.owner;
     if (!port || old === self || this.suspects.has(key) || !inSyncOf(from).includes(self)) return from;
+    // A lost move of the page from here is not abandoned yet: as primary this peer would serve
+    // the page through it (reads and writes of its moved pieces go to the destination's copy).
+    if (this.o.movingOut?.(volume.id, page)) return from;
     // From the silence check to the fence, one synchronous step: no renewal is granted in between.
     if (!handover && !leases.book.silent(old, leases.now())) return from;
     const release = this.hold(key);

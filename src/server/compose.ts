@@ -225,6 +225,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.failover = new Failover({
     self, env, log, catalog, leases, call,
     heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
+    movingOut: (volumeId, page) => core.migrator.movingOut(volumeId, page),
     port: (volumeId) => core.targets.replicated(volumeId),
     suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
     drop: (volume, page, route, peers) => dropFromInSync(catalog, volume, page, route, peers),
