@@ -120,6 +120,11 @@ export interface MigratorOptions {
    * reads of a moving page come from D) on what it changed without an acknowledgement.
    */
   beforeHandoff?(volumeId: string, page: number): Promise<void>;
+  /**
+   * The page's copy here may not be whole yet (a suspect page this peer steps out of after a
+   * restart, a takeover still reconciling): no move or role switch of it starts meanwhile.
+   */
+  unsettled?(volumeId: string, page: number): boolean;
   /** The same after a move of the page was cancelled here (in the background). */
   cancelled?(volumeId: string, page: number): void;
 }
@@ -232,6 +237,7 @@ export class Migrator {
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${route.owner}, not ${this.o.self}`);
     if (to === this.o.self) throw new InvalidArgumentError(`page ${page} of ${volume.name} is already on ${to}`);
     if (this.running.has(key(volume.id, page))) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
+    if (this.o.unsettled?.(volume.id, page)) throw new ConflictError(`page ${page} of ${volume.name} is failing over or being resynced on ${this.o.self}; try the move again shortly`);
     // A peer holding a copy takes the primary role without data copied, once its copy is in sync.
     const known = route.copies ? route : await this.o.catalog.fetchRoute(volume, page);
     if (known.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${known.owner}, not ${this.o.self}`);
@@ -283,6 +289,11 @@ export class Migrator {
     this.o.event?.('page-moved', `page ${page} of ${volume.name}: primary role switched from ${this.o.self} to ${to} (no data copied)`, volume.name);
     this.o.committed?.({ volumeId: volume.id, page, from: this.o.self, to });
     return { volume: volume.name, volumeId: volume.id, page, from: this.o.self, to, pieces: 0, done: 0, state: 'switched', startedAtMs, bytesCopied: 0, lastError: '' };
+  }
+
+  /** A move of the page away from this peer runs here (maybe lost, and not abandoned yet): its I/O goes through the move. */
+  movingOut(volumeId: string, page: number): boolean {
+    return this.running.has(key(volumeId, page));
   }
 
   /** Resolves when the move of the page commits; rejects if it is cancelled. */

@@ -48,6 +48,11 @@ export interface FailoverOptions {
   heldPages(volumeId: string): Iterable<number>;
   /** Pages of the volume in the activity log at start (activity.ts): suspect. */
   suspect(volumeId: string): Iterable<number> | Promise<Iterable<number>>;
+  /**
+   * A move of the page away from this peer still runs here (one the page was lost to, before its
+   * abandon): this peer's I/O of the page goes through it to the destination's staging copy.
+   */
+  movingOut?(volumeId: string, page: number): boolean;
   /** Send a replication message, bounded by timeoutMs; its answer's body. */
   call(peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>>;
 }
@@ -143,6 +148,20 @@ export class Failover implements PrimaryGuard {
     ];
   }
 
+  /**
+   * The page is held here: stepped out of as suspect at start (this peer's copy may miss writes
+   * it acknowledged), or taken over and reconciling. Its copy here is then no source for a page
+   * move or a role switch (they bypass the guard).
+   */
+  isHeld(volumeId: string, page: number): boolean {
+    return this.held.has(keyOf(volumeId, page));
+  }
+
+  /** This peer steps out of the page as suspect (its copy may miss writes it acknowledged): no source for a resync. */
+  isSteppingOut(volumeId: string, page: number): boolean {
+    return this.suspects.has(keyOf(volumeId, page));
+  }
+
   // ---- the guard -----------------------------------------------------------------------------
 
   async run<T>(volumeId: string, page: number, route: Route, read: boolean, op: () => Promise<T>): Promise<T> {
@@ -232,6 +251,9 @@ export class Failover implements PrimaryGuard {
     const port = this.o.port(volume.id);
     const old = from.owner;
     if (!port || old === self || this.suspects.has(key) || !inSyncOf(from).includes(self)) return from;
+    // A lost move of the page from here is not abandoned yet: as primary this peer would serve
+    // the page through it (reads and writes of its moved pieces go to the destination's copy).
+    if (this.o.movingOut?.(volume.id, page)) return from;
     // From the silence check to the fence, one synchronous step: no renewal is granted in between.
     if (!handover && !leases.book.silent(old, leases.now())) return from;
     const release = this.hold(key);
@@ -418,6 +440,8 @@ export class Failover implements PrimaryGuard {
     // The first try by the table (as the catalog was when it opened, moments ago): most suspect pages have one copy, and cost no catalog read.
     for (let delayMs = leasePingMs, route = this.o.catalog.routes(volume).route(page); !this.closed; delayMs = Math.min(2 * delayMs, silenceRefireMsMax)) {
       try {
+        // Resynced whole meanwhile (activity.ts trusted): the copy here is whole again, nothing to leave.
+        if (![...(await this.o.suspect(volume.id))].includes(page)) return;
         if (await this.stepOutOnce(volume, page, route)) return;
       } catch (err) {
         this.o.log.warn({ volume: volume.name, page, reason: (err as Error).message }, 'could not leave the in-sync set of a suspect page yet');

@@ -53,6 +53,14 @@ export class RecentChanges {
     this.pages.get(page)?.pending.clear();
   }
 
+  /**
+   * Primary: a change of the page failed after it may have reached some copies and is not
+   * settled yet (its drop is retried, its grains stay recent): the copies may differ until it is.
+   */
+  unsettled(page: number): boolean {
+    return (this.pages.get(page)?.pending.size ?? 0) > 0;
+  }
+
   /** Copy: the primary's change `seq` of grains [firstGrain, lastGrain], sent with mark `ackedThrough`. */
   received(page: number, firstGrain: number, lastGrain: number, seq: number, ackedThrough: number): void {
     const s = this.of(page);

@@ -139,6 +139,15 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     if (reply.status !== ReplyStatus.ok) throw replyError(peer, reply);
   }
 
+  /**
+   * A change of the page failed here and is not settled (dropLater, unapplied): the in-sync
+   * copies may differ on its grains until it is. Under exclusive() over the whole page nothing
+   * else is pending, so this is exactly "every in-sync copy holds every change" failing.
+   */
+  unsettled(page: number): boolean {
+    return this.recent.unsettled(page);
+  }
+
   // ---- BlockBackend ---------------------------------------------------------------------------
 
   read(lba: number, blocks: number): Promise<Buffer> {

@@ -407,6 +407,12 @@ export interface ResyncerOptions {
   port(volumeId: string): ReplicaPort | undefined;
   /** Send a resync ask to a page's primary; resolves when it answered (the copy is back in sync). */
   ask(primary: string, ask: ResyncAsk): Promise<unknown>;
+  /**
+   * This peer, primary of the page, is stepping out of it as suspect after a restart (failover.ts):
+   * its copy may miss writes it acknowledged, so it is no source for a resync until it has handed
+   * the page over.
+   */
+  untrusted?(volumeId: string, page: number): boolean;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -551,6 +557,10 @@ export class Resyncer {
   private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<void> {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
+    // The route that made this page stale may also make it suspect here (a move away from this
+    // peer lost the page: the migrator distrusts it in its own listener of the same route, which
+    // may run after ours): let every listener of it run before deciding whether the ask is whole.
+    await Promise.resolve();
     const full = this.o.activity.isSuspect(volume.id, page);
     const ask: ResyncAsk = { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) };
     // Each answer comes within resyncAnswerMsMax: "running" while the copy goes on, so that an
@@ -621,6 +631,7 @@ export class Resyncer {
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     const route = await this.routeFor(volume, ask, from);
     if (inSyncOf(route).includes(from)) return { version: route.version };
+    if (this.o.untrusted?.(volume.id, ask.page)) throw new ConflictError(`page ${ask.page} of ${volume.name} is suspect on ${this.o.self}, which hands it over first; ask again`);
     const geo = geometryOf(volume);
     const whole = pageExtent(geo, ask.page);
     const grains = grainsPerPage(geo);

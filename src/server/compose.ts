@@ -41,7 +41,7 @@ import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
-import { InvalidArgumentError } from '../errors';
+import { ConflictError, InvalidArgumentError } from '../errors';
 import type { EventKind } from './events';
 import { PortGroups } from './port-groups';
 import { productRevision, VolumeTargets } from './targets';
@@ -174,8 +174,15 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
     distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
-    beforeHandoff: (volumeId, page) => core.failover?.reconcileBeforeHandoff(volumeId, page) ?? Promise.resolve(),
+    // A source stepping out of the page as suspect (a move resumed after its restart) may lack a
+    // change it applied before the crash that reached D or a copy: no commit; it hands the page
+    // over instead (the move is then abandoned), and the new primary reconciles.
+    beforeHandoff: async (volumeId, page) => {
+      if (core.failover?.isHeld(volumeId, page)) throw new ConflictError(`page ${page} is suspect or failing over on ${self}: the move does not commit meanwhile`);
+      await core.failover?.reconcileBeforeHandoff(volumeId, page);
+    },
     cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
+    unsettled: (volumeId, page) => core.failover?.isHeld(volumeId, page) ?? false,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
@@ -186,7 +193,12 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       const port = core.targets.replicated(volumeId);
       if (!port) return fn();
       const pageBlocks = catalog.volumeById(volumeId)?.pageBlocks ?? w.pageBlocks;
-      return port.exclusive(page, page * pageBlocks, Math.min(pageBlocks, port.local.blockCount - page * pageBlocks), fn);
+      return port.exclusive(page, page * pageBlocks, Math.min(pageBlocks, port.local.blockCount - page * pageBlocks), () => {
+        // A change that failed here after it may have reached some copies is not on every in-sync
+        // copy: the new primary would not reconcile it (a switch keeps no change in doubt).
+        if (port.unsettled(page)) throw new ConflictError(`a change of page ${page} failed on ${self} and its copies are not settled yet; try the move again shortly`);
+        return fn();
+      });
     },
   });
   const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
@@ -213,6 +225,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.failover = new Failover({
     self, env, log, catalog, leases, call,
     heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
+    movingOut: (volumeId, page) => core.migrator.movingOut(volumeId, page),
     port: (volumeId) => core.targets.replicated(volumeId),
     suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
     drop: (volume, page, route, peers) => dropFromInSync(catalog, volume, page, route, peers),
@@ -289,6 +302,7 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
   const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
   const resyncer = new Resyncer({
     self, env, catalog, tracker, activity, port, settings: w.migration, log, counters: newReplicationCounters(),
+    untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
   return { activity, tracker, resyncer };
