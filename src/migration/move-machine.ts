@@ -78,7 +78,7 @@
 // chosen it after the source lost the page), then drops the record. On restart D keeps a record while the intent
 // stands, drops it once D owns the page, and frees a copy whose move was abandoned.
 
-import { assert, ConflictError, NotFoundError, PeersanError } from '../errors';
+import { assert, ConflictError, NotFoundError } from '../errors';
 import type { MoveCheckpoint } from './pieces';
 import { ChunkPacer } from './rate';
 
