@@ -54,8 +54,8 @@ t.test('copies per page through the CLI: create, set, show, page map, status', a
   const shown = JSON.parse(peer.cli('--json', 'volume', 'show', 'rep').stdout);
   t.equal(shown.protection, 'healthy', 'a one-peer group holds every copy it can: healthy');
   t.match(shown.protectionDetail, { state: 'healthy', pages: 16, wanted: 1, degradedPages: 0, rebuildingPages: 0, unavailablePages: 0 });
-  t.match(peer.cli('volume', 'show', 'rep').stdout, /^copies\s+2 per page$/m);
-  t.match(peer.cli('volume', 'show', 'rep').stdout, /^protection\s+healthy$/m);
+  t.match(peer.cli('volume', 'show', 'rep').stdout, /^copies: 2 per page$/m);
+  t.match(peer.cli('volume', 'show', 'rep').stdout, /^protection: healthy$/m);
   t.match(peer.cli('volume', 'list').stdout, /rep\s+64\.0 MiB\s+512\s+\S+ \S+\s+2\s+healthy/);
 
   const set = peer.cli('--json', 'volume', 'set', 'rep', '--replicas', '3');

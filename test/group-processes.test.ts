@@ -23,7 +23,7 @@ t.test('a group of three peer processes on etcd', { skip: missing.length ? `miss
   const [p1, p2, p3] = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
   const created = p2.cli('volume', 'create', 'data', '--size', '256M');
   t.equal(created.status, 0, created.stdout.trim() || created.stderr.trim());
-  t.match(p3.cli('volume', 'show', 'data').stdout, /placed on\s+p1, p2, p3/, 'every peer sees the volume');
+  t.match(p3.cli('volume', 'show', 'data').stdout, /placed on:\s+p1, p2, p3/, 'every peer sees the volume');
 
   const file = join(p1.dir, 'random.img');
   writeFileSync(file, randomBytes(256 * 1024 * 1024));

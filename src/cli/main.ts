@@ -74,7 +74,8 @@ function volumeRows(vs: VolumeView[]): string {
 }
 
 function volumeDetail(v: VolumeView): string {
-  return table([
+  // "key: value" lines, as the operator greps them (`protection: healthy`).
+  return fields([
     ['name', v.name],
     ['target', v.targetName],
     ['id', v.id],
@@ -88,6 +89,10 @@ function volumeDetail(v: VolumeView): string {
     ['sessions', String(v.sessions)],
     ['created', new Date(v.createdAtMs).toISOString()],
   ]);
+}
+
+function fields(rows: string[][]): string {
+  return rows.map(([k, v]) => `${k}: ${v}`).join('\n');
 }
 
 /** A page's copies as one cell: primary first, stale copies marked (resyncing). */
