@@ -222,8 +222,13 @@ export class PeerRpcClient {
     });
   }
 
+  /**
+   * Waits for the connection within the deadline: a peer that started a moment ago may find this
+   * channel in its reconnect backoff (the leases ping every peer from the start), and would be
+   * shown down although it answers.
+   */
   status(timeoutMs: number): Promise<PeerStatusView> {
-    return this.call('status', {}, timeoutMs);
+    return this.call('status', {}, timeoutMs, true);
   }
 
   async reservationChanged(notice: ReservationNotice, timeoutMs: number): Promise<void> {
