@@ -139,6 +139,19 @@ t.test('PortGroups: up from the gossip view, a change told once, SendTargets lis
   t.equal(groups.groups()[1].state, AluaState.unavailable);
 });
 
+t.test('PortGroups: peers starting together are not reported down before they could speak', async (t) => {
+  let nowMs = 0;
+  const groups = new PortGroups({
+    self: 'p1', groupPeers: ['p1', 'p2'], portalOf: () => undefined,
+    loads: () => [{ id: 'p1', stale: false, ageMs: 0 }, { id: 'p2', stale: true, ageMs: -1 }],
+    nowMs: () => nowMs,
+  });
+  t.equal(groups.groups()[1].state, AluaState.activeOptimized, 'p2 not heard yet, at start: active');
+  nowMs = aluaUnavailableMs + 1;
+  groups.refresh();
+  t.equal(groups.groups()[1].state, AluaState.unavailable, 'still never heard after the grace: unavailable');
+});
+
 t.test('SendTargets: one TargetAddress per up peer, each with its own portal group tag', async (t) => {
   const info: TargetInfo = { name: 'iqn.2026-11.io.peersan:vol', allow: [], luns: new Map() };
   let others: TargetPortal[] = [{ address: '10.0.0.1:3260', groupTag: 1 }, { address: '10.0.0.3:3260', groupTag: 3 }];

@@ -143,7 +143,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.resync = await openResync(w, core);
   core.load = loadService(w, core);
   // Which peers are up (ALUA states, SendTargets), read again after every load tick.
-  const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), log });
+  const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), nowMs: () => env.clock.monotonicMs(), log });
   core.load.onTick(() => portGroups.refresh());
   core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
   core.targets = new VolumeTargets({

@@ -34,6 +34,8 @@ export interface PortGroupsOptions {
   portalOf(peerId: string): string | undefined;
   /** The gossiped loads (LoadService.peerLoads): `stale` means not heard from lately. */
   loads(): readonly Pick<PeerLoadView, 'id' | 'stale' | 'ageMs'>[];
+  /** Monotonic milliseconds; a peer never heard from counts as up for aluaUnavailableMs after this one starts. Absent: no grace. */
+  nowMs?(): number;
   log?: Logger;
 }
 
@@ -46,7 +48,10 @@ export class PortGroups {
   private ports: PeerPort[];
   private readonly listeners: (() => void)[] = [];
 
+  private readonly startedMs: number | undefined;
+
   constructor(private readonly o: PortGroupsOptions) {
+    this.startedMs = o.nowMs?.();
     this.ports = this.read();
   }
 
@@ -79,7 +84,11 @@ export class PortGroups {
   }
 
   private read(): PeerPort[] {
-    const fresh = new Set(this.o.loads().filter((l) => !l.stale || (l.ageMs >= 0 && l.ageMs < aluaUnavailableMs)).map((l) => l.id));
+    // Peers start together: one not heard from yet is not reported down (and then up, a unit
+    // attention each time, libiscsi's GetLBAStatus.Simple failed on it) before it had the time to speak.
+    const starting = this.startedMs !== undefined && this.o.nowMs!() - this.startedMs < aluaUnavailableMs;
+    const heard = (l: { stale: boolean; ageMs: number }): boolean => !l.stale || (l.ageMs >= 0 ? l.ageMs < aluaUnavailableMs : starting);
+    const fresh = new Set(this.o.loads().filter(heard).map((l) => l.id));
     return this.o.groupPeers.map((peerId): PeerPort => {
       const id = portalGroupTagOf(this.o.groupPeers, peerId);
       const up = peerId === this.o.self || fresh.has(peerId);
