@@ -38,6 +38,7 @@ import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { inSyncOf, staleCopiesOf, type Route } from '../routing/table';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
+import { SnapshotLayerSync } from '../snapshot/layer-sync';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
@@ -109,6 +110,8 @@ export interface PeerCore {
   snapshotTargets: SnapshotTargets;
   migrator: Migrator;
   snapshots: SnapshotService;
+  /** Copies of a page that lack a snapshot's layer of it take it from the holders (src/snapshot/layer-sync.ts). */
+  layerSync: SnapshotLayerSync;
   load: LoadService;
   balancerSwitch: BalancerSwitch;
   pages: PageService;
@@ -234,6 +237,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
+  core.layerSync = new SnapshotLayerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
+  await core.layerSync.start();
   core.replication = replicationCore(w, core);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
@@ -264,6 +269,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   };
   core.close = () => {
     core.resync.resyncer.close();
+    core.layerSync.close();
     core.resync.tracker.close();
     core.resync.activity.close();
     leases.close();
