@@ -123,8 +123,17 @@ export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): P
 export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
   const atCut = holdersAtCut(r, page, lba, routes, moving);
   // A copy that joined took the whole page from these holders: it serves every piece of it.
-  const joined = (r.joined?.find(([p]) => p === page)?.[1] ?? []).filter((p) => !atCut.holders.includes(p));
+  const joined = (joinedOf(r).get(page) ?? []).filter((p) => !atCut.holders.includes(p));
   return joined.length === 0 ? atCut : { holders: [...atCut.holders, ...joined], blocks: atCut.blocks };
+}
+
+/** Each record's `joined` by page, made once (a reader looks up a page per run). */
+const joinedByPage = new WeakMap<SnapshotRecord, Map<number, string[]>>();
+
+function joinedOf(r: SnapshotRecord): Map<number, string[]> {
+  let byPage = joinedByPage.get(r);
+  if (!byPage) joinedByPage.set(r, (byPage = new Map(r.joined ?? [])));
+  return byPage;
 }
 
 function holdersAtCut(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
