@@ -57,6 +57,7 @@ export interface PeerProtocols {
   migrator: typeof Migrator;
   movable: typeof MovableVolume;
   replicated: typeof ReplicatedVolume;
+  layerSync: typeof SnapshotLayerSync;
 }
 
 export interface PeerWiring {
@@ -133,7 +134,7 @@ export interface PeerCore {
 
 export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const { self, env, log, transport } = w;
-  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, ...w.protocols };
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, layerSync: SnapshotLayerSync, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
   const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
@@ -237,7 +238,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
-  core.layerSync = new SnapshotLayerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
+  core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
   await core.layerSync.start();
   core.replication = replicationCore(w, core);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });

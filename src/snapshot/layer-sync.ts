@@ -220,10 +220,15 @@ export class SnapshotLayerSync {
       for (let g = at; g < Math.min(end, at + grainsPerPiece * store.grainBlocks); g += store.grainBlocks) {
         grains.push(await this.grain(reader, g, Math.min(store.grainBlocks, end - g), mapped));
       }
-      await store.replaceSnapshotGrains(String(r.seq), at, grains);
+      await this.replaceGrains(store, r.seq, at, grains);
       const pauseMs = this.pacer.pauseAfter(this.o.env.clock.monotonicMs() - startMs);
       if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
     }
+  }
+
+  /** This peer's layer of snapshot `seq` takes `grains` from `lba` on (durable when it resolves); a negative control may vary it. */
+  protected replaceGrains(store: StoreVolume, seq: number, lba: number, grains: readonly (Buffer | null)[]): Promise<void> {
+    return store.replaceSnapshotGrains(String(seq), lba, grains);
   }
 
   /** One grain of the layer, padded to the grain's size; null when the layer maps none of it (zeros). */
