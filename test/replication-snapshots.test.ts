@@ -20,13 +20,16 @@ const blockBytes = 512;
 const pageBlocks = 8192;
 const volume = 'v';
 
-/** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted. */
-async function boot(peers: number, pages: number, replicas: number, seed = 1): Promise<{ world: SimWorld; group: SimGroup; trace: string[] }> {
+/** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted; its last events are shown when the test fails. */
+async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, seed = 1): Promise<{ world: SimWorld; group: SimGroup }> {
   const world = new SimWorld(seed);
   const trace: string[] = [];
   const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line) });
+  t.teardown(() => {
+    if (!t.passing()) t.comment(trace.slice(-80).join('\n'));
+  });
   await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes, replicas });
-  return { world, group, trace };
+  return { world, group };
 }
 
 /** Run the world until `p` settles (at most `ms` of simulated time): its value, or its error thrown. */
@@ -85,11 +88,7 @@ function inSyncEverywhere(group: SimGroup, via: string, peer: string, pages: num
 
 t.test('a copy stale at the snapshot, resynced since, serves the snapshot once the holder is lost', async (t) => {
   const pages = 2;
-  const { world, group, trace } = await boot(2, pages, 2);
-  t.teardown(() => {
-    if (t.passing()) return;
-    t.comment(trace.slice(-80).join('\n'));
-  });
+  const { world, group } = await boot(t, 2, pages, 2);
   // Page 0: p1 primary, p2 secondary; page 1: the other way round.
   await write(world, group, 'p1', 0, fill(64, 0xa1));
   await write(world, group, 'p1', pageBlocks + 100, fill(64, 0xa2));
@@ -134,11 +133,7 @@ t.test('a copy stale at the snapshot, resynced since, serves the snapshot once t
 
 t.test('a copy built after the snapshot (more replicas) serves it once the holder is lost', async (t) => {
   const pages = 3;
-  const { world, group, trace } = await boot(3, pages, 1);
-  t.teardown(() => {
-    if (t.passing()) return;
-    t.comment(trace.slice(-80).join('\n'));
-  });
+  const { world, group } = await boot(t, 3, pages, 1);
   // Page 0 on p1 alone.
   await write(world, group, 'p1', 0, fill(64, 0xa1));
   await write(world, group, 'p1', 4096, fill(16, 0xa3));
@@ -161,7 +156,7 @@ t.test('a copy built after the snapshot (more replicas) serves it once the holde
 
 t.test('a snapshot deleted before its layers were taken does not come back', async (t) => {
   const pages = 1;
-  const { world, group } = await boot(3, pages, 1);
+  const { world, group } = await boot(t, 3, pages, 1);
   await write(world, group, 'p1', 0, fill(8, 0xa1));
   await drive(world, core(group, 'p1').snapshots.create([volume], { name: 's1' }));
   const seq = record(group, 's1')!.seq;
