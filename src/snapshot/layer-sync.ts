@@ -92,9 +92,11 @@ export class SnapshotLayerSync {
   private readonly queued = new Set<string>();
   private readonly attempts = new Map<string, number>();
   private readonly retryTimers = new Set<TimerHandle>();
-  /** Layers taken and not recorded yet: `volumeId/name` → the snapshot and its pages. */
+  /** Layers taken and not recorded yet, by joinKey: the snapshot and its pages. */
   private readonly joins = new Map<string, { volumeId: string; name: string; seq: number; pages: number[] }>();
   private running = false;
+  /** Set once the records are read at start: from then on a snapshot becoming ready is looked at. */
+  private started = false;
   private closed = false;
   private unwatch: (() => void) | undefined;
   private unfollow: (() => void) | undefined;
@@ -110,6 +112,7 @@ export class SnapshotLayerSync {
   async start(): Promise<void> {
     this.unwatch = await this.o.catalog.store.watch(snapshotPrefix, (ev) => this.onRecord(ev));
     for (const r of await listSnapshotRecords(this.o.catalog.store)) this.remember(r);
+    this.started = true;
     this.unfollow = followRoutes(this.o.catalog, (volume, page, route) => this.consider(volume, page, route), (volume) => this.considerVolume(volume));
     for (const v of this.o.catalog.listVolumes()) this.considerVolume(v);
   }
@@ -135,7 +138,7 @@ export class SnapshotLayerSync {
     byName.set(r.name, r);
     // A snapshot that became ready (or a new one): this peer may lack its layer of some pages.
     const volume = this.o.catalog.volumeById(r.volumeId);
-    if (r.state === 'ready' && before?.state !== 'ready' && volume) this.considerVolume(volume);
+    if (this.started && r.state === 'ready' && before?.state !== 'ready' && volume) this.considerVolume(volume);
   }
 
   private considerVolume(volume: VolumeRecord): void {
@@ -154,7 +157,9 @@ export class SnapshotLayerSync {
     const store = this.o.stored(volumeId);
     const records = this.records.get(volumeId);
     if (!store || !records) return [];
-    return layersLacking(this.o.self, page, route, [...records.values()], (r) => this.cutOf(r), (seq) => store.hasSnapshot(String(seq)));
+    // A layer taken already and not recorded yet is not taken again.
+    const pending = [...records.values()].filter((r) => !this.joins.get(joinKey(r))?.pages.includes(page));
+    return layersLacking(this.o.self, page, route, pending, (r) => this.cutOf(r), (seq) => store.hasSnapshot(String(seq)));
   }
 
   private cutOf(r: SnapshotRecord): Cut {
@@ -197,10 +202,9 @@ export class SnapshotLayerSync {
     for (const r of this.lacking(volumeId, page, this.o.catalog.routes(volume).route(page))) {
       await this.takeLayer(r, page, store);
       this.counters.pageLayers++;
-      const k = `${r.volumeId}/${r.name}`;
-      const join = this.joins.get(k) ?? { volumeId: r.volumeId, name: r.name, seq: r.seq, pages: [] };
+      const join = this.joins.get(joinKey(r)) ?? { volumeId: r.volumeId, name: r.name, seq: r.seq, pages: [] };
       join.pages.push(page);
-      this.joins.set(k, join);
+      this.joins.set(joinKey(r), join);
     }
   }
 
@@ -271,6 +275,11 @@ export class SnapshotLayerSync {
     }, delayMs).unref();
     this.retryTimers.add(timer);
   }
+}
+
+/** A snapshot's key among the joins to record (its name may be taken again by a newer one). */
+function joinKey(r: SnapshotRecord): string {
+  return `${r.volumeId}/${r.name}/${r.seq}`;
 }
 
 /** This peer's layer of snapshot `seq` (undefined: none). */
