@@ -7,10 +7,10 @@
 // catalog and network, no faults but the ones each test makes), deterministic from the seed.
 // A snapshot needs every peer of the group (its REACH step), so "the secondary was away at the
 // snapshot" is a secondary back but still stale at the cut: its resync asks are refused until
-// the snapshot is taken.
+// the snapshot is taken. A lost peer is one kept down past downOutMs (3 s here).
 
 import t from 'tap';
-import type { PeerCore } from '../src/server/compose';
+import type { PeerCore, ReplicationSettings } from '../src/server/compose';
 import { decodeSnapshot, holdsPage, routesAtCut, snapshotKey, type SnapshotRecord } from '../src/snapshot/records';
 import { copiesOf, inSyncOf } from '../src/routing/table';
 import { SimGroup } from './sim/group';
@@ -21,10 +21,10 @@ const pageBlocks = 8192;
 const volume = 'v';
 
 /** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted; its last events are shown when the test fails. */
-async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, seed = 1): Promise<{ world: SimWorld; group: SimGroup }> {
-  const world = new SimWorld(seed);
+async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings): Promise<{ world: SimWorld; group: SimGroup }> {
+  const world = new SimWorld(1);
   const trace: string[] = [];
-  const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line) });
+  const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line), ...(replication ? { replication } : {}) });
   t.teardown(() => {
     if (!t.passing()) t.comment(trace.slice(-80).join('\n'));
   });
@@ -152,6 +152,27 @@ t.test('a copy built after the snapshot (more replicas) serves it once the holde
   t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot as it was at the cut, from the new copy');
   t.same(await drive(world, reader!.read(4096, 32)), Buffer.concat([fill(16, 0xa3), fill(16, 0)]), 'every grain of the page');
   t.same(await drive(world, reader!.read(64, 64)), fill(64, 0), 'unwritten blocks read as zeros');
+});
+
+t.test('a lost peer\'s copy rebuilt elsewhere after the snapshot serves it once every holder at the cut is lost', async (t) => {
+  const pages = 3;
+  const { world, group } = await boot(t, 3, pages, 2, { downOutMs: 3_000, zones: {} });
+  // Page 0: p1 primary, p2 secondary.
+  await write(world, group, 'p1', 0, fill(64, 0xa1));
+  await drive(world, core(group, 'p1').snapshots.create([volume], { name: 's1' }));
+  await write(world, group, 'p1', 0, fill(64, 0xb1));
+  t.ok(holds(record(group, 's1')!, 0, 'p1') && holds(record(group, 's1')!, 0, 'p2') && !holds(record(group, 's1')!, 0, 'p3'), 'p1 and p2 hold page 0 of the snapshot, p3 does not');
+
+  // p2 is lost for good: after downOutMs its copy of page 0 is rebuilt on p3.
+  group.peers.get('p2')!.crash();
+  const route = (): ReturnType<PeerCore['catalog']['routes']> => core(group, 'p1').catalog.routes(core(group, 'p1').catalog.require(volume));
+  t.ok(await until(world, () => inSyncOf(route().route(0)).includes('p3')), 'page 0 rebuilt on p3, in sync');
+  t.ok(await until(world, () => holds(record(group, 's1')!, 0, 'p3')), 'p3 holds the snapshot\'s layer of page 0');
+  await settle(world);
+
+  group.peers.get('p1')!.crash();
+  const reader = core(group, 'p3').snapshotTargets.reader(volume, 's1');
+  t.same(await drive(world, reader!.read(0, 128)), Buffer.concat([fill(64, 0xa1), fill(64, 0)]), 'the snapshot as it was at the cut, from the rebuilt copy');
 });
 
 t.test('a snapshot deleted before its layers were taken does not come back', async (t) => {
