@@ -21,5 +21,5 @@ export const controls = new Map<string, Control>([
   ['no-barrier', { bug: 'barrier snapshots taken peer by peer: each peer prepares, freezes and releases before the next one prepares (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots } }],
   ['no-finish', { bug: 'timestamp snapshots skip FINISH: late writes stamped before the cut are left out (NoFinishSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoFinishSnapshots } }],
   ['join-without-layer', { bug: 'a copy that lacked a snapshot\'s layer of its page joins its holders without taking the layer (JoinWithoutLayer); caught by the check of every holder\'s layer', protocols: { layerSync: JoinWithoutLayer }, replicas: 2 }],
-  ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check or the convergence of in-sync copies', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
+  ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check, the convergence of in-sync copies or the check of every snapshot holder\'s layer (in-sync copies froze different blocks)', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
 ]);
