@@ -1,8 +1,14 @@
 // Where a snapshot's layer of each page is read from (src/snapshot/records.ts snapshotHolders):
 // the primary at the cut first, then the page's other in-sync copies, which froze the same blocks.
 
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import t from 'tap';
-import { narrowInSync, routesAtCut, snapshotHolders, type SnapshotRecord } from '../src/snapshot/records';
+import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import {
+  createSnapshotRecord, decodeSnapshot, deleteSnapshotRecord, holdsPage, joinHolders, narrowInSync, routesAtCut, snapshotHolders, snapshotKey, withJoined, type SnapshotRecord,
+} from '../src/snapshot/records';
 
 const pageBlocks = 8192;
 
@@ -50,4 +56,46 @@ t.test('narrowInSync: only copies in sync at both moments, never none', async (t
   t.same(narrowInSync(cut, { owner: 'p1', version: 4, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p3'] }).inSync, ['p1', 'p3'], 'p2 resynced in after it froze');
   t.equal(narrowInSync(cut, { ...cut, version: 6 }), cut, 'unchanged');
   t.equal(narrowInSync({ owner: 'p1', version: 2 }, { owner: 'p2', version: 3 }).owner, 'p1', 'one copy that moved: kept as is');
+});
+
+t.test('copies that joined after the cut follow the holders at the cut, for every piece of a moving page', async (t) => {
+  const r = record({ placedCopies: 2, joined: [[0, ['p3']], [4, ['p1', 'p2']]] });
+  t.same(snapshotHolders(r, 4, 4 * pageBlocks, routesAtCut(r), new Map()).holders, ['p2', 'p3', 'p1'], 'a joined holder already at the cut is named once');
+  t.same(snapshotHolders(r, 1, pageBlocks, routesAtCut(r), new Map()).holders, ['p2', 'p3'], 'a page nobody joined: as at the cut');
+  const moving = new Map([[0, { volumeId: r.volumeId, page: 0, from: 'p1', to: 'p3', done: 2, pieceBlocks: 1024 }]]);
+  const late = record({ joined: [[0, ['p2']]] });
+  t.same(snapshotHolders(late, 0, 100, routesAtCut(late), moving), { holders: ['p3', 'p2'], blocks: 2048 - 100 });
+  t.same(snapshotHolders(late, 0, 4096, routesAtCut(late), moving), { holders: ['p1', 'p2'], blocks: pageBlocks - 4096 });
+  t.ok(holdsPage(late, 0, 'p2', routesAtCut(late), moving), 'a joined copy holds every piece');
+  t.notOk(holdsPage(late, 0, 'p3', routesAtCut(late), moving), 'a move\'s destination at the cut holds only the pieces it had');
+  t.notOk(holdsPage(r, 1, 'p1', routesAtCut(r), new Map()));
+  t.ok(holdsPage(r, 1, 'p3', routesAtCut(r), new Map()));
+});
+
+t.test('withJoined: each page once, each peer once per page, pages in order', async (t) => {
+  t.same(withJoined(undefined, [3, 1], 'p2'), [[1, ['p2']], [3, ['p2']]]);
+  t.same(withJoined([[1, ['p2']]], [1, 2], 'p3'), [[1, ['p2', 'p3']], [2, ['p3']]]);
+  t.same(withJoined([[1, ['p2']]], [1], 'p2'), [[1, ['p2']]]);
+});
+
+t.test('joinHolders: recorded by compare-and-swap; a deleted snapshot, or a newer one of the same name, is not joined', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-joined-'));
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  t.teardown(async () => {
+    await meta.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const r = record({ state: 'taking' });
+  await createSnapshotRecord(meta, r);
+  t.equal(await joinHolders(meta, r, [0], 'p3'), false, 'a snapshot still being taken is not joined');
+  const current = await meta.get(snapshotKey(r.volumeId, r.name));
+  await meta.put(current!.key, Buffer.from(JSON.stringify({ ...r, state: 'ready' })), current!.version);
+  // Two copies joining at once: both recorded (one of them compares against a newer version and tries again).
+  t.same(await Promise.all([joinHolders(meta, r, [0, 2], 'p3'), joinHolders(meta, r, [2], 'p1')]), [true, true]);
+  const joined = decodeSnapshot((await meta.get(snapshotKey(r.volumeId, r.name)))!.value).joined!;
+  t.same(new Map(joined.map(([page, peers]) => [page, [...peers].sort()])), new Map([[0, ['p3']], [2, ['p1', 'p3']]]));
+  t.equal(await joinHolders(meta, { ...r, seq: r.seq + 1 }, [1], 'p3'), false, 'another snapshot of that name');
+  await deleteSnapshotRecord(meta, r.volumeId, r.name);
+  t.equal(await joinHolders(meta, r, [1], 'p3'), false, 'deleted');
+  t.equal(await meta.get(snapshotKey(r.volumeId, r.name)), undefined, 'and it stays deleted');
 });

@@ -174,6 +174,45 @@ t.test('a page carries its layers to another store', async (t) => {
   await t.rejects(b.importPageLayers(1, { ...layers, snapshots: layers.snapshots.slice(1) }), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' });
 });
 
+t.test("replaceSnapshotGrains: a snapshot's view of a page replaced (a copy taking the layer from its holders), live and older views kept, durable", async (t) => {
+  const dir = tempDir(t);
+  const geometry = { blockBytes: 512, blockCount: 2 * 8192 };
+  let store = await PageStore.open(dir);
+  let v = await store.openVolume(volumeId, geometry);
+  await v.write(8192, pattern(256, 1)); // grains 0 and 1 of page 1
+  await v.snapshot('s1', 0);
+  await v.snapshot('s2', 0);
+  await v.write(8192 + 256, pattern(128, 2)); // grain 2: after both snapshots
+  const live = await v.read(8192, 8192);
+  const s1 = await v.snapshotView('s1').read(8192, 8192);
+  // s2's view of page 1 becomes: grain 0 new bytes, grain 1 zeros, grain 2 new bytes, the rest zeros.
+  const grains: (Buffer | null)[] = new Array<Buffer | null>(64).fill(null);
+  grains[0] = pattern(128, 7);
+  grains[2] = pattern(128, 8);
+  await v.replaceSnapshotGrains('s2', 8192, grains);
+  const want = Buffer.alloc(8192 * 512);
+  grains[0].copy(want, 0);
+  grains[2].copy(want, 256 * 512);
+  t.same(await v.snapshotView('s2').read(8192, 8192), want, "s2's view is what was given");
+  t.same(await v.snapshotView('s1').read(8192, 8192), s1, 's1, which read the page through s2, keeps its view');
+  t.same(await v.read(8192, 8192), live, 'live untouched');
+  t.same(await v.snapshotView('s2').read(0, 8192), Buffer.alloc(8192 * 512), 'other pages untouched');
+  t.same((await v.snapshotView('s2').lbaStatus(8192, 8192)).map((e) => [e.lba - 8192, e.blocks, e.mapped]), [[0, 128, true], [128, 128, false], [256, 128, true], [384, 8192 - 384, false]], 'zeros take no slot');
+  await v.write(8192, pattern(128, 9));
+  t.same(await v.snapshotView('s2').read(8192, 8192), want, 'a later write does not change it');
+  await store.close();
+  store = await PageStore.open(dir);
+  t.teardown(() => store.close());
+  v = await store.openVolume(volumeId, geometry);
+  t.same(await v.snapshotView('s2').read(8192, 8192), want, 'durable');
+  t.same(await v.snapshotView('s1').read(8192, 8192), s1);
+  await v.deleteSnapshot('s2');
+  await v.deleteSnapshot('s1');
+  t.equal(v.allocatedBytes(), 3 * grainBytes, 'deleting the snapshots frees every slot they held');
+  await t.rejects(v.replaceSnapshotGrains('s1', 8192, grains), { code: 'PEERSAN_ERR_NOT_FOUND' }, 'a deleted snapshot is not made again');
+  await t.rejects(v.replaceSnapshotGrains('s1', 8192 + 1, grains), { code: 'PEERSAN_ERR_INVALID_ARGUMENT' });
+});
+
 // ---- model test -------------------------------------------------------------------------------
 
 /** One view in the model: bytes, and per grain a version (0: unmapped) standing for a slot. */

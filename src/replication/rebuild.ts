@@ -22,6 +22,9 @@
 // copyBuildPagesInFlightMax pages whose new copies are not in sync yet, and makes at most
 // copyChangesPerRunMax changes per run; the filling itself runs at the migration rate (resync).
 //
+// A new copy gets the page's snapshot layers too, once in sync (src/snapshot/layer-sync.ts), so
+// a snapshot outlives the copies that held the page at its cut.
+//
 // When: every copyKeeperTickMs, and soon after a volume change or a route change of a page this
 // peer is primary of (a copy came in sync: room for the next one).
 

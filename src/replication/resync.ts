@@ -25,6 +25,10 @@
 // The stale copy's side (Resyncer.start): every page of an open volume where this peer is a
 // stale copy (a scan at start, then every route the tables learn) is asked for, a few at a time,
 // with backoff while it stays stale.
+//
+// Snapshot layers: a resync brings the copy's live data only. Once the copy is back in sync, it
+// takes the layers of the page's snapshots it does not hold (it was stale at their cut) from
+// their holders, and joins them: src/snapshot/layer-sync.ts.
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';

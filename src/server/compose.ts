@@ -38,6 +38,7 @@ import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { inSyncOf, staleCopiesOf, type Route } from '../routing/table';
 import { HybridClock } from '../snapshot/hlc';
 import { prepareMsMax, sealMsMax, SnapshotService } from '../snapshot/service';
+import { SnapshotLayerSync } from '../snapshot/layer-sync';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
@@ -56,6 +57,7 @@ export interface PeerProtocols {
   migrator: typeof Migrator;
   movable: typeof MovableVolume;
   replicated: typeof ReplicatedVolume;
+  layerSync: typeof SnapshotLayerSync;
 }
 
 export interface PeerWiring {
@@ -109,6 +111,8 @@ export interface PeerCore {
   snapshotTargets: SnapshotTargets;
   migrator: Migrator;
   snapshots: SnapshotService;
+  /** Copies of a page that lack a snapshot's layer of it take it from the holders (src/snapshot/layer-sync.ts). */
+  layerSync: SnapshotLayerSync;
   load: LoadService;
   balancerSwitch: BalancerSwitch;
   pages: PageService;
@@ -130,7 +134,7 @@ export interface PeerCore {
 
 export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const { self, env, log, transport } = w;
-  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, ...w.protocols };
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, layerSync: SnapshotLayerSync, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
   const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
@@ -234,6 +238,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
+  core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
+  await core.layerSync.start();
   core.replication = replicationCore(w, core);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
@@ -264,6 +270,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   };
   core.close = () => {
     core.resync.resyncer.close();
+    core.layerSync.close();
     core.resync.tracker.close();
     core.resync.activity.close();
     leases.close();

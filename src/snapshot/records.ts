@@ -50,6 +50,12 @@ export interface SnapshotRecord {
   placedCopies?: number;
   /** Timestamp mode: the cut, a hybrid-clock stamp (src/snapshot/hlc.ts); writes stamped before it are in. */
   cut?: number;
+  /**
+   * Per page, the copies that took the page's layer from its holders after the cut (a copy
+   * stale at the cut and resynced since, a copy built later: layer-sync.ts), in the order they
+   * joined; holders after those of the cut. Absent: none.
+   */
+  joined?: [number, string[]][];
 }
 
 const namePattern = /^[a-z0-9][a-z0-9-]{0,63}$/;
@@ -111,9 +117,26 @@ export async function listSnapshotRecords(meta: MetaStore, volumeId?: string): P
  * by piece), then the page's other in-sync copies at the cut. Every peer froze its own copy at
  * the cut, and in-sync copies held the same blocks then (barrier: host writes drained; timestamp:
  * copies record replicated writes with the host write's stamp), so any of them serves the page
- * when the first is gone (DESIGN.md 10: a snapshot fails over like its volume).
+ * when the first is gone (DESIGN.md 10: a snapshot fails over like its volume). Then the copies
+ * that took the page's layer from those after the cut (`joined`).
  */
 export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
+  const atCut = holdersAtCut(r, page, lba, routes, moving);
+  // A copy that joined took the whole page from these holders: it serves every piece of it.
+  const joined = (joinedOf(r).get(page) ?? []).filter((p) => !atCut.holders.includes(p));
+  return joined.length === 0 ? atCut : { holders: [...atCut.holders, ...joined], blocks: atCut.blocks };
+}
+
+/** Each record's `joined` by page, made once (a reader looks up a page per run). */
+const joinedByPage = new WeakMap<SnapshotRecord, Map<number, string[]>>();
+
+function joinedOf(r: SnapshotRecord): Map<number, string[]> {
+  let byPage = joinedByPage.get(r);
+  if (!byPage) joinedByPage.set(r, (byPage = new Map(r.joined ?? [])));
+  return byPage;
+}
+
+function holdersAtCut(r: SnapshotRecord, page: number, lba: number, routes: RouteTable, moving: Map<number, MovingAtCut>): { holders: string[]; blocks: number } {
   const pageEnd = (page + 1) * r.pageBlocks;
   const route = routes.route(page);
   const inSync = inSyncOf(route);
@@ -130,6 +153,51 @@ export function snapshotHolders(r: SnapshotRecord, page: number, lba: number, ro
   }
   return { holders: [...inSync], blocks: pageEnd - lba };
 }
+
+/** Whether `peer` holds the snapshot's layer of every block of the page (for a page moving at the cut: of every piece). */
+export function holdsPage(r: SnapshotRecord, page: number, peer: string, routes: RouteTable, moving: Map<number, MovingAtCut>): boolean {
+  for (let at = page * r.pageBlocks; at < (page + 1) * r.pageBlocks; ) {
+    const { holders, blocks } = snapshotHolders(r, page, at, routes, moving);
+    if (!holders.includes(peer)) return false;
+    at += blocks;
+  }
+  return true;
+}
+
+/** `joined` with `peer` added to each of `pages` (a new list; pages in order). */
+export function withJoined(joined: readonly [number, string[]][] | undefined, pages: readonly number[], peer: string): [number, string[]][] {
+  const byPage = new Map((joined ?? []).map(([page, peers]): [number, string[]] => [page, [...peers]]));
+  for (const page of pages) {
+    const peers = byPage.get(page) ?? [];
+    if (!peers.includes(peer)) byPage.set(page, [...peers, peer]);
+  }
+  return [...byPage].sort(([a], [b]) => a - b);
+}
+
+/**
+ * Record that `peer` now holds the snapshot's layer of `pages` (compare-and-swap on the record).
+ * False when the snapshot is gone (deleted, or its name reused by a newer one: another seq):
+ * nothing is recorded, so a deleted snapshot never comes back.
+ */
+export async function joinHolders(meta: MetaStore, at: { volumeId: string; name: string; seq: number }, pages: readonly number[], peer: string): Promise<boolean> {
+  for (let tries = 0; tries < joinTriesMax; tries++) {
+    const current = await meta.get(snapshotKey(at.volumeId, at.name));
+    const r = current && decodeSnapshot(current.value);
+    if (!current || !r || r.seq !== at.seq || r.state !== 'ready') return false;
+    const joined = withJoined(r.joined, pages, peer);
+    if (JSON.stringify(joined) === JSON.stringify(r.joined ?? [])) return true;
+    try {
+      await meta.put(current.key, Buffer.from(JSON.stringify({ ...r, joined })), current.version);
+      return true;
+    } catch (err) {
+      if (!(err instanceof ConflictError)) throw err;
+    }
+  }
+  throw new ConflictError(`could not record ${peer} as a holder of snapshot ${at.name} (too much contention); it tries again`);
+}
+
+/** Compare-and-swap attempts of one join: every copy catching up a page may update the record at once. */
+const joinTriesMax = 32;
 
 /**
  * `route` (a page's route at the cut) with its in-sync copies narrowed to those in sync in

@@ -706,6 +706,11 @@ export class StoreVolume implements BlockBackend {
     });
   }
 
+  /** Whether this volume has a layer of snapshot `id` (cheap: no space is counted). */
+  hasSnapshot(id: string): boolean {
+    return this.layers.snapshots.some((s) => s.id === id);
+  }
+
   /** Snapshots oldest first, with their space. */
   listSnapshots(): SnapshotInfo[] {
     return this.layers.snapshots.map((s, k) => ({ ...s, exceptionGrains: this.layers.exceptionGrains(k), uniqueBytes: this.layers.uniqueGrains(k) * grainBytes }));
@@ -783,28 +788,58 @@ export class StoreVolume implements BlockBackend {
           else img.fill(0, inGrain, inGrain + bytes);
         });
       }
-      const released: number[] = [];
-      const writes: Promise<void>[] = [];
-      for (const [grain, img] of images) {
-        const page = Math.floor(grain / this.grainsPerPage);
-        const i = grain % this.grainsPerPage;
-        const before = this.layers.resolve(k, grain, this.slotOf(grain));
-        if (k > 0 && (this.layers.exceptionsOf(k - 1, page)?.[i] ?? noException) === noException) {
-          // The next older snapshot read this grain through us: it keeps the old view.
-          this.layers.incref(before);
-          this.layers.setException(k - 1, grain, before);
-        }
-        const own = this.layers.exceptionsOf(k, page)?.[i] ?? noException;
-        if (own !== noException && this.layers.decref(own)) released.push(own);
-        const { slot } = this.takeSlot();
-        writes.push(this.file.write(img, 0, grainBytes, slot * grainBytes));
-        this.layers.setException(k, grain, slot);
-      }
-      await Promise.all(writes);
-      await this.file.datasync();
-      await this.db.batch(this.layers.takeDirtyOps(), { sync: true });
-      this.freeReleased(released);
+      await this.setSnapshotGrainsLocked(k, [...images]);
     });
+  }
+
+  /**
+   * Replace snapshot `id`'s view of consecutive grains from `lba` (grain-aligned) with `grains`
+   * (each its bytes, or null for zeros): a copy of a page that lacked the snapshot takes the
+   * page's layer from the copies that hold it (src/snapshot/layer-sync.ts). Live is not touched;
+   * an older snapshot that read these grains through this one keeps its old view. Durable when
+   * it resolves.
+   */
+  async replaceSnapshotGrains(id: string, lba: number, grains: readonly (Buffer | null)[]): Promise<void> {
+    this.check(lba, Math.min(grains.length * this.grainBlocks, this.blockCount - lba));
+    if (lba % this.grainBlocks !== 0 || grains.some((g) => g !== null && g.length !== grainBytes)) {
+      throw new InvalidArgumentError(`snapshot grains start at a grain boundary and are ${grainBytes} bytes or null`);
+    }
+    await this.lock.runExclusive(async () => {
+      const first = lba / this.grainBlocks;
+      await this.setSnapshotGrainsLocked(this.layers.indexOf(id), grains.map((data, i) => [first + i, data] as const));
+    });
+  }
+
+  /**
+   * Under the exclusive lock: snapshot k's view of each grain becomes the data given (a new slot
+   * as its exception; null: zeros, no slot), the next older snapshot keeping the view it read
+   * through k. Slots are written and synced BEFORE the exception maps that name them.
+   */
+  private async setSnapshotGrainsLocked(k: number, grains: readonly (readonly [number, Buffer | null])[]): Promise<void> {
+    const released: number[] = [];
+    const writes: Promise<void>[] = [];
+    for (const [grain, data] of grains) {
+      const page = Math.floor(grain / this.grainsPerPage);
+      const i = grain % this.grainsPerPage;
+      const before = this.layers.resolve(k, grain, this.slotOf(grain));
+      if (k > 0 && (this.layers.exceptionsOf(k - 1, page)?.[i] ?? noException) === noException) {
+        // The next older snapshot read this grain through us: it keeps the old view.
+        this.layers.incref(before);
+        this.layers.setException(k - 1, grain, before);
+      }
+      const own = this.layers.exceptionsOf(k, page)?.[i] ?? noException;
+      if (own !== noException && this.layers.decref(own)) released.push(own);
+      let slot = -1;
+      if (data) {
+        slot = this.takeSlot().slot;
+        writes.push(this.file.write(data, 0, grainBytes, slot * grainBytes));
+      }
+      this.layers.setException(k, grain, slot);
+    }
+    await Promise.all(writes);
+    await this.file.datasync();
+    await this.db.batch(this.layers.takeDirtyOps(), { sync: true });
+    this.freeReleased(released);
   }
 
   /** A read-only BlockBackend on snapshot `id`'s view. */

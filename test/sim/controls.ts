@@ -5,7 +5,7 @@
 import type { PeerProtocols } from '../../src/server/compose';
 import { NoOwnershipCheck, SingleCopyDualWrite } from './controls/migration';
 import { EarlyAckReplication } from './controls/replication';
-import { NoBarrierSnapshots, NoFinishSnapshots } from './controls/snapshots';
+import { JoinWithoutLayer, NoBarrierSnapshots, NoFinishSnapshots } from './controls/snapshots';
 
 export interface Control {
   /** The bug, in a sentence, and which invariant must catch it. */
@@ -20,5 +20,6 @@ export const controls = new Map<string, Control>([
   ['no-ownership-check', { bug: 'an owner serves requests for a page it has given away (NoOwnershipCheck); caught by the read check', protocols: { movable: NoOwnershipCheck } }],
   ['no-barrier', { bug: 'barrier snapshots taken peer by peer: each peer prepares, freezes and releases before the next one prepares (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots } }],
   ['no-finish', { bug: 'timestamp snapshots skip FINISH: late writes stamped before the cut are left out (NoFinishSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoFinishSnapshots } }],
-  ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check or the convergence of in-sync copies', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
+  ['join-without-layer', { bug: 'a copy that lacked a snapshot\'s layer of its page joins its holders without taking the layer (JoinWithoutLayer); caught by the check of every holder\'s layer', protocols: { layerSync: JoinWithoutLayer }, replicas: 2 }],
+  ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check, the convergence of in-sync copies or the check of every snapshot holder\'s layer (in-sync copies froze different blocks)', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
 ]);

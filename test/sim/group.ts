@@ -20,7 +20,7 @@ import type { CreateVolumeInput } from '../../src/cluster/catalog';
 import { balancerDefaults } from '../../src/loadmon/balancer';
 import type { Timers } from '../../src/env/env';
 import type { SeededRandom } from '../../src/env/manual';
-import { composePeer, type PeerCore, type PeerProtocols } from '../../src/server/compose';
+import { composePeer, type PeerCore, type PeerProtocols, type ReplicationSettings } from '../../src/server/compose';
 import { PageStore } from '../../src/store/page-store';
 import type { BlockBackend } from '../../src/store/types';
 import { SimCatalog, type SimCatalogClient } from './catalog';
@@ -116,6 +116,7 @@ export class SimPeer implements Endpoint {
         facts: async () => ({ sessions: 0, freeBytes: 1 << 30, totalBytes: 1 << 30, allocatedBytes: store.usage().allocatedBytes }),
         event: (kind, message) => g.trace(`${this.id} ${kind}: ${message}`),
         ...(g.protocols ? { protocols: g.protocols } : {}),
+        ...(g.replication ? { replication: g.replication } : {}),
       });
       if (inc !== this.inc) return;
       core.load.start();
@@ -157,6 +158,8 @@ export interface SimGroupOptions {
   world: SimWorld;
   peers: number;
   protocols?: Partial<PeerProtocols>;
+  /** Lost-peer interval and zones (default: the production default, no zones). */
+  replication?: ReplicationSettings;
   trace(line: string): void;
 }
 
@@ -167,12 +170,14 @@ export class SimGroup {
   readonly peers = new Map<string, SimPeer>();
   readonly peerIds: string[];
   readonly protocols: Partial<PeerProtocols> | undefined;
+  readonly replication: ReplicationSettings | undefined;
   readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
   readonly trace: (line: string) => void;
 
   constructor(o: SimGroupOptions) {
     this.world = o.world;
     this.protocols = o.protocols;
+    this.replication = o.replication;
     this.trace = (line) => o.trace(`[${o.world.now().toFixed(3)}] ${line}`);
     this.catalog = new SimCatalog(o.world, o.world.fork());
     this.peerIds = Array.from({ length: o.peers }, (_, i) => `p${i + 1}`);

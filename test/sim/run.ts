@@ -6,6 +6,7 @@
 import { defaultReplicas } from '../../src/cluster/catalog';
 import type { SeededRandom } from '../../src/env/manual';
 import { copiesOf, inSyncOf, type Route } from '../../src/routing/table';
+import { decodeSnapshot, routesAtCut, snapshotHolders, snapshotKey } from '../../src/snapshot/records';
 import type { PeerProtocols } from '../../src/server/compose';
 import type { BlockBackend } from '../../src/store/types';
 import { check, traceOf, type Violation } from './checker';
@@ -305,6 +306,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
         const data = await drive(world, reader.read(r.lba, r.blocks), stepsMax, (why) => (reason = why));
         if (!data) fail('snapshot-unreadable', `snapshot ${s.name}: blocks ${r.lba}+${r.blocks} did not read through ${s.peer}: ${reason}`);
         else decodeBlocks(data, r.lba, blockBytes, r.blocks).forEach((v, i) => (seen[r.lba + i] = v));
+        if (data) for (const f of await holdersDiffer(world, group, volume, s.name, r, data, stepsMax)) fail('snapshot-holders-differ', f);
       }
       s.rec.seen = seen;
     }
@@ -426,6 +428,35 @@ async function drive<T>(world: SimWorld, p: Promise<T>, stepsMax: number, why?: 
   if (!out.done) why?.(`no answer within ${hostCommandMsMax} ms`);
   else if (out.err !== undefined) why?.(out.err);
   return out.v;
+}
+
+/**
+ * Every holder of the snapshot's layer of the range (the copies in sync at the cut, and those
+ * that took the layer since: src/snapshot/layer-sync.ts) holds what the snapshot read returned:
+ * any of them may serve it once the others are lost. Read from each holder's own layer.
+ */
+async function holdersDiffer(world: SimWorld, group: SimGroup, volume: string, name: string, r: { lba: number; blocks: number }, data: Buffer, stepsMax: number): Promise<string[]> {
+  const v = group.up()[0]?.core()?.catalog.volume(volume);
+  const stored = v && group.catalog.list(snapshotKey(v.id, name))[0];
+  if (!v || !stored) return [];
+  const record = decodeSnapshot(stored.value);
+  const routes = routesAtCut(record);
+  const moving = new Map(record.moving.map((m) => [m.page, m]));
+  const out: string[] = [];
+  for (let at = r.lba; at < r.lba + r.blocks; ) {
+    const page = Math.floor(at / record.pageBlocks);
+    const { holders, blocks } = snapshotHolders(record, page, at, routes, moving);
+    const n = Math.min(blocks, r.lba + r.blocks - at);
+    const want = data.subarray((at - r.lba) * blockBytes, (at - r.lba + n) * blockBytes);
+    for (const h of holders) {
+      const layer = group.core(h)?.snapshotTargets.layer(v.id, record.seq);
+      const held = layer && (await drive(world, layer.read(at, n), stepsMax));
+      if (!held) out.push(`snapshot ${name}: holder ${h} has no layer of blocks ${at}+${n}`);
+      else if (!held.equals(want)) out.push(`snapshot ${name}: holder ${h}'s layer of blocks ${at}+${n} differs from the snapshot's read`);
+    }
+    at += n;
+  }
+  return out;
 }
 
 /** The final read of one range through one peer, as a host command in the history. */

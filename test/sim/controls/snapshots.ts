@@ -5,6 +5,7 @@
 // from production is exactly the bug named here.
 
 import { SnapshotCoordinator, type CoordinatorPlan, type Round } from '../../../src/snapshot/coordinator';
+import { SnapshotLayerSync } from '../../../src/snapshot/layer-sync';
 import { SnapshotService } from '../../../src/snapshot/service';
 import type { StampedChange } from '../../../src/snapshot/stamp-log';
 import type { StoreVolume } from '../../../src/store/page-store';
@@ -41,4 +42,14 @@ export class NoBarrierSnapshots extends SnapshotService {
  */
 export class NoFinishSnapshots extends SnapshotService {
   protected override async completeLayer(_store: StoreVolume, _seq: number, _changes: StampedChange[]): Promise<void> {}
+}
+
+/**
+ * A copy that lacked a snapshot's layer of its page joins the page's holders without taking the
+ * layer from them (its own layer stays what it froze at the cut, stale, or nothing for a copy
+ * built later). Must catch it: the simulator's check that every holder's layer reads what the
+ * snapshot read returned (test/sim/run.ts holdersDiffer).
+ */
+export class JoinWithoutLayer extends SnapshotLayerSync {
+  protected override async replaceGrains(): Promise<void> {}
 }

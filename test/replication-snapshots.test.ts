@@ -1,0 +1,191 @@
+// Snapshot layers resync and rebuild with their pages (issue 17; src/snapshot/layer-sync.ts): a
+// copy that did not hold a snapshot's layer of a page (stale at the cut, or built later) takes it
+// from the holders once it is in sync, and joins them in the snapshot's record, so the snapshot
+// still reads back once the copies that held it at the cut are lost.
+//
+// Whole groups in the simulator (test/sim: the production composition on simulated disks,
+// catalog and network, no faults but the ones each test makes), deterministic from the seed.
+// A snapshot needs every peer of the group (its REACH step), so "the secondary was away at the
+// snapshot" is a secondary back but still stale at the cut: its resync asks are refused until
+// the snapshot is taken. A lost peer is one kept down past downOutMs (3 s here).
+
+import t from 'tap';
+import type { PeerCore, ReplicationSettings } from '../src/server/compose';
+import { decodeSnapshot, holdsPage, routesAtCut, snapshotKey, type SnapshotRecord } from '../src/snapshot/records';
+import { copiesOf, inSyncOf } from '../src/routing/table';
+import { SimGroup } from './sim/group';
+import { SimWorld } from './sim/world';
+
+const blockBytes = 512;
+const pageBlocks = 8192;
+const volume = 'v';
+
+/** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted; its last events are shown when the test fails. */
+async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings): Promise<{ world: SimWorld; group: SimGroup }> {
+  const world = new SimWorld(1);
+  const trace: string[] = [];
+  const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line), ...(replication ? { replication } : {}) });
+  t.teardown(() => {
+    if (!t.passing()) t.comment(trace.slice(-80).join('\n'));
+  });
+  await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes, replicas });
+  return { world, group };
+}
+
+/** Run the world until `p` settles (at most `ms` of simulated time): its value, or its error thrown. */
+async function drive<T>(world: SimWorld, p: Promise<T>, ms = 30_000): Promise<T> {
+  let out: { done: boolean; v?: T; err?: unknown } = { done: false };
+  p.then((v) => (out = { done: true, v }), (err: unknown) => (out = { done: true, err }));
+  await world.run(world.now() + ms, Number.MAX_SAFE_INTEGER, () => out.done);
+  if (!out.done) throw new Error(`no answer within ${ms} simulated ms`);
+  if (out.err !== undefined) throw out.err;
+  return out.v as T;
+}
+
+/** Run the world until `cond` holds (at most `ms`); whether it does. */
+async function until(world: SimWorld, cond: () => boolean, ms = 60_000): Promise<boolean> {
+  await world.run(world.now() + ms, Number.MAX_SAFE_INTEGER, cond);
+  return cond();
+}
+
+function fill(blocks: number, byte: number): Buffer {
+  return Buffer.alloc(blocks * blockBytes, byte);
+}
+
+function core(group: SimGroup, id: string): PeerCore {
+  const c = group.core(id);
+  if (!c) throw new Error(`${id} is not up`);
+  return c;
+}
+
+async function write(world: SimWorld, group: SimGroup, via: string, lba: number, data: Buffer): Promise<void> {
+  await drive(world, group.hostPath(via, volume)!.write(lba, data));
+}
+
+function record(group: SimGroup, name: string): SnapshotRecord | undefined {
+  const volumeId = group.up()[0].core()!.catalog.require(volume).id;
+  const r = group.catalog.list(snapshotKey(volumeId, name))[0];
+  return r && decodeSnapshot(r.value);
+}
+
+/** Whether `peer` holds the snapshot's layer of the page, as the snapshot's record says. */
+function holds(r: SnapshotRecord, page: number, peer: string): boolean {
+  return holdsPage(r, page, peer, routesAtCut(r), new Map(r.moving.map((m) => [m.page, m])));
+}
+
+/** Let the catalog's watch bring every peer the newest records (a second of simulated time). */
+async function settle(world: SimWorld): Promise<void> {
+  await world.run(world.now() + 1_000, Number.MAX_SAFE_INTEGER);
+}
+
+/** Whether every page's route (as `via` knows it) has `peer` among its in-sync copies. */
+function inSyncEverywhere(group: SimGroup, via: string, peer: string, pages: number): boolean {
+  const c = group.core(via);
+  if (!c) return false;
+  const table = c.catalog.routes(c.catalog.require(volume));
+  return Array.from({ length: pages }, (_, page) => inSyncOf(table.route(page)).includes(peer)).every(Boolean);
+}
+
+t.test('a copy stale at the snapshot, resynced since, serves the snapshot once the holder is lost', async (t) => {
+  const pages = 2;
+  const { world, group } = await boot(t, 2, pages, 2);
+  // Page 0: p1 primary, p2 secondary; page 1: the other way round.
+  await write(world, group, 'p1', 0, fill(64, 0xa1));
+  await write(world, group, 'p1', pageBlocks + 100, fill(64, 0xa2));
+
+  // p2 goes away; writes go on through p1 (p1 takes page 1 over); p2 misses them.
+  group.peers.get('p2')!.crash();
+  await write(world, group, 'p1', 32, fill(64, 0xb1));
+  await write(world, group, 'p1', pageBlocks + 132, fill(64, 0xb2));
+
+  // p2 comes back, but p1 refuses to resync it until the snapshot is taken.
+  const p1 = core(group, 'p1');
+  const handle = p1.handlers.replication;
+  let refuseResync = true;
+  p1.handlers.replication = async (from, kind, body) => {
+    if (kind === 'resync' && refuseResync) throw new Error('resync refused by the test');
+    return handle(from, kind, body);
+  };
+  await drive(world, group.peers.get('p2')!.start());
+  t.notOk(inSyncEverywhere(group, 'p2', 'p2', pages), 'p2 is back, stale');
+  await drive(world, p1.snapshots.create([volume], { name: 's1' }));
+  const atCut = record(group, 's1')!;
+  for (let page = 0; page < pages; page++) t.notOk(holds(atCut, page, 'p2'), `p2 was stale at the cut: no holder of page ${page}`);
+
+  // Resync runs; then p2 takes the snapshot's layers and joins the holders.
+  refuseResync = false;
+  t.ok(await until(world, () => inSyncEverywhere(group, 'p1', 'p2', pages)), 'p2 resynced: in sync again');
+  const joined = await until(world, () => [0, 1].every((page) => holds(record(group, 's1')!, page, 'p2')));
+  t.ok(joined, 'p2 holds the snapshot\'s layer of every page, as its record says');
+  t.ok(core(group, 'p2').layerSync.counters.bytes > 0, `p2 took ${core(group, 'p2').layerSync.counters.bytes} bytes of layers`);
+
+  await settle(world);
+  // The holder at the cut is lost for good; the live volume changes again through p2.
+  group.peers.get('p1')!.crash();
+  await write(world, group, 'p2', 0, fill(128, 0xc1));
+  const reader = core(group, 'p2').snapshotTargets.reader(volume, 's1');
+  t.ok(reader, 'p2 serves the snapshot');
+  const page0 = await drive(world, reader!.read(0, 128));
+  t.same(page0, Buffer.concat([fill(32, 0xa1), fill(64, 0xb1), fill(32, 0)]), 'page 0 of the snapshot as it was at the cut');
+  const page1 = await drive(world, reader!.read(pageBlocks + 100, 128));
+  t.same(page1, Buffer.concat([fill(32, 0xa2), fill(64, 0xb2), fill(32, 0)]), 'page 1 of the snapshot as it was at the cut');
+});
+
+t.test('a copy built after the snapshot (more replicas) serves it once the holder is lost', async (t) => {
+  const pages = 3;
+  const { world, group } = await boot(t, 3, pages, 1);
+  // Page 0 on p1 alone.
+  await write(world, group, 'p1', 0, fill(64, 0xa1));
+  await write(world, group, 'p1', 4096, fill(16, 0xa3));
+  await drive(world, core(group, 'p1').snapshots.create([volume], { name: 's1' }));
+  await write(world, group, 'p1', 0, fill(64, 0xb1));
+
+  await drive(world, core(group, 'p1').catalog.setReplicas(volume, 2));
+  const route = (): ReturnType<PeerCore['catalog']['routes']> => core(group, 'p1').catalog.routes(core(group, 'p1').catalog.require(volume));
+  t.ok(await until(world, () => copiesOf(route().route(0)).length === 2 && inSyncOf(route().route(0)).length === 2), 'page 0 has a second copy, in sync');
+  const added = copiesOf(route().route(0)).find((p) => p !== 'p1')!;
+  t.ok(await until(world, () => holds(record(group, 's1')!, 0, added)), `the new copy on ${added} holds the snapshot's layer of page 0`);
+
+  await settle(world);
+  group.peers.get('p1')!.crash();
+  const reader = core(group, added).snapshotTargets.reader(volume, 's1');
+  t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot as it was at the cut, from the new copy');
+  t.same(await drive(world, reader!.read(4096, 32)), Buffer.concat([fill(16, 0xa3), fill(16, 0)]), 'every grain of the page');
+  t.same(await drive(world, reader!.read(64, 64)), fill(64, 0), 'unwritten blocks read as zeros');
+});
+
+t.test('a lost peer\'s copy rebuilt elsewhere after the snapshot serves it once every holder at the cut is lost', async (t) => {
+  const pages = 3;
+  const { world, group } = await boot(t, 3, pages, 2, { downOutMs: 3_000, zones: {} });
+  // Page 0: p1 primary, p2 secondary.
+  await write(world, group, 'p1', 0, fill(64, 0xa1));
+  await drive(world, core(group, 'p1').snapshots.create([volume], { name: 's1' }));
+  await write(world, group, 'p1', 0, fill(64, 0xb1));
+  t.ok(holds(record(group, 's1')!, 0, 'p1') && holds(record(group, 's1')!, 0, 'p2') && !holds(record(group, 's1')!, 0, 'p3'), 'p1 and p2 hold page 0 of the snapshot, p3 does not');
+
+  // p2 is lost for good: after downOutMs its copy of page 0 is rebuilt on p3.
+  group.peers.get('p2')!.crash();
+  const route = (): ReturnType<PeerCore['catalog']['routes']> => core(group, 'p1').catalog.routes(core(group, 'p1').catalog.require(volume));
+  t.ok(await until(world, () => inSyncOf(route().route(0)).includes('p3')), 'page 0 rebuilt on p3, in sync');
+  t.ok(await until(world, () => holds(record(group, 's1')!, 0, 'p3')), 'p3 holds the snapshot\'s layer of page 0');
+  await settle(world);
+
+  group.peers.get('p1')!.crash();
+  const reader = core(group, 'p3').snapshotTargets.reader(volume, 's1');
+  t.same(await drive(world, reader!.read(0, 128)), Buffer.concat([fill(64, 0xa1), fill(64, 0)]), 'the snapshot as it was at the cut, from the rebuilt copy');
+});
+
+t.test('a snapshot deleted before its layers were taken does not come back', async (t) => {
+  const pages = 1;
+  const { world, group } = await boot(t, 3, pages, 1);
+  await write(world, group, 'p1', 0, fill(8, 0xa1));
+  await drive(world, core(group, 'p1').snapshots.create([volume], { name: 's1' }));
+  const seq = record(group, 's1')!.seq;
+  await drive(world, core(group, 'p1').snapshots.delete(volume, 's1'));
+  await drive(world, core(group, 'p1').catalog.setReplicas(volume, 2));
+  const table = (): ReturnType<PeerCore['catalog']['routes']> => core(group, 'p1').catalog.routes(core(group, 'p1').catalog.require(volume));
+  t.ok(await until(world, () => inSyncOf(table().route(0)).length === 2), 'page 0 has a second copy, in sync');
+  await world.run(world.now() + 5_000, Number.MAX_SAFE_INTEGER);
+  t.equal(record(group, 's1'), undefined, 'no record');
+  for (const p of group.up()) t.notOk(p.core()!.targets.stored(core(group, 'p1').catalog.require(volume).id)?.hasSnapshot(String(seq)), `no layer on ${p.id}`);
+});
