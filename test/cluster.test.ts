@@ -23,7 +23,9 @@ const tools = hasTool('qemu-img') && hasTool('qemu-io');
 
 t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io not installed (.ci/run installs qemu-utils, qemu-block-extra)' }, async (t) => {
   const g = await startGroup(t, 3);
-  const vol = await g.peer('p1').admin.createVolume({ name: 'vol', size: '96M' });
+  // One copy of each page: this file checks the single-copy group (a stopped peer fails its own
+  // pages); two copies, the default, are test/replication-*.test.ts and group-processes.test.ts.
+  const vol = await g.peer('p1').admin.createVolume({ name: 'vol', size: '96M', replicas: 1 });
   t.same(vol.peers, ['p1', 'p2', 'p3'], 'placed on every peer');
 
   await t.test('data written through p1 reads back identical through p2 and p3', async (t) => {

@@ -142,13 +142,13 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
   });
 
   await t.test('the page map of the new volume, coloured by owner', async (t) => {
-    t.equal(await page.locator('#volumes tr[data-volume="web"] td[data-field="protection"]').innerText(), '1 · healthy', 'copies asked and protection');
+    t.equal(await page.locator('#volumes tr[data-volume="web"] td[data-field="protection"]').innerText(), '2 · healthy', 'copies asked (the default, 2) and protection');
     await page.click('#volumes tr[data-volume="web"] button:has-text("web")');
     await page.waitForSelector('#page-map[data-pages="32"]');
     t.equal(await page.locator('#page-map').getAttribute('data-owners'), 'p1:11,p2:11,p3:10', '32 pages striped over three peers');
     t.same(await page.locator('#legend [data-owner]').allInnerTexts(), ['p1: 11 pages', 'p2: 11 pages', 'p3: 10 pages']);
     await page.locator('#page-map').hover({ position: { x: 3, y: 3 } });
-    t.match(await page.locator('#map-hover').innerText(), /^page 0 · owner p1 · route v1 · blocks 0–8191/);
+    t.match(await page.locator('#map-hover').innerText(), /^page 0 · owner p1 · copies p1, p2 · route v1 · blocks 0–8191/);
     await page.locator('#page-map').click({ position: { x: 3, y: 3 } });
     t.equal(await page.locator('#move-form input[name=page]').inputValue(), '0', 'a click picks the page for a move');
   });
@@ -160,14 +160,15 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     const bench = await qemuImg(['bench', '-w', '-c', '2048', '-d', '16', '-s', '64k', '--pattern=90', '-f', 'raw', `iscsi://webhost%${chapSecret}@${demo.iscsi}/iqn.2026-11.io.peersan:web/0`], 180_000);
     t.match(bench, /Run completed/);
     // A state pushed during the bench shows part of it; a later push (every 2 s) the whole.
-    const third = /^4\d(\.\d)? MiB$/;
-    await page.waitForFunction((re) => ['p1', 'p2', 'p3'].every((p) => new RegExp(re).test(document.querySelector(`#peers tr[data-peer="${p}"] td[data-field="used"]`)?.textContent ?? '')), third.source, { timeout: 30_000 })
+    // Two copies of each page over three peers: each holds two thirds of what was written.
+    const twoThirds = /^8\d(\.\d)? MiB$/;
+    await page.waitForFunction((re) => ['p1', 'p2', 'p3'].every((p) => new RegExp(re).test(document.querySelector(`#peers tr[data-peer="${p}"] td[data-field="used"]`)?.textContent ?? '')), twoThirds.source, { timeout: 30_000 })
       .catch(() => undefined);
     const usedAfter = await Promise.all(['p1', 'p2', 'p3'].map((p) => cell(page, p, 'used')));
-    t.ok(usedAfter.every((u) => third.test(u)), `each peer holds its third of 128 MiB: ${usedAfter.join(' / ')}`);
+    t.ok(usedAfter.every((u) => twoThirds.test(u)), `each peer holds two thirds of 128 MiB (two copies): ${usedAfter.join(' / ')}`);
     await page.waitForFunction(() => /\(2\d{3} operations, 128 MiB since start\)/.test(document.getElementById('host-io')!.textContent!));
     t.match(await page.locator('#host-io').innerText(), /^Host I\/O arriving at p1: \d+ IOPS/);
-    t.match(await page.locator('#volumes tr[data-volume="web"]').innerText(), /4\d(\.\d)? MiB/, 'the volume\'s use on p1');
+    t.match(await page.locator('#volumes tr[data-volume="web"]').innerText(), /8\d(\.\d)? MiB/, 'the volume\'s use on p1');
     const metrics = (await http(demo.http, 'GET', '/metrics')).text;
     t.match(metrics, /peersan_host_io_bytes_total\{volume="web",op="write",peer="p1"\} 134217728/, '/metrics agrees: 128 MiB written through p1');
     await shot(page, '04-after-io');
@@ -187,7 +188,7 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     await page.click('#move-form button[type=submit]');
     await page.waitForFunction(() => document.getElementById('page-map')!.dataset.owners === 'p1:10,p2:12,p3:10', undefined, { timeout: 60_000 });
     await page.waitForSelector('#events li[data-kind="page-moved"]');
-    t.match(await page.locator('#events li[data-kind="page-moved"]').first().innerText(), /page 0 of web moved from p1 to p2/, 'the event says what moved');
+    t.match(await page.locator('#events li[data-kind="page-moved"]').first().innerText(), /page 0 of web: primary role switched from p1 to p2 \(no data copied\)/, 'the event says what moved (p2 held page 0\'s second copy: a role switch)');
     t.match(await page.locator('#migrations').innerText(), /No page is moving/, 'nothing left in flight');
     await page.fill('#snapshot-form input[name=name]', 'nightly');
     await page.click('#snapshot-form button[type=submit]');

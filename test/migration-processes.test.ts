@@ -94,7 +94,7 @@ t.test('page migration between peer processes, judged by qemu-io', { skip: missi
   const peers = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['migration: { rateMBps: 16 }', 'hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
   const byId = new Map(peers.map((p) => [p.id, p]));
   const [p1, , p3] = peers;
-  t.equal((await p1.cliAsync('volume', 'create', 'mv', '--size', '64M')).status, 0);
+  t.equal((await p1.cliAsync('volume', 'create', 'mv', '--size', '64M', '--replicas', '1')).status, 0);
   const ledger: Ledger = new Map();
   // Every slot starts with a known pattern.
   const fill = await qemuIoMany(p1.url('mv'), [`write -P 200 ${page * pageBytes} ${pageBytes}`]);

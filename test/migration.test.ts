@@ -2,7 +2,9 @@
 // (through every peer's router: locally, forwarded, across page and piece boundaries, with
 // FUA, UNMAP and COMPARE AND WRITE) while a page moves back and forth; afterwards every
 // block holds its last acknowledged write when read through every peer. Cancel rolls back;
-// a stop of the source or the destination mid-move resumes from the checkpoint.
+// a stop of the source or the destination mid-move resumes from the checkpoint. Pages have one
+// copy unless said (with two, a stopped source hands its primary role to the other copy and the
+// move is abandoned: test/replication-*.test.ts and the simulator cover that).
 
 import t from 'tap';
 import type { PeerServer } from '../src/server/peer';
@@ -118,10 +120,11 @@ async function moveAndWait(g: Awaited<ReturnType<typeof startGroup>>, volume: st
   await g.peer(info.from).core.migrator.wait(info.volumeId, page);
 }
 
-t.test('a page moves back and forth 20 times under verifying writers on every peer', async (t) => {
+// One copy, and two (the default): then the copy on p2 moves and p3's copy of page 1 stays.
+for (const replicas of [1, 2]) t.test(`a page with ${replicas} ${replicas > 1 ? 'copies' : 'copy'} moves back and forth 20 times under verifying writers on every peer`, async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 100 } });
-  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
-  const page = 1; // striped: page 1 starts on p2
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas });
+  const page = 1; // striped: page 1 starts on p2 (its second copy on p3)
   t.equal(await ownerOf(g.peer('p1'), 'vol', page), 'p2');
   const routers = await routersOf(g, 'vol');
   // Slots from 2 slots before page 1 to 2 slots after it: page-boundary writes too.
@@ -145,13 +148,18 @@ t.test('a page moves back and forth 20 times under verifying writers on every pe
   const metrics = await g.peer('p2').metrics.text();
   t.match(metrics, /peersan_page_moves_total\{result="committed",peer="p2"\} 10\b/, '/metrics: p2 ran 10 of the moves');
   t.match(metrics, /peersan_migration_bytes_total\{peer="p2"\} [1-9]/, '/metrics: bytes copied');
-  const p3alloc = g.peer('p3').core.targets.allocatedBytes('vol');
-  t.ok(p3alloc < 200 * 1024, `p3 (never the page's owner) holds only the boundary slots of page 2 (${p3alloc} bytes)`);
+  if (replicas === 1) {
+    const p3alloc = g.peer('p3').core.targets.allocatedBytes('vol');
+    t.ok(p3alloc < 200 * 1024, `p3 (never the page's owner) holds only the boundary slots of page 2 (${p3alloc} bytes)`);
+  } else {
+    const route = await g.peer('p3').core.catalog.fetchRoute(g.peer('p3').core.catalog.require('vol'), page);
+    t.same([route.copies, route.inSync], [[owner, 'p3'], [owner, 'p3']], "p3's copy stayed, in sync, next to the moved one");
+  }
 });
 
 t.test('a cancelled move copies the moved pieces back and the destination frees its copy', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
-  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 1 });
   const page = 0; // on p1
   const routers = await routersOf(g, 'vol');
   const writers = startWriters([...routers.values()], 0, Math.floor(pageBlocks / slotBlocks), 60_000);
@@ -173,7 +181,7 @@ t.test('a cancelled move copies the moved pieces back and the destination frees 
 for (const who of ['source', 'destination'] as const) {
   t.test(`a stop of the ${who} in mid-move resumes from the checkpoint`, async (t) => {
     const g = await startGroup(t, 3, { migration: { rateMBps: 2 } });
-    await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
+    await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 1 });
     const page = 0;
     const router = (await routersOf(g, 'vol')).get('p2')!;
     const data = Buffer.alloc(pageBlocks * bs);
@@ -194,7 +202,7 @@ for (const who of ['source', 'destination'] as const) {
 
 t.test('while a snapshot holds the volume no move step runs; the move goes on when it lets go', async (t) => {
   const g = await startGroup(t, 3, { migration: { rateMBps: 2 } }); // 4 MiB page: about 2 s
-  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M' });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 1 });
   const src = g.peer('p1');
   const info = await src.admin.movePage('vol', 0, 'p3');
   for (let i = 0; i < 200 && (src.core.migrator.list()[0]?.done ?? 0) < 2; i++) await new Promise((r) => setTimeout(r, 50));

@@ -140,7 +140,7 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
  * Three peers in memory: each has a store, a route table of its own, the volume's data path
  * over them as a peer builds it (src/server/data-path.ts) and a PageService.
  */
-function group(opts: { down?: Set<string> } = {}) {
+function group(opts: { down?: Set<string>; replicas?: number } = {}) {
   const catalog = new Map<number, Route>(); // the "catalog": the truth about moved pages
   const peers = ['p1', 'p2', 'p3'];
   const blockCount = 6 * pageBlocks;
@@ -156,7 +156,7 @@ function group(opts: { down?: Set<string> } = {}) {
   const env = realEnv();
   for (const id of peers) {
     const store = new MemoryBackend(512, blockCount, 8);
-    const table = new RouteTable(peers, pageBlocks, new Map());
+    const table = new RouteTable(peers, pageBlocks, new Map(), opts.replicas);
     const path = buildDataPath({
       self: id, volumeId, table, stored: store, refresh: refresh(table), receiving: () => false, snapshot: () => undefined,
       link: (to) => link(to), counters, env, clock: new HybridClock(env.clock), stampLogBytesMax: 1 << 20, replication: oneCopy,
@@ -275,4 +275,18 @@ t.test('an owner that has not opened a new volume yet is asked again, briefly', 
   const started = Date.now();
   await t.rejects(router.read(pageBlocks, 1), /does not hold volume/, 'a peer that never opens it: an error, after about a second');
   t.ok(Date.now() - started < 3_000);
+});
+
+t.test('a peer out of reach: LBA status answers up to its first page; flush fails only when a page has no other in-sync copy', async (t) => {
+  const one = group({ down: new Set(['p3']) });
+  await one.router('p1').write(0, Buffer.alloc(2 * pageBlocks * 512, 1));
+  t.same(await one.router('p1').lbaStatus(0, 3 * pageBlocks), [{ lba: 0, blocks: 2 * pageBlocks, mapped: true }], 'pages 0 and 1 answered, page 2 (p3) not');
+  await t.rejects(one.router('p1').lbaStatus(2 * pageBlocks, pageBlocks), PeerUnavailableError, 'nothing to answer: the error');
+  await t.rejects(one.router('p1').flush(), PeerUnavailableError, 'one copy: p3 holds pages nobody else has');
+  // Two copies (the routes only: the flush reads them): every page p3 holds in sync has another in-sync copy.
+  const two = group({ down: new Set(['p3']), replicas: 2 });
+  await two.router('p1').flush();
+  t.same(['p1', 'p2', 'p3'].map((p) => two.nodes.get(p)!.store.flushes), [1, 1, 0], 'the two peers in reach flushed; p3 is covered by them');
+  const both = group({ down: new Set(['p2', 'p3']), replicas: 2 });
+  await t.rejects(both.router('p1').flush(), PeerUnavailableError, 'page 1 (copies p2, p3) has no in-sync copy that flushed');
 });

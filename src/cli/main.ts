@@ -294,7 +294,7 @@ export function buildProgram(): Command {
     .option('--mutual-user <user>', 'mutual CHAP: the user we present to the initiator')
     .option('--mutual-secret <secret>', 'mutual CHAP secret (12-16 characters)')
     .option('--peers <ids>', 'place the pages on these peers only, e.g. p1,p3 (default: all)')
-    .option('--replicas <n>', `copies of each page on distinct peers, 1-${replicasMax} (default: ${defaultReplicas(2) > 1 ? `${defaultReplicas(2)} for a volume on 2 peers or more, else 1` : '1'})`)
+    .option('--replicas <n>', `copies of each page on distinct peers, 1-${replicasMax} (default: ${defaultReplicas(2)} for a volume on 2 peers or more, else 1)`)
     .action(async (name: string, o: { size: string; blockSize: string; allow: string[]; chapUser?: string; chapSecret?: string; mutualUser?: string; mutualSecret?: string; peers?: string; replicas?: string }) => {
       if ((o.chapUser === undefined) !== (o.chapSecret === undefined)) throw new InvalidArgumentError('--chap-user and --chap-secret go together');
       if ((o.mutualUser !== undefined || o.mutualSecret !== undefined) && !o.chapUser) throw new InvalidArgumentError('mutual CHAP needs --chap-user/--chap-secret too');

@@ -57,11 +57,8 @@ export function defaultReplicas(spanPeers: number): number {
   return spanPeers >= 2 ? defaultReplicasWhenSpread : 1;
 }
 
-/**
- * The default for a volume spanning two peers or more. 1 until the replicated data path is
- * complete (issue 17); then 2, as DESIGN.md 10 says.
- */
-const defaultReplicasWhenSpread = 1;
+/** The default for a volume spanning two peers or more (DESIGN.md 10): one peer may be lost. */
+const defaultReplicasWhenSpread = 2;
 
 export interface CatalogOptions {
   /** Peer ids of the group, in config order (placement defaults to all of them). */

@@ -123,8 +123,9 @@ export interface MigratorOptions {
   /**
    * The page's copy here may not be whole yet (a suspect page this peer steps out of after a
    * restart, a takeover still reconciling): no move or role switch of it starts meanwhile.
+   * Resolves true once it is whole, false if it is not within a bound.
    */
-  unsettled?(volumeId: string, page: number): boolean;
+  settled?(volumeId: string, page: number): Promise<boolean>;
   /** The same after a move of the page was cancelled here (in the background). */
   cancelled?(volumeId: string, page: number): void;
 }
@@ -236,8 +237,8 @@ export class Migrator {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${route.owner}, not ${this.o.self}`);
     if (to === this.o.self) throw new InvalidArgumentError(`page ${page} of ${volume.name} is already on ${to}`);
+    if (this.o.settled && !(await this.o.settled(volume.id, page))) throw new ConflictError(`page ${page} of ${volume.name} is still failing over or being resynced on ${this.o.self}; try the move again shortly`);
     if (this.running.has(key(volume.id, page))) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
-    if (this.o.unsettled?.(volume.id, page)) throw new ConflictError(`page ${page} of ${volume.name} is failing over or being resynced on ${this.o.self}; try the move again shortly`);
     // A peer holding a copy takes the primary role without data copied, once its copy is in sync.
     const known = route.copies ? route : await this.o.catalog.fetchRoute(volume, page);
     if (known.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${known.owner}, not ${this.o.self}`);

@@ -157,6 +157,12 @@ export class Failover implements PrimaryGuard {
     return this.held.has(keyOf(volumeId, page));
   }
 
+  /** Resolves true once the page is not held here, false if it still is after failoverWaitMsMax. */
+  async settled(volumeId: string, page: number): Promise<boolean> {
+    const held = this.held.get(keyOf(volumeId, page));
+    return !held || within(this.o.env, held, failoverWaitMsMax);
+  }
+
   /** This peer steps out of the page as suspect (its copy may miss writes it acknowledged): no source for a resync. */
   isSteppingOut(volumeId: string, page: number): boolean {
     return this.suspects.has(keyOf(volumeId, page));

@@ -200,16 +200,35 @@ export class VolumeRouter implements BlockBackend {
     return { ok: true };
   }
 
-  /** Make everything acknowledged so far durable on every peer that may hold pages of the volume: every copy of every page. */
+  /**
+   * Make everything acknowledged so far durable on every peer that may hold pages of the volume:
+   * every copy of every page. A peer out of reach is no failure when every page it may hold
+   * in sync has another in-sync copy that flushed: an acknowledged change is on every in-sync
+   * copy, so it is durable there; the one out of reach loses its copy's in-sync place (or, if it
+   * crashed, steps out of the pages its activity log names) before it can serve them again.
+   */
   async flush(): Promise<void> {
+    const routes = this.o.table.owners(this.blockCount);
     const peers = new Set<string>(this.o.table.peers);
-    for (const r of this.o.table.owners(this.blockCount)) for (const p of copiesOf(r)) peers.add(p);
+    for (const r of routes) for (const p of copiesOf(r)) peers.add(p);
+    const unreachable = new Map<string, PeerUnavailableError>();
     await Promise.all(
       [...peers].map(async (peer) => {
         if (peer === this.o.self) return this.o.local.flush();
-        this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
+        try {
+          this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
+        } catch (err) {
+          if (!(err instanceof PeerUnavailableError)) throw err;
+          unreachable.set(peer, err);
+        }
       }),
     );
+    if (unreachable.size === 0) return;
+    for (const r of routes) {
+      const inSync = inSyncOf(r);
+      const lost = inSync.find((p) => unreachable.has(p));
+      if (lost !== undefined && inSync.every((p) => unreachable.has(p))) throw unreachable.get(lost)!;
+    }
   }
 
   /**
@@ -223,16 +242,21 @@ export class VolumeRouter implements BlockBackend {
     // Keyed by first LBA: a run re-cut after MOVED still tiles the same range.
     const byLba = new Map<number, LbaExtent[]>();
     const failures: unknown[] = [];
-    await this.each(runs, async (run) => {
-      try {
-        const extents = run.owner === this.o.self ? await this.o.local.lbaStatus(run.lba, run.blocks) : decodeExtents(this.payload(await this.forward(run, BlockOp.lbaStatus, false), true));
-        if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
-        byLba.set(run.lba, extents);
-      } catch (err) {
-        if (err instanceof PageMovedError) throw err;
-        failures.push(err);
-      }
-    });
+    // Run by run through the MOVED loop (which also waits for a new primary of a replicated page
+    // whose primary is out of reach), so one run's failure leaves the others' answers.
+    await Promise.all(
+      runs.map(async (first) => {
+        try {
+          await this.each([first], async (run) => {
+            const extents = run.owner === this.o.self ? await this.o.local.lbaStatus(run.lba, run.blocks) : decodeExtents(this.payload(await this.forward(run, BlockOp.lbaStatus, false), true));
+            if (!extents) throw new PeersanError(`peer ${run.owner} sent malformed LBA status`);
+            byLba.set(run.lba, extents);
+          });
+        } catch (err) {
+          failures.push(err);
+        }
+      }),
+    );
     const answered: LbaExtent[] = [];
     for (let at = lba, extents = byLba.get(at); extents && at < end; extents = byLba.get(at)) {
       answered.push(...extents);

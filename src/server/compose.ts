@@ -186,7 +186,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       await core.failover?.reconcileBeforeHandoff(volumeId, page);
     },
     cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
-    unsettled: (volumeId, page) => core.failover?.isHeld(volumeId, page) ?? false,
+    settled: async (volumeId, page) => (await core.failover?.settled(volumeId, page)) ?? true,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
