@@ -6,7 +6,10 @@
 //      none is on its way to the copies either: every in-sync copy holds exactly the changes
 //      this primary acknowledged for them, and the repair below cannot overwrite a newer write;
 //   2. the route is read again (a change failed meanwhile may have dropped copies, epoch + 1);
-//      not ours any more: PageMovedError, the router follows it to the new primary;
+//      not ours any more: PageMovedError, the router follows it to the new primary. A change of
+//      the blocks' grains not known acknowledged everywhere (one that failed here and is not
+//      settled: the copies may differ on it; or one of a neighbour in the same grain) makes the
+//      copies no source: the host gets the original error;
 //   3. the other in-sync copies are asked in turn for the blocks (a replica read at the epoch):
 //      a copy serves them from its own store only when it is an in-sync secondary at exactly
 //      that epoch and its copy is trusted (not stepping out as suspect after a restart); it
@@ -70,6 +73,8 @@ export interface ReadRepairOptions {
   local: BlockBackend;
   /** The replicated layer's range locks (the same ones its changes take). */
   locks: RangeLock;
+  /** False while a change of a grain of the blocks is not known acknowledged on every in-sync copy (recent.ts). */
+  settled(page: number, lba: number, blocks: number): boolean;
   link(peerId: string): BlockSender;
   env: Env;
   log: Logger;
@@ -97,7 +102,7 @@ export class ReadRepair {
     const route = this.o.table.route(page);
     if (route.owner !== this.o.self) throw new PageMovedError(page, route);
     const reason = cause instanceof Error ? cause.message : String(cause);
-    const served = await this.fromCopies(route, lba, blocks);
+    const served = this.o.settled(page, lba, blocks) ? await this.fromCopies(route, lba, blocks) : undefined;
     if (!served) {
       this.o.hooks?.done(this.o.volumeId, page, 'unserved', { blocks, reason });
       throw cause;

@@ -125,7 +125,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     this.o = opts;
     this.local = opts.local;
     this.receiver = new ReplicaReceiver({ ...opts, locks: this.locks, recent: this.recent });
-    this.repair = new ReadRepair({ ...opts, locks: this.locks, hooks: opts.readRepair });
+    this.repair = new ReadRepair({ ...opts, locks: this.locks, hooks: opts.readRepair, settled: (page, lba, blocks) => this.settled(page, lba, blocks) });
   }
 
   // ---- ReplicaPort ----------------------------------------------------------------------------
@@ -151,6 +151,12 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   unsettled(page: number): boolean {
     return this.recent.unsettled(page);
+  }
+
+  /** No change of a grain of [lba, lba + blocks) of the page is above the acknowledged mark (pending here, or not pruned yet). */
+  private settled(page: number, lba: number, blocks: number): boolean {
+    const [first, last] = grainsOf(this.o.table, this.local.grainBlocks, page, lba, blocks);
+    return !this.recent.grains(page).some((g) => g >= first && g <= last);
   }
 
   // ---- BlockBackend ---------------------------------------------------------------------------
