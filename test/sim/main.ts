@@ -77,7 +77,7 @@ async function simulateOrFail(o: Parameters<typeof simulate>[0]): Promise<SimRes
   try {
     return await simulate(o);
   } catch (err) {
-    const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+    const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
     return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0, replicas: o.replicas ?? 0 };
   }
 }
@@ -107,7 +107,7 @@ function describe(r: SimResult, full: boolean, flags: string): string {
 
 const faultLines: [keyof SimResult['faults'], string][] = [
   ['crashes', 'crashes'], ['longKills', 'long kills'], ['isolations', 'isolations'], ['partitions', 'partitions'], ['drops', 'drops'], ['reorders', 'reorders'],
-  ['duplicates', 'duplicates'], ['diskStalls', 'disk stalls'], ['skews', 'skews'],
+  ['duplicates', 'duplicates'], ['diskStalls', 'disk stalls'], ['latentErrors', 'latent sector errors'], ['skews', 'skews'],
 ];
 
 async function main(): Promise<void> {

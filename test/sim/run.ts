@@ -216,6 +216,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       group.isolate(id, 300 + faultRnd.float() * 2_200);
     } else if (x < 0.74) {
       group.stallDisk(id, 5 + faultRnd.float() * 300);
+    } else if (x < 0.8) {
+      // A sector that fails to read until rewritten: a primary serves the read from another
+      // in-sync copy and rewrites it (src/replication/read-repair.ts); calm remaps what is left.
+      group.latentError(id, faultRnd);
     } else {
       group.skew(id, faultRnd);
     }
