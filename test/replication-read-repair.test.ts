@@ -11,20 +11,27 @@
 //  - the rewrite fails too: the host still gets the blocks, and the primary hands the page over;
 //  - a copy whose disk fails a replica write answers an error and is dropped from the in-sync
 //    set before the write is acknowledged;
+//  - blocks whose grain has a change not acknowledged everywhere are not read from a copy (a
+//    lone primary with a scripted copy);
 //  - which errors count as media errors; the replica read's frame.
 
 import t from 'tap';
 import { setTimeout as delay } from 'node:timers/promises';
+import pino from 'pino';
 import type { VolumeRecord } from '../src/cluster/catalog';
+import { realEnv } from '../src/env/real';
 import { ClosedError, ErrorKind, PeerUnavailableError, StoreReadError, StoreWriteError } from '../src/errors';
-import { isMediaError } from '../src/replication/read-repair';
+import { isMediaError, type ReadRepairResult } from '../src/replication/read-repair';
 import { dropFromInSync, ReplicatedVolume, type ReplicatedVolumeOptions } from '../src/replication/replicated';
 import { BlockOp, decodeRequest, encodeRequest, ReplyStatus, type BlockRequest } from '../src/routing/frame';
 import { PageMovedError } from '../src/routing/moved';
-import { copiesOf, inSyncOf, type Route } from '../src/routing/table';
+import type { BlockSender } from '../src/routing/router';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import { BackendDecorator } from '../src/store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../src/store/types';
 import { startGroup } from './helpers/group';
+import { MemoryBackend } from './helpers/memory-backend';
+import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
 
 const bs = 512;
 
@@ -206,6 +213,36 @@ t.test('a copy whose disk fails a replica write answers an error and is dropped 
   await host(g, other).write(lba, data).then(() => (atAck = g.peer(primary).core.catalog.routes(record).route(0)));
   t.same({ version: atAck!.version, inSync: inSyncOf(atAck!), copies: atAck!.copies }, { version: route.version + 1, inSync: [primary], copies: route.copies }, 'dropped (epoch + 1) before the acknowledgement; still a copy (it resyncs)');
   t.ok((await host(g, other).read(lba, 8)).equals(data), 'the write is there');
+});
+
+t.test('blocks whose grain has a change not acknowledged everywhere yet are not read from a copy', async (t) => {
+  // A primary p1 alone (pages of 64 blocks, grains of 8); its copy p2 serves reads at once and holds changes until told.
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const faults = new DiskFaults();
+  const local = new LatentErrors(new MemoryBackend(bs, 128, 8), faults);
+  const onCopy = pattern(128, 6);
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  const ok = { id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 };
+  const link: BlockSender = {
+    send: async (req) => (req.op === BlockOp.read ? { ...ok, payload: onCopy.subarray(req.lba * bs, (req.lba + req.blocks) * bs) } : (await held, ok)),
+  };
+  const results: ReadRepairResult[] = [];
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
+    volume: () => record, catalog: { casRoute: () => Promise.reject(new Error('no drop expected')) }, tracker: passThroughTracker, guard: passThroughGuard, log: pino({ level: 'silent' }),
+    readRepair: { done: (_v, _p, result) => void results.push(result), stepDown: async () => undefined, untrusted: () => false },
+  });
+  faults.bad.add(10).add(20);
+  const write = volume.write(8, Buffer.alloc(bs, 1));
+  await t.rejects(volume.read(10, 1), { code: 'PEERSAN_ERR_STORE_READ' }, 'grain 1 has a change in flight: the original error');
+  t.ok((await volume.read(20, 1)).equals(onCopy.subarray(20 * bs, 21 * bs)), 'grain 2 has none: served from the copy');
+  release();
+  await write;
+  t.ok((await volume.read(10, 1)).equals(onCopy.subarray(10 * bs, 11 * bs)), 'once the change is acknowledged everywhere: served from the copy');
+  t.same(results, ['unserved', 'repaired', 'repaired']);
+  t.equal(faults.bad.size, 0, 'both rewritten here');
 });
 
 t.test('media errors: what the store failed to read, nothing else', async (t) => {
