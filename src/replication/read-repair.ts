@@ -2,7 +2,9 @@
 // in-sync copy, and the bad copy repaired"). A page's primary reads its own store; when that
 // read fails with a media error, in this order:
 //
-//   1. the range lock of the blocks (range-lock.ts) is taken: no change of them runs here, so
+//   1. the range is widened to whole grains (within the page): the repair rewrites whole grains,
+//      since a partial write of a grain shared with a snapshot is copied on write from the very
+//      blocks that fail here. Its range lock (range-lock.ts) is taken: no change of it runs here, so
 //      none is on its way to the copies either: every in-sync copy holds exactly the changes
 //      this primary acknowledged for them, and the repair below cannot overwrite a newer write;
 //   2. the route is read again (a change failed meanwhile may have dropped copies, epoch + 1);
@@ -15,11 +17,11 @@
 //      that epoch and its copy is trusted (not stepping out as suspect after a restart); it
 //      refuses otherwise (ReplicaReceiver.read). None serves: the host gets the original error;
 //   4. this peer's copy is repaired: each grain of the range whose local read still fails is
-//      rewritten with the copy's blocks (not the whole range: a thin page would gain mapped
+//      rewritten with the copy's blocks (not every grain: a thin page would gain mapped
 //      zeros). A rewrite that fails (the disk cannot write there either) leaves this peer's
 //      copy bad: the primary hands the page over (ReadRepairHooks.stepDown), and the host still
 //      gets the copy's data;
-//   5. the lock is released and the host answered.
+//   5. the lock is released and the host answered (the blocks it asked for).
 //
 // Which errors count: a read the store itself failed (ErrorKind.storeRead: EIO, a bad sector,
 // a checksum the store rejects, src/errors.ts). Not a fence or ownership error (PageMovedError),
@@ -29,7 +31,7 @@
 import type { Logger } from 'pino';
 import { within, type Env } from '../env/env';
 import { errorKindOf, ErrorKind } from '../errors';
-import { replicaAckMsMax } from '../limits';
+import { peerReadBytesMax, replicaAckMsMax } from '../limits';
 import { BlockOp, ReplyStatus } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -91,10 +93,22 @@ export class ReadRepair {
 
   /** [lba, lba + blocks) of `page`, this peer its primary: from the local store, else (a media error) as the head comment says. */
   read(page: number, lba: number, blocks: number): Promise<Buffer> {
-    return this.o.local.read(lba, blocks).catch((err: unknown) => {
+    return this.o.local.read(lba, blocks).catch(async (err: unknown) => {
       if (!isMediaError(err)) throw err;
-      return this.o.locks.run(page, lba, blocks, () => this.recover(page, lba, blocks, err));
+      const whole = this.wholeGrains(page, lba, blocks);
+      const data = await this.o.locks.run(page, whole.lba, whole.blocks, () => this.recover(page, whole.lba, whole.blocks, err));
+      const bs = this.o.local.blockBytes;
+      return data.subarray((lba - whole.lba) * bs, (lba - whole.lba + blocks) * bs);
     });
+  }
+
+  /** [lba, lba + blocks) widened to whole grains within the page (as it is, if that is more than one replica read carries). */
+  private wholeGrains(page: number, lba: number, blocks: number): { lba: number; blocks: number } {
+    const { grainBlocks, blockBytes, blockCount } = this.o.local;
+    const pageStart = page * this.o.table.pageBlocks;
+    const start = Math.max(pageStart, Math.floor(lba / grainBlocks) * grainBlocks);
+    const end = Math.min(pageStart + this.o.table.pageBlocks, blockCount, Math.ceil((lba + blocks) / grainBlocks) * grainBlocks);
+    return (end - start) * blockBytes > peerReadBytesMax ? { lba, blocks } : { lba: start, blocks: end - start };
   }
 
   /** Steps 2 to 4; the caller holds the range. */
