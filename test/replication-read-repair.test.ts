@@ -13,6 +13,7 @@
 //    set before the write is acknowledged;
 //  - blocks whose grain has a change not settled on every copy are not read from a copy (a lone
 //    primary with a scripted copy);
+//  - a copy stepping out as suspect serves no replica read;
 //  - which errors count as media errors; the replica read's frame.
 
 import t from 'tap';
@@ -22,7 +23,9 @@ import type { VolumeRecord } from '../src/cluster/catalog';
 import { realEnv } from '../src/env/real';
 import { ClosedError, ErrorKind, PeerUnavailableError, StoreReadError, StoreWriteError } from '../src/errors';
 import { isMediaError, type ReadRepairResult } from '../src/replication/read-repair';
-import { dropFromInSync, ReplicatedVolume, type ReplicatedVolumeOptions } from '../src/replication/replicated';
+import { RangeLock } from '../src/replication/range-lock';
+import { RecentChanges } from '../src/replication/recent';
+import { dropFromInSync, ReplicaReceiver, ReplicatedVolume, type ReplicatedVolumeOptions } from '../src/replication/replicated';
 import { BlockOp, decodeRequest, encodeRequest, ReplyStatus, type BlockRequest } from '../src/routing/frame';
 import { PageMovedError } from '../src/routing/moved';
 import type { BlockSender } from '../src/routing/router';
@@ -254,6 +257,24 @@ t.test('blocks whose grain has a change not settled on every copy are not read f
   catalogUp = true;
   for (let i = 0; i < 200 && inSyncOf(table.route(0)).length > 1; i++) await delay(50);
   t.same(inSyncOf(table.route(0)), ['p1'], 'p2 dropped once the catalog answers');
+});
+
+t.test('a copy that may lack writes it acknowledged (suspect after a restart) serves no replica read', async (t) => {
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const copy = new MemoryBackend(bs, 128, 8);
+  await copy.write(0, pattern(8, 7));
+  let suspect = true;
+  const receiver = new ReplicaReceiver({
+    self: 'p2', volumeId: '0123456789abcdef', table, refresh: async (p) => table.route(p), copy, tracker: passThroughTracker, locks: new RangeLock(), recent: new RecentChanges(),
+    readRepair: { untrusted: () => suspect },
+  });
+  const route = table.route(0);
+  t.same({ owner: route.owner, inSync: inSyncOf(route) }, { owner: 'p1', inSync: ['p1', 'p2'] }, 'p2 is an in-sync secondary of page 0');
+  const req = replicaRead({ id: '0123456789abcdef' } as VolumeRecord, 0, 8, route.version);
+  await t.rejects(receiver.read(req), { code: 'PEERSAN_ERR_CONFLICT' }, 'suspect: refused');
+  suspect = false;
+  t.ok((await receiver.read(req)).equals(pattern(8, 7)), 'trusted: served from its store');
+  await t.rejects(receiver.read({ ...req, lba: 60 }), { kind: ErrorKind.invalid }, 'across a page boundary: refused');
 });
 
 t.test('media errors: what the store failed to read, nothing else', async (t) => {
