@@ -172,6 +172,9 @@ t.test('hostile block frames against an owner', async (t) => {
     // A replica change (src/replication) for a page this peer is the only copy and the primary of.
     await refused(t, 'a replica change of our own page', req({ id: 4, op: BlockOp.write, replica: true, routeVersion: 1, seq: 2, ackedThrough: 1, data: pattern }), ErrorKind.invalid);
     await refused(t, 'a replica change across a page boundary', req({ id: 4, op: BlockOp.unmap, replica: true, lba: record.pageBlocks - 4, blocks: 8, routeVersion: 1 }), ErrorKind.invalid);
+    // A replica read (a primary whose store failed a read, src/replication/read-repair.ts): this peer is no secondary copy.
+    await refused(t, 'a replica read of our own page', req({ id: 4, replica: true, routeVersion: 1 }), ErrorKind.invalid);
+    await refused(t, 'a replica read across a page boundary', req({ id: 4, replica: true, lba: record.pageBlocks - 4, blocks: 8, routeVersion: 1 }), ErrorKind.invalid);
   });
 
   await t.test('malformed frames and batches close the stream', async (t) => {
@@ -193,7 +196,7 @@ t.test('hostile block frames against an owner', async (t) => {
     flags[2] = 0x80;
     await closesStream(t, 'unknown flags', batchOf([flags]));
     await closesStream(t, 'a read that carries data', batchOf([encodeRequest(req({ id: 6, data: pattern }))]));
-    await closesStream(t, 'a replica read', batchOf([encodeRequest(req({ id: 6, replica: true }))]));
+    await closesStream(t, 'a numbered replica read', batchOf([encodeRequest(req({ id: 6, replica: true, seq: 3, ackedThrough: 1 }))]));
     await closesStream(t, 'a change number on a frame that is not a replica change', batchOf([encodeRequest(req({ id: 6, op: BlockOp.write, data: pattern, seq: 3, ackedThrough: 1 }))]));
     const hugeMark = Buffer.from(encodeRequest(req({ id: 6, op: BlockOp.write, data: pattern, replica: true, seq: 3, ackedThrough: 1 })));
     hugeMark.fill(0xff, 60, 68);

@@ -52,7 +52,7 @@ t.test('frames round-trip and malformed frames are refused, never thrown on', as
     ['a mark not below its number', { ...change, ackedThrough: change.seq! }],
     ['a mark without a number', { ...change, seq: 0 }],
     ['a number on a frame that is not a replica change', { ...change, replica: false }],
-    ['a replica read', { ...change, op: BlockOp.read, data: undefined }],
+    ['a numbered replica read', { ...change, op: BlockOp.read, data: undefined }],
     ['a replica compare-and-write', { ...req, staging: false, replica: true }],
     ['a replica frame that is staging too', { ...change, staging: true }],
   ];
@@ -257,7 +257,7 @@ t.test('unmap, LBA status and flush are routed too', async (t) => {
 t.test('an owner that has not opened a new volume yet is asked again, briefly', async (t) => {
   const store = new MemoryBackend(512, 2 * pageBlocks, 8);
   const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
-  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, replica: { receive: () => Promise.reject(new Error('no copies here')) }, receiving: (p) => table.route(p).owner === 'p2', snapshot: () => undefined, refresh: async (p) => table.route(p) }), log });
+  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, replica: { receive: () => Promise.reject(new Error('no copies here')), read: () => Promise.reject(new Error('no copies here')) }, receiving: (p) => table.route(p).owner === 'p2', snapshot: () => undefined, refresh: async (p) => table.route(p) }), log });
   let refusals = 2;
   let calls = 0;
   const link = (): BlockSender => ({

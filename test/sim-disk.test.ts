@@ -74,6 +74,27 @@ t.test('every operation completes from a timer, never synchronously; reads past 
   t.equal(media.memoryBytes(), 64 * 1024, 'once durable, the durable and the latest image share that chunk');
 });
 
+t.test('a latent sector error: reads touching the sector fail until a write covers it; it outlives a crash; heal remaps it', async (t) => {
+  const env = new ManualEnv({ seed: 3 });
+  const media = simOn(env);
+  const file = await drive(env, media.openFile('a'));
+  await drive(env, file.write(Buffer.alloc(4096, 7), 0, 4096, 0));
+  await drive(env, file.datasync());
+  media.failSector('a', 3);
+  await t.rejects(readFile(env, file, 1024, 2048), { code: 'PEERSAN_ERR_STORE_READ' }, 'a read over sector 3 fails (StoreReadError)');
+  t.same(await readFile(env, file, 0, 1536), Buffer.alloc(1536, 7), 'the sectors around it read');
+  media.crash();
+  const again = await drive(env, media.openFile('a'));
+  await t.rejects(readFile(env, again, 1536, 512), { code: 'PEERSAN_ERR_STORE_READ' }, 'still failing after a crash (it is on the medium)');
+  await drive(env, again.write(Buffer.alloc(512, 9), 0, 512, 1536));
+  t.same(await readFile(env, again, 1536, 512), Buffer.alloc(512, 9), 'rewritten: it reads');
+  media.failSector('a', 5);
+  media.healSectors();
+  t.same(await readFile(env, again, 2560, 512), Buffer.alloc(512, 7), 'healed: the data under it reads again');
+  const drawn = media.failWrittenSector(env.random);
+  t.ok(drawn && drawn.name === 'a' && drawn.sector < 128, `a drawn sector lies in a written chunk (${JSON.stringify(drawn)})`);
+});
+
 t.test('KV: ordered range iteration, clear of a range, isEmpty, values copied both ways', async (t) => {
   const env = new ManualEnv({ seed: 2 });
   const kv = await drive(env, simOn(env).openKv());

@@ -56,3 +56,14 @@ export interface Env {
 export function sleep(timers: Timers, ms: number): Promise<void> {
   return new Promise((resolve) => timers.setTimeout(resolve, ms));
 }
+
+/** `p`'s value, or undefined when `ms` passes first (its later outcome is ignored). */
+export function within<T>(timers: Timers, p: Promise<T>, ms: number): Promise<T | undefined> {
+  return new Promise((resolve, reject) => {
+    const timer = timers.setTimeout(() => resolve(undefined), ms);
+    p.then(
+      (v) => (timers.clearTimeout(timer), resolve(v)),
+      (err: unknown) => (timers.clearTimeout(timer), reject(err)),
+    );
+  });
+}

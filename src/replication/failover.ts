@@ -468,17 +468,27 @@ export class Failover implements PrimaryGuard {
       return true;
     }
     // The primary hands the page over: the new one reconciles with the others, without us.
+    const answer = await this.handOver(volume, page, route, 'suspect after a restart');
+    // Someone else's change may have come first: then the next try decides again.
+    return answer !== undefined && !inSyncOf(answer).includes(self);
+  }
+
+  /**
+   * This peer, the page's primary at `route`, asks its other in-sync copies in turn to take the
+   * page over (message promote, handover): the route after, once one did (newer than `route`);
+   * undefined when none did. The new primary reconciles with the others, without us.
+   */
+  async handOver(volume: VolumeRecord, page: number, route: Route, why: string): Promise<Route | undefined> {
     for (const peer of secondaries(route)) {
       const body = { volumeId: volume.id, page, version: route.version, handover: true };
       const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
       if (answer && answer.version > route.version) {
         this.o.catalog.routes(volume).learn(page, answer);
-        this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version }, 'handed a suspect page over');
-        // Someone else's change may have come first: then the next try decides again.
-        return !inSyncOf(answer).includes(self);
+        this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version, why }, 'handed a page over');
+        return answer;
       }
     }
-    return false;
+    return undefined;
   }
 
   // ---- handlers ------------------------------------------------------------------------------

@@ -11,15 +11,18 @@
 
 import { formatBytes } from '../cluster/catalog';
 import { copiesOf, inSyncOf, type Route, type RouteTable } from '../routing/table';
+import type { ReadRepairResult } from './read-repair';
 
-/** Running totals for /metrics: bytes sent to fill copies, by the resync (quick resync of returning copies) and for new copies. */
+/** Running totals for /metrics: bytes sent to fill copies, by the resync (quick resync of returning copies) and for new copies; read repairs. */
 export interface ReplicationCounters {
   resyncBytes: number;
   rebuildBytes: number;
+  /** Reads this peer's store failed on a replicated page this peer is primary of, by how they ended (read-repair.ts). */
+  readRepairs: Record<ReadRepairResult, number>;
 }
 
 export function newReplicationCounters(): ReplicationCounters {
-  return { resyncBytes: 0, rebuildBytes: 0 };
+  return { resyncBytes: 0, rebuildBytes: 0, readRepairs: { repaired: 0, unrepaired: 0, unserved: 0 } };
 }
 
 export type ProtectionState = 'healthy' | 'degraded' | 'rebuilding' | 'unavailable';

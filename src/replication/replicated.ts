@@ -35,7 +35,7 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
-import { sleep, type Env, type Timers } from '../env/env';
+import { sleep, within, type Env } from '../env/env';
 import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
 import { dropRetryMsMax, dropRetryMsMin, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
@@ -46,6 +46,7 @@ import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { ChangeTracker, PrimaryGuard, ReplicaPort } from './hooks';
 import { RangeLock } from './range-lock';
+import { ReadRepair, type ReadRepairHooks } from './read-repair';
 import { RecentChanges } from './recent';
 
 /** What the layer needs of the peer beyond the data path: the catalog and the other parts of src/replication. */
@@ -56,6 +57,8 @@ export interface ReplicationWiring {
   tracker: ChangeTracker;
   guard: PrimaryGuard;
   log: Logger;
+  /** Read errors here served from another copy (counted, told), and a copy that cannot be repaired handed over. */
+  readRepair?: ReadRepairHooks;
 }
 
 export interface ReplicatedVolumeOptions extends ReplicationWiring {
@@ -113,6 +116,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private readonly o: ReplicatedVolumeOptions;
   private readonly locks = new RangeLock();
   private readonly recent = new RecentChanges();
+  private readonly repair: ReadRepair;
   /** page → the version at which the catalog said the page has one copy although the volume asks for more (not re-read). */
   private readonly confirmed = new Map<number, number>();
 
@@ -121,6 +125,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     this.o = opts;
     this.local = opts.local;
     this.receiver = new ReplicaReceiver({ ...opts, locks: this.locks, recent: this.recent });
+    this.repair = new ReadRepair({ ...opts, locks: this.locks, hooks: opts.readRepair, settled: (page, lba, blocks) => this.settled(page, lba, blocks) });
   }
 
   // ---- ReplicaPort ----------------------------------------------------------------------------
@@ -146,6 +151,12 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   unsettled(page: number): boolean {
     return this.recent.unsettled(page);
+  }
+
+  /** No change of a grain of [lba, lba + blocks) of the page is above the acknowledged mark (pending here, or not pruned yet). */
+  private settled(page: number, lba: number, blocks: number): boolean {
+    const [first, last] = grainsOf(this.o.table, this.local.grainBlocks, page, lba, blocks);
+    return !this.recent.grains(page).some((g) => g >= first && g <= last);
   }
 
   // ---- BlockBackend ---------------------------------------------------------------------------
@@ -220,8 +231,10 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     const bs = this.blockBytes;
     const out = Buffer.allocUnsafe(blocks * bs);
     await this.eachPage(lba, blocks, async (p) => {
+      // A media error of this peer's store on a replicated page is served from another copy (read-repair.ts).
       const read = (): Promise<Buffer> => this.inner.read(p.lba, p.blocks);
-      (await this.onPage(p.page, true, read, read)).copy(out, p.offsetBlocks * bs);
+      const replicated = (): Promise<Buffer> => this.repair.read(p.page, p.lba, p.blocks);
+      (await this.onPage(p.page, true, read, replicated)).copy(out, p.offsetBlocks * bs);
     });
     return out;
   }
@@ -492,6 +505,7 @@ export interface ReplicaReceiverOptions {
   tracker: ChangeTracker;
   locks: RangeLock;
   recent: RecentChanges;
+  readRepair?: Pick<ReadRepairHooks, 'untrusted'>;
 }
 
 /** A secondary's side of replication: applies its primary's changes (see the head comment). */
@@ -513,6 +527,31 @@ export class ReplicaReceiver {
     await this.catchUp(page, req.routeVersion);
     this.check(page, req.routeVersion);
     await this.o.locks.run(page, req.lba, req.blocks, () => this.applyLocked(page, req, opts));
+  }
+
+  /**
+   * The blocks of a primary's replica read (its own store failed them, read-repair.ts), from
+   * this copy's store: only while this peer is an in-sync secondary of the page at exactly the
+   * sender's epoch, its copy trusted. Under the range lock, so no replica change of the blocks
+   * is half applied here; checked again once it is held.
+   */
+  async read(req: BlockRequest): Promise<Buffer> {
+    const { table } = this.o;
+    const page = table.pageOf(req.lba);
+    if (table.pageOf(req.lba + req.blocks - 1) !== page) throw new InvalidArgumentError('a replica read is within one page');
+    await this.catchUp(page, req.routeVersion);
+    this.servable(page, req.routeVersion);
+    return this.o.locks.run(page, req.lba, req.blocks, () => {
+      this.servable(page, req.routeVersion);
+      return this.o.copy.read(req.lba, req.blocks);
+    });
+  }
+
+  /** check(), and this copy holds every change acknowledged at the epoch (in sync, trusted). */
+  private servable(page: number, epoch: number): void {
+    const route = this.check(page, epoch);
+    if (!inSyncOf(route).includes(this.o.self)) throw new ConflictError(`peer ${this.o.self} is not an in-sync copy of page ${page} at epoch ${epoch}`);
+    if (this.o.readRepair?.untrusted(this.o.volumeId, page)) throw new ConflictError(`peer ${this.o.self}'s copy of page ${page} may lack writes (it restarted): not a source for reads`);
   }
 
   /** Our route of the page, re-read when the sender knows a newer epoch or our route lacks its copies. */
@@ -578,15 +617,4 @@ function firstDifference(current: Buffer, compare: Buffer): number | undefined {
   let i = 0;
   while (current[i] === compare[i]) i++;
   return i;
-}
-
-/** `p`'s value, or undefined when `ms` passes first (its later outcome is ignored). */
-function within<T>(timers: Timers, p: Promise<T>, ms: number): Promise<T | undefined> {
-  return new Promise((resolve, reject) => {
-    const timer = timers.setTimeout(() => resolve(undefined), ms);
-    p.then(
-      (v) => (timers.clearTimeout(timer), resolve(v)),
-      (err: unknown) => (timers.clearTimeout(timer), reject(err)),
-    );
-  });
 }

@@ -9,7 +9,8 @@
 // stamp: the write's hybrid-clock stamp (src/snapshot/hlc.ts), 0 for none.
 // seq, ackedThrough: a replica change's number on its page and the primary's acknowledged mark
 // (src/replication/recent.ts); 0 and 0 for a change that is not numbered (resync, reconcile)
-// and for every other frame. Replica frames are writes, unmaps and flushes, never staging.
+// and for every other frame. Replica frames are writes, unmaps and flushes, never staging, and
+// reads (a primary whose own store failed a read asks an in-sync copy: never numbered).
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
@@ -157,17 +158,19 @@ function lengthsFit(op: number, dataBytes: number, compareBytes: number): boolea
   return dataBytes === 0 && compareBytes === 0;
 }
 
-/** Ops a page's primary sends another copy (src/replication). */
-const replicaOps = new Set<number>([BlockOp.write, BlockOp.unmap, BlockOp.flush]);
+/** Ops a page's primary sends another copy (src/replication): changes, flushes, and reads of a range its own store failed. */
+const replicaOps = new Set<number>([BlockOp.write, BlockOp.unmap, BlockOp.flush, BlockOp.read]);
 
 /**
  * Whether the replica fields fit the op and flags: numbers only on replica frames, safe
- * integers, the mark below the number; replica frames only for changes and flushes, never staging.
+ * integers, the mark below the number; replica frames only for changes, flushes and reads
+ * (never numbered), never staging.
  */
 function replicaFits(op: number, flags: number, seq: number, ackedThrough: number): boolean {
   if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(ackedThrough)) return false;
   if ((flags & 4) === 0) return seq === 0 && ackedThrough === 0;
   if ((flags & 2) !== 0 || !replicaOps.has(op)) return false;
+  if (op === BlockOp.read) return seq === 0 && ackedThrough === 0;
   return seq === 0 ? ackedThrough === 0 : ackedThrough < seq;
 }
 

@@ -6,7 +6,8 @@
 // from the catalog first (our watch may lag), so that check decides by it. The data path
 // never waits on the catalog otherwise. A replica frame (a page's primary's change to this
 // peer's copy) goes to the volume's replicated layer instead, which checks the epoch in its
-// place (src/replication/replicated.ts); an older epoch is answered MOVED the same way.
+// place (src/replication/replicated.ts); an older epoch is answered MOVED the same way. So does
+// a replica read (a primary whose store failed a read, asking an in-sync copy for the blocks).
 //
 // The sender may be buggy or hostile. frame.ts checks what a frame means alone; here every
 // request is checked against the volume (range, blocks × block size within the bounds of
@@ -32,8 +33,11 @@ export interface ServedVolume {
   store: BlockBackend;
   /** The local store itself: what a move's staging traffic reads and writes. */
   raw: BlockBackend;
-  /** A page's primary's changes to this peer's copy (src/replication/replicated.ts): PageMovedError for an older epoch. */
-  replica: { receive(req: BlockRequest, opts: WriteOptions): Promise<void> };
+  /**
+   * A page's primary's changes to this peer's copy, and its reads of a range its own store
+   * failed (src/replication/replicated.ts): PageMovedError for an older epoch.
+   */
+  replica: { receive(req: BlockRequest, opts: WriteOptions): Promise<void>; read(req: BlockRequest): Promise<Buffer> };
   /** True while this peer is the destination of a move of the page (or owns it). */
   receiving(page: number): boolean;
   /** This peer's layer of the volume's snapshot `seq` (read-only), if it holds one. */
@@ -152,7 +156,8 @@ export class PageService {
       return reply(ReplyStatus.ok);
     }
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
-    // A page's primary's change to our copy: the replicated layer checks the epoch (fencing).
+    // A page's primary's change to (or read of) our copy: the replicated layer checks the epoch (fencing).
+    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload })));
     if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok)));
     let store = v.store;
     if (req.layer) {

@@ -30,6 +30,7 @@ import { checkResyncAsk, checkRouteAnswer, parseBody, type ReplicationHandler } 
 import { Resyncer, ResyncTracker } from '../replication/resync';
 import { VolumeProtection } from '../replication/admin';
 import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
+import type { ReadRepairHooks } from '../replication/read-repair';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
 import { dropFromInSync, ReplicatedVolume } from '../replication/replicated';
@@ -143,8 +144,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     parseBody(await transport.calls(peer).replication(kind, JSON.stringify(body), timeoutMs));
   // Late-bound: the targets, the migrator and the snapshot service refer to each other.
   const core = { catalog, clock, routing } as PeerCore;
+  const counters = newReplicationCounters();
   const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
-  core.resync = await openResync(w, core);
+  core.resync = await openResync(w, core, counters);
   core.load = loadService(w, core);
   // Which peers are up (ALUA states, SendTargets), read again after every load tick.
   const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), nowMs: () => env.clock.monotonicMs(), log });
@@ -160,7 +162,11 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
     // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
     // before the page service, so no request reaches a volume before it exists).
-    replication: { tracker: core.resync.tracker, guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) } },
+    replication: {
+      tracker: core.resync.tracker,
+      guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) },
+      readRepair: readRepairHooks(w, core, counters),
+    },
     ...(w.meter ? { meter: w.meter } : {}),
     // A router that cannot reach a page's primary asks an in-sync copy (maybe this peer) to take over.
     promote: async (volumeId, peer, page, route) => {
@@ -240,7 +246,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.resync.resyncer.start();
   core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
   await core.layerSync.start();
-  core.replication = replicationCore(w, core);
+  core.replication = replicationCore(w, core, counters);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
@@ -292,7 +298,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
  * change of a page must find its page logged or log it first), and the resyncer (started once
  * the volumes are open).
  */
-async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resync']> {
+async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCounters): Promise<PeerCore['resync']> {
   const { self, env, log } = w;
   const { catalog } = core;
   // The replicated layer of a volume (ReplicatedVolume, src/replication/replicated.ts), once open.
@@ -308,7 +314,7 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
   });
   const tracker = await ResyncTracker.open({ self, kv: w.store, activity, env, log, port, volume: (id) => catalog.volumeById(id) });
   const resyncer = new Resyncer({
-    self, env, catalog, tracker, activity, port, settings: w.migration, log, counters: newReplicationCounters(),
+    self, env, catalog, tracker, activity, port, settings: w.migration, log, counters,
     untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
@@ -319,7 +325,7 @@ async function openResync(w: PeerWiring, core: PeerCore): Promise<PeerCore['resy
  * The copy keeper and the reaper, started once moves in flight are recovered (both leave a page
  * being moved to the move), and each volume's protection. Liveness is the load view's.
  */
-function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
+function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCounters): ReplicationCore {
   const { self, env, log } = w;
   const { catalog } = core;
   const zones = w.replication?.zones ?? {};
@@ -343,8 +349,31 @@ function replicationCore(w: PeerWiring, core: PeerCore): ReplicationCore {
   const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
   reaper.start();
   keeper.start();
-  // Resync counts what it sends where /metrics reads it.
-  return { counters: core.resync.resyncer.counters, keeper, reaper, protection, zoneOf };
+  // Resync and read repairs count where /metrics reads it.
+  return { counters, keeper, reaper, protection, zoneOf };
+}
+
+/**
+ * Read errors on pages this peer is primary of (read-repair.ts): counted and told; a copy that
+ * cannot be rewritten is made to resync whole (distrusted) and its page handed over.
+ */
+function readRepairHooks(w: PeerWiring, core: PeerCore, counters: ReplicationCounters): ReadRepairHooks {
+  const { self } = w;
+  const { catalog } = core;
+  return {
+    done: (volumeId, page, result, d) => {
+      counters.readRepairs[result]++;
+      const volume = catalog.volumeById(volumeId)?.name ?? volumeId;
+      const outcome = { repaired: `served from ${d.from}; ${d.rewrittenBlocks} blocks rewritten here`, unrepaired: `served from ${d.from}; this copy could not be rewritten: the page is handed over`, unserved: 'no other in-sync copy could serve it: the host got the error' }[result];
+      w.event('replication', `read error on page ${page} (${d.blocks} blocks: ${d.reason}): ${outcome}`, { volume, peer: self });
+    },
+    stepDown: async (volumeId, page, route) => {
+      core.resync.activity.distrust(volumeId, page);
+      const volume = catalog.volumeById(volumeId);
+      if (volume && !(await core.failover.handOver(volume, page, route, 'its copy here cannot be rewritten'))) throw new ConflictError(`no in-sync copy of page ${page} took it over`);
+    },
+    untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
+  };
 }
 
 /** The load monitor, gossip and balancer (src/loadmon), reading routes and volumes from the catalog. */

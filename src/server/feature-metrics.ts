@@ -22,6 +22,8 @@ export function registerFeatureMetrics(metrics: PeerMetrics, f: { migrator: Migr
   metrics.followCounter('peersan_logout_requests_total', 'Sessions asked to log out (AsyncEvent 1) to move them to another peer', [], () => [[{}, f.hostBalance?.counters.logoutRequests ?? 0]]);
   const r = f.replication;
   metrics.followCounter('peersan_resync_bytes_total', 'Bytes this peer sent to bring stale copies back in sync (quick resync)', [], () => [[{}, r.counters.resyncBytes]]);
+  metrics.followCounter('peersan_read_repairs_total', 'Reads this peer\'s store failed on pages it is primary of, by outcome: repaired (served from another in-sync copy, rewritten here), unrepaired (served, not rewritable here: page handed over), unserved (no copy could serve: the host got the error)', ['result'], () =>
+    (['repaired', 'unrepaired', 'unserved'] as const).map((result) => [{ result }, r.counters.readRepairs[result]]));
   metrics.followCounter('peersan_rebuild_bytes_total', 'Bytes this peer sent to fill new copies (more replicas, or the copies of a lost peer rebuilt)', [], () => [[{}, r.counters.rebuildBytes]]);
   metrics.gauge({
     name: 'peersan_volume_protection_pages', help: 'Pages of the volume per protection state, as this peer sees the routes (degraded, rebuilding, unavailable)', labelNames: ['volume', 'state'],

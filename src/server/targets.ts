@@ -17,6 +17,7 @@ import { SharedReservationKeeper, type ReservationNotice } from '../cluster/shar
 import { targetNameFor, type TargetDirectory, type TargetInfo, type TargetPortal } from '../iscsi/target';
 import type { MovableVolume } from '../migration/movable';
 import type { ChangeTracker, PrimaryGuard } from '../replication/hooks';
+import type { ReadRepairHooks } from '../replication/read-repair';
 import type { ReplicatedVolume } from '../replication/replicated';
 import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
@@ -77,7 +78,7 @@ export interface VolumeTargetsOptions {
   /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
   replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
-  replication: { tracker: ChangeTracker; guard: PrimaryGuard };
+  replication: { tracker: ChangeTracker; guard: PrimaryGuard; readRepair?: ReadRepairHooks };
 }
 
 /** The record, if it is still of the volume `id` (a name is reused after a delete). */

@@ -16,15 +16,21 @@
 //   every op before it durable. At a crash a random PREFIX of the volatile ops survives (a
 //   batch is one op: all or nothing). Reads see the latest state.
 // After `crash()` the media can be opened again (a restart) and shows the post-crash state.
+// Latent sector errors (failSector): a read touching a failed 512-byte sector of a file fails
+// (StoreReadError, as data-file.ts types an EIO) until a write covers the sector; they are on
+// the medium, so they outlive crashes. The data under them is intact: healSectors() (the disk
+// remapped them) makes it readable again.
 //
 // Memory: file data is kept sparse, in 64 KiB chunks, and the durable and the latest image
 // share every chunk neither changed since (copied on first change). Buffers are copied on
 // write and on read: callers reuse theirs.
 
 import type { Random, Timers } from '../../src/env/env';
+import { StoreReadError } from '../../src/errors';
 import type { KvOp, KvRange, KvWriteOptions, MediaFile, MediaKv, StoreMedia } from '../../src/store/media';
 
 const chunkBytes = 64 * 1024;
+const sectorBytes = 512;
 const latencyMsDefault = 1;
 
 export interface SimMediaOptions {
@@ -102,10 +108,20 @@ class SimFileState {
   volatile: VolatileWrite[] = [];
   /** Writes completed so far (a datasync covers those completed before it was called). */
   completed = 0;
+  /** Sectors that fail to read until rewritten (latent errors: on the medium, kept across crashes). */
+  readonly failed = new Set<number>();
 
   complete(position: number, data: Buffer): void {
     this.latest.write(data, position, this.durable);
     this.volatile.push({ seq: ++this.completed, position, data });
+    for (let s = Math.floor(position / sectorBytes); s * sectorBytes < position + data.length; s++) this.failed.delete(s);
+  }
+
+  /** The first failed sector of [position, position + length), or undefined. */
+  failedIn(position: number, length: number): number | undefined {
+    if (this.failed.size === 0) return undefined;
+    for (let s = Math.floor(position / sectorBytes); s * sectorBytes < position + length; s++) if (this.failed.has(s)) return s;
+    return undefined;
   }
 
   /** Writes completed up to `seq` are durable. */
@@ -196,6 +212,28 @@ export class SimMedia implements StoreMedia {
     this.stalledUntilMs = Math.max(this.stalledUntilMs, monotonicMs);
   }
 
+  /** A latent error: reads of `sector` (512 bytes) of file `name` fail until a write covers it. */
+  failSector(name: string, sector: number): void {
+    const file = this.files.get(name);
+    if (!file) throw new Error(`SimMedia.failSector: no file ${name}`);
+    file.failed.add(sector);
+  }
+
+  /** A latent error on a written sector drawn from `random` (a sector of a chunk some write touched); undefined when nothing is written. */
+  failWrittenSector(random: Random): { name: string; sector: number } | undefined {
+    const written = [...this.files].flatMap(([name, f]) => [...f.latest.chunks.keys()].map((chunk): [string, number] => [name, chunk]));
+    if (written.length === 0) return undefined;
+    const [name, chunk] = written[random.int(written.length)];
+    const sector = (chunk * chunkBytes) / sectorBytes + random.int(chunkBytes / sectorBytes);
+    this.failSector(name, sector);
+    return { name, sector };
+  }
+
+  /** Every latent error gone (remapped by the disk): the data under them reads again. */
+  healSectors(): void {
+    for (const f of this.files.values()) f.failed.clear();
+  }
+
   /** Bytes held in memory by file data (durable and latest images, shared chunks once). */
   memoryBytes(): number {
     const chunks = new Set<Buffer>();
@@ -258,6 +296,8 @@ class SimFile implements MediaFile {
   read(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
     return this.media.op(this.generation, () => {
       this.assertUsable();
+      const failed = this.state.failedIn(position, length);
+      if (failed !== undefined) throw new StoreReadError(`read of sector ${failed}: EIO (simulated latent sector error)`);
       this.state.latest.read(buf, offset, length, position);
     });
   }

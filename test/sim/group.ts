@@ -18,7 +18,7 @@ import pino from 'pino';
 import type { Logger } from 'pino';
 import type { CreateVolumeInput } from '../../src/cluster/catalog';
 import { balancerDefaults } from '../../src/loadmon/balancer';
-import type { Timers } from '../../src/env/env';
+import type { Random, Timers } from '../../src/env/env';
 import type { SeededRandom } from '../../src/env/manual';
 import { composePeer, type PeerCore, type PeerProtocols, type ReplicationSettings } from '../../src/server/compose';
 import { PageStore } from '../../src/store/page-store';
@@ -41,6 +41,8 @@ export interface FaultCounts {
   reorders: number;
   duplicates: number;
   diskStalls: number;
+  /** Latent sector errors put on a peer's disk (a read fails until the sector is rewritten). */
+  latentErrors: number;
   skews: number;
 }
 
@@ -171,7 +173,7 @@ export class SimGroup {
   readonly peerIds: string[];
   readonly protocols: Partial<PeerProtocols> | undefined;
   readonly replication: ReplicationSettings | undefined;
-  readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
   readonly trace: (line: string) => void;
 
   constructor(o: SimGroupOptions) {
@@ -259,8 +261,17 @@ export class SimGroup {
     this.peers.get(id)!.media.stallUntil(this.world.now() + ms);
   }
 
-  /** Faults stop: partitions heal, messages flow, every down peer restarts (a long kill at its own time). */
+  /** A latent sector error on a written sector of `id`'s disk, drawn from `random`. */
+  latentError(id: string, random: Random): void {
+    const at = this.peers.get(id)!.media.failWrittenSector(random);
+    if (!at) return;
+    this.counts.latentErrors++;
+    this.trace(`${id} disk: sector ${at.sector} of ${at.name} fails to read until rewritten`);
+  }
+
+  /** Faults stop: partitions heal, messages flow, latent sector errors are remapped, every down peer restarts (a long kill at its own time). */
   calm(): void {
+    for (const p of this.peers.values()) p.media.healSectors();
     this.network.faults = calmNetwork();
     this.network.healAll();
     this.catalog.dropRate = 0;

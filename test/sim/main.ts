@@ -1,4 +1,4 @@
-// `npm run sim -- --seeds N [--first S] [--seed S] [--steps K] [--replicas R] [--control NAME] [--trace]`
+// `npm run sim -- --seeds N [--first S] [--seed S] [--steps K] [--replicas R] [--control NAME] [--latent-errors] [--trace]`
 //
 // Runs simulated groups (run.ts), one per seed, on every core (a worker process per core, each
 // taking every k-th seed), and prints what went wrong with the seed that replays it. The last
@@ -7,6 +7,7 @@
 // same trace. `--control NAME` runs a negative control (controls.ts): a protocol variant with a
 // known bug that the simulator must catch; its violations are the expected outcome. `--replicas R`
 // gives every run's volume R copies per page (default: drawn from the seed, run.ts drawReplicas).
+// `--latent-errors` draws latent sector errors among the faults (opt-in: run.ts says why).
 
 import { fork } from 'node:child_process';
 import { cpus } from 'node:os';
@@ -19,6 +20,8 @@ interface Args {
   seed?: number;
   steps?: number;
   replicas?: number;
+  /** Draw latent sector errors among the faults (run.ts SimOptions.latentErrors). */
+  latentErrors?: boolean;
   control?: string;
   trace: boolean;
   worker?: { index: number; of: number };
@@ -40,8 +43,9 @@ function parse(argv: string[]): Args {
       case '--replicas': a.replicas = v(); break;
       case '--control': a.control = argv[++i]; break;
       case '--trace': a.trace = true; break;
+      case '--latent-errors': a.latentErrors = true; break;
       case '--worker': a.worker = { index: v(), of: v() }; break;
-      default: throw new Error(`unknown option ${argv[i]} (--seeds N, --first S, --seed S, --steps K, --replicas R, --control NAME, --trace)`);
+      default: throw new Error(`unknown option ${argv[i]} (--seeds N, --first S, --seed S, --steps K, --replicas R, --control NAME, --latent-errors, --trace)`);
     }
   }
   if (a.replicas !== undefined && (a.replicas < 1 || a.replicas > 3)) throw new Error(`--replicas takes 1 to 3, not ${a.replicas}`);
@@ -65,9 +69,10 @@ async function runSeed(a: Args, seed: number, withTrace: boolean): Promise<SeedR
     ...(a.steps === undefined ? {} : { stepsMax: a.steps }),
     ...(replicas === undefined ? {} : { replicas }),
     ...(control ? { protocols: control.protocols } : {}),
+    ...(a.latentErrors ? { latentErrors: true } : {}),
   });
   const report: SeedReport = { seed, faults: r.faults, violations: r.violations.length };
-  const flags = `${a.replicas === undefined ? '' : ` --replicas ${a.replicas}`}${a.control === undefined ? '' : ` --control ${a.control}`}`;
+  const flags = `${a.replicas === undefined ? '' : ` --replicas ${a.replicas}`}${a.control === undefined ? '' : ` --control ${a.control}`}${a.latentErrors ? ' --latent-errors' : ''}`;
   if (r.violations.length > 0 || withTrace) report.text = describe(r, withTrace, flags);
   return report;
 }
@@ -77,7 +82,7 @@ async function simulateOrFail(o: Parameters<typeof simulate>[0]): Promise<SimRes
   try {
     return await simulate(o);
   } catch (err) {
-    const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+    const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
     return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0, replicas: o.replicas ?? 0 };
   }
 }
@@ -107,7 +112,7 @@ function describe(r: SimResult, full: boolean, flags: string): string {
 
 const faultLines: [keyof SimResult['faults'], string][] = [
   ['crashes', 'crashes'], ['longKills', 'long kills'], ['isolations', 'isolations'], ['partitions', 'partitions'], ['drops', 'drops'], ['reorders', 'reorders'],
-  ['duplicates', 'duplicates'], ['diskStalls', 'disk stalls'], ['skews', 'skews'],
+  ['duplicates', 'duplicates'], ['diskStalls', 'disk stalls'], ['latentErrors', 'latent sector errors'], ['skews', 'skews'],
 ];
 
 async function main(): Promise<void> {
@@ -126,7 +131,7 @@ async function main(): Promise<void> {
   const workers = Math.max(1, Math.min(cpus().length, a.seeds));
   const reports: SeedReport[] = [];
   await Promise.all(Array.from({ length: workers }, (_, index) => new Promise<void>((resolve, reject) => {
-    const args = ['--worker', String(index), String(workers), '--seeds', String(a.seeds), '--first', String(a.first), ...(a.steps === undefined ? [] : ['--steps', String(a.steps)]), ...(a.replicas === undefined ? [] : ['--replicas', String(a.replicas)]), ...(a.control === undefined ? [] : ['--control', a.control])];
+    const args = ['--worker', String(index), String(workers), '--seeds', String(a.seeds), '--first', String(a.first), ...(a.steps === undefined ? [] : ['--steps', String(a.steps)]), ...(a.replicas === undefined ? [] : ['--replicas', String(a.replicas)]), ...(a.control === undefined ? [] : ['--control', a.control]), ...(a.latentErrors ? ['--latent-errors'] : [])];
     const child = fork(__filename, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     child.on('message', (r: SeedReport) => {
       reports.push(r);

@@ -25,6 +25,14 @@ export interface SimOptions {
   protocols?: Partial<PeerProtocols>;
   /** Copies per page of the volume (1-3); default: drawn from the seed (drawReplicas). */
   replicas?: number;
+  /**
+   * Draw latent sector errors among the disk faults (disk.ts failSector: a read fails until the
+   * sector is rewritten; a primary serves it from another copy, src/replication/read-repair.ts).
+   * Opt-in: a copy-on-write fill whose read of the old grain fails leaves the grain's allocation
+   * failed for good in the page store (every later I/O of the grain fails), so a page can stay
+   * under-replicated past the calm (seeds 24 and 80 with --replicas 2).
+   */
+  latentErrors?: boolean;
   /** Keep the trace (always kept when a violation is found). */
   keepTrace?: boolean;
   /** Debugging: look at the group once it has converged, before the checks. */
@@ -217,6 +225,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       group.isolate(id, 300 + faultRnd.float() * 2_200);
     } else if (x < 0.74) {
       group.stallDisk(id, 5 + faultRnd.float() * 300);
+    } else if (o.latentErrors && x < 0.8) {
+      // A sector that fails to read until rewritten: a primary serves the read from another
+      // in-sync copy and rewrites it (src/replication/read-repair.ts); calm remaps what is left.
+      group.latentError(id, faultRnd);
     } else {
       group.skew(id, faultRnd);
     }
