@@ -16,7 +16,8 @@
 //   4. it gets the page's next number (recent.ts) and is recorded recent here;
 //   5. applied here AND sent, numbered and tagged with the epoch, to every other in-sync copy
 //      and every copy resyncing from us, in parallel (a compare-and-write compares here first,
-//      under the lock and, as a read, under the guard's leases; it replicates only the write);
+//      under the lock, a miscompare again as a read under the guard's leases; it replicates
+//      only the write);
 //   6. waits for the in-sync copies, each at most replicaAckMsMax from the send: one that fails
 //      or does not answer is CASed out of the in-sync set (epoch + 1) BEFORE the change is
 //      acknowledged; one that answers MOVED with a newer epoch makes us re-read the route and
@@ -265,14 +266,15 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   /**
    * A compare-and-write of one page, its range locked: compared here, then the write replicated.
-   * The compare is a read, and runs as one under the guard (leases before and after): a
-   * MISCOMPARE replicates nothing, so no copy would fence a primary that lost the page, and it
-   * would answer from blocks a new primary has overwritten. A match needs no lease: its write
-   * is fenced as any change.
+   * A match needs nothing more: its write is fenced as any change. A MISCOMPARE replicates
+   * nothing, so no copy would fence a primary that lost the page, and it would answer from blocks
+   * a new primary has overwritten (seed 1683): it is compared again as a read, under the guard
+   * (leases before and after), and that answer stands.
    */
   private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
     const compareHere = async (): Promise<number | undefined> => firstDifference(await this.inner.read(c.lba, c.blocks), compare);
-    const at = await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, compareHere);
+    let at = await compareHere();
+    if (at !== undefined) at = await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, compareHere);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     await this.changeLocked(page, c, true);
     return { ok: true };
