@@ -316,7 +316,7 @@ t.test('a COMPARE AND WRITE confirms a MISCOMPARE as a read, under the leases: a
   const { volume, local } = lonePrimary(counting, lostLease);
   local.data.fill(7, 0, bs);
   await t.rejects(volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5)), PageMovedError, 'no MISCOMPARE from blocks a new primary may have changed: MOVED, the router asks the new one');
-  t.same(calls, [false, true], 'the miscompare was confirmed as a read under the guard, inside the change');
+  t.same(calls, [false, true], 'the miscompare was confirmed as a read under the guard, after the compare');
   t.equal(sent, 0, 'nothing replicated');
   t.equal(local.data[0], 7, 'nothing written here');
   // A match is fenced by its write (the copies refuse an old epoch): no lease asked for.

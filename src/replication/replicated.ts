@@ -16,8 +16,8 @@
 //   4. it gets the page's next number (recent.ts) and is recorded recent here;
 //   5. applied here AND sent, numbered and tagged with the epoch, to every other in-sync copy
 //      and every copy resyncing from us, in parallel (a compare-and-write compares here first,
-//      under the lock, a miscompare again as a read under the guard's leases; it replicates
-//      only the write);
+//      under the lock, and replicates only the write; a miscompare stands once the guard finds
+//      the leases valid after it, as for a read);
 //   6. waits for the in-sync copies, each at most replicaAckMsMax from the send: one that fails
 //      or does not answer is CASed out of the in-sync set (epoch + 1) BEFORE the change is
 //      acknowledged; one that answers MOVED with a newer epoch makes us re-read the route and
@@ -178,7 +178,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
       page,
       false,
       () => this.inner.compareAndWrite(lba, compare, data, opts),
-      () => this.locks.run(page, lba, blocks, () => this.compareLocked(page, compare, change)),
+      () => this.compareReplicated(page, compare, change),
     );
   }
 
@@ -265,16 +265,22 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   }
 
   /**
-   * A compare-and-write of one page, its range locked: compared here, then the write replicated.
-   * A match needs nothing more: its write is fenced as any change. A MISCOMPARE replicates
-   * nothing, so no copy would fence a primary that lost the page, and it would answer from blocks
-   * a new primary has overwritten (seed 1683): it is compared again as a read, under the guard
-   * (leases before and after), and that answer stands.
+   * A compare-and-write of one page this peer is the primary of. A match is fenced by its write,
+   * as any change. A MISCOMPARE replicates nothing, so no copy fences a primary that lost the
+   * page, and it would answer from blocks a new primary has overwritten (seed 1683): it stands
+   * only once the guard finds this peer's leases valid after the compare, as after a read (no
+   * copy took over before then). Checked after the range lock is released: a reconcile of the
+   * page, which the guard waits for, needs that lock.
    */
+  private async compareReplicated(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
+    const result = await this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c));
+    if (!result.ok) await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => undefined);
+    return result;
+  }
+
+  /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */
   private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
-    const compareHere = async (): Promise<number | undefined> => firstDifference(await this.inner.read(c.lba, c.blocks), compare);
-    let at = await compareHere();
-    if (at !== undefined) at = await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, compareHere);
+    const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     await this.changeLocked(page, c, true);
     return { ok: true };
