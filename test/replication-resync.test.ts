@@ -254,6 +254,13 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       for (let i = 0; i < 10; i++) await tick();
     }
   };
+  /** Run until `done` (bounded): the catalog's reads and writes take real time, which a run of simulated time does not wait for. */
+  const until = async (done: () => boolean): Promise<void> => {
+    for (let i = 0; i < 200 && !done(); i++) {
+      await run(1);
+      await new Promise((r) => setTimeout(r, 2));
+    }
+  };
   t.teardown(async () => {
     for (const p of peers.values()) {
       p.resyncer.close();
@@ -325,7 +332,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
     t.teardown(() => c.close());
     return c;
   };
-  return { env, run, view, catalog, volume, table, peers, make, drop, write };
+  return { env, run, until, view, catalog, volume, table, peers, make, drop, write };
 }
 
 const fill = (blocks: number, byte: number): Buffer => Buffer.alloc(blocks * 512, byte);
@@ -609,8 +616,37 @@ t.test('resync: a stale copy that hears its route without copies (MOVED) reads t
   await g.write(p1, grainLba(0, 4), fill(1, 0x44));
   t.ok(own.routes(own.volume('vol')!).learn(0, { owner: route.owner, version: route.version }), 'p2 hears the epoch in a MOVED answer');
   await g.run(10);
-  for (let i = 0; i < 50 && inSyncOf(g.table.route(0)).length < 2; i++) await g.run(1);
+  await g.until(() => inSyncOf(g.table.route(0)).length === 2);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked and is back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+});
+
+t.test('resync: a copy dropped again while its last ask still ends (its route read waits) asks again (seed 1786)', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const p1 = await g.make('p1');
+  const own = await g.view();
+  const p2 = await g.make('p2', new FakeKv(), own);
+  // p2's route read after an answer waits for a catalog out of reach, until the test lets it go.
+  let reachable: { promise: Promise<void>; resolve: () => void } | undefined;
+  const fetchRoute = own.fetchRoute.bind(own);
+  own.fetchRoute = async (volume, page) => {
+    await reachable?.promise;
+    return fetchRoute(volume, page);
+  };
+  p1.resyncer.start();
+  p2.resyncer.start();
+  reachable = deferred();
+  await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 resynced and is back in sync');
+  const again = await g.drop(0, 'p2');
+  await g.write(p1, grainLba(0, 5), fill(1, 0x55));
+  for (let i = 0; i < 50 && own.routes(own.volume('vol')!).route(0).version < again.version; i++) await tick();
+  t.equal(own.routes(own.volume('vol')!).route(0).version, again.version, 'p2 learned the new drop while its ask was still ending');
+  reachable.resolve();
+  await g.until(() => inSyncOf(g.table.route(0)).length === 2);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
 });
 

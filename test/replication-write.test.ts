@@ -20,6 +20,7 @@ import { inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import type { BlockSender } from '../src/routing/router';
 import { ReplicatedVolume } from '../src/replication/replicated';
 import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
+import type { PrimaryGuard } from '../src/replication/hooks';
 import { replicaAckMsMax } from '../src/limits';
 import { realEnv } from '../src/env/real';
 import pino from 'pino';
@@ -250,7 +251,7 @@ t.test('a copy asked for its recent grains at a new epoch refuses the old primar
 });
 
 /** A primary p1 of a 2-copy volume alone (pages of 64 blocks), its link to p2 given by the test; the "catalog" its own table. */
-function lonePrimary(link: BlockSender) {
+function lonePrimary(link: BlockSender, guard: PrimaryGuard = passThroughGuard) {
   const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
   const local = new MemoryBackend(bs, 128, 8);
   const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
@@ -267,7 +268,7 @@ function lonePrimary(link: BlockSender) {
   const tracker = { ...passThroughTracker, changed: (_v: string, _p: number, _r: Route, _l: number, _b: number, missed: readonly string[]) => void changed.push([...missed]) };
   const volume = new ReplicatedVolume({
     self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
-    volume: () => record, catalog, tracker, guard: passThroughGuard, log: pino({ level: 'silent' }),
+    volume: () => record, catalog, tracker, guard, log: pino({ level: 'silent' }),
   });
   return { volume, local, cas, changed, table };
 }
@@ -302,6 +303,31 @@ t.test('a COMPARE AND WRITE whose page is taken over while its write replicates 
   const other = lonePrimary(takenOver);
   table = other.table;
   await t.rejects(other.volume.write(0, Buffer.alloc(bs, 6)), PageMovedError);
+});
+
+t.test('a COMPARE AND WRITE confirms a MISCOMPARE as a read, under the leases: a primary that lost its lease answers none (seed 1683)', async (t) => {
+  // The guard as for a primary cut off since a copy took the page over: changes may start (the copies fence them), reads may not.
+  const calls: boolean[] = [];
+  const lostLease: PrimaryGuard = {
+    run: (_volumeId, page, _route, read, op) => (calls.push(read), read ? Promise.reject(new PageMovedError(page, { owner: 'p2', version: 2 })) : op()),
+  };
+  let sent = 0;
+  const counting: BlockSender = { send: async () => (sent++, { id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 }) };
+  const { volume, local } = lonePrimary(counting, lostLease);
+  local.data.fill(7, 0, bs);
+  await t.rejects(volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5)), PageMovedError, 'no MISCOMPARE from blocks a new primary may have changed: MOVED, the router asks the new one');
+  t.same(calls, [false, true], 'the miscompare was confirmed as a read under the guard, after the compare');
+  t.equal(sent, 0, 'nothing replicated');
+  t.equal(local.data[0], 7, 'nothing written here');
+  // A match is fenced by its write (the copies refuse an old epoch): no lease asked for.
+  calls.length = 0;
+  t.same(await volume.compareAndWrite(0, Buffer.alloc(bs, 7), Buffer.alloc(bs, 5)), { ok: true }, 'a match writes');
+  t.same(calls, [false], 'with no read under the guard');
+  t.equal(sent, 1, 'sent to the copy');
+  // With its leases, a MISCOMPARE is answered as before.
+  const leased = lonePrimary(counting);
+  leased.local.data.fill(7, 0, bs);
+  t.same(await leased.volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5)), { ok: false, miscompareOffsetBytes: 0 }, 'MISCOMPARE');
 });
 
 t.test('a copy that does not answer within replicaAckMsMax is dropped, then the write is acknowledged', async (t) => {

@@ -16,7 +16,8 @@
 //   4. it gets the page's next number (recent.ts) and is recorded recent here;
 //   5. applied here AND sent, numbered and tagged with the epoch, to every other in-sync copy
 //      and every copy resyncing from us, in parallel (a compare-and-write compares here first,
-//      under the lock, and replicates only the write);
+//      under the lock, and replicates only the write; a miscompare stands once the guard finds
+//      the leases valid after it, as for a read);
 //   6. waits for the in-sync copies, each at most replicaAckMsMax from the send: one that fails
 //      or does not answer is CASed out of the in-sync set (epoch + 1) BEFORE the change is
 //      acknowledged; one that answers MOVED with a newer epoch makes us re-read the route and
@@ -188,7 +189,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
       page,
       false,
       () => this.inner.compareAndWrite(lba, compare, data, opts),
-      () => this.locks.run(page, lba, blocks, () => this.compareLocked(page, compare, change)),
+      () => this.compareReplicated(page, compare, change),
     );
   }
 
@@ -274,6 +275,20 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   private apply(c: Change): Promise<void> {
     return c.op === 'write' ? this.inner.write(c.lba, c.data!, c.opts) : this.inner.unmap(c.lba, c.blocks, c.opts);
+  }
+
+  /**
+   * A compare-and-write of one page this peer is the primary of. A match is fenced by its write,
+   * as any change. A MISCOMPARE replicates nothing, so no copy fences a primary that lost the
+   * page, and it would answer from blocks a new primary has overwritten (seed 1683): it stands
+   * only once the guard finds this peer's leases valid after the compare, as after a read (no
+   * copy took over before then). Checked after the range lock is released: a reconcile of the
+   * page, which the guard waits for, needs that lock.
+   */
+  private async compareReplicated(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
+    const result = await this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c));
+    if (!result.ok) await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => undefined);
+    return result;
   }
 
   /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */

@@ -493,7 +493,7 @@ export class Resyncer {
     if (this.followed.has(volume.id) || this.closed) return;
     const table = this.o.catalog.routes(volume);
     const untrack = this.o.tracker.watch(volume.id, table);
-    const unlisten = table.onLearn((page, route) => (route.copies ? this.consider(volume.id, page, route) : void this.completed(volume, page)));
+    const unlisten = table.onLearn((page, route) => this.learned(volume, page, route));
     const stop = (): void => {
       untrack();
       unlisten();
@@ -509,6 +509,11 @@ export class Resyncer {
       this.followed.delete(id);
       this.o.tracker.dropVolume(id);
     }
+  }
+
+  private learned(volume: VolumeRecord, page: number, route: Route): void {
+    if (route.copies) this.consider(volume.id, page, route);
+    else void this.completed(volume, page);
   }
 
   /** A route heard in a MOVED answer does not say who holds copies: read the catalog's record of it. */
@@ -551,6 +556,11 @@ export class Resyncer {
     try {
       await this.askOnce(volume, at.page, route);
       this.done(key);
+      // A route learned while the ask ran was not queued (the page was pending then): a newer one
+      // than the ask's may have made this copy stale again (seed 1786: dropped anew while the
+      // route read after the answer waited for a catalog out of reach).
+      const now = this.o.catalog.routes(volume).route(at.page);
+      if (now.version > route.version) this.learned(volume, at.page, now);
     } catch (err) {
       // Maybe asked the wrong peer (this peer's routes lag): read the route before the next ask.
       void this.o.catalog.fetchRoute(volume, at.page).catch(() => undefined);
