@@ -231,6 +231,8 @@ interface Peer {
   fail?: (s: Sent) => boolean;
   /** A send waits for this first (a slow link). */
   gate?: (s: Sent) => Promise<void> | undefined;
+  /** Runs when a primary's answer to this peer's resync ask is on its way back, before this peer has it. */
+  onAnswer?: () => Promise<void>;
   lock: RangeLock;
 }
 
@@ -292,7 +294,10 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
       settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
       ask: (primary, ask) => {
-        const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>));
+        const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>)).then(async (a) => {
+          await peer.onAnswer?.();
+          return a;
+        });
         const seen = answer.catch(() => undefined).finally(() => asking.delete(seen));
         asking.add(seen);
         return answer;
@@ -594,6 +599,27 @@ t.test('resync: a copy that falls out of sync while its peer runs asks at once; 
   await g.run(dirtyPersistMs);
   t.equal(p1.tracker.dirtyOf(g.volume.id, 2, 'p2'), undefined, 'the volume\'s sets are gone');
   t.same(p1.kv.keys('dirty/'), [], 'and their record');
+});
+
+t.test('resync: a copy dropped again while the answer to its ask is on its way asks again', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  // The answer (p2 back in sync) is on its way when a change p2 misses drops it again: p2 hears
+  // the newer route while its ask is still running.
+  let dropped = false;
+  p2.onAnswer = async () => {
+    if (dropped) return;
+    dropped = true;
+    await g.drop(0, 'p2');
+    await g.write(p1, grainLba(0, 5), fill(1, 0x55));
+  };
+  p2.resyncer.start();
+  await g.run(10);
+  t.ok(dropped, 'dropped while answered');
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the change it missed');
 });
 
 t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {

@@ -430,6 +430,10 @@ export interface ResyncRunning {
   running: true;
 }
 
+function isAnswer(answer: unknown): answer is ResyncAnswer {
+  return typeof answer === 'object' && answer !== null && Number.isSafeInteger((answer as Partial<ResyncAnswer>).version);
+}
+
 function isRunning(answer: unknown): answer is ResyncRunning {
   return typeof answer === 'object' && answer !== null && (answer as Partial<ResyncRunning>).running === true;
 }
@@ -545,8 +549,13 @@ export class Resyncer {
       return;
     }
     try {
-      await this.askOnce(volume, at.page, route);
+      const version = await this.askOnce(volume, at.page, route);
       this.done(key);
+      // Routes learned while the ask ran were not queued (the page was pending): one newer than
+      // the answer's may have made this copy stale again (dropped by a change it missed while
+      // the answer was on its way), and no later route may come to ask for it.
+      const now = this.o.catalog.routes(volume).route(at.page);
+      if (now.version > version) this.consider(volume.id, at.page, now);
     } catch (err) {
       // Maybe asked the wrong peer (this peer's routes lag): read the route before the next ask.
       void this.o.catalog.fetchRoute(volume, at.page).catch(() => undefined);
@@ -554,7 +563,8 @@ export class Resyncer {
     }
   }
 
-  private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<void> {
+  /** Ask until answered; the page's epoch with this copy in sync. */
+  private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<number> {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     // The route that made this page stale may also make it suspect here (a move away from this
@@ -565,10 +575,12 @@ export class Resyncer {
     const ask: ResyncAsk = { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) };
     // Each answer comes within resyncAnswerMsMax: "running" while the copy goes on, so that an
     // ask lost on the way (a partition answers nothing) fails at a short deadline.
-    for (let again = false; isRunning(await this.o.ask(route.owner, { ...ask, again })); again = true);
+    let answer: unknown;
+    for (let again = false; isRunning((answer = await this.o.ask(route.owner, { ...ask, again }))); again = true);
     if (full) this.o.activity.trusted(volume.id, page);
     // The watch brings the new route too; reading it now saves asking again meanwhile.
     await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
+    return isAnswer(answer) ? answer.version : route.version;
   }
 
   private done(key: string): void {
