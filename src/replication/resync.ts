@@ -26,12 +26,13 @@
 // stale copy (a scan at start, then every route the tables learn) is asked for, a few at a time,
 // with backoff while it stays stale.
 
+import { Semaphore } from 'async-mutex';
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env, type TimerHandle } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError } from '../errors';
 import { LogLimiter } from '../log';
-import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncAnswerMsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
+import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncAnswerMsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin, resyncRunBytesMax, resyncRunsInFlightMax, resyncRunsPerPageMax } from '../limits';
 import type { MigrationSettings } from '../migration/migrator';
 import { ByteRate, ChunkPacer } from '../migration/rate';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
@@ -71,11 +72,29 @@ export function grainsTouched(g: PageGeometry, page: number, lba: number, blocks
   return Array.from({ length: last - first + 1 }, (_, i) => first + i);
 }
 
-/** The blocks of grain `i` of the page, within the volume (empty past its end). */
-export function grainExtent(g: PageGeometry, page: number, i: number): { lba: number; blocks: number } {
-  const lba = page * g.pageBlocks + i * grainBlocksOf(g);
-  const end = Math.min(lba + grainBlocksOf(g), (page + 1) * g.pageBlocks, g.blockCount);
+/** Contiguous grains of a page: `count` from `first`. */
+export interface GrainRun {
+  first: number;
+  count: number;
+}
+
+/** The blocks of a run of grains of the page, within the volume (empty past its end). */
+export function runExtent(g: PageGeometry, page: number, run: GrainRun): { lba: number; blocks: number } {
+  const lba = page * g.pageBlocks + run.first * grainBlocksOf(g);
+  const end = Math.min(lba + run.count * grainBlocksOf(g), (page + 1) * g.pageBlocks, g.blockCount);
   return { lba, blocks: Math.max(0, end - lba) };
+}
+
+/** The first run of grains dirty and not taken yet, at most `grainsMax` long; undefined when none is left. */
+export function nextRun(dirty: GrainSet | undefined, taken: GrainSet, grainsMax: number): GrainRun | undefined {
+  if (!dirty) return undefined;
+  const free = (i: number): boolean => i < dirty.grains && dirty.has(i) && !taken.has(i);
+  let first = 0;
+  while (first < dirty.grains && !free(first)) first++;
+  if (first === dirty.grains) return undefined;
+  let count = 1;
+  while (count < grainsMax && free(first + count)) count++;
+  return { first, count };
 }
 
 /** The whole page, within the volume. */
@@ -395,6 +414,30 @@ function decodeRecord(b: Buffer): DirtyRecord | undefined {
   }
 }
 
+// ---- pacing --------------------------------------------------------------------------------------
+
+/**
+ * Gives way to host I/O as a page move does (migration/rate.ts ChunkPacer: time a run takes
+ * beyond twice the fastest recent one is waiting behind other work), with two differences that
+ * runs bring. A run's time grows with its length, so each length class (1, 2–3, 4–7, … grains)
+ * has its own pacer and a short run never makes a long one look slow. And several runs are in
+ * flight at once, each queued behind the others on the same disks and link: a run's time is
+ * divided by the runs in flight when it started, so this peer's own runs are not taken for
+ * host load.
+ */
+export class RunPacer {
+  private readonly pacers: ChunkPacer[] = [];
+
+  constructor(private readonly duty: number) {}
+
+  /** A run of `grains` took `ms` with `inFlight` runs in flight (itself included): the pause before its place is given to the next run. */
+  pauseAfter(grains: number, ms: number, inFlight: number): number {
+    const cls = Math.floor(Math.log2(Math.max(1, grains)));
+    this.pacers[cls] ??= new ChunkPacer(this.duty);
+    return this.pacers[cls].pauseAfter(ms / Math.max(1, inFlight));
+  }
+}
+
 // ---- Resyncer: both sides of the resync protocol ----------------------------------------------
 
 export interface ResyncerOptions {
@@ -446,7 +489,10 @@ export class Resyncer {
    */
   readonly counters: { resyncBytes: number; rebuildBytes: number };
   private readonly rate: ByteRate;
-  private readonly pacer: ChunkPacer;
+  private readonly pacer: RunPacer;
+  /** Runs this peer sends at once, over every page it serves, and how many are sending now. */
+  private readonly window = new Semaphore(resyncRunsInFlightMax);
+  private runsInFlight = 0;
   /** Failed asks are many while a primary is down: one warning per volume and window. */
   private readonly limiter: LogLimiter;
   /** Resyncs this peer serves, by `volumeId/page/copy`: a repeated ask joins its run. */
@@ -464,8 +510,8 @@ export class Resyncer {
 
   constructor(private readonly o: ResyncerOptions) {
     this.counters = o.counters ?? { resyncBytes: 0, rebuildBytes: 0 };
-    this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(grainBytes, o.settings.pieceBytes), o.env);
-    this.pacer = new ChunkPacer(o.settings.duty ?? 1);
+    this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(resyncRunBytesMax, o.settings.pieceBytes), o.env);
+    this.pacer = new RunPacer(o.settings.duty ?? 1);
     this.limiter = new LogLimiter({ nowMs: () => o.env.clock.monotonicMs() });
   }
 
@@ -672,36 +718,70 @@ export class Resyncer {
     return route;
   }
 
-  /** Copy every dirty grain of the copy, one at a time under its range lock, paced. */
+  /**
+   * Copy every dirty grain of the copy: runs of contiguous dirty grains, one request each (at most
+   * resyncRunBytesMax), up to resyncRunsPerPageMax runs of the page at once (and
+   * resyncRunsInFlightMax over every page this peer serves), each under the range lock of its
+   * grains, paced. A round takes each grain once: one marked again by a change the copy missed
+   * while or after it was copied is left to the next round, after the admit step looked.
+   */
   private async copyDirty(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string): Promise<void> {
     const geo = geometryOf(volume);
-    // A grain marked again by a change the copy missed is copied again; a round copies at most
-    // the page's worth, then the admit step decides.
     const grains = grainsPerPage(geo);
     // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole.
     // So does a new copy, which this peer never saw in sync: its bytes are a rebuild's.
     const fill = !this.o.tracker.dirtyOf(volume.id, page, copy);
     if (fill) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
-    for (let n = 0; n < grains; n++) {
-      const grain = this.o.tracker.dirtyOf(volume.id, page, copy)?.first();
-      if (grain === undefined) return;
-      const ext = grainExtent(geo, page, grain);
-      await this.rate.take(ext.blocks * geo.blockBytes);
-      const startMs = this.o.env.clock.monotonicMs();
-      const bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.copyGrain(volume, port, page, copy, grain, ext));
-      if (fill) this.counters.rebuildBytes += bytes;
-      else this.counters.resyncBytes += bytes;
-      const pauseMs = this.pacer.pauseAfter(this.o.env.clock.monotonicMs() - startMs);
-      if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
-    }
+    const taken = new GrainSet(grains);
+    const runGrainsMax = Math.max(1, Math.floor(resyncRunBytesMax / (grainBlocksOf(geo) * geo.blockBytes)));
+    let failed: unknown;
+    const worker = async (): Promise<void> => {
+      for (let run = nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax); run && failed === undefined; run = nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax)) {
+        for (let g = run.first; g < run.first + run.count; g++) taken.add(g);
+        try {
+          const bytes = await this.window.runExclusive(() => this.copyRun(volume, port, page, copy, run!));
+          if (fill) this.counters.rebuildBytes += bytes;
+          else this.counters.resyncBytes += bytes;
+        } catch (err) {
+          failed ??= err;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: resyncRunsPerPageMax }, worker));
+    if (failed !== undefined) throw failed;
   }
 
   /**
-   * Send one grain as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
-   * clear its bit. Under the grain's range lock no change of it runs meanwhile, so the bit is
+   * One run, holding a place in the peer's window: at the copy rate, under the run's range lock,
+   * then the pause that gives way to host I/O (still holding the place, so the window shrinks).
+   */
+  private async copyRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun): Promise<number> {
+    const geo = geometryOf(volume);
+    const ext = runExtent(geo, page, run);
+    if (ext.blocks === 0) {
+      this.clearRun(volume, page, copy, run);
+      return 0;
+    }
+    await this.rate.take(ext.blocks * geo.blockBytes);
+    const inFlight = ++this.runsInFlight;
+    const startMs = this.o.env.clock.monotonicMs();
+    let bytes: number;
+    try {
+      bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.sendRun(volume, port, page, copy, run, ext));
+    } finally {
+      this.runsInFlight--;
+    }
+    const pauseMs = this.pacer.pauseAfter(run.count, this.o.env.clock.monotonicMs() - startMs, inFlight);
+    if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
+    return bytes;
+  }
+
+  /**
+   * Send a run as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
+   * clear its bits. Under the run's range lock no change of it runs meanwhile, so a bit is
    * cleared only once the copy has what this peer has (a crash never keeps a bit cleared early).
    */
-  private async copyGrain(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, grain: number, ext: { lba: number; blocks: number }): Promise<number> {
+  private async sendRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun, ext: { lba: number; blocks: number }): Promise<number> {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
     let bytes = 0;
@@ -715,8 +795,12 @@ export class Resyncer {
         at = e.lba + e.blocks;
       }
     }
-    this.o.tracker.clear(volume.id, page, copy, grain);
+    this.clearRun(volume, page, copy, run);
     return bytes;
+  }
+
+  private clearRun(volume: VolumeRecord, page: number, copy: string, run: GrainRun): void {
+    for (let g = run.first; g < run.first + run.count; g++) this.o.tracker.clear(volume.id, page, copy, g);
   }
 
   /**
