@@ -735,11 +735,16 @@ export class Resyncer {
     const taken = new GrainSet(grains);
     const runGrainsMax = Math.max(1, Math.floor(resyncRunBytesMax / (grainBlocksOf(geo) * geo.blockBytes)));
     let failed: unknown;
+    // The next run to copy (its grains taken), none once a run failed: the round ends, and throws.
+    const next = (): GrainRun | undefined => {
+      const run = failed === undefined ? nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax) : undefined;
+      if (run) for (let g = run.first; g < run.first + run.count; g++) taken.add(g);
+      return run;
+    };
     const worker = async (): Promise<void> => {
-      for (let run = nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax); run && failed === undefined; run = nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax)) {
-        for (let g = run.first; g < run.first + run.count; g++) taken.add(g);
+      for (let run = next(); run; run = next()) {
         try {
-          const bytes = await this.window.runExclusive(() => this.copyRun(volume, port, page, copy, run!));
+          const bytes = await this.window.runExclusive(() => this.copyRun(volume, port, page, copy, run));
           if (fill) this.counters.rebuildBytes += bytes;
           else this.counters.resyncBytes += bytes;
         } catch (err) {
