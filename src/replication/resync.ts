@@ -17,8 +17,9 @@
 //    next change on, the write path sends C every change too, and a change C misses marks its
 //    grains again. No change is in flight while C is registered, so none slips between.
 // 2. every dirty grain (∪ the grains C asked for; all of them when C asks `full`) is copied
-//    from this peer's store, each under the range lock of that grain, its bit cleared once C has
-//    it; an unmapped range is sent as an unmap. Paced like migration.
+//    from this peer's store in runs of contiguous dirty grains (one request each, up to 1 MiB),
+//    several at once, each under the range lock of its grains, their bits cleared once C has
+//    them; an unmapped range is sent as an unmap. Paced like migration (RunPacer).
 // 3. under the whole page's lock, when no bit is set any more: CAS C into the in-sync set
 //    (epoch + 1), forget C's set, unregister. Else back to 2 (a bounded number of rounds).
 //
