@@ -231,6 +231,8 @@ interface Peer {
   fail?: (s: Sent) => boolean;
   /** A send waits for this first (a slow link). */
   gate?: (s: Sent) => Promise<void> | undefined;
+  /** As primary: its in-sync copies may differ (a takeover reconciling): no copy is admitted. */
+  unsettled?: boolean;
   /** Runs when a primary's answer to this peer's resync ask is on its way back, before this peer has it. */
   onAnswer?: () => Promise<void>;
   lock: RangeLock;
@@ -293,6 +295,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
     peer.resyncer = new Resyncer({
       self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
       settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
+      unsettled: () => peer.unsettled === true,
       ask: (primary, ask) => {
         const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>)).then(async (a) => {
           await peer.onAnswer?.();
@@ -620,6 +623,22 @@ t.test('resync: a copy dropped again while the answer to its ask is on its way a
   await g.run(10);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the change it missed');
+});
+
+t.test('resync: no copy is admitted while the primary\'s in-sync copies are not settled (a takeover reconciling)', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  p1.unsettled = true;
+  p2.resyncer.start();
+  await g.run(1);
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'copied, not admitted');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copy has what p1 has');
+  await g.run(resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'still not, asked again');
+  p1.unsettled = false;
+  await g.run(4 * resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once settled');
 });
 
 t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {

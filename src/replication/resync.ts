@@ -457,6 +457,14 @@ export interface ResyncerOptions {
    * the page over.
    */
   untrusted?(volumeId: string, page: number): boolean;
+  /**
+   * The page's in-sync copies may differ now, on grains only this peer knows: a takeover still
+   * reconciling (failover.ts), a change that failed here and is not settled (replicated.ts). A
+   * copy resynced from this peer meanwhile is not admitted: were this peer to die before it
+   * settles, the copy would be in sync with content none of the others has, and no recent grain
+   * anywhere would tell the next primary to reconcile it.
+   */
+  unsettled?(volumeId: string, page: number): boolean;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -819,6 +827,7 @@ export class Resyncer {
     if (!copiesOf(now).includes(copy)) throw new ConflictError(`${copy} is no copy of page ${page} of ${volume.name} any more`);
     if (!inSyncOf(now).includes(copy)) {
       if ((this.o.tracker.dirtyOf(volume.id, page, copy)?.size ?? 1) > 0) return undefined;
+      if (this.o.unsettled?.(volume.id, page)) throw new ConflictError(`the in-sync copies of page ${page} of ${volume.name} are not settled on ${this.o.self} yet (reconciling); ask again`);
       try {
         await this.o.catalog.casRoute(volume, page, now, (cur) => ({ owner: cur.owner, copies: [...copiesOf(cur)], inSync: [...inSyncOf(cur), copy] }));
       } catch (err) {
