@@ -364,6 +364,16 @@ export const resyncRetryMsMin = 250;
 export const resyncRetryMsMax = 8_000;
 /** Rounds of "copy what is dirty, then admit under the page lock" before a resync gives up and is asked again. */
 export const resyncAdmitRoundsMax = 8;
+/**
+ * A resync sends contiguous dirty grains in one request of at most this many bytes (a round trip
+ * per 64 KiB grain held it near 7 MB/s on a loaded machine) …
+ */
+export const resyncRunBytesMax = 1024 * 1024;
+/** … with this many runs of one page in flight at once, and this many over every page a peer serves. */
+export const resyncRunsPerPageMax = 4;
+export const resyncRunsInFlightMax = 8;
+assert(resyncRunBytesMax % grainBytes === 0 && resyncRunBytesMax <= transferBytesMax, 'a resync run is whole grains and fits one block frame');
+assert(resyncRunsPerPageMax <= resyncRunsInFlightMax, 'one page can fill no more than the window');
 assert(dirtyPersistMs < activityQuietMs / 2, 'dirty records are written before a sweep could drop their page');
 assert(resyncRetryMsMin <= resyncRetryMsMax, 'resync backoff');
 assert(resyncAnswerMsMax < resyncAskMsMax, 'a resync ask is answered before its caller gives up');

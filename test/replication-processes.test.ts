@@ -66,9 +66,12 @@ t.test('a --replicas 2 volume on three peer processes (acceptance 1 and 2)', { s
     await identical(t, file, p1);
     await identical(t, file, p3);
     t.equal(await waitFor(() => protectionOf(p1, 'data')), 'degraded', 'degraded while p2 is down');
+    const sentBefore = await copyBytes(live());
     await p2.start();
     const healthyMs = await waitProtection(live, 'data', 'healthy', 60_000).catch((err: Error) => t.fail(err.message));
-    t.comment(`healthy ${healthyMs} ms after p2's restart`);
+    // Suspect pages (changing when p2 was killed) are copied whole (rebuild bytes), the rest by dirty grains.
+    const sent = (await copyBytes(live())) - sentBefore;
+    t.comment(`healthy ${healthyMs} ms after p2's restart; ${(sent / mib).toFixed(1)} MiB resynced or refilled, ${typeof healthyMs === 'number' ? (sent / 1e3 / healthyMs).toFixed(1) : '?'} MB/s over that time`);
     await p1.kill('SIGKILL');
     await identical(t, file, p2);
     await identical(t, file, p3);
@@ -108,6 +111,13 @@ async function waitFor<T>(f: () => Promise<T | undefined>): Promise<T | undefine
     await sleep(250);
   }
   return undefined;
+}
+
+/** Bytes sent to stale copies: resynced, and refilled whole (peersan_rebuild_bytes_total). */
+async function copyBytes(peers: TestPeer[]): Promise<number> {
+  let sum = await resyncBytes(peers);
+  for (const p of peers) sum += (await metricOf(p, 'peersan_rebuild_bytes_total')) ?? 0;
+  return sum;
 }
 
 async function resyncBytes(peers: TestPeer[]): Promise<number> {

@@ -12,11 +12,11 @@ import t from 'tap';
 import { Catalog, type VolumeRecord } from '../src/cluster/catalog';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { ManualEnv } from '../src/env/manual';
-import { activityQuietMs, dirtyPersistMs, resyncRetryMsMin } from '../src/limits';
+import { activityQuietMs, dirtyPersistMs, resyncRetryMsMin, resyncRunsInFlightMax, resyncRunsPerPageMax } from '../src/limits';
 import { ActivityLog, type RecordKv } from '../src/replication/activity';
 import type { ReplicaPort } from '../src/replication/hooks';
 import { checkResyncAsk, type ResyncAsk } from '../src/replication/messages';
-import { GrainSet, Resyncer, ResyncTracker } from '../src/replication/resync';
+import { GrainSet, nextRun, Resyncer, ResyncTracker, RunPacer, runExtent } from '../src/replication/resync';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import { MemoryBackend } from './helpers/memory-backend';
 
@@ -231,6 +231,10 @@ interface Peer {
   fail?: (s: Sent) => boolean;
   /** A send waits for this first (a slow link). */
   gate?: (s: Sent) => Promise<void> | undefined;
+  /** As primary: its in-sync copies may differ (a takeover reconciling): no copy is admitted. */
+  unsettled?: boolean;
+  /** Runs when a primary's answer to this peer's resync ask is on its way back, before this peer has it. */
+  onAnswer?: () => Promise<void>;
   lock: RangeLock;
 }
 
@@ -298,8 +302,12 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
     peer.resyncer = new Resyncer({
       self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
       settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
+      unsettled: () => peer.unsettled === true,
       ask: (primary, ask) => {
-        const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>));
+        const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>)).then(async (a) => {
+          await peer.onAnswer?.();
+          return a;
+        });
         const seen = answer.catch(() => undefined).finally(() => asking.delete(seen));
         asking.add(seen);
         return answer;
@@ -437,11 +445,11 @@ t.test('resync: copies exactly the dirty and the asked grains, unmaps unmapped o
   const after = g.table.route(0);
   t.same(inSyncOf(after), ['p1', 'p2'], 'p2 is in sync again');
   t.equal(after.version, before.version + 1, 'one epoch later');
-  t.same(p1.sent.map((s) => `${s.to} ${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}+${s.blocks} e${s.epoch}`), [
-    `p2 write 2+${grainBlocks} e${before.version}`,
+  t.same(p1.sent.map((s) => `${s.to} ${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}+${s.blocks} e${s.epoch}`).sort(), [
     `p2 unmap 4+${grainBlocks} e${before.version}`,
+    `p2 write 2+${grainBlocks} e${before.version}`,
     `p2 write 6+${grainBlocks} e${before.version}`,
-  ], 'grains 2 (dirty), 4 (unmapped: an unmap) and 6 (asked), nothing else');
+  ], 'grains 2 (dirty), 4 (unmapped: an unmap) and 6 (asked), nothing else (runs of one grain each, sent at once)');
   t.equal(p1.resyncer.counters.resyncBytes, 2 * grainBlocks * 512, 'bytes of data sent');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
   t.equal(p1.tracker.dirtyOf(vid, 0, 'p2'), undefined, 'no set for an in-sync copy');
@@ -459,7 +467,7 @@ t.test('resync: a suspect copy asks for the whole page, and is trusted after', a
   t.same([...again.activity.suspect(vid)], [0]);
   again.resyncer.start();
   await g.run(10);
-  t.equal(p1.sent.length, grainsPerPage, 'every grain copied');
+  t.same(p1.sent.map((s) => `${s.op} ${s.lba}+${s.blocks}`), [`write 0+${pageBlocks}`], 'every grain copied, in one run');
   t.equal(p1.resyncer.counters.resyncBytes, pageBlocks * 512);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2']);
   t.same([...again.activity.suspect(vid)], [], 'trusted again');
@@ -469,9 +477,9 @@ t.test('resync: a change during the resync reaches the copy, or marks its grain 
   const g = await staleP2(t);
   const { p1, p2, vid } = g;
   for (const k of [1, 2, 3]) await g.write(p1, grainLba(0, k), fill(grainBlocks, 0xa0 + k));
-  // The copy of grain 1 is slow: changes run meanwhile.
+  // The copy of grains 1 to 3 (one run) is slow: changes run meanwhile.
   const slow = deferred();
-  p1.gate = (s) => (s.op === 'write' && s.lba === grainLba(0, 1) && s.blocks === grainBlocks ? slow.promise : undefined);
+  p1.gate = (s) => (s.op === 'write' && s.lba === grainLba(0, 1) && s.blocks === 3 * grainBlocks ? slow.promise : undefined);
   p2.resyncer.start();
   await g.env.run(10);
   for (let i = 0; i < 20 && p1.sent.length === 0; i++) await tick();
@@ -491,8 +499,8 @@ t.test('resync: a change during the resync reaches the copy, or marks its grain 
   await g.run(10);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'back in sync');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
-  const copied = p1.sent.filter((s) => s.blocks === grainBlocks).map((s) => (s.lba - grainLba(0, 0)) / grainBlocks);
-  t.same(copied, [1, 2, 3, 6], 'grain 5 never copied: its change went to p2 directly');
+  const copied = p1.sent.filter((s) => s.blocks % grainBlocks === 0).map((s) => `${(s.lba - grainLba(0, 0)) / grainBlocks}+${s.blocks / grainBlocks}`);
+  t.same(copied, ['1+3', '6+1'], 'grain 5 never copied: its change went to p2 directly');
 });
 
 t.test('resync: a change the copy misses while the resync waits to admit it is copied before the copy is admitted', async (t) => {
@@ -603,6 +611,43 @@ t.test('resync: a copy that falls out of sync while its peer runs asks at once; 
   t.same(p1.kv.keys('dirty/'), [], 'and their record');
 });
 
+t.test('resync: a copy dropped again while the answer to its ask is on its way asks again', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  // The answer (p2 back in sync) is on its way when a change p2 misses drops it again: p2 hears
+  // the newer route while its ask is still running.
+  let dropped = false;
+  p2.onAnswer = async () => {
+    if (dropped) return;
+    dropped = true;
+    await g.drop(0, 'p2');
+    await g.write(p1, grainLba(0, 5), fill(1, 0x55));
+  };
+  p2.resyncer.start();
+  await g.run(10);
+  t.ok(dropped, 'dropped while answered');
+  await g.run(10);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the change it missed');
+});
+
+t.test('resync: no copy is admitted while the primary\'s in-sync copies are not settled (a takeover reconciling)', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  p1.unsettled = true;
+  p2.resyncer.start();
+  await g.run(1);
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'copied, not admitted');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copy has what p1 has');
+  await g.run(resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'still not, asked again');
+  p1.unsettled = false;
+  await g.run(4 * resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once settled');
+});
+
 t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {
   const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
   const p1 = await g.make('p1');
@@ -648,6 +693,71 @@ t.test('resync: a copy dropped again while its last ask still ends (its route re
   await g.until(() => inSyncOf(g.table.route(0)).length === 2);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)));
+});
+
+t.test('resync runs: the first dirty grains not taken yet, contiguous, at most so many; within the volume', (t) => {
+  const dirty = new GrainSet(16);
+  for (const g of [1, 2, 3, 4, 5, 7, 8, 15]) dirty.add(g);
+  const taken = new GrainSet(16);
+  t.same(nextRun(dirty, taken, 4), { first: 1, count: 4 }, 'a run stops at its bound');
+  for (const g of [1, 2, 3, 4]) taken.add(g);
+  t.same(nextRun(dirty, taken, 4), { first: 5, count: 1 }, 'and at a clean grain');
+  taken.add(5);
+  t.same(nextRun(dirty, taken, 4), { first: 7, count: 2 });
+  taken.add(7);
+  taken.add(8);
+  t.same(nextRun(dirty, taken, 4), { first: 15, count: 1 }, 'the last grain');
+  taken.add(15);
+  t.equal(nextRun(dirty, taken, 4), undefined, 'none left');
+  t.equal(nextRun(undefined, taken, 4), undefined, 'no set');
+  const taken2 = new GrainSet(16);
+  taken2.add(2);
+  t.same(nextRun(dirty, taken2, 16), { first: 1, count: 1 }, 'a taken grain ends a run');
+  // A volume of 2.5 pages of 8 grains of 128 blocks: page 2 ends after grain 3.
+  const geo = { blockBytes: 512, pageBlocks: 1024, blockCount: 2560 };
+  t.same(runExtent(geo, 1, { first: 2, count: 3 }), { lba: 1024 + 256, blocks: 384 });
+  t.same(runExtent(geo, 2, { first: 2, count: 4 }), { lba: 2048 + 256, blocks: 256 }, 'clipped at the volume\'s end');
+  t.same(runExtent(geo, 2, { first: 4, count: 2 }), { lba: 2048 + 512, blocks: 0 }, 'empty past it');
+  t.end();
+});
+
+t.test('resync runs: paced per length class, a run\'s time shared by the runs in flight', (t) => {
+  const p = new RunPacer(0.5);
+  t.equal(p.pauseAfter(16, 10, 1), 0, 'the first long run');
+  t.equal(p.pauseAfter(1, 2, 1), 0, 'a short run is fast: no pause …');
+  t.equal(p.pauseAfter(16, 10, 1), 0, '… and it does not make the long ones look slow');
+  t.equal(p.pauseAfter(16, 40, 4), 0, 'four at once, each four times as long: no host load');
+  t.equal(p.pauseAfter(16, 40, 1), 20, 'alone and that slow: it waited behind other work (40 − 2 × 10, at duty 1/2)');
+  t.equal(p.pauseAfter(2, 4, 1), 0, 'lengths 2 and 3 share a class …');
+  t.equal(p.pauseAfter(3, 9, 1), 1, '… where 9 ms is 1 ms beyond twice 4');
+  t.equal(new RunPacer(1).pauseAfter(16, 1000, 1), 0, 'duty 1: never');
+  t.end();
+});
+
+t.test('resync: the runs of a page go at once, within the peer\'s window over every page it serves', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const [p1, p2] = [await g.make('p1'), await g.make('p2')];
+  p1.tracker.watch(g.volume.id, g.table);
+  p1.resyncer.start();
+  // Pages 0 to 2: p1 primary, p2 stale and missing grains 0, 2, 4 and 6 of each (four runs a page).
+  for (const page of [0, 1, 2]) {
+    await g.catalog.casRoute(g.volume, page, g.table.route(page), () => ({ owner: 'p1', copies: ['p1', 'p2'], inSync: ['p1'] }));
+    for (const k of [0, 2, 4, 6]) await g.write(p1, grainLba(page, k), fill(grainBlocks, 0x40 + 8 * page + k));
+  }
+  const held = deferred();
+  p1.gate = () => held.promise;
+  p2.resyncer.start();
+  await g.env.run(10);
+  for (let i = 0; i < 50; i++) await tick();
+  const perPage = [0, 1, 2].map((page) => p1.sent.filter((s) => Math.floor(s.lba / pageBlocks) === page).length);
+  t.equal(p1.sent.length, resyncRunsInFlightMax, `${resyncRunsInFlightMax} runs in flight, no more (12 wanted)`);
+  t.ok(perPage.every((n) => n <= resyncRunsPerPageMax), `at most ${resyncRunsPerPageMax} of one page (${perPage.join(', ')})`);
+  held.resolve();
+  p1.gate = undefined;
+  await g.run(10);
+  for (const page of [0, 1, 2]) t.same(inSyncOf(g.table.route(page)), ['p1', 'p2'], `page ${page} back in sync`);
+  t.equal(p1.sent.length, 12, 'each run sent once');
+  t.ok(p2.mem.data.subarray(0, 3 * pageBlocks * 512).equals(p1.mem.data.subarray(0, 3 * pageBlocks * 512)), 'the copies agree');
 });
 
 t.test('resync: refused by a peer that is not the primary, or for a peer that holds no copy', async (t) => {

@@ -17,8 +17,9 @@
 //    next change on, the write path sends C every change too, and a change C misses marks its
 //    grains again. No change is in flight while C is registered, so none slips between.
 // 2. every dirty grain (∪ the grains C asked for; all of them when C asks `full`) is copied
-//    from this peer's store, each under the range lock of that grain, its bit cleared once C has
-//    it; an unmapped range is sent as an unmap. Paced like migration.
+//    from this peer's store in runs of contiguous dirty grains (one request each, up to 1 MiB),
+//    several at once, each under the range lock of its grains, their bits cleared once C has
+//    them; an unmapped range is sent as an unmap. Paced like migration (RunPacer).
 // 3. under the whole page's lock, when no bit is set any more: CAS C into the in-sync set
 //    (epoch + 1), forget C's set, unregister. Else back to 2 (a bounded number of rounds).
 //
@@ -30,12 +31,13 @@
 // takes the layers of the page's snapshots it does not hold (it was stale at their cut) from
 // their holders, and joins them: src/snapshot/layer-sync.ts.
 
+import { Semaphore } from 'async-mutex';
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env, type TimerHandle } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError } from '../errors';
 import { LogLimiter } from '../log';
-import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncAnswerMsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin } from '../limits';
+import { dirtyPersistMs, dirtyPersistPagesMax, grainBytes, resyncAdmitRoundsMax, resyncAnswerMsMax, resyncPagesInFlightMax, resyncRetryMsMax, resyncRetryMsMin, resyncRunBytesMax, resyncRunsInFlightMax, resyncRunsPerPageMax } from '../limits';
 import type { MigrationSettings } from '../migration/migrator';
 import { ByteRate, ChunkPacer } from '../migration/rate';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
@@ -75,11 +77,29 @@ export function grainsTouched(g: PageGeometry, page: number, lba: number, blocks
   return Array.from({ length: last - first + 1 }, (_, i) => first + i);
 }
 
-/** The blocks of grain `i` of the page, within the volume (empty past its end). */
-export function grainExtent(g: PageGeometry, page: number, i: number): { lba: number; blocks: number } {
-  const lba = page * g.pageBlocks + i * grainBlocksOf(g);
-  const end = Math.min(lba + grainBlocksOf(g), (page + 1) * g.pageBlocks, g.blockCount);
+/** Contiguous grains of a page: `count` from `first`. */
+export interface GrainRun {
+  first: number;
+  count: number;
+}
+
+/** The blocks of a run of grains of the page, within the volume (empty past its end). */
+export function runExtent(g: PageGeometry, page: number, run: GrainRun): { lba: number; blocks: number } {
+  const lba = page * g.pageBlocks + run.first * grainBlocksOf(g);
+  const end = Math.min(lba + run.count * grainBlocksOf(g), (page + 1) * g.pageBlocks, g.blockCount);
   return { lba, blocks: Math.max(0, end - lba) };
+}
+
+/** The first run of grains dirty and not taken yet, at most `grainsMax` long; undefined when none is left. */
+export function nextRun(dirty: GrainSet | undefined, taken: GrainSet, grainsMax: number): GrainRun | undefined {
+  if (!dirty) return undefined;
+  const free = (i: number): boolean => i < dirty.grains && dirty.has(i) && !taken.has(i);
+  let first = 0;
+  while (first < dirty.grains && !free(first)) first++;
+  if (first === dirty.grains) return undefined;
+  let count = 1;
+  while (count < grainsMax && free(first + count)) count++;
+  return { first, count };
 }
 
 /** The whole page, within the volume. */
@@ -399,6 +419,30 @@ function decodeRecord(b: Buffer): DirtyRecord | undefined {
   }
 }
 
+// ---- pacing --------------------------------------------------------------------------------------
+
+/**
+ * Gives way to host I/O as a page move does (migration/rate.ts ChunkPacer: time a run takes
+ * beyond twice the fastest recent one is waiting behind other work), with two differences that
+ * runs bring. A run's time grows with its length, so each length class (1, 2–3, 4–7, … grains)
+ * has its own pacer and a short run never makes a long one look slow. And several runs are in
+ * flight at once, each queued behind the others on the same disks and link: a run's time is
+ * divided by the runs in flight when it started, so this peer's own runs are not taken for
+ * host load.
+ */
+export class RunPacer {
+  private readonly pacers: ChunkPacer[] = [];
+
+  constructor(private readonly duty: number) {}
+
+  /** A run of `grains` took `ms` with `inFlight` runs in flight (itself included): the pause before its place is given to the next run. */
+  pauseAfter(grains: number, ms: number, inFlight: number): number {
+    const cls = Math.floor(Math.log2(Math.max(1, grains)));
+    this.pacers[cls] ??= new ChunkPacer(this.duty);
+    return this.pacers[cls].pauseAfter(ms / Math.max(1, inFlight));
+  }
+}
+
 // ---- Resyncer: both sides of the resync protocol ----------------------------------------------
 
 export interface ResyncerOptions {
@@ -417,6 +461,14 @@ export interface ResyncerOptions {
    * the page over.
    */
   untrusted?(volumeId: string, page: number): boolean;
+  /**
+   * The page's in-sync copies may differ now, on grains only this peer knows: a takeover still
+   * reconciling (failover.ts), a change that failed here and is not settled (replicated.ts). A
+   * copy resynced from this peer meanwhile is not admitted: were this peer to die before it
+   * settles, the copy would be in sync with content none of the others has, and no recent grain
+   * anywhere would tell the next primary to reconcile it.
+   */
+  unsettled?(volumeId: string, page: number): boolean;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -434,6 +486,10 @@ export interface ResyncRunning {
   running: true;
 }
 
+function isAnswer(answer: unknown): answer is ResyncAnswer {
+  return typeof answer === 'object' && answer !== null && Number.isSafeInteger((answer as Partial<ResyncAnswer>).version);
+}
+
 function isRunning(answer: unknown): answer is ResyncRunning {
   return typeof answer === 'object' && answer !== null && (answer as Partial<ResyncRunning>).running === true;
 }
@@ -446,7 +502,10 @@ export class Resyncer {
    */
   readonly counters: { resyncBytes: number; rebuildBytes: number };
   private readonly rate: ByteRate;
-  private readonly pacer: ChunkPacer;
+  private readonly pacer: RunPacer;
+  /** Runs this peer sends at once, over every page it serves, and how many are sending now. */
+  private readonly window = new Semaphore(resyncRunsInFlightMax);
+  private runsInFlight = 0;
   /** Failed asks are many while a primary is down: one warning per volume and window. */
   private readonly limiter: LogLimiter;
   /** Resyncs this peer serves, by `volumeId/page/copy`: a repeated ask joins its run. */
@@ -464,8 +523,8 @@ export class Resyncer {
 
   constructor(private readonly o: ResyncerOptions) {
     this.counters = o.counters ?? { resyncBytes: 0, rebuildBytes: 0 };
-    this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(grainBytes, o.settings.pieceBytes), o.env);
-    this.pacer = new ChunkPacer(o.settings.duty ?? 1);
+    this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(resyncRunBytesMax, o.settings.pieceBytes), o.env);
+    this.pacer = new RunPacer(o.settings.duty ?? 1);
     this.limiter = new LogLimiter({ nowMs: () => o.env.clock.monotonicMs() });
   }
 
@@ -554,13 +613,13 @@ export class Resyncer {
       return;
     }
     try {
-      await this.askOnce(volume, at.page, route);
+      const version = await this.askOnce(volume, at.page, route);
       this.done(key);
-      // A route learned while the ask ran was not queued (the page was pending then): a newer one
-      // than the ask's may have made this copy stale again (seed 1786: dropped anew while the
-      // route read after the answer waited for a catalog out of reach).
+      // Routes learned while the ask ran were not queued (the page was pending): one newer than
+      // the answer's may have made this copy stale again (dropped by a change it missed while
+      // the answer was on its way), and no later route may come to ask for it.
       const now = this.o.catalog.routes(volume).route(at.page);
-      if (now.version > route.version) this.learned(volume, at.page, now);
+      if (now.version > version) this.learned(volume, at.page, now);
     } catch (err) {
       // Maybe asked the wrong peer (this peer's routes lag): read the route before the next ask.
       void this.o.catalog.fetchRoute(volume, at.page).catch(() => undefined);
@@ -568,7 +627,8 @@ export class Resyncer {
     }
   }
 
-  private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<void> {
+  /** Ask until answered; the page's epoch with this copy in sync. */
+  private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<number> {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
     // The route that made this page stale may also make it suspect here (a move away from this
@@ -579,10 +639,12 @@ export class Resyncer {
     const ask: ResyncAsk = { volumeId: volume.id, page, version: route.version, full, grains: full ? [] : port.recentGrains(page) };
     // Each answer comes within resyncAnswerMsMax: "running" while the copy goes on, so that an
     // ask lost on the way (a partition answers nothing) fails at a short deadline.
-    for (let again = false; isRunning(await this.o.ask(route.owner, { ...ask, again })); again = true);
+    let answer: unknown;
+    for (let again = false; isRunning((answer = await this.o.ask(route.owner, { ...ask, again }))); again = true);
     if (full) this.o.activity.trusted(volume.id, page);
     // The watch brings the new route too; reading it now saves asking again meanwhile.
     await this.o.catalog.fetchRoute(volume, page).catch(() => undefined);
+    return isAnswer(answer) ? answer.version : route.version;
   }
 
   private done(key: string): void {
@@ -674,36 +736,75 @@ export class Resyncer {
     return route;
   }
 
-  /** Copy every dirty grain of the copy, one at a time under its range lock, paced. */
+  /**
+   * Copy every dirty grain of the copy: runs of contiguous dirty grains, one request each (at most
+   * resyncRunBytesMax), up to resyncRunsPerPageMax runs of the page at once (and
+   * resyncRunsInFlightMax over every page this peer serves), each under the range lock of its
+   * grains, paced. A round takes each grain once: one marked again by a change the copy missed
+   * while or after it was copied is left to the next round, after the admit step looked.
+   */
   private async copyDirty(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string): Promise<void> {
     const geo = geometryOf(volume);
-    // A grain marked again by a change the copy missed is copied again; a round copies at most
-    // the page's worth, then the admit step decides.
     const grains = grainsPerPage(geo);
     // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole.
     // So does a new copy, which this peer never saw in sync: its bytes are a rebuild's.
     const fill = !this.o.tracker.dirtyOf(volume.id, page, copy);
     if (fill) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
-    for (let n = 0; n < grains; n++) {
-      const grain = this.o.tracker.dirtyOf(volume.id, page, copy)?.first();
-      if (grain === undefined) return;
-      const ext = grainExtent(geo, page, grain);
-      await this.rate.take(ext.blocks * geo.blockBytes);
-      const startMs = this.o.env.clock.monotonicMs();
-      const bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.copyGrain(volume, port, page, copy, grain, ext));
-      if (fill) this.counters.rebuildBytes += bytes;
-      else this.counters.resyncBytes += bytes;
-      const pauseMs = this.pacer.pauseAfter(this.o.env.clock.monotonicMs() - startMs);
-      if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
-    }
+    const taken = new GrainSet(grains);
+    const runGrainsMax = Math.max(1, Math.floor(resyncRunBytesMax / (grainBlocksOf(geo) * geo.blockBytes)));
+    let failed: unknown;
+    // The next run to copy (its grains taken), none once a run failed: the round ends, and throws.
+    const next = (): GrainRun | undefined => {
+      const run = failed === undefined ? nextRun(this.o.tracker.dirtyOf(volume.id, page, copy), taken, runGrainsMax) : undefined;
+      if (run) for (let g = run.first; g < run.first + run.count; g++) taken.add(g);
+      return run;
+    };
+    const worker = async (): Promise<void> => {
+      for (let run = next(); run; run = next()) {
+        try {
+          const bytes = await this.window.runExclusive(() => this.copyRun(volume, port, page, copy, run));
+          if (fill) this.counters.rebuildBytes += bytes;
+          else this.counters.resyncBytes += bytes;
+        } catch (err) {
+          failed ??= err;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: resyncRunsPerPageMax }, worker));
+    if (failed !== undefined) throw failed;
   }
 
   /**
-   * Send one grain as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
-   * clear its bit. Under the grain's range lock no change of it runs meanwhile, so the bit is
+   * One run, holding a place in the peer's window: at the copy rate, under the run's range lock,
+   * then the pause that gives way to host I/O (still holding the place, so the window shrinks).
+   */
+  private async copyRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun): Promise<number> {
+    const geo = geometryOf(volume);
+    const ext = runExtent(geo, page, run);
+    if (ext.blocks === 0) {
+      this.clearRun(volume, page, copy, run);
+      return 0;
+    }
+    await this.rate.take(ext.blocks * geo.blockBytes);
+    const inFlight = ++this.runsInFlight;
+    const startMs = this.o.env.clock.monotonicMs();
+    let bytes: number;
+    try {
+      bytes = await port.exclusive(page, ext.lba, ext.blocks, () => this.sendRun(volume, port, page, copy, run, ext));
+    } finally {
+      this.runsInFlight--;
+    }
+    const pauseMs = this.pacer.pauseAfter(run.count, this.o.env.clock.monotonicMs() - startMs, inFlight);
+    if (pauseMs > 0) await sleep(this.o.env.timers, pauseMs);
+    return bytes;
+  }
+
+  /**
+   * Send a run as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
+   * clear its bits. Under the run's range lock no change of it runs meanwhile, so a bit is
    * cleared only once the copy has what this peer has (a crash never keeps a bit cleared early).
    */
-  private async copyGrain(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, grain: number, ext: { lba: number; blocks: number }): Promise<number> {
+  private async sendRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun, ext: { lba: number; blocks: number }): Promise<number> {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
     let bytes = 0;
@@ -717,8 +818,12 @@ export class Resyncer {
         at = e.lba + e.blocks;
       }
     }
-    this.o.tracker.clear(volume.id, page, copy, grain);
+    this.clearRun(volume, page, copy, run);
     return bytes;
+  }
+
+  private clearRun(volume: VolumeRecord, page: number, copy: string, run: GrainRun): void {
+    for (let g = run.first; g < run.first + run.count; g++) this.o.tracker.clear(volume.id, page, copy, g);
   }
 
   /**
@@ -731,6 +836,7 @@ export class Resyncer {
     if (!copiesOf(now).includes(copy)) throw new ConflictError(`${copy} is no copy of page ${page} of ${volume.name} any more`);
     if (!inSyncOf(now).includes(copy)) {
       if ((this.o.tracker.dirtyOf(volume.id, page, copy)?.size ?? 1) > 0) return undefined;
+      if (this.o.unsettled?.(volume.id, page)) throw new ConflictError(`the in-sync copies of page ${page} of ${volume.name} are not settled on ${this.o.self} yet (reconciling); ask again`);
       try {
         await this.o.catalog.casRoute(volume, page, now, (cur) => ({ owner: cur.owner, copies: [...copiesOf(cur)], inSync: [...inSyncOf(cur), copy] }));
       } catch (err) {

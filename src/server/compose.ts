@@ -316,6 +316,7 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
   const resyncer = new Resyncer({
     self, env, catalog, tracker, activity, port, settings: w.migration, log, counters,
     untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
+    unsettled: (volumeId, page) => (core.failover?.isHeld(volumeId, page) ?? false) || (core.targets?.replicated(volumeId)?.unsettled(page) ?? false),
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
   return { activity, tracker, resyncer };
