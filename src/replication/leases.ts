@@ -221,6 +221,11 @@ export class Leases {
     return this.book.alive(peer, this.now());
   }
 
+  /** We granted `peer` (another peer of the group) nothing for leaseMs + margin: its leases from us ran out (a router gives up on it). */
+  silent(peer: string): boolean {
+    return this.others.includes(peer) && this.book.silent(peer, this.now());
+  }
+
   /**
    * `listener(peer)` when we have granted `peer` nothing for leaseMs + margin, and again while it
    * stays so (after leasePingMs, then twice as long each time, up to silenceRefireMsMax).

@@ -163,6 +163,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       const body = { volumeId, page, version: route.version, handover: false };
       return checkRouteAnswer(peer === self ? ((await replicationHandler('promote')(self, body)) as Record<string, unknown>) : await call(peer, 'promote', body, failoverWaitMsMax));
     },
+    // ... and gives up on a primary silent past its leases with this peer (the leases, built below).
+    silence: { silent: (peer) => core.leases?.silent(peer) ?? false, onSilent: (listener) => core.leases?.onSilent(listener) ?? (() => undefined) },
   });
   core.migrator = new P.migrator({
     self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
