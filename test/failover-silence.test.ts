@@ -1,8 +1,9 @@
-// A primary that is silent rather than dead (a cut cable, a hung process: no connection reset):
-// the router gives up on it once its leases with this peer ran out (src/replication/leases.ts
-// Leases.silent / onSilent, src/routing/router.ts PeerSilence), instead of waiting out the link's
-// peerRequestMsMax, and asks for the takeover then. No sockets: a ManualEnv, real Leases fed
-// renewals by the test, fake links.
+// A peer that is silent rather than dead (a cut cable, a hung process: no connection reset) is
+// given up on once its leases with this peer ran out (src/replication/leases.ts Leases.silent /
+// onSilent, src/routing/router.ts PeerSilence and unlessSilent): a router forwarding to it as a
+// page's primary asks for the takeover then, instead of waiting out the link's peerRequestMsMax;
+// a primary waiting for it as an in-sync copy drops it then, instead of at replicaAckMsMax. No
+// sockets: a ManualEnv, real Leases fed renewals by the test, fake links.
 
 import t from 'tap';
 import pino from 'pino';
@@ -10,6 +11,10 @@ import { ManualEnv } from '../src/env/manual';
 import { PeerUnavailableError } from '../src/errors';
 import { leaseDriftMarginMs, leaseMs, leasePingMs, peerRequestMsMax } from '../src/limits';
 import { Leases } from '../src/replication/leases';
+import { ReplicatedVolume } from '../src/replication/replicated';
+import type { VolumeRecord } from '../src/cluster/catalog';
+import { replicaAckMsMax } from '../src/limits';
+import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
 import { BlockOp, ReplyStatus, type BlockReply } from '../src/routing/frame';
 import { newRoutingCounters, VolumeRouter, type BlockSender, type PeerSilence } from '../src/routing/router';
 import { RouteTable, type Route } from '../src/routing/table';
@@ -151,4 +156,50 @@ t.test('without the silence the router waits out the link\'s deadline (what the 
   await env.run(peerRequestMsMax + 1_000);
   await write;
   t.equal(doneAtMs, peerRequestMsMax, 'the takeover asked only at the link\'s deadline');
+});
+
+/** p1 primary of a page whose other in-sync copy is p2 (the only peers), its sends to p2 through `link`; the drops it CASes. */
+function primaryOf(env: ManualEnv, link: BlockSender, silence: PeerSilence | undefined) {
+  const tb = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const cas: Route[] = [];
+  const catalog = {
+    casRoute: async (_v: VolumeRecord, page: number, from: Route, change: (now: Route) => Omit<Route, 'version'>): Promise<Route> => {
+      const next = { ...change(tb.route(page)), version: from.version + 1 };
+      tb.learn(page, next);
+      cas.push(next);
+      return next;
+    },
+  };
+  const local = new MemoryBackend(bs, 2 * pageBlocks, 8);
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table: tb, local, copy: local, link: () => link, refresh: async (p) => tb.route(p), env,
+    volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard, log, ...(silence ? { silence } : {}),
+  });
+  return { volume, cas };
+}
+
+/** p1's leases (p2 renews with it every leasePingMs until 1 000 ms, then falls silent), and a write at 1 000 ms; when it was acknowledged. */
+async function writeAsP2FallsSilent(t: Tap.Test, withSilence: boolean): Promise<{ doneAtMs: number; cas: Route[] }> {
+  const env = new ManualEnv();
+  const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env, log, call: () => new Promise(() => undefined), learn: async () => undefined, refreshRoutes: async () => undefined });
+  leases.start();
+  const renewals = env.timers.setInterval(() => env.clock.monotonicMs() < 1_000 && leases.handle('p2', { ack: 0 }), leasePingMs);
+  t.teardown(() => (env.timers.clearInterval(renewals), leases.close()));
+  await env.run(1_000);
+  const { volume, cas } = primaryOf(env, { send: () => new Promise(() => undefined) }, withSilence ? leases : undefined);
+  let doneAtMs = -1;
+  const write = volume.write(0, data).then(() => (doneAtMs = env.clock.monotonicMs()));
+  await env.run(replicaAckMsMax + 1_000);
+  await write;
+  return { doneAtMs, cas };
+}
+
+t.test('a primary drops an in-sync copy that falls silent when its lease runs out, not at replicaAckMsMax', async (t) => {
+  const { doneAtMs, cas } = await writeAsP2FallsSilent(t, true);
+  t.same(cas.map((r) => r.inSync), [['p1']], 'p2 dropped from the in-sync set');
+  const lastRenewalMs = 1_000 - leasePingMs;
+  t.ok(doneAtMs >= lastRenewalMs + silentAfterMs && doneAtMs <= lastRenewalMs + silentAfterMs + 10, `acknowledged at ${doneAtMs} ms: p2 silent at ${lastRenewalMs + silentAfterMs} ms (replicaAckMsMax would be ${1_000 + replicaAckMsMax} ms)`);
+  const without = await writeAsP2FallsSilent(t, false);
+  t.equal(without.doneAtMs, 1_000 + replicaAckMsMax, 'without the silence: at replicaAckMsMax');
 });

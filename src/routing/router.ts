@@ -55,6 +55,27 @@ export interface PeerSilence {
   onSilent(listener: (peer: string) => void): () => void;
 }
 
+/**
+ * `send()`, given up as soon as `peer` falls silent, and not run at all for a peer silent already
+ * (PeerUnavailableError, `unsent` then): waiting for a silent peer's answer until the link's
+ * deadline only delays what its silence calls for (a takeover, a drop from the in-sync set).
+ */
+export function unlessSilent<T>(silence: PeerSilence, peer: string, send: () => Promise<T>): Promise<T> {
+  if (silence.silent(peer)) return Promise.reject(new PeerUnavailableError(peer, 'silent past its lease: not sent', false, { unsent: true }));
+  return new Promise((resolve, reject) => {
+    const off = silence.onSilent((p) => {
+      if (p !== peer) return;
+      off();
+      // The link keeps the request until its own deadline: an answer after this one goes nowhere.
+      reject(new PeerUnavailableError(peer, 'fell silent past its lease: given up', true));
+    });
+    send().then(
+      (value) => (off(), resolve(value)),
+      (err: unknown) => (off(), reject(err)),
+    );
+  });
+}
+
 export interface VolumeRouterOptions {
   self: string;
   volumeId: string;
@@ -404,26 +425,11 @@ export class VolumeRouter implements BlockBackend {
     return false;
   }
 
-  /**
-   * One send to `peer`; with `failover` (a copy can take over), given up as soon as the peer falls
-   * silent, and not sent at all to one silent already (PeerUnavailableError, `unsent` then).
-   */
+  /** One send to `peer`; with `failover` (a copy can take over), given up when the peer falls silent (unlessSilent). */
   private sendTo(peer: string, req: Omit<BlockRequest, 'id'>, failover: boolean): Promise<BlockReply> {
     const { silence } = this.o;
-    if (!failover || !silence) return this.o.link(peer).send(req);
-    if (silence.silent(peer)) return Promise.reject(new PeerUnavailableError(peer, 'silent past its lease: not sent', false, { unsent: true }));
-    return new Promise((resolve, reject) => {
-      const off = silence.onSilent((p) => {
-        if (p !== peer) return;
-        off();
-        // The link keeps the request until its own deadline: an answer after this one goes nowhere.
-        reject(new PeerUnavailableError(peer, 'fell silent past its lease: given up', true));
-      });
-      this.o.link(peer).send(req).then(
-        (reply) => (off(), resolve(reply)),
-        (err: unknown) => (off(), reject(err)),
-      );
-    });
+    const send = (): Promise<BlockReply> => this.o.link(peer).send(req);
+    return failover && silence ? unlessSilent(silence, peer, send) : send();
   }
 
   /** One send to the run's owner, whatever it answers (MOVED, no volume: the caller decides). */
