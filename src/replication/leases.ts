@@ -221,7 +221,7 @@ export class Leases {
     return this.book.alive(peer, this.now());
   }
 
-  /** We granted `peer` (another peer of the group) nothing for leaseMs + margin: its leases from us ran out (a router gives up on it). */
+  /** We granted `peer` (another peer of the group) nothing for leaseMs + margin: its leases from us ran out (routers and primaries stop waiting for it). */
   silent(peer: string): boolean {
     return this.others.includes(peer) && this.book.silent(peer, this.now());
   }

@@ -154,9 +154,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
-    // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
-    // before the page service, so no request reaches a volume before it exists).
-    // Peers silent past their leases with this one: routers and primaries stop waiting for them.
+    // The activity log and dirty grains, the primary's guard, and the peers silent past their
+    // leases with this one, which routers and primaries stop waiting for (leases, takeovers: built
+    // below, before the page service, so no request reaches a volume before they exist).
     replication: {
       tracker: core.resync.tracker,
       guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) },
