@@ -1,20 +1,15 @@
 // A peer that is silent rather than dead (a cut cable, a hung process: no connection reset) is
-// given up on once its leases with this peer ran out (src/replication/leases.ts Leases.silent /
-// onSilent, src/routing/router.ts PeerSilence and unlessSilent): a router forwarding to it as a
-// page's primary asks for the takeover then, instead of waiting out the link's peerRequestMsMax;
-// a primary waiting for it as an in-sync copy drops it then, instead of at replicaAckMsMax. No
-// sockets: a ManualEnv, real Leases fed renewals by the test, fake links.
+// given up on once nothing came from it for leaseMs + margin (src/replication/leases.ts
+// Leases.unheard / onUnheard, src/routing/router.ts PeerSilence): a router forwarding to it as a
+// page's primary asks for the takeover then, instead of waiting out the link's peerRequestMsMax.
+// No sockets: a ManualEnv, real Leases fed renewals by the test, fake links.
 
 import t from 'tap';
 import pino from 'pino';
 import { ManualEnv } from '../src/env/manual';
 import { PeerUnavailableError } from '../src/errors';
 import { leaseDriftMarginMs, leaseMs, leasePingMs, peerRequestMsMax } from '../src/limits';
-import { Leases } from '../src/replication/leases';
-import { ReplicatedVolume } from '../src/replication/replicated';
-import type { VolumeRecord } from '../src/cluster/catalog';
-import { replicaAckMsMax } from '../src/limits';
-import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
+import { LeaseBook, Leases } from '../src/replication/leases';
 import { BlockOp, ReplyStatus, type BlockReply } from '../src/routing/frame';
 import { newRoutingCounters, VolumeRouter, type BlockSender, type PeerSilence } from '../src/routing/router';
 import { RouteTable, type Route } from '../src/routing/table';
@@ -90,15 +85,29 @@ function routerOf(env: ManualEnv, tb: RouteTable, links: Record<string, BlockSen
   });
 }
 
-t.test('Leases.silent: true once a peer renewed nothing for leaseMs + margin; false for a peer not of the group', async (t) => {
+t.test('Leases.unheard: true once nothing came from a peer for leaseMs + margin; false for a peer not of the group', async (t) => {
   const env = new ManualEnv();
   const leases = leasesOf(env, 1_000);
+  const told: string[] = [];
+  leases.onUnheard((p) => told.push(`${p}@${env.clock.monotonicMs()}`));
   await env.run(1_000 + silentAfterMs - leasePingMs);
-  t.notOk(leases.silent('p1'), 'not yet: its last renewal is younger than leaseMs + margin');
+  t.notOk(leases.unheard('p1'), 'not yet: its last renewal is younger than leaseMs + margin');
   await env.run(leasePingMs + 1);
-  t.ok(leases.silent('p1'), 'silent');
-  t.notOk(leases.silent('p2'), 'p2 renews');
-  t.notOk(leases.silent('p9'), 'a peer not of the group is never silent (and no assertion fails)');
+  t.ok(leases.unheard('p1'), 'unheard');
+  t.same(told, [`p1@${1_000 - leasePingMs + silentAfterMs + 1}`], 'told once, as it became so');
+  t.notOk(leases.unheard('p2'), 'p2 renews');
+  t.notOk(leases.unheard('p9'), 'a peer not of the group is never unheard (and no assertion fails)');
+});
+
+t.test('LeaseBook: a peer whose renewals are refused (a takeover it has not learned) is silent but not unheard', async (t) => {
+  const book = new LeaseBook(['p1'], 0);
+  book.fence('p1', 'v', 0);
+  t.notOk(book.grant('p1', 0, 1_000).granted, 'refused while the takeover\'s CAS is in flight');
+  t.ok(book.silent('p1', silentAfterMs + 1), 'silent: its leases from us ran out');
+  t.notOk(book.unheard('p1', silentAfterMs + 1), 'but heard from: not given up on');
+  t.ok(book.unheard('p1', 1_000 + silentAfterMs + 1), 'unheard once nothing came for leaseMs + margin');
+  book.answered('p1', 2_000, { granted: false, takeovers: [] }, 2_100);
+  t.notOk(book.unheard('p1', 2_100 + silentAfterMs), 'an answer to our renewal counts too');
 });
 
 t.test('a forward to a silent primary of a page with another in-sync copy is given up when its lease runs out, and the takeover asked then', async (t) => {
@@ -158,48 +167,3 @@ t.test('without the silence the router waits out the link\'s deadline (what the 
   t.equal(doneAtMs, peerRequestMsMax, 'the takeover asked only at the link\'s deadline');
 });
 
-/** p1 primary of a page whose other in-sync copy is p2 (the only peers), its sends to p2 through `link`; the drops it CASes. */
-function primaryOf(env: ManualEnv, link: BlockSender, silence: PeerSilence | undefined) {
-  const tb = new RouteTable(['p1', 'p2'], pageBlocks, new Map(), 2);
-  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
-  const cas: Route[] = [];
-  const catalog = {
-    casRoute: async (_v: VolumeRecord, page: number, from: Route, change: (now: Route) => Omit<Route, 'version'>): Promise<Route> => {
-      const next = { ...change(tb.route(page)), version: from.version + 1 };
-      tb.learn(page, next);
-      cas.push(next);
-      return next;
-    },
-  };
-  const local = new MemoryBackend(bs, 2 * pageBlocks, 8);
-  const volume = new ReplicatedVolume({
-    self: 'p1', volumeId: record.id, table: tb, local, copy: local, link: () => link, refresh: async (p) => tb.route(p), env,
-    volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard, log, ...(silence ? { silence } : {}),
-  });
-  return { volume, cas };
-}
-
-/** p1's leases (p2 renews with it every leasePingMs until 1 000 ms, then falls silent), and a write at 1 000 ms; when it was acknowledged. */
-async function writeAsP2FallsSilent(t: Tap.Test, withSilence: boolean): Promise<{ doneAtMs: number; cas: Route[] }> {
-  const env = new ManualEnv();
-  const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env, log, call: () => new Promise(() => undefined), learn: async () => undefined, refreshRoutes: async () => undefined });
-  leases.start();
-  const renewals = env.timers.setInterval(() => env.clock.monotonicMs() < 1_000 && leases.handle('p2', { ack: 0 }), leasePingMs);
-  t.teardown(() => (env.timers.clearInterval(renewals), leases.close()));
-  await env.run(1_000);
-  const { volume, cas } = primaryOf(env, { send: () => new Promise(() => undefined) }, withSilence ? leases : undefined);
-  let doneAtMs = -1;
-  const write = volume.write(0, data).then(() => (doneAtMs = env.clock.monotonicMs()));
-  await env.run(replicaAckMsMax + 1_000);
-  await write;
-  return { doneAtMs, cas };
-}
-
-t.test('a primary drops an in-sync copy that falls silent when its lease runs out, not at replicaAckMsMax', async (t) => {
-  const { doneAtMs, cas } = await writeAsP2FallsSilent(t, true);
-  t.same(cas.map((r) => r.inSync), [['p1']], 'p2 dropped from the in-sync set');
-  const lastRenewalMs = 1_000 - leasePingMs;
-  t.ok(doneAtMs >= lastRenewalMs + silentAfterMs && doneAtMs <= lastRenewalMs + silentAfterMs + 10, `acknowledged at ${doneAtMs} ms: p2 silent at ${lastRenewalMs + silentAfterMs} ms (replicaAckMsMax would be ${1_000 + replicaAckMsMax} ms)`);
-  const without = await writeAsP2FallsSilent(t, false);
-  t.equal(without.doneAtMs, 1_000 + replicaAckMsMax, 'without the silence: at replicaAckMsMax');
-});

@@ -40,7 +40,7 @@ import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentErro
 import { dropRetryMsMax, dropRetryMsMin, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
-import { unlessSilent, type BlockSender, type PeerSilence } from '../routing/router';
+import type { BlockSender } from '../routing/router';
 import { copiesOf, initialRouteVersion, inSyncOf, type PagePart, type Route, type RouteTable } from '../routing/table';
 import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
@@ -56,8 +56,6 @@ export interface ReplicationWiring {
   tracker: ChangeTracker;
   guard: PrimaryGuard;
   log: Logger;
-  /** Peers silent past their leases (leases.ts): a copy that falls silent is not waited for until replicaAckMsMax. */
-  silence?: PeerSilence;
 }
 
 export interface ReplicatedVolumeOptions extends ReplicationWiring {
@@ -432,8 +430,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private async ask(peer: string, req: Omit<BlockRequest, 'id'>, leftMs: number): Promise<Delivery | 'again'> {
     let reply: BlockReply | undefined;
     try {
-      const send = (): Promise<BlockReply> => this.o.link(peer).send(req);
-      reply = await within(this.o.env.timers, this.o.silence ? unlessSilent(this.o.silence, peer, send) : send(), leftMs);
+      reply = await within(this.o.env.timers, this.o.link(peer).send(req), leftMs);
     } catch (err) {
       return errorKindOf(err, true) === ErrorKind.busy ? 'again' : { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
     }

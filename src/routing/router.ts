@@ -13,10 +13,10 @@
 // the host's command waits through a failover instead of failing. If no copy can be reached
 // either, this peer is the one cut off, and the error goes up at once. A primary that is silent
 // rather than dead (a cut cable, a hung process: no connection reset) is not waited for until
-// peerRequestMsMax: once its leases with this peer ran out (it renewed nothing for leaseMs +
-// margin, `silence`), a forward to it of a page with another in-sync copy is given up (or not
-// sent at all), and the takeover asked for then. The copies that can take over wait out the
-// same silence (failover.ts): asking sooner would gain nothing.
+// peerRequestMsMax: once nothing came from it for leaseMs + margin (no lease renewal, no answer:
+// `silence`), a forward to it of a page with another in-sync copy is given up (or not sent at
+// all), and the takeover asked for then. The copies that can take over wait out about the same
+// silence (failover.ts): asking sooner would gain nothing.
 //
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
@@ -46,24 +46,24 @@ export interface BlockSender {
 }
 
 /**
- * Which peers have fallen silent: renewed nothing with this peer for leaseMs + margin, so their
- * leases here ran out (src/replication/leases.ts). Leases implements it.
+ * Which peers are silent: nothing came from them (no lease renewal, no answer to ours) for
+ * leaseMs + margin (src/replication/leases.ts, which implements it).
  */
 export interface PeerSilence {
-  silent(peer: string): boolean;
-  /** `listener(peer)` when `peer` falls silent (and again while it stays so); returns the unsubscribe. */
-  onSilent(listener: (peer: string) => void): () => void;
+  unheard(peer: string): boolean;
+  /** `listener(peer)` when `peer` becomes unheard; returns the unsubscribe. */
+  onUnheard(listener: (peer: string) => void): () => void;
 }
 
 /**
- * `send()`, given up as soon as `peer` falls silent, and not run at all for a peer silent already
- * (PeerUnavailableError, `unsent` then): waiting for a silent peer's answer until the link's
- * deadline only delays what its silence calls for (a takeover, a drop from the in-sync set).
+ * `send()`, given up as soon as `peer` becomes unheard, and not run at all for a peer unheard
+ * already (PeerUnavailableError, `unsent` then): waiting for a silent primary's answer until the
+ * link's deadline only delays the takeover its silence calls for.
  */
-export function unlessSilent<T>(silence: PeerSilence, peer: string, send: () => Promise<T>): Promise<T> {
-  if (silence.silent(peer)) return Promise.reject(new PeerUnavailableError(peer, 'silent past its lease: not sent', false, { unsent: true }));
+function unlessSilent<T>(silence: PeerSilence, peer: string, send: () => Promise<T>): Promise<T> {
+  if (silence.unheard(peer)) return Promise.reject(new PeerUnavailableError(peer, 'silent past its lease: not sent', false, { unsent: true }));
   return new Promise((resolve, reject) => {
-    const off = silence.onSilent((p) => {
+    const off = silence.onUnheard((p) => {
       if (p !== peer) return;
       off();
       // The link keeps the request until its own deadline: an answer after this one goes nowhere.

@@ -154,20 +154,17 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
-    // The activity log and dirty grains, the primary's guard, and the peers silent past their
-    // leases with this one, which routers and primaries stop waiting for (leases, takeovers: built
-    // below, before the page service, so no request reaches a volume before they exist).
-    replication: {
-      tracker: core.resync.tracker,
-      guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) },
-      silence: { silent: (peer) => core.leases?.silent(peer) ?? false, onSilent: (listener) => core.leases?.onSilent(listener) ?? (() => undefined) },
-    },
+    // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
+    // before the page service, so no request reaches a volume before it exists).
+    replication: { tracker: core.resync.tracker, guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) } },
     ...(w.meter ? { meter: w.meter } : {}),
     // A router that cannot reach a page's primary asks an in-sync copy (maybe this peer) to take over.
     promote: async (volumeId, peer, page, route) => {
       const body = { volumeId, page, version: route.version, handover: false };
       return checkRouteAnswer(peer === self ? ((await replicationHandler('promote')(self, body)) as Record<string, unknown>) : await call(peer, 'promote', body, failoverWaitMsMax));
     },
+    // ... and gives up on a primary nothing came from for its lease and margin (the leases, built below).
+    silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
   });
   core.migrator = new P.migrator({
     self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
