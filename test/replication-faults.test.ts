@@ -98,16 +98,7 @@ t.test('a peer lost for good: its copies rebuilt on the others after downOutMs (
 });
 
 t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip }, async (t) => {
-  const { endpoint } = await startEtcd(t.teardown.bind(t));
-  const ports = await peerPorts(3);
-  const targets = new Map<string, number>([...ports.map((p, i): [string, number] => [`p${i + 1}`, p.rpc]), [catalogLink, Number(new URL(endpoint).port)]]);
-  const mesh = await ProxyMesh.start(['p1', 'p2', 'p3'], targets);
-  t.teardown(() => mesh.close());
-  const peers = await startPeers(t.teardown.bind(t), {
-    ports, etcd: endpoint, ...quietGroup,
-    links: { rpc: (from, to) => mesh.address(from, to), etcd: (from) => `http://${mesh.address(from, catalogLink)}` },
-  });
-  const byId = new Map(peers.map((p) => [p.id, p]));
+  const { mesh, peers, byId } = await meshedGroup(t);
   t.equal((await peers[0].cliAsync('volume', 'create', 'part', '--size', '64M', '--replicas', '2')).status, 0, 'volume created');
   const page = 3;
   const { owner, copies } = (await pageCopies(peers[0], 'part'))[page];
@@ -161,16 +152,7 @@ t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip
 });
 
 t.test('a black-holed primary: the host writing through another peer waits at most the failover pause aimed at', { skip }, async (t) => {
-  const { endpoint } = await startEtcd(t.teardown.bind(t));
-  const ports = await peerPorts(3);
-  const targets = new Map<string, number>([...ports.map((p, i): [string, number] => [`p${i + 1}`, p.rpc]), [catalogLink, Number(new URL(endpoint).port)]]);
-  const mesh = await ProxyMesh.start(['p1', 'p2', 'p3'], targets);
-  t.teardown(() => mesh.close());
-  const peers = await startPeers(t.teardown.bind(t), {
-    ports, etcd: endpoint, ...quietGroup,
-    links: { rpc: (from, to) => mesh.address(from, to), etcd: (from) => `http://${mesh.address(from, catalogLink)}` },
-  });
-  const byId = new Map(peers.map((p) => [p.id, p]));
+  const { mesh, peers, byId } = await meshedGroup(t);
   t.equal((await peers[0].cliAsync('volume', 'create', 'hole', '--size', '64M', '--replicas', '2')).status, 0, 'volume created');
   const page = 5;
   const { owner, copies } = (await pageCopies(peers[0], 'hole'))[page];
@@ -210,6 +192,20 @@ t.test('a black-holed primary: the host writing through another peer waits at mo
   t.same(await verifyLedger(via.iscsiPort, 'hole', ledger, g), [], 'no acknowledged write lost');
   t.same(await verifyLedger(byId.get(owner)!.iscsiPort, 'hole', ledger, g), [], 'nor as the old primary sees it, healed');
 });
+
+/** Etcd and three quiet peers that reach each other and etcd only through a proxy mesh the test can cut. */
+async function meshedGroup(t: Tap.Test): Promise<{ mesh: ProxyMesh; peers: TestPeer[]; byId: Map<string, TestPeer> }> {
+  const { endpoint } = await startEtcd(t.teardown.bind(t));
+  const ports = await peerPorts(3);
+  const targets = new Map<string, number>([...ports.map((p, i): [string, number] => [`p${i + 1}`, p.rpc]), [catalogLink, Number(new URL(endpoint).port)]]);
+  const mesh = await ProxyMesh.start(['p1', 'p2', 'p3'], targets);
+  t.teardown(() => mesh.close());
+  const peers = await startPeers(t.teardown.bind(t), {
+    ports, etcd: endpoint, ...quietGroup,
+    links: { rpc: (from, to) => mesh.address(from, to), etcd: (from) => `http://${mesh.address(from, catalogLink)}` },
+  });
+  return { mesh, peers, byId: new Map(peers.map((p) => [p.id, p])) };
+}
 
 /** Make `copy` (an in-sync copy) the primary of the page: a role switch, no data copied. */
 async function roleSwitch(t: Tap.Test, via: TestPeer, page: number, copy: string): Promise<void> {
