@@ -139,9 +139,9 @@ export class LeaseBook {
 
   /**
    * Nothing came from `peer` for leaseMs + margin: no renewal (granted or not), no answer to
-   * ours. Not a lease rule (silent() is): a peer waiting for it (a router for a primary, a
-   * primary for a copy) stops waiting then, as a takeover or a drop is due anyway. A peer that
-   * still renews while we refuse it (takeovers it has not learned) is not unheard.
+   * ours. Not a lease rule (silent() is): a router waiting for it as a page's primary stops
+   * waiting then, as the takeover is due about then anyway. A peer that still renews while we
+   * refuse it (takeovers it has not learned) is not unheard.
    */
   unheard(peer: string, nowMs: number): boolean {
     return nowMs > this.unheardAtMs(peer);
@@ -244,7 +244,7 @@ export class Leases {
     return this.book.alive(peer, this.now());
   }
 
-  /** Nothing came from `peer` (another peer of the group) for leaseMs + margin (LeaseBook.unheard): routers and primaries stop waiting for it. */
+  /** Nothing came from `peer` (another peer of the group) for leaseMs + margin (LeaseBook.unheard): routers stop waiting for it as a primary. */
   unheard(peer: string): boolean {
     return this.others.includes(peer) && this.book.unheard(peer, this.now());
   }
