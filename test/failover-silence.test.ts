@@ -99,6 +99,17 @@ t.test('Leases.unheard: true once nothing came from a peer for leaseMs + margin;
   t.notOk(leases.unheard('p9'), 'a peer not of the group is never unheard (and no assertion fails)');
 });
 
+t.test('Leases.onUnheard: a timer that fires early (Node\'s loop clock lags the monotonic one after a long task) is armed again', async (t) => {
+  const env = new ManualEnv();
+  const setTimeout = env.timers.setTimeout.bind(env.timers);
+  env.timers.setTimeout = (fn: () => void, ms: number) => setTimeout(fn, ms - 50);
+  const leases = leasesOf(env, 1_000);
+  const told: number[] = [];
+  leases.onUnheard(() => told.push(env.clock.monotonicMs()));
+  await env.run(3_000);
+  t.same(told, [1_000 - leasePingMs + silentAfterMs + 1], 'told once, when p1 is unheard');
+});
+
 t.test('LeaseBook: a peer whose renewals are refused (a takeover it has not learned) is silent but not unheard', async (t) => {
   const book = new LeaseBook(['p1'], 0);
   book.fence('p1', 'v', 0);

@@ -349,7 +349,10 @@ export class Leases {
     if (this.closed) return;
     this.o.env.timers.clearTimeout(this.unheardTimers.get(peer));
     const due = (): void => {
-      if (this.closed || !this.book.unheard(peer, this.now())) return;
+      if (this.closed) return;
+      // Node's timers run on the loop's cached clock, which lags the monotonic one after a long
+      // task: a timer may fire a little early by it. Not unheard yet: armed again for the rest.
+      if (!this.book.unheard(peer, this.now())) return this.armUnheard(peer);
       for (const l of [...this.unheardListeners]) l(peer);
     };
     this.unheardTimers.set(peer, this.o.env.timers.setTimeout(due, this.book.unheardAtMs(peer) - this.now() + 1).unref());
