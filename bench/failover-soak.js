@@ -99,17 +99,26 @@ function startWriter(peer, index, writers, slots, live, errors, loginFailures) {
   const stopped = () => stopping;
   const pickSlot = () => {
     for (;;) {
-      const slot = Math.floor(Math.random() * (slots / writers)) * writers + index;
+      // Whole rows of `writers` slots only: a last partial row would put some writers past the end.
+      const slot = Math.floor(Math.random() * Math.floor(slots / writers)) * writers + index;
       if (ledger.usable(slot)) return slot;
     }
   };
   const loop = (async () => {
     let c;
+    let loggedInMs = 0;
+    /** The peer's generation when the session logged in: a session to a process since killed is not a live peer's. */
+    let generation;
     while (!stopping) {
       await live.whenUp(peer.id, stopped);
       if (stopping) break;
-      const generation = live.generation.get(peer.id);
+      // A writer that finished a write just as its peer was killed waited here holding a session to the dead process.
+      if (c && live.generation.get(peer.id) !== generation) {
+        c.close();
+        c = undefined;
+      }
       if (!c) {
+        generation = live.generation.get(peer.id);
         c = await openSession(peer.iscsiPort, volume).catch((err) => {
           if (live.generation.get(peer.id) === generation && live.up.get(peer.id)) loginFailures.push({ at: Date.now(), peer: peer.id, writer: index, what: `login: ${err.message}` });
           return undefined;
@@ -118,13 +127,16 @@ function startWriter(peer, index, writers, slots, live, errors, loginFailures) {
           await sleep(500);
           continue;
         }
+        loggedInMs = performance.now();
       }
-      const ok = await verifiedWrite(c, ledger, pickSlot(), ++seq, geometry, args.timeoutS * 1000);
+      let why = '';
+      const startedMs = performance.now();
+      const ok = await verifiedWrite(c, ledger, pickSlot(), ++seq, geometry, args.timeoutS * 1000, (w) => (why = w));
       if (ok) {
         completions.push(performance.now());
         continue;
       }
-      if (live.generation.get(peer.id) === generation) errors.push({ at: Date.now(), peer: peer.id, writer: index, what: `write ${seq} failed or timed out` });
+      if (live.generation.get(peer.id) === generation) errors.push({ at: Date.now(), atMs: performance.now(), peer: peer.id, writer: index, what: `write ${seq} (sent at +${Math.round(startedMs - loggedInMs)} ms of its session): ${why}` });
       c.close();
       c = undefined;
     }
@@ -199,7 +211,9 @@ async function main() {
     const writes = writers.reduce((a, w) => a + w.completions.filter((t) => t > killAt && t <= healthyAt).length, 0);
     const cycle = { n, victim: victim.id, pauseMs, stallMs, restartedMs, healthyMs, writes, hostErrors: errors.length - errorsBefore };
     cycles.push(cycle);
+    const cycleErrors = errors.slice(errorsBefore).map((e) => `${e.peer} session ${e.writer} at +${Math.round(e.atMs - killAt)} ms: ${e.what}`);
     console.log(`cycle ${String(n).padStart(2)}: kill -9 ${victim.id}, pause ${pauseMs} ms (worst session ${stallMs} ms), restarted at +${restartedMs} ms, healthy ${healthyMs} ms after, ${writes} writes, ${cycle.hostErrors} host errors; load ${loadNow()}`);
+    for (const e of cycleErrors.slice(0, 5)) console.log(`  ${e}`);
   }
   if (Date.now() >= deadline) console.log(`stopped cycling at the --minutes bound (${args.minutes} min) after ${cycles.length} cycles`);
 

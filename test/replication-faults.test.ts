@@ -10,6 +10,10 @@
 //    never returns the older value; after healing no acknowledged write is lost and the copies
 //    agree (each copy serves the page in turn, by a role switch). The links are blackholed
 //    (PEERSAN_PARTITION=reset: connections ended and refused instead).
+//  - a primary black-holed (no connection reset: a cut cable, a hung process) while a host writes
+//    to its page through another peer: the router gives up on it once its leases ran out, not at
+//    the 5 s peer request deadline, so the host's longest wait for a write is within the 3 s
+//    failover pause aimed at (acceptance 3's figure, for the case a kill -9 does not show).
 //
 // The proxy's own behaviour is checked first (it runs everywhere). The replicated tests skip
 // while the CLI has no `volume create --replicas` (the data path of issue 17 not merged yet).
@@ -23,6 +27,7 @@ import { openSession, type RawIscsi } from './helpers/fuzz-iscsi';
 import { peerPorts, qemuImg, startEtcd, startPeers, type TestPeer } from './helpers/processes';
 import { identical, Ledger, pageCopies, protectionOf, quietGroup, replicatedTestSkip, retryingUnitAttention, verifiedWrite, verifyLedger, waitProtection, writeIn, type PageCopies, type SlotGeometry } from './helpers/replicas';
 import { catalogLink, ProxyMesh, TcpProxy } from './helpers/tcp-proxy';
+import { peerRequestMsMax } from '../src/limits';
 
 const mib = 1024 * 1024;
 const pageBytes = 8192 * 512;
@@ -30,6 +35,8 @@ const pageBytes = 8192 * 512;
 const lostMib = 128;
 const skip = replicatedTestSkip(['etcd', 'qemu-img']);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Issue 17's aim for the failover pause (acceptance 3). */
+const failoverPauseMsAim = 3_000;
 /** How the partition cuts the links: blackhole (default: connections stay open and carry nothing) or reset. */
 const partition = process.env.PEERSAN_PARTITION === 'reset' ? 'reset' : 'blackhole';
 
@@ -91,16 +98,7 @@ t.test('a peer lost for good: its copies rebuilt on the others after downOutMs (
 });
 
 t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip }, async (t) => {
-  const { endpoint } = await startEtcd(t.teardown.bind(t));
-  const ports = await peerPorts(3);
-  const targets = new Map<string, number>([...ports.map((p, i): [string, number] => [`p${i + 1}`, p.rpc]), [catalogLink, Number(new URL(endpoint).port)]]);
-  const mesh = await ProxyMesh.start(['p1', 'p2', 'p3'], targets);
-  t.teardown(() => mesh.close());
-  const peers = await startPeers(t.teardown.bind(t), {
-    ports, etcd: endpoint, ...quietGroup,
-    links: { rpc: (from, to) => mesh.address(from, to), etcd: (from) => `http://${mesh.address(from, catalogLink)}` },
-  });
-  const byId = new Map(peers.map((p) => [p.id, p]));
+  const { mesh, peers, byId } = await meshedGroup(t);
   t.equal((await peers[0].cliAsync('volume', 'create', 'part', '--size', '64M', '--replicas', '2')).status, 0, 'volume created');
   const page = 3;
   const { owner, copies } = (await pageCopies(peers[0], 'part'))[page];
@@ -152,6 +150,62 @@ t.test('a primary cut off from the catalog and the peers (acceptance 5)', { skip
   }
   t.equal(new Set(contents).size, 1, `the copies agree (${contents.join(' ')})`);
 });
+
+t.test('a black-holed primary: the host writing through another peer waits at most the failover pause aimed at', { skip }, async (t) => {
+  const { mesh, peers, byId } = await meshedGroup(t);
+  t.equal((await peers[0].cliAsync('volume', 'create', 'hole', '--size', '64M', '--replicas', '2')).status, 0, 'volume created');
+  const page = 5;
+  const { owner, copies } = (await pageCopies(peers[0], 'hole'))[page];
+  // The host on the peer holding no copy: its router forwards to the primary and asks the copy to take over.
+  const via = peers.find((p) => !copies.includes(p.id))!;
+  t.comment(`page ${page}: primary ${owner}, copy ${copies[1]}; the host writes through ${via.id}`);
+  const g: SlotGeometry = { slotBytes: 4096, blockBytes: 512 };
+  const ledger = new Ledger(1);
+  const c = await openSession(via.iscsiPort, 'hole');
+  t.teardown(() => c.close());
+  const slotsPerPage = pageBytes / g.slotBytes;
+  const completions: number[] = [];
+  const failures: string[] = [];
+  let stopping = false;
+  const writer = (async () => {
+    for (let seq = 1; !stopping; seq++) {
+      const slot = page * slotsPerPage + (seq % slotsPerPage);
+      if (await verifiedWrite(c, ledger, slot, seq, g, 30_000, (why) => failures.push(`write ${seq}: ${why}`))) completions.push(Date.now());
+      else break;
+      await sleep(10);
+    }
+  })();
+  await sleep(2_000);
+  mesh.isolate(owner, 'blackhole');
+  const cutAt = Date.now();
+  await sleep(8_000);
+  stopping = true;
+  await writer;
+  const before = completions.filter((at) => at <= cutAt).pop() ?? cutAt;
+  const after = completions.filter((at) => at > cutAt);
+  const pauseMs = after.length > 0 ? Math.max(after[0] - before, ...after.slice(1).map((at, i) => at - after[i])) : Infinity;
+  t.same(failures, [], 'every write acknowledged');
+  t.ok(pauseMs <= failoverPauseMsAim, `the host's longest wait for a write ${pauseMs} ms (aim ${failoverPauseMsAim} ms; the peer request deadline is ${peerRequestMsMax} ms)`);
+  t.equal((await pageCopies(via, 'hole'))[page].owner, copies[1], `${copies[1]} took the page over`);
+  mesh.healAll();
+  await waitProtection(() => peers, 'hole', 'healthy', 120_000);
+  t.same(await verifyLedger(via.iscsiPort, 'hole', ledger, g), [], 'no acknowledged write lost');
+  t.same(await verifyLedger(byId.get(owner)!.iscsiPort, 'hole', ledger, g), [], 'nor as the old primary sees it, healed');
+});
+
+/** Etcd and three quiet peers that reach each other and etcd only through a proxy mesh the test can cut. */
+async function meshedGroup(t: Tap.Test): Promise<{ mesh: ProxyMesh; peers: TestPeer[]; byId: Map<string, TestPeer> }> {
+  const { endpoint } = await startEtcd(t.teardown.bind(t));
+  const ports = await peerPorts(3);
+  const targets = new Map<string, number>([...ports.map((p, i): [string, number] => [`p${i + 1}`, p.rpc]), [catalogLink, Number(new URL(endpoint).port)]]);
+  const mesh = await ProxyMesh.start(['p1', 'p2', 'p3'], targets);
+  t.teardown(() => mesh.close());
+  const peers = await startPeers(t.teardown.bind(t), {
+    ports, etcd: endpoint, ...quietGroup,
+    links: { rpc: (from, to) => mesh.address(from, to), etcd: (from) => `http://${mesh.address(from, catalogLink)}` },
+  });
+  return { mesh, peers, byId: new Map(peers.map((p) => [p.id, p])) };
+}
 
 /** Make `copy` (an in-sync copy) the primary of the page: a role switch, no data copied. */
 async function roleSwitch(t: Tap.Test, via: TestPeer, page: number, copy: string): Promise<void> {

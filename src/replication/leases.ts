@@ -47,6 +47,8 @@ interface Pinged {
 interface Granted {
   /** Last time we granted the peer a lease (our clock). */
   lastGrantMs: number;
+  /** Last renewal from the peer, granted or not (it is alive and reaches us). */
+  lastRenewalMs: number;
   /** Takeovers from the peer it has not acknowledged, by `volumeId/page`. */
   takeovers: Map<string, Takeover>;
   /** Takeovers whose CAS is in flight: no grant to the peer meanwhile. */
@@ -67,7 +69,7 @@ export class LeaseBook {
   ) {
     for (const p of peers) {
       this.pinged.set(p, { validUntilMs: 0, heardMs: -Infinity, ack: 0 });
-      this.granted.set(p, { lastGrantMs: startMs, takeovers: new Map(), pending: new Set() });
+      this.granted.set(p, { lastGrantMs: startMs, lastRenewalMs: startMs, takeovers: new Map(), pending: new Set() });
     }
   }
 
@@ -121,6 +123,7 @@ export class LeaseBook {
     const takeovers = [...g.takeovers.values()].slice(0, leaseTakeoversPerAnswerMax);
     const granted = g.pending.size === 0 && takeovers.length === g.takeovers.size;
     if (granted) g.lastGrantMs = nowMs;
+    g.lastRenewalMs = nowMs;
     return { granted, takeovers };
   }
 
@@ -132,6 +135,21 @@ export class LeaseBook {
   /** When `peer` becomes silent unless it renews before. */
   silentAtMs(peer: string): number {
     return this.grantedTo(peer).lastGrantMs + this.timing.leaseMs + this.timing.marginMs;
+  }
+
+  /**
+   * Nothing came from `peer` for leaseMs + margin: no renewal (granted or not), no answer to
+   * ours. Not a lease rule (silent() is): a router waiting for it as a page's primary stops
+   * waiting then, as the takeover is due about then anyway. A peer that still renews while we
+   * refuse it (takeovers it has not learned) is not unheard.
+   */
+  unheard(peer: string, nowMs: number): boolean {
+    return nowMs > this.unheardAtMs(peer);
+  }
+
+  /** When `peer` becomes unheard unless something comes from it before. */
+  unheardAtMs(peer: string): number {
+    return Math.max(this.grantedTo(peer).lastRenewalMs, this.pingedBy(peer).heardMs) + this.timing.leaseMs + this.timing.marginMs;
   }
 
   /** Before a takeover's CAS of the page from `peer`: no grant to it until fenced(). */
@@ -184,6 +202,8 @@ export class Leases {
   /** Silence timers fired in a row per peer: each waits twice as long as the one before (a long absence costs few scans). */
   private readonly silentFires = new Map<string, number>();
   private readonly silenceListeners = new Set<(peer: string) => void>();
+  private readonly unheardTimers = new Map<string, TimerHandle>();
+  private readonly unheardListeners = new Set<(peer: string) => void>();
   private readonly renewalWaiters = new Map<string, Set<() => void>>();
   /** The route refresh in flight, and the one queued to start after it (see refreshedAfterNow). */
   private refreshing: Promise<void> | undefined;
@@ -198,14 +218,17 @@ export class Leases {
   /** Start renewing, and watching for silent peers. */
   start(): void {
     this.ticker = this.o.env.timers.setInterval(() => this.renewAll(), leasePingMs).unref();
-    for (const p of this.others) this.armSilence(p);
+    for (const p of this.others) {
+      this.armSilence(p);
+      this.armUnheard(p);
+    }
     this.renewAll();
   }
 
   close(): void {
     this.closed = true;
     this.o.env.timers.clearInterval(this.ticker);
-    for (const t of this.silenceTimers.values()) this.o.env.timers.clearTimeout(t);
+    for (const t of [...this.silenceTimers.values(), ...this.unheardTimers.values()]) this.o.env.timers.clearTimeout(t);
     for (const waiters of this.renewalWaiters.values()) for (const w of waiters) w();
   }
 
@@ -219,6 +242,17 @@ export class Leases {
 
   alive(peer: string): boolean {
     return this.book.alive(peer, this.now());
+  }
+
+  /** Nothing came from `peer` (another peer of the group) for leaseMs + margin (LeaseBook.unheard): routers stop waiting for it as a primary. */
+  unheard(peer: string): boolean {
+    return this.others.includes(peer) && this.book.unheard(peer, this.now());
+  }
+
+  /** `listener(peer)` once `peer` is unheard (again after each time something came from it). */
+  onUnheard(listener: (peer: string) => void): () => void {
+    this.unheardListeners.add(listener);
+    return () => this.unheardListeners.delete(listener);
   }
 
   /**
@@ -250,6 +284,7 @@ export class Leases {
   handle(from: string, body: Record<string, unknown>): LeaseAnswer {
     if (!this.others.includes(from)) throw new InvalidArgumentError(`lease: ${from} is not another peer of the group`);
     const answer = this.book.grant(from, checkLease(body).ack, this.now());
+    this.armUnheard(from);
     if (answer.granted) {
       this.silentFires.delete(from);
       this.armSilence(from);
@@ -273,6 +308,7 @@ export class Leases {
       await Promise.all(answer.takeovers.map((t) => this.o.learn(t)));
       if (lapsed && answer.granted) await this.refreshedAfterNow();
       this.book.answered(peer, sentAtMs, answer, this.now());
+      this.armUnheard(peer);
     } catch {
       this.book.failed(peer, sentAtMs);
       return;
@@ -306,6 +342,20 @@ export class Leases {
     const refireMs = Math.min(silenceRefireMsMax, leasePingMs * 2 ** (this.silentFires.get(peer) ?? 0));
     const ms = Math.max(refireMs, this.book.silentAtMs(peer) - this.now() + 1);
     this.silenceTimers.set(peer, this.o.env.timers.setTimeout(() => this.silenceDue(peer), ms).unref());
+  }
+
+  /** (Re)arm the timer that fires when `peer` becomes unheard: once, until something comes from it again. */
+  private armUnheard(peer: string): void {
+    if (this.closed) return;
+    this.o.env.timers.clearTimeout(this.unheardTimers.get(peer));
+    const due = (): void => {
+      if (this.closed) return;
+      // Node's timers run on the loop's cached clock, which lags the monotonic one after a long
+      // task: a timer may fire a little early by it. Not unheard yet: armed again for the rest.
+      if (!this.book.unheard(peer, this.now())) return this.armUnheard(peer);
+      for (const l of [...this.unheardListeners]) l(peer);
+    };
+    this.unheardTimers.set(peer, this.o.env.timers.setTimeout(due, this.book.unheardAtMs(peer) - this.now() + 1).unref());
   }
 
   private silenceDue(peer: string): void {

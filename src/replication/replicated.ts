@@ -357,7 +357,8 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private dropLater(page: number, seq: number, peers: string[]): void {
     const { timers } = this.o.env;
     const retry = async (delayMs: number): Promise<void> => {
-      await sleep(timers, delayMs);
+      // Unref'd: a process that stops does not wait for the next try (up to dropRetryMsMax away) to exit.
+      await new Promise<void>((resolve) => timers.setTimeout(resolve, delayMs).unref());
       try {
         await this.dropCopies(page, await this.currentOwn(page), peers, 'a change they may lack failed');
       } catch (err) {

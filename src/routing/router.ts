@@ -11,7 +11,12 @@
 // waits for a newer route of the page (an answer, or the catalog watch through table.onLearn)
 // at most failoverWaitMsMax, then runs the part again in the same loop, under the same bound:
 // the host's command waits through a failover instead of failing. If no copy can be reached
-// either, this peer is the one cut off, and the error goes up at once.
+// either, this peer is the one cut off, and the error goes up at once. A primary that is silent
+// rather than dead (a cut cable, a hung process: no connection reset) is not waited for until
+// peerRequestMsMax: once nothing came from it for leaseMs + margin (no lease renewal, no answer:
+// `silence`), a forward to it of a page with another in-sync copy is given up (or not sent at
+// all), and the takeover asked for then. The copies that can take over wait out about the same
+// silence (failover.ts): asking sooner would gain nothing.
 //
 // COMPARE AND WRITE is atomic when its blocks have one owner (the owner's store runs it
 // under its lock). One that straddles a page boundary between two owners is carried out as
@@ -40,6 +45,37 @@ export interface BlockSender {
   send(req: Omit<BlockRequest, 'id'>): Promise<BlockReply>;
 }
 
+/**
+ * Which peers are silent: nothing came from them (no lease renewal, no answer to ours) for
+ * leaseMs + margin (src/replication/leases.ts, which implements it).
+ */
+export interface PeerSilence {
+  unheard(peer: string): boolean;
+  /** `listener(peer)` when `peer` becomes unheard; returns the unsubscribe. */
+  onUnheard(listener: (peer: string) => void): () => void;
+}
+
+/**
+ * `send()`, given up as soon as `peer` becomes unheard, and not run at all for a peer unheard
+ * already (PeerUnavailableError, `unsent` then): waiting for a silent primary's answer until the
+ * link's deadline only delays the takeover its silence calls for.
+ */
+function unlessSilent<T>(silence: PeerSilence, peer: string, send: () => Promise<T>): Promise<T> {
+  if (silence.unheard(peer)) return Promise.reject(new PeerUnavailableError(peer, 'silent past its lease: not sent', false, { unsent: true }));
+  return new Promise((resolve, reject) => {
+    const off = silence.onUnheard((p) => {
+      if (p !== peer) return;
+      off();
+      // The link keeps the request until its own deadline: an answer after this one goes nowhere.
+      reject(new PeerUnavailableError(peer, 'fell silent past its lease: given up', true));
+    });
+    send().then(
+      (value) => (off(), resolve(value)),
+      (err: unknown) => (off(), reject(err)),
+    );
+  });
+}
+
 export interface VolumeRouterOptions {
   self: string;
   volumeId: string;
@@ -57,6 +93,8 @@ export interface VolumeRouterOptions {
    * (src/replication/failover.ts); resolves to the route it answers. Absent: no failover.
    */
   promote?(peer: string, page: number, route: Route): Promise<Route>;
+  /** Silent peers: a forward to one, of a page another in-sync copy can take over, is given up. Absent: waited for until the link's deadline. */
+  silence?: PeerSilence;
 }
 
 interface Run {
@@ -392,26 +430,42 @@ export class VolumeRouter implements BlockBackend {
    * Send to a peer; a peer that does not know the volume yet (it opens new volumes when its
    * catalog watch fires, a moment after the creating peer) is asked again for a short while.
    */
-  private async send(peer: string, req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
+  private async send(peer: string, req: Omit<BlockRequest, 'id'>, failover = false): Promise<BlockReply> {
     const { clock, timers } = this.o.env;
     const deadlineMs = clock.monotonicMs() + volumeOpenWaitMsMax;
     for (;;) {
-      const reply = await this.o.link(peer).send(req);
+      const reply = await this.sendTo(peer, req, failover);
       if (reply.status !== ReplyStatus.noVolume || clock.monotonicMs() >= deadlineMs) return reply;
       await sleep(timers, 50);
     }
   }
 
+  /** Some page of the run has an in-sync copy besides its owner, which can take over from a silent owner. */
+  private replicated(run: Run): boolean {
+    const { table } = this.o;
+    for (let page = table.pageOf(run.lba); page <= table.pageOf(run.lba + run.blocks - 1); page++) {
+      if (inSyncOf(table.route(page)).length > 1) return true;
+    }
+    return false;
+  }
+
+  /** One send to `peer`; with `failover` (a copy can take over), given up when the peer falls silent (unlessSilent). */
+  private sendTo(peer: string, req: Omit<BlockRequest, 'id'>, failover: boolean): Promise<BlockReply> {
+    const { silence } = this.o;
+    const send = (): Promise<BlockReply> => this.o.link(peer).send(req);
+    return failover && silence ? unlessSilent(silence, peer, send) : send();
+  }
+
   /** One send to the run's owner, whatever it answers (MOVED, no volume: the caller decides). */
   private forwardOnce(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    return this.o.link(run.owner).send(this.request(run, op, fua, data, 0, stamp));
+    return this.sendTo(run.owner, this.request(run, op, fua, data, 0, stamp), this.replicated(run));
   }
 
   /** Send to the run's owner (waiting for one that has not opened the volume yet); MOVED throws PageMovedError. */
   private async forward(run: Run, op: BlockOpCode, fua: boolean, data?: Buffer, stamp?: number, compareBytes = 0): Promise<BlockReply> {
     this.o.counters.forwardedRuns++;
-    const reply = await this.send(run.owner, this.request(run, op, fua, data, compareBytes, stamp));
+    const reply = await this.send(run.owner, this.request(run, op, fua, data, compareBytes, stamp), this.replicated(run));
     if (reply.status === ReplyStatus.moved) throw this.movedOf(run, reply);
     return reply;
   }

@@ -173,6 +173,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       const body = { volumeId, page, version: route.version, handover: false };
       return checkRouteAnswer(peer === self ? ((await replicationHandler('promote')(self, body)) as Record<string, unknown>) : await call(peer, 'promote', body, failoverWaitMsMax));
     },
+    // ... and gives up on a primary nothing came from for its lease and margin (the leases, built below).
+    silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
   });
   core.migrator = new P.migrator({
     self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,

@@ -57,7 +57,7 @@ import type { VolumeMeter } from '../loadmon/monitor';
 import { MovableVolume } from '../migration/movable';
 import { ReplicatedVolume, type ReplicationWiring } from '../replication/replicated';
 import type { ServedVolume } from '../routing/page-service';
-import { VolumeRouter, type BlockSender, type RoutingCounters } from '../routing/router';
+import { VolumeRouter, type BlockSender, type PeerSilence, type RoutingCounters } from '../routing/router';
 import type { Route, RouteTable } from '../routing/table';
 import { VolumeGate } from '../snapshot/gate';
 import type { HybridClock } from '../snapshot/hlc';
@@ -95,6 +95,8 @@ export interface DataPathOptions {
   hostMeter?: ((backend: BlockBackend) => BlockBackend) | undefined;
   /** Ask an in-sync copy to take over a page whose primary is unreachable (the router's failover wait); default: none. */
   promote?: ((peer: string, page: number, route: Route) => Promise<Route>) | undefined;
+  /** Peers nothing came from for leaseMs + margin: the router gives up on them as primaries (default: waited for until the link's deadline). */
+  silence?: PeerSilence | undefined;
   /** The catalog and the activity log, leases and failover, for the replicated layer. */
   replication: ReplicationWiring;
 }
@@ -120,7 +122,7 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const movable = new (o.movable ?? MovableVolume)({ self, volumeId, table, raw: stampLog, link: o.link });
   const replicated = new (o.replicated ?? ReplicatedVolume)({ ...o.replication, self, volumeId, table, local: movable, copy: stampLog, link: o.link, refresh: o.refresh, env: o.env });
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
-  const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}) });
+  const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.silence ? { silence: o.silence } : {}) });
   const gate = new VolumeGate(router, o.env, o.clock);
   const served: ServedVolume = {
     table,

@@ -22,7 +22,7 @@ import type { ReplicatedVolume } from '../replication/replicated';
 import type { VolumeGate } from '../snapshot/gate';
 import type { SnapshotTargets } from '../snapshot/targets';
 import type { ServedVolume } from '../routing/page-service';
-import type { BlockSender, RoutingCounters, VolumeRouter } from '../routing/router';
+import type { BlockSender, PeerSilence, RoutingCounters, VolumeRouter } from '../routing/router';
 import type { Route } from '../routing/table';
 import type { ReservationState } from '../scsi/reservations';
 import { BlockLogicalUnit } from '../scsi/device';
@@ -75,6 +75,8 @@ export interface VolumeTargetsOptions {
   movable?: typeof MovableVolume;
   /** Ask `peer` to take over a page whose primary is unreachable (src/replication/failover.ts); the route it answers. */
   promote?(volumeId: string, peer: string, page: number, route: Route): Promise<Route>;
+  /** Peers nothing came from for leaseMs + margin (src/replication/leases.ts): the routers give up on them as primaries. */
+  silence?: PeerSilence;
   /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
   replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
@@ -190,6 +192,7 @@ export class VolumeTargets implements TargetDirectory {
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
       promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),
+      silence: this.o.silence,
       replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => sameVolume(catalog.volume(record.name), record.id) },
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });

@@ -217,11 +217,25 @@ export async function retryingUnitAttention(run: () => Promise<ScsiResult | unde
   }
 }
 
-/** One write of the verifying writer: acknowledged (GOOD), else failed or timed out; its ledger updated. */
-export async function verifiedWrite(c: RawIscsi, ledger: Ledger, slot: number, seq: number, g: SlotGeometry, timeoutMs: number): Promise<boolean> {
+/**
+ * One write of the verifying writer: acknowledged (GOOD), else failed or timed out; its ledger
+ * updated. `failed(why)` hears how a write that was not acknowledged ended (status and sense, or
+ * no answer in time).
+ */
+export async function verifiedWrite(c: RawIscsi, ledger: Ledger, slot: number, seq: number, g: SlotGeometry, timeoutMs: number, failed?: (why: string) => void): Promise<boolean> {
   const r = await retryingUnitAttention(() => c.writeBlocks(slot * (g.slotBytes / g.blockBytes), blockContent(ledger.writer, slot, seq, g.slotBytes), g.blockBytes, timeoutMs));
   const ok = r !== undefined && r.status === 0;
   if (ok) ledger.acked(slot, seq);
-  else ledger.unknown(slot, seq);
+  else {
+    ledger.unknown(slot, seq);
+    failed?.(outcome(r, timeoutMs));
+  }
   return ok;
+}
+
+/** A command's end in words: its status and sense (key/ASC/ASCQ in hex), or that it had no answer. */
+export function outcome(r: ScsiResult | undefined, timeoutMs: number): string {
+  if (!r) return `no answer within ${timeoutMs} ms (or the connection ended)`;
+  const hex = (n: number) => n.toString(16).padStart(2, '0');
+  return `status 0x${hex(r.status)}${r.sense ? ` sense ${hex(r.sense.key)}/${hex(r.sense.asc)}/${hex(r.sense.ascq)}` : ''}`;
 }

@@ -1,0 +1,43 @@
+// A primary whose change reached no copy and whose drop of that copy could not be made (the
+// catalog out of reach) tries the drop again later (replicated.ts dropLater), on timers that
+// do not keep the process alive: a peer that stops does not wait up to dropRetryMsMax to exit.
+
+import t from 'tap';
+import pino from 'pino';
+import type { VolumeRecord } from '../src/cluster/catalog';
+import type { TimerHandle } from '../src/env/env';
+import { ManualEnv } from '../src/env/manual';
+import { PeerUnavailableError } from '../src/errors';
+import { dropRetryMsMin, replicaAckMsMax } from '../src/limits';
+import { ReplicatedVolume } from '../src/replication/replicated';
+import { RouteTable } from '../src/routing/table';
+import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
+import { MemoryBackend } from './helpers/memory-backend';
+
+t.test('the retries of a drop that could not be made are on unref\'d timers', async (t) => {
+  const env = new ManualEnv();
+  // Every timer armed, and whether it was unref'd.
+  const armed: { ms: number; unrefd: boolean }[] = [];
+  const setTimeout = env.timers.setTimeout.bind(env.timers);
+  env.timers.setTimeout = (fn: () => void, ms: number): TimerHandle => {
+    const handle = setTimeout(fn, ms);
+    const entry = { ms, unrefd: false };
+    armed.push(entry);
+    return { unref: () => ((entry.unrefd = true), handle.unref(), handle) } as unknown as TimerHandle;
+  };
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(512, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const catalog = { casRoute: () => Promise.reject(new Error('catalog: no answer')) };
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
+    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
+    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
+  });
+  const write = t.rejects(volume.write(0, Buffer.alloc(512, 1)), 'the write fails: its copy can be neither reached nor dropped');
+  await env.run(replicaAckMsMax + 10);
+  await write;
+  const retry = armed.find((a) => a.ms === dropRetryMsMin);
+  t.ok(retry, `the drop is tried again after ${dropRetryMsMin} ms`);
+  t.ok(retry?.unrefd, 'on an unref\'d timer');
+});
