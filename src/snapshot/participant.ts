@@ -25,7 +25,8 @@
 //   was stamped below it), and with what TAKE reports in barrier mode. Dropped meanwhile
 //   (ABORT, expiry): refuse.
 //   TAKE(T): only once prepared here; remember T; the service moves the clock past T and waits
-//   for host writes stamped before T.
+//   for host writes stamped before T, and for the replicated changes stamped before T this
+//   peer is primary of (service.ts step 3).
 //   FINISH: only once TAKE(T) came; the service writes the recorded changes before T into the
 //   layers; then, done or failed, the recording is dropped and the volumes let go. FINISH of a
 //   snapshot this peer does not know is refused: it restarted since PREPARE, and the writes it

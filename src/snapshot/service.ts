@@ -35,7 +35,10 @@
 //   2. the cut T = past every clock in the answers (and the coordinator's): so every write
 //      stamped at or after T reaches its owner after the freeze, and is recorded;
 //   3. TAKE(T): each peer moves its clock past T (new host writes are stamped after T) and
-//      waits until none of its host writes stamped before T is still in flight;
+//      waits until none of its host writes stamped before T is still in flight, and, as a
+//      page's primary, none of the replicated changes stamped before T (every copy applied
+//      it, recorded if after its freeze, or was dropped from the in-sync set, which the
+//      record's routes then narrow: a change whose host peer died is waited for by no gate);
 //   4. FINISH: each peer writes its recorded changes stamped before T into the frozen layers,
 //      in stamp order. A write stamped before T that was still on its way at the freeze is
 //      now in the snapshot; one stamped after T that arrived before FINISH is not.
@@ -110,6 +113,8 @@ export interface SnapshotServiceOptions {
   moving(volumeId: string): MovingAtCut[];
   /** Pages of the volume whose copy here may lack writes it acknowledged (the activity log's suspects: records.ts SuspectAtCut). */
   suspect(volumeId: string): Iterable<number>;
+  /** Resolves once no replicated change stamped before `t` that this peer is primary of is in flight (replicated.ts changesBefore). */
+  changesBefore(volumeId: string, t: number): Promise<void> | undefined;
   /** Resolves when no page-move step of the volume is running on this peer. */
   idle(volumeId: string): Promise<void>;
   rpc: SnapshotRpc;
@@ -260,7 +265,7 @@ export class SnapshotService {
       case 'seal':
         return this.effect(a.req, async () => {
           this.o.clock.observe(a.cut);
-          await within(timers, Promise.all(a.volumeIds.map((id) => this.o.gate(id)?.writesBefore(a.cut))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
+          await within(timers, Promise.all(a.volumeIds.flatMap((id) => [this.o.gate(id)?.writesBefore(a.cut), this.o.changesBefore(id, a.cut)])), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
           return { kind: 'sealed', req: a.req };
         });
       case 'finish':
