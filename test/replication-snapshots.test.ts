@@ -240,29 +240,32 @@ for (const mode of ['barrier', 'timestamp'] as const) {
 // died; the primary applied it and waited for its secondary, out of reach. A timestamp snapshot
 // came meanwhile: no gate waited for the write (its host peer was gone), so the secondary froze
 // and finished without it while the primary's layer had it. The primary's TAKE(T) now waits for
-// its replicated changes stamped before T: the secondary is dropped first, and is no holder.
-t.test('timestamp: a replicated change in flight at the cut, its host peer gone, is on every holder or the copy is none', async (t) => {
-  const { world, group } = await boot(t, 3, 1, 2);
-  const volumeId = core(group, 'p1').catalog.require(volume).id;
-  // Page 0: p1 primary, p2 secondary. The write enters at p3; p1 cannot reach p2 while it replicates it.
-  group.network.partition('p1', 'p2', true);
-  void group.hostPath('p3', volume)!.write(0, fill(64, 0xa1)).catch(() => undefined);
-  await world.run(world.now() + 50, Number.MAX_SAFE_INTEGER);
-  group.peers.get('p3')!.crash();
-  group.network.partition('p1', 'p2', false);
-  t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
-  t.same(await drive(world, core(group, 'p2').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), 'p2 does not have it');
-  await drive(world, group.peers.get('p3')!.start());
+// its replicated changes stamped before T (barrier mode: its PREPARE, for those in flight): the
+// secondary is dropped first, and is no holder.
+for (const mode of ['timestamp', 'barrier'] as const) {
+  t.test(`${mode}: a replicated change in flight at the cut, its host peer gone, is on every holder or the copy is none`, async (t) => {
+    const { world, group } = await boot(t, 3, 1, 2);
+    const volumeId = core(group, 'p1').catalog.require(volume).id;
+    // Page 0: p1 primary, p2 secondary. The write enters at p3; p1 cannot reach p2 while it replicates it.
+    group.network.partition('p1', 'p2', true);
+    void group.hostPath('p3', volume)!.write(0, fill(64, 0xa1)).catch(() => undefined);
+    await world.run(world.now() + 50, Number.MAX_SAFE_INTEGER);
+    group.peers.get('p3')!.crash();
+    group.network.partition('p1', 'p2', false);
+    t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
+    t.same(await drive(world, core(group, 'p2').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), 'p2 does not have it');
+    await drive(world, group.peers.get('p3')!.start());
 
-  await drive(world, core(group, 'p2').snapshots.create([volume], { name: 's1', mode: 'timestamp' }));
-  await settle(world);
-  const r = record(group, 's1')!;
-  const reader = core(group, 'p2').snapshotTargets.reader(volume, 's1');
-  const snapshot = await drive(world, reader!.read(0, 64));
-  for (const peer of ['p1', 'p2']) {
-    if (!holds(r, 0, peer)) continue;
-    const layer = core(group, peer).snapshotTargets.layer(volumeId, r.seq);
-    t.same(await drive(world, layer!.read(0, 64)), snapshot, `${peer} holds page 0 of the snapshot as it reads`);
-  }
-  t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
-});
+    await drive(world, core(group, 'p2').snapshots.create([volume], { name: 's1', mode }));
+    await settle(world);
+    const r = record(group, 's1')!;
+    const reader = core(group, 'p2').snapshotTargets.reader(volume, 's1');
+    const snapshot = await drive(world, reader!.read(0, 64));
+    for (const peer of ['p1', 'p2']) {
+      if (!holds(r, 0, peer)) continue;
+      const layer = core(group, peer).snapshotTargets.layer(volumeId, r.seq);
+      t.same(await drive(world, layer!.read(0, 64)), snapshot, `${peer} holds page 0 of the snapshot as it reads`);
+    }
+    t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
+  });
+}

@@ -10,7 +10,9 @@
 //   1. a catalog record per volume in state `taking`, with a fresh layer number (seq);
 //   2. PREPARE to every peer of the group: each closes the volumes' gates (new host requests
 //      wait) and answers READY once the requests already inside have finished, forwarded
-//      parts included. A peer that does not answer within prepareMsMax aborts the snapshot;
+//      parts included, and the replicated changes in flight where it is a page's primary
+//      (each copy applied it or was dropped). A peer that does not answer within prepareMsMax
+//      aborts the snapshot;
 //   3. TAKE to every peer: each freezes its store's layer of each volume (O(1): an epoch) and
 //      reports the pages it is moving away (where each piece's data is at the cut);
 //   4. RELEASE to every peer: gates open. Release comes only after every peer has frozen, so a
@@ -298,6 +300,10 @@ export class SnapshotService {
           closed.push(gate);
           // Page moves stop at their next step while the gate is closed; wait for the current one.
           await this.o.idle(id);
+          // And for the replicated changes in flight here as a page's primary: one whose host
+          // peer died is drained by no gate, and a copy it has not reached would freeze without
+          // it (seed 128's barrier twin). Each copy applies it or is dropped before READY.
+          await this.o.changesBefore(id, this.o.clock.now());
         }),
       );
     } catch (err) {
