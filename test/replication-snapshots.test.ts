@@ -189,3 +189,83 @@ t.test('a snapshot deleted before its layers were taken does not come back', asy
   t.equal(record(group, 's1'), undefined, 'no record');
   for (const p of group.up()) t.notOk(p.core()!.targets.stored(core(group, 'p1').catalog.require(volume).id)?.hasSnapshot(String(seq)), `no layer on ${p.id}`);
 });
+
+// Seeds 8 and 92 of the simulator: a primary restarted without a write it had acknowledged (not
+// flushed: its disk lost it; its secondary kept it), and a snapshot came before it could hand
+// the page over (the catalog out of reach there; the secondary refusing here). Its copy was
+// still the page's primary and in sync at the cut, so it was a holder, and its layer differed
+// from the secondary's. A copy suspect where it froze is no holder; it takes the layer later.
+for (const mode of ['barrier', 'timestamp'] as const) {
+  t.test(`${mode}: a copy suspect after a restart holds no layer of the snapshot; it takes the holders' later`, async (t) => {
+    const { world, group } = await boot(t, 2, 1, 2);
+    // Page 0: p1 primary, p2 secondary. The write is acknowledged by both, flushed by neither.
+    await write(world, group, 'p1', 0, fill(64, 0xa1));
+    const volumeId = core(group, 'p1').catalog.require(volume).id;
+
+    // p2 refuses to take page 0 over until the snapshot is taken: p1 stays its suspect primary.
+    const p2 = core(group, 'p2');
+    const handle = p2.handlers.replication;
+    let refusePromote = true;
+    p2.handlers.replication = async (from, kind, body) => {
+      if (kind === 'promote' && refusePromote) throw new Error('promote refused by the test');
+      return handle(from, kind, body);
+    };
+    group.peers.get('p1')!.crash();
+    await drive(world, group.peers.get('p1')!.start());
+    const p1 = core(group, 'p1');
+    t.same(await drive(world, p1.targets.stored(volumeId)!.read(0, 64)), fill(64, 0), 'p1\'s disk lost the write');
+    t.ok(p1.resync.activity.isSuspect(volumeId, 0), 'page 0 is suspect on p1');
+    t.equal(p1.catalog.routes(p1.catalog.require(volume)).route(0).owner, 'p1', 'p1 is still page 0\'s primary');
+
+    await drive(world, p2.snapshots.create([volume], { name: 's1', mode }));
+    t.notOk(holds(record(group, 's1')!, 0, 'p1'), 'p1 was suspect at the cut: no holder of page 0');
+    t.ok(holds(record(group, 's1')!, 0, 'p2'), 'p2 holds page 0 of the snapshot');
+
+    // p2 takes the page over, p1 resyncs whole, then takes the snapshot's layer from p2.
+    refusePromote = false;
+    t.ok(await until(world, () => !p1.resync.activity.isSuspect(volumeId, 0) && inSyncEverywhere(group, 'p1', 'p1', 1)), 'p1 resynced: in sync again');
+    t.ok(await until(world, () => holds(record(group, 's1')!, 0, 'p1')), 'p1 joined the holders of page 0');
+    await settle(world);
+    const r = record(group, 's1')!;
+    for (const peer of ['p1', 'p2']) {
+      const layer = core(group, peer).snapshotTargets.layer(volumeId, r.seq);
+      t.same(await drive(world, layer!.read(0, 128)), Buffer.concat([fill(64, 0xa1), fill(64, 0)]), `${peer}'s layer holds the write acknowledged before the snapshot`);
+    }
+    const reader = core(group, 'p1').snapshotTargets.reader(volume, 's1');
+    t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot reads the write');
+  });
+}
+
+// Seed 128 of the simulator: a host write reached its primary through another peer, which then
+// died; the primary applied it and waited for its secondary, out of reach. A timestamp snapshot
+// came meanwhile: no gate waited for the write (its host peer was gone), so the secondary froze
+// and finished without it while the primary's layer had it. The primary's TAKE(T) now waits for
+// its replicated changes stamped before T (barrier mode: its PREPARE, for those in flight): the
+// secondary is dropped first, and is no holder.
+for (const mode of ['timestamp', 'barrier'] as const) {
+  t.test(`${mode}: a replicated change in flight at the cut, its host peer gone, is on every holder or the copy is none`, async (t) => {
+    const { world, group } = await boot(t, 3, 1, 2);
+    const volumeId = core(group, 'p1').catalog.require(volume).id;
+    // Page 0: p1 primary, p2 secondary. The write enters at p3; p1 cannot reach p2 while it replicates it.
+    group.network.partition('p1', 'p2', true);
+    void group.hostPath('p3', volume)!.write(0, fill(64, 0xa1)).catch(() => undefined);
+    await world.run(world.now() + 50, Number.MAX_SAFE_INTEGER);
+    group.peers.get('p3')!.crash();
+    group.network.partition('p1', 'p2', false);
+    t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
+    t.same(await drive(world, core(group, 'p2').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), 'p2 does not have it');
+    await drive(world, group.peers.get('p3')!.start());
+
+    await drive(world, core(group, 'p2').snapshots.create([volume], { name: 's1', mode }));
+    await settle(world);
+    const r = record(group, 's1')!;
+    const reader = core(group, 'p2').snapshotTargets.reader(volume, 's1');
+    const snapshot = await drive(world, reader!.read(0, 64));
+    for (const peer of ['p1', 'p2']) {
+      if (!holds(r, 0, peer)) continue;
+      const layer = core(group, peer).snapshotTargets.layer(volumeId, r.seq);
+      t.same(await drive(world, layer!.read(0, 64)), snapshot, `${peer} holds page 0 of the snapshot as it reads`);
+    }
+    t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
+  });
+}

@@ -24,7 +24,7 @@ function show(actions: CoordinatorAction[]): string[] {
       case 'createRecord': return `createRecord ${a.volume}`;
       case 'updateRecord': return `updateRecord ${a.volume} held ${a.heldMs}`;
       case 'deleteRecord': return `deleteRecord ${a.volume}`;
-      case 'cut': return `cut moving ${a.moving.map((m) => m.page).join(',')}${a.cut === undefined ? '' : ` T ${a.cut}`}`;
+      case 'cut': return `cut moving ${a.moving.map((m) => m.page).join(',')}${a.suspect.length === 0 ? '' : ` suspect ${a.suspect.map((x) => `${x.page}@${x.peer}`).join(',')}`}${a.cut === undefined ? '' : ` T ${a.cut}`}`;
       case 'taken': return `taken held ${a.heldMs}`;
       case 'aborted': return `aborted: ${a.reason.message}`;
     }
@@ -32,11 +32,12 @@ function show(actions: CoordinatorAction[]): string[] {
 }
 
 const moving = (page: number) => ({ volumeId: 'v1', page, from: 'p1', to: 'p2', done: 1, pieceBlocks: 8 });
+const suspect = (page: number, peer: string) => ({ volumeId: 'v1', page, peer });
 
 /** A plain answer to `step`. */
 function plain(step: Step): Answer {
-  if (step === 'PREPARE') return { step, reply: { clock: 0, moving: [] } };
-  if (step === 'TAKE') return { step, moving: [] };
+  if (step === 'PREPARE') return { step, reply: { clock: 0, moving: [], suspect: [] } };
+  if (step === 'TAKE') return { step, moving: [], suspect: [] };
   if (step === 'REACH') return { step };
   return { step, heldMs: 0 };
 }
@@ -79,9 +80,9 @@ t.test('barrier: records, REACH, PREPARE, TAKE, cut, RELEASE, publish', async (t
   t.same(show(take), ['disarm PREPARE p2', 'send TAKE p1', 'arm TAKE p1 3000', 'send TAKE p2', 'arm TAKE p2 3000', 'send TAKE p3', 'arm TAKE p3 3000'], 'TAKE only once every peer is prepared (gates closed and drained)');
   t.same(take[1], { kind: 'send', peer: 'p1', step: 'TAKE', req: { snapshotId: 's1', layers: [{ volumeId: 'v1', seq: 7 }, { volumeId: 'v2', seq: 3 }] } }, 'TAKE carries the layer numbers of the records');
 
-  t.same(answer(m, 'p1', { step: 'TAKE', moving: [moving(4)] }), ['disarm TAKE p1']);
-  t.same(answer(m, 'p2', { step: 'TAKE', moving: [] }), ['disarm TAKE p2']);
-  t.same(answer(m, 'p3', { step: 'TAKE', moving: [moving(9)] }), ['disarm TAKE p3', 'cut moving 4,9', 'send RELEASE p1', 'send RELEASE p2', 'send RELEASE p3'], 'the cut (routes read) before any RELEASE');
+  t.same(answer(m, 'p1', { step: 'TAKE', moving: [moving(4)], suspect: [] }), ['disarm TAKE p1']);
+  t.same(answer(m, 'p2', { step: 'TAKE', moving: [], suspect: [suspect(2, 'p2')] }), ['disarm TAKE p2']);
+  t.same(answer(m, 'p3', { step: 'TAKE', moving: [moving(9)], suspect: [] }), ['disarm TAKE p3', 'cut moving 4,9 suspect 2@p2', 'send RELEASE p1', 'send RELEASE p2', 'send RELEASE p3'], 'the cut (routes read, suspect copies left out) before any RELEASE');
 
   t.same(answer(m, 'p1', { step: 'RELEASE', heldMs: 5 }), []);
   t.same(show(m.step({ kind: 'failed', peer: 'p2', step: 'RELEASE', error: new Error('gone') })), [], 'a RELEASE that fails does not fail the snapshot (the gates reopen by themselves)');
@@ -95,10 +96,10 @@ t.test('barrier: records, REACH, PREPARE, TAKE, cut, RELEASE, publish', async (t
 t.test('timestamp: PREPARE, T past every clock, TAKE(T), FINISH', async (t) => {
   const m = machine('timestamp', ['v1'], 200);
   until(t, m, 'PREPARE');
-  t.same(answer(m, 'p1', { step: 'PREPARE', reply: { clock: 100, moving: [moving(2)] } }), ['disarm PREPARE p1']);
-  t.same(answer(m, 'p2', { step: 'PREPARE', reply: { clock: 250, moving: [] } }), ['disarm PREPARE p2']);
-  const take = m.step({ kind: 'answer', peer: 'p3', step: 'PREPARE', reply: { clock: 180, moving: [moving(5)] } });
-  t.same(show(take), ['disarm PREPARE p3', 'cut moving 2,5 T 251', 'send TAKE p1', 'arm TAKE p1 6000', 'send TAKE p2', 'arm TAKE p2 6000', 'send TAKE p3', 'arm TAKE p3 6000'], 'T = max(clocks, the coordinator\'s) + 1, fixed before TAKE');
+  t.same(answer(m, 'p1', { step: 'PREPARE', reply: { clock: 100, moving: [moving(2)], suspect: [suspect(0, 'p1')] } }), ['disarm PREPARE p1']);
+  t.same(answer(m, 'p2', { step: 'PREPARE', reply: { clock: 250, moving: [], suspect: [] } }), ['disarm PREPARE p2']);
+  const take = m.step({ kind: 'answer', peer: 'p3', step: 'PREPARE', reply: { clock: 180, moving: [moving(5)], suspect: [suspect(3, 'p3')] } });
+  t.same(show(take), ['disarm PREPARE p3', 'cut moving 2,5 suspect 0@p1,3@p3 T 251', 'send TAKE p1', 'arm TAKE p1 6000', 'send TAKE p2', 'arm TAKE p2 6000', 'send TAKE p3', 'arm TAKE p3 6000'], 'T = max(clocks, the coordinator\'s) + 1, fixed before TAKE');
   t.same(take[2], { kind: 'send', peer: 'p1', step: 'TAKE', req: { snapshotId: 's1', layers: [{ volumeId: 'v1', seq: 10 }], cut: 251 } });
   t.same(allAnswer(m), ['disarm TAKE p3', 'send FINISH p1', 'arm FINISH p1 3000', 'send FINISH p2', 'arm FINISH p2 3000', 'send FINISH p3', 'arm FINISH p3 3000'], 'FINISH once every peer sealed T');
   t.same(allAnswer(m), ['disarm FINISH p3', 'updateRecord 0 held 0'], 'nothing held in timestamp mode');
@@ -229,10 +230,10 @@ t.test('participant, barrier: pre-flush, then hold and close; TAKE freezes; RELE
   t.same(on({ kind: 'prepare', req: 1, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'] } }), ['preflush 1 v1,v2'], 'the pre-flush first: nothing held while hosts still run');
   t.equal(p.holding('v1'), 0);
   t.same(on({ kind: 'flushed', req: 1, ms: 4 }), ['hold v1', 'hold v2', 'arm s #1 10000', 'close 1 s'], 'then held, the expiry armed, the gates closed');
-  t.same(on({ kind: 'closed', req: 1, ms: 2 }), ['answer 1 {"clock":0,"moving":[]}'], 'READY once closed and drained');
+  t.same(on({ kind: 'closed', req: 1, ms: 2 }), ['answer 1 {"clock":0,"moving":[],"suspect":[]}'], 'READY once closed and drained');
   const take = p.step({ kind: 'take', req: 2, take: { snapshotId: 's', layers } });
   t.match(take, [{ kind: 'freeze', req: 2, volumeIds: ['v1', 'v2'], layers, flushMs: 4, drainMs: 2 }]);
-  t.same(on({ kind: 'frozen', req: 2, moving: [moving(1)] }), [`answer 2 ${JSON.stringify([moving(1)])}`]);
+  t.same(on({ kind: 'frozen', req: 2, moving: [moving(1)], suspect: [suspect(4, 'p1')] }), [`answer 2 ${JSON.stringify({ moving: [moving(1)], suspect: [suspect(4, 'p1')] })}`], 'with the pages moving and the suspect copies');
   t.same(on({ kind: 'release', req: 3, snapshotId: 's', abort: false, finish: false }), ['disarm #1', 'letGo v1', 'letGo v2', 'open s v1,v2 answers 3']);
   t.same(p.snapshots, { barrier: [], timestamp: [] });
   t.same(on({ kind: 'release', req: 4, snapshotId: 's', abort: false, finish: false }), ['answer 4 0'], 'a duplicated RELEASE: nothing left to open');
@@ -263,10 +264,10 @@ t.test('participant, timestamp: hold and record at PREPARE, T at TAKE, FINISH wr
   t.same(on({ kind: 'prepare', req: 1, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'], mode: 'timestamp', layers } }), ['arm s #1 10000', 'hold v1', 'hold v2', 'preflush 1 v1,v2']);
   t.same(on({ kind: 'prepare', req: 2, prepare: { snapshotId: 's', volumeIds: ['v1', 'v2'], mode: 'timestamp', layers } }), ['refuse 2: snapshot s is already prepared on p1']);
   t.same(on({ kind: 'flushed', req: 1, ms: 1 }), ['record 1 s']);
-  t.same(on({ kind: 'frozen', req: 1, moving: [] }), ['answer 1 {"clock":500,"moving":[]}'], 'the clock once everything froze');
+  t.same(on({ kind: 'frozen', req: 1, moving: [], suspect: [suspect(4, 'p1')] }), [`answer 1 ${JSON.stringify({ clock: 500, moving: [], suspect: [suspect(4, 'p1')] })}`], 'the clock once everything froze, with the suspect copies');
   t.same(on({ kind: 'release', req: 3, snapshotId: 's', abort: false, finish: true }), ['refuse 3: snapshot s was not taken on p1'], 'FINISH before TAKE(T)');
   t.same(on({ kind: 'take', req: 4, take: { snapshotId: 's', layers, cut: 900 } }), ['seal 4 T 900 v1,v2']);
-  t.same(on({ kind: 'sealed', req: 4 }), ['answer 4 []']);
+  t.same(on({ kind: 'sealed', req: 4 }), ['answer 4 {"moving":[],"suspect":[]}'], 'the freeze was reported at PREPARE');
   t.match(p.step({ kind: 'release', req: 5, snapshotId: 's', abort: false, finish: true }), [{ kind: 'finish', req: 5, layers, cut: 900 }]);
   t.same(on({ kind: 'finished', req: 5 }), ['disarm #1', 'dropRecording s v1', 'letGo v1', 'dropRecording s v2', 'letGo v2', 'answer 5 0']);
   t.same(on({ kind: 'release', req: 6, snapshotId: 's', abort: false, finish: true }), ['refuse 6: snapshot s is not recorded on p1 (it restarted since PREPARE): the layer would miss writes before the cut'], 'FINISH of a snapshot this peer does not know (restarted since PREPARE) is refused');
@@ -280,7 +281,7 @@ t.test('participant, timestamp: ABORT, expiry, a failed FINISH; holds counted ac
   t.equal(p.holding('v1'), 2);
   t.same(on({ kind: 'release', req: 3, snapshotId: 'a', abort: true, finish: false }), ['disarm #1', 'dropRecording a v1', 'answer 3 0'], 'ABORT: b still holds v1');
   t.same(on({ kind: 'flushed', req: 1, ms: 1 }), ['record 1 a'], 'the PREPARE goes on');
-  t.same(on({ kind: 'frozen', req: 1, moving: [] }), ['refuse 1: snapshot a was dropped while p1 prepared it']);
+  t.same(on({ kind: 'frozen', req: 1, moving: [], suspect: [] }), ['refuse 1: snapshot a was dropped while p1 prepared it']);
   t.same(on({ kind: 'expired', snapshotId: 'b', expiry: 2 }), ['disarm #2', 'dropRecording b v1', 'letGo v1'], 'the coordinator gone: the recording does not outlive holdMsMax');
 
   on({ kind: 'prepare', req: 4, prepare: { snapshotId: 'c', volumeIds: ['v1'], mode: 'timestamp', layers: [layers[0]] } });

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import t from 'tap';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import {
-  createSnapshotRecord, decodeSnapshot, deleteSnapshotRecord, holdsPage, joinHolders, narrowInSync, routesAtCut, snapshotHolders, snapshotKey, withJoined, type SnapshotRecord,
+  createSnapshotRecord, decodeSnapshot, deleteSnapshotRecord, holdsPage, joinHolders, narrowInSync, routesAtCut, snapshotHolders, snapshotKey, withJoined, withoutSuspects, type SnapshotRecord,
 } from '../src/snapshot/records';
 
 const pageBlocks = 8192;
@@ -56,6 +56,18 @@ t.test('narrowInSync: only copies in sync at both moments, never none', async (t
   t.same(narrowInSync(cut, { owner: 'p1', version: 4, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p3'] }).inSync, ['p1', 'p3'], 'p2 resynced in after it froze');
   t.equal(narrowInSync(cut, { ...cut, version: 6 }), cut, 'unchanged');
   t.equal(narrowInSync({ owner: 'p1', version: 2 }, { owner: 'p2', version: 3 }).owner, 'p1', 'one copy that moved: kept as is');
+});
+
+t.test('withoutSuspects: a copy suspect where it froze is no holder, unless none would be left', async (t) => {
+  const cut = { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] };
+  const narrowed = withoutSuspects(cut, ['p1']);
+  t.same(narrowed, { ...cut, inSync: ['p2'] }, 'the primary at the cut, suspect: its secondary alone holds the page');
+  const r = record({ placedCopies: 2, moved: [[0, narrowed]] });
+  t.same(snapshotHolders(r, 0, 0, routesAtCut(r), new Map()).holders, ['p2']);
+  t.notOk(holdsPage(r, 0, 'p1', routesAtCut(r), new Map()), 'p1 takes the layer from p2 once in sync (layer-sync.ts)');
+  t.equal(withoutSuspects(cut, ['p3']), cut, 'not an in-sync copy: unchanged');
+  const only = { ...cut, inSync: ['p1'] };
+  t.equal(withoutSuspects(only, ['p1']), only, 'the only in-sync copy stays (its layer is all there is)');
 });
 
 t.test('copies that joined after the cut follow the holders at the cut, for every piece of a moving page', async (t) => {

@@ -8,7 +8,7 @@ import type { Logger } from 'pino';
 import { LogLimiter } from '../log';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
-import type { MovingAtCut } from '../snapshot/records';
+import type { FrozenReport } from '../snapshot/records';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from '../snapshot/service';
 import { peerDataService, peerChannelOptions } from '../routing/link';
 import { statusForCode, type PeerStatusView } from '../server/admin';
@@ -35,7 +35,7 @@ export interface PeerHandlers {
   movePrepare(req: PrepareRequest): Promise<void>;
   moveFinish(req: FinishRequest): Promise<void>;
   snapshotPrepare(req: PrepareSnapshot): Promise<PrepareReply>;
-  snapshotTake(req: TakeSnapshot): Promise<MovingAtCut[]>;
+  snapshotTake(req: TakeSnapshot): Promise<FrozenReport>;
   snapshotRelease(snapshotId: string, abort: boolean, finish?: boolean): Promise<number>;
   blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
   /** A load summary from peer `from` (authenticated). */
@@ -133,7 +133,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
     snapshotTake: wrap(async (r: SnapshotTakeRequestMessage) => {
       // A cut is a hybrid-clock stamp (src/snapshot/hlc.ts): a whole, safe number; 0 or absent for barrier snapshots.
       const cut = r.cut === 0 || r.cut === undefined ? undefined : checkUint(r.cut, 'cut', Number.MAX_SAFE_INTEGER);
-      return { moving: await h.snapshotTake({ snapshotId: checkSnapshotId(r.snapshotId), layers: checkLayers(r.layers), cut }) };
+      return h.snapshotTake({ snapshotId: checkSnapshotId(r.snapshotId), layers: checkLayers(r.layers), cut });
     }),
     snapshotRelease: wrap(async (r: SnapshotReleaseRequestMessage) => ({ heldMs: await h.snapshotRelease(checkSnapshotId(r.snapshotId), r.abort === true, r.finish === true) })),
     // Load monitoring (src/loadmon): the summary's sender must be the authenticated peer.
@@ -256,12 +256,13 @@ export class PeerRpcClient {
   }
 
   async snapshotPrepare(req: PrepareSnapshot, timeoutMs: number): Promise<PrepareReply> {
-    const r = await this.call<{ clock?: number; moving?: MovingAtCut[] }>('snapshotPrepare', req, timeoutMs);
-    return { clock: r.clock ?? 0, moving: r.moving ?? [] };
+    const r = await this.call<{ clock?: number } & Partial<FrozenReport>>('snapshotPrepare', req, timeoutMs);
+    return { clock: r.clock ?? 0, moving: r.moving ?? [], suspect: r.suspect ?? [] };
   }
 
-  async snapshotTake(req: TakeSnapshot, timeoutMs: number): Promise<MovingAtCut[]> {
-    return (await this.call<{ moving?: MovingAtCut[] }>('snapshotTake', req, timeoutMs)).moving ?? [];
+  async snapshotTake(req: TakeSnapshot, timeoutMs: number): Promise<FrozenReport> {
+    const r = await this.call<Partial<FrozenReport>>('snapshotTake', req, timeoutMs);
+    return { moving: r.moving ?? [], suspect: r.suspect ?? [] };
   }
 
   async snapshotRelease(snapshotId: string, abort: boolean, timeoutMs: number, finish = false): Promise<number> {

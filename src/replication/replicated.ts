@@ -43,6 +43,7 @@ import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } 
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
 import { copiesOf, initialRouteVersion, inSyncOf, type PagePart, type Route, type RouteTable } from '../routing/table';
+import { StampsInFlight } from '../snapshot/gate';
 import { BackendDecorator } from '../store/decorator';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import type { ChangeTracker, PrimaryGuard, ReplicaPort } from './hooks';
@@ -120,6 +121,8 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private readonly repair: ReadRepair;
   /** page → the version at which the catalog said the page has one copy although the volume asks for more (not re-read). */
   private readonly confirmed = new Map<number, number>();
+  /** Stamps of the replicated changes this peer is primary of, until each copy applied them or was dropped. */
+  private readonly replicating = new StampsInFlight();
 
   constructor(opts: ReplicatedVolumeOptions) {
     super(opts.local);
@@ -152,6 +155,16 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   unsettled(page: number): boolean {
     return this.recent.unsettled(page);
+  }
+
+  /**
+   * Resolves once no replicated change stamped before `t` is in flight here (its copies settled:
+   * each applied it, or was dropped from the in-sync set). A timestamp snapshot waits for this
+   * before FINISH (src/snapshot/service.ts): a change whose host peer is gone is waited for by
+   * no gate, and a copy it has not reached yet would freeze without it (seed 128).
+   */
+  changesBefore(t: number): Promise<void> {
+    return this.replicating.before(t);
   }
 
   /** No change of a grain of [lba, lba + blocks) of the page is above the acknowledged mark (pending here, or not pruned yet). */
@@ -270,7 +283,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   private change(page: number, c: Change): Promise<void> {
     const apply = (): Promise<void> => this.apply(c);
-    return this.onPage(page, false, apply, () => this.locks.run(page, c.lba, c.blocks, () => this.changeLocked(page, c)));
+    return this.onPage(page, false, apply, () => this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.changeLocked(page, c))));
   }
 
   private apply(c: Change): Promise<void> {
@@ -286,7 +299,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    * page, which the guard waits for, needs that lock.
    */
   private async compareReplicated(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
-    const result = await this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c));
+    const result = await this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c)));
     if (!result.ok) await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => undefined);
     return result;
   }

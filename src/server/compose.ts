@@ -219,6 +219,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     store: (id) => core.targets.stored(id),
     stampLog: (id) => core.targets.stampLog(id),
     moving: (id) => core.migrator.cursors(id),
+    suspect: (id) => core.resync.activity.suspect(id),
+    changesBefore: (id, t) => core.targets.replicated(id)?.changesBefore(t),
     idle: (id) => core.migrator.idle(id),
     rpc: {
       reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),

@@ -39,7 +39,7 @@
 
 import { assert, PeersanError } from '../errors';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from './service';
-import type { MovingAtCut, SnapshotMode } from './records';
+import type { FrozenReport, MovingAtCut, SnapshotMode, SuspectAtCut } from './records';
 
 /** How long a peer may take to drain its requests and answer PREPARE. */
 export const prepareMsMax = 3_000;
@@ -58,7 +58,7 @@ export interface Round {
 export type Answer =
   | { step: 'REACH' }
   | { step: 'PREPARE'; reply: PrepareReply }
-  | { step: 'TAKE'; moving: MovingAtCut[] }
+  | ({ step: 'TAKE' } & FrozenReport)
   /** RELEASE: how long the peer held host I/O; FINISH and ABORT: 0. */
   | { step: 'RELEASE' | 'FINISH' | 'ABORT'; heldMs: number };
 
@@ -73,8 +73,8 @@ export type CoordinatorAction =
   /** Report `timer` for this peer and step after `ms`, unless disarmed first. */
   | { kind: 'arm'; peer: string; step: Step; ms: number }
   | { kind: 'disarm'; peer: string; step: Step }
-  /** The cut is fixed: read the routes now (moves are held), with the pages moving at it and T. */
-  | { kind: 'cut'; moving: MovingAtCut[]; cut?: number }
+  /** The cut is fixed: read the routes now (moves are held), with the pages moving at it, the suspect copies and T. */
+  | ({ kind: 'cut'; cut?: number } & FrozenReport)
   | { kind: 'updateRecord'; volume: number; heldMs: number }
   | { kind: 'deleteRecord'; volume: number }
   | { kind: 'taken'; heldMs: number }
@@ -118,6 +118,7 @@ export class SnapshotCoordinator {
   /** The peers of the current round (or of the abort's releases) that answered it. */
   private readonly answers = new Map<string, Answer>();
   private readonly moving: MovingAtCut[] = [];
+  private readonly suspect: SuspectAtCut[] = [];
   private heldMsMax = 0;
   /** Timestamp mode: the cut T, once every peer answered PREPARE. */
   private cutT: number | undefined;
@@ -254,15 +255,16 @@ export class SnapshotCoordinator {
     const done: CoordinatorAction[] = [];
     const answers = peers.map((p) => this.answers.get(p)!);
     for (const a of answers) {
-      if (a.step === 'TAKE') this.moving.push(...a.moving);
-      if (a.step === 'PREPARE') this.moving.push(...a.reply.moving);
+      const frozen = a.step === 'TAKE' ? a : a.step === 'PREPARE' ? a.reply : undefined;
+      this.moving.push(...(frozen?.moving ?? []));
+      this.suspect.push(...(frozen?.suspect ?? []));
       if (a.step === 'RELEASE') this.heldMsMax = Math.max(this.heldMsMax, a.heldMs);
     }
     if (step === 'PREPARE' && this.o.mode === 'timestamp') {
       this.cutT = Math.max(this.o.clock(), ...answers.map((a) => (a.step === 'PREPARE' ? a.reply.clock : 0))) + 1;
-      done.push({ kind: 'cut', moving: [...this.moving], cut: this.cutT });
+      done.push({ kind: 'cut', moving: [...this.moving], suspect: [...this.suspect], cut: this.cutT });
     }
-    if (step === 'TAKE' && this.o.mode === 'barrier') done.push({ kind: 'cut', moving: [...this.moving] });
+    if (step === 'TAKE' && this.o.mode === 'barrier') done.push({ kind: 'cut', moving: [...this.moving], suspect: [...this.suspect] });
     if (this.round + 1 < this.plan.length) return [...done, ...this.startRound(this.round + 1)];
     return [...done, ...this.publish(0)];
   }

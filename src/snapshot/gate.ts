@@ -21,6 +21,39 @@ export class GateClosedTooLongError extends PeersanError {
   }
 }
 
+/**
+ * Hybrid-clock stamps of changes in flight (not answered yet), and waits for those stamped
+ * before a cut T (timestamp snapshots). A sorted array rather than a Set: a Set that every
+ * write adds to and deletes from keeps replacing its hash table, and V8 then carried each
+ * write's objects into the old generation (forwarded 4 KiB writes: the portal peer promoted
+ * 21 MB and ran 5 mark-compacts in a 60,000-write run; 6 MB and 3 with this).
+ */
+export class StampsInFlight {
+  /** Ascending (the clock only goes forward, so a new stamp is nearly always appended). */
+  private readonly stamps: number[] = [];
+  private waiters: { below: number; resolve: () => void }[] = [];
+
+  /** Resolves once nothing stamped before `t` is in flight (new ones are stamped later). */
+  before(t: number): Promise<void> {
+    if (!this.anyBelow(t)) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.push({ below: t, resolve }));
+  }
+
+  /** Run `fn`, counted in flight under `stamp` until it settles (no stamp: not counted). */
+  during<T>(stamp: number | undefined, fn: () => Promise<T>): Promise<T> {
+    if (stamp === undefined) return fn();
+    insertSorted(this.stamps, stamp);
+    return whenSettled(fn, () => {
+      removeSorted(this.stamps, stamp);
+      if (this.waiters.length > 0) this.waiters = this.waiters.filter((w) => (this.anyBelow(w.below) ? true : (w.resolve(), false)));
+    });
+  }
+
+  private anyBelow(t: number): boolean {
+    return this.stamps.length > 0 && this.stamps[0] < t;
+  }
+}
+
 export class VolumeGate extends BackendDecorator {
   private inFlight = 0;
   private closedBy: string | undefined;
@@ -32,15 +65,8 @@ export class VolumeGate extends BackendDecorator {
   /** Milliseconds hosts were held, summed over every close (metrics). */
   heldMsTotal = 0;
 
-  /**
-   * Stamps of this peer's host writes of the volume not yet answered, in ascending order (the
-   * clock only goes forward, so a new one is appended). A sorted array rather than a Set: a
-   * Set that every write adds to and deletes from keeps replacing its hash table, and V8 then
-   * carried each write's objects into the old generation (forwarded 4 KiB writes: the portal
-   * peer promoted 21 MB and ran 5 mark-compacts in a 60,000-write run; 6 MB and 3 with this).
-   */
-  private readonly stamps: number[] = [];
-  private stampWaiters: { below: number; resolve: () => void }[] = [];
+  /** Stamps of this peer's host writes of the volume not yet answered. */
+  private readonly stamps = new StampsInFlight();
 
   constructor(inner: BlockBackend, private readonly env: Env, private readonly clock?: HybridClock) {
     super(inner);
@@ -48,12 +74,7 @@ export class VolumeGate extends BackendDecorator {
 
   /** Resolves once no host write stamped before `t` is in flight here (new ones are stamped later). */
   writesBefore(t: number): Promise<void> {
-    if (!this.anyBelow(t)) return Promise.resolve();
-    return new Promise((resolve) => this.stampWaiters.push({ below: t, resolve }));
-  }
-
-  private anyBelow(t: number): boolean {
-    return this.stamps.length > 0 && this.stamps[0] < t;
+    return this.stamps.before(t);
   }
 
   /** A host write: stamped, and counted until it is answered. */
@@ -61,14 +82,10 @@ export class VolumeGate extends BackendDecorator {
     if (!this.clock) return this.pass(() => run(opts));
     return this.pass(() => {
       const stamp = this.clock!.now();
-      insertSorted(this.stamps, stamp);
       // Every WriteOptions field, written out: a spread copy plus a field ({ ...opts, stamp })
       // made V8 promote each copy to the old generation (a write loop through the gate ran
       // 3.6 times slower, with a mark-compact every 120 ms; see PeerLink's codec in link.ts).
-      return whenSettled(() => run({ fua: opts?.fua, stamp }), () => {
-        removeSorted(this.stamps, stamp);
-        if (this.stampWaiters.length > 0) this.stampWaiters = this.stampWaiters.filter((w) => (this.anyBelow(w.below) ? true : (w.resolve(), false)));
-      });
+      return this.stamps.during(stamp, () => run({ fua: opts?.fua, stamp }));
     });
   }
 

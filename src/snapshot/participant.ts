@@ -15,15 +15,18 @@
 //   waits for the page-move step in progress); READY once all are closed. A gate that fails
 //   refuses PREPARE and lets go of everything.
 //   TAKE: only for a snapshot prepared here (the service refuses too if a gate reopened by
-//   itself: the hold outlived holdMsMax); the layers freeze; answer with the pages moving.
+//   itself: the hold outlived holdMsMax); the layers freeze; answer with the pages moving and
+//   this peer's suspect copies (records.ts FrozenReport).
 //   RELEASE (or the expiry): forget the snapshot, let go of the volumes, open the gates.
 // Timestamp mode:
 //   PREPARE: refuse a snapshot already prepared here; arm the expiry, hold the volumes, then
 //   pre-flush, then record and freeze (the service, volume by volume); answer with this peer's
 //   clock, read once everything froze (every write that reached the store before the freeze
-//   was stamped below it). Dropped meanwhile (ABORT, expiry): refuse.
+//   was stamped below it), and with what TAKE reports in barrier mode. Dropped meanwhile
+//   (ABORT, expiry): refuse.
 //   TAKE(T): only once prepared here; remember T; the service moves the clock past T and waits
-//   for host writes stamped before T.
+//   for host writes stamped before T, and for the replicated changes stamped before T this
+//   peer is primary of (service.ts step 3).
 //   FINISH: only once TAKE(T) came; the service writes the recorded changes before T into the
 //   layers; then, done or failed, the recording is dropped and the volumes let go. FINISH of a
 //   snapshot this peer does not know is refused: it restarted since PREPARE, and the writes it
@@ -33,7 +36,7 @@
 
 import { assert, PeersanError } from '../errors';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from './service';
-import type { MovingAtCut } from './records';
+import type { FrozenReport } from './records';
 
 /** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
 export const holdMsMax = 10_000;
@@ -47,7 +50,7 @@ export type ParticipantEvent =
   /** The effect asked for by request `req` ended (`ms`: how long it took, for the log). */
   | { kind: 'flushed'; req: number; ms: number }
   | { kind: 'closed'; req: number; ms: number }
-  | { kind: 'frozen'; req: number; moving: MovingAtCut[] }
+  | ({ kind: 'frozen'; req: number } & FrozenReport)
   | { kind: 'sealed'; req: number }
   | { kind: 'finished'; req: number }
   | { kind: 'failed'; req: number; error: Error }
@@ -55,7 +58,7 @@ export type ParticipantEvent =
   | { kind: 'expired'; snapshotId: string; expiry: number };
 
 export type ParticipantAction =
-  | { kind: 'answer'; req: number; value: PrepareReply | MovingAtCut[] | number }
+  | { kind: 'answer'; req: number; value: PrepareReply | FrozenReport | number }
   | { kind: 'refuse'; req: number; error: Error }
   /** Report `expired` after `ms` unless disarmed. */
   | { kind: 'arm'; snapshotId: string; expiry: number; ms: number }
@@ -206,16 +209,17 @@ export class SnapshotParticipant {
     if (ev.kind === 'failed') return this.effectFailed(ev.req, w, ev.error);
     if ('barrier' in w) return this.barrierPrepared(ev, w.snapshotId, w.barrier);
     if ('stamped' in w) return this.stampedPrepared(ev, w.snapshotId, w.stamped);
-    if (ev.kind === 'frozen') return [{ kind: 'answer', req: ev.req, value: ev.moving }];
+    if (ev.kind === 'frozen') return [{ kind: 'answer', req: ev.req, value: { moving: ev.moving, suspect: ev.suspect } }];
     if (w.step === 'finish') return [...this.dropStamped(w.snapshotId), { kind: 'answer', req: ev.req, value: 0 }];
-    return [{ kind: 'answer', req: ev.req, value: [] }];
+    // TAKE(T) sealed: the freeze was reported at PREPARE.
+    return [{ kind: 'answer', req: ev.req, value: { moving: [], suspect: [] } }];
   }
 
   /** Barrier PREPARE: pre-flushed, then gates closed. */
   private barrierPrepared(ev: ParticipantEvent & { req: number }, snapshotId: string, b: Barrier): ParticipantAction[] {
     if (ev.kind === 'closed') {
       b.drainMs = ev.ms;
-      return [{ kind: 'answer', req: ev.req, value: { clock: 0, moving: [] } }];
+      return [{ kind: 'answer', req: ev.req, value: { clock: 0, moving: [], suspect: [] } }];
     }
     assert(ev.kind === 'flushed', 'a barrier PREPARE pre-flushes, then closes');
     b.flushMs = ev.ms;
@@ -235,7 +239,7 @@ export class SnapshotParticipant {
     if (ev.kind === 'flushed') return [{ kind: 'record', req: ev.req, snapshotId, layers: s.layers }];
     assert(ev.kind === 'frozen', 'a timestamp PREPARE pre-flushes, then records and freezes');
     if (!this.stamping.has(snapshotId)) return this.refuse(ev.req, `snapshot ${snapshotId} was dropped while ${this.o.self} prepared it`);
-    return [{ kind: 'answer', req: ev.req, value: { clock: this.o.clock(), moving: ev.moving } }];
+    return [{ kind: 'answer', req: ev.req, value: { clock: this.o.clock(), moving: ev.moving, suspect: ev.suspect } }];
   }
 
   private effectFailed(req: number, w: Pending, error: Error): ParticipantAction[] {

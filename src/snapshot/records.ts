@@ -24,6 +24,27 @@ export interface MovingAtCut {
   pieceBlocks: number;
 }
 
+/**
+ * A page whose copy on `peer` may lack writes acknowledged before that peer froze it: the page
+ * is suspect in its activity log (src/replication/activity.ts: it restarted with the page
+ * logged, so unflushed writes may be lost, or a move lost it the primary role), from then until
+ * a whole resync trusts it again. Stepping out of the in-sync set takes the catalog, so such a
+ * copy may still be in sync, even primary, at the cut: it holds no layer of the page (seeds 8
+ * and 92: a primary restarted without a write its secondary kept, snapshotted before it could
+ * hand the page over; the two layers differed).
+ */
+export interface SuspectAtCut {
+  volumeId: string;
+  page: number;
+  peer: string;
+}
+
+/** What a peer reports once its layers froze: the pages it was moving away, and its suspect copies. */
+export interface FrozenReport {
+  moving: MovingAtCut[];
+  suspect: SuspectAtCut[];
+}
+
 export interface SnapshotRecord {
   volumeId: string;
   volume: string;
@@ -207,9 +228,18 @@ const joinTriesMax = 32;
  * the cut that it never got). Unchanged when none would be left.
  */
 export function narrowInSync(route: Route, other: Route): Route {
+  return keepInSync(route, (p) => inSyncOf(other).includes(p));
+}
+
+/** `route` (a page's route at the cut) without `suspect` among its in-sync copies (SuspectAtCut). Unchanged when none would be left. */
+export function withoutSuspects(route: Route, suspect: readonly string[]): Route {
+  return keepInSync(route, (p) => !suspect.includes(p));
+}
+
+function keepInSync(route: Route, keep: (peer: string) => boolean): Route {
   const inSync = inSyncOf(route);
-  const keep = inSync.filter((p) => inSyncOf(other).includes(p));
-  return keep.length === 0 || keep.length === inSync.length ? route : { ...route, inSync: keep };
+  const kept = inSync.filter(keep);
+  return kept.length === 0 || kept.length === inSync.length ? route : { ...route, inSync: kept };
 }
 
 /** The routes of the volume's pages at the cut, as a table (placement rule plus the pages that had changed). */

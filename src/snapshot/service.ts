@@ -10,7 +10,9 @@
 //   1. a catalog record per volume in state `taking`, with a fresh layer number (seq);
 //   2. PREPARE to every peer of the group: each closes the volumes' gates (new host requests
 //      wait) and answers READY once the requests already inside have finished, forwarded
-//      parts included. A peer that does not answer within prepareMsMax aborts the snapshot;
+//      parts included, and the replicated changes in flight where it is a page's primary
+//      (each copy applied it or was dropped). A peer that does not answer within prepareMsMax
+//      aborts the snapshot;
 //   3. TAKE to every peer: each freezes its store's layer of each volume (O(1): an epoch) and
 //      reports the pages it is moving away (where each piece's data is at the cut);
 //   4. RELEASE to every peer: gates open. Release comes only after every peer has frozen, so a
@@ -35,7 +37,10 @@
 //   2. the cut T = past every clock in the answers (and the coordinator's): so every write
 //      stamped at or after T reaches its owner after the freeze, and is recorded;
 //   3. TAKE(T): each peer moves its clock past T (new host writes are stamped after T) and
-//      waits until none of its host writes stamped before T is still in flight;
+//      waits until none of its host writes stamped before T is still in flight, and, as a
+//      page's primary, none of the replicated changes stamped before T (every copy applied
+//      it, recorded if after its freeze, or was dropped from the in-sync set, which the
+//      record's routes then narrow: a change whose host peer died is waited for by no gate);
 //   4. FINISH: each peer writes its recorded changes stamped before T into the frozen layers,
 //      in stamp order. A write stamped before T that was still on its way at the freeze is
 //      now in the snapshot; one stamped after T that arrived before FINISH is not.
@@ -56,8 +61,8 @@ import {
 } from './coordinator';
 import { holdMsMax, SnapshotParticipant, type ParticipantAction, type ParticipantEvent } from './participant';
 import {
-  createSnapshotRecord, deleteSnapshotRecord, narrowInSync, nextSnapshotSeq, routesAtCut, updateSnapshotRecord, validateSnapshotName,
-  type MovingAtCut, type SnapshotMode, type SnapshotRecord,
+  createSnapshotRecord, deleteSnapshotRecord, narrowInSync, nextSnapshotSeq, routesAtCut, updateSnapshotRecord, validateSnapshotName, withoutSuspects,
+  type FrozenReport, type MovingAtCut, type SnapshotMode, type SnapshotRecord, type SuspectAtCut,
 } from './records';
 
 export interface PrepareSnapshot {
@@ -69,11 +74,10 @@ export interface PrepareSnapshot {
   layers?: { volumeId: string; seq: number }[];
 }
 
-export interface PrepareReply {
+/** Timestamp mode: what the peer's freeze reports (barrier mode: empty lists, reported by TAKE). */
+export interface PrepareReply extends FrozenReport {
   /** Timestamp mode: this peer's clock once its layers froze. */
   clock: number;
-  /** Timestamp mode: the pages this peer is moving away, with their piece cursors. */
-  moving: MovingAtCut[];
 }
 
 export interface TakeSnapshot {
@@ -87,7 +91,7 @@ export interface SnapshotRpc {
   /** Resolves once the peer is connected (bounded): checked before anything is held or frozen. */
   reach(peer: string): Promise<void>;
   prepare(peer: string, req: PrepareSnapshot): Promise<PrepareReply>;
-  take(peer: string, req: TakeSnapshot): Promise<MovingAtCut[]>;
+  take(peer: string, req: TakeSnapshot): Promise<FrozenReport>;
   /**
    * Barrier: open the gates; the time this peer held host I/O, in ms. Timestamp: write the
    * recorded changes before the cut into the layers (or, with `abort`, drop them); with
@@ -109,6 +113,10 @@ export interface SnapshotServiceOptions {
   clock: HybridClock;
   /** Pages of the volume this peer is moving away, with their piece cursors. */
   moving(volumeId: string): MovingAtCut[];
+  /** Pages of the volume whose copy here may lack writes it acknowledged (the activity log's suspects: records.ts SuspectAtCut). */
+  suspect(volumeId: string): Iterable<number>;
+  /** Resolves once no replicated change stamped before `t` that this peer is primary of is in flight (replicated.ts changesBefore). */
+  changesBefore(volumeId: string, t: number): Promise<void> | undefined;
   /** Resolves when no page-move step of the volume is running on this peer. */
   idle(volumeId: string): Promise<void>;
   rpc: SnapshotRpc;
@@ -185,7 +193,7 @@ export class SnapshotService {
     return this.request((r) => ({ kind: 'prepare', req: r, prepare: req }));
   }
 
-  take(req: TakeSnapshot): Promise<MovingAtCut[]> {
+  take(req: TakeSnapshot): Promise<FrozenReport> {
     return this.request((r) => ({ kind: 'take', req: r, take: req }));
   }
 
@@ -253,13 +261,13 @@ export class SnapshotService {
       case 'close':
         return this.effect(a.req, async () => ({ kind: 'closed', req: a.req, ms: await this.closeGates(a.snapshotId, a.volumeIds) }));
       case 'freeze':
-        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, moving: await this.freeze(a) }));
+        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, ...(await this.freeze(a)) }));
       case 'record':
-        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, moving: await this.recordAndFreeze(a.snapshotId, a.layers) }));
+        return this.effect(a.req, async () => ({ kind: 'frozen', req: a.req, ...(await this.recordAndFreeze(a.snapshotId, a.layers)) }));
       case 'seal':
         return this.effect(a.req, async () => {
           this.o.clock.observe(a.cut);
-          await within(timers, Promise.all(a.volumeIds.map((id) => this.o.gate(id)?.writesBefore(a.cut))), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
+          await within(timers, Promise.all(a.volumeIds.flatMap((id) => [this.o.gate(id)?.writesBefore(a.cut), this.o.changesBefore(id, a.cut)])), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
           return { kind: 'sealed', req: a.req };
         });
       case 'finish':
@@ -292,6 +300,10 @@ export class SnapshotService {
           closed.push(gate);
           // Page moves stop at their next step while the gate is closed; wait for the current one.
           await this.o.idle(id);
+          // And for the replicated changes in flight here as a page's primary: one whose host
+          // peer died is drained by no gate, and a copy it has not reached would freeze without
+          // it (seed 128's barrier twin). Each copy applies it or is dropped before READY.
+          await this.o.changesBefore(id, this.o.clock.now());
         }),
       );
     } catch (err) {
@@ -301,29 +313,29 @@ export class SnapshotService {
     return this.o.env.clock.monotonicMs() - started;
   }
 
-  /** Barrier TAKE: freeze the layers while every gate is still closed; the pages this peer is moving away. */
-  private async freeze(a: Extract<ParticipantAction, { kind: 'freeze' }>): Promise<MovingAtCut[]> {
+  /** Barrier TAKE: freeze the layers while every gate is still closed; the pages this peer is moving away, and its suspect copies. */
+  private async freeze(a: Extract<ParticipantAction, { kind: 'freeze' }>): Promise<FrozenReport> {
     for (const id of a.volumeIds) {
       if (!this.o.gate(id)?.isClosed) throw new PeersanError(`peer ${this.o.self} stopped holding I/O for snapshot ${a.snapshotId} (held longer than ${holdMsMax} ms)`);
     }
-    const moving: MovingAtCut[] = [];
+    const report: FrozenReport = { moving: [], suspect: [] };
     const started = this.o.env.clock.monotonicMs();
     for (const { volumeId, seq } of a.layers) {
       const store = this.o.store(volumeId);
       if (!store) throw new PeersanError(`volume ${volumeId} is not open on ${this.o.self}`);
-      moving.push(...this.o.moving(volumeId));
-      await store.snapshot(String(seq), this.o.env.clock.nowMs());
+      report.moving.push(...this.o.moving(volumeId));
+      await this.frozenSuspects(volumeId, report.suspect, async () => void (await store.snapshot(String(seq), this.o.env.clock.nowMs())));
     }
     // Where the hold goes on this peer: draining requests (PREPARE) and freezing the layers
     // (TAKE: the store's fdatasync and synced batch); the rest is round trips. The pre-flush
     // comes before the hold.
     this.o.log.info({ snapshotId: a.snapshotId, flushMs: round(a.flushMs), drainMs: round(a.drainMs), freezeMs: round(this.o.env.clock.monotonicMs() - started) }, 'snapshot layers frozen');
-    return moving;
+    return report;
   }
 
-  /** Timestamp PREPARE, volume by volume: record the changes that reach the store from now, then freeze; the pages moving away. */
-  private async recordAndFreeze(snapshotId: string, layers: { volumeId: string; seq: number }[]): Promise<MovingAtCut[]> {
-    const moving: MovingAtCut[] = [];
+  /** Timestamp PREPARE, volume by volume: record the changes that reach the store from now, then freeze; the pages moving away, and the suspect copies. */
+  private async recordAndFreeze(snapshotId: string, layers: { volumeId: string; seq: number }[]): Promise<FrozenReport> {
+    const report: FrozenReport = { moving: [], suspect: [] };
     for (const { volumeId, seq } of layers) {
       const store = this.o.store(volumeId);
       const log = this.o.stampLog(volumeId);
@@ -331,11 +343,22 @@ export class SnapshotService {
       // Page moves stop at their next step; wait for the current one.
       await this.o.idle(volumeId);
       log.begin(snapshotId);
-      moving.push(...this.o.moving(volumeId));
-      await store.snapshot(String(seq), this.o.env.clock.nowMs());
+      report.moving.push(...this.o.moving(volumeId));
+      await this.frozenSuspects(volumeId, report.suspect, async () => void (await store.snapshot(String(seq), this.o.env.clock.nowMs())));
       log.frozen(snapshotId);
     }
-    return moving;
+    return report;
+  }
+
+  /**
+   * Run `freeze` (the volume's layer), and add to `out` the pages suspect here before OR after
+   * it: one trusted meanwhile (its whole resync ended) may have frozen before the resync wrote
+   * it, one distrusted meanwhile lacked its writes before too.
+   */
+  private async frozenSuspects(volumeId: string, out: SuspectAtCut[], freeze: () => Promise<void>): Promise<void> {
+    const before = new Set(this.o.suspect(volumeId));
+    await freeze();
+    for (const page of new Set([...before, ...this.o.suspect(volumeId)])) out.push({ volumeId, page, peer: this.o.self });
   }
 
   /** Timestamp FINISH: the recorded changes before the cut go into the frozen layers. */
@@ -435,7 +458,7 @@ export class SnapshotService {
           case 'createRecord':
             return report(this.createRecord(taking, a.volume), (seq) => ({ kind: 'recordCreated', volume: a.volume, seq }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
           case 'cut':
-            this.captureRoutes(taking, a.moving);
+            this.captureRoutes(taking, a);
             if (a.cut !== undefined) for (const x of taking.records) x.r.cut = a.cut;
             return;
           case 'updateRecord':
@@ -464,7 +487,7 @@ export class SnapshotService {
       case 'PREPARE':
         return { step: s.step, reply: await rpc.prepare(s.peer, s.req) };
       case 'TAKE':
-        return { step: s.step, moving: await rpc.take(s.peer, s.req) };
+        return { step: s.step, ...(await rpc.take(s.peer, s.req)) };
       case 'RELEASE':
         return { step: s.step, heldMs: await rpc.release(s.peer, snapshotId, false) };
       case 'FINISH':
@@ -487,7 +510,7 @@ export class SnapshotService {
     const x = taking.records[i];
     // Timestamp mode: the layers were completed only now (FINISH); a copy dropped from a page's
     // in-sync set since the cut may have missed a write stamped before it.
-    if (taking.mode === 'timestamp') narrowRoutes(x.r, this.o.catalog.routes(taking.volumes[i]));
+    if (taking.mode === 'timestamp') narrowToInSync(x.r, this.o.catalog.routes(taking.volumes[i]));
     taking.tookMs ??= round(this.o.env.clock.monotonicMs() - taking.started);
     x.r.state = 'ready';
     x.r.heldMs = round(heldMs);
@@ -498,9 +521,10 @@ export class SnapshotService {
 
   /**
    * Where each page's layer lives: the routes at the cut (frozen: moves wait while gates are
-   * closed), each page's in-sync copies narrowed to those in sync before anything froze too.
+   * closed), each page's in-sync copies narrowed to those in sync before anything froze too,
+   * less the copies suspect where they froze.
    */
-  private captureRoutes(taking: Taking, moving: MovingAtCut[]): void {
+  private captureRoutes(taking: Taking, frozen: FrozenReport): void {
     const records = taking.records.map((x) => x.r);
     taking.volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
@@ -510,8 +534,9 @@ export class SnapshotService {
         const route = table.route(page);
         if (route.version > 1) records[i].moved.push([page, route]);
       }
-      records[i].moving = moving.filter((m) => m.volumeId === v.id);
-      narrowRoutes(records[i], new RouteTable(v.peers, v.pageBlocks, taking.before[i], v.placedCopies ?? 1));
+      records[i].moving = frozen.moving.filter((m) => m.volumeId === v.id);
+      narrowToInSync(records[i], new RouteTable(v.peers, v.pageBlocks, taking.before[i], v.placedCopies ?? 1));
+      narrowToTrusted(records[i], frozen.suspect.filter((x) => x.volumeId === v.id));
     });
   }
 
@@ -541,13 +566,28 @@ function defaultName(nowMs: number): string {
 }
 
 /** The record's routes at the cut, each page's in-sync copies narrowed to those in sync in `other` too (records.ts narrowInSync). */
-function narrowRoutes(r: SnapshotRecord, other: RouteTable): void {
+function narrowToInSync(r: SnapshotRecord, other: RouteTable): void {
+  narrowRoutes(r, [...other.changed()].map(([page]) => page), (page, route) => narrowInSync(route, other.route(page)));
+}
+
+/** The record's routes at the cut without the copies suspect where they froze (records.ts SuspectAtCut). */
+function narrowToTrusted(r: SnapshotRecord, suspect: readonly SuspectAtCut[]): void {
+  narrowRoutes(r, suspect.map((x) => x.page), (page, route) => withoutSuspects(route, suspect.filter((x) => x.page === page).map((x) => x.peer)));
+}
+
+/**
+ * Each of the record's routes at the cut (those it keeps, and those of `pages`) as `narrow`
+ * makes it. A route it keeps stays kept, even one of the placement rule's version: a narrowing
+ * made before (seed 8: a suspect copy left out at the cut, then the routes after FINISH).
+ */
+function narrowRoutes(r: SnapshotRecord, pages: readonly number[], narrow: (page: number, route: Route) => Route): void {
   const cut = routesAtCut(r);
-  const pages = [...new Set([...r.moved.map(([page]) => page), ...[...other.changed()].map(([page]) => page)])].sort((a, b) => a - b);
-  r.moved = pages.flatMap((page): [number, Route][] => {
+  const kept = new Set(r.moved.map(([page]) => page));
+  const all = [...new Set([...kept, ...pages])].sort((a, b) => a - b);
+  r.moved = all.flatMap((page): [number, Route][] => {
     const route = cut.route(page);
-    const narrowed = narrowInSync(route, other.route(page));
-    return route.version > 1 || narrowed !== route ? [[page, narrowed]] : [];
+    const narrowed = narrow(page, route);
+    return kept.has(page) || narrowed !== route ? [[page, narrowed]] : [];
   });
 }
 
