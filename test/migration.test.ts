@@ -9,6 +9,7 @@
 import t from 'tap';
 import type { PeerServer } from '../src/server/peer';
 import type { VolumeRouter } from '../src/routing/router';
+import { copiesOf, inSyncOf } from '../src/routing/table';
 import { startGroup } from './helpers/group';
 
 const pageBlocks = 8192;
@@ -222,4 +223,34 @@ t.test('while a snapshot holds the volume no move step runs; the move goes on wh
   const committed = await Promise.race([src.core.migrator.wait(info.volumeId, 0).then(() => 'committed'), new Promise((r) => setTimeout(() => r('still held'), 10_000))]);
   t.equal(committed, 'committed', 'the move went on and committed');
   t.equal(await ownerOf(g.peer('p2'), 'vol', 0), 'p3');
+});
+
+// A destination that restarts may have lost staging writes it acknowledged without FUA; with two
+// copies the other copy holds them, so the destination must not become the page's primary: the
+// source hands the role to the in-sync copy and the move is abandoned (move-machine.ts, confirm).
+t.test('with two copies, a restart of the destination in mid-move abandons the move; the other copy takes the primary role', async (t) => {
+  const g = await startGroup(t, 3, { migration: { rateMBps: 2 } });
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 2 });
+  const page = 0; // on p1, its second copy on p2: p3 holds none
+  const routers = await routersOf(g, 'vol');
+  const data = Buffer.alloc(pageBlocks * bs);
+  for (let i = 0; i < data.length; i += 4) data.writeUInt32BE(i ^ 0x3c3c3c3c, i);
+  await routers.get('p2')!.write(0, data);
+  const volume = g.peer('p1').core.catalog.require('vol');
+  t.same(copiesOf(await g.peer('p1').core.catalog.fetchRoute(volume, page)), ['p1', 'p2']);
+  const info = await g.peer('p1').admin.movePage('vol', page, 'p3');
+  for (let i = 0; i < 200 && (g.peer('p1').core.migrator.list()[0]?.done ?? 0) < 4; i++) await new Promise((r) => setTimeout(r, 50));
+  // Written after some pieces moved: the moved ones go to p3 (staging) and p2, not to p1.
+  const late = Buffer.alloc(8 * bs, 0xa7);
+  await routers.get('p2')!.write(8, late);
+  late.copy(data, 8 * bs);
+  await g.peer('p3').stop();
+  await g.start('p3');
+  await t.rejects(g.peer('p1').core.migrator.wait(info.volumeId, page), /cancelled/, 'the move does not commit');
+  const route = await g.peer('p1').core.catalog.fetchRoute(volume, page);
+  t.equal(route.owner, 'p2', 'the in-sync copy took the primary role');
+  t.notOk(copiesOf(route).includes('p3'), 'p3 holds no copy');
+  t.notOk(inSyncOf(route).includes('p1'), "p1's copy, missing what went to p3, is out of the in-sync set (it resyncs)");
+  for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
+  t.equal(await g.peer('p1').core.catalog.moveIntent(info.volumeId, page), undefined, 'the intent is gone from the catalog');
 });

@@ -34,7 +34,7 @@ function line(a: MoveAction): string {
     case 'persist':
       return `persist ${a.checkpoint.state} done=${a.checkpoint.done}`;
     case 'setRoute':
-      return `setRoute from v${a.version}`;
+      return `setRoute from v${a.version}${a.confirm ? '' : ' unconfirmed'}`;
     case 'finish':
       return `finish ${a.committed ? `committed v${a.version}` : 'cancelled'}`;
     case 'release':
@@ -81,6 +81,8 @@ function usual(m: MoveMachine, a: MoveAction): MoveEvent | undefined {
       return { kind: 'released' };
     case 'armTimer':
       return { kind: 'timer' };
+    case 'handOff':
+      return { kind: 'handedOff', handed: true };
     default:
       return undefined;
   }
@@ -214,6 +216,7 @@ t.test('cancel before the commit: the forward copy stops at the next chunk, the 
     'enterStep', 'clearTransit 2', 'leaveStep',
     'turnBack', 'persist cancelling done=2',
     ...backPiece(1), ...backPiece(0),
+    'prepare', // D confirms what came back from it (it did not restart meanwhile)
     ...rollbackEnd,
   ]);
   t.equal(m.phase, 'cancelled');
@@ -226,7 +229,7 @@ t.test('cancel while the commit step waits for its turn (a snapshot holds the vo
     if (a.kind === 'enterStep' && m.done === 2 && !m.cancelRequested) m.step({ kind: 'cancel' });
     return undefined;
   });
-  t.same(lines.slice(forwardPiece(0).length * 2), ['enterStep', 'leaveStep', 'turnBack', 'persist cancelling done=2', ...backPiece(1), ...backPiece(0), ...rollbackEnd]);
+  t.same(lines.slice(forwardPiece(0).length * 2), ['enterStep', 'leaveStep', 'turnBack', 'persist cancelling done=2', ...backPiece(1), ...backPiece(0), 'prepare', ...rollbackEnd]);
 });
 
 t.test('cancel after the commit is decided: refused (a CAS may be on its way); the move commits', async (t) => {
@@ -251,7 +254,7 @@ t.test('a cancel during a copy back is a no-op; a cancelled or ended move ignore
     if (a.kind === 'copyChunk') m.step({ kind: 'cancel' });
     return undefined;
   });
-  t.same(lines, ['turnBack', 'persist cancelling done=1', ...backPiece(0), ...rollbackEnd]);
+  t.same(lines, ['turnBack', 'persist cancelling done=1', ...backPiece(0), 'prepare', ...rollbackEnd]);
   t.same(m.step({ kind: 'cancel' }), []);
   t.same(m.step({ kind: 'timer' }), [], 'over: nothing more');
 });
@@ -268,7 +271,7 @@ t.test('restart: resumes from the checkpoint after PREPARE (not fresh), copying 
 t.test('restart of a cancelling move goes on copying back; of a committing one, commits and cannot be cancelled', async (t) => {
   const c = machine({ done: 2, state: 'cancelling' }, { resumed: true });
   t.ok(c.cancelRequested);
-  t.same(run(c), ['prepare', 'turnBack', 'persist cancelling done=2', ...backPiece(1), ...backPiece(0), ...rollbackEnd]);
+  t.same(run(c), ['prepare', 'turnBack', 'persist cancelling done=2', ...backPiece(1), ...backPiece(0), 'prepare', ...rollbackEnd]);
   const m = machine({ done: 2, state: 'committing' }, { resumed: true });
   t.notOk(m.cancellable);
   m.step({ kind: 'cancel' });
@@ -405,4 +408,40 @@ t.test('a short last piece at the end of the volume', async (t) => {
   const m = new MoveMachine(checkpoint(), { pageLba, blockCount: pageLba + pieceBlocks + 100, blockBytes }, { resumed: false, duty: 1 });
   const lines = run(m);
   t.same(lines.filter((l) => l.startsWith('copy')), ['copy 0 @0+128', 'copy 0 @128+128 FUA', 'copy 1 @256+100 FUA']);
+});
+
+t.test('D restarted while receiving a replicated page (it refuses the confirm, a PREPARE again): no commit; the role goes to an in-sync copy, the move is abandoned', async (t) => {
+  const refused = (): MoveEvent => ({ kind: 'prepareFailed', error: new ConflictError('p2 restarted while receiving page 1') });
+  t.test('at the commit: the confirm runs with the CAS (the same quiet); refused, the page is handed off and the move abandoned', async (t) => {
+    const m = machine({ done: 2 });
+    const lines = run(m, (a) => (a.kind === 'setRoute' ? refused() : undefined));
+    t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'handOff', 'lostPage', 'finish cancelled', 'deleteIntent', 'release', 'leaveStep', 'ended cancelled']);
+    t.equal(m.phase, 'cancelled');
+  });
+  t.test('no in-sync copy took the role yet: tried again; none exists: D\'s copy is the best there is, committed unconfirmed', async (t) => {
+    let tries = 0;
+    const lines = run(machine({ done: 2 }), (a) => {
+      if (a.kind === 'setRoute' && a.confirm) return refused();
+      if (a.kind === 'handOff') return tries++ === 0 ? { kind: 'handOffFailed', error: new PeersanError('no in-sync copy of page 1 took it over yet') } : { kind: 'handedOff', handed: false };
+      return undefined;
+    });
+    t.same(lines, [
+      'enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'handOff', `armTimer ${retryMs}`, 'handOff',
+      'readRoute', 'setRoute from v4 unconfirmed', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5',
+    ]);
+  });
+  t.test('the confirm unanswered (D down): the commit is tried again, from the route read', async (t) => {
+    let confirms = 0;
+    const lines = run(machine({ done: 2 }), (a) => (a.kind === 'setRoute' && confirms++ === 0 ? { kind: 'prepareFailed', error: new PeersanError('p2 unreachable') } : undefined));
+    t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', `armTimer ${retryMs}`, 'readRoute', 'setRoute from v4', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
+  });
+  t.test('at the end of a roll-back: what came back from D is not trusted either', async (t) => {
+    const m = machine({ done: 1, state: 'cancelling' });
+    const lines = run(m, (a) => (a.kind === 'prepare' ? refused() : undefined));
+    t.same(lines, ['turnBack', 'persist cancelling done=1', ...backPiece(0), 'prepare', 'handOff', 'lostPage', ...rollbackEnd]);
+  });
+  t.test('at a resume after a restart of S too (it used to stop the move for good)', async (t) => {
+    const m = machine({ done: 1 }, { resumed: true });
+    t.same(run(m, (a) => (a.kind === 'prepare' ? refused() : undefined)), ['prepare', 'handOff', 'lostPage', ...rollbackEnd]);
+  });
 });

@@ -128,6 +128,13 @@ export interface MigratorOptions {
   settled?(volumeId: string, page: number): Promise<boolean>;
   /** The same after a move of the page was cancelled here (in the background). */
   cancelled?(volumeId: string, page: number): void;
+  /**
+   * This peer's copy of the page is not whole (it forwarded writes to D) and D's may not be (D
+   * restarted mid-move): hand the primary role to another in-sync copy, which holds every
+   * acknowledged write. Resolves true once the page has another primary, false if no other
+   * in-sync copy exists; rejects (PeersanError, tried again) if none took it over yet. Absent: false.
+   */
+  handOff?(volumeId: string, page: number): Promise<boolean>;
 }
 
 interface Running {
@@ -152,6 +159,11 @@ export class Migrator {
   private readonly running = new Map<string, Running>();
   /** Pages this peer is receiving: `volumeId/page` → source. */
   private readonly incoming = new Map<string, string>();
+  /**
+   * Replicated pages this peer was receiving when it restarted: staging writes it acknowledged
+   * without FUA may be lost, so their moves do not commit (prepare refuses them; see move-machine.ts).
+   */
+  private readonly restarted = new Set<string>();
   private closed = false;
   /** Resolves at close(): steps waiting for a snapshot's hold stop waiting. */
   private readonly closing: Promise<void>;
@@ -189,7 +201,13 @@ export class Migrator {
     if (this.running.has(k)) throw new PeersanError(`page ${req.page} of ${volume.name} is still being released by its previous move from ${this.o.self}`);
     if (req.fresh || this.incoming.get(k) !== req.from) {
       this.incoming.delete(k);
+      this.restarted.delete(k);
       await this.clearPage(movable, volume, req.page);
+    } else {
+      // The source confirms before it commits or ends a roll-back: what this peer acknowledged is
+      // whole (it did not restart since) and durable (the flush) before it becomes the page's.
+      if (this.restarted.has(k)) throw new ConflictError(`${this.o.self} restarted while receiving page ${req.page} of ${volume.name}: writes it had not made durable may be lost; the move does not commit`);
+      await movable.raw.flush();
     }
     await this.o.store.putRecord(incomingKey(req.volumeId, req.page), Buffer.from(JSON.stringify({ from: req.from })), true);
     this.incoming.set(k, req.from);
@@ -207,6 +225,7 @@ export class Migrator {
       if (volume && movable && !(await this.holdsCopy(volume, req.page))) await this.clearPage(movable, volume, req.page);
     }
     this.incoming.delete(k);
+    this.restarted.delete(k);
     await this.o.store.deleteRecord(incomingKey(req.volumeId, req.page));
   }
 
@@ -408,7 +427,9 @@ export class Migrator {
     const cp = machine.cp;
     switch (a.kind) {
       case 'prepare':
-        return outcome(this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false }), { kind: 'prepared' }, (error) => ({ kind: 'prepareFailed', error }));
+        return outcome(this.confirm(cp), { kind: 'prepared' }, (error) => ({ kind: 'prepareFailed', error }));
+      case 'handOff':
+        return outcome(this.o.handOff?.(cp.volumeId, cp.page) ?? Promise.resolve(false), (handed) => ({ kind: 'handedOff', handed }), (error) => ({ kind: 'handOffFailed', error }));
       case 'enterStep':
         return this.enterStep(cp.volumeId);
       case 'throttle':
@@ -441,20 +462,33 @@ export class Migrator {
       case 'persist':
         await this.checkpoint(a.checkpoint);
         return { kind: 'persisted' };
-      case 'setRoute':
+      case 'setRoute': {
+        let unconfirmed: Error | undefined;
         return outcome(
           (async () => {
             await this.o.beforeHandoff?.(cp.volumeId, cp.page);
             // The CAS runs while no replicated change of the page is under way here (quiet): one
             // in flight at the commit would have reached the other copies but maybe not D, and a
             // COMPARE AND WRITE caught so cannot be answered MOVED (it may have applied). After
-            // it, changes find the page gone before applying anything.
-            const commit = () => this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+            // it, changes find the page gone before applying anything. D confirms first, under
+            // the same quiet: nothing it acknowledges after its flush and before the CAS.
+            const commit = async (): Promise<Route> => {
+              if (a.confirm) {
+                try {
+                  await this.confirm(cp);
+                } catch (err) {
+                  unconfirmed = err as Error;
+                  throw err;
+                }
+              }
+              return this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
+            };
             return this.o.quiet ? this.o.quiet(cp.volumeId, cp.page, commit) : commit();
           })(),
           (route) => ({ kind: 'routeSet', version: route.version }),
-          (error) => ({ kind: 'routeSetFailed', error }),
+          (error) => (unconfirmed ? { kind: 'prepareFailed', error: unconfirmed } : { kind: 'routeSetFailed', error }),
         );
+      }
       case 'readRoute':
         return outcome(
           (async () => this.o.catalog.fetchRoute(this.requireVolume(cp.volumeId), cp.page))(),
@@ -559,6 +593,11 @@ export class Migrator {
     r.settle();
   }
 
+  /** PREPARE again on D (not fresh): it keeps its pieces, makes them durable, or refuses a move it may have lost writes of. */
+  private confirm(cp: MoveCheckpoint): Promise<void> {
+    return this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false });
+  }
+
   private checkpoint(cp: MoveCheckpoint): Promise<void> {
     return this.o.store.putRecord(checkpointKey(cp.volumeId, cp.page), encodeCheckpoint(cp), true);
   }
@@ -644,6 +683,9 @@ export class Migrator {
         await this.o.store.deleteRecord(rec.key);
       } else if (intent && intent.to === this.o.self && intent.from === from) {
         this.incoming.set(key(volumeId, page), from);
+        // With one copy a crash may lose writes not flushed yet (the host did not flush them); with
+        // more, the other copies hold them, and this copy must not become their primary.
+        if (copiesOf(route).length > 1) this.restarted.add(key(volumeId, page));
       } else {
         this.o.log.info({ volume: volume.name, page }, 'freeing the copy of a page whose move was abandoned');
         await this.clearPage(movable, volume, page);

@@ -45,6 +45,14 @@
 //     never commits, even if S gets the role back: it is abandoned at the next piece boundary or
 //     at the commit's route read (nothing copied back: FINISH (cancel) on D, the intent, release
 //     without freeing) and S's copy is resynced whole (`lostPage`: the driver distrusts it).
+//   - D confirms before it takes the page (and before a roll-back ends): the commit CAS runs after
+//     a PREPARE again, under the same quiet (no change of the page in flight on S), which makes
+//     D's copy durable; D refuses it (ConflictError) if it restarted while receiving a replicated
+//     page: staging writes it acknowledged without FUA may be gone, while the page's other
+//     copies hold them. Then neither copy here nor there is whole (S's misses what it forwarded):
+//     S hands the primary role to another in-sync copy and the move is abandoned; with no other
+//     in-sync copy, D's copy is the best there is and the move goes on unconfirmed. The
+//     simulator found a D that lost two writes and committed (seed 1763, 3 replicas).
 //   - Once `committing` is decided the move cannot be cancelled: a CAS may be on its way. A
 //     cancel asked before the commit step begins is honoured there.
 //   - Clean-up removes only this move's intent (same source, destination, route version and id:
@@ -73,7 +81,8 @@
 // names this move, refuses while D still releases the page from an earlier move of its own
 // away (the late free would erase the new copy; the simulator's seed 273), clears a stale copy
 // when the move is fresh (or from another source), then persists its receiving record before
-// answering, so a restart of D knows its staging traffic. FINISH learns the committed route, or
+// answering, so a restart of D knows its staging traffic; a restart of D while receiving a
+// replicated page makes it refuse the move's next PREPARE (see the confirm above). FINISH learns the committed route, or
 // frees the copy on cancel (unless the route names D a copy: a new primary's rebuild may have
 // chosen it after the source lost the page), then drops the record. On restart D keeps a record while the intent
 // stands, drops it once D owns the page, and frees a copy whose move was abandoned.
@@ -136,8 +145,18 @@ export type MoveAction =
   | { kind: 'turnBack' }
   /** Write the checkpoint durably → persisted. */
   | { kind: 'persist'; checkpoint: MoveCheckpoint }
-  /** CAS the route from {from, version} to {to, version + 1} → routeSet | routeSetFailed. */
-  | { kind: 'setRoute'; version: number }
+  /**
+   * CAS the route from {from, version} to {to, version + 1} → routeSet | routeSetFailed. With
+   * `confirm`, first (under the same quiet) PREPARE on D again, which makes D's copy durable and
+   * fails with a ConflictError if D restarted while receiving a replicated page → prepareFailed.
+   */
+  | { kind: 'setRoute'; version: number; confirm: boolean }
+  /**
+   * D's copy may miss acknowledged writes (it restarted mid-move) and so does this peer's (what it
+   * forwarded to D is not here): hand the primary role to another in-sync copy → handedOff (handed:
+   * false when there is none: D's copy is the best there is) | handOffFailed.
+   */
+  | { kind: 'handOff' }
   /** Read the page's route from the catalog → routeRead | routeReadFailed. */
   | { kind: 'readRoute' }
   /** FINISH on D → finished | finishFailed. */
@@ -182,6 +201,8 @@ export type MoveEvent =
   | { kind: 'intentDeleted' }
   | { kind: 'intentDeleteFailed'; error: Error }
   | { kind: 'released' }
+  | { kind: 'handedOff'; handed: boolean }
+  | { kind: 'handOffFailed'; error: Error }
   | { kind: 'timer' }
   /** Asked from outside at any time (refused by the driver once `cancellable` is false). */
   | { kind: 'cancel' }
@@ -202,7 +223,8 @@ const outcomesOf: Partial<Record<MoveAction['kind'], Outcome[]>> = {
   markPiece: ['pieceMarked', 'pieceDirty'],
   clearTransit: ['transitCleared'],
   persist: ['persisted'],
-  setRoute: ['routeSet', 'routeSetFailed'],
+  setRoute: ['routeSet', 'routeSetFailed', 'prepareFailed'],
+  handOff: ['handedOff', 'handOffFailed'],
   readRoute: ['routeRead', 'routeReadFailed'],
   finish: ['finished', 'finishFailed'],
   deleteIntent: ['intentDeleted', 'intentDeleteFailed'],
@@ -211,7 +233,7 @@ const outcomesOf: Partial<Record<MoveAction['kind'], Outcome[]>> = {
 };
 
 /** What comes after a step is entered or a timer fires. */
-type Next = 'prepare' | 'transit' | 'chunk' | 'pass' | 'mark' | 'clear' | 'commit' | 'readRoute' | 'setRoute' | 'finish' | 'deleteIntent';
+type Next = 'prepare' | 'transit' | 'chunk' | 'pass' | 'mark' | 'clear' | 'commit' | 'readRoute' | 'setRoute' | 'finish' | 'deleteIntent' | 'handOff';
 
 export class MoveMachine {
   /** The machine's record of the move: what the next persisted checkpoint says. */
@@ -242,6 +264,11 @@ export class MoveMachine {
   /** Why the commit CAS failed, while the route is read to settle it. */
   private casError?: Error;
   private readonly resumed: boolean;
+  /** A piece came back from D: D confirms (PREPARE again) before the roll-back ends (`backConfirmed`). */
+  private cameBack = false;
+  private backConfirmed = false;
+  /** No other in-sync copy could take the role when D's copy was found suspect: D's copy is the best there is, commit it. */
+  private unconfirmable = false;
 
   /**
    * `cp`: the move's checkpoint as persisted (a fresh move: done 0, copying). `resumed`: after a
@@ -327,7 +354,15 @@ export class MoveMachine {
         return this.resumed ? [{ kind: 'prepare' }] : this.nextPiece();
       case 'prepared':
         this.error = '';
+        if (this.back) this.backConfirmed = true;
         return this.nextPiece();
+      case 'handedOff':
+        this.error = '';
+        if (ev.handed) return this.abandon();
+        this.unconfirmable = true;
+        return this.phaseNow === 'committing' ? [{ kind: 'readRoute' }] : this.nextPiece();
+      case 'handOffFailed':
+        return this.retry(ev.error, 'handOff');
       case 'stepEntered':
         this.inStep = true;
         return this.inStepNow();
@@ -340,6 +375,7 @@ export class MoveMachine {
       case 'chunkCopied':
         return [this.leave(), ...this.chunkDone(ev.ms)];
       case 'pieceMarked':
+        if (this.back) this.cameBack = true;
         this.cp.done = this.back ? this.transitPiece : this.transitPiece + 1;
         this.transitPiece = -1;
         return [this.leave(), ...this.nextPiece()];
@@ -370,7 +406,12 @@ export class MoveMachine {
         if (this.phaseNow === 'committing') return this.unconfirmed(ev.error);
         return this.retry(ev.error, 'finish');
       case 'prepareFailed':
-        return this.retry(ev.error, 'prepare');
+        // D refused a move it holds: it restarted while receiving a replicated page (or lost the
+        // move): its copy may miss writes the other copies hold, so it must not become primary.
+        // (At the commit, the CAS was not sent: the route read that follows need not wait for it.)
+        this.casTried = false;
+        if (ev.error instanceof ConflictError) return [{ kind: 'handOff' }];
+        return this.retry(ev.error, this.phaseNow === 'committing' ? 'readRoute' : 'prepare');
       case 'chunkFailed':
         return [this.leave(), ...this.retry(ev.error, 'pass')];
       case 'routeReadFailed':
@@ -392,7 +433,8 @@ export class MoveMachine {
     if (this.lostAsked && this.phaseNow === 'copying') return this.abandon();
     if (this.cancelAsked && this.phaseNow === 'copying') return this.turnBack();
     if (this.back) {
-      if (this.cp.done === 0) return [{ kind: 'finish', committed: false, version: 0 }];
+      // What came back from D is confirmed whole (D did not restart meanwhile) before it is S's again.
+      if (this.cp.done === 0) return !this.cameBack || this.backConfirmed || this.unconfirmable ? [{ kind: 'finish', committed: false, version: 0 }] : [{ kind: 'prepare' }];
       this.transitPiece = this.cp.done - 1;
       return this.enter('transit');
     }
@@ -458,6 +500,8 @@ export class MoveMachine {
         return [{ kind: 'finish', committed: false, version: 0 }];
       case 'deleteIntent':
         return [{ kind: 'deleteIntent' }];
+      case 'handOff':
+        return [{ kind: 'handOff' }];
       default:
         throw new Error(`assertion failed: move machine: a timer for ${this.next}`);
     }
@@ -537,7 +581,7 @@ export class MoveMachine {
 
   private casNow(): MoveAction[] {
     this.casTried = true;
-    return [{ kind: 'setRoute', version: this.casVersion }];
+    return [{ kind: 'setRoute', version: this.casVersion, confirm: !this.unconfirmable }];
   }
 
   /**

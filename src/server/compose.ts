@@ -43,7 +43,7 @@ import { SnapshotLayerSync } from '../snapshot/layer-sync';
 import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
-import { ConflictError, InvalidArgumentError } from '../errors';
+import { ConflictError, InvalidArgumentError, PeersanError } from '../errors';
 import type { EventKind } from './events';
 import { PortGroups } from './port-groups';
 import { productRevision, VolumeTargets } from './targets';
@@ -194,6 +194,18 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       await core.failover?.reconcileBeforeHandoff(volumeId, page);
     },
     cancelled: (volumeId, page) => core.failover?.settleOwn(volumeId, page),
+    // D restarted mid-move of a replicated page: this copy misses what it forwarded to D, so the
+    // role goes to an in-sync copy (which has every acknowledged write) before the move is abandoned.
+    handOff: async (volumeId, page) => {
+      const volume = catalog.volumeById(volumeId);
+      if (!volume || !core.failover) return false;
+      const route = await catalog.fetchRoute(volume, page);
+      if (route.owner !== self) return true;
+      if (!inSyncOf(route).some((p) => p !== self)) return false;
+      // The move hears of the new route (Migrator.launch): it distrusts this copy and abandons.
+      if (!(await core.failover.handOver(volume, page, route, 'the destination of its move restarted and may miss writes'))) throw new PeersanError(`no in-sync copy of page ${page} took it over yet`);
+      return true;
+    },
     settled: async (volumeId, page) => (await core.failover?.settled(volumeId, page)) ?? true,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
