@@ -404,7 +404,10 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   /** dropLater's try for `peers` ended (dropped, or the page is not ours to drop from any more). */
   private dropped(page: number, peers: string[]): void {
     const left = [...(this.undropped.get(page) ?? [])];
-    for (const p of peers) left.splice(left.indexOf(p), 1);
+    for (const p of peers) {
+      const at = left.indexOf(p);
+      if (at >= 0) left.splice(at, 1);
+    }
     if (left.length > 0) this.undropped.set(page, left);
     else this.undropped.delete(page);
   }
