@@ -300,3 +300,25 @@ for (const mode of ['timestamp', 'barrier'] as const) {
     t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot reads the primary\'s write');
   });
 }
+
+// Seed 138 itself: the change is still in flight when the timestamp snapshot freezes; it fails
+// while TAKE(T) waits for it, and the drop waits for the catalog. TAKE(T)'s answer names the copy.
+t.test('timestamp: a change before T that fails while TAKE(T) waits, its drop pending, leaves its copy out of the holders', async (t) => {
+  const { world, group } = await boot(t, 3, 1, 2);
+  const volumeId = core(group, 'p1').catalog.require(volume).id;
+  group.network.partition('p1', 'p2', true);
+  group.catalog.partition('p1', true);
+  const failed = group.hostPath('p1', volume)!.write(0, fill(64, 0xa1)).then(() => false, () => true);
+  await world.run(world.now() + 20, Number.MAX_SAFE_INTEGER);
+  t.same(core(group, 'p1').targets.replicated(volumeId)!.undroppedCopies(), [], 'the change is in flight: no drop pending yet');
+  const snapshot = core(group, 'p3').snapshots.create([volume], { name: 's1', mode: 'timestamp' });
+  await drive(world, snapshot);
+  t.ok(await failed, 'the write failed meanwhile');
+  const r = record(group, 's1')!;
+  t.notOk(holds(r, 0, 'p2'), 'p2 may lack a change before the cut: no holder of page 0');
+  t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
+  t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
+  group.network.partition('p1', 'p2', false);
+  group.catalog.partition('p1', false);
+  await settle(world);
+});
