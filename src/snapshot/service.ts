@@ -358,7 +358,8 @@ export class SnapshotService {
   /**
    * Run `freeze` (the volume's layer), and add to `out` the pages suspect here before OR after
    * it: one trusted meanwhile (its whole resync ended) may have frozen before the resync wrote
-   * it, one distrusted meanwhile lacked its writes before too.
+   * it, one distrusted meanwhile lacked its writes before too. Likewise the other copies whose
+   * drop this peer, their primary, has not made yet (undroppedInto).
    */
   private async frozenSuspects(volumeId: string, out: SuspectAtCut[], freeze: () => Promise<void>): Promise<void> {
     const before = new Set(this.o.suspect(volumeId));
