@@ -41,3 +41,39 @@ t.test('the retries of a drop that could not be made are on unref\'d timers', as
   t.ok(retry, `the drop is tried again after ${dropRetryMsMin} ms`);
   t.ok(retry?.unrefd, 'on an unref\'d timer');
 });
+
+// Seed 138: a change stamped before a timestamp snapshot's T failed on its copy, and the drop
+// waited for the catalog; the change counted as settled, the copy stayed in the in-sync set and
+// was counted as a holder of a layer it froze without the change. While the drop is pending
+// the primary names the copy (undroppedCopies), and a snapshot leaves it out of the holders.
+t.test('a copy whose drop is pending is named until the drop is made', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(512, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  let reachable = false;
+  const catalog = {
+    casRoute: async (_v: string, page: number) => {
+      if (!reachable) throw new Error('catalog: no answer');
+      return { ...table.route(page), version: table.route(page).version + 1, inSync: ['p1'] };
+    },
+  };
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
+    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
+    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
+  });
+  t.same(volume.undroppedCopies(), [], 'none before any change');
+  let settled = false;
+  void volume.changesBefore(Number.MAX_SAFE_INTEGER).then(() => (settled = true));
+  const write = t.rejects(volume.write(0, Buffer.alloc(512, 1), { stamp: 5 }), 'the write fails: its copy can be neither reached nor dropped');
+  await env.run(replicaAckMsMax + 10);
+  await write;
+  t.ok(settled, 'the change counts as settled for a snapshot\'s wait');
+  t.same(volume.undroppedCopies(), [{ page: 0, peer: 'p2' }], 'its copy is named while its drop waits for the catalog');
+  await env.run(dropRetryMsMin * 4);
+  t.same(volume.undroppedCopies(), [{ page: 0, peer: 'p2' }], 'still, while the catalog is out of reach');
+  reachable = true;
+  await env.run(dropRetryMsMin * 8);
+  t.same(volume.undroppedCopies(), [], 'no more once the drop is made');
+});

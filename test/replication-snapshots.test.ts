@@ -269,3 +269,56 @@ for (const mode of ['timestamp', 'barrier'] as const) {
     t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
   });
 }
+
+// Seed 138 of the simulator: a change of the primary failed on its secondary (out of reach),
+// and the drop of the secondary could not be made (the primary cut from the catalog): the
+// change counted as settled for the snapshot's wait, the secondary stayed in the in-sync set,
+// was counted as a holder, and froze without the change the primary's layer had. The primary
+// now names the copies whose drop is pending (at its freeze, and at TAKE(T)): they hold no layer.
+for (const mode of ['timestamp', 'barrier'] as const) {
+  t.test(`${mode}: a copy whose drop waits for the catalog holds no layer of the snapshot`, async (t) => {
+    const { world, group } = await boot(t, 3, 1, 2);
+    const volumeId = core(group, 'p1').catalog.require(volume).id;
+    // Page 0: p1 primary, p2 secondary. p1 can reach neither p2 nor the catalog while it writes.
+    group.network.partition('p1', 'p2', true);
+    group.catalog.partition('p1', true);
+    const failed = drive(world, group.hostPath('p1', volume)!.write(0, fill(64, 0xa1))).then(() => false, () => true);
+    t.ok(await failed, 'the write fails: its copy can be neither reached nor dropped');
+    group.network.partition('p1', 'p2', false);
+    t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
+    t.same(await drive(world, core(group, 'p2').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), 'p2 does not have it');
+    t.same(core(group, 'p1').targets.replicated(volumeId)!.undroppedCopies(), [{ page: 0, peer: 'p2' }], 'p2\'s drop is pending on p1');
+    t.ok(inSyncEverywhere(group, 'p3', 'p2', 1), 'p2 is still in sync in the catalog');
+
+    await drive(world, core(group, 'p3').snapshots.create([volume], { name: 's1', mode }));
+    const r = record(group, 's1')!;
+    t.notOk(holds(r, 0, 'p2'), 'p2 may lack a change before the cut: no holder of page 0');
+    t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
+    group.catalog.partition('p1', false);
+    await settle(world);
+    const reader = core(group, 'p3').snapshotTargets.reader(volume, 's1');
+    t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot reads the primary\'s write');
+  });
+}
+
+// Seed 138 itself: the change is still in flight when the timestamp snapshot freezes; it fails
+// while TAKE(T) waits for it, and the drop waits for the catalog. TAKE(T)'s answer names the copy.
+t.test('timestamp: a change before T that fails while TAKE(T) waits, its drop pending, leaves its copy out of the holders', async (t) => {
+  const { world, group } = await boot(t, 3, 1, 2);
+  const volumeId = core(group, 'p1').catalog.require(volume).id;
+  group.network.partition('p1', 'p2', true);
+  group.catalog.partition('p1', true);
+  const failed = group.hostPath('p1', volume)!.write(0, fill(64, 0xa1)).then(() => false, () => true);
+  await world.run(world.now() + 20, Number.MAX_SAFE_INTEGER);
+  t.same(core(group, 'p1').targets.replicated(volumeId)!.undroppedCopies(), [], 'the change is in flight: no drop pending yet');
+  const snapshot = core(group, 'p3').snapshots.create([volume], { name: 's1', mode: 'timestamp' });
+  await drive(world, snapshot);
+  t.ok(await failed, 'the write failed meanwhile');
+  const r = record(group, 's1')!;
+  t.notOk(holds(r, 0, 'p2'), 'p2 may lack a change before the cut: no holder of page 0');
+  t.ok(holds(r, 0, 'p1'), 'p1 holds page 0');
+  t.same(await drive(world, core(group, 'p1').targets.stored(volumeId)!.read(0, 64)), fill(64, 0xa1), 'p1 applied the write');
+  group.network.partition('p1', 'p2', false);
+  group.catalog.partition('p1', false);
+  await settle(world);
+});

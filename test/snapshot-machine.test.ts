@@ -25,6 +25,7 @@ function show(actions: CoordinatorAction[]): string[] {
       case 'updateRecord': return `updateRecord ${a.volume} held ${a.heldMs}`;
       case 'deleteRecord': return `deleteRecord ${a.volume}`;
       case 'cut': return `cut moving ${a.moving.map((m) => m.page).join(',')}${a.suspect.length === 0 ? '' : ` suspect ${a.suspect.map((x) => `${x.page}@${x.peer}`).join(',')}`}${a.cut === undefined ? '' : ` T ${a.cut}`}`;
+      case 'distrust': return `distrust ${a.suspect.map((x) => `${x.page}@${x.peer}`).join(',')}`;
       case 'taken': return `taken held ${a.heldMs}`;
       case 'aborted': return `aborted: ${a.reason.message}`;
     }
@@ -104,6 +105,13 @@ t.test('timestamp: PREPARE, T past every clock, TAKE(T), FINISH', async (t) => {
   t.same(allAnswer(m), ['disarm TAKE p3', 'send FINISH p1', 'arm FINISH p1 3000', 'send FINISH p2', 'arm FINISH p2 3000', 'send FINISH p3', 'arm FINISH p3 3000'], 'FINISH once every peer sealed T');
   t.same(allAnswer(m), ['disarm FINISH p3', 'updateRecord 0 held 0'], 'nothing held in timestamp mode');
   t.same(show(m.step({ kind: 'recordUpdated', volume: 0 })), ['taken held 0']);
+
+  // Seed 138: a copy whose drop waits for the catalog, reported by its primary at TAKE(T), is left out before FINISH.
+  const late = machine('timestamp', ['v1'], 200);
+  until(t, late, 'TAKE');
+  t.same(answer(late, 'p1', { step: 'TAKE', moving: [], suspect: [suspect(2, 'p2')] }), ['disarm TAKE p1']);
+  t.same(answer(late, 'p2', plain('TAKE')), ['disarm TAKE p2']);
+  t.same(answer(late, 'p3', plain('TAKE')), ['disarm TAKE p3', 'distrust 2@p2', 'send FINISH p1', 'arm FINISH p1 3000', 'send FINISH p2', 'arm FINISH p2 3000', 'send FINISH p3', 'arm FINISH p3 3000'], 'the copies that may lack a change before T are distrusted, then FINISH');
 
   // The coordinator's own clock ahead of every answer: T is past it too.
   const ahead = machine('timestamp', ['v1'], 900);
@@ -267,7 +275,7 @@ t.test('participant, timestamp: hold and record at PREPARE, T at TAKE, FINISH wr
   t.same(on({ kind: 'frozen', req: 1, moving: [], suspect: [suspect(4, 'p1')] }), [`answer 1 ${JSON.stringify({ clock: 500, moving: [], suspect: [suspect(4, 'p1')] })}`], 'the clock once everything froze, with the suspect copies');
   t.same(on({ kind: 'release', req: 3, snapshotId: 's', abort: false, finish: true }), ['refuse 3: snapshot s was not taken on p1'], 'FINISH before TAKE(T)');
   t.same(on({ kind: 'take', req: 4, take: { snapshotId: 's', layers, cut: 900 } }), ['seal 4 T 900 v1,v2']);
-  t.same(on({ kind: 'sealed', req: 4 }), ['answer 4 {"moving":[],"suspect":[]}'], 'the freeze was reported at PREPARE');
+  t.same(on({ kind: 'sealed', req: 4, suspect: [suspect(6, 'p3')] }), [`answer 4 ${JSON.stringify({ moving: [], suspect: [suspect(6, 'p3')] })}`], 'the freeze was reported at PREPARE; the copies a change before T may have missed now');
   t.match(p.step({ kind: 'release', req: 5, snapshotId: 's', abort: false, finish: true }), [{ kind: 'finish', req: 5, layers, cut: 900 }]);
   t.same(on({ kind: 'finished', req: 5 }), ['disarm #1', 'dropRecording s v1', 'letGo v1', 'dropRecording s v2', 'letGo v2', 'answer 5 0']);
   t.same(on({ kind: 'release', req: 6, snapshotId: 's', abort: false, finish: true }), ['refuse 6: snapshot s is not recorded on p1 (it restarted since PREPARE): the layer would miss writes before the cut'], 'FINISH of a snapshot this peer does not know (restarted since PREPARE) is refused');

@@ -233,6 +233,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     moving: (id) => core.migrator.cursors(id),
     suspect: (id) => core.resync.activity.suspect(id),
     changesBefore: (id, t) => core.targets.replicated(id)?.changesBefore(t),
+    undropped: (id) => core.targets.replicated(id)?.undroppedCopies() ?? [],
     idle: (id) => core.migrator.idle(id),
     rpc: {
       reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),

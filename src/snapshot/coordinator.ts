@@ -75,6 +75,8 @@ export type CoordinatorAction =
   | { kind: 'disarm'; peer: string; step: Step }
   /** The cut is fixed: read the routes now (moves are held), with the pages moving at it, the suspect copies and T. */
   | ({ kind: 'cut'; cut?: number } & FrozenReport)
+  /** Timestamp mode, TAKE(T) answered: these copies may lack a change before T; the routes at the cut leave them out of the holders. */
+  | { kind: 'distrust'; suspect: SuspectAtCut[] }
   | { kind: 'updateRecord'; volume: number; heldMs: number }
   | { kind: 'deleteRecord'; volume: number }
   | { kind: 'taken'; heldMs: number }
@@ -265,6 +267,10 @@ export class SnapshotCoordinator {
       done.push({ kind: 'cut', moving: [...this.moving], suspect: [...this.suspect], cut: this.cutT });
     }
     if (step === 'TAKE' && this.o.mode === 'barrier') done.push({ kind: 'cut', moving: [...this.moving], suspect: [...this.suspect] });
+    if (step === 'TAKE' && this.o.mode === 'timestamp') {
+      const late = answers.flatMap((a) => (a.step === 'TAKE' ? a.suspect : []));
+      if (late.length > 0) done.push({ kind: 'distrust', suspect: late });
+    }
     if (this.round + 1 < this.plan.length) return [...done, ...this.startRound(this.round + 1)];
     return [...done, ...this.publish(0)];
   }

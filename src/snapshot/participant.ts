@@ -26,7 +26,8 @@
 //   (ABORT, expiry): refuse.
 //   TAKE(T): only once prepared here; remember T; the service moves the clock past T and waits
 //   for host writes stamped before T, and for the replicated changes stamped before T this
-//   peer is primary of (service.ts step 3).
+//   peer is primary of (service.ts step 3); answer with the copies that may lack one of those
+//   changes (their drop from the in-sync set not made yet: records.ts SuspectAtCut).
 //   FINISH: only once TAKE(T) came; the service writes the recorded changes before T into the
 //   layers; then, done or failed, the recording is dropped and the volumes let go. FINISH of a
 //   snapshot this peer does not know is refused: it restarted since PREPARE, and the writes it
@@ -36,7 +37,7 @@
 
 import { assert, PeersanError } from '../errors';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from './service';
-import type { FrozenReport } from './records';
+import type { FrozenReport, SuspectAtCut } from './records';
 
 /** A peer reopens its gates by itself this long after PREPARE (the coordinator is gone). */
 export const holdMsMax = 10_000;
@@ -51,7 +52,8 @@ export type ParticipantEvent =
   | { kind: 'flushed'; req: number; ms: number }
   | { kind: 'closed'; req: number; ms: number }
   | ({ kind: 'frozen'; req: number } & FrozenReport)
-  | { kind: 'sealed'; req: number }
+  /** TAKE(T) sealed: `suspect`, the copies that may lack a change before T (records.ts SuspectAtCut). */
+  | { kind: 'sealed'; req: number; suspect: SuspectAtCut[] }
   | { kind: 'finished'; req: number }
   | { kind: 'failed'; req: number; error: Error }
   /** The expiry armed for this snapshot fired. */
@@ -211,8 +213,8 @@ export class SnapshotParticipant {
     if ('stamped' in w) return this.stampedPrepared(ev, w.snapshotId, w.stamped);
     if (ev.kind === 'frozen') return [{ kind: 'answer', req: ev.req, value: { moving: ev.moving, suspect: ev.suspect } }];
     if (w.step === 'finish') return [...this.dropStamped(w.snapshotId), { kind: 'answer', req: ev.req, value: 0 }];
-    // TAKE(T) sealed: the freeze was reported at PREPARE.
-    return [{ kind: 'answer', req: ev.req, value: { moving: [], suspect: [] } }];
+    // TAKE(T) sealed: the freeze was reported at PREPARE; the copies a change before T may have missed now.
+    return [{ kind: 'answer', req: ev.req, value: { moving: [], suspect: ev.kind === 'sealed' ? ev.suspect : [] } }];
   }
 
   /** Barrier PREPARE: pre-flushed, then gates closed. */

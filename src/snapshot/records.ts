@@ -31,7 +31,9 @@ export interface MovingAtCut {
  * a whole resync trusts it again. Stepping out of the in-sync set takes the catalog, so such a
  * copy may still be in sync, even primary, at the cut: it holds no layer of the page (seeds 8
  * and 92: a primary restarted without a write its secondary kept, snapshotted before it could
- * hand the page over; the two layers differed).
+ * hand the page over; the two layers differed). Also a copy its primary names (`peer` another
+ * peer): a change failed on it and the drop that must follow waits for the catalog, so it is
+ * still in sync without the change (seed 138; replicated.ts undroppedCopies).
  */
 export interface SuspectAtCut {
   volumeId: string;

@@ -117,6 +117,8 @@ export interface SnapshotServiceOptions {
   suspect(volumeId: string): Iterable<number>;
   /** Resolves once no replicated change stamped before `t` that this peer is primary of is in flight (replicated.ts changesBefore). */
   changesBefore(volumeId: string, t: number): Promise<void> | undefined;
+  /** Copies of the volume's pages this peer is primary of that may lack one of its changes, their drop not made yet (replicated.ts undroppedCopies). */
+  undropped(volumeId: string): Iterable<{ page: number; peer: string }>;
   /** Resolves when no page-move step of the volume is running on this peer. */
   idle(volumeId: string): Promise<void>;
   rpc: SnapshotRpc;
@@ -268,7 +270,10 @@ export class SnapshotService {
         return this.effect(a.req, async () => {
           this.o.clock.observe(a.cut);
           await within(timers, Promise.all(a.volumeIds.flatMap((id) => [this.o.gate(id)?.writesBefore(a.cut), this.o.changesBefore(id, a.cut)])), sealMsMax, `host writes stamped before the cut did not finish on ${this.o.self}`);
-          return { kind: 'sealed', req: a.req };
+          // A change before T settled with a copy's drop still to be made: that copy froze without it.
+          const suspect: SuspectAtCut[] = [];
+          for (const id of a.volumeIds) this.undroppedInto(id, suspect);
+          return { kind: 'sealed', req: a.req, suspect };
         });
       case 'finish':
         return this.effect(a.req, async () => {
@@ -353,12 +358,28 @@ export class SnapshotService {
   /**
    * Run `freeze` (the volume's layer), and add to `out` the pages suspect here before OR after
    * it: one trusted meanwhile (its whole resync ended) may have frozen before the resync wrote
-   * it, one distrusted meanwhile lacked its writes before too.
+   * it, one distrusted meanwhile lacked its writes before too. Likewise the other copies whose
+   * drop this peer, their primary, has not made yet (undroppedInto).
    */
   private async frozenSuspects(volumeId: string, out: SuspectAtCut[], freeze: () => Promise<void>): Promise<void> {
     const before = new Set(this.o.suspect(volumeId));
+    const undropped: SuspectAtCut[] = [];
+    this.undroppedInto(volumeId, undropped);
     await freeze();
     for (const page of new Set([...before, ...this.o.suspect(volumeId)])) out.push({ volumeId, page, peer: this.o.self });
+    this.undroppedInto(volumeId, undropped);
+    out.push(...undropped);
+  }
+
+  /**
+   * Add to `out` the copies of the volume's pages, primary here, that may lack a change this
+   * peer applied (their drop waits for the catalog): such a copy may still be in the page's
+   * in-sync set where the coordinator reads it, yet it holds no layer of the page (seed 138).
+   */
+  private undroppedInto(volumeId: string, out: SuspectAtCut[]): void {
+    for (const { page, peer } of this.o.undropped(volumeId)) {
+      if (!out.some((x) => x.volumeId === volumeId && x.page === page && x.peer === peer)) out.push({ volumeId, page, peer });
+    }
   }
 
   /** Timestamp FINISH: the recorded changes before the cut go into the frozen layers. */
@@ -460,6 +481,9 @@ export class SnapshotService {
           case 'cut':
             this.captureRoutes(taking, a);
             if (a.cut !== undefined) for (const x of taking.records) x.r.cut = a.cut;
+            return;
+          case 'distrust':
+            taking.volumes.forEach((v, i) => narrowToTrusted(taking.records[i].r, a.suspect.filter((x) => x.volumeId === v.id)));
             return;
           case 'updateRecord':
             return report(this.publishRecord(taking, a.volume, a.heldMs), () => ({ kind: 'recordUpdated', volume: a.volume }), (error) => ({ kind: 'recordFailed', volume: a.volume, error }));
