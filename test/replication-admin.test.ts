@@ -325,28 +325,39 @@ t.test('volume protection on a peer: routes, liveness and the keeper\'s shortage
   t.same(protection.summary(), { healthy: 0, degraded: 1, rebuilding: 0, unavailable: 0 });
 });
 
-t.test('in a running group: more replicas become stale copies on other peers, seen by volume show and /metrics', async (t) => {
+t.test('in a running group: more replicas become stale copies on other peers, filled by the resync, seen by volume show and /metrics', async (t) => {
   const g = await startGroup(t, 3);
   const admin = g.peer('p1').admin;
   await admin.createVolume({ name: 'vol', size: '48M', replicas: 1 });
+  // Data in every page, so the new copies have something to fill.
+  const router = g.peer('p1').core.targets.routerFor('vol')!;
+  const mib = 1024 * 1024;
+  for (let at = 0; at < 48 * mib; at += 4 * mib) await router.write(at / 512, Buffer.alloc(mib, 1 + at / (4 * mib)));
   const v = await admin.setReplicas('vol', 2);
   t.equal(v.replicas, 2);
-  // Each primary adds a copy once gossip says the other peers are up (a second or two).
-  const deadline = Date.now() + 20_000;
-  let map = await admin.pageMap('vol');
-  while (map.pages.some((p) => p.copies.length < 2) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 200));
-    map = await admin.pageMap('vol');
+  // Each primary adds a stale copy once gossip says the other peers are up (a second or two);
+  // the resync fills it and admits it. Watched through another peer until healthy.
+  const seen = new Set<string>();
+  const deadline = Date.now() + 60_000;
+  for (let state = ''; state !== 'healthy' && Date.now() < deadline; ) {
+    const shown = await g.peer('p2').admin.getVolume('vol');
+    state = shown.protection ?? '';
+    seen.add(state);
+    if (state === 'rebuilding' && !seen.has('counted')) {
+      t.ok(shown.protectionDetail!.rebuildingPages > 0, `rebuilding: ${shown.protectionDetail!.rebuildingPages} pages being filled`);
+      seen.add('counted');
+    }
+    if (state !== 'healthy') await new Promise((r) => setTimeout(r, 100));
   }
+  t.ok(seen.has('rebuilding'), `seen rebuilding on the way (${[...seen].filter((x) => x !== 'counted').join(' → ')})`);
+  t.ok(seen.has('healthy'), 'then healthy');
+  const map = await admin.pageMap('vol');
   t.ok(map.pages.every((p) => p.copies.length === 2 && p.copies[0] === p.owner && p.copies[1] !== p.owner), 'every page has a second copy on another peer');
-  t.ok(map.pages.every((p) => p.inSync.length === 1 && p.version === 2), '… stale (the resync fills it), one CAS each');
-  const shown = await g.peer('p2').admin.getVolume('vol');
-  t.match(shown, { protection: 'rebuilding', protectionDetail: { rebuildingPages: 12, degradedPages: 0 } }, 'any peer reports it');
-  const metrics = await g.peer('p3').metrics.registry.metrics();
-  t.match(metrics, /peersan_volume_protection_pages\{volume="vol",state="rebuilding",peer="p3"\} 12\b/);
-  t.match(metrics, /peersan_resync_bytes_total\{peer="p3"\} 0\b/);
-  t.match(metrics, /peersan_rebuild_bytes_total\{peer="p3"\} 0\b/);
-  t.match((await admin.status()).protection, { rebuilding: 1 });
+  t.ok(map.pages.every((p) => p.inSync.length === 2 && p.version >= 3), '… in sync: one CAS added it stale, one admitted it');
+  const rebuilt = await Promise.all(['p1', 'p2', 'p3'].map(async (id) => Number(/peersan_rebuild_bytes_total\{peer="p\d"\} (\d+)/.exec(await g.peer(id).metrics.registry.metrics())?.[1] ?? NaN)));
+  t.ok(rebuilt.reduce((a, b) => a + b, 0) >= 12 * mib, `the new copies' fill (1 MiB written in each of 12 pages) counted as rebuild bytes (${rebuilt.join(' + ')})`);
+  t.match((await admin.status()).protection, { healthy: 1 });
+  for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(5 * 8192, 8)).equals(Buffer.alloc(4096, 6)), `data intact through ${id}`);
 });
 
 t.test('cluster.yaml: zone per peer and downOutMs', async (t) => {

@@ -711,10 +711,13 @@ export class Resyncer {
     const geo = geometryOf(volume);
     const whole = pageExtent(geo, ask.page);
     const grains = grainsPerPage(geo);
+    // A copy this peer keeps no set for (a new copy, or one it never saw in sync) is filled whole:
+    // its bytes are a rebuild's.
+    const fill = !this.o.tracker.dirtyOf(volume.id, ask.page, from);
     await port.exclusive(ask.page, whole.lba, whole.blocks, async () => this.o.tracker.register(volume.id, ask.page, from, grains, ask.full ? 'all' : ask.grains));
     try {
       for (let round = 0; round < resyncAdmitRoundsMax; round++) {
-        await this.copyDirty(volume, port, ask.page, from);
+        await this.copyDirty(volume, port, ask.page, from, fill);
         const admitted = await port.exclusive(ask.page, whole.lba, whole.blocks, () => this.admit(volume, ask.page, from));
         if (admitted) {
           this.o.log.info({ volume: volume.name, page: ask.page, copy: from, version: admitted.version }, 'copy resynced and back in sync');
@@ -743,13 +746,14 @@ export class Resyncer {
    * grains, paced. A round takes each grain once: one marked again by a change the copy missed
    * while or after it was copied is left to the next round, after the admit step looked.
    */
-  private async copyDirty(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string): Promise<void> {
+  private async copyDirty(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, newCopy: boolean): Promise<void> {
     const geo = geometryOf(volume);
     const grains = grainsPerPage(geo);
-    // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole.
-    // So does a new copy, which this peer never saw in sync: its bytes are a rebuild's.
-    const fill = !this.o.tracker.dirtyOf(volume.id, page, copy);
-    if (fill) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
+    // A set dropped meanwhile (this peer fell out of sync and back) leaves nothing known: whole,
+    // and its bytes are a rebuild's, as a new copy's are.
+    const whole = !this.o.tracker.dirtyOf(volume.id, page, copy);
+    if (whole) this.o.tracker.markAsked(volume.id, page, copy, grains, 'all');
+    const fill = newCopy || whole;
     const taken = new GrainSet(grains);
     const runGrainsMax = Math.max(1, Math.floor(resyncRunBytesMax / (grainBlocksOf(geo) * geo.blockBytes)));
     let failed: unknown;
