@@ -101,7 +101,7 @@ export async function demo(opts: DemoOptions): Promise<void> {
   const volume = existing ?? (await servers[0].admin.createVolume({ name: 'demo', size: opts.size }));
   const say = (s: string): boolean => process.stdout.write(s + '\n');
   say(`peersan demo: ${peers} peer(s), data in ${dir}`);
-  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}`);
+  say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}, ${volume.replicas} ${volume.replicas === 1 ? 'copy' : 'copies'} of each`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
   say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
   say(`tls:    peers and admin RPC use TLS with the CA ${tls.ca} (the config names it; or --ca / $PEERSAN_CA)`);
