@@ -178,3 +178,30 @@ t.test('without the silence the router waits out the link\'s deadline (what the 
   t.equal(doneAtMs, peerRequestMsMax, 'the takeover asked only at the link\'s deadline');
 });
 
+
+t.test('SYNCHRONIZE CACHE: a silent peer whose every in-sync page has another in-sync copy is not waited for; one holding a page alone fails it at the link\'s deadline', async (t) => {
+  const env = new ManualEnv();
+  const leases = leasesOf(env, 0);
+  await env.run(silentAfterMs + leasePingMs);
+  const p1 = blackHole(env);
+  const p2 = answering();
+  const tb = table();
+  for (const page of [1, 2, 3]) tb.learn(page, { owner: 'p1', version: 6, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+  const flushed = routerOf(env, tb, { p1, p2 }, leases, []).flush();
+  await env.run(10);
+  await flushed;
+  t.equal(p1.sent, 0, 'nothing sent to the silent peer: its pages are durable on p2');
+  t.equal(p2.sent, 1, 'p2 flushed');
+  // table(): page 1 is p1's alone.
+  const lone = blackHole(env);
+  const startMs = env.clock.monotonicMs();
+  let failedAfterMs = -1;
+  const failing = routerOf(env, table(), { p1: lone, p2: answering() }, leases, []).flush().catch((err: unknown) => {
+    t.type(err, PeerUnavailableError);
+    failedAfterMs = env.clock.monotonicMs() - startMs;
+  });
+  await env.run(peerRequestMsMax + 10);
+  await failing;
+  t.equal(lone.sent, 1, 'sent to p1');
+  t.equal(failedAfterMs, peerRequestMsMax, 'failed at the link\'s deadline');
+});

@@ -250,11 +250,14 @@ export class VolumeRouter implements BlockBackend {
     const peers = new Set<string>(this.o.table.peers);
     for (const r of routes) for (const p of copiesOf(r)) peers.add(p);
     const unreachable = new Map<string, PeerUnavailableError>();
+    // A peer whose every in-sync page has another in-sync copy is not waited for past its lease
+    // (sendTo's give-up): a dead one would cost each flush the link's connect or request deadline.
+    const covered = (peer: string): boolean => routes.every((r) => !inSyncOf(r).includes(peer) || inSyncOf(r).length > 1);
     await Promise.all(
       [...peers].map(async (peer) => {
         if (peer === this.o.self) return this.o.local.flush();
         try {
-          this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }));
+          this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }, covered(peer)));
         } catch (err) {
           if (!(err instanceof PeerUnavailableError)) throw err;
           unreachable.set(peer, err);
