@@ -73,6 +73,21 @@ function leasesOf(env: ManualEnv, p1StopsAtMs: number): Leases {
   return leases;
 }
 
+/** `op` sends once to the black-holed p1 and fails with PeerUnavailableError exactly at the link's deadline. */
+async function failsAtLinkDeadline(t: Tap.Test, env: ManualEnv, p1: { sent: number }, op: () => Promise<unknown>): Promise<void> {
+  const sentBefore = p1.sent;
+  const startMs = env.clock.monotonicMs();
+  let failedAfterMs = -1;
+  const failing = op().catch((err: unknown) => {
+    t.type(err, PeerUnavailableError);
+    failedAfterMs = env.clock.monotonicMs() - startMs;
+  });
+  await env.run(peerRequestMsMax + 10);
+  await failing;
+  t.equal(p1.sent - sentBefore, 1, 'sent to p1');
+  t.equal(failedAfterMs, peerRequestMsMax, 'failed at the link\'s deadline');
+}
+
 function routerOf(env: ManualEnv, tb: RouteTable, links: Record<string, BlockSender>, silence: PeerSilence | undefined, asked: string[]): VolumeRouter {
   return new VolumeRouter({
     self: 'p3', volumeId: '0123456789abcdef', table: tb, local: new MemoryBackend(bs, 4 * pageBlocks, 8), link: (p) => links[p],
@@ -155,16 +170,7 @@ t.test('a primary silent already: nothing is sent to it (a COMPARE AND WRITE too
   t.equal(p1.sent, 0, 'never sent to the silent primary: it cannot have applied it');
   t.same(asked, ['p2 0']);
   // Page 1 has no other copy: nobody can take over, the link's deadline decides as before.
-  const startMs = env.clock.monotonicMs();
-  let failedAfterMs = -1;
-  const single = router.write(pageBlocks, data).catch((err: unknown) => {
-    t.type(err, PeerUnavailableError);
-    failedAfterMs = env.clock.monotonicMs() - startMs;
-  });
-  await env.run(peerRequestMsMax + 10);
-  await single;
-  t.equal(p1.sent, 1, 'sent to p1');
-  t.equal(failedAfterMs, peerRequestMsMax, 'failed at the link\'s deadline');
+  await failsAtLinkDeadline(t, env, p1, () => router.write(pageBlocks, data));
 });
 
 t.test('without the silence the router waits out the link\'s deadline (what the silence saves)', async (t) => {
@@ -194,14 +200,6 @@ t.test('SYNCHRONIZE CACHE: a silent peer whose every in-sync page has another in
   t.equal(p2.sent, 1, 'p2 flushed');
   // table(): page 1 is p1's alone.
   const lone = blackHole(env);
-  const startMs = env.clock.monotonicMs();
-  let failedAfterMs = -1;
-  const failing = routerOf(env, table(), { p1: lone, p2: answering() }, leases, []).flush().catch((err: unknown) => {
-    t.type(err, PeerUnavailableError);
-    failedAfterMs = env.clock.monotonicMs() - startMs;
-  });
-  await env.run(peerRequestMsMax + 10);
-  await failing;
-  t.equal(lone.sent, 1, 'sent to p1');
-  t.equal(failedAfterMs, peerRequestMsMax, 'failed at the link\'s deadline');
+  const router = routerOf(env, table(), { p1: lone, p2: answering() }, leases, []);
+  await failsAtLinkDeadline(t, env, lone, () => router.flush());
 });
