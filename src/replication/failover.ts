@@ -25,7 +25,7 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
-import { sleep, type Env } from '../env/env';
+import { sleep, within, type Env } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
 import { failoverWaitMsMax, handoverCallMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
 import { PageMovedError } from '../routing/moved';
@@ -84,16 +84,9 @@ export async function learnTakeover(catalog: Catalog, t: Takeover): Promise<void
   else await catalog.fetchRoute(volume, t.page);
 }
 
-/** Resolves true if `p` settles within `ms`, false if not (it keeps running). */
-function within(env: Env, p: Promise<unknown>, ms: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const timer = env.timers.setTimeout(() => resolve(false), ms);
-    const done = (): void => {
-      env.timers.clearTimeout(timer);
-      resolve(true);
-    };
-    p.then(done, done);
-  });
+/** Resolves true once the hold `held` ends within `ms`, false if not (it keeps running). */
+async function releasedWithin(env: Env, held: Promise<void>, ms: number): Promise<boolean> {
+  return (await within(env.timers, held.then(() => true), ms)) ?? false;
 }
 
 export class Failover implements PrimaryGuard {
@@ -160,7 +153,7 @@ export class Failover implements PrimaryGuard {
   /** Resolves true once the page is not held here, false if it still is after failoverWaitMsMax. */
   async settled(volumeId: string, page: number): Promise<boolean> {
     const held = this.held.get(keyOf(volumeId, page));
-    return !held || within(this.o.env, held, failoverWaitMsMax);
+    return !held || releasedWithin(this.o.env, held, failoverWaitMsMax);
   }
 
   /** This peer steps out of the page as suspect (its copy may miss writes it acknowledged): no source for a resync. */
@@ -190,7 +183,7 @@ export class Failover implements PrimaryGuard {
   private async unheld(volumeId: string, page: number): Promise<void> {
     const held = this.held.get(keyOf(volumeId, page));
     if (!held) return;
-    if (!(await within(this.o.env, held, failoverWaitMsMax))) {
+    if (!(await releasedWithin(this.o.env, held, failoverWaitMsMax))) {
       throw new PeerUnavailableError(this.o.self, `page ${page} is still failing over after ${failoverWaitMsMax} ms`, false, { transient: true });
     }
   }

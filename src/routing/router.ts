@@ -252,12 +252,13 @@ export class VolumeRouter implements BlockBackend {
     const unreachable = new Map<string, PeerUnavailableError>();
     // A peer whose every in-sync page has another in-sync copy is not waited for past its lease
     // (sendTo's give-up): a dead one would cost each flush the link's connect or request deadline.
-    const covered = (peer: string): boolean => routes.every((r) => !inSyncOf(r).includes(peer) || inSyncOf(r).length > 1);
+    const alone = new Set<string>();
+    for (const r of routes) if (inSyncOf(r).length === 1) alone.add(inSyncOf(r)[0]);
     await Promise.all(
       [...peers].map(async (peer) => {
         if (peer === this.o.self) return this.o.local.flush();
         try {
-          this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }, covered(peer)));
+          this.expectOk(await this.send(peer, { op: BlockOp.flush, fua: true, volumeId: this.o.volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 }, !alone.has(peer)));
         } catch (err) {
           if (!(err instanceof PeerUnavailableError)) throw err;
           unreachable.set(peer, err);
@@ -267,8 +268,7 @@ export class VolumeRouter implements BlockBackend {
     if (unreachable.size === 0) return;
     for (const r of routes) {
       const inSync = inSyncOf(r);
-      const lost = inSync.find((p) => unreachable.has(p));
-      if (lost !== undefined && inSync.every((p) => unreachable.has(p))) throw unreachable.get(lost)!;
+      if (inSync.length > 0 && inSync.every((p) => unreachable.has(p))) throw unreachable.get(inSync[0])!;
     }
   }
 
