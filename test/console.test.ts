@@ -184,6 +184,9 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     await page.waitForFunction(() => ['p1', 'p2', 'p3'].every((p) => /[1-9]\d* IOPS/.test(document.querySelector(`#peers tr[data-peer="${p}"] td[data-field="load"]`)?.textContent ?? '')), undefined, { timeout: 30_000 });
     const loads = await Promise.all(['p1', 'p2', 'p3'].map((p) => cell(page, p, 'load')));
     t.ok(loads.every((l) => /[1-9]\d* IOPS/.test(l)), `per-peer load after the bench: ${loads.join(' / ')}`);
+    // A copy dropped under the bench's load (slower than replicaAckMsMax) resyncs first; a role
+    // switch to a copy still resyncing is refused, so the move waits for a healthy volume.
+    await page.waitForFunction(() => document.querySelector('#volumes tr[data-volume="web"] td[data-field="protection"]')?.textContent === '2 · healthy', undefined, { timeout: 60_000 });
     await page.selectOption('#move-form select[name=to]', 'p2');
     await page.click('#move-form button[type=submit]');
     await page.waitForFunction(() => document.getElementById('page-map')!.dataset.owners === 'p1:10,p2:12,p3:10', undefined, { timeout: 60_000 });
