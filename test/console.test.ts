@@ -32,7 +32,8 @@ function portFree(port: number): Promise<boolean> {
 /** A base port with `count` free ports from it (demo peers listen on base + i). */
 async function freeRun(count: number, taken: Set<number>): Promise<number> {
   for (let tries = 0; tries < 200; tries++) {
-    const base = 20_000 + Math.floor(Math.random() * 40_000);
+    // Below the ephemeral range (32768-), where no outgoing connection takes a local port.
+    const base = 20_000 + Math.floor(Math.random() * 12_000);
     const ports = Array.from({ length: count }, (_, i) => base + i);
     if (ports.some((p) => taken.has(p))) continue;
     if ((await Promise.all(ports.map(portFree))).every(Boolean)) {

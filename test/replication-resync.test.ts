@@ -628,6 +628,7 @@ t.test('resync: a copy dropped again while the answer to its ask is on its way a
   await g.run(10);
   t.ok(dropped, 'dropped while answered');
   await g.run(10);
+  await g.until(() => inSyncOf(g.table.route(0)).length === 2);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 asked again and is back in sync');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'with the change it missed');
 });

@@ -72,12 +72,13 @@ export async function startGroup(
     servers.set(id, s);
     return s;
   };
-  for (const p of config.peers) await start(p.id);
+  // The teardown first: a peer that fails to start must not leave the ones before it running.
   t.teardown(async () => {
     await Promise.allSettled([...servers.values()].map((s) => s.stop()));
     await meta.close();
     rmSync(dir, { recursive: true, force: true });
   });
+  for (const p of config.peers) await start(p.id);
   const url = (id: string, volume: string): string => `iscsi://${config.peers.find((p) => p.id === id)!.iscsi}/iqn.2026-11.io.peersan:${volume}/0`;
   const http = (id: string): string => `http://${config.peers.find((p) => p.id === id)!.http}`;
   return { dir, config, servers, start, url, http, peer: (id: string) => servers.get(id)! };

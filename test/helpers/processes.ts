@@ -10,14 +10,30 @@ import { join } from 'node:path';
 export const repoRoot = join(__dirname, '..', '..');
 export const cliPath = join(repoRoot, 'bin', 'peersan.js');
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * A port for a test server to listen on. Ports come from below the kernel's ephemeral range
+ * (32768-60999 on Linux), which an outgoing connection never takes as its local port: a port
+ * picked with listen(0) and closed again could be taken by any connection of any test before
+ * the server listens on it (EADDRINUSE in CI). Each test process walks its own stretch of
+ * 10000-31999, starting where its pid says, and checks each port by listening on it.
+ */
+export async function freePort(): Promise<number> {
+  for (let tries = 0; tries < 1000; tries++) {
+    const port = portsLow + (nextPort++ % portsSpan);
+    if (await canListen(port)) return port;
+  }
+  throw new Error('no free port for a test server in 10000-31999');
+}
+
+const portsLow = 10_000;
+const portsSpan = 22_000;
+let nextPort = (process.pid * 97) % portsSpan;
+
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
   });
 }
 
