@@ -35,9 +35,13 @@ import { composePeer, type PeerCore, type PeerProtocols } from './compose';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { EventLog, volumeEvents, type EventKind } from './events';
 import { registerFeatureMetrics } from './feature-metrics';
+import { leave, markLeaving, rejoin } from '../cluster/graceful-leave';
+import { Members } from '../cluster/members';
+import { defaultHostBalanceSettings } from './host-balance';
+import { askHostsToLeave, drainRedirect, followMembers } from './member-effects';
 import { GrpcTransport } from './grpc-transport';
 import type { HostBalanceService } from './host-balance-service';
-import { createHostBalance } from './host-balance-wiring';
+import { createHostBalance, reservationPins } from './host-balance-wiring';
 import { portalGroupTagOf } from './port-groups';
 import { HttpConsole } from './http';
 import { PeerMetrics } from './metrics';
@@ -76,6 +80,12 @@ export class PeerServer {
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private stopping: Promise<void> | undefined;
+  /** The group's membership (member records, watch-fed). */
+  members!: Members;
+  private unfollowMembers: (() => void) | undefined;
+  /** Resolves when this peer was asked to stop (`peersan peer stop`, or removed from the group): its process stops it. */
+  readonly stopRequested: Promise<void>;
+  private requestStop!: () => void;
   // ---- console and metrics (src/server/http*.ts, events.ts, metrics.ts) ----
   /** Recent events the console shows; every feature adds to it through its `event` hook. */
   readonly events = new EventLog(consoleEventsMax);
@@ -90,6 +100,7 @@ export class PeerServer {
   private constructor(readonly config: ClusterConfig, readonly peer: PeerConfig, readonly log: Logger, private readonly opts: PeerStartOptions) {
     this.env = opts.env ?? realEnv();
     this.startedAtMs = this.env.clock.nowMs();
+    this.stopRequested = new Promise((resolve) => (this.requestStop = resolve));
     this.metrics = new PeerMetrics({
       peer: peer.id, routing: this.routing,
       sessions: () => this.portal?.sessions() ?? [],
@@ -134,6 +145,7 @@ export class PeerServer {
     makePrivateDir(this.peer.data);
     warnOnce(this.log, securityWarnings(this.config, this.peer, this.embeddedCatalogDir));
     const core = (this.core = await this.openCore(tls));
+    await this.openMembers();
     this.wireProcessServices(core);
     // Served from here on: the other peers and the CLI first, then the hosts, then the console.
     await this.serveRpc(core, tls);
@@ -142,6 +154,8 @@ export class PeerServer {
     core.load.start();
     this.scheduler!.start();
     this.hostBalancer?.start();
+    // Serving: a peer that left gracefully is up again; its roles come back through the balancer.
+    await rejoin({ self: this.peer.id, members: this.members });
     this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: this.config.peers.length, catalog: this.config.catalog.backend, volumes: core.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
@@ -176,6 +190,12 @@ export class PeerServer {
     });
   }
 
+  /** The member records (DESIGN.md 11), the founders of cluster.yaml registered if the catalog lacks them. */
+  private async openMembers(): Promise<void> {
+    this.members = await Members.open(this.meta, this.env);
+    await this.members.registerFounders(this.config.peers, this.peer.id);
+  }
+
   /** What only a process has around the protocols: metrics, host balancing, the admin operations, volume events, snapshot schedules. */
   private wireProcessServices(core: PeerCore): void {
     const self = this.peer.id;
@@ -186,9 +206,16 @@ export class PeerServer {
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance, replication: core.replication, catalog: core.catalog });
+    const pins = reservationPins({ catalog: core.catalog, targets: core.targets, tag: (id) => portalGroupTagOf(groupPeers, id) });
+    const pinned = (peer: string, s: SessionInfo): boolean => pins(peer, s.initiatorName, s.isid, s.targetName);
     this.admin = peerAdmin({
       self, config: this.config, env: this.env, log: this.log, core, calls, hostBalance,
       selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,
+      members: this.members, pinned, requestStop: () => this.requestStop(),
+    });
+    this.unfollowMembers = followMembers({
+      self, members: this.members, migrator: core.migrator, portal: () => this.portal, pinned: (s) => pinned(self, s),
+      logoutSeconds: this.logoutSeconds(), event: this.event, removed: () => this.requestStop(), log: this.log,
     });
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
     core.catalog.onVolumeChange((name, record) => {
@@ -232,7 +259,9 @@ export class PeerServer {
     const hb = this.hostBalancer;
     this.portal = new Portal({
       host: iscsi.host, port: iscsi.port, directory: core.targets, log: this.log,
-      ...(hb ? { redirectFor: (i: string, t: string, isid: string) => hb.redirectFor(i, t, isid), sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
+      // A draining or leaving peer sends every login to an up peer, whatever host balancing says.
+      redirectFor: (i: string, t: string, isid: string) => drainRedirect(this.peer.id, this.members, i) ?? hb?.redirectFor(i, t, isid),
+      ...(hb ? { sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
     });
     await this.portal.listen();
   }
@@ -248,10 +277,27 @@ export class PeerServer {
     };
   }
 
-  /** Graceful: refuse new logins, finish in-flight commands, flush, close. Idempotent. */
-  stop(): Promise<void> {
-    if (!this.stopping) this.stopping = this.shutDown();
+  /** How long hosts asked to log out get (host balancing's setting, or its default). */
+  private logoutSeconds(): number {
+    return this.hostBalancer?.settings.logoutSeconds ?? defaultHostBalanceSettings.logoutSeconds;
+  }
+
+  /** Graceful: leave (roles handed over, hosts asked to log out), refuse new logins, finish in-flight commands, flush, close. Idempotent. */
+  stop(why = `${this.peer.id} (stop)`): Promise<void> {
+    if (!this.stopping) this.stopping = this.leave(why).then(() => this.shutDown());
     return this.stopping;
+  }
+
+  /** Marked leaving only (stopGroup: before any peer of the group hands roles around). */
+  async markLeaving(why: string): Promise<void> {
+    if (this.members) await markLeaving({ self: this.peer.id, members: this.members, why }).catch((err: Error) => this.log.warn({ reason: err.message }, 'could not mark this peer leaving'));
+  }
+
+  /** The graceful leave (src/cluster/graceful-leave.ts), then the hosts asked to log out; bounded, never throws. */
+  private async leave(why: string): Promise<void> {
+    if (!this.members || !this.core) return;
+    await leave({ self: this.peer.id, members: this.members, catalog: this.core.catalog, migrator: this.core.migrator, env: this.env, log: this.log, why });
+    if (this.portal) askHostsToLeave(this.portal, () => false, this.logoutSeconds());
   }
 
   private async shutDown(): Promise<void> {
@@ -272,6 +318,8 @@ export class PeerServer {
         this.core?.pages.endStreams();
         await shut;
       }
+      this.unfollowMembers?.();
+      this.members?.close();
       this.core?.close();
       this.transport?.close();
       this.scheduler?.stop();
@@ -282,4 +330,13 @@ export class PeerServer {
       this.env.timers.clearTimeout(timer);
     }
   }
+}
+
+/**
+ * Stop every peer of a group at once (the demo's Ctrl-C, a test's end): every peer is marked
+ * leaving first, so none hands its roles to another that is stopping too.
+ */
+export async function stopGroup(servers: readonly PeerServer[], why: string): Promise<void> {
+  await Promise.allSettled(servers.map((s) => s.markLeaving(why)));
+  await Promise.allSettled(servers.map((s) => s.stop(why)));
 }
