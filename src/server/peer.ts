@@ -260,10 +260,17 @@ export class PeerServer {
     this.portal = new Portal({
       host: iscsi.host, port: iscsi.port, directory: core.targets, log: this.log,
       // A draining or leaving peer sends every login to an up peer, whatever host balancing says.
-      redirectFor: (i: string, t: string, isid: string) => drainRedirect(this.peer.id, this.members, i) ?? hb?.redirectFor(i, t, isid),
+      redirectFor: (i: string, t: string, isid: string) => this.drainLogin(i, t) ?? hb?.redirectFor(i, t, isid),
       ...(hb ? { sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
     });
     await this.portal.listen();
+  }
+
+  /** While this peer drains or leaves: the up peer a login goes to (and the console says so). */
+  private drainLogin(initiatorName: string, targetName: string): string | undefined {
+    const to = drainRedirect(this.peer.id, this.members, initiatorName);
+    if (to) this.event('redirect', `login of ${initiatorName} to ${targetName} redirected to ${to} (${this.peer.id} is ${this.members.get(this.peer.id)?.state})`, { peer: this.peer.id });
+    return to;
   }
 
   /** This peer's own line of `peersan status` (also what the other peers' status calls get). */
