@@ -96,9 +96,9 @@ async function fixture(t: Tap.Test) {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-membership-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
   const env = new ManualEnv();
-  const catalog = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks: 8192, env });
   const members = await Members.open(meta, realEnv());
-  await members.registerFounders(['p1', 'p2', 'p3'].map((id, i) => ({ id, iscsi: `10.0.0.${i + 1}:3260`, rpc: `10.0.0.${i + 1}:7000`, http: '' })), 'p1');
+  await members.group(['p1', 'p2', 'p3'].map((id, i) => ({ id, iscsi: `10.0.0.${i + 1}:3260`, rpc: `10.0.0.${i + 1}:7000`, http: '' })), 'p1');
+  const catalog = await Catalog.open(meta, { members, pageBlocks: 8192, env });
   t.teardown(async () => {
     members.close();
     catalog.close();

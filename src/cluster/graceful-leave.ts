@@ -99,13 +99,3 @@ export async function markLeaving(o: Pick<LeaveOptions, 'self' | 'members' | 'wh
   });
   return true;
 }
-
-/** At start, once serving: a peer that left gracefully is `up` again (roles come back through the balancer). */
-export async function rejoin(o: Pick<LeaveOptions, 'self' | 'members'>): Promise<void> {
-  if (o.members.get(o.self)?.state !== 'leaving') return;
-  await o.members.setState(o.self, 'up', `${o.self} (restart)`, (r) => {
-    if (r.state !== 'leaving') throw new ConflictError(`peer ${o.self} is ${r.state}`);
-  }).catch((err: unknown) => {
-    if (!(err instanceof ConflictError)) throw err;
-  });
-}

@@ -192,9 +192,12 @@ export class CopyKeeper {
 
   private async keepVolume(volume: VolumeRecord, peers: readonly ViewedPeer[], lost: ReadonlySet<string>, changesMax: number): Promise<number> {
     const { self, catalog } = this.o;
-    const wanted = Math.min(volume.replicas ?? 1, volume.peers.length);
+    // New copies go to the peers the volume spans now (placeable members); the copies wanted do
+    // not drop while a peer is leaving or draining (the span shrinks, the volume's needs do not).
+    const span = catalog.spanOf(volume);
+    const wanted = Math.min(volume.replicas ?? 1, Math.max(volume.peers.length, span.length));
     const candidates: PeerCandidate[] = peers
-      .filter((p) => volume.peers.includes(p.id))
+      .filter((p) => span.includes(p.id))
       .map((p) => ({ id: p.id, zone: this.o.zoneOf(p.id), alive: (p.id === self || !p.stale) && !lost.has(p.id), freeBytes: p.freeBytes, load: p.load }));
     const pageBytes = volume.pageBlocks * volume.blockBytes;
     const promised = new Map<string, number>();

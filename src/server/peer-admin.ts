@@ -4,6 +4,7 @@
 
 import type { Logger } from 'pino';
 import { groupStatus, type PeerStatusView } from '../cluster/group-status';
+import type { Members } from '../cluster/members';
 import type { PeerCalls } from '../cluster/transport';
 import { volumeAdmin } from '../cluster/volume-admin';
 import type { Env } from '../env/env';
@@ -19,7 +20,6 @@ import type { EventKind } from './events';
 import type { HostBalanceService } from './host-balance-service';
 import { sessionAdmin } from './host-balance-wiring';
 import { membershipAdmin } from '../cluster/membership-admin';
-import type { Members } from '../cluster/members';
 import type { OptionalAdminOps } from './http-api';
 
 /** Every admin operation of a peer: AdminService's and the console's. */
@@ -28,6 +28,8 @@ export type PeerAdmin = Required<AdminApi> & OptionalAdminOps;
 export interface PeerAdminWiring {
   self: string;
   config: Pick<ClusterConfig, 'name' | 'peers'>;
+  /** The group's members, live (the catalog's records): state changes go through it. */
+  members: Members;
   env: Env;
   log: Logger;
   core: PeerCore;
@@ -37,8 +39,6 @@ export interface PeerAdminWiring {
   localSessions(): SessionInfo[];
   hostBalance: HostBalanceService | undefined;
   event(kind: EventKind, message: string, fields: { volume?: string; peer?: string }): void;
-  /** The group's membership (the catalog's member records). */
-  members: Members;
   /** A host session on `peer` is pinned there by a SCSI reservation (host-balance-wiring.ts reservationPins). */
   pinned(peer: string, session: SessionInfo): boolean;
   /** Stop this peer gracefully (`peersan peer stop`): after the reply. */
@@ -48,8 +48,9 @@ export interface PeerAdminWiring {
 export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
   const { self, env, log, core, calls } = w;
   const { catalog } = core;
-  const groupPeers = w.config.peers.map((p) => p.id);
-  const group = groupStatus({ cluster: w.config.name, self, peers: w.config.peers, selfStatus: w.selfStatus, calls });
+  const { members } = w;
+  const groupPeers = (): readonly string[] => members.ids();
+  const group = groupStatus({ cluster: w.config.name, self, peers: () => members.ids().map((id) => members.get(id)!), selfStatus: w.selfStatus, calls });
   const { protection, keeper, zoneOf } = core.replication;
   const volumes = volumeAdmin({ catalog, targets: core.targets, localSessions: w.localSessions, group, log, protection: (v) => protection.of(v) });
   const load = loadAdmin({ catalog, load: core.load, balancerSwitch: core.balancerSwitch, log });
