@@ -72,3 +72,23 @@ t.test('drain, undrain and a graceful stop in a group of three', async (t) => {
   t.equal(p('p2').members.get('p1')?.state, 'leaving');
   t.ok(p('p2').events.since(0).some((e) => e.kind === 'member' && /peer p1 leaving.*\(p1 \(test\)\)/.test(e.message)), 'announced');
 });
+
+t.test('remove --force of a stopped peer: refused while a page would lose its last in-sync copy, then its copies leave the routes', async (t) => {
+  const g = await startGroup(t, 3);
+  const p = g.peer;
+  await p('p1').admin.createVolume({ name: 'two', size: '64M', replicas: 2 });
+  await p('p1').admin.createVolume({ name: 'one', size: '64M', replicas: 1 });
+  await until('every peer knows both volumes', () => ['p1', 'p2', 'p3'].every((id) => p(id).core.catalog.listVolumes().length === 2));
+  // p3 stops for good (gracefully: its primaries of "two" go to the other copies first).
+  await p('p3').stop('p3 (test)');
+  await t.rejects(p('p1').admin.removePeer('p3', true), /removing p3 would lose the last in-sync copy of page \d+ of volume one/, 'a single-copy volume holds pages only on p3');
+  await p('p1').admin.deleteVolume('one', true);
+  const removed = await p('p1').admin.removePeer('p3', true);
+  t.match(removed, { id: 'p3', state: 'removed', changedBy: 'admin via p1' });
+  const c = p('p1').core.catalog;
+  const v = c.volume('two')!;
+  const copies = c.routes(v).owners(v.sizeBytes / v.blockBytes).flatMap((r) => r.copies ?? [r.owner]);
+  t.notOk(copies.includes('p3'), 'no route names p3: the primaries rebuild those copies elsewhere');
+  t.same((await p('p2').admin.status()).peers.map((x) => x.id), ['p1', 'p2'], 'status no longer lists p3');
+  t.ok(p('p2').events.since(0).some((e) => e.kind === 'member' && /peer p3 removed from the group \(admin via p1\)/.test(e.message)), 'announced');
+});
