@@ -7,6 +7,7 @@
 import t from 'tap';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { stopGroup } from '../src/server/peer';
 import { startGroup } from './helpers/group';
 import { hasTool } from './helpers/processes';
 
@@ -91,4 +92,15 @@ t.test('remove --force of a stopped peer: refused while a page would lose its la
   t.notOk(copies.includes('p3'), 'no route names p3: the primaries rebuild those copies elsewhere');
   t.same((await p('p2').admin.status()).peers.map((x) => x.id), ['p1', 'p2'], 'status no longer lists p3');
   t.ok(p('p2').events.since(0).some((e) => e.kind === 'member' && /peer p3 removed from the group \(admin via p1\)/.test(e.message)), 'announced');
+});
+
+t.test('a whole group stopping at once (the demo\'s Ctrl-C) hands no role around', async (t) => {
+  const g = await startGroup(t, 3);
+  const p = g.peer;
+  await p('p1').admin.createVolume({ name: 'two', size: '64M', replicas: 2 });
+  await until('every peer knows the volume', () => ['p1', 'p2', 'p3'].every((id) => p(id).core.catalog.listVolumes().length === 1));
+  await stopGroup([...g.servers.values()], 'test (SIGINT)');
+  const switched = [...g.servers.values()].flatMap((s) => s.events.since(0).filter((e) => /primary role switched/.test(e.message)));
+  t.same(switched.map((e) => e.message), [], 'every peer was leaving before any handed a role over');
+  t.same(['p1', 'p2', 'p3'].map((id) => p(id).members.get(id)?.state), ['leaving', 'leaving', 'leaving'], 'each marked itself leaving');
 });
