@@ -10,6 +10,7 @@ import pino from 'pino';
 import t, { type Test } from 'tap';
 import { Catalog } from '../src/cluster/catalog';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
+import { fixedMembers } from '../src/cluster/members';
 import { ManualEnv } from '../src/env/manual';
 import { copyBuildPagesInFlightMax } from '../src/limits';
 import { balancerDefaults, plan } from '../src/loadmon/balancer';
@@ -144,6 +145,7 @@ async function openCatalog(t: Test, env: ManualEnv, peers = groupPeers): Promise
 function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: () => ViewedPeer[], downOutMs = 60_000): CopyKeeper {
   return new CopyKeeper({
     self, env, log, catalog, downOutMs, zoneOf: () => undefined, reserveFreeBytes: 0, peers: view, movingAway: () => false, event: () => undefined,
+    members: fixedMembers(catalog.options.groupPeers), span: (v) => v.peers, movePrimary: () => Promise.reject(new Error('no primary leaves here')),
   });
 }
 

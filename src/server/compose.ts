@@ -11,6 +11,7 @@
 
 import type { Logger } from 'pino';
 import { Catalog } from '../cluster/catalog';
+import { fixedMembers } from '../cluster/members';
 import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
@@ -352,6 +353,8 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
   const keeper = new CopyKeeper({
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
+    members: fixedMembers(w.groupPeers), span: (v) => v.peers,
+    movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),
     event: (message, volume) => w.event('replication', message, { volume, peer: self }),
   });
   const reaper = new Reaper({
