@@ -403,6 +403,8 @@ export const evacuationMovesInFlightMax = 2;
 export const relocationsMax = 64;
 /** … each given up if its new copy is not added within this long (no room, page busy): the next spread round plans again. */
 export const relocationWaitMsMax = 60_000;
+/** A peer stands out when its copies exceed its share by more than this fraction of it (and by more than one copy). */
+export const spreadHysteresisShare = 0.1;
 /** Copies one peer's spread round starts moving (hints and page moves together). */
 export const spreadMovesPerRoundMax = 8;
 /** Page moves of the spread in flight on one peer; a round waits for them. */

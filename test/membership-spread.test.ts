@@ -15,7 +15,8 @@ import { fixedMembers, type MemberRecord, type MembersView, type MemberState } f
 import { ManualEnv } from '../src/env/manual';
 import { changedCopies } from '../src/replication/placement';
 import { CopyKeeper, decideCopies, primaryStep, wantedCopies, type ViewedPeer } from '../src/replication/rebuild';
-import { copiesOf, inSyncOf, type Route } from '../src/routing/table';
+import { countCopies, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 
 const log = pino({ level: 'silent' });
 const GiB = 1024 ** 3;
@@ -198,4 +199,164 @@ t.test('a one-copy page on a draining peer moves whole; a capacity hint moves on
   await p1.run();
   t.same(catalog.routes(v).route(0), { owner: 'p1', version: 4, copies: ['p1', 'p4'], inSync: ['p1', 'p4'] }, 'p4 in sync: p2 removed');
   t.equal(p1.relocationsPending(), 0, 'the hint is done');
+});
+
+// ---- capacity spreading ----------------------------------------------------------------------
+
+const count = (copies: number, leaving = 0, arriving = 0): CopyCount => ({ copies, leaving, arriving });
+const peer = (id: string, copies: number, capacity = 1, placeable = true): SpreadPeer => ({ id, capacity, placeable, count: count(copies) });
+
+t.test('a fourth peer holding nothing: each full peer sends it its excess, no more than its share', async (t) => {
+  const plan = planSpread([peer('p1', 86), peer('p2', 85), peer('p3', 85), peer('p4', 0)]);
+  t.same(plan.flows, [{ from: 'p1', to: 'p4', copies: 22 }, { from: 'p2', to: 'p4', copies: 21 }, { from: 'p3', to: 'p4', copies: 21 }]);
+  t.match(plan.fills.find((f) => f.id === 'p4'), { copies: 0, shareCopies: 64, fill: 0 });
+  t.same(planSpread([peer('p1', 70), peer('p2', 66), peer('p3', 60)]).flows, [], 'within the hysteresis (10% of 65.3): nothing moves');
+  t.same(planSpread([peer('p1', 40), peer('p2', 80, 2)]).flows, [], 'capacity 2 holds twice as much: balanced');
+  t.same(planSpread([peer('p1', 80), peer('p2', 40, 2)]).flows, [{ from: 'p1', to: 'p2', copies: 40 }], 'capacity 2 holding as much as capacity 1: it takes more');
+  t.same(planSpread([peer('p1', 66), peer('p2', 68), peer('p3', 68), peer('p4', 54)]).flows.reduce((a, f) => a + f.copies, 0), 10, 'a peer far below its share: the others give their small excesses');
+  t.same(planSpread([peer('p1', 100), peer('p2', 0, 1, false)]).flows, [], 'a peer that is not up (joining, draining, leaving) is never a destination');
+  t.same(planSpread([peer('p1', 0), peer('p2', 100, 1, false)]).flows, [], '… nor a source (a draining peer empties by the keeper)');
+  const inFlight = planSpread([{ id: 'p1', capacity: 1, placeable: true, count: count(100, 40) }, { id: 'p2', capacity: 1, placeable: true, count: count(20, 0, 30) }]);
+  t.same(inFlight.flows, [], 'copies already on their way count: p1 (low 60) and p2 (high 50) need nothing more');
+});
+
+const arbPeers = fc.array(
+  fc.record({ capacity: fc.integer({ min: 1, max: 4 }), placeable: fc.boolean(), copies: fc.integer({ min: 0, max: 300 }), leaving: fc.integer({ min: 0, max: 10 }), arriving: fc.integer({ min: 0, max: 10 }) }),
+  { minLength: 1, maxLength: 6 },
+).map((ps) => ps.map((p, i): SpreadPeer => ({ id: `p${i + 1}`, capacity: p.capacity, placeable: p.placeable, count: count(p.copies, Math.min(p.leaving, p.copies), p.arriving) })));
+
+t.test('random groups: flows between up peers only, never past a share, no peer both giving and taking', async (t) => {
+  fc.assert(
+    fc.property(arbPeers, (peers) => {
+      const plan = planSpread(peers);
+      const share = new Map(plan.fills.map((f) => [f.id, f.shareCopies]));
+      const byId = new Map(peers.map((p) => [p.id, p]));
+      const out = new Map<string, number>();
+      const into = new Map<string, number>();
+      for (const f of plan.flows) {
+        if (f.from === f.to || f.copies <= 0 || !byId.get(f.from)!.placeable || !byId.get(f.to)!.placeable) return false;
+        out.set(f.from, (out.get(f.from) ?? 0) + f.copies);
+        into.set(f.to, (into.get(f.to) ?? 0) + f.copies);
+      }
+      for (const [id, n] of out) if (into.has(id) || byId.get(id)!.count.copies - byId.get(id)!.count.leaving - n < share.get(id)!) return false;
+      for (const [id, n] of into) if (byId.get(id)!.count.copies + byId.get(id)!.count.arriving + n > share.get(id)!) return false;
+      return true;
+    }),
+    { numRuns: 3000 },
+  );
+  t.pass('3000 random groups');
+});
+
+t.test('random groups, round after round: it settles, and a copy that moved never moves back (no ping-pong)', async (t) => {
+  fc.assert(
+    fc.property(arbPeers, (start) => {
+      let peers = start.map((p) => ({ ...p, count: count(p.count.copies) }));
+      const gave = new Set<string>();
+      const took = new Set<string>();
+      for (let round = 0; round < 20; round++) {
+        const { flows } = planSpread(peers);
+        if (flows.length === 0) return true;
+        for (const f of flows) {
+          gave.add(f.from);
+          took.add(f.to);
+        }
+        if ([...gave].some((id) => took.has(id))) return false;
+        peers = peers.map((p) => ({ ...p, count: count(p.count.copies - flows.filter((f) => f.from === p.id).reduce((a, f) => a + f.copies, 0) + flows.filter((f) => f.to === p.id).reduce((a, f) => a + f.copies, 0)) }));
+      }
+      return false;
+    }),
+    { numRuns: 2000 },
+  );
+  t.pass('2000 random groups settle');
+});
+
+t.test('a flow is split over the up peers but its destination: together exactly the flow', async (t) => {
+  const executors = ['p1', 'p2', 'p3', 'p4'];
+  for (let copies = 0; copies <= 13; copies++) {
+    const flow = { from: 'p1', to: 'p4', copies };
+    const portions = executors.map((p) => portionOf(flow, p, executors));
+    t.equal(portions.reduce((a, b) => a + b, 0), copies, `${copies}: ${portions.join(' ')}`);
+    t.equal(portions[3], 0, 'the destination carries out nothing');
+  }
+  t.equal(portionOf({ from: 'p1', to: 'p4', copies: 5 }, 'p5', executors), 0, 'a peer that is not up carries out nothing');
+});
+
+t.test('which copy can go: not while the copy set changes, never a second copy on a peer, no zone lost', async (t) => {
+  const noZone = (): undefined => undefined;
+  t.ok(movable(r(['p1', 'p2']), 2, 'p2', 'p4', noZone));
+  t.ok(movable(r(['p1', 'p2']), 2, 'p1', 'p4', noZone), 'the primary\'s copy too (by a page move)');
+  t.notOk(movable(r(['p1', 'p2', 'p3'], ['p1', 'p2']), 3, 'p2', 'p4', noZone), 'a copy being built');
+  t.notOk(movable(r(['p1', 'p2', 'p3']), 2, 'p2', 'p4', noZone), 'one copy more than asked: one is leaving already');
+  t.notOk(movable(r(['p1', 'p2']), 2, 'p2', 'p1', noZone), 'to a holder');
+  t.notOk(movable(r(['p1', 'p2']), 2, 'p3', 'p4', noZone), 'from a peer without a copy');
+  const zones: Record<string, string> = { p1: 'a', p2: 'b', p3: 'a', p4: 'b' };
+  t.notOk(movable(r(['p1', 'p2']), 2, 'p2', 'p3', (p) => zones[p]), 'zone b would be lost');
+  t.ok(movable(r(['p1', 'p2']), 2, 'p2', 'p4', (p) => zones[p]), 'from b to b');
+});
+
+t.test('copies counted by the placement rule\'s arithmetic and the changed routes agree with counting page by page', async (t) => {
+  fc.assert(
+    fc.property(
+      fc.shuffledSubarray(peers5, { minLength: 1 }), fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 40 }),
+      fc.array(fc.record({ page: fc.nat(45), copies: fc.shuffledSubarray(peers5, { minLength: 1, maxLength: 3 }), stale: fc.boolean() }), { maxLength: 10 }),
+      (peers, replicas, pages, changes) => {
+        const moved = new Map<number, Route>(changes.map((c) => [c.page, r(c.copies, c.stale && c.copies.length > 1 ? c.copies.slice(0, -1) : c.copies, 5)]));
+        const table = new RouteTable(peers, 8192, moved, replicas);
+        const volume = { id: 'v', sizeBytes: pages * pageBytes, blockBytes: 512, pageBlocks: 8192, replicas } as VolumeRecord;
+        const counted = countCopies([{ volume, table }]);
+        const byPage = new Map<string, number>();
+        for (const x of table.owners(pages * 8192)) for (const p of copiesOf(x)) byPage.set(p, (byPage.get(p) ?? 0) + 1);
+        return peers5.every((p) => (counted.get(p)?.copies ?? 0) === (byPage.get(p) ?? 0));
+      },
+    ),
+    { numRuns: 1000 },
+  );
+  t.pass('1000 random volumes');
+});
+
+t.test('a fourth peer holding nothing receives copies from every primary, through the keepers, and the group settles', async (t) => {
+  const env = new ManualEnv();
+  const ids = ['p1', 'p2', 'p3', 'p4'];
+  const catalog = await openCatalog(t, env, ids);
+  const v = await catalog.createVolume({ name: 'vol', size: 128 * pageBytes, replicas: 2, peers: ids });
+  // The volume was made on three peers; p4 joined since (its span is every up peer now).
+  const vol = catalog.require('vol');
+  const table = catalog.routes(vol);
+  for (let page = 0; page < 128; page++) {
+    const x = table.route(page);
+    if (!copiesOf(x).includes('p4')) continue;
+    const three = ['p1', 'p2', 'p3'];
+    const copies = [three[page % 3], three[(page + 1) % 3]];
+    await catalog.casRoute(vol, page, x, () => ({ owner: copies[0], copies, inSync: copies }));
+  }
+  const view = fixedMembers(ids);
+  const handed: Handed[] = [];
+  const keepers = new Map(ids.map((id) => [id, keeperOn(catalog, env, id, view, handed)]));
+  const moved: { page: number; from: string; to: string }[] = [];
+  const drivers = ids.map((id) => new SpreadDriver({
+    self: id, env, log, catalog, members: view, span: () => ids, zoneOf: () => undefined, enabled: () => true,
+    relocate: (volumeId, page, from, to) => keepers.get(id)!.relocate(volumeId, page, from, to), relocationsPending: () => keepers.get(id)!.relocationsPending(),
+    movePage: async (_v, page, to) => void moved.push({ page, from: id, to }), movingAway: () => false,
+  }));
+  const held = () => countCopies([{ volume: v, table: catalog.routes(v) }]);
+  t.equal(held().get('p4')?.copies ?? 0, 0, 'p4 holds nothing');
+  let minInSync = Infinity;
+  for (let round = 0; round < 30; round++) {
+    for (const d of drivers) await d.round();
+    for (const k of keepers.values()) await k.run();
+    // The page moves the drivers asked for, as the migrator commits them.
+    for (const m of moved.splice(0)) {
+      const x = catalog.routes(v).route(m.page);
+      await catalog.casRoute(v, m.page, x, (now) => ({ owner: m.to, copies: copiesOf(now).map((p) => (p === m.from ? m.to : p)), inSync: inSyncOf(now).map((p) => (p === m.from ? m.to : p)) }));
+    }
+    minInSync = Math.min(minInSync, ...catalog.routes(v).owners(v.sizeBytes / v.blockBytes).map((x) => inSyncOf(x).length));
+    await resyncAll(catalog, 'vol');
+  }
+  const after = held();
+  t.ok(after.get('p4')!.copies >= 64 - 7, `p4 holds ${after.get('p4')!.copies} copies, within the hysteresis (6.4) of its share of 64`);
+  t.ok(ids.every((id) => Math.abs(after.get(id)!.copies - 64) <= 7), `every peer near its share: ${ids.map((id) => after.get(id)!.copies).join(' ')}`);
+  t.equal(minInSync, 2, 'no page ever had fewer than two in-sync copies');
+  const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+  t.ok(routes.every((x) => copiesOf(x).length === 2 && new Set(copiesOf(x)).size === 2), 'every page still two copies on two peers');
+  t.equal(await drivers[0].round(), 0, 'settled: a new round moves nothing');
 });

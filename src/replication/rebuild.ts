@@ -254,10 +254,15 @@ export class CopyKeeper {
     return true;
   }
 
-  /** Capacity hints not done yet (the spread driver waits for its own before planning again). */
+  /** Capacity hints whose new copy is not added yet (the spread driver waits for them: the routes do not show them). */
   relocationsPending(): number {
     this.forgetRelocations();
-    return this.relocations.size;
+    return [...this.relocations.values()].filter((h) => !this.holds(h.volumeId, h.page, h.to)).length;
+  }
+
+  private holds(volumeId: string, page: number, peer: string): boolean {
+    const volume = this.o.catalog.volumeById(volumeId);
+    return volume !== undefined && copiesOf(this.o.catalog.routes(volume).route(page)).includes(peer);
   }
 
   /** Look again soon (route, volume or member changed). */
@@ -326,7 +331,7 @@ export class CopyKeeper {
     for (const [key, h] of this.relocations) {
       const volume = this.o.catalog.volumeById(h.volumeId);
       const route = volume && this.o.catalog.routes(volume).route(h.page);
-      const started = route !== undefined && copiesOf(route).includes(h.to);
+      const started = this.holds(h.volumeId, h.page, h.to);
       const moot = !route || route.owner !== this.o.self || route.owner === h.from || !copiesOf(route).includes(h.from);
       if (moot || (!started && nowMs - h.atMs > relocationWaitMsMax)) this.relocations.delete(key);
     }

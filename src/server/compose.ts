@@ -34,6 +34,7 @@ import { newReplicationCounters, type ReplicationCounters } from '../replication
 import type { ReadRepairHooks } from '../replication/read-repair';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
+import { SpreadDriver } from '../replication/spread';
 import { dropFromInSync, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
@@ -101,6 +102,8 @@ export interface ReplicationSettings {
 export interface ReplicationCore {
   counters: ReplicationCounters;
   keeper: CopyKeeper;
+  /** Copies spread in proportion to the peers' capacities (src/replication/spread.ts). */
+  spread: SpreadDriver;
   reaper: Reaper;
   protection: VolumeProtection;
   zoneOf(peer: string): string | undefined;
@@ -300,6 +303,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     leases.close();
     core.failover.close();
     core.replication.keeper.stop();
+    core.replication.spread.stop();
     core.replication.reaper.stop();
     core.load.stop();
     balancerSwitch.close();
@@ -368,10 +372,17 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     return new Set(core.load.peerLoads().filter((p) => !p.stale || (starting && p.ageMs < 0)).map((p) => p.id));
   };
   const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
+  const spread = new SpreadDriver({
+    self, env, log: log.child({ component: 'spread' }), catalog, members: fixedMembers(w.groupPeers), span: (v) => v.peers, zoneOf,
+    enabled: () => w.balancer.enabled && (core.balancerSwitch?.auto ?? true),
+    relocate: (volumeId, page, from, to) => keeper.relocate(volumeId, page, from, to), relocationsPending: () => keeper.relocationsPending(),
+    movePage: async (v, page, to) => void (await core.migrator.start(v.name, page, to)), movingAway: (volumeId, page) => core.migrator.movingOut(volumeId, page),
+  });
   reaper.start();
   keeper.start();
+  spread.start();
   // Resync and read repairs count where /metrics reads it.
-  return { counters, keeper, reaper, protection, zoneOf };
+  return { counters, keeper, spread, reaper, protection, zoneOf };
 }
 
 /**
