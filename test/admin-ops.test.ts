@@ -18,6 +18,7 @@ import { moveAdmin } from '../src/migration/admin';
 import type { MoveInfo } from '../src/migration/migrator';
 import { sessionAdmin } from '../src/server/host-balance-wiring';
 import type { HostBalanceService } from '../src/server/host-balance-service';
+import { fixedMembers } from '../src/cluster/members';
 
 const peers = ['p1', 'p2', 'p3'].map((id, i) => ({ id, iscsi: `10.0.0.${i + 1}:3260`, rpc: `10.0.0.${i + 1}:7000`, http: `10.0.0.${i + 1}:8000` }));
 const log = pino({ level: 'silent' });
@@ -34,7 +35,7 @@ function statusOf(id: string, sessions: SessionInfo[]): PeerStatusView {
 /** p1's view of the group: p2 answers with `p2Sessions`, p3 is down. */
 function group(p1Sessions: SessionInfo[], p2Sessions: SessionInfo[]) {
   return groupStatus({
-    cluster: 'test', self: 'p1', peers,
+    cluster: 'test', self: 'p1', peers: () => peers,
     selfStatus: async () => statusOf('p1', p1Sessions),
     calls: (id) => ({ status: async () => (id === 'p2' ? statusOf('p2', p2Sessions) : Promise.reject(new Error('connection refused'))) }),
   });
@@ -49,7 +50,7 @@ t.test('a peer that does not answer is shown down, not an error', async (t) => {
 t.test('volumes, moves and sessions', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-admin-ops-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const catalog = await Catalog.open(meta, { groupPeers: peers.map((p) => p.id), pageBlocks: 8192, env: new ManualEnv() });
+  const catalog = await Catalog.open(meta, { members: fixedMembers(peers.map((p) => p.id)), pageBlocks: 8192, env: new ManualEnv() });
   t.teardown(async () => {
     catalog.close();
     await meta.close();
@@ -81,7 +82,7 @@ t.test('volumes, moves and sessions', async (t) => {
     const calls: string[] = [];
     const info = (page: number, from: string) => ({ volumeId: 'v', volume: 'vol', page, from, to: 'p3' }) as unknown as MoveInfo;
     const moves = moveAdmin({
-      self: 'p1', groupPeers: peers.map((p) => p.id), catalog,
+      self: 'p1', groupPeers: () => peers.map((p) => p.id), catalog,
       migrator: { start: async (_v, page) => (calls.push(`local start ${page}`), info(page, 'p1')), cancel: (_id, page) => void calls.push(`local cancel ${page}`), list: () => [info(mine, 'p1')] },
       calls: (id) => ({
         startMove: async (_v, page) => (calls.push(`${id} start ${page}`), info(page, id)),
@@ -101,10 +102,10 @@ t.test('volumes, moves and sessions', async (t) => {
 
   await t.test('a TSIH logged in on several peers: the operator is asked which', async (t) => {
     const hostBalance = { move: async () => [] } as unknown as HostBalanceService;
-    const sessions = sessionAdmin({ self: 'p1', groupPeers: peers.map((p) => p.id), hostBalance, group: group([session(7, target)], [session(7, target)]), calls: () => ({ moveSession: async () => [] }) });
+    const sessions = sessionAdmin({ self: 'p1', groupPeers: () => peers.map((p) => p.id), hostBalance, group: group([session(7, target)], [session(7, target)]), calls: () => ({ moveSession: async () => [] }) });
     await t.rejects(sessions.moveSession('7', 'p3', ''), /TSIH 7 is logged in on p1, p2: say which with --on PEER/);
     await t.rejects(sessions.moveSession('7', 'p3', 'p9'), /no peer p9 in this group/);
-    const off = sessionAdmin({ self: 'p1', groupPeers: ['p1'], hostBalance: undefined, group: group([], []), calls: () => ({ moveSession: async () => [] }) });
+    const off = sessionAdmin({ self: 'p1', groupPeers: () => ['p1'], hostBalance: undefined, group: group([], []), calls: () => ({ moveSession: async () => [] }) });
     await t.rejects(off.moveSession('7', 'p3', ''), /host balancing is off on this peer/);
   });
 

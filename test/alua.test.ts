@@ -21,6 +21,7 @@ import { PortGroups } from '../src/server/port-groups';
 import { aluaUnavailableMs } from '../src/limits';
 import { startGroup } from './helpers/group';
 import { MemoryBackend } from './helpers/memory-backend';
+import { fixedMembers } from '../src/cluster/members';
 
 const nexus1: Nexus = { initiatorPort: 'iqn.h:1,i,0x1', initiatorName: 'iqn.h:1', targetPort: 'iqn.t,t,0x0002', relativeTargetPort: 2 };
 const nexus2: Nexus = { initiatorPort: 'iqn.h:2,i,0x2', initiatorName: 'iqn.h:2', targetPort: 'iqn.t,t,0x0002', relativeTargetPort: 2 };
@@ -112,8 +113,7 @@ t.test('PortGroups: up from the gossip view, a change told once, SendTargets lis
   const ages = new Map([['p1', 0], ['p2', 0], ['p3', -1]]);
   let changes = 0;
   const groups = new PortGroups({
-    self: 'p1', groupPeers: ['p1', 'p2', 'p3'],
-    portalOf: (id) => `10.0.0.${id.slice(1)}:3260`,
+    self: 'p1', members: fixedMembers(['p1', 'p2', 'p3'], (id) => ({ iscsi: `10.0.0.${id.slice(1)}:3260` })),
     loads: () => [...stale].map(([id, s]) => ({ id, stale: s, ageMs: ages.get(id)! })),
   });
   groups.onChange(() => changes++);
@@ -142,7 +142,7 @@ t.test('PortGroups: up from the gossip view, a change told once, SendTargets lis
 t.test('PortGroups: peers starting together are not reported down before they could speak', async (t) => {
   let nowMs = 0;
   const groups = new PortGroups({
-    self: 'p1', groupPeers: ['p1', 'p2'], portalOf: () => undefined,
+    self: 'p1', members: fixedMembers(['p1', 'p2']),
     loads: () => [{ id: 'p1', stale: false, ageMs: 0 }, { id: 'p2', stale: true, ageMs: -1 }],
     nowMs: () => nowMs,
   });

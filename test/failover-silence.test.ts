@@ -61,7 +61,7 @@ function answering(): BlockSender & { sent: number } {
  */
 function leasesOf(env: ManualEnv, p1StopsAtMs: number): Leases {
   const leases = new Leases({
-    self: 'p3', groupPeers: ['p1', 'p2', 'p3'], env, log,
+    self: 'p3', groupPeers: () => ['p1', 'p2', 'p3'], env, log,
     call: () => new Promise(() => undefined), learn: async () => undefined, refreshRoutes: async () => undefined,
   });
   leases.start();

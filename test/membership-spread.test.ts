@@ -57,11 +57,10 @@ t.test('a leaving primary: its role goes first to an in-sync copy that stays; a 
   t.same(primaryStep(r(['p1', 'p2']), 2, none, new Set(['p2'])), { kind: 'stay' }, 'a primary that stays: nothing to hand over');
 });
 
-t.test('copies wanted: members away for a moment keep their place; leaving ones do not', async (t) => {
-  const away = (p: string): boolean => p === 'p3';
-  t.equal(wantedCopies(3, ['p1', 'p2'], r(['p1', 'p2', 'p3']), away), 3, 'p3 restarting (leaving): its copy is not extra');
-  t.equal(wantedCopies(3, ['p1', 'p2'], r(['p1', 'p2', 'p4']), away), 2, 'p4 left the span for good (draining): two peers, two copies');
-  t.equal(wantedCopies(2, ['p1', 'p2', 'p3', 'p4'], r(['p1', 'p2']), away), 2, 'never more than asked');
+t.test('copies wanted: they do not drop while a peer is away or draining', async (t) => {
+  t.equal(wantedCopies({ replicas: 3, peers: ['p1', 'p2', 'p3'] }, ['p1', 'p2']), 3, 'p3 restarting or draining: three copies still wanted');
+  t.equal(wantedCopies({ replicas: 3, peers: ['p1', 'p2'] }, ['p1', 'p2']), 2, 'one copy per peer at most');
+  t.equal(wantedCopies({ replicas: 2, peers: ['p1', 'p2', 'p3'] }, ['p1', 'p2', 'p3', 'p4']), 2, 'never more than asked');
 });
 
 /** Random routes on five peers: primary first, in-sync ⊆ copies with the primary. */
@@ -101,10 +100,10 @@ t.test('random pages: never fewer in-sync copies than wanted (or than before), n
 
 // ---- the keeper on a real catalog ----------------------------------------------------------
 
-async function openCatalog(t: Test, env: ManualEnv, peers: string[]): Promise<Catalog> {
+async function openCatalog(t: Test, env: ManualEnv, members: MembersView): Promise<Catalog> {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-membership-spread-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const catalog = await Catalog.open(meta, { groupPeers: peers, pageBlocks: 8192, env });
+  const catalog = await Catalog.open(meta, { members, pageBlocks: 8192, env });
   t.teardown(async () => {
     catalog.close();
     await meta.close();
@@ -133,10 +132,9 @@ interface Handed {
   to: string;
 }
 
-function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: MembersView, handed: Handed[]): CopyKeeper {
+function keeperOn(catalog: Catalog, env: ManualEnv, self: string, handed: Handed[]): CopyKeeper {
   return new CopyKeeper({
-    self, env, log, catalog, downOutMs: 600_000, zoneOf: () => undefined, reserveFreeBytes: 0, peers: () => viewed(catalog.options.groupPeers), movingAway: () => false, event: () => undefined,
-    members: view, span: (v: VolumeRecord) => v.peers.filter((p) => view.placeable().includes(p)),
+    self, env, log, catalog, downOutMs: 600_000, zoneOf: () => undefined, reserveFreeBytes: 0, peers: () => viewed([...catalog.options.members.ids()]), movingAway: () => false, event: () => undefined,
     movePrimary: async (_v, page, to) => void handed.push({ page, to }),
   });
 }
@@ -152,12 +150,12 @@ async function resyncAll(catalog: Catalog, name: string): Promise<void> {
 t.test('a draining peer: every copy of it leaves, primaries handed over first, never fewer in-sync copies', async (t) => {
   const env = new ManualEnv();
   const ids = ['p1', 'p2', 'p3', 'p4'];
-  const catalog = await openCatalog(t, env, ids);
+  const states: Record<string, MemberState> = {};
+  const catalog = await openCatalog(t, env, members(ids, states));
   const v = await catalog.createVolume({ name: 'vol', size: 12 * pageBytes, replicas: 2, peers: ['p1', 'p2', 'p3'] });
-  const states: Record<string, MemberState> = { p2: 'draining' };
-  const view = members(ids, states);
+  states.p2 = 'draining';
   const handed: Handed[] = [];
-  const keepers = ids.map((id) => keeperOn(catalog, env, id, view, handed));
+  const keepers = ids.map((id) => keeperOn(catalog, env, id, handed));
   const routes = () => catalog.routes(catalog.require('vol')).owners(v.sizeBytes / v.blockBytes);
   const holdsP2 = () => routes().filter((x) => copiesOf(x).includes('p2')).length;
   t.equal(holdsP2(), 8, 'placed: p2 holds a copy of 8 of the 12 pages');
@@ -175,21 +173,24 @@ t.test('a draining peer: every copy of it leaves, primaries handed over first, n
   t.equal(holdsP2(), 0, 'p2 holds no copy any more');
   t.equal(minInSync, 2, 'no page ever had fewer than two in-sync copies');
   t.ok(routes().every((x) => copiesOf(x).length === 2 && inSyncOf(x).length === 2), 'every page has its two copies, in sync');
-  t.ok(routes().every((x) => !copiesOf(x).includes('p4')), 'never outside the volume\'s peers (p4 is not one of them)');
+  t.ok(routes().every((x) => !copiesOf(x).includes('p4')), 'never outside the volume\'s span (made with --peers p1,p2,p3)');
 });
 
 t.test('a one-copy page on a draining peer moves whole; a capacity hint moves one copy to the peer it names', async (t) => {
   const env = new ManualEnv();
   const ids = ['p1', 'p2', 'p3', 'p4'];
-  const catalog = await openCatalog(t, env, ids);
+  const states: Record<string, MemberState> = {};
+  const catalog = await openCatalog(t, env, members(ids, states));
   await catalog.createVolume({ name: 'one', size: 4 * pageBytes, replicas: 1, peers: ['p1', 'p2'] });
+  states.p2 = 'draining';
   const handed: Handed[] = [];
-  const p2 = keeperOn(catalog, env, 'p2', members(ids, { p2: 'draining' }), handed);
+  const p2 = keeperOn(catalog, env, 'p2', handed);
   await p2.run();
   t.same(handed, [{ page: 1, to: 'p1' }, { page: 3, to: 'p1' }], 'p2\'s pages move to p1, the volume\'s other peer');
 
+  delete states.p2;
   const v = await catalog.createVolume({ name: 'two', size: 4 * pageBytes, replicas: 2, peers: ['p1', 'p2', 'p3', 'p4'] });
-  const p1 = keeperOn(catalog, env, 'p1', members(ids, {}), []);
+  const p1 = keeperOn(catalog, env, 'p1', []);
   t.notOk(p1.relocate(v.id, 0, 'p1', 'p3'), 'the primary\'s own copy is not the keeper\'s to move');
   t.notOk(p1.relocate(v.id, 1, 'p2', 'p3'), 'page 1 is p2\'s');
   t.ok(p1.relocate(v.id, 0, 'p2', 'p4'), 'page 0: p2\'s copy leaves for p4');
@@ -317,9 +318,9 @@ t.test('copies counted by the placement rule\'s arithmetic and the changed route
 t.test('a fourth peer holding nothing receives copies from every primary, through the keepers, and the group settles', async (t) => {
   const env = new ManualEnv();
   const ids = ['p1', 'p2', 'p3', 'p4'];
-  const catalog = await openCatalog(t, env, ids);
-  const v = await catalog.createVolume({ name: 'vol', size: 128 * pageBytes, replicas: 2, peers: ids });
-  // The volume was made on three peers; p4 joined since (its span is every up peer now).
+  const catalog = await openCatalog(t, env, fixedMembers(ids));
+  const v = await catalog.createVolume({ name: 'vol', size: 128 * pageBytes, replicas: 2 });
+  // The volume was made on three peers; p4 joined since (it spans the group: p4 too).
   const vol = catalog.require('vol');
   const table = catalog.routes(vol);
   for (let page = 0; page < 128; page++) {
@@ -329,12 +330,11 @@ t.test('a fourth peer holding nothing receives copies from every primary, throug
     const copies = [three[page % 3], three[(page + 1) % 3]];
     await catalog.casRoute(vol, page, x, () => ({ owner: copies[0], copies, inSync: copies }));
   }
-  const view = fixedMembers(ids);
   const handed: Handed[] = [];
-  const keepers = new Map(ids.map((id) => [id, keeperOn(catalog, env, id, view, handed)]));
+  const keepers = new Map(ids.map((id) => [id, keeperOn(catalog, env, id, handed)]));
   const moved: { page: number; from: string; to: string }[] = [];
   const drivers = ids.map((id) => new SpreadDriver({
-    self: id, env, log, catalog, members: view, span: () => ids, zoneOf: () => undefined, enabled: () => true,
+    self: id, env, log, catalog, zoneOf: () => undefined, enabled: () => true,
     relocate: (volumeId, page, from, to) => keepers.get(id)!.relocate(volumeId, page, from, to), relocationsPending: () => keepers.get(id)!.relocationsPending(),
     movePage: async (_v, page, to) => void moved.push({ page, from: id, to }), movingAway: () => false,
   }));

@@ -10,7 +10,6 @@ import pino from 'pino';
 import t, { type Test } from 'tap';
 import { Catalog } from '../src/cluster/catalog';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
-import { fixedMembers } from '../src/cluster/members';
 import { ManualEnv } from '../src/env/manual';
 import { copyBuildPagesInFlightMax } from '../src/limits';
 import { balancerDefaults, plan } from '../src/loadmon/balancer';
@@ -25,6 +24,7 @@ import { RouteTable, type Route } from '../src/routing/table';
 import { parseConfig, renderConfig } from '../src/server/config';
 import type { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
+import { fixedMembers } from '../src/cluster/members';
 
 const log = pino({ level: 'silent' });
 const groupPeers = ['p1', 'p2', 'p3', 'p4'];
@@ -133,7 +133,7 @@ t.test('what a page needs: raise, lower, rebuild, and pacing', async (t) => {
 async function openCatalog(t: Test, env: ManualEnv, peers = groupPeers): Promise<Catalog> {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-replication-admin-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const catalog = await Catalog.open(meta, { groupPeers: peers, pageBlocks: 8192, env });
+  const catalog = await Catalog.open(meta, { members: fixedMembers(peers), pageBlocks: 8192, env });
   t.teardown(async () => {
     catalog.close();
     await meta.close();
@@ -145,7 +145,7 @@ async function openCatalog(t: Test, env: ManualEnv, peers = groupPeers): Promise
 function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: () => ViewedPeer[], downOutMs = 60_000): CopyKeeper {
   return new CopyKeeper({
     self, env, log, catalog, downOutMs, zoneOf: () => undefined, reserveFreeBytes: 0, peers: view, movingAway: () => false, event: () => undefined,
-    members: fixedMembers(catalog.options.groupPeers), span: (v) => v.peers, movePrimary: () => Promise.reject(new Error('no primary leaves here')),
+    movePrimary: () => Promise.reject(new Error('no primary leaves here')),
   });
 }
 
@@ -210,7 +210,7 @@ t.test('the keeper decides on the catalog\'s record, not on a route heard withou
   const env = new ManualEnv();
   const dir = mkdtempSync(join(tmpdir(), 'peersan-replication-admin-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  const [mine, other] = [await Catalog.open(meta, { groupPeers, pageBlocks: 8192, env }), await Catalog.open(meta, { groupPeers, pageBlocks: 8192, env })];
+  const [mine, other] = [await Catalog.open(meta, { members: fixedMembers(groupPeers), pageBlocks: 8192, env }), await Catalog.open(meta, { members: fixedMembers(groupPeers), pageBlocks: 8192, env })];
   t.teardown(async () => {
     mine.close();
     other.close();
@@ -232,7 +232,7 @@ t.test('a page move to an in-sync copy switches the role; to a stale copy it is 
   const v = await catalog.createVolume({ name: 'vol', size: 3 * pageBytes, replicas: 3 });
   const quieted: number[] = [];
   const migrator = (quiet: boolean) => new Migrator({
-    self: 'p1', env, groupPeers: ['p1', 'p2', 'p3'], store: {} as PageStore, catalog, movable: () => undefined, log,
+    self: 'p1', env, members: fixedMembers(['p1', 'p2', 'p3']), store: {} as PageStore, catalog, movable: () => undefined, log,
     rpc: { prepare: () => Promise.reject(new Error('no data move expected')), finish: () => Promise.reject(new Error('no data move expected')) },
     settings: { rateBytesPerSec: 0, pieceBytes: 256 * 1024 },
     ...(quiet ? { quiet: <T>(_id: string, page: number, fn: () => Promise<T>) => (quieted.push(page), fn()) } : {}),

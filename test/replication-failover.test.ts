@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import { pageBlocks as storePageBlocks } from '../src/limits';
 import { PageStore } from '../src/store/page-store';
 import { MemoryBackend } from './helpers/memory-backend';
+import { fixedMembers } from '../src/cluster/members';
 
 const log = pino({ level: 'silent' });
 const pageBlocks = 64;
@@ -132,7 +133,7 @@ class Group {
     const g = new Group();
     for (const id of cut) g.cut.add(id);
     const catalogs = new Map<string, Catalog>();
-    for (const id of ids) catalogs.set(id, await Catalog.open(g.meta, { groupPeers: ids, pageBlocks, env: g.env }));
+    for (const id of ids) catalogs.set(id, await Catalog.open(g.meta, { members: fixedMembers(ids), pageBlocks, env: g.env }));
     g.volume = await catalogs.get(ids[0])!.createVolume({ name: 'vol', size: volumeBlocks * bs, replicas });
     for (const id of ids) g.peers.set(id, g.build(id, ids, catalogs.get(id)!, held[id] ?? [], suspect[id] ?? []));
     for (const p of g.peers.values()) await p.failover.start();
@@ -148,7 +149,7 @@ class Group {
       return JSON.parse(JSON.stringify(answer ?? {})) as Record<string, unknown>;
     };
     const env = this.env;
-    const leases = new Leases({ self: id, groupPeers: ids, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() });
+    const leases = new Leases({ self: id, groupPeers: () => ids, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() });
     const port = new FakePort(id, this);
     const peer: TestPeer = { id, catalog, leases, port, held, drops: [], handlers: new Map(), failover: undefined as unknown as Failover };
     peer.failover = new Failover({
@@ -522,7 +523,7 @@ t.test('Leases: a renewal counts only once the takeovers it carries are learned'
   let learned!: () => void;
   const learning = new Promise<void>((resolve) => (learned = resolve));
   const leases = new Leases({
-    self: 'p', groupPeers: ['p', 'g'], env, log,
+    self: 'p', groupPeers: () => ['p', 'g'], env, log,
     call: async () => ({ granted: true, takeovers: [{ seq: 1, volumeId: '0123456789abcdef', page: 0, route }] }),
     learn: () => learning,
     refreshRoutes: async () => undefined,
@@ -588,7 +589,7 @@ t.test('messages from other peers: each checker takes only what it validates', a
   bad('a route with four copies', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, copies: ['a', 'b', 'c', 'd'] } }] }));
   bad('a route owner that is not a peer id', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, owner: 7 } }] }));
   bad('a grain outside the page', () => checkRecentAnswer({ grains: [1, 4096] }));
-  const leases = new Leases({ self: 'p1', groupPeers: ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined, refreshRoutes: async () => undefined });
+  const leases = new Leases({ self: 'p1', groupPeers: () => ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined, refreshRoutes: async () => undefined });
   bad('a lease from a peer outside the group', () => leases.handle('p9', {}));
 });
 
@@ -596,7 +597,7 @@ t.test('Leases: renewals that lapse together share one route refresh, one that s
   const env = new ManualEnv();
   const refreshes: (() => void)[] = [];
   const leases = new Leases({
-    self: 'p', groupPeers: ['p', 'a', 'b', 'c'], env, log,
+    self: 'p', groupPeers: () => ['p', 'a', 'b', 'c'], env, log,
     call: async () => ({ granted: true, takeovers: [] }),
     learn: async () => undefined,
     refreshRoutes: () => new Promise<void>((resolve) => refreshes.push(resolve)),

@@ -19,6 +19,7 @@ import { checkResyncAsk, type ResyncAsk } from '../src/replication/messages';
 import { GrainSet, nextRun, Resyncer, ResyncTracker, RunPacer, runExtent } from '../src/replication/resync';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import { MemoryBackend } from './helpers/memory-backend';
+import { fixedMembers } from '../src/cluster/members';
 
 const log = pino({ level: process.env.TEST_LOG ?? 'silent' });
 const volumeId = '0123456789abcdef';
@@ -242,7 +243,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-resync-'));
   const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
   const env = new ManualEnv();
-  const catalog = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks, env });
+  const catalog = await Catalog.open(meta, { members: fixedMembers(['p1', 'p2', 'p3']), pageBlocks, env });
   const created = await catalog.createVolume({ name: 'vol', size: 4 * pageBlocks * 512, peers: opts.peers, replicas: opts.replicas });
   // The record as the watch delivers it (the test's volume id is random).
   for (let i = 0; i < 20 && !catalog.volume('vol'); i++) await tick();
@@ -336,7 +337,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
   };
   /** Another peer's view of the catalog (closed with the group). */
   const view = async (): Promise<Catalog> => {
-    const c = await Catalog.open(meta, { groupPeers: ['p1', 'p2', 'p3'], pageBlocks, env });
+    const c = await Catalog.open(meta, { members: fixedMembers(['p1', 'p2', 'p3']), pageBlocks, env });
     t.teardown(() => c.close());
     return c;
   };

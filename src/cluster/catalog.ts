@@ -5,6 +5,7 @@ import type { Env } from '../env/env';
 import { AlreadyExistsError, ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
 import { blockBytesAllowed, volumeBytesMax, volumeNameBytesMax } from '../limits';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../routing/table';
+import type { MembersView } from './members';
 import type { MetaStore, WatchEvent } from './metastore';
 
 export interface ChapSettings {
@@ -22,8 +23,13 @@ export interface VolumeRecord {
   blockBytes: number;
   allow: string[];
   chap?: ChapSettings;
-  /** The peers the volume's pages are placed on, in stripe order. */
+  /**
+   * The peers of the placement rule, in stripe order (routing/table.ts: where a page without a
+   * route record lives), fixed at creation. Where copies may go now is spanOf(volume).
+   */
   peers: string[];
+  /** Created without `--peers`: the volume spans every placeable member, later ones too. */
+  spansGroup?: boolean;
   pageBlocks: number;
   createdAtMs: number;
   version: number;
@@ -48,6 +54,8 @@ export interface CreateVolumeInput {
   peers?: string[];
   /** Copies of each page, 1-3 (default: 2 when the volume spans at least 2 peers, else 1). */
   replicas?: number;
+  /** The volume spans the group (later members too) though `peers` is given: it only orders the stripe (zones). */
+  spansGroup?: boolean;
 }
 
 export const replicasMax = 3;
@@ -61,8 +69,8 @@ export function defaultReplicas(spanPeers: number): number {
 const defaultReplicasWhenSpread = 2;
 
 export interface CatalogOptions {
-  /** Peer ids of the group, in config order (placement defaults to all of them). */
-  groupPeers: string[];
+  /** The group's members (src/cluster/members.ts): placement defaults to the placeable ones. */
+  members: MembersView;
   pageBlocks: number;
   /** Volume ids (random) and creation stamps (wall clock). */
   env: Env;
@@ -236,6 +244,15 @@ export class Catalog {
     return t;
   }
 
+  /**
+   * The peers a volume's copies may be placed on now: every placeable member for a volume that
+   * spans the group (later members too), else its own peers that are placeable.
+   */
+  spanOf(volume: VolumeRecord): readonly string[] {
+    const placeable = this.options.members.placeable();
+    return volume.spansGroup ? placeable : volume.peers.filter((p) => placeable.includes(p));
+  }
+
   volumeById(id: string): VolumeRecord | undefined {
     for (const v of this.volumes.values()) if (v.id === id) return v;
     return undefined;
@@ -264,7 +281,7 @@ export class Catalog {
    * ConflictError if it changed.
    */
   async setRoute(volume: VolumeRecord, page: number, from: Route, owner: string): Promise<Route> {
-    if (!this.options.groupPeers.includes(owner)) throw new InvalidArgumentError(`no peer ${owner} in the group`);
+    if (!this.options.members.ids().includes(owner)) throw new InvalidArgumentError(`no peer ${owner} in the group`);
     return this.casRoute(volume, page, from, (now) => {
       const swap = (peers: readonly string[]): string[] => peers.map((p) => (p === now.owner ? owner : p));
       return now.copies ? { owner, copies: swap(copiesOf(now)), inSync: swap(inSyncOf(now)) } : { owner };
@@ -285,7 +302,7 @@ export class Catalog {
       throw new ConflictError(`page ${page} of ${volume.name} is at ${now.owner} v${now.version}, not ${from.owner} v${from.version}`);
     }
     const next: Route = { ...change(now), version: from.version + 1 };
-    checkRoute(next, this.options.groupPeers);
+    checkRoute(next, (p) => this.options.members.get(p) !== undefined);
     await this.store.put(key, Buffer.from(JSON.stringify(next)), current?.version ?? 0);
     this.routes(volume).learn(page, next);
     return next;
@@ -358,16 +375,21 @@ export class Catalog {
     validateSize(sizeBytes, blockBytes);
     const allow = validAllowList(input.allow ?? []);
     if (input.chap) validateChap(input.chap);
-    const peers = input.peers && input.peers.length > 0 ? [...new Set(input.peers)] : this.options.groupPeers;
+    const spansGroup = input.spansGroup ?? !(input.peers && input.peers.length > 0);
+    const placeable = this.options.members.placeable();
+    const peers = input.peers && input.peers.length > 0 ? [...new Set(input.peers)] : [...placeable];
+    if (peers.length === 0) throw new InvalidArgumentError('no peer of the group is up to place a volume on');
     for (const p of peers) {
-      if (!this.options.groupPeers.includes(p)) throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.groupPeers.join(', ')})`);
+      const m = this.options.members.get(p);
+      if (!m || m.state === 'removed') throw new InvalidArgumentError(`no peer "${p}" in the group (peers: ${this.options.members.ids().join(', ')})`);
+      if (m.state !== 'up') throw new InvalidArgumentError(`peer ${p} is ${m.state}: nothing new is placed on it`);
     }
     const replicas = input.replicas ?? defaultReplicas(peers.length);
     checkReplicas(replicas);
     const record: Omit<VolumeRecord, 'version'> = {
       name: input.name, id: this.options.env.random.bytes(8).toString('hex'), sizeBytes, blockBytes, allow,
       chap: input.chap, peers, pageBlocks: this.options.pageBlocks, createdAtMs: this.options.env.clock.nowMs(),
-      replicas, placedCopies: Math.min(replicas, peers.length),
+      replicas, placedCopies: Math.min(replicas, peers.length), ...(spansGroup ? { spansGroup } : {}),
     };
     try {
       const r = await this.store.put(volumePrefix + input.name, encodeVolume(record), 0);
@@ -457,12 +479,12 @@ function checkReplicas(replicas: number): void {
 }
 
 /** A route a CAS would write: broken ones are bugs of the caller (assertion). */
-function checkRoute(r: Route, groupPeers: readonly string[]): void {
+function checkRoute(r: Route, member: (peer: string) => boolean): void {
   const copies = copiesOf(r);
   const inSync = inSyncOf(r);
   const ok =
     copies[0] === r.owner && inSync[0] === r.owner && new Set(copies).size === copies.length && new Set(inSync).size === inSync.length &&
-    inSync.every((p) => copies.includes(p)) && copies.every((p) => groupPeers.includes(p));
+    inSync.every((p) => copies.includes(p)) && copies.every(member);
   if (!ok) throw new Error(`assertion failed: bad route ${JSON.stringify(r)}`);
 }
 
@@ -473,5 +495,5 @@ function encodeVolume(v: Omit<VolumeRecord, 'version'>): Buffer {
 function decodeVolume(b: Buffer, version: number, options: CatalogOptions): VolumeRecord {
   const v = JSON.parse(b.toString()) as Omit<VolumeRecord, 'version'>;
   // Records written before placement existed live on the group's first peer.
-  return { ...v, peers: v.peers ?? options.groupPeers.slice(0, 1), pageBlocks: v.pageBlocks ?? options.pageBlocks, version };
+  return { ...v, peers: v.peers ?? options.members.ids().slice(0, 1), pageBlocks: v.pageBlocks ?? options.pageBlocks, version };
 }

@@ -21,14 +21,17 @@ export interface PeerStatusView {
   volumes: number;
   sessions: SessionInfo[];
   version: string;
+  /** Its member state (src/cluster/members.ts): joining, up, draining, leaving. */
+  state?: string;
 }
 
-/** A peer's addresses from cluster.yaml: what a peer that does not answer is shown with. */
+/** A peer's addresses from its member record: what a peer that does not answer is shown with. */
 export interface PeerAddresses {
   id: string;
   iscsi: string;
   rpc: string;
   http: string;
+  state?: string;
 }
 
 export interface GroupStatus {
@@ -40,7 +43,8 @@ export interface GroupStatus {
 export interface GroupStatusOptions {
   cluster: string;
   self: string;
-  peers: readonly PeerAddresses[];
+  /** The group's members now (not removed). */
+  peers(): readonly PeerAddresses[];
   /** This peer's own status (the process knows its ports, disk and portal). */
   selfStatus(): Promise<PeerStatusView>;
   calls(peerId: string): Pick<PeerCalls, 'status'>;
@@ -48,14 +52,15 @@ export interface GroupStatusOptions {
 
 export function groupStatus(o: GroupStatusOptions): GroupStatus {
   const peerStatus = async (p: PeerAddresses): Promise<PeerStatusView> => {
-    if (p.id === o.self) return o.selfStatus();
+    const state = p.state ? { state: p.state } : {};
+    if (p.id === o.self) return { ...(await o.selfStatus()), ...state };
     try {
-      return { ...(await o.calls(p.id).status(statusPeerMsMax)), up: true };
+      return { ...(await o.calls(p.id).status(statusPeerMsMax)), up: true, ...state };
     } catch {
-      return { id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, up: false, uptimeMs: 0, allocatedBytes: 0, freeBytes: 0, totalBytes: 0, volumes: 0, sessions: [], version: '' };
+      return { id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, up: false, uptimeMs: 0, allocatedBytes: 0, freeBytes: 0, totalBytes: 0, volumes: 0, sessions: [], version: '', ...state };
     }
   };
-  const status = async () => ({ cluster: o.cluster, peers: await Promise.all(o.peers.map(peerStatus)) });
+  const status = async () => ({ cluster: o.cluster, peers: await Promise.all(o.peers().map(peerStatus)) });
   return {
     status,
     sessions: async () => (await status()).peers.flatMap((p) => p.sessions.map((session) => ({ peer: p.id, session }))),

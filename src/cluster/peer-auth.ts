@@ -67,17 +67,20 @@ export class NonceLedger {
   }
 }
 
+/** Who may call: the group's members, as a list or asked one by one (the catalog's, which change). */
+export type Members = readonly string[] | ((peerId: string) => boolean);
+
 export type PeerAuthVerdict = { ok: true; peerId: string } | { ok: false; why: string };
 
 /** Checks one call's header (see the order at the top of this file). */
 export function verifyPeerAuth(
   md: grpc.Metadata,
   method: string,
-  auth: { secret: string; members: readonly string[]; nonces: NonceLedger },
+  auth: { secret: string; members: Members; nonces: NonceLedger },
   nowMs = Date.now(),
 ): PeerAuthVerdict {
   const [peerId, stamp, nonce, given] = [idKey, stampKey, nonceKey, macKey].map((k) => String(md.get(k)[0] ?? ''));
-  if (!peerId || !auth.members.includes(peerId)) return { ok: false, why: 'not a member of this group' };
+  if (!peerId || !(typeof auth.members === 'function' ? auth.members(peerId) : auth.members.includes(peerId))) return { ok: false, why: 'not a member of this group' };
   if (!/^\d{1,15}$/.test(stamp) || !/^[0-9a-f]{32}$/.test(nonce) || !/^[0-9a-f]{64}$/.test(given)) return { ok: false, why: 'malformed peer authentication header' };
   if (Math.abs(nowMs - Number(stamp)) > peerAuthSkewMsMax) return { ok: false, why: `stamp more than ${peerAuthSkewMsMax / 1000} s from this peer's clock` };
   if (!timingSafeEqual(Buffer.from(given, 'hex'), mac(auth.secret, method, peerId, stamp, nonce))) return { ok: false, why: 'wrong MAC (another secret, or a header made for another method)' };

@@ -17,7 +17,7 @@ import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
 import { hostMovePlanMsMax, peerPlannedMovesMax, peerReplicationBodyBytesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
-import { NonceLedger, peerAuthMetadata, verifyPeerAuth, type PeerAuthVerdict } from './peer-auth';
+import { NonceLedger, peerAuthMetadata, verifyPeerAuth, type Members, type PeerAuthVerdict } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import {
   checkIscsiName, checkLayers, checkList, checkPage, checkPeerId, checkPeerIdOrEmpty, checkPlannedMove, checkSnapshotId, checkString, checkUint, checkVolumeId, checkVolumeName, proto,
@@ -63,7 +63,8 @@ type UnaryMethod = (request: object, md: grpc.Metadata, options: grpc.CallOption
 
 export interface PeerServiceAuth {
   secret: string;
-  members: string[];
+  /** The group's members: the catalog's records (members join while this runs). */
+  members: Members;
   self: string;
   /** Mutual TLS (peer-tls.ts): the caller's certificate must name the peer its header claims. */
   tls: boolean;

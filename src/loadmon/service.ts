@@ -14,8 +14,8 @@ import { GroupView, type GroupLoadView, type HostLoadView, type PeerLoadView } f
 
 export interface LoadServiceOptions {
   self: string;
-  /** Every peer of the group, this one included. */
-  peers: string[];
+  /** The group's peers now, this one included (members join and leave while it runs). */
+  peers(): readonly string[];
   config: BalancerConfig;
   log: Logger;
   /** Sessions and capacity of this peer (called once per tick; may be slow, never awaited twice at once). */
@@ -79,10 +79,10 @@ export class LoadService {
   constructor(opts: LoadServiceOptions) {
     this.o = opts;
     this.monitor = new LoadMonitor({ self: opts.self, clock: opts.env.clock });
-    this.view = new GroupView(opts.self, opts.peers);
+    this.view = new GroupView(opts.self, () => this.o.peers());
     this.driver = new BalancerDriver({
       self: opts.self, config: () => this.o.config, mover: () => this.o.mover, clock: opts.env.clock,
-      view: () => this.view.snapshot(this.nowMs(), loadHottestPagesPerVolume * this.o.peers.length),
+      view: () => this.view.snapshot(this.nowMs(), loadHottestPagesPerVolume * this.o.peers().length),
       ownerOf: opts.ownerOf, holdersOf: opts.holdersOf, volume: opts.volume, groupAuto: opts.groupAuto, log: opts.log.child({ component: 'balancer' }),
     });
   }
@@ -125,7 +125,7 @@ export class LoadService {
     this.monitor.tick();
     const summary = this.monitor.summary(this.facts, this.driver.recentMoves());
     this.view.put(summary, this.nowMs());
-    for (const peer of this.o.peers) {
+    for (const peer of this.o.peers()) {
       if (peer === this.o.self || this.sending.has(peer)) continue;
       this.sending.add(peer);
       // A peer that is down costs one failed call per tick; the view marks it stale on its side.

@@ -74,13 +74,14 @@ interface Heard {
 
 export class GroupView {
   private readonly self: string;
-  private readonly peers: readonly string[];
+  /** The group's peers now (members join and leave while it runs). */
+  private readonly peers: () => readonly string[];
   private readonly staleMs: number;
   private readonly heard = new Map<string, Heard>();
 
-  constructor(self: string, peers: readonly string[], staleMs = loadStaleMs) {
+  constructor(self: string, peers: readonly string[] | (() => readonly string[]), staleMs = loadStaleMs) {
     this.self = self;
-    this.peers = peers;
+    this.peers = typeof peers === 'function' ? peers : () => peers;
     this.staleMs = staleMs;
   }
 
@@ -89,7 +90,7 @@ export class GroupView {
    * older than the one already held (gossip calls may overtake each other).
    */
   put(summary: LoadSummary, nowMs: number): boolean {
-    if (!this.peers.includes(summary.peerId)) return false;
+    if (!this.peers().includes(summary.peerId)) return false;
     const held = this.heard.get(summary.peerId);
     // A restarted peer counts from 1 again: accept a lower seq once the held one went stale.
     if (held && summary.seq <= held.summary.seq && nowMs - held.atMs < this.staleMs) return false;
@@ -104,7 +105,7 @@ export class GroupView {
 
   /** The view now: each volume's `hottestPages`, and at most `pagesMax` pages in all (hottest volumes first). */
   snapshot(nowMs: number, hottestPages = loadHottestPagesPerVolume, pagesMax = Number.MAX_SAFE_INTEGER): GroupLoadView {
-    const peers = this.peers.map((id): PeerLoadView => {
+    const peers = this.peers().map((id): PeerLoadView => {
       const h = this.heard.get(id);
       const s = h?.summary;
       const owner = s?.owner ?? zeroStats();

@@ -20,8 +20,8 @@ export interface MoveAdmin {
 
 export interface MoveAdminOptions {
   self: string;
-  /** Every peer of the group, this one included. */
-  groupPeers: readonly string[];
+  /** Every peer of the group now, this one included. */
+  groupPeers(): readonly string[];
   catalog: Catalog;
   migrator: Pick<Migrator, 'start' | 'cancel' | 'list'>;
   calls(peerId: string): Pick<PeerCalls, 'startMove' | 'cancelMove' | 'moves'>;
@@ -35,7 +35,7 @@ export function moveAdmin(o: MoveAdminOptions): MoveAdmin {
   };
   const migrations = async () => {
     const unreachable: string[] = [];
-    const lists = await Promise.all(o.groupPeers.map(async (p) => {
+    const lists = await Promise.all(o.groupPeers().map(async (p) => {
       if (p === self) return migrator.list();
       return o.calls(p).moves(statusPeerMsMax).catch(() => {
         unreachable.push(p);

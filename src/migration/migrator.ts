@@ -15,6 +15,7 @@
 // their checkpoints (a machine with `resumed`), checks D's receiving records.
 
 import type { Logger } from 'pino';
+import type { MembersView } from '../cluster/members';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, type Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
@@ -76,7 +77,8 @@ export interface MigratorOptions {
   self: string;
   /** Clock, timers (pacing, retries, waits) and randomness. */
   env: Env;
-  groupPeers: readonly string[];
+  /** The group's members: a page moves only to one that is up (not joining, draining or leaving). */
+  members: MembersView;
   store: PageStore;
   catalog: Catalog;
   /** The volume's pages on this peer, if it is open here. */
@@ -252,7 +254,9 @@ export class Migrator {
     const volume = this.o.catalog.require(volumeName);
     const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
     if (!Number.isSafeInteger(page) || page < 0 || page >= pages) throw new InvalidArgumentError(`volume ${volume.name} has pages 0 to ${pages - 1}, not ${page}`);
-    if (!this.o.groupPeers.includes(to)) throw new InvalidArgumentError(`no peer "${to}" in the group (peers: ${this.o.groupPeers.join(', ')})`);
+    const member = this.o.members.get(to);
+    if (!member || member.state === 'removed') throw new InvalidArgumentError(`no peer "${to}" in the group (peers: ${this.o.members.ids().join(', ')})`);
+    if (member.state !== 'up') throw new ConflictError(`peer ${to} is ${member.state}: nothing new is placed on it`);
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} is on ${route.owner}, not ${this.o.self}`);
     if (to === this.o.self) throw new InvalidArgumentError(`page ${page} of ${volume.name} is already on ${to}`);

@@ -36,11 +36,13 @@ export function replicationAdmin(o: ReplicationAdminOptions): ReplicationAdmin {
   const { catalog } = o;
   return {
     async createVolume(input) {
-      const peers = input.peers && input.peers.length > 0 ? input.peers : catalog.options.groupPeers;
+      const spansGroup = !(input.peers && input.peers.length > 0);
+      const peers = spansGroup ? catalog.options.members.placeable() : input.peers!;
       if (!peers.some((p) => o.zoneOf(p) !== undefined)) return o.volumes.createVolume(input);
-      // The catalog checks replicas; the spread only needs a plausible window.
+      // The catalog checks replicas; the spread only needs a plausible window. A volume that
+      // spans the group still does: the zones only order its stripe.
       const window = Math.max(1, Math.min(input.replicas ?? 2, peers.length));
-      return o.volumes.createVolume({ ...input, peers: zoneSpread([...new Set(peers)], o.zoneOf, window) });
+      return o.volumes.createVolume({ ...input, peers: zoneSpread([...new Set(peers)], o.zoneOf, window), spansGroup });
     },
     async setReplicas(volume, replicas) {
       const before = catalog.require(volume).replicas ?? 1;
@@ -75,7 +77,7 @@ export class VolumeProtection {
     const { catalog, self } = this.o;
     const routes = weightedRoutes(catalog.routes(v), Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
     const live = this.o.livePeers();
-    const p = protectionOf({ routes, replicas: v.replicas ?? 1, groupPeers: v.peers.length, alive: (peer) => peer === self || live.has(peer) });
+    const p = protectionOf({ routes, replicas: v.replicas ?? 1, groupPeers: Math.max(1, catalog.spanOf(v).length), alive: (peer) => peer === self || live.has(peer) });
     const watched = this.progress.observe(v.id, p, this.o.clock.monotonicMs());
     return { ...watched, missingBytes: this.o.shortage(v.id)?.bytes ?? 0 };
   }

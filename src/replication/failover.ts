@@ -408,7 +408,7 @@ export class Failover implements PrimaryGuard {
    * primaries that are fine, leaving their hosts without the pages.
    */
   private quorate(): boolean {
-    const others = this.o.leases.book.peers;
+    const others = this.o.leases.otherPeers();
     const alive = 1 + others.filter((p) => this.o.leases.alive(p)).length;
     return others.length < 2 || 2 * alive > others.length + 1;
   }

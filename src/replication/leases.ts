@@ -63,14 +63,11 @@ export class LeaseBook {
 
   /** `startMs`: a peer that just started counts as having granted everyone a lease then (it may have, before it stopped). */
   constructor(
-    readonly peers: readonly string[],
+    peers: readonly string[],
     startMs: number,
     readonly timing: LeaseTiming = { leaseMs, marginMs: leaseDriftMarginMs },
   ) {
-    for (const p of peers) {
-      this.pinged.set(p, { validUntilMs: 0, heardMs: -Infinity, ack: 0 });
-      this.granted.set(p, { lastGrantMs: startMs, lastRenewalMs: startMs, takeovers: new Map(), pending: new Set() });
-    }
+    for (const p of peers) this.add(p, startMs);
   }
 
   // ---- asking side ---------------------------------------------------------------------------
@@ -166,6 +163,13 @@ export class LeaseBook {
     g.takeovers.set(key, { seq: ++this.seq, volumeId, page, ...(route ? { route } : {}) });
   }
 
+  /** A peer that joined the group: it counts as having granted everyone a lease now (as at a start). */
+  add(peer: string, nowMs: number): void {
+    if (this.pinged.has(peer)) return;
+    this.pinged.set(peer, { validUntilMs: 0, heardMs: -Infinity, ack: 0 });
+    this.granted.set(peer, { lastGrantMs: nowMs, lastRenewalMs: nowMs, takeovers: new Map(), pending: new Set() });
+  }
+
   private pingedBy(peer: string): Pinged {
     const p = this.pinged.get(peer);
     if (!p) throw new Error(`assertion failed: ${peer} is not a peer of the group`);
@@ -181,8 +185,8 @@ export class LeaseBook {
 
 export interface LeasesOptions {
   self: string;
-  /** Every peer of the group, this one included. */
-  groupPeers: readonly string[];
+  /** Every peer of the group now, this one included (members join while it runs). */
+  groupPeers(): readonly string[];
   env: Env;
   log: Logger;
   /** Send a replication message (kind `lease`), bounded by timeoutMs; its answer's body. */
@@ -196,7 +200,8 @@ export interface LeasesOptions {
 /** The driver: renewals on the Env's timers, the `lease` handler, silence timers. */
 export class Leases {
   readonly book: LeaseBook;
-  private readonly others: string[];
+  /** The other peers, as far as this peer has taken them in (sync: members that joined since). */
+  private readonly others: string[] = [];
   private ticker: TimerHandle | undefined;
   private readonly silenceTimers = new Map<string, TimerHandle>();
   /** Silence timers fired in a row per peer: each waits twice as long as the one before (a long absence costs few scans). */
@@ -211,8 +216,21 @@ export class Leases {
   private closed = false;
 
   constructor(private readonly o: LeasesOptions) {
-    this.others = o.groupPeers.filter((p) => p !== o.self);
-    this.book = new LeaseBook(this.others, o.env.clock.monotonicMs());
+    this.book = new LeaseBook([], o.env.clock.monotonicMs());
+    this.sync();
+  }
+
+  /** Take in the members that joined: leases with them, and their silence watched once started. */
+  private sync(): void {
+    for (const p of this.o.groupPeers()) {
+      if (p === this.o.self || this.others.includes(p)) continue;
+      this.others.push(p);
+      this.book.add(p, this.now());
+      if (this.ticker) {
+        this.armSilence(p);
+        this.armUnheard(p);
+      }
+    }
   }
 
   /** Start renewing, and watching for silent peers. */
@@ -234,6 +252,13 @@ export class Leases {
 
   now(): number {
     return this.o.env.clock.monotonicMs();
+  }
+
+  /** The other members of the group now (not removed). */
+  otherPeers(): string[] {
+    this.sync();
+    const members = this.o.groupPeers();
+    return this.others.filter((p) => members.includes(p));
   }
 
   valid(peer: string): boolean {
@@ -282,6 +307,7 @@ export class Leases {
 
   /** The `lease` message from `from`. */
   handle(from: string, body: Record<string, unknown>): LeaseAnswer {
+    if (!this.others.includes(from)) this.sync();
     if (!this.others.includes(from)) throw new InvalidArgumentError(`lease: ${from} is not another peer of the group`);
     const answer = this.book.grant(from, checkLease(body).ack, this.now());
     this.armUnheard(from);
@@ -294,7 +320,10 @@ export class Leases {
 
   private renewAll(): void {
     if (this.closed) return;
-    for (const p of this.others) void this.renew(p);
+    this.sync();
+    // Members removed since are left out (their book entries stay: nothing more comes from them).
+    const members = this.o.groupPeers();
+    for (const p of this.others) if (members.includes(p)) void this.renew(p);
   }
 
   private async renew(peer: string): Promise<void> {

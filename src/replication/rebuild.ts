@@ -20,9 +20,8 @@
 // wanted, so a new copy is built elsewhere first; it is removed only once enough OTHER copies are
 // in sync, never before, so no page ever has fewer in-sync copies than it had. A leaving primary
 // first hands its role to an in-sync copy on a peer that stays (a role switch, no data copied);
-// a one-copy page's primary moves whole (a page move, src/migration). A member away for a moment
-// (joining, or leaving for a restart) keeps its place in the copies wanted: nothing is removed
-// for it, nothing rebuilt.
+// a one-copy page's primary moves whole (a page move, src/migration). The copies wanted do not
+// drop while a member is away (wantedCopies): a restarting peer's copies are kept.
 //
 // Per page (decideCopies, pure):
 //   1. copies on lost peers are removed (from copies and from the in-sync set);
@@ -49,7 +48,7 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
-import type { MembersView, MemberState } from '../cluster/members';
+import type { MemberState } from '../cluster/members';
 import type { Env, TimerHandle } from '../env/env';
 import { ConflictError } from '../errors';
 import { copyBuildPagesInFlightMax, copyChangesPerRunMax, copyKeeperKickDelayMs, copyKeeperScanPagesMax, copyKeeperTickMs, evacuationMovesInFlightMax, relocationsMax, relocationWaitMsMax } from '../limits';
@@ -113,13 +112,12 @@ export function primaryStep(route: Route, wanted: number, lost: ReadonlySet<stri
 }
 
 /**
- * Copies wanted of a page: the volume's replicas, at most one per peer it may be on — the peers
- * of its span now, plus the members away for a moment (joining, or leaving for a restart) that
- * hold a copy: their place is kept, so a restart removes and rebuilds nothing.
+ * Copies wanted of a volume's pages: its replicas, at most one per peer it may be on. They do not
+ * drop while a peer is leaving or draining (the span shrinks, the volume's needs do not): the
+ * copies of a draining peer are rebuilt elsewhere, a restarting peer's are kept.
  */
-export function wantedCopies(replicas: number, span: readonly string[], route: Route, away: (peer: string) => boolean): number {
-  const keptAway = copiesOf(route).filter((p) => !span.includes(p) && away(p)).length;
-  return Math.min(replicas, span.length + keptAway);
+export function wantedCopies(volume: Pick<VolumeRecord, 'replicas' | 'peers'>, span: readonly string[]): number {
+  return Math.min(volume.replicas ?? 1, Math.max(volume.peers.length, span.length));
 }
 
 /** Peers unreachable for `downOutMs`: a peer's silence is its gossip's age, or this peer's uptime if never heard. */
@@ -147,10 +145,6 @@ export interface CopyKeeperOptions {
   env: Env;
   log: Logger;
   catalog: Catalog;
-  /** The group's members: who is draining (its copies leave), who is away for a moment (joining, leaving). */
-  members: MembersView;
-  /** The peers a volume's pages may be placed on now (the catalog's span of the volume). */
-  span(volume: VolumeRecord): readonly string[];
   /** cluster.yaml: how long a peer may be unreachable before its copies are rebuilt elsewhere. */
   downOutMs: number;
   /** cluster.yaml `zone:` of a peer. */
@@ -189,9 +183,8 @@ interface VolumeRun {
   promised: Promised;
 }
 
-/** Members whose copies leave (drained, or removed by force) and members away for a moment. */
+/** Members whose copies leave: drained, or removed by force. */
 const leavingStates: ReadonlySet<MemberState> = new Set(['draining', 'removed']);
-const awayStates: ReadonlySet<MemberState> = new Set(['joining', 'leaving']);
 
 export class CopyKeeper {
   private readonly o: CopyKeeperOptions;
@@ -338,7 +331,7 @@ export class CopyKeeper {
   }
 
   private volumeRun(volume: VolumeRecord, peers: readonly ViewedPeer[], lost: ReadonlySet<string>): VolumeRun {
-    const span = this.o.span(volume);
+    const span = this.o.catalog.spanOf(volume);
     const candidates: PeerCandidate[] = peers
       .filter((p) => span.includes(p.id))
       .map((p) => ({ id: p.id, zone: this.o.zoneOf(p.id), alive: (p.id === this.o.self || !p.stale) && !lost.has(p.id), freeBytes: p.freeBytes, load: p.load }));
@@ -363,13 +356,11 @@ export class CopyKeeper {
 
   /** The peers whose copies of the page leave: members draining (or removed), and a capacity hint's. */
   private leavingOf(volumeId: string, page: number, route: Route): ReadonlySet<string> {
-    const leaving = new Set(copiesOf(route).filter((p) => leavingStates.has(this.o.members.get(p)?.state ?? 'up')));
+    const leaving = new Set(copiesOf(route).filter((p) => leavingStates.has(this.o.catalog.options.members.get(p)?.state ?? 'up')));
     const hint = this.relocations.get(`${volumeId}/${page}`);
     if (hint) leaving.add(hint.from);
     return leaving;
   }
-
-  private readonly away = (peer: string): boolean => awayStates.has(this.o.members.get(peer)?.state ?? 'up');
 
   /** One page this peer is primary of: a leaving primary's role switch, else its copy change, else a one-copy page's move. True if something changed. */
   private async keepPage(v: VolumeRun, page: number, lost: ReadonlySet<string>, countShortage: boolean): Promise<boolean> {
@@ -377,8 +368,8 @@ export class CopyKeeper {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self || this.o.movingAway(volume.id, page)) return false;
     const leaving = this.leavingOf(volume.id, page, route);
-    const replicas = volume.replicas ?? 1;
-    const step = primaryStep(route, wantedCopies(replicas, v.span, route, this.away), lost, leaving);
+    const wanted = wantedCopies(volume, v.span);
+    const step = primaryStep(route, wanted, lost, leaving);
     if (step.kind === 'switch') return this.handOver(volume, page, step.to, 'its peer is leaving');
     // A hint names the one peer its copy goes to; anything else is placement's choice.
     const hint = this.relocations.get(`${volume.id}/${page}`);
@@ -388,7 +379,7 @@ export class CopyKeeper {
     // Decided on the table's route to skip pages with nothing to do, then again on the
     // catalog's record inside the CAS (the table may lack the copies: a route heard in MOVED).
     const decide = (r: Route, promising: Promised): CopyDecision =>
-      decideCopies(r, wantedCopies(replicas, v.span, r, this.away), lost, this.building.size < copyBuildPagesInFlightMax, choose(r, promising), leaving);
+      decideCopies(r, wanted, lost, this.building.size < copyBuildPagesInFlightMax, choose(r, promising), leaving);
     const d = decide(route, new Map(v.promised));
     if (countShortage && !hint) this.countShortage(volume.id, d);
     if (d.add.length > 0 || d.remove.length > 0) {

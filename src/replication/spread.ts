@@ -31,7 +31,6 @@
 
 import type { Logger } from 'pino';
 import type { Catalog, MoveIntent, VolumeRecord } from '../cluster/catalog';
-import type { MembersView } from '../cluster/members';
 import type { Env, TimerHandle } from '../env/env';
 import { copyKeeperScanPagesMax, copyKeeperTickMs, spreadHysteresisShare, spreadMovesPerRoundMax, spreadPageMovesInFlightMax } from '../limits';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
@@ -186,9 +185,8 @@ export interface SpreadDriverOptions {
   self: string;
   env: Env;
   log: Logger;
+  /** Routes, volumes, members (catalog.options.members) and each volume's span. */
   catalog: Catalog;
-  members: MembersView;
-  span(volume: VolumeRecord): readonly string[];
   zoneOf(peer: string): string | undefined;
   /** Automatic balancing on (cluster.yaml balancer.enabled and the group switch): the spread follows it. */
   enabled(): boolean;
@@ -228,7 +226,8 @@ export class SpreadDriver {
 
   /** Every member's copies and share now, with page moves in flight (asked of the catalog). */
   async peers(): Promise<SpreadPeer[]> {
-    const { catalog, members } = this.o;
+    const { catalog } = this.o;
+    const { members } = catalog.options;
     const counts = countCopies(catalog.listVolumes().map((volume) => ({ volume, table: catalog.routes(volume) })), (await catalog.moveIntents()).map((m) => m.intent));
     const placeable = new Set(members.placeable());
     return members.ids().map((id) => ({ id, capacity: members.get(id)?.capacity ?? 1, placeable: placeable.has(id), count: counts.get(id) ?? zero() }));
@@ -253,7 +252,7 @@ export class SpreadDriver {
     if (!this.o.enabled()) return this.said('off (automatic balancing is off)');
     if (this.o.relocationsPending() > 0 || this.moving.size >= spreadPageMovesInFlightMax) return this.said('waiting for this peer\'s copies on their way');
     const plan = planSpread(await this.peers());
-    const executors = this.o.members.placeable();
+    const executors = this.o.catalog.options.members.placeable();
     const budget = new Map(plan.flows.map((f) => [`${f.from}>${f.to}`, Math.min(portionOf(f, this.o.self, executors), spreadMovesPerRoundMax)]));
     let started = 0;
     for (const volume of this.o.catalog.listVolumes()) {
@@ -271,7 +270,7 @@ export class SpreadDriver {
   /** This peer's pages of one volume (a window from its cursor) that can carry a flow: a hint or a page move each. */
   private async spreadVolume(volume: VolumeRecord, flows: readonly SpreadFlow[], budget: Map<string, number>, startsMax: number): Promise<number> {
     if (volume.autoBalance === false) return 0;
-    const span = this.o.span(volume);
+    const span = this.o.catalog.spanOf(volume);
     const table = this.o.catalog.routes(volume);
     const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
     const first = (this.cursor.get(volume.id) ?? 0) % pages;

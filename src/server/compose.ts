@@ -11,7 +11,7 @@
 
 import type { Logger } from 'pino';
 import { Catalog } from '../cluster/catalog';
-import { fixedMembers } from '../cluster/members';
+import type { MembersView } from '../cluster/members';
 import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
@@ -65,18 +65,19 @@ export interface PeerProtocols {
 
 export interface PeerWiring {
   self: string;
-  /** Every peer of the group, this one included. */
-  groupPeers: readonly string[];
+  /**
+   * The group's members (src/cluster/members.ts): who is in the group now, their addresses,
+   * tags, zones and states. A process passes its live Members; the simulator a fixed group.
+   */
+  members: MembersView;
   pageBlocks: number;
   env: Env;
   log: Logger;
   store: PageStore;
   meta: MetaStore;
   transport: PeerTransport;
-  /** This peer's iSCSI portal (what targets advertise) and portal group tag. */
-  portal: { address: string; groupTag: number };
-  /** Every peer's iSCSI portal address by peer id (SendTargets lists the up ones); default: none but this peer's. */
-  peerPortals?: ReadonlyMap<string, string>;
+  /** This peer's iSCSI portal (what targets advertise); its portal group tag is its member record's. */
+  portal: { address: string };
   migration: MigrationSettings;
   balancer: BalancerConfig;
   /** Sessions and capacity of this peer, for the load monitor. */
@@ -88,14 +89,12 @@ export interface PeerWiring {
   protocols?: Partial<PeerProtocols>;
   /** Where the routers count their runs (the peer's /metrics reads it); default: a new one. */
   routing?: RoutingCounters;
-  /** Copies: lost-peer interval and zones (cluster.yaml); default: downOutMsDefault, no zones. */
+  /** Copies: the lost-peer interval (cluster.yaml); default: downOutMsDefault. */
   replication?: ReplicationSettings;
 }
 
 export interface ReplicationSettings {
   downOutMs: number;
-  /** Peer id → its `zone:` in cluster.yaml (peers without one are absent). */
-  zones: Readonly<Record<string, string>>;
 }
 
 /** Copies kept at the asked count, freed when no longer ours, and reported (src/replication). */
@@ -112,6 +111,8 @@ export interface ReplicationCore {
 /** A peer's protocols, wired. */
 export interface PeerCore {
   catalog: Catalog;
+  /** The group's members (PeerWiring.members). */
+  members: MembersView;
   targets: VolumeTargets;
   snapshotTargets: SnapshotTargets;
   migrator: Migrator;
@@ -142,25 +143,27 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, layerSync: SnapshotLayerSync, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
-  const catalog = await Catalog.open(w.meta, { groupPeers: [...w.groupPeers], pageBlocks: w.pageBlocks, env });
+  const { members } = w;
+  const groupPeers = (): readonly string[] => members.ids();
+  const catalog = await Catalog.open(w.meta, { members, pageBlocks: w.pageBlocks, env });
   const blocks = (peerId: string) => transport.blocks(peerId);
   const call = async (peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>> =>
     parseBody(await transport.calls(peer).replication(kind, JSON.stringify(body), timeoutMs));
   // Late-bound: the targets, the migrator and the snapshot service refer to each other.
-  const core = { catalog, clock, routing } as PeerCore;
+  const core = { catalog, members, clock, routing } as PeerCore;
   const counters = newReplicationCounters();
   const balancerSwitch = (core.balancerSwitch = await BalancerSwitch.open(w.meta));
   core.resync = await openResync(w, core, counters);
   core.load = loadService(w, core);
   // Which peers are up (ALUA states, SendTargets), read again after every load tick.
-  const portGroups = new PortGroups({ self, groupPeers: w.groupPeers, portalOf: (id) => w.peerPortals?.get(id), loads: () => core.load.peerLoads(), nowMs: () => env.clock.monotonicMs(), log });
+  const portGroups = new PortGroups({ self, members, loads: () => core.load.peerLoads(), nowMs: () => env.clock.monotonicMs(), log });
   core.load.onTick(() => portGroups.refresh());
   core.snapshotTargets = new SnapshotTargets({ self, catalog, stored: (id) => core.targets.stored(id), link: blocks, revision: productRevision, log });
   core.targets = new VolumeTargets({
-    self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: w.portal.groupTag, portGroups, snapshots: core.snapshotTargets,
+    self, store: w.store, catalog, portalAddress: w.portal.address, portalGroupTag: members.get(self)!.tag, portGroups, snapshots: core.snapshotTargets,
     link: blocks, counters: routing, log, clock, env, monitor: core.load.monitor, movable: P.movable, replicated: P.replicated,
     notifyReservations: async (notice) => {
-      await Promise.all(w.groupPeers.filter((p) => p !== self).map((p) =>
+      await Promise.all(groupPeers().filter((p) => p !== self).map((p) =>
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
@@ -181,7 +184,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
   });
   core.migrator = new P.migrator({
-    self, env, groupPeers: w.groupPeers, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
+    self, env, members, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
     rpc: {
       prepare: (to, req) => transport.calls(to).movePrepare(req, moveRpcMsMax),
       finish: (to, req) => transport.calls(to).moveFinish(req, moveRpcMsMax),
@@ -230,7 +233,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     },
   });
   const snapshots: SnapshotService = (core.snapshots = new P.snapshots({
-    self, env, groupPeers: w.groupPeers, catalog, log, clock,
+    self, env, groupPeers, catalog, log, clock,
     gate: (id) => core.targets.gate(id),
     store: (id) => core.targets.stored(id),
     stampLog: (id) => core.targets.stampLog(id),
@@ -252,7 +255,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
   await core.migrator.recover();
   // Replicas: suspect pages (activity log) are held before anything is served; then leases run.
-  const leases = (core.leases = new Leases({ self, groupPeers: w.groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() }));
+  const leases = (core.leases = new Leases({ self, groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() }));
   core.failover = new Failover({
     self, env, log, catalog, leases, call,
     heldPages: (volumeId) => core.targets.stored(volumeId)?.heldPages() ?? [],
@@ -351,13 +354,11 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
 function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCounters): ReplicationCore {
   const { self, env, log } = w;
   const { catalog } = core;
-  const zones = w.replication?.zones ?? {};
-  const zoneOf = (peer: string): string | undefined => zones[peer];
+  const zoneOf = (peer: string): string | undefined => w.members.get(peer)?.zone;
   const movingAway = (volumeId: string, page: number): boolean => core.targets.movable(volumeId)?.moves.has(page) ?? false;
   const keeper = new CopyKeeper({
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
-    members: fixedMembers(w.groupPeers), span: (v) => v.peers,
     movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),
     event: (message, volume) => w.event('replication', message, { volume, peer: self }),
   });
@@ -373,7 +374,7 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
   };
   const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
   const spread = new SpreadDriver({
-    self, env, log: log.child({ component: 'spread' }), catalog, members: fixedMembers(w.groupPeers), span: (v) => v.peers, zoneOf,
+    self, env, log: log.child({ component: 'spread' }), catalog, zoneOf,
     enabled: () => w.balancer.enabled && (core.balancerSwitch?.auto ?? true),
     relocate: (volumeId, page, from, to) => keeper.relocate(volumeId, page, from, to), relocationsPending: () => keeper.relocationsPending(),
     movePage: async (v, page, to) => void (await core.migrator.start(v.name, page, to)), movingAway: (volumeId, page) => core.migrator.movingOut(volumeId, page),
@@ -418,7 +419,7 @@ function loadService(w: PeerWiring, core: PeerCore): LoadService {
     return lastVolume ? catalog.routes(lastVolume).route(page) : undefined;
   };
   return new LoadService({
-    self: w.self, env: w.env, peers: [...w.groupPeers], config: w.balancer, log: w.log, facts: w.facts,
+    self: w.self, env: w.env, peers: () => w.members.ids(), config: w.balancer, log: w.log, facts: w.facts,
     sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
     startMovesOn: (peerId, moves) => w.transport.calls(peerId).startMoves(moves, statusPeerMsMax),
     mover: {

@@ -22,6 +22,8 @@ export interface PeerConfig {
   data: string;
   /** Failure zone (rack, room, site): a page's copies go to distinct zones when peers declare one. */
   zone?: string;
+  /** Relative capacity (default 1): the balancer gives each peer copies in proportion to it. */
+  capacity?: number;
 }
 
 /**
@@ -155,6 +157,7 @@ export function parseConfig(text: string, path?: string): ClusterConfig {
       http: str(p, 'http', w),
       data: resolve(base, str(p, 'data', w)),
       ...(p.zone === undefined || p.zone === null ? {} : { zone: str(p, 'zone', w) }),
+      ...(p.capacity === undefined || p.capacity === null ? {} : { capacity: capacityOf(p.capacity, w) }),
     };
     if (!/^[a-z0-9][a-z0-9-]{0,31}$/.test(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}": use a-z, 0-9, '-'`);
     if (ids.has(peer.id)) throw new InvalidArgumentError(`${w}.id "${peer.id}" appears twice`);
@@ -263,6 +266,12 @@ export function loadConfig(path: string): ClusterConfig {
   return parseConfig(text, path);
 }
 
+/** A peer's `capacity:` (relative: 2 takes twice the copies of 1). */
+function capacityOf(v: unknown, where: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || v > 1e6) throw new InvalidArgumentError(`${where}.capacity must be a positive number (relative to the other peers, default 1), got ${JSON.stringify(v)}`);
+  return v;
+}
+
 export function renderConfig(c: ClusterConfig): string {
   return stringify({
     cluster: {
@@ -271,7 +280,7 @@ export function renderConfig(c: ClusterConfig): string {
       ...(c.tls ? { tls: c.tls } : {}),
       ...(c.downOutMs !== undefined ? { downOutMs: c.downOutMs } : {}),
     },
-    peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data, ...(p.zone ? { zone: p.zone } : {}) })),
+    peers: c.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, data: p.data, ...(p.zone ? { zone: p.zone } : {}), ...(p.capacity !== undefined ? { capacity: p.capacity } : {}) })),
     ...(c.balancer ? { balancer: c.balancer } : {}),
   });
 }

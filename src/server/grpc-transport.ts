@@ -9,55 +9,58 @@ import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
 import { PeersanError } from '../errors';
 import { PeerLink } from '../routing/link';
-import type { PeerConfig } from './config';
+import type { MembersView } from '../cluster/members';
 
 export interface GrpcTransportOptions {
   self: string;
-  /** Every peer of the group with its addresses. */
-  peers: readonly PeerConfig[];
+  /** The group's members: each one's RPC address (its record's, which a restart may change). */
+  members: MembersView;
   secret: string;
   tls: PeerTls | undefined;
   env: Env;
 }
 
 export class GrpcTransport implements PeerTransport {
-  private readonly links = new Map<string, PeerLink>();
-  private readonly clients = new Map<string, PeerRpcClient>();
+  private readonly links = new Map<string, { address: string; link: PeerLink }>();
+  private readonly clients = new Map<string, { address: string; client: PeerRpcClient }>();
 
   constructor(private readonly o: GrpcTransportOptions) {}
 
+  /** The block stream to a peer, opened again when its record names a new address. */
   blocks(peerId: string): PeerLink {
-    let l = this.links.get(peerId);
-    if (!l) {
-      const { secret, self, tls, env } = this.o;
-      l = new PeerLink({
-        peerId, address: this.peer(peerId).rpc, env,
-        metadata: (method) => peerAuthMetadata(secret, self, method),
-        ...(tls ? { tls: peerTlsChannel(tls, peerId) } : {}),
-      });
-      this.links.set(peerId, l);
-    }
-    return l;
+    const address = this.address(peerId);
+    const held = this.links.get(peerId);
+    if (held?.address === address) return held.link;
+    held?.link.close();
+    const { secret, self, tls, env } = this.o;
+    const link = new PeerLink({
+      peerId, address, env,
+      metadata: (method) => peerAuthMetadata(secret, self, method),
+      ...(tls ? { tls: peerTlsChannel(tls, peerId) } : {}),
+    });
+    this.links.set(peerId, { address, link });
+    return link;
   }
 
   calls(peerId: string): PeerRpcClient {
-    let c = this.clients.get(peerId);
-    if (!c) {
-      const { secret, self, tls } = this.o;
-      c = new PeerRpcClient(peerId, this.peer(peerId).rpc, { secret, self }, tls ? peerTlsChannel(tls, peerId) : undefined);
-      this.clients.set(peerId, c);
-    }
-    return c;
+    const address = this.address(peerId);
+    const held = this.clients.get(peerId);
+    if (held?.address === address) return held.client;
+    held?.client.close();
+    const { secret, self, tls } = this.o;
+    const client = new PeerRpcClient(peerId, address, { secret, self }, tls ? peerTlsChannel(tls, peerId) : undefined);
+    this.clients.set(peerId, { address, client });
+    return client;
   }
 
   close(): void {
-    for (const l of this.links.values()) l.close();
-    for (const c of this.clients.values()) c.close();
+    for (const l of this.links.values()) l.link.close();
+    for (const c of this.clients.values()) c.client.close();
   }
 
-  private peer(peerId: string): PeerConfig {
-    const peer = this.o.peers.find((p) => p.id === peerId);
-    if (!peer) throw new PeersanError(`route names an unknown peer ${peerId}`);
-    return peer;
+  private address(peerId: string): string {
+    const m = this.o.members.get(peerId);
+    if (!m || m.state === 'removed') throw new PeersanError(`route names an unknown peer ${peerId}`);
+    return m.rpc;
   }
 }

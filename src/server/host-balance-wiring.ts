@@ -5,6 +5,7 @@
 
 import type { Logger } from 'pino';
 import type { Catalog } from '../cluster/catalog';
+import type { MembersView } from '../cluster/members';
 import type { GroupStatus } from '../cluster/group-status';
 import type { PeerCalls } from '../cluster/transport';
 import type { Env } from '../env/env';
@@ -17,7 +18,6 @@ import { statusPeerMsMax } from '../limits';
 import type { PageShares } from './host-balance';
 import { HostBalanceService, type MovedSession } from './host-balance-service';
 import { GossipLoadView } from './host-view';
-import { portalGroupTagOf } from './port-groups';
 import type { VolumeTargets } from './targets';
 
 /** How long a volume's page shares are reused: routes change slowly. */
@@ -25,6 +25,8 @@ const sharesRefreshMs = 5_000;
 
 export interface HostBalanceWiring {
   config: Pick<ClusterConfig, 'peers' | 'hostBalance'>;
+  /** The group's members: their portals and tags; logins go to members that are up. */
+  members: MembersView;
   self: string;
   env: Env;
   portal(): Portal;
@@ -44,12 +46,14 @@ export interface HostBalanceWiring {
 export function createHostBalance(w: HostBalanceWiring): HostBalanceService | undefined {
   const { config, self, env, catalog } = w;
   const hb = config.hostBalance ?? {};
-  if (!(hb.enabled ?? config.peers.length > 1)) return undefined;
-  const tag = (id: string): number => portalGroupTagOf(config.peers.map((p) => p.id), id);
+  const { members } = w;
+  if (!(hb.enabled ?? (config.peers.length > 1 || members.ids().length > 1))) return undefined;
+  const tag = (id: string): number => members.get(id)?.tag ?? 0;
   const volumeOf = (targetName: string) => catalog.listVolumes().find((v) => targetNameFor(v.name) === targetName);
   const view = new GossipLoadView({
     selfId: self,
-    peers: config.peers.map((p) => ({ id: p.id, iscsi: p.iscsi, portalGroupTag: tag(p.id) })),
+    // A login is placed on a member that is up (not joining, draining or leaving).
+    peers: () => members.placeable().map((id) => ({ id, iscsi: members.get(id)!.iscsi, portalGroupTag: tag(id) })),
     ownSessions: () => w.portal().sessions().filter((s) => s.sessionType === 'Normal').length,
     loads: w.loads,
   });
@@ -81,8 +85,8 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
     event: (message, target) => w.event(message, volumeOf(target)?.name),
     broadcastPlan: async (plan) => {
       const message = { initiatorName: plan.initiatorName, targetName: plan.targetName, to: plan.to, ttlMs: Math.max(0, plan.untilMs - env.clock.nowMs()) };
-      await Promise.all(config.peers.filter((p) => p.id !== self).map((p) =>
-        w.calls(p.id).planHostMove(message, statusPeerMsMax).catch((err: Error) => w.log.warn({ to: p.id, reason: err.message }, 'peer did not take a host move plan (a login there is placed by the usual rule)'))));
+      await Promise.all(members.ids().filter((p) => p !== self).map((p) =>
+        w.calls(p).planHostMove(message, statusPeerMsMax).catch((err: Error) => w.log.warn({ to: p, reason: err.message }, 'peer did not take a host move plan (a login there is placed by the usual rule)'))));
     },
   });
 }
@@ -94,7 +98,7 @@ export interface SessionAdmin {
 
 export function sessionAdmin(o: {
   self: string;
-  groupPeers: readonly string[];
+  groupPeers(): readonly string[];
   hostBalance: HostBalanceService | undefined;
   group: Pick<GroupStatus, 'sessions'>;
   calls(peerId: string): Pick<PeerCalls, 'moveSession'>;
@@ -110,7 +114,7 @@ export function sessionAdmin(o: {
         if (holders.length > 1) throw new InvalidArgumentError(`TSIH ${session} is logged in on ${holders.join(', ')}: say which with --on PEER`);
         on = holders[0] ?? '';
       }
-      const peers = o.groupPeers.filter((p) => !on || p === on);
+      const peers = o.groupPeers().filter((p) => !on || p === on);
       if (peers.length === 0) throw new InvalidArgumentError(`no peer ${on} in this group`);
       const moved = (await Promise.all(peers.map((p) => (p === o.self ? hb.move(session, to) : o.calls(p).moveSession(session, to, 10_000))))).flat();
       if (moved.length === 0) throw new NotFoundError(`no session ${session} logged in${on ? ` on ${on}` : ''}`);

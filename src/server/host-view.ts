@@ -14,7 +14,8 @@ export interface ViewPeer {
 
 export interface GossipLoadViewOptions {
   selfId: string;
-  peers: ViewPeer[];
+  /** The group's peers now (members join and leave). */
+  peers(): ViewPeer[];
   /** This peer's Normal sessions, counted now. */
   ownSessions(): number;
   /** The gossiped loads (LoadService.peerLoads). */
@@ -29,7 +30,7 @@ export class GossipLoadView implements LoadView {
 
   peers(): PeerLoad[] {
     const loads = new Map(this.o.loads().map((l) => [l.id, l]));
-    return this.o.peers.map((p): PeerLoad => {
+    return this.o.peers().map((p): PeerLoad => {
       const l = loads.get(p.id);
       const self = p.id === this.o.selfId;
       const up = self || (l !== undefined && !l.stale);

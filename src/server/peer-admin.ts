@@ -4,6 +4,7 @@
 
 import type { Logger } from 'pino';
 import { groupStatus, type PeerStatusView } from '../cluster/group-status';
+import type { Members } from '../cluster/members';
 import type { PeerCalls } from '../cluster/transport';
 import { volumeAdmin } from '../cluster/volume-admin';
 import type { Env } from '../env/env';
@@ -26,6 +27,8 @@ export type PeerAdmin = Required<AdminApi> & OptionalAdminOps;
 export interface PeerAdminWiring {
   self: string;
   config: Pick<ClusterConfig, 'name' | 'peers'>;
+  /** The group's members, live (the catalog's records): state changes go through it. */
+  members: Members;
   env: Env;
   log: Logger;
   core: PeerCore;
@@ -40,8 +43,9 @@ export interface PeerAdminWiring {
 export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
   const { self, env, log, core, calls } = w;
   const { catalog } = core;
-  const groupPeers = w.config.peers.map((p) => p.id);
-  const group = groupStatus({ cluster: w.config.name, self, peers: w.config.peers, selfStatus: w.selfStatus, calls });
+  const { members } = w;
+  const groupPeers = (): readonly string[] => members.ids();
+  const group = groupStatus({ cluster: w.config.name, self, peers: () => members.ids().map((id) => members.get(id)!), selfStatus: w.selfStatus, calls });
   const { protection, keeper, zoneOf } = core.replication;
   const volumes = volumeAdmin({ catalog, targets: core.targets, localSessions: w.localSessions, group, log, protection: (v) => protection.of(v) });
   const load = loadAdmin({ catalog, load: core.load, balancerSwitch: core.balancerSwitch, log });

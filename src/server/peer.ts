@@ -38,8 +38,9 @@ import { registerFeatureMetrics } from './feature-metrics';
 import { GrpcTransport } from './grpc-transport';
 import type { HostBalanceService } from './host-balance-service';
 import { createHostBalance } from './host-balance-wiring';
-import { portalGroupTagOf } from './port-groups';
 import { HttpConsole } from './http';
+import { joinGroup, markUp } from './membership';
+import type { Members } from '../cluster/members';
 import { PeerMetrics } from './metrics';
 import { peerAdmin, type PeerAdmin } from './peer-admin';
 import { makePrivateDir, securityWarnings, warnOnce } from './security';
@@ -67,6 +68,8 @@ export class PeerServer {
   private readonly startedAtMs: number;
   private store!: PageStore;
   private meta!: MetaStore;
+  /** The group's members (the catalog's records), this peer registered among them. */
+  members!: Members;
   private transport: PeerTransport | undefined;
   /** The peer's protocols (compose.ts): catalog, targets, moves, snapshots, load. */
   core!: PeerCore;
@@ -142,22 +145,25 @@ export class PeerServer {
     core.load.start();
     this.scheduler!.start();
     this.hostBalancer?.start();
-    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: this.config.peers.length, catalog: this.config.catalog.backend, volumes: core.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
+    // Serving: the others may place data here from now on.
+    await markUp(this.members, this.peer.id);
+    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: this.members.ids().length, catalog: this.config.catalog.backend, volumes: core.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
   }
 
   /** The store, the catalog and the transport, and the protocols over them (compose.ts, as the simulator builds them). */
   private async openCore(tls: PeerTls | undefined): Promise<PeerCore> {
     const self = this.peer.id;
-    const groupPeers = this.config.peers.map((p) => p.id);
-    this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     this.meta = await this.openMeta();
-    const grpcTransport = new GrpcTransport({ self, peers: this.config.peers, secret: this.config.secret, tls, env: this.env });
+    // Before the store opens: a data directory of another group is refused untouched.
+    const { members } = await joinGroup({ meta: this.meta, env: this.env, config: this.config, peer: this.peer, tls, log: this.log });
+    this.members = members;
+    this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
+    const grpcTransport = new GrpcTransport({ self, members, secret: this.config.secret, tls, env: this.env });
     const transport = (this.transport = this.opts.transport ? this.opts.transport(grpcTransport) : grpcTransport);
     const { migration } = this.config;
     return composePeer({
-      self, groupPeers, pageBlocks: this.config.pageBlocks, env: this.env, log: this.log, store: this.store, meta: this.meta, transport,
-      portal: { address: this.peer.iscsi, groupTag: portalGroupTagOf(groupPeers, self) },
-      peerPortals: new Map(this.config.peers.map((p) => [p.id, p.iscsi])),
+      self, members, pageBlocks: this.config.pageBlocks, env: this.env, log: this.log, store: this.store, meta: this.meta, transport,
+      portal: { address: this.peer.iscsi },
       migration: { rateBytesPerSec: migration.rateMBps * 1e6, pieceBytes: migration.pieceKiB * 1024, duty: migration.dutyPercent / 100 },
       balancer: this.config.balancer ?? { ...balancerDefaults },
       facts: async () => {
@@ -168,10 +174,7 @@ export class PeerServer {
       event: this.event,
       meter: (name, backend) => this.metrics.meter(name, backend),
       routing: this.routing,
-      replication: {
-        downOutMs: this.config.downOutMs ?? downOutMsDefault,
-        zones: Object.fromEntries(this.config.peers.flatMap((p) => (p.zone ? [[p.id, p.zone]] : []))),
-      },
+      replication: { downOutMs: this.config.downOutMs ?? downOutMsDefault },
       ...(this.opts.protocols ? { protocols: this.opts.protocols } : {}),
     });
   }
@@ -179,15 +182,15 @@ export class PeerServer {
   /** What only a process has around the protocols: metrics, host balancing, the admin operations, volume events, snapshot schedules. */
   private wireProcessServices(core: PeerCore): void {
     const self = this.peer.id;
-    const groupPeers = this.config.peers.map((p) => p.id);
+    const { members } = this;
     const calls = (peerId: string) => this.transport!.calls(peerId);
     const hostBalance = (this.hostBalancer = createHostBalance({
-      config: this.config, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), hosts: () => core.load.hostLoads(), catalog: core.catalog, targets: core.targets,
+      config: this.config, members, self, env: this.env, portal: () => this.portal, loads: () => core.load.peerLoads(), hosts: () => core.load.hostLoads(), catalog: core.catalog, targets: core.targets,
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance, replication: core.replication, catalog: core.catalog });
     this.admin = peerAdmin({
-      self, config: this.config, env: this.env, log: this.log, core, calls, hostBalance,
+      self, config: this.config, members, env: this.env, log: this.log, core, calls, hostBalance,
       selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,
     });
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
@@ -200,7 +203,7 @@ export class PeerServer {
       // The first peer of the group that is up runs the schedules (gossip says who is up).
       isRunner: () => {
         const stale = new Set(core.load.peerLoads().filter((p) => p.stale).map((p) => p.id));
-        return groupPeers.find((p) => p === self || !stale.has(p)) === self;
+        return members.ids().find((p) => p === self || !stale.has(p)) === self;
       },
       take: async (volume, name) => void (await core.snapshots.create([volume], { name })),
       list: async (volume) => (await this.admin.listSnapshots(volume)).map((x) => x.name),
@@ -219,7 +222,7 @@ export class PeerServer {
       blocks: (call) => core.pages.serveStream(call),
       moveSession: async (session, to) => (await this.hostBalancer?.move(session, to)) ?? [],
       planHostMove: async (p) => this.hostBalancer?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: this.env.clock.nowMs() + p.ttlMs }),
-    }, { secret: this.config.secret, members: this.config.peers.map((p) => p.id), self, tls: tls !== undefined }, this.log);
+    }, { secret: this.config.secret, members: (id) => this.members.ids().includes(id), self, tls: tls !== undefined }, this.log);
     const credentials = tls ? peerServerCredentials(tls) : grpc.ServerCredentials.createInsecure();
     await new Promise<void>((resolve, reject) => {
       server.bindAsync(this.peer.rpc, credentials, (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
@@ -275,6 +278,7 @@ export class PeerServer {
       this.core?.close();
       this.transport?.close();
       this.scheduler?.stop();
+      this.members?.close();
       if (this.store) await this.store.close();
       if (this.meta && this.meta !== this.opts.meta) await this.meta.close();
       this.log.info('peer stopped');

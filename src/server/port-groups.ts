@@ -20,18 +20,12 @@ import type { TargetPortal } from '../iscsi/target';
 import type { PeerLoadView } from '../loadmon/view';
 import { aluaUnavailableMs } from '../limits';
 import { AluaState, type TargetPortGroup } from '../scsi/alua';
-
-/** A peer's portal group tag (and target port group, relative target port): its 1-based place in the group. */
-export function portalGroupTagOf(groupPeers: readonly string[], peerId: string): number {
-  return groupPeers.indexOf(peerId) + 1;
-}
+import type { MembersView } from '../cluster/members';
 
 export interface PortGroupsOptions {
   self: string;
-  /** Every peer of the group, this one included, in the order that gives the tags. */
-  groupPeers: readonly string[];
-  /** A peer's iSCSI portal ("host:port"); a peer without one is not listed by SendTargets. */
-  portalOf(peerId: string): string | undefined;
+  /** The group's members: each one's tag (its group and relative port) and portal; members not removed have a group. */
+  members: MembersView;
   /** The gossiped loads (LoadService.peerLoads): `stale` means not heard from lately. */
   loads(): readonly Pick<PeerLoadView, 'id' | 'stale' | 'ageMs'>[];
   /** Monotonic milliseconds; a peer never heard from counts as up for aluaUnavailableMs after this one starts. Absent: no grace. */
@@ -60,10 +54,11 @@ export class PortGroups {
     return this.ports.map((p) => p.group);
   }
 
-  /** The other peers' portals whose group is active now (SendTargets), in tag order. */
+  /** The other peers' portals whose group is active now (SendTargets), in tag order; a draining or leaving peer's is not offered. */
   otherPortals(): TargetPortal[] {
     return this.ports.flatMap((p): TargetPortal[] => {
-      const address = p.peerId === this.o.self || p.group.state !== AluaState.activeOptimized ? undefined : this.o.portalOf(p.peerId);
+      const m = this.o.members.get(p.peerId);
+      const address = p.peerId === this.o.self || p.group.state !== AluaState.activeOptimized || m?.state !== 'up' ? undefined : m.iscsi;
       return address ? [{ address, groupTag: p.group.id }] : [];
     });
   }
@@ -76,8 +71,10 @@ export class PortGroups {
   /** Read the states again (after each load tick); a change is kept, logged, then told. */
   refresh(): void {
     const next = this.read();
-    const changed = next.filter((p, i) => p.group.state !== this.ports[i].group.state);
-    if (changed.length === 0) return;
+    // A member that joined or was removed changes the list itself.
+    const before = new Map(this.ports.map((p) => [p.peerId, p.group.state]));
+    const changed = next.filter((p) => p.group.state !== before.get(p.peerId));
+    if (changed.length === 0 && next.length === this.ports.length) return;
     this.ports = next;
     this.o.log?.info({ groups: changed.map((p) => `${p.peerId}:${stateName(p.group.state)}`).join(' ') }, 'target port group states changed');
     for (const listener of this.listeners) listener();
@@ -89,8 +86,8 @@ export class PortGroups {
     const starting = this.startedMs !== undefined && this.o.nowMs!() - this.startedMs < aluaUnavailableMs;
     const heard = (l: { stale: boolean; ageMs: number }): boolean => !l.stale || (l.ageMs >= 0 ? l.ageMs < aluaUnavailableMs : starting);
     const fresh = new Set(this.o.loads().filter(heard).map((l) => l.id));
-    return this.o.groupPeers.map((peerId): PeerPort => {
-      const id = portalGroupTagOf(this.o.groupPeers, peerId);
+    return this.o.members.ids().map((peerId): PeerPort => {
+      const id = this.o.members.get(peerId)!.tag;
       const up = peerId === this.o.self || fresh.has(peerId);
       return { peerId, group: { id, state: up ? AluaState.activeOptimized : AluaState.unavailable, relativePorts: [id] } };
     });

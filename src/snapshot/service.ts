@@ -104,7 +104,8 @@ export interface SnapshotServiceOptions {
   self: string;
   /** Clock (durations, record stamps), timers (holds, deadlines) and randomness (snapshot ids). */
   env: Env;
-  groupPeers: readonly string[];
+  /** Every peer of the group now, this one included: each takes part in a snapshot. */
+  groupPeers(): readonly string[];
   catalog: Catalog;
   gate(volumeId: string): VolumeGate | undefined;
   store(volumeId: string): StoreVolume | undefined;
@@ -434,7 +435,7 @@ export class SnapshotService {
     const before = volumes.map((v) => new Map(this.o.catalog.routes(v).changed()));
     const taking: Taking = { volumes, name, mode, group: opts.group ?? '', started: this.o.env.clock.monotonicMs(), records: [], before };
     const snapshotId = this.o.env.random.bytes(8).toString('hex');
-    const coordinator = this.coordinator({ snapshotId, mode, volumeIds: volumes.map((v) => v.id), peers: this.o.groupPeers, clock: () => this.o.clock.now() });
+    const coordinator = this.coordinator({ snapshotId, mode, volumeIds: volumes.map((v) => v.id), peers: this.o.groupPeers(), clock: () => this.o.clock.now() });
     try {
       const held = await this.drive(coordinator, taking);
       this.o.log.info({ volumes: volumeNames, name, heldMs: round(held), tookMs: taking.tookMs }, 'snapshot taken');

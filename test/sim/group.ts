@@ -27,6 +27,7 @@ import { SimCatalog, type SimCatalogClient } from './catalog';
 import { SimMedia } from './disk';
 import { SimNetwork, calmNetwork, type Endpoint } from './network';
 import { PeerClock, PeerEnv, SimWorld, driftMax, skewUsMax, type PeerTimers } from './world';
+import { fixedMembers } from '../../src/cluster/members';
 
 const silent: Logger = pino({ level: 'silent' });
 
@@ -111,8 +112,8 @@ export class SimPeer implements Endpoint {
       const store = (this.store = await PageStore.openOn(this.media, { log }));
       g.trace(`${this.id} store open`);
       const core = await composePeer({
-        self: this.id, groupPeers: g.peerIds, pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
-        portal: { address: `sim:${this.id}`, groupTag: g.peerIds.indexOf(this.id) + 1 },
+        self: this.id, members: fixedMembers(g.peerIds), pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
+        portal: { address: `sim:${this.id}` },
         migration: { rateBytesPerSec: 0, pieceBytes: 256 * 1024, duty: 1 },
         balancer: { ...balancerDefaults, intervalMs: 1_000, cooldownMs: 5_000, minMeanLoad: 1 },
         facts: async () => ({ sessions: 0, freeBytes: 1 << 30, totalBytes: 1 << 30, allocatedBytes: store.usage().allocatedBytes }),
@@ -160,7 +161,7 @@ export interface SimGroupOptions {
   world: SimWorld;
   peers: number;
   protocols?: Partial<PeerProtocols>;
-  /** Lost-peer interval and zones (default: the production default, no zones). */
+  /** Lost-peer interval (default: the production default). */
   replication?: ReplicationSettings;
   trace(line: string): void;
 }
