@@ -207,6 +207,13 @@ function sessionsOf(state, targetName) {
   return state.peers.flatMap((p) => p.sessions.filter((s) => s.sessionType === 'Normal' && (!targetName || s.targetName === targetName)));
 }
 
+// A peer's stored page copies against its share of them (capacity spreading): "85 of 64 (133%)".
+function fillText(f) {
+  if (!f) return '—';
+  if (!(f.shareCopies > 0)) return `${f.copies} (takes none)`;
+  return `${f.copies} of ${Math.round(f.shareCopies)} (${Math.round((f.copies / f.shareCopies) * 100)}%)`;
+}
+
 function renderPeers(state) {
   const r = ui.rate;
   $('host-io').textContent = `Host I/O arriving at ${state.self}: ${r ? `${Math.round(r.iops)} IOPS · ${bytes(r.bytesPerSec)}/s` : 'measuring…'}` +
@@ -224,6 +231,7 @@ function renderPeers(state) {
       el('td', { class: 'num', 'data-field': 'used' }, p.up ? bytes(p.allocatedBytes) : '—'),
       el('td', { class: 'num' }, p.up ? bytes(p.freeBytes) : '—'),
       el('td', { class: 'num', 'data-field': 'load' }, load),
+      el('td', { class: 'num', 'data-field': 'fill' }, fillText(p.fill)),
       el('td', { class: 'num' }, p.up ? duration(p.uptimeMs) : '—'));
   }));
   $('load-note').hidden = state.features.peerLoads;

@@ -4,6 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import t from 'tap';
+import { topText } from '../src/cli/load';
 import { copiesHeldBy } from '../src/replication/spread';
 import type { VolumeRouter } from '../src/routing/router';
 import { copiesOf, inSyncOf } from '../src/routing/table';
@@ -90,4 +91,17 @@ t.test('a fourth peer, present but holding nothing, receives copies with no host
   await until('no copy on its way', 30_000, () => routesOf(g, 'p1', 'vol').every((x) => inSyncOf(x).length === 2 && copiesOf(x).length === 2));
   t.ok(['p1', 'p2', 'p3', 'p4'].every((id) => copiesHeldBy(catalog, id) <= 9), `no peer above its share: ${['p1', 'p2', 'p3', 'p4'].map((id) => copiesHeldBy(catalog, id)).join(' ')}`);
   for (const id of ['p4', 'p1']) await readsBack(t, await routerOn(g, id, 'vol'), written, id);
+
+  // The fill as an operator sees it: status (over the admin RPC), top, the console's state.
+  const status = await g.peer('p2').admin.status();
+  const p4 = status.fills?.find((f) => f.id === 'p4');
+  t.match(p4, { copies: copiesHeldBy(catalog, 'p4'), capacity: 1, shareCopies: 8 }, 'status: p4\'s copies against its share (32 copies ÷ 4)');
+  t.equal(status.fills?.length, 4, 'status: every member\'s fill');
+  const top = await g.peer('p3').admin.top(4);
+  t.equal(top.fills?.length, 4, 'top: every member\'s fill');
+  t.match(topText(top, (rows) => rows.map((r) => r.join(' | ')).join('\n')), /COPIES\/SHARE FILL\n[\s\S]*^p4 \| .* \| \d+\/8 \d+%$/m, 'top shows p4\'s copies of its share of 8');
+  t.match(top.spreadRound, /within its share|off its share|waiting/, `top: the spread's last round (${top.spreadRound})`);
+  const res = await fetch(`${g.http('p1')}/api/status`, { headers: { authorization: 'Bearer admin-token' } });
+  const state = (await res.json()) as { peers: { id: string; fill?: { copies: number; shareCopies: number } }[] };
+  t.match(state.peers.find((p) => p.id === 'p4')?.fill, { shareCopies: 8 }, 'the console\'s peer table gets each peer\'s fill');
 });

@@ -15,7 +15,8 @@ import { fixedMembers, type MemberRecord, type MembersView, type MemberState } f
 import { ManualEnv } from '../src/env/manual';
 import { changedCopies } from '../src/replication/placement';
 import { CopyKeeper, decideCopies, primaryStep, wantedCopies, type ViewedPeer } from '../src/replication/rebuild';
-import { countCopies, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
+import { fillText } from '../src/cli/load';
+import { countCopies, fillsOf, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 
 const log = pino({ level: 'silent' });
@@ -359,4 +360,11 @@ t.test('a fourth peer holding nothing receives copies from every primary, throug
   const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
   t.ok(routes.every((x) => copiesOf(x).length === 2 && new Set(copiesOf(x)).size === 2), 'every page still two copies on two peers');
   t.equal(await drivers[0].round(), 0, 'settled: a new round moves nothing');
+});
+
+t.test('fill as status, top and the console print it', async (t) => {
+  const fills = fillsOf([peer('p1', 86), peer('p2', 42), peer('p3', 10, 1, false)]);
+  t.same(fills.map((f) => fillText(f)), ['86/69 125%', '42/69 61%', '10 (no share)'], 'copies of its share (138 copies over two up peers), a draining peer has none');
+  t.equal(fillText(undefined), '-');
+  t.same(fillsOf([peer('p1', 30), peer('p2', 30, 2)]).map((f) => Math.round(f.shareCopies)), [20, 40], 'shares follow capacity');
 });

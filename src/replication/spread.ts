@@ -224,13 +224,18 @@ export class SpreadDriver {
     this.o.env.timers.clearInterval(this.interval);
   }
 
-  /** Every member's copies and share now, with page moves in flight (asked of the catalog). */
-  async peers(): Promise<SpreadPeer[]> {
+  /** Every member's copies and share now, with the page moves in flight `moves` (the catalog's intents). */
+  peers(moves: readonly MoveIntent[]): SpreadPeer[] {
     const { catalog } = this.o;
     const { members } = catalog.options;
-    const counts = countCopies(catalog.listVolumes().map((volume) => ({ volume, table: catalog.routes(volume) })), (await catalog.moveIntents()).map((m) => m.intent));
+    const counts = countCopies(catalog.listVolumes().map((volume) => ({ volume, table: catalog.routes(volume) })), moves);
     const placeable = new Set(members.placeable());
     return members.ids().map((id) => ({ id, capacity: members.get(id)?.capacity ?? 1, placeable: placeable.has(id), count: counts.get(id) ?? zero() }));
+  }
+
+  /** Every member's stored copies, capacity and fill relative to its share (status, top, the console). */
+  fills(): PeerFill[] {
+    return fillsOf(this.peers([]));
   }
 
   /** One round: plan, then start this peer's portion. Returns the number of copies it started moving. */
@@ -251,7 +256,7 @@ export class SpreadDriver {
     for (const [key, m] of this.moving) if (!this.o.movingAway(m.volumeId, m.page)) this.moving.delete(key);
     if (!this.o.enabled()) return this.said('off (automatic balancing is off)');
     if (this.o.relocationsPending() > 0 || this.moving.size >= spreadPageMovesInFlightMax) return this.said('waiting for this peer\'s copies on their way');
-    const plan = planSpread(await this.peers());
+    const plan = planSpread(this.peers((await this.o.catalog.moveIntents()).map((m) => m.intent)));
     const executors = this.o.catalog.options.members.placeable();
     const budget = new Map(plan.flows.map((f) => [`${f.from}>${f.to}`, Math.min(portionOf(f, this.o.self, executors), spreadMovesPerRoundMax)]));
     let started = 0;
