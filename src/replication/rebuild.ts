@@ -120,6 +120,22 @@ export function wantedCopies(volume: Pick<VolumeRecord, 'replicas' | 'peers'>, s
   return Math.min(volume.replicas ?? 1, Math.max(volume.peers.length, span.length));
 }
 
+/**
+ * Visit a window of a volume's pages: from where the last window stopped (`cursor`), at most
+ * copyKeeperScanPagesMax pages (a 64 TiB volume has 16 M), until `visit` has changed something
+ * `changesMax` times. Returns the changes made.
+ */
+export async function scanPages(cursor: Map<string, number>, volume: VolumeRecord, changesMax: number, visit: (page: number) => Promise<boolean>): Promise<number> {
+  const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
+  const first = (cursor.get(volume.id) ?? 0) % pages;
+  const scan = Math.min(pages, copyKeeperScanPagesMax);
+  let changes = 0;
+  let k = 0;
+  for (; k < scan && changes < changesMax; k++) if (await visit((first + k) % pages)) changes++;
+  cursor.set(volume.id, (first + k) % pages);
+  return changes;
+}
+
 /** Peers unreachable for `downOutMs`: a peer's silence is its gossip's age, or this peer's uptime if never heard. */
 export function lostPeers(peers: readonly { id: string; ageMs: number }[], self: string, upMs: number, downOutMs: number): Set<string> {
   return new Set(peers.filter((p) => p.id !== self && (p.ageMs < 0 ? upMs : p.ageMs) >= downOutMs).map((p) => p.id));
@@ -338,20 +354,11 @@ export class CopyKeeper {
     return { volume, span, candidates, pageBytes: volume.pageBlocks * volume.blockBytes, promised: new Map() };
   }
 
-  private async keepVolume(v: VolumeRun, lost: ReadonlySet<string>, changesMax: number): Promise<number> {
-    const { volume } = v;
-    const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
-    const first = (this.cursor.get(volume.id) ?? 0) % pages;
-    const scan = Math.min(pages, copyKeeperScanPagesMax);
-    let changes = 0;
-    let k = 0;
-    for (; k < scan && changes < changesMax; k++) {
-      const page = (first + k) % pages;
-      if (page === 0) this.endPass(volume);
-      if (await this.keepPage(v, page, lost, true)) changes++;
-    }
-    this.cursor.set(volume.id, (first + k) % pages);
-    return changes;
+  private keepVolume(v: VolumeRun, lost: ReadonlySet<string>, changesMax: number): Promise<number> {
+    return scanPages(this.cursor, v.volume, changesMax, async (page) => {
+      if (page === 0) this.endPass(v.volume);
+      return this.keepPage(v, page, lost, true);
+    });
   }
 
   /** The peers whose copies of the page leave: members draining (or removed), and a capacity hint's. */

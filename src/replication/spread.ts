@@ -32,8 +32,9 @@
 import type { Logger } from 'pino';
 import type { Catalog, MoveIntent, VolumeRecord } from '../cluster/catalog';
 import type { Env, TimerHandle } from '../env/env';
-import { copyKeeperScanPagesMax, copyKeeperTickMs, spreadHysteresisShare, spreadMovesPerRoundMax, spreadPageMovesInFlightMax } from '../limits';
+import { copyKeeperTickMs, spreadHysteresisShare, spreadMovesPerRoundMax, spreadPageMovesInFlightMax } from '../limits';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
+import { scanPages } from './rebuild';
 
 /** A peer's copies as every peer counts them. */
 export interface CopyCount {
@@ -273,26 +274,19 @@ export class SpreadDriver {
   }
 
   /** This peer's pages of one volume (a window from its cursor) that can carry a flow: a hint or a page move each. */
-  private async spreadVolume(volume: VolumeRecord, flows: readonly SpreadFlow[], budget: Map<string, number>, startsMax: number): Promise<number> {
-    if (volume.autoBalance === false) return 0;
+  private spreadVolume(volume: VolumeRecord, flows: readonly SpreadFlow[], budget: Map<string, number>, startsMax: number): Promise<number> {
+    if (volume.autoBalance === false) return Promise.resolve(0);
     const span = this.o.catalog.spanOf(volume);
     const table = this.o.catalog.routes(volume);
-    const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
-    const first = (this.cursor.get(volume.id) ?? 0) % pages;
-    const scan = Math.min(pages, copyKeeperScanPagesMax);
-    let started = 0;
-    let k = 0;
-    for (; k < scan && started < startsMax; k++) {
-      const page = (first + k) % pages;
+    const key = (f: SpreadFlow): string => `${f.from}>${f.to}`;
+    return scanPages(this.cursor, volume, startsMax, async (page) => {
       const route = table.route(page);
-      if (route.owner !== this.o.self || this.o.movingAway(volume.id, page)) continue;
-      const flow = flows.find((f) => (budget.get(`${f.from}>${f.to}`) ?? 0) > 0 && span.includes(f.to) && movable(route, volume.replicas ?? 1, f.from, f.to, this.o.zoneOf));
-      if (!flow || !(await this.startOne(volume, page, route, flow))) continue;
-      budget.set(`${flow.from}>${flow.to}`, budget.get(`${flow.from}>${flow.to}`)! - 1);
-      started++;
-    }
-    this.cursor.set(volume.id, (first + k) % pages);
-    return started;
+      if (route.owner !== this.o.self || this.o.movingAway(volume.id, page)) return false;
+      const flow = flows.find((f) => (budget.get(key(f)) ?? 0) > 0 && span.includes(f.to) && movable(route, volume.replicas ?? 1, f.from, f.to, this.o.zoneOf));
+      if (!flow || !(await this.startOne(volume, page, route, flow))) return false;
+      budget.set(key(flow), budget.get(key(flow))! - 1);
+      return true;
+    });
   }
 
   private async startOne(volume: VolumeRecord, page: number, route: Route, flow: SpreadFlow): Promise<boolean> {
