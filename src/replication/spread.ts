@@ -153,9 +153,10 @@ export function planSpread(peers: readonly SpreadPeer[], hysteresisShare = sprea
       under.set(to, under.get(to)! - copies);
     }
   }
+  const off = `${outliers.join(', ')} off ${outliers.length > 1 ? 'their shares' : 'its share'}`;
   const reason = flows.length > 0
-    ? `${outliers.join(', ')} off its share: ${flows.map((f) => `${f.copies} from ${f.from} to ${f.to}`).join(', ')}`
-    : `${outliers.join(', ')} off its share, but the copies on their way already make up for it`;
+    ? `${off}: ${flows.map((f) => `${f.copies} from ${f.from} to ${f.to}`).join(', ')}`
+    : `${off}, but the copies on their way already make up for it`;
   return { flows, reason, fills };
 }
 
