@@ -16,6 +16,7 @@ import { ManualEnv } from '../src/env/manual';
 import { changedCopies } from '../src/replication/placement';
 import { CopyKeeper, decideCopies, primaryStep, wantedCopies, type ViewedPeer } from '../src/replication/rebuild';
 import { fillText } from '../src/cli/load';
+import { balancerDefaults, plan, type PlanPage } from '../src/loadmon/balancer';
 import { countCopies, fillsOf, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 
@@ -367,4 +368,14 @@ t.test('fill as status, top and the console print it', async (t) => {
   t.same(fills.map((f) => fillText(f)), ['86/69 125%', '42/69 61%', '10 (no share)'], 'copies of its share (138 copies over two up peers), a draining peer has none');
   t.equal(fillText(undefined), '-');
   t.same(fillsOf([peer('p1', 30), peer('p2', 30, 2)]).map((f) => Math.round(f.shareCopies)), [20, 40], 'shares follow capacity');
+});
+
+t.test('the load balancer never sends a page, nor a primary role, to a peer that is not up', async (t) => {
+  const page = (n: number, holders?: { inSync: string[]; stale: string[] }): PlanPage => ({ volumeId: 'v', volumeName: 'vol', page: n, owner: 'p1', load: 100, bytesMax: pageBytes, ...(holders ? { holders } : {}) });
+  const peers = (p3: boolean) => [{ id: 'p1', load: 400, freeBytes: 100 * GiB }, { id: 'p2', load: 300, freeBytes: 100 * GiB }, { id: 'p3', load: 0, freeBytes: 100 * GiB, placeable: p3 }];
+  const input = (p3: boolean) => ({ nowMs: 0, peers: peers(p3), pages: [page(0, { inSync: ['p3'], stale: [] }), page(1), page(2), page(3)] });
+  const up = plan(input(true), balancerDefaults);
+  t.ok(up.moves.some((m) => m.to === 'p3'), `p3 up: the idle p3 takes pages (${up.moves.map((m) => `${m.page}→${m.to}`).join(' ')})`);
+  const draining = plan(input(false), balancerDefaults);
+  t.notOk(draining.moves.some((m) => m.to === 'p3'), 'p3 draining: never a destination, not even of a role switch to its in-sync copy');
 });

@@ -419,7 +419,7 @@ function loadService(w: PeerWiring, core: PeerCore): LoadService {
     return lastVolume ? catalog.routes(lastVolume).route(page) : undefined;
   };
   return new LoadService({
-    self: w.self, env: w.env, peers: () => w.members.ids(), config: w.balancer, log: w.log, facts: w.facts,
+    self: w.self, env: w.env, peers: () => w.members.ids(), placeable: () => w.members.placeable(), config: w.balancer, log: w.log, facts: w.facts,
     sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
     startMovesOn: (peerId, moves) => w.transport.calls(peerId).startMoves(moves, statusPeerMsMax),
     mover: {
