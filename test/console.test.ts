@@ -152,6 +152,8 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     t.match(await page.locator('#map-hover').innerText(), /^page 0 · owner p1 · copies p1, p2 · route v1 · blocks 0–8191/);
     await page.locator('#page-map').click({ position: { x: 3, y: 3 } });
     t.equal(await page.locator('#move-form input[name=page]').inputValue(), '0', 'a click picks the page for a move');
+    const fills = await Promise.all(['p1', 'p2', 'p3'].map((p) => cell(page, p, 'fill')));
+    t.ok(fills.every((f) => /^\d+ of \d+ \(\d+%\)$/.test(f)), `each peer's page copies of its share by capacity: ${fills.join(' / ')}`);
   });
 
   const tools = hasTool('qemu-img');
