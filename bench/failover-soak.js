@@ -31,8 +31,8 @@
 
 require('./lib/ts-require');
 const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
-const { openSession } = require('../test/helpers/fuzz-iscsi.ts');
-const { Ledger, replicasMissing, verifiedWrite, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
+const { replicasMissing, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
+const { Liveness, startWriter, longestGap } = require('./lib/host-load');
 const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
 
 const args = parseArgs({ cycles: 20, sizeMib: 256, sessions: 2, downS: 5, healthyS: 120, minutes: 60, replicas: 2, timeoutS: 30 }, {
@@ -56,115 +56,6 @@ function teardown() {
   return tornDown;
 }
 
-/**
- * Whether each peer's process is up, and a generation per peer bumped at each kill: a write
- * that failed while its peer's generation stayed the same failed on a live peer.
- */
-class Liveness {
-  constructor(peers) {
-    this.up = new Map(peers.map((p) => [p.id, true]));
-    this.generation = new Map(peers.map((p) => [p.id, 0]));
-    this.waiters = [];
-  }
-
-  down(id) {
-    this.up.set(id, false);
-    this.generation.set(id, this.generation.get(id) + 1);
-  }
-
-  back(id) {
-    this.up.set(id, true);
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  /** Resolves when `id` is up (at once if it is), or when `stopped()` says to give up. */
-  async whenUp(id, stopped) {
-    while (!this.up.get(id) && !stopped()) await new Promise((r) => this.waiters.push(r));
-  }
-
-  wake() {
-    for (const w of this.waiters.splice(0)) w();
-  }
-}
-
-/**
- * One session of the host through `peer`, writing its own slots (slot ≡ index mod writers)
- * until stopped. Its completions (ms, monotonic) give the pauses; its ledger the lost writes.
- */
-function startWriter(peer, index, writers, slots, live, errors, loginFailures) {
-  const ledger = new Ledger(index + 1);
-  const completions = [];
-  let stopping = false;
-  let seq = 0;
-  const stopped = () => stopping;
-  const pickSlot = () => {
-    for (;;) {
-      // Whole rows of `writers` slots only: a last partial row would put some writers past the end.
-      const slot = Math.floor(Math.random() * Math.floor(slots / writers)) * writers + index;
-      if (ledger.usable(slot)) return slot;
-    }
-  };
-  const loop = (async () => {
-    let c;
-    let loggedInMs = 0;
-    /** The peer's generation when the session logged in: a session to a process since killed is not a live peer's. */
-    let generation;
-    while (!stopping) {
-      await live.whenUp(peer.id, stopped);
-      if (stopping) break;
-      // A writer that finished a write just as its peer was killed waited here holding a session to the dead process.
-      if (c && live.generation.get(peer.id) !== generation) {
-        c.close();
-        c = undefined;
-      }
-      if (!c) {
-        generation = live.generation.get(peer.id);
-        c = await openSession(peer.iscsiPort, volume).catch((err) => {
-          if (live.generation.get(peer.id) === generation && live.up.get(peer.id)) loginFailures.push({ at: Date.now(), peer: peer.id, writer: index, what: `login: ${err.message}` });
-          return undefined;
-        });
-        if (!c) {
-          await sleep(500);
-          continue;
-        }
-        loggedInMs = performance.now();
-      }
-      let why = '';
-      const startedMs = performance.now();
-      const ok = await verifiedWrite(c, ledger, pickSlot(), ++seq, geometry, args.timeoutS * 1000, (w) => (why = w));
-      if (ok) {
-        completions.push(performance.now());
-        continue;
-      }
-      if (live.generation.get(peer.id) === generation) errors.push({ at: Date.now(), atMs: performance.now(), peer: peer.id, writer: index, what: `write ${seq} (sent at +${Math.round(startedMs - loggedInMs)} ms of its session): ${why}` });
-      c.close();
-      c = undefined;
-    }
-    c?.close();
-  })();
-  return {
-    peer, ledger, completions,
-    async stop() {
-      stopping = true;
-      live.wake();
-      await loop;
-    },
-  };
-}
-
-/** The longest gap between completions of one writer, from its last completion before `fromMs` to `toMs`. */
-function longestGap(completions, fromMs, toMs) {
-  let last = completions.filter((t) => t <= fromMs).pop() ?? fromMs;
-  let gap = 0;
-  for (const t of completions) {
-    if (t <= last) continue;
-    if (t > toMs) break;
-    gap = Math.max(gap, t - last);
-    last = t;
-  }
-  return Math.max(gap, toMs - last);
-}
-
 async function main() {
   const missing = ['etcd'].filter((x) => !hasTool(x));
   if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
@@ -181,7 +72,7 @@ async function main() {
   const loginFailures = [];
   const slots = (args.sizeMib * 1024 * 1024) / geometry.slotBytes;
   const writersCount = peers.length * args.sessions;
-  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) => startWriter(p, i * args.sessions + k, writersCount, slots, live, errors, loginFailures)));
+  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) => startWriter({ peer: p, index: i * args.sessions + k, writers: writersCount, slots, live, errors, loginFailures, volume, geometry, timeoutMs: args.timeoutS * 1000 })));
   console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writersCount} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s; load ${loadNow()}`);
 
   const cycles = [];

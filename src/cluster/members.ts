@@ -11,10 +11,10 @@
 // registration from the group record's counter and never reused, so every peer reports the same
 // number for a port whichever cluster.yaml it read.
 //
-// The founding peers: the peers a cluster.yaml lists are registered (up, tags in file order) by
-// the first peer to start that finds them missing, so a group started from one file behaves as
-// it did before membership was kept in the catalog. A peer listed there whose record says
-// removed stays removed.
+// The founding peers: the peer that creates the group (the first ever to start on this catalog)
+// registers every peer its cluster.yaml lists (up, tags in file order), so a group started from
+// one file behaves as it did before membership was kept in the catalog. Later, a peer is a
+// member only once it registered itself: an entry added to a file makes nobody a member.
 
 import type { Env } from '../env/env';
 import { ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
@@ -141,26 +141,35 @@ export class Members implements MembersView {
     for (const l of this.listeners) l(id, now, before);
   }
 
-  /** The group's record, made by the first peer ever to start. */
-  async group(): Promise<GroupRecord> {
+  /**
+   * The group's record. The first peer ever to start makes it, and registers `founders` (its
+   * cluster.yaml's peers: up, tags 1..n in file order); every later start finds it.
+   */
+  async group(founders: readonly MemberAddresses[] = [], by = ''): Promise<GroupRecord> {
     for (;;) {
       const r = await this.store.get(groupKey);
       if (r) return JSON.parse(r.value.toString()) as GroupRecord;
-      const made: GroupRecord = { id: this.env.random.bytes(8).toString('hex'), nextTag: 1 };
+      const made: GroupRecord = { id: this.env.random.bytes(8).toString('hex'), nextTag: founders.length + 1 };
       try {
         await this.store.put(groupKey, Buffer.from(JSON.stringify(made)), 0);
-        return made;
       } catch (err) {
         if (!(err instanceof ConflictError)) throw err;
+        continue;
       }
+      for (const [i, p] of founders.entries()) {
+        await this.create(p, 'up', by, undefined, i + 1).catch((err) => {
+          if (!(err instanceof ConflictError)) throw err;
+        });
+      }
+      return made;
     }
   }
 
   /** A new tag, never given before (compare-and-swap on the group record). */
   private async takeTag(): Promise<number> {
     for (;;) {
-      await this.group();
-      const r = (await this.store.get(groupKey))!;
+      const r = await this.store.get(groupKey);
+      if (!r) throw new Error('assertion failed: a tag is taken once the group exists');
       const g = JSON.parse(r.value.toString()) as GroupRecord;
       try {
         await this.store.put(groupKey, Buffer.from(JSON.stringify({ ...g, nextTag: g.nextTag + 1 })), r.version);
@@ -168,19 +177,6 @@ export class Members implements MembersView {
       } catch (err) {
         if (!(err instanceof ConflictError)) throw err;
       }
-    }
-  }
-
-  /**
-   * Register the founding peers of a cluster.yaml that the catalog does not know yet (up, tags
-   * in file order). A record that exists, removed or not, is left as it is.
-   */
-  async registerFounders(peers: readonly MemberAddresses[], by: string): Promise<void> {
-    for (const p of peers) {
-      if (this.records.has(p.id) || (await this.store.get(memberPrefix + p.id))) continue;
-      await this.create(p, 'up', by).catch((err) => {
-        if (!(err instanceof ConflictError)) throw err;
-      });
     }
   }
 
@@ -214,8 +210,8 @@ export class Members implements MembersView {
     }
   }
 
-  private async create(p: MemberAddresses, state: MemberState, by: string, incarnation?: string): Promise<MemberRecord> {
-    const tag = await this.takeTag();
+  private async create(p: MemberAddresses, state: MemberState, by: string, incarnation?: string, founderTag?: number): Promise<MemberRecord> {
+    const tag = founderTag ?? (await this.takeTag());
     const nowMs = this.env.clock.nowMs();
     const record: MemberRecord = {
       id: p.id, iscsi: p.iscsi, rpc: p.rpc, http: p.http, ...(p.zone ? { zone: p.zone } : {}), state, capacity: p.capacity ?? 1, tag,

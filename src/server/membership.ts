@@ -2,7 +2,7 @@
 //   1. the group's record (made by the first peer ever to start) names the group; a data
 //      directory that belongs to another group is refused (its pages would be taken for this
 //      group's), and one that belongs to none is marked as this group's;
-//   2. the founding peers of this peer's cluster.yaml are registered if the catalog lacks them;
+//   2. the first peer ever to start makes the group and registers its cluster.yaml's peers;
 //   3. a process already running with this id (it answers at its record's address, with another
 //      incarnation) is refused: two peers with one id would both serve its pages;
 //   4. this peer's record is created (joining) or brought up to date (addresses, capacity).
@@ -38,9 +38,8 @@ export interface JoinOptions {
 export async function joinGroup(o: JoinOptions): Promise<{ members: Members; incarnation: string }> {
   const members = await Members.open(o.meta, o.env);
   try {
-    const group = await members.group();
+    const group = await members.group(o.config.peers, o.peer.id);
     claimDataDir(o.peer.data, o.config.name, group.id);
-    await members.registerFounders(o.config.peers, o.peer.id);
     const known = members.get(o.peer.id);
     if (known && known.state !== 'removed') await refuseTwin(o, known);
     const incarnation = o.env.random.bytes(8).toString('hex');

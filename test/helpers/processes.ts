@@ -134,53 +134,7 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: Gr
     const id = `p${i + 1}`;
     const config = opts.links ? join(dir, `cluster-${id}.yaml`) : shared;
     if (opts.links) writeFileSync(config, groupYaml(opts, ports, id, opts.links));
-    const peer: TestPeer = {
-      id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc, httpPort: p.http,
-      process: undefined as unknown as ChildProcess,
-      exited: Promise.resolve(null),
-      url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:${volume}/0`,
-      cli: (...args) => {
-        const r = spawnSync(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], { encoding: 'utf8', timeout: 30_000 });
-        return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-      },
-      cliAsync: async (...args) => {
-        const r = await run(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], 120_000);
-        return { status: r.status, out: r.out };
-      },
-      start: async (env) => {
-        peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
-        // PEERSAN_TEST_LOG_DIR=dir keeps each peer's log (JSON lines) as dir/<id>.log, for a failure's post-mortem.
-        const logDir = process.env.PEERSAN_TEST_LOG_DIR;
-        // The end of the log is kept in any case: a peer that does not come up says why in the failure.
-        let tail = '';
-        peer.process.stderr!.on('data', (d: Buffer) => {
-          tail = (tail + d.toString('utf8')).slice(-4096);
-          if (logDir) appendFileSync(join(logDir, `${id}.log`), d);
-        });
-        const proc = peer.process;
-        peer.exited = new Promise((r) => proc.once('exit', (_code, signal) => r(signal)));
-        try {
-          await waitForPort(p.iscsi);
-          await waitForPort(p.rpc);
-        } catch (err) {
-          const state = proc.exitCode !== null || proc.signalCode !== null ? `exited (${proc.exitCode ?? proc.signalCode})` : 'still running';
-          throw new Error(`peer ${id} did not come up: ${(err as Error).message}; process ${state}; end of its log:\n${tail.split('\n').slice(-15).join('\n')}`);
-        }
-      },
-      kill: async (signal = 'SIGTERM') => {
-        const proc = peer.process;
-        if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
-        const exited = peer.exited;
-        proc.kill(signal);
-        await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-        if (proc.exitCode === null && proc.signalCode === null) {
-          // Wait for the end too: a restart must not find the old process still on its ports.
-          proc.kill('SIGKILL');
-          await exited;
-        }
-      },
-    };
-    return peer;
+    return testPeer(id, dir, config, p);
   });
   teardown(async () => {
     await Promise.all(peers.map((p) => p.kill('SIGKILL')));
@@ -188,6 +142,72 @@ export async function startPeers(teardown: (fn: () => unknown) => void, opts: Gr
   });
   await Promise.all(peers.map((p) => p.start()));
   return peers;
+}
+
+/** A peer process of a group (not started): `config` is the cluster.yaml it reads. */
+function testPeer(id: string, dir: string, config: string, p: PeerPorts): TestPeer {
+  const peer: TestPeer = {
+    id, dir, config, iscsiPort: p.iscsi, rpcPort: p.rpc, httpPort: p.http,
+    process: undefined as unknown as ChildProcess,
+    exited: Promise.resolve(null),
+    url: (volume, auth) => `iscsi://${auth ? auth + '@' : ''}127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:${volume}/0`,
+    cli: (...args) => {
+      const r = spawnSync(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], { encoding: 'utf8', timeout: 30_000 });
+      return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+    },
+    cliAsync: async (...args) => {
+      const r = await run(process.execPath, [cliPath, '--config', config, '--peer', `127.0.0.1:${p.rpc}`, ...args], 120_000);
+      return { status: r.status, out: r.out };
+    },
+    start: async (env) => {
+      peer.process = spawn(process.execPath, [cliPath, 'peer', '--config', config, '--id', id], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
+      // PEERSAN_TEST_LOG_DIR=dir keeps each peer's log (JSON lines) as dir/<id>.log, for a failure's post-mortem.
+      const logDir = process.env.PEERSAN_TEST_LOG_DIR;
+      // The end of the log is kept in any case: a peer that does not come up says why in the failure.
+      let tail = '';
+      peer.process.stderr!.on('data', (d: Buffer) => {
+        tail = (tail + d.toString('utf8')).slice(-4096);
+        if (logDir) appendFileSync(join(logDir, `${id}.log`), d);
+      });
+      const proc = peer.process;
+      peer.exited = new Promise((r) => proc.once('exit', (_code, signal) => r(signal)));
+      try {
+        await waitForPort(p.iscsi);
+        await waitForPort(p.rpc);
+      } catch (err) {
+        const state = proc.exitCode !== null || proc.signalCode !== null ? `exited (${proc.exitCode ?? proc.signalCode})` : 'still running';
+        throw new Error(`peer ${id} did not come up: ${(err as Error).message}; process ${state}; end of its log:\n${tail.split('\n').slice(-15).join('\n')}`);
+      }
+    },
+    kill: async (signal = 'SIGTERM') => {
+      const proc = peer.process;
+      if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
+      const exited = peer.exited;
+      proc.kill(signal);
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
+      if (proc.exitCode === null && proc.signalCode === null) {
+        // Wait for the end too: a restart must not find the old process still on its ports.
+        proc.kill('SIGKILL');
+        await exited;
+      }
+    },
+  };
+  return peer;
+}
+
+/**
+ * A peer joining a running group (DESIGN.md 11): its entry is appended to the group's
+ * cluster.yaml (the running peers keep the file as they read it) and a TestPeer for it returned,
+ * not started, killed by the teardown.
+ */
+export async function appendPeer(teardown: (fn: () => unknown) => void, group: readonly TestPeer[]): Promise<TestPeer> {
+  const { dir, config } = group[0];
+  const id = `p${group.length + 1}`;
+  const ports: PeerPorts = { iscsi: await freePort(), rpc: await freePort(), http: await freePort() };
+  appendFileSync(config, `  - { id: ${id}, iscsi: 127.0.0.1:${ports.iscsi}, rpc: 127.0.0.1:${ports.rpc}, http: 127.0.0.1:${ports.http}, data: ./${id} }\n`);
+  const peer = testPeer(id, dir, config, ports);
+  teardown(() => peer.kill('SIGKILL'));
+  return peer;
 }
 
 export async function startPeer(teardown: (fn: () => unknown) => void): Promise<TestPeer> {

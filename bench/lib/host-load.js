@@ -1,0 +1,122 @@
+// The verifying host load of the soaks (failover-soak.js, rolling-restart.js): sessions of the
+// test suite's raw initiator through each peer's portal, each writing 4 KiB blocks one at a time
+// at random slots of its own, every block saying which write it is (test/helpers/replicas.ts);
+// which peers are up (a failure on a session to a process since stopped does not count); the
+// longest gap between completions (the pause a host saw).
+'use strict';
+
+const { openSession } = require('../../test/helpers/fuzz-iscsi.ts');
+const { Ledger, verifiedWrite } = require('../../test/helpers/replicas.ts');
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Whether each peer's process is up, and a generation per peer bumped at each kill: a write
+ * that failed while its peer's generation stayed the same failed on a live peer.
+ */
+class Liveness {
+  constructor(peers) {
+    this.up = new Map(peers.map((p) => [p.id, true]));
+    this.generation = new Map(peers.map((p) => [p.id, 0]));
+    this.waiters = [];
+  }
+
+  down(id) {
+    this.up.set(id, false);
+    this.generation.set(id, this.generation.get(id) + 1);
+  }
+
+  back(id) {
+    this.up.set(id, true);
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /** Resolves when `id` is up (at once if it is), or when `stopped()` says to give up. */
+  async whenUp(id, stopped) {
+    while (!this.up.get(id) && !stopped()) await new Promise((r) => this.waiters.push(r));
+  }
+
+  wake() {
+    for (const w of this.waiters.splice(0)) w();
+  }
+}
+
+/**
+ * One session of the host through `peer`, writing its own slots (slot ≡ index mod writers) of
+ * `volume` until stopped; a write not GOOD within `timeoutMs` through a live peer is an error. Its completions (ms, monotonic) give the pauses; its ledger the lost writes.
+ */
+function startWriter({ peer, index, writers, slots, live, errors, loginFailures, volume, geometry, timeoutMs }) {
+  const ledger = new Ledger(index + 1);
+  const completions = [];
+  let stopping = false;
+  let seq = 0;
+  const stopped = () => stopping;
+  const pickSlot = () => {
+    for (;;) {
+      // Whole rows of `writers` slots only: a last partial row would put some writers past the end.
+      const slot = Math.floor(Math.random() * Math.floor(slots / writers)) * writers + index;
+      if (ledger.usable(slot)) return slot;
+    }
+  };
+  const loop = (async () => {
+    let c;
+    let loggedInMs = 0;
+    /** The peer's generation when the session logged in: a session to a process since killed is not a live peer's. */
+    let generation;
+    while (!stopping) {
+      await live.whenUp(peer.id, stopped);
+      if (stopping) break;
+      // A writer that finished a write just as its peer was killed waited here holding a session to the dead process.
+      if (c && live.generation.get(peer.id) !== generation) {
+        c.close();
+        c = undefined;
+      }
+      if (!c) {
+        generation = live.generation.get(peer.id);
+        c = await openSession(peer.iscsiPort, volume).catch((err) => {
+          if (live.generation.get(peer.id) === generation && live.up.get(peer.id)) loginFailures.push({ at: Date.now(), peer: peer.id, writer: index, what: `login: ${err.message}` });
+          return undefined;
+        });
+        if (!c) {
+          await sleep(500);
+          continue;
+        }
+        loggedInMs = performance.now();
+      }
+      let why = '';
+      const startedMs = performance.now();
+      const ok = await verifiedWrite(c, ledger, pickSlot(), ++seq, geometry, timeoutMs, (w) => (why = w));
+      if (ok) {
+        completions.push(performance.now());
+        continue;
+      }
+      if (live.generation.get(peer.id) === generation) errors.push({ at: Date.now(), atMs: performance.now(), peer: peer.id, writer: index, what: `write ${seq} (sent at +${Math.round(startedMs - loggedInMs)} ms of its session): ${why}` });
+      c.close();
+      c = undefined;
+    }
+    c?.close();
+  })();
+  return {
+    peer, ledger, completions,
+    async stop() {
+      stopping = true;
+      live.wake();
+      await loop;
+    },
+  };
+}
+
+/** The longest gap between completions of one writer, from its last completion before `fromMs` to `toMs`. */
+function longestGap(completions, fromMs, toMs) {
+  let last = completions.filter((t) => t <= fromMs).pop() ?? fromMs;
+  let gap = 0;
+  for (const t of completions) {
+    if (t <= last) continue;
+    if (t > toMs) break;
+    gap = Math.max(gap, t - last);
+    last = t;
+  }
+  return Math.max(gap, toMs - last);
+}
+
+module.exports = { Liveness, startWriter, longestGap };

@@ -1,0 +1,132 @@
+#!/usr/bin/env node
+// Rolling restart (issue 18, acceptance 3): every peer in turn stopped gracefully (SIGTERM),
+// started again and waited for until the volume is healthy, under a verifying host load, as an
+// upgrade would do it; opt-in, not part of `npm test` (test/rolling-restart.test.ts runs a short one).
+//
+//   npm run build && node bench/rolling-restart.js [--rounds 1] [--peers 3] [--size-mib 256]
+//        [--sessions 2] [--replicas 2] [--healthy-s 120] [--timeout-s 30] [--minutes 30]
+//
+// --peers `peersan peer` processes on etcd (host balancing off, so each session stays on the
+// portal it chose; the balancer on, so roles come back), one volume with --replicas copies of
+// each page. The host (bench/lib/host-load.js): --sessions sessions through every portal, each
+// writing verified 4 KiB blocks. Each step SIGTERMs one peer (a graceful stop: it hands its
+// primary roles to in-sync copies and asks its hosts to log out first), starts it again once it
+// exited, and waits until `volume show` says healthy. Sessions through the restarting peer wait
+// for it and log in again (a single-path host whose portal restarts); their failures while it is
+// down do not count. Counted:
+//   host errors   a write through a peer that stays up that did not end GOOD within --timeout-s
+//   lost writes   at the end every slot is read back (bench/lib/host-load.js, the ledger)
+//   pause         per step, from the SIGTERM until healthy again: the longest time with no
+//                 completed write at all on the sessions whose portal stays up (aim ≤ 500 ms),
+//                 and the longest one of those sessions went without one (printed)
+//   stop          how long the graceful stop took (SIGTERM to exit); a stop past 15 s is killed
+// Exits 1 when a write was lost, a host saw an error, a step never got healthy, or the longest
+// pause misses its aim. Results also go to bench/results/rolling-restart-<time>.json.
+'use strict';
+
+require('./lib/ts-require');
+const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
+const { replicasMissing, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
+const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
+const { Liveness, startWriter, longestGap } = require('./lib/host-load');
+
+const args = parseArgs({ rounds: 1, peers: 3, sizeMib: 256, sessions: 2, replicas: 2, healthyS: 120, timeoutS: 30, minutes: 30 }, {
+  '--rounds': 'rounds', '--peers': 'peers', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--replicas': 'replicas',
+  '--healthy-s': 'healthyS', '--timeout-s': 'timeoutS', '--minutes': 'minutes',
+});
+const geometry = { slotBytes: 4096, blockBytes: 512 };
+const volume = 'rolling';
+const pauseMsAim = 500;
+
+const teardowns = [];
+let tornDown;
+function teardown() {
+  tornDown ??= (async () => {
+    for (const fn of teardowns.reverse()) await Promise.resolve().then(fn).catch(() => undefined);
+    groupCleanup();
+  })();
+  return tornDown;
+}
+
+async function main() {
+  const missing = ['etcd'].filter((x) => !hasTool(x));
+  if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
+  const noReplicas = replicasMissing();
+  if (noReplicas) throw new Error(`${noReplicas}: a rolling restart without a pause needs replicated volumes`);
+  const deadline = Date.now() + args.minutes * 60_000;
+  const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
+  const peers = await startPeers((fn) => teardowns.push(fn), { count: args.peers, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'] });
+  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${args.sizeMib}M`, '--replicas', String(args.replicas));
+  if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
+  const live = new Liveness(peers);
+  const livePeers = () => peers.filter((p) => live.up.get(p.id));
+  const errors = [];
+  const loginFailures = [];
+  const slots = (args.sizeMib * 1024 * 1024) / geometry.slotBytes;
+  const writersCount = peers.length * args.sessions;
+  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) =>
+    startWriter({ peer: p, index: i * args.sessions + k, writers: writersCount, slots, live, errors, loginFailures, volume, geometry, timeoutMs: args.timeoutS * 1000 })));
+  console.log(`rolling restart: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writersCount} sessions (${args.sessions} per portal), ${args.rounds} round(s); load ${loadNow()}`);
+
+  const steps = [];
+  await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
+  outer: for (let round = 1; round <= args.rounds; round++) {
+    for (const peer of peers) {
+      if (Date.now() >= deadline) {
+        console.log(`stopped at the --minutes bound (${args.minutes} min) after ${steps.length} restarts`);
+        break outer;
+      }
+      const errorsBefore = errors.length;
+      const stopAt = performance.now();
+      live.down(peer.id);
+      await peer.kill('SIGTERM');
+      const stopMs = Math.round(performance.now() - stopAt);
+      await peer.start();
+      live.back(peer.id);
+      const restartedMs = Math.round(performance.now() - stopAt);
+      let healthyMs;
+      try {
+        healthyMs = await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
+      } catch (err) {
+        console.log(`restart of ${peer.id}: ${err.message}; stopping`);
+        steps.push({ round, peer: peer.id, healthy: false });
+        break outer;
+      }
+      const healthyAt = performance.now();
+      const through = writers.filter((w) => w.peer !== peer);
+      const pauseMs = Math.round(longestGap(through.flatMap((w) => w.completions).sort((x, y) => x - y), stopAt, healthyAt));
+      const stallMs = Math.round(Math.max(...through.map((w) => longestGap(w.completions, stopAt, healthyAt))));
+      const writes = writers.reduce((a, w) => a + w.completions.filter((t) => t > stopAt && t <= healthyAt).length, 0);
+      const step = { round, peer: peer.id, pauseMs, stallMs, stopMs, restartedMs, healthyMs, writes, hostErrors: errors.length - errorsBefore };
+      steps.push(step);
+      console.log(`${peer.id}: stopped in ${stopMs} ms, back at +${restartedMs} ms, healthy ${healthyMs} ms after; pause ${pauseMs} ms (worst session ${stallMs} ms), ${writes} writes, ${step.hostErrors} host errors; load ${loadNow()}`);
+      for (const e of errors.slice(errorsBefore, errorsBefore + 5)) console.log(`  ${e.peer} session ${e.writer} at +${Math.round(e.atMs - stopAt)} ms: ${e.what}`);
+    }
+  }
+
+  for (const w of writers) await w.stop();
+  const acknowledged = writers.reduce((a, w) => a + w.completions.length, 0);
+  const lost = [];
+  for (const w of writers) lost.push(...(await verifyLedger(livePeers()[0].iscsiPort, volume, w.ledger, geometry)));
+  const pauses = steps.map((s) => s.pauseMs).filter(Number.isFinite);
+  const summary = {
+    restarts: pauses.length, acknowledged, lost: lost.length, hostErrors: errors.length, loginFailures: loginFailures.length,
+    pauseMsMax: pauses.length ? Math.max(...pauses) : NaN, pauseMsMedian: pauses.length ? median(pauses) : NaN,
+    stallMsMax: pauses.length ? Math.max(...steps.map((s) => s.stallMs).filter(Number.isFinite)) : NaN,
+    stopMsMax: pauses.length ? Math.max(...steps.map((s) => s.stopMs).filter(Number.isFinite)) : NaN,
+  };
+  console.log(`${summary.restarts} graceful restarts, ${acknowledged} acknowledged writes: ${summary.lost} lost, ${summary.hostErrors} host errors on sessions through peers that stayed up, ${summary.loginFailures} failed logins to up peers; longest pause ${summary.pauseMsMax} ms (aim ≤ ${pauseMsAim}), median ${summary.pauseMsMedian} ms; worst session stall ${summary.stallMsMax} ms; longest stop ${summary.stopMsMax} ms`);
+  for (const l of lost.slice(0, 10)) console.log(`  lost: ${l}`);
+  for (const e of [...errors, ...loginFailures].slice(0, 10)) console.log(`  ${e.peer} session ${e.writer} at ${new Date(e.at).toISOString()}: ${e.what}`);
+  console.log(`results: ${saveResults('rolling-restart', { args, machine: machine(), steps, summary, lost: lost.slice(0, 100), errors: errors.slice(0, 100), loginFailures: loginFailures.slice(0, 100) })}`);
+  const met = summary.lost === 0 && summary.hostErrors === 0 && steps.every((s) => s.healthy !== false) && summary.pauseMsMax <= pauseMsAim;
+  if (!met) process.exitCode = 1;
+}
+
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => void teardown().finally(() => process.exit(130)));
+main()
+  .catch((err) => {
+    console.error(`rolling restart failed: ${err.message}`);
+    process.exitCode = 1;
+  })
+  .finally(teardown);
