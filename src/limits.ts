@@ -401,3 +401,19 @@ assert(downOutMsDefault > 10 * loadStaleMs, 'a peer is lost only long after it i
 assert(copyKeeperTickMs >= loadTickMs, 'the keeper looks no more often than gossip refreshes liveness');
 /** Route and volume changes within this long start one keeper run, not one each. */
 export const copyKeeperKickDelayMs = 200;
+
+// -- issue 18, slice E: copies leaving a peer, capacity spreading (src/replication/rebuild.ts, spread.ts).
+/** One-copy pages a keeper moves off a leaving peer at once (page moves, at the migration rate). */
+export const evacuationMovesInFlightMax = 2;
+/** Capacity hints ("this copy leaves X for Y") a keeper holds at once … */
+export const relocationsMax = 64;
+/** … each given up if its new copy is not added within this long (no room, page busy): the next spread round plans again. */
+export const relocationWaitMsMax = 60_000;
+/** A peer stands out when its copies exceed its share by more than this fraction of it (and by more than one copy). */
+export const spreadHysteresisShare = 0.1;
+/** Copies one peer's spread round starts moving (hints and page moves together). */
+export const spreadMovesPerRoundMax = 8;
+/** Page moves of the spread in flight on one peer; a round waits for them. */
+export const spreadPageMovesInFlightMax = 2;
+assert(spreadMovesPerRoundMax <= relocationsMax, 'a spread round\'s hints fit the keeper');
+assert(relocationWaitMsMax > copyKeeperTickMs * 4, 'a hint outlives several keeper runs');

@@ -8,15 +8,15 @@
 
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium, type Page } from 'playwright-core';
+import type { Page } from 'playwright-core';
+import { browserMissing, openBrowserPage } from './helpers/browser';
 import { cliPath, hasTool, qemuImg, repoRoot } from './helpers/processes';
 import { http } from './helpers/http-client';
 
-const chromiumPath = '/usr/bin/chromium';
 const token = 'console-test-token';
 const chapSecret = 'Cons0le-Secret7';
 const artifacts = join(repoRoot, 'test-artifacts', 'console');
@@ -82,25 +82,10 @@ function cell(page: Page, peer: string, field: string): Promise<string> {
   return page.locator(`#peers tr[data-peer="${peer}"] td[data-field="${field}"]`).innerText();
 }
 
-t.test('console in headless Chromium against peersan demo', { skip: existsSync(chromiumPath) ? false : `${chromiumPath} missing (Debian package chromium)` }, async (t) => {
+t.test('console in headless Chromium against peersan demo', { skip: browserMissing }, async (t) => {
   mkdirSync(artifacts, { recursive: true });
   const demo = await startDemo(t);
-  const profile = mkdtempSync(join(tmpdir(), 'peersan-chromium-'));
-  const browser = await chromium.launchPersistentContext(profile, {
-    executablePath: chromiumPath,
-    headless: true,
-    viewport: { width: 1280, height: 900 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
-  t.teardown(async () => {
-    await browser.close();
-    rmSync(profile, { recursive: true, force: true });
-  });
-  const page = browser.pages()[0] ?? (await browser.newPage());
-  page.setDefaultTimeout(30_000);
-  const pageErrors: string[] = [];
-  page.on('pageerror', (e) => pageErrors.push(e.message));
-  page.on('dialog', (d) => void d.accept());
+  const { page, pageErrors } = await openBrowserPage(t);
 
   await t.test('a wrong token is refused, the right one opens the console', async (t) => {
     await page.goto(`${demo.http}/`);
@@ -152,6 +137,8 @@ t.test('console in headless Chromium against peersan demo', { skip: existsSync(c
     t.match(await page.locator('#map-hover').innerText(), /^page 0 · owner p1 · copies p1, p2 · route v1 · blocks 0–8191/);
     await page.locator('#page-map').click({ position: { x: 3, y: 3 } });
     t.equal(await page.locator('#move-form input[name=page]').inputValue(), '0', 'a click picks the page for a move');
+    const fills = await Promise.all(['p1', 'p2', 'p3'].map((p) => cell(page, p, 'fill')));
+    t.ok(fills.every((f) => /^\d+ of \d+ \(\d+%\)$/.test(f)), `each peer's page copies of its share by capacity: ${fills.join(' / ')}`);
   });
 
   const tools = hasTool('qemu-img');

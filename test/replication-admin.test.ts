@@ -145,6 +145,7 @@ async function openCatalog(t: Test, env: ManualEnv, peers = groupPeers): Promise
 function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: () => ViewedPeer[], downOutMs = 60_000): CopyKeeper {
   return new CopyKeeper({
     self, env, log, catalog, downOutMs, zoneOf: () => undefined, reserveFreeBytes: 0, peers: view, movingAway: () => false, event: () => undefined,
+    movePrimary: () => Promise.reject(new Error('no primary leaves here')),
   });
 }
 

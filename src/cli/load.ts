@@ -9,7 +9,8 @@ import { InvalidArgumentError } from '../errors';
 import { loadHottestPagesPerVolume } from '../limits';
 import type { LoadStats } from '../loadmon/ewma';
 import type { RebalanceReply, TopReply } from '../loadmon/service';
-import type { AdminClient } from '../server/admin';
+import type { AdminClient, CopySpreadView } from '../server/admin';
+import type { PeerFill } from '../replication/spread';
 import { wholeNumber } from '../server/admin-input';
 
 interface Json {
@@ -34,16 +35,28 @@ function statCells(s: LoadStats): string[] {
 
 const statHeads = ['IOPS 1s/10s/60s', 'BYTES/S 10s', 'LATENCY 10s', 'QUEUE 10s'];
 
-export function topText(v: TopReply & { protection?: ProtectionSummary }, table: (rows: string[][]) => string): string {
+/** A peer's stored page copies against its share (src/replication/spread.ts): "85/64 133%", or "85 (no share)" for a peer taking none. */
+export function fillText(f: PeerFill | undefined): string {
+  if (!f) return '-';
+  if (!(f.shareCopies > 0)) return `${f.copies} (no share)`;
+  return `${f.copies}/${Math.round(f.shareCopies)} ${Math.round((f.copies / f.shareCopies) * 100)}%`;
+}
+
+/** The column's head: copies held / share, and fill. */
+export const fillHead = 'COPIES/SHARE FILL';
+
+export function topText(v: TopReply & { protection?: ProtectionSummary } & Partial<CopySpreadView>, table: (rows: string[][]) => string): string {
   const b = v.balancer;
+  const fills = new Map((v.fills ?? []).map((f) => [f.id, f]));
   const lines: string[] = [
     `group load as seen from ${v.self} · balancer ${b.enabled && b.auto ? 'automatic' : b.enabled ? 'off for the group' : 'off in cluster.yaml'} · last round: ${b.lastRound}${b.movesInFlight ? ` · ${b.movesInFlight} move(s) in flight` : ''}${v.protection ? ` · volumes: ${summaryText(v.protection)}` : ''}`,
+    ...(v.spreadRound ? [`capacity spread: ${v.spreadRound}`] : []),
     '',
     table([
-      ['PEER', 'STATE', 'LOAD', ...statHeads.map((h) => `OWNER ${h}`), 'HOSTS IOPS 10s', 'SESSIONS', 'FREE'],
+      ['PEER', 'STATE', 'LOAD', ...statHeads.map((h) => `OWNER ${h}`), 'HOSTS IOPS 10s', 'SESSIONS', 'FREE', ...(v.fills ? [fillHead] : [])],
       ...v.peers.map((p) => [
         p.id, p.stale ? (p.ageMs < 0 ? 'unheard' : `stale ${Math.round(p.ageMs / 1000)}s`) : 'up', num(p.load), ...statCells(p.owner),
-        num(w10(p.received.iops)), String(p.sessions), p.stale ? '-' : formatBytes(p.freeBytes),
+        num(w10(p.received.iops)), String(p.sessions), p.stale ? '-' : formatBytes(p.freeBytes), ...(v.fills ? [fillText(fills.get(p.id))] : []),
       ]),
     ]),
   ];

@@ -13,7 +13,7 @@ import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
 import { pageNumber, wholeNumber } from '../server/admin-input';
 import { parseCount } from './args';
-import { addLoadCommands } from './load';
+import { addLoadCommands, fillHead, fillText } from './load';
 import { addPeerCommands } from './peer-commands';
 import { adminTlsChannel, loadCa } from '../cluster/peer-tls';
 import { addInitCommand, clusterCaPath, withTlsHint } from './tls-commands';
@@ -286,14 +286,15 @@ export function buildProgram(): Command {
 
   program.command('status').description('peers, their addresses, capacity and sessions').action(async () => {
     const s = await withClient(g(), (c) => c.status());
+    const fills = new Map((s.fills ?? []).map((f) => [f.id, f]));
     out(g(), s, () =>
       [
         `cluster ${s.cluster}`,
         table([
-          ['PEER', 'STATE', 'ISCSI', 'RPC', 'VOLUMES', 'SESSIONS', 'USED', 'FREE', 'UPTIME'],
+          ['PEER', 'STATE', 'ISCSI', 'RPC', 'VOLUMES', 'SESSIONS', 'USED', 'FREE', 'UPTIME', 'CAPACITY', fillHead],
           ...s.peers.map((p) => [
-            p.id, p.up ? 'up' : 'down', p.iscsi, p.rpc, String(p.volumes), String(p.sessions.filter((x) => x.sessionType === 'Normal').length),
-            formatBytes(p.allocatedBytes), formatBytes(p.freeBytes), `${Math.round(p.uptimeMs / 1000)}s`,
+            p.id, peerState(p), p.iscsi, p.rpc, String(p.volumes), String(p.sessions.filter((x) => x.sessionType === 'Normal').length),
+            formatBytes(p.allocatedBytes), formatBytes(p.freeBytes), `${Math.round(p.uptimeMs / 1000)}s`, String(fills.get(p.id)?.capacity ?? '-'), fillText(fills.get(p.id)),
           ]),
         ]),
         ...s.peers.flatMap((p) => p.sessions.filter((x) => x.sessionType === 'Normal').map((x) => `  ${p.id}: ${x.initiatorName} → ${x.targetName} from ${x.remoteAddress} (${x.commandsInFlight} in flight)`)),
@@ -514,4 +515,10 @@ export async function main(argv: string[]): Promise<void> {
     process.stderr.write(`peersan: ${e.message ?? String(err)}\n`);
     process.exitCode = 1;
   }
+}
+
+/** `status`'s STATE: reachable or not, and the member state when it is not plain up (draining, leaving, joining). */
+function peerState(p: { up: boolean; state?: string }): string {
+  const member = p.state && p.state !== 'up' ? p.state : '';
+  return p.up ? member || 'up' : member ? `down (${member})` : 'down';
 }

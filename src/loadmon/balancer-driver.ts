@@ -48,6 +48,8 @@ export interface PlanContext {
   manual: boolean;
   /** Moves known to the view plus this peer's own, with their state. */
   moves: KnownMove[];
+  /** The peers that may receive pages (members up); absent: every fresh peer. */
+  placeable?: readonly string[];
 }
 
 /** The planner's input from the group view (see the comment at the top). */
@@ -86,7 +88,8 @@ export function planInputFromView(view: GroupLoadView, ctx: PlanContext): PlanIn
   const loads = new Map(fresh.map((p) => [p.id, Math.max(0, p.load - (reportedBy.get(p.id) ?? 0))]));
   const owned = [...pages.values()].filter((p) => freshIds.has(p.owner));
   for (const p of owned) loads.set(p.owner, loads.get(p.owner)! + p.load);
-  return { nowMs: ctx.nowMs, peers: fresh.map((p) => ({ id: p.id, load: loads.get(p.id)!, freeBytes: p.freeBytes })), pages: owned };
+  const placeable = (id: string): boolean => ctx.placeable?.includes(id) ?? true;
+  return { nowMs: ctx.nowMs, peers: fresh.map((p) => ({ id: p.id, load: loads.get(p.id)!, freeBytes: p.freeBytes, placeable: placeable(p.id) })), pages: owned };
 }
 
 export interface MoveOutcome extends PlannedMove {
@@ -119,6 +122,8 @@ export interface BalancerDriverOptions {
   volume(volumeId: string): VolumeFacts | undefined;
   /** The group switch (catalog). */
   groupAuto: () => boolean;
+  /** The peers that may receive pages (members up); absent: every fresh peer. */
+  placeable?(): readonly string[];
   log: Logger;
 }
 
@@ -141,7 +146,7 @@ export class BalancerDriver {
     const view = this.o.view();
     const moves = [...view.recentMoves, ...[...this.own.values()]];
     const input = planInputFromView(view, {
-      nowMs, cooldownMs: config.cooldownMs, manual, moves,
+      nowMs, cooldownMs: config.cooldownMs, manual, moves, ...(this.o.placeable ? { placeable: this.o.placeable() } : {}),
       ownerOf: (v, p) => this.o.ownerOf(v, p), holdersOf: (v, p) => this.o.holdersOf?.(v, p), volume: (v) => this.o.volume(v),
     });
     return plan(input, config);

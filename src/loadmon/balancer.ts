@@ -15,7 +15,9 @@
 // - a move must strictly lower the cost, so shifting a hot spot from one peer to another
 //   (same variance) is never chosen.
 // Capacity: a destination must keep reserveFreeBytes free after receiving the page (counted
-// at the page's full size: thin pages may need less).
+// at the page's full size: thin pages may need less). Membership: a peer that is not up
+// (joining, draining, leaving) is never a destination, not even of a role switch, so the
+// balancer never hands back what the copy keeper moves off a draining peer (DESIGN.md 11).
 // Copies (replicated volumes): a peer holding an in-sync copy of the page takes the primary role
 // with no data copied (a role switch, cheaper: roleSwitchCostShare of wChange, and no room
 // needed); a peer holding a stale copy is never a destination, so no peer ever holds two copies.
@@ -56,6 +58,8 @@ export interface PlanPeer {
   id: string;
   load: number;
   freeBytes: number;
+  /** May receive pages (a member `up`); false: joining, draining or leaving, a source only (absent: true). */
+  placeable?: boolean;
 }
 
 export interface PlanPage {
@@ -142,6 +146,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   const ids = input.peers.map((p) => p.id);
   const loads = new Map(input.peers.map((p) => [p.id, p.load]));
   const free = new Map(input.peers.map((p) => [p.id, p.freeBytes]));
+  const destinations = new Set(input.peers.filter((p) => p.placeable !== false).map((p) => p.id));
   const n = ids.length;
   const before = ids.map((id) => loads.get(id)!);
   const mean = n ? before.reduce((a, b) => a + b, 0) / n : 0;
@@ -176,7 +181,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
       const x = page.load;
       const la = loads.get(page.owner)!;
       for (const to of ids) {
-        if (to === page.owner || page.holders?.stale.includes(to)) continue;
+        if (to === page.owner || page.holders?.stale.includes(to) || !destinations.has(to)) continue;
         const lb = loads.get(to)!;
         if (lb + x > ceiling) continue;
         const switchRole = page.holders?.inSync.includes(to) === true;

@@ -16,6 +16,8 @@ export interface LoadServiceOptions {
   self: string;
   /** The group's peers now, this one included (members join and leave while it runs). */
   peers(): readonly string[];
+  /** Those that may receive pages (members up): the balancer's destinations; absent: every fresh peer. */
+  placeable?(): readonly string[];
   config: BalancerConfig;
   log: Logger;
   /** Sessions and capacity of this peer (called once per tick; may be slow, never awaited twice at once). */
@@ -83,7 +85,7 @@ export class LoadService {
     this.driver = new BalancerDriver({
       self: opts.self, config: () => this.o.config, mover: () => this.o.mover, clock: opts.env.clock,
       view: () => this.view.snapshot(this.nowMs(), loadHottestPagesPerVolume * this.o.peers().length),
-      ownerOf: opts.ownerOf, holdersOf: opts.holdersOf, volume: opts.volume, groupAuto: opts.groupAuto, log: opts.log.child({ component: 'balancer' }),
+      ownerOf: opts.ownerOf, holdersOf: opts.holdersOf, volume: opts.volume, groupAuto: opts.groupAuto, placeable: opts.placeable, log: opts.log.child({ component: 'balancer' }),
     });
   }
 

@@ -75,16 +75,21 @@ export function chooseCopyPeers(input: ChoiceInput): Choice {
   return { peers, missing, missingBytes: Math.min(missing, pool.length) * input.pageBytes };
 }
 
-/** The copies to remove to bring the page down to `count` copies (see the order at the top). */
-export function copiesToRemove(route: Route, count: number): string[] {
-  const copies = copiesOf(route);
+/**
+ * The copies to remove to bring the page down to `count` copies (see the order at the top).
+ * Copies on `uncounted` peers (leaving: src/replication/rebuild.ts) neither count nor are chosen here.
+ */
+export function copiesToRemove(route: Route, count: number, uncounted: ReadonlySet<string> = noPeers): string[] {
+  const copies = copiesOf(route).filter((p) => !uncounted.has(p));
   const extra = copies.length - Math.max(1, count);
   if (extra <= 0) return [];
   const inSync = inSyncOf(route);
   const stale = copies.filter((p) => !inSync.includes(p));
-  const syncedNewestFirst = copies.slice(1).filter((p) => inSync.includes(p)).reverse();
+  const syncedNewestFirst = copies.filter((p) => p !== route.owner && inSync.includes(p)).reverse();
   return [...stale, ...syncedNewestFirst].slice(0, extra);
 }
+
+export const noPeers: ReadonlySet<string> = new Set();
 
 /** The route with `added` as new stale copies (at the end) and `removed` gone from copies and the in-sync set. */
 export function changedCopies(now: Route, added: readonly string[], removed: readonly string[]): Omit<Route, 'version'> {

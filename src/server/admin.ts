@@ -7,6 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { TlsChannel } from '../cluster/peer-tls';
 import type { Logger } from 'pino';
 import type { GroupStatus, PeerStatusView } from '../cluster/group-status';
+import type { PeerFill } from '../replication/spread';
 import type { PageMapView, VolumeAdmin, VolumeView } from '../cluster/volume-admin';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
@@ -43,7 +44,13 @@ export interface AdminApi
     Partial<SessionAdmin>,
     MembershipAdmin {
   status(): Promise<StatusReply>;
-  top(pages: number): Promise<TopReply & { protection?: ProtectionSummary }>;
+  top(pages: number): Promise<TopReply & { protection?: ProtectionSummary } & Partial<CopySpreadView>>;
+}
+
+/** Each peer's stored copies against its share, and the spread's last round (status, top). */
+export interface CopySpreadView {
+  fills: PeerFill[];
+  spreadRound: string;
 }
 
 /** The group's peers and how many volumes are in each protection state. */
@@ -51,6 +58,7 @@ export interface StatusReply {
   cluster: string;
   peers: PeerStatusView[];
   protection?: ProtectionSummary;
+  fills?: PeerFill[];
 }
 
 export const statusForCode: Record<string, grpc.status> = {

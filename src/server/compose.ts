@@ -34,6 +34,7 @@ import { newReplicationCounters, type ReplicationCounters } from '../replication
 import type { ReadRepairHooks } from '../replication/read-repair';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
+import { SpreadDriver } from '../replication/spread';
 import { dropFromInSync, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
@@ -100,6 +101,8 @@ export interface ReplicationSettings {
 export interface ReplicationCore {
   counters: ReplicationCounters;
   keeper: CopyKeeper;
+  /** Copies spread in proportion to the peers' capacities (src/replication/spread.ts). */
+  spread: SpreadDriver;
   reaper: Reaper;
   protection: VolumeProtection;
   zoneOf(peer: string): string | undefined;
@@ -303,6 +306,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     leases.close();
     core.failover.close();
     core.replication.keeper.stop();
+    core.replication.spread.stop();
     core.replication.reaper.stop();
     core.load.stop();
     balancerSwitch.close();
@@ -355,6 +359,7 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
   const keeper = new CopyKeeper({
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
+    movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),
     event: (message, volume) => w.event('replication', message, { volume, peer: self }),
   });
   const reaper = new Reaper({
@@ -368,10 +373,17 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     return new Set(core.load.peerLoads().filter((p) => !p.stale || (starting && p.ageMs < 0)).map((p) => p.id));
   };
   const protection = new VolumeProtection({ self, catalog, clock: env.clock, shortage: (id) => keeper.shortage(id), livePeers });
+  const spread = new SpreadDriver({
+    self, env, log: log.child({ component: 'spread' }), catalog, zoneOf,
+    enabled: () => w.balancer.enabled && (core.balancerSwitch?.auto ?? true),
+    relocate: (volumeId, page, from, to) => keeper.relocate(volumeId, page, from, to), relocationsPending: () => keeper.relocationsPending(),
+    movePage: async (v, page, to) => void (await core.migrator.start(v.name, page, to)), movingAway: (volumeId, page) => core.migrator.movingOut(volumeId, page),
+  });
   reaper.start();
   keeper.start();
+  spread.start();
   // Resync and read repairs count where /metrics reads it.
-  return { counters, keeper, reaper, protection, zoneOf };
+  return { counters, keeper, spread, reaper, protection, zoneOf };
 }
 
 /**
@@ -407,7 +419,7 @@ function loadService(w: PeerWiring, core: PeerCore): LoadService {
     return lastVolume ? catalog.routes(lastVolume).route(page) : undefined;
   };
   return new LoadService({
-    self: w.self, env: w.env, peers: () => w.members.ids(), config: w.balancer, log: w.log, facts: w.facts,
+    self: w.self, env: w.env, peers: () => w.members.ids(), placeable: () => w.members.placeable(), config: w.balancer, log: w.log, facts: w.facts,
     sendGossip: (peerId, summary) => w.transport.calls(peerId).gossip(summary, loadGossipMsMax),
     startMovesOn: (peerId, moves) => w.transport.calls(peerId).startMoves(moves, statusPeerMsMax),
     mover: {

@@ -8,6 +8,7 @@
 // /api/status lists which ones exist so the page can say so before anyone clicks.
 
 import { replicasMax, type ChapSettings, type CreateVolumeInput } from '../cluster/catalog';
+import type { PeerFill } from '../replication/spread';
 import { InvalidArgumentError, NotFoundError, PeersanError } from '../errors';
 import type { AdminApi, PeerStatusView, VolumeView } from './admin';
 import { pageNumber, wholeNumber, wireUint32 } from './admin-input';
@@ -143,7 +144,8 @@ export interface ConsoleState {
   cluster: string;
   self: string;
   atMs: number;
-  peers: (PeerStatusView & { load?: PeerLoadView })[];
+  /** Each peer with its load and its stored copies against its share (src/replication/spread.ts). */
+  peers: (PeerStatusView & { load?: PeerLoadView; fill?: PeerFill })[];
   /** Host I/O received by this peer (running totals; the page turns two into rates). */
   hostIo: HostIoTotals;
   volumes: VolumeView[];
@@ -173,9 +175,11 @@ export async function consoleState(ctx: ApiContext): Promise<ConsoleState> {
     api.rebalancing ? api.rebalancing() : Promise.resolve(undefined),
   ]);
   const loadOf = new Map((loads ?? []).map((l) => [l.peer, l]));
+  const fillOf = new Map((status.fills ?? []).map((f) => [f.id, f]));
+  const extras = (id: string) => ({ ...(loadOf.has(id) ? { load: loadOf.get(id) } : {}), ...(fillOf.has(id) ? { fill: fillOf.get(id) } : {}) });
   return {
     cluster: status.cluster, self: ctx.self, atMs: Date.now(),
-    peers: status.peers.map((p) => (loadOf.has(p.id) ? { ...p, load: loadOf.get(p.id) } : p)),
+    peers: status.peers.map((p) => ({ ...p, ...extras(p.id) })),
     hostIo: { ...ctx.hostIo() }, volumes, rebalancing, features: features(api),
   };
 }

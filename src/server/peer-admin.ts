@@ -57,14 +57,14 @@ export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
   return {
     ...volumes,
     ...replicationAdmin({ catalog, zoneOf, volumes, keeper, log }),
-    status: async () => ({ ...(await group.status()), protection: protection.summary() }),
+    status: async () => ({ ...(await group.status()), protection: protection.summary(), fills: core.replication.spread.fills() }),
     ...moveAdmin({ self, groupPeers, catalog, migrator: core.migrator, calls }),
     ...snapshotAdmin({
       self, env, catalog, snapshots: core.snapshots, reader: (volume, name) => core.snapshotTargets.reader(volume, name), targets: core.targets,
       volumes, group, event: (message, volume) => w.event('snapshot', message, { volume, peer: self }), log,
     }),
     ...load,
-    top: async (pages) => ({ ...(await load.top(pages)), protection: protection.summary() }),
+    top: async (pages) => ({ ...(await load.top(pages)), protection: protection.summary(), fills: core.replication.spread.fills(), spreadRound: core.replication.spread.lastRound }),
     ...sessionAdmin({ self, groupPeers, hostBalance: w.hostBalance, group, calls }),
     ...membershipAdmin({ self, members: w.members, catalog, group, pinned: w.pinned, requestStop: w.requestStop }),
   };

@@ -204,10 +204,16 @@ export class PeerServer {
       selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,
       pinned, requestStop: () => this.requestStop(),
     });
-    this.unfollowMembers = followMembers({
+    const unfollow = followMembers({
       self, members, migrator: core.migrator, portal: () => this.portal, pinned: (s) => pinned(self, s),
       logoutSeconds: this.logoutSeconds(), event: this.event, removed: () => this.requestStop(), log: this.log,
     });
+    // A drain, a join or a removal changes where copies belong: the keeper looks at once, not at its next tick.
+    const unkick = members.onChange(() => core.replication.keeper.kick());
+    this.unfollowMembers = () => {
+      unfollow();
+      unkick();
+    };
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
     core.catalog.onVolumeChange((name, record) => {
       onVolume(name, record);
