@@ -172,7 +172,7 @@ t.test('a graceful leave marks the peer leaving and switches roles to in-sync co
   const env = realEnv();
   const r = await leave({
     self: 'p1', members, catalog, env, log, why: 'p1 (SIGTERM)',
-    migrator: { start: async (volume, page, to) => (started.push(`${volume}/${page}→${to}`), {} as MoveInfo) },
+    migrator: { start: async (volume, page, to) => (started.push(`${volume}/${page}→${to}`), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined },
   });
   t.equal(members.get('p1')!.state, 'leaving');
   t.equal(members.get('p1')!.changedBy, 'p1 (SIGTERM)');
@@ -182,7 +182,7 @@ t.test('a graceful leave marks the peer leaving and switches roles to in-sync co
   await members.setState('p2', 'leaving', 'test');
   await members.setState('p3', 'leaving', 'test');
   started.length = 0;
-  await leave({ self: 'p1', members, catalog, env, log, why: 'x', migrator: { start: async () => (started.push('x'), {} as MoveInfo) } });
+  await leave({ self: 'p1', members, catalog, env, log, why: 'x', migrator: { start: async () => (started.push('x'), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined } });
   t.same(started, [], 'no role handed to a peer that stops too');
 });
 
