@@ -179,12 +179,13 @@ assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound ev
  */
 export const replicaAckMsMax = 1_000;
 /**
- * The wait for a copy on a peer that is leaving the group (a graceful stop): it answers in
- * milliseconds while it still runs, and not at all once it stopped, when its hosts' writes
- * should not wait replicaAckMsMax for it (a rolling restart's pause). Past this it is dropped
- * from the in-sync set and resyncs when it is back.
+ * The wait for a copy on a peer that is leaving the group (a graceful stop) or that nothing came
+ * from for a lease and its margin: it answers in milliseconds while it still runs, and not at
+ * all once stopped or hung, when its hosts' writes should not wait replicaAckMsMax for it (a
+ * rolling restart's pause; a write held by a snapshot's barrier, then by a hung copy, past the
+ * forwarding peer's deadline). Past this it is dropped from the in-sync set and resyncs later.
  */
-export const leavingAckMsMax = 150;
+export const goneAckMsMax = 150;
 assert(2 * replicaAckMsMax < peerRequestMsMax, 'a slow copy is dropped (the wait, then a catalog CAS) before the forwarding peer gives up on the primary');
 // -- peer authentication (issue 15 item 5, src/cluster/peer-auth.ts) --
 /** How far a peer RPC authentication stamp may be from the receiver's clock (either way). */

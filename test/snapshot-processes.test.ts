@@ -105,7 +105,10 @@ t.test('a participant that hangs during PREPARE, then is killed: the snapshot ab
   // Nothing moves by itself: the pages stay where the test found them.
   const peers = await startPeers(t.teardown.bind(t), { count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
   const [p1, , p3] = peers;
-  t.equal((await p1.cliAsync('volume', 'create', 'sv', '--size', String(sizeBytes))).status, 0, 'volume created');
+  // One copy of each page: the host writes only pages p3 holds nothing of, so that what it sees
+  // is the snapshot's abort alone. (With copies on the hung p3, its writes would also wait for
+  // p3's copies to be dropped: the failover's pause, which test/replication-faults.test.ts measures.)
+  t.equal((await p1.cliAsync('volume', 'create', 'sv', '--size', String(sizeBytes), '--replicas', '1')).status, 0, 'volume created');
   const map = JSON.parse((await p1.cliAsync('--json', 'page', 'map', 'sv')).out) as { pages: { owner: string }[] };
   const surviving = map.pages.flatMap((p, page) => (p.owner === 'p3' ? [] : [page]));
   t.ok(surviving.length > 0 && surviving.length < map.pages.length, `pages on p1 and p2: ${surviving.join(', ')} (of ${map.pages.length})`);

@@ -15,6 +15,11 @@ export interface GrpcTransportOptions {
   self: string;
   /** The group's members: each one's RPC address (its record's, which a restart may change). */
   members: MembersView;
+  /**
+   * The address this peer's cluster.yaml gives for another peer, if it lists it: how this peer
+   * reaches that one (a proxy, a NAT, a second network), which wins over the record's.
+   */
+  dialOf?(peerId: string): string | undefined;
   secret: string;
   tls: PeerTls | undefined;
   env: Env;
@@ -61,6 +66,6 @@ export class GrpcTransport implements PeerTransport {
   private address(peerId: string): string {
     const m = this.o.members.get(peerId);
     if (!m || m.state === 'removed') throw new PeersanError(`route names an unknown peer ${peerId}`);
-    return m.rpc;
+    return this.o.dialOf?.(peerId) ?? m.rpc;
   }
 }

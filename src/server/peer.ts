@@ -166,7 +166,8 @@ export class PeerServer {
     const { members } = await joinGroup({ meta: this.meta, env: this.env, config: this.config, peer: this.peer, tls, log: this.log });
     this.members = members;
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
-    const grpcTransport = new GrpcTransport({ self, members, secret: this.config.secret, tls, env: this.env });
+    const dialOf = (id: string): string | undefined => this.config.peers.find((p) => p.id === id)?.rpc;
+    const grpcTransport = new GrpcTransport({ self, members, dialOf, secret: this.config.secret, tls, env: this.env });
     const transport = (this.transport = this.opts.transport ? this.opts.transport(grpcTransport) : grpcTransport);
     const { migration } = this.config;
     return composePeer({
