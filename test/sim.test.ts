@@ -18,10 +18,12 @@ function summary(r: SimResult): string {
 
 t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t) => {
   const faults = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, skews: 0 };
+  const membership = { joins: 0, drains: 0, undrains: 0 };
   let bad = 0;
   for (let seed = 1; seed <= seeds; seed++) {
     const r = await simulate({ seed });
     for (const k of Object.keys(faults) as (keyof typeof faults)[]) faults[k] += r.faults[k];
+    for (const k of Object.keys(membership) as (keyof typeof membership)[]) membership[k] += r.membership[k];
     if (r.violations.length > 0) {
       bad++;
       t.fail(summary(r));
@@ -30,6 +32,7 @@ t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t)
   t.equal(bad, 0, `no violation in ${seeds} seeds`);
   t.comment(`faults: ${JSON.stringify(faults)}`);
   for (const [k, n] of Object.entries(faults)) t.ok(n > 0, `the seeds drew ${k} (${n})`);
+  for (const [k, n] of Object.entries(membership)) t.ok(n > 0, `the administrator's membership changes: ${k} (${n})`);
 });
 
 t.test('a run replays exactly from its seed', async (t) => {

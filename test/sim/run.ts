@@ -202,8 +202,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       tracked(core.load.rebalance(false), actor).then((r) => trace(`admin: rebalance planned ${r.moves.length} moves`), (err: Error) => trace(`admin: rebalance failed: ${err.message}`));
     }
   };
-  // One peer drains at a time, never the last up one; a draining peer is undrained later (or
-  // drains through the calm, and must then end empty: drainsLeft).
+  // One peer drains at a time, and only while the peers that stay up can hold every copy of a
+  // page (copies go on distinct peers; a drain the others lack room for is an operator's mistake
+  // the CLI answers with a refusal or a warning, issue 18). A draining peer is undrained later,
+  // or drains through the calm and must then end empty (drainsLeft).
   const changeMembership = (): void => {
     const draining = group.members.ids().find((id) => group.members.get(id)!.state === 'draining');
     if (draining) {
@@ -211,7 +213,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       return group.undrain(draining);
     }
     const up = group.members.placeable();
-    if (up.length < 2) return;
+    if (up.length - 1 < replicas) return;
     membership.drains++;
     group.drain(up[adminRnd.int(up.length)]);
   };
@@ -393,14 +395,14 @@ function routeRules(group: SimGroup, replicas: number): RouteRules {
 }
 
 /**
- * Each draining member's copies, as "page N: copies on X": a drain ends with none (its copies
- * rebuilt on the peers that stay, one-copy pages moved). Unless the peers that stay are fewer
- * than the copies asked (copies go on distinct peers): the drain then waits, keeping the copies.
+ * Each draining member that still holds copies: a drain ends with none (its copies rebuilt on the
+ * peers that stay, one-copy pages moved), the peers that stay having room for them all (the
+ * administrator drains only then).
  */
 function drainsLeft(group: SimGroup, volume: string): string[] {
   const c = catalogRoutes(group, volume);
   const draining = group.members.ids().filter((id) => group.members.get(id)!.state === 'draining');
-  if (!c || draining.length === 0 || group.members.placeable().length < c.want) return [];
+  if (!c || draining.length === 0) return [];
   return draining.flatMap((id) => {
     const held = c.routes.flatMap((r, page) => (copiesOf(r).includes(id) ? [page] : []));
     return held.length > 0 ? [`${id} has drained since ${group.members.get(id)!.changedAtMs.toFixed(0)} ms but still holds copies of pages ${held.join(', ')}`] : [];
