@@ -214,6 +214,11 @@ function fillText(f) {
   return `${f.copies} of ${Math.round(f.shareCopies)} (${Math.round((f.copies / f.shareCopies) * 100)}%)`;
 }
 
+/** A member state worth showing beside up/down: joining, draining, leaving (plain up says nothing more). */
+function memberState(p) {
+  return p.state && p.state !== 'up' ? p.state : '';
+}
+
 function renderPeers(state) {
   const r = ui.rate;
   $('host-io').textContent = `Host I/O arriving at ${state.self}: ${r ? `${Math.round(r.iops)} IOPS · ${bytes(r.bytesPerSec)}/s` : 'measuring…'}` +
@@ -224,7 +229,7 @@ function renderPeers(state) {
     const load = p.load ? `${Math.round(p.load.iops)} IOPS · ${bytes(p.load.bytesPerSec)}/s` : '—';
     return el('tr', { 'data-peer': p.id },
       el('td', {}, el('span', { class: 'swatch', style: { background: peerColour(p.id) } }), p.id, p.id === state.self ? ' (this peer)' : ''),
-      el('td', {}, el('span', { class: `badge ${p.up ? 'up' : 'down'}` }, p.up ? 'up' : 'down')),
+      el('td', {}, el('span', { class: `badge ${p.up ? 'up' : 'down'}${memberState(p) ? ' member' : ''}` }, [p.up ? 'up' : 'down', memberState(p)].filter(Boolean).join(' · '))),
       el('td', {}, p.iscsi),
       el('td', { class: 'num' }, p.up ? p.volumes : '—'),
       el('td', { class: 'num', 'data-field': 'sessions' }, p.up ? normal : '—'),

@@ -111,6 +111,12 @@ export const snapshotIdBytesMax = 128;
 export const volumeNameBytesMax = 64;
 export const volumeBytesMax = 64 * 1024 ** 4; // 64 TiB
 export const gracefulStopMs = 10_000;
+/** A graceful leave hands its primary roles to in-sync copies for at most this long, then stops anyway (DESIGN.md 11). */
+export const leaveHandoverMs = 10_000;
+/** Role switches a leaving peer has in flight at once (each one CAS after its page's writes are quiet). */
+export const leaveSwitchesInFlightMax = 16;
+/** How often `peersan peer drain --wait` looks at the drain's progress. */
+export const drainPollMs = 1_000;
 // Admin input (issue 15 item 9, slice E): numbers are checked where they enter the admin path
 // (CLI, AdminClient, the console's JSON API), before a wire field can truncate them.
 /** The largest value a uint32 field of proto/peersan.proto carries; larger ones are refused, never truncated. */

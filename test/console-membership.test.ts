@@ -1,6 +1,7 @@
 // The console of a group of peer processes on etcd, in headless Chromium (issue 18, acceptance
 // 5): a fourth peer started with its entry appended to cluster.yaml appears in the peers table
-// of a console served by p1 within 10 s of its start, and its join is in the events panel.
+// of a console served by p1 within 10 s of its start, and its join is in the events panel; a
+// drain of it asked through p2 shows in the table (draining) and the events, with who asked.
 
 import t from 'tap';
 import { browserMissing, openBrowserPage, openConsole } from './helpers/browser';
@@ -21,5 +22,14 @@ t.test('the console shows a peer joining, live', { skip }, async (t) => {
   await page.waitForSelector('#peers tbody tr[data-peer="p4"]', { timeout: 10_000 });
   t.pass(`p4 in the peers table ${Date.now() - started} ms after it came up`);
   t.match(await page.locator('#peers tbody tr[data-peer="p4"]').innerText(), /p4[\s\S]*up/, 'and up');
+  await page.waitForSelector('#events li[data-kind="member"]:has-text("peer p4 joined")');
+  t.pass('its join is in the events panel');
+
+  const drain = group[1].cli('peer', 'drain', 'p4');
+  t.equal(drain.status, 0, drain.stdout.trim() || drain.stderr.trim());
+  await page.waitForSelector('#peers tbody tr[data-peer="p4"] .badge:has-text("draining")', { timeout: 10_000 });
+  await page.waitForSelector('#events li[data-kind="member"]:has-text("peer p4 draining")');
+  t.pass('the drain shows live: p4 draining in the table and in the events, with who asked');
+  t.match(await page.locator('#events li[data-kind="member"]:has-text("peer p4 draining")').first().innerText(), /admin/, 'who asked');
   t.same(pageErrors, [], 'no script error in the page');
 });

@@ -14,6 +14,7 @@ import type { DemoOptions } from './serve';
 import { pageNumber, wholeNumber } from '../server/admin-input';
 import { parseCount } from './args';
 import { addLoadCommands, fillHead, fillText } from './load';
+import { addPeerCommands } from './peer-commands';
 import { adminTlsChannel, loadCa } from '../cluster/peer-tls';
 import { addInitCommand, clusterCaPath, withTlsHint } from './tls-commands';
 
@@ -36,20 +37,39 @@ function configPath(g: GlobalOptions): string | undefined {
   return existsSync('cluster.yaml') ? 'cluster.yaml' : undefined;
 }
 
-function adminClient(g: GlobalOptions): { client: AdminClient; ca: string | undefined } {
+/** How the CLI reaches the group: the peers it may ask, and how to make a client for one. */
+function adminTarget(g: GlobalOptions): { addresses: string[]; connect(address: string): AdminClient; ca: string | undefined } {
   const path = configPath(g);
   const config = path ? loadConfig(path) : undefined;
-  const peer = g.peer ?? config?.peers[0].rpc ?? '127.0.0.1:7001';
+  // --peer picks one; else any peer of the config that answers (the first may be down).
+  const addresses = g.peer ? [g.peer] : config ? config.peers.map((p) => p.rpc) : ['127.0.0.1:7001'];
   const token = g.token ?? process.env.PEERSAN_TOKEN ?? config?.adminToken;
   if (!token) throw new InvalidArgumentError('no admin token: pass --token, set $PEERSAN_TOKEN, or point --config/$PEERSAN_CONFIG at cluster.yaml');
   const ca = clusterCaPath(g, config);
-  return { client: new AdminClient(peer, token, ca ? adminTlsChannel(loadCa(ca)) : undefined), ca };
+  const tls = ca ? adminTlsChannel(loadCa(ca)) : undefined;
+  return { addresses, connect: (address) => new AdminClient(address, token, tls), ca };
 }
 
-async function withClient<T>(g: GlobalOptions, fn: (c: AdminClient) => Promise<T>): Promise<T> {
-  const { client, ca } = adminClient(g);
+/** How long the CLI waits for a connection to one of several listed peers. */
+const anyPeerReadyMs = 5_000;
+
+/**
+ * The first of the listed peers whose channel connects; when none does, the first one (its
+ * call then fails with the usual one line, TLS hint included).
+ */
+async function anyPeer(addresses: readonly string[], connect: (address: string) => AdminClient): Promise<AdminClient> {
+  if (addresses.length === 1) return connect(addresses[0]);
+  const clients = addresses.map(connect);
+  const ready = await Promise.any(clients.map(async (c) => (await c.ready(anyPeerReadyMs), c))).catch(() => clients[0]);
+  for (const c of clients) if (c !== ready) c.close();
+  return ready;
+}
+
+async function withClient<T>(g: GlobalOptions, fn: (c: AdminClient, connect: (address: string) => AdminClient) => Promise<T>): Promise<T> {
+  const { addresses, connect, ca } = adminTarget(g);
+  const client = await anyPeer(addresses, connect);
   try {
-    return await fn(client);
+    return await fn(client, connect);
   } catch (err) {
     throw withTlsHint(err, ca);
   } finally {
@@ -254,7 +274,7 @@ export function buildProgram(): Command {
   program
     .name('peersan')
     .description('peersan: a SAN of equal peers (iSCSI target, page routing, live migration, consistent snapshots)')
-    .option('--peer <host:port>', "a peer's RPC address (default: the first peer in the config, else 127.0.0.1:7001)")
+    .option('--peer <host:port>', "a peer's RPC address (default: any peer of the config that answers, else 127.0.0.1:7001)")
     .option('--config <file>', 'cluster.yaml (default: $PEERSAN_CONFIG, else ./cluster.yaml)')
     .option('--token <token>', 'admin token (default: $PEERSAN_TOKEN, else the config file)')
     .option('--ca <file>', "the cluster CA, for a group with TLS (default: $PEERSAN_CA, else the config's cluster.tls.ca)")
@@ -273,7 +293,7 @@ export function buildProgram(): Command {
         table([
           ['PEER', 'STATE', 'ISCSI', 'RPC', 'VOLUMES', 'SESSIONS', 'USED', 'FREE', 'UPTIME', 'CAPACITY', fillHead],
           ...s.peers.map((p) => [
-            p.id, p.up ? 'up' : 'down', p.iscsi, p.rpc, String(p.volumes), String(p.sessions.filter((x) => x.sessionType === 'Normal').length),
+            p.id, peerState(p), p.iscsi, p.rpc, String(p.volumes), String(p.sessions.filter((x) => x.sessionType === 'Normal').length),
             formatBytes(p.allocatedBytes), formatBytes(p.freeBytes), `${Math.round(p.uptimeMs / 1000)}s`, String(fills.get(p.id)?.capacity ?? '-'), fillText(fills.get(p.id)),
           ]),
         ]),
@@ -446,11 +466,14 @@ export function buildProgram(): Command {
       out(g(), moved, () => moved.map((m) => `asked session ${m.tsih} (${m.initiatorName} → ${m.targetName}) on ${m.from} to move to ${m.to}`).join('\n'));
     });
 
-  program
+  const peer = program
     .command('peer')
-    .description('run one peer of the group described by the config')
-    .requiredOption('--id <id>', 'this peer\'s id in the config')
-    .action(async (o: { id: string }) => {
+    .description('run one peer of the group described by the config (peer --id ID); drain, undrain, remove or stop a peer')
+    // Not a required option: the subcommands (drain …) do without it, and commander checks a
+    // required option before it picks a subcommand.
+    .option('--id <id>', 'this peer\'s id in the config')
+    .action(async (o: { id?: string }) => {
+      if (!o.id) throw new InvalidArgumentError('peer needs --id ID (the peer to run), or a command: drain, undrain, remove, stop');
       const path = configPath(g());
       if (!path) throw new InvalidArgumentError('peer needs --config FILE (or $PEERSAN_CONFIG, or ./cluster.yaml)');
       // The serving code (and what it loads: the store, the portal, etcd, metrics) is only
@@ -458,6 +481,7 @@ export function buildProgram(): Command {
       const { runPeer } = await import('./serve');
       await runPeer(loadConfig(path), o.id);
     });
+  addPeerCommands(peer, { g, withClient, out });
 
   addInitCommand(program);
 
@@ -491,4 +515,10 @@ export async function main(argv: string[]): Promise<void> {
     process.stderr.write(`peersan: ${e.message ?? String(err)}\n`);
     process.exitCode = 1;
   }
+}
+
+/** `status`'s STATE: reachable or not, and the member state when it is not plain up (draining, leaving, joining). */
+function peerState(p: { up: boolean; state?: string }): string {
+  const member = p.state && p.state !== 'up' ? p.state : '';
+  return p.up ? member || 'up' : member ? `down (${member})` : 'down';
 }

@@ -12,7 +12,7 @@ import { InvalidArgumentError } from '../errors';
 import { pageBlocks } from '../limits';
 import { createLogger } from '../log';
 import { migrationDefaults, renderConfig, type ClusterConfig } from '../server/config';
-import { PeerServer } from '../server/peer';
+import { PeerServer, stopGroup } from '../server/peer';
 import { tuneHeapForServing } from '../server/runtime';
 import { makePrivateDir, writePrivateFile } from '../server/security';
 import { ensureGroupTls } from './init';
@@ -44,17 +44,34 @@ function keepOutputPrivate(): void {
   process.umask(0o077);
 }
 
-/** Run the peers of this process until SIGINT/SIGTERM, then stop them all gracefully. */
+/**
+ * Run the peers of this process until SIGINT/SIGTERM, or until one is asked to stop (`peersan
+ * peer stop`, or removed from the group); then stop them gracefully. One peer leaves (its roles
+ * handed to the others); a whole demo group stops without handing roles around (stopGroup).
+ */
 async function runUntilSignal(servers: PeerServer[]): Promise<void> {
+  const running = new Set(servers);
   await new Promise<void>((resolveStop) => {
     const onSignal = (sig: string): void => {
       servers[0].log.info({ signal: sig }, 'stopping');
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
-      Promise.allSettled(servers.map((s) => s.stop())).then(() => resolveStop());
+      const all = [...running];
+      running.clear();
+      void stopGroup(all, `${all.map((s) => s.peer.id).join(', ')} (${sig})`).then(() => resolveStop());
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
+    for (const s of servers) {
+      void s.stopRequested.then(async () => {
+        if (!running.delete(s)) return;
+        await s.stop(`${s.peer.id} (asked to stop)`);
+        if (running.size > 0) return;
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+        resolveStop();
+      });
+    }
   });
 }
 
@@ -93,7 +110,7 @@ export async function demo(opts: DemoOptions): Promise<void> {
   try {
     for (const p of config.peers) servers.push(await PeerServer.start({ ...config, path: configFile }, p.id, log, { meta }));
   } catch (err) {
-    await Promise.allSettled(servers.map((s) => s.stop()));
+    await stopGroup(servers, 'demo (start failed)');
     await meta.close();
     throw err;
   }

@@ -24,6 +24,8 @@ import type { MovedSession } from './host-balance-service';
 import type { SessionAdmin } from './host-balance-wiring';
 import type { ReplicationAdmin } from '../replication/admin';
 import type { ProtectionSummary } from '../replication/protection';
+import type { DrainProgress, MembershipAdmin } from '../cluster/membership-admin';
+import type { MemberRecord } from '../cluster/members';
 
 export type { PeerStatusView } from '../cluster/group-status';
 export type { PageMapView, VolumeView } from '../cluster/volume-admin';
@@ -39,7 +41,8 @@ export interface AdminApi
     Omit<SnapshotAdmin, 'createSnapshot'>,
     Pick<LoadAdmin, 'top' | 'rebalance' | 'setAutoBalance'>,
     Pick<ReplicationAdmin, 'setReplicas'>,
-    Partial<SessionAdmin> {
+    Partial<SessionAdmin>,
+    MembershipAdmin {
   status(): Promise<StatusReply>;
   top(pages: number): Promise<TopReply & { protection?: ProtectionSummary } & Partial<CopySpreadView>>;
 }
@@ -129,6 +132,11 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
       if (!api.moveSession) throw new PeersanError('host balancing is not available on this peer', 'PEERSAN_ERR_INVALID_ARGUMENT');
       return { moved: await api.moveSession(r.session, r.to, r.on) };
     }),
+    drainPeer: wrap('drainPeer', (r) => api.drainPeer(r.id)),
+    undrainPeer: wrap('undrainPeer', (r) => api.undrainPeer(r.id)),
+    removePeer: wrap('removePeer', (r) => api.removePeer(r.id, r.force === true)),
+    stopPeer: wrap('stopPeer', (r) => api.stopPeer(r.id)),
+    getDrainProgress: wrap('getDrainProgress', (r) => api.drainProgress(r.id)),
   });
 }
 
@@ -235,7 +243,33 @@ export class AdminClient {
   async moveSession(session: string, to: string, on = ''): Promise<MovedSession[]> {
     return (await this.call<{ moved: MovedSession[] }>('moveSession', { session, to, on })).moved ?? [];
   }
+  drainPeer(id: string): Promise<DrainProgress> {
+    return this.call<DrainProgress>('drainPeer', { id }).then(withPinned);
+  }
+  undrainPeer(id: string): Promise<MemberRecord> {
+    return this.call('undrainPeer', { id });
+  }
+  removePeer(id: string, force: boolean): Promise<MemberRecord> {
+    return this.call('removePeer', { id, force });
+  }
+  stopPeer(id: string): Promise<MemberRecord> {
+    return this.call('stopPeer', { id });
+  }
+  drainProgress(id: string): Promise<DrainProgress> {
+    return this.call<DrainProgress>('getDrainProgress', { id }).then(withPinned);
+  }
+  /** Resolves when the channel to the peer is connected, rejects at the deadline (no call made). */
+  ready(timeoutMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.client.waitForReady(Date.now() + timeoutMs, (err?: Error) => (err ? reject(new PeersanError(`cannot reach peer at ${this.address} (timed out)`, 'PEERSAN_ERR_UNREACHABLE')) : resolve()));
+    });
+  }
   close(): void {
     this.client.close();
   }
+}
+
+/** A repeated field left empty by proto-loader may be absent. */
+function withPinned(p: DrainProgress): DrainProgress {
+  return { ...p, pinned: p.pinned ?? [] };
 }

@@ -8,7 +8,7 @@ import { assert } from '../errors';
 export type EventKind =
   | 'volume-created' | 'volume-deleted' | 'volume-resized' | 'volume-access'
   | 'peer-up' | 'peer-down' | 'session-login' | 'session-logout'
-  | 'page-moved' | 'migration' | 'redirect' | 'snapshot' | 'rebalance' | 'replication';
+  | 'page-moved' | 'migration' | 'redirect' | 'snapshot' | 'rebalance' | 'replication' | 'member';
 
 export interface PeerEvent {
   /** Increasing per peer from 1: a client that saw seq n asks for what came after n. */
@@ -94,6 +94,37 @@ export function groupChanges(before: GroupSnapshot, after: GroupSnapshot): { kin
     if (!after.sessions.has(key) && after.peersUp.get(peer)) out.push({ kind: 'session-logout', message: `logout from ${peer}: ${what}`, peer });
   }
   return out;
+}
+
+/** What an event says of a member record's change (`peersan peer …`, a start, a stop): who asked, too. */
+export interface MemberShape {
+  id: string;
+  state: string;
+  changedBy: string;
+}
+
+/**
+ * The line the console shows for a member record that changed (members.ts onChange), or nothing
+ * when its state did not change (new addresses at a restart, say). Every peer says it from its
+ * own watch: the group's start-ups and shutdowns are announced everywhere (DESIGN.md 11).
+ */
+export function memberChangeText(now: MemberShape | undefined, before: MemberShape | undefined): string | undefined {
+  if (!now) return before ? `peer ${before.id} forgotten by the catalog` : undefined;
+  if (before?.state === now.state) return undefined;
+  const asked = ` (${now.changedBy})`;
+  if (!before) return now.state === 'joining' ? `peer ${now.id} joins the group${asked}` : `peer ${now.id} is in the group, ${now.state}${asked}`;
+  switch (now.state) {
+    case 'up':
+      return before.state === 'draining' ? `peer ${now.id} undrained: up again${asked}` : before.state === 'leaving' ? `peer ${now.id} is back${asked}` : `peer ${now.id} joined: up${asked}`;
+    case 'draining':
+      return `peer ${now.id} draining: its copies and sessions move to the other peers${asked}`;
+    case 'leaving':
+      return `peer ${now.id} leaving: handing its primary roles over and stopping${asked}`;
+    case 'removed':
+      return `peer ${now.id} removed from the group${asked}`;
+    default:
+      return `peer ${now.id} is ${now.state}${asked}`;
+  }
 }
 
 interface VolumeShape {

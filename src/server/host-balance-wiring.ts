@@ -42,6 +42,22 @@ export interface HostBalanceWiring {
   log: Logger;
 }
 
+/**
+ * Whether a host session on `peer` is pinned there: a host holding a persistent reservation
+ * registration (or a RESERVE) through that peer's target port stays (host balancing never moves
+ * it; a drain lists it for the operator), because registrations are per I_T nexus and the target
+ * port differs per peer. The reservations are the catalog's, so any peer can tell for any other.
+ */
+export function reservationPins(o: { catalog: Catalog; targets: Pick<VolumeTargets, 'reservationsOf'>; tag(peer: string): number }): (peer: string, initiatorName: string, isid: string, targetName: string) => boolean {
+  return (peer, initiatorName, isid, targetName) => {
+    const v = o.catalog.listVolumes().find((x) => targetNameFor(x.name) === targetName);
+    const state = v && o.targets.reservationsOf(v.id)?.current.state();
+    if (!state) return false;
+    const port = `${initiatorName},i,0x${isid}`;
+    return state.registrations.some((r) => r.initiatorPort === port && r.relativeTargetPort === o.tag(peer)) || (state.legacyHolder?.startsWith(`${port}|`) ?? false);
+  };
+}
+
 /** The peer's host balancing, or undefined when cluster.hostBalance turns it off (default: on with several peers). */
 export function createHostBalance(w: HostBalanceWiring): HostBalanceService | undefined {
   const { config, self, env, catalog } = w;
@@ -57,15 +73,8 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
     ownSessions: () => w.portal().sessions().filter((s) => s.sessionType === 'Normal').length,
     loads: w.loads,
   });
-  // A host holding a persistent reservation registration (or a RESERVE) through this peer's
-  // target port stays: registrations are per I_T nexus and the target port differs per peer.
-  const pinned = (initiatorName: string, isid: string, targetName: string): boolean => {
-    const v = volumeOf(targetName);
-    const state = v && w.targets.reservationsOf(v.id)?.current.state();
-    if (!state) return false;
-    const port = `${initiatorName},i,0x${isid}`;
-    return state.registrations.some((r) => r.initiatorPort === port && r.relativeTargetPort === tag(self)) || (state.legacyHolder?.startsWith(`${port}|`) ?? false);
-  };
+  const pins = reservationPins({ catalog, targets: w.targets, tag });
+  const pinned = (initiatorName: string, isid: string, targetName: string): boolean => pins(self, initiatorName, isid, targetName);
   const sharesCache = new Map<string, { atMs: number; shares: PageShares }>();
   // Share of a volume's pages per owner.
   const shares = (targetName: string): PageShares | undefined => {

@@ -19,6 +19,7 @@ import type { ClusterConfig } from './config';
 import type { EventKind } from './events';
 import type { HostBalanceService } from './host-balance-service';
 import { sessionAdmin } from './host-balance-wiring';
+import { membershipAdmin } from '../cluster/membership-admin';
 import type { OptionalAdminOps } from './http-api';
 
 /** Every admin operation of a peer: AdminService's and the console's. */
@@ -38,6 +39,10 @@ export interface PeerAdminWiring {
   localSessions(): SessionInfo[];
   hostBalance: HostBalanceService | undefined;
   event(kind: EventKind, message: string, fields: { volume?: string; peer?: string }): void;
+  /** A host session on `peer` is pinned there by a SCSI reservation (host-balance-wiring.ts reservationPins). */
+  pinned(peer: string, session: SessionInfo): boolean;
+  /** Stop this peer gracefully (`peersan peer stop`): after the reply. */
+  requestStop(): void;
 }
 
 export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
@@ -61,5 +66,6 @@ export function peerAdmin(w: PeerAdminWiring): PeerAdmin {
     ...load,
     top: async (pages) => ({ ...(await load.top(pages)), protection: protection.summary(), fills: core.replication.spread.fills(), spreadRound: core.replication.spread.lastRound }),
     ...sessionAdmin({ self, groupPeers, hostBalance: w.hostBalance, group, calls }),
+    ...membershipAdmin({ self, members: w.members, catalog, group, pinned: w.pinned, requestStop: w.requestStop }),
   };
 }

@@ -35,9 +35,12 @@ import { composePeer, type PeerCore, type PeerProtocols } from './compose';
 import { splitHostPort, type ClusterConfig, type PeerConfig } from './config';
 import { EventLog, volumeEvents, type EventKind } from './events';
 import { registerFeatureMetrics } from './feature-metrics';
+import { leave, markLeaving } from '../cluster/graceful-leave';
+import { defaultHostBalanceSettings } from './host-balance';
+import { askHostsToLeave, drainRedirect, followMembers } from './member-effects';
 import { GrpcTransport } from './grpc-transport';
 import type { HostBalanceService } from './host-balance-service';
-import { createHostBalance } from './host-balance-wiring';
+import { createHostBalance, reservationPins } from './host-balance-wiring';
 import { HttpConsole } from './http';
 import { joinGroup, markUp } from './membership';
 import type { Members } from '../cluster/members';
@@ -79,6 +82,10 @@ export class PeerServer {
   private portal!: Portal;
   private grpcServer!: grpc.Server;
   private stopping: Promise<void> | undefined;
+  private unfollowMembers: (() => void) | undefined;
+  /** Resolves when this peer was asked to stop (`peersan peer stop`, or removed from the group): its process stops it. */
+  readonly stopRequested: Promise<void>;
+  private requestStop!: () => void;
   // ---- console and metrics (src/server/http*.ts, events.ts, metrics.ts) ----
   /** Recent events the console shows; every feature adds to it through its `event` hook. */
   readonly events = new EventLog(consoleEventsMax);
@@ -93,6 +100,7 @@ export class PeerServer {
   private constructor(readonly config: ClusterConfig, readonly peer: PeerConfig, readonly log: Logger, private readonly opts: PeerStartOptions) {
     this.env = opts.env ?? realEnv();
     this.startedAtMs = this.env.clock.nowMs();
+    this.stopRequested = new Promise((resolve) => (this.requestStop = resolve));
     this.metrics = new PeerMetrics({
       peer: peer.id, routing: this.routing,
       sessions: () => this.portal?.sessions() ?? [],
@@ -189,10 +197,23 @@ export class PeerServer {
       calls, event: (message, volume) => this.event('redirect', message, { volume, peer: self }), log: this.log,
     }));
     registerFeatureMetrics(this.metrics, { migrator: core.migrator, targets: core.targets, hostBalance, replication: core.replication, catalog: core.catalog });
+    const pins = reservationPins({ catalog: core.catalog, targets: core.targets, tag: (id) => members.get(id)?.tag ?? 0 });
+    const pinned = (peer: string, s: SessionInfo): boolean => pins(peer, s.initiatorName, s.isid, s.targetName);
     this.admin = peerAdmin({
       self, config: this.config, members, env: this.env, log: this.log, core, calls, hostBalance,
       selfStatus: () => this.selfStatus(), localSessions: () => this.portal.sessions(), event: this.event,
+      pinned, requestStop: () => this.requestStop(),
     });
+    const unfollow = followMembers({
+      self, members, migrator: core.migrator, portal: () => this.portal, pinned: (s) => pinned(self, s),
+      logoutSeconds: this.logoutSeconds(), event: this.event, removed: () => this.requestStop(), log: this.log,
+    });
+    // A drain, a join or a removal changes where copies belong: the keeper looks at once, not at its next tick.
+    const unkick = members.onChange(() => core.replication.keeper.kick());
+    this.unfollowMembers = () => {
+      unfollow();
+      unkick();
+    };
     const onVolume = volumeEvents(this.events, core.catalog.listVolumes(), formatBytes);
     core.catalog.onVolumeChange((name, record) => {
       onVolume(name, record);
@@ -235,9 +256,18 @@ export class PeerServer {
     const hb = this.hostBalancer;
     this.portal = new Portal({
       host: iscsi.host, port: iscsi.port, directory: core.targets, log: this.log,
-      ...(hb ? { redirectFor: (i: string, t: string, isid: string) => hb.redirectFor(i, t, isid), sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
+      // A draining or leaving peer sends every login to an up peer, whatever host balancing says.
+      redirectFor: (i: string, t: string, isid: string) => this.drainLogin(i, t) ?? hb?.redirectFor(i, t, isid),
+      ...(hb ? { sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
     });
     await this.portal.listen();
+  }
+
+  /** While this peer drains or leaves: the up peer a login goes to (and the console says so). */
+  private drainLogin(initiatorName: string, targetName: string): string | undefined {
+    const to = drainRedirect(this.peer.id, this.members, initiatorName);
+    if (to) this.event('redirect', `login of ${initiatorName} to ${targetName} redirected to ${to} (${this.peer.id} is ${this.members.get(this.peer.id)?.state})`, { peer: this.peer.id });
+    return to;
   }
 
   /** This peer's own line of `peersan status` (also what the other peers' status calls get). */
@@ -251,10 +281,27 @@ export class PeerServer {
     };
   }
 
-  /** Graceful: refuse new logins, finish in-flight commands, flush, close. Idempotent. */
-  stop(): Promise<void> {
-    if (!this.stopping) this.stopping = this.shutDown();
+  /** How long hosts asked to log out get (host balancing's setting, or its default). */
+  private logoutSeconds(): number {
+    return this.hostBalancer?.settings.logoutSeconds ?? defaultHostBalanceSettings.logoutSeconds;
+  }
+
+  /** Graceful: leave (roles handed over, hosts asked to log out), refuse new logins, finish in-flight commands, flush, close. Idempotent. */
+  stop(why = `${this.peer.id} (stop)`): Promise<void> {
+    if (!this.stopping) this.stopping = this.leave(why).then(() => this.shutDown());
     return this.stopping;
+  }
+
+  /** Marked leaving only (stopGroup: before any peer of the group hands roles around). */
+  async markLeaving(why: string): Promise<void> {
+    if (this.members) await markLeaving({ self: this.peer.id, members: this.members, why }).catch((err: Error) => this.log.warn({ reason: err.message }, 'could not mark this peer leaving'));
+  }
+
+  /** The graceful leave (src/cluster/graceful-leave.ts), then the hosts asked to log out; bounded, never throws. */
+  private async leave(why: string): Promise<void> {
+    if (!this.members || !this.core) return;
+    await leave({ self: this.peer.id, members: this.members, catalog: this.core.catalog, migrator: this.core.migrator, env: this.env, log: this.log, why });
+    if (this.portal) askHostsToLeave(this.portal, () => false, this.logoutSeconds());
   }
 
   private async shutDown(): Promise<void> {
@@ -275,6 +322,8 @@ export class PeerServer {
         this.core?.pages.endStreams();
         await shut;
       }
+      this.unfollowMembers?.();
+      this.members?.close();
       this.core?.close();
       this.transport?.close();
       this.scheduler?.stop();
@@ -286,4 +335,13 @@ export class PeerServer {
       this.env.timers.clearTimeout(timer);
     }
   }
+}
+
+/**
+ * Stop every peer of a group at once (the demo's Ctrl-C, a test's end): every peer is marked
+ * leaving first, so none hands its roles to another that is stopping too.
+ */
+export async function stopGroup(servers: readonly PeerServer[], why: string): Promise<void> {
+  await Promise.allSettled(servers.map((s) => s.markLeaving(why)));
+  await Promise.allSettled(servers.map((s) => s.stop(why)));
 }

@@ -12,7 +12,7 @@ import { EmbeddedMetaStore } from '../../src/cluster/embedded';
 import type { PeerCalls, PeerTransport } from '../../src/cluster/transport';
 import type { PeerProtocols } from '../../src/server/compose';
 import { migrationDefaults, type ClusterConfig, type HostBalanceConfig, type MigrationConfig } from '../../src/server/config';
-import { PeerServer } from '../../src/server/peer';
+import { PeerServer, stopGroup } from '../../src/server/peer';
 import { freePort } from './processes';
 
 /** A slow network between the peers; the test may change it at any time (read at each request). */
@@ -74,7 +74,7 @@ export async function startGroup(
   };
   // The teardown first: a peer that fails to start must not leave the ones before it running.
   t.teardown(async () => {
-    await Promise.allSettled([...servers.values()].map((s) => s.stop()));
+    await stopGroup([...servers.values()], 'test teardown');
     await meta.close();
     rmSync(dir, { recursive: true, force: true });
   });

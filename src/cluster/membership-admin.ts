@@ -1,0 +1,237 @@
+// The operator's membership commands (DESIGN.md 7, 11): `peersan peer drain | undrain | remove |
+// stop ID`. Every state change is a compare-and-swap of the member record (members.ts setState),
+// with the refusal checked on the record as it is at that moment; `by` says who asked ("admin via
+// p2"). The effects of a state are not here: the peers see the record change through their watch
+// (nothing new placed on a draining peer, moves aimed at it cancelled, its hosts redirected and
+// asked to log out: src/server/member-effects.ts; its copies moved away by the CopyKeeper).
+//
+// Refusals (pure, below), each one line:
+//   drain   an unknown or removed peer; the last placeable peer; when the other placeable peers
+//           lack the space for its copies (how much is missing);
+//   remove  while the peer holds a copy (how many pages) or is not drained, unless --force;
+//   --force only for a peer that does not answer, and only when no page loses its last in-sync
+//           copy (which volume/page would).
+//
+// remove --force, in order: (1) the peer is marked draining, so nothing new is placed there
+// while (2) its copies are taken out of the routes (one CAS per page, as the CopyKeeper takes a
+// lost peer's out; the primaries then rebuild the missing copies elsewhere), and only then (3) it
+// is marked removed: a route never names a removed peer.
+
+import { ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
+import type { SessionInfo } from '../iscsi/portal';
+import { changedCopies } from '../replication/placement';
+import { copiesOf, inSyncOf, type Route } from '../routing/table';
+import { formatBytes, type Catalog, type VolumeRecord } from './catalog';
+import type { GroupStatus, PeerStatusView } from './group-status';
+import type { MemberRecord, Members, MemberState } from './members';
+
+/** One copy of a page a peer holds. */
+export interface HeldCopy {
+  volume: string;
+  page: number;
+  primary: boolean;
+  /** No other copy of the page is in sync: removing this one loses the page's data. */
+  lastInSync: boolean;
+}
+
+/**
+ * The copies `peer` holds, by the routes this peer knows (every page of every volume). Slice E's
+ * CopyKeeper keeps the same answer for its evacuation; this is the one place to swap it in.
+ */
+export function copiesOn(catalog: Pick<Catalog, 'listVolumes' | 'routes'>, peer: string): HeldCopy[] {
+  const out: HeldCopy[] = [];
+  for (const v of catalog.listVolumes()) {
+    const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    routes.forEach((r, page) => {
+      if (!copiesOf(r).includes(peer)) return;
+      out.push({ volume: v.name, page, primary: r.owner === peer, lastInSync: inSyncOf(r).every((p) => p === peer) });
+    });
+  }
+  return out;
+}
+
+// ---- refusals (pure) ---------------------------------------------------------------------------
+
+/** A member that exists and is not removed. */
+function requireMember(id: string, record: MemberRecord | undefined, ids: readonly string[]): MemberRecord {
+  if (!record) throw new NotFoundError(`no peer "${id}" in the group (members: ${ids.join(', ') || 'none'})`);
+  if (record.state === 'removed') throw new InvalidArgumentError(`peer ${id} was removed from the group (by ${record.changedBy})`);
+  return record;
+}
+
+export interface DrainSpace {
+  /** Bytes the draining peer stores (its copies). */
+  heldBytes: number;
+  /** Free bytes of the other placeable peers that answer. */
+  freeBytes: number;
+}
+
+/** Why `id` may not be drained now, thrown; nothing when it may (draining it again is fine). */
+export function checkDrain(id: string, record: MemberRecord | undefined, ids: readonly string[], placeable: readonly string[], space: DrainSpace | undefined): void {
+  requireMember(id, record, ids);
+  const others = placeable.filter((p) => p !== id);
+  if (others.length === 0) throw new ConflictError(`peer ${id} is the last placeable peer of the group: its copies would have nowhere to go (start another peer first)`);
+  if (space && space.heldBytes > space.freeBytes) {
+    throw new ConflictError(`the other peers (${others.join(', ')}) lack ${formatBytes(space.heldBytes - space.freeBytes)} for the copies on ${id} (${formatBytes(space.heldBytes)} held, ${formatBytes(space.freeBytes)} free): add a peer or free space first`);
+  }
+}
+
+/** Why `id` may not be undrained, thrown. */
+export function checkUndrain(id: string, record: MemberRecord | undefined, ids: readonly string[]): void {
+  const r = requireMember(id, record, ids);
+  if (r.state !== 'draining' && r.state !== 'up') throw new ConflictError(`peer ${id} is ${r.state}, not draining`);
+}
+
+/** Why `id` may not be removed, thrown: see the top. `reachable`: the peer answers now. */
+export function checkRemove(id: string, record: MemberRecord | undefined, ids: readonly string[], held: readonly HeldCopy[], force: boolean, reachable: boolean): void {
+  const r = requireMember(id, record, ids);
+  if (!force) {
+    if (held.length > 0) {
+      const primaries = held.filter((c) => c.primary).length;
+      throw new ConflictError(`peer ${id} still holds copies of ${held.length} page(s) (${primaries} as primary): drain it first (peersan peer drain ${id} --wait), or --force if it is dead for good`);
+    }
+    if (r.state !== 'draining') throw new ConflictError(`peer ${id} is ${r.state}: drain it first (peersan peer drain ${id} --wait), then remove it`);
+    return;
+  }
+  if (reachable) throw new ConflictError(`peer ${id} answers: --force is only for a peer that is dead for good; drain it instead (peersan peer drain ${id} --wait)`);
+  const lost = held.filter((c) => c.lastInSync);
+  if (lost.length > 0) {
+    const more = lost.length > 1 ? ` (and ${lost.length - 1} more page(s))` : '';
+    throw new ConflictError(`removing ${id} would lose the last in-sync copy of page ${lost[0].page} of volume ${lost[0].volume}${more}: bring ${id} back, or delete that volume first`);
+  }
+  const primary = held.find((c) => c.primary);
+  if (primary) throw new ConflictError(`page ${primary.page} of volume ${primary.volume} still has its primary on ${id}: failover has not promoted another copy yet; try again in a few seconds`);
+}
+
+/** The route without `peer`'s copy (never its primary: checkRemove refused that). */
+export function withoutCopy(now: Route, peer: string): Omit<Route, 'version'> {
+  if (now.owner === peer) throw new ConflictError(`the primary of the page is still ${peer}`);
+  return changedCopies(now, [], [peer]);
+}
+
+// ---- drain progress ----------------------------------------------------------------------------
+
+export interface PinnedSession {
+  tsih: number;
+  initiatorName: string;
+  targetName: string;
+}
+
+export interface DrainProgress {
+  peer: string;
+  state: MemberState;
+  changedBy: string;
+  /** Pages with a copy on the peer, and among them those it is primary of. */
+  copies: number;
+  primaries: number;
+  /** Host sessions still logged in on it (Normal), and those a SCSI reservation pins there (left for the operator). */
+  sessions: number;
+  pinned: PinnedSession[];
+  /** The peer answers (its sessions are known). */
+  reachable: boolean;
+  /** Nothing left that the drain moves: no copy, no session but the pinned ones. */
+  done: boolean;
+}
+
+/** Progress of a drain from the copies held and the peer's status (pure). */
+export function drainProgressOf(record: MemberRecord, held: readonly HeldCopy[], status: PeerStatusView | undefined, pinned: (s: SessionInfo) => boolean): DrainProgress {
+  const sessions = status?.up ? status.sessions.filter((s) => s.sessionType === 'Normal') : [];
+  const pins = sessions.filter(pinned).map((s) => ({ tsih: s.tsih, initiatorName: s.initiatorName, targetName: s.targetName }));
+  return {
+    peer: record.id, state: record.state, changedBy: record.changedBy,
+    copies: held.length, primaries: held.filter((c) => c.primary).length,
+    sessions: sessions.length, pinned: pins, reachable: status?.up === true,
+    done: held.length === 0 && sessions.length === pins.length,
+  };
+}
+
+// ---- the admin operations ----------------------------------------------------------------------
+
+export interface MembershipAdmin {
+  drainPeer(id: string): Promise<DrainProgress>;
+  undrainPeer(id: string): Promise<MemberRecord>;
+  removePeer(id: string, force: boolean): Promise<MemberRecord>;
+  /** Only the peer itself: it marks itself leaving and stops (a graceful leave). */
+  stopPeer(id: string): Promise<MemberRecord>;
+  drainProgress(id: string): Promise<DrainProgress>;
+}
+
+export interface MembershipAdminOptions {
+  self: string;
+  members: Pick<Members, 'get' | 'ids' | 'placeable' | 'setState'>;
+  catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'fetchRoute' | 'casRoute' | 'volume'>;
+  group: Pick<GroupStatus, 'status'>;
+  /** A session of `peer` is pinned there by a SCSI reservation (host-balance-wiring.ts). */
+  pinned(peer: string, session: SessionInfo): boolean;
+  /** This peer's graceful stop (leave, then stop), started now; the reply goes out first. */
+  requestStop(): void;
+}
+
+export function membershipAdmin(o: MembershipAdminOptions): MembershipAdmin {
+  const { self, members, catalog } = o;
+  const by = `admin via ${self}`;
+  const statusOf = async (id: string): Promise<{ target: PeerStatusView | undefined; peers: PeerStatusView[] }> => {
+    const peers = (await o.group.status()).peers;
+    return { target: peers.find((p) => p.id === id), peers };
+  };
+  const progress = async (record: MemberRecord): Promise<DrainProgress> =>
+    drainProgressOf(record, copiesOn(catalog, record.id), (await statusOf(record.id)).target, (s) => o.pinned(record.id, s));
+
+  return {
+    async drainPeer(id) {
+      const { target, peers } = await statusOf(id);
+      const placeable = members.placeable();
+      const others = peers.filter((p) => p.id !== id && p.up && placeable.includes(p.id));
+      const space = target?.up ? { heldBytes: target.allocatedBytes, freeBytes: others.reduce((n, p) => n + p.freeBytes, 0) } : undefined;
+      checkDrain(id, members.get(id), members.ids(), placeable, space);
+      const r = await members.setState(id, 'draining', by, (now) => checkDrain(id, now, members.ids(), members.placeable(), undefined));
+      return progress(r);
+    },
+    async undrainPeer(id) {
+      return members.setState(id, 'up', by, (now) => checkUndrain(id, now, members.ids()));
+    },
+    async removePeer(id, force) {
+      const reachable = (await statusOf(id)).target?.up === true;
+      const check = (now: MemberRecord | undefined): void => checkRemove(id, now, members.ids(), copiesOn(catalog, id), force, reachable);
+      check(members.get(id));
+      if (force) {
+        await members.setState(id, 'draining', by, check);
+        await dropCopies(catalog, id);
+      }
+      return members.setState(id, 'removed', by, check);
+    },
+    async stopPeer(id) {
+      if (id !== self) throw new InvalidArgumentError(`peer stop goes to the peer itself: this is ${self}, not ${id}`);
+      const r = await members.setState(id, 'leaving', `${by} (peer stop)`, (now) => requireMember(id, now, members.ids()));
+      o.requestStop();
+      return r;
+    },
+    async drainProgress(id) {
+      return progress(requireMember(id, members.get(id), members.ids()));
+    },
+  };
+}
+
+/** Take a dead peer's copies out of every route that names it (one CAS per page; a conflict is read again). */
+async function dropCopies(catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'fetchRoute' | 'casRoute' | 'volume'>, peer: string): Promise<void> {
+  for (const c of copiesOn(catalog, peer)) {
+    const volume = catalog.volume(c.volume);
+    if (volume) await dropCopy(catalog, volume, c.page, peer);
+  }
+}
+
+/** Routes change under us (failover, the keeper): a few tries, each on the catalog's record. */
+const dropTriesMax = 3;
+
+async function dropCopy(catalog: Pick<Catalog, 'fetchRoute' | 'casRoute'>, volume: VolumeRecord, page: number, peer: string): Promise<void> {
+  for (let i = 1; ; i++) {
+    const route = await catalog.fetchRoute(volume, page);
+    if (!copiesOf(route).includes(peer)) return;
+    try {
+      await catalog.casRoute(volume, page, route, (now) => withoutCopy(now, peer));
+      return;
+    } catch (err) {
+      if (!(err instanceof ConflictError) || i >= dropTriesMax) throw err;
+    }
+  }
+}
