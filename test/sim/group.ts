@@ -30,6 +30,7 @@ import { SimCatalog, type SimCatalogClient } from './catalog';
 import { SimMedia } from './disk';
 import { SimNetwork, calmNetwork, type Endpoint } from './network';
 import { PeerClock, PeerEnv, SimWorld, driftMax, skewUsMax, type PeerTimers } from './world';
+import { followMembers } from '../../src/server/member-effects';
 import { SimMembers } from './members';
 
 const silent: Logger = pino({ level: 'silent' });
@@ -128,6 +129,7 @@ export class SimPeer implements Endpoint {
       core.load.start();
       this.live = core;
       g.trace(`${this.id} up (incarnation ${inc})`);
+      this.followMembers(core, log);
       // Serving: a joining peer is up (src/server/membership.ts markUp); a draining one stays so.
       if (g.members.get(this.id)?.state === 'joining') {
         g.members.setState(this.id, 'up', this.id);
@@ -144,6 +146,21 @@ export class SimPeer implements Endpoint {
     } finally {
       if (inc === this.inc) this.starting = false;
     }
+  }
+
+  /**
+   * What a peer process does on a member change (src/server/peer.ts): its moves aimed at a peer
+   * turned draining are cancelled, the change is told (the trace), and the keeper looks at once.
+   * No portal here: the hosts are the simulator's (they pick any up peer).
+   */
+  private followMembers(core: PeerCore, log: Logger): void {
+    const g = this.group;
+    const unfollow = followMembers({
+      self: this.id, members: g.members, migrator: core.migrator, portal: () => undefined, pinned: () => false, logoutSeconds: 0,
+      event: (kind, message) => g.trace(`${this.id} ${kind}: ${message}`), removed: () => undefined, log,
+    });
+    const unkick = g.members.onChange(() => core.replication.keeper.kick());
+    this.onCrash(() => (unfollow(), unkick()));
   }
 
   /** kill -9 and a power loss: the incarnation stops at this instant; the disk keeps what was durable. */
