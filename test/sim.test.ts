@@ -10,7 +10,7 @@ import { simulate, type SimResult } from './sim/run';
 const seeds = Number(process.env.PEERSAN_SIM_SEEDS ?? 200);
 /**
  * Seeds a control may take before it is caught (measured at 5fcb65d, in this order: 29, 71, 2, 2, 3
- * and 8; with membership in the runs: 11, 100, 1, 54, 9, 1, and early-evacuation 2 — see the README).
+ * and 8; with membership in the runs: 11, 100, 1, 54, 2, 1, and early-evacuation 3 — see the README).
  */
 const controlSeedsMax: Record<string, number> = { 'single-copy-dual-write': 100, 'no-ownership-check': 200, 'no-barrier': 100, 'no-finish': 600, 'early-ack': 100, 'join-without-layer': 100, 'early-evacuation': 50 };
 

@@ -170,7 +170,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       if (!owner) return;
       trace(`admin: move page ${page} (on ${core.catalog.routes(core.catalog.require(volume)).route(page).owner}) to ${to}`);
       tracked(owner.migrator.start(volume, page, to), group.peers.get(ownerId)!).then(() => trace(`admin: move of page ${page} to ${to} started`), (err: Error) => trace(`admin: move of page ${page} refused: ${err.message}`));
-    } else if (x < 0.46) {
+    } else if (x < 0.5) {
       const m = core.migrator.list()[0];
       if (!m) return;
       trace(`admin: cancel the move of page ${m.page}`);
@@ -179,10 +179,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       } catch (err) {
         trace(`admin: cancel refused: ${(err as Error).message}`);
       }
-    } else if (x < 0.5) {
+    } else if (x < 0.54) {
       changeMembership();
     } else if (x < 0.9) {
-      const mode = x < 0.7 ? 'barrier' : 'timestamp';
+      const mode = x < 0.72 ? 'barrier' : 'timestamp';
       const name = `s${++snapshotSeq}`;
       const rec = history.begin({ host: -1, peer: actor.id, kind: 'snapshot', lba: 0, blocks: pages * pageBlocks, snapshot: name });
       trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id} begins)`);
