@@ -28,7 +28,7 @@ require('./lib/ts-require');
 const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
 const { replicasMissing, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
 const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
-const { Liveness, startWriter, longestGap } = require('./lib/host-load');
+const { Liveness, startWriter, longestGap, longestGapAt } = require('./lib/host-load');
 
 const args = parseArgs({ rounds: 1, peers: 3, sizeMib: 256, sessions: 2, replicas: 2, healthyS: 120, timeoutS: 30, minutes: 30 }, {
   '--rounds': 'rounds', '--peers': 'peers', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--replicas': 'replicas',
@@ -94,12 +94,14 @@ async function main() {
       }
       const healthyAt = performance.now();
       const through = writers.filter((w) => w.peer !== peer);
-      const pauseMs = Math.round(longestGap(through.flatMap((w) => w.completions).sort((x, y) => x - y), stopAt, healthyAt));
+      const pause = longestGapAt(through.flatMap((w) => w.completions).sort((x, y) => x - y), stopAt, healthyAt);
+      const pauseMs = Math.round(pause.gapMs);
+      const pauseAtMs = Math.round(pause.fromMs - stopAt);
       const stallMs = Math.round(Math.max(...through.map((w) => longestGap(w.completions, stopAt, healthyAt))));
       const writes = writers.reduce((a, w) => a + w.completions.filter((t) => t > stopAt && t <= healthyAt).length, 0);
-      const step = { round, peer: peer.id, pauseMs, stallMs, stopMs, restartedMs, healthyMs, writes, hostErrors: errors.length - errorsBefore };
+      const step = { round, peer: peer.id, pauseMs, pauseAtMs, stallMs, stopMs, restartedMs, healthyMs, writes, hostErrors: errors.length - errorsBefore };
       steps.push(step);
-      console.log(`${peer.id}: stopped in ${stopMs} ms, back at +${restartedMs} ms, healthy ${healthyMs} ms after; pause ${pauseMs} ms (worst session ${stallMs} ms), ${writes} writes, ${step.hostErrors} host errors; load ${loadNow()}`);
+      console.log(`${peer.id}: stopped in ${stopMs} ms, back at +${restartedMs} ms, healthy ${healthyMs} ms after; pause ${pauseMs} ms from +${pauseAtMs} ms (worst session ${stallMs} ms), ${writes} writes, ${step.hostErrors} host errors; load ${loadNow()}`);
       for (const e of errors.slice(errorsBefore, errorsBefore + 5)) console.log(`  ${e.peer} session ${e.writer} at +${Math.round(e.atMs - stopAt)} ms: ${e.what}`);
     }
   }

@@ -178,6 +178,13 @@ assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound ev
  * them past the 1.5 s median the failover soak aims at (bench/failover-soak.js: 1.50-1.57 s).
  */
 export const replicaAckMsMax = 1_000;
+/**
+ * The wait for a copy on a peer that is leaving the group (a graceful stop): it answers in
+ * milliseconds while it still runs, and not at all once it stopped, when its hosts' writes
+ * should not wait replicaAckMsMax for it (a rolling restart's pause). Past this it is dropped
+ * from the in-sync set and resyncs when it is back.
+ */
+export const leavingAckMsMax = 150;
 assert(2 * replicaAckMsMax < peerRequestMsMax, 'a slow copy is dropped (the wait, then a catalog CAS) before the forwarding peer gives up on the primary');
 // -- peer authentication (issue 15 item 5, src/cluster/peer-auth.ts) --
 /** How far a peer RPC authentication stamp may be from the receiver's clock (either way). */

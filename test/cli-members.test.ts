@@ -53,11 +53,15 @@ t.test('the CLI reaches the group through any listed peer that answers', async (
 t.test('two peers on etcd: drain --wait, remove, and the removed peer stops', { skip: hasTool('etcd') ? false : 'etcd not installed' }, async (t) => {
   const { endpoint } = await startEtcd(t.teardown.bind(t));
   const [p1, p2] = await startPeers(t.teardown.bind(t), { count: 2, etcd: endpoint });
-  oneLine(t, p1.cli('peer', 'remove', 'p2'), /peer p2 is up: drain it first/, 'remove before the drain');
-  const drain = p1.cli('peer', 'drain', 'p2', '--wait');
-  t.equal(drain.status, 0, drain.stderr);
-  t.match(drain.stdout, /^peer p2 draining: 0 page copies left \(0 primary\), 0 session\(s\) left$/m, 'progress');
-  t.match(drain.stdout, /^peer p2 is drained: no copy left; remove it with `peersan peer remove p2`$/m);
+  // A volume spread over both: half its pages are on p2, and the drain moves them to p1.
+  t.equal(p1.cli('volume', 'create', 'v', '--size', '32M', '--replicas', '1').status, 0);
+  oneLine(t, p1.cli('peer', 'remove', 'p2'), /peer p2 still holds copies of 4 page\(s\) \(4 as primary\): drain it first/, 'remove while it holds data');
+  const drain = await p1.cliAsync('peer', 'drain', 'p2', '--wait');
+  t.equal(drain.status, 0, drain.out);
+  t.match(drain.out, /^peer p2 draining: 4 page copies left \(4 primary\), 0 session\(s\) left$/m, 'progress: what is left');
+  t.match(drain.out, /^peer p2 draining: 0 page copies left \(0 primary\), 0 session\(s\) left$/m, 'progress: until empty');
+  t.same(JSON.parse(p1.cli('--json', 'page', 'map', 'v').stdout).pages.map((x: { owner: string }) => x.owner), Array(8).fill('p1'), 'every page on p1 now');
+  t.match(drain.out, /^peer p2 is drained: no copy left; remove it with `peersan peer remove p2`$/m);
   oneLine(t, p1.cli('peer', 'drain', 'p1'), /p1 is the last placeable peer/, 'the other one is the last placeable peer now');
   const removed = p1.cli('--json', 'peer', 'remove', 'p2');
   t.equal(removed.status, 0, removed.stderr);

@@ -172,7 +172,7 @@ t.test('a graceful leave marks the peer leaving and switches roles to in-sync co
   const env = realEnv();
   const r = await leave({
     self: 'p1', members, catalog, env, log, why: 'p1 (SIGTERM)',
-    migrator: { start: async (volume, page, to) => (started.push(`${volume}/${page}→${to}`), {} as MoveInfo) },
+    migrator: { start: async (volume, page, to) => (started.push(`${volume}/${page}→${to}`), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined },
   });
   t.equal(members.get('p1')!.state, 'leaving');
   t.equal(members.get('p1')!.changedBy, 'p1 (SIGTERM)');
@@ -182,7 +182,7 @@ t.test('a graceful leave marks the peer leaving and switches roles to in-sync co
   await members.setState('p2', 'leaving', 'test');
   await members.setState('p3', 'leaving', 'test');
   started.length = 0;
-  await leave({ self: 'p1', members, catalog, env, log, why: 'x', migrator: { start: async () => (started.push('x'), {} as MoveInfo) } });
+  await leave({ self: 'p1', members, catalog, env, log, why: 'x', migrator: { start: async () => (started.push('x'), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined } });
   t.same(started, [], 'no role handed to a peer that stops too');
 });
 
@@ -226,14 +226,16 @@ t.test('a peer follows the member records: events everywhere, moves to a drainin
   });
   t.type(unfollow, 'function');
   const change = (id: string, state: MemberState, before: MemberState) => listeners[0](id, { ...record(id, state), changedBy: 'admin via p2' }, record(id, before));
+  change('p3', 'leaving', 'up');
+  t.same(cancelled, [], 'a leaving peer (a planned restart): its moves wait for it and resume');
   change('p3', 'draining', 'up');
   t.same(cancelled, ['1'], 'moves aimed at p3 cancelled (one committing already is left to end)');
   t.same(asked, [], 'another peer draining: no host of ours asked');
-  t.match(events.since(0).map((e) => `${e.kind} ${e.peer} ${e.message}`), [/^member p3 peer p3 draining: .* \(admin via p2\)$/]);
+  t.match(events.since(0).map((e) => `${e.kind} ${e.peer} ${e.message}`), [/^member p3 peer p3 leaving/, /^member p3 peer p3 draining: .* \(admin via p2\)$/]);
   change('p1', 'draining', 'up');
   t.same(asked, [1], 'our own drain: the hosts asked to log out, but the pinned one and discovery sessions');
   change('p1', 'removed', 'draining');
   t.equal(removed, 1, 'removed: the peer stops');
-  t.equal(events.since(0).length, 3);
+  t.equal(events.since(0).length, 4);
   t.same(askHostsToLeave(portal, () => false, 5).map((x) => x.tsih), [1, 2]);
 });

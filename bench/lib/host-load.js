@@ -108,15 +108,20 @@ function startWriter({ peer, index, writers, slots, live, errors, loginFailures,
 
 /** The longest gap between completions of one writer, from its last completion before `fromMs` to `toMs`. */
 function longestGap(completions, fromMs, toMs) {
+  return longestGapAt(completions, fromMs, toMs).gapMs;
+}
+
+/** The longest gap as longestGap finds it, and when it began (the completion before it). */
+function longestGapAt(completions, fromMs, toMs) {
   let last = completions.filter((t) => t <= fromMs).pop() ?? fromMs;
-  let gap = 0;
+  let gap = { gapMs: 0, fromMs: last };
   for (const t of completions) {
     if (t <= last) continue;
     if (t > toMs) break;
-    gap = Math.max(gap, t - last);
+    if (t - last > gap.gapMs) gap = { gapMs: t - last, fromMs: last };
     last = t;
   }
-  return Math.max(gap, toMs - last);
+  return toMs - last > gap.gapMs ? { gapMs: toMs - last, fromMs: last } : gap;
 }
 
-module.exports = { Liveness, startWriter, longestGap };
+module.exports = { Liveness, startWriter, longestGap, longestGapAt };

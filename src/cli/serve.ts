@@ -34,6 +34,16 @@ export async function runPeer(config: ClusterConfig, id: string): Promise<void> 
   tuneHeapForServing();
   const server = await PeerServer.start(config, id, createLogger({ name: 'peersan' }));
   await runUntilSignal([server]);
+  exitSoon();
+}
+
+/**
+ * Stopped: the process ends now, not once a call to another peer in flight at the stop reaches
+ * its deadline (seconds, in a rolling restart's critical path). A moment is left for the log's
+ * last lines to be written; the timer keeps nothing alive.
+ */
+function exitSoon(): void {
+  setTimeout(() => process.exit(), 100).unref();
 }
 
 /**
@@ -127,6 +137,7 @@ export async function demo(opts: DemoOptions): Promise<void> {
   say(`logs:   ${join(dir, 'peersan.log')}`);
   say('ready');
   await runUntilSignal(servers);
+  exitSoon();
   await meta.close();
   say('stopped');
 }

@@ -2,10 +2,18 @@
 // planned restart costs hosts no error. In order:
 //   1. the peer marks itself `leaving` (CAS of its member record): nothing new is placed there,
 //      no peer hands it a role, and its portal redirects every login elsewhere;
-//   2. each page it is primary of whose copy on an `up` peer is in sync gets that copy as its
+//   2. its moves of pages that have an in-sync copy on an `up` peer are cancelled (a page being
+//      moved cannot switch roles; it would fail over after the stop instead: a pause of a lease
+//      for its hosts); moves of one-copy pages go on and resume from their checkpoints at the
+//      next start. Then each page it is primary of whose copy on an `up` peer is in sync gets that copy as its
 //      primary (a role switch: one CAS once the page's writes are quiet, no data copied), a few
 //      at a time, the roles spread over the in-sync copies;
-//   3. (the caller) its hosts are asked to log out, then it stops.
+//   3. it steps out of the in-sync set of each page it holds a copy of whose primary is up (one
+//      CAS per page, as a primary drops a copy that failed it: the primary's writes at the old
+//      epoch are refused here and sent again without it, and its dirty grains for this copy
+//      start, so the copy resyncs quickly once back). Otherwise each primary would find out by
+//      waiting for this copy on its next write to the page: a pause per page for its hosts;
+//   4. (the caller) its hosts are asked to log out, then it stops.
 // Bounded: after leaveHandoverMs the peer stops anyway (pages not handed over fail over as on a
 // crash). A peer handing roles only to `up` peers is why a whole group stopping at once hands
 // nothing around: every peer is marked leaving first (stopGroup, src/server/peer.ts).
@@ -15,6 +23,7 @@ import { within, type Env } from '../env/env';
 import { ConflictError } from '../errors';
 import { leaveHandoverMs, leaveSwitchesInFlightMax } from '../limits';
 import type { Migrator } from '../migration/migrator';
+import { dropFromInSync } from '../replication/replicated';
 import { inSyncOf, type Route } from '../routing/table';
 import type { Catalog } from './catalog';
 import type { Members, MemberState } from './members';
@@ -48,43 +57,94 @@ export function rolesToHandOver(self: string, volumes: readonly { name: string; 
 export interface LeaveOptions {
   self: string;
   members: Pick<Members, 'setState' | 'get' | 'placeable'>;
-  catalog: Pick<Catalog, 'listVolumes' | 'routes'>;
-  migrator: Pick<Migrator, 'start'>;
+  catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'casRoute'>;
+  migrator: Pick<Migrator, 'start' | 'list' | 'cancel' | 'wait'>;
   env: Env;
   log: Logger;
   /** Who asked, for the record and the events: "p1 (SIGTERM)". */
   why: string;
+  /** Before step 3: this peer asks for no resync any more (Resyncer.stopAsking). */
+  stopAsking?(): void;
 }
 
 /** Steps 1 and 2 above, within leaveHandoverMs; never throws (a stop goes on whatever happens). */
+/** The pages whose in-sync set `self` steps out of (step 3): it is a copy, not the primary, and the primary is up (pure). */
+export function copiesToStepOutOf(self: string, volumes: readonly { name: string; routes: readonly Route[] }[], placeable: readonly string[]): { volume: string; page: number; route: Route }[] {
+  const out: { volume: string; page: number; route: Route }[] = [];
+  for (const v of volumes) {
+    v.routes.forEach((route, page) => {
+      if (route.owner !== self && inSyncOf(route).includes(self) && placeable.includes(route.owner)) out.push({ volume: v.name, page, route });
+    });
+  }
+  return out;
+}
+
+/** Run `work` over `items`, leaveSwitchesInFlightMax at a time, while `left()` ms remain; how many succeeded. */
+async function paced<T>(o: Pick<LeaveOptions, 'env'>, items: readonly T[], left: () => number, work: (item: T) => Promise<void>): Promise<number> {
+  let done = 0;
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length && left() > 0) {
+      const item = items[next++];
+      try {
+        await work(item);
+        done++;
+      } catch {
+        // Said by `work`'s caller in its count: a role not handed over fails over, a copy not stepped out is dropped by its primary.
+      }
+    }
+  };
+  await within(o.env.timers, Promise.all(Array.from({ length: Math.min(leaveSwitchesInFlightMax, items.length) }, worker)), Math.max(0, left()));
+  return done;
+}
+
 export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: number }> {
   const startedMs = o.env.clock.monotonicMs();
   const left = (): number => leaveHandoverMs - (o.env.clock.monotonicMs() - startedMs);
   try {
     const marked = await within(o.env.timers, markLeaving(o), leaveHandoverMs);
     if (!marked) return { handed: 0, kept: 0 };
-    const plan = rolesToHandOver(o.self, o.catalog.listVolumes().map((v) => ({ name: v.name, routes: o.catalog.routes(v).owners(v.sizeBytes / v.blockBytes) })), o.members.placeable());
-    let handed = 0;
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < plan.length && left() > 0) {
-        const h = plan[next++];
-        try {
-          await o.migrator.start(h.volume, h.page, h.to);
-          handed++;
-        } catch (err) {
-          o.log.info({ volume: h.volume, page: h.page, to: h.to, reason: (err as Error).message }, 'primary role not handed over before stopping (it fails over instead)');
-        }
-      }
-    };
-    const workers = Array.from({ length: Math.min(leaveSwitchesInFlightMax, plan.length) }, worker);
-    await within(o.env.timers, Promise.all(workers), Math.max(0, left()));
+    await cancelHandOverableMoves(o, left);
+    const volumes = (): { name: string; routes: Route[] }[] => o.catalog.listVolumes().map((v) => ({ name: v.name, routes: o.catalog.routes(v).owners(v.sizeBytes / v.blockBytes) }));
+    const plan = rolesToHandOver(o.self, volumes(), o.members.placeable());
+    const handed = await paced(o, plan, left, async (h) => {
+      await o.migrator.start(h.volume, h.page, h.to).catch((err: Error) => {
+        o.log.info({ volume: h.volume, page: h.page, to: h.to, reason: err.message }, 'primary role not handed over before stopping (it fails over instead)');
+        throw err;
+      });
+    });
     o.log.info({ handed, kept: plan.length - handed, ms: o.env.clock.monotonicMs() - startedMs }, 'primary roles handed over before stopping');
+    o.stopAsking?.();
+    const copies = copiesToStepOutOf(o.self, volumes(), o.members.placeable());
+    const steppedOut = await paced(o, copies, left, async (c) => {
+      const volume = o.catalog.listVolumes().find((v) => v.name === c.volume);
+      if (volume) await dropFromInSync(o.catalog, volume, c.page, c.route, [o.self]);
+    });
+    o.log.info({ steppedOut, kept: copies.length - steppedOut }, 'stepped out of the in-sync sets of the copies held here (their primaries resync them once back)');
     return { handed, kept: plan.length - handed };
   } catch (err) {
     o.log.warn({ reason: (err as Error).message }, 'graceful leave failed; stopping anyway');
     return { handed: 0, kept: 0 };
   }
+}
+
+/** Step 2's first part: this peer's moves of pages another up copy can take the role of are cancelled, and waited for (bounded). */
+async function cancelHandOverableMoves(o: LeaveOptions, left: () => number): Promise<void> {
+  const placeable = o.members.placeable();
+  const cancelled = o.migrator.list().filter((m) => {
+    const volume = o.catalog.listVolumes().find((v) => v.id === m.volumeId);
+    const route = volume && o.catalog.routes(volume).route(m.page);
+    if (!route || !inSyncOf(route).some((p) => p !== o.self && placeable.includes(p))) return false;
+    try {
+      o.migrator.cancel(m.volumeId, m.page);
+      return true;
+    } catch {
+      return false; // committing: it ends by itself, and step 2 finds the page's new primary
+    }
+  });
+  if (cancelled.length === 0) return;
+  await within(o.env.timers, Promise.all(cancelled.map((m) => o.migrator.wait(m.volumeId, m.page).catch(() => undefined))), Math.max(0, left()));
+  o.log.info({ moves: cancelled.length }, 'page moves cancelled before stopping: their pages\' roles are handed over instead');
 }
 
 /**

@@ -38,7 +38,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, within, type Env } from '../env/env';
 import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { dropRetryMsMax, dropRetryMsMin, replicaAckMsMax, routeRetriesMax } from '../limits';
+import { dropRetryMsMax, dropRetryMsMin, leavingAckMsMax, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -61,6 +61,12 @@ export interface ReplicationWiring {
   log: Logger;
   /** Read errors here served from another copy (counted, told), and a copy that cannot be repaired handed over. */
   readRepair?: ReadRepairHooks;
+  /**
+   * The peer is leaving the group (a graceful stop: member state leaving or removed): a copy
+   * there that does not take a change within leavingAckMsMax is dropped, not after
+   * replicaAckMsMax (its process may be gone, its stream reconnecting). Absent: none is.
+   */
+  leaving?(peer: string): boolean;
 }
 
 export interface ReplicatedVolumeOptions extends ReplicationWiring {
@@ -486,9 +492,10 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   private async deliver(peer: string, req: Omit<BlockRequest, 'id'>, deadlineMs: number): Promise<Delivery> {
     const { clock, timers } = this.o.env;
+    if (this.o.leaving?.(peer)) deadlineMs = Math.min(deadlineMs, clock.monotonicMs() + leavingAckMsMax);
     for (;;) {
       const leftMs = deadlineMs - clock.monotonicMs();
-      if (leftMs <= 0) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+      if (leftMs <= 0) return { kind: 'failed', reason: this.o.leaving?.(peer) ? `${peer} is leaving the group and did not answer within ${leavingAckMsMax} ms` : `no answer within ${replicaAckMsMax} ms` };
       const answer = await this.ask(peer, req, leftMs);
       if (answer !== 'again') return answer;
       await sleep(timers, Math.min(transientRetryMs, leftMs));
@@ -503,7 +510,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     } catch (err) {
       return errorKindOf(err, true) === ErrorKind.busy ? 'again' : { kind: 'failed', reason: err instanceof Error ? err.message : String(err) };
     }
-    if (!reply) return { kind: 'failed', reason: `no answer within ${replicaAckMsMax} ms` };
+    if (!reply) return { kind: 'failed', reason: `no answer within ${Math.round(leftMs)} ms` };
     if (reply.status === ReplyStatus.ok) return { kind: 'ok' };
     if (reply.status === ReplyStatus.moved) return { kind: 'moved', version: reply.version };
     if (reply.status === ReplyStatus.noVolume || (reply.status === ReplyStatus.failed && reply.detail === ErrorKind.busy)) return 'again';

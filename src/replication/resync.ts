@@ -521,6 +521,9 @@ export class Resyncer {
   private unfollow: (() => void) | undefined;
   private closed = false;
 
+  /** A graceful leave: no more asks (stopAsking). */
+  private notAsking = false;
+
   constructor(private readonly o: ResyncerOptions) {
     this.counters = o.counters ?? { resyncBytes: 0, rebuildBytes: 0 };
     this.rate = new ByteRate(o.settings.rateBytesPerSec, Math.max(resyncRunBytesMax, o.settings.pieceBytes), o.env);
@@ -537,6 +540,15 @@ export class Resyncer {
       else this.deleted(name);
     });
     for (const v of this.o.catalog.listVolumes()) this.follow(v);
+  }
+
+  /**
+   * Ask for no resync any more (a graceful leave, before this peer steps out of its copies'
+   * in-sync sets: asking to come back in would undo it). The dirty grains it tracks as a
+   * primary are kept.
+   */
+  stopAsking(): void {
+    this.notAsking = true;
   }
 
   close(): void {
@@ -586,7 +598,7 @@ export class Resyncer {
   }
 
   private enqueue(key: string): void {
-    if (this.pending.has(key) || this.closed) return;
+    if (this.pending.has(key) || this.closed || this.notAsking) return;
     this.pending.add(key);
     this.waiting.push(key);
     this.pump();
@@ -608,7 +620,7 @@ export class Resyncer {
     const at = parsePageKey(key)!;
     const volume = this.o.catalog.volumeById(at.volumeId);
     const route = volume && this.o.catalog.routes(volume).route(at.page);
-    if (!volume || !route?.copies || !staleCopiesOf(route).includes(this.o.self) || this.closed) {
+    if (!volume || !route?.copies || !staleCopiesOf(route).includes(this.o.self) || this.closed || this.notAsking) {
       this.done(key);
       return;
     }

@@ -174,6 +174,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       tracker: core.resync.tracker,
       guard: { run: (volumeId, page, route, read, op) => core.failover.run(volumeId, page, route, read, op) },
       readRepair: readRepairHooks(w, core, counters),
+      leaving: (peer) => ['leaving', 'removed'].includes(members.get(peer)?.state ?? ''),
     },
     ...(w.meter ? { meter: w.meter } : {}),
     // A router that cannot reach a page's primary asks an in-sync copy (maybe this peer) to take over.

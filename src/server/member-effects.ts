@@ -2,8 +2,9 @@
 // the effects of `peersan peer drain`, a graceful leave and a removal that are not the copies'
 // moves (the CopyKeeper's). Every peer:
 //   - announces the change in its console events, with who asked (memberChangeText);
-//   - cancels its own page moves aimed at a peer that turned draining or leaving (nothing new
-//     goes there; a cancelled move copies its pieces back);
+//   - cancels its own page moves aimed at a peer that turned draining (nothing new goes there; a
+//     cancelled move copies its pieces back); not one that is leaving: a move to a peer that
+//     restarts waits for it and resumes from its checkpoint;
 // and the peer concerned, for itself:
 //   - draining: asks its hosts to log out (AsyncEvent 1), except those a SCSI reservation pins
 //     here (drain progress lists them for the operator); their next login here is redirected;
@@ -62,7 +63,8 @@ export function followMembers(o: MemberEffectsOptions): () => void {
     const text = memberChangeText(now, before);
     if (text) o.event('member', text, { peer: id });
     if (!now || now.state === before?.state) return;
-    if (notPlaceable(now)) cancelMovesTo(o, id);
+    // Not for a leaving peer: a planned restart resumes its moves from their checkpoints.
+    if (now.state === 'draining') cancelMovesTo(o, id);
     if (id !== o.self) return;
     if (now.state === 'draining') {
       const portal = o.portal();
@@ -77,7 +79,7 @@ function cancelMovesTo(o: Pick<MemberEffectsOptions, 'migrator' | 'log'>, peer: 
   for (const m of o.migrator.list().filter((x) => x.to === peer)) {
     try {
       o.migrator.cancel(m.volumeId, m.page);
-      o.log.info({ volume: m.volume, page: m.page, to: peer }, 'page move cancelled: its destination is draining or leaving');
+      o.log.info({ volume: m.volume, page: m.page, to: peer }, 'page move cancelled: its destination is draining');
     } catch (err) {
       // Committing already: it ends there, and the drain moves the page away again.
       o.log.info({ volume: m.volume, page: m.page, to: peer, reason: (err as Error).message }, 'page move to a draining peer not cancelled');

@@ -300,7 +300,7 @@ export class PeerServer {
   /** The graceful leave (src/cluster/graceful-leave.ts), then the hosts asked to log out; bounded, never throws. */
   private async leave(why: string): Promise<void> {
     if (!this.members || !this.core) return;
-    await leave({ self: this.peer.id, members: this.members, catalog: this.core.catalog, migrator: this.core.migrator, env: this.env, log: this.log, why });
+    await leave({ self: this.peer.id, members: this.members, catalog: this.core.catalog, migrator: this.core.migrator, env: this.env, log: this.log, why, stopAsking: () => this.core.resync.resyncer.stopAsking() });
     if (this.portal) askHostsToLeave(this.portal, () => false, this.logoutSeconds());
   }
 

@@ -80,7 +80,7 @@ export interface VolumeTargetsOptions {
   /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
   replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
-  replication: { tracker: ChangeTracker; guard: PrimaryGuard; readRepair?: ReadRepairHooks };
+  replication: { tracker: ChangeTracker; guard: PrimaryGuard; readRepair?: ReadRepairHooks; leaving?(peer: string): boolean };
 }
 
 /** The record, if it is still of the volume `id` (a name is reused after a delete). */
