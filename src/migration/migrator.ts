@@ -128,6 +128,8 @@ export interface MigratorOptions {
    * Resolves true once it is whole, false if it is not within a bound.
    */
   settled?(volumeId: string, page: number): Promise<boolean>;
+  /** The copy keeper is changing the page's copies now (CopyKeeper.changing): no move starts meanwhile. */
+  copiesChanging?(volumeId: string, page: number): boolean;
   /** The same after a move of the page was cancelled here (in the background). */
   cancelled?(volumeId: string, page: number): void;
   /**
@@ -159,6 +161,8 @@ export class Migrator {
   private readonly rate: ByteRate;
   /** Outgoing moves by `volumeId/page`. */
   private readonly running = new Map<string, Running>();
+  /** Moves (and role switches) being started: start() until it returns. */
+  private readonly starting = new Set<string>();
   /** Pages this peer is receiving: `volumeId/page` → source. */
   private readonly incoming = new Map<string, string>();
   /**
@@ -249,9 +253,32 @@ export class Migrator {
 
   // ---- source side ----------------------------------------------------------------------------
 
-  /** Start moving a page this peer owns; resolves once the move is under way (see `wait`). */
+  /**
+   * Start moving a page this peer owns; resolves once the move is under way (see `wait`). While
+   * it starts (starting()), the copy keeper changes none of the page's copies; a start while the
+   * keeper is changing them is refused (MigratorOptions.copiesChanging): a copy added on the
+   * destination after the move read the route would be swapped in twice at its commit (the
+   * simulator, seed 275). Both checks are synchronous with their marks: they exclude each other.
+   */
   async start(volumeName: string, page: number, to: string): Promise<MoveInfo> {
     const volume = this.o.catalog.require(volumeName);
+    const k = key(volume.id, page);
+    if (this.o.copiesChanging?.(volume.id, page)) throw new ConflictError(`the copies of page ${page} of ${volume.name} are being changed; try the move again shortly`);
+    if (this.starting.has(k)) throw new ConflictError(`page ${page} of ${volume.name} is already moving`);
+    this.starting.add(k);
+    try {
+      return await this.startMarked(volume, page, to);
+    } finally {
+      this.starting.delete(k);
+    }
+  }
+
+  /** A move or role switch of the page is starting here (see start). */
+  startingMove(volumeId: string, page: number): boolean {
+    return this.starting.has(key(volumeId, page));
+  }
+
+  private async startMarked(volume: VolumeRecord, page: number, to: string): Promise<MoveInfo> {
     const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
     if (!Number.isSafeInteger(page) || page < 0 || page >= pages) throw new InvalidArgumentError(`volume ${volume.name} has pages 0 to ${pages - 1}, not ${page}`);
     const member = this.o.members.get(to);

@@ -217,6 +217,8 @@ export class CopyKeeper {
   /** Shortage being summed over the current pass through a volume. */
   private readonly counting = new Map<string, Shortage>();
   private interval: TimerHandle | undefined;
+  /** Pages whose copy change (CAS) is under way: `volumeId/page`. */
+  private readonly changingPages = new Set<string>();
   private scheduled = false;
   private running = false;
   private again = false;
@@ -226,6 +228,11 @@ export class CopyKeeper {
   constructor(o: CopyKeeperOptions) {
     this.o = o;
     this.startedMs = o.env.clock.monotonicMs();
+  }
+
+  /** The page's copies are being changed by this keeper now (Migrator.start waits for it to end). */
+  changing(volumeId: string, page: number): boolean {
+    return this.changingPages.has(`${volumeId}/${page}`);
   }
 
   start(): void {
@@ -390,7 +397,15 @@ export class CopyKeeper {
     const d = decide(route, new Map(v.promised));
     if (countShortage && !hint) this.countShortage(volume.id, d);
     if (d.add.length > 0 || d.remove.length > 0) {
-      await this.apply(volume, page, route, (now) => decide(now, v.promised));
+      // No move of the page starts until the CAS is over (Migrator.start), and none was starting
+      // when it was decided (movingAway): a move must not find a copy added on its destination.
+      const k = `${volume.id}/${page}`;
+      this.changingPages.add(k);
+      try {
+        await this.apply(volume, page, route, (now) => decide(now, v.promised));
+      } finally {
+        this.changingPages.delete(k);
+      }
       return true;
     }
     return step.kind === 'move' ? this.moveWhole(v, page, route, choose(route, v.promised), [...lost, ...leaving]) : false;

@@ -216,6 +216,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       return true;
     },
     settled: async (volumeId, page) => (await core.failover?.settled(volumeId, page)) ?? true,
+    copiesChanging: (volumeId, page) => core.replication?.keeper.changing(volumeId, page) ?? false,
     // A replicated page moved here: reconcile its copies (a move of a one-copy page has none).
     adopted: (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
@@ -357,7 +358,8 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
   const { self, env, log } = w;
   const { catalog } = core;
   const zoneOf = (peer: string): string | undefined => w.members.get(peer)?.zone;
-  const movingAway = (volumeId: string, page: number): boolean => core.targets.movable(volumeId)?.moves.has(page) ?? false;
+  // A move running, or being started (its route read: a copy added now would be swapped in twice).
+  const movingAway = (volumeId: string, page: number): boolean => (core.targets.movable(volumeId)?.moves.has(page) ?? false) || core.migrator.startingMove(volumeId, page);
   const keeper = new Keeper({
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
