@@ -282,6 +282,10 @@ t.test('a flow is split over the up peers but its destination: together exactly 
     t.equal(portions[3], 0, 'the destination carries out nothing');
   }
   t.equal(portionOf({ from: 'p1', to: 'p4', copies: 5 }, 'p5', executors), 0, 'a peer that is not up carries out nothing');
+  // A remainder moves with the round: one copy from p1 (a one-copy page only p1 can move) reaches p1 within 3 rounds.
+  const one = { from: 'p1', to: 'p4', copies: 1 };
+  for (let turn = 0; turn < 3; turn++) t.equal(executors.reduce((a, p) => a + portionOf(one, p, executors, turn), 0), 1, `round ${turn}: one peer carries it`);
+  t.same([0, 1, 2].map((turn) => portionOf(one, 'p1', executors, turn)).sort(), [0, 0, 1], 'p1 carries it in one of 3 rounds');
 });
 
 t.test('which copy can go: not while the copy set changes, never a second copy on a peer, no zone lost', async (t) => {

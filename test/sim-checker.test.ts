@@ -11,7 +11,7 @@ import type { BlockBackend, CompareAndWriteResult, LbaExtent } from '../src/stor
 import { MemoryBackend } from './helpers/memory-backend';
 import type { Route } from '../src/routing/table';
 import { check, traceOf, type Violation } from './sim/checker';
-import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld, type RoutePut } from './sim/copies';
+import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld, type RoutePut, type RouteRules } from './sim/copies';
 import { decodeBlock, decodeBlocks, encodeBlock, encodeBlocks, History, type Op, type OpStart, type Outcome, type Seen } from './sim/history';
 import { recordSnapshot, Workload, type Geometry } from './sim/workload';
 
@@ -384,6 +384,11 @@ t.test('unmaps put zeros down: zeros are read right after one, stale after a wri
 
 t.test('copies: the route history, protection and convergence checks (copies.ts)', async (t) => {
   const peers = ['p1', 'p2', 'p3'];
+  // p4 joins at 10 ms; pages are placed with one copy, page 5 with two (p1, p2).
+  const rules: RouteRules = {
+    member: (p, atMs) => peers.includes(p) || (p === 'p4' && atMs >= 10), replicas: 2,
+    placed: (_v, page) => (page === 5 ? { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] } : { owner: peers[page % 3], version: 1 }),
+  };
   const put = (page: number, route: Route, atMs = 1): RoutePut => ({ volumeId: 'v', page, route, atMs });
   const good = [
     put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1'] }),
@@ -391,16 +396,26 @@ t.test('copies: the route history, protection and convergence checks (copies.ts)
     put(1, { owner: 'p3', version: 2 }),
     put(0, { owner: 'p2', version: 4, copies: ['p2', 'p1'] }),
   ];
-  t.same(checkRouteHistory(good, peers), [], 'epochs rising per page; owners first and in sync');
-  const kinds = (puts: RoutePut[]) => checkRouteHistory(puts, peers).map((f) => f.message.replace(/^.*\}: /, ''));
+  t.same(checkRouteHistory(good, rules), [], 'epochs rising per page; owners first and in sync');
+  const kinds = (puts: RoutePut[]) => checkRouteHistory(puts, rules).map((f) => f.message.replace(/^.*?\}: /, ''));
   t.same(kinds([...good, put(0, { owner: 'p1', version: 4, copies: ['p1', 'p2'] })]), ['version 4 after version 4 (epochs must strictly increase)'], 'two records of one epoch');
   t.same(kinds([put(2, { owner: 'p1', version: 1 })]), ['version 1 after version 1 (epochs must strictly increase)'], 'a record of the placed epoch');
   t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p2', 'p1'] })]), ['the owner p1 is not the first copy']);
   t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p2'] })]), ['the owner p1 is not in sync']);
   t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p1'] })]), ['a peer holds two of the copies']);
   t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1', 'p3'] })]), ['p3 is in sync but not a copy']);
-  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p9'] })]), ['p9 is not a peer of the group']);
-  t.equal(checkRouteHistory([put(0, { owner: 'p1', version: 3 }), put(0, { owner: 'p2', version: 2 })], peers)[0].invariant, 'route-history', 'an epoch going back');
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p9'] })]), ['p9 was not a member of the group then']);
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p4'], inSync: ['p1'] }, 9)]), ['p4 was not a member of the group then'], 'a spare named before it joined');
+  t.same(kinds([put(0, { owner: 'p1', version: 2, copies: ['p1', 'p4'], inSync: ['p1'] }, 10)]), [], 'and once it joined');
+  t.equal(checkRouteHistory([put(0, { owner: 'p1', version: 3 }), put(0, { owner: 'p2', version: 2 })], rules)[0].invariant, 'route-history', 'an epoch going back');
+  // An in-sync copy leaves only once enough others are in sync.
+  const evacuated = [put(5, { owner: 'p1', version: 2, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p2'] }), put(5, { owner: 'p1', version: 3, copies: ['p1', 'p2', 'p3'] }), put(5, { owner: 'p1', version: 4, copies: ['p1', 'p3'] })];
+  t.same(checkRouteHistory(evacuated, rules), [], 'p3 added, in sync, then p2 removed: two in sync throughout');
+  const early = checkRouteHistory([put(5, { owner: 'p1', version: 2, copies: ['p1', 'p3'], inSync: ['p1'] })], rules);
+  t.same(early.map((f) => f.invariant), ['protection-dropped'], 'p2 (in sync) removed as p3 is added, stale');
+  t.match(early[0].message, 'in-sync copy on p2 removed with 1 in sync left (p1), 2 before');
+  t.same(checkRouteHistory([put(5, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1'] }), put(5, { owner: 'p1', version: 3, copies: ['p1', 'p3'], inSync: ['p1'] })], rules), [], 'a copy dropped from the in-sync set stays a copy; a stale copy removed takes nothing');
+  t.same(checkRouteHistory([put(0, { owner: 'p2', version: 2 })], rules), [], 'a one-copy page moved: its copy swapped');
 
   const healthy: Route[] = [{ owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, { owner: 'p2', version: 5, copies: ['p2', 'p3'] }];
   t.same(checkProtection('vol', healthy, 2), [], 'every page with its 2 copies in sync');

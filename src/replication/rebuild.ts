@@ -393,7 +393,7 @@ export class CopyKeeper {
     // Decided on the table's route to skip pages with nothing to do, then again on the
     // catalog's record inside the CAS (the table may lack the copies: a route heard in MOVED).
     const decide = (r: Route, promising: Promised): CopyDecision =>
-      decideCopies(r, wanted, lost, this.building.size < copyBuildPagesInFlightMax, choose(r, promising), this.leavingOf(volume.id, page, r));
+      this.decide(r, wanted, lost, this.building.size < copyBuildPagesInFlightMax, choose(r, promising), this.leavingOf(volume.id, page, r));
     const d = decide(route, new Map(v.promised));
     if (countShortage && !hint) this.countShortage(volume.id, d);
     if (d.add.length > 0 || d.remove.length > 0) {
@@ -409,6 +409,11 @@ export class CopyKeeper {
       return true;
     }
     return step.kind === 'move' ? this.moveWhole(v, page, route, choose(route, v.promised), [...lost, ...leaving]) : false;
+  }
+
+  /** A page's copy change (decideCopies); the simulator's negative control overrides it (test/sim/controls). */
+  protected decide(...args: Parameters<typeof decideCopies>): CopyDecision {
+    return decideCopies(...args);
   }
 
   /** The primary role to `to` (a role switch); refused for now (page busy, copy not settled): the next run tries again. */

@@ -163,14 +163,17 @@ export function planSpread(peers: readonly SpreadPeer[], hysteresisShare = sprea
 /**
  * The part of `flow` that `self` carries out: the flow split evenly over `executors` (the up
  * peers but the destination, in one order every peer shares); the remainder goes to peers in a
- * rotation that moves as the flow shrinks, so no peer is left with it round after round.
+ * rotation that moves as the flow shrinks and with `turn` (the round's number, the same on
+ * every peer: the wall clock's tick), so no peer is left with it round after round, and a
+ * remainder given to a peer that cannot carry it (it is primary of no page with a copy on the
+ * source: a one-copy page's copy is its primary's to move) reaches one that can.
  */
-export function portionOf(flow: SpreadFlow, self: string, executors: readonly string[]): number {
+export function portionOf(flow: SpreadFlow, self: string, executors: readonly string[], turn = 0): number {
   const others = executors.filter((p) => p !== flow.to);
   const i = others.indexOf(self);
   if (i < 0) return 0;
   const n = others.length;
-  return Math.floor(flow.copies / n) + ((i + flow.copies) % n < flow.copies % n ? 1 : 0);
+  return Math.floor(flow.copies / n) + ((i + flow.copies + turn) % n < flow.copies % n ? 1 : 0);
 }
 
 /** Can the copy of `route` on `from` go to `to`? Not while its copy set changes; never a second copy on a peer; no zone lost. */
@@ -260,7 +263,8 @@ export class SpreadDriver {
     if (this.o.relocationsPending() > 0 || this.moving.size >= spreadPageMovesInFlightMax) return this.said('waiting for this peer\'s copies on their way');
     const plan = planSpread(this.peers((await this.o.catalog.moveIntents()).map((m) => m.intent)));
     const executors = this.o.catalog.options.members.placeable();
-    const budget = new Map(plan.flows.map((f) => [`${f.from}>${f.to}`, Math.min(portionOf(f, this.o.self, executors), spreadMovesPerRoundMax)]));
+    const turn = Math.floor(this.o.env.clock.nowMs() / copyKeeperTickMs);
+    const budget = new Map(plan.flows.map((f) => [`${f.from}>${f.to}`, Math.min(portionOf(f, this.o.self, executors, turn), spreadMovesPerRoundMax)]));
     let started = 0;
     for (const volume of this.o.catalog.listVolumes()) {
       if (started >= spreadMovesPerRoundMax || ![...budget.values()].some((n) => n > 0)) break;

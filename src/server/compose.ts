@@ -61,6 +61,7 @@ export interface PeerProtocols {
   movable: typeof MovableVolume;
   replicated: typeof ReplicatedVolume;
   layerSync: typeof SnapshotLayerSync;
+  keeper: typeof CopyKeeper;
 }
 
 export interface PeerWiring {
@@ -140,7 +141,7 @@ export interface PeerCore {
 
 export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   const { self, env, log, transport } = w;
-  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, layerSync: SnapshotLayerSync, ...w.protocols };
+  const P: PeerProtocols = { snapshots: SnapshotService, migrator: Migrator, movable: MovableVolume, replicated: ReplicatedVolume, layerSync: SnapshotLayerSync, keeper: CopyKeeper, ...w.protocols };
   const clock = new HybridClock(env.clock);
   const routing = w.routing ?? newRoutingCounters();
   const { members } = w;
@@ -272,7 +273,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.resync.resyncer.start();
   core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
   await core.layerSync.start();
-  core.replication = replicationCore(w, core, counters);
+  core.replication = replicationCore(w, core, counters, P.keeper);
   core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
@@ -353,13 +354,13 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
  * The copy keeper and the reaper, started once moves in flight are recovered (both leave a page
  * being moved to the move), and each volume's protection. Liveness is the load view's.
  */
-function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCounters): ReplicationCore {
+function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCounters, Keeper: typeof CopyKeeper): ReplicationCore {
   const { self, env, log } = w;
   const { catalog } = core;
   const zoneOf = (peer: string): string | undefined => w.members.get(peer)?.zone;
   // A move running, or being started (its route read: a copy added now would be swapped in twice).
   const movingAway = (volumeId: string, page: number): boolean => (core.targets.movable(volumeId)?.moves.has(page) ?? false) || core.migrator.startingMove(volumeId, page);
-  const keeper = new CopyKeeper({
+  const keeper = new Keeper({
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
     movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),

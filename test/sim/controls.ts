@@ -3,6 +3,7 @@
 // invariants can fail. `npm run sim -- --control NAME`.
 
 import type { PeerProtocols } from '../../src/server/compose';
+import { EarlyEvacuation } from './controls/membership';
 import { NoOwnershipCheck, SingleCopyDualWrite } from './controls/migration';
 import { EarlyAckReplication } from './controls/replication';
 import { JoinWithoutLayer, NoBarrierSnapshots, NoFinishSnapshots } from './controls/snapshots';
@@ -25,5 +26,6 @@ export const controls = new Map<string, Control>([
   ['no-barrier', { bug: 'barrier snapshots taken peer by peer: each peer prepares, freezes and releases before the next one prepares (NoBarrierSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoBarrierSnapshots }, replicas: 1 }],
   ['no-finish', { bug: 'timestamp snapshots skip FINISH: late writes stamped before the cut are left out (NoFinishSnapshots); caught by the consistent-cut check', protocols: { snapshots: NoFinishSnapshots }, replicas: 1 }],
   ['join-without-layer', { bug: 'a copy that lacked a snapshot\'s layer of its page joins its holders without taking the layer (JoinWithoutLayer); caught by the check of every holder\'s layer', protocols: { layerSync: JoinWithoutLayer }, replicas: 2 }],
+  ['early-evacuation', { bug: 'a copy leaving a draining peer (or a peer the capacity spread empties) is removed as soon as its replacement is added, stale, not once it is in sync (EarlyEvacuation); caught by the route history\'s protection-dropped check', protocols: { keeper: EarlyEvacuation }, replicas: 2 }],
   ['early-ack', { bug: 'a primary acknowledges a change before every in-sync copy has it (EarlyAckReplication); caught by the read check, the convergence of in-sync copies or the check of every snapshot holder\'s layer (in-sync copies froze different blocks)', protocols: { replicated: EarlyAckReplication }, replicas: 2 }],
 ]);

@@ -1,6 +1,9 @@
 // A simulated peer group: N peers built by the production composition root (composePeer) on
 // simulated disks, catalog and network, hosts writing and reading through any peer, an
-// administrator moving pages and taking snapshots, and the faults of the seed.
+// administrator moving pages, taking snapshots, draining and undraining peers and letting a
+// spare join, and the faults of the seed. The membership is one SimMembers (members.ts) every
+// peer shares; a spare is a peer of the simulation that is not a member (not started, nothing
+// placed on it) until join().
 //
 // A run has three phases:
 // 1. faults: hosts and admin actions run while the fault schedule crashes and restarts peers
@@ -27,7 +30,8 @@ import { SimCatalog, type SimCatalogClient } from './catalog';
 import { SimMedia } from './disk';
 import { SimNetwork, calmNetwork, type Endpoint } from './network';
 import { PeerClock, PeerEnv, SimWorld, driftMax, skewUsMax, type PeerTimers } from './world';
-import { fixedMembers } from '../../src/cluster/members';
+import { followMembers } from '../../src/server/member-effects';
+import { SimMembers } from './members';
 
 const silent: Logger = pino({ level: 'silent' });
 
@@ -112,7 +116,7 @@ export class SimPeer implements Endpoint {
       const store = (this.store = await PageStore.openOn(this.media, { log }));
       g.trace(`${this.id} store open`);
       const core = await composePeer({
-        self: this.id, members: fixedMembers(g.peerIds), pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
+        self: this.id, members: g.members, pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
         portal: { address: `sim:${this.id}` },
         migration: { rateBytesPerSec: 0, pieceBytes: 256 * 1024, duty: 1 },
         balancer: { ...balancerDefaults, intervalMs: 1_000, cooldownMs: 5_000, minMeanLoad: 1 },
@@ -125,6 +129,12 @@ export class SimPeer implements Endpoint {
       core.load.start();
       this.live = core;
       g.trace(`${this.id} up (incarnation ${inc})`);
+      this.followMembers(core, log);
+      // Serving: a joining peer is up (src/server/membership.ts markUp); a draining one stays so.
+      if (g.members.get(this.id)?.state === 'joining') {
+        g.members.setState(this.id, 'up', this.id);
+        g.trace(`${this.id} member state up (it serves)`);
+      }
     } catch (err) {
       if (inc !== this.inc) return;
       // The catalog was out of reach, most likely: a supervisor starts the process again.
@@ -136,6 +146,21 @@ export class SimPeer implements Endpoint {
     } finally {
       if (inc === this.inc) this.starting = false;
     }
+  }
+
+  /**
+   * What a peer process does on a member change (src/server/peer.ts): its moves aimed at a peer
+   * turned draining are cancelled, the change is told (the trace), and the keeper looks at once.
+   * No portal here: the hosts are the simulator's (they pick any up peer).
+   */
+  private followMembers(core: PeerCore, log: Logger): void {
+    const g = this.group;
+    const unfollow = followMembers({
+      self: this.id, members: g.members, migrator: core.migrator, portal: () => undefined, pinned: () => false, logoutSeconds: 0,
+      event: (kind, message) => g.trace(`${this.id} ${kind}: ${message}`), removed: () => undefined, log,
+    });
+    const unkick = g.members.onChange(() => core.replication.keeper.kick());
+    this.onCrash(() => (unfollow(), unkick()));
   }
 
   /** kill -9 and a power loss: the incarnation stops at this instant; the disk keeps what was durable. */
@@ -159,7 +184,10 @@ export class SimPeer implements Endpoint {
 
 export interface SimGroupOptions {
   world: SimWorld;
+  /** Members from the start (p1..pN). */
   peers: number;
+  /** One more peer, p(N+1), that is not a member until join(). */
+  spare?: boolean;
   protocols?: Partial<PeerProtocols>;
   /** Lost-peer interval (default: the production default). */
   replication?: ReplicationSettings;
@@ -171,7 +199,11 @@ export class SimGroup {
   readonly catalog: SimCatalog;
   readonly network: SimNetwork;
   readonly peers = new Map<string, SimPeer>();
+  /** Every peer of the simulation: the members from the start, then the spare if any. */
   readonly peerIds: string[];
+  readonly members: SimMembers;
+  /** The peer that is not a member at the start (undefined: none). */
+  readonly spare: string | undefined;
   readonly protocols: Partial<PeerProtocols> | undefined;
   readonly replication: ReplicationSettings | undefined;
   readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
@@ -183,7 +215,9 @@ export class SimGroup {
     this.replication = o.replication;
     this.trace = (line) => o.trace(`[${o.world.now().toFixed(3)}] ${line}`);
     this.catalog = new SimCatalog(o.world, o.world.fork());
-    this.peerIds = Array.from({ length: o.peers }, (_, i) => `p${i + 1}`);
+    this.peerIds = Array.from({ length: o.peers + (o.spare ? 1 : 0) }, (_, i) => `p${i + 1}`);
+    this.spare = o.spare ? this.peerIds[o.peers] : undefined;
+    this.members = new SimMembers(this.peerIds.slice(0, o.peers), () => o.world.now());
     this.network = new SimNetwork(o.world, o.world.fork(), this.peers as Map<string, Endpoint>, this.trace);
     for (const id of this.peerIds) this.peers.set(id, new SimPeer(id, this, o.world.fork()));
   }
@@ -196,10 +230,15 @@ export class SimGroup {
     return this.peers.get(id)?.core();
   }
 
-  /** Start every peer and create the volume; resolves once every peer has it open. */
+  /** Members (not removed) that are not up. */
+  membersDown(): string[] {
+    return this.members.ids().filter((id) => !this.core(id));
+  }
+
+  /** Start every member and create the volume; resolves once every member has it open. */
   async boot(volume: CreateVolumeInput): Promise<void> {
-    const started = Promise.all([...this.peers.values()].map((p) => p.start()));
-    await this.world.run(this.world.now() + 5_000, Number.MAX_SAFE_INTEGER, () => this.up().length === this.peers.size);
+    const started = Promise.all(this.members.ids().map((id) => this.peers.get(id)!.start()));
+    await this.world.run(this.world.now() + 5_000, Number.MAX_SAFE_INTEGER, () => this.membersDown().length === 0);
     await started;
     const p1 = this.core(this.peerIds[0])!;
     let created = false;
@@ -210,6 +249,27 @@ export class SimGroup {
 
   hostPath(peer: string, volume: string): BlockBackend | undefined {
     return this.core(peer)?.targets.hostPathFor(volume);
+  }
+
+  // ---- membership (the administrator's) --------------------------------------------------------
+
+  /** The spare starts as a new peer would: registered (joining), then up once it serves. */
+  join(id: string): void {
+    this.members.register(id, 'joining', id);
+    this.trace(`${id} JOINS the group (registered joining)`);
+    void this.peers.get(id)!.start();
+  }
+
+  /** `peersan peer drain ID`: nothing new placed there, its copies leave (src/replication/rebuild.ts). */
+  drain(id: string): void {
+    this.members.setState(id, 'draining', 'admin');
+    this.trace(`${id} DRAINS (member state draining)`);
+  }
+
+  /** `peersan peer undrain ID`: up again. */
+  undrain(id: string): void {
+    this.members.setState(id, 'up', 'admin');
+    this.trace(`${id} UNDRAINED (member state up)`);
   }
 
   // ---- faults --------------------------------------------------------------------------------
@@ -237,7 +297,7 @@ export class SimGroup {
 
   /** Cut a peer from the catalog and from every other peer for `ms` (its hosts still reach it). */
   isolate(id: string, ms: number): void {
-    const others = this.peerIds.filter((p) => p !== id);
+    const others = this.members.ids().filter((p) => p !== id);
     this.counts.isolations++;
     this.trace(`${id} ISOLATED from the catalog and the other peers for ${ms.toFixed(0)} ms`);
     const cut = (on: boolean): void => {

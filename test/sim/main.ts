@@ -57,6 +57,7 @@ function parse(argv: string[]): Args {
 interface SeedReport {
   seed: number;
   faults: SimResult['faults'];
+  membership: SimResult['membership'];
   violations: number;
   text?: string;
 }
@@ -71,7 +72,7 @@ async function runSeed(a: Args, seed: number, withTrace: boolean): Promise<SeedR
     ...(control ? { protocols: control.protocols } : {}),
     ...(a.latentErrors ? { latentErrors: true } : {}),
   });
-  const report: SeedReport = { seed, faults: r.faults, violations: r.violations.length };
+  const report: SeedReport = { seed, faults: r.faults, membership: r.membership, violations: r.violations.length };
   const flags = `${a.replicas === undefined ? '' : ` --replicas ${a.replicas}`}${a.control === undefined ? '' : ` --control ${a.control}`}${a.latentErrors ? ' --latent-errors' : ''}`;
   if (r.violations.length > 0 || withTrace) report.text = describe(r, withTrace, flags);
   return report;
@@ -83,13 +84,14 @@ async function simulateOrFail(o: Parameters<typeof simulate>[0]): Promise<SimRes
     return await simulate(o);
   } catch (err) {
     const none = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
-    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0, replicas: o.replicas ?? 0 };
+    return { seed: o.seed, violations: [{ invariant: 'simulator-error' as never, opId: 0, message: (err as Error).stack ?? String(err) }], trace: [], story: [], faults: none, steps: 0, ops: 0, moves: { committed: 0, cancelled: 0 }, snapshots: 0, replicas: o.replicas ?? 0, membership: { joins: 0, drains: 0, undrains: 0 } };
   }
 }
 
 /** The seed's report: its violations, then the trace up to the first of them. */
 function describe(r: SimResult, full: boolean, flags: string): string {
-  const out = [`seed ${r.seed}: ${r.violations.length} violation(s); ${r.replicas} ${r.replicas === 1 ? 'copy' : 'copies'} per page, ${r.ops} host commands, ${r.moves.committed} moves committed, ${r.moves.cancelled} cancelled, ${r.snapshots} snapshots, ${r.steps} steps`];
+  const m = r.membership;
+  const out = [`seed ${r.seed}: ${r.violations.length} violation(s); ${r.replicas} ${r.replicas === 1 ? 'copy' : 'copies'} per page, ${r.ops} host commands, ${r.moves.committed} moves committed, ${r.moves.cancelled} cancelled, ${r.snapshots} snapshots, ${m.joins} joins, ${m.drains} drains, ${m.undrains} undrains, ${r.steps} steps`];
   for (const v of r.violations.slice(0, 10)) out.push(`  ${v.invariant}: ${v.message}`);
   if (r.violations.length > 10) out.push(`  … and ${r.violations.length - 10} more`);
   if (r.story.length > 0) {
@@ -147,6 +149,7 @@ async function main(): Promise<void> {
 
 function printTotals(reports: SeedReport[], seeds: number, control: string | undefined): void {
   for (const [key, label] of faultLines) console.log(`${label} ${reports.reduce((n, r) => n + r.faults[key], 0)}`);
+  for (const key of ['joins', 'drains', 'undrains'] as const) console.log(`${key} ${reports.reduce((n, r) => n + r.membership[key], 0)}`);
   const violations = reports.reduce((n, r) => n + r.violations, 0);
   console.log(`seeds ${seeds}, violations ${violations}${control === undefined ? '' : ` (control ${control})`}`);
 }

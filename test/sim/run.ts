@@ -1,16 +1,18 @@
-// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers, one volume spanning them
-// with 1–3 copies of each page, hosts, an administrator and the seed's faults; then calm,
-// convergence and the checks. Everything the run does is drawn from the seed, so
+// One simulated run from a seed (DESIGN.md 12): a group of 3–5 peers (and, in some seeds, a spare
+// that joins during the run), one volume spanning them (created without --peers: it spans the
+// members as they change) with 1–3 copies of each page, hosts, an administrator and the seed's
+// faults; then calm, convergence and the checks. Everything the run does is drawn from the seed, so
 // `simulate({ seed })` twice gives the same trace, line for line.
 
 import { defaultReplicas } from '../../src/cluster/catalog';
 import type { SeededRandom } from '../../src/env/manual';
 import { copiesOf, inSyncOf, type Route } from '../../src/routing/table';
+import { planSpread } from '../../src/replication/spread';
 import { decodeSnapshot, routesAtCut, snapshotHolders, snapshotKey } from '../../src/snapshot/records';
 import type { PeerProtocols } from '../../src/server/compose';
 import type { BlockBackend } from '../../src/store/types';
 import { check, traceOf, type Violation } from './checker';
-import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld } from './copies';
+import { checkConvergence, checkProtection, checkRouteHistory, type CopiesHeld, type RouteRules } from './copies';
 import { SimGroup, type FaultCounts } from './group';
 import type { Endpoint } from './network';
 import { History, decodeBlocks, type Op } from './history';
@@ -53,6 +55,14 @@ export interface SimResult {
   snapshots: number;
   /** Copies per page the run's volume asked for. */
   replicas: number;
+  /** The administrator's membership changes: a spare joined, drains, undrains. */
+  membership: MembershipCounts;
+}
+
+export interface MembershipCounts {
+  joins: number;
+  drains: number;
+  undrains: number;
 }
 
 const volume = 'vol';
@@ -70,6 +80,8 @@ const convergeMsMax = 60_000;
  * pages just after it starts (DESIGN.md 10); either unsettles the group again.
  */
 const steadyMs = 1_000;
+/** Seeds that start with a spare (a peer not in the group) that joins during the faults. */
+const spareShare = 0.35;
 /** A host gives a command up after this (an initiator's command timeout) and retries elsewhere. */
 const hostCommandMsMax = 8_000;
 
@@ -80,7 +92,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const rnd = world.fork();
   const peers = 3 + rnd.int(3);
   const replicas = o.replicas ?? drawReplicas(rnd, peers);
-  const group = new SimGroup({ world, peers, trace, ...(o.protocols ? { protocols: o.protocols } : {}) });
+  // Some seeds start a spare: a peer that is not a member, with nothing placed on it, until it joins.
+  const spare = rnd.float() < spareShare;
+  const group = new SimGroup({ world, peers, spare, trace, ...(o.protocols ? { protocols: o.protocols } : {}) });
+  const membership: MembershipCounts = { joins: 0, drains: 0, undrains: 0 };
   const stepsMax = o.stepsMax ?? Number.MAX_SAFE_INTEGER;
   const history = new History(() => world.now());
   const violations: Violation[] = [];
@@ -90,7 +105,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   };
 
   await group.boot({ name: volume, size: pages * pageBlocks * blockBytes, blockBytes, replicas });
-  trace(`booted ${peers} peers; volume ${volume} (${pages} pages, ${replicas} ${replicas === 1 ? 'copy' : 'copies'} of each)`);
+  trace(`booted ${peers} peers${group.spare ? ` and ${group.spare}, a spare not in the group` : ''}; volume ${volume} (${pages} pages, ${replicas} ${replicas === 1 ? 'copy' : 'copies'} of each)`);
 
   // ---- hosts --------------------------------------------------------------------------------
   const workload = new Workload(world.fork(), { blockCount: pages * pageBlocks, pageBlocks, blockBytes });
@@ -164,8 +179,10 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       } catch (err) {
         trace(`admin: cancel refused: ${(err as Error).message}`);
       }
+    } else if (x < 0.54) {
+      changeMembership();
     } else if (x < 0.9) {
-      const mode = x < 0.7 ? 'barrier' : 'timestamp';
+      const mode = x < 0.72 ? 'barrier' : 'timestamp';
       const name = `s${++snapshotSeq}`;
       const rec = history.begin({ host: -1, peer: actor.id, kind: 'snapshot', lba: 0, blocks: pages * pageBlocks, snapshot: name });
       trace(`admin: ${mode} snapshot ${name} through ${actor.id} (#${rec.id} begins)`);
@@ -185,7 +202,30 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
       tracked(core.load.rebalance(false), actor).then((r) => trace(`admin: rebalance planned ${r.moves.length} moves`), (err: Error) => trace(`admin: rebalance failed: ${err.message}`));
     }
   };
+  // One peer drains at a time, and only while the peers that stay up can hold every copy of a
+  // page (copies go on distinct peers; a drain the others lack room for is an operator's mistake
+  // the CLI answers with a refusal or a warning, issue 18). A draining peer is undrained later,
+  // or drains through the calm and must then end empty (drainsLeft).
+  const changeMembership = (): void => {
+    const draining = group.members.ids().find((id) => group.members.get(id)!.state === 'draining');
+    if (draining) {
+      membership.undrains++;
+      return group.undrain(draining);
+    }
+    const up = group.members.placeable();
+    if (up.length - 1 < replicas) return;
+    membership.drains++;
+    group.drain(up[adminRnd.int(up.length)]);
+  };
   world.after(20, admin);
+  // The spare joins once, during the faults: capacity spreading gives it copies (spareWanting).
+  if (group.spare) {
+    const id = group.spare;
+    world.after(200 + adminRnd.float() * (faultMs - 700), () => {
+      membership.joins++;
+      group.join(id);
+    });
+  }
 
   // ---- faults ---------------------------------------------------------------------------------
   let faultsOn = true;
@@ -195,7 +235,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const fault = (): void => {
     if (!faultsOn) return;
     world.after(20 + faultRnd.float() * 200, fault);
-    const ids = group.peerIds;
+    const ids = group.members.ids();
     const id = ids[faultRnd.int(ids.length)];
     const x = faultRnd.float();
     if (x < 0.17) {
@@ -270,14 +310,15 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   adminOn = false;
   const calmAt = world.now();
   const settled = (): boolean =>
-    inFlight === 0 && adminInFlight === 0 && group.up().length === group.peerIds.length && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
-    routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0 && protection(group, volume).length === 0;
+    inFlight === 0 && adminInFlight === 0 && group.membersDown().length === 0 && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
+    routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0 && protection(group, volume).length === 0 &&
+    drainsLeft(group, volume).length === 0 && spareWanting(group) === undefined;
   await settle(world, calmAt + convergeMsMax, stepsMax, settled);
   if (world.steps < stepsMax) {
     if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
     if (adminInFlight > 0) fail('admin-command-stuck', `${adminInFlight} admin command(s) (move, snapshot, rebalance) still unanswered ${convergeMsMax} ms after the faults stopped`);
     for (const p of group.up()) for (const m of p.core()!.migrator.list()) fail('move-not-ended', `${p.id}'s move of page ${m.page} to ${m.to} is still ${m.state} (${m.done}/${m.pieces}; ${m.lastError}) ${convergeMsMax} ms after the faults stopped`);
-    if (group.up().length < group.peerIds.length) fail('peer-not-up', `peers ${group.peerIds.filter((id) => !group.core(id)).join(', ')} not up ${convergeMsMax} ms after the faults stopped`);
+    if (group.membersDown().length > 0) fail('peer-not-up', `peers ${group.membersDown().join(', ')} not up ${convergeMsMax} ms after the faults stopped`);
     const disagree = routesAgree(group, volume);
     if (disagree) fail('routes-disagree', disagree);
     // Every move ended: none left recorded in the catalog (a stale intent blocks the page's moves for good).
@@ -291,13 +332,17 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const ranges = touched(history.ops);
   // The group settled: its snapshots are read below (else they may not be readable yet).
   const settledOk = violations.length === 0 && world.steps < stepsMax;
-  for (const f of checkRouteHistory(group.catalog.routePuts, group.peerIds)) fail(f.invariant, f.message);
+  for (const f of checkRouteHistory(group.catalog.routePuts, routeRules(group, replicas))) fail(f.invariant, f.message);
   // With every peer up and no host command running, whatever else went wrong: every page has the
   // copies asked for, all in sync (resync finished); its in-sync copies hold the same blocks (read
   // below the data path, before the read-back: a read may drop a copy whose lease ran out); and
   // what hosts wrote is read back through every peer (a read that fails is judged as no answer).
-  if (inFlight === 0 && group.up().length === group.peerIds.length && world.steps < stepsMax) {
+  if (inFlight === 0 && group.membersDown().length === 0 && world.steps < stepsMax) {
     for (const f of protection(group, volume)) fail(f.invariant, `${f.message}, ${convergeMsMax} ms after the faults stopped`);
+    // A drain that lasted through the calm ended: the peer holds no copy (the others have room).
+    for (const m of drainsLeft(group, volume)) fail('drain-incomplete', `${m}, ${convergeMsMax} ms after the faults stopped`);
+    const wanting = spareWanting(group);
+    if (wanting) fail('spare-empty', `${wanting}, ${convergeMsMax} ms after the faults stopped`);
     for (const held of await readCopies(world, group, volume, ranges, stepsMax)) for (const f of checkConvergence(held, blockBytes)) fail(f.invariant, f.message);
     for (const p of group.up()) {
       const path = group.hostPath(p.id, volume);
@@ -332,8 +377,53 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   return {
     seed: o.seed, violations, trace: violations.length > 0 || o.keepTrace ? lines : [], faults: group.faultCounts(), steps: world.steps,
     story: storyOf(history, violations),
-    ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length, replicas,
+    ops: history.ops.length, moves: { committed, cancelled }, snapshots: snapshotOps.length, replicas, membership,
   };
+}
+
+/** The rules the route history is checked against (copies.ts): who was a member when, the replicas, the placed routes. */
+function routeRules(group: SimGroup, replicas: number): RouteRules {
+  const catalog = group.up()[0]?.core()?.catalog;
+  return {
+    member: (peer, atMs) => group.members.memberAt(peer, atMs),
+    replicas,
+    placed: (volumeId, page) => {
+      const v = catalog?.volumeById(volumeId);
+      return v && catalog!.routes(v).placed(page);
+    },
+  };
+}
+
+/**
+ * Each draining member that still holds copies: a drain ends with none (its copies rebuilt on the
+ * peers that stay, one-copy pages moved), the peers that stay having room for them all (the
+ * administrator drains only then).
+ */
+function drainsLeft(group: SimGroup, volume: string): string[] {
+  const c = catalogRoutes(group, volume);
+  const draining = group.members.ids().filter((id) => group.members.get(id)!.state === 'draining');
+  if (!c || draining.length === 0) return [];
+  return draining.flatMap((id) => {
+    const held = c.routes.flatMap((r, page) => (copiesOf(r).includes(id) ? [page] : []));
+    return held.length > 0 ? [`${id} has drained since ${group.members.get(id)!.changedAtMs.toFixed(0)} ms but still holds copies of pages ${held.join(', ')}`] : [];
+  });
+}
+
+/**
+ * A joined spare with no copy while the capacity spread's own plan (src/replication/spread.ts
+ * planSpread, on the final figures) still sends it some: the spread did not finish. (Not "while
+ * the volume has more pages than peers": the plan gives an empty peer nothing when its share is
+ * one copy or less, or when no other peer is a whole copy above its share, e.g. 4 pages of 2
+ * copies on 4 peers and a fifth joining: 2 each, a share of 1.6.)
+ */
+function spareWanting(group: SimGroup): string | undefined {
+  const spare = group.spare;
+  const core = group.up()[0]?.core();
+  if (!spare || !core || group.members.get(spare)?.state !== 'up') return undefined;
+  const plan = planSpread(core.replication.spread.peers([]));
+  const fill = plan.fills.find((f) => f.id === spare);
+  if (!fill || fill.copies > 0 || !plan.flows.some((f) => f.to === spare)) return undefined;
+  return `${spare} joined and holds no copy; the spread plans ${plan.reason}`;
 }
 
 /**
