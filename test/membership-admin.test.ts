@@ -13,7 +13,7 @@ import { Catalog } from '../src/cluster/catalog';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { leave, rolesToHandOver } from '../src/cluster/graceful-leave';
 import type { PeerStatusView } from '../src/cluster/group-status';
-import { checkDrain, checkRemove, copiesOn, drainProgressOf, membershipAdmin, type HeldCopy } from '../src/cluster/membership-admin';
+import { checkDrain, checkDrainCopies, checkRemove, copiesOn, drainProgressOf, membershipAdmin, type HeldCopy } from '../src/cluster/membership-admin';
 import { fixedMembers, Members, type MemberRecord, type MemberState } from '../src/cluster/members';
 import { ManualEnv } from '../src/env/manual';
 import { realEnv } from '../src/env/real';
@@ -50,6 +50,8 @@ t.test('drain refusals: unknown, removed, the last placeable peer, not enough sp
   refusal(t, () => checkDrain('p1', record('p1', 'up'), ids, ids, { heldBytes: 10 * GiB, freeBytes: 4 * GiB }), /the other peers \(p2, p3\) lack 6\.0 GiB for the copies on p1/, 'space');
   t.doesNotThrow(() => checkDrain('p1', record('p1', 'up'), ids, ids, { heldBytes: 4 * GiB, freeBytes: 4 * GiB }), 'exactly enough room');
   t.doesNotThrow(() => checkDrain('p1', record('p1', 'draining'), ids, ['p2', 'p3'], undefined), 'draining again is fine');
+  refusal(t, () => checkDrainCopies('p3', [{ name: 'two', copies: 2, span: ids }, { name: 'three', copies: 3, span: ids }]), /volume three keeps 3 copies of each page and would have 2 peer\(s\) for them without p3: add a peer first, or lower its copies \(peersan volume set three --replicas 2\)/, 'copies with nowhere to go');
+  t.doesNotThrow(() => checkDrainCopies('p3', [{ name: 'two', copies: 2, span: ids }]), 'two copies on the two peers left');
 });
 
 t.test('remove refusals: holds data, not drained, --force of a live peer, a last in-sync copy, a primary not failed over', async (t) => {
@@ -133,10 +135,13 @@ t.test('drain, undrain, remove and stop on real member records', async (t) => {
   await t.rejects(admin.undrainPeer('p9'), /no peer "p9"/);
 
   await admin.drainPeer('p1');
+  await t.rejects(admin.drainPeer('p2'), /volume v keeps 2 copies of each page and would have 1 peer\(s\) for them without p2/, 'two copies need two peers left');
+  await catalog.setReplicas('v', 1);
   await admin.drainPeer('p2');
   await t.rejects(admin.drainPeer('p3'), /p3 is the last placeable peer/, 'the last placeable peer stays');
   await admin.undrainPeer('p2');
   await admin.undrainPeer('p1');
+  await catalog.setReplicas('v', 2);
 
   await t.rejects(admin.stopPeer('p1'), /peer stop goes to the peer itself: this is p2, not p1/);
   t.equal((await admin.stopPeer('p2')).state, 'leaving');

@@ -20,6 +20,7 @@
 import { ConflictError, InvalidArgumentError, NotFoundError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import { changedCopies } from '../replication/placement';
+import { wantedCopies } from '../replication/rebuild';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 import { formatBytes, type Catalog, type VolumeRecord } from './catalog';
 import type { GroupStatus, PeerStatusView } from './group-status';
@@ -73,6 +74,21 @@ export function checkDrain(id: string, record: MemberRecord | undefined, ids: re
   if (others.length === 0) throw new ConflictError(`peer ${id} is the last placeable peer of the group: its copies would have nowhere to go (start another peer first)`);
   if (space && space.heldBytes > space.freeBytes) {
     throw new ConflictError(`the other peers (${others.join(', ')}) lack ${formatBytes(space.heldBytes - space.freeBytes)} for the copies on ${id} (${formatBytes(space.heldBytes)} held, ${formatBytes(space.freeBytes)} free): add a peer or free space first`);
+  }
+}
+
+/**
+ * Why draining `id` would leave a volume with fewer peers than the copies it keeps, thrown: its
+ * copies on `id` could go nowhere (a page's copies are on distinct peers) and the page would stay
+ * short of a copy. `volumes`: each volume holding a copy on `id`, with the copies it keeps and
+ * the placeable peers of its span (pure).
+ */
+export function checkDrainCopies(id: string, volumes: readonly { name: string; copies: number; span: readonly string[] }[]): void {
+  for (const v of volumes) {
+    const rest = v.span.filter((p) => p !== id).length;
+    if (rest < v.copies) {
+      throw new ConflictError(`volume ${v.name} keeps ${v.copies} copies of each page and would have ${rest} peer(s) for them without ${id}: add a peer first, or lower its copies (peersan volume set ${v.name} --replicas ${Math.max(1, rest)})`);
+    }
   }
 }
 
@@ -159,7 +175,7 @@ export interface MembershipAdmin {
 export interface MembershipAdminOptions {
   self: string;
   members: Pick<Members, 'get' | 'ids' | 'placeable' | 'setState'>;
-  catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'fetchRoute' | 'casRoute' | 'volume'>;
+  catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'fetchRoute' | 'casRoute' | 'volume' | 'spanOf'>;
   group: Pick<GroupStatus, 'status'>;
   /** A session of `peer` is pinned there by a SCSI reservation (host-balance-wiring.ts). */
   pinned(peer: string, session: SessionInfo): boolean;
@@ -184,6 +200,8 @@ export function membershipAdmin(o: MembershipAdminOptions): MembershipAdmin {
       const others = peers.filter((p) => p.id !== id && p.up && placeable.includes(p.id));
       const space = target?.up ? { heldBytes: target.allocatedBytes, freeBytes: others.reduce((n, p) => n + p.freeBytes, 0) } : undefined;
       checkDrain(id, members.get(id), members.ids(), placeable, space);
+      const held = new Set(copiesOn(catalog, id).map((c) => c.volume));
+      checkDrainCopies(id, catalog.listVolumes().filter((v) => held.has(v.name)).map((v) => ({ name: v.name, copies: wantedCopies(v, catalog.spanOf(v)), span: catalog.spanOf(v) })));
       const r = await members.setState(id, 'draining', by, (now) => checkDrain(id, now, members.ids(), members.placeable(), undefined));
       return progress(r);
     },
