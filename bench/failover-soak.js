@@ -30,50 +30,27 @@
 'use strict';
 
 require('./lib/ts-require');
-const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
-const { replicasMissing, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
-const { Liveness, startWriter, longestGap } = require('./lib/host-load');
-const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
+const { waitProtection } = require('../test/helpers/replicas.ts');
+const { parseArgs, median, machine, loadNow, saveResults } = require('./lib/group');
+const { startSoak, runSoak, longestGap } = require('./lib/host-load');
 
 const args = parseArgs({ cycles: 20, sizeMib: 256, sessions: 2, downS: 5, healthyS: 120, minutes: 60, replicas: 2, timeoutS: 30 }, {
   '--cycles': 'cycles', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--down-s': 'downS', '--healthy-s': 'healthyS',
   '--minutes': 'minutes', '--replicas': 'replicas', '--timeout-s': 'timeoutS',
 });
-const geometry = { slotBytes: 4096, blockBytes: 512 };
 const volume = 'soak';
 const pauseMsAim = 3_000;
 const medianPauseMsAim = 1_500;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** Teardowns of the group (peers, etcd), run once at the end or on Ctrl-C. */
-const teardowns = [];
-let tornDown;
-function teardown() {
-  tornDown ??= (async () => {
-    for (const fn of teardowns.reverse()) await Promise.resolve().then(fn).catch(() => undefined);
-    groupCleanup();
-  })();
-  return tornDown;
-}
-
-async function main() {
-  const missing = ['etcd'].filter((x) => !hasTool(x));
-  if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
-  const noReplicas = replicasMissing();
-  if (noReplicas) throw new Error(`${noReplicas}: this soak needs replicated volumes (issue 17)`);
+async function main(teardowns) {
   const deadline = Date.now() + args.minutes * 60_000;
-  const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
-  const peers = await startPeers((fn) => teardowns.push(fn), { count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] });
-  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${args.sizeMib}M`, '--replicas', String(args.replicas));
-  if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
-  const live = new Liveness(peers);
-  const livePeers = () => peers.filter((p) => live.up.get(p.id));
-  const errors = [];
-  const loginFailures = [];
-  const slots = (args.sizeMib * 1024 * 1024) / geometry.slotBytes;
-  const writersCount = peers.length * args.sessions;
-  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) => startWriter({ peer: p, index: i * args.sessions + k, writers: writersCount, slots, live, errors, loginFailures, volume, geometry, timeoutMs: args.timeoutS * 1000 })));
-  console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writersCount} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s; load ${loadNow()}`);
+  const soak = await startSoak({
+    volume, count: 3, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, teardowns,
+    yaml: { clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] },
+  });
+  const { peers, live, livePeers, errors, loginFailures, writers } = soak;
+  console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s; load ${loadNow()}`);
 
   const cycles = [];
   await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
@@ -108,10 +85,7 @@ async function main() {
   }
   if (Date.now() >= deadline) console.log(`stopped cycling at the --minutes bound (${args.minutes} min) after ${cycles.length} cycles`);
 
-  for (const w of writers) await w.stop();
-  const acknowledged = writers.reduce((a, w) => a + w.completions.length, 0);
-  const lost = [];
-  for (const w of writers) lost.push(...(await verifyLedger(livePeers()[0].iscsiPort, volume, w.ledger, geometry)));
+  const { acknowledged, lost } = await soak.finish();
   const pauses = cycles.map((c) => c.pauseMs).filter(Number.isFinite);
   const summary = {
     cycles: cycles.length, acknowledged, lost: lost.length, hostErrors: errors.length, loginFailures: loginFailures.length,
@@ -126,10 +100,4 @@ async function main() {
   if (!met) process.exitCode = 1;
 }
 
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => void teardown().finally(() => process.exit(130)));
-main()
-  .catch((err) => {
-    console.error(`soak failed: ${err.message}`);
-    process.exitCode = 1;
-  })
-  .finally(teardown);
+runSoak('soak', main);

@@ -25,48 +25,25 @@
 'use strict';
 
 require('./lib/ts-require');
-const { hasTool, startEtcd, startPeers } = require('../test/helpers/processes.ts');
-const { replicasMissing, verifyLedger, waitProtection } = require('../test/helpers/replicas.ts');
-const { parseArgs, median, machine, loadNow, saveResults, cleanup: groupCleanup } = require('./lib/group');
-const { Liveness, startWriter, longestGap, longestGapAt } = require('./lib/host-load');
+const { waitProtection } = require('../test/helpers/replicas.ts');
+const { parseArgs, median, machine, loadNow, saveResults } = require('./lib/group');
+const { startSoak, runSoak, longestGap, longestGapAt } = require('./lib/host-load');
 
 const args = parseArgs({ rounds: 1, peers: 3, sizeMib: 256, sessions: 2, replicas: 2, healthyS: 120, timeoutS: 30, minutes: 30 }, {
   '--rounds': 'rounds', '--peers': 'peers', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--replicas': 'replicas',
   '--healthy-s': 'healthyS', '--timeout-s': 'timeoutS', '--minutes': 'minutes',
 });
-const geometry = { slotBytes: 4096, blockBytes: 512 };
 const volume = 'rolling';
 const pauseMsAim = 500;
 
-const teardowns = [];
-let tornDown;
-function teardown() {
-  tornDown ??= (async () => {
-    for (const fn of teardowns.reverse()) await Promise.resolve().then(fn).catch(() => undefined);
-    groupCleanup();
-  })();
-  return tornDown;
-}
-
-async function main() {
-  const missing = ['etcd'].filter((x) => !hasTool(x));
-  if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
-  const noReplicas = replicasMissing();
-  if (noReplicas) throw new Error(`${noReplicas}: a rolling restart without a pause needs replicated volumes`);
+async function main(teardowns) {
   const deadline = Date.now() + args.minutes * 60_000;
-  const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
-  const peers = await startPeers((fn) => teardowns.push(fn), { count: args.peers, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'] });
-  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${args.sizeMib}M`, '--replicas', String(args.replicas));
-  if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
-  const live = new Liveness(peers);
-  const livePeers = () => peers.filter((p) => live.up.get(p.id));
-  const errors = [];
-  const loginFailures = [];
-  const slots = (args.sizeMib * 1024 * 1024) / geometry.slotBytes;
-  const writersCount = peers.length * args.sessions;
-  const writers = peers.flatMap((p, i) => Array.from({ length: args.sessions }, (_, k) =>
-    startWriter({ peer: p, index: i * args.sessions + k, writers: writersCount, slots, live, errors, loginFailures, volume, geometry, timeoutMs: args.timeoutS * 1000 })));
-  console.log(`rolling restart: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writersCount} sessions (${args.sessions} per portal), ${args.rounds} round(s); load ${loadNow()}`);
+  const soak = await startSoak({
+    volume, count: args.peers, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, teardowns,
+    yaml: { clusterYaml: ['hostBalance: { enabled: false }'] },
+  });
+  const { peers, live, livePeers, errors, loginFailures, writers } = soak;
+  console.log(`rolling restart: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.rounds} round(s); load ${loadNow()}`);
 
   const steps = [];
   await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);
@@ -106,10 +83,7 @@ async function main() {
     }
   }
 
-  for (const w of writers) await w.stop();
-  const acknowledged = writers.reduce((a, w) => a + w.completions.length, 0);
-  const lost = [];
-  for (const w of writers) lost.push(...(await verifyLedger(livePeers()[0].iscsiPort, volume, w.ledger, geometry)));
+  const { acknowledged, lost } = await soak.finish();
   const pauses = steps.map((s) => s.pauseMs).filter(Number.isFinite);
   const summary = {
     restarts: pauses.length, acknowledged, lost: lost.length, hostErrors: errors.length, loginFailures: loginFailures.length,
@@ -125,10 +99,4 @@ async function main() {
   if (!met) process.exitCode = 1;
 }
 
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => void teardown().finally(() => process.exit(130)));
-main()
-  .catch((err) => {
-    console.error(`rolling restart failed: ${err.message}`);
-    process.exitCode = 1;
-  })
-  .finally(teardown);
+runSoak('rolling restart', main);

@@ -6,7 +6,9 @@
 'use strict';
 
 const { openSession } = require('../../test/helpers/fuzz-iscsi.ts');
-const { Ledger, verifiedWrite } = require('../../test/helpers/replicas.ts');
+const { hasTool, startEtcd, startPeers } = require('../../test/helpers/processes.ts');
+const { Ledger, replicasMissing, verifiedWrite, verifyLedger } = require('../../test/helpers/replicas.ts');
+const { cleanup: groupCleanup } = require('./group');
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -124,4 +126,62 @@ function longestGapAt(completions, fromMs, toMs) {
   return toMs - last > gap.gapMs ? { gapMs: toMs - last, fromMs: last } : gap;
 }
 
-module.exports = { Liveness, startWriter, longestGap, longestGapAt };
+/** Blocks of 4 KiB, as a database's pages. */
+const geometry = { slotBytes: 4096, blockBytes: 512 };
+
+/**
+ * A soak's group and load: etcd and `count` peer processes (`yaml`: their cluster.yaml
+ * additions), one volume of `sizeMib` with `replicas` copies, and `sessions` verifying writers
+ * through every portal. Everything started is stopped by `soak.teardown()`.
+ */
+async function startSoak({ volume, count, sizeMib, replicas, sessions, timeoutS, yaml, teardowns }) {
+  const missing = ['etcd'].filter((x) => !hasTool(x));
+  if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
+  const noReplicas = replicasMissing();
+  if (noReplicas) throw new Error(`${noReplicas}: this soak needs replicated volumes`);
+  const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
+  const peers = await startPeers((fn) => teardowns.push(fn), { count, etcd: endpoint, ...yaml });
+  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${sizeMib}M`, '--replicas', String(replicas));
+  if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
+  const live = new Liveness(peers);
+  const errors = [];
+  const loginFailures = [];
+  const slots = (sizeMib * 1024 * 1024) / geometry.slotBytes;
+  const writersCount = peers.length * sessions;
+  const writers = peers.flatMap((p, i) => Array.from({ length: sessions }, (_, k) =>
+    startWriter({ peer: p, index: i * sessions + k, writers: writersCount, slots, live, errors, loginFailures, volume, geometry, timeoutMs: timeoutS * 1000 })));
+  const livePeers = () => peers.filter((p) => live.up.get(p.id));
+  return {
+    peers, live, livePeers, errors, loginFailures, writers,
+    /** Stop the writers and read every slot back: how many writes were acknowledged, and the lost ones. */
+    async finish() {
+      for (const w of writers) await w.stop();
+      const acknowledged = writers.reduce((a, w) => a + w.completions.length, 0);
+      const lost = [];
+      for (const w of writers) lost.push(...(await verifyLedger(livePeers()[0].iscsiPort, volume, w.ledger, geometry)));
+      return { acknowledged, lost };
+    },
+  };
+}
+
+/** Run a soak's `main(teardowns)`: its teardowns run once, at the end or on Ctrl-C; a failure is one line and exit 1. */
+function runSoak(what, main) {
+  const teardowns = [];
+  let tornDown;
+  const teardown = () => {
+    tornDown ??= (async () => {
+      for (const fn of teardowns.reverse()) await Promise.resolve().then(fn).catch(() => undefined);
+      groupCleanup();
+    })();
+    return tornDown;
+  };
+  for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => void teardown().finally(() => process.exit(130)));
+  main(teardowns)
+    .catch((err) => {
+      console.error(`${what} failed: ${err.message}`);
+      process.exitCode = 1;
+    })
+    .finally(teardown);
+}
+
+module.exports = { Liveness, startWriter, longestGap, longestGapAt, startSoak, runSoak };

@@ -83,27 +83,16 @@ export interface GroupRecord {
 
 export type MemberChange = (id: string, now: MemberRecord | undefined, before: MemberRecord | undefined) => void;
 
-export class Members implements MembersView {
+/**
+ * The records of a group in memory and who listens to their changes: what the catalog's
+ * membership (Members) and the simulator's shared one (test/sim/members.ts) have in common.
+ * The lists are kept sorted as records change: the data path and peer authentication ask often.
+ */
+export class MemberBook implements MembersView {
   private readonly records = new Map<string, MemberRecord>();
   private readonly listeners = new Set<MemberChange>();
   private sortedIds: string[] = [];
   private sortedPlaceable: string[] = [];
-  private unwatch: (() => void) | undefined;
-
-  private constructor(private readonly store: MetaStore, private readonly env: Env) {}
-
-  static async open(store: MetaStore, env: Env): Promise<Members> {
-    const m = new Members(store, env);
-    // Watch first, then list: a change between the two is seen twice (harmless), never missed.
-    m.unwatch = await store.watch(memberPrefix, (ev) => m.onEvent(ev));
-    for (const r of await store.list(memberPrefix)) m.onEvent({ type: 'put', record: r });
-    return m;
-  }
-
-  close(): void {
-    this.unwatch?.();
-    this.listeners.clear();
-  }
 
   ids(): readonly string[] {
     return this.sortedIds;
@@ -128,17 +117,49 @@ export class Members implements MembersView {
     return () => this.listeners.delete(fn);
   }
 
-  private onEvent(ev: WatchEvent): void {
-    const id = (ev.type === 'put' ? ev.record.key : ev.key).slice(memberPrefix.length);
+  /** Take a record (undefined: it is gone), then tell the listeners. */
+  protected put(id: string, now: MemberRecord | undefined): void {
     const before = this.records.get(id);
-    const now = ev.type === 'put' ? decodeMember(ev.record) : undefined;
-    if (now && before && now.version < before.version) return;
     if (now) this.records.set(id, now);
     else this.records.delete(id);
     const live = this.all().filter((r) => r.state !== 'removed');
     this.sortedIds = live.map((r) => r.id);
     this.sortedPlaceable = live.filter((r) => r.state === 'up').map((r) => r.id);
-    for (const l of this.listeners) l(id, now, before);
+    for (const l of [...this.listeners]) l(id, now, before);
+  }
+
+  protected forgetListeners(): void {
+    this.listeners.clear();
+  }
+}
+
+export class Members extends MemberBook {
+  private unwatch: (() => void) | undefined;
+
+  private constructor(private readonly store: MetaStore, private readonly env: Env) {
+    super();
+  }
+
+  static async open(store: MetaStore, env: Env): Promise<Members> {
+    const m = new Members(store, env);
+    // Watch first, then list: a change between the two is seen twice (harmless), never missed.
+    m.unwatch = await store.watch(memberPrefix, (ev) => m.onEvent(ev));
+    for (const r of await store.list(memberPrefix)) m.onEvent({ type: 'put', record: r });
+    return m;
+  }
+
+  close(): void {
+    this.unwatch?.();
+    this.forgetListeners();
+  }
+
+  private onEvent(ev: WatchEvent): void {
+    const id = (ev.type === 'put' ? ev.record.key : ev.key).slice(memberPrefix.length);
+    const before = this.get(id);
+    const now = ev.type === 'put' ? decodeMember(ev.record) : undefined;
+    // Our own write applied at once (apply) may come again, older, from the watch.
+    if (now && before && now.version < before.version) return;
+    this.put(id, now);
   }
 
   /**
@@ -243,7 +264,7 @@ export class Members implements MembersView {
   /** Apply a record this peer wrote now (the watch brings it too, maybe later). */
   private apply(r: MetaRecord): MemberRecord {
     this.onEvent({ type: 'put', record: r });
-    return this.records.get(decodeMember(r).id)!;
+    return this.get(decodeMember(r).id)!;
   }
 }
 
