@@ -1,8 +1,9 @@
 // Online membership with real processes on etcd (issue 18, DESIGN.md 11): a fourth peer whose
 // entry is appended to cluster.yaml while p1-p3 run on the file as they read it joins with no
 // restart of the others, receives copies of an existing volume's pages by itself with no host
-// I/O, and serves the data; a second process with a running peer's id and a peer whose data
-// directory belongs to another group are refused at start, each with one clear line.
+// I/O, and serves the data (acceptance 1); a second process with a running peer's id and a peer
+// whose data directory belongs to another group are refused at start, each with one clear line;
+// p1 drained and removed, the data still identical through p2 and p4 (acceptance 2).
 
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -60,7 +61,7 @@ t.test('a fourth peer joins a running group of three and receives copies by itse
   await t.test('a second process with a running peer\'s id is refused', async (t) => {
     const r = startRefused(p2.config, 'p2');
     t.not(r.status, 0, 'exits non-zero');
-    t.match(r.stderr, /peer p2 is already running/, r.stderr.trim().split('\n').pop());
+    t.match(r.stderr, /peer p2 is already running/, r.stderr.trim().split('\n').pop() ?? '');
     t.ok(statusIds(p1).includes('p2'), 'the running p2 is untouched');
   });
 
@@ -70,6 +71,18 @@ t.test('a fourth peer joins a running group of three and receives copies by itse
     writeFileSync(join(p5.dir, 'p5', 'group.json'), JSON.stringify({ cluster: 'elsewhere', group: '0123456789abcdef' }));
     const r = startRefused(p5.config, 'p5');
     t.not(r.status, 0, 'exits non-zero');
-    t.match(r.stderr, /belongs to group "elsewhere"/, r.stderr.trim().split('\n').pop());
+    t.match(r.stderr, /belongs to group "elsewhere"/, r.stderr.trim().split('\n').pop() ?? '');
+  });
+
+  await t.test('p1 drained and removed: nothing on it, gone from status, the data identical through p2 and p4', async (t) => {
+    const drained = await p2.cliAsync('peer', 'drain', 'p1', '--wait');
+    t.equal(drained.status, 0, `drain --wait exits 0: ${drained.out.trim().split('\n').pop()}`);
+    const held = (await pageCopies(p2, 'data')).filter((p) => p.copies.includes('p1')).length;
+    t.equal(held, 0, 'p1 holds no copy of any page');
+    const removed = await p2.cliAsync('peer', 'remove', 'p1');
+    t.equal(removed.status, 0, removed.out.trim());
+    t.notOk(statusIds(p2).includes('p1'), `status asked of p2 no longer lists p1 (${statusIds(p2).join(', ')})`);
+    await identical(t, file, p2);
+    await identical(t, file, p4);
   });
 });
