@@ -24,7 +24,7 @@ import type { VolumeTargets } from './targets';
 const sharesRefreshMs = 5_000;
 
 export interface HostBalanceWiring {
-  config: Pick<ClusterConfig, 'peers' | 'hostBalance'>;
+  config: Pick<ClusterConfig, 'hostBalance'>;
   /** The group's members: their portals and tags; logins go to members that are up. */
   members: MembersView;
   self: string;
@@ -58,12 +58,14 @@ export function reservationPins(o: { catalog: Catalog; targets: Pick<VolumeTarge
   };
 }
 
-/** The peer's host balancing, or undefined when cluster.hostBalance turns it off (default: on with several peers). */
+/** The peer's host balancing, or undefined when cluster.hostBalance turns it off (default: on). */
 export function createHostBalance(w: HostBalanceWiring): HostBalanceService | undefined {
   const { config, self, env, catalog } = w;
   const hb = config.hostBalance ?? {};
   const { members } = w;
-  if (!(hb.enabled ?? (config.peers.length > 1 || members.ids().length > 1))) return undefined;
+  // On unless cluster.yaml turns it off: a group of one peer may grow (DESIGN.md 11), and with one
+  // member every login stays where it is (the best peer is this one).
+  if (!(hb.enabled ?? true)) return undefined;
   const tag = (id: string): number => members.get(id)?.tag ?? 0;
   const volumeOf = (targetName: string) => catalog.listVolumes().find((v) => targetNameFor(v.name) === targetName);
   const view = new GossipLoadView({
