@@ -17,7 +17,7 @@ import { changedCopies } from '../src/replication/placement';
 import { CopyKeeper, decideCopies, primaryStep, wantedCopies, type ViewedPeer } from '../src/replication/rebuild';
 import { fillText } from '../src/cli/load';
 import { balancerDefaults, plan, type PlanPage } from '../src/loadmon/balancer';
-import { countCopies, fillsOf, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
+import { countCopies, fillsOf, hotPeers, movable, planSpread, portionOf, SpreadDriver, type CopyCount, type SpreadPeer } from '../src/replication/spread';
 import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 
 const log = pino({ level: 'silent' });
@@ -382,4 +382,12 @@ t.test('the load balancer never sends a page, nor a primary role, to a peer that
   t.ok(up.moves.some((m) => m.to === 'p3'), `p3 up: the idle p3 takes pages (${up.moves.map((m) => `${m.page}→${m.to}`).join(' ')})`);
   const draining = plan(input(false), balancerDefaults);
   t.notOk(draining.moves.some((m) => m.to === 'p3'), 'p3 draining: never a destination, not even of a role switch to its in-sync copy');
+});
+
+t.test('hot peers: a peer whose host load stands out is no destination of the spread; no load, none is hot', (t) => {
+  const loads = [{ id: 'p1', load: 500 }, { id: 'p2', load: 300 }, { id: 'p3', load: 200 }];
+  t.same([...hotPeers(loads, 0.25, 20)], ['p1'], 'p1 above the mean (333) by more than 25 %');
+  t.same([...hotPeers(loads, 0.6, 20)], [], 'within a wider threshold');
+  t.same([...hotPeers([{ id: 'p1', load: 10 }, { id: 'p2', load: 0 }], 0.25, 20)], [], 'below the load worth balancing');
+  t.end();
 });

@@ -202,6 +202,22 @@ export interface SpreadDriverOptions {
   movePage(volume: VolumeRecord, page: number, to: string): Promise<void>;
   /** A move of the page away from this peer is running. */
   movingAway(volumeId: string, page: number): boolean;
+  /**
+   * Peers carrying more host load than the average (hotPeers): the spread sends them nothing, so
+   * it never moves load onto a peer the load balancer moves load away from (found with
+   * test/balance.test.ts: the two moved one-copy pages back and forth).
+   */
+  hot?(): ReadonlySet<string>;
+}
+
+/**
+ * The peers whose host load stands out above the mean by more than the load balancer's
+ * threshold (src/loadmon/balancer.ts), when there is load worth balancing at all (pure).
+ */
+export function hotPeers(loads: readonly { id: string; load: number }[], threshold: number, minMeanLoad: number): Set<string> {
+  const mean = loads.length ? loads.reduce((a, p) => a + p.load, 0) / loads.length : 0;
+  if (mean < minMeanLoad) return new Set();
+  return new Set(loads.filter((p) => p.load > mean * (1 + threshold)).map((p) => p.id));
 }
 
 /** The spread on one peer: a round every copyKeeperTickMs (see the top). */
@@ -261,7 +277,9 @@ export class SpreadDriver {
     for (const [key, m] of this.moving) if (!this.o.movingAway(m.volumeId, m.page)) this.moving.delete(key);
     if (!this.o.enabled()) return this.said('off (automatic balancing is off)');
     if (this.o.relocationsPending() > 0 || this.moving.size >= spreadPageMovesInFlightMax) return this.said('waiting for this peer\'s copies on their way');
-    const plan = planSpread(this.peers((await this.o.catalog.moveIntents()).map((m) => m.intent)));
+    const planned = planSpread(this.peers((await this.o.catalog.moveIntents()).map((m) => m.intent)));
+    const hot = this.o.hot?.() ?? new Set<string>();
+    const plan = { ...planned, flows: planned.flows.filter((f) => !hot.has(f.to)) };
     const executors = this.o.catalog.options.members.placeable();
     const turn = Math.floor(this.o.env.clock.nowMs() / copyKeeperTickMs);
     const budget = new Map(plan.flows.map((f) => [`${f.from}>${f.to}`, Math.min(portionOf(f, this.o.self, executors, turn), spreadMovesPerRoundMax)]));

@@ -34,7 +34,7 @@ import { newReplicationCounters, type ReplicationCounters } from '../replication
 import type { ReadRepairHooks } from '../replication/read-repair';
 import { Reaper } from '../replication/reaper';
 import { CopyKeeper } from '../replication/rebuild';
-import { SpreadDriver } from '../replication/spread';
+import { hotPeers, SpreadDriver } from '../replication/spread';
 import { dropFromInSync, ReplicatedVolume } from '../replication/replicated';
 import { PageService } from '../routing/page-service';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
@@ -382,6 +382,8 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     enabled: () => w.balancer.enabled && (core.balancerSwitch?.auto ?? true),
     relocate: (volumeId, page, from, to) => keeper.relocate(volumeId, page, from, to), relocationsPending: () => keeper.relocationsPending(),
     movePage: async (v, page, to) => void (await core.migrator.start(v.name, page, to)), movingAway: (volumeId, page) => core.migrator.movingOut(volumeId, page),
+    // Busier than the mean: a copy moved there would be load the balancer moves away again.
+    hot: () => hotPeers(core.load.peerLoads().filter((p) => !p.stale), 0, w.balancer.minMeanLoad),
   });
   reaper.start();
   keeper.start();
