@@ -328,7 +328,6 @@ export class PeerServer {
       this.core?.close();
       this.transport?.close();
       this.scheduler?.stop();
-      this.members?.close();
       if (this.store) await this.store.close();
       if (this.meta && this.meta !== this.opts.meta) await this.meta.close();
       this.log.info('peer stopped');
