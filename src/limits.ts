@@ -199,6 +199,16 @@ export const peerAuthNoncesMax = 65_536;
 /** Lifetimes of the certificates `peersan init` / `peersan demo` make (src/cluster/pki.ts). */
 export const tlsCaDays = 3650;
 export const tlsPeerCertDays = 825;
+// -- the block data stream's handshake (issue 19, src/routing/data-stream.ts): every port is probed
+/** From accept to an authenticated hello (preamble, STARTTLS, hello): a socket still short of it then is closed. */
+export const peerHandshakeMsMax = 3_000;
+/** Sockets on the rpc port not yet known as gRPC or an authenticated data stream; more are closed at once. */
+export const peerHandshakesMax = 256;
+/** Bytes of a data stream's hello frame (peer id ≤ 255, stamp, nonce, MAC, separators). */
+export const peerHelloBytesMax = 512;
+/** TCP keepalive of a data stream: a peer gone without a FIN is noticed. */
+export const peerKeepAliveMs = 10_000;
+assert(peerConnectMsMax < peerHandshakeMsMax, 'an honest peer gives up connecting before the owner gives up on its handshake');
 assert(peerAuthSkewMsMax <= 60_000, 'a captured header is dead within a minute');
 assert(tlsPeerCertDays <= tlsCaDays, 'a peer certificate does not outlive its CA by design');
 assert(peerAuthNoncesMax * 100 <= 16 * 1024 * 1024, 'the nonce ledger stays within ~16 MB');

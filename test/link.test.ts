@@ -1,60 +1,43 @@
-// The sending side of forwarding against a real gRPC server on loopback: requests batched per
-// turn reach the owner and come back by id; a request nobody answers fails alone after its
-// deadline (the link's one sweep timer); a broken stream fails everything outstanding on it.
-// The owner ends a stream with an error status (call.emit('error', …), what page-service.ts
-// does with a malformed batch): a bare call.destroy() never tells the client, whose stream
-// then swallows every request until each one's deadline.
+// The sending side of forwarding against a real data stream on loopback (data-stream.ts): requests
+// batched per task reach the owner and come back by id; a request nobody answers fails alone
+// after its deadline (the link's one sweep timer); a broken stream fails everything outstanding
+// on it; the next send reconnects.
 
 import t from 'tap';
-import * as grpc from '@grpc/grpc-js';
 import { PeerUnavailableError } from '../src/errors';
-import { splitBatch } from '../src/routing/batch';
 import { BlockOp, decodeRequest, encodeReply, ReplyStatus } from '../src/routing/frame';
 import { realEnv } from '../src/env/real';
-import { PeerLink, peerChannelOptions, peerDataService } from '../src/routing/link';
+import { PeerLink } from '../src/routing/link';
+import { batchOf, fakeOwner } from './helpers/data-stream';
 
 const volumeId = '0123456789abcdef';
 const request = (lba: number) => ({ op: BlockOp.read, fua: false, volumeId, lba, blocks: 1, routeVersion: 0, compareBytes: 0 });
-
-/** A batch of one reply frame: [u32 length][frame]. */
-function oneFrameBatch(frame: Buffer): Buffer {
-  const head = Buffer.alloc(4);
-  head.writeUInt32BE(frame.length, 0);
-  return Buffer.concat([head, frame]);
-}
+const hello = () => ({ peerId: 'p2', stamp: '0', nonce: '', mac: '' });
 
 /** A fake owner: answers reads of even LBAs (payload = the LBA), never answers odd ones; `cut()` breaks its streams. */
-async function owner(): Promise<{ address: string; batches: number[]; cut(): void; stop(): Promise<void> }> {
-  const server = new grpc.Server(peerChannelOptions);
-  const calls: grpc.ServerDuplexStream<Buffer, Buffer>[] = [];
+async function owner(port = 0): Promise<{ address: string; batches: number[]; cut(): void; stop(): void }> {
   const batches: number[] = [];
-  server.addService(peerDataService, {
-    blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>) {
-      calls.push(call);
-      call.on('data', (batch: Buffer) => {
-        const frames = splitBatch(batch)!;
-        batches.push(frames.length);
-        for (const f of frames) {
-          const req = decodeRequest(f)!;
-          if (req.lba % 2 === 0) call.write(oneFrameBatch(encodeReply({ id: req.id, status: ReplyStatus.ok, owner: 'p1', version: 0, detail: 0, payload: Buffer.from(String(req.lba)) })));
-        }
+  let turn: number[] | undefined;
+  const o = await fakeOwner((f, socket) => {
+    // Frames that arrive in one turn: one batch (one write) from the sender.
+    if (!turn) {
+      turn = [];
+      setImmediate(() => {
+        batches.push(turn!.length);
+        turn = undefined;
       });
-      call.on('error', () => undefined);
-    },
-  });
-  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  return {
-    address: `127.0.0.1:${port}`,
-    batches,
-    cut: () => calls.forEach((c) => c.emit('error', { code: grpc.status.UNAVAILABLE, details: 'cut' })),
-    stop: async () => server.forceShutdown(),
-  };
+    }
+    turn.push(1);
+    const req = decodeRequest(f)!;
+    if (req.lba % 2 === 0) socket.write(batchOf([encodeReply({ id: req.id, status: ReplyStatus.ok, owner: 'p1', version: 0, detail: 0, payload: Buffer.from(String(req.lba)) })]));
+  }, port);
+  return { address: o.address, batches, cut: () => o.sockets.forEach((s) => s.destroy()), stop: () => o.stop() };
 }
 
 t.test('replies by id, one batch per turn, a deadline per request, a broken stream fails what is outstanding', async (t) => {
   const o = await owner();
   t.teardown(() => o.stop());
-  const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: o.address, metadata: () => new grpc.Metadata(), requestMsMax: 300 });
+  const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: o.address, hello, requestMsMax: 300 });
   t.teardown(() => link.close());
 
   const first = await link.send(request(0));
@@ -79,4 +62,22 @@ t.test('replies by id, one batch per turn, a deadline per request, a broken stre
   o.cut();
   t.same(await Promise.all(outstanding), ['unavailable', 'unavailable'], 'a broken stream fails everything outstanding on it, before any deadline');
   t.equal((await link.send(request(12))).payload?.toString(), '12', 'the next request opens a new stream');
+});
+
+t.test('an owner that is down: unreachable, unsent; back up: reached by the next send', async (t) => {
+  const o = await owner();
+  const address = o.address;
+  o.stop();
+  const link = new PeerLink({ peerId: 'p1', env: realEnv(), address, hello, requestMsMax: 300 });
+  t.teardown(() => link.close());
+  const err = await link.send(request(0)).then(() => undefined, (e: unknown) => e);
+  t.ok(err instanceof PeerUnavailableError && err.unsent && /not reachable/.test(err.message), `refused connection: unsent, unavailable (${String(err)})`);
+  const again = await owner(Number(address.split(':')[1]));
+  t.teardown(() => again.stop());
+  const startedMs = performance.now();
+  t.equal((await link.send(request(2))).payload?.toString(), '2', 'the owner back: the next send reaches it');
+  t.ok(performance.now() - startedMs < 1_000, 'within a second');
+  link.close();
+  const closed = await link.send(request(0)).then(() => undefined, (e: unknown) => e);
+  t.ok(closed instanceof PeerUnavailableError && /link closed/.test(closed.message), 'a closed link sends nothing');
 });

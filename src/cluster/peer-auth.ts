@@ -1,11 +1,12 @@
-// Peer-to-peer RPC authentication (DESIGN.md 8). Every PeerService call and every PeerData
-// block stream carries the caller's peer id, a millisecond stamp, a random nonce and
+// Peer-to-peer RPC authentication (DESIGN.md 8). Every PeerService call (in its gRPC header)
+// and every block data stream (in its hello, src/routing/data-stream.ts) carries the caller's peer id, a millisecond stamp, a random nonce and
 // HMAC-SHA256(cluster secret, "peersan-peer-v2|method|id|stamp|nonce"). The secret never
 // crosses the wire. The receiver checks, in this order:
 //   1. the id is a member of the group and the fields are well formed;
 //   2. the stamp is within peerAuthSkewMsMax of its clock;
-//   3. the MAC is right for the gRPC method being called (a header captured from one method
-//      authorises no other: the method is inside the MAC);
+//   3. the MAC is right for the method being called (a gRPC path, or peerDataMethod for a
+//      data stream: a header captured from one method authorises no other, the method is
+//      inside the MAC);
 //   4. the nonce was not seen before (NonceLedger). Only a header that passed 1-3 may take a
 //      place in the ledger, so a sender without the secret cannot fill it.
 // A captured header is therefore good for nothing: replayed, its nonce is known; altered, its
@@ -25,14 +26,32 @@ function mac(secret: string, method: string, peerId: string, stamp: string, nonc
   return createHmac('sha256', secret).update(`peersan-peer-v2|${method}|${peerId}|${stamp}|${nonce}`).digest();
 }
 
+/** The method name a data stream's hello is made for (its MAC covers it, as a gRPC path for a call). */
+export const peerDataMethod = 'peersan-data-stream-v1';
+
+/** What authenticates one call or data stream, whatever carries it (a gRPC header, a hello frame). */
+export interface PeerAuthFields {
+  peerId: string;
+  stamp: string;
+  nonce: string;
+  /** HMAC-SHA256, hex. */
+  mac: string;
+}
+
+/** The fields for one call of `method` (a gRPC path such as "/peersan.PeerService/Status", or peerDataMethod). */
+export function peerAuthFields(secret: string, peerId: string, method: string, nowMs = Date.now(), nonce = randomBytes(16).toString('hex')): PeerAuthFields {
+  const stamp = String(nowMs);
+  return { peerId, stamp, nonce, mac: mac(secret, method, peerId, stamp, nonce).toString('hex') };
+}
+
 /** The header for one call of `method` (its gRPC path, e.g. "/peersan.PeerService/Status"). */
 export function peerAuthMetadata(secret: string, peerId: string, method: string, nowMs = Date.now(), nonce = randomBytes(16).toString('hex')): grpc.Metadata {
+  const f = peerAuthFields(secret, peerId, method, nowMs, nonce);
   const md = new grpc.Metadata();
-  const stamp = String(nowMs);
-  md.set(idKey, peerId);
-  md.set(stampKey, stamp);
-  md.set(nonceKey, nonce);
-  md.set(macKey, mac(secret, method, peerId, stamp, nonce).toString('hex'));
+  md.set(idKey, f.peerId);
+  md.set(stampKey, f.stamp);
+  md.set(nonceKey, f.nonce);
+  md.set(macKey, f.mac);
   return md;
 }
 
@@ -79,7 +98,23 @@ export function verifyPeerAuth(
   auth: { secret: string; members: Members; nonces: NonceLedger },
   nowMs = Date.now(),
 ): PeerAuthVerdict {
-  const [peerId, stamp, nonce, given] = [idKey, stampKey, nonceKey, macKey].map((k) => String(md.get(k)[0] ?? ''));
+  return verifyPeerAuthFields(peerAuthFieldsOf(md), method, auth, nowMs);
+}
+
+/** The fields of a call's header (empty strings for missing ones: the checks refuse them). */
+export function peerAuthFieldsOf(md: grpc.Metadata): PeerAuthFields {
+  const [peerId, stamp, nonce, mac] = [idKey, stampKey, nonceKey, macKey].map((k) => String(md.get(k)[0] ?? ''));
+  return { peerId, stamp, nonce, mac };
+}
+
+/** Checks one call's or data stream's fields (see the order at the top of this file). */
+export function verifyPeerAuthFields(
+  f: PeerAuthFields,
+  method: string,
+  auth: { secret: string; members: Members; nonces: NonceLedger },
+  nowMs = Date.now(),
+): PeerAuthVerdict {
+  const { peerId, stamp, nonce, mac: given } = f;
   if (!peerId || !(typeof auth.members === 'function' ? auth.members(peerId) : auth.members.includes(peerId))) return { ok: false, why: 'not a member of this group' };
   if (!/^\d{1,15}$/.test(stamp) || !/^[0-9a-f]{32}$/.test(nonce) || !/^[0-9a-f]{64}$/.test(given)) return { ok: false, why: 'malformed peer authentication header' };
   if (Math.abs(nowMs - Number(stamp)) > peerAuthSkewMsMax) return { ok: false, why: `stamp more than ${peerAuthSkewMsMax / 1000} s from this peer's clock` };

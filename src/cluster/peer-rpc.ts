@@ -1,6 +1,7 @@
-// PeerService (proto/peersan.proto) and the PeerData block stream on one gRPC server, both
-// requiring peer authentication (peer-auth.ts); and the client side one peer uses to call
-// another's PeerService. The block stream's client is src/routing/link.ts.
+// PeerService (proto/peersan.proto) on the peer's gRPC server, requiring peer authentication
+// (peer-auth.ts); the authenticator it shares with the block data streams on the same port
+// (src/routing/data-stream.ts: one NonceLedger, one log limiter); and the client side one peer
+// uses to call another's PeerService. The data stream's client is src/routing/link.ts.
 
 import type { PeerCertificate } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
@@ -10,14 +11,13 @@ import { ConflictError, InvalidArgumentError, NotFoundError, PeersanError, PeerU
 import type { FinishRequest, MoveInfo, PrepareRequest } from '../migration/migrator';
 import type { FrozenReport } from '../snapshot/records';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from '../snapshot/service';
-import { peerDataService, peerChannelOptions } from '../routing/link';
 import { statusForCode, type PeerStatusView } from '../server/admin';
 import type { PlannedMove } from '../loadmon/balancer';
 import type { MoveOutcome } from '../loadmon/balancer-driver';
 import type { LoadSummary } from '../loadmon/monitor';
 import type { MovedSession } from '../server/host-balance-service';
-import { hostMovePlanMsMax, peerPlannedMovesMax, peerReplicationBodyBytesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
-import { NonceLedger, peerAuthMetadata, verifyPeerAuth, type Members, type PeerAuthVerdict } from './peer-auth';
+import { hostMovePlanMsMax, peerBatchBytesMax, peerPlannedMovesMax, peerReplicationBodyBytesMax, peerRequestVolumesMax, peerUnitAttentionsMax } from '../limits';
+import { NonceLedger, peerAuthFieldsOf, peerAuthMetadata, peerDataMethod, verifyPeerAuthFields, type Members, type PeerAuthFields, type PeerAuthVerdict } from './peer-auth';
 import { certifiedPeerId, type TlsChannel } from './peer-tls';
 import {
   checkIscsiName, checkLayers, checkList, checkPage, checkPeerId, checkPeerIdOrEmpty, checkPlannedMove, checkSnapshotId, checkString, checkUint, checkVolumeId, checkVolumeName, proto,
@@ -37,7 +37,6 @@ export interface PeerHandlers {
   snapshotPrepare(req: PrepareSnapshot): Promise<PrepareReply>;
   snapshotTake(req: TakeSnapshot): Promise<FrozenReport>;
   snapshotRelease(snapshotId: string, abort: boolean, finish?: boolean): Promise<number>;
-  blocks(call: grpc.ServerDuplexStream<Buffer, Buffer>): void;
   /** A load summary from peer `from` (authenticated). */
   gossip?(from: string, summary: LoadSummary): void;
   /** `peersan rebalance` on another peer: start these moves of pages this peer owns. */
@@ -70,7 +69,18 @@ export interface PeerServiceAuth {
   tls: boolean;
 }
 
-/** A call on PeerService or PeerData, as far as authenticating it goes. */
+/** Options of gRPC channels between peers (PeerService) and of the server. */
+export const peerChannelOptions: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': peerBatchBytesMax,
+  'grpc.max_send_message_length': peerBatchBytesMax,
+  // A peer that comes back is reached again within about a second (gRPC's default backoff grows to minutes).
+  'grpc.initial_reconnect_backoff_ms': 250,
+  'grpc.max_reconnect_backoff_ms': 1_000,
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+};
+
+/** A PeerService call, as far as authenticating it goes. */
 interface AuthenticatedCall {
   metadata: grpc.Metadata;
   getPath(): string;
@@ -78,23 +88,48 @@ interface AuthenticatedCall {
   getAuthContext(): { sslPeerCertificate?: PeerCertificate } | null;
 }
 
-export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: PeerServiceAuth, log: Logger): void {
-  const headerAuth = { secret: auth.secret, members: auth.members, nonces: new NonceLedger() };
-  const limiter = new LogLimiter();
-  /** The calling peer's id, or why the call is refused: the header first, then (TLS) the certificate. */
-  const check = (call: AuthenticatedCall): PeerAuthVerdict => {
-    const verdict = verifyPeerAuth(call.metadata, call.getPath(), headerAuth);
-    if (!verdict.ok || !auth.tls) return verdict;
-    const certified = certifiedPeerId(call);
+/** Checks the peer-auth fields of PeerService calls and data-stream hellos: one nonce ledger for both. */
+export class PeerAuthenticator {
+  private readonly headerAuth: { secret: string; members: Members; nonces: NonceLedger };
+  private readonly limiter = new LogLimiter();
+  readonly self: string;
+
+  constructor(
+    private readonly auth: PeerServiceAuth,
+    private readonly log: Logger,
+  ) {
+    this.self = auth.self;
+    this.headerAuth = { secret: auth.secret, members: auth.members, nonces: new NonceLedger() };
+  }
+
+  /**
+   * The caller's peer id, or why it is refused: the fields first, then (TLS) the certificate,
+   * `certified` being the peer id the client's verified certificate names. Refusals are logged.
+   */
+  check(fields: PeerAuthFields, method: string, certified: string | undefined, from: string): PeerAuthVerdict {
+    const verdict = this.verdict(fields, method, certified);
+    if (!verdict.ok) this.limiter.warn(this.log, `peer-auth:${method}`, { from, method, reason: verdict.why }, 'refused a peer call without valid peer authentication');
+    return verdict;
+  }
+
+  /** A data stream's hello (src/routing/data-stream.ts RpcListenerOptions.authenticate). */
+  readonly hello = (fields: PeerAuthFields, certified: string | undefined, from: string): PeerAuthVerdict => this.check(fields, peerDataMethod, certified, from);
+
+  /** A gRPC call's calling peer, or undefined when refused. */
+  call(call: AuthenticatedCall): string | undefined {
+    const v = this.check(peerAuthFieldsOf(call.metadata), call.getPath(), certifiedPeerId(call), call.getPeer());
+    return v.ok ? v.peerId : undefined;
+  }
+
+  private verdict(fields: PeerAuthFields, method: string, certified: string | undefined): PeerAuthVerdict {
+    const verdict = verifyPeerAuthFields(fields, method, this.headerAuth);
+    if (!verdict.ok || !this.auth.tls) return verdict;
     return certified === verdict.peerId ? verdict : { ok: false, why: `the TLS client certificate names ${certified ?? 'nobody'}, not ${verdict.peerId}` };
-  };
-  /** The calling peer's id, or undefined (and a rate-limited warning) when the call is refused. */
-  const authenticate = (call: AuthenticatedCall): string | undefined => {
-    const r = check(call);
-    if (r.ok) return r.peerId;
-    limiter.warn(log, `peer-auth:${call.getPath()}`, { from: call.getPeer(), method: call.getPath(), reason: r.why }, 'refused a peer call without valid peer authentication');
-    return undefined;
-  };
+  }
+}
+
+export function addPeerServices(server: grpc.Server, h: PeerHandlers, authenticator: PeerAuthenticator): void {
+  const authenticate = (call: AuthenticatedCall): string | undefined => authenticator.call(call);
   const denied = { code: grpc.status.UNAUTHENTICATED, details: 'not a member of this group (peer authentication failed)' };
   // Each handler checks its request's fields (proto.ts check*) before use: a throw there is INVALID_ARGUMENT.
   const wrap = <Req = unknown>(fn: (req: Req) => Promise<unknown>): Unary<Req> => (call, cb) => {
@@ -106,7 +141,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
   };
   const service = (proto().PeerService as grpc.ServiceClientConstructor).service;
   server.addService(service, {
-    ping: wrap(async () => ({ id: auth.self, sentAtMs: Date.now() })),
+    ping: wrap(async () => ({ id: authenticator.self, sentAtMs: Date.now() })),
     status: wrap(() => h.status()),
     reservationChanged: wrap((r: ReservationNoticeMessage) =>
       h.reservationChanged({
@@ -163,15 +198,6 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, auth: Peer
     planHostMove: wrap(async (r: HostMovePlanMessage) =>
       h.planHostMove?.({ initiatorName: checkIscsiName(r.initiatorName, 'initiatorName'), targetName: checkIscsiName(r.targetName, 'targetName'), to: checkPeerId(r.to, 'to'), ttlMs: checkUint(r.ttlMs, 'ttlMs', hostMovePlanMsMax) }),
     ),
-  });
-  server.addService(peerDataService, {
-    blocks: (call: grpc.ServerDuplexStream<Buffer, Buffer>) => {
-      if (authenticate(call) === undefined) {
-        call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: denied.details });
-        return;
-      }
-      h.blocks(call);
-    },
   });
 }
 

@@ -1,17 +1,18 @@
-// TLS for the gRPC port of a peer (issue 15 item 5): PeerService, the PeerData block stream and
-// AdminService share it. One server credential serves all three, so it asks every client for a
-// certificate but does not require one:
-//   - a peer calls with its own certificate (mutual TLS); PeerService and PeerData accept a
-//     call only when the certificate verified against the cluster CA and names the peer id the
-//     call's HMAC header claims (peer-rpc.ts). A client with no certificate, or one from
-//     another CA, reaches no peer method.
+// TLS for the rpc port of a peer (issue 15 item 5): PeerService and AdminService (gRPC) and the
+// block data streams (src/routing/data-stream.ts) share it. One gRPC server credential serves
+// both services, so it asks every client for a certificate but does not require one:
+//   - a peer calls with its own certificate (mutual TLS); PeerService accepts a call only when
+//     the certificate verified against the cluster CA and names the peer id the call's HMAC
+//     header claims (peer-rpc.ts). A client with no certificate, or one from another CA,
+//     reaches no peer method. A data stream requires the certificate outright (only peers
+//     open one), and its hello must claim the peer id the certificate names.
 //   - the CLI and console call AdminService with no certificate: they check the server's
 //     certificate against the CA and send the admin token, which TLS now keeps secret.
 // A peer calling another checks that the server's certificate names the peer it meant to call.
 
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import type { PeerCertificate } from 'node:tls';
+import type { ConnectionOptions, PeerCertificate, TlsOptions } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { InvalidArgumentError } from '../errors';
 
@@ -95,11 +96,23 @@ export interface TlsChannel {
 
 /** For calling peer `calledPeerId` (mutual TLS: this peer's certificate goes with it). */
 export function peerTlsChannel(tls: PeerTls, calledPeerId: string): TlsChannel {
-  const credentials = grpc.credentials.createSsl(tls.ca, tls.key, tls.cert, {
-    checkServerIdentity: (_host: string, cert: PeerCertificate) =>
-      cert.subject?.CN === calledPeerId ? undefined : new Error(`the peer at this address presents the certificate of "${cert.subject?.CN ?? '?'}", not of ${calledPeerId}`),
-  });
+  const credentials = grpc.credentials.createSsl(tls.ca, tls.key, tls.cert, { checkServerIdentity: namesPeer(calledPeerId) });
   return { credentials, options: { 'grpc.ssl_target_name_override': calledPeerId } };
+}
+
+/** A server identity check: the certificate must name `calledPeerId` (the address does not matter). */
+function namesPeer(calledPeerId: string): (host: string, cert: PeerCertificate) => Error | undefined {
+  return (_host, cert) => (cert.subject?.CN === calledPeerId ? undefined : new Error(`the peer at this address presents the certificate of "${cert.subject?.CN ?? '?'}", not of ${calledPeerId}`));
+}
+
+/** A data stream to peer `calledPeerId` (src/routing/data-stream.ts): mutual TLS, as peerTlsChannel. */
+export function peerTlsConnectOptions(tls: PeerTls, calledPeerId: string): ConnectionOptions {
+  return { ca: tls.ca, cert: tls.cert, key: tls.key, servername: calledPeerId, checkServerIdentity: namesPeer(calledPeerId) };
+}
+
+/** The server side of data streams: the client's certificate is required (data-stream.ts adds requestCert). */
+export function peerTlsServerOptions(tls: PeerTls): TlsOptions {
+  return { ca: tls.ca, cert: tls.cert, key: tls.key };
 }
 
 /**

@@ -1,50 +1,25 @@
-// The sending side of forwarding: one long-lived gRPC bidirectional stream to each peer
-// (opened on first use, reopened after it breaks), request ids, a bounded window of requests
-// in flight, and a deadline per request. A broken stream fails everything outstanding on it
-// at once with PeerUnavailableError; a request with no answer by its deadline fails alone.
+// The sending side of forwarding: one long-lived data stream to each peer (data-stream.ts:
+// opened on first use, reopened after it breaks), request ids, a bounded window of requests in
+// flight, and a deadline per request. A broken stream fails everything outstanding on it at
+// once with PeerUnavailableError; a request with no answer by its deadline fails alone.
 // No retries here: the router decides (MOVED) and the host decides (SCSI error): a broken
 // stream's requests fail as transient (the host hears BUSY and retries; the retry reconnects
-// or finds the peer down), a peer that cannot be reached as unavailable, a deadline as timed
-// out (src/scsi/sense.ts senseForKind). Replies are decoded as untrusted (frame.ts): a
-// malformed one breaks the stream, never the process.
+// or finds the peer down), a peer that cannot be reached, or that refuses our hello, as
+// unavailable, a deadline as timed out (src/scsi/sense.ts senseForKind). Replies are decoded
+// as untrusted (frame.ts): a malformed one breaks the stream, never the process.
+//
+// Every send after a break dials again (bounded by peerConnectMsMax, shared by the sends that
+// wait for it), so a peer that comes back is reached by the next request.
 
-import * as grpc from '@grpc/grpc-js';
-import type { TlsChannel } from '../cluster/peer-tls';
+import type * as net from 'node:net';
+import type { ConnectionOptions } from 'node:tls';
+import type { PeerAuthFields } from '../cluster/peer-auth';
 import type { Env, TimerHandle } from '../env/env';
 import { PeerUnavailableError } from '../errors';
-import { peerBatchBytesMax, peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
-import { FrameBatcher, splitBatch, type FrameCodec } from './batch';
+import { peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
+import { FrameBatcher, type FrameCodec } from './batch';
+import { dialDataStream, type DataStream } from './data-stream';
 import { decodeReply, encodeRequestInto, requestFrameBytes, type BlockReply, type BlockRequest } from './frame';
-
-const raw = (b: Buffer): Buffer => b;
-
-/** PeerData.Blocks: batches (batch.ts) of frames (frame.ts), not protobuf messages. */
-export const peerDataService: grpc.ServiceDefinition = {
-  blocks: {
-    path: '/peersan.PeerData/Blocks',
-    requestStream: true,
-    responseStream: true,
-    requestSerialize: raw,
-    requestDeserialize: raw,
-    responseSerialize: raw,
-    responseDeserialize: raw,
-    originalName: 'Blocks',
-  },
-};
-
-export const peerChannelOptions: grpc.ChannelOptions = {
-  'grpc.max_receive_message_length': peerBatchBytesMax,
-  'grpc.max_send_message_length': peerBatchBytesMax,
-  // HTTP/2's default 64 KiB flow-control window throttles 128 KiB reads to a crawl.
-  'grpc-node.flow_control_window': 16 * 1024 * 1024,
-  // A peer that comes back is reached again within about a second (gRPC's default backoff grows to minutes).
-  'grpc.initial_reconnect_backoff_ms': 250,
-  'grpc.max_reconnect_backoff_ms': 1_000,
-  'grpc.keepalive_time_ms': 10_000,
-  'grpc.keepalive_timeout_ms': 5_000,
-};
-
-const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
 
 /** A request in flight: queued in the batcher until its batch leaves, in `pending` until answered. */
 interface Pending {
@@ -71,20 +46,21 @@ const pendingCodec: FrameCodec<Pending> = {
 export interface PeerLinkOptions {
   peerId: string;
   address: string;
-  /** Fresh authentication metadata for each stream (peer-auth.ts), made for the stream's gRPC path. */
-  metadata: (method: string) => grpc.Metadata;
+  /** Fresh authentication for each stream's hello (peer-auth.ts peerAuthFields for peerDataMethod). */
+  hello: () => PeerAuthFields;
   /** Clock and timer of the request deadlines. */
   env: Env;
-  /** Mutual TLS to the peer (src/cluster/peer-tls.ts); absent: plain (a group without `cluster.tls`). */
-  tls?: TlsChannel;
+  /** Mutual TLS to the peer (peer-tls.ts peerTlsConnectOptions); absent: plain (a group without `cluster.tls`). */
+  tls?: ConnectionOptions;
   requestMsMax?: number;
 }
 
 export class PeerLink {
   readonly peerId: string;
-  private readonly client: grpc.Client;
   private readonly opts: PeerLinkOptions;
-  private stream: grpc.ClientDuplexStream<Buffer, Buffer> | undefined;
+  private socket: net.Socket | undefined;
+  /** The stream being opened, shared by every send that waits for it. */
+  private dialing: Promise<void> | undefined;
   private batcher: FrameBatcher<Pending> | undefined;
   /** Fails requests past their deadline; runs while a stream is open (one timer, not one per request). */
   private sweepTimer: TimerHandle | undefined;
@@ -96,7 +72,6 @@ export class PeerLink {
   constructor(opts: PeerLinkOptions) {
     this.opts = opts;
     this.peerId = opts.peerId;
-    this.client = new PeerDataClient(opts.address, opts.tls?.credentials ?? grpc.credentials.createInsecure(), { ...peerChannelOptions, ...opts.tls?.options });
   }
 
   get inFlight(): number {
@@ -118,13 +93,14 @@ export class PeerLink {
     return this.sendSlowly(req);
   }
 
-  /** Wait for room in the window and for the channel, then open a stream if none is open. */
+  /** Wait for room in the window and for a stream (opened if none is). */
   private async sendSlowly(req: Omit<BlockRequest, 'id'>): Promise<BlockReply> {
     if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false, { unsent: true });
     while (this.pending.size >= peerRequestsInFlightMax) await new Promise<void>((r) => this.waiting.push(r));
-    if (this.closed) throw new PeerUnavailableError(this.peerId, 'link closed', false, { unsent: true });
-    if (this.client.getChannel().getConnectivityState(true) !== grpc.connectivityState.READY) await this.connect();
-    return this.enqueue(req, this.openStream().batcher);
+    if (!this.batcher && !this.closed) await this.open();
+    // Closed, or broken again between the dial and this turn.
+    if (this.closed || !this.batcher) throw new PeerUnavailableError(this.peerId, this.closed ? 'link closed' : 'stream broke as it opened', false, { unsent: true, transient: !this.closed });
+    return this.enqueue(req, this.batcher);
   }
 
   private enqueue(req: Omit<BlockRequest, 'id'>, batcher: FrameBatcher<Pending>): Promise<BlockReply> {
@@ -145,44 +121,49 @@ export class PeerLink {
     }
   };
 
-  /** Wait (bounded) for the channel: a peer that just came back is used, a dead one fails soon. */
-  private connect(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      // A gRPC deadline is a Date on the real clock: the channel is real whatever the Env.
-      this.client.waitForReady(Date.now() + peerConnectMsMax, (err) => (err ? reject(new PeerUnavailableError(this.peerId, `not reachable at ${this.opts.address}`, false, { unsent: true })) : resolve()));
-    });
+  /** Dial (bounded: a peer that just came back is used, a dead one fails soon) and attach the stream. */
+  private open(): Promise<void> {
+    // Sockets and their timeouts are real whatever the Env (as gRPC's deadlines were).
+    this.dialing ??= dialDataStream({ peerId: this.peerId, address: this.opts.address, hello: this.opts.hello, tls: this.opts.tls, timeoutMs: peerConnectMsMax }).then(
+      (stream) => {
+        this.dialing = undefined;
+        if (this.closed) stream.socket.destroy();
+        else this.attach(stream);
+      },
+      (err: unknown) => {
+        this.dialing = undefined;
+        throw err;
+      },
+    );
+    return this.dialing;
   }
 
-  private openStream(): { batcher: FrameBatcher<Pending> } {
-    if (this.stream && this.batcher) return { batcher: this.batcher };
-    const stream = (this.client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(this.opts.metadata(peerDataService.blocks.path));
-    this.stream = stream;
+  private attach({ socket, reader }: DataStream): void {
+    this.socket = socket;
     // Requests leave when the task that made them ends (batch.ts): a burst of commands from
-    // one iSCSI read is one batch, sent in this turn of the event loop rather than the next.
-    const batcher = new FrameBatcher<Pending>(
+    // one iSCSI read is one batch, one write, sent in this turn of the event loop.
+    this.batcher = new FrameBatcher<Pending>(
       pendingCodec,
       (batch) => {
-        if (this.stream === stream) stream.write(batch);
+        if (this.socket === socket) socket.write(batch);
       },
       'task',
     );
-    this.batcher = batcher;
     // A deadline is noticed within a tenth of it (or a second) after it passes.
     this.sweepTimer ??= this.opts.env.timers.setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));
     this.sweepTimer.unref();
-    stream.on('data', (batch: Buffer) => {
-      const frames = splitBatch(batch);
-      if (!frames) return this.breakStream(stream, 'malformed reply batch');
+    socket.on('data', (chunk: Buffer) => {
+      const frames = reader.read(chunk);
+      if (!frames) return this.breakStream(socket, 'malformed reply frame length');
       for (const frame of frames) {
         const reply = decodeReply(frame);
-        if (!reply) return this.breakStream(stream, 'malformed reply frame');
+        if (!reply) return this.breakStream(socket, 'malformed reply frame');
         this.settle(reply.id)?.resolve(reply);
       }
     });
-    // A refused authentication will be refused again: not worth a retry.
-    stream.on('error', (err: grpc.ServiceError) => this.breakStream(stream, err.details || err.message, err.code !== grpc.status.UNAUTHENTICATED));
-    stream.on('end', () => this.breakStream(stream, 'stream ended'));
-    return { batcher };
+    socket.on('error', (err: Error) => this.breakStream(socket, err.message));
+    socket.on('close', () => this.breakStream(socket, 'stream closed'));
+    socket.resume();
   }
 
   private settle(id: number): Pending | undefined {
@@ -193,23 +174,22 @@ export class PeerLink {
     return p;
   }
 
-  private breakStream(stream: grpc.ClientDuplexStream<Buffer, Buffer>, why: string, transient = true): void {
-    if (this.stream !== stream) return;
-    this.stream = undefined;
+  private breakStream(socket: net.Socket, why: string): void {
+    if (this.socket !== socket) return;
+    this.socket = undefined;
     this.batcher?.clear();
     this.batcher = undefined;
     this.opts.env.timers.clearInterval(this.sweepTimer);
     this.sweepTimer = undefined;
-    stream.cancel();
+    socket.destroy();
     // Every request written on this stream is lost with it; none can be answered any more.
-    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false, { transient }));
+    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(new PeerUnavailableError(this.peerId, why, false, { transient: true }));
   }
 
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.stream) this.breakStream(this.stream, 'link closed');
+    if (this.socket) this.breakStream(this.socket, 'link closed');
     for (const w of this.waiting.splice(0)) w();
-    this.client.close();
   }
 }

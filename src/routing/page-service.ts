@@ -1,5 +1,5 @@
-// The owner's side of forwarding: answers block frames from other peers out of the volume's
-// served path (src/server/data-path.ts). It decodes and bounds requests; it does not check
+// The owner's side of forwarding: answers block frames that other peers send on their data
+// streams (data-stream.ts) out of the volume's served path (src/server/data-path.ts). It decodes and bounds requests; it does not check
 // ownership: the served store does, once (src/migration/movable.ts), and a page this peer does
 // not own comes back as PageMovedError, answered MOVED with the route we know, which the sender
 // follows. A sender that knows a newer route version than we do makes us re-read the route
@@ -13,16 +13,17 @@
 // request is checked against the volume (range, blocks × block size within the bounds of
 // src/limits.ts) BEFORE the store is asked, so that no request can make a reply too big for
 // a frame. A request that fails, in the checks or in the store, is answered with a failed
-// reply carrying the error's kind (src/errors.ts); it never takes the stream or the process.
+// reply carrying the error's kind (src/errors.ts); it never takes the stream or the process. A
+// frame that cannot be decoded closes its stream (that one connection) only.
 
-import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { errorKindOf, ErrorKind } from '../errors';
 import { LogLimiter } from '../log';
-import { lbaStatusPagesMax, peerBatchFramesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../limits';
+import { lbaStatusPagesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../limits';
 import type { HybridClock } from '../snapshot/hlc';
 import type { BlockBackend, WriteOptions } from '../store/types';
-import { FrameBatcher, splitBatch } from './batch';
+import { FrameBatcher } from './batch';
+import type { DataStream } from './data-stream';
 import { PageMovedError } from './moved';
 import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, failure, replyFrameBytes, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { initialRouteVersion, type Route, type RouteTable } from './table';
@@ -61,20 +62,10 @@ function changes(op: BlockOpCode): boolean {
   return op === BlockOp.write || op === BlockOp.unmap || op === BlockOp.compareAndWrite || op === BlockOp.flush;
 }
 
-/**
- * End a stream with an error status the sender sees (its link then fails what it has
- * outstanding and opens a new stream). grpc-js sends the status from the stream's 'error'
- * handler; call.destroy() would drop the stream without telling the sender, whose requests
- * would then each wait for their deadline.
- */
-function refuse(call: grpc.ServerDuplexStream<Buffer, Buffer>, details: string): void {
-  call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details });
-}
-
 export class PageService {
   private readonly o: PageServiceOptions;
-  /** Open streams: each ends once its requests in flight are answered (at shutdown). */
-  private readonly streams = new Set<() => void>();
+  /** Open streams: each ends once its requests in flight are answered (at shutdown); resolves when closed. */
+  private readonly streams = new Map<() => void, Promise<void>>();
   /** Peers can repeat bad frames and failing requests at will: one line per kind per window. */
   private readonly logLimiter = new LogLimiter();
 
@@ -237,49 +228,57 @@ export class PageService {
   }
 
   /**
-   * Serve one PeerData.Blocks stream: requests run concurrently, replies go back as they finish.
-   * Two bounds hold what one stream can make this peer keep: reading pauses at
-   * peerRequestsInFlightMax requests (and a batch carries at most peerBatchFramesMax, so at
-   * most one batch more is taken), and a request that would take the stream's requests past
-   * peerStreamBytesInFlightMax bytes is answered BUSY at once, without running (the host
-   * retries; one request always runs, so the largest one gets through).
+   * Serve one data stream (authenticated, paused: data-stream.ts): requests run concurrently,
+   * replies go back as they finish. Two bounds hold what one stream can make this peer keep:
+   * reading pauses at peerRequestsInFlightMax requests (at most one received chunk's frames
+   * more are taken), and while replies wait for the sender to read them; a request that would
+   * take the stream's requests past peerStreamBytesInFlightMax bytes is answered BUSY at once,
+   * without running (the host retries; one request always runs, so the largest one gets through).
    */
-  serveStream(call: grpc.ServerDuplexStream<Buffer, Buffer>): void {
+  serveStream({ socket, reader }: DataStream): void {
+    const from = `${socket.remoteAddress}:${socket.remotePort}`;
     let inFlight = 0;
     let bytesInFlight = 0;
-    let paused = false;
     let ended = false;
-    const endCall = (): void => {
-      if (call.writableEnded) return;
+    const endStream = (): void => {
+      if (socket.writableEnded) return;
       batcher.flush();
-      call.end();
+      socket.end();
     };
     const finish = (): void => {
       ended = true;
-      if (inFlight === 0) endCall();
+      if (inFlight === 0) endStream();
     };
-    this.streams.add(finish);
-    call.on('close', () => this.streams.delete(finish));
+    this.streams.set(finish, new Promise<void>((resolve) => socket.once('close', resolve)));
+    socket.once('close', () => this.streams.delete(finish));
+    // A stream's errors end in its 'close' (the sender's link fails what it had outstanding).
+    socket.on('error', () => undefined);
+    /** Read while neither bound holds: requests in flight, replies the sender has not taken. */
+    const flow = (): void => {
+      if (inFlight >= peerRequestsInFlightMax || socket.writableNeedDrain) socket.pause();
+      else if (inFlight < peerRequestsInFlightMax / 2 && !socket.writableNeedDrain) socket.resume();
+    };
+    socket.on('drain', flow);
     const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
-      if (!call.destroyed && call.writable) call.write(batch);
+      if (!socket.destroyed && socket.writable) socket.write(batch);
     });
     const done = (reply: BlockReply, bytes: number): void => {
       inFlight--;
       bytesInFlight -= bytes;
-      if (paused && inFlight < peerRequestsInFlightMax / 2) {
-        paused = false;
-        call.resume();
-      }
       batcher.push(reply);
       // Replies wait for the end of the turn to share a batch, unless none are left to wait for.
       if (inFlight === 0) batcher.flushAfterTask();
-      if (ended && inFlight === 0) endCall();
+      if (ended && inFlight === 0) endStream();
+      flow();
+    };
+    const close = (what: string): void => {
+      this.logLimiter.warn(this.o.log, what, { peer: from }, `${what} from a peer; closing its stream`);
+      socket.destroy();
     };
     const onFrame = (frame: Buffer): boolean => {
       const req = decodeRequest(frame);
       if (!req) {
-        this.logLimiter.warn(this.o.log, 'malformed frame', { peer: call.getPeer() }, 'malformed block frame from a peer; closing its stream');
-        refuse(call, 'malformed frame');
+        close('malformed block frame');
         return false;
       }
       const v = this.o.volume(req.volumeId);
@@ -291,36 +290,32 @@ export class PageService {
       }
       inFlight++;
       bytesInFlight += bytes;
-      if (inFlight >= peerRequestsInFlightMax && !paused) {
-        paused = true;
-        call.pause();
-      }
       this.handle(req, v).then(
         (reply) => done(reply, bytes),
         (err: unknown) => done(this.failed(req, err), bytes),
       );
       return true;
     };
-    call.on('data', (batch: Buffer) => {
-      const frames = splitBatch(batch, peerBatchFramesMax);
-      if (!frames) {
-        this.logLimiter.warn(this.o.log, 'malformed batch', { peer: call.getPeer() }, 'malformed block batch from a peer; closing its stream');
-        refuse(call, 'malformed batch');
-        return;
-      }
+    socket.on('data', (chunk: Buffer) => {
+      const frames = reader.read(chunk);
+      if (!frames) return close('malformed block frame length');
       for (const frame of frames) if (!onFrame(frame)) return;
+      flow();
     });
-    call.on('end', finish);
-    call.on('error', () => this.streams.delete(finish));
+    socket.on('end', () => {
+      if (reader.midFrame) this.logLimiter.warn(this.o.log, 'cut frame', { peer: from }, 'a peer ended its data stream in the middle of a frame');
+      finish();
+    });
+    socket.resume();
   }
 
   /**
-   * Shutdown: end every open stream once the requests it carries are answered. Senders keep
-   * their streams open for good, so without this a graceful gRPC shutdown would wait for ever.
+   * Shutdown: end every open stream once the requests it carries are answered (senders keep
+   * their streams open for good); resolves when they are closed.
    */
-  endStreams(): void {
-    for (const finish of this.streams) finish();
-    this.streams.clear();
+  endStreams(): Promise<void> {
+    const closed = [...this.streams.values()];
+    for (const finish of this.streams.keys()) finish();
+    return Promise.all(closed).then(() => undefined);
   }
 }
-

@@ -1,10 +1,11 @@
-// The production peer transport (src/cluster/transport.ts): one PeerData block stream
-// (src/routing/link.ts) and one PeerService client (src/cluster/peer-rpc.ts) per other peer,
-// each opened on first use, authenticated (peer-auth.ts) and, with `cluster.tls`, mutual TLS.
+// The production peer transport (src/cluster/transport.ts): one block data stream
+// (src/routing/link.ts, data-stream.ts) and one PeerService gRPC client (src/cluster/peer-rpc.ts)
+// per other peer, both to its rpc port, each opened on first use, authenticated (peer-auth.ts)
+// and, with `cluster.tls`, mutual TLS.
 
-import { peerAuthMetadata } from '../cluster/peer-auth';
+import { peerAuthFields, peerDataMethod } from '../cluster/peer-auth';
 import { PeerRpcClient } from '../cluster/peer-rpc';
-import { peerTlsChannel, type PeerTls } from '../cluster/peer-tls';
+import { peerTlsChannel, peerTlsConnectOptions, type PeerTls } from '../cluster/peer-tls';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
 import { PeersanError } from '../errors';
@@ -40,8 +41,8 @@ export class GrpcTransport implements PeerTransport {
     const { secret, self, tls, env } = this.o;
     const link = new PeerLink({
       peerId, address, env,
-      metadata: (method) => peerAuthMetadata(secret, self, method),
-      ...(tls ? { tls: peerTlsChannel(tls, peerId) } : {}),
+      hello: () => peerAuthFields(secret, self, peerDataMethod),
+      ...(tls ? { tls: peerTlsConnectOptions(tls, peerId) } : {}),
     });
     this.links.set(peerId, { address, link });
     return link;

@@ -1,7 +1,7 @@
 // One peer process, a thin composition root: the page store, the catalog and the transport,
 // the protocols over them (compose.ts composePeer, the function the simulator calls too), and
-// what only a process has around them: the iSCSI portal, the gRPC services (AdminService for the
-// CLI, PeerService + PeerData for the other peers), the console and /metrics, host balancing
+// what only a process has around them: the iSCSI portal, the rpc port (gRPC AdminService for the
+// CLI and PeerService for the other peers, and their block data streams beside it), the console and /metrics, host balancing
 // and snapshot schedules, wired from cluster.yaml. The admin operations live with their
 // concepts (cluster/volume-admin.ts, cluster/group-status.ts, migration/admin.ts,
 // snapshot/admin.ts, loadmon/admin.ts, host-balance-wiring.ts); `admin` puts them together.
@@ -17,8 +17,8 @@ import { EmbeddedMetaStore } from '../cluster/embedded';
 import { EtcdMetaStore } from '../cluster/etcd';
 import type { PeerStatusView } from '../cluster/group-status';
 import type { MetaStore } from '../cluster/metastore';
-import { addPeerServices } from '../cluster/peer-rpc';
-import { loadPeerTls, peerServerCredentials, type PeerTls } from '../cluster/peer-tls';
+import { addPeerServices, PeerAuthenticator, peerChannelOptions } from '../cluster/peer-rpc';
+import { loadPeerTls, peerServerCredentials, peerTlsServerOptions, type PeerTls } from '../cluster/peer-tls';
 import type { PeerTransport } from '../cluster/transport';
 import { InvalidArgumentError, PeersanError } from '../errors';
 import type { Env } from '../env/env';
@@ -26,7 +26,7 @@ import { realEnv } from '../env/real';
 import { Portal, type SessionInfo } from '../iscsi/portal';
 import { consoleEventsMax, downOutMsDefault, gracefulStopMs } from '../limits';
 import { balancerDefaults } from '../loadmon/balancer';
-import { peerChannelOptions } from '../routing/link';
+import { RpcListener } from '../routing/data-stream';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { SnapshotScheduler } from '../snapshot/schedule';
 import { PageStore } from '../store/page-store';
@@ -81,6 +81,8 @@ export class PeerServer {
   private scheduler: SnapshotScheduler | undefined;
   private portal!: Portal;
   private grpcServer!: grpc.Server;
+  /** The rpc port's listener: gRPC connections go to grpcServer, data streams to the page service. */
+  private rpcListener: RpcListener | undefined;
   private stopping: Promise<void> | undefined;
   private unfollowMembers: (() => void) | undefined;
   /** Resolves when this peer was asked to stop (`peersan peer stop`, or removed from the group): its process stops it. */
@@ -233,22 +235,33 @@ export class PeerServer {
     });
   }
 
-  /** AdminService (the CLI) and PeerService (the other peers) on the rpc address. */
+  /**
+   * The rpc address: AdminService (the CLI) and PeerService (the other peers) on gRPC, and the
+   * other peers' block data streams, told apart by their first bytes (src/routing/data-stream.ts).
+   * Both authenticate peers with one PeerAuthenticator (one nonce ledger).
+   */
   private async serveRpc(core: PeerCore, tls: PeerTls | undefined): Promise<void> {
     const self = this.peer.id;
     const server = (this.grpcServer = new grpc.Server(peerChannelOptions));
     addAdminService(server, this.admin, this.config.adminToken, this.log);
+    const authenticator = new PeerAuthenticator({ secret: this.config.secret, members: (id) => this.members.ids().includes(id), self, tls: tls !== undefined }, this.log);
     addPeerServices(server, {
       ...core.handlers,
       status: () => this.selfStatus(),
-      blocks: (call) => core.pages.serveStream(call),
       moveSession: async (session, to) => (await this.hostBalancer?.move(session, to)) ?? [],
       planHostMove: async (p) => this.hostBalancer?.plan({ initiatorName: p.initiatorName, targetName: p.targetName, to: p.to, untilMs: this.env.clock.nowMs() + p.ttlMs }),
-    }, { secret: this.config.secret, members: (id) => this.members.ids().includes(id), self, tls: tls !== undefined }, this.log);
-    const credentials = tls ? peerServerCredentials(tls) : grpc.ServerCredentials.createInsecure();
-    await new Promise<void>((resolve, reject) => {
-      server.bindAsync(this.peer.rpc, credentials, (err) => (err ? reject(new PeersanError(`cannot listen on ${this.peer.rpc}: ${err.message}`)) : resolve()));
+    }, authenticator);
+    // gRPC does its own TLS on the connections handed to it.
+    const grpcConnections = server.createConnectionInjector(tls ? peerServerCredentials(tls) : grpc.ServerCredentials.createInsecure());
+    this.rpcListener = new RpcListener({
+      ...(tls ? { tls: peerTlsServerOptions(tls) } : {}),
+      authenticate: authenticator.hello,
+      serve: (stream) => core.pages.serveStream(stream),
+      other: (socket) => grpcConnections.injectConnection(socket),
+      log: this.log,
     });
+    const { host, port } = splitHostPort(this.peer.rpc, 'rpc');
+    await this.rpcListener.listen(host, port, this.peer.rpc);
   }
 
   /** The iSCSI portal; host balancing, when on, places logins (redirect) and counts sessions. */
@@ -309,6 +322,7 @@ export class PeerServer {
     const timer = this.env.timers.setTimeout(() => {
       this.log.warn('graceful stop took too long, aborting connections');
       this.portal?.destroy();
+      this.rpcListener?.destroy();
       this.grpcServer?.forceShutdown();
     }, gracefulStopMs).unref();
     try {
@@ -318,10 +332,10 @@ export class PeerServer {
       this.hostBalancer?.stop();
       if (this.portal) await this.portal.close();
       if (this.grpcServer) {
-        // No new calls from here; the other peers' block streams end once answered.
+        // No new connections or calls from here; the other peers' data streams end once answered.
+        this.rpcListener?.close();
         const shut = new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
-        this.core?.pages.endStreams();
-        await shut;
+        await Promise.all([shut, this.core?.pages.endStreams()]);
       }
       this.unfollowMembers?.();
       this.members?.close();
