@@ -6,7 +6,8 @@
 //
 // A server process answers each small request (44 bytes, like a read frame) with a fresh
 // buffer of --reply-kib (as a store read would be), on one bidirectional stream with raw
-// serializers and the channel options of src/routing/link.ts. The client keeps --depth
+// serializers and the channel options peers used for it (issue 19 moved block frames off gRPC
+// to a data stream of their own, src/routing/data-stream.ts: this measures what that left). The client keeps --depth
 // requests outstanding, sending up to --batch requests per message. Prints replies/s, MB/s and
 // the CPU time (all threads, from /proc) each process spent per reply: what gRPC costs before
 // peersan does any work of its own.
@@ -15,7 +16,15 @@
 const { fork } = require('node:child_process');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
-const { peerChannelOptions, peerDataService } = require('../dist/routing/link');
+const { peerChannelOptions: rpcOptions } = require('../dist/cluster/peer-rpc');
+
+const raw = (b) => b;
+/** The block stream service peers had before issue 19. */
+const peerDataService = {
+  blocks: { path: '/peersan.PeerData/Blocks', requestStream: true, responseStream: true, requestSerialize: raw, requestDeserialize: raw, responseSerialize: raw, responseDeserialize: raw, originalName: 'Blocks' },
+};
+// HTTP/2's default 64 KiB flow-control window throttles 128 KiB reads to a crawl.
+const peerChannelOptions = { ...rpcOptions, 'grpc-node.flow_control_window': 16 * 1024 * 1024 };
 
 const args = { replyKib: 128, depth: 16, seconds: 5, batch: 1 };
 const flags = { '--reply-kib': 'replyKib', '--depth': 'depth', '--seconds': 'seconds', '--batch': 'batch' };

@@ -9,10 +9,10 @@ import { execFile } from 'node:child_process';
 import { Agent, request, type ClientRequest } from 'node:http';
 import { Writable } from 'node:stream';
 import pino from 'pino';
-import * as grpc from '@grpc/grpc-js';
-import { addPeerServices, type PeerHandlers } from '../src/cluster/peer-rpc';
-import { peerDataService } from '../src/routing/link';
-import { InvalidArgumentError } from '../src/errors';
+import { peerAuthFields, peerDataMethod } from '../src/cluster/peer-auth';
+import { PeerAuthenticator } from '../src/cluster/peer-rpc';
+import { dialDataStream, RpcListener } from '../src/routing/data-stream';
+import { InvalidArgumentError, PeerUnavailableError } from '../src/errors';
 import { AdminClient } from '../src/server/admin';
 import { pageNumber, wholeNumber } from '../src/server/admin-input';
 import { EventLog } from '../src/server/events';
@@ -164,23 +164,18 @@ t.test('thousands of refused console requests log a bounded number of lines, wit
 
 t.test('block streams refused for want of peer authentication log a bounded number of lines', async (t) => {
   const { log, lines } = captureLog();
-  const server = new grpc.Server();
-  addPeerServices(server, {} as PeerHandlers, { secret: 'group-secret', members: ['p1', 'p2'], self: 'p1' }, log);
-  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
-  t.teardown(() => server.forceShutdown());
-  const Client = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
-  const client = new Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure()) as grpc.Client & { blocks(): grpc.ClientDuplexStream<Buffer, Buffer> };
-  t.teardown(() => client.close());
+  const authenticator = new PeerAuthenticator({ secret: 'group-secret', members: ['p1', 'p2'], self: 'p1', tls: false }, log);
+  const listener = new RpcListener({ authenticate: authenticator.hello, serve: ({ socket }) => socket.destroy(), other: (socket) => socket.destroy(), log });
+  await listener.listen('127.0.0.1', 0, '127.0.0.1:0');
+  t.teardown(() => listener.destroy());
   const refused = 100;
   let unauthenticated = 0;
   for (let i = 0; i < refused; i++) {
-    const code = await new Promise<number>((resolve) => {
-      const call = client.blocks();
-      call.on('error', (err: grpc.ServiceError) => resolve(err.code));
-      call.on('data', () => undefined);
-      call.on('end', () => resolve(-1));
-    });
-    if (code === grpc.status.UNAUTHENTICATED) unauthenticated++;
+    const err = await dialDataStream({ peerId: 'p1', address: `127.0.0.1:${listener.port}`, hello: () => peerAuthFields('not-the-secret', 'p2', peerDataMethod), timeoutMs: 2_000 }).then(
+      (d) => void d.socket.destroy(),
+      (e: unknown) => e,
+    );
+    if (err instanceof PeerUnavailableError && /refused: wrong MAC/.test(err.message)) unauthenticated++;
   }
   t.equal(unauthenticated, refused, 'every stream refused');
   const refusals = lines.filter((l) => /refused a peer call/.test(l));

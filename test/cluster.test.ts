@@ -7,7 +7,7 @@ import t from 'tap';
 import { writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { peerAuthMetadata } from '../src/cluster/peer-auth';
+import { peerAuthFields, peerDataMethod } from '../src/cluster/peer-auth';
 import { gracefulStopMs, peerConnectMsMax, peerRequestMsMax } from '../src/limits';
 import { naaIdentifier } from '../src/scsi/inquiry';
 import { BlockOp, ReplyStatus } from '../src/routing/frame';
@@ -109,13 +109,13 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
   await t.test('peer RPC needs the cluster secret: an outsider cannot read pages', async (t) => {
     const record = g.peer('p1').core.catalog.require('vol');
     const read = { op: BlockOp.read, fua: false, volumeId: record.id, lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
-    const outsider = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: (m) => peerAuthMetadata('not-the-secret', 'p2', m) });
+    const outsider = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => peerAuthFields('not-the-secret', 'p2', peerDataMethod) });
     t.teardown(() => outsider.close());
-    await t.rejects(outsider.send(read), /not a member/, 'wrong secret: refused');
-    const stranger = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: (m) => peerAuthMetadata('group-secret', 'p9', m) });
+    await t.rejects(outsider.send(read), /refused: wrong MAC/, 'wrong secret: refused');
+    const stranger = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => peerAuthFields('group-secret', 'p9', peerDataMethod) });
     t.teardown(() => stranger.close());
     await t.rejects(stranger.send(read), /not a member/, 'right secret, unknown peer id: refused');
-    const member = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: (m) => peerAuthMetadata('group-secret', 'p2', m) });
+    const member = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => peerAuthFields('group-secret', 'p2', peerDataMethod) });
     t.teardown(() => member.close());
     const reply = await member.send(read);
     t.equal(reply.status, ReplyStatus.ok, 'a member is served');

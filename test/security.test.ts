@@ -13,9 +13,9 @@ import { Etcd3 } from 'etcd3';
 import pino from 'pino';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { EtcdMetaStore } from '../src/cluster/etcd';
-import { NonceLedger, peerAuthMetadata, verifyPeerAuth } from '../src/cluster/peer-auth';
+import { NonceLedger, peerAuthFields, peerAuthMetadata, peerDataMethod, verifyPeerAuth } from '../src/cluster/peer-auth';
 import { PeerRpcClient } from '../src/cluster/peer-rpc';
-import { loadPeerTls, peerTlsChannel, type PeerTls } from '../src/cluster/peer-tls';
+import { loadPeerTls, peerTlsChannel, peerTlsConnectOptions, type PeerTls } from '../src/cluster/peer-tls';
 import { createClusterCa, issuePeerCertificate } from '../src/cluster/pki';
 import { proto } from '../src/cluster/proto';
 import { ensureGroupTls } from '../src/cli/init';
@@ -102,15 +102,20 @@ t.test('a captured peer header cannot be replayed, used for another method, or u
   const late = await capture('status', -45_000);
   t.equal(await rawCall(p1, 'status', late), grpc.status.UNAUTHENTICATED, 'a header 45 s old: refused');
 
-  // The block data stream: one header at its start, checked the same way.
+  // The block data stream: one hello at its start, checked the same way (same nonce ledger).
   const read = { op: BlockOp.read, fua: false, volumeId: 'none', lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
-  const fixed = peerAuthMetadata('group-secret', 'p2', '/peersan.PeerData/Blocks');
-  const first = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
+  const fixed = peerAuthFields('group-secret', 'p2', peerDataMethod);
+  const first = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => fixed, requestMsMax: 3_000 });
   t.teardown(() => first.close());
-  t.equal((await first.send(read)).status !== undefined, true, 'a block stream opens with a fresh header');
-  const replayed = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, metadata: () => fixed, requestMsMax: 3_000 });
+  t.equal((await first.send(read)).status !== undefined, true, 'a block stream opens with a fresh hello');
+  const replayed = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => fixed, requestMsMax: 3_000 });
   t.teardown(() => replayed.close());
-  await t.rejects(replayed.send(read), /not a member|authentication/, 'a second stream with the same header: refused');
+  await t.rejects(replayed.send(read), /refused: nonce already used/, 'a second stream with the same hello: refused');
+  const captured = await capture('status');
+  const asHello = { peerId: String(captured.get('x-peersan-peer')[0]), stamp: String(captured.get('x-peersan-stamp')[0]), nonce: String(captured.get('x-peersan-nonce')[0]), mac: String(captured.get('x-peersan-mac')[0]) };
+  const crossed = new PeerLink({ peerId: 'p1', env: realEnv(), address: g.config.peers[0].rpc, hello: () => asHello, requestMsMax: 3_000 });
+  t.teardown(() => crossed.close());
+  await t.rejects(crossed.send(read), /refused: wrong MAC/, 'a header made for a gRPC method, used as a hello: refused');
 });
 
 t.test('the nonce ledger: refuses a nonce seen before, forgets it after the window, refuses when full', async (t) => {
@@ -171,10 +176,10 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
 
   const read = { op: BlockOp.read, fua: false, volumeId: record.id, lba: 0, blocks: 1, routeVersion: 1, compareBytes: 0 } as const;
   const p1 = g.config.peers[0].rpc;
-  const header = (id: string) => (m: string) => peerAuthMetadata('group-secret', id, m);
+  const header = (id: string) => () => peerAuthFields('group-secret', id, peerDataMethod);
 
   await t.test('a member with its own certificate is served over the block stream', async (t) => {
-    const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p1'), requestMsMax: 3_000 });
+    const link = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), tls: peerTlsConnectOptions(g.tlsOf('p2'), 'p1'), requestMsMax: 3_000 });
     t.teardown(() => link.close());
     const reply = await link.send(read);
     t.equal(reply.status, ReplyStatus.ok);
@@ -184,30 +189,36 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
     const other = await createClusterCa('elsewhere');
     const foreign = await issuePeerCertificate(other, 'p2', ['127.0.0.1']);
     const withForeignCert: PeerTls = { peerId: 'p2', ca: g.tlsOf('p2').ca, cert: Buffer.from(foreign.certPem), key: Buffer.from(foreign.keyPem) };
-    const a = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(withForeignCert, 'p1'), requestMsMax: 3_000 });
+    const a = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), tls: peerTlsConnectOptions(withForeignCert, 'p1'), requestMsMax: 3_000 });
     t.teardown(() => a.close());
-    await t.rejects(a.send(read), /not a member|authentication|unavailable|UNAVAILABLE/i, 'a certificate from another CA (right secret): refused');
+    const aErr = await a.send(read).then(() => 'served', (e: unknown) => String(e)); t.match(aErr, /refused: no client certificate from the cluster CA/, `a certificate from another CA (right secret): refused (${aErr})`);
 
     const p3 = g.tlsOf('p3');
-    const b = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(p3, 'p1'), requestMsMax: 3_000 });
+    const b = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), tls: peerTlsConnectOptions(p3, 'p1'), requestMsMax: 3_000 });
     t.teardown(() => b.close());
-    await t.rejects(b.send(read), /not a member|authentication/, 'p3\'s certificate claiming to be p2: refused');
+    await t.rejects(b.send(read), /refused: the TLS client certificate names p3, not p2/, 'p3\'s certificate claiming to be p2: refused');
 
-    const noCert = { credentials: grpc.credentials.createSsl(g.tlsOf('p2').ca, null, null, { checkServerIdentity: () => undefined }), options: { 'grpc.ssl_target_name_override': 'p1' } };
-    const c = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), tls: noCert, requestMsMax: 3_000 });
+    const noCert = { ca: g.tlsOf('p2').ca, checkServerIdentity: () => undefined };
+    const c = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), tls: noCert, requestMsMax: 3_000 });
     t.teardown(() => c.close());
-    await t.rejects(c.send(read), /not a member|authentication/, 'TLS without a client certificate (right secret): refused');
+    await t.rejects(c.send(read), /refused: no client certificate from the cluster CA/, 'TLS without a client certificate (right secret): refused');
 
-    const plain = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, metadata: header('p2'), requestMsMax: 3_000 });
+    const plain = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), requestMsMax: 3_000 });
     t.teardown(() => plain.close());
-    await t.rejects(plain.send(read), /.+/, 'plain gRPC to a TLS peer: no connection');
+    await t.rejects(plain.send(read), /.+/, 'a plain data stream to a TLS peer: no stream');
   });
 
   await t.test('a peer that answers with another peer\'s certificate is not trusted', async (t) => {
     // p2 dials p1's address expecting p3 there: the certificate names p1, so the call fails.
-    const link = new PeerLink({ peerId: 'p3', env: realEnv(), address: p1, metadata: header('p2'), tls: peerTlsChannel(g.tlsOf('p2'), 'p3'), requestMsMax: 3_000 });
+    const link = new PeerLink({ peerId: 'p3', env: realEnv(), address: p1, hello: header('p2'), tls: peerTlsConnectOptions(g.tlsOf('p2'), 'p3'), requestMsMax: 3_000 });
     t.teardown(() => link.close());
-    await t.rejects(link.send(read), /.+/);
+    await t.rejects(link.send(read), /TLS with .*certificate of "p1", not of p3/);
+  });
+
+  await t.test('gRPC on the same port over TLS still answers (PeerService)', async (t) => {
+    const rpc = new PeerRpcClient('p1', p1, { secret: 'group-secret', self: 'p2' }, peerTlsChannel(g.tlsOf('p2'), 'p1'));
+    t.teardown(() => rpc.close());
+    t.equal((await rpc.status(5_000)).id, 'p1');
   });
 });
 

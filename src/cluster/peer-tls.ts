@@ -110,9 +110,27 @@ export function peerTlsConnectOptions(tls: PeerTls, calledPeerId: string): Conne
   return { ca: tls.ca, cert: tls.cert, key: tls.key, servername: calledPeerId, checkServerIdentity: namesPeer(calledPeerId) };
 }
 
-/** The server side of data streams: the client's certificate is required (data-stream.ts adds requestCert). */
-export function peerTlsServerOptions(tls: PeerTls): TlsOptions {
-  return { ca: tls.ca, cert: tls.cert, key: tls.key };
+/** The server side of data streams (src/routing/data-stream.ts RpcListener). */
+export interface DataTlsServer {
+  options: TlsOptions;
+  /**
+   * The peer id a client's certificate names, if it is signed by the cluster CA and valid now.
+   * Node checks a client certificate only for a tls.Server's connections, not for a TLSSocket
+   * made by hand as a data stream's STARTTLS makes it, so the check is ours.
+   */
+  certifiedPeerId(cert: X509Certificate | undefined, nowMs?: number): string | undefined;
+}
+
+export function peerTlsServerOptions(tls: PeerTls): DataTlsServer {
+  const ca = new X509Certificate(tls.ca);
+  return {
+    options: { ca: tls.ca, cert: tls.cert, key: tls.key },
+    certifiedPeerId: (cert, nowMs = Date.now()) => (cert && signedAndValid(ca, cert, nowMs) ? certificatePeerId(cert) : undefined),
+  };
+}
+
+function signedAndValid(ca: X509Certificate, cert: X509Certificate, nowMs: number): boolean {
+  return cert.checkIssued(ca) && cert.verify(ca.publicKey) && Date.parse(cert.validTo) >= nowMs && Date.parse(cert.validFrom) <= nowMs;
 }
 
 /**

@@ -32,6 +32,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { PeerAuthFields, PeerAuthVerdict } from '../cluster/peer-auth';
+import type { DataTlsServer } from '../cluster/peer-tls';
 import { PeersanError, PeerUnavailableError } from '../errors';
 import { LogLimiter } from '../log';
 import { peerFrameBytesMax, peerHandshakeMsMax, peerHandshakesMax, peerHelloBytesMax, peerKeepAliveMs } from '../limits';
@@ -230,7 +231,7 @@ function readPreamble(socket: net.Socket, then: () => void, fail: (why: string) 
 
 export interface RpcListenerOptions {
   /** Server TLS (peer-tls.ts peerTlsServerOptions); absent: plain. */
-  tls?: tls.TlsOptions;
+  tls?: DataTlsServer;
   /**
    * Checks a hello (peer-rpc.ts PeerAuthenticator): `certified` is the peer id of the client's
    * verified certificate under TLS. Logs its own refusals.
@@ -330,15 +331,19 @@ export class RpcListener {
       if (got.length > dataPreamble.length) return this.refuse(socket, from, 'bytes after the preamble before it was answered');
       tuneSocket(socket);
       socket.write(dataPreamble);
-      if (!this.o.tls) return this.hello(socket, socket, from, undefined, done);
-      const secure = new tls.TLSSocket(socket, { ...this.o.tls, isServer: true, requestCert: true, rejectUnauthorized: true });
+      const serverTls = this.o.tls;
+      if (!serverTls) return this.hello(socket, socket, from, undefined, done);
+      const secure = new tls.TLSSocket(socket, { ...serverTls.options, isServer: true, requestCert: true, rejectUnauthorized: true });
       secure.on('error', (err) => {
         this.limiter.warn(this.o.log, 'data-tls', { from, reason: err.message }, 'a data stream failed its TLS handshake; closing it');
         socket.destroy();
       });
       secure.once('secure', () => {
-        const cn = secure.getPeerCertificate()?.subject?.CN;
-        this.hello(socket, secure, from, typeof cn === 'string' ? cn : undefined, done);
+        // A server TLSSocket made by hand does not check the client's certificate (only a
+        // tls.Server's connections are): one not from the cluster CA is refused here.
+        const certified = serverTls.certifiedPeerId(secure.getPeerX509Certificate());
+        if (certified === undefined) return this.refuse(secure, from, 'no client certificate from the cluster CA');
+        this.hello(socket, secure, from, certified, done);
       });
     };
     socket.on('data', onData);

@@ -1,16 +1,13 @@
-// Peer frames for the fuzz suite: an authenticated PeerData.Blocks stream opened the way a
-// peer's link opens it (src/routing/link.ts), and well-formed request frames (src/routing/
-// frame.ts) for the cases to mutate. How a stream is authenticated is in `openBlockStream`
-// alone: when the peer authentication scheme changes (TLS, per-call nonces), only it changes.
+// Peer frames for the fuzz suite: an authenticated block data stream opened the way a peer's
+// link opens it (src/routing/link.ts, data-stream.ts), and well-formed request frames (src/routing/
+// frame.ts) for the cases to mutate. How a stream is authenticated is in helpers/data-stream.ts
+// alone: when the peer authentication scheme changes, only it changes.
 
-import * as grpc from '@grpc/grpc-js';
-import { peerAuthMetadata } from '../../src/cluster/peer-auth';
-import { splitBatch } from '../../src/routing/batch';
-import { peerChannelOptions, peerDataService } from '../../src/routing/link';
 import { BlockOp, encodeRequest, requestHeaderBytes, type BlockRequest } from '../../src/routing/frame';
+import { batchOf, openRawStream } from './data-stream';
 import type { Rng } from './fuzz-rng';
 
-const PeerDataClient = grpc.makeGenericClientConstructor(peerDataService, 'PeerData');
+export { batchOf };
 
 export interface BlockStream {
   /** Send one batch (bytes as given: a case may send a malformed one). */
@@ -24,55 +21,23 @@ export interface BlockStream {
   close(): void;
 }
 
-/** A PeerData.Blocks stream to `address`, authenticated as member `asPeer` of the group. */
+/** A data stream to `address`, authenticated as member `asPeer` of the group. */
 export function openBlockStream(address: string, secret: string, asPeer: string): BlockStream {
-  const client = new PeerDataClient(address, grpc.credentials.createInsecure(), peerChannelOptions);
-  const call = (client as unknown as { blocks(md: grpc.Metadata): grpc.ClientDuplexStream<Buffer, Buffer> }).blocks(peerAuthMetadata(secret, asPeer, peerDataService.blocks.path));
-  let wake: (() => void) | undefined;
-  const s: BlockStream = {
-    replyFrames: 0,
-    ended: undefined,
-    write: (batch) => {
-      if (!s.ended) call.write(batch);
+  const raw = openRawStream(address, secret, asPeer);
+  return {
+    get replyFrames() {
+      return raw.frames.length;
     },
+    get ended() {
+      return raw.ended;
+    },
+    write: (batch) => raw.write(batch),
     settle: async (n, timeoutMs) => {
       const deadline = Date.now() + timeoutMs;
-      while (s.replyFrames < n && !s.ended && Date.now() < deadline) {
-        await new Promise<void>((r) => {
-          const timer = setTimeout(r, deadline - Date.now());
-          wake = () => {
-            clearTimeout(timer);
-            r();
-          };
-        });
-      }
+      while (raw.frames.length < n && !raw.ended && Date.now() < deadline) await raw.next(deadline - Date.now());
     },
-    close: () => {
-      s.ended ??= 'closed';
-      call.cancel();
-      client.close();
-    },
+    close: () => raw.close(),
   };
-  const end = (why: string): void => {
-    s.ended ??= why;
-    wake?.();
-  };
-  call.on('data', (b: Buffer) => {
-    s.replyFrames += splitBatch(b)?.length ?? 1;
-    wake?.();
-  });
-  call.on('error', (err: grpc.ServiceError) => end(err.details || err.message));
-  call.on('end', () => end('ended'));
-  return s;
-}
-
-/** Frames as a batch: [u32 length][frame] each (src/routing/batch.ts). */
-export function batchOf(frames: Buffer[]): Buffer {
-  return Buffer.concat(frames.flatMap((f) => {
-    const n = Buffer.alloc(4);
-    n.writeUInt32BE(f.length);
-    return [n, f];
-  }));
 }
 
 /**
