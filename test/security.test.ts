@@ -201,7 +201,7 @@ t.test('a group with cluster.tls: forwarding over mutual TLS; strangers refused'
     const noCert = { ca: g.tlsOf('p2').ca, checkServerIdentity: () => undefined };
     const c = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), tls: noCert, requestMsMax: 3_000 });
     t.teardown(() => c.close());
-    await t.rejects(c.send(read), /refused: no client certificate from the cluster CA/, 'TLS without a client certificate (right secret): refused');
+    const cErr = await c.send(read).then(() => 'served', (e: unknown) => String(e)); t.match(cErr, /certificate required/, `TLS without a client certificate (right secret): refused (${cErr})`);
 
     const plain = new PeerLink({ peerId: 'p1', env: realEnv(), address: p1, hello: header('p2'), requestMsMax: 3_000 });
     t.teardown(() => plain.close());
