@@ -206,8 +206,15 @@ export const peerHandshakeMsMax = 3_000;
 export const peerHandshakesMax = 256;
 /** Bytes of a data stream's hello frame (peer id ≤ 255, stamp, nonce, MAC, separators). */
 export const peerHelloBytesMax = 512;
+/**
+ * Reply bytes an owner has written to a data stream that its sender has not taken yet; past it
+ * the owner stops reading requests until they are. Node's own mark (16 KiB) is less than one
+ * 128 KiB read: pausing at it made the stream carry one read at a time.
+ */
+export const peerStreamRepliesQueuedBytesMax = 32 * 1024 * 1024;
 /** TCP keepalive of a data stream: a peer gone without a FIN is noticed. */
 export const peerKeepAliveMs = 10_000;
+assert(peerStreamRepliesQueuedBytesMax >= 2 * peerFrameBytesMax, 'the largest reply does not stop a stream alone');
 assert(peerConnectMsMax < peerHandshakeMsMax, 'an honest peer gives up connecting before the owner gives up on its handshake');
 assert(peerAuthSkewMsMax <= 60_000, 'a captured header is dead within a minute');
 assert(tlsPeerCertDays <= tlsCaDays, 'a peer certificate does not outlive its CA by design');

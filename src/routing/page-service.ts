@@ -19,7 +19,7 @@
 import type { Logger } from 'pino';
 import { errorKindOf, ErrorKind } from '../errors';
 import { LogLimiter } from '../log';
-import { lbaStatusPagesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerUnmapBlocksMax } from '../limits';
+import { lbaStatusPagesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerStreamRepliesQueuedBytesMax, peerUnmapBlocksMax } from '../limits';
 import type { HybridClock } from '../snapshot/hlc';
 import type { BlockBackend, WriteOptions } from '../store/types';
 import { FrameBatcher } from './batch';
@@ -253,12 +253,21 @@ export class PageService {
     socket.once('close', () => this.streams.delete(finish));
     // A stream's errors end in its 'close' (the sender's link fails what it had outstanding).
     socket.on('error', () => undefined);
-    /** Read while neither bound holds: requests in flight, replies the sender has not taken. */
+    /**
+     * Read while neither bound holds: requests in flight, replies the sender has not taken.
+     * Past one, reading pauses; it resumes at half the requests, and once the queued replies
+     * are all taken ('drain', which comes: a write past Node's mark returned false).
+     */
+    let untaken = false;
     const flow = (): void => {
-      if (inFlight >= peerRequestsInFlightMax || socket.writableNeedDrain) socket.pause();
-      else if (inFlight < peerRequestsInFlightMax / 2 && !socket.writableNeedDrain) socket.resume();
+      if (socket.writableLength > peerStreamRepliesQueuedBytesMax) untaken = true;
+      if (inFlight >= peerRequestsInFlightMax || untaken) socket.pause();
+      else if (inFlight < peerRequestsInFlightMax / 2) socket.resume();
     };
-    socket.on('drain', flow);
+    socket.on('drain', () => {
+      untaken = false;
+      flow();
+    });
     const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
       if (!socket.destroyed && socket.writable) socket.write(batch);
     });
