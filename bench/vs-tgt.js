@@ -8,7 +8,7 @@
 // machines would; each process gets its own core on a 2-core box). The volume is placed on
 // p1 only, so the same volume is measured through two portals:
 //   local      p1's portal: p1 owns every page, no RPC
-//   forwarded  p2's portal: p2 owns none, every command goes to p1 over PeerData
+//   forwarded  p2's portal: p2 owns none, every command goes to p1 over their data stream
 // Both LUNs (peersan's, tgt's) are filled completely first (a thin volume reads unwritten
 // blocks without I/O, which would flatter peersan). Then, rotating between the targets,
 // each figure is measured --repeat times and the median printed:

@@ -227,8 +227,6 @@ export const peerReadBytesMax = transferBytesMax;
 export const lbaStatusPagesMax = 64;
 /** Blocks one forwarded unmap may cover: one UNMAP descriptor's, or one WRITE SAME's. */
 export const peerUnmapBlocksMax = Math.max(unmapBlocksMax, writeSameBlocksMax);
-/** Request frames in one batch: a sender's whole window at most (a link never has more outstanding). */
-export const peerBatchFramesMax = peerRequestsInFlightMax;
 /**
  * Bytes one block stream's requests may hold on the owner (write data, data read); a request
  * beyond it is answered BUSY. A window of 256 requests of 8 MiB would otherwise be 2 GiB.

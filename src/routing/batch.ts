@@ -1,41 +1,32 @@
-// Frames produced together travel as one gRPC message: a batch is [u32 length][frame]
-// repeated. At queue depth 32 a peer forwards bursts of requests, and gRPC's cost is per
-// message, not per byte, so batching is what makes forwarding cheap.
+// Frames produced together travel as one write on the data stream (data-stream.ts): a batch is
+// [u32 length][frame] repeated, the stream's own format, so batches need no framing of their
+// own and the receiver cuts frames as they come (FrameReader). At queue depth 32 a peer
+// forwards bursts of requests, and a write (a system call, a TCP segment) costs per call, not
+// per byte, so batching is what makes forwarding cheap.
 // Pure split function (bounded, undefined on a malformed batch) plus a tiny batcher.
 //
-// When a batch goes out matters as much as its size. Node's HTTP/2 session writes what its
-// streams were given in the check phase (a native setImmediate, which runs before the
-// JavaScript ones). A batch written from setImmediate therefore waits a whole further turn of
-// the event loop before it leaves; one written at the end of the current task leaves in this
-// turn. Two policies:
+// When a batch goes out matters as much as its size. Two policies:
 //   'task'  flush when the task that pushed ends (a microtask). The sender's side: the
 //           commands of one iSCSI read event still go as one batch, and leave at once.
 //   'turn'  flush at the end of the turn (setImmediate). The owner's side: replies come one
-//           per store completion, each its own task, and a batch per task would be a message
+//           per store completion, each its own task, and a batch per task would be a write
 //           per reply. The owner calls flushAfterTask() once it has nothing left in flight,
 //           since no more replies are coming to wait for.
 //
 // The batcher queues the requests/replies themselves and encodes them straight into the one
-// batch buffer when it flushes: a block's data is copied once on its way out (gRPC copies
-// the batch once more into its own framing), and no per-frame buffers become garbage.
+// batch buffer when it flushes: a block's data is copied once on its way out (into the batch,
+// which the socket writes as it is), and no per-frame buffers become garbage.
 
 import { peerBatchBytesMax, peerFrameBytesMax } from '../limits';
+import { FrameReader } from './frame-reader';
 
 const lengthBytes = 4;
 
 /** The frames of a batch, as views into it; undefined if the batch is malformed or has more than `framesMax`. */
 export function splitBatch(batch: Buffer, framesMax = Number.MAX_SAFE_INTEGER): Buffer[] | undefined {
-  const frames: Buffer[] = [];
-  let at = 0;
-  while (at < batch.length) {
-    if (at + lengthBytes > batch.length || frames.length >= framesMax) return undefined;
-    const n = batch.readUInt32BE(at);
-    at += lengthBytes;
-    if (n === 0 || n > peerFrameBytesMax || at + n > batch.length) return undefined;
-    frames.push(batch.subarray(at, at + n));
-    at += n;
-  }
-  return frames;
+  const reader = new FrameReader(peerFrameBytesMax);
+  const frames = reader.read(batch);
+  return frames && !reader.midFrame && frames.length <= framesMax ? frames : undefined;
 }
 
 /** How a batcher sizes and writes one frame (frame.ts: requestFrameBytes/encodeRequestInto, …). */

@@ -24,9 +24,7 @@
 // in steps 1-3 at once, a hello is at most peerHelloBytesMax, and any violation closes that one
 // connection (rate-limited log), never the process.
 //
-// FrameReader is the pure part: it cuts received chunks into frames. A frame wholly inside one
-// chunk is handed on as a view of it (no copy); one that spans chunks is assembled once into a
-// buffer of its own size.
+// Received bytes are cut into frames by FrameReader (frame-reader.ts, pure).
 
 import * as net from 'node:net';
 import * as tls from 'node:tls';
@@ -34,6 +32,7 @@ import type { Logger } from 'pino';
 import type { PeerAuthFields, PeerAuthVerdict } from '../cluster/peer-auth';
 import type { DataTlsServer } from '../cluster/peer-tls';
 import { PeersanError, PeerUnavailableError } from '../errors';
+import { FrameReader } from './frame-reader';
 import { LogLimiter } from '../log';
 import { peerFrameBytesMax, peerHandshakeMsMax, peerHandshakesMax, peerHelloBytesMax, peerKeepAliveMs } from '../limits';
 
@@ -41,68 +40,6 @@ import { peerFrameBytesMax, peerHandshakeMsMax, peerHandshakesMax, peerHelloByte
 export const dataPreamble = Buffer.from('PSDATA1\n', 'latin1');
 const lengthBytes = 4;
 const okAnswer = 'ok';
-
-/** Cuts a byte stream into [u32 length][frame] frames; a length of 0 or over `frameBytesMax` is malformed. */
-export class FrameReader {
-  /** A length prefix split between chunks. */
-  private readonly head = Buffer.alloc(lengthBytes);
-  private headHave = 0;
-  /** A frame split between chunks, being assembled. */
-  private partial: Buffer | undefined;
-  private partialHave = 0;
-
-  constructor(private readonly frameBytesMax: number) {}
-
-  /** The frames `chunk` completes, in order, or undefined when it holds a malformed length (the stream is then unusable). */
-  read(chunk: Buffer): Buffer[] | undefined {
-    const frames: Buffer[] = [];
-    let at = 0;
-    while (at < chunk.length) {
-      if (this.partial) {
-        at = this.fill(chunk, at);
-        if (this.partialHave < this.partial.length) break;
-        frames.push(this.partial);
-        this.partial = undefined;
-        continue;
-      }
-      let n: number;
-      if (this.headHave === 0 && chunk.length - at >= lengthBytes) {
-        n = chunk.readUInt32BE(at);
-        at += lengthBytes;
-      } else {
-        const take = Math.min(lengthBytes - this.headHave, chunk.length - at);
-        chunk.copy(this.head, this.headHave, at, at + take);
-        this.headHave += take;
-        at += take;
-        if (this.headHave < lengthBytes) break;
-        this.headHave = 0;
-        n = this.head.readUInt32BE(0);
-      }
-      if (n === 0 || n > this.frameBytesMax) return undefined;
-      if (chunk.length - at >= n) {
-        frames.push(chunk.subarray(at, at + n));
-        at += n;
-      } else {
-        this.partial = Buffer.allocUnsafe(n);
-        this.partialHave = 0;
-      }
-    }
-    return frames;
-  }
-
-  /** True while a frame (or its length) has begun and not ended: a stream closing now cut it. */
-  get midFrame(): boolean {
-    return this.headHave > 0 || this.partial !== undefined;
-  }
-
-  private fill(chunk: Buffer, at: number): number {
-    const p = this.partial!;
-    const take = Math.min(p.length - this.partialHave, chunk.length - at);
-    chunk.copy(p, this.partialHave, at, at + take);
-    this.partialHave += take;
-    return at + take;
-  }
-}
 
 /** `payload` as one frame: [u32 length][payload]. */
 export function frameOf(payload: Buffer): Buffer {

@@ -6,7 +6,8 @@
 import type * as net from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { peerAuthFields, peerDataMethod } from '../../src/cluster/peer-auth';
-import { dialDataStream, FrameReader, RpcListener, type DataStream } from '../../src/routing/data-stream';
+import { dialDataStream, RpcListener, type DataStream } from '../../src/routing/data-stream';
+import { FrameReader } from '../../src/routing/frame-reader';
 import { peerFrameBytesMax } from '../../src/limits';
 import { silentLogger } from '../../src/log';
 
