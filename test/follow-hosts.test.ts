@@ -82,32 +82,34 @@ t.test('planner: with even loads, forwarded pages move to the peer their I/O arr
 
 t.test('planner: a page two hosts share (about 50/50) never goes back and forth', async (t) => {
   // Page 0 shared by hosts on p1 and p2 with noisy arrivals; the rest keep the loads even.
-  const rng = fc.sample(fc.double({ min: 0.4, max: 1 - (1 - followShareMin) - 1e-9, noNaN: true }), { numRuns: 200, seed: 7 });
+  const rng = fc.sample(fc.double({ min: 0.41, max: 0.59, noNaN: true }), { numRuns: 200, seed: 7 });
   let input: PlanInput = {
     nowMs: 0,
     peers: peers.map((id) => ({ id, load: 300, freeBytes: 10 * GiB })),
     pages: [{ volumeId: 'v', volumeName: 'vol', page: 0, owner: 'p1', load: 30, bytesMax: 1, arrivals: [] }],
   };
+  // A forward weight high enough that the shares alone would decide: only the majority rule holds the page.
+  const eager = { ...config, wForward: 10 };
   const moves: string[] = [];
   for (let round = 0; round < rng.length; round++) {
-    const a = rng[round]; // p1's share, 0.4 to just under 0.6
+    const a = rng[round]; // p1's share, 41 % to 59 %
     input = { ...input, nowMs: round * config.cooldownMs, pages: [{ ...input.pages[0], arrivals: [{ peer: 'p1', load: 30 * a }, { peer: 'p2', load: 30 * (1 - a) }] }] };
-    const p = plan(input, config);
+    const p = plan(input, eager);
     for (const m of p.moves) moves.push(`${round}:${m.from}→${m.to}`);
     input = apply(input, p.moves, input.nowMs);
   }
-  t.same(moves, [], 'no move in 200 rounds of 40–60 % shares, each past the cool-down');
+  t.same(moves, [], 'no move in 200 rounds of 41–59 % shares, each past the cool-down');
 
   // The traffic really shifts to p2 (90 %): one move; then back to a noisy 50/50: it stays.
   input = { ...input, nowMs: 1e9, pages: [{ ...input.pages[0], owner: 'p1', arrivals: [{ peer: 'p1', load: 3 }, { peer: 'p2', load: 27 }] }] };
-  const shifted = plan(input, config);
+  const shifted = plan(input, eager);
   t.same(shifted.moves.map((m) => m.to), ['p2'], 'a clear majority at p2: the page follows');
   input = apply(input, shifted.moves, input.nowMs);
   let back = 0;
   for (let round = 1; round <= 100; round++) {
     const a = rng[round];
     input = { ...input, nowMs: 1e9 + round * config.cooldownMs, pages: [{ ...input.pages[0], arrivals: [{ peer: 'p1', load: 30 * a }, { peer: 'p2', load: 30 * (1 - a) }] }] };
-    back += plan(input, config).moves.length;
+    back += plan(input, eager).moves.length;
   }
   t.equal(back, 0, 'and does not go back while the shares hover around 50/50');
 });
