@@ -15,12 +15,18 @@
 //   forwarded share   peersan_routed_runs_total{path="forwarded"} ÷ all routed runs, summed over
 //                     the peers, over the last sample
 //   page moves        peersan_page_moves_total (committed and cancelled, by the source peer) plus
-//                     peersan_page_moves_in_flight: moves started so far
-// Prints the share over time, when it first fell below 20 %, then keeps the same load --quiet-s
-// and counts the page moves started in that time. PASS/FAIL lines for "forwarded < 20 % within
-// --follow-s" and "no moves for --quiet-s after"; exit 1 on a FAIL. Bounded: at most
-// --follow-s + --quiet-s of load after the group is up; everything started is stopped at the
-// end, on a failure and on Ctrl-C.
+//                     peersan_page_moves_in_flight: data moves started so far. A role switch (a
+//                     replicated page's primary role handed to an in-sync copy) copies nothing
+//                     and is no migration: the quiet window's verdict therefore compares the
+//                     volume's `page map --json` (each page's primary and route version) at its
+//                     start and end too, and counts every page whose route changed
+// Prints the share over time and when it first fell below 20 %; the balancer may finish its
+// last follow moves after that, so the quiet window starts once the share is under 20 % through
+// a whole sample in which no route changed ("settled"); then the same load runs --quiet-s and
+// every page whose route changed in that time counts. PASS/FAIL lines for "forwarded < 20 %
+// within --follow-s" and "no moves for --quiet-s after"; exit 1 on a FAIL or a host error.
+// Bounded: at most --follow-s + 60 + --quiet-s seconds of load after the group is up;
+// everything started is stopped at the end, on a failure and on Ctrl-C.
 'use strict';
 
 require('./lib/ts-require');
@@ -38,6 +44,27 @@ const writeBytes = 64 * 1024;
 const blockBytes = 512;
 const shareAim = 0.2;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Each page's primary and route version (`page map --json`); a role switch changes them as a move does. */
+async function routes(peer) {
+  const r = await peer.cliAsync('--json', 'page', 'map', volume);
+  if (r.status !== 0) throw new Error(`page map: ${r.out.trim()}`);
+  return new Map(JSON.parse(r.out).pages.map((p) => [p.page, `${p.owner}@${p.version}`]));
+}
+
+/** Pages of each host's region by primary, e.g. "p1:6 p2:5 p3:5 | …". */
+function regions(map) {
+  const pages = [...map.keys()].sort((a, b) => a - b);
+  const per = pages.length / 3;
+  return [0, 1, 2].map((i) => {
+    const by = new Map();
+    for (const p of pages.slice(i * per, (i + 1) * per)) {
+      const owner = map.get(p).split('@')[0];
+      by.set(owner, (by.get(owner) ?? 0) + 1);
+    }
+    return `host ${i + 1} (via p${i + 1}): ${[...by].sort().map(([o, n]) => `${o}:${n}`).join(' ')}`;
+  }).join(' | ');
+}
 
 /** One session through `peer` writing 64 KiB at random offsets of region `index` until stopped. */
 function startHost(peer, index, stats) {
@@ -90,42 +117,58 @@ async function main(teardowns) {
   const peers = await startPeers((fn) => teardowns.push(fn), {
     count: 3, etcd: endpoint, clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: [`balancer: { intervalMs: ${args.intervalMs} }`],
   });
-  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${3 * regionMib}M`, ...(args.replicas > 1 ? ['--replicas', String(args.replicas)] : []));
+  const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${3 * regionMib}M`, '--replicas', String(args.replicas));
   if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
   console.log(`follow-hosts: 3 peers, a volume of ${3 * regionMib} MiB with ${args.replicas} cop${args.replicas > 1 ? 'ies' : 'y'}, 3 hosts × ${args.sessions} sessions (host i through peer i, its own ${regionMib} MiB), 64 KiB random writes, balancer round every ${args.intervalMs} ms; load ${loadNow()}`);
 
+  const first = await routes(peers[0]);
+  console.log(`  pages at first: ${regions(first)}`);
   const stats = { writes: 0, errors: 0 };
   const hosts = peers.flatMap((p, i) => Array.from({ length: args.sessions }, () => startHost(p, i, stats)));
   teardowns.push(() => Promise.all(hosts.map((h) => h.stop())));
   const startMs = performance.now();
   const at = () => ((performance.now() - startMs) / 1000).toFixed(0);
-  let last = await readMetrics(peers);
-  let lastWrites = 0;
+  let prev = await readMetrics(peers);
+  let prevRoutes = first;
+  let prevWrites = 0;
+  // below: the share first fell under the aim. settled: under the aim through a whole sample in
+  // which no page's route changed (the balancer may still finish its last follow moves after
+  // `below`); the quiet window runs from there.
   let below;
-  let movesAtBelow;
-  const endMs = () => (below === undefined ? startMs + args.followS * 1000 : below.ms + args.quietS * 1000);
+  let settled;
+  const endMs = () => (settled === undefined ? startMs + Math.max(args.followS * 1000, below ? below.ms - startMs + 60_000 : 0) : settled.ms + args.quietS * 1000);
   while (performance.now() < endMs()) {
     await sleep(Math.min(args.sampleMs, Math.max(0, endMs() - performance.now())));
     const now = await readMetrics(peers);
-    const local = now.local - last.local;
-    const forwarded = now.forwarded - last.forwarded;
+    const nowRoutes = await routes(peers[0]);
+    const local = now.local - prev.local;
+    const forwarded = now.forwarded - prev.forwarded;
     const share = forwarded / Math.max(1, local + forwarded);
-    const writes = stats.writes - lastWrites;
-    console.log(`  +${at()} s  forwarded ${(share * 100).toFixed(1)} % of ${local + forwarded} runs, ${writes} writes (${(writes / (args.sampleMs / 1000)).toFixed(0)}/s), page moves so far ${now.moves}, host errors ${stats.errors}`);
+    const writes = stats.writes - prevWrites;
+    const routeChanges = [...nowRoutes].filter(([p, r]) => prevRoutes.get(p) !== r).length;
+    console.log(`  +${at()} s  forwarded ${(share * 100).toFixed(1)} % of ${local + forwarded} runs, ${writes} writes (${(writes / (args.sampleMs / 1000)).toFixed(0)}/s), routes changed ${routeChanges}, data moves so far ${now.moves}, host errors ${stats.errors}`);
     if (below === undefined && share < shareAim && local + forwarded > 0) {
       below = { ms: performance.now(), s: Number(at()) };
-      movesAtBelow = now.moves;
-      console.log(`  forwarded share below ${shareAim * 100} % at +${below.s} s (${now.moves} moves); the same load for ${args.quietS} s more`);
+      console.log(`  forwarded share below ${shareAim * 100} % at +${below.s} s`);
     }
-    last = now;
-    lastWrites = stats.writes;
+    if (below !== undefined && settled === undefined && share < shareAim && routeChanges === 0 && now.moves === prev.moves) {
+      settled = { ms: performance.now(), s: Number(at()), moves: now.moves, routes: nowRoutes };
+      console.log(`  settled at +${settled.s} s (forwarded under ${shareAim * 100} %, no route changed in the last sample); the same load for ${args.quietS} s more`);
+    }
+    prev = now;
+    prevRoutes = nowRoutes;
+    prevWrites = stats.writes;
   }
   const final = await readMetrics(peers);
+  const last = await routes(peers[0]);
   for (const h of hosts) await h.stop();
+  console.log(`  pages at the end: ${regions(last)}`);
   const followed = below !== undefined && below.s <= args.followS;
-  const quietMoves = below === undefined ? NaN : final.moves - movesAtBelow;
+  const changed = settled ? [...last].filter(([p, r]) => settled.routes.get(p) !== r).map(([p, r]) => `${p}:${settled.routes.get(p)}→${r}`) : [];
+  const quietMoves = settled === undefined ? NaN : Math.max(final.moves - settled.moves, changed.length);
+  if (changed.length) console.log(`  routes changed in the quiet window: ${changed.join(' ')}`);
   console.log(`${followed ? 'PASS' : 'FAIL'} forwarded < ${shareAim * 100} % within ${args.followS} s: ${below ? `at +${below.s} s` : 'never'}`);
-  console.log(`${quietMoves === 0 ? 'PASS' : 'FAIL'} no moves for ${args.quietS} s after: ${Number.isNaN(quietMoves) ? 'not reached' : `${quietMoves} page moves started`} (${final.moves} in all)`);
+  console.log(`${quietMoves === 0 ? 'PASS' : 'FAIL'} no moves for ${args.quietS} s after: ${Number.isNaN(quietMoves) ? 'never settled' : `${quietMoves} pages moved or switched roles from +${settled.s} s to the end`} (${final.moves} data moves in all)`);
   console.log(`host writes ${stats.writes}, host errors ${stats.errors}`);
   if (!followed || quietMoves !== 0 || stats.errors > 0) process.exitCode = 1;
 }
