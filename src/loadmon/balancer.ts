@@ -136,7 +136,7 @@ export interface PeerLoadFigure {
 }
 
 export interface Plan {
-  /** Some peer stands out beyond the threshold. */
+  /** Some peer stands out beyond the threshold, or some page's I/O arrives mostly through another peer than its primary. */
   triggered: boolean;
   /** One line for humans: why these moves, or why none. */
   reason: string;
@@ -241,7 +241,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   if (!standsOut && followers.length === 0) {
     return result(false, `balanced: busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)}), ${forwarded}`, []);
   }
-  const moves = greedy(input, config, standsOut ? candidates : followers, loads, !standsOut);
+  const moves = greedy(input, config, standsOut ? candidates : followers, loads, destinations, !standsOut);
   const why = standsOut ? (high > config.threshold ? `busiest ${busiest} is ${pct(high)} above the mean` : `idlest ${idlest} is ${pct(low)} below the mean`) : `${forwarded}, pages follow their hosts`;
   if (moves.length === 0) return result(true, `${why}, but no allowed move lowers the cost (pages cooling down, too hot to move, or no room)`, []);
   return result(true, `${why} (threshold ${pct(config.threshold)}): ${moves.length} move(s)`, moves);
@@ -254,10 +254,9 @@ type WeighedMove = PlannedMove & { forwardedChange: number };
  * Repeatedly apply the single allowed move that lowers the cost most (updating `loads`), until
  * none does or the round's bound. `followOnly`: each page may only go to the peer it follows.
  */
-function greedy(input: PlanInput, config: BalancerConfig, candidates: PlanPage[], loads: Map<string, number>, followOnly: boolean): WeighedMove[] {
+function greedy(input: PlanInput, config: BalancerConfig, candidates: PlanPage[], loads: Map<string, number>, destinations: ReadonlySet<string>, followOnly: boolean): WeighedMove[] {
   const ids = input.peers.map((p) => p.id);
   const free = new Map(input.peers.map((p) => [p.id, p.freeBytes]));
-  const destinations = new Set(input.peers.filter((p) => p.placeable !== false).map((p) => p.id));
   const n = ids.length;
   const mean = ids.reduce((a, id) => a + loads.get(id)!, 0) / n;
   const ceiling = mean * (1 + config.threshold);
