@@ -87,7 +87,7 @@ function run(cmd, argv, timeoutMs = commandMsMax) {
 
 async function startEtcd() {
   const [client, peer] = [await freePort(), await freePort()];
-  daemon('etcd', ['--name', 'bench', '--data-dir', path.join(work, 'etcd'),
+  daemon('etcd', ['--name', 'bench', '--data-dir', path.join(work, `etcd-${client}`),
     '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
     '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
     '--initial-cluster', `bench=http://127.0.0.1:${peer}`, '--log-level', 'error']);
