@@ -2,7 +2,7 @@
 // What a second copy costs (issue 17, acceptance 6): a replicated volume (--replicas 2) next to
 // an unreplicated one (--replicas 1), same group, same run, same portal.
 //
-//   npm run build && node bench/replication.js [--size-mib 512] [--seconds 5] [--repeat 3] [--replicas 2]
+//   npm run build && node bench/replication.js [--size-mib 512] [--seconds 5] [--repeat 5] [--replicas 2]
 //
 // A group of three `peersan peer` processes on etcd (bench/lib/group.js: balancer and host
 // balancing off, so no page or host moves during the run); two volumes of --size-mib spread over

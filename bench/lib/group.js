@@ -1,5 +1,5 @@
 // Shared by the benches that run a group of `peersan peer` processes on etcd and a qemu-io
-// host against it (migration-latency.js, snapshot.js): child processes, ports, the group, the
+// host against it (migration-latency.js, snapshot.js, replication.js, vs-tgt.js): child processes, ports, the group, the
 // host's timed writes, percentiles, CPU and load readings, clean-up on exit and on Ctrl-C.
 'use strict';
 
@@ -9,6 +9,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const net = require('node:net');
+const { parseStat, ticksPerSec } = require('./cpu');
 
 const root = path.join(__dirname, '..', '..');
 const peersanBin = path.join(root, 'bin', 'peersan.js');
@@ -276,11 +277,10 @@ function pausesInWindow(peers, fromMs, toMs) {
   });
 }
 
-/** CPU time (ms) of a process and of its children it has waited for, from /proc. */
+/** CPU time (ms) of a process (all its threads) and of its children it has waited for, from /proc (bench/lib/cpu.js). */
 function cpuMs(pid = process.pid) {
-  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  const tick = 10; // USER_HZ = 100 on Linux
-  return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
+  const s = parseStat(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  return { self: (s.ticks * 1000) / ticksPerSec, children: (s.childTicks * 1000) / ticksPerSec };
 }
 
 const round2 = (x) => Math.round(x * 100) / 100;
