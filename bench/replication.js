@@ -22,7 +22,8 @@
 // reads unchanged: reads are served by the primary alone). The failover pause is the soak's
 // (bench/failover-soak.js). Needs etcd, qemu-io/qemu-img with the iscsi driver, iscsi-perf,
 // stdbuf. Results also go to bench/results/replication-<time>.json. Run time: 8 x --repeat
-// measurements of about --seconds plus the fill: about 3 minutes with the defaults.
+// measurements of about --seconds plus the fill: 4 minutes for --size-mib 256 --seconds 4 on
+// the 2-core box (loaded), so about 6 with the defaults.
 'use strict';
 
 const {

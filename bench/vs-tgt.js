@@ -21,7 +21,7 @@
 // qemu-img) is printed apart, for context, and is in no ratio. The peers run without the GC
 // probe (bench/peer-probe.js), whose work would count.
 // Run time: about 9 x --repeat measurements of --seconds (the writes: 100,000 of them each),
-// plus filling both LUNs: with the defaults and --size-mib 512 about 5 minutes.
+// plus filling both LUNs: 7 minutes for --size-mib 512 --seconds 4 on the 2-core box (loaded).
 // Needs root (tgtd), etcd, iscsi-perf, qemu-img with the iscsi driver. Results also go to
 // bench/results/vs-tgt-<time>.json (each sample kept).
 'use strict';
