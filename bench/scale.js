@@ -101,7 +101,11 @@ async function main() {
   const t0 = performance.now();
   await pc.cli('volume', 'create', 'big', '--size', String(bigBytes));
   // The 1 TiB volumes through the HTTP admin API (a CLI process each would take minutes on a busy machine).
-  for (let i = 0; i < args.volumes; i++) await createOverHttp(pc.peers[i % 3], `v${i}`, '1T');
+  for (let i = 0; i < args.volumes; i++) {
+    const t1 = performance.now();
+    await createOverHttp(pc.peers[i % 3], `v${i}`, '1T');
+    if (i % 20 === 19) console.log(`  ${i + 1} volumes of 1 TiB, the last took ${Math.round(performance.now() - t1)} ms; RSS ${rss('').map((x) => `${x.peer} ${x.rssMb} MB`).join(', ')}`);
+  }
   console.log(`created big (64 TiB) and ${args.volumes} volumes of 1 TiB in ${Math.round(performance.now() - t0)} ms`);
   await sleep(3000);
   const idle = rss('idle');
