@@ -7,7 +7,8 @@
 // balancing off), then one thin 64 TiB volume `big` (512-byte blocks: 16 777 216 pages of
 // 4 MiB) and --volumes thin volumes of 1 TiB. Printed, in order:
 //   idle       each peer's RSS (VmRSS of /proc/PID/status) once the volumes exist
-//   admin      wall time of the CLI (a fresh node process each: start-up included) for
+//   admin      wall time of the CLI (a fresh node process each: start-up included, `--help` shows
+//              how much) for
 //              `page map big` (the summary), `--json page map big` (the first page of the paged
 //              answer) and `--json page map big --from <last pages> --count 4096`, `status`,
 //              `volume list`, `top --once`; each one's reply size
@@ -54,6 +55,8 @@ async function timed(pc, argv) {
 async function adminCalls(pc, phase) {
   const pages = bigBytes / (8192 * 512);
   const calls = [
+    // Node's start-up and the CLI's loading, no call: the share of each figure below that is not the peer's.
+    ['--help'],
     ['page', 'map', 'big'],
     ['--json', 'page', 'map', 'big'],
     ['--json', 'page', 'map', 'big', '--from', String(pages - 4096), '--count', '4096'],
