@@ -42,8 +42,9 @@
 //      it, recorded if after its freeze, or was dropped from the in-sync set, which the
 //      record's routes then narrow: a change whose host peer died is waited for by no gate);
 //   4. FINISH: each peer writes its recorded changes stamped before T into the frozen layers,
-//      in stamp order. A write stamped before T that was still on its way at the freeze is
-//      now in the snapshot; one stamped after T that arrived before FINISH is not.
+//      in the order they reached the store (stamp-log.ts says why). A write stamped before T
+//      that was still on its way at the freeze is now in the snapshot; one stamped after T
+//      that arrived before FINISH is not.
 // Moves of the volumes pause from PREPARE to FINISH, as in barrier mode. Any failure aborts:
 // recordings are dropped and the records deleted (the layers go with them).
 
@@ -401,7 +402,7 @@ export class SnapshotService {
 
   /**
    * Timestamp mode, FINISH on one volume: the changes recorded since the freeze and stamped
-   * before the cut (in stamp order) go into the frozen layer `seq`. Without them the layer is
+   * before the cut (in the store's order) go into the frozen layer `seq`. Without them the layer is
    * this peer's own freeze, and peers froze at different times.
    */
   protected async completeLayer(store: StoreVolume, seq: number, changes: StampedChange[]): Promise<void> {

@@ -3,8 +3,18 @@
 // with its hybrid-clock stamp and its data. PREPARE froze the store's layer right after
 // recording began, so the frozen layer holds every write that arrived before; the cut T is
 // chosen after that; at the end, the recorded changes stamped before T go into the frozen
-// layer in stamp order (StoreVolume.writeIntoSnapshot). Host I/O is never held: a recorded
-// write costs one copy of its data.
+// layer in the order this store applied them (StoreVolume.writeIntoSnapshot). Host I/O is never
+// held: a recorded write costs one copy of its data.
+//
+// The stamp decides WHETHER a change is in the snapshot; the store's order decides how
+// overlapping ones combine. Stamps cannot order them: a change that is not a host write (a
+// resync's grain, a move's copy) is stamped when it lands, on this peer's clock, while a host
+// change stamped long before may land after it (held in a range lock, retried). Sorted by
+// stamp, such an old unmap went under the newer copy of the grain in the layer while the live
+// store (and the other copies, which apply in the primary's order) had it on top (simulator,
+// seed 207). Overlapping changes of a page land in the same order on every copy (the primary's
+// range lock, the move's piece locks), so replaying in the order of arrival keeps the copies'
+// layers the same.
 //
 // Sits right above the store, below page moves, so host writes served here, forwarded writes
 // and a move's dual writes are all seen. A change without a stamp (not a host write) is
@@ -54,13 +64,13 @@ export class StampLog extends BackendDecorator {
     if (this.recording?.snapshotId === snapshotId) this.recording.frozen = true;
   }
 
-  /** Stop recording; the changes stamped before `cut`, oldest stamp first. */
+  /** Stop recording; the changes stamped before `cut`, in the order they reached the store. */
   end(snapshotId: string, cut: number): StampedChange[] {
     const r = this.recording;
     if (!r || r.snapshotId !== snapshotId) throw new PeersanError(`no recording for snapshot ${snapshotId} on this peer`);
     this.recording = undefined;
     if (r.overflowed) throw new PeersanError(`more than ${this.bytesMax} bytes written during the snapshot`, 'PEERSAN_ERR_SNAPSHOT_ABORTED');
-    return r.changes.filter((c) => c.stamp < cut).sort((a, b) => a.stamp - b.stamp);
+    return r.changes.filter((c) => c.stamp < cut);
   }
 
   /** Stop recording without using it (the snapshot aborted). */
