@@ -165,3 +165,13 @@ t.test('the copy keeper\'s scan of the candidates only visits, wraps and stops w
     t.equal(c2.get('v'), c1.get('v'), 'the same cursor');
   }), { numRuns: 60 });
 });
+
+t.test('RouteTable.sharedPagesWith: the pages with a copy on the peer and another copy, walking no placed one-copy page', async (t) => {
+  fc.assert(fc.property(arbTable, ({ peers, replicas, pages, changes }) => {
+    const table = tableOf(peers, replicas, changes);
+    for (const peer of peerIds.slice(0, peers)) {
+      const brute = [...table.pagesWith(peer, pages)].filter(([, r]) => copiesOf(r).length > 1);
+      t.same([...table.sharedPagesWith(peer, pages)], brute, `shared pages on ${peer}`);
+    }
+  }), { numRuns: 200 });
+});

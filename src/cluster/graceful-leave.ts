@@ -24,7 +24,7 @@ import { ConflictError } from '../errors';
 import { leaveHandoverMs, leaveSwitchesInFlightMax } from '../limits';
 import type { Migrator } from '../migration/migrator';
 import { dropFromInSync } from '../replication/replicated';
-import { copiesOf, inSyncOf, type Route, type RouteTable } from '../routing/table';
+import { inSyncOf, type Route } from '../routing/table';
 import type { Catalog } from './catalog';
 import type { Members, MemberState } from './members';
 
@@ -38,17 +38,6 @@ export interface RoleHandover {
 export interface HeldPages {
   name: string;
   routes: Iterable<readonly [number, Route]>;
-}
-
-/**
- * The pages of a volume with a copy on `self` that a leave may act on. A page placed with one
- * copy has no other copy to hand its role to or to stay in sync without it: with one copy per
- * page by the rule, only the changed pages can (no walk through a volume's 16 M placed pages).
- */
-function heldPages(table: RouteTable, self: string, blockCount: number): Iterable<readonly [number, Route]> {
-  const pages = table.pageCount(blockCount);
-  if (table.copyCount > 1) return table.pagesWith(self, pages);
-  return [...table.changed()].filter(([page, r]) => page < pages && copiesOf(r).includes(self)).sort((a, b) => a[0] - b[0]);
 }
 
 /**
@@ -129,7 +118,11 @@ export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: nu
     if (!marked) return { handed: 0, kept: 0 };
     await cancelHandOverableMoves(o, left);
     // Walked lazily, once per step: the second walk sees the roles the first handed over.
-    const volumes = (): HeldPages[] => o.catalog.listVolumes().map((v) => ({ name: v.name, routes: heldPages(o.catalog.routes(v), o.self, v.sizeBytes / v.blockBytes) }));
+    // Only pages with another copy can be handed over or stepped out of (RouteTable.sharedPagesWith).
+    const volumes = (): HeldPages[] => o.catalog.listVolumes().map((v) => {
+      const table = o.catalog.routes(v);
+      return { name: v.name, routes: table.sharedPagesWith(o.self, table.pageCount(v.sizeBytes / v.blockBytes)) };
+    });
     const roles = await paced(o, rolesToHandOver(o.self, volumes(), o.members.placeable()), left, async (h) => {
       await o.migrator.start(h.volume, h.page, h.to).catch((err: Error) => {
         o.log.info({ volume: h.volume, page: h.page, to: h.to, reason: err.message }, 'primary role not handed over before stopping (it fails over instead)');

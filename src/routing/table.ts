@@ -187,6 +187,20 @@ export class RouteTable {
       }
     }
   }
+
+  /**
+   * pagesWith, only the pages that have another copy too (what a role handover, a step out of
+   * the in-sync set or a copy's snapshot layers concern). With one copy per page by the rule only
+   * a changed page can, so then the placed pages are not walked at all.
+   */
+  *sharedPagesWith(peer: string, pages: number): Generator<[number, Route]> {
+    const shared = (r: Route): boolean => copiesOf(r).length > 1;
+    if (this.copyCount > 1) {
+      for (const x of this.pagesWith(peer, pages)) if (shared(x[1])) yield x;
+      return;
+    }
+    yield* [...this.moved].filter(([page, r]) => page < pages && shared(r) && copiesOf(r).includes(peer)).sort((a, b) => a[0] - b[0]);
+  }
 }
 
 /** Pages that share one route: an unchanged placement class, or one changed page. */
