@@ -339,13 +339,22 @@ export const loadRecentMovesMax = 1_024;
 /** Pages in one summary over all its volumes (the hottest volumes first), and in one `top` answer. */
 export const loadSummaryPagesMax = 8_192;
 export const loadTopPagesMax = 4_096;
+/**
+ * The traffic matrix (pages follow their hosts): pages whose arrivals at this peer's portal are
+ * metered (all volumes; beyond it new pages are not), and the hottest pages a summary reports as
+ * forwarded from here, per volume and over all volumes. An entry is a page number and one load
+ * figure (under 16 bytes encoded).
+ */
+export const loadArrivalPagesTrackedMax = 16_384;
+export const loadForwardedPagesPerVolume = 64;
+export const loadSummaryForwardedMax = 8_192;
 /** The most page moves one balancing round may start on one peer. */
 export const balancerMovesPerRoundMax = 64;
 assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
 assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
 assert(loadHostsTrackedMax >= sessionsPerPeerMax + discoverySessionsMax, 'every live session can be metered');
 // A page entry encodes to under 160 bytes, a host entry to under 400: a summary stays far below one peer message.
-assert(loadSummaryPagesMax * 160 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
+assert(loadSummaryPagesMax * 160 + loadSummaryForwardedMax * 16 + loadHostsPerSummaryMax * 400 + loadVolumesPerSummaryMax * 400 < peerBatchBytesMax / 2, 'a summary fits a peer message');
 assert(loadTopPagesMax * 200 < 4 * 1024 * 1024 / 2, 'a top answer fits gRPC\'s default 4 MiB receive limit of the CLI');
 // -- slice D (issue 15, item 7): moves in one StartMoves request from another peer (a manual
 // rebalance sends an owner all of its moves of the plan at once).

@@ -10,6 +10,10 @@
 // the group therefore already looks the way it will once the meters catch up, and the
 // balancer does not overshoot.
 //
+// Each page's arrivals by receiving peer (the traffic matrix) are summed the same way: the part
+// each reporting owner received through its own portal, plus what every other peer forwarded.
+// They do not depend on who owns the page when they were measured, so a move does not disturb them.
+//
 // The migration engine (src/migration) is reached only through PageMover.
 
 import type { Logger } from 'pino';
@@ -59,6 +63,13 @@ export function planInputFromView(view: GroupLoadView, ctx: PlanContext): PlanIn
   const reportedBy = new Map<string, number>();
   const pages = new Map<string, PlanPage>();
   const latest = new Map<string, KnownMove>();
+  const arrivals = new Map<string, Map<string, number>>();
+  const arrive = (key: string, peer: string, load: number): void => {
+    if (load <= 0) return;
+    let at = arrivals.get(key);
+    if (!at) arrivals.set(key, (at = new Map()));
+    at.set(peer, (at.get(peer) ?? 0) + load);
+  };
   for (const m of ctx.moves) {
     const key = `${m.volumeId}/${m.page}`;
     const held = latest.get(key);
@@ -70,6 +81,7 @@ export function planInputFromView(view: GroupLoadView, ctx: PlanContext): PlanIn
     for (const p of v.pages) {
       reportedBy.set(p.peer, (reportedBy.get(p.peer) ?? 0) + p.load);
       const key = `${v.volumeId}/${p.page}`;
+      arrive(key, p.peer, p.local ?? 0);
       const held = pages.get(key);
       if (held) {
         held.load += p.load;
@@ -84,6 +96,11 @@ export function planInputFromView(view: GroupLoadView, ctx: PlanContext): PlanIn
         lastMovedAtMs: move?.atMs, pinned: !ctx.manual && !facts.autoBalance, ...(holders ? { holders } : {}),
       });
     }
+    for (const f of v.forwarded ?? []) if (pages.has(`${v.volumeId}/${f.page}`)) arrive(`${v.volumeId}/${f.page}`, f.peer, f.load);
+  }
+  for (const [key, at] of arrivals) {
+    const page = pages.get(key);
+    if (page) page.arrivals = [...at].map(([peer, load]) => ({ peer, load })).sort((a, b) => a.peer.localeCompare(b.peer));
   }
   const loads = new Map(fresh.map((p) => [p.id, Math.max(0, p.load - (reportedBy.get(p.id) ?? 0))]));
   const owned = [...pages.values()].filter((p) => freshIds.has(p.owner));

@@ -1,6 +1,7 @@
 // cluster.yaml `balancer:` section: every key optional, defaults in balancerDefaults.
 //   balancer: { enabled: true, threshold: 0.25, intervalMs: 5000, cooldownMs: 120000,
-//               maxMovesPerRound: 4, wVar: 1, wChange: 0.01, minMeanLoad: 20, reserveFreeBytes: 536870912 }
+//               maxMovesPerRound: 4, wVar: 1, wForward: 1, wChange: 0.01, minMeanLoad: 20, reserveFreeBytes: 536870912 }
+// wForward weighs the forwarded share of the load (pages follow their hosts; 0: by load only).
 
 import { InvalidArgumentError } from '../errors';
 import { balancerMovesPerRoundMax } from '../limits';
@@ -12,6 +13,7 @@ type NumberKey = Exclude<keyof BalancerConfig, 'enabled'>;
 const ranges: Record<NumberKey, [number, number]> = {
   threshold: [0.01, 10],
   wVar: [0, 1e6],
+  wForward: [0, 1e6],
   wChange: [0, 1e6],
   maxMovesPerRound: [1, balancerMovesPerRoundMax],
   cooldownMs: [0, 24 * 3600_000],

@@ -105,6 +105,13 @@ export class LoadMeter {
     this.lastActiveMs = nowMs;
   }
 
+  /** An operation (or `weight` of one) moving `bytes`, counted with no latency or queue (the traffic matrix's arrivals). */
+  record(nowMs: number, bytes: number, weight = 1): void {
+    this.ops += weight;
+    this.bytes += bytes;
+    this.lastActiveMs = nowMs;
+  }
+
   /** Blend the interval since the last fold into the averages. */
   fold(nowMs: number): void {
     const dtMs = nowMs - this.lastFoldMs;

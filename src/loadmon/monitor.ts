@@ -6,9 +6,18 @@
 // metered (more pages count only in the volume and peer totals); a page or ended session
 // without I/O for loadEntryIdleMs is dropped at the next tick; a summary carries only each
 // volume's loadHottestPagesPerVolume hottest pages.
+//
+// The traffic matrix (pages follow their hosts): the router of the peer a host is logged in to
+// reports every run of a host request as it routes it (VolumeMeter.arrived), local or forwarded
+// to the page's owner. Each peer meters its own arrivals per page, apart from what it serves as
+// owner, and its summary carries both halves: with each hot page it owns, the part that arrived
+// through its own portal (`local`); per volume, the pages it forwarded most (`forwarded`). So
+// every peer's view has, for each hot page, its load by receiving peer. Bounded like the owner
+// meters: loadArrivalPagesTrackedMax pages, idle ones dropped, loadForwardedPagesPerVolume and
+// loadSummaryForwardedMax in a summary.
 
 import {
-  loadEntryIdleMs, loadHostsPerSummaryMax, loadHostsTrackedMax, loadHottestPagesPerVolume, loadPagesTrackedMax, loadRecentMovesMax, loadSummaryPagesMax, loadVolumesPerSummaryMax,
+  loadArrivalPagesTrackedMax, loadForwardedPagesPerVolume, loadSummaryForwardedMax, loadEntryIdleMs, loadHostsPerSummaryMax, loadHostsTrackedMax, loadHottestPagesPerVolume, loadPagesTrackedMax, loadRecentMovesMax, loadSummaryPagesMax, loadVolumesPerSummaryMax,
 } from '../limits';
 import type { Clock } from '../env/env';
 import type { Nexus } from '../scsi/types';
@@ -17,6 +26,14 @@ import { LoadMeter, type LoadStats } from './ewma';
 export interface PageLoad {
   page: number;
   stats: LoadStats;
+  /** Of its load, what arrived through this peer's own portal (balancer figure, 10 s window); absent: 0. */
+  local?: number;
+}
+
+/** A page's load that arrived through this peer's portal and was forwarded to its owner (balancer figure). */
+export interface PageArrival {
+  page: number;
+  load: number;
 }
 
 export interface VolumeLoad {
@@ -27,6 +44,8 @@ export interface VolumeLoad {
   /** Pages metered on this peer (the summary carries only the hottest). */
   pagesTracked: number;
   pages: PageLoad[];
+  /** The pages this peer forwarded most to their owners (absent: none). */
+  forwarded?: PageArrival[];
 }
 
 export interface HostLoad {
@@ -76,11 +95,18 @@ export interface PeerFacts {
  * The meters of one volume on one peer. The metered backend resolves it once and calls
  * begin/end per request, so the hot path costs two clock reads and a map lookup per page.
  */
+/** One page's arrivals at this peer's portal: served here (this peer owned it) or forwarded. */
+export interface ArrivalMeters {
+  local: LoadMeter;
+  forwarded: LoadMeter;
+}
+
 export class VolumeMeter {
   readonly volumeId: string;
   volumeName: string;
   readonly meter: LoadMeter;
   readonly pages = new Map<number, LoadMeter>();
+  readonly arrivals = new Map<number, ArrivalMeters>();
   private readonly monitor: LoadMonitor;
   private readonly pageBlocks: number;
 
@@ -97,7 +123,7 @@ export class VolumeMeter {
     const now = this.monitor.clock.monotonicMs();
     this.monitor.owner.begin(now);
     this.meter.begin(now);
-    this.eachPage(lba, blocks, (m, weight) => m.begin(now, weight), now);
+    this.eachPage(lba, blocks, (page) => this.page(page, now), (m, weight) => m.begin(now, weight));
     return now;
   }
 
@@ -107,25 +133,43 @@ export class VolumeMeter {
     this.monitor.owner.end(startMs, now, bytes);
     this.meter.end(startMs, now, bytes);
     // A request that spans pages counts for each page by its share of the blocks.
-    this.eachPage(lba, blocks, (m, weight) => m.end(startMs, now, bytes * weight, weight), now);
+    this.eachPage(lba, blocks, (page) => this.page(page, now), (m, weight) => m.end(startMs, now, bytes * weight, weight));
   }
 
-  private eachPage(lba: number, blocks: number, fn: (m: LoadMeter, weight: number) => void, nowMs: number): void {
+  /**
+   * A run of a host request arrived through this peer's portal (the router's hook, as it routes
+   * the run): `local` when this peer owns its pages, else forwarded to their owner.
+   */
+  arrived(lba: number, blocks: number, local: boolean, bytes: number): void {
+    const now = this.monitor.clock.monotonicMs();
+    this.eachPage(lba, blocks, (page) => this.arrival(page, now), (a, weight) => (local ? a.local : a.forwarded).record(now, bytes * weight, weight));
+  }
+
+  private eachPage<T>(lba: number, blocks: number, get: (page: number) => T | undefined, fn: (m: T, weight: number) => void): void {
     const pb = this.pageBlocks;
     const first = Math.floor(lba / pb);
     const count = Math.max(blocks, 1);
     const last = Math.floor((lba + count - 1) / pb);
     if (first === last) {
-      const m = this.page(first, nowMs);
+      const m = get(first);
       if (m) fn(m, 1);
       return;
     }
     for (let page = first; page <= last; page++) {
       const from = Math.max(lba, page * pb);
       const to = Math.min(lba + count, (page + 1) * pb);
-      const m = this.page(page, nowMs);
+      const m = get(page);
       if (m) fn(m, (to - from) / count);
     }
+  }
+
+  private arrival(page: number, nowMs: number): ArrivalMeters | undefined {
+    const a = this.arrivals.get(page);
+    if (a) return a;
+    if (!this.monitor.admitArrival()) return undefined;
+    const fresh = { local: new LoadMeter(nowMs), forwarded: new LoadMeter(nowMs) };
+    this.arrivals.set(page, fresh);
+    return fresh;
   }
 
   private page(page: number, nowMs: number): LoadMeter | undefined {
@@ -150,6 +194,7 @@ export interface LoadMonitorOptions {
   /** The environment's clock; meters run on its monotonic milliseconds. */
   clock: Clock;
   pagesTrackedMax?: number;
+  arrivalPagesTrackedMax?: number;
   hostsTrackedMax?: number;
   hottestPagesPerVolume?: number;
   entryIdleMs?: number;
@@ -167,10 +212,12 @@ export class LoadMonitor {
   private readonly hostsByNexus = new WeakMap<Nexus, HostEntry>();
   private readonly hosts = new Set<HostEntry>();
   private pagesTracked = 0;
+  private arrivalPagesTracked = 0;
   /** Requests whose page could not be metered because the page table was full (counted once per page touch). */
   pagesRefused = 0;
   private seq = 0;
   private readonly pagesTrackedMax: number;
+  private readonly arrivalPagesTrackedMax: number;
   private readonly hostsTrackedMax: number;
   private readonly hottestPagesPerVolume: number;
   private readonly entryIdleMs: number;
@@ -182,6 +229,7 @@ export class LoadMonitor {
     this.owner = new LoadMeter(now);
     this.received = new LoadMeter(now);
     this.pagesTrackedMax = opts.pagesTrackedMax ?? loadPagesTrackedMax;
+    this.arrivalPagesTrackedMax = opts.arrivalPagesTrackedMax ?? loadArrivalPagesTrackedMax;
     this.hostsTrackedMax = opts.hostsTrackedMax ?? loadHostsTrackedMax;
     this.hottestPagesPerVolume = opts.hottestPagesPerVolume ?? loadHottestPagesPerVolume;
     this.entryIdleMs = opts.entryIdleMs ?? loadEntryIdleMs;
@@ -199,6 +247,7 @@ export class LoadMonitor {
     for (const [id, v] of this.volumes) {
       if (ids.has(id)) continue;
       this.pagesTracked -= v.pages.size;
+      this.arrivalPagesTracked -= v.arrivals.size;
       this.volumes.delete(id);
     }
   }
@@ -211,6 +260,17 @@ export class LoadMonitor {
     }
     this.pagesTracked++;
     return true;
+  }
+
+  /** Called by a VolumeMeter before it meters a new page's arrivals. */
+  admitArrival(): boolean {
+    if (this.arrivalPagesTracked >= this.arrivalPagesTrackedMax) return false;
+    this.arrivalPagesTracked++;
+    return true;
+  }
+
+  get arrivalPagesTrackedCount(): number {
+    return this.arrivalPagesTracked;
   }
 
   get pagesTrackedCount(): number {
@@ -270,6 +330,14 @@ export class LoadMonitor {
           this.pagesTracked--;
         }
       }
+      for (const [page, a] of v.arrivals) {
+        a.local.fold(now);
+        a.forwarded.fold(now);
+        if (a.local.idleFor(now, this.entryIdleMs) && a.forwarded.idleFor(now, this.entryIdleMs)) {
+          v.arrivals.delete(page);
+          this.arrivalPagesTracked--;
+        }
+      }
     }
     for (const h of this.hosts) {
       h.meter.fold(now);
@@ -281,6 +349,7 @@ export class LoadMonitor {
   /** This peer's summary: totals, per volume the hottest pages, per host session. */
   summary(facts: PeerFacts, recentMoves: RecentMove[] = []): LoadSummary {
     let pagesLeft = loadSummaryPagesMax;
+    let forwardedLeft = loadSummaryForwardedMax;
     const volumes = [...this.volumes.values()]
       .sort((a, b) => b.meter.load() - a.meter.load() || a.volumeId.localeCompare(b.volumeId))
       .slice(0, loadVolumesPerSummaryMax)
@@ -291,7 +360,11 @@ export class LoadMonitor {
         pagesTracked: v.pages.size,
         pages: hottest(v.pages, Math.min(this.hottestPagesPerVolume, pagesLeft)).map(([page, m]) => {
           pagesLeft--;
-          return { page, stats: m.stats() };
+          return { page, stats: m.stats(), local: v.arrivals.get(page)?.local.load() ?? 0 };
+        }),
+        forwarded: mostForwarded(v.arrivals, Math.min(loadForwardedPagesPerVolume, forwardedLeft)).map((a) => {
+          forwardedLeft--;
+          return a;
         }),
       }));
     const hosts = [...this.hosts]
@@ -304,6 +377,17 @@ export class LoadMonitor {
       volumes, hosts, recentMoves: recentMoves.slice(0, loadRecentMovesMax),
     };
   }
+}
+
+/** The n pages with the most forwarded load, most first (ties by page number). */
+function mostForwarded(arrivals: Map<number, ArrivalMeters>, n: number): PageArrival[] {
+  const all: PageArrival[] = [];
+  for (const [page, a] of arrivals) {
+    const load = a.forwarded.load();
+    if (load > 0) all.push({ page, load });
+  }
+  all.sort((a, b) => b.load - a.load || a.page - b.page);
+  return all.slice(0, n);
 }
 
 /** The n entries with the highest load, hottest first (ties by page number). */

@@ -4,10 +4,10 @@
 // here before they are kept (they come off the wire). Pure: time is passed in.
 
 import {
-  loadHostsPerSummaryMax, loadHottestPagesPerVolume, loadRecentMovesMax, loadStaleMs, loadVolumesPerSummaryMax,
+  loadForwardedPagesPerVolume, loadHostsPerSummaryMax, loadHottestPagesPerVolume, loadRecentMovesMax, loadStaleMs, loadVolumesPerSummaryMax,
 } from '../limits';
 import { loadOf, sumStats, zeroStats, type LoadStats } from './ewma';
-import type { HostLoad, LoadSummary, RecentMove } from './monitor';
+import type { HostLoad, LoadSummary, PageArrival, RecentMove } from './monitor';
 
 export interface PeerLoadView {
   id: string;
@@ -31,6 +31,15 @@ export interface PageLoadView {
   peer: string;
   stats: LoadStats;
   load: number;
+  /** Of `load`, what arrived through the reporting peer's own portal (absent: 0). */
+  local?: number;
+}
+
+/** A page's load that arrived through `peer`'s portal and was forwarded to its owner. */
+export interface ForwardedLoadView {
+  page: number;
+  peer: string;
+  load: number;
 }
 
 export interface VolumeLoadView {
@@ -40,6 +49,8 @@ export interface VolumeLoadView {
   owner: LoadStats;
   load: number;
   pages: PageLoadView[];
+  /** Arrivals forwarded from other peers, of the pages in `pages` only (the traffic matrix's other half). */
+  forwarded?: ForwardedLoadView[];
 }
 
 export interface HostLoadView extends HostLoad {
@@ -134,26 +145,30 @@ export class GroupView {
 }
 
 function mergeVolumes(fresh: [string, Heard][], hottestPages: number, pagesMax: number): VolumeLoadView[] {
-  const byId = new Map<string, { name: string; owners: LoadStats[]; pages: PageLoadView[] }>();
+  const byId = new Map<string, { name: string; owners: LoadStats[]; pages: PageLoadView[]; forwarded: ForwardedLoadView[] }>();
   for (const [peer, h] of fresh) {
     for (const v of h.summary.volumes) {
       let e = byId.get(v.volumeId);
-      if (!e) byId.set(v.volumeId, (e = { name: v.volumeName, owners: [], pages: [] }));
+      if (!e) byId.set(v.volumeId, (e = { name: v.volumeName, owners: [], pages: [], forwarded: [] }));
       e.owners.push(v.owner);
-      for (const p of v.pages) e.pages.push({ page: p.page, peer, stats: p.stats, load: loadOf(p.stats) });
+      for (const p of v.pages) e.pages.push({ page: p.page, peer, stats: p.stats, load: loadOf(p.stats), local: p.local ?? 0 });
+      for (const f of v.forwarded ?? []) e.forwarded.push({ page: f.page, peer, load: f.load });
     }
   }
   const volumes = [...byId.entries()]
     .map(([volumeId, e]): VolumeLoadView => {
       const owner = sumStats(e.owners);
       const pages = e.pages.sort((a, b) => b.load - a.load || a.page - b.page).slice(0, hottestPages);
-      return { volumeId, volumeName: e.name, owner, load: loadOf(owner), pages };
+      return { volumeId, volumeName: e.name, owner, load: loadOf(owner), pages, forwarded: e.forwarded };
     })
     .sort((a, b) => b.load - a.load || a.volumeName.localeCompare(b.volumeName));
   let left = pagesMax;
   for (const v of volumes) {
     v.pages = v.pages.slice(0, Math.max(0, left));
     left -= v.pages.length;
+    // Only the kept pages' arrivals: the balancer weighs no other, and so the view stays bounded.
+    const kept = new Set(v.pages.map((p) => p.page));
+    v.forwarded = (v.forwarded ?? []).filter((f) => kept.has(f.page)).sort((a, b) => a.page - b.page || a.peer.localeCompare(b.peer));
   }
   return volumes;
 }
@@ -193,7 +208,8 @@ export function cleanSummary(s: LoadSummary): LoadSummary {
     sessions: num(s.sessions), freeBytes: num(s.freeBytes), totalBytes: num(s.totalBytes), allocatedBytes: num(s.allocatedBytes),
     volumes: list<LoadSummary['volumes'][number]>(s.volumes, loadVolumesPerSummaryMax).map((v) => ({
       volumeId: text(v.volumeId, 64), volumeName: text(v.volumeName, 64), owner: cleanStats(v.owner), pagesTracked: num(v.pagesTracked),
-      pages: list<LoadSummary['volumes'][number]['pages'][number]>(v.pages, loadHottestPagesPerVolume).map((p) => ({ page: Math.floor(num(p.page)), stats: cleanStats(p.stats) })),
+      pages: list<LoadSummary['volumes'][number]['pages'][number]>(v.pages, loadHottestPagesPerVolume).map((p) => ({ page: Math.floor(num(p.page)), stats: cleanStats(p.stats), local: num(p.local) })),
+      forwarded: list<PageArrival>(v.forwarded, loadForwardedPagesPerVolume).map((f) => ({ page: Math.floor(num(f.page)), load: num(f.load) })),
     })),
     hosts: list<HostLoad>(s.hosts, loadHostsPerSummaryMax).map((h) => ({ initiatorPort: text(h.initiatorPort), targetName: text(h.targetName), ended: h.ended === true, stats: cleanStats(h.stats) })),
     recentMoves: list<RecentMove>(s.recentMoves, loadRecentMovesMax).map((m) => ({ volumeId: text(m.volumeId, 64), page: Math.floor(num(m.page)), to: text(m.to, 64), agoMs: num(m.agoMs), state: text(m.state, 16) })),

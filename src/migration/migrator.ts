@@ -189,9 +189,26 @@ export class Migrator {
 
   // ---- destination side -----------------------------------------------------------------------
 
-  /** Asked by the page service for every staging request (a move's copy or dual write) it gets. */
+  /** This peer is the destination of a move of the page (from prepare until finish). */
   receiving(volumeId: string, page: number): boolean {
     return this.incoming.has(key(volumeId, page));
+  }
+
+  /**
+   * Asked by the page service for every staging request (a move's copy or dual write) it gets:
+   * receiving the page, and its primary as this peer knows it is still the move's source (or
+   * this peer, once the move committed: the source forwards what it had in flight). Another
+   * primary took the page over from a source cut off from the group, which goes on copying until
+   * it hears of it; the new primary may have made this peer a copy meanwhile, whose newer blocks
+   * the old source's pieces would overwrite. (Found while reading seed 1042's trace; that seed
+   * itself failed for the roll-back that never ended, move-machine.ts `lost`.)
+   */
+  acceptsStaging(volumeId: string, page: number): boolean {
+    const from = this.incoming.get(key(volumeId, page));
+    if (from === undefined) return false;
+    const volume = this.o.catalog.volumeById(volumeId);
+    const owner = volume && this.o.catalog.routes(volume).route(page).owner;
+    return owner === undefined || owner === from || owner === this.o.self;
   }
 
   async prepare(req: PrepareRequest): Promise<void> {
@@ -274,6 +291,11 @@ export class Migrator {
   }
 
   /** A move or role switch of the page is starting here (see start). */
+  /** The end of this peer's move of the page (its clean-up included), if one runs; never rejects. */
+  moveEnded(volumeId: string, page: number): Promise<void> | undefined {
+    return this.running.get(key(volumeId, page))?.finished.catch(() => undefined);
+  }
+
   startingMove(volumeId: string, page: number): boolean {
     return this.starting.has(key(volumeId, page));
   }

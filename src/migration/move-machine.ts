@@ -430,7 +430,10 @@ export class MoveMachine {
   /** The loop's head: the next piece forward or back, the commit, or the roll-back's end. */
   private nextPiece(): MoveAction[] {
     if (this.phaseNow === 'preparing') this.phaseNow = 'copying';
-    if (this.lostAsked && this.phaseNow === 'copying') return this.abandon();
+    // Lost while copying back too: the new primary holds every acknowledged write, and D may
+    // refuse this peer's staging reads by then (its epoch is older: page-service.ts), so a
+    // roll-back that went on would never end (simulator, seed 1237).
+    if (this.lostAsked && (this.phaseNow === 'copying' || this.back)) return this.abandon();
     if (this.cancelAsked && this.phaseNow === 'copying') return this.turnBack();
     if (this.back) {
       // What came back from D is confirmed whole (D did not restart meanwhile) before it is S's again.
@@ -489,7 +492,8 @@ export class MoveMachine {
       case 'prepare':
         return [{ kind: 'prepare' }];
       case 'pass':
-        return this.startPass();
+        // A chunk that failed after the page was lost is not tried again (see nextPiece).
+        return this.lostAsked ? this.abandon() : this.startPass();
       case 'chunk':
         return this.nextChunk();
       case 'readRoute':

@@ -469,6 +469,14 @@ export interface ResyncerOptions {
    * anywhere would tell the next primary to reconcile it.
    */
   unsettled?(volumeId: string, page: number): boolean;
+  /**
+   * A move of the page away from this peer that has not ended yet (the promise ends with it),
+   * else undefined. Its last step frees this peer's copy of the page: a copy the new primary
+   * adds here meanwhile is asked for only after that, or the free would erase what the resync
+   * wrote (simulator, seed 1045: the page moved from this peer, the new primary chose it for the
+   * page's second copy at once).
+   */
+  moveEnded?(volumeId: string, page: number): Promise<void> | undefined;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -643,6 +651,7 @@ export class Resyncer {
   private async askOnce(volume: VolumeRecord, page: number, route: Route): Promise<number> {
     const port = this.o.port(volume.id);
     if (!port) throw new PeersanError(`volume ${volume.name} is not open on ${this.o.self} yet`);
+    await this.o.moveEnded?.(volume.id, page);
     // The route that made this page stale may also make it suspect here (a move away from this
     // peer lost the page: the migrator distrusts it in its own listener of the same route, which
     // may run after ours): let every listener of it run before deciding whether the ask is whole.

@@ -95,6 +95,8 @@ export interface VolumeRouterOptions {
   promote?(peer: string, page: number, route: Route): Promise<Route>;
   /** Silent peers: a forward to one, of a page another in-sync copy can take over, is given up. Absent: waited for until the link's deadline. */
   silence?: PeerSilence;
+  /** The traffic matrix (src/loadmon/monitor.ts): each run of a host request as first routed, local or forwarded. Absent: not metered. */
+  arrived?(lba: number, blocks: number, local: boolean, bytes: number): void;
 }
 
 interface Run {
@@ -128,6 +130,7 @@ export class VolumeRouter implements BlockBackend {
 
   async read(lba: number, blocks: number): Promise<Buffer> {
     let runs = this.runsOf(lba, blocks, 0);
+    this.arrive(runs, this.blockBytes);
     let tries = 0;
     if (runs.length === 1) {
       // One owner (the common case): its first try without the loop's closures.
@@ -165,6 +168,7 @@ export class VolumeRouter implements BlockBackend {
   async write(lba: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
     const bs = this.blockBytes;
     let runs = this.runsOf(lba, data.length / bs, 0);
+    this.arrive(runs, bs);
     let tries = 0;
     if (runs.length === 1) {
       // One owner (the common case): its first try without the loop's closures.
@@ -192,7 +196,9 @@ export class VolumeRouter implements BlockBackend {
   }
 
   async unmap(lba: number, blocks: number, opts: WriteOptions = {}): Promise<void> {
-    await this.each(this.runsOf(lba, blocks, 0), async (run) => {
+    const runs = this.runsOf(lba, blocks, 0);
+    this.arrive(runs, 0);
+    await this.each(runs, async (run) => {
       if (run.owner === this.o.self) return this.o.local.unmap(run.lba, run.blocks, opts);
       this.expectOk(await this.forward(run, BlockOp.unmap, opts.fua === true, undefined, opts.stamp));
     });
@@ -201,6 +207,7 @@ export class VolumeRouter implements BlockBackend {
   async compareAndWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions = {}): Promise<CompareAndWriteResult> {
     const blocks = data.length / this.blockBytes;
     const runs = this.runsOf(lba, blocks, 0);
+    this.arrive(runs, 2 * this.blockBytes);
     let result: CompareAndWriteResult | undefined;
     if (runs.length === 1) {
       // No failover retry once sent: a COMPARE AND WRITE the unreachable owner may have applied
@@ -310,6 +317,12 @@ export class VolumeRouter implements BlockBackend {
   }
 
   // ---- runs, forwarding and MOVED ---------------------------------------------------------
+
+  /** A host request's runs, as first routed, to the traffic matrix (retries after MOVED are not counted again). */
+  private arrive(runs: readonly Run[], bytesPerBlock: number): void {
+    const { arrived, self } = this.o;
+    if (arrived) for (const r of runs) arrived(r.lba, r.blocks, r.owner === self, r.blocks * bytesPerBlock);
+  }
 
   private runsOf(lba: number, blocks: number, offsetBlocks: number): Run[] {
     const runs: Run[] = [];

@@ -167,7 +167,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       await Promise.all(groupPeers().filter((p) => p !== self).map((p) =>
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
-    receiving: (volumeId, page) => core.migrator.receiving(volumeId, page),
+    receiving: (volumeId, page) => core.migrator.acceptsStaging(volumeId, page),
     // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
     // before the page service, so no request reaches a volume before it exists).
     replication: {
@@ -344,6 +344,7 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
   const resyncer = new Resyncer({
     self, env, catalog, tracker, activity, port, settings: w.migration, log, counters,
     untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
+    moveEnded: (volumeId, page) => core.migrator.moveEnded(volumeId, page),
     unsettled: (volumeId, page) => (core.failover?.isHeld(volumeId, page) ?? false) || (core.targets?.replicated(volumeId)?.unsettled(page) ?? false),
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });

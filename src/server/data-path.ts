@@ -89,7 +89,7 @@ export interface DataPathOptions {
   movable?: typeof MovableVolume | undefined;
   /** The class of the replicated layer; the simulator's negative controls pass a variant. */
   replicated?: typeof ReplicatedVolume | undefined;
-  /** Owner load per page (the load monitor's meter of the volume); default: not metered. */
+  /** Owner load per page and the router's arrivals (the load monitor's meter of the volume); default: not metered. */
   ownerMeter?: VolumeMeter | undefined;
   /** Wraps the host path above the gate (the console's per-volume I/O metrics); default: none. */
   hostMeter?: ((backend: BlockBackend) => BlockBackend) | undefined;
@@ -122,7 +122,11 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const movable = new (o.movable ?? MovableVolume)({ self, volumeId, table, raw: stampLog, link: o.link });
   const replicated = new (o.replicated ?? ReplicatedVolume)({ ...o.replication, self, volumeId, table, local: movable, copy: stampLog, link: o.link, refresh: o.refresh, env: o.env });
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
-  const router = new VolumeRouter({ self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.silence ? { silence: o.silence } : {}) });
+  const meter = o.ownerMeter;
+  const router = new VolumeRouter({
+    self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.silence ? { silence: o.silence } : {}),
+    ...(meter ? { arrived: (lba: number, blocks: number, local: boolean, bytes: number) => meter.arrived(lba, blocks, local, bytes) } : {}),
+  });
   const gate = new VolumeGate(router, o.env, o.clock);
   const served: ServedVolume = {
     table,

@@ -3,6 +3,7 @@
 // network between the peers (NetworkFaults, wrapped around each peer's transport) and bugs
 // from protocol variants (`protocols`, e.g. test/sim/controls), never from switches in src/.
 
+import { balancerDefaults, type BalancerConfig } from '../../src/loadmon/balancer';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -53,12 +54,12 @@ function bound(target: object, name: string | symbol): unknown {
 export async function startGroup(
   t: { teardown(fn: () => unknown): void },
   n: number,
-  opts: { migration?: Partial<MigrationConfig>; adminToken?: string; hostBalance?: HostBalanceConfig; network?: NetworkFaults; protocols?: Partial<PeerProtocols> } = {},
+  opts: { migration?: Partial<MigrationConfig>; adminToken?: string; hostBalance?: HostBalanceConfig; network?: NetworkFaults; protocols?: Partial<PeerProtocols>; balancer?: Partial<BalancerConfig> } = {},
 ) {
   const dir = mkdtempSync(join(tmpdir(), 'peersan-group-'));
   const config: ClusterConfig = {
     name: 'group-test', adminToken: opts.adminToken ?? 'admin-token', secret: 'group-secret', catalog: { backend: 'embedded' }, pageBlocks: 8192, migration: { ...migrationDefaults, ...opts.migration },
-    peers: [], hostBalance: opts.hostBalance,
+    peers: [], hostBalance: opts.hostBalance, ...(opts.balancer ? { balancer: { ...balancerDefaults, ...opts.balancer } } : {}),
   };
   for (let i = 1; i <= n; i++) {
     config.peers.push({ id: `p${i}`, iscsi: `127.0.0.1:${await freePort()}`, rpc: `127.0.0.1:${await freePort()}`, http: `127.0.0.1:${await freePort()}`, data: join(dir, `p${i}`) });
