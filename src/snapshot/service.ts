@@ -603,11 +603,8 @@ export class SnapshotService {
     taking.volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
-      records[i].moved = [];
-      for (let page = 0; page < pages; page++) {
-        const route = table.route(page);
-        if (route.version > 1) records[i].moved.push([page, route]);
-      }
+      // The changed routes only (every other page is at the placement rule, version 1): no time per page while hosts are held.
+      records[i].moved = [...table.changed()].filter(([page, route]) => page < pages && route.version > 1).sort((a, b) => a[0] - b[0]);
       records[i].moving = frozen.moving.filter((m) => m.volumeId === v.id);
       narrowToInSync(records[i], new RouteTable(v.peers, v.pageBlocks, taking.before[i], v.placedCopies ?? 1));
       narrowToTrusted(records[i], frozen.suspect.filter((x) => x.volumeId === v.id));
