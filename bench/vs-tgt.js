@@ -1,110 +1,109 @@
 #!/usr/bin/env node
 // peersan vs tgt (Debian tgt, file-backed LUN of the same size), same machine, same run; and
-// peersan local vs forwarded.
+// peersan local vs forwarded; IOPS (or MB/s) and CPU microseconds per operation.
 //
-//   npm run build && node bench/vs-tgt.js [--size-mib 1024] [--seconds 5] [--repeat 3]
+//   npm run build && node bench/vs-tgt.js [--size-mib 1024] [--seconds 5] [--repeat 5]
 //
 // peersan runs as a group of two `peersan peer` processes sharing an etcd catalog (as two
 // machines would; each process gets its own core on a 2-core box). The volume is placed on
 // p1 only, so the same volume is measured through two portals:
 //   local      p1's portal: p1 owns every page, no RPC
-//   forwarded  p2's portal: p2 owns none, every command goes to p1 over their data stream
+//   forwarded  p2's portal: p2 owns none, every command goes to p1 over the peer data stream
 // Both LUNs (peersan's, tgt's) are filled completely first (a thin volume reads unwritten
 // blocks without I/O, which would flatter peersan). Then, rotating between the targets,
 // each figure is measured --repeat times and the median printed:
 //   4 KiB random read, depth 32     iscsi-perf -r -b 8 -m 32
 //   4 KiB writes, depth 32          qemu-img bench -w -t none -d 32 -s 4096
 //   128 KiB sequential read, d 16   iscsi-perf -b 256 -m 16
+// CPU µs/op (bench/lib/cpu.js: utime+stime of every thread, /proc) is sampled around each
+// measurement: for local and forwarded, both peer processes (the one not serving idles but is
+// counted; each one's share is printed too), for tgt the tgtd process; the client's (iscsi-perf,
+// qemu-img) is printed apart, for context, and is in no ratio. The peers run without the GC
+// probe (bench/peer-probe.js), whose work would count.
+// Run time: about 9 x --repeat measurements of --seconds (the writes: 100,000 of them each),
+// plus filling both LUNs: 7 minutes for --size-mib 512 --seconds 4 on the 2-core box (loaded).
 // Needs root (tgtd), etcd, iscsi-perf, qemu-img with the iscsi driver. Results also go to
-// bench/results/vs-tgt-<time>.json.
+// bench/results/vs-tgt-<time>.json (each sample kept).
 'use strict';
 
-const { spawn, spawnSync } = require('node:child_process');
-const fs = require('node:fs');
-const os = require('node:os');
-const path = require('node:path');
+const { parseArgs, startPeersan, startTgtProcess, fillRandom, iscsiPerf, qemuImgWrites, median, round2, loadNow, machine, saveResults, runBench } = require('./lib/group');
+const { withCpu } = require('./lib/cpu');
 
-const args = { sizeMib: 1024, seconds: 5, repeat: 3 };
-for (let i = 2; i < process.argv.length; i += 2) {
-  const k = process.argv[i];
-  const v = Number(process.argv[i + 1]);
-  if (k === '--size-mib') args.sizeMib = v;
-  else if (k === '--seconds') args.seconds = v;
-  else if (k === '--repeat') args.repeat = v;
-  else throw new Error(`unknown argument ${k}`);
-}
+const args = parseArgs({ sizeMib: 1024, seconds: 5, repeat: 5 }, { '--size-mib': 'sizeMib', '--seconds': 'seconds', '--repeat': 'repeat' });
+const mib = 1024 * 1024;
 
-const root = path.join(__dirname, '..');
-// The scratch directory, free ports, port waits and clean-up (children killed, scratch
-// directory removed, on exit and on Ctrl-C) are bench/lib/group.js's.
-const { work, children, freePort, waitPort, runBench, startEtcd, startTgt, iscsiPerf, qemuImgWrites } = require('./lib/group');
+const figures = [
+  { name: '4 KiB random read, QD32 (IOPS)', unit: 'iops', measure: (u) => iscsiPerf(u, ['-r', '-b', '8', '-m', '32'], args.seconds) },
+  { name: '4 KiB write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 100_000 }) },
+  { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16'], args.seconds) },
+];
 
-function run(cmd, argv, timeoutMs = 600_000) {
-  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 });
-  if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')} failed: ${r.stderr || r.stdout}`);
-  return `${r.stdout}${r.stderr}`;
-}
-
-/** Two peer processes on etcd, volume `bench` placed on p1 only: returns p1's and p2's URLs. */
-async function startPeersan(sizeBytes) {
-  const etcd = await startEtcd();
-  const peers = [];
-  for (const id of ['p1', 'p2']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort() });
-  const config = path.join(work, 'cluster.yaml');
-  fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
-    // No page moves, no host redirects: "forwarded" must stay forwarded for the whole run.
-    '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
-    ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
-  for (const p of peers) {
-    children.add(spawn(process.execPath, [path.join(root, 'bin', 'peersan.js'), 'peer', '--config', config, '--id', p.id], { stdio: 'ignore' }));
-    await waitPort(p.iscsi);
-  }
-  run(process.execPath, [path.join(root, 'bin', 'peersan.js'), '--config', config, 'volume', 'create', 'bench', '--size', String(sizeBytes), '--peers', 'p1']);
+/** The three targets: their URLs and the processes whose CPU each one's figure counts. */
+async function startTargets() {
+  const pc = await startPeersan(args.sizeMib * mib, 512, { ids: ['p1', 'p2'], volumeArgs: ['--peers', 'p1'], probe: false });
+  const [p1, p2] = pc.peers;
   const url = (p) => `iscsi://127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:bench/0`;
-  return { local: url(peers[0]), forwarded: url(peers[1]) };
+  const peers = { p1: p1.pid, p2: p2.pid };
+  const tgt = await startTgtProcess(args.sizeMib * mib);
+  return {
+    local: { url: url(p1), processes: peers },
+    forwarded: { url: url(p2), processes: peers },
+    tgt: { url: tgt.url, processes: { tgtd: tgt.pid } },
+  };
 }
 
+/** Medians over one target's samples: the figure, CPU µs/op (all, each process, client). */
+function medians(samples, unit) {
+  const per = (get) => median(samples.map(get));
+  const names = Object.keys(samples[0].cpu.perProcessUsPerOp);
+  return {
+    value: per((s) => s[unit]),
+    cpuUsPerOp: per((s) => s.cpu.usPerOp),
+    perProcessUsPerOp: Object.fromEntries(names.map((n) => [n, per((s) => s.cpu.perProcessUsPerOp[n])])),
+    clientUsPerOp: per((s) => s.cpu.clientUsPerOp),
+  };
+}
 
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const col = (x, w = 10) => String(x).padStart(w);
+
+function printRow(row) {
+  const { local, forwarded, tgt } = row.targets;
+  const byProcess = (m) => Object.entries(m.perProcessUsPerOp).map(([n, us]) => `${n} ${us}`).join(' + ');
+  console.log(`${row.figure.padEnd(38)} ${col(local.value)} ${col(forwarded.value)} ${col(tgt.value)}  fwd/local ${row.forwardedRatio.toFixed(2)}  local/tgt ${row.tgtRatio.toFixed(2)}`);
+  console.log(`${'  CPU µs/op (peers | tgtd)'.padEnd(38)} ${col(local.cpuUsPerOp)} ${col(forwarded.cpuUsPerOp)} ${col(tgt.cpuUsPerOp)}  CPU local/tgt ${row.cpuTgtRatio.toFixed(2)}  CPU fwd/local ${row.cpuForwardedRatio.toFixed(2)}`);
+  console.log(`    by process: local ${byProcess(local)}; forwarded ${byProcess(forwarded)}; tgt ${byProcess(tgt)}`);
+  console.log(`    client µs/op (not in the ratios): local ${local.clientUsPerOp}, forwarded ${forwarded.clientUsPerOp}, tgt ${tgt.clientUsPerOp}   (load ${row.load})`);
+}
 
 async function main() {
-  const sizeBytes = args.sizeMib * 1024 * 1024;
-  const peersan = await startPeersan(sizeBytes);
-  const targets = { peersan: peersan.local, forwarded: peersan.forwarded, tgt: await startTgt(sizeBytes) };
-  const fill = path.join(work, 'fill.img');
-  run('dd', ['if=/dev/urandom', `of=${fill}`, 'bs=1M', `count=${args.sizeMib}`, 'status=none']);
-  for (const url of [targets.peersan, targets.tgt]) run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', fill, url]);
-  fs.rmSync(fill);
-
-  const figures = [
-    { name: '4 KiB random read, QD32 (IOPS)', unit: 'iops', measure: (u) => iscsiPerf(u, ['-r', '-b', '8', '-m', '32'], args.seconds) },
-    { name: '4 KiB write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 200_000 }) },
-    { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16'], args.seconds) },
-  ];
-  const results = [];
+  const targets = await startTargets();
+  await fillRandom([targets.local.url, targets.tgt.url], args.sizeMib);
   const names = Object.keys(targets);
-  console.log(`${''.padEnd(40)} ${'local'.padStart(9)} ${'forwarded'.padStart(9)} ${'tgt'.padStart(9)}  local/tgt  fwd/local`);
+  console.log(`${''.padEnd(38)} ${col('local')} ${col('forwarded')} ${col('tgt')}`);
+  const results = [];
   for (const f of figures) {
-    const samples = { peersan: [], forwarded: [], tgt: [] };
+    const samples = { local: [], forwarded: [], tgt: [] };
     for (let i = 0; i < args.repeat; i++) {
       // Rotate the order so no target always runs first (page cache, CPU frequency).
       for (let k = 0; k < names.length; k++) {
-        const name = names[(i + k) % names.length];
-        samples[name].push((await f.measure(targets[name]))[f.unit]);
+        const t = targets[names[(i + k) % names.length]];
+        samples[names[(i + k) % names.length]].push(await withCpu(t.processes, () => f.measure(t.url)));
       }
     }
-    const row = { figure: f.name, peersan: median(samples.peersan), forwarded: median(samples.forwarded), tgt: median(samples.tgt), samples };
-    row.ratio = row.peersan / row.tgt;
-    row.forwardedRatio = row.forwarded / row.peersan;
+    const m = Object.fromEntries(names.map((n) => [n, medians(samples[n], f.unit)]));
+    const row = {
+      figure: f.name, unit: f.unit, targets: m, load: loadNow(),
+      forwardedRatio: round2(m.forwarded.value / m.local.value), tgtRatio: round2(m.local.value / m.tgt.value),
+      cpuTgtRatio: round2(m.local.cpuUsPerOp / m.tgt.cpuUsPerOp), cpuForwardedRatio: round2(m.forwarded.cpuUsPerOp / m.local.cpuUsPerOp),
+      samples,
+    };
     results.push(row);
-    console.log(`${row.figure.padEnd(40)} ${String(row.peersan).padStart(9)} ${String(row.forwarded).padStart(9)} ${String(row.tgt).padStart(9)}  ${row.ratio.toFixed(2).padStart(9)}  ${row.forwardedRatio.toFixed(2).padStart(9)}`);
+    printRow(row);
   }
-  const machine = { cpus: os.cpus().length, cpu: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version };
-  console.log(`machine: ${machine.cpus} x ${machine.cpu}, ${machine.memGiB} GiB, node ${machine.node}; medians of ${args.repeat}, ${args.seconds} s each, ${args.sizeMib} MiB LUNs filled with random data`);
-  console.log('local = through the portal of the peer that owns every page; forwarded = through a peer that owns none (two peer processes, etcd catalog)');
-  const dir = path.join(__dirname, 'results');
-  fs.mkdirSync(dir, { recursive: true });
-  fs.writeFileSync(path.join(dir, `vs-tgt-${Date.now()}.json`), JSON.stringify({ args, machine, results }, null, 2));
+  const mc = machine();
+  console.log(`machine: ${mc.cpus} x ${mc.cpu}, ${mc.memGiB} GiB, node ${mc.node}; medians of ${args.repeat}, ${args.seconds} s each (writes: 100,000 each), ${args.sizeMib} MiB LUNs filled with random data`);
+  console.log('local = through the portal of the peer that owns every page; forwarded = through a peer that owns none (two peer processes, etcd catalog); CPU = utime+stime of all threads, /proc');
+  console.log(`results: ${saveResults('vs-tgt', { args, machine: mc, results })}`);
 }
 
 runBench(main);

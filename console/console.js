@@ -9,6 +9,8 @@ const tokenKey = 'peersan.adminToken';
 const palette = ['#3b7dd8', '#e0823d', '#3aa35b', '#c8463d', '#8a5cc7', '#1fa3a3', '#c7a22b', '#d35f9e',
   '#5e6e8c', '#7fb33a', '#b5651d', '#2b8cbe', '#a63a6b', '#6b8e23', '#9c7a3c', '#4b4fa8'];
 const mapCellsMax = 16384;
+/** Pages of the map asked at once (the peer answers at most pageMapPagesMax, src/limits.ts): ◀ ▶ page through a larger volume. */
+const mapPagesShown = 4096;
 const eventsShownMax = 200;
 
 const ui = {
@@ -19,6 +21,8 @@ const ui = {
   map: null,
   heat: null,
   mapGroup: 1,
+  /** First page of the map shown. */
+  mapFrom: 0,
   streamAbort: null,
   seenSeq: 0,
 };
@@ -313,6 +317,7 @@ async function renderMigrations(state) {
 function selectVolume(name) {
   ui.selected = name;
   ui.map = null;
+  ui.mapFrom = 0;
   ui.heat = null;
   $('volume-panel').hidden = !name;
   for (const id of ['move-result', 'resize-result', 'access-result', 'snapshot-result', 'delete-result']) $(id).textContent = '';
@@ -352,7 +357,7 @@ async function renderVolume(v) {
 async function loadMap(name) {
   try {
     const [map, heat] = await Promise.all([
-      api('GET', `volumes/${encodeURIComponent(name)}/pagemap`),
+      api('GET', `volumes/${encodeURIComponent(name)}/pagemap?from=${ui.mapFrom}&count=${mapPagesShown}`),
       ui.state.features.pageHeat ? api('GET', `volumes/${encodeURIComponent(name)}/heat`).catch(() => null) : null,
     ]);
     if (ui.selected !== name) return;
@@ -413,8 +418,8 @@ function drawMap() {
   canvas.height = L.rows * L.cell;
   const g = canvas.getContext('2d');
   g.clearRect(0, 0, canvas.width, canvas.height);
-  const counts = new Map();
-  for (const p of map.pages) counts.set(p.owner, (counts.get(p.owner) || 0) + 1);
+  // Counts of the whole volume (the peer sums them from its placement rule), cells of the range shown.
+  const counts = new Map(map.perPeer.filter((p) => p.primaries > 0).map((p) => [p.peer, p.primaries]));
   const heatOf = new Map((ui.heat ? ui.heat.pages : []).map((h) => [h.page, h.iops]));
   const heatMax = Math.max(0, ...heatOf.values());
   const gap = L.cell >= 6 ? 1 : 0;
@@ -425,7 +430,7 @@ function drawMap() {
     g.fillStyle = peerColour(map.pages[first].owner);
     g.fillRect(x, y, L.cell - gap, L.cell - gap);
     let heat = 0;
-    for (let p = first; p < Math.min(first + L.group, L.n); p++) heat = Math.max(heat, heatOf.get(p) || 0);
+    for (let p = first; p < Math.min(first + L.group, L.n); p++) heat = Math.max(heat, heatOf.get(map.from + p) || 0);
     if (heatMax > 0 && heat > 0) {
       // Heat as a bright dot whose size and strength follow the page's share of the hottest page.
       const f = Math.sqrt(heat / heatMax);
@@ -436,13 +441,18 @@ function drawMap() {
       g.fill();
     }
   }
-  canvas.dataset.pages = String(L.n);
+  canvas.dataset.pages = String(map.totalPages);
+  canvas.dataset.from = String(map.from);
+  $('map-range').hidden = map.from === 0 && map.next === undefined;
+  $('map-range-text').textContent = `pages ${map.from}–${map.from + L.n - 1} of ${map.totalPages}`;
+  $('map-prev').disabled = map.from === 0;
+  $('map-next').disabled = map.next === undefined;
   canvas.dataset.owners = [...counts.entries()].sort().map(([o, k]) => `${o}:${k}`).join(',');
   canvas.dataset.heatMax = String(heatMax);
   $('legend').replaceChildren(...[...counts.entries()].sort().map(([o, k]) =>
     el('span', { 'data-owner': o }, el('span', { class: 'swatch', style: { background: peerColour(o) } }), `${o}: ${k} page${k > 1 ? 's' : ''}`)),
     ...(L.group > 1 ? [el('span', { class: 'note' }, `(one cell = ${L.group} pages)`)] : []));
-  const moved = map.pages.filter((p) => p.version > 1).length;
+  const moved = map.changedPages;
   $('heat-note').textContent = (ui.state.features.pageHeat
     ? (ui.heat ? `Heat: yellow dots, by IOPS over the last ${Math.round(ui.heat.windowMs / 1000)} s (hottest page ${Math.round(heatMax)} IOPS).` : 'Heat: could not be read.')
     : 'Heat (per-page IOPS) is not available on this peer yet.') + (moved ? ` ${moved} page(s) moved since placement.` : '');
@@ -457,16 +467,16 @@ function pageAt(ev) {
   const y = Math.floor(((ev.clientY - rect.top) * (canvas.height / rect.height)) / L.cell);
   const c = y * L.cols + x;
   if (x < 0 || x >= L.cols || c < 0 || c >= L.cells) return undefined;
-  return c * L.group;
+  return ui.map.from + c * L.group;
 }
 
 function describePage(page) {
-  const p = ui.map.pages[page];
+  const p = ui.map.pages[page - ui.map.from];
   const heat = ui.heat && ui.heat.pages.find((h) => h.page === page);
   const first = page * ui.map.pageBlocks;
   // Replicated pages: every copy, primary first, the ones still resyncing marked.
   const copies = (p.copies || []).length > 1 ? ` · copies ${p.copies.map((c) => ((p.inSync || p.copies).includes(c) ? c : `${c} (stale)`)).join(', ')}` : '';
-  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.pages.length) - 1}` : ''} · owner ${p.owner}${copies} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
+  return `page ${page}${ui.mapGroup > 1 ? `–${Math.min(page + ui.mapGroup, ui.map.from + ui.map.pages.length) - 1}` : ''} · owner ${p.owner}${copies} · route v${p.version} · blocks ${first}–${first + ui.map.pageBlocks - 1}` +
     (heat ? ` · ${Math.round(heat.iops)} IOPS` : '');
 }
 
@@ -569,6 +579,15 @@ function wire() {
       } catch (err) {
         $('balancer-note').textContent = err.message;
       }
+    });
+  }
+
+  // ◀ ▶: the previous or next range of the map of a volume larger than one answer.
+  for (const [id, step] of [['map-prev', -1], ['map-next', 1]]) {
+    $(id).addEventListener('click', () => {
+      if (!ui.map || !ui.selected) return;
+      ui.mapFrom = step > 0 ? ui.map.next ?? ui.map.from : Math.max(0, ui.map.from - mapPagesShown);
+      loadMap(ui.selected);
     });
   }
 

@@ -449,3 +449,10 @@ export const spreadMovesPerRoundMax = 8;
 export const spreadPageMovesInFlightMax = 2;
 assert(spreadMovesPerRoundMax <= relocationsMax, 'a spread round\'s hints fit the keeper');
 assert(relocationWaitMsMax > copyKeeperTickMs * 4, 'a hint outlives several keeper runs');
+
+// -- issue 19, slice S: admin views bounded whatever the volume's size (src/cluster/volume-admin.ts).
+/** Pages one page map answer details (`--from/--count`, the JSON pages, the console): about 400 KB of JSON. */
+export const pageMapPagesMax = 4096;
+/** Changed pages (route not the placement rule's) a page map's summary lists; it counts the rest. */
+export const pageMapChangedMax = 64;
+assert(pageMapPagesMax * 256 < 4 * 1024 * 1024, 'a page map answer stays far below the gRPC message limit');

@@ -214,4 +214,22 @@ t.test('console in headless Chromium against peersan demo', { skip: browserMissi
     await shot(page, '06-deleted');
     t.same(pageErrors, [], 'no script error in the page');
   });
+
+  await t.test('a 64 TiB volume: the map shows the whole volume\'s counts and one range of pages at a time (◀ ▶)', async (t) => {
+    t.equal((await http(demo.http, 'POST', '/api/volumes', { token, body: { name: 'huge', size: '64T' } })).status, 201);
+    await page.waitForSelector('#volumes tr[data-volume="huge"]');
+    await page.click('#volumes tr[data-volume="huge"] button:has-text("huge")');
+    await page.waitForSelector('#page-map[data-pages="16777216"][data-from="0"]');
+    t.equal(await page.locator('#page-map').getAttribute('data-owners'), 'p1:5592406,p2:5592405,p3:5592405', 'counts of the whole volume, by the placement rule');
+    t.equal(await page.locator('#map-range-text').innerText(), 'pages 0–4095 of 16777216');
+    t.ok(await page.locator('#map-prev').isDisabled(), 'no range before the first');
+    await page.click('#map-next');
+    await page.waitForSelector('#page-map[data-from="4096"]');
+    t.equal(await page.locator('#map-range-text').innerText(), 'pages 4096–8191 of 16777216');
+    await page.locator('#page-map').hover({ position: { x: 3, y: 3 } });
+    t.match(await page.locator('#map-hover').innerText(), /^page 4096 · owner p2 /, 'a cell is a page of the range shown');
+    await page.click('#map-prev');
+    await page.waitForSelector('#page-map[data-from="0"]');
+    t.same(pageErrors, [], 'no script error in the page');
+  });
 });

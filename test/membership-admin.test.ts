@@ -13,7 +13,7 @@ import { Catalog } from '../src/cluster/catalog';
 import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { leave, rolesToHandOver } from '../src/cluster/graceful-leave';
 import type { PeerStatusView } from '../src/cluster/group-status';
-import { checkDrain, checkDrainCopies, checkRemove, copiesOn, drainProgressOf, membershipAdmin, type HeldCopy } from '../src/cluster/membership-admin';
+import { checkDrain, checkDrainCopies, checkRemove, copiesOn, drainProgressOf, membershipAdmin, type Holding } from '../src/cluster/membership-admin';
 import { fixedMembers, Members, type MemberRecord, type MemberState } from '../src/cluster/members';
 import { ManualEnv } from '../src/env/manual';
 import { realEnv } from '../src/env/real';
@@ -56,29 +56,28 @@ t.test('drain refusals: unknown, removed, the last placeable peer, not enough sp
 
 t.test('remove refusals: holds data, not drained, --force of a live peer, a last in-sync copy, a primary not failed over', async (t) => {
   const ids = ['p1', 'p2', 'p3'];
-  const held: HeldCopy[] = [
-    { volume: 'a', page: 0, primary: true, lastInSync: false },
-    { volume: 'a', page: 3, primary: false, lastInSync: false },
-  ];
+  const none: Holding = { copies: 0, primaries: 0, lastInSync: 0, volumes: [] };
+  const held: Holding = { copies: 2, primaries: 1, lastInSync: 0, volumes: ['a'], firstPrimary: { volume: 'a', page: 0 } };
   refusal(t, () => checkRemove('p1', record('p1', 'draining'), ids, held, false, true), /p1 still holds copies of 2 page\(s\) \(1 as primary\): drain it first/, 'holds data');
-  refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, [], false, true), /peer p1 is up: drain it first/, 'up, not drained');
-  t.doesNotThrow(() => checkRemove('p1', record('p1', 'draining'), ids, [], false, true), 'a drained peer');
-  refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, [], true, true), /peer p1 answers: --force is only for a peer that is dead for good/, '--force of a live peer');
-  const last: HeldCopy[] = [...held, { volume: 'b', page: 7, primary: true, lastInSync: true }, { volume: 'c', page: 1, primary: false, lastInSync: true }];
+  refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, none, false, true), /peer p1 is up: drain it first/, 'up, not drained');
+  t.doesNotThrow(() => checkRemove('p1', record('p1', 'draining'), ids, none, false, true), 'a drained peer');
+  refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, none, true, true), /peer p1 answers: --force is only for a peer that is dead for good/, '--force of a live peer');
+  const last: Holding = { copies: 4, primaries: 2, lastInSync: 2, volumes: ['a', 'b', 'c'], firstPrimary: { volume: 'a', page: 0 }, firstLost: { volume: 'b', page: 7 } };
   refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, last, true, false), /would lose the last in-sync copy of page 7 of volume b \(and 1 more page\(s\)\)/, 'a last in-sync copy');
   refusal(t, () => checkRemove('p1', record('p1', 'up'), ids, held, true, false), /page 0 of volume a still has its primary on p1: failover has not promoted/, 'primary not failed over');
-  t.doesNotThrow(() => checkRemove('p1', record('p1', 'up'), ids, [held[1]], true, false), 'a dead peer holding secondaries only');
-  refusal(t, () => checkRemove('p1', record('p1', 'removed'), ids, [], false, false), /was removed/, 'removed twice');
+  t.doesNotThrow(() => checkRemove('p1', record('p1', 'up'), ids, { copies: 1, primaries: 0, lastInSync: 0, volumes: ['a'] }, true, false), 'a dead peer holding secondaries only');
+  refusal(t, () => checkRemove('p1', record('p1', 'removed'), ids, none, false, false), /was removed/, 'removed twice');
 });
 
 t.test('drain progress: done when no copy is left and only pinned sessions remain', async (t) => {
   const s = (tsih: number): SessionInfo => ({ tsih, initiatorName: `iqn.h${tsih}`, isid: '01', targetName: 'iqn.t', sessionType: 'Normal', remoteAddress: '', commandsInFlight: 0 });
   const status = (sessions: SessionInfo[]): PeerStatusView => ({ id: 'p1', iscsi: '', rpc: '', http: '', up: true, uptimeMs: 0, allocatedBytes: 0, freeBytes: 0, totalBytes: 0, volumes: 0, sessions, version: '' });
-  const copy: HeldCopy = { volume: 'a', page: 1, primary: true, lastInSync: false };
+  const copy: Holding = { copies: 1, primaries: 1, lastInSync: 0, volumes: ['a'], firstPrimary: { volume: 'a', page: 1 } };
+  const none: Holding = { copies: 0, primaries: 0, lastInSync: 0, volumes: [] };
   const pinned = (x: SessionInfo): boolean => x.tsih === 2;
-  t.match(drainProgressOf(record('p1', 'draining'), [copy], status([]), pinned), { copies: 1, primaries: 1, sessions: 0, done: false });
-  t.match(drainProgressOf(record('p1', 'draining'), [], status([s(1), s(2)]), pinned), { sessions: 2, done: false }, 'an unpinned session left');
-  const d = drainProgressOf(record('p1', 'draining'), [], status([s(2)]), pinned);
+  t.match(drainProgressOf(record('p1', 'draining'), copy, status([]), pinned), { copies: 1, primaries: 1, sessions: 0, done: false });
+  t.match(drainProgressOf(record('p1', 'draining'), none, status([s(1), s(2)]), pinned), { sessions: 2, done: false }, 'an unpinned session left');
+  const d = drainProgressOf(record('p1', 'draining'), none, status([s(2)]), pinned);
   t.equal(d.done, true, 'a pinned session is left for the operator');
   t.same(d.pinned, [{ tsih: 2, initiatorName: 'iqn.h2', targetName: 'iqn.t' }]);
 });
@@ -86,11 +85,11 @@ t.test('drain progress: done when no copy is left and only pinned sessions remai
 t.test('roles handed over by a leaving peer: only to in-sync copies on up peers, spread', async (t) => {
   const r = (owner: string, copies: string[], inSync = copies): Route => ({ owner, version: 2, copies, inSync });
   const routes = [r('p1', ['p1', 'p2']), r('p1', ['p1', 'p3']), r('p2', ['p2', 'p1']), r('p1', ['p1', 'p2', 'p3']), r('p1', ['p1', 'p2'], ['p1']), r('p1', ['p1'])];
-  t.same(rolesToHandOver('p1', [{ name: 'v', routes }], ['p1', 'p2', 'p3']), [
+  t.same([...rolesToHandOver('p1', [{ name: 'v', routes: routes.entries() }], ['p1', 'p2', 'p3'])], [
     { volume: 'v', page: 0, to: 'p2' }, { volume: 'v', page: 1, to: 'p3' }, { volume: 'v', page: 3, to: 'p2' },
   ], 'pages 2 (not primary), 4 (stale copy) and 5 (one copy) stay');
-  t.same(rolesToHandOver('p1', [{ name: 'v', routes }], ['p1', 'p3']).map((h) => `${h.page}→${h.to}`), ['1→p3', '3→p3'], 'never to a peer that is not up');
-  t.same(rolesToHandOver('p1', [{ name: 'v', routes }], []), [], 'the whole group stopping: nothing handed around');
+  t.same([...rolesToHandOver('p1', [{ name: 'v', routes: routes.entries() }], ['p1', 'p3'])].map((h) => `${h.page}→${h.to}`), ['1→p3', '3→p3'], 'never to a peer that is not up');
+  t.same([...rolesToHandOver('p1', [{ name: 'v', routes: routes.entries() }], [])], [], 'the whole group stopping: nothing handed around');
 });
 
 /** A catalog with a volume of 4 pages on p1-p3, 2 copies, in an embedded store; and Members over the same store. */
@@ -124,7 +123,7 @@ t.test('drain, undrain, remove and stop on real member records', async (t) => {
   const { catalog, members } = await fixture(t);
   let stops = 0;
   const admin = membershipAdmin({ self: 'p2', members, catalog, group: groupOf({ p1: true, p2: true, p3: true }), pinned: () => false, requestStop: () => stops++ });
-  t.same(copiesOn(catalog, 'p1').map((c) => `${c.page}${c.primary ? 'P' : ''}`), ['0P', '2', '3P'], 'placement: page i on p(i%3+1) and the next');
+  t.match(copiesOn(catalog, 'p1'), { copies: 3, primaries: 2, lastInSync: 0, volumes: ['v'], firstPrimary: { volume: 'v', page: 0 } }, 'placement: page i on p(i%3+1) and the next: pages 0 (primary), 2 and 3 (primary)');
 
   const d = await admin.drainPeer('p1');
   t.match(d, { peer: 'p1', state: 'draining', changedBy: 'admin via p2', copies: 3, primaries: 2, done: false });
@@ -166,7 +165,7 @@ t.test('remove --force of a dead peer: its copies leave the routes (CAS), then i
   await catalog.casRoute(v, 3, catalog.routes(v).route(3), () => ({ owner: 'p2', copies: ['p2', 'p1'], inSync: ['p2', 'p1'] }));
   const removed = await admin(false).removePeer('p1', true);
   t.equal(removed.state, 'removed');
-  t.same(copiesOn(catalog, 'p1'), [], 'no route names p1 any more');
+  t.match(copiesOn(catalog, 'p1'), { copies: 0, primaries: 0, volumes: [] }, 'no route names p1 any more');
   t.same(catalog.routes(v).route(0).copies, ['p2'], 'its copy is out (the keeper rebuilds it elsewhere)');
   t.same(members.ids(), ['p2', 'p3']);
 });

@@ -52,7 +52,7 @@ async function readsBack(t: { equal(a: unknown, b: unknown, msg: string): void }
 function routesOf(g: Group, via: string, volume: string) {
   const { catalog } = g.peer(via).core;
   const v = catalog.require(volume);
-  return catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+  return catalog.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
 }
 
 t.test('a draining peer: its copies leave (primaries handed over first, one-copy pages moved whole), data intact, two in-sync copies throughout', async (t) => {

@@ -144,7 +144,7 @@ function keeperOn(catalog: Catalog, env: ManualEnv, self: string, handed: Handed
 /** What resync does: every stale copy of the volume brought into the in-sync set. */
 async function resyncAll(catalog: Catalog, name: string): Promise<void> {
   const v = catalog.require(name);
-  for (const [page, x] of catalog.routes(v).owners(v.sizeBytes / v.blockBytes).entries()) {
+  for (const [page, x] of catalog.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks)).entries()) {
     if (x.copies && inSyncOf(x).length < x.copies.length) await catalog.casRoute(v, page, x, (now) => ({ owner: now.owner, copies: now.copies, inSync: now.copies }));
   }
 }
@@ -158,7 +158,7 @@ t.test('a draining peer: every copy of it leaves, primaries handed over first, n
   states.p2 = 'draining';
   const handed: Handed[] = [];
   const keepers = ids.map((id) => keeperOn(catalog, env, id, handed));
-  const routes = () => catalog.routes(catalog.require('vol')).owners(v.sizeBytes / v.blockBytes);
+  const routes = () => catalog.routes(catalog.require('vol')).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
   const holdsP2 = () => routes().filter((x) => copiesOf(x).includes('p2')).length;
   t.equal(holdsP2(), 8, 'placed: p2 holds a copy of 8 of the 12 pages');
   let minInSync = Infinity;
@@ -312,7 +312,7 @@ t.test('copies counted by the placement rule\'s arithmetic and the changed route
         const volume = { id: 'v', sizeBytes: pages * pageBytes, blockBytes: 512, pageBlocks: 8192, replicas } as VolumeRecord;
         const counted = countCopies([{ volume, table }]);
         const byPage = new Map<string, number>();
-        for (const x of table.owners(pages * 8192)) for (const p of copiesOf(x)) byPage.set(p, (byPage.get(p) ?? 0) + 1);
+        for (const x of table.routesIn(0, pages)) for (const p of copiesOf(x)) byPage.set(p, (byPage.get(p) ?? 0) + 1);
         return peers5.every((p) => (counted.get(p)?.copies ?? 0) === (byPage.get(p) ?? 0));
       },
     ),
@@ -355,14 +355,14 @@ t.test('a fourth peer holding nothing receives copies from every primary, throug
       const x = catalog.routes(v).route(m.page);
       await catalog.casRoute(v, m.page, x, (now) => ({ owner: m.to, copies: copiesOf(now).map((p) => (p === m.from ? m.to : p)), inSync: inSyncOf(now).map((p) => (p === m.from ? m.to : p)) }));
     }
-    minInSync = Math.min(minInSync, ...catalog.routes(v).owners(v.sizeBytes / v.blockBytes).map((x) => inSyncOf(x).length));
+    minInSync = Math.min(minInSync, ...catalog.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks)).map((x) => inSyncOf(x).length));
     await resyncAll(catalog, 'vol');
   }
   const after = held();
   t.ok(after.get('p4')!.copies >= 64 - 7, `p4 holds ${after.get('p4')!.copies} copies, within the hysteresis (6.4) of its share of 64`);
   t.ok(ids.every((id) => Math.abs(after.get(id)!.copies - 64) <= 7), `every peer near its share: ${ids.map((id) => after.get(id)!.copies).join(' ')}`);
   t.equal(minInSync, 2, 'no page ever had fewer than two in-sync copies');
-  const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+  const routes = catalog.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
   t.ok(routes.every((x) => copiesOf(x).length === 2 && new Set(copiesOf(x)).size === 2), 'every page still two copies on two peers');
   t.equal(await drivers[0].round(), 0, 'settled: a new round moves nothing');
 });

@@ -29,7 +29,7 @@ t.test('drain, undrain and a graceful stop in a group of three', async (t) => {
   const routes = (peer: string, volume: string) => {
     const c = p(peer).core.catalog;
     const v = c.volume(volume)!;
-    return c.routes(v).owners(v.sizeBytes / v.blockBytes);
+    return c.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
   };
   await until('every peer knows both volumes', () => ['p1', 'p2', 'p3'].every((id) => p(id).core.catalog.listVolumes().length === 2));
 
@@ -88,7 +88,7 @@ t.test('remove --force of a stopped peer: refused while a page would lose its la
   t.match(removed, { id: 'p3', state: 'removed', changedBy: 'admin via p1' });
   const c = p('p1').core.catalog;
   const v = c.volume('two')!;
-  const copies = c.routes(v).owners(v.sizeBytes / v.blockBytes).flatMap((r) => r.copies ?? [r.owner]);
+  const copies = c.routes(v).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks)).flatMap((r) => r.copies ?? [r.owner]);
   t.notOk(copies.includes('p3'), 'no route names p3: the primaries rebuild those copies elsewhere');
   t.same((await p('p2').admin.status()).peers.map((x) => x.id), ['p1', 'p2'], 'status no longer lists p3');
   t.ok(p('p2').events.since(0).some((e) => e.kind === 'member' && /peer p3 removed from the group \(admin via p1\)/.test(e.message)), 'announced');

@@ -99,10 +99,13 @@ function scripted(states: ('moving' | 'down' | 'gone' | 'committed' | 'asked-dow
       if (state() === 'asked-down') throw new PeersanError('cannot reach peer at 127.0.0.1:1 (connection refused)', 'PEERSAN_ERR_UNREACHABLE');
       return { moves: state() === 'moving' ? [move()] : [], unreachable: state() === 'down' ? ['p2'] : [] };
     },
-    pageMap: async (): Promise<PageMapView> => ({
-      volume: 'vol', pageBlocks: 8192, peers: ['p1', 'p2', 'p3'],
-      pages: [{ page: 0, owner: 'p1', version: 1 }, { page: 1, owner: state() === 'committed' ? 'p1' : 'p2', version: 1 }],
-    }),
+    // The range asked, as a peer answers it (followMove asks for the one page it follows).
+    pageMap: async (_name, range = {}): Promise<PageMapView> => {
+      const all = [{ page: 0, owner: 'p1', version: 1, copies: ['p1'], inSync: ['p1'] }, { page: 1, owner: state() === 'committed' ? 'p1' : 'p2', version: 1, copies: ['p2'], inSync: ['p2'] }];
+      const from = range.from ?? 0;
+      const pages = all.slice(from, from + (range.count ?? all.length));
+      return { volume: 'vol', pageBlocks: 8192, peers: ['p1', 'p2', 'p3'], replicas: 1, totalPages: 2, perPeer: [], changedPages: 0, changed: [], from, count: pages.length, pages };
+    },
   };
 }
 

@@ -58,7 +58,7 @@ t.test('protection counts placed pages by class, not one by one, with the same r
   const weighted = weightedRoutes(table, 10);
   t.equal(weighted.reduce((a, [, n]) => a + n, 0), 10, 'every page counted once (a record past the end is not)');
   const live = (p: string): boolean => p !== 'p1';
-  const one = protectionOf({ routes: table.owners(10 * 8192).map((x) => [x, 1] as const), replicas: 2, groupPeers: 3, alive: live });
+  const one = protectionOf({ routes: table.routesIn(0, 10).map((x) => [x, 1] as const), replicas: 2, groupPeers: 3, alive: live });
   t.same(protectionOf({ routes: weighted, replicas: 2, groupPeers: 3, alive: live }), one);
   t.match(one, { unavailablePages: 0, degradedPages: 7, rebuildingPages: 1, pages: 10 }, 'p1 down: pages 0, 2, 3, 6, 8, 9 (a copy on p1) and 5 (one copy) degraded, 4 rebuilding, 1 and 7 (p2, p3) healthy');
 });
@@ -156,7 +156,7 @@ t.test('replicas raised and lowered by compare-and-swap, paced, by each page\'s 
   const catalog = await openCatalog(t, env, ['p1', 'p2', 'p3']);
   const v = await catalog.createVolume({ name: 'vol', size: 120 * pageBytes, replicas: 1 });
   const p1 = keeperOn(catalog, env, 'p1', () => viewed(['p1', 'p2', 'p3']));
-  const routes = () => catalog.routes(catalog.require('vol')).owners(v.sizeBytes / v.blockBytes);
+  const routes = () => catalog.routes(catalog.require('vol')).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
   const ofP1 = () => routes().filter((x) => x.owner === 'p1');
   await p1.run();
   t.equal(routes().filter((x) => x.version > 1).length, 0, 'at the asked count: nothing changes');
@@ -185,7 +185,7 @@ t.test('a lost peer\'s copies are rebuilt elsewhere; a conflict leaves the page 
   const v = await catalog.createVolume({ name: 'vol', size: 8 * pageBytes, replicas: 2, peers: ['p1', 'p2', 'p3', 'p4'] });
   let p3SilentMs = 500;
   const keeper = keeperOn(catalog, env, 'p1', () => viewed(groupPeers, (id) => (id === 'p3' ? p3SilentMs : 500)), 60_000);
-  const routes = () => catalog.routes(catalog.require('vol')).owners(v.sizeBytes / v.blockBytes);
+  const routes = () => catalog.routes(catalog.require('vol')).routesIn(0, Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks));
   t.same(routes().filter((x) => x.owner === 'p1').map((x) => x.copies), [['p1', 'p2'], ['p1', 'p2']], 'placed: p1 primary of pages 0 and 4, copies on p2');
   t.same(routes()[2].copies, ['p3', 'p4']);
   t.same(routes()[3].copies, ['p4', 'p1']);
@@ -290,7 +290,7 @@ t.test('a new volume\'s peers are ordered so that each page\'s copies span zones
   const volumes = { createVolume: async (input: Parameters<Catalog['createVolume']>[0]) => ({ peers: (await catalog.createVolume(input)).peers }) as VolumeView, getVolume: async () => ({}) as VolumeView };
   const zoned = replicationAdmin({ catalog, zoneOf: (p) => zones[p], volumes, log });
   const v = await zoned.createVolume({ name: 'vol', size: 4 * pageBytes, replicas: 2 });
-  const routes = catalog.routes(catalog.require('vol')).owners(4 * 8192);
+  const routes = catalog.routes(catalog.require('vol')).routesIn(0, 4);
   t.ok(routes.every((x) => zones[x.copies![0]] !== zones[x.copies![1]]), `peers ${v.peers.join(',')}: every page on both zones`);
   const flat = replicationAdmin({ catalog, zoneOf: () => undefined, volumes, log });
   t.same((await flat.createVolume({ name: 'vol2', size: pageBytes, replicas: 2 })).peers, groupPeers, 'no zones: the group\'s order');

@@ -51,6 +51,16 @@ t.test("a replicated page's move counts only when its source is the primary at t
   t.same(snapshotHolders(single, 0, 100, routesAtCut(single), stale).holders[0], 'p3');
 });
 
+t.test("a replicated volume's stale or suspect mover never serves its snapshot (sim seeds 1046, 631)", async (t) => {
+  const stale = new Map([[0, { volumeId: 'v', page: 0, from: 'p1', to: 'p3', done: 0, pieceBlocks: 1024 }]]);
+  // Seed 1046: p2 took the page over and p1's copy was dropped; one copy left, p1 still reports its move.
+  const lone = record({ placedCopies: 2, moved: [[0, { owner: 'p2', version: 3, copies: ['p2'], inSync: ['p2'] }]] });
+  t.same(snapshotHolders(lone, 0, 100, routesAtCut(lone), stale).holders, ['p2']);
+  // Seed 631: p1 is still the primary but suspect at the cut (left out of the in-sync copies).
+  const suspect = record({ placedCopies: 3, moved: [[0, { owner: 'p1', version: 4, copies: ['p1', 'p3', 'p2'], inSync: ['p2'] }]] });
+  t.same(snapshotHolders(suspect, 0, 100, routesAtCut(suspect), stale).holders, ['p2']);
+});
+
 t.test('narrowInSync: only copies in sync at both moments, never none', async (t) => {
   const cut = { owner: 'p1', version: 5, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p2', 'p3'] };
   t.same(narrowInSync(cut, { owner: 'p1', version: 4, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p3'] }).inSync, ['p1', 'p3'], 'p2 resynced in after it froze');

@@ -1,5 +1,5 @@
 // Shared by the benches that run a group of `peersan peer` processes on etcd and a qemu-io
-// host against it (migration-latency.js, snapshot.js): child processes, ports, the group, the
+// host against it (migration-latency.js, snapshot.js, replication.js, vs-tgt.js): child processes, ports, the group, the
 // host's timed writes, percentiles, CPU and load readings, clean-up on exit and on Ctrl-C.
 'use strict';
 
@@ -9,6 +9,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const net = require('node:net');
+const { parseStat, ticksPerSec } = require('./cpu');
 
 const root = path.join(__dirname, '..', '..');
 const peersanBin = path.join(root, 'bin', 'peersan.js');
@@ -87,7 +88,7 @@ function run(cmd, argv, timeoutMs = commandMsMax) {
 
 async function startEtcd() {
   const [client, peer] = [await freePort(), await freePort()];
-  daemon('etcd', ['--name', 'bench', '--data-dir', path.join(work, 'etcd'),
+  daemon('etcd', ['--name', 'bench', '--data-dir', path.join(work, `etcd-${client}`),
     '--listen-client-urls', `http://127.0.0.1:${client}`, '--advertise-client-urls', `http://127.0.0.1:${client}`,
     '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
     '--initial-cluster', `bench=http://127.0.0.1:${peer}`, '--log-level', 'error']);
@@ -95,30 +96,35 @@ async function startEtcd() {
   return `http://127.0.0.1:${client}`;
 }
 
-/** tgtd with one file-backed LUN of `sizeBytes` (the reference target, same machine); its iSCSI URL. */
-async function startTgt(sizeBytes, blockSize = 512) {
+/** tgtd with one file-backed LUN of `sizeBytes` (the reference target, same machine); its iSCSI URL and tgtd's pid. */
+async function startTgtProcess(sizeBytes, blockSize = 512) {
   const port = await freePort();
   const control = 1000 + Math.floor(Math.random() * 5000);
   const img = path.join(work, 'tgt.img');
   fs.writeFileSync(img, '');
   fs.truncateSync(img, sizeBytes);
-  daemon('tgtd', ['-f', '-C', String(control), '--iscsi', `portal=127.0.0.1:${port}`]);
+  const tgtd = daemon('tgtd', ['-f', '-C', String(control), '--iscsi', `portal=127.0.0.1:${port}`]);
   await waitPort(port);
   const adm = (...a) => run('tgtadm', ['-C', String(control), '--lld', 'iscsi', ...a]);
   await adm('--op', 'new', '--mode', 'target', '--tid', '1', '-T', 'iqn.2001-04.com.example:bench');
   await adm('--op', 'new', '--mode', 'logicalunit', '--tid', '1', '--lun', '1', '-b', img, '--blocksize', String(blockSize));
   await adm('--op', 'bind', '--mode', 'target', '--tid', '1', '-I', 'ALL');
-  return `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`;
+  return { url: `iscsi://127.0.0.1:${port}/iqn.2001-04.com.example:bench/1`, pid: tgtd.pid };
 }
 
+/** startTgtProcess's iSCSI URL alone. */
+const startTgt = async (sizeBytes, blockSize) => (await startTgtProcess(sizeBytes, blockSize)).url;
+
 /**
- * Three peer processes on etcd, default migration settings, no automatic page or host moves,
- * each with the GC / event-loop probe (bench/peer-probe.js); volume `bench` spread over them.
+ * Peer processes `ids` on etcd, default migration settings, no automatic page or host moves,
+ * each with the GC / event-loop probe (bench/peer-probe.js) unless `probe` is false (the benches
+ * that count CPU per operation leave it out); volume `bench` spread over them, or as
+ * `volumeArgs` (more `volume create` flags, e.g. --peers p1) says.
  */
-async function startPeersan(sizeBytes, blockSize) {
+async function startPeersan(sizeBytes, blockSize, { ids = ['p1', 'p2', 'p3'], volumeArgs = [], probe = true } = {}) {
   const etcd = await startEtcd();
   const peers = [];
-  for (const id of ['p1', 'p2', 'p3']) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`), probe: path.join(work, `${id}.probe`) });
+  for (const id of ids) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`), probe: path.join(work, `${id}.probe`) });
   const config = path.join(work, 'cluster.yaml');
   fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
     '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
@@ -126,13 +132,13 @@ async function startPeersan(sizeBytes, blockSize) {
   for (const p of peers) {
     // The peers log JSON to stderr: kept, for the benches that read events from it.
     const fd = fs.openSync(p.log, 'a');
-    const env = { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${path.join(__dirname, '..', 'peer-probe.js')}`, PEERSAN_PROBE_FILE: p.probe };
+    const env = probe ? { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${path.join(__dirname, '..', 'peer-probe.js')}`, PEERSAN_PROBE_FILE: p.probe } : process.env;
     p.pid = daemon(process.execPath, [peersanBin, 'peer', '--config', config, '--id', p.id], { stdio: ['ignore', 'ignore', fd], env }).pid;
     fs.closeSync(fd);
     await waitPort(p.iscsi);
   }
   const cli = (...a) => run(process.execPath, [peersanBin, '--config', config, ...a]);
-  await cli('volume', 'create', 'bench', '--size', String(sizeBytes), '--block-size', String(blockSize));
+  await cli('volume', 'create', 'bench', '--size', String(sizeBytes), '--block-size', String(blockSize), ...volumeArgs);
   const map = JSON.parse(await cli('--json', 'page', 'map', 'bench'));
   return { peers, cli, config, map, url: `iscsi://127.0.0.1:${peers[0].iscsi}/iqn.2026-11.io.peersan:bench/0` };
 }
@@ -147,21 +153,24 @@ async function fillRandom(urls, sizeMib) {
 
 // ---- the host: iscsi-perf and qemu-img bench -------------------------------------------------------
 
-/** iscsi-perf (reads only) for `seconds` against `url`, with its flags `extra`: its average IOPS and MB/s. */
+/**
+ * iscsi-perf (reads only) for `seconds` against `url`, with its flags `extra`: its average IOPS
+ * and MB/s, and the operations done (its average over its run time, `seconds`).
+ */
 async function iscsiPerf(url, extra, seconds) {
   const out = await run('iscsi-perf', [...extra, '-t', String(seconds), url], (seconds + 30) * 1000);
   const m = /iops average (\d+) \((\d+) MB\/s\)\s*$/m.exec(out.replace(/\r/g, '\n').trim()) || [...out.matchAll(/iops average (\d+) \((\d+) MB\/s\)/g)].pop();
   if (!m) throw new Error(`cannot read iscsi-perf output: ${out.slice(-300)}`);
-  return { iops: Number(m[1]), mbps: Number(m[2]) };
+  return { iops: Number(m[1]), mbps: Number(m[2]), ops: Number(m[1]) * seconds };
 }
 
-/** `qemu-img bench -w` (sequential writes of `bytes`, `depth` outstanding, `count` of them, wrapping at the end): IOPS and MB/s. */
+/** `qemu-img bench -w` (sequential writes of `bytes`, `depth` outstanding, `count` of them, wrapping at the end): IOPS, MB/s, operations done. */
 async function qemuImgWrites(url, { bytes, depth, count }) {
   const out = await run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', String(depth), '-s', String(bytes), '-c', String(count), url]);
   const m = /Run completed in ([\d.]+) seconds/.exec(out);
   if (!m) throw new Error(`cannot read qemu-img bench output: ${out}`);
   const iops = count / Number(m[1]);
-  return { iops: Math.round(iops), mbps: Math.round((iops * bytes) / 1e6) };
+  return { iops: Math.round(iops), mbps: Math.round((iops * bytes) / 1e6), ops: count };
 }
 
 // ---- the host: qemu-io, random writes at a fixed depth -----------------------------------------
@@ -241,7 +250,7 @@ function hostWrites(url, sizeBytes, seconds, { depth = 8, writeBytes = 4096, war
       clearTimeout(guard);
       children.delete(q);
       if (!finished) return reject(new Error(`qemu-io ${url} ended early (${code}): ${stderr.trim().slice(-300)}`));
-      resolve({ latenciesUs, offsets, doneAtMs, errors, windowMs: tEnd - tMeasure, measureStart: performance.timeOrigin + tMeasure, measureEnd: performance.timeOrigin + tEnd });
+      resolve({ completed: done, latenciesUs, offsets, doneAtMs, errors, windowMs: tEnd - tMeasure, measureStart: performance.timeOrigin + tMeasure, measureEnd: performance.timeOrigin + tEnd });
     });
   });
 }
@@ -268,11 +277,10 @@ function pausesInWindow(peers, fromMs, toMs) {
   });
 }
 
-/** CPU time (ms) of a process and of its children it has waited for, from /proc. */
+/** CPU time (ms) of a process (all its threads) and of its children it has waited for, from /proc (bench/lib/cpu.js). */
 function cpuMs(pid = process.pid) {
-  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  const tick = 10; // USER_HZ = 100 on Linux
-  return { self: (Number(f[11]) + Number(f[12])) * tick, children: (Number(f[13]) + Number(f[14])) * tick };
+  const s = parseStat(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  return { self: (s.ticks * 1000) / ticksPerSec, children: (s.childTicks * 1000) / ticksPerSec };
 }
 
 const round2 = (x) => Math.round(x * 100) / 100;
@@ -320,6 +328,6 @@ function runBench(main) {
 }
 
 module.exports = {
-  peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startTgt, startPeersan, fillRandom,
+  peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startTgt, startTgtProcess, startPeersan, fillRandom,
   iscsiPerf, qemuImgWrites, hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
 };

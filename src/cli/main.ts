@@ -8,10 +8,11 @@ import { defaultReplicas, formatBytes, replicasMax } from '../cluster/catalog';
 import { protectionText, summaryText } from '../replication/protection';
 import { InvalidArgumentError, PeersanError } from '../errors';
 import type { MoveInfo } from '../migration/migrator';
-import { AdminClient, type PageMapView, type VolumeView } from '../server/admin';
+import { AdminClient, type PageMapView, type PageRange, type VolumeView } from '../server/admin';
 import { loadConfig } from '../server/config';
 import type { DemoOptions } from './serve';
 import { pageNumber, wholeNumber } from '../server/admin-input';
+import { pageMapPagesMax } from '../limits';
 import { parseCount } from './args';
 import { addLoadCommands, fillHead, fillText } from './load';
 import { addPeerCommands } from './peer-commands';
@@ -122,28 +123,46 @@ function copiesCell(p: PageMapView['pages'][number]): string {
   return copies.map((c) => (inSync.includes(c) ? c : `${c}(stale)`)).join(',');
 }
 
-export function pageMapText(m: PageMapView): string {
-  const count = new Map<string, number>();
-  for (const p of m.pages) count.set(p.owner, (count.get(p.owner) ?? 0) + 1);
+/** Runs of consecutive pages of the detail with the same copies and version, one table row each. */
+function pageRuns(pages: PageMapView['pages']): string[][] {
   const runs: string[][] = [];
-  for (let i = 0; i < m.pages.length; ) {
+  for (let i = 0; i < pages.length; ) {
     let j = i;
-    while (j + 1 < m.pages.length && copiesCell(m.pages[j + 1]) === copiesCell(m.pages[i]) && m.pages[j + 1].version === m.pages[i].version) j++;
-    runs.push([i === j ? String(i) : `${i}-${j}`, m.pages[i].owner, copiesCell(m.pages[i]), `v${m.pages[i].version}`]);
+    while (j + 1 < pages.length && copiesCell(pages[j + 1]) === copiesCell(pages[i]) && pages[j + 1].version === pages[i].version) j++;
+    runs.push([i === j ? String(pages[i].page) : `${pages[i].page}-${pages[j].page}`, pages[i].owner, copiesCell(pages[i]), `v${pages[i].version}`]);
     i = j + 1;
   }
-  // A striped volume alternates owners every page: show it as one line per owner instead.
-  const striped = runs.length > 24;
-  const body = striped
-    ? table([['OWNER', 'PAGES', 'FIRST PAGES'], ...[...count.keys()].sort().map((o) => [o, String(count.get(o)), m.pages.filter((p) => p.owner === o).slice(0, 8).map((p) => p.page).join(',') + (count.get(o)! > 8 ? ',…' : '')])])
-    : table([['PAGES', 'OWNER', 'COPIES', 'VERSION'], ...runs]);
-  const moved = m.pages.filter((p) => p.version > 1);
-  return [
-    `volume ${m.volume}: ${m.pages.length} pages of ${m.pageBlocks} blocks, placed on ${m.peers.join(', ')}`,
-    `pages per peer: ${[...count.entries()].sort().map(([o, n]) => `${o} ${n}`).join(', ')}`,
-    ...(striped && moved.length > 0 ? [`changed since placement: ${moved.slice(0, 8).map((p) => `${p.page}→${copiesCell(p)} v${p.version}`).join(', ')}${moved.length > 8 ? `, … (${moved.length})` : ''}`] : []),
-    body,
-  ].join('\n');
+  return runs;
+}
+
+/** Rows of runs the default view shows; a striped volume has one run per page, so past this the summary stands alone. */
+const pageMapRunsShown = 24;
+
+/**
+ * The page map for people, bounded whatever the volume's size: the placement rule once, pages
+ * per peer, the pages whose route changed (the lowest few), then the runs of the detail range
+ * when a range was asked (`ranged`) or when they are few.
+ */
+export function pageMapText(m: PageMapView, ranged = false): string {
+  const rule = m.peers.length > 1 ? `striped over ${m.peers.join(', ')} (page i on the (i mod ${m.peers.length})-th)` : `all on ${m.peers[0]}`;
+  const lines = [
+    `volume ${m.volume}: ${m.totalPages} pages of ${m.pageBlocks} blocks, ${rule}, ${m.replicas} ${m.replicas === 1 ? 'copy' : 'copies'} per page`,
+    `pages per peer: ${[...m.perPeer].sort((a, b) => a.peer.localeCompare(b.peer)).filter((p) => p.primaries > 0).map((p) => `${p.peer} ${p.primaries}`).join(', ')}`,
+  ];
+  if (m.replicas > 1) lines.push(`copies per peer: ${[...m.perPeer].sort((a, b) => a.peer.localeCompare(b.peer)).map((p) => `${p.peer} ${p.copies}`).join(', ')}`);
+  if (m.changedPages > 0) {
+    const more = m.changedPages - m.changed.length;
+    lines.push(`changed since placement: ${m.changedPages} pages: ${m.changed.map((p) => `${p.page}→${copiesCell(p)} v${p.version}`).join(', ')}${more > 0 ? `, and ${more} more (use --from/--count)` : ''}`);
+  }
+  const runs = pageRuns(m.pages);
+  const last = m.from + m.pages.length - 1;
+  if (ranged || runs.length <= pageMapRunsShown) {
+    if (m.next !== undefined || m.from > 0) lines.push(`pages ${m.from}-${last}${m.next !== undefined ? ` (next: --from ${m.next})` : ''}:`);
+    lines.push(table([['PAGES', 'OWNER', 'COPIES', 'VERSION'], ...runs]));
+  } else {
+    lines.push(`detail of pages: peersan page map ${m.volume} --from N --count M (at most ${pageMapPagesMax} pages)`);
+  }
+  return lines.join('\n');
 }
 
 function moveProgress(m: MoveInfo): string {
@@ -167,7 +186,7 @@ function migrationsText(r: { moves: MoveInfo[]; unreachable: string[] }): string
 /** What following a move needs of the AdminClient. */
 export interface MoveWatch {
   migrations(): Promise<{ moves: MoveInfo[]; unreachable: string[] }>;
-  pageMap(name: string): Promise<PageMapView>;
+  pageMap(name: string, range?: PageRange): Promise<PageMapView>;
 }
 
 export interface FollowOptions {
@@ -192,7 +211,7 @@ async function lookAtMove(c: MoveWatch, volume: string, page: number, from: stri
     const { moves, unreachable } = await c.migrations();
     const move = moves.find((x) => x.volume === volume && x.page === page);
     if (move) return { kind: 'moving', move };
-    const owner = (await c.pageMap(volume)).pages[page]?.owner ?? '';
+    const owner = (await c.pageMap(volume, { from: page, count: 1 })).pages[0]?.owner ?? '';
     if (owner === to) return { kind: 'committed' };
     if (unreachable.includes(from)) return { kind: 'paused', why: `source ${from} is down; the move resumes when it returns` };
     return { kind: 'gone', owner };
@@ -353,10 +372,13 @@ export function buildProgram(): Command {
   const page = program.command('page').description('where the pages of a volume live');
   page
     .command('map <volume>')
-    .description('which peers hold each page, primary first (runs of pages with the same copies on a line)')
-    .action(async (name: string) => {
-      const m = await withClient(g(), (c) => c.pageMap(name));
-      out(g(), m, () => pageMapText(m));
+    .description('where the pages of a volume are: the placement rule, pages per peer, the pages that changed; --from/--count for the copies of each page of a range (runs of pages with the same copies on a line). --json pages: at most one range per answer, next says where the volume goes on')
+    .option('--from <page>', 'first page of the detail', '0')
+    .option('--count <pages>', `pages of the detail (at most ${pageMapPagesMax})`)
+    .action(async (name: string, o: { from: string; count?: string }) => {
+      const range = { from: pageNumber(o.from), count: o.count === undefined ? undefined : wholeNumber(o.count, '--count', pageMapPagesMax, 1) };
+      const m = await withClient(g(), (c) => c.pageMap(name, range));
+      out(g(), m, () => pageMapText(m, o.count !== undefined || range.from > 0));
     });
 
   page

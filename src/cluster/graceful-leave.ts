@@ -34,24 +34,28 @@ export interface RoleHandover {
   to: string;
 }
 
+/** A volume's pages with a copy on the leaving peer, lazily (RouteTable.pagesWith: nothing held per page). */
+export interface HeldPages {
+  name: string;
+  routes: Iterable<readonly [number, Route]>;
+}
+
 /**
  * The pages `self` is primary of that an in-sync copy on a placeable peer can take, each with
- * the copy that has taken the fewest roles so far (pure).
+ * the copy that has taken the fewest roles so far (pure; lazy: the leave takes what its time allows).
  */
-export function rolesToHandOver(self: string, volumes: readonly { name: string; routes: readonly Route[] }[], placeable: readonly string[]): RoleHandover[] {
+export function* rolesToHandOver(self: string, volumes: Iterable<HeldPages>, placeable: readonly string[]): Generator<RoleHandover> {
   const given = new Map<string, number>();
-  const out: RoleHandover[] = [];
   for (const v of volumes) {
-    v.routes.forEach((r, page) => {
-      if (r.owner !== self) return;
+    for (const [page, r] of v.routes) {
+      if (r.owner !== self) continue;
       const candidates = inSyncOf(r).filter((p) => p !== self && placeable.includes(p));
-      if (candidates.length === 0) return;
+      if (candidates.length === 0) continue;
       const to = candidates.reduce((a, b) => ((given.get(b) ?? 0) < (given.get(a) ?? 0) ? b : a));
       given.set(to, (given.get(to) ?? 0) + 1);
-      out.push({ volume: v.name, page, to });
-    });
+      yield { volume: v.name, page, to };
+    }
   }
-  return out;
 }
 
 export interface LeaveOptions {
@@ -68,34 +72,42 @@ export interface LeaveOptions {
 }
 
 /** Steps 1 and 2 above, within leaveHandoverMs; never throws (a stop goes on whatever happens). */
-/** The pages whose in-sync set `self` steps out of (step 3): it is a copy, not the primary, and the primary is up (pure). */
-export function copiesToStepOutOf(self: string, volumes: readonly { name: string; routes: readonly Route[] }[], placeable: readonly string[]): { volume: string; page: number; route: Route }[] {
-  const out: { volume: string; page: number; route: Route }[] = [];
+/** The pages whose in-sync set `self` steps out of (step 3): it is a copy, not the primary, and the primary is up (pure; lazy). */
+export function* copiesToStepOutOf(self: string, volumes: Iterable<HeldPages>, placeable: readonly string[]): Generator<{ volume: string; page: number; route: Route }> {
   for (const v of volumes) {
-    v.routes.forEach((route, page) => {
-      if (route.owner !== self && inSyncOf(route).includes(self) && placeable.includes(route.owner)) out.push({ volume: v.name, page, route });
-    });
+    for (const [page, route] of v.routes) {
+      if (route.owner !== self && inSyncOf(route).includes(self) && placeable.includes(route.owner)) yield { volume: v.name, page, route };
+    }
   }
-  return out;
 }
 
-/** Run `work` over `items`, leaveSwitchesInFlightMax at a time, while `left()` ms remain; how many succeeded. */
-async function paced<T>(o: Pick<LeaveOptions, 'env'>, items: readonly T[], left: () => number, work: (item: T) => Promise<void>): Promise<number> {
+/**
+ * Run `work` over `items` (taken lazily), leaveSwitchesInFlightMax at a time, while `left()` ms
+ * remain: how many succeeded, how many were tried, and whether items were left untried.
+ */
+async function paced<T>(o: Pick<LeaveOptions, 'env'>, items: Iterable<T>, left: () => number, work: (item: T) => Promise<void>): Promise<{ done: number; tried: number; more: boolean }> {
+  const it = items[Symbol.iterator]();
   let done = 0;
-  let next = 0;
+  let tried = 0;
+  let more = true;
   const worker = async (): Promise<void> => {
-    while (next < items.length && left() > 0) {
-      const item = items[next++];
+    while (more && left() > 0) {
+      const next = it.next();
+      if (next.done) {
+        more = false;
+        return;
+      }
+      tried++;
       try {
-        await work(item);
+        await work(next.value);
         done++;
       } catch {
         // Said by `work`'s caller in its count: a role not handed over fails over, a copy not stepped out is dropped by its primary.
       }
     }
   };
-  await within(o.env.timers, Promise.all(Array.from({ length: Math.min(leaveSwitchesInFlightMax, items.length) }, worker)), Math.max(0, left()));
-  return done;
+  await within(o.env.timers, Promise.all(Array.from({ length: leaveSwitchesInFlightMax }, worker)), Math.max(0, left()));
+  return { done, tried, more };
 }
 
 export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: number }> {
@@ -105,23 +117,28 @@ export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: nu
     const marked = await within(o.env.timers, markLeaving(o), leaveHandoverMs);
     if (!marked) return { handed: 0, kept: 0 };
     await cancelHandOverableMoves(o, left);
-    const volumes = (): { name: string; routes: Route[] }[] => o.catalog.listVolumes().map((v) => ({ name: v.name, routes: o.catalog.routes(v).owners(v.sizeBytes / v.blockBytes) }));
-    const plan = rolesToHandOver(o.self, volumes(), o.members.placeable());
-    const handed = await paced(o, plan, left, async (h) => {
+    // Walked lazily, once per step: the second walk sees the roles the first handed over.
+    // Only pages with another copy can be handed over or stepped out of (RouteTable.sharedPagesWith).
+    const volumes = (): HeldPages[] => o.catalog.listVolumes().map((v) => {
+      const table = o.catalog.routes(v);
+      return { name: v.name, routes: table.sharedPagesWith(o.self, table.pageCount(v.sizeBytes / v.blockBytes)) };
+    });
+    const roles = await paced(o, rolesToHandOver(o.self, volumes(), o.members.placeable()), left, async (h) => {
       await o.migrator.start(h.volume, h.page, h.to).catch((err: Error) => {
         o.log.info({ volume: h.volume, page: h.page, to: h.to, reason: err.message }, 'primary role not handed over before stopping (it fails over instead)');
         throw err;
       });
     });
-    o.log.info({ handed, kept: plan.length - handed, ms: o.env.clock.monotonicMs() - startedMs }, 'primary roles handed over before stopping');
+    const handed = roles.done;
+    const kept = roles.tried - roles.done;
+    o.log.info({ handed, kept, untried: roles.more, ms: o.env.clock.monotonicMs() - startedMs }, 'primary roles handed over before stopping');
     o.stopAsking?.();
-    const copies = copiesToStepOutOf(o.self, volumes(), o.members.placeable());
-    const steppedOut = await paced(o, copies, left, async (c) => {
+    const copies = await paced(o, copiesToStepOutOf(o.self, volumes(), o.members.placeable()), left, async (c) => {
       const volume = o.catalog.listVolumes().find((v) => v.name === c.volume);
       if (volume) await dropFromInSync(o.catalog, volume, c.page, c.route, [o.self]);
     });
-    o.log.info({ steppedOut, kept: copies.length - steppedOut }, 'stepped out of the in-sync sets of the copies held here (their primaries resync them once back)');
-    return { handed, kept: plan.length - handed };
+    o.log.info({ steppedOut: copies.done, kept: copies.tried - copies.done, untried: copies.more }, 'stepped out of the in-sync sets of the copies held here (their primaries resync them once back)');
+    return { handed, kept };
   } catch (err) {
     o.log.warn({ reason: (err as Error).message }, 'graceful leave failed; stopping anyway');
     return { handed: 0, kept: 0 };

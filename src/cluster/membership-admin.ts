@@ -27,26 +27,51 @@ import type { GroupStatus, PeerStatusView } from './group-status';
 import type { MemberRecord, Members, MemberState } from './members';
 
 /** One copy of a page a peer holds. */
-export interface HeldCopy {
+/** What `peer` holds, summed over every page of every volume (counts, and an example of each kind for messages). */
+export interface Holding {
+  /** Pages with a copy on the peer. */
+  copies: number;
+  /** Among them, those it is primary of, and those whose only in-sync copy it is (removing it loses their data). */
+  primaries: number;
+  lastInSync: number;
+  /** The volumes with a copy there. */
+  volumes: string[];
+  /** The lowest such page of the first volume that has one, for the refusals' messages. */
+  firstPrimary?: PageRef;
+  firstLost?: PageRef;
+}
+
+export interface PageRef {
   volume: string;
   page: number;
-  primary: boolean;
-  /** No other copy of the page is in sync: removing this one loses the page's data. */
-  lastInSync: boolean;
 }
 
 /**
- * The copies `peer` holds, by the routes this peer knows (every page of every volume). Slice E's
- * CopyKeeper keeps the same answer for its evacuation; this is the one place to swap it in.
+ * What `peer` holds, by the routes this peer knows: from each volume's distinct routes (the
+ * placement classes and the changed pages, RouteTable.classes), so it costs no time per page.
+ * Slice E's CopyKeeper keeps the same answer for its evacuation; this is the one place to swap it in.
  */
-export function copiesOn(catalog: Pick<Catalog, 'listVolumes' | 'routes'>, peer: string): HeldCopy[] {
-  const out: HeldCopy[] = [];
+export function copiesOn(catalog: Pick<Catalog, 'listVolumes' | 'routes'>, peer: string): Holding {
+  const out: Holding = { copies: 0, primaries: 0, lastInSync: 0, volumes: [] };
+  const lower = (a: PageRef | undefined, b: PageRef): PageRef => (a && (a.volume !== b.volume || a.page <= b.page) ? a : b);
   for (const v of catalog.listVolumes()) {
-    const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
-    routes.forEach((r, page) => {
-      if (!copiesOf(r).includes(peer)) return;
-      out.push({ volume: v.name, page, primary: r.owner === peer, lastInSync: inSyncOf(r).every((p) => p === peer) });
-    });
+    const table = catalog.routes(v);
+    let held = false;
+    for (const c of table.classes(table.pageCount(v.sizeBytes / v.blockBytes))) {
+      if (!copiesOf(c.route).includes(peer)) continue;
+      held = true;
+      out.copies += c.pages;
+      const at = { volume: v.name, page: c.first };
+      if (c.route.owner === peer) {
+        out.primaries += c.pages;
+        out.firstPrimary = lower(out.firstPrimary, at);
+      }
+      if (inSyncOf(c.route).every((p) => p === peer)) {
+        out.lastInSync += c.pages;
+        out.firstLost = lower(out.firstLost, at);
+      }
+    }
+    if (held) out.volumes.push(v.name);
   }
   return out;
 }
@@ -99,23 +124,22 @@ export function checkUndrain(id: string, record: MemberRecord | undefined, ids: 
 }
 
 /** Why `id` may not be removed, thrown: see the top. `reachable`: the peer answers now. */
-export function checkRemove(id: string, record: MemberRecord | undefined, ids: readonly string[], held: readonly HeldCopy[], force: boolean, reachable: boolean): void {
+export function checkRemove(id: string, record: MemberRecord | undefined, ids: readonly string[], held: Holding, force: boolean, reachable: boolean): void {
   const r = requireMember(id, record, ids);
   if (!force) {
-    if (held.length > 0) {
-      const primaries = held.filter((c) => c.primary).length;
-      throw new ConflictError(`peer ${id} still holds copies of ${held.length} page(s) (${primaries} as primary): drain it first (peersan peer drain ${id} --wait), or --force if it is dead for good`);
+    if (held.copies > 0) {
+      throw new ConflictError(`peer ${id} still holds copies of ${held.copies} page(s) (${held.primaries} as primary): drain it first (peersan peer drain ${id} --wait), or --force if it is dead for good`);
     }
     if (r.state !== 'draining') throw new ConflictError(`peer ${id} is ${r.state}: drain it first (peersan peer drain ${id} --wait), then remove it`);
     return;
   }
   if (reachable) throw new ConflictError(`peer ${id} answers: --force is only for a peer that is dead for good; drain it instead (peersan peer drain ${id} --wait)`);
-  const lost = held.filter((c) => c.lastInSync);
-  if (lost.length > 0) {
-    const more = lost.length > 1 ? ` (and ${lost.length - 1} more page(s))` : '';
-    throw new ConflictError(`removing ${id} would lose the last in-sync copy of page ${lost[0].page} of volume ${lost[0].volume}${more}: bring ${id} back, or delete that volume first`);
+  const lost = held.firstLost;
+  if (lost) {
+    const more = held.lastInSync > 1 ? ` (and ${held.lastInSync - 1} more page(s))` : '';
+    throw new ConflictError(`removing ${id} would lose the last in-sync copy of page ${lost.page} of volume ${lost.volume}${more}: bring ${id} back, or delete that volume first`);
   }
-  const primary = held.find((c) => c.primary);
+  const primary = held.firstPrimary;
   if (primary) throw new ConflictError(`page ${primary.page} of volume ${primary.volume} still has its primary on ${id}: failover has not promoted another copy yet; try again in a few seconds`);
 }
 
@@ -150,14 +174,14 @@ export interface DrainProgress {
 }
 
 /** Progress of a drain from the copies held and the peer's status (pure). */
-export function drainProgressOf(record: MemberRecord, held: readonly HeldCopy[], status: PeerStatusView | undefined, pinned: (s: SessionInfo) => boolean): DrainProgress {
+export function drainProgressOf(record: MemberRecord, held: Holding, status: PeerStatusView | undefined, pinned: (s: SessionInfo) => boolean): DrainProgress {
   const sessions = status?.up ? status.sessions.filter((s) => s.sessionType === 'Normal') : [];
   const pins = sessions.filter(pinned).map((s) => ({ tsih: s.tsih, initiatorName: s.initiatorName, targetName: s.targetName }));
   return {
     peer: record.id, state: record.state, changedBy: record.changedBy,
-    copies: held.length, primaries: held.filter((c) => c.primary).length,
+    copies: held.copies, primaries: held.primaries,
     sessions: sessions.length, pinned: pins, reachable: status?.up === true,
-    done: held.length === 0 && sessions.length === pins.length,
+    done: held.copies === 0 && sessions.length === pins.length,
   };
 }
 
@@ -200,7 +224,7 @@ export function membershipAdmin(o: MembershipAdminOptions): MembershipAdmin {
       const others = peers.filter((p) => p.id !== id && p.up && placeable.includes(p.id));
       const space = target?.up ? { heldBytes: target.allocatedBytes, freeBytes: others.reduce((n, p) => n + p.freeBytes, 0) } : undefined;
       checkDrain(id, members.get(id), members.ids(), placeable, space);
-      const held = new Set(copiesOn(catalog, id).map((c) => c.volume));
+      const held = new Set(copiesOn(catalog, id).volumes);
       checkDrainCopies(id, catalog.listVolumes().filter((v) => held.has(v.name)).map((v) => ({ name: v.name, copies: wantedCopies(v, catalog.spanOf(v)), span: catalog.spanOf(v) })));
       const r = await members.setState(id, 'draining', by, (now) => checkDrain(id, now, members.ids(), members.placeable(), undefined));
       return progress(r);
@@ -232,9 +256,13 @@ export function membershipAdmin(o: MembershipAdminOptions): MembershipAdmin {
 
 /** Take a dead peer's copies out of every route that names it (one CAS per page; a conflict is read again). */
 async function dropCopies(catalog: Pick<Catalog, 'listVolumes' | 'routes' | 'fetchRoute' | 'casRoute' | 'volume'>, peer: string): Promise<void> {
-  for (const c of copiesOn(catalog, peer)) {
-    const volume = catalog.volume(c.volume);
-    if (volume) await dropCopy(catalog, volume, c.page, peer);
+  // One CAS per page that names it: walked lazily (nothing held per page), each page read again before its CAS.
+  for (const v of catalog.listVolumes()) {
+    const table = catalog.routes(v);
+    for (const [page] of table.pagesWith(peer, table.pageCount(v.sizeBytes / v.blockBytes))) {
+      const volume = catalog.volume(v.name);
+      if (volume) await dropCopy(catalog, volume, page, peer);
+    }
   }
 }
 

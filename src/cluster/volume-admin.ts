@@ -8,7 +8,8 @@ import { InvalidArgumentError } from '../errors';
 import type { SessionInfo } from '../iscsi/portal';
 import { targetNameFor } from '../iscsi/target';
 import type { Protection, ProtectionState } from '../replication/protection';
-import { copiesOf, inSyncOf } from '../routing/table';
+import { pageMapChangedMax, pageMapPagesMax } from '../limits';
+import { copiesOf, inSyncOf, type Route, type RouteTable } from '../routing/table';
 import type { Catalog, ChapSettings, CreateVolumeInput, VolumeRecord } from './catalog';
 import type { GroupStatus } from './group-status';
 
@@ -34,12 +35,44 @@ export interface VolumeView {
   protectionDetail?: Protection;
 }
 
+/** One page's route. owner: the primary; copies: every peer holding a copy, primary first; inSync: the copies with every acknowledged write. */
+export interface PageRouteView {
+  page: number;
+  owner: string;
+  version: number;
+  copies: string[];
+  inSync: string[];
+}
+
+/**
+ * A volume's page map, bounded whatever its size (a 64 TiB volume has 16 M pages): the summary
+ * (the placement rule, counts per peer, the pages whose route changed since placement, the lowest
+ * of them listed) and the detail of one range of pages, at most pageMapPagesMax.
+ */
 export interface PageMapView {
   volume: string;
   pageBlocks: number;
+  /** The placement set: page i starts on peers[i % n] and the next replicas - 1 of them. */
   peers: string[];
-  /** owner: the primary; copies: every peer holding a copy, primary first; inSync: the copies with every acknowledged write. */
-  pages: { page: number; owner: string; version: number; copies: string[]; inSync: string[] }[];
+  replicas: number;
+  totalPages: number;
+  /** Per peer of the placement set or of a changed route: pages it is primary of, pages it holds a copy of. */
+  perPeer: { peer: string; primaries: number; copies: number }[];
+  /** Pages whose route changed since placement, and the lowest pageMapChangedMax of them. */
+  changedPages: number;
+  changed: PageRouteView[];
+  /** The detail: pages [from, from + count). */
+  from: number;
+  count: number;
+  pages: PageRouteView[];
+  /** The first page after the detail when the volume goes on (ask again from there). */
+  next?: number;
+}
+
+/** Which pages a page map details; absent: from 0, as many as pageMapPagesMax. */
+export interface PageRange {
+  from?: number;
+  count?: number;
 }
 
 export interface VolumeAdmin {
@@ -51,7 +84,7 @@ export interface VolumeAdmin {
   resizeVolume(name: string, size: string): Promise<VolumeView>;
   /** Change who may log in (allow list, CHAP). Sessions already in stay. */
   setVolumeAccess(name: string, access: { allow: string[]; chap?: ChapSettings | null }): Promise<VolumeView>;
-  pageMap(name: string): Promise<PageMapView>;
+  pageMap(name: string, range?: PageRange): Promise<PageMapView>;
 }
 
 export interface VolumeAdminOptions {
@@ -102,13 +135,39 @@ export function volumeAdmin(o: VolumeAdminOptions): VolumeAdmin {
       log.info({ volume: name, allow: record.allow.length, chap: record.chap !== undefined }, 'volume access changed by admin');
       return v;
     },
-    async pageMap(name) {
-      const v = catalog.require(name);
-      const routes = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
-      const pages = routes.map((r, page) => ({ page, owner: r.owner, version: r.version, copies: [...copiesOf(r)], inSync: [...inSyncOf(r)] }));
-      return { volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, pages };
+    async pageMap(name, range) {
+      return pageMapOf(catalog.require(name), catalog.routes(catalog.require(name)), range);
     },
   };
+}
+
+/** A volume's page map (see PageMapView): costs the peers, the changed pages and the range asked, never the whole volume (pure). */
+export function pageMapOf(v: VolumeRecord, table: RouteTable, range: PageRange = {}): PageMapView {
+  const totalPages = table.pageCount(v.sizeBytes / v.blockBytes);
+  const from = range.from ?? 0;
+  const asked = range.count ?? pageMapPagesMax;
+  if (!Number.isInteger(from) || from < 0 || from >= Math.max(1, totalPages)) throw new InvalidArgumentError(`--from must be a page of the volume, 0 to ${totalPages - 1} (got ${from})`);
+  if (!Number.isInteger(asked) || asked < 1 || asked > pageMapPagesMax) throw new InvalidArgumentError(`--count must be 1 to ${pageMapPagesMax} pages (got ${asked})`);
+  const count = Math.min(asked, totalPages - from);
+  const perPeer = new Map<string, { peer: string; primaries: number; copies: number }>(table.peers.map((p) => [p, { peer: p, primaries: 0, copies: 0 }]));
+  const at = (p: string): { peer: string; primaries: number; copies: number } => perPeer.get(p) ?? perPeer.set(p, { peer: p, primaries: 0, copies: 0 }).get(p)!;
+  for (const c of table.classes(totalPages)) {
+    at(c.route.owner).primaries += c.pages;
+    for (const p of copiesOf(c.route)) at(p).copies += c.pages;
+  }
+  const changedAll = [...table.changed()].filter(([page]) => page < totalPages);
+  const changed = changedAll.sort((a, b) => a[0] - b[0]).slice(0, pageMapChangedMax).map(([page, r]) => routeView(page, r));
+  const next = from + count < totalPages ? from + count : undefined;
+  return {
+    volume: v.name, pageBlocks: v.pageBlocks, peers: v.peers, replicas: table.copyCount, totalPages,
+    perPeer: [...perPeer.values()], changedPages: changedAll.length, changed,
+    from, count, pages: table.routesIn(from, count).map((r, i) => routeView(from + i, r)),
+    ...(next !== undefined ? { next } : {}),
+  };
+}
+
+function routeView(page: number, r: Route): PageRouteView {
+  return { page, owner: r.owner, version: r.version, copies: [...copiesOf(r)], inSync: [...inSyncOf(r)] };
 }
 
 function protectionFields(p: Protection): Pick<VolumeView, 'protection' | 'protectionDetail'> {

@@ -424,16 +424,22 @@ export class Migrator {
     finished.catch(() => undefined);
     // A takeover or handover gives the page to another copy while it moves: the machine hears of
     // it at once (the commit could not see a loss followed by a return of the role).
-    const unfollow = this.o.catalog.routes(this.requireVolume(cp.volumeId)).onLearn((page, route) => {
+    const table = this.o.catalog.routes(this.requireVolume(cp.volumeId));
+    const heard = (page: number, route: Route): void => {
       if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from || route.owner === cp.to) return;
       // Before this peer asks the new primary for a resync (the same route starts it): a whole one.
       this.o.distrust?.(cp.volumeId, cp.page);
       this.drive(r, { kind: 'lost' });
-    });
+    };
+    const unfollow = table.onLearn(heard);
     const r: Running = { machine, move, movable, finished, settle, unfollow };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     this.drive(r, { kind: 'begin' });
+    // A takeover learned after start() read the route and before the listener above (the intent's
+    // write, a resumed move's start) is heard now: else the move would copy on to a destination
+    // that refuses it, and never hear of it again (simulator, seed 1067).
+    heard(cp.page, table.route(cp.page));
     return r;
   }
 

@@ -11,7 +11,7 @@
 // PageMovedError (the page service answers MOVED, our own router re-routes) instead of
 // reaching a page this peer has given away.
 
-import { PeersanError } from '../errors';
+import { ErrorKind, PeersanError, RemoteFailureError } from '../errors';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -79,6 +79,12 @@ export class MovableVolume extends BackendDecorator {
    */
   async toDest(to: string, op: BlockOpCode, lba: number, blocks: number, fua: boolean, data?: Buffer, stamp?: number): Promise<BlockReply> {
     const reply = await this.o.link(to).send({ op, fua, staging: true, volumeId: this.o.volumeId, lba, blocks, routeVersion: 0, compareBytes: 0, stamp, data });
+    if (reply.status === ReplyStatus.moved) {
+      // D is not receiving the page (any more); its route is learned if newer than ours (the page
+      // has another primary: the move hears it lost). Transient either way.
+      this.o.table.learn(reply.detail, { owner: reply.owner, version: reply.version });
+      throw new RemoteFailureError(to, ErrorKind.busy, `peer ${to} is not receiving page ${reply.detail} (it knows ${reply.owner} as its primary at epoch ${reply.version})`);
+    }
     if (reply.status !== ReplyStatus.ok) throw replyError(to, reply);
     return reply;
   }

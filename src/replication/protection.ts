@@ -74,22 +74,9 @@ export function protectionOf(input: ProtectionInput): Protection {
   };
 }
 
-/**
- * The routes of a volume's `pages` pages, each with how many pages have it: the pages that never
- * changed share their placement by page mod the peer count, so this costs the number of peers
- * plus the changed pages, not the number of pages (a 64 TiB volume has 16 M).
- */
+/** The routes of a volume's `pages` pages, each with how many pages have it (RouteTable.classes: no cost per page). */
 export function weightedRoutes(table: RouteTable, pages: number): [Route, number][] {
-  const n = table.peers.length;
-  const placed = Array.from({ length: Math.min(n, pages) }, (_, k) => Math.floor((pages - 1 - k) / n) + 1);
-  const out: [Route, number][] = [];
-  for (const [page, route] of table.changed()) {
-    if (page >= pages) continue;
-    placed[page % n]--;
-    out.push([route, 1]);
-  }
-  placed.forEach((count, k) => count > 0 && out.push([table.placed(k), count]));
-  return out;
+  return table.classes(pages).map((c) => [c.route, c.pages]);
 }
 
 /** One line for people: `healthy`, `degraded (N pages with fewer copies than asked)`, … */

@@ -136,6 +136,36 @@ export async function scanPages(cursor: Map<string, number>, volume: VolumeRecor
   return changes;
 }
 
+/**
+ * scanPages when only `candidates` (ascending page numbers) can need anything: every other page
+ * of the window would be a visit that changes nothing, so it is passed over. The same window, the
+ * same cursor, and `wrap()` where scanPages would visit page 0 (a pass through the volume ends),
+ * for a cost in the candidates, not in the window's pages.
+ */
+export async function scanCandidates(cursor: Map<string, number>, volume: VolumeRecord, changesMax: number, candidates: readonly number[], visit: (page: number) => Promise<boolean>, wrap: () => void): Promise<number> {
+  if (changesMax <= 0) return 0;
+  const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
+  const first = (cursor.get(volume.id) ?? 0) % pages;
+  // The window in unwrapped numbers: [first, end), page u % pages; page 0 is at `zero`.
+  const end = first + Math.min(pages, copyKeeperScanPagesMax);
+  const zero = first === 0 ? 0 : pages;
+  const inWindow = [...candidates.filter((p) => p >= first && p < end), ...candidates.filter((p) => p + pages < end).map((p) => p + pages)];
+  let changes = 0;
+  let reached = end;
+  let wrapped = false;
+  for (const u of inWindow) {
+    if (changes >= changesMax) break;
+    if (!wrapped && u >= zero) {
+      wrapped = true;
+      wrap();
+    }
+    if ((await visit(u % pages)) && ++changes >= changesMax) reached = u + 1;
+  }
+  if (!wrapped && zero < reached) wrap();
+  cursor.set(volume.id, reached % pages);
+  return changes;
+}
+
 /** Peers unreachable for `downOutMs`: a peer's silence is its gossip's age, or this peer's uptime if never heard. */
 export function lostPeers(peers: readonly { id: string; ageMs: number }[], self: string, upMs: number, downOutMs: number): Set<string> {
   return new Set(peers.filter((p) => p.id !== self && (p.ageMs < 0 ? upMs : p.ageMs) >= downOutMs).map((p) => p.id));
@@ -361,16 +391,57 @@ export class CopyKeeper {
     return { volume, span, candidates, pageBytes: volume.pageBlocks * volume.blockBytes, promised: new Map() };
   }
 
+  /**
+   * A window of the volume's pages. The pages that never changed share their placement by page
+   * mod the peer count: when no such class needs anything here (the usual case), only the changed
+   * pages this peer is primary of and the hinted ones are visited, so a run costs the pages that
+   * changed, not the volume's size (a 64 TiB volume has 16 M pages).
+   */
   private keepVolume(v: VolumeRun, lost: ReadonlySet<string>, changesMax: number): Promise<number> {
-    return scanPages(this.cursor, v.volume, changesMax, async (page) => {
-      if (page === 0) this.endPass(v.volume);
-      return this.keepPage(v, page, lost, true);
-    });
+    const visit = (page: number): Promise<boolean> => this.keepPage(v, page, lost, true);
+    const table = this.o.catalog.routes(v.volume);
+    const pages = table.pageCount(v.volume.sizeBytes / v.volume.blockBytes);
+    const quiet = Array.from({ length: Math.min(table.peers.length, pages) }, (_, k) => this.quiet(v, table.placed(k), lost));
+    if (!quiet.every((q) => q)) {
+      return scanPages(this.cursor, v.volume, changesMax, async (page) => {
+        if (page === 0) this.endPass(v.volume);
+        return visit(page);
+      });
+    }
+    const changed = [...table.changed()].filter(([page, r]) => page < pages && r.owner === this.o.self).map(([page]) => page);
+    const hinted = [...this.relocations.values()].filter((h) => h.volumeId === v.volume.id && h.page < pages).map((h) => h.page);
+    const candidates = [...new Set([...changed, ...hinted])].sort((a, b) => a - b);
+    return scanCandidates(this.cursor, v.volume, changesMax, candidates, visit, () => this.endPass(v.volume));
+  }
+
+  /**
+   * An unchanged, unhinted page at placement route `route` needs nothing of this keeper: not its
+   * primary, or its primary stays and keepPage would decide no copy change and count no shortage.
+   */
+  private quiet(v: VolumeRun, route: Route, lost: ReadonlySet<string>): boolean {
+    if (route.owner !== this.o.self) return true;
+    const wanted = wantedCopies(v.volume, v.span);
+    const leaving = this.membersLeaving(route);
+    if (primaryStep(route, wanted, lost, leaving).kind !== 'stay') return false;
+    const d = this.decidePage(v, route, wanted, lost, leaving, v.candidates, new Map(v.promised));
+    return d.add.length === 0 && d.remove.length === 0 && d.missingBytes === 0;
+  }
+
+  /** The copy decision of a page at `route` (keepPage's, and quiet's for a whole placement class). */
+  private decidePage(v: VolumeRun, route: Route, wanted: number, lost: ReadonlySet<string>, leaving: ReadonlySet<string>, candidates: PeerCandidate[], promising: Promised): CopyDecision {
+    const choose = (count: number, excluded: readonly string[]): Choice =>
+      chooseCopyPeers({ route, count, candidates, excluded, pageBytes: v.pageBytes, reserveFreeBytes: this.o.reserveFreeBytes, promised: promising });
+    return this.decide(route, wanted, lost, this.building.size < copyBuildPagesInFlightMax, choose, leaving);
+  }
+
+  /** The peers of the route whose copies leave by their member state (draining, removed). */
+  private membersLeaving(route: Route): Set<string> {
+    return new Set(copiesOf(route).filter((p) => leavingStates.has(this.o.catalog.options.members.get(p)?.state ?? 'up')));
   }
 
   /** The peers whose copies of the page leave: members draining (or removed), and a capacity hint's. */
   private leavingOf(volumeId: string, page: number, route: Route): ReadonlySet<string> {
-    const leaving = new Set(copiesOf(route).filter((p) => leavingStates.has(this.o.catalog.options.members.get(p)?.state ?? 'up')));
+    const leaving = this.membersLeaving(route);
     const hint = this.relocations.get(`${volumeId}/${page}`);
     if (hint) leaving.add(hint.from);
     return leaving;
@@ -392,8 +463,7 @@ export class CopyKeeper {
       chooseCopyPeers({ route: r, count, candidates, excluded, pageBytes: v.pageBytes, reserveFreeBytes: this.o.reserveFreeBytes, promised: promising });
     // Decided on the table's route to skip pages with nothing to do, then again on the
     // catalog's record inside the CAS (the table may lack the copies: a route heard in MOVED).
-    const decide = (r: Route, promising: Promised): CopyDecision =>
-      this.decide(r, wanted, lost, this.building.size < copyBuildPagesInFlightMax, choose(r, promising), this.leavingOf(volume.id, page, r));
+    const decide = (r: Route, promising: Promised): CopyDecision => this.decidePage(v, r, wanted, lost, this.leavingOf(volume.id, page, r), candidates, promising);
     const d = decide(route, new Map(v.promised));
     if (countShortage && !hint) this.countShortage(volume.id, d);
     if (d.add.length > 0 || d.remove.length > 0) {

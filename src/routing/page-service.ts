@@ -161,8 +161,14 @@ export class PageService {
     if (req.staging) {
       // A move's source copying, dual-writing or forwarding: only for a page we are receiving.
       // Not receiving it (any more) is a move ending or cancelled under the request: transient.
+      // Refused, the answer says whom this peer knows as the page's primary: a source that lost
+      // the page while cut off learns it here (src/migration/movable.ts toDest), as it may never
+      // hear of it otherwise while its move keeps it busy.
       for (let page = v.table.pageOf(req.lba), last = v.table.pageOf(req.lba + req.blocks - 1); page <= last; page++) {
-        if (!v.receiving(page)) return reply(ReplyStatus.failed, failure(ErrorKind.busy, `peer ${this.o.self} is not receiving page ${page}`));
+        if (!v.receiving(page)) {
+          const route = v.table.route(page);
+          return reply(ReplyStatus.moved, { owner: route.owner, version: route.version, detail: page });
+        }
       }
       store = v.raw;
     } else {

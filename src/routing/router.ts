@@ -253,7 +253,9 @@ export class VolumeRouter implements BlockBackend {
    * crashed, steps out of the pages its activity log names) before it can serve them again.
    */
   async flush(): Promise<void> {
-    const routes = this.o.table.owners(this.blockCount);
+    // The distinct routes (the placement classes and the changed pages): as many as peers plus
+    // changed pages, whatever the volume's size.
+    const routes = this.o.table.classes(this.o.table.pageCount(this.blockCount)).map((c) => c.route);
     const peers = new Set<string>(this.o.table.peers);
     for (const r of routes) for (const p of copiesOf(r)) peers.add(p);
     const unreachable = new Map<string, PeerUnavailableError>();

@@ -135,9 +135,79 @@ export class RouteTable {
     return parts;
   }
 
-  /** Owner of every page of a volume of `blockCount` blocks, in page order. */
-  owners(blockCount: number): Route[] {
-    const pages = Math.ceil(blockCount / this.pageBlocks);
-    return Array.from({ length: pages }, (_, page) => this.route(page));
+  /** Pages of a volume of `blockCount` blocks. */
+  pageCount(blockCount: number): number {
+    return Math.ceil(blockCount / this.pageBlocks);
   }
+
+  /**
+   * Every distinct route among the first `pages` pages, each with how many pages have it and the
+   * lowest of them. The pages that never changed share their placement by page mod the peer
+   * count, so this costs the peers plus the changed pages, never the pages (a 64 TiB volume has
+   * 16 M): what counts, sums and "does any page …" questions over a whole volume go through.
+   */
+  classes(pages: number): RouteClass[] {
+    const n = this.peers.length;
+    const placed = Array.from({ length: Math.min(n, pages) }, (_, k) => Math.floor((pages - 1 - k) / n) + 1);
+    const out: RouteClass[] = [];
+    for (const [page, route] of this.moved) {
+      if (page >= pages) continue;
+      placed[page % n]--;
+      out.push({ route, pages: 1, first: page });
+    }
+    placed.forEach((count, k) => {
+      if (count <= 0) return;
+      // The lowest unchanged page of the class: at most one step per changed page.
+      let first = k;
+      while (this.moved.has(first)) first += n;
+      out.push({ route: this.placed(k), pages: count, first });
+    });
+    return out;
+  }
+
+  /** The routes of pages [from, from + count) in order (the caller bounds count). */
+  routesIn(from: number, count: number): Route[] {
+    return Array.from({ length: Math.max(0, count) }, (_, i) => this.route(from + i));
+  }
+
+  /**
+   * Every page below `pages` with a copy on `peer`, in page order, with its route: lazily, so a
+   * walk holds nothing per page (a walk of a whole volume still takes time in its pages: for the
+   * work that is per page anyway, a CAS or a move per page).
+   */
+  *pagesWith(peer: string, pages: number): Generator<[number, Route]> {
+    const n = this.peers.length;
+    const at = this.peers.indexOf(peer);
+    for (let page = 0; page < pages; page++) {
+      const moved = this.moved.get(page);
+      if (moved) {
+        if (copiesOf(moved).includes(peer)) yield [page, moved];
+      } else if (at >= 0 && (((at - page) % n) + n) % n < this.copyCount) {
+        yield [page, this.placed(page)];
+      }
+    }
+  }
+
+  /**
+   * pagesWith, only the pages that have another copy too (what a role handover, a step out of
+   * the in-sync set or a copy's snapshot layers concern). With one copy per page by the rule only
+   * a changed page can, so then the placed pages are not walked at all.
+   */
+  *sharedPagesWith(peer: string, pages: number): Generator<[number, Route]> {
+    const shared = (r: Route): boolean => copiesOf(r).length > 1;
+    if (this.copyCount > 1) {
+      for (const x of this.pagesWith(peer, pages)) if (shared(x[1])) yield x;
+      return;
+    }
+    yield* [...this.moved].filter(([page, r]) => page < pages && shared(r) && copiesOf(r).includes(peer)).sort((a, b) => a[0] - b[0]);
+  }
+}
+
+/** Pages that share one route: an unchanged placement class, or one changed page. */
+export interface RouteClass {
+  route: Route;
+  /** How many pages have the route. */
+  pages: number;
+  /** The lowest of them. */
+  first: number;
 }

@@ -8,7 +8,7 @@ import type { TlsChannel } from '../cluster/peer-tls';
 import type { Logger } from 'pino';
 import type { GroupStatus, PeerStatusView } from '../cluster/group-status';
 import type { PeerFill } from '../replication/spread';
-import type { PageMapView, VolumeAdmin, VolumeView } from '../cluster/volume-admin';
+import type { PageMapView, PageRange, VolumeAdmin, VolumeView } from '../cluster/volume-admin';
 import { proto } from '../cluster/proto';
 import { PeersanError, UnauthorizedError } from '../errors';
 import { LogLimiter } from '../log';
@@ -28,7 +28,7 @@ import type { DrainProgress, MembershipAdmin } from '../cluster/membership-admin
 import type { MemberRecord } from '../cluster/members';
 
 export type { PeerStatusView } from '../cluster/group-status';
-export type { PageMapView, VolumeView } from '../cluster/volume-admin';
+export type { PageMapView, PageRange, VolumeView } from '../cluster/volume-admin';
 
 /**
  * What AdminService serves: each operation is its concept's (the modules named in the imports);
@@ -114,7 +114,8 @@ export function addAdminService(server: grpc.Server, api: AdminApi, adminToken: 
     getVolume: wrap('getVolume', (r) => api.getVolume(r.name)),
     deleteVolume: wrap('deleteVolume', (r) => api.deleteVolume(r.name, r.force)),
     resizeVolume: wrap('resizeVolume', (r) => api.resizeVolume(r.name, r.size)),
-    pageMap: wrap('pageMap', (r) => api.pageMap(r.name)),
+    // from and count 0: not given (proto3 fills in defaults); the peer checks the range.
+    pageMap: wrap('pageMap', (r) => api.pageMap(r.name, { from: r.from || undefined, count: r.count || undefined })),
     movePage: wrap('movePage', (r) => api.movePage(r.volume, r.page, r.to)),
     createSnapshot: wrap('createSnapshot', async (r) => ({ snapshots: await api.createSnapshots(r.volumes ?? [], { name: r.name || undefined, mode: (r.mode || undefined) as SnapshotMode | undefined, group: r.group || undefined }) })),
     listSnapshots: wrap('listSnapshots', async (r) => ({ snapshots: await api.listSnapshots(r.name) })),
@@ -197,8 +198,12 @@ export class AdminClient {
   resizeVolume(name: string, size: string): Promise<VolumeView> {
     return this.call('resizeVolume', { name, size });
   }
-  pageMap(name: string): Promise<PageMapView> {
-    return this.call('pageMap', { name });
+  /** A bounded page map: the summary and the detail of `range` (src/cluster/volume-admin.ts). */
+  async pageMap(name: string, range: PageRange = {}): Promise<PageMapView> {
+    const m = await this.call<PageMapView>('pageMap', { name, from: wireUint32(range.from ?? 0, 'from'), count: wireUint32(range.count ?? 0, 'count') });
+    // proto3 says "no next page" as 0 (a next page is always after from ≥ 0).
+    const { next, ...rest } = m;
+    return next ? { ...rest, next } : rest;
   }
   async movePage(volume: string, page: number, to: string): Promise<MoveInfo> {
     return this.call('movePage', { volume, page: wireUint32(page, 'page'), to });

@@ -84,9 +84,10 @@ export function createHostBalance(w: HostBalanceWiring): HostBalanceService | un
     if (cached && env.clock.monotonicMs() - cached.atMs < sharesRefreshMs) return cached.shares;
     const v = volumeOf(targetName);
     if (!v) return undefined;
-    const owners = catalog.routes(v).owners(v.sizeBytes / v.blockBytes);
+    const table = catalog.routes(v);
+    const pages = table.pageCount(v.sizeBytes / v.blockBytes);
     const out = new Map<string, number>();
-    for (const r of owners) out.set(r.owner, (out.get(r.owner) ?? 0) + 1 / owners.length);
+    for (const c of table.classes(pages)) out.set(c.route.owner, (out.get(c.route.owner) ?? 0) + c.pages / pages);
     sharesCache.set(targetName, { atMs: env.clock.monotonicMs(), shares: out });
     return out;
   };

@@ -234,6 +234,8 @@ function wholeOf(raw: unknown, what: string, wrongType: string): number | undefi
 
 const blockBytesOf = (raw: unknown): number | undefined => wholeOf(raw, 'blockBytes', 'blockBytes must be 512 or 4096');
 const replicasOf = (raw: unknown): number | undefined => wholeOf(raw, 'replicas', `replicas must be 1 to ${replicasMax}`);
+/** ?from= / ?count= of the page map; absent or empty: not given (the peer bounds the range). */
+const queryPage = (req: ApiRequest, key: string): number | undefined => wholeOf(req.query.get(key) ?? undefined, key, `${key} must be a whole number`);
 
 function createInput(body: unknown): CreateVolumeInput {
   const o = asObject(body);
@@ -265,7 +267,7 @@ const routes: [string, string[], Handler][] = [
     const chap = o.chap === null ? null : chapOf(o);
     return ok(await optional(ctx.api, 'setVolumeAccess')(name, { allow: strList(o, 'allow'), chap }));
   }],
-  ['GET', ['volumes', ':', 'pagemap'], async (ctx, _r, [name]) => ok(await ctx.api.pageMap(name))],
+  ['GET', ['volumes', ':', 'pagemap'], async (ctx, req, [name]) => ok(await ctx.api.pageMap(name, { from: queryPage(req, 'from'), count: queryPage(req, 'count') }))],
   ['PUT', ['volumes', ':', 'replicas'], async (ctx, req, [name]) => {
     const replicas = replicasOf(asObject(req.body).replicas);
     if (replicas === undefined) throw new InvalidArgumentError(`replicas is required (1 to ${replicasMax})`);

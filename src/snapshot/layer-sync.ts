@@ -144,8 +144,8 @@ export class SnapshotLayerSync {
   private considerVolume(volume: VolumeRecord): void {
     if (!this.records.get(volume.id)?.size) return;
     const table = this.o.catalog.routes(volume);
-    const pages = Math.ceil(volume.sizeBytes / volume.blockBytes / volume.pageBlocks);
-    for (let page = 0; page < pages; page++) this.consider(volume, page, table.route(page));
+    // Only pages with a copy here and another elsewhere can lack a layer (layersLacking): not a walk through every page.
+    for (const [page, route] of table.sharedPagesWith(this.o.self, table.pageCount(volume.sizeBytes / volume.blockBytes))) this.consider(volume, page, route);
   }
 
   private consider(volume: VolumeRecord, page: number, route: Route): void {

@@ -74,7 +74,7 @@ export type ParticipantAction =
   | { kind: 'close'; req: number; snapshotId: string; volumeIds: string[] }
   | { kind: 'freeze'; req: number; snapshotId: string; volumeIds: string[]; layers: Layers; flushMs: number; drainMs: number }
   | { kind: 'record'; req: number; snapshotId: string; layers: Layers }
-  | { kind: 'seal'; req: number; cut: number; volumeIds: string[] }
+  | { kind: 'seal'; req: number; snapshotId: string; cut: number; volumeIds: string[] }
   | { kind: 'finish'; req: number; snapshotId: string; layers: Layers; cut: number }
   /** Open the snapshot's gates on these volumes; with `req`, answer it with the longest hold. */
   | { kind: 'open'; req?: number; snapshotId: string; volumeIds: string[] }
@@ -180,7 +180,7 @@ export class SnapshotParticipant {
     s.cut = cut;
     this.pending.set(req, { step: 'seal', snapshotId: t.snapshotId });
     const volumeIds = new Set([...s.layers.map((l) => l.volumeId), ...t.layers.map((l) => l.volumeId)]);
-    return [{ kind: 'seal', req, cut, volumeIds: [...volumeIds] }];
+    return [{ kind: 'seal', req, snapshotId: t.snapshotId, cut, volumeIds: [...volumeIds] }];
   }
 
   private release(req: number, snapshotId: string, abort: boolean, finish: boolean): ParticipantAction[] {

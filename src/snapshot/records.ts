@@ -165,9 +165,15 @@ function holdersAtCut(r: SnapshotRecord, page: number, lba: number, routes: Rout
   const inSync = inSyncOf(route);
   // Of a replicated page, only the primary's move counts: a peer that lost the page to another
   // copy (a takeover while it was down) may still report a move it is winding up, whose
-  // destination holds old data.
+  // destination holds old data; the page may have one copy left by then (simulator, seed 1046:
+  // its other copy dropped, the old primary's move still reported). Nor the move of a primary
+  // left out of the in-sync copies at the cut (suspect where it froze: it restarted and resumed
+  // the move before its resync): its pieces may lack acknowledged writes that the in-sync copies
+  // hold (seed 631). A page of a one-copy volume has no takeovers: its mover is its owner, whose
+  // report stands even if the coordinator's route does not know that move's commit yet.
   const m = moving.get(page);
-  if (m && (copiesOf(route).length === 1 || m.from === route.owner)) {
+  const replicated = (r.placedCopies ?? 1) > 1 || copiesOf(route).length > 1;
+  if (m && (!replicated || (m.from === route.owner && inSync.includes(m.from)))) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
     const first = piece < m.done ? m.to : m.from;

@@ -52,7 +52,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import type { Env, TimerHandle, Timers } from '../env/env';
 import { NotFoundError, PeersanError } from '../errors';
-import { RouteTable, type Route } from '../routing/table';
+import { inSyncOf, RouteTable, type Route } from '../routing/table';
 import type { StoreVolume } from '../store/page-store';
 import type { VolumeGate } from './gate';
 import type { HybridClock } from './hlc';
@@ -185,6 +185,11 @@ export class SnapshotService {
   private readonly holds = new Map<string, Hold>();
   /** Timestamp mode: changes that reached this peer's store after its freeze, stamped before the cut, written into layers at FINISH. */
   lateChangesApplied = 0;
+  /**
+   * Timestamp mode, per snapshot recorded here: the copies this peer saw leave a page's in-sync
+   * set from its freeze on (watchDrops), and how to stop watching.
+   */
+  private readonly drops = new Map<string, { dropped: SuspectAtCut[]; stop: (() => void)[] }>();
 
   constructor(opts: SnapshotServiceOptions) {
     this.o = opts;
@@ -275,6 +280,7 @@ export class SnapshotService {
           // A change before T settled with a copy's drop still to be made: that copy froze without it.
           const suspect: SuspectAtCut[] = [];
           for (const id of a.volumeIds) this.undroppedInto(id, suspect);
+          this.droppedInto(a.snapshotId, suspect);
           return { kind: 'sealed', req: a.req, suspect };
         });
       case 'finish':
@@ -290,6 +296,7 @@ export class SnapshotService {
       }
       case 'dropRecording':
         this.o.stampLog(a.volumeId)?.drop(a.snapshotId);
+        this.unwatchDrops(a.snapshotId);
         return;
     }
   }
@@ -350,6 +357,7 @@ export class SnapshotService {
       // Page moves stop at their next step; wait for the current one.
       await this.o.idle(volumeId);
       log.begin(snapshotId);
+      this.watchDrops(snapshotId, volumeId);
       report.moving.push(...this.o.moving(volumeId));
       await this.frozenSuspects(volumeId, report.suspect, async () => void (await store.snapshot(String(seq), this.o.env.clock.nowMs())));
       log.frozen(snapshotId);
@@ -384,8 +392,48 @@ export class SnapshotService {
     }
   }
 
+  /**
+   * Timestamp mode, from this peer's freeze of the volume until TAKE(T) is sealed: note each copy
+   * that leaves a page's in-sync set. A copy dropped for a change stamped before T froze without
+   * it, and its resync brings back live data only; by the time the coordinator reads the routes
+   * again (publishRecord) the copy may be back in sync, and it would be counted as a holder of a
+   * layer that lacks the change (simulator, seed 468: dropped during TAKE's wait, resynced, in
+   * sync again at publish). A page's primary learns its own drops at once, so every drop of a
+   * change it waits for in TAKE is seen here before TAKE answers. A drop for a later change only
+   * leaves a good layer out: the copy takes it from the holders afterwards (layer-sync.ts).
+   */
+  private watchDrops(snapshotId: string, volumeId: string): void {
+    const volume = this.o.catalog.volumeById(volumeId);
+    if (!volume) return;
+    const table = this.o.catalog.routes(volume);
+    // The routes now; a listener hears only the route that replaces one.
+    const start = new RouteTable(table.peers, table.pageBlocks, new Map(table.changed()), table.copyCount);
+    const last = new Map<number, readonly string[]>();
+    const w = this.drops.get(snapshotId) ?? { dropped: [], stop: [] };
+    this.drops.set(snapshotId, w);
+    w.stop.push(table.onLearn((page, route) => {
+      const now = inSyncOf(route);
+      for (const peer of last.get(page) ?? inSyncOf(start.route(page))) if (!now.includes(peer)) w.dropped.push({ volumeId, page, peer });
+      last.set(page, now);
+    }));
+  }
+
+  /** The copies watchDrops saw leave an in-sync set, added to `out`; the watch ends. */
+  private droppedInto(snapshotId: string, out: SuspectAtCut[]): void {
+    for (const x of this.drops.get(snapshotId)?.dropped ?? []) {
+      if (!out.some((y) => y.volumeId === x.volumeId && y.page === x.page && y.peer === x.peer)) out.push(x);
+    }
+    this.unwatchDrops(snapshotId);
+  }
+
+  private unwatchDrops(snapshotId: string): void {
+    for (const stop of this.drops.get(snapshotId)?.stop ?? []) stop();
+    this.drops.delete(snapshotId);
+  }
+
   /** Timestamp FINISH: the recorded changes before the cut go into the frozen layers. */
   private async finish(snapshotId: string, layers: { volumeId: string; seq: number }[], cut: number): Promise<void> {
+    this.unwatchDrops(snapshotId);
     const started = this.o.env.clock.monotonicMs();
     let changes = 0;
     for (const { volumeId, seq } of layers) {
@@ -555,11 +603,8 @@ export class SnapshotService {
     taking.volumes.forEach((v, i) => {
       const table = this.o.catalog.routes(v);
       const pages = Math.ceil(v.sizeBytes / v.blockBytes / v.pageBlocks);
-      records[i].moved = [];
-      for (let page = 0; page < pages; page++) {
-        const route = table.route(page);
-        if (route.version > 1) records[i].moved.push([page, route]);
-      }
+      // The changed routes only (every other page is at the placement rule, version 1): no time per page while hosts are held.
+      records[i].moved = [...table.changed()].filter(([page, route]) => page < pages && route.version > 1).sort((a, b) => a[0] - b[0]);
       records[i].moving = frozen.moving.filter((m) => m.volumeId === v.id);
       narrowToInSync(records[i], new RouteTable(v.peers, v.pageBlocks, taking.before[i], v.placedCopies ?? 1));
       narrowToTrusted(records[i], frozen.suspect.filter((x) => x.volumeId === v.id));
