@@ -9,9 +9,9 @@ import pino from 'pino';
 import { balancerDefaults, cost, plan, type BalancerConfig, type PlanInput, type PlanPage } from '../src/loadmon/balancer';
 import { BalancerDriver, planInputFromView, type PageMover } from '../src/loadmon/balancer-driver';
 import { parseBalancerConfig } from '../src/loadmon/config';
-import { LoadMonitor, type VolumeMeter } from '../src/loadmon/monitor';
 import { ManualClock } from '../src/env/manual';
-import { GroupView, type GroupLoadView } from '../src/loadmon/view';
+import { simulatedBalancers } from './helpers/balancer-group';
+import type { GroupLoadView } from '../src/loadmon/view';
 
 const config: BalancerConfig = { ...balancerDefaults, maxMovesPerRound: 16, reserveFreeBytes: 0 };
 const GiB = 1024 ** 3;
@@ -290,26 +290,7 @@ t.test('simulated group: skewed load evened out within 60 s, then no moves for 2
   const pageCount = 48;
   for (let page = 0; page < pageCount; page++) owner.set(page, peers[page % 3]);
   const hot = [0, 3, 6, 9, 12, 15, 18, 21]; // all owned by p1
-  const monitors = new Map(peers.map((id) => [id, new LoadMonitor({ self: id, clock })]));
-  const meters = new Map<string, VolumeMeter>(peers.map((id) => [id, monitors.get(id)!.volume('v1', 'vol', 8192)]));
-  const views = new Map(peers.map((id) => [id, new GroupView(id, peers)]));
-  const pendingCommits: { atMs: number; page: number; to: string }[] = [];
-  const moves: { atMs: number; page: number; from: string; to: string }[] = [];
-  const drivers = new Map(peers.map((id) => {
-    const mover: PageMover = {
-      movePage: async (_v, page, to) => {
-        moves.push({ atMs: clock.monotonicMs(), page, from: id, to });
-        pendingCommits.push({ atMs: clock.monotonicMs() + 2_000, page, to }); // a move takes 2 s
-      },
-      movesInFlight: () => pendingCommits.filter((c) => owner.get(c.page) === id).length,
-    };
-    const d = new BalancerDriver({
-      self: id, config: () => balancerDefaults, mover: () => mover, clock,
-      view: () => views.get(id)!.snapshot(clock.monotonicMs(), 1000), ownerOf: (_v, page) => owner.get(page),
-      volume: () => ({ name: 'vol', pageBytes: 4 << 20, autoBalance: true }), groupAuto: () => true, log: pino({ level: 'silent' }),
-    });
-    return [id, d];
-  }));
+  const { meters, moves, drivers, commitAndGossip } = simulatedBalancers({ peers, clock, owner, config: balancerDefaults, moveMs: 2_000 });
   const trueShare = (): number[] => {
     const load = new Map(peers.map((id) => [id, 0]));
     for (let page = 0; page < pageCount; page++) load.set(owner.get(page)!, load.get(owner.get(page)!)! + (hot.includes(page) ? 400 : 5));
@@ -328,17 +309,7 @@ t.test('simulated group: skewed load evened out within 60 s, then no moves for 2
       const m = meters.get(owner.get(page)!)!;
       for (let i = 0; i < ops; i++) m.end(page * 8192, 8, m.begin(page * 8192, 8), 4096);
     }
-    for (const c of pendingCommits.filter((c) => c.atMs <= clock.monotonicMs())) {
-      owner.set(c.page, c.to);
-      pendingCommits.splice(pendingCommits.indexOf(c), 1);
-    }
-    if (clock.monotonicMs() % 1000 === 0) {
-      for (const id of peers) {
-        const summary = monitors.get(id)!.summary({ sessions: 1, freeBytes: 100 * GiB, totalBytes: 200 * GiB, allocatedBytes: 0 }, drivers.get(id)!.recentMoves());
-        monitors.get(id)!.tick();
-        for (const v of views.values()) v.put(summary, clock.monotonicMs());
-      }
-    }
+    commitAndGossip();
     if (clock.monotonicMs() % 5000 === 0 && clock.monotonicMs() > 0) {
       for (const id of peers) {
         const r = await drivers.get(id)!.round();

@@ -6,12 +6,12 @@
 
 import t from 'tap';
 import fc from 'fast-check';
-import pino from 'pino';
-import { balancerDefaults, cost, followShareMin, plan, type BalancerConfig, type PlanInput, type PlanPage } from '../src/loadmon/balancer';
-import { BalancerDriver, planInputFromView, type PageMover } from '../src/loadmon/balancer-driver';
+import { balancerDefaults, cost, plan, type BalancerConfig, type PlanInput, type PlanPage } from '../src/loadmon/balancer';
+import { planInputFromView } from '../src/loadmon/balancer-driver';
 import { parseBalancerConfig } from '../src/loadmon/config';
-import { LoadMonitor, type LoadSummary, type VolumeMeter } from '../src/loadmon/monitor';
+import { LoadMonitor, type LoadSummary } from '../src/loadmon/monitor';
 import { ManualClock } from '../src/env/manual';
+import { simulatedBalancers } from './helpers/balancer-group';
 import { cleanSummary, GroupView } from '../src/loadmon/view';
 import { loadForwardedPagesPerVolume } from '../src/limits';
 
@@ -235,27 +235,7 @@ t.test('simulated group: three hosts on three peers; forwarded share < 20 % with
   const pageCount = 48; // 16 pages (64 MiB of 4 MiB pages) per host, striped over the peers
   for (let page = 0; page < pageCount; page++) owner.set(page, peers[page % 3]);
   const hostPeer = (page: number): string => peers[Math.floor(page / 16)];
-  const monitors = new Map(peers.map((id) => [id, new LoadMonitor({ self: id, clock })]));
-  const meters = new Map<string, VolumeMeter>(peers.map((id) => [id, monitors.get(id)!.volume('v1', 'vol', 8192)]));
-  const views = new Map(peers.map((id) => [id, new GroupView(id, peers)]));
-  const pendingCommits: { atMs: number; page: number; to: string }[] = [];
-  const moves: { atMs: number; page: number; from: string; to: string }[] = [];
-  const conf = { ...balancerDefaults, intervalMs: 5_000 };
-  const drivers = new Map(peers.map((id) => {
-    const mover: PageMover = {
-      movePage: async (_v, page, to) => {
-        moves.push({ atMs: clock.monotonicMs(), page, from: id, to });
-        pendingCommits.push({ atMs: clock.monotonicMs() + 3_000, page, to }); // a move takes 3 s
-      },
-      movesInFlight: () => pendingCommits.filter((c) => owner.get(c.page) === id).length,
-    };
-    const d = new BalancerDriver({
-      self: id, config: () => conf, mover: () => mover, clock,
-      view: () => views.get(id)!.snapshot(clock.monotonicMs(), 1000), ownerOf: (_v, page) => owner.get(page),
-      volume: () => ({ name: 'vol', pageBytes: 4 << 20, autoBalance: true }), groupAuto: () => true, log: pino({ level: 'silent' }),
-    });
-    return [id, d];
-  }));
+  const { meters, moves, drivers, commitAndGossip } = simulatedBalancers({ peers, clock, owner, config: { ...balancerDefaults, intervalMs: 5_000 }, moveMs: 3_000 });
   let forwardedOps = 0;
   let allOps = 0;
   const shares: string[] = [];
@@ -274,17 +254,7 @@ t.test('simulated group: three hosts on three peers; forwarded share < 20 % with
         if (via !== own) forwardedOps++;
       }
     }
-    for (const c of pendingCommits.filter((c) => c.atMs <= clock.monotonicMs())) {
-      owner.set(c.page, c.to);
-      pendingCommits.splice(pendingCommits.indexOf(c), 1);
-    }
-    if (clock.monotonicMs() % 1000 === 0) {
-      for (const id of peers) {
-        const summary = monitors.get(id)!.summary({ sessions: 1, freeBytes: 100 * GiB, totalBytes: 200 * GiB, allocatedBytes: 0 }, drivers.get(id)!.recentMoves());
-        monitors.get(id)!.tick();
-        for (const v of views.values()) v.put(summary, clock.monotonicMs());
-      }
-    }
+    commitAndGossip();
     if (clock.monotonicMs() % 5000 === 0) {
       const share = forwardedOps / Math.max(1, allOps);
       shares.push(`${clock.monotonicMs() / 1000}s ${Math.round(share * 100)}%`);

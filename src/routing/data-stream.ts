@@ -269,7 +269,7 @@ export class RpcListener {
       tuneSocket(socket);
       socket.write(dataPreamble);
       const serverTls = this.o.tls;
-      if (!serverTls) return this.hello(socket, socket, from, undefined, done);
+      if (!serverTls) return this.hello(socket, from, undefined, done);
       const secure = new tls.TLSSocket(socket, { ...serverTls.options, isServer: true, requestCert: true, rejectUnauthorized: true });
       secure.on('error', (err) => {
         this.limiter.warn(this.o.log, 'data-tls', { from, reason: err.message }, 'a data stream failed its TLS handshake; closing it');
@@ -280,14 +280,14 @@ export class RpcListener {
         // tls.Server's connections are): one not from the cluster CA is refused here.
         const certified = serverTls.certifiedPeerId(secure.getPeerX509Certificate());
         if (certified === undefined) return this.refuse(secure, from, 'no client certificate from the cluster CA');
-        this.hello(socket, secure, from, certified, done);
+        this.hello(secure, from, certified, done);
       });
     };
     socket.on('data', onData);
   }
 
   /** Step 3: read the hello on `stream` (the socket, or TLS over it), answer, hand the stream on. */
-  private hello(socket: net.Socket, stream: net.Socket, from: string, certified: string | undefined, done: () => void): void {
+  private hello(stream: net.Socket, from: string, certified: string | undefined, done: () => void): void {
     const reader = new FrameReader(peerHelloBytesMax);
     const onData = (chunk: Buffer): void => {
       const frames = reader.read(chunk);

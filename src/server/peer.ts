@@ -20,7 +20,7 @@ import type { MetaStore } from '../cluster/metastore';
 import { addPeerServices, PeerAuthenticator, peerChannelOptions } from '../cluster/peer-rpc';
 import { loadPeerTls, peerServerCredentials, peerTlsServerOptions, type PeerTls } from '../cluster/peer-tls';
 import type { PeerTransport } from '../cluster/transport';
-import { InvalidArgumentError, PeersanError } from '../errors';
+import { InvalidArgumentError } from '../errors';
 import type { Env } from '../env/env';
 import { realEnv } from '../env/real';
 import { Portal, type SessionInfo } from '../iscsi/portal';
