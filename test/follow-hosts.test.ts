@@ -6,7 +6,7 @@
 
 import t from 'tap';
 import fc from 'fast-check';
-import { balancerDefaults, cost, plan, type BalancerConfig, type PlanInput, type PlanPage } from '../src/loadmon/balancer';
+import { balancerDefaults, cost, plan, roleSwitchCostShare, type BalancerConfig, type PlanInput, type PlanPage } from '../src/loadmon/balancer';
 import { planInputFromView } from '../src/loadmon/balancer-driver';
 import { parseBalancerConfig } from '../src/loadmon/config';
 import { LoadMonitor, type LoadSummary } from '../src/loadmon/monitor';
@@ -153,7 +153,9 @@ t.test('planner properties with arrivals (fast-check): cost never rises, destina
       const p = plan(input, config);
       const after = apply(input, p.moves);
       const fwd = (x: PlanInput): number => forwardedShare(x) * x.pages.reduce((a, pg) => a + pg.load, 0);
-      if (cost(after.peers.map((pe) => pe.load), p.moves.length, config, fwd(after)) > cost(input.peers.map((pe) => pe.load), 0, config, fwd(input)) + 1e-9) return false;
+      // A role switch (to an in-sync copy) costs roleSwitchCostShare of a move, as the planner counts it.
+      const moveCost = p.moves.reduce((a, m) => a + (input.pages[m.page].holders?.inSync.includes(m.to) ? roleSwitchCostShare : 1), 0);
+      if (cost(after.peers.map((pe) => pe.load), moveCost, config, fwd(after)) > cost(input.peers.map((pe) => pe.load), 0, config, fwd(input)) + 1e-9) return false;
       const ceiling = p.meanLoad * (1 + config.threshold);
       if (p.moves.some((m) => after.peers.find((pe) => pe.id === m.to)!.load > ceiling + 1e-9)) return false;
       if (p.moves.some((m) => input.pages[m.page].lastMovedAtMs !== undefined)) return false;
