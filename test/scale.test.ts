@@ -100,7 +100,7 @@ t.test('page map: the summary counts by the rule and the changed pages, the deta
 
   const text = pageMapText(m);
   t.ok(text.split('\n').length < 10, `the summary is a few lines:\n${text}`);
-  t.match(text, /^volume big: 16777216 pages of 8192 blocks, striped over p1, p2, p3 \(page i on the \(i mod 3\)-th\), 2 copies per page$/m);
+  t.match(text, /^volume big: 16777216 pages of 8192 blocks, striped over p1, p2, p3 in turn \(page 0's primary on p1, page 1's on p2, …\), 2 copies per page$/m);
   t.match(text, new RegExp(`^changed since placement: ${changed.length} pages: ${Math.min(...changed)}→p3,p1\\(stale\\) v2, .*, and 5 more \\(use --from/--count\\)$`, 'm'));
   t.match(text, /^detail of pages: peersan page map big --from N --count M/m);
   const ranged = pageMapText(last, true);

@@ -144,7 +144,7 @@ const pageMapRunsShown = 24;
  * when a range was asked (`ranged`) or when they are few.
  */
 export function pageMapText(m: PageMapView, ranged = false): string {
-  const rule = m.peers.length > 1 ? `striped over ${m.peers.join(', ')} (page i on the (i mod ${m.peers.length})-th)` : `all on ${m.peers[0]}`;
+  const rule = m.peers.length > 1 ? `striped over ${m.peers.join(', ')} in turn (page 0's primary on ${m.peers[0]}, page 1's on ${m.peers[1]}, …)` : `all on ${m.peers[0]}`;
   const lines = [
     `volume ${m.volume}: ${m.totalPages} pages of ${m.pageBlocks} blocks, ${rule}, ${m.replicas} ${m.replicas === 1 ? 'copy' : 'copies'} per page`,
     `pages per peer: ${[...m.perPeer].sort((a, b) => a.peer.localeCompare(b.peer)).filter((p) => p.primaries > 0).map((p) => `${p.peer} ${p.primaries}`).join(', ')}`,
