@@ -5,7 +5,7 @@
 
 import t from 'tap';
 import { frameOf } from '../src/routing/data-stream';
-import { FrameReader } from '../src/routing/frame-reader';
+import { FrameReader, InPlaceReads } from '../src/routing/frame-reader';
 
 /** `frames` as one byte stream. */
 function streamOf(frames: Buffer[]): Buffer {
@@ -48,3 +48,46 @@ t.test('the parser: frames split at every byte position come out whole; a frame 
   t.same(new FrameReader(1025).read(big), [], 'the bound is the reader\'s');
 });
 
+
+t.test('reads in place: a large frame is read into its own buffer, frames never change after they are handed on', async (t) => {
+  // A "kernel" that copies the stream into whatever buffer next() gives, at most `max` bytes a read.
+  const frames = [Buffer.alloc(100, 1), Buffer.alloc(200_000, 2), Buffer.from('x'), Buffer.alloc(70_000, 3), Buffer.alloc(17_000, 4), Buffer.alloc(9, 5)];
+  frames[1][199_999] = 9;
+  const bytes = streamOf(frames);
+  for (const max of [1, 7, 4096, 16 * 1024 + 3, 65_536, 300_000]) {
+    const r = new InPlaceReads(new FrameReader(1 << 20));
+    const got: Buffer[] = [];
+    const copies = [];
+    for (let at = 0; at < bytes.length; ) {
+      const into = r.next();
+      const n = Math.min(max, into.length, bytes.length - at);
+      bytes.copy(into, 0, at, at + n);
+      at += n;
+      const out = r.read(n, into);
+      if (!out) return t.fail('malformed');
+      got.push(...out);
+      copies.push(...out.map((f) => Buffer.from(f)));
+    }
+    t.same(got.map((f) => f.toString('hex')), frames.map((f) => f.toString('hex')), `reads of at most ${max} bytes: the same frames`);
+    t.ok(got.every((f, i) => f.equals(copies[i])), `reads of at most ${max} bytes: no frame changed after it was handed on`);
+    t.notOk(r.midFrame, 'no frame left half read');
+  }
+  // With reads as large as the buffers offered, most of the 200 KB frame lands in its own buffer.
+  const r = new InPlaceReads(new FrameReader(1 << 20));
+  const big = streamOf([Buffer.alloc(200_000, 2)]);
+  let direct = 0;
+  for (let at = 0; at < big.length; ) {
+    const into = r.next();
+    const n = Math.min(into.length, big.length - at);
+    big.copy(into, 0, at, at + n);
+    at += n;
+    const out = r.read(n, into)!;
+    if (into.length !== 65_536) direct += n;
+    if (out.length) t.equal(out[0].length, 200_000, 'the frame, whole');
+  }
+  t.ok(direct >= 200_000 - 65_536, `${direct} of 200,000 bytes read straight into the frame's buffer`);
+  const bad = new InPlaceReads(new FrameReader(1024));
+  const into = bad.next();
+  into.writeUInt32BE(5000, 0);
+  t.equal(bad.read(4, into), undefined, 'a length over the bound is malformed');
+});

@@ -6,7 +6,7 @@ import t from 'tap';
 import fc from 'fast-check';
 import pino from 'pino';
 import { PeerUnavailableError } from '../src/errors';
-import { FrameBatcher, splitBatch } from '../src/routing/batch';
+import { FrameBatcher, splitBatch, zeroCopyMinBytes, type FrameCodec } from '../src/routing/batch';
 import { BlockOp, decodeExtents, decodeReply, decodeRequest, encodeExtents, encodeReply, encodeReplyInto, encodeRequest, encodeRequestInto, replyFrameBytes, requestFrameBytes, ReplyStatus, type BlockReply, type BlockRequest } from '../src/routing/frame';
 import { peerBatchBytesMax } from '../src/limits';
 import { PageService } from '../src/routing/page-service';
@@ -80,11 +80,11 @@ t.test('frames round-trip and malformed frames are refused, never thrown on', as
   }));
 });
 
-const requestCodec = { frameBytes: requestFrameBytes, encodeInto: (r: BlockRequest, b: Buffer, at: number) => encodeRequestInto(r, r.id, b, at) };
+const requestCodec: FrameCodec<BlockRequest> = { frameBytes: requestFrameBytes, data: (r) => r.data, encodeInto: (r, b, at, withData) => encodeRequestInto(r, r.id, b, at, withData) };
 
 t.test('the batcher encodes the frames of a turn into one batch that splits back into the same frames', async (t) => {
   const batches: Buffer[] = [];
-  const batcher = new FrameBatcher<BlockRequest>(requestCodec, (b) => batches.push(b));
+  const batcher = new FrameBatcher<BlockRequest>(requestCodec, (chunks) => batches.push(Buffer.concat(chunks)));
   const reqs: BlockRequest[] = [0, 1, 2].map((i) => ({ id: i + 1, op: i === 1 ? BlockOp.read : BlockOp.write, fua: i === 2, volumeId, lba: i * 8, blocks: 1, routeVersion: i, compareBytes: 0, data: i === 1 ? undefined : Buffer.alloc(512, i + 1) }));
   for (const r of reqs) batcher.push(r);
   t.equal(batches.length, 0, 'nothing is written before the turn ends');
@@ -110,7 +110,7 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
   // 'task': the frames pushed by one task are one batch, written when the task's microtasks
   // are done (not a turn later); flushAfterTask() does the same for a 'turn' batcher.
   const taskBatches: Buffer[] = [];
-  const perTask = new FrameBatcher<BlockRequest>(requestCodec, (b) => taskBatches.push(b), 'task');
+  const perTask = new FrameBatcher<BlockRequest>(requestCodec, (chunks) => taskBatches.push(Buffer.concat(chunks)), 'task');
   for (const r of reqs) perTask.push(r);
   t.equal(taskBatches.length, 0, 'nothing is written while the task runs');
   await new Promise<void>((r) => queueMicrotask(r));
@@ -126,6 +126,27 @@ t.test('the batcher encodes the frames of a turn into one batch that splits back
   t.same(splitBatch(batches[3])!.map((f) => decodeRequest(f)!.id), [2]);
   await new Promise((r) => setImmediate(r));
   t.equal(batches.length, 4, 'the flush the turn had scheduled finds nothing left');
+
+  // Large data is its own chunk, the caller's buffer itself (not copied); small data is copied
+  // in with the headers. The chunks joined are the frames encoded alone.
+  const chunked: Buffer[][] = [];
+  const zeroCopy = new FrameBatcher<BlockRequest>(requestCodec, (chunks) => chunked.push(chunks), 'task');
+  const large = Buffer.alloc(zeroCopyMinBytes, 9);
+  const mixed: BlockRequest[] = [reqs[0], { ...reqs[0], id: 7, data: large }, reqs[1], { ...reqs[0], id: 8, data: Buffer.alloc(zeroCopyMinBytes * 2, 3) }];
+  for (const r of mixed) zeroCopy.push(r);
+  await new Promise<void>((r) => queueMicrotask(r));
+  t.equal(chunked.length, 1);
+  t.equal(chunked[0].length, 4, 'headers, data, headers, data');
+  t.equal(chunked[0][1], large, 'the large data is the caller\'s buffer');
+  t.same(splitBatch(Buffer.concat(chunked[0]))!.map((f) => f.toString('hex')), mixed.map((r) => encodeRequest(r).toString('hex')));
+  const replies: Buffer[][] = [];
+  const replyBatcher = new FrameBatcher<BlockReply>({ frameBytes: replyFrameBytes, data: (r) => r.payload, encodeInto: encodeReplyInto }, (chunks) => replies.push(chunks), 'task');
+  const bigReply: BlockReply = { id: 9, status: ReplyStatus.ok, owner: 'p1', version: 1, detail: 0, payload: large };
+  replyBatcher.push(bigReply);
+  await new Promise<void>((r) => queueMicrotask(r));
+  t.equal(replies[0].length, 2, 'a lone large reply: its header, then its payload');
+  t.equal(replies[0][1], large, 'the payload is the caller\'s buffer');
+  t.same(splitBatch(Buffer.concat(replies[0]))!.map((f) => f.toString('hex')), [encodeReply(bigReply).toString('hex')]);
 
   // Replies encode at any offset of a shared buffer.
   const reply: BlockReply = { id: 5, status: ReplyStatus.ok, owner: 'p2', version: 3, detail: 0, payload: Buffer.from('data') };

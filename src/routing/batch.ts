@@ -13,10 +13,16 @@
 //           per reply. The owner calls flushAfterTask() once it has nothing left in flight,
 //           since no more replies are coming to wait for.
 //
-// The batcher queues the requests/replies themselves and encodes them straight into the one
-// batch buffer when it flushes: a block's data is copied once on its way out (into the batch,
-// which the socket writes as it is), and no per-frame buffers become garbage.
+// The batcher queues the requests/replies themselves and encodes them when it flushes, into
+// one buffer of headers (and small data, copied: a copy of a few KiB costs less than a chunk
+// of its own). Data of zeroCopyMinBytes or more is not copied: the batch is a list of chunks
+// (headers, data, headers, …) that the socket writes with one writev (writeChunks), so a
+// 128 KiB read reply leaves the owner with no user-space copy. Such data must not change
+// after it is pushed until the socket has sent it: no peersan buffer is ever reused (store
+// reads and iSCSI data are fresh buffers), and a request failed early (its deadline) is
+// still only read by the socket.
 
+import type * as net from 'node:net';
 import { peerBatchBytesMax, peerFrameBytesMax } from '../limits';
 import { FrameReader } from './frame-reader';
 
@@ -29,10 +35,26 @@ export function splitBatch(batch: Buffer, framesMax = Number.MAX_SAFE_INTEGER): 
   return frames && !reader.midFrame && frames.length <= framesMax ? frames : undefined;
 }
 
+/** Data at least this large is sent as it is (its own chunk of the batch), not copied. */
+export const zeroCopyMinBytes = 32 * 1024;
+
 /** How a batcher sizes and writes one frame (frame.ts: requestFrameBytes/encodeRequestInto, …). */
 export interface FrameCodec<T> {
   frameBytes(item: T): number;
-  encodeInto(item: T, b: Buffer, at: number): void;
+  /** The data that ends the frame, if any (a request's data, a reply's payload). */
+  data(item: T): Buffer | undefined;
+  /** Write the frame at `b[at..]`; without its data (the last data(item).length bytes) when `withData` is false. */
+  encodeInto(item: T, b: Buffer, at: number, withData: boolean): void;
+}
+
+/** Write a batch's chunks as one writev (a single chunk as one write); the socket's write result. */
+export function writeChunks(socket: net.Socket, chunks: Buffer[]): boolean {
+  if (chunks.length === 1) return socket.write(chunks[0]);
+  socket.cork();
+  let ok = true;
+  for (const c of chunks) ok = socket.write(c) && ok;
+  socket.uncork();
+  return ok;
 }
 
 export type FlushPolicy = 'task' | 'turn';
@@ -40,7 +62,7 @@ export type FlushPolicy = 'task' | 'turn';
 /**
  * Collects frames and hands them to `write` as one batch per task or per event-loop turn (see
  * above), or at once when the batch is full. An item's buffers are borrowed until the batch is
- * flushed (callers keep them until the answer anyway).
+ * flushed, and its large data until the socket has sent it (see above).
  */
 export class FrameBatcher<T> {
   private items: T[] = [];
@@ -60,7 +82,7 @@ export class FrameBatcher<T> {
 
   constructor(
     private readonly codec: FrameCodec<T>,
-    private readonly write: (batch: Buffer) => void,
+    private readonly write: (chunks: Buffer[]) => void,
     private readonly policy: FlushPolicy = 'turn',
   ) {}
 
@@ -87,18 +109,36 @@ export class FrameBatcher<T> {
 
   flush(): void {
     if (this.items.length === 0) return;
-    const { items, sizes } = this;
-    const batch = Buffer.allocUnsafe(this.bytes);
+    const { items, sizes, codec } = this;
     this.items = [];
     this.sizes = [];
-    this.bytes = 0;
-    let at = 0;
+    // Data sent as it is (undefined: copied into the headers' buffer), per item.
+    const apart: (Buffer | undefined)[] = new Array(items.length);
+    let headBytes = this.bytes;
     for (let i = 0; i < items.length; i++) {
-      batch.writeUInt32BE(sizes[i], at);
-      this.codec.encodeInto(items[i], batch, at + lengthBytes);
-      at += lengthBytes + sizes[i];
+      const data = codec.data(items[i]);
+      if (data && data.length >= zeroCopyMinBytes) {
+        apart[i] = data;
+        headBytes -= data.length;
+      }
     }
-    this.write(batch);
+    this.bytes = 0;
+    const head = Buffer.allocUnsafe(headBytes);
+    const chunks: Buffer[] = [];
+    let at = 0;
+    let from = 0;
+    for (let i = 0; i < items.length; i++) {
+      const data = apart[i];
+      head.writeUInt32BE(sizes[i], at);
+      codec.encodeInto(items[i], head, at + lengthBytes, data === undefined);
+      at += lengthBytes + sizes[i] - (data?.length ?? 0);
+      if (data) {
+        chunks.push(head.subarray(from, at), data);
+        from = at;
+      }
+    }
+    if (from < at) chunks.push(head.subarray(from, at));
+    this.write(chunks);
   }
 
   /** Drop what is queued (the stream broke). */

@@ -24,7 +24,8 @@
 // in steps 1-3 at once, a hello is at most peerHelloBytesMax, and any violation closes that one
 // connection (rate-limited log), never the process.
 //
-// Received bytes are cut into frames by FrameReader (frame-reader.ts, pure).
+// Received bytes are cut into frames by FrameReader (frame-reader.ts, pure); a plain stream's
+// client reads in place (InPlaceReads, see dialDataStream).
 
 import * as net from 'node:net';
 import * as tls from 'node:tls';
@@ -32,7 +33,7 @@ import type { Logger } from 'pino';
 import type { PeerAuthFields, PeerAuthVerdict } from '../cluster/peer-auth';
 import type { DataTlsServer } from '../cluster/peer-tls';
 import { PeersanError, PeerUnavailableError } from '../errors';
-import { FrameReader } from './frame-reader';
+import { FrameReader, InPlaceReads } from './frame-reader';
 import { LogLimiter } from '../log';
 import { peerFrameBytesMax, peerHandshakeMsMax, peerHandshakesMax, peerHelloBytesMax, peerKeepAliveMs } from '../limits';
 
@@ -85,21 +86,62 @@ export interface DialOptions {
   timeoutMs: number;
 }
 
-/** An open, authenticated data stream: the socket (paused) and the reader that has its first bytes. */
+/** An open, authenticated data stream: its socket (paused until receive). */
 export interface DataStream {
   socket: net.Socket;
-  reader: FrameReader;
+  /**
+   * Hand on the stream's frames from now on, in order: each read's frames, or undefined once
+   * the bytes are not frames (the stream is then unusable). Resumes the socket.
+   */
+  receive(onFrames: (frames: Buffer[] | undefined) => void): void;
+  /** True while a frame (or its length) has begun and not ended: a stream closing now cut it. */
+  readonly midFrame: boolean;
+}
+
+/** A data stream whose bytes come as 'data' events (accepted sockets; TLS). */
+function chunkedStream(socket: net.Socket): DataStream {
+  const reader = new FrameReader(peerFrameBytesMax);
+  return {
+    socket,
+    receive(onFrames) {
+      socket.on('data', (chunk: Buffer) => onFrames(reader.read(chunk)));
+      socket.resume();
+    },
+    get midFrame() {
+      return reader.midFrame;
+    },
+  };
 }
 
 /**
  * Open a data stream (the client side of the handshake above). Fails with PeerUnavailableError,
  * unsent, within `timeoutMs`: unreachable, the handshake broken or refused (not transient: a
  * refused hello will be refused again).
+ *
+ * A plain stream is read in place (frame-reader.ts InPlaceReads, through Node's `onread`): the
+ * replies it carries, 128 KiB reads above all, are what a forwarding peer receives. A TLS
+ * stream is read from 'data' events (`onread` does not apply to a TLS socket made over an open
+ * one, as STARTTLS makes it).
  */
 export function dialDataStream(o: DialOptions): Promise<DataStream> {
   return new Promise((resolve, reject) => {
-    const raw = net.connect(hostPort(o.address));
+    const inPlace = o.tls ? undefined : new InPlaceReads(new FrameReader(peerFrameBytesMax));
+    let onRead: (n: number, buf: Uint8Array) => void = () => undefined;
+    const callback = (n: number, buf: Uint8Array): boolean => {
+      onRead(n, buf);
+      return true;
+    };
+    const raw = inPlace ? net.connect({ ...hostPort(o.address), onread: { buffer: () => inPlace.next(), callback } }) : net.connect(hostPort(o.address));
     let socket: net.Socket = raw;
+    /** The handshake's bytes of `s`, as chunks of their own, to `fn` until the returned function is called. */
+    const listen = (s: net.Socket, fn: (chunk: Buffer) => void): (() => void) => {
+      if (inPlace && s === raw) {
+        onRead = (n, buf) => fn(Buffer.from(buf.subarray(0, n)));
+        return () => (onRead = () => undefined);
+      }
+      s.on('data', fn);
+      return () => s.off('data', fn);
+    };
     let settled = false;
     const fail = (why: string): void => {
       if (settled) return;
@@ -118,7 +160,7 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
     raw.once('connect', () => {
       tuneSocket(raw);
       raw.write(dataPreamble);
-      readPreamble(raw, () => (o.tls ? startTls() : sayHello()), fail);
+      readPreamble(raw, listen, () => (o.tls ? startTls() : sayHello()), fail);
     });
     const startTls = (): void => {
       socket = tls.connect({ ...o.tls, socket: raw });
@@ -127,7 +169,7 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
     };
     const sayHello = (): void => {
       const reader = new FrameReader(peerHelloBytesMax);
-      const onData = (chunk: Buffer): void => {
+      const off = listen(socket, (chunk: Buffer): void => {
         const frames = reader.read(chunk);
         if (!frames) return fail(`${o.address} answered the hello with a malformed frame`);
         if (frames.length === 0) return;
@@ -136,16 +178,25 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
         if (frames.length > 1 || reader.midFrame) return fail(`${o.address} sent frames before it was asked`);
         settled = true;
         clearTimeout(timer);
-        socket.off('data', onData);
+        off();
         socket.pause();
         raw.off('close', onRawClose);
         raw.off('error', onRawError);
         socket.off('error', onTlsError);
         // Under TLS the raw socket's errors end the TLS socket, which the caller watches.
         if (socket !== raw) raw.on('error', () => undefined);
-        resolve({ socket, reader: new FrameReader(peerFrameBytesMax) });
-      };
-      socket.on('data', onData);
+        if (!inPlace) return resolve(chunkedStream(socket));
+        resolve({
+          socket,
+          receive(onFrames) {
+            onRead = (n, buf) => onFrames(inPlace.read(n, buf));
+            raw.resume();
+          },
+          get midFrame() {
+            return inPlace.midFrame;
+          },
+        });
+      });
       socket.resume();
       socket.write(frameOf(encodeHello(o.hello())));
     };
@@ -153,17 +204,16 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
 }
 
 /** Read exactly the preamble from `socket` (the server's "go on"), then pause it. */
-function readPreamble(socket: net.Socket, then: () => void, fail: (why: string) => void): void {
+function readPreamble(socket: net.Socket, listen: (s: net.Socket, fn: (chunk: Buffer) => void) => () => void, then: () => void, fail: (why: string) => void): void {
   let got: Buffer = Buffer.alloc(0);
-  const onData = (chunk: Buffer): void => {
+  const off = listen(socket, (chunk: Buffer): void => {
     got = Buffer.concat([got, chunk]);
     if (got.length < dataPreamble.length) return;
-    socket.off('data', onData);
+    off();
     socket.pause();
     if (got.length !== dataPreamble.length || !got.equals(dataPreamble)) return fail('the peer at this address does not speak the data stream protocol');
     then();
-  };
-  socket.on('data', onData);
+  });
 }
 
 export interface RpcListenerOptions {
@@ -300,7 +350,7 @@ export class RpcListener {
       if (!verdict.ok) return this.answer(stream, `refused: ${verdict.why}`);
       done();
       stream.write(frameOf(Buffer.from(okAnswer)));
-      this.o.serve({ socket: stream, reader: new FrameReader(peerFrameBytesMax) }, verdict.peerId);
+      this.o.serve(chunkedStream(stream), verdict.peerId);
     };
     stream.on('data', onData);
     stream.resume();

@@ -2,7 +2,8 @@
 // data stream's, data-stream.ts) into frames, as chunks arrive. Pure: no sockets. A frame wholly
 // inside one chunk is handed on as a view of it (no copy; it keeps the chunk alive while it is
 // used); one that spans chunks is assembled once into a buffer of its own size, allocated when
-// its length is known and checked against the bound.
+// its length is known and checked against the bound. InPlaceReads has the socket read the rest
+// of such a frame straight into that buffer.
 
 const lengthBytes = 4;
 
@@ -59,6 +60,21 @@ export class FrameReader {
     return this.headHave > 0 || this.partial !== undefined;
   }
 
+  /** The unfilled rest of the frame being assembled, when it is `minBytes` or more (InPlaceReads). */
+  rest(minBytes: number): Buffer | undefined {
+    const p = this.partial;
+    return p && p.length - this.partialHave >= minBytes ? p.subarray(this.partialHave) : undefined;
+  }
+
+  /** `n` bytes were read into rest()'s buffer: the frame, if they completed it. */
+  filled(n: number): Buffer[] {
+    const p = this.partial!;
+    this.partialHave += n;
+    if (this.partialHave < p.length) return [];
+    this.partial = undefined;
+    return [p];
+  }
+
   private fill(chunk: Buffer, at: number): number {
     const p = this.partial!;
     const take = Math.min(p.length - this.partialHave, chunk.length - at);
@@ -68,3 +84,47 @@ export class FrameReader {
   }
 }
 
+
+/** Below this, the rest of a frame is read with what follows it (into the scratch buffer), not alone. */
+const inPlaceMinBytes = 16 * 1024;
+const scratchBytes = 64 * 1024;
+
+/**
+ * Reads that land where the frames are handed on from (Node's socket `onread` option, with
+ * `next` as its buffer function and `read` as its callback): once a frame longer than the read
+ * in hand has begun, the kernel copies the rest of it straight into the frame's own buffer,
+ * so a 128 KiB reply crosses into user space with one copy and no reassembly. Between such
+ * frames reads land in a scratch buffer, cut as `FrameReader.read` cuts a chunk; frames wholly
+ * inside it are handed on as views, and a scratch buffer that has lent any is never read into
+ * again (the next is new), so no frame changes under its user.
+ */
+export class InPlaceReads {
+  private scratch = Buffer.allocUnsafe(scratchBytes);
+  private lent = false;
+
+  constructor(private readonly reader: FrameReader) {}
+
+  /** Where the next read should land. */
+  next(): Buffer {
+    const rest = this.reader.rest(inPlaceMinBytes);
+    if (rest) return rest;
+    if (this.lent) {
+      this.scratch = Buffer.allocUnsafe(scratchBytes);
+      this.lent = false;
+    }
+    return this.scratch;
+  }
+
+  /** `n` bytes were read into `buf` (next()'s): the frames they completed, or undefined when the stream is malformed. */
+  read(n: number, buf: Uint8Array): Buffer[] | undefined {
+    const scratch = this.scratch;
+    if (buf !== scratch) return this.reader.filled(n);
+    const frames = this.reader.read(scratch.subarray(0, n));
+    if (frames?.some((f) => f.buffer === scratch.buffer)) this.lent = true;
+    return frames;
+  }
+
+  get midFrame(): boolean {
+    return this.reader.midFrame;
+  }
+}

@@ -1,7 +1,8 @@
-// The wire format of forwarded block requests between peers (DESIGN.md 2). Frames ride a
-// gRPC bidirectional stream per peer pair with raw serializers, so the data bytes are never
-// re-encoded by protobuf. Pure functions: encode returns a Buffer, decode checks every
-// length against the frame before slicing and returns undefined on a malformed frame.
+// The wire format of forwarded block requests between peers (DESIGN.md 2). Frames ride the data
+// stream of each peer pair (data-stream.ts); a frame's data always ends it, so the batcher
+// (batch.ts) can send large data as it is, behind the header. Pure functions: encode writes
+// into a Buffer, decode checks every length against the frame before slicing and returns
+// undefined on a malformed frame.
 //
 // request  = kind(1) op(1) flags(1: fua 1, staging 2, replica 4) 0(1) id(4) volume(8) lba(8) blocks(4) routeVersion(4)
 //            compareBytes(4) dataBytes(4) layer(4) stamp(8, f64) seq(8) ackedThrough(8) | data
@@ -120,12 +121,12 @@ export function requestFrameBytes(r: Omit<BlockRequest, 'id'>): number {
 }
 
 /**
- * Write `r` with request id `id` at `b[at..at + requestFrameBytes(r))`. The batcher (batch.ts)
- * encodes every frame of a batch straight into the batch buffer: the data is copied once, no
- * frame buffer exists. The id is separate so that the link need not copy the caller's request
- * to give it one (link.ts).
+ * Write `r` with request id `id` at `b[at..at + requestFrameBytes(r))`, or only its header when
+ * `withData` is false (the batcher, batch.ts, then sends the data as it is, after the header).
+ * The id is separate so that the link need not copy the caller's request to give it one
+ * (link.ts).
  */
-export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Buffer, at: number): void {
+export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Buffer, at: number, withData = true): void {
   const dataBytes = r.data?.length ?? 0;
   b[at] = requestKind;
   b[at + 1] = r.op;
@@ -142,7 +143,7 @@ export function encodeRequestInto(r: Omit<BlockRequest, 'id'>, id: number, b: Bu
   b.writeDoubleBE(r.stamp ?? 0, at + 44);
   writeU64(b, r.seq ?? 0, at + 52);
   writeU64(b, r.ackedThrough ?? 0, at + 60);
-  if (r.data) r.data.copy(b, at + requestHeaderBytes);
+  if (r.data && withData) r.data.copy(b, at + requestHeaderBytes);
 }
 
 export function encodeRequest(r: BlockRequest): Buffer {
@@ -212,8 +213,8 @@ export function replyFrameBytes(r: BlockReply): number {
   return replyHeaderBytes + Buffer.byteLength(r.owner, 'utf8') + (r.payload?.length ?? 0);
 }
 
-/** Write `r` at `b[at..at + replyFrameBytes(r))` (see encodeRequestInto). */
-export function encodeReplyInto(r: BlockReply, b: Buffer, at: number): void {
+/** Write `r` at `b[at..at + replyFrameBytes(r))`, without its payload when `withPayload` is false (see encodeRequestInto). */
+export function encodeReplyInto(r: BlockReply, b: Buffer, at: number, withPayload = true): void {
   const ownerBytes = r.owner.length === 0 ? 0 : b.write(r.owner, at + replyHeaderBytes, 'utf8');
   if (ownerBytes > 255) throw new Error('assertion failed: peer ids are short');
   const payloadBytes = r.payload?.length ?? 0;
@@ -226,7 +227,7 @@ export function encodeReplyInto(r: BlockReply, b: Buffer, at: number): void {
   b.writeUInt32BE(r.detail, at + 12);
   b.writeUInt32BE(payloadBytes, at + 16);
   b.writeUInt32BE(0, at + 20);
-  if (r.payload) r.payload.copy(b, at + replyHeaderBytes + ownerBytes);
+  if (r.payload && withPayload) r.payload.copy(b, at + replyHeaderBytes + ownerBytes);
 }
 
 export function encodeReply(r: BlockReply): Buffer {

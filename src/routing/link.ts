@@ -17,7 +17,7 @@ import type { PeerAuthFields } from '../cluster/peer-auth';
 import type { Env, TimerHandle } from '../env/env';
 import { PeerUnavailableError } from '../errors';
 import { peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
-import { FrameBatcher, type FrameCodec } from './batch';
+import { FrameBatcher, writeChunks, type FrameCodec } from './batch';
 import { dialDataStream, type DataStream } from './data-stream';
 import { decodeReply, encodeRequestInto, requestFrameBytes, type BlockReply, type BlockRequest } from './frame';
 
@@ -40,7 +40,8 @@ interface Pending {
  */
 const pendingCodec: FrameCodec<Pending> = {
   frameBytes: (p) => requestFrameBytes(p.req),
-  encodeInto: (p, b, at) => encodeRequestInto(p.req, p.id, b, at),
+  data: (p) => p.req.data,
+  encodeInto: (p, b, at, withData) => encodeRequestInto(p.req, p.id, b, at, withData),
 };
 
 export interface PeerLinkOptions {
@@ -138,22 +139,24 @@ export class PeerLink {
     return this.dialing;
   }
 
-  private attach({ socket, reader }: DataStream): void {
+  private attach(stream: DataStream): void {
+    const { socket } = stream;
     this.socket = socket;
     // Requests leave when the task that made them ends (batch.ts): a burst of commands from
     // one iSCSI read is one batch, one write, sent in this turn of the event loop.
     this.batcher = new FrameBatcher<Pending>(
       pendingCodec,
-      (batch) => {
-        if (this.socket === socket) socket.write(batch);
+      (chunks) => {
+        if (this.socket === socket) writeChunks(socket, chunks);
       },
       'task',
     );
     // A deadline is noticed within a tenth of it (or a second) after it passes.
     this.sweepTimer ??= this.opts.env.timers.setInterval(this.sweep, Math.min(1_000, Math.max(10, this.requestMsMax / 10)));
     this.sweepTimer.unref();
-    socket.on('data', (chunk: Buffer) => {
-      const frames = reader.read(chunk);
+    socket.on('error', (err: Error) => this.breakStream(socket, err.message));
+    socket.on('close', () => this.breakStream(socket, 'stream closed'));
+    stream.receive((frames) => {
       if (!frames) return this.breakStream(socket, 'malformed reply frame length');
       for (const frame of frames) {
         const reply = decodeReply(frame);
@@ -161,9 +164,6 @@ export class PeerLink {
         this.settle(reply.id)?.resolve(reply);
       }
     });
-    socket.on('error', (err: Error) => this.breakStream(socket, err.message));
-    socket.on('close', () => this.breakStream(socket, 'stream closed'));
-    socket.resume();
   }
 
   private settle(id: number): Pending | undefined {

@@ -22,7 +22,7 @@ import { LogLimiter } from '../log';
 import { lbaStatusPagesMax, peerReadBytesMax, peerRequestsInFlightMax, peerStreamBytesInFlightMax, peerStreamRepliesQueuedBytesMax, peerUnmapBlocksMax } from '../limits';
 import type { HybridClock } from '../snapshot/hlc';
 import type { BlockBackend, WriteOptions } from '../store/types';
-import { FrameBatcher } from './batch';
+import { FrameBatcher, writeChunks, type FrameCodec } from './batch';
 import type { DataStream } from './data-stream';
 import { PageMovedError } from './moved';
 import { BlockOp, decodeRequest, encodeExtents, encodeReplyInto, failure, replyFrameBytes, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
@@ -55,7 +55,7 @@ export interface PageServiceOptions {
   log: Logger;
 }
 
-const replyCodec = { frameBytes: replyFrameBytes, encodeInto: encodeReplyInto };
+const replyCodec: FrameCodec<BlockReply> = { frameBytes: replyFrameBytes, data: (r) => r.payload, encodeInto: encodeReplyInto };
 
 /** Ops that change blocks: a system error in them is a write failure (errors.ts errorKindOf). */
 function changes(op: BlockOpCode): boolean {
@@ -241,7 +241,8 @@ export class PageService {
    * take the stream's requests past peerStreamBytesInFlightMax bytes is answered BUSY at once,
    * without running (the host retries; one request always runs, so the largest one gets through).
    */
-  serveStream({ socket, reader }: DataStream): void {
+  serveStream(stream: DataStream): void {
+    const { socket } = stream;
     const from = `${socket.remoteAddress}:${socket.remotePort}`;
     let inFlight = 0;
     let bytesInFlight = 0;
@@ -274,8 +275,8 @@ export class PageService {
       untaken = false;
       flow();
     });
-    const batcher = new FrameBatcher<BlockReply>(replyCodec, (batch) => {
-      if (!socket.destroyed && socket.writable) socket.write(batch);
+    const batcher = new FrameBatcher<BlockReply>(replyCodec, (chunks) => {
+      if (!socket.destroyed && socket.writable) writeChunks(socket, chunks);
     });
     const done = (reply: BlockReply, bytes: number): void => {
       inFlight--;
@@ -311,17 +312,15 @@ export class PageService {
       );
       return true;
     };
-    socket.on('data', (chunk: Buffer) => {
-      const frames = reader.read(chunk);
+    socket.on('end', () => {
+      if (stream.midFrame) this.logLimiter.warn(this.o.log, 'cut frame', { peer: from }, 'a peer ended its data stream in the middle of a frame');
+      finish();
+    });
+    stream.receive((frames) => {
       if (!frames) return close('malformed block frame length');
       for (const frame of frames) if (!onFrame(frame)) return;
       flow();
     });
-    socket.on('end', () => {
-      if (reader.midFrame) this.logLimiter.warn(this.o.log, 'cut frame', { peer: from }, 'a peer ended its data stream in the middle of a frame');
-      finish();
-    });
-    socket.resume();
   }
 
   /**

@@ -62,15 +62,13 @@ export function openRawStream(address: string, secret: string, asPeer: string, t
   };
   void opened.then((d) => {
     if (!d) return;
-    d.socket.on('data', (chunk: Buffer) => {
-      const frames = d.reader.read(chunk);
+    d.socket.on('error', (err) => end(err.message));
+    d.socket.on('close', () => end('closed by the owner'));
+    d.receive((frames) => {
       if (!frames) return end('malformed reply');
       s.frames.push(...frames);
       wake?.();
     });
-    d.socket.on('error', (err) => end(err.message));
-    d.socket.on('close', () => end('closed by the owner'));
-    d.socket.resume();
   });
   return s;
 }
