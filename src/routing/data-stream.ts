@@ -189,7 +189,7 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
         resolve({
           socket,
           receive(onFrames) {
-            onRead = (n, buf) => onFrames(inPlace.read(n, buf));
+            onRead = (n) => onFrames(inPlace.read(n));
             raw.resume();
           },
           get midFrame() {

@@ -88,6 +88,12 @@ export class FrameReader {
 /** Below this, the rest of a frame is read with what follows it (into the scratch buffer), not alone. */
 const inPlaceMinBytes = 16 * 1024;
 const scratchBytes = 64 * 1024;
+/**
+ * After a frame read in place, the next read takes at most this much into the scratch buffer:
+ * the next frame's length and header, so that a run of large frames (128 KiB read replies)
+ * lands almost wholly in place rather than its first 64 KiB in the scratch buffer.
+ */
+const afterLargeReadBytes = 4 * 1024;
 
 /**
  * Reads that land where the frames are handed on from (Node's socket `onread` option, with
@@ -101,26 +107,38 @@ const scratchBytes = 64 * 1024;
 export class InPlaceReads {
   private scratch = Buffer.allocUnsafe(scratchBytes);
   private lent = false;
+  /** next() offered (part of) the scratch buffer, not the rest of a frame. */
+  private offeredScratch = false;
+  /** The last frame completed was read in place (large frames are coming: read little between them). */
+  private largeLast = false;
 
   constructor(private readonly reader: FrameReader) {}
 
   /** Where the next read should land. */
   next(): Buffer {
     const rest = this.reader.rest(inPlaceMinBytes);
+    this.offeredScratch = rest === undefined;
     if (rest) return rest;
     if (this.lent) {
       this.scratch = Buffer.allocUnsafe(scratchBytes);
       this.lent = false;
     }
-    return this.scratch;
+    return this.largeLast ? this.scratch.subarray(0, afterLargeReadBytes) : this.scratch;
   }
 
-  /** `n` bytes were read into `buf` (next()'s): the frames they completed, or undefined when the stream is malformed. */
-  read(n: number, buf: Uint8Array): Buffer[] | undefined {
+  /** `n` bytes were read into next()'s buffer: the frames they completed, or undefined when the stream is malformed. */
+  read(n: number): Buffer[] | undefined {
+    if (!this.offeredScratch) {
+      const frames = this.reader.filled(n);
+      if (frames.length > 0) this.largeLast = true;
+      return frames;
+    }
     const scratch = this.scratch;
-    if (buf !== scratch) return this.reader.filled(n);
     const frames = this.reader.read(scratch.subarray(0, n));
-    if (frames?.some((f) => f.buffer === scratch.buffer)) this.lent = true;
+    if (frames && frames.length > 0) {
+      this.largeLast = false;
+      if (frames.some((f) => f.buffer === scratch.buffer)) this.lent = true;
+    }
     return frames;
   }
 
