@@ -262,16 +262,22 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     return Promise.all(this.o.table.split(lba, blocks).map(fn)).then(() => undefined);
   }
 
-  private async readPages(lba: number, blocks: number): Promise<Buffer> {
+  private readPages(lba: number, blocks: number): Promise<Buffer> {
+    // A media error of this peer's store on a replicated page is served from another copy (read-repair.ts).
+    const readPart = (p: PagePart): Promise<Buffer> =>
+      this.onPage(
+        p.page,
+        true,
+        () => this.inner.read(p.lba, p.blocks),
+        () => this.repair.read(p.page, p.lba, p.blocks),
+      );
+    const parts = this.o.table.split(lba, blocks);
+    // One page (nearly every read): its buffer as it is. Copied into a buffer of the same size,
+    // a replicated 128 KiB read cost 36 % more CPU than an unreplicated one (11 % without).
+    if (parts.length === 1) return readPart(parts[0]);
     const bs = this.blockBytes;
     const out = Buffer.allocUnsafe(blocks * bs);
-    await this.eachPage(lba, blocks, async (p) => {
-      // A media error of this peer's store on a replicated page is served from another copy (read-repair.ts).
-      const read = (): Promise<Buffer> => this.inner.read(p.lba, p.blocks);
-      const replicated = (): Promise<Buffer> => this.repair.read(p.page, p.lba, p.blocks);
-      (await this.onPage(p.page, true, read, replicated)).copy(out, p.offsetBlocks * bs);
-    });
-    return out;
+    return Promise.all(parts.map(async (p) => void (await readPart(p)).copy(out, p.offsetBlocks * bs))).then(() => out);
   }
 
   /**
