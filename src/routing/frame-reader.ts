@@ -84,7 +84,6 @@ export class FrameReader {
   }
 }
 
-
 /** Below this, the rest of a frame is read with what follows it (into the scratch buffer), not alone. */
 const inPlaceMinBytes = 16 * 1024;
 const scratchBytes = 64 * 1024;
