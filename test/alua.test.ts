@@ -21,7 +21,7 @@ import { PortGroups } from '../src/server/port-groups';
 import { aluaUnavailableMs } from '../src/limits';
 import { startGroup } from './helpers/group';
 import { MemoryBackend } from './helpers/memory-backend';
-import { fixedMembers } from '../src/cluster/members';
+import { fixedMembers, type MembersView, type MemberState } from '../src/cluster/members';
 
 const nexus1: Nexus = { initiatorPort: 'iqn.h:1,i,0x1', initiatorName: 'iqn.h:1', targetPort: 'iqn.t,t,0x0002', relativeTargetPort: 2 };
 const nexus2: Nexus = { initiatorPort: 'iqn.h:2,i,0x2', initiatorName: 'iqn.h:2', targetPort: 'iqn.t,t,0x0002', relativeTargetPort: 2 };
@@ -49,6 +49,8 @@ const threePeers: TargetPortGroup[] = [
   { id: 2, state: AluaState.activeOptimized, relativePorts: [2] },
   { id: 3, state: AluaState.unavailable, relativePorts: [3] },
 ];
+/** p2 draining. */
+const mixedPeers: TargetPortGroup[] = threePeers.map((g) => (g.id === 2 ? { ...g, state: AluaState.activeNonOptimized } : g));
 
 t.test('INQUIRY says implicit ALUA; VPD 0x83 names the relative target port and its group', async (t) => {
   const u = lu();
@@ -65,12 +67,12 @@ t.test('INQUIRY says implicit ALUA; VPD 0x83 names the relative target port and 
 t.test('REPORT TARGET PORT GROUPS: golden bytes, both formats, allocation length, bad format', async (t) => {
   const golden = Buffer.from([
     0x00, 0x00, 0x00, 0x24, // return data length: 3 descriptors of 12 bytes
-    0x00, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, // group 1, active/optimized, AO_SUP|U_SUP, one port: 1
-    0x00, 0x09, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02,
-    0x03, 0x09, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, // group 3 unavailable
+    0x00, 0x0b, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, // group 1, active/optimized, AO_SUP|AN_SUP|U_SUP, one port: 1
+    0x01, 0x0b, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, // group 2 active/non-optimized (draining)
+    0x03, 0x0b, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, // group 3 unavailable
   ]);
-  t.same(reportTargetPortGroupsData(threePeers, 0), golden, 'length-only header');
-  const u = lu(() => threePeers);
+  t.same(reportTargetPortGroupsData(mixedPeers, 0), golden, 'length-only header');
+  const u = lu(() => mixedPeers);
   const r = await run(u, rtpg);
   t.equal(r.status, ScsiStatus.good);
   t.same(r.dataIn, golden, 'what the logical unit answers');
@@ -81,7 +83,7 @@ t.test('REPORT TARGET PORT GROUPS: golden bytes, both formats, allocation length
   t.same(short.dataIn, golden.subarray(0, 6), 'cut to the allocation length');
   t.equal(senseOf(await run(u, 'a3 4a 00 00 00 00 00 00 10 00 00 00')), '05/24/00', 'parameter data format 010b: INVALID FIELD IN CDB');
   const alone = await run(lu(), rtpg);
-  t.same(alone.dataIn, Buffer.from('0000000c' + '00090002 00000001 00000002'.replace(/ /g, ''), 'hex'), 'no groups given: its own port, active/optimized');
+  t.same(alone.dataIn, Buffer.from('0000000c' + '000b0002 00000001 00000002'.replace(/ /g, ''), 'hex'), 'no groups given: its own port, active/optimized');
 });
 
 t.test('REPORT SUPPORTED OPERATION CODES lists REPORT TARGET PORT GROUPS', async (t) => {
@@ -137,6 +139,31 @@ t.test('PortGroups: up from the gossip view, a change told once, SendTargets lis
   groups.refresh();
   t.equal(changes, 2, 'p2 went quiet: told');
   t.equal(groups.groups()[1].state, AluaState.unavailable);
+});
+
+t.test('PortGroups: a draining or leaving peer is active/non-optimized while heard, and not offered by SendTargets', async (t) => {
+  const base = fixedMembers(['p1', 'p2', 'p3'], (id) => ({ iscsi: `10.0.0.${id.slice(1)}:3260` }));
+  const states = new Map<string, MemberState>([['p1', 'up'], ['p2', 'up'], ['p3', 'up']]);
+  const members: MembersView = { ids: base.ids, placeable: base.placeable, get: (id) => ({ ...base.get(id)!, state: states.get(id)! }) };
+  const heard = new Map([['p1', true], ['p2', true], ['p3', true]]);
+  let changes = 0;
+  const groups = new PortGroups({ self: 'p1', members, loads: () => [...heard].map(([id, h]) => ({ id, stale: !h, ageMs: h ? 0 : aluaUnavailableMs + 1 })) });
+  groups.onChange(() => changes++);
+  t.same(groups.groups().map((g) => g.state), [AluaState.activeOptimized, AluaState.activeOptimized, AluaState.activeOptimized]);
+  states.set('p2', 'draining');
+  groups.refresh();
+  t.equal(changes, 1, 'the drain is a change (the unit attention)');
+  t.same(groups.groups().map((g) => g.state), [AluaState.activeOptimized, AluaState.activeNonOptimized, AluaState.activeOptimized], 'draining: active/non-optimized, I/O still served');
+  t.same(groups.otherPortals().map((p) => p.groupTag), [3], 'SendTargets offers p3 only');
+  states.set('p2', 'leaving');
+  groups.refresh();
+  t.equal(changes, 1, 'draining to leaving: the same state, no second unit attention');
+  heard.set('p2', false);
+  groups.refresh();
+  t.equal(groups.groups()[1].state, AluaState.unavailable, 'gone quiet: unavailable');
+  states.set('p1', 'draining');
+  groups.refresh();
+  t.equal(groups.groups()[0].state, AluaState.activeNonOptimized, 'this peer draining reports itself non-optimized too');
 });
 
 t.test('PortGroups: peers starting together are not reported down before they could speak', async (t) => {

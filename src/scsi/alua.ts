@@ -7,6 +7,7 @@
 /** Asymmetric access states (SPC-4 table 161): the ones a peer group uses. */
 export const AluaState = {
   activeOptimized: 0x0,
+  activeNonOptimized: 0x1,
   unavailable: 0x3,
 } as const;
 export type AluaState = (typeof AluaState)[keyof typeof AluaState];
@@ -21,11 +22,13 @@ export interface TargetPortGroup {
 }
 
 /**
- * The states a group can be in (the SUP bits of its descriptor): AO_SUP and U_SUP. Standby and
- * transitioning (a draining or leaving peer) come with membership; a peer claims them only once
- * it refuses I/O through its own port in those states, as SPC-4 5.15.2.4-5 require.
+ * The states a group can be in (the SUP bits of its descriptor): AO_SUP, AN_SUP and U_SUP.
+ * A draining or leaving peer is active/non-optimized: it still serves every command (a
+ * single-path host that host balancing has not moved yet must see no error), and multipath
+ * hosts send their I/O to the optimized paths. Standby and transitioning would have the port
+ * refuse most commands (SPC-4 5.15.2.4-5), which such a host would see as errors.
  */
-const supportedStates = 0x08 /* U_SUP */ | 0x01; /* AO_SUP */
+const supportedStates = 0x08 /* U_SUP */ | 0x02 /* AN_SUP */ | 0x01; /* AO_SUP */
 
 /** The PARAMETER DATA FORMAT field of the CDB (byte 1, bits 7-5): length-only or extended header. */
 export const RtpgFormat = { lengthOnly: 0, extended: 1 } as const;

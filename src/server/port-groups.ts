@@ -3,8 +3,9 @@
 // portal group tag is also its target port group id and its relative target port id (VPD 0x83).
 //
 // "Up" is the load monitor's notion (src/loadmon/view.ts): a peer whose gossip arrived lately.
-// This peer is up in its own eyes (it is answering). Up → active/optimized; otherwise
-// unavailable. Draining and leaving (standby, transitioning) come with membership. A peer once
+// This peer is up in its own eyes (it is answering). Up → active/optimized, or
+// active/non-optimized while its member record says draining or leaving (multipath hosts move
+// their I/O to other paths, nothing is refused: src/scsi/alua.ts); otherwise unavailable. A peer once
 // heard is counted down only after aluaUnavailableMs of silence, longer than gossip's own
 // staleness: every change raises a unit attention on every nexus, and a peer whose gossip is
 // late for a moment (a loaded machine) must not make hosts see one (libiscsi's conformance tests
@@ -87,13 +88,21 @@ export class PortGroups {
     const heard = (l: { stale: boolean; ageMs: number }): boolean => !l.stale || (l.ageMs >= 0 ? l.ageMs < aluaUnavailableMs : starting);
     const fresh = new Set(this.o.loads().filter(heard).map((l) => l.id));
     return this.o.members.ids().map((peerId): PeerPort => {
-      const id = this.o.members.get(peerId)!.tag;
+      const m = this.o.members.get(peerId)!;
       const up = peerId === this.o.self || fresh.has(peerId);
-      return { peerId, group: { id, state: up ? AluaState.activeOptimized : AluaState.unavailable, relativePorts: [id] } };
+      const going = m.state === 'draining' || m.state === 'leaving';
+      const state = !up ? AluaState.unavailable : going ? AluaState.activeNonOptimized : AluaState.activeOptimized;
+      return { peerId, group: { id: m.tag, state, relativePorts: [m.tag] } };
     });
   }
 }
 
+const stateNames: Record<AluaState, string> = {
+  [AluaState.activeOptimized]: 'active/optimized',
+  [AluaState.activeNonOptimized]: 'active/non-optimized',
+  [AluaState.unavailable]: 'unavailable',
+};
+
 function stateName(state: AluaState): string {
-  return state === AluaState.activeOptimized ? 'active/optimized' : 'unavailable';
+  return stateNames[state];
 }
