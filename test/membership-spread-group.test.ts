@@ -92,8 +92,11 @@ t.test('a fourth peer, present but holding nothing, receives copies with no host
     return n >= 6 && n;
   });
   t.ok(held >= 6, `p4 holds ${held} copies`);
-  await until('no copy on its way', 30_000, () => routesOf(g, 'p1', 'vol').every((x) => inSyncOf(x).length === 2 && copiesOf(x).length === 2));
-  t.ok(['p1', 'p2', 'p3', 'p4'].every((id) => copiesHeldBy(catalog, id) <= 9), `no peer above its share: ${['p1', 'p2', 'p3', 'p4'].map((id) => copiesHeldBy(catalog, id)).join(' ')}`);
+  // p4 may reach 6 while a peer still holds 10 (a fresh-clone CI run stopped at 10 8 8 6 between
+  // two rounds): the spread's next round takes it down; it must end within its share + 1.
+  const heldNow = (): number[] => ['p1', 'p2', 'p3', 'p4'].map((id) => copiesHeldBy(catalog, id));
+  await until('no copy on its way, no peer above its share', 60_000, () => routesOf(g, 'p1', 'vol').every((x) => inSyncOf(x).length === 2 && copiesOf(x).length === 2) && heldNow().every((n) => n <= 9));
+  t.ok(heldNow().every((n) => n <= 9), `no peer above its share: ${heldNow().join(' ')}`);
   for (const id of ['p4', 'p1']) await readsBack(t, await routerOn(g, id, 'vol'), written, id);
 
   // The fill as an operator sees it: status (over the admin RPC), top, the console's state.
