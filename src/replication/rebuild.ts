@@ -456,9 +456,14 @@ export class CopyKeeper {
     const wanted = wantedCopies(volume, v.span);
     const step = primaryStep(route, wanted, lost, leaving);
     if (step.kind === 'switch') return this.handOver(volume, page, step.to, 'its peer is leaving');
-    // A hint names the one peer its copy goes to; anything else is placement's choice.
+    // A hint names the one peer its copy goes to; anything else is placement's choice. Once
+    // that peer holds a copy the hint only waits for its source's to go, and any other need
+    // (a draining peer's copy, with a hint's source and a draining peer in one page's copies)
+    // is placement's again: limited to the hint's peer it could never be met (simulator, seeds
+    // 2031 and 2829: a drain that never ended).
     const hint = this.relocations.get(`${volume.id}/${page}`);
-    const candidates = hint ? v.candidates.filter((c) => c.id === hint.to) : v.candidates;
+    const hintOpen = hint !== undefined && !copiesOf(route).includes(hint.to);
+    const candidates = hintOpen ? v.candidates.filter((c) => c.id === hint.to) : v.candidates;
     const choose = (r: Route, promising: Promised) => (count: number, excluded: readonly string[]): Choice =>
       chooseCopyPeers({ route: r, count, candidates, excluded, pageBytes: v.pageBytes, reserveFreeBytes: this.o.reserveFreeBytes, promised: promising });
     // Decided on the table's route to skip pages with nothing to do, then again on the
