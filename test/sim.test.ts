@@ -42,6 +42,8 @@ t.test(`${seeds} seeds of the whole group under faults: no violation`, async (t)
 const fixedSeeds: [number, string][] = [
   [2031, 'drain never ended: a capacity hint kept a draining peer\'s copy from being replaced (rebuild.ts keepPage)'],
   [2829, 'drain never ended: a capacity hint kept a draining peer\'s copy from being replaced (rebuild.ts keepPage)'],
+  [3601, 'a move resumed after its source restarted, and lost meanwhile, cleared a copy of the new primary (Migrator.prepare)'],
+  [3608, 'a move resumed after its source restarted, and lost meanwhile, cleared a copy of the new primary (Migrator.prepare)'],
 ];
 
 t.test('seeds that once found a bug run clean', async (t) => {

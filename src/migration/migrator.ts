@@ -223,6 +223,17 @@ export class Migrator {
     // move copies here. The simulator found it (seed 273). Transient: the source tries again.
     if (this.running.has(k)) throw new PeersanError(`page ${req.page} of ${volume.name} is still being released by its previous move from ${this.o.self}`);
     if (req.fresh || this.incoming.get(k) !== req.from) {
+      // Starting over clears the page here. A move resumed after its source restarted asks (not
+      // fresh) until this peer answers, and its source may have lost the page meanwhile: by then
+      // the new primary may have made this peer one of its copies, which clearing would erase,
+      // acknowledged writes and all (simulator, seeds 3020, 3601, 3608). A fresh PREPARE comes
+      // from a source that has just read the route itself.
+      if (!req.fresh) {
+        const route = await this.o.catalog.fetchRoute(volume, req.page);
+        if (route.owner !== req.from || copiesOf(route).includes(this.o.self)) {
+          throw new ConflictError(`page ${req.page} of ${volume.name} has primary ${route.owner} and copies ${copiesOf(route).join(', ')} now: the move from ${req.from} is stale`);
+        }
+      }
       this.incoming.delete(k);
       this.restarted.delete(k);
       await this.clearPage(movable, volume, req.page);
