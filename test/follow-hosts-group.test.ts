@@ -15,6 +15,11 @@ const regionPages = 8;
 t.test('two hosts on two peers: the pages each writes through the other peer move to its peer', async (t) => {
   const g = await startGroup(t, 2, { balancer: { intervalMs: 1_000 }, hostBalance: { enabled: false } });
   await g.peer('p1').admin.createVolume({ name: 'follow', size: `${(2 * regionPages * pageBytes) / (1024 * 1024)}M`, replicas: 1 });
+  // Each peer opens the volume when the catalog's watch tells it (a login before that is
+  // "target not found", 0x0203: a fresh-clone CI run saw it on p2).
+  for (const id of ['p1', 'p2']) {
+    for (const end = Date.now() + 10_000; !g.peer(id).core.targets.routerFor('follow') && Date.now() < end;) await new Promise((r) => setTimeout(r, 50));
+  }
   const owners = async (): Promise<string[]> => (await g.peer('p2').admin.pageMap('follow')).pages.map((p) => p.owner);
   const start = await owners();
   const hostPeer = (page: number): string => (page < regionPages ? 'p1' : 'p2');
