@@ -267,6 +267,8 @@ export const leaseDriftMarginMs = 300;
 export const leaseCallMsMax = 500;
 /** A host request for a page whose primary is unreachable waits this long for a new primary. */
 export const failoverWaitMsMax = 8_000;
+/** A flush waiting for new primaries (Router.flush) looks at the table at least this often. */
+export const flushTakeoverRecheckMs = 250;
 /** The new primary's `recent` question to each in-sync copy (an unanswered copy is dropped from the in-sync set). */
 export const recentCallMsMax = 1_500;
 /** A primary tries again to drop copies that may lack a failed change (the catalog was out of reach) after this, twice as long each time, up to the max. */

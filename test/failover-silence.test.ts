@@ -8,7 +8,7 @@ import t from 'tap';
 import pino from 'pino';
 import { ManualEnv } from '../src/env/manual';
 import { PeerUnavailableError } from '../src/errors';
-import { leaseDriftMarginMs, leaseMs, leasePingMs, peerRequestMsMax } from '../src/limits';
+import { failoverWaitMsMax, flushTakeoverRecheckMs, leaseDriftMarginMs, leaseMs, leasePingMs, peerRequestMsMax } from '../src/limits';
 import { LeaseBook, Leases } from '../src/replication/leases';
 import { BlockOp, ReplyStatus, type BlockReply } from '../src/routing/frame';
 import { newRoutingCounters, VolumeRouter, type BlockSender, type PeerSilence } from '../src/routing/router';
@@ -173,6 +173,33 @@ t.test('a primary silent already: nothing is sent to it (a COMPARE AND WRITE too
   await failsAtLinkDeadline(t, env, p1, () => router.write(pageBlocks, data));
 });
 
+t.test('SYNCHRONIZE CACHE with ledBy: the flush waits only while a copy that flushed still holds pages the silent primary leads (pages no copy holds are taken over when a host asks)', async (t) => {
+  const env = new ManualEnv();
+  const leases = leasesOf(env, 0);
+  await env.run(silentAfterMs + leasePingMs);
+  const tb = table();
+  for (const page of [1, 2, 3]) tb.learn(page, { owner: 'p1', version: 6, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+  let led = 2;
+  const asked: string[] = [];
+  const router = new VolumeRouter({
+    self: 'p3', volumeId: '0123456789abcdef', table: tb, local: new MemoryBackend(bs, 4 * pageBlocks, 8), link: (p) => (p === 'p1' ? blackHole(env) : answering()),
+    refresh: async (p) => tb.route(p), counters: newRoutingCounters(), env, silence: leases,
+    ledBy: async (peer, primary) => {
+      asked.push(`${peer} ${primary}`);
+      return led;
+    },
+  });
+  let answered = false;
+  const flushed = router.flush().then(() => (answered = true));
+  await env.run(2 * flushTakeoverRecheckMs);
+  t.notOk(answered, 'p2 still holds 2 pages p1 leads');
+  t.same([...new Set(asked)], ['p2 p1'], 'asked p2, the copy that flushed, about p1');
+  led = 0;
+  await env.run(flushTakeoverRecheckMs);
+  await flushed;
+  t.ok(answered, 'answered once p2 holds none, though the table still names p1 for pages nobody holds');
+});
+
 t.test('without the silence the router waits out the link\'s deadline (what the silence saves)', async (t) => {
   const env = new ManualEnv();
   const asked: string[] = [];
@@ -185,7 +212,7 @@ t.test('without the silence the router waits out the link\'s deadline (what the 
 });
 
 
-t.test('SYNCHRONIZE CACHE: a silent peer whose every in-sync page has another in-sync copy is not waited for; one holding a page alone fails it at the link\'s deadline', async (t) => {
+t.test('SYNCHRONIZE CACHE: a silent primary whose every page has another in-sync copy is not waited for, its pages\' new primaries are; one holding a page alone fails it at the link\'s deadline', async (t) => {
   const env = new ManualEnv();
   const leases = leasesOf(env, 0);
   await env.run(silentAfterMs + leasePingMs);
@@ -193,11 +220,31 @@ t.test('SYNCHRONIZE CACHE: a silent peer whose every in-sync page has another in
   const p2 = answering();
   const tb = table();
   for (const page of [1, 2, 3]) tb.learn(page, { owner: 'p1', version: 6, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
-  const flushed = routerOf(env, tb, { p1, p2 }, leases, []).flush();
+  let answered = false;
+  const flushed = routerOf(env, tb, { p1, p2 }, leases, []).flush().then(() => (answered = true));
   await env.run(10);
+  t.notOk(answered, 'not answered while p1, which did not flush, is still the primary of pages');
+  for (const page of [0, 1, 2]) tb.learn(page, { ...takenOver, version: 7 });
+  await env.run(flushTakeoverRecheckMs);
+  t.notOk(answered, 'page 3 still has p1 as primary');
+  tb.learn(3, { ...takenOver, version: 7 });
+  await env.run(flushTakeoverRecheckMs);
   await flushed;
+  t.ok(answered, 'answered once every page of p1 has a new primary (one that flushed)');
   t.equal(p1.sent, 0, 'nothing sent to the silent peer: its pages are durable on p2');
   t.equal(p2.sent, 1, 'p2 flushed');
+  // No takeover: the flush fails after failoverWaitMsMax, like a write.
+  const stuck = table();
+  for (const page of [1, 2]) stuck.learn(page, { owner: 'p1', version: 6, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+  let failedAfterMs = -1;
+  const startMs = env.clock.monotonicMs();
+  const failing = routerOf(env, stuck, { p1: blackHole(env), p2: answering() }, leases, []).flush().catch((err: unknown) => {
+    t.type(err, PeerUnavailableError);
+    failedAfterMs = env.clock.monotonicMs() - startMs;
+  });
+  await env.run(failoverWaitMsMax + 10);
+  await failing;
+  t.equal(failedAfterMs, failoverWaitMsMax, 'no new primary: the flush fails after failoverWaitMsMax');
   // table(): page 1 is p1's alone.
   const lone = blackHole(env);
   const router = routerOf(env, table(), { p1: lone, p2: answering() }, leases, []);

@@ -13,7 +13,7 @@ import { failoverWaitMsMax, leaseDriftMarginMs, leaseMs, leasePingMs, leaseTakeo
 import { Failover } from '../src/replication/failover';
 import type { ReplicaPort } from '../src/replication/hooks';
 import { LeaseBook, Leases } from '../src/replication/leases';
-import { checkLease, checkLeaseAnswer, checkPromote, checkRecent, checkRecentAnswer, type ReplicationHandler } from '../src/replication/messages';
+import { checkLease, checkLeaseAnswer, checkLed, checkLedAnswer, checkPromote, checkRecent, checkRecentAnswer, type ReplicationHandler } from '../src/replication/messages';
 import { learnTakeover } from '../src/replication/failover';
 import { BlockOp, ReplyStatus, type BlockReply } from '../src/routing/frame';
 import { PageMovedError } from '../src/routing/moved';
@@ -223,6 +223,8 @@ t.test('promotion only after leaseMs + margin of silence, never while the primar
   t.same(g.route('p2'), { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
   await g.env.run(5_000);
   t.equal(g.route('p2').owner, 'p1', 'a primary that renews keeps its pages');
+  const led = async (): Promise<unknown> => (await g.peer('p2').handlers.get('led')!('p3', { volumeId: g.volume.id, primary: 'p1' })) as unknown;
+  t.same(await led(), { pages: 1 }, 'led: p2 holds one page p1 leads (what a flush p1 did not answer waits for)');
   const cutAt = g.env.clock.monotonicMs();
   g.cut.add('p1');
   // p1 is cut off from the catalog's watch too: it can learn the takeover only from p2's lease answers.
@@ -234,6 +236,7 @@ t.test('promotion only after leaseMs + margin of silence, never while the primar
   t.same(g.route('p2'), { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] }, 'then the next in-sync copy takes over');
   t.ok(g.env.clock.monotonicMs() - cutAt <= leaseMs + leaseDriftMarginMs + 2 * leasePingMs + 10, 'within the failover pause');
   t.equal(g.route('p3').owner, 'p2', 'every peer learns it');
+  t.same(await led(), { pages: 0 }, 'led: none once p2 took it over');
 
   // The old primary comes back: the first lease it gets from p2 carries the takeover, so it never reads the page as primary again.
   g.cut.delete('p1');
@@ -589,6 +592,9 @@ t.test('messages from other peers: each checker takes only what it validates', a
   bad('a route with four copies', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, copies: ['a', 'b', 'c', 'd'] } }] }));
   bad('a route owner that is not a peer id', () => checkLeaseAnswer({ granted: false, takeovers: [{ seq: 1, volumeId, page: 0, route: { ...route, owner: 7 } }] }));
   bad('a grain outside the page', () => checkRecentAnswer({ grains: [1, 4096] }));
+  t.same(checkLed({ volumeId, primary: 'p2', extra: 1 }), { volumeId, primary: 'p2' });
+  bad('led: a primary that is not a peer id', () => checkLed({ volumeId, primary: '' }));
+  bad('led: a page count that is not a whole number', () => checkLedAnswer({ pages: 1.5 }));
   const leases = new Leases({ self: 'p1', groupPeers: () => ['p1', 'p2'], env: new ManualEnv(), log, call: async () => ({}), learn: async () => undefined, refreshRoutes: async () => undefined });
   bad('a lease from a peer outside the group', () => leases.handle('p9', {}));
 });

@@ -16,7 +16,7 @@ import { BlockOp, ReplyStatus, type BlockRequest } from '../src/routing/frame';
 import { RangeLock } from '../src/replication/range-lock';
 import { RecentChanges } from '../src/replication/recent';
 import { PageMovedError } from '../src/routing/moved';
-import { inSyncOf, RouteTable, type Route } from '../src/routing/table';
+import { copiesOf, inSyncOf, RouteTable, type Route } from '../src/routing/table';
 import type { BlockSender } from '../src/routing/router';
 import { ReplicatedVolume } from '../src/replication/replicated';
 import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
@@ -154,6 +154,24 @@ t.test('a COMPARE AND WRITE that miscompares writes nothing anywhere; one that m
   const hit = await host(g, 'p2').compareAndWrite(lba, a, c);
   t.equal(hit.ok, true, 'match');
   for (const p of peers) t.ok((await stored(g, p, record, lba, 2)).equals(c), `${p} written`);
+});
+
+t.test('a forwarded change routed by an older route of the page is answered MOVED, unapplied (its sender may have run it elsewhere); a current one is applied', async (t) => {
+  const { g, record } = await groupWithVolume(t, 2);
+  const catalog = g.peer('p1').core.catalog;
+  // Page 0: primary p1. A new epoch with the same primary (as after a copy left and came back).
+  const v1 = catalog.routes(record).route(0);
+  const v2 = await catalog.casRoute(record, 0, v1, (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: [...inSyncOf(now)] }));
+  t.equal(v2.version, v1.version + 1);
+  const primary = g.peer('p1').core.targets.replicated(record.id)!;
+  const before = await stored(g, 'p1', record, 64, 8);
+  await t.rejects(primary.write(64, pattern(8, 7), { routeVersion: v1.version }), PageMovedError, 'routed by the older route: MOVED');
+  await t.rejects(primary.compareAndWrite(64, before, pattern(8, 7), { routeVersion: v1.version }), PageMovedError, 'a COMPARE AND WRITE too, before it compares');
+  for (const p of ['p1', 'p2']) t.ok((await stored(g, p, record, 64, 8)).equals(before), `nothing applied on ${p}`);
+  await primary.write(64, pattern(8, 8), { routeVersion: v2.version });
+  t.ok((await stored(g, 'p2', record, 64, 8)).equals(pattern(8, 8)), 'routed by the current route: applied on every copy');
+  await primary.write(64, pattern(8, 9));
+  t.ok((await stored(g, 'p2', record, 64, 8)).equals(pattern(8, 9)), 'this peer\'s own host write (no route version): applied');
 });
 
 t.test('a copy that knows a newer epoch: the primary re-reads the route and sends again, or follows a new primary', async (t) => {

@@ -304,10 +304,16 @@ t.test('a peer out of reach: LBA status answers up to its first page; flush fail
   t.same(await one.router('p1').lbaStatus(0, 3 * pageBlocks), [{ lba: 0, blocks: 2 * pageBlocks, mapped: true }], 'pages 0 and 1 answered, page 2 (p3) not');
   await t.rejects(one.router('p1').lbaStatus(2 * pageBlocks, pageBlocks), PeerUnavailableError, 'nothing to answer: the error');
   await t.rejects(one.router('p1').flush(), PeerUnavailableError, 'one copy: p3 holds pages nobody else has');
-  // Two copies (the routes only: the flush reads them): every page p3 holds in sync has another in-sync copy.
+  // Two copies (the routes only: the flush reads them): every page p3 holds in sync has another
+  // in-sync copy. p3 is the primary of pages 2 and 5: the flush waits for their new primary.
   const two = group({ down: new Set(['p3']), replicas: 2 });
-  await two.router('p1').flush();
-  t.same(['p1', 'p2', 'p3'].map((p) => two.nodes.get(p)!.store.flushes), [1, 1, 0], 'the two peers in reach flushed; p3 is covered by them');
+  let answered = false;
+  const flushed = two.router('p1').flush().then(() => (answered = true));
+  await new Promise((r) => setTimeout(r, 20));
+  t.notOk(answered, 'not answered while p3, which did not flush, is primary of pages 2 and 5');
+  for (const page of [2, 5]) two.nodes.get('p1')!.table.learn(page, { owner: 'p1', version: 2, copies: ['p1', 'p3'], inSync: ['p1'] });
+  await flushed;
+  t.same(['p1', 'p2', 'p3'].map((p) => two.nodes.get(p)!.store.flushes), [1, 1, 0], 'the two peers in reach flushed; p3 is covered by them once it is no primary');
   const both = group({ down: new Set(['p2', 'p3']), replicas: 2 });
   await t.rejects(both.router('p1').flush(), PeerUnavailableError, 'page 1 (copies p2, p3) has no in-sync copy that flushed');
 });

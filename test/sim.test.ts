@@ -44,6 +44,10 @@ const fixedSeeds: [number, string][] = [
   [2829, 'drain never ended: a capacity hint kept a draining peer\'s copy from being replaced (rebuild.ts keepPage)'],
   [3601, 'a move resumed after its source restarted, and lost meanwhile, cleared a copy of the new primary (Migrator.prepare)'],
   [3608, 'a move resumed after its source restarted, and lost meanwhile, cleared a copy of the new primary (Migrator.prepare)'],
+  [3020, 'a resync read a moving page through a destination that had restarted and lost a write, and admitted the copy in sync (Resyncer.serve)'],
+  [3567, 'a snapshot froze the copies of a page its restarted primary held unreconciled: they differed on a change it had in flight (Failover.unreconciledCopies)'],
+  [3662, 'a snapshot kept every copy of a page as holders when all were suspect, and their layers differed (records.ts keepInSync)'],
+  [3858, 'a flush answered without a crashed primary; its secondary crashed too before taking over, stepped out, and the primary kept the page without the flushed write (Router.flush)'],
 ];
 
 t.test('seeds that once found a bug run clean', async (t) => {

@@ -65,6 +65,7 @@ t.test('narrowInSync: only copies in sync at both moments, never none', async (t
   const cut = { owner: 'p1', version: 5, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p2', 'p3'] };
   t.same(narrowInSync(cut, { owner: 'p1', version: 4, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p3'] }).inSync, ['p1', 'p3'], 'p2 resynced in after it froze');
   t.equal(narrowInSync(cut, { ...cut, version: 6 }), cut, 'unchanged');
+  t.same(narrowInSync(cut, { owner: 'p4', version: 6, copies: ['p4', 'p1', 'p2', 'p3'], inSync: ['p4'] }).inSync, ['p1'], 'none in sync at both: the first one alone');
   t.equal(narrowInSync({ owner: 'p1', version: 2 }, { owner: 'p2', version: 3 }).owner, 'p1', 'one copy that moved: kept as is');
 });
 
@@ -78,6 +79,8 @@ t.test('withoutSuspects: a copy suspect where it froze is no holder, unless none
   t.equal(withoutSuspects(cut, ['p3']), cut, 'not an in-sync copy: unchanged');
   const only = { ...cut, inSync: ['p1'] };
   t.equal(withoutSuspects(only, ['p1']), only, 'the only in-sync copy stays (its layer is all there is)');
+  // Seed 3662: the primary at the cut dropped by a takeover after it, its secondary named for a change it never got.
+  t.same(withoutSuspects(cut, ['p1', 'p2']), { ...cut, inSync: ['p1'] }, 'every copy suspect: the first one alone holds the page (their layers may differ)');
 });
 
 t.test('copies that joined after the cut follow the holders at the cut, for every piece of a moving page', async (t) => {

@@ -151,6 +151,8 @@ interface Running {
   settle(err?: Error): void;
   /** Stops following the page's routes (see launch). */
   unfollow(): void;
+  /** FINISH went to D: its receiving record may be gone, and what came back from it is confirmed (see confirmMove). */
+  finishing: boolean;
 }
 
 /** The actions the driver performs at once, with no outcome to feed back. */
@@ -226,7 +228,7 @@ export class Migrator {
       // Starting over clears the page here. A move resumed after its source restarted asks (not
       // fresh) until this peer answers, and its source may have lost the page meanwhile: by then
       // the new primary may have made this peer one of its copies, which clearing would erase,
-      // acknowledged writes and all (simulator, seeds 3020, 3601, 3608). A fresh PREPARE comes
+      // acknowledged writes and all (simulator, seeds 3601, 3608). A fresh PREPARE comes
       // from a source that has just read the route itself.
       if (!req.fresh) {
         const route = await this.o.catalog.fetchRoute(volume, req.page);
@@ -305,6 +307,18 @@ export class Migrator {
   /** The end of this peer's move of the page (its clean-up included), if one runs; never rejects. */
   moveEnded(volumeId: string, page: number): Promise<void> | undefined {
     return this.running.get(key(volumeId, page))?.finished.catch(() => undefined);
+  }
+
+  /**
+   * While this peer's move of the page runs: PREPARE again on D (see confirm), so that what this
+   * peer read of the page through the move (pieces on D) is known whole and durable there; rejects
+   * (ConflictError) if D restarted since the move began. Not once FINISH went to D: by then a
+   * roll-back confirmed what came back, or the page has another primary, and D may have dropped
+   * its receiving record (a PREPARE would make a new one).
+   */
+  async confirmMove(volumeId: string, page: number): Promise<void> {
+    const r = this.running.get(key(volumeId, page));
+    if (r && !r.finishing) await this.confirm(r.machine.cp);
   }
 
   startingMove(volumeId: string, page: number): boolean {
@@ -443,7 +457,7 @@ export class Migrator {
       this.drive(r, { kind: 'lost' });
     };
     const unfollow = table.onLearn(heard);
-    const r: Running = { machine, move, movable, finished, settle, unfollow };
+    const r: Running = { machine, move, movable, finished, settle, unfollow, finishing: false };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     this.drive(r, { kind: 'begin' });
@@ -534,23 +548,29 @@ export class Migrator {
         return { kind: 'persisted' };
       case 'setRoute': {
         let unconfirmed: Error | undefined;
+        const confirmed = async (): Promise<void> => {
+          if (!a.confirm) return;
+          try {
+            await this.confirm(cp);
+          } catch (err) {
+            unconfirmed = err as Error;
+            throw err;
+          }
+        };
         return outcome(
           (async () => {
+            // The reconcile before the handoff spreads this peer's content of recent grains, read
+            // through the move (done pieces from D): D confirms first that it lost none of them
+            // (a restart), or the other copies would take D's gaps.
+            await confirmed();
             await this.o.beforeHandoff?.(cp.volumeId, cp.page);
             // The CAS runs while no replicated change of the page is under way here (quiet): one
             // in flight at the commit would have reached the other copies but maybe not D, and a
             // COMPARE AND WRITE caught so cannot be answered MOVED (it may have applied). After
-            // it, changes find the page gone before applying anything. D confirms first, under
+            // it, changes find the page gone before applying anything. D confirms again, under
             // the same quiet: nothing it acknowledges after its flush and before the CAS.
             const commit = async (): Promise<Route> => {
-              if (a.confirm) {
-                try {
-                  await this.confirm(cp);
-                } catch (err) {
-                  unconfirmed = err as Error;
-                  throw err;
-                }
-              }
+              await confirmed();
               return this.o.catalog.setRoute(this.requireVolume(cp.volumeId), cp.page, { owner: cp.from, version: a.version }, cp.to);
             };
             return this.o.quiet ? this.o.quiet(cp.volumeId, cp.page, commit) : commit();
@@ -566,6 +586,7 @@ export class Migrator {
           (error) => ({ kind: 'routeReadFailed', error }),
         );
       case 'finish':
+        r.finishing = true;
         return outcome(this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: a.committed, version: a.version }), { kind: 'finished' }, (error) => ({ kind: 'finishFailed', error }));
       case 'deleteIntent':
         return outcome(this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp), { kind: 'intentDeleted' }, (error) => ({ kind: 'intentDeleteFailed', error }));

@@ -32,7 +32,7 @@ import { PageMovedError } from '../routing/moved';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 import type { PrimaryGuard, ReplicaPort } from './hooks';
 import type { Leases } from './leases';
-import { checkPromote, checkRecent, checkRecentAnswer, checkRouteAnswer, type ReplicationHandler, type Takeover } from './messages';
+import { checkLed, checkPromote, checkRecent, checkRecentAnswer, checkRouteAnswer, type ReplicationHandler, type Takeover } from './messages';
 
 export interface FailoverOptions {
   self: string;
@@ -138,7 +138,26 @@ export class Failover implements PrimaryGuard {
     return [
       ['promote', (from, body) => this.onPromote(from, body)],
       ['recent', (from, body) => this.onRecent(from, body)],
+      ['led', async (_from, body) => ({ pages: this.ledBy(checkLed(body)) })],
     ];
+  }
+
+  /**
+   * How many pages of the volume this peer holds, as an in-sync copy, whose primary is still
+   * `primary`: a flush that primary did not answer waits for none (src/routing/router.ts flush;
+   * this peer takes those pages over once the primary is silent, silentPeer). Pages held by no
+   * in-sync copy hold no acknowledged write.
+   */
+  private ledBy({ volumeId, primary }: { volumeId: string; primary: string }): number {
+    const volume = this.o.catalog.volumeById(volumeId);
+    if (!volume) return 0;
+    const table = this.o.catalog.routes(volume);
+    let n = 0;
+    for (const page of this.o.heldPages(volumeId)) {
+      const route = table.route(page);
+      if (route.owner === primary && inSyncOf(route).includes(this.o.self)) n++;
+    }
+    return n;
   }
 
   /**
@@ -154,6 +173,31 @@ export class Failover implements PrimaryGuard {
   async settled(volumeId: string, page: number): Promise<boolean> {
     const held = this.held.get(keyOf(volumeId, page));
     return !held || releasedWithin(this.o.env, held, failoverWaitMsMax);
+  }
+
+  /**
+   * Copies of the volume's pages this peer is the primary of and holds unreconciled (stepping out
+   * as suspect after a restart, or taking over and reconciling): a change the page's primary had
+   * in flight (this peer's previous incarnation, or the primary it took over from) may have
+   * reached some of them and not others, and nobody acknowledged it, so they may differ until the
+   * reconcile; a snapshot frozen meanwhile must keep one copy's layer of the page, not several
+   * (src/snapshot/service.ts). Every in-sync copy but the one whose content wins the reconcile:
+   * this peer's, or, as it steps out, the first secondary's (the one handOver asks first).
+   */
+  unreconciledCopies(volumeId: string): { page: number; peer: string }[] {
+    const volume = this.o.catalog.volumeById(volumeId);
+    if (!volume) return [];
+    const table = this.o.catalog.routes(volume);
+    const out: { page: number; peer: string }[] = [];
+    for (const key of this.held.keys()) {
+      const [id, pageText] = key.split('/');
+      const page = Number(pageText);
+      const route = table.route(page);
+      if (id !== volumeId || route.owner !== this.o.self) continue;
+      const others = secondaries(route);
+      for (const peer of this.suspects.has(key) ? others.slice(1) : others) out.push({ page, peer });
+    }
+    return out;
   }
 
   /** This peer steps out of the page as suspect (its copy may miss writes it acknowledged): no source for a resync. */

@@ -10,6 +10,8 @@
 //   promote   — failover.ts: "the primary of this page is unreachable from me; take over if you may".
 //   recent    — failover.ts asks replicated.ts: the grains of writes not known acknowledged everywhere.
 //   resync    — resync.ts: a stale copy asks the page's primary to bring it back in sync.
+//   led       — failover.ts: a flush that a primary did not answer asks a copy that did how many
+//               of the pages it holds that primary still leads (the router waits for none).
 
 import { replicasMax } from '../cluster/catalog';
 import { InvalidArgumentError } from '../errors';
@@ -17,7 +19,7 @@ import { leaseTakeoversPerAnswerMax, pageBlocks, pageGrainsMax, volumeBytesMax }
 import type { Route } from '../routing/table';
 
 /** Kinds a receiver handles the same way however often they arrive. */
-const idempotentKinds = new Set(['lease', 'promote', 'recent', 'resync']);
+const idempotentKinds = new Set(['lease', 'promote', 'recent', 'resync', 'led']);
 
 export function replicationIdempotent(kind: string): boolean {
   return idempotentKinds.has(kind);
@@ -126,6 +128,17 @@ export function checkPromote(b: Record<string, unknown>): PageAtEpoch & { handov
 /** The answer to promote (and to a refused recent): the route the answering peer holds now. */
 export function checkRouteAnswer(b: Record<string, unknown>): Route {
   return checkRoute(b.route);
+}
+
+// led: {volumeId, primary} → {pages}
+
+export function checkLed(b: Record<string, unknown>): { volumeId: string; primary: string } {
+  const { volumeId } = pageAtEpoch({ volumeId: b.volumeId, page: 0, version: 0 });
+  return { volumeId, primary: peerId(b.primary, 'primary') };
+}
+
+export function checkLedAnswer(b: Record<string, unknown>): number {
+  return wholeNumber(b.pages, 'led pages', pageMax);
 }
 
 // recent: {volumeId, page, version} → {grains} | {route} (a newer epoch than the asker's)

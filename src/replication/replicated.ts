@@ -27,6 +27,17 @@
 //   8. the lock is released, and the number counts as acknowledged (the mark sent with later
 //      changes moves past it, and copies forget its grains).
 //
+// A change another peer forwarded here carries the route version its sender routed it by
+// (WriteOptions.routeVersion). Once it holds its range (after the guard's, the lock's and the
+// activity log's waits: the guard holds a page for up to failoverWaitMsMax, longer than the
+// sender's link waits) it is applied only if the page's route is still no newer; else it is
+// answered MOVED, unapplied. The sender may have given up on it meanwhile (its link's deadline,
+// this peer's silence: router.ts) and run it again at another primary, which acknowledged it;
+// applied now, after the page came back here, it would overwrite later acknowledged writes on
+// every copy (simulator, seed 2824 with a timing variant: a forwarded write held here 4 s while
+// the page stepped out after a restart, failed over to another copy and was switched back). A
+// sender still waiting learns the route from the answer and sends again.
+//
 // On a copy, a replica frame (ReplicaReceiver) is applied only at the copy's own epoch of the
 // page: a newer one makes it re-read the route first, an older one is refused at once with
 // MOVED and the route it knows (fencing: an old primary gets no acknowledgement from a copy
@@ -333,6 +344,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */
   private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
+    notStale(page, await this.ownRoute(page), c);
     const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     await this.changeLocked(page, c, true);
@@ -341,9 +353,21 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   /** The non-atomic fallback for a COMPARE AND WRITE across a page boundary (as the router's across owners). */
   private async compareThenWrite(lba: number, compare: Buffer, data: Buffer, opts: WriteOptions): Promise<CompareAndWriteResult> {
-    const at = firstDifference(await this.read(lba, data.length / this.blockBytes), compare);
+    const blocks = data.length / this.blockBytes;
+    const current = await this.read(lba, blocks);
+    // A forward routed by an older route of a page: MOVED now, before anything is compared or
+    // written (after the read's waits for the pages' guards).
+    for (const p of this.o.table.split(lba, blocks)) notStale(p.page, await this.ownRoute(p.page), { op: 'write', lba: p.lba, blocks: p.blocks, data: undefined, opts });
+    const at = firstDifference(current, compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
-    await this.write(lba, data, opts);
+    try {
+      await this.write(lba, data, opts);
+    } catch (err) {
+      // One page may be written already: the router must not send the command again (the new
+      // primary would compare against this write and answer MISCOMPARE).
+      if (!(err instanceof PageMovedError)) throw err;
+      throw new PeersanError(`a compare-and-write across pages may have been partly applied before a page's route changed (${err.message}): not run again`, 'PEERSAN_ERR_IN_DOUBT', { cause: err, kind: ErrorKind.unavailable });
+    }
     return { ok: true };
   }
 
@@ -357,6 +381,8 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     const before = this.o.tracker.beforeChange(this.o.volumeId, page);
     if (before) await before;
     const route = await this.ownRoute(page);
+    // A compare-and-write's write was checked before its compare (compareLocked).
+    if (!compared) notStale(page, route, c);
     if (copiesOf(route).length === 1) return this.apply(c);
     const [firstGrain, lastGrain] = grainsOf(this.o.table, this.grainBlocks, page, c.lba, c.blocks);
     const { seq, ackedThrough } = this.recent.begin(page, firstGrain, lastGrain);
@@ -675,6 +701,14 @@ function sortAnswers(targets: readonly string[], answers: readonly Delivery[], e
     }
   });
   return { failed, reasons, newer };
+}
+
+/**
+ * A forwarded change routed by an older route of the page than `route` (this primary's now) is
+ * answered MOVED, unapplied: its sender may have run it again elsewhere (see the head comment).
+ */
+function notStale(page: number, route: Route, c: Change): void {
+  if (c.opts.routeVersion !== undefined && c.opts.routeVersion < route.version) throw new PageMovedError(page, route);
 }
 
 /** The first and last grain (indexes within the page) that [lba, lba + blocks) of `page` touches. */

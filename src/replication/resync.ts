@@ -477,6 +477,12 @@ export interface ResyncerOptions {
    * page's second copy at once).
    */
   moveEnded?(volumeId: string, page: number): Promise<void> | undefined;
+  /**
+   * A move of the page away from this peer runs: its destination D confirms its copy (the move's
+   * PREPARE again, migrator.ts), which makes it durable and fails if D restarted since the move
+   * began. Resolves at once when no move runs. See serve.
+   */
+  confirmMove?(volumeId: string, page: number): Promise<void>;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -739,6 +745,12 @@ export class Resyncer {
     try {
       for (let round = 0; round < resyncAdmitRoundsMax; round++) {
         await this.copyDirty(volume, port, ask.page, from, fill);
+        // A page moving away from here is read partly from the move's destination D, whose copy
+        // may miss staging writes it acknowledged without FUA if it restarted since (the in-sync
+        // copies hold them; D's copy is confirmed only at the commit). A copy resynced from it
+        // would be admitted in sync without them, and could become primary later (simulator,
+        // seed 3020). So D confirms after the copy, before the admission.
+        await this.o.confirmMove?.(volume.id, ask.page);
         const admitted = await port.exclusive(ask.page, whole.lba, whole.blocks, () => this.admit(volume, ask.page, from));
         if (admitted) {
           this.o.log.info({ volume: volume.name, page: ask.page, copy: from, version: admitted.version }, 'copy resynced and back in sync');

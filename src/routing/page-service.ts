@@ -177,11 +177,17 @@ export class PageService {
     return this.serve(req, store);
   }
 
-  /** A forwarded write's options; its stamp moves this peer's clock forward (src/snapshot/hlc.ts). */
+  /**
+   * A forwarded write's options; its stamp moves this peer's clock forward (src/snapshot/hlc.ts).
+   * A host change (not a replica frame, not a move's staging) carries the sender's route version,
+   * which the replicated layer checks when it applies the change.
+   */
   private writeOptions(req: BlockRequest): WriteOptions {
-    if (!req.stamp) return { fua: req.fua };
+    const opts: WriteOptions = req.replica || req.staging ? { fua: req.fua } : { fua: req.fua, routeVersion: req.routeVersion };
+    if (!req.stamp) return opts;
     this.o.clock?.observe(req.stamp);
-    return { fua: req.fua, stamp: req.stamp };
+    opts.stamp = req.stamp;
+    return opts;
   }
 
   /** Run a request that passed refusal() (its lengths match its blocks) on `store`. */

@@ -24,7 +24,7 @@
 
 import { ErrorKind, PeersanError, PeerUnavailableError, RemoteFailureError } from '../errors';
 import { sleep, type Env } from '../env/env';
-import { failoverWaitMsMax, routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
+import { failoverWaitMsMax, flushTakeoverRecheckMs, routeRetriesMax, volumeOpenWaitMsMax } from '../limits';
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
@@ -93,6 +93,12 @@ export interface VolumeRouterOptions {
    * (src/replication/failover.ts); resolves to the route it answers. Absent: no failover.
    */
   promote?(peer: string, page: number, route: Route): Promise<Route>;
+  /**
+   * How many pages of the volume `peer` (an in-sync copy) holds whose primary is still `primary`
+   * (src/replication/failover.ts ledBy): a flush `primary` did not answer waits for none. Absent:
+   * it waits until the table names no such primary.
+   */
+  ledBy?(peer: string, primary: string): Promise<number>;
   /** Silent peers: a forward to one, of a page another in-sync copy can take over, is given up. Absent: waited for until the link's deadline. */
   silence?: PeerSilence;
   /** The traffic matrix (src/loadmon/monitor.ts): each run of a host request as first routed, local or forwarded. Absent: not metered. */
@@ -247,15 +253,21 @@ export class VolumeRouter implements BlockBackend {
 
   /**
    * Make everything acknowledged so far durable on every peer that may hold pages of the volume:
-   * every copy of every page. A peer out of reach is no failure when every page it may hold
+   * every copy of every page. A secondary out of reach is no failure when every page it may hold
    * in sync has another in-sync copy that flushed: an acknowledged change is on every in-sync
    * copy, so it is durable there; the one out of reach loses its copy's in-sync place (or, if it
    * crashed, steps out of the pages its activity log names) before it can serve them again.
+   *
+   * A primary out of reach is waited for like a write's: the flush answers once each page with
+   * data it was primary of has a new one (failoverWaitMsMax at most; primariesReplaced). Else a
+   * crashed primary's copy, which lost what the others made durable, could come back as the
+   * page's only in-sync copy: when its secondary crashed too before taking over, the secondary
+   * steps out at its restart (a suspect copy that is not the primary leaves the in-sync set) and
+   * the primary keeps the page (simulator seed 3858: a flushed COMPARE AND WRITE read back as
+   * zeros).
    */
   async flush(): Promise<void> {
-    // The distinct routes (the placement classes and the changed pages): as many as peers plus
-    // changed pages, whatever the volume's size.
-    const routes = this.o.table.classes(this.o.table.pageCount(this.blockCount)).map((c) => c.route);
+    const routes = this.routeClasses();
     const peers = new Set<string>(this.o.table.peers);
     for (const r of routes) for (const p of copiesOf(r)) peers.add(p);
     const unreachable = new Map<string, PeerUnavailableError>();
@@ -275,9 +287,51 @@ export class VolumeRouter implements BlockBackend {
       }),
     );
     if (unreachable.size === 0) return;
-    for (const r of routes) {
-      const inSync = inSyncOf(r);
-      if (inSync.length > 0 && inSync.every((p) => unreachable.has(p))) throw unreachable.get(inSync[0])!;
+    await this.primariesReplaced(new Set([...peers].filter((p) => !unreachable.has(p))), unreachable);
+  }
+
+  /** The distinct routes (the placement classes and the changed pages): as many as peers plus changed pages, whatever the volume's size. */
+  private routeClasses(): Route[] {
+    return this.o.table.classes(this.o.table.pageCount(this.blockCount)).map((c) => c.route);
+  }
+
+  /**
+   * Wait until no page holding data has a primary that did not flush while another of its
+   * in-sync copies did (`flushed`): the takeovers the primary's silence brings
+   * (src/replication/failover.ts silentPeer takes over the pages a copy holds; a page no copy
+   * holds has no acknowledged write, and is taken over only when a host asks for it). Asked of
+   * one copy that flushed per route (ledBy), or without ledBy read from the table, every
+   * flushTakeoverRecheckMs. At most failoverWaitMsMax, then the primary's error. Fails at once
+   * when a page has no in-sync copy that flushed (at first, or as its route changed meanwhile).
+   */
+  private async primariesReplaced(flushed: ReadonlySet<string>, unreachable: ReadonlyMap<string, PeerUnavailableError>): Promise<void> {
+    const { clock, timers } = this.o.env;
+    const deadlineMs = clock.monotonicMs() + failoverWaitMsMax;
+    const failure = (peer: string): PeerUnavailableError => unreachable.get(peer) ?? new PeerUnavailableError(peer, 'did not flush', false);
+    for (;;) {
+      // Per route, its first in-sync copy that flushed (every in-sync copy holds the same pages); each pair asked once.
+      const asks = new Map<string, [primary: string, peer: string]>();
+      for (const r of this.routeClasses()) {
+        const inSync = inSyncOf(r);
+        const copy = inSync.find((p) => flushed.has(p));
+        if (copy === undefined) {
+          if (inSync.length > 0) throw failure(inSync[0]);
+        } else if (!flushed.has(r.owner)) {
+          asks.set(`${r.owner} ${copy}`, [r.owner, copy]);
+        }
+      }
+      let waiting: string | undefined;
+      for (const [primary, copy] of asks.values()) {
+        // An ask that fails (the copy went too) is not known to find none: waited for.
+        if (!this.o.ledBy || (await this.o.ledBy(copy, primary).catch(() => 1)) > 0) {
+          waiting = primary;
+          break;
+        }
+      }
+      if (waiting === undefined) return;
+      const leftMs = deadlineMs - clock.monotonicMs();
+      if (leftMs <= 0) throw failure(waiting);
+      await sleep(timers, Math.min(leftMs, flushTakeoverRecheckMs));
     }
   }
 

@@ -16,7 +16,7 @@ import type { MetaStore } from '../cluster/metastore';
 import type { PeerHandlers } from '../cluster/peer-rpc';
 import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
-import { downOutMsDefault, failoverWaitMsMax, loadGossipMsMax, loadStaleMs, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
+import { downOutMsDefault, failoverWaitMsMax, flushTakeoverRecheckMs, loadGossipMsMax, loadStaleMs, moveRpcMsMax, peerConnectMsMax, resyncAskMsMax, statusPeerMsMax } from '../limits';
 import type { BalancerConfig } from '../loadmon/balancer';
 import type { PeerFacts } from '../loadmon/monitor';
 import { LoadService } from '../loadmon/service';
@@ -27,7 +27,7 @@ import { ActivityLog } from '../replication/activity';
 import { Failover, learnTakeover } from '../replication/failover';
 import type { ReplicaPort } from '../replication/hooks';
 import { Leases } from '../replication/leases';
-import { checkResyncAsk, checkRouteAnswer, parseBody, type ReplicationHandler } from '../replication/messages';
+import { checkLedAnswer, checkResyncAsk, checkRouteAnswer, parseBody, type ReplicationHandler } from '../replication/messages';
 import { Resyncer, ResyncTracker } from '../replication/resync';
 import { VolumeProtection } from '../replication/admin';
 import { newReplicationCounters, type ReplicationCounters } from '../replication/protection';
@@ -182,6 +182,11 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
       const body = { volumeId, page, version: route.version, handover: false };
       return checkRouteAnswer(peer === self ? ((await replicationHandler('promote')(self, body)) as Record<string, unknown>) : await call(peer, 'promote', body, failoverWaitMsMax));
     },
+    // A flush a primary did not answer waits until a copy that did holds no page that primary still leads.
+    ledBy: async (volumeId, peer, primary) => {
+      const body = { volumeId, primary };
+      return checkLedAnswer(peer === self ? ((await replicationHandler('led')(self, body)) as Record<string, unknown>) : await call(peer, 'led', body, flushTakeoverRecheckMs * 4));
+    },
     // ... and gives up on a primary nothing came from for its lease and margin (the leases, built below).
     silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
   });
@@ -243,7 +248,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     moving: (id) => core.migrator.cursors(id),
     suspect: (id) => core.resync.activity.suspect(id),
     changesBefore: (id, t) => core.targets.replicated(id)?.changesBefore(t),
-    undropped: (id) => core.targets.replicated(id)?.undroppedCopies() ?? [],
+    undropped: (id) => [...(core.targets.replicated(id)?.undroppedCopies() ?? []), ...(core.failover?.unreconciledCopies(id) ?? [])],
     idle: (id) => core.migrator.idle(id),
     rpc: {
       reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),
@@ -345,6 +350,7 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
     self, env, catalog, tracker, activity, port, settings: w.migration, log, counters,
     untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
     moveEnded: (volumeId, page) => core.migrator.moveEnded(volumeId, page),
+    confirmMove: (volumeId, page) => core.migrator.confirmMove(volumeId, page),
     unsettled: (volumeId, page) => (core.failover?.isHeld(volumeId, page) ?? false) || (core.targets?.replicated(volumeId)?.unsettled(page) ?? false),
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });

@@ -95,6 +95,8 @@ export interface DataPathOptions {
   hostMeter?: ((backend: BlockBackend) => BlockBackend) | undefined;
   /** Ask an in-sync copy to take over a page whose primary is unreachable (the router's failover wait); default: none. */
   promote?: ((peer: string, page: number, route: Route) => Promise<Route>) | undefined;
+  /** How many pages `peer` holds in sync whose primary is still `primary` (a flush's wait for new primaries); default: none. */
+  ledBy?: ((peer: string, primary: string) => Promise<number>) | undefined;
   /** Peers nothing came from for leaseMs + margin: the router gives up on them as primaries (default: waited for until the link's deadline). */
   silence?: PeerSilence | undefined;
   /** The catalog and the activity log, leases and failover, for the replicated layer. */
@@ -124,7 +126,7 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
   const meter = o.ownerMeter;
   const router = new VolumeRouter({
-    self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.silence ? { silence: o.silence } : {}),
+    self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.ledBy ? { ledBy: o.ledBy } : {}), ...(o.silence ? { silence: o.silence } : {}),
     ...(meter ? { arrived: (lba: number, blocks: number, local: boolean, bytes: number) => meter.arrived(lba, blocks, local, bytes) } : {}),
   });
   const gate = new VolumeGate(router, o.env, o.clock);

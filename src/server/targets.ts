@@ -75,6 +75,8 @@ export interface VolumeTargetsOptions {
   movable?: typeof MovableVolume;
   /** Ask `peer` to take over a page whose primary is unreachable (src/replication/failover.ts); the route it answers. */
   promote?(volumeId: string, peer: string, page: number, route: Route): Promise<Route>;
+  /** How many pages of the volume `peer` holds in sync whose primary is still `primary` (src/replication/failover.ts ledBy). */
+  ledBy?(volumeId: string, peer: string, primary: string): Promise<number>;
   /** Peers nothing came from for leaseMs + margin (src/replication/leases.ts): the routers give up on them as primaries. */
   silence?: PeerSilence;
   /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
@@ -192,6 +194,7 @@ export class VolumeTargets implements TargetDirectory {
       ownerMeter: monitor?.volume(record.id, record.name, record.pageBlocks),
       hostMeter: meter && ((backend) => meter(record.name, backend)),
       promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),
+      ledBy: this.o.ledBy && ((peer, primary) => this.o.ledBy!(record.id, peer, primary)),
       silence: this.o.silence,
       replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => sameVolume(catalog.volume(record.name), record.id) },
     });

@@ -233,21 +233,29 @@ const joinTriesMax = 32;
  * `other` too (the page's route at another moment of the snapshot: before the first freeze,
  * or after the last FINISH): a copy out of sync at either moment may lack writes its layer
  * needs (a resync that put it back in sync after it froze; a drop for a write stamped before
- * the cut that it never got). Unchanged when none would be left.
+ * the cut that it never got). The first one alone when none would be left (keepInSync).
  */
 export function narrowInSync(route: Route, other: Route): Route {
   return keepInSync(route, (p) => inSyncOf(other).includes(p));
 }
 
-/** `route` (a page's route at the cut) without `suspect` among its in-sync copies (SuspectAtCut). Unchanged when none would be left. */
+/** `route` (a page's route at the cut) without `suspect` among its in-sync copies (SuspectAtCut). The first one alone when none would be left (keepInSync). */
 export function withoutSuspects(route: Route, suspect: readonly string[]): Route {
   return keepInSync(route, (p) => !suspect.includes(p));
 }
 
+/**
+ * When none would be left, the first in-sync copy alone: every copy is in doubt then, and their
+ * layers may differ from each other (seed 3662: the primary at the cut, dropped by a takeover
+ * after it, held a compare-and-write its secondary never got, and named that copy), while the
+ * holders of a page must hold one layer (a reader reads the first; layer-sync.ts gives it to the
+ * other copies).
+ */
 function keepInSync(route: Route, keep: (peer: string) => boolean): Route {
   const inSync = inSyncOf(route);
   const kept = inSync.filter(keep);
-  return kept.length === 0 || kept.length === inSync.length ? route : { ...route, inSync: kept };
+  if (kept.length === 0) kept.push(inSync[0]);
+  return kept.length === inSync.length ? route : { ...route, inSync: kept };
 }
 
 /** The routes of the volume's pages at the cut, as a table (placement rule plus the pages that had changed). */

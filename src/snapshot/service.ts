@@ -119,7 +119,11 @@ export interface SnapshotServiceOptions {
   suspect(volumeId: string): Iterable<number>;
   /** Resolves once no replicated change stamped before `t` that this peer is primary of is in flight (replicated.ts changesBefore). */
   changesBefore(volumeId: string, t: number): Promise<void> | undefined;
-  /** Copies of the volume's pages this peer is primary of that may lack one of its changes, their drop not made yet (replicated.ts undroppedCopies). */
+  /**
+   * Copies of the volume's pages this peer is primary of that may lack one of its changes, their
+   * drop not made yet (replicated.ts undroppedCopies), or that may differ from each other until
+   * this peer reconciles them (failover.ts unreconciledCopies).
+   */
   undropped(volumeId: string): Iterable<{ page: number; peer: string }>;
   /** Resolves when no page-move step of the volume is running on this peer. */
   idle(volumeId: string): Promise<void>;

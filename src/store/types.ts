@@ -14,6 +14,13 @@ export interface WriteOptions {
    * snapshots, src/snapshot/hlc.ts); carried when forwarded. Absent: not a host write.
    */
   stamp?: number;
+  /**
+   * A change forwarded by another peer: the version of the page's route its sender routed it by
+   * (page-service.ts). The primary of a replicated page refuses it (MOVED) if the route is newer
+   * when the change would be applied (src/replication/replicated.ts says why). Absent: this
+   * peer's own request, or not a host change.
+   */
+  routeVersion?: number;
 }
 
 export interface LbaExtent {
