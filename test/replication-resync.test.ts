@@ -215,6 +215,7 @@ interface Sent {
   lba: number;
   blocks: number;
   epoch: number;
+  fua: boolean;
 }
 
 interface Peer {
@@ -283,8 +284,8 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
     peer.port = {
       recentGrains: () => [...peer.recent],
       exclusive: (_page, lba, blocks, fn) => peer.lock.run(lba, blocks, fn),
-      send: async (to, route, op, lba, blocks, data) => {
-        const s: Sent = { to, op, lba, blocks, epoch: route.version };
+      send: async (to, route, op, lba, blocks, data, fua) => {
+        const s: Sent = { to, op, lba, blocks, epoch: route.version, fua };
         peer.sent.push(s);
         await peer.gate?.(s);
         if (peer.fail?.(s)) throw new Error(`send to ${to} failed`);
@@ -451,6 +452,7 @@ t.test('resync: copies exactly the dirty and the asked grains, unmaps unmapped o
     `p2 write 2+${grainBlocks} e${before.version}`,
     `p2 write 6+${grainBlocks} e${before.version}`,
   ], 'grains 2 (dirty), 4 (unmapped: an unmap) and 6 (asked), nothing else (runs of one grain each, sent at once)');
+  t.ok(p1.sent.every((s) => s.fua), 'each run ends with a FUA send: durable on the copy before it is admitted (seed 5169)');
   t.equal(p1.resyncer.counters.resyncBytes, 2 * grainBlocks * 512, 'bytes of data sent');
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree');
   t.equal(p1.tracker.dirtyOf(vid, 0, 'p2'), undefined, 'no set for an in-sync copy');

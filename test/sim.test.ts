@@ -47,6 +47,7 @@ const fixedSeeds: [number, string][] = [
   [3020, 'a resync read a moving page through a destination that had restarted and lost a write, and admitted the copy in sync (Resyncer.serve)'],
   [3567, 'a snapshot froze the copies of a page its restarted primary held unreconciled: they differed on a change it had in flight (Failover.unreconciledCopies)'],
   [3662, 'a snapshot kept every copy of a page as holders when all were suspect, and their layers differed (records.ts keepInSync)'],
+  [5169, 'a copy admitted in sync with its resynced grains still unsynced crashed; the other copy, restarted, stepped out and an acknowledged FUA write was lost (Resyncer.sendRun)'],
   [3858, 'a flush answered without a crashed primary; its secondary crashed too before taking over, stepped out, and the primary kept the page without the flushed write (Router.flush)'],
 ];
 

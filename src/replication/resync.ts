@@ -840,17 +840,25 @@ export class Resyncer {
    * Send a run as this peer holds it: written ranges as writes, unmapped ones as unmaps; then
    * clear its bits. Under the run's range lock no change of it runs meanwhile, so a bit is
    * cleared only once the copy has what this peer has (a crash never keeps a bit cleared early).
+   * The run's last send is FUA, which makes the whole run durable on the copy (the store's FUA
+   * syncs everything written before it): what this peer holds includes writes acknowledged as
+   * durable (FUA, or flushed), and an in-sync copy must hold those durably, or a crash of it
+   * loses them while the others, trusting it, step out of the in-sync set as suspect after their
+   * own restart (simulator, seed 5169: a copy admitted with the resynced grains still in its
+   * cache, it crashed, the other copy restarted and left the in-sync set: an acknowledged FUA
+   * write was lost on every copy).
    */
   private async sendRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun, ext: { lba: number; blocks: number }): Promise<number> {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
     let bytes = 0;
-    for (let at = ext.lba; at < ext.lba + ext.blocks; ) {
-      const extents = await port.local.lbaStatus(at, ext.lba + ext.blocks - at);
+    const end = ext.lba + ext.blocks;
+    for (let at = ext.lba; at < end; ) {
+      const extents = await port.local.lbaStatus(at, end - at);
       if (extents.length === 0) throw new Error(`assertion failed: no extent at ${at}`);
       for (const e of extents) {
         const data = e.mapped ? await port.local.read(e.lba, e.blocks) : undefined;
-        await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, false);
+        await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, e.lba + e.blocks >= end);
         bytes += data?.length ?? 0;
         at = e.lba + e.blocks;
       }
