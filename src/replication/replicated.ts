@@ -344,7 +344,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
 
   /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */
   private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
-    notStale(page, await this.ownRoute(page), c);
+    notStale(page, await this.ownRoute(page), c.opts);
     const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     await this.changeLocked(page, c, true);
@@ -357,7 +357,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     const current = await this.read(lba, blocks);
     // A forward routed by an older route of a page: MOVED now, before anything is compared or
     // written (after the read's waits for the pages' guards).
-    for (const p of this.o.table.split(lba, blocks)) notStale(p.page, await this.ownRoute(p.page), { op: 'write', lba: p.lba, blocks: p.blocks, data: undefined, opts });
+    for (const p of this.o.table.split(lba, blocks)) notStale(p.page, await this.ownRoute(p.page), opts);
     const at = firstDifference(current, compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     try {
@@ -382,7 +382,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     if (before) await before;
     const route = await this.ownRoute(page);
     // A compare-and-write's write was checked before its compare (compareLocked).
-    if (!compared) notStale(page, route, c);
+    if (!compared) notStale(page, route, c.opts);
     if (copiesOf(route).length === 1) return this.apply(c);
     const [firstGrain, lastGrain] = grainsOf(this.o.table, this.grainBlocks, page, c.lba, c.blocks);
     const { seq, ackedThrough } = this.recent.begin(page, firstGrain, lastGrain);
@@ -707,8 +707,8 @@ function sortAnswers(targets: readonly string[], answers: readonly Delivery[], e
  * A forwarded change routed by an older route of the page than `route` (this primary's now) is
  * answered MOVED, unapplied: its sender may have run it again elsewhere (see the head comment).
  */
-function notStale(page: number, route: Route, c: Change): void {
-  if (c.opts.routeVersion !== undefined && c.opts.routeVersion < route.version) throw new PageMovedError(page, route);
+function notStale(page: number, route: Route, opts: WriteOptions): void {
+  if (opts.routeVersion !== undefined && opts.routeVersion < route.version) throw new PageMovedError(page, route);
 }
 
 /** The first and last grain (indexes within the page) that [lba, lba + blocks) of `page` touches. */
