@@ -152,6 +152,12 @@ assert(loginStallEvictMs < loginPduGapMsMax && loginPduGapMsMax < loginMsMax, 'a
 export const peerFrameBytesMax = transferBytesMax + 64 * 1024;
 /** One gRPC message of batched frames (a whole frame always fits alone). */
 export const peerBatchBytesMax = peerFrameBytesMax + 4096;
+/**
+ * Received read replies kept for reuse once their host read has sent them (src/routing/read-buffers.ts):
+ * what 128 hosts' 128 KiB reads in flight use, so a forwarding peer's steady stream of large
+ * reads allocates nothing; what is given back beyond it is left to the GC.
+ */
+export const readBuffersFreeBytesMax = 16 * 1024 * 1024;
 /** Forwarded requests outstanding per peer link; more wait for a slot (back-pressure). */
 export const peerRequestsInFlightMax = 256;
 /** A forwarded request that gets no answer in this time fails (the host sees a SCSI error, never a hang). */

@@ -145,7 +145,7 @@ export class Connection {
   }
 
   /** Called by the portal from sessionStarted. */
-  attachSession(nexus: Nexus, budget: ByteBudget): Session {
+  attachSession(nexus: Nexus, budget: ByteBudget, readDataSent?: (data: Buffer) => void): Session {
     const outcome = this.outcome!;
     this.session = new Session({
       sessionType: outcome.sessionType,
@@ -160,6 +160,7 @@ export class Connection {
       log: this.log,
       nowMs: Date.now(),
       budget,
+      ...(readDataSent ? { readDataSent } : {}),
     });
     return this.session;
   }

@@ -41,6 +41,8 @@ export interface PortalOptions {
   redirectFor?: LoginContext['redirectFor'];
   /** Told of every session that reached full feature phase (host balancing counts it from then on). */
   sessionStarted?(info: SessionInfo): void;
+  /** Told of a READ's data once it has left for the socket (the peer reuses its buffer: src/routing/read-buffers.ts). */
+  readDataSent?(data: Buffer): void;
 }
 
 export interface SessionInfo {
@@ -239,7 +241,7 @@ export class Portal {
       targetPort: `${targetName},t,0x${this.opts.directory.portalGroupTag.toString(16).padStart(4, '0')}`,
       relativeTargetPort: this.opts.directory.portalGroupTag,
     };
-    const session = conn.attachSession(nexus, this.budget);
+    const session = conn.attachSession(nexus, this.budget, this.opts.readDataSent);
     const live: LiveSession = { tsih: outcome.tsih, outcome, conn, session };
     this.sessionsByTsih.set(outcome.tsih, live);
     this.opts.sessionStarted?.(this.info(live));

@@ -73,6 +73,12 @@ export interface SessionOptions {
   nowMs: number;
   /** The peer's bytes for command data, shared by all its sessions. */
   budget: ByteBudget;
+  /**
+   * Told of a read's data once its last PDU has left for the socket (the socket's write
+   * callback: the kernel has the bytes, or the connection is gone): nothing here reads the
+   * data after that, so its buffer may be reused.
+   */
+  readDataSent?(data: Buffer): void;
 }
 
 /**
@@ -600,7 +606,11 @@ export class Session {
     if (answered && task.chargedBytes > 0 && task.pdu.read && result.dataIn && result.dataIn.length > 0) {
       this.awaitingFlush.add(task);
       task.buffer = null;
-      this.sendResult(task, result, () => this.flushed(task));
+      const data = result.dataIn;
+      this.sendResult(task, result, () => {
+        this.flushed(task);
+        this.opts.readDataSent?.(data);
+      });
     } else {
       this.uncharge(task);
       if (answered) this.sendResult(task, result);

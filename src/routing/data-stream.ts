@@ -84,6 +84,8 @@ export interface DialOptions {
   /** Mutual TLS options (peer-tls.ts peerTlsConnectOptions); absent: plain. */
   tls?: tls.ConnectionOptions;
   timeoutMs: number;
+  /** Where the replies of a plain stream are received (read-buffers.ts take); default: fresh buffers. */
+  frameBuffer?: (n: number) => Buffer;
 }
 
 /** An open, authenticated data stream: its socket (paused until receive). */
@@ -99,8 +101,8 @@ export interface DataStream {
 }
 
 /** A data stream whose bytes come as 'data' events (accepted sockets; TLS). */
-function chunkedStream(socket: net.Socket): DataStream {
-  const reader = new FrameReader(peerFrameBytesMax);
+function chunkedStream(socket: net.Socket, frameBuffer?: (n: number) => Buffer): DataStream {
+  const reader = new FrameReader(peerFrameBytesMax, frameBuffer);
   return {
     socket,
     receive(onFrames) {
@@ -125,7 +127,7 @@ function chunkedStream(socket: net.Socket): DataStream {
  */
 export function dialDataStream(o: DialOptions): Promise<DataStream> {
   return new Promise((resolve, reject) => {
-    const inPlace = o.tls ? undefined : new InPlaceReads(new FrameReader(peerFrameBytesMax));
+    const inPlace = o.tls ? undefined : new InPlaceReads(new FrameReader(peerFrameBytesMax, o.frameBuffer));
     let onRead: (n: number, buf: Uint8Array) => void = () => undefined;
     const callback = (n: number, buf: Uint8Array): boolean => {
       onRead(n, buf);
@@ -185,7 +187,7 @@ export function dialDataStream(o: DialOptions): Promise<DataStream> {
         socket.off('error', onTlsError);
         // Under TLS the raw socket's errors end the TLS socket, which the caller watches.
         if (socket !== raw) raw.on('error', () => undefined);
-        if (!inPlace) return resolve(chunkedStream(socket));
+        if (!inPlace) return resolve(chunkedStream(socket, o.frameBuffer));
         resolve({
           socket,
           receive(onFrames) {

@@ -16,7 +16,11 @@ export class FrameReader {
   private partial: Buffer | undefined;
   private partialHave = 0;
 
-  constructor(private readonly frameBytesMax: number) {}
+  constructor(
+    private readonly frameBytesMax: number,
+    /** Where a frame that spans chunks is assembled (read-buffers.ts reuses them). */
+    private readonly alloc: (n: number) => Buffer = Buffer.allocUnsafe,
+  ) {}
 
   /** The frames `chunk` completes, in order, or undefined when it holds a malformed length (the stream is then unusable). */
   read(chunk: Buffer): Buffer[] | undefined {
@@ -48,7 +52,7 @@ export class FrameReader {
         frames.push(chunk.subarray(at, at + n));
         at += n;
       } else {
-        this.partial = Buffer.allocUnsafe(n);
+        this.partial = this.alloc(n);
         this.partialHave = 0;
       }
     }

@@ -19,6 +19,7 @@ import { PeerUnavailableError } from '../errors';
 import { peerConnectMsMax, peerRequestMsMax, peerRequestsInFlightMax } from '../limits';
 import { FrameBatcher, writeChunks, type FrameCodec } from './batch';
 import { dialDataStream, type DataStream } from './data-stream';
+import type { ReadBuffers } from './read-buffers';
 import { decodeReply, encodeRequestInto, requestFrameBytes, type BlockReply, type BlockRequest } from './frame';
 
 /** A request in flight: queued in the batcher until its batch leaves, in `pending` until answered. */
@@ -54,6 +55,8 @@ export interface PeerLinkOptions {
   /** Mutual TLS to the peer (peer-tls.ts peerTlsConnectOptions); absent: plain (a group without `cluster.tls`). */
   tls?: ConnectionOptions;
   requestMsMax?: number;
+  /** The peer's reused receive buffers (read-buffers.ts); absent: replies land in fresh buffers. */
+  readBuffers?: ReadBuffers;
 }
 
 export class PeerLink {
@@ -125,7 +128,10 @@ export class PeerLink {
   /** Dial (bounded: a peer that just came back is used, a dead one fails soon) and attach the stream. */
   private open(): Promise<void> {
     // Sockets and their timeouts are real whatever the Env (as gRPC's deadlines were).
-    this.dialing ??= dialDataStream({ peerId: this.peerId, address: this.opts.address, hello: this.opts.hello, tls: this.opts.tls, timeoutMs: peerConnectMsMax }).then(
+    this.dialing ??= dialDataStream({
+      peerId: this.peerId, address: this.opts.address, hello: this.opts.hello, tls: this.opts.tls, timeoutMs: peerConnectMsMax,
+      ...(this.opts.readBuffers ? { frameBuffer: this.opts.readBuffers.take } : {}),
+    }).then(
       (stream) => {
         this.dialing = undefined;
         if (this.closed) stream.socket.destroy();

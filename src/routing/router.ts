@@ -28,6 +28,7 @@ import { failoverWaitMsMax, flushTakeoverRecheckMs, routeRetriesMax, volumeOpenW
 import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } from '../store/types';
 import { BlockOp, decodeExtents, replyError, ReplyStatus, type BlockOpCode, type BlockReply, type BlockRequest } from './frame';
 import { PageMovedError } from './moved';
+import type { ReadBuffers } from './read-buffers';
 import { copiesOf, inSyncOf, type Route, type RouteTable } from './table';
 
 export interface RoutingCounters {
@@ -103,6 +104,8 @@ export interface VolumeRouterOptions {
   silence?: PeerSilence;
   /** The traffic matrix (src/loadmon/monitor.ts): each run of a host request as first routed, local or forwarded. Absent: not metered. */
   arrived?(lba: number, blocks: number, local: boolean, bytes: number): void;
+  /** The peer's reused receive buffers: a read forwarded to one owner hands its reply's buffer to its caller alone (read-buffers.ts). Absent: none reused. */
+  readBuffers?: ReadBuffers;
 }
 
 interface Run {
@@ -147,7 +150,12 @@ export class VolumeRouter implements BlockBackend {
           return await this.o.local.read(lba, blocks);
         }
         const reply = await this.forwardOnce(run, BlockOp.read, false);
-        if (this.answered(run, reply)) return this.readData(run, this.payload(reply));
+        if (this.answered(run, reply)) {
+          // The reply's data goes to this read's caller and nowhere else: a host read may give its buffer back once sent.
+          const data = this.readData(run, this.payload(reply));
+          this.o.readBuffers?.handOver(data);
+          return data;
+        }
       } catch (err) {
         tries = await this.followMoved(err, tries, run);
         runs = this.runsOf(lba, blocks, 0);

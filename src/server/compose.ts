@@ -47,6 +47,7 @@ import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
 import { ConflictError, InvalidArgumentError, PeersanError } from '../errors';
 import type { EventKind } from './events';
+import type { ReadBuffers } from '../routing/read-buffers';
 import { PortGroups } from './port-groups';
 import { productRevision, VolumeTargets } from './targets';
 
@@ -90,6 +91,8 @@ export interface PeerWiring {
   protocols?: Partial<PeerProtocols>;
   /** Where the routers count their runs (the peer's /metrics reads it); default: a new one. */
   routing?: RoutingCounters;
+  /** The receive buffers the peer's data streams and portal share (src/routing/read-buffers.ts); default: none reused. */
+  readBuffers?: ReadBuffers;
   /** Copies: the lost-peer interval (cluster.yaml); default: downOutMsDefault. */
   replication?: ReplicationSettings;
 }
@@ -189,6 +192,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     },
     // ... and gives up on a primary nothing came from for its lease and margin (the leases, built below).
     silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
+    ...(w.readBuffers ? { readBuffers: w.readBuffers } : {}),
   });
   core.migrator = new P.migrator({
     self, env, members, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,

@@ -63,6 +63,7 @@ import { VolumeGate } from '../snapshot/gate';
 import type { HybridClock } from '../snapshot/hlc';
 import { StampLog } from '../snapshot/stamp-log';
 import type { BlockBackend } from '../store/types';
+import type { ReadBuffers } from '../routing/read-buffers';
 
 export interface DataPathOptions {
   self: string;
@@ -99,6 +100,8 @@ export interface DataPathOptions {
   ledBy?: ((peer: string, primary: string) => Promise<number>) | undefined;
   /** Peers nothing came from for leaseMs + margin: the router gives up on them as primaries (default: waited for until the link's deadline). */
   silence?: PeerSilence | undefined;
+  /** The peer's reused receive buffers (src/routing/read-buffers.ts); default: none reused. */
+  readBuffers?: ReadBuffers | undefined;
   /** The catalog and the activity log, leases and failover, for the replicated layer. */
   replication: ReplicationWiring;
 }
@@ -126,7 +129,7 @@ export function buildDataPath(o: DataPathOptions): DataPath {
   const owned: BlockBackend = o.ownerMeter ? new MeteredBackend(replicated, o.ownerMeter) : replicated;
   const meter = o.ownerMeter;
   const router = new VolumeRouter({
-    self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.ledBy ? { ledBy: o.ledBy } : {}), ...(o.silence ? { silence: o.silence } : {}),
+    self, volumeId, table, local: owned, link: o.link, refresh: o.refresh, counters: o.counters, env: o.env, ...(o.promote ? { promote: o.promote } : {}), ...(o.ledBy ? { ledBy: o.ledBy } : {}), ...(o.silence ? { silence: o.silence } : {}), ...(o.readBuffers ? { readBuffers: o.readBuffers } : {}),
     ...(meter ? { arrived: (lba: number, blocks: number, local: boolean, bytes: number) => meter.arrived(lba, blocks, local, bytes) } : {}),
   });
   const gate = new VolumeGate(router, o.env, o.clock);

@@ -10,6 +10,7 @@ import type { PeerTransport } from '../cluster/transport';
 import type { Env } from '../env/env';
 import { PeersanError } from '../errors';
 import { PeerLink } from '../routing/link';
+import type { ReadBuffers } from '../routing/read-buffers';
 import type { MembersView } from '../cluster/members';
 
 export interface GrpcTransportOptions {
@@ -24,6 +25,8 @@ export interface GrpcTransportOptions {
   secret: string;
   tls: PeerTls | undefined;
   env: Env;
+  /** Where the block streams receive large replies (src/routing/read-buffers.ts); absent: fresh buffers. */
+  readBuffers?: ReadBuffers;
 }
 
 export class GrpcTransport implements PeerTransport {
@@ -38,9 +41,10 @@ export class GrpcTransport implements PeerTransport {
     const held = this.links.get(peerId);
     if (held?.address === address) return held.link;
     held?.link.close();
-    const { secret, self, tls, env } = this.o;
+    const { secret, self, tls, env, readBuffers } = this.o;
     const link = new PeerLink({
       peerId, address, env,
+      ...(readBuffers ? { readBuffers } : {}),
       hello: () => peerAuthFields(secret, self, peerDataMethod),
       ...(tls ? { tls: peerTlsConnectOptions(tls, peerId) } : {}),
     });

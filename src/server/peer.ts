@@ -24,10 +24,11 @@ import { InvalidArgumentError } from '../errors';
 import type { Env } from '../env/env';
 import { realEnv } from '../env/real';
 import { Portal, type SessionInfo } from '../iscsi/portal';
-import { consoleEventsMax, downOutMsDefault, gracefulStopMs } from '../limits';
+import { consoleEventsMax, downOutMsDefault, gracefulStopMs, readBuffersFreeBytesMax } from '../limits';
 import { balancerDefaults } from '../loadmon/balancer';
 import { RpcListener } from '../routing/data-stream';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
+import { ReadBuffers } from '../routing/read-buffers';
 import { SnapshotScheduler } from '../snapshot/schedule';
 import { PageStore } from '../store/page-store';
 import { addAdminService } from './admin';
@@ -68,6 +69,8 @@ export class PeerServer {
   private readonly env: Env;
   /** Local runs, forwarded runs and MOVED retries of this peer's routers. */
   readonly routing: RoutingCounters = newRoutingCounters();
+  /** Large read replies from other peers, reused once the host read they answer has sent them. */
+  private readonly readBuffers = new ReadBuffers(readBuffersFreeBytesMax);
   private readonly startedAtMs: number;
   private store!: PageStore;
   private meta!: MetaStore;
@@ -169,7 +172,7 @@ export class PeerServer {
     this.members = members;
     this.store = await PageStore.open(join(this.peer.data, 'store'), { log: this.log });
     const dialOf = (id: string): string | undefined => this.config.peers.find((p) => p.id === id)?.rpc;
-    const grpcTransport = new GrpcTransport({ self, members, dialOf, secret: this.config.secret, tls, env: this.env });
+    const grpcTransport = new GrpcTransport({ self, members, dialOf, secret: this.config.secret, tls, env: this.env, readBuffers: this.readBuffers });
     const transport = (this.transport = this.opts.transport ? this.opts.transport(grpcTransport) : grpcTransport);
     const { migration } = this.config;
     return composePeer({
@@ -185,6 +188,7 @@ export class PeerServer {
       event: this.event,
       meter: (name, backend) => this.metrics.meter(name, backend),
       routing: this.routing,
+      readBuffers: this.readBuffers,
       replication: { downOutMs: this.config.downOutMs ?? downOutMsDefault },
       ...(this.opts.protocols ? { protocols: this.opts.protocols } : {}),
     });
@@ -273,6 +277,7 @@ export class PeerServer {
       // A draining or leaving peer sends every login to an up peer, whatever host balancing says.
       redirectFor: (i: string, t: string, isid: string) => this.drainLogin(i, t) ?? hb?.redirectFor(i, t, isid),
       ...(hb ? { sessionStarted: (info: SessionInfo) => hb.sessionStarted(info) } : {}),
+      readDataSent: (data) => this.readBuffers.giveBack(data),
     });
     await this.portal.listen();
   }

@@ -33,6 +33,7 @@ import { MeteredLogicalUnit } from '../loadmon/metered';
 import type { LoadMonitor } from '../loadmon/monitor';
 import { buildDataPath, type DataPath } from './data-path';
 import type { PortGroups } from './port-groups';
+import type { ReadBuffers } from '../routing/read-buffers';
 
 export const productRevision = '0.2';
 
@@ -79,6 +80,8 @@ export interface VolumeTargetsOptions {
   ledBy?(volumeId: string, peer: string, primary: string): Promise<number>;
   /** Peers nothing came from for leaseMs + margin (src/replication/leases.ts): the routers give up on them as primaries. */
   silence?: PeerSilence;
+  /** The peer's reused receive buffers (src/routing/read-buffers.ts), for every volume's router. */
+  readBuffers?: ReadBuffers;
   /** The class of a volume's replicated layer (src/replication/replicated.ts); the simulator's negative controls pass a variant. */
   replicated?: typeof ReplicatedVolume;
   /** The activity log and the primary's guard every volume's replicated layer calls (src/replication/hooks.ts). */
@@ -196,6 +199,7 @@ export class VolumeTargets implements TargetDirectory {
       promote: this.o.promote && ((peer, page, route) => this.o.promote!(record.id, peer, page, route)),
       ledBy: this.o.ledBy && ((peer, primary) => this.o.ledBy!(record.id, peer, primary)),
       silence: this.o.silence,
+      readBuffers: this.o.readBuffers,
       replication: { ...this.o.replication, catalog, log: this.o.log, volume: () => sameVolume(catalog.volume(record.name), record.id) },
     });
     const keeper = new SharedReservationKeeper({ volumeId: record.id, meta: catalog.store, notify: this.o.notifyReservations });

@@ -41,7 +41,7 @@ export interface Fixture {
   budget: ByteBudget;
 }
 
-export function setup(params: Partial<SessionParams> = {}, extra: { io?: Partial<SessionIo>; budget?: ByteBudget; holdFlushes?: boolean } = {}): Fixture {
+export function setup(params: Partial<SessionParams> = {}, extra: { io?: Partial<SessionIo>; budget?: ByteBudget; holdFlushes?: boolean; readDataSent?: (data: Buffer) => void } = {}): Fixture {
   const lu = new FakeLu();
   const target: TargetInfo = { name: 'iqn.2026-11.io.peersan:v', allow: [], luns: new Map([[0, lu]]) };
   const directory: TargetDirectory = { portalGroupTag: 1, portalAddresses: ['127.0.0.1:3260'], find: () => target, visibleTo: () => [target] };
@@ -59,6 +59,7 @@ export function setup(params: Partial<SessionParams> = {}, extra: { io?: Partial
     params: { ...defaultSessionParams(), maxRecvDataSegmentLength: 65536, maxXmitDataSegmentLength: 8192, ...params },
     expCmdSN: 1, statSN: 100, nexus: { initiatorPort: 'i', initiatorName: 'iqn.x:y', targetPort: 't', relativeTargetPort: 1 },
     io: { send, close: (r) => closed.push(r), ...extra.io }, log: pino({ level: 'silent' }), nowMs: 0, budget,
+    ...(extra.readDataSent ? { readDataSent: extra.readDataSent } : {}),
   });
   return { s, lu, out, closed, flushes, budget };
 }
