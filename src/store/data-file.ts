@@ -3,12 +3,59 @@
 // filled (the file is sparse: a slot past EOF has never been written). I/O errors leave as
 // the store's typed errors (StoreReadError, StoreWriteError, NoSpaceError), so the SCSI
 // layer and other peers learn what failed, not just a message (src/errors.ts ErrorKind).
-
+//
+// Writes are gathered: those asked for in one turn of the event loop go out at its end, and
+// a run of them where each starts where the one before it ends (a host writing sequentially at
+// depth 32 sends a dozen adjacent 4 KiB writes in a turn) goes as one pwritev. Each write costs
+// a trip through libuv's thread pool (a futex wake-up, two context switches, its lock): one
+// trip per run instead of one per write is most of what a small write costs here. Runs are cut
+// from the writes in the order they were asked for, and no write resolves before its bytes are
+// in the kernel, so what media.ts promises holds as before. Runs (like the single writes before
+// them) complete in any order: the store never has two writes of the same bytes in flight.
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
 import type { MediaFile } from './media';
 
+/** A write asked for and not yet sent. */
+export interface QueuedWrite {
+  buf: Buffer;
+  position: number;
+  resolve(): void;
+  reject(err: Error): void;
+}
+
+/** At most this many writes, and this many bytes, go in one pwritev (IOV_MAX is 1024). */
+const runWritesMax = 64;
+const runBytesMax = 1024 * 1024;
+
+/** `queue` cut, in order, into runs of adjacent writes (each starts where the one before it ends), bounded as above. */
+export function adjacentRuns(queue: readonly QueuedWrite[]): QueuedWrite[][] {
+  const runs: QueuedWrite[][] = [];
+  let run: QueuedWrite[] = [];
+  let end = -1;
+  let bytes = 0;
+  for (const w of queue) {
+    if (run.length === 0 || w.position !== end || run.length >= runWritesMax || bytes + w.buf.length > runBytesMax) {
+      if (run.length > 0) runs.push(run);
+      run = [];
+      bytes = 0;
+    }
+    run.push(w);
+    end = w.position + w.buf.length;
+    bytes += w.buf.length;
+  }
+  if (run.length > 0) runs.push(run);
+  return runs;
+}
+
 export class DataFile implements MediaFile {
+  private queue: QueuedWrite[] = [];
+  private readonly sendQueued = (): void => {
+    const queue = this.queue;
+    this.queue = [];
+    for (const run of adjacentRuns(queue)) this.writeRun(run, 0);
+  };
+
   private constructor(private readonly fd: number) {}
 
   static open(path: string): Promise<DataFile> {
@@ -27,18 +74,37 @@ export class DataFile implements MediaFile {
     });
   }
 
-  /** Writes all of it (loops on short writes). */
+  /** Writes all of it, at the end of this turn of the event loop, with the adjacent writes asked for in it (see above). */
   write(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const step = (off: number, len: number, pos: number): void => {
-        fs.write(this.fd, buf, off, len, pos, (err, n) => {
-          if (err) return reject(storeError(err, true, `writing ${len} bytes at ${pos}`));
-          if (n < len) return step(off + n, len - n, pos + n);
-          resolve();
-        });
-      };
-      step(offset, length, position);
+      if (this.queue.length === 0) setImmediate(this.sendQueued);
+      this.queue.push({ buf: buf.subarray(offset, offset + length), position, resolve, reject });
     });
+  }
+
+  /** Write `run` (adjacent writes) from its `skip`th byte on: one write or pwritev, again on a short one. */
+  private writeRun(run: QueuedWrite[], skip: number): void {
+    const position = run[0].position + skip;
+    const done = (err: NodeJS.ErrnoException | null, n: number): void => {
+      if (!err && n === 0) err = Object.assign(new Error('the file took none of the bytes'), { code: 'EIO' });
+      if (err) {
+        const failure = storeError(err, true, `writing ${run.reduce((a, w) => a + w.buf.length, 0) - skip} bytes at ${position}`);
+        for (const w of run) w.reject(failure);
+        return;
+      }
+      // Writes wholly written are done; a short write goes on from where it stopped.
+      let through = skip + n;
+      let i = 0;
+      for (; i < run.length && through >= run[i].buf.length; i++) {
+        through -= run[i].buf.length;
+        run[i].resolve();
+      }
+      if (i < run.length) this.writeRun(run.slice(i), through);
+    };
+    if (run.length === 1) return fs.write(this.fd, run[0].buf, skip, run[0].buf.length - skip, position, done);
+    const bufs = run.map((w) => w.buf);
+    bufs[0] = bufs[0].subarray(skip);
+    fs.writev(this.fd, bufs, position, done);
   }
 
   datasync(): Promise<void> {
