@@ -18,9 +18,11 @@
 // of its own). Data of zeroCopyMinBytes or more is not copied: the batch is a list of chunks
 // (headers, data, headers, …) that the socket writes with one writev (writeChunks), so a
 // 128 KiB read reply leaves the owner with no user-space copy. Such data must not change
-// after it is pushed until the socket has sent it: no peersan buffer is ever reused (store
-// reads and iSCSI data are fresh buffers), and a request failed early (its deadline) is
-// still only read by the socket.
+// after it is pushed until the socket has sent it: store reads and iSCSI data are fresh
+// buffers; the only reused ones, received read replies (read-buffers.ts), are reused only
+// after the host read they answered has sent them, so a reply's data that is sent on to
+// another peer (XCOPY, a migration) is never reused; and a request failed early (its
+// deadline) is still only read by the socket.
 
 import type * as net from 'node:net';
 import { peerBatchBytesMax, peerFrameBytesMax } from '../limits';
