@@ -248,6 +248,11 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.ok(w.ok, w.out);
     const r = await qemuIo(g.url('p1', 'io'), 'read -P 0x3a 0 8M');
     t.ok(r.ok, r.out);
+    // Reads inside p2's page, each forwarded whole: received into a reused buffer from the second on.
+    for (const at of ['4M', '5M']) {
+      const one = await qemuIo(g.url('p1', 'io'), `read -P 0x3a ${at} 256k`);
+      t.ok(one.ok, one.out);
+    }
     const res = await http(base, 'GET', '/metrics');
     t.match(res.headers['content-type'], /^text\/plain; version=0\.0\.4/);
     const after = parseExposition(res.text).samples;
@@ -259,6 +264,8 @@ t.test('a 3-peer group over HTTP', async (t) => {
     // 8 MiB over pages of 4 MiB on p1, p2: one page is p1's own, one is forwarded.
     t.ok(delta('peersan_routed_runs_total', { path: 'local' }) >= 1, 'local runs');
     t.ok(delta('peersan_routed_runs_total', { path: 'forwarded' }) >= 1, 'forwarded runs');
+    t.ok(delta('peersan_read_buffers_total', { event: 'given_back' }) >= 2, 'the forwarded reads\' buffers given back once sent');
+    t.ok(delta('peersan_read_buffers_total', { event: 'reused' }) >= 1, 'and reused');
     t.ok(total(after, 'peersan_volume_allocated_bytes', { volume: 'io' }) >= 4 * 1024 * 1024, 'p1 holds its page');
     t.equal(total(after, 'peersan_sessions', { type: 'normal' }), 0, 'qemu-io logged out');
     const p2 = parseExposition((await http(g.http('p2'), 'GET', '/metrics')).text).samples;

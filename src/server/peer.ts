@@ -111,6 +111,9 @@ export class PeerServer {
       sessions: () => this.portal?.sessions() ?? [],
       volumeAllocatedBytes: () => new Map((this.core?.catalog.listVolumes() ?? []).map((v) => [v.name, this.core.targets.allocatedBytes(v.name)])),
     });
+    const reads = this.readBuffers.counts;
+    this.metrics.followCounter('peersan_read_buffers_total', 'Large replies received from other peers: buffers taken for them (new or reused), reused, and given back once their host read was sent (src/routing/read-buffers.ts)', ['event'],
+      () => [[{ event: 'taken' }, reads.taken], [{ event: 'reused' }, reads.reused], [{ event: 'given_back' }, reads.givenBack]]);
   }
 
   static async start(config: ClusterConfig, peerId: string, log: Logger, opts: PeerStartOptions = {}): Promise<PeerServer> {
