@@ -10,8 +10,10 @@
 // a trip through libuv's thread pool (a futex wake-up, two context switches, its lock): one
 // trip per run instead of one per write is most of what a small write costs here. Runs are cut
 // from the writes in the order they were asked for, and no write resolves before its bytes are
-// in the kernel, so what media.ts promises holds as before. Runs (like the single writes before
-// them) complete in any order: the store never has two writes of the same bytes in flight.
+// in the kernel, so what media.ts promises holds as before. Runs complete in any order, as the
+// single writes before them did: two writes of the same bytes in flight at once (a host's
+// overlapping commands, sent without waiting; SCSI leaves their order to the target) land in
+// either order. A page's copies get such changes one after the other (replication's range lock).
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
 import type { MediaFile } from './media';
