@@ -119,6 +119,12 @@ t.test('planned moves: any portal sends the host on, the destination accepts, on
   t.same(p1.onLogin(view, login('x'), 200), { kind: 'accept', reason: 'best' }, 'a cancelled plan does nothing');
   p1.plan(plan);
   t.equal(p1.onLogin([peer('p1', 0), peer('p2', 0), peer('p3', 0, { up: false })], login('y'), 300).kind, 'accept', 'never sent to a peer that is down');
+  // The host left p2 for p3 and comes back to p1 before the gossip drops its session on p2.
+  p1.plan(plan);
+  const stale = p1.onLogin(view, { ...login('z'), multipath: true, otherPaths: ['p2'] }, 400);
+  t.same(stale.kind === 'redirect' && [stale.to.peerId, stale.reason], ['p3', 'planned'], 'the session it just left (still gossiped) does not keep it off its destination');
+  p1.plan(plan);
+  t.same(p1.onLogin(view, { ...login('w'), multipath: true, otherPaths: ['p3'] }, 500), { kind: 'accept', reason: 'multipath' }, 'a path it already has on the destination does: never two paths on one peer');
 });
 
 t.test('automatic moves: margin, minimum age, cool-down, rate limit, reservations', async (t) => {

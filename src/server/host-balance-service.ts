@@ -102,8 +102,8 @@ export class HostBalanceService {
   /** The portal's redirectFor hook: "host:port,tpgt" to send the login there, or undefined. */
   redirectFor(initiatorName: string, targetName: string, isid: string): string | undefined {
     const view = this.view();
-    const multipath = this.otherPathsNow()(initiatorName, targetName).length > 0;
-    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath };
+    const otherPaths = this.otherPathsNow()(initiatorName, targetName);
+    const login = { initiatorName, isid, targetName, sessionType: 'Normal' as const, pinned: this.o.pinned(initiatorName, isid, targetName), multipath: otherPaths.length > 0, otherPaths };
     const decision = this.balancer.onLogin(view, login, this.now(), this.o.shares?.(targetName));
     if (decision.kind === 'accept') {
       const level = decision.reason === 'best' ? 'debug' : 'info';

@@ -21,7 +21,9 @@
 // would leave it without one when that peer dies. Who else a host reaches the target through is
 // read from the sessions the peers gossip (src/loadmon): a session is listed once it has sent a
 // command, up to a tick late, so the very first logins of a host that logs in through every
-// portal at once are placed by the usual rule (which, on an even group, accepts them).
+// portal at once are placed by the usual rule (which, on an even group, accepts them). A moved
+// host's next login is sent on to its destination even while the gossip still lists the session
+// it just left: only a path it already has on the destination would keep it (see onLogin).
 //
 // libiscsi re-logs in to the portal it was first given (not the one it was redirected to),
 // with a NEW random ISID after an async logout; so planned moves are keyed by (initiator
@@ -98,6 +100,8 @@ export interface LoginAttempt {
   pinned?: boolean;
   /** The initiator has sessions to this target through other peers: a multipath host, never redirected. */
   multipath?: boolean;
+  /** The other peers those sessions are on, as gossiped (see onLogin: a planned login). */
+  otherPaths?: readonly string[];
 }
 
 /** A host session another peer reports (the load monitor's gossip, src/loadmon/view.ts HostLoadView). */
@@ -230,7 +234,11 @@ export class HostBalancer {
       this.plans.delete(key(login.initiatorName, login.targetName));
       const to = view.find((p) => p.peerId === plan.to);
       if (plan.to === this.selfId) return this.accept(port, nowMs, 'planned-here');
-      if (to && to.up && !login.multipath) return this.redirect(port, to, nowMs, 'planned');
+      // Plans are made only for hosts with one path (move and pickMove refuse multipath ones). A
+      // moved host logs in again at once, while the gossip still lists the session it just left
+      // (on the peer that asked it to leave, never the plan's destination): that stale path must
+      // not keep it here. Only a path it already has on the destination stops the move.
+      if (to && to.up && !(login.otherPaths ?? []).includes(plan.to)) return this.redirect(port, to, nowMs, 'planned');
     }
     if (this.redirected.has(port)) {
       // It came back: the other peer sent it here again or could not be reached. Stay.
