@@ -211,7 +211,9 @@ t.test('host balancing leaves a multipath host alone', async (t) => {
   t.equal(b.onLogin(busy, login('a', false), 0).kind, 'redirect', 'a single-path host is sent to a less busy peer');
   t.same(b.onLogin(busy, login('b', true), 0), { kind: 'accept', reason: 'multipath' }, 'a multipath host is not');
   b.plan({ initiatorName: 'iqn.h:1', targetName: target, to: 'p3', untilMs: 10_000 });
-  t.same(b.onLogin(busy, login('c', true), 100), { kind: 'accept', reason: 'multipath' }, 'not even by a planned move');
+  t.same(b.onLogin(busy, { ...login('c', true), otherPaths: ['p3'] }, 100), { kind: 'accept', reason: 'multipath' }, 'nor by a planned move to a peer it already has a path through');
+  b.plan({ initiatorName: 'iqn.h:1', targetName: target, to: 'p3', untilMs: 10_000 });
+  t.equal(b.onLogin(busy, { ...login('d', true), otherPaths: ['p2'] }, 200).kind, 'redirect', 'a planned move elsewhere goes ahead (the path the gossip still lists is the session the move just ended)');
 
   const auto = new HostBalancer('p1', { ...defaultHostBalanceSettings, sessionMinAgeMs: 0 });
   const session = (tsih: number, multipath: boolean): MovableSession => ({ tsih, initiatorName: `iqn.h:${tsih}`, isid: 'aa', targetName: target, startedAtMs: 0, pinned: false, multipath });

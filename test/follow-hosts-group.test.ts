@@ -60,6 +60,8 @@ t.test('two hosts on two peers: the pages each writes through the other peer mov
   t.comment(`${writes} writes; owners at first ${start.join(',')}; after ${tookS} s ${now.join(',')}`);
   t.same(away.filter((page) => now[page] !== hostPeer(page)), [], `every page moved to the peer its host writes through, within ${tookS} s`);
   t.same(now.map((o, page) => (start[page] === hostPeer(page) && o !== start[page] ? page : -1)).filter((p) => p >= 0), [], 'no page already with its host moved away');
+  // A second for the last move's route to reach p1's router (it learns it from the catalog).
+  await new Promise((r) => setTimeout(r, 1_000));
   const routed = g.peer('p1').routing;
   const before = { ...routed };
   await new Promise((r) => setTimeout(r, 3_000));

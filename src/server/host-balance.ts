@@ -100,7 +100,7 @@ export interface LoginAttempt {
   pinned?: boolean;
   /** The initiator has sessions to this target through other peers: a multipath host, never redirected. */
   multipath?: boolean;
-  /** The other peers those sessions are on, as gossiped (see onLogin: a planned login). */
+  /** The other peers those sessions are on, as gossiped (see onLogin: a planned login); unknown: any path counts as one on the destination. */
   otherPaths?: readonly string[];
 }
 
@@ -238,7 +238,8 @@ export class HostBalancer {
       // moved host logs in again at once, while the gossip still lists the session it just left
       // (on the peer that asked it to leave, never the plan's destination): that stale path must
       // not keep it here. Only a path it already has on the destination stops the move.
-      if (to && to.up && !(login.otherPaths ?? []).includes(plan.to)) return this.redirect(port, to, nowMs, 'planned');
+      const pathOnDestination = login.otherPaths ? login.otherPaths.includes(plan.to) : login.multipath === true;
+      if (to && to.up && !pathOnDestination) return this.redirect(port, to, nowMs, 'planned');
     }
     if (this.redirected.has(port)) {
       // It came back: the other peer sent it here again or could not be reached. Stay.
