@@ -2,7 +2,7 @@
 // test's teardown, and every wait is bounded.
 
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { appendFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,12 +15,16 @@ export const cliPath = join(repoRoot, 'bin', 'peersan.js');
  * (32768-60999 on Linux), which an outgoing connection never takes as its local port: a port
  * picked with listen(0) and closed again could be taken by any connection of any test before
  * the server listens on it (EADDRINUSE in CI). Each test process walks its own stretch of
- * 10000-31999, starting where its pid says, and checks each port by listening on it.
+ * 10000-31999, starting where its pid says; a port is handed out only when this process could
+ * claim it (a file named after it in a directory all test processes share, created only if
+ * absent: two test files running at once once walked into each other's stretch and both got
+ * 29740) and could listen on it. Claims are dropped when the process exits; a claim left by a
+ * process that is gone (kill -9) is taken over.
  */
 export async function freePort(): Promise<number> {
-  for (let tries = 0; tries < 1000; tries++) {
+  for (let tries = 0; tries < 2000; tries++) {
     const port = portsLow + (nextPort++ % portsSpan);
-    if (await canListen(port)) return port;
+    if (claimPort(port) && await canListen(port)) return port;
   }
   throw new Error('no free port for a test server in 10000-31999');
 }
@@ -28,6 +32,38 @@ export async function freePort(): Promise<number> {
 const portsLow = 10_000;
 const portsSpan = 22_000;
 let nextPort = (process.pid * 97) % portsSpan;
+const claimsDir = join(tmpdir(), 'peersan-test-ports');
+const claimed: string[] = [];
+
+/** True when this process now holds `port`'s claim file (made, or taken from a dead process). */
+function claimPort(port: number): boolean {
+  mkdirSync(claimsDir, { recursive: true });
+  const file = join(claimsDir, String(port));
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(file, String(process.pid), { flag: 'wx' });
+      if (claimed.length === 0) process.once('exit', dropClaims);
+      claimed.push(file);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      if (holderAlive(file)) return false;
+      rmSync(file, { force: true });
+    }
+  }
+  return false;
+}
+
+function holderAlive(file: string): boolean {
+  let pid: number;
+  try { pid = Number(readFileSync(file, 'utf8')); } catch { return false; }
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try { process.kill(pid, 0); return true; } catch (err) { return (err as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+function dropClaims(): void {
+  for (const file of claimed) rmSync(file, { force: true });
+}
 
 function canListen(port: number): Promise<boolean> {
   return new Promise((resolve) => {
