@@ -26,15 +26,16 @@
 // bench/results/vs-tgt-<time>.json (each sample kept).
 'use strict';
 
-const { parseArgs, startPeersan, startTgtProcess, fillRandom, iscsiPerf, qemuImgWrites, median, round2, loadNow, machine, saveResults, runBench } = require('./lib/group');
+const { parseArgs, startPeersan, startTgtProcess, fillRandom, iscsiPerf, qemuImgWrites, scatteredStep, median, round2, loadNow, machine, saveResults, runBench } = require('./lib/group');
 const { withCpu } = require('./lib/cpu');
 
-const args = parseArgs({ sizeMib: 1024, seconds: 5, repeat: 5 }, { '--size-mib': 'sizeMib', '--seconds': 'seconds', '--repeat': 'repeat' });
+const args = parseArgs({ sizeMib: 1024, seconds: 5, repeat: 5, only: 0 }, { '--size-mib': 'sizeMib', '--seconds': 'seconds', '--repeat': 'repeat', '--only': 'only' });
 const mib = 1024 * 1024;
 
 const figures = [
   { name: '4 KiB random read, QD32 (IOPS)', unit: 'iops', measure: (u) => iscsiPerf(u, ['-r', '-b', '8', '-m', '32'], args.seconds) },
-  { name: '4 KiB write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 100_000 }) },
+  { name: '4 KiB scattered write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 100_000, step: scatteredStep(args.sizeMib * mib, 4096) }) },
+  { name: '4 KiB sequential write, QD32 (IOPS)', unit: 'iops', measure: (u) => qemuImgWrites(u, { bytes: 4096, depth: 32, count: 100_000 }) },
   { name: '128 KiB sequential read, QD16 (MB/s)', unit: 'mbps', measure: (u) => iscsiPerf(u, ['-b', '256', '-m', '16'], args.seconds) },
 ];
 
@@ -81,7 +82,7 @@ async function main() {
   const names = Object.keys(targets);
   console.log(`${''.padEnd(38)} ${col('local')} ${col('forwarded')} ${col('tgt')}`);
   const results = [];
-  for (const f of figures) {
+  for (const f of figures.filter((_, i) => !args.only || args.only === i + 1)) {
     const samples = { local: [], forwarded: [], tgt: [] };
     for (let i = 0; i < args.repeat; i++) {
       // Rotate the order so no target always runs first (page cache, CPU frequency).

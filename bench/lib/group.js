@@ -165,8 +165,23 @@ async function iscsiPerf(url, extra, seconds) {
 }
 
 /** `qemu-img bench -w` (sequential writes of `bytes`, `depth` outstanding, `count` of them, wrapping at the end): IOPS, MB/s, operations done. */
-async function qemuImgWrites(url, { bytes, depth, count }) {
-  const out = await run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', String(depth), '-s', String(bytes), '-c', String(count), url]);
+/**
+ * A qemu-img bench step (-S, bytes) that scatters `bytes`-sized writes over a LUN of
+ * `sizeBytes`: qemu-img adds the step to the offset and wraps it modulo (size - bytes), so a
+ * step of k slots with k prime to the slot count visits every slot once per cycle, and with k
+ * near the golden section of the LUN no two writes in flight together are adjacent (a target
+ * cannot merge them, as with random offsets).
+ */
+function scatteredStep(sizeBytes, bytes) {
+  const slots = sizeBytes / bytes - 1;
+  const gcd = (a, b) => (b ? gcd(b, a % b) : a);
+  let k = Math.round(slots * 0.381966);
+  while (gcd(k, slots) !== 1) k++;
+  return k * bytes;
+}
+
+async function qemuImgWrites(url, { bytes, depth, count, step }) {
+  const out = await run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', String(depth), '-s', String(bytes), '-c', String(count), ...(step ? ['-S', String(step)] : []), url]);
   const m = /Run completed in ([\d.]+) seconds/.exec(out);
   if (!m) throw new Error(`cannot read qemu-img bench output: ${out}`);
   const iops = count / Number(m[1]);
@@ -329,5 +344,5 @@ function runBench(main) {
 
 module.exports = {
   peersanBin, work, children, sleep, parseArgs, freePort, waitPort, daemon, run, startEtcd, startTgt, startTgtProcess, startPeersan, fillRandom,
-  iscsiPerf, qemuImgWrites, hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
+  iscsiPerf, qemuImgWrites, scatteredStep, hostWrites, percentile, summarize, pausesInWindow, cpuMs, round2, median, loadNow, machine, saveResults, cleanup, runBench,
 };
