@@ -14,9 +14,19 @@
 // single writes before them did: two writes of the same bytes in flight at once (a host's
 // overlapping commands, sent without waiting; SCSI leaves their order to the target) land in
 // either order. A page's copies get such changes one after the other (replication's range lock).
+//
+// Runs under 64 KiB (a write at a scattered offset is a run of one) do not each take a trip
+// through the pool when a turn has four or more of them: they go to the store's write thread
+// as one batch (write-thread.ts). Larger runs go through the pool, where a trip is small beside
+// the bytes; so do a turn's small runs when there are fewer (a batch's two messages cost more
+// than a trip or two: a sequential writer's dozen adjacent writes are one run) or when the
+// thread has no staging buffer free. `close` waits for every write
+// asked for: a file descriptor closed under a write in flight could be reused by the next file
+// opened, and the write would land there.
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
 import type { MediaFile } from './media';
+import { sharedWriteThread, stagingBytes, type ThreadWrite, type WriteThread } from './write-thread';
 
 /** A write asked for and not yet sent. */
 export interface QueuedWrite {
@@ -50,19 +60,50 @@ export function adjacentRuns(queue: readonly QueuedWrite[]): QueuedWrite[][] {
   return runs;
 }
 
+/** Runs of at least this many bytes go through the pool, not the write thread. */
+const threadRunBytesMax = 64 * 1024;
+/** The thread is used for a turn's small runs when there are at least this many of them. */
+const threadRunsMin = 4;
+
+const runBytes = (run: readonly QueuedWrite[]): number => run.reduce((a, w) => a + w.buf.length, 0);
+
 export class DataFile implements MediaFile {
   private queue: QueuedWrite[] = [];
+  /** Writes asked for and not yet settled; `close` waits for none. */
+  private unsettled = 0;
+  private drained?: () => void;
   private readonly sendQueued = (): void => {
     const queue = this.queue;
     this.queue = [];
-    for (const run of adjacentRuns(queue)) this.writeRun(run, 0);
+    let batch: QueuedWrite[][] = [];
+    let batchBytes = 0;
+    const sendBatch = (): void => {
+      if (batch.length > 0 && !this.thread.send(batch.map((run) => this.threadWrite(run)))) for (const run of batch) this.writeRun(run, 0);
+      batch = [];
+      batchBytes = 0;
+    };
+    const runs = adjacentRuns(queue);
+    // A few runs go through the pool as they are: a batch's messages cost more than a trip or two.
+    const toThread = runs.filter((run) => runBytes(run) < threadRunBytesMax).length >= threadRunsMin;
+    for (const run of runs) {
+      const bytes = runBytes(run);
+      if (!toThread || bytes >= threadRunBytesMax) {
+        this.writeRun(run, 0);
+        continue;
+      }
+      if (batchBytes + bytes > stagingBytes) sendBatch();
+      batch.push(run);
+      batchBytes += bytes;
+    }
+    sendBatch();
   };
 
-  private constructor(private readonly fd: number) {}
+  private constructor(private readonly fd: number, private readonly thread: WriteThread) {}
 
-  static open(path: string): Promise<DataFile> {
+  /** Opens (creating) `path`; its small writes go to `thread` (by default the process's one). */
+  static open(path: string, thread: WriteThread = sharedWriteThread()): Promise<DataFile> {
     return new Promise((resolve, reject) => {
-      fs.open(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (err, fd) => (err ? reject(err) : resolve(new DataFile(fd))));
+      fs.open(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (err, fd) => (err ? reject(err) : resolve(new DataFile(fd, thread))));
     });
   }
 
@@ -80,8 +121,29 @@ export class DataFile implements MediaFile {
   write(buf: Buffer, offset: number, length: number, position: number): Promise<void> {
     return new Promise((resolve, reject) => {
       if (this.queue.length === 0) setImmediate(this.sendQueued);
-      this.queue.push({ buf: buf.subarray(offset, offset + length), position, resolve, reject });
+      this.unsettled++;
+      this.queue.push({
+        buf: buf.subarray(offset, offset + length), position,
+        resolve: () => { resolve(); this.settled(); },
+        reject: (err) => { reject(err); this.settled(); },
+      });
     });
+  }
+
+  private settled(): void {
+    if (--this.unsettled === 0) this.drained?.();
+  }
+
+  /** `run` as one write for the thread: its bytes in one piece each, settled together. */
+  private threadWrite(run: QueuedWrite[]): ThreadWrite {
+    return {
+      fd: this.fd, position: run[0].position, pieces: run.map((w) => w.buf),
+      done: (err) => {
+        if (!err) return run.forEach((w) => w.resolve());
+        const failure = storeError(err, true, `writing ${runBytes(run)} bytes at ${run[0].position}`);
+        for (const w of run) w.reject(failure);
+      },
+    };
   }
 
   /** Write `run` (adjacent writes) from its `skip`th byte on: one write or pwritev, again on a short one. */
@@ -90,7 +152,7 @@ export class DataFile implements MediaFile {
     const done = (err: NodeJS.ErrnoException | null, n: number): void => {
       if (!err && n === 0) err = Object.assign(new Error('the file took none of the bytes'), { code: 'EIO' });
       if (err) {
-        const failure = storeError(err, true, `writing ${run.reduce((a, w) => a + w.buf.length, 0) - skip} bytes at ${position}`);
+        const failure = storeError(err, true, `writing ${runBytes(run) - skip} bytes at ${position}`);
         for (const w of run) w.reject(failure);
         return;
       }
@@ -117,7 +179,9 @@ export class DataFile implements MediaFile {
     return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st.size))));
   }
 
-  close(): Promise<void> {
+  /** Closes the file once every write asked for has settled. */
+  async close(): Promise<void> {
+    if (this.unsettled > 0) await new Promise<void>((resolve) => { this.drained = resolve; });
     return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 }
