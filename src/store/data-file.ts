@@ -16,8 +16,8 @@
 // either order. A page's copies get such changes one after the other (replication's range lock).
 //
 // Runs under 64 KiB (a write at a scattered offset is a run of one) do not each take a trip
-// through the pool when a turn has four or more of them: they go to the store's write thread
-// as one batch (write-thread.ts). Larger runs go through the pool, where a trip is small beside
+// through the pool when a turn has four or more of them: they go to the store's write threads
+// in batches of up to eight (write-threads.ts). Larger runs go through the pool, where a trip is small beside
 // the bytes; so do a turn's small runs when there are fewer (a batch's two messages cost more
 // than a trip or two: a sequential writer's dozen adjacent writes are one run) or when the
 // thread has no staging buffer free. `close` waits for every write
@@ -26,7 +26,7 @@
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
 import type { MediaFile } from './media';
-import { sharedWriteThread, stagingBytes, type ThreadWrite, type WriteThread } from './write-thread';
+import { sharedWriteThreads, stagingBytes, type ThreadWrite, type WriteThreads } from './write-threads';
 
 /** A write asked for and not yet sent. */
 export interface QueuedWrite {
@@ -62,8 +62,10 @@ export function adjacentRuns(queue: readonly QueuedWrite[]): QueuedWrite[][] {
 
 /** Runs of at least this many bytes go through the pool, not the write thread. */
 const threadRunBytesMax = 64 * 1024;
-/** The thread is used for a turn's small runs when there are at least this many of them. */
+/** The threads are used for a turn's small runs when there are at least this many of them. */
 const threadRunsMin = 4;
+/** A batch holds at most this many runs: a turn's dozen or more go to both threads at once. */
+const batchRunsMax = 8;
 
 const runBytes = (run: readonly QueuedWrite[]): number => run.reduce((a, w) => a + w.buf.length, 0);
 
@@ -78,7 +80,7 @@ export class DataFile implements MediaFile {
     let batch: QueuedWrite[][] = [];
     let batchBytes = 0;
     const sendBatch = (): void => {
-      if (batch.length > 0 && !this.thread.send(batch.map((run) => this.threadWrite(run)))) for (const run of batch) this.writeRun(run, 0);
+      if (batch.length > 0 && !this.threads.send(batch.map((run) => this.threadWrite(run)))) for (const run of batch) this.writeRun(run, 0);
       batch = [];
       batchBytes = 0;
     };
@@ -91,19 +93,19 @@ export class DataFile implements MediaFile {
         this.writeRun(run, 0);
         continue;
       }
-      if (batchBytes + bytes > stagingBytes) sendBatch();
+      if (batchBytes + bytes > stagingBytes || batch.length >= batchRunsMax) sendBatch();
       batch.push(run);
       batchBytes += bytes;
     }
     sendBatch();
   };
 
-  private constructor(private readonly fd: number, private readonly thread: WriteThread) {}
+  private constructor(private readonly fd: number, private readonly threads: WriteThreads) {}
 
-  /** Opens (creating) `path`; its small writes go to `thread` (by default the process's one). */
-  static open(path: string, thread: WriteThread = sharedWriteThread()): Promise<DataFile> {
+  /** Opens (creating) `path`; its small writes go to `threads` (by default the process's). */
+  static open(path: string, threads: WriteThreads = sharedWriteThreads()): Promise<DataFile> {
     return new Promise((resolve, reject) => {
-      fs.open(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (err, fd) => (err ? reject(err) : resolve(new DataFile(fd, thread))));
+      fs.open(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (err, fd) => (err ? reject(err) : resolve(new DataFile(fd, threads))));
     });
   }
 

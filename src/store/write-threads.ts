@@ -1,18 +1,19 @@
-// The store's own thread for small writes. A small write sent through libuv's thread pool
+// The store's own threads for small writes. A small write sent through libuv's thread pool
 // costs a trip of its own (a futex wake-up, two context switches, the pool's lock, the answer
 // through the loop's async handle): about half of what a 4 KiB write at a scattered offset
 // costs a peer. Here the small writes of one turn (DataFile's runs under 64 KiB, see
-// data-file.ts) are copied into a shared buffer and sent to one thread in one message; the
-// thread writes them one after the other with pwrite and answers once for all. A turn's
-// batch is one trip however many writes it holds.
+// data-file.ts) are copied into shared buffers and sent in batches, one message each, to two
+// threads; each thread writes a batch one write after the other with pwrite and answers once
+// for all. A turn's batch is one trip however many writes it holds, and a turn's dozen writes
+// are split over both threads, so no write waits for more than a few others.
 //
 // What it keeps:
 // - a write resolves after its bytes are in the kernel, as through the pool;
 // - the caller's buffer is copied before `send` returns, so the caller may reuse it at once;
 // - a failed write fails with its errno code (ENOSPC stays NoSpaceError); a short write goes
 //   on from where it stopped, and one that takes no bytes is EIO;
-// - if the thread dies, every batch it had fails (EIO) and the next batch starts a new one;
-// - the thread keeps the process alive only while it has writes.
+// - if a thread dies, every batch it had fails (EIO) and the next batch starts a new one;
+// - a thread keeps the process alive only while it has writes.
 // The staging buffers come from a free list (at most stagingBuffersMax, each stagingBytes);
 // when none is free, `send` says no and the caller uses the pool as before.
 import { Worker } from 'node:worker_threads';
@@ -31,6 +32,8 @@ export interface ThreadWrite {
 export const stagingBytes = 256 * 1024;
 /** At most this many staging buffers (in flight and free together). */
 const stagingBuffersMax = 16;
+/** Threads: a turn's batches are spread over them, so one batch's writes do not wait for another's. */
+const writeThreadsDefault = 2;
 
 /** What the thread runs: plain JavaScript, so it loads the same from src/ (tests) and dist/. */
 const threadSource = `
@@ -69,17 +72,26 @@ interface Reply {
   errors: ({ code: string; message: string } | null)[];
 }
 
-export class WriteThread {
-  private worker?: Worker;
-  private readonly inFlight = new Map<number, Batch>();
+/** One thread and the batches it has. */
+interface Lane {
+  worker?: Worker;
+  readonly inFlight: Map<number, Batch>;
+}
+
+export class WriteThreads {
+  private readonly lanes: Lane[];
   private readonly free: SharedArrayBuffer[] = [];
   private allocated = 0;
   private nextId = 1;
 
+  constructor(threads = writeThreadsDefault) {
+    this.lanes = Array.from({ length: threads }, () => ({ inFlight: new Map<number, Batch>() }));
+  }
+
   /**
-   * Sends `writes` (at most stagingBytes together) as one batch, or returns false when no
-   * staging buffer is free (the caller writes them some other way). Each write's `done` is
-   * called once.
+   * Sends `writes` (at most stagingBytes together) as one batch to the thread with the fewest
+   * batches, or returns false when no staging buffer is free (the caller writes them some other
+   * way). Each write's `done` is called once.
    */
   send(writes: ThreadWrite[]): boolean {
     const staging = this.free.pop() ?? (this.allocated < stagingBuffersMax ? (this.allocated++, new SharedArrayBuffer(stagingBytes)) : undefined);
@@ -97,46 +109,49 @@ export class WriteThread {
       lengths.push(at - start);
     }
     const id = this.nextId++;
-    const worker = this.thread();
+    const lane = this.lanes.reduce((a, b) => (b.inFlight.size < a.inFlight.size ? b : a));
+    const worker = this.thread(lane);
     // Held while it has writes (so a process does not end under them), not while idle.
-    if (this.inFlight.size === 0) worker.ref();
-    this.inFlight.set(id, { staging, writes });
+    if (lane.inFlight.size === 0) worker.ref();
+    lane.inFlight.set(id, { staging, writes });
     worker.postMessage({ id, staging, fds, positions, lengths });
     return true;
   }
 
-  /** Ends the thread (a new one starts at the next batch); what it had in flight fails. */
+  /** Ends the threads (new ones start at the next batch); what they had in flight fails. */
   async stop(): Promise<void> {
-    const worker = this.worker;
-    if (!worker) return;
-    await worker.terminate();
-    if (this.worker !== worker) return;
-    this.worker = undefined;
-    this.failAll(new Error("the store's write thread was stopped"));
+    await Promise.all(this.lanes.map(async (lane) => {
+      const worker = lane.worker;
+      if (!worker) return;
+      await worker.terminate();
+      if (lane.worker !== worker) return;
+      lane.worker = undefined;
+      this.failAll(lane, new Error("the store's write thread was stopped"));
+    }));
   }
 
-  private thread(): Worker {
-    if (this.worker) return this.worker;
+  private thread(lane: Lane): Worker {
+    if (lane.worker) return lane.worker;
     // No loaders or flags of the parent's (a test runner's TypeScript hooks): the thread needs none.
     const worker = new Worker(threadSource, { eval: true, execArgv: [] });
-    worker.on('message', (reply: Reply) => this.answered(reply));
+    worker.on('message', (reply: Reply) => this.answered(lane, reply));
     const died = (err: Error): void => {
-      if (this.worker !== worker) return;
-      this.worker = undefined;
-      this.failAll(err);
+      if (lane.worker !== worker) return;
+      lane.worker = undefined;
+      this.failAll(lane, err);
     };
     worker.on('error', died);
     worker.on('exit', (code) => died(new Error(`the store's write thread exited (code ${code})`)));
     worker.unref(); // after the listeners: adding a 'message' one refs it again
-    this.worker = worker;
+    lane.worker = worker;
     return worker;
   }
 
-  private answered(reply: Reply): void {
-    const batch = this.inFlight.get(reply.id);
+  private answered(lane: Lane, reply: Reply): void {
+    const batch = lane.inFlight.get(reply.id);
     if (!batch) return;
-    this.inFlight.delete(reply.id);
-    if (this.inFlight.size === 0) this.worker?.unref();
+    lane.inFlight.delete(reply.id);
+    if (lane.inFlight.size === 0) lane.worker?.unref();
     this.free.push(batch.staging);
     batch.writes.forEach((w, i) => {
       const e = reply.errors[i];
@@ -144,10 +159,10 @@ export class WriteThread {
     });
   }
 
-  /** The thread is gone: nothing it had is known to be written. */
-  private failAll(cause: Error): void {
-    const batches = [...this.inFlight.values()];
-    this.inFlight.clear();
+  /** A thread is gone: nothing it had is known to be written. */
+  private failAll(lane: Lane, cause: Error): void {
+    const batches = [...lane.inFlight.values()];
+    lane.inFlight.clear();
     for (const b of batches) {
       this.free.push(b.staging);
       for (const w of b.writes) w.done(Object.assign(new Error(cause.message), { code: 'EIO' }));
@@ -155,9 +170,9 @@ export class WriteThread {
   }
 }
 
-/** The one write thread of this process (made when first asked for; it starts its thread at the first batch). */
-let shared: WriteThread | undefined;
-export function sharedWriteThread(): WriteThread {
-  shared ??= new WriteThread();
+/** The write threads of this process (made when first asked for; threads start at the first batches). */
+let shared: WriteThreads | undefined;
+export function sharedWriteThreads(): WriteThreads {
+  shared ??= new WriteThreads();
   return shared;
 }

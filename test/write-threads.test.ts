@@ -1,4 +1,4 @@
-// The store's write thread (src/store/write-thread.ts) and DataFile's use of it: a batch's
+// The store's write threads (src/store/write-threads.ts) and DataFile's use of it: a batch's
 // writes land where they asked, an error reaches its own write only, every write is answered
 // exactly once even when the thread ends under it, a new thread takes over, and when no
 // staging buffer is free DataFile writes through the pool instead.
@@ -8,7 +8,7 @@ import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } fr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DataFile } from '../src/store/data-file';
-import { stagingBytes, WriteThread, type ThreadWrite } from '../src/store/write-thread';
+import { stagingBytes, WriteThreads, type ThreadWrite } from '../src/store/write-threads';
 
 const dir = mkdtempSync(join(tmpdir(), 'peersan-write-thread-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
@@ -25,7 +25,7 @@ const settle = (answers: unknown[], n: number): Promise<void> => new Promise((re
 });
 
 t.test('a batch: every write lands (pieces joined), two files at once, each answered once', async (t) => {
-  const thread = new WriteThread();
+  const thread = new WriteThreads();
   t.teardown(() => thread.stop());
   const [a, b] = [join(dir, 'a'), join(dir, 'b')];
   const [fa, fb] = [openSync(a, 'w+'), openSync(b, 'w+')];
@@ -40,7 +40,7 @@ t.test('a batch: every write lands (pieces joined), two files at once, each answ
 });
 
 t.test('an error reaches its own write only, with its errno code', { skip: existsSync('/dev/full') ? false : 'no /dev/full' }, async (t) => {
-  const thread = new WriteThread();
+  const thread = new WriteThreads();
   t.teardown(() => thread.stop());
   const ok = openSync(join(dir, 'ok'), 'w+');
   const full = openSync('/dev/full', 'w');
@@ -55,7 +55,7 @@ t.test('an error reaches its own write only, with its errno code', { skip: exist
 });
 
 t.test('the thread ended under its batches: each write answered once (done or EIO), then a new thread works', async (t) => {
-  const thread = new WriteThread();
+  const thread = new WriteThreads();
   t.teardown(() => thread.stop());
   const fd = openSync(join(dir, 'stop'), 'w+');
   t.teardown(() => closeSync(fd));
@@ -79,7 +79,7 @@ t.test('the thread ended under its batches: each write answered once (done or EI
 });
 
 t.test('staging buffers are bounded: with all in flight, send says no', async (t) => {
-  const thread = new WriteThread();
+  const thread = new WriteThreads();
   t.teardown(() => thread.stop());
   const fd = openSync(join(dir, 'bounded'), 'w+');
   t.teardown(() => closeSync(fd));
@@ -94,7 +94,7 @@ t.test('staging buffers are bounded: with all in flight, send says no', async (t
 
 t.test('DataFile: more small writes in one turn than the thread can stage go through the pool; all land; close waits for them', async (t) => {
   const path = join(dir, 'many');
-  const thread = new WriteThread();
+  const thread = new WriteThreads();
   t.teardown(() => thread.stop());
   const file = await DataFile.open(path, thread);
   // Scattered 4 KiB writes (none adjacent): 2,048 of them is 8 MiB, twice what 16 staging buffers hold.
@@ -113,7 +113,7 @@ t.test('DataFile: more small writes in one turn than the thread can stage go thr
 });
 
 t.test('DataFile: a turn with four or more small runs sends them as one batch; fewer, or large runs, go through the pool', async (t) => {
-  class CountingThread extends WriteThread {
+  class CountingThread extends WriteThreads {
     batches: number[] = [];
     override send(writes: ThreadWrite[]): boolean {
       this.batches.push(writes.length);
@@ -130,7 +130,9 @@ t.test('DataFile: a turn with four or more small runs sends them as one batch; f
   t.same(thread.batches, [], 'three small runs: the pool');
   await turn([0, 65536, 131072, 196608, 262144, 262144 + 4096]); // five runs
   t.same(thread.batches, [5], 'five small runs: one batch of five');
+  await turn(Array.from({ length: 12 }, (_, i) => 300_000 + i * 8192));
+  t.same(thread.batches, [5, 8, 4], 'twelve: batches of eight and four (one for each thread)');
   await turn([0, 65536 * 4, 65536 * 8, 65536 * 12], 65536); // four runs of 64 KiB
-  t.same(thread.batches, [5], 'runs of 64 KiB: the pool');
+  t.same(thread.batches, [5, 8, 4], 'runs of 64 KiB: the pool');
   t.equal(readFileSync(path).length, 65536 * 13, 'all written');
 });
