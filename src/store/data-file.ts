@@ -17,11 +17,11 @@
 //
 // Runs under 64 KiB (a write at a scattered offset is a run of one) do not each take a trip
 // through the pool when a turn has four or more of them: they go to the store's write threads
-// in batches of up to eight (write-threads.ts). Larger runs go through the pool, where a trip is small beside
-// the bytes; so do a turn's small runs when there are fewer (a batch's two messages cost more
-// than a trip or two: a sequential writer's dozen adjacent writes are one run) or when the
-// thread has no staging buffer free. `close` waits for every write
-// asked for: a file descriptor closed under a write in flight could be reused by the next file
+// in batches of up to eight (write-threads.ts). Larger runs go through the pool, where a trip
+// is small beside the bytes; so do a turn's small runs when there are fewer (a batch's two
+// messages cost more than a trip or two; a sequential writer's dozen adjacent writes are one
+// run) or when the threads have no staging buffer free. `close` waits for every write asked
+// for: a file descriptor closed under a write in flight could be reused by the next file
 // opened, and the write would land there.
 import * as fs from 'node:fs';
 import { storeError } from '../errors';
@@ -71,9 +71,9 @@ const runBytes = (run: readonly QueuedWrite[]): number => run.reduce((a, w) => a
 
 export class DataFile implements MediaFile {
   private queue: QueuedWrite[] = [];
-  /** Writes asked for and not yet settled; `close` waits for none. */
+  /** Writes asked for and not yet settled; `close` waits until there are none. */
   private unsettled = 0;
-  private drained?: () => void;
+  private drainWaiters: (() => void)[] = [];
   private readonly sendQueued = (): void => {
     const queue = this.queue;
     this.queue = [];
@@ -133,7 +133,10 @@ export class DataFile implements MediaFile {
   }
 
   private settled(): void {
-    if (--this.unsettled === 0) this.drained?.();
+    if (--this.unsettled > 0) return;
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w();
   }
 
   /** `run` as one write for the thread: its bytes in one piece each, settled together. */
@@ -183,7 +186,7 @@ export class DataFile implements MediaFile {
 
   /** Closes the file once every write asked for has settled. */
   async close(): Promise<void> {
-    if (this.unsettled > 0) await new Promise<void>((resolve) => { this.drained = resolve; });
+    if (this.unsettled > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
     return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 }
