@@ -266,6 +266,7 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.ok(delta('peersan_routed_runs_total', { path: 'forwarded' }) >= 1, 'forwarded runs');
     t.ok(delta('peersan_read_buffers_total', { event: 'given_back' }) >= 2, 'the forwarded reads\' buffers given back once sent');
     t.ok(delta('peersan_read_buffers_total', { event: 'reused' }) >= 1, 'and reused');
+    t.same(['batch', 'write', 'refused'].map((event) => after.some((s) => s.name === 'peersan_store_write_threads_total' && s.labels.event === event)), [true, true, true], 'the write threads\' counters are exposed');
     t.ok(total(after, 'peersan_volume_allocated_bytes', { volume: 'io' }) >= 4 * 1024 * 1024, 'p1 holds its page');
     t.equal(total(after, 'peersan_sessions', { type: 'normal' }), 0, 'qemu-io logged out');
     const p2 = parseExposition((await http(g.http('p2'), 'GET', '/metrics')).text).samples;

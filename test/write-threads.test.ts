@@ -34,6 +34,7 @@ t.test('a batch: every write lands (pieces joined), two files at once, each answ
   t.ok(thread.send([threadWrite(fa, 8192, 4096, 1, answers), threadWrite(fb, 0, 512, 2, answers), threadWrite(fa, 0, 4096, 3, answers, 4)]), 'taken');
   await settle(answers, 3);
   t.same(answers, [null, null, null], 'three answers, no error');
+  t.same(thread.counts, { batches: 1, writes: 3, refused: 0 }, 'counted: one batch of three');
   const fileA = readFileSync(a);
   t.ok(fileA.subarray(0, 4096).equals(Buffer.alloc(4096, 3)) && fileA.subarray(4096, 8192).equals(Buffer.alloc(4096)) && fileA.subarray(8192).equals(Buffer.alloc(4096, 1)), 'file a: both writes where asked, nothing between');
   t.ok(readFileSync(b).equals(Buffer.alloc(512, 2)), 'file b');
@@ -87,6 +88,7 @@ t.test('staging buffers are bounded: with all in flight, send says no', async (t
   let taken = 0;
   while (thread.send([threadWrite(fd, taken * 4096, 4096, 1, answers)])) taken++;
   t.equal(taken, 16, 'sixteen batches in flight at most');
+  t.equal(thread.counts.refused, 1, 'the refusal counted');
   await settle(answers, taken);
   t.ok(thread.send([threadWrite(fd, 0, 4096, 1, answers)]), 'once answered, buffers are free again');
   await settle(answers, taken + 1);

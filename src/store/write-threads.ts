@@ -79,6 +79,8 @@ interface Lane {
 }
 
 export class WriteThreads {
+  /** What went through (for /metrics): batches sent, the writes in them, batches refused for want of a staging buffer. */
+  readonly counts = { batches: 0, writes: 0, refused: 0 };
   private readonly lanes: Lane[];
   private readonly free: SharedArrayBuffer[] = [];
   private allocated = 0;
@@ -95,7 +97,12 @@ export class WriteThreads {
    */
   send(writes: ThreadWrite[]): boolean {
     const staging = this.free.pop() ?? (this.allocated < stagingBuffersMax ? (this.allocated++, new SharedArrayBuffer(stagingBytes)) : undefined);
-    if (!staging) return false;
+    if (!staging) {
+      this.counts.refused++;
+      return false;
+    }
+    this.counts.batches++;
+    this.counts.writes += writes.length;
     const bytes = Buffer.from(staging);
     const fds: number[] = [];
     const positions: number[] = [];
