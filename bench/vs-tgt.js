@@ -13,15 +13,20 @@
 // blocks without I/O, which would flatter peersan). Then, rotating between the targets,
 // each figure is measured --repeat times and the median printed:
 //   4 KiB random read, depth 32     iscsi-perf -r -b 8 -m 32
-//   4 KiB writes, depth 32          qemu-img bench -w -t none -d 32 -s 4096
+//   4 KiB scattered writes, d 32    qemu-img bench -w -t none -d 32 -s 4096 -S <step>
+//                                   (a step prime to the LUN's slot count: no two writes in
+//                                   flight adjacent, as with random offsets; bench/lib/group.js
+//                                   scatteredStep. iscsi-perf does not write.)
+//   4 KiB sequential writes, d 32   the same without -S
 //   128 KiB sequential read, d 16   iscsi-perf -b 256 -m 16
 // CPU µs/op (bench/lib/cpu.js: utime+stime of every thread, /proc) is sampled around each
 // measurement: for local and forwarded, both peer processes (the one not serving idles but is
 // counted; each one's share is printed too), for tgt the tgtd process; the client's (iscsi-perf,
 // qemu-img) is printed apart, for context, and is in no ratio. The peers run without the GC
 // probe (bench/peer-probe.js), whose work would count.
-// Run time: about 9 x --repeat measurements of --seconds (the writes: 100,000 of them each),
-// plus filling both LUNs: 7 minutes for --size-mib 512 --seconds 4 on the 2-core box (loaded).
+// Run time: about 6 x --repeat measurements of --seconds plus 6 x --repeat runs of 100,000
+// writes, plus filling both LUNs: about 4 minutes for --size-mib 512 --seconds 4 on the 2-core
+// box. --only N runs the Nth figure alone.
 // Needs root (tgtd), etcd, iscsi-perf, qemu-img with the iscsi driver. Results also go to
 // bench/results/vs-tgt-<time>.json (each sample kept).
 'use strict';

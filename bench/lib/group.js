@@ -164,7 +164,6 @@ async function iscsiPerf(url, extra, seconds) {
   return { iops: Number(m[1]), mbps: Number(m[2]), ops: Number(m[1]) * seconds };
 }
 
-/** `qemu-img bench -w` (sequential writes of `bytes`, `depth` outstanding, `count` of them, wrapping at the end): IOPS, MB/s, operations done. */
 /**
  * A qemu-img bench step (-S, bytes) that scatters `bytes`-sized writes over a LUN of
  * `sizeBytes`: qemu-img adds the step to the offset and wraps it modulo (size - bytes), so a
@@ -180,6 +179,11 @@ function scatteredStep(sizeBytes, bytes) {
   return k * bytes;
 }
 
+/**
+ * `qemu-img bench -w`: writes of `bytes`, `depth` outstanding, `count` of them, each `step` bytes
+ * after the one before (sequential when absent; see scatteredStep), wrapping at the end. IOPS,
+ * MB/s, operations done.
+ */
 async function qemuImgWrites(url, { bytes, depth, count, step }) {
   const out = await run('qemu-img', ['bench', '-f', 'raw', '-w', '-t', 'none', '-d', String(depth), '-s', String(bytes), '-c', String(count), ...(step ? ['-S', String(step)] : []), url]);
   const m = /Run completed in ([\d.]+) seconds/.exec(out);
