@@ -85,10 +85,11 @@ export class DataFile implements MediaFile {
       batchBytes = 0;
     };
     const runs = adjacentRuns(queue);
+    const sizes = runs.map(runBytes);
     // A few runs go through the pool as they are: a batch's messages cost more than a trip or two.
-    const toThread = runs.filter((run) => runBytes(run) < threadRunBytesMax).length >= threadRunsMin;
-    for (const run of runs) {
-      const bytes = runBytes(run);
+    const toThread = sizes.filter((bytes) => bytes < threadRunBytesMax).length >= threadRunsMin;
+    for (const [i, run] of runs.entries()) {
+      const bytes = sizes[i];
       if (!toThread || bytes >= threadRunBytesMax) {
         this.writeRun(run, 0);
         continue;
