@@ -373,6 +373,13 @@ export const loadForwardedPagesPerVolume = 64;
 export const loadSummaryForwardedMax = 8_192;
 /** The most page moves one balancing round may start on one peer. */
 export const balancerMovesPerRoundMax = 64;
+/**
+ * After a page move (in flight, or started) this recently, peer loads are not trusted to stand
+ * out: the balancer's figure is a 10 s average (loadmon/ewma.ts), and a move changes both who
+ * serves a page and how fast its host runs (a page that followed its host is served without the
+ * hop), so for one window the peers' figures compare different moments. Only follow moves then.
+ */
+export const balancerSettleMs = 10_000;
 assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');
 assert(loadStaleMs >= 2 * loadTickMs, 'one lost gossip does not make a peer stale');
 assert(loadHostsTrackedMax >= sessionsPerPeerMax + discoverySessionsMax, 'every live session can be metered');

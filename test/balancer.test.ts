@@ -12,6 +12,7 @@ import { parseBalancerConfig } from '../src/loadmon/config';
 import { ManualClock } from '../src/env/manual';
 import { simulatedBalancers } from './helpers/balancer-group';
 import type { GroupLoadView } from '../src/loadmon/view';
+import { balancerSettleMs } from '../src/limits';
 
 const config: BalancerConfig = { ...balancerDefaults, maxMovesPerRound: 16, reserveFreeBytes: 0 };
 const GiB = 1024 ** 3;
@@ -205,10 +206,17 @@ t.test('driver: starts only its own pages, at most maxMovesPerRound, never twice
   t.ok(r!.outcomes.every((o) => o.started));
   const first = mover.calls.map((c) => c.page);
 
+  // The loads are 10 s averages: right after the moves they do not yet show them, so nothing moves by load.
   clock.set(clock.monotonicMs() + 5_000);
+  const settling = await driver.round();
+  t.same(settling!.plan.moves, [], 'a round 5 s after the moves: nothing by load');
+  t.match(driver.lastRound, /busiest p1 is \d+% above the mean.*loads settling after a move 5 s ago/);
+  t.ok(driver.plan(true).moves.length > 0, 'a manual rebalance does not wait');
+  t.equal(mover.calls.length, 3);
+  clock.set(clock.monotonicMs() + balancerSettleMs - 5_000);
   await driver.round();
   const second = mover.calls.slice(3).map((c) => c.page);
-  t.ok(second.length > 0, 'the next round moves more pages');
+  t.ok(second.length > 0, `the round ${balancerSettleMs / 1000} s after the moves moves more pages`);
   t.notOk(second.some((p) => first.includes(p)), 'pages of the first round are cooling down');
 
   // The same plan seen by p2: p2 owns none of the pages to move, so it starts nothing.

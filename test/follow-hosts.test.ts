@@ -13,7 +13,7 @@ import { LoadMonitor, type LoadSummary } from '../src/loadmon/monitor';
 import { ManualClock } from '../src/env/manual';
 import { simulatedBalancers } from './helpers/balancer-group';
 import { cleanSummary, GroupView } from '../src/loadmon/view';
-import { loadForwardedPagesPerVolume } from '../src/limits';
+import { balancerSettleMs, loadForwardedPagesPerVolume } from '../src/limits';
 
 const config: BalancerConfig = { ...balancerDefaults, maxMovesPerRound: 64, reserveFreeBytes: 0 };
 const GiB = 1024 ** 3;
@@ -131,6 +131,27 @@ t.test('planner: cool-down, placeable peers, room, and a replicated page switche
   };
   const r = plan(replicated, { ...config, reserveFreeBytes: 1 });
   t.same(r.moves.map((m) => `${m.page}:${m.from}→${m.to}`), ['1:p2→p1'], 'the in-sync copy where the host writes becomes primary; a stale copy is never a destination');
+});
+
+t.test('planner: right after a move, a peer that stands out is not trusted (loads settling); pages still follow their hosts', async (t) => {
+  // After follow moves: every page is with its host, but p1's figure is fresh and p2's is older, so p1 looks 2.5 times as busy.
+  const home: PlanInput = {
+    nowMs: 1_000_000,
+    peers: [{ id: 'p1', load: 200, freeBytes: 10 * GiB }, { id: 'p2', load: 80, freeBytes: 10 * GiB }],
+    pages: Array.from({ length: 16 }, (_, i) => ({ volumeId: 'v', volumeName: 'vol', page: i, owner: i < 8 ? 'p1' : 'p2', load: i < 8 ? 25 : 10, bytesMax: 4 << 20, arrivals: [{ peer: i < 8 ? 'p1' : 'p2', load: i < 8 ? 25 : 10 }] })),
+  };
+  const settled = plan({ ...home, lastMoveAgoMs: balancerSettleMs }, config);
+  t.ok(settled.moves.length > 0 && settled.moves.every((m) => m.from === 'p1' && m.to === 'p2'), `settled: the imbalance is believed, pages go from p1 to p2 though their host writes through p1 (${settled.reason})`);
+  const settling = plan({ ...home, lastMoveAgoMs: balancerSettleMs - 1 }, config);
+  t.same(settling.moves, [], 'within the settle time of a move: nothing moves by load');
+  t.notOk(settling.triggered);
+  t.match(settling.reason, /busiest p1 is 43% above the mean.*loads settling after a move 10 s ago/);
+  t.same(plan(home, config).moves, settled.moves, 'no move known: as settled');
+  // Page 3 still arrives through p2: it follows its host even while loads settle.
+  const away = { ...home, lastMoveAgoMs: 2_000, pages: home.pages.map((p) => (p.page === 3 ? { ...p, arrivals: [{ peer: 'p2', load: 25 }] } : p)) };
+  const follow = plan(away, config);
+  t.same(follow.moves.map((m) => `${m.page}:${m.from}→${m.to}`), ['3:p1→p2'], `only the follow move (${follow.reason})`);
+  t.match(follow.reason, /pages follow their hosts; loads settling/);
 });
 
 t.test('planner properties with arrivals (fast-check): cost never rises, destinations never stand out, re-plan moves nothing', async (t) => {

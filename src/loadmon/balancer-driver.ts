@@ -150,6 +150,8 @@ export class BalancerDriver {
   private readonly errorsLogged = new Set<string>();
   /** Why the last automatic round did or did not move anything (for `top`). */
   lastRound = 'no round yet';
+  /** When a page move was last seen in flight (any peer's, from the view, or this peer's own), on the clock. */
+  private lastMoveAtMs = -Infinity;
 
   constructor(opts: BalancerDriverOptions) {
     this.o = opts;
@@ -162,11 +164,17 @@ export class BalancerDriver {
     this.forgetOld(nowMs, config.cooldownMs);
     const view = this.o.view();
     const moves = [...view.recentMoves, ...[...this.own.values()]];
+    // A move seen in flight (within the cool-down, as planInputFromView takes it: a peer that died
+    // under a move reports it moving for ever), or started since and not failed: the loads are
+    // settling (balancer.ts). A failed move changed no route. A manual round does not wait.
+    for (const m of moves) {
+      if (m.state !== 'failed') this.lastMoveAtMs = Math.max(this.lastMoveAtMs, m.state === 'moving' && nowMs - m.atMs < config.cooldownMs ? nowMs : m.atMs);
+    }
     const input = planInputFromView(view, {
       nowMs, cooldownMs: config.cooldownMs, manual, moves, ...(this.o.placeable ? { placeable: this.o.placeable() } : {}),
       ownerOf: (v, p) => this.o.ownerOf(v, p), holdersOf: (v, p) => this.o.holdersOf?.(v, p), volume: (v) => this.o.volume(v),
     });
-    return plan(input, config);
+    return plan(manual || this.lastMoveAtMs === -Infinity ? input : { ...input, lastMoveAgoMs: nowMs - this.lastMoveAtMs }, config);
   }
 
   /** One automatic round: plan, start this peer's moves. Undefined when switched off. */
@@ -220,6 +228,7 @@ export class BalancerDriver {
     promise.then(
       () => {
         record.state = 'done';
+        this.lastMoveAtMs = Math.max(this.lastMoveAtMs, this.o.clock.monotonicMs());
         this.o.log.info({ volume: m.volumeName, page: m.page, to: m.to, load: m.load }, 'balancer moved a page');
       },
       (err: Error) => {

@@ -20,7 +20,12 @@
 // - a move may not make its destination stand out (destination after ≤ mean·(1+threshold)),
 //   so the result never triggers a balancing round from the other side;
 // - a move must strictly lower the cost, so shifting a hot spot from one peer to another
-//   (same variance) is never chosen.
+//   (same variance) is never chosen;
+// - settling: within balancerSettleMs of the group's last move (PlanInput.lastMoveAgoMs), no peer
+//   is taken to stand out. The load figures are 10 s averages taken at different moments by
+//   different peers, and a move changes the hosts' speed too (a page that followed its host is
+//   served without the hop): right after follow moves, one peer's fresh figure against another's
+//   older one looked like a hot spot, and a page its host wrote through that peer was sent away.
 // Follow moves (forwarded traffic) are planned even when no peer stands out (three equal hosts
 // each writing through its own peer), then nothing else moves. Against ping-pong between two
 // hosts on different peers sharing a page: a move gains from the forward term only towards a
@@ -35,7 +40,7 @@
 // with no data copied (a role switch, cheaper: roleSwitchCostShare of wChange, and no room
 // needed); a peer holding a stale copy is never a destination, so no peer ever holds two copies.
 
-import { balancerMovesPerRoundMax } from '../limits';
+import { balancerMovesPerRoundMax, balancerSettleMs } from '../limits';
 
 export interface BalancerConfig {
   /** Automatic balancing on this peer (cluster.yaml); the group switch and per-volume flags live in the catalog. */
@@ -114,6 +119,8 @@ export const roleSwitchCostShare = 0.25;
 
 export interface PlanInput {
   nowMs: number;
+  /** How long ago the group's last page move was in flight, as far as the planner knows; absent: none known (or a manual round, which does not wait). */
+  lastMoveAgoMs?: number;
   /** The peers that can take part (fresh in the view). Every page's owner should be one of them. */
   peers: PlanPeer[];
   /** Page loads; each is part of its owner's load. */
@@ -231,18 +238,22 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   const idlest = ids.reduce((a, b) => (loads.get(b)! < loads.get(a)! ? b : a));
   const high = loads.get(busiest)! / mean - 1;
   const low = 1 - loads.get(idlest)! / mean;
-  const standsOut = high > config.threshold || low > config.threshold;
+  const outstanding = high > config.threshold || low > config.threshold;
+  const settling = input.lastMoveAgoMs !== undefined && input.lastMoveAgoMs < balancerSettleMs;
+  const standsOut = outstanding && !settling;
   const candidates = input.pages
     .filter((p) => !p.pinned && p.load > 0 && loads.has(p.owner) && !inCooldown(p, input.nowMs, config.cooldownMs))
     .sort((a, b) => b.load - a.load || a.volumeId.localeCompare(b.volumeId) || a.page - b.page);
   // Loads even: only pages whose I/O arrives mostly through another peer may move, and only there.
   const followers = config.wForward > 0 ? candidates.filter((p) => followTarget(p, destinations) !== undefined) : [];
   const forwarded = `forwarded ${pct(mean > 0 ? forwardedBefore / (n * mean) : 0)} of the load`;
+  const figures = `busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)})`;
+  const settlingNote = outstanding && settling ? `; loads settling after a move ${((input.lastMoveAgoMs ?? 0) / 1000).toFixed(0)} s ago, so only pages following their hosts move` : '';
   if (!standsOut && followers.length === 0) {
-    return result(false, `balanced: busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)}), ${forwarded}`, []);
+    return result(false, `${outstanding ? figures : `balanced: ${figures}`}, ${forwarded}${settlingNote || ''}`, []);
   }
   const moves = greedy(input, config, standsOut ? candidates : followers, loads, destinations, !standsOut);
-  const why = standsOut ? (high > config.threshold ? `busiest ${busiest} is ${pct(high)} above the mean` : `idlest ${idlest} is ${pct(low)} below the mean`) : `${forwarded}, pages follow their hosts`;
+  const why = standsOut ? (high > config.threshold ? `busiest ${busiest} is ${pct(high)} above the mean` : `idlest ${idlest} is ${pct(low)} below the mean`) : `${forwarded}, pages follow their hosts${settlingNote}`;
   if (moves.length === 0) return result(true, `${why}, but no allowed move lowers the cost (pages cooling down, too hot to move, or no room)`, []);
   return result(true, `${why} (threshold ${pct(config.threshold)}): ${moves.length} move(s)`, moves);
 }
