@@ -374,10 +374,11 @@ export const loadSummaryForwardedMax = 8_192;
 /** The most page moves one balancing round may start on one peer. */
 export const balancerMovesPerRoundMax = 64;
 /**
- * After a page move (in flight, or started) this recently, peer loads are not trusted to stand
- * out: the balancer's figure is a 10 s average (loadmon/ewma.ts), and a move changes both who
- * serves a page and how fast its host runs (a page that followed its host is served without the
- * hop), so for one window the peers' figures compare different moments. Only follow moves then.
+ * After a page move (in flight, or started) this recently, or the group's load rising from below
+ * minMeanLoad, peer loads are not trusted to stand out: the balancer's figure is a 10 s average
+ * (loadmon/ewma.ts) gossiped a second apart, and a move changes both who serves a page and how
+ * fast its host runs (a page that followed its host is served without the hop), so for one
+ * window the peers' figures compare different moments of a changing load. Only follow moves then.
  */
 export const balancerSettleMs = 10_000;
 assert(loadGossipMsMax < loadTickMs, 'a gossip call ends before the next one starts');

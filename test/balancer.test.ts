@@ -183,7 +183,7 @@ function atMs(ms: number): ManualClock {
   return clock;
 }
 
-function driverFor(self: string, view: () => GroupLoadView, opts: { mover: PageMover; config?: Partial<BalancerConfig>; auto?: () => boolean; clock?: ManualClock; owner?: Map<number, string>; autoBalance?: boolean }) {
+function driverFor(self: string, view: () => GroupLoadView, opts: { mover: PageMover; config?: Partial<BalancerConfig>; auto?: () => boolean; clock?: ManualClock; owner?: Map<number, string>; autoBalance?: boolean; fresh?: boolean }) {
   const clock = opts.clock ?? atMs(1_000_000);
   const warnings: string[] = [];
   const log = pino({ level: 'warn' }, { write: (s: string) => warnings.push(s) });
@@ -193,8 +193,35 @@ function driverFor(self: string, view: () => GroupLoadView, opts: { mover: PageM
     volume: () => ({ name: 'vol', pageBytes: 4 << 20, autoBalance: opts.autoBalance ?? true }),
     groupAuto: opts.auto ?? (() => true), log,
   });
+  // The load began one settle time ago: the driver saw it then (a fresh driver waits, see below).
+  if (!opts.fresh) {
+    driver.plan(false);
+    clock.set(clock.monotonicMs() + balancerSettleMs);
+  }
   return { driver, clock, warnings };
 }
+
+t.test('driver: a load that has just begun is not trusted to stand out for the settle time', async (t) => {
+  const mover = new FakeMover();
+  const { driver, clock } = driverFor('p1', () => viewOf(8, 100), { mover, fresh: true });
+  const first = await driver.round();
+  t.same(first!.plan.moves, [], 'the first round that sees the load: nothing by load');
+  t.match(driver.lastRound, /busiest p1 is \d+% above the mean.*loads settling after the load began 0 s ago/);
+  clock.set(clock.monotonicMs() + balancerSettleMs - 1);
+  await driver.round();
+  t.equal(mover.calls.length, 0, 'nor just before the settle time');
+  clock.set(clock.monotonicMs() + 1);
+  await driver.round();
+  t.equal(mover.calls.length, 3, 'then the pages move');
+  // The load falls below minMeanLoad and rises again: it settles again.
+  let load = 100;
+  const again = driverFor('p1', () => viewOf(8, load), { mover: new FakeMover() });
+  load = 0;
+  await again.driver.round();
+  load = 100;
+  again.clock.set(again.clock.monotonicMs() + 1_000);
+  t.same((await again.driver.round())!.plan.moves, [], 'a load that rose again settles again');
+});
 
 t.test('driver: starts only its own pages, at most maxMovesPerRound, never twice within the cool-down', async (t) => {
   const mover = new FakeMover();

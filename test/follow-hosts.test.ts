@@ -140,18 +140,18 @@ t.test('planner: right after a move, a peer that stands out is not trusted (load
     peers: [{ id: 'p1', load: 200, freeBytes: 10 * GiB }, { id: 'p2', load: 80, freeBytes: 10 * GiB }],
     pages: Array.from({ length: 16 }, (_, i) => ({ volumeId: 'v', volumeName: 'vol', page: i, owner: i < 8 ? 'p1' : 'p2', load: i < 8 ? 25 : 10, bytesMax: 4 << 20, arrivals: [{ peer: i < 8 ? 'p1' : 'p2', load: i < 8 ? 25 : 10 }] })),
   };
-  const settled = plan({ ...home, lastMoveAgoMs: balancerSettleMs }, config);
+  const settled = plan({ ...home, settling: { agoMs: balancerSettleMs, after: 'a move' } }, config);
   t.ok(settled.moves.length > 0 && settled.moves.every((m) => m.from === 'p1' && m.to === 'p2'), `settled: the imbalance is believed, pages go from p1 to p2 though their host writes through p1 (${settled.reason})`);
-  const settling = plan({ ...home, lastMoveAgoMs: balancerSettleMs - 1 }, config);
+  const settling = plan({ ...home, settling: { agoMs: balancerSettleMs - 1, after: 'a move' } }, config);
   t.same(settling.moves, [], 'within the settle time of a move: nothing moves by load');
   t.notOk(settling.triggered);
   t.match(settling.reason, /busiest p1 is 43% above the mean.*loads settling after a move 10 s ago/);
   t.same(plan(home, config).moves, settled.moves, 'no move known: as settled');
   // Page 3 still arrives through p2: it follows its host even while loads settle.
-  const away = { ...home, lastMoveAgoMs: 2_000, pages: home.pages.map((p) => (p.page === 3 ? { ...p, arrivals: [{ peer: 'p2', load: 25 }] } : p)) };
+  const away = { ...home, settling: { agoMs: 2_000, after: 'the load began' }, pages: home.pages.map((p) => (p.page === 3 ? { ...p, arrivals: [{ peer: 'p2', load: 25 }] } : p)) };
   const follow = plan(away, config);
   t.same(follow.moves.map((m) => `${m.page}:${m.from}→${m.to}`), ['3:p1→p2'], `only the follow move (${follow.reason})`);
-  t.match(follow.reason, /pages follow their hosts; loads settling/);
+  t.match(follow.reason, /pages follow their hosts; loads settling after the load began 2 s ago/);
 });
 
 t.test('planner properties with arrivals (fast-check): cost never rises, destinations never stand out, re-plan moves nothing', async (t) => {

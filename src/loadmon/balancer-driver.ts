@@ -152,6 +152,8 @@ export class BalancerDriver {
   lastRound = 'no round yet';
   /** When a page move was last seen in flight (any peer's, from the view, or this peer's own), on the clock. */
   private lastMoveAtMs = -Infinity;
+  /** The round at which the group's mean load last rose to minMeanLoad (this peer's start included); undefined while below. */
+  private loadBeganAtMs: number | undefined;
 
   constructor(opts: BalancerDriverOptions) {
     this.o = opts;
@@ -174,7 +176,13 @@ export class BalancerDriver {
       nowMs, cooldownMs: config.cooldownMs, manual, moves, ...(this.o.placeable ? { placeable: this.o.placeable() } : {}),
       ownerOf: (v, p) => this.o.ownerOf(v, p), holdersOf: (v, p) => this.o.holdersOf?.(v, p), volume: (v) => this.o.volume(v),
     });
-    return plan(manual || this.lastMoveAtMs === -Infinity ? input : { ...input, lastMoveAgoMs: nowMs - this.lastMoveAtMs }, config);
+    const mean = input.peers.reduce((a, p) => a + p.load, 0) / Math.max(1, input.peers.length);
+    if (mean < config.minMeanLoad) this.loadBeganAtMs = undefined;
+    else this.loadBeganAtMs ??= nowMs;
+    if (manual) return plan(input, config);
+    const began = this.loadBeganAtMs ?? -Infinity;
+    const settling = this.lastMoveAtMs >= began ? { atMs: this.lastMoveAtMs, after: 'a move' } : { atMs: began, after: 'the load began' };
+    return plan(settling.atMs === -Infinity ? input : { ...input, settling: { agoMs: nowMs - settling.atMs, after: settling.after } }, config);
   }
 
   /** One automatic round: plan, start this peer's moves. Undefined when switched off. */

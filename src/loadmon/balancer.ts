@@ -21,11 +21,12 @@
 //   so the result never triggers a balancing round from the other side;
 // - a move must strictly lower the cost, so shifting a hot spot from one peer to another
 //   (same variance) is never chosen;
-// - settling: within balancerSettleMs of the group's last move (PlanInput.lastMoveAgoMs), no peer
-//   is taken to stand out. The load figures are 10 s averages taken at different moments by
-//   different peers, and a move changes the hosts' speed too (a page that followed its host is
-//   served without the hop): right after follow moves, one peer's fresh figure against another's
-//   older one looked like a hot spot, and a page its host wrote through that peer was sent away.
+// - settling: within balancerSettleMs of a change (PlanInput.settling: the group's last move, or
+//   the load rising from below minMeanLoad), no peer is taken to stand out. The load figures are
+//   10 s averages taken a second apart by different peers; while they ramp up, or right after
+//   moves (which change the hosts' speed too: a page that followed its host is served without the
+//   hop), one peer's fresh figure against another's older one looked like a hot spot, and a page
+//   its host wrote through that peer was sent away (then kept away for the cool-down).
 // Follow moves (forwarded traffic) are planned even when no peer stands out (three equal hosts
 // each writing through its own peer), then nothing else moves. Against ping-pong between two
 // hosts on different peers sharing a page: a move gains from the forward term only towards a
@@ -119,12 +120,19 @@ export const roleSwitchCostShare = 0.25;
 
 export interface PlanInput {
   nowMs: number;
-  /** How long ago the group's last page move was in flight, as far as the planner knows; absent: none known (or a manual round, which does not wait). */
-  lastMoveAgoMs?: number;
+  /** The last change the loads are still settling from (balancerSettleMs); absent: none known, or a manual round (which does not wait). */
+  settling?: Settling;
   /** The peers that can take part (fresh in the view). Every page's owner should be one of them. */
   peers: PlanPeer[];
   /** Page loads; each is part of its owner's load. */
   pages: PlanPage[];
+}
+
+export interface Settling {
+  /** How long ago. */
+  agoMs: number;
+  /** What changed, for the reason line: "a move", "the load began". */
+  after: string;
 }
 
 export interface PlannedMove {
@@ -239,7 +247,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   const high = loads.get(busiest)! / mean - 1;
   const low = 1 - loads.get(idlest)! / mean;
   const outstanding = high > config.threshold || low > config.threshold;
-  const settling = input.lastMoveAgoMs !== undefined && input.lastMoveAgoMs < balancerSettleMs;
+  const settling = input.settling !== undefined && input.settling.agoMs < balancerSettleMs;
   const standsOut = outstanding && !settling;
   const candidates = input.pages
     .filter((p) => !p.pinned && p.load > 0 && loads.has(p.owner) && !inCooldown(p, input.nowMs, config.cooldownMs))
@@ -248,7 +256,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   const followers = config.wForward > 0 ? candidates.filter((p) => followTarget(p, destinations) !== undefined) : [];
   const forwarded = `forwarded ${pct(mean > 0 ? forwardedBefore / (n * mean) : 0)} of the load`;
   const figures = `busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)})`;
-  const settlingNote = outstanding && settling ? `; loads settling after a move ${((input.lastMoveAgoMs ?? 0) / 1000).toFixed(0)} s ago, so only pages following their hosts move` : '';
+  const settlingNote = outstanding && settling ? `; loads settling after ${input.settling!.after} ${(input.settling!.agoMs / 1000).toFixed(0)} s ago, so only pages following their hosts move` : '';
   if (!standsOut && followers.length === 0) {
     return result(false, `${outstanding ? figures : `balanced: ${figures}`}, ${forwarded}${settlingNote || ''}`, []);
   }
