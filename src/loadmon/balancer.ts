@@ -258,7 +258,7 @@ export function plan(input: PlanInput, config: BalancerConfig): Plan {
   const figures = `busiest ${busiest} is ${pct(high)} above the mean, idlest ${idlest} ${pct(low)} below (threshold ${pct(config.threshold)})`;
   const settlingNote = outstanding && settling ? `; loads settling after ${input.settling!.after} ${(input.settling!.agoMs / 1000).toFixed(0)} s ago, so only pages following their hosts move` : '';
   if (!standsOut && followers.length === 0) {
-    return result(false, `${outstanding ? figures : `balanced: ${figures}`}, ${forwarded}${settlingNote || ''}`, []);
+    return result(false, `${outstanding ? figures : `balanced: ${figures}`}, ${forwarded}${settlingNote}`, []);
   }
   const moves = greedy(input, config, standsOut ? candidates : followers, loads, destinations, !standsOut);
   const why = standsOut ? (high > config.threshold ? `busiest ${busiest} is ${pct(high)} above the mean` : `idlest ${idlest} is ${pct(low)} below the mean`) : `${forwarded}, pages follow their hosts${settlingNote}`;
