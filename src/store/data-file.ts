@@ -125,16 +125,13 @@ export class DataFile implements MediaFile {
     return new Promise((resolve, reject) => {
       if (this.queue.length === 0) setImmediate(this.sendQueued);
       this.unsettled++;
-      this.queue.push({
-        buf: buf.subarray(offset, offset + length), position,
-        resolve: () => { resolve(); this.settled(); },
-        reject: (err) => { reject(err); this.settled(); },
-      });
+      this.queue.push({ buf: buf.subarray(offset, offset + length), position, resolve, reject });
     });
   }
 
-  private settled(): void {
-    if (--this.unsettled > 0) return;
+  /** `n` writes were answered (each is counted once, where it is resolved or rejected). */
+  private settled(n: number): void {
+    if ((this.unsettled -= n) > 0) return;
     const waiters = this.drainWaiters;
     this.drainWaiters = [];
     for (const w of waiters) w();
@@ -145,9 +142,13 @@ export class DataFile implements MediaFile {
     return {
       fd: this.fd, position: run[0].position, pieces: run.map((w) => w.buf),
       done: (err) => {
-        if (!err) return run.forEach((w) => w.resolve());
-        const failure = storeError(err, true, `writing ${runBytes(run)} bytes at ${run[0].position}`);
-        for (const w of run) w.reject(failure);
+        if (!err) {
+          for (const w of run) w.resolve();
+        } else {
+          const failure = storeError(err, true, `writing ${runBytes(run)} bytes at ${run[0].position}`);
+          for (const w of run) w.reject(failure);
+        }
+        this.settled(run.length);
       },
     };
   }
@@ -160,7 +161,7 @@ export class DataFile implements MediaFile {
       if (err) {
         const failure = storeError(err, true, `writing ${runBytes(run) - skip} bytes at ${position}`);
         for (const w of run) w.reject(failure);
-        return;
+        return this.settled(run.length);
       }
       // Writes wholly written are done; a short write goes on from where it stopped.
       let through = skip + n;
@@ -169,6 +170,7 @@ export class DataFile implements MediaFile {
         through -= run[i].buf.length;
         run[i].resolve();
       }
+      this.settled(i);
       if (i < run.length) this.writeRun(run.slice(i), through);
     };
     if (run.length === 1) return fs.write(this.fd, run[0].buf, skip, run[0].buf.length - skip, position, done);
