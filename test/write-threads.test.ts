@@ -24,6 +24,15 @@ const settle = (answers: unknown[], n: number): Promise<void> => new Promise((re
   poll();
 });
 
+/** Write threads and one file under `dir`, both ended by the test's teardown, and a list for the answers. */
+function threadAndFile(t: { teardown(fn: () => unknown): void }, name: string) {
+  const thread = new WriteThreads();
+  t.teardown(() => thread.stop());
+  const fd = openSync(join(dir, name), 'w+');
+  t.teardown(() => closeSync(fd));
+  return { thread, fd, answers: [] as (NodeJS.ErrnoException | null)[] };
+}
+
 t.test('a batch: every write lands (pieces joined), two files at once, each answered once', async (t) => {
   const thread = new WriteThreads();
   t.teardown(() => thread.stop());
@@ -56,11 +65,7 @@ t.test('an error reaches its own write only, with its errno code', { skip: exist
 });
 
 t.test('the thread ended under its batches: each write answered once (done or EIO), then a new thread works', async (t) => {
-  const thread = new WriteThreads();
-  t.teardown(() => thread.stop());
-  const fd = openSync(join(dir, 'stop'), 'w+');
-  t.teardown(() => closeSync(fd));
-  const answers: (NodeJS.ErrnoException | null)[] = [];
+  const { thread, fd, answers } = threadAndFile(t, 'stop');
   let sent = 0;
   for (let batch = 0; batch < 8; batch++) {
     const writes = Array.from({ length: 32 }, (_, i) => threadWrite(fd, (batch * 32 + i) * 4096, 4096, 1, answers));
@@ -80,11 +85,7 @@ t.test('the thread ended under its batches: each write answered once (done or EI
 });
 
 t.test('staging buffers are bounded: with all in flight, send says no', async (t) => {
-  const thread = new WriteThreads();
-  t.teardown(() => thread.stop());
-  const fd = openSync(join(dir, 'bounded'), 'w+');
-  t.teardown(() => closeSync(fd));
-  const answers: (NodeJS.ErrnoException | null)[] = [];
+  const { thread, fd, answers } = threadAndFile(t, 'bounded');
   let taken = 0;
   while (thread.send([threadWrite(fd, taken * 4096, 4096, 1, answers)])) taken++;
   t.equal(taken, 16, 'sixteen batches in flight at most');
