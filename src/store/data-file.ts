@@ -22,7 +22,7 @@
 // scattered 4 KiB overwrite cost 7.5 µs of CPU in a range last written by 2 MiB writes, 4.2 µs
 // by 1 MiB, 2.5 µs by 256 KiB, and two threads writing at once more than doubled it
 // (spinning on the inode's lock). A volume filled sequentially (an image copied in, a page
-// moved or resynced) and then overwritten at random is the common case, so it is cut here;
+// moved or resynced) and then overwritten at random is common, so writes are cut here;
 // the pieces of one write settle it together, with the first failure.
 //
 // Runs under 64 KiB (a write at a scattered offset is a run of one) do not each take a trip
@@ -58,6 +58,7 @@ export const callBytesMax = 256 * 1024;
 export function piecesOf(w: QueuedWrite): QueuedWrite[] {
   if (w.buf.length <= callBytesMax) return [w];
   const pieces: QueuedWrite[] = [];
+  let left = 0;
   let failure: Error | undefined;
   const settle = (err?: Error): void => {
     failure ??= err;
@@ -71,7 +72,7 @@ export function piecesOf(w: QueuedWrite): QueuedWrite[] {
     pieces.push({ buf: w.buf.subarray(at, end), position, resolve: () => settle(), reject: settle });
     at = end;
   }
-  let left = pieces.length;
+  left = pieces.length;
   return pieces;
 }
 
