@@ -15,8 +15,8 @@
 // overlapping commands, sent without waiting; SCSI leaves their order to the target) land in
 // either order. A page's copies get such changes one after the other (replication's range lock).
 //
-// No system call writes more than 256 KiB (callBytesMax): a larger write, or run, is cut at
-// 256 KiB-aligned offsets. The kernel gives a buffered write of 2 MiB at an aligned offset a
+// No system call writes more than 256 KiB (callBytesMax): a larger write is cut at 256 KiB-
+// aligned offsets, and a run of adjacent writes ends before it would pass 256 KiB. The kernel gives a buffered write of 2 MiB at an aligned offset a
 // 2 MiB folio in the page cache, and from then on every 4 KiB write into that range costs the
 // whole folio's buffer heads (ext4_block_write_begin): measured here (kernel 6.18, ext4), a
 // scattered 4 KiB overwrite cost 7.5 µs of CPU in a range last written by 2 MiB writes, 4.2 µs
