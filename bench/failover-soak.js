@@ -3,16 +3,17 @@
 // verifying host load; opt-in, not part of `npm test`.
 //
 //   npm run build && node bench/failover-soak.js [--cycles 20] [--size-mib 256] [--sessions 2]
-//        [--down-s 5] [--healthy-s 120] [--minutes 60] [--replicas 2] [--timeout-s 30]
+//        [--down-s 5] [--healthy-s 120] [--minutes 60] [--replicas 2] [--timeout-s 30] [--tls 1]
 //
 // Three `peersan peer` processes on etcd (balancer and host balancing off), one volume with
 // --replicas copies of each page. The host is the test suite's raw initiator
 // (test/helpers/fuzz-iscsi.ts): --sessions sessions through every peer's portal, each writing
 // 4 KiB blocks one at a time at random slots of its own, every block saying which write it is
-// (test/helpers/replicas.ts). Each cycle waits until `volume show` says the volume is healthy,
-// SIGKILLs a random peer, lets the load run --down-s seconds, restarts the peer, and waits for
-// healthy again. The sessions through the killed peer wait for its restart and log in again;
-// their failures do not count. Counted:
+// (test/helpers/replicas.ts). --tls 1 gives the group `cluster.tls` (mutual TLS between peers,
+// block data streams included), as `peersan demo` and a secure group run. Each cycle waits
+// until `volume show` says the volume is healthy, SIGKILLs a random peer, lets the load run
+// --down-s seconds, restarts the peer, and waits for healthy again. The sessions through the
+// killed peer wait for its restart and log in again; their failures do not count. Counted:
 //   host errors   a write through a live peer that did not end GOOD within --timeout-s (the
 //                 Linux SCSI default command timeout is 30 s); failed logins to a live peer
 //                 (a restarted one included) are counted apart
@@ -34,9 +35,9 @@ const { waitProtection } = require('../test/helpers/replicas.ts');
 const { parseArgs, median, machine, loadNow, saveResults } = require('./lib/group');
 const { startSoak, runSoak, longestGap } = require('./lib/host-load');
 
-const args = parseArgs({ cycles: 20, sizeMib: 256, sessions: 2, downS: 5, healthyS: 120, minutes: 60, replicas: 2, timeoutS: 30 }, {
+const args = parseArgs({ cycles: 20, sizeMib: 256, sessions: 2, downS: 5, healthyS: 120, minutes: 60, replicas: 2, timeoutS: 30, tls: 0 }, {
   '--cycles': 'cycles', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--down-s': 'downS', '--healthy-s': 'healthyS',
-  '--minutes': 'minutes', '--replicas': 'replicas', '--timeout-s': 'timeoutS',
+  '--minutes': 'minutes', '--replicas': 'replicas', '--timeout-s': 'timeoutS', '--tls': 'tls',
 });
 const volume = 'soak';
 const pauseMsAim = 3_000;
@@ -46,11 +47,11 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 async function main(teardowns) {
   const deadline = Date.now() + args.minutes * 60_000;
   const soak = await startSoak({
-    volume, count: 3, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, teardowns,
+    volume, count: 3, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, tls: args.tls > 0, teardowns,
     yaml: { clusterYaml: ['hostBalance: { enabled: false }'], rootYaml: ['balancer: { enabled: false }'] },
   });
   const { peers, live, livePeers, errors, loginFailures, writers } = soak;
-  console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s; load ${loadNow()}`);
+  console.log(`failover soak: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.cycles} cycles, down ${args.downS} s${args.tls ? ', cluster.tls (mutual TLS between peers)' : ''}; load ${loadNow()}`);
 
   const cycles = [];
   await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);

@@ -4,7 +4,7 @@
 // upgrade would do it; opt-in, not part of `npm test` (test/rolling-restart.test.ts runs a short one).
 //
 //   npm run build && node bench/rolling-restart.js [--rounds 1] [--peers 3] [--size-mib 256]
-//        [--sessions 2] [--replicas 2] [--healthy-s 120] [--timeout-s 30] [--minutes 30]
+//        [--sessions 2] [--replicas 2] [--healthy-s 120] [--timeout-s 30] [--minutes 30] [--tls 1]
 //
 // --peers `peersan peer` processes on etcd (host balancing off, so each session stays on the
 // portal it chose; the balancer on, so roles come back), one volume with --replicas copies of
@@ -29,9 +29,9 @@ const { waitProtection } = require('../test/helpers/replicas.ts');
 const { parseArgs, median, machine, loadNow, saveResults } = require('./lib/group');
 const { startSoak, runSoak, longestGap, longestGapAt } = require('./lib/host-load');
 
-const args = parseArgs({ rounds: 1, peers: 3, sizeMib: 256, sessions: 2, replicas: 2, healthyS: 120, timeoutS: 30, minutes: 30 }, {
+const args = parseArgs({ rounds: 1, peers: 3, sizeMib: 256, sessions: 2, replicas: 2, healthyS: 120, timeoutS: 30, minutes: 30, tls: 0 }, {
   '--rounds': 'rounds', '--peers': 'peers', '--size-mib': 'sizeMib', '--sessions': 'sessions', '--replicas': 'replicas',
-  '--healthy-s': 'healthyS', '--timeout-s': 'timeoutS', '--minutes': 'minutes',
+  '--healthy-s': 'healthyS', '--timeout-s': 'timeoutS', '--minutes': 'minutes', '--tls': 'tls',
 });
 const volume = 'rolling';
 const pauseMsAim = 500;
@@ -39,11 +39,11 @@ const pauseMsAim = 500;
 async function main(teardowns) {
   const deadline = Date.now() + args.minutes * 60_000;
   const soak = await startSoak({
-    volume, count: args.peers, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, teardowns,
+    volume, count: args.peers, sizeMib: args.sizeMib, replicas: args.replicas, sessions: args.sessions, timeoutS: args.timeoutS, tls: args.tls > 0, teardowns,
     yaml: { clusterYaml: ['hostBalance: { enabled: false }'] },
   });
   const { peers, live, livePeers, errors, loginFailures, writers } = soak;
-  console.log(`rolling restart: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.rounds} round(s); load ${loadNow()}`);
+  console.log(`rolling restart: ${peers.length} peers, volume of ${args.sizeMib} MiB with ${args.replicas} copies, ${writers.length} sessions (${args.sessions} per portal), ${args.rounds} round(s)${args.tls ? ', cluster.tls (mutual TLS between peers)' : ''}; load ${loadNow()}`);
 
   const steps = [];
   await waitProtection(livePeers, volume, 'healthy', args.healthyS * 1000);

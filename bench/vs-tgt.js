@@ -2,7 +2,7 @@
 // peersan vs tgt (Debian tgt, file-backed LUN of the same size), same machine, same run; and
 // peersan local vs forwarded; IOPS (or MB/s) and CPU microseconds per operation.
 //
-//   npm run build && node bench/vs-tgt.js [--size-mib 1024] [--seconds 5] [--repeat 5]
+//   npm run build && node bench/vs-tgt.js [--size-mib 1024] [--seconds 5] [--repeat 5] [--tls 1]
 //
 // peersan runs as a group of two `peersan peer` processes sharing an etcd catalog (as two
 // machines would; each process gets its own core on a 2-core box). The volume is placed on
@@ -26,7 +26,8 @@
 // probe (bench/peer-probe.js), whose work would count.
 // Run time: about 6 x --repeat measurements of --seconds plus 6 x --repeat runs of 100,000
 // writes, plus filling both LUNs: about 4 minutes for --size-mib 512 --seconds 4 on the 2-core
-// box. --only N runs the Nth figure alone.
+// box. --only N runs the Nth figure alone. --tls 1 gives the peersan group `cluster.tls`: the
+// forwarded figures then cross the peer data stream over mutual TLS (local I/O does not use it).
 // Needs root (tgtd), etcd, iscsi-perf, qemu-img with the iscsi driver. Results also go to
 // bench/results/vs-tgt-<time>.json (each sample kept).
 'use strict';
@@ -34,7 +35,7 @@
 const { parseArgs, startPeersan, startTgtProcess, fillRandom, iscsiPerf, qemuImgWrites, scatteredStep, median, round2, loadNow, machine, saveResults, runBench } = require('./lib/group');
 const { withCpu } = require('./lib/cpu');
 
-const args = parseArgs({ sizeMib: 1024, seconds: 5, repeat: 5, only: 0 }, { '--size-mib': 'sizeMib', '--seconds': 'seconds', '--repeat': 'repeat', '--only': 'only' });
+const args = parseArgs({ sizeMib: 1024, seconds: 5, repeat: 5, only: 0, tls: 0 }, { '--size-mib': 'sizeMib', '--seconds': 'seconds', '--repeat': 'repeat', '--only': 'only', '--tls': 'tls' });
 const mib = 1024 * 1024;
 
 const figures = [
@@ -46,7 +47,7 @@ const figures = [
 
 /** The three targets: their URLs and the processes whose CPU each one's figure counts. */
 async function startTargets() {
-  const pc = await startPeersan(args.sizeMib * mib, 512, { ids: ['p1', 'p2'], volumeArgs: ['--peers', 'p1'], probe: false });
+  const pc = await startPeersan(args.sizeMib * mib, 512, { ids: ['p1', 'p2'], volumeArgs: ['--peers', 'p1'], probe: false, tls: args.tls > 0 });
   const [p1, p2] = pc.peers;
   const url = (p) => `iscsi://127.0.0.1:${p.iscsi}/iqn.2026-11.io.peersan:bench/0`;
   const peers = { p1: p1.pid, p2: p2.pid };
@@ -108,7 +109,7 @@ async function main() {
   }
   const mc = machine();
   console.log(`machine: ${mc.cpus} x ${mc.cpu}, ${mc.memGiB} GiB, node ${mc.node}; medians of ${args.repeat}, ${args.seconds} s each (writes: 100,000 each), ${args.sizeMib} MiB LUNs filled with random data`);
-  console.log('local = through the portal of the peer that owns every page; forwarded = through a peer that owns none (two peer processes, etcd catalog); CPU = utime+stime of all threads, /proc');
+  console.log(`local = through the portal of the peer that owns every page; forwarded = through a peer that owns none (two peer processes, etcd catalog${args.tls ? ', peer data stream over mutual TLS' : ''}); CPU = utime+stime of all threads, /proc`);
   console.log(`results: ${saveResults('vs-tgt', { args, machine: mc, results })}`);
 }
 

@@ -119,9 +119,11 @@ const startTgt = async (sizeBytes, blockSize) => (await startTgtProcess(sizeByte
  * Peer processes `ids` on etcd, default migration settings, no automatic page or host moves,
  * each with the GC / event-loop probe (bench/peer-probe.js) unless `probe` is false (the benches
  * that count CPU per operation leave it out); volume `bench` spread over them, or as
- * `volumeArgs` (more `volume create` flags, e.g. --peers p1) says.
+ * `volumeArgs` (more `volume create` flags, e.g. --peers p1) says. With `tls`, the group has
+ * `cluster.tls` (`peersan init` makes the CA and the peers' certificates): peer calls and block
+ * data streams run over mutual TLS.
  */
-async function startPeersan(sizeBytes, blockSize, { ids = ['p1', 'p2', 'p3'], volumeArgs = [], probe = true } = {}) {
+async function startPeersan(sizeBytes, blockSize, { ids = ['p1', 'p2', 'p3'], volumeArgs = [], probe = true, tls = false } = {}) {
   const etcd = await startEtcd();
   const peers = [];
   for (const id of ids) peers.push({ id, iscsi: await freePort(), rpc: await freePort(), http: await freePort(), log: path.join(work, `${id}.log`), probe: path.join(work, `${id}.probe`) });
@@ -129,6 +131,7 @@ async function startPeersan(sizeBytes, blockSize, { ids = ['p1', 'p2', 'p3'], vo
   fs.writeFileSync(config, ['cluster:', '  name: bench', '  adminToken: bench-token', '  secret: bench-secret', `  catalog: { backend: etcd, endpoints: [${etcd}] }`,
     '  hostBalance: { enabled: false }', 'balancer: { enabled: false }', 'peers:',
     ...peers.map((p) => `  - { id: ${p.id}, iscsi: 127.0.0.1:${p.iscsi}, rpc: 127.0.0.1:${p.rpc}, http: 127.0.0.1:${p.http}, data: ./${p.id} }`), ''].join('\n'));
+  if (tls) await run(process.execPath, [peersanBin, 'init', '--dir', work]);
   for (const p of peers) {
     // The peers log JSON to stderr: kept, for the benches that read events from it.
     const fd = fs.openSync(p.log, 'a');
@@ -140,6 +143,16 @@ async function startPeersan(sizeBytes, blockSize, { ids = ['p1', 'p2', 'p3'], vo
   const cli = (...a) => run(process.execPath, [peersanBin, '--config', config, ...a]);
   await cli('volume', 'create', 'bench', '--size', String(sizeBytes), '--block-size', String(blockSize), ...volumeArgs);
   const map = JSON.parse(await cli('--json', 'page', 'map', 'bench'));
+  // Each peer says in its 'peer started' line whether it runs with cluster.tls: a bench that
+  // asked for TLS and got a plain group would measure the wrong path.
+  for (const p of peers) {
+    let started;
+    for (let i = 0; i < 100 && !started; i++) {
+      started = fs.readFileSync(p.log, 'utf8').split('\n').filter((l) => l.includes('"msg":"peer started"')).map((l) => JSON.parse(l)).pop();
+      if (!started) await sleep(100);
+    }
+    if (started?.peerTls !== tls) throw new Error(`peer ${p.id} started with peerTls ${started?.peerTls}, the bench asked for ${tls}`);
+  }
   return { peers, cli, config, map, url: `iscsi://127.0.0.1:${peers[0].iscsi}/iqn.2026-11.io.peersan:bench/0` };
 }
 

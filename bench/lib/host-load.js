@@ -5,8 +5,12 @@
 // longest gap between completions (the pause a host saw).
 'use strict';
 
+const { spawnSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
 const { openSession } = require('../../test/helpers/fuzz-iscsi.ts');
-const { hasTool, startEtcd, startPeers } = require('../../test/helpers/processes.ts');
+const { cliPath, hasTool, startEtcd, startPeers } = require('../../test/helpers/processes.ts');
 const { Ledger, replicasMissing, verifiedWrite, verifyLedger } = require('../../test/helpers/replicas.ts');
 const { cleanup: groupCleanup } = require('./group');
 
@@ -132,15 +136,18 @@ const geometry = { slotBytes: 4096, blockBytes: 512 };
 /**
  * A soak's group and load: etcd and `count` peer processes (`yaml`: their cluster.yaml
  * additions), one volume of `sizeMib` with `replicas` copies, and `sessions` verifying writers
- * through every portal. Everything started is stopped by `soak.teardown()`.
+ * through every portal. With `tls`, the group has `cluster.tls` (certificates made by
+ * `peersan init`, as for a real group): peer calls and block data streams run over mutual TLS.
+ * Everything started is stopped by `soak.teardown()`.
  */
-async function startSoak({ volume, count, sizeMib, replicas, sessions, timeoutS, yaml, teardowns }) {
+async function startSoak({ volume, count, sizeMib, replicas, sessions, timeoutS, yaml, tls = false, teardowns }) {
   const missing = ['etcd'].filter((x) => !hasTool(x));
   if (missing.length) throw new Error(`missing ${missing.join(', ')}`);
   const noReplicas = replicasMissing();
   if (noReplicas) throw new Error(`${noReplicas}: this soak needs replicated volumes`);
   const { endpoint } = await startEtcd((fn) => teardowns.push(fn));
-  const peers = await startPeers((fn) => teardowns.push(fn), { count, etcd: endpoint, ...yaml });
+  const clusterYaml = [...(yaml.clusterYaml ?? []), ...(tls ? groupTls(count, teardowns) : [])];
+  const peers = await startPeers((fn) => teardowns.push(fn), { count, etcd: endpoint, ...yaml, clusterYaml });
   const created = await peers[0].cliAsync('volume', 'create', volume, '--size', `${sizeMib}M`, '--replicas', String(replicas));
   if (created.status !== 0) throw new Error(`volume create: ${created.out.trim()}`);
   const live = new Liveness(peers);
@@ -162,6 +169,17 @@ async function startSoak({ volume, count, sizeMib, replicas, sessions, timeoutS,
       return { acknowledged, lost };
     },
   };
+}
+
+/** A CA and certificates for peers p1…p`count` (`peersan init`); the `cluster.tls` line naming them. */
+function groupTls(count, teardowns) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'peersan-soak-tls-'));
+  teardowns.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const ids = Array.from({ length: count }, (_, i) => `p${i + 1}`);
+  const made = spawnSync(process.execPath, [cliPath, 'init', '--dir', dir, '--peers', ids.join(',')], { encoding: 'utf8', timeout: 60_000 });
+  if (made.status !== 0) throw new Error(`peersan init: ${made.stderr.trim() || made.stdout.trim()}`);
+  const tlsDir = path.join(dir, 'tls');
+  return [`tls: { ca: "${tlsDir}/ca.crt", cert: "${tlsDir}/{peer}.crt", key: "${tlsDir}/{peer}.key" }`];
 }
 
 /** Run a soak's `main(teardowns)`: its teardowns run once, at the end or on Ctrl-C; a failure is one line and exit 1. */

@@ -167,7 +167,7 @@ export class PeerServer {
     this.hostBalancer?.start();
     // Serving: the others may place data here from now on.
     await markUp(this.members, this.peer.id);
-    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: this.members.ids().length, catalog: this.config.catalog.backend, volumes: core.catalog.listVolumes().length, cleanStart: this.store.wasClean }, 'peer started');
+    this.log.info({ iscsi: this.peer.iscsi, rpc: this.peer.rpc, peers: this.members.ids().length, catalog: this.config.catalog.backend, volumes: core.catalog.listVolumes().length, cleanStart: this.store.wasClean, peerTls: this.config.tls !== undefined }, 'peer started');
   }
 
   /** The store, the catalog and the transport, and the protocols over them (compose.ts, as the simulator builds them). */
