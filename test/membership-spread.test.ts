@@ -204,6 +204,29 @@ t.test('a one-copy page on a draining peer moves whole; a capacity hint moves on
   t.equal(p1.relocationsPending(), 0, 'the hint is done');
 });
 
+t.test('a drain and a capacity hint on one page: the drain goes first, and ends (simulator, seed 24728)', async (t) => {
+  // Page 0 of a 3-copy volume on p1..p4: p1 (primary), p2, p3. p2 drains while a hint asks p3's
+  // copy to leave for p4. Counted as leaving together, p2 and p3 left one staying copy besides
+  // the new one on p4, too few for either to go: each waited for the other, for good.
+  const env = new ManualEnv();
+  const ids = ['p1', 'p2', 'p3', 'p4'];
+  const states: Record<string, MemberState> = {};
+  const catalog = await openCatalog(t, env, members(ids, states));
+  const v = await catalog.createVolume({ name: 'vol', size: 4 * pageBytes, replicas: 3, peers: ids });
+  t.same(copiesOf(catalog.routes(v).route(0)), ['p1', 'p2', 'p3'], 'placed: page 0 on p1, p2, p3');
+  const p1 = keeperOn(catalog, env, 'p1', []);
+  t.ok(p1.relocate(v.id, 0, 'p3', 'p4'), "a hint: p3's copy of page 0 leaves for p4");
+  states.p2 = 'draining';
+  for (let round = 0; round < 4 && copiesOf(catalog.routes(v).route(0)).includes('p2'); round++) {
+    await p1.run();
+    t.ok(inSyncOf(catalog.routes(v).route(0)).length >= 3, `round ${round}: never fewer than three in-sync copies`);
+    await resyncAll(catalog, 'vol');
+  }
+  const route = catalog.routes(v).route(0);
+  t.notOk(copiesOf(route).includes('p2'), `the drain ended: p2 holds no copy of page 0 (copies ${copiesOf(route).join(', ')})`);
+  t.ok(copiesOf(route).includes('p4'), 'the new copy went to the peer the hint names');
+});
+
 // ---- capacity spreading ----------------------------------------------------------------------
 
 const count = (copies: number, leaving = 0, arriving = 0): CopyCount => ({ copies, leaving, arriving });

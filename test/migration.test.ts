@@ -254,3 +254,33 @@ t.test('with two copies, a restart of the destination in mid-move abandons the m
   for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
   t.equal(await g.peer('p1').core.catalog.moveIntent(info.volumeId, page), undefined, 'the intent is gone from the catalog');
 });
+
+t.test('a fresh PREPARE is refused, and clears nothing, when the catalog says the source is not the primary or the destination holds a copy', async (t) => {
+  // Simulator, seed 23891: a source's start read the route, then waited; meanwhile the page got
+  // another primary and moved to the destination, whose fresh PREPARE then cleared the page it
+  // served as primary.
+  const g = await startGroup(t, 3);
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 2 });
+  const page = 0; // primary p1, its second copy on p2; p3 holds none
+  const routers = await routersOf(g, 'vol');
+  const data = Buffer.alloc(pageBlocks * bs);
+  for (let i = 0; i < data.length; i += 4) data.writeUInt32BE(i ^ 0x5a5a5a5a, i);
+  await routers.get('p1')!.write(0, data);
+  const catalog = g.peer('p1').core.catalog;
+  const volume = catalog.require('vol');
+  const route = await catalog.fetchRoute(volume, page);
+  t.same([route.owner, ...copiesOf(route)], ['p1', 'p1', 'p2'], 'page 0: primary p1, copies p1 and p2');
+  const intent = (from: string, to: string) => ({ from, to, routeVersion: route.version, startedAtMs: Date.now(), id: `${from}-${to}` });
+  const refusedAt = async (from: string, to: string, why: string): Promise<void> => {
+    await catalog.createMoveIntent(volume, page, intent(from, to));
+    await t.rejects(g.peer(to).core.migrator.prepare({ volumeId: volume.id, page, from, fresh: true }), /is stale/, why);
+    t.notOk(g.peer(to).core.migrator.receiving(volume.id, page), `${to} is not receiving the page`);
+    await catalog.deleteMoveIntent(volume.id, page, intent(from, to));
+  };
+  await refusedAt('p3', 'p1', 'from p3, which is not the primary, to p1, the primary');
+  await refusedAt('p1', 'p2', 'from the primary to p2, which holds a copy');
+  for (const id of ['p1', 'p2', 'p3']) t.ok((await g.peer(id).core.targets.routerFor('vol')!.read(0, pageBlocks)).equals(data), `page intact through ${id}`);
+  // The copies themselves, not only what the primary serves.
+  t.ok((await g.peer('p2').core.targets.stored(volume.id)!.read(0, pageBlocks)).equals(data), "p2's copy intact");
+  t.ok((await g.peer('p1').core.targets.stored(volume.id)!.read(0, pageBlocks)).equals(data), "p1's copy intact");
+});

@@ -306,6 +306,17 @@ t.test('the commit CAS: a lost answer or a conflict is settled by reading the ro
     t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'setRoute from v4', 'readRoute', 'finish committed v5', 'deleteIntent', 'release free', 'leaveStep', 'ended committed v5']);
     t.equal(m.lastError, '');
   });
+  t.test('D as primary before any CAS of this move (made so by another move, simulator seed 23891): not ours; abandoned, nothing freed here', async (t) => {
+    const m = machine({ done: 2 });
+    const lines = run(m, (a) => (a.kind === 'readRoute' ? { kind: 'routeRead', owner: 'p2', version: 7 } : undefined));
+    t.same(lines, ['enterStep', 'persist committing done=2', 'readRoute', 'lostPage', 'finish cancelled', 'deleteIntent', 'release', 'leaveStep', 'ended cancelled']);
+  });
+  t.test('resumed after a restart while committing: D as primary at the first read is our CAS from before the restart', async (t) => {
+    const m = machine({ done: 2, state: 'committing' }, { resumed: true });
+    const lines = run(m, (a) => (a.kind === 'readRoute' ? { kind: 'routeRead', owner: 'p2', version: 5 } : undefined));
+    t.ok(lines.includes('finish committed v5'), lines.join(', '));
+    t.ok(lines.includes('release free'));
+  });
   t.test('another primary (a takeover): the move is abandoned, nothing copied back, D frees its copy', async (t) => {
     const m = machine({ done: 2 });
     const lines = run(m, (a) => (a.kind === 'readRoute' ? { kind: 'routeRead', owner: 'p3', version: 5 } : undefined));

@@ -416,6 +416,56 @@ t.test('dirty grains: written unsynced, read back at open; whole for a page susp
   t.same(dirtyList(again.tracker.dirtyOf(vid, 2, 'p2')), [0, 1, 2, 3, 4, 5, 6, 7], 'page 2 is suspect: its set counts whole');
 });
 
+/** Page 0's copies without `copy` (it leaves the page: drained, evacuated), or with it again as a new, stale copy. */
+const withoutCopy = (copy: string) => (now: Route): Omit<Route, 'version'> => ({ owner: now.owner, copies: copiesOf(now).filter((p) => p !== copy), inSync: inSyncOf(now).filter((p) => p !== copy) });
+const withNewCopy = (copy: string) => (now: Route): Omit<Route, 'version'> => ({ owner: now.owner, copies: [...copiesOf(now), copy], inSync: [...inSyncOf(now)] });
+const allGrains = Array.from({ length: grainsPerPage }, (_, i) => i);
+
+t.test('dirty grains: a change that ends after a copy left the page marks nothing for it; back as a new copy, it is whole', async (t) => {
+  // Simulator, seed 22031: a write held up by a partition ended after p1 had left page 0's
+  // copies (and freed its page). The primary began a set for p1 with that write's grain alone;
+  // when p1 came back as a copy, its resync copied that grain and nothing else, and p1 was
+  // admitted in sync without the page's earlier writes.
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  p1.tracker.watch(vid, g.table);
+  const held = g.table.route(0);
+  t.same(inSyncOf(held), ['p1', 'p2', 'p3'], 'page 0: p1 primary, p2 and p3 in sync');
+  await g.catalog.casRoute(g.volume, 0, held, withoutCopy('p3'));
+  p1.tracker.changed(vid, 0, held, grainLba(0, 3), 1, ['p3']);
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'a change by the old route that p3 missed: no set for a peer that is no copy');
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), withNewCopy('p3'));
+  t.equal(p1.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'p3 back as a new copy: no set, so its resync is whole');
+  p1.tracker.changed(vid, 0, held, grainLba(0, 5), 1, ['p3']);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), allGrains, 'another held-up change by the old route: the set it begins is whole');
+  // The ordinary case is unchanged: an in-sync copy that misses a change gets that change's grains.
+  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 6), 1, ['p2']);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [6], 'p2 (in sync) missed one change: its grain');
+});
+
+t.test('dirty grains: a set read back at open is dropped when its peer comes back as a new copy', async (t) => {
+  // p1 keeps a set for stale p3, and stops. Meanwhile p3 leaves page 0 (its page freed there);
+  // p1 starts again, reads the set back, and then p3 is made a copy again: it holds nothing of
+  // the page, whatever that set says.
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  const unwatch = p1.tracker.watch(vid, g.table);
+  await g.drop(0, 'p3');
+  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 2), 1, []);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [2], 'p3 stale: one grain since');
+  await g.env.run(dirtyPersistMs);
+  unwatch();
+  p1.tracker.close();
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), withoutCopy('p3'));
+  const again = await g.make('p1', p1.kv);
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p3')), [2], 'read back at open');
+  again.tracker.watch(vid, g.table);
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), withNewCopy('p3'));
+  t.equal(again.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'p3 is a new copy: the old set is gone, its resync is whole');
+});
+
 /** Page 0 of a 2-copy volume on p1 (primary) and p2, with 8 grains of distinct data on both. */
 async function staleP2(t: Tap.Test) {
   const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });

@@ -225,16 +225,19 @@ export class Migrator {
     // move copies here. The simulator found it (seed 273). Transient: the source tries again.
     if (this.running.has(k)) throw new PeersanError(`page ${req.page} of ${volume.name} is still being released by its previous move from ${this.o.self}`);
     if (req.fresh || this.incoming.get(k) !== req.from) {
-      // Starting over clears the page here. A move resumed after its source restarted asks (not
-      // fresh) until this peer answers, and its source may have lost the page meanwhile: by then
-      // the new primary may have made this peer one of its copies, which clearing would erase,
-      // acknowledged writes and all (simulator, seeds 3601, 3608). A fresh PREPARE comes
-      // from a source that has just read the route itself.
-      if (!req.fresh) {
-        const route = await this.o.catalog.fetchRoute(volume, req.page);
-        if (route.owner !== req.from || copiesOf(route).includes(this.o.self)) {
-          throw new ConflictError(`page ${req.page} of ${volume.name} has primary ${route.owner} and copies ${copiesOf(route).join(', ')} now: the move from ${req.from} is stale`);
-        }
+      // Starting over clears the page here, so the catalog must say first that the source is
+      // still the page's primary and this peer holds no copy of it. A move resumed after its
+      // source restarted asks (not fresh) until this peer answers, and its source may have lost
+      // the page meanwhile: by then the new primary may have made this peer one of its copies,
+      // which clearing would erase, acknowledged writes and all (simulator, seeds 3601, 3608).
+      // A fresh PREPARE is no proof either: the source read the route before its start waited
+      // (for the catalog, the intent, a disk), and meanwhile the page may have gone to another
+      // primary and moved here: this peer cleared the page it served as primary, and the old
+      // source, reading a route that named this peer primary, took it for its own commit and
+      // freed its copy, an in-sync one (simulator, seed 23891).
+      const route = await this.o.catalog.fetchRoute(volume, req.page);
+      if (route.owner !== req.from || copiesOf(route).includes(this.o.self)) {
+        throw new ConflictError(`page ${req.page} of ${volume.name} has primary ${route.owner} and copies ${copiesOf(route).join(', ')} now: the move from ${req.from} is stale`);
       }
       this.incoming.delete(k);
       this.restarted.delete(k);
@@ -451,7 +454,9 @@ export class Migrator {
     // it at once (the commit could not see a loss followed by a return of the role).
     const table = this.o.catalog.routes(this.requireVolume(cp.volumeId));
     const heard = (page: number, route: Route): void => {
-      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from || route.owner === cp.to) return;
+      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from) return;
+      // D as primary is this move's commit only once it commits (see MoveMachine.settleCas).
+      if (route.owner === cp.to && r.machine.cp.state === 'committing') return;
       // Before this peer asks the new primary for a resync (the same route starts it): a whole one.
       this.o.distrust?.(cp.volumeId, cp.page);
       this.drive(r, { kind: 'lost' });
@@ -726,9 +731,10 @@ export class Migrator {
       // (dropping it would leave the move's intent in the catalog for good).
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, cp.page);
-      // D is primary only by this move's commit (it holds no copy while the page moves there);
-      // the route's version may have moved on since (changes of the copies, a takeover).
-      if (route.owner === cp.to && route.version > cp.routeVersion) {
+      // D is primary only by this move's commit (it holds no copy while the page moves there),
+      // and only once the move was committing; the route's version may have moved on since
+      // (changes of the copies, a takeover).
+      if (route.owner === cp.to && route.version > cp.routeVersion && cp.state === 'committing') {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);

@@ -37,9 +37,10 @@
 //     a page missing an earlier one (seed 104).
 //   - The commit CAS is the single commit point: never two owners for one page version. An
 //     answer lost (or a conflict) is settled by reading the route: D as primary is our own commit
-//     (this run's, or one before a restart of S: D holds no copy while the page moves there);
-//     S still primary, the CAS is tried again from the version read (at once after a conflict,
-//     after retryMs with no answer).
+//     once a CAS of ours may have been sent (this run's, or one before a restart of S in
+//     `committing`: D holds no copy while the page moves there, since D's PREPARE checks the
+//     catalog); before that it is a loss (seed 23891). S still primary, the CAS is tried again
+//     from the version read (at once after a conflict, after retryMs with no answer).
 //   - Lost: a takeover or handover gave the page another primary while it moved (the driver
 //     hears it from the route table: `lost`). S's copy misses what it forwarded to D, so the move
 //     never commits, even if S gets the role back: it is abandoned at the next piece boundary or
@@ -68,8 +69,8 @@
 //     (`armTimer`). A failure of an action with no failure event (persist, set/mark/clear a
 //     piece, release) stops the move the same way.
 //
-// Restart (Migrator.recover): a checkpointed move whose route has D as primary committed before
-// the crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route still
+// Restart (Migrator.recover): a `committing` checkpoint whose route has D as primary committed
+// before the crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route still
 // has S as primary resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
 // from the checkpoint's cursor: pieces [0, done) are on D and the piece that was in transit is
 // copied again from its first chunk; a `cancelling` checkpoint goes on copying back, a
@@ -80,7 +81,8 @@
 // Destination D (procedural in the Migrator: each is a few steps): PREPARE checks the intent
 // names this move, refuses while D still releases the page from an earlier move of its own
 // away (the late free would erase the new copy; the simulator's seed 273), clears a stale copy
-// when the move is fresh (or from another source), then persists its receiving record before
+// when the move is fresh (or from another source), once the catalog says S is the primary and D
+// holds no copy (seeds 3601, 23891), then persists its receiving record before
 // answering, so a restart of D knows its staging traffic; a restart of D while receiving a
 // replicated page makes it refuse the move's next PREPARE (see the confirm above). FINISH learns the committed route, or
 // frees the copy on cancel (unless the route names D a copy: a new primary's rebuild may have
@@ -253,6 +255,11 @@ export class MoveMachine {
   private casVersion: number;
   /** The commit CAS was tried (its answer may have been lost): a route read settles it. */
   private casTried = false;
+  /**
+   * A commit CAS of this move may be in the catalog: one was sent in this run, or before a
+   * restart (a `committing` checkpoint). Only then can a route naming D as primary be ours.
+   */
+  private casSent: boolean;
   private error = '';
   private copiedBytes = 0;
   /** The outcomes of the pending action (`stop` is always one too); at first, begin. */
@@ -281,6 +288,7 @@ export class MoveMachine {
     this.chunkBlocks = Math.max(1, Math.floor(chunkBytes / geometry.blockBytes));
     this.resumed = opts.resumed;
     this.casVersion = cp.routeVersion;
+    this.casSent = opts.resumed && cp.state === 'committing';
     this.cancelAsked = cp.state === 'cancelling';
     // A `cancelling` checkpoint turns back again at the first piece boundary (persisting it
     // again, harmless); a `committing` one has every piece done and commits.
@@ -565,15 +573,18 @@ export class MoveMachine {
   // ---- commit and clean-up --------------------------------------------------------------------
 
   /**
-   * The route read before the commit CAS, or after one failed: D as primary is our own commit (D
-   * holds no copy of the page while it moves there, so nothing else makes it primary); this peer
+   * The route read before the commit CAS, or after one failed: D as primary is our own commit
+   * once a CAS of ours may have gone through (D holds no copy of the page while it moves there,
+   * so nothing else makes it primary; before any CAS of ours, a route naming D as primary came
+   * from elsewhere, and the page is lost: simulator, seed 23891, where D had been made primary by
+   * another move before this one's start, and the source freed its in-sync copy); this peer
    * as primary, and primary all along, CASes from the version read (a conflict there was a change
    * of the copies: tried again at once, a CAS with no answer after retryMs); another primary took
    * the page over (or this peer lost the role and got it back, its copy missing what it forwarded
    * meanwhile): the move is abandoned.
    */
   private settleCas(owner: string, version: number): MoveAction[] {
-    if (owner === this.cp.to && version > this.cp.routeVersion) return this.committedAt(version);
+    if (owner === this.cp.to && version > this.cp.routeVersion && this.casSent) return this.committedAt(version);
     if (owner !== this.cp.from || this.lostAsked) return this.abandon();
     const unanswered = this.casTried && !(this.casError instanceof ConflictError) && version === this.casVersion;
     this.casVersion = version;
@@ -585,6 +596,7 @@ export class MoveMachine {
 
   private casNow(): MoveAction[] {
     this.casTried = true;
+    this.casSent = true;
     return [{ kind: 'setRoute', version: this.casVersion, confirm: !this.unconfirmable }];
   }
 

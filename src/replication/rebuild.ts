@@ -439,11 +439,16 @@ export class CopyKeeper {
     return new Set(copiesOf(route).filter((p) => leavingStates.has(this.o.catalog.options.members.get(p)?.state ?? 'up')));
   }
 
-  /** The peers whose copies of the page leave: members draining (or removed), and a capacity hint's. */
+  /**
+   * The peers whose copies of the page leave: members draining (or removed), else a capacity
+   * hint's. A drain goes first: counting the hint's copy as leaving too could leave too few
+   * copies staying for either to go, each waiting for the other (simulator, seed 24728: a
+   * drain that never ended).
+   */
   private leavingOf(volumeId: string, page: number, route: Route): ReadonlySet<string> {
     const leaving = this.membersLeaving(route);
     const hint = this.relocations.get(`${volumeId}/${page}`);
-    if (hint) leaving.add(hint.from);
+    if (hint && leaving.size === 0) leaving.add(hint.from);
     return leaving;
   }
 

@@ -184,6 +184,8 @@ export class ResyncTracker implements ChangeTracker {
   private readonly dirty = new Map<string, Sets>();
   /** `volumeId/page` → copies a resync from this peer is running for (they get every change too). */
   private readonly registered = new Map<string, Set<string>>();
+  /** The route table of each watched volume: what a change is tracked by (see changed). */
+  private readonly tables = new Map<string, RouteTable>();
   /** Pages whose sets changed since they were last written; one timer writes them. */
   private readonly unwritten = new Set<string>();
   /** The last write of each page's record: the next one follows it. */
@@ -223,13 +225,23 @@ export class ResyncTracker implements ChangeTracker {
     const resyncing = this.registered.get(pageKey(volumeId, page));
     const targets = new Set([...stale.filter((c) => !resyncing?.has(c)), ...missed]);
     targets.delete(this.o.self);
+    // The change ran by `route`, which the page's copies may have left since (a change held up
+    // by a partition ends late): the table's route says who is a copy now. A peer that is none
+    // gets no set; one that is stale now, or came back as a copy since, gets a whole one (a
+    // partial set begun for a removed copy outlived its removal and, when the peer came back
+    // as a new copy with its page freed, its resync copied only these grains: simulator, seed
+    // 22031).
+    const now = this.tables.get(volumeId)?.route(page);
+    const known = now?.copies ? now : undefined;
     const volume = targets.size > 0 ? this.o.volume(volumeId) : undefined;
     if (!volume) return;
     const geo = geometryOf(volume);
     const grains = grainsTouched(geo, page, lba, blocks);
     for (const copy of targets) {
+      if (known && !copiesOf(known).includes(copy)) continue;
       // A set begun now for a copy already stale would miss what came before: it is whole.
-      const set = this.setFor(volumeId, page, copy, grainsPerPage(geo), stale.includes(copy));
+      const whole = stale.includes(copy) || (known !== undefined && !inSyncOf(known).includes(copy));
+      const set = this.setFor(volumeId, page, copy, grainsPerPage(geo), whole);
       for (const g of grains) set.add(g);
     }
     this.schedule(pageKey(volumeId, page));
@@ -243,16 +255,22 @@ export class ResyncTracker implements ChangeTracker {
 
   /** Follow a volume's routes: a copy leaving the in-sync set starts its set here, a copy back in sync ends it. */
   watch(volumeId: string, table: RouteTable): () => void {
-    // page → the in-sync set of the last route seen: a copy leaving it is seen here.
-    const seen = new Map<number, readonly string[]>();
-    for (const [page, route] of table.recorded()) if (route.copies) seen.set(page, inSyncOf(route));
-    return table.onLearn((page, route) => this.learned(volumeId, page, route, seen.get(page) ?? inSyncOf(table.placed(page)), seen));
+    // page → the last route seen with its copies: a copy leaving its in-sync set, or new to its copies, is seen here.
+    const seen = new Map<number, Route>();
+    for (const [page, route] of table.recorded()) if (route.copies) seen.set(page, route);
+    this.tables.set(volumeId, table);
+    const unlisten = table.onLearn((page, route) => this.learned(volumeId, page, route, seen.get(page) ?? table.placed(page), seen));
+    return () => {
+      unlisten();
+      if (this.tables.get(volumeId) === table) this.tables.delete(volumeId);
+    };
   }
 
-  private learned(volumeId: string, page: number, route: Route, before: readonly string[], seen: Map<number, readonly string[]>): void {
+  private learned(volumeId: string, page: number, route: Route, last: Route, seen: Map<number, Route>): void {
     // A route from a MOVED answer does not say who holds copies: nothing to learn from it.
     if (!route.copies) return;
-    seen.set(page, inSyncOf(route));
+    seen.set(page, route);
+    const before = inSyncOf(last);
     const pk = pageKey(volumeId, page);
     const inSync = inSyncOf(route);
     const sets = this.dirty.get(pk);
@@ -261,7 +279,10 @@ export class ResyncTracker implements ChangeTracker {
       if (sets) this.forgetPage(pk);
       return;
     }
-    for (const copy of [...(sets?.keys() ?? [])]) if (inSync.includes(copy) || !copiesOf(route).includes(copy)) this.forget(volumeId, page, copy);
+    // A set ends when its copy is back in sync or no copy any more, and a new copy starts with
+    // none (whole): it holds nothing of the page, whatever a set kept for its peer says.
+    const added = copiesOf(route).filter((c) => !copiesOf(last).includes(c));
+    for (const copy of [...(sets?.keys() ?? [])]) if (inSync.includes(copy) || !copiesOf(route).includes(copy) || added.includes(copy)) this.forget(volumeId, page, copy);
     if (!before.includes(this.o.self)) return;
     const left = staleCopiesOf(route).filter((c) => before.includes(c));
     const volume = this.o.volume(volumeId);
