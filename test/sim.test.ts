@@ -49,6 +49,10 @@ const fixedSeeds: [number, string][] = [
   [3662, 'a snapshot kept every copy of a page as holders when all were suspect, and their layers differed (records.ts keepInSync)'],
   [5169, 'a copy admitted in sync with its resynced grains still unsynced crashed; the other copy, restarted, stepped out and an acknowledged FUA write was lost (Resyncer.sendRun)'],
   [3858, 'a flush answered without a crashed primary; its secondary crashed too before taking over, stepped out, and the primary kept the page without the flushed write (Router.flush)'],
+  [22031, 'a held-up write began a one-grain dirty set for a peer no longer a copy; back as a new copy with its page freed, it was resynced one grain (ResyncTracker.changed)'],
+  [23151, 'a move whose start waited cleared a destination that had become primary meanwhile; its source freed its in-sync copy, taking the route for its commit (Migrator.prepare, MoveMachine.settleCas)'],
+  [23891, 'a move whose start waited cleared a destination that had become primary meanwhile; its source freed its in-sync copy, taking the route for its commit (Migrator.prepare, MoveMachine.settleCas)'],
+  [24728, 'drain never ended: a drain and a capacity hint on one page each waited for the other (CopyKeeper.leavingOf)'],
 ];
 
 t.test('seeds that once found a bug run clean', async (t) => {
