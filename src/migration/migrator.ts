@@ -25,7 +25,7 @@ import { copiesOf, type Route } from '../routing/table';
 import type { PageStore } from '../store/page-store';
 import { SharedLock } from '../store/shared-lock';
 import type { MovableVolume, OutgoingMove } from './movable';
-import { chunkBytes, MoveMachine, retryMs, type MoveAction, type MoveEvent } from './move-machine';
+import { chunkBytes, committedByMove, MoveMachine, retryMs, type MoveAction, type MoveEvent } from './move-machine';
 import { checkpointKey, decodeCheckpoint, encodeCheckpoint, incomingKey, pieceGeometry, type MoveCheckpoint, type MoveCursor } from './pieces';
 import { ByteRate } from './rate';
 
@@ -454,9 +454,7 @@ export class Migrator {
     // it at once (the commit could not see a loss followed by a return of the role).
     const table = this.o.catalog.routes(this.requireVolume(cp.volumeId));
     const heard = (page: number, route: Route): void => {
-      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from) return;
-      // D as primary is this move's commit only once it commits (see MoveMachine.settleCas).
-      if (route.owner === cp.to && r.machine.cp.state === 'committing') return;
+      if (page !== cp.page || route.version <= cp.routeVersion || route.owner === cp.from || committedByMove(r.machine.cp, route)) return;
       // Before this peer asks the new primary for a resync (the same route starts it): a whole one.
       this.o.distrust?.(cp.volumeId, cp.page);
       this.drive(r, { kind: 'lost' });
@@ -731,10 +729,8 @@ export class Migrator {
       // (dropping it would leave the move's intent in the catalog for good).
       if (!movable) continue;
       const route = await this.o.catalog.fetchRoute(volume, cp.page);
-      // D is primary only by this move's commit (it holds no copy while the page moves there),
-      // and only once the move was committing; the route's version may have moved on since
-      // (changes of the copies, a takeover).
-      if (route.owner === cp.to && route.version > cp.routeVersion && cp.state === 'committing') {
+      // The route's version may have moved on since the commit (changes of the copies, a takeover).
+      if (committedByMove(cp, route)) {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
         await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);

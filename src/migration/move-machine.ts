@@ -70,8 +70,8 @@
 //     piece, release) stops the move the same way.
 //
 // Restart (Migrator.recover): a `committing` checkpoint whose route has D as primary committed
-// before the crash: S completes its clean-up (FINISH, intent, free, checkpoint). One whose route still
-// has S as primary resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
+// before the crash (committedByMove): S completes its clean-up (FINISH, intent, free,
+// checkpoint). One whose route still has S as primary resumes here (`resumed`): PREPARE again (not fresh: D keeps the pieces it holds), then
 // from the checkpoint's cursor: pieces [0, done) are on D and the piece that was in transit is
 // copied again from its first chunk; a `cancelling` checkpoint goes on copying back, a
 // `committing` one commits (and cannot be cancelled). A route with another primary abandons the
@@ -97,6 +97,16 @@ import { ChunkPacer } from './rate';
 export const chunkBytes = 64 * 1024;
 /** After a failed step (D or the catalog unreachable), try again after this long. */
 export const retryMs = 500;
+
+/**
+ * A route naming D as the page's primary is this move's own commit only if the move had reached
+ * `committing`: its commit CAS is sent from there, and D holds no copy while the page moves there
+ * (D's PREPARE checks the catalog). Before that, the route came from elsewhere: the page is lost
+ * (simulator, seed 23891). The machine itself is finer (casSent: a CAS was sent, not only decided).
+ */
+export function committedByMove(cp: MoveCheckpoint, route: { owner: string; version: number }): boolean {
+  return route.owner === cp.to && route.version > cp.routeVersion && cp.state === 'committing';
+}
 
 /** Where the page's blocks are; all the machine needs to cut pieces into chunks. */
 export interface MoveGeometry {

@@ -16,14 +16,15 @@
 // either order. A page's copies get such changes one after the other (replication's range lock).
 //
 // No system call writes more than 256 KiB (callBytesMax): a larger write is cut at 256 KiB-
-// aligned offsets, and a run of adjacent writes ends before it would pass 256 KiB. The kernel gives a buffered write of 2 MiB at an aligned offset a
-// 2 MiB folio in the page cache, and from then on every 4 KiB write into that range costs the
-// whole folio's buffer heads (ext4_block_write_begin): measured here (kernel 6.18, ext4), a
-// scattered 4 KiB overwrite cost 7.5 µs of CPU in a range last written by 2 MiB writes, 4.2 µs
-// by 1 MiB, 2.5 µs by 256 KiB, and two threads writing at once more than doubled it
-// (spinning on the inode's lock). A volume filled sequentially (an image copied in, a page
-// moved or resynced) and then overwritten at random is common, so writes are cut here;
-// the pieces of one write settle it together, with the first failure.
+// aligned offsets, and a run of adjacent writes ends before it would pass 256 KiB. The kernel
+// gives a buffered write of 2 MiB at an aligned offset a 2 MiB folio in the page cache, and
+// from then on every 4 KiB write into that range costs the whole folio's buffer heads
+// (ext4_block_write_begin): measured here (kernel 6.18, ext4), a scattered 4 KiB overwrite cost
+// 7.5 µs of CPU in a range last written by 2 MiB writes, 4.2 µs by 1 MiB, 2.5 µs by 256 KiB,
+// and two threads writing at once more than doubled it (spinning on the inode's lock). A volume
+// filled sequentially (an image copied in, a page moved or resynced) and then overwritten at
+// random is common, so writes are cut here; the pieces of one write settle it together, with
+// the first failure.
 //
 // Runs under 64 KiB (a write at a scattered offset is a run of one) do not each take a trip
 // through the pool when a turn has four or more of them: they go to the store's write threads
