@@ -21,10 +21,10 @@ const pageBlocks = 8192;
 const volume = 'v';
 
 /** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted; its last events are shown when the test fails. */
-async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings): Promise<{ world: SimWorld; group: SimGroup }> {
+async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings, moveRateBytesPerSec?: number): Promise<{ world: SimWorld; group: SimGroup }> {
   const world = new SimWorld(1);
   const trace: string[] = [];
-  const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line), ...(replication ? { replication } : {}) });
+  const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line), ...(replication ? { replication } : {}), ...(moveRateBytesPerSec ? { moveRateBytesPerSec } : {}) });
   t.teardown(() => {
     if (!t.passing()) t.comment(trace.slice(-80).join('\n'));
   });
@@ -233,6 +233,43 @@ for (const mode of ['barrier', 'timestamp'] as const) {
     }
     const reader = core(group, 'p1').snapshotTargets.reader(volume, 's1');
     t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), 'the snapshot reads the write');
+  });
+}
+
+// Seed 32298 of the simulator: page 3 was moving from its primary p4 to p2 (pieces [0, 8) on p2:
+// host writes to them went to p2 and the secondary p5, not to p4), when p2 crashed and its disk
+// lost two of those writes, acknowledged without FUA. p2 restarted still receiving the page (its
+// move does not commit: move-machine.ts), and a snapshot came: its record named p2 the holder of
+// the moved pieces, whose layer lacked the writes that p5's had. A destination that restarted
+// while receiving a replicated page reports it suspect where it froze: the moved pieces are read
+// from the other in-sync copies.
+for (const mode of ['timestamp', 'barrier'] as const) {
+  t.test(`${mode}: a move's destination that restarted while receiving holds no layer of the pieces it had`, async (t) => {
+    // 3 peers, page 0: p1 primary, p2 secondary; moves copy a piece (256 KiB) a second.
+    const { world, group } = await boot(t, 3, 1, 2, undefined, 256 * 1024);
+    const volumeId = core(group, 'p1').catalog.require(volume).id;
+    const cursor = (): number => core(group, 'p1').migrator.cursors(volumeId)[0]?.done ?? -1;
+    await drive(world, core(group, 'p1').migrator.start(volume, 0, 'p3'));
+    t.ok(await until(world, () => cursor() >= 1), 'the first piece is on p3');
+    // Piece 0 is p3's now: the write goes to p3 (staging) and p2 (the secondary), not to p1.
+    await write(world, group, 'p1', 0, fill(64, 0xa1));
+    t.ok(cursor() >= 1 && cursor() < 16, 'the move is still copying');
+    group.peers.get('p3')!.crash();
+    await drive(world, group.peers.get('p3')!.start());
+    t.same(await drive(world, core(group, 'p3').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), "p3's disk lost the write");
+    t.ok(core(group, 'p3').migrator.receiving(volumeId, 0), 'p3 still receives page 0');
+
+    await drive(world, core(group, 'p2').snapshots.create([volume], { name: 's1', mode }));
+    const r = record(group, 's1')!;
+    const moving = r.moving.find((m) => m.page === 0);
+    t.ok(moving && moving.from === 'p1' && moving.to === 'p3' && moving.done >= 1, 'the record has the move at the cut');
+    t.equal(moving?.toSuspect, true, 'p3 reported itself suspect where it froze');
+    t.notOk(holdsPage(r, 0, 'p3', routesAtCut(r), new Map(r.moving.map((m) => [m.page, m]))), 'p3 holds no layer of piece 0');
+    await settle(world);
+    for (const via of ['p1', 'p3']) {
+      const reader = core(group, via).snapshotTargets.reader(volume, 's1');
+      t.same(await drive(world, reader!.read(0, 64)), fill(64, 0xa1), `the snapshot read through ${via} has the write acknowledged before it`);
+    }
   });
 }
 

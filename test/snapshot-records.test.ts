@@ -41,6 +41,16 @@ t.test('a page moving at the cut: source or destination by piece, then the other
   t.same(snapshotHolders(r, 0, 4096, routesAtCut(r), moving), { holders: ['p1', 'p2'], blocks: pageBlocks - 4096 });
 });
 
+t.test('a moving page whose destination was suspect where it froze: its pieces from the other in-sync copies (sim seed 32298)', async (t) => {
+  const r = record({ placedCopies: 2 });
+  const moving = new Map([[0, { volumeId: r.volumeId, page: 0, from: 'p1', to: 'p3', done: 2, pieceBlocks: 1024, toSuspect: true }]]);
+  t.same(snapshotHolders(r, 0, 100, routesAtCut(r), moving), { holders: ['p2'], blocks: 2048 - 100 });
+  t.same(snapshotHolders(r, 0, 4096, routesAtCut(r), moving), { holders: ['p1', 'p2'], blocks: pageBlocks - 4096 }, 'the pieces still on the source: unchanged');
+  // No other in-sync copy: the destination's copy is the best there is (its move would commit it too).
+  const lone = record({ placedCopies: 2, moved: [[0, { owner: 'p1', version: 3, copies: ['p1', 'p2'], inSync: ['p1'] }]] });
+  t.same(snapshotHolders(lone, 0, 100, routesAtCut(lone), moving).holders, ['p3']);
+});
+
 t.test("a replicated page's move counts only when its source is the primary at the cut (sim seed 56)", async (t) => {
   // p2 took page 0 over from p1 while p1 was down; p1 still winds up its old move to p3.
   const r = record({ placedCopies: 2, moved: [[0, { owner: 'p2', version: 3, copies: ['p2', 'p1'], inSync: ['p2', 'p1'] }]] });

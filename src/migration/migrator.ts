@@ -414,6 +414,11 @@ export class Migrator {
     return [...this.running.values()].map((r) => this.info(r));
   }
 
+  /** Pages of the volume this peer was receiving when it restarted, replicated ones: its copy of their moved pieces may lack acknowledged writes. */
+  restartedPages(volumeId: string): number[] {
+    return [...this.restarted].filter((k) => k.startsWith(`${volumeId}/`)).map((k) => Number(k.slice(volumeId.length + 1)));
+  }
+
   /** This peer's moves of a volume with their cursors: pieces [0, done) are on the destination. */
   cursors(volumeId: string): { volumeId: string; page: number; from: string; to: string; done: number; pieceBlocks: number }[] {
     return [...this.running.values()]

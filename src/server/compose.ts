@@ -250,7 +250,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     store: (id) => core.targets.stored(id),
     stampLog: (id) => core.targets.stampLog(id),
     moving: (id) => core.migrator.cursors(id),
-    suspect: (id) => core.resync.activity.suspect(id),
+    suspect: (id) => [...core.resync.activity.suspect(id), ...core.migrator.restartedPages(id)],
     changesBefore: (id, t) => core.targets.replicated(id)?.changesBefore(t),
     undropped: (id) => [...(core.targets.replicated(id)?.undroppedCopies() ?? []), ...(core.failover?.unreconciledCopies(id) ?? [])],
     idle: (id) => core.migrator.idle(id),

@@ -22,6 +22,12 @@ export interface MovingAtCut {
   to: string;
   done: number;
   pieceBlocks: number;
+  /**
+   * `to` reported the page suspect where it froze: it restarted while receiving a replicated
+   * page, so its pieces may lack writes it acknowledged without FUA (src/migration/migrator.ts
+   * `restarted`). The page's other in-sync copies hold those pieces instead (simulator, seed 32298).
+   */
+  toSuspect?: boolean;
 }
 
 /**
@@ -176,9 +182,11 @@ function holdersAtCut(r: SnapshotRecord, page: number, lba: number, routes: Rout
   if (m && (!replicated || (m.from === route.owner && inSync.includes(m.from)))) {
     const piece = Math.floor((lba - page * r.pageBlocks) / m.pieceBlocks);
     const boundary = page * r.pageBlocks + m.done * m.pieceBlocks;
-    const first = piece < m.done ? m.to : m.from;
     const others = inSync.filter((p) => p !== m.from && p !== m.to);
-    return { holders: [first, ...others], blocks: (piece < m.done ? Math.min(boundary, pageEnd) : pageEnd) - lba };
+    // A suspect destination's pieces are left to the other in-sync copies (each of them got every
+    // write); with none, its copy is the best there is (as its move would commit it: move-machine.ts).
+    const first = piece >= m.done ? [m.from] : m.toSuspect && others.length > 0 ? [] : [m.to];
+    return { holders: [...first, ...others], blocks: (piece < m.done ? Math.min(boundary, pageEnd) : pageEnd) - lba };
   }
   return { holders: [...inSync], blocks: pageEnd - lba };
 }

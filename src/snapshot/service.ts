@@ -645,9 +645,13 @@ function narrowToInSync(r: SnapshotRecord, other: RouteTable): void {
   narrowRoutes(r, [...other.changed()].map(([page]) => page), (page, route) => narrowInSync(route, other.route(page)));
 }
 
-/** The record's routes at the cut without the copies suspect where they froze (records.ts SuspectAtCut). */
+/**
+ * The record's routes at the cut without the copies suspect where they froze (records.ts
+ * SuspectAtCut), and its moving pages marked whose destination was one of them (MovingAtCut toSuspect).
+ */
 function narrowToTrusted(r: SnapshotRecord, suspect: readonly SuspectAtCut[]): void {
   narrowRoutes(r, suspect.map((x) => x.page), (page, route) => withoutSuspects(route, suspect.filter((x) => x.page === page).map((x) => x.peer)));
+  for (const m of r.moving) if (suspect.some((x) => x.page === m.page && x.peer === m.to)) m.toSuspect = true;
 }
 
 /**

@@ -118,7 +118,7 @@ export class SimPeer implements Endpoint {
       const core = await composePeer({
         self: this.id, members: g.members, pageBlocks: 8192, env: this.env, log, store, meta, transport: g.network.transport(this.id),
         portal: { address: `sim:${this.id}` },
-        migration: { rateBytesPerSec: 0, pieceBytes: 256 * 1024, duty: 1 },
+        migration: { rateBytesPerSec: g.moveRateBytesPerSec, pieceBytes: 256 * 1024, duty: 1 },
         balancer: { ...balancerDefaults, intervalMs: 1_000, cooldownMs: 5_000, minMeanLoad: 1 },
         facts: async () => ({ sessions: 0, freeBytes: 1 << 30, totalBytes: 1 << 30, allocatedBytes: store.usage().allocatedBytes }),
         event: (kind, message) => g.trace(`${this.id} ${kind}: ${message}`),
@@ -191,6 +191,8 @@ export interface SimGroupOptions {
   protocols?: Partial<PeerProtocols>;
   /** Lost-peer interval (default: the production default). */
   replication?: ReplicationSettings;
+  /** Page moves' copy rate in bytes a second (default: unlimited). */
+  moveRateBytesPerSec?: number;
   trace(line: string): void;
 }
 
@@ -206,6 +208,7 @@ export class SimGroup {
   readonly spare: string | undefined;
   readonly protocols: Partial<PeerProtocols> | undefined;
   readonly replication: ReplicationSettings | undefined;
+  readonly moveRateBytesPerSec: number;
   readonly counts: FaultCounts = { crashes: 0, longKills: 0, isolations: 0, partitions: 0, drops: 0, reorders: 0, duplicates: 0, diskStalls: 0, latentErrors: 0, skews: 0 };
   readonly trace: (line: string) => void;
 
@@ -213,6 +216,7 @@ export class SimGroup {
     this.world = o.world;
     this.protocols = o.protocols;
     this.replication = o.replication;
+    this.moveRateBytesPerSec = o.moveRateBytesPerSec ?? 0;
     this.trace = (line) => o.trace(`[${o.world.now().toFixed(3)}] ${line}`);
     this.catalog = new SimCatalog(o.world, o.world.fork());
     this.peerIds = Array.from({ length: o.peers + (o.spare ? 1 : 0) }, (_, i) => `p${i + 1}`);
