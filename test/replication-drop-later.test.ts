@@ -77,3 +77,32 @@ t.test('a copy whose drop is pending is named until the drop is made', async (t)
   await env.run(dropRetryMsMin * 8);
   t.same(volume.undroppedCopies(), [], 'no more once the drop is made');
 });
+
+// Seed 29932: a change failed on the primary p1 (its copy neither reached nor dropped) and stayed
+// pending; then p2 took the page over while p1 was cut off, and p1 heard of it only from the
+// catalog's watch, never from a request of its own (PageMovedError). When the role came back to
+// p1, the page was unsettled for good: every resync of it was refused, and a drain never ended.
+// The page's pending changes are its new primary's to reconcile from the moment p1 learns of it.
+t.test('a change left pending is released when the page has another primary, however that is learned', async (t) => {
+  const env = new ManualEnv();
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(512, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const catalog = { casRoute: () => Promise.reject(new Error('catalog: no answer')) };
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
+    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
+    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
+  });
+  const write = t.rejects(volume.write(0, Buffer.alloc(512, 1)), 'the write fails: its copy can be neither reached nor dropped');
+  await env.run(replicaAckMsMax + 10);
+  await write;
+  t.ok(volume.unsettled(0), 'page 0 is unsettled on p1');
+  const before = table.route(0);
+  table.learn(0, { owner: 'p1', version: before.version + 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+  t.ok(volume.unsettled(0), 'a newer route that still names p1 primary: still unsettled');
+  table.learn(0, { owner: 'p2', version: before.version + 2, copies: ['p2', 'p1'], inSync: ['p2', 'p1'] });
+  t.notOk(volume.unsettled(0), 'p2 took the page over (the watch said so): released');
+  table.learn(0, { owner: 'p1', version: before.version + 3, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+  t.notOk(volume.unsettled(0), 'the role back on p1: settled (p2 reconciled the change when it took over)');
+});

@@ -150,6 +150,14 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     this.local = opts.local;
     this.receiver = new ReplicaReceiver({ ...opts, locks: this.locks, recent: this.recent });
     this.repair = new ReadRepair({ ...opts, locks: this.locks, hooks: opts.readRepair, settled: (page, lba, blocks) => this.settled(page, lba, blocks) });
+    // A page that has another primary now (a takeover while this peer was cut off, a handover) is
+    // that primary's to reconcile, pending changes and all: not only when a request of ours hears
+    // it (PageMovedError). A failed change left pending here would otherwise keep the page
+    // unsettled for good once the role comes back, and every resync of it refused (simulator,
+    // seed 29932). The table lives as long as the volume on this peer, as does this layer.
+    opts.table.onLearn((page, route) => {
+      if (route.owner !== opts.self) this.recent.release(page);
+    });
   }
 
   // ---- ReplicaPort ----------------------------------------------------------------------------
