@@ -235,6 +235,8 @@ interface Peer {
   gate?: (s: Sent) => Promise<void> | undefined;
   /** As primary: its in-sync copies may differ (a takeover reconciling): no copy is admitted. */
   unsettled?: boolean;
+  /** As primary: a snapshot holds the volume here until this resolves (src/snapshot/service.ts hold). */
+  snapshotHold?: Promise<void> | (() => Promise<void> | undefined);
   /** Runs when a primary's answer to this peer's resync ask is on its way back, before this peer has it. */
   onAnswer?: () => Promise<void>;
   lock: RangeLock;
@@ -305,6 +307,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
       self: id, env, catalog: view, tracker: peer.tracker, activity: peer.activity, port: () => peer.port, log,
       settings: { rateBytesPerSec: 0, pieceBytes: 64 * 1024 },
       unsettled: () => peer.unsettled === true,
+      snapshotHold: () => (typeof peer.snapshotHold === 'function' ? peer.snapshotHold() : peer.snapshotHold),
       ask: (primary, ask) => {
         const answer = peers.get(primary)!.resyncer.handle(id, checkResyncAsk(JSON.parse(JSON.stringify(ask)) as Record<string, unknown>)).then(async (a) => {
           await peer.onAnswer?.();
@@ -700,6 +703,52 @@ t.test('resync: no copy is admitted while the primary\'s in-sync copies are not 
   p1.unsettled = false;
   await g.run(4 * resyncRetryMsMin);
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once settled');
+});
+
+// Seed 26461: p4 was dropped from page 2's in-sync set and froze its layer of a barrier snapshot
+// while stale; its resync admitted it again before the snapshot read its routes at the cut. In
+// sync both before anything froze and at the cut, it was named a holder, and its layer lacked
+// the write it had missed. While a snapshot holds the volume on the primary, no copy is admitted.
+t.test('resync: no copy is admitted while a snapshot holds the volume on the primary', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  let letGo!: () => void;
+  p1.snapshotHold = new Promise<void>((r) => (letGo = r));
+  p2.resyncer.start();
+  // The ask waits for the hold: time passes without waiting for asks to end (g.run would).
+  for (let i = 0; i < 100; i++) {
+    await g.env.run(1);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copy has what p1 has');
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'copied, not admitted while the snapshot holds the volume');
+  p1.snapshotHold = undefined;
+  letGo();
+  await g.until(() => inSyncOf(g.table.route(0)).length === 2);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once the snapshot let go');
+});
+
+t.test('resync: a snapshot that takes hold after the admission looked, before the page\'s lock, still stops it', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2 } = g;
+  await g.write(p1, grainLba(0, 3), fill(1, 0x33));
+  let letGo!: () => void;
+  const held = new Promise<void>((r) => (letGo = r));
+  let looks = 0;
+  let released = false;
+  p1.snapshotHold = () => (++looks === 1 || released ? undefined : held);
+  p2.resyncer.start();
+  for (let i = 0; i < 100; i++) {
+    await g.env.run(1);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  t.ok(looks >= 2, 'looked again under the lock');
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'not admitted');
+  released = true;
+  letGo();
+  await g.until(() => inSyncOf(g.table.route(0)).length === 2);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once the snapshot let go');
 });
 
 t.test('resync: a stale copy that hears its route without copies (MOVED) reads the catalog\'s record and asks', async (t) => {

@@ -504,6 +504,12 @@ export interface ResyncerOptions {
    * began. Resolves at once when no move runs. See serve.
    */
   confirmMove?(volumeId: string, page: number): Promise<void>;
+  /**
+   * While a snapshot holds the volume on this peer (src/snapshot/service.ts hold): a promise that
+   * resolves when it lets go; undefined when nothing holds it. No copy is admitted in sync
+   * meanwhile: see serve.
+   */
+  snapshotHold?(volumeId: string): Promise<void> | undefined;
   /** Copy rate and give-way of page moves: resync is paced the same way. */
   settings: MigrationSettings;
   log: Logger;
@@ -772,6 +778,15 @@ export class Resyncer {
         // would be admitted in sync without them, and could become primary later (simulator,
         // seed 3020). So D confirms after the copy, before the admission.
         await this.o.confirmMove?.(volume.id, ask.page);
+        // A snapshot's record trusts a copy in sync both before anything froze and at its cut
+        // (records.ts narrowInSync), so no copy may come back into the in-sync set in between:
+        // dropped and admitted again meanwhile, its layer froze while it was stale (simulator,
+        // seed 26461). The admission waits while a snapshot holds the volume here (outside the
+        // page's lock: host I/O goes on) and looks again under it. In barrier mode that hold
+        // spans every freeze and the cut. In timestamp mode a copy may freeze before this peer's
+        // PREPARE; what a resync writes to it after its freeze is recorded there, and goes into
+        // its layer at FINISH if stamped before the cut (stamp-log.ts).
+        for (let held = this.o.snapshotHold?.(volume.id); held; held = this.o.snapshotHold?.(volume.id)) await held;
         const admitted = await port.exclusive(ask.page, whole.lba, whole.blocks, () => this.admit(volume, ask.page, from));
         if (admitted) {
           this.o.log.info({ volume: volume.name, page: ask.page, copy: from, version: admitted.version }, 'copy resynced and back in sync');
@@ -902,6 +917,7 @@ export class Resyncer {
     if (!copiesOf(now).includes(copy)) throw new ConflictError(`${copy} is no copy of page ${page} of ${volume.name} any more`);
     if (!inSyncOf(now).includes(copy)) {
       if ((this.o.tracker.dirtyOf(volume.id, page, copy)?.size ?? 1) > 0) return undefined;
+      if (this.o.snapshotHold?.(volume.id)) return undefined;
       if (this.o.unsettled?.(volume.id, page)) throw new ConflictError(`the in-sync copies of page ${page} of ${volume.name} are not settled on ${this.o.self} yet (reconciling); ask again`);
       try {
         await this.o.catalog.casRoute(volume, page, now, (cur) => ({ owner: cur.owner, copies: [...copiesOf(cur)], inSync: [...inSyncOf(cur), copy] }));

@@ -355,6 +355,7 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
     untrusted: (volumeId, page) => core.failover?.isSteppingOut(volumeId, page) ?? false,
     moveEnded: (volumeId, page) => core.migrator.moveEnded(volumeId, page),
     confirmMove: (volumeId, page) => core.migrator.confirmMove(volumeId, page),
+    snapshotHold: (volumeId) => core.snapshots?.hold(volumeId),
     unsettled: (volumeId, page) => (core.failover?.isHeld(volumeId, page) ?? false) || (core.targets?.replicated(volumeId)?.unsettled(page) ?? false),
     ask: async (primary, ask) => parseBody(await w.transport.calls(primary).replication('resync', JSON.stringify(ask), resyncAskMsMax)),
   });
