@@ -44,6 +44,7 @@ export interface MovePrepareRequestMessage {
   page: number;
   from: string;
   fresh: boolean;
+  accept?: boolean;
 }
 export interface MoveFinishRequestMessage {
   volumeId: string;
