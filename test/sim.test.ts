@@ -53,6 +53,7 @@ const fixedSeeds: [number, string][] = [
   [23151, 'a move whose start waited cleared a destination that had become primary meanwhile; its source freed its in-sync copy, taking the route for its commit (Migrator.prepare, MoveMachine.settleCas)'],
   [23891, 'a move whose start waited cleared a destination that had become primary meanwhile; its source freed its in-sync copy, taking the route for its commit (Migrator.prepare, MoveMachine.settleCas)'],
   [26461, 'a copy dropped and admitted again while a barrier snapshot held the volume froze stale, and was named a holder (Resyncer: no admission while a snapshot holds the volume)'],
+  [32800, 'the checker compared the copies of a page whose restarted primary was still stepping out as suspect (it had a failed write its secondary never got); the convergence now waits for held pages (page-held)'],
   [29932, 'a change failed on a primary stayed pending after another took the page over; the role back, the page was unsettled for good and a drain never ended (ReplicatedVolume: release on a learned route)'],
   [32298, 'a move\'s destination restarted and lost writes to pieces it had; a snapshot then read those pieces from its layer, not the other in-sync copy (records.ts MovingAtCut toSuspect)'],
   [24728, 'drain never ended: a drain and a capacity hint on one page each waited for the other (CopyKeeper.leavingOf)'],

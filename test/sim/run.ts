@@ -312,7 +312,7 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
   const settled = (): boolean =>
     inFlight === 0 && adminInFlight === 0 && group.membersDown().length === 0 && group.up().every((p) => p.core()!.migrator.list().length === 0 && group.hostPath(p.id, volume) !== undefined) &&
     routesAgree(group, volume) === undefined && group.catalog.list('moves/').length === 0 && protection(group, volume).length === 0 &&
-    drainsLeft(group, volume).length === 0 && spareWanting(group) === undefined;
+    drainsLeft(group, volume).length === 0 && spareWanting(group) === undefined && heldPage(group, volume) === undefined;
   await settle(world, calmAt + convergeMsMax, stepsMax, settled);
   if (world.steps < stepsMax) {
     if (inFlight > 0) fail('host-command-stuck', `${inFlight} host command(s) still unanswered ${convergeMsMax} ms after the faults stopped`);
@@ -321,6 +321,8 @@ export async function simulate(o: SimOptions): Promise<SimResult> {
     if (group.membersDown().length > 0) fail('peer-not-up', `peers ${group.membersDown().join(', ')} not up ${convergeMsMax} ms after the faults stopped`);
     const disagree = routesAgree(group, volume);
     if (disagree) fail('routes-disagree', disagree);
+    const held = heldPage(group, volume);
+    if (held) fail('page-held', `${held} ${convergeMsMax} ms after the faults stopped`);
     // Every move ended: none left recorded in the catalog (a stale intent blocks the page's moves for good).
     for (const r of group.catalog.list('moves/')) fail('move-intent-left', `${r.key} is still recorded (${r.value.toString()}) with no move running`);
   }
@@ -581,6 +583,21 @@ function touched(ops: readonly Op[]): { lba: number; blocks: number }[] {
     else out.push({ lba, blocks: 1 });
   }
   return out;
+}
+
+/**
+ * Undefined when no up peer holds a page of the volume (failover.ts: stepping out of it as suspect
+ * after a restart, or taking it over and reconciling); else which. Its in-sync copies may differ
+ * until then (the reconcile makes them equal), and host I/O of it waits (seed 32800: a primary
+ * restarted with a failed write its secondary never got, stepping out; the check found them apart).
+ */
+function heldPage(group: SimGroup, volume: string): string | undefined {
+  for (const p of group.up()) {
+    const c = p.core()!;
+    const v = c.catalog.volume(volume);
+    for (let page = 0; v && page < pages; page++) if (c.failover?.isHeld(v.id, page)) return `page ${page} is still held by ${p.id}${c.failover.isSteppingOut(v.id, page) ? ' (stepping out as suspect)' : ' (reconciling)'}`;
+  }
+  return undefined;
 }
 
 /** Undefined when every up peer's route table agrees with the others' and with the catalog's record; else what differs. */
