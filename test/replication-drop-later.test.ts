@@ -10,9 +10,25 @@ import { ManualEnv } from '../src/env/manual';
 import { PeerUnavailableError } from '../src/errors';
 import { dropRetryMsMin, replicaAckMsMax } from '../src/limits';
 import { ReplicatedVolume } from '../src/replication/replicated';
-import { RouteTable } from '../src/routing/table';
+import { RouteTable, type Route } from '../src/routing/table';
 import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
 import { MemoryBackend } from './helpers/memory-backend';
+
+/**
+ * p1, primary of a 2-copy volume's pages (64 blocks), whose copy p2 cannot be reached; the
+ * catalog CASes with `casRoute` (by default it never answers).
+ */
+function lonePrimary(env: ManualEnv, casRoute: (v: VolumeRecord, page: number) => Promise<Route> = () => Promise.reject(new Error('catalog: no answer'))): { table: RouteTable; volume: ReplicatedVolume } {
+  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
+  const local = new MemoryBackend(512, 128, 8);
+  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
+  const volume = new ReplicatedVolume({
+    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
+    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
+    refresh: async (p) => table.route(p), volume: () => record, catalog: { casRoute }, tracker: passThroughTracker, guard: passThroughGuard,
+  });
+  return { table, volume };
+}
 
 t.test('the retries of a drop that could not be made are on unref\'d timers', async (t) => {
   const env = new ManualEnv();
@@ -25,15 +41,7 @@ t.test('the retries of a drop that could not be made are on unref\'d timers', as
     armed.push(entry);
     return { unref: () => ((entry.unrefd = true), handle.unref(), handle) } as unknown as TimerHandle;
   };
-  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
-  const local = new MemoryBackend(512, 128, 8);
-  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
-  const catalog = { casRoute: () => Promise.reject(new Error('catalog: no answer')) };
-  const volume = new ReplicatedVolume({
-    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
-    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
-    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
-  });
+  const { volume } = lonePrimary(env);
   const write = t.rejects(volume.write(0, Buffer.alloc(512, 1)), 'the write fails: its copy can be neither reached nor dropped');
   await env.run(replicaAckMsMax + 10);
   await write;
@@ -48,20 +56,10 @@ t.test('the retries of a drop that could not be made are on unref\'d timers', as
 // the primary names the copy (undroppedCopies), and a snapshot leaves it out of the holders.
 t.test('a copy whose drop is pending is named until the drop is made', async (t) => {
   const env = new ManualEnv();
-  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
-  const local = new MemoryBackend(512, 128, 8);
-  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
   let reachable = false;
-  const catalog = {
-    casRoute: async (_v: string, page: number) => {
-      if (!reachable) throw new Error('catalog: no answer');
-      return { ...table.route(page), version: table.route(page).version + 1, inSync: ['p1'] };
-    },
-  };
-  const volume = new ReplicatedVolume({
-    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
-    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
-    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
+  const { table, volume } = lonePrimary(env, async (_v, page) => {
+    if (!reachable) throw new Error('catalog: no answer');
+    return { ...table.route(page), version: table.route(page).version + 1, inSync: ['p1'] };
   });
   t.same(volume.undroppedCopies(), [], 'none before any change');
   let settled = false;
@@ -85,15 +83,7 @@ t.test('a copy whose drop is pending is named until the drop is made', async (t)
 // The page's pending changes are its new primary's to reconcile from the moment p1 learns of it.
 t.test('a change left pending is released when the page has another primary, however that is learned', async (t) => {
   const env = new ManualEnv();
-  const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
-  const local = new MemoryBackend(512, 128, 8);
-  const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
-  const catalog = { casRoute: () => Promise.reject(new Error('catalog: no answer')) };
-  const volume = new ReplicatedVolume({
-    self: 'p1', volumeId: record.id, table, local, copy: local, env, log: pino({ level: 'silent' }),
-    link: () => ({ send: () => Promise.reject(new PeerUnavailableError('p2', 'connection refused', false)) }),
-    refresh: async (p) => table.route(p), volume: () => record, catalog, tracker: passThroughTracker, guard: passThroughGuard,
-  });
+  const { table, volume } = lonePrimary(env);
   const write = t.rejects(volume.write(0, Buffer.alloc(512, 1)), 'the write fails: its copy can be neither reached nor dropped');
   await env.run(replicaAckMsMax + 10);
   await write;

@@ -705,6 +705,14 @@ t.test('resync: no copy is admitted while the primary\'s in-sync copies are not 
   t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'admitted once settled');
 });
 
+/** 100 ms of simulated time, with the catalog's real time in between, while resync asks may still wait (g.run waits for them to end). */
+async function whileAsking(g: { env: ManualEnv }): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    await g.env.run(1);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
 // Seed 26461: p4 was dropped from page 2's in-sync set and froze its layer of a barrier snapshot
 // while stale; its resync admitted it again before the snapshot read its routes at the cut. In
 // sync both before anything froze and at the cut, it was named a holder, and its layer lacked
@@ -717,10 +725,7 @@ t.test('resync: no copy is admitted while a snapshot holds the volume on the pri
   p1.snapshotHold = new Promise<void>((r) => (letGo = r));
   p2.resyncer.start();
   // The ask waits for the hold: time passes without waiting for asks to end (g.run would).
-  for (let i = 0; i < 100; i++) {
-    await g.env.run(1);
-    await new Promise((r) => setTimeout(r, 2));
-  }
+  await whileAsking(g);
   t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copy has what p1 has');
   t.same(inSyncOf(g.table.route(0)), ['p1'], 'copied, not admitted while the snapshot holds the volume');
   p1.snapshotHold = undefined;
@@ -739,10 +744,7 @@ t.test('resync: a snapshot that takes hold after the admission looked, before th
   let released = false;
   p1.snapshotHold = () => (++looks === 1 || released ? undefined : held);
   p2.resyncer.start();
-  for (let i = 0; i < 100; i++) {
-    await g.env.run(1);
-    await new Promise((r) => setTimeout(r, 2));
-  }
+  await whileAsking(g);
   t.ok(looks >= 2, 'looked again under the lock');
   t.same(inSyncOf(g.table.route(0)), ['p1'], 'not admitted');
   released = true;

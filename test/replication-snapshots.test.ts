@@ -13,7 +13,7 @@ import t from 'tap';
 import type { PeerCore } from '../src/server/compose';
 import { decodeSnapshot, holdsPage, routesAtCut, snapshotKey, type SnapshotRecord } from '../src/snapshot/records';
 import { copiesOf, inSyncOf } from '../src/routing/table';
-import { blockBytes, boot, core, drive, fill, pageBlocks, until, volume, write } from './helpers/sim-group';
+import { blockBytes, boot, core, destRestartedMidMove, drive, fill, pageBlocks, until, volume, write } from './helpers/sim-group';
 import type { SimGroup } from './sim/group';
 import type { SimWorld } from './sim/world';
 
@@ -200,19 +200,7 @@ for (const mode of ['barrier', 'timestamp'] as const) {
 // from the other in-sync copies.
 for (const mode of ['timestamp', 'barrier'] as const) {
   t.test(`${mode}: a move's destination that restarted while receiving holds no layer of the pieces it had`, async (t) => {
-    // 3 peers, page 0: p1 primary, p2 secondary; moves copy a piece (256 KiB) a second.
-    const { world, group } = await boot(t, 3, 1, 2, undefined, 256 * 1024);
-    const volumeId = core(group, 'p1').catalog.require(volume).id;
-    const cursor = (): number => core(group, 'p1').migrator.cursors(volumeId)[0]?.done ?? -1;
-    await drive(world, core(group, 'p1').migrator.start(volume, 0, 'p3'));
-    t.ok(await until(world, () => cursor() >= 1), 'the first piece is on p3');
-    // Piece 0 is p3's now: the write goes to p3 (staging) and p2 (the secondary), not to p1.
-    await write(world, group, 'p1', 0, fill(64, 0xa1));
-    t.ok(cursor() >= 1 && cursor() < 16, 'the move is still copying');
-    group.peers.get('p3')!.crash();
-    await drive(world, group.peers.get('p3')!.start());
-    t.same(await drive(world, core(group, 'p3').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), "p3's disk lost the write");
-    t.ok(core(group, 'p3').migrator.receiving(volumeId, 0), 'p3 still receives page 0');
+    const { world, group } = await destRestartedMidMove(t);
 
     await drive(world, core(group, 'p2').snapshots.create([volume], { name: 's1', mode }));
     const r = record(group, 's1')!;

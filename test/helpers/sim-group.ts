@@ -51,3 +51,24 @@ export function core(group: SimGroup, id: string): PeerCore {
 export async function write(world: SimWorld, group: SimGroup, via: string, lba: number, data: Buffer): Promise<void> {
   await drive(world, group.hostPath(via, volume)!.write(lba, data));
 }
+
+/**
+ * Page 0 of a 2-copy volume on 3 peers (p1 primary, p2 secondary) moving from p1 to p3 at a
+ * piece (256 KiB) a second. Once a piece is on p3, a host writes 64 blocks of 0xa1 at block 0
+ * through p1 (the write goes to p3, staging, and to p2; not to p1's store); then p3 crashes, its
+ * disk losing the write (acknowledged without FUA), and restarts still receiving the page.
+ */
+export async function destRestartedMidMove(t: Tap.Test): Promise<{ world: SimWorld; group: SimGroup; volumeId: string; cursor: () => number }> {
+  const { world, group } = await boot(t, 3, 1, 2, undefined, 256 * 1024);
+  const volumeId = core(group, 'p1').catalog.require(volume).id;
+  const cursor = (): number => core(group, 'p1').migrator.cursors(volumeId)[0]?.done ?? -1;
+  await drive(world, core(group, 'p1').migrator.start(volume, 0, 'p3'));
+  t.ok(await until(world, () => cursor() >= 1), 'the first piece is on p3');
+  await write(world, group, 'p1', 0, fill(64, 0xa1));
+  t.ok(cursor() >= 1 && cursor() < 16, 'the move is still copying');
+  group.peers.get('p3')!.crash();
+  await drive(world, group.peers.get('p3')!.start());
+  t.same(await drive(world, core(group, 'p3').targets.stored(volumeId)!.read(0, 64)), fill(64, 0), "p3's disk lost the write");
+  t.ok(core(group, 'p3').migrator.receiving(volumeId, 0), 'p3 still receives page 0');
+  return { world, group, volumeId, cursor };
+}
