@@ -392,6 +392,25 @@ t.test('dirty grains: kept for stale copies only, from the moment they leave the
   t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [5, 6, 7], 'p2 still stale (grain 5 was in flight when it left)');
 });
 
+// Seed 22024: p3, primary of page 2, served p4's resync (p4 registered: the write path sends it
+// every change) and waited to admit it while a snapshot held the volume; meanwhile p1 became the
+// primary and wrote #41, which p3 applied as a copy and p4 never got; p3 took the page back and
+// admitted p4 without it. A registered copy is left unmarked only by the primary that sent the change.
+t.test('dirty grains: a copy being resynced from here is marked by changes this peer applies as a copy', async (t) => {
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  p1.tracker.watch(vid, g.table);
+  const route = await g.drop(0, 'p3');
+  p1.tracker.register(vid, 0, 'p3', grainsPerPage, []);
+  p1.tracker.changed(vid, 0, route, grainLba(0, 2), 1, []);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [], 'as the primary: the change went to p3 too, nothing marked');
+  // Another primary's change, applied here as a copy (p1 in sync, p3 still stale): it did not go to p3.
+  const other = { ...route, owner: 'p2', copies: ['p2', 'p1', 'p3'], inSync: ['p2', 'p1'] };
+  p1.tracker.changed(vid, 0, other, grainLba(0, 4), 1, []);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p3')), [4], "another primary's change is marked for p3");
+});
+
 t.test('dirty grains: written unsynced, read back at open; whole for a page suspect after a crash', async (t) => {
   const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
   const vid = g.volume.id;

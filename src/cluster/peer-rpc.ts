@@ -156,7 +156,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, authentica
     startMove: wrap((r: MovePageRequestMessage) => h.startMove(checkVolumeName(r.volume), checkPage(r.page), checkPeerId(r.to, 'to'))),
     cancelMove: wrap((r: MovePageRequestMessage) => h.cancelMove(checkVolumeName(r.volume), checkPage(r.page))),
     moves: wrap(async () => ({ moves: h.moves() })),
-    movePrepare: wrap((r: MovePrepareRequestMessage) => h.movePrepare({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), from: checkPeerId(r.from, 'from'), fresh: r.fresh === true, accept: r.accept === true })),
+    movePrepare: wrap((r: MovePrepareRequestMessage) => h.movePrepare({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), from: checkPeerId(r.from, 'from'), fresh: r.fresh === true })),
     moveFinish: wrap((r: MoveFinishRequestMessage) => h.moveFinish({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), committed: r.committed === true, version: checkUint(r.version, 'version', 0xffff_ffff) })),
     snapshotPrepare: wrap((r: SnapshotPrepareRequestMessage) =>
       h.snapshotPrepare({

@@ -44,7 +44,6 @@ export interface MovePrepareRequestMessage {
   page: number;
   from: string;
   fresh: boolean;
-  accept?: boolean;
 }
 export interface MoveFinishRequestMessage {
   volumeId: string;

@@ -49,11 +49,6 @@ export interface PrepareRequest {
   from: string;
   /** A new move: D clears whatever it holds of the page. False when resuming: keep the copied pieces. */
   fresh: boolean;
-  /**
-   * D restarted while receiving this replicated page, and S found no other in-sync copy to hand
-   * the primary role to: D's copy is the best there is, and D serves the move's staging again.
-   */
-  accept?: boolean;
 }
 
 export interface FinishRequest {
@@ -250,11 +245,7 @@ export class Migrator {
     } else {
       // The source confirms before it commits or ends a roll-back: what this peer acknowledged is
       // whole (it did not restart since) and durable (the flush) before it becomes the page's.
-      if (this.restarted.has(k)) {
-        if (!req.accept) throw new ConflictError(`${this.o.self} restarted while receiving page ${req.page} of ${volume.name}: writes it had not made durable may be lost; the move does not commit`);
-        this.o.log.warn({ volume: volume.name, page: req.page, from: req.from }, 'the move goes on with this copy, which a restart may have left without writes: its source has no other in-sync copy');
-        this.restarted.delete(k);
-      }
+      if (this.restarted.has(k)) throw new ConflictError(`${this.o.self} restarted while receiving page ${req.page} of ${volume.name}: writes it had not made durable may be lost; the move does not commit`);
       await movable.raw.flush();
     }
     await this.o.store.putRecord(incomingKey(req.volumeId, req.page), Buffer.from(JSON.stringify({ from: req.from })), true);
@@ -423,17 +414,6 @@ export class Migrator {
     return [...this.running.values()].map((r) => this.info(r));
   }
 
-  /**
-   * Why this peer refuses a move's staging traffic for a page it receives, or undefined: it
-   * restarted while receiving the replicated page, so its copy of the pieces moved here may lack
-   * writes it acknowledged. Their reads would be stale; the source, refused, PREPAREs again, hears
-   * the restart and hands the page to another in-sync copy (move-machine.ts). Until then the
-   * host's requests of those pieces fail as busy and are retried.
-   */
-  stagingRefused(volumeId: string, page: number): string | undefined {
-    return this.restarted.has(key(volumeId, page)) ? `peer ${this.o.self} restarted while receiving page ${page}: its copy may lack writes it acknowledged` : undefined;
-  }
-
   /** Pages of the volume this peer was receiving when it restarted, replicated ones: its copy of their moved pieces may lack acknowledged writes. */
   restartedPages(volumeId: string): number[] {
     return [...this.restarted].filter((k) => k.startsWith(`${volumeId}/`)).map((k) => Number(k.slice(volumeId.length + 1)));
@@ -539,7 +519,7 @@ export class Migrator {
     const cp = machine.cp;
     switch (a.kind) {
       case 'prepare':
-        return outcome(this.confirm(cp, a.accept), { kind: 'prepared' }, (error) => ({ kind: 'prepareFailed', error }));
+        return outcome(this.confirm(cp), { kind: 'prepared' }, (error) => ({ kind: 'prepareFailed', error }));
       case 'handOff':
         return outcome(this.o.handOff?.(cp.volumeId, cp.page) ?? Promise.resolve(false), (handed) => ({ kind: 'handedOff', handed }), (error) => ({ kind: 'handOffFailed', error }));
       case 'enterStep':
@@ -713,8 +693,8 @@ export class Migrator {
   }
 
   /** PREPARE again on D (not fresh): it keeps its pieces, makes them durable, or refuses a move it may have lost writes of. */
-  private confirm(cp: MoveCheckpoint, accept = false): Promise<void> {
-    return this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false, ...(accept ? { accept } : {}) });
+  private confirm(cp: MoveCheckpoint): Promise<void> {
+    return this.o.rpc.prepare(cp.to, { volumeId: cp.volumeId, page: cp.page, from: cp.from, fresh: false });
   }
 
   private checkpoint(cp: MoveCheckpoint): Promise<void> {

@@ -31,13 +31,10 @@
 //   - A forward piece that a dual write could not reach on D (movable.ts: transitDirty) is not
 //     marked: it is copied again. S holds the truth for a piece in transit forward; D does for a
 //     piece copied back, so a dual write D misses then fails instead.
-//   - A chunk that fails starts its piece again from the first chunk, after a PREPARE again: D
-//     may have restarted meanwhile and lost the chunks before it, which were not durable there
-//     yet (only the last chunk is FUA). The simulator found a move that retried just the failed
-//     chunk and committed a page missing an earlier one (seed 104). A D that restarted while
-//     receiving a replicated page refuses the move's staging (its reads of the pieces moved there
-//     would be stale; simulator, seed 32298) and the PREPARE, which hands the page over at once
-//     (the confirm below) instead of at the commit.
+//   - A chunk that fails starts its piece again from the first chunk: D may have restarted
+//     meanwhile and lost the chunks before it, which were not durable there yet (only the last
+//     chunk is FUA). The simulator found a move that retried just the failed chunk and committed
+//     a page missing an earlier one (seed 104).
 //   - The commit CAS is the single commit point: never two owners for one page version. An
 //     answer lost (or a conflict) is settled by reading the route: D as primary is our own commit
 //     once a CAS of ours may have been sent (this run's, or one before a restart of S in
@@ -55,9 +52,8 @@
 //     page: staging writes it acknowledged without FUA may be gone, while the page's other
 //     copies hold them. Then neither copy here nor there is whole (S's misses what it forwarded):
 //     S hands the primary role to another in-sync copy and the move is abandoned; with no other
-//     in-sync copy, D's copy is the best there is and the move goes on unconfirmed (its next
-//     PREPARE accepts D's copy, which D then serves again). The simulator found a D that lost two
-//     writes and committed (seed 1763, 3 replicas).
+//     in-sync copy, D's copy is the best there is and the move goes on unconfirmed. The
+//     simulator found a D that lost two writes and committed (seed 1763, 3 replicas).
 //   - Once `committing` is decided the move cannot be cancelled: a CAS may be on its way. A
 //     cancel asked before the commit step begins is honoured there.
 //   - Clean-up removes only this move's intent (same source, destination, route version and id:
@@ -134,11 +130,8 @@ export type MovePhase =
 
 /** What the driver does. Only the last action of a step may have an outcome (the next event). */
 export type MoveAction =
-  /**
-   * PREPARE on D (fresh: false: keep the pieces it holds) → prepared | prepareFailed. `accept`:
-   * D restarted while receiving and no other in-sync copy took the role: D's copy goes on.
-   */
-  | { kind: 'prepare'; accept: boolean }
+  /** PREPARE on D (fresh: false: keep the pieces it holds) → prepared | prepareFailed. */
+  | { kind: 'prepare' }
   /** Wait while a snapshot holds the volume, then count a step running → stepEntered. */
   | { kind: 'enterStep' }
   /** The step ended (no outcome). */
@@ -252,7 +245,7 @@ const outcomesOf: Partial<Record<MoveAction['kind'], Outcome[]>> = {
 };
 
 /** What comes after a step is entered or a timer fires. */
-type Next = 'prepare' | 'transit' | 'chunk' | 'mark' | 'clear' | 'commit' | 'readRoute' | 'setRoute' | 'finish' | 'deleteIntent' | 'handOff';
+type Next = 'prepare' | 'transit' | 'chunk' | 'pass' | 'mark' | 'clear' | 'commit' | 'readRoute' | 'setRoute' | 'finish' | 'deleteIntent' | 'handOff';
 
 export class MoveMachine {
   /** The machine's record of the move: what the next persisted checkpoint says. */
@@ -376,11 +369,9 @@ export class MoveMachine {
   private on(ev: Exclude<MoveEvent, { kind: 'cancel' | 'lost' }>): MoveAction[] {
     switch (ev.kind) {
       case 'begin':
-        return this.resumed ? [this.prepare()] : this.nextPiece();
+        return this.resumed ? [{ kind: 'prepare' }] : this.nextPiece();
       case 'prepared':
         this.error = '';
-        // After a failed chunk: D did not restart (or is accepted), the piece goes again from its first chunk.
-        if (this.transitPiece >= 0) return this.lostAsked ? this.abandon() : this.startPass();
         if (this.back) this.backConfirmed = true;
         return this.nextPiece();
       case 'handedOff':
@@ -440,9 +431,7 @@ export class MoveMachine {
         if (ev.error instanceof ConflictError) return [{ kind: 'handOff' }];
         return this.retry(ev.error, this.phaseNow === 'committing' ? 'readRoute' : 'prepare');
       case 'chunkFailed':
-        // D may have restarted (and refuses staging: migrator.ts stagingRefused): PREPARE again
-        // says so, or confirms D still holds the pieces before the piece goes again.
-        return [this.leave(), ...this.retry(ev.error, 'prepare')];
+        return [this.leave(), ...this.retry(ev.error, 'pass')];
       case 'routeReadFailed':
         return this.retry(ev.error, 'readRoute');
       case 'intentDeleteFailed':
@@ -466,7 +455,7 @@ export class MoveMachine {
     if (this.cancelAsked && this.phaseNow === 'copying') return this.turnBack();
     if (this.back) {
       // What came back from D is confirmed whole (D did not restart meanwhile) before it is S's again.
-      if (this.cp.done === 0) return !this.cameBack || this.backConfirmed || this.unconfirmable ? [{ kind: 'finish', committed: false, version: 0 }] : [this.prepare()];
+      if (this.cp.done === 0) return !this.cameBack || this.backConfirmed || this.unconfirmable ? [{ kind: 'finish', committed: false, version: 0 }] : [{ kind: 'prepare' }];
       this.transitPiece = this.cp.done - 1;
       return this.enter('transit');
     }
@@ -475,10 +464,6 @@ export class MoveMachine {
       return this.enter('transit');
     }
     return this.enter('commit');
-  }
-
-  private prepare(): MoveAction {
-    return { kind: 'prepare', accept: this.unconfirmable };
   }
 
   private turnBack(): MoveAction[] {
@@ -523,7 +508,10 @@ export class MoveMachine {
   private afterTimer(): MoveAction[] {
     switch (this.next) {
       case 'prepare':
-        return [this.prepare()];
+        return [{ kind: 'prepare' }];
+      case 'pass':
+        // A chunk that failed after the page was lost is not tried again (see nextPiece).
+        return this.lostAsked ? this.abandon() : this.startPass();
       case 'chunk':
         return this.nextChunk();
       case 'readRoute':

@@ -222,7 +222,12 @@ export class ResyncTracker implements ChangeTracker {
     // Only an in-sync copy sees every change; a stale one keeps nothing for others.
     if (!inSyncOf(route).includes(this.o.self)) return;
     const stale = staleCopiesOf(route);
-    const resyncing = this.registered.get(pageKey(volumeId, page));
+    // A copy being resynced from here gets every change from this peer's write path, so its
+    // grains stay clean: only while this peer is the primary that sent the change. A resync this
+    // peer serves outlives a loss of the role (its admission may wait for a snapshot): the
+    // changes another primary made meanwhile, applied here as a copy, did not go to the resyncing
+    // copy, and are marked (simulator, seed 22024: admitted without a write made meanwhile).
+    const resyncing = route.owner === this.o.self ? this.registered.get(pageKey(volumeId, page)) : undefined;
     const targets = new Set([...stale.filter((c) => !resyncing?.has(c)), ...missed]);
     targets.delete(this.o.self);
     // The change ran by `route`, which the page's copies may have left since (a change held up

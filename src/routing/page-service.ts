@@ -41,8 +41,6 @@ export interface ServedVolume {
   replica: { receive(req: BlockRequest, opts: WriteOptions): Promise<void>; read(req: BlockRequest): Promise<Buffer> };
   /** True while this peer is the destination of a move of the page (or owns it). */
   receiving(page: number): boolean;
-  /** Why staging requests for a page it receives are refused now (src/migration/migrator.ts stagingRefused), or undefined. */
-  stagingRefused?(page: number): string | undefined;
   /** This peer's layer of the volume's snapshot `seq` (read-only), if it holds one. */
   snapshot(seq: number): BlockBackend | undefined;
   /** Re-read the page's route from the catalog into `table` (what `store` checks ownership by). */
@@ -171,8 +169,6 @@ export class PageService {
           const route = v.table.route(page);
           return reply(ReplyStatus.moved, { owner: route.owner, version: route.version, detail: page });
         }
-        const refusedNow = v.stagingRefused?.(page);
-        if (refusedNow !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.busy, refusedNow));
       }
       store = v.raw;
     } else {

@@ -171,7 +171,6 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
         transport.calls(p).reservationChanged(notice, statusPeerMsMax).catch((err: Error) => log.warn({ to: p, reason: err.message }, 'peer did not confirm a reservation change (it reads the catalog when it returns)'))));
     },
     receiving: (volumeId, page) => core.migrator.acceptsStaging(volumeId, page),
-    stagingRefused: (volumeId, page) => core.migrator.stagingRefused(volumeId, page),
     // The activity log and dirty grains, and the primary's guard (leases, takeovers: built below,
     // before the page service, so no request reaches a volume before it exists).
     replication: {

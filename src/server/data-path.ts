@@ -76,8 +76,6 @@ export interface DataPathOptions {
   refresh(page: number): Promise<Route>;
   /** True while this peer receives the page by a move (src/migration): staging requests for it are served. */
   receiving(page: number): boolean;
-  /** Why staging requests for a page it receives are refused now (src/routing/page-service.ts ServedVolume). */
-  stagingRefused?(page: number): string | undefined;
   /** This peer's layer of the volume's snapshot `seq`, if it holds one. */
   snapshot(seq: number): BlockBackend | undefined;
   link(peerId: string): BlockSender;
@@ -142,7 +140,6 @@ export function buildDataPath(o: DataPathOptions): DataPath {
     replica: replicated.receiver,
     // Staging admission (not ownership): a move's source sends only pages this peer receives, or now owns.
     receiving: (page) => o.receiving(page) || table.route(page).owner === self,
-    ...(o.stagingRefused ? { stagingRefused: o.stagingRefused } : {}),
     snapshot: o.snapshot,
     refresh: o.refresh,
   };

@@ -62,8 +62,6 @@ export interface VolumeTargetsOptions {
   snapshots?: SnapshotTargets;
   /** True while this peer receives the page by a move (src/migration). */
   receiving(volumeId: string, page: number): boolean;
-  /** Why staging requests for a page it receives are refused now (src/migration/migrator.ts stagingRefused). */
-  stagingRefused?(volumeId: string, page: number): string | undefined;
   counters: RoutingCounters;
   log: Logger;
   /** This peer's hybrid clock: host writes are stamped at the gate. */
@@ -193,7 +191,6 @@ export class VolumeTargets implements TargetDirectory {
       self, volumeId: record.id, table: catalog.routes(record), stored, link: this.o.link, counters: this.o.counters, env: this.o.env, clock: this.o.clock, stampLogBytesMax,
       refresh: (page) => catalog.fetchRoute(record, page),
       receiving: (page) => this.o.receiving(record.id, page),
-      stagingRefused: (page) => this.o.stagingRefused?.(record.id, page),
       snapshot: (seq) => this.o.snapshots?.layer(record.id, seq),
       movable: this.o.movable,
       replicated: this.o.replicated,
