@@ -488,6 +488,27 @@ t.test('dirty grains: a set read back at open is dropped when its peer comes bac
   t.equal(again.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'p3 is a new copy: the old set is gone, its resync is whole');
 });
 
+t.test('dirty grains: sets read back at open by a peer already out of sync are dropped when it comes back in sync (seed 34913)', async (t) => {
+  // p1 keeps a set for stale p3 and stops; p1 is dropped while down (no route it learns shows it
+  // leaving); it starts again, reads the set back, misses changes until resynced, then is back in sync.
+  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  const unwatch = p1.tracker.watch(vid, g.table);
+  await g.drop(0, 'p3');
+  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 2), 1, []);
+  await g.env.run(dirtyPersistMs);
+  unwatch();
+  p1.tracker.close();
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: 'p2', copies: ['p2', 'p1', 'p3'], inSync: inSyncOf(now).filter((p) => p !== 'p1') }));
+  const again = await g.make('p1', p1.kv);
+  again.tracker.watch(vid, g.table);
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p3')), [2], 'read back at open, p1 out of sync');
+  await g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: [...inSyncOf(now), 'p1'] }));
+  t.ok(inSyncOf(g.table.route(0)).includes('p1'), 'p1 back in sync');
+  t.equal(again.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'its old set for p3 is gone: p3 counts whole here');
+});
+
 /** Page 0 of a 2-copy volume on p1 (primary) and p2, with 8 grains of distinct data on both. */
 async function staleP2(t: Tap.Test) {
   const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });

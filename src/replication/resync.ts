@@ -288,7 +288,14 @@ export class ResyncTracker implements ChangeTracker {
     // none (whole): it holds nothing of the page, whatever a set kept for its peer says.
     const added = copiesOf(route).filter((c) => !copiesOf(last).includes(c));
     for (const copy of [...(sets?.keys() ?? [])]) if (inSync.includes(copy) || !copiesOf(route).includes(copy) || added.includes(copy)) this.forget(volumeId, page, copy);
-    if (!before.includes(this.o.self)) return;
+    if (!before.includes(this.o.self)) {
+      // Back in sync ourselves: a set kept from before missed what we missed while out. One read
+      // back at open, the catalog having dropped us while we were down, was never forgotten (no
+      // route showed us leaving) and, once we were primary, resynced its copy without a write
+      // made meanwhile (simulator, seed 34913). The copies still stale count whole here.
+      if (this.dirty.has(pk)) this.forgetPage(pk);
+      return;
+    }
     const left = staleCopiesOf(route).filter((c) => before.includes(c));
     const volume = this.o.volume(volumeId);
     if (left.length === 0 || !volume) return;
