@@ -109,6 +109,9 @@ interface TestPeer {
   held: number[];
   drops: string[][];
   handlers: Map<string, ReplicationHandler>;
+  /** Pages put in the activity log (failover's `logged`), and the put's wait, when the test sets one. */
+  logged: string[];
+  logWait?: Promise<void>;
 }
 
 /** Peers wired as composePeer wires them, over a fake transport that the test can cut. */
@@ -151,12 +154,16 @@ class Group {
     const env = this.env;
     const leases = new Leases({ self: id, groupPeers: () => ids, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() });
     const port = new FakePort(id, this);
-    const peer: TestPeer = { id, catalog, leases, port, held, drops: [], handlers: new Map(), failover: undefined as unknown as Failover };
+    const peer: TestPeer = { id, catalog, leases, port, held, drops: [], handlers: new Map(), logged: [], failover: undefined as unknown as Failover };
     peer.failover = new Failover({
       self: id, env, log, catalog, leases, call, port: () => port, heldPages: () => peer.held, suspect: async () => suspect,
       drop: (volume, page, route, peers) => {
         peer.drops.push([...peers]);
         return catalog.casRoute(volume, page, route, (now) => ({ owner: now.owner, copies: [...(now.copies ?? [])], inSync: inSyncOf(now).filter((p) => !peers.includes(p)) }));
+      },
+      logged: (volumeId, page) => {
+        peer.logged.push(`${volumeId}/${page}`);
+        return peer.logWait;
       },
     });
     peer.handlers.set('lease', async (from, body) => leases.handle(from, body));
@@ -322,6 +329,28 @@ t.test('the new primary reconciles: the union of recent grains, its content, on 
   t.same(seen, [fill(0xa1), fill(0xa3), Buffer.alloc(grainBlocks * bs)], 'p3 holds p2\'s content of every grain either changed, before the first request runs');
   t.same(p2.port.sent, ['p3 write 8@2', 'p3 write 24@2', 'p3 unmap 40@2'], 'at the new epoch, to p3 only (p1 is out of the in-sync set)');
   t.notOk(p3.port.local.mapped[grainLba(0, 5)], 'a hole here is a hole there');
+});
+
+// Seed 36720: p2 took page 0 over and crashed 80 ms later, its reconcile unfinished (p3 held a
+// write p1 had in flight, p2 did not); page 0 was not in p2's activity log, so p2 restarted as its
+// primary, trusted, and the copies stayed apart. The page is logged before the takeover's CAS.
+t.test('a takeover puts the page in the activity log, durably, before its CAS', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 3);
+  t.teardown(() => g.close());
+  const p2 = g.peer('p2');
+  let logDone!: () => void;
+  p2.logWait = new Promise<void>((r) => (logDone = r));
+  await g.env.run(1_000);
+  g.cut.add('p1');
+  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
+  const before = g.route('p2');
+  const promoting = p2.failover.promote(g.volume, 0, before, false);
+  await g.env.run(100);
+  t.same(p2.logged, [`${g.volume.id}/0`], 'the page is logged');
+  t.equal((await p2.catalog.fetchRoute(g.volume, 0)).version, before.version, 'no CAS while the log\'s put is not durable');
+  logDone();
+  const route = await promoting;
+  t.equal(route.owner, 'p2', 'then the takeover');
 });
 
 t.test('a takeover whose CAS outcome is unknown keeps the page held until the catalog tells, then reconciles', async (t) => {

@@ -31,7 +31,7 @@ export interface RecordKv {
 export interface ActivityLogOptions {
   kv: RecordKv;
   env: Env;
-  /** Recent grains of the page here (ReplicaPort.recentGrains().length); 0 when the volume is not open. */
+  /** Recent grains of the page here (ReplicaPort.recentGrains().length), plus one while a takeover of it reconciles (failover.ts); 0 when the volume is not open. */
   recentGrains(volumeId: string, page: number): number;
   /** Make durable everything this peer wrote of the volume: dirty-grain records, then its store (flush). */
   settle(volumeId: string): Promise<void>;

@@ -55,6 +55,11 @@ export interface FailoverOptions {
   movingOut?(volumeId: string, page: number): boolean;
   /** Send a replication message, bounded by timeoutMs; its answer's body. */
   call(peer: string, kind: string, body: Record<string, unknown>, timeoutMs: number): Promise<Record<string, unknown>>;
+  /**
+   * Put the page in this peer's activity log, durably (activity.ts beforeChange): undefined when
+   * it is there already. Done before a takeover: see takeOver.
+   */
+  logged?(volumeId: string, page: number): Promise<void> | undefined;
 }
 
 /** The route after `self` took the page over from its primary: first, the old primary last and out of sync. */
@@ -297,6 +302,13 @@ export class Failover implements PrimaryGuard {
     // A lost move of the page from here is not abandoned yet: as primary this peer would serve
     // the page through it (reads and writes of its moved pieces go to the destination's copy).
     if (this.o.movingOut?.(volume.id, page)) return from;
+    // The page is in the activity log before this peer may become its primary, and stays there
+    // while it is held (the log's sweep spares held pages): a crash before the reconcile ends
+    // leaves it suspect at the next start, and another copy takes it over and reconciles. Else
+    // the restarted primary served the page with its copies apart on a change the old primary
+    // had in flight (simulator, seed 36720).
+    const logging = this.o.logged?.(volume.id, page);
+    if (logging) await logging;
     // From the silence check to the fence, one synchronous step: no renewal is granted in between.
     if (!handover && !leases.book.silent(old, leases.now())) return from;
     const release = this.hold(key);

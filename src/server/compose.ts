@@ -275,6 +275,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     port: (volumeId) => core.targets.replicated(volumeId),
     suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
     drop: (volume, page, route, peers) => dropFromInSync(catalog, volume, page, route, peers),
+    logged: (volumeId, page) => core.resync.activity.beforeChange(volumeId, page),
   });
   await core.failover.start();
   leases.start();
@@ -342,7 +343,8 @@ async function openResync(w: PeerWiring, core: PeerCore, counters: ReplicationCo
   const port = (volumeId: string): ReplicaPort | undefined => core.targets?.replicated(volumeId);
   const activity = await ActivityLog.open({
     kv: w.store, env, log,
-    recentGrains: (id, page) => port(id)?.recentGrains(page).length ?? 0,
+    // A page held by failover (a takeover reconciling) is not quiet: its reconcile is a change (failover.ts takeOver).
+    recentGrains: (id, page) => (port(id)?.recentGrains(page).length ?? 0) + (core.failover?.isHeld(id, page) ? 1 : 0),
     settle: async (id) => {
       await tracker.writeOut(id);
       await core.targets.stored(id)?.flush();
