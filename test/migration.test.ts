@@ -255,6 +255,30 @@ t.test('with two copies, a restart of the destination in mid-move abandons the m
   t.equal(await g.peer('p1').core.catalog.moveIntent(info.volumeId, page), undefined, 'the intent is gone from the catalog');
 });
 
+t.test("a destination ignores the FINISH of an older move from another source while it receives the page from a newer one (sim seed 7558)", async (t) => {
+  // Seed 7558: p2's move of page 1 to p1 was abandoned (p3 took the page over); p3 then moved the
+  // page to p1 itself. p2 restarted and sent its old move's FINISH (cancel) again: p1 freed the
+  // pieces of p3's move and dropped its receiving record, and p3's roll-back never ended.
+  const g = await startGroup(t, 3);
+  await g.peer('p1').admin.createVolume({ name: 'vol', size: '48M', replicas: 2 });
+  const page = 0; // primary p1, its second copy on p2; p3 holds none
+  const catalog = g.peer('p1').core.catalog;
+  const volume = catalog.require('vol');
+  const route = await catalog.fetchRoute(volume, page);
+  await catalog.createMoveIntent(volume, page, { from: 'p1', to: 'p3', routeVersion: route.version, startedAtMs: Date.now(), id: 'p1-p3' });
+  const p3 = g.peer('p3').core;
+  await p3.migrator.prepare({ volumeId: volume.id, page, from: 'p1', fresh: true });
+  t.ok(p3.migrator.receiving(volume.id, page), 'p3 receives page 0 from p1');
+  const piece = Buffer.alloc(64 * bs, 0x5a);
+  await p3.targets.stored(volume.id)!.write(0, piece); // as a copied piece
+  await p3.migrator.finish({ volumeId: volume.id, page, committed: false, version: 0, from: 'p2' });
+  t.ok(p3.migrator.receiving(volume.id, page), "an old move's FINISH from p2: still receiving from p1");
+  t.ok((await p3.targets.stored(volume.id)!.read(0, 64)).equals(piece), 'the piece copied here is kept');
+  await p3.migrator.finish({ volumeId: volume.id, page, committed: false, version: 0, from: 'p1' });
+  t.notOk(p3.migrator.receiving(volume.id, page), "the move's own FINISH (cancel) ends it");
+  t.ok((await p3.targets.stored(volume.id)!.read(0, 64)).equals(Buffer.alloc(64 * bs)), 'and frees its pieces');
+});
+
 t.test('a fresh PREPARE is refused, and clears nothing, when the catalog says the source is not the primary or the destination holds a copy', async (t) => {
   // Simulator, seed 23891: a source's start read the route, then waited; meanwhile the page got
   // another primary and moved to the destination, whose fresh PREPARE then cleared the page it

@@ -55,6 +55,7 @@ const fixedSeeds: [number, string][] = [
   [22024, 'a resync served across a loss and regain of the primary role skipped, for the registered copy, a change another primary made meanwhile (ResyncTracker.changed)'],
   [34913, 'a peer dropped while down read back its dirty-grain sets at open and kept them when it came back in sync; as primary it resynced a copy without a write made meanwhile (ResyncTracker.learned)'],
   [36720, 'a peer crashed right after taking a page over, its reconcile unfinished; the page was not in its activity log, so it came back as the trusted primary with its copies apart (Failover.takeOver logs the page first)'],
+  [7558, 'a restarted source repeated its abandoned move\'s FINISH (cancel) while the destination received the page from a newer move; it freed that move\'s pieces and its roll-back never ended (Migrator.finish)'],
   [26461, 'a copy dropped and admitted again while a barrier snapshot held the volume froze stale, and was named a holder (Resyncer: no admission while a snapshot holds the volume)'],
   [32800, 'the checker compared the copies of a page whose restarted primary was still stepping out as suspect (it had a failed write its secondary never got); the convergence now waits for held pages (page-held)'],
   [29932, 'a change failed on a primary stayed pending after another took the page over; the role back, the page was unsettled for good and a drain never ended (ReplicatedVolume: release on a learned route)'],

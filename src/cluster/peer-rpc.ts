@@ -157,7 +157,7 @@ export function addPeerServices(server: grpc.Server, h: PeerHandlers, authentica
     cancelMove: wrap((r: MovePageRequestMessage) => h.cancelMove(checkVolumeName(r.volume), checkPage(r.page))),
     moves: wrap(async () => ({ moves: h.moves() })),
     movePrepare: wrap((r: MovePrepareRequestMessage) => h.movePrepare({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), from: checkPeerId(r.from, 'from'), fresh: r.fresh === true })),
-    moveFinish: wrap((r: MoveFinishRequestMessage) => h.moveFinish({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), committed: r.committed === true, version: checkUint(r.version, 'version', 0xffff_ffff) })),
+    moveFinish: wrap((r: MoveFinishRequestMessage) => h.moveFinish({ volumeId: checkVolumeId(r.volumeId), page: checkPage(r.page), committed: r.committed === true, version: checkUint(r.version, 'version', 0xffff_ffff), ...(r.from ? { from: checkPeerId(r.from, 'from') } : {}) })),
     snapshotPrepare: wrap((r: SnapshotPrepareRequestMessage) =>
       h.snapshotPrepare({
         snapshotId: checkSnapshotId(r.snapshotId),

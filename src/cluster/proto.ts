@@ -50,6 +50,7 @@ export interface MoveFinishRequestMessage {
   page: number;
   committed: boolean;
   version: number;
+  from?: string;
 }
 export interface SnapshotLayerMessage {
   volumeId: string;

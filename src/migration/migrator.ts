@@ -57,6 +57,8 @@ export interface FinishRequest {
   committed: boolean;
   /** The committed route version (commit only). */
   version: number;
+  /** The move's source (absent from a peer of an older version). */
+  from?: string;
 }
 
 export interface MoveInfo {
@@ -254,6 +256,12 @@ export class Migrator {
 
   async finish(req: FinishRequest): Promise<void> {
     const k = key(req.volumeId, req.page);
+    // A FINISH of an older move from another source (one abandoned, repeated by its source's
+    // restart) while this peer receives the page from a newer one: not this move's. Clearing here
+    // freed the new move's pieces and dropped its receiving record, so its roll-back never ended
+    // (simulator, seed 7558).
+    const receivingFrom = this.incoming.get(k);
+    if (req.from !== undefined && receivingFrom !== undefined && receivingFrom !== req.from) return;
     const volume = this.o.catalog.volumeById(req.volumeId);
     if (req.committed) {
       if (volume) this.o.catalog.routes(volume).learn(req.page, { owner: this.o.self, version: req.version });
@@ -595,7 +603,7 @@ export class Migrator {
         );
       case 'finish':
         r.finishing = true;
-        return outcome(this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: a.committed, version: a.version }), { kind: 'finished' }, (error) => ({ kind: 'finishFailed', error }));
+        return outcome(this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: a.committed, version: a.version, from: cp.from }), { kind: 'finished' }, (error) => ({ kind: 'finishFailed', error }));
       case 'deleteIntent':
         return outcome(this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp), { kind: 'intentDeleted' }, (error) => ({ kind: 'intentDeleteFailed', error }));
       case 'release':
@@ -738,7 +746,7 @@ export class Migrator {
       if (committedByMove(cp, route)) {
         // Committed before the crash: finish the clean-up.
         this.o.log.info({ volume: volume.name, page: cp.page, to: cp.to }, 'completing a page move committed before a restart');
-        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version }).catch(() => undefined);
+        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: true, version: route.version, from: cp.from }).catch(() => undefined);
         await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
         await this.clearPage(movable, volume, cp.page);
         await this.o.store.deleteRecord(rec.key);
@@ -751,7 +759,7 @@ export class Migrator {
         // MoveMachine.abandon does), and this copy, missing what was forwarded to D, resyncs whole.
         this.o.log.warn({ volume: volume.name, page: cp.page, route }, 'abandoning a page move whose page has another primary');
         this.o.distrust?.(cp.volumeId, cp.page);
-        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0 }).catch(() => undefined);
+        await this.o.rpc.finish(cp.to, { volumeId: cp.volumeId, page: cp.page, committed: false, version: 0, from: cp.from }).catch(() => undefined);
         await this.o.catalog.deleteMoveIntent(cp.volumeId, cp.page, cp);
         await this.o.store.deleteRecord(rec.key);
       }
