@@ -466,10 +466,11 @@ t.test('dirty grains: a change that ends after a copy left the page marks nothin
   t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [6], 'p2 (in sync) missed one change: its grain');
 });
 
-t.test('dirty grains: a set read back at open is dropped when its peer comes back as a new copy', async (t) => {
-  // p1 keeps a set for stale p3, and stops. Meanwhile p3 leaves page 0 (its page freed there);
-  // p1 starts again, reads the set back, and then p3 is made a copy again: it holds nothing of
-  // the page, whatever that set says.
+/**
+ * p1 keeps a set for stale p3 (grain 2) and stops; `whileDown` changes page 0's route in the
+ * catalog; p1 starts again and reads the set back. Its tracker watches the routes again.
+ */
+async function setReadBackAtOpen(t: Tap.Test, whileDown: (g: Awaited<ReturnType<typeof group>>) => Promise<unknown>) {
   const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
   const vid = g.volume.id;
   const p1 = await g.make('p1');
@@ -480,30 +481,25 @@ t.test('dirty grains: a set read back at open is dropped when its peer comes bac
   await g.env.run(dirtyPersistMs);
   unwatch();
   p1.tracker.close();
-  await g.catalog.casRoute(g.volume, 0, g.table.route(0), withoutCopy('p3'));
+  await whileDown(g);
   const again = await g.make('p1', p1.kv);
   t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p3')), [2], 'read back at open');
   again.tracker.watch(vid, g.table);
+  return { g, vid, again };
+}
+
+t.test('dirty grains: a set read back at open is dropped when its peer comes back as a new copy', async (t) => {
+  // Meanwhile p3 leaves page 0 (its page freed there); then p3 is made a copy again: it holds
+  // nothing of the page, whatever that set says.
+  const { g, vid, again } = await setReadBackAtOpen(t, (g) => g.catalog.casRoute(g.volume, 0, g.table.route(0), withoutCopy('p3')));
   await g.catalog.casRoute(g.volume, 0, g.table.route(0), withNewCopy('p3'));
   t.equal(again.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'p3 is a new copy: the old set is gone, its resync is whole');
 });
 
 t.test('dirty grains: sets read back at open by a peer already out of sync are dropped when it comes back in sync (seed 34913)', async (t) => {
-  // p1 keeps a set for stale p3 and stops; p1 is dropped while down (no route it learns shows it
-  // leaving); it starts again, reads the set back, misses changes until resynced, then is back in sync.
-  const g = await group(t, { replicas: 3, peers: ['p1', 'p2', 'p3'] });
-  const vid = g.volume.id;
-  const p1 = await g.make('p1');
-  const unwatch = p1.tracker.watch(vid, g.table);
-  await g.drop(0, 'p3');
-  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 2), 1, []);
-  await g.env.run(dirtyPersistMs);
-  unwatch();
-  p1.tracker.close();
-  await g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: 'p2', copies: ['p2', 'p1', 'p3'], inSync: inSyncOf(now).filter((p) => p !== 'p1') }));
-  const again = await g.make('p1', p1.kv);
-  again.tracker.watch(vid, g.table);
-  t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p3')), [2], 'read back at open, p1 out of sync');
+  // p1 is dropped while down (no route it learns shows it leaving); it misses changes until
+  // resynced, then is back in sync.
+  const { g, vid, again } = await setReadBackAtOpen(t, (g) => g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: 'p2', copies: ['p2', 'p1', 'p3'], inSync: inSyncOf(now).filter((p) => p !== 'p1') })));
   await g.catalog.casRoute(g.volume, 0, g.table.route(0), (now) => ({ owner: now.owner, copies: [...copiesOf(now)], inSync: [...inSyncOf(now), 'p1'] }));
   t.ok(inSyncOf(g.table.route(0)).includes('p1'), 'p1 back in sync');
   t.equal(again.tracker.dirtyOf(vid, 0, 'p3'), undefined, 'its old set for p3 is gone: p3 counts whole here');
