@@ -253,6 +253,37 @@ t.test('promotion only after leaseMs + margin of silence, never while the primar
   await t.rejects(g.peer('p1').failover.run(g.volume.id, 0, { owner: 'p1', version: 1, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, true, async () => 'stale'), PageMovedError);
 });
 
+t.test('a read during which the page was taken over and handed back is read again, not answered (seed 37724)', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 2, { p2: [0] });
+  t.teardown(() => g.close());
+  await g.env.run(1_000);
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  let runs = 0;
+  // The first read takes its data before the cut, and answers only after it (a slow disk).
+  const read = g.peer('p1').failover.run(g.volume.id, 0, g.route('p1'), true, async () => (++runs === 1 ? (await held, 'stale') : 'fresh'));
+  await g.env.run(0);
+  t.equal(runs, 1, 'the read runs under its leases');
+  g.cut.add('p1');
+  const resumeWatch = g.peer('p1').catalog.holdRouteEvents();
+  t.teardown(resumeWatch);
+  await g.env.run(leaseMs + leaseDriftMarginMs + 2 * leasePingMs);
+  t.equal(g.route('p2').owner, 'p2', 'p2 took the page over (and may have written it)');
+  g.cut.delete('p1');
+  await g.env.run(2 * leasePingMs);
+  t.ok(g.peer('p1').leases.valid('p2'), 'p1 holds a lease from p2 again');
+  // p2 hands the page back to p1 (what a handover's CAS does); p1 hears it from the catalog.
+  const c2 = g.peer('p2').catalog;
+  await c2.casRoute(g.volume, 0, c2.routes(g.volume).route(0), () => ({ owner: 'p1', copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }));
+  resumeWatch();
+  await g.env.run(0);
+  t.same(g.route('p1'), { owner: 'p1', version: 3, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] }, 'p1 is the primary again, at a newer route');
+  t.ok(g.peer('p1').leases.valid('p2'), 'with its lease');
+  release();
+  t.equal(await read, 'fresh', "the data taken before the takeover is not answered: the page is read again");
+  t.equal(runs, 2, 'twice');
+});
+
 t.test('a grantor that forgot its takeovers (restarted): the old primary re-reads the routes after its lease lapsed', async (t) => {
   const g = await Group.start(['p1', 'p2', 'p3'], 2, { p2: [0] });
   t.teardown(() => g.close());

@@ -348,6 +348,40 @@ t.test('a COMPARE AND WRITE confirms a MISCOMPARE as a read, under the leases: a
   t.same(await leased.volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5)), { ok: false, miscompareOffsetBytes: 0 }, 'MISCOMPARE');
 });
 
+t.test('a MISCOMPARE stands only at the route it compared under: a page taken over and handed back meanwhile is compared again (seed 37724)', async (t) => {
+  let table!: RouteTable;
+  let local!: MemoryBackend;
+  let reads = 0;
+  // The first confirmation finds the leases valid again after the page went to p2 and came back
+  // (epoch 1 -> 3), with p2's write now in this copy (the resync that put it back in sync).
+  const handedBack: PrimaryGuard = {
+    run: async (_volumeId, _page, _route, read, op) => {
+      if (read && ++reads === 1) {
+        table.learn(0, { owner: 'p1', version: 3, copies: ['p1', 'p2'], inSync: ['p1', 'p2'] });
+        local.data.fill(9, 0, bs);
+      }
+      return op();
+    },
+  };
+  const ok: BlockSender = { send: async () => ({ id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 }) };
+  const lone = lonePrimary(ok, handedBack);
+  ({ table, local } = lone);
+  local.data.fill(7, 0, bs);
+  t.same(await lone.volume.compareAndWrite(0, Buffer.alloc(bs, 9), Buffer.alloc(bs, 5)), { ok: true }, "compared again against p2's write: a match");
+  t.equal(reads, 1, 'one confirmation (the first compare); the match needs none');
+  t.equal(local.data[0], 5, 'and written');
+  // A page whose route keeps changing under every compare: BUSY for the host to retry, no MISCOMPARE.
+  const churn = lonePrimary(ok, {
+    run: async (_volumeId, page, _route, read, op) => {
+      if (read) churn.table.learn(page, { ...churn.table.route(page), version: churn.table.route(page).version + 1 });
+      return op();
+    },
+  });
+  churn.local.data.fill(7, 0, bs);
+  await t.rejects(churn.volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5)), { kind: ErrorKind.busy }, 'a transient error');
+  t.equal(churn.local.data[0], 7, 'nothing written');
+});
+
 t.test('a copy that does not answer within replicaAckMsMax is dropped, then the write is acknowledged', async (t) => {
   const silent: BlockSender = { send: () => new Promise(() => undefined) };
   const { volume, cas, changed } = lonePrimary(silent);

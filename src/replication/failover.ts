@@ -222,9 +222,12 @@ export class Failover implements PrimaryGuard {
       if (!read) return op();
       current = await this.leased(volume, page, current);
       const result = await op();
-      // The lease must have held until the read's data was taken: else a new primary may have written meanwhile.
-      if (this.leasedNow(this.ours(volume, page, current))) return result;
-      if (runs >= leaseReadRunsMax) throw new PeerUnavailableError(this.o.self, `page ${page}: leases keep running out during reads`, false, { transient: true });
+      // The lease must have held until the read's data was taken, the route unchanged: else a new
+      // primary may have written meanwhile (one that has handed the page back since included: a
+      // lease that lapsed counts again once the routes are learned, seed 37724).
+      const after = this.ours(volume, page, current);
+      if (after.version === current.version && this.leasedNow(after)) return result;
+      if (runs >= leaseReadRunsMax) throw new PeerUnavailableError(this.o.self, `page ${page}: leases keep running out, or its route changing, during reads`, false, { transient: true });
     }
   }
 

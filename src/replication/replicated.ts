@@ -17,7 +17,7 @@
 //   5. applied here AND sent, numbered and tagged with the epoch, to every other in-sync copy
 //      and every copy resyncing from us, in parallel (a compare-and-write compares here first,
 //      under the lock, and replicates only the write; a miscompare stands once the guard finds
-//      the leases valid after it, as for a read);
+//      the leases valid after it, as for a read, the route unchanged since the compare);
 //   6. waits for the in-sync copies, each at most replicaAckMsMax from the send: one that fails
 //      or does not answer is CASed out of the in-sync set (epoch + 1) BEFORE the change is
 //      acknowledged; one that answers MOVED with a newer epoch makes us re-read the route and
@@ -49,7 +49,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, within, type Env } from '../env/env';
 import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { dropRetryMsMax, dropRetryMsMin, goneAckMsMax, replicaAckMsMax, routeRetriesMax } from '../limits';
+import { dropRetryMsMax, dropRetryMsMin, goneAckMsMax, leaseReadRunsMax, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -341,18 +341,30 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    * as any change. A MISCOMPARE replicates nothing, so no copy fences a primary that lost the
    * page, and it would answer from blocks a new primary has overwritten (seed 1683): it stands
    * only once the guard finds this peer's leases valid after the compare, as after a read (no
-   * copy took over before then). Checked after the range lock is released: a reconcile of the
-   * page, which the guard waits for, needs that lock.
+   * copy took over before then), with the page's route still at the version it compared under.
+   * A primary cut off while it compared may have lost the page and been given it back before its
+   * leases came back (a takeover, then a handover back to it: seed 37724); its copy as it compared
+   * it lacked what the other primary wrote meanwhile. Then it compares again (a MISCOMPARE wrote
+   * nothing), at most leaseReadRunsMax times. Checked after the range lock is released: a
+   * reconcile of the page, which the guard waits for, needs that lock.
    */
   private async compareReplicated(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
-    const result = await this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c)));
-    if (!result.ok) await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => undefined);
-    return result;
+    for (let runs = 1; ; runs++) {
+      let comparedAt = 0;
+      const compared = (route: Route): void => void (comparedAt = route.version);
+      const result = await this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c, compared)));
+      if (result.ok) return result;
+      const leasedAt = await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => this.o.table.route(page).version);
+      if (leasedAt === comparedAt) return result;
+      if (runs >= leaseReadRunsMax) throw new PeerUnavailableError(this.o.self, `page ${page}: its route kept changing while a COMPARE AND WRITE compared`, false, { transient: true });
+    }
   }
 
-  /** A compare-and-write of one page, its range locked: compared here, then the write replicated. */
-  private async compareLocked(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
-    notStale(page, await this.ownRoute(page), c.opts);
+  /** A compare-and-write of one page, its range locked: compared here (`compared` is told the route it compares under), then the write replicated. */
+  private async compareLocked(page: number, compare: Buffer, c: Change, compared: (route: Route) => void): Promise<CompareAndWriteResult> {
+    const route = await this.ownRoute(page);
+    notStale(page, route, c.opts);
+    compared(route);
     const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
     if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
     await this.changeLocked(page, c, true);
