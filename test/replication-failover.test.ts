@@ -600,6 +600,23 @@ t.test('Leases: a renewal counts only once the takeovers it carries are learned'
   t.ok(leases.valid('g'), 'learned: the lease counts');
 });
 
+t.test('a handover answered with a newer route that still names this peer is asked again at it, not taken for done (seed 42545)', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 3, { p2: [0], p3: [0] });
+  t.teardown(() => g.close());
+  await g.env.run(1_000);
+  const asked = g.route('p1');
+  t.same(asked, { owner: 'p1', version: 1, copies: ['p1', 'p2', 'p3'], inSync: ['p1', 'p2', 'p3'] });
+  // The in-sync set changes meanwhile (p3 dropped, as a failed write does), p1 still the primary.
+  const c2 = g.peer('p2').catalog;
+  await c2.casRoute(g.volume, 0, asked, (now) => ({ owner: 'p1', copies: [...(now.copies ?? [])], inSync: ['p1', 'p2'] }));
+  const handing = g.peer('p1').failover.handOver(g.volume, 0, asked, 'a test');
+  await g.env.run(leaseMs);
+  const after = await handing;
+  t.equal(after?.owner, 'p2', 'p2 took the page over, asked again at the newer route');
+  t.same(g.route('p1'), after, 'and p1 learned it');
+  t.equal(g.route('p2').owner, 'p2', 'in the catalog');
+});
+
 t.test('restart: a suspect page\'s copy leaves the in-sync set (a secondary by CAS, the primary by handover), unless it is the only one', async (t) => {
   const g = await Group.start(['p1', 'p2', 'p3'], 2, {}, { p1: [0], p2: [1], p3: [2] }, ['p2']);
   t.teardown(() => g.close());

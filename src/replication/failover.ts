@@ -27,7 +27,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, within, type Env } from '../env/env';
 import { ConflictError, NotFoundError, PeersanError, PeerUnavailableError } from '../errors';
-import { failoverWaitMsMax, handoverCallMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, silenceRefireMsMax } from '../limits';
+import { failoverWaitMsMax, handoverCallMsMax, leaseMs, leasePingMs, leaseReadRunsMax, promotionsInFlightMax, recentCallMsMax, reconcileRoundsMax, routeRetriesMax, silenceRefireMsMax } from '../limits';
 import { PageMovedError } from '../routing/moved';
 import { copiesOf, inSyncOf, type Route } from '../routing/table';
 import type { PrimaryGuard, ReplicaPort } from './hooks';
@@ -527,18 +527,31 @@ export class Failover implements PrimaryGuard {
 
   /**
    * This peer, the page's primary at `route`, asks its other in-sync copies in turn to take the
-   * page over (message promote, handover): the route after, once one did (newer than `route`);
-   * undefined when none did. The new primary reconciles with the others, without us.
+   * page over (message promote, handover): the route after, once one did (newer than `route`,
+   * naming another primary); undefined when none did. The new primary reconciles with the
+   * others, without us. A copy whose route is newer and still names this peer (the in-sync set
+   * changed meanwhile: a copy dropped) took nothing over: the copies are asked again at that
+   * route (at most routeRetriesMax rounds). Taken for a handover, it let a move's source abandon
+   * its move as if the page had gone, and roll back over its own copy (simulator, seed 42545).
    */
   async handOver(volume: VolumeRecord, page: number, route: Route, why: string): Promise<Route | undefined> {
-    for (const peer of secondaries(route)) {
-      const body = { volumeId: volume.id, page, version: route.version, handover: true };
-      const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
-      if (answer && answer.version > route.version) {
+    let asked = route;
+    for (let round = 0; round <= routeRetriesMax; round++) {
+      let newer: Route | undefined;
+      for (const peer of secondaries(asked)) {
+        const body = { volumeId: volume.id, page, version: asked.version, handover: true };
+        const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
+        if (!answer || answer.version <= asked.version) continue;
         this.o.catalog.routes(volume).learn(page, answer);
-        this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version, why }, 'handed a page over');
-        return answer;
+        if (answer.owner !== this.o.self) {
+          this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version, why }, 'handed a page over');
+          return answer;
+        }
+        newer = answer;
+        break;
       }
+      if (!newer) return undefined;
+      asked = newer;
     }
     return undefined;
   }
