@@ -532,7 +532,8 @@ export class Failover implements PrimaryGuard {
    * others, without us. A copy whose route is newer and still names this peer (the in-sync set
    * changed meanwhile: a copy dropped) took nothing over: the copies are asked again at that
    * route (at most routeRetriesMax rounds). Taken for a handover, it let a move's source abandon
-   * its move as if the page had gone, and roll back over its own copy (simulator, seed 42545).
+   * its move as if the page had gone (nothing copied back, the destination's copy freed) and stay
+   * the primary with a copy that missed the writes made to moved pieces (simulator, seed 42545).
    */
   async handOver(volume: VolumeRecord, page: number, route: Route, why: string): Promise<Route | undefined> {
     let asked = route;
