@@ -538,21 +538,24 @@ export class Failover implements PrimaryGuard {
   async handOver(volume: VolumeRecord, page: number, route: Route, why: string): Promise<Route | undefined> {
     let asked = route;
     for (let round = 0; round <= routeRetriesMax; round++) {
-      let newer: Route | undefined;
-      for (const peer of secondaries(asked)) {
-        const body = { volumeId: volume.id, page, version: asked.version, handover: true };
-        const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
-        if (!answer || answer.version <= asked.version) continue;
-        this.o.catalog.routes(volume).learn(page, answer);
-        if (answer.owner !== this.o.self) {
-          this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version, why }, 'handed a page over');
-          return answer;
-        }
-        newer = answer;
-        break;
+      const answer = await this.firstNewer(volume, page, asked);
+      if (!answer) return undefined;
+      this.o.catalog.routes(volume).learn(page, answer);
+      if (answer.owner !== this.o.self) {
+        this.o.log.info({ volume: volume.name, page, to: answer.owner, epoch: answer.version, why }, 'handed a page over');
+        return answer;
       }
-      if (!newer) return undefined;
-      asked = newer;
+      asked = answer;
+    }
+    return undefined;
+  }
+
+  /** The first route newer than `route` that its secondaries, asked in turn to take the page over, answer; undefined if none does. */
+  private async firstNewer(volume: VolumeRecord, page: number, route: Route): Promise<Route | undefined> {
+    for (const peer of secondaries(route)) {
+      const body = { volumeId: volume.id, page, version: route.version, handover: true };
+      const answer = await this.o.call(peer, 'promote', body, handoverCallMsMax).then(checkRouteAnswer, () => undefined);
+      if (answer && answer.version > route.version) return answer;
     }
     return undefined;
   }

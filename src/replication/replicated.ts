@@ -350,9 +350,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   private async compareReplicated(page: number, compare: Buffer, c: Change): Promise<CompareAndWriteResult> {
     for (let runs = 1; ; runs++) {
-      let comparedAt = 0;
-      const compared = (route: Route): void => void (comparedAt = route.version);
-      const result = await this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c, compared)));
+      const { result, comparedAt } = await this.replicating.during(c.opts.stamp, () => this.locks.run(page, c.lba, c.blocks, () => this.compareLocked(page, compare, c)));
       if (result.ok) return result;
       const leasedAt = await this.o.guard.run(this.o.volumeId, page, this.o.table.route(page), true, async () => this.o.table.route(page).version);
       if (leasedAt === comparedAt) return result;
@@ -360,15 +358,14 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     }
   }
 
-  /** A compare-and-write of one page, its range locked: compared here (`compared` is told the route it compares under), then the write replicated. */
-  private async compareLocked(page: number, compare: Buffer, c: Change, compared: (route: Route) => void): Promise<CompareAndWriteResult> {
+  /** A compare-and-write of one page, its range locked: compared here, then the write replicated; with the route version it compared under. */
+  private async compareLocked(page: number, compare: Buffer, c: Change): Promise<{ result: CompareAndWriteResult; comparedAt: number }> {
     const route = await this.ownRoute(page);
     notStale(page, route, c.opts);
-    compared(route);
     const at = firstDifference(await this.inner.read(c.lba, c.blocks), compare);
-    if (at !== undefined) return { ok: false, miscompareOffsetBytes: at };
+    if (at !== undefined) return { result: { ok: false, miscompareOffsetBytes: at }, comparedAt: route.version };
     await this.changeLocked(page, c, true);
-    return { ok: true };
+    return { result: { ok: true }, comparedAt: route.version };
   }
 
   /** The non-atomic fallback for a COMPARE AND WRITE across a page boundary (as the router's across owners). */
