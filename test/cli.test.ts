@@ -1,8 +1,11 @@
 // The admin CLI against a real peer process: tables, --json, and one clear line on error.
 
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
-import { cliPath, startPeer } from './helpers/processes';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { cliPath, freePort, startPeer } from './helpers/processes';
 
 t.test('volume lifecycle and errors through the CLI', async (t) => {
   const peer = await startPeer(t.teardown.bind(t));
@@ -72,4 +75,37 @@ t.test('copies per page through the CLI: create, set, show, page map, status', a
   t.match(peer.cli('page', 'map', 'rep').stdout, /^PAGES\s+OWNER\s+COPIES\s+VERSION$/m);
   t.match(peer.cli('status').stdout, /^volumes: 1 healthy$/m);
   t.match(JSON.parse(peer.cli('--json', 'status').stdout).protection, { healthy: 1, degraded: 0 });
+});
+
+t.test('demo without --data removes its folder when it stops; with --data keeps it', async (t) => {
+  const tmp = mkdtempSync(join(tmpdir(), 'peersan-demo-test-'));
+  t.teardown(() => rmSync(tmp, { recursive: true, force: true }));
+  /** One demo peer with its temporary folders under `tmp`, stopped by SIGINT once ready; its output. */
+  const run = async (...extra: string[]): Promise<string> => {
+    const ports = [await freePort(), await freePort(), await freePort()].map(String);
+    const child = spawn(process.execPath, [cliPath, 'demo', '--peers', '1', '--size', '64M', '--iscsi-port', ports[0], '--rpc-port', ports[1], '--http-port', ports[2], ...extra],
+      { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: tmp } });
+    const exited = new Promise<void>((r) => child.once('exit', () => r()));
+    t.teardown(() => void (child.exitCode === null && child.signalCode === null && child.kill('SIGKILL')));
+    let out = '';
+    child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+    child.stderr!.on('data', (c: Buffer) => (out += c.toString()));
+    const deadline = Date.now() + 60_000;
+    while (!/^ready$/m.test(out) && child.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    t.match(out, /^ready$/m, 'the demo started');
+    child.kill('SIGINT');
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 30_000))]);
+    return out;
+  };
+  const thrown = await run();
+  const made = /data in (\S+) \(removed when the demo stops; --data DIR keeps it\)/.exec(thrown)?.[1];
+  t.ok(made?.startsWith(tmp), `the folder is made under TMPDIR: ${thrown}`);
+  t.match(thrown, new RegExp(`^stopped; removed ${made}$`, 'm'), 'it says it removed the folder');
+  t.notOk(made && existsSync(made), 'and the folder is gone');
+  t.same(readdirSync(tmp), [], 'nothing left under TMPDIR');
+
+  const kept = join(tmp, 'kept');
+  const out = await run('--data', kept);
+  t.match(out, /^stopped$/m, 'with --data: stopped, nothing removed');
+  t.ok(existsSync(join(kept, 'cluster.yaml')), 'the --data folder is kept');
 });

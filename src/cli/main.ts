@@ -511,7 +511,7 @@ export function buildProgram(): Command {
     .command('demo')
     .description('start a throwaway group on 127.0.0.1 with a volume "demo"; runs until Ctrl-C')
     .option('--peers <n>', 'number of peers', '3')
-    .option('--data <dir>', 'data folder (default: a fresh temporary one)')
+    .option('--data <dir>', 'data folder, kept after the demo stops (default: a fresh temporary one, removed when it stops)')
     .option('--size <size>', 'size of volume demo', '1G')
     .option('--iscsi-port <port>', 'iSCSI port of peer 1 (peer i: +i)', '3260')
     .option('--rpc-port <port>', 'RPC port of peer 1', '7001')

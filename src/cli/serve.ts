@@ -2,7 +2,7 @@
 // until SIGINT/SIGTERM. Kept apart from the admin commands (main.ts loads this module only
 // for those two), so that `peersan status` and friends do not load the whole server.
 
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -89,7 +89,12 @@ export async function demo(opts: DemoOptions): Promise<void> {
   const peers = parseCount(opts.peers, '--peers');
   if (peers > 16) throw new InvalidArgumentError('--peers: the demo runs at most 16 peers in one process');
   keepOutputPrivate();
+  // Without --data the demo's folder is its own, made here and removed when it stops.
+  const throwaway = opts.data === undefined;
   const dir = resolve(opts.data ?? mkdtempSync(join(tmpdir(), 'peersan-demo-')));
+  const removeThrowaway = (): void => {
+    if (throwaway) rmSync(dir, { recursive: true, force: true });
+  };
   makePrivateDir(dir);
   tuneHeapForServing();
   const iscsiPort = parseCount(opts.iscsiPort, '--iscsi-port');
@@ -122,12 +127,13 @@ export async function demo(opts: DemoOptions): Promise<void> {
   } catch (err) {
     await stopGroup(servers, 'demo (start failed)');
     await meta.close();
+    removeThrowaway();
     throw err;
   }
   const existing = (await servers[0].admin.listVolumes()).find((v) => v.name === 'demo');
   const volume = existing ?? (await servers[0].admin.createVolume({ name: 'demo', size: opts.size }));
   const say = (s: string): boolean => process.stdout.write(s + '\n');
-  say(`peersan demo: ${peers} peer(s), data in ${dir}`);
+  say(`peersan demo: ${peers} peer(s), data in ${dir}${throwaway ? ' (removed when the demo stops; --data DIR keeps it)' : ''}`);
   say(`volume ${volume.name}: ${formatBytes(volume.sizeBytes)}, block size ${volume.blockBytes}, pages of ${pageBlocks} blocks striped over ${volume.peers.join(', ')}, ${volume.replicas} ${volume.replicas === 1 ? 'copy' : 'copies'} of each`);
   for (const p of config.peers) say(`  ${p.id}: iscsi://${p.iscsi}/${volume.targetName}/0`);
   say(`admin:  export PEERSAN_CONFIG=${configFile}   then e.g.  npx peersan status; npx peersan page map demo`);
@@ -139,5 +145,6 @@ export async function demo(opts: DemoOptions): Promise<void> {
   await runUntilSignal(servers);
   exitSoon();
   await meta.close();
-  say('stopped');
+  removeThrowaway();
+  say(throwaway ? `stopped; removed ${dir}` : 'stopped');
 }
