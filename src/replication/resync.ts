@@ -329,6 +329,21 @@ export class ResyncTracker implements ChangeTracker {
     this.schedule(pageKey(volumeId, page));
   }
 
+  /**
+   * This peer's copy of the page was rewritten outside the write path: a move rolled back from a
+   * destination that restarted, and no other in-sync copy took the page over, so what came back
+   * is the destination's, which may lack writes the stale copies hold. Their sets here name only
+   * what they missed by the write path, so each resyncs all of it (simulator, seed 86323: a
+   * stale copy kept a write the roll-back had taken from this peer, and the copies differed).
+   */
+  rewritten(volumeId: string, page: number): void {
+    const route = this.tables.get(volumeId)?.route(page);
+    const volume = this.o.volume(volumeId);
+    if (!route?.copies || !volume) return;
+    const grains = grainsPerPage(geometryOf(volume));
+    for (const copy of staleCopiesOf(route)) if (copy !== this.o.self) this.markAsked(volumeId, page, copy, grains, 'all');
+  }
+
   unregister(volumeId: string, page: number, copy: string): void {
     const pk = pageKey(volumeId, page);
     const set = this.registered.get(pk);

@@ -217,6 +217,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     handOff: async (volumeId, page) => {
       const volume = catalog.volumeById(volumeId);
       if (!volume || !core.failover) return false;
+      // A roll-back made this copy D's (or it lacks what it forwarded to D): a copy out of sync resyncs all of it.
+      core.resync.tracker.rewritten(volumeId, page);
       const route = await catalog.fetchRoute(volume, page);
       if (route.owner !== self) return true;
       if (!inSyncOf(route).some((p) => p !== self)) return false;
