@@ -184,6 +184,15 @@ assert(peerConnectMsMax < peerRequestMsMax, 'a request fails within its bound ev
  * them past the 1.5 s median the failover soak aims at (bench/failover-soak.js: 1.50-1.57 s).
  */
 export const replicaAckMsMax = 1_000;
+
+/**
+ * How long a primary that lost a page in the middle of a change (another peer took it over)
+ * names the copies that may differ from the new primary on that change, until the new primary
+ * reconciles them, to the snapshots freezing and sealing here (replicated.ts divergedCopies). A
+ * timestamp snapshot's TAKE(T) waiting for the change answers as soon as it settles; this is
+ * well past the longest such wait (snapshot/coordinator.ts sealMsMax, asserted there).
+ */
+export const divergedKeepMs = 15_000;
 /**
  * The wait for a copy on a peer that is leaving the group (a graceful stop) or that nothing came
  * from for a lease and its margin: it answers in milliseconds while it still runs, and not at

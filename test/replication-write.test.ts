@@ -21,7 +21,7 @@ import type { BlockSender } from '../src/routing/router';
 import { ReplicatedVolume } from '../src/replication/replicated';
 import { passThroughGuard, passThroughTracker } from './helpers/one-copy';
 import type { PrimaryGuard } from '../src/replication/hooks';
-import { replicaAckMsMax } from '../src/limits';
+import { divergedKeepMs, replicaAckMsMax } from '../src/limits';
 import { realEnv } from '../src/env/real';
 import pino from 'pino';
 import type { BlockBackend } from '../src/store/types';
@@ -269,7 +269,7 @@ t.test('a copy asked for its recent grains at a new epoch refuses the old primar
 });
 
 /** A primary p1 of a 2-copy volume alone (pages of 64 blocks), its link to p2 given by the test; the "catalog" its own table. */
-function lonePrimary(link: BlockSender, guard: PrimaryGuard = passThroughGuard) {
+function lonePrimary(link: BlockSender, guard: PrimaryGuard = passThroughGuard, env = realEnv()) {
   const table = new RouteTable(['p1', 'p2'], 64, new Map(), 2);
   const local = new MemoryBackend(bs, 128, 8);
   const record = { id: '0123456789abcdef', name: 'v', replicas: 2 } as VolumeRecord;
@@ -285,7 +285,7 @@ function lonePrimary(link: BlockSender, guard: PrimaryGuard = passThroughGuard) 
   };
   const tracker = { ...passThroughTracker, changed: (_v: string, _p: number, _r: Route, _l: number, _b: number, missed: readonly string[]) => void changed.push([...missed]) };
   const volume = new ReplicatedVolume({
-    self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env: realEnv(),
+    self: 'p1', volumeId: record.id, table, local, copy: local, link: () => link, refresh: async (p) => table.route(p), env,
     volume: () => record, catalog, tracker, guard, log: pino({ level: 'silent' }),
   });
   return { volume, local, cas, changed, table };
@@ -321,6 +321,34 @@ t.test('a COMPARE AND WRITE whose page is taken over while its write replicates 
   const other = lonePrimary(takenOver);
   table = other.table;
   await t.rejects(other.volume.write(0, Buffer.alloc(bs, 6)), PageMovedError);
+});
+
+// Seed 98534 of the simulator: a compare-and-write reached one secondary and not the other, which
+// took the page over after it had answered a timestamp snapshot's TAKE(T). The old primary's
+// TAKE(T) waited for the change, which ended MOVED; the copies it reached froze it in their
+// layers, the new primary did not, and both were named holders.
+t.test('a change cut short by a takeover names every copy but the new primary to snapshots, for divergedKeepMs (seed 98534)', async (t) => {
+  let table!: RouteTable;
+  const takenOver: BlockSender = {
+    send: async () => {
+      table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
+      return { id: 0, status: ReplyStatus.moved, owner: 'p2', version: 2, detail: 0 };
+    },
+  };
+  let nowMs = 1_000;
+  const real = realEnv();
+  const env = { ...real, clock: { ...real.clock, monotonicMs: () => nowMs } };
+  const lone = lonePrimary(takenOver, passThroughGuard, env);
+  table = lone.table;
+  t.same(lone.volume.divergedCopies(), [], 'none before');
+  await t.rejects(lone.volume.write(0, Buffer.alloc(bs, 6)), PageMovedError);
+  t.same(lone.volume.divergedCopies(), [{ page: 0, peer: 'p1' }], 'this peer, which applied the write; not p2, the new primary whose content the reconcile keeps');
+  nowMs += divergedKeepMs - 1;
+  t.same(lone.volume.divergedCopies(), [{ page: 0, peer: 'p1' }], 'still named just before divergedKeepMs');
+  nowMs += 1;
+  t.same(lone.volume.divergedCopies(), [], 'not after');
+  await t.rejects(lone.volume.write(8, Buffer.alloc(bs, 7)), PageMovedError, 'the page is p2\'s now: the next write is refused before it is sent');
+  t.same(lone.volume.divergedCopies(), [], 'and names nobody');
 });
 
 t.test('a COMPARE AND WRITE confirms a MISCOMPARE as a read, under the leases: a primary that lost its lease answers none (seed 1683)', async (t) => {

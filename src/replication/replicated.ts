@@ -49,7 +49,7 @@ import type { Logger } from 'pino';
 import type { Catalog, VolumeRecord } from '../cluster/catalog';
 import { sleep, within, type Env } from '../env/env';
 import { ClosedError, ConflictError, errorKindOf, ErrorKind, InvalidArgumentError, PeersanError, PeerUnavailableError } from '../errors';
-import { dropRetryMsMax, dropRetryMsMin, goneAckMsMax, leaseReadRunsMax, replicaAckMsMax, routeRetriesMax } from '../limits';
+import { divergedKeepMs, dropRetryMsMax, dropRetryMsMin, goneAckMsMax, leaseReadRunsMax, replicaAckMsMax, routeRetriesMax } from '../limits';
 import { BlockOp, replyError, ReplyStatus, type BlockReply, type BlockRequest } from '../routing/frame';
 import { PageMovedError } from '../routing/moved';
 import type { BlockSender } from '../routing/router';
@@ -143,6 +143,8 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
   private readonly replicating = new StampsInFlight();
   /** page → the copies dropLater still tries to drop (each may lack a change of the page), one entry per try. */
   private readonly undropped = new Map<number, string[]>();
+  /** page → the copies a change cut short by a takeover may differ on from the new primary, and until when (monotonic ms) they are named (divergedCopies). */
+  private readonly diverged = new Map<number, { peers: string[]; untilMs: number }>();
 
   constructor(opts: ReplicatedVolumeOptions) {
     super(opts.local);
@@ -205,6 +207,31 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
    */
   undroppedCopies(): { page: number; peer: string }[] {
     return [...this.undropped].flatMap(([page, peers]) => [...new Set(peers)].map((peer) => ({ page, peer })));
+  }
+
+  /**
+   * The copies of pages this peer lost in the middle of a change (another peer took the page over
+   * and will reconcile its copies to its own content): each copy but the new primary may hold the
+   * change while the new primary does not, or the reverse, so their layers of a snapshot frozen
+   * before the reconcile may differ. A timestamp snapshot whose TAKE(T) waited here for such a
+   * change stamped before T leaves them out of the page's holders (service.ts; they take the new
+   * primary's layer afterwards). The new primary itself names them only from its takeover on
+   * (failover.ts unreconciledCopies), and it may have sealed before that (simulator, seed 98534:
+   * a compare-and-write reached one secondary and not the other, which took the page over after
+   * its TAKE(T); the first secondary froze the write in its layer, the new primary did not).
+   * Named for divergedKeepMs after the change failed.
+   */
+  divergedCopies(): { page: number; peer: string }[] {
+    const nowMs = this.o.env.clock.monotonicMs();
+    for (const [page, d] of this.diverged) if (d.untilMs <= nowMs) this.diverged.delete(page);
+    return [...this.diverged].flatMap(([page, d]) => d.peers.map((peer) => ({ page, peer })));
+  }
+
+  /** A change of the page sent to `route`'s copies ended with the page another's (`owner`): see divergedCopies. */
+  private lostMidChange(page: number, route: Route, owner: string): void {
+    const peers = new Set([...copiesOf(route), ...(this.diverged.get(page)?.peers ?? [])]);
+    peers.delete(owner);
+    this.diverged.set(page, { peers: [...peers], untilMs: this.o.env.clock.monotonicMs() + divergedKeepMs });
   }
 
   /** No change of a grain of [lba, lba + blocks) of the page is above the acknowledged mark (pending here, or not pruned yet). */
@@ -422,6 +449,7 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     } catch (err) {
       if (!(err instanceof PageMovedError)) throw err;
       this.recent.release(page);
+      this.lostMidChange(page, sent.route, err.route.owner);
       if (!compared) throw err;
       throw new PeersanError(`a compare-and-write of page ${page} may have been applied before its primary changed (${err.message}): not run again`, 'PEERSAN_ERR_IN_DOUBT', { cause: err, kind: ErrorKind.unavailable });
     } finally {

@@ -254,7 +254,10 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     moving: (id) => core.migrator.cursors(id),
     suspect: (id) => [...core.resync.activity.suspect(id), ...core.migrator.restartedPages(id)],
     changesBefore: (id, t) => core.targets.replicated(id)?.changesBefore(t),
-    undropped: (id) => [...(core.targets.replicated(id)?.undroppedCopies() ?? []), ...(core.failover?.unreconciledCopies(id) ?? [])],
+    undropped: (id) => {
+      const port = core.targets.replicated(id);
+      return [...(port?.undroppedCopies() ?? []), ...(port?.divergedCopies() ?? []), ...(core.failover?.unreconciledCopies(id) ?? [])];
+    },
     idle: (id) => core.migrator.idle(id),
     rpc: {
       reach: async (peer) => (peer === self ? undefined : transport.calls(peer).ready(peerConnectMsMax)),

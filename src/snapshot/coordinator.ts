@@ -38,6 +38,7 @@
 // current step of a peer still waiting (late, duplicated, from an earlier step) are ignored.
 
 import { assert, PeersanError } from '../errors';
+import { divergedKeepMs } from '../limits';
 import type { PrepareReply, PrepareSnapshot, TakeSnapshot } from './service';
 import type { FrozenReport, MovingAtCut, SnapshotMode, SuspectAtCut } from './records';
 
@@ -45,6 +46,7 @@ import type { FrozenReport, MovingAtCut, SnapshotMode, SuspectAtCut } from './re
 export const prepareMsMax = 3_000;
 /** How long TAKE(T) of a timestamp snapshot may wait for host writes stamped before T. */
 export const sealMsMax = 5_000;
+assert(divergedKeepMs > 2 * sealMsMax, 'a primary names the copies a lost change may differ on for longer than a seal waits for it');
 
 export type Step = 'REACH' | 'PREPARE' | 'TAKE' | 'RELEASE' | 'FINISH' | 'ABORT';
 
