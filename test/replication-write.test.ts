@@ -303,15 +303,19 @@ t.test('a copy that refuses for a while as busy is asked again, not dropped', as
   t.equal(local.data[0], 3, 'written here');
 });
 
-t.test('a COMPARE AND WRITE whose page is taken over while its write replicates answers an error, not MOVED (it may have applied: never run again)', async (t) => {
-  // The copy took the page over (epoch 2, as a failover's CAS): it answers MOVED, and the route says p2.
-  let table!: RouteTable;
-  const takenOver: BlockSender = {
+/** The copy p2, which took page 0 over (epoch 2, as a failover's CAS): it answers MOVED, and `table()` learns the route naming it. */
+function takenOverBy2(table: () => RouteTable): BlockSender {
+  return {
     send: async () => {
-      table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
+      table().learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
       return { id: 0, status: ReplyStatus.moved, owner: 'p2', version: 2, detail: 0 };
     },
   };
+}
+
+t.test('a COMPARE AND WRITE whose page is taken over while its write replicates answers an error, not MOVED (it may have applied: never run again)', async (t) => {
+  let table!: RouteTable;
+  const takenOver = takenOverBy2(() => table);
   const lone = lonePrimary(takenOver);
   table = lone.table;
   const caw = lone.volume.compareAndWrite(0, Buffer.alloc(bs), Buffer.alloc(bs, 5));
@@ -329,12 +333,7 @@ t.test('a COMPARE AND WRITE whose page is taken over while its write replicates 
 // layers, the new primary did not, and both were named holders.
 t.test('a change cut short by a takeover names every copy but the new primary to snapshots, for divergedKeepMs (seed 98534)', async (t) => {
   let table!: RouteTable;
-  const takenOver: BlockSender = {
-    send: async () => {
-      table.learn(0, { owner: 'p2', version: 2, copies: ['p2', 'p1'], inSync: ['p2'] });
-      return { id: 0, status: ReplyStatus.moved, owner: 'p2', version: 2, detail: 0 };
-    },
-  };
+  const takenOver = takenOverBy2(() => table);
   let nowMs = 1_000;
   const real = realEnv();
   const env = { ...real, clock: { ...real.clock, monotonicMs: () => nowMs } };
