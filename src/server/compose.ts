@@ -194,6 +194,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     silence: { unheard: (peer) => core.leases?.unheard(peer) ?? false, onUnheard: (listener) => core.leases?.onUnheard(listener) ?? (() => undefined) },
     ...(w.readBuffers ? { readBuffers: w.readBuffers } : {}),
   });
+  /** The failover holds the suspect pages (failover.start() resolved): a move's commit waits for it. */
+  let failoverStarted = false;
   core.migrator = new P.migrator({
     self, env, members, store: w.store, catalog, movable: (id) => core.targets.movable(id), log, settings: w.migration,
     rpc: {
@@ -208,6 +210,10 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     // change it applied before the crash that reached D or a copy: no commit; it hands the page
     // over instead (the move is then abandoned), and the new primary reconciles.
     beforeHandoff: async (volumeId, page) => {
+      // A move resumed at start-up runs while the migrator's recover() is awaited, before the
+      // failover holds the suspect pages, and could reach its commit then (simulator, seed 110567:
+      // it committed a copy that had lost a write its secondary held): not before they are held.
+      if (!failoverStarted) throw new PeersanError(`${self} is still starting (its suspect pages are not held yet): the move commits later`);
       if (core.failover?.isHeld(volumeId, page)) throw new ConflictError(`page ${page} is suspect or failing over on ${self}: the move does not commit meanwhile`);
       await core.failover?.reconcileBeforeHandoff(volumeId, page);
     },
@@ -283,6 +289,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     logged: (volumeId, page) => core.resync.activity.beforeChange(volumeId, page),
   });
   await core.failover.start();
+  failoverStarted = true;
   leases.start();
   core.resync.activity.start();
   core.resync.resyncer.start();
