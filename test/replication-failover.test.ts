@@ -384,6 +384,33 @@ t.test('a takeover puts the page in the activity log, durably, before its CAS', 
   t.equal(route.owner, 'p2', 'then the takeover');
 });
 
+t.test('a takeover makes this peer\'s store durable before its CAS: it may be left the only copy (seed 128201)', async (t) => {
+  const g = await Group.start(['p1', 'p2', 'p3'], 3);
+  t.teardown(() => g.close());
+  const p2 = g.peer('p2');
+  const local = p2.port.local;
+  const flushed = local.flush.bind(local);
+  let flushes = 0;
+  let flushDone!: () => void;
+  const flushWait = new Promise<void>((r) => (flushDone = r));
+  local.flush = async () => {
+    flushes++;
+    await flushWait;
+    return flushed();
+  };
+  await g.env.run(1_000);
+  g.cut.add('p1');
+  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
+  const before = g.route('p2');
+  const promoting = p2.failover.promote(g.volume, 0, before, false);
+  await g.env.run(100);
+  t.equal(flushes, 1, 'the store is flushed');
+  t.equal((await p2.catalog.fetchRoute(g.volume, 0)).version, before.version, 'no CAS while the flush is not done');
+  flushDone();
+  const route = await promoting;
+  t.equal(route.owner, 'p2', 'then the takeover');
+});
+
 t.test('a takeover whose CAS outcome is unknown keeps the page held until the catalog tells, then reconciles', async (t) => {
   const g = await Group.start(['p1', 'p2', 'p3'], 3);
   t.teardown(() => g.close());

@@ -312,6 +312,13 @@ export class Failover implements PrimaryGuard {
     // had in flight (simulator, seed 36720).
     const logging = this.o.logged?.(volume.id, page);
     if (logging) await logging;
+    // Every change this peer applied as a copy is made durable before it may become the page's
+    // primary. A host's flush does not wait for a secondary it cannot reach (router.ts flush):
+    // another in-sync copy made the change durable. But a takeover drops the old primary from
+    // the in-sync set, and this peer may be left its only copy: a power loss after that lost a
+    // flushed write for good (simulator, seed 128201: the old primary, cut off, had flushed it;
+    // this peer had applied it and took over without syncing, then crashed).
+    await port.local.flush();
     // From the silence check to the fence, one synchronous step: no renewal is granted in between.
     if (!handover && !leases.book.silent(old, leases.now())) return from;
     const release = this.hold(key);
