@@ -142,10 +142,10 @@ async function openCatalog(t: Test, env: ManualEnv, peers = groupPeers): Promise
   return catalog;
 }
 
-function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: () => ViewedPeer[], downOutMs = 60_000): CopyKeeper {
+function keeperOn(catalog: Catalog, env: ManualEnv, self: string, view: () => ViewedPeer[], downOutMs = 60_000, flush: () => Promise<void> = async () => undefined): CopyKeeper {
   return new CopyKeeper({
     self, env, log, catalog, downOutMs, zoneOf: () => undefined, reserveFreeBytes: 0, peers: view, movingAway: () => false, event: () => undefined,
-    movePrimary: () => Promise.reject(new Error('no primary leaves here')),
+    movePrimary: () => Promise.reject(new Error('no primary leaves here')), flush: () => flush(),
   });
 }
 
@@ -177,6 +177,31 @@ t.test('replicas raised and lowered by compare-and-swap, paced, by each page\'s 
   await p1.run();
   t.ok(ofP1().every((x) => (x.copies ?? ['p1']).length === 1), 'lowered: every extra copy of p1\'s pages removed (removal is not paced)');
   t.ok(ofP1().every((x) => x.copies === undefined || x.copies[0] === 'p1'), 'the primary stays');
+});
+
+t.test('an in-sync copy is removed only after the primary flushed its store, once per run (seed 128201\'s kin: the copy may hold what a flush made durable)', async (t) => {
+  const env = new ManualEnv();
+  const catalog = await openCatalog(t, env, ['p1', 'p2', 'p3']);
+  await catalog.createVolume({ name: 'vol', size: 3 * pageBytes, replicas: 2, peers: ['p1', 'p2', 'p3'] });
+  const routes = () => catalog.routes(catalog.require('vol')).routesIn(0, 3);
+  const ofP1 = () => [...routes().entries()].filter(([, x]) => x.owner === 'p1');
+  t.ok(ofP1().length > 0 && ofP1().every(([, x]) => x.copies?.length === 2 && x.inSync?.length === 2), 'p1 is primary of pages with two copies in sync');
+  const log: string[] = [];
+  let flushDone!: () => void;
+  const flushing = new Promise<void>((r) => (flushDone = r));
+  const keeper = keeperOn(catalog, env, 'p1', () => viewed(['p1', 'p2', 'p3']), 60_000, async () => {
+    log.push('flush');
+    await flushing;
+  });
+  await catalog.setReplicas('vol', 1);
+  const run = keeper.run();
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+  t.same(log, ['flush'], 'the store is flushed');
+  t.ok(ofP1().every(([, x]) => x.copies?.length === 2), 'no copy removed while the flush runs');
+  flushDone();
+  await run;
+  t.ok(ofP1().every(([, x]) => (x.copies ?? ['p1']).length === 1), 'then removed');
+  t.same(log, ['flush'], 'one flush for the run');
 });
 
 t.test('a lost peer\'s copies are rebuilt elsewhere; a conflict leaves the page to the next run', async (t) => {

@@ -390,6 +390,7 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
     movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),
+    flush: async (volumeId) => core.targets.stored(volumeId)?.flush(),
     event: (message, volume) => w.event('replication', message, { volume, peer: self }),
   });
   const reaper = new Reaper({
