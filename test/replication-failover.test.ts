@@ -165,6 +165,7 @@ class Group {
         peer.logged.push(`${volumeId}/${page}`);
         return peer.logWait;
       },
+      flushStore: () => port.local.flush(),
     });
     peer.handlers.set('lease', async (from, body) => leases.handle(from, body));
     for (const [kind, h] of peer.failover.handlers()) peer.handlers.set(kind, h);

@@ -60,6 +60,8 @@ export interface FailoverOptions {
    * it is there already. Done before a takeover: see takeOver.
    */
   logged?(volumeId: string, page: number): Promise<void> | undefined;
+  /** Make this peer's store of the volume durable: every change it applied as a copy (done before a takeover: see takeOver). */
+  flushStore(volumeId: string): Promise<void>;
 }
 
 /** The route after `self` took the page over from its primary: first, the old primary last and out of sync. */
@@ -318,7 +320,7 @@ export class Failover implements PrimaryGuard {
     // the in-sync set, and this peer may be left its only copy: a power loss after that lost a
     // flushed write for good (simulator, seed 128201: the old primary, cut off, had flushed it;
     // this peer had applied it and took over without syncing, then crashed).
-    await port.local.flush();
+    await this.o.flushStore(volume.id);
     // From the silence check to the fence, one synchronous step: no renewal is granted in between.
     if (!handover && !leases.book.silent(old, leases.now())) return from;
     const release = this.hold(key);

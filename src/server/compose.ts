@@ -287,6 +287,8 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     suspect: (volumeId) => [...core.resync.activity.suspect(volumeId)],
     drop: (volume, page, route, peers) => dropFromInSync(catalog, volume, page, route, peers),
     logged: (volumeId, page) => core.resync.activity.beforeChange(volumeId, page),
+    // The store itself, not the moves above it: a move's destination out of reach must not stop a takeover.
+    flushStore: async (volumeId) => core.targets.stored(volumeId)?.flush(),
   });
   await core.failover.start();
   failoverStarted = true;
