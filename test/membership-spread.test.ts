@@ -137,7 +137,7 @@ interface Handed {
 function keeperOn(catalog: Catalog, env: ManualEnv, self: string, handed: Handed[]): CopyKeeper {
   return new CopyKeeper({
     self, env, log, catalog, downOutMs: 600_000, zoneOf: () => undefined, reserveFreeBytes: 0, peers: () => viewed([...catalog.options.members.ids()]), movingAway: () => false, event: () => undefined,
-    movePrimary: async (_v, page, to) => void handed.push({ page, to }), flush: async () => undefined,
+    movePrimary: async (_v, page, to) => void handed.push({ page, to }),
   });
 }
 

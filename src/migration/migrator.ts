@@ -110,6 +110,11 @@ export interface MigratorOptions {
    */
   quiet?<T>(volumeId: string, page: number, fn: () => Promise<T>): Promise<T>;
   /**
+   * Make `peer`'s store of the volume durable (its own store: a replica flush). A role switch
+   * asks it of the new primary before its CAS; absent, nothing is asked.
+   */
+  flushCopy?(peer: string, volumeId: string): Promise<void>;
+  /**
    * This peer's copy of the page may miss acknowledged writes (a move from here lost the primary
    * role: what it forwarded to D is not here): resync it whole (the activity log's suspect pages).
    */
@@ -385,10 +390,18 @@ export class Migrator {
    */
   private async switchRole(volume: VolumeRecord, page: number, route: Route, to: string): Promise<MoveInfo> {
     const quiet = this.o.quiet;
-    const cas = () => this.o.catalog.casRoute(volume, page, route, (now) => {
-      if (roleOf(now, to) !== 'in-sync') throw new ConflictError(`${to} holds no in-sync copy of page ${page} of ${volume.name} any more`);
-      return switchedPrimary(now, to, quiet !== undefined);
-    });
+    const cas = async (): Promise<Route> => {
+      // The new primary syncs its store first, under the quiet: every change of the page it
+      // acknowledged is in it. A host's flush does not wait for a secondary it cannot reach
+      // (router.ts flush), so that copy may hold flushed writes only in memory; as primary it
+      // may become their only copy (a later drop of the others), and a power loss then lost
+      // them (the takeover's kin: failover.ts takeOver, simulator seed 128201).
+      await this.o.flushCopy?.(to, volume.id);
+      return this.o.catalog.casRoute(volume, page, route, (now) => {
+        if (roleOf(now, to) !== 'in-sync') throw new ConflictError(`${to} holds no in-sync copy of page ${page} of ${volume.name} any more`);
+        return switchedPrimary(now, to, quiet !== undefined);
+      });
+    };
     const startedAtMs = this.o.env.clock.nowMs();
     // A move of the page left by an earlier start (or resumed by nobody yet) must end first: its
     // intent names this peer as the source, and a new primary would never remove it.

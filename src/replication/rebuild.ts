@@ -206,8 +206,6 @@ export interface CopyKeeperOptions {
    * `to` holds an in-sync copy, else a page move; resolves once switched, or once the move is under way.
    */
   movePrimary(volume: VolumeRecord, page: number, to: string): Promise<void>;
-  /** Make this peer's store of the volume durable (its flush). */
-  flush(volumeId: string): Promise<void>;
   /** Something a person watching the group wants to know (the console's events). */
   event(message: string, volume: string): void;
 }
@@ -229,8 +227,6 @@ interface VolumeRun {
   pageBytes: number;
   /** Bytes promised to peers by this run's choices. */
   promised: Promised;
-  /** This run's flush of the store, once a change removes an in-sync copy (keepPage). */
-  flushed?: Promise<void>;
 }
 
 /** Members whose copies leave: drained, or removed by force. */
@@ -486,12 +482,6 @@ export class CopyKeeper {
       const k = `${volume.id}/${page}`;
       this.changingPages.add(k);
       try {
-        // An in-sync copy that leaves may be the one a host's flush made its writes durable on:
-        // a flush does not wait for a secondary it cannot reach (router.ts flush), and this peer
-        // may have been that secondary before it took the primary role (a handover does not sync
-        // it). This peer, which stays, makes them durable here first; once per run, as every
-        // later flush waits for it as the primary.
-        if (d.remove.some((p) => inSyncOf(route).includes(p))) await (v.flushed ??= this.o.flush(volume.id));
         await this.apply(volume, page, route, (now) => decide(now, v.promised));
       } finally {
         this.changingPages.delete(k);

@@ -264,9 +264,12 @@ export class VolumeRouter implements BlockBackend {
    * every copy of every page. A secondary out of reach is no failure when every page it may hold
    * in sync has another in-sync copy that flushed: an acknowledged change is on every in-sync
    * copy, so it is durable there; the one out of reach loses its copy's in-sync place (or, if it
-   * crashed, steps out of the pages its activity log names) before it can serve them again, and
-   * syncs its store before it takes a page over (failover.ts takeOver: a takeover can leave it
-   * the page's only in-sync copy; simulator seed 128201).
+   * crashed, steps out of the pages its activity log names) before it can serve them again. And
+   * a peer syncs its store before it becomes a page's primary: by a takeover (failover.ts
+   * takeOver), a role switch (migrator.ts switchRole) or a move's commit (its destination
+   * flushes as it confirms). A flush never skips a primary, so a primary holds every flushed
+   * write durably whichever copies leave the in-sync set later (simulator seed 128201: a
+   * secondary the flush skipped took the page over, was left its only copy, and lost power).
    *
    * A primary out of reach is waited for like a write's: the flush answers once each page with
    * data it was primary of has a new one (failoverWaitMsMax at most; primariesReplaced). Else a

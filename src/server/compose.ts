@@ -46,6 +46,7 @@ import { SnapshotTargets } from '../snapshot/targets';
 import type { PageStore } from '../store/page-store';
 import type { BlockBackend } from '../store/types';
 import { ConflictError, InvalidArgumentError, PeersanError } from '../errors';
+import { BlockOp, ReplyStatus } from '../routing/frame';
 import type { EventKind } from './events';
 import type { ReadBuffers } from '../routing/read-buffers';
 import { PortGroups } from './port-groups';
@@ -205,6 +206,10 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
     event: (kind, message, volume) => w.event(kind, message, { volume, peer: self }),
     committed: (move) => core.load.driver.noteCommitted(move),
     hold: (volumeId) => core.snapshots.hold(volumeId),
+    flushCopy: async (peer, volumeId) => {
+      const reply = await blocks(peer).send({ op: BlockOp.flush, fua: true, replica: true, volumeId, lba: 0, blocks: 0, routeVersion: 0, compareBytes: 0 });
+      if (reply.status !== ReplyStatus.ok) throw new PeersanError(`peer ${peer} did not flush its copies of the volume (reply status ${reply.status})`);
+    },
     distrust: (volumeId, page) => core.resync.activity.distrust(volumeId, page),
     // A source stepping out of the page as suspect (a move resumed after its restart) may lack a
     // change it applied before the crash that reached D or a copy: no commit; it hands the page
@@ -392,7 +397,6 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     self, env, log: log.child({ component: 'copies' }), catalog, downOutMs: w.replication?.downOutMs ?? downOutMsDefault, zoneOf,
     reserveFreeBytes: w.balancer.reserveFreeBytes, peers: () => core.load.peerLoads(), movingAway,
     movePrimary: async (v, page, to) => void (await core.migrator.start(v.name, page, to)),
-    flush: async (volumeId) => core.targets.stored(volumeId)?.flush(),
     event: (message, volume) => w.event('replication', message, { volume, peer: self }),
   });
   const reaper = new Reaper({
