@@ -291,6 +291,24 @@ function lonePrimary(link: BlockSender, guard: PrimaryGuard = passThroughGuard, 
   return { volume, local, cas, changed, table };
 }
 
+t.test('a change goes to a copy being resynced as FUA, to an in-sync one as the host sent it (seed 141356)', async (t) => {
+  const sent: { fua: boolean; replica: boolean }[] = [];
+  const recording: BlockSender = { send: async (req) => (sent.push({ fua: req.fua, replica: req.replica === true }), { id: 0, status: ReplyStatus.ok, owner: 'p2', version: 0, detail: 0 }) };
+  const { volume, table } = lonePrimary(recording);
+  await volume.write(0, Buffer.alloc(bs, 1));
+  t.same(sent, [{ fua: false, replica: true }], 'p2 in sync: the change as the host sent it');
+  // p2 stale and resyncing from p1 now: its grain stays clean once it applied the change (resync.ts changed).
+  table.learn(0, { owner: 'p1', version: 2, copies: ['p1', 'p2'], inSync: ['p1'] });
+  const resyncing = new ReplicatedVolume({
+    self: 'p1', volumeId: '0123456789abcdef', table, local: new MemoryBackend(bs, 128, 8), copy: new MemoryBackend(bs, 128, 8), link: () => recording, refresh: async (p) => table.route(p), env: realEnv(),
+    volume: () => ({ id: '0123456789abcdef', name: 'v', replicas: 2 }) as VolumeRecord, catalog: { casRoute: () => Promise.reject(new Error('no CAS expected')) },
+    tracker: { ...passThroughTracker, resyncing: () => ['p2'] }, guard: passThroughGuard, log: pino({ level: 'silent' }),
+  });
+  sent.length = 0;
+  await resyncing.write(0, Buffer.alloc(bs, 2));
+  t.same(sent, [{ fua: true, replica: true }], 'p2 resyncing: the change applied durably (a crash of p2 must not lose a change its clean grain says it has)');
+});
+
 t.test('a copy that refuses for a while as busy is asked again, not dropped', async (t) => {
   let asked = 0;
   const busyTwice: BlockSender = {

@@ -528,9 +528,14 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     const { self, volumeId } = this.o;
     const deadlineMs = this.o.env.clock.monotonicMs() + replicaAckMsMax;
     const resyncing = this.o.tracker.resyncing(volumeId, page).filter((p) => p !== self && !inSyncOf(sent.route).includes(p));
+    // A resyncing copy that applies a change keeps its grain clean (resync.ts changed): the run
+    // that brings it back never sends that grain again. So it applies the change durably (FUA):
+    // had it crashed with the change only in its cache and restarted, the run could admit it in
+    // sync before its new full ask arrived, without the change (simulator, seed 141356). Only
+    // pages being resynced pay the sync.
     const bestEffort = Promise.all(
       resyncing.map(async (p) => {
-        if ((await this.deliver(p, this.frame(c, sent.route.version, seq, ackedThrough), deadlineMs)).kind !== 'ok') sent.missed.push(p);
+        if ((await this.deliver(p, { ...this.frame(c, sent.route.version, seq, ackedThrough), fua: true }, deadlineMs)).kind !== 'ok') sent.missed.push(p);
       }),
     );
     try {
