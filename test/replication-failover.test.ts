@@ -363,6 +363,17 @@ t.test('the new primary reconciles: the union of recent grains, its content, on 
   t.notOk(p3.port.local.mapped[grainLba(0, 5)], 'a hole here is a hole there');
 });
 
+/** p2 starts taking page 0 over from p1, cut off past its lease: the route before, and the takeover under way for 100 ms. */
+async function p2TakesOver(g: Group): Promise<{ before: Route; promoting: Promise<Route> }> {
+  await g.env.run(1_000);
+  g.cut.add('p1');
+  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
+  const before = g.route('p2');
+  const promoting = g.peer('p2').failover.promote(g.volume, 0, before, false);
+  await g.env.run(100);
+  return { before, promoting };
+}
+
 // Seed 36720: p2 took page 0 over and crashed 80 ms later, its reconcile unfinished (p3 held a
 // write p1 had in flight, p2 did not); page 0 was not in p2's activity log, so p2 restarted as its
 // primary, trusted, and the copies stayed apart. The page is logged before the takeover's CAS.
@@ -372,12 +383,7 @@ t.test('a takeover puts the page in the activity log, durably, before its CAS', 
   const p2 = g.peer('p2');
   let logDone!: () => void;
   p2.logWait = new Promise<void>((r) => (logDone = r));
-  await g.env.run(1_000);
-  g.cut.add('p1');
-  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
-  const before = g.route('p2');
-  const promoting = p2.failover.promote(g.volume, 0, before, false);
-  await g.env.run(100);
+  const { before, promoting } = await p2TakesOver(g);
   t.same(p2.logged, [`${g.volume.id}/0`], 'the page is logged');
   t.equal((await p2.catalog.fetchRoute(g.volume, 0)).version, before.version, 'no CAS while the log\'s put is not durable');
   logDone();
@@ -399,12 +405,7 @@ t.test('a takeover makes this peer\'s store durable before its CAS: it may be le
     await flushWait;
     return flushed();
   };
-  await g.env.run(1_000);
-  g.cut.add('p1');
-  await g.env.run(leaseMs + leaseDriftMarginMs + 10);
-  const before = g.route('p2');
-  const promoting = p2.failover.promote(g.volume, 0, before, false);
-  await g.env.run(100);
+  const { before, promoting } = await p2TakesOver(g);
   t.equal(flushes, 1, 'the store is flushed');
   t.equal((await p2.catalog.fetchRoute(g.volume, 0)).version, before.version, 'no CAS while the flush is not done');
   flushDone();
