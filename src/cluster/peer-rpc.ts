@@ -252,10 +252,11 @@ export class PeerRpcClient {
   /**
    * Waits for the connection within the deadline: a peer that started a moment ago may find this
    * channel in its reconnect backoff (the leases ping every peer from the start), and would be
-   * shown down although it answers.
+   * shown down although it answers. `waitForReady` false: an address where nothing listens
+   * answers at once (the first connection attempt is refused), not at the deadline.
    */
-  status(timeoutMs: number): Promise<PeerStatusView> {
-    return this.call('status', {}, timeoutMs, true);
+  status(timeoutMs: number, waitForReady = true): Promise<PeerStatusView> {
+    return this.call('status', {}, timeoutMs, waitForReady);
   }
 
   async reservationChanged(notice: ReservationNotice, timeoutMs: number): Promise<void> {

@@ -19,7 +19,7 @@ import type { Env } from '../env/env';
 import { InvalidArgumentError } from '../errors';
 import type { ClusterConfig, PeerConfig } from './config';
 
-/** How long a start waits for a process that may hold its id: a dead one's address refuses at once on a LAN. */
+/** How long a start waits for a process that may hold its id; an address where nothing listens refuses at once. */
 const duplicateCheckMs = 2_000;
 
 /** The file in a peer's data directory naming the group it belongs to. */
@@ -69,7 +69,9 @@ export function claimDataDir(dir: string, cluster: string, groupId: string): voi
 async function refuseTwin(o: JoinOptions, known: MemberRecord): Promise<void> {
   const client = new PeerRpcClient(o.peer.id, known.rpc, { secret: o.config.secret, self: o.peer.id }, o.tls ? peerTlsChannel(o.tls, o.peer.id) : undefined);
   try {
-    const status = await client.status(duplicateCheckMs).catch(() => undefined);
+    // No waiting for the channel: a refused connection is the common answer (no twin), and it
+    // fails this call at once; a twin that answers does so within the deadline.
+    const status = await client.status(duplicateCheckMs, false).catch(() => undefined);
     if (status?.id === o.peer.id) {
       throw new InvalidArgumentError(`peer ${o.peer.id} is already running (it answers at ${known.rpc}, up ${Math.round(status.uptimeMs / 1000)} s): two processes cannot share an id; stop it first, or give this one another id`);
     }
