@@ -4,7 +4,7 @@
 // copies out of the routes; the roles a leaving peer hands over; what a peer does when a member
 // record changes (events, moves cancelled, hosts asked to leave, redirect).
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -20,8 +20,11 @@ import { realEnv } from '../src/env/real';
 import type { SessionInfo } from '../src/iscsi/portal';
 import type { MoveInfo } from '../src/migration/migrator';
 import type { Route } from '../src/routing/table';
+import type { ClusterConfig, PeerConfig } from '../src/server/config';
 import { EventLog, memberChangeText } from '../src/server/events';
 import { askHostsToLeave, drainRedirect, followMembers } from '../src/server/member-effects';
+import { joinGroup } from '../src/server/membership';
+import { freePort } from './helpers/processes';
 
 const log = pino({ level: 'silent' });
 const GiB = 1024 ** 3;
@@ -242,4 +245,26 @@ t.test('a peer follows the member records: events everywhere, moves to a drainin
   t.equal(removed, 1, 'removed: the peer stops');
   t.equal(events.since(0).length, 4);
   t.same(askHostsToLeave(portal, () => false, 5).map((x) => x.tsih), [1, 2]);
+});
+
+t.test('a restart whose record names an address where nothing listens joins at once, without waiting out the twin check', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-join-'));
+  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
+  t.teardown(async () => {
+    await meta.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const peer: PeerConfig = { id: 'p1', iscsi: `127.0.0.1:${await freePort()}`, rpc: `127.0.0.1:${await freePort()}`, http: `127.0.0.1:${await freePort()}`, data: join(dir, 'p1') };
+  mkdirSync(peer.data);
+  const config = { name: 'join-test', secret: 's', adminToken: 'a', pageBlocks: 8192, catalog: { backend: 'embedded' }, peers: [peer] } as unknown as ClusterConfig;
+  const first = await joinGroup({ meta, env: realEnv(), config, peer, tls: undefined, log });
+  first.members.close();
+  // The record exists now: this start asks its address whether a process holds the id.
+  const t0 = Date.now();
+  const again = await joinGroup({ meta, env: realEnv(), config, peer, tls: undefined, log });
+  const ms = Date.now() - t0;
+  again.members.close();
+  t.not(again.incarnation, first.incarnation, 'a new incarnation');
+  // The check's deadline is 2 s; a refused connection answers in milliseconds.
+  t.ok(ms < 1_500, `joined in ${ms} ms`);
 });
