@@ -470,6 +470,11 @@ export const relocationWaitMsMax = 60_000;
 export const spreadHysteresisShare = 0.1;
 /** Copies one peer's spread round starts moving (hints and page moves together). */
 export const spreadMovesPerRoundMax = 8;
+/**
+ * A primary whose page carries at least this load (the balancer's figure: operations a second,
+ * 64 KiB counted as one, over 10 s) is the load balancer's to move, not the spread's (spread.ts).
+ */
+export const spreadBusyPageLoad = 1;
 /** Page moves of the spread in flight on one peer; a round waits for them. */
 export const spreadPageMovesInFlightMax = 2;
 assert(spreadMovesPerRoundMax <= relocationsMax, 'a spread round\'s hints fit the keeper');

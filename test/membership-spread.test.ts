@@ -390,6 +390,33 @@ t.test('a fourth peer holding nothing receives copies from every primary, throug
   t.equal(await drivers[0].round(), 0, 'settled: a new round moves nothing');
 });
 
+t.test('a primary whose page has host load is not moved by the spread (it is the load balancer\'s); its idle pages are', async (t) => {
+  const env = new ManualEnv();
+  const catalog = await openCatalog(t, env, fixedMembers(['p1', 'p2', 'p3']));
+  const v = await catalog.createVolume({ name: 'one', size: 24 * pageBytes, replicas: 1 });
+  // p1 lost six of its eight pages to the load balancer (to p2 and p3): it is far below its share.
+  const table = catalog.routes(v);
+  const gone = [0, 3, 6, 9, 12, 15];
+  for (const [i, page] of gone.entries()) {
+    const to = i % 2 ? 'p3' : 'p2';
+    await catalog.casRoute(v, page, table.route(page), () => ({ owner: to, copies: [to], inSync: [to] }));
+  }
+  // The pages those moves made hot are on p2 and p3 now; p2's placed pages are idle.
+  const busy = new Set(gone);
+  const moved: { page: number; from: string; to: string }[] = [];
+  const driver = (id: string, pageLoad?: (volumeId: string, page: number) => number): SpreadDriver => new SpreadDriver({
+    self: id, env, log, catalog, zoneOf: () => undefined, enabled: () => true, relocate: () => false, relocationsPending: () => 0,
+    movePage: async (_v, page, to) => void moved.push({ page, from: id, to }), movingAway: () => false, ...(pageLoad ? { pageLoad } : {}),
+  });
+  const load = (_volumeId: string, page: number): number => (busy.has(page) ? 400 : page === 1 ? 0.5 : 0);
+  for (const id of ['p2', 'p3']) await driver(id, load).round();
+  t.ok(moved.length > 0, `moved: ${moved.map((m) => `${m.page} ${m.from}>${m.to}`).join(', ')}`);
+  t.ok(moved.every((m) => m.to === 'p1' && !busy.has(m.page)), 'only idle pages (or nearly idle: page 1) go to p1');
+  moved.length = 0;
+  for (const id of ['p2', 'p3']) await driver(id).round();
+  t.ok(moved.some((m) => busy.has(m.page)), 'without loads, any page may go (the control)');
+});
+
 t.test('fill as status, top and the console print it', async (t) => {
   const fills = fillsOf([peer('p1', 86), peer('p2', 42), peer('p3', 10, 1, false)]);
   t.same(fills.map((f) => fillText(f)), ['86/69 125%', '42/69 61%', '10 (no share)'], 'copies of its share (138 copies over two up peers), a draining peer has none');

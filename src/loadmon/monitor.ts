@@ -242,6 +242,11 @@ export class LoadMonitor {
     return v;
   }
 
+  /** The balancer's load figure of a page this peer serves as owner (0 when not metered: no recent I/O, or past the bound). */
+  pageLoad(volumeId: string, page: number): number {
+    return this.volumes.get(volumeId)?.pages.get(page)?.load() ?? 0;
+  }
+
   /** Forget volumes that are gone (deleted from the catalog). */
   retainVolumes(ids: ReadonlySet<string>): void {
     for (const [id, v] of this.volumes) {

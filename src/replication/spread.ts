@@ -23,7 +23,11 @@
 // its pages with a copy on X and none on Y (no copy being built, not moving, Y in the volume's
 // span, no zone lost): if X is a secondary, a hint to the copy keeper ("this copy leaves X for Y",
 // rebuild.ts: a copy built on Y, X's removed once Y is in sync); if X is this primary itself, a
-// page move of the primary to Y (src/migration). Paced: spreadMovesPerRoundMax per round, a
+// page move of the primary to Y (src/migration), only for a page without host load (below
+// spreadBusyPageLoad): a busy primary is the load balancer's. Counts and load are two figures; a
+// spread that moved busy primaries to the peer the balancer had just emptied of them undid its
+// moves, and the balancer moved others away again, round after round (test/balance.test.ts, nine
+// hot pages of 27). Paced: spreadMovesPerRoundMax per round, a
 // round only once this peer's earlier hints have their copies added and its page moves are
 // fewer than spreadPageMovesInFlightMax (so the figure the next round counts includes them);
 // the copying runs at the migration rate and duty, giving way to host I/O, and runs when hosts
@@ -32,7 +36,7 @@
 import type { Logger } from 'pino';
 import type { Catalog, MoveIntent, VolumeRecord } from '../cluster/catalog';
 import type { Env, TimerHandle } from '../env/env';
-import { copyKeeperTickMs, spreadHysteresisShare, spreadMovesPerRoundMax, spreadPageMovesInFlightMax } from '../limits';
+import { copyKeeperTickMs, spreadBusyPageLoad, spreadHysteresisShare, spreadMovesPerRoundMax, spreadPageMovesInFlightMax } from '../limits';
 import { copiesOf, inSyncOf, staleCopiesOf, type Route, type RouteTable } from '../routing/table';
 import { scanPages } from './rebuild';
 
@@ -208,6 +212,8 @@ export interface SpreadDriverOptions {
    * test/balance.test.ts: the two moved one-copy pages back and forth).
    */
   hot?(): ReadonlySet<string>;
+  /** The load of a page this peer is primary of (the balancer's figure; 0 without host I/O). */
+  pageLoad?(volumeId: string, page: number): number;
 }
 
 /**
@@ -314,7 +320,7 @@ export class SpreadDriver {
 
   private async startOne(volume: VolumeRecord, page: number, route: Route, flow: SpreadFlow): Promise<boolean> {
     if (flow.from !== route.owner) return this.o.relocate(volume.id, page, flow.from, flow.to);
-    if (this.moving.size >= spreadPageMovesInFlightMax) return false;
+    if (this.moving.size >= spreadPageMovesInFlightMax || (this.o.pageLoad?.(volume.id, page) ?? 0) >= spreadBusyPageLoad) return false;
     try {
       await this.o.movePage(volume, page, flow.to);
     } catch (err) {

@@ -417,6 +417,7 @@ function replicationCore(w: PeerWiring, core: PeerCore, counters: ReplicationCou
     movePage: async (v, page, to) => void (await core.migrator.start(v.name, page, to)), movingAway: (volumeId, page) => core.migrator.movingOut(volumeId, page),
     // Busier than the mean: a copy moved there would be load the balancer moves away again.
     hot: () => hotPeers(core.load.peerLoads().filter((p) => !p.stale), 0, w.balancer.minMeanLoad),
+    pageLoad: (volumeId, page) => core.load.monitor.pageLoad(volumeId, page),
   });
   reaper.start();
   keeper.start();
