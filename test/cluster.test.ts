@@ -147,9 +147,19 @@ t.test('three peers in one process', { skip: tools ? false : 'qemu-img/qemu-io n
     const failed = await qemuIo(g.url('p1', 'vol'), `read ${p2Page} 4096`, 60_000);
     t.notOk(failed.ok, `read of p2's page fails: ${failed.out.trim().split('\n')[0]}`);
     t.ok(failed.ms < 6 * peerRequestMsMax, `and within the bound (${failed.ms} ms)`);
-    const fine = await qemuIo(g.url('p3', 'vol'), `read 0 65536`);
+    // p2's stop changes its port group's state on p1 and p3 (active/non-optimized at their next
+    // load tick, unavailable 10 s later): a session that logged in before the change hears it as
+    // a unit attention, and qemu-io's open gives up on one (its INQUIRY does not retry). A host
+    // tries again, so does this test.
+    const served = async (url: string, cmd: string): Promise<Awaited<ReturnType<typeof qemuIo>>> => {
+      let r = await qemuIo(url, cmd);
+      for (let i = 0; i < 2 && !r.ok && /UNIT_ATTENTION/.test(r.out); i++) r = await qemuIo(url, cmd);
+      return r;
+    };
+    const fine = await served(g.url('p3', 'vol'), `read 0 65536`);
     t.ok(fine.ok, `p1 page still served through p3: ${fine.out.trim()}`);
-    t.ok((await qemuIo(g.url('p1', 'vol'), `read ${2 * pageBytes} 65536`)).ok, 'p3 page still served through p1');
+    const p3Page = await served(g.url('p1', 'vol'), `read ${2 * pageBytes} 65536`);
+    t.ok(p3Page.ok, `p3 page still served through p1: ${p3Page.out.trim()}`);
     const snapshotting = Date.now();
     await t.rejects(g.peer('p1').admin.createSnapshots(['vol'], { name: 'while-down' }), /aborted.*p2/, 'a snapshot while p2 is down aborts, naming p2');
     t.ok(Date.now() - snapshotting < 2 * peerConnectMsMax + 1_000, `within the connect bound (${Date.now() - snapshotting} ms)`);
