@@ -52,7 +52,8 @@ t.test('skewed load: the balancer evens it out within 60 s, then leaves it alone
   // The hot pages' moves. Idle pages may move meanwhile: the capacity spread evens the peers'
   // page counts (p1 gave six of its pages away) with pages that carry no load, and leaves the hot
   // ones to the balancer (src/replication/spread.ts).
-  const movedPages = async (): Promise<string> => (await g.peer('p3').admin.pageMap('skew')).pages.filter((p) => p.version > 1 && p.page % 3 === 0).map((p) => `${p.page}:${p.owner}v${p.version}`).join(' ');
+  const moved = (pages: { page: number; owner: string; version: number }[]): string => pages.filter((p) => p.version > 1).map((p) => `${p.page}:${p.owner}v${p.version}`).join(' ');
+  const movedPages = async (): Promise<string> => moved((await g.peer('p3').admin.pageMap('skew')).pages.filter((p) => p.page % 3 === 0));
 
   // 15 s of skewed load with balancing off: the 10 s averages settle.
   await new Promise((r) => setTimeout(r, 15_000));
@@ -89,7 +90,7 @@ t.test('skewed load: the balancer evens it out within 60 s, then leaves it alone
   await new Promise((r) => setTimeout(r, 120_000));
   t.equal(await movedPages(), settled, 'no hot page moved again in 2 minutes of steady load');
   const map = await g.peer('p3').admin.pageMap('skew');
-  t.comment(`every page moved: ${map.pages.filter((p) => p.version > 1).map((p) => `${p.page}:${p.owner}v${p.version}`).join(' ')}; primaries per peer: ${map.perPeer.map((p) => `${p.peer} ${p.primaries}`).join(', ')}`);
+  t.comment(`every page moved: ${moved(map.pages)}; primaries per peer: ${map.perPeer.map((p) => `${p.peer} ${p.primaries}`).join(', ')}`);
   const steady = shares(await peerLoads());
   t.ok(even(steady.shares), `still even: shares ${steady.shares.map((s) => s.toFixed(2)).join('/')}`);
   stopping = true;

@@ -4,10 +4,6 @@
 // shows up in `top` on another peer through gossip.
 
 import t from 'tap';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import { ManualClock } from '../src/env/manual';
 import { LoadMeter, loadOf, sumStats, zeroStats } from '../src/loadmon/ewma';
 import { MeteredBackend, MeteredLogicalUnit } from '../src/loadmon/metered';
@@ -21,6 +17,7 @@ import { parseConfig } from '../src/server/config';
 import { MemoryBackend } from './helpers/memory-backend';
 import { startGroup } from './helpers/group';
 import { hasTool, qemuImg, qemuIo } from './helpers/processes';
+import { tempMetaStore } from './helpers/temp-meta';
 
 const close = (a: number, b: number, tolerance: number): boolean => Math.abs(a - b) <= tolerance;
 
@@ -188,12 +185,7 @@ t.test('group view: merge, order, staleness, late and foreign summaries, bounds'
 });
 
 t.test('group switch lives in the catalog and every watcher sees it', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'peersan-switch-'));
-  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  t.teardown(async () => {
-    await meta.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const { meta } = await tempMetaStore(t, 'peersan-switch-');
   const a = await BalancerSwitch.open(meta);
   const b = await BalancerSwitch.open(meta);
   t.equal(a.auto, true, 'on by default');

@@ -25,6 +25,7 @@ import { EventLog, memberChangeText } from '../src/server/events';
 import { askHostsToLeave, drainRedirect, followMembers } from '../src/server/member-effects';
 import { joinGroup } from '../src/server/membership';
 import { freePort } from './helpers/processes';
+import { tempMetaStore } from './helpers/temp-meta';
 
 const log = pino({ level: 'silent' });
 const GiB = 1024 ** 3;
@@ -248,12 +249,7 @@ t.test('a peer follows the member records: events everywhere, moves to a drainin
 });
 
 t.test('a restart whose record names an address where nothing listens joins at once, without waiting out the twin check', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'peersan-join-'));
-  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  t.teardown(async () => {
-    await meta.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const { dir, meta } = await tempMetaStore(t, 'peersan-join-');
   const peer: PeerConfig = { id: 'p1', iscsi: `127.0.0.1:${await freePort()}`, rpc: `127.0.0.1:${await freePort()}`, http: `127.0.0.1:${await freePort()}`, data: join(dir, 'p1') };
   mkdirSync(peer.data);
   const config = { name: 'join-test', secret: 's', adminToken: 'a', pageBlocks: 8192, catalog: { backend: 'embedded' }, peers: [peer] } as unknown as ClusterConfig;

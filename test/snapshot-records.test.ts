@@ -1,14 +1,11 @@
 // Where a snapshot's layer of each page is read from (src/snapshot/records.ts snapshotHolders):
 // the primary at the cut first, then the page's other in-sync copies, which froze the same blocks.
 
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import t from 'tap';
-import { EmbeddedMetaStore } from '../src/cluster/embedded';
 import {
   createSnapshotRecord, decodeSnapshot, deleteSnapshotRecord, holdsPage, joinHolders, narrowInSync, routesAtCut, snapshotHolders, snapshotKey, withJoined, withoutSuspects, type SnapshotRecord,
 } from '../src/snapshot/records';
+import { tempMetaStore } from './helpers/temp-meta';
 
 const pageBlocks = 8192;
 
@@ -114,12 +111,7 @@ t.test('withJoined: each page once, each peer once per page, pages in order', as
 });
 
 t.test('joinHolders: recorded by compare-and-swap; a deleted snapshot, or a newer one of the same name, is not joined', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'peersan-joined-'));
-  const meta = await EmbeddedMetaStore.open(join(dir, 'catalog'));
-  t.teardown(async () => {
-    await meta.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const { meta } = await tempMetaStore(t, 'peersan-joined-');
   const r = record({ state: 'taking' });
   await createSnapshotRecord(meta, r);
   t.equal(await joinHolders(meta, r, [0], 'p3'), false, 'a snapshot still being taken is not joined');

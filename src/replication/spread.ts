@@ -320,7 +320,9 @@ export class SpreadDriver {
 
   private async startOne(volume: VolumeRecord, page: number, route: Route, flow: SpreadFlow): Promise<boolean> {
     if (flow.from !== route.owner) return this.o.relocate(volume.id, page, flow.from, flow.to);
-    if (this.moving.size >= spreadPageMovesInFlightMax || (this.o.pageLoad?.(volume.id, page) ?? 0) >= spreadBusyPageLoad) return false;
+    if (this.moving.size >= spreadPageMovesInFlightMax) return false;
+    // A busy primary is the load balancer's (see the top).
+    if ((this.o.pageLoad?.(volume.id, page) ?? 0) >= spreadBusyPageLoad) return false;
     try {
       await this.o.movePage(volume, page, flow.to);
     } catch (err) {
