@@ -69,7 +69,7 @@ t.test('drain, undrain and a graceful stop in a group of three', async (t) => {
   const primaries = () => routes('p2', 'two').filter((r) => r.owner === 'p1').length;
   t.ok(primaries() > 0, 'p1 is primary of pages of "two"');
   await p('p1').stop('p1 (test)');
-  t.equal(primaries(), 0, 'every one handed to an in-sync copy before p1 stopped');
+  t.equal(primaries(), 0, `every one handed to an in-sync copy before p1 stopped (${JSON.stringify(routes('p2', 'two').filter((r) => r.owner === 'p1'))})`);
   t.equal(p('p2').members.get('p1')?.state, 'leaving');
   t.ok(p('p2').events.since(0).some((e) => e.kind === 'member' && /peer p1 leaving.*\(p1 \(test\)\)/.test(e.message)), 'announced');
 });
