@@ -16,6 +16,7 @@ import type { PeerStatusView } from '../src/cluster/group-status';
 import { checkDrain, checkDrainCopies, checkRemove, copiesOn, drainProgressOf, membershipAdmin, type Holding } from '../src/cluster/membership-admin';
 import { fixedMembers, Members, type MemberRecord, type MemberState } from '../src/cluster/members';
 import { ManualEnv } from '../src/env/manual';
+import { switchedPrimary } from '../src/replication/placement';
 import { realEnv } from '../src/env/real';
 import type { SessionInfo } from '../src/iscsi/portal';
 import type { MoveInfo } from '../src/migration/migrator';
@@ -174,14 +175,24 @@ t.test('remove --force of a dead peer: its copies leave the routes (CAS), then i
   t.same(members.ids(), ['p2', 'p3']);
 });
 
+/** A migrator whose start is a role switch by CAS on the real catalog (Migrator.switchRole's effect), noted in `started`. */
+function switchingMigrator(catalog: Catalog, started: string[]): Parameters<typeof leave>[0]['migrator'] {
+  return {
+    start: async (name, page, to) => {
+      started.push(`${name}/${page}→${to}`);
+      const volume = catalog.volume(name)!;
+      await catalog.casRoute(volume, page, catalog.routes(volume).route(page), (now) => switchedPrimary(now, to, true));
+      return {} as MoveInfo;
+    },
+    list: () => [], cancel: () => undefined, wait: async () => undefined,
+  };
+}
+
 t.test('a graceful leave marks the peer leaving and switches roles to in-sync copies on up peers, bounded', async (t) => {
   const { catalog, members } = await fixture(t);
   const started: string[] = [];
   const env = realEnv();
-  const r = await leave({
-    self: 'p1', members, catalog, env, log, why: 'p1 (SIGTERM)',
-    migrator: { start: async (volume, page, to) => (started.push(`${volume}/${page}→${to}`), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined },
-  });
+  const r = await leave({ self: 'p1', members, catalog, env, log, why: 'p1 (SIGTERM)', migrator: switchingMigrator(catalog, started) });
   t.equal(members.get('p1')!.state, 'leaving');
   t.equal(members.get('p1')!.changedBy, 'p1 (SIGTERM)');
   t.same(started.sort(), ['v/0→p2', 'v/3→p2'], 'its primaries, to their in-sync copies');
@@ -192,6 +203,32 @@ t.test('a graceful leave marks the peer leaving and switches roles to in-sync co
   started.length = 0;
   await leave({ self: 'p1', members, catalog, env, log, why: 'x', migrator: { start: async () => (started.push('x'), {} as MoveInfo), list: () => [], cancel: () => undefined, wait: async () => undefined } });
   t.same(started, [], 'no role handed to a peer that stops too');
+});
+
+t.test('a role another peer switched to the leaving one meanwhile (its CAS before the step out) is handed over too', async (t) => {
+  const { catalog, members } = await fixture(t);
+  const v = catalog.volume('v')!;
+  const started: string[] = [];
+  // Page 2: p3 primary, p1 in sync. p3, not having heard of the leave, switches the role to p1
+  // just before p1's step out of the page's in-sync set, whose CAS then fails.
+  let raced = false;
+  const racing: Parameters<typeof leave>[0]['catalog'] = {
+    listVolumes: () => catalog.listVolumes(),
+    routes: (volume) => catalog.routes(volume),
+    casRoute: async (volume, page, from, change) => {
+      if (page === 2 && !raced) {
+        raced = true;
+        await catalog.casRoute(volume, page, from, (now) => switchedPrimary(now, 'p1', true));
+      }
+      return catalog.casRoute(volume, page, from, change);
+    },
+  };
+  t.equal(catalog.routes(v).route(2).owner, 'p3');
+  const r = await leave({ self: 'p1', members, catalog: racing, env: realEnv(), log, why: 'p1 (SIGTERM)', migrator: switchingMigrator(catalog, started) });
+  t.ok(raced, 'the switch came during the step out');
+  t.same(started.sort(), ['v/0→p2', 'v/2→p3', 'v/3→p2'], 'the late role too, once its walk was over');
+  t.same(r, { handed: 3, kept: 0 });
+  t.same([0, 1, 2, 3].map((page) => catalog.routes(v).route(page).owner), ['p2', 'p2', 'p3', 'p2'], 'p1 is primary of nothing');
 });
 
 t.test('the events of member changes, with who asked', async (t) => {

@@ -24,7 +24,7 @@ import { RouteTable, type Route } from '../src/routing/table';
 import { parseConfig, renderConfig } from '../src/server/config';
 import type { PageStore } from '../src/store/page-store';
 import { startGroup } from './helpers/group';
-import { fixedMembers } from '../src/cluster/members';
+import { fixedMembers, type MemberState } from '../src/cluster/members';
 
 const log = pino({ level: 'silent' });
 const groupPeers = ['p1', 'p2', 'p3', 'p4'];
@@ -251,6 +251,19 @@ t.test('a page move to an in-sync copy switches the role; to a stale copy it is 
   await t.rejects(migrator(false).start('vol', 1, 'p2'), { name: 'ConflictError', message: /^p2's copy of page 1 of vol is resyncing/ });
   await migrator(false).start('vol', 1, 'p3');
   t.same(catalog.routes(v).route(1), { owner: 'p3', version: 3, copies: ['p3', 'p1', 'p2'], inSync: ['p3'] }, 'not quiesced: the old primary leaves the in-sync set, resync brings it back');
+
+  // The new primary begins to leave while the page quiets (a graceful stop): no CAS.
+  const states = new Map<string, MemberState>([['p1', 'up'], ['p2', 'up'], ['p3', 'up']]);
+  const members = { ...fixedMembers(['p1', 'p2', 'p3']), get: (id: string) => ({ ...fixedMembers(['p1', 'p2', 'p3']).get(id)!, state: states.get(id)! }) };
+  const leaving = new Migrator({
+    self: 'p3', env, members, store: {} as PageStore, catalog, movable: () => undefined, log,
+    rpc: { prepare: () => Promise.reject(new Error('no data move expected')), finish: () => Promise.reject(new Error('no data move expected')) },
+    settings: { rateBytesPerSec: 0, pieceBytes: 256 * 1024 },
+    quiet: <T>(_id: string, _page: number, fn: () => Promise<T>) => (states.set('p2', 'leaving'), fn()),
+  });
+  const before = catalog.routes(v).route(2);
+  await t.rejects(leaving.start('vol', 2, 'p2'), { name: 'ConflictError', message: /^peer p2 is leaving: it takes no primary role/ }, 'refused at the CAS');
+  t.same(catalog.routes(v).route(2), before, 'the route unchanged');
 });
 
 t.test('the reaper frees a page only when the newest route says it holds no copy', async (t) => {

@@ -7,7 +7,8 @@
 //      for its hosts); moves of one-copy pages go on and resume from their checkpoints at the
 //      next start. Then each page it is primary of whose copy on an `up` peer is in sync gets that copy as its
 //      primary (a role switch: one CAS once the page's writes are quiet, no data copied), a few
-//      at a time, the roles spread over the in-sync copies;
+//      at a time, the roles spread over the in-sync copies (and once more after step 3: a role
+//      another peer switched here before it heard of the leave);
 //   3. it steps out of the in-sync set of each page it holds a copy of whose primary is up (one
 //      CAS per page, as a primary drops a copy that failed it: the primary's writes at the old
 //      epoch are refused here and sent again without it, and its dirty grains for this copy
@@ -123,22 +124,28 @@ export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: nu
       const table = o.catalog.routes(v);
       return { name: v.name, routes: table.sharedPagesWith(o.self, table.pageCount(v.sizeBytes / v.blockBytes)) };
     });
-    const roles = await paced(o, rolesToHandOver(o.self, volumes(), o.members.placeable()), left, async (h) => {
+    const handOver = () => paced(o, rolesToHandOver(o.self, volumes(), o.members.placeable()), left, async (h) => {
       await o.migrator.start(h.volume, h.page, h.to).catch((err: Error) => {
         o.log.info({ volume: h.volume, page: h.page, to: h.to, reason: err.message }, 'primary role not handed over before stopping (it fails over instead)');
         throw err;
       });
     });
-    const handed = roles.done;
-    const kept = roles.tried - roles.done;
-    o.log.info({ handed, kept, untried: roles.more, ms: o.env.clock.monotonicMs() - startedMs }, 'primary roles handed over before stopping');
+    const roles = await handOver();
+    o.log.info({ handed: roles.done, kept: roles.tried - roles.done, untried: roles.more, ms: o.env.clock.monotonicMs() - startedMs }, 'primary roles handed over before stopping');
     o.stopAsking?.();
     const copies = await paced(o, copiesToStepOutOf(o.self, volumes(), o.members.placeable()), left, async (c) => {
       const volume = o.catalog.listVolumes().find((v) => v.name === c.volume);
       if (volume) await dropFromInSync(o.catalog, volume, c.page, c.route, [o.self]);
     });
     o.log.info({ steppedOut: copies.done, kept: copies.tried - copies.done, untried: copies.more }, 'stepped out of the in-sync sets of the copies held here (their primaries resync them once back)');
-    return { handed, kept };
+    // Another peer may have switched a role here while the first walk ran (it had not heard of
+    // this leave yet: a drain's evacuation, the balancer); a step out above that lost its CAS to
+    // such a switch left this peer primary. Out of the in-sync sets, this peer can be handed no
+    // more roles of those pages (a switch's CAS wants an in-sync copy), and a peer that has heard
+    // of the leave hands it none (Migrator.switchRole): one more walk finds the ones that came.
+    const late = await handOver();
+    if (late.tried > 0) o.log.info({ handed: late.done, kept: late.tried - late.done, untried: late.more }, 'primary roles switched here during the leave handed over too');
+    return { handed: roles.done + late.done, kept: roles.tried - roles.done + late.tried - late.done };
   } catch (err) {
     o.log.warn({ reason: (err as Error).message }, 'graceful leave failed; stopping anyway');
     return { handed: 0, kept: 0 };

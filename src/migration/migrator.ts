@@ -397,6 +397,10 @@ export class Migrator {
       // may become their only copy (a later drop of the others), and a power loss then lost
       // them (the takeover's kin: failover.ts takeOver, simulator seed 128201).
       await this.o.flushCopy?.(to, volume.id);
+      // `to` may have begun to leave while the page quieted: a leaving peer walks its roles once
+      // more before it stops, but one handed to it after that would fail over instead.
+      const member = this.o.members.get(to);
+      if (member?.state !== 'up') throw new ConflictError(`peer ${to} is ${member?.state ?? 'gone'}: it takes no primary role`);
       return this.o.catalog.casRoute(volume, page, route, (now) => {
         if (roleOf(now, to) !== 'in-sync') throw new ConflictError(`${to} holds no in-sync copy of page ${page} of ${volume.name} any more`);
         return switchedPrimary(now, to, quiet !== undefined);
