@@ -145,7 +145,9 @@ export async function leave(o: LeaveOptions): Promise<{ handed: number; kept: nu
     // of the leave hands it none (Migrator.switchRole): one more walk finds the ones that came.
     const late = await handOver();
     if (late.tried > 0) o.log.info({ handed: late.done, kept: late.tried - late.done, untried: late.more }, 'primary roles switched here during the leave handed over too');
-    return { handed: roles.done + late.done, kept: roles.tried - roles.done + late.tried - late.done };
+    // A role the first walk could not hand over is tried again by the second: kept is what is left.
+    const kept = late.tried === 0 && late.more ? roles.tried - roles.done : late.tried - late.done;
+    return { handed: roles.done + late.done, kept };
   } catch (err) {
     o.log.warn({ reason: (err as Error).message }, 'graceful leave failed; stopping anyway');
     return { handed: 0, kept: 0 };
