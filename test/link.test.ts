@@ -8,6 +8,8 @@ import { PeerUnavailableError } from '../src/errors';
 import { BlockOp, decodeRequest, encodeReply, ReplyStatus } from '../src/routing/frame';
 import { realEnv } from '../src/env/real';
 import { PeerLink } from '../src/routing/link';
+import { fixedMembers } from '../src/cluster/members';
+import { GrpcTransport } from '../src/server/grpc-transport';
 import { batchOf, fakeOwner } from './helpers/data-stream';
 
 const volumeId = '0123456789abcdef';
@@ -80,4 +82,22 @@ t.test('an owner that is down: unreachable, unsent; back up: reached by the next
   link.close();
   const closed = await link.send(request(0)).then(() => undefined, (e: unknown) => e);
   t.ok(closed instanceof PeerUnavailableError && /link closed/.test(closed.message), 'a closed link sends nothing');
+});
+
+t.test('a closed transport opens no connection: a link asked for after close() (a task still running as the peer stops) sends nothing', async (t) => {
+  const o = await fakeOwner(() => undefined);
+  t.teardown(() => o.stop());
+  // p1 and p3 both at the fake owner's address.
+  const transport = new GrpcTransport({ self: 'p2', members: fixedMembers(['p1', 'p2', 'p3'], () => ({ rpc: o.address })), secret: 's', tls: undefined, env: realEnv() });
+  const open = transport.blocks('p1').send(request(0)).then(() => undefined, (e: unknown) => e);
+  for (let i = 0; i < 100 && o.sockets.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
+  t.equal(o.sockets.length, 1, 'while open: the link to p1 reached the owner');
+  transport.close();
+  t.match(String(await open), /link closed/, 'what was in flight fails as the transport closes');
+  // p3's link is asked for the first time after close.
+  const err = await transport.blocks('p3').send(request(2)).then(() => undefined, (e: unknown) => e);
+  t.ok(err instanceof PeerUnavailableError && err.unsent && /link closed/.test(err.message), `a new link after close sends nothing, unsent (${String(err)})`);
+  await t.rejects(transport.calls('p3').status(500, false), /Channel has been shut down/, 'a new gRPC client after close is closed too (not dialed)');
+  await new Promise((r) => setTimeout(r, 100));
+  t.equal(o.sockets.length, 1, 'no connection reached the owner after close');
 });

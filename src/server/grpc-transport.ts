@@ -32,6 +32,11 @@ export interface GrpcTransportOptions {
 export class GrpcTransport implements PeerTransport {
   private readonly links = new Map<string, { address: string; link: PeerLink }>();
   private readonly clients = new Map<string, { address: string; client: PeerRpcClient }>();
+  /**
+   * Closed: a link or client asked for afterwards (a task still running as the peer stops) is
+   * closed at once, so it fails unsent and leaves no connection open behind the stopped peer.
+   */
+  private closed = false;
 
   constructor(private readonly o: GrpcTransportOptions) {}
 
@@ -49,6 +54,7 @@ export class GrpcTransport implements PeerTransport {
       ...(tls ? { tls: peerTlsConnectOptions(tls, peerId) } : {}),
     });
     this.links.set(peerId, { address, link });
+    if (this.closed) link.close();
     return link;
   }
 
@@ -60,10 +66,12 @@ export class GrpcTransport implements PeerTransport {
     const { secret, self, tls } = this.o;
     const client = new PeerRpcClient(peerId, address, { secret, self }, tls ? peerTlsChannel(tls, peerId) : undefined);
     this.clients.set(peerId, { address, client });
+    if (this.closed) client.close();
     return client;
   }
 
   close(): void {
+    this.closed = true;
     for (const l of this.links.values()) l.link.close();
     for (const c of this.clients.values()) c.client.close();
   }

@@ -348,6 +348,9 @@ export class PeerServer {
         this.rpcListener?.close();
         const shut = new Promise<void>((r) => this.grpcServer.tryShutdown(() => r()));
         await Promise.all([shut, this.core?.pages.endStreams()]);
+        // A connection whose handshake ended after the above (a data stream endStreams did not
+        // know, a gRPC one handed over after the shutdown) is closed here, not left open.
+        this.rpcListener?.destroy();
       }
       this.unfollowMembers?.();
       this.members?.close();
