@@ -438,6 +438,35 @@ t.test('dirty grains: written unsynced, read back at open; whole for a page susp
   t.same(dirtyList(again.tracker.dirtyOf(vid, 2, 'p2')), [0, 1, 2, 3, 4, 5, 6, 7], 'page 2 is suspect: its set counts whole');
 });
 
+// Seed 187549: p3, page 2's primary, applied a COMPARE AND WRITE that never reached p1 (down), and
+// crashed. Back, with the page suspect (in its activity log), it dropped p1 (unreachable) and
+// kept the page as its only in-sync copy; the set it began for p1 held its recent grains, none
+// after the crash, and p1's resync missed the write.
+t.test('dirty grains: a copy that leaves the in-sync set of a page suspect here (after a crash) gets a whole set', async (t) => {
+  const g = await group(t, { replicas: 2, peers: ['p1', 'p2'] });
+  const vid = g.volume.id;
+  const p1 = await g.make('p1');
+  p1.tracker.watch(vid, g.table);
+  // Page 0 (p1 primary, p2 in sync) and page 2 are changed; p1 crashes with both in its log.
+  await p1.tracker.beforeChange(vid, 0);
+  p1.tracker.changed(vid, 0, g.table.route(0), grainLba(0, 3), 1, []);
+  await p1.tracker.beforeChange(vid, 2);
+  const again = await g.make('p1', p1.kv.crashed());
+  again.tracker.watch(vid, g.table);
+  t.ok(again.activity.isSuspect(vid, 0) && again.activity.isSuspect(vid, 2), 'pages 0 and 2 are suspect after the restart');
+  again.recent = [];
+  await g.drop(0, 'p2');
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 0, 'p2')), allGrains, 'p2 left page 0 after the restart: whole (the grains p1 changed before the crash are not known)');
+  // A change p2 misses on a suspect page begins its set whole too (before the drop that follows).
+  again.tracker.changed(vid, 2, g.table.route(2), grainLba(2, 1), 1, ['p2']);
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 2, 'p2')), allGrains, 'a missed change on suspect page 2: whole');
+  // Once trusted again (resynced whole), sets begin from the recent grains as before.
+  again.activity.trusted(vid, 2);
+  again.tracker.forget(vid, 2, 'p2');
+  again.tracker.changed(vid, 2, g.table.route(2), grainLba(2, 4), 1, ['p2']);
+  t.same(dirtyList(again.tracker.dirtyOf(vid, 2, 'p2')), [4], 'not suspect: the missed grain only');
+});
+
 /** Page 0's copies without `copy` (it leaves the page: drained, evacuated), or with it again as a new, stale copy. */
 const withoutCopy = (copy: string) => (now: Route): Omit<Route, 'version'> => ({ owner: now.owner, copies: copiesOf(now).filter((p) => p !== copy), inSync: inSyncOf(now).filter((p) => p !== copy) });
 const withNewCopy = (copy: string) => (now: Route): Omit<Route, 'version'> => ({ owner: now.owner, copies: [...copiesOf(now), copy], inSync: [...inSyncOf(now)] });

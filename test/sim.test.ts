@@ -67,6 +67,7 @@ const fixedSeeds: [number, string][] = [
   [110567, 'a primary crashed while moving a page, losing a write its secondary kept; at the restart the move resumed and committed its copy while recover() still ran, before the failover held the suspect page: the copies differed (compose.ts beforeHandoff asks the activity log)'],
   [128201, 'a flush skipped a secondary the primary, just back from a partition, held as silent; that secondary took the page over without syncing, was left its only in-sync copy, and lost the flushed write in a power loss (Failover.takeOver flushes first)'],
   [141356, 'a copy being resynced applied a change without syncing it (its grain stayed clean), lost it in a power loss, and was admitted in sync by the run it had asked for before the crash, ahead of its new full ask: the copies differed (ReplicatedVolume.toCopies: FUA to resyncing copies)'],
+  [187549, 'a primary applied a COMPARE AND WRITE its copy never got and crashed; back, with the page suspect, it dropped the unreachable copy and kept the page as its only in-sync copy, and the set it began for that copy held no grain from before the crash: the resync missed the write (ResyncTracker: a set begun on a page suspect here is whole)'],
   [37724, 'a primary cut off compared a COMPARE AND WRITE against its copy while another took the page over, wrote it, and handed it back; its leases valid again, the MISCOMPARE stood (compareReplicated: the route must not change after the compare)'],
 ];
 

@@ -390,12 +390,19 @@ export class ResyncTracker implements ChangeTracker {
     this.timer = undefined;
   }
 
+  /**
+   * The copy's set, begun whole when asked, or when the page is suspect here: this peer restarted
+   * with it in its activity log, so its recent grains (changes it applied before the crash that
+   * the copy may lack) are lost. Begun from the recent grains it knows now, a copy that left the
+   * in-sync set of a suspect primary kept as the page's only in-sync copy was resynced without a
+   * change made before the crash (simulator, seed 187549: a COMPARE AND WRITE on the primary only).
+   */
   private setFor(volumeId: string, page: number, copy: string, grains: number, wholeIfNew: boolean): GrainSet {
     const pk = pageKey(volumeId, page);
     let sets = this.dirty.get(pk);
     if (!sets) this.dirty.set(pk, (sets = new Map()));
     let set = sets.get(copy);
-    if (!set) sets.set(copy, (set = new GrainSet(grains, wholeIfNew)));
+    if (!set) sets.set(copy, (set = new GrainSet(grains, wholeIfNew || this.o.activity.isSuspect(volumeId, page))));
     return set;
   }
 
