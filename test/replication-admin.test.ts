@@ -254,7 +254,8 @@ t.test('a page move to an in-sync copy switches the role; to a stale copy it is 
 
   // The new primary begins to leave while the page quiets (a graceful stop): no CAS.
   const states = new Map<string, MemberState>([['p1', 'up'], ['p2', 'up'], ['p3', 'up']]);
-  const members = { ...fixedMembers(['p1', 'p2', 'p3']), get: (id: string) => ({ ...fixedMembers(['p1', 'p2', 'p3']).get(id)!, state: states.get(id)! }) };
+  const fixed = fixedMembers(['p1', 'p2', 'p3']);
+  const members = { ...fixed, get: (id: string) => ({ ...fixed.get(id)!, state: states.get(id)! }) };
   const leaving = new Migrator({
     self: 'p3', env, members, store: {} as PageStore, catalog, movable: () => undefined, log,
     rpc: { prepare: () => Promise.reject(new Error('no data move expected')), finish: () => Promise.reject(new Error('no data move expected')) },
