@@ -160,6 +160,8 @@ interface Running {
   unfollow(): void;
   /** FINISH went to D: its receiving record may be gone, and what came back from it is confirmed (see confirmMove). */
   finishing: boolean;
+  /** D's start token in the answer to the first chunk of the pass over the piece in transit (see copyChunk). */
+  passToken: number;
 }
 
 /** The actions the driver performs at once, with no outcome to feed back. */
@@ -180,6 +182,12 @@ export class Migrator {
    */
   private readonly restarted = new Set<string>();
   private closed = false;
+  /**
+   * This start's token, one more than the last start's (a durable record, see recover; 0 until
+   * then): the page service answers it to every staging request (page-service.ts), so a source
+   * sees this peer restart between two chunks of a piece, which loses the chunks not synced yet.
+   */
+  private token = 0;
   /** Resolves at close(): steps waiting for a snapshot's hold stop waiting. */
   private readonly closing: Promise<void>;
   private closeNow!: () => void;
@@ -197,6 +205,10 @@ export class Migrator {
   }
 
   // ---- destination side -----------------------------------------------------------------------
+
+  get startToken(): number {
+    return this.token;
+  }
 
   /** This peer is the destination of a move of the page (from prepare until finish). */
   receiving(volumeId: string, page: number): boolean {
@@ -490,7 +502,7 @@ export class Migrator {
       this.drive(r, { kind: 'lost' });
     };
     const unfollow = table.onLearn(heard);
-    const r: Running = { machine, move, movable, finished, settle, unfollow, finishing: false };
+    const r: Running = { machine, move, movable, finished, settle, unfollow, finishing: false, passToken: 0 };
     this.running.set(key(cp.volumeId, cp.page), r);
     await movable.begin(move);
     this.drive(r, { kind: 'begin' });
@@ -661,11 +673,20 @@ export class Migrator {
     for (const wake of s.idle) wake();
   }
 
-  /** One chunk under the piece's exclusive lock, so no write lands between reading it on one side and writing it on the other. */
+  /**
+   * One chunk under the piece's exclusive lock, so no write lands between reading it on one side
+   * and writing it on the other. D answers its start token: one that differs from the answer to
+   * the pass's first chunk means D restarted since and may have lost the chunks before this one
+   * (not synced: only the last chunk is FUA), so the chunk fails and the machine copies the
+   * piece again from its first chunk (move-machine.ts; simulator, seed 196915).
+   */
   private async copyChunk(r: Running, a: Extract<MoveAction, { kind: 'copyChunk' }>): Promise<MoveEvent> {
     const t0 = this.o.env.clock.monotonicMs();
+    const first = a.lba === r.move.pageLba + a.piece * r.move.pieceBlocks;
     try {
-      await r.move.locks[a.piece].runExclusive(() => (a.back ? this.copyBack(r, a.lba, a.blocks, a.last) : this.copyForward(r, a.lba, a.blocks, a.last)));
+      const token = await r.move.locks[a.piece].runExclusive(() => (a.back ? this.copyBack(r, a.lba, a.blocks, a.last) : this.copyForward(r, a.lba, a.blocks, a.last)));
+      if (first) r.passToken = token;
+      else if (token !== r.passToken) throw new PeersanError(`peer ${r.move.to} restarted while receiving piece ${a.piece} (start token ${r.passToken}, now ${token}): the piece is copied again from its first chunk`);
     } catch (error) {
       return { kind: 'chunkFailed', error: error as Error };
     }
@@ -673,23 +694,28 @@ export class Migrator {
     return { kind: 'chunkCopied', ms: this.o.env.clock.monotonicMs() - t0 };
   }
 
-  private async copyForward(r: Running, lba: number, blocks: number, last: boolean): Promise<void> {
+  /** Copy the chunk to D; resolves to D's start token (0 from a peer of an older version). */
+  private async copyForward(r: Running, lba: number, blocks: number, last: boolean): Promise<number> {
     const { movable, move } = r;
     const extents = await movable.raw.lbaStatus(lba, blocks);
     // The last chunk of a piece is written FUA: the piece is durable on D before it is marked done.
-    if (extents.every((e) => !e.mapped)) await movable.toDest(move.to, BlockOp.unmap, lba, blocks, last);
-    else await movable.toDest(move.to, BlockOp.write, lba, blocks, last, await movable.raw.read(lba, blocks));
+    if (extents.every((e) => !e.mapped)) return (await movable.toDest(move.to, BlockOp.unmap, lba, blocks, last)).version;
+    return (await movable.toDest(move.to, BlockOp.write, lba, blocks, last, await movable.raw.read(lba, blocks))).version;
   }
 
-  private async copyBack(r: Running, lba: number, blocks: number, last: boolean): Promise<void> {
+  /** Copy the chunk back from D; resolves to D's start token (its answer to the chunk's first request). */
+  private async copyBack(r: Running, lba: number, blocks: number, last: boolean): Promise<number> {
     const { movable, move } = r;
-    const extents = decodeExtents((await movable.toDest(move.to, BlockOp.lbaStatus, lba, blocks, false)).payload) ?? [];
+    const status = await movable.toDest(move.to, BlockOp.lbaStatus, lba, blocks, false);
+    const extents = decodeExtents(status.payload) ?? [];
     if (extents.length > 0 && extents.every((e) => !e.mapped)) await movable.raw.unmap(lba, blocks, { fua: last });
     else {
-      const data = (await movable.toDest(move.to, BlockOp.read, lba, blocks, false)).payload;
-      if (data?.length !== blocks * movable.blockBytes) throw new PeersanError(`peer ${move.to} returned a short read`);
-      await movable.raw.write(lba, data, { fua: last });
+      const read = await movable.toDest(move.to, BlockOp.read, lba, blocks, false);
+      if (read.payload?.length !== blocks * movable.blockBytes) throw new PeersanError(`peer ${move.to} returned a short read`);
+      if (read.version !== status.version) throw new PeersanError(`peer ${move.to} restarted while its chunk ${lba}+${blocks} was copied back`);
+      await movable.raw.write(lba, read.payload, { fua: last });
     }
+    return status.version;
   }
 
   /** The move is over: report it and let its waiters go. */
@@ -745,6 +771,10 @@ export class Migrator {
 
   /** Before this peer serves anything: resume its outgoing moves and check its incoming ones. */
   async recover(): Promise<void> {
+    const last = (await this.o.store.listRecords(startTokenKey)).find((rec) => rec.key === startTokenKey);
+    const token = ((last ? Number(last.value.toString()) : 0) + 1) % 0x1_0000_0000 || 1;
+    await this.o.store.putRecord(startTokenKey, Buffer.from(String(token)), true);
+    this.token = token;
     const checkpointed = new Set<string>();
     for (const rec of await this.o.store.listRecords('move-out/')) {
       const cp = decodeCheckpoint(rec.value);
@@ -829,6 +859,9 @@ export class Migrator {
     return v;
   }
 }
+
+/** The store record of the last start's token (see Migrator.token). */
+const startTokenKey = 'move-start-token';
 
 function key(volumeId: string, page: number): string {
   return `${volumeId}/${page}`;

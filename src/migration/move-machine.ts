@@ -34,7 +34,13 @@
 //   - A chunk that fails starts its piece again from the first chunk: D may have restarted
 //     meanwhile and lost the chunks before it, which were not durable there yet (only the last
 //     chunk is FUA). The simulator found a move that retried just the failed chunk and committed
-//     a page missing an earlier one (seed 104).
+//     a page missing an earlier one (seed 104). A restart of D between two chunks need fail no
+//     chunk (D may be back before the next one: pacing, a snapshot's hold), so D answers every
+//     staging request with its start token, and a chunk answered with another token than the
+//     pass's first chunk fails (the driver, Migrator.copyChunk): the piece is copied again. The
+//     simulator found a move that went on after D's restart with the piece's later chunks; the
+//     last one's FUA made the piece durable without the earlier ones, and the page committed
+//     without a flushed write (seed 196915, one copy per page).
 //   - The commit CAS is the single commit point: never two owners for one page version. An
 //     answer lost (or a conflict) is settled by reading the route: D as primary is our own commit
 //     once a CAS of ours may have been sent (this run's, or one before a restart of S in

@@ -14,6 +14,8 @@
 // reads (a primary whose own store failed a read asks an in-sync copy: never numbered).
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
+// An ok reply to a staging request has the receiver's start token in version (Migrator.startToken):
+// a move's source sees a restart of its destination between two chunks (move-machine.ts).
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
 // An lbaStatus reply's payload is extents of lba(8) blocks(4) mapped(1).
 // A failed reply's detail is the failure's ErrorKind (src/errors.ts) and its payload the
@@ -77,6 +79,7 @@ export interface BlockReply {
   id: number;
   status: number;
   owner: string;
+  /** moved: the route version the receiver knows; ok to a staging request: its start token. */
   version: number;
   /** miscompare: the byte offset of the first difference; moved: the page that moved; failed: the ErrorKind. */
   detail: number;

@@ -53,6 +53,11 @@ export interface PageServiceOptions {
   /** This peer's hybrid clock: forwarded writes' stamps push it forward. */
   clock?: HybridClock;
   log: Logger;
+  /**
+   * This start's token (Migrator.startToken), answered in the ok replies to staging requests: a
+   * move's source sees that this peer restarted between two chunks of a piece (move-machine.ts).
+   */
+  startToken?(): number;
 }
 
 const replyCodec: FrameCodec<BlockReply> = { frameBytes: replyFrameBytes, data: (r) => r.payload, encodeInto: encodeReplyInto };
@@ -150,7 +155,6 @@ export class PageService {
     // A page's primary's change to (or read of) our copy: the replicated layer checks the epoch (fencing).
     if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload })));
     if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok)));
-    let store = v.store;
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
@@ -170,11 +174,14 @@ export class PageService {
           return reply(ReplyStatus.moved, { owner: route.owner, version: route.version, detail: page });
         }
       }
-      store = v.raw;
-    } else {
-      await this.catchUp(v, req);
+      const token = this.o.startToken?.() ?? 0;
+      return this.serve(req, v.raw).then((r) => {
+        if (r.status === ReplyStatus.ok) r.version = token;
+        return r;
+      });
     }
-    return this.serve(req, store);
+    await this.catchUp(v, req);
+    return this.serve(req, v.store);
   }
 
   /**

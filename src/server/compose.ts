@@ -303,7 +303,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
   await core.layerSync.start();
   core.replication = replicationCore(w, core, counters, P.keeper);
-  core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log });
+  core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log, startToken: () => core.migrator.startToken });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
   const replicationHandlers = new Map<string, ReplicationHandler>([

@@ -11,8 +11,8 @@ export const pageBlocks = 8192;
 export const volume = 'v';
 
 /** A group of `peers` with one volume of `pages` pages and `replicas` copies, booted; its last events are shown when the test fails. */
-export async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings, moveRateBytesPerSec?: number): Promise<{ world: SimWorld; group: SimGroup }> {
-  const world = new SimWorld(1);
+export async function boot(t: Tap.Test, peers: number, pages: number, replicas: number, replication?: ReplicationSettings, moveRateBytesPerSec?: number, seed = 1): Promise<{ world: SimWorld; group: SimGroup }> {
+  const world = new SimWorld(seed);
   const trace: string[] = [];
   const group = new SimGroup({ world, peers, trace: (line) => void trace.push(line), ...(replication ? { replication } : {}), ...(moveRateBytesPerSec ? { moveRateBytesPerSec } : {}) });
   t.teardown(() => {
