@@ -89,7 +89,7 @@ class FakePort implements ReplicaPort {
   exclusive<T>(_page: number, _lba: number, _blocks: number, fn: () => Promise<T>): Promise<T> {
     return fn();
   }
-  async send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined): Promise<void> {
+  async send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined): Promise<number> {
     if (!this.group.reaches(this.self, peer)) throw new PeerUnavailableError(peer, 'cut off', false);
     const copy = this.group.peer(peer);
     const known = copy.catalog.routes(this.group.volume).route(Math.floor(lba / pageBlocks));
@@ -97,6 +97,7 @@ class FakePort implements ReplicaPort {
     if (op === 'write') await copy.port.local.write(lba, data!);
     else await copy.port.local.unmap(lba, blocks);
     this.sent.push(`${peer} ${op} ${lba}@${route.version}`);
+    return 1;
   }
 }
 

@@ -240,6 +240,8 @@ interface Peer {
   /** Runs when a primary's answer to this peer's resync ask is on its way back, before this peer has it. */
   onAnswer?: () => Promise<void>;
   lock: RangeLock;
+  /** This peer's start token, answered to the changes it applies as a copy (page-service.ts). */
+  startToken: number;
 }
 
 async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
@@ -282,7 +284,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
   /** A peer; `view`: its own catalog (its routes learned only from the watch and MOVED answers). */
   const make = async (id: string, kv = new FakeKv(), view = catalog): Promise<Peer> => {
     const mem = new MemoryBackend(512, 4 * pageBlocks, grainBlocks);
-    const peer = { id, kv, mem, recent: [] as number[], sent: [] as Sent[], lock: new RangeLock() } as Peer;
+    const peer = { id, kv, mem, recent: [] as number[], sent: [] as Sent[], lock: new RangeLock(), startToken: 1 } as Peer;
     peer.port = {
       recentGrains: () => [...peer.recent],
       exclusive: (_page, lba, blocks, fn) => peer.lock.run(lba, blocks, fn),
@@ -298,6 +300,7 @@ async function group(t: Tap.Test, opts: { replicas: number; peers: string[] }) {
         if (op === 'write') await dst.mem.write(lba, data!);
         else await dst.mem.unmap(lba, blocks);
         dst.tracker.changed(volume.id, page, route, lba, blocks, []);
+        return dst.startToken;
       },
       local: mem,
     };
@@ -679,6 +682,32 @@ t.test('resync: the dirty grains survive a change of primary and a restart of th
   t.same(inSyncOf(g.table.route(0)), ['p2', 'p3'], 'p3 resynced from the new primary after its restart');
   t.same(again.sent.map((s) => `${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}`), ['write 2', 'write 5'], 'exactly the grains p3 missed');
   t.ok(pageOf(p3.mem).equals(pageOf(again.mem)), 'the copies agree');
+});
+
+t.test('resync: a copy that restarts between two sends of a run (the first not synced there) gets the run again', async (t) => {
+  const g = await staleP2(t);
+  const { p1, p2, vid } = g;
+  // One run of two grains, two sends: a write (grain 1) and, FUA, an unmap (grain 2).
+  await g.write(p1, grainLba(0, 1), fill(grainBlocks, 0xa1));
+  await g.write(p1, grainLba(0, 2), undefined, grainBlocks);
+  t.same(dirtyList(p1.tracker.dirtyOf(vid, 0, 'p2')), [1, 2]);
+  // Before the unmap goes: p2 lost power and is back, without the write (not synced), under
+  // another start token.
+  let restarted = false;
+  p1.gate = async (s) => {
+    if (restarted || s.op !== 'unmap') return;
+    restarted = true;
+    await p2.mem.write(grainLba(0, 1), fill(grainBlocks, 0x11));
+    p2.startToken = 2;
+  };
+  p2.resyncer.start();
+  await g.run(1);
+  t.ok(restarted, 'p2 restarted mid-run');
+  t.same(inSyncOf(g.table.route(0)), ['p1'], 'the run failed: p2 is not admitted');
+  await g.run(resyncRetryMsMin);
+  t.same(inSyncOf(g.table.route(0)), ['p1', 'p2'], 'p2 is in sync again');
+  t.ok(pageOf(p2.mem).equals(pageOf(p1.mem)), 'the copies agree: the run was sent again');
+  t.same(p1.sent.map((s) => `${s.op} ${(s.lba - grainLba(0, 0)) / grainBlocks}${s.fua ? ' FUA' : ''}`), ['write 1', 'unmap 2 FUA', 'write 1', 'unmap 2 FUA']);
 });
 
 t.test('resync: a failed ask is asked again after a backoff; a repeated ask joins the running resync', async (t) => {

@@ -298,6 +298,19 @@ t.test('an owner that has not opened a new volume yet is asked again, briefly', 
   t.ok(Date.now() - started < 3_000);
 });
 
+t.test("a peer's ok answers to staging and replica requests carry its start token; host requests' do not", async (t) => {
+  const store = new MemoryBackend(512, 2 * pageBlocks, 8);
+  const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
+  const replica = { receive: () => Promise.resolve(), read: () => Promise.resolve(Buffer.alloc(512)) };
+  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, replica, receiving: () => true, snapshot: () => undefined, refresh: async (p) => table.route(p) }), log, startToken: () => 7 });
+  const req = { id: 1, op: BlockOp.write, fua: false, volumeId, lba: pageBlocks, blocks: 1, routeVersion: 0, compareBytes: 0, data: Buffer.alloc(512, 3) };
+  t.equal((await owner.handle({ ...req, staging: true })).version, 7, 'a staging write');
+  t.equal((await owner.handle({ ...req, op: BlockOp.read, data: undefined, staging: true })).version, 7, 'a staging read');
+  t.equal((await owner.handle({ ...req, replica: true })).version, 7, 'a replica write');
+  t.equal((await owner.handle({ ...req, op: BlockOp.read, data: undefined, replica: true })).version, 7, 'a replica read');
+  t.equal((await owner.handle(req)).version, 0, 'a host write');
+});
+
 t.test('a peer out of reach: LBA status answers up to its first page; flush fails only when a page has no other in-sync copy', async (t) => {
   const one = group({ down: new Set(['p3']) });
   await one.router('p1').write(0, Buffer.alloc(2 * pageBlocks * 512, 1));

@@ -36,8 +36,12 @@ export interface ReplicaPort {
   recentGrains(page: number): number[];
   /** Run `fn` while no change of [lba, lba + blocks) of the page runs here (the range lock, exclusive). */
   exclusive<T>(page: number, lba: number, blocks: number, fn: () => Promise<T>): Promise<T>;
-  /** Send one change to copy `peer` at `route`'s epoch (a replica frame); throws on refusal or failure (MOVED: PageMovedError). */
-  send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined, fua: boolean): Promise<void>;
+  /**
+   * Send one change to copy `peer` at `route`'s epoch (a replica frame); throws on refusal or
+   * failure (MOVED: PageMovedError). Resolves to the copy's start token (frame.ts; 0 from a peer
+   * of an older version): another answer than an earlier one's means it restarted in between.
+   */
+  send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined, fua: boolean): Promise<number>;
   /** This peer's store of the volume, below the replicated layer (reads for reconcile and resync). */
   readonly local: BlockBackend;
 }

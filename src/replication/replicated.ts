@@ -172,10 +172,11 @@ export class ReplicatedVolume extends BackendDecorator implements ReplicaPort {
     return this.locks.run(page, lba, blocks, fn);
   }
 
-  async send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined, fua: boolean): Promise<void> {
+  async send(peer: string, route: Route, op: 'write' | 'unmap', lba: number, blocks: number, data: Buffer | undefined, fua: boolean): Promise<number> {
     const reply = await this.o.link(peer).send(this.frame({ op, lba, blocks, data, opts: { fua } }, route.version, 0, 0));
     if (reply.status === ReplyStatus.moved) throw new PageMovedError(this.o.table.pageOf(lba), { owner: reply.owner, version: reply.version });
     if (reply.status !== ReplyStatus.ok) throw replyError(peer, reply);
+    return reply.version;
   }
 
   /**

@@ -916,19 +916,24 @@ export class Resyncer {
    * loses them while the others, trusting it, step out of the in-sync set as suspect after their
    * own restart (simulator, seed 5169: a copy admitted with the resynced grains still in its
    * cache, it crashed, the other copy restarted and left the in-sync set: an acknowledged FUA
-   * write was lost on every copy).
+   * write was lost on every copy). The FUA covers the run's earlier sends only if the copy did not
+   * restart in between (they were not synced): its answers carry its start token, and a run
+   * answered with two fails (its bits stay set; the copy's restart makes it ask again, whole).
    */
   private async sendRun(volume: VolumeRecord, port: ReplicaPort, page: number, copy: string, run: GrainRun, ext: { lba: number; blocks: number }): Promise<number> {
     const route = this.o.catalog.routes(volume).route(page);
     if (route.owner !== this.o.self) throw new ConflictError(`page ${page} of ${volume.name} moved to ${route.owner} during its resync`);
     let bytes = 0;
+    let token: number | undefined;
     const end = ext.lba + ext.blocks;
     for (let at = ext.lba; at < end; ) {
       const extents = await port.local.lbaStatus(at, end - at);
       if (extents.length === 0) throw new Error(`assertion failed: no extent at ${at}`);
       for (const e of extents) {
         const data = e.mapped ? await port.local.read(e.lba, e.blocks) : undefined;
-        await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, e.lba + e.blocks >= end);
+        const answered = await port.send(copy, route, e.mapped ? 'write' : 'unmap', e.lba, e.blocks, data, e.lba + e.blocks >= end);
+        if (token !== undefined && answered !== token) throw new PeersanError(`${copy} restarted during the resync of grains ${run.first}+${run.count} of page ${page} of ${volume.name}; they are sent again`);
+        token = answered;
         bytes += data?.length ?? 0;
         at = e.lba + e.blocks;
       }

@@ -14,8 +14,9 @@
 // reads (a primary whose own store failed a read asks an in-sync copy: never numbered).
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
-// An ok reply to a staging request has the receiver's start token in version (Migrator.startToken):
-// a move's source sees a restart of its destination between two chunks (move-machine.ts).
+// An ok reply to a staging or replica request has the receiver's start token in version
+// (Migrator.startToken): its sender sees a restart of the receiver between two of its requests
+// (a move's chunks, move-machine.ts; a resync's run, resync.ts).
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
 // An lbaStatus reply's payload is extents of lba(8) blocks(4) mapped(1).
 // A failed reply's detail is the failure's ErrorKind (src/errors.ts) and its payload the
@@ -79,7 +80,7 @@ export interface BlockReply {
   id: number;
   status: number;
   owner: string;
-  /** moved: the route version the receiver knows; ok to a staging request: its start token. */
+  /** moved: the route version the receiver knows; ok to a staging or replica request: its start token. */
   version: number;
   /** miscompare: the byte offset of the first difference; moved: the page that moved; failed: the ErrorKind. */
   detail: number;

@@ -54,8 +54,9 @@ export interface PageServiceOptions {
   clock?: HybridClock;
   log: Logger;
   /**
-   * This start's token (Migrator.startToken), answered in the ok replies to staging requests: a
-   * move's source sees that this peer restarted between two chunks of a piece (move-machine.ts).
+   * This start's token (Migrator.startToken), answered in the ok replies to staging and replica
+   * requests: a move's source sees that this peer restarted between two chunks of a piece
+   * (move-machine.ts), a resync between two sends of a run (resync.ts sendRun).
    */
   startToken?(): number;
 }
@@ -143,6 +144,10 @@ export class PageService {
     return extra ? Object.assign(r, extra) : r;
   }
 
+  private startToken(): number {
+    return this.o.startToken?.() ?? 0;
+  }
+
   /** `refused`: refusal(v, req), already asked by handle() (not for a flush, which has no range). */
   private async handleSlowly(req: BlockRequest, v: ServedVolume | undefined, refused: string | undefined): Promise<BlockReply> {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
@@ -153,8 +158,8 @@ export class PageService {
     }
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
     // A page's primary's change to (or read of) our copy: the replicated layer checks the epoch (fencing).
-    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload })));
-    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok)));
+    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload, version: this.startToken() })));
+    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok, { version: this.startToken() })));
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
@@ -174,7 +179,7 @@ export class PageService {
           return reply(ReplyStatus.moved, { owner: route.owner, version: route.version, detail: page });
         }
       }
-      const token = this.o.startToken?.() ?? 0;
+      const token = this.startToken();
       return this.serve(req, v.raw).then((r) => {
         if (r.status === ReplyStatus.ok) r.version = token;
         return r;
