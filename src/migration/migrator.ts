@@ -184,8 +184,9 @@ export class Migrator {
   private closed = false;
   /**
    * This start's token, one more than the last start's (a durable record, see recover; 0 until
-   * then): the page service answers it to every staging request (page-service.ts), so a source
-   * sees this peer restart between two chunks of a piece, which loses the chunks not synced yet.
+   * then): the page service answers it to every staging and replica request (page-service.ts),
+   * so a move's source sees this peer restart between two chunks of a piece, which loses the
+   * chunks not synced yet (and a resync between two sends of a run: resync.ts sendRun).
    */
   private token = 0;
   /** Resolves at close(): steps waiting for a snapshot's hold stop waiting. */
