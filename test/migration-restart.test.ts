@@ -1,11 +1,11 @@
 // A page move of a one-copy page whose destination loses power between two chunks of a piece
 // and is back before the next chunk (a slow copy rate here; a snapshot's hold in the simulator's
-// seed 196915), so no chunk fails meanwhile. The
-// chunks before the crash were not synced on the destination (only a piece's last chunk is
-// FUA): the source must see the restart (the destination's start token, src/migration/migrator.ts
-// copyChunk) and copy the piece again from its first chunk. The simulator's seed 196915: the
-// move went on with the piece's later chunks, and committed a page missing a flushed write.
-// Whole groups in the simulator (test/helpers/sim-group.ts), deterministic.
+// seed 196915), so no chunk fails meanwhile. The chunks before the crash were not synced on the
+// destination (only a piece's last chunk is FUA): the source must see the restart (the
+// destination's start token, src/migration/migrator.ts copyChunk) and copy the piece again from
+// its first chunk. In seed 196915 the move went on with the piece's later chunks and committed a
+// page missing a flushed write. Whole groups in the simulator (test/helpers/sim-group.ts),
+// deterministic.
 
 import t from 'tap';
 import { boot, core, drive, until, volume, write } from './helpers/sim-group';
@@ -13,7 +13,7 @@ import { boot, core, drive, until, volume, write } from './helpers/sim-group';
 const blockBytes = 512;
 const pageBlocks = 8192;
 const pieceBytes = 256 * 1024;
-const chunkBytes = 64 * 1024;
+const chunkBlocks = (64 * 1024) / blockBytes;
 
 function pattern(): Buffer {
   const b = Buffer.alloc(pageBlocks * blockBytes);
@@ -37,7 +37,7 @@ t.test('a destination that restarts between two chunks of a piece gets the whole
   await drive(world, p1.migrator.start(volume, 0, 'p3'));
   const copied = (): number => core(group, 'p1').migrator.list()[0]?.bytesCopied ?? -1;
   // Piece 1's first two chunks are on p3 (its cache: not synced), the piece not done yet.
-  t.ok(await until(world, () => copied() >= pieceBytes + 2 * chunkBytes), 'two chunks of piece 1 copied');
+  t.ok(await until(world, () => copied() >= pieceBytes + 2 * chunkBlocks * blockBytes), 'two chunks of piece 1 copied');
   const at = core(group, 'p1').migrator.list()[0];
   t.equal(at.done, 1, 'piece 0 is done, piece 1 in transit');
   t.ok(at.bytesCopied % pieceBytes !== 0, `mid-piece (${at.bytesCopied} bytes copied)`);
@@ -46,8 +46,8 @@ t.test('a destination that restarts between two chunks of a piece gets the whole
   await drive(world, group.peers.get('p3')!.start());
   t.equal(core(group, 'p1').migrator.list()[0].bytesCopied, at.bytesCopied, 'p3 is back before the next chunk');
   const first = pieceBytes / blockBytes;
-  const left = await drive(world, core(group, 'p3').targets.stored(volumeId)!.read(first, 2 * chunkBlocks()));
-  t.notOk(left.equals(data.subarray(first * blockBytes, (first + 2 * chunkBlocks()) * blockBytes)), "p3's disk lost some of piece 1's two chunks (not synced)");
+  const left = await drive(world, core(group, 'p3').targets.stored(volumeId)!.read(first, 2 * chunkBlocks));
+  t.notOk(left.equals(data.subarray(first * blockBytes, (first + 2 * chunkBlocks) * blockBytes)), "p3's disk lost some of piece 1's two chunks (not synced)");
 
   await drive(world, p1.migrator.wait(volumeId, 0), 300_000);
   t.equal(p1.catalog.routes(p1.catalog.require(volume)).route(0).owner, 'p3', 'the move committed');
@@ -56,7 +56,3 @@ t.test('a destination that restarts between two chunks of a piece gets the whole
     t.ok(got.equals(data), `page 0 whole through ${id}`);
   }
 });
-
-function chunkBlocks(): number {
-  return chunkBytes / blockBytes;
-}
