@@ -302,7 +302,7 @@ t.test("a peer's ok answers to staging and replica requests carry its start toke
   const store = new MemoryBackend(512, 2 * pageBlocks, 8);
   const table = new RouteTable(['p1', 'p2'], pageBlocks, new Map());
   const replica = { receive: () => Promise.resolve(), read: () => Promise.resolve(Buffer.alloc(512)) };
-  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, replica, receiving: () => true, snapshot: () => undefined, refresh: async (p) => table.route(p) }), log, startToken: () => 7 });
+  const owner = new PageService({ self: 'p2', volume: () => ({ table, store, raw: store, replica, receiving: () => true, snapshot: () => undefined, refresh: async (p) => table.route(p) }), log, startToken: 7 });
   const req = { id: 1, op: BlockOp.write, fua: false, volumeId, lba: pageBlocks, blocks: 1, routeVersion: 0, compareBytes: 0, data: Buffer.alloc(512, 3) };
   t.equal((await owner.handle({ ...req, staging: true })).version, 7, 'a staging write');
   t.equal((await owner.handle({ ...req, op: BlockOp.read, data: undefined, staging: true })).version, 7, 'a staging read');

@@ -182,13 +182,6 @@ export class Migrator {
    */
   private readonly restarted = new Set<string>();
   private closed = false;
-  /**
-   * This start's token, one more than the last start's (a durable record, see recover; 0 until
-   * then): the page service answers it to every staging and replica request (page-service.ts),
-   * so a move's source sees this peer restart between two chunks of a piece, which loses the
-   * chunks not synced yet (and a resync between two sends of a run: resync.ts sendRun).
-   */
-  private token = 0;
   /** Resolves at close(): steps waiting for a snapshot's hold stop waiting. */
   private readonly closing: Promise<void>;
   private closeNow!: () => void;
@@ -206,10 +199,6 @@ export class Migrator {
   }
 
   // ---- destination side -----------------------------------------------------------------------
-
-  get startToken(): number {
-    return this.token;
-  }
 
   /** This peer is the destination of a move of the page (from prepare until finish). */
   receiving(volumeId: string, page: number): boolean {
@@ -676,7 +665,7 @@ export class Migrator {
 
   /**
    * One chunk under the piece's exclusive lock, so no write lands between reading it on one side
-   * and writing it on the other. D answers its start token: one that differs from the answer to
+   * and writing it on the other. D answers its start token (PageStore.nextStartToken): one that differs from the answer to
    * the pass's first chunk means D restarted since and may have lost the chunks before this one
    * (not synced: only the last chunk is FUA), so the chunk fails and the machine copies the
    * piece again from its first chunk (move-machine.ts; simulator, seed 196915).
@@ -772,10 +761,6 @@ export class Migrator {
 
   /** Before this peer serves anything: resume its outgoing moves and check its incoming ones. */
   async recover(): Promise<void> {
-    const last = (await this.o.store.listRecords(startTokenKey)).find((rec) => rec.key === startTokenKey);
-    const token = ((last ? Number(last.value.toString()) : 0) + 1) % 0x1_0000_0000 || 1;
-    await this.o.store.putRecord(startTokenKey, Buffer.from(String(token)), true);
-    this.token = token;
     const checkpointed = new Set<string>();
     for (const rec of await this.o.store.listRecords('move-out/')) {
       const cp = decodeCheckpoint(rec.value);
@@ -860,9 +845,6 @@ export class Migrator {
     return v;
   }
 }
-
-/** The store record of the last start's token (see Migrator.token). */
-const startTokenKey = 'move-start-token';
 
 function key(volumeId: string, page: number): string {
   return `${volumeId}/${page}`;

@@ -15,7 +15,7 @@
 // reply    = kind(1) status(1) ownerBytes(1) 0(1) id(4) version(4) detail(4)
 //            payloadBytes(4) 0(4) | owner | payload
 // An ok reply to a staging or replica request has the receiver's start token in version
-// (Migrator.startToken): its sender sees a restart of the receiver between two of its requests
+// (PageStore.nextStartToken): its sender sees a restart of the receiver between two of its requests
 // (a move's chunks, move-machine.ts; a resync's run, resync.ts).
 // A CAW request's data is compare ‖ write (compareBytes says where the write half starts).
 // An lbaStatus reply's payload is extents of lba(8) blocks(4) mapped(1).

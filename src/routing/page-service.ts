@@ -54,11 +54,11 @@ export interface PageServiceOptions {
   clock?: HybridClock;
   log: Logger;
   /**
-   * This start's token (Migrator.startToken), answered in the ok replies to staging and replica
-   * requests: a move's source sees that this peer restarted between two chunks of a piece
-   * (move-machine.ts), a resync between two sends of a run (resync.ts sendRun).
+   * This start's token (PageStore.nextStartToken; 0: none), answered in the ok replies to staging
+   * and replica requests: a move's source sees that this peer restarted between two chunks of a
+   * piece (move-machine.ts), a resync between two sends of a run (resync.ts sendRun).
    */
-  startToken?(): number;
+  startToken?: number;
 }
 
 const replyCodec: FrameCodec<BlockReply> = { frameBytes: replyFrameBytes, data: (r) => r.payload, encodeInto: encodeReplyInto };
@@ -144,10 +144,6 @@ export class PageService {
     return extra ? Object.assign(r, extra) : r;
   }
 
-  private startToken(): number {
-    return this.o.startToken?.() ?? 0;
-  }
-
   /** `refused`: refusal(v, req), already asked by handle() (not for a flush, which has no range). */
   private async handleSlowly(req: BlockRequest, v: ServedVolume | undefined, refused: string | undefined): Promise<BlockReply> {
     const reply = (status: number, extra?: Partial<BlockReply>): BlockReply => this.reply(req, status, extra);
@@ -158,8 +154,8 @@ export class PageService {
     }
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
     // A page's primary's change to (or read of) our copy: the replicated layer checks the epoch (fencing).
-    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload, version: this.startToken() })));
-    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok, { version: this.startToken() })));
+    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload, version: this.o.startToken ?? 0 })));
+    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok, { version: this.o.startToken ?? 0 })));
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
@@ -179,9 +175,8 @@ export class PageService {
           return reply(ReplyStatus.moved, { owner: route.owner, version: route.version, detail: page });
         }
       }
-      const token = this.startToken();
       return this.serve(req, v.raw).then((r) => {
-        if (r.status === ReplyStatus.ok) r.version = token;
+        if (r.status === ReplyStatus.ok) r.version = this.o.startToken ?? 0;
         return r;
       });
     }

@@ -280,7 +280,9 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   }));
   await core.targets.follow();
   await core.snapshotTargets.follow();
-  // Before anything is served: moves in flight at the last stop resume, or are cleaned up.
+  // Before anything is served: this start's token (answered to staging and replica requests),
+  // then moves in flight at the last stop resume, or are cleaned up.
+  const startToken = await w.store.nextStartToken();
   await core.migrator.recover();
   // Replicas: suspect pages (activity log) are held before anything is served; then leases run.
   const leases = (core.leases = new Leases({ self, groupPeers, env, log, call, learn: (t) => learnTakeover(catalog, t), refreshRoutes: () => catalog.fetchRoutes() }));
@@ -303,7 +305,7 @@ export async function composePeer(w: PeerWiring): Promise<PeerCore> {
   core.layerSync = new P.layerSync({ self, env, log, catalog, stored: (id) => core.targets.stored(id), link: blocks, settings: w.migration });
   await core.layerSync.start();
   core.replication = replicationCore(w, core, counters, P.keeper);
-  core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log, startToken: () => core.migrator.startToken });
+  core.pages = new PageService({ self, volume: (id) => core.targets.served(id), clock, log, startToken });
   const migrator = core.migrator;
   // Replication message handlers by kind (src/replication/messages.ts); each part of src/replication registers its own.
   const replicationHandlers = new Map<string, ReplicationHandler>([

@@ -37,6 +37,9 @@ import type { BlockBackend, CompareAndWriteResult, LbaExtent, WriteOptions } fro
 
 const cleanKey = 'clean';
 
+/** The record of the last start's token (PageStore.nextStartToken). */
+const startTokenKey = 'start-token';
+
 export class PageStore {
   private readonly media: StoreMedia;
   private readonly db: MediaKv;
@@ -113,6 +116,19 @@ export class PageStore {
     const out: { key: string; value: Buffer }[] = [];
     for await (const [key, value] of this.db.iterator({ gte: `rec/${prefix}`, lt: `rec/${prefix}\xff` })) out.push({ key: key.slice(4), value });
     return out;
+  }
+
+  /**
+   * A new start token, one more than the last start's (durable before it resolves, so no two
+   * starts share one; never 0). A peer answers it to staging and replica requests
+   * (src/routing/page-service.ts): their senders see it restart between two requests, which
+   * loses what it had not synced (src/migration/move-machine.ts, src/replication/resync.ts).
+   */
+  async nextStartToken(): Promise<number> {
+    const last = (await this.listRecords(startTokenKey)).find((rec) => rec.key === startTokenKey);
+    const token = ((last ? Number(last.value.toString()) : 0) + 1) % 0x1_0000_0000 || 1;
+    await this.putRecord(startTokenKey, Buffer.from(String(token)), true);
+    return token;
   }
 
   usage(): { volumes: number; allocatedBytes: number } {
