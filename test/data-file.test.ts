@@ -1,8 +1,9 @@
 // The store's data file (src/store/data-file.ts): writes asked for in one turn go out at its end,
 // a run of adjacent ones as one pwritev; nothing is reordered, every write's bytes land where
 // it asked, and a failure reaches every write of its run. No system call writes more than
-// callBytesMax: larger writes go as aligned pieces that settle them together. adjacentRuns and
-// piecesOf, pure, against a model.
+// callBytesMax: larger writes go as aligned pieces that settle them together. Small runs are
+// written inline until one is slow, then go to the write threads for a while. adjacentRuns,
+// piecesOf and skipBytes, pure, against a model.
 
 import t from 'tap';
 import fc from 'fast-check';
@@ -10,7 +11,8 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NoSpaceError } from '../src/errors';
-import { adjacentRuns, callBytesMax, DataFile, piecesOf, type QueuedWrite } from '../src/store/data-file';
+import { adjacentRuns, callBytesMax, DataFile, InlineWrites, piecesOf, skipBytes, type QueuedWrite } from '../src/store/data-file';
+import { WriteThreads } from '../src/store/write-threads';
 
 const queued = (position: number, bytes: number): QueuedWrite => ({ buf: Buffer.alloc(bytes), position, resolve: () => undefined, reject: () => undefined });
 
@@ -101,4 +103,48 @@ t.test('a failing run fails every write in it', { skip: existsSync('/dev/full') 
   t.teardown(() => full.close());
   const results = await Promise.all([0, 4096, 8192].map((p) => full.write(Buffer.alloc(4096), 0, 4096, p).then(() => 'written', (e: unknown) => e)));
   t.ok(results.every((r) => r instanceof NoSpaceError), `all three: NoSpaceError (${results.map(String).join('; ')})`);
+});
+
+t.test('skipBytes: adjacent pieces without their first bytes', async (t) => {
+  const pieces = [Buffer.from('abc'), Buffer.from('defg'), Buffer.from('hi')];
+  t.same(skipBytes(pieces, 0).map(String), ['abc', 'defg', 'hi']);
+  t.same(skipBytes(pieces, 3).map(String), ['defg', 'hi'], 'a whole piece');
+  t.same(skipBytes(pieces, 5).map(String), ['fg', 'hi'], 'into a piece');
+  t.same(skipBytes(pieces, 9).map(String), [], 'all of it');
+  t.same(pieces.map(String), ['abc', 'defg', 'hi'], 'the list given is not changed');
+});
+
+t.test('inline writes: small runs written on the loop\'s thread; a slow one sends the next ones to the write threads for a while', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'peersan-datafile-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const threads = new WriteThreads();
+  t.teardown(() => threads.stop());
+  // The clock moves `stepMs` at each look: 0, a fast disk; 3, every inline run takes 3 ms.
+  let nowMs = 0;
+  let stepMs = 0;
+  const inline = new InlineWrites(() => (nowMs += stepMs));
+  const path = join(dir, 'data');
+  const file = await DataFile.open(path, { threads, inline });
+  t.teardown(() => file.close());
+  const expected = Buffer.alloc(1024 * 1024);
+  const turn = (positions: number[], fill: number, bytes = 4096): Promise<void[]> => {
+    for (const p of positions) expected.fill(fill, p, p + bytes);
+    return Promise.all(positions.map((p) => file.write(Buffer.alloc(bytes, fill), 0, bytes, p)));
+  };
+  const scattered = [0, 65536, 131072, 196608, 262144, 327680];
+  await turn([0, 4096, 8192, ...scattered.slice(1)], 1); // six runs, the first of three writes
+  await turn([524288], 2, 65536); // a run of 64 KiB: the pool
+  t.same(inline.counts, { runs: 6, writes: 8, slow: 0 }, 'the six small runs inline, the adjacent writes as one');
+  t.equal(threads.counts.batches, 0, 'none to the write threads');
+  stepMs = 3;
+  await turn(scattered, 3);
+  t.same(inline.counts, { runs: 7, writes: 9, slow: 1 }, 'a run that took 3 ms: inline writes turned off after it');
+  t.same([threads.counts.batches, threads.counts.writes], [1, 5], 'the turn\'s other five runs went to the write threads as one batch');
+  stepMs = 0;
+  await turn(scattered, 4);
+  t.same([inline.counts.runs, threads.counts.writes], [7, 11], 'still off 3 ms later: the next turn\'s six runs to the threads too');
+  nowMs += 5_000;
+  await turn(scattered, 5);
+  t.same([inline.counts.runs, inline.counts.slow, threads.counts.writes], [13, 1, 11], '5 s later: inline again');
+  t.ok(readFileSync(path).equals(expected.subarray(0, 524288 + 65536)), 'every write landed, whichever way it went');
 });

@@ -267,6 +267,8 @@ t.test('a 3-peer group over HTTP', async (t) => {
     t.ok(delta('peersan_read_buffers_total', { event: 'given_back' }) >= 2, 'the forwarded reads\' buffers given back once sent');
     t.ok(delta('peersan_read_buffers_total', { event: 'reused' }) >= 1, 'and reused');
     t.same(['batch', 'write', 'refused'].map((event) => after.some((s) => s.name === 'peersan_store_write_threads_total' && s.labels.event === event)), [true, true, true], 'the write threads\' counters are exposed');
+    t.ok(delta('peersan_store_inline_writes_total', { event: 'write' }) >= 1, 'small writes written inline');
+    t.same(['run', 'slow'].map((event) => after.some((s) => s.name === 'peersan_store_inline_writes_total' && s.labels.event === event)), [true, true], 'and their other counters exposed');
     t.ok(total(after, 'peersan_volume_allocated_bytes', { volume: 'io' }) >= 4 * 1024 * 1024, 'p1 holds its page');
     t.equal(total(after, 'peersan_sessions', { type: 'normal' }), 0, 'qemu-io logged out');
     const p2 = parseExposition((await http(g.http('p2'), 'GET', '/metrics')).text).samples;

@@ -99,7 +99,7 @@ t.test('DataFile: more small writes in one turn than the thread can stage go thr
   const path = join(dir, 'many');
   const thread = new WriteThreads();
   t.teardown(() => thread.stop());
-  const file = await DataFile.open(path, thread);
+  const file = await DataFile.open(path, { threads: thread });
   // Scattered 4 KiB writes (none adjacent): 2,048 of them is 8 MiB, twice what 16 staging buffers hold.
   const count = (2 * 16 * stagingBytes) / 4096;
   const writes: Promise<void>[] = [];
@@ -126,7 +126,7 @@ t.test('DataFile: a turn with four or more small runs sends them as one batch; f
   const thread = new CountingThread();
   t.teardown(() => thread.stop());
   const path = join(dir, 'choice');
-  const file = await DataFile.open(path, thread);
+  const file = await DataFile.open(path, { threads: thread });
   t.teardown(() => file.close());
   const turn = (positions: number[], bytes = 4096): Promise<void[]> => Promise.all(positions.map((p) => file.write(Buffer.alloc(bytes, 7), 0, bytes, p)));
   await turn([0, 4096, 8192, 65536, 131072]); // three runs: the first of three adjacent writes

@@ -29,6 +29,7 @@ import { balancerDefaults } from '../loadmon/balancer';
 import { RpcListener } from '../routing/data-stream';
 import { newRoutingCounters, type RoutingCounters } from '../routing/router';
 import { ReadBuffers } from '../routing/read-buffers';
+import { sharedInlineWrites } from '../store/data-file';
 import { sharedWriteThreads } from '../store/write-threads';
 import { SnapshotScheduler } from '../snapshot/schedule';
 import { PageStore } from '../store/page-store';
@@ -116,6 +117,9 @@ export class PeerServer {
     this.metrics.followCounter('peersan_read_buffers_total', 'Large replies received from other peers: buffers taken for them (new or reused), reused, and given back once their host read was sent (src/routing/read-buffers.ts)', ['event'],
       () => [[{ event: 'taken' }, reads.taken], [{ event: 'reused' }, reads.reused], [{ event: 'given_back' }, reads.givenBack]]);
     const writes = sharedWriteThreads().counts;
+    const inlined = sharedInlineWrites().counts;
+    this.metrics.followCounter('peersan_store_inline_writes_total', "The store's small writes written inline, on the event loop's thread, for the whole process: runs of adjacent writes, the writes in them, and slow runs (each turned inline writes off for a while) (src/store/data-file.ts)", ['event'],
+      () => [[{ event: 'run' }, inlined.runs], [{ event: 'write' }, inlined.writes], [{ event: 'slow' }, inlined.slow]]);
     this.metrics.followCounter('peersan_store_write_threads_total', "The store's write threads, for the whole process: batches of small writes sent to them, the writes in those batches, and batches refused (no staging buffer free: written through the thread pool instead) (src/store/write-threads.ts)", ['event'],
       () => [[{ event: 'batch' }, writes.batches], [{ event: 'write' }, writes.writes], [{ event: 'refused' }, writes.refused]]);
   }
