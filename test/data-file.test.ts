@@ -119,7 +119,7 @@ t.test('inline writes: small runs written on the loop\'s thread; a slow one send
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const threads = new WriteThreads();
   t.teardown(() => threads.stop());
-  // The clock moves `stepMs` at each look: 0, a fast disk; 3, every inline run takes 3 ms.
+  // The clock moves `stepMs` at each look: 0, a fast disk; 30, every inline run takes 30 ms.
   let nowMs = 0;
   let stepMs = 0;
   const inline = new InlineWrites(() => (nowMs += stepMs));
@@ -136,15 +136,19 @@ t.test('inline writes: small runs written on the loop\'s thread; a slow one send
   await turn([524288], 2, 65536); // a run of 64 KiB: the pool
   t.same(inline.counts, { runs: 6, writes: 8, slow: 0 }, 'the six small runs inline, the adjacent writes as one');
   t.equal(threads.counts.batches, 0, 'none to the write threads');
-  stepMs = 3;
+  stepMs = 10;
   await turn(scattered, 3);
-  t.same(inline.counts, { runs: 7, writes: 9, slow: 1 }, 'a run that took 3 ms: inline writes turned off after it');
+  t.same(inline.counts, { runs: 6 + 6, writes: 8 + 6, slow: 0 }, 'runs of 10 ms: still inline');
+  stepMs = 30;
+  await turn(scattered, 3);
+  t.same(inline.counts, { runs: 13, writes: 15, slow: 1 }, 'a run that took 30 ms: inline writes turned off after it');
   t.same([threads.counts.batches, threads.counts.writes], [1, 5], 'the turn\'s other five runs went to the write threads as one batch');
   stepMs = 0;
+  nowMs += 1_000;
   await turn(scattered, 4);
-  t.same([inline.counts.runs, threads.counts.writes], [7, 11], 'still off 3 ms later: the next turn\'s six runs to the threads too');
+  t.same([inline.counts.runs, threads.counts.writes], [13, 11], 'still off 1 s later: the next turn\'s six runs to the threads too');
   nowMs += 5_000;
   await turn(scattered, 5);
-  t.same([inline.counts.runs, inline.counts.slow, threads.counts.writes], [13, 1, 11], '5 s later: inline again');
+  t.same([inline.counts.runs, inline.counts.slow, threads.counts.writes], [19, 1, 11], '5 s after that: inline again');
   t.ok(readFileSync(path).equals(expected.subarray(0, 524288 + 65536)), 'every write landed, whichever way it went');
 });

@@ -36,7 +36,8 @@
 // IOPS rose from 24-26k to 28-30k; the owner's CPU per forwarded write from 36-44 µs to 30-34.
 // The price of inline writes is that a slow one stalls the whole loop (every host and peer
 // this process serves): the kernel throttling a writer while it flushes dirty pages (measured:
-// 4 KiB writes at p99.9 0.5 ms, at most 27 ms, while dd dirtied 10 GB), a disk that hangs. So
+// 4 KiB writes at p99.9 0.5 ms, 159 of 2.9 million over 10 ms, at most 27 ms, while dd dirtied
+// 10 GB), a disk that hangs. So
 // InlineWrites times each inline run; one that took inlineRunMsSlow or more sends the small
 // runs of the next inlineOffMs the other way, where a slow write holds only its own thread:
 // - to the store's write threads in batches of up to eight (write-threads.ts) when a turn
@@ -51,8 +52,13 @@ import { storeError } from '../errors';
 import type { MediaFile } from './media';
 import { sharedWriteThreads, stagingBytes, type ThreadWrite, type WriteThreads } from './write-threads';
 
-/** An inline run that took this long turns inline writes off (see above). */
-const inlineRunMsSlow = 2;
+/**
+ * An inline run that took this long turns inline writes off (see above). Not much less: on a
+ * busy machine the scheduler can hold the thread off the CPU for a few ms in the middle of a
+ * write (measured on the 2-core VM under the benches: 2 ms was passed often enough to keep
+ * inline writes off most of the time), and that is no reason to send writes elsewhere.
+ */
+const inlineRunMsSlow = 20;
 /** For this long. */
 const inlineOffMs = 5_000;
 
