@@ -30,10 +30,10 @@
 // adjacent 4 KiB writes are one) are written inline: at the end of the turn, on the event
 // loop's own thread, with pwrite/pwritev. A buffered write of a few KiB costs the kernel about
 // 5 µs; sending it to another thread cost more than the write itself (the message, the other
-// thread's wake-up, the answer's wake-up of this one). Measured with bench/vs-tgt.js --only 2
-// on the 2-core VM (two rounds each way, interleaved, on a slow day): the peer's CPU per local
-// scattered 4 KiB write fell from 48-51 µs (the write threads below) to 37-38 µs, and its
-// IOPS rose from 24-26k to 28-30k; the owner's CPU per forwarded write from 36-44 µs to 30-34.
+// thread's wake-up, the answer's wake-up of this one). Measured with bench/vs-tgt.js on the
+// 2-core VM, the same day (README, Performance): a local scattered 4 KiB write went from
+// 45 µs of CPU (the write threads below) to 29, 26,882 IOPS to 35,026; a forwarded one from
+// 67 µs (both peers) to 48, 18,990 IOPS to 23,518.
 // The price of inline writes is that a slow one stalls the whole loop (every host and peer
 // this process serves): the kernel throttling a writer while it flushes dirty pages (measured:
 // 4 KiB writes at p99.9 0.5 ms, 159 of 2.9 million over 10 ms, at most 27 ms, while dd dirtied
