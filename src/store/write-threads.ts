@@ -1,4 +1,6 @@
-// The store's own threads for small writes. A small write sent through libuv's thread pool
+// The store's own threads for small writes, while DataFile's inline writes are off (a slow
+// one turned them off for a while: data-file.ts; inline, a write costs no trip at all).
+// A small write sent through libuv's thread pool
 // costs a trip of its own (a futex wake-up, two context switches, the pool's lock, the answer
 // through the loop's async handle): about half of what a 4 KiB write at a scattered offset
 // costs a peer. Here the small writes of one turn (DataFile's runs under 64 KiB, see
