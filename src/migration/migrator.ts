@@ -665,10 +665,11 @@ export class Migrator {
 
   /**
    * One chunk under the piece's exclusive lock, so no write lands between reading it on one side
-   * and writing it on the other. D answers its start token (PageStore.nextStartToken): one that differs from the answer to
-   * the pass's first chunk means D restarted since and may have lost the chunks before this one
-   * (not synced: only the last chunk is FUA), so the chunk fails and the machine copies the
-   * piece again from its first chunk (move-machine.ts; simulator, seed 196915).
+   * and writing it on the other. D answers its start token (PageStore.nextStartToken): one that
+   * differs from the answer to the pass's first chunk means D restarted since and may have lost
+   * the chunks before this one (not synced: only the last chunk is FUA), so the chunk fails and
+   * the machine copies the piece again from its first chunk (move-machine.ts; simulator, seed
+   * 196915).
    */
   private async copyChunk(r: Running, a: Extract<MoveAction, { kind: 'copyChunk' }>): Promise<MoveEvent> {
     const t0 = this.o.env.clock.monotonicMs();

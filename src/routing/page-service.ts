@@ -75,8 +75,12 @@ export class PageService {
   /** Peers can repeat bad frames and failing requests at will: one line per kind per window. */
   private readonly logLimiter = new LogLimiter();
 
+  /** This start's token (PageServiceOptions.startToken). */
+  private readonly startToken: number;
+
   constructor(opts: PageServiceOptions) {
     this.o = opts;
+    this.startToken = opts.startToken ?? 0;
   }
 
   handle(req: BlockRequest, v = this.o.volume(req.volumeId)): Promise<BlockReply> {
@@ -154,8 +158,8 @@ export class PageService {
     }
     if (refused !== undefined) return reply(ReplyStatus.failed, failure(ErrorKind.invalid, refused));
     // A page's primary's change to (or read of) our copy: the replicated layer checks the epoch (fencing).
-    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload, version: this.o.startToken ?? 0 })));
-    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok, { version: this.o.startToken ?? 0 })));
+    if (req.replica && req.op === BlockOp.read) return this.movedAnswered(req, v.replica.read(req).then((payload) => reply(ReplyStatus.ok, { payload, version: this.startToken })));
+    if (req.replica) return this.movedAnswered(req, v.replica.receive(req, this.writeOptions(req)).then(() => reply(ReplyStatus.ok, { version: this.startToken })));
     if (req.layer) {
       // A snapshot read: served from the layer frozen here at the cut, whoever owns the page now.
       const layer = v.snapshot(req.layer);
@@ -176,7 +180,7 @@ export class PageService {
         }
       }
       return this.serve(req, v.raw).then((r) => {
-        if (r.status === ReplyStatus.ok) r.version = this.o.startToken ?? 0;
+        if (r.status === ReplyStatus.ok) r.version = this.startToken;
         return r;
       });
     }

@@ -74,11 +74,13 @@ export class InlineWrites {
 
   constructor(readonly nowMs: () => number = () => performance.now()) {}
 
-  get on(): boolean {
-    return this.nowMs() >= this.offUntilMs;
+  /** The time an inline write starts now, or undefined while inline writes are off. */
+  start(): number | undefined {
+    const now = this.nowMs();
+    return now >= this.offUntilMs ? now : undefined;
   }
 
-  /** A run of `writes` writes was written inline from `startMs` until now. */
+  /** A run of `writes` writes was written inline from `startMs` (start()) until now. */
   took(writes: number, startMs: number): void {
     this.counts.runs++;
     this.counts.writes += writes;
@@ -203,18 +205,10 @@ export class DataFile implements MediaFile {
       batch = [];
       batchBytes = 0;
     };
-    let runs = adjacentRuns(queue);
-    let sizes = runs.map(runBytes);
-    if (inline?.on) {
-      // Small runs inline while that stays on; what is left goes on as below.
-      const left: number[] = [];
-      for (const [i, run] of runs.entries()) {
-        if (sizes[i] < threadRunBytesMax && inline.on) this.writeInline(run, sizes[i], inline);
-        else left.push(i);
-      }
-      runs = left.map((i) => runs[i]);
-      sizes = left.map((i) => sizes[i]);
-    }
+    // Small runs inline while that stays on; the rest as below.
+    const all = adjacentRuns(queue);
+    const runs = inline ? this.writeInline(all, inline) : all;
+    const sizes = runs.map(runBytes);
     // A few runs go through the pool as they are: a batch's messages cost more than a trip or two.
     const toThread = sizes.filter((bytes) => bytes < threadRunBytesMax).length >= threadRunsMin;
     for (const [i, run] of runs.entries()) {
@@ -266,13 +260,24 @@ export class DataFile implements MediaFile {
     for (const w of waiters) w();
   }
 
+  /** Write the small ones of `runs` inline while inline writes stay on; returns the others, in order. */
+  private writeInline(runs: QueuedWrite[][], inline: InlineWrites): QueuedWrite[][] {
+    const rest: QueuedWrite[][] = [];
+    for (const run of runs) {
+      const bytes = runBytes(run);
+      const startMs = bytes < threadRunBytesMax ? inline.start() : undefined;
+      if (startMs === undefined) rest.push(run);
+      else this.writeRunNow(run, bytes, startMs, inline);
+    }
+    return rest;
+  }
+
   /**
    * Write `run` (`bytes` in all) now, on this thread, all of it (again after a short write);
-   * settled before this returns. Timed for `inline`.
+   * settled before this returns. Timed for `inline` from `startMs`.
    */
-  private writeInline(run: QueuedWrite[], bytes: number, inline: InlineWrites): void {
+  private writeRunNow(run: QueuedWrite[], bytes: number, startMs: number, inline: InlineWrites): void {
     const write = this.asOneWrite(run);
-    const startMs = inline.nowMs();
     let err: NodeJS.ErrnoException | null = null;
     try {
       for (let done = 0; done < bytes; ) {
